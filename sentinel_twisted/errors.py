@@ -1,0 +1,200 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+Errors of the agent protocol, as values with the texts the reference prints.
+
+Every failure a caller can see is an L{AgentProtocolError}; its C{str()} is the
+text SPEC section 5 names, so logs and error messages read the same as the
+reference implementation's where the reference has a text, and clearly where
+we go beyond it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
+
+__all__ = [
+    "AgentProtocolError",
+    "AgentUnavailable",
+    "AuthenticationFailed",
+    "ConnectionClosed",
+    "ConnectionFailed",
+    "ConnectionLimitReached",
+    "DuplicateCorrelationId",
+    "FlowControlPaused",
+    "InvalidMessage",
+    "MessageTooLarge",
+    "RequestCancelled",
+    "RequestTimeout",
+    "SerializationError",
+    "VersionMismatch",
+    "format_duration",
+]
+
+
+def format_duration(seconds: float) -> str:
+    """
+    Format a duration the way Rust's C{Duration} C{Debug} does (C{30s},
+    C{200ms}, C{1.5s}, C{250µs}), so C{Timeout after ...} texts match the
+    reference.
+    """
+    nanos = round(seconds * 1_000_000_000)
+    if nanos >= 1_000_000_000:
+        unit, scale = "s", 1_000_000_000
+    elif nanos >= 1_000_000:
+        unit, scale = "ms", 1_000_000
+    elif nanos >= 1_000:
+        unit, scale = "µs", 1_000
+    else:
+        return f"{nanos}ns"
+    whole, frac = divmod(nanos, scale)
+    if not frac:
+        return f"{whole}{unit}"
+    digits = str(frac).rjust(len(str(scale)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}{unit}"
+
+
+class AgentProtocolError(Exception):
+    """
+    Base of every error of the agent protocol.  C{str(error)} is the
+    user-facing text.
+    """
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class ConnectionFailed(AgentProtocolError):
+    """Establishing a connection failed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Connection failed: {detail}")
+        self.detail = detail
+
+
+class ConnectionClosed(AgentProtocolError):
+    """
+    The connection ended while a request was waiting for its answer.
+
+    The text is exactly C{Connection closed}, as the reference prints it;
+    C{detail} says why, for logs.
+    """
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("Connection closed")
+        self.detail = detail
+
+
+class VersionMismatch(AgentProtocolError):
+    def __init__(self, expected: int, actual: object) -> None:
+        super().__init__(
+            f"Protocol version mismatch: expected {expected}, got {actual}"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class MessageTooLarge(AgentProtocolError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"Message too large: {size} bytes (max: {limit})")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidMessage(AgentProtocolError):
+    """A frame or a payload that does not follow the wire contract."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Invalid message format: {detail}")
+        self.detail = detail
+
+
+class AuthenticationFailed(AgentProtocolError):
+    """
+    A registration carried a token that the configured checker refused.
+    The text names the agent, never the token.
+    """
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(
+            f"Authentication failed: invalid token for agent '{agent_id}'"
+        )
+        self.agent_id = agent_id
+
+
+class ConnectionLimitReached(AgentProtocolError):
+    """An agent tried to register more connections than the proxy allows."""
+
+    def __init__(self, agent_id: str, limit: int) -> None:
+        super().__init__(
+            f"Connection limit reached: agent '{agent_id}' already holds "
+            f"{limit} registered connection{'s' if limit != 1 else ''} "
+            f"(max: {limit})"
+        )
+        self.agent_id = agent_id
+        self.limit = limit
+
+
+class RequestTimeout(AgentProtocolError):
+    def __init__(self, seconds: float, correlation_id: str = "") -> None:
+        super().__init__(f"Timeout after {format_duration(seconds)}")
+        self.seconds = seconds
+        self.correlation_id = correlation_id
+
+
+class AgentUnavailable(AgentProtocolError):
+    """No registered connection of the agent exists."""
+
+    def __init__(self, agent_id: str = "") -> None:
+        super().__init__("Agent unavailable")
+        self.agent_id = agent_id
+
+
+class SerializationError(AgentProtocolError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Serialization error: {detail}")
+        self.detail = detail
+
+
+class FlowControlPaused(AgentProtocolError):
+    """Every connection of the agent asked the proxy to pause."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(
+            f"Flow control paused: agent '{agent_id}' requested backpressure"
+        )
+        self.agent_id = agent_id
+
+
+class DuplicateCorrelationId(AgentProtocolError):
+    """A request was sent under a correlation id already waiting for an answer."""
+
+    def __init__(self, correlation_id: str) -> None:
+        super().__init__(
+            f"Invalid message format: correlation id '{correlation_id}' is "
+            f"already in flight on this connection"
+        )
+        self.correlation_id = correlation_id
+
+
+class RequestCancelled(AgentProtocolError, CancelledError):
+    """
+    The proxy cancelled a request (a Cancel frame went to the agent).
+
+    It is also a L{CancelledError}, so code that already handles Twisted
+    cancellation handles this too.
+    """
+
+    def __init__(self, correlation_id: str, reason: int) -> None:
+        from .messages import CancelReason
+
+        try:
+            name = CancelReason(reason).name.lower()
+        except ValueError:
+            name = str(reason)
+        super().__init__(f"Request cancelled: '{correlation_id}' ({name})")
+        self.correlation_id = correlation_id
+        self.reason = reason

@@ -1,0 +1,829 @@
+# -*- test-case-name: tests.test_messages -*-
+"""
+Typed messages of the agent protocol and their JSON codec.
+
+Records are L{msgspec.Struct}s: decoding validates every field's type in C
+while it parses, so a wrong type becomes an L{InvalidMessage} naming the
+field (C{Expected `int`, got `str` - at `$.capabilities.limits.max_concurrency`}).
+The externally tagged enums of the reference (C{"allow"},
+C{{"block": {...}}}, C{{"set": {...}}}) are small frozen classes converted
+at the edge by the codec's hooks.
+
+Field names, nesting, C{null} versus absent, and enum spellings follow the
+vectors in C{shared/vectors}; key order does not matter on the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+from .errors import InvalidMessage, SerializationError, VersionMismatch
+from .wire import MessageType
+
+__all__ = [
+    "ALLOW",
+    "PROTOCOL_VERSION",
+    "AddHeader",
+    "AgentCapabilities",
+    "AgentFeatures",
+    "AgentLimits",
+    "AgentResponse",
+    "Allow",
+    "AuditMetadata",
+    "Block",
+    "BodyMutation",
+    "CancelMessage",
+    "CancelReason",
+    "Challenge",
+    "ConfigureEvent",
+    "Decision",
+    "Event",
+    "EventType",
+    "FlowAction",
+    "FlowControlMessage",
+    "GuardrailInspectEvent",
+    "HeaderOp",
+    "HealthState",
+    "HealthStatusMessage",
+    "PingMessage",
+    "Redirect",
+    "RegistrationRequest",
+    "RegistrationResponse",
+    "RemoveHeader",
+    "RequestBodyChunkEvent",
+    "RequestCompleteEvent",
+    "RequestHeadersEvent",
+    "RequestMetadata",
+    "ResponseBodyChunkEvent",
+    "ResponseHeadersEvent",
+    "SetHeader",
+    "WebSocketAllow",
+    "WebSocketClose",
+    "WebSocketDecision",
+    "WebSocketDrop",
+    "WebSocketFrameEvent",
+    "decode",
+    "decode_agent_response",
+    "decode_registration_request",
+    "encode",
+    "encode_event",
+]
+
+PROTOCOL_VERSION: Final = 2
+
+U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
+U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
+# msgspec bounds integers at int64; no real size or count comes near it.
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class EventType(enum.IntEnum):
+    """Numbers used in C{capabilities.supported_events}."""
+
+    CONFIGURE = 0
+    REQUEST_HEADERS = 1
+    REQUEST_BODY_CHUNK = 2
+    RESPONSE_HEADERS = 3
+    RESPONSE_BODY_CHUNK = 4
+    REQUEST_COMPLETE = 5
+    WEBSOCKET_FRAME = 6
+    GUARDRAIL_INSPECT = 7
+
+
+class CancelReason(enum.IntEnum):
+    """C{reason} of a Cancel frame (the reference's enum discriminants)."""
+
+    CLIENT_DISCONNECT = 0
+    TIMEOUT = 1
+    BLOCKED_BY_AGENT = 2
+    UPSTREAM_ERROR = 3
+    PROXY_SHUTDOWN = 4
+    MANUAL = 5
+
+
+class HealthState(enum.IntEnum):
+    HEALTHY = 1
+    DEGRADED = 2
+    DRAINING = 3
+    UNHEALTHY = 4
+
+
+class FlowAction(enum.IntEnum):
+    PAUSE = 1
+    RESUME = 2
+
+
+# --------------------------------------------------------------------------
+# Registration
+
+
+class AgentFeatures(Struct, kw_only=True):
+    """C{capabilities.features}; every field is required on the wire."""
+
+    streaming_body: bool = False
+    websocket: bool = False
+    guardrails: bool = False
+    config_push: bool = False
+    metrics_export: bool = False
+    concurrent_requests: U32 = 1
+    cancellation: bool = False
+    flow_control: bool = False
+    health_reporting: bool = False
+
+
+class AgentLimits(Struct, kw_only=True):
+    """C{capabilities.limits}; every field is required on the wire."""
+
+    max_body_size: U64 = 10 * 1024 * 1024
+    max_concurrency: U32 = 100
+    preferred_chunk_size: U64 = 64 * 1024
+
+
+class AgentCapabilities(Struct, kw_only=True):
+    agent_id: str
+    name: str
+    version: str
+    supported_events: list[int] = field(default_factory=lambda: [1])
+    features: AgentFeatures = field(default_factory=AgentFeatures)
+    limits: AgentLimits = field(default_factory=AgentLimits)
+
+    @property
+    def events(self) -> frozenset[EventType]:
+        """The known event types the agent handles (unknown numbers are ignored)."""
+        return frozenset(
+            EventType(n) for n in self.supported_events if 0 <= n <= 7
+        )
+
+
+class RegistrationRequest(Struct, kw_only=True):
+    protocol_version: int
+    agent_id: str
+    capabilities: AgentCapabilities
+    auth_token: str | None = None
+    metadata: Any = None
+
+    def __repr__(self) -> str:
+        # Never show the token, not even in a traceback or a debug log.
+        token = "None" if self.auth_token is None else "'<redacted>'"
+        return (
+            f"RegistrationRequest(protocol_version={self.protocol_version!r}, "
+            f"agent_id={self.agent_id!r}, capabilities={self.capabilities!r}, "
+            f"auth_token={token}, metadata={self.metadata!r})"
+        )
+
+
+class RegistrationResponse(Struct, kw_only=True):
+    success: bool
+    error: str | None
+    proxy_id: str
+    proxy_version: str
+    connection_id: str
+
+
+# --------------------------------------------------------------------------
+# Events (proxy -> agent).  Each carries the top-level correlation_id the
+# proxy inserts when it sends the event.
+
+
+class RequestMetadata(Struct, kw_only=True):
+    correlation_id: str
+    request_id: str
+    client_ip: str
+    client_port: U16
+    server_name: str | None = None
+    protocol: str = "HTTP/1.1"
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    route_id: str | None = None
+    upstream_id: str | None = None
+    timestamp: str
+    #: Omitted from the wire when unset, as the reference does.
+    traceparent: str | UnsetType = UNSET
+
+
+class _Event(Struct, kw_only=True):
+    message_type: ClassVar[MessageType]
+    event_type: ClassVar[EventType]
+    correlation_id: str = ""
+
+
+class RequestHeadersEvent(_Event, kw_only=True):
+    message_type = MessageType.REQUEST_HEADERS
+    event_type = EventType.REQUEST_HEADERS
+    metadata: RequestMetadata
+    method: str
+    uri: str
+    headers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _b64(data: str) -> bytes:
+    return base64.b64decode(data, validate=True)
+
+
+class RequestBodyChunkEvent(_Event, kw_only=True):
+    message_type = MessageType.REQUEST_BODY_CHUNK
+    event_type = EventType.REQUEST_BODY_CHUNK
+    #: base64 (standard alphabet, padded)
+    data: str
+    is_last: bool
+    total_size: U64 | None = None
+    chunk_index: U32
+    bytes_received: U64
+
+    @property
+    def body(self) -> bytes:
+        return _b64(self.data)
+
+
+class ResponseHeadersEvent(_Event, kw_only=True):
+    message_type = MessageType.RESPONSE_HEADERS
+    event_type = EventType.RESPONSE_HEADERS
+    status: U16
+    headers: dict[str, list[str]] = field(default_factory=dict)
+
+
+class ResponseBodyChunkEvent(_Event, kw_only=True):
+    message_type = MessageType.RESPONSE_BODY_CHUNK
+    event_type = EventType.RESPONSE_BODY_CHUNK
+    data: str
+    is_last: bool
+    total_size: U64 | None = None
+    chunk_index: U32
+    bytes_sent: U64
+
+    @property
+    def body(self) -> bytes:
+        return _b64(self.data)
+
+
+class RequestCompleteEvent(_Event, kw_only=True):
+    message_type = MessageType.REQUEST_COMPLETE
+    event_type = EventType.REQUEST_COMPLETE
+    status: U16
+    duration_ms: U64
+    request_body_size: U64 = 0
+    response_body_size: U64 = 0
+    upstream_attempts: U32 = 1
+    error: str | None = None
+
+
+class WebSocketFrameEvent(_Event, kw_only=True):
+    message_type = MessageType.WEBSOCKET_FRAME
+    event_type = EventType.WEBSOCKET_FRAME
+    #: text, binary, ping, pong, close or continuation
+    opcode: str
+    data: str
+    client_to_server: bool
+    frame_index: U64
+    fin: bool = True
+    route_id: str | None = None
+    client_ip: str
+
+    @property
+    def body(self) -> bytes:
+        return _b64(self.data)
+
+
+class GuardrailInspectEvent(_Event, kw_only=True):
+    message_type = MessageType.GUARDRAIL_INSPECT
+    event_type = EventType.GUARDRAIL_INSPECT
+    inspection_type: Literal["prompt_injection", "pii_detection"]
+    content: str
+    model: str | UnsetType = UNSET
+    categories: list[str] = field(default_factory=list)
+    route_id: str | UnsetType = UNSET
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ConfigureEvent(_Event, kw_only=True):
+    message_type = MessageType.CONFIGURE
+    event_type = EventType.CONFIGURE
+    config: Any
+    config_version: str | None = None
+
+
+Event = Union[
+    RequestHeadersEvent,
+    RequestBodyChunkEvent,
+    ResponseHeadersEvent,
+    ResponseBodyChunkEvent,
+    RequestCompleteEvent,
+    WebSocketFrameEvent,
+    GuardrailInspectEvent,
+    ConfigureEvent,
+]
+
+EVENT_CLASSES: Final[dict[int, type[_Event]]] = {
+    cls.message_type: cls
+    for cls in (
+        RequestHeadersEvent,
+        RequestBodyChunkEvent,
+        ResponseHeadersEvent,
+        ResponseBodyChunkEvent,
+        RequestCompleteEvent,
+        WebSocketFrameEvent,
+        GuardrailInspectEvent,
+        ConfigureEvent,
+    )
+}
+
+
+# --------------------------------------------------------------------------
+# Decisions and header operations: externally tagged enums on the wire.
+
+
+class _Variant:
+    """
+    A small immutable value class.  Deliberately not attrs or a dataclass:
+    msgspec would encode those natively, and these must go through the
+    codec's hook to get their externally tagged wire form.
+    """
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} arguments")
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names or name in values:
+                raise TypeError(f"{type(self).__name__}: unexpected argument {name!r}")
+            values[name] = value
+        defaults = getattr(self, "_defaults", {})
+        for name in names:
+            if name in values:
+                value = values[name]
+            elif name in defaults:
+                value = defaults[name]()
+            else:
+                raise TypeError(f"{type(self).__name__}: missing argument {name!r}")
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self._values())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({args})"
+
+    def to_wire(self) -> object:
+        raise NotImplementedError
+
+
+class Decision(_Variant):
+    """Base of the four decisions an agent can take."""
+
+    __slots__ = ()
+
+
+class Allow(Decision):
+    __slots__ = ()
+
+    def to_wire(self) -> object:
+        return "allow"
+
+
+ALLOW: Final = Allow()
+
+
+class Block(Decision):
+    __slots__ = ("status", "body", "headers")
+    _defaults: ClassVar[dict[str, Any]] = {
+        "status": lambda: 403,
+        "body": lambda: None,
+        "headers": lambda: None,
+    }
+    status: int
+    body: str | None
+    headers: dict[str, str] | None
+
+    def to_wire(self) -> object:
+        return {"block": {"status": self.status, "body": self.body, "headers": self.headers}}
+
+
+class Redirect(Decision):
+    __slots__ = ("url", "status")
+    _defaults: ClassVar[dict[str, Any]] = {"status": lambda: 302}
+    url: str
+    status: int
+
+    def to_wire(self) -> object:
+        return {"redirect": {"url": self.url, "status": self.status}}
+
+
+class Challenge(Decision):
+    __slots__ = ("challenge_type", "params")
+    _defaults: ClassVar[dict[str, Any]] = {"params": dict}
+    challenge_type: str
+    params: dict[str, str]
+
+    def to_wire(self) -> object:
+        return {"challenge": {"challenge_type": self.challenge_type, "params": self.params}}
+
+
+class HeaderOp(_Variant):
+    """Base of the header operations C{set}, C{add} and C{remove}."""
+
+    __slots__ = ()
+    name: str
+
+
+class SetHeader(HeaderOp):
+    __slots__ = ("name", "value")
+    value: str
+
+    def to_wire(self) -> object:
+        return {"set": {"name": self.name, "value": self.value}}
+
+
+class AddHeader(HeaderOp):
+    __slots__ = ("name", "value")
+    value: str
+
+    def to_wire(self) -> object:
+        return {"add": {"name": self.name, "value": self.value}}
+
+
+class RemoveHeader(HeaderOp):
+    __slots__ = ("name",)
+
+    def to_wire(self) -> object:
+        return {"remove": {"name": self.name}}
+
+
+class WebSocketDecision(_Variant):
+    __slots__ = ()
+
+
+class WebSocketAllow(WebSocketDecision):
+    __slots__ = ()
+
+    def to_wire(self) -> object:
+        return "allow"
+
+
+class WebSocketDrop(WebSocketDecision):
+    __slots__ = ()
+
+    def to_wire(self) -> object:
+        return "drop"
+
+
+class WebSocketClose(WebSocketDecision):
+    __slots__ = ("code", "reason")
+    code: int
+    reason: str
+
+    def to_wire(self) -> object:
+        return {"close": {"code": self.code, "reason": self.reason}}
+
+
+# Wire shapes of the tagged variants' bodies, used to validate them.
+class _BlockBody(Struct):
+    status: U16
+    body: str | None = None
+    headers: dict[str, str] | None = None
+
+
+class _RedirectBody(Struct):
+    url: str
+    status: U16 = 302
+
+
+class _ChallengeBody(Struct):
+    challenge_type: str
+    params: dict[str, str] = field(default_factory=dict)
+
+
+class _NameValue(Struct):
+    name: str
+    value: str
+
+
+class _Name(Struct):
+    name: str
+
+
+class _CloseBody(Struct):
+    code: U16
+    reason: str
+
+
+def _single_key(obj: object, what: str, choices: tuple[str, ...]) -> tuple[str, Any]:
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((key, value),) = obj.items()
+        if key in choices:
+            return key, value
+    raise ValueError(f"unknown {what} {_describe(obj)}; expected one of {', '.join(choices)}")
+
+
+def _describe(obj: object) -> str:
+    text = msgspec.json.encode(obj).decode("utf-8", "replace")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(obj: object, shape: type[Struct]) -> Any:
+    return msgspec.convert(obj, shape)
+
+
+def _decode_decision(obj: object) -> Decision:
+    if obj == "allow":
+        return ALLOW
+    key, body = _single_key(obj, "decision", ("block", "redirect", "challenge"))
+    if key == "block":
+        b = _convert(body, _BlockBody)
+        return Block(b.status, b.body, b.headers)
+    if key == "redirect":
+        r = _convert(body, _RedirectBody)
+        return Redirect(r.url, r.status)
+    c = _convert(body, _ChallengeBody)
+    return Challenge(c.challenge_type, c.params)
+
+
+def _decode_header_op(obj: object) -> HeaderOp:
+    key, body = _single_key(obj, "header operation", ("set", "add", "remove"))
+    if key == "remove":
+        return RemoveHeader(_convert(body, _Name).name)
+    nv = _convert(body, _NameValue)
+    return SetHeader(nv.name, nv.value) if key == "set" else AddHeader(nv.name, nv.value)
+
+
+def _decode_websocket_decision(obj: object) -> WebSocketDecision:
+    if obj == "allow":
+        return WebSocketAllow()
+    if obj == "drop":
+        return WebSocketDrop()
+    _, body = _single_key(obj, "websocket decision", ("close",))
+    c = _convert(body, _CloseBody)
+    return WebSocketClose(c.code, c.reason)
+
+
+_CUSTOM_DECODERS: dict[type, Any] = {
+    Decision: _decode_decision,
+    HeaderOp: _decode_header_op,
+    WebSocketDecision: _decode_websocket_decision,
+}
+
+
+def _dec_hook(type_: type, obj: object) -> object:
+    decoder = _CUSTOM_DECODERS.get(type_)
+    if decoder is None:
+        raise NotImplementedError(f"cannot decode {type_!r}")
+    return decoder(obj)
+
+
+def _enc_hook(obj: object) -> object:
+    to_wire = getattr(obj, "to_wire", None)
+    if to_wire is None:
+        raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    return to_wire()
+
+
+# --------------------------------------------------------------------------
+# Agent response
+
+
+class AuditMetadata(Struct, kw_only=True):
+    tags: list[str] = field(default_factory=list)
+    rule_ids: list[str] = field(default_factory=list)
+    confidence: float | None = None
+    reason_codes: list[str] = field(default_factory=list)
+    custom: dict[str, Any] = field(default_factory=dict)
+
+
+class BodyMutation(Struct, kw_only=True):
+    """C{data}: base64 replacement, C{""} drops the chunk, C{None} passes it."""
+
+    data: str | None = None
+    chunk_index: U32 = 0
+
+    @classmethod
+    def replace(cls, chunk_index: int, data: bytes) -> BodyMutation:
+        return cls(data=base64.b64encode(data).decode("ascii"), chunk_index=chunk_index)
+
+    @classmethod
+    def drop(cls, chunk_index: int) -> BodyMutation:
+        return cls(data="", chunk_index=chunk_index)
+
+    @classmethod
+    def pass_through(cls, chunk_index: int) -> BodyMutation:
+        return cls(data=None, chunk_index=chunk_index)
+
+    @property
+    def is_pass_through(self) -> bool:
+        return self.data is None
+
+    @property
+    def is_drop(self) -> bool:
+        return self.data == ""
+
+    @property
+    def replacement(self) -> bytes | None:
+        """The replacement bytes, C{b""} for a drop, C{None} to pass through."""
+        return None if self.data is None else _b64(self.data)
+
+
+class AgentResponse(Struct, kw_only=True):
+    version: int = PROTOCOL_VERSION
+    decision: Decision = ALLOW
+    request_headers: list[HeaderOp] = field(default_factory=list)
+    response_headers: list[HeaderOp] = field(default_factory=list)
+    routing_metadata: dict[str, str] = field(default_factory=dict)
+    audit: AuditMetadata = field(default_factory=AuditMetadata)
+    needs_more: bool = False
+    request_body_mutation: BodyMutation | None = None
+    response_body_mutation: BodyMutation | None = None
+    websocket_decision: WebSocketDecision | None = None
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The id the answer is routed by (C{audit.custom.correlation_id})."""
+        cid = self.audit.custom.get("correlation_id")
+        return cid if isinstance(cid, str) else None
+
+    @property
+    def is_allow(self) -> bool:
+        return isinstance(self.decision, Allow)
+
+
+class _RequiredAgentResponse(AgentResponse, kw_only=True):
+    """The decoding shape: C{version} and C{decision} have no default."""
+
+    version: int
+    decision: Decision
+
+
+# --------------------------------------------------------------------------
+# Control messages
+
+
+class CancelMessage(Struct, kw_only=True):
+    correlation_id: str
+    reason: int
+    timestamp_ms: I64
+
+
+class PingMessage(Struct, kw_only=True):
+    """Ping and Pong share this body; Pong echoes the Ping's."""
+
+    sequence: U64
+    timestamp_ms: I64
+
+
+class FlowControlMessage(Struct, kw_only=True, omit_defaults=True):
+    """
+    C{{"action": 1}} pauses, C{{"action": 2}} resumes.  The crate's struct
+    form C{{"action": {"type": "pause"}}} is accepted too, never sent.
+    """
+
+    action: int | dict[str, Any] | None = None
+    correlation_id: str | None = None
+    timestamp_ms: I64 | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether the sender asks for a pause (anything else means normal)."""
+        action = self.action
+        if isinstance(action, dict):
+            return action.get("type") == "pause"
+        return action == FlowAction.PAUSE
+
+
+_HEALTH_NAMES = {
+    "healthy": HealthState.HEALTHY,
+    "degraded": HealthState.DEGRADED,
+    "draining": HealthState.DRAINING,
+    "unhealthy": HealthState.UNHEALTHY,
+}
+
+
+class HealthStatusMessage(Struct, kw_only=True, omit_defaults=True):
+    """C{{"state": 1}} (the wire contract) or the crate's C{{"state": {"status": "healthy"}}}."""
+
+    state: int | dict[str, Any] | None = None
+    agent_id: str | None = None
+    message: str | None = None
+    timestamp_ms: I64 | None = None
+
+    @property
+    def state_code(self) -> int | None:
+        state = self.state
+        if isinstance(state, dict):
+            name = state.get("status")
+            return _HEALTH_NAMES.get(name) if isinstance(name, str) else None
+        return state
+
+
+# --------------------------------------------------------------------------
+# Codec
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_T = TypeVar("_T")
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(shape: Any) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get(shape)
+    if decoder is None:
+        decoder = _decoders[shape] = msgspec.json.Decoder(shape, dec_hook=_dec_hook)
+    return decoder
+
+
+def encode(message: object) -> bytes:
+    """JSON of any message of this module."""
+    try:
+        return _encoder.encode(message)
+    except (TypeError, ValueError, OverflowError, NotImplementedError) as e:
+        raise SerializationError(str(e)) from None
+
+
+def decode(payload: bytes, shape: type[_T]) -> _T:
+    """
+    Parse C{payload} as C{shape}, validating every field's type.
+
+    @raise InvalidMessage: for malformed JSON or a field of the wrong type.
+    """
+    try:
+        result: _T = _decoder(shape).decode(payload)
+        return result
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise InvalidMessage(_error_text(e)) from None
+
+
+def _error_text(error: Exception) -> str:
+    text = str(error)
+    if text == "Input data was truncated":
+        return "EOF while parsing a value (empty or truncated JSON)"
+    return text
+
+
+class _VersionOnly(Struct):
+    protocol_version: Any = None
+
+
+def decode_registration_request(payload: bytes) -> RegistrationRequest:
+    """
+    Parse a RegistrationRequest.  A request from another protocol version
+    is reported as a version mismatch even when its shape differs from ours,
+    so that an old agent learns the real reason.
+    """
+    try:
+        return _decoder(RegistrationRequest).decode(payload)  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        error = InvalidMessage(_error_text(e))
+    try:
+        version = _decoder(_VersionOnly).decode(payload).protocol_version
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise error from None
+    if isinstance(version, int) and not isinstance(version, bool) and version != PROTOCOL_VERSION:
+        raise VersionMismatch(PROTOCOL_VERSION, version)
+    raise error
+
+
+def decode_agent_response(payload: bytes) -> AgentResponse:
+    """Parse an AgentResponse; C{version} and C{decision} are required."""
+    return decode(payload, _RequiredAgentResponse)
+
+
+def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
+    """
+    JSON of an event with its top-level C{correlation_id} set (SPEC section
+    4).  For RequestHeaders, C{metadata.correlation_id} carries the same id,
+    since reference agents route their answer by it.
+    """
+    if isinstance(event, RequestHeadersEvent):
+        cid = correlation_id if correlation_id is not None else event.metadata.correlation_id
+        if event.metadata.correlation_id != cid:
+            event = msgspec.structs.replace(
+                event, metadata=msgspec.structs.replace(event.metadata, correlation_id=cid)
+            )
+    else:
+        cid = correlation_id if correlation_id is not None else event.correlation_id
+    if event.correlation_id != cid:
+        event = msgspec.structs.replace(event, correlation_id=cid)
+    return encode(event)
+
+
+def event_correlation_id(event: _Event) -> str:
+    """The id a reference agent routes its answer by for this event."""
+    if isinstance(event, RequestHeadersEvent):
+        return event.metadata.correlation_id or event.correlation_id
+    return event.correlation_id
