@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+L{ReverseConnectionConfig}: the settings of the reverse-connection listener,
+with the reference implementation's defaults.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = ["AgentAllowlist", "ReverseConnectionConfig"]
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@attrs.frozen
+class AgentAllowlist:
+    """
+    Which agent ids may register: exact ids and glob patterns (C{waf-*}).
+    An empty allowlist admits every agent, as the reference does.
+    """
+
+    patterns: tuple[str, ...] = ()
+    _exact: frozenset[str] = attrs.field(init=False)
+    _regex: re.Pattern[str] | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        exact = frozenset(p for p in self.patterns if not _GLOB_CHARS & set(p))
+        globs = [p for p in self.patterns if _GLOB_CHARS & set(p)]
+        regex = (
+            re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+            if globs
+            else None
+        )
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_regex", regex)
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> AgentAllowlist:
+        return cls(tuple(patterns))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def allows(self, agent_id: str) -> bool:
+        if not self.patterns or agent_id in self._exact:
+            return True
+        return self._regex is not None and self._regex.fullmatch(agent_id) is not None
+
+
+def _allowlist(value: AgentAllowlist | Iterable[str]) -> AgentAllowlist:
+    if isinstance(value, AgentAllowlist):
+        return value
+    if isinstance(value, str):
+        return AgentAllowlist((value,))
+    return AgentAllowlist(tuple(value))
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ReverseConnectionConfig:
+    """
+    Settings of the listener; defaults are the reference's.
+
+    @ivar backlog: listen backlog handed to the endpoints this library
+        builds from strings without an explicit C{backlog=}.
+    @ivar handshake_timeout: seconds from connection to a complete
+        RegistrationRequest; trickling bytes does not extend it.
+    @ivar max_connections_per_agent: registered connections one agent id
+        may hold at once.
+    @ivar allowed_agents: ids or glob patterns; empty admits everybody.
+    @ivar require_auth: refuse registrations without a token.
+    @ivar request_timeout: default seconds a request waits for its answer.
+    @ivar proxy_id: sent in every RegistrationResponse.
+    @ivar max_pending_registrations: connections that may wait for their
+        registration at once; beyond it new connections are closed at once.
+    """
+
+    backlog: int = 128
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    max_connections_per_agent: int = attrs.field(default=4, validator=_positive)
+    allowed_agents: AgentAllowlist = attrs.field(
+        factory=AgentAllowlist, converter=_allowlist
+    )
+    require_auth: bool = False
+    request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    proxy_id: str = "sentinel-proxy"
+    max_pending_registrations: int = attrs.field(default=1024, validator=_positive)

@@ -1,0 +1,474 @@
+# -*- test-case-name: tests.test_connection -*-
+"""
+L{AgentConnection}: one registered reverse connection, seen from the proxy.
+
+This is what the reference calls C{ReverseConnectionClient}: it sends the
+eight event types, matches each AgentResponse to its waiting Deferred by
+correlation id, and honours the agent's control messages (FlowControl,
+HealthStatus, Ping).  Nothing pending is ever left without an outcome:
+every request ends with its answer, a timeout, a cancellation, or a
+L{ConnectionClosed} error when the connection goes away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import messages as m
+from .errors import (
+    AgentProtocolError,
+    ConnectionClosed,
+    InvalidMessage,
+    RequestCancelled,
+)
+from .wire import MessageType
+
+if TYPE_CHECKING:
+    from .pending import PendingTable
+
+__all__ = ["AgentConnection", "ConnectionInfo"]
+
+log = Logger(namespace="sentinel_twisted.connection")
+
+_cid_prefix = os.urandom(4).hex()
+_cid_counter = itertools.count(1)
+
+_ANSWER = MessageType.AGENT_RESPONSE
+_HEALTH = MessageType.HEALTH_STATUS
+_METRICS = MessageType.METRICS_REPORT
+_CONFIG_UPDATE = MessageType.CONFIG_UPDATE_REQUEST
+_FLOW = MessageType.FLOW_CONTROL
+_PING = MessageType.PING
+_PONG = MessageType.PONG
+
+
+def new_correlation_id() -> str:
+    """A correlation id unique in this process (and unlikely across)."""
+    return f"{_cid_prefix}-{next(_cid_counter):x}"
+
+
+class FrameSink(Protocol):
+    """What the connection needs from its protocol."""
+
+    def send_frame(self, message_type: int, payload: bytes) -> None: ...
+
+    def close_connection(self, detail: str) -> None: ...
+
+
+class ConnectionListener(Protocol):
+    """Who hears about a connection's control messages (the pool)."""
+
+    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
+
+    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
+
+    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None: ...
+
+    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
+
+    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
+
+
+class _Lenient(m.Struct):
+    """Enough of a broken answer to find whom it was meant for."""
+
+    audit: dict[str, Any] | None = None
+
+
+class ConnectionInfo(m.Struct, kw_only=True):
+    """A snapshot of one connection, for status pages and observers."""
+
+    connection_id: str
+    agent_id: str
+    in_flight: int
+    paused: bool
+    health: int | None
+    capabilities: m.AgentCapabilities
+    metadata: Any
+    connected_since: float
+    peer: str
+
+
+class AgentConnection:
+    """
+    A registered agent connection.  Created by the listener on successful
+    registration; users get it from the L{AgentPool} or from observers.
+    """
+
+    def __init__(
+        self,
+        sink: FrameSink,
+        *,
+        agent_id: str,
+        connection_id: str,
+        capabilities: m.AgentCapabilities,
+        metadata: Any,
+        clock: IReactorTime,
+        request_timeout: float,
+        connected_since: float,
+        peer: str = "",
+    ) -> None:
+        from .pending import PendingTable
+
+        self.agent_id = agent_id
+        self.connection_id = connection_id
+        self.capabilities = capabilities
+        self.metadata = metadata
+        self.request_timeout = request_timeout
+        self.connected_since = connected_since
+        self.peer = peer
+        self.listener: ConnectionListener | None = None
+        self._sink = sink
+        self._clock = clock
+        self._pending: PendingTable = PendingTable(
+            clock, on_cancel=self._caller_cancelled, on_timeout=self._timed_out
+        )
+        self._paused = False
+        self._closed: ConnectionClosed | None = None
+        self._lost_waiters: list[Deferred[None]] = []
+        self.health_state: int | None = None
+        self.last_health: m.HealthStatusMessage | None = None
+        self._ping_sequence = itertools.count()
+        self._pings: dict[int, tuple[float, Deferred[float]]] = {}
+        self.events = self.capabilities.events
+
+    def __repr__(self) -> str:
+        return f"<AgentConnection {self.connection_id} agent={self.agent_id} in_flight={len(self._pending)}>"
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered, timed out or cancelled."""
+        return len(self._pending)
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether the agent asked (FlowControl pause) for no new requests."""
+        return self._paused
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def can_accept_requests(self) -> bool:
+        return self._closed is None and not self._paused
+
+    def pending_ids(self) -> list[str]:
+        return self._pending.correlation_ids()
+
+    def info(self) -> ConnectionInfo:
+        return ConnectionInfo(
+            connection_id=self.connection_id,
+            agent_id=self.agent_id,
+            in_flight=len(self._pending),
+            paused=self._paused,
+            health=self.health_state,
+            capabilities=self.capabilities,
+            metadata=self.metadata,
+            connected_since=self.connected_since,
+            peer=self.peer,
+        )
+
+    # -- sending events -----------------------------------------------------
+
+    def send_event(
+        self,
+        event: m.Event,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[m.AgentResponse]:
+        """
+        Send any event and wait for its AgentResponse.
+
+        The correlation id is C{correlation_id} if given, else the event's
+        own (C{metadata.correlation_id} for RequestHeaders), else a fresh
+        one.  Errors (closed connection, duplicate id, oversize frame)
+        arrive as a failed Deferred, never as an exception.
+        """
+        if self._closed is not None:
+            return fail(self._closed)
+        cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
+        try:
+            payload = m.encode_event(event, cid)
+            deferred: Deferred[m.AgentResponse] = self._pending.add(
+                cid, self.request_timeout if timeout is None else timeout
+            )
+        except AgentProtocolError as e:
+            return fail(e)
+        try:
+            self._sink.send_frame(event.message_type, payload)
+        except AgentProtocolError as e:
+            self._pending.pop(cid)
+            return fail(e)
+        return deferred
+
+    def send_request_headers(
+        self, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_request_body_chunk(
+        self, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_response_headers(
+        self, event: m.ResponseHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_response_body_chunk(
+        self, event: m.ResponseBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_request_complete(
+        self, event: m.RequestCompleteEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_websocket_frame(
+        self, event: m.WebSocketFrameEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_guardrail_inspect(
+        self, event: m.GuardrailInspectEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    def send_configure(
+        self, event: m.ConfigureEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(event, correlation_id, timeout)
+
+    # -- cancellation -------------------------------------------------------
+
+    def _send_cancel(self, correlation_id: str, reason: int) -> None:
+        if self._closed is not None:
+            return
+        body = m.CancelMessage(
+            correlation_id=correlation_id,
+            reason=int(reason),
+            timestamp_ms=int(self._clock.seconds() * 1000),
+        )
+        self._sink.send_frame(MessageType.CANCEL, m.encode(body))
+
+    def cancel_request(
+        self, correlation_id: str, reason: int = m.CancelReason.MANUAL
+    ) -> bool:
+        """
+        Cancel one request: the agent gets a Cancel frame and the waiting
+        caller a L{RequestCancelled} at once.  C{False} if no such request
+        is waiting.
+        """
+        deferred = self._pending.pop(correlation_id)
+        if deferred is None:
+            return False
+        self._send_cancel(correlation_id, reason)
+        deferred.errback(Failure(RequestCancelled(correlation_id, int(reason))))
+        return True
+
+    def cancel_all(self, reason: int = m.CancelReason.MANUAL) -> int:
+        """Cancel every waiting request; returns how many were cancelled."""
+        ids = self._pending.correlation_ids()
+        for cid in ids:
+            self._send_cancel(cid, reason)
+        return self._pending.fail_all(lambda cid: RequestCancelled(cid, int(reason)))
+
+    def _caller_cancelled(self, correlation_id: str) -> None:
+        self._send_cancel(correlation_id, m.CancelReason.MANUAL)
+
+    def _timed_out(self, correlation_id: str) -> None:
+        # Tell the agent to stop working on it; the caller already knows.
+        self._send_cancel(correlation_id, m.CancelReason.TIMEOUT)
+
+    # -- ping ---------------------------------------------------------------
+
+    def ping(self) -> Deferred[float]:
+        """Send a Ping; the Deferred fires with the round-trip seconds."""
+        if self._closed is not None:
+            return fail(self._closed)
+        sequence = next(self._ping_sequence)
+        now = self._clock.seconds()
+        waiter: Deferred[float] = Deferred(lambda d: self._pings.pop(sequence, None))
+        self._pings[sequence] = (now, waiter)
+        body = m.PingMessage(sequence=sequence, timestamp_ms=int(now * 1000))
+        self._sink.send_frame(MessageType.PING, m.encode(body))
+        return waiter
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, detail: str = "closed by proxy") -> Deferred[None]:
+        """
+        Close the connection.  Waiting requests fail with
+        L{ConnectionClosed}; the Deferred fires once the connection is gone.
+        """
+        if self._closed is not None and not self._lost_waiters:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._lost_waiters.append(waiter)
+        self._sink.close_connection(detail)
+        return waiter
+
+    def connection_lost(self, detail: str) -> int:
+        """
+        The transport is gone (called by the protocol).  Every waiting
+        request fails at once; returns how many did.
+        """
+        if self._closed is None:
+            self._closed = ConnectionClosed(detail)
+        closed = self._closed
+        failed = self._pending.fail_all(lambda cid: ConnectionClosed(closed.detail))
+        pings, self._pings = self._pings, {}
+        for _, waiter in pings.values():
+            waiter.errback(Failure(ConnectionClosed(closed.detail)))
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for w in waiters:
+            w.callback(None)
+        return failed
+
+    def mark_closing(self, detail: str) -> None:
+        """Refuse new requests from now on (the transport is closing)."""
+        if self._closed is None:
+            self._closed = ConnectionClosed(detail)
+
+    # -- receiving ----------------------------------------------------------
+
+    def frame_received(self, message_type: int, payload: bytes) -> None:
+        """One frame from the agent, after registration."""
+        if message_type == _ANSWER:
+            self._answer_received(payload)
+        elif message_type == _FLOW:
+            self._flow_control_received(payload)
+        elif message_type == _PING:
+            self._ping_received(payload)
+        elif message_type == _HEALTH:
+            self._health_received(payload)
+        elif message_type == _PONG:
+            self._pong_received(payload)
+        elif message_type == _METRICS:
+            report = self._control(payload, dict, "MetricsReport")
+            if report is not None and self.listener is not None:
+                self.listener.connection_metrics(self, report)
+        elif message_type == _CONFIG_UPDATE:
+            request = self._control(payload, dict, "ConfigUpdateRequest")
+            if request is not None and self.listener is not None:
+                self.listener.connection_config_update(self, request)
+        else:
+            log.warn(
+                "Agent {agent_id} sent a {kind} frame on connection {connection_id}, "
+                "which only the proxy sends; ignored",
+                agent_id=self.agent_id,
+                connection_id=self.connection_id,
+                kind=MessageType(message_type).wire_name,
+            )
+
+    def _answer_received(self, payload: bytes) -> None:
+        try:
+            response = m.decode_agent_response(payload)
+        except InvalidMessage as e:
+            self._bad_answer(payload, e)
+            return
+        cid = response.correlation_id
+        pending = self._pending
+        if cid is None or cid not in pending:
+            log.debug(
+                "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
+                cid=cid,
+                connection_id=self.connection_id,
+            )
+            return
+        listener = self.listener
+        if listener is not None:
+            sent_at = pending.sent_at(cid)
+            if sent_at is not None:
+                listener.connection_answered(self, cid, self._clock.seconds() - sent_at)
+        pending.resolve(cid, response)
+
+    def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
+        # Fail the request it was meant for now, rather than let it time out.
+        cid: object = None
+        try:
+            audit = m.decode(payload, _Lenient).audit
+            custom = audit.get("custom") if audit else None
+            cid = custom.get("correlation_id") if isinstance(custom, dict) else None
+        except InvalidMessage:
+            pass
+        if isinstance(cid, str) and self._pending.fail(cid, error):
+            log.warn(
+                "Agent {agent_id} answered {cid!r} on connection {connection_id} "
+                "with an invalid AgentResponse: {error}",
+                agent_id=self.agent_id,
+                cid=cid,
+                connection_id=self.connection_id,
+                error=str(error),
+            )
+            return
+        log.warn(
+            "Agent {agent_id} sent an invalid AgentResponse on connection {connection_id}: {error}",
+            agent_id=self.agent_id,
+            connection_id=self.connection_id,
+            error=str(error),
+        )
+
+    def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
+        try:
+            return m.decode(payload, shape)
+        except InvalidMessage as e:
+            log.warn(
+                "Agent {agent_id} sent an invalid {kind} on connection {connection_id}: {error}",
+                agent_id=self.agent_id,
+                kind=kind,
+                connection_id=self.connection_id,
+                error=str(e),
+            )
+            return None
+
+    def _flow_control_received(self, payload: bytes) -> None:
+        message = self._control(payload, m.FlowControlMessage, "FlowControl")
+        if message is None:
+            return
+        paused = message.paused
+        if paused != self._paused:
+            self._paused = paused
+            log.info(
+                "Agent {agent_id} {action} connection {connection_id}",
+                agent_id=self.agent_id,
+                action="paused" if paused else "resumed",
+                connection_id=self.connection_id,
+            )
+            if self.listener is not None:
+                self.listener.connection_flow_changed(self, paused)
+
+    def _health_received(self, payload: bytes) -> None:
+        message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
+        if message is None:
+            return
+        self.last_health = message
+        self.health_state = message.state_code
+        if self.listener is not None:
+            self.listener.connection_health_changed(self, self.health_state)
+
+    def _ping_received(self, payload: bytes) -> None:
+        if self._control(payload, m.PingMessage, "Ping") is not None:
+            # Pong echoes the Ping's body byte for byte, as the reference does.
+            self._sink.send_frame(MessageType.PONG, payload)
+
+    def _pong_received(self, payload: bytes) -> None:
+        message = self._control(payload, m.PingMessage, "Pong")
+        if message is None:
+            return
+        entry = self._pings.pop(message.sequence, None)
+        if entry is not None:
+            sent, waiter = entry
+            waiter.callback(self._clock.seconds() - sent)

@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_factory -*-
+"""
+L{ReverseConnectionFactory}: the listener's policy.
+
+It admits or refuses registrations (version, agent id, allowlist, token,
+per-agent connection cap, in SPEC section 3's order), hands out connection
+ids that are unique for the life of the process, and puts registered
+connections into the L{AgentPool}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from . import __version__
+from . import messages as m
+from ._interfaces import ITokenChecker
+from .config import ReverseConnectionConfig
+from .connection import AgentConnection
+from .errors import (
+    AgentProtocolError,
+    AuthenticationFailed,
+    ConnectionLimitReached,
+    InvalidMessage,
+    MessageTooLarge,
+    RequestTimeout,
+    VersionMismatch,
+)
+from .pool import AgentPool
+from .protocol import ReverseConnectionProtocol
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["ReverseConnectionFactory", "rejection_reason"]
+
+log = Logger(namespace="sentinel_twisted.factory")
+
+_connection_serial = itertools.count(1)
+
+
+class _NotAllowed(InvalidMessage):
+    pass
+
+
+class _AuthRequired(InvalidMessage):
+    pass
+
+
+class _EmptyAgentId(InvalidMessage):
+    pass
+
+
+def rejection_reason(error: AgentProtocolError) -> str:
+    """A short, stable label for metrics: why a registration was refused."""
+    if isinstance(error, VersionMismatch):
+        return "version"
+    if isinstance(error, _EmptyAgentId):
+        return "empty_agent_id"
+    if isinstance(error, _NotAllowed):
+        return "not_allowed"
+    if isinstance(error, _AuthRequired):
+        return "auth_required"
+    if isinstance(error, AuthenticationFailed):
+        return "auth_failed"
+    if isinstance(error, ConnectionLimitReached):
+        return "connection_limit"
+    if isinstance(error, RequestTimeout):
+        return "handshake_timeout"
+    if isinstance(error, MessageTooLarge):
+        return "frame_too_large"
+    if isinstance(error, InvalidMessage):
+        return "invalid_message"
+    return "other"
+
+
+class ReverseConnectionFactory(Factory):
+    """
+    Builds a L{ReverseConnectionProtocol} per accepted connection.
+
+    @ivar pool: where registered connections go.
+    @ivar rejections: refused registrations counted by L{rejection_reason}.
+    """
+
+    protocol = ReverseConnectionProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        config: ReverseConnectionConfig | None = None,
+        pool: AgentPool | None = None,
+        token_checker: ITokenChecker | None = None,
+        clock: IReactorTime | None = None,
+        proxy_version: str = __version__,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self.config = config if config is not None else ReverseConnectionConfig()
+        self.pool = pool if pool is not None else AgentPool()
+        self.token_checker = token_checker
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.proxy_version = proxy_version
+        self.awaiting_registration = 0
+        self.registrations = 0
+        self.rejections: Counter[str] = Counter()
+        self._registered_per_agent: Counter[str] = Counter()
+        self._cap_logged = False
+
+    # -- connections awaiting registration ---------------------------------
+
+    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | None:  # type: ignore[override]
+        limit = self.config.max_pending_registrations
+        if self.awaiting_registration >= limit:
+            self.rejections["pending_limit"] += 1
+            if not self._cap_logged:
+                self._cap_logged = True
+                log.warn(
+                    "{count} connections are awaiting registration (limit {limit}); "
+                    "closing new connections until some register or time out",
+                    count=self.awaiting_registration,
+                    limit=limit,
+                )
+            return None
+        self.awaiting_registration += 1
+        return ReverseConnectionProtocol(self)
+
+    def registration_finished(self, protocol: ReverseConnectionProtocol) -> None:
+        self.awaiting_registration -= 1
+        if self._cap_logged and self.awaiting_registration < self.config.max_pending_registrations:
+            self._cap_logged = False
+            log.info("Connections awaiting registration are below the limit again")
+
+    # -- admission ------------------------------------------------------------
+
+    def admit(self, request: m.RegistrationRequest) -> AgentProtocolError | None:
+        """
+        Check a RegistrationRequest in SPEC section 3's order; the first
+        failure wins.  On success a connection slot of the agent is reserved
+        (released by L{connection_gone}).
+        """
+        config = self.config
+        if request.protocol_version != m.PROTOCOL_VERSION:
+            return VersionMismatch(m.PROTOCOL_VERSION, request.protocol_version)
+        agent_id = request.agent_id
+        if not agent_id:
+            return _EmptyAgentId("Agent ID cannot be empty")
+        if config.allowed_agents and not config.allowed_agents.allows(agent_id):
+            return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
+        token = request.auth_token
+        if token is None:
+            if config.require_auth:
+                return _AuthRequired("Authentication required but no token provided")
+        elif self.token_checker is not None and not self.token_checker.check_token(agent_id, token):
+            return AuthenticationFailed(agent_id)
+        limit = config.max_connections_per_agent
+        if self._registered_per_agent[agent_id] >= limit:
+            return ConnectionLimitReached(agent_id, limit)
+        self._registered_per_agent[agent_id] += 1
+        return None
+
+    def registered_connections(self, agent_id: str) -> int:
+        return self._registered_per_agent[agent_id]
+
+    def new_connection_id(self, agent_id: str) -> str:
+        # The reference's "<agent>-<hex millis>" plus a serial, so that two
+        # connections registered in one millisecond still differ.
+        millis = int(time.time() * 1000)
+        return f"{agent_id}-{millis:x}-{next(_connection_serial)}"
+
+    def create_connection(
+        self, protocol: ReverseConnectionProtocol, request: m.RegistrationRequest
+    ) -> AgentConnection:
+        return AgentConnection(
+            protocol,
+            agent_id=request.agent_id,
+            connection_id=self.new_connection_id(request.agent_id),
+            capabilities=request.capabilities,
+            metadata=request.metadata,
+            clock=self.clock,
+            request_timeout=self.config.request_timeout,
+            connected_since=time.time(),
+            peer=protocol.peer,
+        )
+
+    def success_response(self, connection_id: str) -> m.RegistrationResponse:
+        return m.RegistrationResponse(
+            success=True,
+            error=None,
+            proxy_id=self.config.proxy_id,
+            proxy_version=self.proxy_version,
+            connection_id=connection_id,
+        )
+
+    def failure_response(self, error: AgentProtocolError) -> m.RegistrationResponse:
+        return m.RegistrationResponse(
+            success=False,
+            error=str(error),
+            proxy_id=self.config.proxy_id,
+            proxy_version=self.proxy_version,
+            connection_id="",
+        )
+
+    # -- events from protocols ---------------------------------------------
+
+    def connection_registered(self, connection: AgentConnection) -> None:
+        self.registrations += 1
+        log.info(
+            "Agent {agent_id} registered connection {connection_id} from {peer}",
+            agent_id=connection.agent_id,
+            connection_id=connection.connection_id,
+            peer=connection.peer,
+        )
+        self.pool.add(connection)
+
+    def registration_rejected(self, error: AgentProtocolError, agent_id: str, peer: str) -> None:
+        reason = rejection_reason(error)
+        self.rejections[reason] += 1
+        log.info(
+            "Rejected registration of agent {agent_id} from {peer} ({reason}): {error}",
+            agent_id=agent_id or "(unknown)",
+            peer=peer,
+            reason=reason,
+            error=str(error),
+        )
+
+    def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
+        agent_id = connection.agent_id
+        remaining = self._registered_per_agent[agent_id] - 1
+        if remaining > 0:
+            self._registered_per_agent[agent_id] = remaining
+        else:
+            del self._registered_per_agent[agent_id]
+        log.info(
+            "Agent {agent_id} connection {connection_id} disconnected: {detail}"
+            " ({failed} pending request(s) failed)",
+            agent_id=agent_id,
+            connection_id=connection.connection_id,
+            detail=detail,
+            failed=failed,
+        )
+        self.pool.remove(connection, detail)

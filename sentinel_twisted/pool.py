@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+L{AgentPool}: registered agent connections by agent id.
+
+Connections join on registration and leave when lost.  Sending by agent id
+picks a connection: paused ones are skipped, then the one with the fewest
+requests in flight, round robin among equals.  Observers
+(L{IAgentPoolObserver}) hear about registrations, departures and the
+agents' control messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import messages as m
+from ._interfaces import IAgentPoolObserver
+from .connection import AgentConnection, ConnectionInfo
+from .errors import AgentProtocolError, AgentUnavailable, FlowControlPaused
+
+__all__ = ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"]
+
+log = Logger(namespace="sentinel_twisted.pool")
+
+
+@implementer(IAgentPoolObserver)
+class PoolObserver:
+    """An observer that ignores everything; subclass what you need."""
+
+    def agent_registered(self, connection: AgentConnection) -> None:
+        pass
+
+    def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        pass
+
+    def health_changed(self, connection: AgentConnection, state: int | None) -> None:
+        pass
+
+    def flow_control_changed(self, connection: AgentConnection, paused: bool) -> None:
+        pass
+
+    def metrics_reported(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+        pass
+
+    def config_update_requested(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+        pass
+
+    def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+        pass
+
+
+class AgentInfo(m.Struct, kw_only=True):
+    """Per-agent statistics."""
+
+    agent_id: str
+    connections: list[ConnectionInfo]
+    in_flight: int
+    paused_connections: int
+
+
+class AgentPool:
+    def __init__(self) -> None:
+        self._agents: dict[str, list[AgentConnection]] = {}
+        self._by_id: dict[str, AgentConnection] = {}
+        self._turn: dict[str, int] = {}
+        self._observers: list[Any] = []
+
+    # -- membership -----------------------------------------------------------
+
+    def add(self, connection: AgentConnection) -> None:
+        self._agents.setdefault(connection.agent_id, []).append(connection)
+        self._by_id[connection.connection_id] = connection
+        connection.listener = self
+        self._notify("agent_registered", connection)
+
+    def remove(self, connection: AgentConnection, reason: str = "") -> None:
+        conns = self._agents.get(connection.agent_id)
+        if conns is None or connection not in conns:
+            return
+        conns.remove(connection)
+        if not conns:
+            del self._agents[connection.agent_id]
+            self._turn.pop(connection.agent_id, None)
+        self._by_id.pop(connection.connection_id, None)
+        self._notify("agent_disconnected", connection, reason)
+
+    def add_observer(self, observer: IAgentPoolObserver) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: IAgentPoolObserver) -> None:
+        self._observers.remove(observer)
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for observer in list(self._observers):
+            callback = getattr(observer, method, None)
+            if callback is None:
+                continue
+            try:
+                callback(*args)
+            except Exception:
+                log.failure("Pool observer {observer!r} failed in {method}", observer=observer, method=method)
+
+    # -- queries --------------------------------------------------------------
+
+    def agent_ids(self) -> list[str]:
+        """Registered agents, in order of their first live registration."""
+        return list(self._agents)
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self._agents
+
+    def __len__(self) -> int:
+        """The number of registered connections."""
+        return len(self._by_id)
+
+    def connections(self, agent_id: str | None = None) -> list[AgentConnection]:
+        if agent_id is None:
+            return list(self._by_id.values())
+        return list(self._agents.get(agent_id, ()))
+
+    def connection(self, connection_id: str) -> AgentConnection | None:
+        return self._by_id.get(connection_id)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self._by_id.values())
+
+    def stats(self) -> list[AgentInfo]:
+        result = []
+        for agent_id, conns in self._agents.items():
+            infos = [c.info() for c in conns]
+            result.append(
+                AgentInfo(
+                    agent_id=agent_id,
+                    connections=infos,
+                    in_flight=sum(i.in_flight for i in infos),
+                    paused_connections=sum(1 for i in infos if i.paused),
+                )
+            )
+        return result
+
+    # -- routing ----------------------------------------------------------------
+
+    def select(self, agent_id: str) -> AgentConnection:
+        """
+        The connection a new request of C{agent_id} should use.
+
+        @raise AgentUnavailable: no connection of the agent is registered.
+        @raise FlowControlPaused: every connection of the agent is paused.
+        """
+        conns = self._agents.get(agent_id)
+        if not conns:
+            raise AgentUnavailable(agent_id)
+        count = len(conns)
+        if count == 1:
+            only = conns[0]
+            if only.can_accept_requests:
+                return only
+            raise FlowControlPaused(agent_id)
+        start = self._turn.get(agent_id, 0) % count
+        self._turn[agent_id] = start + 1
+        best: AgentConnection | None = None
+        best_load = 0
+        for i in range(count):
+            conn = conns[(start + i) % count]
+            if not conn.can_accept_requests:
+                continue
+            load = conn.in_flight
+            if best is None or load < best_load:
+                best, best_load = conn, load
+        if best is None:
+            raise FlowControlPaused(agent_id)
+        return best
+
+    def send_event(
+        self,
+        agent_id: str,
+        event: m.Event,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[m.AgentResponse]:
+        """
+        Send an event to one connection of C{agent_id} (see L{select}).
+        Follow-up events of the same request (body chunks, response
+        headers) should go to the same connection: use L{select} once and
+        the connection's own C{send_*} methods after.
+        """
+        try:
+            conn = self.select(agent_id)
+        except AgentProtocolError as e:
+            return fail(e)
+        return conn.send_event(event, correlation_id, timeout)
+
+    def send_request_headers(
+        self, agent_id: str, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_request_body_chunk(
+        self, agent_id: str, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_response_headers(
+        self, agent_id: str, event: m.ResponseHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_response_body_chunk(
+        self, agent_id: str, event: m.ResponseBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_request_complete(
+        self, agent_id: str, event: m.RequestCompleteEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_websocket_frame(
+        self, agent_id: str, event: m.WebSocketFrameEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_guardrail_inspect(
+        self, agent_id: str, event: m.GuardrailInspectEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def send_configure(
+        self, agent_id: str, event: m.ConfigureEvent, correlation_id: str | None = None, timeout: float | None = None
+    ) -> Deferred[m.AgentResponse]:
+        return self.send_event(agent_id, event, correlation_id, timeout)
+
+    def cancel_request(
+        self, correlation_id: str, reason: int = m.CancelReason.MANUAL, agent_id: str | None = None
+    ) -> bool:
+        """Cancel a request wherever it waits (optionally only on C{agent_id})."""
+        for conn in self.connections(agent_id):
+            if conn.cancel_request(correlation_id, reason):
+                return True
+        return False
+
+    def cancel_all(self, reason: int = m.CancelReason.MANUAL, agent_id: str | None = None) -> int:
+        """Cancel every waiting request (of one agent, or all); returns the count."""
+        return sum(conn.cancel_all(reason) for conn in self.connections(agent_id))
+
+    def close_all(self, detail: str = "proxy shutting down") -> Deferred[list[None]]:
+        """Close every connection; fires when all are gone."""
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults([conn.close(detail) for conn in self.connections()])
+
+    # -- ConnectionListener (called by connections) ----------------------------
+
+    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
+        self._notify("flow_control_changed", connection, paused)
+
+    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
+        self._notify("health_changed", connection, state)
+
+    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+        self._notify("metrics_reported", connection, report)
+
+    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+        self._notify("config_update_requested", connection, request)
+
+    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+        if self._observers:
+            self._notify("request_answered", connection, correlation_id, seconds)

@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+L{ReverseConnectionProtocol}: the proxy's end of one reverse connection.
+
+It turns bytes into frames (L{FrameReceiver}) and frames into the events
+of the registration machine (L{sentinel_twisted._registration}).  Policy
+(allowlist, tokens, connection caps) is the factory's; this module only
+asks it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet import error as ierror
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import messages as m
+from ._registration import new_lifecycle
+from .errors import AgentProtocolError, InvalidMessage, RequestTimeout
+from .wire import FrameReceiver, MessageType
+
+if TYPE_CHECKING:
+    from .connection import AgentConnection
+    from .factory import ReverseConnectionFactory
+
+__all__ = ["ReverseConnectionProtocol"]
+
+log = Logger(namespace="sentinel_twisted.protocol")
+
+
+def describe_peer(transport: object) -> str:
+    try:
+        peer = transport.getPeer()  # type: ignore[attr-defined]
+    except Exception:
+        return "unknown"
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"{host}:{peer.port}"
+    name = getattr(peer, "name", None)
+    if name:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return "unix"
+
+
+class ReverseConnectionProtocol(FrameReceiver):
+    """One agent connection on the proxy side."""
+
+    def __init__(self, factory: ReverseConnectionFactory) -> None:
+        self.factory = factory
+        self.connection: AgentConnection | None = None
+        self.peer = "unknown"
+        self._lifecycle, self._core = new_lifecycle(self)
+        self._on_frame = self._registration_frame
+        self._awaiting = True
+        self._close_detail: str | None = None
+
+    # -- Twisted protocol -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = describe_peer(self.transport)
+        self._core.handshake_timer = self.factory.clock.callLater(
+            self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
+        )
+
+    def frame_received(self, message_type: int, payload: bytes) -> None:
+        self._on_frame(message_type, payload)
+
+    def frame_error(self, error: AgentProtocolError) -> None:
+        self._lifecycle.protocol_violated(error)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self._lifecycle.connection_lost(self._lost_detail(reason))
+
+    def _lost_detail(self, reason: Failure) -> str:
+        if self._close_detail is not None:
+            return self._close_detail
+        partial = self.buffered_bytes
+        if partial:
+            return f"connection closed mid-frame ({partial} bytes of an incomplete frame)"
+        if isinstance(reason, Failure) and reason.check(ierror.ConnectionDone):
+            return "connection closed by agent"
+        value = reason.value if isinstance(reason, Failure) else reason
+        return f"connection lost: {value}"
+
+    # -- registration ---------------------------------------------------------
+
+    def _registration_frame(self, message_type: int, payload: bytes) -> None:
+        if message_type != MessageType.HANDSHAKE_REQUEST:
+            error = InvalidMessage(
+                "Expected registration request (HandshakeRequest), got "
+                + MessageType(message_type).wire_name
+            )
+            self._lifecycle.registration_refused(error, "")
+            return
+        try:
+            request = m.decode_registration_request(payload)
+        except AgentProtocolError as e:
+            self._lifecycle.registration_refused(e, "")
+            return
+        refusal = self.factory.admit(request)
+        if refusal is not None:
+            self._lifecycle.registration_refused(refusal, request.agent_id)
+            return
+        connection = self.factory.create_connection(self, request)
+        self._lifecycle.registration_accepted(connection)
+
+    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
+        pass
+
+    def _write_response(self, response: m.RegistrationResponse) -> None:
+        transport = self.transport
+        if transport is not None and not getattr(transport, "disconnecting", False):
+            self.send_frame(MessageType.HANDSHAKE_RESPONSE, m.encode(response))
+
+    def _leave_awaiting(self) -> None:
+        if self._awaiting:
+            self._awaiting = False
+            self.factory.registration_finished(self)
+
+    # -- outputs of the lifecycle machine ----------------------------------
+
+    def enter_registered(self, connection: AgentConnection) -> None:
+        self._leave_awaiting()
+        self.connection = connection
+        self._write_response(self.factory.success_response(connection.connection_id))
+        self._on_frame = connection.frame_received
+        self.factory.connection_registered(connection)
+
+    def reject(self, error: AgentProtocolError, agent_id: str) -> None:
+        self._leave_awaiting()
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._write_response(self.factory.failure_response(error))
+        self.factory.registration_rejected(error, agent_id, self.peer)
+        self._close_detail = f"registration rejected: {error}"
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def handshake_expired(self) -> None:
+        self.reject(RequestTimeout(self.factory.config.handshake_timeout), "")
+
+    def drop(self, detail: str) -> None:
+        self._leave_awaiting()
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._close_detail = detail
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def left_unregistered(self, detail: str) -> None:
+        self._leave_awaiting()
+
+    def leave_registered(self, detail: str, close: bool) -> None:
+        connection = self.connection
+        assert connection is not None
+        self._on_frame = self._ignore_frame
+        if close:
+            self._close_detail = detail
+            connection.mark_closing(detail)
+            self.stop_parsing()
+            if self.transport is not None:
+                self.transport.loseConnection()
+        failed = connection.connection_lost(detail)
+        self.factory.connection_gone(connection, detail, failed)
+
+    def finish_lost(self, detail: str) -> None:
+        self._leave_awaiting()
+        connection = self.connection
+        if connection is not None:
+            # Wake close() waiters now that the transport is really gone.
+            connection.connection_lost(detail)
+
+    # -- FrameSink for AgentConnection ----------------------------------------
+
+    def close_connection(self, detail: str) -> None:
+        self._lifecycle.close(detail)
