@@ -10,7 +10,8 @@ C{twistd} programs that run them.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("sentinel_twisted")

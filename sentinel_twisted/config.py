@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -60,7 +61,7 @@ def _allowlist(value: AgentAllowlist | Iterable[str]) -> AgentAllowlist:
     return AgentAllowlist(tuple(value))
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 

@@ -16,6 +16,7 @@ import itertools
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -76,13 +77,13 @@ class ConnectionListener(Protocol):
     def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
 
 
-class _Lenient(m.Struct):
+class _Lenient(msgspec.Struct):
     """Enough of a broken answer to find whom it was meant for."""
 
     audit: dict[str, Any] | None = None
 
 
-class ConnectionInfo(m.Struct, kw_only=True):
+class ConnectionInfo(msgspec.Struct, kw_only=True):
     """A snapshot of one connection, for status pages and observers."""
 
     connection_id: str
@@ -300,7 +301,10 @@ class AgentConnection:
             return fail(self._closed)
         sequence = next(self._ping_sequence)
         now = self._clock.seconds()
-        waiter: Deferred[float] = Deferred(lambda d: self._pings.pop(sequence, None))
+        def forget(_: Deferred[float]) -> None:
+            self._pings.pop(sequence, None)
+
+        waiter: Deferred[float] = Deferred(forget)
         self._pings[sequence] = (now, waiter)
         body = m.PingMessage(sequence=sequence, timestamp_ms=int(now * 1000))
         self._sink.send_frame(MessageType.PING, m.encode(body))

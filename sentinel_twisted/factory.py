@@ -89,7 +89,7 @@ class ReverseConnectionFactory(Factory):
     @ivar rejections: refused registrations counted by L{rejection_reason}.
     """
 
-    protocol = ReverseConnectionProtocol  # type: ignore[assignment]
+    protocol = ReverseConnectionProtocol
     noisy = False
 
     def __init__(
@@ -103,11 +103,11 @@ class ReverseConnectionFactory(Factory):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         self.config = config if config is not None else ReverseConnectionConfig()
         self.pool = pool if pool is not None else AgentPool()
         self.token_checker = token_checker
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = clock
         self.proxy_version = proxy_version
         self.awaiting_registration = 0
         self.registrations = 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
@@ -308,16 +308,16 @@ class ConfigureEvent(_Event, kw_only=True):
     config_version: str | None = None
 
 
-Event = Union[
-    RequestHeadersEvent,
-    RequestBodyChunkEvent,
-    ResponseHeadersEvent,
-    ResponseBodyChunkEvent,
-    RequestCompleteEvent,
-    WebSocketFrameEvent,
-    GuardrailInspectEvent,
-    ConfigureEvent,
-]
+Event = (
+    RequestHeadersEvent
+    | RequestBodyChunkEvent
+    | ResponseHeadersEvent
+    | ResponseBodyChunkEvent
+    | RequestCompleteEvent
+    | WebSocketFrameEvent
+    | GuardrailInspectEvent
+    | ConfigureEvent
+)
 
 EVENT_CLASSES: Final[dict[int, type[_Event]]] = {
     cls.message_type: cls
@@ -351,7 +351,7 @@ class _Variant:
         names = self.__slots__
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__} takes {len(names)} arguments")
-        values = dict(zip(names, args))
+        values = dict(zip(names, args, strict=False))
         for name, value in kwargs.items():
             if name not in names or name in values:
                 raise TypeError(f"{type(self).__name__}: unexpected argument {name!r}")
@@ -375,7 +375,8 @@ class _Variant:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
+        assert isinstance(other, _Variant)
+        return self._values() == other._values()
 
     def __hash__(self) -> int:
         return hash((type(self), repr(self._values())))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -53,7 +54,7 @@ class PoolObserver:
         pass
 
 
-class AgentInfo(m.Struct, kw_only=True):
+class AgentInfo(msgspec.Struct, kw_only=True):
     """Per-agent statistics."""
 
     agent_id: str

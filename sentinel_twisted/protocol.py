@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["ReverseConnectionProtocol"]
 
 log = Logger(namespace="sentinel_twisted.protocol")
+_CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 
 def describe_peer(transport: object) -> str:
@@ -70,7 +71,7 @@ class ReverseConnectionProtocol(FrameReceiver):
     def frame_error(self, error: AgentProtocolError) -> None:
         self._lifecycle.protocol_violated(error)
 
-    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._lifecycle.connection_lost(self._lost_detail(reason))
 
     def _lost_detail(self, reason: Failure) -> str:

@@ -67,7 +67,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["allow"] = []
 
@@ -117,7 +117,7 @@ class Options(usage.Options):
                 continue
             try:
                 if clear_stale_unix_socket(path):
-                    self.setdefault("stale-removed", []).append(path)  # type: ignore[attr-defined]
+                    self.setdefault("stale-removed", []).append(path)
             except SocketInUse as e:
                 raise usage.UsageError(str(e)) from None
 
@@ -139,7 +139,7 @@ class ReverseListenerService(service.MultiService):
     """The listener's endpoints plus its factory; logs the set-up on start."""
 
     def __init__(self, factory: ReverseConnectionFactory, options: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.factory = factory
         self.options = options
 
@@ -171,7 +171,7 @@ class ReverseListenerService(service.MultiService):
             hs=config.handshake_timeout,
             rt=config.request_timeout,
         )
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
 
 
 def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import ClassVar, Iterable
+from collections.abc import Iterable
 
+from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import Int32StringReceiver
 
 from .errors import AgentProtocolError, InvalidMessage, MessageTooLarge
@@ -116,14 +117,14 @@ class FrameReceiver(Int32StringReceiver):
     be trusted, and the subclass decides how to end the connection.
     """
 
-    MAX_LENGTH: ClassVar[int] = MAX_MESSAGE_SIZE
+    MAX_LENGTH = MAX_MESSAGE_SIZE
 
     _buffer: bytearray
     _framing_broken: bool = False
 
-    def makeConnection(self, transport):  # type: ignore[no-untyped-def]
+    def makeConnection(self, transport: ITransport) -> None:
         self._buffer = bytearray()
-        super().makeConnection(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
     @property
     def buffered_bytes(self) -> int:
