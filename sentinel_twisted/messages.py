@@ -541,8 +541,20 @@ def _describe(obj: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _convert(obj: object, shape: type[Struct]) -> Any:
-    return msgspec.convert(obj, shape)
+# Joins a variant body's own error path to the one msgspec appends for the
+# field that holds the variant; see _error_text.
+_SUBPATH = "\x00"
+
+
+def _convert(obj: object, shape: type[Struct], key: str) -> Any:
+    try:
+        return msgspec.convert(obj, shape)
+    except msgspec.ValidationError as e:
+        # Raised as-is, msgspec would report the path inside the body
+        # (``$.status``) as if it were the whole message's; a ValueError gets
+        # the outer path appended, and _error_text splices the two.
+        text, _, inner = str(e).partition(" - at `$")
+        raise ValueError(f"{text}{_SUBPATH}.{key}{inner.rstrip('`')}") from None
 
 
 def _decode_decision(obj: object) -> Decision:
@@ -550,20 +562,20 @@ def _decode_decision(obj: object) -> Decision:
         return ALLOW
     key, body = _single_key(obj, "decision", ("block", "redirect", "challenge"))
     if key == "block":
-        b = _convert(body, _BlockBody)
+        b = _convert(body, _BlockBody, key)
         return Block(b.status, b.body, b.headers)
     if key == "redirect":
-        r = _convert(body, _RedirectBody)
+        r = _convert(body, _RedirectBody, key)
         return Redirect(r.url, r.status)
-    c = _convert(body, _ChallengeBody)
+    c = _convert(body, _ChallengeBody, key)
     return Challenge(c.challenge_type, c.params)
 
 
 def _decode_header_op(obj: object) -> HeaderOp:
     key, body = _single_key(obj, "header operation", ("set", "add", "remove"))
     if key == "remove":
-        return RemoveHeader(_convert(body, _Name).name)
-    nv = _convert(body, _NameValue)
+        return RemoveHeader(_convert(body, _Name, key).name)
+    nv = _convert(body, _NameValue, key)
     return SetHeader(nv.name, nv.value) if key == "set" else AddHeader(nv.name, nv.value)
 
 
@@ -573,7 +585,7 @@ def _decode_websocket_decision(obj: object) -> WebSocketDecision:
     if obj == "drop":
         return WebSocketDrop()
     _, body = _single_key(obj, "websocket decision", ("close",))
-    c = _convert(body, _CloseBody)
+    c = _convert(body, _CloseBody, "close")
     return WebSocketClose(c.code, c.reason)
 
 
@@ -773,11 +785,45 @@ def _error_text(error: Exception) -> str:
     text = str(error)
     if text == "Input data was truncated":
         return "EOF while parsing a value (empty or truncated JSON)"
+    if _SUBPATH in text:
+        # "<error>\0<.inner.path> - at `$.outer`" -> "<error> - at `$.outer.inner.path`"
+        text, _, rest = text.partition(_SUBPATH)
+        inner, _, outer = rest.partition(" - at `$")
+        return f"{text} - at `${outer.rstrip('`')}{inner}`"
     return text
 
 
 class _VersionOnly(Struct):
     protocol_version: Any = None
+
+
+def _required(cls: type[Struct], **nested: Any) -> Any:
+    """A decoding shape of C{cls} in which every field is required."""
+    return msgspec.defstruct(
+        f"_Required{cls.__name__}",
+        [(f.name, nested.get(f.name, f.type)) for f in msgspec.structs.fields(cls)],
+        kw_only=True,
+    )
+
+
+# The reference parser requires every field of capabilities, features and
+# limits (SPEC section 6); the Structs' defaults are for building messages.
+_RequiredCapabilities = _required(
+    AgentCapabilities,
+    features=_required(AgentFeatures),
+    limits=_required(AgentLimits),
+)
+_StrictRegistrationRequest = msgspec.defstruct(
+    "_StrictRegistrationRequest",
+    [
+        ("protocol_version", int),
+        ("agent_id", str),
+        ("capabilities", _RequiredCapabilities),
+        ("auth_token", str | None, None),
+        ("metadata", Any, None),
+    ],
+    kw_only=True,
+)
 
 
 def decode_registration_request(payload: bytes) -> RegistrationRequest:
@@ -787,6 +833,7 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
     so that an old agent learns the real reason.
     """
     try:
+        _decoder(_StrictRegistrationRequest).decode(payload)
         return _decoder(RegistrationRequest).decode(payload)  # type: ignore[no-any-return]
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         error = InvalidMessage(_error_text(e))
@@ -801,7 +848,13 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
 
 def decode_agent_response(payload: bytes) -> AgentResponse:
     """Parse an AgentResponse; C{version} and C{decision} are required."""
-    return decode(payload, _RequiredAgentResponse)
+    parsed = decode(payload, _RequiredAgentResponse)
+    # Hand out a plain AgentResponse: the decoding shape's instances would
+    # never compare equal to one (msgspec compares the exact type).
+    return AgentResponse(**{name: getattr(parsed, name) for name in _RESPONSE_FIELDS})
+
+
+_RESPONSE_FIELDS: Final = AgentResponse.__struct_fields__
 
 
 def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
