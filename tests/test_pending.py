@@ -1,0 +1,272 @@
+"""
+L{PendingTable}: requests waiting for their answers, with one timer for the
+whole table and every request ending exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted.errors import ConnectionClosed, DuplicateCorrelationId, RequestTimeout
+from sentinel_twisted.pending import PendingTable
+
+
+class Outcomes:
+    """Records how each Deferred ended (and that it ended only once)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, list[Any]] = {}
+
+    def watch(self, name: str, deferred: Deferred[Any]) -> None:
+        self.results[name] = []
+        deferred.addBoth(self.results[name].append)
+
+    def value(self, name: str) -> Any:
+        [outcome] = self.results[name]
+        return outcome
+
+    def error(self, name: str) -> BaseException:
+        outcome = self.value(name)
+        assert isinstance(outcome, Failure), f"{name} did not fail: {outcome!r}"
+        return outcome.value
+
+    def waiting(self) -> list[str]:
+        return [name for name, got in self.results.items() if not got]
+
+
+class PendingTableTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.cancelled: list[str] = []
+        self.timed_out: list[str] = []
+        self.table = PendingTable(
+            self.clock, on_cancel=self.cancelled.append, on_timeout=self.timed_out.append
+        )
+        self.outcomes = Outcomes()
+
+    def add(self, cid: str, timeout: float = 30.0) -> Deferred[Any]:
+        deferred = self.table.add(cid, timeout)
+        self.outcomes.watch(cid, deferred)
+        return deferred
+
+    def test_resolve_fires_the_deferred_with_the_answer(self) -> None:
+        self.add("a")
+        self.assertTrue(self.table.resolve("a", "answer"))
+        self.assertEqual(self.outcomes.value("a"), "answer")
+        self.assertEqual(len(self.table), 0)
+
+    def test_resolve_of_unknown_id_is_false(self) -> None:
+        self.assertFalse(self.table.resolve("nobody", "answer"))
+
+    def test_resolve_twice_fires_once(self) -> None:
+        self.add("a")
+        self.table.resolve("a", 1)
+        self.assertFalse(self.table.resolve("a", 2))
+        self.assertEqual(self.outcomes.value("a"), 1)
+
+    def test_duplicate_correlation_id_is_refused(self) -> None:
+        self.add("a")
+        with self.assertRaises(DuplicateCorrelationId) as caught:
+            self.table.add("a", 30)
+        self.assertIn("'a' is already in flight", str(caught.exception))
+        self.assertEqual(len(self.table), 1)
+
+    def test_an_answered_id_may_be_reused(self) -> None:
+        self.add("a")
+        self.table.resolve("a", 1)
+        self.table.add("a", 30)
+        self.assertIn("a", self.table)
+
+    def test_one_timer_for_many_requests(self) -> None:
+        for i in range(100):
+            self.add(f"r{i}")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_request_times_out_after_its_timeout(self) -> None:
+        self.add("a", 30)
+        self.clock.advance(29.999)
+        self.assertEqual(self.outcomes.waiting(), ["a"])
+        self.clock.advance(0.001)
+        error = self.outcomes.error("a")
+        self.assertIsInstance(error, RequestTimeout)
+        self.assertEqual(str(error), "Timeout after 30s")
+        self.assertEqual(len(self.table), 0)
+        self.assertEqual(self.timed_out, ["a"])
+
+    def test_timeout_text_uses_rust_duration_format(self) -> None:
+        self.add("a", 0.2)
+        self.clock.advance(0.2)
+        self.assertEqual(str(self.outcomes.error("a")), "Timeout after 200ms")
+
+    def test_answered_request_does_not_time_out(self) -> None:
+        self.add("a", 5)
+        self.table.resolve("a", "ok")
+        self.clock.advance(10)
+        self.assertEqual(self.outcomes.value("a"), "ok")
+        self.assertEqual(self.timed_out, [])
+
+    def test_timer_stops_when_nothing_is_pending(self) -> None:
+        self.add("a", 5)
+        self.table.resolve("a", "ok")
+        self.clock.advance(5)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_requests_sent_later_expire_later(self) -> None:
+        self.add("a", 10)
+        self.clock.advance(4)
+        self.add("b", 10)
+        self.clock.advance(6)
+        self.assertIsInstance(self.outcomes.error("a"), RequestTimeout)
+        self.assertEqual(self.outcomes.waiting(), ["b"])
+        self.clock.advance(4)
+        self.assertIsInstance(self.outcomes.error("b"), RequestTimeout)
+
+    def test_shorter_timeout_added_later_expires_first(self) -> None:
+        self.add("long", 30)
+        self.clock.advance(1)
+        self.add("short", 2)
+        self.clock.advance(2)
+        self.assertIsInstance(self.outcomes.error("short"), RequestTimeout)
+        self.assertEqual(self.outcomes.waiting(), ["long"])
+        self.clock.advance(26.9)
+        self.assertEqual(self.outcomes.waiting(), ["long"])
+        self.clock.advance(0.1)
+        self.assertIsInstance(self.outcomes.error("long"), RequestTimeout)
+
+    def test_mixed_timeouts_each_expire_at_their_own_deadline(self) -> None:
+        # Times are multiples of 1/64 s, exact in binary floating point.
+        epsilon = 1 / 64
+        deadlines = {}
+        for i, timeout in enumerate([5, 1, 3, 5, 1, 10, 3, 0.75]):
+            self.clock.advance(1 / 16)
+            cid = f"r{i}"
+            self.add(cid, timeout)
+            deadlines[cid] = self.clock.seconds() + timeout
+        for deadline in sorted(set(deadlines.values())):
+            due = sorted(cid for cid, d in deadlines.items() if d == deadline)
+            self.clock.advance(deadline - epsilon - self.clock.seconds())
+            for cid in due:
+                self.assertEqual(self.outcomes.results[cid], [], f"{cid} expired early")
+            self.clock.advance(epsilon)
+            for cid in due:
+                self.assertIsInstance(self.outcomes.error(cid), RequestTimeout)
+            later = [cid for cid, d in deadlines.items() if d > deadline]
+            self.assertEqual(sorted(self.outcomes.waiting()), sorted(later))
+        self.assertEqual(len(self.table), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_answers_in_between_do_not_disturb_other_timeouts(self) -> None:
+        self.add("a", 5)
+        self.add("b", 5)
+        self.add("c", 7)
+        self.table.resolve("a", "ok")
+        self.clock.advance(5)
+        self.assertIsInstance(self.outcomes.error("b"), RequestTimeout)
+        self.assertEqual(self.outcomes.waiting(), ["c"])
+        self.clock.advance(2)
+        self.assertEqual(self.outcomes.waiting(), [])
+
+    def test_timed_out_id_is_free_again(self) -> None:
+        self.add("a", 1)
+        self.clock.advance(1)
+        self.table.add("a", 1)
+        self.assertIn("a", self.table)
+
+    def test_fail_all_fails_every_request_at_once(self) -> None:
+        for cid in ("a", "b", "c"):
+            self.add(cid, 10 if cid != "b" else 3)
+        count = self.table.fail_all(lambda cid: ConnectionClosed(f"lost {cid}"))
+        self.assertEqual(count, 3)
+        for cid in ("a", "b", "c"):
+            error = self.outcomes.error(cid)
+            self.assertIsInstance(error, ConnectionClosed)
+            self.assertEqual(str(error), "Connection closed")
+        self.assertEqual(len(self.table), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_fail_all_of_nothing_is_zero(self) -> None:
+        self.assertEqual(self.table.fail_all(lambda cid: ConnectionClosed()), 0)
+
+    def test_table_works_again_after_fail_all(self) -> None:
+        self.add("a", 1)
+        self.table.fail_all(lambda cid: ConnectionClosed())
+        self.add("b", 2)
+        self.clock.advance(2)
+        self.assertIsInstance(self.outcomes.error("b"), RequestTimeout)
+
+    def test_fail_one(self) -> None:
+        self.add("a")
+        self.assertTrue(self.table.fail("a", ConnectionClosed()))
+        self.assertFalse(self.table.fail("a", ConnectionClosed()))
+        self.assertIsInstance(self.outcomes.error("a"), ConnectionClosed)
+
+    def test_pop_removes_without_firing(self) -> None:
+        deferred = self.add("a")
+        self.assertIs(self.table.pop("a"), deferred)
+        self.assertEqual(self.outcomes.waiting(), ["a"])
+        self.clock.advance(60)
+        self.assertEqual(self.outcomes.waiting(), ["a"])
+        self.assertIsNone(self.table.pop("a"))
+
+    def test_cancelling_the_deferred_forgets_the_request_and_reports_it(self) -> None:
+        deferred = self.add("a")
+        deferred.cancel()
+        self.assertIsInstance(self.outcomes.error("a"), CancelledError)
+        self.assertNotIn("a", self.table)
+        self.assertEqual(self.cancelled, ["a"])
+        self.clock.advance(60)
+        self.assertEqual(self.timed_out, [])
+
+    def test_cancelling_a_finished_deferred_does_nothing(self) -> None:
+        deferred = self.add("a")
+        self.table.resolve("a", "ok")
+        deferred.cancel()
+        self.assertEqual(self.cancelled, [])
+
+    def test_cancelling_an_old_deferred_does_not_touch_a_reused_id(self) -> None:
+        old = self.table.add("a", 30)
+        old.addErrback(lambda f: None)
+        self.table.pop("a")
+        self.add("a")
+        old.cancel()
+        self.assertIn("a", self.table)
+        self.assertEqual(self.cancelled, [])
+
+    def test_errback_that_adds_a_request_during_expiry(self) -> None:
+        # A caller that retries from its timeout errback must get a working
+        # timer for the retry.
+        def retry(failure: Failure) -> None:
+            self.add("retry", 1)
+
+        self.table.add("a", 1).addErrback(retry)
+        self.clock.advance(1)
+        self.assertIn("retry", self.table)
+        self.clock.advance(1)
+        self.assertIsInstance(self.outcomes.error("retry"), RequestTimeout)
+
+    def test_errback_that_fails_everything_during_expiry(self) -> None:
+        self.add("b", 1)
+        self.table.add("a", 1).addErrback(
+            lambda f: self.table.fail_all(lambda cid: ConnectionClosed())
+        )
+        self.add("c", 5)
+        self.clock.advance(1)
+        self.assertIsInstance(self.outcomes.error("b"), RequestTimeout)
+        self.assertIsInstance(self.outcomes.error("c"), ConnectionClosed)
+        self.assertEqual(len(self.table), 0)
+
+    def test_sent_at_is_the_clock_time(self) -> None:
+        self.clock.advance(12)
+        self.add("a")
+        self.assertEqual(self.table.sent_at("a"), 12)
+        self.assertIsNone(self.table.sent_at("b"))
+
+    def test_correlation_ids_in_order_of_sending(self) -> None:
+        for cid in ("x", "a", "m"):
+            self.add(cid, {"x": 1, "a": 5, "m": 1}[cid])
+        self.assertEqual(self.table.correlation_ids(), ["x", "a", "m"])
