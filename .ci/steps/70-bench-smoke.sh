@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Smoke run of the benchmark harness (tiny sizes) so that it cannot rot.
+# It fails if the harness breaks; it asserts no performance number.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# The gateway section loads the gateway with wrk (Debian package) when it
+# can be installed; without it that section reports itself as skipped.
+if ! command -v wrk >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q wrk >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; }) \
+        || echo "bench smoke: could not install wrk; the gateway section will be skipped"
+fi
+timeout 120 python -m benchmarks.run --quick --json "${CI_TMP:-build}/bench-smoke.json" >"${CI_TMP:-build}/bench-smoke.txt"
+grep -q '^| target | goal | measured | met |$' "${CI_TMP:-build}/bench-smoke.txt"
+echo "bench smoke: ok"

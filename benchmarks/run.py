@@ -1,0 +1,620 @@
+"""
+The benchmark harness: our proxy and the load agents as separate processes.
+
+    python -m benchmarks.run            # the full run (several minutes)
+    python -m benchmarks.run --quick    # a smoke run with tiny sizes (seconds)
+
+The proxy is L{benchmarks.driver} (a L{ReverseConnectionFactory} plus a
+load generator calling C{pool.send_request_headers}); the agents are
+C{benchmarks/agent.c}, compiled here with the system C compiler, which
+register and answer every event with a pre-encoded allow AgentResponse.
+Results are printed as a table and as JSON (also written to C{--json}).
+See BENCHMARKS.md for what each section measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway")
+
+# Targets of issue 5 and the reference implementation's figures.
+TARGET_RPS_64 = 97_000
+TARGET_P50_1_US = 60.0
+TARGET_BYTES_PER_CONN = 4096
+TARGET_BURST = 10_000
+TARGET_REG_RATE = 5_000
+TARGET_TIMEOUT_COST = 0.05
+TARGET_GATEWAY_RATIO = 0.80
+REFERENCE: dict[str, Any] = {
+    "unix": {64: (80_500, 756, 2_014), 1: (24_800, 31, 91)},
+    "tcp": {64: (67_700, None, None), 1: (15_900, None, None)},
+    "bytes_per_connection": 16 * 1024,
+}
+
+
+class HarnessError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+class Child:
+    """A child process whose stdout lines (JSON objects) arrive in a queue."""
+
+    def __init__(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                self.stderr.append(line)
+        self.lines.put(None)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip())
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next line whose C{event} is C{event}; an C{error} line or
+        the process's exit raises L{HarnessError}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HarnessError(f"{self.name}: no {event!r} within {timeout:.0f} s{self._tail()}")
+            try:
+                item = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if item is None:
+                self.proc.wait()
+                raise HarnessError(
+                    f"{self.name} exited ({self.proc.returncode}) before {event!r}{self._tail()}"
+                )
+            if item.get("event") == "error":
+                raise HarnessError(f"{self.name}: {item.get('error')}{self._tail()}")
+            if item.get("event") == event:
+                return item
+
+    def _tail(self) -> str:
+        time.sleep(0.1)
+        tail = "\n".join(self.stderr[-15:])
+        return f"\n--- {self.name} stderr ---\n{tail}" if tail else ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = tempfile.mkdtemp(prefix="sentinel-bench-")
+        self.agent_bin = os.path.join(self.workdir, "bench-agent")
+        self.children: list[Child] = []
+        self.serial = 0
+        self.vectors = args.vectors or os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "..", "shared", "vectors")
+
+    def close(self) -> None:
+        for child in self.children:
+            child.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def build_agent(self) -> None:
+        cc = os.environ.get("CC", "cc")
+        source = os.path.join(HERE, "agent.c")
+        cmd = [cc, "-O2", "-Wall", "-o", self.agent_bin, source]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HarnessError(f"compiling the load agent failed: {' '.join(cmd)}\n{result.stderr}")
+
+    def _spawn(self, argv: list[str], name: str) -> Child:
+        child = Child(argv, name)
+        self.children.append(child)
+        return child
+
+    def _reap(self, *children: Child) -> None:
+        for child in children:
+            child.stop()
+            if child in self.children:
+                self.children.remove(child)
+
+    def start_proxy(self, transport: str, scenario: str, *extra: str, reactor: str | None = None) -> tuple[Child, list[str]]:
+        """Start the proxy driver; returns it and the agents' address options."""
+        self.serial += 1
+        if transport == "unix":
+            listen = f"unix:{self.workdir}/proxy-{self.serial}.sock"
+        else:
+            listen = "tcp:0:interface=127.0.0.1"
+        argv = [
+            sys.executable, "-m", "benchmarks.driver",
+            "--listen", listen,
+            "--scenario", scenario,
+            "--reactor", reactor or self.args.reactor,
+            "--log", os.path.join(self.workdir, f"proxy-{self.serial}.log"),
+            "--vectors", self.vectors,
+            *extra,
+        ]
+        proxy = self._spawn(argv, f"proxy({scenario}, {transport})")
+        listening = proxy.expect("listening", 60)
+        address = listening["address"]
+        where = ["--unix", address] if transport == "unix" else ["--tcp", address]
+        return proxy, where
+
+    def start_agent(self, where: list[str], *extra: str) -> Child:
+        return self._spawn([self.agent_bin, *where, *extra], "agent")
+
+    # -- sections -----------------------------------------------------------
+
+    def roundtrip_once(
+        self,
+        transport: str,
+        levels: Iterable[int],
+        requests: int,
+        warmup: int,
+        variants: str = "table",
+        rounds: int = 1,
+        reactor: str | None = None,
+        timeout_seconds: float | None = None,
+    ) -> list[dict[str, Any]]:
+        extra = [
+            "--expect", str(self.args.agents * self.args.connections),
+            "--levels", ",".join(str(x) for x in levels),
+            "--requests", str(requests),
+            "--warmup", str(warmup),
+            "--variants", variants,
+            "--rounds", str(rounds),
+        ]
+        if timeout_seconds is not None:
+            extra += ["--request-timeout", str(timeout_seconds)]
+        proxy, where = self.start_proxy(transport, "roundtrip", *extra, reactor=reactor)
+        agents = [
+            self.start_agent(where, "--agent-id", f"bench-{chr(97 + i)}", "--connections", str(self.args.connections))
+            for i in range(self.args.agents)
+        ]
+        try:
+            proxy.expect("ready", 60)
+            steps = len(list(levels)) * len([v for v in variants.split(",") if v]) * rounds
+            results = [proxy.expect("level", 600) for _ in range(steps)]
+        finally:
+            self._reap(proxy, *agents)
+        for r in results:
+            r["transport"] = transport
+            if r["errors"]:
+                raise HarnessError(f"{r['errors']} request(s) failed: {r['first_error']}")
+        return results
+
+    def section_roundtrip(self) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {"runs": {}, "median": {}}
+        for transport in a.transports:
+            runs = []
+            for i in range(a.runs):
+                self.log(f"roundtrip over {transport}, run {i + 1}/{a.runs}")
+                runs.append(self.roundtrip_once(transport, a.levels, a.requests, a.warmup))
+            out["runs"][transport] = runs
+            out["median"][transport] = {
+                str(level): median_of([r for run in runs for r in run if r["concurrency"] == level])
+                for level in a.levels
+            }
+        return out
+
+    def section_timeouts(self) -> dict[str, Any]:
+        a = self.args
+        self.log("timeouts: pending table vs no timeout vs DelayedCall per request")
+        results = self.roundtrip_once(
+            "unix", [a.timeout_level], a.requests, a.warmup,
+            variants="table,none,delayedcall", rounds=a.runs,
+        )
+        by: dict[str, list[dict[str, Any]]] = {}
+        for r in results:
+            by.setdefault(r["variant"], []).append(r)
+        med = {v: median_of(rs) for v, rs in by.items()}
+        off = med["none"]["rps"]
+        return {
+            "concurrency": a.timeout_level,
+            "results": results,
+            "median": med,
+            "timeouts_cost": 1 - med["table"]["rps"] / off,
+            "delayedcall_cost": 1 - med["delayedcall"]["rps"] / off,
+        }
+
+    def section_reactors(self) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {"runs": {}, "median": {}}
+        for reactor in a.reactors:
+            runs = []
+            for i in range(a.runs):
+                self.log(f"reactor {reactor}, run {i + 1}/{a.runs}")
+                try:
+                    runs.append(self.roundtrip_once("unix", [1, 64], a.requests, a.warmup, reactor=reactor))
+                except HarnessError as e:
+                    out["median"][reactor] = {"error": str(e).splitlines()[0]}
+                    break
+            else:
+                out["runs"][reactor] = runs
+                out["median"][reactor] = {
+                    str(level): median_of([r for run in runs for r in run if r["concurrency"] == level])
+                    for level in (1, 64)
+                }
+        return out
+
+    def section_register(self) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {"runs": {}, "median": {}}
+        for transport in a.transports:
+            runs = []
+            for i in range(a.runs):
+                self.log(f"registrations over {transport}, run {i + 1}/{a.runs}")
+                proxy, where = self.start_proxy(transport, "register", "--expect", str(a.registrations))
+                agent = self.start_agent(
+                    where, "--mode", "churn", "--total", str(a.registrations),
+                    "--parallel", str(a.register_parallel), "--agent-id", "reg", "--per-agent", "1",
+                )
+                try:
+                    proxy_result = proxy.expect("register", 300)
+                    agent_result = agent.expect("churn", 60)
+                finally:
+                    self._reap(proxy, agent)
+                if agent_result["failed"] or agent_result["registered"] != a.registrations:
+                    raise HarnessError(f"registrations failed: {agent_result}")
+                runs.append(
+                    {
+                        "registrations": a.registrations,
+                        "parallel": a.register_parallel,
+                        "rate": agent_result["registered"] / agent_result["seconds"],
+                        "proxy_rate": proxy_result["rate"],
+                        "proxy_cpu": proxy_result["proxy_cpu"],
+                        "agent_cpu": (agent_result["cpu_user"] + agent_result["cpu_sys"]) / agent_result["seconds"],
+                    }
+                )
+            out["runs"][transport] = runs
+            out["median"][transport] = median_of(runs)
+        return out
+
+    def hold_once(self, transport: str, count: int, per_agent: int, backlog: int | None) -> dict[str, Any]:
+        extra = ["--expect", str(count), "--max-seconds", "300"]
+        if backlog is not None:
+            extra += ["--backlog", str(backlog)]
+        proxy, where = self.start_proxy(transport, "hold", *extra)
+        agent = self.start_agent(
+            where, "--mode", "serve", "--connections", str(count),
+            "--agent-id", "hold", "--per-agent", str(per_agent), "--max-seconds", "300",
+        )
+        try:
+            result = proxy.expect("hold", 320)
+            agent_result = agent.expect("registered", 30)
+        finally:
+            self._reap(proxy, agent)
+        result["agent"] = agent_result
+        result["transport"] = transport
+        return result
+
+    def section_memory(self) -> dict[str, Any]:
+        a = self.args
+        runs = []
+        for i in range(a.runs):
+            self.log(f"memory: {a.idle_connections} idle connections, run {i + 1}/{a.runs}")
+            runs.append(self.hold_once("unix", a.idle_connections, 4, None))
+        return {"runs": runs, "median": median_of(runs)}
+
+    def section_burst(self) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {}
+        for transport in a.transports:
+            self.log(f"burst: {a.burst} connections at once over {transport}")
+            out[transport] = self.hold_once(transport, a.burst, 4, None)
+        return out
+
+    def section_gateway(self) -> dict[str, Any]:
+        from benchmarks import gateway
+
+        return gateway.run(self)
+
+
+def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise median of the numeric fields of several results."""
+    if not results:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+            out[key] = statistics.median(values)
+        elif key in ("variant", "transport", "reactor"):
+            out[key] = value
+    out["n"] = len(results)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import msgspec
+
+    import twisted
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "twisted": twisted.__version__,
+        "msgspec": msgspec.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, measured: Any, met: bool | None, unit: str = "") -> None:
+        rows.append({"target": name, "goal": target, "measured": measured, "unit": unit, "met": met})
+
+    rt = results.get("roundtrip", {}).get("median", {}).get("unix", {})
+    if "64" in rt:
+        add("round trips/s at concurrency 64 (UNIX)", f">= {TARGET_RPS_64:,}", round(rt["64"]["rps"]), rt["64"]["rps"] >= TARGET_RPS_64, "/s")
+    if "1" in rt:
+        add("p50 at concurrency 1 (UNIX)", f"<= {TARGET_P50_1_US:.0f} us", round(rt["1"]["p50_us"], 1), rt["1"]["p50_us"] <= TARGET_P50_1_US, "us")
+    mem = results.get("memory", {}).get("median")
+    if mem:
+        b = mem["bytes_per_connection"]
+        add("RSS per idle registered connection", f"<= {TARGET_BYTES_PER_CONN} B", round(b), b <= TARGET_BYTES_PER_CONN, "B")
+    burst = results.get("burst", {})
+    for transport, r in burst.items():
+        ok = r["connections"] >= TARGET_BURST and not r["rejections"]
+        add(f"registered connections held, opened as a burst ({transport})", f">= {TARGET_BURST:,}", r["connections"], ok)
+    reg = results.get("register", {}).get("median", {}).get("unix")
+    if reg:
+        add("registrations/s (UNIX)", f">= {TARGET_REG_RATE:,}", round(reg["rate"]), reg["rate"] >= TARGET_REG_RATE, "/s")
+    to = results.get("timeouts")
+    if to:
+        add("throughput cost of per-request timeouts", f"<= {TARGET_TIMEOUT_COST:.0%}", f"{to['timeouts_cost']:.1%}", to["timeouts_cost"] <= TARGET_TIMEOUT_COST)
+    gw = results.get("gateway")
+    if gw and gw.get("ratio") is not None:
+        add("gateway req/s with one agent vs no agent", f">= {TARGET_GATEWAY_RATIO:.0%}", f"{gw['ratio']:.1%}", gw["ratio"] >= TARGET_GATEWAY_RATIO)
+    elif gw:
+        add("gateway req/s with one agent vs no agent", f">= {TARGET_GATEWAY_RATIO:.0%}", gw.get("skipped", "not measured"), None)
+    return rows
+
+
+def report(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    m = results["machine"]
+    lines.append(f"machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Twisted {m['twisted']}, msgspec {m['msgspec']}, {m['date']}")
+    lines.append(f"reactor: {results['settings']['reactor']}; agents: {results['settings']['agents']} C processes x {results['settings']['connections']} connections")
+    rt = results.get("roundtrip")
+    if rt:
+        lines.append("")
+        lines.append("round trips (RequestHeaders ~700 B -> allow AgentResponse), median of runs")
+        lines.append("| transport | concurrency | round trips/s | p50 us | p90 us | p99 us | proxy CPU | agents CPU | reference /s (p50, p99) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for transport, levels in rt["median"].items():
+            for level, r in levels.items():
+                ref = REFERENCE.get(transport, {}).get(int(level))
+                ref_text = "-" if ref is None else f"{ref[0]:,}" + (f" ({ref[1]}, {ref[2]})" if ref[1] else "")
+                lines.append(
+                    f"| {transport} | {level} | {fmt(r['rps'])} | {fmt(r['p50_us'], 1)} | {fmt(r['p90_us'], 1)} | "
+                    f"{fmt(r['p99_us'], 1)} | {r['proxy_cpu']:.0%} | {r['agents_cpu']:.0%} | {ref_text} |"
+                )
+    to = results.get("timeouts")
+    if to:
+        lines.append("")
+        lines.append(f"per-request timeouts at concurrency {to['concurrency']} (UNIX), median of rounds")
+        lines.append("| pending table | round trips/s | p50 us | p99 us |")
+        lines.append("|---|---|---|---|")
+        names = {"table": "PendingTable (timeouts on)", "none": "no timeouts (dict only)", "delayedcall": "DelayedCall per request"}
+        for v in ("none", "table", "delayedcall"):
+            r = to["median"][v]
+            lines.append(f"| {names[v]} | {fmt(r['rps'])} | {fmt(r['p50_us'], 1)} | {fmt(r['p99_us'], 1)} |")
+        lines.append(f"cost of timeouts: {to['timeouts_cost']:.1%} (PendingTable), {to['delayedcall_cost']:.1%} (DelayedCall per request)")
+    rx = results.get("reactors")
+    if rx:
+        lines.append("")
+        lines.append("reactors (UNIX), median of runs")
+        lines.append("| reactor | /s at 1 | p50 us at 1 | /s at 64 | p99 us at 64 |")
+        lines.append("|---|---|---|---|---|")
+        for name, r in rx["median"].items():
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} | | | |")
+                continue
+            lines.append(f"| {name} | {fmt(r['1']['rps'])} | {fmt(r['1']['p50_us'], 1)} | {fmt(r['64']['rps'])} | {fmt(r['64']['p99_us'], 1)} |")
+    reg = results.get("register")
+    if reg:
+        lines.append("")
+        lines.append("registration handshakes (connect, register, close; 64 at once), median of runs")
+        for transport, r in reg["median"].items():
+            lines.append(f"  {transport}: {fmt(r['rate'])}/s (proxy CPU {r['proxy_cpu']:.0%}, agent CPU {r['agent_cpu']:.0%})")
+    mem = results.get("memory")
+    if mem:
+        r = mem["median"]
+        lines.append("")
+        lines.append(
+            f"memory: {fmt(r['connections'])} idle registered connections: {fmt(r['bytes_per_connection'])} B of RSS each "
+            f"(reference ~{REFERENCE['bytes_per_connection']:,} B)"
+        )
+    burst = results.get("burst")
+    if burst:
+        for transport, r in burst.items():
+            lines.append(
+                f"burst ({transport}): {fmt(r['connections'])} connections opened at once, all registered in {r['seconds']:.2f} s "
+                f"(backlog {r['backlog']}, file limit {r['file_limit']}, {r['agent']['connect_retries']} connect retries, "
+                f"rejections {r['rejections'] or 'none'}), {fmt(r['bytes_per_connection'])} B RSS each"
+            )
+    gw = results.get("gateway")
+    if gw:
+        lines.append("")
+        if gw.get("skipped"):
+            lines.append(f"gateway: not measured ({gw['skipped']})")
+        else:
+            lines.append(
+                f"gateway (wrk, {gw['connections']} connections): no agent {fmt(gw['no_agent_rps'])} req/s, "
+                f"one agent {fmt(gw['one_agent_rps'])} req/s, ratio {gw['ratio']:.1%}"
+            )
+    lines.append("")
+    lines.append("targets")
+    lines.append("| target | goal | measured | met |")
+    lines.append("|---|---|---|---|")
+    for row in results["targets"]:
+        met = "yes" if row["met"] else ("no" if row["met"] is False else "-")
+        lines.append(f"| {row['target']} | {row['goal']} | {fmt(row['measured'])} {row['unit']} | {met} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test of the harness")
+    p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "reactors"),
+                   help=f"comma-separated, from {', '.join(SECTIONS)} (default: all but reactors)")
+    p.add_argument("--transports", default="unix,tcp")
+    p.add_argument("--levels", default="1,16,64,256")
+    p.add_argument("--requests", type=int, default=200_000, help="measured round trips per level")
+    p.add_argument("--warmup", type=int, default=None, help="round trips before measuring (default requests/10)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--agents", type=int, default=2, help="agent processes")
+    p.add_argument("--connections", type=int, default=4, help="connections per agent process")
+    p.add_argument("--timeout-level", type=int, default=64)
+    p.add_argument("--registrations", type=int, default=20_000)
+    p.add_argument("--register-parallel", type=int, default=64)
+    p.add_argument("--idle-connections", type=int, default=5_000)
+    p.add_argument("--burst", type=int, default=10_000)
+    p.add_argument("--reactor", default="epoll", help="reactor of the proxy (epoll, poll, asyncio, uvloop)")
+    p.add_argument("--reactors", default="epoll,asyncio,uvloop", help="reactors compared by the reactors section")
+    p.add_argument("--gateway-duration", type=float, default=10.0, help="seconds of wrk load per gateway measurement")
+    p.add_argument("--gateway-connections", type=int, default=64)
+    p.add_argument("--vectors", default=None, help="shared/vectors directory (default ../shared/vectors or $SENTINEL_VECTORS)")
+    p.add_argument("--json", default=os.path.join(ROOT, "build", "bench-results.json"), help="write all results here")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, sockets)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 2_000)
+        args.runs = 1
+        args.registrations = min(args.registrations, 300)
+        args.idle_connections = min(args.idle_connections, 200)
+        args.burst = min(args.burst, 400)
+        args.gateway_duration = min(args.gateway_duration, 1.0)
+        args.reactors = "epoll"
+    if args.warmup is None:
+        args.warmup = max(100, args.requests // 10)
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    args.transports = [t for t in args.transports.split(",") if t]
+    args.levels = [int(x) for x in args.levels.split(",") if x]
+    args.reactors = [r for r in args.reactors.split(",") if r]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    harness = Harness(args)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json",)
+        },
+    }
+    try:
+        harness.build_agent()
+        for section in args.sections:
+            results[section] = getattr(harness, f"section_{section}")()
+    except HarnessError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        harness.close()
+    results["targets"] = targets(results)
+    text = report(results)
+    print(text)
+    summary = {k: v for k, v in results.items() if k not in ("roundtrip", "reactors", "timeouts", "register", "memory")}
+    for key in ("roundtrip", "reactors", "register"):
+        if key in results:
+            summary[key] = results[key]["median"]
+    if "timeouts" in results:
+        summary["timeouts"] = {k: v for k, v in results["timeouts"].items() if k != "results"}
+    if "memory" in results:
+        summary["memory"] = results["memory"]["median"]
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+        print(f"all results: {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
