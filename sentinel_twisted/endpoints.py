@@ -9,51 +9,100 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import stat
 
 __all__ = [
     "SocketInUse",
     "clear_stale_unix_socket",
+    "parse_description",
     "unix_socket_path",
     "with_backlog",
+    "with_owner_only_mode",
 ]
 
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+#: Endpoint types whose server parser takes a C{backlog=} argument.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
 
 
 class SocketInUse(Exception):
     """A live process serves the socket; the text says which path."""
 
 
-def _split(description: str) -> list[str]:
-    return _UNESCAPED_COLON.split(description)
+def parse_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint string into positional and keyword arguments by the
+    rules of Twisted's own parser: C{:} separates arguments, the first
+    C{=} of an argument makes it C{key=value}, and a backslash takes the
+    next character literally (C{unix:/tmp/a\\:b.sock}).
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    key: str | None = None
+    current: list[str] = []
+
+    def finish() -> None:
+        value = "".join(current)
+        current.clear()
+        if key is None:
+            args.append(value)
+        else:
+            kwargs[key] = value
+
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            finish()
+            key = None
+        elif char == "=" and key is None:
+            key = "".join(current)
+            current.clear()
+        else:
+            current.append(char)
+    finish()
+    return args, kwargs
 
 
 def with_backlog(description: str, backlog: int) -> str:
     """Add C{backlog=N} to a tcp/unix/ssl server endpoint that lacks one."""
-    parts = _split(description)
-    if parts[0] in ("tcp", "tcp6", "unix", "ssl") and not any(
-        p.startswith("backlog=") for p in parts[1:]
-    ):
+    args, kwargs = parse_description(description)
+    if args[0] in _BACKLOG_TYPES and "backlog" not in kwargs:
         return f"{description}:backlog={backlog}"
     return description
 
 
+def with_owner_only_mode(description: str) -> str:
+    """
+    Add C{mode=600} to a C{unix:} server endpoint that sets no mode.
+
+    Twisted's own default is 666: any local user could then register as
+    an agent and be sent the proxy's traffic.  An explicit C{mode=} wins.
+    """
+    args, kwargs = parse_description(description)
+    if args[0] == "unix" and "mode" not in kwargs:
+        return f"{description}:mode=600"
+    return description
+
+
 def unix_socket_path(description: str) -> str | None:
-    """The filesystem path of a C{unix:} server endpoint, else C{None}."""
-    parts = _split(description)
-    if parts[0] != "unix" or len(parts) < 2:
+    """
+    The filesystem path of a C{unix:} server endpoint (positional or
+    C{address=}), else C{None} (other endpoint types, abstract sockets).
+    """
+    args, kwargs = parse_description(description)
+    if args[0] != "unix":
         return None
-    for part in parts[1:]:
-        if part.startswith("address="):
-            return part[len("address=") :].replace("\\:", ":")
-    first = parts[1]
-    if "=" in first and not first.startswith(("/", ".")):
+    if "address" in kwargs:
+        path = kwargs["address"]
+    elif len(args) > 1:
+        path = args[1]
+    else:
         return None
-    path = first.replace("\\:", ":")
-    return None if path.startswith("\0") or path.startswith("@") else path
+    if not path or path.startswith("\0"):
+        return None
+    return path
 
 
 def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
@@ -74,11 +123,18 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     probe.settimeout(timeout)
     try:
         probe.connect(path)
+    except TimeoutError:
+        raise SocketInUse(
+            f"{path} is served by a live process (busy: it did not accept within "
+            f"{timeout:g}s); refusing to start a second listener"
+        ) from None
     except OSError as e:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise SocketInUse(f"cannot tell whether {path} is in use: {e.strerror}") from None
+            raise SocketInUse(f"cannot tell whether {path} is in use: {e.strerror or e}") from None
     else:
-        raise SocketInUse(f"{path} is served by a live process; refusing to start a second listener")
+        raise SocketInUse(
+            f"{path} is served by a live process; refusing to start a second listener"
+        )
     finally:
         probe.close()
     try:

@@ -1,0 +1,158 @@
+"""
+Endpoint-string helpers and the handling of UNIX socket files: a socket a
+live process serves is never touched, a stale one is replaced, anything
+that is not a socket is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted.endpoints import (
+    SocketInUse,
+    clear_stale_unix_socket,
+    parse_description,
+    unix_socket_path,
+    with_backlog,
+    with_owner_only_mode,
+)
+
+UNIX_DESCRIPTIONS = [
+    "unix:/tmp/a.sock",
+    "unix:/tmp/a.sock:mode=600:lockfile=1",
+    "unix:address=/tmp/b.sock:mode=600",
+    "unix:mode=600:/tmp/c.sock",
+    "unix:/tmp/with\\:colon.sock",
+    "unix:address=/tmp/x\\:y.sock",
+    "unix:/tmp/with\\=equals.sock",
+    "unix:relative.sock:backlog=5",
+    "unix:./dir/d.sock",
+]
+
+
+class DescriptionTests(TestCase):
+    def test_unix_socket_path_agrees_with_twisted(self) -> None:
+        """Whatever path Twisted would bind, we check and clean."""
+        reactor = MemoryReactor()
+        for description in UNIX_DESCRIPTIONS:
+            with self.subTest(description=description):
+                endpoint = serverFromString(reactor, description)
+                self.assertEqual(unix_socket_path(description), endpoint._address)
+
+    def test_unix_socket_paths(self) -> None:
+        self.assertEqual(unix_socket_path("unix:/tmp/a.sock:mode=600"), "/tmp/a.sock")
+        self.assertEqual(unix_socket_path("unix:address=/tmp/b.sock"), "/tmp/b.sock")
+        self.assertEqual(unix_socket_path("unix:mode=600:/tmp/c.sock"), "/tmp/c.sock")
+        self.assertEqual(unix_socket_path("unix:/tmp/a\\:b.sock"), "/tmp/a:b.sock")
+
+    def test_no_path_for_other_endpoints(self) -> None:
+        for description in [
+            "tcp:7000",
+            "tcp:7000:interface=/tmp/x",
+            "ssl:443",
+            "unix",
+            "unix:\0abstract",
+        ]:
+            with self.subTest(description=description):
+                self.assertIsNone(unix_socket_path(description))
+
+    def test_parse_description(self) -> None:
+        self.assertEqual(
+            parse_description("tcp:7000:interface=127.0.0.1:a\\:b:k=v=w"),
+            (["tcp", "7000", "a:b"], {"interface": "127.0.0.1", "k": "v=w"}),
+        )
+
+    def test_with_backlog(self) -> None:
+        self.assertEqual(with_backlog("tcp:7000", 9), "tcp:7000:backlog=9")
+        self.assertEqual(with_backlog("tcp:7000:backlog=3", 9), "tcp:7000:backlog=3")
+        self.assertEqual(
+            with_backlog("unix:/tmp/a\\:backlog=1.sock", 9),
+            "unix:/tmp/a\\:backlog=1.sock:backlog=9",
+        )
+        self.assertEqual(
+            with_backlog("systemd:domain=INET:index=0", 9), "systemd:domain=INET:index=0"
+        )
+
+    def test_with_backlog_reaches_twisted(self) -> None:
+        reactor = MemoryReactor()
+        for description in ["tcp:7000", "tcp6:7000", "unix:/tmp/a.sock", "unix:/tmp/a\\:b.sock"]:
+            with self.subTest(description=description):
+                endpoint = serverFromString(reactor, with_backlog(description, 77))
+                self.assertEqual(endpoint._backlog, 77)
+
+    def test_owner_only_mode_reaches_twisted(self) -> None:
+        reactor = MemoryReactor()
+        endpoint = serverFromString(reactor, with_owner_only_mode("unix:/tmp/a.sock"))
+        self.assertEqual(endpoint._mode, 0o600)
+        endpoint = serverFromString(reactor, with_owner_only_mode("unix:/tmp/a.sock:mode=660"))
+        self.assertEqual(endpoint._mode, 0o660)
+        self.assertEqual(with_owner_only_mode("tcp:7000"), "tcp:7000")
+
+
+class ClearStaleSocketTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-ep-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "s.sock")
+
+    def bind(self, listen: bool) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(self.path)
+        if listen:
+            sock.listen(4)
+        return sock
+
+    def test_missing_path_is_free(self) -> None:
+        self.assertFalse(clear_stale_unix_socket(self.path))
+
+    def test_live_socket_is_refused_and_untouched(self) -> None:
+        server = self.bind(listen=True)
+        before = os.lstat(self.path)
+        error = self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)
+        self.assertIn(self.path, str(error))
+        self.assertIn("live process", str(error))
+        after = os.lstat(self.path)
+        self.assertEqual((before.st_ino, before.st_mode), (after.st_ino, after.st_mode))
+        # ... and it still serves.
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(2)
+        client.connect(self.path)
+        server.settimeout(2)
+        server.accept()[0].close()  # the probe's connection
+        server.accept()[0].close()  # ours
+
+    def test_stale_socket_is_removed(self) -> None:
+        self.bind(listen=False).close()
+        self.assertTrue(os.path.exists(self.path))
+        self.assertTrue(clear_stale_unix_socket(self.path))
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_bound_but_not_listening_socket_counts_as_stale(self) -> None:
+        self.bind(listen=False)
+        self.assertTrue(clear_stale_unix_socket(self.path))
+
+    def test_regular_file_is_refused(self) -> None:
+        with open(self.path, "w") as f:
+            f.write("precious")
+        error = self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)
+        self.assertIn("not a socket", str(error))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "precious")
+
+    def test_directory_and_symlink_are_refused(self) -> None:
+        os.mkdir(self.path)
+        self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)
+        self.assertTrue(os.path.isdir(self.path))
+        link = os.path.join(self.dir, "link.sock")
+        os.symlink(self.path, link)
+        self.assertRaises(SocketInUse, clear_stale_unix_socket, link)
+        self.assertTrue(os.path.islink(link))
