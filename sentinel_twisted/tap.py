@@ -5,6 +5,8 @@ C{twistd sentinel-reverse}: accept reverse connections from policy agents.
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 from typing import Any
 
@@ -17,10 +19,23 @@ from twisted.python import usage
 from . import __version__
 from .auth import TokenFileChecker, TokenFileError
 from .config import ReverseConnectionConfig
-from .endpoints import SocketInUse, clear_stale_unix_socket, unix_socket_path, with_backlog
+from .endpoints import (
+    SocketInUse,
+    clear_stale_unix_socket,
+    unix_socket_path,
+    with_backlog,
+    with_owner_only_mode,
+)
 from .factory import ReverseConnectionFactory
 
-__all__ = ["DEFAULT_LISTEN", "Options", "ReverseListenerService", "makeService"]
+__all__ = [
+    "DEFAULT_LISTEN",
+    "Options",
+    "ReverseListenerService",
+    "StartupError",
+    "makeService",
+    "make_listener",
+]
 
 log = Logger(namespace="sentinel_twisted.tap")
 
@@ -28,22 +43,42 @@ log = Logger(namespace="sentinel_twisted.tap")
 DEFAULT_LISTEN = "unix:sentinel-reverse.sock:mode=600:lockfile=1"
 
 
+class StartupError(Exception):
+    """
+    The listener cannot start (unreadable token file, socket in use, bad
+    endpoint); the text says why, so no traceback or usage text is needed.
+    """
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be positive")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return number
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number < 1:
-        raise ValueError("must be at least 1")
+        raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
-_positive_float.coerceDoc = "Seconds, a positive number."  # type: ignore[attr-defined]
-_positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+# Converted in postOptions rather than by usage's coercers, whose error
+# text does not say which option was wrong.
+_CONVERSIONS = {
+    "max-connections-per-agent": _positive_int,
+    "handshake-timeout": _positive_float,
+    "request-timeout": _positive_float,
+    "backlog": _positive_int,
+    "max-pending-registrations": _positive_int,
+}
 
 
 class Options(usage.Options):
@@ -57,13 +92,28 @@ class Options(usage.Options):
         ["require-auth", None, "Refuse agents that register without a token."],
     ]
     optParameters = [
-        ["token-file", None, None, "File of 'AGENT_ID TOKEN' lines ('#' comments) used to verify tokens."],
-        ["max-connections-per-agent", None, 4, "Registered connections one agent may hold.", _positive_int],
-        ["handshake-timeout", None, 10.0, "Seconds a new connection has to register.", _positive_float],
-        ["request-timeout", None, 30.0, "Seconds a request waits for the agent's answer.", _positive_float],
+        [
+            "token-file",
+            None,
+            None,
+            "File of 'AGENT_ID TOKEN' lines ('#' comments) used to verify tokens.",
+        ],
+        ["max-connections-per-agent", None, 4, "Registered connections one agent may hold (N)."],
+        ["handshake-timeout", None, 10.0, "Seconds (a float) a new connection has to register."],
+        [
+            "request-timeout",
+            None,
+            30.0,
+            "Seconds (a float) a request waits for the agent's answer.",
+        ],
         ["proxy-id", None, "sentinel-proxy", "Proxy id sent to agents on registration."],
-        ["backlog", None, 128, "Listen backlog for endpoints that do not set one.", _positive_int],
-        ["max-pending-registrations", None, 1024, "Connections that may await registration at once.", _positive_int],
+        ["backlog", None, 128, "Listen backlog (N) for endpoints that do not set one."],
+        [
+            "max-pending-registrations",
+            None,
+            1024,
+            "Connections (N) that may await registration at once.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -72,12 +122,13 @@ class Options(usage.Options):
         self["allow"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Server endpoint string to listen on (repeatable). Default: """
+        """Server endpoint string to listen on (repeatable). Default:"""
         self["listen"].append(description)
 
     opt_listen.__doc__ = (
-        "Server endpoint to listen on, e.g. unix:/run/sentinel.sock:mode=600:lockfile=1 "
-        f"or tcp:7000:interface=127.0.0.1 (repeatable). [default: {DEFAULT_LISTEN}]"
+        "Server endpoint to listen on, e.g. unix:/run/sentinel.sock:lockfile=1 "
+        "or tcp:7000:interface=127.0.0.1 (repeatable); unix sockets are owner-only "
+        f"(mode=600) unless mode= says otherwise. [default: {DEFAULT_LISTEN}]"
     )
 
     def opt_allow(self, pattern: str) -> None:
@@ -85,19 +136,23 @@ class Options(usage.Options):
         self["allow"].append(pattern)
 
     def opt_version(self) -> None:
+        """Print the version of sentinel_twisted and exit."""
         print(f"sentinel_twisted {__version__}")
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        for name, convert in _CONVERSIONS.items():
+            value = self[name]
+            if isinstance(value, str):
+                try:
+                    self[name] = convert(value)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{name}: {e}") from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        self["listen"] = [with_backlog(d, self["backlog"]) for d in self["listen"]]
-        self["token-checker"] = None
-        if self["token-file"]:
-            try:
-                self["token-checker"] = TokenFileChecker(self["token-file"])
-            except TokenFileError as e:
-                raise usage.UsageError(str(e)) from None
+        self["listen"] = [
+            with_backlog(with_owner_only_mode(d), self["backlog"]) for d in self["listen"]
+        ]
         try:
             self["config"] = ReverseConnectionConfig(
                 backlog=self["backlog"],
@@ -111,15 +166,6 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        for description in self["listen"]:
-            path = unix_socket_path(description)
-            if path is None:
-                continue
-            try:
-                if clear_stale_unix_socket(path):
-                    self.setdefault("stale-removed", []).append(path)
-            except SocketInUse as e:
-                raise usage.UsageError(str(e)) from None
 
 
 def raise_file_limit() -> tuple[int, int] | None:
@@ -138,17 +184,23 @@ def raise_file_limit() -> tuple[int, int] | None:
 class ReverseListenerService(service.MultiService):
     """The listener's endpoints plus its factory; logs the set-up on start."""
 
-    def __init__(self, factory: ReverseConnectionFactory, options: Any) -> None:
+    def __init__(
+        self,
+        factory: ReverseConnectionFactory,
+        options: Any,
+        stale_removed: list[str] | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.factory = factory
         self.options = options
+        self.stale_removed = stale_removed or []
 
     def startService(self) -> None:
         config = self.factory.config
         raised = raise_file_limit()
         if raised is not None:
             log.info("Raised the open-file limit from {old} to {new}", old=raised[0], new=raised[1])
-        for path in self.options.get("stale-removed", []):
+        for path in self.stale_removed:
             log.info("Removed stale socket {path} left by a process that is gone", path=path)
         checker = self.factory.token_checker
         warning = getattr(checker, "permission_warning", None)
@@ -174,17 +226,55 @@ class ReverseListenerService(service.MultiService):
         super().startService()  # type: ignore[no-untyped-call]
 
 
+def load_token_checker(path: str | None) -> TokenFileChecker | None:
+    if not path:
+        return None
+    try:
+        return TokenFileChecker(path)
+    except TokenFileError as e:
+        raise StartupError(str(e)) from None
+
+
+def prepare_unix_socket(path: str) -> bool:
+    """
+    Check that C{path} can be bound; remove a stale socket left there by a
+    dead process.  Returns whether one was removed.
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise StartupError(f"cannot listen on {path}: directory {directory} does not exist")
+    try:
+        return clear_stale_unix_socket(path)
+    except SocketInUse as e:
+        raise StartupError(str(e)) from None
+
+
 def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
+    """
+    The listener service for parsed L{Options}: reads the token file,
+    parses the endpoints and clears stale UNIX sockets.
+
+    @raise StartupError: if any of that fails.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = ReverseConnectionFactory(
-        options["config"], token_checker=options["token-checker"], clock=reactor
-    )
-    top = ReverseListenerService(factory, options)
+    checker = load_token_checker(options["token-file"])
+    endpoints = []
     for description in options["listen"]:
-        endpoint = serverFromString(reactor, description)
+        try:
+            endpoints.append(serverFromString(reactor, description))
+        except Exception as e:
+            raise StartupError(f"cannot use --listen {description!r}: {e}") from None
+    stale_removed = []
+    for description in options["listen"]:
+        path = unix_socket_path(description)
+        if path is not None and prepare_unix_socket(path):
+            stale_removed.append(path)
+    factory = ReverseConnectionFactory(options["config"], token_checker=checker, clock=reactor)
+    top = ReverseListenerService(factory, options, stale_removed)
+    for endpoint in endpoints:
         svc = StreamServerEndpointService(endpoint, factory)
         # Fail the start-up (and twistd) when an endpoint cannot listen.
         svc._raiseSynchronously = True
@@ -193,4 +283,9 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
 
 
 def makeService(options: Options) -> service.IService:
-    return make_listener(options)
+    try:
+        return make_listener(options)
+    except StartupError as e:
+        # A plain message and exit status 1, not twistd's usage text or a
+        # traceback: nothing is wrong with the command line.
+        raise SystemExit(f"twistd sentinel-reverse: {e}") from None

@@ -1,0 +1,225 @@
+"""
+The options of C{twistd sentinel-reverse} and the service they build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted.auth import TokenFileChecker
+from sentinel_twisted.config import ReverseConnectionConfig
+from sentinel_twisted.tap import (
+    DEFAULT_LISTEN,
+    Options,
+    ReverseListenerService,
+    StartupError,
+    make_listener,
+    makeService,
+)
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(TestCase):
+    def test_defaults(self) -> None:
+        options = parse()
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN + ":backlog=128"])
+        self.assertEqual(options["config"], ReverseConnectionConfig())
+        self.assertEqual(options["config"].proxy_id, "sentinel-proxy")
+        self.assertIsNone(options["token-file"])
+
+    def test_every_option(self) -> None:
+        options = parse(
+            "--listen", "tcp:7000:interface=127.0.0.1",
+            "--listen", "unix:/tmp/a.sock:mode=660:backlog=5",
+            "--allow", "waf-*",
+            "--allow", "auth-1",
+            "--require-auth",
+            "--token-file", "/nonexistent/is/read/at/start",
+            "--max-connections-per-agent", "7",
+            "--handshake-timeout", "2.5",
+            "--request-timeout", "0.25",
+            "--proxy-id", "edge-1",
+            "--backlog", "64",
+            "--max-pending-registrations", "9",
+        )  # fmt: skip
+        self.assertEqual(
+            options["listen"],
+            ["tcp:7000:interface=127.0.0.1:backlog=64", "unix:/tmp/a.sock:mode=660:backlog=5"],
+        )
+        config = options["config"]
+        self.assertEqual(config.allowed_agents.patterns, ("waf-*", "auth-1"))
+        self.assertTrue(config.allowed_agents.allows("waf-9"))
+        self.assertFalse(config.allowed_agents.allows("bot-1"))
+        self.assertTrue(config.require_auth)
+        self.assertEqual(options["token-file"], "/nonexistent/is/read/at/start")
+        self.assertEqual(config.max_connections_per_agent, 7)
+        self.assertEqual(config.handshake_timeout, 2.5)
+        self.assertIsInstance(config.handshake_timeout, float)
+        self.assertEqual(config.request_timeout, 0.25)
+        self.assertEqual(config.proxy_id, "edge-1")
+        self.assertEqual(config.backlog, 64)
+        self.assertEqual(config.max_pending_registrations, 9)
+
+    def test_whole_seconds_are_floats(self) -> None:
+        config = parse("--handshake-timeout", "3", "--request-timeout", "1e1")["config"]
+        self.assertEqual((config.handshake_timeout, config.request_timeout), (3.0, 10.0))
+        self.assertIsInstance(config.handshake_timeout, float)
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        for argv in [
+            ["--handshake-timeout", "soon"],
+            ["--handshake-timeout", "0"],
+            ["--handshake-timeout", "-1"],
+            ["--handshake-timeout", "nan"],
+            ["--request-timeout", "inf"],
+            ["--request-timeout", ""],
+            ["--max-connections-per-agent", "0"],
+            ["--max-connections-per-agent", "1.5"],
+            ["--max-connections-per-agent", "many"],
+            ["--backlog", "-3"],
+            ["--max-pending-registrations", "0"],
+            ["--no-such-option"],
+            ["--handshake-timeout"],
+            ["stray-argument"],
+        ]:
+            with self.subTest(argv=argv):
+                self.assertRaises(usage.UsageError, parse, *argv)
+
+    def test_usage_error_names_the_option(self) -> None:
+        error = self.assertRaises(usage.UsageError, parse, "--request-timeout", "-2")
+        self.assertIn("request-timeout", str(error))
+
+    def test_backlog_added_only_where_missing(self) -> None:
+        options = parse(
+            "--backlog", "32",
+            "--listen", "tcp:7000",
+            "--listen", "tcp6:7001:backlog=3",
+            "--listen", "ssl:7002:privateKey=k.pem",
+            "--listen", "unix:/tmp/x.sock:mode=600",
+            "--listen", "systemd:domain=UNIX:index=0",
+        )  # fmt: skip
+        self.assertEqual(
+            options["listen"],
+            [
+                "tcp:7000:backlog=32",
+                "tcp6:7001:backlog=3",
+                "ssl:7002:privateKey=k.pem:backlog=32",
+                "unix:/tmp/x.sock:mode=600:backlog=32",
+                "systemd:domain=UNIX:index=0",
+            ],
+        )
+
+    def test_unix_sockets_are_owner_only_unless_told(self) -> None:
+        options = parse("--listen", "unix:/tmp/x.sock", "--listen", "unix:/tmp/y.sock:mode=660")
+        self.assertEqual(
+            options["listen"],
+            ["unix:/tmp/x.sock:mode=600:backlog=128", "unix:/tmp/y.sock:mode=660:backlog=128"],
+        )
+
+    def test_help_lists_every_option(self) -> None:
+        text = str(Options())
+        for name in [
+            "--listen", "--allow", "--require-auth", "--token-file", "--max-connections-per-agent",
+            "--handshake-timeout", "--request-timeout", "--proxy-id", "--backlog",
+            "--max-pending-registrations", "--version",
+        ]:  # fmt: skip
+            self.assertIn(name, text)
+        self.assertIn(DEFAULT_LISTEN, text.replace("\n", "").replace(" ", ""))
+
+
+class MakeListenerTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-tap-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.reactor = MemoryReactorClock()
+
+    def write(self, name: str, text: str, mode: int = 0o600) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_builds_one_endpoint_service_per_listen(self) -> None:
+        sock = os.path.join(self.dir, "a.sock")
+        options = parse("--listen", f"unix:{sock}", "--listen", "tcp:0:interface=127.0.0.1")
+        top = make_listener(options, self.reactor)
+        self.assertIsInstance(top, ReverseListenerService)
+        children = list(top)
+        self.assertEqual(len(children), 2)
+        for child in children:
+            self.assertIsInstance(child, StreamServerEndpointService)
+            self.assertIs(child.factory, top.factory)
+        self.assertIs(top.factory.config, options["config"])
+        self.assertIsNone(top.factory.token_checker)
+
+    def test_token_file_loaded(self) -> None:
+        path = self.write("tokens", "# agents\nwaf-1 s3cret\n\nwaf-2 other\n")
+        top = make_listener(parse("--require-auth", "--token-file", path), self.reactor)
+        checker = top.factory.token_checker
+        self.assertIsInstance(checker, TokenFileChecker)
+        assert checker is not None
+        self.assertTrue(checker.check_token("waf-1", "s3cret"))
+        self.assertFalse(checker.check_token("waf-1", "other"))
+
+    def test_malformed_token_file_names_file_and_line(self) -> None:
+        path = self.write("tokens", "# agents\nwaf-1 s3cret\nwaf-2 two words\n")
+        options = parse("--token-file", path)
+        error = self.assertRaises(StartupError, make_listener, options, self.reactor)
+        self.assertIn(f"{path}:3:", str(error))
+        self.assertNotIn("s3cret", str(error))
+        self.assertNotIn("words", str(error))
+
+    def test_makeService_turns_startup_errors_into_a_plain_exit(self) -> None:
+        options = parse("--token-file", os.path.join(self.dir, "missing"))
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertIsInstance(error.code, str)
+        self.assertIn("twistd sentinel-reverse: cannot read token file", str(error.code))
+        self.assertIn("missing", str(error.code))
+
+    def test_bad_endpoint_string(self) -> None:
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", "carrier-pigeon:1"), self.reactor
+        )
+        self.assertIn("carrier-pigeon:1", str(error))
+
+    def test_missing_socket_directory(self) -> None:
+        sock = os.path.join(self.dir, "no", "such", "dir", "a.sock")
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", f"unix:{sock}"), self.reactor
+        )
+        self.assertIn("does not exist", str(error))
+
+    def test_live_socket_refused(self) -> None:
+        sock = os.path.join(self.dir, "live.sock")
+        server = socket.socket(socket.AF_UNIX)
+        self.addCleanup(server.close)
+        server.bind(sock)
+        server.listen(1)
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", f"unix:{sock}"), self.reactor
+        )
+        self.assertIn("served by a live process", str(error))
+        self.assertTrue(os.path.exists(sock))
+
+    def test_stale_socket_removed_and_reported(self) -> None:
+        sock = os.path.join(self.dir, "stale.sock")
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(sock)
+        dead.close()
+        top = make_listener(parse("--listen", f"unix:{sock}"), self.reactor)
+        self.assertFalse(os.path.exists(sock))
+        self.assertEqual(top.stale_removed, [sock])
