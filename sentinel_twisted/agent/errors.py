@@ -1,0 +1,71 @@
+# -*- test-case-name: tests.agent.test_protocol -*-
+"""
+Errors of the agent side: why a registration did not go through, and
+whether trying again can help.
+"""
+
+from __future__ import annotations
+
+from ..errors import AgentProtocolError
+
+__all__ = [
+    "AgentHandlerError",
+    "RegistrationFailed",
+    "RegistrationRejected",
+    "is_retryable_rejection",
+]
+
+# Rejections that another attempt with the same settings cannot fix.  The
+# texts are the ones SPEC section 3 gives the proxy (ours and the reference).
+_FATAL_PREFIXES = (
+    "Protocol version mismatch",
+    "Invalid message format",
+    "Authentication",
+)
+
+
+def is_retryable_rejection(reason: str) -> bool:
+    """
+    Whether a proxy's rejection text describes a condition that may go
+    away by itself (a connection limit, a handshake timeout, an unknown
+    reason) rather than a configuration error (version, allowlist,
+    authentication, a malformed registration).
+    """
+    return not reason.startswith(_FATAL_PREFIXES)
+
+
+class RegistrationFailed(AgentProtocolError):
+    """
+    The registration did not complete: no answer in time, a malformed
+    answer, or the connection ended first.  Always worth retrying.
+    """
+
+    retryable = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Registration failed: {detail}")
+        self.detail = detail
+
+
+class RegistrationRejected(AgentProtocolError):
+    """
+    The proxy answered C{success: false}.  C{reason} is the proxy's text;
+    C{retryable} says whether reconnecting can help.
+    """
+
+    def __init__(self, reason: str, proxy_id: str = "", retryable: bool | None = None) -> None:
+        who = f"proxy '{proxy_id}'" if proxy_id else "the proxy"
+        super().__init__(f"Registration rejected by {who}: {reason}")
+        self.reason = reason
+        self.proxy_id = proxy_id
+        self.retryable = is_retryable_rejection(reason) if retryable is None else retryable
+
+
+class AgentHandlerError(AgentProtocolError):
+    """An agent's handler raised, or returned something that is not an answer."""
+
+    def __init__(self, handler: str, correlation_id: str, detail: str) -> None:
+        super().__init__(f"Agent handler {handler} failed for '{correlation_id}': {detail}")
+        self.handler = handler
+        self.correlation_id = correlation_id
+        self.detail = detail
