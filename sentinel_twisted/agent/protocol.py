@@ -1,0 +1,760 @@
+# -*- test-case-name: tests.agent.test_protocol -*-
+"""
+L{AgentProtocol}: the agent's end of one reverse connection.
+
+It sends the RegistrationRequest, waits (with a timeout) for the
+RegistrationResponse, then serves the proxy's events: each event runs its
+handler at once, up to a concurrency limit, and its answer goes back as
+soon as it is ready, so answers may leave in any order.  At the limit the
+connection asks the proxy to pause (FlowControl) and resumes when the
+load has drained to half the limit.  Ping gets a Pong with the same body,
+Cancel cancels the handler's Deferred (and nothing is sent for that id),
+and a HealthStatus goes out periodically.
+
+Handler failures never leave the proxy waiting: a handler that raises,
+fails, or returns something that is not an answer is logged with its
+traceback and answered with a safe decision.  The default is fail-closed,
+C{block 500 "agent error"}, because an inspecting agent (a WAF) that
+fails open lets exactly the traffic it could not judge through; set
+C{fail_open=True} for agents whose failure must not stop traffic.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+from typing import Any, Protocol
+
+import attrs
+import msgspec
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import messages as m
+from ..errors import AgentProtocolError, InvalidMessage, format_duration
+from ..wire import FrameReceiver, MessageType
+from ._interfaces import IAgent
+from ._lifecycle import new_lifecycle
+from .base import EVENT_HANDLERS
+from .errors import AgentHandlerError, RegistrationFailed, RegistrationRejected
+from .responses import ResponseBuilder, allow, block
+
+__all__ = [
+    "AgentClientFactory",
+    "AgentProtocol",
+    "AgentSettings",
+    "ConnectionObserver",
+    "routing_id",
+]
+
+log = Logger(namespace="sentinel_twisted.agent.protocol")
+
+_EVENTS: dict[int, tuple[type[Any], str]] = {
+    message_type: (cls, EVENT_HANDLERS[cls.event_type])
+    for message_type, cls in m.EVENT_CLASSES.items()
+}
+_AGENT_ONLY = frozenset(
+    {
+        MessageType.AGENT_RESPONSE,
+        MessageType.HEALTH_STATUS,
+        MessageType.METRICS_REPORT,
+        MessageType.CONFIG_UPDATE_REQUEST,
+        MessageType.FLOW_CONTROL,
+        MessageType.HANDSHAKE_REQUEST,
+    }
+)
+
+_CONNECTION_DONE = Failure(ierror.ConnectionDone())
+_PAUSE = m.encode(m.FlowControlMessage(action=m.FlowAction.PAUSE))
+_RESUME = m.encode(m.FlowControlMessage(action=m.FlowAction.RESUME))
+
+
+def routing_id(event: Any) -> str:
+    """
+    The id the proxy waits on for this event's answer (SPEC sections 4 and
+    6): C{metadata.correlation_id} for RequestHeaders (falling back to the
+    top-level id), the top-level C{correlation_id} for every other event.
+    """
+    return m.event_correlation_id(event)
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class AgentSettings:
+    """
+    How an agent's connections behave.
+
+    @ivar agent: the L{IAgent} that answers events.
+    @ivar agent_id: the id to register under.
+    @ivar auth_token: sent in the RegistrationRequest (C{null} if unset).
+    @ivar metadata: free-form JSON sent in the RegistrationRequest.
+    @ivar registration_timeout: seconds to wait for the RegistrationResponse.
+    @ivar health_interval: seconds between HealthStatus reports (0: only
+        the one after registration); sent only if the capabilities announce
+        C{health_reporting}.
+    @ivar max_concurrency: handlers running at once per connection; C{None}
+        takes the agent's announced C{limits.max_concurrency}.
+    @ivar max_queued: events held beyond the limit (they arrive while the
+        pause travels to the proxy, or from a proxy that ignores pauses);
+        beyond it an event is answered at once with the error decision and
+        status 503.  C{None} means as many as C{max_concurrency}.
+    @ivar fail_open: answer handler errors with allow instead of block 500.
+    """
+
+    agent: IAgent
+    agent_id: str = attrs.field()
+    auth_token: str | None = None
+    metadata: Any = None
+    registration_timeout: float = attrs.field(default=10.0, validator=_positive)
+    health_interval: float = attrs.field(default=10.0, validator=_not_negative)
+    max_concurrency: int | None = attrs.field(default=None, validator=_positive)
+    max_queued: int | None = attrs.field(default=None, validator=_not_negative)
+    fail_open: bool = False
+
+    @agent_id.validator
+    def _check_agent_id(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise ValueError("agent_id must be a non-empty string")
+
+    def registration_request(self, capabilities: m.AgentCapabilities) -> m.RegistrationRequest:
+        return m.RegistrationRequest(
+            protocol_version=m.PROTOCOL_VERSION,
+            agent_id=self.agent_id,
+            capabilities=capabilities,
+            auth_token=self.auth_token,
+            metadata=self.metadata,
+        )
+
+    def error_answer(self, status: int = 500, text: str = "agent error") -> m.AgentResponse:
+        """The safe answer for an event the agent could not judge."""
+        builder = allow() if self.fail_open else block(status, text)
+        return builder.tag("agent_error").reason("AGENT_ERROR").build()
+
+
+class ConnectionObserver(Protocol):
+    """Who hears about a connection's registration and end (the connector)."""
+
+    def connection_registered(self, protocol: AgentProtocol) -> None: ...
+
+    def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None: ...
+
+    def connection_ended(self, protocol: AgentProtocol, detail: str) -> None: ...
+
+
+class _Entry:
+    """One event being served (or waiting for a free slot)."""
+
+    __slots__ = ("correlation_id", "event", "handler", "deferred", "cancelled", "serial")
+
+    def __init__(self, serial: int, correlation_id: str, event: Any, handler: str) -> None:
+        self.serial = serial
+        self.correlation_id = correlation_id
+        self.event = event
+        self.handler = handler
+        self.deferred: Deferred[Any] | None = None
+        self.cancelled = False
+
+
+class _Lenient(msgspec.Struct):
+    """Enough of a garbled event to find whom to answer."""
+
+    correlation_id: Any = None
+    metadata: Any = None
+
+
+class AgentProtocol(FrameReceiver):
+    """One agent connection.  Built by L{AgentClientFactory}."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: IReactorTime,
+        observer: ConnectionObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.agent = settings.agent
+        self.clock = clock
+        self.observer = observer
+        self.capabilities: m.AgentCapabilities | None = None
+        self.connection_id = ""
+        self.proxy_id = ""
+        self.proxy_version = ""
+        self.registered = False
+        self.draining = False
+        self.paused = False
+        self.limit = settings.max_concurrency or 1
+        self.resume_at = 0
+        self.max_queued = 0
+        #: Counters, for status and tests.
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._lifecycle, self._core = new_lifecycle(self)
+        self._on_frame = self._registration_frame
+        self._serial = 0
+        self._active: dict[int, _Entry] = {}
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._queued = 0
+        self._by_id: dict[str, _Entry] = {}
+        self._health: LoopingCall | None = None
+        self._releasing = False
+        self._close_detail: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<AgentProtocol agent={self.settings.agent_id} "
+            f"connection={self.connection_id or '(registering)'} in_flight={len(self._active)}>"
+        )
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Handlers running now."""
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        """Events waiting for a free slot."""
+        return self._queued
+
+    @property
+    def load(self) -> int:
+        return len(self._active) + self._queued
+
+    def in_flight_ids(self) -> list[str]:
+        return [e.correlation_id for e in self._active.values()]
+
+    # -- Twisted protocol ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        try:
+            capabilities = self.agent.capabilities(self.settings.agent_id)
+            payload = m.encode(self.settings.registration_request(capabilities))
+        except Exception as e:
+            log.failure("Agent {agent_id}: cannot build the RegistrationRequest", agent_id=self.settings.agent_id)
+            self._lifecycle.refused(
+                RegistrationRejected(f"cannot build the RegistrationRequest: {e}", retryable=False)
+            )
+            return
+        self.capabilities = capabilities
+        if self.settings.max_concurrency is None:
+            self.limit = max(1, capabilities.limits.max_concurrency)
+        self.resume_at = self.limit // 2
+        self.max_queued = self.limit if self.settings.max_queued is None else self.settings.max_queued
+        timeout = self.settings.registration_timeout
+        self._core.timer = self.clock.callLater(
+            timeout,
+            self._lifecycle.refused,
+            RegistrationFailed(f"no RegistrationResponse within {format_duration(timeout)}"),
+        )
+        self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
+
+    def frame_received(self, message_type: int, payload: bytes) -> None:
+        self._on_frame(message_type, payload)
+
+    def frame_error(self, error: AgentProtocolError) -> None:
+        self._lifecycle.protocol_violated(error)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._lifecycle.connection_lost(self._lost_detail(reason))
+
+    def _lost_detail(self, reason: Failure) -> str:
+        if self._close_detail is not None:
+            return self._close_detail
+        if self.buffered_bytes:
+            return f"connection closed mid-frame ({self.buffered_bytes} bytes of an incomplete frame)"
+        if isinstance(reason, Failure) and reason.check(ierror.ConnectionDone):
+            return "connection closed by proxy"
+        value = reason.value if isinstance(reason, Failure) else reason
+        return f"connection lost: {value}"
+
+    # -- public control ---------------------------------------------------------
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Stop taking events (FlowControl pause, HealthStatus draining), let
+        in-flight handlers finish for up to C{grace} seconds, cancel what
+        is left, and close.  Fires when the connection is gone.
+        """
+        return self._lifecycle.drain(grace)
+
+    def close(self, detail: str = "closed by agent") -> Deferred[None]:
+        """Close now, cancelling in-flight handlers; fires when gone."""
+        waiter = self._core.wait_lost()
+        self._lifecycle.close(detail)
+        return waiter
+
+    # -- registration -------------------------------------------------------------
+
+    def _registration_frame(self, message_type: int, payload: bytes) -> None:
+        if message_type != MessageType.HANDSHAKE_RESPONSE:
+            self._lifecycle.refused(
+                RegistrationFailed(
+                    "expected registration response (HandshakeResponse), got "
+                    + MessageType(message_type).wire_name
+                )
+            )
+            return
+        try:
+            response = m.decode(payload, m.RegistrationResponse)
+        except InvalidMessage as e:
+            self._lifecycle.refused(RegistrationFailed(f"malformed RegistrationResponse: {e}"))
+            return
+        if response.success:
+            self._lifecycle.registered(response)
+        else:
+            self._lifecycle.refused(
+                RegistrationRejected(response.error or "(no reason given)", response.proxy_id)
+            )
+
+    # -- outputs of the lifecycle machine ------------------------------------------
+
+    def enter_serving(self, response: m.RegistrationResponse) -> None:
+        self.registered = True
+        self.connection_id = response.connection_id
+        self.proxy_id = response.proxy_id
+        self.proxy_version = response.proxy_version
+        self._on_frame = self._serving_frame
+        log.info(
+            "Agent {agent_id} registered connection {connection_id} with proxy {proxy_id} "
+            "{proxy_version} (serving up to {limit} events at once)",
+            agent_id=self.settings.agent_id,
+            connection_id=self.connection_id,
+            proxy_id=self.proxy_id,
+            proxy_version=self.proxy_version,
+            limit=self.limit,
+        )
+        if self.capabilities is not None and self.capabilities.features.health_reporting:
+            self._health = LoopingCall(self.send_health)
+            self._health.clock = self.clock
+            if self.settings.health_interval > 0:
+                self._health.start(self.settings.health_interval, now=True)
+            else:
+                self.send_health()
+        if self.observer is not None:
+            self.observer.connection_registered(self)
+
+    def refuse(self, error: AgentProtocolError) -> None:
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._close_detail = str(error)
+        if self.observer is not None:
+            self.observer.registration_refused(self, error)
+        self._lose()
+
+    def abandon(self, detail: str) -> None:
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._close_detail = detail
+        self._lose()
+
+    def lost_unregistered(self, detail: str) -> None:
+        self._on_frame = self._ignore_frame
+        if self.observer is not None:
+            self.observer.registration_refused(
+                self, RegistrationFailed(f"{detail} before the proxy answered the registration")
+            )
+
+    def begin_drain(self, grace: float) -> IDelayedCall:
+        self.draining = True
+        log.info(
+            "Agent {agent_id} draining connection {connection_id}: {count} event(s) in flight, "
+            "grace period {grace}",
+            agent_id=self.settings.agent_id,
+            connection_id=self.connection_id,
+            count=self.load,
+            grace=format_duration(grace),
+        )
+        if not self.paused:
+            self.paused = True
+            self._send(MessageType.FLOW_CONTROL, _PAUSE)
+        self.send_health()
+        timer = self.clock.callLater(grace, self._lifecycle.drained)
+        if self.load == 0:
+            self._lifecycle.drained()
+        return timer
+
+    def shut(self, detail: str) -> None:
+        self._on_frame = self._ignore_frame
+        self._stop_health()
+        cut = self._cancel_everything()
+        if cut:
+            log.warn(
+                "Agent {agent_id} closing connection {connection_id} ({detail}); "
+                "{count} unfinished handler(s) cancelled",
+                agent_id=self.settings.agent_id,
+                connection_id=self.connection_id,
+                detail=detail,
+                count=cut,
+            )
+        self.stop_parsing()
+        self._close_detail = detail
+        self._lose()
+
+    def lost_serving(self, detail: str) -> None:
+        self._on_frame = self._ignore_frame
+        self._stop_health()
+        cut = self._cancel_everything()
+        self._ended(detail, cut)
+
+    def finish_lost(self, detail: str) -> None:
+        if self.registered:
+            self._ended(detail, 0)
+
+    def _ended(self, detail: str, cut: int) -> None:
+        log.info(
+            "Agent {agent_id} connection {connection_id} ended: {detail}{cut}",
+            agent_id=self.settings.agent_id,
+            connection_id=self.connection_id,
+            detail=detail,
+            cut=f" ({cut} unfinished handler(s) cancelled)" if cut else "",
+        )
+        if self.observer is not None:
+            self.observer.connection_ended(self, detail)
+
+    def _lose(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.loseConnection()
+
+    def _stop_health(self) -> None:
+        health, self._health = self._health, None
+        if health is not None and health.running:
+            health.stop()
+
+    def _cancel_everything(self) -> int:
+        entries = list(self._active.values())
+        self._active.clear()
+        self._queue.clear()
+        self._queued = 0
+        self._by_id.clear()
+        for entry in entries:
+            entry.cancelled = True
+            if entry.deferred is not None:
+                entry.deferred.cancel()
+        return len(entries)
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
+        pass
+
+    def _serving_frame(self, message_type: int, payload: bytes) -> None:
+        spec = _EVENTS.get(message_type)
+        if spec is not None:
+            self._event_received(message_type, payload, spec[0], spec[1])
+        elif message_type == MessageType.CANCEL:
+            self._cancel_received(payload)
+        elif message_type == MessageType.PING:
+            self._ping_received(payload)
+        elif message_type == MessageType.PONG:
+            pass
+        else:
+            log.warn(
+                "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
+                "which only agents send; ignored",
+                proxy_id=self.proxy_id,
+                kind=MessageType(message_type).wire_name,
+                connection_id=self.connection_id,
+            )
+
+    def _event_received(self, message_type: int, payload: bytes, cls: type[Any], handler: str) -> None:
+        self.stats["events"] += 1
+        try:
+            event = m.decode(payload, cls)
+        except InvalidMessage as e:
+            self._bad_event(message_type, payload, e)
+            return
+        cid = routing_id(event)
+        self._serial += 1
+        entry = _Entry(self._serial, cid, event, handler)
+        if cid in self._by_id:
+            log.warn(
+                "Proxy sent a second event for correlation id {cid!r} while the first is in "
+                "flight on connection {connection_id}; serving both",
+                cid=cid,
+                connection_id=self.connection_id,
+            )
+        self._by_id[cid] = entry
+        if len(self._active) < self.limit:
+            self._start(entry)
+        elif self._queued < self.max_queued:
+            self._queue.append(entry)
+            self._queued += 1
+        else:
+            del self._by_id[cid]
+            self.stats["overloaded"] += 1
+            log.warn(
+                "Agent {agent_id} is over its limit on connection {connection_id} "
+                "({limit} running, {queued} queued) and the proxy keeps sending; "
+                "answering {cid!r} with the error decision",
+                agent_id=self.settings.agent_id,
+                connection_id=self.connection_id,
+                limit=self.limit,
+                queued=self._queued,
+                cid=cid,
+            )
+            self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
+            return
+        self._update_flow()
+
+    def _bad_event(self, message_type: int, payload: bytes, error: InvalidMessage) -> None:
+        self.stats["invalid_events"] += 1
+        cid: Any = None
+        try:
+            lenient = m.decode(payload, _Lenient)
+            metadata = lenient.metadata
+            if message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, dict):
+                cid = metadata.get("correlation_id") or lenient.correlation_id
+            else:
+                cid = lenient.correlation_id
+        except InvalidMessage:
+            pass
+        kind = MessageType(message_type).wire_name
+        if isinstance(cid, str) and cid:
+            log.warn(
+                "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
+                kind=kind,
+                cid=cid,
+                error=str(error),
+            )
+            self._send_answer(cid, self.settings.error_answer())
+        else:
+            log.warn(
+                "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
+                kind=kind,
+                error=str(error),
+            )
+
+    def _start(self, entry: _Entry) -> None:
+        self._active[entry.serial] = entry
+        try:
+            result = getattr(self.agent, entry.handler)(entry.event)
+        except Exception:
+            self._handler_failed(Failure(), entry)
+            return
+        if isinstance(result, Deferred):
+            deferred: Deferred[Any] = result
+        elif inspect.iscoroutine(result):
+            deferred = Deferred.fromCoroutine(result)
+        else:
+            deferred = succeed(result)
+        entry.deferred = deferred
+        deferred.addCallbacks(
+            self._handler_done, self._handler_failed, callbackArgs=(entry,), errbackArgs=(entry,)
+        )
+
+    def _finish(self, entry: _Entry) -> bool:
+        """Take C{entry} out of the running set; C{False} if it was cancelled."""
+        if entry.cancelled or self._active.pop(entry.serial, None) is None:
+            return False
+        if self._by_id.get(entry.correlation_id) is entry:
+            del self._by_id[entry.correlation_id]
+        return True
+
+    def _handler_done(self, result: object, entry: _Entry) -> None:
+        if not self._finish(entry):
+            return
+        if isinstance(result, ResponseBuilder):
+            response = result.build()
+        elif isinstance(result, m.AgentResponse):
+            response = result
+        else:
+            hint = " (forgot to return allow()?)" if result is None else ""
+            self._report_error(
+                entry,
+                AgentHandlerError(
+                    entry.handler,
+                    entry.correlation_id,
+                    f"returned {type(result).__name__}, not an AgentResponse or "
+                    f"ResponseBuilder{hint}",
+                ),
+                None,
+            )
+            response = self.settings.error_answer()
+        self._send_answer(entry.correlation_id, response)
+        self._slot_freed()
+
+    def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
+        if not self._finish(entry):
+            return None
+        if failure.check(CancelledError):
+            detail = "cancelled by the handler itself"
+        else:
+            kind = failure.type.__name__ if failure.type is not None else "error"
+            detail = f"{kind}: {failure.getErrorMessage()}"
+        self._report_error(entry, AgentHandlerError(entry.handler, entry.correlation_id, detail), failure)
+        self._send_answer(entry.correlation_id, self.settings.error_answer())
+        self._slot_freed()
+        return None
+
+    def _report_error(self, entry: _Entry, error: AgentHandlerError, failure: Failure | None) -> None:
+        self.stats["handler_errors"] += 1
+        decision = "allow (fail-open)" if self.settings.fail_open else "block 500 (fail-closed)"
+        if failure is not None and not failure.check(CancelledError):
+            log.failure(
+                "{error}; answered with {decision}",
+                failure,
+                error=str(error),
+                decision=decision,
+            )
+        else:
+            log.error("{error}; answered with {decision}", error=str(error), decision=decision)
+
+    def _slot_freed(self) -> None:
+        # Handlers that answer synchronously re-enter here from _start; the
+        # outermost call does the loop, so the stack stays flat.
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._queue and len(self._active) < self.limit:
+                entry = self._queue.popleft()
+                if entry.cancelled:
+                    continue
+                self._queued -= 1
+                self._start(entry)
+        finally:
+            self._releasing = False
+        self._update_flow()
+        if self.draining and self.load == 0:
+            self._lifecycle.drained()
+
+    def _update_flow(self) -> None:
+        if self.draining:
+            return
+        load = self.load
+        if not self.paused and load >= self.limit:
+            self.paused = True
+            self.stats["pauses"] += 1
+            log.info(
+                "Agent {agent_id} at its limit ({limit}) on connection {connection_id}: pausing",
+                agent_id=self.settings.agent_id,
+                limit=self.limit,
+                connection_id=self.connection_id,
+            )
+            self._send(MessageType.FLOW_CONTROL, _PAUSE)
+        elif self.paused and load <= self.resume_at:
+            self.paused = False
+            self.stats["resumes"] += 1
+            log.info(
+                "Agent {agent_id} drained to {load} on connection {connection_id}: resuming",
+                agent_id=self.settings.agent_id,
+                load=load,
+                connection_id=self.connection_id,
+            )
+            self._send(MessageType.FLOW_CONTROL, _RESUME)
+
+    def _send_answer(self, cid: str, response: m.AgentResponse) -> None:
+        audit = response.audit
+        custom = dict(audit.custom)
+        custom["correlation_id"] = cid
+        response = msgspec.structs.replace(response, audit=msgspec.structs.replace(audit, custom=custom))
+        try:
+            payload = m.encode(response)
+            if self.transport is not None:
+                self.send_frame(MessageType.AGENT_RESPONSE, payload)
+        except AgentProtocolError as e:
+            log.error(
+                "Agent {agent_id} cannot send its answer for {cid!r}: {error}; "
+                "sending the error decision instead",
+                agent_id=self.settings.agent_id,
+                cid=cid,
+                error=str(e),
+            )
+            self.stats["handler_errors"] += 1
+            fallback = self.settings.error_answer()
+            fallback.audit.custom["correlation_id"] = cid
+            self._send(MessageType.AGENT_RESPONSE, m.encode(fallback))
+            return
+        self.stats["answers"] += 1
+
+    def _send(self, message_type: int, payload: bytes) -> None:
+        if self.transport is not None and self.registered:
+            self.send_frame(message_type, payload)
+
+    def _cancel_received(self, payload: bytes) -> None:
+        try:
+            message = m.decode(payload, m.CancelMessage)
+        except InvalidMessage as e:
+            log.warn("Proxy sent an invalid Cancel: {error}", error=str(e))
+            return
+        entry = self._by_id.pop(message.correlation_id, None)
+        if entry is None:
+            log.debug(
+                "Cancel for {cid!r}, which is not in flight (already answered?)",
+                cid=message.correlation_id,
+            )
+            return
+        self.stats["cancelled"] += 1
+        entry.cancelled = True
+        if self._active.pop(entry.serial, None) is not None:
+            if entry.deferred is not None:
+                entry.deferred.cancel()
+        else:
+            self._queued -= 1
+        log.debug(
+            "Cancelled {cid!r} on connection {connection_id} (reason {reason})",
+            cid=message.correlation_id,
+            connection_id=self.connection_id,
+            reason=message.reason,
+        )
+        self._slot_freed()
+
+    def _ping_received(self, payload: bytes) -> None:
+        try:
+            m.decode(payload, m.PingMessage)
+        except InvalidMessage as e:
+            log.warn("Proxy sent an invalid Ping: {error}", error=str(e))
+            return
+        # Pong echoes the Ping's body byte for byte, as the reference does.
+        self._send(MessageType.PONG, payload)
+
+    def health_state(self) -> int:
+        if self.draining:
+            return int(m.HealthState.DRAINING)
+        try:
+            return int(self.agent.health())
+        except Exception:
+            log.failure("Agent {agent_id}: health() failed; reporting unhealthy", agent_id=self.settings.agent_id)
+            return int(m.HealthState.UNHEALTHY)
+
+    def send_health(self) -> None:
+        """Send a HealthStatus with the current state (the integer form)."""
+        if self.capabilities is None or not self.capabilities.features.health_reporting:
+            return
+        self._send(MessageType.HEALTH_STATUS, m.encode(m.HealthStatusMessage(state=self.health_state())))
+
+
+class AgentClientFactory(Factory):
+    """Builds an L{AgentProtocol} for each connection attempt."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: IReactorTime,
+        observer: ConnectionObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.observer = observer
+
+    def buildProtocol(self, addr: IAddress) -> AgentProtocol:  # type: ignore[override]
+        protocol = AgentProtocol(self.settings, self.clock, self.observer)
+        protocol.factory = self
+        return protocol
