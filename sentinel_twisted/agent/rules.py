@@ -1,0 +1,720 @@
+# -*- test-case-name: tests.agent.test_rules -*-
+"""
+A rule engine, and L{RulesAgent}: the agent C{twistd sentinel-agent} runs.
+
+Rules live in a TOML (or JSON) file and are checked in file order against
+each request's headers (and, for C{body_contains}, its body).  A rule
+matches when every condition in its C{match} table holds.  Header
+operations and tags of every matching rule accumulate; the first matching
+rule with a decision (C{block}, C{redirect}, C{require_header}) decides and
+ends the evaluation.  No decision means allow.
+
+    [[rules]]
+    id = "no-admin"
+    match = { path = "^/admin(/|$)" }
+    block = { status = 403, body = "Forbidden" }
+
+Errors are reported with the file, the rule and the reason, all of them at
+once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import posixpath
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote, unquote_plus, urlsplit
+
+import attrs
+from twisted.logger import Logger
+
+from .. import messages as m
+from ._interfaces import HandlerResult
+from .base import Agent
+from .responses import ResponseBuilder, allow
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found]
+
+__all__ = ["Rule", "RuleSet", "RulesAgent", "RulesError", "load_rules", "parse_rules"]
+
+log = Logger(namespace="sentinel_twisted.agent.rules")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_MATCH_KEYS = frozenset(
+    {
+        "method",
+        "path",
+        "uri",
+        "query",
+        "header",
+        "header_present",
+        "header_missing",
+        "client_ip",
+        "body_contains",
+    }
+)
+_RULE_KEYS = frozenset(
+    {
+        "id",
+        "description",
+        "enabled",
+        "match",
+        "block",
+        "redirect",
+        "require_header",
+        "request_headers",
+        "response_headers",
+        "tags",
+    }
+)
+_TOP_KEYS = frozenset({"rules", "defaults"})
+_DEFAULT_KEYS = frozenset({"block_status", "block_body", "redirect_status"})
+_OP_KEYS = frozenset({"set", "add", "remove"})
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class RulesError(Exception):
+    """
+    A rules file that cannot be used.  C{problems} holds one line per
+    problem (C{rule 'id' (#n): reason}); C{str()} prefixes each with the
+    file name.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(source, problems)
+        self.source = source
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {p}" for p in self.problems)
+
+
+class _Problems(Exception):
+    """Problems in one part of a rule, gathered by the compiler."""
+
+
+@attrs.frozen
+class _Defaults:
+    block_status: int = 403
+    block_body: str = "Forbidden"
+    redirect_status: int = 302
+
+
+@attrs.frozen(kw_only=True)
+class Rule:
+    """One compiled rule.  Conditions that are C{None} or empty always hold."""
+
+    id: str
+    position: int
+    description: str = ""
+    methods: frozenset[str] | None = None
+    path: re.Pattern[str] | None = None
+    uri: re.Pattern[str] | None = None
+    query: re.Pattern[str] | None = None
+    headers: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    header_present: tuple[str, ...] = ()
+    header_missing: tuple[str, ...] = ()
+    client_ip: tuple[_Network, ...] = ()
+    body_contains: tuple[bytes, ...] = ()
+    decision: m.Decision | None = None
+    request_ops: tuple[m.HeaderOp, ...] = ()
+    response_ops: tuple[m.HeaderOp, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    def matches(self, request: _RequestView) -> bool:
+        """Whether every condition except C{body_contains} holds."""
+        if self.methods is not None and request.method not in self.methods:
+            return False
+        if self.path is not None and not _any_search(self.path, request.paths):
+            return False
+        if self.uri is not None and not _any_search(self.uri, request.uris):
+            return False
+        if self.query is not None and not _any_search(self.query, request.queries):
+            return False
+        for name, pattern in self.headers:
+            if not _any_search(pattern, request.headers.get(name, ())):
+                return False
+        for name in self.header_present:
+            if name not in request.headers:
+                return False
+        for name in self.header_missing:
+            if name in request.headers:
+                return False
+        if self.client_ip:
+            ip = request.client_ip
+            if ip is None or not any(ip in net for net in self.client_ip if ip.version == net.version):
+                return False
+        return True
+
+
+def _any_search(pattern: re.Pattern[str], values: Iterable[str]) -> bool:
+    return any(pattern.search(v) is not None for v in values)
+
+
+def _normalize_path(path: str) -> str:
+    """Collapse repeated slashes and resolve C{.} and C{..} segments."""
+    if not path:
+        return "/"
+    collapsed = re.sub(r"/{2,}", "/", path)
+    normalized = posixpath.normpath(collapsed)
+    if normalized == ".":
+        normalized = "/"
+    if collapsed.endswith("/") and not normalized.endswith("/"):
+        normalized += "/"
+    return normalized
+
+
+class _RequestView:
+    """What rules look at in a RequestHeaders event, computed once."""
+
+    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip")
+
+    def __init__(self, event: m.RequestHeadersEvent) -> None:
+        self.method = event.method.upper()
+        uri = event.uri
+        if uri.startswith("/") or not uri:
+            raw_path, _, raw_query = uri.partition("?")
+        else:
+            parts = urlsplit(uri)
+            raw_path, raw_query = parts.path, parts.query
+        decoded = unquote(raw_path)
+        self.paths = _unique((raw_path, decoded, _normalize_path(decoded)))
+        self.uris = _unique((uri, unquote(uri)))
+        self.queries = _unique((raw_query, unquote_plus(raw_query)))
+        headers: dict[str, list[str]] = {}
+        for name, values in event.headers.items():
+            headers.setdefault(name.lower(), []).extend(values)
+        self.headers = headers
+        try:
+            ip = ipaddress.ip_address(event.metadata.client_ip)
+        except ValueError:
+            self.client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        else:
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            self.client_ip = ip
+
+
+def _unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+# --------------------------------------------------------------------------
+# Compiling
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _Problems(f"{where}: expected a string or a non-empty list of strings, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _regex(value: Any, where: str) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise _Problems(f"{where}: expected a regular expression string, got {_show(value)}")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise _Problems(f"{where}: invalid regular expression {value!r}: {e}") from None
+
+
+def _header_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise _Problems(f"{where}: invalid header name {_show(value)}")
+    return value.lower()
+
+
+def _header_value(value: Any, where: str) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+        raise _Problems(f"{where}: header value must be a single-line string, got {_show(value)}")
+    return value
+
+
+def _status(value: Any, low: int, high: int, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _Problems(f"{where}: status must be an integer from {low} to {high}, got {_show(value)}")
+    return value
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Problems(f"{where}: expected a table, got {_show(value)}")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        raise _Problems(
+            f"{where}unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+
+class _RuleCompiler:
+    def __init__(self, raw: dict[str, Any], position: int, defaults: _Defaults) -> None:
+        self.raw = raw
+        self.position = position
+        self.defaults = defaults
+        self.problems: list[str] = []
+        self.fields: dict[str, Any] = {}
+
+    def step(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except _Problems as e:
+            self.problems.append(str(e))
+            return None
+
+    def compile(self) -> Rule | None:
+        raw = self.raw
+        self.step(_unknown, raw, _RULE_KEYS, "")
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            self.problems.append("description: expected a string")
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.problems.append("enabled: expected true or false")
+        match = raw.get("match", {})
+        if self.step(_table, match, "match") is not None:
+            self.step(_unknown, match, _MATCH_KEYS, "match: ")
+            self.step(self._match, match)
+        self.step(self._actions, raw)
+        tags = raw.get("tags")
+        if tags is not None:
+            self.fields["tags"] = tuple(self.step(_strings, tags, "tags") or ())
+        if self.problems or enabled is not True:
+            return None
+        return Rule(
+            id=raw["id"], position=self.position, description=description, **self.fields
+        )
+
+    def _match(self, match: dict[str, Any]) -> None:
+        f = self.fields
+        if "method" in match:
+            methods = self.step(_strings, match["method"], "match.method")
+            if methods is not None:
+                f["methods"] = frozenset(x.upper() for x in methods)
+        for key in ("path", "uri", "query"):
+            if key in match:
+                pattern = self.step(_regex, match[key], f"match.{key}")
+                if pattern is not None:
+                    f[key] = pattern
+        if "header" in match:
+            table = self.step(_table, match["header"], "match.header")
+            if table is not None:
+                headers = []
+                for name, pattern in table.items():
+                    where = f"match.header.{name}"
+                    hname = self.step(_header_name, name, where)
+                    regex = self.step(_regex, pattern, where)
+                    if hname is not None and regex is not None:
+                        headers.append((hname, regex))
+                f["headers"] = tuple(headers)
+        for key in ("header_present", "header_missing"):
+            if key in match:
+                names = self.step(_strings, match[key], f"match.{key}") or []
+                f[key] = tuple(
+                    n for n in (self.step(_header_name, x, f"match.{key}") for x in names) if n
+                )
+        if "client_ip" in match:
+            networks = []
+            for cidr in self.step(_strings, match["client_ip"], "match.client_ip") or []:
+                try:
+                    networks.append(ipaddress.ip_network(cidr, strict=False))
+                except ValueError as e:
+                    self.problems.append(f"match.client_ip: {e}")
+            f["client_ip"] = tuple(networks)
+        if "body_contains" in match:
+            needles = self.step(_strings, match["body_contains"], "match.body_contains") or []
+            if any(not n for n in needles):
+                self.problems.append("match.body_contains: empty strings match everything")
+            f["body_contains"] = tuple(n.encode("utf-8") for n in needles)
+
+    def _actions(self, raw: dict[str, Any]) -> None:
+        f = self.fields
+        decisions = [k for k in ("block", "redirect", "require_header") if k in raw]
+        if len(decisions) > 1:
+            raise _Problems(f"at most one of block, redirect, require_header; got {', '.join(decisions)}")
+        if "block" in raw:
+            self.step(self._block, raw["block"])
+        elif "redirect" in raw:
+            self.step(self._redirect, raw["redirect"])
+        elif "require_header" in raw:
+            self.step(self._require, raw["require_header"])
+        for key, target in (("request_headers", "request_ops"), ("response_headers", "response_ops")):
+            if key in raw:
+                ops = self.step(self._ops, raw[key], key)
+                if ops is not None:
+                    f[target] = ops
+        if not decisions and not f.get("request_ops") and not f.get("response_ops") and "tags" not in raw:
+            raise _Problems(
+                "no action: give block, redirect, require_header, request_headers, "
+                "response_headers or tags"
+            )
+        if f.get("body_contains") and "decision" not in f and not self.problems:
+            raise _Problems(
+                "match.body_contains needs block or redirect: headers are already on their "
+                "way when the body arrives"
+            )
+
+    def _block(self, value: Any) -> None:
+        d = self.defaults
+        if value is True:
+            self.fields["decision"] = m.Block(d.block_status, d.block_body, None)
+            return
+        table = _table(value, "block")
+        _unknown(table, frozenset({"status", "body", "headers"}), "block: ")
+        status = _status(table.get("status", d.block_status), 100, 599, "block.status")
+        body = table.get("body", d.block_body if status == d.block_status else _phrase(status))
+        if body is not None and not isinstance(body, str):
+            raise _Problems(f"block.body: expected a string, got {_show(body)}")
+        headers = None
+        if "headers" in table:
+            headers = {
+                _header_name(k, "block.headers"): _header_value(v, f"block.headers.{k}")
+                for k, v in _table(table["headers"], "block.headers").items()
+            }
+        self.fields["decision"] = m.Block(status, body, headers)
+
+    def _redirect(self, value: Any) -> None:
+        if isinstance(value, str):
+            value = {"url": value}
+        table = _table(value, "redirect")
+        _unknown(table, frozenset({"url", "status"}), "redirect: ")
+        url = table.get("url")
+        if not isinstance(url, str) or not url or any(c in url for c in "\r\n\0"):
+            raise _Problems(f"redirect.url: expected a non-empty single-line string, got {_show(url)}")
+        status = _status(table.get("status", self.defaults.redirect_status), 300, 399, "redirect.status")
+        self.fields["decision"] = m.Redirect(url, status)
+
+    def _require(self, value: Any) -> None:
+        if isinstance(value, str):
+            value = {"name": value}
+        table = _table(value, "require_header")
+        _unknown(table, frozenset({"name", "status", "body"}), "require_header: ")
+        name = _header_name(table.get("name"), "require_header.name")
+        status = _status(table.get("status", 400), 100, 599, "require_header.status")
+        body = table.get("body", f"Missing required header: {name}")
+        if not isinstance(body, str):
+            raise _Problems(f"require_header.body: expected a string, got {_show(body)}")
+        self.fields["header_missing"] = (*self.fields.get("header_missing", ()), name)
+        self.fields["decision"] = m.Block(status, body, None)
+
+    def _ops(self, value: Any, where: str) -> tuple[m.HeaderOp, ...]:
+        table = _table(value, where)
+        _unknown(table, _OP_KEYS, f"{where}: ")
+        ops: list[m.HeaderOp] = []
+        for kind in ("set", "add"):
+            if kind in table:
+                for name, val in _table(table[kind], f"{where}.{kind}").items():
+                    hname = _header_name(name, f"{where}.{kind}")
+                    hval = _header_value(val, f"{where}.{kind}.{name}")
+                    ops.append(m.SetHeader(hname, hval) if kind == "set" else m.AddHeader(hname, hval))
+        if "remove" in table:
+            for name in _strings(table["remove"], f"{where}.remove"):
+                ops.append(m.RemoveHeader(_header_name(name, f"{where}.remove")))
+        if not ops:
+            raise _Problems(f"{where}: no header operations")
+        return tuple(ops)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"Status {status}"
+
+
+def _defaults(raw: Any, problems: list[str]) -> _Defaults:
+    if raw is None:
+        return _Defaults()
+    try:
+        table = _table(raw, "defaults")
+        _unknown(table, _DEFAULT_KEYS, "defaults: ")
+        body = table.get("block_body", "Forbidden")
+        if not isinstance(body, str):
+            raise _Problems(f"defaults.block_body: expected a string, got {_show(body)}")
+        return _Defaults(
+            block_status=_status(table.get("block_status", 403), 100, 599, "defaults.block_status"),
+            block_body=body,
+            redirect_status=_status(table.get("redirect_status", 302), 300, 399, "defaults.redirect_status"),
+        )
+    except _Problems as e:
+        problems.append(str(e))
+        return _Defaults()
+
+
+def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
+    """
+    Compile a parsed rules document (the TOML or JSON object).
+
+    @raise RulesError: listing every problem found.
+    """
+    problems: list[str] = []
+    if not isinstance(document, dict):
+        raise RulesError(source, [f"expected a table with a 'rules' array, got {_show(document)}"])
+    try:
+        _unknown(document, _TOP_KEYS, "")
+    except _Problems as e:
+        problems.append(str(e))
+    defaults = _defaults(document.get("defaults"), problems)
+    raw_rules = document.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise RulesError(source, problems + ["'rules' must be an array of tables ([[rules]])"])
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for position, raw in enumerate(raw_rules, 1):
+        if not isinstance(raw, dict):
+            problems.append(f"rule #{position}: expected a table, got {_show(raw)}")
+            continue
+        rule_id = raw.get("id")
+        if not isinstance(rule_id, str) or not _ID.match(rule_id):
+            label = f"rule #{position}"
+            problems.append(
+                f"{label}: 'id' must be a string of letters, digits, '_', '.', ':' or '-', "
+                f"got {_show(rule_id)}"
+            )
+            continue
+        label = f"rule '{rule_id}' (#{position})"
+        if rule_id in seen:
+            problems.append(f"{label}: duplicate id (first used by rule #{seen[rule_id]})")
+            continue
+        seen[rule_id] = position
+        compiler = _RuleCompiler(raw, position, defaults)
+        rule = compiler.compile()
+        problems.extend(f"{label}: {p}" for p in compiler.problems)
+        if rule is not None:
+            rules.append(rule)
+    if problems:
+        raise RulesError(source, problems)
+    return RuleSet(tuple(rules), source)
+
+
+def load_rules(path: str | os.PathLike[str]) -> RuleSet:
+    """
+    Read and compile a rules file: JSON if it ends in C{.json}, else TOML.
+
+    @raise RulesError: for an unreadable file, a syntax error, or bad rules.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RulesError(source, [f"cannot read the rules file: {e.strerror or e}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RulesError(source, [f"not UTF-8: {e}"]) from None
+    if source.endswith(".json"):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RulesError(source, [f"invalid JSON: {e}"]) from None
+    else:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise RulesError(source, [f"invalid TOML: {e}"]) from None
+    return parse_rules(document, source)
+
+
+# --------------------------------------------------------------------------
+# Evaluating
+
+
+@attrs.frozen
+class Verdict:
+    """
+    The outcome of the header phase: the answer to send, the rule that
+    decided (if any), and the body rules still waiting for the body.
+    """
+
+    response: ResponseBuilder
+    decided_by: Rule | None
+    body_rules: tuple[Rule, ...]
+
+
+@attrs.frozen
+class RuleSet:
+    rules: tuple[Rule, ...]
+    source: str = "<rules>"
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    @property
+    def needs_body(self) -> bool:
+        """Whether any rule looks at request bodies."""
+        return any(r.body_contains for r in self.rules)
+
+    def evaluate(self, event: m.RequestHeadersEvent) -> Verdict:
+        request = _RequestView(event)
+        request_ops: list[m.HeaderOp] = []
+        response_ops: list[m.HeaderOp] = []
+        rule_ids: list[str] = []
+        tags: list[str] = []
+        body_rules: list[Rule] = []
+        decided: Rule | None = None
+        decision: m.Decision = m.ALLOW
+        for rule in self.rules:
+            if not rule.matches(request):
+                continue
+            if rule.body_contains:
+                body_rules.append(rule)
+                continue
+            rule_ids.append(rule.id)
+            tags.extend(rule.tags)
+            request_ops.extend(rule.request_ops)
+            response_ops.extend(rule.response_ops)
+            if rule.decision is not None:
+                decided, decision = rule, rule.decision
+                break
+        builder = ResponseBuilder(decision)
+        builder.request_header_ops(request_ops).response_header_ops(response_ops)
+        builder.rule(*rule_ids).tag(*dict.fromkeys(tags))
+        if decided is not None:
+            return Verdict(builder, decided, ())
+        if body_rules:
+            builder.needs_more()
+        return Verdict(builder, None, tuple(body_rules))
+
+
+class _BodyScan:
+    """A request whose body some rules still have to see."""
+
+    __slots__ = ("rules", "tail", "keep")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.tail = b""
+        self.keep = max(len(n) for r in rules for n in r.body_contains) - 1
+
+    def feed(self, chunk: bytes) -> Rule | None:
+        data = self.tail + chunk
+        for rule in self.rules:
+            if any(needle in data for needle in rule.body_contains):
+                return rule
+        self.tail = data[-self.keep :] if self.keep else b""
+        return None
+
+
+class RulesAgent(Agent):
+    """
+    An agent that applies a L{RuleSet} from a file, reloadable at run time.
+
+    Requests whose headers match a body rule are answered with
+    C{needs_more} and their body chunks are scanned (across chunk
+    boundaries); the first chunk that contains a needle is blocked.
+    """
+
+    name = "sentinel-rules"
+    #: Requests awaiting a body scan that are remembered at most (oldest go first).
+    max_tracked_bodies = 10_000
+
+    def __init__(self, path: str | os.PathLike[str], *, max_concurrency: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.ruleset = load_rules(self.path)
+        if max_concurrency is not None:
+            self.max_concurrency = max_concurrency
+        self._bodies: OrderedDict[str, _BodyScan] = OrderedDict()
+
+    def reload(self) -> bool:
+        """
+        Re-read the rules file.  On any error the current rules stay in
+        force and the error is logged; returns whether the new rules took.
+        """
+        try:
+            ruleset = load_rules(self.path)
+        except RulesError as e:
+            log.error(
+                "Rules reload failed; keeping the {count} rule(s) in force:\n{error}",
+                count=len(self.ruleset),
+                error=str(e),
+            )
+            return False
+        if ruleset.needs_body != self.ruleset.needs_body:
+            log.warn(
+                "The reloaded rules {change} request bodies; connections announce this when "
+                "they register, so it takes effect as they reconnect",
+                change="inspect" if ruleset.needs_body else "no longer inspect",
+            )
+        self.ruleset = ruleset
+        log.info("Reloaded {count} rule(s) from {path}", count=len(ruleset), path=self.path)
+        return True
+
+    def supported_events(self) -> list[int]:
+        events = [int(m.EventType.REQUEST_HEADERS)]
+        if self.ruleset.needs_body:
+            events += [int(m.EventType.REQUEST_BODY_CHUNK), int(m.EventType.REQUEST_COMPLETE)]
+        return events
+
+    def on_request_headers(self, event: m.RequestHeadersEvent) -> HandlerResult:
+        verdict = self.ruleset.evaluate(event)
+        cid = m.event_correlation_id(event)
+        if verdict.decided_by is not None:
+            self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
+        elif verdict.body_rules:
+            self._track(cid, _BodyScan(verdict.body_rules))
+        return verdict.response
+
+    def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
+        cid = event.correlation_id
+        scan = self._bodies.get(cid)
+        if scan is None:
+            return allow()
+        rule = scan.feed(event.body)
+        if rule is not None or event.is_last:
+            del self._bodies[cid]
+        if rule is None:
+            return allow().needs_more(not event.is_last)
+        assert rule.decision is not None
+        self._log_decision(rule, "body", f"chunk {event.chunk_index}", "", cid)
+        return ResponseBuilder(rule.decision).rule(rule.id).tag(*rule.tags)
+
+    def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
+        self._bodies.pop(event.correlation_id, None)
+        return allow()
+
+    def _track(self, cid: str, scan: _BodyScan) -> None:
+        self._bodies[cid] = scan
+        self._bodies.move_to_end(cid)
+        while len(self._bodies) > self.max_tracked_bodies:
+            self._bodies.popitem(last=False)
+
+    def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
+        decision = rule.decision
+        if isinstance(decision, m.Block):
+            action = f"blocked ({decision.status})"
+        elif isinstance(decision, m.Redirect):
+            action = f"redirected ({decision.status} {decision.url})"
+        else:
+            action = "decided"
+        log.info(
+            "Rule {rule} {action}: {method} {uri}{client} [{cid}]",
+            rule=rule.id,
+            action=action,
+            method=method,
+            uri=uri,
+            client=f" from {client_ip}" if client_ip else "",
+            cid=cid,
+        )
