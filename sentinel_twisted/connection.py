@@ -133,6 +133,7 @@ class AgentConnection:
         )
         self._paused = False
         self._closed: ConnectionClosed | None = None
+        self._gone = False
         self._lost_waiters: list[Deferred[None]] = []
         self.health_state: int | None = None
         self.last_health: m.HealthStatusMessage | None = None
@@ -317,17 +318,19 @@ class AgentConnection:
         Close the connection.  Waiting requests fail with
         L{ConnectionClosed}; the Deferred fires once the connection is gone.
         """
-        if self._closed is not None and not self._lost_waiters:
+        if self._gone:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._lost_waiters.append(waiter)
         self._sink.close_connection(detail)
         return waiter
 
-    def connection_lost(self, detail: str) -> int:
+    def connection_lost(self, detail: str, transport_gone: bool = True) -> int:
         """
-        The transport is gone (called by the protocol).  Every waiting
-        request fails at once; returns how many did.
+        The connection ended (called by the protocol).  Every waiting
+        request fails at once; returns how many did.  L{close} waiters fire
+        only once the transport is really gone (C{transport_gone}), not when
+        the proxy has merely started closing it.
         """
         if self._closed is None:
             self._closed = ConnectionClosed(detail)
@@ -336,9 +339,11 @@ class AgentConnection:
         pings, self._pings = self._pings, {}
         for _, waiter in pings.values():
             waiter.errback(Failure(ConnectionClosed(closed.detail)))
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for w in waiters:
-            w.callback(None)
+        if transport_gone:
+            self._gone = True
+            waiters, self._lost_waiters = self._lost_waiters, []
+            for w in waiters:
+                w.callback(None)
         return failed
 
     def mark_closing(self, detail: str) -> None:

@@ -152,6 +152,11 @@ class ReverseConnectionProtocol(FrameReceiver):
 
     def left_unregistered(self, detail: str) -> None:
         self._leave_awaiting()
+        log.info(
+            "Connection from {peer} ended before registering: {detail}",
+            peer=self.peer,
+            detail=detail,
+        )
 
     def leave_registered(self, detail: str, close: bool) -> None:
         connection = self.connection
@@ -163,7 +168,7 @@ class ReverseConnectionProtocol(FrameReceiver):
             self.stop_parsing()
             if self.transport is not None:
                 self.transport.loseConnection()
-        failed = connection.connection_lost(detail)
+        failed = connection.connection_lost(detail, transport_gone=not close)
         self.factory.connection_gone(connection, detail, failed)
 
     def finish_lost(self, detail: str) -> None:

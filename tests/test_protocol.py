@@ -1,0 +1,368 @@
+"""
+L{ReverseConnectionProtocol}: the lifecycle of one reverse connection,
+awaiting registration -> registered -> closed, driven through bytes on a
+StringTransport and time on a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from twisted.internet.error import ConnectionLost
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted import messages as m
+from sentinel_twisted.errors import ConnectionClosed
+from sentinel_twisted.wire import MAX_MESSAGE_SIZE, MessageType, encode_frame
+
+from ._proxy_support import (
+    Proxy,
+    answer_frame,
+    captured_log,
+    decoded,
+    lose,
+    registration_frame,
+    request_headers,
+    take_frames,
+)
+from .test_pending import Outcomes
+
+
+def only_response(transport: Any) -> m.RegistrationResponse:
+    [response] = decoded(take_frames(transport), MessageType.HANDSHAKE_RESPONSE, m.RegistrationResponse)
+    return response
+
+
+class AwaitingRegistrationTests(TestCase):
+    """Transitions out of AwaitingRegistration."""
+
+    def setUp(self) -> None:
+        self.proxy = Proxy()
+        self.protocol, self.transport = self.proxy.connect()
+
+    def test_connection_starts_the_handshake_timer(self) -> None:
+        [timer] = self.proxy.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 10.0)
+        self.assertEqual(self.proxy.factory.awaiting_registration, 1)
+
+    def test_valid_registration_is_accepted(self) -> None:
+        self.protocol.dataReceived(registration_frame("waf-1"))
+        response = only_response(self.transport)
+        self.assertTrue(response.success)
+        self.assertIsNone(response.error)
+        self.assertTrue(response.connection_id.startswith("waf-1-"))
+        self.assertEqual(response.proxy_id, "sentinel-proxy")
+        self.assertEqual(response.proxy_version, "9.9.9")
+        self.assertFalse(self.transport.disconnecting)
+        connection = self.protocol.connection
+        assert connection is not None
+        self.assertEqual(connection.connection_id, response.connection_id)
+        self.assertEqual(self.proxy.pool.connections("waf-1"), [connection])
+
+    def test_acceptance_stops_the_handshake_timer(self) -> None:
+        self.protocol.dataReceived(registration_frame())
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        self.proxy.clock.advance(60)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_acceptance_leaves_the_awaiting_count(self) -> None:
+        self.protocol.dataReceived(registration_frame())
+        self.assertEqual(self.proxy.factory.awaiting_registration, 0)
+
+    def test_registration_split_across_reads(self) -> None:
+        frame = registration_frame()
+        for i in range(len(frame)):
+            self.protocol.dataReceived(frame[i : i + 1])
+        self.assertTrue(only_response(self.transport).success)
+
+    def test_frames_after_the_registration_in_the_same_read_reach_the_connection(self) -> None:
+        self.protocol.dataReceived(
+            registration_frame()
+            + encode_frame(MessageType.FLOW_CONTROL, b'{"action":1}')
+            + encode_frame(MessageType.PING, b'{"sequence":3,"timestamp_ms":0}')
+        )
+        frames = take_frames(self.transport)
+        self.assertEqual([t for t, _ in frames], [MessageType.HANDSHAKE_RESPONSE, MessageType.PONG])
+        assert self.protocol.connection is not None
+        self.assertTrue(self.protocol.connection.is_paused)
+
+    def test_first_frame_of_another_type_is_refused(self) -> None:
+        self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, b"{}"))
+        response = only_response(self.transport)
+        self.assertFalse(response.success)
+        self.assertEqual(
+            response.error,
+            "Invalid message format: Expected registration request (HandshakeRequest), got AgentResponse",
+        )
+        self.assertEqual(response.connection_id, "")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_refusal_writes_the_response_then_closes(self) -> None:
+        self.protocol.dataReceived(registration_frame(version=1))
+        self.assertEqual(self.transport.events, ["write", "loseConnection"])
+
+    def test_refusal_stops_the_handshake_timer(self) -> None:
+        self.protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+
+    def test_malformed_registration_is_answered_then_closed(self) -> None:
+        self.protocol.dataReceived(encode_frame(MessageType.HANDSHAKE_REQUEST, b"not-json!!"))
+        response = only_response(self.transport)
+        self.assertFalse(response.success)
+        assert response.error is not None
+        self.assertTrue(response.error.startswith("Invalid message format: "))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bytes_after_a_refusal_are_ignored(self) -> None:
+        self.protocol.dataReceived(encode_frame(MessageType.PING, b"{}") + registration_frame())
+        only_response(self.transport)
+        self.protocol.dataReceived(registration_frame())
+        self.assertEqual(self.transport.value(), b"")
+        self.assertIsNone(self.protocol.connection)
+
+    def test_handshake_times_out_from_connection_time(self) -> None:
+        self.proxy.clock.advance(9.999)
+        self.assertFalse(self.transport.disconnecting)
+        self.proxy.clock.advance(0.001)
+        response = only_response(self.transport)
+        self.assertFalse(response.success)
+        self.assertEqual(response.error, "Timeout after 10s")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.proxy.factory.awaiting_registration, 0)
+
+    def test_a_byte_trickle_does_not_extend_the_handshake(self) -> None:
+        frame = registration_frame()
+        for i in range(19):
+            self.proxy.clock.advance(0.5)
+            self.protocol.dataReceived(frame[i : i + 1])
+        self.assertFalse(self.transport.disconnecting)
+        self.proxy.clock.advance(0.5)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(only_response(self.transport).error, "Timeout after 10s")
+        self.protocol.dataReceived(frame[19:])
+        self.assertIsNone(self.protocol.connection)
+
+    def test_handshake_timeout_is_the_configured_one(self) -> None:
+        proxy = Proxy(handshake_timeout=0.1)
+        _, transport = proxy.connect()
+        proxy.clock.advance(0.1)
+        self.assertEqual(only_response(transport).error, "Timeout after 100ms")
+
+    def test_framing_error_is_answered_then_closed(self) -> None:
+        self.protocol.dataReceived(b"\x00\x00\x00\x00")
+        response = only_response(self.transport)
+        self.assertEqual(response.error, "Invalid message format: Zero-length message")
+        self.assertEqual(self.transport.events, ["write", "loseConnection"])
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+
+    def test_oversize_first_frame_is_refused_from_its_prefix(self) -> None:
+        self.protocol.dataReceived(struct.pack(">I", MAX_MESSAGE_SIZE + 1))
+        response = only_response(self.transport)
+        self.assertEqual(
+            response.error, f"Message too large: {MAX_MESSAGE_SIZE + 1} bytes (max: {MAX_MESSAGE_SIZE})"
+        )
+        self.assertEqual(self.protocol.buffered_bytes, 0)
+
+    def test_connection_lost_while_awaiting(self) -> None:
+        self.protocol.dataReceived(registration_frame()[:10])
+        lose(self.protocol)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        self.assertEqual(self.proxy.factory.awaiting_registration, 0)
+        self.assertEqual(len(self.proxy.pool), 0)
+
+    def test_connection_lost_mid_frame_is_logged(self) -> None:
+        self.protocol.dataReceived(registration_frame()[:10])
+        with captured_log() as events:
+            lose(self.protocol)
+        self.assertIn("mid-frame", " ".join(e.get("detail", "") for e in events))
+
+    def test_close_while_awaiting_drops_without_answer(self) -> None:
+        self.protocol.close_connection("shutting down")
+        self.assertEqual(self.transport.events, ["loseConnection"])
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        self.assertEqual(self.proxy.factory.awaiting_registration, 0)
+
+    def test_no_answer_is_written_once_the_transport_is_closing(self) -> None:
+        self.transport.loseConnection()
+        self.protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_peer_is_described(self) -> None:
+        self.assertEqual(self.protocol.peer, "127.0.0.1:40000")
+
+
+class RegisteredTests(TestCase):
+    """Transitions out of Registered."""
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(request_timeout=5)
+        self.protocol, self.transport, self.connection = self.proxy.register("waf-1")
+        self.outcomes = Outcomes()
+        for cid in ("a", "b"):
+            self.outcomes.watch(cid, self.connection.send_request_headers(request_headers(cid)))
+        take_frames(self.transport)
+
+    def assertGone(self, detail: str) -> None:
+        for cid in ("a", "b"):
+            error = self.outcomes.error(cid)
+            self.assertIsInstance(error, ConnectionClosed)
+            self.assertEqual(error.detail, detail)  # type: ignore[attr-defined]
+        self.assertEqual(self.connection.in_flight, 0)
+        self.assertEqual(self.proxy.pool.connections("waf-1"), [])
+        self.assertEqual(self.proxy.factory.registered_connections("waf-1"), 0)
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+
+    def test_answers_reach_their_requests(self) -> None:
+        self.protocol.dataReceived(answer_frame("b") + answer_frame("a", m.Block(403)))
+        self.assertEqual(self.outcomes.value("a").decision, m.Block(403))
+        self.assertTrue(self.outcomes.value("b").is_allow)
+
+    def test_connection_lost_fails_every_request_at_once(self) -> None:
+        lose(self.protocol)
+        self.assertGone("connection closed by agent")
+
+    def test_connection_lost_with_an_error_names_it(self) -> None:
+        lose(self.protocol, ConnectionLost("reset by peer"))
+        self.assertIn("reset by peer", self.outcomes.error("a").detail)  # type: ignore[attr-defined]
+
+    def test_connection_lost_mid_frame_says_so(self) -> None:
+        self.protocol.dataReceived(answer_frame("a")[:9])
+        lose(self.protocol)
+        self.assertIn("mid-frame", self.outcomes.error("a").detail)  # type: ignore[attr-defined]
+
+    def test_framing_error_closes_and_fails_every_request(self) -> None:
+        self.protocol.dataReceived(struct.pack(">IB", 3, 0xEE) + b"{}")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(take_frames(self.transport), [])
+        self.assertGone("Invalid message format: Unknown message type: 0xee")
+
+    def test_frames_after_a_framing_error_are_ignored(self) -> None:
+        self.protocol.dataReceived(b"\x00\x00\x00\x00" + answer_frame("a"))
+        self.assertIsInstance(self.outcomes.error("a"), ConnectionClosed)
+
+    def test_close_fails_every_request_and_closes_the_transport(self) -> None:
+        self.connection.close("maintenance")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertGone("maintenance")
+
+    def test_close_fires_only_when_the_transport_is_gone(self) -> None:
+        closed = self.connection.close("maintenance")
+        self.assertNoResult(closed)
+        lose(self.protocol)
+        self.assertIsNone(self.successResultOf(closed))
+
+    def test_close_twice_closes_once(self) -> None:
+        first = self.connection.close()
+        second = self.connection.close()
+        self.assertEqual(self.transport.events.count("loseConnection"), 1)
+        lose(self.protocol)
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_new_requests_fail_while_closing(self) -> None:
+        self.connection.close()
+        self.failureResultOf(
+            self.connection.send_request_headers(request_headers("late")), ConnectionClosed
+        )
+
+    def test_frames_after_close_are_ignored(self) -> None:
+        self.connection.close()
+        take_frames(self.transport)
+        self.protocol.dataReceived(encode_frame(MessageType.PING, b'{"sequence":1,"timestamp_ms":1}'))
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_second_registration_frame_is_ignored(self) -> None:
+        self.protocol.dataReceived(registration_frame("waf-2"))
+        self.assertEqual(take_frames(self.transport), [])
+        self.assertEqual(self.proxy.pool.agent_ids(), ["waf-1"])
+
+    def test_timeouts_still_run_after_registration(self) -> None:
+        self.proxy.clock.advance(5)
+        self.assertEqual(str(self.outcomes.error("a")), "Timeout after 5s")
+        self.assertEqual(self.connection.in_flight, 0)
+
+    def test_observer_closing_a_connection_on_registration(self) -> None:
+        # A re-entrant close from inside the registration must still leave
+        # the connection closed, out of the pool, with its slot released.
+        class Closer:
+            def agent_registered(self, connection: Any) -> None:
+                connection.close("not today")
+
+        self.proxy.pool.add_observer(Closer())
+        protocol, transport = self.proxy.connect()
+        protocol.dataReceived(registration_frame("waf-9"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.proxy.pool.connections("waf-9"), [])
+        self.assertEqual(self.proxy.factory.registered_connections("waf-9"), 0)
+
+
+class ClosedTests(TestCase):
+    """Late events once Closed do nothing harmful."""
+
+    def test_connection_lost_after_refusal(self) -> None:
+        proxy = Proxy()
+        protocol, transport = proxy.connect()
+        protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        lose(protocol)
+        self.assertEqual(proxy.factory.awaiting_registration, 0)
+        self.assertEqual(proxy.factory.rejections["invalid_message"], 1)
+
+    def test_close_after_refusal_does_nothing(self) -> None:
+        proxy = Proxy()
+        protocol, transport = proxy.connect()
+        protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        protocol.close_connection("again")
+        self.assertEqual(transport.events, ["write", "loseConnection"])
+
+    def test_late_handshake_timeout_after_close_does_nothing(self) -> None:
+        proxy = Proxy()
+        protocol, transport = proxy.connect()
+        protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        take_frames(transport)
+        protocol._lifecycle.handshake_timed_out()
+        self.assertEqual(transport.value(), b"")
+
+    def test_late_handshake_timeout_after_registration_does_nothing(self) -> None:
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register()
+        protocol._lifecycle.handshake_timed_out()
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(connection.can_accept_requests)
+
+    def test_framing_error_after_close_does_nothing(self) -> None:
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register()
+        connection.close()
+        protocol.frame_error(m.InvalidMessage("late"))
+        self.assertEqual(transport.events.count("loseConnection"), 1)
+
+    def test_connection_lost_after_close_releases_once(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1)
+        protocol, _, connection = proxy.register("waf-1")
+        connection.close()
+        lose(protocol)
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
+        proxy.register("waf-1")
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 1)
+
+
+class ConnectionIdTests(TestCase):
+    def test_connection_ids_are_unique_in_the_same_millisecond(self) -> None:
+        proxy = Proxy(max_connections_per_agent=200)
+        self.patch(__import__("time"), "time", lambda: 1767225600.0)
+        ids = {proxy.register("waf-1")[2].connection_id for _ in range(200)}
+        self.assertEqual(len(ids), 200)
+
+    def test_connection_ids_of_different_factories_differ(self) -> None:
+        self.patch(__import__("time"), "time", lambda: 1767225600.0)
+        first = Proxy().register("waf-1")[2].connection_id
+        second = Proxy().register("waf-1")[2].connection_id
+        self.assertNotEqual(first, second)
+
+    def test_connection_id_names_the_agent(self) -> None:
+        connection = Proxy().register("edge-waf")[2]
+        self.assertTrue(connection.connection_id.startswith("edge-waf-"))
+        self.assertEqual(json.dumps(connection.connection_id).count(" "), 0)
