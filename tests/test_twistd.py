@@ -6,6 +6,7 @@ L{tests.rawagent}.  Every wait is bounded; a stuck process is killed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from .rawagent import HANDSHAKE_RESPONSE, BlockingAgent, registration
 
@@ -210,3 +211,71 @@ class TwistdTests(TestCase):
         self.assertNotIn("Usage:", output)
         self.assertNotIn("Traceback", output)
         self.assertFalse(os.path.lexists(self.socket))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_READ_SETUP_CFG = """
+import json
+from setuptools.config.setupcfg import read_configuration
+options = read_configuration("setup.cfg")["options"]
+print(json.dumps({"packages": options["packages"], "package_dir": options.get("package_dir")}))
+"""
+
+
+class PackagingTests(TestCase):
+    """
+    The cheap half of the packaging check (the wheel and fresh-venv
+    installs are checked by hand, see the README): the plugin lives in a
+    C{twisted.plugins} namespace portion, never a package that would shadow
+    Twisted's own.
+    """
+
+    def setUp(self) -> None:
+        if not os.path.exists(os.path.join(ROOT, "setup.cfg")):
+            raise SkipTest("not running from a source tree")
+
+    def test_no_init_files_in_twisted_or_plugins(self) -> None:
+        self.assertTrue(
+            os.path.isfile(os.path.join(ROOT, "twisted", "plugins", "sentinel_reverse.py"))
+        )
+        self.assertFalse(os.path.exists(os.path.join(ROOT, "twisted", "__init__.py")))
+        self.assertFalse(os.path.exists(os.path.join(ROOT, "twisted", "plugins", "__init__.py")))
+
+    def test_setup_cfg_ships_plugins_but_not_twisted(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-c", _READ_SETUP_CFG],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode and "No module named 'setuptools" in result.stderr:
+            raise SkipTest("setuptools is not installed")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = json.loads(result.stdout)
+        packages = found["packages"]
+        self.assertIn("sentinel_twisted", packages)
+        self.assertIn("twisted.plugins", packages)
+        self.assertNotIn("twisted", packages)
+        self.assertEqual(
+            [p for p in packages if p.split(".")[0] not in ("sentinel_twisted", "twisted")], []
+        )
+        # A plain .pth for editable installs, so the plugin scan sees twisted/plugins.
+        self.assertEqual(found["package_dir"], {"": "."})
+
+    def test_plugin_points_at_the_tap(self) -> None:
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+
+        import twisted.plugins
+
+        makers = [
+            p for p in getPlugins(IServiceMaker, twisted.plugins) if p.tapname == "sentinel-reverse"
+        ]
+        self.assertEqual(len(makers), 1)
+        [maker] = makers
+        from sentinel_twisted import tap
+
+        self.assertIsInstance(maker.options(), tap.Options)
