@@ -1,0 +1,344 @@
+"""
+L{ReverseConnectionFactory}: admission in SPEC section 3's order, the
+per-agent and pending-registration caps, and its log lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted import __version__
+from sentinel_twisted.auth import StaticTokenChecker
+from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.wire import MessageType, encode_frame
+
+from ._proxy_support import (
+    PEER,
+    Proxy,
+    captured_log,
+    log_text,
+    lose,
+    registration_frame,
+    take_frames,
+)
+
+TOKEN = "tok-3f9a-very-secret"
+WRONG = "tok-wrong-guess-0000"
+
+
+def refusal(proxy: Proxy, agent_id: str = "waf-1", **kwargs: Any) -> str | None:
+    """Register and return the error text (None when accepted)."""
+    protocol, transport = proxy.connect()
+    response = proxy.registration_response(protocol, transport, registration_frame(agent_id, **kwargs))
+    if response.success:
+        return None
+    assert transport.disconnecting
+    assert response.connection_id == ""
+    return response.error
+
+
+class ValidationOrderTests(TestCase):
+    """The first failing check wins, in SPEC section 3's order."""
+
+    def strict_proxy(self) -> Proxy:
+        proxy = Proxy(
+            token_checker=StaticTokenChecker({"waf-1": TOKEN, "": TOKEN}),
+            allowed_agents=["waf-*"],
+            require_auth=True,
+            max_connections_per_agent=1,
+        )
+        proxy.register("waf-1", token=TOKEN)  # fills waf-1's only slot
+        return proxy
+
+    def test_version_is_checked_first(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "", version=1),
+            "Protocol version mismatch: expected 2, got 1",
+        )
+
+    def test_empty_agent_id_is_checked_before_the_allowlist(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), ""), "Invalid message format: Agent ID cannot be empty"
+        )
+
+    def test_allowlist_is_checked_before_authentication(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "bot-1"),
+            "Invalid message format: Agent 'bot-1' is not in the allowed list",
+        )
+
+    def test_missing_token_is_checked_before_the_token_and_the_cap(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "waf-1"),
+            "Invalid message format: Authentication required but no token provided",
+        )
+
+    def test_wrong_token_is_checked_before_the_cap(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "waf-1", token=WRONG),
+            "Authentication failed: invalid token for agent 'waf-1'",
+        )
+
+    def test_connection_cap_is_checked_last(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "waf-1", token=TOKEN),
+            "Connection limit reached: agent 'waf-1' already holds 1 registered connection (max: 1)",
+        )
+
+    def test_all_checks_passed_registers(self) -> None:
+        proxy = Proxy(
+            token_checker=StaticTokenChecker({"waf-2": TOKEN}),
+            allowed_agents=["waf-*"],
+            require_auth=True,
+        )
+        self.assertIsNone(refusal(proxy, "waf-2", token=TOKEN))
+
+
+class AdmissionTests(TestCase):
+    def test_other_protocol_version_is_refused(self) -> None:
+        for version in (0, 1, 3):
+            self.assertEqual(
+                refusal(Proxy(), version=version),
+                f"Protocol version mismatch: expected 2, got {version}",
+            )
+
+    def test_empty_allowlist_admits_every_agent(self) -> None:
+        self.assertIsNone(refusal(Proxy(), "anything-at-all"))
+
+    def test_allowlist_admits_exact_ids_and_globs(self) -> None:
+        proxy = Proxy(allowed_agents=["auth", "waf-*"])
+        self.assertIsNone(refusal(proxy, "auth"))
+        self.assertIsNone(refusal(proxy, "waf-eu-1"))
+        self.assertIsNotNone(refusal(proxy, "auth-2"))
+        self.assertIsNotNone(refusal(proxy, "xwaf-1"))
+
+    def test_token_without_require_auth_is_still_checked(self) -> None:
+        proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}))
+        self.assertEqual(
+            refusal(proxy, token=WRONG), "Authentication failed: invalid token for agent 'waf-1'"
+        )
+        self.assertIsNone(refusal(proxy, token=TOKEN))
+
+    def test_no_token_without_require_auth_is_admitted(self) -> None:
+        proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}))
+        self.assertIsNone(refusal(proxy))
+
+    def test_token_of_another_agent_is_refused(self) -> None:
+        proxy = Proxy(
+            token_checker=StaticTokenChecker({"waf-1": TOKEN, "waf-2": "other"}), require_auth=True
+        )
+        self.assertIsNotNone(refusal(proxy, "waf-2", token=TOKEN))
+
+    def test_unknown_agent_with_a_token_is_refused(self) -> None:
+        proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}), require_auth=True)
+        self.assertEqual(
+            refusal(proxy, "waf-9", token=TOKEN),
+            "Authentication failed: invalid token for agent 'waf-9'",
+        )
+
+    def test_token_is_never_echoed_or_logged(self) -> None:
+        proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}), require_auth=True)
+        protocol, transport = proxy.connect()
+        with captured_log() as events:
+            protocol.dataReceived(registration_frame("waf-1", token=WRONG))
+            written = transport.value()
+            lose(protocol)
+        self.assertTrue(events)
+        everything = log_text(events)
+        for secret in (WRONG, TOKEN):
+            self.assertNotIn(secret, everything)
+            self.assertNotIn(secret.encode(), written)
+
+    def test_accepted_token_is_never_logged(self) -> None:
+        proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}), require_auth=True)
+        with captured_log() as events:
+            protocol, _, _ = proxy.register("waf-1", token=TOKEN)
+            lose(protocol)
+        self.assertNotIn(TOKEN, log_text(events))
+
+
+class ConnectionCapTests(TestCase):
+    def test_cap_is_enforced_before_the_success_response(self) -> None:
+        proxy = Proxy(max_connections_per_agent=2)
+        proxy.register("waf-1")
+        proxy.register("waf-1")
+        protocol, transport = proxy.connect()
+        response = proxy.registration_response(protocol, transport, registration_frame("waf-1"))
+        self.assertFalse(response.success)
+        self.assertEqual(
+            response.error,
+            "Connection limit reached: agent 'waf-1' already holds 2 registered connections (max: 2)",
+        )
+        self.assertEqual(len(proxy.pool.connections("waf-1")), 2)
+
+    def test_default_cap_is_four(self) -> None:
+        proxy = Proxy()
+        for _ in range(4):
+            proxy.register("waf-1")
+        self.assertIsNotNone(refusal(proxy, "waf-1"))
+
+    def test_cap_is_per_agent(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1)
+        proxy.register("waf-1")
+        self.assertIsNone(refusal(proxy, "waf-2"))
+
+    def test_slot_is_released_when_a_connection_is_lost(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1)
+        protocol, _, _ = proxy.register("waf-1")
+        lose(protocol)
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
+        proxy.register("waf-1")
+
+    def test_slot_is_released_when_the_proxy_closes_a_connection(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1)
+        _, _, connection = proxy.register("waf-1")
+        connection.close()
+        proxy.register("waf-1")
+
+    def test_refused_registrations_take_no_slot(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1, allowed_agents=["waf-1"], require_auth=True)
+        for _ in range(3):
+            refusal(proxy, "waf-1")
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
+
+    def test_connections_that_never_register_take_no_slot(self) -> None:
+        proxy = Proxy(max_connections_per_agent=1)
+        for _ in range(3):
+            protocol, _ = proxy.connect()
+            lose(protocol)
+        proxy.register("waf-1")
+
+
+class PendingRegistrationCapTests(TestCase):
+    def test_connections_beyond_the_cap_are_refused(self) -> None:
+        proxy = Proxy(max_pending_registrations=2)
+        proxy.connect()
+        proxy.connect()
+        with captured_log() as events:
+            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+        self.assertEqual(proxy.factory.rejections["pending_limit"], 2)
+        self.assertEqual(len(events), 1, "the cap is logged once, not per connection")
+
+    def test_registering_frees_a_place(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        protocol, _ = proxy.connect()
+        protocol.dataReceived(registration_frame())
+        self.assertIsNotNone(proxy.factory.buildProtocol(PEER))
+
+    def test_refusal_frees_a_place(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        protocol, _ = proxy.connect()
+        protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        self.assertIsNotNone(proxy.factory.buildProtocol(PEER))
+
+    def test_handshake_timeout_frees_a_place(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        proxy.connect()
+        proxy.clock.advance(10)
+        self.assertIsNotNone(proxy.factory.buildProtocol(PEER))
+
+    def test_disconnect_frees_a_place(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        protocol, _ = proxy.connect()
+        lose(protocol)
+        self.assertIsNotNone(proxy.factory.buildProtocol(PEER))
+
+    def test_registered_connections_do_not_count(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        for i in range(3):
+            proxy.register(f"waf-{i}")
+        self.assertEqual(proxy.factory.awaiting_registration, 0)
+
+
+class ResponseAndCounterTests(TestCase):
+    def test_success_response_fields(self) -> None:
+        proxy = Proxy(proxy_id="edge-7")
+        protocol, transport = proxy.connect()
+        response = proxy.registration_response(protocol, transport, registration_frame())
+        self.assertEqual(response.proxy_id, "edge-7")
+        self.assertEqual(response.proxy_version, "9.9.9")
+        self.assertIsNone(response.error)
+        self.assertTrue(response.success)
+
+    def test_default_proxy_version_is_the_package_version(self) -> None:
+        factory = ReverseConnectionFactory(clock=Proxy().clock)
+        self.assertEqual(factory.success_response("c").proxy_version, __version__)
+        self.assertEqual(factory.success_response("c").proxy_id, "sentinel-proxy")
+
+    def test_registered_connection_uses_the_request_timeout(self) -> None:
+        _, _, connection = Proxy(request_timeout=2.5).register()
+        self.assertEqual(connection.request_timeout, 2.5)
+
+    def test_connection_keeps_capabilities_and_metadata(self) -> None:
+        _, _, connection = Proxy().register("waf-1", metadata={"region": "eu"})
+        self.assertEqual(connection.metadata, {"region": "eu"})
+        self.assertEqual(connection.capabilities.agent_id, "waf-1")
+        self.assertEqual(connection.peer, "127.0.0.1:40000")
+
+    def test_rejections_are_counted_by_reason(self) -> None:
+        proxy = Proxy(allowed_agents=["waf-*"], require_auth=True, token_checker=StaticTokenChecker({"waf-1": TOKEN}))
+        refusal(proxy, version=1)
+        refusal(proxy, "")
+        refusal(proxy, "bot")
+        refusal(proxy, "waf-1")
+        refusal(proxy, "waf-1", token=WRONG)
+        protocol, _ = proxy.connect()
+        protocol.dataReceived(b"\x00\x00\x00\x00")
+        proxy.connect()
+        proxy.clock.advance(10)
+        self.assertEqual(
+            dict(proxy.factory.rejections),
+            {
+                "version": 1,
+                "empty_agent_id": 1,
+                "not_allowed": 1,
+                "auth_required": 1,
+                "auth_failed": 1,
+                "invalid_message": 1,
+                "handshake_timeout": 1,
+            },
+        )
+
+    def test_registrations_are_counted(self) -> None:
+        proxy = Proxy()
+        proxy.register("a")
+        proxy.register("b")
+        self.assertEqual(proxy.factory.registrations, 2)
+
+
+class LogTests(TestCase):
+    def messages(self, events: list[Any]) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in events]
+
+    def test_one_line_per_registration_naming_agent_and_connection(self) -> None:
+        proxy = Proxy()
+        with captured_log() as events:
+            _, _, connection = proxy.register("waf-1")
+        [line] = self.messages(events)
+        self.assertIn("waf-1", line)
+        self.assertIn(connection.connection_id, line)
+
+    def test_one_line_per_rejection_with_its_reason(self) -> None:
+        proxy = Proxy(allowed_agents=["waf-*"])
+        with captured_log() as events:
+            refusal(proxy, "bot-1")
+        [line] = self.messages(events)
+        self.assertIn("bot-1", line)
+        self.assertIn("not_allowed", line)
+        self.assertIn("is not in the allowed list", line)
+
+    def test_one_line_per_disconnect_naming_agent_and_connection(self) -> None:
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register("waf-1")
+        with captured_log() as events:
+            lose(protocol)
+        [line] = self.messages(events)
+        self.assertIn("waf-1", line)
+        self.assertIn(connection.connection_id, line)
+        self.assertIn("disconnected", line)
+        take_frames(transport)
