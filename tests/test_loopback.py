@@ -416,6 +416,27 @@ class LoopbackTests(TestCase):
         yield self.assert_rejected(agent, "Invalid message format: ")
 
     @inlineCallbacks
+    def test_empty_agent_id_rejected(self) -> Generator[Any, Any, None]:
+        yield self.listen()
+        agent = yield self.connect()
+        agent.send(raw.HANDSHAKE_REQUEST, raw.registration(""))
+        yield self.assert_rejected(agent, "Invalid message format: Agent ID cannot be empty")
+
+    @inlineCallbacks
+    def test_unknown_type_byte_rejected(self) -> Generator[Any, Any, None]:
+        yield self.listen()
+        agent = yield self.connect()
+        agent.send(0x7F, raw.registration("waf-1"))
+        yield self.assert_rejected(agent, "Invalid message format: Unknown message type: 0x7f")
+
+    @inlineCallbacks
+    def test_zero_length_frame_rejected(self) -> Generator[Any, Any, None]:
+        yield self.listen()
+        agent = yield self.connect()
+        agent.send_raw(b"\x00\x00\x00\x00")
+        yield self.assert_rejected(agent, "Invalid message format: Zero-length message")
+
+    @inlineCallbacks
     def test_oversized_declared_length_rejected(self) -> Generator[Any, Any, None]:
         yield self.listen()
         agent = yield self.connect()
