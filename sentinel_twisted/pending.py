@@ -2,11 +2,12 @@
 """
 Requests waiting for their answer, keyed by correlation id, with timeouts.
 
-A L{DelayedCall} per request costs a heap push and a cancel on every round
-trip.  Requests that share a timeout expire in the order they were sent, so
-each distinct timeout gets one insertion-ordered lane and the table keeps a
-single timer for the earliest deadline of all lanes.  Answering a request
-is two dict deletions; the timer fires about once per timeout period.
+A L{twisted.internet.base.DelayedCall} per request costs a heap push and a
+cancel on every round trip.  Requests that share a timeout expire in the
+order they were sent, so each distinct timeout gets one insertion-ordered
+lane and the table keeps a single timer for the earliest deadline of all
+lanes.  Answering a request is two dict deletions; the timer fires about
+once per timeout period.
 """
 
 from __future__ import annotations
