@@ -61,6 +61,7 @@ _MATCH_KEYS = frozenset(
         "header_present",
         "header_missing",
         "client_ip",
+        "client_ip_not",
         "body_contains",
     }
 )
@@ -126,6 +127,7 @@ class Rule:
     header_present: tuple[str, ...] = ()
     header_missing: tuple[str, ...] = ()
     client_ip: tuple[_Network, ...] = ()
+    client_ip_not: tuple[_Network, ...] = ()
     body_contains: tuple[bytes, ...] = ()
     decision: m.Decision | None = None
     request_ops: tuple[m.HeaderOp, ...] = ()
@@ -151,11 +153,19 @@ class Rule:
         for name in self.header_missing:
             if name in request.headers:
                 return False
-        if self.client_ip:
-            ip = request.client_ip
-            if ip is None or not any(ip in net for net in self.client_ip if ip.version == net.version):
-                return False
+        if self.client_ip and not _in_networks(request.client_ip, self.client_ip):
+            return False
+        if self.client_ip_not and _in_networks(request.client_ip, self.client_ip_not):
+            return False
         return True
+
+
+def _in_networks(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, networks: tuple[_Network, ...]
+) -> bool:
+    # An unparseable client address is in no network: "client_ip" does not
+    # match it and "client_ip_not" does, the cautious reading of both.
+    return ip is not None and any(ip in net for net in networks if ip.version == net.version)
 
 
 def _any_search(pattern: re.Pattern[str], values: Iterable[str]) -> bool:
@@ -335,14 +345,15 @@ class _RuleCompiler:
                 f[key] = tuple(
                     n for n in (self.step(_header_name, x, f"match.{key}") for x in names) if n
                 )
-        if "client_ip" in match:
-            networks = []
-            for cidr in self.step(_strings, match["client_ip"], "match.client_ip") or []:
-                try:
-                    networks.append(ipaddress.ip_network(cidr, strict=False))
-                except ValueError as e:
-                    self.problems.append(f"match.client_ip: {e}")
-            f["client_ip"] = tuple(networks)
+        for key in ("client_ip", "client_ip_not"):
+            if key in match:
+                networks = []
+                for cidr in self.step(_strings, match[key], f"match.{key}") or []:
+                    try:
+                        networks.append(ipaddress.ip_network(cidr, strict=False))
+                    except ValueError as e:
+                        self.problems.append(f"match.{key}: {e}")
+                f[key] = tuple(networks)
         if "body_contains" in match:
             needles = self.step(_strings, match["body_contains"], "match.body_contains") or []
             if any(not n for n in needles):
@@ -365,7 +376,7 @@ class _RuleCompiler:
                 ops = self.step(self._ops, raw[key], key)
                 if ops is not None:
                     f[target] = ops
-        if not decisions and not f.get("request_ops") and not f.get("response_ops") and "tags" not in raw:
+        if not decisions and not any(k in raw for k in ("request_headers", "response_headers", "tags")):
             raise _Problems(
                 "no action: give block, redirect, require_header, request_headers, "
                 "response_headers or tags"
