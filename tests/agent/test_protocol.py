@@ -1,0 +1,635 @@
+"""
+The agent's end of one connection (L{AgentProtocol}), driven frame by frame
+over a StringTransport with a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from sentinel_twisted.agent import (
+    Agent,
+    RegistrationFailed,
+    RegistrationRejected,
+    allow,
+    block,
+)
+from sentinel_twisted.messages import AgentResponse
+
+from ._support import (
+    AGENT_RESPONSE,
+    CANCEL,
+    CONFIGURE,
+    FLOW_CONTROL,
+    GUARDRAIL_INSPECT,
+    HANDSHAKE_REQUEST,
+    HANDSHAKE_RESPONSE,
+    HEALTH_STATUS,
+    PING,
+    PONG,
+    REQUEST_BODY_CHUNK,
+    REQUEST_COMPLETE,
+    REQUEST_HEADERS,
+    RESPONSE_BODY_CHUNK,
+    RESPONSE_HEADERS,
+    WEBSOCKET_FRAME,
+    Harness,
+    RecordingAgent,
+    body_chunk_event,
+    failure_response,
+    frame,
+    headers_event,
+    success_response,
+)
+
+
+def cid_of(answer: dict[str, Any]) -> str:
+    return answer["audit"]["custom"]["correlation_id"]  # type: ignore[no-any-return]
+
+
+class RegistrationTests(SynchronousTestCase):
+    def test_sends_registration_request_first(self) -> None:
+        h = Harness(auth_token="s3cret", metadata={"zone": "a"})
+        frames = h.sent()
+        self.assertEqual([t for t, _ in frames], [HANDSHAKE_REQUEST])
+        body = frames[0][1]
+        self.assertEqual(body["protocol_version"], 2)
+        self.assertEqual(body["agent_id"], "waf-1")
+        self.assertEqual(body["auth_token"], "s3cret")
+        self.assertEqual(body["metadata"], {"zone": "a"})
+        self.assertEqual(body["capabilities"]["agent_id"], "waf-1")
+
+    def test_unset_token_and_metadata_are_null(self) -> None:
+        body = Harness().sent()[0][1]
+        self.assertIn("auth_token", body)
+        self.assertIsNone(body["auth_token"])
+        self.assertIn("metadata", body)
+        self.assertIsNone(body["metadata"])
+
+    def test_success_registers(self) -> None:
+        h = Harness()
+        h.register(success_response("waf-1-x-7"))
+        self.assertEqual(h.events, [("registered", "waf-1-x-7")])
+        self.assertTrue(h.protocol.registered)
+        self.assertEqual(h.protocol.proxy_id, "test-proxy")
+
+    def test_no_answer_times_out(self) -> None:
+        h = Harness(registration_timeout=5)
+        h.clock.advance(4.9)
+        self.assertEqual(h.events, [])
+        h.clock.advance(0.2)
+        [(kind, error)] = h.events
+        self.assertEqual(kind, "refused")
+        self.assertIsInstance(error, RegistrationFailed)
+        self.assertTrue(error.retryable)
+        self.assertIn("no RegistrationResponse within 5s", str(error))
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_answer_cancels_the_timeout(self) -> None:
+        h = Harness(registration_timeout=5)
+        h.register()
+        h.clock.advance(60)
+        self.assertEqual([e[0] for e in h.events], ["registered"])
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_rejections_are_classified(self) -> None:
+        cases = {
+            "Protocol version mismatch: expected 2, got 3": False,
+            "Invalid message format: Agent ID cannot be empty": False,
+            "Invalid message format: Agent 'waf-1' is not in the allowed list": False,
+            "Invalid message format: Authentication required but no token provided": False,
+            "Authentication failed: invalid token for agent 'waf-1'": False,
+            "Connection limit reached: agent 'waf-1' already holds 4 registered "
+            "connections (max: 4)": True,
+            "Timeout after 10s": True,
+            "something new": True,
+        }
+        for text, retryable in cases.items():
+            h = Harness()
+            h.register(failure_response(text))
+            [(kind, error)] = h.events
+            self.assertEqual(kind, "refused")
+            self.assertIsInstance(error, RegistrationRejected)
+            self.assertEqual(error.reason, text)
+            self.assertEqual(error.retryable, retryable, text)
+            self.assertIn(text, str(error))
+            self.assertTrue(h.transport.disconnecting)
+
+    def test_other_first_frame_is_refused(self) -> None:
+        h = Harness()
+        h.feed(PING, {"sequence": 0, "timestamp_ms": 1})
+        [(kind, error)] = h.events
+        self.assertIsInstance(error, RegistrationFailed)
+        self.assertIn("got Ping", str(error))
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_malformed_answer_is_refused(self) -> None:
+        h = Harness()
+        h.feed(HANDSHAKE_RESPONSE, {"success": "yes"})
+        [(kind, error)] = h.events
+        self.assertIsInstance(error, RegistrationFailed)
+        self.assertIn("malformed RegistrationResponse", str(error))
+        self.assertTrue(error.retryable)
+
+    def test_lost_before_answer(self) -> None:
+        h = Harness()
+        h.lose()
+        [(kind, error)] = h.events
+        self.assertEqual(kind, "refused")
+        self.assertIn("before the proxy answered", str(error))
+
+    def test_garbage_frames_refuse(self) -> None:
+        h = Harness()
+        h.protocol.dataReceived(b"\x00\x00\x00\x00")
+        [(kind, error)] = h.events
+        self.assertEqual(kind, "refused")
+        self.assertIn("Zero-length", str(error))
+
+
+class EventTests(SynchronousTestCase):
+    def test_request_headers_routed_by_metadata_id(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("meta-id", top_level_cid="top-id"))
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "meta-id")
+
+    def test_every_event_type_is_answered_with_its_id(self) -> None:
+        seen: list[str] = []
+
+        class All(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                seen.append("request_headers")
+                return allow()
+
+            def on_request_body_chunk(self, event: Any) -> Any:
+                seen.append("request_body_chunk:" + event.body.decode())
+                return allow()
+
+            def on_response_headers(self, event: Any) -> Any:
+                seen.append("response_headers")
+                return allow()
+
+            def on_response_body_chunk(self, event: Any) -> Any:
+                seen.append("response_body_chunk")
+                return allow()
+
+            def on_request_complete(self, event: Any) -> Any:
+                seen.append("request_complete")
+                return allow()
+
+            def on_websocket_frame(self, event: Any) -> Any:
+                seen.append("websocket_frame")
+                return allow().websocket_drop()
+
+            def on_guardrail_inspect(self, event: Any) -> Any:
+                seen.append("guardrail_inspect")
+                return block(400, "injection")
+
+            def on_configure(self, event: Any) -> Any:
+                seen.append("configure")
+                return allow()
+
+        h = Harness(All())
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("c0"))
+        h.feed(REQUEST_BODY_CHUNK, body_chunk_event("c1", b"hi"))
+        h.feed(RESPONSE_HEADERS, {"correlation_id": "c2", "status": 200, "headers": {}})
+        h.feed(
+            RESPONSE_BODY_CHUNK,
+            {"correlation_id": "c3", "data": "", "is_last": True, "chunk_index": 0, "bytes_sent": 0},
+        )
+        h.feed(REQUEST_COMPLETE, {"correlation_id": "c4", "status": 200, "duration_ms": 5})
+        h.feed(
+            WEBSOCKET_FRAME,
+            {
+                "correlation_id": "c5",
+                "opcode": "text",
+                "data": "",
+                "client_to_server": True,
+                "frame_index": 0,
+                "client_ip": "1.2.3.4",
+            },
+        )
+        h.feed(
+            GUARDRAIL_INSPECT,
+            {"correlation_id": "c6", "inspection_type": "prompt_injection", "content": "x"},
+        )
+        h.feed(CONFIGURE, {"correlation_id": "c7", "config": {"a": 1}})
+        answers = h.answers()
+        self.assertEqual([cid_of(a) for a in answers], [f"c{i}" for i in range(8)])
+        self.assertEqual(
+            seen,
+            [
+                "request_headers",
+                "request_body_chunk:hi",
+                "response_headers",
+                "response_body_chunk",
+                "request_complete",
+                "websocket_frame",
+                "guardrail_inspect",
+                "configure",
+            ],
+        )
+        self.assertEqual(answers[5]["websocket_decision"], "drop")
+        self.assertEqual(answers[6]["decision"], {"block": {"status": 400, "body": "injection", "headers": None}})
+
+    def test_answers_go_out_in_completion_order(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.sent()
+        for cid in ("a", "b", "c"):
+            h.feed(REQUEST_HEADERS, headers_event(cid))
+        self.assertEqual(h.answers(), [])
+        self.assertEqual(h.protocol.in_flight, 3)
+        agent.answer("c", block(451))
+        agent.answer("a")
+        agent.answer("b", allow().set_request_header("x-b", "1"))
+        answers = h.answers()
+        self.assertEqual([cid_of(a) for a in answers], ["c", "a", "b"])
+        self.assertEqual(answers[0]["decision"]["block"]["status"], 451)
+        self.assertEqual(answers[2]["request_headers"], [{"set": {"name": "x-b", "value": "1"}}])
+        self.assertEqual(h.protocol.in_flight, 0)
+
+    def test_coroutine_handlers(self) -> None:
+        gate: Deferred[None] = Deferred()
+
+        class Async(Agent):
+            async def on_request_headers(self, event: Any) -> Any:
+                await gate
+                return block(429)
+
+        h = Harness(Async())
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("x"))
+        self.assertEqual(h.answers(), [])
+        gate.callback(None)
+        [answer] = h.answers()
+        self.assertEqual(answer["decision"]["block"]["status"], 429)
+
+    def test_plain_agent_response_is_accepted_and_not_mutated(self) -> None:
+        shared = AgentResponse()
+
+        class Shared(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return shared
+
+        h = Harness(Shared())
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("one"))
+        h.feed(REQUEST_HEADERS, headers_event("two"))
+        self.assertEqual([cid_of(a) for a in h.answers()], ["one", "two"])
+        self.assertEqual(shared.audit.custom, {})
+
+    def test_ping_gets_pong_with_the_same_body(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        raw = b'{"sequence":7,"timestamp_ms":1767225600000}'
+        h.protocol.dataReceived(frame(PING, raw))
+        data = h.transport.value()
+        self.assertTrue(data.endswith(bytes([PONG]) + raw))
+
+    def test_frames_only_agents_send_are_ignored(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        h.feed(FLOW_CONTROL, {"action": 1})
+        h.feed(AGENT_RESPONSE, {"version": 2, "decision": "allow"})
+        h.feed(PONG, {"sequence": 1, "timestamp_ms": 1})
+        self.assertEqual(h.sent(), [])
+        self.assertFalse(h.transport.disconnecting)
+        h.feed(REQUEST_HEADERS, headers_event("still-works"))
+        self.assertEqual([cid_of(a) for a in h.answers()], ["still-works"])
+
+
+class ErrorAnswerTests(SynchronousTestCase):
+    def serve(self, agent: Any, **settings: Any) -> dict[str, Any]:
+        h = Harness(agent, **settings)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("e1"))
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "e1")
+        self.assertEqual(h.protocol.in_flight, 0)
+        return answer
+
+    def test_raising_handler_blocks_500(self) -> None:
+        class Broken(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                raise KeyError("boom")
+
+        answer = self.serve(Broken())
+        self.assertEqual(answer["decision"], {"block": {"status": 500, "body": "agent error", "headers": None}})
+        self.assertIn("agent_error", answer["audit"]["tags"])
+        self.assertEqual(answer["audit"]["reason_codes"], ["AGENT_ERROR"])
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_failing_deferred_blocks_500(self) -> None:
+        class Broken(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                d: Deferred[Any] = Deferred()
+                d.errback(ValueError("nope"))
+                return d
+
+        answer = self.serve(Broken())
+        self.assertEqual(answer["decision"]["block"]["status"], 500)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_none_is_not_an_answer(self) -> None:
+        class Forgetful(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return None
+
+        answer = self.serve(Forgetful())
+        self.assertEqual(answer["decision"]["block"]["status"], 500)
+
+    def test_wrong_type_is_not_an_answer(self) -> None:
+        class Confused(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return succeed({"decision": "allow"})
+
+        answer = self.serve(Confused())
+        self.assertEqual(answer["decision"]["block"]["status"], 500)
+
+    def test_unserialisable_answer_is_replaced(self) -> None:
+        class Odd(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return allow().custom(thing=object())
+
+        answer = self.serve(Odd())
+        self.assertEqual(answer["decision"]["block"]["status"], 500)
+
+    def test_fail_open_allows(self) -> None:
+        class Broken(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                raise RuntimeError("boom")
+
+        answer = self.serve(Broken(), fail_open=True)
+        self.assertEqual(answer["decision"], "allow")
+        self.assertIn("agent_error", answer["audit"]["tags"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_invalid_event_with_an_id_gets_the_error_answer(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        event = headers_event("bad-1")
+        event["metadata"]["client_port"] = "not a number"
+        h.feed(REQUEST_HEADERS, event)
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "bad-1")
+        self.assertEqual(answer["decision"]["block"]["status"], 500)
+
+    def test_invalid_event_without_an_id_is_dropped(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        h.feed(RESPONSE_HEADERS, {"status": "x"})
+        h.feed(RESPONSE_HEADERS, b"{not json")
+        self.assertEqual(h.answers(), [])
+        self.assertFalse(h.transport.disconnecting)
+
+
+class CancelTests(SynchronousTestCase):
+    def test_cancel_reaches_the_handler_and_nothing_is_sent(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("keep"))
+        h.feed(REQUEST_HEADERS, headers_event("drop"))
+        h.feed(CANCEL, {"correlation_id": "drop", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(agent.cancelled, ["drop"])
+        self.assertEqual(h.protocol.in_flight, 1)
+        agent.answer("keep")
+        self.assertEqual([cid_of(a) for a in h.answers()], ["keep"])
+        self.assertEqual(h.protocol.stats["cancelled"], 1)
+
+    def test_cancel_of_unknown_id_is_harmless(self) -> None:
+        h = Harness(RecordingAgent())
+        h.register()
+        h.sent()
+        h.feed(CANCEL, {"correlation_id": "nobody", "reason": 5, "timestamp_ms": 1})
+        self.assertEqual(h.sent(), [])
+
+    def test_cancel_of_a_queued_event(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=1)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("running"))
+        h.feed(REQUEST_HEADERS, headers_event("queued"))
+        self.assertEqual(h.protocol.queued, 1)
+        h.feed(CANCEL, {"correlation_id": "queued", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(h.protocol.queued, 0)
+        agent.answer("running")
+        self.assertNotIn("queued", agent.waiting)
+        self.assertEqual([cid_of(a) for a in h.answers()], ["running"])
+
+    def test_connection_loss_cancels_handlers(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.feed(REQUEST_HEADERS, headers_event("a"))
+        h.feed(REQUEST_HEADERS, headers_event("b"))
+        h.lose()
+        self.assertEqual(sorted(agent.cancelled), ["a", "b"])
+        self.assertEqual(h.events[-1][0], "ended")
+
+
+class FlowControlTests(SynchronousTestCase):
+    def flow(self, frames: list[tuple[int, Any]]) -> list[int]:
+        return [body["action"] for t, body in frames if t == FLOW_CONTROL]
+
+    def test_pause_at_the_limit_resume_at_half(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=4)
+        h.register()
+        h.sent()
+        for i in range(3):
+            h.feed(REQUEST_HEADERS, headers_event(f"r{i}"))
+        self.assertEqual(self.flow(h.sent()), [])
+        h.feed(REQUEST_HEADERS, headers_event("r3"))
+        frames = h.sent()
+        self.assertEqual(frames, [(FLOW_CONTROL, {"action": 1})])
+        self.assertTrue(h.protocol.paused)
+        agent.answer("r0")
+        self.assertEqual(self.flow(h.sent()), [])
+        agent.answer("r1")
+        frames = h.sent()
+        self.assertEqual(self.flow(frames), [2])
+        self.assertEqual(frames[-1], (FLOW_CONTROL, {"action": 2}))
+        self.assertFalse(h.protocol.paused)
+
+    def test_events_beyond_the_limit_wait_their_turn(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=2, max_queued=2)
+        h.register()
+        h.sent()
+        for cid in ("a", "b", "c", "d"):
+            h.feed(REQUEST_HEADERS, headers_event(cid))
+        self.assertEqual(sorted(agent.waiting), ["a", "b"])
+        self.assertEqual(h.protocol.queued, 2)
+        agent.answer("b")
+        self.assertEqual(sorted(agent.waiting), ["a", "c"])
+        agent.answer("a")
+        agent.answer("c")
+        agent.answer("d")
+        self.assertEqual([cid_of(a) for a in h.answers()], ["b", "a", "c", "d"])
+        self.assertEqual(h.protocol.load, 0)
+
+    def test_overflow_beyond_the_queue_is_answered_503(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=1, max_queued=1)
+        h.register()
+        h.sent()
+        for cid in ("a", "b", "c"):
+            h.feed(REQUEST_HEADERS, headers_event(cid))
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "c")
+        self.assertEqual(answer["decision"]["block"], {"status": 503, "body": "agent overloaded", "headers": None})
+
+    def test_synchronous_handlers_under_load_keep_a_flat_stack(self) -> None:
+        gate: list[Deferred[Any]] = []
+
+        class Mixed(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                if event.metadata.correlation_id == "slow":
+                    d: Deferred[Any] = Deferred()
+                    gate.append(d)
+                    return d
+                return allow()
+
+        h = Harness(Mixed(), max_concurrency=1, max_queued=5000)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("slow"))
+        for i in range(3000):
+            h.feed(REQUEST_HEADERS, headers_event(f"q{i}"))
+        self.assertEqual(h.protocol.queued, 3000)
+        gate[0].callback(allow())
+        answers = h.answers()
+        self.assertEqual(len(answers), 3001)
+        self.assertEqual(h.protocol.load, 0)
+
+
+class HealthTests(SynchronousTestCase):
+    def test_health_after_registration_and_periodically(self) -> None:
+        h = Harness(health_interval=10)
+        h.register()
+        self.assertEqual(h.sent(), [(HEALTH_STATUS, {"state": 1})])
+        h.clock.advance(10)
+        self.assertEqual(h.sent(), [(HEALTH_STATUS, {"state": 1})])
+        h.clock.advance(5)
+        self.assertEqual(h.sent(), [])
+
+    def test_reports_the_agents_state(self) -> None:
+        class Tired(Agent):
+            def health(self) -> int:
+                return 2
+
+        h = Harness(Tired())
+        h.register()
+        self.assertEqual(h.sent(), [(HEALTH_STATUS, {"state": 2})])
+
+    def test_broken_health_reports_unhealthy(self) -> None:
+        class Broken(Agent):
+            def health(self) -> int:
+                raise RuntimeError("sensor")
+
+        h = Harness(Broken())
+        h.register()
+        self.assertEqual(h.sent(), [(HEALTH_STATUS, {"state": 4})])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_no_health_if_not_announced(self) -> None:
+        class Quiet(Agent):
+            features = {"health_reporting": False}
+
+        h = Harness(Quiet())
+        h.register()
+        h.clock.advance(100)
+        self.assertEqual(h.sent(), [])
+
+    def test_health_stops_when_the_connection_ends(self) -> None:
+        h = Harness(health_interval=1)
+        h.register()
+        h.lose()
+        h.sent()
+        h.clock.advance(10)
+        self.assertEqual(h.sent(), [])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class DrainTests(SynchronousTestCase):
+    def test_drain_pauses_reports_draining_and_waits(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("inflight"))
+        done = h.protocol.drain(30)
+        self.assertEqual(h.sent(), [(FLOW_CONTROL, {"action": 1}), (HEALTH_STATUS, {"state": 3})])
+        self.assertFalse(h.transport.disconnecting)
+        agent.answer("inflight", block(418))
+        self.assertEqual([cid_of(a) for a in h.answers()], ["inflight"])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertNoResult(done)
+        h.lose()
+        self.successResultOf(done)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_grace_period_cancels_what_is_left(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.feed(REQUEST_HEADERS, headers_event("stuck"))
+        h.sent()
+        done = h.protocol.drain(5)
+        h.clock.advance(4.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.2)
+        self.assertEqual(agent.cancelled, ["stuck"])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.answers(), [])
+        h.lose()
+        self.successResultOf(done)
+
+    def test_drain_with_nothing_in_flight_closes_at_once(self) -> None:
+        h = Harness()
+        h.register()
+        done = h.protocol.drain(30)
+        self.assertTrue(h.transport.disconnecting)
+        h.lose()
+        self.successResultOf(done)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_events_racing_the_pause_are_still_served(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.feed(REQUEST_HEADERS, headers_event("first"))
+        h.protocol.drain(30)
+        h.feed(REQUEST_HEADERS, headers_event("late"))
+        agent.answer("first")
+        self.assertFalse(h.transport.disconnecting)
+        agent.answer("late")
+        self.assertEqual(sorted(cid_of(a) for a in h.answers()), ["first", "late"])
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_drain_before_registration_just_closes(self) -> None:
+        h = Harness()
+        done = h.protocol.drain(30)
+        self.assertTrue(h.transport.disconnecting)
+        h.lose()
+        self.successResultOf(done)
+        self.assertEqual(h.events, [])

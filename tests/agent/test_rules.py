@@ -1,0 +1,318 @@
+"""
+The rule engine: each matcher, each action, errors naming file, rule and
+reason, and reloads that keep the old rules when the new file is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sentinel_twisted import messages as m
+from sentinel_twisted.agent import RulesAgent, RulesError, load_rules, parse_rules
+
+from ._support import body_chunk_event, headers_event
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
+
+
+def event(**kw: Any) -> m.RequestHeadersEvent:
+    return m.decode(json.dumps(headers_event(**kw)).encode(), m.RequestHeadersEvent)
+
+
+def body(cid: str, data: bytes, index: int = 0, last: bool = False) -> m.RequestBodyChunkEvent:
+    return m.decode(json.dumps(body_chunk_event(cid, data, index, last)).encode(), m.RequestBodyChunkEvent)
+
+
+def rules(*tables: dict[str, Any], **top: Any) -> Any:
+    return parse_rules({"rules": list(tables), **top}, "test.toml")
+
+
+def decide(ruleset: Any, **kw: Any) -> m.AgentResponse:
+    return ruleset.evaluate(event(**kw)).response.build()  # type: ignore[no-any-return]
+
+
+BLOCK = {"block": True}
+
+
+class MatcherTests(SynchronousTestCase):
+    def assertBlocked(self, ruleset: Any, **kw: Any) -> None:
+        self.assertIsInstance(decide(ruleset, **kw).decision, m.Block, kw)
+
+    def assertAllowed(self, ruleset: Any, **kw: Any) -> None:
+        self.assertIsInstance(decide(ruleset, **kw).decision, m.Allow, kw)
+
+    def test_method(self) -> None:
+        r = rules({"id": "m", "match": {"method": ["delete", "PUT"]}, **BLOCK})
+        self.assertBlocked(r, method="DELETE")
+        self.assertBlocked(r, method="put")
+        self.assertAllowed(r, method="GET")
+
+    def test_path_regex_on_raw_and_normalised_path(self) -> None:
+        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK})
+        self.assertBlocked(r, uri="/admin")
+        self.assertBlocked(r, uri="/admin/users?x=1")
+        self.assertBlocked(r, uri="/%61dmin")
+        self.assertBlocked(r, uri="//admin")
+        self.assertBlocked(r, uri="/public/../admin/")
+        self.assertBlocked(r, uri="http://example.com/admin")
+        self.assertAllowed(r, uri="/administrator")
+        self.assertAllowed(r, uri="/?next=/admin")
+
+    def test_uri_and_query(self) -> None:
+        r = rules(
+            {"id": "q", "match": {"query": "(?i)union\\s+select"}, **BLOCK},
+            {"id": "u", "match": {"uri": "\\.php$"}, **BLOCK},
+        )
+        self.assertBlocked(r, uri="/items?id=1%20UNION%20SELECT%20x")
+        self.assertBlocked(r, uri="/items?id=1+union+select+x")
+        self.assertAllowed(r, uri="/union select")
+        self.assertBlocked(r, uri="/index.php")
+        self.assertAllowed(r, uri="/index.html")
+
+    def test_header_value_presence_and_absence(self) -> None:
+        r = rules(
+            {"id": "ua", "match": {"header": {"User-Agent": "(?i)sqlmap"}}, **BLOCK},
+            {"id": "dbg", "match": {"header_present": "x-debug"}, **BLOCK},
+            {"id": "host", "match": {"header_missing": ["host"]}, **BLOCK},
+        )
+        host = {"Host": ["example.com"]}
+        self.assertBlocked(r, headers={**host, "user-agent": ["sqlmap/1.7"]})
+        self.assertAllowed(r, headers={**host, "user-agent": ["curl/8"]})
+        self.assertBlocked(r, headers={**host, "X-Debug": ["1"]})
+        self.assertBlocked(r, headers={})
+        self.assertAllowed(r, headers=host)
+
+    def test_header_value_any_of_several(self) -> None:
+        r = rules({"id": "c", "match": {"header": {"cookie": "^admin="}}, **BLOCK})
+        self.assertBlocked(r, headers={"cookie": ["a=1", "admin=1"]})
+        self.assertAllowed(r, headers={"cookie": ["a=1"]})
+
+    def test_client_ip_cidr(self) -> None:
+        r = rules({"id": "ip", "match": {"client_ip": ["10.0.0.0/8", "2001:db8::/32"]}, **BLOCK})
+        self.assertBlocked(r, client_ip="10.1.2.3")
+        self.assertBlocked(r, client_ip="::ffff:10.1.2.3")
+        self.assertBlocked(r, client_ip="2001:db8::1")
+        self.assertAllowed(r, client_ip="192.0.2.1")
+        self.assertAllowed(r, client_ip="not an address")
+
+    def test_client_ip_not(self) -> None:
+        r = rules({"id": "ext", "match": {"path": "^/metrics$", "client_ip_not": "127.0.0.0/8"}, **BLOCK})
+        self.assertAllowed(r, uri="/metrics", client_ip="127.0.0.1")
+        self.assertBlocked(r, uri="/metrics", client_ip="192.0.2.1")
+        self.assertBlocked(r, uri="/metrics", client_ip="garbage")
+
+    def test_all_conditions_must_hold(self) -> None:
+        r = rules({"id": "both", "match": {"method": "POST", "path": "^/login"}, **BLOCK})
+        self.assertBlocked(r, method="POST", uri="/login")
+        self.assertAllowed(r, method="GET", uri="/login")
+        self.assertAllowed(r, method="POST", uri="/other")
+
+    def test_body_contains_across_chunks(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"method": "POST", "body_contains": ["<script"]}, **BLOCK})
+        self.assertEqual(agent.supported_events(), [1, 2, 5])
+        first = agent.on_request_headers(event(cid="b1", method="POST")).build()  # type: ignore[union-attr]
+        self.assertEqual(first.decision, m.ALLOW)
+        self.assertTrue(first.needs_more)
+        a = agent.on_request_body_chunk(body("b1", b"hello <scr", 0)).build()  # type: ignore[union-attr]
+        self.assertEqual(a.decision, m.ALLOW)
+        self.assertTrue(a.needs_more)
+        b = agent.on_request_body_chunk(body("b1", b"ipt>alert(1)", 1)).build()  # type: ignore[union-attr]
+        self.assertIsInstance(b.decision, m.Block)
+        self.assertEqual(b.audit.rule_ids, ["xss"])
+
+    def test_clean_body_is_allowed_and_forgotten(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body_contains": "<script"}, **BLOCK})
+        agent.on_request_headers(event(cid="b2", method="POST"))
+        last = agent.on_request_body_chunk(body("b2", b"fine", 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(last.decision, m.ALLOW)
+        self.assertFalse(last.needs_more)
+        self.assertEqual(len(agent._bodies), 0)
+        agent.on_request_headers(event(cid="b3", method="GET"))
+        agent.on_request_complete(m.RequestCompleteEvent(correlation_id="b3", status=200, duration_ms=1))
+        self.assertEqual(len(agent._bodies), 0)
+
+    def test_body_tracking_is_bounded(self) -> None:
+        agent = _agent(self, {"id": "x", "match": {"body_contains": "bad"}, **BLOCK})
+        agent.max_tracked_bodies = 3
+        for i in range(10):
+            agent.on_request_headers(event(cid=f"t{i}"))
+        self.assertEqual(list(agent._bodies), ["t7", "t8", "t9"])
+
+
+def _agent(case: SynchronousTestCase, *tables: dict[str, Any]) -> RulesAgent:
+    path = Path(case.mktemp() + ".json")
+    path.write_text(json.dumps({"rules": list(tables)}))
+    return RulesAgent(path)
+
+
+class ActionTests(SynchronousTestCase):
+    def test_block_with_status_body_and_headers(self) -> None:
+        r = rules({"id": "b", "block": {"status": 451, "body": "gone", "headers": {"Retry-After": "60"}}})
+        response = decide(r)
+        self.assertEqual(response.decision, m.Block(451, "gone", {"retry-after": "60"}))
+        self.assertEqual(response.audit.rule_ids, ["b"])
+
+    def test_block_defaults(self) -> None:
+        self.assertEqual(decide(rules({"id": "b", "block": True})).decision, m.Block(403, "Forbidden", None))
+        self.assertEqual(decide(rules({"id": "b", "block": {"status": 429}})).decision.body, "Too Many Requests")  # type: ignore[attr-defined]
+        r = rules({"id": "b", "block": True}, defaults={"block_status": 404, "block_body": "nope"})
+        self.assertEqual(decide(r).decision, m.Block(404, "nope", None))
+
+    def test_redirect(self) -> None:
+        r = rules({"id": "r", "match": {"path": "^/old"}, "redirect": {"url": "/new", "status": 301}})
+        self.assertEqual(decide(r, uri="/old/page").decision, m.Redirect("/new", 301))
+        self.assertEqual(decide(rules({"id": "r", "redirect": "/x"})).decision, m.Redirect("/x", 302))
+
+    def test_require_header(self) -> None:
+        r = rules({"id": "key", "match": {"path": "^/api/"}, "require_header": {"name": "X-Api-Key", "status": 401}})
+        response = decide(r, uri="/api/items")
+        self.assertEqual(response.decision, m.Block(401, "Missing required header: x-api-key", None))
+        self.assertEqual(decide(r, uri="/api/items", headers={"x-api-key": ["k"]}).decision, m.ALLOW)
+        self.assertEqual(decide(r, uri="/public").decision, m.ALLOW)
+        short = rules({"id": "key", "require_header": "authorization"})
+        self.assertEqual(decide(short).decision.status, 400)  # type: ignore[attr-defined]
+
+    def test_header_operations_accumulate_until_a_decision(self) -> None:
+        r = rules(
+            {"id": "mark", "response_headers": {"set": {"x-agent": "t"}, "remove": "server"}},
+            {"id": "req", "request_headers": {"add": {"x-checked": "1"}, "set": {"x-user": "u"}}, "tags": ["seen"]},
+            {"id": "stop", "match": {"path": "^/stop"}, "block": True},
+            {"id": "after", "response_headers": {"set": {"x-after": "1"}}},
+        )
+        allowed = decide(r, uri="/")
+        self.assertEqual(allowed.decision, m.ALLOW)
+        self.assertEqual(
+            allowed.response_headers,
+            [m.SetHeader("x-agent", "t"), m.RemoveHeader("server"), m.SetHeader("x-after", "1")],
+        )
+        self.assertEqual(allowed.request_headers, [m.SetHeader("x-user", "u"), m.AddHeader("x-checked", "1")])
+        self.assertEqual(allowed.audit.rule_ids, ["mark", "req", "after"])
+        self.assertEqual(allowed.audit.tags, ["seen"])
+        blocked = decide(r, uri="/stop")
+        self.assertIsInstance(blocked.decision, m.Block)
+        self.assertEqual(blocked.audit.rule_ids, ["mark", "req", "stop"])
+        self.assertNotIn(m.SetHeader("x-after", "1"), blocked.response_headers)
+
+    def test_first_decision_wins(self) -> None:
+        r = rules(
+            {"id": "one", "match": {"path": "^/a"}, "redirect": "/b"},
+            {"id": "two", "match": {"path": "^/a"}, "block": True},
+        )
+        self.assertEqual(decide(r, uri="/a").decision, m.Redirect("/b", 302))
+
+    def test_disabled_rule_is_skipped(self) -> None:
+        r = rules({"id": "off", "enabled": False, "block": True})
+        self.assertEqual(len(r), 0)
+        self.assertEqual(decide(r).decision, m.ALLOW)
+
+
+class ErrorTests(SynchronousTestCase):
+    def problems(self, *tables: Any, **top: Any) -> list[str]:
+        error = self.assertRaises(RulesError, parse_rules, {"rules": list(tables), **top}, "f.toml")
+        self.assertTrue(all(line.startswith("f.toml: ") for line in str(error).splitlines()))
+        return error.problems
+
+    def test_each_problem_names_rule_and_reason(self) -> None:
+        problems = self.problems(
+            {"id": "ok", "block": True},
+            {"id": "bad-regex", "match": {"path": "("}, "block": True},
+            {"id": "bad-cidr", "match": {"client_ip": "10.0.0.0/33"}, "block": True},
+            {"id": "typo", "mach": {}, "block": True},
+            {"id": "nothing", "match": {"path": "^/"}},
+            {"id": "two", "block": True, "redirect": "/x"},
+            {"id": "status", "block": {"status": 700}},
+            {"id": "ok", "block": True},
+            {"block": True},
+            {"id": "hdr", "request_headers": {"set": {"bad name": "v"}}},
+            {"id": "body", "match": {"body_contains": "x"}, "request_headers": {"set": {"a": "b"}}},
+            {"id": "redir", "redirect": {"url": "/x", "status": 200}},
+        )
+        text = "\n".join(problems)
+        self.assertIn("rule 'bad-regex' (#2): match.path: invalid regular expression '('", text)
+        self.assertIn("rule 'bad-cidr' (#3): match.client_ip:", text)
+        self.assertIn("rule 'typo' (#4): unknown key 'mach'", text)
+        self.assertIn("rule 'nothing' (#5): no action", text)
+        self.assertIn("rule 'two' (#6): at most one of block, redirect, require_header", text)
+        self.assertIn("rule 'status' (#7): block.status: status must be an integer from 100 to 599", text)
+        self.assertIn("rule 'ok' (#8): duplicate id (first used by rule #1)", text)
+        self.assertIn("rule #9: 'id' must be", text)
+        self.assertIn("rule 'hdr' (#10): request_headers.set: invalid header name", text)
+        self.assertIn("rule 'body' (#11): match.body_contains needs block or redirect", text)
+        self.assertIn("rule 'redir' (#12): redirect.status: status must be an integer from 300 to 399", text)
+        self.assertEqual(len(problems), 11)
+
+    def test_top_level_problems(self) -> None:
+        self.assertIn("unknown key 'rule'", self.problems(rule=[])[0])
+        error = self.assertRaises(RulesError, parse_rules, {"rules": {"id": "x"}}, "f.toml")
+        self.assertIn("'rules' must be an array", str(error))
+
+    def test_toml_syntax_error_names_the_file_and_line(self) -> None:
+        path = self.mktemp() + ".toml"
+        Path(path).write_text('[[rules]]\nid = "x"\nblock = tru\n')
+        error = self.assertRaises(RulesError, load_rules, path)
+        self.assertIn(path, str(error))
+        self.assertIn("invalid TOML", str(error))
+        self.assertIn("line 3", str(error))
+
+    def test_json_rules_and_json_errors(self) -> None:
+        path = self.mktemp() + ".json"
+        Path(path).write_text(json.dumps({"rules": [{"id": "j", "block": True}]}))
+        self.assertEqual(len(load_rules(path)), 1)
+        Path(path).write_text("{")
+        self.assertIn("invalid JSON", str(self.assertRaises(RulesError, load_rules, path)))
+
+    def test_missing_file(self) -> None:
+        error = self.assertRaises(RulesError, load_rules, "/nonexistent/rules.toml")
+        self.assertIn("/nonexistent/rules.toml: cannot read the rules file", str(error))
+
+    def test_example_rules_load_and_behave(self) -> None:
+        r = load_rules(EXAMPLE)
+        self.assertEqual(decide(r, uri="/admin").decision.status, 403)  # type: ignore[attr-defined]
+        self.assertEqual(decide(r, uri="/items?id=1'%20OR%20'1'='1").decision.status, 403)  # type: ignore[attr-defined]
+        self.assertEqual(decide(r, uri="/items?id=1 UNION SELECT password FROM users").decision.status, 403)  # type: ignore[attr-defined]
+        self.assertEqual(decide(r, uri="/", headers={"user-agent": ["sqlmap/1.7"]}).decision.status, 403)  # type: ignore[attr-defined]
+        self.assertEqual(decide(r, uri="/old/x").decision, m.Redirect("/new", 301))
+        ok = decide(r, uri="/items?id=42", headers={"user-agent": ["curl/8.5.0"]})
+        self.assertEqual(ok.decision, m.ALLOW)
+        self.assertIn(m.SetHeader("x-sentinel-agent", "sentinel-twisted"), ok.response_headers)
+
+
+class ReloadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp() + ".toml"
+        self.write('[[rules]]\nid = "a"\nmatch = { path = "^/a" }\nblock = true\n')
+        self.agent = RulesAgent(self.path)
+
+    def write(self, text: str) -> None:
+        Path(self.path).write_text(textwrap.dedent(text))
+
+    def status_of(self, uri: str) -> Any:
+        decision = self.agent.on_request_headers(event(uri=uri)).build().decision  # type: ignore[union-attr]
+        return getattr(decision, "status", "allow")
+
+    def test_reload_applies_new_rules(self) -> None:
+        self.write('[[rules]]\nid = "b"\nmatch = { path = "^/b" }\nblock = { status = 410 }\n')
+        self.assertTrue(self.agent.reload())
+        self.assertEqual(self.status_of("/a"), "allow")
+        self.assertEqual(self.status_of("/b"), 410)
+
+    def test_bad_file_keeps_the_old_rules(self) -> None:
+        self.write('[[rules]]\nid = "b"\nmatch = { path = "(" }\nblock = true\n')
+        self.assertFalse(self.agent.reload())
+        self.assertEqual(self.status_of("/a"), 403)
+        self.write("this is not toml [")
+        self.assertFalse(self.agent.reload())
+        os.unlink(self.path)
+        self.assertFalse(self.agent.reload())
+        self.assertEqual(self.status_of("/a"), 403)
+
+    def test_start_up_error_is_raised(self) -> None:
+        self.write('[[rules]]\nid = "b"\nblock = { status = "x" }\n')
+        error = self.assertRaises(RulesError, RulesAgent, self.path)
+        self.assertIn(f"{self.path}: rule 'b' (#1): block.status", str(error))
