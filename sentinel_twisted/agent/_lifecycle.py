@@ -35,8 +35,12 @@ class Lifecycle(Protocol):
     def protocol_violated(self, error: AgentProtocolError) -> None:
         """The proxy's byte stream broke the framing rules."""
 
-    def drain(self, grace: float) -> Deferred[None]:
-        """Stop taking events, finish in-flight ones within C{grace}, close."""
+    def drain(self, grace: float) -> None:
+        """
+        Stop taking events, finish in-flight ones within C{grace}, close.
+        (Returns nothing, so that it may be called from inside a transition;
+        the protocol hands out the Deferred of the connection's end.)
+        """
 
     def drained(self) -> None:
         """Nothing is in flight any more, or the grace period is over."""
@@ -110,19 +114,15 @@ def _build() -> object:
         core.protocol.abandon(detail)
 
     @registering.upon(Lifecycle.drain).to(closed)
-    def drain_early(machine: Lifecycle, core: Core, grace: float) -> Deferred[None]:
+    def drain_early(machine: Lifecycle, core: Core, grace: float) -> None:
         core.stop_timer()
-        waiter = core.wait_lost()
         core.protocol.abandon("agent stopping before registration finished")
-        return waiter
 
     # -- serving -----------------------------------------------------------
 
     @serving.upon(Lifecycle.drain).to(draining)
-    def start_draining(machine: Lifecycle, core: Core, grace: float) -> Deferred[None]:
-        waiter = core.wait_lost()
+    def start_draining(machine: Lifecycle, core: Core, grace: float) -> None:
         core.timer = core.protocol.begin_drain(grace)
-        return waiter
 
     @serving.upon(Lifecycle.close).to(closed)
     def close_serving(machine: Lifecycle, core: Core, detail: str) -> None:
@@ -160,10 +160,6 @@ def _build() -> object:
         core.fire_waiters()
         core.protocol.lost_serving(detail)
 
-    @draining.upon(Lifecycle.drain).loop()
-    def drain_again(machine: Lifecycle, core: Core, grace: float) -> Deferred[None]:
-        return core.wait_lost()
-
     # -- closed: late inputs have nothing left to do ------------------------
 
     @closed.upon(Lifecycle.connection_lost).loop()
@@ -172,10 +168,8 @@ def _build() -> object:
             core.fire_waiters()
             core.protocol.finish_lost(detail)
 
-    @closed.upon(Lifecycle.drain).loop()
-    def drain_closed(machine: Lifecycle, core: Core, grace: float) -> Deferred[None]:
-        return core.wait_lost()
-
+    draining.upon(Lifecycle.drain).loop().returns(None)
+    closed.upon(Lifecycle.drain).loop().returns(None)
     registering.upon(Lifecycle.drained).loop().returns(None)
     serving.upon(Lifecycle.drained).loop().returns(None)
     serving.upon(Lifecycle.registered).loop().returns(None)

@@ -289,7 +289,9 @@ class AgentProtocol(FrameReceiver):
         in-flight handlers finish for up to C{grace} seconds, cancel what
         is left, and close.  Fires when the connection is gone.
         """
-        return self._lifecycle.drain(grace)
+        waiter = self._core.wait_lost()
+        self._lifecycle.drain(grace)
+        return waiter
 
     def close(self, detail: str = "closed by agent") -> Deferred[None]:
         """Close now, cancelling in-flight handlers; fires when gone."""
