@@ -29,10 +29,13 @@ from .endpoints import (
 from .factory import ReverseConnectionFactory
 
 __all__ = [
+    "DEFAULT_HTTP",
     "DEFAULT_LISTEN",
+    "DEFAULT_STATUS",
     "Options",
     "ReverseListenerService",
     "StartupError",
+    "add_gateway",
     "makeService",
     "make_listener",
 ]
@@ -41,6 +44,9 @@ log = Logger(namespace="sentinel_twisted.tap")
 
 #: A UNIX socket in the working directory, owner-only, with a lockfile.
 DEFAULT_LISTEN = "unix:sentinel-reverse.sock:mode=600:lockfile=1"
+#: Where the gateway takes HTTP clients, and where the status page is.
+DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+DEFAULT_STATUS = "tcp:9901:interface=127.0.0.1"
 
 
 class StartupError(Exception):
@@ -70,6 +76,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _status_code(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 100 <= number <= 599:
+        raise ValueError(f"expected an HTTP status code (100-599), got {value!r}")
+    return number
+
+
 # Converted in postOptions rather than by usage's coercers, whose error
 # text does not say which option was wrong.
 _CONVERSIONS = {
@@ -78,6 +94,8 @@ _CONVERSIONS = {
     "request-timeout": _positive_float,
     "backlog": _positive_int,
     "max-pending-registrations": _positive_int,
+    "upstream-timeout": _positive_float,
+    "challenge-status": _status_code,
 }
 
 
@@ -90,6 +108,12 @@ class Options(usage.Options):
 
     optFlags = [
         ["require-auth", None, "Refuse agents that register without a token."],
+        [
+            "fail-open",
+            None,
+            "Let a request go on as allowed when an agent cannot answer (not connected, "
+            "paused, timed out, disconnected) instead of answering 503.",
+        ],
     ]
     optParameters = [
         [
@@ -114,12 +138,44 @@ class Options(usage.Options):
             1024,
             "Connections (N) that may await registration at once.",
         ],
+        [
+            "http",
+            None,
+            DEFAULT_HTTP,
+            "Server endpoint the HTTP gateway takes clients on (ssl:... for TLS; 'none': no gateway).",
+        ],
+        [
+            "upstream",
+            None,
+            None,
+            "http(s):// URL allowed requests are forwarded to; default: the built-in echo.",
+        ],
+        [
+            "upstream-timeout",
+            None,
+            30.0,
+            "Seconds (a float) to wait for the upstream's response headers before answering 504.",
+        ],
+        [
+            "status",
+            None,
+            DEFAULT_STATUS,
+            "Server endpoint of the status page, /agents and /metrics ('none': off).",
+        ],
+        [
+            "challenge-status",
+            None,
+            403,
+            "HTTP status of the response to a challenge decision.",
+        ],
+        ["access-log", None, None, "File to append a line per gateway request to (default: none)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["allow"] = []
+        self["agents"] = []
 
     def opt_listen(self, description: str) -> None:
         """Server endpoint string to listen on (repeatable). Default:"""
@@ -137,6 +193,14 @@ class Options(usage.Options):
     def opt_allow(self, pattern: str) -> None:
         """Agent id or glob pattern (waf-*) allowed to register (repeatable). Default: all."""
         self["allow"].append(pattern)
+
+    def opt_agent(self, agent_id: str) -> None:
+        """
+        Agent id consulted for each gateway request, in the order given
+        (repeatable). Default: every registered agent, in order of first
+        registration.
+        """
+        self["agents"].append(agent_id)
 
     def opt_version(self) -> None:
         """Print the version of sentinel_twisted and exit."""
@@ -166,6 +230,27 @@ class Options(usage.Options):
                 request_timeout=self["request-timeout"],
                 proxy_id=self["proxy-id"],
                 max_pending_registrations=self["max-pending-registrations"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self._gateway_options()
+
+    def _gateway_options(self) -> None:
+        from .gateway.config import GatewayConfig
+
+        for name in ("http", "status"):
+            value = self[name]
+            if value is None or value.strip().lower() in ("", "none", "off"):
+                self[name] = None
+            else:
+                self[name] = with_backlog(value, self["backlog"])
+        try:
+            self["gateway"] = GatewayConfig(
+                agents=self["agents"],
+                fail_open=bool(self["fail-open"]),
+                upstream=self["upstream"] or None,
+                upstream_timeout=self["upstream-timeout"],
+                challenge_status=self["challenge-status"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -285,9 +370,44 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
     return top
 
 
+def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) -> None:
+    """
+    Add the HTTP gateway and the status site (unless both are C{none}) to
+    the listener service; they share its agent pool.
+    """
+    if options.get("gateway") is None or (options["http"] is None and options["status"] is None):
+        return
+    from .gateway.service import GatewayService
+
+    for name in ("http", "status"):
+        description = options[name]
+        if description is None:
+            continue
+        try:
+            serverFromString(reactor if reactor is not None else _default_reactor(), description)
+        except Exception as e:
+            raise StartupError(f"cannot use --{name} {description!r}: {e}") from None
+    GatewayService(  # type: ignore[no-untyped-call]
+        top.factory,
+        options["gateway"],
+        http=options["http"],
+        status=options["status"],
+        reactor=reactor,
+        access_log=options.get("access-log"),
+    ).setServiceParent(top)
+
+
+def _default_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def makeService(options: Options) -> service.IService:
     try:
-        return make_listener(options)
+        top = make_listener(options)
+        add_gateway(top, options)
+        return top
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a
         # traceback: nothing is wrong with the command line.

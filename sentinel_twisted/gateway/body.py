@@ -1,0 +1,271 @@
+# -*- test-case-name: tests.gateway.test_gateway -*-
+"""
+Body inspection: a chain of stages, one per agent that asked for body
+events, between the body's source and its destination.
+
+Each stage cuts the bytes it receives into chunks of its agent's
+C{preferred_chunk_size}, sends one chunk at a time (base64, with
+C{chunk_index}, C{is_last} and the running byte count) and passes on what
+the agent's answer says: the chunk, its replacement, or nothing.  A chunk
+is forwarded only once its agent has answered, so a block decision always
+arrives before the last byte reaches the other side.  An agent that answers
+with C{needs_more: false} before the end has seen enough: the rest of the
+body passes it by.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from .. import messages as m
+from ..errors import InvalidMessage
+from .decisions import apply_body_mutation
+
+if TYPE_CHECKING:
+    from .exchange import AgentSlot
+
+__all__ = ["BodySink", "InspectionStage", "Pressure", "StageOwner", "clamp_chunk_size"]
+
+#: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
+MAX_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 64 * 1024
+
+
+def clamp_chunk_size(preferred: int) -> int:
+    if preferred <= 0:
+        return DEFAULT_CHUNK_SIZE
+    return min(preferred, MAX_CHUNK_SIZE)
+
+
+class BodySink(Protocol):
+    """Where body bytes go next."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class Pressure:
+    """
+    Bytes held in one direction of an exchange.  Above C{high} the source
+    is paused, below C{low} it is resumed, so a slow agent or a slow peer
+    bounds the memory one request can take.
+    """
+
+    __slots__ = ("_high", "_low", "_pause", "_paused", "_resume", "held")
+
+    def __init__(
+        self, pause: Callable[[], None], resume: Callable[[], None], high: int, low: int
+    ) -> None:
+        self._pause = pause
+        self._resume = resume
+        self._high = high
+        self._low = low
+        self._paused = False
+        self.held = 0
+
+    def add(self, count: int) -> None:
+        self.held += count
+        if not self._paused and self.held > self._high:
+            self._paused = True
+            self._pause()
+
+    def sub(self, count: int) -> None:
+        self.held -= count
+        if self._paused and self.held < self._low:
+            self._paused = False
+            self._resume()
+
+    def release(self) -> None:
+        """Stop holding anything back (the exchange is over)."""
+        self.held = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+
+class StageOwner(Protocol):
+    """What a stage needs from its exchange."""
+
+    correlation_id: str
+
+    @property
+    def is_over(self) -> bool: ...
+
+    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]: ...
+
+    def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool: ...
+
+    def body_failed(self, slot: AgentSlot, failure: Failure) -> bool: ...
+
+
+class InspectionStage:
+    """
+    One agent's view of a body.  C{start()} is called once the agent has
+    answered the headers event of the same direction (events of one request
+    go one at a time over one connection); until then input is held.
+    """
+
+    def __init__(
+        self,
+        owner: StageOwner,
+        slot: AgentSlot,
+        *,
+        response: bool,
+        chunk_size: int,
+        total_size: int | None,
+        next_stage: BodySink,
+        pressure: Pressure,
+    ) -> None:
+        self.owner = owner
+        self.slot = slot
+        self.next = next_stage
+        self._response = response
+        self._chunk_size = chunk_size
+        self._total_size = total_size
+        self._pressure = pressure
+        self._buffer = bytearray()
+        self._index = 0
+        self._count = 0
+        self._ended = False
+        self._started = False
+        self._bypass = False
+        self._finished = False
+        self._in_flight: bytes | None = None
+        self._in_flight_last = False
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a chunk waits for its answer."""
+        return self._in_flight is not None
+
+    def feed(self, data: bytes) -> None:
+        if self._bypass:
+            self.next.feed(data)
+            return
+        self._buffer += data
+        self._pressure.add(len(data))
+        self._pump()
+
+    def end(self) -> None:
+        self._ended = True
+        if self._bypass:
+            self._finish()
+        else:
+            self._pump()
+
+    def start(self) -> None:
+        self._started = True
+        self._pump()
+
+    def bypass(self) -> None:
+        """
+        Stop inspecting: what is held (and the chunk in flight) goes on
+        unchanged, and so does everything after it.
+        """
+        if self._bypass:
+            return
+        self._bypass = True
+        held = self._in_flight or b""
+        self._in_flight = None
+        if self._buffer:
+            held += bytes(self._buffer)
+            self._buffer.clear()
+        if held:
+            self._pressure.sub(len(held))
+            self.next.feed(held)
+        if self._ended:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.next.end()
+
+    def _pump(self) -> None:
+        if (
+            not self._started
+            or self._in_flight is not None
+            or self._bypass
+            or self.owner.is_over
+        ):
+            return
+        buffer = self._buffer
+        size = self._chunk_size
+        if len(buffer) > size:
+            chunk = bytes(buffer[:size])
+            del buffer[:size]
+            last = False
+        elif self._ended:
+            if not buffer and self._index == 0:
+                # No body at all: nothing to inspect.
+                self._bypass = True
+                self._finish()
+                return
+            chunk = bytes(buffer)
+            buffer.clear()
+            last = True
+        else:
+            return
+        self._count += len(chunk)
+        data = base64.b64encode(chunk).decode("ascii")
+        event: m.Event
+        if self._response:
+            event = m.ResponseBodyChunkEvent(
+                correlation_id=self.owner.correlation_id,
+                data=data,
+                is_last=last,
+                total_size=self._total_size,
+                chunk_index=self._index,
+                bytes_sent=self._count,
+            )
+        else:
+            event = m.RequestBodyChunkEvent(
+                correlation_id=self.owner.correlation_id,
+                data=data,
+                is_last=last,
+                total_size=self._total_size,
+                chunk_index=self._index,
+                bytes_received=self._count,
+            )
+        self._index += 1
+        self._in_flight = chunk
+        self._in_flight_last = last
+        self.owner.send_to(self.slot, event).addCallbacks(self._answered, self._failed)
+
+    def _answered(self, answer: m.AgentResponse) -> None:
+        chunk = self._in_flight
+        if chunk is None or self.owner.is_over:
+            return
+        if not self.owner.body_answered(self.slot, answer):
+            return
+        mutation = answer.response_body_mutation if self._response else answer.request_body_mutation
+        try:
+            out = apply_body_mutation(chunk, mutation)
+        except ValueError as e:
+            self._failed(Failure(InvalidMessage(str(e))))
+            return
+        self._in_flight = None
+        self._pressure.sub(len(chunk))
+        if out:
+            self.next.feed(out)
+        if self._in_flight_last:
+            self._bypass = True
+            self._finish()
+        elif not answer.needs_more:
+            self.bypass()
+        else:
+            self._pump()
+
+    def _failed(self, failure: Failure) -> Any:
+        if self._in_flight is None or self.owner.is_over:
+            return None
+        if self.owner.body_failed(self.slot, failure):
+            # Failing open: the agent is out of this request.
+            self.bypass()
+        return None

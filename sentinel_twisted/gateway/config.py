@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.gateway.test_options -*-
+"""
+L{GatewayConfig}: how the HTTP gateway consults agents and where it sends
+allowed requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+from hyperlink import URL, DecodedURL
+
+__all__ = ["CHALLENGE_HEADER", "GatewayConfig", "parse_upstream"]
+
+#: Response header naming the challenge type of a challenge decision.
+CHALLENGE_HEADER = "X-Sentinel-Challenge"
+
+
+def parse_upstream(url: str) -> URL:
+    """
+    Check an C{--upstream} URL: C{http} or C{https}, a host, no query or
+    fragment (the client's path and query are appended to its path).
+
+    @raise ValueError: with a clear text when the URL is not usable.
+    """
+    try:
+        parsed = DecodedURL.from_text(url).encoded_url
+    except Exception as e:
+        raise ValueError(f"--upstream {url!r} is not a URL: {e}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"--upstream {url!r} must be an http:// or https:// URL")
+    if not parsed.host:
+        raise ValueError(f"--upstream {url!r} has no host")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"--upstream {url!r} must not have a query or fragment")
+    return parsed
+
+
+def _agents(value: Iterable[str]) -> tuple[str, ...]:
+    # Consult each agent once, in the order first given.
+    return tuple(dict.fromkeys(value))
+
+
+def _status(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 100 <= value <= 599:
+        raise ValueError(f"{attribute.name} must be an HTTP status (100-599), got {value!r}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    """
+    @ivar agents: agent ids consulted for each request, in order; empty
+        means every registered agent, in order of first registration.
+    @ivar fail_open: let a request go on as allowed when an agent cannot
+        answer (not connected, paused, timed out, disconnected) instead of
+        answering C{503}.
+    @ivar upstream: where allowed requests go (C{http(s)://host[:port][/prefix]});
+        C{None} answers them with the built-in echo.
+    @ivar upstream_timeout: seconds to wait for the upstream's response
+        headers before answering C{504}.
+    @ivar challenge_status: the status of a challenge decision's response.
+    @ivar max_upstream_connections: idle persistent upstream connections
+        kept per upstream host.
+    """
+
+    agents: tuple[str, ...] = attrs.field(default=(), converter=_agents)
+    fail_open: bool = False
+    upstream: str | None = attrs.field(default=None)
+    upstream_timeout: float = attrs.field(default=30.0, validator=_positive)
+    challenge_status: int = attrs.field(default=403, validator=_status)
+    max_upstream_connections: int = 64
+
+    @upstream.validator
+    def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None:
+            parse_upstream(value)

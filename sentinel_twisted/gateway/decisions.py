@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.gateway.test_decisions -*-
+"""
+Applying agents' answers: header operations, the response a non-allow
+decision stands for, and body mutations.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+
+import msgspec
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from .. import messages as m
+from .config import CHALLENGE_HEADER
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Denial",
+    "apply_body_mutation",
+    "apply_header_ops",
+    "decision_label",
+    "denial_for",
+    "drop_hop_by_hop",
+    "status_text",
+]
+
+log = Logger(namespace="sentinel_twisted.gateway")
+
+#: RFC 9110 section 7.6.1 connection-specific headers, never forwarded.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+
+def drop_hop_by_hop(source: Headers, also: Iterable[bytes] = ()) -> Headers:
+    """
+    A copy of C{source} without hop-by-hop headers, without the headers the
+    C{Connection} header names, and without the lower-case names in C{also}.
+    """
+    skip = set(HOP_BY_HOP)
+    skip.update(also)
+    connection = source.getRawHeaders(b"connection")
+    if connection:
+        for value in connection:
+            skip.update(token.strip().lower() for token in value.split(b","))
+    result = Headers()
+    raw = result._rawHeaders  # a plain dict; copying by hand skips re-validation
+    for name, values in source.getAllRawHeaders():
+        if name.lower() not in skip:
+            raw[name] = list(values)
+    return result
+
+
+def apply_header_ops(headers: Headers, ops: Sequence[m.HeaderOp], agent_id: str = "") -> None:
+    """
+    Apply set/add/remove operations in order.  An operation with an invalid
+    header name is skipped with a warning; CR/LF in values is neutralised
+    by L{Headers}.
+    """
+    for op in ops:
+        try:
+            if isinstance(op, m.SetHeader):
+                headers.setRawHeaders(op.name, [op.value])
+            elif isinstance(op, m.AddHeader):
+                headers.addRawHeader(op.name, op.value)
+            elif isinstance(op, m.RemoveHeader):
+                headers.removeHeader(op.name)
+        except (ValueError, TypeError, UnicodeError) as e:
+            log.warn(
+                "Agent {agent_id} sent an unusable header operation {op!r}: {error}",
+                agent_id=agent_id,
+                op=op,
+                error=str(e),
+            )
+
+
+def status_text(code: int) -> str:
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
+
+
+class Denial:
+    """The response that stands for a non-allow decision."""
+
+    __slots__ = ("body", "code", "headers", "label")
+
+    def __init__(self, label: str, code: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.label = label
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+
+def decision_label(decision: m.Decision) -> str:
+    if isinstance(decision, m.Block):
+        return "block"
+    if isinstance(decision, m.Redirect):
+        return "redirect"
+    if isinstance(decision, m.Challenge):
+        return "challenge"
+    return "allow"
+
+
+def denial_for(decision: m.Decision, challenge_status: int = 403) -> Denial:
+    """
+    Block: its status, body and headers.  Redirect: its status and
+    C{Location}.  Challenge: C{challenge_status} with the challenge type in
+    the C{X-Sentinel-Challenge} header and a small JSON body with the type
+    and parameters.
+    """
+    if isinstance(decision, m.Block):
+        headers = list((decision.headers or {}).items())
+        if decision.body is None:
+            body = (status_text(decision.status) + "\n").encode()
+        else:
+            body = decision.body.encode("utf-8")
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        return Denial("block", decision.status, headers, body)
+    if isinstance(decision, m.Redirect):
+        return Denial("redirect", decision.status, [("Location", decision.url)], b"")
+    if isinstance(decision, m.Challenge):
+        body = msgspec.json.encode(
+            {"challenge": decision.challenge_type, "params": decision.params}
+        )
+        return Denial(
+            "challenge",
+            challenge_status,
+            [
+                (CHALLENGE_HEADER, decision.challenge_type),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    raise ValueError(f"{decision!r} does not deny anything")
+
+
+def apply_body_mutation(chunk: bytes, mutation: m.BodyMutation | None) -> bytes:
+    """
+    The bytes to forward for one inspected chunk: the replacement (base64
+    C{data}), nothing (C{""}: drop) or the chunk itself (C{null}: pass).
+
+    @raise ValueError: when C{data} is not valid base64.
+    """
+    if mutation is None or mutation.data is None:
+        return chunk
+    if mutation.data == "":
+        return b""
+    try:
+        return base64.b64decode(mutation.data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"body mutation data is not base64: {e}") from None

@@ -1,0 +1,905 @@
+# -*- test-case-name: tests.gateway.test_gateway -*-
+"""
+L{Exchange}: one client request on its way through the agents to the
+upstream and back.
+
+The order of things:
+
+ 1. RequestHeaders goes to every consulted agent at once, over one
+    connection per agent picked by the pool (all later events of the
+    request to that agent use the same connection and correlation id).
+ 2. The answers are judged in the agents' order: the first non-allow
+    decision wins.  Once all allowed, the request goes upstream with each
+    agent's request header operations applied.
+ 3. Agents that list RequestBodyChunk see the body as it streams (see
+    L{sentinel_twisted.gateway.body}); a chunk reaches the upstream only
+    after its agents answered it.
+ 4. Once the request body is through, the upstream's response is shown to
+    agents that list ResponseHeaders (same judging), then its body streams
+    to the client through agents that list ResponseBodyChunk.
+ 5. After the response is sent, RequestComplete goes to agents that list it;
+    what becomes of it never touches the client.
+
+An agent that cannot answer (not connected, paused, timed out, gone) ends
+the request with C{503} at once, or is left out of it with C{fail_open}.
+A client that goes away cancels (reason 0) whatever agents still decide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from .. import messages as m
+from ..connection import AgentConnection, new_correlation_id
+from ..errors import (
+    AgentProtocolError,
+    AgentUnavailable,
+    ConnectionClosed,
+    FlowControlPaused,
+    InvalidMessage,
+    RequestCancelled,
+    RequestTimeout,
+)
+from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
+from .decisions import apply_header_ops, denial_for, drop_hop_by_hop, status_text
+from .metadata import header_map, request_metadata, tls_info
+from .upstream import (
+    ForwardRequest,
+    IUpstream,
+    StreamingBody,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from ..pool import AgentPool
+    from .config import GatewayConfig
+    from .resource import GatewayRequest
+
+__all__ = ["AgentSlot", "Exchange", "Gateway", "GatewayMetricsSink", "NullMetrics", "failure_reason"]
+
+log = Logger(namespace="sentinel_twisted.gateway")
+
+_REQUEST_HEADERS = m.EventType.REQUEST_HEADERS
+_REQUEST_BODY = m.EventType.REQUEST_BODY_CHUNK
+_RESPONSE_HEADERS = m.EventType.RESPONSE_HEADERS
+_RESPONSE_BODY = m.EventType.RESPONSE_BODY_CHUNK
+_REQUEST_COMPLETE = m.EventType.REQUEST_COMPLETE
+
+_CLIENT_DISCONNECT = m.CancelReason.CLIENT_DISCONNECT
+_BLOCKED = m.CancelReason.BLOCKED_BY_AGENT
+_UPSTREAM_ERROR = m.CancelReason.UPSTREAM_ERROR
+_MANUAL = m.CancelReason.MANUAL
+
+#: Headers of the client request the upstream never sees as such.
+_NOT_FORWARDED = (b"host", b"content-length", b"expect")
+
+#: Bytes one direction of one exchange may hold beyond its chunk sizes
+#: before its source is paused.
+_SLACK = 256 * 1024
+
+
+def failure_reason(failure: Failure) -> str:
+    """A short label for why an agent could not answer."""
+    error = failure.value
+    if isinstance(error, AgentUnavailable):
+        return "unavailable"
+    if isinstance(error, FlowControlPaused):
+        return "paused"
+    if isinstance(error, RequestTimeout):
+        return "timeout"
+    if isinstance(error, ConnectionClosed):
+        return "disconnected"
+    if isinstance(error, RequestCancelled):
+        return "cancelled"
+    if isinstance(error, InvalidMessage):
+        return "invalid_answer"
+    return "error"
+
+
+class GatewayMetricsSink(Protocol):
+    """What the gateway reports (see L{sentinel_twisted.status.metrics})."""
+
+    def request_decided(self, decision: str) -> None: ...
+
+    def agent_failed(self, agent_id: str, reason: str) -> None: ...
+
+    def fail_open_pass(self, agent_id: str, reason: str) -> None: ...
+
+    def cancel_sent(self, agent_id: str, reason: int) -> None: ...
+
+    def upstream_failed(self, kind: str) -> None: ...
+
+
+class NullMetrics:
+    def request_decided(self, decision: str) -> None:
+        pass
+
+    def agent_failed(self, agent_id: str, reason: str) -> None:
+        pass
+
+    def fail_open_pass(self, agent_id: str, reason: str) -> None:
+        pass
+
+    def cancel_sent(self, agent_id: str, reason: int) -> None:
+        pass
+
+    def upstream_failed(self, kind: str) -> None:
+        pass
+
+
+class Gateway:
+    """What every exchange shares: pool, settings, upstream, metrics."""
+
+    def __init__(
+        self,
+        pool: AgentPool,
+        config: GatewayConfig,
+        upstream: IUpstream,
+        metrics: GatewayMetricsSink | None = None,
+        clock: Any = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.pool = pool
+        self.config = config
+        self.upstream = upstream
+        self.metrics: GatewayMetricsSink = metrics if metrics is not None else NullMetrics()
+        self.clock = clock
+        self.challenge_status = config.challenge_status
+        self.fail_open = config.fail_open
+
+    def agent_ids(self) -> Sequence[str]:
+        return self.config.agents or self.pool.agent_ids()
+
+
+class AgentSlot:
+    """One consulted agent within one exchange."""
+
+    __slots__ = (
+        "agent_id",
+        "answer",
+        "connection",
+        "events",
+        "pending",
+        "response_ops",
+        "skipped",
+        "stage",
+    )
+
+    def __init__(self, agent_id: str, connection: AgentConnection) -> None:
+        self.agent_id = agent_id
+        self.connection = connection
+        self.events = connection.events
+        self.pending: Deferred[m.AgentResponse] | None = None
+        #: The answer in the current header round.
+        self.answer: m.AgentResponse | None = None
+        #: Left out after failing (fail-open): its reason.
+        self.skipped: str | None = None
+        self.response_ops: list[m.HeaderOp] = []
+        self.stage: InspectionStage | None = None
+
+
+# Phases of an exchange.
+_DECIDING = 0  # request headers sent, answers awaited
+_FORWARDING = 1  # upstream request under way, request body streaming
+_RESPONSE_DECIDING = 2  # response headers shown to agents
+_RESPONDING = 3  # response body streaming to the client
+_OVER = 4
+
+
+class _ClientWriter:
+    """The last stage of the response body: the client."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def feed(self, data: bytes) -> None:
+        self.exchange._client_write(data)
+
+    def end(self) -> None:
+        self.exchange._client_end()
+
+
+class _RequestTail:
+    """The last stage of the request body: the upstream."""
+
+    def __init__(self, exchange: Exchange, body: StreamingBody) -> None:
+        self.exchange = exchange
+        self.body = body
+
+    def feed(self, data: bytes) -> None:
+        self.body.feed(data)
+
+    def end(self) -> None:
+        self.body.end()
+        self.exchange._request_body_through()
+
+
+class _ResponseProducer:
+    """Registered with the client request: the client's pace pauses the upstream."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self.exchange._pause_upstream("client")
+
+    def resumeProducing(self) -> None:
+        self.exchange._resume_upstream("client")
+
+    def stopProducing(self) -> None:
+        self.exchange._pause_upstream("client")
+
+
+class Exchange:
+    """One client request; see the module docstring."""
+
+    def __init__(self, gateway: Gateway, request: GatewayRequest) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.correlation_id = ""
+        self.slots: list[AgentSlot] = []
+        self._phase = _DECIDING
+        self._round: list[AgentSlot] = []
+        self._started_at = time.monotonic()
+        self._body_in = 0
+        self._max_body: int | None = None
+        self._request_pressure = _pressure([], request.pause_body, request.resume_body)
+        self._body_head: BodySink | None = None
+        self._body: StreamingBody | None = None
+        self._body_through = False
+        self._upstream_call: Deferred[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._response_head: BodySink | None = None
+        self._response_pressure: Pressure | None = None
+        self._upstream_pauses: set[str] = set()
+        self._head_written = False
+        self._producer: _ResponseProducer | None = None
+        self._status = 0
+        self._response_bytes = 0
+        self._error: str | None = None
+        self._decision: str | None = None
+        self._forwarded = False
+        self._out_headers = Headers()
+        self._passed: list[dict[str, Any]] = []
+        self._cancelling = False
+        request.exchange = self
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def is_over(self) -> bool:
+        return self._phase == _OVER or self._cancelling
+
+    # -- start --------------------------------------------------------------------
+
+    def start(self) -> None:
+        gateway = self.gateway
+        request = self.request
+        agent_ids = gateway.agent_ids()
+        if agent_ids:
+            if not self._select(agent_ids):
+                return
+        slots = self.slots
+        length = request.body_length
+        body_slots = [s for s in slots if _REQUEST_BODY in s.events]
+        if body_slots:
+            limit = min(s.connection.capabilities.limits.max_body_size for s in body_slots)
+            self._max_body = limit
+            if length is not None and length > limit:
+                self._too_large()
+                return
+        self._build_request_body(body_slots, length)
+        if slots:
+            self._send_request_headers()
+            if self._phase == _OVER:
+                return
+        else:
+            self._request_headers_allowed()
+            if self._phase == _OVER:
+                return
+        if not request.streaming:
+            content = request.content
+            data = b""
+            if content is not None and request.body_length:
+                data = content.read()
+            if data:
+                self.request_body_received(data)
+            if self._phase != _OVER:
+                self.request_body_finished()
+
+    def _select(self, agent_ids: Sequence[str]) -> bool:
+        pool = self.gateway.pool
+        slots = self.slots
+        for agent_id in agent_ids:
+            try:
+                connection = pool.select(agent_id)
+            except AgentProtocolError as e:
+                reason = failure_reason(Failure(e))
+                self.gateway.metrics.agent_failed(agent_id, reason)
+                if self.gateway.fail_open:
+                    self.gateway.metrics.fail_open_pass(agent_id, reason)
+                    self._passed.append({"agent_id": agent_id, "decision": "allow", "fail_open": reason})
+                    log.debug(
+                        "Agent {agent_id} {reason}; request passes (fail-open)",
+                        agent_id=agent_id,
+                        reason=reason,
+                    )
+                    continue
+                log.debug("Agent {agent_id} {reason}; answering 503", agent_id=agent_id, reason=reason)
+                self._unavailable()
+                return False
+            slots.append(AgentSlot(agent_id, connection))
+        if slots:
+            self.correlation_id = new_correlation_id()
+        return True
+
+    def _build_request_body(self, body_slots: list[AgentSlot], length: int | None) -> None:
+        request = self.request
+        if not length and request.streaming is False:
+            # No body (a GET, or Content-Length: 0).
+            self._body_through = True
+            return
+        sizes = [
+            clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size) for s in body_slots
+        ]
+        pressure = self._request_pressure = _pressure(sizes, request.pause_body, request.resume_body)
+        # With inspecting agents the body may change size: it goes chunked.
+        body = StreamingBody(None if body_slots else length, pressure)
+        self._body = body
+        head: BodySink = _RequestTail(self, body)
+        for slot, chunk_size in reversed(list(zip(body_slots, sizes, strict=True))):
+            stage = InspectionStage(
+                self,
+                slot,
+                response=False,
+                chunk_size=chunk_size,
+                total_size=length,
+                next_stage=head,
+                pressure=pressure,
+            )
+            slot.stage = stage
+            head = stage
+        self._body_head = head
+
+    # -- sending to agents ----------------------------------------------------------
+
+    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
+        deferred = slot.connection.send_event(event, self.correlation_id)
+        slot.pending = deferred
+        deferred.addBoth(self._settled, slot, deferred)
+        return deferred
+
+    @staticmethod
+    def _settled(result: Any, slot: AgentSlot, deferred: Deferred[m.AgentResponse]) -> Any:
+        if slot.pending is deferred:
+            slot.pending = None
+        return result
+
+    def _cancel_pending(self, reason: int) -> None:
+        """Cancel every agent still deciding; each gets a Cancel frame."""
+        cid = self.correlation_id
+        metrics = self.gateway.metrics
+        # The cancelled Deferreds fail at once; their handlers must not take
+        # that for the agent failing.
+        self._cancelling = True
+        try:
+            for slot in self.slots:
+                if slot.pending is not None:
+                    slot.pending = None
+                    if slot.connection.cancel_request(cid, reason):
+                        metrics.cancel_sent(slot.agent_id, reason)
+        finally:
+            self._cancelling = False
+
+    # -- request headers ---------------------------------------------------------------
+
+    def _send_request_headers(self) -> None:
+        request = self.request
+        headers = request.requestHeaders
+        transport = request.channel.transport if request.channel is not None else None
+        metadata = request_metadata(
+            self.correlation_id,
+            request.client,
+            headers,
+            request.clientproto,
+            tls_info(transport) if request.isSecure() else None,  # type: ignore[no-untyped-call]
+        )
+        event = m.RequestHeadersEvent(
+            correlation_id=self.correlation_id,
+            metadata=metadata,
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("utf-8", "replace"),
+            headers=header_map(headers.getAllRawHeaders()),
+        )
+        self._round = list(self.slots)
+        for slot in self._round:
+            if self._phase == _OVER:
+                return
+            self.send_to(slot, event).addCallbacks(
+                self._header_answered,
+                self._header_failed,
+                callbackArgs=(slot,),
+                errbackArgs=(slot,),
+            )
+
+    def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
+        if self._phase == _OVER:
+            return
+        slot.answer = answer
+        if answer.response_headers:
+            slot.response_ops.extend(answer.response_headers)
+        if answer.is_allow and slot.stage is not None:
+            # Its body events may follow now that this answer is in.
+            slot.stage.start()
+            if self._phase == _OVER:
+                return
+        self._judge_round()
+
+    def _header_failed(self, failure: Failure, slot: AgentSlot) -> None:
+        if self._phase == _OVER or self._cancelling:
+            return
+        if self._agent_failed(slot, failure):
+            if slot.stage is not None:
+                slot.stage.bypass()
+            if self._phase != _OVER:
+                self._judge_round()
+
+    def _judge_round(self) -> None:
+        """The first non-allow answer in agent order wins; all allowed moves on."""
+        for slot in self._round:
+            if slot.skipped is not None:
+                continue
+            answer = slot.answer
+            if answer is None:
+                return
+            if not answer.is_allow:
+                self._deny(slot, answer)
+                return
+        self._round = []
+        if self._phase == _DECIDING:
+            self._request_headers_allowed()
+        elif self._phase == _RESPONSE_DECIDING:
+            self._response_headers_allowed()
+
+    # -- request body -------------------------------------------------------------------
+
+    def request_body_received(self, data: bytes) -> None:
+        if self._phase == _OVER:
+            return
+        self._body_in += len(data)
+        limit = self._max_body
+        if limit is not None and self._body_in > limit:
+            self._too_large()
+            return
+        head = self._body_head
+        if head is not None:
+            head.feed(data)
+
+    def request_body_finished(self) -> None:
+        if self._phase == _OVER:
+            return
+        head = self._body_head
+        if head is not None:
+            head.end()
+
+    def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
+        if not answer.is_allow:
+            self._deny(slot, answer)
+            return False
+        if answer.response_headers:
+            slot.response_ops.extend(answer.response_headers)
+        return True
+
+    def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
+        return self._agent_failed(slot, failure)
+
+    def _request_body_through(self) -> None:
+        self._body_through = True
+        self._request_pressure.release()
+        self._maybe_respond()
+
+    # -- upstream --------------------------------------------------------------------------
+
+    def _request_headers_allowed(self) -> None:
+        self._phase = _FORWARDING
+        self._decision = "allow"
+        self._forwarded = True
+        request = self.request
+        headers = drop_hop_by_hop(request.requestHeaders, _NOT_FORWARDED)
+        client = request.client
+        client_ip = getattr(client, "host", None)
+        if client_ip:
+            forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            value = client_ip.encode("ascii")
+            if forwarded:
+                value = b", ".join([*forwarded, value])
+            headers.setRawHeaders(b"X-Forwarded-For", [value])
+        headers.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])  # type: ignore[no-untyped-call]
+        host = request.requestHeaders.getRawHeaders(b"host")
+        if host:
+            headers.setRawHeaders(b"X-Forwarded-Host", [host[0]])
+        decisions: list[dict[str, Any]] = list(self._passed)
+        for slot in self.slots:
+            if slot.skipped is not None:
+                decisions.append({"agent_id": slot.agent_id, "decision": "allow", "fail_open": slot.skipped})
+                continue
+            answer = slot.answer
+            if answer is not None:
+                if answer.request_headers:
+                    apply_header_ops(headers, answer.request_headers, slot.agent_id)
+                decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
+        forward = ForwardRequest(request.method, _origin_form(request.uri), headers, self._body, decisions)
+        call = self.gateway.upstream.forward(forward)
+        self._upstream_call = call
+        call.addCallbacks(self._upstream_responded, self._upstream_failed)
+
+    def _upstream_responded(self, response: UpstreamResponse) -> None:
+        self._upstream_call = None
+        if self._phase == _OVER:
+            response.abort()
+            return
+        self._response = response
+        self._maybe_respond()
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._upstream_call = None
+        if self._phase == _OVER:
+            return
+        timeout = failure.check(UpstreamTimeout) is not None
+        self.gateway.metrics.upstream_failed("timeout" if timeout else "error")
+        self._error = str(failure.value)
+        log.info(
+            "Upstream {what} for {method} {uri}: {error}",
+            what="timed out" if timeout else "failed",
+            method=self.request.method,
+            uri=self.request.uri,
+            error=self._error,
+        )
+        self._cancel_pending(_UPSTREAM_ERROR)
+        self._respond_plain(504 if timeout else 502)
+
+    def _abort_upstream(self) -> None:
+        call, self._upstream_call = self._upstream_call, None
+        if call is not None:
+            call.cancel()
+        response, self._response = self._response, None
+        if response is not None:
+            response.abort()
+        if self._body is not None:
+            self._body.stopProducing()
+
+    # -- response ---------------------------------------------------------------------------
+
+    def _maybe_respond(self) -> None:
+        if self._phase != _FORWARDING or self._response is None or not self._body_through:
+            return
+        response = self._response
+        self._phase = _RESPONSE_DECIDING
+        headers = drop_hop_by_hop(response.headers)
+        self._out_headers = headers
+        for slot in self.slots:
+            slot.stage = None
+        slots = [s for s in self.slots if s.skipped is None]
+        # Response body stages, chained in agent order, ending at the client.
+        body_slots = [s for s in slots if _RESPONSE_BODY in s.events]
+        head: BodySink = _ClientWriter(self)
+        if body_slots:
+            # Inspected bodies may change size: the client gets them chunked.
+            headers.removeHeader(b"content-length")
+            sizes = [
+                clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size)
+                for s in body_slots
+            ]
+            pressure = _pressure(
+                sizes, lambda: self._pause_upstream("agents"), lambda: self._resume_upstream("agents")
+            )
+            self._response_pressure = pressure
+            length = response.length
+            for slot, chunk_size in reversed(list(zip(body_slots, sizes, strict=True))):
+                stage = InspectionStage(
+                    self,
+                    slot,
+                    response=True,
+                    chunk_size=chunk_size,
+                    total_size=length,
+                    next_stage=head,
+                    pressure=pressure,
+                )
+                slot.stage = stage
+                head = stage
+        self._response_head = head
+        header_slots = [s for s in slots if _RESPONSE_HEADERS in s.events]
+        for slot in body_slots:
+            if _RESPONSE_HEADERS not in slot.events and slot.stage is not None:
+                slot.stage.start()
+        if not header_slots:
+            self._response_headers_allowed()
+            return
+        event = m.ResponseHeadersEvent(
+            correlation_id=self.correlation_id,
+            status=response.code,
+            headers=header_map(headers.getAllRawHeaders()),
+        )
+        for slot in header_slots:
+            slot.answer = None
+        self._round = header_slots
+        for slot in header_slots:
+            if self._phase == _OVER:
+                return
+            self.send_to(slot, event).addCallbacks(
+                self._header_answered,
+                self._header_failed,
+                callbackArgs=(slot,),
+                errbackArgs=(slot,),
+            )
+
+    def _response_headers_allowed(self) -> None:
+        response = self._response
+        if response is None:
+            return
+        self._phase = _RESPONDING
+        self._status = response.code
+        self._producer = _ResponseProducer(self)
+        self.request.registerProducer(self._producer, True)  # type: ignore[no-untyped-call]
+        response.deliver(self)
+
+    # ResponseSink
+    def response_data(self, data: bytes) -> None:
+        if self._phase != _RESPONDING:
+            return
+        head = self._response_head
+        if head is not None:
+            head.feed(data)
+
+    def response_end(self, error: Failure | None) -> None:
+        if self._phase != _RESPONDING:
+            return
+        if error is not None:
+            self._response = None
+            self._error = f"upstream response broke: {error.getErrorMessage()}"
+            self.gateway.metrics.upstream_failed("error")
+            self._cancel_pending(_UPSTREAM_ERROR)
+            if self._head_written:
+                self._abort_client(self._error)
+            else:
+                self._respond_plain(502)
+            return
+        head = self._response_head
+        if head is not None:
+            head.end()
+
+    def _pause_upstream(self, why: str) -> None:
+        if not self._upstream_pauses and self._response is not None:
+            self._response.pause()
+        self._upstream_pauses.add(why)
+
+    def _resume_upstream(self, why: str) -> None:
+        pauses = self._upstream_pauses
+        if why in pauses:
+            pauses.discard(why)
+            if not pauses and self._response is not None:
+                self._response.resume()
+
+    def _write_head(self) -> None:
+        self._head_written = True
+        request = self.request
+        response = self._response
+        assert response is not None
+        headers: Headers = self._out_headers
+        for slot in self.slots:
+            if slot.response_ops and slot.skipped is None:
+                apply_header_ops(headers, slot.response_ops, slot.agent_id)
+        raw = request.responseHeaders._rawHeaders
+        for name, values in headers.getAllRawHeaders():
+            raw[name] = list(values)
+        request.setResponseCode(response.code, response.phrase or None)
+
+    def _client_write(self, data: bytes) -> None:
+        if self._phase != _RESPONDING:
+            return
+        if not self._head_written:
+            self._write_head()
+        self._response_bytes += len(data)
+        self.request.write(data)  # type: ignore[no-untyped-call]
+
+    def _client_end(self) -> None:
+        if self._phase != _RESPONDING:
+            return
+        if not self._head_written:
+            self._write_head()
+        self._response = None
+        self._finish()
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _agent_failed(self, slot: AgentSlot, failure: Failure) -> bool:
+        """
+        An agent could not answer.  Fail open: leave it out (C{True}).
+        Fail closed: C{503} at once (C{False}).
+        """
+        reason = failure_reason(failure)
+        metrics = self.gateway.metrics
+        metrics.agent_failed(slot.agent_id, reason)
+        if reason == "timeout":
+            metrics.cancel_sent(slot.agent_id, m.CancelReason.TIMEOUT)
+        if self.gateway.fail_open:
+            slot.skipped = reason
+            metrics.fail_open_pass(slot.agent_id, reason)
+            log.debug(
+                "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
+                agent_id=slot.agent_id,
+                reason=reason,
+                cid=self.correlation_id,
+            )
+            return True
+        log.debug(
+            "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
+            agent_id=slot.agent_id,
+            reason=reason,
+            cid=self.correlation_id,
+            error=str(failure.value),
+        )
+        self._error = f"agent {slot.agent_id}: {failure.value}"
+        if self._head_written:
+            self._cancel_pending(_MANUAL)
+            self._abort_client(self._error)
+            return False
+        self._cancel_pending(_MANUAL)
+        self._unavailable()
+        return False
+
+    def _unavailable(self) -> None:
+        self._decision = "unavailable"
+        self._respond_plain(503)
+
+    def _too_large(self) -> None:
+        self._decision = "too_large"
+        self._cancel_pending(_MANUAL)
+        self._respond_plain(413)
+
+    def _deny(self, slot: AgentSlot, answer: m.AgentResponse) -> None:
+        denial = denial_for(answer.decision, self.gateway.challenge_status)
+        self._decision = denial.label
+        self._cancel_pending(_BLOCKED)
+        if self._head_written:
+            self._abort_client(f"agent {slot.agent_id} answered {denial.label} after the response started")
+            return
+        headers = Headers()
+        for name, value in denial.headers:
+            try:
+                headers.setRawHeaders(name, [value])
+            except (ValueError, TypeError) as e:
+                log.warn(
+                    "Agent {agent_id} sent an unusable header {name!r}: {error}",
+                    agent_id=slot.agent_id,
+                    name=name,
+                    error=str(e),
+                )
+        if answer.response_headers:
+            apply_header_ops(headers, answer.response_headers, slot.agent_id)
+        self._respond(denial.code, headers, denial.body)
+
+    def _respond_plain(self, code: int) -> None:
+        headers = Headers({b"Content-Type": [b"text/plain; charset=utf-8"]})
+        self._respond(code, headers, (status_text(code) + "\n").encode())
+
+    def _respond(self, code: int, headers: Headers, body: bytes) -> None:
+        """Answer the client ourselves (a denial or an error) and end the exchange."""
+        if self._phase == _OVER:
+            return
+        self._abort_upstream()
+        if self._head_written:
+            self._abort_client("cannot change a response already started")
+            return
+        self._over()
+        request = self.request
+        if request.finished or request.client_gone:
+            return
+        self._status = code
+        request.responseHeaders = headers
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        request.setResponseCode(code)
+        request.prepare_answer()
+        if body:
+            self._response_bytes = len(body)
+            request.write(body)  # type: ignore[no-untyped-call]
+        self._finish()
+
+    def _over(self) -> None:
+        """The exchange is decided for good: count it once, stop holding bytes."""
+        if self._phase != _OVER:
+            self._phase = _OVER
+            self.gateway.metrics.request_decided(self._decision or "client_closed")
+        self._request_pressure.release()
+
+    def _finish(self) -> None:
+        self._over()
+        request = self.request
+        if self._producer is not None:
+            self._producer = None
+            request.unregisterProducer()  # type: ignore[no-untyped-call]
+        if request.client_gone or request.finished:
+            return
+        request.end_response()
+        self._request_complete(None)
+
+    def _abort_client(self, why: str) -> None:
+        self._over()
+        self._abort_upstream()
+        log.info("Closing the client connection mid-response: {why}", why=why)
+        request = self.request
+        if self._producer is not None:
+            self._producer = None
+            request.unregisterProducer()  # type: ignore[no-untyped-call]
+        request.abort_connection()
+
+    def client_gone(self) -> None:
+        """The client disconnected before the response was complete."""
+        if self._phase == _OVER:
+            return
+        if self._decision is None:
+            self._decision = "client_closed"
+        self._over()
+        self._cancel_pending(_CLIENT_DISCONNECT)
+        self._abort_upstream()
+        self._producer = None
+
+    def _request_complete(self, error: str | None) -> None:
+        if not self.slots:
+            return
+        event: m.RequestCompleteEvent | None = None
+        for slot in self.slots:
+            if _REQUEST_COMPLETE not in slot.events or slot.pending is not None:
+                continue
+            connection = slot.connection
+            if connection.is_closed:
+                continue
+            if event is None:
+                event = m.RequestCompleteEvent(
+                    correlation_id=self.correlation_id,
+                    status=self._status,
+                    duration_ms=int((time.monotonic() - self._started_at) * 1000),
+                    request_body_size=self._body_in,
+                    response_body_size=self._response_bytes,
+                    upstream_attempts=1 if self._forwarded else 0,
+                    error=error or self._error,
+                )
+            connection.send_event(event, self.correlation_id).addErrback(_ignore_complete, slot.agent_id)
+
+
+def _pressure(chunk_sizes: list[int], pause: Any, resume: Any) -> Pressure:
+    """
+    Bounds for one direction: room for every stage's chunk plus slack, so
+    a stage never waits for bytes its own pause keeps away.
+    """
+    total = sum(chunk_sizes)
+    return Pressure(pause, resume, 2 * total + _SLACK, total + _SLACK // 2)
+
+
+def _ignore_complete(failure: Failure, agent_id: str) -> None:
+    # RequestComplete is a notification: its fate never reaches the client.
+    log.debug(
+        "RequestComplete to agent {agent_id} not answered: {error}",
+        agent_id=agent_id,
+        error=str(failure.value),
+    )
+
+
+def _origin_form(uri: bytes) -> bytes:
+    """The path and query of a request target (absolute-form is reduced)."""
+    if uri.startswith(b"/"):
+        return uri
+    scheme_end = uri.find(b"://")
+    if scheme_end > 0:
+        slash = uri.find(b"/", scheme_end + 3)
+        return uri[slash:] if slash >= 0 else b"/"
+    return b"/" + uri.lstrip(b"*")

@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.gateway.test_options -*-
+"""
+L{GatewayService}: the HTTP gateway and the status site as one service,
+sharing the listener's agent pool.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..status.metrics import GatewayMetrics
+from ..status.resource import StatusResource, StatusSite
+from .config import GatewayConfig
+from .echo import EchoUpstream
+from .exchange import Gateway
+from .resource import GatewaySite
+from .upstream import HTTPUpstream, IUpstream
+
+if TYPE_CHECKING:
+    from ..factory import ReverseConnectionFactory
+
+__all__ = ["GatewayService", "ListeningService"]
+
+log = Logger(namespace="sentinel_twisted.gateway")
+
+
+class ListeningService(service.Service):
+    """
+    Listens on one endpoint while running.  A failure to listen is raised
+    from C{startService} when it happens at once (so twistd stops with the
+    reason), and logged otherwise.
+    """
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self.reactor, self.description)
+        outcome: list[Any] = []
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            outcome.append(port)
+            self.listening.callback(port)
+            return port
+
+        def failed(failure: Failure) -> None:
+            outcome.append(failure)
+            log.error(
+                "Cannot listen for {what} on {description}: {error}",
+                what=self.what,
+                description=self.description,
+                error=failure.getErrorMessage(),
+            )
+            self.listening.errback(failure)
+            self.listening.addErrback(lambda _: None)
+
+        endpoint.listen(self.factory).addCallbacks(listening, failed)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if stopped is not None else succeed(None)
+
+
+class GatewayService(service.MultiService):
+    """
+    The gateway (C{http}) and status (C{status}) listeners; either may be
+    C{None} to leave it out.
+    """
+
+    def __init__(
+        self,
+        factory: ReverseConnectionFactory,
+        config: GatewayConfig,
+        *,
+        http: str | None,
+        status: str | None,
+        reactor: Any = None,
+        access_log: str | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.factory = factory
+        self.config = config
+        self.metrics = GatewayMetrics(factory.pool, factory)
+        upstream: IUpstream
+        if config.upstream is None:
+            upstream = EchoUpstream()
+        else:
+            upstream = HTTPUpstream(
+                reactor,
+                config.upstream,
+                timeout=config.upstream_timeout,
+                max_connections=config.max_upstream_connections,
+            )
+        self.upstream = upstream
+        self.gateway = Gateway(factory.pool, config, upstream, self.metrics, reactor)
+        self.http: ListeningService | None = None
+        self.status: ListeningService | None = None
+        self.site: GatewaySite | None = None
+        self.status_site: StatusSite | None = None
+        if http is not None:
+            self.site = GatewaySite(self.gateway, access_log=access_log, reactor=reactor)
+            self.http = ListeningService(reactor, http, self.site, "HTTP clients")
+            self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if status is not None:
+            self.status_resource = StatusResource(factory.pool, self.metrics, self.describe())
+            self.status_site = StatusSite(self.status_resource, reactor=reactor)
+            self.status = ListeningService(reactor, status, self.status_site, "the status page")
+            self.status.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self._endpoints = (http, status)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream.describe(),
+            "agents": list(self.config.agents) or None,
+            "fail_open": self.config.fail_open,
+            "challenge_status": self.config.challenge_status,
+        }
+
+    def startService(self) -> None:
+        self.metrics.attach()
+        http, status = self._endpoints
+        log.info(
+            "Gateway on {http} to {upstream}; consulting {agents}; {policy}; status on {status}",
+            http=http or "(off)",
+            upstream=self.upstream.describe(),
+            agents=", ".join(self.config.agents) or "every registered agent",
+            policy="fail open" if self.config.fail_open else "fail closed",
+            status=status or "(off)",
+        )
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[Any]:
+        stopped = super().stopService()  # type: ignore[no-untyped-call]
+        self.metrics.detach()
+        closing = self.upstream.close()
+        done: Deferred[Any] = DeferredList([d for d in (stopped, closing) if d is not None])
+        return done

@@ -1,0 +1,315 @@
+# -*- test-case-name: tests.gateway.test_gateway -*-
+"""
+Forwarding allowed requests upstream over pooled persistent HTTP/1.1
+connections (L{twisted.web.client.Agent} with an L{HTTPConnectionPool}),
+with bodies streamed both ways.
+
+L{StreamingBody} is the request body as an L{IBodyProducer}: bytes arrive
+from the client (through any inspection stages) and leave as fast as the
+upstream connection takes them.  L{UpstreamResponse} hands the response
+body to the exchange piece by piece and lets it pause the upstream when the
+client reads slowly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from .body import Pressure
+from .config import parse_upstream
+
+__all__ = [
+    "ForwardRequest",
+    "HTTPUpstream",
+    "IUpstream",
+    "ResponseSink",
+    "StreamingBody",
+    "UpstreamFailed",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+]
+
+
+class UpstreamFailed(Exception):
+    """The upstream could not be reached or broke the exchange (C{502})."""
+
+
+class UpstreamTimeout(UpstreamFailed):
+    """The upstream sent no response in time (C{504})."""
+
+
+@implementer(IBodyProducer)
+class StreamingBody:
+    """
+    The request body on its way upstream.  It is fed before the upstream
+    connection exists; what the connection cannot take yet is held and
+    counted in the exchange's L{Pressure}, which pauses the client.
+    """
+
+    def __init__(self, length: int | None, pressure: Pressure) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self._pressure = pressure
+        self._held: list[bytes] = []
+        self._consumer: IConsumer | None = None
+        self._paused = False
+        self._ended = False
+        self._stopped = False
+        self._done: Deferred[None] | None = None
+        self.sent = 0
+
+    # -- from the exchange ----------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self.sent += len(data)
+        if self._consumer is not None and not self._paused:
+            self._consumer.write(data)
+        else:
+            self._held.append(data)
+            self._pressure.add(len(data))
+
+    def end(self) -> None:
+        self._ended = True
+        if self._consumer is not None and not self._paused:
+            self._complete()
+
+    # -- IBodyProducer ----------------------------------------------------------
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._flush()
+        if self._ended:
+            self._complete()
+            return succeed(None)
+        self._done = Deferred()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+        if self._ended:
+            self._complete()
+
+    def stopProducing(self) -> None:
+        # The upstream connection is gone or answered early; per
+        # IBodyProducer the Deferred must not fire any more.
+        self._stopped = True
+        self._done = None
+        self._drop_held()
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held and self._consumer is not None:
+            size = 0
+            for data in held:
+                size += len(data)
+                self._consumer.write(data)
+            self._pressure.sub(size)
+
+    def _drop_held(self) -> None:
+        size = sum(len(d) for d in self._held)
+        self._held = []
+        if size:
+            self._pressure.sub(size)
+
+    def _complete(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done.callback(None)
+
+
+class ForwardRequest:
+    """What goes upstream: method, origin-form URI, headers and body."""
+
+    __slots__ = ("body", "decisions", "headers", "method", "uri")
+
+    def __init__(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers,
+        body: StreamingBody | None,
+        decisions: list[dict[str, Any]],
+    ) -> None:
+        self.method = method
+        self.uri = uri
+        self.headers = headers
+        self.body = body
+        self.decisions = decisions
+
+
+class ResponseSink(Protocol):
+    """The exchange's side of a response body."""
+
+    def response_data(self, data: bytes) -> None: ...
+
+    def response_end(self, error: Failure | None) -> None: ...
+
+
+class UpstreamResponse:
+    """Status, headers, and a body delivered on request."""
+
+    code: int
+    phrase: bytes
+    headers: Headers
+    length: int | None
+
+    def deliver(self, sink: ResponseSink) -> None:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        """Give up on the body (the upstream connection is closed, not reused)."""
+
+
+class IUpstream(Protocol):
+    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+    def describe(self) -> str: ...
+
+
+class _BodyReader(TwistedProtocol):
+    def __init__(self, sink: ResponseSink | None) -> None:
+        self.sink = sink
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            sink.response_end(None)
+        else:
+            sink.response_end(reason)
+
+
+class _HTTPResponse(UpstreamResponse):
+    def __init__(self, response: IResponse) -> None:
+        self._response = response
+        self.code = response.code
+        self.phrase = response.phrase
+        self.headers = response.headers
+        length = response.length
+        self.length = length if isinstance(length, int) else None
+        self._reader: _BodyReader | None = None
+
+    def deliver(self, sink: ResponseSink) -> None:
+        self._reader = _BodyReader(sink)
+        self._response.deliverBody(self._reader)
+
+    def _transport(self) -> Any:
+        reader = self._reader
+        return None if reader is None else reader.transport
+
+    def pause(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.resumeProducing()
+
+    def abort(self) -> None:
+        if self._reader is None:
+            self._reader = _BodyReader(None)
+            self._response.deliverBody(self._reader)
+        else:
+            self._reader.sink = None
+        transport = self._transport()
+        if transport is not None:
+            transport.stopProducing()
+
+
+class HTTPUpstream:
+    """
+    An upstream HTTP(S) server.  The client's path and query are appended
+    to the URL's path; idle connections are kept for reuse.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        timeout: float = 30.0,
+        max_connections: int = 64,
+    ) -> None:
+        parsed = parse_upstream(url)
+        self.url = url
+        self._reactor: IReactorTime = reactor
+        self._timeout = timeout
+        self._prefix = parsed.replace(path=()).to_text().rstrip("/").encode("ascii")
+        path = "/".join(parsed.path).rstrip("/")
+        if path:
+            self._prefix += b"/" + path.encode("ascii")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.cachedConnectionTimeout = 60
+        self._agent = Agent(reactor, pool=self.pool)
+
+    def describe(self) -> str:
+        return self.url
+
+    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        timed_out = False
+        requested = self._agent.request(
+            request.method, self._prefix + request.uri, request.headers, request.body
+        )
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            requested.cancel()
+
+        timer: IDelayedCall = self._reactor.callLater(self._timeout, expire)
+
+        def got(response: IResponse) -> UpstreamResponse:
+            if timer.active():
+                timer.cancel()
+            return _HTTPResponse(response)
+
+        def failed(failure: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
+            if timed_out:
+                return Failure(UpstreamTimeout(f"no response from {self.url} in {self._timeout:g}s"))
+            return Failure(UpstreamFailed(_describe_failure(failure)))
+
+        result: Deferred[UpstreamResponse] = requested.addCallbacks(got, failed)
+        return result
+
+    def close(self) -> Deferred[None]:
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
+
+
+def _describe_failure(failure: Failure) -> str:
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(_describe_failure(r) for r in reasons)
+    return str(failure.value) or type(failure.value).__name__
