@@ -1,0 +1,267 @@
+"""
+Each decision, end to end: HTTP client -> gateway -> raw-socket agent ->
+upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from .support import (
+    REQUEST_COMPLETE,
+    REQUEST_HEADERS,
+    Harness,
+    ScriptedAgent,
+    answer,
+    block,
+)
+
+
+def on_headers(response: dict[str, Any]) -> Any:
+    """A decider answering RequestHeaders with C{response}, anything else allow."""
+
+    def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any]:
+        return response if message_type == REQUEST_HEADERS else answer()
+
+    return decide
+
+
+class DecisionTests(TestCase):
+    timeout = 20
+
+    def test_allow_forwards_with_header_operations(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent(
+                "waf",
+                decide=on_headers(
+                    answer(
+                        "allow",
+                        request_headers=[
+                            {"set": {"name": "X-Checked", "value": "waf"}},
+                            {"add": {"name": "X-Tag", "value": "one"}},
+                            {"remove": {"name": "X-Secret"}},
+                        ],
+                        response_headers=[
+                            {"set": {"name": "X-Policy", "value": "passed"}},
+                            {"remove": {"name": "X-Upstream"}},
+                        ],
+                    )
+                ),
+            )
+            response = await h.get(
+                "/items?id=7", headers={"X-Secret": "hunter2", "X-Tag": "zero", "Connection": "x-hop", "X-Hop": "1"}
+            )
+            self.assertEqual(response.code, 200, response)
+            self.assertEqual(response.body, b"upstream saw /items?id=7")
+            self.assertEqual(response.header("X-Policy"), "passed")
+            self.assertIsNone(response.header("X-Upstream"))
+            (seen,) = h.upstream.requests
+            headers = seen["headers"]
+            self.assertEqual(headers["x-checked"], ["waf"])
+            self.assertEqual(headers["x-tag"], ["zero", "one"])
+            self.assertNotIn("x-secret", headers)
+            # Hop-by-hop headers, and those the Connection header names, stay here.
+            self.assertNotIn("x-hop", headers)
+            self.assertEqual(headers["x-forwarded-for"], ["127.0.0.1"])
+            self.assertEqual(headers["x-forwarded-proto"], ["http"])
+            self.assertEqual(headers["x-forwarded-host"], [f"127.0.0.1:{h.http_port}"])
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="allow"), 1)
+
+        return ensureDeferred(go())
+
+    def test_block_answers_status_body_and_headers(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent(
+                "waf",
+                decide=on_headers(
+                    answer(
+                        {"block": {"status": 451, "body": "no thanks", "headers": {"X-Reason": "rule-9"}}},
+                        response_headers=[{"set": {"name": "X-Blocked-By", "value": "waf"}}],
+                    )
+                ),
+            )
+            response = await h.get("/admin")
+            self.assertEqual(response.code, 451)
+            self.assertEqual(response.body, b"no thanks")
+            self.assertEqual(response.header("X-Reason"), "rule-9")
+            self.assertEqual(response.header("X-Blocked-By"), "waf")
+            self.assertEqual(h.upstream.requests, [])
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="block"), 1)
+
+        return ensureDeferred(go())
+
+    def test_block_without_body_says_the_status(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", decide=on_headers(block(403)))
+            response = await h.get("/")
+            self.assertEqual((response.code, response.body), (403, b"403 Forbidden\n"))
+
+        return ensureDeferred(go())
+
+    def test_redirect(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent(
+                "auth", decide=on_headers(answer({"redirect": {"url": "https://login.example/", "status": 307}}))
+            )
+            response = await h.get("/private")
+            self.assertEqual(response.code, 307)
+            self.assertEqual(response.header("Location"), "https://login.example/")
+            self.assertEqual(h.upstream.requests, [])
+
+        return ensureDeferred(go())
+
+    def test_challenge_is_403_with_its_type(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent(
+                "bot",
+                decide=on_headers(answer({"challenge": {"challenge_type": "captcha", "params": {"site": "k1"}}})),
+            )
+            response = await h.get("/")
+            self.assertEqual(response.code, 403)
+            self.assertEqual(response.header("X-Sentinel-Challenge"), "captcha")
+            self.assertEqual(response.json(), {"challenge": "captcha", "params": {"site": "k1"}})
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="challenge"), 1)
+
+        return ensureDeferred(go())
+
+    def test_challenge_status_is_configurable(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--challenge-status", "429")
+            await h.agent("bot", decide=on_headers(answer({"challenge": {"challenge_type": "js"}})))
+            response = await h.get("/")
+            self.assertEqual(response.code, 429)
+            self.assertEqual(response.header("X-Sentinel-Challenge"), "js")
+
+        return ensureDeferred(go())
+
+    def test_first_non_allow_in_agent_order_wins(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "first", "--agent", "second")
+            first = await h.agent("first", decide=lambda a, t, b: None)
+            second = await h.agent("second", decide=on_headers(block(403, "second says no")))
+            pending = ensureDeferred(h.get("/"))
+            # The second agent has already blocked; the first still decides,
+            # and comes first: its redirect wins.
+            await first.wait(lambda: len(first.held) == 1)
+            await second.wait(lambda: len(second.events) == 1)
+            self.assertFalse(pending.called)
+            first.release(answer({"redirect": {"url": "/elsewhere", "status": 302}}))
+            response = await pending
+            self.assertEqual(response.code, 302)
+            self.assertEqual(response.header("Location"), "/elsewhere")
+
+        return ensureDeferred(go())
+
+    def test_later_block_wins_when_earlier_agents_allow(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "first", "--agent", "second")
+            first = await h.agent("first")
+            second = await h.agent("second", decide=on_headers(block(403, "second says no")))
+            response = await h.get("/")
+            self.assertEqual((response.code, response.body), (403, b"second says no"))
+            self.assertEqual(len(first.of_type(REQUEST_HEADERS)), 1)
+            self.assertEqual(len(second.of_type(REQUEST_HEADERS)), 1)
+
+        return ensureDeferred(go())
+
+    def test_block_cancels_agents_still_deciding(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "first", "--agent", "second")
+            await h.agent("first", decide=on_headers(block(403)))
+            second = await h.agent("second", decide=lambda a, t, b: None)
+            response = await h.get("/")
+            self.assertEqual(response.code, 403)
+            await second.wait(lambda: len(second.cancels) == 1)
+            (cancel,) = second.cancels
+            self.assertEqual(cancel["reason"], 2)
+            self.assertEqual(cancel["correlation_id"], second.held[0][1]["metadata"]["correlation_id"])
+
+        return ensureDeferred(go())
+
+    def test_echo_without_upstream_shows_headers_after_operations_and_decisions(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start(upstream=False)
+            await h.agent(
+                "waf",
+                decide=on_headers(answer(request_headers=[{"set": {"name": "X-Checked", "value": "yes"}}])),
+            )
+            response = await h.post("/submit?a=1&b=2", b"hello", headers={"X-Client": "c"})
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.header("Content-Type"), "application/json")
+            echo = response.json()
+            self.assertEqual(echo["method"], "POST")
+            self.assertEqual(echo["path"], "/submit")
+            self.assertEqual(echo["query"], "a=1&b=2")
+            self.assertEqual(echo["headers"]["x-checked"], ["yes"])
+            self.assertEqual(echo["headers"]["x-client"], ["c"])
+            self.assertEqual(echo["body_bytes"], 5)
+            self.assertEqual(echo["decisions"], [{"agent_id": "waf", "decision": "allow"}])
+
+        return ensureDeferred(go())
+
+    def test_no_agents_registered_passes_requests(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            response = await h.get("/open")
+            self.assertEqual((response.code, response.body), (200, b"upstream saw /open"))
+
+        return ensureDeferred(go())
+
+    def test_keep_alive_reuses_the_client_connection(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf")
+            for path in ("/a", "/b", "/c"):
+                response = await h.get(path)
+                self.assertEqual(response.code, 200)
+            self.assertEqual(len(h.live_http), 1)
+            # ... and the upstream connection too.
+            self.assertEqual(len(h.live_upstream), 1)
+
+        return ensureDeferred(go())
+
+    def test_request_complete_after_the_response(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("audit", events=(1, 5))
+            response = await h.post("/log", b"12345")
+            self.assertEqual(response.code, 200)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            (complete,) = agent.of_type(REQUEST_COMPLETE)
+            (headers,) = agent.of_type(REQUEST_HEADERS)
+            self.assertEqual(complete["correlation_id"], headers["metadata"]["correlation_id"])
+            self.assertEqual(complete["status"], 200)
+            self.assertEqual(complete["request_body_size"], 5)
+            self.assertEqual(complete["response_body_size"], len(b"upstream saw /log"))
+            self.assertIsNone(complete["error"])
+
+        return ensureDeferred(go())
+
+    def test_request_complete_failure_never_reaches_the_client(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if message_type == REQUEST_COMPLETE:
+                    agent.drop()
+                    return None
+                return answer()
+
+            agent = await h.agent("audit", events=(1, 5), decide=decide)
+            response = await h.get("/x")
+            self.assertEqual(response.code, 200)
+            await agent.lost
+            self.assertEqual(len(agent.of_type(REQUEST_COMPLETE)), 1)
+            # The next request finds no agent: the gateway answers, it does not hang.
+            again = await h.get("/y")
+            self.assertEqual(again.code, 200)
+
+        return ensureDeferred(go())
