@@ -198,12 +198,14 @@ class AgentConnection:
         """
         if self._closed is not None:
             return fail(self._closed)
+        if timeout is None:
+            timeout = self.request_timeout
+        elif not timeout > 0:
+            return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
         try:
             payload = m.encode_event(event, cid)
-            deferred: Deferred[m.AgentResponse] = self._pending.add(
-                cid, self.request_timeout if timeout is None else timeout
-            )
+            deferred: Deferred[m.AgentResponse] = self._pending.add(cid, timeout)
         except AgentProtocolError as e:
             return fail(e)
         try:

@@ -11,6 +11,7 @@ connections into the L{AgentPool}.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -58,12 +59,21 @@ class _EmptyAgentId(InvalidMessage):
     pass
 
 
+class _BadAgentId(InvalidMessage):
+    pass
+
+
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def rejection_reason(error: AgentProtocolError) -> str:
     """A short, stable label for metrics: why a registration was refused."""
     if isinstance(error, VersionMismatch):
         return "version"
     if isinstance(error, _EmptyAgentId):
         return "empty_agent_id"
+    if isinstance(error, _BadAgentId):
+        return "bad_agent_id"
     if isinstance(error, _NotAllowed):
         return "not_allowed"
     if isinstance(error, _AuthRequired):
@@ -153,19 +163,37 @@ class ReverseConnectionFactory(Factory):
         agent_id = request.agent_id
         if not agent_id:
             return _EmptyAgentId("Agent ID cannot be empty")
+        if _CONTROL_CHARACTERS.search(agent_id):
+            # Ours: ids end up in log lines and status pages; a newline or an
+            # escape sequence there could forge or garble them.
+            return _BadAgentId("Agent ID cannot contain control characters")
         if config.allowed_agents and not config.allowed_agents.allows(agent_id):
             return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
         token = request.auth_token
         if token is None:
             if config.require_auth:
                 return _AuthRequired("Authentication required but no token provided")
-        elif self.token_checker is not None and not self.token_checker.check_token(agent_id, token):
+        elif self.token_checker is not None and not self._token_valid(agent_id, token):
             return AuthenticationFailed(agent_id)
         limit = config.max_connections_per_agent
         if self._registered_per_agent[agent_id] >= limit:
             return ConnectionLimitReached(agent_id, limit)
         self._registered_per_agent[agent_id] += 1
         return None
+
+    def _token_valid(self, agent_id: str, token: str) -> bool:
+        assert self.token_checker is not None
+        try:
+            return bool(self.token_checker.check_token(agent_id, token))
+        except Exception:
+            # A broken checker refuses (fail closed); the traceback never
+            # holds the token because it is not formatted into the log.
+            log.failure(
+                "Token checker {checker!r} failed for agent {agent_id}; registration refused",
+                checker=self.token_checker,
+                agent_id=agent_id,
+            )
+            return False
 
     def registered_connections(self, agent_id: str) -> int:
         return self._registered_per_agent[agent_id]

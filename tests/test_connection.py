@@ -578,3 +578,16 @@ class ControlTests(ConnectionTestCase):
         self.assertEqual(info.metadata, {"zone": "a"})
         self.assertEqual(info.connected_since, 123.0)
         self.assertEqual(info.peer, "127.0.0.1:40000")
+
+
+class TimeoutArgumentTests(TestCase):
+    def test_a_non_positive_timeout_fails_the_deferred_instead_of_raising(self) -> None:
+        from ._proxy_support import Proxy, request_headers
+
+        proxy = Proxy()
+        connection = proxy.register("waf-1")[2]
+        for bad in (0, -1.0, float("nan")):
+            failure = self.failureResultOf(connection.send_request_headers(request_headers("r"), timeout=bad))
+            failure.trap(ValueError)
+            self.assertIn("timeout must be a positive number", str(failure.value))
+        self.assertEqual(connection.in_flight, 0)

@@ -342,3 +342,32 @@ class LogTests(TestCase):
         self.assertIn(connection.connection_id, line)
         self.assertIn("disconnected", line)
         take_frames(transport)
+
+
+class HardeningTests(TestCase):
+    """Ours, beyond the reference: ids and checkers that could hurt the proxy."""
+
+    def test_agent_id_with_a_newline_is_refused(self) -> None:
+        self.assertEqual(
+            refusal(Proxy(), "waf-1\nforged log line"),
+            "Invalid message format: Agent ID cannot contain control characters",
+        )
+
+    def test_agent_id_with_an_escape_sequence_is_refused_even_if_a_glob_matches(self) -> None:
+        self.assertEqual(
+            refusal(Proxy(allowed_agents=["waf-*"]), "waf-\x1b[2J"),
+            "Invalid message format: Agent ID cannot contain control characters",
+        )
+
+    def test_a_token_checker_that_raises_refuses_the_registration(self) -> None:
+        class Broken:
+            def check_token(self, agent_id: str, token: str) -> bool:
+                raise RuntimeError("backend down")
+
+        proxy = Proxy(token_checker=Broken())
+        with captured_log() as events:
+            error = refusal(proxy, "waf-1", token=TOKEN)
+        self.assertEqual(error, "Authentication failed: invalid token for agent 'waf-1'")
+        self.assertNotIn(TOKEN, log_text(events))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
