@@ -14,12 +14,12 @@ import tempfile
 from twisted.trial import unittest
 
 _ROOT = tempfile.mkdtemp(prefix="sentinel-twisted-tests-")
-_original_mktemp = unittest.TestCase.mktemp
 
 
 def _mktemp(self: unittest.TestCase) -> str:
-    path: str = _original_mktemp(self)
-    return os.path.join(_ROOT, path)
+    """A fresh path (not created) in a directory of its own, as trial's is."""
+    name = f"{type(self).__name__}.{self._testMethodName}"[:64]
+    return os.path.join(tempfile.mkdtemp(prefix=name + "-", dir=_ROOT), "temp")
 
 
 unittest.TestCase.mktemp = _mktemp  # type: ignore[method-assign]
