@@ -16,10 +16,10 @@ from twisted.trial import unittest
 _ROOT = tempfile.mkdtemp(prefix="sentinel-twisted-tests-")
 
 
-def _mktemp(self: unittest.TestCase) -> str:
+def _mktemp(self: unittest.SynchronousTestCase) -> str:
     """A fresh path (not created) in a directory of its own, as trial's is."""
     name = f"{type(self).__name__}.{self._testMethodName}"[:64]
     return os.path.join(tempfile.mkdtemp(prefix=name + "-", dir=_ROOT), "temp")
 
 
-unittest.TestCase.mktemp = _mktemp  # type: ignore[method-assign]
+unittest.SynchronousTestCase.mktemp = _mktemp  # type: ignore[method-assign]
