@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""
+Build the API reference from the docstrings with pydoctor.
+
+    python docs/build_apidocs.py [OUTPUT_DIRECTORY]
+
+The output goes to build/apidocs by default.  Any warning (a link to
+nothing, a malformed docstring) fails the build with exit status 3, so the
+reference cannot rot quietly.  Used by `tox -e docs` and by CI.
+
+Docstrings link to Twisted, the standard library, msgspec and attrs the
+way Twisted's own do (C{L{Deferred}}).  Intersphinx would need the network
+to fetch those projects' inventories, so a first pass collects the outside
+names pydoctor could not resolve, and each one that names a real object of
+those projects (checked by importing it) gets an inventory entry pointing
+at its documentation.  A name that does not exist stays a warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+import zlib
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Where each outside project keeps its API documentation.
+DOCS = {
+    "twisted": "https://docs.twisted.org/en/stable/api",
+    "python": "https://docs.python.org/3",
+    "msgspec": "https://jcristharif.com/msgspec",
+    "attrs": "https://www.attrs.org/en/stable",
+    "zope.interface": "https://zopeinterface.readthedocs.io/en/latest",
+}
+
+_UNRESOLVED = re.compile(r'Cannot find link target for "([\w.]+)"')
+
+
+def pydoctor(output: str, *extra: str) -> tuple[int, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pydoctor",
+        "--project-name=sentinel_twisted",
+        f"--project-version={version('sentinel_twisted')}",
+        f"--project-base-dir={ROOT}",
+        "--docformat=epytext",
+        f"--html-output={output}",
+        "--quiet",
+        *extra,
+        str(ROOT / "sentinel_twisted"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    return done.returncode, done.stdout + done.stderr
+
+
+def find(name: str) -> tuple[object, str, str] | None:
+    """C{(object, module name, rest)} for a dotted name that exists, else C{None}."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except Exception:
+            continue
+        try:
+            for attribute in parts[cut:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            return None
+        return obj, module_name, ".".join(parts[cut:])
+    return None
+
+
+def has_page(obj: object) -> bool:
+    """pydoctor gives modules, classes and interfaces a page of their own."""
+    return inspect.ismodule(obj) or isinstance(obj, type) or type(obj).__name__ == "InterfaceClass"
+
+
+def role(obj: object) -> str:
+    if inspect.ismodule(obj):
+        return "py:module"
+    if has_page(obj):
+        return "py:class"
+    if callable(obj):
+        return "py:function"
+    return "py:data"
+
+
+def location(name: str) -> tuple[str, str, str] | None:
+    """C{(project, role, uri)} of an outside object, or C{None} if it is unknown."""
+    found = find(name)
+    if found is None:
+        return None
+    obj, module_name, rest = found
+    top = module_name.split(".")[0]
+    if top == "twisted":
+        # pydoctor's layout: a page per module and class, anchors for the rest.
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            owner = find(".".join(parts[:cut]))
+            if owner is not None and has_page(owner[0]):
+                anchor = ".".join(parts[cut:])
+                page = ".".join(parts[:cut]) + ".html"
+                return "twisted", role(obj), page + (f"#{anchor}" if anchor else "")
+        return None
+    if top in sys.stdlib_module_names:
+        return "python", role(obj), f"library/{module_name}.html#{name}"
+    if top == "msgspec":
+        return "msgspec", role(obj), f"api.html#{name}"
+    if top in ("attr", "attrs"):
+        return "attrs", role(obj), f"api.html#{name}"
+    if module_name.startswith("zope.interface"):
+        return "zope.interface", role(obj), "api/index.html"
+    return None
+
+
+def write_inventory(path: Path, project: str, entries: list[tuple[str, str, str]]) -> None:
+    """A Sphinx objects.inv (version 2) listing C{(name, role, uri)}."""
+    header = (
+        "# Sphinx inventory version 2\n"
+        f"# Project: {project}\n"
+        "# Version: \n"
+        "# The remainder of this file is compressed using zlib.\n"
+    )
+    body = "".join(f"{name} {kind} 1 {uri} -\n" for name, kind, uri in sorted(entries))
+    path.write_bytes(header.encode() + zlib.compress(body.encode()))
+
+
+def build(output: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="sentinel-apidocs-") as scratch:
+        _, log = pydoctor(str(Path(scratch) / "first-pass"))
+        entries: dict[str, list[tuple[str, str, str]]] = {}
+        for name in sorted(set(_UNRESOLVED.findall(log))):
+            where = location(name)
+            if where is not None:
+                project, kind, uri = where
+                entries.setdefault(project, []).append((name, kind, uri))
+        inventories = []
+        for project, listed in entries.items():
+            inventory = Path(scratch) / f"{project}.inv"
+            write_inventory(inventory, project, listed)
+            inventories.append(f"--intersphinx-file={inventory}::{DOCS[project]}")
+        status, log = pydoctor(output, "--warnings-as-errors", *inventories)
+    sys.stdout.write(log)
+    if status == 0:
+        print(f"API reference written to {output}/index.html")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(build(sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "build" / "apidocs")))
