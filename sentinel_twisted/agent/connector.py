@@ -103,6 +103,9 @@ class ConnectionSlot:
         # that accepts the socket and refuses the agent still backs off.
         self.retries += 1
         delay = self.connector.retry_delay(self.retries)
+        if not self.connector.running:
+            # Stopping: the retry is about to be cancelled; do not announce it.
+            return delay
         log.info(
             "Agent {agent_id} connection {index}: retry {retries} in {delay:.2f}s",
             agent_id=self.connector.settings.agent_id,

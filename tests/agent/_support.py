@@ -10,6 +10,7 @@ check the wire, not our own codec.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any
 
@@ -183,3 +184,13 @@ class Harness:
     def answers(self, frames: list[tuple[int, Any]] | None = None) -> list[Any]:
         frames = self.sent() if frames is None else frames
         return [body for t, body in frames if t == AGENT_RESPONSE]
+
+
+def temp_path(case: Any, name: str) -> str:
+    """A path in a fresh temporary directory removed after the test."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="sentinel-agent-test-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, name)

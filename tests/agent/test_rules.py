@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import RulesAgent, RulesError, load_rules, parse_rules
 
-from ._support import body_chunk_event, headers_event
+from ._support import body_chunk_event, headers_event, temp_path
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
 
@@ -146,7 +146,7 @@ class MatcherTests(SynchronousTestCase):
 
 
 def _agent(case: SynchronousTestCase, *tables: dict[str, Any]) -> RulesAgent:
-    path = Path(case.mktemp() + ".json")
+    path = Path(temp_path(case, "rules.json"))
     path.write_text(json.dumps({"rules": list(tables)}))
     return RulesAgent(path)
 
@@ -253,7 +253,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("'rules' must be an array", str(error))
 
     def test_toml_syntax_error_names_the_file_and_line(self) -> None:
-        path = self.mktemp() + ".toml"
+        path = temp_path(self, "rules.toml")
         Path(path).write_text('[[rules]]\nid = "x"\nblock = tru\n')
         error = self.assertRaises(RulesError, load_rules, path)
         self.assertIn(path, str(error))
@@ -261,7 +261,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("line 3", str(error))
 
     def test_json_rules_and_json_errors(self) -> None:
-        path = self.mktemp() + ".json"
+        path = temp_path(self, "rules.json")
         Path(path).write_text(json.dumps({"rules": [{"id": "j", "block": True}]}))
         self.assertEqual(len(load_rules(path)), 1)
         Path(path).write_text("{")
@@ -285,7 +285,7 @@ class ErrorTests(SynchronousTestCase):
 
 class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.path = self.mktemp() + ".toml"
+        self.path = temp_path(self, "rules.toml")
         self.write('[[rules]]\nid = "a"\nmatch = { path = "^/a" }\nblock = true\n')
         self.agent = RulesAgent(self.path)
 
