@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +28,7 @@ from .errors import (
     ConnectionClosed,
     InvalidMessage,
     RequestCancelled,
+    format_duration,
 )
 from .wire import MessageType
 
@@ -60,7 +61,7 @@ class FrameSink(Protocol):
 
     def send_frame(self, message_type: int, payload: bytes) -> None: ...
 
-    def close_connection(self, detail: str) -> None: ...
+    def close_connection(self, detail: str, abort: bool = False) -> None: ...
 
 
 class ConnectionListener(Protocol):
@@ -95,6 +96,7 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     metadata: Any
     connected_since: float
     peer: str
+    write_blocked: bool = False
 
 
 class AgentConnection:
@@ -123,6 +125,11 @@ class AgentConnection:
         self.capabilities = capabilities
         self.metadata = metadata
         self.request_timeout = request_timeout
+        #: Seconds the agent may leave our write buffer full before the
+        #: connection is aborted.
+        self.write_stall_timeout = request_timeout
+        self._write_blocked = False
+        self._stall_timer: IDelayedCall | None = None
         self.connected_since = connected_since
         self.peer = peer
         self.listener: ConnectionListener | None = None
@@ -162,7 +169,54 @@ class AgentConnection:
 
     @property
     def can_accept_requests(self) -> bool:
-        return self._closed is None and not self._paused
+        return self._closed is None and not self._paused and not self._write_blocked
+
+    @property
+    def is_write_blocked(self) -> bool:
+        """Whether the agent stopped reading and our write buffer is full."""
+        return self._write_blocked
+
+    def set_write_blocked(self, blocked: bool) -> None:
+        """
+        The transport's buffer filled up (or drained again): the agent is
+        not reading.  New requests are routed around the connection; if it
+        stays blocked for C{write_stall_timeout} seconds it is aborted, so
+        unsent data never grows without bound.
+        """
+        if blocked == self._write_blocked or self._closed is not None:
+            return
+        self._write_blocked = blocked
+        if blocked:
+            log.warn(
+                "Agent {agent_id} is not reading connection {connection_id}; "
+                "new requests go elsewhere until it catches up",
+                agent_id=self.agent_id,
+                connection_id=self.connection_id,
+            )
+            self._stall_timer = self._clock.callLater(self.write_stall_timeout, self._write_stalled)
+        else:
+            timer, self._stall_timer = self._stall_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            log.info(
+                "Agent {agent_id} is reading connection {connection_id} again",
+                agent_id=self.agent_id,
+                connection_id=self.connection_id,
+            )
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        detail = (
+            f"agent stopped reading: write buffer full for "
+            f"{format_duration(self.write_stall_timeout)}"
+        )
+        log.warn(
+            "Aborting connection {connection_id} of agent {agent_id}: {detail}",
+            connection_id=self.connection_id,
+            agent_id=self.agent_id,
+            detail=detail,
+        )
+        self._sink.close_connection(detail, abort=True)
 
     def pending_ids(self) -> list[str]:
         return self._pending.correlation_ids()
@@ -178,6 +232,7 @@ class AgentConnection:
             metadata=self.metadata,
             connected_since=self.connected_since,
             peer=self.peer,
+            write_blocked=self._write_blocked,
         )
 
     # -- sending events -----------------------------------------------------
@@ -315,16 +370,18 @@ class AgentConnection:
 
     # -- closing ------------------------------------------------------------
 
-    def close(self, detail: str = "closed by proxy") -> Deferred[None]:
+    def close(self, detail: str = "closed by proxy", abort: bool = False) -> Deferred[None]:
         """
         Close the connection.  Waiting requests fail with
         L{ConnectionClosed}; the Deferred fires once the connection is gone.
+        C{abort} drops it without flushing what is still buffered (for an
+        agent that does not read).
         """
         if self._gone:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._lost_waiters.append(waiter)
-        self._sink.close_connection(detail)
+        self._sink.close_connection(detail, abort)
         return waiter
 
     def connection_lost(self, detail: str, transport_gone: bool = True) -> int:
@@ -337,6 +394,9 @@ class AgentConnection:
         if self._closed is None:
             self._closed = ConnectionClosed(detail)
         closed = self._closed
+        timer, self._stall_timer = self._stall_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         failed = self._pending.fail_all(lambda cid: ConnectionClosed(closed.detail))
         pings, self._pings = self._pings, {}
         for _, waiter in pings.values():

@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet import error as ierror
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import messages as m
 from ._registration import new_lifecycle
@@ -45,6 +47,7 @@ def describe_peer(transport: object) -> str:
     return "unix"
 
 
+@implementer(IPushProducer)
 class ReverseConnectionProtocol(FrameReceiver):
     """One agent connection on the proxy side."""
 
@@ -56,6 +59,8 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._on_frame = self._registration_frame
         self._awaiting = True
         self._close_detail: str | None = None
+        self._producing = False
+        self._abort_on_close = False
 
     # -- Twisted protocol -----------------------------------------------------
 
@@ -127,6 +132,12 @@ class ReverseConnectionProtocol(FrameReceiver):
         self.connection = connection
         self._write_response(self.factory.success_response(connection.connection_id))
         self._on_frame = connection.frame_received
+        # Back-pressure: the transport pauses us when the agent stops reading
+        # and its write buffer fills, and resumes us when it drains.
+        transport = self.transport
+        if transport is not None:
+            transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._producing = True
         self.factory.connection_registered(connection)
 
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
@@ -166,8 +177,16 @@ class ReverseConnectionProtocol(FrameReceiver):
             self._close_detail = detail
             connection.mark_closing(detail)
             self.stop_parsing()
-            if self.transport is not None:
-                self.transport.loseConnection()
+            transport = self.transport
+            if transport is not None:
+                if self._producing:
+                    # A registered producer would keep the transport open.
+                    self._producing = False
+                    transport.unregisterProducer()  # type: ignore[attr-defined]
+                if self._abort_on_close:
+                    transport.abortConnection()  # type: ignore[attr-defined]
+                else:
+                    transport.loseConnection()
         failed = connection.connection_lost(detail, transport_gone=not close)
         self.factory.connection_gone(connection, detail, failed)
 
@@ -180,5 +199,19 @@ class ReverseConnectionProtocol(FrameReceiver):
 
     # -- FrameSink for AgentConnection ----------------------------------------
 
-    def close_connection(self, detail: str) -> None:
+    def close_connection(self, detail: str, abort: bool = False) -> None:
+        self._abort_on_close = abort
         self._lifecycle.close(detail)
+
+    # -- IPushProducer: driven by the transport's write buffer --------------
+
+    def pauseProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(True)
+
+    def resumeProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass

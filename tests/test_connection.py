@@ -41,13 +41,15 @@ class Sink:
     def __init__(self) -> None:
         self.frames: list[tuple[int, bytes]] = []
         self.close_requests: list[str] = []
+        self.aborts: list[bool] = []
 
     def send_frame(self, message_type: int, payload: bytes) -> None:
         frame_header(message_type, len(payload))  # refuses oversize frames
         self.frames.append((message_type, payload))
 
-    def close_connection(self, detail: str) -> None:
+    def close_connection(self, detail: str, abort: bool = False) -> None:
         self.close_requests.append(detail)
+        self.aborts.append(abort)
 
     def take(self) -> list[tuple[int, bytes]]:
         frames, self.frames = self.frames, []
