@@ -613,10 +613,13 @@ class RuleSet:
 class _BodyScan:
     """A request whose body some rules still have to see."""
 
-    __slots__ = ("rules", "tail", "keep")
+    __slots__ = ("rules", "tail", "keep", "method", "uri", "client_ip")
 
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
+    def __init__(self, rules: tuple[Rule, ...], event: m.RequestHeadersEvent) -> None:
         self.rules = rules
+        self.method = event.method
+        self.uri = event.uri
+        self.client_ip = event.metadata.client_ip
         self.tail = b""
         self.keep = max(len(n) for r in rules for n in r.body_contains) - 1
 
@@ -685,7 +688,7 @@ class RulesAgent(Agent):
         if verdict.decided_by is not None:
             self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
         elif verdict.body_rules:
-            self._track(cid, _BodyScan(verdict.body_rules))
+            self._track(cid, _BodyScan(verdict.body_rules, event))
         return verdict.response
 
     def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
@@ -699,7 +702,9 @@ class RulesAgent(Agent):
         if rule is None:
             return allow().needs_more(not event.is_last)
         assert rule.decision is not None
-        self._log_decision(rule, "body", f"chunk {event.chunk_index}", "", cid)
+        self._log_decision(
+            rule, scan.method, f"{scan.uri} (body chunk {event.chunk_index})", scan.client_ip, cid
+        )
         return ResponseBuilder(rule.decision).rule(rule.id).tag(*rule.tags)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
