@@ -271,6 +271,7 @@ class Exchange:
         self._out_headers = Headers()
         self._passed: list[dict[str, Any]] = []
         self._cancelling = False
+        self._drop_length = False
         request.exchange = self
 
     # -- state ------------------------------------------------------------------
@@ -585,6 +586,9 @@ class Exchange:
         response = self._response
         self._phase = _RESPONSE_DECIDING
         headers = drop_hop_by_hop(response.headers)
+        if response.length is not None and self.request.method != b"HEAD":
+            # twisted.web.client keeps Content-Length out of the headers.
+            headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         self._out_headers = headers
         for slot in self.slots:
             slot.stage = None
@@ -593,8 +597,9 @@ class Exchange:
         body_slots = [s for s in slots if _RESPONSE_BODY in s.events]
         head: BodySink = _ClientWriter(self)
         if body_slots:
-            # Inspected bodies may change size: the client gets them chunked.
-            headers.removeHeader(b"content-length")
+            # Inspected bodies may change size: the client gets them chunked
+            # (agents are still shown the upstream's length).
+            self._drop_length = True
             sizes = [
                 clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size)
                 for s in body_slots
@@ -695,6 +700,8 @@ class Exchange:
         response = self._response
         assert response is not None
         headers: Headers = self._out_headers
+        if self._drop_length:
+            headers.removeHeader(b"content-length")
         for slot in self.slots:
             if slot.response_ops and slot.skipped is None:
                 apply_header_ops(headers, slot.response_ops, slot.agent_id)
@@ -796,11 +803,11 @@ class Exchange:
         """Answer the client ourselves (a denial or an error) and end the exchange."""
         if self._phase == _OVER:
             return
-        self._abort_upstream()
         if self._head_written:
             self._abort_client("cannot change a response already started")
             return
         self._over()
+        self._abort_upstream()
         request = self.request
         if request.finished or request.client_gone:
             return

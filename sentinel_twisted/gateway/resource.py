@@ -40,6 +40,8 @@ class GatewayRequest(server.Request):
     @ivar body_length: the declared body length (C{None}: chunked).
     """
 
+    #: Responses keep the upstream's Content-Type, or have none.
+    defaultContentType = None
     exchange: Exchange | None = None
     streaming = False
     body_complete = True

@@ -16,7 +16,6 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable
-from io import BytesIO
 from typing import Any
 
 from twisted.internet import reactor
@@ -26,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -422,7 +421,7 @@ class Client:
         if chunks is not None:
             producer = _ChunkedBody(chunks)
         elif body is not None:
-            producer = FileBodyProducer(BytesIO(body), cooperator=_Immediate())
+            producer = _FixedBody(body)
         h = Headers({k: [v] for k, v in (headers or {}).items()})
         response = await self.agent.request(method.encode(), url.encode(), h, producer)
         collector = _Collect()
@@ -435,27 +434,12 @@ class Client:
         return closed
 
 
-class _Immediate:
-    """A cooperator for FileBodyProducer that writes everything at once."""
+class _FixedBody(_ChunkedBody):
+    """A request body of known length, written at once."""
 
-    def cooperate(self, iterator: Any) -> Any:
-        for _ in iterator:
-            pass
-
-        class _Task:
-            def whenDone(self) -> Deferred[None]:
-                return succeed(None)
-
-            def pause(self) -> None:
-                pass
-
-            def resume(self) -> None:
-                pass
-
-            def stop(self) -> None:
-                pass
-
-        return _Task()
+    def __init__(self, data: bytes) -> None:
+        super().__init__([data])
+        self.length = len(data)  # type: ignore[assignment]
 
 
 class RawClient(Protocol):
