@@ -42,6 +42,7 @@ from sentinel_twisted import messages as m
 from sentinel_twisted.auth import TokenFileChecker
 from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.connection import AgentConnection
+from sentinel_twisted.endpoints import SocketInUse, clear_stale_unix_socket, unix_socket_path
 from sentinel_twisted.errors import (
     AgentUnavailable,
     ConnectionClosed,
@@ -279,6 +280,7 @@ class ToyProxy:
         # agent sees them all.  select() raises AgentUnavailable or
         # FlowControlPaused when no connection can take a new request.
         connection = self.pool.select(self.agent_id)
+        wanted = connection.events  # the event types the agent declared
         cid = request.id  # one correlation id for the whole exchange
         started = time.time()
 
@@ -303,7 +305,8 @@ class ToyProxy:
         if apply_response(request, answer):
             return
 
-        if request.body or answer.needs_more:
+        body_wanted = bool(request.body) and m.EventType.REQUEST_BODY_CHUNK in wanted
+        if body_wanted or answer.needs_more:
             answer = await self.ask(
                 connection.send_request_body_chunk(
                     m.RequestBodyChunkEvent(
@@ -320,41 +323,44 @@ class ToyProxy:
                 return
 
         forward_upstream(request)
-        answer = await self.ask(
-            connection.send_response_headers(
-                m.ResponseHeadersEvent(status=200, headers=request.response_headers),
-                correlation_id=cid,
+        if m.EventType.RESPONSE_HEADERS in wanted:
+            answer = await self.ask(
+                connection.send_response_headers(
+                    m.ResponseHeadersEvent(status=200, headers=request.response_headers),
+                    correlation_id=cid,
+                )
             )
-        )
-        if apply_response(request, answer):
-            return
-        body = request.response_body
-        answer = await self.ask(
-            connection.send_response_body_chunk(
-                m.ResponseBodyChunkEvent(
-                    data=b64(body),
-                    is_last=True,
-                    total_size=len(body),
-                    chunk_index=0,
-                    bytes_sent=len(body),
-                ),
-                correlation_id=cid,
+            if apply_response(request, answer):
+                return
+        if m.EventType.RESPONSE_BODY_CHUNK in wanted:
+            body = request.response_body
+            answer = await self.ask(
+                connection.send_response_body_chunk(
+                    m.ResponseBodyChunkEvent(
+                        data=b64(body),
+                        is_last=True,
+                        total_size=len(body),
+                        chunk_index=0,
+                        bytes_sent=len(body),
+                    ),
+                    correlation_id=cid,
+                )
             )
-        )
-        apply_response(request, answer)
+            apply_response(request, answer)
 
-        # Tell the agent how it ended (for its logs); its answer changes nothing.
-        await self.ask(
-            connection.send_request_complete(
-                m.RequestCompleteEvent(
-                    status=request.status or 200,
-                    duration_ms=int((time.time() - started) * 1000),
-                    request_body_size=len(request.body),
-                    response_body_size=len(request.response_body),
-                ),
-                correlation_id=cid,
+        if m.EventType.REQUEST_COMPLETE in wanted:
+            # Tell the agent how it ended (for its logs); its answer changes nothing.
+            await self.ask(
+                connection.send_request_complete(
+                    m.RequestCompleteEvent(
+                        status=request.status or 200,
+                        duration_ms=int((time.time() - started) * 1000),
+                        request_body_size=len(request.body),
+                        response_body_size=len(request.response_body),
+                    ),
+                    correlation_id=cid,
+                )
             )
-        )
 
     async def websocket_frame(self, request_id: str, text: str) -> None:
         event = m.WebSocketFrameEvent(
@@ -454,6 +460,15 @@ async def main(reactor: Any, *argv: str) -> None:
     pool = AgentPool()
     pool.add_observer(AgentWatcher())
     factory = ReverseConnectionFactory(config, pool, token_checker=checker, clock=reactor)
+
+    # A socket file left by a dead process would make listen() fail; one a
+    # live process serves must not be stolen.
+    path = unix_socket_path(args.endpoint)
+    if path is not None:
+        try:
+            clear_stale_unix_socket(path)
+        except SocketInUse as e:
+            raise SystemExit(f"embed_listener: {e}") from None
     port = await serverFromString(reactor, args.endpoint).listen(factory)
     say(f"listening on {args.endpoint}")
 

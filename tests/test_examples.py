@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import shlex
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -361,6 +364,7 @@ class EmbedListenerTests(SynchronousTestCase):
         self.assertEqual((cancel["correlation_id"], cancel["reason"]), (cid, 4))
         self.assertEqual(agent.sock.recv(1), b"")  # then the proxy closed the connection
         self.assertFalse(os.path.exists(path), "the socket file outlived the program")
+        self.assertFalse(os.path.lexists(path + ".lock"), "the lock outlived the program")
 
     def test_token_file_is_enforced(self) -> None:
         directory = tempfile.mkdtemp(prefix="sentinel-tokens-")
@@ -378,3 +382,337 @@ class EmbedListenerTests(SynchronousTestCase):
         )
         self.agent(path, program, token="s3cret-token")
         self.assertEqual(program.end_input(), 0)
+
+    def test_live_socket_is_never_stolen_and_a_stale_one_is_replaced(self) -> None:
+        program, path = self.start()
+        second = subprocess.run(
+            [sys.executable, str(EMBED), f"unix:{path}"], stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=WAIT, cwd=str(ROOT),
+        )
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("is served by a live process; refusing to start", second.stderr)
+        self.assertEqual(program.end_input(), 0)
+
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(path)  # a socket file nobody serves, as a killed process leaves it
+        stale.close()
+        self.assertTrue(os.path.exists(path))
+        again = Program(self, f"unix:{path}")
+        again.expect("listening on unix:")
+        self.assertEqual(again.end_input(), 0)
+
+
+# -- the guides against the code ----------------------------------------------------
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+#: Blocks in these languages are pieces of files under examples/.
+EXCERPT_LANGUAGES = {"python", "ini", "conf", "toml"}
+
+
+def doc_files() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def code_blocks(language: str | None = None) -> list[tuple[Path, str, str]]:
+    """C{(file, language, text)} of every fenced block in the docs."""
+    found = []
+    for path in doc_files():
+        for lang, text in FENCE.findall(path.read_text(encoding="utf-8")):
+            if language is None or lang == language:
+                found.append((path, lang, text))
+    return found
+
+
+def is_excerpt(block: str, text: str) -> bool:
+    """Whether C{block} is a run of whole lines of C{text}, up to indentation."""
+    wanted = textwrap.dedent(block).rstrip("\n").split("\n")
+    lines = text.split("\n")
+    for start in range(len(lines) - len(wanted) + 1):
+        window = "\n".join(lines[start : start + len(wanted)])
+        if textwrap.dedent(window).split("\n") == wanted:
+            return True
+    return False
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The commands of a shell block (continuations joined, comments dropped)."""
+    joined = text.replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        for part in re.split(r"&&|;|\|\|", line):
+            words = shlex.split(part, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def twistd_arguments(words: list[str]) -> list[str] | None:
+    """The arguments after C{twistd} in a command, if it runs twistd."""
+    for i, word in enumerate(words):
+        if os.path.basename(word) == "twistd":
+            return words[i + 1 :]
+    return None
+
+
+class DocsTests(SynchronousTestCase):
+    """The guides agree with the examples and the code."""
+
+    def test_docs_exist(self) -> None:
+        names = {p.name for p in doc_files()}
+        self.assertTrue({"index.md", "embedding.md", "operators.md"} <= names, names)
+
+    def test_code_blocks_are_pieces_of_example_files(self) -> None:
+        sources = {p: p.read_text(encoding="utf-8") for p in EXAMPLES.iterdir() if p.is_file()}
+        blocks = [b for b in code_blocks() if b[1] in EXCERPT_LANGUAGES]
+        self.assertGreater(len(blocks), 10)
+        for path, lang, block in blocks:
+            if not any(is_excerpt(block, text) for text in sources.values()):
+                self.fail(f"{path.name}: this {lang} block is in no file under examples/:\n{block}")
+
+    def test_excerpt_check_can_fail(self) -> None:
+        source = "def f():\n    return 1\n"
+        self.assertTrue(is_excerpt("return 1\n", source))
+        self.assertFalse(is_excerpt("return 2\n", source))
+
+    def test_twistd_commands_parse(self) -> None:
+        """
+        Every C{twistd ... sentinel-*} command of the docs and of the systemd
+        units parses: twistd's options, the program's option names and
+        arities, and (for sentinel-reverse, whose option checks read no
+        files) the program's own validation.
+        """
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+        from twisted.scripts.twistd import ServerOptions
+
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        commands = [
+            (path.name, words)
+            for path, _, block in code_blocks("sh")
+            for words in shell_commands(block)
+        ]
+        for unit in sorted(EXAMPLES.glob("*.service")):
+            text = unit.read_text(encoding="utf-8")
+            (exec_start,) = re.findall(r"^ExecStart=((?:.*\\\n)*.*)$", text, re.M)
+            commands += [(unit.name, words) for words in shell_commands(exec_start)]
+        checked: set[str] = set()
+        for name, words in commands:
+            arguments = twistd_arguments(words)
+            programs = [a for a in arguments or () if a in makers]
+            if arguments is None or not programs:
+                continue
+            program = programs[0]
+            where = f"{name}: twistd {shlex.join(arguments)}"
+            split = arguments.index(program)
+            if "--version" in arguments:
+                continue
+            try:
+                if program == "sentinel-reverse":
+                    ServerOptions().parseOptions(arguments)
+                else:
+                    ServerOptions().parseOptions(arguments[:split])
+                    options = makers[program].options()
+                    options.postOptions = lambda: None
+                    options.parseOptions(arguments[split + 1 :])
+            except (Exception, SystemExit) as e:
+                self.fail(f"{where}: {e}")
+            checked.add(program)
+        self.assertEqual(checked, {"sentinel-reverse", "sentinel-agent"})
+
+    def test_example_programs_named_in_docs_exist(self) -> None:
+        for path, _, block in code_blocks("sh"):
+            for words in shell_commands(block):
+                for word in words:
+                    if word.startswith("examples/"):
+                        self.assertTrue((ROOT / word).exists(), f"{path.name}: {word}")
+
+    def test_every_listener_option_is_documented(self) -> None:
+        from sentinel_twisted.tap import Options
+
+        text = (DOCS / "operators.md").read_text(encoding="utf-8")
+        names = [name.rstrip("=") for name in Options().longOpt if name != "help"]
+        self.assertIn("listen", names)
+        for name in names:
+            self.assertIn(f"`--{name}", text, f"--{name} is not in docs/operators.md")
+
+    def test_every_rejection_label_is_documented(self) -> None:
+        import inspect
+
+        from sentinel_twisted import factory
+
+        source = inspect.getsource(factory)
+        labels = set(re.findall(r'return "(\w+)"', inspect.getsource(factory.rejection_reason)))
+        labels |= set(re.findall(r'rejections\["(\w+)"\]', source))
+        self.assertIn("auth_failed", labels)
+        text = (DOCS / "operators.md").read_text(encoding="utf-8")
+        for label in labels:
+            self.assertIn(f"| `{label}` |", text, f"rejection label {label!r} is not documented")
+
+    def test_every_registration_error_has_a_troubleshooting_entry(self) -> None:
+        from twisted.internet.task import Clock
+
+        from sentinel_twisted import messages as m
+        from sentinel_twisted.auth import StaticTokenChecker
+        from sentinel_twisted.config import ReverseConnectionConfig
+        from sentinel_twisted.errors import InvalidMessage, MessageTooLarge, RequestTimeout
+        from sentinel_twisted.factory import ReverseConnectionFactory, rejection_reason
+
+        factory = ReverseConnectionFactory(
+            ReverseConnectionConfig(allowed_agents=["waf-*"], require_auth=True),
+            token_checker=StaticTokenChecker({"waf-1": "right"}),
+            clock=Clock(),
+        )
+
+        def admit(agent_id: str, token: str | None = "right", version: int = 2) -> Any:
+            capabilities = m.AgentCapabilities(agent_id=agent_id, name="a", version="1")
+            return factory.admit(m.RegistrationRequest(
+                protocol_version=version, agent_id=agent_id,
+                capabilities=capabilities, auth_token=token,
+            ))
+
+        for _ in range(4):
+            self.assertIsNone(admit("waf-1"))
+        errors = [
+            admit("waf-1", version=1),
+            admit(""),
+            admit("waf-1\n"),
+            admit("bot-1"),
+            admit("waf-2", token=None),
+            admit("waf-1", token="wrong"),
+            admit("waf-1"),
+            RequestTimeout(10.0),
+            MessageTooLarge(2130706435, 16 * 1024 * 1024),
+            InvalidMessage("Expected registration request (HandshakeRequest), got RequestHeaders"),
+        ]
+        text = (DOCS / "operators.md").read_text(encoding="utf-8")
+        for error in errors:
+            self.assertIsNotNone(error)
+            entry = f"**`{error}`** (`{rejection_reason(error)}`)"
+            if isinstance(error, InvalidMessage) and "Expected registration" in str(error):
+                entry = f"`{str(error).removeprefix('Invalid message format: ')}`"
+            self.assertIn(entry, text, f"no troubleshooting entry for {error}")
+
+    def test_the_guides_first_session(self) -> None:
+        """
+        The embedding guide's walk-through, run as written: the toy proxy,
+        then examples/simple_agent.py; the output is what the guide shows.
+        """
+        shown = [b.strip("\n").split("\n") for _, lang, b in code_blocks("text")
+                 if "[req-" in b or "agent no-admin" in b]
+        self.assertEqual(len(shown), 3, shown)
+        directory = tempfile.mkdtemp(prefix="sentinel-guide-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+        endpoint = f"unix:{directory}/s.sock"
+        program = Program(self, "--agent", "no-admin", f"{endpoint}:mode=600:lockfile=1")
+        program.expect("listening on")
+
+        def session(*lines: str) -> list[str]:
+            """Type each line, wait for its answer; the lines printed meanwhile."""
+            first = len(program.lines)
+            for line in lines:
+                program.line(line)
+                program.expect("client got")
+            return program.lines[first:]
+
+        self.assertEqual(session("GET /hello"), shown[0])
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        agent = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "simple_agent.py"), endpoint],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd=str(ROOT),
+        )
+        self.addCleanup(lambda: (agent.poll() is None and agent.kill(), agent.wait(WAIT)))
+        first = len(program.lines)
+        program.expect("health: healthy")
+        registered = [re.sub(r"no-admin-[0-9a-f]+-\d+", "ID", line) for line in program.lines[first:]]
+        expected = [re.sub(r"no-admin-[0-9a-f]+-\d+", "ID", line) for line in shown[1]]
+        self.assertEqual(registered, expected)
+        self.assertEqual(session("GET /admin", "GET /hello"), shown[2])
+        self.assertEqual(program.end_input(), 0)
+
+    def test_links_between_docs_resolve(self) -> None:
+        readme = ROOT / "README.md"
+        for path in [*doc_files(), readme]:
+            text = path.read_text(encoding="utf-8")
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                file_part, _, anchor = target.partition("#")
+                linked = (path.parent / file_part).resolve() if file_part else path
+                self.assertTrue(linked.exists(), f"{path.name}: broken link {target}")
+                if anchor and linked.suffix == ".md":
+                    self.assertIn(anchor, anchors(linked), f"{path.name}: no anchor {target}")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file."""
+    found = set()
+    for heading in re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+class ExampleFilesTests(SynchronousTestCase):
+    """The small examples the guides show."""
+
+    def load(self, name: str) -> Any:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def test_hashed_token_checker(self) -> None:
+        from twisted.internet.task import Clock
+        from zope.interface.verify import verifyObject
+
+        from sentinel_twisted import messages as m
+        from sentinel_twisted.auth import ITokenChecker
+        from sentinel_twisted.config import ReverseConnectionConfig
+        from sentinel_twisted.errors import AuthenticationFailed
+        from sentinel_twisted.factory import ReverseConnectionFactory
+
+        example = self.load("token_checker")
+        line = example.digest_line("waf-1", "s3cret")
+        agent_id, digest = line.split()
+        checker = example.HashedTokenChecker({agent_id: digest})
+        self.assertTrue(verifyObject(ITokenChecker, checker))
+        self.assertTrue(checker.check_token("waf-1", "s3cret"))
+        self.assertFalse(checker.check_token("waf-1", "s3cret "))
+        self.assertFalse(checker.check_token("waf-2", "s3cret"))
+
+        factory = ReverseConnectionFactory(
+            ReverseConnectionConfig(require_auth=True), token_checker=checker, clock=Clock()
+        )
+        capabilities = m.AgentCapabilities(agent_id="waf-1", name="a", version="1")
+        request = m.RegistrationRequest(
+            protocol_version=2, agent_id="waf-1", capabilities=capabilities, auth_token="nope"
+        )
+        self.assertIsInstance(factory.admit(request), AuthenticationFailed)
+
+        directory = tempfile.mkdtemp(prefix="sentinel-digests-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+        script = subprocess.run(
+            [sys.executable, str(EXAMPLES / "token_checker.py"), "waf-1"],
+            input="s3cret\n", capture_output=True, text=True, timeout=WAIT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.assertEqual(script.stdout.strip(), line)
+        digests = os.path.join(directory, "digests")
+        with open(digests, "w") as f:
+            f.write(f"# agent digests\n{script.stdout}\n")
+        self.assertEqual(example.load_digests(digests), {"waf-1": digest})
+
+    def test_token_file_example_is_a_valid_token_file(self) -> None:
+        from sentinel_twisted.auth import parse_token_file
+
+        tokens = parse_token_file(str(EXAMPLES / "agent-tokens.example"))
+        self.assertEqual(sorted(tokens), ["auth-1", "waf-1"])
+
+    def test_listen_help_names_the_real_default(self) -> None:
+        from sentinel_twisted.tap import DEFAULT_LISTEN, Options
+
+        self.assertIn(f"[default: {DEFAULT_LISTEN}]", Options.opt_listen.__doc__ or "")
