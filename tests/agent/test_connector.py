@@ -11,9 +11,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from sentinel_twisted.agent import Agent, AgentConnector, RegistrationRejected
@@ -219,6 +219,20 @@ class ConnectionsTests(SynchronousTestCase):
         connector = AgentConnector(Agent(), "unix:/tmp/nowhere.sock", "a", reactor=Clock())
         self.assertEqual(connector.endpoint_description, "unix:/tmp/nowhere.sock")
         self.assertEqual(connector.endpoint._path, "/tmp/nowhere.sock")  # type: ignore[attr-defined]
+
+    def test_tcp_and_tls_endpoint_strings(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        tcp = AgentConnector(Agent(), "tcp:host=127.0.0.1:port=7000", "a", reactor=Clock())
+        self.assertIsInstance(tcp.endpoint, TCP4ClientEndpoint)
+        try:
+            import OpenSSL  # noqa: F401
+            import service_identity  # noqa: F401
+        except ImportError:
+            raise SkipTest("tls: endpoints need pyOpenSSL and service_identity") from None
+        tls = AgentConnector(Agent(), "tls:proxy.example:7000", "a", reactor=MemoryReactorClock())
+        self.assertEqual(tls.endpoint_description, "tls:proxy.example:7000")
+        self.assertTrue(IStreamClientEndpoint.providedBy(tls.endpoint))
 
 
 class DrainOnStopTests(SynchronousTestCase):
