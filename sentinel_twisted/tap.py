@@ -178,7 +178,7 @@ class Options(usage.Options):
         self["agents"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Server endpoint string to listen on (repeatable). Default:"""
+        # The help text is the __doc__ assigned below.
         self["listen"].append(description)
 
     # A plain literal (not an f-string) so that pydoctor can read it too;

@@ -1,6 +1,7 @@
 """
 The agent side of the Sentinel Agent Protocol v2 reverse connections:
-Python agents that dial a proxy, register, and answer its events.
+Python agents that dial a proxy, register, and answer its events.  For
+example::
 
     from sentinel_twisted.agent import Agent, allow, block, run_agent
 

@@ -7,7 +7,7 @@ each request's headers (and, for C{body_contains}, its body).  A rule
 matches when every condition in its C{match} table holds.  Header
 operations and tags of every matching rule accumulate; the first matching
 rule with a decision (C{block}, C{redirect}, C{require_header}) decides and
-ends the evaluation.  No decision means allow.
+ends the evaluation.  No decision means allow.  A rule looks like this::
 
     [[rules]]
     id = "no-admin"

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.agent.test_tap -*-
 """
-C{twistd sentinel-agent}: a rule-based policy agent that dials a proxy.
+C{twistd sentinel-agent}: a rule-based policy agent that dials a proxy::
 
     twistd -n sentinel-agent --connect unix:sentinel-reverse.sock \\
         --agent-id waf-1 --rules examples/rules.toml
