@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.web import server
+from twisted.web import pages, server
 from twisted.web.resource import Resource
 
 from .. import __version__
@@ -141,6 +141,9 @@ class StatusResource(Resource):
         self.putChild(b"", _Page(self))
         self.putChild(b"agents", _Agents(self))
         self.putChild(b"metrics", _Metrics(self))
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        return pages.notFound()
 
     def document(self) -> dict[str, Any]:
         return agents_document(self.pool, self.gateway)

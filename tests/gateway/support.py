@@ -339,7 +339,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: 
     waited = 0.0
     while not predicate():
         if waited >= timeout:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {reactor.getDelayedCalls()}")
         await deferLater(reactor, 0.01, lambda: None)
         waited += 0.01
 
@@ -586,6 +586,11 @@ class Harness:
             and all(c.is_lost for c in self.raw_clients)
             and (self.top is None or len(self.pool) == 0),
             what="every connection to close",
+        )
+        # Connection attempts (HostnameEndpoint) end a moment after success.
+        await wait_until(
+            lambda: not [call for call in reactor.getDelayedCalls() if "iterateEndpoint" in repr(call)],
+            what="connection attempts to finish",
         )
 
 

@@ -1,0 +1,174 @@
+"""
+The status site: C{/agents} JSON and C{/metrics} contents.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from .support import Harness, ScriptedAgent, answer, block, wait_until
+
+
+def hold(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> None:
+    return None
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, by name and labels."""
+    result = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return result
+
+
+class AgentsDocumentTests(TestCase):
+    timeout = 20
+
+    def test_agents_json_shows_each_connection(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            waf = await h.agent("waf", events=(1, 2), metadata={"region": "eu-1"}, decide=hold)
+            bot = await h.agent("bot")
+            second_bot = await h.agent("bot")
+            waf.health(2)
+            second_bot.pause()
+            await wait_until(
+                lambda: h.pool.connections("waf")[0].health_state == 2
+                and any(c.is_paused for c in h.pool.connections("bot")),
+                what="health and pause",
+            )
+            pending = ensureDeferred(h.get("/held"))
+            await waf.wait(lambda: len(waf.held) == 1)
+
+            document = (await h.status("/agents")).json()
+            self.assertEqual([a["agent_id"] for a in document["agents"]], ["waf", "bot"])
+            waf_info, bot_info = document["agents"]
+            self.assertEqual(waf_info["in_flight"], 1)
+            (connection,) = waf_info["connections"]
+            self.assertEqual(connection["connection_id"], h.pool.connections("waf")[0].connection_id)
+            self.assertEqual(connection["in_flight"], 1)
+            self.assertFalse(connection["paused"])
+            self.assertEqual((connection["health"], connection["health_name"]), (2, "degraded"))
+            self.assertEqual(connection["metadata"], {"region": "eu-1"})
+            self.assertEqual(connection["capabilities"]["supported_events"], [1, 2])
+            self.assertEqual(connection["capabilities"]["limits"]["max_body_size"], 1048576)
+            self.assertRegex(connection["connected_since"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+            self.assertIsInstance(connection["connected_since_epoch"], float)
+            self.assertTrue(connection["peer"].startswith("unix"))
+            self.assertEqual(len(bot_info["connections"]), 2)
+            self.assertEqual(bot_info["paused_connections"], 1)
+            self.assertEqual([c["paused"] for c in bot_info["connections"]], [False, True])
+            self.assertEqual(
+                document["gateway"]["upstream"], f"http://127.0.0.1:{h.upstream_port.getHost().port}"
+            )
+            self.assertFalse(document["gateway"]["fail_open"])
+            waf.release(answer())
+            self.assertEqual((await pending).code, 200)
+            del bot
+
+        return ensureDeferred(go())
+
+
+class MetricsTests(TestCase):
+    timeout = 20
+
+    def test_metrics_cover_the_listener_and_the_gateway(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "waf", "--agent", "slow")
+            # One refused registration (wrong protocol version).
+            with self.assertRaises(RuntimeError):
+                await h.agent("old", protocol_version=1)
+
+            def waf_decides(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                return block(403) if body["uri"] == "/blocked" else answer()
+
+            def slow_decides(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                return None if body["uri"] == "/held" else answer()
+
+            await h.agent("waf", decide=waf_decides)
+            slow = await h.agent("slow", decide=slow_decides)
+            self.assertEqual((await h.get("/ok")).code, 200)
+            self.assertEqual((await h.get("/blocked")).code, 403)
+            pending = ensureDeferred(h.get("/held"))
+            await slow.wait(lambda: len(slow.held) == 1)
+
+            text = (await h.status("/metrics")).body.decode()
+            values = samples(text)
+            self.assertEqual(values[("sentinel_agent_registrations_total", ())], 2)
+            self.assertEqual(
+                values[("sentinel_agent_registration_rejections_total", (("reason", "version"),))], 1
+            )
+            self.assertEqual(values[("sentinel_agent_connections", (("agent", "waf"),))], 1)
+            self.assertEqual(values[("sentinel_agent_requests_in_flight", (("agent", "slow"),))], 1)
+            self.assertEqual(values[("sentinel_agent_requests_in_flight", (("agent", "waf"),))], 0)
+            for decision in ("allow", "block"):
+                self.assertEqual(
+                    values[("sentinel_gateway_requests_total", (("decision", decision),))], 1, decision
+                )
+            # waf answered 3 RequestHeaders; slow answered /ok (its answer
+            # to /blocked may come after waf's block cancelled it).
+            self.assertEqual(values[("sentinel_agent_round_trip_seconds_count", (("agent", "waf"),))], 3)
+            self.assertIn(values[("sentinel_agent_round_trip_seconds_count", (("agent", "slow"),))], (1, 2))
+            self.assertIn(
+                ("sentinel_agent_round_trip_seconds_bucket", (("agent", "waf"), ("le", "+Inf"))), values
+            )
+            self.assertRegex(text, re.compile(r"^# TYPE sentinel_agent_round_trip_seconds histogram$", re.M))
+            # Its own registry: nothing leaks into the process-global one.
+            self.assertIsNone(prometheus_client.REGISTRY.get_sample_value("sentinel_agent_registrations_total"))
+            slow.release(answer())
+            self.assertEqual((await pending).code, 200)
+
+        return ensureDeferred(go())
+
+    def test_timeouts_and_cancels_are_counted(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.3")
+            agent = await h.agent("waf", decide=hold)
+            self.assertEqual((await h.get("/timeout")).code, 503)
+            client = await h.raw(b"GET /abort HTTP/1.1\r\nHost: x\r\n\r\n")
+            await agent.wait(lambda: len(agent.held) == 2)
+            client.transport.abortConnection()
+            await agent.wait(lambda: len(agent.cancels) == 2)
+            values = samples((await h.status("/metrics")).body.decode())
+            self.assertEqual(values[("sentinel_agent_timeouts_total", (("agent", "waf"),))], 1)
+            self.assertEqual(
+                values[("sentinel_agent_cancels_total", (("agent", "waf"), ("reason", "timeout")))], 1
+            )
+            self.assertEqual(
+                values[("sentinel_agent_cancels_total", (("agent", "waf"), ("reason", "client_disconnect")))], 1
+            )
+            self.assertEqual(values[("sentinel_gateway_requests_total", (("decision", "unavailable"),))], 1)
+            self.assertEqual(values[("sentinel_gateway_requests_total", (("decision", "client_closed"),))], 1)
+
+        return ensureDeferred(go())
+
+    def test_fail_open_and_upstream_errors_are_counted(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--fail-open", "--agent", "ghost", "--upstream-timeout", "0.3")
+            self.assertEqual((await h.get("/slow")).code, 504)
+            self.assertEqual((await h.get("/drop")).code, 502)
+            values = samples((await h.status("/metrics")).body.decode())
+            self.assertEqual(
+                values[
+                    ("sentinel_gateway_fail_open_passes_total", (("agent", "ghost"), ("reason", "unavailable")))
+                ],
+                2,
+            )
+            self.assertEqual(values[("sentinel_gateway_upstream_errors_total", (("kind", "timeout"),))], 1)
+            self.assertEqual(values[("sentinel_gateway_upstream_errors_total", (("kind", "error"),))], 1)
+
+        return ensureDeferred(go())
+
+    def test_unknown_status_path_is_404(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            self.assertEqual((await h.status("/nope")).code, 404)
+
+        return ensureDeferred(go())
