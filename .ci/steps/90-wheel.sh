@@ -72,8 +72,10 @@ echo "$actual"
 echo "-- twistd -n sentinel-reverse starts, registers an agent, stops on SIGTERM"
 extra=()
 # The gateway and status page (when present) would take TCP ports: not here.
-if "$WORK/venv/bin/twistd" sentinel-reverse --help | grep -q -- "--http="; then extra+=(--http none); fi
-if "$WORK/venv/bin/twistd" sentinel-reverse --help | grep -q -- "--status="; then extra+=(--status none); fi
+"$WORK/venv/bin/twistd" sentinel-reverse --help > reverse-help.txt
+if grep -q -- "--http=" reverse-help.txt; then extra+=(--http none); fi
+if grep -q -- "--status=" reverse-help.txt; then extra+=(--status none); fi
+echo "twistd -n sentinel-reverse --listen unix:$WORK/s.sock ${extra[*]}"
 "$WORK/venv/bin/twistd" -n --pidfile= sentinel-reverse --listen "unix:$WORK/s.sock" "${extra[@]}" \
     > listener.log 2>&1 &
 LISTENER_PID=$!
@@ -127,5 +129,6 @@ LISTENER_PID=
 grep -q "Server Shut Down." listener.log || { cat listener.log; echo "no clean shutdown"; exit 1; }
 [ ! -e "$WORK/s.sock" ] || { cat listener.log; echo "the socket outlived twistd"; exit 1; }
 grep -q "Agent wheel-check registered connection" listener.log || { cat listener.log; exit 1; }
+if grep -q "GatewaySite\|StatusSite" listener.log; then cat listener.log; echo "--http none / --status none ignored"; exit 1; fi
 if grep -q "Traceback" listener.log; then cat listener.log; exit 1; fi
 echo "wheel ok"
