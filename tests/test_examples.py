@@ -526,14 +526,34 @@ class DocsTests(SynchronousTestCase):
                     if word.startswith("examples/"):
                         self.assertTrue((ROOT / word).exists(), f"{path.name}: {word}")
 
-    def test_every_listener_option_is_documented(self) -> None:
-        from sentinel_twisted.tap import Options
+    def test_every_option_of_every_program_is_documented(self) -> None:
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
 
         text = (DOCS / "operators.md").read_text(encoding="utf-8")
-        names = [name.rstrip("=") for name in Options().longOpt if name != "help"]
-        self.assertIn("listen", names)
-        for name in names:
-            self.assertIn(f"`--{name}", text, f"--{name} is not in docs/operators.md")
+        programs = {m.tapname: m for m in getPlugins(IServiceMaker) if m.tapname.startswith("sentinel-")}
+        self.assertIn("sentinel-reverse", programs)
+        for tapname, maker in programs.items():
+            self.assertIn(f"`twistd {tapname}`", text)
+            names = [name.rstrip("=") for name in maker.options().longOpt if name != "help"]
+            self.assertIn("version", names)
+            for name in names:
+                self.assertIn(f"`--{name}", text, f"{tapname} --{name} is not in docs/operators.md")
+
+    def test_every_metric_is_documented(self) -> None:
+        from twisted.internet.task import Clock
+
+        from sentinel_twisted.factory import ReverseConnectionFactory
+        from sentinel_twisted.pool import AgentPool
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        pool = AgentPool()
+        metrics = GatewayMetrics(pool, ReverseConnectionFactory(pool=pool, clock=Clock()))
+        exposed = set(re.findall(r"^# TYPE (\S+) ", metrics.render().decode(), re.M))
+        self.assertIn("sentinel_agent_round_trip_seconds", exposed)
+        text = (DOCS / "operators.md").read_text(encoding="utf-8")
+        documented = set(re.findall(r"^\| `(sentinel_\w+)` \|", text, re.M))
+        self.assertEqual(documented, exposed)
 
     def test_every_rejection_label_is_documented(self) -> None:
         import inspect
