@@ -42,7 +42,12 @@ from sentinel_twisted import messages as m
 from sentinel_twisted.auth import TokenFileChecker
 from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.connection import AgentConnection
-from sentinel_twisted.endpoints import SocketInUse, clear_stale_unix_socket, unix_socket_path
+from sentinel_twisted.endpoints import (
+    SocketInUse,
+    clear_stale_unix_socket,
+    unix_socket_path,
+    with_owner_only_mode,
+)
 from sentinel_twisted.errors import (
     AgentUnavailable,
     ConnectionClosed,
@@ -461,16 +466,19 @@ async def main(reactor: Any, *argv: str) -> None:
     pool.add_observer(AgentWatcher())
     factory = ReverseConnectionFactory(config, pool, token_checker=checker, clock=reactor)
 
+    # Twisted makes UNIX sockets world-connectable (666) unless told
+    # otherwise: make ours owner-only when the endpoint sets no mode.
+    endpoint = with_owner_only_mode(args.endpoint)
     # A socket file left by a dead process would make listen() fail; one a
     # live process serves must not be stolen.
-    path = unix_socket_path(args.endpoint)
+    path = unix_socket_path(endpoint)
     if path is not None:
         try:
             clear_stale_unix_socket(path)
         except SocketInUse as e:
             raise SystemExit(f"embed_listener: {e}") from None
-    port = await serverFromString(reactor, args.endpoint).listen(factory)
-    say(f"listening on {args.endpoint}")
+    port = await serverFromString(reactor, endpoint).listen(factory)
+    say(f"listening on {endpoint}")
 
     proxy = ToyProxy(pool, args.agent, args.fail_open)
 

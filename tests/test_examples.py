@@ -18,6 +18,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -398,7 +399,8 @@ class EmbedListenerTests(SynchronousTestCase):
         stale.close()
         self.assertTrue(os.path.exists(path))
         again = Program(self, f"unix:{path}")
-        again.expect("listening on unix:")
+        self.assertTrue(again.expect("listening on unix:").endswith(":mode=600"))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)  # not Twisted's 666
         self.assertEqual(again.end_input(), 0)
 
 
