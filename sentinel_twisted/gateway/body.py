@@ -103,6 +103,8 @@ class StageOwner(Protocol):
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool: ...
 
+    def internal_error(self, failure: Failure) -> None: ...
+
 
 class InspectionStage:
     """
@@ -236,7 +238,9 @@ class InspectionStage:
         self._index += 1
         self._in_flight = chunk
         self._in_flight_last = last
-        self.owner.send_to(self.slot, event).addCallbacks(self._answered, self._failed)
+        self.owner.send_to(self.slot, event).addCallbacks(self._answered, self._failed).addErrback(
+            self.owner.internal_error
+        )
 
     def _answered(self, answer: m.AgentResponse) -> None:
         chunk = self._in_flight

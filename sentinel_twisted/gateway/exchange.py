@@ -430,7 +430,7 @@ class Exchange:
                 self._header_failed,
                 callbackArgs=(slot,),
                 errbackArgs=(slot,),
-            )
+            ).addErrback(self.internal_error)
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:
@@ -541,7 +541,9 @@ class Exchange:
         forward = ForwardRequest(request.method, _origin_form(request.uri), headers, self._body, decisions)
         call = self.gateway.upstream.forward(forward)
         self._upstream_call = call
-        call.addCallbacks(self._upstream_responded, self._upstream_failed)
+        call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
+            self.internal_error
+        )
 
     def _upstream_responded(self, response: UpstreamResponse) -> None:
         self._upstream_call = None
@@ -645,7 +647,7 @@ class Exchange:
                 self._header_failed,
                 callbackArgs=(slot,),
                 errbackArgs=(slot,),
-            )
+            ).addErrback(self.internal_error)
 
     def _response_headers_allowed(self) -> None:
         response = self._response
@@ -763,6 +765,26 @@ class Exchange:
         self._cancel_pending(_MANUAL)
         self._unavailable()
         return False
+
+    def internal_error(self, failure: Failure) -> None:
+        """
+        A bug of ours: logged with its traceback; the client gets C{500}
+        (or a closed connection if the response had started), never a hang.
+        """
+        log.failure(
+            "Gateway failed on {method} {uri}",
+            failure,
+            method=self.request.method,
+            uri=self.request.uri,
+        )
+        if self._phase == _OVER:
+            return
+        self._decision = "error"
+        self._cancel_pending(_MANUAL)
+        if self._head_written:
+            self._abort_client("internal error")
+        else:
+            self._respond_plain(500)
 
     def _unavailable(self) -> None:
         self._decision = "unavailable"

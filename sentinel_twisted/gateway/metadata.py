@@ -69,7 +69,7 @@ def tls_info(transport: Any) -> TLSInfo | None:
     return TLSInfo(
         version,
         cipher,
-        sni.decode("idna", "replace") if isinstance(sni, bytes) else sni,
+        sni.decode("ascii", "replace") if isinstance(sni, bytes) else sni,
     )
 
 

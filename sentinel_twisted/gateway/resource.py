@@ -168,7 +168,11 @@ class GatewayResource(Resource):
         self.gateway = gateway
 
     def render(self, request: Any) -> Any:
-        Exchange(self.gateway, request).start()
+        exchange = Exchange(self.gateway, request)
+        try:
+            exchange.start()
+        except Exception:
+            exchange.internal_error(Failure())
         return server.NOT_DONE_YET
 
 

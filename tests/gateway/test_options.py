@@ -1,0 +1,107 @@
+"""
+The gateway's options of C{twistd sentinel-reverse} and the services they build.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted.gateway.config import GatewayConfig
+from sentinel_twisted.gateway.echo import EchoUpstream
+from sentinel_twisted.gateway.service import GatewayService
+from sentinel_twisted.gateway.upstream import HTTPUpstream
+from sentinel_twisted.tap import DEFAULT_HTTP, DEFAULT_STATUS, Options, add_gateway, make_listener
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", *argv])
+    return options
+
+
+class GatewayOptionsTests(TestCase):
+    def test_defaults(self) -> None:
+        options = parse()
+        self.assertEqual(DEFAULT_HTTP, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(DEFAULT_STATUS, "tcp:9901:interface=127.0.0.1")
+        self.assertEqual(options["http"], DEFAULT_HTTP + ":backlog=128")
+        self.assertEqual(options["status"], DEFAULT_STATUS + ":backlog=128")
+        self.assertEqual(options["gateway"], GatewayConfig())
+        config = options["gateway"]
+        self.assertEqual(config.agents, ())
+        self.assertFalse(config.fail_open)
+        self.assertIsNone(config.upstream)
+        self.assertEqual(config.upstream_timeout, 30.0)
+        self.assertEqual(config.challenge_status, 403)
+
+    def test_every_option(self) -> None:
+        options = parse(
+            "--http", "ssl:8443:privateKey=k.pem",
+            "--status", "unix:/tmp/status.sock",
+            "--upstream", "http://127.0.0.1:9000/app",
+            "--upstream-timeout", "2.5",
+            "--agent", "waf",
+            "--agent", "auth",
+            "--agent", "waf",
+            "--fail-open",
+            "--challenge-status", "429",
+            "--access-log", "/tmp/access.log",
+        )  # fmt: skip
+        self.assertEqual(options["http"], "ssl:8443:privateKey=k.pem:backlog=128")
+        self.assertEqual(options["status"], "unix:/tmp/status.sock:backlog=128")
+        config = options["gateway"]
+        self.assertEqual(config.agents, ("waf", "auth"))
+        self.assertTrue(config.fail_open)
+        self.assertEqual(config.upstream, "http://127.0.0.1:9000/app")
+        self.assertEqual(config.upstream_timeout, 2.5)
+        self.assertEqual(config.challenge_status, 429)
+        self.assertEqual(options["access-log"], "/tmp/access.log")
+
+    def test_none_turns_a_listener_off(self) -> None:
+        options = parse("--http", "none", "--status", "none")
+        self.assertIsNone(options["http"])
+        self.assertIsNone(options["status"])
+        top = make_listener(options, MemoryReactorClock())
+        add_gateway(top, options, MemoryReactorClock())
+        self.assertEqual([s for s in top if isinstance(s, GatewayService)], [])
+
+    def test_bad_values_name_their_option(self) -> None:
+        for argv, text in [
+            (("--upstream", "ftp://files.example/"), "--upstream"),
+            (("--upstream", "http://"), "no host"),
+            (("--upstream", "http://a.example/?q=1"), "query"),
+            (("--challenge-status", "99"), "--challenge-status"),
+            (("--challenge-status", "teapot"), "--challenge-status"),
+            (("--upstream-timeout", "0"), "--upstream-timeout"),
+        ]:
+            error = self.assertRaises(usage.UsageError, parse, *argv)
+            self.assertIn(text, str(error), argv)
+
+    def test_service_listens_where_told(self) -> None:
+        reactor = MemoryReactorClock()
+        options = parse()
+        top = make_listener(options, reactor)
+        add_gateway(top, options, reactor)
+        (gateway,) = [s for s in top if isinstance(s, GatewayService)]
+        self.assertIsInstance(gateway.upstream, EchoUpstream)
+        self.assertIs(gateway.gateway.pool, top.factory.pool)
+        top.startService()
+        self.addCleanup(top.stopService)
+        listening = {(port, interface) for port, _, _, interface in reactor.tcpServers}
+        self.assertIn((8080, "127.0.0.1"), listening)
+        self.assertIn((9901, "127.0.0.1"), listening)
+
+    def test_upstream_url_makes_an_http_upstream(self) -> None:
+        reactor = MemoryReactorClock()
+        options = parse("--upstream", "https://backend.example:8443/base/")
+        top = make_listener(options, reactor)
+        add_gateway(top, options, reactor)
+        (gateway,) = [s for s in top if isinstance(s, GatewayService)]
+        upstream: Any = gateway.upstream
+        self.assertIsInstance(upstream, HTTPUpstream)
+        self.assertEqual(upstream._prefix, b"https://backend.example:8443/base")
+        self.assertEqual(upstream.pool.maxPersistentPerHost, 64)
