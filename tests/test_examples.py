@@ -738,3 +738,31 @@ class ExampleFilesTests(SynchronousTestCase):
         from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
         self.assertIn(f"[default: {DEFAULT_LISTEN}]", Options.opt_listen.__doc__ or "")
+
+
+class ReleaseTests(SynchronousTestCase):
+    """Release hygiene that a test can see."""
+
+    def test_version_comes_from_one_place(self) -> None:
+        import configparser
+        from importlib.metadata import version
+
+        import sentinel_twisted
+
+        config = configparser.ConfigParser()
+        config.read(ROOT / "setup.cfg")
+        declared = config["metadata"]["version"]
+        self.assertEqual(sentinel_twisted.__version__, version("sentinel_twisted"))
+        self.assertEqual(sentinel_twisted.__version__, declared)
+        sources = [*ROOT.glob("sentinel_twisted/**/*.py"), *ROOT.glob("twisted/plugins/*.py"),
+                   *EXAMPLES.glob("*.py"), *DOCS.glob("*")]
+        for path in sources:
+            text = path.read_text(encoding="utf-8")
+            for quoted in (f'"{declared}"', f"'{declared}'", f"{declared}-py3"):
+                self.assertNotIn(quoted, text, f"{path.relative_to(ROOT)} hard-codes the version")
+
+    def test_manifest_ships_the_docs_examples_and_plugins(self) -> None:
+        manifest = (ROOT / "MANIFEST.in").read_text(encoding="utf-8")
+        for line in ["graft docs", "graft examples", "graft tests", "include README.md NEWS.rst",
+                     "recursive-include twisted/plugins *.py", "global-exclude dropin.cache"]:
+            self.assertIn(line, manifest)
