@@ -156,9 +156,13 @@ class AgentCapabilities(Struct, kw_only=True):
     @property
     def events(self) -> frozenset[EventType]:
         """The known event types the agent handles (unknown numbers are ignored)."""
-        return frozenset(
-            EventType(n) for n in self.supported_events if 0 <= n <= 7
-        )
+        events = frozenset(EventType(n) for n in self.supported_events if 0 <= n <= 7)
+        # At most 256 distinct sets exist; sharing them saves every registered
+        # connection its own copy (a five-element frozenset is 728 bytes).
+        return _EVENT_SETS.setdefault(events, events)
+
+
+_EVENT_SETS: dict[frozenset[EventType], frozenset[EventType]] = {}
 
 
 class RegistrationRequest(Struct, kw_only=True):
@@ -848,13 +852,41 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
 
 def decode_agent_response(payload: bytes) -> AgentResponse:
     """Parse an AgentResponse; C{version} and C{decision} are required."""
-    parsed = decode(payload, _RequiredAgentResponse)
+    p = decode(payload, _RequiredAgentResponse)
     # Hand out a plain AgentResponse: the decoding shape's instances would
-    # never compare equal to one (msgspec compares the exact type).
-    return AgentResponse(**{name: getattr(parsed, name) for name in _RESPONSE_FIELDS})
+    # never compare equal to one (msgspec compares the exact type).  Keyword
+    # arguments spelled out cost a sixth of a generic field-by-field copy,
+    # and this runs once per answer.
+    return AgentResponse(
+        version=p.version,
+        decision=p.decision,
+        request_headers=p.request_headers,
+        response_headers=p.response_headers,
+        routing_metadata=p.routing_metadata,
+        audit=p.audit,
+        needs_more=p.needs_more,
+        request_body_mutation=p.request_body_mutation,
+        response_body_mutation=p.response_body_mutation,
+        websocket_decision=p.websocket_decision,
+    )
 
 
 _RESPONSE_FIELDS: Final = AgentResponse.__struct_fields__
+# decode_agent_response copies these fields by name: a new field must be
+# added there too.
+if _RESPONSE_FIELDS != (
+    "version",
+    "decision",
+    "request_headers",
+    "response_headers",
+    "routing_metadata",
+    "audit",
+    "needs_more",
+    "request_body_mutation",
+    "response_body_mutation",
+    "websocket_decision",
+):  # pragma: no cover
+    raise ImportError("decode_agent_response does not copy every AgentResponse field")
 
 
 def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
@@ -864,10 +896,16 @@ def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
     since reference agents route their answer by it.
     """
     if isinstance(event, RequestHeadersEvent):
-        cid = correlation_id if correlation_id is not None else event.metadata.correlation_id
-        if event.metadata.correlation_id != cid:
-            event = msgspec.structs.replace(
-                event, metadata=msgspec.structs.replace(event.metadata, correlation_id=cid)
+        metadata = event.metadata
+        cid = correlation_id if correlation_id is not None else metadata.correlation_id
+        if metadata.correlation_id != cid:
+            # One copy of the event with both ids set (this runs per request).
+            return encode(
+                msgspec.structs.replace(
+                    event,
+                    correlation_id=cid,
+                    metadata=msgspec.structs.replace(metadata, correlation_id=cid),
+                )
             )
     else:
         cid = correlation_id if correlation_id is not None else event.correlation_id
