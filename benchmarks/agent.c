@@ -184,7 +184,7 @@ static int nconns;
 /* Mode-specific reactions to a HandshakeResponse and to a connection the
  * proxy closed; set by main. */
 static void (*on_registered)(conn_t *c, int ok) = NULL;
-static void (*on_closed)(conn_t *c) = NULL;
+static void (*on_closed)(conn_t *c, int state) = NULL;
 
 static void handle_frame(conn_t *c, int type, const unsigned char *payload, size_t plen) {
     if (type == 0x02) {
@@ -211,9 +211,10 @@ static void handle_frame(conn_t *c, int type, const unsigned char *payload, size
 
 /* The proxy closed the connection (or it broke) before we did. */
 static void lost(conn_t *c) {
-    if (c->state != ST_FREE) closed_early++;
+    int state = c->state;
+    if (state != ST_FREE) closed_early++;
     close_conn(c);
-    if (on_closed) on_closed(c);
+    if (on_closed) on_closed(c, state);
 }
 
 static void handle_readable(conn_t *c) {
@@ -335,7 +336,20 @@ static void churn_registered(conn_t *c, int ok) {
     }
 }
 
-static void churn_closed(conn_t *c) {
+/* A connection closed before its RegistrationResponse was shed by the
+ * proxy's cap on connections awaiting registration: dial again, as a real
+ * agent would. */
+static long long redialled = 0;
+static void serve_closed(conn_t *c, int state) {
+    if (state == ST_CONNECTING || state == ST_HANDSHAKE) {
+        redialled++;
+        c->state = ST_RETRY;
+        retry_waiting++;
+    }
+}
+
+static void churn_closed(conn_t *c, int state) {
+    (void)state;
     if (churn_started < churn_total) {
         c->index = (int)churn_started++;
         c->state = ST_START;
@@ -347,11 +361,11 @@ static void print_cpu(const char *event, double elapsed) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("{\"event\":\"%s\",\"pid\":%d,\"answered\":%lld,\"registered\":%lld,"
-           "\"failed\":%lld,\"closed_early\":%lld,\"connect_retries\":%lld,"
+           "\"failed\":%lld,\"closed_early\":%lld,\"connect_retries\":%lld,\"redialled\":%lld,"
            "\"seconds\":%.6f,\"cpu_user\":%.6f,\"cpu_sys\":%.6f,\"max_rss_kib\":%ld,"
            "\"first_error\":\"%s\"}\n",
            event, (int)getpid(), answered, registered_ok, registered_failed, closed_early,
-           connect_retries, elapsed,
+           connect_retries, redialled, elapsed,
            ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
            ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6, ru.ru_maxrss, first_error);
     fflush(stdout);
@@ -423,7 +437,7 @@ int main(int argc, char **argv) {
     conns = calloc((size_t)nconns, sizeof *conns);
     if (!conns) die("calloc");
     on_registered = churn ? churn_registered : serve_registered;
-    on_closed = churn ? churn_closed : NULL;
+    on_closed = churn ? churn_closed : serve_closed;
 
     t_first = t_last = now_s();
     for (int i = 0; i < nconns; i++) {

@@ -239,6 +239,18 @@ FALLBACK_EVENT = (
 )
 
 
+def print_allocations(before: Any, connections: int) -> None:
+    import tracemalloc
+
+    after = tracemalloc.take_snapshot()
+    stats = after.compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    print(f"python allocations: {total / connections:.0f} B per connection", file=sys.stderr)
+    for stat in stats[:25]:
+        frames = " -> ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in stat.traceback)
+        print(f"{stat.size_diff / connections:8.1f} B {stat.count_diff / connections:6.2f} blocks  {frames}", file=sys.stderr)
+
+
 class ClosedLoop:
     """Keep C{concurrency} requests in flight until C{warmup + requests}
     answers arrived; time the last C{requests} of them."""
@@ -358,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vectors", default=None)
     parser.add_argument("--profile", default=None, help="run under cProfile and write stats here")
     parser.add_argument("--max-seconds", type=float, default=300.0)
+    parser.add_argument("--tracemalloc", action="store_true", help="hold: print the top allocations per connection on stderr")
     args = parser.parse_args(argv)
 
     install_reactor(args.reactor)
@@ -411,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
 
     gc.collect()
     rss0 = rss_bytes()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(4)
+        state["snapshot"] = tracemalloc.take_snapshot()
 
     def on_registered(connection: Any) -> None:
         if args.scenario == "roundtrip":
@@ -422,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                 cpu = time.process_time() - state["cpu_first"]
                 gc.collect()
                 rss = rss_bytes()
+                if args.tracemalloc:
+                    print_allocations(state["snapshot"], len(pool))
                 emit(
                     event="hold",
                     connections=len(pool),
