@@ -119,7 +119,7 @@ def run(number: int, repeat: int) -> dict[str, float]:
     sink = _Sink()
     caps = m.AgentCapabilities(agent_id="bench", name="bench", version="1")
     conn = AgentConnection(
-        sink, agent_id="bench", connection_id="bench-1", capabilities=caps, metadata=None,  # type: ignore[arg-type]
+        sink, agent_id="bench", connection_id="bench-1", capabilities=caps, metadata=None,
         clock=clock, request_timeout=30.0, connected_since=0.0,
     )
     prefix, _, suffix = allow_answer("\x00").partition(b"\x00")
