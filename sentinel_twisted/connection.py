@@ -141,11 +141,13 @@ class AgentConnection:
         self._paused = False
         self._closed: ConnectionClosed | None = None
         self._gone = False
-        self._lost_waiters: list[Deferred[None]] = []
+        # Created when first needed: most connections never ping or close
+        # themselves, and every registered connection carries these.
+        self._lost_waiters: list[Deferred[None]] | None = None
         self.health_state: int | None = None
         self.last_health: m.HealthStatusMessage | None = None
-        self._ping_sequence = itertools.count()
-        self._pings: dict[int, tuple[float, Deferred[float]]] = {}
+        self._ping_sequence = 0
+        self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
         self.events = self.capabilities.events
 
     def __repr__(self) -> str:
@@ -357,13 +359,18 @@ class AgentConnection:
         """Send a Ping; the Deferred fires with the round-trip seconds."""
         if self._closed is not None:
             return fail(self._closed)
-        sequence = next(self._ping_sequence)
+        sequence = self._ping_sequence
+        self._ping_sequence = sequence + 1
         now = self._clock.seconds()
+        pings = self._pings
+        if pings is None:
+            pings = self._pings = {}
         def forget(_: Deferred[float]) -> None:
-            self._pings.pop(sequence, None)
+            if self._pings is not None:
+                self._pings.pop(sequence, None)
 
         waiter: Deferred[float] = Deferred(forget)
-        self._pings[sequence] = (now, waiter)
+        pings[sequence] = (now, waiter)
         body = m.PingMessage(sequence=sequence, timestamp_ms=int(now * 1000))
         self._sink.send_frame(MessageType.PING, m.encode(body))
         return waiter
@@ -380,6 +387,8 @@ class AgentConnection:
         if self._gone:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
+        if self._lost_waiters is None:
+            self._lost_waiters = []
         self._lost_waiters.append(waiter)
         self._sink.close_connection(detail, abort)
         return waiter
@@ -398,13 +407,14 @@ class AgentConnection:
         if timer is not None and timer.active():
             timer.cancel()
         failed = self._pending.fail_all(lambda cid: ConnectionClosed(closed.detail))
-        pings, self._pings = self._pings, {}
-        for _, waiter in pings.values():
-            waiter.errback(Failure(ConnectionClosed(closed.detail)))
+        pings, self._pings = self._pings, None
+        if pings:
+            for _, waiter in pings.values():
+                waiter.errback(Failure(ConnectionClosed(closed.detail)))
         if transport_gone:
             self._gone = True
-            waiters, self._lost_waiters = self._lost_waiters, []
-            for w in waiters:
+            waiters, self._lost_waiters = self._lost_waiters, None
+            for w in waiters or ():
                 w.callback(None)
         return failed
 
@@ -452,7 +462,8 @@ class AgentConnection:
             return
         cid = response.correlation_id
         pending = self._pending
-        if cid is None or cid not in pending:
+        # One lookup tells whether the id is waiting and since when.
+        if cid is None or (sent_at := pending.sent_at(cid)) is None:
             log.debug(
                 "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
                 cid=cid,
@@ -461,9 +472,7 @@ class AgentConnection:
             return
         listener = self.listener
         if listener is not None:
-            sent_at = pending.sent_at(cid)
-            if sent_at is not None:
-                listener.connection_answered(self, cid, self._clock.seconds() - sent_at)
+            listener.connection_answered(self, cid, self._clock.seconds() - sent_at)
         pending.resolve(cid, response)
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
@@ -539,7 +548,8 @@ class AgentConnection:
         message = self._control(payload, m.PingMessage, "Pong")
         if message is None:
             return
-        entry = self._pings.pop(message.sequence, None)
+        pings = self._pings
+        entry = pings.pop(message.sequence, None) if pings else None
         if entry is not None:
             sent, waiter = entry
             waiter.callback(self._clock.seconds() - sent)

@@ -45,6 +45,9 @@ class PendingTable:
         timed out, after its caller got the L{RequestTimeout}.
     """
 
+    # One table per registered connection: no per-instance __dict__.
+    __slots__ = ("_clock", "_on_cancel", "_on_timeout", "_entries", "_lanes", "_timer", "_timer_at")
+
     def __init__(
         self,
         clock: IReactorTime,

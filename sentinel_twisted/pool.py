@@ -171,6 +171,10 @@ class AgentPool:
             if not conn.can_accept_requests:
                 continue
             load = conn.in_flight
+            if load == 0:
+                # Nothing beats an idle connection, and the first one in
+                # this turn's order is the one the full scan would pick.
+                return conn
             if best is None or load < best_load:
                 best, best_load = conn, load
         if best is None:
