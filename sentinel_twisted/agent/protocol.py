@@ -29,13 +29,21 @@ import attrs
 import msgspec
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import messages as m
+from .._tls import server_identity_error
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..wire import FrameReceiver, MessageType
 from ._interfaces import IAgent
@@ -176,8 +184,11 @@ class _Lenient(msgspec.Struct):
     metadata: Any = None
 
 
+@implementer(IHandshakeListener)
 class AgentProtocol(FrameReceiver):
     """One agent connection.  Built by L{AgentClientFactory}."""
+
+    _registration_payload: bytes | None = None
 
     def __init__(
         self,
@@ -260,6 +271,28 @@ class AgentProtocol(FrameReceiver):
             self._lifecycle.refused,
             RegistrationFailed(f"no RegistrationResponse within {format_duration(timeout)}"),
         )
+        if ISSLTransport.providedBy(self.transport):
+            # Nothing, above all not the token, goes out before the proxy's
+            # certificate is verified: wait for the TLS handshake.
+            self._registration_payload = payload
+            return
+        self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
+
+    def handshakeCompleted(self) -> None:
+        payload, self._registration_payload = self._registration_payload, None
+        transport = self.transport
+        if payload is None or transport is None or getattr(transport, "disconnecting", False):
+            return
+        problem = server_identity_error(transport)
+        if problem is not None:
+            log.error(
+                "Agent {agent_id}: not registering over TLS: {problem}",
+                agent_id=self.settings.agent_id,
+                problem=problem,
+            )
+            self._lifecycle.refused(RegistrationFailed(f"TLS: {problem}"))
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
 
     def frame_received(self, message_type: int, payload: bytes) -> None:
