@@ -109,8 +109,25 @@ class ReverseConnectionProtocol(FrameReceiver):
         if refusal is not None:
             self._lifecycle.registration_refused(refusal, request.agent_id)
             return
+        self._share_with_agent(request)
         connection = self.factory.create_connection(self, request)
         self._lifecycle.registration_accepted(connection)
+
+    def _share_with_agent(self, request: m.RegistrationRequest) -> None:
+        """
+        The connections of one agent normally declare identical capabilities
+        and metadata: a new one shares the copies its agent's live
+        connection holds (about 1 KiB saved per registered connection).
+        They are read-only by convention, like every registration field.
+        """
+        pool = getattr(self.factory, "pool", None)
+        if pool is None:
+            return
+        for other in pool.connections(request.agent_id)[:1]:
+            if other.capabilities == request.capabilities:
+                request.capabilities = other.capabilities
+            if request.metadata is not None and other.metadata == request.metadata:
+                request.metadata = other.metadata
 
     def _ignore_frame(self, message_type: int, payload: bytes) -> None:
         pass
