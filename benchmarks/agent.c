@@ -17,6 +17,7 @@
  *   agent (--unix PATH | --tcp HOST:PORT) [--mode serve|churn]
  *         [--connections N] [--agent-id ID] [--per-agent K]
  *         [--total M] [--parallel K] [--max-seconds S]
+ *         [--events 1,2,3,4,5]   (supported_events sent on registration)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -57,6 +58,7 @@ static socklen_t peer_len;
 static int peer_family;
 static int epfd;
 static const char *agent_prefix = "bench";
+static const char *supported_events = "1,2,3,4,5";
 static int per_agent = 0;
 
 static long long answered = 0, registered_ok = 0, registered_failed = 0;
@@ -146,13 +148,13 @@ static void queue_registration(conn_t *c) {
     const char *id = agent_id_for(c->index);
     int n = snprintf(payload, sizeof payload,
         "{\"protocol_version\":2,\"agent_id\":\"%s\",\"capabilities\":{\"agent_id\":\"%s\","
-        "\"name\":\"bench agent\",\"version\":\"1.0.0\",\"supported_events\":[1,2,3,4,5],"
+        "\"name\":\"bench agent\",\"version\":\"1.0.0\",\"supported_events\":[%s],"
         "\"features\":{\"streaming_body\":true,\"websocket\":false,\"guardrails\":false,"
         "\"config_push\":false,\"metrics_export\":false,\"concurrent_requests\":1000,"
         "\"cancellation\":true,\"flow_control\":true,\"health_reporting\":false},"
         "\"limits\":{\"max_body_size\":1048576,\"max_concurrency\":1000,"
         "\"preferred_chunk_size\":65536}},\"auth_token\":null,\"metadata\":{\"pid\":%d}}",
-        id, id, (int)getpid());
+        id, id, supported_events, (int)getpid());
     put_frame(c, 0x01, payload, (size_t)n, NULL, 0, NULL, 0);
 }
 
@@ -413,6 +415,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--total")) churn_total = atoll(v);
         else if (!strcmp(a, "--parallel")) parallel = atoi(v);
         else if (!strcmp(a, "--max-seconds")) max_seconds = atof(v);
+        else if (!strcmp(a, "--events")) supported_events = v;
         else { fprintf(stderr, "agent: unknown option %s\n", a); return 2; }
         i++;
     }

@@ -188,13 +188,19 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
     return {"table": PendingTable, "none": NoTimeoutTable, "delayedcall": DelayedCallTable}
 
 
-def swap_tables(pool: Any, variant: str) -> None:
-    """Give every (idle) connection a fresh pending table of C{variant}."""
-    cls = make_table_classes()[variant]
+def swap_tables(pool: Any, variant: str, default_timeout: float) -> None:
+    """
+    Give every (idle) connection a fresh pending table of C{variant}:
+    C{table}, C{none} or C{delayedcall}, optionally with C{@SECONDS} for
+    the request timeout (C{table@1}: the table's timer fires every second).
+    """
+    name, _, seconds = variant.partition("@")
+    cls = make_table_classes()[name]
     for conn in pool.connections():
         assert conn.in_flight == 0
         old = conn._pending
         conn._pending = cls(old._clock, on_cancel=old._on_cancel, on_timeout=old._on_timeout)
+        conn.request_timeout = float(seconds) if seconds else default_timeout
 
 
 # ---------------------------------------------------------------------------
@@ -488,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                 finish()
                 return
             variant, level = plan.pop(0)
-            swap_tables(pool, variant)
+            swap_tables(pool, variant, args.request_timeout)
             gc.collect()
 
             def done(result: dict[str, Any]) -> None:

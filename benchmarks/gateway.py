@@ -1,14 +1,25 @@
 """
 The gateway section of the benchmarks: HTTP requests/s through
-C{twistd sentinel-reverse --http} with one agent consulted, against the
-same gateway with no agent consulted, loaded by C{wrk}.
+C{twistd sentinel-reverse --http} (built-in echo upstream) with one agent
+consulted, against the same gateway process with no agent registered
+(requests then pass unconsulted), loaded by C{wrk} over TCP loopback.
+
+The two cases alternate in one gateway process (no agent, one agent, no
+agent, ...) so that the ratio is measured in one run.  The agent is the C
+load agent: one process, four connections, subscribed to RequestHeaders
+only, answering allow.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 
@@ -16,7 +27,8 @@ def gateway_available() -> str | None:
     """C{None} if the gateway can be measured, else why not."""
     result = subprocess.run(
         [sys.executable, "-m", "twisted", "sentinel-reverse", "--help"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if "--http" not in result.stdout:
         return "twistd sentinel-reverse has no --http option (no gateway in this checkout)"
@@ -25,9 +37,120 @@ def gateway_available() -> str | None:
     return None
 
 
+# twistd from this interpreter (the venv's twistd script may not be on PATH).
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited ({proc.returncode}) before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the gateway did not listen on port {port} within {timeout:.0f} s")
+
+
+_RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_ERRORS = re.compile(r"Socket errors:.*")
+_LATENCY = re.compile(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)")
+
+
+def run_wrk(url: str, connections: int, duration: float) -> dict[str, Any]:
+    seconds = max(1, int(round(duration)))
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
+    out = result.stdout
+    rps = _RPS.search(out)
+    if result.returncode != 0 or rps is None:
+        raise RuntimeError(f"wrk failed ({result.returncode}): {out[-500:]} {result.stderr[-500:]}")
+    non2xx = _NON_2XX.search(out)
+    errors = _ERRORS.search(out)
+    latency = _LATENCY.search(out)
+    return {
+        "rps": float(rps.group(1)),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(0) if errors else None,
+        "latency_avg": latency.group(1) if latency else None,
+    }
+
+
 def run(harness: Any) -> dict[str, Any]:
     why = gateway_available()
     if why is not None:
         harness.log(f"gateway: skipped: {why}")
         return {"skipped": why, "ratio": None}
-    return {"skipped": "gateway measurement not written yet", "ratio": None}
+    a = harness.args
+    workdir = harness.workdir
+    sock = os.path.join(workdir, "gateway.sock")
+    http_port = free_port()
+    argv = [
+        sys.executable, "-c", _TWISTD,
+        "--nodaemon",
+        "--logfile", os.path.join(workdir, "gateway.log"),
+        "--pidfile", os.path.join(workdir, "gateway.pid"),
+        "sentinel-reverse",
+        "--listen", f"unix:{sock}",
+        "--http", f"tcp:{http_port}:interface=127.0.0.1",
+        "--status", "none",
+    ]
+    gateway = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{http_port}/bench"
+    rounds: list[dict[str, Any]] = []
+    try:
+        wait_for_port(http_port, 60, gateway)
+        for i in range(a.runs):
+            harness.log(f"gateway: round {i + 1}/{a.runs}: no agent")
+            bare = run_wrk(url, a.gateway_connections, a.gateway_duration)
+            harness.log(f"gateway: round {i + 1}/{a.runs}: one agent")
+            agent = harness.start_agent(
+                ["--unix", sock], "--agent-id", "gw-agent", "--connections", "4", "--events", "1",
+            )
+            try:
+                agent.expect("registered", 30)
+                time.sleep(0.2)
+                consulted = run_wrk(url, a.gateway_connections, a.gateway_duration)
+            finally:
+                agent.stop()
+                harness.children.remove(agent)
+            final = agent.expect("exit", 10)
+            consulted["agent_answered"] = final["answered"]
+            consulted["agent_cpu"] = (final["cpu_user"] + final["cpu_sys"]) / max(a.gateway_duration, 1)
+            if final["answered"] == 0:
+                raise RuntimeError("the agent was never consulted")
+            rounds.append({"no_agent": bare, "one_agent": consulted, "ratio": consulted["rps"] / bare["rps"]})
+            time.sleep(0.3)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        harness.log(f"gateway: failed: {e}")
+        return {"skipped": f"failed: {e}", "ratio": None, "rounds": rounds}
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(10)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+    return {
+        "connections": a.gateway_connections,
+        "duration": a.gateway_duration,
+        "rounds": rounds,
+        "no_agent_rps": statistics.median(r["no_agent"]["rps"] for r in rounds),
+        "one_agent_rps": statistics.median(r["one_agent"]["rps"] for r in rounds),
+        "ratio": statistics.median(r["ratio"] for r in rounds),
+        "non_2xx": sum(r["no_agent"]["non_2xx"] + r["one_agent"]["non_2xx"] for r in rounds),
+    }
