@@ -45,9 +45,11 @@ class _EchoResponse(UpstreamResponse):
     def __init__(self, body: bytes) -> None:
         self.code = 200
         self.phrase = b"OK"
-        self.headers = Headers(
-            {b"Content-Type": [b"application/json"], b"Content-Length": [b"%d" % len(body)]}
-        )
+        self.headers = headers = Headers()
+        headers._rawHeaders = {
+            b"Content-Type": [b"application/json"],
+            b"Content-Length": [b"%d" % len(body)],
+        }
         self.length = len(body)
         self._body = body
 
@@ -59,6 +61,8 @@ class _EchoResponse(UpstreamResponse):
 
 
 class EchoUpstream:
+    shows_decisions = True
+
     def describe(self) -> str:
         return "built-in echo"
 
@@ -74,7 +78,7 @@ class EchoUpstream:
                 "query": query.decode("utf-8", "replace"),
                 "headers": header_map(request.headers.getAllRawHeaders()),
                 "body_bytes": counter.size,
-                "decisions": request.decisions,
+                "decisions": request.decisions or [],
             }
             return _EchoResponse(_encoder.encode(description) + b"\n")
 

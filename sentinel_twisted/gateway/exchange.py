@@ -155,6 +155,8 @@ class Gateway:
         self.clock = clock
         self.challenge_status = config.challenge_status
         self.fail_open = config.fail_open
+        #: Whether the upstream shows each agent's decision (the echo does).
+        self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
 
     def agent_ids(self) -> Sequence[str]:
         return self.config.agents or self.pool.agent_ids()
@@ -168,7 +170,6 @@ class AgentSlot:
         "answer",
         "connection",
         "events",
-        "pending",
         "response_ops",
         "skipped",
         "stage",
@@ -178,13 +179,19 @@ class AgentSlot:
         self.agent_id = agent_id
         self.connection = connection
         self.events = connection.events
-        self.pending: Deferred[m.AgentResponse] | None = None
         #: The answer in the current header round.
         self.answer: m.AgentResponse | None = None
         #: Left out after failing (fail-open): its reason.
         self.skipped: str | None = None
-        self.response_ops: list[m.HeaderOp] = []
+        #: Response header operations from its answers so far.
+        self.response_ops: list[m.HeaderOp] | None = None
         self.stage: InspectionStage | None = None
+
+    def add_response_ops(self, ops: list[m.HeaderOp]) -> None:
+        if self.response_ops is None:
+            self.response_ops = list(ops)
+        else:
+            self.response_ops.extend(ops)
 
 
 # Phases of an exchange.
@@ -242,36 +249,40 @@ class _ResponseProducer:
 class Exchange:
     """One client request; see the module docstring."""
 
+    # Defaults as class attributes: most requests never change most of
+    # them, and an exchange is made per request.
+    correlation_id = ""
+    slots: Sequence[AgentSlot] = ()
+    _round: Sequence[AgentSlot] = ()
+    _body_in = 0
+    _max_body: int | None = None
+    _request_pressure: Pressure | None = None
+    _body_head: BodySink | None = None
+    _body: StreamingBody | None = None
+    _body_through = False
+    _upstream_call: Deferred[UpstreamResponse] | None = None
+    _response: UpstreamResponse | None = None
+    _response_head: BodySink | None = None
+    _response_pressure: Pressure | None = None
+    _upstream_pauses: frozenset[str] | set[str] = frozenset()
+    _head_written = False
+    _producer: _ResponseProducer | None = None
+    _status = 0
+    _response_bytes = 0
+    _error: str | None = None
+    _decision: str | None = None
+    _forwarded = False
+    _passed: Sequence[dict[str, Any]] = ()
+    _cancelling = False
+    _drop_length = False
+    _out_headers: Headers
+
     def __init__(self, gateway: Gateway, request: GatewayRequest) -> None:
         self.gateway = gateway
         self.request = request
-        self.correlation_id = ""
-        self.slots: list[AgentSlot] = []
         self._phase = _DECIDING
-        self._round: list[AgentSlot] = []
         self._started_at = time.monotonic()
-        self._body_in = 0
-        self._max_body: int | None = None
-        self._request_pressure = _pressure([], request.pause_body, request.resume_body)
-        self._body_head: BodySink | None = None
-        self._body: StreamingBody | None = None
-        self._body_through = False
-        self._upstream_call: Deferred[UpstreamResponse] | None = None
-        self._response: UpstreamResponse | None = None
-        self._response_head: BodySink | None = None
-        self._response_pressure: Pressure | None = None
-        self._upstream_pauses: set[str] = set()
-        self._head_written = False
-        self._producer: _ResponseProducer | None = None
-        self._status = 0
-        self._response_bytes = 0
-        self._error: str | None = None
-        self._decision: str | None = None
-        self._forwarded = False
-        self._out_headers = Headers()
-        self._passed: list[dict[str, Any]] = []
-        self._cancelling = False
-        self._drop_length = False
+        self._secure = request.secure
         request.exchange = self
 
     # -- state ------------------------------------------------------------------
@@ -283,22 +294,25 @@ class Exchange:
     # -- start --------------------------------------------------------------------
 
     def start(self) -> None:
-        gateway = self.gateway
         request = self.request
-        agent_ids = gateway.agent_ids()
+        agent_ids = self.gateway.agent_ids()
         if agent_ids:
             if not self._select(agent_ids):
                 return
         slots = self.slots
         length = request.body_length
-        body_slots = [s for s in slots if _REQUEST_BODY in s.events]
-        if body_slots:
-            limit = min(s.connection.capabilities.limits.max_body_size for s in body_slots)
-            self._max_body = limit
-            if length is not None and length > limit:
-                self._too_large()
-                return
-        self._build_request_body(body_slots, length)
+        if length == 0 and not request.streaming:
+            # No body (a GET, or Content-Length: 0).
+            self._body_through = True
+        else:
+            body_slots = [s for s in slots if _REQUEST_BODY in s.events]
+            if body_slots:
+                limit = min(s.connection.capabilities.limits.max_body_size for s in body_slots)
+                self._max_body = limit
+                if length is not None and length > limit:
+                    self._too_large()
+                    return
+            self._build_request_body(body_slots, length)
         if slots:
             self._send_request_headers()
             if self._phase == _OVER:
@@ -319,7 +333,8 @@ class Exchange:
 
     def _select(self, agent_ids: Sequence[str]) -> bool:
         pool = self.gateway.pool
-        slots = self.slots
+        slots: list[AgentSlot] = []
+        self.slots = slots
         for agent_id in agent_ids:
             try:
                 connection = pool.select(agent_id)
@@ -328,7 +343,10 @@ class Exchange:
                 self.gateway.metrics.agent_failed(agent_id, reason)
                 if self.gateway.fail_open:
                     self.gateway.metrics.fail_open_pass(agent_id, reason)
-                    self._passed.append({"agent_id": agent_id, "decision": "allow", "fail_open": reason})
+                    self._passed = [
+                        *self._passed,
+                        {"agent_id": agent_id, "decision": "allow", "fail_open": reason},
+                    ]
                     log.debug(
                         "Agent {agent_id} {reason}; request passes (fail-open)",
                         agent_id=agent_id,
@@ -345,10 +363,6 @@ class Exchange:
 
     def _build_request_body(self, body_slots: list[AgentSlot], length: int | None) -> None:
         request = self.request
-        if not length and request.streaming is False:
-            # No body (a GET, or Content-Length: 0).
-            self._body_through = True
-            return
         sizes = [
             clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size) for s in body_slots
         ]
@@ -374,30 +388,24 @@ class Exchange:
     # -- sending to agents ----------------------------------------------------------
 
     def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
-        deferred = slot.connection.send_event(event, self.correlation_id)
-        slot.pending = deferred
-        deferred.addBoth(self._settled, slot, deferred)
-        return deferred
-
-    @staticmethod
-    def _settled(result: Any, slot: AgentSlot, deferred: Deferred[m.AgentResponse]) -> Any:
-        if slot.pending is deferred:
-            slot.pending = None
-        return result
+        # One event at a time per agent and request, all under one
+        # correlation id: whatever is pending under it is what the agent
+        # still decides (see _cancel_pending).
+        return slot.connection.send_event(event, self.correlation_id)
 
     def _cancel_pending(self, reason: int) -> None:
         """Cancel every agent still deciding; each gets a Cancel frame."""
         cid = self.correlation_id
+        if not cid:
+            return
         metrics = self.gateway.metrics
         # The cancelled Deferreds fail at once; their handlers must not take
         # that for the agent failing.
         self._cancelling = True
         try:
             for slot in self.slots:
-                if slot.pending is not None:
-                    slot.pending = None
-                    if slot.connection.cancel_request(cid, reason):
-                        metrics.cancel_sent(slot.agent_id, reason)
+                if slot.connection.cancel_request(cid, reason):
+                    metrics.cancel_sent(slot.agent_id, reason)
         finally:
             self._cancelling = False
 
@@ -405,54 +413,56 @@ class Exchange:
 
     def _send_request_headers(self) -> None:
         request = self.request
-        headers = request.requestHeaders
-        transport = request.channel.transport if request.channel is not None else None
-        metadata = request_metadata(
-            self.correlation_id,
-            request.client,
-            headers,
-            request.clientproto,
-            tls_info(transport) if request.isSecure() else None,  # type: ignore[no-untyped-call]
-        )
+        cid = self.correlation_id
+        headers = header_map(request.requestHeaders.getAllRawHeaders())
+        tls = None
+        if self._secure:
+            channel = request.channel
+            tls = tls_info(channel.transport if channel is not None else None)
         event = m.RequestHeadersEvent(
-            correlation_id=self.correlation_id,
-            metadata=metadata,
+            correlation_id=cid,
+            metadata=request_metadata(cid, request.client, headers, request.clientproto, tls),
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("utf-8", "replace"),
-            headers=header_map(headers.getAllRawHeaders()),
+            headers=headers,
         )
         self._round = list(self.slots)
+        answered = self._header_answered
+        failed = self._header_failed
         for slot in self._round:
             if self._phase == _OVER:
                 return
-            self.send_to(slot, event).addCallbacks(
-                self._header_answered,
-                self._header_failed,
-                callbackArgs=(slot,),
-                errbackArgs=(slot,),
-            ).addErrback(self.internal_error)
+            slot.connection.send_event(event, cid).addCallbacks(
+                answered, failed, callbackArgs=(slot,), errbackArgs=(slot,)
+            )
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:
             return
-        slot.answer = answer
-        if answer.response_headers:
-            slot.response_ops.extend(answer.response_headers)
-        if answer.is_allow and slot.stage is not None:
-            # Its body events may follow now that this answer is in.
-            slot.stage.start()
-            if self._phase == _OVER:
-                return
-        self._judge_round()
+        try:
+            slot.answer = answer
+            if answer.response_headers:
+                slot.add_response_ops(answer.response_headers)
+            if answer.is_allow and slot.stage is not None:
+                # Its body events may follow now that this answer is in.
+                slot.stage.start()
+                if self._phase == _OVER:
+                    return
+            self._judge_round()
+        except Exception:
+            self.internal_error(Failure())
 
     def _header_failed(self, failure: Failure, slot: AgentSlot) -> None:
         if self._phase == _OVER or self._cancelling:
             return
-        if self._agent_failed(slot, failure):
-            if slot.stage is not None:
-                slot.stage.bypass()
-            if self._phase != _OVER:
-                self._judge_round()
+        try:
+            if self._agent_failed(slot, failure):
+                if slot.stage is not None:
+                    slot.stage.bypass()
+                if self._phase != _OVER:
+                    self._judge_round()
+        except Exception:
+            self.internal_error(Failure())
 
     def _judge_round(self) -> None:
         """The first non-allow answer in agent order wins; all allowed moves on."""
@@ -497,7 +507,7 @@ class Exchange:
             self._deny(slot, answer)
             return False
         if answer.response_headers:
-            slot.response_ops.extend(answer.response_headers)
+            slot.add_response_ops(answer.response_headers)
         return True
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
@@ -505,7 +515,8 @@ class Exchange:
 
     def _request_body_through(self) -> None:
         self._body_through = True
-        self._request_pressure.release()
+        if self._request_pressure is not None:
+            self._request_pressure.release()
         self._maybe_respond()
 
     # -- upstream --------------------------------------------------------------------------
@@ -524,20 +535,26 @@ class Exchange:
             if forwarded:
                 value = b", ".join([*forwarded, value])
             headers.setRawHeaders(b"X-Forwarded-For", [value])
-        headers.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])  # type: ignore[no-untyped-call]
+        headers.setRawHeaders(b"X-Forwarded-Proto", [b"https" if self._secure else b"http"])
         host = request.requestHeaders.getRawHeaders(b"host")
         if host:
             headers.setRawHeaders(b"X-Forwarded-Host", [host[0]])
-        decisions: list[dict[str, Any]] = list(self._passed)
+        decisions: list[dict[str, Any]] | None = (
+            list(self._passed) if self.gateway.shows_decisions else None
+        )
         for slot in self.slots:
             if slot.skipped is not None:
-                decisions.append({"agent_id": slot.agent_id, "decision": "allow", "fail_open": slot.skipped})
+                if decisions is not None:
+                    decisions.append(
+                        {"agent_id": slot.agent_id, "decision": "allow", "fail_open": slot.skipped}
+                    )
                 continue
             answer = slot.answer
             if answer is not None:
                 if answer.request_headers:
                     apply_header_ops(headers, answer.request_headers, slot.agent_id)
-                decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
+                if decisions is not None:
+                    decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
         forward = ForwardRequest(request.method, _origin_form(request.uri), headers, self._body, decisions)
         call = self.gateway.upstream.forward(forward)
         self._upstream_call = call
@@ -647,7 +664,7 @@ class Exchange:
                 self._header_failed,
                 callbackArgs=(slot,),
                 errbackArgs=(slot,),
-            ).addErrback(self.internal_error)
+            )
 
     def _response_headers_allowed(self) -> None:
         response = self._response
@@ -687,12 +704,12 @@ class Exchange:
     def _pause_upstream(self, why: str) -> None:
         if not self._upstream_pauses and self._response is not None:
             self._response.pause()
-        self._upstream_pauses.add(why)
+        self._upstream_pauses = {*self._upstream_pauses, why}
 
     def _resume_upstream(self, why: str) -> None:
         pauses = self._upstream_pauses
         if why in pauses:
-            pauses.discard(why)
+            self._upstream_pauses = pauses = pauses - {why}
             if not pauses and self._response is not None:
                 self._response.resume()
 
@@ -705,7 +722,7 @@ class Exchange:
         if self._drop_length:
             headers.removeHeader(b"content-length")
         for slot in self.slots:
-            if slot.response_ops and slot.skipped is None:
+            if slot.response_ops is not None and slot.skipped is None:
                 apply_header_ops(headers, slot.response_ops, slot.agent_id)
         raw = request.responseHeaders._rawHeaders
         for name, values in headers.getAllRawHeaders():
@@ -848,7 +865,8 @@ class Exchange:
         if self._phase != _OVER:
             self._phase = _OVER
             self.gateway.metrics.request_decided(self._decision or "client_closed")
-        self._request_pressure.release()
+        if self._request_pressure is not None:
+            self._request_pressure.release()
 
     def _finish(self) -> None:
         self._over()
@@ -887,7 +905,7 @@ class Exchange:
             return
         event: m.RequestCompleteEvent | None = None
         for slot in self.slots:
-            if _REQUEST_COMPLETE not in slot.events or slot.pending is not None:
+            if _REQUEST_COMPLETE not in slot.events:
                 continue
             connection = slot.connection
             if connection.is_closed:

@@ -14,7 +14,6 @@ from typing import Any
 
 from msgspec import UNSET
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.web.http_headers import Headers
 
 from .. import messages as m
 
@@ -38,11 +37,35 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
+# Header names repeat from request to request: remember their agent form.
+_names: dict[bytes, str] = {}
+_MAX_NAMES = 4096
+
+
+def _name(name: bytes) -> str:
+    text = _names.get(name)
+    if text is None:
+        text = name.decode("latin-1").lower()
+        if len(_names) < _MAX_NAMES:
+            _names[name] = text
+    return text
+
+
 def header_map(pairs: Iterable[tuple[bytes, Iterable[bytes]]]) -> dict[str, list[str]]:
     """Headers as the agents see them: lower-case name -> list of values."""
-    return {
-        name.decode("latin-1").lower(): [_text(v) for v in values] for name, values in pairs
-    }
+    names = _names
+    result = {}
+    for name, values in pairs:
+        text = names.get(name) or _name(name)
+        result[text] = [v.decode("utf-8", "replace") for v in values]
+    return result
+
+
+_protocols: dict[bytes, str] = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
+
+
+def _protocol(version: bytes) -> str:
+    return _protocols.get(version) or version.decode("ascii", "replace")
 
 
 class TLSInfo:
@@ -73,11 +96,11 @@ def tls_info(transport: Any) -> TLSInfo | None:
     )
 
 
-def _host_name(headers: Headers) -> str | None:
-    host = headers.getRawHeaders(b"host")
+def _host_name(headers: dict[str, list[str]]) -> str | None:
+    host = headers.get("host")
     if not host:
         return None
-    value = host[0].decode("latin-1").strip()
+    value = host[0].strip()
     if value.startswith("["):
         end = value.find("]")
         return value[1:end] if end > 0 else value
@@ -87,13 +110,14 @@ def _host_name(headers: Headers) -> str | None:
 def request_metadata(
     correlation_id: str,
     client: object,
-    headers: Headers,
+    headers: dict[str, list[str]],
     protocol: bytes,
     tls: TLSInfo | None,
     now: float | None = None,
 ) -> m.RequestMetadata:
     """
-    The C{metadata} of a RequestHeaders event for one client request.
+    The C{metadata} of a RequestHeaders event for one client request;
+    C{headers} is its L{header_map}.
 
     C{request_id} is the client's C{X-Request-Id} when it sent one, else
     the correlation id.
@@ -102,18 +126,28 @@ def request_metadata(
         client_ip, client_port = client.host, client.port
     else:
         client_ip, client_port = "", 0
-    request_ids = headers.getRawHeaders(b"x-request-id")
-    traceparent = headers.getRawHeaders(b"traceparent")
-    server_name = tls.server_name if tls is not None else None
+    request_ids = headers.get("x-request-id")
+    traceparent = headers.get("traceparent")
+    if tls is None:
+        return m.RequestMetadata(
+            correlation_id=correlation_id,
+            request_id=request_ids[0] if request_ids else correlation_id,
+            client_ip=client_ip,
+            client_port=client_port,
+            server_name=_host_name(headers),
+            protocol=_protocol(protocol),
+            timestamp=rfc3339_now(now),
+            traceparent=traceparent[0] if traceparent else UNSET,
+        )
     return m.RequestMetadata(
         correlation_id=correlation_id,
-        request_id=_text(request_ids[0]) if request_ids else correlation_id,
+        request_id=request_ids[0] if request_ids else correlation_id,
         client_ip=client_ip,
         client_port=client_port,
-        server_name=server_name or _host_name(headers),
-        protocol=protocol.decode("ascii", "replace"),
-        tls_version=tls.version if tls is not None else None,
-        tls_cipher=tls.cipher if tls is not None else None,
+        server_name=tls.server_name or _host_name(headers),
+        protocol=_protocol(protocol),
+        tls_version=tls.version,
+        tls_cipher=tls.cipher,
         timestamp=rfc3339_now(now),
-        traceparent=_text(traceparent[0]) if traceparent else UNSET,
+        traceparent=traceparent[0] if traceparent else UNSET,
     )

@@ -104,6 +104,15 @@ class GatewayRequest(server.Request):
 
     # -- for the exchange ---------------------------------------------------------------
 
+    @property
+    def secure(self) -> bool:
+        """Whether the client connection is TLS (asked once per connection)."""
+        channel: Any = self.channel
+        secure = getattr(channel, "_sentinel_secure", None)
+        if secure is None:
+            secure = channel._sentinel_secure = bool(self.isSecure())  # type: ignore[no-untyped-call]
+        return bool(secure)
+
     def pause_body(self) -> None:
         """Stop reading the client (the body is arriving faster than it leaves)."""
         transport: Any = self.transport

@@ -143,7 +143,7 @@ class ForwardRequest:
         uri: bytes,
         headers: Headers,
         body: StreamingBody | None,
-        decisions: list[dict[str, Any]],
+        decisions: list[dict[str, Any]] | None = None,
     ) -> None:
         self.method = method
         self.uri = uri

@@ -4,18 +4,25 @@ L{GatewayMetrics}: Prometheus metrics of the listener and the gateway, in
 a registry of their own (never the process-global one, so that two
 gateways in one process, or a test suite, do not collide).
 
-Counters the gateway bumps per request are bound to their labels once and
-cached; the listener's own counters (registrations, rejections) and the
-pool's state (connections, requests in flight) are read when scraped.
+Counters the gateway bumps per request are plain dicts turned into
+metrics when scraped (one thread bumps them: no lock per sample); so are
+the listener's own counters (registrations, rejections) and the pool's
+state (connections, requests in flight).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from zope.interface import implementer
 
@@ -55,6 +62,74 @@ def _cancel_reason(reason: int) -> str:
         return CancelReason(reason).name.lower()
     except ValueError:
         return str(reason)
+
+
+class _CounterFamily:
+    """
+    A labelled counter kept as a plain dict: bumped once or more per request
+    in the reactor thread, so without prometheus_client's per-sample lock.
+    """
+
+    __slots__ = ("documentation", "labels", "name", "values")
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.values: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0) + 1
+
+
+class _CountersCollector(Collector):
+    def __init__(self, families: list[_CounterFamily]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.families:
+            metric = CounterMetricFamily(family.name, family.documentation, labels=list(family.labels))
+            for labels, value in sorted(family.values.items()):
+                metric.add_metric(list(labels), value)
+            yield metric
+
+
+class _Latency:
+    """One agent's round-trip histogram: plain counters, no lock (one thread)."""
+
+    __slots__ = ("count", "counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+
+class _LatencyCollector(Collector):
+    """
+    Agent round trips.  Observed once per answer, so kept as plain
+    counters (a prometheus_client Histogram takes a lock per observation)
+    and turned into a histogram when scraped.
+    """
+
+    def __init__(self, latencies: dict[str, _Latency]) -> None:
+        self.latencies = latencies
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "sentinel_agent_round_trip_seconds",
+            "Time from sending an event to an agent to its answer, by agent.",
+            labels=["agent"],
+        )
+        bounds = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for agent_id, latency in sorted(self.latencies.items()):
+            running = 0
+            buckets = []
+            for bound, count in zip(bounds, latency.counts, strict=True):
+                running += count
+                buckets.append((bound, running))
+            family.add_metric([agent_id], buckets, latency.total)
+        yield family
 
 
 class _ListenerCollector(Collector):
@@ -126,60 +201,51 @@ class GatewayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.pool = pool
         self.registry.register(_ListenerCollector(factory, pool))
-        self._requests = Counter(
+        self._requests = _CounterFamily(
             "sentinel_gateway_requests",
             "Client requests, by decision (allow, block, redirect, challenge, "
-            "unavailable, too_large, client_closed).",
-            ["decision"],
-            registry=self.registry,
+            "unavailable, too_large, client_closed, error).",
+            ("decision",),
         )
-        self._agent_failures = Counter(
+        self._agent_failures = _CounterFamily(
             "sentinel_gateway_agent_failures",
             "Agents that could not answer a request, by agent and reason "
             "(unavailable, paused, timeout, disconnected, invalid_answer, cancelled, error).",
-            ["agent", "reason"],
-            registry=self.registry,
+            ("agent", "reason"),
         )
-        self._timeouts = Counter(
-            "sentinel_agent_timeouts",
-            "Agent events that timed out, by agent.",
-            ["agent"],
-            registry=self.registry,
+        self._timeouts = _CounterFamily(
+            "sentinel_agent_timeouts", "Agent events that timed out, by agent.", ("agent",)
         )
-        self._cancels = Counter(
+        self._cancels = _CounterFamily(
             "sentinel_agent_cancels",
             "Cancel frames sent to agents, by agent and reason.",
-            ["agent", "reason"],
-            registry=self.registry,
+            ("agent", "reason"),
         )
-        self._fail_open = Counter(
+        self._fail_open = _CounterFamily(
             "sentinel_gateway_fail_open_passes",
             "Requests that went on without an agent that could not answer (--fail-open), "
             "by agent and reason.",
-            ["agent", "reason"],
-            registry=self.registry,
+            ("agent", "reason"),
         )
-        self._upstream = Counter(
+        self._upstream = _CounterFamily(
             "sentinel_gateway_upstream_errors",
             "Upstream failures, by kind (error: 502, timeout: 504).",
-            ["kind"],
-            registry=self.registry,
+            ("kind",),
         )
-        self._latency = Histogram(
-            "sentinel_agent_round_trip_seconds",
-            "Time from sending an event to an agent to its answer, by agent.",
-            ["agent"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.registry.register(
+            _CountersCollector(
+                [
+                    self._requests,
+                    self._agent_failures,
+                    self._timeouts,
+                    self._cancels,
+                    self._fail_open,
+                    self._upstream,
+                ]
+            )
         )
-        self._children: dict[Any, Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._latencies: dict[str, _Latency] = {}
+        self.registry.register(_LatencyCollector(self._latencies))
 
     def attach(self) -> GatewayMetrics:
         self.pool.add_observer(self)
@@ -195,26 +261,34 @@ class GatewayMetrics:
     # -- GatewayMetricsSink ------------------------------------------------------
 
     def request_decided(self, decision: str) -> None:
-        self._child(self._requests, decision).inc()
+        values = self._requests.values
+        key = (decision,)
+        values[key] = values.get(key, 0) + 1
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
-        self._child(self._agent_failures, agent_id, reason).inc()
+        self._agent_failures.inc(agent_id, reason)
         if reason == "timeout":
-            self._child(self._timeouts, agent_id).inc()
+            self._timeouts.inc(agent_id)
 
     def fail_open_pass(self, agent_id: str, reason: str) -> None:
-        self._child(self._fail_open, agent_id, reason).inc()
+        self._fail_open.inc(agent_id, reason)
 
     def cancel_sent(self, agent_id: str, reason: int) -> None:
-        self._child(self._cancels, agent_id, _cancel_reason(reason)).inc()
+        self._cancels.inc(agent_id, _cancel_reason(reason))
 
     def upstream_failed(self, kind: str) -> None:
-        self._child(self._upstream, kind).inc()
+        self._upstream.inc(kind)
 
     # -- IAgentPoolObserver ----------------------------------------------------------
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
-        self._child(self._latency, connection.agent_id).observe(seconds)
+        agent_id = connection.agent_id
+        latency = self._latencies.get(agent_id)
+        if latency is None:
+            latency = self._latencies[agent_id] = _Latency()
+        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency.count += 1
+        latency.total += seconds
 
     def agent_registered(self, connection: AgentConnection) -> None:
         pass
