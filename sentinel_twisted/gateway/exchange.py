@@ -718,15 +718,19 @@ class Exchange:
         request = self.request
         response = self._response
         assert response is not None
-        headers: Headers = self._out_headers
+        # The upstream's headers over twisted.web's Date (not its Server:
+        # a proxy passes the upstream's own, or none), then the agents'
+        # operations on the result.
+        out = request.responseHeaders
+        raw = out._rawHeaders
+        raw.pop(b"Server", None)
+        for name, values in self._out_headers.getAllRawHeaders():
+            raw[name] = list(values)
         if self._drop_length:
-            headers.removeHeader(b"content-length")
+            raw.pop(b"Content-Length", None)
         for slot in self.slots:
             if slot.response_ops is not None and slot.skipped is None:
-                apply_header_ops(headers, slot.response_ops, slot.agent_id)
-        raw = request.responseHeaders._rawHeaders
-        for name, values in headers.getAllRawHeaders():
-            raw[name] = list(values)
+                apply_header_ops(out, slot.response_ops, slot.agent_id)
         request.setResponseCode(response.code, response.phrase or None)
 
     def _client_write(self, data: bytes) -> None:
@@ -851,6 +855,9 @@ class Exchange:
         if request.finished or request.client_gone:
             return
         self._status = code
+        date = request.responseHeaders.getRawHeaders(b"date")
+        if date and not headers.hasHeader(b"date"):
+            headers.setRawHeaders(b"Date", date)
         request.responseHeaders = headers
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         request.setResponseCode(code)

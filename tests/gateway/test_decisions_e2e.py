@@ -207,6 +207,29 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_response_header_operations_apply_to_the_final_headers(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start(upstream=False)
+            await h.agent(
+                "waf",
+                decide=on_headers(
+                    answer(
+                        response_headers=[
+                            {"remove": {"name": "Server"}},
+                            {"remove": {"name": "Date"}},
+                            {"add": {"name": "X-Frame-Options", "value": "DENY"}},
+                        ]
+                    )
+                ),
+            )
+            response = await h.get("/")
+            self.assertEqual(response.code, 200)
+            self.assertIsNone(response.header("Server"))
+            self.assertIsNone(response.header("Date"))
+            self.assertEqual(response.header("X-Frame-Options"), "DENY")
+
+        return ensureDeferred(go())
+
     def test_no_agents_registered_passes_requests(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()
