@@ -78,6 +78,9 @@ _BLOCKED = m.CancelReason.BLOCKED_BY_AGENT
 _UPSTREAM_ERROR = m.CancelReason.UPSTREAM_ERROR
 _MANUAL = m.CancelReason.MANUAL
 
+#: Statuses whose responses have no body, hence no Content-Length.
+_NO_BODY = frozenset([204, 304])
+
 #: Headers of the client request the upstream never sees as such.
 _NOT_FORWARDED = (b"host", b"content-length", b"expect")
 
@@ -605,7 +608,11 @@ class Exchange:
         response = self._response
         self._phase = _RESPONSE_DECIDING
         headers = drop_hop_by_hop(response.headers)
-        if response.length is not None and self.request.method != b"HEAD":
+        if (
+            response.length is not None
+            and self.request.method != b"HEAD"
+            and response.code not in _NO_BODY
+        ):
             # twisted.web.client keeps Content-Length out of the headers.
             headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         self._out_headers = headers
@@ -672,9 +679,12 @@ class Exchange:
             return
         self._phase = _RESPONDING
         self._status = response.code
-        self._producer = _ResponseProducer(self)
-        self.request.registerProducer(self._producer, True)  # type: ignore[no-untyped-call]
         response.deliver(self)
+        if self._phase == _RESPONDING:
+            # The body is still coming: from now on a slow client slows the
+            # upstream down (a body delivered at once needs no producer).
+            self._producer = _ResponseProducer(self)
+            self.request.registerProducer(self._producer, True)  # type: ignore[no-untyped-call]
 
     # ResponseSink
     def response_data(self, data: bytes) -> None:
