@@ -173,6 +173,16 @@ class AgentConnection:
     def can_accept_requests(self) -> bool:
         return self._closed is None and not self._paused and not self._write_blocked
 
+    def _selection_load(self) -> int:
+        """
+        L{in_flight}, or -1 when the connection cannot take requests: what
+        the pool's selection asks every connection of an agent, per request,
+        in one call instead of three.
+        """
+        if self._closed is not None or self._paused or self._write_blocked:
+            return -1
+        return len(self._pending._entries)
+
     @property
     def is_write_blocked(self) -> bool:
         """Whether the agent stopped reading and our write buffer is full."""

@@ -168,9 +168,9 @@ class AgentPool:
         best_load = 0
         for i in range(count):
             conn = conns[(start + i) % count]
-            if not conn.can_accept_requests:
+            load = conn._selection_load()
+            if load < 0:
                 continue
-            load = conn.in_flight
             if load == 0:
                 # Nothing beats an idle connection, and the first one in
                 # this turn's order is the one the full scan would pick.
@@ -203,7 +203,12 @@ class AgentPool:
     def send_request_headers(
         self, agent_id: str, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
-        return self.send_event(agent_id, event, correlation_id, timeout)
+        # send_event inlined: this is the call of every proxied request.
+        try:
+            conn = self.select(agent_id)
+        except AgentProtocolError as e:
+            return fail(e)
+        return conn.send_event(event, correlation_id, timeout)
 
     def send_request_body_chunk(
         self, agent_id: str, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
