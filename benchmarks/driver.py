@@ -480,7 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     event = load_event(args.vectors)
     levels = [int(x) for x in args.levels.split(",") if x]
     variants = [v for v in args.variants.split(",") if v]
-    plan = [(v, level) for _ in range(args.rounds) for level in levels for v in variants]
+    # Each round rotates the order of the variants, so that none is always
+    # measured first (right after a level change or a collection).
+    plan = [
+        (v, level)
+        for r in range(args.rounds)
+        for level in levels
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]
+    ]
 
     def run_roundtrip() -> None:
         agent_ids = sorted(pool.agent_ids())
