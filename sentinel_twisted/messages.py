@@ -601,6 +601,9 @@ _CUSTOM_DECODERS: dict[type, Any] = {
 
 
 def _dec_hook(type_: type, obj: object) -> object:
+    if obj == "allow" and type_ is Decision:
+        # Most answers: no lookup, no second call.
+        return ALLOW
     decoder = _CUSTOM_DECODERS.get(type_)
     if decoder is None:
         raise NotImplementedError(f"cannot decode {type_!r}")
@@ -852,7 +855,11 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
 
 def decode_agent_response(payload: bytes) -> AgentResponse:
     """Parse an AgentResponse; C{version} and C{decision} are required."""
-    p = decode(payload, _RequiredAgentResponse)
+    # decode() spelled out with the decoder at hand: this runs per answer.
+    try:
+        p: _RequiredAgentResponse = _response_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise InvalidMessage(_error_text(e)) from None
     # Hand out a plain AgentResponse: the decoding shape's instances would
     # never compare equal to one (msgspec compares the exact type).  Keyword
     # arguments spelled out cost a sixth of a generic field-by-field copy,
@@ -871,6 +878,7 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
     )
 
 
+_response_decoder = _decoder(_RequiredAgentResponse)
 _RESPONSE_FIELDS: Final = AgentResponse.__struct_fields__
 # decode_agent_response copies these fields by name: a new field must be
 # added there too.
