@@ -1,0 +1,198 @@
+"""
+Floods, over real sockets: thousands of idle connections that never
+register (the cap on connections awaiting registration), one agent id
+registering far beyond its connection cap, and oversize or zero-length
+frames before registration.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
+
+from ..rawagent import HANDSHAKE_RESPONSE, PeerClosed, RawAgentProtocol
+from .invariants import Accounting, settle, wait_until
+from .support import listen, temp_dir
+
+IDLE = 2000
+CAP = 1000
+
+
+class Idle(Protocol):
+    """Connects and says nothing."""
+
+    def __init__(self) -> None:
+        self.closed: Deferred[None] = Deferred()
+        self.lost = False
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        self.closed.callback(None)
+
+
+def _enough_descriptors(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed and (hard == resource.RLIM_INFINITY or hard >= needed):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    elif soft < needed:
+        raise SkipTest(f"needs {needed} file descriptors, the hard limit is {hard}")
+
+
+class PendingRegistrationCapTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_two_thousand_idle_connections_against_the_cap(self) -> Generator[Any, Any, None]:
+        _enough_descriptors(IDLE * 2 + CAP + 500)
+        yield settle()
+        books = Accounting()
+        listener = yield listen(
+            self, f"tcp:0:interface=127.0.0.1:backlog={IDLE + 100}",
+            max_pending_registrations=CAP, handshake_timeout=60.0,
+        )  # fmt: skip
+        factory = listener.factory
+        host, port = listener.address.split(":")
+        endpoint = TCP4ClientEndpoint(reactor, host, int(port))
+
+        idle = [Idle() for _ in range(IDLE)]
+        for protocol in idle:
+            # Not all at once: the clients' own connects are not what is tested.
+            yield connectProtocol(endpoint, protocol)
+        yield wait_until(
+            lambda: factory.awaiting_registration + factory.rejections["pending_limit"] == IDLE,
+            "the listener to see every connection", 30,
+        )  # fmt: skip
+        self.assertEqual(factory.awaiting_registration, CAP)
+        self.assertEqual(factory.rejections["pending_limit"], IDLE - CAP)
+        # The ones beyond the cap were closed at once, the others are held.
+        yield wait_until(lambda: sum(p.lost for p in idle) == IDLE - CAP, "the refused connections to close")
+        cap_lines = [e for e in books.events if "awaiting registration (limit" in (e.get("log_format") or "")]
+        self.assertEqual(len(cap_lines), 1, "the cap is logged once, not per refused connection")
+        self.assertIn(
+            f"{CAP} connections are awaiting registration (limit {CAP}); closing new connections",
+            books.log_text(),
+        )
+
+        # A real agent cannot register while the cap is reached...
+        refused = RawAgentProtocol()
+        yield connectProtocol(endpoint, refused)
+        refused.register("latecomer").addErrback(lambda f: f.trap(PeerClosed))
+        yield refused.closed
+        self.assertNotIn("latecomer", listener.pool)
+
+        # ...and can once some idle connections are gone.
+        held = [p for p in idle if not p.lost]
+        for protocol in held[:10]:
+            protocol.transport.loseConnection()
+        yield wait_until(lambda: factory.awaiting_registration == CAP - 10, "ten idle connections to go")
+        self.assertIn("Connections awaiting registration are below the limit again", books.log_text())
+        agent = RawAgentProtocol()
+        yield connectProtocol(endpoint, agent)
+        message_type, body = yield agent.register("latecomer")
+        self.assertEqual((message_type, body["success"]), (HANDSHAKE_RESPONSE, True))
+        self.assertIn("latecomer", listener.pool)
+
+        for protocol in held[10:]:
+            protocol.transport.loseConnection()
+        agent.transport.loseConnection()
+        yield gatherResults([p.closed for p in idle] + [agent.closed])
+        yield wait_until(lambda: factory.awaiting_registration == 0 and len(listener.pool) == 0, "everything to close")
+        yield listener.stop()
+        yield books.verify(self, [factory])
+
+
+class RegistrationStormTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_one_agent_id_beyond_its_cap(self) -> Generator[Any, Any, None]:
+        yield settle()
+        books = Accounting()
+        path = os.path.join(temp_dir(self), "p.sock")
+        listener = yield listen(self, f"unix:{path}:mode=600", max_connections_per_agent=4)
+        factory = listener.factory
+
+        @inlineCallbacks
+        def attempt() -> Generator[Any, Any, tuple[RawAgentProtocol, dict[str, Any]]]:
+            agent = RawAgentProtocol()
+            yield connectProtocol(UNIXClientEndpoint(reactor, path), agent)
+            _, body = yield agent.register("storm")
+            return agent, body
+
+        storm = yield gatherResults([attempt() for _ in range(40)])
+        accepted = [a for a, body in storm if body["success"]]
+        refused = [(a, body) for a, body in storm if not body["success"]]
+        self.assertEqual(len(accepted), 4)
+        self.assertEqual(len(refused), 36)
+        for _, body in refused:
+            self.assertEqual(
+                body["error"],
+                "Connection limit reached: agent 'storm' already holds 4 registered connections (max: 4)",
+            )
+            self.assertEqual(body["connection_id"], "")
+        # The proxy closes every refused connection after its answer.
+        yield gatherResults([a.closed for a, _ in refused])
+        self.assertEqual(factory.registered_connections("storm"), 4)
+        self.assertEqual(len(listener.pool.connections("storm")), 4)
+        self.assertEqual(factory.rejections["connection_limit"], 36)
+
+        # Closing connections releases their slots, exactly.
+        for agent in accepted[:2]:
+            agent.transport.loseConnection()
+        yield gatherResults([a.closed for a in accepted[:2]])
+        yield wait_until(lambda: factory.registered_connections("storm") == 2, "two slots to be released")
+        again = yield gatherResults([attempt() for _ in range(3)])
+        self.assertEqual(sorted(body["success"] for _, body in again), [False, True, True])
+        self.assertEqual(factory.registered_connections("storm"), 4)
+
+        for agent in accepted[2:] + [a for a, _ in again]:
+            if not agent.lost:
+                agent.transport.loseConnection()
+        yield gatherResults([a.closed for a in accepted[2:] + [a for a, _ in again]])
+        yield wait_until(lambda: len(listener.pool) == 0, "the pool to empty")
+        self.assertEqual(factory.registered_connections("storm"), 0)
+        yield listener.stop()
+        yield books.verify(self, [factory])
+
+
+class BadFramesBeforeRegistrationTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def refused_with(self, data: bytes, error: str) -> Generator[Any, Any, None]:
+        yield settle()
+        books = Accounting()
+        path = os.path.join(temp_dir(self), "p.sock")
+        listener = yield listen(self, f"unix:{path}:mode=600")
+        agent = RawAgentProtocol()
+        yield connectProtocol(UNIXClientEndpoint(reactor, path), agent)
+        agent.send_raw(data)
+        message_type, body = yield agent.next_frame()
+        self.assertEqual((message_type, body["success"], body["error"]), (HANDSHAKE_RESPONSE, False, error))
+        # Closed by the proxy at once: nothing more was sent, nothing waited for.
+        yield agent.closed
+        self.assertEqual(agent.unread_frames(), [])
+        yield wait_until(lambda: listener.factory.awaiting_registration == 0, "the slot to be freed")
+        self.assertIn("Rejected registration of agent (unknown) from unix", books.log_text())
+        self.assertIn(error, books.log_text())
+        yield listener.stop()
+        yield books.verify(self, [listener.factory])
+
+    def test_oversize_first_frame(self) -> Any:
+        return self.refused_with(struct.pack(">IB", 0x7F000003, 0x01), "Message too large: 2130706435 bytes (max: 16777216)")
+
+    def test_zero_length_first_frame(self) -> Any:
+        return self.refused_with(struct.pack(">I", 0), "Invalid message format: Zero-length message")
+
+    def test_unknown_type_first(self) -> Any:
+        return self.refused_with(struct.pack(">IB", 1, 0xEE), "Invalid message format: Unknown message type: 0xee")
