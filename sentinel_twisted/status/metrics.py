@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from .._interfaces import IAgentPoolObserver
 from ..messages import CancelReason
+from ..pool import PoolObserver
 
 if TYPE_CHECKING:
     from ..connection import AgentConnection
@@ -186,7 +187,7 @@ class _ListenerCollector(Collector):
 
 
 @implementer(IAgentPoolObserver)
-class GatewayMetrics:
+class GatewayMetrics(PoolObserver):
     """
     The metrics of one listener and its gateway.  Add it to the pool as an
     observer (L{attach}) to get agent round-trip latencies.
@@ -290,20 +291,3 @@ class GatewayMetrics:
         latency.count += 1
         latency.total += seconds
 
-    def agent_registered(self, connection: AgentConnection) -> None:
-        pass
-
-    def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
-        pass
-
-    def health_changed(self, connection: AgentConnection, state: int | None) -> None:
-        pass
-
-    def flow_control_changed(self, connection: AgentConnection, paused: bool) -> None:
-        pass
-
-    def metrics_reported(self, connection: AgentConnection, report: dict[str, Any]) -> None:
-        pass
-
-    def config_update_requested(self, connection: AgentConnection, request: dict[str, Any]) -> None:
-        pass
