@@ -51,6 +51,8 @@ def describe_peer(transport: object) -> str:
 class ReverseConnectionProtocol(FrameReceiver):
     """One agent connection on the proxy side."""
 
+    peer_role = "agent"
+
     def __init__(self, factory: ReverseConnectionFactory) -> None:
         self.factory = factory
         self.connection: AgentConnection | None = None
@@ -77,18 +79,7 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._lifecycle.protocol_violated(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self._lifecycle.connection_lost(self._lost_detail(reason))
-
-    def _lost_detail(self, reason: Failure) -> str:
-        if self._close_detail is not None:
-            return self._close_detail
-        partial = self.buffered_bytes
-        if partial:
-            return f"connection closed mid-frame ({partial} bytes of an incomplete frame)"
-        if isinstance(reason, Failure) and reason.check(ierror.ConnectionDone):
-            return "connection closed by agent"
-        value = reason.value if isinstance(reason, Failure) else reason
-        return f"connection lost: {value}"
+        self._lifecycle.connection_lost(self.lost_detail(reason))
 
     # -- registration ---------------------------------------------------------
 

@@ -16,8 +16,10 @@ import enum
 import struct
 from collections.abc import Iterable
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 
 from .errors import AgentProtocolError, InvalidMessage, MessageTooLarge
 
@@ -178,6 +180,22 @@ class FrameReceiver(Int32StringReceiver):
                 del buf[:offset]
         elif offset < end:
             buf += view[offset:] if offset else view
+
+    #: Who is at the other end, for loss descriptions ("agent", "proxy").
+    peer_role = "peer"
+    #: Set when we close the connection ourselves: the reason we closed it.
+    _close_detail: str | None = None
+
+    def lost_detail(self, reason: Failure) -> str:
+        """Why the connection ended, in words for a log line or an error."""
+        if self._close_detail is not None:
+            return self._close_detail
+        partial = self.buffered_bytes
+        if partial:
+            return f"connection closed mid-frame ({partial} bytes of an incomplete frame)"
+        if reason.check(ConnectionDone):
+            return f"connection closed by {self.peer_role}"
+        return f"connection lost: {reason.value}"
 
     def stop_parsing(self) -> None:
         """Ignore every byte from now on (the connection is being closed)."""

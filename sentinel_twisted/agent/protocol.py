@@ -189,6 +189,7 @@ class AgentProtocol(FrameReceiver):
     """One agent connection.  Built by L{AgentClientFactory}."""
 
     _registration_payload: bytes | None = None
+    peer_role = "proxy"
 
     def __init__(
         self,
@@ -302,17 +303,7 @@ class AgentProtocol(FrameReceiver):
         self._lifecycle.protocol_violated(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self._lifecycle.connection_lost(self._lost_detail(reason))
-
-    def _lost_detail(self, reason: Failure) -> str:
-        if self._close_detail is not None:
-            return self._close_detail
-        if self.buffered_bytes:
-            return f"connection closed mid-frame ({self.buffered_bytes} bytes of an incomplete frame)"
-        if isinstance(reason, Failure) and reason.check(ierror.ConnectionDone):
-            return "connection closed by proxy"
-        value = reason.value if isinstance(reason, Failure) else reason
-        return f"connection lost: {value}"
+        self._lifecycle.connection_lost(self.lost_detail(reason))
 
     # -- public control ---------------------------------------------------------
 
