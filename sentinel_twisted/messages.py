@@ -775,6 +775,12 @@ def encode(message: object) -> bytes:
         raise SerializationError(str(e)) from None
 
 
+# What a decoder may raise on bad input.  Besides its own errors, msgspec
+# lets invalid UTF-8 in an object key out as UnicodeDecodeError and very
+# deep nesting as RecursionError; both are the peer's fault, not ours.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
 def decode(payload: bytes, shape: type[_T]) -> _T:
     """
     Parse C{payload} as C{shape}, validating every field's type.
@@ -784,11 +790,15 @@ def decode(payload: bytes, shape: type[_T]) -> _T:
     try:
         result: _T = _decoder(shape).decode(payload)
         return result
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except _DECODE_ERRORS as e:
         raise InvalidMessage(_error_text(e)) from None
 
 
 def _error_text(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(error, UnicodeDecodeError):
+        return f"invalid UTF-8 in a string ({error.reason})"
     text = str(error)
     if text == "Input data was truncated":
         return "EOF while parsing a value (empty or truncated JSON)"
@@ -842,11 +852,11 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
     try:
         _decoder(_StrictRegistrationRequest).decode(payload)
         return _decoder(RegistrationRequest).decode(payload)  # type: ignore[no-any-return]
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except _DECODE_ERRORS as e:
         error = InvalidMessage(_error_text(e))
     try:
         version = _decoder(_VersionOnly).decode(payload).protocol_version
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         raise error from None
     if isinstance(version, int) and not isinstance(version, bool) and version != PROTOCOL_VERSION:
         raise VersionMismatch(PROTOCOL_VERSION, version)
@@ -858,7 +868,7 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
     # decode() spelled out with the decoder at hand: this runs per answer.
     try:
         p: _RequiredAgentResponse = _response_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except _DECODE_ERRORS as e:
         raise InvalidMessage(_error_text(e)) from None
     # Hand out a plain AgentResponse: the decoding shape's instances would
     # never compare equal to one (msgspec compares the exact type).  Keyword
