@@ -106,6 +106,25 @@ class GarbageAfterRegistrationTests(TestCase):
         yield self.finish()
 
     @inlineCallbacks
+    def test_deep_nesting_and_invalid_utf8_are_invalid_answers(self) -> Generator[Any, Any, None]:
+        # Found by the fuzzer: msgspec lets these out as RecursionError and
+        # UnicodeDecodeError, which used to escape into the reactor.
+        first, second = yield self.send("r1", "r2")
+        deep = b'{"version":2,"decision":"allow","audit":{"custom":{"correlation_id":"r1","x":' + b"[" * 5000
+        self.agent.send(AGENT_RESPONSE, deep)
+        self.agent.send(AGENT_RESPONSE, b'{"version":2,"decision":"allow","audit":{"tags":["\xff"],"custom":{"correlation_id":"r2"}}}')
+        self.agent.send(AGENT_RESPONSE, answer("r1"))
+        self.agent.send(AGENT_RESPONSE, answer("r2"))
+        outcomes = yield gatherResults([first, second])
+        # Neither garbled answer can be routed (the id is read from the same
+        # bytes), so the requests get the good answers that follow.
+        self.assertEqual(outcomes, ["answer", "answer"])
+        self.logged("Invalid message format: JSON nested too deeply")
+        self.logged("Invalid message format: invalid UTF-8 in a string (invalid start byte)")
+        yield self.still_works()
+        yield self.finish()
+
+    @inlineCallbacks
     def test_invalid_control_messages_are_logged_and_ignored(self) -> Generator[Any, Any, None]:
         [pending] = yield self.send("r1")
         self.agent.send(FLOW_CONTROL, {"action": "sideways"})
