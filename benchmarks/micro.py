@@ -92,6 +92,21 @@ def run(number: int, repeat: int) -> dict[str, float]:
     else:
         bench("orjson.dumps RequestHeaders dict", lambda: orjson.dumps(event_dict))
         bench("orjson.loads AgentResponse to dict", lambda: orjson.loads(answer))
+        # With the same validation as our codec: parse, then check the shape.
+        shape = m._RequiredAgentResponse
+        bench(
+            "orjson.loads + msgspec.convert (validated AgentResponse)",
+            lambda: msgspec.convert(orjson.loads(answer), shape, dec_hook=m._dec_hook),
+        )
+        bench("orjson.dumps(msgspec.to_builtins(event))", lambda: orjson.dumps(msgspec.to_builtins(event)))
+    bench(
+        "json.loads + msgspec.convert (validated AgentResponse)",
+        lambda: msgspec.convert(json.loads(answer), m._RequiredAgentResponse, dec_hook=m._dec_hook),
+    )
+    bench(
+        "json.dumps(msgspec.to_builtins(event))",
+        lambda: json.dumps(msgspec.to_builtins(event), separators=(",", ":")).encode(),
+    )
 
     # -- bookkeeping --------------------------------------------------------
     clock = Clock()
