@@ -137,7 +137,8 @@ def run(harness: Any) -> dict[str, Any]:
             time.sleep(0.3)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         harness.log(f"gateway: failed: {e}")
-        return {"skipped": f"failed: {e}", "ratio": None, "rounds": rounds}
+        tail = gateway.stderr.read()[-2000:] if gateway.poll() is not None and gateway.stderr else ""
+        return {"skipped": f"failed: {e}", "failed": True, "ratio": None, "rounds": rounds, "stderr": tail}
     finally:
         gateway.terminate()
         try:

@@ -622,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
         print(f"all results: {args.json}", file=sys.stderr)
+    if results.get("gateway", {}).get("failed"):
+        print("benchmark failed: the gateway section could not measure", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,4 +12,5 @@ if ! command -v wrk >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "
 fi
 timeout 120 python -m benchmarks.run --quick --json "${CI_TMP:-build}/bench-smoke.json" >"${CI_TMP:-build}/bench-smoke.txt"
 grep -q '^| target | goal | measured | met |$' "${CI_TMP:-build}/bench-smoke.txt"
+timeout 60 python -m benchmarks.micro --quick >"${CI_TMP:-build}/bench-micro.txt" 2>&1
 echo "bench smoke: ok"
