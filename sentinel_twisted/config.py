@@ -83,6 +83,10 @@ class ReverseConnectionConfig:
     @ivar proxy_id: sent in every RegistrationResponse.
     @ivar max_pending_registrations: connections that may wait for their
         registration at once; beyond it new connections are closed at once.
+    @ivar require_client_cert: a registering agent must hold a verified TLS
+        client certificate issued for its agent id (see
+        L{sentinel_twisted._identity}); the listener's TLS endpoints must
+        demand and verify client certificates for this to mean anything.
     """
 
     backlog: int = 128
@@ -95,3 +99,4 @@ class ReverseConnectionConfig:
     request_timeout: float = attrs.field(default=30.0, validator=_positive)
     proxy_id: str = "sentinel-proxy"
     max_pending_registrations: int = attrs.field(default=1024, validator=_positive)
+    require_client_cert: bool = False

@@ -14,7 +14,7 @@ import itertools
 import re
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from . import __version__
 from . import messages as m
+from ._identity import identity_problem
 from ._interfaces import ITokenChecker
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
@@ -63,6 +64,14 @@ class _BadAgentId(InvalidMessage):
     pass
 
 
+class _ClientCertificateRefused(AuthenticationFailed):
+    """The agent's TLS client certificate was not issued for its agent id."""
+
+    def __init__(self, agent_id: str, problem: str) -> None:
+        AgentProtocolError.__init__(self, f"Authentication failed: {problem}")
+        self.agent_id = agent_id
+
+
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -78,6 +87,8 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "not_allowed"
     if isinstance(error, _AuthRequired):
         return "auth_required"
+    if isinstance(error, _ClientCertificateRefused):
+        return "client_certificate"
     if isinstance(error, AuthenticationFailed):
         return "auth_failed"
     if isinstance(error, ConnectionLimitReached):
@@ -151,11 +162,18 @@ class ReverseConnectionFactory(Factory):
 
     # -- admission ------------------------------------------------------------
 
-    def admit(self, request: m.RegistrationRequest) -> AgentProtocolError | None:
+    def admit(
+        self, request: m.RegistrationRequest, client_certificate: Any = None
+    ) -> AgentProtocolError | None:
         """
         Check a RegistrationRequest in SPEC section 3's order; the first
         failure wins.  On success a connection slot of the agent is reserved
         (released by L{connection_gone}).
+
+        @param client_certificate: the agent's verified TLS client
+            certificate (pyOpenSSL C{X509}), if any; with
+            C{config.require_client_cert} the agent id must be one of its
+            names, checked after the allowlist, before the token.
         """
         config = self.config
         if request.protocol_version != m.PROTOCOL_VERSION:
@@ -169,6 +187,10 @@ class ReverseConnectionFactory(Factory):
             return _BadAgentId("Agent ID cannot contain control characters")
         if config.allowed_agents and not config.allowed_agents.allows(agent_id):
             return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
+        if config.require_client_cert:
+            problem = identity_problem(agent_id, client_certificate)
+            if problem is not None:
+                return _ClientCertificateRefused(agent_id, problem)
         token = request.auth_token
         if token is None:
             if config.require_auth:

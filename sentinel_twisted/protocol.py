@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import messages as m
+from ._identity import client_certificate
 from ._registration import new_lifecycle
 from .errors import AgentProtocolError, InvalidMessage, RequestTimeout
 from .wire import FrameReceiver, MessageType
@@ -96,7 +97,12 @@ class ReverseConnectionProtocol(FrameReceiver):
         except AgentProtocolError as e:
             self._lifecycle.registration_refused(e, "")
             return
-        refusal = self.factory.admit(request)
+        if self.factory.config.require_client_cert:
+            refusal = self.factory.admit(request, client_certificate(self.transport))
+        else:
+            # The common case calls admit() as it always has (wrappers of it
+            # in embedding code keep working).
+            refusal = self.factory.admit(request)
         if refusal is not None:
             self._lifecycle.registration_refused(refusal, request.agent_id)
             return

@@ -8,25 +8,32 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
 from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
 from . import __version__
+from . import messages as m
+from ._identity import load_ca_certificates, verifying_server_endpoint
 from .auth import TokenFileChecker, TokenFileError
 from .config import ReverseConnectionConfig
 from .endpoints import (
     SocketInUse,
     clear_stale_unix_socket,
+    parse_description,
     unix_socket_path,
     with_backlog,
     with_owner_only_mode,
 )
 from .factory import ReverseConnectionFactory
+from .pool import AgentPool
 
 __all__ = [
     "DEFAULT_HTTP",
@@ -38,6 +45,7 @@ __all__ = [
     "add_gateway",
     "makeService",
     "make_listener",
+    "shut_down_agents",
 ]
 
 log = Logger(namespace="sentinel_twisted.tap")
@@ -47,6 +55,10 @@ DEFAULT_LISTEN = "unix:sentinel-reverse.sock:mode=600:lockfile=1"
 #: Where the gateway takes HTTP clients, and where the status page is.
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
 DEFAULT_STATUS = "tcp:9901:interface=127.0.0.1"
+#: Seconds requests in flight get to finish when the listener stops.
+DEFAULT_SHUTDOWN_GRACE = 5.0
+#: Seconds closing agent connections get to flush what is buffered.
+CLOSE_TIMEOUT = 5.0
 
 
 class StartupError(Exception):
@@ -76,6 +88,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError(f"expected a number of seconds (0 or more), got {value!r}")
+    return number
+
+
 def _status_code(value: str) -> int:
     try:
         number = int(value)
@@ -96,6 +118,7 @@ _CONVERSIONS = {
     "max-pending-registrations": _positive_int,
     "upstream-timeout": _positive_float,
     "challenge-status": _status_code,
+    "shutdown-grace": _seconds,
 }
 
 
@@ -108,6 +131,12 @@ class Options(usage.Options):
 
     optFlags = [
         ["require-auth", None, "Refuse agents that register without a token."],
+        [
+            "require-client-cert",
+            None,
+            "ssl: listeners demand a client certificate signed by --client-ca, and an "
+            "agent's id must be one of its names (subjectAltName DNS/URI or CN).",
+        ],
         [
             "fail-open",
             None,
@@ -131,6 +160,13 @@ class Options(usage.Options):
             "Seconds (a float) a request waits for the agent's answer.",
         ],
         ["proxy-id", None, "sentinel-proxy", "Proxy id sent to agents on registration."],
+        [
+            "shutdown-grace",
+            None,
+            DEFAULT_SHUTDOWN_GRACE,
+            "Seconds (a float, 0: none) requests in flight get to be answered on SIGTERM; "
+            "then they are cancelled (reason: proxy shutdown) and the agents disconnected.",
+        ],
         ["backlog", None, 128, "Listen backlog (N) for endpoints that do not set one."],
         [
             "max-pending-registrations",
@@ -169,6 +205,13 @@ class Options(usage.Options):
             "HTTP status of the response to a challenge decision.",
         ],
         ["access-log", None, None, "File to append a line per gateway request to (default: none)."],
+        [
+            "client-ca",
+            None,
+            None,
+            "PEM file of the CA certificate(s) that sign agents' client certificates "
+            "(with --require-client-cert).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -220,6 +263,7 @@ class Options(usage.Options):
         self["listen"] = [
             with_backlog(with_owner_only_mode(d), self["backlog"]) for d in self["listen"]
         ]
+        self._client_certificate_options()
         try:
             self["config"] = ReverseConnectionConfig(
                 backlog=self["backlog"],
@@ -230,10 +274,24 @@ class Options(usage.Options):
                 request_timeout=self["request-timeout"],
                 proxy_id=self["proxy-id"],
                 max_pending_registrations=self["max-pending-registrations"],
+                require_client_cert=bool(self["require-client-cert"]),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         self._gateway_options()
+
+    def _client_certificate_options(self) -> None:
+        # Checked without reading the CA file (make_listener reads it), so
+        # that commands in the docs can be parsed anywhere.
+        if bool(self["require-client-cert"]) != bool(self["client-ca"]):
+            raise usage.UsageError(
+                "--require-client-cert and --client-ca FILE go together: the CA "
+                "verifies the certificates, the flag ties them to agent ids"
+            )
+        if self["require-client-cert"] and not any(
+            parse_description(d)[0][0] == "ssl" for d in self["listen"]
+        ):
+            raise usage.UsageError("--require-client-cert needs an ssl: --listen endpoint")
 
     def _gateway_options(self) -> None:
         from .gateway.config import GatewayConfig
@@ -296,6 +354,19 @@ class ReverseListenerService(service.MultiService):
             log.warn("{warning}; it holds secrets, make it owner-only (chmod 600)", warning=warning)
         if config.require_auth and checker is None:
             log.warn("--require-auth without --token-file: tokens are required but not verified")
+        if config.require_client_cert:
+            log.info(
+                "Client certificates signed by {ca} are required on ssl: endpoints; "
+                "an agent's id must be a name in its certificate",
+                ca=self.options.get("client-ca"),
+            )
+            for description in self.options["listen"]:
+                if parse_description(description)[0][0] != "ssl":
+                    log.warn(
+                        "Agents on {listen} present no client certificate and will be "
+                        "refused (--require-client-cert)",
+                        listen=description,
+                    )
         log.info(
             "sentinel-reverse {version} (proxy id {proxy_id}) listening on {listen}; "
             "allowed agents: {allowed}; auth: {auth}; max {cap} connection(s) per agent; "
@@ -313,6 +384,142 @@ class ReverseListenerService(service.MultiService):
         )
         super().startService()  # type: ignore[no-untyped-call]
 
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting (every endpoint, the gateway's too), give requests in
+        flight the shutdown grace period, cancel the rest, close the agents'
+        connections.
+        """
+        stopping: Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]
+        grace = self.options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE)
+        clock = self.factory.clock
+        finished: Deferred[None] = stopping.addCallback(
+            lambda _: shut_down_agents(self.factory.pool, clock, grace)
+        )
+        # Answers written meanwhile (the gateway's 503s for cancelled
+        # requests) reach their clients before the reactor drops every
+        # connection.
+        finished.addCallback(lambda _: written_out(clock, CLOSE_TIMEOUT))
+
+        def clean(_: None) -> None:
+            self.stopped_cleanly = True
+
+        finished.addCallback(clean)
+        return finished
+
+    stopped_cleanly = False
+
+    def exit_zero_after_sigterm(self, reactor: Any) -> None:
+        """
+        Make C{twistd} exit with status 0 after a clean SIGTERM shutdown.
+
+        twistd re-raises the signal it stopped for once the reactor is done
+        (so the process dies of SIGTERM, status 143); but SIGTERM is how
+        service managers and operators ask us to stop, and a listener that
+        drained its agents and removed its socket has done exactly that.
+        Clearing the reactor's record of the signal (a private attribute
+        twistd reads after the reactor stops) makes twistd return normally.
+        """
+
+        def after_shutdown() -> None:
+            if self.stopped_cleanly and getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+                reactor._exitSignal = None
+
+        reactor.addSystemEventTrigger("after", "shutdown", after_shutdown)
+
+
+def shut_down_agents(
+    pool: AgentPool, clock: IReactorTime, grace: float, close_timeout: float = CLOSE_TIMEOUT
+) -> Deferred[None]:
+    """
+    End every agent connection of C{pool} without leaving a request
+    without an outcome or a frame half-written.
+
+      1. Requests in flight get up to C{grace} seconds to be answered.
+      2. Those still waiting are cancelled: the agent is sent a Cancel
+         (reason 4, proxy shutdown) and the caller gets the cancellation.
+      3. Every connection is closed after what is buffered for it has been
+         written (an agent that has stopped reading is dropped instead);
+         the Deferred fires when all are gone, or after C{close_timeout}
+         seconds at the latest, so that a stuck agent cannot hold up the
+         shutdown.
+    """
+    done: Deferred[None] = Deferred()
+    started = clock.seconds()
+    in_flight = pool.in_flight
+    if in_flight and grace > 0:
+        log.info(
+            "Shutting down: waiting up to {grace}s for {count} request(s) in flight",
+            grace=grace,
+            count=in_flight,
+        )
+
+    def wait() -> None:
+        if pool.in_flight and clock.seconds() - started < grace:
+            clock.callLater(min(0.05, grace), wait)
+            return
+        cancelled = pool.cancel_all(m.CancelReason.PROXY_SHUTDOWN)
+        if cancelled:
+            log.warn(
+                "Shutting down: cancelled {count} request(s) still in flight after {grace}s",
+                count=cancelled,
+                grace=grace,
+            )
+        close()
+
+    def close() -> None:
+        connections = pool.connections()
+        if not connections:
+            done.callback(None)
+            return
+        log.info("Shutting down: closing {count} agent connection(s)", count=len(connections))
+        closing = gatherResults(
+            [c.close("proxy shutting down", abort=c.is_write_blocked) for c in connections],
+            consumeErrors=True,
+        )
+        timer = clock.callLater(close_timeout, give_up)
+
+        def closed(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        closing.addBoth(closed)
+
+    def give_up() -> None:
+        left = pool.connections()
+        log.warn(
+            "Shutting down: {count} agent connection(s) still closing after {timeout}s; leaving them",
+            count=len(left),
+            timeout=close_timeout,
+        )
+        if not done.called:
+            done.callback(None)
+
+    wait()
+    return done
+
+
+def written_out(reactor: Any, timeout: float) -> Deferred[None]:
+    """
+    Fires once no connection of C{reactor} has data waiting to be written
+    (or after C{timeout} seconds): at shutdown the reactor drops connections
+    without flushing them.
+    """
+    done: Deferred[None] = Deferred()
+    writers = getattr(reactor, "getWriters", None)
+    deadline = reactor.seconds() + timeout
+
+    def check() -> None:
+        if writers is None or not writers() or reactor.seconds() >= deadline:
+            done.callback(None)
+        else:
+            reactor.callLater(0.01, check)
+
+    check()
+    return done
+
 
 def load_token_checker(path: str | None) -> TokenFileChecker | None:
     if not path:
@@ -320,6 +527,16 @@ def load_token_checker(path: str | None) -> TokenFileChecker | None:
     try:
         return TokenFileChecker(path)
     except TokenFileError as e:
+        raise StartupError(str(e)) from None
+
+
+def load_client_cas(path: str | None) -> list[Any]:
+    """The CA certificates of C{--client-ca} (none without it)."""
+    if not path:
+        return []
+    try:
+        return load_ca_certificates(path)
+    except ValueError as e:
         raise StartupError(str(e)) from None
 
 
@@ -349,10 +566,14 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
 
         reactor = default_reactor
     checker = load_token_checker(options["token-file"])
+    client_cas = load_client_cas(options.get("client-ca"))
     endpoints = []
     for description in options["listen"]:
         try:
-            endpoints.append(serverFromString(reactor, description))
+            endpoint = serverFromString(reactor, description)
+            if client_cas and parse_description(description)[0][0] == "ssl":
+                endpoint = verifying_server_endpoint(reactor, description, client_cas)
+            endpoints.append(endpoint)
         except Exception as e:
             raise StartupError(f"cannot use --listen {description!r}: {e}") from None
     stale_removed = []
@@ -407,6 +628,7 @@ def makeService(options: Options) -> service.IService:
     try:
         top = make_listener(options)
         add_gateway(top, options)
+        top.exit_zero_after_sigterm(_default_reactor())
         return top
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a

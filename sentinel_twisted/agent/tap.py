@@ -11,10 +11,12 @@ the connections; a rejection that retrying cannot fix stops the program.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
 import stat
+import sys
 from typing import Any
 
 from twisted.application import service
@@ -214,8 +216,14 @@ class AgentService(service.MultiService):
         reload = getattr(self.connector.settings.agent, "reload", None)
         return bool(reload()) if reload is not None else False
 
+    #: Set for the twistd program (L{makeService}): a fatal rejection ends
+    #: the process with exit status 1 rather than twistd's 0.
+    exit_status_on_fatal: int | None = None
+
     def _fatal(self, error: AgentProtocolError) -> None:
         log.critical("sentinel-agent stopping: {error}", error=str(error))
+        if self.exit_status_on_fatal is not None:
+            exit_at_exit(self.exit_status_on_fatal)
         if self.reactor.running:
             self.reactor.stop()
 
@@ -243,5 +251,30 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
     return AgentService(connector, options, reactor)
 
 
+def exit_at_exit(status: int) -> None:
+    """
+    End the process with C{status} once the interpreter exits.
+
+    twistd returns normally (status 0) after the reactor stops, whatever
+    stopped it, and offers no way to choose the status; a service manager
+    must be able to tell "rejected for good, do not restart" (status 1)
+    from a requested stop.  This runs after twistd is done (logs written,
+    pid file removed): the standard streams are flushed, then
+    C{os._exit} sets the status.
+    """
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
 def makeService(options: Options) -> service.IService:
-    return make_agent_service(options)
+    agent_service = make_agent_service(options)
+    agent_service.exit_status_on_fatal = 1
+    return agent_service
