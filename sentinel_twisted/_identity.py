@@ -86,7 +86,15 @@ class CertificateNames:
 
 
 def client_certificate(transport: Any) -> Any:
-    """The verified client certificate of a TLS transport, else C{None}."""
+    """
+    The client certificate of a TLS transport, else C{None}.
+
+    Only the TLS options make it trustworthy: the listener's C{ssl:}
+    endpoints (L{verifying_server_endpoint}) end the handshake unless the
+    certificate verifies against the trusted CAs, so a certificate seen
+    here was signed by one of them.  An embedding program that sets
+    C{require_client_cert} must give its TLS endpoints such options too.
+    """
     if transport is None or not ISSLTransport.providedBy(transport):
         return None
     try:

@@ -473,11 +473,9 @@ def shut_down_agents(
             done.callback(None)
             return
         log.info("Shutting down: closing {count} agent connection(s)", count=len(connections))
-        closing = gatherResults(
-            [c.close("proxy shutting down", abort=c.is_write_blocked) for c in connections],
-            consumeErrors=True,
-        )
-        timer = clock.callLater(close_timeout, give_up)
+        closes = [c.close("proxy shutting down", abort=c.is_write_blocked) for c in connections]
+        closing = gatherResults(closes, consumeErrors=True)
+        timer = clock.callLater(close_timeout, give_up, closes)
 
         def closed(_: object) -> None:
             if timer.active():
@@ -487,11 +485,10 @@ def shut_down_agents(
 
         closing.addBoth(closed)
 
-    def give_up() -> None:
-        left = pool.connections()
+    def give_up(closes: list[Deferred[None]]) -> None:
         log.warn(
             "Shutting down: {count} agent connection(s) still closing after {timeout}s; leaving them",
-            count=len(left),
+            count=sum(1 for d in closes if not d.called),
             timeout=close_timeout,
         )
         if not done.called:

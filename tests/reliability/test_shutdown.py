@@ -17,15 +17,17 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent as WebAgent
 from twisted.web.client import readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from sentinel_twisted.tap import Options, make_listener
+from sentinel_twisted.pool import AgentPool
+from sentinel_twisted.tap import Options, make_listener, shut_down_agents
 
+from .._proxy_support import Proxy, answer_frame, captured_log, log_text, take_frames
 from ..rawagent import (
     AGENT_RESPONSE,
     CANCEL,
@@ -300,3 +302,39 @@ class TwistdAgentExitStatusTests(TestCase):
         agent.signal(signal.SIGTERM)
         yield wait_until(lambda: not agent.running(), "the agent to exit", 20)
         self.assertIn(agent.wait_exit(), (0, -signal.SIGTERM))
+
+
+class ShutDownAgentsTests(TestCase):
+    """L{shut_down_agents} on a memory clock: each step, and its bounds."""
+
+    def test_steps_and_a_connection_that_never_closes(self) -> None:
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register("slow")
+        answered = connection.send_request_headers(headers("a"))
+        waiting = connection.send_request_headers(headers("w"))
+        take_frames(transport)
+        with captured_log() as events:
+            done = shut_down_agents(proxy.pool, proxy.clock, grace=2.0, close_timeout=5.0)
+            proxy.clock.advance(1.0)
+            protocol.dataReceived(answer_frame("a"))
+            self.assertEqual(self.successResultOf(answered).audit.custom["correlation_id"], "a")
+            self.assertNoResult(waiting)
+            proxy.clock.advance(1.0)
+            self.failureResultOf(waiting).trap(Exception)
+            # The Cancel went out before the close began.
+            [(kind, _)] = take_frames(transport)
+            self.assertEqual(kind, CANCEL)
+            self.assertTrue(transport.disconnecting)
+            self.assertNoResult(done)
+            # The transport never reports itself gone: the stop goes on anyway.
+            proxy.clock.advance(5.0)
+            self.successResultOf(done)
+        text = log_text(events)
+        self.assertIn("cancelled 1 request(s) still in flight after 2.0s", text)
+        self.assertIn("1 agent connection(s) still closing after 5.0s; leaving them", text)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+
+    def test_an_empty_pool_is_done_at_once(self) -> None:
+        clock = Clock()
+        self.successResultOf(shut_down_agents(AgentPool(), clock, grace=5.0))
+        self.assertEqual(clock.getDelayedCalls(), [])
