@@ -917,6 +917,25 @@ class Exchange:
         self._abort_upstream()
         self._producer = None
 
+    def release(self) -> None:
+        """
+        The request is finished or its client is gone: drop the links that
+        lead back to this exchange (the request's, the body stages').
+
+        Nothing calls in through them any more, and without them reference
+        counting frees the request and all it holds at once; with them each
+        request would leave some twenty objects of cyclic garbage for the
+        collector, which costs the gateway a tenth of its time under load.
+        """
+        if self.request.exchange is self:
+            self.request.exchange = None
+        self._body_head = None
+        self._response_head = None
+        self._request_pressure = None
+        self._response_pressure = None
+        for slot in self.slots:
+            slot.stage = None
+
     def _request_complete(self, error: str | None) -> None:
         if not self.slots:
             return

@@ -101,6 +101,13 @@ class GatewayRequest(server.Request):
         exchange = self.exchange
         if exchange is not None:
             exchange.client_gone()
+            exchange.release()
+
+    def finish(self) -> None:
+        super().finish()  # type: ignore[no-untyped-call]
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.release()
 
     # -- for the exchange ---------------------------------------------------------------
 
