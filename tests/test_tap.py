@@ -4,6 +4,7 @@ The options of C{twistd sentinel-reverse} and the service they build.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from sentinel_twisted.tap import (
     Options,
     ReverseListenerService,
     StartupError,
+    freeze_startup_heap,
     make_listener,
     makeService,
 )
@@ -223,3 +225,14 @@ class MakeListenerTests(TestCase):
         top = make_listener(parse("--listen", f"unix:{sock}"), self.reactor)
         self.assertFalse(os.path.exists(sock))
         self.assertEqual(top.stale_removed, [sock])
+
+
+class FreezeStartupHeapTests(TestCase):
+    def test_everything_alive_is_frozen(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        alive = [object() for _ in range(10)], {"a": []}
+        count = freeze_startup_heap()
+        self.assertEqual(count, gc.get_freeze_count())
+        self.assertGreater(count, 1000)
+        # A frozen container is out of every collection's reach.
+        self.assertFalse(any(o is alive for o in gc.get_objects()))

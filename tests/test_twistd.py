@@ -162,6 +162,8 @@ class TwistdTests(TestCase):
         self.assertIn("Protocol version mismatch: expected 2, got 1", rejected[0])
         self.assertEqual(len(disconnected), 1, disconnected)
         self.assertIn(connection_id, disconnected[0])
+        # Once running, the start-up heap is out of the collector's way.
+        self.assertRegex(twistd.output(), r"Start-up heap frozen: \d+ objects")
 
         twistd.signal(signal.SIGTERM)
         status = twistd.wait_exit()
