@@ -22,19 +22,11 @@ from typing import IO, Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 from .rawagent import HANDSHAKE_RESPONSE, BlockingAgent, registration
+from .twistd_support import twistd_command
 
 SOCKET = "sentinel-reverse.sock"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-
-
-def twistd_command(*args: str) -> list[str]:
-    """The twistd of the Python running the tests (a venv's, in CI)."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script, *args]
-    code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-    return [sys.executable, "-c", code, *args]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
@@ -29,6 +28,7 @@ from sentinel_twisted.agent.tap import AgentService, Options, make_agent_service
 from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.factory import ReverseConnectionFactory
 
+from ..twistd_support import twistd_command
 from ._support import temp_path
 from .test_connector import NOT_ALLOWED, ScriptedEndpoint
 from .test_with_proxy import headers
@@ -37,15 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_RULES = ROOT / "examples" / "rules.toml"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-
-
-def twistd_command(*args: str) -> list[str]:
-    """The twistd of the Python running the tests (a venv's, in CI)."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script, *args]
-    code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-    return [sys.executable, "-c", code, *args]
 
 
 class Greeter(Agent):

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Generator
@@ -43,19 +42,11 @@ from ..rawagent import (
     frame,
     registration,
 )
+from ..twistd_support import twistd_command
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
-
-
-def twistd_command(*args: str) -> list[str]:
-    """The twistd of the Python running the tests (a venv's, in CI)."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script, *args]
-    code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-    return [sys.executable, "-c", code, *args]
 
 
 def temp_dir(test: Any, prefix: str = "st-rel-") -> str:
