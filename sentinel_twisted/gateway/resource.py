@@ -157,11 +157,11 @@ class GatewayRequest(server.Request):
 
             reactor.callLater(0, self._finish_later)
             return
-        self.finish()  # type: ignore[no-untyped-call]
+        self.finish()
 
     def _finish_later(self) -> None:
         if not self.finished and not self.client_gone:
-            self.finish()  # type: ignore[no-untyped-call]
+            self.finish()
 
     def abort_connection(self) -> None:
         """Drop the client connection (a response that cannot be completed)."""
