@@ -29,10 +29,11 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 import attrs
+import re2  # type: ignore[import-untyped]
 from twisted.logger import Logger
 
 from .. import messages as m
@@ -45,7 +46,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found]
 
-__all__ = ["Rule", "RuleSet", "RulesAgent", "RulesError", "load_rules", "parse_rules"]
+__all__ = [
+    "Pattern",
+    "Rule",
+    "RuleSet",
+    "RulesAgent",
+    "RulesError",
+    "compile_pattern",
+    "load_rules",
+    "parse_rules",
+]
 
 log = Logger(namespace="sentinel_twisted.agent.rules")
 
@@ -112,6 +122,12 @@ class _Defaults:
     redirect_status: int = 302
 
 
+
+class Pattern(Protocol):
+    """A compiled rule pattern (RE2): what the rules ask of one."""
+
+    def search(self, text: str) -> object | None: ...
+
 @attrs.frozen(kw_only=True)
 class Rule:
     """One compiled rule.  Conditions that are C{None} or empty always hold."""
@@ -120,10 +136,10 @@ class Rule:
     position: int
     description: str = ""
     methods: frozenset[str] | None = None
-    path: re.Pattern[str] | None = None
-    uri: re.Pattern[str] | None = None
-    query: re.Pattern[str] | None = None
-    headers: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    path: Pattern | None = None
+    uri: Pattern | None = None
+    query: Pattern | None = None
+    headers: tuple[tuple[str, Pattern], ...] = ()
     header_present: tuple[str, ...] = ()
     header_missing: tuple[str, ...] = ()
     client_ip: tuple[_Network, ...] = ()
@@ -168,7 +184,7 @@ def _in_networks(
     return ip is not None and any(ip in net for net in networks if ip.version == net.version)
 
 
-def _any_search(pattern: re.Pattern[str], values: Iterable[str]) -> bool:
+def _any_search(pattern: Pattern, values: Iterable[str]) -> bool:
     return any(pattern.search(v) is not None for v in values)
 
 
@@ -237,12 +253,39 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _regex(value: Any, where: str) -> re.Pattern[str]:
+_RE2_OPTIONS = re2.Options()
+# A bad pattern is reported with its file and rule, not by RE2 on stderr.
+_RE2_OPTIONS.log_errors = False
+
+
+def compile_pattern(value: str) -> Pattern:
+    r"""
+    A rule's regular expression, compiled with RE2: matching takes time
+    linear in the input whatever the pattern, so no request can make a rule
+    backtrack for minutes.  (Python's C{re} can, on patterns as plain as
+    C{( |/\*.*\*/)+x}: forty repetitions of C{" /* */"} keep it busy for
+    longer than twenty seconds.)  The syntax is RE2's, as in the Rust
+    C{regex} crate the reference agents use: no lookaround, no
+    backreferences.
+
+    @raise ValueError: the pattern is not valid RE2.
+    """
+    try:
+        pattern: Pattern = re2.compile(value, options=_RE2_OPTIONS)
+    except re2.error as e:
+        reason = e.args[0] if e.args else e
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(str(reason)) from None
+    return pattern
+
+
+def _regex(value: Any, where: str) -> Pattern:
     if not isinstance(value, str):
         raise _Problems(f"{where}: expected a regular expression string, got {_show(value)}")
     try:
-        return re.compile(value)
-    except re.error as e:
+        return compile_pattern(value)
+    except ValueError as e:
         raise _Problems(f"{where}: invalid regular expression {value!r}: {e}") from None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,50 @@ class ErrorTests(SynchronousTestCase):
         ok = decide(r, uri="/items?id=42", headers={"user-agent": ["curl/8.5.0"]})
         self.assertEqual(ok.decision, m.ALLOW)
         self.assertIn(m.SetHeader("x-sentinel-agent", "sentinel-twisted"), ok.response_headers)
+
+
+class LinearTimeMatchingTests(SynchronousTestCase):
+    """
+    Rule patterns are RE2: no pattern makes matching backtrack.  With
+    Python's C{re} the first test below does not finish (forty repetitions
+    of C{" /* */"} already take longer than twenty seconds).
+    """
+
+    def setUp(self) -> None:
+        # A backtracking engine would make the tests below hang, not fail:
+        # make sure of the engine first.
+        pattern = rules({"id": "p", "match": {"path": "^/"}, **BLOCK}).rules[0].path
+        self.assertNotIsInstance(pattern, re.Pattern)
+        self.assertEqual(type(pattern).__module__, "re2")
+
+    def test_a_pattern_that_backtracks_in_re_is_linear(self) -> None:
+        r = rules({"id": "nested", "match": {"query": "( |/\\*.*\\*/)+x$"}, **BLOCK})
+        self.assertAllowed(r, uri="/?" + " /* */" * 4000)
+        self.assertBlocked(r, uri="/?" + " /* */" * 4000 + "x")
+
+    def test_the_example_sqli_rule_on_a_hostile_query(self) -> None:
+        r = load_rules(EXAMPLE)
+        hostile = "/items?q=union" + "%20/*%20*/" * 4000 + "%20x"
+        self.assertEqual(decide(r, uri=hostile).decision, m.ALLOW)
+        attack = "/items?q=union" + "%20/*%20*/" * 4000 + "%20select%201"
+        self.assertEqual(decide(r, uri=attack).decision.status, 403)  # type: ignore[attr-defined]
+
+    def test_lookaround_and_backreferences_are_load_errors(self) -> None:
+        for pattern, reason in [
+            ("^/(?!public)", "invalid perl operator: (?!"),
+            ("(?<=/)admin", "invalid perl operator: (?<"),
+            ("(a)\\1", "invalid escape sequence: \\1"),
+        ]:
+            error = self.assertRaises(
+                RulesError, parse_rules, {"rules": [{"id": "r", "match": {"path": pattern}, **BLOCK}]}, "f.toml"
+            )
+            self.assertIn(f"rule 'r' (#1): match.path: invalid regular expression {pattern!r}: {reason}", str(error))
+
+    def assertAllowed(self, ruleset: Any, **kw: Any) -> None:
+        self.assertIsInstance(decide(ruleset, **kw).decision, m.Allow, kw)
+
+    def assertBlocked(self, ruleset: Any, **kw: Any) -> None:
+        self.assertIsInstance(decide(ruleset, **kw).decision, m.Block, kw)
 
 
 class ReloadTests(SynchronousTestCase):
