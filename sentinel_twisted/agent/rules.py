@@ -122,11 +122,11 @@ class _Defaults:
     redirect_status: int = 302
 
 
-
 class Pattern(Protocol):
     """A compiled rule pattern (RE2): what the rules ask of one."""
 
     def search(self, text: str) -> object | None: ...
+
 
 @attrs.frozen(kw_only=True)
 class Rule:

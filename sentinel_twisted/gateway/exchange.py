@@ -927,8 +927,7 @@ class Exchange:
         request would leave some twenty objects of cyclic garbage for the
         collector, which costs the gateway a tenth of its time under load.
         """
-        if self.request.exchange is self:
-            self.request.exchange = None
+        self.request.exchange = None
         self._body_head = None
         self._response_head = None
         self._request_pressure = None

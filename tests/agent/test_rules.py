@@ -41,12 +41,15 @@ def decide(ruleset: Any, **kw: Any) -> m.AgentResponse:
 BLOCK = {"block": True}
 
 
-class MatcherTests(SynchronousTestCase):
+class _DecisionTestCase(SynchronousTestCase):
     def assertBlocked(self, ruleset: Any, **kw: Any) -> None:
         self.assertIsInstance(decide(ruleset, **kw).decision, m.Block, kw)
 
     def assertAllowed(self, ruleset: Any, **kw: Any) -> None:
         self.assertIsInstance(decide(ruleset, **kw).decision, m.Allow, kw)
+
+
+class MatcherTests(_DecisionTestCase):
 
     def test_method(self) -> None:
         r = rules({"id": "m", "match": {"method": ["delete", "PUT"]}, **BLOCK})
@@ -284,7 +287,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn(m.SetHeader("x-sentinel-agent", "sentinel-twisted"), ok.response_headers)
 
 
-class LinearTimeMatchingTests(SynchronousTestCase):
+class LinearTimeMatchingTests(_DecisionTestCase):
     """
     Rule patterns are RE2: no pattern makes matching backtrack.  With
     Python's C{re} the first test below does not finish (forty repetitions
@@ -320,12 +323,6 @@ class LinearTimeMatchingTests(SynchronousTestCase):
                 RulesError, parse_rules, {"rules": [{"id": "r", "match": {"path": pattern}, **BLOCK}]}, "f.toml"
             )
             self.assertIn(f"rule 'r' (#1): match.path: invalid regular expression {pattern!r}: {reason}", str(error))
-
-    def assertAllowed(self, ruleset: Any, **kw: Any) -> None:
-        self.assertIsInstance(decide(ruleset, **kw).decision, m.Allow, kw)
-
-    def assertBlocked(self, ruleset: Any, **kw: Any) -> None:
-        self.assertIsInstance(decide(ruleset, **kw).decision, m.Block, kw)
 
 
 class ReloadTests(SynchronousTestCase):

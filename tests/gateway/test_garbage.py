@@ -18,10 +18,12 @@ from sentinel_twisted.gateway.resource import GatewayRequest
 
 from .support import Harness, block
 
+NONE_ALIVE = {"GatewayRequest": 0, "Exchange": 0, "InspectionStage": 0}
+
 
 def alive() -> dict[str, int]:
     """Gateway objects the collector still tracks (alive or cyclic garbage)."""
-    counts = {"GatewayRequest": 0, "Exchange": 0, "InspectionStage": 0}
+    counts = dict(NONE_ALIVE)
     for o in gc.get_objects():
         if isinstance(o, GatewayRequest):
             counts["GatewayRequest"] += 1
@@ -42,11 +44,11 @@ class NoCyclicGarbageTests(TestCase):
             gc.collect()
             gc.disable()
             self.addCleanup(gc.enable)
-            self.assertEqual(alive(), {"GatewayRequest": 0, "Exchange": 0, "InspectionStage": 0})
+            self.assertEqual(alive(), NONE_ALIVE)
             for _ in range(3):
                 self.assertEqual((await h.get("/items")).code, 200)
                 self.assertEqual((await h.post("/upload", b"0123456789")).code, 200)
-            self.assertEqual(alive(), {"GatewayRequest": 0, "Exchange": 0, "InspectionStage": 0})
+            self.assertEqual(alive(), NONE_ALIVE)
 
         return ensureDeferred(go())
 
@@ -59,6 +61,6 @@ class NoCyclicGarbageTests(TestCase):
             self.addCleanup(gc.enable)
             for _ in range(3):
                 self.assertEqual((await h.get("/admin")).code, 403)
-            self.assertEqual(alive(), {"GatewayRequest": 0, "Exchange": 0, "InspectionStage": 0})
+            self.assertEqual(alive(), NONE_ALIVE)
 
         return ensureDeferred(go())
