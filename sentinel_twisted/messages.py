@@ -775,8 +775,8 @@ def encode(message: object) -> bytes:
         raise SerializationError(str(e)) from None
 
 
-# What a decoder may raise on bad input.  Besides its own errors, msgspec
-# lets invalid UTF-8 in an object key out as UnicodeDecodeError and very
+# What a decoder may raise on bad input.  Besides its own errors, some
+# msgspec releases let invalid UTF-8 out as UnicodeDecodeError and very
 # deep nesting as RecursionError; both are the peer's fault, not ours.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
@@ -791,16 +791,28 @@ def decode(payload: bytes, shape: type[_T]) -> _T:
         result: _T = _decoder(shape).decode(payload)
         return result
     except _DECODE_ERRORS as e:
-        raise InvalidMessage(_error_text(e)) from None
+        raise InvalidMessage(_error_text(e, payload)) from None
 
 
-def _error_text(error: Exception) -> str:
+def _error_text(error: Exception, payload: bytes) -> str:
+    """
+    Describe a decoding failure by our own rules where they apply, so the
+    text does not change with the JSON library's wording: nesting, invalid
+    UTF-8 and an empty or truncated document are recognised here; only the
+    schema errors (a field's type, a missing field) keep msgspec's text,
+    which names the field's path.
+    """
     if isinstance(error, RecursionError):
         return "JSON nested too deeply"
-    if isinstance(error, UnicodeDecodeError):
-        return f"invalid UTF-8 in a string ({error.reason})"
+    # Only on the error path: a second look at the bytes costs nothing on
+    # the hot path.  Invalid UTF-8 is named first, wherever it is (msgspec
+    # may skip an unknown key unread and report a missing field instead).
+    try:
+        bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"invalid UTF-8 at byte {bad.start} ({bad.reason})"
     text = str(error)
-    if text == "Input data was truncated":
+    if not bytes(payload).strip() or text == "Input data was truncated":
         return "EOF while parsing a value (empty or truncated JSON)"
     if _SUBPATH in text:
         # "<error>\0<.inner.path> - at `$.outer`" -> "<error> - at `$.outer.inner.path`"
@@ -853,7 +865,7 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
         _decoder(_StrictRegistrationRequest).decode(payload)
         return _decoder(RegistrationRequest).decode(payload)  # type: ignore[no-any-return]
     except _DECODE_ERRORS as e:
-        error = InvalidMessage(_error_text(e))
+        error = InvalidMessage(_error_text(e, payload))
     try:
         version = _decoder(_VersionOnly).decode(payload).protocol_version
     except _DECODE_ERRORS:
@@ -869,7 +881,7 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
     try:
         p: _RequiredAgentResponse = _response_decoder.decode(payload)
     except _DECODE_ERRORS as e:
-        raise InvalidMessage(_error_text(e)) from None
+        raise InvalidMessage(_error_text(e, payload)) from None
     # Hand out a plain AgentResponse: the decoding shape's instances would
     # never compare equal to one (msgspec compares the exact type).  Keyword
     # arguments spelled out cost a sixth of a generic field-by-field copy,

@@ -161,6 +161,22 @@ class RegistrationRequestTests(TestCase):
             m.decode_registration_request(b"")
         self.assertIn("EOF while parsing a value", str(caught.exception))
 
+    def test_blank_payload_is_eof(self) -> None:
+        with self.assertRaises(InvalidMessage) as caught:
+            m.decode_registration_request(b" \n ")
+        self.assertEqual(
+            str(caught.exception), "Invalid message format: EOF while parsing a value (empty or truncated JSON)"
+        )
+
+    def test_invalid_utf8_is_named_by_our_own_text_wherever_it_is(self) -> None:
+        # In a key, in a string value, and outside any string: msgspec's
+        # exception and wording differ between these and between releases.
+        for payload in (b'{"\xff": 1}', b'{"agent_id": "a\xc3"}', b"\xfe{}"):
+            with self.assertRaises(InvalidMessage, msg=payload) as caught:
+                m.decode_registration_request(payload)
+            start = payload.index(next(b for b in (b"\xff", b"\xc3", b"\xfe") if b in payload))
+            self.assertRegex(str(caught.exception), rf"^Invalid message format: invalid UTF-8 at byte {start} \(")
+
     def test_non_object_is_invalid_message(self) -> None:
         for payload in (b"[]", b"2", b'"x"', b"null"):
             with self.assertRaises(InvalidMessage):
