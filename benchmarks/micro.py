@@ -67,7 +67,7 @@ def run(number: int, repeat: int) -> dict[str, float]:
     from sentinel_twisted.connection import AgentConnection
     from sentinel_twisted.pending import PendingTable
 
-    vectors = os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "..", "shared", "vectors")
+    vectors = os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "tests", "data", "vectors")
     event = load_event(vectors if os.path.isdir(vectors) else None)
     answer = allow_answer("5f2a-1")
     results: dict[str, float] = {}

@@ -139,7 +139,7 @@ class Harness:
         self.agent_bin = os.path.join(self.workdir, "bench-agent")
         self.children: list[Child] = []
         self.serial = 0
-        self.vectors = args.vectors or os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "..", "shared", "vectors")
+        self.vectors = args.vectors or os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "tests", "data", "vectors")
 
     def close(self) -> None:
         for child in self.children:
@@ -563,7 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reactors", default="epoll,asyncio,uvloop", help="reactors compared by the reactors section")
     p.add_argument("--gateway-duration", type=float, default=10.0, help="seconds of wrk load per gateway measurement")
     p.add_argument("--gateway-connections", type=int, default=64)
-    p.add_argument("--vectors", default=None, help="shared/vectors directory (default ../shared/vectors or $SENTINEL_VECTORS)")
+    p.add_argument("--vectors", default=None, help="vectors directory (default tests/data/vectors or $SENTINEL_VECTORS)")
     p.add_argument("--json", default=os.path.join(ROOT, "build", "bench-results.json"), help="write all results here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, sockets)")
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
 """
-The reference vectors in C{../shared/vectors}, in both directions.
+The reference vectors (C{tests/data/vectors}, a copy of C{../shared/vectors}), in both directions.
 
 For every positive vector: its frame parses, its payload decodes with our
 codec and re-encodes to the same JSON (ignoring C{varying_fields}), and
@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.connection import AgentConnection
@@ -150,6 +151,24 @@ class VectorSuiteTests(TestCase):
         for vector in V.positive():
             if vector["message_type"] == MessageType.HANDSHAKE_RESPONSE:
                 self.assertIn(vector["name"], _REGISTRATION_CONFIGS)
+
+    def test_the_shipped_copy_is_byte_identical_to_the_shared_vectors(self) -> None:
+        # The copy in tests/data/vectors is what a fresh clone tests with;
+        # wherever the published vectors sit beside the repository (CI has
+        # them), the copy must be exactly them: same files, same bytes.
+        if not V.SHARED_DIR.is_dir():
+            raise SkipTest(f"{V.SHARED_DIR} is not here to compare with")
+        shared = {p.name: p.read_bytes() for p in V.SHARED_DIR.iterdir() if p.is_file()}
+        shipped = {p.name: p.read_bytes() for p in V.DEFAULT_DIR.iterdir() if p.is_file()}
+        self.assertTrue(shared, f"{V.SHARED_DIR} is empty")
+        self.assertEqual(sorted(shipped), sorted(shared))
+        changed = sorted(name for name in shared if shipped[name] != shared[name])
+        self.assertEqual(changed, [], "these shipped vectors differ from the shared ones")
+
+    def test_the_tests_read_the_shipped_copy_by_default(self) -> None:
+        self.patch(V.os, "environ", {})
+        self.assertEqual(V.vectors_dir(), V.DEFAULT_DIR)
+        self.assertEqual(V.DEFAULT_DIR, Path(V.__file__).parent / "data" / "vectors")
 
     def test_missing_vectors_fail_clearly(self) -> None:
         self.patch(V.os, "environ", {V.VECTORS_ENV: self.mktemp()})

@@ -1,10 +1,13 @@
 """
-The reference test vectors of the wire contract, read in place.
+The reference test vectors of the wire contract.
 
-They live in C{../shared/vectors} next to the repository root, or wherever
-C{$SENTINEL_VECTORS} points.  Missing vectors are a test failure with a
-clear message, never a silent skip: a suite that passes without them has
-checked nothing about interoperability.
+The repository ships a copy in C{tests/data/vectors} (reference data,
+produced by the reference implementation's own types), so a fresh clone
+tests the wire without anything beside it.  C{$SENTINEL_VECTORS} points the
+tests at another directory; C{tests/test_vectors.py} proves the copy
+byte-identical to C{../shared/vectors} whenever that exists.  Missing
+vectors are a test failure with a clear message, never a silent skip: a
+suite that passes without them has checked nothing about interoperability.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ __all__ = [
 ]
 
 VECTORS_ENV = "SENTINEL_VECTORS"
-DEFAULT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "vectors"
+#: Where the reference vectors are published beside the repository; the
+#: shipped copy must stay byte-identical to it.
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 
 #: The RegistrationResponse fields that name the proxy rather than the
 #: protocol (SPEC section 6): ours say "sentinel-proxy" and our version.
@@ -49,9 +55,9 @@ def vectors_dir() -> Path:
     if not path.is_dir() or not any(path.glob("*.json")):
         source = f"${VECTORS_ENV}={override}" if override else "the default location"
         raise VectorsMissing(
-            f"No test vectors found in {path} ({source}). The vector tests read "
-            f"the shared reference vectors in place: check out ../shared/vectors "
-            f"next to the repository, or set {VECTORS_ENV} to their directory."
+            f"No test vectors found in {path} ({source}). The repository ships "
+            f"them in tests/data/vectors; restore that directory, or set "
+            f"{VECTORS_ENV} to a directory of vectors."
         )
     return path
 
