@@ -1,0 +1,177 @@
+"""
+The README's two-terminal demo, run as written.
+
+The commands are read from README.md (the section "The HTTP gateway: try
+an agent end to end") and started exactly as printed, in one directory that
+holds what the demo needs from a clone (C{examples/rules.toml}): both
+programs side by side, with their default pid files, sockets and lockfiles.
+The only change is the HTTP and status ports: the demo's defaults (8080,
+9901) may be taken by a gateway the user runs, so the test adds C{--http}
+and C{--status} options naming free ports and sends the README's requests
+there.  Then each C{curl -i} request of the demo's console block must get
+the status line, the headers and the body the README shows for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.trial.unittest import TestCase
+
+from .twistd_support import twistd_command
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SECTION = "## The HTTP gateway: try an agent end to end"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+def demo_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(SECTION)
+    end = text.index("\n### ", start)
+    return text[start:end]
+
+
+def demo_commands() -> list[list[str]]:
+    """The commands of the section's C{sh} blocks, in order."""
+    return [shlex.split(body, comments=True) for lang, body in FENCE.findall(demo_section()) if lang == "sh"]
+
+
+def demo_exchanges() -> list[dict[str, Any]]:
+    """
+    Each C{$ curl -i URL} of the console block with the answer printed
+    under it: status code, headers and body.
+    """
+    (console,) = [body for lang, body in FENCE.findall(demo_section()) if lang == "console"]
+    exchanges: list[dict[str, Any]] = []
+    for chunk in console.split("$ ")[1:]:
+        command, _, answer = chunk.partition("\n")
+        words = shlex.split(command)
+        head, _, body = answer.strip("\n").partition("\n\n")
+        status_line, *header_lines = head.splitlines()
+        exchanges.append(
+            {
+                "command": words,
+                "url": words[-1],
+                "status": int(status_line.split()[1]),
+                "headers": dict(line.split(": ", 1) for line in header_lines),
+                "body": body.strip("\n"),
+            }
+        )
+    return exchanges
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Any, timeout: float, what: str, *processes: Process) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        for process in processes:
+            if process.process.poll() is not None:
+                raise AssertionError(f"{process.name} exited while waiting for {what}:\n{process.output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Process:
+    def __init__(self, test: TestCase, cwd: Path, name: str, arguments: list[str]) -> None:
+        self.name = name
+        self.path = cwd / f"{name}.out"
+        self._out: IO[bytes] = self.path.open("wb")
+        self.process = subprocess.Popen(
+            twistd_command(*arguments), cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT
+        )
+        test.addCleanup(self.stop)
+
+    def output(self) -> str:
+        return self.path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._out.close()
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, dict(e.headers.items()), e.read()
+
+
+class ReadmeDemoTests(TestCase):
+    def test_the_demo_section_is_what_this_test_expects(self) -> None:
+        commands = demo_commands()
+        self.assertEqual([words[:3] for words in commands][0], ["twistd", "-n", "sentinel-reverse"])
+        self.assertEqual(commands[1][:3], ["twistd", "-n", "sentinel-agent"])
+        self.assertEqual([e["status"] for e in demo_exchanges()], [200, 403])
+        self.assertIn("`bin` on your `PATH`", demo_section())
+
+    def test_the_demo_runs_as_written(self) -> None:
+        work = Path(self.mktemp())
+        (work / "examples").mkdir(parents=True)
+        shutil.copy(ROOT / "examples" / "rules.toml", work / "examples" / "rules.toml")
+        http, status = free_port(), free_port()
+        gateway_words, agent_words = demo_commands()
+        ports = ["--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"]
+
+        gateway = Process(self, work, "gateway", gateway_words[1:] + ports)
+        wait_for(lambda: "Site starting on" in gateway.output() and (work / "sentinel-reverse.sock").exists(),
+                 START_TIMEOUT, "the gateway to listen", gateway)
+        agent = Process(self, work, "agent", agent_words[1:])
+        wait_for(lambda: "Agent waf-1 registered connection" in gateway.output(),
+                 START_TIMEOUT, "the agent to register", gateway, agent)
+
+        for exchange in demo_exchanges():
+            url = exchange["url"].replace("127.0.0.1:8080", f"127.0.0.1:{http}")
+            code, headers, body = fetch(url)
+            where = f"{shlex.join(exchange['command'])}: got {code} {headers} {body!r}"
+            self.assertEqual(code, exchange["status"], where)
+            for name, value in exchange["headers"].items():
+                if name in ("Date", "Content-Length"):
+                    self.assertIn(name, headers, where)
+                elif name == "Content-Type" or name.startswith("X-"):
+                    self.assertEqual(headers.get(name), value, where)
+            if exchange["body"].startswith("{"):
+                promised, got = json.loads(exchange["body"]), json.loads(body)
+                for key in ("method", "path", "query", "body_bytes", "decisions"):
+                    self.assertEqual(got[key], promised[key], f"{key}: {where}")
+            else:
+                self.assertEqual(body.decode(), exchange["body"], where)
+
+        self.assertNotIn("Traceback", gateway.output())
+        self.assertNotIn("Traceback", agent.output())
+        for process in (agent, gateway):
+            process.process.terminate()
+            self.assertEqual(process.process.wait(STOP_TIMEOUT), 0, process.output())
+        self.assertFalse((work / "sentinel-reverse.sock").exists())
+        self.assertEqual(sorted(p.name for p in work.glob("*.pid")), [])
