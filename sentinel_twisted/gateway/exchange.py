@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._lograte import LogRate, held_back
 from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
     AgentProtocolError,
@@ -156,6 +157,8 @@ class Gateway:
         self.upstream = upstream
         self.metrics: GatewayMetricsSink = metrics if metrics is not None else NullMetrics()
         self.clock = clock
+        #: Keeps the agent-failure lines a flood of requests triggers to a few.
+        self.log_rate = LogRate(clock)
         self.challenge_status = config.challenge_status
         self.fail_open = config.fail_open
         #: Whether the upstream shows each agent's decision (the echo does).
@@ -350,13 +353,23 @@ class Exchange:
                         *self._passed,
                         {"agent_id": agent_id, "decision": "allow", "fail_open": reason},
                     ]
-                    log.debug(
-                        "Agent {agent_id} {reason}; request passes (fail-open)",
+                    held = self.gateway.log_rate.admit((agent_id, reason, "pass"))
+                    if held is not None:
+                        log.info(
+                            "Agent {agent_id} {reason}; request passes (fail-open){held}",
+                            agent_id=agent_id,
+                            reason=reason,
+                            held=held_back(held),
+                        )
+                    continue
+                held = self.gateway.log_rate.admit((agent_id, reason, "503"))
+                if held is not None:
+                    log.warn(
+                        "Agent {agent_id} {reason}; answering 503{held}",
                         agent_id=agent_id,
                         reason=reason,
+                        held=held_back(held),
                     )
-                    continue
-                log.debug("Agent {agent_id} {reason}; answering 503", agent_id=agent_id, reason=reason)
                 self._unavailable()
                 return False
             slots.append(AgentSlot(agent_id, connection))
@@ -583,8 +596,8 @@ class Exchange:
         log.info(
             "Upstream {what} for {method} {uri}: {error}",
             what="timed out" if timeout else "failed",
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_loggable(self.request.method),
+            uri=_loggable(self.request.uri),
             error=self._error,
         )
         self._cancel_pending(_UPSTREAM_ERROR)
@@ -774,20 +787,26 @@ class Exchange:
         if self.gateway.fail_open:
             slot.skipped = reason
             metrics.fail_open_pass(slot.agent_id, reason)
-            log.debug(
-                "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
+            held = self.gateway.log_rate.admit((slot.agent_id, reason, "pass"))
+            if held is not None:
+                log.info(
+                    "Agent {agent_id} {reason} on {cid}; request goes on (fail-open){held}",
+                    agent_id=slot.agent_id,
+                    reason=reason,
+                    cid=self.correlation_id,
+                    held=held_back(held),
+                )
+            return True
+        held = self.gateway.log_rate.admit((slot.agent_id, reason, "503"))
+        if held is not None:
+            log.warn(
+                "Agent {agent_id} {reason} on {cid}: {error}; answering 503{held}",
                 agent_id=slot.agent_id,
                 reason=reason,
                 cid=self.correlation_id,
+                error=str(failure.value),
+                held=held_back(held),
             )
-            return True
-        log.debug(
-            "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
-            agent_id=slot.agent_id,
-            reason=reason,
-            cid=self.correlation_id,
-            error=str(failure.value),
-        )
         self._error = f"agent {slot.agent_id}: {failure.value}"
         if self._head_written:
             self._cancel_pending(_MANUAL)
@@ -805,8 +824,8 @@ class Exchange:
         log.failure(
             "Gateway failed on {method} {uri}",
             failure,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_loggable(self.request.method),
+            uri=_loggable(self.request.uri),
         )
         if self._phase == _OVER:
             return
@@ -974,6 +993,24 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
         agent_id=agent_id,
         error=str(failure.value),
     )
+
+
+#: The longest request method or target a log line quotes in full.
+_LOGGED_TEXT_MAX = 256
+
+
+def _loggable(data: bytes) -> str:
+    """
+    Bytes from a client as log text: C{GET /x}, not C{b'GET' b'/x'}.  Bytes
+    that are not printable ASCII are escaped (C{\\xhh}); past C{_LOGGED_TEXT_MAX}
+    characters the text is cut short.
+    """
+    text = data.decode("latin-1")
+    if not (text.isascii() and text.isprintable()):
+        text = "".join(c if c.isascii() and c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if len(text) > _LOGGED_TEXT_MAX:
+        text = text[:_LOGGED_TEXT_MAX] + "..."
+    return text
 
 
 def _origin_form(uri: bytes) -> bytes:

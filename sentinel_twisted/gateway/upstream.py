@@ -246,6 +246,18 @@ class _HTTPResponse(UpstreamResponse):
             transport.stopProducing()
 
 
+class _QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connection factories do not log "Starting
+    factory" and "Stopping factory" for every upstream connection.
+    """
+
+    def _factory(self, quiescentCallback: Any, metadata: Any) -> Any:  # type: ignore[override]
+        factory = HTTPConnectionPool._factory(quiescentCallback, metadata)
+        factory.noisy = False
+        return factory
+
+
 class HTTPUpstream:
     """
     An upstream HTTP(S) server.  The client's path and query are appended
@@ -267,7 +279,7 @@ class HTTPUpstream:
         path = "/".join(parsed.path).rstrip("/")
         if path:
             self._prefix += b"/" + path.encode("ascii")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 60
         self._agent = Agent(reactor, pool=self.pool)

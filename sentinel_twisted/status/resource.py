@@ -90,6 +90,16 @@ tr.paused td { background: #fff4d6; }
 """
 
 
+def _render_head(resource: Any, request: Any) -> bytes:
+    """
+    C{HEAD}: the C{GET} response's headers and length without its body
+    (rendering C{GET} for C{HEAD} makes C{twisted.web} log a warning).
+    """
+    body: bytes = resource.render_GET(request)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return b""
+
+
 class _Page(Resource):
     isLeaf = True
 
@@ -101,6 +111,8 @@ class _Page(Resource):
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         return self.status.page().encode("utf-8")
+
+    render_HEAD = _render_head
 
 
 class _Agents(Resource):
@@ -115,6 +127,8 @@ class _Agents(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return _encoder.encode(self.status.document()) + b"\n"
 
+    render_HEAD = _render_head
+
 
 class _Metrics(Resource):
     isLeaf = True
@@ -126,6 +140,8 @@ class _Metrics(Resource):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.status.metrics.render()
+
+    render_HEAD = _render_head
 
 
 class StatusResource(Resource):
