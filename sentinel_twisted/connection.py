@@ -64,18 +64,18 @@ class FrameSink(Protocol):
     def close_connection(self, detail: str, abort: bool = False) -> None: ...
 
 
-class ConnectionListener(Protocol):
+class _ConnectionListener(Protocol):
     """Who hears about a connection's control messages (the pool)."""
 
-    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
+    def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
 
-    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
+    def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
 
-    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None: ...
+    def _connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None: ...
 
-    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
+    def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
 
-    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
+    def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
 
 
 class _Lenient(msgspec.Struct):
@@ -132,7 +132,7 @@ class AgentConnection:
         self._stall_timer: IDelayedCall | None = None
         self.connected_since = connected_since
         self.peer = peer
-        self.listener: ConnectionListener | None = None
+        self.listener: _ConnectionListener | None = None
         self._sink = sink
         self._clock = clock
         self._pending: PendingTable = PendingTable(
@@ -450,11 +450,11 @@ class AgentConnection:
         elif message_type == _METRICS:
             report = self._control(payload, dict, "MetricsReport")
             if report is not None and self.listener is not None:
-                self.listener.connection_metrics(self, report)
+                self.listener._connection_metrics(self, report)
         elif message_type == _CONFIG_UPDATE:
             request = self._control(payload, dict, "ConfigUpdateRequest")
             if request is not None and self.listener is not None:
-                self.listener.connection_config_update(self, request)
+                self.listener._connection_config_update(self, request)
         else:
             log.warn(
                 "Agent {agent_id} sent a {kind} frame on connection {connection_id}, "
@@ -482,7 +482,7 @@ class AgentConnection:
             return
         listener = self.listener
         if listener is not None:
-            listener.connection_answered(self, cid, self._clock.seconds() - sent_at)
+            listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
         pending.resolve(cid, response)
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
@@ -538,7 +538,7 @@ class AgentConnection:
                 connection_id=self.connection_id,
             )
             if self.listener is not None:
-                self.listener.connection_flow_changed(self, paused)
+                self.listener._connection_flow_changed(self, paused)
 
     def _health_received(self, payload: bytes) -> None:
         message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
@@ -547,7 +547,7 @@ class AgentConnection:
         self.last_health = message
         self.health_state = message.state_code
         if self.listener is not None:
-            self.listener.connection_health_changed(self, self.health_state)
+            self.listener._connection_health_changed(self, self.health_state)
 
     def _ping_received(self, payload: bytes) -> None:
         if self._control(payload, m.PingMessage, "Ping") is not None:

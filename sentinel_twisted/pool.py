@@ -264,20 +264,20 @@ class AgentPool:
 
         return gatherResults([conn.close(detail) for conn in self.connections()])
 
-    # -- ConnectionListener (called by connections) ----------------------------
+    # -- _ConnectionListener (called by connections) ---------------------------
 
-    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
+    def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
         self._notify("flow_control_changed", connection, paused)
 
-    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
+    def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
         self._notify("health_changed", connection, state)
 
-    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+    def _connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
         self._notify("metrics_reported", connection, report)
 
-    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+    def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
         self._notify("config_update_requested", connection, request)
 
-    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+    def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         if self._observers:
             self._notify("request_answered", connection, correlation_id, seconds)
