@@ -59,9 +59,11 @@ def new_correlation_id() -> str:
 class FrameSink(Protocol):
     """What the connection needs from its protocol."""
 
-    def send_frame(self, message_type: int, payload: bytes) -> None: ...
+    def send_frame(self, message_type: int, payload: bytes) -> None:
+        """Write one frame (header and payload) to the agent."""
 
-    def close_connection(self, detail: str, abort: bool = False) -> None: ...
+    def close_connection(self, detail: str, abort: bool = False) -> None:
+        """Close the transport, or abort it when C{abort}; C{detail} says why."""
 
 
 class _ConnectionListener(Protocol):
@@ -103,6 +105,18 @@ class AgentConnection:
     """
     A registered agent connection.  Created by the listener on successful
     registration; users get it from the L{AgentPool} or from observers.
+
+    @ivar agent_id: the id the agent registered with.
+    @ivar connection_id: unique for the life of the process; the agent is
+        told it in the RegistrationResponse.
+    @ivar capabilities: what the agent announced.
+    @ivar metadata: the registration's C{metadata} (any JSON).
+    @ivar request_timeout: the default timeout of L{send_event}, in seconds.
+    @ivar connected_since: when it registered (seconds since the epoch).
+    @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
+    @ivar health_state: the last HealthStatus state (L{HealthState
+        <sentinel_twisted.messages.HealthState>} number), C{None} before any.
+    @ivar listener: the pool it belongs to (set by L{AgentPool.add}).
     """
 
     def __init__(
@@ -167,10 +181,15 @@ class AgentConnection:
 
     @property
     def is_closed(self) -> bool:
+        """Whether the connection is closed or closing: nothing more can be sent."""
         return self._closed is not None
 
     @property
     def can_accept_requests(self) -> bool:
+        """
+        Whether a new request may be sent now: not closed, not paused by the
+        agent, and the agent reads what it is sent.
+        """
         return self._closed is None and not self._paused and not self._write_blocked
 
     def _selection_load(self) -> int:
@@ -231,9 +250,11 @@ class AgentConnection:
         self._sink.close_connection(detail, abort=True)
 
     def pending_ids(self) -> list[str]:
+        """The correlation ids of the requests waiting for an answer."""
         return self._pending.correlation_ids()
 
     def info(self) -> ConnectionInfo:
+        """A snapshot for status pages and observers."""
         return ConnectionInfo(
             connection_id=self.connection_id,
             agent_id=self.agent_id,
@@ -261,7 +282,25 @@ class AgentConnection:
         The correlation id is C{correlation_id} if given, else the event's
         own (C{metadata.correlation_id} for RequestHeaders), else a fresh
         one.  Errors (closed connection, duplicate id, oversize frame)
-        arrive as a failed Deferred, never as an exception.
+        arrive as a failed Deferred, never as an exception::
+
+            answer = await connection.send_event(event, timeout=2.0)
+
+        @param timeout: seconds to wait for the answer; the connection's
+            C{request_timeout} by default.
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}.  Fails with
+            L{RequestTimeout <sentinel_twisted.errors.RequestTimeout>} (no
+            answer in time; the agent is sent a Cancel),
+            L{ConnectionClosed} (closed before or while waiting),
+            L{RequestCancelled} (the Deferred was cancelled or
+            L{cancel_request} was called), L{InvalidMessage
+            <sentinel_twisted.errors.InvalidMessage>} (the answer could not
+            be read), L{DuplicateCorrelationId
+            <sentinel_twisted.errors.DuplicateCorrelationId>} (the id is
+            already waiting), L{MessageTooLarge
+            <sentinel_twisted.errors.MessageTooLarge>} (the event does not
+            fit a frame) or C{ValueError} (a timeout that is not positive).
         """
         if self._closed is not None:
             return fail(self._closed)
@@ -285,41 +324,65 @@ class AgentConnection:
     def send_request_headers(
         self, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestHeadersEvent <sentinel_twisted.messages.RequestHeadersEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_request_body_chunk(
         self, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestBodyChunkEvent <sentinel_twisted.messages.RequestBodyChunkEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_response_headers(
         self, event: m.ResponseHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseHeadersEvent <sentinel_twisted.messages.ResponseHeadersEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_response_body_chunk(
         self, event: m.ResponseBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseBodyChunkEvent <sentinel_twisted.messages.ResponseBodyChunkEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_request_complete(
         self, event: m.RequestCompleteEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestCompleteEvent <sentinel_twisted.messages.RequestCompleteEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_websocket_frame(
         self, event: m.WebSocketFrameEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{WebSocketFrameEvent <sentinel_twisted.messages.WebSocketFrameEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_guardrail_inspect(
         self, event: m.GuardrailInspectEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{GuardrailInspectEvent <sentinel_twisted.messages.GuardrailInspectEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_configure(
         self, event: m.ConfigureEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ConfigureEvent <sentinel_twisted.messages.ConfigureEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     # -- cancellation -------------------------------------------------------

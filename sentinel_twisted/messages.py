@@ -108,6 +108,11 @@ class CancelReason(enum.IntEnum):
 
 
 class HealthState(enum.IntEnum):
+    """
+    The C{state} of a HealthStatus: what an agent says of itself.  The
+    gateway shows it on the status site; it does not route by it.
+    """
+
     HEALTHY = 1
     DEGRADED = 2
     DRAINING = 3
@@ -115,6 +120,8 @@ class HealthState(enum.IntEnum):
 
 
 class FlowAction(enum.IntEnum):
+    """The C{action} of a FlowControl message: pause or resume sending requests."""
+
     PAUSE = 1
     RESUME = 2
 
@@ -146,6 +153,13 @@ class AgentLimits(Struct, kw_only=True):
 
 
 class AgentCapabilities(Struct, kw_only=True):
+    """
+    What an agent announces in its RegistrationRequest: who it is, which
+    events it wants (C{supported_events}, numbers of L{EventType}), its
+    features and its limits.  Kept on its L{AgentConnection
+    <sentinel_twisted.connection.AgentConnection>} as C{capabilities}.
+    """
+
     agent_id: str
     name: str
     version: str
@@ -166,6 +180,16 @@ _EVENT_SETS: dict[frozenset[EventType], frozenset[EventType]] = {}
 
 
 class RegistrationRequest(Struct, kw_only=True):
+    """
+    The first frame of an agent connection (HandshakeRequest).  Its C{repr}
+    never shows the token.
+
+    @ivar protocol_version: must be L{PROTOCOL_VERSION}.
+    @ivar auth_token: checked by the listener's
+        L{ITokenChecker <sentinel_twisted.auth.ITokenChecker>}, if any.
+    @ivar metadata: any JSON the agent sends; shown on the status site.
+    """
+
     protocol_version: int
     agent_id: str
     capabilities: AgentCapabilities
@@ -183,6 +207,12 @@ class RegistrationRequest(Struct, kw_only=True):
 
 
 class RegistrationResponse(Struct, kw_only=True):
+    """
+    The listener's answer to a RegistrationRequest (HandshakeResponse).  On
+    success C{error} is C{None} and C{connection_id} names the connection;
+    on failure C{error} is the reason and the connection is closed.
+    """
+
     success: bool
     error: str | None
     proxy_id: str
@@ -196,6 +226,11 @@ class RegistrationResponse(Struct, kw_only=True):
 
 
 class RequestMetadata(Struct, kw_only=True):
+    """
+    Who asked for what: the client, the TLS parameters and the ids of a
+    request, sent in every L{RequestHeadersEvent}.
+    """
+
     correlation_id: str
     request_id: str
     client_ip: str
@@ -218,6 +253,14 @@ class _Event(Struct, kw_only=True):
 
 
 class RequestHeadersEvent(_Event, kw_only=True):
+    """
+    A request's method, target and headers, the first event of every
+    request (header names lower-case, each with its list of values)::
+
+        RequestHeadersEvent(metadata=metadata, method="GET", uri="/x?a=1",
+                            headers={"host": ["example.com"]})
+    """
+
     message_type = MessageType.REQUEST_HEADERS
     event_type = EventType.REQUEST_HEADERS
     metadata: RequestMetadata
@@ -231,6 +274,11 @@ def _b64(data: str) -> bytes:
 
 
 class RequestBodyChunkEvent(_Event, kw_only=True):
+    """
+    A piece of the request body, base64 in C{data} (use L{body} for the
+    bytes); C{is_last} on the final piece, C{bytes_received} counting so far.
+    """
+
     message_type = MessageType.REQUEST_BODY_CHUNK
     event_type = EventType.REQUEST_BODY_CHUNK
     #: base64 (standard alphabet, padded)
@@ -242,10 +290,13 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The chunk's bytes (C{data} decoded)."""
         return _b64(self.data)
 
 
 class ResponseHeadersEvent(_Event, kw_only=True):
+    """The upstream's response status and headers, before its body."""
+
     message_type = MessageType.RESPONSE_HEADERS
     event_type = EventType.RESPONSE_HEADERS
     status: U16
@@ -253,6 +304,11 @@ class ResponseHeadersEvent(_Event, kw_only=True):
 
 
 class ResponseBodyChunkEvent(_Event, kw_only=True):
+    """
+    A piece of the response body, base64 in C{data} (use L{body} for the
+    bytes); C{is_last} on the final piece, C{bytes_sent} counting so far.
+    """
+
     message_type = MessageType.RESPONSE_BODY_CHUNK
     event_type = EventType.RESPONSE_BODY_CHUNK
     data: str
@@ -263,10 +319,17 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The chunk's bytes (C{data} decoded)."""
         return _b64(self.data)
 
 
 class RequestCompleteEvent(_Event, kw_only=True):
+    """
+    A notification that a request is over: the status the client got, how
+    long it took, the body sizes, and C{error} if it failed.  Agents answer
+    it, but the answer changes nothing.
+    """
+
     message_type = MessageType.REQUEST_COMPLETE
     event_type = EventType.REQUEST_COMPLETE
     status: U16
@@ -278,6 +341,11 @@ class RequestCompleteEvent(_Event, kw_only=True):
 
 
 class WebSocketFrameEvent(_Event, kw_only=True):
+    """
+    One WebSocket frame, in either direction (C{client_to_server}); its
+    payload base64 in C{data} (use L{body} for the bytes).
+    """
+
     message_type = MessageType.WEBSOCKET_FRAME
     event_type = EventType.WEBSOCKET_FRAME
     #: text, binary, ping, pong, close or continuation
@@ -291,10 +359,16 @@ class WebSocketFrameEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The frame's payload (C{data} decoded)."""
         return _b64(self.data)
 
 
 class GuardrailInspectEvent(_Event, kw_only=True):
+    """
+    Text for an agent to inspect for prompt injection or personal data
+    (C{inspection_type}); the answer's decision says whether it passes.
+    """
+
     message_type = MessageType.GUARDRAIL_INSPECT
     event_type = EventType.GUARDRAIL_INSPECT
     inspection_type: Literal["prompt_injection", "pii_detection"]
@@ -306,6 +380,11 @@ class GuardrailInspectEvent(_Event, kw_only=True):
 
 
 class ConfigureEvent(_Event, kw_only=True):
+    """
+    New configuration for an agent (any JSON in C{config}); the agent
+    answers with a decision, usually L{Allow}.
+    """
+
     message_type = MessageType.CONFIGURE
     event_type = EventType.CONFIGURE
     config: Any
@@ -390,6 +469,7 @@ class _Variant:
         return f"{type(self).__name__}({args})"
 
     def to_wire(self) -> object:
+        """The externally tagged JSON form (C{"allow"}, C{{"block": {...}}})."""
         raise NotImplementedError
 
 
@@ -400,6 +480,8 @@ class Decision(_Variant):
 
 
 class Allow(Decision):
+    """Let the request go on (L{ALLOW} is the one instance anyone needs)."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
@@ -410,6 +492,14 @@ ALLOW: Final = Allow()
 
 
 class Block(Decision):
+    """
+    Answer the client at once with C{status} (default C{403}), an optional
+    C{body} and optional response C{headers}; the request never reaches the
+    upstream::
+
+        AgentResponse(decision=Block(status=403, body="Forbidden"))
+    """
+
     __slots__ = ("status", "body", "headers")
     _defaults: ClassVar[dict[str, Any]] = {
         "status": lambda: 403,
@@ -425,6 +515,8 @@ class Block(Decision):
 
 
 class Redirect(Decision):
+    """Answer the client with a redirect to C{url} (C{status}, default C{302})."""
+
     __slots__ = ("url", "status")
     _defaults: ClassVar[dict[str, Any]] = {"status": lambda: 302}
     url: str
@@ -435,6 +527,12 @@ class Redirect(Decision):
 
 
 class Challenge(Decision):
+    """
+    Ask the client to prove something first (a CAPTCHA, a JavaScript
+    check): C{challenge_type} and its C{params} go to the client in the
+    gateway's challenge response.
+    """
+
     __slots__ = ("challenge_type", "params")
     _defaults: ClassVar[dict[str, Any]] = {"params": dict}
     challenge_type: str
@@ -452,6 +550,8 @@ class HeaderOp(_Variant):
 
 
 class SetHeader(HeaderOp):
+    """Set header C{name} to C{value}, replacing any values it had."""
+
     __slots__ = ("name", "value")
     value: str
 
@@ -460,6 +560,8 @@ class SetHeader(HeaderOp):
 
 
 class AddHeader(HeaderOp):
+    """Add C{value} to header C{name}, keeping the values it had."""
+
     __slots__ = ("name", "value")
     value: str
 
@@ -468,6 +570,8 @@ class AddHeader(HeaderOp):
 
 
 class RemoveHeader(HeaderOp):
+    """Remove header C{name}."""
+
     __slots__ = ("name",)
 
     def to_wire(self) -> object:
@@ -475,10 +579,14 @@ class RemoveHeader(HeaderOp):
 
 
 class WebSocketDecision(_Variant):
+    """Base of the decisions on a WebSocket frame: allow, drop or close."""
+
     __slots__ = ()
 
 
 class WebSocketAllow(WebSocketDecision):
+    """Let the frame through."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
@@ -486,6 +594,8 @@ class WebSocketAllow(WebSocketDecision):
 
 
 class WebSocketDrop(WebSocketDecision):
+    """Drop the frame silently; the connection stays open."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
@@ -493,6 +603,8 @@ class WebSocketDrop(WebSocketDecision):
 
 
 class WebSocketClose(WebSocketDecision):
+    """Close the WebSocket with C{code} and C{reason}."""
+
     __slots__ = ("code", "reason")
     code: int
     reason: str
@@ -622,6 +734,12 @@ def _enc_hook(obj: object) -> object:
 
 
 class AuditMetadata(Struct, kw_only=True):
+    """
+    What an agent says about its decision, for logs and metrics: C{tags},
+    the C{rule_ids} that matched, a C{confidence}, C{reason_codes}, and
+    anything else in C{custom} (where the correlation id travels).
+    """
+
     tags: list[str] = field(default_factory=list)
     rule_ids: list[str] = field(default_factory=list)
     confidence: float | None = None
@@ -637,22 +755,31 @@ class BodyMutation(Struct, kw_only=True):
 
     @classmethod
     def replace(cls, chunk_index: int, data: bytes) -> BodyMutation:
+        """
+        Replace chunk C{chunk_index} with C{data}::
+
+            AgentResponse(request_body_mutation=BodyMutation.replace(0, b"redacted"))
+        """
         return cls(data=base64.b64encode(data).decode("ascii"), chunk_index=chunk_index)
 
     @classmethod
     def drop(cls, chunk_index: int) -> BodyMutation:
+        """Drop chunk C{chunk_index} from the body."""
         return cls(data="", chunk_index=chunk_index)
 
     @classmethod
     def pass_through(cls, chunk_index: int) -> BodyMutation:
+        """Leave chunk C{chunk_index} as it is."""
         return cls(data=None, chunk_index=chunk_index)
 
     @property
     def is_pass_through(self) -> bool:
+        """Whether the chunk is left as it is."""
         return self.data is None
 
     @property
     def is_drop(self) -> bool:
+        """Whether the chunk is dropped."""
         return self.data == ""
 
     @property
@@ -662,6 +789,24 @@ class BodyMutation(Struct, kw_only=True):
 
 
 class AgentResponse(Struct, kw_only=True):
+    """
+    An agent's answer to one event: its L{Decision}, header operations for
+    the request and the response, body mutations, audit data, and
+    C{needs_more} when it wants to see more of the body before deciding.
+    The L{Deferred <twisted.internet.defer.Deferred>} of every C{send_*}
+    method fires with one::
+
+        answer = await pool.send_request_headers("waf", event)
+        if not answer.is_allow:
+            ...  # answer.decision is a Block, Redirect or Challenge
+
+    @ivar request_headers: L{HeaderOp}s applied to the request before it
+        goes upstream.
+    @ivar response_headers: L{HeaderOp}s applied to the response (and to a
+        block's response).
+    @ivar routing_metadata: key/value hints for the proxy's routing.
+    """
+
     version: int = PROTOCOL_VERSION
     decision: Decision = ALLOW
     request_headers: list[HeaderOp] = field(default_factory=list)
@@ -681,6 +826,7 @@ class AgentResponse(Struct, kw_only=True):
 
     @property
     def is_allow(self) -> bool:
+        """Whether the decision is L{Allow}."""
         return isinstance(self.decision, Allow)
 
 
@@ -696,6 +842,11 @@ class _RequiredAgentResponse(AgentResponse, kw_only=True):
 
 
 class CancelMessage(Struct, kw_only=True):
+    """
+    The proxy tells an agent it no longer needs the answer for
+    C{correlation_id} (C{reason}: a L{CancelReason}).
+    """
+
     correlation_id: str
     reason: int
     timestamp_ms: I64
@@ -745,6 +896,7 @@ class HealthStatusMessage(Struct, kw_only=True, omit_defaults=True):
 
     @property
     def state_code(self) -> int | None:
+        """The L{HealthState} number of either form, C{None} if it cannot be read."""
         state = self.state
         if isinstance(state, dict):
             name = state.get("status")

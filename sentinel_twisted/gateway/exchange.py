@@ -111,32 +111,39 @@ def failure_reason(failure: Failure) -> str:
 class GatewayMetricsSink(Protocol):
     """What the gateway reports (see L{sentinel_twisted.status.metrics})."""
 
-    def request_decided(self, decision: str) -> None: ...
+    def request_decided(self, decision: str) -> None:
+        """A request ended with C{decision} (C{allow}, C{block}, C{unavailable}, ...)."""
 
-    def agent_failed(self, agent_id: str, reason: str) -> None: ...
+    def agent_failed(self, agent_id: str, reason: str) -> None:
+        """An agent could not answer (reason: see L{failure_reason})."""
 
-    def fail_open_pass(self, agent_id: str, reason: str) -> None: ...
+    def fail_open_pass(self, agent_id: str, reason: str) -> None:
+        """A request went on without the agent's decision (C{--fail-open})."""
 
-    def cancel_sent(self, agent_id: str, reason: int) -> None: ...
+    def cancel_sent(self, agent_id: str, reason: int) -> None:
+        """A Cancel went to the agent (reason: a L{CancelReason <sentinel_twisted.messages.CancelReason>})."""
 
-    def upstream_failed(self, kind: str) -> None: ...
+    def upstream_failed(self, kind: str) -> None:
+        """The upstream failed: C{error} or C{timeout}."""
 
 
 class NullMetrics:
+    """A L{GatewayMetricsSink} that keeps nothing (a gateway without a status site)."""
+
     def request_decided(self, decision: str) -> None:
-        pass
+        """Nothing."""
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
-        pass
+        """Nothing."""
 
     def fail_open_pass(self, agent_id: str, reason: str) -> None:
-        pass
+        """Nothing."""
 
     def cancel_sent(self, agent_id: str, reason: int) -> None:
-        pass
+        """Nothing."""
 
     def upstream_failed(self, kind: str) -> None:
-        pass
+        """Nothing."""
 
 
 class Gateway:
@@ -165,6 +172,7 @@ class Gateway:
         self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
 
     def agent_ids(self) -> Sequence[str]:
+        """The agents every request consults: C{--agent}, else every registered agent."""
         return self.config.agents or self.pool.agent_ids()
 
 
@@ -194,6 +202,7 @@ class AgentSlot:
         self.stage: InspectionStage | None = None
 
     def add_response_ops(self, ops: list[m.HeaderOp]) -> None:
+        """Keep the agent's response header operations for the response."""
         if self.response_ops is None:
             self.response_ops = list(ops)
         else:
@@ -295,11 +304,13 @@ class Exchange:
 
     @property
     def is_over(self) -> bool:
+        """Whether the request has been answered (or is being cancelled)."""
         return self._phase == _OVER or self._cancelling
 
     # -- start --------------------------------------------------------------------
 
     def start(self) -> None:
+        """Begin: pick a connection per agent and send the request headers."""
         request = self.request
         agent_ids = self.gateway.agent_ids()
         if agent_ids:
@@ -404,6 +415,7 @@ class Exchange:
     # -- sending to agents ----------------------------------------------------------
 
     def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
+        """Send an event of this request to the slot's agent, under the request's correlation id."""
         # One event at a time per agent and request, all under one
         # correlation id: whatever is pending under it is what the agent
         # still decides (see _cancel_pending).
@@ -500,6 +512,7 @@ class Exchange:
     # -- request body -------------------------------------------------------------------
 
     def request_body_received(self, data: bytes) -> None:
+        """A piece of the request body from the client (C{413} past the body limit)."""
         if self._phase == _OVER:
             return
         self._body_in += len(data)
@@ -512,6 +525,7 @@ class Exchange:
             head.feed(data)
 
     def request_body_finished(self) -> None:
+        """The client's request body is complete."""
         if self._phase == _OVER:
             return
         head = self._body_head
@@ -519,6 +533,7 @@ class Exchange:
             head.end()
 
     def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
+        """An agent answered a body chunk: a denial ends the exchange (C{False})."""
         if not answer.is_allow:
             self._deny(slot, answer)
             return False
@@ -527,6 +542,7 @@ class Exchange:
         return True
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
+        """An agent could not answer a body chunk: C{503}, or on with C{--fail-open}."""
         return self._agent_failed(slot, failure)
 
     def _request_body_through(self) -> None:
@@ -701,6 +717,7 @@ class Exchange:
 
     # ResponseSink
     def response_data(self, data: bytes) -> None:
+        """A piece of the upstream's response body."""
         if self._phase != _RESPONDING:
             return
         head = self._response_head
@@ -708,6 +725,7 @@ class Exchange:
             head.feed(data)
 
     def response_end(self, error: Failure | None) -> None:
+        """The upstream's response body ended (C{error} if it broke)."""
         if self._phase != _RESPONDING:
             return
         if error is not None:

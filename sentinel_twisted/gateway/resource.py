@@ -127,6 +127,7 @@ class GatewayRequest(server.Request):
             transport.pauseProducing()
 
     def resume_body(self) -> None:
+        """Read the client again (the body has drained)."""
         transport: Any = self.transport
         if transport is not None and not self.client_gone:
             transport.resumeProducing()

@@ -36,6 +36,7 @@ def _rfc3339(epoch: float) -> str:
 
 
 def health_name(state: int | None) -> str:
+    """C{healthy}, C{degraded}, ... for a health state; C{unknown} before any."""
     if state is None:
         return "unknown"
     try:
@@ -162,6 +163,7 @@ class StatusResource(Resource):
         return pages.notFound()
 
     def document(self) -> dict[str, Any]:
+        """What C{GET /agents} shows (see L{agents_document})."""
         return agents_document(self.pool, self.gateway)
 
     def _sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -169,6 +171,7 @@ class StatusResource(Resource):
         return value or 0.0
 
     def page(self) -> str:
+        """The HTML status page: the connections, the settings and the request counts."""
         stats = self.pool.stats()
         rows = []
         for info in stats:
