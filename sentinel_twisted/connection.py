@@ -87,7 +87,16 @@ class _Lenient(msgspec.Struct):
 
 
 class ConnectionInfo(msgspec.Struct, kw_only=True):
-    """A snapshot of one connection, for status pages and observers."""
+    """
+    A snapshot of one connection, for status pages and observers.
+
+    @ivar in_flight: requests sent and not answered yet.
+    @ivar paused: the agent asked for no new requests (FlowControl).
+    @ivar health: the last HealthStatus state, C{None} before any.
+    @ivar connected_since: when it registered (seconds since the epoch).
+    @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
+    @ivar write_blocked: the agent has stopped reading what it is sent.
+    """
 
     connection_id: str
     agent_id: str

@@ -74,12 +74,17 @@ __all__ = [
     "encode_event",
 ]
 
+#: The protocol version this package speaks (C{protocol_version} of a registration).
 PROTOCOL_VERSION: Final = 2
 
+#: An integer field of the wire contract that is an unsigned 16-bit number.
 U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
+#: An integer field of the wire contract that is an unsigned 32-bit number.
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 # msgspec bounds integers at int64; no real size or count comes near it.
+#: An unsigned 64-bit field (bounded at 2**63 - 1, as msgspec reads int64).
 U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#: A signed 64-bit field (timestamps in milliseconds).
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -145,7 +150,14 @@ class AgentFeatures(Struct, kw_only=True):
 
 
 class AgentLimits(Struct, kw_only=True):
-    """C{capabilities.limits}; every field is required on the wire."""
+    """
+    C{capabilities.limits}; every field is required on the wire.
+
+    @ivar max_body_size: the most body bytes the agent inspects; the
+        gateway answers C{413} to a longer body the agent asked to see.
+    @ivar max_concurrency: events the agent handles at once per connection.
+    @ivar preferred_chunk_size: the size of the body chunks it is sent.
+    """
 
     max_body_size: U64 = 10 * 1024 * 1024
     max_concurrency: U32 = 100
@@ -229,6 +241,11 @@ class RequestMetadata(Struct, kw_only=True):
     """
     Who asked for what: the client, the TLS parameters and the ids of a
     request, sent in every L{RequestHeadersEvent}.
+
+    @ivar correlation_id: the id every event of the request is sent under.
+    @ivar request_id: the client's C{X-Request-Id}, else the correlation id.
+    @ivar server_name: the TLS SNI name, else the C{Host} header's name.
+    @ivar timestamp: when the request arrived (RFC 3339).
     """
 
     correlation_id: str
@@ -242,7 +259,8 @@ class RequestMetadata(Struct, kw_only=True):
     route_id: str | None = None
     upstream_id: str | None = None
     timestamp: str
-    #: Omitted from the wire when unset, as the reference does.
+    #: The client's W3C C{traceparent}, when it sent one; omitted from the
+    #: wire when unset, as the reference does.
     traceparent: str | UnsetType = UNSET
 
 
@@ -328,6 +346,10 @@ class RequestCompleteEvent(_Event, kw_only=True):
     A notification that a request is over: the status the client got, how
     long it took, the body sizes, and C{error} if it failed.  Agents answer
     it, but the answer changes nothing.
+
+    @ivar status: the status the client got.
+    @ivar duration_ms: from the request's arrival to the end of its response.
+    @ivar error: what went wrong (upstream or agent failure), else C{None}.
     """
 
     message_type = MessageType.REQUEST_COMPLETE
@@ -391,6 +413,7 @@ class ConfigureEvent(_Event, kw_only=True):
     config_version: str | None = None
 
 
+#: Any of the eight events the proxy sends to agents.
 Event = (
     RequestHeadersEvent
     | RequestBodyChunkEvent
@@ -402,6 +425,7 @@ Event = (
     | ConfigureEvent
 )
 
+#: The event class of each event frame's message type.
 EVENT_CLASSES: Final[dict[int, type[_Event]]] = {
     cls.message_type: cls
     for cls in (
@@ -488,6 +512,7 @@ class Allow(Decision):
         return "allow"
 
 
+#: The L{Allow} decision (it has no fields, so one instance serves all).
 ALLOW: Final = Allow()
 
 

@@ -33,6 +33,7 @@ __all__ = ["BodySink", "InspectionStage", "Pressure", "StageOwner", "clamp_chunk
 
 #: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
+#: The chunk size for an agent that states no preference.
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
