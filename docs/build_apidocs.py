@@ -6,7 +6,9 @@ Build the API reference from the docstrings with pydoctor.
 
 The output goes to build/apidocs by default.  Any warning (a link to
 nothing, a malformed docstring) fails the build with exit status 3, so the
-reference cannot rot quietly.  Used by `tox -e docs` and by CI.
+reference cannot rot quietly; so does a public name without a docstring
+(see L{undocumented}, which C{tests/test_apidocs.py} runs too).  Used by
+`tox -e docs` and by CI.
 
 Docstrings link to Twisted, the standard library, msgspec and attrs the
 way Twisted's own do (C{L{Deferred}}).  Intersphinx would need the network
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 import subprocess
 import sys
@@ -27,6 +30,8 @@ import tempfile
 import zlib
 from importlib.metadata import version
 from pathlib import Path
+
+from zope.interface import implementedBy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +138,105 @@ def write_inventory(path: Path, project: str, entries: list[tuple[str, str, str]
     path.write_bytes(header.encode() + zlib.compress(body.encode()))
 
 
+def public_modules(package: str = "sentinel_twisted") -> list[str]:
+    """The package and its modules, but for those with a C{_private} part in their name."""
+    top = importlib.import_module(package)
+    names = [package]
+    for info in pkgutil.walk_packages(top.__path__, package + "."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return sorted(names)
+
+
+def _public(name: str) -> bool:
+    return not name.startswith("_")
+
+
+def _own_doc(obj: object) -> bool:
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    return bool(doc and doc.strip())
+
+
+def _members(cls: type, package: str) -> dict[str, object]:
+    """The public callables of a class, its own and those of its bases in the package."""
+    members: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith(package):
+            continue
+        for name, value in vars(klass).items():
+            kinds = (staticmethod, classmethod, property, type)
+            if _public(name) and (isinstance(value, kinds) or inspect.isfunction(value)):
+                members[name] = value
+    return members
+
+
+def _member_documented(cls: type, name: str, value: object) -> bool:
+    if isinstance(value, type):
+        return _own_doc(value)
+    if isinstance(value, property):
+        return bool(value.__doc__ and value.__doc__.strip())
+    # Documented here, or an override of a documented method of a base
+    # (Twisted's stringReceived, a Protocol's method): inspect.getdoc looks.
+    if inspect.getdoc(getattr(cls, name)):
+        return True
+    # Or a method of an interface the class implements (IService.startService).
+    for interface in implementedBy(cls).flattened():
+        described = interface.get(name)
+        if described is not None and (described.getDoc() or "").strip():
+            return True
+    return False
+
+
+def undocumented(package: str = "sentinel_twisted") -> list[str]:
+    """
+    The public names of the package without a docstring: public modules,
+    their public classes and functions, and the public methods and
+    properties of those classes (a method that overrides a documented one
+    counts as documented, and so does a method an implemented interface
+    documents).  Names with a leading underscore, and everything in a
+    module with one, are private; an object of a private module that a
+    public module's C{__all__} exports is public.  Data attributes are not
+    checked: they are documented with C{#:} comments or C{@ivar} fields,
+    which only pydoctor reads.
+    """
+    missing: list[str] = []
+    seen: set[int] = set()
+    for module_name in public_modules(package):
+        module = importlib.import_module(module_name)
+        if not _own_doc(module):
+            missing.append(module_name)
+        exported = set(getattr(module, "__all__", ()))
+        for name, obj in sorted(vars(module).items()):
+            home = getattr(obj, "__module__", None) or ""
+            # Defined here, or re-exported here from a private module (as
+            # pydoctor shows it): each public object is checked once.
+            reexported = name in exported and any(p.startswith("_") for p in home.split("."))
+            if not _public(name) or (home != module_name and not reexported):
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj) or type(obj).__name__ == "InterfaceClass"):
+                continue
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            qualified = f"{module_name}.{name}"
+            if not _own_doc(obj):
+                missing.append(qualified)
+            if type(obj).__name__ == "InterfaceClass":
+                for member in sorted(obj.names()):  # type: ignore[attr-defined]
+                    if not (obj[member].getDoc() or "").strip():  # type: ignore[index]
+                        missing.append(f"{qualified}.{member}")
+            elif inspect.isclass(obj):
+                for member, value in sorted(_members(obj, package).items()):
+                    if not _member_documented(obj, member, value):
+                        missing.append(f"{qualified}.{member}")
+    return missing
+
+
 def build(output: str) -> int:
+    missing = undocumented()
+    if missing:
+        sys.stdout.write("".join(f"{name}: undocumented public name\n" for name in missing))
+        return 3
     with tempfile.TemporaryDirectory(prefix="sentinel-apidocs-") as scratch:
         _, log = pydoctor(str(Path(scratch) / "first-pass"))
         entries: dict[str, list[tuple[str, str, str]]] = {}

@@ -104,5 +104,11 @@ class TokenFileChecker(StaticTokenChecker):
         self.permission_warning = _mode_warning(path)
 
     def reload(self) -> None:
+        """
+        Read the token file again.
+
+        @raise TokenFileError: the file is missing or malformed; the tokens
+            already loaded stay in force.
+        """
         self._tokens = parse_token_file(self.path)
         self.permission_warning = _mode_warning(self.path)

@@ -42,12 +42,14 @@ class AgentAllowlist:
 
     @classmethod
     def of(cls, patterns: Iterable[str]) -> AgentAllowlist:
+        """An allowlist of these patterns: C{AgentAllowlist.of(["waf-1", "bot-*"])}."""
         return cls(tuple(patterns))
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
 
     def allows(self, agent_id: str) -> bool:
+        """Whether C{agent_id} may register (always, when the list is empty)."""
         if not self.patterns or agent_id in self._exact:
             return True
         return self._regex is not None and self._regex.fullmatch(agent_id) is not None

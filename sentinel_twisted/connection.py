@@ -59,23 +59,25 @@ def new_correlation_id() -> str:
 class FrameSink(Protocol):
     """What the connection needs from its protocol."""
 
-    def send_frame(self, message_type: int, payload: bytes) -> None: ...
+    def send_frame(self, message_type: int, payload: bytes) -> None:
+        """Write one frame (header and payload) to the agent."""
 
-    def close_connection(self, detail: str, abort: bool = False) -> None: ...
+    def close_connection(self, detail: str, abort: bool = False) -> None:
+        """Close the transport, or abort it when C{abort}; C{detail} says why."""
 
 
-class ConnectionListener(Protocol):
+class _ConnectionListener(Protocol):
     """Who hears about a connection's control messages (the pool)."""
 
-    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
+    def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
 
-    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
+    def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
 
-    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None: ...
+    def _connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None: ...
 
-    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
+    def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
 
-    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
+    def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
 
 
 class _Lenient(msgspec.Struct):
@@ -85,7 +87,16 @@ class _Lenient(msgspec.Struct):
 
 
 class ConnectionInfo(msgspec.Struct, kw_only=True):
-    """A snapshot of one connection, for status pages and observers."""
+    """
+    A snapshot of one connection, for status pages and observers.
+
+    @ivar in_flight: requests sent and not answered yet.
+    @ivar paused: the agent asked for no new requests (FlowControl).
+    @ivar health: the last HealthStatus state, C{None} before any.
+    @ivar connected_since: when it registered (seconds since the epoch).
+    @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
+    @ivar write_blocked: the agent has stopped reading what it is sent.
+    """
 
     connection_id: str
     agent_id: str
@@ -103,6 +114,18 @@ class AgentConnection:
     """
     A registered agent connection.  Created by the listener on successful
     registration; users get it from the L{AgentPool} or from observers.
+
+    @ivar agent_id: the id the agent registered with.
+    @ivar connection_id: unique for the life of the process; the agent is
+        told it in the RegistrationResponse.
+    @ivar capabilities: what the agent announced.
+    @ivar metadata: the registration's C{metadata} (any JSON).
+    @ivar request_timeout: the default timeout of L{send_event}, in seconds.
+    @ivar connected_since: when it registered (seconds since the epoch).
+    @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
+    @ivar health_state: the last HealthStatus state (L{HealthState
+        <sentinel_twisted.messages.HealthState>} number), C{None} before any.
+    @ivar listener: the pool it belongs to (set by L{AgentPool.add}).
     """
 
     def __init__(
@@ -132,7 +155,7 @@ class AgentConnection:
         self._stall_timer: IDelayedCall | None = None
         self.connected_since = connected_since
         self.peer = peer
-        self.listener: ConnectionListener | None = None
+        self.listener: _ConnectionListener | None = None
         self._sink = sink
         self._clock = clock
         self._pending: PendingTable = PendingTable(
@@ -167,10 +190,15 @@ class AgentConnection:
 
     @property
     def is_closed(self) -> bool:
+        """Whether the connection is closed or closing: nothing more can be sent."""
         return self._closed is not None
 
     @property
     def can_accept_requests(self) -> bool:
+        """
+        Whether a new request may be sent now: not closed, not paused by the
+        agent, and the agent reads what it is sent.
+        """
         return self._closed is None and not self._paused and not self._write_blocked
 
     def _selection_load(self) -> int:
@@ -231,9 +259,11 @@ class AgentConnection:
         self._sink.close_connection(detail, abort=True)
 
     def pending_ids(self) -> list[str]:
+        """The correlation ids of the requests waiting for an answer."""
         return self._pending.correlation_ids()
 
     def info(self) -> ConnectionInfo:
+        """A snapshot for status pages and observers."""
         return ConnectionInfo(
             connection_id=self.connection_id,
             agent_id=self.agent_id,
@@ -261,7 +291,25 @@ class AgentConnection:
         The correlation id is C{correlation_id} if given, else the event's
         own (C{metadata.correlation_id} for RequestHeaders), else a fresh
         one.  Errors (closed connection, duplicate id, oversize frame)
-        arrive as a failed Deferred, never as an exception.
+        arrive as a failed Deferred, never as an exception::
+
+            answer = await connection.send_event(event, timeout=2.0)
+
+        @param timeout: seconds to wait for the answer; the connection's
+            C{request_timeout} by default.
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}.  Fails with
+            L{RequestTimeout <sentinel_twisted.errors.RequestTimeout>} (no
+            answer in time; the agent is sent a Cancel),
+            L{ConnectionClosed} (closed before or while waiting),
+            L{RequestCancelled} (the Deferred was cancelled or
+            L{cancel_request} was called), L{InvalidMessage
+            <sentinel_twisted.errors.InvalidMessage>} (the answer could not
+            be read), L{DuplicateCorrelationId
+            <sentinel_twisted.errors.DuplicateCorrelationId>} (the id is
+            already waiting), L{MessageTooLarge
+            <sentinel_twisted.errors.MessageTooLarge>} (the event does not
+            fit a frame) or C{ValueError} (a timeout that is not positive).
         """
         if self._closed is not None:
             return fail(self._closed)
@@ -285,41 +333,65 @@ class AgentConnection:
     def send_request_headers(
         self, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestHeadersEvent <sentinel_twisted.messages.RequestHeadersEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_request_body_chunk(
         self, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestBodyChunkEvent <sentinel_twisted.messages.RequestBodyChunkEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_response_headers(
         self, event: m.ResponseHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseHeadersEvent <sentinel_twisted.messages.ResponseHeadersEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_response_body_chunk(
         self, event: m.ResponseBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseBodyChunkEvent <sentinel_twisted.messages.ResponseBodyChunkEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_request_complete(
         self, event: m.RequestCompleteEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestCompleteEvent <sentinel_twisted.messages.RequestCompleteEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_websocket_frame(
         self, event: m.WebSocketFrameEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{WebSocketFrameEvent <sentinel_twisted.messages.WebSocketFrameEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_guardrail_inspect(
         self, event: m.GuardrailInspectEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{GuardrailInspectEvent <sentinel_twisted.messages.GuardrailInspectEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     def send_configure(
         self, event: m.ConfigureEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ConfigureEvent <sentinel_twisted.messages.ConfigureEvent>}; see L{send_event}.
+        """
         return self.send_event(event, correlation_id, timeout)
 
     # -- cancellation -------------------------------------------------------
@@ -450,11 +522,11 @@ class AgentConnection:
         elif message_type == _METRICS:
             report = self._control(payload, dict, "MetricsReport")
             if report is not None and self.listener is not None:
-                self.listener.connection_metrics(self, report)
+                self.listener._connection_metrics(self, report)
         elif message_type == _CONFIG_UPDATE:
             request = self._control(payload, dict, "ConfigUpdateRequest")
             if request is not None and self.listener is not None:
-                self.listener.connection_config_update(self, request)
+                self.listener._connection_config_update(self, request)
         else:
             log.warn(
                 "Agent {agent_id} sent a {kind} frame on connection {connection_id}, "
@@ -482,7 +554,7 @@ class AgentConnection:
             return
         listener = self.listener
         if listener is not None:
-            listener.connection_answered(self, cid, self._clock.seconds() - sent_at)
+            listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
         pending.resolve(cid, response)
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
@@ -538,7 +610,7 @@ class AgentConnection:
                 connection_id=self.connection_id,
             )
             if self.listener is not None:
-                self.listener.connection_flow_changed(self, paused)
+                self.listener._connection_flow_changed(self, paused)
 
     def _health_received(self, payload: bytes) -> None:
         message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
@@ -547,7 +619,7 @@ class AgentConnection:
         self.last_health = message
         self.health_state = message.state_code
         if self.listener is not None:
-            self.listener.connection_health_changed(self, self.health_state)
+            self.listener._connection_health_changed(self, self.health_state)
 
     def _ping_received(self, payload: bytes) -> None:
         if self._control(payload, m.PingMessage, "Ping") is not None:

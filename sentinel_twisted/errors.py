@@ -64,6 +64,7 @@ class AgentProtocolError(Exception):
 
     @property
     def message(self) -> str:
+        """The error's text, as it is sent to agents and logged (also C{str(error)})."""
         return str(self.args[0]) if self.args else type(self).__name__
 
 
@@ -89,6 +90,8 @@ class ConnectionClosed(AgentProtocolError):
 
 
 class VersionMismatch(AgentProtocolError):
+    """A registration asked for a protocol version other than 2."""
+
     def __init__(self, expected: int, actual: object) -> None:
         super().__init__(
             f"Protocol version mismatch: expected {expected}, got {actual}"
@@ -98,6 +101,8 @@ class VersionMismatch(AgentProtocolError):
 
 
 class MessageTooLarge(AgentProtocolError):
+    """A frame longer than the limit, received or about to be sent."""
+
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"Message too large: {size} bytes (max: {limit})")
         self.size = size
@@ -139,6 +144,11 @@ class ConnectionLimitReached(AgentProtocolError):
 
 
 class RequestTimeout(AgentProtocolError):
+    """
+    No answer within the timeout (C{seconds}); the agent was sent a Cancel.
+    Also a registration that did not arrive within the handshake timeout.
+    """
+
     def __init__(self, seconds: float, correlation_id: str = "") -> None:
         super().__init__(f"Timeout after {format_duration(seconds)}")
         self.seconds = seconds
@@ -154,6 +164,8 @@ class AgentUnavailable(AgentProtocolError):
 
 
 class SerializationError(AgentProtocolError):
+    """A message that cannot be encoded as JSON."""
+
     def __init__(self, detail: str) -> None:
         super().__init__(f"Serialization error: {detail}")
         self.detail = detail

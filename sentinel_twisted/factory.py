@@ -155,6 +155,9 @@ class ReverseConnectionFactory(Factory):
         return ReverseConnectionProtocol(self)
 
     def registration_finished(self, protocol: ReverseConnectionProtocol) -> None:
+        """
+        Called by a protocol that no longer awaits registration (registered, rejected or gone).
+        """
         self.awaiting_registration -= 1
         if self._cap_logged and self.awaiting_registration < self.config.max_pending_registrations:
             self._cap_logged = False
@@ -218,9 +221,11 @@ class ReverseConnectionFactory(Factory):
             return False
 
     def registered_connections(self, agent_id: str) -> int:
+        """How many registered connections C{agent_id} holds."""
         return self._registered_per_agent[agent_id]
 
     def new_connection_id(self, agent_id: str) -> str:
+        """A connection id unique for the life of the process: C{AGENT-HEXMILLIS-SERIAL}."""
         # The reference's "<agent>-<hex millis>" plus a serial, so that two
         # connections registered in one millisecond still differ.
         millis = int(time.time() * 1000)
@@ -229,6 +234,7 @@ class ReverseConnectionFactory(Factory):
     def create_connection(
         self, protocol: ReverseConnectionProtocol, request: m.RegistrationRequest
     ) -> AgentConnection:
+        """The L{AgentConnection} for a registration that was admitted."""
         return AgentConnection(
             protocol,
             agent_id=request.agent_id,
@@ -242,6 +248,7 @@ class ReverseConnectionFactory(Factory):
         )
 
     def success_response(self, connection_id: str) -> m.RegistrationResponse:
+        """The RegistrationResponse that accepts a registration."""
         return m.RegistrationResponse(
             success=True,
             error=None,
@@ -251,6 +258,7 @@ class ReverseConnectionFactory(Factory):
         )
 
     def failure_response(self, error: AgentProtocolError) -> m.RegistrationResponse:
+        """The RegistrationResponse that refuses a registration, with the error's text."""
         return m.RegistrationResponse(
             success=False,
             error=str(error),
@@ -262,6 +270,7 @@ class ReverseConnectionFactory(Factory):
     # -- events from protocols ---------------------------------------------
 
     def connection_registered(self, connection: AgentConnection) -> None:
+        """Called by a protocol whose registration succeeded: logs it and adds it to the pool."""
         self.registrations += 1
         log.info(
             "Agent {agent_id} registered connection {connection_id} from {peer}",
@@ -272,6 +281,7 @@ class ReverseConnectionFactory(Factory):
         self.pool.add(connection)
 
     def registration_rejected(self, error: AgentProtocolError, agent_id: str, peer: str) -> None:
+        """Called by a protocol whose registration was refused: counts and logs it."""
         reason = rejection_reason(error)
         self.rejections[reason] += 1
         log.info(
@@ -283,6 +293,10 @@ class ReverseConnectionFactory(Factory):
         )
 
     def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
+        """
+        Called by a protocol whose registered connection ended: logs it with
+        the count of C{failed} waiting requests and removes it from the pool.
+        """
         agent_id = connection.agent_id
         remaining = self._registered_per_agent[agent_id] - 1
         if remaining > 0:

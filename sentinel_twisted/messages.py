@@ -74,12 +74,17 @@ __all__ = [
     "encode_event",
 ]
 
+#: The protocol version this package speaks (C{protocol_version} of a registration).
 PROTOCOL_VERSION: Final = 2
 
+#: An integer field of the wire contract that is an unsigned 16-bit number.
 U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
+#: An integer field of the wire contract that is an unsigned 32-bit number.
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 # msgspec bounds integers at int64; no real size or count comes near it.
+#: An unsigned 64-bit field (bounded at 2**63 - 1, as msgspec reads int64).
 U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#: A signed 64-bit field (timestamps in milliseconds).
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -108,6 +113,11 @@ class CancelReason(enum.IntEnum):
 
 
 class HealthState(enum.IntEnum):
+    """
+    The C{state} of a HealthStatus: what an agent says of itself.  The
+    gateway shows it on the status site; it does not route by it.
+    """
+
     HEALTHY = 1
     DEGRADED = 2
     DRAINING = 3
@@ -115,6 +125,8 @@ class HealthState(enum.IntEnum):
 
 
 class FlowAction(enum.IntEnum):
+    """The C{action} of a FlowControl message: pause or resume sending requests."""
+
     PAUSE = 1
     RESUME = 2
 
@@ -138,7 +150,14 @@ class AgentFeatures(Struct, kw_only=True):
 
 
 class AgentLimits(Struct, kw_only=True):
-    """C{capabilities.limits}; every field is required on the wire."""
+    """
+    C{capabilities.limits}; every field is required on the wire.
+
+    @ivar max_body_size: the most body bytes the agent inspects; the
+        gateway answers C{413} to a longer body the agent asked to see.
+    @ivar max_concurrency: events the agent handles at once per connection.
+    @ivar preferred_chunk_size: the size of the body chunks it is sent.
+    """
 
     max_body_size: U64 = 10 * 1024 * 1024
     max_concurrency: U32 = 100
@@ -146,6 +165,13 @@ class AgentLimits(Struct, kw_only=True):
 
 
 class AgentCapabilities(Struct, kw_only=True):
+    """
+    What an agent announces in its RegistrationRequest: who it is, which
+    events it wants (C{supported_events}, numbers of L{EventType}), its
+    features and its limits.  Kept on its L{AgentConnection
+    <sentinel_twisted.connection.AgentConnection>} as C{capabilities}.
+    """
+
     agent_id: str
     name: str
     version: str
@@ -166,6 +192,16 @@ _EVENT_SETS: dict[frozenset[EventType], frozenset[EventType]] = {}
 
 
 class RegistrationRequest(Struct, kw_only=True):
+    """
+    The first frame of an agent connection (HandshakeRequest).  Its C{repr}
+    never shows the token.
+
+    @ivar protocol_version: must be L{PROTOCOL_VERSION}.
+    @ivar auth_token: checked by the listener's
+        L{ITokenChecker <sentinel_twisted.auth.ITokenChecker>}, if any.
+    @ivar metadata: any JSON the agent sends; shown on the status site.
+    """
+
     protocol_version: int
     agent_id: str
     capabilities: AgentCapabilities
@@ -183,6 +219,12 @@ class RegistrationRequest(Struct, kw_only=True):
 
 
 class RegistrationResponse(Struct, kw_only=True):
+    """
+    The listener's answer to a RegistrationRequest (HandshakeResponse).  On
+    success C{error} is C{None} and C{connection_id} names the connection;
+    on failure C{error} is the reason and the connection is closed.
+    """
+
     success: bool
     error: str | None
     proxy_id: str
@@ -196,6 +238,16 @@ class RegistrationResponse(Struct, kw_only=True):
 
 
 class RequestMetadata(Struct, kw_only=True):
+    """
+    Who asked for what: the client, the TLS parameters and the ids of a
+    request, sent in every L{RequestHeadersEvent}.
+
+    @ivar correlation_id: the id every event of the request is sent under.
+    @ivar request_id: the client's C{X-Request-Id}, else the correlation id.
+    @ivar server_name: the TLS SNI name, else the C{Host} header's name.
+    @ivar timestamp: when the request arrived (RFC 3339).
+    """
+
     correlation_id: str
     request_id: str
     client_ip: str
@@ -207,7 +259,8 @@ class RequestMetadata(Struct, kw_only=True):
     route_id: str | None = None
     upstream_id: str | None = None
     timestamp: str
-    #: Omitted from the wire when unset, as the reference does.
+    #: The client's W3C C{traceparent}, when it sent one; omitted from the
+    #: wire when unset, as the reference does.
     traceparent: str | UnsetType = UNSET
 
 
@@ -218,6 +271,14 @@ class _Event(Struct, kw_only=True):
 
 
 class RequestHeadersEvent(_Event, kw_only=True):
+    """
+    A request's method, target and headers, the first event of every
+    request (header names lower-case, each with its list of values)::
+
+        RequestHeadersEvent(metadata=metadata, method="GET", uri="/x?a=1",
+                            headers={"host": ["example.com"]})
+    """
+
     message_type = MessageType.REQUEST_HEADERS
     event_type = EventType.REQUEST_HEADERS
     metadata: RequestMetadata
@@ -231,6 +292,11 @@ def _b64(data: str) -> bytes:
 
 
 class RequestBodyChunkEvent(_Event, kw_only=True):
+    """
+    A piece of the request body, base64 in C{data} (use L{body} for the
+    bytes); C{is_last} on the final piece, C{bytes_received} counting so far.
+    """
+
     message_type = MessageType.REQUEST_BODY_CHUNK
     event_type = EventType.REQUEST_BODY_CHUNK
     #: base64 (standard alphabet, padded)
@@ -242,10 +308,13 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The chunk's bytes (C{data} decoded)."""
         return _b64(self.data)
 
 
 class ResponseHeadersEvent(_Event, kw_only=True):
+    """The upstream's response status and headers, before its body."""
+
     message_type = MessageType.RESPONSE_HEADERS
     event_type = EventType.RESPONSE_HEADERS
     status: U16
@@ -253,6 +322,11 @@ class ResponseHeadersEvent(_Event, kw_only=True):
 
 
 class ResponseBodyChunkEvent(_Event, kw_only=True):
+    """
+    A piece of the response body, base64 in C{data} (use L{body} for the
+    bytes); C{is_last} on the final piece, C{bytes_sent} counting so far.
+    """
+
     message_type = MessageType.RESPONSE_BODY_CHUNK
     event_type = EventType.RESPONSE_BODY_CHUNK
     data: str
@@ -263,10 +337,21 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The chunk's bytes (C{data} decoded)."""
         return _b64(self.data)
 
 
 class RequestCompleteEvent(_Event, kw_only=True):
+    """
+    A notification that a request is over: the status the client got, how
+    long it took, the body sizes, and C{error} if it failed.  Agents answer
+    it, but the answer changes nothing.
+
+    @ivar status: the status the client got.
+    @ivar duration_ms: from the request's arrival to the end of its response.
+    @ivar error: what went wrong (upstream or agent failure), else C{None}.
+    """
+
     message_type = MessageType.REQUEST_COMPLETE
     event_type = EventType.REQUEST_COMPLETE
     status: U16
@@ -278,6 +363,11 @@ class RequestCompleteEvent(_Event, kw_only=True):
 
 
 class WebSocketFrameEvent(_Event, kw_only=True):
+    """
+    One WebSocket frame, in either direction (C{client_to_server}); its
+    payload base64 in C{data} (use L{body} for the bytes).
+    """
+
     message_type = MessageType.WEBSOCKET_FRAME
     event_type = EventType.WEBSOCKET_FRAME
     #: text, binary, ping, pong, close or continuation
@@ -291,10 +381,16 @@ class WebSocketFrameEvent(_Event, kw_only=True):
 
     @property
     def body(self) -> bytes:
+        """The frame's payload (C{data} decoded)."""
         return _b64(self.data)
 
 
 class GuardrailInspectEvent(_Event, kw_only=True):
+    """
+    Text for an agent to inspect for prompt injection or personal data
+    (C{inspection_type}); the answer's decision says whether it passes.
+    """
+
     message_type = MessageType.GUARDRAIL_INSPECT
     event_type = EventType.GUARDRAIL_INSPECT
     inspection_type: Literal["prompt_injection", "pii_detection"]
@@ -306,12 +402,18 @@ class GuardrailInspectEvent(_Event, kw_only=True):
 
 
 class ConfigureEvent(_Event, kw_only=True):
+    """
+    New configuration for an agent (any JSON in C{config}); the agent
+    answers with a decision, usually L{Allow}.
+    """
+
     message_type = MessageType.CONFIGURE
     event_type = EventType.CONFIGURE
     config: Any
     config_version: str | None = None
 
 
+#: Any of the eight events the proxy sends to agents.
 Event = (
     RequestHeadersEvent
     | RequestBodyChunkEvent
@@ -323,6 +425,7 @@ Event = (
     | ConfigureEvent
 )
 
+#: The event class of each event frame's message type.
 EVENT_CLASSES: Final[dict[int, type[_Event]]] = {
     cls.message_type: cls
     for cls in (
@@ -390,6 +493,7 @@ class _Variant:
         return f"{type(self).__name__}({args})"
 
     def to_wire(self) -> object:
+        """The externally tagged JSON form (C{"allow"}, C{{"block": {...}}})."""
         raise NotImplementedError
 
 
@@ -400,16 +504,27 @@ class Decision(_Variant):
 
 
 class Allow(Decision):
+    """Let the request go on (L{ALLOW} is the one instance anyone needs)."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
         return "allow"
 
 
+#: The L{Allow} decision (it has no fields, so one instance serves all).
 ALLOW: Final = Allow()
 
 
 class Block(Decision):
+    """
+    Answer the client at once with C{status} (default C{403}), an optional
+    C{body} and optional response C{headers}; the request never reaches the
+    upstream::
+
+        AgentResponse(decision=Block(status=403, body="Forbidden"))
+    """
+
     __slots__ = ("status", "body", "headers")
     _defaults: ClassVar[dict[str, Any]] = {
         "status": lambda: 403,
@@ -425,6 +540,8 @@ class Block(Decision):
 
 
 class Redirect(Decision):
+    """Answer the client with a redirect to C{url} (C{status}, default C{302})."""
+
     __slots__ = ("url", "status")
     _defaults: ClassVar[dict[str, Any]] = {"status": lambda: 302}
     url: str
@@ -435,6 +552,12 @@ class Redirect(Decision):
 
 
 class Challenge(Decision):
+    """
+    Ask the client to prove something first (a CAPTCHA, a JavaScript
+    check): C{challenge_type} and its C{params} go to the client in the
+    gateway's challenge response.
+    """
+
     __slots__ = ("challenge_type", "params")
     _defaults: ClassVar[dict[str, Any]] = {"params": dict}
     challenge_type: str
@@ -452,6 +575,8 @@ class HeaderOp(_Variant):
 
 
 class SetHeader(HeaderOp):
+    """Set header C{name} to C{value}, replacing any values it had."""
+
     __slots__ = ("name", "value")
     value: str
 
@@ -460,6 +585,8 @@ class SetHeader(HeaderOp):
 
 
 class AddHeader(HeaderOp):
+    """Add C{value} to header C{name}, keeping the values it had."""
+
     __slots__ = ("name", "value")
     value: str
 
@@ -468,6 +595,8 @@ class AddHeader(HeaderOp):
 
 
 class RemoveHeader(HeaderOp):
+    """Remove header C{name}."""
+
     __slots__ = ("name",)
 
     def to_wire(self) -> object:
@@ -475,10 +604,14 @@ class RemoveHeader(HeaderOp):
 
 
 class WebSocketDecision(_Variant):
+    """Base of the decisions on a WebSocket frame: allow, drop or close."""
+
     __slots__ = ()
 
 
 class WebSocketAllow(WebSocketDecision):
+    """Let the frame through."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
@@ -486,6 +619,8 @@ class WebSocketAllow(WebSocketDecision):
 
 
 class WebSocketDrop(WebSocketDecision):
+    """Drop the frame silently; the connection stays open."""
+
     __slots__ = ()
 
     def to_wire(self) -> object:
@@ -493,6 +628,8 @@ class WebSocketDrop(WebSocketDecision):
 
 
 class WebSocketClose(WebSocketDecision):
+    """Close the WebSocket with C{code} and C{reason}."""
+
     __slots__ = ("code", "reason")
     code: int
     reason: str
@@ -622,6 +759,12 @@ def _enc_hook(obj: object) -> object:
 
 
 class AuditMetadata(Struct, kw_only=True):
+    """
+    What an agent says about its decision, for logs and metrics: C{tags},
+    the C{rule_ids} that matched, a C{confidence}, C{reason_codes}, and
+    anything else in C{custom} (where the correlation id travels).
+    """
+
     tags: list[str] = field(default_factory=list)
     rule_ids: list[str] = field(default_factory=list)
     confidence: float | None = None
@@ -637,22 +780,31 @@ class BodyMutation(Struct, kw_only=True):
 
     @classmethod
     def replace(cls, chunk_index: int, data: bytes) -> BodyMutation:
+        """
+        Replace chunk C{chunk_index} with C{data}::
+
+            AgentResponse(request_body_mutation=BodyMutation.replace(0, b"redacted"))
+        """
         return cls(data=base64.b64encode(data).decode("ascii"), chunk_index=chunk_index)
 
     @classmethod
     def drop(cls, chunk_index: int) -> BodyMutation:
+        """Drop chunk C{chunk_index} from the body."""
         return cls(data="", chunk_index=chunk_index)
 
     @classmethod
     def pass_through(cls, chunk_index: int) -> BodyMutation:
+        """Leave chunk C{chunk_index} as it is."""
         return cls(data=None, chunk_index=chunk_index)
 
     @property
     def is_pass_through(self) -> bool:
+        """Whether the chunk is left as it is."""
         return self.data is None
 
     @property
     def is_drop(self) -> bool:
+        """Whether the chunk is dropped."""
         return self.data == ""
 
     @property
@@ -662,6 +814,24 @@ class BodyMutation(Struct, kw_only=True):
 
 
 class AgentResponse(Struct, kw_only=True):
+    """
+    An agent's answer to one event: its L{Decision}, header operations for
+    the request and the response, body mutations, audit data, and
+    C{needs_more} when it wants to see more of the body before deciding.
+    The L{Deferred <twisted.internet.defer.Deferred>} of every C{send_*}
+    method fires with one::
+
+        answer = await pool.send_request_headers("waf", event)
+        if not answer.is_allow:
+            ...  # answer.decision is a Block, Redirect or Challenge
+
+    @ivar request_headers: L{HeaderOp}s applied to the request before it
+        goes upstream.
+    @ivar response_headers: L{HeaderOp}s applied to the response (and to a
+        block's response).
+    @ivar routing_metadata: key/value hints for the proxy's routing.
+    """
+
     version: int = PROTOCOL_VERSION
     decision: Decision = ALLOW
     request_headers: list[HeaderOp] = field(default_factory=list)
@@ -681,6 +851,7 @@ class AgentResponse(Struct, kw_only=True):
 
     @property
     def is_allow(self) -> bool:
+        """Whether the decision is L{Allow}."""
         return isinstance(self.decision, Allow)
 
 
@@ -696,6 +867,11 @@ class _RequiredAgentResponse(AgentResponse, kw_only=True):
 
 
 class CancelMessage(Struct, kw_only=True):
+    """
+    The proxy tells an agent it no longer needs the answer for
+    C{correlation_id} (C{reason}: a L{CancelReason}).
+    """
+
     correlation_id: str
     reason: int
     timestamp_ms: I64
@@ -745,6 +921,7 @@ class HealthStatusMessage(Struct, kw_only=True, omit_defaults=True):
 
     @property
     def state_code(self) -> int | None:
+        """The L{HealthState} number of either form, C{None} if it cannot be read."""
         state = self.state
         if isinstance(state, dict):
             name = state.get("status")

@@ -69,9 +69,11 @@ class PendingTable:
         return correlation_id in self._entries
 
     def correlation_ids(self) -> list[str]:
+        """The ids waiting for an answer, oldest first."""
         return list(self._entries)
 
     def sent_at(self, correlation_id: str) -> float | None:
+        """When the request was added (clock seconds), C{None} if it is not waiting."""
         entry = self._entries.get(correlation_id)
         return None if entry is None else entry.sent_at
 
@@ -125,6 +127,7 @@ class PendingTable:
         return True
 
     def fail(self, correlation_id: str, error: BaseException) -> bool:
+        """Fail one waiting request with C{error}; C{False} if it is not waiting."""
         deferred = self.pop(correlation_id)
         if deferred is None:
             return False

@@ -33,28 +33,46 @@ class PoolObserver:
     """An observer that ignores everything; subclass what you need."""
 
     def agent_registered(self, connection: AgentConnection) -> None:
+        """Nothing; see L{IAgentPoolObserver.agent_registered}."""
         pass
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        """Nothing; see L{IAgentPoolObserver.agent_disconnected}."""
         pass
 
     def health_changed(self, connection: AgentConnection, state: int | None) -> None:
+        """Nothing; see L{IAgentPoolObserver.health_changed}."""
         pass
 
     def flow_control_changed(self, connection: AgentConnection, paused: bool) -> None:
+        """Nothing; see L{IAgentPoolObserver.flow_control_changed}."""
         pass
 
     def metrics_reported(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+        """Nothing; see L{IAgentPoolObserver.metrics_reported}."""
         pass
 
     def config_update_requested(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+        """Nothing; see L{IAgentPoolObserver.config_update_requested}."""
         pass
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+        """
+        Nothing.  Not part of L{IAgentPoolObserver}: observers that have this
+        method are told each answer, C{seconds} after its event was sent.
+        """
         pass
 
 
 class AgentInfo(msgspec.Struct, kw_only=True):
+    """
+    Per-agent statistics, from L{AgentPool.stats}.
+
+    @ivar connections: a snapshot of each registered connection.
+    @ivar in_flight: requests sent to the agent and not answered yet.
+    @ivar paused_connections: connections the agent has paused.
+    """
+
     """Per-agent statistics."""
 
     agent_id: str
@@ -64,6 +82,37 @@ class AgentInfo(msgspec.Struct, kw_only=True):
 
 
 class AgentPool:
+    """
+    The registered agent connections, by agent id: where requests are sent.
+
+    The listener (L{ReverseConnectionFactory
+    <sentinel_twisted.factory.ReverseConnectionFactory>}) adds a connection
+    when it registers and removes it when it is lost; its C{pool} attribute
+    is the pool to use.  Sending by agent id picks a connection with
+    L{select}: paused connections are skipped, then the one with the fewest
+    requests in flight wins, round robin among equals::
+
+        d = factory.pool.send_request_headers("waf", event)
+        d.addCallback(lambda answer: answer.is_allow)
+
+    Every C{send_*} method returns a L{Deferred
+    <twisted.internet.defer.Deferred>} that fires with the agent's
+    L{AgentResponse <sentinel_twisted.messages.AgentResponse>} or fails with
+    an L{AgentProtocolError <sentinel_twisted.errors.AgentProtocolError>}:
+    L{AgentUnavailable <sentinel_twisted.errors.AgentUnavailable>} (no
+    connection of the agent), L{FlowControlPaused
+    <sentinel_twisted.errors.FlowControlPaused>} (all of them paused),
+    L{RequestTimeout <sentinel_twisted.errors.RequestTimeout>},
+    L{ConnectionClosed <sentinel_twisted.errors.ConnectionClosed>} (lost
+    while waiting), L{RequestCancelled
+    <sentinel_twisted.errors.RequestCancelled>} (the Deferred was
+    cancelled) or L{InvalidMessage <sentinel_twisted.errors.InvalidMessage>}
+    (the agent's answer could not be read).  Nothing is raised at the call.
+
+    Observers (L{IAgentPoolObserver}, L{add_observer}) hear about
+    registrations, departures and the agents' control messages.
+    """
+
     def __init__(self) -> None:
         self._agents: dict[str, list[AgentConnection]] = {}
         self._by_id: dict[str, AgentConnection] = {}
@@ -73,12 +122,21 @@ class AgentPool:
     # -- membership -----------------------------------------------------------
 
     def add(self, connection: AgentConnection) -> None:
+        """
+        Add a registered connection (the listener does this); observers hear
+        C{agent_registered}.
+        """
         self._agents.setdefault(connection.agent_id, []).append(connection)
         self._by_id[connection.connection_id] = connection
         connection.listener = self
         self._notify("agent_registered", connection)
 
     def remove(self, connection: AgentConnection, reason: str = "") -> None:
+        """
+        Remove a connection (the listener does this when it is lost); observers
+        hear C{agent_disconnected} with C{reason}.  A connection not in the pool
+        is ignored.
+        """
         conns = self._agents.get(connection.agent_id)
         if conns is None or connection not in conns:
             return
@@ -90,9 +148,18 @@ class AgentPool:
         self._notify("agent_disconnected", connection, reason)
 
     def add_observer(self, observer: IAgentPoolObserver) -> None:
+        """
+        Tell C{observer} about what happens from now on (its exceptions are
+        logged, never raised here).
+        """
         self._observers.append(observer)
 
     def remove_observer(self, observer: IAgentPoolObserver) -> None:
+        """
+        Stop telling C{observer}.
+
+        @raise ValueError: it was not added.
+        """
         self._observers.remove(observer)
 
     def _notify(self, method: str, *args: Any) -> None:
@@ -119,18 +186,28 @@ class AgentPool:
         return len(self._by_id)
 
     def connections(self, agent_id: str | None = None) -> list[AgentConnection]:
+        """
+        The registered connections of C{agent_id}, or of every agent; a new list,
+        so the pool may change while it is used.
+        """
         if agent_id is None:
             return list(self._by_id.values())
         return list(self._agents.get(agent_id, ()))
 
     def connection(self, connection_id: str) -> AgentConnection | None:
+        """The connection with this id, or C{None} if it is not registered."""
         return self._by_id.get(connection_id)
 
     @property
     def in_flight(self) -> int:
+        """Requests sent and not answered yet, over every connection."""
         return sum(c.in_flight for c in self._by_id.values())
 
     def stats(self) -> list[AgentInfo]:
+        """
+        A snapshot per agent, in registration order: what the status site's
+        C{/agents} shows.
+        """
         result = []
         for agent_id, conns in self._agents.items():
             infos = [c.info() for c in conns]
@@ -193,6 +270,14 @@ class AgentPool:
         Follow-up events of the same request (body chunks, response
         headers) should go to the same connection: use L{select} once and
         the connection's own C{send_*} methods after.
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}; fails with
+            L{AgentUnavailable <sentinel_twisted.errors.AgentUnavailable>} or
+            L{FlowControlPaused <sentinel_twisted.errors.FlowControlPaused>}
+            when no connection can take it, and as L{AgentConnection.send_event
+            <sentinel_twisted.connection.AgentConnection.send_event>} says
+            after.
         """
         try:
             conn = self.select(agent_id)
@@ -203,6 +288,16 @@ class AgentPool:
     def send_request_headers(
         self, agent_id: str, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestHeadersEvent <sentinel_twisted.messages.RequestHeadersEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+        The first event of a request; send its later events to the same
+        connection (L{select} and the connection's own C{send_*} methods).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         # send_event inlined: this is the call of every proxied request.
         try:
             conn = self.select(agent_id)
@@ -213,36 +308,92 @@ class AgentPool:
     def send_request_body_chunk(
         self, agent_id: str, event: m.RequestBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestBodyChunkEvent <sentinel_twisted.messages.RequestBodyChunkEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_response_headers(
         self, agent_id: str, event: m.ResponseHeadersEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseHeadersEvent <sentinel_twisted.messages.ResponseHeadersEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_response_body_chunk(
         self, agent_id: str, event: m.ResponseBodyChunkEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ResponseBodyChunkEvent <sentinel_twisted.messages.ResponseBodyChunkEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_request_complete(
         self, agent_id: str, event: m.RequestCompleteEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{RequestCompleteEvent <sentinel_twisted.messages.RequestCompleteEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_websocket_frame(
         self, agent_id: str, event: m.WebSocketFrameEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{WebSocketFrameEvent <sentinel_twisted.messages.WebSocketFrameEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_guardrail_inspect(
         self, agent_id: str, event: m.GuardrailInspectEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{GuardrailInspectEvent <sentinel_twisted.messages.GuardrailInspectEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def send_configure(
         self, agent_id: str, event: m.ConfigureEvent, correlation_id: str | None = None, timeout: float | None = None
     ) -> Deferred[m.AgentResponse]:
+        """
+        Send a L{ConfigureEvent <sentinel_twisted.messages.ConfigureEvent>}
+        to a connection of C{agent_id} (see L{send_event}).
+
+        @return: fires with the agent's L{AgentResponse
+            <sentinel_twisted.messages.AgentResponse>}, or fails as
+            L{send_event} says.
+        """
         return self.send_event(agent_id, event, correlation_id, timeout)
 
     def cancel_request(
@@ -264,20 +415,20 @@ class AgentPool:
 
         return gatherResults([conn.close(detail) for conn in self.connections()])
 
-    # -- ConnectionListener (called by connections) ----------------------------
+    # -- _ConnectionListener (called by connections) ---------------------------
 
-    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
+    def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
         self._notify("flow_control_changed", connection, paused)
 
-    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
+    def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
         self._notify("health_changed", connection, state)
 
-    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+    def _connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
         self._notify("metrics_reported", connection, report)
 
-    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+    def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
         self._notify("config_update_requested", connection, request)
 
-    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+    def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         if self._observers:
             self._notify("request_answered", connection, correlation_id, seconds)

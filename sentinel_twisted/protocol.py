@@ -35,6 +35,7 @@ _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 
 def describe_peer(transport: object) -> str:
+    """C{HOST:PORT} of a TCP peer, C{unix} for a UNIX socket, for log lines."""
     try:
         peer = transport.getPeer()  # type: ignore[attr-defined]
     except Exception:
@@ -142,6 +143,7 @@ class ReverseConnectionProtocol(FrameReceiver):
     # -- outputs of the lifecycle machine ----------------------------------
 
     def enter_registered(self, connection: AgentConnection) -> None:
+        """Lifecycle: the registration was admitted; answer it and start serving C{connection}."""
         self._leave_awaiting()
         self.connection = connection
         self._write_response(self.factory.success_response(connection.connection_id))
@@ -155,6 +157,7 @@ class ReverseConnectionProtocol(FrameReceiver):
         self.factory.connection_registered(connection)
 
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
+        """Lifecycle: refuse the registration with C{error} and close."""
         self._leave_awaiting()
         self._on_frame = self._ignore_frame
         self.stop_parsing()
@@ -165,9 +168,11 @@ class ReverseConnectionProtocol(FrameReceiver):
             self.transport.loseConnection()
 
     def handshake_expired(self) -> None:
+        """Lifecycle: no registration within the handshake timeout."""
         self.reject(RequestTimeout(self.factory.config.handshake_timeout), "")
 
     def drop(self, detail: str) -> None:
+        """Lifecycle: close an unregistered connection without an answer (unreadable input)."""
         self._leave_awaiting()
         self._on_frame = self._ignore_frame
         self.stop_parsing()
@@ -176,6 +181,7 @@ class ReverseConnectionProtocol(FrameReceiver):
             self.transport.loseConnection()
 
     def left_unregistered(self, detail: str) -> None:
+        """Lifecycle: the connection ended before registering."""
         self._leave_awaiting()
         log.info(
             "Connection from {peer} ended before registering: {detail}",
@@ -184,6 +190,7 @@ class ReverseConnectionProtocol(FrameReceiver):
         )
 
     def leave_registered(self, detail: str, close: bool) -> None:
+        """Lifecycle: a registered connection ends (and is closed first if C{close})."""
         connection = self.connection
         assert connection is not None
         self._on_frame = self._ignore_frame
@@ -205,6 +212,7 @@ class ReverseConnectionProtocol(FrameReceiver):
         self.factory.connection_gone(connection, detail, failed)
 
     def finish_lost(self, detail: str) -> None:
+        """Lifecycle: the transport is gone; wake whoever waits for the close."""
         self._leave_awaiting()
         connection = self.connection
         if connection is not None:
@@ -214,6 +222,9 @@ class ReverseConnectionProtocol(FrameReceiver):
     # -- FrameSink for AgentConnection ----------------------------------------
 
     def close_connection(self, detail: str, abort: bool = False) -> None:
+        """
+        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.connection.FrameSink>}.
+        """
         self._abort_on_close = abort
         self._lifecycle.close(detail)
 

@@ -124,6 +124,8 @@ _CONVERSIONS = {
 
 
 class Options(usage.Options):
+    """The command line of C{twistd sentinel-reverse} (see C{--help})."""
+
     synopsis = "[options]"
     longdesc = (
         "Listen for Sentinel policy agents that dial in (Agent Protocol v2 reverse "
@@ -539,6 +541,11 @@ def written_out(reactor: Any, timeout: float) -> Deferred[None]:
 
 
 def load_token_checker(path: str | None) -> TokenFileChecker | None:
+    """
+    The token checker of C{--token-file}, or C{None} without one.
+
+    @raise StartupError: the file is missing or malformed.
+    """
     if not path:
         return None
     try:
@@ -642,6 +649,11 @@ def _default_reactor() -> Any:
 
 
 def makeService(options: Options) -> service.IService:
+    """
+    The twistd plugin's service: the agent listener, and the gateway and the
+    status site unless switched off.  A start-up error exits with one line
+    and status 1.
+    """
     try:
         top = make_listener(options)
         add_gateway(top, options)

@@ -63,19 +63,19 @@ class Listener:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
+    def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
         self.calls.append(("flow", paused))
 
-    def connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
+    def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None:
         self.calls.append(("health", state))
 
-    def connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+    def _connection_metrics(self, connection: AgentConnection, report: dict[str, Any]) -> None:
         self.calls.append(("metrics", report))
 
-    def connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
+    def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None:
         self.calls.append(("config", request))
 
-    def connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+    def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         self.calls.append(("answered", correlation_id, seconds))
 
 

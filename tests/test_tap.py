@@ -236,3 +236,16 @@ class FreezeStartupHeapTests(TestCase):
         self.assertGreater(count, 1000)
         # A frozen container is out of every collection's reach.
         self.assertFalse(any(o is alive for o in gc.get_objects()))
+
+    def test_the_frozen_count_is_logged_at_debug(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted.tap import _freeze_when_running
+
+        from ._proxy_support import captured_log
+
+        self.addCleanup(gc.unfreeze)
+        with captured_log() as events:
+            _freeze_when_running()
+        [event] = [e for e in events if "Start-up heap" in e.get("log_format", "")]
+        self.assertIs(event["log_level"], LogLevel.debug)

@@ -116,6 +116,7 @@ class ConnectionSlot:
         return delay
 
     def connect_failed(self, failure: Failure) -> Failure:
+        """The connection attempt failed: a warning for the first in a row."""
         # The first failure in a row is a warning; the rest are in the retry lines.
         if self.retries == 0:
             log.warn(
@@ -130,16 +131,19 @@ class ConnectionSlot:
     # -- ConnectionObserver ------------------------------------------------------
 
     def connection_registered(self, protocol: AgentProtocol) -> None:
+        """The slot's connection registered; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         self.protocol = protocol
         self.registered = True
         self.retries = 0
         self.connector.slot_registered(self, protocol)
 
     def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
+        """The slot's registration failed; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         self.registered = False
         self.connector.slot_refused(self, protocol, error)
 
     def connection_ended(self, protocol: AgentProtocol, detail: str) -> None:
+        """The slot's connection ended; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         if self.protocol is protocol:
             self.protocol = None
         self.registered = False
@@ -221,6 +225,7 @@ class AgentConnector(Service):
 
     @property
     def registered_count(self) -> int:
+        """How many of the connections are registered now."""
         return sum(1 for s in self.slots if s.registered)
 
     def when_registered(self) -> Deferred[AgentProtocol]:
@@ -282,11 +287,13 @@ class AgentConnector(Service):
     # -- from the slots ----------------------------------------------------------
 
     def slot_registered(self, slot: ConnectionSlot, protocol: AgentProtocol) -> None:
+        """A slot registered: wake L{when_registered} waiters."""
         waiters, self._registered_waiters = self._registered_waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
 
     def slot_refused(self, slot: ConnectionSlot, protocol: AgentProtocol, error: AgentProtocolError) -> None:
+        """A slot's registration failed: retry, or stop the connector on a fatal rejection."""
         if getattr(error, "retryable", True):
             log.warn(
                 "Agent {agent_id} connection {index}: {error}; will retry",
@@ -316,6 +323,7 @@ class AgentConnector(Service):
             failure_waiter.callback(error)
 
     def slot_ended(self, slot: ConnectionSlot, protocol: AgentProtocol, detail: str) -> None:
+        """A slot's connection ended; it reconnects while the connector runs."""
         if self.running and self.failure is None:
             log.info(
                 "Agent {agent_id} connection {index} ended ({detail}); reconnecting",

@@ -139,6 +139,7 @@ class AgentSettings:
             raise ValueError("agent_id must be a non-empty string")
 
     def registration_request(self, capabilities: m.AgentCapabilities) -> m.RegistrationRequest:
+        """The RegistrationRequest these settings make, announcing C{capabilities}."""
         return m.RegistrationRequest(
             protocol_version=m.PROTOCOL_VERSION,
             agent_id=self.agent_id,
@@ -156,11 +157,14 @@ class AgentSettings:
 class ConnectionObserver(Protocol):
     """Who hears about a connection's registration and end (the connector)."""
 
-    def connection_registered(self, protocol: AgentProtocol) -> None: ...
+    def connection_registered(self, protocol: AgentProtocol) -> None:
+        """The proxy accepted the registration."""
 
-    def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None: ...
+    def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
+        """The registration failed (C{error} says whether to retry)."""
 
-    def connection_ended(self, protocol: AgentProtocol, detail: str) -> None: ...
+    def connection_ended(self, protocol: AgentProtocol, detail: str) -> None:
+        """A registered connection ended."""
 
 
 class _Entry:
@@ -244,9 +248,11 @@ class AgentProtocol(FrameReceiver):
 
     @property
     def load(self) -> int:
+        """Events being served or waiting for a free slot."""
         return len(self._active) + self._queued
 
     def in_flight_ids(self) -> list[str]:
+        """The correlation ids of the events being served."""
         return [e.correlation_id for e in self._active.values()]
 
     # -- Twisted protocol ------------------------------------------------------
@@ -349,6 +355,7 @@ class AgentProtocol(FrameReceiver):
     # -- outputs of the lifecycle machine ------------------------------------------
 
     def enter_serving(self, response: m.RegistrationResponse) -> None:
+        """Lifecycle: the proxy accepted the registration; serve events."""
         self.registered = True
         self.connection_id = response.connection_id
         self.proxy_id = response.proxy_id
@@ -374,6 +381,7 @@ class AgentProtocol(FrameReceiver):
             self.observer.connection_registered(self)
 
     def refuse(self, error: AgentProtocolError) -> None:
+        """Lifecycle: the proxy refused the registration (C{error}); close."""
         self._on_frame = self._ignore_frame
         self.stop_parsing()
         self._close_detail = str(error)
@@ -382,12 +390,14 @@ class AgentProtocol(FrameReceiver):
         self._lose()
 
     def abandon(self, detail: str) -> None:
+        """Lifecycle: give up before registering (unreadable answer, timeout); close."""
         self._on_frame = self._ignore_frame
         self.stop_parsing()
         self._close_detail = detail
         self._lose()
 
     def lost_unregistered(self, detail: str) -> None:
+        """Lifecycle: the connection ended before the proxy answered the registration."""
         self._on_frame = self._ignore_frame
         if self.observer is not None:
             self.observer.registration_refused(
@@ -395,6 +405,10 @@ class AgentProtocol(FrameReceiver):
             )
 
     def begin_drain(self, grace: float) -> IDelayedCall:
+        """
+        Lifecycle: report C{draining}, finish the events in flight, and close
+        when they are done or after C{grace} seconds (the returned call).
+        """
         self.draining = True
         log.info(
             "Agent {agent_id} draining connection {connection_id}: {count} event(s) in flight, "
@@ -414,6 +428,7 @@ class AgentProtocol(FrameReceiver):
         return timer
 
     def shut(self, detail: str) -> None:
+        """Lifecycle: close now, cancelling the events still in flight."""
         self._on_frame = self._ignore_frame
         self._stop_health()
         cut = self._cancel_everything()
@@ -431,12 +446,14 @@ class AgentProtocol(FrameReceiver):
         self._lose()
 
     def lost_serving(self, detail: str) -> None:
+        """Lifecycle: a registered connection was lost; its events are cancelled."""
         self._on_frame = self._ignore_frame
         self._stop_health()
         cut = self._cancel_everything()
         self._ended(detail, cut)
 
     def finish_lost(self, detail: str) -> None:
+        """Lifecycle: the transport is gone; tell the observer."""
         if self.registered:
             self._ended(detail, 0)
 
@@ -750,6 +767,9 @@ class AgentProtocol(FrameReceiver):
         self._send(MessageType.PONG, payload)
 
     def health_state(self) -> int:
+        """
+        What the next HealthStatus reports: C{draining}, else the agent's L{health <sentinel_twisted.agent.base.Agent.health>}.
+        """
         if self.draining:
             return int(m.HealthState.DRAINING)
         try:

@@ -89,6 +89,7 @@ class ResponseBuilder:
 
     @property
     def decision(self) -> m.Decision:
+        """The decision the response carries."""
         return self._decision
 
     # -- header operations -------------------------------------------------
@@ -100,11 +101,21 @@ class ResponseBuilder:
         return self
 
     def add_request_header(self, name: str, value: str) -> ResponseBuilder:
+        """
+        Add a value to the request header C{name}, keeping those it has.
+
+        @raise ValueError: an empty name, or a name or value with CR, LF or NUL.
+        """
         _check_header(name, value)
         self._request_headers.append(m.AddHeader(name, value))
         return self
 
     def remove_request_header(self, name: str) -> ResponseBuilder:
+        """
+        Remove the request header C{name} before it goes upstream.
+
+        @raise ValueError: an empty name, or a name or value with CR, LF or NUL.
+        """
         _check_header(name)
         self._request_headers.append(m.RemoveHeader(name))
         return self
@@ -116,11 +127,23 @@ class ResponseBuilder:
         return self
 
     def add_response_header(self, name: str, value: str) -> ResponseBuilder:
+        """
+        Add a value to the response header C{name}, keeping those it has.
+
+        @raise ValueError: an empty name, or a name or value with CR, LF or NUL.
+        """
         _check_header(name, value)
         self._response_headers.append(m.AddHeader(name, value))
         return self
 
     def remove_response_header(self, name: str) -> ResponseBuilder:
+        """
+        Remove the response header C{name} before it goes to the client::
+
+            return allow().remove_response_header("server")
+
+        @raise ValueError: an empty name, or a name or value with CR, LF or NUL.
+        """
         _check_header(name)
         self._response_headers.append(m.RemoveHeader(name))
         return self
@@ -131,6 +154,7 @@ class ResponseBuilder:
         return self
 
     def response_header_ops(self, ops: list[m.HeaderOp] | tuple[m.HeaderOp, ...]) -> ResponseBuilder:
+        """Append ready-made header operations for the response."""
         self._response_headers.extend(ops)
         return self
 
@@ -142,18 +166,26 @@ class ResponseBuilder:
         return self
 
     def tag(self, *tags: str) -> ResponseBuilder:
+        """Add C{audit.tags} (C{"sqli"}), for the proxy's logs and metrics."""
         self._tags.extend(tags)
         return self
 
     def rule(self, *rule_ids: str) -> ResponseBuilder:
+        """Add the ids of the rules that matched (C{audit.rule_ids})."""
         self._rule_ids.extend(rule_ids)
         return self
 
     def reason(self, *codes: str) -> ResponseBuilder:
+        """Add machine-readable reason codes (C{audit.reason_codes})."""
         self._reason_codes.extend(codes)
         return self
 
     def confidence(self, value: float) -> ResponseBuilder:
+        """
+        How sure the agent is, from 0 to 1 (C{audit.confidence}).
+
+        @raise ValueError: outside 0 to 1.
+        """
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"confidence must be between 0 and 1, got {value!r}")
         self._confidence = float(value)
@@ -174,40 +206,54 @@ class ResponseBuilder:
         return self
 
     def replace_request_body(self, chunk_index: int, data: bytes) -> ResponseBuilder:
+        """Replace request body chunk C{chunk_index} with C{data}."""
         self._request_body = m.BodyMutation.replace(chunk_index, data)
         return self
 
     def drop_request_body_chunk(self, chunk_index: int) -> ResponseBuilder:
+        """Leave request body chunk C{chunk_index} out."""
         self._request_body = m.BodyMutation.drop(chunk_index)
         return self
 
     def pass_request_body_chunk(self, chunk_index: int) -> ResponseBuilder:
+        """Let request body chunk C{chunk_index} through unchanged."""
         self._request_body = m.BodyMutation.pass_through(chunk_index)
         return self
 
     def replace_response_body(self, chunk_index: int, data: bytes) -> ResponseBuilder:
+        """Replace response body chunk C{chunk_index} with C{data}."""
         self._response_body = m.BodyMutation.replace(chunk_index, data)
         return self
 
     def drop_response_body_chunk(self, chunk_index: int) -> ResponseBuilder:
+        """Leave response body chunk C{chunk_index} out."""
         self._response_body = m.BodyMutation.drop(chunk_index)
         return self
 
     def pass_response_body_chunk(self, chunk_index: int) -> ResponseBuilder:
+        """Let response body chunk C{chunk_index} through unchanged."""
         self._response_body = m.BodyMutation.pass_through(chunk_index)
         return self
 
     # -- websocket -----------------------------------------------------------
 
     def websocket_allow(self) -> ResponseBuilder:
+        """Let the WebSocket frame through."""
         self._websocket = m.WebSocketAllow()
         return self
 
     def websocket_drop(self) -> ResponseBuilder:
+        """Drop the WebSocket frame; the connection stays open."""
         self._websocket = m.WebSocketDrop()
         return self
 
     def websocket_close(self, code: int = 1008, reason: str = "") -> ResponseBuilder:
+        """
+        Close the WebSocket with C{code} (default 1008, policy violation) and
+        C{reason}.
+
+        @raise ValueError: a code outside 1000 to 4999.
+        """
         _check_status(code, 1000, 4999, "websocket close")
         self._websocket = m.WebSocketClose(code, reason)
         return self

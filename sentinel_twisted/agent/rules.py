@@ -125,7 +125,8 @@ class _Defaults:
 class Pattern(Protocol):
     """A compiled rule pattern (RE2): what the rules ask of one."""
 
-    def search(self, text: str) -> object | None: ...
+    def search(self, text: str) -> object | None:
+        """A match of the pattern anywhere in C{text}, or C{None}."""
 
 
 @attrs.frozen(kw_only=True)
@@ -610,6 +611,15 @@ class Verdict:
 
 @attrs.frozen
 class RuleSet:
+    """
+    The rules of one file, in order (see L{load_rules}).  The first rule
+    that matches and has a decision decides; rules without one only add
+    header operations and tags::
+
+        verdict = load_rules("rules.toml").evaluate(event)
+        answer = verdict.response.build()
+    """
+
     rules: tuple[Rule, ...]
     source: str = "<rules>"
 
@@ -622,6 +632,11 @@ class RuleSet:
         return any(r.body_contains for r in self.rules)
 
     def evaluate(self, event: m.RequestHeadersEvent) -> Verdict:
+        """
+        Apply the rules to a request's headers.  Rules that need the body are
+        left in the verdict's C{body_rules}, and the answer asks for more
+        (C{needs_more}) unless a header rule decided.
+        """
         request = _RequestView(event)
         request_ops: list[m.HeaderOp] = []
         response_ops: list[m.HeaderOp] = []

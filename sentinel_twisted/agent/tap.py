@@ -62,7 +62,7 @@ _seconds.coerceDoc = "Seconds, zero or more."  # type: ignore[attr-defined]
 
 
 class TokenFileError(Exception):
-    pass
+    """The agent's token file cannot be read, holds no token, or holds more than one."""
 
 
 def read_token_file(path: str) -> tuple[str, str | None]:
@@ -106,6 +106,8 @@ def _load_agent(spec: str) -> IAgent:
 
 
 class Options(usage.Options):
+    """The command line of C{twistd sentinel-agent} (see C{--help})."""
+
     synopsis = "--connect ENDPOINT --agent-id ID (--rules FILE | --agent MODULE:NAME) [options]"
     longdesc = (
         "Run a Sentinel policy agent that dials the proxy (Agent Protocol v2 reverse "
@@ -213,6 +215,9 @@ class AgentService(service.MultiService):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:
+        """
+        Reload the agent's rules (SIGHUP); C{False} if the agent has no C{reload} or it failed.
+        """
         reload = getattr(self.connector.settings.agent, "reload", None)
         return bool(reload()) if reload is not None else False
 
@@ -229,6 +234,7 @@ class AgentService(service.MultiService):
 
 
 def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
+    """The agent service for parsed L{Options}; what L{makeService} runs."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -275,6 +281,7 @@ def exit_at_exit(status: int) -> None:
 
 
 def makeService(options: Options) -> service.IService:
+    """The twistd plugin's service: a fatal rejection by the proxy exits with status 1."""
     agent_service = make_agent_service(options)
     agent_service.exit_status_on_fatal = 1
     return agent_service

@@ -33,10 +33,14 @@ __all__ = ["BodySink", "InspectionStage", "Pressure", "StageOwner", "clamp_chunk
 
 #: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
+#: The chunk size for an agent that states no preference.
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
 def clamp_chunk_size(preferred: int) -> int:
+    """
+    An agent's C{preferred_chunk_size}, within C{(0, MAX_CHUNK_SIZE]} (C{0} or less: the default).
+    """
     if preferred <= 0:
         return DEFAULT_CHUNK_SIZE
     return min(preferred, MAX_CHUNK_SIZE)
@@ -45,9 +49,11 @@ def clamp_chunk_size(preferred: int) -> int:
 class BodySink(Protocol):
     """Where body bytes go next."""
 
-    def feed(self, data: bytes) -> None: ...
+    def feed(self, data: bytes) -> None:
+        """Take the next piece of the body."""
 
-    def end(self) -> None: ...
+    def end(self) -> None:
+        """The body is complete."""
 
 
 class Pressure:
@@ -70,12 +76,14 @@ class Pressure:
         self.held = 0
 
     def add(self, count: int) -> None:
+        """C{count} more bytes are held; pause the source above C{high}."""
         self.held += count
         if not self._paused and self.held > self._high:
             self._paused = True
             self._pause()
 
     def sub(self, count: int) -> None:
+        """C{count} bytes left; resume the source below C{low}."""
         self.held -= count
         if self._paused and self.held < self._low:
             self._paused = False
@@ -95,15 +103,20 @@ class StageOwner(Protocol):
     correlation_id: str
 
     @property
-    def is_over(self) -> bool: ...
+    def is_over(self) -> bool:
+        """Whether the exchange has been answered or abandoned."""
 
-    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]: ...
+    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
+        """Send an event of this request to the slot's agent."""
 
-    def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool: ...
+    def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
+        """An agent answered a body chunk; C{False} if the exchange ends there."""
 
-    def body_failed(self, slot: AgentSlot, failure: Failure) -> bool: ...
+    def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
+        """An agent could not answer a body chunk; C{False} if the exchange ends there."""
 
-    def internal_error(self, failure: Failure) -> None: ...
+    def internal_error(self, failure: Failure) -> None:
+        """A bug: answer C{500} and log it."""
 
 
 class InspectionStage:
@@ -147,6 +160,7 @@ class InspectionStage:
         return self._in_flight is not None
 
     def feed(self, data: bytes) -> None:
+        """More body: held and sent to the agent in chunks of its preferred size."""
         if self._bypass:
             self.next.feed(data)
             return
@@ -155,6 +169,7 @@ class InspectionStage:
         self._pump()
 
     def end(self) -> None:
+        """The body is complete: its last chunk goes out marked C{is_last}."""
         self._ended = True
         if self._bypass:
             self._finish()
@@ -162,6 +177,7 @@ class InspectionStage:
             self._pump()
 
     def start(self) -> None:
+        """The agent answered the headers event: start sending the body."""
         self._started = True
         self._pump()
 

@@ -90,6 +90,7 @@ def apply_header_ops(headers: Headers, ops: Sequence[m.HeaderOp], agent_id: str 
 
 
 def status_text(code: int) -> str:
+    """C{"403 Forbidden"}: a status code with its reason phrase, when it has one."""
     try:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
@@ -109,6 +110,7 @@ class Denial:
 
 
 def decision_label(decision: m.Decision) -> str:
+    """C{allow}, C{block}, C{redirect} or C{challenge}: the name metrics and logs use."""
     if isinstance(decision, m.Block):
         return "block"
     if isinstance(decision, m.Redirect):

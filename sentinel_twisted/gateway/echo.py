@@ -61,12 +61,20 @@ class _EchoResponse(UpstreamResponse):
 
 
 class EchoUpstream:
+    """
+    The upstream when none is configured: answers every request with a JSON
+    description of what would have gone upstream (method, path, query,
+    headers, body size and each agent's decision), for trying rules out.
+    """
+
     shows_decisions = True
 
     def describe(self) -> str:
+        """C{built-in echo}, for log lines and the status site."""
         return "built-in echo"
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        """Read the request body and answer with the JSON description."""
         counter = _Counter()
         done = request.body.startProducing(counter) if request.body is not None else succeed(None)
 
@@ -86,4 +94,5 @@ class EchoUpstream:
         return result
 
     def close(self) -> Deferred[None]:
+        """Nothing to close."""
         return succeed(None)

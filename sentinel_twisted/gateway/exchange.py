@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._lograte import LogRate, held_back
 from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
     AgentProtocolError,
@@ -110,32 +111,39 @@ def failure_reason(failure: Failure) -> str:
 class GatewayMetricsSink(Protocol):
     """What the gateway reports (see L{sentinel_twisted.status.metrics})."""
 
-    def request_decided(self, decision: str) -> None: ...
+    def request_decided(self, decision: str) -> None:
+        """A request ended with C{decision} (C{allow}, C{block}, C{unavailable}, ...)."""
 
-    def agent_failed(self, agent_id: str, reason: str) -> None: ...
+    def agent_failed(self, agent_id: str, reason: str) -> None:
+        """An agent could not answer (reason: see L{failure_reason})."""
 
-    def fail_open_pass(self, agent_id: str, reason: str) -> None: ...
+    def fail_open_pass(self, agent_id: str, reason: str) -> None:
+        """A request went on without the agent's decision (C{--fail-open})."""
 
-    def cancel_sent(self, agent_id: str, reason: int) -> None: ...
+    def cancel_sent(self, agent_id: str, reason: int) -> None:
+        """A Cancel went to the agent (reason: a L{CancelReason <sentinel_twisted.messages.CancelReason>})."""
 
-    def upstream_failed(self, kind: str) -> None: ...
+    def upstream_failed(self, kind: str) -> None:
+        """The upstream failed: C{error} or C{timeout}."""
 
 
 class NullMetrics:
+    """A L{GatewayMetricsSink} that keeps nothing (a gateway without a status site)."""
+
     def request_decided(self, decision: str) -> None:
-        pass
+        """Nothing."""
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
-        pass
+        """Nothing."""
 
     def fail_open_pass(self, agent_id: str, reason: str) -> None:
-        pass
+        """Nothing."""
 
     def cancel_sent(self, agent_id: str, reason: int) -> None:
-        pass
+        """Nothing."""
 
     def upstream_failed(self, kind: str) -> None:
-        pass
+        """Nothing."""
 
 
 class Gateway:
@@ -156,12 +164,15 @@ class Gateway:
         self.upstream = upstream
         self.metrics: GatewayMetricsSink = metrics if metrics is not None else NullMetrics()
         self.clock = clock
+        #: Keeps the agent-failure lines a flood of requests triggers to a few.
+        self.log_rate = LogRate(clock)
         self.challenge_status = config.challenge_status
         self.fail_open = config.fail_open
         #: Whether the upstream shows each agent's decision (the echo does).
         self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
 
     def agent_ids(self) -> Sequence[str]:
+        """The agents every request consults: C{--agent}, else every registered agent."""
         return self.config.agents or self.pool.agent_ids()
 
 
@@ -191,6 +202,7 @@ class AgentSlot:
         self.stage: InspectionStage | None = None
 
     def add_response_ops(self, ops: list[m.HeaderOp]) -> None:
+        """Keep the agent's response header operations for the response."""
         if self.response_ops is None:
             self.response_ops = list(ops)
         else:
@@ -292,11 +304,13 @@ class Exchange:
 
     @property
     def is_over(self) -> bool:
+        """Whether the request has been answered (or is being cancelled)."""
         return self._phase == _OVER or self._cancelling
 
     # -- start --------------------------------------------------------------------
 
     def start(self) -> None:
+        """Begin: pick a connection per agent and send the request headers."""
         request = self.request
         agent_ids = self.gateway.agent_ids()
         if agent_ids:
@@ -350,13 +364,23 @@ class Exchange:
                         *self._passed,
                         {"agent_id": agent_id, "decision": "allow", "fail_open": reason},
                     ]
-                    log.debug(
-                        "Agent {agent_id} {reason}; request passes (fail-open)",
+                    held = self.gateway.log_rate.admit((agent_id, reason, "pass"))
+                    if held is not None:
+                        log.info(
+                            "Agent {agent_id} {reason}; request passes (fail-open){held}",
+                            agent_id=agent_id,
+                            reason=reason,
+                            held=held_back(held),
+                        )
+                    continue
+                held = self.gateway.log_rate.admit((agent_id, reason, "503"))
+                if held is not None:
+                    log.warn(
+                        "Agent {agent_id} {reason}; answering 503{held}",
                         agent_id=agent_id,
                         reason=reason,
+                        held=held_back(held),
                     )
-                    continue
-                log.debug("Agent {agent_id} {reason}; answering 503", agent_id=agent_id, reason=reason)
                 self._unavailable()
                 return False
             slots.append(AgentSlot(agent_id, connection))
@@ -391,6 +415,7 @@ class Exchange:
     # -- sending to agents ----------------------------------------------------------
 
     def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
+        """Send an event of this request to the slot's agent, under the request's correlation id."""
         # One event at a time per agent and request, all under one
         # correlation id: whatever is pending under it is what the agent
         # still decides (see _cancel_pending).
@@ -487,6 +512,7 @@ class Exchange:
     # -- request body -------------------------------------------------------------------
 
     def request_body_received(self, data: bytes) -> None:
+        """A piece of the request body from the client (C{413} past the body limit)."""
         if self._phase == _OVER:
             return
         self._body_in += len(data)
@@ -499,6 +525,7 @@ class Exchange:
             head.feed(data)
 
     def request_body_finished(self) -> None:
+        """The client's request body is complete."""
         if self._phase == _OVER:
             return
         head = self._body_head
@@ -506,6 +533,7 @@ class Exchange:
             head.end()
 
     def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
+        """An agent answered a body chunk: a denial ends the exchange (C{False})."""
         if not answer.is_allow:
             self._deny(slot, answer)
             return False
@@ -514,6 +542,7 @@ class Exchange:
         return True
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
+        """An agent could not answer a body chunk: C{503}, or on with C{--fail-open}."""
         return self._agent_failed(slot, failure)
 
     def _request_body_through(self) -> None:
@@ -583,8 +612,8 @@ class Exchange:
         log.info(
             "Upstream {what} for {method} {uri}: {error}",
             what="timed out" if timeout else "failed",
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_loggable(self.request.method),
+            uri=_loggable(self.request.uri),
             error=self._error,
         )
         self._cancel_pending(_UPSTREAM_ERROR)
@@ -688,6 +717,7 @@ class Exchange:
 
     # ResponseSink
     def response_data(self, data: bytes) -> None:
+        """A piece of the upstream's response body."""
         if self._phase != _RESPONDING:
             return
         head = self._response_head
@@ -695,6 +725,7 @@ class Exchange:
             head.feed(data)
 
     def response_end(self, error: Failure | None) -> None:
+        """The upstream's response body ended (C{error} if it broke)."""
         if self._phase != _RESPONDING:
             return
         if error is not None:
@@ -774,20 +805,26 @@ class Exchange:
         if self.gateway.fail_open:
             slot.skipped = reason
             metrics.fail_open_pass(slot.agent_id, reason)
-            log.debug(
-                "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
+            held = self.gateway.log_rate.admit((slot.agent_id, reason, "pass"))
+            if held is not None:
+                log.info(
+                    "Agent {agent_id} {reason} on {cid}; request goes on (fail-open){held}",
+                    agent_id=slot.agent_id,
+                    reason=reason,
+                    cid=self.correlation_id,
+                    held=held_back(held),
+                )
+            return True
+        held = self.gateway.log_rate.admit((slot.agent_id, reason, "503"))
+        if held is not None:
+            log.warn(
+                "Agent {agent_id} {reason} on {cid}: {error}; answering 503{held}",
                 agent_id=slot.agent_id,
                 reason=reason,
                 cid=self.correlation_id,
+                error=str(failure.value),
+                held=held_back(held),
             )
-            return True
-        log.debug(
-            "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
-            agent_id=slot.agent_id,
-            reason=reason,
-            cid=self.correlation_id,
-            error=str(failure.value),
-        )
         self._error = f"agent {slot.agent_id}: {failure.value}"
         if self._head_written:
             self._cancel_pending(_MANUAL)
@@ -805,8 +842,8 @@ class Exchange:
         log.failure(
             "Gateway failed on {method} {uri}",
             failure,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=_loggable(self.request.method),
+            uri=_loggable(self.request.uri),
         )
         if self._phase == _OVER:
             return
@@ -974,6 +1011,24 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
         agent_id=agent_id,
         error=str(failure.value),
     )
+
+
+#: The longest request method or target a log line quotes in full.
+_LOGGED_TEXT_MAX = 256
+
+
+def _loggable(data: bytes) -> str:
+    """
+    Bytes from a client as log text: C{GET /x}, not C{b'GET' b'/x'}.  Bytes
+    that are not printable ASCII are escaped (C{\\xhh}); past C{_LOGGED_TEXT_MAX}
+    characters the text is cut short.
+    """
+    text = data.decode("latin-1")
+    if not (text.isascii() and text.isprintable()):
+        text = "".join(c if c.isascii() and c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if len(text) > _LOGGED_TEXT_MAX:
+        text = text[:_LOGGED_TEXT_MAX] + "..."
+    return text
 
 
 def _origin_form(uri: bytes) -> bytes:

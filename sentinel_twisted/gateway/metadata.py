@@ -69,6 +69,8 @@ def _protocol(version: bytes) -> str:
 
 
 class TLSInfo:
+    """The TLS version, cipher and SNI server name of a client connection."""
+
     __slots__ = ("cipher", "server_name", "version")
 
     def __init__(self, version: str | None, cipher: str | None, server_name: str | None) -> None:

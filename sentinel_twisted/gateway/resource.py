@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 
 from .exchange import Exchange, Gateway
 
-__all__ = ["GatewayRequest", "GatewayResource", "GatewaySite"]
+__all__ = ["GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
 
 log = Logger(namespace="sentinel_twisted.gateway")
 
@@ -127,6 +127,7 @@ class GatewayRequest(server.Request):
             transport.pauseProducing()
 
     def resume_body(self) -> None:
+        """Read the client again (the body has drained)."""
         transport: Any = self.transport
         if transport is not None and not self.client_gone:
             transport.resumeProducing()
@@ -192,12 +193,45 @@ class GatewayResource(Resource):
         return server.NOT_DONE_YET
 
 
+def _quoted(value: bytes | str) -> str:
+    """Text for between double quotes in an access log line (C{"} and C{\\} escaped)."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    value = value.replace("\\", "\\\\").replace('"', '\\"')
+    if not (value.isascii() and value.isprintable()):
+        value = "".join(c if c.isascii() and c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+    return value
+
+
+def combined_log_line(timestamp: str, request: Any) -> str:
+    """
+    One access log line in the combined log format of Apache and nginx,
+    which log analysers read as it is::
+
+        192.0.2.7 - - [02/Dec/2026:00:53:54 +0000] "GET /x?a=1 HTTP/1.1" 200 512 "-" "curl/8.5.0"
+
+    (Twisted's own format puts the client address in quotes.)  An
+    L{twisted.web.iweb.IAccessLogFormatter}.
+    """
+    address = request.getClientAddress()
+    host = getattr(address, "host", None) or "-"
+    line = f"{_quoted(request.method)} {_quoted(request.uri)} {_quoted(request.clientproto)}"
+    referer = _quoted(request.getHeader(b"referer") or b"-")
+    agent = _quoted(request.getHeader(b"user-agent") or b"-")
+    size = request.sentLength or "-"
+    return f'{host} - - {timestamp} "{line}" {request.code:d} {size} "{referer}" "{agent}"'
+
+
 class GatewaySite(server.Site):
-    """A site of L{GatewayRequest}s; an access log only when a path is given."""
+    """
+    A site of L{GatewayRequest}s; an access log only when a path is given,
+    in the combined log format (L{combined_log_line}).
+    """
 
     noisy = False
 
     def __init__(self, gateway: Gateway, access_log: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("logFormatter", combined_log_line)
         super().__init__(GatewayResource(gateway), logPath=access_log, **kwargs)  # type: ignore[no-untyped-call]
         self.requestFactory = GatewayRequest
         self.gateway = gateway

@@ -133,6 +133,7 @@ class GatewayService(service.MultiService):
         self._endpoints = (http, status)
 
     def describe(self) -> dict[str, Any]:
+        """The gateway's settings as the status site's C{/agents} shows them."""
         return {
             "upstream": self.upstream.describe(),
             "agents": list(self.config.agents) or None,

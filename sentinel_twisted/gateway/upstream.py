@@ -70,6 +70,7 @@ class StreamingBody:
     # -- from the exchange ----------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        """More body: written upstream now, or held (and counted) until it can be."""
         if self._stopped:
             return
         self.sent += len(data)
@@ -80,6 +81,7 @@ class StreamingBody:
             self._pressure.add(len(data))
 
     def end(self) -> None:
+        """The body is complete."""
         self._ended = True
         if self._consumer is not None and not self._paused:
             self._complete()
@@ -155,9 +157,11 @@ class ForwardRequest:
 class ResponseSink(Protocol):
     """The exchange's side of a response body."""
 
-    def response_data(self, data: bytes) -> None: ...
+    def response_data(self, data: bytes) -> None:
+        """A piece of the response body."""
 
-    def response_end(self, error: Failure | None) -> None: ...
+    def response_end(self, error: Failure | None) -> None:
+        """The body ended; C{error} if it broke."""
 
 
 class UpstreamResponse:
@@ -169,12 +173,15 @@ class UpstreamResponse:
     length: int | None
 
     def deliver(self, sink: ResponseSink) -> None:
+        """Start delivering the body to C{sink}, piece by piece."""
         raise NotImplementedError
 
     def pause(self) -> None:
+        """Stop reading the upstream for now (the client reads slowly)."""
         pass
 
     def resume(self) -> None:
+        """Read the upstream again."""
         pass
 
     def abort(self) -> None:
@@ -182,11 +189,16 @@ class UpstreamResponse:
 
 
 class IUpstream(Protocol):
-    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]: ...
+    """Where allowed requests go: L{HTTPUpstream} or the built-in echo."""
 
-    def close(self) -> Deferred[None]: ...
+    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        """Send a request; fires with the response, fails with L{UpstreamFailed}."""
 
-    def describe(self) -> str: ...
+    def close(self) -> Deferred[None]:
+        """Release the connections; fires when done."""
+
+    def describe(self) -> str:
+        """What to call it in log lines and on the status site."""
 
 
 class _BodyReader(TwistedProtocol):
@@ -246,6 +258,18 @@ class _HTTPResponse(UpstreamResponse):
             transport.stopProducing()
 
 
+class _QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connection factories do not log "Starting
+    factory" and "Stopping factory" for every upstream connection.
+    """
+
+    def _factory(self, quiescentCallback: Any, metadata: Any) -> Any:  # type: ignore[override]
+        factory = HTTPConnectionPool._factory(quiescentCallback, metadata)
+        factory.noisy = False
+        return factory
+
+
 class HTTPUpstream:
     """
     An upstream HTTP(S) server.  The client's path and query are appended
@@ -267,15 +291,23 @@ class HTTPUpstream:
         path = "/".join(parsed.path).rstrip("/")
         if path:
             self._prefix += b"/" + path.encode("ascii")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 60
         self._agent = Agent(reactor, pool=self.pool)
 
     def describe(self) -> str:
+        """The upstream's URL."""
         return self.url
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        """
+        Send the request upstream.
+
+        @return: fires with the response once its headers are in; fails with
+            L{UpstreamTimeout} (no response in time) or L{UpstreamFailed} (not
+            reachable, or the connection broke).
+        """
         timed_out = False
         requested = self._agent.request(
             request.method, self._prefix + request.uri, request.headers, request.body
@@ -304,6 +336,7 @@ class HTTPUpstream:
         return result
 
     def close(self) -> Deferred[None]:
+        """Close the idle connections; fires when they are closed."""
         closed: Deferred[None] = self.pool.closeCachedConnections()
         return closed
 

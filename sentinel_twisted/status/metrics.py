@@ -249,10 +249,12 @@ class GatewayMetrics(PoolObserver):
         self.registry.register(_LatencyCollector(self._latencies))
 
     def attach(self) -> GatewayMetrics:
+        """Start observing the pool; returns itself."""
         self.pool.add_observer(self)
         return self
 
     def detach(self) -> None:
+        """Stop observing the pool."""
         self.pool.remove_observer(self)
 
     def render(self) -> bytes:
@@ -262,22 +264,29 @@ class GatewayMetrics(PoolObserver):
     # -- GatewayMetricsSink ------------------------------------------------------
 
     def request_decided(self, decision: str) -> None:
+        """Count a request in C{sentinel_gateway_requests_total}."""
         values = self._requests.values
         key = (decision,)
         values[key] = values.get(key, 0) + 1
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
+        """
+        Count C{sentinel_gateway_agent_failures_total} (and C{sentinel_agent_timeouts_total} for a timeout).
+        """
         self._agent_failures.inc(agent_id, reason)
         if reason == "timeout":
             self._timeouts.inc(agent_id)
 
     def fail_open_pass(self, agent_id: str, reason: str) -> None:
+        """Count C{sentinel_gateway_fail_open_passes_total}."""
         self._fail_open.inc(agent_id, reason)
 
     def cancel_sent(self, agent_id: str, reason: int) -> None:
+        """Count C{sentinel_agent_cancels_total}."""
         self._cancels.inc(agent_id, _cancel_reason(reason))
 
     def upstream_failed(self, kind: str) -> None:
+        """Count C{sentinel_gateway_upstream_errors_total}."""
         self._upstream.inc(kind)
 
     # -- IAgentPoolObserver ----------------------------------------------------------

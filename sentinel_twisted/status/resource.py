@@ -36,6 +36,7 @@ def _rfc3339(epoch: float) -> str:
 
 
 def health_name(state: int | None) -> str:
+    """C{healthy}, C{degraded}, ... for a health state; C{unknown} before any."""
     if state is None:
         return "unknown"
     try:
@@ -90,6 +91,16 @@ tr.paused td { background: #fff4d6; }
 """
 
 
+def _render_head(resource: Any, request: Any) -> bytes:
+    """
+    C{HEAD}: the C{GET} response's headers and length without its body
+    (rendering C{GET} for C{HEAD} makes C{twisted.web} log a warning).
+    """
+    body: bytes = resource.render_GET(request)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return b""
+
+
 class _Page(Resource):
     isLeaf = True
 
@@ -101,6 +112,8 @@ class _Page(Resource):
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         return self.status.page().encode("utf-8")
+
+    render_HEAD = _render_head
 
 
 class _Agents(Resource):
@@ -115,6 +128,8 @@ class _Agents(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return _encoder.encode(self.status.document()) + b"\n"
 
+    render_HEAD = _render_head
+
 
 class _Metrics(Resource):
     isLeaf = True
@@ -126,6 +141,8 @@ class _Metrics(Resource):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.status.metrics.render()
+
+    render_HEAD = _render_head
 
 
 class StatusResource(Resource):
@@ -146,6 +163,7 @@ class StatusResource(Resource):
         return pages.notFound()
 
     def document(self) -> dict[str, Any]:
+        """What C{GET /agents} shows (see L{agents_document})."""
         return agents_document(self.pool, self.gateway)
 
     def _sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -153,6 +171,7 @@ class StatusResource(Resource):
         return value or 0.0
 
     def page(self) -> str:
+        """The HTML status page: the connections, the settings and the request counts."""
         stats = self.pool.stats()
         rows = []
         for info in stats:

@@ -1,0 +1,213 @@
+"""
+What the gateway and the status site log, as an operator reads it: agent
+failures at info and warning (rate-limited), upstream failures as text, no
+per-connection factory lines, no warning for C{HEAD}, an access log in the
+combined format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, LogLevel, formatEvent
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted._lograte import LogRate
+
+from .._proxy_support import captured_log
+from .support import Harness, ScriptedAgent
+
+
+def quoted(name: str) -> str:
+    """A double-quoted field of an access log line, backslash escapes allowed."""
+    return rf'"(?P<{name}>(?:[^"\\]|\\.)*)"'
+
+
+#: The combined log format: host ident user [time] "request" status bytes "referer" "agent".
+COMBINED = re.compile(
+    r"^(?P<host>\S+) - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
+    + quoted("request")
+    + r" (?P<status>\d{3}) (?P<size>\d+|-) "
+    + quoted("referer")
+    + " "
+    + quoted("agent")
+    + "$"
+)
+
+
+def hold(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> None:
+    return None
+
+
+def lines(events: list[LogEvent], level: LogLevel | None = None, containing: str = "") -> list[str]:
+    """The formatted text of the events (of one level), that contain a text."""
+    found = []
+    for event in events:
+        text = formatEvent(event) or ""
+        if containing in text and (level is None or event.get("log_level") is level):
+            found.append(text)
+    return found
+
+
+def memory_clock(h: Harness) -> Clock:
+    """Rate-limit the gateway's log lines on a clock the test moves."""
+    clock = Clock()
+    h.gateway_service.gateway.log_rate = LogRate(clock)
+    return clock
+
+
+class AgentFailureLogTests(TestCase):
+    timeout = 20
+
+    def test_no_agent_503_is_a_warning_once_per_interval(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "ghost")
+            clock = memory_clock(h)
+            with captured_log() as events:
+                for _ in range(3):
+                    self.assertEqual((await h.get("/")).code, 503)
+                clock.advance(h.gateway_service.gateway.log_rate.interval)
+                self.assertEqual((await h.get("/")).code, 503)
+            warned = lines(events, LogLevel.warn, "answering 503")
+            self.assertEqual(
+                warned,
+                [
+                    "Agent ghost unavailable; answering 503",
+                    "Agent ghost unavailable; answering 503 (2 more like this not logged)",
+                ],
+            )
+
+        return ensureDeferred(go())
+
+    def test_no_agent_fail_open_is_info(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "ghost", "--fail-open")
+            memory_clock(h)
+            with captured_log() as events:
+                self.assertEqual((await h.get("/")).code, 200)
+                self.assertEqual((await h.get("/")).code, 200)
+            self.assertEqual(
+                lines(events, LogLevel.info, "fail-open"),
+                ["Agent ghost unavailable; request passes (fail-open)"],
+            )
+
+        return ensureDeferred(go())
+
+    def test_agent_timeout_503_is_a_warning(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.3")
+            memory_clock(h)
+            await h.agent("waf", decide=hold)
+            with captured_log() as events:
+                self.assertEqual((await h.get("/")).code, 503)
+            [warned] = lines(events, LogLevel.warn, "answering 503")
+            self.assertRegex(warned, r"^Agent waf timeout on \S+: .+; answering 503$")
+
+        return ensureDeferred(go())
+
+    def test_agent_timeout_fail_open_is_info(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.3", "--fail-open")
+            memory_clock(h)
+            await h.agent("waf", decide=hold)
+            with captured_log() as events:
+                self.assertEqual((await h.get("/")).code, 200)
+            [passed] = lines(events, LogLevel.info, "fail-open")
+            self.assertRegex(passed, r"^Agent waf timeout on \S+; request goes on \(fail-open\)$")
+
+        return ensureDeferred(go())
+
+
+class UpstreamLogTests(TestCase):
+    timeout = 20
+
+    def test_upstream_failure_names_method_and_target_as_text(self) -> Any:
+        async def go() -> None:
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+            h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port}")
+            await h.agent("waf")
+            with captured_log() as events:
+                self.assertEqual((await h.get("/x?a=1")).code, 502)
+            [failed] = lines(events, containing="Upstream failed")
+            self.assertTrue(failed.startswith("Upstream failed for GET /x?a=1: "), failed)
+            self.assertNotIn("b'", failed)
+
+        return ensureDeferred(go())
+
+    def test_upstream_connections_log_no_factory_lines(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf")
+            upstream = f":{h.upstream_port.getHost().port}"
+            with captured_log() as events:
+                self.assertEqual((await h.get("/")).code, 200)
+                await h.gateway_service.upstream.close()
+            factory_lines = [
+                e for e in events if "factory" in e and upstream in repr(e["factory"])
+            ]
+            self.assertEqual(factory_lines, [])
+            self.assertEqual(len(h.upstream.requests), 1)
+
+        return ensureDeferred(go())
+
+
+class StatusHeadTests(TestCase):
+    timeout = 20
+
+    def test_head_answers_headers_only_without_a_warning(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            for path in ("/metrics", "/agents", "/"):
+                with captured_log() as events:
+                    response = await h.client.request("HEAD", h.status_url(path))
+                self.assertEqual(response.code, 200, path)
+                self.assertEqual(response.body, b"", path)
+                self.assertEqual(lines(events, containing="eat it"), [], path)
+            got = await h.status("/agents")
+            head = await h.client.request("HEAD", h.status_url("/agents"))
+            self.assertEqual(head.header("Content-Length"), str(len(got.body)))
+            self.assertEqual(head.header("Content-Type"), got.header("Content-Type"))
+
+        return ensureDeferred(go())
+
+
+class AccessLogTests(TestCase):
+    timeout = 20
+
+    def test_access_log_is_in_the_combined_format(self) -> Any:
+        async def go() -> None:
+            h = Harness(self)
+            path = os.path.join(h.dir, "access.log")
+            await h.start("--access-log", path)
+            await h.agent("waf")
+            response = await h.get(
+                '/x?q="1"', headers={"User-Agent": "curl/8.5.0", "Referer": "http://example.com/"}
+            )
+            self.assertEqual(response.code, 200)
+            await h.get("/none")
+            h.gateway_service.site.logFile.flush()
+            with open(path, encoding="ascii") as f:
+                first, second = f.read().splitlines()
+            match = COMBINED.match(first)
+            self.assertIsNotNone(match, first)
+            assert match is not None
+            self.assertEqual(match["host"], "127.0.0.1")
+            self.assertEqual(match["request"], 'GET /x?q=\\"1\\" HTTP/1.1')
+            self.assertEqual(match["status"], "200")
+            self.assertEqual(match["size"], str(len(response.body)))
+            self.assertEqual(match["referer"], "http://example.com/")
+            self.assertEqual(match["agent"], "curl/8.5.0")
+            match = COMBINED.match(second)
+            self.assertIsNotNone(match, second)
+            assert match is not None
+            self.assertEqual((match["referer"], match["agent"]), ("-", "-"))
+
+        return ensureDeferred(go())
