@@ -32,7 +32,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway")
+SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference")
 
 # Targets of issue 5 and the reference implementation's figures.
 TARGET_RPS_64 = 97_000
@@ -42,6 +42,10 @@ TARGET_BURST = 10_000
 TARGET_REG_RATE = 5_000
 TARGET_TIMEOUT_COST = 0.05
 TARGET_GATEWAY_RATIO = 0.80
+# Against the reference proxy and the floor, measured in the same run.
+TARGET_VS_REFERENCE_64 = 1.0
+TARGET_P50_VS_REFERENCE_1 = 1.2
+TARGET_VS_FLOOR_64 = 0.9
 REFERENCE: dict[str, Any] = {
     "unix": {64: (80_500, 756, 2_014), 1: (24_800, 31, 91)},
     "tcp": {64: (67_700, None, None), 1: (15_900, None, None)},
@@ -362,6 +366,11 @@ class Harness:
 
         return gateway.run(self)
 
+    def section_reference(self) -> dict[str, Any]:
+        from benchmarks import reference
+
+        return reference.run(self)
+
 
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-wise median of the numeric fields of several results."""
@@ -443,6 +452,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     to = results.get("timeouts")
     if to:
         add("throughput cost of per-request timeouts", f"<= {TARGET_TIMEOUT_COST:.0%}", f"{to['timeouts_cost']:.1%}", to["timeouts_cost"] <= TARGET_TIMEOUT_COST)
+    ref = results.get("reference")
+    if ref and ref.get("ratios"):
+        ratios = ref["ratios"]
+        if "64" in ratios:
+            r = ratios["64"]["rps_vs_reference"]
+            add("round trips/s at 64, ours / reference (same run)", f">= {TARGET_VS_REFERENCE_64:.1f}x", f"{r:.2f}x", r >= TARGET_VS_REFERENCE_64)
+            r = ratios["64"]["rps_vs_floor"]
+            add("round trips/s at 64, ours / floor (same run)", f">= {TARGET_VS_FLOOR_64:.1f}x", f"{r:.2f}x", r >= TARGET_VS_FLOOR_64)
+        if "1" in ratios:
+            r = ratios["1"]["p50_vs_reference"]
+            add("p50 at 1, ours / reference (same run)", f"<= {TARGET_P50_VS_REFERENCE_1:.1f}x", f"{r:.2f}x", r <= TARGET_P50_VS_REFERENCE_1)
+    elif ref:
+        add("round trips/s at 64, ours / reference (same run)", f">= {TARGET_VS_REFERENCE_64:.1f}x", ref.get("skipped", "not measured"), None)
     gw = results.get("gateway")
     if gw and gw.get("ratio") is not None:
         add("gateway req/s with one agent vs no agent", f">= {TARGET_GATEWAY_RATIO:.0%}", f"{gw['ratio']:.1%}", gw["ratio"] >= TARGET_GATEWAY_RATIO)
@@ -532,6 +554,10 @@ def report(results: dict[str, Any]) -> str:
                 f"gateway (wrk, {gw['connections']} connections): no agent {fmt(gw['no_agent_rps'])} req/s, "
                 f"one agent {fmt(gw['one_agent_rps'])} req/s, ratio {gw['ratio']:.1%}"
             )
+    if results.get("reference"):
+        from benchmarks import reference
+
+        lines.extend(reference.report(results["reference"], fmt))
     lines.append("")
     lines.append("targets")
     lines.append("| target | goal | measured | met |")
@@ -564,6 +590,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-duration", type=float, default=10.0, help="seconds of wrk load per gateway measurement")
     p.add_argument("--gateway-connections", type=int, default=64)
     p.add_argument("--vectors", default=None, help="vectors directory (default tests/data/vectors or $SENTINEL_VECTORS)")
+    p.add_argument("--peers", default=None, help="the reference peers (default ../shared/peers or $SENTINEL_PEERS)")
     p.add_argument("--json", default=os.path.join(ROOT, "build", "bench-results.json"), help="write all results here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, sockets)")
     args = p.parse_args(argv)
