@@ -3,7 +3,7 @@
 A rule engine, and L{RulesAgent}: the agent C{twistd sentinel-agent} runs.
 
 Rules live in a TOML (or JSON) file and are checked in file order against
-each request's headers (and, for C{body_contains}, its body).  A rule
+each request's headers (and, for C{body} and C{body_contains}, its body).  A rule
 matches when every condition in its C{match} table holds.  Header
 operations and tags of every matching rule accumulate; the first matching
 rule with a decision (C{block}, C{redirect}, C{require_header}) decides and
