@@ -117,7 +117,7 @@ class ChurnAgent(Protocol):
         assert self.transport is not None
         self.transport.write(self.churn.registration(self.agent_id, self.fate))
         # Whatever happens (no answer, no request), the agent leaves in time.
-        self.timers.append(self.churn.later(self.lifetime + 1.0, self._close))
+        self.timers.append(self.churn.later(self.lifetime + self.churn.patience, self._close))
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -169,6 +169,9 @@ class Churn:
 
     @param track: called with each request's Deferred and a label; by
         default the outcomes are counted here.
+    @param patience: seconds a registering agent waits for its answer (and
+        then for a request) before it leaves anyway.
+    @param request_timeout: seconds the proxy gives each request.
     """
 
     def __init__(
@@ -182,6 +185,8 @@ class Churn:
         agent_ids: int = 50,
         seed: int = 1,
         track: Callable[[Deferred[Any], str], object] | None = None,
+        patience: float = 1.0,
+        request_timeout: float = 5.0,
     ) -> None:
         from sentinel_twisted.pool import PoolObserver
 
@@ -199,6 +204,8 @@ class Churn:
         self.live: set[ChurnAgent] = set()
         self._registration_frames: dict[str, bytes] = {}
         self._track = track
+        self.patience = patience
+        self.request_timeout = request_timeout
         self._started_at = 0.0
         self._opened = 0
         self._timer: Any = None
@@ -302,7 +309,7 @@ class Churn:
         if agent_fate in (ANSWERS, LEAVES_PENDING):
             self.counts["requests_sent"] += 1
             cid = f"{connection.connection_id}-r"
-            d = connection.send_request_headers(_event(cid), timeout=5.0)
+            d = connection.send_request_headers(_event(cid), timeout=self.request_timeout)
             if self._track is not None:
                 self._track(d, cid)
             else:

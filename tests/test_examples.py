@@ -766,3 +766,135 @@ class ReleaseTests(SynchronousTestCase):
         for line in ["graft docs", "graft examples", "graft tests", "include README.md NEWS.rst",
                      "recursive-include twisted/plugins *.py", "global-exclude dropin.cache"]:
             self.assertIn(line, manifest)
+
+
+class ExampleRulesTests(SynchronousTestCase):
+    """
+    C{examples/rules.toml} blocks what a user tries first: SQL injection,
+    scripts and path traversal in the query, in any header and in the body;
+    every block, on the headers or on a body chunk, carries the
+    C{x-sentinel-agent} header.
+    """
+
+    ATTACKS = {
+        "sqli": {
+            "query": ["/items?id=1 UNION SELECT 1", "/items?id=1%20union%20all%20select%20password",
+                      "/items?id=1'%20OR%20'1'='1", "/items?id=1;%20DROP%20TABLE%20users"],
+            "header": [{"x-search": ["1 UNION SELECT 1"]}, {"cookie": ["a=b", "id=1'+or+'1'='1"]},
+                       {"user-agent": ["Mozilla/5.0'; sleep(5)"]}],
+            "body": [b"id=1 UNION SELECT 1", b"id=1+union+select+password+from+users",
+                     b'{"id": "1\' OR \'1\'=\'1"}', b"id=1%3B%20DROP%20TABLE%20users"],
+        },
+        "xss": {
+            "query": ["/search?q=<script>alert(1)</script>", "/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+                      "/go?to=javascript:alert(1)", "/p?x=%3Cimg%20src=x%20onerror=alert(1)%3E"],
+            "header": [{"referer": ["http://example.com/?q=<script>alert(1)</script>"]},
+                       {"x-name": ["%3Csvg%20onload%3Dalert(1)%3E"]}],
+            "body": [b"comment=<script>alert(1)</script>", b"comment=%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+                     b'{"url": "javascript:alert(1)"}'],
+        },
+        "traversal": {
+            "query": ["/static/../../etc/passwd", "/static/..%2f..%2fetc/passwd", "/download?file=../../etc/passwd",
+                      "/download?file=%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/files/..%5c..%5cwindows%5cwin.ini"],
+            "header": [{"x-file": ["../../etc/passwd"]}, {"cookie": ["theme=..%2F..%2Fetc%2Fpasswd"]}],
+            "body": [b"file=../../etc/passwd", b"file=..%2F..%2Fetc%2Fpasswd", b'{"path": "..\\\\..\\\\boot.ini"}'],
+        },
+    }
+
+    BENIGN = {
+        "query": ["/", "/items?id=42", "/search?q=select+a+union+rep", "/docs/v1.2/index.html",
+                  "/search?q=rock%20%27n%27%20roll", "/a/b.c/d..e"],
+        "header": [{"user-agent": ["Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"]},
+                   {"accept-language": ["en-US,en;q=0.9"], "cookie": ["session=abc123; theme=dark"]},
+                   {"content-type": ["multipart/form-data; boundary=----x"], "referer": ["http://example.com/a/b"]}],
+        "body": [b"name=O'Brien&comment=Hello+world", b'{"title": "Select a union rep", "n": 1}',
+                 b"------x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n------x--\r\n"],
+    }
+
+    def setUp(self) -> None:
+        from sentinel_twisted.agent import RulesAgent
+
+        self.agent = RulesAgent(EXAMPLES / "rules.toml")
+        self.count = 0
+
+    def headers_answer(self, uri: str = "/", method: str = "GET", headers: dict[str, list[str]] | None = None) -> Any:
+        from sentinel_twisted import messages as m
+
+        from .agent._support import headers_event
+
+        self.count += 1
+        cid = f"r{self.count}"
+        event = m.decode(json.dumps(headers_event(cid, uri, method, headers)).encode(), m.RequestHeadersEvent)
+        return cid, self.agent.on_request_headers(event).build()  # type: ignore[union-attr]
+
+    def body_answer(self, data: bytes, chunk: int = 7) -> Any:
+        """A POST whose body arrives in chunks of C{chunk} bytes: the last answer."""
+        from sentinel_twisted import messages as m
+
+        from .agent._support import body_chunk_event
+
+        cid, first = self.headers_answer("/form", "POST", {"content-type": ["application/x-www-form-urlencoded"]})
+        self.assertEqual((first.decision, first.needs_more), (m.ALLOW, True))
+        pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            event = m.decode(json.dumps(body_chunk_event(cid, piece, index, last)).encode(), m.RequestBodyChunkEvent)
+            answer = self.agent.on_request_body_chunk(event).build()  # type: ignore[union-attr]
+            if not isinstance(answer.decision, m.Allow):
+                return answer
+        return answer
+
+    def assertBlockedBy(self, answer: Any, tag: str, what: Any) -> None:
+        from sentinel_twisted import messages as m
+
+        what = repr(what)
+        self.assertIsInstance(answer.decision, m.Block, what)
+        self.assertEqual(answer.decision.status, 403, what)
+        self.assertIn(tag, answer.audit.tags, what)
+        self.assertIn(m.SetHeader("x-sentinel-agent", "sentinel-twisted"), answer.response_headers, what)
+
+    def test_injections_in_the_query_are_blocked(self) -> None:
+        for tag, places in self.ATTACKS.items():
+            for uri in places["query"]:
+                self.assertBlockedBy(self.headers_answer(uri)[1], tag, uri)
+
+    def test_injections_in_any_header_are_blocked(self) -> None:
+        for tag, places in self.ATTACKS.items():
+            for headers in places["header"]:
+                self.assertBlockedBy(self.headers_answer("/", headers=headers)[1], tag, headers)
+
+    def test_injections_in_the_body_are_blocked_whatever_the_chunks(self) -> None:
+        for tag, places in self.ATTACKS.items():
+            for data in places["body"]:
+                for chunk in (1, 7, len(data)):
+                    self.assertBlockedBy(self.body_answer(data, chunk), tag, (data, chunk))
+        self.assertEqual(len(self.agent._bodies), 0)
+
+    def test_ordinary_requests_pass(self) -> None:
+        from sentinel_twisted import messages as m
+
+        for uri in self.BENIGN["query"]:
+            self.assertEqual(self.headers_answer(uri)[1].decision, m.ALLOW, uri)
+        for headers in self.BENIGN["header"]:
+            self.assertEqual(self.headers_answer("/", headers=headers)[1].decision, m.ALLOW, repr(headers))
+        for data in self.BENIGN["body"]:
+            answer = self.body_answer(data)
+            self.assertEqual((answer.decision, answer.needs_more), (m.ALLOW, False), repr(data))
+
+    def test_every_block_carries_the_agent_header(self) -> None:
+        from sentinel_twisted import messages as m
+
+        decided = [
+            self.headers_answer("/admin")[1],
+            self.headers_answer("/", headers={"user-agent": ["sqlmap/1.7"]})[1],
+            self.headers_answer("/", "TRACE")[1],
+            self.headers_answer("/api/items")[1],
+            self.headers_answer("/metrics")[1],
+            self.headers_answer("/old/page")[1],
+            self.body_answer(b"<script>"),
+        ]
+        self.assertEqual(
+            [getattr(a.decision, "status", None) for a in decided], [403, 403, 405, 401, 404, 301, 403]
+        )
+        for answer in decided:
+            self.assertIn(m.SetHeader("x-sentinel-agent", "sentinel-twisted"), answer.response_headers, repr(answer))

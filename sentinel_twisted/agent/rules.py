@@ -3,11 +3,14 @@
 A rule engine, and L{RulesAgent}: the agent C{twistd sentinel-agent} runs.
 
 Rules live in a TOML (or JSON) file and are checked in file order against
-each request's headers (and, for C{body_contains}, its body).  A rule
+each request's headers (and, for C{body} and C{body_contains}, its body).  A rule
 matches when every condition in its C{match} table holds.  Header
 operations and tags of every matching rule accumulate; the first matching
 rule with a decision (C{block}, C{redirect}, C{require_header}) decides and
-ends the evaluation.  No decision means allow.  A rule looks like this::
+ends the evaluation.  No decision means allow.  A decision taken on the
+body carries what the header phase gathered (its response header
+operations, rule ids and tags), just as one taken on the headers does.
+A rule looks like this::
 
     [[rules]]
     id = "no-admin"
@@ -72,6 +75,8 @@ _MATCH_KEYS = frozenset(
         "header_missing",
         "client_ip",
         "client_ip_not",
+        "any_header",
+        "body",
         "body_contains",
     }
 )
@@ -92,6 +97,8 @@ _RULE_KEYS = frozenset(
 _TOP_KEYS = frozenset({"rules", "defaults"})
 _DEFAULT_KEYS = frozenset({"block_status", "block_body", "redirect_status"})
 _OP_KEYS = frozenset({"set", "add", "remove"})
+#: Bytes of the body before each chunk that C{body} patterns see with it.
+BODY_WINDOW = 8192
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -141,18 +148,25 @@ class Rule:
     uri: Pattern | None = None
     query: Pattern | None = None
     headers: tuple[tuple[str, Pattern], ...] = ()
+    any_header: Pattern | None = None
     header_present: tuple[str, ...] = ()
     header_missing: tuple[str, ...] = ()
     client_ip: tuple[_Network, ...] = ()
     client_ip_not: tuple[_Network, ...] = ()
     body_contains: tuple[bytes, ...] = ()
+    body: Pattern | None = None
     decision: m.Decision | None = None
     request_ops: tuple[m.HeaderOp, ...] = ()
     response_ops: tuple[m.HeaderOp, ...] = ()
     tags: tuple[str, ...] = ()
 
+    @property
+    def on_body(self) -> bool:
+        """Whether the rule looks at the body (and so decides on it)."""
+        return bool(self.body_contains) or self.body is not None
+
     def matches(self, request: _RequestView) -> bool:
-        """Whether every condition except C{body_contains} holds."""
+        """Whether every condition except those on the body holds."""
         if self.methods is not None and request.method not in self.methods:
             return False
         if self.path is not None and not _any_search(self.path, request.paths):
@@ -164,6 +178,8 @@ class Rule:
         for name, pattern in self.headers:
             if not _any_search(pattern, request.headers.get(name, ())):
                 return False
+        if self.any_header is not None and not _any_search(self.any_header, request.header_values):
+            return False
         for name in self.header_present:
             if name not in request.headers:
                 return False
@@ -190,14 +206,20 @@ def _any_search(pattern: Pattern, values: Iterable[str]) -> bool:
 
 
 def _normalize_path(path: str) -> str:
-    """Collapse repeated slashes and resolve C{.} and C{..} segments."""
+    """
+    Collapse repeated slashes and resolve C{.} and C{..} segments.  A
+    trailing slash survives, and a last segment C{.} or C{..} leaves one
+    (C{/a/b/.} is C{/a/b/}, C{/a/b/..} is C{/a/}), as RFC 3986 section
+    5.2.4 removes dot segments.
+    """
     if not path:
         return "/"
     collapsed = re.sub(r"/{2,}", "/", path)
     normalized = posixpath.normpath(collapsed)
     if normalized == ".":
         normalized = "/"
-    if collapsed.endswith("/") and not normalized.endswith("/"):
+    directory = collapsed.endswith("/") or collapsed.rpartition("/")[2] in (".", "..")
+    if directory and not normalized.endswith("/"):
         normalized += "/"
     return normalized
 
@@ -205,7 +227,7 @@ def _normalize_path(path: str) -> str:
 class _RequestView:
     """What rules look at in a RequestHeaders event, computed once."""
 
-    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip")
+    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values")
 
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
@@ -223,6 +245,7 @@ class _RequestView:
         for name, values in event.headers.items():
             headers.setdefault(name.lower(), []).extend(values)
         self.headers = headers
+        self._header_values: tuple[str, ...] | None = None
         try:
             ip = ipaddress.ip_address(event.metadata.client_ip)
         except ValueError:
@@ -231,6 +254,14 @@ class _RequestView:
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
             self.client_ip = ip
+
+    @property
+    def header_values(self) -> tuple[str, ...]:
+        """Every header's values, as sent and percent-decoded (for C{any_header})."""
+        if self._header_values is None:
+            values = [v for vs in self.headers.values() for v in vs]
+            self._header_values = _unique([*values, *map(unquote_plus, values)])
+        return self._header_values
 
 
 def _unique(values: Iterable[str]) -> tuple[str, ...]:
@@ -367,7 +398,7 @@ class _RuleCompiler:
             methods = self.step(_strings, match["method"], "match.method")
             if methods is not None:
                 f["methods"] = frozenset(x.upper() for x in methods)
-        for key in ("path", "uri", "query"):
+        for key in ("path", "uri", "query", "any_header", "body"):
             if key in match:
                 pattern = self.step(_regex, match[key], f"match.{key}")
                 if pattern is not None:
@@ -403,6 +434,11 @@ class _RuleCompiler:
             if any(not n for n in needles):
                 self.problems.append("match.body_contains: empty strings match everything")
             f["body_contains"] = tuple(n.encode("utf-8") for n in needles)
+            if "body" in match:
+                self.problems.append(
+                    "match: body and body_contains may be met by different chunks; "
+                    "give one of them per rule"
+                )
 
     def _actions(self, raw: dict[str, Any]) -> None:
         f = self.fields
@@ -425,9 +461,10 @@ class _RuleCompiler:
                 "no action: give block, redirect, require_header, request_headers, "
                 "response_headers or tags"
             )
-        if f.get("body_contains") and "decision" not in f and not self.problems:
+        body_key = next((k for k in ("body_contains", "body") if f.get(k)), None)
+        if body_key and "decision" not in f and not self.problems:
             raise _Problems(
-                "match.body_contains needs block or redirect: headers are already on their "
+                f"match.{body_key} needs block or redirect: headers are already on their "
                 "way when the body arrives"
             )
 
@@ -601,12 +638,17 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
 class Verdict:
     """
     The outcome of the header phase: the answer to send, the rule that
-    decided (if any), and the body rules still waiting for the body.
+    decided (if any), and the body rules still waiting for the body.  The
+    response header operations, rule ids and tags gathered are kept for a
+    decision taken on the body.
     """
 
     response: ResponseBuilder
     decided_by: Rule | None
     body_rules: tuple[Rule, ...]
+    response_ops: tuple[m.HeaderOp, ...] = ()
+    rule_ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -629,7 +671,7 @@ class RuleSet:
     @property
     def needs_body(self) -> bool:
         """Whether any rule looks at request bodies."""
-        return any(r.body_contains for r in self.rules)
+        return any(r.on_body for r in self.rules)
 
     def evaluate(self, event: m.RequestHeadersEvent) -> Verdict:
         """
@@ -648,7 +690,7 @@ class RuleSet:
         for rule in self.rules:
             if not rule.matches(request):
                 continue
-            if rule.body_contains:
+            if rule.on_body:
                 body_rules.append(rule)
                 continue
             rule_ids.append(rule.id)
@@ -658,36 +700,68 @@ class RuleSet:
             if rule.decision is not None:
                 decided, decision = rule, rule.decision
                 break
+        unique_tags = tuple(dict.fromkeys(tags))
         builder = ResponseBuilder(decision)
         builder.request_header_ops(request_ops).response_header_ops(response_ops)
-        builder.rule(*rule_ids).tag(*dict.fromkeys(tags))
+        builder.rule(*rule_ids).tag(*unique_tags)
         if decided is not None:
             return Verdict(builder, decided, ())
         if body_rules:
             builder.needs_more()
-        return Verdict(builder, None, tuple(body_rules))
+        return Verdict(
+            builder, None, tuple(body_rules), tuple(response_ops), tuple(rule_ids), unique_tags
+        )
 
 
 class _BodyScan:
-    """A request whose body some rules still have to see."""
+    """
+    A request whose body some rules still have to see.  Each chunk is
+    looked at with the end of the body before it: the longest needle less
+    one byte for C{body_contains}, so no needle split across chunks is
+    missed, and L{BODY_WINDOW} bytes for C{body} patterns.
+    """
 
-    __slots__ = ("rules", "tail", "keep", "method", "uri", "client_ip")
+    __slots__ = ("verdict", "tail", "keep", "method", "uri", "client_ip")
 
-    def __init__(self, rules: tuple[Rule, ...], event: m.RequestHeadersEvent) -> None:
-        self.rules = rules
+    def __init__(self, verdict: Verdict, event: m.RequestHeadersEvent) -> None:
+        self.verdict = verdict
         self.method = event.method
         self.uri = event.uri
         self.client_ip = event.metadata.client_ip
         self.tail = b""
-        self.keep = max(len(n) for r in rules for n in r.body_contains) - 1
+        keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
+        if any(r.body is not None for r in verdict.body_rules):
+            keep.append(BODY_WINDOW)
+        self.keep = max(keep, default=0)
 
     def feed(self, chunk: bytes) -> Rule | None:
         data = self.tail + chunk
-        for rule in self.rules:
-            if any(needle in data for needle in rule.body_contains):
+        texts: tuple[str, ...] | None = None
+        for rule in self.verdict.body_rules:
+            if rule.body is not None:
+                if texts is None:
+                    texts = _body_texts(data)
+                if _any_search(rule.body, texts):
+                    return rule
+            elif any(needle in data for needle in rule.body_contains):
                 return rule
         self.tail = data[-self.keep :] if self.keep else b""
         return None
+
+    def decided(self, rule: Rule) -> ResponseBuilder:
+        """The answer for C{rule} deciding on the body."""
+        assert rule.decision is not None
+        verdict = self.verdict
+        builder = ResponseBuilder(rule.decision)
+        builder.response_header_ops([*verdict.response_ops, *rule.response_ops])
+        builder.rule(*verdict.rule_ids, rule.id)
+        return builder.tag(*dict.fromkeys([*verdict.tags, *rule.tags]))
+
+
+def _body_texts(data: bytes) -> tuple[str, ...]:
+    """A body's bytes as C{body} patterns see them: as text, and form-decoded."""
+    text = data.decode("utf-8", "replace")
+    return _unique((text, unquote_plus(text)))
 
 
 class RulesAgent(Agent):
@@ -696,7 +770,10 @@ class RulesAgent(Agent):
 
     Requests whose headers match a body rule are answered with
     C{needs_more} and their body chunks are scanned (across chunk
-    boundaries); the first chunk that contains a needle is blocked.
+    boundaries); the first chunk in which a body rule matches decides.
+
+    @param max_concurrency: events served at once per connection
+        (announced in the capabilities); at least 1.
     """
 
     name = "sentinel-rules"
@@ -704,6 +781,10 @@ class RulesAgent(Agent):
     max_tracked_bodies = 10_000
 
     def __init__(self, path: str | os.PathLike[str], *, max_concurrency: int | None = None) -> None:
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         self.path = os.fspath(path)
         self.ruleset = load_rules(self.path)
         if max_concurrency is not None:
@@ -746,7 +827,7 @@ class RulesAgent(Agent):
         if verdict.decided_by is not None:
             self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
         elif verdict.body_rules:
-            self._track(cid, _BodyScan(verdict.body_rules, event))
+            self._track(cid, _BodyScan(verdict, event))
         return verdict.response
 
     def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
@@ -759,11 +840,10 @@ class RulesAgent(Agent):
             del self._bodies[cid]
         if rule is None:
             return allow().needs_more(not event.is_last)
-        assert rule.decision is not None
         self._log_decision(
             rule, scan.method, f"{scan.uri} (body chunk {event.chunk_index})", scan.client_ip, cid
         )
-        return ResponseBuilder(rule.decision).rule(rule.id).tag(*rule.tags)
+        return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
         self._bodies.pop(event.correlation_id, None)

@@ -16,8 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import RulesAgent, RulesError, load_rules, parse_rules
+from sentinel_twisted.agent.rules import BODY_WINDOW
 
-from ._support import body_chunk_event, headers_event, temp_path
+from ._support import Harness, body_chunk_event, headers_event, temp_path
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
 
@@ -67,6 +68,21 @@ class MatcherTests(_DecisionTestCase):
         self.assertBlocked(r, uri="http://example.com/admin")
         self.assertAllowed(r, uri="/administrator")
         self.assertAllowed(r, uri="/?next=/admin")
+
+    def test_trailing_slash_survives_dot_segment_normalisation(self) -> None:
+        r = rules({"id": "dir", "match": {"path": "^/dir/$"}, **BLOCK})
+        for uri in ["/dir/", "/x/../dir/", "/dir/./", "/dir//", "/dir/.", "/dir/sub/..", "/x/%2e%2e/dir/"]:
+            self.assertBlocked(r, uri=uri)
+        for uri in ["/dir", "/x/../dir", "/dir/sub", "/dir/sub/."]:
+            self.assertAllowed(r, uri=uri)
+
+    def test_any_header_value_raw_or_decoded(self) -> None:
+        r = rules({"id": "h", "match": {"any_header": "(?i)union\\s+select"}, **BLOCK})
+        self.assertBlocked(r, headers={"x-anything": ["1 UNION SELECT 2"]})
+        self.assertBlocked(r, headers={"cookie": ["a=b", "id=1+union+select+2"]})
+        self.assertBlocked(r, headers={"referer": ["http://x/?q=1%20union%20select"]})
+        self.assertAllowed(r, headers={"x-anything": ["union", "select"]})
+        self.assertAllowed(r, headers={})
 
     def test_uri_and_query(self) -> None:
         r = rules(
@@ -130,6 +146,64 @@ class MatcherTests(_DecisionTestCase):
         self.assertIsInstance(b.decision, m.Block)
         self.assertEqual(b.audit.rule_ids, ["xss"])
 
+    def test_body_contains_matches_across_one_byte_chunks(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body_contains": ["nothing", "<script>"]}, **BLOCK})
+        agent.on_request_headers(event(cid="one"))
+        data = b"aaaa<script>alert(1)"
+        end = data.index(b">") + 1
+        for index, byte in enumerate(data[:end]):
+            answer = agent.on_request_body_chunk(body("one", bytes([byte]), index)).build()  # type: ignore[union-attr]
+            if index < end - 1:
+                self.assertEqual((answer.decision, answer.needs_more), (m.ALLOW, True), index)
+        self.assertIsInstance(answer.decision, m.Block)
+        self.assertEqual(answer.audit.rule_ids, ["xss"])
+
+    def test_body_pattern_on_text_and_form_decoded_body(self) -> None:
+        agent = _agent(self, {"id": "sqli", "match": {"body": "(?i)union\\s+select"}, **BLOCK})
+        self.assertEqual(agent.supported_events(), [1, 2, 5])
+        for cid, data in [("raw", b"id=1 UNION SELECT 2"), ("form", b"id=1+union+select+2"),
+                          ("pct", b"id=1%20union%0Aselect"), ("json", b'{"id": "1 union select 2"}')]:
+            self.assertTrue(agent.on_request_headers(event(cid=cid, method="POST")).build().needs_more)  # type: ignore[union-attr]
+            answer = agent.on_request_body_chunk(body(cid, data, 0, last=True)).build()  # type: ignore[union-attr]
+            self.assertIsInstance(answer.decision, m.Block, cid)
+        agent.on_request_headers(event(cid="ok", method="POST"))
+        answer = agent.on_request_body_chunk(body("ok", b"union=1&select=2", 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision, m.ALLOW)
+        self.assertEqual(len(agent._bodies), 0)
+
+    def test_body_pattern_across_chunks_within_the_window(self) -> None:
+        agent = _agent(self, {"id": "sqli", "match": {"body": "(?i)union\\s+select"}, **BLOCK})
+        # A match as long as the window, split just after its first byte.
+        spaces = b" " * (BODY_WINDOW - len(b"union") - len(b"select"))
+        agent.on_request_headers(event(cid="w"))
+        first = agent.on_request_body_chunk(body("w", b"x" * 100_000 + b"u", 0)).build()  # type: ignore[union-attr]
+        self.assertEqual(first.decision, m.ALLOW)
+        second = agent.on_request_body_chunk(body("w", b"nion" + spaces + b"select", 1)).build()  # type: ignore[union-attr]
+        self.assertIsInstance(second.decision, m.Block)
+        # What the window holds is bounded, however large the chunks.
+        agent.on_request_headers(event(cid="big"))
+        agent.on_request_body_chunk(body("big", b"y" * 100_000, 0))
+        self.assertEqual(len(agent._bodies["big"].tail), BODY_WINDOW)
+
+    def test_a_block_on_the_body_carries_what_the_headers_gathered(self) -> None:
+        agent = _agent(
+            self,
+            {"id": "mark", "response_headers": {"set": {"x-sentinel-agent": "t"}}, "tags": ["seen"]},
+            {"id": "xss", "match": {"body_contains": "<script"}, "block": {"status": 403}, "tags": ["xss"],
+             "response_headers": {"set": {"x-rule": "xss"}}},
+            {"id": "late", "response_headers": {"add": {"x-late": "1"}}},
+        )
+        headers = agent.on_request_headers(event(cid="c", method="POST")).build()  # type: ignore[union-attr]
+        self.assertEqual(headers.response_headers, [m.SetHeader("x-sentinel-agent", "t"), m.AddHeader("x-late", "1")])
+        blocked = agent.on_request_body_chunk(body("c", b"<script>", 0)).build()  # type: ignore[union-attr]
+        self.assertEqual(blocked.decision, m.Block(403, "Forbidden", None))
+        self.assertEqual(
+            blocked.response_headers,
+            [m.SetHeader("x-sentinel-agent", "t"), m.AddHeader("x-late", "1"), m.SetHeader("x-rule", "xss")],
+        )
+        self.assertEqual(blocked.audit.rule_ids, ["mark", "late", "xss"])
+        self.assertEqual(blocked.audit.tags, ["seen", "xss"])
+
     def test_clean_body_is_allowed_and_forgotten(self) -> None:
         agent = _agent(self, {"id": "xss", "match": {"body_contains": "<script"}, **BLOCK})
         agent.on_request_headers(event(cid="b2", method="POST"))
@@ -153,6 +227,29 @@ def _agent(case: SynchronousTestCase, *tables: dict[str, Any]) -> RulesAgent:
     path = Path(temp_path(case, "rules.json"))
     path.write_text(json.dumps({"rules": list(tables)}))
     return RulesAgent(path)
+
+
+class ConcurrencyTests(SynchronousTestCase):
+    def test_max_concurrency_is_announced_and_used(self) -> None:
+        path = temp_path(self, "rules.json")
+        Path(path).write_text(json.dumps({"rules": [{"id": "b", "block": True}]}))
+        self.assertEqual(RulesAgent(path).capabilities("a").limits.max_concurrency, 100)
+        agent = RulesAgent(path, max_concurrency=3)
+        capabilities = agent.capabilities("a")
+        self.assertEqual(capabilities.limits.max_concurrency, 3)
+        self.assertEqual(capabilities.features.concurrent_requests, 3)
+        # A connection given no limit of its own takes the agent's.
+        harness = Harness(agent)
+        self.assertEqual(harness.protocol.limit, 3)
+        agent.reload()
+        self.assertEqual(agent.capabilities("a").limits.max_concurrency, 3)
+
+    def test_max_concurrency_must_be_positive(self) -> None:
+        path = temp_path(self, "rules.json")
+        Path(path).write_text(json.dumps({"rules": [{"id": "b", "block": True}]}))
+        for bad in (0, -1, True, 2.5):
+            error = self.assertRaises(ValueError, RulesAgent, path, max_concurrency=bad)
+            self.assertIn("max_concurrency must be a positive integer", str(error))
 
 
 class ActionTests(SynchronousTestCase):
@@ -250,6 +347,47 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("rule 'body' (#11): match.body_contains needs block or redirect", text)
         self.assertIn("rule 'redir' (#12): redirect.status: status must be an integer from 300 to 399", text)
         self.assertEqual(len(problems), 11)
+
+    def test_unknown_keys_in_match_and_decision_tables(self) -> None:
+        problems = self.problems(
+            {"id": "m", "match": {"path": "^/", "paths": "^/x"}, **BLOCK},
+            {"id": "b", "block": {"status": 403, "bdy": "x"}},
+            {"id": "r", "redirect": {"url": "/x", "code": 301}},
+            {"id": "q", "require_header": {"name": "x-key", "satus": 401}},
+            {"id": "ok", "block": {"status": 403, "body": "x", "headers": {"a": "b"}}},
+        )
+        self.assertEqual(
+            problems,
+            [
+                "rule 'm' (#1): match: unknown key 'paths' (known: any_header, body, body_contains, client_ip, "
+                "client_ip_not, header, header_missing, header_present, method, path, query, uri)",
+                "rule 'b' (#2): block: unknown key 'bdy' (known: body, headers, status)",
+                "rule 'r' (#3): redirect: unknown key 'code' (known: status, url)",
+                "rule 'q' (#4): require_header: unknown key 'satus' (known: body, name, status)",
+            ],
+        )
+
+    def test_empty_body_contains_is_an_error(self) -> None:
+        problems = self.problems(
+            {"id": "e1", "match": {"body_contains": ""}, **BLOCK},
+            {"id": "e2", "match": {"body_contains": ["<script", ""]}, **BLOCK},
+            {"id": "e3", "match": {"body_contains": []}, **BLOCK},
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertEqual(problems[0], "rule 'e1' (#1): match.body_contains: empty strings match everything")
+        self.assertEqual(problems[1], "rule 'e2' (#2): match.body_contains: empty strings match everything")
+        self.assertIn("rule 'e3' (#3): match.body_contains: expected a string or a non-empty list", problems[2])
+
+    def test_body_pattern_problems(self) -> None:
+        problems = self.problems(
+            {"id": "both", "match": {"body": "x", "body_contains": "y"}, **BLOCK},
+            {"id": "no-decision", "match": {"body": "x"}, "tags": ["t"]},
+            {"id": "bad", "match": {"body": "("}, **BLOCK},
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("rule 'both' (#1): match: body and body_contains may be met by different chunks", problems[0])
+        self.assertIn("rule 'no-decision' (#2): match.body needs block or redirect", problems[1])
+        self.assertIn("rule 'bad' (#3): match.body: invalid regular expression '('", problems[2])
 
     def test_top_level_problems(self) -> None:
         self.assertIn("unknown key 'rule'", self.problems(rule=[])[0])

@@ -94,11 +94,17 @@ def listen(
     test: Any,
     description: str,
     token_checker: Any = None,
+    clock: Any = None,
     **config: Any,
 ) -> Generator[Any, Any, Listener]:
-    """Start a listener; it is stopped (and its agents closed) at cleanup."""
+    """
+    Start a listener; it is stopped (and its agents closed) at cleanup.
+    Its timers (request timeouts, write stalls) run on C{clock}, the
+    reactor by default: a test that gives a memory clock decides when they
+    fire, so a slow machine cannot fire them early.
+    """
     factory = ReverseConnectionFactory(
-        ReverseConnectionConfig(**config), token_checker=token_checker, clock=reactor
+        ReverseConnectionConfig(**config), token_checker=token_checker, clock=clock or reactor
     )
     port = yield serverFromString(reactor, description).listen(factory)
     host = port.getHost()

@@ -34,9 +34,12 @@ class ChurnTests(TestCase):
         books = Accounting()
         path = os.path.join(temp_dir(self), "c.sock")
         listener = yield listen(self, f"unix:{path}:mode=600:backlog=1024", max_connections_per_agent=1000)
+        # The agents' give-up delay and the request timeout are wall-clock
+        # safety nets; far longer than the test, they cannot fire on a
+        # loaded machine and change the counts.
         churn = Churn(
             reactor, listener.factory, UNIXClientEndpoint(reactor, path),
-            rate=RATE, duration=SECONDS, track=books.track,
+            rate=RATE, duration=SECONDS, track=books.track, patience=30.0, request_timeout=60.0,
         )  # fmt: skip
         yield churn.run()
         factory = listener.factory

@@ -16,10 +16,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from ..rawagent import (
     AGENT_RESPONSE,
+    CANCEL,
     FLOW_CONTROL,
     HANDSHAKE_RESPONSE,
     HEALTH_STATUS,
@@ -31,6 +33,8 @@ from ..rawagent import (
 from .invariants import Accounting, settle, wait_until
 from .support import headers, listen, temp_dir
 
+TIMEOUT = 1  # the Cancel reason
+
 
 class GarbageAfterRegistrationTests(TestCase):
     timeout = 20
@@ -41,7 +45,10 @@ class GarbageAfterRegistrationTests(TestCase):
         self.books = Accounting(extra_outcomes={"invalid-answer"})
         self.addCleanup(self.books.stop_observing)
         path = os.path.join(temp_dir(self), "p.sock")
-        self.listener = yield listen(self, f"unix:{path}:mode=600", request_timeout=0.5)
+        # Requests time out only when a test moves this clock: a loaded
+        # machine cannot turn an answer into a timeout.
+        self.clock = Clock()
+        self.listener = yield listen(self, f"unix:{path}:mode=600", request_timeout=0.5, clock=self.clock)
         self.pool = self.listener.pool
         self.agent = RawAgentProtocol()
         yield connectProtocol(UNIXClientEndpoint(reactor, path), self.agent)
@@ -86,10 +93,15 @@ class GarbageAfterRegistrationTests(TestCase):
     def test_malformed_json_answer(self) -> Generator[Any, Any, None]:
         [pending] = yield self.send("r1")
         self.agent.send(AGENT_RESPONSE, b"{this is not json")
+        logged = f"Agent liar sent an invalid AgentResponse on connection {self.connection.connection_id}: Invalid message format:"
+        yield wait_until(lambda: logged in self.books.log_text(), "the garbage to be read")
         # Nobody can tell whom it was for: the request ends by its timeout.
+        self.assertFalse(pending.called)
+        self.clock.advance(0.5)
         outcome = yield pending
         self.assertEqual(outcome, "timeout")
-        self.logged(f"Agent liar sent an invalid AgentResponse on connection {self.connection.connection_id}: Invalid message format:")
+        message_type, body = yield self.agent.next_frame()
+        self.assertEqual((message_type, body["correlation_id"], body["reason"]), (CANCEL, "r1", TIMEOUT))
         yield self.still_works()
         yield self.finish()
 

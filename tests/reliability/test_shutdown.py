@@ -81,6 +81,10 @@ class InProcessShutdownTests(TestCase):
     @inlineCallbacks
     def test_grace_then_cancel_then_close(self) -> Generator[Any, Any, None]:
         yield self.start("--shutdown-grace", "1")
+        # The grace period runs on a clock the test moves: however slow the
+        # machine, the answer below arrives within it and the others do not.
+        clock = Clock()
+        self.top.factory.clock = clock
         first = yield self.agent("one")
         second = yield self.agent("two")
         r1 = self.books.track(self.pool.send_request_headers("one", headers("r1")), "r1")
@@ -99,12 +103,15 @@ class InProcessShutdownTests(TestCase):
         probe.close()
 
         # Answered within the grace period: the answer gets through.
-        yield deferLater(reactor, 0.2, lambda: None)  # type: ignore[arg-type]
+        yield wait_until(clock.getDelayedCalls, "the shutdown to wait for the requests")
+        clock.advance(0.5)
         self.assertFalse(r1.called or r2.called or r3.called)
         first.send(AGENT_RESPONSE, answer("r1"))
         self.assertEqual((yield r1), "answer")
+        self.assertFalse(r2.called or r3.called)
 
         # The rest are cancelled when the grace period ends, then closed.
+        clock.advance(0.5)
         outcomes = yield gatherResults([r2, r3])
         self.assertEqual(outcomes, ["cancel", "cancel"])
         yield stopped
@@ -257,11 +264,20 @@ class TwistdShutdownTests(TestCase):
     def test_sigint_still_reports_the_signal(self) -> Generator[Any, Any, None]:
         # Only SIGTERM is a request to stop; an interrupt stays visible.
         directory = temp_dir(self)
+        socket_path = os.path.join(directory, "a.sock")
         proxy = Program(
-            self, directory, "sentinel-reverse", "--listen", f"unix:{os.path.join(directory, 'a.sock')}",
+            self, directory, "sentinel-reverse", "--listen", f"unix:{socket_path}",
             "--http", "none", "--status", "none", name="proxy",
         )  # fmt: skip
         yield wait_until(lambda: "listening on" in proxy.output(), "the listener", 20)
+        # "listening on" is logged as the services start, before the reactor
+        # runs and installs its signal handlers; an interrupt in between is
+        # swallowed and twistd runs on.  An answered registration shows the
+        # reactor is running, so its SIGINT handler is in place.
+        agent = RawAgentProtocol()
+        yield connectProtocol(UNIXClientEndpoint(reactor, socket_path), agent)
+        _, body = yield agent.register("witness")
+        self.assertTrue(body["success"], body)
         proxy.signal(signal.SIGINT)
         yield wait_until(lambda: not proxy.running(), "twistd to exit", 20)
         self.assertEqual(proxy.wait_exit(), -signal.SIGINT, proxy.output())

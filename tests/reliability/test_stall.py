@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from ..rawagent import HANDSHAKE_REQUEST, frame, registration
@@ -34,9 +34,11 @@ class StalledAgentTests(TestCase):
         yield settle()
         books = Accounting()
         path = os.path.join(temp_dir(self), "p.sock")
-        # write_stall_timeout follows the request timeout (1 s); the requests
-        # themselves get 30 s, so only the stall can end them.
-        listener = yield listen(self, f"unix:{path}:mode=600", request_timeout=1.0)
+        # write_stall_timeout follows the request timeout (1 s).  Both run on
+        # a clock the test moves: nothing times out while the test looks, and
+        # the stall ends the stalled connection when the clock says so.
+        clock = Clock()
+        listener = yield listen(self, f"unix:{path}:mode=600", request_timeout=1.0, clock=clock)
         pool = listener.pool
 
         stalled_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,6 +82,8 @@ class StalledAgentTests(TestCase):
         self.assertEqual(healthy_agent.answered, 20)
 
         # Aborted after the stall timeout; everything pending on it failed.
+        self.assertFalse(stalled.is_closed)
+        clock.advance(1.0)
         outcomes = yield gatherResults(stalled_requests)
         self.assertEqual(set(outcomes), {"closed"})
         self.assertTrue(stalled.is_closed)
