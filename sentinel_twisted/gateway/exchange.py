@@ -20,8 +20,15 @@ The order of things:
  5. After the response is sent, RequestComplete goes to agents that list it;
     what becomes of it never touches the client.
 
+The request target is parsed once, before anything else (see
+L{sentinel_twisted.gateway.target}): the agents are shown, and the upstream
+receives, the same bytes; a target or C{Host} that cannot be taken is
+answered C{400} (C{CONNECT}: C{501}) without asking any agent.
+
 An agent that cannot answer (not connected, paused, timed out, gone) ends
 the request with C{503} at once, or is left out of it with C{fail_open}.
+With no agent to consult at all (none named, none registered) the request
+is answered C{503} too, or passes unchecked with C{fail_open}.
 A client that goes away cancels (reason 0) whatever agents still decide.
 """
 
@@ -47,9 +54,11 @@ from ..errors import (
     RequestCancelled,
     RequestTimeout,
 )
+from ..pool import PoolObserver
 from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
 from .decisions import apply_header_ops, denial_for, drop_hop_by_hop, status_text
 from .metadata import header_map, request_metadata, tls_info
+from .target import BadTarget, RequestTarget, parse_target
 from .upstream import (
     ForwardRequest,
     IUpstream,
@@ -83,6 +92,9 @@ _NO_BODY = frozenset([204, 304])
 
 #: Headers of the client request the upstream never sees as such.
 _NOT_FORWARDED = (b"host", b"content-length", b"expect")
+
+#: The body of the 503 answered when there is no agent to consult.
+NO_AGENT = "No agent is available to decide this request."
 
 #: Bytes one direction of one exchange may hold beyond its chunk sizes
 #: before its source is paused.
@@ -163,6 +175,49 @@ class Gateway:
 
     def agent_ids(self) -> Sequence[str]:
         return self.config.agents or self.pool.agent_ids()
+
+    def watch_agents(self) -> None:
+        """Say in the log when the last agent leaves, and when one is back."""
+        self._presence = _AgentPresence(self)
+        self.pool.add_observer(self._presence)
+
+    def unwatch_agents(self) -> None:
+        presence, self._presence = self._presence, None
+        if presence is not None:
+            self.pool.remove_observer(presence)
+
+    _presence: _AgentPresence | None = None
+
+
+class _AgentPresence(PoolObserver):
+    """
+    Without C{--agent} the gateway consults whoever is registered; when
+    nobody is, requests are answered C{503} (or pass, failing open), and
+    an operator should hear of it once, not per request.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.absent = False
+
+    def agent_registered(self, connection: AgentConnection) -> None:
+        if self.absent:
+            self.absent = False
+            log.info(
+                "Agent {agent_id} registered: requests are decided by the agents again",
+                agent_id=connection.agent_id,
+            )
+
+    def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        gateway = self.gateway
+        if gateway.config.agents or len(gateway.pool) or self.absent:
+            return
+        self.absent = True
+        log.warn(
+            "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
+            agent_id=connection.agent_id,
+            outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
+        )
 
 
 class AgentSlot:
@@ -279,6 +334,8 @@ class Exchange:
     _cancelling = False
     _drop_length = False
     _out_headers: Headers
+    #: The request target as judged and forwarded (see L{_parse_target}).
+    _target = b"/"
 
     def __init__(self, gateway: Gateway, request: GatewayRequest) -> None:
         self.gateway = gateway
@@ -298,10 +355,20 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
+        try:
+            self._target = self._parse_target().target
+        except BadTarget as e:
+            self._refuse(e)
+            return
         agent_ids = self.gateway.agent_ids()
         if agent_ids:
             if not self._select(agent_ids):
                 return
+        elif not self.gateway.fail_open:
+            # Fail closed means closed: nobody to ask is no "allow".
+            log.debug("No agent registered; answering 503")
+            self._unavailable(NO_AGENT)
+            return
         slots = self.slots
         length = request.body_length
         if length == 0 and not request.streaming:
@@ -333,6 +400,35 @@ class Exchange:
                 self.request_body_received(data)
             if self._phase != _OVER:
                 self.request_body_finished()
+
+    def _parse_target(self) -> RequestTarget:
+        """
+        The request target and C{Host}, checked once: one C{Host} (none
+        only before HTTP/1.1); an absolute-form target's authority agrees
+        with it, and stands for it when there is none.
+        """
+        request = self.request
+        target = parse_target(request.method, request.uri)
+        headers = request.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            raise BadTarget(400, "more than one Host header")
+        if target.authority is not None:
+            if not hosts:
+                headers.setRawHeaders(b"Host", [target.authority])
+            elif not target.names_host(hosts[0]):
+                raise BadTarget(400, "the Host header does not name the request target's host")
+        elif not hosts and request.clientproto == b"HTTP/1.1":
+            raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
+        return target
+
+    def _refuse(self, error: BadTarget) -> None:
+        """A request no agent is asked about: its target or Host is unusable."""
+        log.debug(
+            "Refused {method} request: {reason}", method=self.request.method, reason=error.reason
+        )
+        self._decision = "bad_request"
+        self._respond_plain(error.code, error.reason)
 
     def _select(self, agent_ids: Sequence[str]) -> bool:
         pool = self.gateway.pool
@@ -426,7 +522,8 @@ class Exchange:
             correlation_id=cid,
             metadata=request_metadata(cid, request.client, headers, request.clientproto, tls),
             method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("utf-8", "replace"),
+            # Checked to be ASCII; exactly what goes upstream.
+            uri=self._target.decode("ascii"),
             headers=headers,
         )
         self._round = list(self.slots)
@@ -558,7 +655,7 @@ class Exchange:
                     apply_header_ops(headers, answer.request_headers, slot.agent_id)
                 if decisions is not None:
                     decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
-        forward = ForwardRequest(request.method, _origin_form(request.uri), headers, self._body, decisions)
+        forward = ForwardRequest(request.method, self._target, headers, self._body, decisions)
         call = self.gateway.upstream.forward(forward)
         self._upstream_call = call
         call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
@@ -817,9 +914,9 @@ class Exchange:
         else:
             self._respond_plain(500)
 
-    def _unavailable(self) -> None:
+    def _unavailable(self, detail: str | None = None) -> None:
         self._decision = "unavailable"
-        self._respond_plain(503)
+        self._respond_plain(503, detail)
 
     def _too_large(self) -> None:
         self._decision = "too_large"
@@ -848,9 +945,12 @@ class Exchange:
             apply_header_ops(headers, answer.response_headers, slot.agent_id)
         self._respond(denial.code, headers, denial.body)
 
-    def _respond_plain(self, code: int) -> None:
+    def _respond_plain(self, code: int, detail: str | None = None) -> None:
         headers = Headers({b"Content-Type": [b"text/plain; charset=utf-8"]})
-        self._respond(code, headers, (status_text(code) + "\n").encode())
+        text = status_text(code) + "\n"
+        if detail:
+            text += detail + "\n"
+        self._respond(code, headers, text.encode())
 
     def _respond(self, code: int, headers: Headers, body: bytes) -> None:
         """Answer the client ourselves (a denial or an error) and end the exchange."""
@@ -975,13 +1075,3 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
         error=str(failure.value),
     )
 
-
-def _origin_form(uri: bytes) -> bytes:
-    """The path and query of a request target (absolute-form is reduced)."""
-    if uri.startswith(b"/"):
-        return uri
-    scheme_end = uri.find(b"://")
-    if scheme_end > 0:
-        slash = uri.find(b"/", scheme_end + 3)
-        return uri[slash:] if slash >= 0 else b"/"
-    return b"/" + uri.lstrip(b"*")

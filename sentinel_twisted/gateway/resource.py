@@ -109,6 +109,16 @@ class GatewayRequest(server.Request):
         if exchange is not None:
             exchange.release()
 
+    def _handleStar(self) -> None:
+        # twisted.web answers "OPTIONS *" itself (and "GET *" with 405);
+        # here the asterisk target is decided like any other (the
+        # exchange refuses it but for OPTIONS) and forwarded as "*".
+        try:
+            site: Any = self.site
+            self.render(site.getResourceFor(self))  # type: ignore[no-untyped-call]
+        except Exception:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
+
     # -- for the exchange ---------------------------------------------------------------
 
     @property

@@ -142,6 +142,7 @@ class GatewayService(service.MultiService):
 
     def startService(self) -> None:
         self.metrics.attach()
+        self.gateway.watch_agents()
         http, status = self._endpoints
         log.info(
             "Gateway on {http} to {upstream}; consulting {agents}; {policy}; status on {status}",
@@ -156,6 +157,7 @@ class GatewayService(service.MultiService):
     def stopService(self) -> Deferred[Any]:
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         self.metrics.detach()
+        self.gateway.unwatch_agents()
         closing = self.upstream.close()
         done: Deferred[Any] = DeferredList([d for d in (stopped, closing) if d is not None])
         return done

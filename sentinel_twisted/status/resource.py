@@ -189,6 +189,7 @@ class StatusResource(Resource):
             "unavailable",
             "too_large",
             "client_closed",
+            "bad_request",
         )
         request_rows = "".join(
             f'<tr data-decision="{d}"><td>{d}</td><td class="num">'
