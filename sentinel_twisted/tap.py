@@ -120,6 +120,8 @@ _CONVERSIONS = {
     "upstream-timeout": _positive_float,
     "challenge-status": _status_code,
     "shutdown-grace": _seconds,
+    "header-timeout": _positive_float,
+    "max-client-connections": _positive_int,
 }
 
 
@@ -207,6 +209,18 @@ class Options(usage.Options):
         ],
         ["access-log", None, None, "File to append a line per gateway request to (default: none)."],
         [
+            "header-timeout",
+            None,
+            30.0,
+            "Seconds (a float) an HTTP client has to send a whole request head; then 408.",
+        ],
+        [
+            "max-client-connections",
+            None,
+            1024,
+            "HTTP client connections (N) the gateway holds at once; more are closed at once.",
+        ],
+        [
             "client-ca",
             None,
             None,
@@ -220,6 +234,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow"] = []
         self["agents"] = []
+        self["status-hosts"] = []
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.
@@ -245,6 +260,13 @@ class Options(usage.Options):
         registration.
         """
         self["agents"].append(agent_id)
+
+    def opt_status_host(self, name: str) -> None:
+        """
+        Host name the status site answers to besides its own address
+        (repeatable); other Host headers get 421, against DNS rebinding.
+        """
+        self["status-hosts"].append(name)
 
     def opt_version(self) -> None:
         """Print the version of sentinel_twisted and exit."""
@@ -310,6 +332,9 @@ class Options(usage.Options):
                 upstream=self["upstream"] or None,
                 upstream_timeout=self["upstream-timeout"],
                 challenge_status=self["challenge-status"],
+                header_timeout=self["header-timeout"],
+                max_client_connections=self["max-client-connections"],
+                status_hosts=self["status-hosts"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

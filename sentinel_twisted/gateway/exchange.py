@@ -56,7 +56,17 @@ from ..errors import (
 )
 from ..pool import PoolObserver
 from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
-from .decisions import apply_header_ops, denial_for, drop_hop_by_hop, status_text
+from .decisions import (
+    PROTECTED_REQUEST_HEADERS,
+    PROTECTED_RESPONSE_HEADERS,
+    apply_header_ops,
+    denial_for,
+    drop_hop_by_hop,
+    ignored_header,
+    status_text,
+    valid_status,
+    warn_now_and_then,
+)
 from .metadata import header_map, request_metadata, tls_info
 from .target import BadTarget, RequestTarget, parse_target
 from .upstream import (
@@ -652,7 +662,9 @@ class Exchange:
             answer = slot.answer
             if answer is not None:
                 if answer.request_headers:
-                    apply_header_ops(headers, answer.request_headers, slot.agent_id)
+                    apply_header_ops(
+                        headers, answer.request_headers, slot.agent_id, PROTECTED_REQUEST_HEADERS
+                    )
                 if decisions is not None:
                     decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
         forward = ForwardRequest(request.method, self._target, headers, self._body, decisions)
@@ -925,6 +937,26 @@ class Exchange:
 
     def _deny(self, slot: AgentSlot, answer: m.AgentResponse) -> None:
         denial = denial_for(answer.decision, self.gateway.challenge_status)
+        if not valid_status(answer.decision):
+            # Status 0 or a 200 "block" would go out as such: the agent
+            # is broken, and the client hears that much.
+            warn_now_and_then(
+                "decision_status",
+                "Agent {agent_id} answered {label} with status {status}, outside "
+                "{range}; answering 500",
+                agent_id=slot.agent_id,
+                label=denial.label,
+                status=denial.code,
+                range="400-599" if denial.label == "block" else "300-399",
+            )
+            self.gateway.metrics.agent_failed(slot.agent_id, "invalid_answer")
+            self._decision = "error"
+            self._cancel_pending(_MANUAL)
+            if self._head_written:
+                self._abort_client(f"agent {slot.agent_id} answered an invalid {denial.label} status")
+            else:
+                self._respond_plain(500)
+            return
         self._decision = denial.label
         self._cancel_pending(_BLOCKED)
         if self._head_written:
@@ -932,6 +964,8 @@ class Exchange:
             return
         headers = Headers()
         for name, value in denial.headers:
+            if ignored_header(name, slot.agent_id, PROTECTED_RESPONSE_HEADERS):
+                continue
             try:
                 headers.setRawHeaders(name, [value])
             except (ValueError, TypeError) as e:

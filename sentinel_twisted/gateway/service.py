@@ -127,7 +127,7 @@ class GatewayService(service.MultiService):
             self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
         if status is not None:
             self.status_resource = StatusResource(factory.pool, self.metrics, self.describe())
-            self.status_site = StatusSite(self.status_resource, reactor=reactor)
+            self.status_site = StatusSite(self.status_resource, config.status_hosts, reactor=reactor)
             self.status = ListeningService(reactor, status, self.status_site, "the status page")
             self.status.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._endpoints = (http, status)
