@@ -435,11 +435,14 @@ class ReverseListenerService(service.MultiService):
         flight the shutdown grace period, cancel the rest, close the agents'
         connections.
         """
-        stopping: Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]
         grace = self.options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE)
         clock = self.factory.clock
+        began = clock.seconds()
+        # The gateway's requests get the grace period while its service
+        # stops; the agents' requests share the same period.
+        stopping: Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]
         finished: Deferred[None] = stopping.addCallback(
-            lambda _: shut_down_agents(self.factory.pool, clock, grace)
+            lambda _: shut_down_agents(self.factory.pool, clock, grace, started=began)
         )
         # Answers written meanwhile (the gateway's 503s for cancelled
         # requests) reach their clients before the reactor drops every
@@ -474,7 +477,11 @@ class ReverseListenerService(service.MultiService):
 
 
 def shut_down_agents(
-    pool: AgentPool, clock: IReactorTime, grace: float, close_timeout: float = CLOSE_TIMEOUT
+    pool: AgentPool,
+    clock: IReactorTime,
+    grace: float,
+    close_timeout: float = CLOSE_TIMEOUT,
+    started: float | None = None,
 ) -> Deferred[None]:
     """
     End every agent connection of C{pool} without leaving a request
@@ -490,7 +497,9 @@ def shut_down_agents(
          shutdown.
     """
     done: Deferred[None] = Deferred()
-    started = clock.seconds()
+    if started is None:
+        # The grace period counts from now (else from when stopping began).
+        started = clock.seconds()
     in_flight = pool.in_flight
     if in_flight and grace > 0:
         log.info(
@@ -657,6 +666,7 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         status=options["status"],
         reactor=reactor,
         access_log=options.get("access-log"),
+        shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
     ).setServiceParent(top)
 
 

@@ -106,6 +106,9 @@ _NOT_FORWARDED = (b"host", b"content-length", b"expect")
 #: The body of the 503 answered when there is no agent to consult.
 NO_AGENT = "No agent is available to decide this request."
 
+#: The body of the 503 answered while the gateway shuts down.
+SHUTTING_DOWN = "The gateway is shutting down."
+
 #: Bytes one direction of one exchange may hold beyond its chunk sizes
 #: before its source is paused.
 _SLACK = 256 * 1024
@@ -182,6 +185,47 @@ class Gateway:
         self.fail_open = config.fail_open
         #: Whether the upstream shows each agent's decision (the echo does).
         self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
+        #: Exchanges whose client has not had its whole answer yet.
+        self.exchanges: set[Exchange] = set()
+        #: Shutting down: new requests get 503.
+        self.stopping = False
+
+    def shut_down(self, grace: float) -> Deferred[None]:
+        """
+        Answer everyone: requests under way get up to C{grace} seconds to be
+        answered as usual; then those not answered yet get C{503} and those
+        whose response has started are cut off.  New requests get C{503}
+        at once.  Fires when that is done.
+        """
+        self.stopping = True
+        done: Deferred[None] = Deferred()
+        clock = self.clock
+        started = clock.seconds()
+        if self.exchanges and grace > 0:
+            log.info(
+                "Shutting down the gateway: waiting up to {grace}s for {count} request(s)",
+                grace=grace,
+                count=len(self.exchanges),
+            )
+
+        def wait() -> None:
+            if self.exchanges and clock.seconds() - started < grace:
+                clock.callLater(min(0.05, grace), wait)
+                return
+            left = list(self.exchanges)
+            if left:
+                log.warn(
+                    "Shutting down the gateway: {count} request(s) not answered after {grace}s; "
+                    "answering 503 (or closing those mid-response)",
+                    count=len(left),
+                    grace=grace,
+                )
+            for exchange in left:
+                exchange.shut_down()
+            done.callback(None)
+
+        wait()
+        return done
 
     def agent_ids(self) -> Sequence[str]:
         return self.config.agents or self.pool.agent_ids()
@@ -340,6 +384,7 @@ class Exchange:
     _error: str | None = None
     _decision: str | None = None
     _forwarded = False
+    _no_complete = False
     _passed: Sequence[dict[str, Any]] = ()
     _cancelling = False
     _drop_length = False
@@ -365,6 +410,12 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
+        gateway = self.gateway
+        if gateway.stopping:
+            self._decision = "unavailable"
+            self._respond_plain(503, SHUTTING_DOWN)
+            return
+        gateway.exchanges.add(self)
         try:
             self._target = self._parse_target().target
         except BadTarget as e:
@@ -926,6 +977,20 @@ class Exchange:
         else:
             self._respond_plain(500)
 
+    def shut_down(self) -> None:
+        """The shutdown grace is over: answer C{503} now, or cut a started response off."""
+        self.gateway.exchanges.discard(self)
+        if self._phase == _OVER:
+            return
+        self._error = SHUTTING_DOWN
+        # Nothing more goes to the agents: they are about to be disconnected.
+        self._no_complete = True
+        self._cancel_pending(m.CancelReason.PROXY_SHUTDOWN)
+        if self._head_written:
+            self._abort_client("the gateway is shutting down")
+        else:
+            self._unavailable(SHUTTING_DOWN)
+
     def _unavailable(self, detail: str | None = None) -> None:
         self._decision = "unavailable"
         self._respond_plain(503, detail)
@@ -1004,6 +1069,8 @@ class Exchange:
             headers.setRawHeaders(b"Date", date)
         request.responseHeaders = headers
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        if self.gateway.stopping:
+            request.close_after_response()
         request.setResponseCode(code)
         request.prepare_answer()
         if body:
@@ -1061,6 +1128,7 @@ class Exchange:
         request would leave some twenty objects of cyclic garbage for the
         collector, which costs the gateway a tenth of its time under load.
         """
+        self.gateway.exchanges.discard(self)
         self.request.exchange = None
         self._body_head = None
         self._response_head = None
@@ -1070,7 +1138,7 @@ class Exchange:
             slot.stage = None
 
     def _request_complete(self, error: str | None) -> None:
-        if not self.slots:
+        if not self.slots or self._no_complete:
             return
         event: m.RequestCompleteEvent | None = None
         for slot in self.slots:

@@ -160,6 +160,13 @@ class GatewayRequest(server.Request):
         # Like twisted.web's own handling of data after a last request.
         channel.dataReceived = _discard
 
+    def close_after_response(self) -> None:
+        """The connection closes once this response is sent."""
+        self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        channel: Any = self.channel
+        if channel is not None:
+            channel.persistent = False
+
     def end_response(self) -> None:
         """
         Finish the response.  While the channel is still parsing this

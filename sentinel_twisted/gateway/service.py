@@ -96,6 +96,7 @@ class GatewayService(service.MultiService):
         status: str | None,
         reactor: Any = None,
         access_log: str | None = None,
+        shutdown_grace: float = 0.0,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -104,6 +105,7 @@ class GatewayService(service.MultiService):
             reactor = default_reactor
         self.factory = factory
         self.config = config
+        self.shutdown_grace = shutdown_grace
         self.metrics = GatewayMetrics(factory.pool, factory)
         upstream: IUpstream
         if config.upstream is None:
@@ -155,9 +157,15 @@ class GatewayService(service.MultiService):
         super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Stop listening, give the requests under way the shutdown grace
+        period, answer the rest (L{Gateway.shut_down}), close the upstream
+        connections.
+        """
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         self.metrics.detach()
         self.gateway.unwatch_agents()
-        closing = self.upstream.close()
+        drained = self.gateway.shut_down(self.shutdown_grace)
+        closing = drained.addCallback(lambda _: self.upstream.close())
         done: Deferred[Any] = DeferredList([d for d in (stopped, closing) if d is not None])
         return done
