@@ -2,7 +2,8 @@
 The gateway section of the benchmarks: HTTP requests/s through
 C{twistd sentinel-reverse --http} (built-in echo upstream) with one agent
 consulted, against the same gateway process with no agent registered
-(requests then pass unconsulted), loaded by C{wrk} over TCP loopback.
+(requests then pass unconsulted: the gateway runs with --fail-open), loaded
+by C{wrk} over TCP loopback.
 
 The two cases alternate in one gateway process (no agent, one agent, no
 agent, ...) so that the ratio is measured in one run.  The agent is the C
@@ -108,6 +109,9 @@ def run(harness: Any) -> dict[str, Any]:
         "--listen", f"unix:{sock}",
         "--http", f"tcp:{http_port}:interface=127.0.0.1",
         "--status", "none",
+        # The "no agent" round measures the pass-through; without an agent
+        # a gateway that fails closed would answer 503.
+        "--fail-open",
     ]
     gateway = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{http_port}/bench"

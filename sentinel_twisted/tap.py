@@ -120,6 +120,8 @@ _CONVERSIONS = {
     "upstream-timeout": _positive_float,
     "challenge-status": _status_code,
     "shutdown-grace": _seconds,
+    "header-timeout": _positive_float,
+    "max-client-connections": _positive_int,
 }
 
 
@@ -209,6 +211,18 @@ class Options(usage.Options):
         ],
         ["access-log", None, None, "File to append a line per gateway request to (default: none)."],
         [
+            "header-timeout",
+            None,
+            30.0,
+            "Seconds (a float) an HTTP client has to send a whole request head; then 408.",
+        ],
+        [
+            "max-client-connections",
+            None,
+            1024,
+            "HTTP client connections (N) the gateway holds at once; more are closed at once.",
+        ],
+        [
             "client-ca",
             None,
             None,
@@ -222,6 +236,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow"] = []
         self["agents"] = []
+        self["status-hosts"] = []
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.
@@ -247,6 +262,13 @@ class Options(usage.Options):
         registration.
         """
         self["agents"].append(agent_id)
+
+    def opt_status_host(self, name: str) -> None:
+        """
+        Host name the status site answers to besides its own address
+        (repeatable); other Host headers get 421, against DNS rebinding.
+        """
+        self["status-hosts"].append(name)
 
     def opt_version(self) -> None:
         """Print the version of sentinel_twisted and exit."""
@@ -312,6 +334,9 @@ class Options(usage.Options):
                 upstream=self["upstream"] or None,
                 upstream_timeout=self["upstream-timeout"],
                 challenge_status=self["challenge-status"],
+                header_timeout=self["header-timeout"],
+                max_client_connections=self["max-client-connections"],
+                status_hosts=self["status-hosts"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -412,11 +437,14 @@ class ReverseListenerService(service.MultiService):
         flight the shutdown grace period, cancel the rest, close the agents'
         connections.
         """
-        stopping: Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]
         grace = self.options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE)
         clock = self.factory.clock
+        began = clock.seconds()
+        # The gateway's requests get the grace period while its service
+        # stops; the agents' requests share the same period.
+        stopping: Deferred[Any] = super().stopService()  # type: ignore[no-untyped-call]
         finished: Deferred[None] = stopping.addCallback(
-            lambda _: shut_down_agents(self.factory.pool, clock, grace)
+            lambda _: shut_down_agents(self.factory.pool, clock, grace, started=began)
         )
         # Answers written meanwhile (the gateway's 503s for cancelled
         # requests) reach their clients before the reactor drops every
@@ -451,7 +479,11 @@ class ReverseListenerService(service.MultiService):
 
 
 def shut_down_agents(
-    pool: AgentPool, clock: IReactorTime, grace: float, close_timeout: float = CLOSE_TIMEOUT
+    pool: AgentPool,
+    clock: IReactorTime,
+    grace: float,
+    close_timeout: float = CLOSE_TIMEOUT,
+    started: float | None = None,
 ) -> Deferred[None]:
     """
     End every agent connection of C{pool} without leaving a request
@@ -467,7 +499,9 @@ def shut_down_agents(
          shutdown.
     """
     done: Deferred[None] = Deferred()
-    started = clock.seconds()
+    if started is None:
+        # The grace period counts from now (else from when stopping began).
+        started = clock.seconds()
     in_flight = pool.in_flight
     if in_flight and grace > 0:
         log.info(
@@ -639,6 +673,7 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         status=options["status"],
         reactor=reactor,
         access_log=options.get("access-log"),
+        shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
     ).setServiceParent(top)
 
 

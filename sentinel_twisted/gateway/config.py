@@ -52,6 +52,15 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 
+def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _names(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.strip().lower() for name in value if name.strip()))
+
+
 @attrs.frozen(kw_only=True)
 class GatewayConfig:
     """
@@ -67,6 +76,12 @@ class GatewayConfig:
     @ivar challenge_status: the status of a challenge decision's response.
     @ivar max_upstream_connections: idle persistent upstream connections
         kept per upstream host.
+    @ivar header_timeout: seconds a client has to send a whole request head
+        (from its connection, or the end of its previous response).
+    @ivar max_client_connections: client connections the gateway holds at
+        once; more are closed as they arrive.
+    @ivar status_hosts: host names the status site answers to besides its
+        own address (C{Host} checked against DNS rebinding).
     """
 
     agents: tuple[str, ...] = attrs.field(default=(), converter=_agents)
@@ -75,6 +90,9 @@ class GatewayConfig:
     upstream_timeout: float = attrs.field(default=30.0, validator=_positive)
     challenge_status: int = attrs.field(default=403, validator=_status)
     max_upstream_connections: int = 64
+    header_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_client_connections: int = attrs.field(default=1024, validator=_positive_int)
+    status_hosts: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     @upstream.validator
     def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:

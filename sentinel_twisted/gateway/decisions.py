@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
@@ -20,13 +21,18 @@ from .config import CHALLENGE_HEADER
 
 __all__ = [
     "HOP_BY_HOP",
+    "PROTECTED_REQUEST_HEADERS",
+    "PROTECTED_RESPONSE_HEADERS",
     "Denial",
     "apply_body_mutation",
     "apply_header_ops",
     "decision_label",
+    "ignored_header",
     "denial_for",
     "drop_hop_by_hop",
     "status_text",
+    "valid_status",
+    "warn_now_and_then",
 ]
 
 log = Logger(namespace="sentinel_twisted.gateway")
@@ -45,6 +51,62 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     ]
 )
+
+
+#: Headers that frame a message or belong to one connection.  The gateway
+#: sets them itself; an agent's operations on them are ignored (a
+#: Content-Length of an agent's choosing would desynchronise the client).
+PROTECTED_RESPONSE_HEADERS = frozenset(
+    [
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    ]
+)
+#: ... and on the request, C{Host} (the upstream's).
+PROTECTED_REQUEST_HEADERS = PROTECTED_RESPONSE_HEADERS | {b"host"}
+
+#: Seconds between two warnings of one kind.
+WARNING_INTERVAL = 10.0
+_last_warning: dict[str, float] = {}
+_suppressed: dict[str, int] = {}
+
+
+def warn_now_and_then(kind: str, text: str, **fields: object) -> None:
+    """
+    A warning at most once per L{WARNING_INTERVAL} for each C{kind} (a
+    fixed set of names, so the tables stay small), saying how many were
+    left out since.
+    """
+    now = time.monotonic()
+    last = _last_warning.get(kind)
+    if last is not None and now - last < WARNING_INTERVAL:
+        _suppressed[kind] = _suppressed.get(kind, 0) + 1
+        return
+    _last_warning[kind] = now
+    skipped = _suppressed.pop(kind, 0)
+    if skipped:
+        text += " (and {skipped} more like it in the last {interval:g}s)"
+        fields.update(skipped=skipped, interval=WARNING_INTERVAL)
+    log.warn(text, **fields)
+
+
+def ignored_header(name: str, agent_id: str, protected: frozenset[bytes]) -> bool:
+    """Whether an agent's header C{name} is C{protected}: then it is ignored, and said so."""
+    if name.strip().lower().encode("latin-1", "replace") not in protected:
+        return False
+    warn_now_and_then(
+        "protected_header",
+        "Agent {agent_id} tried to change the {name!r} header; ignored "
+        "(the gateway frames messages itself)",
+        agent_id=agent_id,
+        name=name,
+    )
+    return True
 
 
 def drop_hop_by_hop(source: Headers, also: Iterable[bytes] = ()) -> Headers:
@@ -66,13 +128,21 @@ def drop_hop_by_hop(source: Headers, also: Iterable[bytes] = ()) -> Headers:
     return result
 
 
-def apply_header_ops(headers: Headers, ops: Sequence[m.HeaderOp], agent_id: str = "") -> None:
+def apply_header_ops(
+    headers: Headers,
+    ops: Sequence[m.HeaderOp],
+    agent_id: str = "",
+    protected: frozenset[bytes] = PROTECTED_RESPONSE_HEADERS,
+) -> None:
     """
     Apply set/add/remove operations in order.  An operation with an invalid
     header name is skipped with a warning; CR/LF in values is neutralised
-    by L{Headers}.
+    by L{Headers}.  Operations on C{protected} headers (framing and
+    hop-by-hop ones) are ignored, with a warning now and then.
     """
     for op in ops:
+        if ignored_header(op.name, agent_id, protected):
+            continue
         try:
             if isinstance(op, m.SetHeader):
                 headers.setRawHeaders(op.name, [op.value])
@@ -87,6 +157,15 @@ def apply_header_ops(headers: Headers, ops: Sequence[m.HeaderOp], agent_id: str 
                 op=op,
                 error=str(e),
             )
+
+
+def valid_status(decision: m.Decision) -> bool:
+    """Whether a block's status is 4xx/5xx and a redirect's 3xx."""
+    if isinstance(decision, m.Block):
+        return 400 <= decision.status <= 599
+    if isinstance(decision, m.Redirect):
+        return 300 <= decision.status <= 399
+    return True
 
 
 def status_text(code: int) -> str:

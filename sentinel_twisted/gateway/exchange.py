@@ -20,8 +20,15 @@ The order of things:
  5. After the response is sent, RequestComplete goes to agents that list it;
     what becomes of it never touches the client.
 
+The request target is parsed once, before anything else (see
+L{sentinel_twisted.gateway.target}): the agents are shown, and the upstream
+receives, the same bytes; a target or C{Host} that cannot be taken is
+answered C{400} (C{CONNECT}: C{501}) without asking any agent.
+
 An agent that cannot answer (not connected, paused, timed out, gone) ends
 the request with C{503} at once, or is left out of it with C{fail_open}.
+With no agent to consult at all (none named, none registered) the request
+is answered C{503} too, or passes unchecked with C{fail_open}.
 A client that goes away cancels (reason 0) whatever agents still decide.
 """
 
@@ -48,9 +55,21 @@ from ..errors import (
     RequestCancelled,
     RequestTimeout,
 )
+from ..pool import PoolObserver
 from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
-from .decisions import apply_header_ops, denial_for, drop_hop_by_hop, status_text
+from .decisions import (
+    PROTECTED_REQUEST_HEADERS,
+    PROTECTED_RESPONSE_HEADERS,
+    apply_header_ops,
+    denial_for,
+    drop_hop_by_hop,
+    ignored_header,
+    status_text,
+    valid_status,
+    warn_now_and_then,
+)
 from .metadata import header_map, request_metadata, tls_info
+from .target import BadTarget, RequestTarget, parse_target
 from .upstream import (
     ForwardRequest,
     IUpstream,
@@ -84,6 +103,12 @@ _NO_BODY = frozenset([204, 304])
 
 #: Headers of the client request the upstream never sees as such.
 _NOT_FORWARDED = (b"host", b"content-length", b"expect")
+
+#: The body of the 503 answered when there is no agent to consult.
+NO_AGENT = "No agent is available to decide this request."
+
+#: The body of the 503 answered while the gateway shuts down.
+SHUTTING_DOWN = "The gateway is shutting down."
 
 #: Bytes one direction of one exchange may hold beyond its chunk sizes
 #: before its source is paused.
@@ -170,10 +195,94 @@ class Gateway:
         self.fail_open = config.fail_open
         #: Whether the upstream shows each agent's decision (the echo does).
         self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
+        #: Exchanges whose client has not had its whole answer yet.
+        self.exchanges: set[Exchange] = set()
+        #: Shutting down: new requests get 503.
+        self.stopping = False
+
+    def shut_down(self, grace: float) -> Deferred[None]:
+        """
+        Answer everyone: requests under way get up to C{grace} seconds to be
+        answered as usual; then those not answered yet get C{503} and those
+        whose response has started are cut off.  New requests get C{503}
+        at once.  Fires when that is done.
+        """
+        self.stopping = True
+        done: Deferred[None] = Deferred()
+        clock = self.clock
+        started = clock.seconds()
+        if self.exchanges and grace > 0:
+            log.info(
+                "Shutting down the gateway: waiting up to {grace}s for {count} request(s)",
+                grace=grace,
+                count=len(self.exchanges),
+            )
+
+        def wait() -> None:
+            if self.exchanges and clock.seconds() - started < grace:
+                clock.callLater(min(0.05, grace), wait)
+                return
+            left = list(self.exchanges)
+            if left:
+                log.warn(
+                    "Shutting down the gateway: {count} request(s) not answered after {grace}s; "
+                    "answering 503 (or closing those mid-response)",
+                    count=len(left),
+                    grace=grace,
+                )
+            for exchange in left:
+                exchange.shut_down()
+            done.callback(None)
+
+        wait()
+        return done
 
     def agent_ids(self) -> Sequence[str]:
         """The agents every request consults: C{--agent}, else every registered agent."""
         return self.config.agents or self.pool.agent_ids()
+
+    def watch_agents(self) -> None:
+        """Say in the log when the last agent leaves, and when one is back."""
+        self._presence = _AgentPresence(self)
+        self.pool.add_observer(self._presence)
+
+    def unwatch_agents(self) -> None:
+        presence, self._presence = self._presence, None
+        if presence is not None:
+            self.pool.remove_observer(presence)
+
+    _presence: _AgentPresence | None = None
+
+
+class _AgentPresence(PoolObserver):
+    """
+    Without C{--agent} the gateway consults whoever is registered; when
+    nobody is, requests are answered C{503} (or pass, failing open), and
+    an operator should hear of it once, not per request.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.absent = False
+
+    def agent_registered(self, connection: AgentConnection) -> None:
+        if self.absent:
+            self.absent = False
+            log.info(
+                "Agent {agent_id} registered: requests are decided by the agents again",
+                agent_id=connection.agent_id,
+            )
+
+    def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        gateway = self.gateway
+        if gateway.config.agents or len(gateway.pool) or self.absent:
+            return
+        self.absent = True
+        log.warn(
+            "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
+            agent_id=connection.agent_id,
+            outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
+        )
 
 
 class AgentSlot:
@@ -287,10 +396,13 @@ class Exchange:
     _error: str | None = None
     _decision: str | None = None
     _forwarded = False
+    _no_complete = False
     _passed: Sequence[dict[str, Any]] = ()
     _cancelling = False
     _drop_length = False
     _out_headers: Headers
+    #: The request target as judged and forwarded (see L{_parse_target}).
+    _target = b"/"
 
     def __init__(self, gateway: Gateway, request: GatewayRequest) -> None:
         self.gateway = gateway
@@ -312,10 +424,26 @@ class Exchange:
     def start(self) -> None:
         """Begin: pick a connection per agent and send the request headers."""
         request = self.request
+        gateway = self.gateway
+        if gateway.stopping:
+            self._decision = "unavailable"
+            self._respond_plain(503, SHUTTING_DOWN)
+            return
+        gateway.exchanges.add(self)
+        try:
+            self._target = self._parse_target().target
+        except BadTarget as e:
+            self._refuse(e)
+            return
         agent_ids = self.gateway.agent_ids()
         if agent_ids:
             if not self._select(agent_ids):
                 return
+        elif not self.gateway.fail_open:
+            # Fail closed means closed: nobody to ask is no "allow".
+            log.debug("No agent registered; answering 503")
+            self._unavailable(NO_AGENT)
+            return
         slots = self.slots
         length = request.body_length
         if length == 0 and not request.streaming:
@@ -347,6 +475,35 @@ class Exchange:
                 self.request_body_received(data)
             if self._phase != _OVER:
                 self.request_body_finished()
+
+    def _parse_target(self) -> RequestTarget:
+        """
+        The request target and C{Host}, checked once: one C{Host} (none
+        only before HTTP/1.1); an absolute-form target's authority agrees
+        with it, and stands for it when there is none.
+        """
+        request = self.request
+        target = parse_target(request.method, request.uri)
+        headers = request.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            raise BadTarget(400, "more than one Host header")
+        if target.authority is not None:
+            if not hosts:
+                headers.setRawHeaders(b"Host", [target.authority])
+            elif not target.names_host(hosts[0]):
+                raise BadTarget(400, "the Host header does not name the request target's host")
+        elif not hosts and request.clientproto == b"HTTP/1.1":
+            raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
+        return target
+
+    def _refuse(self, error: BadTarget) -> None:
+        """A request no agent is asked about: its target or Host is unusable."""
+        log.debug(
+            "Refused {method} request: {reason}", method=self.request.method, reason=error.reason
+        )
+        self._decision = "bad_request"
+        self._respond_plain(error.code, error.reason)
 
     def _select(self, agent_ids: Sequence[str]) -> bool:
         pool = self.gateway.pool
@@ -451,7 +608,8 @@ class Exchange:
             correlation_id=cid,
             metadata=request_metadata(cid, request.client, headers, request.clientproto, tls),
             method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("utf-8", "replace"),
+            # Checked to be ASCII; exactly what goes upstream.
+            uri=self._target.decode("ascii"),
             headers=headers,
         )
         self._round = list(self.slots)
@@ -584,10 +742,12 @@ class Exchange:
             answer = slot.answer
             if answer is not None:
                 if answer.request_headers:
-                    apply_header_ops(headers, answer.request_headers, slot.agent_id)
+                    apply_header_ops(
+                        headers, answer.request_headers, slot.agent_id, PROTECTED_REQUEST_HEADERS
+                    )
                 if decisions is not None:
                     decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
-        forward = ForwardRequest(request.method, _origin_form(request.uri), headers, self._body, decisions)
+        forward = ForwardRequest(request.method, self._target, headers, self._body, decisions)
         call = self.gateway.upstream.forward(forward)
         self._upstream_call = call
         call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
@@ -854,9 +1014,23 @@ class Exchange:
         else:
             self._respond_plain(500)
 
-    def _unavailable(self) -> None:
+    def shut_down(self) -> None:
+        """The shutdown grace is over: answer C{503} now, or cut a started response off."""
+        self.gateway.exchanges.discard(self)
+        if self._phase == _OVER:
+            return
+        self._error = SHUTTING_DOWN
+        # Nothing more goes to the agents: they are about to be disconnected.
+        self._no_complete = True
+        self._cancel_pending(m.CancelReason.PROXY_SHUTDOWN)
+        if self._head_written:
+            self._abort_client("the gateway is shutting down")
+        else:
+            self._unavailable(SHUTTING_DOWN)
+
+    def _unavailable(self, detail: str | None = None) -> None:
         self._decision = "unavailable"
-        self._respond_plain(503)
+        self._respond_plain(503, detail)
 
     def _too_large(self) -> None:
         self._decision = "too_large"
@@ -865,6 +1039,26 @@ class Exchange:
 
     def _deny(self, slot: AgentSlot, answer: m.AgentResponse) -> None:
         denial = denial_for(answer.decision, self.gateway.challenge_status)
+        if not valid_status(answer.decision):
+            # Status 0 or a 200 "block" would go out as such: the agent
+            # is broken, and the client hears that much.
+            warn_now_and_then(
+                "decision_status",
+                "Agent {agent_id} answered {label} with status {status}, outside "
+                "{range}; answering 500",
+                agent_id=slot.agent_id,
+                label=denial.label,
+                status=denial.code,
+                range="400-599" if denial.label == "block" else "300-399",
+            )
+            self.gateway.metrics.agent_failed(slot.agent_id, "invalid_answer")
+            self._decision = "error"
+            self._cancel_pending(_MANUAL)
+            if self._head_written:
+                self._abort_client(f"agent {slot.agent_id} answered an invalid {denial.label} status")
+            else:
+                self._respond_plain(500)
+            return
         self._decision = denial.label
         self._cancel_pending(_BLOCKED)
         if self._head_written:
@@ -872,6 +1066,8 @@ class Exchange:
             return
         headers = Headers()
         for name, value in denial.headers:
+            if ignored_header(name, slot.agent_id, PROTECTED_RESPONSE_HEADERS):
+                continue
             try:
                 headers.setRawHeaders(name, [value])
             except (ValueError, TypeError) as e:
@@ -885,9 +1081,12 @@ class Exchange:
             apply_header_ops(headers, answer.response_headers, slot.agent_id)
         self._respond(denial.code, headers, denial.body)
 
-    def _respond_plain(self, code: int) -> None:
+    def _respond_plain(self, code: int, detail: str | None = None) -> None:
         headers = Headers({b"Content-Type": [b"text/plain; charset=utf-8"]})
-        self._respond(code, headers, (status_text(code) + "\n").encode())
+        text = status_text(code) + "\n"
+        if detail:
+            text += detail + "\n"
+        self._respond(code, headers, text.encode())
 
     def _respond(self, code: int, headers: Headers, body: bytes) -> None:
         """Answer the client ourselves (a denial or an error) and end the exchange."""
@@ -907,6 +1106,8 @@ class Exchange:
             headers.setRawHeaders(b"Date", date)
         request.responseHeaders = headers
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        if self.gateway.stopping:
+            request.close_after_response()
         request.setResponseCode(code)
         request.prepare_answer()
         if body:
@@ -964,6 +1165,7 @@ class Exchange:
         request would leave some twenty objects of cyclic garbage for the
         collector, which costs the gateway a tenth of its time under load.
         """
+        self.gateway.exchanges.discard(self)
         self.request.exchange = None
         self._body_head = None
         self._response_head = None
@@ -973,7 +1175,7 @@ class Exchange:
             slot.stage = None
 
     def _request_complete(self, error: str | None) -> None:
-        if not self.slots:
+        if not self.slots or self._no_complete:
             return
         event: m.RequestCompleteEvent | None = None
         for slot in self.slots:
@@ -1029,14 +1231,3 @@ def _loggable(data: bytes) -> str:
     if len(text) > _LOGGED_TEXT_MAX:
         text = text[:_LOGGED_TEXT_MAX] + "..."
     return text
-
-
-def _origin_form(uri: bytes) -> bytes:
-    """The path and query of a request target (absolute-form is reduced)."""
-    if uri.startswith(b"/"):
-        return uri
-    scheme_end = uri.find(b"://")
-    if scheme_end > 0:
-        slash = uri.find(b"/", scheme_end + 3)
-        return uri[slash:] if slash >= 0 else b"/"
-    return b"/" + uri.lstrip(b"*")

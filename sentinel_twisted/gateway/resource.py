@@ -8,19 +8,23 @@ streams instead of being buffered by C{twisted.web} first.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from .decisions import warn_now_and_then
 from .exchange import Exchange, Gateway
 
-__all__ = ["GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
+__all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
 
 log = Logger(namespace="sentinel_twisted.gateway")
+
 
 
 def _discard(data: bytes) -> None:
@@ -109,6 +113,16 @@ class GatewayRequest(server.Request):
         if exchange is not None:
             exchange.release()
 
+    def _handleStar(self) -> None:
+        # twisted.web answers "OPTIONS *" itself (and "GET *" with 405);
+        # here the asterisk target is decided like any other (the
+        # exchange refuses it but for OPTIONS) and forwarded as "*".
+        try:
+            site: Any = self.site
+            self.render(site.getResourceFor(self))  # type: ignore[no-untyped-call]
+        except Exception:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
+
     # -- for the exchange ---------------------------------------------------------------
 
     @property
@@ -146,6 +160,13 @@ class GatewayRequest(server.Request):
         channel.persistent = False
         # Like twisted.web's own handling of data after a last request.
         channel.dataReceived = _discard
+
+    def close_after_response(self) -> None:
+        """The connection closes once this response is sent."""
+        self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        channel: Any = self.channel
+        if channel is not None:
+            channel.persistent = False
 
     def end_response(self) -> None:
         """
@@ -222,13 +243,121 @@ def combined_log_line(timestamp: str, request: Any) -> str:
     return f'{host} - - {timestamp} "{line}" {request.code:d} {size} "{referer}" "{agent}"'
 
 
+class GatewayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection with a deadline for each request head and a
+    clear answer to a head that is too large.
+
+    The deadline runs whenever a request head is awaited: from the
+    connection's start, and from the end of each response on a kept-alive
+    connection, until the head's last line.  A client that has sent part of
+    a head by then gets C{408}; an idle one is closed without a word.
+    """
+
+    header_timeout: float | None = None
+    _head_timer: IDelayedCall | None = None
+    _head_started = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self._await_head()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_timer is not None and data:
+            self._head_started = True
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def _await_head(self) -> None:
+        timeout = self.header_timeout
+        if timeout and self._head_timer is None:
+            self._head_started = False
+            self._head_timer = self.callLater(timeout, self._head_timed_out)  # type: ignore[no-untyped-call]
+
+    def _stop_head_timer(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport: Any = self.transport
+        if transport is None:
+            return
+        if self._head_started:
+            warn_now_and_then(
+                "head_timeout",
+                "A client sent no complete request head in {timeout}s; answering 408",
+                timeout=self.header_timeout,
+            )
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+        self.persistent = False
+        transport.loseConnection()
+
+    def allHeadersReceived(self) -> None:
+        self._stop_head_timer()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def requestDone(self, request: Any) -> None:
+        # Before the parent replays pipelined data: that may hold the next
+        # head already, whose end stops this timer again.
+        if self.persistent:
+            self._await_head()
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self._stop_head_timer()
+        site: Any = getattr(self, "site", None)
+        if site is not None and isinstance(site, GatewaySite):
+            site.client_left()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    # -- heads over the limits: 431, where twisted.web closes or says 400 --
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._head_too_large()
+            return
+        super().lineReceived(line)  # type: ignore[no-untyped-call]
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._head_too_large()
+            return False
+        return bool(super().headerReceived(line))  # type: ignore[no-untyped-call]
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._stop_head_timer()
+        transport: Any = self.transport
+        if transport is None:
+            return
+        # No more parsing: whatever else arrives is dropped.
+        self.persistent = False
+        self.dataReceived = self.lineReceived = _discard  # type: ignore[method-assign, assignment]
+        transport.write(_TOO_LARGE)
+        transport.loseConnection()
+
+
+_TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
+
 class GatewaySite(server.Site):
     """
-    A site of L{GatewayRequest}s; an access log only when a path is given,
-    in the combined log format (L{combined_log_line}).
+    A site of L{GatewayRequest}s over L{GatewayChannel}s, holding at most
+    C{max_client_connections} clients; an access log (owner-only, in the
+    combined log format: L{combined_log_line}) only when a path is given.
     """
 
     noisy = False
+    protocol = GatewayChannel  # type: ignore[assignment]
 
     def __init__(self, gateway: Gateway, access_log: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("logFormatter", combined_log_line)
@@ -236,6 +365,32 @@ class GatewaySite(server.Site):
         self.requestFactory = GatewayRequest
         self.gateway = gateway
         self._access_log = access_log is not None
+        config = gateway.config
+        self.header_timeout = config.header_timeout
+        self.max_clients = config.max_client_connections
+        self.clients = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.clients >= self.max_clients:
+            warn_now_and_then(
+                "client_limit",
+                "{count} client connections (--max-client-connections); closing new ones",
+                count=self.clients,
+            )
+            return None
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        if channel is not None:
+            self.clients += 1
+            channel.header_timeout = self.header_timeout
+        return channel
+
+    def client_left(self) -> None:
+        self.clients -= 1
+
+    def _openLogFile(self, path: str | bytes) -> Any:
+        # Request lines name clients and paths: owner-only, like the sockets.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "a", 1, newline="\n")
 
     def log(self, request: Any) -> None:
         if self._access_log:

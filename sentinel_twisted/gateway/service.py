@@ -96,6 +96,7 @@ class GatewayService(service.MultiService):
         status: str | None,
         reactor: Any = None,
         access_log: str | None = None,
+        shutdown_grace: float = 0.0,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -104,6 +105,7 @@ class GatewayService(service.MultiService):
             reactor = default_reactor
         self.factory = factory
         self.config = config
+        self.shutdown_grace = shutdown_grace
         self.metrics = GatewayMetrics(factory.pool, factory)
         upstream: IUpstream
         if config.upstream is None:
@@ -127,7 +129,7 @@ class GatewayService(service.MultiService):
             self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
         if status is not None:
             self.status_resource = StatusResource(factory.pool, self.metrics, self.describe())
-            self.status_site = StatusSite(self.status_resource, reactor=reactor)
+            self.status_site = StatusSite(self.status_resource, config.status_hosts, reactor=reactor)
             self.status = ListeningService(reactor, status, self.status_site, "the status page")
             self.status.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._endpoints = (http, status)
@@ -143,6 +145,7 @@ class GatewayService(service.MultiService):
 
     def startService(self) -> None:
         self.metrics.attach()
+        self.gateway.watch_agents()
         http, status = self._endpoints
         log.info(
             "Gateway on {http} to {upstream}; consulting {agents}; {policy}; status on {status}",
@@ -155,8 +158,15 @@ class GatewayService(service.MultiService):
         super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Stop listening, give the requests under way the shutdown grace
+        period, answer the rest (L{Gateway.shut_down}), close the upstream
+        connections.
+        """
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         self.metrics.detach()
-        closing = self.upstream.close()
+        self.gateway.unwatch_agents()
+        drained = self.gateway.shut_down(self.shutdown_grace)
+        closing = drained.addCallback(lambda _: self.upstream.close())
         done: Deferred[Any] = DeferredList([d for d in (stopped, closing) if d is not None])
         return done

@@ -16,10 +16,16 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ProxyAgent,
+    ResponseDone,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
@@ -274,6 +280,11 @@ class HTTPUpstream:
     """
     An upstream HTTP(S) server.  The client's path and query are appended
     to the URL's path; idle connections are kept for reuse.
+
+    The request target goes out exactly as the agents were shown it (with
+    the URL's path in front): it is handed to the connection as it is
+    (L{ProxyAgent} does that), never parsed and rebuilt the way
+    L{Agent} does, which would drop an empty query's C{?}, say.
     """
 
     def __init__(
@@ -287,18 +298,33 @@ class HTTPUpstream:
         self.url = url
         self._reactor: IReactorTime = reactor
         self._timeout = timeout
-        self._prefix = parsed.replace(path=()).to_text().rstrip("/").encode("ascii")
         path = "/".join(parsed.path).rstrip("/")
-        if path:
-            self._prefix += b"/" + path.encode("ascii")
+        self._path_prefix = b"/" + path.encode("ascii") if path else b""
+        host = parsed.host
+        secure = parsed.scheme == "https"
+        port = parsed.port or (443 if secure else 80)
+        netloc = f"[{host}]" if ":" in host else host
+        if port != (443 if secure else 80):
+            netloc += f":{port}"
+        self._host = netloc.encode("ascii")  # an encoded URL: IDNA is done
+        endpoint: Any = HostnameEndpoint(reactor, host, port)
+        if secure:
+            creator = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("ascii"), port)
+            endpoint = wrapClientTLS(creator, endpoint)
         self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 60
-        self._agent = Agent(reactor, pool=self.pool)
+        self._agent = ProxyAgent(endpoint, reactor, pool=self.pool)
 
     def describe(self) -> str:
         """The upstream's URL."""
         return self.url
+
+    def target(self, uri: bytes) -> bytes:
+        """The request target the upstream receives for a judged one."""
+        if uri == b"*":
+            return uri
+        return self._path_prefix + uri
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
         """
@@ -309,9 +335,9 @@ class HTTPUpstream:
             reachable, or the connection broke).
         """
         timed_out = False
-        requested = self._agent.request(
-            request.method, self._prefix + request.uri, request.headers, request.body
-        )
+        headers = request.headers
+        headers.setRawHeaders(b"Host", [self._host])
+        requested = self._agent.request(request.method, self.target(request.uri), headers, request.body)
 
         def expire() -> None:
             nonlocal timed_out

@@ -7,12 +7,15 @@ itself).
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections.abc import Iterable
 from html import escape
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web import pages, server
 from twisted.web.resource import Resource
 
@@ -208,6 +211,7 @@ class StatusResource(Resource):
             "unavailable",
             "too_large",
             "client_closed",
+            "bad_request",
         )
         request_rows = "".join(
             f'<tr data-decision="{d}"><td>{d}</td><td class="num">'
@@ -237,14 +241,62 @@ class StatusResource(Resource):
         )
 
 
+_MISDIRECTED = pages.errorPage(
+    421,
+    "Misdirected Request",
+    "This status site answers only to its own address or the names given with --status-host.",
+)
+
+
+def _host_name(value: bytes) -> str:
+    """The host of a C{Host} header value, lower-case, without port or brackets."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
 class StatusSite(server.Site):
-    """The status site; requests to it are not access-logged."""
+    """
+    The status site; requests to it are not access-logged.
+
+    It answers only requests whose C{Host} names it: the address the
+    connection arrived on, C{localhost} on a loopback address, or one of
+    C{hosts}.  A page from elsewhere whose name was made to resolve to this
+    address (DNS rebinding) sends its own name, and gets C{421}.
+    """
 
     noisy = False
 
-    def __init__(self, status: StatusResource, **kwargs: Any) -> None:
+    def __init__(self, status: StatusResource, hosts: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(status, **kwargs)  # type: ignore[no-untyped-call]
         self.displayTracebacks = False
+        self.hosts = frozenset(h.lower() for h in hosts)
+
+    def names_me(self, request: Any) -> bool:
+        local = request.getHost()
+        if not isinstance(local, (IPv4Address, IPv6Address)):
+            # A UNIX socket: no browser reaches it by name.
+            return True
+        values = request.requestHeaders.getRawHeaders(b"host")
+        if not values:
+            # HTTP/1.0 without Host: no browser sends that.
+            return True
+        if len(values) > 1:
+            return False
+        name = _host_name(values[0])
+        if name in self.hosts or name == local.host.lower():
+            return True
+        try:
+            loopback = ipaddress.ip_address(local.host).is_loopback
+        except ValueError:
+            loopback = False
+        return loopback and name == "localhost"
+
+    def getResourceFor(self, request: Any) -> Any:
+        if not self.names_me(request):
+            return _MISDIRECTED
+        return super().getResourceFor(request)  # type: ignore[no-untyped-call]
 
     def log(self, request: Any) -> None:
         pass

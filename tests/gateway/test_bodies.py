@@ -325,6 +325,7 @@ class StreamingTests(TestCase):
             h = Harness(self)
             upstreams = await self.raw_upstream(h)
             await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}")
+            await h.agent("waf")
             client = await h.raw(b"GET /down HTTP/1.1\r\nHost: x\r\n\r\n")
             await wait_until(lambda: upstreams and upstreams[0].received.endswith(b"\r\n\r\n"), what="the request")
             upstreams[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")

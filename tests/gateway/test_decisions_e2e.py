@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
+from .._proxy_support import captured_log
 from .support import (
     REQUEST_COMPLETE,
     REQUEST_HEADERS,
@@ -17,6 +19,7 @@ from .support import (
     ScriptedAgent,
     answer,
     block,
+    wait_until,
 )
 
 
@@ -230,11 +233,46 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_no_agents_registered_passes_requests(self) -> Any:
+    def test_no_agent_registered_fails_closed(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()
             response = await h.get("/open")
+            self.assertEqual(response.code, 503)
+            self.assertIn(b"No agent is available", response.body)
+            self.assertEqual(h.upstream.requests, [])
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="unavailable"), 1)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="allow"), 0)
+
+        return ensureDeferred(go())
+
+    def test_last_agent_leaving_is_a_warning_and_its_return_a_line(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            with captured_log() as events:
+                agent = await h.agent("waf")
+                agent.drop()
+                await wait_until(lambda: len(h.pool) == 0, what="the agent to leave")
+                refused = await h.get("/x")
+                await h.agent("waf")
+                allowed = await h.get("/x")
+            self.assertEqual((refused.code, allowed.code), (503, 200))
+            lines = [(e["log_level"], formatEvent(e)) for e in events if e.get("log_namespace") == "sentinel_twisted.gateway"]
+            self.assertIn(
+                (LogLevel.warn, "The last agent (waf) left: requests are answered 503 (fail closed) until an agent registers"),
+                lines,
+            )
+            self.assertIn((LogLevel.info, "Agent waf registered: requests are decided by the agents again"), lines)
+            # Once each: no line per request (above debug).
+            self.assertEqual(len([line for line in lines if line[0] != LogLevel.debug]), 2, lines)
+
+        return ensureDeferred(go())
+
+    def test_no_agent_registered_passes_requests_with_fail_open(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--fail-open")
+            response = await h.get("/open")
             self.assertEqual((response.code, response.body), (200, b"upstream saw /open"))
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="allow"), 1)
 
         return ensureDeferred(go())
 
@@ -285,6 +323,6 @@ class DecisionTests(TestCase):
             self.assertEqual(len(agent.of_type(REQUEST_COMPLETE)), 1)
             # The next request finds no agent: the gateway answers, it does not hang.
             again = await h.get("/y")
-            self.assertEqual(again.code, 200)
+            self.assertEqual(again.code, 503)
 
         return ensureDeferred(go())

@@ -294,6 +294,7 @@ class UpstreamFailureTests(TestCase):
     def test_upstream_dropping_the_connection_is_502(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()
+            await h.agent("waf")
             response = await h.get("/drop")
             self.assertEqual(response.code, 502)
 

@@ -103,5 +103,7 @@ class GatewayOptionsTests(TestCase):
         (gateway,) = [s for s in top if isinstance(s, GatewayService)]
         upstream: Any = gateway.upstream
         self.assertIsInstance(upstream, HTTPUpstream)
-        self.assertEqual(upstream._prefix, b"https://backend.example:8443/base")
+        self.assertEqual(upstream.target(b"/x?y"), b"/base/x?y")
+        self.assertEqual(upstream.target(b"*"), b"*")
+        self.assertEqual(upstream._host, b"backend.example:8443")
         self.assertEqual(upstream.pool.maxPersistentPerHost, 64)

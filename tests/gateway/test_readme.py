@@ -26,6 +26,9 @@ GATEWAY_OPTIONS = {
     "challenge-status",
     "status",
     "access-log",
+    "header-timeout",
+    "max-client-connections",
+    "status-host",
 }
 
 
@@ -57,7 +60,7 @@ class ReadmeGatewaySectionTests(SynchronousTestCase):
         rows = re.findall(r"^\| `--([a-z-]+)[^`]*` \| ([^|]*) \|", section(), re.M)
         documented = {name for name, _ in rows}
         self.assertLessEqual(GATEWAY_OPTIONS, documented)
-        known = {long for long, *_ in Options.optParameters} | {long for long, *_ in Options.optFlags} | {"agent"}
+        known = {long for long, *_ in Options.optParameters} | {long for long, *_ in Options.optFlags} | {"agent", "status-host"}
         self.assertLessEqual(documented, known)
         defaults = dict(rows)
         self.assertIn(DEFAULT_HTTP, defaults["http"])

@@ -1,0 +1,270 @@
+"""
+The HTTP side against hostile agents and clients: framing headers stay the
+gateway's, unusable decision statuses are answered 500, slow or oversized
+request heads get an answer and a deadline, client connections are capped,
+the status site answers only to its own names, the access log is private.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from sentinel_twisted.gateway import decisions
+from sentinel_twisted.gateway.config import GatewayConfig
+from sentinel_twisted.gateway.exchange import Gateway
+from sentinel_twisted.gateway.resource import GatewaySite
+
+from .._proxy_support import captured_log
+from .support import Harness, ScriptedAgent, answer, block, wait_until
+from .test_target import _Pool, _RecordingConnection, _RecordingUpstream
+
+
+def _set(name: str, value: str) -> dict[str, Any]:
+    return {"set": {"name": name, "value": value}}
+
+
+def warnings(events: list[Any]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+
+
+class AgentHeaderOperationTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        # Each test starts with the warning limiter clear.
+        self.patch(decisions, "_last_warning", {})
+        self.patch(decisions, "_suppressed", {})
+
+    def test_framing_headers_of_the_response_stay_the_gateways(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            ops = [_set("Content-Length", "5"), _set("Transfer-Encoding", "chunked"), _set("Connection", "close")]
+            await h.agent("waf", decide=lambda a, t, b: answer(response_headers=ops))
+            with captured_log() as events:
+                client = await h.raw(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = b"upstream saw /page"
+                await wait_until(lambda: client.received.endswith(body), what="the response")
+            head = client.received.split(b"\r\n\r\n", 1)[0].lower()
+            self.assertIn(b"content-length: %d" % len(body), head)
+            self.assertNotIn(b"transfer-encoding", head)
+            self.assertNotIn(b"connection: close", head)
+            self.assertFalse(client.is_lost)
+            # One warning for three operations: they are rate-limited.
+            self.assertEqual(
+                warnings(events),
+                ["Agent waf tried to change the 'Content-Length' header; ignored (the gateway frames messages itself)"],
+            )
+
+        return ensureDeferred(go())
+
+    def test_framing_headers_and_host_of_the_request_stay_the_gateways(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--upstream-timeout", "3")
+            ops = [_set("Content-Length", "999"), _set("Transfer-Encoding", "chunked"), _set("Host", "evil.example")]
+            await h.agent("waf", decide=lambda a, t, b: answer(request_headers=ops))
+            response = await h.get("/get")
+            self.assertEqual(response.code, 200)
+            (seen,) = h.upstream.requests
+            self.assertNotIn("content-length", seen["headers"])
+            self.assertNotIn("transfer-encoding", seen["headers"])
+            self.assertEqual(seen["headers"]["host"], [f"127.0.0.1:{h.upstream_port.getHost().port}"])
+
+        return ensureDeferred(go())
+
+    def test_framing_headers_of_a_block_stay_the_gateways(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", decide=lambda a, t, b: block(403, "no", {"Content-Length": "1", "Transfer-Encoding": "chunked"}))
+            response = await h.get("/x")
+            self.assertEqual((response.code, response.body), (403, b"no"))
+            self.assertIsNone(response.header("Transfer-Encoding"))
+
+        return ensureDeferred(go())
+
+
+class DecisionStatusTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.patch(decisions, "_last_warning", {})
+        self.patch(decisions, "_suppressed", {})
+
+    def test_block_status_outside_4xx_5xx_is_answered_500(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", decide=lambda a, t, b: block(0, "zero"))
+            with captured_log() as events:
+                response = await h.get("/x")
+            self.assertEqual(response.code, 500)
+            self.assertEqual(h.upstream.requests, [])
+            self.assertEqual(warnings(events), ["Agent waf answered block with status 0, outside 400-599; answering 500"])
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="error"), 1)
+
+        return ensureDeferred(go())
+
+    def test_redirect_status_outside_3xx_is_answered_500(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", decide=lambda a, t, b: answer({"redirect": {"url": "/elsewhere", "status": 200}}))
+            with captured_log() as events:
+                response = await h.get("/x")
+            self.assertEqual(response.code, 500)
+            self.assertIsNone(response.header("Location"))
+            self.assertEqual(warnings(events), ["Agent waf answered redirect with status 200, outside 300-399; answering 500"])
+
+        return ensureDeferred(go())
+
+    def test_usable_statuses_go_out(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if body["uri"] == "/teapot":
+                    return block(599, "edge")
+                return answer({"redirect": {"url": "/b", "status": 308}})
+
+            await h.agent("waf", decide=decide)
+            self.assertEqual((await h.get("/teapot")).code, 599)
+            self.assertEqual((await h.get("/a")).code, 308)
+
+        return ensureDeferred(go())
+
+
+# -- client connections, in memory -------------------------------------------------
+
+
+class ClientConnectionTests(SynchronousTestCase):
+    def site(self, **config: Any) -> tuple[GatewaySite, MemoryReactorClock, _RecordingUpstream]:
+        reactor = MemoryReactorClock()
+        upstream = _RecordingUpstream()
+        gateway = Gateway(_Pool(_RecordingConnection()), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+        return GatewaySite(gateway, reactor=reactor), reactor, upstream
+
+    def connect(self, site: GatewaySite) -> tuple[Any, StringTransport]:
+        channel = site.buildProtocol(None)
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_a_head_not_complete_in_time_gets_408(self) -> None:
+        site, reactor, upstream = self.site(header_timeout=30.0)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        reactor.advance(29)
+        channel.dataReceived(b"X-Slow: 1\r\n")
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"), transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(upstream.targets, [])
+
+    def test_an_idle_connection_is_closed_at_the_deadline(self) -> None:
+        site, reactor, _ = self.site(header_timeout=5.0)
+        channel, transport = self.connect(site)
+        reactor.advance(5)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_the_deadline_covers_each_head_of_a_kept_alive_connection(self) -> None:
+        site, reactor, upstream = self.site(header_timeout=5.0)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 200 OK", transport.value())
+        # The request took the deadline away; its end starts a new one.
+        reactor.advance(4)
+        channel.dataReceived(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        reactor.advance(4)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(upstream.targets, [b"/one", b"/two"])
+        reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_a_line_over_the_limit_gets_431(self) -> None:
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), transport.value()[:100])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(upstream.targets, [])
+
+    def test_a_head_over_the_total_limit_gets_431(self) -> None:
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:100])
+        self.assertEqual(upstream.targets, [])
+
+    def test_too_many_headers_get_431(self) -> None:
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        lines = b"".join(b"X: %d\r\n" % i for i in range(600))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:100])
+        self.assertEqual(upstream.targets, [])
+
+    def test_client_connections_are_capped(self) -> None:
+        site, _, _ = self.site(max_client_connections=2)
+        first, _ = self.connect(site)
+        self.connect(site)
+        with captured_log() as events:
+            self.assertIsNone(site.buildProtocol(None))
+        self.assertIn("2 client connections (--max-client-connections); closing new ones", warnings(events))
+        first.connectionLost(None)
+        self.assertIsNotNone(site.buildProtocol(None))
+
+
+# -- the status site and the access log ------------------------------------------------
+
+
+class StatusHostTests(TestCase):
+    timeout = 20
+
+    def test_status_site_answers_only_to_its_own_names(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--status-host", "Status.Internal")
+            url = h.status_url("/agents")
+            for host, code in [
+                (None, 200),
+                (f"127.0.0.1:{h.status_port}", 200),
+                (f"localhost:{h.status_port}", 200),
+                ("status.internal", 200),
+                (f"rebound.example:{h.status_port}", 421),
+                ("127.0.0.2", 421),
+            ]:
+                headers = {} if host is None else {"Host": host}
+                response = await h.client.request("GET", url, headers=headers)
+                self.assertEqual(response.code, code, host)
+                if code == 421:
+                    self.assertNotIn(b"agents", response.body)
+
+        return ensureDeferred(go())
+
+
+class AccessLogTests(TestCase):
+    timeout = 20
+
+    def test_access_log_is_created_owner_only(self) -> Any:
+        async def go() -> None:
+            path = os.path.join(self.mktemp() + "-dir", "access.log")
+            os.makedirs(os.path.dirname(path))
+            old = os.umask(0o022)
+            try:
+                h = await Harness(self).start("--access-log", path)
+            finally:
+                os.umask(old)
+            await h.agent("waf")
+            await h.get("/logged")
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+        return ensureDeferred(go())

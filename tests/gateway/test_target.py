@@ -1,0 +1,319 @@
+"""
+One request target for the agents and the upstream: the target is parsed
+once (RFC 9112 section 3.2); what the agents judge is, byte for byte, what
+the upstream receives, and a target that cannot be taken is refused
+without asking any agent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from sentinel_twisted import messages as m
+from sentinel_twisted.agent.rules import load_rules
+from sentinel_twisted.gateway.config import GatewayConfig
+from sentinel_twisted.gateway.exchange import Gateway
+from sentinel_twisted.gateway.resource import GatewaySite
+from sentinel_twisted.gateway.target import BadTarget, parse_target
+from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, UpstreamResponse
+
+from . import test_bodies
+from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, block, wait_until
+
+RULES = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
+
+#: The bypasses of issue 11: the old gateway showed the agents the raw
+#: target and sent the upstream "/admin" (or "/admin" with a query).
+BYPASSES = [
+    b"http://x?/admin",
+    b"http://x#/admin",
+    b"http://x:1?a=/admin",
+    b"admin",
+    b"*admin",
+]
+
+
+def rule_agent(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any]:
+    """The rule agent's verdict on examples/rules.toml, over the raw agent socket."""
+    if message_type != REQUEST_HEADERS:
+        return answer()
+    event = msgspec.json.decode(json.dumps(body).encode(), type=m.RequestHeadersEvent)
+    verdict = load_rules(RULES).evaluate(event)
+    if verdict.decided_by is not None:
+        return block(403, f"rule {verdict.decided_by.id}")
+    return answer()
+
+
+class ParseTests(SynchronousTestCase):
+    def assertRefused(self, method: bytes, raw: bytes, code: int = 400) -> None:
+        with self.assertRaises(BadTarget) as caught:
+            parse_target(method, raw)
+        self.assertEqual(caught.exception.code, code)
+
+    def test_origin_form_is_kept_byte_for_byte(self) -> None:
+        for raw in (b"/", b"/a/../b?x=%2F&y=[1]", b"//double", b"/%2e%2e/admin", b"/a?"):
+            self.assertEqual(parse_target(b"GET", raw).target, raw)
+            self.assertIsNone(parse_target(b"GET", raw).authority)
+
+    def test_absolute_form_becomes_its_path_and_query(self) -> None:
+        target = parse_target(b"GET", b"HTTP://Example.COM:80/a?b")
+        self.assertEqual((target.target, target.authority), (b"/a?b", b"example.com"))
+        self.assertEqual(parse_target(b"GET", b"http://x").target, b"/")
+        self.assertEqual(parse_target(b"GET", b"http://x?/admin").target, b"/?/admin")
+        self.assertEqual(parse_target(b"GET", b"https://[::1]:8443/").authority, b"[::1]:8443")
+
+    def test_absolute_form_authority_agrees_with_host(self) -> None:
+        target = parse_target(b"GET", b"http://x:80/")
+        self.assertTrue(target.names_host(b"X"))
+        self.assertTrue(target.names_host(b"x:80"))
+        self.assertFalse(target.names_host(b"y"))
+        self.assertFalse(target.names_host(b"x:81"))
+        self.assertFalse(parse_target(b"GET", b"https://x:80/").names_host(b"x"))
+
+    def test_asterisk_form_only_for_options(self) -> None:
+        self.assertEqual(parse_target(b"OPTIONS", b"*").target, b"*")
+        self.assertRefused(b"GET", b"*")
+        self.assertRefused(b"OPTIONS", b"*admin")
+
+    def test_connect_is_not_implemented(self) -> None:
+        self.assertRefused(b"CONNECT", b"example.com:443", 501)
+        self.assertRefused(b"CONNECT", b"/", 501)
+
+    def test_authority_form_without_connect_is_refused(self) -> None:
+        self.assertRefused(b"GET", b"example.com:443")
+
+    def test_the_issues_bypasses_never_reach_the_upstream_as_admin(self) -> None:
+        for raw in BYPASSES:
+            try:
+                target = parse_target(b"GET", raw).target
+            except BadTarget:
+                continue
+            self.assertFalse(target.startswith(b"/admin"), raw)
+
+    def test_what_is_not_a_target(self) -> None:
+        for raw in (
+            b"admin",
+            b"*admin",
+            b"/a#b",
+            b"http://x#/admin",
+            b"ftp://x/",
+            b"http:///a",
+            b"http://user@x/",
+            b"http://x:y/",
+            b"/a b",
+            b"/a\\b",
+            b"/\xc3\xa9",
+            b"/%zz",
+            b"/a?%4",
+            b"/a?\x7f",
+        ):
+            self.assertRefused(b"GET", raw)
+
+
+# -- the property, in memory ---------------------------------------------------------
+
+
+class _RecordingConnection:
+    """An agent connection that records what it is shown and allows it."""
+
+    events = frozenset({m.EventType.REQUEST_HEADERS})
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.seen: list[m.RequestHeadersEvent] = []
+
+    def send_event(self, event: Any, correlation_id: str) -> Deferred[m.AgentResponse]:
+        self.seen.append(event)
+        return succeed(m.AgentResponse())
+
+    def cancel_request(self, correlation_id: str, reason: int) -> bool:
+        return False
+
+
+class _Pool:
+    def __init__(self, connection: _RecordingConnection) -> None:
+        self.connection = connection
+
+    def agent_ids(self) -> list[str]:
+        return ["recorder"]
+
+    def select(self, agent_id: str) -> _RecordingConnection:
+        return self.connection
+
+
+class _Answer(UpstreamResponse):
+    code = 200
+    phrase = b"OK"
+    length = 0
+
+    def __init__(self) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.headers = Headers()
+
+    def deliver(self, sink: Any) -> None:
+        sink.response_end(None)
+
+
+class _RecordingUpstream:
+    """Records the request target each forwarded request goes out with."""
+
+    def __init__(self) -> None:
+        self.http = HTTPUpstream(MemoryReactorClock(), "http://127.0.0.1:9/")
+        self.targets: list[bytes] = []
+
+    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        self.targets.append(self.http.target(request.uri))
+        return succeed(_Answer())
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+    def describe(self) -> str:
+        return "recorder"
+
+
+_PIECES = st.sampled_from(
+    ["/", "?", "#", "%", "%2e", "%2F", "%zz", "..", ".", "*", ":", "@", "\\", "[", "]", "admin", "a", "=", "&", "\x7f", "é"]
+)
+_PREFIXES = st.sampled_from(["", "/", "*", "http://x", "HTTP://X:80", "http://x:1", "https://x", "http://", "x:80", "//"])
+targets = st.builds(
+    lambda prefix, pieces: (prefix + "".join(pieces)).encode("utf-8"),
+    _PREFIXES,
+    st.lists(_PIECES, max_size=8),
+)
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from([b"GET", b"OPTIONS", b"DELETE", b"CONNECT"]), targets)
+    def test_agents_judge_exactly_what_the_upstream_receives(self, method: bytes, target: bytes) -> None:
+        connection = _RecordingConnection()
+        upstream = _RecordingUpstream()
+        reactor = MemoryReactorClock()
+        gateway = Gateway(_Pool(connection), GatewayConfig(), upstream, clock=reactor)  # type: ignore[arg-type]
+        site = GatewaySite(gateway, reactor=reactor)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = transport.value().split(b" ", 2)[1]
+        if upstream.targets:
+            # Accepted: one agent saw it, and the upstream got those bytes.
+            (event,) = connection.seen
+            self.assertEqual(upstream.targets, [event.uri.encode("utf-8")])
+            self.assertNotIn(b"#", upstream.targets[0])
+            self.assertEqual(status, b"200")
+        else:
+            # Refused before any agent was asked.
+            self.assertEqual(connection.seen, [])
+            self.assertIn(status, (b"400", b"501"))
+        channel.connectionLost(None)
+
+
+# -- the bypasses over real sockets -------------------------------------------------
+
+
+class BypassTests(TestCase):
+    timeout = 30
+
+    def test_the_rule_agent_judges_what_the_upstream_receives(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("waf", decide=rule_agent)
+            direct = await h.raw(b"GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await direct.lost
+            self.assertTrue(direct.received.startswith(b"HTTP/1.1 403 "), direct.received)
+            for target in [*BYPASSES, b"http://x/admin", b"/a/../admin", b"/%61dmin", b"/?q=1"]:
+                before = len(agent.of_type(REQUEST_HEADERS))
+                client = await h.raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await client.lost
+                seen = agent.of_type(REQUEST_HEADERS)[before:]
+                if client.received.startswith(b"HTTP/1.1 400 "):
+                    self.assertEqual(seen, [], target)
+                    continue
+                (event,) = seen
+                if client.received.startswith(b"HTTP/1.1 403 "):
+                    continue
+                self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), (target, client.received))
+                self.assertEqual(h.upstream.requests[-1]["uri"], event["uri"], target)
+            # The admin area was never reached, however it was spelt.
+            self.assertEqual([r["uri"] for r in h.upstream.requests if "admin" in r["uri"]], ["/?/admin"])
+
+        return ensureDeferred(go())
+
+    def test_a_recording_agent_sees_the_forwarded_target(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("recorder")
+            for target, forwarded in [
+                (b"http://x?/admin", "/?/admin"),
+                (b"HTTP://X:80/p?q", "/p?q"),
+                (b"/a/./b/../c?", "/a/./b/../c?"),
+                (b"/%2e%2e/x", "/%2e%2e/x"),
+            ]:
+                client = await h.raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await client.lost
+                self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), (target, client.received))
+                self.assertEqual(agent.of_type(REQUEST_HEADERS)[-1]["uri"], forwarded)
+                self.assertEqual(h.upstream.requests[-1]["uri"], forwarded)
+
+        return ensureDeferred(go())
+
+    def test_refused_targets_ask_no_agent(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("recorder")
+            for request, status in [
+                (b"GET http://x#/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET http://x:1?a=/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET *admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET * HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET / HTTP/1.1\r\n", b"400"),
+                (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n", b"400"),
+                (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
+            ]:
+                client = await h.raw(request + b"Connection: close\r\n\r\n")
+                await client.lost
+                self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
+            self.assertEqual(agent.events, [])
+            self.assertEqual(h.upstream.requests, [])
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 8)
+
+        return ensureDeferred(go())
+
+    def test_options_asterisk_is_judged_and_forwarded_as_is(self) -> Any:
+        async def go() -> None:
+            h = Harness(self)
+            upstreams = await test_bodies.StreamingTests.raw_upstream(self, h)  # type: ignore[arg-type]
+            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}")
+            agent = await h.agent("recorder")
+            await h.raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
+            self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
+            self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
+
+        return ensureDeferred(go())
+
+    def test_absolute_form_without_host_takes_its_authority(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("recorder")
+            client = await h.raw(b"GET http://Example.org/p HTTP/1.0\r\n\r\n")
+            await client.lost
+            (event,) = agent.of_type(REQUEST_HEADERS)
+            self.assertEqual(event["uri"], "/p")
+            self.assertEqual(event["headers"]["host"], ["example.org"])
+            self.assertEqual(event["metadata"]["server_name"], "example.org")
+
+        return ensureDeferred(go())
