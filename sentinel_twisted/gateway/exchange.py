@@ -247,6 +247,7 @@ class Gateway:
         self.pool.add_observer(self._presence)
 
     def unwatch_agents(self) -> None:
+        """Stop the log lines of L{watch_agents} (the gateway is stopping)."""
         presence, self._presence = self._presence, None
         if presence is not None:
             self.pool.remove_observer(presence)

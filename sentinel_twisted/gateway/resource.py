@@ -296,6 +296,7 @@ class GatewayChannel(http.HTTPChannel):
         transport.loseConnection()
 
     def allHeadersReceived(self) -> None:
+        """The head is complete: its deadline no longer applies."""
         self._stop_head_timer()
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
@@ -385,6 +386,7 @@ class GatewaySite(server.Site):
         return channel
 
     def client_left(self) -> None:
+        """A client connection closed: one more may be taken."""
         self.clients -= 1
 
     def _openLogFile(self, path: str | bytes) -> Any:

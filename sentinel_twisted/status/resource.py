@@ -274,6 +274,12 @@ class StatusSite(server.Site):
         self.hosts = frozenset(h.lower() for h in hosts)
 
     def names_me(self, request: Any) -> bool:
+        """
+        Whether the request's C{Host} names this site: its own address,
+        C{localhost} on a loopback address, or a C{--status-host} name.  A
+        page served from another name that resolves here (DNS rebinding)
+        is refused.
+        """
         local = request.getHost()
         if not isinstance(local, (IPv4Address, IPv6Address)):
             # A UNIX socket: no browser reaches it by name.
