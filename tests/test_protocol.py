@@ -358,6 +358,16 @@ class HostileFrameTests(TestCase):
             f"Message too large: {64 * 1024 + 1} bytes (max: {64 * 1024} for a Ping frame)"
         )
 
+    def test_no_pong_while_the_transport_buffer_is_full(self) -> None:
+        ping = encode_frame(MessageType.PING, b'{"sequence":1,"timestamp_ms":1,"pad":"xxxx"}')
+        self.protocol.pauseProducing()  # the transport's buffer is over its high-water mark
+        self.protocol.dataReceived(ping * 100)
+        self.assertEqual(take_frames(self.transport), [])
+        self.protocol.resumeProducing()
+        self.protocol.dataReceived(ping)
+        [pong] = decoded(take_frames(self.transport), MessageType.PONG, dict)
+        self.assertEqual(pong, {"sequence": 1, "timestamp_ms": 1})
+
     def test_control_frame_limit_is_an_option(self) -> None:
         proxy = Proxy(max_control_frame_size=16)
         protocol, transport, _ = proxy.register("waf-1")
