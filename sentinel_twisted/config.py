@@ -89,6 +89,17 @@ class ReverseConnectionConfig:
         client certificate issued for its agent id (see
         L{sentinel_twisted._identity}); the listener's TLS endpoints must
         demand and verify client certificates for this to mean anything.
+    @ivar max_registration_frame_size: largest frame (length prefix) before
+        registration; a RegistrationRequest never needs more.
+    @ivar max_control_frame_size: largest Ping, Pong, HealthStatus,
+        FlowControl, MetricsReport or ConfigUpdateRequest frame.
+    @ivar max_incomplete_frame_bytes: bytes all connections together may
+        hold in incomplete frames; over it the connection holding the most
+        is closed.
+    @ivar frame_timeout: seconds within which a started frame must be
+        complete once registered; C{None}: the request timeout.
+    @ivar max_agent_id_length: longest agent id, in UTF-8 bytes.
+    @ivar max_metadata_size: largest registration metadata, in bytes of JSON.
     """
 
     backlog: int = 128
@@ -102,3 +113,16 @@ class ReverseConnectionConfig:
     proxy_id: str = "sentinel-proxy"
     max_pending_registrations: int = attrs.field(default=1024, validator=_positive)
     require_client_cert: bool = False
+    max_registration_frame_size: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_control_frame_size: int = attrs.field(default=64 * 1024, validator=_positive)
+    max_incomplete_frame_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    frame_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+    max_agent_id_length: int = attrs.field(default=256, validator=_positive)
+    max_metadata_size: int = attrs.field(default=64 * 1024, validator=_positive)
+
+    @property
+    def frame_deadline(self) -> float:
+        """Seconds a started frame has to complete (L{frame_timeout})."""
+        return self.request_timeout if self.frame_timeout is None else self.frame_timeout

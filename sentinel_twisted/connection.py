@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import messages as m
+from ._peertext import peer_text
+from ._ratelimit import LogRateLimiter
 from .errors import (
     AgentProtocolError,
     ConnectionClosed,
@@ -49,6 +51,13 @@ _CONFIG_UPDATE = MessageType.CONFIG_UPDATE_REQUEST
 _FLOW = MessageType.FLOW_CONTROL
 _PING = MessageType.PING
 _PONG = MessageType.PONG
+
+
+#: Characters of an agent id, a connection id, a correlation id and an
+#: error text a log line carries (they are the peer's choice).
+_ID_IN_LOG = 64
+_CONNECTION_ID_IN_LOG = 80
+_ERROR_IN_LOG = 160
 
 
 def new_correlation_id() -> str:
@@ -140,6 +149,7 @@ class AgentConnection:
         request_timeout: float,
         connected_since: float,
         peer: str = "",
+        log_limiter: LogRateLimiter | None = None,
     ) -> None:
         from .pending import PendingTable
 
@@ -172,9 +182,28 @@ class AgentConnection:
         self._ping_sequence = 0
         self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
         self.events = self.capabilities.events
+        self._log_limiter = log_limiter
 
     def __repr__(self) -> str:
         return f"<AgentConnection {self.connection_id} agent={self.agent_id} in_flight={len(self._pending)}>"
+
+    # -- logging ------------------------------------------------------------
+
+    @property
+    def log_limiter(self) -> LogRateLimiter:
+        """Rate limits this connection's per-frame warnings (the listener's
+        limiter, shared by every connection, when it made this one)."""
+        limiter = self._log_limiter
+        if limiter is None:
+            limiter = self._log_limiter = LogRateLimiter(self._clock)
+        return limiter
+
+    def log_fields(self) -> dict[str, str]:
+        """The agent and connection ids, as a log line may carry them."""
+        return {
+            "agent_id": peer_text(self.agent_id, _ID_IN_LOG),
+            "connection_id": peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+        }
 
     # -- state --------------------------------------------------------------
 
@@ -227,21 +256,23 @@ class AgentConnection:
             return
         self._write_blocked = blocked
         if blocked:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "agent-not-reading",
                 "Agent {agent_id} is not reading connection {connection_id}; "
                 "new requests go elsewhere until it catches up",
-                agent_id=self.agent_id,
-                connection_id=self.connection_id,
+                **self.log_fields(),
             )
             self._stall_timer = self._clock.callLater(self.write_stall_timeout, self._write_stalled)
         else:
             timer, self._stall_timer = self._stall_timer, None
             if timer is not None and timer.active():
                 timer.cancel()
-            log.info(
+            self.log_limiter.info(
+                log,
+                "agent-reading-again",
                 "Agent {agent_id} is reading connection {connection_id} again",
-                agent_id=self.agent_id,
-                connection_id=self.connection_id,
+                **self.log_fields(),
             )
 
     def _write_stalled(self) -> None:
@@ -250,11 +281,12 @@ class AgentConnection:
             f"agent stopped reading: write buffer full for "
             f"{format_duration(self.write_stall_timeout)}"
         )
-        log.warn(
+        self.log_limiter.warn(
+            log,
+            "agent-stalled",
             "Aborting connection {connection_id} of agent {agent_id}: {detail}",
-            connection_id=self.connection_id,
-            agent_id=self.agent_id,
             detail=detail,
+            **self.log_fields(),
         )
         self._sink.close_connection(detail, abort=True)
 
@@ -528,12 +560,13 @@ class AgentConnection:
             if request is not None and self.listener is not None:
                 self.listener._connection_config_update(self, request)
         else:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "proxy-only-frame",
                 "Agent {agent_id} sent a {kind} frame on connection {connection_id}, "
                 "which only the proxy sends; ignored",
-                agent_id=self.agent_id,
-                connection_id=self.connection_id,
                 kind=MessageType(message_type).wire_name,
+                **self.log_fields(),
             )
 
     def _answer_received(self, payload: bytes) -> None:
@@ -546,10 +579,12 @@ class AgentConnection:
         pending = self._pending
         # One lookup tells whether the id is waiting and since when.
         if cid is None or (sent_at := pending.sent_at(cid)) is None:
-            log.debug(
+            self.log_limiter.debug(
+                log,
+                "unknown-correlation-id",
                 "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
-                cid=cid,
-                connection_id=self.connection_id,
+                cid=None if cid is None else peer_text(cid, _ID_IN_LOG),
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
             return
         listener = self.listener
@@ -567,32 +602,35 @@ class AgentConnection:
         except InvalidMessage:
             pass
         if isinstance(cid, str) and self._pending.fail(cid, error):
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "invalid-answer",
                 "Agent {agent_id} answered {cid!r} on connection {connection_id} "
                 "with an invalid AgentResponse: {error}",
-                agent_id=self.agent_id,
-                cid=cid,
-                connection_id=self.connection_id,
-                error=str(error),
+                cid=peer_text(cid, _ID_IN_LOG),
+                error=peer_text(error, _ERROR_IN_LOG),
+                **self.log_fields(),
             )
             return
-        log.warn(
+        self.log_limiter.warn(
+            log,
+            "invalid-answer",
             "Agent {agent_id} sent an invalid AgentResponse on connection {connection_id}: {error}",
-            agent_id=self.agent_id,
-            connection_id=self.connection_id,
-            error=str(error),
+            error=peer_text(error, _ERROR_IN_LOG),
+            **self.log_fields(),
         )
 
     def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
         try:
             return m.decode(payload, shape)
         except InvalidMessage as e:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "invalid-control",
                 "Agent {agent_id} sent an invalid {kind} on connection {connection_id}: {error}",
-                agent_id=self.agent_id,
                 kind=kind,
-                connection_id=self.connection_id,
-                error=str(e),
+                error=peer_text(e, _ERROR_IN_LOG),
+                **self.log_fields(),
             )
             return None
 
@@ -603,11 +641,12 @@ class AgentConnection:
         paused = message.paused
         if paused != self._paused:
             self._paused = paused
-            log.info(
+            self.log_limiter.info(
+                log,
+                "flow-control",
                 "Agent {agent_id} {action} connection {connection_id}",
-                agent_id=self.agent_id,
                 action="paused" if paused else "resumed",
-                connection_id=self.connection_id,
+                **self.log_fields(),
             )
             if self.listener is not None:
                 self.listener._connection_flow_changed(self, paused)
@@ -622,9 +661,23 @@ class AgentConnection:
             self.listener._connection_health_changed(self, self.health_state)
 
     def _ping_received(self, payload: bytes) -> None:
-        if self._control(payload, m.PingMessage, "Ping") is not None:
-            # Pong echoes the Ping's body byte for byte, as the reference does.
-            self._sink.send_frame(MessageType.PONG, payload)
+        ping = self._control(payload, m.PingMessage, "Ping")
+        if ping is None:
+            return
+        if self._write_blocked:
+            # The agent is not reading what we write: a reply would only
+            # grow our buffer (a Ping costs the agent nothing to send).
+            self.log_limiter.debug(
+                log,
+                "ping-not-answered",
+                "Agent {agent_id} sent a Ping on connection {connection_id}, which it "
+                "does not read; not answered",
+                **self.log_fields(),
+            )
+            return
+        # The Pong carries the Ping's sequence and timestamp and nothing
+        # else: echoing the body would send back whatever else it held.
+        self._sink.send_frame(MessageType.PONG, m.encode(ping))
 
     def _pong_received(self, payload: bytes) -> None:
         message = self._control(payload, m.PingMessage, "Pong")

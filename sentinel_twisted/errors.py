@@ -19,8 +19,10 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionFailed",
     "ConnectionLimitReached",
+    "ControlFrameTooLarge",
     "DuplicateCorrelationId",
     "FlowControlPaused",
+    "IncompleteFrame",
     "InvalidMessage",
     "MessageTooLarge",
     "RequestCancelled",
@@ -107,6 +109,29 @@ class MessageTooLarge(AgentProtocolError):
         super().__init__(f"Message too large: {size} bytes (max: {limit})")
         self.size = size
         self.limit = limit
+
+
+class ControlFrameTooLarge(MessageTooLarge):
+    """A control frame (Ping, HealthStatus, ...) over the control frame limit."""
+
+    def __init__(self, kind: str, size: int, limit: int) -> None:
+        AgentProtocolError.__init__(
+            self, f"Message too large: {size} bytes (max: {limit} for a {kind} frame)"
+        )
+        self.kind = kind
+        self.size = size
+        self.limit = limit
+
+
+class IncompleteFrame(AgentProtocolError):
+    """
+    A frame was started and not finished in time, or the bytes held in
+    unfinished frames went over their budget: the connection is closed.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Incomplete frame: {detail}")
+        self.detail = detail
 
 
 class InvalidMessage(AgentProtocolError):

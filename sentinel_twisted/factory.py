@@ -11,7 +11,6 @@ connections into the L{AgentPool}.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,8 @@ from . import __version__
 from . import messages as m
 from ._identity import identity_problem
 from ._interfaces import ITokenChecker
+from ._peertext import first_hidden, peer_text
+from ._ratelimit import LogRateLimiter
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
 from .errors import (
@@ -37,6 +38,7 @@ from .errors import (
 )
 from .pool import AgentPool
 from .protocol import ReverseConnectionProtocol
+from .wire import IncompleteFrameBudget
 
 if TYPE_CHECKING:
     pass
@@ -64,6 +66,10 @@ class _BadAgentId(InvalidMessage):
     pass
 
 
+class _MetadataTooLarge(InvalidMessage):
+    pass
+
+
 class _ClientCertificateRefused(AuthenticationFailed):
     """The agent's TLS client certificate was not issued for its agent id."""
 
@@ -72,7 +78,10 @@ class _ClientCertificateRefused(AuthenticationFailed):
         self.agent_id = agent_id
 
 
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Characters of peer-supplied text (agent ids, error texts) a log line of
+#: the listener carries.
+_ID_IN_LOG = 64
+_TEXT_IN_LOG = 120
 
 
 def rejection_reason(error: AgentProtocolError) -> str:
@@ -83,6 +92,8 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "empty_agent_id"
     if isinstance(error, _BadAgentId):
         return "bad_agent_id"
+    if isinstance(error, _MetadataTooLarge):
+        return "metadata_too_large"
     if isinstance(error, _NotAllowed):
         return "not_allowed"
     if isinstance(error, _AuthRequired):
@@ -108,6 +119,10 @@ class ReverseConnectionFactory(Factory):
 
     @ivar pool: where registered connections go.
     @ivar rejections: refused registrations counted by L{rejection_reason}.
+    @ivar frame_budget: the bytes every connection holds in incomplete
+        frames, against C{config.max_incomplete_frame_bytes} (pass one to
+        share it between listeners).
+    @ivar log_limiter: rate limits the log lines peers can cause.
     """
 
     protocol = ReverseConnectionProtocol
@@ -120,6 +135,7 @@ class ReverseConnectionFactory(Factory):
         token_checker: ITokenChecker | None = None,
         clock: IReactorTime | None = None,
         proxy_version: str = __version__,
+        frame_budget: IncompleteFrameBudget | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -135,6 +151,19 @@ class ReverseConnectionFactory(Factory):
         self.rejections: Counter[str] = Counter()
         self._registered_per_agent: Counter[str] = Counter()
         self._cap_logged = False
+        self.frame_budget = (
+            frame_budget
+            if frame_budget is not None
+            else IncompleteFrameBudget(self.config.max_incomplete_frame_bytes)
+        )
+        self.log_limiter = LogRateLimiter(clock)
+
+    def startFactory(self) -> None:
+        self.log_limiter.start()
+
+    def stopFactory(self) -> None:
+        # No rate-limit timer outlives the listener.
+        self.log_limiter.stop()
 
     # -- connections awaiting registration ---------------------------------
 
@@ -184,10 +213,28 @@ class ReverseConnectionFactory(Factory):
         agent_id = request.agent_id
         if not agent_id:
             return _EmptyAgentId("Agent ID cannot be empty")
-        if _CONTROL_CHARACTERS.search(agent_id):
-            # Ours: ids end up in log lines and status pages; a newline or an
-            # escape sequence there could forge or garble them.
-            return _BadAgentId("Agent ID cannot contain control characters")
+        # Ours: ids end up in log lines, metric labels and status pages;
+        # a huge one bloats them all, and a newline, U+2028 or an escape
+        # sequence there could forge or garble them.
+        size = len(agent_id.encode("utf-8", "surrogatepass"))
+        if size > config.max_agent_id_length:
+            return _BadAgentId(
+                f"Agent ID is too long: {size} bytes (max: {config.max_agent_id_length})"
+            )
+        hidden = first_hidden(agent_id)
+        if hidden is not None:
+            position, character = hidden
+            return _BadAgentId(
+                "Agent ID cannot contain control, format or separator characters "
+                f"(U+{ord(character):04X} at position {position})"
+            )
+        if request.metadata is not None:
+            metadata_size = len(m.encode(request.metadata))
+            if metadata_size > config.max_metadata_size:
+                return _MetadataTooLarge(
+                    f"Registration metadata is too large: {metadata_size} bytes "
+                    f"(max: {config.max_metadata_size})"
+                )
         if config.allowed_agents and not config.allowed_agents.allows(agent_id):
             return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
         if config.require_client_cert:
@@ -216,7 +263,7 @@ class ReverseConnectionFactory(Factory):
             log.failure(
                 "Token checker {checker!r} failed for agent {agent_id}; registration refused",
                 checker=self.token_checker,
-                agent_id=agent_id,
+                agent_id=peer_text(agent_id, _ID_IN_LOG),
             )
             return False
 
@@ -245,6 +292,7 @@ class ReverseConnectionFactory(Factory):
             request_timeout=self.config.request_timeout,
             connected_since=time.time(),
             peer=protocol.peer,
+            log_limiter=self.log_limiter,
         )
 
     def success_response(self, connection_id: str) -> m.RegistrationResponse:
@@ -274,9 +322,8 @@ class ReverseConnectionFactory(Factory):
         self.registrations += 1
         log.info(
             "Agent {agent_id} registered connection {connection_id} from {peer}",
-            agent_id=connection.agent_id,
-            connection_id=connection.connection_id,
-            peer=connection.peer,
+            peer=peer_text(connection.peer, _ID_IN_LOG),
+            **connection.log_fields(),
         )
         self.pool.add(connection)
 
@@ -284,12 +331,14 @@ class ReverseConnectionFactory(Factory):
         """Called by a protocol whose registration was refused: counts and logs it."""
         reason = rejection_reason(error)
         self.rejections[reason] += 1
-        log.info(
+        self.log_limiter.info(
+            log,
+            "registration-rejected",
             "Rejected registration of agent {agent_id} from {peer} ({reason}): {error}",
-            agent_id=agent_id or "(unknown)",
-            peer=peer,
+            agent_id=peer_text(agent_id, _ID_IN_LOG) if agent_id else "(unknown)",
+            peer=peer_text(peer, _ID_IN_LOG),
             reason=reason,
-            error=str(error),
+            error=peer_text(error, _TEXT_IN_LOG),
         )
 
     def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
@@ -306,9 +355,8 @@ class ReverseConnectionFactory(Factory):
         log.info(
             "Agent {agent_id} connection {connection_id} disconnected: {detail}"
             " ({failed} pending request(s) failed)",
-            agent_id=agent_id,
-            connection_id=connection.connection_id,
-            detail=detail,
+            detail=peer_text(detail, _TEXT_IN_LOG),
             failed=failed,
+            **connection.log_fields(),
         )
         self.pool.remove(connection, detail)

@@ -20,9 +20,10 @@ from zope.interface import implementer
 
 from . import messages as m
 from ._identity import client_certificate
+from ._peertext import peer_text
 from ._registration import new_lifecycle
 from .errors import AgentProtocolError, InvalidMessage, RequestTimeout
-from .wire import FrameReceiver, MessageType
+from .wire import MAX_MESSAGE_SIZE, FrameReceiver, MessageType
 
 if TYPE_CHECKING:
     from .connection import AgentConnection
@@ -65,6 +66,11 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._close_detail: str | None = None
         self._producing = False
         self._abort_on_close = False
+        config = factory.config
+        # Until registration a RegistrationRequest is all that may come.
+        self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, config.max_registration_frame_size)
+        self.MAX_CONTROL_LENGTH = config.max_control_frame_size
+        self.frame_budget = factory.frame_budget
 
     # -- Twisted protocol -----------------------------------------------------
 
@@ -81,7 +87,31 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._lifecycle.protocol_violated(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self._lifecycle.connection_lost(self.lost_detail(reason))
+        detail = self.lost_detail(reason)
+        # Whatever part of a frame is left goes (and leaves the budget).
+        self.stop_parsing()
+        self._lifecycle.connection_lost(detail)
+
+    def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
+        connection = self.connection
+        self.factory.log_limiter.warn(
+            log,
+            "frame-budget",
+            "Incomplete frames of all agent connections held {total} bytes (max: {limit}); "
+            "closing {who} from {peer}, which held {held} of them",
+            total=total,
+            limit=limit,
+            held=held,
+            who=(
+                "connection {connection_id} of agent {agent_id}".format(**connection.log_fields())
+                if connection is not None
+                else "a connection awaiting registration"
+            ),
+            peer=peer_text(self.peer, 100),
+        )
+        # Its peer sent much and read little, likely: do not wait on it.
+        self._abort_on_close = True
+        super().frame_budget_exceeded(held, total, limit)
 
     # -- registration ---------------------------------------------------------
 
@@ -148,6 +178,10 @@ class ReverseConnectionProtocol(FrameReceiver):
         self.connection = connection
         self._write_response(self.factory.success_response(connection.connection_id))
         self._on_frame = connection.frame_received
+        self.MAX_LENGTH = MAX_MESSAGE_SIZE
+        # A frame, once started, must be complete within the deadline.
+        self.frame_clock = self.factory.clock
+        self.frame_timeout = self.factory.config.frame_deadline
         # Back-pressure: the transport pauses us when the agent stops reading
         # and its write buffer fills, and resumes us when it drains.
         transport = self.transport
@@ -164,8 +198,16 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._write_response(self.factory.failure_response(error))
         self.factory.registration_rejected(error, agent_id, self.peer)
         self._close_detail = f"registration rejected: {error}"
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._end_transport()
+
+    def _end_transport(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._abort_on_close:
+            transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
 
     def handshake_expired(self) -> None:
         """Lifecycle: no registration within the handshake timeout."""
@@ -177,16 +219,17 @@ class ReverseConnectionProtocol(FrameReceiver):
         self._on_frame = self._ignore_frame
         self.stop_parsing()
         self._close_detail = detail
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._end_transport()
 
     def left_unregistered(self, detail: str) -> None:
         """Lifecycle: the connection ended before registering."""
         self._leave_awaiting()
-        log.info(
+        self.factory.log_limiter.info(
+            log,
+            "left-unregistered",
             "Connection from {peer} ended before registering: {detail}",
-            peer=self.peer,
-            detail=detail,
+            peer=peer_text(self.peer, 100),
+            detail=peer_text(detail, 100),
         )
 
     def leave_registered(self, detail: str, close: bool) -> None:

@@ -117,6 +117,7 @@ _CONVERSIONS = {
     "request-timeout": _positive_float,
     "backlog": _positive_int,
     "max-pending-registrations": _positive_int,
+    "max-incomplete-frame-bytes": _positive_int,
     "upstream-timeout": _positive_float,
     "challenge-status": _status_code,
     "shutdown-grace": _seconds,
@@ -178,6 +179,13 @@ class Options(usage.Options):
             None,
             1024,
             "Connections (N) that may await registration at once.",
+        ],
+        [
+            "max-incomplete-frame-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes (N) all agent connections may hold in unfinished frames; over it the "
+            "connection holding the most is closed.",
         ],
         [
             "http",
@@ -299,6 +307,7 @@ class Options(usage.Options):
                 request_timeout=self["request-timeout"],
                 proxy_id=self["proxy-id"],
                 max_pending_registrations=self["max-pending-registrations"],
+                max_incomplete_frame_bytes=self["max-incomplete-frame-bytes"],
                 require_client_cert=bool(self["require-client-cert"]),
             )
         except ValueError as e:

@@ -8,6 +8,12 @@ type byte as the first byte of the string.  L{FrameReceiver} keeps that
 framing but parses it without the stock receiver's quadratic re-joining
 (Twisted issue 6358) and validates the declared length and the type byte
 before any body is buffered.
+
+Bounded by design: a control frame (Ping, Pong, HealthStatus, FlowControl,
+MetricsReport, ConfigUpdateRequest) may not exceed L{MAX_CONTROL_FRAME_SIZE};
+a receiver may be given a deadline within which a started frame must
+complete, and an L{IncompleteFrameBudget} shared by every connection that
+caps the bytes all of them hold in unfinished frames.
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ import struct
 from collections.abc import Iterable
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from .errors import AgentProtocolError, InvalidMessage, MessageTooLarge
+from .errors import (
+    AgentProtocolError,
+    ControlFrameTooLarge,
+    IncompleteFrame,
+    InvalidMessage,
+    MessageTooLarge,
+    format_duration,
+)
 
 __all__ = [
+    "MAX_CONTROL_FRAME_SIZE",
+    "MAX_INCOMPLETE_FRAME_BYTES",
     "MAX_MESSAGE_SIZE",
     "FrameReceiver",
+    "IncompleteFrameBudget",
     "MessageType",
     "encode_frame",
     "frame_header",
@@ -33,6 +49,13 @@ __all__ = [
 
 #: Largest allowed value of the length prefix (type byte plus payload).
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+#: Largest length of a control frame by default: Ping, Pong, HealthStatus,
+#: FlowControl, MetricsReport and ConfigUpdateRequest are small by nature.
+MAX_CONTROL_FRAME_SIZE = 64 * 1024
+
+#: Default budget of bytes that all connections may hold in incomplete frames.
+MAX_INCOMPLETE_FRAME_BYTES = 64 * 1024 * 1024
 
 _PREFIX = struct.Struct(">I")
 _HEADER = struct.Struct(">IB")
@@ -93,6 +116,21 @@ _JOIN_LIMIT = 16 * 1024
 # One flag per possible type byte: a table lookup is the cheapest check.
 _KNOWN_TYPES = bytes(1 if b in MessageType._value2member_map_ else 0 for b in range(256))
 
+_CONTROL_TYPES = bytes(
+    1
+    if b
+    in (
+        MessageType.PING,
+        MessageType.PONG,
+        MessageType.HEALTH_STATUS,
+        MessageType.FLOW_CONTROL,
+        MessageType.METRICS_REPORT,
+        MessageType.CONFIG_UPDATE_REQUEST,
+    )
+    else 0
+    for b in range(256)
+)
+
 
 def frame_header(message_type: int, payload_length: int) -> bytes:
     """
@@ -123,9 +161,24 @@ class FrameReceiver(Int32StringReceiver):
     """
 
     MAX_LENGTH = MAX_MESSAGE_SIZE
+    #: Largest length of a control frame (see L{MAX_CONTROL_FRAME_SIZE}).
+    MAX_CONTROL_LENGTH = MAX_CONTROL_FRAME_SIZE
+
+    #: The account of bytes held in incomplete frames shared with other
+    #: connections; C{None}: not counted.
+    frame_budget: IncompleteFrameBudget | None = None
+    #: Seconds within which a started frame must be complete, on
+    #: C{frame_clock}; C{None} (either): no deadline.
+    frame_timeout: float | None = None
+    frame_clock: IReactorTime | None = None
 
     _buffer: bytearray
     _framing_broken: bool = False
+    # Bytes of an incomplete frame as last accounted, when the current
+    # incomplete frame started, and the timer that checks its deadline.
+    _held = 0
+    _frame_started = 0.0
+    _frame_timer: IDelayedCall | None = None
 
     def makeConnection(self, transport: ITransport) -> None:
         self._buffer = bytearray()
@@ -149,7 +202,9 @@ class FrameReceiver(Int32StringReceiver):
         end = len(view)
         offset = 0
         limit = self.MAX_LENGTH
+        control_limit = self.MAX_CONTROL_LENGTH
         known = _KNOWN_TYPES
+        control = _CONTROL_TYPES
         unpack = _PREFIX.unpack_from
         while end - offset >= 4:
             (length,) = unpack(view, offset)
@@ -157,7 +212,9 @@ class FrameReceiver(Int32StringReceiver):
                 self._break(InvalidMessage("Zero-length message"))
                 return
             if length > limit:
-                self._break(MessageTooLarge(length, limit))
+                # Past the protocol's own limit, say so (as the reference
+                # does) even where a smaller limit is in force.
+                self._break(MessageTooLarge(length, MAX_MESSAGE_SIZE if length > MAX_MESSAGE_SIZE else limit))
                 return
             if end - offset == 4:
                 break
@@ -165,6 +222,11 @@ class FrameReceiver(Int32StringReceiver):
             if not known[message_type]:
                 self._break(
                     InvalidMessage(f"Unknown message type: 0x{message_type:02x}")
+                )
+                return
+            if length > control_limit and control[message_type]:
+                self._break(
+                    ControlFrameTooLarge(MessageType(message_type).wire_name, length, control_limit)
                 )
                 return
             frame_end = offset + 4 + length
@@ -175,11 +237,62 @@ class FrameReceiver(Int32StringReceiver):
             self.frame_received(message_type, payload)
             if self._framing_broken or self.transport is None:
                 return
+            # A frame may change the limit (registration lifts it).
+            limit = self.MAX_LENGTH
         if view is buf:
             if offset:
                 del buf[:offset]
         elif offset < end:
             buf += view[offset:] if offset else view
+        held = len(buf)
+        if held or self._held:
+            self._account(held, offset != 0)
+
+    def _account(self, held: int, completed: bool) -> None:
+        """
+        The read left C{held} bytes of an incomplete frame (C{completed}:
+        after finishing at least one frame, so a new one has started).
+        """
+        if held and (completed or not self._held):
+            clock = self.frame_clock
+            if clock is not None and self.frame_timeout is not None:
+                self._frame_started = clock.seconds()
+                if self._frame_timer is None:
+                    self._frame_timer = clock.callLater(self.frame_timeout, self._frame_overdue)
+        self._held = held
+        budget = self.frame_budget
+        if budget is not None:
+            budget.hold(self, held)
+
+    def _frame_overdue(self) -> None:
+        # The timer is not moved on every new frame: it checks when it fires
+        # and waits again for the rest of the current frame's time.
+        self._frame_timer = None
+        clock, timeout = self.frame_clock, self.frame_timeout
+        if not self._held or self._framing_broken or clock is None or timeout is None:
+            return
+        late = clock.seconds() - self._frame_started
+        if late < timeout:
+            self._frame_timer = clock.callLater(timeout - late, self._frame_overdue)
+            return
+        self._break(
+            IncompleteFrame(
+                f"{self._held} bytes of a frame received, and the rest not within "
+                f"{format_duration(timeout)}"
+            )
+        )
+
+    def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
+        """
+        The L{IncompleteFrameBudget} chose this connection, which holds the
+        most, to bring the bytes held by all of them back under the limit.
+        """
+        self._break(
+            IncompleteFrame(
+                f"{held} bytes held by this connection; incomplete frames of all "
+                f"connections held {total} bytes (max: {limit})"
+            )
+        )
 
     #: Who is at the other end, for loss descriptions ("agent", "proxy").
     peer_role = "peer"
@@ -200,11 +313,22 @@ class FrameReceiver(Int32StringReceiver):
     def stop_parsing(self) -> None:
         """Ignore every byte from now on (the connection is being closed)."""
         self._framing_broken = True
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the incomplete frame: its bytes, its deadline, its account."""
         self._buffer = bytearray()
+        timer, self._frame_timer = self._frame_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._held:
+            self._held = 0
+            if self.frame_budget is not None:
+                self.frame_budget.hold(self, 0)
 
     def _break(self, error: AgentProtocolError) -> None:
         self._framing_broken = True
-        self._buffer = bytearray()
+        self._release()
         self.frame_error(error)
 
     def stringReceived(self, string: bytes) -> None:
@@ -249,3 +373,42 @@ class FrameReceiver(Int32StringReceiver):
     def frame_error(self, error: AgentProtocolError) -> None:
         """The byte stream broke the framing rules; no more frames follow."""
         raise NotImplementedError
+
+
+class IncompleteFrameBudget:
+    """
+    The bytes that every connection of a listener holds in incomplete
+    frames, against one limit.  Each connection may buffer a frame of up to
+    16 MiB; many of them doing so at once must not take the process's
+    memory.  When the total goes over the limit, the connection holding the
+    most is closed (L{FrameReceiver.frame_budget_exceeded}), again until the
+    total is under it.
+    """
+
+    def __init__(self, limit: int = MAX_INCOMPLETE_FRAME_BYTES) -> None:
+        if not limit > 0:
+            raise ValueError(f"the incomplete frame budget must be positive, got {limit!r}")
+        self.limit = limit
+        #: Bytes held right now, by all connections.
+        self.total = 0
+        #: Connections closed because the total went over the limit.
+        self.evictions = 0
+        self._held: dict[FrameReceiver, int] = {}
+
+    def held_by(self, receiver: FrameReceiver) -> int:
+        return self._held.get(receiver, 0)
+
+    def hold(self, receiver: FrameReceiver, size: int) -> None:
+        """C{receiver} now holds C{size} bytes of an incomplete frame."""
+        held = self._held
+        previous = held.pop(receiver, 0) if not size else held.get(receiver, 0)
+        if size:
+            held[receiver] = size
+        self.total += size - previous
+        while self.total > self.limit and held:
+            victim = max(held, key=held.__getitem__)
+            total = self.total
+            victim_held = held.pop(victim)
+            self.total -= victim_held
+            self.evictions += 1
+            victim.frame_budget_exceeded(victim_held, total, self.limit)

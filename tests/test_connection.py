@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -240,6 +241,24 @@ class AnswerTests(ConnectionTestCase):
         self.assertEqual(self.outcomes.waiting(), ["a"])
         self.assertEqual(self.connection.in_flight, 1)
         self.assertEqual([e["log_level"].name for e in events], ["debug"])
+
+    def test_a_flood_of_answers_for_unknown_ids_logs_a_few_lines_and_a_count(self) -> None:
+        # 20,000 of them wrote 3 MB of log, one line each.
+        payload = answer_payload("nobody")
+        with captured_log() as events:
+            for _ in range(20_000):
+                self.receive(MessageType.AGENT_RESPONSE, payload)
+            self.clock.advance(10)
+        lines = [formatEvent(e) or "" for e in events]
+        self.assertLessEqual(len(lines), 10)
+        self.assertIn("more like it in the last 10 s", lines[-1])
+        self.assertIn("19,99", lines[-1])
+
+    def test_repeated_invalid_control_messages_are_rate_limited(self) -> None:
+        with captured_log() as events:
+            for _ in range(1000):
+                self.receive(MessageType.HEALTH_STATUS, b'{"state": "ok"}')
+        self.assertLessEqual(len(events), 10)
 
     def test_answer_without_correlation_id_is_dropped(self) -> None:
         self.send("a")
@@ -507,10 +526,30 @@ class ControlTests(ConnectionTestCase):
         self.receive(MessageType.HEALTH_STATUS, b'{"state": "ok"}')
         self.assertEqual(self.connection.health_state, 1)
 
-    def test_ping_is_answered_with_a_pong_of_identical_body(self) -> None:
+    def test_ping_is_answered_with_a_pong_of_the_same_sequence_and_timestamp(self) -> None:
         body = b'{"sequence":7,  "timestamp_ms":1767225600000}'
         self.receive(MessageType.PING, body)
-        self.assertEqual(self.sink.take(), [(MessageType.PONG, body)])
+        [(kind, payload)] = self.sink.take()
+        self.assertEqual(kind, MessageType.PONG)
+        self.assertEqual(json.loads(payload), {"sequence": 7, "timestamp_ms": 1767225600000})
+
+    def test_pong_carries_nothing_but_the_sequence_and_the_timestamp(self) -> None:
+        # Echoing the body made a Ping with 10 MiB of extra fields cost the
+        # proxy 10 MiB of write buffer, even from an agent that reads nothing.
+        body = json.dumps({"sequence": 7, "timestamp_ms": 5, "padding": "x" * 50_000}).encode()
+        self.receive(MessageType.PING, body)
+        [(kind, payload)] = self.sink.take()
+        self.assertEqual(kind, MessageType.PONG)
+        self.assertEqual(payload, b'{"sequence":7,"timestamp_ms":5}')
+
+    def test_no_pong_is_queued_while_the_agent_does_not_read(self) -> None:
+        self.connection.set_write_blocked(True)
+        for sequence in range(3):
+            self.receive(MessageType.PING, {"sequence": sequence, "timestamp_ms": 0})
+        self.assertEqual(self.sink.take(), [])
+        self.connection.set_write_blocked(False)
+        self.receive(MessageType.PING, {"sequence": 3, "timestamp_ms": 0})
+        self.assertEqual([json.loads(p)["sequence"] for _, p in self.sink.take()], [3])
 
     def test_invalid_ping_is_not_answered(self) -> None:
         self.receive(MessageType.PING, b'{"sequence": "x"}')
@@ -526,6 +565,15 @@ class ControlTests(ConnectionTestCase):
         self.receive(MessageType.PONG, frames[1][1])
         self.assertEqual(self.successResultOf(second), 0.5)
         self.assertNoResult(first)
+
+    def test_a_cancelled_ping_is_forgotten_and_its_late_pong_ignored(self) -> None:
+        waiter = self.connection.ping()
+        [(_, body)] = self.sink.take()
+        waiter.cancel()
+        self.failureResultOf(waiter, CancelledError)
+        self.assertEqual(self.connection._pings, {})
+        self.receive(MessageType.PONG, body)
+        self.assertEqual(self.sink.take(), [])
 
     def test_unexpected_pong_is_ignored(self) -> None:
         self.receive(MessageType.PONG, {"sequence": 99, "timestamp_ms": 0})

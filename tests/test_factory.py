@@ -179,6 +179,19 @@ class ConnectionCapTests(TestCase):
             proxy.register("waf-1")
         self.assertIsNotNone(refusal(proxy, "waf-1"))
 
+    def test_cap_holds_after_one_of_two_live_connections_leaves(self) -> None:
+        proxy = Proxy(max_connections_per_agent=2)
+        first, _, _ = proxy.register("waf-1")
+        proxy.register("waf-1")
+        lose(first)
+        self.assertEqual(proxy.factory.registered_connections("waf-1"), 1)
+        self.assertIsNone(refusal(proxy, "waf-1"))
+        self.assertEqual(
+            refusal(proxy, "waf-1"),
+            "Connection limit reached: agent 'waf-1' already holds 2 registered connections (max: 2)",
+        )
+        self.assertEqual(len(proxy.pool.connections("waf-1")), 2)
+
     def test_cap_is_per_agent(self) -> None:
         proxy = Proxy(max_connections_per_agent=1)
         proxy.register("waf-1")
@@ -221,6 +234,17 @@ class PendingRegistrationCapTests(TestCase):
             self.assertIsNone(proxy.factory.buildProtocol(PEER))
         self.assertEqual(proxy.factory.rejections["pending_limit"], 2)
         self.assertEqual(len(events), 1, "the cap is logged once, not per connection")
+
+    def test_the_cap_warning_comes_again_after_a_flood_ends(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        protocol, _ = proxy.connect()
+        with captured_log() as events:
+            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            protocol.dataReceived(registration_frame())
+            proxy.connect()
+            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+        levels = [e["log_level"].name for e in events if "registration" in (e.get("log_format") or "")]
+        self.assertEqual(levels, ["warn", "info", "warn"])
 
     def test_registering_frees_a_place(self) -> None:
         proxy = Proxy(max_pending_registrations=1)
@@ -332,6 +356,17 @@ class LogTests(TestCase):
         self.assertIn("not_allowed", line)
         self.assertIn("is not in the allowed list", line)
 
+    def test_a_flood_of_refused_registrations_logs_a_few_lines_and_a_count(self) -> None:
+        proxy = Proxy(allowed_agents=["waf-*"])
+        with captured_log() as events:
+            for _ in range(1000):
+                refusal(proxy, "bot-1")
+            proxy.clock.advance(10)
+        lines = self.messages(events)
+        self.assertLessEqual(len(lines), 10)
+        self.assertIn("more like it in the last 10 s", lines[-1])
+        self.assertEqual(proxy.factory.rejections["not_allowed"], 1000)
+
     def test_one_line_per_disconnect_naming_agent_and_connection(self) -> None:
         proxy = Proxy()
         protocol, transport, connection = proxy.register("waf-1")
@@ -350,14 +385,70 @@ class HardeningTests(TestCase):
     def test_agent_id_with_a_newline_is_refused(self) -> None:
         self.assertEqual(
             refusal(Proxy(), "waf-1\nforged log line"),
-            "Invalid message format: Agent ID cannot contain control characters",
+            "Invalid message format: Agent ID cannot contain control, format or separator "
+            "characters (U+000A at position 5)",
         )
 
     def test_agent_id_with_an_escape_sequence_is_refused_even_if_a_glob_matches(self) -> None:
         self.assertEqual(
             refusal(Proxy(allowed_agents=["waf-*"]), "waf-\x1b[2J"),
-            "Invalid message format: Agent ID cannot contain control characters",
+            "Invalid message format: Agent ID cannot contain control, format or separator "
+            "characters (U+001B at position 4)",
         )
+
+    def test_agent_id_over_256_bytes_is_refused(self) -> None:
+        self.assertIsNone(refusal(Proxy(), "w" * 256))
+        self.assertEqual(
+            refusal(Proxy(), "w" * 257),
+            "Invalid message format: Agent ID is too long: 257 bytes (max: 256)",
+        )
+
+    def test_agent_id_length_counts_utf8_bytes(self) -> None:
+        self.assertEqual(
+            refusal(Proxy(), "é" * 129),
+            "Invalid message format: Agent ID is too long: 258 bytes (max: 256)",
+        )
+
+    def test_agent_id_length_limit_is_an_option(self) -> None:
+        proxy = Proxy(max_agent_id_length=8)
+        self.assertIsNone(refusal(proxy, "waf-1234"))
+        self.assertEqual(
+            refusal(proxy, "waf-12345"),
+            "Invalid message format: Agent ID is too long: 9 bytes (max: 8)",
+        )
+        self.assertEqual(proxy.factory.rejections["bad_agent_id"], 1)
+
+    def test_agent_id_with_a_line_separator_is_refused(self) -> None:
+        # U+2028 ends a line for many log viewers: it forged a second line.
+        self.assertEqual(
+            refusal(Proxy(), "waf-1\u2028forged"),
+            "Invalid message format: Agent ID cannot contain control, format or separator "
+            "characters (U+2028 at position 5)",
+        )
+
+    def test_agent_id_with_format_characters_is_refused(self) -> None:
+        for bad in ("waf\u200b1", "waf\u202e1", "waf\u20291", "waf\x851"):
+            error = refusal(Proxy(), bad)
+            self.assertIsNotNone(error, repr(bad))
+            self.assertIn("cannot contain control, format or separator", error or "")
+
+    def test_agent_id_with_other_unicode_is_admitted(self) -> None:
+        self.assertIsNone(refusal(Proxy(), "waf-ünï 1"))
+
+    def test_registration_metadata_over_64_kib_is_refused(self) -> None:
+        self.assertIsNone(refusal(Proxy(), metadata={"pad": "x" * 60_000}))
+        error = refusal(Proxy(), metadata={"pad": "x" * 70_000})
+        self.assertEqual(
+            error,
+            "Invalid message format: Registration metadata is too large: 70010 bytes "
+            f"(max: {64 * 1024})",
+        )
+
+    def test_registration_metadata_limit_is_an_option(self) -> None:
+        proxy = Proxy(max_metadata_size=100)
+        self.assertIsNone(refusal(proxy, metadata={"region": "eu"}))
+        self.assertIn("(max: 100)", refusal(proxy, metadata={"pad": "x" * 100}) or "")
+        self.assertEqual(proxy.factory.rejections["metadata_too_large"], 1)
 
     def test_a_token_checker_that_raises_refuses_the_registration(self) -> None:
         class Broken:
@@ -371,3 +462,66 @@ class HardeningTests(TestCase):
         self.assertNotIn(TOKEN, log_text(events))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
+
+
+class PeerTextInLogTests(TestCase):
+    """
+    No log line carries more than about 200 characters of what a peer sent,
+    nor a raw control, format or separator character.
+    """
+
+    def lines(self, events: list[Any]) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) or "" for e in events]
+
+    def assertBounded(self, lines: list[str]) -> None:
+        from sentinel_twisted._peertext import is_clean
+
+        self.assertNotEqual(lines, [])
+        for line in lines:
+            self.assertLess(len(line), 400, line[:500])
+            self.assertTrue(is_clean(line), repr(line[:500]))
+
+    def test_refused_ids_are_logged_cut_and_escaped(self) -> None:
+        proxy = Proxy(max_agent_id_length=100_000)
+        with captured_log() as events:
+            refusal(proxy, "\u2028" * 50_000)
+        self.assertBounded(self.lines(events))
+
+    def test_long_ids_of_registered_agents_are_cut(self) -> None:
+        proxy = Proxy(max_agent_id_length=100_000)
+        with captured_log() as events:
+            protocol, transport, _ = proxy.register("w" * 50_000)
+            protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, b"{}"))
+            lose(protocol)
+        self.assertBounded(self.lines(events))
+
+    def test_error_texts_quoting_a_payload_are_cut_and_escaped(self) -> None:
+        import json
+
+        proxy = Proxy()
+        protocol, transport, _ = proxy.register("waf-1")
+        hostile = json.dumps({"version": 2, "decision": "\u2028\n" * 100_000}).encode()
+        with captured_log() as events:
+            protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, hostile))
+            protocol.dataReceived(encode_frame(MessageType.FLOW_CONTROL, b'{"action": "\\u2028x"}'))
+        self.assertBounded(self.lines(events))
+
+    def test_refused_id_text_is_logged_once(self) -> None:
+        proxy = Proxy()
+        with captured_log() as events:
+            refusal(proxy, "w" * 300_000)
+        text = "\n".join(self.lines(events))
+        self.assertLess(text.count("w" * 40), 2)
+
+
+class StopTests(TestCase):
+    def test_stopping_the_factory_leaves_no_rate_limit_timer(self) -> None:
+        proxy = Proxy(allowed_agents=["waf-*"])
+        proxy.factory.doStart()
+        for _ in range(20):
+            refusal(proxy, "bot-1")
+        self.assertNotEqual(proxy.clock.getDelayedCalls(), [])
+        proxy.factory.doStop()
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])

@@ -126,6 +126,29 @@ class PendingTableTests(TestCase):
         self.clock.advance(4)
         self.assertIsInstance(self.outcomes.error("b"), RequestTimeout)
 
+    def test_timer_is_pulled_forward_after_an_expiry(self) -> None:
+        # After the 10 s lane expired the timer waits for the 20 s one; a
+        # 5 s request added then must still fire at 5 s, not at 20 s.
+        self.add("ten", 10)
+        self.add("twenty", 20)
+        self.clock.advance(10)
+        self.assertIsInstance(self.outcomes.error("ten"), RequestTimeout)
+        self.add("five", 5)
+        self.clock.advance(4.9)
+        self.assertEqual(self.outcomes.waiting(), ["twenty", "five"])
+        self.clock.advance(0.1)
+        self.assertIsInstance(self.outcomes.error("five"), RequestTimeout)
+        self.assertEqual(self.outcomes.waiting(), ["twenty"])
+
+    def test_empty_timeout_lanes_are_removed(self) -> None:
+        for i, timeout in enumerate((1.0, 2.0, 3.0)):
+            self.add(f"r{i}", timeout)
+        self.table.resolve("r1", "answer")
+        self.clock.advance(1)
+        self.assertEqual(sorted(self.table._lanes), [3.0])
+        self.clock.advance(2)
+        self.assertEqual(self.table._lanes, {})
+
     def test_shorter_timeout_added_later_expires_first(self) -> None:
         self.add("long", 30)
         self.clock.advance(1)

@@ -107,6 +107,16 @@ class MembershipTests(PoolTestCase):
         self.assertEqual(self.pool.agent_ids(), [])
         self.assertEqual(len(self.pool), 0)
 
+    def test_round_robin_state_goes_with_the_last_connection(self) -> None:
+        protocol, _, _ = self.register("waf-1")
+        other, _, _ = self.register("waf-1")
+        self.pool.select("waf-1")
+        self.assertIn("waf-1", self.pool._turn)
+        lose(protocol)
+        self.assertIn("waf-1", self.pool._turn)
+        lose(other)
+        self.assertNotIn("waf-1", self.pool._turn)
+
     def test_connection_by_id(self) -> None:
         _, _, connection = self.register()
         self.assertIs(self.pool.connection(connection.connection_id), connection)

@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -165,6 +166,24 @@ class AwaitingRegistrationTests(TestCase):
         )
         self.assertEqual(self.protocol.buffered_bytes, 0)
 
+    def test_first_frame_over_the_registration_limit_is_refused_from_its_prefix(self) -> None:
+        # A RegistrationRequest never needs 1 MiB: nobody may buffer 16 MiB
+        # before saying who they are.
+        self.protocol.dataReceived(struct.pack(">IB", 1024 * 1024 + 1, MessageType.HANDSHAKE_REQUEST))
+        response = only_response(self.transport)
+        self.assertEqual(response.error, f"Message too large: {1024 * 1024 + 1} bytes (max: {1024 * 1024})")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.protocol.buffered_bytes, 0)
+        self.assertEqual(self.proxy.factory.rejections["frame_too_large"], 1)
+
+    def test_registration_frame_limit_is_an_option(self) -> None:
+        proxy = Proxy(max_registration_frame_size=100)
+        protocol, transport = proxy.connect()
+        protocol.dataReceived(registration_frame("waf-1"))
+        response = only_response(transport)
+        self.assertFalse(response.success)
+        self.assertIn("(max: 100)", response.error or "")
+
     def test_connection_lost_while_awaiting(self) -> None:
         self.protocol.dataReceived(registration_frame()[:10])
         lose(self.protocol)
@@ -248,6 +267,18 @@ class RegisteredTests(TestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertGone("maintenance")
 
+    def test_close_lets_buffered_cancels_go_out(self) -> None:
+        self.assertEqual(self.connection.cancel_all(m.CancelReason.PROXY_SHUTDOWN), 2)
+        self.connection.close("shutting down")
+        cancels = decoded(take_frames(self.transport), MessageType.CANCEL, m.CancelMessage)
+        self.assertEqual([c.correlation_id for c in cancels], ["a", "b"])
+        self.assertEqual(self.transport.events[-1], "loseConnection")
+        self.assertFalse(self.transport.disconnected, "aborted: buffered frames were dropped")
+
+    def test_close_with_abort_drops_what_is_buffered(self) -> None:
+        self.connection.close("stuck", abort=True)
+        self.assertTrue(self.transport.disconnected)
+
     def test_close_fires_only_when_the_transport_is_gone(self) -> None:
         closed = self.connection.close("maintenance")
         self.assertNoResult(closed)
@@ -297,6 +328,97 @@ class RegisteredTests(TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.proxy.pool.connections("waf-9"), [])
         self.assertEqual(self.proxy.factory.registered_connections("waf-9"), 0)
+
+
+class HostileFrameTests(TestCase):
+    """
+    Agents that send large control frames or unfinished frames: memory is
+    bounded, and every pending request still ends exactly once.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(request_timeout=30, frame_timeout=2, max_incomplete_frame_bytes=1000)
+        self.protocol, self.transport, self.connection = self.proxy.register("waf-1")
+        self.outcomes = Outcomes()
+        self.outcomes.watch("a", self.connection.send_request_headers(request_headers("a")))
+        take_frames(self.transport)
+
+    def assertClosedOnce(self, detail: str) -> None:
+        error = self.outcomes.error("a")
+        self.assertIsInstance(error, ConnectionClosed)
+        self.assertEqual(error.detail, detail)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.outcomes.results["a"]), 1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.proxy.pool.connections("waf-1"), [])
+        self.assertEqual(self.proxy.factory.frame_budget.total, 0)
+
+    def test_large_ping_is_a_protocol_error(self) -> None:
+        self.protocol.dataReceived(struct.pack(">IB", 64 * 1024 + 1, MessageType.PING))
+        self.assertClosedOnce(
+            f"Message too large: {64 * 1024 + 1} bytes (max: {64 * 1024} for a Ping frame)"
+        )
+
+    def test_no_pong_while_the_transport_buffer_is_full(self) -> None:
+        ping = encode_frame(MessageType.PING, b'{"sequence":1,"timestamp_ms":1,"pad":"xxxx"}')
+        self.protocol.pauseProducing()  # the transport's buffer is over its high-water mark
+        self.protocol.dataReceived(ping * 100)
+        self.assertEqual(take_frames(self.transport), [])
+        self.protocol.resumeProducing()
+        self.protocol.dataReceived(ping)
+        [pong] = decoded(take_frames(self.transport), MessageType.PONG, dict)
+        self.assertEqual(pong, {"sequence": 1, "timestamp_ms": 1})
+
+    def test_control_frame_limit_is_an_option(self) -> None:
+        proxy = Proxy(max_control_frame_size=16)
+        protocol, transport, _ = proxy.register("waf-1")
+        protocol.dataReceived(encode_frame(MessageType.HEALTH_STATUS, b'{"state": 1, "x": 1}'))
+        self.assertTrue(transport.disconnecting)
+
+    def test_unfinished_frame_closes_the_connection_after_the_deadline(self) -> None:
+        self.protocol.dataReceived(answer_frame("a")[:20])
+        self.proxy.clock.advance(2)
+        self.assertClosedOnce(
+            "Incomplete frame: 20 bytes of a frame received, and the rest not within 2s"
+        )
+
+    def test_frame_deadline_defaults_to_the_request_timeout(self) -> None:
+        proxy = Proxy(request_timeout=7)
+        protocol, transport, _ = proxy.register("waf-1")
+        protocol.dataReceived(answer_frame("x")[:20])
+        proxy.clock.advance(6.9)
+        self.assertFalse(transport.disconnecting)
+        proxy.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_holding_most_is_aborted_over_the_budget(self) -> None:
+        protocol2, transport2, connection2 = self.proxy.register("waf-2")
+        other = self.connection.send_request_headers(request_headers("b"))
+        with captured_log() as events:
+            protocol2.dataReceived(answer_frame("y")[:5])
+            self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, b"x" * 2000)[:996])
+        self.assertFalse(transport2.disconnecting)
+        self.assertTrue(self.transport.disconnected, "aborted, not closed after a flush")
+        self.assertIsInstance(self.failureResultOf(other).value, ConnectionClosed)
+        self.assertIn("held 1001 bytes (max: 1000)", self.outcomes.error("a").detail)  # type: ignore[attr-defined]
+        self.assertEqual(self.proxy.factory.frame_budget.total, 5)
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("closing connection", formatEvent(warnings[0]))
+        self.assertEqual(len(self.outcomes.results["a"]), 1)
+
+    def test_connection_awaiting_registration_is_counted_too(self) -> None:
+        protocol, transport = self.proxy.connect()
+        protocol.dataReceived(registration_frame("waf-3")[:8])
+        self.assertEqual(self.proxy.factory.frame_budget.held_by(protocol), 8)
+        lose(protocol)
+        self.assertEqual(self.proxy.factory.frame_budget.total, 0)
+
+    def test_lost_connection_releases_its_bytes(self) -> None:
+        self.protocol.dataReceived(answer_frame("a")[:20])
+        self.assertEqual(self.proxy.factory.frame_budget.total, 20)
+        lose(self.protocol)
+        self.assertEqual(self.proxy.factory.frame_budget.total, 0)
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
 
 
 class ClosedTests(TestCase):

@@ -104,6 +104,13 @@ class OptionsTests(TestCase):
         error = self.assertRaises(usage.UsageError, parse, "--request-timeout", "-2")
         self.assertIn("request-timeout", str(error))
 
+    def test_incomplete_frame_budget(self) -> None:
+        self.assertEqual(parse()["config"].max_incomplete_frame_bytes, 64 * 1024 * 1024)
+        options = parse("--max-incomplete-frame-bytes", "1000")
+        self.assertEqual(options["config"].max_incomplete_frame_bytes, 1000)
+        error = self.assertRaises(usage.UsageError, parse, "--max-incomplete-frame-bytes", "0")
+        self.assertIn("max-incomplete-frame-bytes", str(error))
+
     def test_backlog_added_only_where_missing(self) -> None:
         options = parse(
             "--backlog", "32",

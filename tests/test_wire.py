@@ -8,13 +8,21 @@ from __future__ import annotations
 import random
 import struct
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.errors import AgentProtocolError, InvalidMessage, MessageTooLarge
+from sentinel_twisted.errors import (
+    AgentProtocolError,
+    IncompleteFrame,
+    InvalidMessage,
+    MessageTooLarge,
+)
 from sentinel_twisted.wire import (
+    MAX_CONTROL_FRAME_SIZE,
     MAX_MESSAGE_SIZE,
     FrameReceiver,
+    IncompleteFrameBudget,
     MessageType,
     encode_frame,
     frame_header,
@@ -320,3 +328,180 @@ class LargeFrameTests(TestCase):
         receiver.dataReceived(b"x" * 65536)
         self.assertEqual(len(receiver.errors), 1)
         self.assertEqual(receiver.buffered_bytes, 0)
+
+
+class ControlFrameLimitTests(TestCase):
+    """Ping, Pong, HealthStatus, FlowControl, MetricsReport and
+    ConfigUpdateRequest are small: a large one is a protocol error."""
+
+    CONTROL = (0x41, 0x42, 0x30, 0x33, 0x31, 0x32)
+
+    def test_every_control_frame_over_the_limit_is_refused_before_its_body(self) -> None:
+        for message_type in self.CONTROL:
+            receiver, _ = connected()
+            receiver.dataReceived(struct.pack(">IB", MAX_CONTROL_FRAME_SIZE + 1, message_type))
+            [error] = receiver.errors
+            self.assertIsInstance(error, MessageTooLarge)
+            self.assertEqual(
+                str(error),
+                f"Message too large: {MAX_CONTROL_FRAME_SIZE + 1} bytes "
+                f"(max: {MAX_CONTROL_FRAME_SIZE} for a {MessageType(message_type).wire_name} frame)",
+            )
+            self.assertEqual(receiver.buffered_bytes, 0)
+
+    def test_control_frame_at_the_limit_is_accepted(self) -> None:
+        receiver, _ = connected()
+        frame = encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE - 1))
+        receiver.dataReceived(frame)
+        self.assertEqual(receiver.errors, [])
+        self.assertEqual(len(receiver.frames), 1)
+
+    def test_other_frames_may_be_larger(self) -> None:
+        receiver, _ = connected()
+        receiver.dataReceived(encode_frame(0x20, b"x" * MAX_CONTROL_FRAME_SIZE))
+        self.assertEqual(receiver.errors, [])
+
+    def test_the_limit_is_per_receiver(self) -> None:
+        receiver, _ = connected()
+        receiver.MAX_CONTROL_LENGTH = 10
+        receiver.dataReceived(encode_frame(0x30, b'{"state":1}'))
+        self.assertEqual(len(receiver.errors), 1)
+
+
+class Deadline(Collector):
+    frame_timeout = 5.0
+
+
+def with_deadline() -> tuple[Collector, Clock]:
+    receiver = Deadline()
+    clock = receiver.frame_clock = Clock()
+    receiver.makeConnection(StringTransport())
+    return receiver, clock
+
+
+class FrameDeadlineTests(TestCase):
+    """A frame, once started, must be complete within C{frame_timeout}."""
+
+    def test_incomplete_frame_is_an_error_after_the_deadline(self) -> None:
+        receiver, clock = with_deadline()
+        receiver.dataReceived(encode_frame(0x20, b"x" * 100)[:50])
+        clock.advance(4.9)
+        self.assertEqual(receiver.errors, [])
+        clock.advance(0.1)
+        [error] = receiver.errors
+        self.assertIsInstance(error, IncompleteFrame)
+        self.assertEqual(
+            str(error),
+            "Incomplete frame: 50 bytes of a frame received, and the rest not within 5s",
+        )
+        self.assertEqual(receiver.buffered_bytes, 0)
+
+    def test_trickling_bytes_does_not_extend_the_deadline(self) -> None:
+        receiver, clock = with_deadline()
+        frame = encode_frame(0x20, b"x" * 100)
+        for i in range(10):
+            receiver.dataReceived(frame[i : i + 1])
+            clock.advance(0.5)
+        self.assertEqual(len(receiver.errors), 1)
+
+    def test_each_frame_gets_its_own_time(self) -> None:
+        receiver, clock = with_deadline()
+        frame = encode_frame(0x20, b"x" * 100)
+        receiver.dataReceived(frame[:50])
+        clock.advance(4)
+        receiver.dataReceived(frame[50:] + frame[:50])
+        clock.advance(4)
+        self.assertEqual(receiver.errors, [])
+        receiver.dataReceived(frame[50:])
+        clock.advance(10)
+        self.assertEqual(receiver.errors, [])
+        self.assertEqual(len(receiver.frames), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_complete_frames_start_no_timer(self) -> None:
+        receiver, clock = with_deadline()
+        receiver.dataReceived(encode_frame(0x20, b"x") * 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stop_parsing_stops_the_timer(self) -> None:
+        receiver, clock = with_deadline()
+        receiver.dataReceived(b"\x00\x00")
+        receiver.stop_parsing()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class Evicted(Collector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.evictions: list[tuple[int, int, int]] = []
+
+    def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
+        self.evictions.append((held, total, limit))
+        super().frame_budget_exceeded(held, total, limit)
+
+
+class IncompleteFrameBudgetTests(TestCase):
+    """Bytes held in incomplete frames by all connections, under one limit."""
+
+    def receivers(self, count: int, budget: IncompleteFrameBudget) -> list[Evicted]:
+        result = []
+        for _ in range(count):
+            receiver = Evicted()
+            receiver.frame_budget = budget
+            receiver.makeConnection(StringTransport())
+            result.append(receiver)
+        return result
+
+    def test_partial_frames_are_counted_and_released(self) -> None:
+        budget = IncompleteFrameBudget(1000)
+        a, b = self.receivers(2, budget)
+        frame = encode_frame(0x20, b"x" * 300)
+        a.dataReceived(frame[:100])
+        b.dataReceived(frame[:200])
+        self.assertEqual(budget.total, 300)
+        a.dataReceived(frame[100:])
+        self.assertEqual(budget.total, 200)
+        self.assertEqual((budget.held_by(a), budget.held_by(b)), (0, 200))
+        b.stop_parsing()
+        self.assertEqual(budget.total, 0)
+
+    def test_over_the_budget_the_connection_holding_most_is_closed(self) -> None:
+        budget = IncompleteFrameBudget(1000)
+        a, b, c = self.receivers(3, budget)
+        frame = encode_frame(0x20, b"x" * 2000)
+        a.dataReceived(frame[:300])
+        b.dataReceived(frame[:500])
+        self.assertEqual(budget.total, 800)
+        c.dataReceived(frame[:201])
+        self.assertEqual(b.evictions, [(500, 1001, 1000)])
+        [error] = b.errors
+        self.assertIsInstance(error, IncompleteFrame)
+        self.assertIn("1001 bytes (max: 1000)", str(error))
+        self.assertEqual((a.errors, c.errors), ([], []))
+        self.assertEqual(budget.total, 501)
+        self.assertEqual(b.buffered_bytes, 0)
+        self.assertEqual(budget.evictions, 1)
+
+    def test_the_reader_itself_may_be_the_one_closed(self) -> None:
+        budget = IncompleteFrameBudget(1000)
+        a, b = self.receivers(2, budget)
+        frame = encode_frame(0x20, b"x" * 2000)
+        a.dataReceived(frame[:100])
+        b.dataReceived(frame[:1500])
+        self.assertEqual(len(b.errors), 1)
+        self.assertEqual(a.errors, [])
+        self.assertEqual(budget.total, 100)
+        b.dataReceived(frame[1500:])
+        self.assertEqual(b.frames, [])
+
+    def test_as_many_are_closed_as_it_takes(self) -> None:
+        budget = IncompleteFrameBudget(1000)
+        receivers = self.receivers(5, budget)
+        frame = encode_frame(0x20, b"x" * 2000)
+        for receiver in receivers:
+            receiver.dataReceived(frame[:200])
+        self.assertEqual(budget.total, 1000)
+        budget.limit = 500
+        receivers[0].dataReceived(frame[200:201])
+        self.assertEqual(budget.total, 400)
+        self.assertEqual([len(r.errors) for r in receivers], [1, 1, 1, 0, 0])

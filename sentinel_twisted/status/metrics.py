@@ -8,6 +8,12 @@ Counters the gateway bumps per request are plain dicts turned into
 metrics when scraped (one thread bumps them: no lock per sample); so are
 the listener's own counters (registrations, rejections) and the pool's
 state (connections, requests in flight).
+
+Per-agent series last as long as their agent: when an agent's last
+connection leaves (after an optional grace period, in case it comes back),
+its series are removed and their totals added to aggregate
+C{*_departed} series without the agent label, so that agents that come
+and go do not make every scrape larger.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from ..messages import CancelReason
 from ..pool import PoolObserver
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
     from ..connection import AgentConnection
     from ..factory import ReverseConnectionFactory
     from ..pool import AgentPool
@@ -71,16 +79,30 @@ class _CounterFamily:
     in the reactor thread, so without prometheus_client's per-sample lock.
     """
 
-    __slots__ = ("documentation", "labels", "name", "values")
+    __slots__ = ("agent_index", "departed", "documentation", "labels", "name", "values")
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
         self.labels = labels
         self.values: dict[tuple[str, ...], int] = {}
+        #: Where the agent label is, if there is one.
+        self.agent_index = labels.index("agent") if "agent" in labels else None
+        #: The totals of agents that left, by the other labels.
+        self.departed: dict[tuple[str, ...], int] = {}
 
     def inc(self, *labels: str) -> None:
         self.values[labels] = self.values.get(labels, 0) + 1
+
+    def forget_agent(self, agent_id: str) -> None:
+        """Move C{agent_id}'s series into the departed totals."""
+        index = self.agent_index
+        if index is None:
+            return
+        values, departed = self.values, self.departed
+        for labels in [k for k in values if k[index] == agent_id]:
+            rest = labels[:index] + labels[index + 1 :]
+            departed[rest] = departed.get(rest, 0) + values.pop(labels)
 
 
 class _CountersCollector(Collector):
@@ -93,6 +115,17 @@ class _CountersCollector(Collector):
             for labels, value in sorted(family.values.items()):
                 metric.add_metric(list(labels), value)
             yield metric
+            index = family.agent_index
+            if index is None:
+                continue
+            departed = CounterMetricFamily(
+                f"{family.name}_departed",
+                f"{family.documentation} Totals of agents that are no longer connected.",
+                labels=[label for label in family.labels if label != "agent"],
+            )
+            for labels, value in sorted(family.departed.items()):
+                departed.add_metric(list(labels), value)
+            yield departed
 
 
 class _Latency:
@@ -105,6 +138,11 @@ class _Latency:
         self.count = 0
         self.total = 0.0
 
+    def add(self, other: _Latency) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.count += other.count
+        self.total += other.total
+
 
 class _LatencyCollector(Collector):
     """
@@ -113,8 +151,9 @@ class _LatencyCollector(Collector):
     and turned into a histogram when scraped.
     """
 
-    def __init__(self, latencies: dict[str, _Latency]) -> None:
+    def __init__(self, latencies: dict[str, _Latency], departed: _Latency) -> None:
         self.latencies = latencies
+        self.departed = departed
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(
@@ -122,15 +161,27 @@ class _LatencyCollector(Collector):
             "Time from sending an event to an agent to its answer, by agent.",
             labels=["agent"],
         )
-        bounds = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
         for agent_id, latency in sorted(self.latencies.items()):
-            running = 0
-            buckets = []
-            for bound, count in zip(bounds, latency.counts, strict=True):
-                running += count
-                buckets.append((bound, running))
-            family.add_metric([agent_id], buckets, latency.total)
+            family.add_metric([agent_id], _buckets(latency), latency.total)
         yield family
+        departed = HistogramMetricFamily(
+            "sentinel_agent_round_trip_departed_seconds",
+            "Round trips of agents that are no longer connected.",
+        )
+        departed.add_metric([], _buckets(self.departed), self.departed.total)
+        yield departed
+
+
+_BOUNDS = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+
+
+def _buckets(latency: _Latency) -> list[tuple[str, float]]:
+    running = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip(_BOUNDS, latency.counts, strict=True):
+        running += count
+        buckets.append((bound, running))
+    return buckets
 
 
 class _ListenerCollector(Collector):
@@ -190,7 +241,12 @@ class _ListenerCollector(Collector):
 class GatewayMetrics(PoolObserver):
     """
     The metrics of one listener and its gateway.  Add it to the pool as an
-    observer (L{attach}) to get agent round-trip latencies.
+    observer (L{attach}) to get agent round-trip latencies, and to have the
+    series of agents that left folded into the C{*_departed} totals.
+
+    @param departed_grace: seconds an agent whose last connection left
+        keeps its own series, in case it comes back (on C{clock}, by
+        default the factory's).
     """
 
     def __init__(
@@ -198,9 +254,23 @@ class GatewayMetrics(PoolObserver):
         pool: AgentPool,
         factory: ReverseConnectionFactory | None = None,
         registry: CollectorRegistry | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        departed_grace: float = 0.0,
     ) -> None:
+        if departed_grace < 0:
+            raise ValueError(f"departed_grace must not be negative, got {departed_grace!r}")
+        if clock is None and factory is not None:
+            clock = factory.clock
+        if clock is None and departed_grace:
+            from twisted.internet import reactor
+
+            clock = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
         self.pool = pool
+        self.clock = clock
+        self.departed_grace = departed_grace
+        self._leaving: dict[str, IDelayedCall] = {}
         self.registry.register(_ListenerCollector(factory, pool))
         self._requests = _CounterFamily(
             "sentinel_gateway_requests",
@@ -245,8 +315,15 @@ class GatewayMetrics(PoolObserver):
                 ]
             )
         )
+        self._per_agent = [
+            self._agent_failures,
+            self._timeouts,
+            self._cancels,
+            self._fail_open,
+        ]
         self._latencies: dict[str, _Latency] = {}
-        self.registry.register(_LatencyCollector(self._latencies))
+        self._departed_latency = _Latency()
+        self.registry.register(_LatencyCollector(self._latencies, self._departed_latency))
 
     def attach(self) -> GatewayMetrics:
         """Start observing the pool; returns itself."""
@@ -256,6 +333,18 @@ class GatewayMetrics(PoolObserver):
     def detach(self) -> None:
         """Stop observing the pool."""
         self.pool.remove_observer(self)
+        for timer in self._leaving.values():
+            if timer.active():
+                timer.cancel()
+        self._leaving.clear()
+
+    def forget_agent(self, agent_id: str) -> None:
+        """Fold C{agent_id}'s series into the departed totals (it left)."""
+        for family in self._per_agent:
+            family.forget_agent(agent_id)
+        latency = self._latencies.pop(agent_id, None)
+        if latency is not None:
+            self._departed_latency.add(latency)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -290,6 +379,27 @@ class GatewayMetrics(PoolObserver):
         self._upstream.inc(kind)
 
     # -- IAgentPoolObserver ----------------------------------------------------------
+
+    def agent_registered(self, connection: AgentConnection) -> None:
+        timer = self._leaving.pop(connection.agent_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        agent_id = connection.agent_id
+        if agent_id in self.pool or agent_id in self._leaving:
+            return
+        if not self.departed_grace or self.clock is None:
+            self.forget_agent(agent_id)
+            return
+        self._leaving[agent_id] = self.clock.callLater(
+            self.departed_grace, self._grace_over, agent_id
+        )
+
+    def _grace_over(self, agent_id: str) -> None:
+        del self._leaving[agent_id]
+        if agent_id not in self.pool:
+            self.forget_agent(agent_id)
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         agent_id = connection.agent_id

@@ -116,8 +116,10 @@ class AgentFailureTests(TestCase):
             await h.agent("waf", decide=drop)
             response = await h.get("/")
             self.assertEqual(response.code, 503)
+            # The agent left with its only connection: its failures now
+            # count among the departed agents' totals.
             self.assertEqual(
-                h.sample("sentinel_gateway_agent_failures_total", agent="waf", reason="disconnected"), 1
+                h.sample("sentinel_gateway_agent_failures_departed_total", reason="disconnected"), 1
             )
 
         return ensureDeferred(go())

@@ -172,3 +172,108 @@ class MetricsTests(TestCase):
             self.assertEqual((await h.status("/nope")).code, 404)
 
         return ensureDeferred(go())
+
+
+class DepartedAgentMetricsTests(TestCase):
+    """
+    Per-agent series last as long as the agent: 300 agents that came and
+    went left /metrics at 420 KB.  Their totals live on in C{*_departed}.
+    """
+
+    def setUp(self) -> None:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        from .._proxy_support import Proxy
+
+        self.proxy = Proxy()
+        self.metrics = GatewayMetrics(self.proxy.pool, self.proxy.factory).attach()
+
+    def visit(self, agent_id: str) -> None:
+        """An agent registers, is timed out once, answers once, and leaves."""
+        from .._proxy_support import lose
+
+        protocol, _, connection = self.proxy.register(agent_id)
+        self.metrics.agent_failed(agent_id, "timeout")
+        self.metrics.cancel_sent(agent_id, 1)
+        self.metrics.fail_open_pass(agent_id, "timeout")
+        self.metrics.request_answered(connection, "c", 0.003)
+        lose(protocol)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(self.metrics.render().decode())
+
+    def test_an_agent_that_left_has_no_series(self) -> None:
+        self.visit("gone")
+        text = self.metrics.render().decode()
+        self.assertNotIn('agent="gone"', text)
+
+    def test_its_totals_are_kept_in_the_departed_series(self) -> None:
+        self.visit("one")
+        self.visit("two")
+        scraped = self.scrape()
+        self.assertEqual(scraped[("sentinel_agent_timeouts_departed_total", ())], 2)
+        self.assertEqual(
+            scraped[("sentinel_gateway_agent_failures_departed_total", (("reason", "timeout"),))], 2
+        )
+        self.assertEqual(
+            scraped[("sentinel_agent_cancels_departed_total", (("reason", "timeout"),))], 2
+        )
+        self.assertEqual(
+            scraped[("sentinel_gateway_fail_open_passes_departed_total", (("reason", "timeout"),))], 2
+        )
+        self.assertEqual(scraped[("sentinel_agent_round_trip_departed_seconds_count", ())], 2)
+        self.assertEqual(
+            scraped[("sentinel_agent_round_trip_departed_seconds_bucket", (("le", "0.005"),))], 2
+        )
+
+    def test_scrapes_stay_the_same_size_however_many_agents_left(self) -> None:
+        for i in range(10):
+            self.visit(f"agent-{i:04}")
+        after_ten = self.metrics.render()
+        for i in range(10, 300):
+            self.visit(f"agent-{i:04}")
+        after_300 = self.metrics.render()
+        # The same series; only the totals' digits grow.
+        self.assertEqual(after_300.count(b"\n"), after_ten.count(b"\n"))
+        self.assertLess(len(after_300), len(after_ten) + 100)
+
+    def test_an_agent_with_a_live_connection_keeps_its_series(self) -> None:
+        from .._proxy_support import lose
+
+        first, _, _ = self.proxy.register("waf")
+        self.proxy.register("waf")
+        self.metrics.agent_failed("waf", "timeout")
+        lose(first)
+        self.assertEqual(self.scrape()[("sentinel_agent_timeouts_total", (("agent", "waf"),))], 1)
+
+    def test_a_grace_period_keeps_the_series_of_an_agent_that_returns(self) -> None:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        from .._proxy_support import lose
+
+        self.metrics.detach()
+        metrics = GatewayMetrics(self.proxy.pool, self.proxy.factory, departed_grace=30).attach()
+        protocol, _, _ = self.proxy.register("waf")
+        metrics.agent_failed("waf", "timeout")
+        lose(protocol)
+        self.proxy.clock.advance(29)
+        self.assertIn('agent="waf"', metrics.render().decode())
+        self.proxy.register("waf")
+        self.proxy.clock.advance(60)
+        self.assertIn('agent="waf"', metrics.render().decode())
+        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+
+    def test_after_the_grace_period_the_series_go(self) -> None:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        from .._proxy_support import lose
+
+        self.metrics.detach()
+        metrics = GatewayMetrics(self.proxy.pool, self.proxy.factory, departed_grace=30).attach()
+        protocol, _, _ = self.proxy.register("waf")
+        metrics.agent_failed("waf", "timeout")
+        lose(protocol)
+        self.proxy.clock.advance(30)
+        text = metrics.render().decode()
+        self.assertNotIn('agent="waf"', text)
+        self.assertIn("sentinel_agent_timeouts_departed_total 1.0", text)

@@ -45,10 +45,27 @@ from twisted.python.failure import Failure
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.errors import AgentProtocolError
-from sentinel_twisted.wire import MAX_MESSAGE_SIZE, FrameReceiver, MessageType, encode_frame
+from sentinel_twisted.wire import (
+    MAX_CONTROL_FRAME_SIZE,
+    MAX_MESSAGE_SIZE,
+    FrameReceiver,
+    MessageType,
+    encode_frame,
+)
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+CONTROL_TYPES = {
+    int(t): t.wire_name
+    for t in (
+        MessageType.PING,
+        MessageType.PONG,
+        MessageType.HEALTH_STATUS,
+        MessageType.FLOW_CONTROL,
+        MessageType.METRICS_REPORT,
+        MessageType.CONFIG_UPDATE_REQUEST,
+    )
+}
 
 # -- the targets ---------------------------------------------------------------
 
@@ -57,7 +74,8 @@ def reference_frames(data: bytes) -> tuple[list[tuple[int, bytes]], str | None, 
     """
     SPEC section 1, written plainly: the complete frames, the framing error
     (if any), and how many bytes wait for the rest of a frame.  The length
-    and the type byte are judged as soon as they have arrived.
+    and the type byte are judged as soon as they have arrived; a control
+    frame (Ping, HealthStatus, ...) may not exceed 64 KiB.
     """
     frames = []
     offset = 0
@@ -72,6 +90,11 @@ def reference_frames(data: bytes) -> tuple[list[tuple[int, bytes]], str | None, 
         kind = data[offset + 4]
         if kind not in KNOWN_TYPES:
             return frames, f"Invalid message format: Unknown message type: 0x{kind:02x}", 0
+        if kind in CONTROL_TYPES and length > MAX_CONTROL_FRAME_SIZE:
+            return frames, (
+                f"Message too large: {length} bytes "
+                f"(max: {MAX_CONTROL_FRAME_SIZE} for a {CONTROL_TYPES[kind]} frame)"
+            ), 0
         if offset + 4 + length > len(data):
             break
         frames.append((kind, data[offset + 5 : offset + 4 + length]))
