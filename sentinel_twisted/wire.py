@@ -396,6 +396,7 @@ class IncompleteFrameBudget:
         self._held: dict[FrameReceiver, int] = {}
 
     def held_by(self, receiver: FrameReceiver) -> int:
+        """Bytes of an incomplete frame that C{receiver} holds now."""
         return self._held.get(receiver, 0)
 
     def hold(self, receiver: FrameReceiver, size: int) -> None:
