@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
@@ -17,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._ratelimit import LogRateLimiter
 from .config import CHALLENGE_HEADER
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "drop_hop_by_hop",
     "status_text",
     "valid_status",
-    "warn_now_and_then",
 ]
 
 log = Logger(namespace="sentinel_twisted.gateway")
@@ -70,36 +69,24 @@ PROTECTED_RESPONSE_HEADERS = frozenset(
 #: ... and on the request, C{Host} (the upstream's).
 PROTECTED_REQUEST_HEADERS = PROTECTED_RESPONSE_HEADERS | {b"host"}
 
-#: Seconds between two warnings of one kind.
-WARNING_INTERVAL = 10.0
-_last_warning: dict[str, float] = {}
-_suppressed: dict[str, int] = {}
+def _warn(limiter: LogRateLimiter | None, kind: str, text: str, **fields: object) -> None:
+    if limiter is None:
+        log.warn(text, **fields)
+    else:
+        limiter.warn(log, kind, text, **fields)
 
 
-def warn_now_and_then(kind: str, text: str, **fields: object) -> None:
+def ignored_header(
+    name: str, agent_id: str, protected: frozenset[bytes], limiter: LogRateLimiter | None = None
+) -> bool:
     """
-    A warning at most once per L{WARNING_INTERVAL} for each C{kind} (a
-    fixed set of names, so the tables stay small), saying how many were
-    left out since.
+    Whether an agent's header C{name} is C{protected}: then it is ignored,
+    and said so (through C{limiter}, the gateway's, when given).
     """
-    now = time.monotonic()
-    last = _last_warning.get(kind)
-    if last is not None and now - last < WARNING_INTERVAL:
-        _suppressed[kind] = _suppressed.get(kind, 0) + 1
-        return
-    _last_warning[kind] = now
-    skipped = _suppressed.pop(kind, 0)
-    if skipped:
-        text += " (and {skipped} more like it in the last {interval:g}s)"
-        fields.update(skipped=skipped, interval=WARNING_INTERVAL)
-    log.warn(text, **fields)
-
-
-def ignored_header(name: str, agent_id: str, protected: frozenset[bytes]) -> bool:
-    """Whether an agent's header C{name} is C{protected}: then it is ignored, and said so."""
     if name.strip().lower().encode("latin-1", "replace") not in protected:
         return False
-    warn_now_and_then(
+    _warn(
+        limiter,
         "protected_header",
         "Agent {agent_id} tried to change the {name!r} header; ignored "
         "(the gateway frames messages itself)",
@@ -133,15 +120,17 @@ def apply_header_ops(
     ops: Sequence[m.HeaderOp],
     agent_id: str = "",
     protected: frozenset[bytes] = PROTECTED_RESPONSE_HEADERS,
+    limiter: LogRateLimiter | None = None,
 ) -> None:
     """
     Apply set/add/remove operations in order.  An operation with an invalid
     header name is skipped with a warning; CR/LF in values is neutralised
     by L{Headers}.  Operations on C{protected} headers (framing and
-    hop-by-hop ones) are ignored, with a warning now and then.
+    hop-by-hop ones) are ignored, with a warning.  An agent triggers these
+    warnings at will: C{limiter} (the gateway's) keeps them to a few.
     """
     for op in ops:
-        if ignored_header(op.name, agent_id, protected):
+        if ignored_header(op.name, agent_id, protected, limiter):
             continue
         try:
             if isinstance(op, m.SetHeader):
@@ -151,7 +140,9 @@ def apply_header_ops(
             elif isinstance(op, m.RemoveHeader):
                 headers.removeHeader(op.name)
         except (ValueError, TypeError, UnicodeError) as e:
-            log.warn(
+            _warn(
+                limiter,
+                "unusable_header_operation",
                 "Agent {agent_id} sent an unusable header operation {op!r}: {error}",
                 agent_id=agent_id,
                 op=op,

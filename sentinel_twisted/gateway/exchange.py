@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
-from .._lograte import LogRate, held_back
+from .._ratelimit import LogRateLimiter
 from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
     AgentProtocolError,
@@ -66,7 +66,6 @@ from .decisions import (
     ignored_header,
     status_text,
     valid_status,
-    warn_now_and_then,
 )
 from .metadata import header_map, request_metadata, tls_info
 from .target import BadTarget, RequestTarget, parse_target
@@ -189,8 +188,9 @@ class Gateway:
         self.upstream = upstream
         self.metrics: GatewayMetricsSink = metrics if metrics is not None else NullMetrics()
         self.clock = clock
-        #: Keeps the agent-failure lines a flood of requests triggers to a few.
-        self.log_rate = LogRate(clock)
+        #: Keeps the lines that clients and agents trigger at will (agent
+        #: failures, protected headers, bad statuses) to a few per kind.
+        self.log_limiter = LogRateLimiter(clock)
         self.challenge_status = config.challenge_status
         self.fail_open = config.fail_open
         #: Whether the upstream shows each agent's decision (the echo does).
@@ -243,11 +243,16 @@ class Gateway:
 
     def watch_agents(self) -> None:
         """Say in the log when the last agent leaves, and when one is back."""
+        self.log_limiter.start()
         self._presence = _AgentPresence(self)
         self.pool.add_observer(self._presence)
 
     def unwatch_agents(self) -> None:
-        """Stop the log lines of L{watch_agents} (the gateway is stopping)."""
+        """
+        Stop the log lines of L{watch_agents} (the gateway is stopping), and
+        report what the limiter still holds back, leaving no timer behind.
+        """
+        self.log_limiter.stop()
         presence, self._presence = self._presence, None
         if presence is not None:
             self.pool.remove_observer(presence)
@@ -522,23 +527,21 @@ class Exchange:
                         *self._passed,
                         {"agent_id": agent_id, "decision": "allow", "fail_open": reason},
                     ]
-                    held = self.gateway.log_rate.admit((agent_id, reason, "pass"))
-                    if held is not None:
-                        log.info(
-                            "Agent {agent_id} {reason}; request passes (fail-open){held}",
-                            agent_id=agent_id,
-                            reason=reason,
-                            held=held_back(held),
-                        )
-                    continue
-                held = self.gateway.log_rate.admit((agent_id, reason, "503"))
-                if held is not None:
-                    log.warn(
-                        "Agent {agent_id} {reason}; answering 503{held}",
+                    self.gateway.log_limiter.info(
+                        log,
+                        f"agent-{reason}-pass",
+                        "Agent {agent_id} {reason}; request passes (fail-open)",
                         agent_id=agent_id,
                         reason=reason,
-                        held=held_back(held),
                     )
+                    continue
+                self.gateway.log_limiter.warn(
+                    log,
+                    f"agent-{reason}-503",
+                    "Agent {agent_id} {reason}; answering 503",
+                    agent_id=agent_id,
+                    reason=reason,
+                )
                 self._unavailable()
                 return False
             slots.append(AgentSlot(agent_id, connection))
@@ -744,7 +747,11 @@ class Exchange:
             if answer is not None:
                 if answer.request_headers:
                     apply_header_ops(
-                        headers, answer.request_headers, slot.agent_id, PROTECTED_REQUEST_HEADERS
+                        headers,
+                        answer.request_headers,
+                        slot.agent_id,
+                        PROTECTED_REQUEST_HEADERS,
+                        self.gateway.log_limiter,
                     )
                 if decisions is not None:
                     decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
@@ -932,7 +939,9 @@ class Exchange:
             raw.pop(b"Content-Length", None)
         for slot in self.slots:
             if slot.response_ops is not None and slot.skipped is None:
-                apply_header_ops(out, slot.response_ops, slot.agent_id)
+                apply_header_ops(
+                    out, slot.response_ops, slot.agent_id, limiter=self.gateway.log_limiter
+                )
         request.setResponseCode(response.code, response.phrase or None)
 
     def _client_write(self, data: bytes) -> None:
@@ -966,26 +975,24 @@ class Exchange:
         if self.gateway.fail_open:
             slot.skipped = reason
             metrics.fail_open_pass(slot.agent_id, reason)
-            held = self.gateway.log_rate.admit((slot.agent_id, reason, "pass"))
-            if held is not None:
-                log.info(
-                    "Agent {agent_id} {reason} on {cid}; request goes on (fail-open){held}",
-                    agent_id=slot.agent_id,
-                    reason=reason,
-                    cid=self.correlation_id,
-                    held=held_back(held),
-                )
-            return True
-        held = self.gateway.log_rate.admit((slot.agent_id, reason, "503"))
-        if held is not None:
-            log.warn(
-                "Agent {agent_id} {reason} on {cid}: {error}; answering 503{held}",
+            self.gateway.log_limiter.info(
+                log,
+                f"agent-{reason}-pass",
+                "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
                 agent_id=slot.agent_id,
                 reason=reason,
                 cid=self.correlation_id,
-                error=str(failure.value),
-                held=held_back(held),
             )
+            return True
+        self.gateway.log_limiter.warn(
+            log,
+            f"agent-{reason}-503",
+            "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
+            agent_id=slot.agent_id,
+            reason=reason,
+            cid=self.correlation_id,
+            error=str(failure.value),
+        )
         self._error = f"agent {slot.agent_id}: {failure.value}"
         if self._head_written:
             self._cancel_pending(_MANUAL)
@@ -1043,7 +1050,8 @@ class Exchange:
         if not valid_status(answer.decision):
             # Status 0 or a 200 "block" would go out as such: the agent
             # is broken, and the client hears that much.
-            warn_now_and_then(
+            self.gateway.log_limiter.warn(
+                log,
                 "decision_status",
                 "Agent {agent_id} answered {label} with status {status}, outside "
                 "{range}; answering 500",
@@ -1067,7 +1075,7 @@ class Exchange:
             return
         headers = Headers()
         for name, value in denial.headers:
-            if ignored_header(name, slot.agent_id, PROTECTED_RESPONSE_HEADERS):
+            if ignored_header(name, slot.agent_id, PROTECTED_RESPONSE_HEADERS, self.gateway.log_limiter):
                 continue
             try:
                 headers.setRawHeaders(name, [value])
@@ -1079,7 +1087,9 @@ class Exchange:
                     error=str(e),
                 )
         if answer.response_headers:
-            apply_header_ops(headers, answer.response_headers, slot.agent_id)
+            apply_header_ops(
+                headers, answer.response_headers, slot.agent_id, limiter=self.gateway.log_limiter
+            )
         self._respond(denial.code, headers, denial.body)
 
     def _respond_plain(self, code: int, detail: str | None = None) -> None:

@@ -18,7 +18,6 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from .decisions import warn_now_and_then
 from .exchange import Exchange, Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
@@ -255,6 +254,8 @@ class GatewayChannel(http.HTTPChannel):
     """
 
     header_timeout: float | None = None
+    #: Set by L{GatewaySite.buildProtocol}.
+    site: GatewaySite
     _head_timer: IDelayedCall | None = None
     _head_started = False
 
@@ -284,7 +285,8 @@ class GatewayChannel(http.HTTPChannel):
         if transport is None:
             return
         if self._head_started:
-            warn_now_and_then(
+            self.site.gateway.log_limiter.warn(
+                log,
                 "head_timeout",
                 "A client sent no complete request head in {timeout}s; answering 408",
                 timeout=self.header_timeout,
@@ -373,7 +375,8 @@ class GatewaySite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.clients >= self.max_clients:
-            warn_now_and_then(
+            self.gateway.log_limiter.warn(
+                log,
                 "client_limit",
                 "{count} client connections (--max-client-connections); closing new ones",
                 count=self.clients,
