@@ -498,7 +498,15 @@ class ReverseListenerService(service.MultiService):
         for child in list(_listening_children(self)):
             port, child.port = child.port, None
             _close_at_once(port)
+        if self.log_startup_errors:
+            # Daemonized: standard error is gone, the log file stays.
+            log.critical("twistd sentinel-reverse: {message}", message=message)
         raise StartupError(message) from None
+
+    #: Whether L{_abandon_start} logs its message too (set by makeService
+    #: when twistd daemonizes; under C{-n} the one line on standard error
+    #: is enough).
+    log_startup_errors = False
 
     def _describe_failure(self, error: Exception) -> str:
         from .gateway.service import ListeningService
@@ -821,6 +829,8 @@ def makeService(options: Options) -> service.IService:
         raise SystemExit(f"twistd sentinel-reverse: {e}") from None
     # Failures to listen come later, once twistd starts the service.
     report_startup_errors("sentinel-reverse", StartupError)
+    twistd_options = getattr(options, "parent", None)
+    top.log_startup_errors = twistd_options is not None and not twistd_options.get("nodaemon")
     reactor = _default_reactor()
     exit_zero_after_clean_sigterm(reactor, lambda: top.stopped_cleanly)
     reactor.callWhenRunning(_freeze_when_running)
