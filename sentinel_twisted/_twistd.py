@@ -134,6 +134,18 @@ class ProgramOptions(usage.Options):
         # value stands for "not given".
         if parent.get("pidfile") == parent.defaults.get("pidfile"):
             parent["pidfile"] = f"{self.program}.pid"
+        pidfile = parent.get("pidfile")
+        if pidfile:
+            directory = os.path.dirname(os.path.abspath(pidfile))
+            if not os.path.isdir(directory):
+                problem = f"directory {directory} does not exist"
+            elif not os.access(directory, os.W_OK):
+                problem = f"cannot write in directory {directory}"
+            else:
+                problem = ""
+            if problem:
+                # twistd would fail later, with a traceback.
+                raise SystemExit(f"twistd {self.program}: --pidfile {pidfile}: {problem}")
         _observer_settings.clear()
         _observer_settings.update(
             level=self["log-level"], logger=parent.get("logger"), options=parent

@@ -401,6 +401,7 @@ class StartupErrorTests(TestCase):
             ("planted lock", "sentinel-reverse", off, ("--listen", f"{SOCKET}.lock is not a lock"), planted_lock),
             ("bad client endpoint", "sentinel-agent", ("--connect", "tcp:localhost", *agent, "--rules", rules), ("--connect tcp:localhost",), broken_rules),
             ("malformed rules", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--rules", rules), ("--rules rules.toml",), broken_rules),
+            ("pid file directory missing", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--agent", "sentinel_twisted.agent:Agent"), ("--pidfile missing/x.pid", "does not exist"), None),
             ("agent bad value", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--connections", "0"), ("--connections", "'0'"), None),
         ]  # fmt: skip
         running = []
@@ -410,8 +411,9 @@ class StartupErrorTests(TestCase):
             if setup is not None:
                 setup(directory)
             before = sorted(os.listdir(directory))
+            before_program = ("--pidfile", "missing/x.pid") if what.startswith("pid file") else ()
             process = subprocess.Popen(
-                twistd_command("-n", program, *args),
+                twistd_command("-n", *before_program, program, *args),
                 cwd=directory,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
