@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from .endpoints import system_max_backlog
+
 __all__ = ["AgentAllowlist", "ReverseConnectionConfig"]
 
 _GLOB_CHARS = frozenset("*?[")
@@ -74,7 +76,8 @@ class ReverseConnectionConfig:
     Settings of the listener; defaults are the reference's.
 
     @ivar backlog: listen backlog handed to the endpoints this library
-        builds from strings without an explicit C{backlog=}.
+        builds from strings without an explicit C{backlog=}; by default the
+        system's maximum (L{system_max_backlog}).
     @ivar handshake_timeout: seconds from connection to a complete
         RegistrationRequest; trickling bytes does not extend it.
     @ivar max_connections_per_agent: registered connections one agent id
@@ -102,7 +105,7 @@ class ReverseConnectionConfig:
     @ivar max_metadata_size: largest registration metadata, in bytes of JSON.
     """
 
-    backlog: int = 128
+    backlog: int = attrs.field(factory=system_max_backlog)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     max_connections_per_agent: int = attrs.field(default=4, validator=_positive)
     allowed_agents: AgentAllowlist = attrs.field(

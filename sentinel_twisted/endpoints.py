@@ -13,13 +13,22 @@ import socket
 import stat
 
 __all__ = [
+    "FALLBACK_BACKLOG",
     "SocketInUse",
+    "clear_stale_lock",
     "clear_stale_unix_socket",
+    "describe_endpoint_error",
+    "describe_listen_failure",
     "parse_description",
+    "system_max_backlog",
+    "takes_lock",
     "unix_socket_path",
     "with_backlog",
     "with_owner_only_mode",
 ]
+
+#: The listen backlog when the system's maximum cannot be read.
+FALLBACK_BACKLOG = 4096
 
 #: Endpoint types whose server parser takes a C{backlog=} argument.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
@@ -27,6 +36,63 @@ _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
 
 class SocketInUse(Exception):
     """A live process serves the socket; the text says which path."""
+
+
+def system_max_backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """
+    The largest listen backlog the system grants (Linux: C{net.core.somaxconn},
+    commonly 4096), or L{FALLBACK_BACKLOG} where it cannot be read.
+
+    Agents reconnect in bursts (a restart of the proxy brings all of them
+    back at once); a short accept queue turns such a burst into failed
+    non-blocking connects.  A larger value than the system's is cut to it.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return FALLBACK_BACKLOG
+    return value if value > 0 else FALLBACK_BACKLOG
+
+
+def describe_endpoint_error(error: BaseException) -> str:
+    """
+    What is wrong with an endpoint string, from the exception Twisted's
+    parser raised (whose text can be a bare Python message).
+    """
+    text = str(error)
+    if isinstance(error, TypeError):
+        return "wrong arguments for this endpoint type (a missing port or path?)"
+    if isinstance(error, ValueError) and "invalid literal for int()" in text:
+        return "the port must be a number"
+    if isinstance(error, KeyError):
+        return f"unknown argument {text}"
+    return text or type(error).__name__
+
+
+def describe_listen_failure(error: BaseException) -> str:
+    """The reason an endpoint could not listen, in one line."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(error, CannotListenError):
+        where = error.port
+        if isinstance(where, bytes):
+            where = where.decode("utf-8", "replace")
+        if error.interface is not None:
+            where = f"{error.interface or '*'}:{where}"
+        reason = error.socketError
+        if isinstance(reason, OSError):
+            text = (reason.strerror or str(reason)).lower()
+            return f"cannot listen on {where}: {text}"
+        if reason == "Cannot acquire lock":
+            return f"cannot listen on {where}: its lock {where}.lock is held by another process"
+        return f"cannot listen on {where}: {reason}"
+    if isinstance(error, OSError):
+        detail = (error.strerror or str(error)).lower()
+        # For a symlink (a lock), filename is the target, filename2 the path.
+        path = error.filename2 or error.filename
+        return f"cannot use {os.fsdecode(path)}: {detail}" if path else detail
+    return str(error) or type(error).__name__
 
 
 def parse_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -105,6 +171,15 @@ def unix_socket_path(description: str) -> str | None:
     return path
 
 
+def takes_lock(description: str) -> bool:
+    """Whether a C{unix:} server endpoint takes a lockfile (Twisted: unless C{lockfile=0})."""
+    _, kwargs = parse_description(description)
+    try:
+        return bool(int(kwargs.get("lockfile", "1")))
+    except ValueError:
+        return True
+
+
 def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     """
     Make C{path} free to bind, without ever stealing a live socket.
@@ -142,3 +217,40 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def clear_stale_lock(path: str) -> int | None:
+    """
+    Remove the lock (C{PATH.lock}, as C{lockfile=1} takes it) of a UNIX
+    socket that nobody serves; call after L{clear_stale_unix_socket} has
+    found C{path} free.
+
+    Twisted's lock is a symlink to the holder's pid, judged stale only when
+    that pid is dead; but pids are reused (in a container the listener is
+    pid 1 at every start), and a lock that names a live, unrelated process
+    would keep every restart from starting.  No process serves the socket,
+    so the lock is stale whoever holds that pid now.
+
+    @return: the pid the removed lock named, or C{None} if there was none.
+    @raise SocketInUse: if the lock is something other than a lock (a file,
+        a directory, a symlink to anything but a pid) or cannot be removed.
+    """
+    lock = f"{path}.lock"
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        raise SocketInUse(f"{lock} exists and is not a lock (a symlink to a pid); refusing to replace it")
+    target = os.readlink(lock)
+    if not target.isdigit():
+        raise SocketInUse(
+            f"{lock} is not a lock (it points to {target!r}, not a pid); refusing to replace it"
+        )
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SocketInUse(f"cannot remove the stale lock {lock}: {(e.strerror or str(e)).lower()}") from None
+    return int(target)

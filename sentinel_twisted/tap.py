@@ -9,26 +9,33 @@ import gc
 import math
 import os
 import resource
-import signal
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from . import __version__
 from . import messages as m
 from ._identity import load_ca_certificates, verifying_server_endpoint
+from ._twistd import ProgramOptions, exit_zero_after_clean_sigterm, report_startup_errors
 from .auth import TokenFileChecker, TokenFileError
 from .config import ReverseConnectionConfig
 from .endpoints import (
     SocketInUse,
+    clear_stale_lock,
     clear_stale_unix_socket,
+    describe_endpoint_error,
+    describe_listen_failure,
     parse_description,
+    system_max_backlog,
+    takes_lock,
     unix_socket_path,
     with_backlog,
     with_owner_only_mode,
@@ -40,6 +47,7 @@ __all__ = [
     "DEFAULT_HTTP",
     "DEFAULT_LISTEN",
     "DEFAULT_STATUS",
+    "ListenerEndpointService",
     "Options",
     "ReverseListenerService",
     "StartupError",
@@ -99,13 +107,13 @@ def _seconds(value: str) -> float:
     return number
 
 
-def _status_code(value: str) -> int:
+def _client_error_status(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
         number = 0
-    if not 100 <= number <= 599:
-        raise ValueError(f"expected an HTTP status code (100-599), got {value!r}")
+    if not 400 <= number <= 499:
+        raise ValueError(f"expected a 4xx HTTP status code (400-499), got {value!r}")
     return number
 
 
@@ -119,20 +127,24 @@ _CONVERSIONS = {
     "max-pending-registrations": _positive_int,
     "max-incomplete-frame-bytes": _positive_int,
     "upstream-timeout": _positive_float,
-    "challenge-status": _status_code,
+    "challenge-status": _client_error_status,
     "shutdown-grace": _seconds,
     "header-timeout": _positive_float,
     "max-client-connections": _positive_int,
 }
 
 
-class Options(usage.Options):
+class Options(ProgramOptions):
     """The command line of C{twistd sentinel-reverse} (see C{--help})."""
 
+    program = "sentinel-reverse"
     synopsis = "[options]"
     longdesc = (
         "Listen for Sentinel policy agents that dial in (Agent Protocol v2 reverse "
-        "connections), register them, and keep them in an agent pool."
+        "connections) and keep them in an agent pool; run the HTTP gateway, a reverse "
+        "proxy whose every request is decided by those agents (--http, --upstream), "
+        "and the status site with /agents and /metrics (--status). SIGTERM lets "
+        "requests in flight finish (--shutdown-grace) and exits 0."
     )
 
     optFlags = [
@@ -173,7 +185,13 @@ class Options(usage.Options):
             "Seconds (a float, 0: none) requests in flight get to be answered on SIGTERM; "
             "then they are cancelled (reason: proxy shutdown) and the agents disconnected.",
         ],
-        ["backlog", None, 128, "Listen backlog (N) for endpoints that do not set one."],
+        [
+            "backlog",
+            None,
+            None,
+            "Listen backlog (N) for endpoints that do not set one. "
+            "[default: the system's maximum, net.core.somaxconn]",
+        ],
         [
             "max-pending-registrations",
             None,
@@ -215,7 +233,7 @@ class Options(usage.Options):
             "challenge-status",
             None,
             403,
-            "HTTP status of the response to a challenge decision.",
+            "HTTP status (4xx) of the response to a challenge decision.",
         ],
         ["access-log", None, None, "File to append a line per gateway request to (default: none)."],
         [
@@ -260,14 +278,14 @@ class Options(usage.Options):
     )
 
     def opt_allow(self, pattern: str) -> None:
-        """Agent id or glob pattern (waf-*) allowed to register (repeatable). Default: all."""
+        """Agent id or glob pattern (waf-*) allowed to register (repeatable). [default: all]"""
         self["allow"].append(pattern)
 
     def opt_agent(self, agent_id: str) -> None:
         """
         Agent id consulted for each gateway request, in the order given
-        (repeatable). Default: every registered agent, in order of first
-        registration.
+        (repeatable). [default: every registered agent, in order of first
+        registration]
         """
         self["agents"].append(agent_id)
 
@@ -291,11 +309,26 @@ class Options(usage.Options):
                     self[name] = convert(value)
                 except ValueError as e:
                     raise usage.UsageError(f"--{name}: {e}") from None
+        self.check_log_level()
+        if self["backlog"] is None:
+            self["backlog"] = system_max_backlog()
+        for pattern in self["allow"]:
+            if not pattern.strip():
+                raise usage.UsageError("--allow: an empty pattern allows no agent id; give an id or a glob")
+        if self["require-auth"] and not self["token-file"]:
+            raise usage.UsageError(
+                "--require-auth needs --token-file FILE: without it any token would be accepted"
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        self["listen"] = [
-            with_backlog(with_owner_only_mode(d), self["backlog"]) for d in self["listen"]
-        ]
+        #: What each effective --listen endpoint was given as, for messages.
+        self.given: dict[str, str] = {}
+        listen = []
+        for given in self["listen"]:
+            description = with_backlog(with_owner_only_mode(given), self["backlog"])
+            self.given[description] = given
+            listen.append(description)
+        self["listen"] = listen
         self._client_certificate_options()
         try:
             self["config"] = ReverseConnectionConfig(
@@ -336,6 +369,7 @@ class Options(usage.Options):
                 self[name] = None
             else:
                 self[name] = with_backlog(value, self["backlog"])
+                self.given[self[name]] = value
         try:
             self["gateway"] = GatewayConfig(
                 agents=self["agents"],
@@ -383,6 +417,90 @@ def _freeze_when_running() -> None:
     log.debug("Start-up heap frozen: {count} objects left out of garbage collection", count=count)
 
 
+class ListenerEndpointService(service.Service):
+    """
+    Listens on one C{--listen} endpoint.  It binds in
+    C{privilegedStartService}, before twistd gives up root (ports below
+    1024); a failure to listen is a L{StartupError} naming the endpoint.
+    """
+
+    def __init__(
+        self,
+        endpoint: Any,
+        description: str,
+        factory: ReverseConnectionFactory,
+        given: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.description = description
+        self.given = given or description
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._listened = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._listened = True
+        outcome: list[Any] = []
+
+        def settle(result: Any) -> None:
+            if starting:
+                outcome.append(result)
+            elif isinstance(result, Failure):
+                # Failed later: nobody to raise to, so say it here.
+                log.failure("Cannot listen on --listen {listen}", result, listen=self.given)
+            else:
+                self.port = result
+
+        starting = [True]
+        self.endpoint.listen(self.factory).addBoth(settle)
+        starting.clear()
+        if not outcome:
+            return
+        if isinstance(outcome[0], Failure):
+            reason = describe_listen_failure(outcome[0].value)  # type: ignore[arg-type]
+            raise StartupError(f"--listen {self.given}: {reason}")
+        self.port = outcome[0]
+
+    def startService(self) -> None:
+        # Started without twistd's privileged step (an embedding program).
+        if not self._listened:
+            self.privilegedStartService()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._listened = False
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if stopped is not None else succeed(None)
+
+
+def _listening_children(top: service.IServiceCollection) -> Iterator[Any]:
+    """Every service in the tree under C{top} that holds a listening C{port}."""
+    for child in top:
+        if IListeningPort.providedBy(getattr(child, "port", None)):
+            yield child
+        if service.IServiceCollection.providedBy(child):
+            yield from _listening_children(child)
+
+
+def _close_at_once(port: IListeningPort) -> None:
+    """
+    Stop listening on C{port} now.  At start-up twistd has not run the
+    reactor and will not, so C{stopListening} would only schedule the close
+    (a UNIX socket's file and its lock would stay behind); the port's
+    C{connectionLost} closes it at once, removing those files.
+    """
+    lose = getattr(port, "connectionLost", None)
+    if lose is None:
+        port.stopListening()
+        return
+    lose(Failure(ConnectionDone("start-up failed")))
+
+
 class ReverseListenerService(service.MultiService):
     """The listener's endpoints plus its factory; logs the set-up on start."""
 
@@ -397,13 +515,59 @@ class ReverseListenerService(service.MultiService):
         self.options = options
         self.stale_removed = stale_removed or []
 
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except Exception as e:
+            self._abandon_start(e)
+
+    def _abandon_start(self, error: Exception) -> None:
+        """
+        A listener could not start: close what already listens (removing
+        UNIX socket files and locks), then raise a L{StartupError} that names
+        the option and the problem.
+        """
+        if isinstance(error, StartupError):
+            message = str(error)
+        else:
+            message = self._describe_failure(error)
+        for child in list(_listening_children(self)):
+            port, child.port = child.port, None
+            _close_at_once(port)
+        if self.log_startup_errors:
+            # Daemonized: standard error is gone, the log file stays.
+            log.critical("twistd sentinel-reverse: {message}", message=message)
+        raise StartupError(message) from None
+
+    #: Whether L{_abandon_start} logs its message too (set by makeService
+    #: when twistd daemonizes; under C{-n} the one line on standard error
+    #: is enough).
+    log_startup_errors = False
+
+    def _describe_failure(self, error: Exception) -> str:
+        from .gateway.service import ListeningService
+
+        given = getattr(self.options, "given", {})
+        reason = describe_listen_failure(error)
+        for child in self:
+            if not service.IServiceCollection.providedBy(child):
+                continue
+            for listening in child:
+                if isinstance(listening, ListeningService) and listening.running and listening.port is None:
+                    option = "--http" if listening.description == self.options.get("http") else "--status"
+                    return f"{option} {given.get(listening.description, listening.description)}: {reason}"
+        return reason
+
     def startService(self) -> None:
         config = self.factory.config
         raised = raise_file_limit()
         if raised is not None:
             log.info("Raised the open-file limit from {old} to {new}", old=raised[0], new=raised[1])
         for path in self.stale_removed:
-            log.info("Removed stale socket {path} left by a process that is gone", path=path)
+            if path.endswith(".lock"):
+                log.info("Removed stale lock {path}: no process serves its socket", path=path)
+            else:
+                log.info("Removed stale socket {path} left by a process that is gone", path=path)
         checker = self.factory.token_checker
         warning = getattr(checker, "permission_warning", None)
         if warning:
@@ -438,7 +602,10 @@ class ReverseListenerService(service.MultiService):
             hs=config.handshake_timeout,
             rt=config.request_timeout,
         )
-        super().startService()  # type: ignore[no-untyped-call]
+        try:
+            super().startService()  # type: ignore[no-untyped-call]
+        except Exception as e:
+            self._abandon_start(e)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -467,24 +634,6 @@ class ReverseListenerService(service.MultiService):
         return finished
 
     stopped_cleanly = False
-
-    def exit_zero_after_sigterm(self, reactor: Any) -> None:
-        """
-        Make C{twistd} exit with status 0 after a clean SIGTERM shutdown.
-
-        twistd re-raises the signal it stopped for once the reactor is done
-        (so the process dies of SIGTERM, status 143); but SIGTERM is how
-        service managers and operators ask us to stop, and a listener that
-        drained its agents and removed its socket has done exactly that.
-        Clearing the reactor's record of the signal (a private attribute
-        twistd reads after the reactor stops) makes twistd return normally.
-        """
-
-        def after_shutdown() -> None:
-            if self.stopped_cleanly and getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-                reactor._exitSignal = None
-
-        reactor.addSystemEventTrigger("after", "shutdown", after_shutdown)
 
 
 def shut_down_agents(
@@ -594,7 +743,7 @@ def load_token_checker(path: str | None) -> TokenFileChecker | None:
     try:
         return TokenFileChecker(path)
     except TokenFileError as e:
-        raise StartupError(str(e)) from None
+        raise StartupError(f"--token-file: {e}") from None
 
 
 def load_client_cas(path: str | None) -> list[Any]:
@@ -604,21 +753,29 @@ def load_client_cas(path: str | None) -> list[Any]:
     try:
         return load_ca_certificates(path)
     except ValueError as e:
-        raise StartupError(str(e)) from None
+        raise StartupError(f"--client-ca: {e}") from None
 
 
-def prepare_unix_socket(path: str) -> bool:
+def prepare_unix_socket(path: str, lock: bool = False) -> list[str]:
     """
     Check that C{path} can be bound; remove a stale socket left there by a
-    dead process.  Returns whether one was removed.
+    dead process and, if the endpoint takes a lock (C{lock}), a stale lock
+    beside it.  Returns what was removed, as log text.
     """
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         raise StartupError(f"cannot listen on {path}: directory {directory} does not exist")
+    removed = []
     try:
-        return clear_stale_unix_socket(path)
+        if clear_stale_unix_socket(path):
+            removed.append(path)
+        if lock:
+            pid = clear_stale_lock(path)
+            if pid is not None:
+                removed.append(f"{path}.lock")
     except SocketInUse as e:
         raise StartupError(str(e)) from None
+    return removed
 
 
 def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
@@ -632,6 +789,7 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    given = getattr(options, "given", {})
     checker = load_token_checker(options["token-file"])
     client_cas = load_client_cas(options.get("client-ca"))
     endpoints = []
@@ -640,21 +798,23 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
             endpoint = serverFromString(reactor, description)
             if client_cas and parse_description(description)[0][0] == "ssl":
                 endpoint = verifying_server_endpoint(reactor, description, client_cas)
-            endpoints.append(endpoint)
+            endpoints.append((endpoint, description))
         except Exception as e:
-            raise StartupError(f"cannot use --listen {description!r}: {e}") from None
+            shown = given.get(description, description)
+            raise StartupError(f"--listen {shown}: {describe_endpoint_error(e)}") from None
     stale_removed = []
     for description in options["listen"]:
         path = unix_socket_path(description)
-        if path is not None and prepare_unix_socket(path):
-            stale_removed.append(path)
+        if path is not None:
+            try:
+                stale_removed.extend(prepare_unix_socket(path, lock=takes_lock(description)))
+            except StartupError as e:
+                raise StartupError(f"--listen {given.get(description, description)}: {e}") from None
     factory = ReverseConnectionFactory(options["config"], token_checker=checker, clock=reactor)
     top = ReverseListenerService(factory, options, stale_removed)
-    for endpoint in endpoints:
-        svc = StreamServerEndpointService(endpoint, factory)
-        # Fail the start-up (and twistd) when an endpoint cannot listen.
-        svc._raiseSynchronously = True
-        svc.setServiceParent(top)
+    for endpoint, description in endpoints:
+        listener = ListenerEndpointService(endpoint, description, factory, given.get(description))
+        listener.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 
 
@@ -667,6 +827,7 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         return
     from .gateway.service import GatewayService
 
+    given = getattr(options, "given", {})
     for name in ("http", "status"):
         description = options[name]
         if description is None:
@@ -674,16 +835,33 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         try:
             serverFromString(reactor if reactor is not None else _default_reactor(), description)
         except Exception as e:
-            raise StartupError(f"cannot use --{name} {description!r}: {e}") from None
+            shown = given.get(description, description)
+            raise StartupError(f"--{name} {shown}: {describe_endpoint_error(e)}") from None
+    access_log = options.get("access-log")
+    if access_log and options["http"] is not None:
+        check_access_log(access_log)
     GatewayService(  # type: ignore[no-untyped-call]
         top.factory,
         options["gateway"],
         http=options["http"],
         status=options["status"],
         reactor=reactor,
-        access_log=options.get("access-log"),
+        access_log=access_log,
         shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
     ).setServiceParent(top)
+
+
+def check_access_log(path: str) -> None:
+    """
+    Make sure the access log can be appended to (creating it owner-only),
+    so that a bad path is a start-up error naming the option rather than a
+    failure of the HTTP listener.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StartupError(f"--access-log {path}: {describe_listen_failure(e)}") from None
+    os.close(fd)
 
 
 def _default_reactor() -> Any:
@@ -701,11 +879,15 @@ def makeService(options: Options) -> service.IService:
     try:
         top = make_listener(options)
         add_gateway(top, options)
-        reactor = _default_reactor()
-        top.exit_zero_after_sigterm(reactor)
-        reactor.callWhenRunning(_freeze_when_running)
-        return top
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a
         # traceback: nothing is wrong with the command line.
         raise SystemExit(f"twistd sentinel-reverse: {e}") from None
+    # Failures to listen come later, once twistd starts the service.
+    report_startup_errors("sentinel-reverse", StartupError)
+    twistd_options = getattr(options, "parent", None)
+    top.log_startup_errors = twistd_options is not None and not twistd_options.get("nodaemon")
+    reactor = _default_reactor()
+    exit_zero_after_clean_sigterm(reactor, lambda: top.stopped_cleanly)
+    reactor.callWhenRunning(_freeze_when_running)
+    return top

@@ -9,12 +9,13 @@ import attrs
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.config import AgentAllowlist, ReverseConnectionConfig
+from sentinel_twisted.endpoints import system_max_backlog
 
 
 class ConfigTests(TestCase):
     def test_reference_defaults(self) -> None:
         config = ReverseConnectionConfig()
-        self.assertEqual(config.backlog, 128)
+        self.assertEqual(config.backlog, system_max_backlog())
         self.assertEqual(config.handshake_timeout, 10.0)
         self.assertEqual(config.max_connections_per_agent, 4)
         self.assertFalse(config.allowed_agents)

@@ -16,9 +16,14 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.endpoints import (
+    FALLBACK_BACKLOG,
     SocketInUse,
+    clear_stale_lock,
     clear_stale_unix_socket,
+    describe_listen_failure,
     parse_description,
+    system_max_backlog,
+    takes_lock,
     unix_socket_path,
     with_backlog,
     with_owner_only_mode,
@@ -156,3 +161,87 @@ class ClearStaleSocketTests(TestCase):
         os.symlink(self.path, link)
         self.assertRaises(SocketInUse, clear_stale_unix_socket, link)
         self.assertTrue(os.path.islink(link))
+
+
+class BacklogTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-ep-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def test_the_systems_maximum(self) -> None:
+        path = os.path.join(self.dir, "somaxconn")
+        with open(path, "w") as f:
+            f.write("65535\n")
+        self.assertEqual(system_max_backlog(path), 65535)
+
+    def test_a_sane_default_when_unreadable(self) -> None:
+        self.assertEqual(system_max_backlog(os.path.join(self.dir, "missing")), FALLBACK_BACKLOG)
+        path = os.path.join(self.dir, "garbage")
+        with open(path, "w") as f:
+            f.write("lots\n")
+        self.assertEqual(system_max_backlog(path), FALLBACK_BACKLOG)
+        self.assertGreater(FALLBACK_BACKLOG, 128)
+
+    def test_every_default_listener_gets_it(self) -> None:
+        from sentinel_twisted.config import ReverseConnectionConfig
+        from sentinel_twisted.tap import Options
+
+        options = Options()
+        options.parseOptions([])
+        expected = f"backlog={system_max_backlog()}"
+        self.assertEqual(ReverseConnectionConfig().backlog, system_max_backlog())
+        for description in [*options["listen"], options["http"], options["status"]]:
+            self.assertIn(expected, description)
+
+
+class ListenFailureTests(TestCase):
+    def test_port_in_use(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        error = CannotListenError("127.0.0.1", 8080, OSError(98, "Address already in use"))
+        self.assertEqual(describe_listen_failure(error), "cannot listen on 127.0.0.1:8080: address already in use")
+
+    def test_unix_lock_held(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        error = CannotListenError(None, b"/run/a.sock", "Cannot acquire lock")
+        self.assertEqual(
+            describe_listen_failure(error),
+            "cannot listen on /run/a.sock: its lock /run/a.sock.lock is held by another process",
+        )
+
+    def test_lock_symlink_names_its_path(self) -> None:
+        error = OSError(2, "No such file or directory", "1234", None, "/proc/a.sock.lock")
+        self.assertEqual(describe_listen_failure(error), "cannot use /proc/a.sock.lock: no such file or directory")
+
+
+class ClearStaleLockTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-lock-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "s.sock")
+        self.lock = self.path + ".lock"
+
+    def test_no_lock(self) -> None:
+        self.assertIsNone(clear_stale_lock(self.path))
+
+    def test_lock_naming_a_live_pid_is_removed(self) -> None:
+        os.symlink(str(os.getpid()), self.lock)
+        self.assertEqual(clear_stale_lock(self.path), os.getpid())
+        self.assertFalse(os.path.lexists(self.lock))
+
+    def test_anything_but_a_pid_symlink_is_refused_and_kept(self) -> None:
+        os.symlink("/etc/passwd", self.lock)
+        error = self.assertRaises(SocketInUse, clear_stale_lock, self.path)
+        self.assertIn("is not a lock", str(error))
+        self.assertTrue(os.path.islink(self.lock))
+        os.unlink(self.lock)
+        with open(self.lock, "w") as f:
+            f.write("123")
+        self.assertRaises(SocketInUse, clear_stale_lock, self.path)
+        self.assertTrue(os.path.isfile(self.lock))
+
+    def test_takes_lock(self) -> None:
+        self.assertTrue(takes_lock("unix:/tmp/a.sock"))
+        self.assertTrue(takes_lock("unix:/tmp/a.sock:lockfile=1"))
+        self.assertFalse(takes_lock("unix:/tmp/a.sock:lockfile=0"))

@@ -10,15 +10,16 @@ import shutil
 import socket
 import tempfile
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.auth import TokenFileChecker
 from sentinel_twisted.config import ReverseConnectionConfig
+from sentinel_twisted.endpoints import system_max_backlog
 from sentinel_twisted.tap import (
     DEFAULT_LISTEN,
+    ListenerEndpointService,
     Options,
     ReverseListenerService,
     StartupError,
@@ -37,7 +38,7 @@ def parse(*argv: str) -> Options:
 class OptionsTests(TestCase):
     def test_defaults(self) -> None:
         options = parse()
-        self.assertEqual(options["listen"], [DEFAULT_LISTEN + ":backlog=128"])
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN + f":backlog={system_max_backlog()}"])
         self.assertEqual(options["config"], ReverseConnectionConfig())
         self.assertEqual(options["config"].proxy_id, "sentinel-proxy")
         self.assertIsNone(options["token-file"])
@@ -100,6 +101,27 @@ class OptionsTests(TestCase):
             with self.subTest(argv=argv):
                 self.assertRaises(usage.UsageError, parse, *argv)
 
+    def test_values_that_would_weaken_the_policy_are_refused(self) -> None:
+        for argv, text in [
+            (("--allow", ""), "--allow: an empty pattern"),
+            (("--allow", "waf-*", "--allow", " "), "--allow: an empty pattern"),
+            (("--challenge-status", "200"), "--challenge-status: expected a 4xx"),
+            (("--challenge-status", "503"), "--challenge-status: expected a 4xx"),
+            (("--require-auth",), "--require-auth needs --token-file"),
+            (("--log-level", "loud"), "--log-level: expected one of debug, info, warn"),
+        ]:
+            with self.subTest(argv=argv):
+                error = self.assertRaises(usage.UsageError, parse, *argv)
+                self.assertIn(text, str(error))
+        self.assertEqual(parse("--challenge-status", "429")["challenge-status"], 429)
+
+    def test_log_level(self) -> None:
+        from twisted.logger import LogLevel
+
+        self.assertEqual(parse()["log-level"], LogLevel.info)
+        self.assertEqual(parse("--log-level", "WARNING")["log-level"], LogLevel.warn)
+        self.assertEqual(parse("--log-level", "debug")["log-level"], LogLevel.debug)
+
     def test_usage_error_names_the_option(self) -> None:
         error = self.assertRaises(usage.UsageError, parse, "--request-timeout", "-2")
         self.assertIn("request-timeout", str(error))
@@ -132,10 +154,12 @@ class OptionsTests(TestCase):
         )
 
     def test_unix_sockets_are_owner_only_unless_told(self) -> None:
-        options = parse("--listen", "unix:/tmp/x.sock", "--listen", "unix:/tmp/y.sock:mode=660")
+        options = parse(
+            "--backlog", "7", "--listen", "unix:/tmp/x.sock", "--listen", "unix:/tmp/y.sock:mode=660"
+        )
         self.assertEqual(
             options["listen"],
-            ["unix:/tmp/x.sock:mode=600:backlog=128", "unix:/tmp/y.sock:mode=660:backlog=128"],
+            ["unix:/tmp/x.sock:mode=600:backlog=7", "unix:/tmp/y.sock:mode=660:backlog=7"],
         )
 
     def test_help_lists_every_option(self) -> None:
@@ -170,7 +194,7 @@ class MakeListenerTests(TestCase):
         children = list(top)
         self.assertEqual(len(children), 2)
         for child in children:
-            self.assertIsInstance(child, StreamServerEndpointService)
+            self.assertIsInstance(child, ListenerEndpointService)
             self.assertIs(child.factory, top.factory)
         self.assertIs(top.factory.config, options["config"])
         self.assertIsNone(top.factory.token_checker)
@@ -196,7 +220,7 @@ class MakeListenerTests(TestCase):
         options = parse("--token-file", os.path.join(self.dir, "missing"))
         error = self.assertRaises(SystemExit, makeService, options)
         self.assertIsInstance(error.code, str)
-        self.assertIn("twistd sentinel-reverse: cannot read token file", str(error.code))
+        self.assertIn("twistd sentinel-reverse: --token-file: cannot read token file", str(error.code))
         self.assertIn("missing", str(error.code))
 
     def test_bad_endpoint_string(self) -> None:
@@ -223,6 +247,65 @@ class MakeListenerTests(TestCase):
         )
         self.assertIn("served by a live process", str(error))
         self.assertTrue(os.path.exists(sock))
+
+    def test_stale_lock_with_a_live_pid_removed_when_nobody_serves_the_socket(self) -> None:
+        sock = os.path.join(self.dir, "stale.sock")
+        os.symlink(str(os.getpid()), sock + ".lock")
+        top = make_listener(parse("--listen", f"unix:{sock}:lockfile=1"), self.reactor)
+        self.assertFalse(os.path.lexists(sock + ".lock"))
+        self.assertEqual(top.stale_removed, [sock + ".lock"])
+
+    def test_lock_of_a_socket_without_lockfile_is_left_alone(self) -> None:
+        sock = os.path.join(self.dir, "nolock.sock")
+        os.symlink("12345", sock + ".lock")
+        make_listener(parse("--listen", f"unix:{sock}:lockfile=0"), self.reactor)
+        self.assertEqual(os.readlink(sock + ".lock"), "12345")
+
+    def test_live_socket_keeps_its_lock(self) -> None:
+        sock = os.path.join(self.dir, "live.sock")
+        server = socket.socket(socket.AF_UNIX)
+        self.addCleanup(server.close)
+        server.bind(sock)
+        server.listen(1)
+        os.symlink(str(os.getpid()), sock + ".lock")
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", f"unix:{sock}:lockfile=1"), self.reactor
+        )
+        self.assertIn("served by a live process", str(error))
+        self.assertEqual(os.readlink(sock + ".lock"), str(os.getpid()))
+
+    def test_planted_lock_is_one_clear_error(self) -> None:
+        sock = os.path.join(self.dir, "shared.sock")
+        os.symlink("/etc/passwd", sock + ".lock")
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", f"unix:{sock}"), self.reactor
+        )
+        self.assertIn(f"--listen unix:{sock}: {sock}.lock is not a lock", str(error))
+        self.assertEqual(os.readlink(sock + ".lock"), "/etc/passwd")
+
+    def test_failure_to_listen_closes_what_listens_and_names_the_option(self) -> None:
+        """
+        When one endpoint cannot listen, those already listening are closed
+        and their socket files and locks removed before the error is raised.
+        """
+        from twisted.internet import reactor
+
+        sock = os.path.join(self.dir, "a.sock")
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        in_use = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        options = parse("--listen", f"unix:{sock}", "--listen", in_use)
+        top = make_listener(options, reactor)
+        error = self.assertRaises(StartupError, top.privilegedStartService)
+        self.assertEqual(
+            str(error),
+            f"--listen {in_use}: cannot listen on 127.0.0.1:{busy.getsockname()[1]}: address already in use",
+        )
+        self.assertFalse(os.path.lexists(sock))
+        self.assertFalse(os.path.lexists(sock + ".lock"))
+        self.assertFalse(any(child.port for child in top))  # type: ignore[attr-defined]
 
     def test_stale_socket_removed_and_reported(self) -> None:
         sock = os.path.join(self.dir, "stale.sock")

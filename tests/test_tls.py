@@ -371,7 +371,7 @@ class OptionTests(SynchronousTestCase):
             f.write("no certificate here\n")
         options["client-ca"] = empty
         error = self.assertRaises(StartupError, make_listener, options, Clock())
-        self.assertEqual(str(error), f"the client CA file {empty} holds no PEM certificate")
+        self.assertEqual(str(error), f"--client-ca: the client CA file {empty} holds no PEM certificate")
 
     def test_bad_ssl_endpoints(self) -> None:
         from sentinel_twisted._identity import load_ca_certificates

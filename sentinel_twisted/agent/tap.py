@@ -11,12 +11,11 @@ the connections; a rejection that retrying cannot fix stops the program.
 
 from __future__ import annotations
 
-import atexit
 import importlib
+import math
 import os
 import signal
 import stat
-import sys
 from typing import Any
 
 from twisted.application import service
@@ -25,40 +24,62 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .. import __version__
+from .._twistd import ProgramOptions, exit_at_exit, exit_zero_after_clean_sigterm
+from ..endpoints import describe_endpoint_error
 from ..errors import AgentProtocolError
 from ._interfaces import IAgent
 from .connector import AgentConnector
 from .rules import RulesAgent, RulesError
 
-__all__ = ["AgentService", "Options", "makeService", "read_token_file"]
+__all__ = ["AgentService", "Options", "exit_at_exit", "makeService", "read_token_file"]
 
 log = Logger(namespace="sentinel_twisted.agent.tap")
 
 
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number < 1:
-        raise ValueError("must be at least 1")
+        raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if not number > 0:
-        raise ValueError("must be positive")
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return number
 
 
 def _seconds(value: str) -> float:
-    number = float(value)
+    number = _number(value)
     if number < 0:
-        raise ValueError("must not be negative")
+        raise ValueError(f"expected a number of seconds (0 or more), got {value!r}")
     return number
 
 
-_positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
-_positive_float.coerceDoc = "Seconds, a positive number."  # type: ignore[attr-defined]
-_seconds.coerceDoc = "Seconds, zero or more."  # type: ignore[attr-defined]
+# Converted in postOptions rather than by usage's coercers, whose error
+# text does not say which option was wrong.
+_CONVERSIONS = {
+    "connections": _positive_int,
+    "max-concurrency": _positive_int,
+    "health-interval": _seconds,
+    "registration-timeout": _positive_float,
+    "drain-grace": _seconds,
+    "max-retry-delay": _positive_float,
+}
 
 
 class TokenFileError(Exception):
@@ -95,7 +116,7 @@ def _load_agent(spec: str) -> IAgent:
         module = importlib.import_module(module_name)
         target = getattr(module, attr)
     except (ImportError, AttributeError) as e:
-        raise usage.UsageError(f"--agent {spec}: {e}") from None
+        raise usage.UsageError(f"--agent {spec}: {' '.join(str(e).split())}") from None
     agent = target() if isinstance(target, type) else target
     if not IAgent.providedBy(agent):
         raise usage.UsageError(
@@ -105,39 +126,51 @@ def _load_agent(spec: str) -> IAgent:
     return agent
 
 
-class Options(usage.Options):
+class Options(ProgramOptions):
     """The command line of C{twistd sentinel-agent} (see C{--help})."""
 
+    program = "sentinel-agent"
     synopsis = "--connect ENDPOINT --agent-id ID (--rules FILE | --agent MODULE:NAME) [options]"
     longdesc = (
         "Run a Sentinel policy agent that dials the proxy (Agent Protocol v2 reverse "
         "connection), registers, and answers its events with the rules of a TOML or JSON "
-        "file. SIGHUP reloads the rules; a bad file keeps the rules in force."
+        "file, or with an Agent class of your own (--agent). SIGHUP reloads the rules; a bad "
+        "file keeps the rules in force. SIGTERM drains the events in flight (--drain-grace) "
+        "and exits 0; a rejection that retrying cannot fix exits 1."
     )
 
     optFlags = [
         ["fail-open", None, "Answer events the agent fails on with allow (default: block 500)."],
     ]
     optParameters = [
-        ["connect", None, None, "Client endpoint of the proxy: unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
-        ["agent-id", None, None, "Agent id to register under."],
+        ["connect", None, None, "Client endpoint of the proxy (required): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
+        ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
-        ["connections", None, 1, "Connections to keep registered.", _positive_int],
+        ["connections", None, 1, "Connections (N) to keep registered."],
         ["rules", None, None, "Rules file (TOML, or JSON if it ends in .json)."],
         ["agent", None, None, "Run MODULE:NAME (an Agent subclass or instance) instead of rules."],
-        ["name", None, None, "Agent name announced to the proxy."],
-        ["max-concurrency", None, 100, "Events served at once per connection.", _positive_int],
-        ["health-interval", None, 10.0, "Seconds between health reports (0: only on registration).", _seconds],
-        ["registration-timeout", None, 10.0, "Seconds to wait for the proxy's registration answer.", _positive_float],
-        ["drain-grace", None, 10.0, "Seconds in-flight events get when stopping.", _seconds],
-        ["max-retry-delay", None, 60.0, "Longest wait between reconnection attempts.", _positive_float],
+        ["name", None, None, "Agent name announced to the proxy. [default: the agent's own]"],
+        ["max-concurrency", None, 100, "Events (N) served at once per connection."],
+        ["health-interval", None, 10.0, "Seconds between health reports (0: only on registration)."],
+        ["registration-timeout", None, 10.0, "Seconds to wait for the proxy's registration answer."],
+        ["drain-grace", None, 10.0, "Seconds in-flight events get to finish on SIGTERM."],
+        ["max-retry-delay", None, 60.0, "Longest wait (seconds) between reconnection attempts."],
     ]
 
     def opt_version(self) -> None:
+        """Print the version of sentinel_twisted and exit."""
         print(f"sentinel_twisted {__version__}")
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        for name, convert in _CONVERSIONS.items():
+            value = self[name]
+            if isinstance(value, str):
+                try:
+                    self[name] = convert(value)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{name}: {e}") from None
+        self.check_log_level()
         for required in ("connect", "agent-id"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
@@ -147,20 +180,21 @@ class Options(usage.Options):
 
         try:
             self["endpoint"] = clientFromString(reactor, self["connect"])
-        except (ValueError, TypeError, KeyError, ImportError) as e:
-            raise usage.UsageError(f"--connect {self['connect']}: {e}") from None
+        except Exception as e:
+            raise usage.UsageError(f"--connect {self['connect']}: {describe_endpoint_error(e)}") from None
         self["auth-token"] = None
         self["token-warning"] = None
         if self["auth-token-file"]:
             try:
                 self["auth-token"], self["token-warning"] = read_token_file(self["auth-token-file"])
             except TokenFileError as e:
-                raise usage.UsageError(str(e)) from None
+                raise usage.UsageError(f"--auth-token-file: {e}") from None
         if self["rules"]:
             try:
                 agent: Any = RulesAgent(self["rules"], max_concurrency=self["max-concurrency"])
             except RulesError as e:
-                raise usage.UsageError(f"bad rules file:\n{e}") from None
+                problems = "; ".join(" ".join(p.split()) for p in e.problems)
+                raise usage.UsageError(f"--rules {e.source}: {problems}") from None
         else:
             agent = _load_agent(self["agent"])
             agent.max_concurrency = self["max-concurrency"]
@@ -205,11 +239,23 @@ class AgentService(service.MultiService):
         self.connector.when_failed().addCallback(self._fatal)
         super().startService()  # type: ignore[no-untyped-call]
 
+    #: Set once the connections have drained and closed.
+    stopped_cleanly = False
+
     def stopService(self) -> Any:
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        return super().stopService()  # type: ignore[no-untyped-call]
+        stopping = super().stopService()  # type: ignore[no-untyped-call]
+
+        def clean(result: object) -> object:
+            self.stopped_cleanly = True
+            return result
+
+        if stopping is None:
+            self.stopped_cleanly = True
+            return None
+        return stopping.addCallback(clean)
 
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
@@ -257,31 +303,9 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
     return AgentService(connector, options, reactor)
 
 
-def exit_at_exit(status: int) -> None:
-    """
-    End the process with C{status} once the interpreter exits.
-
-    twistd returns normally (status 0) after the reactor stops, whatever
-    stopped it, and offers no way to choose the status; a service manager
-    must be able to tell "rejected for good, do not restart" (status 1)
-    from a requested stop.  This runs after twistd is done (logs written,
-    pid file removed): the standard streams are flushed, then
-    C{os._exit} sets the status.
-    """
-
-    def exit_now() -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(status)
-
-    atexit.register(exit_now)
-
-
 def makeService(options: Options) -> service.IService:
     """The twistd plugin's service: a fatal rejection by the proxy exits with status 1."""
     agent_service = make_agent_service(options)
     agent_service.exit_status_on_fatal = 1
+    exit_zero_after_clean_sigterm(agent_service.reactor, lambda: agent_service.stopped_cleanly)
     return agent_service

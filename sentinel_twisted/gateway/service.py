@@ -58,17 +58,21 @@ class ListeningService(service.Service):
             return port
 
         def failed(failure: Failure) -> None:
+            if not starting:
+                # Failed later: nobody to raise to, so say it here.
+                log.error(
+                    "Cannot listen for {what} on {description}: {error}",
+                    what=self.what,
+                    description=self.description,
+                    error=failure.getErrorMessage(),
+                )
             outcome.append(failure)
-            log.error(
-                "Cannot listen for {what} on {description}: {error}",
-                what=self.what,
-                description=self.description,
-                error=failure.getErrorMessage(),
-            )
             self.listening.errback(failure)
             self.listening.addErrback(lambda _: None)
 
+        starting = [True]
         endpoint.listen(self.factory).addCallbacks(listening, failed)
+        starting.clear()
         if outcome and isinstance(outcome[0], Failure):
             outcome[0].raiseException()
 

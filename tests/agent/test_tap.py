@@ -107,11 +107,40 @@ class OptionsTests(SynchronousTestCase):
             usage.UsageError, parse, "--connect", "nonsense:1", "--agent-id", "a", "--rules", self.rules
         )
         self.assertIn("--connect nonsense:1", str(error))
+        error = self.assertRaises(
+            usage.UsageError, parse, "--connect", "tcp:localhost", "--agent-id", "a", "--rules", self.rules
+        )
+        self.assertIn("--connect tcp:localhost: wrong arguments for this endpoint type", str(error))
+        self.assertNotIn("positional argument", str(error))
+
+    def test_bad_values_name_the_option(self) -> None:
+        for option, value, text in [
+            ("--connections", "0", "expected a positive integer, got '0'"),
+            ("--max-concurrency", "many", "expected a positive integer, got 'many'"),
+            ("--health-interval", "-1", "expected a number of seconds (0 or more), got '-1'"),
+            ("--registration-timeout", "0", "expected a positive number of seconds, got '0'"),
+            ("--drain-grace", "nan", "expected a number of seconds, got 'nan'"),
+            ("--max-retry-delay", "soon", "expected a number of seconds, got 'soon'"),
+            ("--log-level", "chatty", "expected one of debug, info, warn, error, critical, got 'chatty'"),
+        ]:
+            with self.subTest(option=option):
+                error = self.assertRaises(usage.UsageError, self.base, "--rules", self.rules, option, value)
+                self.assertEqual(str(error), f"{option}: {text}")
+
+    def test_bad_rules_are_one_line(self) -> None:
+        Path(self.rules).write_text(
+            '[[rules]]\nid = "x"\nmatch = { path = "[" }\nblock = true\n'
+            '[[rules]]\nid = "y"\nblock = { status = 99 }\n'
+        )
+        error = self.assertRaises(usage.UsageError, self.base, "--rules", self.rules)
+        self.assertNotIn("\n", str(error))
+        self.assertTrue(str(error).startswith(f"--rules {self.rules}: rule 'x' (#1)"), str(error))
+        self.assertIn("; rule 'y' (#2)", str(error))
 
     def test_bad_rules_name_file_rule_and_reason(self) -> None:
         Path(self.rules).write_text('[[rules]]\nid = "x"\nmatch = { path = "[" }\nblock = true\n')
         error = self.assertRaises(usage.UsageError, self.base, "--rules", self.rules)
-        self.assertIn(f"{self.rules}: rule 'x' (#1): match.path: invalid regular expression", str(error))
+        self.assertIn(f"--rules {self.rules}: rule 'x' (#1): match.path: invalid regular expression", str(error))
 
     def test_token_file_problems(self) -> None:
         token = self.dir / "token"
@@ -273,6 +302,8 @@ class TwistdAgentTests(TestCase):
         agent.process.send_signal(signal.SIGTERM)
         yield eventually(lambda: agent.process.poll() is not None, "the agent to exit", STOP_TIMEOUT)
         output = agent.output()
+        # A clean SIGTERM stop exits 0 (twistd alone would re-raise it).
+        self.assertEqual(agent.process.returncode, 0, output)
         self.assertIn("draining connection", output)
         self.assertNotIn("Traceback", output)
         yield eventually(lambda: "waf-1" not in factory.pool, "the connection to close")

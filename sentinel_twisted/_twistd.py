@@ -1,0 +1,270 @@
+# -*- test-case-name: tests.test_twistd -*-
+"""
+What the two C{twistd} programs (C{sentinel-reverse}, C{sentinel-agent})
+share at the edge of the process: option errors as one line, their own pid
+file, C{--log-level}, help text that wraps cleanly, and exit status 0 after
+a clean C{SIGTERM} stop.
+
+Everything here only acts when the options are parsed by C{twistd} (they
+then have a C{parent}, twistd's own options); parsed on their own, in tests
+or by an embedding program, they behave like plain L{usage.Options}.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+)
+from twisted.python import usage
+from twisted.python.reflect import namedAny
+
+__all__ = [
+    "LOG_LEVELS",
+    "ProgramOptions",
+    "exit_at_exit",
+    "exit_zero_after_clean_sigterm",
+    "filtered_log_observer",
+    "parse_log_level",
+    "report_startup_errors",
+]
+
+log = Logger(namespace="sentinel_twisted")
+
+#: The names C{--log-level} takes, lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def parse_log_level(value: str) -> LogLevel:
+    name = value.strip().lower()
+    if name == "warning":
+        name = "warn"
+    try:
+        return LogLevel.levelWithName(name)  # type: ignore[no-any-return]
+    except InvalidLogLevelError:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}") from None
+
+
+# What filtered_log_observer builds: set once per process, by the options
+# twistd parsed (twistd calls the factory without arguments).
+_observer_settings: dict[str, Any] = {}
+
+
+def filtered_log_observer() -> ILogObserver:
+    """
+    The log observer twistd would use (its C{--logger}, C{--syslog},
+    C{--logfile} or standard output under C{-n}), passing on only events at
+    or above the C{--log-level}.  twistd finds it by name through its
+    C{--logger} option, set by L{ProgramOptions}.
+    """
+    settings = _observer_settings
+    chosen = settings.get("logger")
+    if chosen is not None:
+        observer = namedAny(chosen)() if isinstance(chosen, str) else chosen()
+    else:
+        # twistd's own choice (syslog, a rotated log file with SIGUSR1, or
+        # standard output): its logger's private method is the only way to
+        # wrap rather than replace it.
+        from twisted.scripts import twistd
+
+        runner = twistd._SomeApplicationRunner  # type: ignore[attr-defined]
+        app_logger = runner.loggerFactory(settings["options"])
+        observer = app_logger._getLogObserver()
+    predicate = LogLevelFilterPredicate(defaultLogLevel=settings["level"])
+    return FilteringLogObserver(observer, [predicate])
+
+
+class ProgramOptions(usage.Options):
+    """
+    Options of a twistd program: an option error ends the program with one
+    line (C{twistd NAME: problem}) and status 1 rather than twistd's usage
+    text; the pid file defaults to C{NAME.pid}; C{--log-level} filters what
+    twistd's log observer writes.
+    """
+
+    #: The tapname, e.g. C{sentinel-reverse}.
+    program: ClassVar[str] = ""
+
+    optParameters: list[list[Any]] = [
+        [
+            "log-level",
+            None,
+            "info",
+            "Least severe log events written: " + ", ".join(LOG_LEVELS) + ".",
+        ],
+    ]
+
+    def parseOptions(self, options: Any = None) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is None:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+            return
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd {self.program}: {e}") from None
+        self._configure_twistd(parent)
+
+    def check_log_level(self) -> None:
+        """Turn C{--log-level} into a L{LogLevel}; call from postOptions."""
+        value = self["log-level"]
+        if isinstance(value, str):
+            try:
+                self["log-level"] = parse_log_level(value)
+            except ValueError as e:
+                raise usage.UsageError(f"--log-level: {e}") from None
+
+    def _configure_twistd(self, parent: Any) -> None:
+        # twistd's default pid file, twistd.pid, would keep the two programs
+        # from running side by side in one directory (the README's demo).
+        # twistd cannot tell us whether --pidfile was given, so its default
+        # value stands for "not given".
+        if parent.get("pidfile") == parent.defaults.get("pidfile"):
+            parent["pidfile"] = f"{self.program}.pid"
+        pidfile = parent.get("pidfile")
+        if pidfile:
+            directory = os.path.dirname(os.path.abspath(pidfile))
+            if not os.path.isdir(directory):
+                problem = f"directory {directory} does not exist"
+            elif not os.access(directory, os.W_OK):
+                problem = f"cannot write in directory {directory}"
+            else:
+                problem = ""
+            if problem:
+                # twistd would fail later, with a traceback.
+                raise SystemExit(f"twistd {self.program}: --pidfile {pidfile}: {problem}")
+        _observer_settings.clear()
+        _observer_settings.update(
+            level=self["log-level"], logger=parent.get("logger"), options=parent
+        )
+        # twistd resolves --logger by name after this, and uses it for the
+        # whole process; the factory wraps whatever twistd would have used.
+        parent["logger"] = f"{__name__}.filtered_log_observer"
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        Twisted's layout, wrapped only at spaces: option names and endpoint
+        strings (C{unix:sentinel-reverse.sock}) are never cut at a hyphen,
+        and docstrings' indentation does not show up as runs of spaces.
+        """
+        if not width:
+            width = int(os.environ.get("COLUMNS", "80"))
+        rows = []
+        for name in sorted(self.longOpt):
+            parameter = name.endswith("=")
+            name = name.rstrip("=")
+            doc = " ".join((self.docs.get(name) or "").split())
+            default = self.defaults.get(name)
+            if parameter and default is not None:
+                doc = f"{doc} [default: {default}]".strip()
+            rows.append((f"--{name}{'=' if parameter else ''}", doc))
+        first = max(len(label) for label, _ in rows) + 8
+        wrapper = textwrap.TextWrapper(
+            width=max(width - first, 20), break_on_hyphens=False, break_long_words=False
+        )
+        lines = ["Options:"]
+        for label, doc in rows:
+            wrapped = wrapper.wrap(doc) or [""]
+            lines.append(f"      {label:<{first - 6}}{wrapped[0]}".rstrip())
+            lines.extend(" " * first + line for line in wrapped[1:])
+        text = "\n".join(lines) + "\n"
+        longdesc = " ".join(str(getattr(self, "longdesc", "") or "").split())
+        if longdesc:
+            described = textwrap.fill(longdesc, width, break_on_hyphens=False, break_long_words=False)
+            text += "\n" + described + "\n"
+        return text
+
+
+def report_startup_errors(program: str, error_type: type[BaseException]) -> None:
+    """
+    Print an uncaught C{error_type} as one line, C{twistd PROGRAM: text}, on
+    the process's standard error, instead of a traceback.
+
+    A service that cannot start raises from twistd's start-up of the
+    application, after twistd has begun logging: twistd then removes its
+    pid file (and, daemonized, tells the waiting parent), and the exception
+    ends the process with status 1.  Its text already says what went wrong.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, error_type):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"twistd {program}: {value}\n")
+            stream.flush()
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def exit_at_exit(status: int) -> None:
+    """
+    End the process with C{status} once the interpreter exits.
+
+    twistd returns normally (status 0) after the reactor stops, whatever
+    stopped it, and offers no way to choose the status.  This runs after
+    twistd is done (logs written, pid file removed): the standard streams
+    are flushed, then C{os._exit} sets the status.
+    """
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
+def exit_zero_after_clean_sigterm(reactor: Any, stopped_cleanly: Callable[[], bool]) -> None:
+    """
+    Make a twistd program exit with status 0 after a clean C{SIGTERM} stop.
+
+    The reactor's own handler records the signal, and twistd re-raises it
+    once the reactor is done, so the process would die of C{SIGTERM} (status
+    143) however well it stopped.  But C{SIGTERM} is how service managers and
+    operators ask a service to stop.  Once the reactor runs, this replaces
+    the handler with one that stops the reactor the same way (with the same
+    log line) without recording the signal; if the stop was not clean
+    (C{stopped_cleanly()} is false afterwards) the status is 143 as before.
+    C{SIGINT} keeps Twisted's handling.
+    """
+    received: list[int] = []
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if not received:
+            log.info("Received SIGTERM, shutting down.")
+        received.append(signum)
+        reactor.callFromThread(stop)
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def after_shutdown() -> None:
+        if received and not stopped_cleanly():
+            exit_at_exit(128 + signal.SIGTERM)
+
+    reactor.callWhenRunning(install)
+    reactor.addSystemEventTrigger("after", "shutdown", after_shutdown)
