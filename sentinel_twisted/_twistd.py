@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from twisted.internet.error import ReactorNotRunning
@@ -118,14 +118,30 @@ class ProgramOptions(usage.Options):
             raise SystemExit(f"twistd {self.program}: {e}") from None
         self._configure_twistd(parent)
 
-    def check_log_level(self) -> None:
-        """Turn C{--log-level} into a L{LogLevel}; call from postOptions."""
-        value = self["log-level"]
-        if isinstance(value, str):
-            try:
-                self["log-level"] = parse_log_level(value)
-            except ValueError as e:
-                raise usage.UsageError(f"--log-level: {e}") from None
+    #: Option name -> the function turning its text into its value (raising
+    #: C{ValueError} with the problem); L{convert_options} applies them.
+    conversions: ClassVar[Mapping[str, Callable[[str], Any]]] = {}
+
+    def opt_version(self) -> None:
+        """Print the version of sentinel_twisted and exit."""
+        from . import __version__
+
+        print(f"sentinel_twisted {__version__}")
+        raise SystemExit(0)
+
+    def convert_options(self) -> None:
+        """
+        Turn each option's text into its value (L{conversions}, and
+        C{--log-level} into a L{LogLevel}); call from postOptions.  A bad
+        value is a usage error naming the option.
+        """
+        for name, convert in {**self.conversions, "log-level": parse_log_level}.items():
+            value = self[name]
+            if isinstance(value, str):
+                try:
+                    self[name] = convert(value)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{name}: {e}") from None
 
     def _configure_twistd(self, parent: Any) -> None:
         # twistd's default pid file, twistd.pid, would keep the two programs

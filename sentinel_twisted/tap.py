@@ -138,6 +138,7 @@ class Options(ProgramOptions):
     """The command line of C{twistd sentinel-reverse} (see C{--help})."""
 
     program = "sentinel-reverse"
+    conversions = _CONVERSIONS
     synopsis = "[options]"
     longdesc = (
         "Listen for Sentinel policy agents that dial in (Agent Protocol v2 reverse "
@@ -296,20 +297,8 @@ class Options(ProgramOptions):
         """
         self["status-hosts"].append(name)
 
-    def opt_version(self) -> None:
-        """Print the version of sentinel_twisted and exit."""
-        print(f"sentinel_twisted {__version__}")
-        raise SystemExit(0)
-
     def postOptions(self) -> None:
-        for name, convert in _CONVERSIONS.items():
-            value = self[name]
-            if isinstance(value, str):
-                try:
-                    self[name] = convert(value)
-                except ValueError as e:
-                    raise usage.UsageError(f"--{name}: {e}") from None
-        self.check_log_level()
+        self.convert_options()
         if self["backlog"] is None:
             self["backlog"] = system_max_backlog()
         for pattern in self["allow"]:

@@ -130,6 +130,7 @@ class Options(ProgramOptions):
     """The command line of C{twistd sentinel-agent} (see C{--help})."""
 
     program = "sentinel-agent"
+    conversions = _CONVERSIONS
     synopsis = "--connect ENDPOINT --agent-id ID (--rules FILE | --agent MODULE:NAME) [options]"
     longdesc = (
         "Run a Sentinel policy agent that dials the proxy (Agent Protocol v2 reverse "
@@ -157,20 +158,8 @@ class Options(ProgramOptions):
         ["max-retry-delay", None, 60.0, "Longest wait (seconds) between reconnection attempts."],
     ]
 
-    def opt_version(self) -> None:
-        """Print the version of sentinel_twisted and exit."""
-        print(f"sentinel_twisted {__version__}")
-        raise SystemExit(0)
-
     def postOptions(self) -> None:
-        for name, convert in _CONVERSIONS.items():
-            value = self[name]
-            if isinstance(value, str):
-                try:
-                    self[name] = convert(value)
-                except ValueError as e:
-                    raise usage.UsageError(f"--{name}: {e}") from None
-        self.check_log_level()
+        self.convert_options()
         for required in ("connect", "agent-id"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")

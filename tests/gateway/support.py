@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Callable
@@ -309,6 +310,15 @@ class Upstream(Resource):
 
 
 # -- tracking server-side connections, so every test ends with a clean reactor ----------
+
+
+def unreachable_url() -> str:
+    """An http URL on loopback where nothing listens (a port just freed)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return f"http://127.0.0.1:{port}"
 
 
 def track(factory: Any) -> set[Any]:

@@ -5,13 +5,12 @@ flow control, client aborts, pipelined answers, upstream errors.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, wait_until
+from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, unreachable_url, wait_until
 
 
 def hold(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> None:
@@ -281,11 +280,7 @@ class UpstreamFailureTests(TestCase):
 
     def test_unreachable_upstream_is_502(self) -> Any:
         async def go() -> None:
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-            probe.close()
-            h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port}")
+            h = await Harness(self).start("--upstream", unreachable_url())
             await h.agent("waf")
             response = await h.get("/")
             self.assertEqual(response.code, 502)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
@@ -20,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted._ratelimit import LogRateLimiter
 
 from .._proxy_support import captured_log
-from .support import Harness, ScriptedAgent
+from .support import Harness, ScriptedAgent, unreachable_url
 
 
 def quoted(name: str) -> str:
@@ -126,11 +125,7 @@ class UpstreamLogTests(TestCase):
 
     def test_upstream_failure_names_method_and_target_as_text(self) -> Any:
         async def go() -> None:
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-            probe.close()
-            h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port}")
+            h = await Harness(self).start("--upstream", unreachable_url())
             await h.agent("waf")
             with captured_log() as events:
                 self.assertEqual((await h.get("/x?a=1")).code, 502)
