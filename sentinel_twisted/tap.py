@@ -126,6 +126,8 @@ _CONVERSIONS = {
     "backlog": _positive_int,
     "max-pending-registrations": _positive_int,
     "max-incomplete-frame-bytes": _positive_int,
+    "max-agent-id-length": _positive_int,
+    "max-metadata-size": _positive_int,
     "upstream-timeout": _positive_float,
     "challenge-status": _client_error_status,
     "shutdown-grace": _seconds,
@@ -205,6 +207,18 @@ class Options(ProgramOptions):
             64 * 1024 * 1024,
             "Bytes (N) all agent connections may hold in unfinished frames; over it the "
             "connection holding the most is closed.",
+        ],
+        [
+            "max-agent-id-length",
+            None,
+            256,
+            "Longest agent id (N UTF-8 bytes) a registration may carry.",
+        ],
+        [
+            "max-metadata-size",
+            None,
+            64 * 1024,
+            "Largest registration metadata (N bytes of JSON).",
         ],
         [
             "http",
@@ -330,6 +344,8 @@ class Options(ProgramOptions):
                 proxy_id=self["proxy-id"],
                 max_pending_registrations=self["max-pending-registrations"],
                 max_incomplete_frame_bytes=self["max-incomplete-frame-bytes"],
+                max_agent_id_length=self["max-agent-id-length"],
+                max_metadata_size=self["max-metadata-size"],
                 require_client_cert=bool(self["require-client-cert"]),
             )
         except ValueError as e:

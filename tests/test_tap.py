@@ -133,6 +133,15 @@ class OptionsTests(TestCase):
         error = self.assertRaises(usage.UsageError, parse, "--max-incomplete-frame-bytes", "0")
         self.assertIn("max-incomplete-frame-bytes", str(error))
 
+    def test_agent_id_and_metadata_limits(self) -> None:
+        config = parse()["config"]
+        self.assertEqual((config.max_agent_id_length, config.max_metadata_size), (256, 64 * 1024))
+        config = parse("--max-agent-id-length", "32", "--max-metadata-size", "1000")["config"]
+        self.assertEqual((config.max_agent_id_length, config.max_metadata_size), (32, 1000))
+        for option in ("--max-agent-id-length", "--max-metadata-size"):
+            error = self.assertRaises(usage.UsageError, parse, option, "0")
+            self.assertIn(option[2:], str(error))
+
     def test_backlog_added_only_where_missing(self) -> None:
         options = parse(
             "--backlog", "32",

@@ -759,12 +759,13 @@ class AgentProtocol(FrameReceiver):
 
     def _ping_received(self, payload: bytes) -> None:
         try:
-            m.decode(payload, m.PingMessage)
+            ping = m.decode(payload, m.PingMessage)
         except InvalidMessage as e:
             log.warn("Proxy sent an invalid Ping: {error}", error=str(e))
             return
-        # Pong echoes the Ping's body byte for byte, as the reference does.
-        self._send(MessageType.PONG, payload)
+        # The Pong carries the Ping's sequence and timestamp and nothing
+        # else (the reference echoes the whole body, whatever it holds).
+        self._send(MessageType.PONG, m.encode(ping))
 
     def health_state(self) -> int:
         """

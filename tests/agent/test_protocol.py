@@ -289,7 +289,7 @@ class EventTests(SynchronousTestCase):
         self.assertEqual([cid_of(a) for a in h.answers()], ["one", "two"])
         self.assertEqual(shared.audit.custom, {})
 
-    def test_ping_gets_pong_with_the_same_body(self) -> None:
+    def test_ping_gets_pong_with_its_sequence_and_timestamp(self) -> None:
         h = Harness()
         h.register()
         h.sent()
@@ -297,6 +297,16 @@ class EventTests(SynchronousTestCase):
         h.protocol.dataReceived(frame(PING, raw))
         data = h.transport.value()
         self.assertTrue(data.endswith(bytes([PONG]) + raw))
+
+    def test_pong_carries_nothing_else_of_the_ping(self) -> None:
+        # Echoing the body would send back whatever padding a proxy put in.
+        h = Harness()
+        h.register()
+        h.sent()
+        padded = b'{"sequence":7,"timestamp_ms":1767225600000,"pad":"' + b"x" * 10_000 + b'"}'
+        h.protocol.dataReceived(frame(PING, padded))
+        data = h.transport.value()
+        self.assertTrue(data.endswith(bytes([PONG]) + b'{"sequence":7,"timestamp_ms":1767225600000}'), data[-80:])
 
     def test_frames_only_agents_send_are_ignored(self) -> None:
         h = Harness()
