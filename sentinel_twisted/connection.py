@@ -575,22 +575,22 @@ class AgentConnection:
         except InvalidMessage as e:
             self._bad_answer(payload, e)
             return
-        cid = response.correlation_id
-        pending = self._pending
+        cid = response.audit.custom.get("correlation_id")
         # One lookup tells whether the id is waiting and since when.
-        if cid is None or (sent_at := pending.sent_at(cid)) is None:
+        if cid.__class__ is not str or (taken := self._pending.take(cid)) is None:
             self.log_limiter.debug(
                 log,
                 "unknown-correlation-id",
                 "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
-                cid=None if cid is None else peer_text(cid, _ID_IN_LOG),
+                cid=peer_text(cid, _ID_IN_LOG) if isinstance(cid, str) else None,
                 connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
             return
+        deferred, sent_at = taken
         listener = self.listener
         if listener is not None:
             listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
-        pending.resolve(cid, response)
+        deferred.callback(response)
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
         # Fail the request it was meant for now, rather than let it time out.

@@ -1060,9 +1060,12 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
     except _DECODE_ERRORS as e:
         raise InvalidMessage(_error_text(e, payload)) from None
     # Hand out a plain AgentResponse: the decoding shape's instances would
-    # never compare equal to one (msgspec compares the exact type).  Keyword
-    # arguments spelled out cost a sixth of a generic field-by-field copy,
-    # and this runs once per answer.
+    # never compare equal to one (msgspec compares the exact type).  The
+    # shape adds no field, so its instance becomes one in place (checked
+    # once at import); otherwise a copy, keyword arguments spelled out.
+    if _RETYPE:
+        p.__class__ = AgentResponse  # type: ignore[assignment]
+        return p
     return AgentResponse(
         version=p.version,
         decision=p.decision,
@@ -1078,6 +1081,19 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
 
 
 _response_decoder = _decoder(_RequiredAgentResponse)
+
+
+def _can_retype() -> bool:
+    """Whether a decoded L{_RequiredAgentResponse} can become an L{AgentResponse} in place."""
+    try:
+        probe = _response_decoder.decode(b'{"version":2,"decision":"allow"}')
+        probe.__class__ = AgentResponse  # type: ignore[assignment]
+    except TypeError:
+        return False
+    return probe == AgentResponse(version=2) and type(probe) is AgentResponse
+
+
+_RETYPE: Final = _can_retype()
 _RESPONSE_FIELDS: Final = AgentResponse.__struct_fields__
 # decode_agent_response copies these fields by name: a new field must be
 # added there too.

@@ -117,6 +117,18 @@ class PendingTable:
         del entry.lane[correlation_id]
         return entry.deferred
 
+    def take(self, correlation_id: str) -> tuple[Deferred[Any], float] | None:
+        """
+        Remove a request and return its Deferred (for the caller to fire)
+        with the time it was added; C{None} if it is not waiting.  One
+        lookup for what an answer needs: routing, latency, resolution.
+        """
+        entry = self._entries.pop(correlation_id, None)
+        if entry is None:
+            return None
+        del entry.lane[correlation_id]
+        return entry.deferred, entry.sent_at
+
     def resolve(self, correlation_id: str, result: object) -> bool:
         """Fire the request's Deferred with C{result}; C{False} if unknown."""
         entry = self._entries.pop(correlation_id, None)
