@@ -272,11 +272,7 @@ class AgentProtocol(FrameReceiver):
                 RegistrationRejected(f"cannot build the RegistrationRequest: {e}", retryable=False)
             )
             return
-        self.capabilities = capabilities
-        if self.settings.max_concurrency is None:
-            self.limit = max(1, capabilities.limits.max_concurrency)
-        self.resume_at = self.limit // 2
-        self.max_queued = self.limit if self.settings.max_queued is None else self.settings.max_queued
+        self.take_capabilities(capabilities)
         timeout = self.settings.registration_timeout
         self._core.timer = self.clock.callLater(
             timeout,
@@ -289,6 +285,14 @@ class AgentProtocol(FrameReceiver):
             self._registration_payload = payload
             return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
+
+    def take_capabilities(self, capabilities: m.AgentCapabilities) -> None:
+        """Announce C{capabilities}; the concurrency limit follows from them unless set."""
+        self.capabilities = capabilities
+        if self.settings.max_concurrency is None:
+            self.limit = max(1, capabilities.limits.max_concurrency)
+        self.resume_at = self.limit // 2
+        self.max_queued = self.limit if self.settings.max_queued is None else self.settings.max_queued
 
     def handshakeCompleted(self) -> None:
         payload, self._registration_payload = self._registration_payload, None
@@ -327,6 +331,10 @@ class AgentProtocol(FrameReceiver):
         waiter = self._core.wait_lost()
         self._lifecycle.drain(grace)
         return waiter
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires when the connection is gone (at once if it is)."""
+        return self._core.wait_lost()
 
     def close(self, detail: str = "closed by agent") -> Deferred[None]:
         """Close now, cancelling in-flight handlers; fires when gone."""
