@@ -175,6 +175,8 @@ class FrameReceiver(Int32StringReceiver):
             self.frame_received(message_type, payload)
             if self._framing_broken or self.transport is None:
                 return
+            # A frame may change the limit (a handshake lifts its own).
+            limit = self.MAX_LENGTH
         if view is buf:
             if offset:
                 del buf[:offset]

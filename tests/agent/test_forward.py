@@ -249,6 +249,14 @@ class RejectionTests(SynchronousTestCase):
         [(kind, payload)] = c.sent()
         self.assertEqual(kind, AGENT_RESPONSE)
 
+    def test_a_large_event_in_the_same_read_as_the_handshake(self) -> None:
+        """The limit is lifted for the frames that follow the handshake in the same read."""
+        c = Connection(max_handshake_size=200)
+        big = headers_event("big", headers={"x": ["a" * 1000]})
+        c.feed(frame(HANDSHAKE_REQUEST, handshake()) + frame(REQUEST_HEADERS, big))
+        self.assertFalse(c.closed)
+        self.assertEqual([kind for kind, _ in c.sent()], [HANDSHAKE_RESPONSE, HEALTH_STATUS, AGENT_RESPONSE])
+
     def test_closed_before_the_handshake(self) -> None:
         c = Connection()
         c.lose()
