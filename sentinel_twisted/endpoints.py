@@ -24,6 +24,7 @@ __all__ = [
     "takes_lock",
     "unix_socket_path",
     "with_backlog",
+    "with_lockfile",
     "with_owner_only_mode",
 ]
 
@@ -149,6 +150,18 @@ def with_owner_only_mode(description: str) -> str:
     args, kwargs = parse_description(description)
     if args[0] == "unix" and "mode" not in kwargs:
         return f"{description}:mode=600"
+    return description
+
+
+def with_lockfile(description: str) -> str:
+    """
+    Add C{lockfile=1} to a C{unix:} server endpoint that does not say:
+    Twisted then holds C{PATH.lock} with our pid, so a second process
+    refuses to start instead of replacing a live socket.
+    """
+    args, kwargs = parse_description(description)
+    if args[0] == "unix" and "lockfile" not in kwargs:
+        return f"{description}:lockfile=1"
     return description
 
 

@@ -1087,7 +1087,7 @@ def _can_retype() -> bool:
     """Whether a decoded L{_RequiredAgentResponse} can become an L{AgentResponse} in place."""
     try:
         probe = _response_decoder.decode(b'{"version":2,"decision":"allow"}')
-        probe.__class__ = AgentResponse  # type: ignore[assignment]
+        probe.__class__ = AgentResponse
     except TypeError:
         return False
     return probe == AgentResponse(version=2) and type(probe) is AgentResponse

@@ -237,7 +237,7 @@ class FrameReceiver(Int32StringReceiver):
             self.frame_received(message_type, payload)
             if self._framing_broken or self.transport is None:
                 return
-            # A frame may change the limit (registration lifts it).
+            # A frame may change the limit (registration or a handshake lifts it).
             limit = self.MAX_LENGTH
         if view is buf:
             if offset:

@@ -26,6 +26,7 @@ from sentinel_twisted.endpoints import (
     takes_lock,
     unix_socket_path,
     with_backlog,
+    with_lockfile,
     with_owner_only_mode,
 )
 
@@ -99,6 +100,14 @@ class DescriptionTests(TestCase):
         endpoint = serverFromString(reactor, with_owner_only_mode("unix:/tmp/a.sock:mode=660"))
         self.assertEqual(endpoint._mode, 0o660)
         self.assertEqual(with_owner_only_mode("tcp:7000"), "tcp:7000")
+
+    def test_lockfile_reaches_twisted(self) -> None:
+        reactor = MemoryReactor()
+        endpoint = serverFromString(reactor, with_lockfile("unix:/tmp/a.sock"))
+        self.assertTrue(endpoint._wantPID)
+        endpoint = serverFromString(reactor, with_lockfile("unix:/tmp/a.sock:lockfile=0"))
+        self.assertFalse(endpoint._wantPID)
+        self.assertEqual(with_lockfile("tcp:7000"), "tcp:7000")
 
 
 class ClearStaleSocketTests(TestCase):

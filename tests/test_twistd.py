@@ -262,7 +262,8 @@ class ProgramOptionsTests(TestCase):
         for argv, line in [
             (("sentinel-reverse", "--request-timeout", "x"), "twistd sentinel-reverse: --request-timeout: expected a positive number of seconds, got 'x'"),
             (("sentinel-reverse", "--nope"), "twistd sentinel-reverse: option --nope not recognized"),
-            (("sentinel-agent", "--connections", "2"), "twistd sentinel-agent: --connect is required"),
+            (("sentinel-agent", "--connections", "2"), "twistd sentinel-agent: --agent-id is required"),
+            (("sentinel-agent", "--agent-id", "a"), "twistd sentinel-agent: give --connect ENDPOINT, --listen ENDPOINT, or both"),
         ]:  # fmt: skip
             with self.subTest(argv=argv):
                 error = self.assertRaises(SystemExit, self.twistd_options, "-n", *argv)

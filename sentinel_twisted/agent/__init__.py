@@ -1,6 +1,8 @@
 """
-The agent side of the Sentinel Agent Protocol v2 reverse connections:
-Python agents that dial a proxy, register, and answer its events.  For
+The agent side of the Sentinel Agent Protocol v2: Python agents that dial
+a proxy, register, and answer its events (reverse mode, L{AgentConnector}),
+or listen and answer the proxies that dial them (forward mode,
+L{AgentListener}).  For
 example::
 
     from sentinel_twisted.agent import Agent, allow, block, run_agent
@@ -35,7 +37,8 @@ from ..messages import (
 from ._interfaces import Answer, HandlerResult, IAgent
 from .base import Agent
 from .connector import AgentConnector, run_agent
-from .errors import AgentHandlerError, RegistrationFailed, RegistrationRejected
+from .errors import AgentHandlerError, HandshakeFailed, RegistrationFailed, RegistrationRejected
+from .forward import AgentListener, ForwardAgentFactory, ForwardAgentProtocol
 from .protocol import AgentClientFactory, AgentProtocol, AgentSettings, routing_id
 from .responses import ResponseBuilder, allow, block, challenge, redirect, respond
 from .rules import RulesAgent, RulesError, RuleSet, load_rules, parse_rules
@@ -48,14 +51,18 @@ __all__ = [
     "AgentFeatures",
     "AgentHandlerError",
     "AgentLimits",
+    "AgentListener",
     "AgentProtocol",
     "AgentResponse",
     "AgentSettings",
     "Answer",
     "ConfigureEvent",
     "EventType",
+    "ForwardAgentFactory",
+    "ForwardAgentProtocol",
     "GuardrailInspectEvent",
     "HandlerResult",
+    "HandshakeFailed",
     "HealthState",
     "IAgent",
     "RegistrationFailed",

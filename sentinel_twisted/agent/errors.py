@@ -10,6 +10,7 @@ from ..errors import AgentProtocolError
 
 __all__ = [
     "AgentHandlerError",
+    "HandshakeFailed",
     "RegistrationFailed",
     "RegistrationRejected",
     "is_retryable_rejection",
@@ -59,6 +60,19 @@ class RegistrationRejected(AgentProtocolError):
         self.reason = reason
         self.proxy_id = proxy_id
         self.retryable = is_retryable_rejection(reason) if retryable is None else retryable
+
+
+class HandshakeFailed(AgentProtocolError):
+    """
+    A proxy's forward connection did not complete its handshake: wrong
+    first frame, a malformed or unacceptable HandshakeRequest, none in time.
+    """
+
+    retryable = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"Handshake failed: {detail}")
+        self.detail = detail
 
 
 class AgentHandlerError(AgentProtocolError):

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from .. import messages as m
 from .._tls import server_identity_error
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
+from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import FrameReceiver, MessageType
 from ._interfaces import IAgent
 from ._lifecycle import new_lifecycle
@@ -78,8 +79,6 @@ _AGENT_ONLY = frozenset(
 )
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
-_PAUSE = m.encode(m.FlowControlMessage(action=m.FlowAction.PAUSE))
-_RESUME = m.encode(m.FlowControlMessage(action=m.FlowAction.RESUME))
 
 
 def routing_id(event: Any) -> str:
@@ -194,6 +193,12 @@ class AgentProtocol(FrameReceiver):
 
     _registration_payload: bytes | None = None
     peer_role = "proxy"
+    #: How events, answers and control messages are written on this
+    #: connection: always JSON here; a forward connection may negotiate
+    #: MessagePack.
+    codec: PayloadCodec = JSON_CODEC
+    #: How the phase before serving is named in errors.
+    _opening = "the proxy answered the registration"
 
     def __init__(
         self,
@@ -267,11 +272,7 @@ class AgentProtocol(FrameReceiver):
                 RegistrationRejected(f"cannot build the RegistrationRequest: {e}", retryable=False)
             )
             return
-        self.capabilities = capabilities
-        if self.settings.max_concurrency is None:
-            self.limit = max(1, capabilities.limits.max_concurrency)
-        self.resume_at = self.limit // 2
-        self.max_queued = self.limit if self.settings.max_queued is None else self.settings.max_queued
+        self.take_capabilities(capabilities)
         timeout = self.settings.registration_timeout
         self._core.timer = self.clock.callLater(
             timeout,
@@ -284,6 +285,14 @@ class AgentProtocol(FrameReceiver):
             self._registration_payload = payload
             return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
+
+    def take_capabilities(self, capabilities: m.AgentCapabilities) -> None:
+        """Announce C{capabilities}; the concurrency limit follows from them unless set."""
+        self.capabilities = capabilities
+        if self.settings.max_concurrency is None:
+            self.limit = max(1, capabilities.limits.max_concurrency)
+        self.resume_at = self.limit // 2
+        self.max_queued = self.limit if self.settings.max_queued is None else self.settings.max_queued
 
     def handshakeCompleted(self) -> None:
         payload, self._registration_payload = self._registration_payload, None
@@ -323,6 +332,10 @@ class AgentProtocol(FrameReceiver):
         self._lifecycle.drain(grace)
         return waiter
 
+    def when_lost(self) -> Deferred[None]:
+        """Fires when the connection is gone (at once if it is)."""
+        return self._core.wait_lost()
+
     def close(self, detail: str = "closed by agent") -> Deferred[None]:
         """Close now, cancelling in-flight handlers; fires when gone."""
         waiter = self._core.wait_lost()
@@ -361,15 +374,7 @@ class AgentProtocol(FrameReceiver):
         self.proxy_id = response.proxy_id
         self.proxy_version = response.proxy_version
         self._on_frame = self._serving_frame
-        log.info(
-            "Agent {agent_id} registered connection {connection_id} with proxy {proxy_id} "
-            "{proxy_version} (serving up to {limit} events at once)",
-            agent_id=self.settings.agent_id,
-            connection_id=self.connection_id,
-            proxy_id=self.proxy_id,
-            proxy_version=self.proxy_version,
-            limit=self.limit,
-        )
+        self._log_serving()
         if self.capabilities is not None and self.capabilities.features.health_reporting:
             self._health = LoopingCall(self.send_health)
             self._health.clock = self.clock
@@ -379,6 +384,17 @@ class AgentProtocol(FrameReceiver):
                 self.send_health()
         if self.observer is not None:
             self.observer.connection_registered(self)
+
+    def _log_serving(self) -> None:
+        log.info(
+            "Agent {agent_id} registered connection {connection_id} with proxy {proxy_id} "
+            "{proxy_version} (serving up to {limit} events at once)",
+            agent_id=self.settings.agent_id,
+            connection_id=self.connection_id,
+            proxy_id=self.proxy_id,
+            proxy_version=self.proxy_version,
+            limit=self.limit,
+        )
 
     def refuse(self, error: AgentProtocolError) -> None:
         """Lifecycle: the proxy refused the registration (C{error}); close."""
@@ -401,7 +417,7 @@ class AgentProtocol(FrameReceiver):
         self._on_frame = self._ignore_frame
         if self.observer is not None:
             self.observer.registration_refused(
-                self, RegistrationFailed(f"{detail} before the proxy answered the registration")
+                self, RegistrationFailed(f"{detail} before {self._opening}")
             )
 
     def begin_drain(self, grace: float) -> IDelayedCall:
@@ -420,7 +436,7 @@ class AgentProtocol(FrameReceiver):
         )
         if not self.paused:
             self.paused = True
-            self._send(MessageType.FLOW_CONTROL, _PAUSE)
+            self._send(MessageType.FLOW_CONTROL, self.codec.pause)
         self.send_health()
         timer = self.clock.callLater(grace, self._lifecycle.drained)
         if self.load == 0:
@@ -517,7 +533,7 @@ class AgentProtocol(FrameReceiver):
     def _event_received(self, message_type: int, payload: bytes, cls: type[Any], handler: str) -> None:
         self.stats["events"] += 1
         try:
-            event = m.decode(payload, cls)
+            event = self.codec.decode_event(payload, cls)
         except InvalidMessage as e:
             self._bad_event(message_type, payload, e)
             return
@@ -558,10 +574,13 @@ class AgentProtocol(FrameReceiver):
         self.stats["invalid_events"] += 1
         cid: Any = None
         try:
-            lenient = m.decode(payload, _Lenient)
+            lenient = self.codec.decode_control(payload, _Lenient)
             metadata = lenient.metadata
             if message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, dict):
                 cid = metadata.get("correlation_id") or lenient.correlation_id
+            elif message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, list) and metadata:
+                # MessagePack's positional metadata starts with the correlation id.
+                cid = metadata[0] or lenient.correlation_id
             else:
                 cid = lenient.correlation_id
         except InvalidMessage:
@@ -689,7 +708,7 @@ class AgentProtocol(FrameReceiver):
                 limit=self.limit,
                 connection_id=self.connection_id,
             )
-            self._send(MessageType.FLOW_CONTROL, _PAUSE)
+            self._send(MessageType.FLOW_CONTROL, self.codec.pause)
         elif self.paused and load <= self.resume_at:
             self.paused = False
             self.stats["resumes"] += 1
@@ -699,7 +718,7 @@ class AgentProtocol(FrameReceiver):
                 load=load,
                 connection_id=self.connection_id,
             )
-            self._send(MessageType.FLOW_CONTROL, _RESUME)
+            self._send(MessageType.FLOW_CONTROL, self.codec.resume)
 
     def _send_answer(self, cid: str, response: m.AgentResponse) -> None:
         audit = response.audit
@@ -707,7 +726,7 @@ class AgentProtocol(FrameReceiver):
         custom["correlation_id"] = cid
         response = msgspec.structs.replace(response, audit=msgspec.structs.replace(audit, custom=custom))
         try:
-            payload = m.encode(response)
+            payload = self.codec.encode_response(response)
             if self.transport is not None:
                 self.send_frame(MessageType.AGENT_RESPONSE, payload)
         except AgentProtocolError as e:
@@ -721,7 +740,7 @@ class AgentProtocol(FrameReceiver):
             self.stats["handler_errors"] += 1
             fallback = self.settings.error_answer()
             fallback.audit.custom["correlation_id"] = cid
-            self._send(MessageType.AGENT_RESPONSE, m.encode(fallback))
+            self._send(MessageType.AGENT_RESPONSE, self.codec.encode_response(fallback))
             return
         self.stats["answers"] += 1
 
@@ -731,7 +750,7 @@ class AgentProtocol(FrameReceiver):
 
     def _cancel_received(self, payload: bytes) -> None:
         try:
-            message = m.decode(payload, m.CancelMessage)
+            message = self.codec.decode_control(payload, m.CancelMessage)
         except InvalidMessage as e:
             log.warn("Proxy sent an invalid Cancel: {error}", error=str(e))
             return
@@ -759,7 +778,7 @@ class AgentProtocol(FrameReceiver):
 
     def _ping_received(self, payload: bytes) -> None:
         try:
-            ping = m.decode(payload, m.PingMessage)
+            ping = self.codec.decode_control(payload, m.PingMessage)
         except InvalidMessage as e:
             log.warn("Proxy sent an invalid Ping: {error}", error=str(e))
             return
@@ -783,7 +802,8 @@ class AgentProtocol(FrameReceiver):
         """Send a HealthStatus with the current state (the integer form)."""
         if self.capabilities is None or not self.capabilities.features.health_reporting:
             return
-        self._send(MessageType.HEALTH_STATUS, m.encode(m.HealthStatusMessage(state=self.health_state())))
+        message = m.HealthStatusMessage(state=self.health_state())
+        self._send(MessageType.HEALTH_STATUS, self.codec.encode_control(message))
 
 
 class AgentClientFactory(Factory):

@@ -19,16 +19,24 @@ import stat
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .. import __version__
 from .._twistd import ProgramOptions, exit_at_exit, exit_zero_after_clean_sigterm
-from ..endpoints import describe_endpoint_error
+from ..endpoints import (
+    SocketInUse,
+    clear_stale_unix_socket,
+    describe_endpoint_error,
+    unix_socket_path,
+    with_lockfile,
+    with_owner_only_mode,
+)
 from ..errors import AgentProtocolError
 from ._interfaces import IAgent
 from .connector import AgentConnector
+from .forward import AgentListener
 from .rules import RulesAgent, RulesError
 
 __all__ = ["AgentService", "Options", "exit_at_exit", "makeService", "read_token_file"]
@@ -77,6 +85,7 @@ _CONVERSIONS = {
     "max-concurrency": _positive_int,
     "health-interval": _seconds,
     "registration-timeout": _positive_float,
+    "handshake-timeout": _positive_float,
     "drain-grace": _seconds,
     "max-retry-delay": _positive_float,
 }
@@ -131,20 +140,27 @@ class Options(ProgramOptions):
 
     program = "sentinel-agent"
     conversions = _CONVERSIONS
-    synopsis = "--connect ENDPOINT --agent-id ID (--rules FILE | --agent MODULE:NAME) [options]"
+    synopsis = (
+        "(--connect ENDPOINT | --listen ENDPOINT | both) --agent-id ID "
+        "(--rules FILE | --agent MODULE:NAME) [options]"
+    )
     longdesc = (
         "Run a Sentinel policy agent that dials the proxy (Agent Protocol v2 reverse "
         "connection), registers, and answers its events with the rules of a TOML or JSON "
-        "file, or with an Agent class of your own (--agent). SIGHUP reloads the rules; a bad "
-        "file keeps the rules in force. SIGTERM drains the events in flight (--drain-grace) "
-        "and exits 0; a rejection that retrying cannot fix exits 1."
+        "file, or with an Agent class of your own (--agent). With --listen it also (or "
+        "instead) serves proxies that dial it (forward mode, JSON or MessagePack). SIGHUP "
+        "reloads the rules; a bad file keeps the rules in force. SIGTERM drains the events "
+        "in flight (--drain-grace) and exits 0; a rejection that retrying cannot fix exits 1."
     )
 
     optFlags = [
         ["fail-open", None, "Answer events the agent fails on with allow (default: block 500)."],
     ]
     optParameters = [
-        ["connect", None, None, "Client endpoint of the proxy (required): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
+        ["connect", None, None, "Client endpoint of the proxy (required without --listen): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
+        ["listen", None, None, "Server endpoint to serve proxies that dial the agent (forward mode): "
+         "unix:PATH (owner-only, with a lockfile), tcp:PORT:interface=127.0.0.1."],
+        ["handshake-timeout", None, 10.0, "Seconds a dialling proxy has to send its handshake."],
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
         ["connections", None, 1, "Connections (N) to keep registered."],
@@ -160,17 +176,24 @@ class Options(ProgramOptions):
 
     def postOptions(self) -> None:
         self.convert_options()
-        for required in ("connect", "agent-id"):
-            if not self[required]:
-                raise usage.UsageError(f"--{required} is required")
+        if not self["agent-id"]:
+            raise usage.UsageError("--agent-id is required")
+        if not self["connect"] and not self["listen"]:
+            raise usage.UsageError("give --connect ENDPOINT, --listen ENDPOINT, or both")
         if bool(self["rules"]) == bool(self["agent"]):
             raise usage.UsageError("give exactly one of --rules FILE and --agent MODULE:NAME")
         from twisted.internet import reactor
 
         try:
-            self["endpoint"] = clientFromString(reactor, self["connect"])
+            self["endpoint"] = clientFromString(reactor, self["connect"]) if self["connect"] else None
         except Exception as e:
             raise usage.UsageError(f"--connect {self['connect']}: {describe_endpoint_error(e)}") from None
+        if self["listen"]:
+            self["listen"] = with_owner_only_mode(with_lockfile(self["listen"]))
+            try:
+                serverFromString(reactor, self["listen"])
+            except Exception as e:
+                raise usage.UsageError(f"--listen {self['listen']}: {describe_endpoint_error(e)}") from None
         self["auth-token"] = None
         self["token-warning"] = None
         if self["auth-token-file"]:
@@ -194,38 +217,65 @@ class Options(ProgramOptions):
 
 class AgentService(service.MultiService):
     """
-    The connector plus the process-level glue: SIGHUP reloads the rules,
-    and a fatal rejection stops the program.
+    The connector (reverse mode) and/or the listener (forward mode) plus
+    the process-level glue: SIGHUP reloads the rules, and a fatal
+    rejection stops the program.
     """
 
-    def __init__(self, connector: AgentConnector, options: Any, reactor: Any) -> None:
+    def __init__(
+        self,
+        connector: AgentConnector | None,
+        options: Any,
+        reactor: Any,
+        listener: AgentListener | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.connector = connector
+        self.listener = listener
         self.options = options
         self.reactor = reactor
         self._previous_hup: Any = None
-        connector.setServiceParent(self)  # type: ignore[no-untyped-call]
+        for child in (connector, listener):
+            if child is not None:
+                child.setServiceParent(self)  # type: ignore[no-untyped-call]
+        either = connector if connector is not None else listener
+        if either is None:
+            raise ValueError("AgentService needs a connector, a listener, or both")
+        self.agent = either.settings.agent
 
     def startService(self) -> None:
         warning = self.options.get("token-warning")
         if warning:
             log.warn("{warning}; it holds a secret, make it owner-only (chmod 600)", warning=warning)
-        agent = self.connector.settings.agent
+        agent = self.agent
         rules = getattr(agent, "ruleset", None)
-        log.info(
-            "sentinel-agent {version}: agent {agent_id} ({what}) -> {endpoint}, "
-            "{count} connection(s), up to {limit} events at once each, {policy} on agent errors",
-            version=__version__,
-            agent_id=self.connector.settings.agent_id,
-            what=f"{len(rules)} rule(s) from {rules.source}" if rules is not None else type(agent).__name__,
-            endpoint=self.connector.endpoint_description,
-            count=len(self.connector.slots),
-            limit=self.options["max-concurrency"],
-            policy="allow" if self.connector.settings.fail_open else "block 500",
-        )
+        what = f"{len(rules)} rule(s) from {rules.source}" if rules is not None else type(agent).__name__
+        if self.connector is not None:
+            log.info(
+                "sentinel-agent {version}: agent {agent_id} ({what}) -> {endpoint}, "
+                "{count} connection(s), up to {limit} events at once each, {policy} on agent errors",
+                version=__version__,
+                agent_id=self.connector.settings.agent_id,
+                what=what,
+                endpoint=self.connector.endpoint_description,
+                count=len(self.connector.slots),
+                limit=self.options["max-concurrency"],
+                policy="allow" if self.connector.settings.fail_open else "block 500",
+            )
+            self.connector.when_failed().addCallback(self._fatal)
+        if self.listener is not None:
+            log.info(
+                "sentinel-agent {version}: agent {agent_id} ({what}) serves proxies that dial "
+                "{endpoint}, up to {limit} events at once each, {policy} on agent errors",
+                version=__version__,
+                agent_id=self.listener.settings.agent_id,
+                what=what,
+                endpoint=self.listener.endpoint_description,
+                limit=self.options["max-concurrency"],
+                policy="allow" if self.listener.settings.fail_open else "block 500",
+            )
         if hasattr(agent, "reload"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._sighup)
-        self.connector.when_failed().addCallback(self._fatal)
         super().startService()  # type: ignore[no-untyped-call]
 
     #: Set once the connections have drained and closed.
@@ -253,7 +303,7 @@ class AgentService(service.MultiService):
         """
         Reload the agent's rules (SIGHUP); C{False} if the agent has no C{reload} or it failed.
         """
-        reload = getattr(self.connector.settings.agent, "reload", None)
+        reload = getattr(self.agent, "reload", None)
         return bool(reload()) if reload is not None else False
 
     #: Set for the twistd program (L{makeService}): a fatal rejection ends
@@ -274,6 +324,9 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    listener = make_agent_listener(options, reactor) if options.get("listen") else None
+    if not options.get("connect"):
+        return AgentService(None, options, reactor, listener)
     connector = AgentConnector(
         options["agent-object"],
         options["endpoint"],
@@ -289,12 +342,39 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         fail_open=bool(options["fail-open"]),
     )
     connector.endpoint_description = options["connect"]
-    return AgentService(connector, options, reactor)
+    return AgentService(connector, options, reactor, listener)
+
+
+def make_agent_listener(options: Any, reactor: Any) -> AgentListener:
+    """
+    The forward-mode listener of C{--listen}.  A socket file left by a
+    process that is gone is removed; a live one never is.
+
+    @raise SocketInUse: if a live process serves the socket.
+    """
+    description = options["listen"]
+    path = unix_socket_path(description)
+    if path is not None and clear_stale_unix_socket(path):
+        log.info("Removed stale socket {path} left by a process that is gone", path=path)
+    return AgentListener(
+        options["agent-object"],
+        description,
+        options["agent-id"],
+        reactor=reactor,
+        drain_grace=options["drain-grace"],
+        handshake_timeout=options["handshake-timeout"],
+        health_interval=options["health-interval"],
+        max_concurrency=options["max-concurrency"],
+        fail_open=bool(options["fail-open"]),
+    )
 
 
 def makeService(options: Options) -> service.IService:
     """The twistd plugin's service: a fatal rejection by the proxy exits with status 1."""
-    agent_service = make_agent_service(options)
+    try:
+        agent_service = make_agent_service(options)
+    except SocketInUse as e:
+        raise SystemExit(f"twistd sentinel-agent: {e}") from None
     agent_service.exit_status_on_fatal = 1
     exit_zero_after_clean_sigterm(agent_service.reactor, lambda: agent_service.stopped_cleanly)
     return agent_service

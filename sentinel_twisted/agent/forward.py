@@ -1,0 +1,364 @@
+# -*- test-case-name: tests.agent.test_forward -*-
+"""
+Forward mode on the agent side: the agent listens and the proxy dials it.
+
+For each proxy connection L{ForwardAgentProtocol} waits (with a timeout and
+a size limit) for the HandshakeRequest, answers a HandshakeResponse with
+the agent's capabilities and the negotiated payload encoding, and from
+then on serves events exactly as a reverse connection does: it is an
+L{AgentProtocol} whose registration phase is replaced by the handshake.
+
+What the reference agent (C{UdsAgentServerV2}) would answer, we answer:
+a HandshakeRequest it can parse gets a HandshakeResponse, with
+C{success: false} and the reason if we refuse it (ours, beyond the
+reference: a proxy that does not offer protocol version 2).  What it
+cannot parse (a wrong first frame, malformed JSON, a missing field) ends
+the connection without an answer, as it does; so does a handshake that is
+too large or does not arrive in time.  Each of these is logged with the
+reason.
+
+L{AgentListener} is the service: a server endpoint, a factory, and a
+drain of every connection when it stops.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from .. import messages as m
+from ..errors import AgentProtocolError, InvalidMessage, format_duration
+from ..forward import (
+    ENCODINGS,
+    JSON,
+    HandshakeResponse,
+    codec_for,
+    decode_handshake_request,
+    negotiate_encoding,
+)
+from ..wire import MAX_MESSAGE_SIZE, MessageType
+from ._interfaces import IAgent
+from .errors import HandshakeFailed
+from .protocol import AgentProtocol, AgentSettings, ConnectionObserver
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "MAX_HANDSHAKE_SIZE",
+    "AgentListener",
+    "ForwardAgentFactory",
+    "ForwardAgentProtocol",
+]
+
+log = Logger(namespace="sentinel_twisted.agent.forward")
+
+#: Largest HandshakeRequest frame accepted (type byte plus payload).  The
+#: reference proxy's is about 150 bytes; the limit only bounds what an
+#: unauthenticated peer can make us buffer before it has said anything.
+MAX_HANDSHAKE_SIZE = 64 * 1024
+#: Seconds a proxy has to send its HandshakeRequest after connecting.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class ForwardAgentProtocol(AgentProtocol):
+    """One proxy connection to a listening agent.  Built by L{ForwardAgentFactory}."""
+
+    _opening = "the proxy's handshake"
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: IReactorTime,
+        observer: ConnectionObserver | None = None,
+        *,
+        connection_id: str = "",
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_handshake_size: int = MAX_HANDSHAKE_SIZE,
+        encodings: tuple[str, ...] = ENCODINGS,
+    ) -> None:
+        super().__init__(settings, clock, observer)
+        self.connection_id = connection_id
+        self.handshake_timeout = handshake_timeout
+        self.encodings = encodings
+        #: The negotiated payload encoding (JSON until the handshake says otherwise).
+        self.encoding = JSON
+        # Bounded from the first byte: the framing refuses a longer
+        # handshake before buffering it.
+        self.MAX_LENGTH = min(max_handshake_size, MAX_MESSAGE_SIZE)
+        self._on_frame = self._handshake_frame
+
+    def __repr__(self) -> str:
+        return (
+            f"<ForwardAgentProtocol agent={self.settings.agent_id} connection={self.connection_id} "
+            f"encoding={self.encoding} in_flight={self.in_flight}>"
+        )
+
+    def connectionMade(self) -> None:
+        try:
+            capabilities = self.agent.capabilities(self.settings.agent_id)
+        except Exception as e:
+            log.failure("Agent {agent_id}: cannot build its capabilities", agent_id=self.settings.agent_id)
+            self._lifecycle.refused(HandshakeFailed(f"cannot build the agent's capabilities: {e}"))
+            return
+        self.take_capabilities(capabilities)
+        timeout = self.handshake_timeout
+        self._core.timer = self.clock.callLater(
+            timeout,
+            self._lifecycle.refused,
+            HandshakeFailed(f"no HandshakeRequest within {format_duration(timeout)}"),
+        )
+
+    def frame_error(self, error: AgentProtocolError) -> None:
+        if not self.registered:
+            error = HandshakeFailed(str(error))
+        self._lifecycle.protocol_violated(error)
+
+    def handshakeCompleted(self) -> None:
+        # A TLS server has nothing to send first: the proxy speaks first.
+        pass
+
+    # -- the handshake ----------------------------------------------------------
+
+    def _handshake_frame(self, message_type: int, payload: bytes) -> None:
+        if message_type != MessageType.HANDSHAKE_REQUEST:
+            self._lifecycle.refused(
+                HandshakeFailed("expected HandshakeRequest, got " + MessageType(message_type).wire_name)
+            )
+            return
+        try:
+            request = decode_handshake_request(payload)
+        except InvalidMessage as e:
+            self._lifecycle.refused(HandshakeFailed(f"malformed HandshakeRequest: {e}"))
+            return
+        self.proxy_id = request.proxy_id
+        self.proxy_version = request.proxy_version
+        encoding = negotiate_encoding(request.supported_encodings, self.encodings)
+        if m.PROTOCOL_VERSION not in request.supported_versions:
+            reason = (
+                f"Protocol version mismatch: expected {m.PROTOCOL_VERSION}, "
+                f"got {request.supported_versions}"
+            )
+            self._answer(False, reason, encoding)
+            self._lifecycle.refused(HandshakeFailed(reason))
+            return
+        self._answer(True, None, encoding)
+        self.encoding = encoding
+        self.codec = codec_for(encoding)
+        self.MAX_LENGTH = MAX_MESSAGE_SIZE
+        # The lifecycle's "registered" input carries who the proxy is and
+        # the connection's name, as a reverse registration's answer does.
+        self._lifecycle.registered(
+            m.RegistrationResponse(
+                success=True,
+                error=None,
+                proxy_id=request.proxy_id,
+                proxy_version=request.proxy_version,
+                connection_id=self.connection_id,
+            )
+        )
+
+    def _answer(self, success: bool, error: str | None, encoding: str) -> None:
+        assert self.capabilities is not None
+        response = HandshakeResponse(
+            protocol_version=m.PROTOCOL_VERSION,
+            capabilities=self.capabilities,
+            success=success,
+            error=error,
+            encoding=encoding,
+        )
+        self.send_frame(MessageType.HANDSHAKE_RESPONSE, m.encode(response))
+
+    # -- lifecycle outputs that differ from a reverse connection ----------------
+
+    def _log_serving(self) -> None:
+        log.info(
+            "Agent {agent_id} serving proxy {proxy_id} {proxy_version} on forward connection "
+            "{connection_id} ({encoding}; up to {limit} events at once)",
+            agent_id=self.settings.agent_id,
+            proxy_id=self.proxy_id,
+            proxy_version=self.proxy_version,
+            connection_id=self.connection_id,
+            encoding=self.encoding,
+            limit=self.limit,
+        )
+
+    def lost_unregistered(self, detail: str) -> None:
+        """Lifecycle: the connection ended before the proxy's handshake."""
+        self._on_frame = self._ignore_frame
+        if self.observer is not None:
+            self.observer.registration_refused(self, HandshakeFailed(f"{detail} before the handshake"))
+
+
+class ForwardAgentFactory(Factory):
+    """
+    Builds a L{ForwardAgentProtocol} for each proxy connection, logs the
+    handshakes that fail, and keeps the connections so that they can be
+    drained together.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: IReactorTime,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_handshake_size: int = MAX_HANDSHAKE_SIZE,
+        encodings: tuple[str, ...] = ENCODINGS,
+    ) -> None:
+        if not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
+        for name in encodings:
+            codec_for(name)
+        self.settings = settings
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.max_handshake_size = max_handshake_size
+        self.encodings = encodings
+        #: Every connection from accept to close, handshaking or serving.
+        self.connections: set[ForwardAgentProtocol] = set()
+        self._serial = itertools.count(1)
+
+    def buildProtocol(self, addr: IAddress) -> ForwardAgentProtocol:  # type: ignore[override]
+        protocol = ForwardAgentProtocol(
+            self.settings,
+            self.clock,
+            self,
+            connection_id=f"{self.settings.agent_id}-fwd-{next(self._serial)}",
+            handshake_timeout=self.handshake_timeout,
+            max_handshake_size=self.max_handshake_size,
+            encodings=self.encodings,
+        )
+        protocol.factory = self
+        self.connections.add(protocol)
+        protocol.when_lost().addCallback(lambda _: self.connections.discard(protocol))
+        return protocol
+
+    @property
+    def serving(self) -> list[ForwardAgentProtocol]:
+        """The connections past their handshake."""
+        return [p for p in self.connections if p.registered]
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """Drain every connection (see L{AgentProtocol.drain}); fires when all are gone."""
+        drains = [p.drain(grace) for p in list(self.connections)]
+        if not drains:
+            return succeed(None)
+        done: Deferred[Any] = DeferredList(drains, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    # -- ConnectionObserver ------------------------------------------------------
+
+    def connection_registered(self, protocol: AgentProtocol) -> None:
+        """A proxy completed its handshake; see L{ConnectionObserver}."""
+
+    def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
+        """A proxy's handshake failed: say why; see L{ConnectionObserver}."""
+        log.warn(
+            "Agent {agent_id}: forward connection {connection_id} closed: {error}",
+            agent_id=self.settings.agent_id,
+            connection_id=protocol.connection_id,
+            error=str(error),
+        )
+
+    def connection_ended(self, protocol: AgentProtocol, detail: str) -> None:
+        """A served connection ended (its protocol logged it); see L{ConnectionObserver}."""
+
+
+class AgentListener(Service):
+    """
+    Serves an agent in forward mode: listens on a server endpoint and
+    answers every proxy that connects.  Stopping stops listening, then
+    drains the connections (in-flight handlers get C{drain_grace} seconds).
+
+    @param agent: the L{IAgent} that answers the events.
+    @param endpoint: a server endpoint string (C{unix:/run/waf.sock:mode=600})
+        or endpoint object.
+    @param agent_id: the id announced in the capabilities.
+    @param encodings: payload encodings offered to the proxy's choice
+        (JSON is always possible).
+    @param settings_options: the rest of L{AgentSettings} (C{health_interval},
+        C{max_concurrency}, C{max_queued}, C{fail_open}).
+    """
+
+    def __init__(
+        self,
+        agent: IAgent,
+        endpoint: str | IStreamServerEndpoint,
+        agent_id: str,
+        *,
+        reactor: Any = None,
+        drain_grace: float = 30.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_handshake_size: int = MAX_HANDSHAKE_SIZE,
+        encodings: tuple[str, ...] = ENCODINGS,
+        **settings_options: Any,
+    ) -> None:
+        if drain_grace < 0:
+            raise ValueError(f"drain_grace must not be negative, got {drain_grace!r}")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.settings = AgentSettings(agent=agent, agent_id=agent_id, **settings_options)
+        if isinstance(endpoint, str):
+            self.endpoint_description = endpoint
+            self.endpoint: IStreamServerEndpoint = serverFromString(reactor, endpoint)
+        else:
+            self.endpoint_description = repr(endpoint)
+            self.endpoint = endpoint
+        self.drain_grace = drain_grace
+        self.factory = ForwardAgentFactory(
+            self.settings,
+            reactor,
+            handshake_timeout=handshake_timeout,
+            max_handshake_size=max_handshake_size,
+            encodings=encodings,
+        )
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def __repr__(self) -> str:
+        return f"<AgentListener {self.settings.agent_id} on {self.endpoint_description}>"
+
+    def startService(self) -> None:
+        """Listen; a failure to listen is raised at once (or logged, for a slow endpoint)."""
+        super().startService()  # type: ignore[no-untyped-call]
+        listening = self.endpoint.listen(self.factory)
+        failure: list[Any] = []
+        listening.addCallbacks(self._listening_on, failure.append)
+        if failure:
+            self.running = 0
+            failure[0].raiseException()
+        self._listening = listening
+
+    def _listening_on(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info(
+            "Agent {agent_id} listening for proxies on {endpoint} (forward mode; encodings {encodings})",
+            agent_id=self.settings.agent_id,
+            endpoint=self.endpoint_description,
+            encodings=", ".join(self.factory.encodings),
+        )
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, then drain every connection."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        stopped: Deferred[Any] = succeed(None) if port is None else maybeDeferred(port.stopListening)
+        stopped.addCallback(lambda _: self.factory.drain(self.drain_grace))
+        return stopped.addCallback(lambda _: None)

@@ -1,0 +1,86 @@
+"""
+C{twistd sentinel-agent --listen}: forward mode's options and service.
+(The running program against the reference proxy is in
+C{test_forward_interop}.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from sentinel_twisted.agent import AgentListener
+from sentinel_twisted.agent.tap import Options, make_agent_service, makeService
+
+from ._support import temp_path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_RULES = str(ROOT / "examples" / "rules.toml")
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(["--agent-id", "waf-1", "--rules", EXAMPLE_RULES, *args])
+    return options
+
+
+class ListenOptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.socket = temp_path(self, "agent.sock")
+
+    def test_listen_only(self) -> None:
+        options = parse("--listen", f"unix:{self.socket}", "--handshake-timeout", "3")
+        self.assertEqual(options["listen"], f"unix:{self.socket}:lockfile=1:mode=600")
+        self.assertIsNone(options["endpoint"])
+        service = make_agent_service(options, reactor=Clock())
+        self.assertIsNone(service.connector)
+        listener = service.listener
+        assert listener is not None
+        self.assertIsInstance(listener, AgentListener)
+        self.assertEqual(listener.settings.agent_id, "waf-1")
+        self.assertEqual(listener.settings.max_concurrency, 100)
+        self.assertEqual(listener.factory.handshake_timeout, 3)
+        self.assertIs(service.agent, options["agent-object"])
+
+    def test_connect_and_listen_together(self) -> None:
+        options = parse("--connect", "unix:/tmp/proxy.sock", "--listen", f"unix:{self.socket}", "--fail-open")
+        service = make_agent_service(options, reactor=Clock())
+        assert service.connector is not None and service.listener is not None
+        self.assertIs(service.connector.settings.agent, service.listener.settings.agent)
+        self.assertTrue(service.listener.settings.fail_open)
+
+    def test_one_of_connect_and_listen_is_required(self) -> None:
+        error = self.assertRaises(usage.UsageError, parse)
+        self.assertIn("give --connect ENDPOINT, --listen ENDPOINT, or both", str(error))
+
+    def test_explicit_mode_and_lockfile_are_kept(self) -> None:
+        options = parse("--listen", f"unix:{self.socket}:mode=660:lockfile=0")
+        self.assertEqual(options["listen"], f"unix:{self.socket}:mode=660:lockfile=0")
+
+    def test_tcp_is_left_alone(self) -> None:
+        self.assertEqual(parse("--listen", "tcp:0:interface=127.0.0.1")["listen"], "tcp:0:interface=127.0.0.1")
+
+    def test_bad_listen_endpoint(self) -> None:
+        error = self.assertRaises(usage.UsageError, parse, "--listen", "nonsense:1")
+        self.assertIn("--listen nonsense:1", str(error))
+
+    def test_a_stale_socket_is_replaced(self) -> None:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.socket)
+        stale.close()
+        make_agent_service(parse("--listen", f"unix:{self.socket}"), reactor=Clock())
+        self.assertFalse(os.path.lexists(self.socket))
+
+    def test_a_live_socket_is_never_stolen(self) -> None:
+        live = socket.socket(socket.AF_UNIX)
+        self.addCleanup(live.close)
+        live.bind(self.socket)
+        live.listen(1)
+        error = self.assertRaises(SystemExit, makeService, parse("--listen", f"unix:{self.socket}"))
+        self.assertIn("served by a live process", str(error))
+        self.assertTrue(os.path.exists(self.socket))
