@@ -173,6 +173,9 @@ class AgentConnection:
         )
         self._paused = False
         self._closed: ConnectionClosed | None = None
+        #: Closed, paused or write-blocked: kept up to date on each change,
+        #: so the pool's selection reads one attribute per connection.
+        self._unavailable = False
         self._gone = False
         # Created when first needed: most connections never ping or close
         # themselves, and every registered connection carries these.
@@ -236,9 +239,12 @@ class AgentConnection:
         the pool's selection asks every connection of an agent, per request,
         in one call instead of three.
         """
-        if self._closed is not None or self._paused or self._write_blocked:
+        if self._unavailable:
             return -1
         return len(self._pending._entries)
+
+    def _update_availability(self) -> None:
+        self._unavailable = self._closed is not None or self._paused or self._write_blocked
 
     @property
     def is_write_blocked(self) -> bool:
@@ -255,6 +261,7 @@ class AgentConnection:
         if blocked == self._write_blocked or self._closed is not None:
             return
         self._write_blocked = blocked
+        self._update_availability()
         if blocked:
             self.log_limiter.warn(
                 log,
@@ -516,6 +523,7 @@ class AgentConnection:
         """
         if self._closed is None:
             self._closed = ConnectionClosed(detail)
+            self._unavailable = True
         closed = self._closed
         timer, self._stall_timer = self._stall_timer, None
         if timer is not None and timer.active():
@@ -536,6 +544,7 @@ class AgentConnection:
         """Refuse new requests from now on (the transport is closing)."""
         if self._closed is None:
             self._closed = ConnectionClosed(detail)
+            self._unavailable = True
 
     # -- receiving ----------------------------------------------------------
 
@@ -641,6 +650,7 @@ class AgentConnection:
         paused = message.paused
         if paused != self._paused:
             self._paused = paused
+            self._update_availability()
             self.log_limiter.info(
                 log,
                 "flow-control",

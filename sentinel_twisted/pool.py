@@ -239,21 +239,29 @@ class AgentPool:
             if only.can_accept_requests:
                 return only
             raise FlowControlPaused(agent_id)
-        start = self._turn.get(agent_id, 0) % count
-        self._turn[agent_id] = start + 1
+        # The least loaded connection that can take a request; ties go to
+        # the first in this turn's order, which rotates per request.  This
+        # runs per request: the connection's state is read inline (what its
+        # _selection_load() says).
+        turns = self._turn
+        i = start = turns.get(agent_id, 0) % count
+        turns[agent_id] = start + 1
         best: AgentConnection | None = None
         best_load = 0
-        for i in range(count):
-            conn = conns[(start + i) % count]
-            load = conn._selection_load()
-            if load < 0:
-                continue
-            if load == 0:
-                # Nothing beats an idle connection, and the first one in
-                # this turn's order is the one the full scan would pick.
-                return conn
-            if best is None or load < best_load:
-                best, best_load = conn, load
+        while True:
+            conn = conns[i]
+            if not conn._unavailable:
+                load = len(conn._pending._entries)
+                if not load:
+                    # Nothing beats an idle connection.
+                    return conn
+                if best is None or load < best_load:
+                    best, best_load = conn, load
+            i += 1
+            if i == count:
+                i = 0
+            if i == start:
+                break
         if best is None:
             raise FlowControlPaused(agent_id)
         return best
