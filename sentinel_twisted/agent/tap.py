@@ -79,6 +79,7 @@ _CONVERSIONS = {
     "registration-timeout": _positive_float,
     "drain-grace": _seconds,
     "max-retry-delay": _positive_float,
+    "resolve-interval": _seconds,
 }
 
 
@@ -144,7 +145,6 @@ class Options(ProgramOptions):
         ["fail-open", None, "Answer events the agent fails on with allow (default: block 500)."],
     ]
     optParameters = [
-        ["connect", None, None, "Client endpoint of the proxy (required): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
         ["connections", None, 1, "Connections (N) to keep registered."],
@@ -156,21 +156,42 @@ class Options(ProgramOptions):
         ["registration-timeout", None, 10.0, "Seconds to wait for the proxy's registration answer."],
         ["drain-grace", None, 10.0, "Seconds in-flight events get to finish on SIGTERM."],
         ["max-retry-delay", None, 60.0, "Longest wait (seconds) between reconnection attempts."],
+        [
+            "resolve-interval",
+            None,
+            30.0,
+            "Seconds between resolutions of --connect host names; each address is a proxy "
+            "(0: dial each name as one proxy).",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["connect"] = []
+
+    def opt_connect(self, description: str) -> None:
+        """
+        Client endpoint of a proxy (required; repeat it for several proxies): unix:PATH,
+        tcp:HOST:PORT, tls:HOST:PORT. A host name stands for every proxy it resolves to.
+        """
+        self["connect"].append(description)
 
     def postOptions(self) -> None:
         self.convert_options()
         for required in ("connect", "agent-id"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
+        if len(set(self["connect"])) != len(self["connect"]):
+            raise usage.UsageError("--connect: the same endpoint is given twice")
         if bool(self["rules"]) == bool(self["agent"]):
             raise usage.UsageError("give exactly one of --rules FILE and --agent MODULE:NAME")
         from twisted.internet import reactor
 
-        try:
-            self["endpoint"] = clientFromString(reactor, self["connect"])
-        except Exception as e:
-            raise usage.UsageError(f"--connect {self['connect']}: {describe_endpoint_error(e)}") from None
+        for description in self["connect"]:
+            try:
+                clientFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(f"--connect {description}: {describe_endpoint_error(e)}") from None
         self["auth-token"] = None
         self["token-warning"] = None
         if self["auth-token-file"]:
@@ -214,12 +235,12 @@ class AgentService(service.MultiService):
         rules = getattr(agent, "ruleset", None)
         log.info(
             "sentinel-agent {version}: agent {agent_id} ({what}) -> {endpoint}, "
-            "{count} connection(s), up to {limit} events at once each, {policy} on agent errors",
+            "{count} connection(s) per proxy, up to {limit} events at once each, {policy} on agent errors",
             version=__version__,
             agent_id=self.connector.settings.agent_id,
             what=f"{len(rules)} rule(s) from {rules.source}" if rules is not None else type(agent).__name__,
             endpoint=self.connector.endpoint_description,
-            count=len(self.connector.slots),
+            count=self.connector.connection_count,
             limit=self.options["max-concurrency"],
             policy="allow" if self.connector.settings.fail_open else "block 500",
         )
@@ -245,6 +266,10 @@ class AgentService(service.MultiService):
             self.stopped_cleanly = True
             return None
         return stopping.addCallback(clean)
+
+    def health(self) -> dict[str, Any]:
+        """The connections' state, proxy by proxy (see L{AgentConnector.health})."""
+        return self.connector.health()
 
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
@@ -276,19 +301,19 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         reactor = default_reactor
     connector = AgentConnector(
         options["agent-object"],
-        options["endpoint"],
+        options["connect"],
         options["agent-id"],
         connections=options["connections"],
         reactor=reactor,
         drain_grace=options["drain-grace"],
         max_delay=options["max-retry-delay"],
+        resolve_interval=options["resolve-interval"],
         auth_token=options["auth-token"],
         registration_timeout=options["registration-timeout"],
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         fail_open=bool(options["fail-open"]),
     )
-    connector.endpoint_description = options["connect"]
     return AgentService(connector, options, reactor)
 
 
