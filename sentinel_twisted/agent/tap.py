@@ -147,7 +147,7 @@ class Options(ProgramOptions):
     optParameters = [
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
-        ["connections", None, 1, "Connections (N) to keep registered."],
+        ["connections", None, 1, "Connections (N) to keep registered to each proxy."],
         ["rules", None, None, "Rules file (TOML, or JSON if it ends in .json)."],
         ["agent", None, None, "Run MODULE:NAME (an Agent subclass or instance) instead of rules."],
         ["name", None, None, "Agent name announced to the proxy. [default: the agent's own]"],
