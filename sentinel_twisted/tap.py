@@ -278,6 +278,7 @@ class Options(ProgramOptions):
         self["allow"] = []
         self["agents"] = []
         self["status-hosts"] = []
+        self["ready-agents"] = []
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.
@@ -310,6 +311,13 @@ class Options(ProgramOptions):
         (repeatable); other Host headers get 421, against DNS rebinding.
         """
         self["status-hosts"].append(name)
+
+    def opt_ready_agent(self, agent_id: str) -> None:
+        """
+        Agent id that must be registered for the status site's /healthz to
+        report ready (repeatable). [default: ready once the listener listens]
+        """
+        self["ready-agents"].append(agent_id)
 
     def postOptions(self) -> None:
         self.convert_options()
@@ -351,6 +359,19 @@ class Options(ProgramOptions):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         self._gateway_options()
+        self._ready_agent_options()
+
+    def _ready_agent_options(self) -> None:
+        for agent_id in self["ready-agents"]:
+            if not agent_id.strip():
+                raise usage.UsageError("--ready-agent: an empty agent id")
+            if not self["config"].allowed_agents.allows(agent_id):
+                raise usage.UsageError(
+                    f"--ready-agent {agent_id}: --allow does not let this agent register, "
+                    "so the proxy would never be ready"
+                )
+        if self["ready-agents"] and self["status"] is None:
+            raise usage.UsageError("--ready-agent needs the status site (--status): /healthz is there")
 
     def _client_certificate_options(self) -> None:
         # Checked without reading the CA file (make_listener reads it), so
@@ -831,6 +852,7 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
     if options.get("gateway") is None or (options["http"] is None and options["status"] is None):
         return
     from .gateway.service import GatewayService
+    from .status.health import Readiness
 
     given = getattr(options, "given", {})
     for name in ("http", "status"):
@@ -853,7 +875,13 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         reactor=reactor,
         access_log=access_log,
         shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
+        readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
     ).setServiceParent(top)
+
+
+def _listener_listens(top: ReverseListenerService) -> bool:
+    """Whether an agent listener endpoint of C{top} listens (for C{/healthz})."""
+    return any(isinstance(c, ListenerEndpointService) and c.port is not None for c in top)
 
 
 def check_access_log(path: str) -> None:

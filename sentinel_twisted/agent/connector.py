@@ -1,18 +1,24 @@
 # -*- test-case-name: tests.agent.test_connector -*-
 """
-L{AgentConnector}: keeps an agent connected to a proxy.
+L{AgentConnector}: keeps an agent connected to its proxies.
 
-It dials a client endpoint (C{unix:}, C{tcp:}, C{tls:} strings or any
-L{IStreamClientEndpoint}) and keeps N connections registered, each through
-a L{ClientService} that reconnects with jittered exponential backoff.
+It dials client endpoints (C{unix:}, C{tcp:}, C{tls:} strings or any
+L{IStreamClientEndpoint}), one per proxy, and keeps N connections
+registered to each, each connection through a L{ClientService} that
+reconnects with jittered exponential backoff.  The proxies are independent
+of each other (L{ProxyConnections}).  A C{tcp:} or C{tls:} host name stands
+for every address it resolves to, re-resolved periodically: new addresses
+are dialled, the connections to addresses that left drained
+(L{ResolvedProxies}).
 Backoff grows with every attempt that ends without a registration
 (transport failures and retryable rejections alike) and starts over after
 a successful one.
 
 A rejection that retrying cannot fix (protocol version, allowlist,
-authentication, a malformed registration) stops every connection and is
-reported once, clearly; a connection limit or a transport failure keeps
-the connector retrying.  Stopping drains: no new events, in-flight
+authentication, a malformed registration) stops every connection to that
+proxy and is reported once, clearly; once every proxy has refused the
+agent so, the connector stops (L{AgentConnector.when_failed}).  A
+connection limit or a transport failure keeps the connection retrying.  Stopping drains: no new events, in-flight
 handlers get a grace period, then the connections close.
 """
 
@@ -20,14 +26,20 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHostnameResolver,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -40,9 +52,10 @@ from zope.interface import implementer
 
 from ..errors import AgentProtocolError
 from ._interfaces import IAgent
+from ._resolve import NamedProxies, named_proxies, one_family, resolve
 from .protocol import AgentClientFactory, AgentProtocol, AgentSettings
 
-__all__ = ["AgentConnector", "ConnectionSlot", "run_agent"]
+__all__ = ["AgentConnector", "ConnectionSlot", "ProxyConnections", "ResolvedProxies", "run_agent"]
 
 log = Logger(namespace="sentinel_twisted.agent.connector")
 
@@ -75,23 +88,26 @@ class _ClientService(ClientService):
 
 class ConnectionSlot:
     """
-    One of the connector's N connections: its L{ClientService}, its retry
+    One of the N connections to one proxy: its L{ClientService}, its retry
     counter, and the protocol currently connected (if any).
     """
 
-    def __init__(self, connector: AgentConnector, index: int, endpoint: IStreamClientEndpoint) -> None:
-        self.connector = connector
+    def __init__(self, proxy: ProxyConnections, index: int, endpoint: IStreamClientEndpoint) -> None:
+        self.proxy = proxy
+        self.connector = proxy.connector
         self.index = index
         #: Attempts in a row that ended without a registration.
         self.retries = 0
         self.protocol: AgentProtocol | None = None
         self.registered = False
-        factory = AgentClientFactory(connector.settings, connector.clock, self)
+        #: Why the last attempt failed, until a registration.
+        self.last_error: str | None = None
+        factory = AgentClientFactory(self.connector.settings, self.connector.clock, self)
         self.service = _ClientService(
             _ReportingEndpoint(endpoint, self),
             factory,
             retryPolicy=self._next_delay,
-            clock=connector.clock,
+            clock=self.connector.clock,
         )
 
     def __repr__(self) -> str:
@@ -103,13 +119,14 @@ class ConnectionSlot:
         # that accepts the socket and refuses the agent still backs off.
         self.retries += 1
         delay = self.connector.retry_delay(self.retries)
-        if not self.connector.running:
+        if not self.connector.running or not self.proxy.active:
             # Stopping: the retry is about to be cancelled; do not announce it.
             return delay
         log.info(
-            "Agent {agent_id} connection {index}: retry {retries} in {delay:.2f}s",
+            "Agent {agent_id} connection {index} to {proxy}: retry {retries} in {delay:.2f}s",
             agent_id=self.connector.settings.agent_id,
             index=self.index,
+            proxy=self.proxy.name,
             retries=self.retries,
             delay=delay,
         )
@@ -117,14 +134,15 @@ class ConnectionSlot:
 
     def connect_failed(self, failure: Failure) -> Failure:
         """The connection attempt failed: a warning for the first in a row."""
+        self.last_error = failure.getErrorMessage()
         # The first failure in a row is a warning; the rest are in the retry lines.
         if self.retries == 0:
             log.warn(
                 "Agent {agent_id} connection {index} cannot reach {endpoint}: {error}",
                 agent_id=self.connector.settings.agent_id,
                 index=self.index,
-                endpoint=self.connector.endpoint_description,
-                error=failure.getErrorMessage(),
+                endpoint=self.proxy.name,
+                error=self.last_error,
             )
         return failure
 
@@ -135,35 +153,301 @@ class ConnectionSlot:
         self.protocol = protocol
         self.registered = True
         self.retries = 0
+        self.last_error = None
         self.connector.slot_registered(self, protocol)
 
     def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
         """The slot's registration failed; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         self.registered = False
+        self.last_error = str(error)
         self.connector.slot_refused(self, protocol, error)
 
     def connection_ended(self, protocol: AgentProtocol, detail: str) -> None:
         """The slot's connection ended; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         if self.protocol is protocol:
             self.protocol = None
+        was_registered = self.registered
         self.registered = False
+        if was_registered:
+            self.last_error = detail
         self.connector.slot_ended(self, protocol, detail)
+
+
+class ProxyConnections:
+    """
+    The connector's N connections to one proxy, kept up independently of
+    its other proxies: a proxy that is down, or that refuses the agent for
+    good, leaves the connections to the others alone.
+
+    @ivar name: the proxy in logs and health: its endpoint string, and the
+        address for one of the proxies a host name stands for.
+    @ivar address: that address, or C{None}.
+    @ivar failure: the rejection that retrying cannot fix, if this proxy
+        sent one; its connections are then stopped.
+    """
+
+    def __init__(
+        self,
+        connector: AgentConnector,
+        name: str,
+        endpoint: IStreamClientEndpoint,
+        address: str | None = None,
+    ) -> None:
+        self.connector = connector
+        self.name = name
+        self.endpoint = endpoint
+        self.address = address
+        self.slots = [ConnectionSlot(self, i + 1, endpoint) for i in range(connector.connection_count)]
+        self.failure: AgentProtocolError | None = None
+        #: Started and not stopping.
+        self.active = False
+        self._stopping: Deferred[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ProxyConnections {self.name} registered={self.registered_count}/{len(self.slots)}>"
+
+    def protocols(self) -> list[AgentProtocol]:
+        """The registered connections to this proxy."""
+        return [s.protocol for s in self.slots if s.registered and s.protocol is not None]
+
+    @property
+    def registered_count(self) -> int:
+        """How many of the connections to this proxy are registered now."""
+        return sum(1 for s in self.slots if s.registered)
+
+    @property
+    def state(self) -> str:
+        """C{registered} (all N), C{partial}, C{connecting}, C{rejected}, C{draining} or C{stopped}."""
+        if self.failure is not None:
+            return "rejected"
+        if self._stopping is not None:
+            return "stopped" if self._stopping.called else "draining"
+        if not self.active:
+            return "stopped"
+        registered = self.registered_count
+        if registered == len(self.slots):
+            return "registered"
+        return "partial" if registered else "connecting"
+
+    def health(self) -> dict[str, Any]:
+        """This proxy's state, for L{AgentConnector.health}."""
+        errors = [s.last_error for s in self.slots if s.last_error]
+        return {
+            "proxy": self.name,
+            "address": self.address,
+            "state": self.state,
+            "registered": self.registered_count,
+            "connections": len(self.slots),
+            "proxy_ids": sorted({p.proxy_id for p in self.protocols()}),
+            "retries": max(s.retries for s in self.slots),
+            "last_error": str(self.failure) if self.failure is not None else (errors[-1] if errors else None),
+        }
+
+    def start(self) -> None:
+        """Dial the proxy: start every connection's service."""
+        self.failure = None
+        self._stopping = None
+        self.active = True
+        for slot in self.slots:
+            slot.retries = 0
+            slot.last_error = None
+            slot.service.startService()
+
+    def stop(self) -> Deferred[None]:
+        """Drain the registered connections, then stop reconnecting."""
+        self.active = False
+        if self._stopping is None:
+            self._stopping = self._drain_and_stop()
+        return self._stopping
+
+    def _drain_and_stop(self) -> Deferred[None]:
+        drains = [p.drain(self.connector.drain_grace) for p in self.protocols()]
+        result: Deferred[None] = Deferred()
+
+        def stop_services(_: object) -> None:
+            stops = [s.service.stopService() for s in self.slots if s.service.running]
+            DeferredList(stops, consumeErrors=True).addCallback(lambda _: result.callback(None))
+
+        DeferredList(drains, consumeErrors=True).addCallback(stop_services)
+        return result
+
+    def refused_for_good(self, error: AgentProtocolError) -> None:
+        """A rejection that retrying cannot fix: stop every connection to this proxy."""
+        self.failure = error
+        self.active = False
+        for slot in self.slots:
+            if slot.service.running:
+                slot.service.stopService()
+
+
+class ResolvedProxies:
+    """
+    The proxies a host name stands for: one L{ProxyConnections} per address
+    it resolves to, re-resolved every C{resolve_interval} seconds.  New
+    addresses are dialled; the connections to addresses that left are
+    drained.  A resolution that finds nothing keeps the proxies there are
+    (a failing name server does not take the agent off working proxies) and
+    is tried again sooner, with the connector's backoff.
+    """
+
+    def __init__(self, connector: AgentConnector, named: NamedProxies, resolver: IHostnameResolver) -> None:
+        self.connector = connector
+        self.named = named
+        self.resolver = resolver
+        #: address -> its proxy, for the addresses of the last resolution.
+        self.proxies: dict[str, ProxyConnections] = {}
+        #: Proxies whose address left, while they drain.
+        self.leaving: list[ProxyConnections] = []
+        #: Resolutions in a row that found no address.
+        self.misses = 0
+        self.resolved_at: float | None = None
+        self._next: IDelayedCall | None = None
+        self._resolving = False
+        self._active = False
+
+    @property
+    def name(self) -> str:
+        """The endpoint string as given."""
+        return self.named.description
+
+    def start(self) -> None:
+        """Resolve the name now, and every C{resolve_interval} seconds."""
+        self._active = True
+        self.misses = 0
+        for proxy in self.proxies.values():
+            proxy.start()
+        self.resolve_now()
+
+    def stop(self) -> Deferred[None]:
+        """Stop re-resolving; drain every proxy of the name."""
+        self._active = False
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        stops = [p.stop() for p in [*self.proxies.values(), *self.leaving]]
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    def resolve_now(self) -> None:
+        """Resolve the name and follow its addresses (once at a time)."""
+        self._next = None
+        if self._resolving or not self._active:
+            return
+        self._resolving = True
+        try:
+            resolving = resolve(self.resolver, self.named.host, self.named.port)
+        except Exception as e:
+            self._resolving = False
+            self._found([], str(e) or type(e).__name__)
+            return
+
+        def done(addresses: list[str]) -> None:
+            self._resolving = False
+            self._found(addresses, "no address")
+
+        def failed(reason: Failure) -> None:
+            self._resolving = False
+            self._found([], reason.getErrorMessage())
+
+        resolving.addCallbacks(done, failed)
+
+    def _found(self, found: list[str], problem: str) -> None:
+        if not self._active:
+            return
+        addresses = one_family(found)
+        agent_id = self.connector.settings.agent_id
+        if not addresses:
+            self.misses += 1
+            delay = min(self.connector.resolve_interval, self.connector.retry_delay(self.misses))
+            if self.misses == 1:
+                log.warn(
+                    "Agent {agent_id}: {host} resolves to nothing ({problem}); keeping its "
+                    "{count} proxy(ies), resolving again in {delay:.2f}s",
+                    agent_id=agent_id,
+                    host=self.named.host,
+                    problem=problem,
+                    count=len(self.proxies),
+                    delay=delay,
+                )
+            self._schedule(delay)
+            return
+        self.misses = 0
+        self.resolved_at = self.connector.clock.seconds()
+        for address in addresses:
+            if address in self.proxies:
+                continue
+            proxy = ProxyConnections(
+                self.connector,
+                f"{self.name} ({address})",
+                self.connector.endpoint_for(self.named.address_description(address)),
+                address,
+            )
+            self.proxies[address] = proxy
+            log.info(
+                "Agent {agent_id}: {host} has a new proxy at {address}; connecting "
+                "({count} proxy(ies) now)",
+                agent_id=agent_id,
+                host=self.named.host,
+                address=address,
+                count=len(self.proxies),
+            )
+            proxy.start()
+        for address in [a for a in self.proxies if a not in addresses]:
+            gone = self.proxies.pop(address)
+            log.info(
+                "Agent {agent_id}: {host} no longer resolves to {address}; draining its "
+                "{registered} connection(s) ({count} proxy(ies) now)",
+                agent_id=agent_id,
+                host=self.named.host,
+                address=address,
+                registered=gone.registered_count,
+                count=len(self.proxies),
+            )
+            self.leaving.append(gone)
+            gone.stop().addCallback(self._drained, gone)
+            self.connector.proxy_left(gone)
+        self._schedule(self.connector.resolve_interval)
+
+    def _drained(self, _: object, proxy: ProxyConnections) -> None:
+        self.leaving.remove(proxy)
+
+    def _schedule(self, delay: float) -> None:
+        if self._active:
+            self._next = self.connector.clock.callLater(delay, self.resolve_now)
+
+    def health(self) -> dict[str, Any]:
+        """The name's addresses now, those still draining, and when it was last resolved."""
+        return {
+            "name": self.name,
+            "addresses": list(self.proxies),
+            "leaving": [p.address for p in self.leaving],
+            "resolved_at": self.resolved_at,
+            "misses": self.misses,
+        }
 
 
 class AgentConnector(Service):
     """
-    Keeps C{connections} registered connections of one agent to a proxy.
+    Keeps C{connections} registered connections of one agent to each of its
+    proxies.
 
     @param agent: the L{IAgent} that answers the events.
-    @param endpoint: a client endpoint string (C{unix:/run/sentinel.sock},
-        C{tcp:host=proxy:port=7000}, C{tls:proxy:7000}) or endpoint object.
+    @param endpoint: the proxy to dial: a client endpoint string
+        (C{unix:/run/sentinel.sock}, C{tcp:host=proxy:port=7000},
+        C{tls:proxy:7000}) or endpoint object; or a list of them, one per
+        proxy.  A C{tcp:} or C{tls:} string whose host is a name stands for
+        every address the name resolves to (IPv4 if it has any, else IPv6),
+        each a proxy of its own.
     @param agent_id: the id to register under.
-    @param connections: how many connections to keep (the proxy spreads
-        requests over them).
+    @param connections: how many connections to keep to each proxy (the
+        proxy spreads requests over them).
     @param drain_grace: seconds in-flight handlers get when stopping.
     @param initial_delay: first retry delay, in seconds; each further
         failure multiplies it by C{factor}, up to C{max_delay}, plus
         C{jitter()} seconds.
+    @param resolve_interval: seconds between resolutions of the host names;
+        0 dials each name as one proxy (its endpoint picks an address).
+    @param resolver: the L{IHostnameResolver} for the names (default: the
+        reactor's C{nameResolver}).
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
         C{max_concurrency}, C{max_queued}, C{fail_open}).
@@ -172,7 +456,7 @@ class AgentConnector(Service):
     def __init__(
         self,
         agent: IAgent,
-        endpoint: str | IStreamClientEndpoint,
+        endpoint: str | IStreamClientEndpoint | Sequence[str | IStreamClientEndpoint],
         agent_id: str,
         *,
         connections: int = 1,
@@ -182,12 +466,16 @@ class AgentConnector(Service):
         max_delay: float = 60.0,
         factor: float = 2.0,
         jitter: Callable[[], float] = random.random,
+        resolve_interval: float = 30.0,
+        resolver: IHostnameResolver | None = None,
         **settings_options: Any,
     ) -> None:
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections!r}")
         if drain_grace < 0:
             raise ValueError(f"drain_grace must not be negative, got {drain_grace!r}")
+        if not resolve_interval >= 0:
+            raise ValueError(f"resolve_interval must not be negative, got {resolve_interval!r}")
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -195,15 +483,39 @@ class AgentConnector(Service):
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.settings = AgentSettings(agent=agent, agent_id=agent_id, **settings_options)
-        if isinstance(endpoint, str):
-            self.endpoint_description = endpoint
-            self.endpoint: IStreamClientEndpoint = clientFromString(reactor, endpoint)
-        else:
-            self.endpoint_description = repr(endpoint)
-            self.endpoint = endpoint
+        self.connection_count = connections
         self.drain_grace = drain_grace
+        self.resolve_interval = resolve_interval
+        if resolver is None:
+            resolver = getattr(reactor, "nameResolver", None)
+        self.resolver = resolver
         self._policy = backoffPolicy(initial_delay, max_delay, factor, jitter)
-        self.slots = [ConnectionSlot(self, i + 1, self.endpoint) for i in range(connections)]
+        endpoints = [endpoint] if isinstance(endpoint, str) or not isinstance(endpoint, Sequence) else list(endpoint)
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        #: The proxies dialled as given, and the host names standing for sets of proxies.
+        self.static_proxies: list[ProxyConnections] = []
+        self.names: list[ResolvedProxies] = []
+        descriptions = []
+        for each in endpoints:
+            if isinstance(each, str):
+                descriptions.append(each)
+                parsed = self.endpoint_for(each)
+                named = named_proxies(each)
+                if named is not None and self.resolver is not None and resolve_interval > 0:
+                    # A string an address cannot be put into fails now, not at the first resolution.
+                    self.endpoint_for(named.address_description("192.0.2.1"))
+                    self.names.append(ResolvedProxies(self, named, self.resolver))
+                else:
+                    self.static_proxies.append(ProxyConnections(self, each, parsed))
+            else:
+                parsed = each
+                descriptions.append(repr(each))
+                self.static_proxies.append(ProxyConnections(self, repr(each), each))
+            if len(descriptions) == 1:
+                self.endpoint: IStreamClientEndpoint = parsed
+        #: The endpoints, as given, for logs.
+        self.endpoint_description = ", ".join(descriptions)
         #: The rejection that stopped the connector, if one did.
         self.failure: AgentProtocolError | None = None
         self._stopping: Deferred[None] | None = None
@@ -213,20 +525,55 @@ class AgentConnector(Service):
     def __repr__(self) -> str:
         return f"<AgentConnector {self.settings.agent_id} -> {self.endpoint_description}>"
 
+    def endpoint_for(self, description: str) -> IStreamClientEndpoint:
+        """The endpoint of a client endpoint string, for this connector's reactor."""
+        endpoint: IStreamClientEndpoint = clientFromString(self.reactor, description)
+        return endpoint
+
     def retry_delay(self, retries: int) -> float:
         """Seconds before retry number C{retries} (1 for the first)."""
         return float(self._policy(retries - 1))
 
     # -- queries ---------------------------------------------------------------
 
+    def proxies(self) -> list[ProxyConnections]:
+        """Every proxy dialled now (not those whose address left and that are draining)."""
+        resolved = [p for name in self.names for p in name.proxies.values()]
+        return [*self.static_proxies, *resolved]
+
+    @property
+    def slots(self) -> list[ConnectionSlot]:
+        """Every connection slot, proxy by proxy."""
+        return [slot for proxy in self.proxies() for slot in proxy.slots]
+
     def protocols(self) -> list[AgentProtocol]:
-        """The registered connections."""
-        return [s.protocol for s in self.slots if s.registered and s.protocol is not None]
+        """The registered connections, to every proxy."""
+        return [p for proxy in self.proxies() for p in proxy.protocols()]
 
     @property
     def registered_count(self) -> int:
         """How many of the connections are registered now."""
-        return sum(1 for s in self.slots if s.registered)
+        return sum(proxy.registered_count for proxy in self.proxies())
+
+    def health(self) -> dict[str, Any]:
+        """
+        The connector's state, proxy by proxy: for each proxy its state
+        (C{registered}: all N connections, C{partial}, C{connecting},
+        C{rejected}, C{draining}, C{stopped}), registered count, retries
+        and last error; and for each host name its addresses.
+        """
+        if self.failure is not None:
+            state = "failed"
+        else:
+            state = "running" if self.running else "stopped"
+        leaving = [p for name in self.names for p in name.leaving]
+        return {
+            "agent_id": self.settings.agent_id,
+            "state": state,
+            "registered": self.registered_count,
+            "proxies": [p.health() for p in [*self.proxies(), *leaving]],
+            "names": [name.health() for name in self.names],
+        }
 
     def when_registered(self) -> Deferred[AgentProtocol]:
         """
@@ -243,7 +590,10 @@ class AgentConnector(Service):
         return waiter
 
     def when_failed(self) -> Deferred[AgentProtocolError]:
-        """Fires (with the error as its result) if a fatal rejection stops the connector."""
+        """
+        Fires (with the error as its result) once every proxy has refused
+        the agent for good, which stops the connector.
+        """
         if self.failure is not None:
             return succeed(self.failure)
         waiter: Deferred[AgentProtocolError] = Deferred()
@@ -257,78 +607,104 @@ class AgentConnector(Service):
         self.failure = None
         self._stopping = None
         log.info(
-            "Agent {agent_id} connecting to {endpoint} with {count} connection(s)",
+            "Agent {agent_id} connecting to {endpoint} with {count} connection(s) to each proxy",
             agent_id=self.settings.agent_id,
             endpoint=self.endpoint_description,
-            count=len(self.slots),
+            count=self.connection_count,
         )
-        for slot in self.slots:
-            slot.retries = 0
-            slot.service.startService()
+        for proxy in self.static_proxies:
+            proxy.start()
+        for name in self.names:
+            name.start()
 
     def stopService(self) -> Deferred[None]:
         """Drain every registered connection, then stop reconnecting."""
         super().stopService()  # type: ignore[no-untyped-call]
         if self._stopping is None:
-            self._stopping = self._drain_and_stop()
+            stops = [p.stop() for p in self.static_proxies] + [n.stop() for n in self.names]
+            self._stopping = DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
         return self._stopping
 
-    def _drain_and_stop(self) -> Deferred[None]:
-        drains = [p.drain(self.drain_grace) for p in self.protocols()]
-        result: Deferred[None] = Deferred()
-
-        def stop_services(_: object) -> None:
-            stops = [s.service.stopService() for s in self.slots if s.service.running]
-            DeferredList(stops, consumeErrors=True).addCallback(lambda _: result.callback(None))
-
-        DeferredList(drains, consumeErrors=True).addCallback(stop_services)
-        return result
-
-    # -- from the slots ----------------------------------------------------------
+    # -- from the slots and names ----------------------------------------------------
 
     def slot_registered(self, slot: ConnectionSlot, protocol: AgentProtocol) -> None:
         """A slot registered: wake L{when_registered} waiters."""
+        proxy = slot.proxy
+        if proxy.registered_count == len(proxy.slots) and len(self.proxies()) > 1:
+            log.info(
+                "Agent {agent_id}: all {count} connection(s) to {proxy} registered",
+                agent_id=self.settings.agent_id,
+                count=len(proxy.slots),
+                proxy=proxy.name,
+            )
         waiters, self._registered_waiters = self._registered_waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
 
     def slot_refused(self, slot: ConnectionSlot, protocol: AgentProtocol, error: AgentProtocolError) -> None:
-        """A slot's registration failed: retry, or stop the connector on a fatal rejection."""
+        """A slot's registration failed: retry, or stop that proxy's connections on a fatal rejection."""
+        proxy = slot.proxy
         if getattr(error, "retryable", True):
             log.warn(
-                "Agent {agent_id} connection {index}: {error}; will retry",
+                "Agent {agent_id} connection {index} to {proxy}: {error}; will retry",
                 agent_id=self.settings.agent_id,
                 index=slot.index,
+                proxy=proxy.name,
                 error=str(error),
             )
             return
-        if self.failure is not None:
+        if proxy.failure is not None or not proxy.active:
             return
-        self.failure = error
+        proxy.refused_for_good(error)
         log.critical(
             "Agent {agent_id}: {error}. Retrying cannot fix this; stopping all "
-            "{count} connection(s). Check the agent id, token and protocol version.",
+            "{count} connection(s) to {proxy}. Check the agent id, token and protocol version.",
             agent_id=self.settings.agent_id,
             error=str(error),
-            count=len(self.slots),
+            count=len(proxy.slots),
+            proxy=proxy.name,
         )
-        for other in self.slots:
-            if other.service.running:
-                other.service.stopService()
+        self._check_failed(error)
+
+    def proxy_left(self, proxy: ProxyConnections) -> None:
+        """A name no longer resolves to C{proxy}'s address: are the proxies left all refusing?"""
+        self._check_failed(None)
+
+    def _check_failed(self, error: AgentProtocolError | None) -> None:
+        # The connector fails once every proxy it dials has refused the
+        # agent for good: nothing is left that could serve it.
+        proxies = self.proxies()
+        if self.failure is not None or not proxies:
+            return
+        if any(name.resolved_at is None for name in self.names):
+            return  # a name not resolved yet may bring proxies that accept
+        failures = [p.failure for p in proxies]
+        if any(f is None for f in failures):
+            return
+        failure = error if error is not None else failures[-1]
+        assert failure is not None
+        self.failure = failure
+        if len(proxies) > 1:
+            log.critical(
+                "Agent {agent_id}: every proxy ({count}) refused the agent; stopping.",
+                agent_id=self.settings.agent_id,
+                count=len(proxies),
+            )
         waiters, self._registered_waiters = self._registered_waiters, []
         for waiter in waiters:
-            waiter.errback(Failure(error))
+            waiter.errback(Failure(failure))
         failure_waiters, self._failure_waiters = self._failure_waiters, []
         for failure_waiter in failure_waiters:
-            failure_waiter.callback(error)
+            failure_waiter.callback(failure)
 
     def slot_ended(self, slot: ConnectionSlot, protocol: AgentProtocol, detail: str) -> None:
         """A slot's connection ended; it reconnects while the connector runs."""
-        if self.running and self.failure is None:
+        if self.running and slot.proxy.active:
             log.info(
-                "Agent {agent_id} connection {index} ended ({detail}); reconnecting",
+                "Agent {agent_id} connection {index} to {proxy} ended ({detail}); reconnecting",
                 agent_id=self.settings.agent_id,
                 index=slot.index,
+                proxy=slot.proxy.name,
                 detail=detail,
             )
 
@@ -339,10 +715,9 @@ def _failed(error: AgentProtocolError) -> Deferred[Any]:
     return d
 
 
-
 def run_agent(
     agent: IAgent,
-    endpoint: str,
+    endpoint: str | Sequence[str],
     agent_id: str,
     *,
     log_to: IO[str] | None = sys.stderr,

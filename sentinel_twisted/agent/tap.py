@@ -88,6 +88,7 @@ _CONVERSIONS = {
     "handshake-timeout": _positive_float,
     "drain-grace": _seconds,
     "max-retry-delay": _positive_float,
+    "resolve-interval": _seconds,
 }
 
 
@@ -157,13 +158,12 @@ class Options(ProgramOptions):
         ["fail-open", None, "Answer events the agent fails on with allow (default: block 500)."],
     ]
     optParameters = [
-        ["connect", None, None, "Client endpoint of the proxy (required without --listen): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT."],
         ["listen", None, None, "Server endpoint to serve proxies that dial the agent (forward mode): "
          "unix:PATH (owner-only, with a lockfile), tcp:PORT:interface=127.0.0.1."],
         ["handshake-timeout", None, 10.0, "Seconds a dialling proxy has to send its handshake."],
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
-        ["connections", None, 1, "Connections (N) to keep registered."],
+        ["connections", None, 1, "Connections (N) to keep registered to each proxy."],
         ["rules", None, None, "Rules file (TOML, or JSON if it ends in .json)."],
         ["agent", None, None, "Run MODULE:NAME (an Agent subclass or instance) instead of rules."],
         ["name", None, None, "Agent name announced to the proxy. [default: the agent's own]"],
@@ -172,7 +172,26 @@ class Options(ProgramOptions):
         ["registration-timeout", None, 10.0, "Seconds to wait for the proxy's registration answer."],
         ["drain-grace", None, 10.0, "Seconds in-flight events get to finish on SIGTERM."],
         ["max-retry-delay", None, 60.0, "Longest wait (seconds) between reconnection attempts."],
+        [
+            "resolve-interval",
+            None,
+            30.0,
+            "Seconds between resolutions of --connect host names; each address is a proxy "
+            "(0: dial each name as one proxy).",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["connect"] = []
+
+    def opt_connect(self, description: str) -> None:
+        """
+        Client endpoint of a proxy (required without --listen; repeat it for several
+        proxies): unix:PATH, tcp:HOST:PORT, tls:HOST:PORT. A host name stands for every
+        proxy it resolves to.
+        """
+        self["connect"].append(description)
 
     def postOptions(self) -> None:
         self.convert_options()
@@ -180,14 +199,17 @@ class Options(ProgramOptions):
             raise usage.UsageError("--agent-id is required")
         if not self["connect"] and not self["listen"]:
             raise usage.UsageError("give --connect ENDPOINT, --listen ENDPOINT, or both")
+        if len(set(self["connect"])) != len(self["connect"]):
+            raise usage.UsageError("--connect: the same endpoint is given twice")
         if bool(self["rules"]) == bool(self["agent"]):
             raise usage.UsageError("give exactly one of --rules FILE and --agent MODULE:NAME")
         from twisted.internet import reactor
 
-        try:
-            self["endpoint"] = clientFromString(reactor, self["connect"]) if self["connect"] else None
-        except Exception as e:
-            raise usage.UsageError(f"--connect {self['connect']}: {describe_endpoint_error(e)}") from None
+        for description in self["connect"]:
+            try:
+                clientFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(f"--connect {description}: {describe_endpoint_error(e)}") from None
         if self["listen"]:
             self["listen"] = with_owner_only_mode(with_lockfile(self["listen"]))
             try:
@@ -253,12 +275,12 @@ class AgentService(service.MultiService):
         if self.connector is not None:
             log.info(
                 "sentinel-agent {version}: agent {agent_id} ({what}) -> {endpoint}, "
-                "{count} connection(s), up to {limit} events at once each, {policy} on agent errors",
+                "{count} connection(s) per proxy, up to {limit} events at once each, {policy} on agent errors",
                 version=__version__,
                 agent_id=self.connector.settings.agent_id,
                 what=what,
                 endpoint=self.connector.endpoint_description,
-                count=len(self.connector.slots),
+                count=self.connector.connection_count,
                 limit=self.options["max-concurrency"],
                 policy="allow" if self.connector.settings.fail_open else "block 500",
             )
@@ -296,6 +318,13 @@ class AgentService(service.MultiService):
             return None
         return stopping.addCallback(clean)
 
+    def health(self) -> dict[str, Any]:
+        """
+        The dialled connections' state, proxy by proxy (see
+        L{AgentConnector.health}); empty when the agent only listens.
+        """
+        return self.connector.health() if self.connector is not None else {}
+
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
 
@@ -329,19 +358,19 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         return AgentService(None, options, reactor, listener)
     connector = AgentConnector(
         options["agent-object"],
-        options["endpoint"],
+        options["connect"],
         options["agent-id"],
         connections=options["connections"],
         reactor=reactor,
         drain_grace=options["drain-grace"],
         max_delay=options["max-retry-delay"],
+        resolve_interval=options["resolve-interval"],
         auth_token=options["auth-token"],
         registration_timeout=options["registration-timeout"],
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         fail_open=bool(options["fail-open"]),
     )
-    connector.endpoint_description = options["connect"]
     return AgentService(connector, options, reactor, listener)
 
 

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..status.health import Readiness
 from ..status.metrics import GatewayMetrics
 from ..status.resource import StatusResource, StatusSite
 from .config import GatewayConfig
@@ -101,6 +102,7 @@ class GatewayService(service.MultiService):
         reactor: Any = None,
         access_log: str | None = None,
         shutdown_grace: float = 0.0,
+        readiness: Readiness | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -132,7 +134,9 @@ class GatewayService(service.MultiService):
             self.http = ListeningService(reactor, http, self.site, "HTTP clients")
             self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
         if status is not None:
-            self.status_resource = StatusResource(factory.pool, self.metrics, self.describe())
+            self.status_resource = StatusResource(
+                factory.pool, self.metrics, self.describe(), readiness
+            )
             self.status_site = StatusSite(self.status_resource, config.status_hosts, reactor=reactor)
             self.status = ListeningService(reactor, status, self.status_site, "the status page")
             self.status.setServiceParent(self)  # type: ignore[no-untyped-call]

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.gateway.test_status -*-
 """
-The status site: C{GET /agents} (JSON), C{GET /metrics} (Prometheus text)
+The status site: C{GET /agents} (JSON), C{GET /metrics} (Prometheus text),
+C{GET /healthz} (readiness, see L{health <sentinel_twisted.status.health>})
 and C{GET /} (a small HTML page of the same for a person, refreshing
 itself).
 """
@@ -21,6 +22,7 @@ from twisted.web.resource import Resource
 
 from .. import __version__
 from ..messages import HealthState
+from .health import HealthzResource, Readiness
 
 if TYPE_CHECKING:
     from ..pool import AgentPool
@@ -152,7 +154,11 @@ class StatusResource(Resource):
     """The status site's root."""
 
     def __init__(
-        self, pool: AgentPool, metrics: GatewayMetrics, gateway: dict[str, Any] | None = None
+        self,
+        pool: AgentPool,
+        metrics: GatewayMetrics,
+        gateway: dict[str, Any] | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.pool = pool
@@ -161,6 +167,7 @@ class StatusResource(Resource):
         self.putChild(b"", _Page(self))
         self.putChild(b"agents", _Agents(self))
         self.putChild(b"metrics", _Metrics(self))
+        self.putChild(b"healthz", HealthzResource(pool, readiness))
 
     def getChild(self, path: bytes, request: Any) -> Any:
         return pages.notFound()

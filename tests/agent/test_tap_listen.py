@@ -36,7 +36,7 @@ class ListenOptionsTests(SynchronousTestCase):
     def test_listen_only(self) -> None:
         options = parse("--listen", f"unix:{self.socket}", "--handshake-timeout", "3")
         self.assertEqual(options["listen"], f"unix:{self.socket}:lockfile=1:mode=600")
-        self.assertIsNone(options["endpoint"])
+        self.assertEqual(options["connect"], [])
         service = make_agent_service(options, reactor=Clock())
         self.assertIsNone(service.connector)
         listener = service.listener
