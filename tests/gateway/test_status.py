@@ -4,6 +4,7 @@ The status site: C{/agents} JSON and C{/metrics} contents.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -62,6 +63,13 @@ class AgentsDocumentTests(TestCase):
             self.assertRegex(connection["connected_since"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
             self.assertIsInstance(connection["connected_since_epoch"], float)
             self.assertTrue(connection["peer"].startswith("unix"))
+            # SO_PEERCRED: the agent is this process.
+            self.assertEqual((connection["peer_pid"], connection["peer_uid"]), (os.getpid(), os.getuid()))
+            self.assertEqual(connection["events"], ["request_headers", "request_body_chunk"])
+            self.assertFalse(connection["write_blocked"])
+            self.assertEqual(connection["events_sent"], 1)
+            self.assertEqual((connection["timeouts"], connection["cancels_sent"]), (0, 0))
+            self.assertEqual(connection["round_trip"]["answered"], 0)
             self.assertEqual(len(bot_info["connections"]), 2)
             self.assertEqual(bot_info["paused_connections"], 1)
             self.assertEqual([c["paused"] for c in bot_info["connections"]], [False, True])
@@ -71,6 +79,17 @@ class AgentsDocumentTests(TestCase):
             self.assertFalse(document["gateway"]["fail_open"])
             waf.release(answer())
             self.assertEqual((await pending).code, 200)
+            h.pool.connections("bot")[0].set_write_blocked(True)
+            document = (await h.status("/agents")).json()
+            h.pool.connections("bot")[0].set_write_blocked(False)
+            waf_info, bot_info = document["agents"]
+            (connection,) = waf_info["connections"]
+            round_trip = connection["round_trip"]
+            self.assertEqual(round_trip["answered"], 1)
+            self.assertGreater(round_trip["mean_seconds"], 0)
+            self.assertGreater(round_trip["p99_seconds"], 0)
+            self.assertEqual([c["write_blocked"] for c in bot_info["connections"]], [True, False])
+            self.assertEqual(bot_info["write_blocked_connections"], 1)
             del bot
 
         return ensureDeferred(go())
