@@ -503,3 +503,98 @@ class PackagingTests(TestCase):
         from sentinel_twisted import tap
 
         self.assertIsInstance(maker.options(), tap.Options)
+
+
+class JsonLogTests(TestCase):
+    """C{--log-format json}: one JSON object per line, with the event's fields."""
+
+    def test_an_event_is_one_line_of_json_with_its_fields(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted._twistd import json_log_line
+
+        line = json_log_line(
+            {
+                "log_format": "Agent {agent_id} connection {connection_id} disconnected: {detail}",
+                "log_level": LogLevel.info,
+                "log_namespace": "sentinel_twisted.factory",
+                "log_time": 1767225600.25,
+                "log_logger": object(),
+                "agent_id": "waf-1",
+                "connection_id": "waf-1-1a-2",
+                "detail": "gone\nforged line",
+                "failed": 2,
+            }
+        )
+        assert line is not None
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.endswith("\n"))
+        fields = json.loads(line)
+        self.assertEqual(
+            fields,
+            {
+                "agent_id": "waf-1",
+                "connection_id": "waf-1-1a-2",
+                "detail": "gone\nforged line",
+                "failed": 2,
+                "time": "2026-01-01T00:00:00.250Z",
+                "level": "info",
+                "namespace": "sentinel_twisted.factory",
+                "message": "Agent waf-1 connection waf-1-1a-2 disconnected: gone\nforged line",
+            },
+        )
+
+    def test_a_field_cannot_forge_the_level_or_message(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted._twistd import json_log_line
+
+        line = json_log_line({"log_format": "x", "log_level": LogLevel.warn, "level": "debug", "message": "y"})
+        fields = json.loads(line or "")
+        self.assertEqual((fields["level"], fields["message"]), ("warn", "x"))
+
+    def test_a_failure_carries_its_traceback(self) -> None:
+        from twisted.logger import LogLevel
+        from twisted.python.failure import Failure
+
+        from sentinel_twisted._twistd import json_log_line
+
+        failure = Failure(ZeroDivisionError("division by zero"))
+        fields = json.loads(
+            json_log_line({"log_format": "boom", "log_level": LogLevel.critical, "log_failure": failure}) or ""
+        )
+        self.assertIn("ZeroDivisionError", fields["traceback"])
+
+    def test_an_unknown_format_is_a_one_line_error(self) -> None:
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        error = self.assertRaises(
+            SystemExit, config.parseOptions, ["-n", "sentinel-reverse", "--log-format", "yaml"]
+        )
+        self.assertEqual(error.code, "twistd sentinel-reverse: --log-format: expected one of text, json, got 'yaml'")
+
+    def test_both_programs_log_json_lines(self) -> None:
+        directory = tempfile.mkdtemp(prefix="st-json-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        shutil.copy(os.path.join(ROOT, "examples", "rules.toml"), directory)
+        reverse = Twistd(self, directory, "--log-format", "json", name="reverse")
+        reverse.wait_for_output(r'"message": "sentinel-reverse \S+ \(proxy id')
+        agent = Twistd(
+            self, directory, "--connect", "unix:sentinel-reverse.sock", "--agent-id", "waf-1",
+            "--rules", "rules.toml", "--log-format", "json", name="agent", program="sentinel-agent",
+        )  # fmt: skip
+        reverse.wait_for_output(r"Agent waf-1 registered connection")
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait_exit(), 0, agent.output())
+        reverse.signal(signal.SIGTERM)
+        self.assertEqual(reverse.wait_exit(), 0, reverse.output())
+        for twistd in (reverse, agent):
+            lines = twistd.output().splitlines()
+            self.assertGreater(len(lines), 2)
+            events = [json.loads(line) for line in lines]
+            for event in events:
+                self.assertEqual(set(event) >= {"time", "level", "namespace", "message"}, True, event)
+        registered = [e for e in map(json.loads, reverse.output().splitlines()) if "registered connection" in e["message"]]
+        self.assertEqual(registered[0]["agent_id"], "waf-1")
+        self.assertTrue(registered[0]["connection_id"].startswith("waf-1-"))
