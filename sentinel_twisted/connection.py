@@ -147,6 +147,7 @@ class AgentConnection:
     @ivar events_sent: events sent on this connection.
     @ivar timeouts: events that were not answered in time.
     @ivar cancels_sent: Cancel frames sent on it.
+    @ivar token_verified: the agent registered with a token that was checked.
     """
 
     # Counters kept as class defaults: most connections never time out.
@@ -154,6 +155,8 @@ class AgentConnection:
     timeouts = 0
     cancels_sent = 0
     peer_credentials: tuple[int, int, int] | None = None
+    #: Whether the agent registered with a token the token checker verified.
+    token_verified = False
 
     def __init__(
         self,

@@ -313,6 +313,7 @@ class ReverseConnectionFactory(Factory):
             log_limiter=self.log_limiter,
         )
         connection.peer_credentials = getattr(protocol, "peer_credentials", None)
+        connection.token_verified = request.auth_token is not None and self.token_checker is not None
         return connection
 
     def success_response(self, connection_id: str) -> m.RegistrationResponse:

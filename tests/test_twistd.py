@@ -220,6 +220,42 @@ class TwistdTests(TestCase):
         self.assertFalse(os.path.lexists(self.socket))
 
 
+    def test_sighup_rereads_the_allowlist_and_tokens(self) -> None:
+        tokens = os.path.join(self.dir, "tokens")
+        allowed = os.path.join(self.dir, "allowed")
+
+        def write(path: str, text: str) -> None:
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+
+        write(tokens, "waf-1 t1\nbot-1 t2\n")
+        write(allowed, "waf-*\nbot-1\n")
+        twistd = Twistd(self, self.dir, "--require-auth", "--token-file", tokens, "--allow-file", allowed)
+        twistd.wait_listening()
+        waf, bot = self.agent(), self.agent()
+        self.assertTrue(waf.register("waf-1", token="t1")["success"])
+        self.assertTrue(bot.register("bot-1", token="t2")["success"])
+
+        # bot-1 leaves the allowlist: its connection is closed and named.
+        write(allowed, "waf-*\n")
+        twistd.signal(signal.SIGHUP)
+        twistd.wait_for_output(r"Closing connection bot-1-\S+ of agent bot-1 .*no longer allowed")
+        self.assertEqual(bot.wait_closed(), [])
+        self.assertNotIn("of agent waf-1", twistd.output())
+        refused = self.agent().register("bot-1", token="t2")
+        self.assertFalse(refused["success"])
+
+        # A bad file: one line, the configuration stays.
+        write(tokens, "waf-1\n")
+        twistd.signal(signal.SIGHUP)
+        twistd.wait_for_output(r"Reload failed, the configuration in force is unchanged: --token-file: .*tokens:1")
+        self.assertTrue(self.agent().register("waf-1", token="t1")["success"])
+        self.assertNotIn("Traceback", twistd.output())
+        twistd.signal(signal.SIGTERM)
+        self.assertEqual(twistd.wait_exit(), 0, twistd.output())
+        del waf
+
     def test_a_stale_lock_naming_a_live_pid_is_replaced(self) -> None:
         """
         After a crash the lock's pid may be alive again (in a container the
