@@ -113,6 +113,9 @@ def latency_buckets(timeout: float) -> tuple[float, ...]:
     return tuple(bounds)
 
 
+_CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
 def code_class(status: int) -> str:
     """C{2xx}, C{4xx}, ... of an HTTP status; C{none} when no status was sent."""
     if 100 <= status <= 599:
@@ -615,13 +618,22 @@ class GatewayMetrics(PoolObserver):
         Count a request in C{sentinel_gateway_requests_total} and observe its
         duration in C{sentinel_gateway_request_duration_seconds}.
         """
+        # Once per request: one bucket search for both histograms.
         values = self._requests.values
         key = (decision,)
         values[key] = values.get(key, 0) + 1
-        klass = code_class(status)
-        self._code_classes[klass] = self._code_classes.get(klass, 0) + 1
-        self._duration.observe((klass, decision), seconds)
-        self._duration_all.observe(self.duration_buckets, seconds)
+        klass = _CODE_CLASSES.get(status // 100, "none") if status < 600 else "none"
+        classes = self._code_classes
+        classes[klass] = classes.get(klass, 0) + 1
+        index = bisect_left(self.duration_buckets, seconds)
+        labels = (klass, decision)
+        histogram = self._duration.values.get(labels)
+        if histogram is None:
+            histogram = self._duration.values[labels] = _Histogram(len(self.duration_buckets))
+        for each in (histogram, self._duration_all):
+            each.counts[index] += 1
+            each.count += 1
+            each.total += seconds
 
     def upstream_responded(self, outcome: str, seconds: float) -> None:
         """Observe C{sentinel_gateway_upstream_duration_seconds} (response, error, timeout)."""

@@ -49,6 +49,10 @@ svg{width:100%;height:auto;background:#fafafa;border:1px solid #ddd}
 """
 
 
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 def format_age(seconds: float) -> str:
     """C{3 h 12 min}, C{5 min 3 s}, C{12 s}, C{2 d 4 h}: how long ago, to a person."""
     seconds = max(int(seconds), 0)
@@ -324,7 +328,8 @@ def _rejections(status: StatusResource, now: float) -> str:
             f'{escape(last.agent_id or "(unknown)")}</code> from '
             f'<span id="last-rejected-peer">{escape(last.peer)}</span> '
             f'(<span id="last-rejected-reason">{escape(last.reason)}</span>), '
-            f'<span id="last-rejected-age">{format_age(now - last.at)}</span> ago</p>'
+            f'<span id="last-rejected-age" title="{_utc(last.at)}">{format_age(now - last.at)}</span> ago '
+            f'(<span id="last-rejected-time">{_utc(last.at)}</span>)</p>'
         )
     else:
         shown = ""

@@ -261,6 +261,7 @@ class StatusPageTests(TestCase):
             self.assertTrue(dom.by_id("last-rejected-peer").text.startswith("unix"))
             self.assertEqual(dom.by_id("last-rejected-reason").text, "version")
             self.assertRegex(dom.by_id("last-rejected-age").text, r"^\d+ s$")
+            self.assertRegex(dom.by_id("last-rejected-time").text, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$")
             self.assertEqual([e for e in dom.all if e.tag == "b" and e.text == "old"], [])
 
             links = {a.attrs["href"] for a in dom.select("a")}
