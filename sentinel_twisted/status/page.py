@@ -89,12 +89,18 @@ def health_name(state: int | None) -> str:
         return str(state)
 
 
+def _short(number: float) -> str:
+    """Three significant digits, never an exponent."""
+    text = f"{number:.3g}"
+    return f"{number:.0f}" if "e" in text else text
+
+
 def _seconds(value: float | None) -> str:
     if value is None:
         return "–"
-    if value < 1:
-        return f"{value * 1000:.3g} ms"
-    return f"{value:.3g} s"
+    if value < 0.9995:
+        return f"{_short(value * 1000)} ms"
+    return f"{_short(value)} s"
 
 
 def _rate(value: float | None) -> str:
@@ -102,7 +108,7 @@ def _rate(value: float | None) -> str:
         return "–"
     if value >= 1000:
         return f"{value:,.0f}/s"
-    return f"{value:.3g}/s" if value else "0/s"
+    return f"{_short(value)}/s" if value else "0/s"
 
 
 def _peer(c: Any) -> str:

@@ -78,6 +78,18 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(format_age(2 * 86400 + 4 * 3600), "2 d 4 h")
         self.assertEqual(format_age(-3), "0 s")
 
+    def test_durations_and_rates_never_show_an_exponent(self) -> None:
+        from sentinel_twisted.status.page import _rate, _seconds
+
+        self.assertEqual(_seconds(0.0002), "0.2 ms")
+        self.assertEqual(_seconds(0.9996), "1 s")
+        self.assertEqual(_seconds(0.9994), "999 ms")
+        self.assertEqual(_seconds(1234.0), "1234 s")
+        self.assertEqual(_seconds(None), "–")
+        self.assertEqual(_rate(0.0), "0/s")
+        self.assertEqual(_rate(999.7), "1000/s")
+        self.assertEqual(_rate(12345.0), "12,345/s")
+
     def test_events_by_name(self) -> None:
         self.assertEqual(event_names([5, 1, 99]), ["request_headers", "request_complete", "99"])
 

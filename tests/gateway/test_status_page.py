@@ -220,7 +220,7 @@ class StatusPageTests(TestCase):
                 self.assertEqual(row["write"], "blocked" if connection.is_write_blocked else "ok")
                 self.assertEqual(row["in-flight"], "0")
                 self.assertIn(f"pid {os.getpid()}, uid {os.getuid()}", row["peer"])
-                self.assertRegex(row["age"], r"^\d+ s$")
+                self.assertRegex(row["age"], r"^(\d+ min )?\d+ s$")
             waf_connection = cells(by_connection[h.pool.connections("waf")[0].connection_id])
             self.assertEqual(waf_connection["health"], "healthy")
             self.assertEqual(waf_connection["answered"], "4")
@@ -260,7 +260,7 @@ class StatusPageTests(TestCase):
             self.assertEqual(dom.by_id("last-rejected-agent").text, "<b>old</b>")
             self.assertTrue(dom.by_id("last-rejected-peer").text.startswith("unix"))
             self.assertEqual(dom.by_id("last-rejected-reason").text, "version")
-            self.assertRegex(dom.by_id("last-rejected-age").text, r"^\d+ s$")
+            self.assertRegex(dom.by_id("last-rejected-age").text, r"^(\d+ min )?\d+ s$")
             self.assertRegex(dom.by_id("last-rejected-time").text, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$")
             self.assertEqual([e for e in dom.all if e.tag == "b" and e.text == "old"], [])
 
