@@ -311,6 +311,7 @@ class DepartedAgentMetricsTests(TestCase):
         self.metrics.cancel_sent(agent_id, 1)
         self.metrics.fail_open_pass(agent_id, "timeout")
         self.metrics.request_answered(connection, "c", 0.003)
+        self.metrics.agent_decided(agent_id, "block")
         lose(protocol)
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -350,6 +351,12 @@ class DepartedAgentMetricsTests(TestCase):
         # The same series; only the totals' digits grow.
         self.assertEqual(after_300.count(b"\n"), after_ten.count(b"\n"))
         self.assertLess(len(after_300), len(after_ten) + 100)
+
+    def test_per_connection_round_trips_leave_with_the_connection(self) -> None:
+        for i in range(300):
+            self.visit(f"agent-{i:04}")
+        self.assertEqual(self.metrics._by_connection, {})
+        self.assertEqual(self.scrape()[("sentinel_agent_decisions_departed_total", (("decision", "block"),))], 300)
 
     def test_an_agent_with_a_live_connection_keeps_its_series(self) -> None:
         from .._proxy_support import lose
