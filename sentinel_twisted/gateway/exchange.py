@@ -788,7 +788,9 @@ class Exchange:
     def _upstream_responded(self, response: UpstreamResponse) -> None:
         self._upstream_call = None
         gateway = self.gateway
-        gateway.metrics.upstream_responded("response", gateway.clock.seconds() - self._forwarded_at)
+        gateway.metrics.upstream_responded(
+            "response", max(gateway.clock.seconds() - self._forwarded_at, 0.0)
+        )
         if self._phase == _OVER:
             response.abort()
             return
@@ -803,7 +805,7 @@ class Exchange:
         gateway = self.gateway
         gateway.metrics.upstream_failed("timeout" if timeout else "error")
         gateway.metrics.upstream_responded(
-            "timeout" if timeout else "error", gateway.clock.seconds() - self._forwarded_at
+            "timeout" if timeout else "error", max(gateway.clock.seconds() - self._forwarded_at, 0.0)
         )
         self._error = str(failure.value)
         log.info(
@@ -1165,7 +1167,8 @@ class Exchange:
             gateway.metrics.request_decided(
                 self._decision or "client_closed",
                 self._status,
-                gateway.clock.seconds() - self._started_at,
+                # The reactor's clock is the wall clock: never below 0.
+                max(gateway.clock.seconds() - self._started_at, 0.0),
             )
         if self._request_pressure is not None:
             self._request_pressure.release()
