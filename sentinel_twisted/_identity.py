@@ -13,12 +13,15 @@ cannot register as C{waf-2}.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
+from zope.interface import implementer
 
 __all__ = [
     "CertificateNames",
+    "SwappableTrust",
     "client_certificate",
     "identity_problem",
     "load_ca_certificates",
@@ -144,6 +147,33 @@ def load_ca_certificates(path: str) -> list[Any]:
         raise ValueError(f"the client CA file {path} holds a certificate that cannot be loaded: {e}") from None
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class SwappableTrust:
+    """
+    The TLS options of a listener that verifies client certificates, with
+    CAs that can be replaced while it listens (SIGHUP): each new
+    connection is verified against the CAs of the moment; connections
+    already made are not touched.
+
+    @param make: builds the C{CertificateOptions} for a list of CA
+        certificates.
+    """
+
+    def __init__(self, make: Callable[[list[Any]], Any], ca_certificates: list[Any]) -> None:
+        self._make = make
+        self.options = make(ca_certificates)
+
+    def set_ca_certificates(self, ca_certificates: list[Any]) -> None:
+        """Verify new connections against C{ca_certificates} from now on."""
+        self.options = self._make(ca_certificates)
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(protocol)
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+
 def verifying_server_endpoint(reactor: Any, description: str, ca_certificates: list[Any]) -> Any:
     """
     An C{ssl:} server endpoint like Twisted's own (same parameters), whose
@@ -196,20 +226,23 @@ def verifying_server_endpoint(reactor: Any, description: str, ca_certificates: l
         if not isinstance(method, int):
             raise ValueError(f"unknown sslmethod {kwargs['sslmethod']!r}")
         extra["method"] = method
-    options = ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        extraCertChain=chain,
-        dhParameters=dh,
-        # A trust root makes the server ask for a client certificate,
-        # require one, and verify it against these CAs.
-        trustRoot=ssl.trustRootFromCertificates(ca_certificates),
-        **extra,
-    )
+
+    def options(cas: list[Any]) -> Any:
+        return ssl.CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            extraCertChain=chain,
+            dhParameters=dh,
+            # A trust root makes the server ask for a client certificate,
+            # require one, and verify it against these CAs.
+            trustRoot=ssl.trustRootFromCertificates(cas),
+            **extra,
+        )
+
     return SSL4ServerEndpoint(
         reactor,
         int(port),
-        options,
+        SwappableTrust(options, ca_certificates),
         backlog=int(kwargs.get("backlog", 50)),
         interface=kwargs.get("interface", ""),
     )

@@ -2,7 +2,7 @@
 """
 What the two C{twistd} programs (C{sentinel-reverse}, C{sentinel-agent})
 share at the edge of the process: option errors as one line, their own pid
-file, C{--log-level}, help text that wraps cleanly, and exit status 0 after
+file, C{--log-level}, C{--log-format}, help text that wraps cleanly, and exit status 0 after
 a clean C{SIGTERM} stop.
 
 Everything here only acts when the options are parsed by C{twistd} (they
@@ -13,31 +13,39 @@ or by an embedding program, they behave like plain L{usage.Options}.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     InvalidLogLevelError,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEvent,
 )
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 
 __all__ = [
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "ProgramOptions",
     "exit_at_exit",
     "exit_zero_after_clean_sigterm",
     "filtered_log_observer",
+    "json_log_line",
     "parse_log_level",
     "report_startup_errors",
 ]
@@ -56,6 +64,55 @@ def parse_log_level(value: str) -> LogLevel:
         return LogLevel.levelWithName(name)  # type: ignore[no-any-return]
     except InvalidLogLevelError:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}") from None
+
+
+#: The names C{--log-format} takes.
+LOG_FORMATS = ("text", "json")
+
+
+def parse_log_format(value: str) -> str:
+    name = value.strip().lower()
+    if name not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return name
+
+
+def _json_value(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def json_log_line(event: LogEvent) -> str | None:
+    """
+    One log event as one line of JSON, for log shippers: C{time} (RFC 3339,
+    UTC), C{level}, C{namespace}, C{message} (the text a person reads),
+    then every field of the event (C{agent_id}, C{connection_id},
+    C{reason}, ...) as a string unless it is a JSON number, boolean or
+    null, and C{traceback} for a failure.  Control characters are escaped,
+    so a line is always one line.
+    """
+    fields: dict[str, object] = {}
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS:
+            continue
+        fields[key] = _json_value(value)
+    when = event.get("log_time")
+    if when is not None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+        fields["time"] = f"{stamp}.{int(when % 1 * 1000):03d}Z"
+    level = event.get("log_level")
+    fields["level"] = level.name if level is not None else None
+    fields["namespace"] = event.get("log_namespace")
+    fields["message"] = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        fields["traceback"] = failure.getTraceback()
+    return json.dumps(fields, default=str) + "\n"
+
+
+# Keys of events from twisted.python.log, which the fields above cover.
+_LEGACY_KEYS = frozenset(["message", "format", "isError", "time", "system", "why", "failure"])
 
 
 # What filtered_log_observer builds: set once per process, by the options
@@ -83,6 +140,10 @@ def filtered_log_observer() -> ILogObserver:
         runner = twistd._SomeApplicationRunner  # type: ignore[attr-defined]
         app_logger = runner.loggerFactory(settings["options"])
         observer = app_logger._getLogObserver()
+    if settings.get("format") == "json":
+        out = getattr(observer, "_outFile", None)
+        if out is not None:
+            observer = FileLogObserver(out, json_log_line)
     predicate = LogLevelFilterPredicate(defaultLogLevel=settings["level"])
     return FilteringLogObserver(observer, [predicate])
 
@@ -104,6 +165,13 @@ class ProgramOptions(usage.Options):
             None,
             "info",
             "Least severe log events written: " + ", ".join(LOG_LEVELS) + ".",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text: lines for people; json: one JSON object per line with the event's "
+            "fields (agent_id, connection_id, reason, ...), for log shippers.",
         ],
     ]
 
@@ -135,7 +203,8 @@ class ProgramOptions(usage.Options):
         C{--log-level} into a L{LogLevel}); call from postOptions.  A bad
         value is a usage error naming the option.
         """
-        for name, convert in {**self.conversions, "log-level": parse_log_level}.items():
+        builtin = {"log-level": parse_log_level, "log-format": parse_log_format}
+        for name, convert in {**self.conversions, **builtin}.items():
             value = self[name]
             if isinstance(value, str):
                 try:
@@ -164,7 +233,10 @@ class ProgramOptions(usage.Options):
                 raise SystemExit(f"twistd {self.program}: --pidfile {pidfile}: {problem}")
         _observer_settings.clear()
         _observer_settings.update(
-            level=self["log-level"], logger=parent.get("logger"), options=parent
+            level=self["log-level"],
+            format=self["log-format"],
+            logger=parent.get("logger"),
+            options=parent,
         )
         # twistd resolves --logger by name after this, and uses it for the
         # whole process; the factory wraps whatever twistd would have used.

@@ -81,6 +81,10 @@ class StaticTokenChecker:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} agents={sorted(self._tokens)}>"
 
+    def has_agent(self, agent_id: str) -> bool:
+        """Whether there is a token for C{agent_id}."""
+        return agent_id in self._tokens
+
     def check_token(self, agent_id: str, token: str) -> bool:
         expected = self._tokens.get(agent_id)
         given = token.encode("utf-8", "surrogatepass")

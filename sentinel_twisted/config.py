@@ -15,7 +15,7 @@ import attrs
 
 from .endpoints import system_max_backlog
 
-__all__ = ["AgentAllowlist", "ReverseConnectionConfig"]
+__all__ = ["AgentAllowlist", "AllowFileError", "ReverseConnectionConfig", "read_allow_file"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -55,6 +55,47 @@ class AgentAllowlist:
         if not self.patterns or agent_id in self._exact:
             return True
         return self._regex is not None and self._regex.fullmatch(agent_id) is not None
+
+
+class AllowFileError(ValueError):
+    """An allowlist file that cannot be read or holds a bad line; the text says which."""
+
+
+#: The largest allowlist file read: it is an operator's list, not a database.
+MAX_ALLOW_FILE_BYTES = 1024 * 1024
+
+
+def read_allow_file(path: str) -> tuple[str, ...]:
+    """
+    The agent ids and glob patterns of an allowlist file: one a line,
+    blank lines and C{#} comments ignored.
+
+    @raise AllowFileError: the file cannot be read, a line holds more than
+        one word, or there is no pattern at all (an empty allowlist would
+        admit every agent: a file emptied by mistake must not do that).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ALLOW_FILE_BYTES + 1)
+    except OSError as e:
+        raise AllowFileError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_ALLOW_FILE_BYTES:
+        raise AllowFileError(f"{path}: larger than {MAX_ALLOW_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AllowFileError(f"{path}: not UTF-8 text") from None
+    patterns = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 1:
+            raise AllowFileError(f"{path}:{number}: expected one agent id or pattern, got {len(words)} words")
+        patterns.append(words[0])
+    if not patterns:
+        raise AllowFileError(f"{path}: no agent id or pattern (an empty allowlist would admit every agent)")
+    return tuple(patterns)
 
 
 def _allowlist(value: AgentAllowlist | Iterable[str]) -> AgentAllowlist:

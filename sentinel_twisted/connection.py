@@ -117,6 +117,13 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     connected_since: float
     peer: str
     write_blocked: bool = False
+    #: pid and uid of a UNIX socket's peer (C{SO_PEERCRED}), if known.
+    peer_pid: int | None = None
+    peer_uid: int | None = None
+    #: Events sent, timed out and cancelled on this connection.
+    events_sent: int = 0
+    timeouts: int = 0
+    cancels_sent: int = 0
 
 
 class AgentConnection:
@@ -135,7 +142,21 @@ class AgentConnection:
     @ivar health_state: the last HealthStatus state (L{HealthState
         <sentinel_twisted.messages.HealthState>} number), C{None} before any.
     @ivar listener: the pool it belongs to (set by L{AgentPool.add}).
+    @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer
+        (C{SO_PEERCRED}), C{None} elsewhere.
+    @ivar events_sent: events sent on this connection.
+    @ivar timeouts: events that were not answered in time.
+    @ivar cancels_sent: Cancel frames sent on it.
+    @ivar token_verified: the agent registered with a token that was checked.
     """
+
+    # Counters kept as class defaults: most connections never time out.
+    events_sent = 0
+    timeouts = 0
+    cancels_sent = 0
+    peer_credentials: tuple[int, int, int] | None = None
+    #: Whether the agent registered with a token the token checker verified.
+    token_verified = False
 
     def __init__(
         self,
@@ -314,6 +335,11 @@ class AgentConnection:
             connected_since=self.connected_since,
             peer=self.peer,
             write_blocked=self._write_blocked,
+            peer_pid=self.peer_credentials[0] if self.peer_credentials else None,
+            peer_uid=self.peer_credentials[1] if self.peer_credentials else None,
+            events_sent=self.events_sent,
+            timeouts=self.timeouts,
+            cancels_sent=self.cancels_sent,
         )
 
     # -- sending events -----------------------------------------------------
@@ -367,6 +393,7 @@ class AgentConnection:
         except AgentProtocolError as e:
             self._pending.pop(cid)
             return fail(e)
+        self.events_sent += 1
         return deferred
 
     def send_request_headers(
@@ -444,6 +471,7 @@ class AgentConnection:
             timestamp_ms=int(self._clock.seconds() * 1000),
         )
         self._sink.send_frame(MessageType.CANCEL, m.encode(body))
+        self.cancels_sent += 1
 
     def cancel_request(
         self, correlation_id: str, reason: int = m.CancelReason.MANUAL
@@ -472,6 +500,7 @@ class AgentConnection:
 
     def _timed_out(self, correlation_id: str) -> None:
         # Tell the agent to stop working on it; the caller already knows.
+        self.timeouts += 1
         self._send_cancel(correlation_id, m.CancelReason.TIMEOUT)
 
     # -- ping ---------------------------------------------------------------

@@ -43,7 +43,7 @@ from .wire import IncompleteFrameBudget
 if TYPE_CHECKING:
     pass
 
-__all__ = ["ReverseConnectionFactory", "rejection_reason"]
+__all__ = ["Rejection", "ReverseConnectionFactory", "rejection_reason"]
 
 log = Logger(namespace="sentinel_twisted.factory")
 
@@ -82,6 +82,22 @@ class _ClientCertificateRefused(AuthenticationFailed):
 #: the listener carries.
 _ID_IN_LOG = 64
 _TEXT_IN_LOG = 120
+
+
+class Rejection:
+    """
+    The last refused registration, for the status page: the agent id and
+    peer as a log line carries them (escaped, cut short), the reason label
+    and when (seconds since the epoch).
+    """
+
+    __slots__ = ("agent_id", "at", "peer", "reason")
+
+    def __init__(self, agent_id: str, peer: str, reason: str, at: float) -> None:
+        self.agent_id = agent_id
+        self.peer = peer
+        self.reason = reason
+        self.at = at
 
 
 def rejection_reason(error: AgentProtocolError) -> str:
@@ -149,6 +165,8 @@ class ReverseConnectionFactory(Factory):
         self.awaiting_registration = 0
         self.registrations = 0
         self.rejections: Counter[str] = Counter()
+        #: The last refused registration (L{Rejection}), C{None} before any.
+        self.last_rejection: Rejection | None = None
         self._registered_per_agent: Counter[str] = Counter()
         self._cap_logged = False
         self.frame_budget = (
@@ -282,7 +300,7 @@ class ReverseConnectionFactory(Factory):
         self, protocol: ReverseConnectionProtocol, request: m.RegistrationRequest
     ) -> AgentConnection:
         """The L{AgentConnection} for a registration that was admitted."""
-        return AgentConnection(
+        connection = AgentConnection(
             protocol,
             agent_id=request.agent_id,
             connection_id=self.new_connection_id(request.agent_id),
@@ -294,6 +312,9 @@ class ReverseConnectionFactory(Factory):
             peer=protocol.peer,
             log_limiter=self.log_limiter,
         )
+        connection.peer_credentials = getattr(protocol, "peer_credentials", None)
+        connection.token_verified = request.auth_token is not None and self.token_checker is not None
+        return connection
 
     def success_response(self, connection_id: str) -> m.RegistrationResponse:
         """The RegistrationResponse that accepts a registration."""
@@ -331,6 +352,9 @@ class ReverseConnectionFactory(Factory):
         """Called by a protocol whose registration was refused: counts and logs it."""
         reason = rejection_reason(error)
         self.rejections[reason] += 1
+        self.last_rejection = Rejection(
+            peer_text(agent_id, _ID_IN_LOG), peer_text(peer, _ID_IN_LOG), reason, time.time()
+        )
         self.log_limiter.info(
             log,
             "registration-rejected",

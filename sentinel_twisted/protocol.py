@@ -10,9 +10,12 @@ asks it.
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 from twisted.internet import error as ierror
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +53,24 @@ def describe_peer(transport: object) -> str:
     return "unix"
 
 
+def peer_credentials(transport: object) -> tuple[int, int, int] | None:
+    """
+    C{(pid, uid, gid)} of the process at the other end of a UNIX socket
+    (C{SO_PEERCRED}, as the kernel saw it at C{connect}); C{None} for
+    other sockets or where the system does not tell.
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    try:
+        if option is None or not isinstance(transport.getPeer(), UNIXAddress):  # type: ignore[attr-defined]
+            return None
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        data = handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except Exception:
+        return None
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
 @implementer(IPushProducer)
 class ReverseConnectionProtocol(FrameReceiver):
     """One agent connection on the proxy side."""
@@ -60,6 +81,7 @@ class ReverseConnectionProtocol(FrameReceiver):
         self.factory = factory
         self.connection: AgentConnection | None = None
         self.peer = "unknown"
+        self.peer_credentials: tuple[int, int, int] | None = None
         self._lifecycle, self._core = new_lifecycle(self)
         self._on_frame = self._registration_frame
         self._awaiting = True
@@ -76,6 +98,7 @@ class ReverseConnectionProtocol(FrameReceiver):
 
     def connectionMade(self) -> None:
         self.peer = describe_peer(self.transport)
+        self.peer_credentials = peer_credentials(self.transport)
         self._core.handshake_timer = self.factory.clock.callLater(
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )

@@ -12,6 +12,7 @@ import resource
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
@@ -24,9 +25,10 @@ from twisted.python.failure import Failure
 from . import __version__
 from . import messages as m
 from ._identity import load_ca_certificates, verifying_server_endpoint
+from ._reload import ConfigurationReloader, install_sighup
 from ._twistd import ProgramOptions, exit_zero_after_clean_sigterm, report_startup_errors
 from .auth import TokenFileChecker, TokenFileError
-from .config import ReverseConnectionConfig
+from .config import AllowFileError, ReverseConnectionConfig, read_allow_file
 from .endpoints import (
     SocketInUse,
     clear_stale_lock,
@@ -147,7 +149,9 @@ class Options(ProgramOptions):
         "connections) and keep them in an agent pool; run the HTTP gateway, a reverse "
         "proxy whose every request is decided by those agents (--http, --upstream), "
         "and the status site with /agents and /metrics (--status). SIGTERM lets "
-        "requests in flight finish (--shutdown-grace) and exits 0."
+        "requests in flight finish (--shutdown-grace) and exits 0. SIGHUP rereads "
+        "--token-file, --allow-file and --client-ca; connections no longer allowed are "
+        "drained and closed."
     )
 
     optFlags = [
@@ -269,6 +273,13 @@ class Options(ProgramOptions):
             None,
             "PEM file of the CA certificate(s) that sign agents' client certificates "
             "(with --require-client-cert).",
+        ],
+        [
+            "allow-file",
+            None,
+            None,
+            "File of agent ids or glob patterns allowed to register, one a line ('#' "
+            "comments), besides any --allow; SIGHUP rereads it.",
         ],
     ]
 
@@ -540,6 +551,8 @@ class ReverseListenerService(service.MultiService):
         self.factory = factory
         self.options = options
         self.stale_removed = stale_removed or []
+        #: Rereads the token file, the allowlist and the client CA (SIGHUP).
+        self.reloader: ConfigurationReloader | None = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -772,6 +785,17 @@ def load_token_checker(path: str | None) -> TokenFileChecker | None:
         raise StartupError(f"--token-file: {e}") from None
 
 
+def with_allow_file(config: ReverseConnectionConfig, path: str | None) -> ReverseConnectionConfig:
+    """C{config} with the patterns of C{--allow-file} added to its allowlist."""
+    if not path:
+        return config
+    try:
+        patterns = read_allow_file(path)
+    except AllowFileError as e:
+        raise StartupError(f"--allow-file: {e}") from None
+    return attrs.evolve(config, allowed_agents=(*config.allowed_agents.patterns, *patterns))
+
+
 def load_client_cas(path: str | None) -> list[Any]:
     """The CA certificates of C{--client-ca} (none without it)."""
     if not path:
@@ -818,12 +842,16 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
     given = getattr(options, "given", {})
     checker = load_token_checker(options["token-file"])
     client_cas = load_client_cas(options.get("client-ca"))
+    config = with_allow_file(options["config"], options.get("allow-file"))
     endpoints = []
+    trusts = []
     for description in options["listen"]:
         try:
             endpoint = serverFromString(reactor, description)
             if client_cas and parse_description(description)[0][0] == "ssl":
                 endpoint = verifying_server_endpoint(reactor, description, client_cas)
+                # Its SwappableTrust: SIGHUP gives it the CAs anew.
+                trusts.append(endpoint._sslContextFactory)
             endpoints.append((endpoint, description))
         except Exception as e:
             shown = given.get(description, description)
@@ -836,8 +864,16 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
                 stale_removed.extend(prepare_unix_socket(path, lock=takes_lock(description)))
             except StartupError as e:
                 raise StartupError(f"--listen {given.get(description, description)}: {e}") from None
-    factory = ReverseConnectionFactory(options["config"], token_checker=checker, clock=reactor)
+    factory = ReverseConnectionFactory(config, token_checker=checker, clock=reactor)
     top = ReverseListenerService(factory, options, stale_removed)
+    top.reloader = ConfigurationReloader(
+        factory,
+        token_file=options["token-file"],
+        allow=options["allow"],
+        allow_file=options.get("allow-file"),
+        client_ca=options.get("client-ca"),
+        trusts=trusts,
+    )
     for endpoint, description in endpoints:
         listener = ListenerEndpointService(endpoint, description, factory, given.get(description))
         listener.setServiceParent(top)  # type: ignore[no-untyped-call]
@@ -922,5 +958,7 @@ def makeService(options: Options) -> service.IService:
     top.log_startup_errors = twistd_options is not None and not twistd_options.get("nodaemon")
     reactor = _default_reactor()
     exit_zero_after_clean_sigterm(reactor, lambda: top.stopped_cleanly)
+    if top.reloader is not None:
+        install_sighup(reactor, top.reloader)
     reactor.callWhenRunning(_freeze_when_running)
     return top

@@ -553,7 +553,7 @@ class DocsTests(SynchronousTestCase):
 
         pool = AgentPool()
         metrics = GatewayMetrics(pool, ReverseConnectionFactory(pool=pool, clock=Clock()))
-        exposed = set(re.findall(r"^# TYPE (\S+) ", metrics.render().decode(), re.M))
+        exposed = set(re.findall(r"^# TYPE (sentinel_\S+) ", metrics.render().decode(), re.M))
         self.assertIn("sentinel_agent_round_trip_seconds", exposed)
         text = (DOCS / "operators.md").read_text(encoding="utf-8")
         documented = set(re.findall(r"^\| `(sentinel_\w+)` \|", text, re.M))

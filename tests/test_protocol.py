@@ -488,3 +488,35 @@ class ConnectionIdTests(TestCase):
         connection = Proxy().register("edge-waf")[2]
         self.assertTrue(connection.connection_id.startswith("edge-waf-"))
         self.assertEqual(json.dumps(connection.connection_id).count(" "), 0)
+
+
+class PeerCredentialsTests(TestCase):
+    """The pid and uid of a UNIX socket's peer (SO_PEERCRED)."""
+
+    def test_a_unix_peer_has_pid_and_uid(self) -> None:
+        import os
+        import socket
+
+        from twisted.internet.address import UNIXAddress
+
+        from sentinel_twisted.protocol import peer_credentials
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+
+        class Transport:
+            def getPeer(self) -> UNIXAddress:
+                return UNIXAddress(None)
+
+            def getHandle(self) -> socket.socket:
+                return ours
+
+        self.assertEqual(peer_credentials(Transport())[:2], (os.getpid(), os.getuid()))  # type: ignore[index]
+
+    def test_a_tcp_peer_has_none(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from sentinel_twisted.protocol import peer_credentials
+
+        self.assertIsNone(peer_credentials(StringTransport()))

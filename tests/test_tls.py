@@ -147,6 +147,7 @@ class ClientCertificateTests(TestCase):
         self.certs = Certificates()
         self.addCleanup(self.certs.remove)
         top = make_listener(listener_options(self.certs), reactor)
+        self.top = top
         self.factory = top.factory
         [service] = list(top)
         self.port = yield service.endpoint.listen(service.factory)
@@ -221,6 +222,13 @@ class ClientCertificateTests(TestCase):
 
     def test_a_certificate_from_another_ca_is_refused_in_the_handshake(self) -> Any:
         return self.refused_by_tls(self.certs.agent("rogue", "waf-1", ca=self.certs.rogue_ca))
+
+    def test_a_reloaded_client_ca_applies_to_new_connections(self) -> Any:
+        """SIGHUP rereads --client-ca: an agent of the new CA now registers."""
+        with open(self.certs.client_ca_path, "wb") as f:
+            f.write(self.certs.rogue_ca.certificate.public_bytes(_PEM))
+        self.assertTrue(self.top.reloader.reload())
+        return self.registers("waf-1", self.certs.agent("rogue", "waf-1", ca=self.certs.rogue_ca))
 
 
 class TwistdAgentClientCertificateTests(TestCase):

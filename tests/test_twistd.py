@@ -220,6 +220,42 @@ class TwistdTests(TestCase):
         self.assertFalse(os.path.lexists(self.socket))
 
 
+    def test_sighup_rereads_the_allowlist_and_tokens(self) -> None:
+        tokens = os.path.join(self.dir, "tokens")
+        allowed = os.path.join(self.dir, "allowed")
+
+        def write(path: str, text: str) -> None:
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+
+        write(tokens, "waf-1 t1\nbot-1 t2\n")
+        write(allowed, "waf-*\nbot-1\n")
+        twistd = Twistd(self, self.dir, "--require-auth", "--token-file", tokens, "--allow-file", allowed)
+        twistd.wait_listening()
+        waf, bot = self.agent(), self.agent()
+        self.assertTrue(waf.register("waf-1", token="t1")["success"])
+        self.assertTrue(bot.register("bot-1", token="t2")["success"])
+
+        # bot-1 leaves the allowlist: its connection is closed and named.
+        write(allowed, "waf-*\n")
+        twistd.signal(signal.SIGHUP)
+        twistd.wait_for_output(r"Closing connection bot-1-\S+ of agent bot-1 .*no longer allowed")
+        self.assertEqual(bot.wait_closed(), [])
+        self.assertNotIn("of agent waf-1", twistd.output())
+        refused = self.agent().register("bot-1", token="t2")
+        self.assertFalse(refused["success"])
+
+        # A bad file: one line, the configuration stays.
+        write(tokens, "waf-1\n")
+        twistd.signal(signal.SIGHUP)
+        twistd.wait_for_output(r"Reload failed, the configuration in force is unchanged: --token-file: .*tokens:1")
+        self.assertTrue(self.agent().register("waf-1", token="t1")["success"])
+        self.assertNotIn("Traceback", twistd.output())
+        twistd.signal(signal.SIGTERM)
+        self.assertEqual(twistd.wait_exit(), 0, twistd.output())
+        del waf
+
     def test_a_stale_lock_naming_a_live_pid_is_replaced(self) -> None:
         """
         After a crash the lock's pid may be alive again (in a container the
@@ -504,3 +540,98 @@ class PackagingTests(TestCase):
         from sentinel_twisted import tap
 
         self.assertIsInstance(maker.options(), tap.Options)
+
+
+class JsonLogTests(TestCase):
+    """C{--log-format json}: one JSON object per line, with the event's fields."""
+
+    def test_an_event_is_one_line_of_json_with_its_fields(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted._twistd import json_log_line
+
+        line = json_log_line(
+            {
+                "log_format": "Agent {agent_id} connection {connection_id} disconnected: {detail}",
+                "log_level": LogLevel.info,
+                "log_namespace": "sentinel_twisted.factory",
+                "log_time": 1767225600.25,
+                "log_logger": object(),
+                "agent_id": "waf-1",
+                "connection_id": "waf-1-1a-2",
+                "detail": "gone\nforged line",
+                "failed": 2,
+            }
+        )
+        assert line is not None
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.endswith("\n"))
+        fields = json.loads(line)
+        self.assertEqual(
+            fields,
+            {
+                "agent_id": "waf-1",
+                "connection_id": "waf-1-1a-2",
+                "detail": "gone\nforged line",
+                "failed": 2,
+                "time": "2026-01-01T00:00:00.250Z",
+                "level": "info",
+                "namespace": "sentinel_twisted.factory",
+                "message": "Agent waf-1 connection waf-1-1a-2 disconnected: gone\nforged line",
+            },
+        )
+
+    def test_a_field_cannot_forge_the_level_or_message(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted._twistd import json_log_line
+
+        line = json_log_line({"log_format": "x", "log_level": LogLevel.warn, "level": "debug", "message": "y"})
+        fields = json.loads(line or "")
+        self.assertEqual((fields["level"], fields["message"]), ("warn", "x"))
+
+    def test_a_failure_carries_its_traceback(self) -> None:
+        from twisted.logger import LogLevel
+        from twisted.python.failure import Failure
+
+        from sentinel_twisted._twistd import json_log_line
+
+        failure = Failure(ZeroDivisionError("division by zero"))
+        fields = json.loads(
+            json_log_line({"log_format": "boom", "log_level": LogLevel.critical, "log_failure": failure}) or ""
+        )
+        self.assertIn("ZeroDivisionError", fields["traceback"])
+
+    def test_an_unknown_format_is_a_one_line_error(self) -> None:
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        error = self.assertRaises(
+            SystemExit, config.parseOptions, ["-n", "sentinel-reverse", "--log-format", "yaml"]
+        )
+        self.assertEqual(error.code, "twistd sentinel-reverse: --log-format: expected one of text, json, got 'yaml'")
+
+    def test_both_programs_log_json_lines(self) -> None:
+        directory = tempfile.mkdtemp(prefix="st-json-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        shutil.copy(os.path.join(ROOT, "examples", "rules.toml"), directory)
+        reverse = Twistd(self, directory, "--log-format", "json", name="reverse")
+        reverse.wait_for_output(r'"message": "sentinel-reverse \S+ \(proxy id')
+        agent = Twistd(
+            self, directory, "--connect", "unix:sentinel-reverse.sock", "--agent-id", "waf-1",
+            "--rules", "rules.toml", "--log-format", "json", name="agent", program="sentinel-agent",
+        )  # fmt: skip
+        reverse.wait_for_output(r"Agent waf-1 registered connection")
+        agent.signal(signal.SIGTERM)
+        self.assertEqual(agent.wait_exit(), 0, agent.output())
+        reverse.signal(signal.SIGTERM)
+        self.assertEqual(reverse.wait_exit(), 0, reverse.output())
+        for twistd in (reverse, agent):
+            lines = twistd.output().splitlines()
+            self.assertGreater(len(lines), 2)
+            events = [json.loads(line) for line in lines]
+            for event in events:
+                self.assertEqual(set(event) >= {"time", "level", "namespace", "message"}, True, event)
+        registered = [e for e in map(json.loads, reverse.output().splitlines()) if "registered connection" in e["message"]]
+        self.assertEqual(registered[0]["agent_id"], "waf-1")
+        self.assertTrue(registered[0]["connection_id"].startswith("waf-1-"))

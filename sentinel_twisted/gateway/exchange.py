@@ -34,7 +34,6 @@ A client that goes away cancels (reason 0) whatever agents still decide.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +60,7 @@ from .decisions import (
     PROTECTED_REQUEST_HEADERS,
     PROTECTED_RESPONSE_HEADERS,
     apply_header_ops,
+    decision_label,
     denial_for,
     drop_hop_by_hop,
     ignored_header,
@@ -135,8 +135,17 @@ def failure_reason(failure: Failure) -> str:
 class GatewayMetricsSink(Protocol):
     """What the gateway reports (see L{sentinel_twisted.status.metrics})."""
 
-    def request_decided(self, decision: str) -> None:
-        """A request ended with C{decision} (C{allow}, C{block}, C{unavailable}, ...)."""
+    def request_decided(self, decision: str, status: int, seconds: float) -> None:
+        """
+        A request ended with C{decision} (C{allow}, C{block}, C{unavailable},
+        ...) and response C{status} (0: none) after C{seconds}.
+        """
+
+    def upstream_responded(self, outcome: str, seconds: float) -> None:
+        """The upstream answered (C{response}), failed or timed out after C{seconds}."""
+
+    def agent_decided(self, agent_id: str, decision: str) -> None:
+        """An agent answered C{allow}, C{block}, C{redirect} or C{challenge}."""
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
         """An agent could not answer (reason: see L{failure_reason})."""
@@ -154,7 +163,13 @@ class GatewayMetricsSink(Protocol):
 class NullMetrics:
     """A L{GatewayMetricsSink} that keeps nothing (a gateway without a status site)."""
 
-    def request_decided(self, decision: str) -> None:
+    def request_decided(self, decision: str, status: int, seconds: float) -> None:
+        """Nothing."""
+
+    def upstream_responded(self, outcome: str, seconds: float) -> None:
+        """Nothing."""
+
+    def agent_decided(self, agent_id: str, decision: str) -> None:
         """Nothing."""
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
@@ -402,6 +417,7 @@ class Exchange:
     _error: str | None = None
     _decision: str | None = None
     _forwarded = False
+    _forwarded_at = 0.0
     _no_complete = False
     _passed: Sequence[dict[str, Any]] = ()
     _cancelling = False
@@ -414,7 +430,7 @@ class Exchange:
         self.gateway = gateway
         self.request = request
         self._phase = _DECIDING
-        self._started_at = time.monotonic()
+        self._started_at = gateway.clock.seconds()
         self._secure = request.secure
         request.exchange = self
 
@@ -631,6 +647,9 @@ class Exchange:
             return
         try:
             slot.answer = answer
+            self.gateway.metrics.agent_decided(
+                slot.agent_id, "allow" if answer.is_allow else decision_label(answer.decision)
+            )
             if answer.response_headers:
                 slot.add_response_ops(answer.response_headers)
             if answer.is_allow and slot.stage is not None:
@@ -696,6 +715,9 @@ class Exchange:
 
     def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
         """An agent answered a body chunk: a denial ends the exchange (C{False})."""
+        self.gateway.metrics.agent_decided(
+            slot.agent_id, "allow" if answer.is_allow else decision_label(answer.decision)
+        )
         if not answer.is_allow:
             self._deny(slot, answer)
             return False
@@ -756,6 +778,7 @@ class Exchange:
                 if decisions is not None:
                     decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
         forward = ForwardRequest(request.method, self._target, headers, self._body, decisions)
+        self._forwarded_at = self.gateway.clock.seconds()
         call = self.gateway.upstream.forward(forward)
         self._upstream_call = call
         call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
@@ -764,6 +787,10 @@ class Exchange:
 
     def _upstream_responded(self, response: UpstreamResponse) -> None:
         self._upstream_call = None
+        gateway = self.gateway
+        gateway.metrics.upstream_responded(
+            "response", max(gateway.clock.seconds() - self._forwarded_at, 0.0)
+        )
         if self._phase == _OVER:
             response.abort()
             return
@@ -775,7 +802,11 @@ class Exchange:
         if self._phase == _OVER:
             return
         timeout = failure.check(UpstreamTimeout) is not None
-        self.gateway.metrics.upstream_failed("timeout" if timeout else "error")
+        gateway = self.gateway
+        gateway.metrics.upstream_failed("timeout" if timeout else "error")
+        gateway.metrics.upstream_responded(
+            "timeout" if timeout else "error", max(gateway.clock.seconds() - self._forwarded_at, 0.0)
+        )
         self._error = str(failure.value)
         log.info(
             "Upstream {what} for {method} {uri}: {error}",
@@ -1106,12 +1137,14 @@ class Exchange:
         if self._head_written:
             self._abort_client("cannot change a response already started")
             return
+        request = self.request
+        gone = request.finished or request.client_gone
+        if not gone:
+            self._status = code
         self._over()
         self._abort_upstream()
-        request = self.request
-        if request.finished or request.client_gone:
+        if gone:
             return
-        self._status = code
         date = request.responseHeaders.getRawHeaders(b"date")
         if date and not headers.hasHeader(b"date"):
             headers.setRawHeaders(b"Date", date)
@@ -1130,7 +1163,13 @@ class Exchange:
         """The exchange is decided for good: count it once, stop holding bytes."""
         if self._phase != _OVER:
             self._phase = _OVER
-            self.gateway.metrics.request_decided(self._decision or "client_closed")
+            gateway = self.gateway
+            gateway.metrics.request_decided(
+                self._decision or "client_closed",
+                self._status,
+                # The reactor's clock is the wall clock: never below 0.
+                max(gateway.clock.seconds() - self._started_at, 0.0),
+            )
         if self._request_pressure is not None:
             self._request_pressure.release()
 
@@ -1199,7 +1238,7 @@ class Exchange:
                 event = m.RequestCompleteEvent(
                     correlation_id=self.correlation_id,
                     status=self._status,
-                    duration_ms=int((time.monotonic() - self._started_at) * 1000),
+                    duration_ms=int((self.gateway.clock.seconds() - self._started_at) * 1000),
                     request_body_size=self._body_in,
                     response_body_size=self._response_bytes,
                     upstream_attempts=1 if self._forwarded else 0,

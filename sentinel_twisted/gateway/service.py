@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..status.health import Readiness
+from ..status.history import History
 from ..status.metrics import GatewayMetrics
 from ..status.resource import StatusResource, StatusSite
 from .config import GatewayConfig
@@ -112,7 +113,8 @@ class GatewayService(service.MultiService):
         self.factory = factory
         self.config = config
         self.shutdown_grace = shutdown_grace
-        self.metrics = GatewayMetrics(factory.pool, factory)
+        self.metrics = GatewayMetrics(factory.pool, factory, upstream_timeout=config.upstream_timeout)
+        self.history: History | None = None
         upstream: IUpstream
         if config.upstream is None:
             upstream = EchoUpstream()
@@ -134,8 +136,9 @@ class GatewayService(service.MultiService):
             self.http = ListeningService(reactor, http, self.site, "HTTP clients")
             self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
         if status is not None:
+            self.history = History(self.metrics, reactor)
             self.status_resource = StatusResource(
-                factory.pool, self.metrics, self.describe(), readiness
+                factory.pool, self.metrics, self.describe(), self.history, readiness
             )
             self.status_site = StatusSite(self.status_resource, config.status_hosts, reactor=reactor)
             self.status = ListeningService(reactor, status, self.status_site, "the status page")
@@ -153,6 +156,8 @@ class GatewayService(service.MultiService):
 
     def startService(self) -> None:
         self.metrics.attach()
+        if self.history is not None:
+            self.history.start()
         self.gateway.watch_agents()
         http, status = self._endpoints
         log.info(
@@ -173,6 +178,8 @@ class GatewayService(service.MultiService):
         """
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         self.metrics.detach()
+        if self.history is not None:
+            self.history.stop()
         self.gateway.unwatch_agents()
         drained = self.gateway.shut_down(self.shutdown_grace)
         closing = drained.addCallback(lambda _: self.upstream.close())

@@ -9,6 +9,10 @@ metrics when scraped (one thread bumps them: no lock per sample); so are
 the listener's own counters (registrations, rejections) and the pool's
 state (connections, requests in flight).
 
+Histograms are plain counters too (L{_Histogram}), turned into
+Prometheus histograms when scraped; the status page reads the same
+counters (L{GatewayMetrics.snapshot}) for its rates and quantiles.
+
 Per-agent series last as long as their agent: when an agent's last
 connection leaves (after an optional grace period, in case it comes back),
 its series are removed and their totals added to aggregate
@@ -22,7 +26,12 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,9 +52,33 @@ if TYPE_CHECKING:
     from ..factory import ReverseConnectionFactory
     from ..pool import AgentPool
 
-__all__ = ["LATENCY_BUCKETS", "GatewayMetrics"]
+__all__ = [
+    "DECISIONS",
+    "LATENCY_BUCKETS",
+    "GatewayMetrics",
+    "Snapshot",
+    "code_class",
+    "latency_buckets",
+]
 
-#: Agent round-trip buckets, in seconds: 100 µs to 10 s.
+#: Every outcome of a gateway request: each has a series from the start,
+#: so that a rate of C{error} is 0 rather than missing.
+DECISIONS = (
+    "allow",
+    "block",
+    "redirect",
+    "challenge",
+    "unavailable",
+    "too_large",
+    "client_closed",
+    "bad_request",
+    "error",
+)
+
+#: How an agent may answer, in C{sentinel_agent_decisions_total}.
+AGENT_DECISIONS = ("allow", "block", "redirect", "challenge")
+
+#: The short end of the latency buckets, in seconds: 100 µs to 10 s.
 LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -64,6 +97,30 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+
+#: Longer buckets, used up to the timeout that ends the wait anyway.
+_LONGER_BUCKETS = (15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+
+
+def latency_buckets(timeout: float) -> tuple[float, ...]:
+    """
+    Histogram buckets from 100 µs up to C{timeout} seconds, the timeout
+    itself the last: nothing waits longer, and an SLO on "answered within
+    the timeout" needs that bucket.
+    """
+    bounds = [b for b in (*LATENCY_BUCKETS, *_LONGER_BUCKETS) if b < timeout]
+    bounds.append(float(timeout))
+    return tuple(bounds)
+
+
+_CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def code_class(status: int) -> str:
+    """C{2xx}, C{4xx}, ... of an HTTP status; C{none} when no status was sent."""
+    if 100 <= status <= 599:
+        return f"{status // 100}xx"
+    return "none"
 
 
 def _cancel_reason(reason: int) -> str:
@@ -128,20 +185,68 @@ class _CountersCollector(Collector):
             yield departed
 
 
-class _Latency:
-    """One agent's round-trip histogram: plain counters, no lock (one thread)."""
+class _Histogram:
+    """One histogram's counters, one per bucket and one past the last: no lock (one thread)."""
 
     __slots__ = ("count", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * (size + 1)
         self.count = 0
         self.total = 0.0
 
-    def add(self, other: _Latency) -> None:
+    def observe(self, bounds: tuple[float, ...], seconds: float) -> None:
+        self.counts[bisect_left(bounds, seconds)] += 1
+        self.count += 1
+        self.total += seconds
+
+    def add(self, other: _Histogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.count += other.count
         self.total += other.total
+
+    def copy(self) -> _Histogram:
+        twin = _Histogram(len(self.counts) - 1)
+        twin.counts = list(self.counts)
+        twin.count = self.count
+        twin.total = self.total
+        return twin
+
+
+class _HistogramFamily:
+    """A labelled histogram kept as plain counters (see L{_CounterFamily})."""
+
+    __slots__ = ("bounds", "documentation", "labels", "name", "values")
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], bounds: tuple[float, ...]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.bounds = bounds
+        self.values: dict[tuple[str, ...], _Histogram] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        histogram = self.values.get(labels)
+        if histogram is None:
+            histogram = self.values[labels] = _Histogram(len(self.bounds))
+        histogram.observe(self.bounds, seconds)
+
+    def metric(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for labels, histogram in sorted(self.values.items()):
+            family.add_metric(list(labels), _buckets(self.bounds, histogram), histogram.total)
+        return family
+
+
+class _HistogramsCollector(Collector):
+    def __init__(self, families: list[_HistogramFamily]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.families:
+            yield family.metric()
 
 
 class _LatencyCollector(Collector):
@@ -151,7 +256,10 @@ class _LatencyCollector(Collector):
     and turned into a histogram when scraped.
     """
 
-    def __init__(self, latencies: dict[str, _Latency], departed: _Latency) -> None:
+    def __init__(
+        self, bounds: tuple[float, ...], latencies: dict[str, _Histogram], departed: _Histogram
+    ) -> None:
+        self.bounds = bounds
         self.latencies = latencies
         self.departed = departed
 
@@ -162,23 +270,20 @@ class _LatencyCollector(Collector):
             labels=["agent"],
         )
         for agent_id, latency in sorted(self.latencies.items()):
-            family.add_metric([agent_id], _buckets(latency), latency.total)
+            family.add_metric([agent_id], _buckets(self.bounds, latency), latency.total)
         yield family
         departed = HistogramMetricFamily(
             "sentinel_agent_round_trip_departed_seconds",
             "Round trips of agents that are no longer connected.",
         )
-        departed.add_metric([], _buckets(self.departed), self.departed.total)
+        departed.add_metric([], _buckets(self.bounds, self.departed), self.departed.total)
         yield departed
 
 
-_BOUNDS = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
-
-
-def _buckets(latency: _Latency) -> list[tuple[str, float]]:
+def _buckets(bounds: tuple[float, ...], histogram: _Histogram) -> list[tuple[str, float]]:
     running = 0
     buckets: list[tuple[str, float]] = []
-    for bound, count in zip(_BOUNDS, latency.counts, strict=True):
+    for bound, count in zip([*(repr(float(b)) for b in bounds), "+Inf"], histogram.counts, strict=True):
         running += count
         buckets.append((bound, running))
     return buckets
@@ -237,6 +342,73 @@ class _ListenerCollector(Collector):
         yield paused
 
 
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """
+    The C{q} quantile (0 to 1) of a histogram's bucket counts (not
+    cumulative; one past the last bound), interpolated within its bucket
+    as Prometheus' C{histogram_quantile} does; C{None} without
+    observations.  Past the last bound it is that bound.
+    """
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    running = 0
+    for index, count in enumerate(counts):
+        if running + count >= rank and count:
+            if index >= len(bounds):
+                return bounds[-1] if bounds else None
+            lower = bounds[index - 1] if index else 0.0
+            upper = bounds[index]
+            return lower + (upper - lower) * (rank - running) / count
+        running += count
+    return bounds[-1] if bounds else None
+
+
+class AgentSnapshot:
+    """One agent's totals at one moment (see L{Snapshot})."""
+
+    __slots__ = ("answers", "cancels", "decisions", "failures", "timeouts")
+
+    def __init__(self, answers: _Histogram) -> None:
+        self.answers = answers
+        self.decisions: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+        self.timeouts = 0
+        self.cancels = 0
+
+
+class Snapshot:
+    """
+    Every total the status page turns into rates and quantiles, at one
+    moment (C{at}, on the metrics' clock): two snapshots a minute apart
+    give the last minute's rates.
+    """
+
+    __slots__ = (
+        "agents",
+        "at",
+        "code_classes",
+        "connections",
+        "duration",
+        "fail_open",
+        "requests",
+        "round_trip",
+        "upstream",
+    )
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.requests: dict[str, int] = {}
+        self.code_classes: dict[str, int] = {}
+        self.duration = _Histogram(0)
+        self.upstream = _Histogram(0)
+        self.round_trip = _Histogram(0)
+        self.fail_open = 0
+        self.connections = 0
+        self.agents: dict[str, AgentSnapshot] = {}
+
+
 @implementer(IAgentPoolObserver)
 class GatewayMetrics(PoolObserver):
     """
@@ -247,6 +419,11 @@ class GatewayMetrics(PoolObserver):
     @param departed_grace: seconds an agent whose last connection left
         keeps its own series, in case it comes back (on C{clock}, by
         default the factory's).
+    @param request_timeout: the agents' timeout: the round-trip buckets
+        end there (by default the factory's C{--request-timeout}).
+    @param upstream_timeout: the upstream's timeout: where its buckets end.
+    @param process: whether to export the process and platform metrics
+        (C{process_*}, C{python_info}) too.
     """
 
     def __init__(
@@ -257,27 +434,38 @@ class GatewayMetrics(PoolObserver):
         *,
         clock: IReactorTime | None = None,
         departed_grace: float = 0.0,
+        request_timeout: float | None = None,
+        upstream_timeout: float = 30.0,
+        process: bool = True,
     ) -> None:
         if departed_grace < 0:
             raise ValueError(f"departed_grace must not be negative, got {departed_grace!r}")
         if clock is None and factory is not None:
             clock = factory.clock
-        if clock is None and departed_grace:
+        if clock is None:
             from twisted.internet import reactor
 
             clock = reactor
+        if request_timeout is None:
+            request_timeout = factory.config.request_timeout if factory is not None else 30.0
         self.registry = registry if registry is not None else CollectorRegistry()
         self.pool = pool
-        self.clock = clock
+        self.factory = factory
+        self.clock: IReactorTime = clock
         self.departed_grace = departed_grace
         self._leaving: dict[str, IDelayedCall] = {}
         self.registry.register(_ListenerCollector(factory, pool))
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self._requests = _CounterFamily(
             "sentinel_gateway_requests",
             "Client requests, by decision (allow, block, redirect, challenge, "
-            "unavailable, too_large, client_closed, error).",
+            "unavailable, too_large, client_closed, bad_request, error).",
             ("decision",),
         )
+        for decision in DECISIONS:
+            self._requests.values[(decision,)] = 0
         self._agent_failures = _CounterFamily(
             "sentinel_gateway_agent_failures",
             "Agents that could not answer a request, by agent and reason "
@@ -291,6 +479,11 @@ class GatewayMetrics(PoolObserver):
             "sentinel_agent_cancels",
             "Cancel frames sent to agents, by agent and reason.",
             ("agent", "reason"),
+        )
+        self._decisions = _CounterFamily(
+            "sentinel_agent_decisions",
+            "Agents' answers, by agent and decision (allow, block, redirect, challenge).",
+            ("agent", "decision"),
         )
         self._fail_open = _CounterFamily(
             "sentinel_gateway_fail_open_passes",
@@ -310,6 +503,7 @@ class GatewayMetrics(PoolObserver):
                     self._agent_failures,
                     self._timeouts,
                     self._cancels,
+                    self._decisions,
                     self._fail_open,
                     self._upstream,
                 ]
@@ -319,11 +513,42 @@ class GatewayMetrics(PoolObserver):
             self._agent_failures,
             self._timeouts,
             self._cancels,
+            self._decisions,
             self._fail_open,
         ]
-        self._latencies: dict[str, _Latency] = {}
-        self._departed_latency = _Latency()
-        self.registry.register(_LatencyCollector(self._latencies, self._departed_latency))
+        #: Bucket bounds of the agents' round trips, of the gateway's
+        #: requests end to end, and of the upstream's responses.
+        self.round_trip_buckets = latency_buckets(request_timeout)
+        self.duration_buckets = latency_buckets(max(request_timeout, upstream_timeout))
+        self.upstream_buckets = latency_buckets(upstream_timeout)
+        self._duration = _HistogramFamily(
+            "sentinel_gateway_request_duration_seconds",
+            "Time from a client request's arrival to the end of its response, by status "
+            "class (2xx ... 5xx, none: no response) and decision.",
+            ("code_class", "decision"),
+            self.duration_buckets,
+        )
+        self._upstream_duration = _HistogramFamily(
+            "sentinel_gateway_upstream_duration_seconds",
+            "Time from forwarding a request upstream to its response headers (or its "
+            "failure), by outcome (response, error, timeout).",
+            ("outcome",),
+            self.upstream_buckets,
+        )
+        self.registry.register(_HistogramsCollector([self._duration, self._upstream_duration]))
+        size = len(self.round_trip_buckets)
+        self._latencies: dict[str, _Histogram] = {}
+        self._departed_latency = _Histogram(size)
+        #: Every round trip, of the agents connected and departed alike.
+        self._round_trip_all = _Histogram(size)
+        self._duration_all = _Histogram(len(self.duration_buckets))
+        self._upstream_all = _Histogram(len(self.upstream_buckets))
+        self._code_classes: dict[str, int] = {}
+        #: Round trips by live connection id (removed when it leaves).
+        self._by_connection: dict[str, _Histogram] = {}
+        self.registry.register(
+            _LatencyCollector(self.round_trip_buckets, self._latencies, self._departed_latency)
+        )
 
     def attach(self) -> GatewayMetrics:
         """Start observing the pool; returns itself."""
@@ -350,13 +575,74 @@ class GatewayMetrics(PoolObserver):
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
+    def connection_round_trips(self, connection_id: str) -> _Histogram | None:
+        """The round trips of one live connection (C{None} before its first answer)."""
+        return self._by_connection.get(connection_id)
+
+    def snapshot(self) -> Snapshot:
+        """Every total the status page needs, now."""
+        snap = Snapshot(self.clock.seconds())
+        snap.requests = {k[0]: v for k, v in self._requests.values.items()}
+        snap.code_classes = dict(self._code_classes)
+        snap.duration = self._duration_all.copy()
+        snap.upstream = self._upstream_all.copy()
+        snap.round_trip = self._round_trip_all.copy()
+        snap.fail_open = sum(self._fail_open.values.values()) + sum(self._fail_open.departed.values())
+        snap.connections = len(self.pool.connections())
+        agents = snap.agents
+        for agent_id, latency in self._latencies.items():
+            agents[agent_id] = AgentSnapshot(latency.copy())
+        empty = _Histogram(len(self.round_trip_buckets))
+
+        def agent(agent_id: str) -> AgentSnapshot:
+            found = agents.get(agent_id)
+            if found is None:
+                found = agents[agent_id] = AgentSnapshot(empty.copy())
+            return found
+
+        for (agent_id, decision), count in self._decisions.values.items():
+            agent(agent_id).decisions[decision] = count
+        for (agent_id, reason), count in self._agent_failures.values.items():
+            failures = agent(agent_id).failures
+            failures[reason] = failures.get(reason, 0) + count
+        for (agent_id,), count in self._timeouts.values.items():
+            agent(agent_id).timeouts += count
+        for (agent_id, _), count in self._cancels.values.items():
+            agent(agent_id).cancels += count
+        return snap
+
     # -- GatewayMetricsSink ------------------------------------------------------
 
-    def request_decided(self, decision: str) -> None:
-        """Count a request in C{sentinel_gateway_requests_total}."""
+    def request_decided(self, decision: str, status: int = 0, seconds: float = 0.0) -> None:
+        """
+        Count a request in C{sentinel_gateway_requests_total} and observe its
+        duration in C{sentinel_gateway_request_duration_seconds}.
+        """
+        # Once per request: one bucket search for both histograms.
         values = self._requests.values
         key = (decision,)
         values[key] = values.get(key, 0) + 1
+        klass = _CODE_CLASSES.get(status // 100, "none") if status < 600 else "none"
+        classes = self._code_classes
+        classes[klass] = classes.get(klass, 0) + 1
+        index = bisect_left(self.duration_buckets, seconds)
+        labels = (klass, decision)
+        histogram = self._duration.values.get(labels)
+        if histogram is None:
+            histogram = self._duration.values[labels] = _Histogram(len(self.duration_buckets))
+        for each in (histogram, self._duration_all):
+            each.counts[index] += 1
+            each.count += 1
+            each.total += seconds
+
+    def upstream_responded(self, outcome: str, seconds: float) -> None:
+        """Observe C{sentinel_gateway_upstream_duration_seconds} (response, error, timeout)."""
+        self._upstream_duration.observe((outcome,), seconds)
+        self._upstream_all.observe(self.upstream_buckets, seconds)
+
+    def agent_decided(self, agent_id: str, decision: str) -> None:
+        """Count C{sentinel_agent_decisions_total}."""
+        self._decisions.inc(agent_id, decision)
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
         """
@@ -386,10 +672,11 @@ class GatewayMetrics(PoolObserver):
             timer.cancel()
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
+        self._by_connection.pop(connection.connection_id, None)
         agent_id = connection.agent_id
         if agent_id in self.pool or agent_id in self._leaving:
             return
-        if not self.departed_grace or self.clock is None:
+        if not self.departed_grace:
             self.forget_agent(agent_id)
             return
         self._leaving[agent_id] = self.clock.callLater(
@@ -402,11 +689,24 @@ class GatewayMetrics(PoolObserver):
             self.forget_agent(agent_id)
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+        bounds = self.round_trip_buckets
         agent_id = connection.agent_id
         latency = self._latencies.get(agent_id)
         if latency is None:
-            latency = self._latencies[agent_id] = _Latency()
-        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            latency = self._latencies[agent_id] = _Histogram(len(bounds))
+        index = bisect_left(bounds, seconds)
+        latency.counts[index] += 1
         latency.count += 1
         latency.total += seconds
-
+        everyone = self._round_trip_all
+        everyone.counts[index] += 1
+        everyone.count += 1
+        everyone.total += seconds
+        if connection.is_closed:
+            return
+        mine = self._by_connection.get(connection.connection_id)
+        if mine is None:
+            mine = self._by_connection[connection.connection_id] = _Histogram(len(bounds))
+        mine.counts[index] += 1
+        mine.count += 1
+        mine.total += seconds

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable
-from html import escape
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,15 +22,16 @@ from twisted.web.resource import Resource
 from .. import __version__
 from ..messages import HealthState
 from .health import HealthzResource, Readiness
+from .metrics import quantile
+from .page import REFRESH_SECONDS, event_names, health_name, render_page
 
 if TYPE_CHECKING:
     from ..pool import AgentPool
+    from .history import History
     from .metrics import GatewayMetrics
 
 __all__ = ["REFRESH_SECONDS", "StatusResource", "StatusSite", "agents_document"]
 
-#: How often the HTML page reloads itself.
-REFRESH_SECONDS = 5
 
 _encoder = msgspec.json.Encoder()
 
@@ -40,34 +40,47 @@ def _rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def health_name(state: int | None) -> str:
-    """C{healthy}, C{degraded}, ... for a health state; C{unknown} before any."""
-    if state is None:
-        return "unknown"
-    try:
-        return HealthState(state).name.lower()
-    except ValueError:
-        return str(state)
-
-
-def agents_document(pool: AgentPool, gateway: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What C{GET /agents} shows: each agent and its connections."""
+def agents_document(
+    pool: AgentPool, gateway: dict[str, Any] | None = None, metrics: GatewayMetrics | None = None
+) -> dict[str, Any]:
+    """
+    What C{GET /agents} shows: each agent and its connections (with their
+    round trips when C{metrics} is given).
+    """
     agents = []
     for info in pool.stats():
         connections = []
         for c in info.connections:
+            round_trips = metrics.connection_round_trips(c.connection_id) if metrics else None
+            latency: dict[str, Any] = {"answered": 0, "mean_seconds": None}
+            if metrics is not None:
+                bounds = metrics.round_trip_buckets
+                counts = round_trips.counts if round_trips is not None else [0]
+                latency["p50_seconds"] = quantile(bounds, counts, 0.5)
+                latency["p99_seconds"] = quantile(bounds, counts, 0.99)
+            if round_trips is not None and round_trips.count:
+                latency["answered"] = round_trips.count
+                latency["mean_seconds"] = round_trips.total / round_trips.count
             connections.append(
                 {
                     "connection_id": c.connection_id,
                     "peer": c.peer,
+                    "peer_pid": c.peer_pid,
+                    "peer_uid": c.peer_uid,
                     "in_flight": c.in_flight,
                     "paused": c.paused,
+                    "write_blocked": c.write_blocked,
                     "health": c.health,
                     "health_name": health_name(c.health),
                     "capabilities": c.capabilities,
+                    "events": event_names(c.capabilities.supported_events),
                     "metadata": c.metadata,
                     "connected_since": _rfc3339(c.connected_since),
                     "connected_since_epoch": c.connected_since,
+                    "events_sent": c.events_sent,
+                    "timeouts": c.timeouts,
+                    "cancels_sent": c.cancels_sent,
+                    "round_trip": latency,
                 }
             )
         agents.append(
@@ -75,6 +88,7 @@ def agents_document(pool: AgentPool, gateway: dict[str, Any] | None = None) -> d
                 "agent_id": info.agent_id,
                 "in_flight": info.in_flight,
                 "paused_connections": info.paused_connections,
+                "write_blocked_connections": sum(1 for c in info.connections if c.write_blocked),
                 "connections": connections,
             }
         )
@@ -82,18 +96,6 @@ def agents_document(pool: AgentPool, gateway: dict[str, Any] | None = None) -> d
     if gateway is not None:
         document["gateway"] = gateway
     return document
-
-
-_STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; margin-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.8em 0; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; font-size: 0.9em; }
-th { background: #eee; }
-td.num { text-align: right; }
-tr.paused td { background: #fff4d6; }
-.muted { color: #666; font-size: 0.85em; }
-"""
 
 
 def _render_head(resource: Any, request: Any) -> bytes:
@@ -158,12 +160,15 @@ class StatusResource(Resource):
         pool: AgentPool,
         metrics: GatewayMetrics,
         gateway: dict[str, Any] | None = None,
+        history: History | None = None,
         readiness: Readiness | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.pool = pool
         self.metrics = metrics
         self.gateway = gateway
+        #: The last minutes of the metrics: rates, quantiles and charts.
+        self.history = history
         self.putChild(b"", _Page(self))
         self.putChild(b"agents", _Agents(self))
         self.putChild(b"metrics", _Metrics(self))
@@ -174,78 +179,11 @@ class StatusResource(Resource):
 
     def document(self) -> dict[str, Any]:
         """What C{GET /agents} shows (see L{agents_document})."""
-        return agents_document(self.pool, self.gateway)
-
-    def _sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels or {})
-        return value or 0.0
+        return agents_document(self.pool, self.gateway, self.metrics)
 
     def page(self) -> str:
-        """The HTML status page: the connections, the settings and the request counts."""
-        stats = self.pool.stats()
-        rows = []
-        for info in stats:
-            for c in info.connections:
-                events = ", ".join(str(n) for n in sorted(c.capabilities.supported_events))
-                rows.append(
-                    f'<tr class="{"paused" if c.paused else "live"}" '
-                    f'data-agent-id="{escape(info.agent_id)}" '
-                    f'data-connection-id="{escape(c.connection_id)}">'
-                    f'<td class="agent">{escape(info.agent_id)}</td>'
-                    f'<td class="connection">{escape(c.connection_id)}</td>'
-                    f'<td class="peer">{escape(c.peer)}</td>'
-                    f'<td class="num in-flight">{c.in_flight}</td>'
-                    f'<td class="flow">{"paused" if c.paused else "open"}</td>'
-                    f'<td class="health">{escape(health_name(c.health))}</td>'
-                    f'<td class="events">{escape(events)}</td>'
-                    f'<td class="since">{_rfc3339(c.connected_since)}</td>'
-                    "</tr>"
-                )
-        connections = sum(len(i.connections) for i in stats)
-        if rows:
-            table = (
-                '<table id="connections"><thead><tr><th>agent</th><th>connection</th><th>peer</th>'
-                "<th>in flight</th><th>flow</th><th>health</th><th>events</th>"
-                "<th>connected since</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-            )
-        else:
-            table = '<p id="no-agents">No agent is connected.</p>'
-        decisions = (
-            "allow",
-            "block",
-            "redirect",
-            "challenge",
-            "unavailable",
-            "too_large",
-            "client_closed",
-            "bad_request",
-        )
-        request_rows = "".join(
-            f'<tr data-decision="{d}"><td>{d}</td><td class="num">'
-            f'{int(self._sample("sentinel_gateway_requests_total", {"decision": d}))}</td></tr>'
-            for d in decisions
-        )
-        gateway = self.gateway or {}
-        consulted = gateway.get("agents") or ["every registered agent"]
-        return (
-            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
-            "<title>sentinel-reverse status</title>"
-            f"<style>{_STYLE}</style></head><body>"
-            f"<h1>sentinel-reverse {escape(__version__)}</h1>"
-            f'<p id="summary"><span id="agent-count">{len(stats)}</span> agent(s), '
-            f'<span id="connection-count">{connections}</span> connection(s); '
-            f'registrations: <span id="registrations">{int(self._sample("sentinel_agent_registrations_total"))}</span>; '
-            f'upstream: <span id="upstream">{escape(str(gateway.get("upstream", "-")))}</span>; '
-            f'consulted: <span id="consulted">{escape(", ".join(consulted))}</span>; '
-            f'failure policy: <span id="policy">{"fail open" if gateway.get("fail_open") else "fail closed"}</span></p>'
-            f"{table}"
-            f'<table id="requests"><thead><tr><th>decision</th><th>requests</th></tr></thead>'
-            f"<tbody>{request_rows}</tbody></table>"
-            f'<p class="muted">Refreshes every {REFRESH_SECONDS} s. '
-            '<a href="/agents">/agents</a> (JSON) · <a href="/metrics">/metrics</a> (Prometheus)</p>'
-            "</body></html>\n"
-        )
+        """The HTML status page (see L{sentinel_twisted.status.page})."""
+        return render_page(self)
 
 
 _MISDIRECTED = pages.errorPage(

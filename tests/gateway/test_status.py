@@ -4,6 +4,7 @@ The status site: C{/agents} JSON and C{/metrics} contents.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -62,6 +63,13 @@ class AgentsDocumentTests(TestCase):
             self.assertRegex(connection["connected_since"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
             self.assertIsInstance(connection["connected_since_epoch"], float)
             self.assertTrue(connection["peer"].startswith("unix"))
+            # SO_PEERCRED: the agent is this process.
+            self.assertEqual((connection["peer_pid"], connection["peer_uid"]), (os.getpid(), os.getuid()))
+            self.assertEqual(connection["events"], ["request_headers", "request_body_chunk"])
+            self.assertFalse(connection["write_blocked"])
+            self.assertEqual(connection["events_sent"], 1)
+            self.assertEqual((connection["timeouts"], connection["cancels_sent"]), (0, 0))
+            self.assertEqual(connection["round_trip"]["answered"], 0)
             self.assertEqual(len(bot_info["connections"]), 2)
             self.assertEqual(bot_info["paused_connections"], 1)
             self.assertEqual([c["paused"] for c in bot_info["connections"]], [False, True])
@@ -71,6 +79,17 @@ class AgentsDocumentTests(TestCase):
             self.assertFalse(document["gateway"]["fail_open"])
             waf.release(answer())
             self.assertEqual((await pending).code, 200)
+            h.pool.connections("bot")[0].set_write_blocked(True)
+            document = (await h.status("/agents")).json()
+            h.pool.connections("bot")[0].set_write_blocked(False)
+            waf_info, bot_info = document["agents"]
+            (connection,) = waf_info["connections"]
+            round_trip = connection["round_trip"]
+            self.assertEqual(round_trip["answered"], 1)
+            self.assertGreater(round_trip["mean_seconds"], 0)
+            self.assertGreater(round_trip["p99_seconds"], 0)
+            self.assertEqual([c["write_blocked"] for c in bot_info["connections"]], [True, False])
+            self.assertEqual(bot_info["write_blocked_connections"], 1)
             del bot
 
         return ensureDeferred(go())
@@ -120,6 +139,18 @@ class MetricsTests(TestCase):
                 ("sentinel_agent_round_trip_seconds_bucket", (("agent", "waf"), ("le", "+Inf"))), values
             )
             self.assertRegex(text, re.compile(r"^# TYPE sentinel_agent_round_trip_seconds histogram$", re.M))
+            duration = "sentinel_gateway_request_duration_seconds_count"
+            self.assertEqual(values[(duration, (("code_class", "2xx"), ("decision", "allow")))], 1)
+            self.assertEqual(values[(duration, (("code_class", "4xx"), ("decision", "block")))], 1)
+            self.assertEqual(
+                values[("sentinel_gateway_upstream_duration_seconds_count", (("outcome", "response"),))], 1
+            )
+            self.assertEqual(
+                values[("sentinel_agent_decisions_total", (("agent", "waf"), ("decision", "block")))], 1
+            )
+            self.assertEqual(
+                values[("sentinel_agent_decisions_total", (("agent", "waf"), ("decision", "allow")))], 2
+            )
             # Its own registry: nothing leaks into the process-global one.
             self.assertIsNone(prometheus_client.REGISTRY.get_sample_value("sentinel_agent_registrations_total"))
             slow.release(answer())
@@ -163,6 +194,11 @@ class MetricsTests(TestCase):
             )
             self.assertEqual(values[("sentinel_gateway_upstream_errors_total", (("kind", "timeout"),))], 1)
             self.assertEqual(values[("sentinel_gateway_upstream_errors_total", (("kind", "error"),))], 1)
+            upstream = "sentinel_gateway_upstream_duration_seconds_count"
+            self.assertEqual(values[(upstream, (("outcome", "timeout"),))], 1)
+            self.assertEqual(values[(upstream, (("outcome", "error"),))], 1)
+            duration = "sentinel_gateway_request_duration_seconds_count"
+            self.assertEqual(values[(duration, (("code_class", "5xx"), ("decision", "allow")))], 2)
 
         return ensureDeferred(go())
 
@@ -172,6 +208,84 @@ class MetricsTests(TestCase):
             self.assertEqual((await h.status("/nope")).code, 404)
 
         return ensureDeferred(go())
+
+
+class MetricShapeTests(TestCase):
+    """What an SLO is built on: series present from the start, buckets, names."""
+
+    def metrics(self, **config: Any) -> Any:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        from .._proxy_support import Proxy
+
+        self.proxy = Proxy(**config)
+        return GatewayMetrics(self.proxy.pool, self.proxy.factory).attach()
+
+    def test_every_decision_has_a_series_from_the_start(self) -> None:
+        from sentinel_twisted.status.metrics import DECISIONS
+
+        scraped = samples(self.metrics().render().decode())
+        self.assertIn("error", DECISIONS)
+        for decision in DECISIONS:
+            self.assertEqual(scraped[("sentinel_gateway_requests_total", (("decision", decision),))], 0)
+
+    def test_process_and_platform_metrics_are_exported(self) -> None:
+        text = self.metrics().render().decode()
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+            self.assertRegex(text, re.compile(rf"^{name}[ {{]", re.M))
+
+    def test_round_trip_buckets_reach_the_request_timeout(self) -> None:
+        metrics = self.metrics(request_timeout=30.0)
+        _, _, connection = self.proxy.register("waf")
+        metrics.request_answered(connection, "c1", 25.0)
+        scraped = samples(metrics.render().decode())
+        bucket = "sentinel_agent_round_trip_seconds_bucket"
+        self.assertEqual(scraped[(bucket, (("agent", "waf"), ("le", "10.0")))], 0)
+        self.assertEqual(scraped[(bucket, (("agent", "waf"), ("le", "30.0")))], 1)
+        self.assertEqual(metrics.round_trip_buckets[-1], 30.0)
+
+    def test_buckets_end_at_an_odd_timeout(self) -> None:
+        from sentinel_twisted.status.metrics import latency_buckets
+
+        self.assertEqual(latency_buckets(7.5)[-3:], (2.5, 5.0, 7.5))
+        self.assertEqual(latency_buckets(0.002)[-1], 0.002)
+        self.assertEqual(latency_buckets(30.0)[-3:], (15.0, 20.0, 30.0))
+
+    def test_request_duration_by_status_class_and_decision(self) -> None:
+        metrics = self.metrics()
+        metrics.request_decided("allow", 204, 0.02)
+        metrics.request_decided("client_closed", 0, 1.0)
+        scraped = samples(metrics.render().decode())
+        name = "sentinel_gateway_request_duration_seconds"
+        self.assertEqual(scraped[(f"{name}_count", (("code_class", "2xx"), ("decision", "allow")))], 1)
+        self.assertEqual(scraped[(f"{name}_sum", (("code_class", "2xx"), ("decision", "allow")))], 0.02)
+        self.assertEqual(
+            scraped[(f"{name}_count", (("code_class", "none"), ("decision", "client_closed")))], 1
+        )
+
+    def test_names_follow_the_prometheus_conventions(self) -> None:
+        text = self.metrics().render().decode()
+        types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+        self.assertGreater(len(types), 20)
+        for name, kind in types.items():
+            self.assertRegex(name, r"^[a-z][a-z0-9_]*$")
+            if kind == "counter":
+                self.assertTrue(name.endswith("_total"), name)
+            else:
+                self.assertFalse(name.endswith("_total"), name)
+            if kind == "histogram":
+                self.assertTrue(name.endswith("_seconds"), name)
+            if name.startswith("sentinel_"):
+                self.assertRegex(name, r"^sentinel_(agent|gateway)_")
+
+    def test_quantiles_interpolate_within_a_bucket(self) -> None:
+        from sentinel_twisted.status.metrics import quantile
+
+        bounds = (0.1, 0.2, 0.4)
+        self.assertIsNone(quantile(bounds, [0, 0, 0, 0], 0.5))
+        self.assertAlmostEqual(quantile(bounds, [0, 10, 0, 0], 0.5) or 0, 0.15)
+        self.assertEqual(quantile(bounds, [0, 0, 0, 5], 0.99), 0.4)
+        self.assertAlmostEqual(quantile(bounds, [50, 0, 50, 0], 0.99) or 0, 0.396)
 
 
 class DepartedAgentMetricsTests(TestCase):
@@ -197,6 +311,7 @@ class DepartedAgentMetricsTests(TestCase):
         self.metrics.cancel_sent(agent_id, 1)
         self.metrics.fail_open_pass(agent_id, "timeout")
         self.metrics.request_answered(connection, "c", 0.003)
+        self.metrics.agent_decided(agent_id, "block")
         lose(protocol)
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -236,6 +351,12 @@ class DepartedAgentMetricsTests(TestCase):
         # The same series; only the totals' digits grow.
         self.assertEqual(after_300.count(b"\n"), after_ten.count(b"\n"))
         self.assertLess(len(after_300), len(after_ten) + 100)
+
+    def test_per_connection_round_trips_leave_with_the_connection(self) -> None:
+        for i in range(300):
+            self.visit(f"agent-{i:04}")
+        self.assertEqual(self.metrics._by_connection, {})
+        self.assertEqual(self.scrape()[("sentinel_agent_decisions_departed_total", (("decision", "block"),))], 300)
 
     def test_an_agent_with_a_live_connection_keeps_its_series(self) -> None:
         from .._proxy_support import lose
