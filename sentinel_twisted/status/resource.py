@@ -19,8 +19,6 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web import pages, server
 from twisted.web.resource import Resource
 
-from .. import __version__
-from ..messages import HealthState
 from .health import HealthzResource, Readiness
 from .metrics import quantile
 from .page import REFRESH_SECONDS, event_names, health_name, render_page
