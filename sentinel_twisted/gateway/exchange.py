@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
@@ -1080,11 +1081,13 @@ class Exchange:
             try:
                 headers.setRawHeaders(name, [value])
             except (ValueError, TypeError) as e:
-                log.warn(
+                self.gateway.log_limiter.warn(
+                    log,
+                    "unusable_header",
                     "Agent {agent_id} sent an unusable header {name!r}: {error}",
-                    agent_id=slot.agent_id,
-                    name=name,
-                    error=str(e),
+                    agent_id=peer_text(slot.agent_id),
+                    name=peer_text(name),
+                    error=peer_text(str(e)),
                 )
         if answer.response_headers:
             apply_header_ops(

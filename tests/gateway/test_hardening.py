@@ -87,6 +87,31 @@ class AgentHeaderOperationTests(TestCase):
         return ensureDeferred(go())
 
 
+    def test_header_names_in_warnings_are_cut_and_rate_limited(self) -> Any:
+        # An agent chooses its header names: a megabyte of one must not
+        # become a megabyte of log, once per request.
+        long_name = "bad name " + "x" * 100_000
+        protected = "Content-Length" + " " * 100_000
+        ops = [_set(long_name, "v"), _set(protected, "5")]
+
+        async def go() -> None:
+            h = await Harness(self).start()
+            limiter = h.gateway_service.gateway.log_limiter
+            await h.agent(
+                "waf", decide=lambda a, t, b: block(403, "no", {long_name: "v"}) | {"response_headers": ops}
+            )
+            with captured_log() as events:
+                for _ in range(limiter.burst + 3):
+                    self.assertEqual((await h.get("/x")).code, 403)
+            warned = warnings(events)
+            self.assertTrue(warned)
+            self.assertLessEqual(max(len(line) for line in warned), 1000)
+            # Each kind of warning a few times per period, not per request.
+            self.assertLessEqual(len(warned), 3 * limiter.burst)
+
+        return ensureDeferred(go())
+
+
 class DecisionStatusTests(TestCase):
     timeout = 20
 
