@@ -27,6 +27,7 @@ from ._peertext import first_hidden, peer_text
 from ._ratelimit import LogRateLimiter
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
+from .endpoints import RefusedConnection
 from .errors import (
     AgentProtocolError,
     AuthenticationFailed,
@@ -167,7 +168,7 @@ class ReverseConnectionFactory(Factory):
 
     # -- connections awaiting registration ---------------------------------
 
-    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | RefusedConnection:  # type: ignore[override]
         limit = self.config.max_pending_registrations
         if self.awaiting_registration >= limit:
             self.rejections["pending_limit"] += 1
@@ -179,7 +180,7 @@ class ReverseConnectionFactory(Factory):
                     count=self.awaiting_registration,
                     limit=limit,
                 )
-            return None
+            return RefusedConnection()
         self.awaiting_registration += 1
         return ReverseConnectionProtocol(self)
 

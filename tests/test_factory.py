@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import __version__
@@ -230,19 +233,34 @@ class PendingRegistrationCapTests(TestCase):
         proxy.connect()
         proxy.connect()
         with captured_log() as events:
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            for _ in range(2):
+                transport = StringTransport()
+                proxy.factory.buildProtocol(PEER).makeConnection(transport)
+                self.assertTrue(transport.disconnecting)
         self.assertEqual(proxy.factory.rejections["pending_limit"], 2)
+        self.assertEqual(proxy.factory.awaiting_registration, 2)
         self.assertEqual(len(events), 1, "the cap is logged once, not per connection")
+
+    def test_connections_beyond_the_cap_over_tls_are_refused(self) -> None:
+        # An ssl: listener wraps whatever the factory builds in TLS: a
+        # refusal must be a protocol that closes, not None (which TLS wraps,
+        # then fails on with a traceback per connection).
+        proxy = Proxy(max_pending_registrations=1)
+        proxy.connect()
+        wrapped = TLSMemoryBIOFactory(CertificateOptions(), False, proxy.factory).buildProtocol(PEER)
+        transport = StringTransport()
+        wrapped.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.awaiting_registration, 1)
 
     def test_the_cap_warning_comes_again_after_a_flood_ends(self) -> None:
         proxy = Proxy(max_pending_registrations=1)
         protocol, _ = proxy.connect()
         with captured_log() as events:
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            proxy.factory.buildProtocol(PEER).makeConnection(StringTransport())
             protocol.dataReceived(registration_frame())
             proxy.connect()
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            proxy.factory.buildProtocol(PEER).makeConnection(StringTransport())
         levels = [e["log_level"].name for e in events if "registration" in (e.get("log_format") or "")]
         self.assertEqual(levels, ["warn", "info", "warn"])
 

@@ -12,8 +12,10 @@ import stat
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted.gateway.config import GatewayConfig
@@ -237,10 +239,27 @@ class ClientConnectionTests(SynchronousTestCase):
         first, _ = self.connect(site)
         self.connect(site)
         with captured_log() as events:
-            self.assertIsNone(site.buildProtocol(None))
+            refused = site.buildProtocol(None)
+            transport = StringTransport()
+            refused.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.clients, 2)
         self.assertIn("2 client connections (--max-client-connections); closing new ones", warnings(events))
         first.connectionLost(None)
-        self.assertIsNotNone(site.buildProtocol(None))
+        self.connect(site)
+
+    def test_client_connections_over_tls_are_capped(self) -> None:
+        # An ssl: endpoint wraps whatever the site builds in TLS: a refusal
+        # must be a protocol that closes, not None (which TLS wraps, then
+        # fails on with a traceback per connection after the handshake).
+        site, _, _ = self.site(max_client_connections=1)
+        self.connect(site)
+        tls = TLSMemoryBIOFactory(CertificateOptions(), False, site)
+        wrapped = tls.buildProtocol(None)
+        transport = StringTransport()
+        wrapped.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.clients, 1)
 
 
 # -- the status site and the access log ------------------------------------------------
