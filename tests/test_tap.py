@@ -93,6 +93,9 @@ class OptionsTests(TestCase):
             ["--max-connections-per-agent", "1.5"],
             ["--max-connections-per-agent", "many"],
             ["--backlog", "-3"],
+            # listen() takes a C int: larger fails after the socket file
+            # and its lock exist, and would leave them behind.
+            ["--backlog", "2147483648"],
             ["--max-pending-registrations", "0"],
             ["--no-such-option"],
             ["--handshake-timeout"],
