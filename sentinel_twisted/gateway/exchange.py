@@ -113,6 +113,8 @@ SHUTTING_DOWN = "The gateway is shutting down."
 #: Bytes one direction of one exchange may hold beyond its chunk sizes
 #: before its source is paused.
 _SLACK = 256 * 1024
+#: Characters of an agent id a log line quotes (as the listener's lines do).
+_ID_IN_LOG = 64
 
 
 def failure_reason(failure: Failure) -> str:
@@ -277,7 +279,7 @@ class _AgentPresence(PoolObserver):
             self.absent = False
             log.info(
                 "Agent {agent_id} registered: requests are decided by the agents again",
-                agent_id=connection.agent_id,
+                agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             )
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
@@ -287,7 +289,7 @@ class _AgentPresence(PoolObserver):
         self.absent = True
         log.warn(
             "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
-            agent_id=connection.agent_id,
+            agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
         )
 
@@ -532,7 +534,7 @@ class Exchange:
                         log,
                         f"agent-{reason}-pass",
                         "Agent {agent_id} {reason}; request passes (fail-open)",
-                        agent_id=agent_id,
+                        agent_id=peer_text(agent_id, _ID_IN_LOG),
                         reason=reason,
                     )
                     continue
@@ -540,7 +542,7 @@ class Exchange:
                     log,
                     f"agent-{reason}-503",
                     "Agent {agent_id} {reason}; answering 503",
-                    agent_id=agent_id,
+                    agent_id=peer_text(agent_id, _ID_IN_LOG),
                     reason=reason,
                 )
                 self._unavailable()
@@ -980,7 +982,7 @@ class Exchange:
                 log,
                 f"agent-{reason}-pass",
                 "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
-                agent_id=slot.agent_id,
+                agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
                 reason=reason,
                 cid=self.correlation_id,
             )
@@ -989,7 +991,7 @@ class Exchange:
             log,
             f"agent-{reason}-503",
             "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
-            agent_id=slot.agent_id,
+            agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
             reason=reason,
             cid=self.correlation_id,
             error=str(failure.value),
@@ -1056,7 +1058,7 @@ class Exchange:
                 "decision_status",
                 "Agent {agent_id} answered {label} with status {status}, outside "
                 "{range}; answering 500",
-                agent_id=slot.agent_id,
+                agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
                 label=denial.label,
                 status=denial.code,
                 range="400-599" if denial.label == "block" else "300-399",
@@ -1151,7 +1153,7 @@ class Exchange:
     def _abort_client(self, why: str) -> None:
         self._over()
         self._abort_upstream()
-        log.info("Closing the client connection mid-response: {why}", why=why)
+        log.info("Closing the client connection mid-response: {why}", why=peer_text(why))
         request = self.request
         if self._producer is not None:
             self._producer = None
@@ -1224,7 +1226,7 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
     # RequestComplete is a notification: its fate never reaches the client.
     log.debug(
         "RequestComplete to agent {agent_id} not answered: {error}",
-        agent_id=agent_id,
+        agent_id=peer_text(agent_id, _ID_IN_LOG),
         error=str(failure.value),
     )
 
