@@ -67,6 +67,11 @@ class _BadAgentId(InvalidMessage):
     pass
 
 
+#: The largest capabilities a RegistrationRequest may carry, in bytes of
+#: JSON (a reference agent's take about 400).
+_MAX_CAPABILITIES_SIZE = 64 * 1024
+
+
 class _MetadataTooLarge(InvalidMessage):
     pass
 
@@ -236,6 +241,15 @@ class ReverseConnectionFactory(Factory):
                     f"Registration metadata is too large: {metadata_size} bytes "
                     f"(max: {config.max_metadata_size})"
                 )
+        # Ours: the capabilities are the agent's text as well (a name, a
+        # version, a list of events), kept per connection and shown on the
+        # status site; a real agent's take a few hundred bytes.
+        capabilities_size = len(m.encode(request.capabilities))
+        if capabilities_size > _MAX_CAPABILITIES_SIZE:
+            return _MetadataTooLarge(
+                f"Agent capabilities are too large: {capabilities_size} bytes "
+                f"(max: {_MAX_CAPABILITIES_SIZE})"
+            )
         if config.allowed_agents and not config.allowed_agents.allows(agent_id):
             return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
         if config.require_client_cert:
