@@ -11,9 +11,13 @@ import errno
 import os
 import socket
 import stat
+from typing import Any
+
+from twisted.internet.protocol import Protocol
 
 __all__ = [
     "FALLBACK_BACKLOG",
+    "RefusedConnection",
     "SocketInUse",
     "clear_stale_lock",
     "clear_stale_unix_socket",
@@ -33,6 +37,24 @@ FALLBACK_BACKLOG = 4096
 
 #: Endpoint types whose server parser takes a C{backlog=} argument.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
+
+
+class RefusedConnection(Protocol):
+    """
+    What a factory over its connection cap builds: it drops the connection
+    as soon as it is made.  C{None} does that for a plain TCP or UNIX
+    listener only: an C{ssl:} listener wraps whatever the factory builds in
+    TLS, and a wrapped C{None} completes the TLS handshake, then fails with
+    a traceback per connection.
+    """
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
 
 
 class SocketInUse(Exception):

@@ -27,6 +27,7 @@ from ._peertext import first_hidden, peer_text
 from ._ratelimit import LogRateLimiter
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
+from .endpoints import RefusedConnection
 from .errors import (
     AgentProtocolError,
     AuthenticationFailed,
@@ -64,6 +65,11 @@ class _EmptyAgentId(InvalidMessage):
 
 class _BadAgentId(InvalidMessage):
     pass
+
+
+#: The largest capabilities a RegistrationRequest may carry, in bytes of
+#: JSON (a reference agent's take about 400).
+_MAX_CAPABILITIES_SIZE = 64 * 1024
 
 
 class _MetadataTooLarge(InvalidMessage):
@@ -185,7 +191,7 @@ class ReverseConnectionFactory(Factory):
 
     # -- connections awaiting registration ---------------------------------
 
-    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | RefusedConnection:  # type: ignore[override]
         limit = self.config.max_pending_registrations
         if self.awaiting_registration >= limit:
             self.rejections["pending_limit"] += 1
@@ -197,7 +203,7 @@ class ReverseConnectionFactory(Factory):
                     count=self.awaiting_registration,
                     limit=limit,
                 )
-            return None
+            return RefusedConnection()
         self.awaiting_registration += 1
         return ReverseConnectionProtocol(self)
 
@@ -253,6 +259,15 @@ class ReverseConnectionFactory(Factory):
                     f"Registration metadata is too large: {metadata_size} bytes "
                     f"(max: {config.max_metadata_size})"
                 )
+        # Ours: the capabilities are the agent's text as well (a name, a
+        # version, a list of events), kept per connection and shown on the
+        # status site; a real agent's take a few hundred bytes.
+        capabilities_size = len(m.encode(request.capabilities))
+        if capabilities_size > _MAX_CAPABILITIES_SIZE:
+            return _MetadataTooLarge(
+                f"Agent capabilities are too large: {capabilities_size} bytes "
+                f"(max: {_MAX_CAPABILITIES_SIZE})"
+            )
         if config.allowed_agents and not config.allowed_agents.allows(agent_id):
             return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
         if config.require_client_cert:

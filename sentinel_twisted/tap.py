@@ -99,6 +99,18 @@ def _positive_int(value: str) -> int:
     return number
 
 
+#: The largest listen backlog: listen() takes a C int (the system caps it
+#: at net.core.somaxconn anyway).
+_MAX_BACKLOG = 2**31 - 1
+
+
+def _backlog(value: str) -> int:
+    number = _positive_int(value)
+    if number > _MAX_BACKLOG:
+        raise ValueError(f"expected a positive integer up to {_MAX_BACKLOG}, got {value!r}")
+    return number
+
+
 def _seconds(value: str) -> float:
     try:
         number = float(value)
@@ -125,7 +137,7 @@ _CONVERSIONS = {
     "max-connections-per-agent": _positive_int,
     "handshake-timeout": _positive_float,
     "request-timeout": _positive_float,
-    "backlog": _positive_int,
+    "backlog": _backlog,
     "max-pending-registrations": _positive_int,
     "max-incomplete-frame-bytes": _positive_int,
     "max-agent-id-length": _positive_int,

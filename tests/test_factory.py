@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import __version__
+from sentinel_twisted import messages as m
 from sentinel_twisted.auth import StaticTokenChecker
 from sentinel_twisted.factory import ReverseConnectionFactory
 from sentinel_twisted.wire import MessageType, encode_frame
@@ -17,6 +22,7 @@ from sentinel_twisted.wire import MessageType, encode_frame
 from ._proxy_support import (
     PEER,
     Proxy,
+    capabilities,
     captured_log,
     log_text,
     lose,
@@ -230,19 +236,34 @@ class PendingRegistrationCapTests(TestCase):
         proxy.connect()
         proxy.connect()
         with captured_log() as events:
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            for _ in range(2):
+                transport = StringTransport()
+                proxy.factory.buildProtocol(PEER).makeConnection(transport)
+                self.assertTrue(transport.disconnecting)
         self.assertEqual(proxy.factory.rejections["pending_limit"], 2)
+        self.assertEqual(proxy.factory.awaiting_registration, 2)
         self.assertEqual(len(events), 1, "the cap is logged once, not per connection")
+
+    def test_connections_beyond_the_cap_over_tls_are_refused(self) -> None:
+        # An ssl: listener wraps whatever the factory builds in TLS: a
+        # refusal must be a protocol that closes, not None (which TLS wraps,
+        # then fails on with a traceback per connection).
+        proxy = Proxy(max_pending_registrations=1)
+        proxy.connect()
+        wrapped = TLSMemoryBIOFactory(CertificateOptions(), False, proxy.factory).buildProtocol(PEER)
+        transport = StringTransport()
+        wrapped.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.awaiting_registration, 1)
 
     def test_the_cap_warning_comes_again_after_a_flood_ends(self) -> None:
         proxy = Proxy(max_pending_registrations=1)
         protocol, _ = proxy.connect()
         with captured_log() as events:
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            proxy.factory.buildProtocol(PEER).makeConnection(StringTransport())
             protocol.dataReceived(registration_frame())
             proxy.connect()
-            self.assertIsNone(proxy.factory.buildProtocol(PEER))
+            proxy.factory.buildProtocol(PEER).makeConnection(StringTransport())
         levels = [e["log_level"].name for e in events if "registration" in (e.get("log_format") or "")]
         self.assertEqual(levels, ["warn", "info", "warn"])
 
@@ -449,6 +470,28 @@ class HardeningTests(TestCase):
         self.assertIsNone(refusal(proxy, metadata={"region": "eu"}))
         self.assertIn("(max: 100)", refusal(proxy, metadata={"pad": "x" * 100}) or "")
         self.assertEqual(proxy.factory.rejections["metadata_too_large"], 1)
+
+    def test_agent_capabilities_over_the_metadata_limit_are_refused(self) -> None:
+        # The capabilities are peer text too (kept per connection, shown on
+        # the status site): a fat name or event list is refused like fat
+        # metadata, not held at a megabyte per connection.
+        def response(**fields: Any) -> m.RegistrationResponse:
+            proxy = Proxy()
+            caps = msgspec.structs.replace(capabilities("waf-1"), **fields)
+            payload = m.encode(
+                m.RegistrationRequest(
+                    protocol_version=m.PROTOCOL_VERSION, agent_id="waf-1", capabilities=caps
+                )
+            )
+            protocol, transport = proxy.connect()
+            frame = encode_frame(MessageType.HANDSHAKE_REQUEST, payload)
+            return proxy.registration_response(protocol, transport, frame)
+
+        self.assertTrue(response(name="n" * 1000).success)
+        for fields in ({"name": "n" * 70_000}, {"version": "v" * 70_000}, {"supported_events": [1] * 40_000}):
+            answer = response(**fields)
+            self.assertFalse(answer.success)
+            self.assertIn("Agent capabilities are too large", answer.error or "")
 
     def test_a_token_checker_that_raises_refuses_the_registration(self) -> None:
         class Broken:

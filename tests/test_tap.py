@@ -93,6 +93,9 @@ class OptionsTests(TestCase):
             ["--max-connections-per-agent", "1.5"],
             ["--max-connections-per-agent", "many"],
             ["--backlog", "-3"],
+            # listen() takes a C int: larger fails after the socket file
+            # and its lock exist, and would leave them behind.
+            ["--backlog", "2147483648"],
             ["--max-pending-registrations", "0"],
             ["--no-such-option"],
             ["--handshake-timeout"],
@@ -210,7 +213,11 @@ class MakeListenerTests(TestCase):
 
     def test_token_file_loaded(self) -> None:
         path = self.write("tokens", "# agents\nwaf-1 s3cret\n\nwaf-2 other\n")
-        top = make_listener(parse("--require-auth", "--token-file", path), self.reactor)
+        # A socket of its own: the default one, in the working directory,
+        # is the README's gateway's (running while the suite does).
+        sock = os.path.join(self.dir, "a.sock")
+        options = parse("--listen", f"unix:{sock}", "--require-auth", "--token-file", path)
+        top = make_listener(options, self.reactor)
         checker = top.factory.token_checker
         self.assertIsInstance(checker, TokenFileChecker)
         assert checker is not None

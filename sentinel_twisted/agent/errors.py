@@ -6,6 +6,7 @@ whether trying again can help.
 
 from __future__ import annotations
 
+from .._peertext import peer_text
 from ..errors import AgentProtocolError
 
 __all__ = [
@@ -55,8 +56,9 @@ class RegistrationRejected(AgentProtocolError):
     """
 
     def __init__(self, reason: str, proxy_id: str = "", retryable: bool | None = None) -> None:
-        who = f"proxy '{proxy_id}'" if proxy_id else "the proxy"
-        super().__init__(f"Registration rejected by {who}: {reason}")
+        # The proxy's texts, cut and escaped: this message goes to log lines.
+        who = f"proxy '{peer_text(proxy_id, 64)}'" if proxy_id else "the proxy"
+        super().__init__(f"Registration rejected by {who}: {peer_text(reason)}")
         self.reason = reason
         self.proxy_id = proxy_id
         self.retryable = is_retryable_rejection(reason) if retryable is None else retryable

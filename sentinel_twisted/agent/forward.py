@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from .. import messages as m
+from .._peertext import peer_text
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import (
     ENCODINGS,
@@ -51,7 +52,7 @@ from ..forward import (
 from ..wire import MAX_MESSAGE_SIZE, MessageType
 from ._interfaces import IAgent
 from .errors import HandshakeFailed
-from .protocol import AgentProtocol, AgentSettings, ConnectionObserver
+from .protocol import _PROXY_TEXT_IN_LOG, AgentProtocol, AgentSettings, ConnectionObserver
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -186,8 +187,8 @@ class ForwardAgentProtocol(AgentProtocol):
             "Agent {agent_id} serving proxy {proxy_id} {proxy_version} on forward connection "
             "{connection_id} ({encoding}; up to {limit} events at once)",
             agent_id=self.settings.agent_id,
-            proxy_id=self.proxy_id,
-            proxy_version=self.proxy_version,
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            proxy_version=peer_text(self.proxy_version, _PROXY_TEXT_IN_LOG),
             connection_id=self.connection_id,
             encoding=self.encoding,
             limit=self.limit,

@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import messages as m
+from .._peertext import peer_text
 from .._tls import server_identity_error
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import JSON_CODEC, PayloadCodec
@@ -62,6 +63,12 @@ __all__ = [
 ]
 
 log = Logger(namespace="sentinel_twisted.agent.protocol")
+
+#: Characters of the proxy's connection id, and of its id or version, that
+#: a log line quotes (the proxy chooses them; the listener's lines cut
+#: agent-chosen text the same way).
+_CONNECTION_ID_IN_LOG = 80
+_PROXY_TEXT_IN_LOG = 64
 
 _EVENTS: dict[int, tuple[type[Any], str]] = {
     message_type: (cls, EVENT_HANDLERS[cls.event_type])
@@ -390,9 +397,9 @@ class AgentProtocol(FrameReceiver):
             "Agent {agent_id} registered connection {connection_id} with proxy {proxy_id} "
             "{proxy_version} (serving up to {limit} events at once)",
             agent_id=self.settings.agent_id,
-            connection_id=self.connection_id,
-            proxy_id=self.proxy_id,
-            proxy_version=self.proxy_version,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            proxy_version=peer_text(self.proxy_version, _PROXY_TEXT_IN_LOG),
             limit=self.limit,
         )
 
@@ -430,7 +437,7 @@ class AgentProtocol(FrameReceiver):
             "Agent {agent_id} draining connection {connection_id}: {count} event(s) in flight, "
             "grace period {grace}",
             agent_id=self.settings.agent_id,
-            connection_id=self.connection_id,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             count=self.load,
             grace=format_duration(grace),
         )
@@ -453,7 +460,7 @@ class AgentProtocol(FrameReceiver):
                 "Agent {agent_id} closing connection {connection_id} ({detail}); "
                 "{count} unfinished handler(s) cancelled",
                 agent_id=self.settings.agent_id,
-                connection_id=self.connection_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
                 detail=detail,
                 count=cut,
             )
@@ -477,7 +484,7 @@ class AgentProtocol(FrameReceiver):
         log.info(
             "Agent {agent_id} connection {connection_id} ended: {detail}{cut}",
             agent_id=self.settings.agent_id,
-            connection_id=self.connection_id,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             detail=detail,
             cut=f" ({cut} unfinished handler(s) cancelled)" if cut else "",
         )
@@ -525,9 +532,9 @@ class AgentProtocol(FrameReceiver):
             log.warn(
                 "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
                 "which only agents send; ignored",
-                proxy_id=self.proxy_id,
+                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
                 kind=MessageType(message_type).wire_name,
-                connection_id=self.connection_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
 
     def _event_received(self, message_type: int, payload: bytes, cls: type[Any], handler: str) -> None:
@@ -544,8 +551,8 @@ class AgentProtocol(FrameReceiver):
             log.warn(
                 "Proxy sent a second event for correlation id {cid!r} while the first is in "
                 "flight on connection {connection_id}; serving both",
-                cid=cid,
-                connection_id=self.connection_id,
+                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
         self._by_id[cid] = entry
         if len(self._active) < self.limit:
@@ -561,10 +568,10 @@ class AgentProtocol(FrameReceiver):
                 "({limit} running, {queued} queued) and the proxy keeps sending; "
                 "answering {cid!r} with the error decision",
                 agent_id=self.settings.agent_id,
-                connection_id=self.connection_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
                 limit=self.limit,
                 queued=self._queued,
-                cid=cid,
+                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
             )
             self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
             return
@@ -590,7 +597,7 @@ class AgentProtocol(FrameReceiver):
             log.warn(
                 "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
                 kind=kind,
-                cid=cid,
+                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
                 error=str(error),
             )
             self._send_answer(cid, self.settings.error_answer())
@@ -706,7 +713,7 @@ class AgentProtocol(FrameReceiver):
                 "Agent {agent_id} at its limit ({limit}) on connection {connection_id}: pausing",
                 agent_id=self.settings.agent_id,
                 limit=self.limit,
-                connection_id=self.connection_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
             self._send(MessageType.FLOW_CONTROL, self.codec.pause)
         elif self.paused and load <= self.resume_at:
@@ -716,7 +723,7 @@ class AgentProtocol(FrameReceiver):
                 "Agent {agent_id} drained to {load} on connection {connection_id}: resuming",
                 agent_id=self.settings.agent_id,
                 load=load,
-                connection_id=self.connection_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
             self._send(MessageType.FLOW_CONTROL, self.codec.resume)
 
@@ -734,7 +741,7 @@ class AgentProtocol(FrameReceiver):
                 "Agent {agent_id} cannot send its answer for {cid!r}: {error}; "
                 "sending the error decision instead",
                 agent_id=self.settings.agent_id,
-                cid=cid,
+                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
                 error=str(e),
             )
             self.stats["handler_errors"] += 1
@@ -758,7 +765,7 @@ class AgentProtocol(FrameReceiver):
         if entry is None:
             log.debug(
                 "Cancel for {cid!r}, which is not in flight (already answered?)",
-                cid=message.correlation_id,
+                cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
             )
             return
         self.stats["cancelled"] += 1
@@ -770,8 +777,8 @@ class AgentProtocol(FrameReceiver):
             self._queued -= 1
         log.debug(
             "Cancelled {cid!r} on connection {connection_id} (reason {reason})",
-            cid=message.correlation_id,
-            connection_id=self.connection_id,
+            cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             reason=message.reason,
         )
         self._slot_freed()

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from .config import CHALLENGE_HEADER
 
@@ -90,8 +91,8 @@ def ignored_header(
         "protected_header",
         "Agent {agent_id} tried to change the {name!r} header; ignored "
         "(the gateway frames messages itself)",
-        agent_id=agent_id,
-        name=name,
+        agent_id=peer_text(agent_id),
+        name=peer_text(name),
     )
     return True
 
@@ -143,10 +144,10 @@ def apply_header_ops(
             _warn(
                 limiter,
                 "unusable_header_operation",
-                "Agent {agent_id} sent an unusable header operation {op!r}: {error}",
-                agent_id=agent_id,
-                op=op,
-                error=str(e),
+                "Agent {agent_id} sent an unusable header operation {op}: {error}",
+                agent_id=peer_text(agent_id),
+                op=peer_text(repr(op)),
+                error=peer_text(str(e)),
             )
 
 

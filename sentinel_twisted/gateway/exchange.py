@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
+from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
@@ -112,6 +113,8 @@ SHUTTING_DOWN = "The gateway is shutting down."
 #: Bytes one direction of one exchange may hold beyond its chunk sizes
 #: before its source is paused.
 _SLACK = 256 * 1024
+#: Characters of an agent id a log line quotes (as the listener's lines do).
+_ID_IN_LOG = 64
 
 
 def failure_reason(failure: Failure) -> str:
@@ -291,7 +294,7 @@ class _AgentPresence(PoolObserver):
             self.absent = False
             log.info(
                 "Agent {agent_id} registered: requests are decided by the agents again",
-                agent_id=connection.agent_id,
+                agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             )
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
@@ -301,7 +304,7 @@ class _AgentPresence(PoolObserver):
         self.absent = True
         log.warn(
             "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
-            agent_id=connection.agent_id,
+            agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
         )
 
@@ -547,7 +550,7 @@ class Exchange:
                         log,
                         f"agent-{reason}-pass",
                         "Agent {agent_id} {reason}; request passes (fail-open)",
-                        agent_id=agent_id,
+                        agent_id=peer_text(agent_id, _ID_IN_LOG),
                         reason=reason,
                     )
                     continue
@@ -555,7 +558,7 @@ class Exchange:
                     log,
                     f"agent-{reason}-503",
                     "Agent {agent_id} {reason}; answering 503",
-                    agent_id=agent_id,
+                    agent_id=peer_text(agent_id, _ID_IN_LOG),
                     reason=reason,
                 )
                 self._unavailable()
@@ -1010,7 +1013,7 @@ class Exchange:
                 log,
                 f"agent-{reason}-pass",
                 "Agent {agent_id} {reason} on {cid}; request goes on (fail-open)",
-                agent_id=slot.agent_id,
+                agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
                 reason=reason,
                 cid=self.correlation_id,
             )
@@ -1019,7 +1022,7 @@ class Exchange:
             log,
             f"agent-{reason}-503",
             "Agent {agent_id} {reason} on {cid}: {error}; answering 503",
-            agent_id=slot.agent_id,
+            agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
             reason=reason,
             cid=self.correlation_id,
             error=str(failure.value),
@@ -1086,7 +1089,7 @@ class Exchange:
                 "decision_status",
                 "Agent {agent_id} answered {label} with status {status}, outside "
                 "{range}; answering 500",
-                agent_id=slot.agent_id,
+                agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
                 label=denial.label,
                 status=denial.code,
                 range="400-599" if denial.label == "block" else "300-399",
@@ -1111,11 +1114,13 @@ class Exchange:
             try:
                 headers.setRawHeaders(name, [value])
             except (ValueError, TypeError) as e:
-                log.warn(
+                self.gateway.log_limiter.warn(
+                    log,
+                    "unusable_header",
                     "Agent {agent_id} sent an unusable header {name!r}: {error}",
-                    agent_id=slot.agent_id,
-                    name=name,
-                    error=str(e),
+                    agent_id=peer_text(slot.agent_id),
+                    name=peer_text(name),
+                    error=peer_text(str(e)),
                 )
         if answer.response_headers:
             apply_header_ops(
@@ -1187,7 +1192,7 @@ class Exchange:
     def _abort_client(self, why: str) -> None:
         self._over()
         self._abort_upstream()
-        log.info("Closing the client connection mid-response: {why}", why=why)
+        log.info("Closing the client connection mid-response: {why}", why=peer_text(why))
         request = self.request
         if self._producer is not None:
             self._producer = None
@@ -1260,7 +1265,7 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
     # RequestComplete is a notification: its fate never reaches the client.
     log.debug(
         "RequestComplete to agent {agent_id} not answered: {error}",
-        agent_id=agent_id,
+        agent_id=peer_text(agent_id, _ID_IN_LOG),
         error=str(failure.value),
     )
 

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from ..endpoints import RefusedConnection
 from .exchange import Exchange, Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
@@ -381,7 +382,7 @@ class GatewaySite(server.Site):
                 "{count} client connections (--max-client-connections); closing new ones",
                 count=self.clients,
             )
-            return None
+            return RefusedConnection()
         channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
         if channel is not None:
             self.clients += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.agent import (
@@ -19,6 +20,7 @@ from sentinel_twisted.agent import (
 )
 from sentinel_twisted.messages import AgentResponse
 
+from .._proxy_support import captured_log
 from ._support import (
     AGENT_RESPONSE,
     CANCEL,
@@ -147,6 +149,33 @@ class RegistrationTests(SynchronousTestCase):
         [(kind, error)] = h.events
         self.assertEqual(kind, "refused")
         self.assertIn("Zero-length", str(error))
+
+
+    def test_proxy_texts_in_log_lines_are_cut_and_escaped(self) -> None:
+        # The proxy chooses its id, version, connection id and rejection
+        # text: a log line quotes a bounded, escaped part of each.
+        forged = "\u2028[sentinel_twisted#critical] forged \x1b[31m" + "x" * 100_000
+        response = success_response("c" + forged)
+        response["proxy_id"] = "p" + forged
+        response["proxy_version"] = "v" + forged
+        with captured_log() as events:
+            h = Harness()
+            h.register(response)
+            h.feed(HEALTH_STATUS, {"state": 1})
+            h.feed(REQUEST_HEADERS, {"correlation_id": forged, "metadata": {"correlation_id": forged}})
+            h.feed(CANCEL, {"correlation_id": forged, "reason": 0, "timestamp_ms": 1})
+            h.lose()
+            rejected = Harness()
+            rejected.register(failure_response("e" + forged) | {"proxy_id": "p" + forged})
+        [(_, error)] = rejected.events
+        lines = [formatEvent(e) for e in events] + [str(error)]
+        self.assertGreater(len(lines), 2)
+        for line in lines:
+            self.assertLess(len(line), 1000, line[:100])
+            self.assertNotIn("\u2028", line)
+            self.assertNotIn("\x1b", line)
+        # The reason itself stays whole, for the program that asks.
+        self.assertEqual(error.reason, "e" + forged)
 
 
 class EventTests(SynchronousTestCase):

@@ -267,6 +267,25 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_gateway_lines_cut_long_agent_ids(self) -> Any:
+        # An agent chooses its id (up to --max-agent-id-length): the
+        # gateway's lines quote a bounded part of it, as the listener's do.
+        long_id = "w" * 5000
+
+        async def go() -> None:
+            h = await Harness(self).start("--max-agent-id-length", "10000")
+            with captured_log() as events:
+                agent = await h.agent(long_id)
+                agent.drop()
+                await wait_until(lambda: len(h.pool) == 0, what="the agent to leave")
+                await h.agent(long_id)
+            lines = [formatEvent(e) for e in events if e.get("log_namespace") == "sentinel_twisted.gateway"]
+            self.assertEqual(len(lines), 2, lines)
+            for line in lines:
+                self.assertLess(len(line), 400, line[:100])
+
+        return ensureDeferred(go())
+
     def test_no_agent_registered_passes_requests_with_fail_open(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start("--fail-open")

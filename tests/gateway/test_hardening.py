@@ -12,8 +12,10 @@ import stat
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted.gateway.config import GatewayConfig
@@ -83,6 +85,31 @@ class AgentHeaderOperationTests(TestCase):
             response = await h.get("/x")
             self.assertEqual((response.code, response.body), (403, b"no"))
             self.assertIsNone(response.header("Transfer-Encoding"))
+
+        return ensureDeferred(go())
+
+
+    def test_header_names_in_warnings_are_cut_and_rate_limited(self) -> Any:
+        # An agent chooses its header names: a megabyte of one must not
+        # become a megabyte of log, once per request.
+        long_name = "bad name " + "x" * 100_000
+        protected = "Content-Length" + " " * 100_000
+        ops = [_set(long_name, "v"), _set(protected, "5")]
+
+        async def go() -> None:
+            h = await Harness(self).start()
+            limiter = h.gateway_service.gateway.log_limiter
+            await h.agent(
+                "waf", decide=lambda a, t, b: block(403, "no", {long_name: "v"}) | {"response_headers": ops}
+            )
+            with captured_log() as events:
+                for _ in range(limiter.burst + 3):
+                    self.assertEqual((await h.get("/x")).code, 403)
+            warned = warnings(events)
+            self.assertTrue(warned)
+            self.assertLessEqual(max(len(line) for line in warned), 1000)
+            # Each kind of warning a few times per period, not per request.
+            self.assertLessEqual(len(warned), 3 * limiter.burst)
 
         return ensureDeferred(go())
 
@@ -212,10 +239,27 @@ class ClientConnectionTests(SynchronousTestCase):
         first, _ = self.connect(site)
         self.connect(site)
         with captured_log() as events:
-            self.assertIsNone(site.buildProtocol(None))
+            refused = site.buildProtocol(None)
+            transport = StringTransport()
+            refused.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.clients, 2)
         self.assertIn("2 client connections (--max-client-connections); closing new ones", warnings(events))
         first.connectionLost(None)
-        self.assertIsNotNone(site.buildProtocol(None))
+        self.connect(site)
+
+    def test_client_connections_over_tls_are_capped(self) -> None:
+        # An ssl: endpoint wraps whatever the site builds in TLS: a refusal
+        # must be a protocol that closes, not None (which TLS wraps, then
+        # fails on with a traceback per connection after the handshake).
+        site, _, _ = self.site(max_client_connections=1)
+        self.connect(site)
+        tls = TLSMemoryBIOFactory(CertificateOptions(), False, site)
+        wrapped = tls.buildProtocol(None)
+        transport = StringTransport()
+        wrapped.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.clients, 1)
 
 
 # -- the status site and the access log ------------------------------------------------
