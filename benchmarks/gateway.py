@@ -91,6 +91,53 @@ def run_wrk(url: str, connections: int, duration: float) -> dict[str, Any]:
     }
 
 
+#: The reference agent's cases: the events it subscribes to.
+REFERENCE_CASES = (("reference_headers", "1"), ("reference_four_events", "1,3,4,5"))
+
+
+def reference_cases(harness: Any) -> tuple[tuple[str, str], ...]:
+    """The reference-agent cases, when the reference peers are at hand."""
+    from benchmarks import reference
+
+    return () if reference.missing_peers(reference.peers_dir(harness.args)) else REFERENCE_CASES
+
+
+def with_reference_agent(harness: Any, sock: str, url: str, events: str) -> dict[str, Any]:
+    """
+    wrk against the gateway while one reference agent (C{rust-agent}, four
+    connections, subscribed to C{events}) decides every request; checked
+    to be consulted (the echo names its decision).
+    """
+    import json
+    import urllib.request
+
+    from benchmarks import reference
+
+    a = harness.args
+    agent = harness._spawn(
+        [
+            os.path.join(reference.peers_dir(a), "rust-agent"),
+            "--connect", f"unix:{sock}",
+            "--agent-id", "gw-reference",
+            "--connections", "4",
+            "--events", events,
+            "--quiet",
+        ],
+        "rust-agent",
+    )
+    try:
+        for _ in range(4):
+            reference._next_line(agent, lambda item: "success" in item, "registration", 30)
+        time.sleep(0.2)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            decisions = json.loads(response.read())["decisions"]
+        if [d["agent_id"] for d in decisions] != ["gw-reference"]:
+            raise RuntimeError(f"the reference agent was not consulted: {decisions}")
+        return run_wrk(url, a.gateway_connections, a.gateway_duration)
+    finally:
+        harness._reap(agent)
+
+
 def run(harness: Any) -> dict[str, Any]:
     why = gateway_available()
     if why is not None:
@@ -137,7 +184,13 @@ def run(harness: Any) -> dict[str, Any]:
             consulted["agent_cpu"] = (final["cpu_user"] + final["cpu_sys"]) / max(a.gateway_duration, 1)
             if final["answered"] == 0:
                 raise RuntimeError("the agent was never consulted")
-            rounds.append({"no_agent": bare, "one_agent": consulted, "ratio": consulted["rps"] / bare["rps"]})
+            this = {"no_agent": bare, "one_agent": consulted, "ratio": consulted["rps"] / bare["rps"]}
+            for name, events in reference_cases(harness):
+                harness.log(f"gateway: round {i + 1}/{a.runs}: reference agent, events {events}")
+                measured = with_reference_agent(harness, sock, url, events)
+                this[name] = measured
+                this[f"{name}_ratio"] = measured["rps"] / bare["rps"]
+            rounds.append(this)
             time.sleep(0.3)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         harness.log(f"gateway: failed: {e}")
@@ -150,10 +203,15 @@ def run(harness: Any) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             gateway.kill()
             gateway.wait()
+    reference = {
+        name: statistics.median(r[f"{name}_ratio"] for r in rounds)
+        for name, _ in reference_cases(harness)
+    }
     return {
         "connections": a.gateway_connections,
         "duration": a.gateway_duration,
         "rounds": rounds,
+        "reference_ratios": reference,
         "no_agent_rps": statistics.median(r["no_agent"]["rps"] for r in rounds),
         "one_agent_rps": statistics.median(r["one_agent"]["rps"] for r in rounds),
         "ratio": statistics.median(r["ratio"] for r in rounds),

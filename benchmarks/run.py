@@ -46,6 +46,7 @@ TARGET_GATEWAY_RATIO = 0.80
 TARGET_VS_REFERENCE_64 = 1.0
 TARGET_P50_VS_REFERENCE_1 = 1.2
 TARGET_VS_FLOOR_64 = 0.9
+TARGET_GATEWAY_REFERENCE = {"reference_headers": 0.85, "reference_four_events": 0.65}
 REFERENCE: dict[str, Any] = {
     "unix": {64: (80_500, 756, 2_014), 1: (24_800, 31, 91)},
     "tcp": {64: (67_700, None, None), 1: (15_900, None, None)},
@@ -466,6 +467,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     elif ref:
         add("round trips/s at 64, ours / reference (same run)", f">= {TARGET_VS_REFERENCE_64:.1f}x", ref.get("skipped", "not measured"), None)
     gw = results.get("gateway")
+    for name, ratio in (gw or {}).get("reference_ratios", {}).items():
+        from benchmarks.gateway import REFERENCE_CASES
+
+        goal = TARGET_GATEWAY_REFERENCE[name]
+        events = dict(REFERENCE_CASES)[name]
+        add(f"gateway req/s with one reference agent (events {events}) vs no agent", f">= {goal:.0%}", f"{ratio:.1%}", ratio >= goal)
     if gw and gw.get("ratio") is not None:
         add("gateway req/s with one agent vs no agent", f">= {TARGET_GATEWAY_RATIO:.0%}", f"{gw['ratio']:.1%}", gw["ratio"] >= TARGET_GATEWAY_RATIO)
     elif gw:
@@ -554,6 +561,11 @@ def report(results: dict[str, Any]) -> str:
                 f"gateway (wrk, {gw['connections']} connections): no agent {fmt(gw['no_agent_rps'])} req/s, "
                 f"one agent {fmt(gw['one_agent_rps'])} req/s, ratio {gw['ratio']:.1%}"
             )
+            for name, ratio in gw.get("reference_ratios", {}).items():
+                from benchmarks.gateway import REFERENCE_CASES
+
+                events = dict(REFERENCE_CASES)[name]
+                lines.append(f"  with one reference agent (events {events}): {ratio:.1%} of the no-agent rate")
     if results.get("reference"):
         from benchmarks import reference
 
