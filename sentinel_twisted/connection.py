@@ -32,6 +32,7 @@ from .errors import (
     RequestCancelled,
     format_duration,
 )
+from .forward import JSON_CODEC, PayloadCodec
 from .wire import MessageType
 
 if TYPE_CHECKING:
@@ -105,6 +106,10 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     @ivar connected_since: when it registered (seconds since the epoch).
     @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
     @ivar write_blocked: the agent has stopped reading what it is sent.
+    @ivar mode: C{reverse} (the agent dialled and registered) or
+        C{forward} (the proxy dialled the agent).
+    @ivar encoding: the payload encoding of events and answers, C{json} or
+        C{msgpack} (forward mode only).
     """
 
     connection_id: str
@@ -117,6 +122,8 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     connected_since: float
     peer: str
     write_blocked: bool = False
+    mode: str = "reverse"
+    encoding: str = "json"
 
 
 class AgentConnection:
@@ -150,6 +157,8 @@ class AgentConnection:
         connected_since: float,
         peer: str = "",
         log_limiter: LogRateLimiter | None = None,
+        codec: PayloadCodec | None = None,
+        mode: str = "reverse",
     ) -> None:
         from .pending import PendingTable
 
@@ -186,6 +195,17 @@ class AgentConnection:
         self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
         self.events = self.capabilities.events
         self._log_limiter = log_limiter
+        #: C{reverse} or C{forward}: who dialled whom.
+        self.mode = mode
+        # The payload encoding: its functions are bound once here, so the
+        # JSON path calls the same functions it always has.
+        if codec is None:
+            codec = JSON_CODEC
+        #: C{json} or C{msgpack}.
+        self.encoding = codec.name
+        self._encode_event = codec.encode_event
+        self._decode_answer = codec.decode_response
+        self._decode_control = codec.decode_control
 
     def __repr__(self) -> str:
         return f"<AgentConnection {self.connection_id} agent={self.agent_id} in_flight={len(self._pending)}>"
@@ -314,6 +334,8 @@ class AgentConnection:
             connected_since=self.connected_since,
             peer=self.peer,
             write_blocked=self._write_blocked,
+            mode=self.mode,
+            encoding=self.encoding,
         )
 
     # -- sending events -----------------------------------------------------
@@ -358,7 +380,7 @@ class AgentConnection:
             return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
         try:
-            payload = m.encode_event(event, cid)
+            payload = self._encode_event(event, cid)
             deferred: Deferred[m.AgentResponse] = self._pending.add(cid, timeout)
         except AgentProtocolError as e:
             return fail(e)
@@ -580,7 +602,7 @@ class AgentConnection:
 
     def _answer_received(self, payload: bytes) -> None:
         try:
-            response = m.decode_agent_response(payload)
+            response = self._decode_answer(payload)
         except InvalidMessage as e:
             self._bad_answer(payload, e)
             return
@@ -631,7 +653,7 @@ class AgentConnection:
 
     def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
         try:
-            return m.decode(payload, shape)
+            return self._decode_control(payload, shape)
         except InvalidMessage as e:
             self.log_limiter.warn(
                 log,

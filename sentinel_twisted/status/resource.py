@@ -58,6 +58,8 @@ def agents_document(pool: AgentPool, gateway: dict[str, Any] | None = None) -> d
                 {
                     "connection_id": c.connection_id,
                     "peer": c.peer,
+                    "mode": c.mode,
+                    "encoding": c.encoding,
                     "in_flight": c.in_flight,
                     "paused": c.paused,
                     "health": c.health,
@@ -187,6 +189,7 @@ class StatusResource(Resource):
                     f'<td class="agent">{escape(info.agent_id)}</td>'
                     f'<td class="connection">{escape(c.connection_id)}</td>'
                     f'<td class="peer">{escape(c.peer)}</td>'
+                    f'<td class="mode">{escape(c.mode)} ({escape(c.encoding)})</td>'
                     f'<td class="num in-flight">{c.in_flight}</td>'
                     f'<td class="flow">{"paused" if c.paused else "open"}</td>'
                     f'<td class="health">{escape(health_name(c.health))}</td>'
@@ -197,7 +200,7 @@ class StatusResource(Resource):
         connections = sum(len(i.connections) for i in stats)
         if rows:
             table = (
-                '<table id="connections"><thead><tr><th>agent</th><th>connection</th><th>peer</th>'
+                '<table id="connections"><thead><tr><th>agent</th><th>connection</th><th>peer</th><th>mode</th>'
                 "<th>in flight</th><th>flow</th><th>health</th><th>events</th>"
                 "<th>connected since</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
             )

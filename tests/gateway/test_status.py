@@ -62,6 +62,7 @@ class AgentsDocumentTests(TestCase):
             self.assertRegex(connection["connected_since"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
             self.assertIsInstance(connection["connected_since_epoch"], float)
             self.assertTrue(connection["peer"].startswith("unix"))
+            self.assertEqual((connection["mode"], connection["encoding"]), ("reverse", "json"))
             self.assertEqual(len(bot_info["connections"]), 2)
             self.assertEqual(bot_info["paused_connections"], 1)
             self.assertEqual([c["paused"] for c in bot_info["connections"]], [False, True])
