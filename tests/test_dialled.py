@@ -619,3 +619,47 @@ class StatusTests(SynchronousTestCase):
         [agent] = agents_document(dialler.pool)["agents"]
         [connection] = agent["connections"]
         self.assertEqual((connection["mode"], connection["encoding"]), ("forward", "msgpack"))
+
+
+class MessagePackFastPathTests(SynchronousTestCase):
+    """The proxy's MessagePack shortcuts write and read what the general layout does."""
+
+    codec = f.MSGPACK_CODEC
+
+    def test_request_headers_are_the_layout_of_a_map_with_a_metadata_array(self) -> None:
+        for traceparent in (msgspec.UNSET, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"):
+            event = request_headers("req-1")
+            event.metadata.traceparent = traceparent
+            event.metadata.server_name = "example.com"
+            metadata = [getattr(event.metadata, name) for name in m.RequestMetadata.__struct_fields__]
+            metadata[0] = "other"
+            metadata[-1] = None if traceparent is msgspec.UNSET else traceparent
+            expected = msgspec.msgpack.encode(
+                {"correlation_id": "other", "metadata": metadata, "method": "GET", "uri": "/items",
+                 "headers": {"host": ["example.com"]}}
+            )  # fmt: skip
+            self.assertEqual(self.codec.encode_event(event, "other"), expected)
+
+    def test_answers_read_alike_on_both_paths(self) -> None:
+        answers = [
+            m.AgentResponse(),
+            m.AgentResponse(
+                audit=m.AuditMetadata(tags=["a"], rule_ids=["r1"], confidence=0.5, reason_codes=["x"], custom={"k": [1]}),
+                routing_metadata={"pool": "b"},
+                needs_more=True,
+            ),
+            m.AgentResponse(decision=m.Block(status=403, body="no")),
+            m.AgentResponse(request_headers=[m.SetHeader(name="x-a", value="1")]),
+            m.AgentResponse(request_body_mutation=m.BodyMutation(data="", chunk_index=2)),
+        ]
+        for answer in answers:
+            with self.subTest(answer=answer):
+                self.assertEqual(self.codec.decode_response(self.codec.encode_response(answer)), answer)
+
+    def test_a_malformed_allow_is_still_refused(self) -> None:
+        for payload in (
+            msgspec.msgpack.encode([2, "allow", [], [], {"a": 1}, [[], [], None, [], {}], False, None, None, None]),
+            msgspec.msgpack.encode([2, "allow", [], [], {}, [[], [], "high", [], {}], False, None, None, None]),
+            msgspec.msgpack.encode(["2", "allow", [], [], {}, [[], [], None, [], {}], False, None, None, None]),
+        ):
+            self.assertRaises(InvalidMessage, self.codec.decode_response, payload)
