@@ -492,6 +492,17 @@ class DialledAgentService(MultiService):
     def __repr__(self) -> str:
         return f"<DialledAgentService {self.description} connections={len(self.factories)}>"
 
+    def startService(self) -> None:
+        factory = self.factories[0]
+        log.info(
+            "Dialling agent {agent_id} at {endpoint}: {count} connection(s), offering {encodings}",
+            agent_id=self.agent_id if self.agent_id is not None else "(the id it announces)",
+            endpoint=self.description,
+            count=len(self.factories),
+            encodings=", ".join(factory.encodings),
+        )
+        super().startService()  # type: ignore[no-untyped-call]
+
     def connections(self) -> list[AgentConnection]:
         """The slots' connections that are in the pool now."""
         return [f.connection for f in self.factories if f.connection is not None]

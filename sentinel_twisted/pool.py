@@ -234,7 +234,7 @@ class AgentPool:
             encodings=encodings,
             **options,
         )
-        service.startService()  # type: ignore[no-untyped-call]
+        service.startService()
         return service
 
     def _notify(self, method: str, *args: Any) -> None:

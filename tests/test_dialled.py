@@ -34,6 +34,7 @@ from sentinel_twisted.dialled import (
 )
 from sentinel_twisted.errors import (
     ConnectionClosed,
+    ConnectionLimitReached,
     InvalidMessage,
     RequestCancelled,
     RequestTimeout,
@@ -663,3 +664,20 @@ class MessagePackFastPathTests(SynchronousTestCase):
             msgspec.msgpack.encode(["2", "allow", [], [], {}, [[], [], None, [], {}], False, None, None, None]),
         ):
             self.assertRaises(InvalidMessage, self.codec.decode_response, payload)
+
+
+class SharedCapTests(SynchronousTestCase):
+    def test_dialled_connections_count_against_a_registering_agent(self) -> None:
+        from sentinel_twisted.factory import ReverseConnectionFactory
+
+        from ._proxy_support import registration_payload
+
+        dialler = Dialler(agent_id="waf-1", config=ReverseConnectionConfig(max_connections_per_agent=2))
+        factory = ReverseConnectionFactory(
+            ReverseConnectionConfig(max_connections_per_agent=2), dialler.pool, clock=dialler.clock
+        )
+        request = m.decode(registration_payload("waf-1"), m.RegistrationRequest)
+        dialler.handshake()
+        self.assertIsNone(factory.admit(request))
+        refusal = factory.admit(m.decode(registration_payload("waf-1"), m.RegistrationRequest))
+        self.assertEqual(str(refusal), str(ConnectionLimitReached("waf-1", 2)))
