@@ -12,6 +12,8 @@ import struct
 from typing import Any
 
 import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -681,3 +683,44 @@ class SharedCapTests(SynchronousTestCase):
         self.assertIsNone(factory.admit(request))
         refusal = factory.admit(m.decode(registration_payload("waf-1"), m.RegistrationRequest))
         self.assertEqual(str(refusal), str(ConnectionLimitReached("waf-1", 2)))
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=20), inner, max_size=4),
+    max_leaves=20,
+)
+_FIELDS = st.sampled_from(["protocol_version", "capabilities", "success", "error", "encoding", "agent_id", "x"])
+
+
+class MalformedHandshakeProperties(SynchronousTestCase):
+    """Whatever the agent answers, the connection joins the pool or is closed: never a hang, never a crash."""
+
+    def check(self, data: bytes) -> None:
+        dialler = Dialler()
+        protocol, transport = dialler.connect()
+        protocol.dataReceived(data)
+        if protocol.connection is None:
+            dialler.clock.advance(10)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(len(dialler.pool), 0)
+            self.assertEqual(sum(dialler.factory.failures.values()), 1)
+        else:
+            self.assertEqual(dialler.pool.connections(), [protocol.connection])
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.binary(max_size=200))
+    def test_any_bytes(self, data: bytes) -> None:
+        self.check(data)
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.dictionaries(_FIELDS, _JSON, max_size=6))
+    def test_any_json_object(self, fields: dict[str, Any]) -> None:
+        self.check(encode_frame(MessageType.HANDSHAKE_RESPONSE, json.dumps(fields).encode()))
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.sampled_from(["protocol_version", "success", "error", "encoding"]), _JSON)
+    def test_one_field_changed(self, name: str, value: Any) -> None:
+        valid = json.loads(vector_payload("fwd_handshake_response_msgpack"))
+        valid[name] = value
+        self.check(encode_frame(MessageType.HANDSHAKE_RESPONSE, json.dumps(valid).encode()))
