@@ -441,6 +441,21 @@ class ForwardConnectionFactory(Factory):
         self.pool.remove(connection, detail)
 
 
+@implementer(IStreamClientEndpoint)
+class _NamedEndpoint:
+    """An endpoint whose C{repr} is its description: what ClientService's retry log lines show."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, description: str) -> None:
+        self._endpoint = endpoint
+        self._description = description
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        return self._endpoint.connect(protocolFactory)
+
+    def __repr__(self) -> str:
+        return self._description
+
+
 class DialledAgentService(MultiService):
     """
     Keeps C{connections} dialled connections to one agent, each with its
@@ -474,6 +489,7 @@ class DialledAgentService(MultiService):
         self.grace = grace
         self.clock = clock
         self.factories: list[ForwardConnectionFactory] = []
+        named = _NamedEndpoint(endpoint, description)
         for _ in range(connections):
             factory = ForwardConnectionFactory(
                 pool, description=description, agent_id=agent_id, clock=clock, **factory_options
@@ -485,9 +501,7 @@ class DialledAgentService(MultiService):
                     f"of {limit} (max_connections_per_agent)"
                 )
             self.factories.append(factory)
-            ClientService(
-                endpoint, factory, retryPolicy=factory.retry_delay, clock=clock
-            ).setServiceParent(self)
+            ClientService(named, factory, retryPolicy=factory.retry_delay, clock=clock).setServiceParent(self)
 
     def __repr__(self) -> str:
         return f"<DialledAgentService {self.description} connections={len(self.factories)}>"

@@ -506,6 +506,12 @@ class DialledAgentServiceTests(SynchronousTestCase):
         self.assertEqual(delays, [2.0, 4.0, 8.0, 16.0])
         self.assertEqual(self.endpoint.attempts, 5)
 
+    def test_retry_log_lines_name_the_endpoint(self) -> None:
+        self.endpoint.refuse = True
+        with captured_log() as events:
+            self.service()
+        self.assertIn("Scheduling retry 1 to connect unix:/run/agents/waf.sock in 2.0 seconds", log_text(events))
+
     def test_refused_handshakes_back_off_too(self) -> None:
         """A connect that succeeds does not reset the backoff; a handshake does."""
         self.service()
