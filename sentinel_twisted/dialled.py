@@ -404,6 +404,7 @@ class ForwardConnectionFactory(Factory):
         """A handshake succeeded: reset the backoff, add the connection to the pool."""
         self.failed_attempts = 0
         self.handshakes += 1
+        self.pool.dial_handshakes += 1
         self.connection = connection
         log.info(
             "Agent {agent_id} connection {connection_id} dialled at {endpoint} ({encoding})",
@@ -417,6 +418,7 @@ class ForwardConnectionFactory(Factory):
         """A handshake failed (or the connection ended first): count and log it."""
         reason = failure_reason(error)
         self.failures[reason] += 1
+        self.pool.dial_failures[reason] += 1
         self.log_limiter.warn(
             log,
             "forward-handshake-failed",

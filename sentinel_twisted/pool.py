@@ -11,6 +11,7 @@ agents' control messages.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -124,6 +125,10 @@ class AgentPool:
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
         self._observers: list[Any] = []
+        #: Handshakes of dialled agents (L{connect_agent}) that succeeded,
+        #: and those that failed by reason (for the status site's metrics).
+        self.dial_handshakes = 0
+        self.dial_failures: Counter[str] = Counter()
 
     # -- membership -----------------------------------------------------------
 

@@ -730,3 +730,20 @@ class MalformedHandshakeProperties(SynchronousTestCase):
         valid = json.loads(vector_payload("fwd_handshake_response_msgpack"))
         valid[name] = value
         self.check(encode_frame(MessageType.HANDSHAKE_RESPONSE, json.dumps(valid).encode()))
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_dial_handshakes_and_failures_are_counted(self) -> None:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+
+        dialler = Dialler()
+        metrics = GatewayMetrics(dialler.pool, clock=dialler.clock)
+        dialler.handshake()
+        protocol, _ = dialler.connect()
+        protocol.dataReceived(handshake_response(success=False, error="no"))
+        dialler.connect()
+        dialler.clock.advance(10)
+        sample = metrics.registry.get_sample_value
+        self.assertEqual(sample("sentinel_agent_dial_handshakes_total", {}), 1)
+        self.assertEqual(sample("sentinel_agent_dial_failures_total", {"reason": "refused"}), 1)
+        self.assertEqual(sample("sentinel_agent_dial_failures_total", {"reason": "handshake_timeout"}), 1)
