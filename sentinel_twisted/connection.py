@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -144,6 +145,14 @@ class AgentConnection:
     @ivar listener: the pool it belongs to (set by L{AgentPool.add}).
     """
 
+    #: C{reverse} (the agent dialled and registered) or C{forward} (the
+    #: proxy dialled the agent).
+    mode = "reverse"
+    #: The payload encoding of events and answers: C{json} or C{msgpack}.
+    encoding = "json"
+    # Control messages (cold): JSON unless a codec says otherwise.
+    _decode_control: Callable[..., Any] = staticmethod(m.decode)
+
     def __init__(
         self,
         sink: FrameSink,
@@ -195,17 +204,19 @@ class AgentConnection:
         self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
         self.events = self.capabilities.events
         self._log_limiter = log_limiter
-        #: C{reverse} or C{forward}: who dialled whom.
-        self.mode = mode
-        # The payload encoding: its functions are bound once here, so the
-        # JSON path calls the same functions it always has.
+        # The payload encoding's per-message functions, bound once: the JSON
+        # path calls the same functions it always has.
         if codec is None:
             codec = JSON_CODEC
-        #: C{json} or C{msgpack}.
-        self.encoding = codec.name
         self._encode_event = codec.encode_event
         self._decode_answer = codec.decode_response
-        self._decode_control = codec.decode_control
+        if mode != "reverse" or codec is not JSON_CODEC:
+            # Set only where they differ from the class's defaults: every
+            # attribute more costs each registered connection memory, and
+            # past 30 its attributes no longer share their keys.
+            self.mode = mode
+            self.encoding = codec.name
+            self._decode_control = codec.decode_control
 
     def __repr__(self) -> str:
         return f"<AgentConnection {self.connection_id} agent={self.agent_id} in_flight={len(self._pending)}>"

@@ -747,3 +747,15 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(sample("sentinel_agent_dial_handshakes_total", {}), 1)
         self.assertEqual(sample("sentinel_agent_dial_failures_total", {"reason": "refused"}), 1)
         self.assertEqual(sample("sentinel_agent_dial_failures_total", {"reason": "handshake_timeout"}), 1)
+
+
+class ConnectionAttributesTests(SynchronousTestCase):
+    def test_a_reverse_connection_carries_no_codec_attributes_of_its_own(self) -> None:
+        """Registered connections are many: the forward-mode defaults live on the class."""
+        from ._proxy_support import Proxy
+
+        _, _, connection = Proxy().register()
+        self.assertEqual((connection.mode, connection.encoding), ("reverse", "json"))
+        self.assertFalse({"mode", "encoding", "_decode_control"} & set(vars(connection)))
+        self.assertIs(connection._encode_event, m.encode_event)
+        self.assertIs(connection._decode_answer, m.decode_agent_response)
