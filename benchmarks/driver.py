@@ -377,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="run under cProfile and write stats here")
     parser.add_argument("--max-seconds", type=float, default=300.0)
     parser.add_argument("--tracemalloc", action="store_true", help="hold: print the top allocations per connection on stderr")
+    parser.add_argument("--dial", action="append", default=[], help="forward mode: a listening agent to dial (repeatable)")
+    parser.add_argument("--dial-connections", type=int, default=4, help="connections per --dial agent")
+    parser.add_argument("--encodings", default="msgpack,json", help="payload encodings offered to --dial agents")
     args = parser.parse_args(argv)
 
     install_reactor(args.reactor)
@@ -531,6 +534,21 @@ def main(argv: list[str] | None = None) -> None:
         finish()
 
     endpoint.listen(factory).addCallbacks(listening, listen_failed)
+    if args.dial:
+        # Forward mode: dialled connections join the same pool.
+        from sentinel_twisted.pool import PoolObserver
+
+        class Dialled(PoolObserver):
+            def agent_registered(self, connection: Any) -> None:
+                if connection.mode == "forward":
+                    on_registered(connection)
+
+        pool.add_observer(Dialled())
+        encodings = tuple(e for e in args.encodings.split(",") if e)
+        for i, dialled in enumerate(args.dial):
+            pool.connect_agent(
+                dialled, f"bench-{chr(97 + i)}", args.dial_connections, config=config, encodings=encodings, clock=reactor
+            )
     if args.profile:
         import cProfile
 

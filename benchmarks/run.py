@@ -32,7 +32,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference")
+SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference", "forward")
 
 # Targets of issue 5 and the reference implementation's figures.
 TARGET_RPS_64 = 97_000
@@ -372,6 +372,11 @@ class Harness:
 
         return reference.run(self)
 
+    def section_forward(self) -> dict[str, Any]:
+        from benchmarks import forward
+
+        return forward.run(self)
+
 
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-wise median of the numeric fields of several results."""
@@ -570,6 +575,10 @@ def report(results: dict[str, Any]) -> str:
         from benchmarks import reference
 
         lines.extend(reference.report(results["reference"], fmt))
+    if results.get("forward"):
+        from benchmarks import forward
+
+        lines.extend(forward.report(results["forward"], fmt))
     lines.append("")
     lines.append("targets")
     lines.append("| target | goal | measured | met |")

@@ -452,6 +452,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
     parser.add_argument("--token-file", help="require agents to authenticate with these tokens")
     parser.add_argument("--fail-open", action="store_true", help="let requests through when the agent fails")
+    parser.add_argument(
+        "--dial", action="append", default=[], metavar="ID=ENDPOINT",
+        help="also dial an agent that listens (forward mode), e.g. waf-1=unix:/run/agents/waf.sock",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -480,6 +484,14 @@ async def main(reactor: Any, *argv: str) -> None:
     port = await serverFromString(reactor, endpoint).listen(factory)
     say(f"listening on {endpoint}")
 
+    # Agents that listen (forward mode) join the same pool: it dials each,
+    # redials with backoff when it goes away, and sends to it like to any.
+    dialled = []
+    for spec in args.dial:
+        agent_id, _, agent_endpoint = spec.partition("=")
+        service = pool.connect_agent(agent_endpoint, agent_id, connections=2, config=config, clock=reactor)
+        dialled.append(service)
+
     proxy = ToyProxy(pool, args.agent, args.fail_open)
 
     async def shut_down() -> None:
@@ -488,6 +500,8 @@ async def main(reactor: Any, *argv: str) -> None:
         count = pool.cancel_all(m.CancelReason.PROXY_SHUTDOWN)
         if count:
             say(f"cancelled {count} waiting request(s)")
+        for service in dialled:
+            await service.stopService()  # no more redialling; closes its connections
         await port.stopListening()
         await pool.close_all("proxy shutting down")
 

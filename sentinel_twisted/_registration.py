@@ -22,6 +22,7 @@ from .errors import AgentProtocolError
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
+    from .dialled import ForwardConnectionProtocol
     from .protocol import ReverseConnectionProtocol
 
 
@@ -47,7 +48,9 @@ class Lifecycle(Protocol):
 
 @dataclass
 class Core:
-    protocol: ReverseConnectionProtocol
+    # A dialled (forward) connection goes through the same states: its
+    # handshake stands where the registration does.
+    protocol: ReverseConnectionProtocol | ForwardConnectionProtocol
     handshake_timer: IDelayedCall | None = None
     connection: AgentConnection | None = field(default=None)
 
@@ -124,6 +127,6 @@ def _build() -> object:
 _machine_factory = _build()
 
 
-def new_lifecycle(protocol: ReverseConnectionProtocol) -> tuple[Lifecycle, Core]:
+def new_lifecycle(protocol: ReverseConnectionProtocol | ForwardConnectionProtocol) -> tuple[Lifecycle, Core]:
     core = Core(protocol)
     return _machine_factory(core), core  # type: ignore[operator]

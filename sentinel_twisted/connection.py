@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -32,6 +33,7 @@ from .errors import (
     RequestCancelled,
     format_duration,
 )
+from .forward import JSON_CODEC, PayloadCodec
 from .wire import MessageType
 
 if TYPE_CHECKING:
@@ -105,6 +107,10 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     @ivar connected_since: when it registered (seconds since the epoch).
     @ivar peer: C{unix}, or C{HOST:PORT} of a TCP agent.
     @ivar write_blocked: the agent has stopped reading what it is sent.
+    @ivar mode: C{reverse} (the agent dialled and registered) or
+        C{forward} (the proxy dialled the agent).
+    @ivar encoding: the payload encoding of events and answers, C{json} or
+        C{msgpack} (forward mode only).
     """
 
     connection_id: str
@@ -124,6 +130,8 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     events_sent: int = 0
     timeouts: int = 0
     cancels_sent: int = 0
+    mode: str = "reverse"
+    encoding: str = "json"
 
 
 class AgentConnection:
@@ -157,6 +165,13 @@ class AgentConnection:
     peer_credentials: tuple[int, int, int] | None = None
     #: Whether the agent registered with a token the token checker verified.
     token_verified = False
+    #: C{reverse} (the agent dialled and registered) or C{forward} (the
+    #: proxy dialled the agent).
+    mode = "reverse"
+    #: The payload encoding of events and answers: C{json} or C{msgpack}.
+    encoding = "json"
+    # Control messages (cold): JSON unless a codec says otherwise.
+    _decode_control: Callable[..., Any] = staticmethod(m.decode)
 
     def __init__(
         self,
@@ -171,6 +186,8 @@ class AgentConnection:
         connected_since: float,
         peer: str = "",
         log_limiter: LogRateLimiter | None = None,
+        codec: PayloadCodec | None = None,
+        mode: str = "reverse",
     ) -> None:
         from .pending import PendingTable
 
@@ -207,6 +224,19 @@ class AgentConnection:
         self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
         self.events = self.capabilities.events
         self._log_limiter = log_limiter
+        # The payload encoding's per-message functions, bound once: the JSON
+        # path calls the same functions it always has.
+        if codec is None:
+            codec = JSON_CODEC
+        self._encode_event = codec.encode_event
+        self._decode_answer = codec.decode_response
+        if mode != "reverse" or codec is not JSON_CODEC:
+            # Set only where they differ from the class's defaults: every
+            # attribute more costs each registered connection memory, and
+            # past 30 its attributes no longer share their keys.
+            self.mode = mode
+            self.encoding = codec.name
+            self._decode_control = codec.decode_control
 
     def __repr__(self) -> str:
         return f"<AgentConnection {self.connection_id} agent={self.agent_id} in_flight={len(self._pending)}>"
@@ -340,6 +370,8 @@ class AgentConnection:
             events_sent=self.events_sent,
             timeouts=self.timeouts,
             cancels_sent=self.cancels_sent,
+            mode=self.mode,
+            encoding=self.encoding,
         )
 
     # -- sending events -----------------------------------------------------
@@ -384,7 +416,7 @@ class AgentConnection:
             return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
         try:
-            payload = m.encode_event(event, cid)
+            payload = self._encode_event(event, cid)
             deferred: Deferred[m.AgentResponse] = self._pending.add(cid, timeout)
         except AgentProtocolError as e:
             return fail(e)
@@ -609,7 +641,7 @@ class AgentConnection:
 
     def _answer_received(self, payload: bytes) -> None:
         try:
-            response = m.decode_agent_response(payload)
+            response = self._decode_answer(payload)
         except InvalidMessage as e:
             self._bad_answer(payload, e)
             return
@@ -660,7 +692,7 @@ class AgentConnection:
 
     def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
         try:
-            return m.decode(payload, shape)
+            return self._decode_control(payload, shape)
         except InvalidMessage as e:
             self.log_limiter.warn(
                 log,

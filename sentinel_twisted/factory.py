@@ -281,7 +281,11 @@ class ReverseConnectionFactory(Factory):
         elif self.token_checker is not None and not self._token_valid(agent_id, token):
             return AuthenticationFailed(agent_id)
         limit = config.max_connections_per_agent
-        if self._registered_per_agent[agent_id] >= limit:
+        held = self._registered_per_agent[agent_id]
+        if held < limit and agent_id in self.pool:
+            # Connections the pool dialled to this agent (forward mode) count too.
+            held += sum(1 for c in self.pool.connections(agent_id) if c.mode == "forward")
+        if held >= limit:
             return ConnectionLimitReached(agent_id, limit)
         self._registered_per_agent[agent_id] += 1
         return None

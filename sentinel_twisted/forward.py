@@ -25,7 +25,7 @@ metadata has no C{traceparent} has 11 metadata elements instead of 12.
 from __future__ import annotations
 
 import base64
-from typing import Any, Final, Protocol, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 
 import msgspec
 from msgspec import UNSET, Struct, UnsetType, field
@@ -300,6 +300,72 @@ def _named_variant(value: Any, what: str) -> Any:
     return value
 
 
+class _MetadataOut(Struct, array_like=True):
+    """RequestMetadata as we write it: always all 12 elements."""
+
+    correlation_id: str
+    request_id: str
+    client_ip: str
+    client_port: int
+    server_name: str | None
+    protocol: str
+    tls_version: str | None
+    tls_cipher: str | None
+    route_id: str | None
+    upstream_id: str | None
+    timestamp: str
+    traceparent: str | None
+
+
+class _RequestHeadersOut(Struct):
+    """A RequestHeaders event in the reference's layout, built without a dict."""
+
+    correlation_id: str
+    metadata: _MetadataOut
+    method: str
+    uri: str
+    headers: dict[str, list[str]]
+
+
+if (
+    _MetadataOut.__struct_fields__ != _METADATA_FIELDS
+    or _RequestHeadersOut.__struct_fields__ != m.RequestHeadersEvent.__struct_fields__
+):  # pragma: no cover
+    raise ImportError("_RequestHeadersOut must list RequestHeadersEvent's fields in order")
+
+
+class _AuditArray(Struct, array_like=True):
+    tags: list[str]
+    rule_ids: list[str]
+    confidence: float | None
+    reason_codes: list[str]
+    custom: dict[str, Any]
+
+
+_NO_OPS = msgspec.Meta(max_length=0)
+
+
+class _AllowArray(Struct, array_like=True):
+    """The usual answer, positional: allow, no header operation, no mutation."""
+
+    version: int
+    decision: Literal["allow"]
+    request_headers: Annotated[list[Any], _NO_OPS]
+    response_headers: Annotated[list[Any], _NO_OPS]
+    routing_metadata: dict[str, str]
+    audit: _AuditArray
+    needs_more: bool
+    request_body_mutation: None
+    response_body_mutation: None
+    websocket_decision: None
+
+
+if tuple(_AllowArray.__struct_fields__) != _RESPONSE_FIELDS or _AuditArray.__struct_fields__ != _AUDIT_FIELDS:  # pragma: no cover
+    raise ImportError("_AllowArray and _AuditArray must list AgentResponse's and AuditMetadata's fields in order")
+
+_allow_decoder = msgspec.msgpack.Decoder(_AllowArray)
+
+
 class _MsgpackCodec:
     name = MSGPACK
     pause = msgspec.msgpack.encode(m.FlowControlMessage(action=m.FlowAction.PAUSE))
@@ -335,6 +401,32 @@ class _MsgpackCodec:
 
     def encode_event(self, event: Any, correlation_id: str | None = None) -> bytes:
         cid = m.event_correlation_id(event) if correlation_id is None else correlation_id
+        if event.__class__ is m.RequestHeadersEvent:
+            # The first event of every request: its own shape, no dict built.
+            md = event.metadata
+            traceparent = md.traceparent
+            return self._encode(
+                _RequestHeadersOut(
+                    cid,
+                    _MetadataOut(
+                        cid,
+                        md.request_id,
+                        md.client_ip,
+                        md.client_port,
+                        md.server_name,
+                        md.protocol,
+                        md.tls_version,
+                        md.tls_cipher,
+                        md.route_id,
+                        md.upstream_id,
+                        md.timestamp,
+                        None if traceparent is UNSET else traceparent,
+                    ),
+                    event.method,
+                    event.uri,
+                    event.headers,
+                )
+            )
         out: dict[str, Any] = {"correlation_id": cid}
         for name in event.__struct_fields__:
             if name == "correlation_id":
@@ -369,6 +461,26 @@ class _MsgpackCodec:
         )
 
     def decode_response(self, payload: bytes) -> m.AgentResponse:
+        # Most answers are a plain allow: read those with one typed decoder
+        # (about six times faster); anything else takes the general path.
+        try:
+            allow = _allow_decoder.decode(payload)
+        except _DECODE_ERRORS:
+            pass
+        else:
+            audit = allow.audit
+            return m.AgentResponse(
+                version=allow.version,
+                routing_metadata=allow.routing_metadata,
+                audit=m.AuditMetadata(
+                    tags=audit.tags,
+                    rule_ids=audit.rule_ids,
+                    confidence=audit.confidence,
+                    reason_codes=audit.reason_codes,
+                    custom=audit.custom,
+                ),
+                needs_more=allow.needs_more,
+            )
         try:
             raw = msgspec.msgpack.decode(payload)
         except _DECODE_ERRORS as e:

@@ -11,10 +11,12 @@ agents' control messages.
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -22,6 +24,11 @@ from . import messages as m
 from ._interfaces import IAgentPoolObserver
 from .connection import AgentConnection, ConnectionInfo
 from .errors import AgentProtocolError, AgentUnavailable, FlowControlPaused
+from .forward import ENCODINGS
+
+if TYPE_CHECKING:
+    from .config import ReverseConnectionConfig
+    from .dialled import DialledAgentService
 
 __all__ = ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"]
 
@@ -118,6 +125,10 @@ class AgentPool:
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
         self._observers: list[Any] = []
+        #: Handshakes of dialled agents (L{connect_agent}) that succeeded,
+        #: and those that failed by reason (for the status site's metrics).
+        self.dial_handshakes = 0
+        self.dial_failures: Counter[str] = Counter()
 
     # -- membership -----------------------------------------------------------
 
@@ -161,6 +172,75 @@ class AgentPool:
         @raise ValueError: it was not added.
         """
         self._observers.remove(observer)
+
+    def connect_agent(
+        self,
+        endpoint: str | IStreamClientEndpoint,
+        agent_id: str | None = None,
+        connections: int = 1,
+        *,
+        config: ReverseConnectionConfig | None = None,
+        encodings: tuple[str, ...] = ENCODINGS,
+        clock: Any = None,
+        grace: float = 0.0,
+        **options: Any,
+    ) -> DialledAgentService:
+        """
+        Dial a listening agent (forward mode) and keep C{connections}
+        connections to it in this pool, redialling with jittered backoff
+        (reset by a successful handshake)::
+
+            service = pool.connect_agent("unix:/run/agents/waf.sock", "waf")
+            ...
+            await service.stopService()
+
+        Each connection offers C{encodings} (MessagePack, then JSON, by
+        default) and speaks the one the agent picks; it joins the pool under
+        C{agent_id}, or the id the agent announces (C{capabilities.agent_id})
+        when that is C{None}.  From then on it is a connection like any
+        other: selection, flow control, health, timeouts, observers.
+
+        @param endpoint: a client endpoint, or its string (C{unix:PATH},
+            C{tcp:HOST:PORT}, C{tls:HOST:PORT}).
+        @param config: timeouts, frame limits, the proxy id sent in the
+            handshake and the per-agent connection cap
+            (C{max_connections_per_agent}, which C{connections} may not
+            exceed); the listener's defaults when C{None}.
+        @param clock: the reactor (for strings, and the timers).
+        @param grace: seconds stopping the service gives the requests in
+            flight on its connections.
+        @return: the started L{DialledAgentService
+            <sentinel_twisted.dialled.DialledAgentService>}; stop it to close
+            the connections and stop redialling.
+        @raise ValueError: C{connections} below 1 or over the cap, an unknown
+            encoding, or an endpoint string that does not parse.
+        """
+        from twisted.internet.endpoints import clientFromString
+
+        from .dialled import DialledAgentService
+
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        if isinstance(endpoint, str):
+            description, dialled = endpoint, clientFromString(clock, endpoint)
+        else:
+            description, dialled = repr(endpoint), endpoint
+        service = DialledAgentService(
+            dialled,
+            self,
+            description=description,
+            agent_id=agent_id,
+            connections=connections,
+            grace=grace,
+            clock=clock,
+            config=config,
+            encodings=encodings,
+            **options,
+        )
+        service.startService()
+        return service
 
     def _notify(self, method: str, *args: Any) -> None:
         for observer in list(self._observers):

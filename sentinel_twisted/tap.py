@@ -29,6 +29,7 @@ from ._reload import ConfigurationReloader, install_sighup
 from ._twistd import ProgramOptions, exit_zero_after_clean_sigterm, report_startup_errors
 from .auth import TokenFileChecker, TokenFileError
 from .config import AllowFileError, ReverseConnectionConfig, read_allow_file
+from .dialled import DialledAgentService, encoding_list, parse_agent_endpoint
 from .endpoints import (
     SocketInUse,
     clear_stale_lock,
@@ -53,6 +54,7 @@ __all__ = [
     "Options",
     "ReverseListenerService",
     "StartupError",
+    "add_forward_agents",
     "add_gateway",
     "makeService",
     "make_listener",
@@ -147,6 +149,8 @@ _CONVERSIONS = {
     "shutdown-grace": _seconds,
     "header-timeout": _positive_float,
     "max-client-connections": _positive_int,
+    "agent-connections": _positive_int,
+    "agent-encodings": encoding_list,
 }
 
 
@@ -280,6 +284,19 @@ class Options(ProgramOptions):
             "HTTP client connections (N) the gateway holds at once; more are closed at once.",
         ],
         [
+            "agent-connections",
+            None,
+            4,
+            "Connections (N) kept to each --agent-endpoint agent (at most "
+            "--max-connections-per-agent).",
+        ],
+        [
+            "agent-encodings",
+            None,
+            "msgpack,json",
+            "Payload encodings offered to --agent-endpoint agents, in order of preference.",
+        ],
+        [
             "client-ca",
             None,
             None,
@@ -302,6 +319,7 @@ class Options(ProgramOptions):
         self["agents"] = []
         self["status-hosts"] = []
         self["ready-agents"] = []
+        self["agent-endpoints"] = []
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.
@@ -323,10 +341,21 @@ class Options(ProgramOptions):
     def opt_agent(self, agent_id: str) -> None:
         """
         Agent id consulted for each gateway request, in the order given
-        (repeatable). [default: every registered agent, in order of first
-        registration]
+        (repeatable); registered or --agent-endpoint agents alike.
+        [default: every agent in the pool, in order of first connection]
         """
         self["agents"].append(agent_id)
+
+    def opt_agent_endpoint(self, value: str) -> None:
+        """
+        ID=ENDPOINT: dial a listening agent (forward mode) at a client endpoint
+        (unix:PATH, tcp:HOST:PORT, tls:HOST:PORT) and keep --agent-connections
+        connections to it under agent id ID (repeatable).
+        """
+        try:
+            self["agent-endpoints"].append(parse_agent_endpoint(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--agent-endpoint {value}: {e}") from None
 
     def opt_status_host(self, name: str) -> None:
         """
@@ -381,6 +410,7 @@ class Options(ProgramOptions):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        self._forward_options()
         self._gateway_options()
         self._ready_agent_options()
 
@@ -395,6 +425,17 @@ class Options(ProgramOptions):
                 )
         if self["ready-agents"] and self["status"] is None:
             raise usage.UsageError("--ready-agent needs the status site (--status): /healthz is there")
+
+    def _forward_options(self) -> None:
+        cap = self["max-connections-per-agent"]
+        per_agent: dict[str, int] = {}
+        for agent_id, endpoint in self["agent-endpoints"]:
+            per_agent[agent_id] = per_agent.get(agent_id, 0) + self["agent-connections"]
+            if per_agent[agent_id] > cap:
+                raise usage.UsageError(
+                    f"--agent-endpoint {agent_id}={endpoint}: {per_agent[agent_id]} connections "
+                    f"(--agent-connections) exceed --max-connections-per-agent {cap}"
+                )
 
     def _client_certificate_options(self) -> None:
         # Checked without reading the CA file (make_listener reads it), so
@@ -892,6 +933,38 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
     return top
 
 
+def add_forward_agents(top: ReverseListenerService, options: Any, reactor: Any = None) -> None:
+    """
+    Dial each C{--agent-endpoint} agent (forward mode) into the listener's
+    pool: a L{DialledAgentService} per endpoint, with the listener's
+    timeouts, limits and proxy id; stopping gives its requests the
+    shutdown grace period.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    if reactor is None:
+        reactor = _default_reactor()
+    factory = top.factory
+    for agent_id, description in options.get("agent-endpoints", ()):
+        try:
+            endpoint = clientFromString(reactor, description)
+        except Exception as e:
+            raise StartupError(f"--agent-endpoint {agent_id}={description}: {describe_endpoint_error(e)}") from None
+        DialledAgentService(
+            endpoint,
+            factory.pool,
+            description=description,
+            agent_id=agent_id,
+            connections=options["agent-connections"],
+            grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
+            clock=reactor,
+            config=factory.config,
+            encodings=options["agent-encodings"],
+            frame_budget=factory.frame_budget,
+            log_limiter=factory.log_limiter,
+        ).setServiceParent(top)  # type: ignore[no-untyped-call]
+
+
 def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) -> None:
     """
     Add the HTTP gateway and the status site (unless both are C{none}) to
@@ -959,6 +1032,7 @@ def makeService(options: Options) -> service.IService:
     """
     try:
         top = make_listener(options)
+        add_forward_agents(top, options)
         add_gateway(top, options)
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a

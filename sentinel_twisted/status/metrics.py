@@ -317,6 +317,20 @@ class _ListenerCollector(Collector):
                 "Connections accepted that have not registered yet.",
                 value=factory.awaiting_registration,
             )
+        pool = self.pool
+        yield CounterMetricFamily(
+            "sentinel_agent_dial_handshakes",
+            "Handshakes with dialled (forward-mode) agents that succeeded.",
+            value=pool.dial_handshakes,
+        )
+        dial_failures = CounterMetricFamily(
+            "sentinel_agent_dial_failures",
+            "Handshakes with dialled (forward-mode) agents that failed, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(pool.dial_failures.items()):
+            dial_failures.add_metric([reason], count)
+        yield dial_failures
         connections = GaugeMetricFamily(
             "sentinel_agent_connections",
             "Registered agent connections, by agent.",

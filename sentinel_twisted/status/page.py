@@ -263,7 +263,7 @@ def _agents(status: StatusResource, window: Window | None, now: float) -> str:
         )
         failures = sum(totals.failures.values()) if totals else 0
         write_blocked = sum(1 for c in info.connections if c.write_blocked)
-        modes = sorted({getattr(c, "mode", "reverse") for c in info.connections})
+        modes = sorted({f"{c.mode} ({c.encoding})" for c in info.connections})
         agent_rows.append(
             f'<tr data-agent="{escape(agent_id)}">'
             + _cell("agent", agent_id, numeric=False)

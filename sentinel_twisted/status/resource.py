@@ -65,6 +65,8 @@ def agents_document(
                     "peer": c.peer,
                     "peer_pid": c.peer_pid,
                     "peer_uid": c.peer_uid,
+                    "mode": c.mode,
+                    "encoding": c.encoding,
                     "in_flight": c.in_flight,
                     "paused": c.paused,
                     "write_blocked": c.write_blocked,

@@ -70,6 +70,7 @@ class AgentsDocumentTests(TestCase):
             self.assertEqual(connection["events_sent"], 1)
             self.assertEqual((connection["timeouts"], connection["cancels_sent"]), (0, 0))
             self.assertEqual(connection["round_trip"]["answered"], 0)
+            self.assertEqual((connection["mode"], connection["encoding"]), ("reverse", "json"))
             self.assertEqual(len(bot_info["connections"]), 2)
             self.assertEqual(bot_info["paused_connections"], 1)
             self.assertEqual([c["paused"] for c in bot_info["connections"]], [False, True])

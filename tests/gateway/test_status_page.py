@@ -195,7 +195,7 @@ class StatusPageTests(TestCase):
             agents = {r.attrs["data-agent"]: cells(r) for r in dom.select("tr") if "data-agent" in r.attrs}
             self.assertEqual(set(agents), {"waf", "bot"})
             waf_row, bot_row = agents["waf"], agents["bot"]
-            self.assertEqual(waf_row["mode"], "reverse")
+            self.assertEqual(waf_row["mode"], "reverse (json)")
             self.assertRegex(waf_row["rps"], r"^[0-9.e-]+/s$")
             self.assertNotEqual(waf_row["rps"], "0/s")
             self.assertIn("allow 3", waf_row["decisions"])
