@@ -40,6 +40,7 @@ from twisted.logger import Logger
 
 from .. import messages as m
 from .._peertext import peer_text
+from ..endpoints import remove_abandoned_unix_socket
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import (
     ENCODINGS,
@@ -343,6 +344,7 @@ class AgentListener(Service):
         listening.addCallbacks(self._listening_on, failure.append)
         if failure:
             self.running = 0
+            remove_abandoned_unix_socket(self.endpoint_description, failure[0].value)
             failure[0].raiseException()
         self._listening = listening
 
