@@ -110,13 +110,36 @@ def describe_endpoint_error(error: BaseException) -> str:
     What is wrong with an endpoint string, from the exception Twisted's
     parser raised (whose text can be a bare Python message).
     """
+    from twisted.python.filepath import UnlistableError
+
     text = str(error)
     if isinstance(error, TypeError):
         return "wrong arguments for this endpoint type (a missing port or path?)"
+    if isinstance(error, ValueError) and "invalid literal for int() with base 8" in text:
+        # Only the UNIX endpoints' mode= is read as octal.
+        value = text.partition(": ")[2]
+        return f"mode= must be octal digits, such as 600 or 660, got {value}"
     if isinstance(error, ValueError) and "invalid literal for int()" in text:
         return "the port must be a number"
     if isinstance(error, KeyError):
         return f"unknown argument {text}"
+    if isinstance(error, UnlistableError):
+        # trustRoots= names a directory of CA certificates that cannot be listed.
+        original = getattr(error, "originalException", None)
+        if isinstance(original, OSError) and original.filename is not None:
+            path = os.fsdecode(original.filename)
+            if isinstance(original, FileNotFoundError):
+                return f"trustRoots: {path} does not exist"
+            if isinstance(original, NotADirectoryError):
+                return f"trustRoots: {path} is not a directory of CA certificates"
+            detail = (original.strerror or str(original)).lower()
+            return f"trustRoots: cannot read the directory {path}: {detail}"
+        return "trustRoots: the directory of CA certificates cannot be read"
+    if isinstance(error, OSError) and error.filename is not None:
+        path = os.fsdecode(error.filename)
+        if isinstance(error, FileNotFoundError):
+            return f"{path} does not exist"
+        return f"cannot read {path}: {(error.strerror or str(error)).lower()}"
     return text or type(error).__name__
 
 

@@ -21,6 +21,7 @@ from sentinel_twisted.endpoints import (
     check_endpoint_arguments,
     clear_stale_lock,
     clear_stale_unix_socket,
+    describe_endpoint_error,
     describe_listen_failure,
     parse_description,
     remove_abandoned_unix_socket,
@@ -310,3 +311,52 @@ class CheckEndpointArgumentsTests(TestCase):
                             "unix:/tmp/a\\:backlog=99999999999.sock", "systemd:domain=INET:index=0"]:
             with self.subTest(description=description):
                 check_endpoint_arguments(description)
+
+
+class DescribeEndpointErrorTests(TestCase):
+    """What is wrong with an endpoint string, as the start-up line says it."""
+
+    def describe(self, description: str, client: bool = False) -> str:
+        from twisted.internet.endpoints import clientFromString
+
+        parse = clientFromString if client else serverFromString
+        try:
+            parse(MemoryReactor(), description)
+        except Exception as e:
+            return describe_endpoint_error(e)
+        self.fail(f"{description} parsed")
+
+    def test_table(self) -> None:
+        directory = tempfile.mkdtemp(prefix="st-describe-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        a_file = os.path.join(directory, "ca.pem")
+        with open(a_file, "w"):
+            pass
+        missing = os.path.join(directory, "missing")
+        for description, client, expected in [
+            ("tcp:abc", False, "the port must be a number"),
+            ("unix", False, "wrong arguments for this endpoint type (a missing port or path?)"),
+            ("unix:/tmp/x:mode=999", False, "mode= must be octal digits, such as 600 or 660, got '999'"),
+            ("unix:/tmp/x:mode=rw", False, "mode= must be octal digits, such as 600 or 660, got 'rw'"),
+            (f"tls:localhost:443:trustRoots={missing}", True, f"trustRoots: {missing} does not exist"),
+            (
+                f"tls:localhost:443:trustRoots={a_file}",
+                True,
+                f"trustRoots: {a_file} is not a directory of CA certificates",
+            ),
+            (f"ssl:0:privateKey={missing}", False, f"{missing} does not exist"),
+        ]:
+            with self.subTest(description=description):
+                self.assertEqual(self.describe(description, client), expected)
+
+    def test_an_unreadable_directory_says_why(self) -> None:
+        from twisted.python.filepath import UnlistableError
+
+        error = UnlistableError(PermissionError(13, "Permission denied", "/etc/cas"))
+        self.assertEqual(
+            describe_endpoint_error(error), "trustRoots: cannot read the directory /etc/cas: permission denied"
+        )
+        self.assertEqual(
+            describe_endpoint_error(UnlistableError(RuntimeError())),
+            "trustRoots: the directory of CA certificates cannot be read",
+        )
