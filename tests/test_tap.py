@@ -358,6 +358,28 @@ class MakeListenerTests(TestCase):
         self.assertFalse(os.path.lexists(sock))
         self.assertFalse(os.path.lexists(sock + ".lock"))
 
+    def test_a_gateway_listener_failing_after_its_lock_removes_socket_and_lock(self) -> None:
+        from twisted.internet import reactor
+
+        from sentinel_twisted.tap import add_gateway
+
+        sock, http = os.path.join(self.dir, "a.sock"), os.path.join(self.dir, "http.sock")
+        options = parse("--listen", f"unix:{sock}", "--http", f"unix:{http}", "--status", "none")
+        options["http"] = f"unix:{http}:backlog=2147483648"
+        top = make_listener(options, reactor)
+        add_gateway(top, options, reactor)
+        # The agent listener binds in the privileged step, the gateway on start.
+        top.privilegedStartService()
+        error = self.assertRaises(StartupError, top.startService)
+        self.assertIn(f"--http unix:{http}:backlog=2147483648: ", str(error))
+        # Twisted started the site's factory before binding and never stops
+        # it when listen() fails; stop its date timer here.
+        (gateway,) = [c for c in top if hasattr(c, "site")]
+        gateway.site.doStop()  # type: ignore[attr-defined]
+        for path in (sock, http):
+            self.assertFalse(os.path.lexists(path), path)
+            self.assertFalse(os.path.lexists(path + ".lock"), path)
+
     def test_stale_socket_removed_and_reported(self) -> None:
         sock = os.path.join(self.dir, "stale.sock")
         dead = socket.socket(socket.AF_UNIX)
