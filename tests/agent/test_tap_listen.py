@@ -79,7 +79,7 @@ class ListenOptionsTests(SynchronousTestCase):
                 error = self.assertRaises(
                     usage.UsageError, parse, "--listen", f"unix:{self.socket}:backlog={backlog}"
                 )
-                self.assertIn(f"--listen unix:{self.socket}:backlog={backlog}", str(error))
+                self.assertIn(f"--listen unix:{self.socket}:backlog={backlog}: ", str(error))
                 self.assertIn("backlog= must be a positive integer up to 2147483647", str(error))
         self.assertFalse(os.path.lexists(self.socket))
         self.assertIn("backlog=2147483647", parse("--listen", f"unix:{self.socket}:backlog=2147483647")["listen"])
