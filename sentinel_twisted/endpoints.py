@@ -20,10 +20,12 @@ __all__ = [
     "RefusedConnection",
     "SocketInUse",
     "clear_stale_lock",
+    "check_endpoint_arguments",
     "clear_stale_unix_socket",
     "describe_endpoint_error",
     "describe_listen_failure",
     "parse_description",
+    "remove_abandoned_unix_socket",
     "system_max_backlog",
     "takes_lock",
     "unix_socket_path",
@@ -37,6 +39,10 @@ FALLBACK_BACKLOG = 4096
 
 #: Endpoint types whose server parser takes a C{backlog=} argument.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
+
+#: The largest listen backlog: listen() takes a C int (the system cuts a
+#: larger value to its own maximum, net.core.somaxconn).
+MAX_BACKLOG = 2**31 - 1
 
 
 class RefusedConnection(Protocol):
@@ -78,18 +84,62 @@ def system_max_backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
     return value if value > 0 else FALLBACK_BACKLOG
 
 
+def check_endpoint_arguments(description: str) -> None:
+    """
+    Check the arguments of a server endpoint string that Twisted's parser
+    takes as they come but its C{listen} only fails on, after taking a UNIX
+    socket's lock and binding its file: a C{backlog=} out of a C int's range
+    raises C{OverflowError} there, a negative one is quietly taken as 0.
+
+    @raise ValueError: with a text that names the argument.
+    """
+    args, kwargs = parse_description(description)
+    if args[0] not in _BACKLOG_TYPES or "backlog" not in kwargs:
+        return
+    value = kwargs["backlog"]
+    try:
+        backlog = int(value)
+    except ValueError:
+        backlog = 0
+    if not 0 < backlog <= MAX_BACKLOG:
+        raise ValueError(f"backlog= must be a positive integer up to {MAX_BACKLOG}, got {value!r}")
+
+
 def describe_endpoint_error(error: BaseException) -> str:
     """
     What is wrong with an endpoint string, from the exception Twisted's
     parser raised (whose text can be a bare Python message).
     """
+    from twisted.python.filepath import UnlistableError
+
     text = str(error)
     if isinstance(error, TypeError):
         return "wrong arguments for this endpoint type (a missing port or path?)"
+    if isinstance(error, ValueError) and "invalid literal for int() with base 8" in text:
+        # Only the UNIX endpoints' mode= is read as octal.
+        value = text.partition(": ")[2]
+        return f"mode= must be octal digits, such as 600 or 660, got {value}"
     if isinstance(error, ValueError) and "invalid literal for int()" in text:
         return "the port must be a number"
     if isinstance(error, KeyError):
         return f"unknown argument {text}"
+    if isinstance(error, UnlistableError):
+        # trustRoots= names a directory of CA certificates that cannot be listed.
+        original = getattr(error, "originalException", None)
+        if isinstance(original, OSError) and original.filename is not None:
+            path = os.fsdecode(original.filename)
+            if isinstance(original, FileNotFoundError):
+                return f"trustRoots: {path} does not exist"
+            if isinstance(original, NotADirectoryError):
+                return f"trustRoots: {path} is not a directory of CA certificates"
+            detail = (original.strerror or str(original)).lower()
+            return f"trustRoots: cannot read the directory {path}: {detail}"
+        return "trustRoots: the directory of CA certificates cannot be read"
+    if isinstance(error, OSError) and error.filename is not None:
+        path = os.fsdecode(error.filename)
+        if isinstance(error, FileNotFoundError):
+            return f"{path} does not exist"
+        return f"cannot read {path}: {(error.strerror or str(error)).lower()}"
     return text or type(error).__name__
 
 
@@ -252,6 +302,46 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def remove_abandoned_unix_socket(description: str, error: BaseException) -> list[str]:
+    """
+    Remove what a failed C{listen} on a C{unix:} endpoint with a lockfile
+    left behind: Twisted takes the lock, binds the file, and only then calls
+    C{listen()} and C{chmod()}; when one of those raises, the port is never
+    returned to be closed, and the socket file and the lock (naming this
+    process) stay.
+
+    Nothing is removed when Twisted refused the lock or the bind
+    (C{CannotListenError}: the files are somebody else's), or when the lock
+    does not name this process.
+
+    @return: the paths removed.
+    """
+    from twisted.internet.error import CannotListenError
+
+    path = unix_socket_path(description)
+    if path is None or isinstance(error, CannotListenError) or not takes_lock(description):
+        return []
+    lock = f"{path}.lock"
+    try:
+        if os.readlink(lock) != str(os.getpid()):
+            return []
+    except OSError:
+        return []
+    removed = []
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+            removed.append(path)
+    except OSError:
+        pass
+    try:
+        os.unlink(lock)
+        removed.append(lock)
+    except OSError:
+        pass
+    return removed
 
 
 def clear_stale_lock(path: str) -> int | None:

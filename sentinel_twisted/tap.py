@@ -31,12 +31,15 @@ from .auth import TokenFileChecker, TokenFileError
 from .config import AllowFileError, ReverseConnectionConfig, read_allow_file
 from .dialled import DialledAgentService, encoding_list, parse_agent_endpoint
 from .endpoints import (
+    MAX_BACKLOG,
     SocketInUse,
+    check_endpoint_arguments,
     clear_stale_lock,
     clear_stale_unix_socket,
     describe_endpoint_error,
     describe_listen_failure,
     parse_description,
+    remove_abandoned_unix_socket,
     system_max_backlog,
     takes_lock,
     unix_socket_path,
@@ -103,7 +106,7 @@ def _positive_int(value: str) -> int:
 
 #: The largest listen backlog: listen() takes a C int (the system caps it
 #: at net.core.somaxconn anyway).
-_MAX_BACKLOG = 2**31 - 1
+_MAX_BACKLOG = MAX_BACKLOG
 
 
 def _backlog(value: str) -> int:
@@ -412,7 +415,19 @@ class Options(ProgramOptions):
             raise usage.UsageError(str(e)) from None
         self._forward_options()
         self._gateway_options()
+        self._check_endpoint_arguments()
         self._ready_agent_options()
+
+    def _check_endpoint_arguments(self) -> None:
+        # A backlog= that Twisted's listen() would only fail on after taking
+        # a UNIX socket's lock and binding its file.
+        named = [("listen", d) for d in self["listen"]]
+        named += [(name, self[name]) for name in ("http", "status") if self[name] is not None]
+        for name, description in named:
+            try:
+                check_endpoint_arguments(description)
+            except ValueError as e:
+                raise usage.UsageError(f"--{name} {self.given.get(description, description)}: {e}") from None
 
     def _ready_agent_options(self) -> None:
         for agent_id in self["ready-agents"]:
@@ -548,7 +563,10 @@ class ListenerEndpointService(service.Service):
         if not outcome:
             return
         if isinstance(outcome[0], Failure):
-            reason = describe_listen_failure(outcome[0].value)  # type: ignore[arg-type]
+            error = outcome[0].value
+            for path in remove_abandoned_unix_socket(self.description, error):  # type: ignore[arg-type]
+                log.debug("Removed {path} after the failure to listen", path=path)
+            reason = describe_listen_failure(error)  # type: ignore[arg-type]
             raise StartupError(f"--listen {self.given}: {reason}")
         self.port = outcome[0]
 
@@ -626,6 +644,10 @@ class ReverseListenerService(service.MultiService):
         for child in list(_listening_children(self)):
             port, child.port = child.port, None
             _close_at_once(port)
+        for name in ("http", "status"):
+            description = self.options.get(name)
+            if description is not None:
+                remove_abandoned_unix_socket(description, error)
         if self.log_startup_errors:
             # Daemonized: standard error is gone, the log file stays.
             log.critical("twistd sentinel-reverse: {message}", message=message)

@@ -18,10 +18,13 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted.endpoints import (
     FALLBACK_BACKLOG,
     SocketInUse,
+    check_endpoint_arguments,
     clear_stale_lock,
     clear_stale_unix_socket,
+    describe_endpoint_error,
     describe_listen_failure,
     parse_description,
+    remove_abandoned_unix_socket,
     system_max_backlog,
     takes_lock,
     unix_socket_path,
@@ -254,3 +257,106 @@ class ClearStaleLockTests(TestCase):
         self.assertTrue(takes_lock("unix:/tmp/a.sock"))
         self.assertTrue(takes_lock("unix:/tmp/a.sock:lockfile=1"))
         self.assertFalse(takes_lock("unix:/tmp/a.sock:lockfile=0"))
+
+
+class AbandonedSocketTests(TestCase):
+    """What a failed listen() left behind is removed only when it is ours."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-abandoned-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "a.sock")
+        bound = socket.socket(socket.AF_UNIX)
+        bound.bind(self.path)
+        bound.close()
+
+    def lock(self, pid: int) -> None:
+        os.symlink(str(pid), self.path + ".lock")
+
+    def test_our_lock_and_socket_are_removed(self) -> None:
+        self.lock(os.getpid())
+        removed = remove_abandoned_unix_socket(f"unix:{self.path}", OverflowError("too big"))
+        self.assertEqual(removed, [self.path, self.path + ".lock"])
+        self.assertFalse(os.path.lexists(self.path))
+        self.assertFalse(os.path.lexists(self.path + ".lock"))
+
+    def test_nothing_is_removed_when_twisted_refused_the_lock_or_the_bind(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        self.lock(os.getpid())
+        error = CannotListenError(None, self.path, "Cannot acquire lock")
+        self.assertEqual(remove_abandoned_unix_socket(f"unix:{self.path}", error), [])
+        self.assertTrue(os.path.lexists(self.path))
+        self.assertTrue(os.path.lexists(self.path + ".lock"))
+
+    def test_a_lock_of_another_process_or_none_is_left_alone(self) -> None:
+        self.lock(os.getpid() + 1)
+        self.assertEqual(remove_abandoned_unix_socket(f"unix:{self.path}", OverflowError()), [])
+        self.assertEqual(
+            remove_abandoned_unix_socket(f"unix:{self.path}:lockfile=0", OverflowError()), []
+        )
+        self.assertTrue(os.path.lexists(self.path))
+
+
+class CheckEndpointArgumentsTests(TestCase):
+    def test_backlog_must_be_a_positive_c_int(self) -> None:
+        for description in ["tcp:0:backlog=2147483648", "unix:/x:backlog=0", "ssl:0:backlog=-1",
+                            "tcp6:0:backlog=1e3", "unix:/x:backlog="]:
+            with self.subTest(description=description):
+                error = self.assertRaises(ValueError, check_endpoint_arguments, description)
+                self.assertIn("backlog= must be a positive integer up to 2147483647", str(error))
+
+    def test_good_and_absent_backlogs_pass(self) -> None:
+        for description in ["tcp:0:backlog=2147483647", "unix:/x:backlog=1", "unix:/x",
+                            "unix:/tmp/a\\:backlog=99999999999.sock", "systemd:domain=INET:index=0"]:
+            with self.subTest(description=description):
+                check_endpoint_arguments(description)
+
+
+class DescribeEndpointErrorTests(TestCase):
+    """What is wrong with an endpoint string, as the start-up line says it."""
+
+    def describe(self, description: str, client: bool = False) -> str:
+        from twisted.internet.endpoints import clientFromString
+
+        parse = clientFromString if client else serverFromString
+        try:
+            parse(MemoryReactor(), description)
+        except Exception as e:
+            return describe_endpoint_error(e)
+        self.fail(f"{description} parsed")
+
+    def test_table(self) -> None:
+        directory = tempfile.mkdtemp(prefix="st-describe-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        a_file = os.path.join(directory, "ca.pem")
+        with open(a_file, "w"):
+            pass
+        missing = os.path.join(directory, "missing")
+        for description, client, expected in [
+            ("tcp:abc", False, "the port must be a number"),
+            ("unix", False, "wrong arguments for this endpoint type (a missing port or path?)"),
+            ("unix:/tmp/x:mode=999", False, "mode= must be octal digits, such as 600 or 660, got '999'"),
+            ("unix:/tmp/x:mode=rw", False, "mode= must be octal digits, such as 600 or 660, got 'rw'"),
+            (f"tls:localhost:443:trustRoots={missing}", True, f"trustRoots: {missing} does not exist"),
+            (
+                f"tls:localhost:443:trustRoots={a_file}",
+                True,
+                f"trustRoots: {a_file} is not a directory of CA certificates",
+            ),
+            (f"ssl:0:privateKey={missing}", False, f"{missing} does not exist"),
+        ]:
+            with self.subTest(description=description):
+                self.assertEqual(self.describe(description, client), expected)
+
+    def test_an_unreadable_directory_says_why(self) -> None:
+        from twisted.python.filepath import UnlistableError
+
+        error = UnlistableError(PermissionError(13, "Permission denied", "/etc/cas"))
+        self.assertEqual(
+            describe_endpoint_error(error), "trustRoots: cannot read the directory /etc/cas: permission denied"
+        )
+        self.assertEqual(
+            describe_endpoint_error(UnlistableError(RuntimeError())),
+            "trustRoots: the directory of CA certificates cannot be read",
+        )

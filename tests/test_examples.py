@@ -829,13 +829,15 @@ class ExampleRulesTests(SynchronousTestCase):
         event = m.decode(json.dumps(headers_event(cid, uri, method, headers)).encode(), m.RequestHeadersEvent)
         return cid, self.agent.on_request_headers(event).build()  # type: ignore[union-attr]
 
-    def body_answer(self, data: bytes, chunk: int = 7) -> Any:
+    def body_answer(
+        self, data: bytes, chunk: int = 7, content_type: str = "application/x-www-form-urlencoded"
+    ) -> Any:
         """A POST whose body arrives in chunks of C{chunk} bytes: the last answer."""
         from sentinel_twisted import messages as m
 
         from .agent._support import body_chunk_event
 
-        cid, first = self.headers_answer("/form", "POST", {"content-type": ["application/x-www-form-urlencoded"]})
+        cid, first = self.headers_answer("/form", "POST", {"content-type": [content_type]})
         self.assertEqual((first.decision, first.needs_more), (m.ALLOW, True))
         pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
         for index, piece in enumerate(pieces):
@@ -871,6 +873,36 @@ class ExampleRulesTests(SynchronousTestCase):
                 for chunk in (1, 7, len(data)):
                     self.assertBlockedBy(self.body_answer(data, chunk), tag, (data, chunk))
         self.assertEqual(len(self.agent._bodies), 0)
+
+    def test_the_admin_area_whatever_the_case_or_path_parameters(self) -> None:
+        from sentinel_twisted import messages as m
+
+        for uri in ["/ADMIN", "/Admin/users", "/admin;x", "/admin;jsessionid=ABC/panel", "/ADMIN%3Bx",
+                    "/static/..;/admin", "/%41dmin/"]:
+            answer = self.headers_answer(uri)[1]
+            self.assertEqual(getattr(answer.decision, "status", None), 403, uri)
+            self.assertIn("admin", answer.audit.tags, uri)
+        self.assertEqual(getattr(self.headers_answer("/API/items")[1].decision, "status", None), 401)
+        self.assertEqual(getattr(self.headers_answer("/api;v=2/items")[1].decision, "status", None), 401)
+        self.assertEqual(getattr(self.headers_answer("/METRICS")[1].decision, "status", None), 404)
+        for uri in ["/administrator", "/docs/admin-guide", "/search?q=/admin;x", "/Apis/x"]:
+            self.assertEqual(self.headers_answer(uri)[1].decision, m.ALLOW, uri)
+
+    def test_json_escapes_in_a_json_body_are_decoded(self) -> None:
+        from sentinel_twisted import messages as m
+
+        for tag, data in [
+            ("sqli", b'{"id": "1 \\u0055NION \\u0053ELECT password"}'),
+            ("sqli", b'{"id": "1\\u0027 OR \\u00271\\u0027=\\u00271"}'),
+            ("xss", b'{"comment": "\\u003cscript\\u003ealert(1)"}'),
+            ("traversal", b'{"file": "..\\u002f..\\u002fetc/passwd"}'),
+        ]:
+            for chunk in (1, 7, len(data)):
+                self.assertBlockedBy(self.body_answer(data, chunk, "application/json"), tag, (data, chunk))
+        for data in [b'{"name": "Jos\\u00e9", "note": "Line 1\\nLine 2", "path": "a\\/b"}',
+                     b'{"title": "Select a \\u0075nion rep"}']:
+            answer = self.body_answer(data, 7, "application/json")
+            self.assertEqual((answer.decision, answer.needs_more), (m.ALLOW, False), repr(data))
 
     def test_ordinary_requests_pass(self) -> None:
         from sentinel_twisted import messages as m

@@ -118,6 +118,24 @@ class OptionsTests(TestCase):
                 self.assertIn(text, str(error))
         self.assertEqual(parse("--challenge-status", "429")["challenge-status"], 429)
 
+    def test_a_backlog_in_an_endpoint_string_is_checked_at_option_time(self) -> None:
+        """
+        listen() takes a C int: a larger backlog= fails only after the UNIX
+        socket's lock and file exist, so it is an option error naming the option.
+        """
+        for option in ("--listen", "--http", "--status"):
+            for backlog in ("2147483648", "0", "-1", "12x"):
+                with self.subTest(option=option, backlog=backlog):
+                    given = f"unix:/tmp/st-no-such-dir/x.sock:backlog={backlog}"
+                    error = self.assertRaises(usage.UsageError, parse, option, given)
+                    self.assertEqual(
+                        str(error),
+                        f"{option} {given}: backlog= must be a positive integer up to 2147483647, "
+                        f"got {backlog!r}",
+                    )
+        options = parse("--listen", "tcp:0:backlog=2147483647", "--http", "tcp:0:backlog=1")
+        self.assertEqual(options["listen"], ["tcp:0:backlog=2147483647"])
+
     def test_log_level(self) -> None:
         from twisted.logger import LogLevel
 
@@ -322,6 +340,45 @@ class MakeListenerTests(TestCase):
         self.assertFalse(os.path.lexists(sock))
         self.assertFalse(os.path.lexists(sock + ".lock"))
         self.assertFalse(any(child.port for child in top))  # type: ignore[attr-defined]
+
+    def test_failure_after_the_lock_was_taken_removes_socket_and_lock(self) -> None:
+        """
+        Twisted takes the lock and binds the file before listen() and
+        chmod(); when those fail, no port comes back to be closed.
+        """
+        from twisted.internet import reactor
+
+        sock = os.path.join(self.dir, "a.sock")
+        options = parse("--listen", f"unix:{sock}")
+        # Past the option check, as an embedding program could build it.
+        options["listen"] = [f"unix:{sock}:mode=600:lockfile=1:backlog=2147483648"]
+        top = make_listener(options, reactor)
+        error = self.assertRaises(StartupError, top.privilegedStartService)
+        self.assertIn(f"--listen unix:{sock}:mode=600:lockfile=1:backlog=2147483648: ", str(error))
+        self.assertFalse(os.path.lexists(sock))
+        self.assertFalse(os.path.lexists(sock + ".lock"))
+
+    def test_a_gateway_listener_failing_after_its_lock_removes_socket_and_lock(self) -> None:
+        from twisted.internet import reactor
+
+        from sentinel_twisted.tap import add_gateway
+
+        sock, http = os.path.join(self.dir, "a.sock"), os.path.join(self.dir, "http.sock")
+        options = parse("--listen", f"unix:{sock}", "--http", f"unix:{http}", "--status", "none")
+        options["http"] = f"unix:{http}:backlog=2147483648"
+        top = make_listener(options, reactor)
+        add_gateway(top, options, reactor)
+        # The agent listener binds in the privileged step, the gateway on start.
+        top.privilegedStartService()
+        error = self.assertRaises(StartupError, top.startService)
+        self.assertIn(f"--http unix:{http}:backlog=2147483648: ", str(error))
+        # Twisted started the site's factory before binding and never stops
+        # it when listen() fails; stop its date timer here.
+        (gateway,) = [c for c in top if hasattr(c, "site")]
+        gateway.site.doStop()  # type: ignore[attr-defined]
+        for path in (sock, http):
+            self.assertFalse(os.path.lexists(path), path)
+            self.assertFalse(os.path.lexists(path + ".lock"), path)
 
     def test_stale_socket_removed_and_reported(self) -> None:
         sock = os.path.join(self.dir, "stale.sock")

@@ -50,6 +50,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._ratelimit import LogRateLimiter
 from ..errors import AgentProtocolError
 from ._interfaces import IAgent
 from ._resolve import NamedProxies, named_proxies, one_family, resolve
@@ -102,7 +103,9 @@ class ConnectionSlot:
         self.registered = False
         #: Why the last attempt failed, until a registration.
         self.last_error: str | None = None
-        factory = AgentClientFactory(self.connector.settings, self.connector.clock, self)
+        factory = AgentClientFactory(
+            self.connector.settings, self.connector.clock, self, self.connector.log_limiter
+        )
         self.service = _ClientService(
             _ReportingEndpoint(endpoint, self),
             factory,
@@ -483,6 +486,8 @@ class AgentConnector(Service):
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.settings = AgentSettings(agent=agent, agent_id=agent_id, **settings_options)
+        #: Rate limits the per-frame warnings of all its connections.
+        self.log_limiter = LogRateLimiter(self.clock)
         self.connection_count = connections
         self.drain_grace = drain_grace
         self.resolve_interval = resolve_interval

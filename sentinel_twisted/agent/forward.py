@@ -40,6 +40,8 @@ from twisted.logger import Logger
 
 from .. import messages as m
 from .._peertext import peer_text
+from .._ratelimit import LogRateLimiter
+from ..endpoints import remove_abandoned_unix_socket
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import (
     ENCODINGS,
@@ -87,8 +89,9 @@ class ForwardAgentProtocol(AgentProtocol):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshake_size: int = MAX_HANDSHAKE_SIZE,
         encodings: tuple[str, ...] = ENCODINGS,
+        log_limiter: LogRateLimiter | None = None,
     ) -> None:
-        super().__init__(settings, clock, observer)
+        super().__init__(settings, clock, observer, log_limiter)
         self.connection_id = connection_id
         self.handshake_timeout = handshake_timeout
         self.encodings = encodings
@@ -228,6 +231,9 @@ class ForwardAgentFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.max_handshake_size = max_handshake_size
         self.encodings = encodings
+        #: Rate limits the warnings proxies can cause per frame or per
+        #: connection, across all of this listener's connections.
+        self.log_limiter = LogRateLimiter(clock)
         #: Every connection from accept to close, handshaking or serving.
         self.connections: set[ForwardAgentProtocol] = set()
         self._serial = itertools.count(1)
@@ -241,6 +247,7 @@ class ForwardAgentFactory(Factory):
             handshake_timeout=self.handshake_timeout,
             max_handshake_size=self.max_handshake_size,
             encodings=self.encodings,
+            log_limiter=self.log_limiter,
         )
         protocol.factory = self
         self.connections.add(protocol)
@@ -267,7 +274,9 @@ class ForwardAgentFactory(Factory):
 
     def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
         """A proxy's handshake failed: say why; see L{ConnectionObserver}."""
-        log.warn(
+        self.log_limiter.warn(
+            log,
+            "forward-handshake-failed",
             "Agent {agent_id}: forward connection {connection_id} closed: {error}",
             agent_id=self.settings.agent_id,
             connection_id=protocol.connection_id,
@@ -343,6 +352,7 @@ class AgentListener(Service):
         listening.addCallbacks(self._listening_on, failure.append)
         if failure:
             self.running = 0
+            remove_abandoned_unix_socket(self.endpoint_description, failure[0].value)
             failure[0].raiseException()
         self._listening = listening
 

@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from .. import messages as m
 from .._peertext import peer_text
+from .._ratelimit import LogRateLimiter
 from .._tls import server_identity_error
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import JSON_CODEC, PayloadCodec
@@ -212,11 +213,16 @@ class AgentProtocol(FrameReceiver):
         settings: AgentSettings,
         clock: IReactorTime,
         observer: ConnectionObserver | None = None,
+        log_limiter: LogRateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.agent = settings.agent
         self.clock = clock
         self.observer = observer
+        #: Rate limits the warnings a proxy can cause frame by frame
+        #: (invalid events, Cancels, Pings; events over the limit): shared
+        #: by the connections of one factory, on the agent's reactor clock.
+        self.log_limiter = log_limiter if log_limiter is not None else LogRateLimiter(clock)
         self.capabilities: m.AgentCapabilities | None = None
         self.connection_id = ""
         self.proxy_id = ""
@@ -529,7 +535,9 @@ class AgentProtocol(FrameReceiver):
         elif message_type == MessageType.PONG:
             pass
         else:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "agent-frame-from-proxy",
                 "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
                 "which only agents send; ignored",
                 proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
@@ -548,7 +556,9 @@ class AgentProtocol(FrameReceiver):
         self._serial += 1
         entry = _Entry(self._serial, cid, event, handler)
         if cid in self._by_id:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "duplicate-correlation-id",
                 "Proxy sent a second event for correlation id {cid!r} while the first is in "
                 "flight on connection {connection_id}; serving both",
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
@@ -563,7 +573,9 @@ class AgentProtocol(FrameReceiver):
         else:
             del self._by_id[cid]
             self.stats["overloaded"] += 1
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "overloaded",
                 "Agent {agent_id} is over its limit on connection {connection_id} "
                 "({limit} running, {queued} queued) and the proxy keeps sending; "
                 "answering {cid!r} with the error decision",
@@ -594,7 +606,9 @@ class AgentProtocol(FrameReceiver):
             pass
         kind = MessageType(message_type).wire_name
         if isinstance(cid, str) and cid:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "invalid-event",
                 "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
                 kind=kind,
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
@@ -602,7 +616,9 @@ class AgentProtocol(FrameReceiver):
             )
             self._send_answer(cid, self.settings.error_answer())
         else:
-            log.warn(
+            self.log_limiter.warn(
+                log,
+                "invalid-event-without-id",
                 "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
                 kind=kind,
                 error=str(error),
@@ -759,7 +775,7 @@ class AgentProtocol(FrameReceiver):
         try:
             message = self.codec.decode_control(payload, m.CancelMessage)
         except InvalidMessage as e:
-            log.warn("Proxy sent an invalid Cancel: {error}", error=str(e))
+            self.log_limiter.warn(log, "invalid-cancel", "Proxy sent an invalid Cancel: {error}", error=str(e))
             return
         entry = self._by_id.pop(message.correlation_id, None)
         if entry is None:
@@ -787,7 +803,7 @@ class AgentProtocol(FrameReceiver):
         try:
             ping = self.codec.decode_control(payload, m.PingMessage)
         except InvalidMessage as e:
-            log.warn("Proxy sent an invalid Ping: {error}", error=str(e))
+            self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
             return
         # The Pong carries the Ping's sequence and timestamp and nothing
         # else (the reference echoes the whole body, whatever it holds).
@@ -823,12 +839,15 @@ class AgentClientFactory(Factory):
         settings: AgentSettings,
         clock: IReactorTime,
         observer: ConnectionObserver | None = None,
+        log_limiter: LogRateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.observer = observer
+        #: Shared by every connection this factory builds.
+        self.log_limiter = log_limiter if log_limiter is not None else LogRateLimiter(clock)
 
     def buildProtocol(self, addr: IAddress) -> AgentProtocol:  # type: ignore[override]
-        protocol = AgentProtocol(self.settings, self.clock, self.observer)
+        protocol = AgentProtocol(self.settings, self.clock, self.observer, self.log_limiter)
         protocol.factory = self
         return protocol

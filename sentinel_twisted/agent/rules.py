@@ -224,6 +224,19 @@ def _normalize_path(path: str) -> str:
     return normalized
 
 
+#: A path parameter (RFC 3986 section 3.3): C{;} up to the end of its segment.
+_PATH_PARAMETER = re.compile(r";[^/]*")
+
+
+def _without_parameters(path: str) -> str:
+    """
+    C{/admin;x/a;b=1} as C{/admin/a}: servlet containers (Tomcat, Jetty) and
+    the frameworks on them drop path parameters before they route, so
+    C{/admin;x} reaches C{/admin} there (and C{/a/..;/admin} is C{/admin}).
+    """
+    return _PATH_PARAMETER.sub("", path)
+
+
 class _RequestView:
     """What rules look at in a RequestHeaders event, computed once."""
 
@@ -238,7 +251,14 @@ class _RequestView:
             parts = urlsplit(uri)
             raw_path, raw_query = parts.path, parts.query
         decoded = unquote(raw_path)
-        self.paths = _unique((raw_path, decoded, _normalize_path(decoded)))
+        self.paths = _unique(
+            (
+                raw_path,
+                decoded,
+                _normalize_path(decoded),
+                _normalize_path(_without_parameters(decoded)),
+            )
+        )
         self.uris = _unique((uri, unquote(uri)))
         self.queries = _unique((raw_query, unquote_plus(raw_query)))
         headers: dict[str, list[str]] = {}
@@ -721,13 +741,16 @@ class _BodyScan:
     missed, and L{BODY_WINDOW} bytes for C{body} patterns.
     """
 
-    __slots__ = ("verdict", "tail", "keep", "method", "uri", "client_ip")
+    __slots__ = ("verdict", "tail", "keep", "method", "uri", "client_ip", "json")
 
     def __init__(self, verdict: Verdict, event: m.RequestHeadersEvent) -> None:
         self.verdict = verdict
         self.method = event.method
         self.uri = event.uri
         self.client_ip = event.metadata.client_ip
+        #: Whether the body is JSON (its string escapes are decoded for
+        #: C{body} patterns); C{None}: no Content-Type, told by the first byte.
+        self.json = _json_content_type(event.headers)
         self.tail = b""
         keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
         if any(r.body is not None for r in verdict.body_rules):
@@ -736,11 +759,13 @@ class _BodyScan:
 
     def feed(self, chunk: bytes) -> Rule | None:
         data = self.tail + chunk
+        if self.json is None and data.strip():
+            self.json = data.lstrip()[:1] in (b"{", b"[")
         texts: tuple[str, ...] | None = None
         for rule in self.verdict.body_rules:
             if rule.body is not None:
                 if texts is None:
-                    texts = _body_texts(data)
+                    texts = _body_texts(data, bool(self.json))
                 if _any_search(rule.body, texts):
                     return rule
             elif any(needle in data for needle in rule.body_contains):
@@ -758,10 +783,56 @@ class _BodyScan:
         return builder.tag(*dict.fromkeys([*verdict.tags, *rule.tags]))
 
 
-def _body_texts(data: bytes) -> tuple[str, ...]:
-    """A body's bytes as C{body} patterns see them: as text, and form-decoded."""
+def _body_texts(data: bytes, json_body: bool = False) -> tuple[str, ...]:
+    """
+    A body's bytes as C{body} patterns see them: as text, form-decoded and,
+    for a JSON body, with JSON's string escapes decoded (C{\\u0055NION} is
+    C{UNION} to the application that parses it).
+    """
     text = data.decode("utf-8", "replace")
+    if json_body:
+        return _unique((text, unquote_plus(text), _json_unescape(text)))
     return _unique((text, unquote_plus(text)))
+
+
+def _json_content_type(headers: Mapping[str, list[str]]) -> bool | None:
+    """
+    Whether a request's Content-Type is JSON (C{application/json},
+    C{application/vnd.api+json}, ...); C{None} when it has none.
+    """
+    values = [v for name, vs in headers.items() if name.lower() == "content-type" for v in vs]
+    if not values:
+        return None
+    for value in values:
+        media = value.partition(";")[0].strip().lower()
+        if media.endswith("/json") or media.endswith("+json"):
+            return True
+    return False
+
+
+_JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|([\"\\/bfnrt]))"
+)
+_JSON_SIMPLE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_unescape_one(match: re.Match[str]) -> str:
+    high, low, code, simple = match.groups()
+    if high is not None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    if code is not None:
+        char = int(code, 16)
+        # A lone surrogate cannot be text.
+        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
+    return _JSON_SIMPLE[simple]
+
+
+def _json_unescape(text: str) -> str:
+    """
+    Decode JSON's string escapes anywhere in C{text}, left to right (a
+    window of a body may hold half a document, so it is not parsed).
+    """
+    return _JSON_ESCAPE.sub(_json_unescape_one, text) if "\\" in text else text
 
 
 class RulesAgent(Agent):

@@ -27,6 +27,7 @@ from .. import __version__
 from .._twistd import ProgramOptions, exit_at_exit, exit_zero_after_clean_sigterm
 from ..endpoints import (
     SocketInUse,
+    check_endpoint_arguments,
     clear_stale_unix_socket,
     describe_endpoint_error,
     unix_socket_path,
@@ -211,11 +212,13 @@ class Options(ProgramOptions):
             except Exception as e:
                 raise usage.UsageError(f"--connect {description}: {describe_endpoint_error(e)}") from None
         if self["listen"]:
-            self["listen"] = with_owner_only_mode(with_lockfile(self["listen"]))
+            given = self["listen"]
+            self["listen"] = with_owner_only_mode(with_lockfile(given))
             try:
+                check_endpoint_arguments(self["listen"])
                 serverFromString(reactor, self["listen"])
             except Exception as e:
-                raise usage.UsageError(f"--listen {self['listen']}: {describe_endpoint_error(e)}") from None
+                raise usage.UsageError(f"--listen {given}: {describe_endpoint_error(e)}") from None
         self["auth-token"] = None
         self["token-warning"] = None
         if self["auth-token-file"]:

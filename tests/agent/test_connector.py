@@ -273,3 +273,18 @@ class DrainOnStopTests(SynchronousTestCase):
         self.successResultOf(connector.stopService())
         run(clock, 120)
         self.assertEqual(len(endpoint.attempts), 1)
+
+
+class LogRateLimitTests(SynchronousTestCase):
+    def test_every_connection_and_reconnection_shares_the_connectors_limiter(self) -> None:
+        """A proxy cannot reset the per-frame warning limit by reconnecting."""
+        connector, endpoint, clock = make(["accept"], connections=2)
+        connector.startService()
+        run(clock, 1)
+        endpoint.connections[0].close()
+        run(clock, 5)
+        self.assertGreaterEqual(len(endpoint.connections), 3)
+        for connection in endpoint.connections:
+            self.assertIs(connection.protocol.log_limiter, connector.log_limiter)
+        self.assertIs(connector.log_limiter.clock, clock)
+        connector.stopService()

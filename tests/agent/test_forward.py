@@ -475,3 +475,28 @@ class MalformedHandshakeProperties(SynchronousTestCase):
             self.assertEqual(c.clock.getDelayedCalls(), [])
 
 
+
+
+class ForwardLogRateLimitTests(SynchronousTestCase):
+    def test_connections_share_the_listeners_limiter(self) -> None:
+        factory = ForwardAgentFactory(AgentSettings(agent=Agent(), agent_id="a"), Clock())
+        one = factory.buildProtocol(UNIXAddress(None))
+        two = factory.buildProtocol(UNIXAddress(None))
+        self.assertIs(one.log_limiter, factory.log_limiter)
+        self.assertIs(two.log_limiter, factory.log_limiter)
+        self.assertIs(factory.log_limiter.clock, factory.clock)
+
+    def test_failed_handshakes_are_rate_limited(self) -> None:
+        from twisted.logger import LogLevel
+
+        from .._proxy_support import captured_log
+
+        clock = Clock()
+        factory = ForwardAgentFactory(AgentSettings(agent=Agent(), agent_id="a"), clock)
+        with captured_log() as events:
+            for _ in range(100):
+                protocol = factory.buildProtocol(UNIXAddress(None))
+                protocol.makeConnection(StringTransport(peerAddress=UNIXAddress(None)))
+                protocol.dataReceived(b"\x00\x00\x00\x02\x01{")
+        warnings = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(len(warnings), factory.log_limiter.burst)

@@ -672,3 +672,52 @@ class DrainTests(SynchronousTestCase):
         h.lose()
         self.successResultOf(done)
         self.assertEqual(h.events, [])
+
+
+class LogRateLimitTests(SynchronousTestCase):
+    """
+    A proxy that sends invalid frames in a loop makes a handful of warnings
+    and a summary per period, not a line per frame.
+    """
+
+    def flood(self, h: Harness, count: int) -> None:
+        for n in range(count):
+            event = headers_event(f"bad-{n}")
+            event["metadata"]["client_port"] = "not a number"
+            h.feed(REQUEST_HEADERS, event)
+            h.feed(RESPONSE_HEADERS, b"{not json")
+            h.feed(CANCEL, b"[]")
+            h.feed(PING, b"{")
+            h.feed(HEALTH_STATUS, {})
+
+    def test_per_frame_warnings_are_rate_limited_on_the_agents_clock(self) -> None:
+        h = Harness()
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            self.flood(h, 200)
+        warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        burst = h.protocol.log_limiter.burst
+        # Five kinds of warning, each at most a burst now.
+        self.assertEqual(len(warnings), 5 * burst)
+        # Every invalid event with an id is still answered.
+        self.assertEqual(len(h.answers()), 200)
+        with captured_log() as events:
+            h.clock.advance(h.protocol.log_limiter.period)
+        summaries = [formatEvent(e) for e in events]
+        self.assertEqual(len(summaries), 5)
+        for text in summaries:
+            self.assertIn(f"and {200 - burst - 1} more like it in the last 10 s", text)
+
+    def test_connections_of_one_factory_share_the_limiter(self) -> None:
+        from twisted.internet.address import UNIXAddress
+        from twisted.internet.task import Clock
+
+        from sentinel_twisted.agent import AgentClientFactory
+        from sentinel_twisted.agent.protocol import AgentSettings
+
+        factory = AgentClientFactory(AgentSettings(agent=Agent(), agent_id="waf-1"), Clock())
+        one = factory.buildProtocol(UNIXAddress(None))
+        two = factory.buildProtocol(UNIXAddress(None))
+        self.assertIs(one.log_limiter, two.log_limiter)
+        self.assertIs(one.log_limiter.clock, factory.clock)

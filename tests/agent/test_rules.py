@@ -69,6 +69,14 @@ class MatcherTests(_DecisionTestCase):
         self.assertAllowed(r, uri="/administrator")
         self.assertAllowed(r, uri="/?next=/admin")
 
+    def test_path_parameters_are_dropped_as_servlet_containers_do(self) -> None:
+        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK})
+        for uri in ["/admin;x", "/admin;jsessionid=1/users", "/admin%3bx", "/public/..;/admin",
+                    "/public;a=1/../admin/", "/admin;"]:
+            self.assertBlocked(r, uri=uri)
+        for uri in ["/administrator;x", "/public;/admin-tools", "/?q=/admin;x"]:
+            self.assertAllowed(r, uri=uri)
+
     def test_trailing_slash_survives_dot_segment_normalisation(self) -> None:
         r = rules({"id": "dir", "match": {"path": "^/dir/$"}, **BLOCK})
         for uri in ["/dir/", "/x/../dir/", "/dir/./", "/dir//", "/dir/.", "/dir/sub/..", "/x/%2e%2e/dir/"]:
@@ -170,6 +178,42 @@ class MatcherTests(_DecisionTestCase):
         answer = agent.on_request_body_chunk(body("ok", b"union=1&select=2", 0, last=True)).build()  # type: ignore[union-attr]
         self.assertEqual(answer.decision, m.ALLOW)
         self.assertEqual(len(agent._bodies), 0)
+
+    def test_json_string_escapes_are_decoded_for_a_json_body(self) -> None:
+        agent = _agent(self, {"id": "sqli", "match": {"body": "(?i)union\\s+select"}, **BLOCK})
+        escaped = b'{"q": "1 \\u0055NION\\u0020\\u0053ELECT 2"}'
+        for cid, content_type, data in [
+            ("json", ["application/json"], escaped),
+            ("json-charset", ["Application/JSON; charset=utf-8"], escaped),
+            ("vendor", ["application/vnd.api+json"], escaped),
+            ("newline", ["application/json"], b'{"q": "1 union\\nselect 2"}'),
+            # No Content-Type: a body that starts as JSON is read as JSON.
+            ("sniffed", None, b'  [' + escaped + b"]"),
+        ]:
+            headers = {"content-type": content_type} if content_type else {}
+            agent.on_request_headers(event(cid=cid, method="POST", headers=headers))
+            answer = agent.on_request_body_chunk(body(cid, data, 0, last=True)).build()  # type: ignore[union-attr]
+            self.assertIsInstance(answer.decision, m.Block, cid)
+        # Split across chunks, escapes and all.
+        agent.on_request_headers(event(cid="split", method="POST", headers={"content-type": ["application/json"]}))
+        for index in range(len(escaped)):
+            answer = agent.on_request_body_chunk(body("split", escaped[index : index + 1], index)).build()  # type: ignore[union-attr]
+            if not isinstance(answer.decision, m.Allow):
+                break
+        self.assertIsInstance(answer.decision, m.Block)
+        # Not JSON by its Content-Type: the text is taken as it is.
+        agent.on_request_headers(event(cid="text", method="POST", headers={"content-type": ["text/plain"]}))
+        answer = agent.on_request_body_chunk(body("text", escaped, 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision, m.ALLOW)
+
+    def test_json_unescaping(self) -> None:
+        from sentinel_twisted.agent.rules import _json_unescape
+
+        self.assertEqual(_json_unescape('a\\u0055NION'), "aUNION")
+        self.assertEqual(_json_unescape('\\ud83d\\ude00 \\ud800 \\"x\\" \\/\\t'), '\U0001f600 \ufffd "x" /\t')
+        # An escaped backslash ends the escape: \\u0055 is a backslash and "u0055".
+        self.assertEqual(_json_unescape('\\\\u0055'), "\\u0055")
+        self.assertEqual(_json_unescape("no escapes"), "no escapes")
 
     def test_body_pattern_across_chunks_within_the_window(self) -> None:
         agent = _agent(self, {"id": "sqli", "match": {"body": "(?i)union\\s+select"}, **BLOCK})

@@ -69,6 +69,34 @@ class ListenOptionsTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, parse, "--listen", "nonsense:1")
         self.assertIn("--listen nonsense:1", str(error))
 
+    def test_a_backlog_out_of_range_is_an_option_error(self) -> None:
+        """
+        Twisted's listen() takes the lock and binds the file before a
+        backlog over a C int fails: refused at option time instead.
+        """
+        for backlog in ("2147483648", "0", "-5", "many"):
+            with self.subTest(backlog=backlog):
+                error = self.assertRaises(
+                    usage.UsageError, parse, "--listen", f"unix:{self.socket}:backlog={backlog}"
+                )
+                self.assertIn(f"--listen unix:{self.socket}:backlog={backlog}: ", str(error))
+                self.assertIn("backlog= must be a positive integer up to 2147483647", str(error))
+        self.assertFalse(os.path.lexists(self.socket))
+        self.assertIn("backlog=2147483647", parse("--listen", f"unix:{self.socket}:backlog=2147483647")["listen"])
+
+    def test_a_failure_to_listen_after_the_lock_leaves_nothing_behind(self) -> None:
+        from twisted.internet import reactor
+
+        listener = AgentListener(
+            parse("--listen", f"unix:{self.socket}")["agent-object"],
+            f"unix:{self.socket}:lockfile=1:backlog=2147483648",
+            "waf-1",
+            reactor=reactor,
+        )
+        self.assertRaises(OverflowError, listener.startService)
+        self.assertFalse(os.path.lexists(self.socket))
+        self.assertFalse(os.path.lexists(self.socket + ".lock"))
+
     def test_a_stale_socket_is_replaced(self) -> None:
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(self.socket)

@@ -82,3 +82,20 @@ class ExampleRulesThroughTheGatewayTests(TestCase):
             self.assertEqual((admin.code, admin.header("x-sentinel-agent")), (403, "sentinel-twisted"))
 
         return ensureDeferred(go())
+
+    def test_admin_case_path_parameters_and_json_escapes_are_refused(self) -> Any:
+        async def go() -> None:
+            h = await self.start()
+            for path in ["/ADMIN", "/admin;x", "/Admin;jsessionid=1/users"]:
+                response = await h.get(path)
+                self.assertEqual((response.code, response.header("x-sentinel-agent")), (403, "sentinel-twisted"), path)
+            data = b'{"id": "1 \\u0055NION \\u0053ELECT password FROM users"}'
+            self.assertRefused(
+                await h.post("/json", data, headers={"Content-Type": "application/json"}), repr(data)
+            )
+            self.assertEqual([r["uri"] for r in h.upstream.requests if r["uri"] in ("/json", "/ADMIN")], [])
+            ordinary = b'{"name": "Jos\\u00e9"}'
+            echoed = await h.post("/echo-body", ordinary, headers={"Content-Type": "application/json"})
+            self.assertEqual((echoed.code, echoed.body), (200, ordinary))
+
+        return ensureDeferred(go())
