@@ -326,6 +326,8 @@ class Options(ProgramOptions):
         (repeatable). [default: every registered agent, in order of first
         registration]
         """
+        if not agent_id.strip():
+            raise usage.UsageError("--agent: an empty agent id; give the id of an agent to consult")
         self["agents"].append(agent_id)
 
     def opt_status_host(self, name: str) -> None:
@@ -333,6 +335,8 @@ class Options(ProgramOptions):
         Host name the status site answers to besides its own address
         (repeatable); other Host headers get 421, against DNS rebinding.
         """
+        if not name.strip():
+            raise usage.UsageError("--status-host: an empty host name; give a name the status site answers to")
         self["status-hosts"].append(name)
 
     def opt_ready_agent(self, agent_id: str) -> None:
