@@ -202,7 +202,7 @@ class _Misdirected(Resource):
         return self._BODY
 
 
-_MISDIRECTED = _Misdirected()
+_MISDIRECTED = _Misdirected()  # type: ignore[no-untyped-call]
 
 
 def _host_name(value: bytes) -> str:
