@@ -147,6 +147,7 @@ _CONVERSIONS = {
     "shutdown-grace": _seconds,
     "header-timeout": _positive_float,
     "max-client-connections": _positive_int,
+    "max-replaced-body-size": _positive_int,
 }
 
 
@@ -278,6 +279,13 @@ class Options(ProgramOptions):
             None,
             1024,
             "HTTP client connections (N) the gateway holds at once; more are closed at once.",
+        ],
+        [
+            "max-replaced-body-size",
+            None,
+            10 * 1024 * 1024,
+            "Largest body (N bytes) agents' body replacements may make of a smaller one; "
+            "past it the answer is an agent error (503, or the agent left out with --fail-open).",
         ],
         [
             "client-ca",
@@ -433,6 +441,7 @@ class Options(ProgramOptions):
                 header_timeout=self["header-timeout"],
                 max_client_connections=self["max-client-connections"],
                 status_hosts=self["status-hosts"],
+                max_replaced_body_size=self["max-replaced-body-size"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

@@ -371,6 +371,11 @@ class _ClientWriter:
     def end(self) -> None:
         self.exchange._client_end()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the client's connection asked the gateway to pause."""
+        return "client" in self.exchange._upstream_pauses
+
 
 class _RequestTail:
     """The last stage of the request body: the upstream."""
@@ -385,6 +390,11 @@ class _RequestTail:
     def end(self) -> None:
         self.body.end()
         self.exchange._request_body_through()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the upstream has not taken enough of what it was given."""
+        return self.body.busy
 
 
 class _ResponseProducer:
@@ -596,6 +606,7 @@ class Exchange:
                 total_size=length,
                 next_stage=head,
                 pressure=pressure,
+                max_size=self.gateway.config.max_replaced_body_size,
             )
             slot.stage = stage
             head = stage
@@ -884,6 +895,7 @@ class Exchange:
                     total_size=length,
                     next_stage=head,
                     pressure=pressure,
+                    max_size=self.gateway.config.max_replaced_body_size,
                 )
                 slot.stage = stage
                 head = stage
@@ -964,6 +976,9 @@ class Exchange:
             self._upstream_pauses = pauses = pauses - {why}
             if not pauses and self._response is not None:
                 self._response.resume()
+            if why == "client" and self._response_pressure is not None:
+                # Stages that waited for the client may send chunks again.
+                self._response_pressure.drained()
 
     def _write_head(self) -> None:
         self._head_written = True
