@@ -90,14 +90,14 @@ class _InspectingAgent:
 
 
 class _Pool:
-    def __init__(self, connection: _InspectingAgent) -> None:
-        self.connection = connection
+    def __init__(self, *connections: _InspectingAgent) -> None:
+        self.connections = {c.agent_id: c for c in connections}
 
     def agent_ids(self) -> list[str]:
-        return ["amp"]
+        return list(self.connections)
 
     def select(self, agent_id: str) -> _InspectingAgent:
-        return self.connection
+        return self.connections[agent_id]
 
 
 class _FullSocket:
@@ -171,9 +171,10 @@ class _AnsweringUpstream:
         return "answering"
 
 
-def _gateway(agent: _InspectingAgent, upstream: Any, **config: Any) -> tuple[Any, StringTransport]:
+def _gateway(agent: _InspectingAgent | _Pool, upstream: Any, **config: Any) -> tuple[Any, StringTransport]:
     reactor = MemoryReactorClock()
-    gateway = Gateway(_Pool(agent), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+    pool = agent if isinstance(agent, _Pool) else _Pool(agent)
+    gateway = Gateway(pool, GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
     site = GatewaySite(gateway, reactor=reactor)
     channel = site.buildProtocol(None)
     transport = StringTransport()
@@ -209,6 +210,42 @@ class RequestBodyMemoryTests(SynchronousTestCase):
         assert upstream.socket is not None
         upstream.socket.drain()
         self.assertEqual(len(agent.pending), 1)
+        channel.connectionLost(None)
+
+    def test_replacements_wait_for_the_next_agent(self) -> None:
+        """
+        The first agent's replacements go to a second agent that answers
+        nothing: the first is sent no more chunks once the second's stage
+        holds its chunk and L{STAGE_ROOM}.
+        """
+        first = _InspectingAgent(m.EventType.REQUEST_HEADERS, m.EventType.REQUEST_BODY_CHUNK)
+        second = _InspectingAgent(m.EventType.REQUEST_HEADERS, m.EventType.REQUEST_BODY_CHUNK)
+        second.agent_id = "slow"
+        second.capabilities.limits.preferred_chunk_size = REPLACEMENT
+        channel, transport = _gateway(_Pool(first, second), _StuckUpstream())
+        channel.dataReceived(_POST)
+        (request,) = channel.requests
+        pressure = request.exchange._request_pressure
+        peak = 0
+
+        def measure() -> None:
+            nonlocal peak
+            peak = max(peak, pressure.held)
+
+        answered = first.answer_chunks(False, ANSWERS, measure)
+        # The client's bytes, the second agent's chunk in flight, its room,
+        # and the answer that took it past its room.
+        self.assertLessEqual(peak, 1000 + REPLACEMENT + STAGE_ROOM + 2 * REPLACEMENT)
+        self.assertLess(answered, ANSWERS)
+        self.assertEqual(first.pending, [])
+        # The second agent answers: its stage drains, and the first agent
+        # gets its next chunk.
+        for _ in range(ANSWERS):
+            if first.pending or not second.pending:
+                break
+            event, answer = second.pending.pop(0)
+            answer.callback(m.AgentResponse(needs_more=True))
+        self.assertEqual(len(first.pending), 1)
         channel.connectionLost(None)
 
     def test_replacements_past_the_limit_are_an_agent_error(self) -> None:
