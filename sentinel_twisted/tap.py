@@ -154,6 +154,7 @@ _CONVERSIONS = {
     "max-client-connections": _positive_int,
     "agent-connections": _positive_int,
     "agent-encodings": encoding_list,
+    "max-replaced-body-size": _positive_int,
 }
 
 
@@ -300,6 +301,13 @@ class Options(ProgramOptions):
             "Payload encodings offered to --agent-endpoint agents, in order of preference.",
         ],
         [
+            "max-replaced-body-size",
+            None,
+            10 * 1024 * 1024,
+            "Largest body (N bytes) agents' body replacements may make of a smaller one; "
+            "past it the answer is an agent error (503, or the agent left out with --fail-open).",
+        ],
+        [
             "client-ca",
             None,
             None,
@@ -347,6 +355,8 @@ class Options(ProgramOptions):
         (repeatable); registered or --agent-endpoint agents alike.
         [default: every agent in the pool, in order of first connection]
         """
+        if not agent_id.strip():
+            raise usage.UsageError("--agent: an empty agent id; give the id of an agent to consult")
         self["agents"].append(agent_id)
 
     def opt_agent_endpoint(self, value: str) -> None:
@@ -365,6 +375,8 @@ class Options(ProgramOptions):
         Host name the status site answers to besides its own address
         (repeatable); other Host headers get 421, against DNS rebinding.
         """
+        if not name.strip():
+            raise usage.UsageError("--status-host: an empty host name; give a name the status site answers to")
         self["status-hosts"].append(name)
 
     def opt_ready_agent(self, agent_id: str) -> None:
@@ -485,6 +497,7 @@ class Options(ProgramOptions):
                 header_timeout=self["header-timeout"],
                 max_client_connections=self["max-client-connections"],
                 status_hosts=self["status-hosts"],
+                max_replaced_body_size=self["max-replaced-body-size"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

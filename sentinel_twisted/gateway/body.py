@@ -11,6 +11,19 @@ is forwarded only once its agent has answered, so a block decision always
 arrives before the last byte reaches the other side.  An agent that answers
 with C{needs_more: false} before the end has seen enough: the rest of the
 body passes it by.
+
+Memory stays bounded whatever an agent answers:
+
+ - back-pressure: a stage sends its agent the next chunk only while what
+   comes after it (the next stage, the upstream connection, the client) is
+   not L{busy <BodySink.busy>}; a stage is busy past its chunk and
+   L{STAGE_ROOM}, the upstream body past L{STAGE_ROOM} held, the client
+   while its connection asks the gateway to pause.  So an agent that
+   answers every one-byte chunk with megabytes gets its next chunk only
+   once those megabytes have left.
+ - a cap on replacements: what an agent's replacements make of a body may
+   not be larger than C{max_size} (C{--max-replaced-body-size}) unless the
+   body was that large already; past it the answer is an agent error.
 """
 
 from __future__ import annotations
@@ -29,12 +42,22 @@ from .decisions import apply_body_mutation
 if TYPE_CHECKING:
     from .exchange import AgentSlot
 
-__all__ = ["BodySink", "InspectionStage", "Pressure", "StageOwner", "clamp_chunk_size"]
+__all__ = [
+    "STAGE_ROOM",
+    "BodySink",
+    "InspectionStage",
+    "Pressure",
+    "StageOwner",
+    "clamp_chunk_size",
+]
 
 #: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
 #: The chunk size for an agent that states no preference.
 DEFAULT_CHUNK_SIZE = 64 * 1024
+#: Bytes a stage (beyond its chunk size) or the upstream body holds before
+#: it is busy: the stage before it sends its agent no more chunks.
+STAGE_ROOM = 256 * 1024
 
 
 def clamp_chunk_size(preferred: int) -> int:
@@ -55,15 +78,27 @@ class BodySink(Protocol):
     def end(self) -> None:
         """The body is complete."""
 
+    @property
+    def busy(self) -> bool:
+        """
+        Whether it holds enough for now: the stage that feeds it sends its
+        agent no more chunks (whose answers could add to it) until
+        L{Pressure.drained}.
+        """
+
 
 class Pressure:
     """
     Bytes held in one direction of an exchange.  Above C{high} the source
     is paused, below C{low} it is resumed, so a slow agent or a slow peer
     bounds the memory one request can take.
+
+    It also carries the other way of back-pressure: stages that wait for a
+    L{busy <BodySink.busy>} sink after them are called back when a sink of
+    this direction has drained (L{wait}, L{drained}).
     """
 
-    __slots__ = ("_high", "_low", "_pause", "_paused", "_resume", "held")
+    __slots__ = ("_high", "_low", "_pause", "_paused", "_resume", "_waiting", "held")
 
     def __init__(
         self, pause: Callable[[], None], resume: Callable[[], None], high: int, low: int
@@ -73,6 +108,7 @@ class Pressure:
         self._high = high
         self._low = low
         self._paused = False
+        self._waiting: list[Callable[[], None]] = []
         self.held = 0
 
     def add(self, count: int) -> None:
@@ -89,9 +125,21 @@ class Pressure:
             self._paused = False
             self._resume()
 
+    def wait(self, callback: Callable[[], None]) -> None:
+        """Call C{callback} once a sink of this direction has drained."""
+        if callback not in self._waiting:
+            self._waiting.append(callback)
+
+    def drained(self) -> None:
+        """A sink took bytes out: the stages waiting try again (and wait again if need be)."""
+        waiting, self._waiting = self._waiting, []
+        for callback in waiting:
+            callback()
+
     def release(self) -> None:
         """Stop holding anything back (the exchange is over)."""
         self.held = 0
+        self._waiting = []
         if self._paused:
             self._paused = False
             self._resume()
@@ -136,6 +184,7 @@ class InspectionStage:
         total_size: int | None,
         next_stage: BodySink,
         pressure: Pressure,
+        max_size: int,
     ) -> None:
         self.owner = owner
         self.slot = slot
@@ -144,9 +193,12 @@ class InspectionStage:
         self._chunk_size = chunk_size
         self._total_size = total_size
         self._pressure = pressure
+        self._max_size = max_size
         self._buffer = bytearray()
         self._index = 0
         self._count = 0
+        #: Bytes passed on after the agent's answers (replacements included).
+        self._out = 0
         self._ended = False
         self._started = False
         self._bypass = False
@@ -158,6 +210,13 @@ class InspectionStage:
     def waiting(self) -> bool:
         """Whether a chunk waits for its answer."""
         return self._in_flight is not None
+
+    @property
+    def busy(self) -> bool:
+        """Past its chunk and L{STAGE_ROOM} held (once bypassed: whether what follows is busy)."""
+        if self._bypass:
+            return self.next.busy
+        return len(self._buffer) > self._chunk_size + STAGE_ROOM
 
     def feed(self, data: bytes) -> None:
         """More body: held and sent to the agent in chunks of its preferred size."""
@@ -199,6 +258,8 @@ class InspectionStage:
             self.next.feed(held)
         if self._ended:
             self._finish()
+        # Whoever waited for this stage now waits for what follows it.
+        self._pressure.drained()
 
     def _finish(self) -> None:
         if not self._finished:
@@ -215,6 +276,15 @@ class InspectionStage:
             return
         buffer = self._buffer
         size = self._chunk_size
+        if len(buffer) <= size and not self._ended:
+            return
+        if self.next.busy:
+            # The agent's answer to the next chunk (a replacement of up to
+            # a frame's worth) would go where enough is held already: it
+            # waits until that has drained.
+            self._pressure.wait(self._pump)
+            return
+        was_busy = len(buffer) > size + STAGE_ROOM
         if len(buffer) > size:
             chunk = bytes(buffer[:size])
             del buffer[:size]
@@ -257,6 +327,8 @@ class InspectionStage:
         self.owner.send_to(self.slot, event).addCallbacks(self._answered, self._failed).addErrback(
             self.owner.internal_error
         )
+        if was_busy and not self.busy:
+            self._pressure.drained()
 
     def _answered(self, answer: m.AgentResponse) -> None:
         chunk = self._in_flight
@@ -270,6 +342,18 @@ class InspectionStage:
         except ValueError as e:
             self._failed(Failure(InvalidMessage(str(e))))
             return
+        out_total = self._out + len(out)
+        if out_total > self._max_size and out_total > self._count:
+            self._failed(
+                Failure(
+                    InvalidMessage(
+                        f"its body replacements make {out_total} bytes of {self._count}, over "
+                        f"the gateway's limit of {self._max_size} (--max-replaced-body-size)"
+                    )
+                )
+            )
+            return
+        self._out = out_total
         self._in_flight = None
         self._pressure.sub(len(chunk))
         if out:

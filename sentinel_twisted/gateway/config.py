@@ -82,6 +82,10 @@ class GatewayConfig:
         once; more are closed as they arrive.
     @ivar status_hosts: host names the status site answers to besides its
         own address (C{Host} checked against DNS rebinding).
+    @ivar max_replaced_body_size: the largest body (bytes) that agents'
+        body replacements may make of a body smaller than that; past it the
+        answer is an agent error (C{503}, or the agent is left out failing
+        open).
     """
 
     agents: tuple[str, ...] = attrs.field(default=(), converter=_agents)
@@ -93,6 +97,7 @@ class GatewayConfig:
     header_timeout: float = attrs.field(default=30.0, validator=_positive)
     max_client_connections: int = attrs.field(default=1024, validator=_positive_int)
     status_hosts: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    max_replaced_body_size: int = attrs.field(default=10 * 1024 * 1024, validator=_positive_int)
 
     @upstream.validator
     def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:

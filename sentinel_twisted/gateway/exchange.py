@@ -283,6 +283,11 @@ class _AgentPresence(PoolObserver):
     Without C{--agent} the gateway consults whoever is registered; when
     nobody is, requests are answered C{503} (or pass, failing open), and
     an operator should hear of it once, not per request.
+
+    An agent that registers and leaves in a loop would make a line per
+    round: the lines go through the gateway's L{LogRateLimiter}, under one
+    kind, so that the line reported at the end of a busy period is the
+    latest news (absent or back).
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -292,7 +297,9 @@ class _AgentPresence(PoolObserver):
     def agent_registered(self, connection: AgentConnection) -> None:
         if self.absent:
             self.absent = False
-            log.info(
+            self.gateway.log_limiter.info(
+                log,
+                "agent_presence",
                 "Agent {agent_id} registered: requests are decided by the agents again",
                 agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             )
@@ -302,7 +309,9 @@ class _AgentPresence(PoolObserver):
         if gateway.config.agents or len(gateway.pool) or self.absent:
             return
         self.absent = True
-        log.warn(
+        gateway.log_limiter.warn(
+            log,
+            "agent_presence",
             "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
             agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
             outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
@@ -362,6 +371,11 @@ class _ClientWriter:
     def end(self) -> None:
         self.exchange._client_end()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the client's connection asked the gateway to pause."""
+        return "client" in self.exchange._upstream_pauses
+
 
 class _RequestTail:
     """The last stage of the request body: the upstream."""
@@ -376,6 +390,11 @@ class _RequestTail:
     def end(self) -> None:
         self.body.end()
         self.exchange._request_body_through()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the upstream has not taken enough of what it was given."""
+        return self.body.busy
 
 
 class _ResponseProducer:
@@ -587,6 +606,7 @@ class Exchange:
                 total_size=length,
                 next_stage=head,
                 pressure=pressure,
+                max_size=self.gateway.config.max_replaced_body_size,
             )
             slot.stage = stage
             head = stage
@@ -875,6 +895,7 @@ class Exchange:
                     total_size=length,
                     next_stage=head,
                     pressure=pressure,
+                    max_size=self.gateway.config.max_replaced_body_size,
                 )
                 slot.stage = stage
                 head = stage
@@ -955,6 +976,9 @@ class Exchange:
             self._upstream_pauses = pauses = pauses - {why}
             if not pauses and self._response is not None:
                 self._response.resume()
+            if why == "client" and self._response_pressure is not None:
+                # Stages that waited for the client may send chunks again.
+                self._response_pressure.drained()
 
     def _write_head(self) -> None:
         self._head_written = True

@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .body import Pressure
+from .body import STAGE_ROOM, Pressure
 from .config import parse_upstream
 
 __all__ = [
@@ -59,13 +59,16 @@ class StreamingBody:
     """
     The request body on its way upstream.  It is fed before the upstream
     connection exists; what the connection cannot take yet is held and
-    counted in the exchange's L{Pressure}, which pauses the client.
+    counted in the exchange's L{Pressure}, which pauses the client.  Past
+    L{STAGE_ROOM} held it is L{busy}: the inspection stages before it send
+    no more chunks until it has drained.
     """
 
     def __init__(self, length: int | None, pressure: Pressure) -> None:
         self.length: Any = UNKNOWN_LENGTH if length is None else length
         self._pressure = pressure
         self._held: list[bytes] = []
+        self._held_size = 0
         self._consumer: IConsumer | None = None
         self._paused = False
         self._ended = False
@@ -84,7 +87,13 @@ class StreamingBody:
             self._consumer.write(data)
         else:
             self._held.append(data)
+            self._held_size += len(data)
             self._pressure.add(len(data))
+
+    @property
+    def busy(self) -> bool:
+        """Whether it holds more than L{STAGE_ROOM} the upstream has not taken yet."""
+        return self._held_size > STAGE_ROOM
 
     def end(self) -> None:
         """The body is complete."""
@@ -120,16 +129,18 @@ class StreamingBody:
         self._drop_held()
 
     def _flush(self) -> None:
+        consumer = self._consumer
+        if not self._held or consumer is None:
+            return
         held, self._held = self._held, []
-        if held and self._consumer is not None:
-            size = 0
-            for data in held:
-                size += len(data)
-                self._consumer.write(data)
-            self._pressure.sub(size)
+        size, self._held_size = self._held_size, 0
+        for data in held:
+            consumer.write(data)
+        self._pressure.sub(size)
+        self._pressure.drained()
 
     def _drop_held(self) -> None:
-        size = sum(len(d) for d in self._held)
+        size, self._held_size = self._held_size, 0
         self._held = []
         if size:
             self._pressure.sub(size)

@@ -186,11 +186,25 @@ class StatusResource(Resource):
         return render_page(self)
 
 
-_MISDIRECTED = pages.errorPage(
-    421,
-    "Misdirected Request",
-    "This status site answers only to its own address or the names given with --status-host.",
-)
+class _Misdirected(Resource):
+    """
+    C{421 Misdirected Request} with its phrase: C{twisted.web} knows no
+    phrase for 421 (C{pages.errorPage} would send C{Unknown Status}).
+    """
+
+    isLeaf = True
+    _BODY = (
+        b"421 Misdirected Request\n"
+        b"This status site answers only to its own address or the names given with --status-host.\n"
+    )
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(421, b"Misdirected Request")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return self._BODY
+
+
+_MISDIRECTED = _Misdirected()  # type: ignore[no-untyped-call]
 
 
 def _host_name(value: bytes) -> str:

@@ -559,10 +559,11 @@ class Harness:
     async def status(self, path: str) -> Response:
         return await self.client.request("GET", self.status_url(path))
 
-    async def raw(self, data: bytes) -> RawClient:
+    async def raw(self, data: bytes, port: int | None = None) -> RawClient:
+        """Bytes to the gateway (or to C{port}: the status site's, say)."""
         client = RawClient()
         self.raw_clients.append(client)
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.http_port).connect(_OneShot(client))
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.http_port).connect(_OneShot(client))
         client.transport.write(data)
         return client
 

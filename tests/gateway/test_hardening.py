@@ -288,6 +288,18 @@ class StatusHostTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_refusal_names_its_status(self) -> Any:
+        """421 goes out as C{Misdirected Request}, not C{Unknown Status}."""
+
+        async def go() -> None:
+            h = await Harness(self).start()
+            client = await h.raw(b"GET /agents HTTP/1.1\r\nHost: rebound.example\r\n\r\n", h.status_port)
+            await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
+            status_line = client.received.split(b"\r\n", 1)[0]
+            self.assertEqual(status_line, b"HTTP/1.1 421 Misdirected Request")
+
+        return ensureDeferred(go())
+
 
 class AccessLogTests(TestCase):
     timeout = 20

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted._ratelimit import LogRateLimiter
+from sentinel_twisted.gateway.config import GatewayConfig
+from sentinel_twisted.gateway.exchange import Gateway
 
 from .._proxy_support import captured_log
 from .support import Harness, ScriptedAgent, unreachable_url
@@ -118,6 +121,64 @@ class AgentFailureLogTests(TestCase):
             self.assertRegex(passed, r"^Agent waf timeout on \S+; request goes on \(fail-open\)$")
 
         return ensureDeferred(go())
+
+
+class _ChurningPool:
+    """A pool whose only agent comes and goes as the test says."""
+
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+        self.present = True
+
+    def add_observer(self, observer: Any) -> None:
+        self.observers.append(observer)
+
+    def remove_observer(self, observer: Any) -> None:
+        self.observers.remove(observer)
+
+    def agent_ids(self) -> list[str]:
+        return ["churn"] if self.present else []
+
+    def __len__(self) -> int:
+        return int(self.present)
+
+    def leave(self, connection: Any) -> None:
+        self.present = False
+        for observer in self.observers:
+            observer.agent_disconnected(connection, "closed")
+
+    def come_back(self, connection: Any) -> None:
+        self.present = True
+        for observer in self.observers:
+            observer.agent_registered(connection)
+
+
+class AgentPresenceLogTests(SynchronousTestCase):
+    def test_agent_churn_is_rate_limited(self) -> None:
+        """
+        An agent that registers and leaves in a loop makes a few lines per
+        period, then one that reports the latest state and the count.
+        """
+        clock = Clock()
+        pool = _ChurningPool()
+        gateway = Gateway(pool, GatewayConfig(), object(), clock=clock)  # type: ignore[arg-type]
+        gateway.watch_agents()
+        connection = SimpleNamespace(agent_id="churn")
+        limiter = gateway.log_limiter
+        rounds = 100
+        with captured_log() as events:
+            for _ in range(rounds):
+                pool.leave(connection)
+                pool.come_back(connection)
+            clock.advance(limiter.period)
+        gateway.unwatch_agents()
+        presence = [e for e in events if "agent" in (formatEvent(e) or "").lower()]
+        self.assertEqual(len(presence), limiter.burst + 1)
+        self.assertEqual(
+            formatEvent(presence[-1]),
+            "Agent churn registered: requests are decided by the agents again "
+            f"(... and {2 * rounds - limiter.burst - 1} more like it in the last 10 s)",
+        )
 
 
 class UpstreamLogTests(TestCase):

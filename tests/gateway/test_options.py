@@ -81,6 +81,17 @@ class GatewayOptionsTests(TestCase):
             error = self.assertRaises(usage.UsageError, parse, *argv)
             self.assertIn(text, str(error), argv)
 
+    def test_empty_agent_or_status_host_is_refused(self) -> None:
+        for argv, text in [
+            (("--agent", ""), "--agent: an empty agent id"),
+            (("--agent", "waf", "--agent", " "), "--agent: an empty agent id"),
+            (("--status-host", ""), "--status-host: an empty host name"),
+            (("--status-host", "\t"), "--status-host: an empty host name"),
+        ]:
+            error = self.assertRaises(usage.UsageError, parse, *argv)
+            self.assertIn(text, str(error), argv)
+            self.assertNotIn("\n", str(error), argv)
+
     def test_service_listens_where_told(self) -> None:
         reactor = MemoryReactorClock()
         options = parse()

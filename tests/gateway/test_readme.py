@@ -29,6 +29,7 @@ GATEWAY_OPTIONS = {
     "header-timeout",
     "max-client-connections",
     "status-host",
+    "max-replaced-body-size",
 }
 
 
