@@ -257,6 +257,10 @@ class GatewayChannel(http.HTTPChannel):
     header_timeout: float | None = None
     #: Set by L{GatewaySite.buildProtocol}.
     site: GatewaySite
+    # When the awaited head is due (reactor seconds); None: no head awaited.
+    # One timer per connection checks it, instead of a timer per request:
+    # it re-arms itself for what is left, and lapses when nothing is due.
+    _head_deadline: float | None = None
     _head_timer: IDelayedCall | None = None
     _head_started = False
 
@@ -265,23 +269,34 @@ class GatewayChannel(http.HTTPChannel):
         self._await_head()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._head_timer is not None and data:
+        if self._head_deadline is not None and data:
             self._head_started = True
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def _await_head(self) -> None:
         timeout = self.header_timeout
-        if timeout and self._head_timer is None:
+        if timeout and self._head_deadline is None:
             self._head_started = False
-            self._head_timer = self.callLater(timeout, self._head_timed_out)  # type: ignore[no-untyped-call]
+            self._head_deadline = self.site.reactor.seconds() + timeout
+            if self._head_timer is None:
+                self._head_timer = self.callLater(timeout, self._check_head)  # type: ignore[no-untyped-call]
 
     def _stop_head_timer(self) -> None:
+        self._head_deadline = None
         timer, self._head_timer = self._head_timer, None
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _head_timed_out(self) -> None:
+    def _check_head(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        left = deadline - self.site.reactor.seconds()
+        if left > 0:
+            self._head_timer = self.callLater(left, self._check_head)  # type: ignore[no-untyped-call]
+            return
+        self._head_deadline = None
         transport: Any = self.transport
         if transport is None:
             return
@@ -300,7 +315,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """The head is complete: its deadline no longer applies."""
-        self._stop_head_timer()
+        self._head_deadline = None
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
     def requestDone(self, request: Any) -> None:

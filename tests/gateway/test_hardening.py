@@ -210,6 +210,28 @@ class ClientConnectionTests(SynchronousTestCase):
         channel.connectionLost(None)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_one_timer_per_connection_not_per_request(self) -> None:
+        # The deadline moves with each request; the connection keeps a
+        # single timer that re-arms itself rather than one per head.
+        site, reactor, upstream = self.site(header_timeout=5.0)
+        channel, transport = self.connect(site)
+        scheduled = []
+
+        def call_later(delay: float, f: Any, *args: Any) -> Any:
+            scheduled.append(delay)
+            return reactor.callLater(delay, f, *args)
+
+        channel.callLater = call_later
+        for i in range(50):
+            channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+        self.assertEqual(len(upstream.targets), 50)
+        # (twisted.web's own idle timeout schedules its own timers.)
+        self.assertNotIn(5.0, scheduled)
+        reactor.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
     def test_a_line_over_the_limit_gets_431(self) -> None:
         site, _, upstream = self.site()
         channel, transport = self.connect(site)
