@@ -142,6 +142,10 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             entry = self._drop(cid)
             return None if entry is None else entry[0]
 
+        def take(self, cid: str) -> tuple[Deferred[Any], float] | None:
+            entry = self._drop(cid)
+            return None if entry is None else (entry[0], entry[1])
+
         def resolve(self, cid: str, result: object) -> bool:
             entry = self._drop(cid)
             if entry is None:
