@@ -155,7 +155,6 @@ class AgentConnection:
     @ivar events_sent: events sent on this connection.
     @ivar timeouts: events that were not answered in time.
     @ivar cancels_sent: Cancel frames sent on it.
-    @ivar token_verified: the agent registered with a token that was checked.
     """
 
     # Counters kept as class defaults: most connections never time out.
