@@ -6,8 +6,9 @@ Build the API reference from the docstrings with pydoctor.
 
 The output goes to build/apidocs by default.  Any warning (a link to
 nothing, a malformed docstring) fails the build with exit status 3, so the
-reference cannot rot quietly; so does a public name without a docstring
-(see L{undocumented}, which C{tests/test_apidocs.py} runs too).  Used by
+reference cannot rot quietly; so does a public name without a docstring,
+or a public data attribute without a description (see L{undocumented},
+which C{tests/test_apidocs.py} runs too).  Used by
 `tox -e docs` and by CI.
 
 Docstrings link to Twisted, the standard library, msgspec and attrs the
@@ -196,9 +197,8 @@ def undocumented(package: str = "sentinel_twisted") -> list[str]:
     counts as documented, and so does a method an implemented interface
     documents).  Names with a leading underscore, and everything in a
     module with one, are private; an object of a private module that a
-    public module's C{__all__} exports is public.  Data attributes (see
-    L{undocumented_data}) are checked too, but for the names listed in
-    C{docs/undocumented-data.txt}, which may only shrink.
+    public module's C{__all__} exports is public.  Public data attributes
+    without a description count too (see L{undocumented_data}).
     """
     missing: list[str] = []
     seen: set[int] = set()
@@ -230,23 +230,8 @@ def undocumented(package: str = "sentinel_twisted") -> list[str]:
                 for member, value in sorted(_members(obj, package).items()):
                     if not _member_documented(obj, member, value):
                         missing.append(f"{qualified}.{member}")
-    known = set(known_undocumented_data()) if package == "sentinel_twisted" else set()
-    missing.extend(name for name in undocumented_data(package) if name not in known)
+    missing.extend(undocumented_data(package))
     return sorted(missing)
-
-
-#: Public data attributes not described yet, one full name a line: the
-#: check lets these through, and C{tests/test_apidocs.py} fails once one of
-#: them is described (or gone) and still listed, so the list only shrinks.
-KNOWN_UNDOCUMENTED_DATA = ROOT / "docs" / "undocumented-data.txt"
-
-
-def known_undocumented_data() -> list[str]:
-    """The names in L{KNOWN_UNDOCUMENTED_DATA}."""
-    if not KNOWN_UNDOCUMENTED_DATA.exists():
-        return []
-    lines = KNOWN_UNDOCUMENTED_DATA.read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def undocumented_data(package: str = "sentinel_twisted") -> list[str]:
