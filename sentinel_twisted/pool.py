@@ -76,13 +76,11 @@ class AgentInfo(msgspec.Struct, kw_only=True):
     """
     Per-agent statistics, from L{AgentPool.stats}.
 
+    @ivar agent_id: the agent's id.
     @ivar connections: a snapshot of each registered connection.
     @ivar in_flight: requests sent to the agent and not answered yet.
     @ivar paused_connections: connections the agent has paused.
-    @ivar agent_id: the agent's id.
     """
-
-    """Per-agent statistics."""
 
     agent_id: str
     connections: list[ConnectionInfo]
