@@ -6,8 +6,9 @@ Build the API reference from the docstrings with pydoctor.
 
 The output goes to build/apidocs by default.  Any warning (a link to
 nothing, a malformed docstring) fails the build with exit status 3, so the
-reference cannot rot quietly; so does a public name without a docstring
-(see L{undocumented}, which C{tests/test_apidocs.py} runs too).  Used by
+reference cannot rot quietly; so does a public name without a docstring,
+or a public data attribute without a description (see L{undocumented},
+which C{tests/test_apidocs.py} runs too).  Used by
 `tox -e docs` and by CI.
 
 Docstrings link to Twisted, the standard library, msgspec and attrs the
@@ -21,6 +22,7 @@ at its documentation.  A name that does not exist stays a warning.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -195,9 +197,8 @@ def undocumented(package: str = "sentinel_twisted") -> list[str]:
     counts as documented, and so does a method an implemented interface
     documents).  Names with a leading underscore, and everything in a
     module with one, are private; an object of a private module that a
-    public module's C{__all__} exports is public.  Data attributes are not
-    checked: they are documented with C{#:} comments or C{@ivar} fields,
-    which only pydoctor reads.
+    public module's C{__all__} exports is public.  Public data attributes
+    without a description count too (see L{undocumented_data}).
     """
     missing: list[str] = []
     seen: set[int] = set()
@@ -229,7 +230,43 @@ def undocumented(package: str = "sentinel_twisted") -> list[str]:
                 for member, value in sorted(_members(obj, package).items()):
                     if not _member_documented(obj, member, value):
                         missing.append(f"{qualified}.{member}")
-    return missing
+    missing.extend(undocumented_data(package))
+    return sorted(missing)
+
+
+def undocumented_data(package: str = "sentinel_twisted") -> list[str]:
+    """
+    The public data attributes of the package that the API reference shows
+    without a description, found with pydoctor's own model of the source
+    (what the reference is built from): module constants and variables,
+    class variables, struct and attrs fields, enum members and the instance
+    variables methods set.  A docstring after the assignment, a C{#:}
+    comment before it, an C{@ivar}/C{@cvar}/C{@var} field of the class or
+    module docstring, or a described attribute of the same name in a base
+    class counts; names with a leading underscore, or in a module or class
+    with one, are private.
+    """
+    from pydoctor import model, options
+
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.submodule_search_locations is not None
+    where = Path(next(iter(spec.submodule_search_locations)))
+    system = model.System(options.Options.from_args(["--docformat=epytext", "--quiet"]))
+    builder = system.systemBuilder(system)
+    builder.addModule(where)
+    builder.buildModules()
+    missing = []
+    for obj in system.allobjects.values():
+        # Properties are checked with the methods, by their docstrings.
+        if not isinstance(obj, model.Attribute) or obj.kind is model.DocumentableKind.PROPERTY:
+            continue
+        name = obj.fullName()
+        if any(part.startswith("_") for part in name.split(".")):
+            continue
+        doc, _ = model.get_docstring(obj)
+        if not (doc or "").strip() and obj.parsed_docstring is None:
+            missing.append(name)
+    return sorted(missing)
 
 
 def build(output: str) -> int:

@@ -100,6 +100,10 @@ class TokenFileChecker(StaticTokenChecker):
     """
     Tokens from a file of C{AGENT_ID TOKEN} lines (see L{parse_token_file}).
     L{reload} rereads it; a bad file leaves the previous tokens in force.
+
+    @ivar path: the token file's path.
+    @ivar permission_warning: what is wrong with the file's permissions
+        (readable by others), C{None} if nothing is; refreshed by L{reload}.
     """
 
     def __init__(self, path: str) -> None:

@@ -25,6 +25,9 @@ class AgentAllowlist:
     """
     Which agent ids may register: exact ids and glob patterns (C{waf-*}).
     An empty allowlist admits every agent, as the reference does.
+
+    @ivar patterns: the exact ids and glob patterns as given; empty admits
+        every agent.
     """
 
     patterns: tuple[str, ...] = ()

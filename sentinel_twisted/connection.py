@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentConnection", "ConnectionInfo"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.connection")
 
 _cid_prefix = os.urandom(4).hex()
@@ -111,6 +112,14 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
         C{forward} (the proxy dialled the agent).
     @ivar encoding: the payload encoding of events and answers, C{json} or
         C{msgpack} (forward mode only).
+    @ivar connection_id: the id the proxy gave the connection.
+    @ivar agent_id: the agent it belongs to.
+    @ivar capabilities: what the agent announced when it registered.
+    @ivar metadata: the JSON metadata of its registration (C{None} if none).
+    @ivar peer_uid: uid of a UNIX socket's peer (C{SO_PEERCRED}), C{None} if
+        not known.
+    @ivar timeouts: events not answered in time.
+    @ivar cancels_sent: Cancel frames sent.
     """
 
     connection_id: str
@@ -155,7 +164,10 @@ class AgentConnection:
     @ivar events_sent: events sent on this connection.
     @ivar timeouts: events that were not answered in time.
     @ivar cancels_sent: Cancel frames sent on it.
-    @ivar token_verified: the agent registered with a token that was checked.
+    @ivar last_health: the agent's last HealthStatus message, C{None} before
+        any.
+    @ivar events: the L{EventType <sentinel_twisted.messages.EventType>}s the
+        agent registered for.
     """
 
     # Counters kept as class defaults: most connections never time out.

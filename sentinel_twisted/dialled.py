@@ -67,6 +67,7 @@ __all__ = [
     "default_retry_policy",
 ]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.dialled")
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
@@ -117,7 +118,19 @@ def failure_reason(error: AgentProtocolError) -> str:
 
 @implementer(IPushProducer)
 class ForwardConnectionProtocol(FrameReceiver):
-    """One dialled agent connection on the proxy side.  Built by L{ForwardConnectionFactory}."""
+    """
+    One dialled agent connection on the proxy side.  Built by L{ForwardConnectionFactory}.
+
+    @ivar factory: the factory of its connection slot.
+    @ivar connection: the connection in the pool once the handshake succeeds,
+        else C{None}.
+    @ivar peer: the agent's address for logs (its endpoint as given for a UNIX
+        socket), C{unknown} before the connection is made.
+    @ivar MAX_LENGTH: the longest frame accepted, in bytes: the handshake
+        limit until the handshake succeeds.
+    @ivar MAX_CONTROL_LENGTH: the longest control frame accepted, in bytes.
+    @ivar frame_clock: the factory's clock, for the frame deadline.
+    """
 
     peer_role = "agent"
 
@@ -284,6 +297,24 @@ class ForwardConnectionFactory(Factory):
     @ivar failed_attempts: attempts in a row that ended without a
         successful handshake (what the backoff grows with).
     @ivar failures: failed handshakes counted by L{failure_reason}.
+    @cvar noisy: C{False}: no log line for each connection made and lost
+        (L{Factory <twisted.internet.protocol.Factory>}).
+    @ivar pool: where connections go once their handshake succeeds.
+    @ivar description: the agent's endpoint as given, for logs and errors.
+    @ivar config: the limits and timeouts it applies (a
+        L{ReverseConnectionConfig
+        <sentinel_twisted.config.ReverseConnectionConfig>}).
+    @ivar clock: the clock of its timers.
+    @ivar max_handshake_size: the longest HandshakeResponse accepted, in
+        bytes.
+    @ivar frame_budget: the account of bytes held in incomplete frames it
+        shares, C{None}: not counted.
+    @ivar log_limiter: rate limits the log lines the agent can cause.
+    @ivar retry_policy: seconds to wait before the next dial, from the failed
+        attempts in a row.
+    @ivar handshake_request: the encoded HandshakeRequest each of its
+        connections sends first.
+    @ivar handshakes: handshakes that succeeded.
     """
 
     noisy = False
@@ -469,6 +500,11 @@ class DialledAgentService(MultiService):
     4, proxy shutdown) and closes the connections.
 
     @ivar factories: one L{ForwardConnectionFactory} per connection slot.
+    @ivar description: the agent's endpoint as given, for logs and errors.
+    @ivar agent_id: the id its connections join the pool under; C{None}: the
+        one the agent announces.
+    @ivar grace: seconds the requests in flight get to finish when it stops.
+    @ivar clock: the clock of its timers and redialling.
     """
 
     def __init__(

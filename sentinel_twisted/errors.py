@@ -71,7 +71,11 @@ class AgentProtocolError(Exception):
 
 
 class ConnectionFailed(AgentProtocolError):
-    """Establishing a connection failed."""
+    """
+    Establishing a connection failed.
+
+    @ivar detail: why the connection could not be made.
+    """
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"Connection failed: {detail}")
@@ -84,6 +88,8 @@ class ConnectionClosed(AgentProtocolError):
 
     The text is exactly C{Connection closed}, as the reference prints it;
     C{detail} says why, for logs.
+
+    @ivar detail: why or how the connection closed.
     """
 
     def __init__(self, detail: str = "") -> None:
@@ -92,7 +98,12 @@ class ConnectionClosed(AgentProtocolError):
 
 
 class VersionMismatch(AgentProtocolError):
-    """A registration asked for a protocol version other than 2."""
+    """
+    A registration asked for a protocol version other than 2.
+
+    @ivar expected: the protocol version this package speaks.
+    @ivar actual: the version the peer asked for.
+    """
 
     def __init__(self, expected: int, actual: object) -> None:
         super().__init__(
@@ -103,7 +114,12 @@ class VersionMismatch(AgentProtocolError):
 
 
 class MessageTooLarge(AgentProtocolError):
-    """A frame longer than the limit, received or about to be sent."""
+    """
+    A frame longer than the limit, received or about to be sent.
+
+    @ivar size: the frame's length in bytes.
+    @ivar limit: the limit in bytes.
+    """
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"Message too large: {size} bytes (max: {limit})")
@@ -112,7 +128,13 @@ class MessageTooLarge(AgentProtocolError):
 
 
 class ControlFrameTooLarge(MessageTooLarge):
-    """A control frame (Ping, HealthStatus, ...) over the control frame limit."""
+    """
+    A control frame (Ping, HealthStatus, ...) over the control frame limit.
+
+    @ivar kind: the frame's type (C{Ping}, C{HealthStatus}, ...).
+    @ivar size: the frame's length in bytes.
+    @ivar limit: the control frame limit in bytes.
+    """
 
     def __init__(self, kind: str, size: int, limit: int) -> None:
         AgentProtocolError.__init__(
@@ -127,6 +149,8 @@ class IncompleteFrame(AgentProtocolError):
     """
     A frame was started and not finished in time, or the bytes held in
     unfinished frames went over their budget: the connection is closed.
+
+    @ivar detail: what was missing.
     """
 
     def __init__(self, detail: str) -> None:
@@ -135,7 +159,12 @@ class IncompleteFrame(AgentProtocolError):
 
 
 class InvalidMessage(AgentProtocolError):
-    """A frame or a payload that does not follow the wire contract."""
+    """
+    A frame or a payload that does not follow the wire contract.
+
+    @ivar detail: what was wrong with the message (msgspec's text, with the
+        field's path).
+    """
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"Invalid message format: {detail}")
@@ -146,6 +175,8 @@ class AuthenticationFailed(AgentProtocolError):
     """
     A registration carried a token that the configured checker refused.
     The text names the agent, never the token.
+
+    @ivar agent_id: the agent that failed to authenticate.
     """
 
     def __init__(self, agent_id: str) -> None:
@@ -156,7 +187,12 @@ class AuthenticationFailed(AgentProtocolError):
 
 
 class ConnectionLimitReached(AgentProtocolError):
-    """An agent tried to register more connections than the proxy allows."""
+    """
+    An agent tried to register more connections than the proxy allows.
+
+    @ivar agent_id: the agent that tried to register one connection too many.
+    @ivar limit: the most connections an agent may have.
+    """
 
     def __init__(self, agent_id: str, limit: int) -> None:
         super().__init__(
@@ -172,6 +208,9 @@ class RequestTimeout(AgentProtocolError):
     """
     No answer within the timeout (C{seconds}); the agent was sent a Cancel.
     Also a registration that did not arrive within the handshake timeout.
+
+    @ivar seconds: the timeout that passed, in seconds.
+    @ivar correlation_id: the request that was not answered.
     """
 
     def __init__(self, seconds: float, correlation_id: str = "") -> None:
@@ -181,7 +220,11 @@ class RequestTimeout(AgentProtocolError):
 
 
 class AgentUnavailable(AgentProtocolError):
-    """No registered connection of the agent exists."""
+    """
+    No registered connection of the agent exists.
+
+    @ivar agent_id: the agent asked for (C{""} if not said).
+    """
 
     def __init__(self, agent_id: str = "") -> None:
         super().__init__("Agent unavailable")
@@ -189,7 +232,11 @@ class AgentUnavailable(AgentProtocolError):
 
 
 class SerializationError(AgentProtocolError):
-    """A message that cannot be encoded as JSON."""
+    """
+    A message that cannot be encoded as JSON.
+
+    @ivar detail: why the message could not be encoded.
+    """
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"Serialization error: {detail}")
@@ -197,7 +244,11 @@ class SerializationError(AgentProtocolError):
 
 
 class FlowControlPaused(AgentProtocolError):
-    """Every connection of the agent asked the proxy to pause."""
+    """
+    Every connection of the agent asked the proxy to pause.
+
+    @ivar agent_id: the paused agent.
+    """
 
     def __init__(self, agent_id: str) -> None:
         super().__init__(
@@ -207,7 +258,11 @@ class FlowControlPaused(AgentProtocolError):
 
 
 class DuplicateCorrelationId(AgentProtocolError):
-    """A request was sent under a correlation id already waiting for an answer."""
+    """
+    A request was sent under a correlation id already waiting for an answer.
+
+    @ivar correlation_id: the id already in use.
+    """
 
     def __init__(self, correlation_id: str) -> None:
         super().__init__(
@@ -223,6 +278,10 @@ class RequestCancelled(AgentProtocolError, CancelledError):
 
     It is also a L{CancelledError}, so code that already handles Twisted
     cancellation handles this too.
+
+    @ivar correlation_id: the cancelled request.
+    @ivar reason: the L{CancelReason <sentinel_twisted.messages.CancelReason>}
+        sent to the agent.
     """
 
     def __init__(self, correlation_id: str, reason: int) -> None:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Rejection", "ReverseConnectionFactory", "rejection_reason"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.factory")
 
 _connection_serial = itertools.count(1)
@@ -95,6 +96,11 @@ class Rejection:
     The last refused registration, for the status page: the agent id and
     peer as a log line carries them (escaped, cut short), the reason label
     and when (seconds since the epoch).
+
+    @ivar agent_id: the agent id, escaped and cut short as in a log line.
+    @ivar peer: the peer's address, escaped and cut short.
+    @ivar reason: the reason label (see L{rejection_reason}).
+    @ivar at: when, in seconds since the epoch.
     """
 
     __slots__ = ("agent_id", "at", "peer", "reason")
@@ -145,6 +151,18 @@ class ReverseConnectionFactory(Factory):
         frames, against C{config.max_incomplete_frame_bytes} (pass one to
         share it between listeners).
     @ivar log_limiter: rate limits the log lines peers can cause.
+    @cvar noisy: C{False}: no log line for each connection made and lost
+        (L{Factory <twisted.internet.protocol.Factory>}).
+    @ivar config: the listener's limits, timeouts and policy (a
+        L{ReverseConnectionConfig
+        <sentinel_twisted.config.ReverseConnectionConfig>}).
+    @ivar token_checker: checks the agents' tokens; C{None}: tokens are not
+        checked.
+    @ivar clock: the clock of the timeouts (the reactor by default).
+    @ivar proxy_version: the version sent in RegistrationResponses.
+    @ivar awaiting_registration: connections accepted that have not registered
+        yet.
+    @ivar registrations: registrations accepted.
     """
 
     protocol = ReverseConnectionProtocol

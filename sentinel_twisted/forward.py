@@ -70,6 +70,8 @@ class HandshakeRequest(Struct, kw_only=True):
     @ivar config: configuration the proxy pushes at connect time (JSON).
     @ivar supported_encodings: payload encodings in the proxy's order of
         preference; absent or empty means JSON only.
+    @ivar proxy_id: the proxy's id.
+    @ivar proxy_version: the proxy's software version.
     """
 
     supported_versions: list[m.U32]
@@ -83,6 +85,13 @@ class HandshakeResponse(Struct, kw_only=True):
     """
     The agent's answer (0x02): its capabilities, whether it accepts, and
     the negotiated C{encoding} of every later event and answer.
+
+    @ivar protocol_version: the protocol version the agent chose.
+    @ivar capabilities: what the agent wants and can do.
+    @ivar success: whether the agent accepts the connection.
+    @ivar error: why it refuses, C{None} when it accepts.
+    @ivar encoding: the payload encoding of every later event and answer
+        (C{json} or C{msgpack}).
     """
 
     protocol_version: int
@@ -118,7 +127,11 @@ def negotiate_encoding(offered: list[str] | UnsetType, known: tuple[str, ...] = 
 
 
 class PayloadCodec(Protocol):
-    """How one connection's events, answers and control messages are written."""
+    """
+    How one connection's events, answers and control messages are written.
+
+    @cvar resume: a FlowControl resume, ready to send.
+    """
 
     #: The encoding's name in the handshake.
     name: str

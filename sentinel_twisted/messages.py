@@ -89,7 +89,20 @@ I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class EventType(enum.IntEnum):
-    """Numbers used in C{capabilities.supported_events}."""
+    """
+    Numbers used in C{capabilities.supported_events}.
+
+    @cvar CONFIGURE: configuration pushed to the agent (L{ConfigureEvent}).
+    @cvar REQUEST_HEADERS: a request's headers (L{RequestHeadersEvent}).
+    @cvar REQUEST_BODY_CHUNK: a piece of a request body
+        (L{RequestBodyChunkEvent}).
+    @cvar RESPONSE_HEADERS: a response's headers (L{ResponseHeadersEvent}).
+    @cvar RESPONSE_BODY_CHUNK: a piece of a response body
+        (L{ResponseBodyChunkEvent}).
+    @cvar REQUEST_COMPLETE: the end of a request (L{RequestCompleteEvent}).
+    @cvar WEBSOCKET_FRAME: a WebSocket frame (L{WebSocketFrameEvent}).
+    @cvar GUARDRAIL_INSPECT: text to inspect (L{GuardrailInspectEvent}).
+    """
 
     CONFIGURE = 0
     REQUEST_HEADERS = 1
@@ -102,7 +115,16 @@ class EventType(enum.IntEnum):
 
 
 class CancelReason(enum.IntEnum):
-    """C{reason} of a Cancel frame (the reference's enum discriminants)."""
+    """
+    C{reason} of a Cancel frame (the reference's enum discriminants).
+
+    @cvar CLIENT_DISCONNECT: the client went away.
+    @cvar TIMEOUT: the agent did not answer in time.
+    @cvar BLOCKED_BY_AGENT: another agent blocked the request.
+    @cvar UPSTREAM_ERROR: the upstream failed.
+    @cvar PROXY_SHUTDOWN: the proxy is shutting down.
+    @cvar MANUAL: cancelled by an operator or by code.
+    """
 
     CLIENT_DISCONNECT = 0
     TIMEOUT = 1
@@ -116,6 +138,11 @@ class HealthState(enum.IntEnum):
     """
     The C{state} of a HealthStatus: what an agent says of itself.  The
     gateway shows it on the status site; it does not route by it.
+
+    @cvar HEALTHY: working normally.
+    @cvar DEGRADED: working, with trouble.
+    @cvar DRAINING: finishing its work before it stops.
+    @cvar UNHEALTHY: not working.
     """
 
     HEALTHY = 1
@@ -125,7 +152,12 @@ class HealthState(enum.IntEnum):
 
 
 class FlowAction(enum.IntEnum):
-    """The C{action} of a FlowControl message: pause or resume sending requests."""
+    """
+    The C{action} of a FlowControl message: pause or resume sending requests.
+
+    @cvar PAUSE: send the agent no new requests.
+    @cvar RESUME: send it requests again.
+    """
 
     PAUSE = 1
     RESUME = 2
@@ -136,7 +168,19 @@ class FlowAction(enum.IntEnum):
 
 
 class AgentFeatures(Struct, kw_only=True):
-    """C{capabilities.features}; every field is required on the wire."""
+    """
+    C{capabilities.features}; every field is required on the wire.
+
+    @ivar streaming_body: the agent inspects bodies chunk by chunk.
+    @ivar websocket: the agent inspects WebSocket frames.
+    @ivar guardrails: the agent answers GuardrailInspect events.
+    @ivar config_push: the agent accepts Configure events.
+    @ivar metrics_export: the agent can export metrics.
+    @ivar concurrent_requests: how many requests the agent handles at once.
+    @ivar cancellation: the agent understands Cancel frames.
+    @ivar flow_control: the agent may send FlowControl (pause, resume).
+    @ivar health_reporting: the agent sends HealthStatus frames.
+    """
 
     streaming_body: bool = False
     websocket: bool = False
@@ -170,6 +214,14 @@ class AgentCapabilities(Struct, kw_only=True):
     events it wants (C{supported_events}, numbers of L{EventType}), its
     features and its limits.  Kept on its L{AgentConnection
     <sentinel_twisted.connection.AgentConnection>} as C{capabilities}.
+
+    @ivar agent_id: the agent's id (as in its RegistrationRequest).
+    @ivar name: a human-readable name of the agent.
+    @ivar version: the agent's own software version.
+    @ivar supported_events: the L{EventType} numbers the agent wants to be
+        sent; only C{request_headers} when absent.
+    @ivar features: what the agent can do (L{AgentFeatures}).
+    @ivar limits: how much the agent takes (L{AgentLimits}).
     """
 
     agent_id: str
@@ -200,6 +252,9 @@ class RegistrationRequest(Struct, kw_only=True):
     @ivar auth_token: checked by the listener's
         L{ITokenChecker <sentinel_twisted.auth.ITokenChecker>}, if any.
     @ivar metadata: any JSON the agent sends; shown on the status site.
+    @ivar agent_id: the agent's id; the pool keeps its connections under it.
+    @ivar capabilities: what the agent wants and can do
+        (L{AgentCapabilities}).
     """
 
     protocol_version: int
@@ -223,6 +278,12 @@ class RegistrationResponse(Struct, kw_only=True):
     The listener's answer to a RegistrationRequest (HandshakeResponse).  On
     success C{error} is C{None} and C{connection_id} names the connection;
     on failure C{error} is the reason and the connection is closed.
+
+    @ivar success: whether the registration was accepted.
+    @ivar error: why it was refused, C{None} on success.
+    @ivar proxy_id: the proxy's id.
+    @ivar proxy_version: the proxy's software version.
+    @ivar connection_id: the id the proxy gave the connection.
     """
 
     success: bool
@@ -246,6 +307,13 @@ class RequestMetadata(Struct, kw_only=True):
     @ivar request_id: the client's C{X-Request-Id}, else the correlation id.
     @ivar server_name: the TLS SNI name, else the C{Host} header's name.
     @ivar timestamp: when the request arrived (RFC 3339).
+    @ivar client_ip: the client's IP address.
+    @ivar client_port: the client's port.
+    @ivar protocol: the HTTP version (C{HTTP/1.1}).
+    @ivar tls_version: the TLS version, C{None} without TLS.
+    @ivar tls_cipher: the TLS cipher suite, C{None} without TLS.
+    @ivar route_id: the route the request matched, C{None} if none.
+    @ivar upstream_id: the upstream the request goes to, C{None} if not known.
     """
 
     correlation_id: str
@@ -277,6 +345,11 @@ class RequestHeadersEvent(_Event, kw_only=True):
 
         RequestHeadersEvent(metadata=metadata, method="GET", uri="/x?a=1",
                             headers={"host": ["example.com"]})
+
+    @ivar metadata: who asked, and the request's ids (L{RequestMetadata}).
+    @ivar method: the HTTP method.
+    @ivar uri: the request target (path and query).
+    @ivar headers: header names (lower-case) to their values.
     """
 
     message_type = MessageType.REQUEST_HEADERS
@@ -295,6 +368,12 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
     """
     A piece of the request body, base64 in C{data} (use L{body} for the
     bytes); C{is_last} on the final piece, C{bytes_received} counting so far.
+
+    @ivar is_last: this is the body's last chunk.
+    @ivar total_size: the whole body's size in bytes, C{None} if not known (no
+        C{Content-Length}).
+    @ivar chunk_index: the chunk's number, from 0.
+    @ivar bytes_received: body bytes received so far, this chunk included.
     """
 
     message_type = MessageType.REQUEST_BODY_CHUNK
@@ -313,7 +392,12 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
 
 
 class ResponseHeadersEvent(_Event, kw_only=True):
-    """The upstream's response status and headers, before its body."""
+    """
+    The upstream's response status and headers, before its body.
+
+    @ivar status: the upstream's status code.
+    @ivar headers: header names (lower-case) to their values.
+    """
 
     message_type = MessageType.RESPONSE_HEADERS
     event_type = EventType.RESPONSE_HEADERS
@@ -325,6 +409,12 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
     """
     A piece of the response body, base64 in C{data} (use L{body} for the
     bytes); C{is_last} on the final piece, C{bytes_sent} counting so far.
+
+    @ivar data: the chunk in base64 (standard alphabet, padded).
+    @ivar is_last: this is the body's last chunk.
+    @ivar total_size: the whole body's size in bytes, C{None} if not known.
+    @ivar chunk_index: the chunk's number, from 0.
+    @ivar bytes_sent: body bytes sent so far, this chunk included.
     """
 
     message_type = MessageType.RESPONSE_BODY_CHUNK
@@ -350,6 +440,9 @@ class RequestCompleteEvent(_Event, kw_only=True):
     @ivar status: the status the client got.
     @ivar duration_ms: from the request's arrival to the end of its response.
     @ivar error: what went wrong (upstream or agent failure), else C{None}.
+    @ivar request_body_size: the request body's size in bytes.
+    @ivar response_body_size: the response body's size in bytes.
+    @ivar upstream_attempts: how many times the upstream was tried.
     """
 
     message_type = MessageType.REQUEST_COMPLETE
@@ -366,6 +459,14 @@ class WebSocketFrameEvent(_Event, kw_only=True):
     """
     One WebSocket frame, in either direction (C{client_to_server}); its
     payload base64 in C{data} (use L{body} for the bytes).
+
+    @ivar data: the payload in base64 (standard alphabet, padded).
+    @ivar client_to_server: the frame goes from the client to the upstream
+        (else back).
+    @ivar frame_index: the frame's number on the connection, from 0.
+    @ivar fin: this frame ends its message.
+    @ivar route_id: the route of the connection, C{None} if none.
+    @ivar client_ip: the client's IP address.
     """
 
     message_type = MessageType.WEBSOCKET_FRAME
@@ -389,6 +490,12 @@ class GuardrailInspectEvent(_Event, kw_only=True):
     """
     Text for an agent to inspect for prompt injection or personal data
     (C{inspection_type}); the answer's decision says whether it passes.
+
+    @ivar inspection_type: what to look for: C{prompt_injection} or
+        C{pii_detection}.
+    @ivar content: the text to inspect.
+    @ivar categories: categories to check, empty for all.
+    @ivar metadata: string key/value context for the agent.
     """
 
     message_type = MessageType.GUARDRAIL_INSPECT
@@ -405,6 +512,9 @@ class ConfigureEvent(_Event, kw_only=True):
     """
     New configuration for an agent (any JSON in C{config}); the agent
     answers with a decision, usually L{Allow}.
+
+    @ivar config: the configuration, any JSON.
+    @ivar config_version: an id of that configuration, C{None} if it has none.
     """
 
     message_type = MessageType.CONFIGURE
@@ -523,6 +633,10 @@ class Block(Decision):
     upstream::
 
         AgentResponse(decision=Block(status=403, body="Forbidden"))
+
+    @ivar status: the HTTP status the client gets (default C{403}).
+    @ivar body: the response body, C{None} for the gateway's own.
+    @ivar headers: response headers to send, C{None} for none.
     """
 
     __slots__ = ("status", "body", "headers")
@@ -540,7 +654,12 @@ class Block(Decision):
 
 
 class Redirect(Decision):
-    """Answer the client with a redirect to C{url} (C{status}, default C{302})."""
+    """
+    Answer the client with a redirect to C{url} (C{status}, default C{302}).
+
+    @ivar url: where the client is sent (the C{Location} header).
+    @ivar status: the redirect status (default C{302}).
+    """
 
     __slots__ = ("url", "status")
     _defaults: ClassVar[dict[str, Any]] = {"status": lambda: 302}
@@ -556,6 +675,10 @@ class Challenge(Decision):
     Ask the client to prove something first (a CAPTCHA, a JavaScript
     check): C{challenge_type} and its C{params} go to the client in the
     gateway's challenge response.
+
+    @ivar challenge_type: the kind of challenge (a CAPTCHA, a JavaScript
+        check).
+    @ivar params: its parameters, passed on to the client.
     """
 
     __slots__ = ("challenge_type", "params")
@@ -568,14 +691,22 @@ class Challenge(Decision):
 
 
 class HeaderOp(_Variant):
-    """Base of the header operations C{set}, C{add} and C{remove}."""
+    """
+    Base of the header operations C{set}, C{add} and C{remove}.
+
+    @ivar name: the header's name (case does not matter).
+    """
 
     __slots__ = ()
     name: str
 
 
 class SetHeader(HeaderOp):
-    """Set header C{name} to C{value}, replacing any values it had."""
+    """
+    Set header C{name} to C{value}, replacing any values it had.
+
+    @ivar value: the header's one value from now on.
+    """
 
     __slots__ = ("name", "value")
     value: str
@@ -585,7 +716,11 @@ class SetHeader(HeaderOp):
 
 
 class AddHeader(HeaderOp):
-    """Add C{value} to header C{name}, keeping the values it had."""
+    """
+    Add C{value} to header C{name}, keeping the values it had.
+
+    @ivar value: the value added to the header.
+    """
 
     __slots__ = ("name", "value")
     value: str
@@ -628,7 +763,12 @@ class WebSocketDrop(WebSocketDecision):
 
 
 class WebSocketClose(WebSocketDecision):
-    """Close the WebSocket with C{code} and C{reason}."""
+    """
+    Close the WebSocket with C{code} and C{reason}.
+
+    @ivar code: the WebSocket close code.
+    @ivar reason: the close reason text.
+    """
 
     __slots__ = ("code", "reason")
     code: int
@@ -763,6 +903,13 @@ class AuditMetadata(Struct, kw_only=True):
     What an agent says about its decision, for logs and metrics: C{tags},
     the C{rule_ids} that matched, a C{confidence}, C{reason_codes}, and
     anything else in C{custom} (where the correlation id travels).
+
+    @ivar tags: free-form labels for logs and metrics.
+    @ivar rule_ids: ids of the agent's rules that matched.
+    @ivar confidence: how sure the agent is (0 to 1), C{None} if it does not
+        say.
+    @ivar reason_codes: machine-readable reasons for the decision.
+    @ivar custom: any other JSON; the correlation id travels here.
     """
 
     tags: list[str] = field(default_factory=list)
@@ -773,7 +920,13 @@ class AuditMetadata(Struct, kw_only=True):
 
 
 class BodyMutation(Struct, kw_only=True):
-    """C{data}: base64 replacement, C{""} drops the chunk, C{None} passes it."""
+    """
+    C{data}: base64 replacement, C{""} drops the chunk, C{None} passes it.
+
+    @ivar data: the replacement chunk in base64, C{""} to drop the chunk,
+        C{None} to pass it as it is.
+    @ivar chunk_index: the index of the chunk it applies to.
+    """
 
     data: str | None = None
     chunk_index: U32 = 0
@@ -830,6 +983,18 @@ class AgentResponse(Struct, kw_only=True):
     @ivar response_headers: L{HeaderOp}s applied to the response (and to a
         block's response).
     @ivar routing_metadata: key/value hints for the proxy's routing.
+    @ivar version: the protocol version of the answer (L{PROTOCOL_VERSION}).
+    @ivar decision: what happens to the request: L{Allow}, L{Block},
+        L{Redirect} or L{Challenge}.
+    @ivar audit: what the agent says about its decision (L{AuditMetadata}).
+    @ivar needs_more: the agent wants to see more of the body before it
+        decides.
+    @ivar request_body_mutation: what to do with the request body chunk it
+        answers, C{None} to leave it.
+    @ivar response_body_mutation: what to do with the response body chunk it
+        answers, C{None} to leave it.
+    @ivar websocket_decision: for a WebSocket frame: allow, drop or close;
+        C{None} means allow.
     """
 
     version: int = PROTOCOL_VERSION
@@ -870,6 +1035,10 @@ class CancelMessage(Struct, kw_only=True):
     """
     The proxy tells an agent it no longer needs the answer for
     C{correlation_id} (C{reason}: a L{CancelReason}).
+
+    @ivar correlation_id: the request whose answer is no longer needed.
+    @ivar reason: why, a L{CancelReason} number.
+    @ivar timestamp_ms: when it was sent, milliseconds since the Unix epoch.
     """
 
     correlation_id: str
@@ -878,7 +1047,13 @@ class CancelMessage(Struct, kw_only=True):
 
 
 class PingMessage(Struct, kw_only=True):
-    """Ping and Pong share this body; Pong echoes the Ping's."""
+    """
+    Ping and Pong share this body; Pong echoes the Ping's.
+
+    @ivar sequence: the Ping's number; its Pong echoes it.
+    @ivar timestamp_ms: when the Ping was sent, milliseconds since the Unix
+        epoch.
+    """
 
     sequence: U64
     timestamp_ms: I64
@@ -888,6 +1063,13 @@ class FlowControlMessage(Struct, kw_only=True, omit_defaults=True):
     """
     C{{"action": 1}} pauses, C{{"action": 2}} resumes.  The crate's struct
     form C{{"action": {"type": "pause"}}} is accepted too, never sent.
+
+    @ivar action: a L{FlowAction} number, or the crate's C{{"type": ...}}
+        form; C{None} if absent.
+    @ivar correlation_id: the request it concerns, C{None} for the whole
+        connection.
+    @ivar timestamp_ms: when it was sent, milliseconds since the Unix epoch,
+        C{None} if absent.
     """
 
     action: int | dict[str, Any] | None = None
@@ -912,7 +1094,16 @@ _HEALTH_NAMES = {
 
 
 class HealthStatusMessage(Struct, kw_only=True, omit_defaults=True):
-    """C{{"state": 1}} (the wire contract) or the crate's C{{"state": {"status": "healthy"}}}."""
+    """
+    C{{"state": 1}} (the wire contract) or the crate's C{{"state": {"status": "healthy"}}}.
+
+    @ivar state: a L{HealthState} number, or the crate's C{{"status": name}}
+        form; C{None} if absent (see L{state_code}).
+    @ivar agent_id: the sending agent's id, C{None} if absent.
+    @ivar message: a human-readable detail, C{None} if absent.
+    @ivar timestamp_ms: when it was sent, milliseconds since the Unix epoch,
+        C{None} if absent.
+    """
 
     state: int | dict[str, Any] | None = None
     agent_id: str | None = None

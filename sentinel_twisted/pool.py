@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.pool")
 
 
@@ -75,12 +76,11 @@ class AgentInfo(msgspec.Struct, kw_only=True):
     """
     Per-agent statistics, from L{AgentPool.stats}.
 
+    @ivar agent_id: the agent's id.
     @ivar connections: a snapshot of each registered connection.
     @ivar in_flight: requests sent to the agent and not answered yet.
     @ivar paused_connections: connections the agent has paused.
     """
-
-    """Per-agent statistics."""
 
     agent_id: str
     connections: list[ConnectionInfo]
@@ -118,6 +118,9 @@ class AgentPool:
 
     Observers (L{IAgentPoolObserver}, L{add_observer}) hear about
     registrations, departures and the agents' control messages.
+
+    @ivar dial_failures: failed handshakes of dialled agents, counted by
+        reason.
     """
 
     def __init__(self) -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ReverseConnectionProtocol"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.protocol")
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
@@ -73,7 +74,21 @@ def peer_credentials(transport: object) -> tuple[int, int, int] | None:
 
 @implementer(IPushProducer)
 class ReverseConnectionProtocol(FrameReceiver):
-    """One agent connection on the proxy side."""
+    """
+    One agent connection on the proxy side.
+
+    @ivar factory: the listener that accepted the connection.
+    @ivar connection: the connection in the pool once the agent has
+        registered, else C{None}.
+    @ivar peer: the agent's address for logs (C{unix} or C{HOST:PORT}),
+        C{unknown} before the connection is made.
+    @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer
+        (C{SO_PEERCRED}), C{None} elsewhere.
+    @ivar MAX_LENGTH: the longest frame accepted, in bytes: the registration
+        limit until the agent has registered.
+    @ivar MAX_CONTROL_LENGTH: the longest control frame accepted, in bytes.
+    @ivar frame_clock: the factory's clock, for the frame deadline.
+    """
 
     peer_role = "agent"
 

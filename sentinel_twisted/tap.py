@@ -64,12 +64,14 @@ __all__ = [
     "shut_down_agents",
 ]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.tap")
 
 #: A UNIX socket in the working directory, owner-only, with a lockfile.
 DEFAULT_LISTEN = "unix:sentinel-reverse.sock:mode=600:lockfile=1"
-#: Where the gateway takes HTTP clients, and where the status page is.
+#: Where the gateway takes HTTP clients (C{--http}).
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+#: Where the status site is (C{--status}).
 DEFAULT_STATUS = "tcp:9901:interface=127.0.0.1"
 #: Seconds requests in flight get to finish when the listener stops.
 DEFAULT_SHUTDOWN_GRACE = 5.0
@@ -159,7 +161,17 @@ _CONVERSIONS = {
 
 
 class Options(ProgramOptions):
-    """The command line of C{twistd sentinel-reverse} (see C{--help})."""
+    """
+    The command line of C{twistd sentinel-reverse} (see C{--help}).
+
+    @cvar synopsis: the usage line's arguments (L{usage.Options
+        <twisted.python.usage.Options>}).
+    @cvar longdesc: the description C{--help} shows.
+    @cvar optFlags: the flags (L{usage.Options
+        <twisted.python.usage.Options>}).
+    @cvar optParameters: the options that take a value (L{usage.Options
+        <twisted.python.usage.Options>}).
+    """
 
     program = "sentinel-reverse"
     conversions = _CONVERSIONS
@@ -540,6 +552,13 @@ class ListenerEndpointService(service.Service):
     Listens on one C{--listen} endpoint.  It binds in
     C{privilegedStartService}, before twistd gives up root (ports below
     1024); a failure to listen is a L{StartupError} naming the endpoint.
+
+    @ivar endpoint: the server endpoint built from it.
+    @ivar description: the endpoint string it listens on (as adjusted:
+        backlog, mode).
+    @ivar given: the endpoint as the user gave it, for messages.
+    @ivar factory: the listener's factory.
+    @ivar port: the listening port, C{None} when not listening.
     """
 
     def __init__(
@@ -623,7 +642,16 @@ def _close_at_once(port: IListeningPort) -> None:
 
 
 class ReverseListenerService(service.MultiService):
-    """The listener's endpoints plus its factory; logs the set-up on start."""
+    """
+    The listener's endpoints plus its factory; logs the set-up on start.
+
+    @cvar stopped_cleanly: set once stopping has finished the requests and
+        closed the connections; a clean C{SIGTERM} then exits with status 0.
+    @ivar factory: the listener's factory (and through it the pool).
+    @ivar options: the parsed command line (L{Options}).
+    @ivar stale_removed: stale UNIX socket files removed at start, logged when
+        it starts.
+    """
 
     def __init__(
         self,

@@ -62,7 +62,29 @@ _HEADER = struct.Struct(">IB")
 
 
 class MessageType(enum.IntEnum):
-    """The type byte of every frame (SPEC section 2)."""
+    """
+    The type byte of every frame (SPEC section 2).
+
+    @cvar HANDSHAKE_REQUEST: the first frame of a connection: a registration
+        (reverse) or the proxy's handshake (forward).
+    @cvar HANDSHAKE_RESPONSE: the answer to it.
+    @cvar REQUEST_HEADERS: a request's headers.
+    @cvar REQUEST_BODY_CHUNK: a piece of a request body.
+    @cvar RESPONSE_HEADERS: a response's headers.
+    @cvar RESPONSE_BODY_CHUNK: a piece of a response body.
+    @cvar REQUEST_COMPLETE: the end of a request.
+    @cvar WEBSOCKET_FRAME: a WebSocket frame.
+    @cvar GUARDRAIL_INSPECT: text to inspect.
+    @cvar CONFIGURE: configuration pushed to an agent.
+    @cvar AGENT_RESPONSE: an agent's answer to an event.
+    @cvar HEALTH_STATUS: an agent's report of its health.
+    @cvar METRICS_REPORT: an agent's metrics.
+    @cvar CONFIG_UPDATE_REQUEST: an agent asks for new configuration.
+    @cvar FLOW_CONTROL: an agent pauses or resumes the requests it is sent.
+    @cvar CANCEL: the proxy no longer needs an answer.
+    @cvar PING: a liveness check; the peer answers with a Pong.
+    @cvar PONG: the answer to a Ping.
+    """
 
     HANDSHAKE_REQUEST = 0x01
     HANDSHAKE_RESPONSE = 0x02
@@ -158,6 +180,8 @@ class FrameReceiver(Int32StringReceiver):
     Subclasses implement L{frame_received} and L{frame_error}.  After a
     framing error no further data is parsed: the byte stream can no longer
     be trusted, and the subclass decides how to end the connection.
+
+    @cvar frame_clock: the clock of C{frame_timeout}; C{None}: no deadline.
     """
 
     MAX_LENGTH = MAX_MESSAGE_SIZE
@@ -383,6 +407,9 @@ class IncompleteFrameBudget:
     memory.  When the total goes over the limit, the connection holding the
     most is closed (L{FrameReceiver.frame_budget_exceeded}), again until the
     total is under it.
+
+    @ivar limit: the most bytes all connections together may hold in
+        incomplete frames.
     """
 
     def __init__(self, limit: int = MAX_INCOMPLETE_FRAME_BYTES) -> None:

@@ -1,6 +1,7 @@
 """
 The API reference documents the API: every public name of the package
-has a docstring (the check C{docs/build_apidocs.py} runs before pydoctor),
+has a docstring, every public data attribute a description (the check
+C{docs/build_apidocs.py} runs before pydoctor),
 and what only the package calls stays off the public surface.
 """
 
@@ -43,7 +44,38 @@ class UndocumentedNamesTests(TestCase):
             textwrap.dedent(
                 '''
                 """A module."""
+                import enum
+
+                import msgspec
                 from zope.interface import Interface, implementer
+
+                LIMIT = 3
+
+                #: Described.
+                SIZE = 4
+
+
+                class Colour(enum.Enum):
+                    """
+                    Colours.
+
+                    @cvar RED: Described.
+                    """
+
+                    RED = 1
+                    BLUE = 2
+
+
+                class Point(msgspec.Struct):
+                    """
+                    A point.
+
+                    @ivar x: Described.
+                    """
+
+                    x: int
+                    y: int
+                    _z: int = 0
 
 
                 class IThing(Interface):
@@ -70,6 +102,12 @@ class UndocumentedNamesTests(TestCase):
 
                 class Base:
                     """A base."""
+
+                    def __init__(self):
+                        self.count = 0
+                        self.label = ""
+                        """Described."""
+                        self._hidden_count = 0
 
                     def run(self):
                         """Runs."""
@@ -104,12 +142,17 @@ class UndocumentedNamesTests(TestCase):
             build_apidocs().undocumented("undoc_sample"),
             [
                 "undoc_sample.bare",
+                "undoc_sample.bare.X",
+                "undoc_sample.mod.Base.count",
                 "undoc_sample.mod.Base.size",
                 "undoc_sample.mod.Base.stop",
                 "undoc_sample.mod.Child",
                 "undoc_sample.mod.Child.size",
                 "undoc_sample.mod.Child.stop",
+                "undoc_sample.mod.Colour.BLUE",
                 "undoc_sample.mod.IThing.untold",
+                "undoc_sample.mod.LIMIT",
+                "undoc_sample.mod.Point.y",
                 "undoc_sample.mod.bare",
             ],
         )

@@ -58,6 +58,7 @@ from .protocol import AgentClientFactory, AgentProtocol, AgentSettings
 
 __all__ = ["AgentConnector", "ConnectionSlot", "ProxyConnections", "ResolvedProxies", "run_agent"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.connector")
 
 
@@ -91,6 +92,13 @@ class ConnectionSlot:
     """
     One of the N connections to one proxy: its L{ClientService}, its retry
     counter, and the protocol currently connected (if any).
+
+    @ivar proxy: the proxy it connects to.
+    @ivar connector: the connector it belongs to.
+    @ivar index: its number among the proxy's connections, from 1.
+    @ivar protocol: the protocol connected now, C{None} between connections.
+    @ivar registered: the connection is registered with the proxy.
+    @ivar service: the L{ClientService} that dials and redials it.
     """
 
     def __init__(self, proxy: ProxyConnections, index: int, endpoint: IStreamClientEndpoint) -> None:
@@ -187,6 +195,9 @@ class ProxyConnections:
     @ivar address: that address, or C{None}.
     @ivar failure: the rejection that retrying cannot fix, if this proxy
         sent one; its connections are then stopped.
+    @ivar connector: the connector it belongs to.
+    @ivar endpoint: the client endpoint of the proxy.
+    @ivar slots: its connection slots.
     """
 
     def __init__(
@@ -291,6 +302,12 @@ class ResolvedProxies:
     drained.  A resolution that finds nothing keeps the proxies there are
     (a failing name server does not take the agent off working proxies) and
     is tried again sooner, with the connector's backoff.
+
+    @ivar connector: the connector it belongs to.
+    @ivar named: the host name and the endpoint string it is in.
+    @ivar resolver: the resolver of the name.
+    @ivar resolved_at: when the name last resolved (seconds on the connector's
+        clock), C{None} before that.
     """
 
     def __init__(self, connector: AgentConnector, named: NamedProxies, resolver: IHostnameResolver) -> None:
@@ -454,6 +471,19 @@ class AgentConnector(Service):
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
         C{max_concurrency}, C{max_queued}, C{fail_open}).
+    @ivar reactor: the reactor it dials and resolves on.
+    @ivar clock: the clock of its timers (the reactor).
+    @ivar settings: what every connection registers with and how it serves
+        (L{AgentSettings}).
+    @ivar connection_count: how many connections it keeps to each proxy.
+    @ivar drain_grace: seconds in-flight handlers get when it stops.
+    @ivar resolve_interval: seconds between resolutions of the host names; 0:
+        names are not resolved.
+    @ivar resolver: the resolver of the host names, C{None} if the reactor has
+        none.
+    @ivar names: the host names standing for sets of proxies.
+    @ivar endpoint: the endpoint, when one was given (the first one's
+        otherwise).
     """
 
     def __init__(

@@ -40,6 +40,9 @@ class RegistrationFailed(AgentProtocolError):
     """
     The registration did not complete: no answer in time, a malformed
     answer, or the connection ended first.  Always worth retrying.
+
+    @cvar retryable: C{True}: always worth retrying.
+    @ivar detail: what went wrong.
     """
 
     retryable = True
@@ -53,6 +56,11 @@ class RegistrationRejected(AgentProtocolError):
     """
     The proxy answered C{success: false}.  C{reason} is the proxy's text;
     C{retryable} says whether reconnecting can help.
+
+    @ivar reason: the proxy's text.
+    @ivar proxy_id: the proxy's id (C{""} if not known).
+    @ivar retryable: whether reconnecting can help (see
+        L{is_retryable_rejection}).
     """
 
     def __init__(self, reason: str, proxy_id: str = "", retryable: bool | None = None) -> None:
@@ -68,6 +76,9 @@ class HandshakeFailed(AgentProtocolError):
     """
     A proxy's forward connection did not complete its handshake: wrong
     first frame, a malformed or unacceptable HandshakeRequest, none in time.
+
+    @cvar retryable: C{True}: the next connection may do better.
+    @ivar detail: what went wrong.
     """
 
     retryable = True
@@ -78,7 +89,13 @@ class HandshakeFailed(AgentProtocolError):
 
 
 class AgentHandlerError(AgentProtocolError):
-    """An agent's handler raised, or returned something that is not an answer."""
+    """
+    An agent's handler raised, or returned something that is not an answer.
+
+    @ivar handler: the handler that failed (C{on_request_headers}, ...).
+    @ivar correlation_id: the event it failed on.
+    @ivar detail: what went wrong.
+    """
 
     def __init__(self, handler: str, correlation_id: str, detail: str) -> None:
         super().__init__(f"Agent handler {handler} failed for '{correlation_id}': {detail}")

@@ -64,6 +64,7 @@ __all__ = [
     "ForwardAgentProtocol",
 ]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.forward")
 
 #: Largest HandshakeRequest frame accepted (type byte plus payload).  The
@@ -75,7 +76,19 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 
 class ForwardAgentProtocol(AgentProtocol):
-    """One proxy connection to a listening agent.  Built by L{ForwardAgentFactory}."""
+    """
+    One proxy connection to a listening agent.  Built by L{ForwardAgentFactory}.
+
+    @ivar connection_id: the connection's id, for logs.
+    @ivar handshake_timeout: seconds the proxy has to send its
+        HandshakeRequest.
+    @ivar encodings: the payload encodings it may choose.
+    @ivar MAX_LENGTH: the longest frame accepted, in bytes: the handshake
+        limit until the handshake is done.
+    @ivar proxy_id: the proxy's id, from its HandshakeRequest.
+    @ivar proxy_version: the proxy's version, from its HandshakeRequest.
+    @ivar codec: the negotiated payload encoding's codec.
+    """
 
     _opening = "the proxy's handshake"
 
@@ -209,6 +222,14 @@ class ForwardAgentFactory(Factory):
     Builds a L{ForwardAgentProtocol} for each proxy connection, logs the
     handshakes that fail, and keeps the connections so that they can be
     drained together.
+
+    @cvar noisy: C{False}: no log line for each connection.
+    @ivar settings: how its connections serve.
+    @ivar clock: the clock of their timers.
+    @ivar handshake_timeout: seconds a proxy has to send its HandshakeRequest.
+    @ivar max_handshake_size: the longest HandshakeRequest accepted, in bytes.
+    @ivar encodings: the payload encodings it may choose, in order of
+        preference.
     """
 
     noisy = False
@@ -301,6 +322,16 @@ class AgentListener(Service):
         (JSON is always possible).
     @param settings_options: the rest of L{AgentSettings} (C{health_interval},
         C{max_concurrency}, C{max_queued}, C{fail_open}).
+    @ivar reactor: the reactor it listens on.
+    @ivar settings: how its connections serve (L{AgentSettings
+        <sentinel_twisted.agent.protocol.AgentSettings>}).
+    @ivar endpoint_description: the endpoint as given, for logs.
+    @ivar endpoint: the server endpoint.
+    @ivar drain_grace: seconds in-flight handlers get when it stops.
+    @ivar factory: builds the protocol of each proxy connection.
+    @ivar port: the listening port, C{None} when not listening.
+    @ivar running: whether the service runs (as for any L{Service
+        <twisted.application.service.Service>}); reset when listening fails.
     """
 
     def __init__(

@@ -63,6 +63,7 @@ __all__ = [
     "routing_id",
 ]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.protocol")
 
 #: Characters of the proxy's connection id, and of its id or version, that
@@ -197,7 +198,28 @@ class _Lenient(msgspec.Struct):
 
 @implementer(IHandshakeListener)
 class AgentProtocol(FrameReceiver):
-    """One agent connection.  Built by L{AgentClientFactory}."""
+    """
+    One agent connection.  Built by L{AgentClientFactory}.
+
+    @ivar settings: how it registers and serves.
+    @ivar agent: the agent that answers the events.
+    @ivar clock: the clock of its timers.
+    @ivar observer: told of its registration and end, C{None} for nobody.
+    @ivar capabilities: what it announces, C{None} until built.
+    @ivar connection_id: the id the proxy gave the connection (C{""} before
+        registration).
+    @ivar proxy_id: the proxy's id (C{""} before registration).
+    @ivar proxy_version: the proxy's version (C{""} before registration).
+    @ivar registered: the proxy accepted the registration (or the handshake).
+    @ivar draining: it is draining: finishing the events in flight before it
+        closes.
+    @ivar paused: it asked the proxy to pause (FlowControl) and has not
+        resumed yet.
+    @ivar limit: events handled at once.
+    @ivar resume_at: the load at or below which a paused connection resumes
+        (half the limit).
+    @ivar max_queued: events held beyond the limit at most.
+    """
 
     _registration_payload: bytes | None = None
     peer_role = "proxy"
@@ -830,7 +852,15 @@ class AgentProtocol(FrameReceiver):
 
 
 class AgentClientFactory(Factory):
-    """Builds an L{AgentProtocol} for each connection attempt."""
+    """
+    Builds an L{AgentProtocol} for each connection attempt.
+
+    @cvar noisy: C{False}: no log line for each connection.
+    @ivar settings: how its connections register and serve.
+    @ivar clock: the clock of their timers.
+    @ivar observer: told of registrations and ends of its connections, C{None}
+        for nobody.
+    """
 
     noisy = False
 

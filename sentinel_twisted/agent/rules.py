@@ -60,6 +60,7 @@ __all__ = [
     "parse_rules",
 ]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.rules")
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,6 +108,9 @@ class RulesError(Exception):
     A rules file that cannot be used.  C{problems} holds one line per
     problem (C{rule 'id' (#n): reason}); C{str()} prefixes each with the
     file name.
+
+    @ivar source: the file (or other source) of the rules.
+    @ivar problems: one line per problem.
     """
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -138,7 +142,33 @@ class Pattern(Protocol):
 
 @attrs.frozen(kw_only=True)
 class Rule:
-    """One compiled rule.  Conditions that are C{None} or empty always hold."""
+    """
+    One compiled rule.  Conditions that are C{None} or empty always hold.
+
+    @ivar id: the rule's id, from the file.
+    @ivar position: its place in the file, from 1.
+    @ivar description: what it is for, from the file.
+    @ivar methods: the methods it applies to (upper-case), C{None} for all.
+    @ivar path: a pattern the request path must match (searched, not
+        anchored).
+    @ivar uri: the whole request target must match it.
+    @ivar query: the query must match it.
+    @ivar headers: C{(name, pattern)}: a value of each named header must match
+        its pattern.
+    @ivar any_header: some header value must match it.
+    @ivar header_present: headers that must be there.
+    @ivar header_missing: headers that must not be there.
+    @ivar client_ip: networks the client address must be in (one of them);
+        empty: any address.
+    @ivar client_ip_not: networks the client address must not be in.
+    @ivar body_contains: byte strings the body must contain (any of them).
+    @ivar body: the body must match it.
+    @ivar decision: what the rule decides when it matches, C{None}: it decides
+        nothing.
+    @ivar request_ops: header operations on the request when it matches.
+    @ivar response_ops: header operations on the response when it matches.
+    @ivar tags: audit tags added when it matches.
+    """
 
     id: str
     position: int
@@ -661,6 +691,14 @@ class Verdict:
     decided (if any), and the body rules still waiting for the body.  The
     response header operations, rule ids and tags gathered are kept for a
     decision taken on the body.
+
+    @ivar response: the answer to send.
+    @ivar decided_by: the rule that decided, C{None}: none did (allow, unless
+        a body rule decides).
+    @ivar body_rules: the body rules still waiting for the body.
+    @ivar response_ops: the response header operations gathered.
+    @ivar rule_ids: the ids of the rules that matched.
+    @ivar tags: the tags gathered.
     """
 
     response: ResponseBuilder
@@ -680,6 +718,9 @@ class RuleSet:
 
         verdict = load_rules("rules.toml").evaluate(event)
         answer = verdict.response.build()
+
+    @ivar rules: the rules, in file order.
+    @ivar source: where they came from (the file name), for messages.
     """
 
     rules: tuple[Rule, ...]
@@ -845,6 +886,11 @@ class RulesAgent(Agent):
 
     @param max_concurrency: events served at once per connection
         (announced in the capabilities); at least 1.
+    @cvar name: the agent's name in its capabilities.
+    @ivar path: the rules file.
+    @ivar ruleset: the rules in force.
+    @ivar max_concurrency: events served at once per connection (announced in
+        the capabilities).
     """
 
     name = "sentinel-rules"

@@ -42,6 +42,7 @@ from .rules import RulesAgent, RulesError
 
 __all__ = ["AgentService", "Options", "exit_at_exit", "makeService", "read_token_file"]
 
+#: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.tap")
 
 
@@ -138,7 +139,17 @@ def _load_agent(spec: str) -> IAgent:
 
 
 class Options(ProgramOptions):
-    """The command line of C{twistd sentinel-agent} (see C{--help})."""
+    """
+    The command line of C{twistd sentinel-agent} (see C{--help}).
+
+    @cvar synopsis: the usage line's arguments (L{usage.Options
+        <twisted.python.usage.Options>}).
+    @cvar longdesc: the description C{--help} shows.
+    @cvar optFlags: the flags (L{usage.Options
+        <twisted.python.usage.Options>}).
+    @cvar optParameters: the options that take a value (L{usage.Options
+        <twisted.python.usage.Options>}).
+    """
 
     program = "sentinel-agent"
     conversions = _CONVERSIONS
@@ -245,6 +256,12 @@ class AgentService(service.MultiService):
     The connector (reverse mode) and/or the listener (forward mode) plus
     the process-level glue: SIGHUP reloads the rules, and a fatal
     rejection stops the program.
+
+    @ivar connector: the connector (reverse mode), C{None} without one.
+    @ivar listener: the listener (forward mode), C{None} without one.
+    @ivar options: the parsed command line.
+    @ivar reactor: the reactor (for signals and stopping).
+    @ivar agent: the agent both serve.
     """
 
     def __init__(

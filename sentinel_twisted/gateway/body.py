@@ -96,6 +96,8 @@ class Pressure:
     It also carries the other way of back-pressure: stages that wait for a
     L{busy <BodySink.busy>} sink after them are called back when a sink of
     this direction has drained (L{wait}, L{drained}).
+
+    @ivar held: bytes held right now.
     """
 
     __slots__ = ("_high", "_low", "_pause", "_paused", "_resume", "_waiting", "held")
@@ -146,7 +148,12 @@ class Pressure:
 
 
 class StageOwner(Protocol):
-    """What a stage needs from its exchange."""
+    """
+    What a stage needs from its exchange.
+
+    @cvar correlation_id: the exchange's correlation id, for the events of its
+        stages.
+    """
 
     correlation_id: str
 
@@ -172,6 +179,11 @@ class InspectionStage:
     One agent's view of a body.  C{start()} is called once the agent has
     answered the headers event of the same direction (events of one request
     go one at a time over one connection); until then input is held.
+
+    @ivar owner: the exchange the body belongs to.
+    @ivar slot: the agent this stage shows the body to.
+    @ivar next: where the body goes after this stage (the next agent's stage,
+        or the upstream or client).
     """
 
     def __init__(

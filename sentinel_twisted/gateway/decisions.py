@@ -35,6 +35,7 @@ __all__ = [
     "valid_status",
 ]
 
+#: The gateway's logger.
 log = Logger(namespace="sentinel_twisted.gateway")
 
 #: RFC 9110 section 7.6.1 connection-specific headers, never forwarded.
@@ -169,7 +170,15 @@ def status_text(code: int) -> str:
 
 
 class Denial:
-    """The response that stands for a non-allow decision."""
+    """
+    The response that stands for a non-allow decision.
+
+    @ivar label: the decision's name for metrics and logs (C{block},
+        C{redirect}, C{challenge}).
+    @ivar code: the response's status code.
+    @ivar headers: the response's headers, as C{(name, value)} pairs.
+    @ivar body: the response's body.
+    """
 
     __slots__ = ("body", "code", "headers", "label")
 

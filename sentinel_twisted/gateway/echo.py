@@ -65,6 +65,10 @@ class EchoUpstream:
     The upstream when none is configured: answers every request with a JSON
     description of what would have gone upstream (method, path, query,
     headers, body size and each agent's decision), for trying rules out.
+
+    @cvar shows_decisions: C{True}: the echo shows each agent's decision, so
+        the gateway passes them on (L{ForwardRequest.decisions
+        <sentinel_twisted.gateway.upstream.ForwardRequest.decisions>}).
     """
 
     shows_decisions = True

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentSlot", "Exchange", "Gateway", "GatewayMetricsSink", "NullMetrics", "failure_reason"]
 
+#: The gateway's logger.
 log = Logger(namespace="sentinel_twisted.gateway")
 
 _REQUEST_HEADERS = m.EventType.REQUEST_HEADERS
@@ -189,7 +190,19 @@ class NullMetrics:
 
 
 class Gateway:
-    """What every exchange shares: pool, settings, upstream, metrics."""
+    """
+    What every exchange shares: pool, settings, upstream, metrics.
+
+    @ivar pool: the agents requests are sent to.
+    @ivar config: the gateway's settings.
+    @ivar upstream: where allowed requests go.
+    @ivar metrics: what counts requests, decisions and latencies.
+    @ivar clock: the clock of timeouts and durations (the reactor by default).
+    @ivar challenge_status: the status of a challenge decision's response
+        (from the config).
+    @ivar fail_open: an agent that cannot answer lets the request go on (from
+        the config).
+    """
 
     def __init__(
         self,
@@ -319,7 +332,15 @@ class _AgentPresence(PoolObserver):
 
 
 class AgentSlot:
-    """One consulted agent within one exchange."""
+    """
+    One consulted agent within one exchange.
+
+    @ivar agent_id: the agent's id.
+    @ivar connection: the agent's connection the request's events go over.
+    @ivar events: the event types the agent registered for.
+    @ivar stage: its body inspection stage while a body goes through it, else
+        C{None}.
+    """
 
     __slots__ = (
         "agent_id",
@@ -414,7 +435,15 @@ class _ResponseProducer:
 
 
 class Exchange:
-    """One client request; see the module docstring."""
+    """
+    One client request; see the module docstring.
+
+    @cvar correlation_id: the id the request's events are sent under (C{""}
+        until there is one).
+    @cvar slots: the agents consulted, in order (empty until they are chosen).
+    @ivar gateway: what every exchange shares.
+    @ivar request: the client's request.
+    """
 
     # Defaults as class attributes: most requests never change most of
     # them, and an exchange is made per request.

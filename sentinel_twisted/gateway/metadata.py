@@ -69,7 +69,13 @@ def _protocol(version: bytes) -> str:
 
 
 class TLSInfo:
-    """The TLS version, cipher and SNI server name of a client connection."""
+    """
+    The TLS version, cipher and SNI server name of a client connection.
+
+    @ivar version: the TLS version (C{TLSv1.3}), C{None} if not known.
+    @ivar cipher: the cipher suite, C{None} if not known.
+    @ivar server_name: the SNI server name the client sent, C{None} if none.
+    """
 
     __slots__ = ("cipher", "server_name", "version")
 

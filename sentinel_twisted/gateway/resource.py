@@ -23,6 +23,7 @@ from .exchange import Exchange, Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
 
+#: The gateway's logger.
 log = Logger(namespace="sentinel_twisted.gateway")
 
 
@@ -42,6 +43,15 @@ class GatewayRequest(server.Request):
 
     @ivar streaming: the body is being streamed to the exchange.
     @ivar body_length: the declared body length (C{None}: chunked).
+    @cvar exchange: the request's exchange once it has one, else C{None}.
+    @cvar body_complete: the whole body has arrived.
+    @cvar client_gone: the client's connection was lost.
+    @ivar method: the request method (as C{twisted.web} sets it).
+    @ivar uri: the request target, as received.
+    @ivar clientproto: the HTTP version of the request line.
+    @ivar path: the target without its query.
+    @ivar args: query arguments; always empty for a streamed body (the gateway
+        does not parse them).
     """
 
     #: Responses keep the upstream's Content-Type, or have none.
@@ -197,7 +207,12 @@ class GatewayRequest(server.Request):
 
 
 class GatewayResource(Resource):
-    """Every path: one L{Exchange}."""
+    """
+    Every path: one L{Exchange}.
+
+    @cvar isLeaf: C{True}: the resource takes every path itself.
+    @ivar gateway: what its exchanges share.
+    """
 
     isLeaf = True
 
@@ -252,6 +267,11 @@ class GatewayChannel(http.HTTPChannel):
     connection's start, and from the end of each response on a kept-alive
     connection, until the head's last line.  A client that has sent part of
     a head by then gets C{408}; an idle one is closed without a word.
+
+    @cvar header_timeout: seconds a client has to send a whole request head;
+        C{None}: no limit.
+    @ivar persistent: whether the connection stays open after the response
+        (C{False} once it is being closed).
     """
 
     header_timeout: float | None = None
@@ -373,6 +393,13 @@ class GatewaySite(server.Site):
     A site of L{GatewayRequest}s over L{GatewayChannel}s, holding at most
     C{max_client_connections} clients; an access log (owner-only, in the
     combined log format: L{combined_log_line}) only when a path is given.
+
+    @cvar noisy: C{False}: no log line for each connection.
+    @ivar requestFactory: L{GatewayRequest}, which streams bodies.
+    @ivar gateway: what its exchanges share.
+    @ivar header_timeout: seconds a client has to send a whole request head.
+    @ivar max_clients: the most client connections held at once.
+    @ivar clients: client connections open now.
     """
 
     noisy = False

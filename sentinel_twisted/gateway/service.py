@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GatewayService", "ListeningService"]
 
+#: The gateway's logger.
 log = Logger(namespace="sentinel_twisted.gateway")
 
 
@@ -38,6 +39,13 @@ class ListeningService(service.Service):
     Listens on one endpoint while running.  A failure to listen is raised
     from C{startService} when it happens at once (so twistd stops with the
     reason), and logged otherwise.
+
+    @ivar reactor: the reactor the endpoint is built on.
+    @ivar description: the endpoint string.
+    @ivar factory: the factory it listens with.
+    @ivar what: what it listens for, for messages (C{HTTP clients}).
+    @ivar port: the listening port, C{None} when not listening.
+    @ivar listening: fires with the port once it listens.
     """
 
     def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
@@ -91,6 +99,22 @@ class GatewayService(service.MultiService):
     """
     The gateway (C{http}) and status (C{status}) listeners; either may be
     C{None} to leave it out.
+
+    @ivar factory: the listener whose pool the gateway sends requests to.
+    @ivar config: the gateway's settings.
+    @ivar shutdown_grace: seconds requests in flight get to finish when it
+        stops.
+    @ivar metrics: the listener's and gateway's metrics.
+    @ivar history: snapshots of the metrics for the status page, C{None}
+        without a status site.
+    @ivar upstream: where allowed requests go (the echo when no upstream is
+        set).
+    @ivar gateway: what every exchange shares.
+    @ivar http: the HTTP listener, C{None} when left out.
+    @ivar status: the status site's listener, C{None} when left out.
+    @ivar site: the gateway's site, C{None} without an HTTP listener.
+    @ivar status_site: the status site, C{None} when left out.
+    @ivar status_resource: the status site's root (only with a status site).
     """
 
     def __init__(

@@ -32,7 +32,12 @@ __all__ = ["BadTarget", "RequestTarget", "parse_target"]
 
 
 class BadTarget(ValueError):
-    """The request cannot be taken; C{code} is the status to answer with."""
+    """
+    The request cannot be taken; C{code} is the status to answer with.
+
+    @ivar code: the status to answer with.
+    @ivar reason: what is wrong with the target.
+    """
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)

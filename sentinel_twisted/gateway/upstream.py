@@ -62,6 +62,9 @@ class StreamingBody:
     counted in the exchange's L{Pressure}, which pauses the client.  Past
     L{STAGE_ROOM} held it is L{busy}: the inspection stages before it send
     no more chunks until it has drained.
+
+    @ivar length: the body's length, or C{UNKNOWN_LENGTH} (chunked).
+    @ivar sent: body bytes fed to it so far.
     """
 
     def __init__(self, length: int | None, pressure: Pressure) -> None:
@@ -152,7 +155,16 @@ class StreamingBody:
 
 
 class ForwardRequest:
-    """What goes upstream: method, origin-form URI, headers and body."""
+    """
+    What goes upstream: method, origin-form URI, headers and body.
+
+    @ivar method: the request method.
+    @ivar uri: the origin-form target (path and query).
+    @ivar headers: the headers to send.
+    @ivar body: the body, C{None} for none.
+    @ivar decisions: each agent's decision, for an upstream that shows them
+        (the echo); else C{None}.
+    """
 
     __slots__ = ("body", "decisions", "headers", "method", "uri")
 
@@ -182,7 +194,15 @@ class ResponseSink(Protocol):
 
 
 class UpstreamResponse:
-    """Status, headers, and a body delivered on request."""
+    """
+    Status, headers, and a body delivered on request.
+
+    @cvar code: the status code.
+    @cvar phrase: the reason phrase.
+    @cvar headers: the response headers.
+    @cvar length: the body's length, C{None} or C{UNKNOWN_LENGTH} if not
+        known.
+    """
 
     code: int
     phrase: bytes
@@ -296,6 +316,9 @@ class HTTPUpstream:
     the URL's path in front): it is handed to the connection as it is
     (L{ProxyAgent} does that), never parsed and rebuilt the way
     L{Agent} does, which would drop an empty query's C{?}, say.
+
+    @ivar url: the upstream's URL as given.
+    @ivar pool: the idle upstream connections kept for reuse.
     """
 
     def __init__(

@@ -66,7 +66,13 @@ def _connections(pool: AgentPool, agent_id: str) -> int:
 
 
 class HealthzResource(Resource):
-    """C{/healthz}: C{200} when ready, C{503} when not; never cached."""
+    """
+    C{/healthz}: C{200} when ready, C{503} when not; never cached.
+
+    @cvar isLeaf: C{True}: no children.
+    @ivar pool: the agents whose presence readiness checks.
+    @ivar readiness: what ready means.
+    """
 
     isLeaf = True
 

@@ -45,6 +45,11 @@ class Window:
     """
     What happened between two snapshots: rates per second and quantiles
     of the histograms over that time.
+
+    @ivar metrics: the metrics the snapshots are of.
+    @ivar now: the later snapshot.
+    @ivar then: the earlier snapshot, C{None} when there is only one.
+    @ivar seconds: the time between them (C{0.0} without C{then}).
     """
 
     def __init__(self, metrics: GatewayMetrics, now: Snapshot, then: Snapshot | None) -> None:
@@ -107,6 +112,12 @@ class History:
     """
     Snapshots of C{metrics} every C{interval} seconds on C{clock}, the
     last C{points} of them.
+
+    @ivar metrics: the metrics it samples.
+    @ivar clock: the clock of its sampling (the metrics' by default).
+    @ivar interval: seconds between snapshots.
+    @ivar window: the seconds rates are taken over (see L{last_window}).
+    @ivar samples: the snapshots, oldest first.
     """
 
     def __init__(

@@ -380,7 +380,15 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
 
 
 class AgentSnapshot:
-    """One agent's totals at one moment (see L{Snapshot})."""
+    """
+    One agent's totals at one moment (see L{Snapshot}).
+
+    @ivar answers: the histogram of its answer times (seconds).
+    @ivar decisions: its answers, counted by decision.
+    @ivar failures: its failures to answer, counted by reason.
+    @ivar timeouts: its events that timed out.
+    @ivar cancels: Cancel frames sent to it.
+    """
 
     __slots__ = ("answers", "cancels", "decisions", "failures", "timeouts")
 
@@ -397,6 +405,18 @@ class Snapshot:
     Every total the status page turns into rates and quantiles, at one
     moment (C{at}, on the metrics' clock): two snapshots a minute apart
     give the last minute's rates.
+
+    @ivar at: when it was taken, in seconds on the metrics' clock.
+    @ivar requests: gateway requests, counted by decision.
+    @ivar code_classes: responses counted by status class (C{2xx}, ...,
+        C{none}).
+    @ivar duration: the histogram of request durations (seconds).
+    @ivar upstream: the histogram of upstream response times (seconds).
+    @ivar round_trip: the histogram of agents' round trips (seconds).
+    @ivar fail_open: requests let through because an agent could not answer
+        (fail-open).
+    @ivar connections: agent connections registered.
+    @ivar agents: each agent's totals, by agent id.
     """
 
     __slots__ = (
@@ -438,6 +458,15 @@ class GatewayMetrics(PoolObserver):
     @param upstream_timeout: the upstream's timeout: where its buckets end.
     @param process: whether to export the process and platform metrics
         (C{process_*}, C{python_info}) too.
+    @ivar registry: the Prometheus registry its metrics are in.
+    @ivar pool: the pool it reports on.
+    @ivar factory: the listener it reports on, C{None} for none.
+    @ivar clock: the clock of latencies and of C{departed_grace}.
+    @ivar departed_grace: seconds a departed agent keeps its own series.
+    @ivar duration_buckets: the request duration histogram's bucket bounds
+        (seconds).
+    @ivar upstream_buckets: the upstream latency histogram's bucket bounds
+        (seconds).
     """
 
     def __init__(

@@ -153,7 +153,14 @@ class _Metrics(Resource):
 
 
 class StatusResource(Resource):
-    """The status site's root."""
+    """
+    The status site's root.
+
+    @ivar pool: the agents it shows.
+    @ivar metrics: the metrics it shows.
+    @ivar gateway: the gateway's settings for C{/agents}, C{None} without a
+        gateway.
+    """
 
     def __init__(
         self,
@@ -223,6 +230,10 @@ class StatusSite(server.Site):
     connection arrived on, C{localhost} on a loopback address, or one of
     C{hosts}.  A page from elsewhere whose name was made to resolve to this
     address (DNS rebinding) sends its own name, and gets C{421}.
+
+    @cvar noisy: C{False}: no log line for each connection.
+    @ivar displayTracebacks: C{False}: an error page never shows a traceback.
+    @ivar hosts: the other C{Host} names it answers to, lower-case.
     """
 
     noisy = False
