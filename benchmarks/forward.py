@@ -28,10 +28,9 @@ costs in each.
 from __future__ import annotations
 
 import os
-import statistics
 from typing import Any
 
-from benchmarks.reference import _next_line, _wait_for_socket, missing_peers, peers_dir
+from benchmarks.reference import _next_line, _wait_for_socket, alternate, missing_peers, peers_dir
 
 CONTENDERS = ("reverse", "forward-json", "forward-msgpack")
 
@@ -114,21 +113,7 @@ def run(harness: Any) -> dict[str, Any]:
     if why is not None:
         harness.log(f"forward: skipped: {why}")
         return {"skipped": why}
-    contest = Contest(harness, peers)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {str(level): [] for level in a.levels} for c in CONTENDERS}
-    for level in a.levels:
-        for r in range(a.runs):
-            order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]
-            for contender in order:
-                harness.log(f"forward: {contender} at concurrency {level}, round {r + 1}/{a.runs}")
-                runs[contender][str(level)].append(contest.measure(contender, level))
-    median = {
-        c: {
-            level: {k: statistics.median(m[k] for m in results) for k in ("rps", "p50_us", "p99_us", "proxy_cpu")}
-            for level, results in by_level.items()
-        }
-        for c, by_level in runs.items()
-    }
+    runs, median = alternate(harness, CONTENDERS, Contest(harness, peers).measure, "forward")
     ratios = {
         level: {
             "json_vs_reverse": median["forward-json"][level]["rps"] / median["reverse"][level]["rps"],

@@ -168,6 +168,33 @@ class Contest:
         }
 
 
+def alternate(
+    harness: Any, contenders: tuple[str, ...], measure: Any, section: str
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, dict[str, dict[str, float]]]]:
+    """
+    C{measure(contender, level)} for every level and round, the contenders
+    alternating within a round and their order rotating from round to
+    round; returns every measurement and the medians per contender and
+    level.
+    """
+    a = harness.args
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {str(level): [] for level in a.levels} for c in contenders}
+    count = len(contenders)
+    for level in a.levels:
+        for r in range(a.runs):
+            for contender in contenders[r % count :] + contenders[: r % count]:
+                harness.log(f"{section}: {contender} at concurrency {level}, round {r + 1}/{a.runs}")
+                runs[contender][str(level)].append(measure(contender, level))
+    median = {
+        c: {
+            level: {k: statistics.median(m[k] for m in results) for k in ("rps", "p50_us", "p99_us", "proxy_cpu")}
+            for level, results in by_level.items()
+        }
+        for c, by_level in runs.items()
+    }
+    return runs, median
+
+
 def run(harness: Any) -> dict[str, Any]:
     a = harness.args
     peers = peers_dir(a)
@@ -175,21 +202,7 @@ def run(harness: Any) -> dict[str, Any]:
     if why is not None:
         harness.log(f"reference: skipped: {why}")
         return {"skipped": why}
-    contest = Contest(harness, peers)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {str(level): [] for level in a.levels} for c in CONTENDERS}
-    for level in a.levels:
-        for r in range(a.runs):
-            order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]
-            for contender in order:
-                harness.log(f"reference: {contender} at concurrency {level}, round {r + 1}/{a.runs}")
-                runs[contender][str(level)].append(contest.measure(contender, level))
-    median: dict[str, dict[str, dict[str, float]]] = {
-        c: {
-            level: {k: statistics.median(m[k] for m in results) for k in ("rps", "p50_us", "p99_us", "proxy_cpu")}
-            for level, results in by_level.items()
-        }
-        for c, by_level in runs.items()
-    }
+    runs, median = alternate(harness, CONTENDERS, Contest(harness, peers).measure, "reference")
     ratios = {
         level: {
             "rps_vs_reference": median["ours"][level]["rps"] / median["reference"][level]["rps"],
