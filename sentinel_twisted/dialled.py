@@ -32,7 +32,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,8 +55,8 @@ from .errors import (
 )
 from .forward import ENCODINGS, HandshakeRequest, HandshakeResponse, codec_for
 from .pool import AgentPool
-from .protocol import describe_peer
-from .wire import MAX_MESSAGE_SIZE, FrameReceiver, IncompleteFrameBudget, MessageType
+from .protocol import _PooledConnectionProtocol, describe_peer
+from .wire import MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 
 __all__ = [
     "MAX_HANDSHAKE_RESPONSE_SIZE",
@@ -116,8 +116,7 @@ def failure_reason(error: AgentProtocolError) -> str:
     return "other"
 
 
-@implementer(IPushProducer)
-class ForwardConnectionProtocol(FrameReceiver):
+class ForwardConnectionProtocol(_PooledConnectionProtocol):
     """
     One dialled agent connection on the proxy side.  Built by L{ForwardConnectionFactory}.
 
@@ -263,26 +262,6 @@ class ForwardConnectionProtocol(FrameReceiver):
             transport.abortConnection()  # type: ignore[attr-defined]
         else:
             transport.loseConnection()
-
-    # -- FrameSink for AgentConnection ----------------------------------------
-
-    def close_connection(self, detail: str, abort: bool = False) -> None:
-        """Close (or abort) the connection; see L{FrameSink <sentinel_twisted.connection.FrameSink>}."""
-        self._abort_on_close = abort
-        self._lifecycle.close(detail)
-
-    # -- IPushProducer: driven by the transport's write buffer --------------
-
-    def pauseProducing(self) -> None:
-        if self.connection is not None:
-            self.connection.set_write_blocked(True)
-
-    def resumeProducing(self) -> None:
-        if self.connection is not None:
-            self.connection.set_write_blocked(False)
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class ForwardConnectionFactory(Factory):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
 from twisted.internet.address import UNIXAddress
@@ -73,7 +73,39 @@ def peer_credentials(transport: object) -> tuple[int, int, int] | None:
 
 
 @implementer(IPushProducer)
-class ReverseConnectionProtocol(FrameReceiver):
+class _PooledConnectionProtocol(FrameReceiver):
+    """
+    What the proxy's end of an agent connection is once it is in the pool,
+    whoever dialled: the L{FrameSink <sentinel_twisted.connection.FrameSink>}
+    its L{AgentConnection} writes through, and back-pressure from the
+    transport (it pauses us when the agent stops reading and its write
+    buffer fills, and resumes us when it drains).
+    """
+
+    connection: AgentConnection | None = None
+    _abort_on_close = False
+    _lifecycle: Any
+
+    def close_connection(self, detail: str, abort: bool = False) -> None:
+        """
+        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.connection.FrameSink>}.
+        """
+        self._abort_on_close = abort
+        self._lifecycle.close(detail)
+
+    def pauseProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(True)
+
+    def resumeProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ReverseConnectionProtocol(_PooledConnectionProtocol):
     """
     One agent connection on the proxy side.
 
@@ -300,24 +332,3 @@ class ReverseConnectionProtocol(FrameReceiver):
             # Wake close() waiters now that the transport is really gone.
             connection.connection_lost(detail)
 
-    # -- FrameSink for AgentConnection ----------------------------------------
-
-    def close_connection(self, detail: str, abort: bool = False) -> None:
-        """
-        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.connection.FrameSink>}.
-        """
-        self._abort_on_close = abort
-        self._lifecycle.close(detail)
-
-    # -- IPushProducer: driven by the transport's write buffer --------------
-
-    def pauseProducing(self) -> None:
-        if self.connection is not None:
-            self.connection.set_write_blocked(True)
-
-    def resumeProducing(self) -> None:
-        if self.connection is not None:
-            self.connection.set_write_blocked(False)
-
-    def stopProducing(self) -> None:
-        pass
