@@ -254,15 +254,6 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         if self.connection is not None:
             self.connection.connection_lost(detail)
 
-    def _end_transport(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self._abort_on_close:
-            transport.abortConnection()  # type: ignore[attr-defined]
-        else:
-            transport.loseConnection()
-
 
 class ForwardConnectionFactory(Factory):
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Generator
@@ -243,6 +244,47 @@ class LoopbackTests(TestCase):
         self.assertEqual(response.audit.confidence, 0.5)
         self.assertEqual(response.correlation_id, "req-7f3a")
         self.assertEqual(factory.pool.in_flight, 0)
+
+    @inlineCallbacks
+    def test_an_event_leaves_at_once_not_on_the_next_reactor_turn(self) -> Generator[Any, Any, None]:
+        # On a plain socket whose buffer is empty the frame is sent by the
+        # call itself: the agent's socket has it before the reactor turns.
+        factory = yield self.listen()
+        agent = yield self.registered_agent()
+        agent_socket = agent.transport.getHandle()  # type: ignore[union-attr]
+        d = factory.pool.send_request_headers("waf-1", request_headers("now-1"))
+        waiting = agent_socket.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        self.assertIn(b'"correlation_id":"now-1"', waiting)
+        message_type, event = yield agent.next_frame()
+        self.assertEqual((message_type, event["correlation_id"]), (raw.REQUEST_HEADERS, "now-1"))
+        agent.send(raw.AGENT_RESPONSE, raw.answer("now-1", "allow"))
+        response = yield d
+        self.assertEqual(response.correlation_id, "now-1")
+
+    @inlineCallbacks
+    def test_requests_sent_while_reading_answers_all_arrive(self) -> Generator[Any, Any, None]:
+        # Frames written while answers are read are held and sent when the
+        # read is done: each answer here asks for the next request.
+        factory = yield self.listen()
+        agent = yield self.registered_agent()
+        done: Deferred[None] = Deferred()
+        seen: list[str] = []
+
+        def answered(response: Any, n: int) -> None:
+            seen.append(response.correlation_id)
+            if n < 20:
+                sent = factory.pool.send_request_headers("waf-1", request_headers(f"chain-{n + 1}"))
+                sent.addCallback(answered, n + 1)
+            else:
+                done.callback(None)
+
+        factory.pool.send_request_headers("waf-1", request_headers("chain-0")).addCallback(answered, 0)
+        for n in range(21):
+            message_type, event = yield agent.next_frame()
+            self.assertEqual(event["correlation_id"], f"chain-{n}")
+            agent.send(raw.AGENT_RESPONSE, raw.answer(f"chain-{n}", "allow"))
+        yield done
+        self.assertEqual(seen, [f"chain-{n}" for n in range(21)])
 
     @inlineCallbacks
     def test_pipelined_requests_answered_out_of_order(self) -> Generator[Any, Any, None]:
