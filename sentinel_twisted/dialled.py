@@ -191,23 +191,11 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         connection = self.factory.create_connection(self, agent_id, response)
         self._lifecycle.registration_accepted(connection)
 
-    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
-        pass
-
     # -- outputs of the lifecycle machine ----------------------------------
 
     def enter_registered(self, connection: AgentConnection) -> None:
         """Lifecycle: the handshake succeeded; serve C{connection}."""
-        self.connection = connection
-        self._on_frame = connection.frame_received
-        self.MAX_LENGTH = MAX_MESSAGE_SIZE
-        self.frame_clock = self.factory.clock
-        self.frame_timeout = self.factory.config.frame_deadline
-        transport = self.transport
-        if transport is not None:
-            transport.registerProducer(self, True)  # type: ignore[attr-defined]
-            self._producing = True
-        self.factory.connection_registered(connection)
+        self._serve(connection)
 
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
         """Lifecycle: the handshake failed; log it and close."""
@@ -231,23 +219,6 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
     def left_unregistered(self, detail: str) -> None:
         """Lifecycle: the connection ended before the handshake completed."""
         self.factory.handshake_failed(InvalidMessage(f"no HandshakeResponse: {detail}"), "")
-
-    def leave_registered(self, detail: str, close: bool) -> None:
-        """Lifecycle: a connection in the pool ends (and is closed first if C{close})."""
-        connection = self.connection
-        assert connection is not None
-        self._on_frame = self._ignore_frame
-        if close:
-            self._close_detail = detail
-            connection.mark_closing(detail)
-            self.stop_parsing()
-            transport = self.transport
-            if transport is not None and self._producing:
-                self._producing = False
-                transport.unregisterProducer()  # type: ignore[attr-defined]
-            self._end_transport()
-        failed = connection.connection_lost(detail, transport_gone=not close)
-        self.factory.connection_gone(connection, detail, failed)
 
     def finish_lost(self, detail: str) -> None:
         """Lifecycle: the transport is gone; wake whoever waits for the close."""

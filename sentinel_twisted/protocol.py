@@ -109,7 +109,11 @@ class _PooledConnectionProtocol(FrameReceiver):
 
     connection: AgentConnection | None = None
     _abort_on_close = False
+    _producing = False
     _lifecycle: Any
+    _on_frame: Any
+    #: The factory that built it (a listener's or a dialler's).
+    factory: Any
     # Frames written while frames are being read, sent at the end of the
     # read (see send_frame); None: this transport takes the usual path.
     _outgoing: list[bytes] | None = None
@@ -193,6 +197,43 @@ class _PooledConnectionProtocol(FrameReceiver):
             transport.abortConnection()
         else:
             transport.loseConnection()
+
+    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
+        pass
+
+    def _serve(self, connection: AgentConnection) -> None:
+        """Frames go to C{connection} from now on, which joins the pool."""
+        self.connection = connection
+        self._on_frame = connection.frame_received
+        self.MAX_LENGTH = MAX_MESSAGE_SIZE
+        # A frame, once started, must be complete within the deadline.
+        self.frame_clock = self.factory.clock
+        self.frame_timeout = self.factory.config.frame_deadline
+        # Back-pressure: the transport pauses us when the agent stops reading
+        # and its write buffer fills, and resumes us when it drains.
+        transport = self.transport
+        if transport is not None:
+            transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._producing = True
+        self.factory.connection_registered(connection)
+
+    def leave_registered(self, detail: str, close: bool) -> None:
+        """Lifecycle: a connection in the pool ends (and is closed first if C{close})."""
+        connection = self.connection
+        assert connection is not None
+        self._on_frame = self._ignore_frame
+        if close:
+            self._close_detail = detail
+            connection.mark_closing(detail)
+            self.stop_parsing()
+            transport = self.transport
+            if transport is not None and self._producing:
+                # A registered producer would keep the transport open.
+                self._producing = False
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._end_transport()
+        failed = connection.connection_lost(detail, transport_gone=not close)
+        self.factory.connection_gone(connection, detail, failed)
 
     def close_connection(self, detail: str, abort: bool = False) -> None:
         """
@@ -335,9 +376,6 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
             if request.metadata is not None and other.metadata == request.metadata:
                 request.metadata = other.metadata
 
-    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
-        pass
-
     def _write_response(self, response: m.RegistrationResponse) -> None:
         transport = self.transport
         if transport is not None and not getattr(transport, "disconnecting", False):
@@ -353,20 +391,8 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     def enter_registered(self, connection: AgentConnection) -> None:
         """Lifecycle: the registration was admitted; answer it and start serving C{connection}."""
         self._leave_awaiting()
-        self.connection = connection
         self._write_response(self.factory.success_response(connection.connection_id))
-        self._on_frame = connection.frame_received
-        self.MAX_LENGTH = MAX_MESSAGE_SIZE
-        # A frame, once started, must be complete within the deadline.
-        self.frame_clock = self.factory.clock
-        self.frame_timeout = self.factory.config.frame_deadline
-        # Back-pressure: the transport pauses us when the agent stops reading
-        # and its write buffer fills, and resumes us when it drains.
-        transport = self.transport
-        if transport is not None:
-            transport.registerProducer(self, True)  # type: ignore[attr-defined]
-            self._producing = True
-        self.factory.connection_registered(connection)
+        self._serve(connection)
 
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
         """Lifecycle: refuse the registration with C{error} and close."""
@@ -400,25 +426,6 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
             peer=peer_text(self.peer, 100),
             detail=peer_text(detail, 100),
         )
-
-    def leave_registered(self, detail: str, close: bool) -> None:
-        """Lifecycle: a registered connection ends (and is closed first if C{close})."""
-        connection = self.connection
-        assert connection is not None
-        self._on_frame = self._ignore_frame
-        if close:
-            self._close_detail = detail
-            connection.mark_closing(detail)
-            self.stop_parsing()
-            transport = self.transport
-            if transport is not None:
-                if self._producing:
-                    # A registered producer would keep the transport open.
-                    self._producing = False
-                    transport.unregisterProducer()  # type: ignore[attr-defined]
-            self._end_transport()
-        failed = connection.connection_lost(detail, transport_gone=not close)
-        self.factory.connection_gone(connection, detail, failed)
 
     def finish_lost(self, detail: str) -> None:
         """Lifecycle: the transport is gone; wake whoever waits for the close."""
