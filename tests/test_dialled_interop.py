@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .peers import peer
 from .test_readme_demo import fetch, free_port, wait_for
-from .twistd_support import twistd_command
+from .twistd_support import stop_process, twistd_command
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
@@ -66,16 +66,10 @@ class Program:
         return found
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        status = stop_process(self.process, STOP_TIMEOUT)
         self._out.close()
         self._err.close()
-        return self.process.returncode
+        return status
 
 
 class ForwardGatewayInteropTests(SynchronousTestCase):

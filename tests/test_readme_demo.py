@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from twisted.trial.unittest import TestCase
 
-from .twistd_support import twistd_command
+from .twistd_support import stop_process, twistd_command
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -109,13 +109,7 @@ class Process:
         return self.path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, STOP_TIMEOUT)
         self._out.close()
 
 

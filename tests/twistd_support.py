@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 
@@ -13,3 +14,14 @@ def twistd_command(*args: str) -> list[str]:
         return [script, *args]
     code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
     return [sys.executable, "-c", code, *args]
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM a child still running, SIGKILL it after C{timeout} seconds; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
