@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from benchmarks.reference import _next_line, _wait_for_socket, alternate, missing_peers, peers_dir
+from benchmarks.reference import _wait_for_socket, alternate, missing_peers, peers_dir
 
 CONTENDERS = ("reverse", "forward-json", "forward-msgpack")
 
@@ -94,7 +94,7 @@ class Contest:
                     "unix", "roundtrip", "--expect", str(self.expect), "--levels", str(level), *sizes,
                     *dials, "--dial-connections", str(a.connections), "--encodings", encodings,
                 )  # fmt: skip
-            line = _next_line(proxy, lambda item: item.get("event") == "level", "benchmark result", 600)
+            line = proxy.expect_where(lambda item: item.get("event") == "level", "benchmark result", 600)
         finally:
             self.h._reap(*([proxy] if proxy is not None else []), *agents)
         from benchmarks.run import HarnessError

@@ -127,7 +127,7 @@ def with_reference_agent(harness: Any, sock: str, url: str, events: str) -> dict
     )
     try:
         for _ in range(4):
-            reference._next_line(agent, lambda item: "success" in item, "registration", 30)
+            agent.expect_where(lambda item: "success" in item, "registration", 30)
         time.sleep(0.2)
         with urllib.request.urlopen(url, timeout=10) as response:
             decisions = json.loads(response.read())["decisions"]

@@ -59,30 +59,6 @@ def _wait_for_socket(path: str, child: Any, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def _next_line(child: Any, wanted: Any, what: str, timeout: float) -> dict[str, Any]:
-    """The next stdout line of C{child} for which C{wanted(line)} holds."""
-    import queue
-
-    from benchmarks.run import HarnessError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise HarnessError(f"{child.name}: no {what} within {timeout:.0f} s{child._tail()}")
-        try:
-            item = child.lines.get(timeout=remaining)
-        except queue.Empty:
-            continue
-        if item is None:
-            child.proc.wait()
-            raise HarnessError(f"{child.name} exited ({child.proc.returncode}) before {what}{child._tail()}")
-        if item.get("event") == "error":
-            raise HarnessError(f"{child.name}: {item.get('error')}{child._tail()}")
-        if wanted(item):
-            return item
-
-
 class Contest:
     def __init__(self, harness: Any, peers: str) -> None:
         self.h = harness
@@ -148,7 +124,7 @@ class Contest:
         try:
             _wait_for_socket(path, proxy)
             agents = self.agents(path)
-            line = _next_line(proxy, lambda item: "concurrency" in item and "rps" in item, "benchmark result", 600)
+            line = proxy.expect_where(lambda item: "concurrency" in item and "rps" in item, "benchmark result", 600)
         finally:
             self.h._reap(proxy, *agents)
         from benchmarks.run import HarnessError

@@ -98,11 +98,16 @@ class Child:
     def expect(self, event: str, timeout: float) -> dict[str, Any]:
         """The next line whose C{event} is C{event}; an C{error} line or
         the process's exit raises L{HarnessError}."""
+        return self.expect_where(lambda item: item.get("event") == event, repr(event), timeout)
+
+    def expect_where(self, wanted: Any, what: str, timeout: float) -> dict[str, Any]:
+        """The next line for which C{wanted(line)} holds; an C{error} line
+        or the process's exit raises L{HarnessError}."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise HarnessError(f"{self.name}: no {event!r} within {timeout:.0f} s{self._tail()}")
+                raise HarnessError(f"{self.name}: no {what} within {timeout:.0f} s{self._tail()}")
             try:
                 item = self.lines.get(timeout=remaining)
             except queue.Empty:
@@ -110,11 +115,11 @@ class Child:
             if item is None:
                 self.proc.wait()
                 raise HarnessError(
-                    f"{self.name} exited ({self.proc.returncode}) before {event!r}{self._tail()}"
+                    f"{self.name} exited ({self.proc.returncode}) before {what}{self._tail()}"
                 )
             if item.get("event") == "error":
                 raise HarnessError(f"{self.name}: {item.get('error')}{self._tail()}")
-            if item.get("event") == event:
+            if wanted(item):
                 return item
 
     def _tail(self) -> str:
