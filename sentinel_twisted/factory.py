@@ -138,7 +138,7 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "frame_too_large"
     if isinstance(error, InvalidMessage):
         return "invalid_message"
-    return "other"
+    return getattr(error, "rejection_label", "other")
 
 
 class ReverseConnectionFactory(Factory):
@@ -223,7 +223,7 @@ class ReverseConnectionFactory(Factory):
                 )
             return RefusedConnection()
         self.awaiting_registration += 1
-        return ReverseConnectionProtocol(self)
+        return self.protocol(self)
 
     def registration_finished(self, protocol: ReverseConnectionProtocol) -> None:
         """
@@ -322,6 +322,14 @@ class ReverseConnectionFactory(Factory):
             )
             return False
 
+    def _release(self, agent_id: str) -> None:
+        """Free one of C{agent_id}'s connection slots (reserved by L{admit})."""
+        remaining = self._registered_per_agent[agent_id] - 1
+        if remaining > 0:
+            self._registered_per_agent[agent_id] = remaining
+        else:
+            self._registered_per_agent.pop(agent_id, None)
+
     def registered_connections(self, agent_id: str) -> int:
         """How many registered connections C{agent_id} holds."""
         return self._registered_per_agent[agent_id]
@@ -407,12 +415,7 @@ class ReverseConnectionFactory(Factory):
         Called by a protocol whose registered connection ended: logs it with
         the count of C{failed} waiting requests and removes it from the pool.
         """
-        agent_id = connection.agent_id
-        remaining = self._registered_per_agent[agent_id] - 1
-        if remaining > 0:
-            self._registered_per_agent[agent_id] = remaining
-        else:
-            del self._registered_per_agent[agent_id]
+        self._release(connection.agent_id)
         log.info(
             "Agent {agent_id} connection {connection_id} disconnected: {detail}"
             " ({failed} pending request(s) failed)",

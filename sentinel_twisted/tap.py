@@ -157,6 +157,8 @@ _CONVERSIONS = {
     "agent-connections": _positive_int,
     "agent-encodings": encoding_list,
     "max-replaced-body-size": _positive_int,
+    "workers": _positive_int,
+    "worker-index": _positive_int,
 }
 
 
@@ -327,6 +329,16 @@ class Options(ProgramOptions):
             "(with --require-client-cert).",
         ],
         [
+            "workers",
+            None,
+            1,
+            "Worker processes (N) serving the gateway on a shared port (SO_REUSEPORT); this "
+            "process keeps the agent listener and the status site and hands each registered "
+            "agent connection to the worker holding fewest of that agent's.",
+        ],
+        ["worker-control", None, None, "(Internal: set by the parent for its workers.)"],
+        ["worker-index", None, None, "(Internal: set by the parent for its workers.)"],
+        [
             "allow-file",
             None,
             None,
@@ -337,12 +349,20 @@ class Options(ProgramOptions):
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        #: The arguments as given (a worker group's workers get them too).
+        self.arguments: list[str] = []
         self["listen"] = []
         self["allow"] = []
         self["agents"] = []
         self["status-hosts"] = []
         self["ready-agents"] = []
         self["agent-endpoints"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        import sys
+
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.
@@ -441,6 +461,24 @@ class Options(ProgramOptions):
         self._gateway_options()
         self._check_endpoint_arguments()
         self._ready_agent_options()
+        self._worker_options()
+
+    def _worker_options(self) -> None:
+        if self["worker-control"] is not None or self["workers"] == 1:
+            return
+        for description in self["listen"]:
+            if parse_description(description)[0][0] == "ssl":
+                raise usage.UsageError(
+                    f"--workers {self['workers']}: an ssl: --listen endpoint needs --workers 1 "
+                    "(a TLS session cannot move to a worker process); use unix: or tcp: "
+                    "behind a TLS terminator"
+                )
+        http = self["http"]
+        if http is None or parse_description(http)[0][0] not in ("tcp", "tcp6"):
+            raise usage.UsageError(
+                f"--workers {self['workers']}: the workers share the gateway's port, which "
+                "needs a tcp: or tcp6: --http endpoint"
+            )
 
     def _check_endpoint_arguments(self) -> None:
         # A backlog= that Twisted's listen() would only fail on after taking
@@ -944,7 +982,9 @@ def prepare_unix_socket(path: str, lock: bool = False) -> list[str]:
     return removed
 
 
-def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
+def make_listener(
+    options: Any, reactor: Any = None, factory_type: type[ReverseConnectionFactory] = ReverseConnectionFactory
+) -> ReverseListenerService:
     """
     The listener service for parsed L{Options}: reads the token file,
     parses the endpoints and clears stale UNIX sockets.
@@ -980,7 +1020,7 @@ def make_listener(options: Any, reactor: Any = None) -> ReverseListenerService:
                 stale_removed.extend(prepare_unix_socket(path, lock=takes_lock(description)))
             except StartupError as e:
                 raise StartupError(f"--listen {given.get(description, description)}: {e}") from None
-    factory = ReverseConnectionFactory(config, token_checker=checker, clock=reactor)
+    factory = factory_type(config, token_checker=checker, clock=reactor)
     top = ReverseListenerService(factory, options, stale_removed)
     top.reloader = ConfigurationReloader(
         factory,
@@ -1028,13 +1068,21 @@ def add_forward_agents(top: ReverseListenerService, options: Any, reactor: Any =
         ).setServiceParent(top)  # type: ignore[no-untyped-call]
 
 
-def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) -> None:
+def add_gateway(
+    top: ReverseListenerService, options: Any, reactor: Any = None, http_endpoint: Any = None
+) -> Any:
     """
     Add the HTTP gateway and the status site (unless both are C{none}) to
     the listener service; they share its agent pool.
+
+    @param http_endpoint: the gateway's endpoint, instead of one parsed
+        from C{--http}.
+    @return: the L{GatewayService
+        <sentinel_twisted.gateway.service.GatewayService>}, C{None} without
+        one.
     """
     if options.get("gateway") is None or (options["http"] is None and options["status"] is None):
-        return
+        return None
     from .gateway.service import GatewayService
     from .status.health import Readiness
 
@@ -1051,7 +1099,7 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
     access_log = options.get("access-log")
     if access_log and options["http"] is not None:
         check_access_log(access_log)
-    GatewayService(  # type: ignore[no-untyped-call]
+    gateway = GatewayService(
         top.factory,
         options["gateway"],
         http=options["http"],
@@ -1060,7 +1108,10 @@ def add_gateway(top: ReverseListenerService, options: Any, reactor: Any = None) 
         access_log=access_log,
         shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
         readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
-    ).setServiceParent(top)
+        http_endpoint=http_endpoint,
+    )
+    gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return gateway
 
 
 def _listener_listens(top: ReverseListenerService) -> bool:
@@ -1094,9 +1145,18 @@ def makeService(options: Options) -> service.IService:
     and status 1.
     """
     try:
-        top = make_listener(options)
-        add_forward_agents(top, options)
-        add_gateway(top, options)
+        if options["worker-control"] is not None:
+            from .workers.assemble import make_worker
+
+            top = make_worker(options)
+        elif options["workers"] > 1:
+            from .workers.assemble import make_group
+
+            top = make_group(options)
+        else:
+            top = make_listener(options)
+            add_forward_agents(top, options)
+            add_gateway(top, options)
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a
         # traceback: nothing is wrong with the command line.

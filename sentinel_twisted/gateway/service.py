@@ -48,9 +48,11 @@ class ListeningService(service.Service):
     @ivar listening: fires with the port once it listens.
     """
 
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str, endpoint: Any = None) -> None:
         self.reactor = reactor
         self.description = description
+        #: The endpoint it listens on (default: parsed from C{description}).
+        self.endpoint = endpoint
         self.factory = factory
         self.what = what
         self.port: IListeningPort | None = None
@@ -58,7 +60,9 @@ class ListeningService(service.Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        endpoint = serverFromString(self.reactor, self.description)
+        endpoint = self.endpoint
+        if endpoint is None:
+            endpoint = serverFromString(self.reactor, self.description)
         outcome: list[Any] = []
 
         def listening(port: IListeningPort) -> IListeningPort:
@@ -128,6 +132,7 @@ class GatewayService(service.MultiService):
         access_log: str | None = None,
         shutdown_grace: float = 0.0,
         readiness: Readiness | None = None,
+        http_endpoint: Any = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -157,7 +162,7 @@ class GatewayService(service.MultiService):
         self.status_site: StatusSite | None = None
         if http is not None:
             self.site = GatewaySite(self.gateway, access_log=access_log, reactor=reactor)
-            self.http = ListeningService(reactor, http, self.site, "HTTP clients")
+            self.http = ListeningService(reactor, http, self.site, "HTTP clients", http_endpoint)
             self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
         if status is not None:
             self.history = History(self.metrics, reactor)

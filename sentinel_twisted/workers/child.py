@@ -1,0 +1,326 @@
+# -*- test-case-name: tests.workers.test_handover -*-
+"""
+A worker's end: it adopts the agent connections the parent hands it,
+reports the ones that end, answers the parent's snapshots, and listens for
+HTTP clients on the group's shared port (C{SO_REUSEPORT}).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.application import service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .. import messages as m
+from ..factory import ReverseConnectionFactory
+from ..protocol import ReverseConnectionProtocol
+from .commands import (
+    CONNECTION_DONE,
+    AdoptConnection,
+    ConnectionGone,
+    ControlProtocol,
+    Hello,
+    Snapshot,
+)
+
+if TYPE_CHECKING:
+    from ..connection import AgentConnection
+
+__all__ = [
+    "AdoptedConnectionProtocol",
+    "Handover",
+    "ReusePortEndpoint",
+    "WorkerConnectionFactory",
+    "WorkerControl",
+    "WorkerControlService",
+]
+
+#: The module's logger.
+log = Logger(namespace="sentinel_twisted.workers")
+
+
+@attrs.frozen
+class Handover:
+    """
+    What the parent knows of a connection it hands over.
+
+    @ivar registration: the RegistrationRequest's payload.
+    @ivar connection_id: the id the parent gave it (the agent was told).
+    @ivar peer: the agent's address, for logs.
+    @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer, or C{None}.
+    @ivar token_verified: whether the parent verified its token.
+    @ivar connected_since: when it registered, seconds since the epoch.
+    @ivar pending: bytes the agent sent after registering that the parent read.
+    """
+
+    registration: bytes
+    connection_id: str
+    peer: str
+    peer_credentials: tuple[int, int, int] | None
+    token_verified: bool
+    connected_since: float
+    pending: bytes = b""
+
+
+class AdoptedConnectionProtocol(ReverseConnectionProtocol):
+    """
+    A connection the parent registered: it starts in the registered state
+    (no handshake timer, no RegistrationResponse: the parent answered).
+
+    @ivar handover: what the parent passed with the socket.
+    @ivar peer: the agent's address for logs, as the parent saw it.
+    @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer, or C{None}.
+    """
+
+    def __init__(self, factory: ReverseConnectionFactory, handover: Handover) -> None:
+        super().__init__(factory)
+        self.handover = handover
+
+    def connectionMade(self) -> None:
+        handover = self.handover
+        self.peer = handover.peer
+        self.peer_credentials = handover.peer_credentials
+        request = m.decode_registration_request(handover.registration)
+        self._share_with_agent(request)
+        connection = self.factory.create_connection(self, request)
+        connection.connection_id = handover.connection_id
+        connection.connected_since = handover.connected_since
+        connection.token_verified = handover.token_verified
+        self._lifecycle.registration_accepted(connection)
+        if handover.pending:
+            self.dataReceived(handover.pending)
+
+    def enter_registered(self, connection: AgentConnection) -> None:
+        """Lifecycle: serve C{connection} (the parent sent the RegistrationResponse)."""
+        self._leave_awaiting()
+        self._serve(connection)
+
+
+class WorkerConnectionFactory(ReverseConnectionFactory):
+    """
+    A worker's listener without a listening port: its connections come
+    from the parent (L{adopt}); each one that ends is reported through
+    C{on_gone}.
+
+    @ivar on_gone: called with the agent id and the connection id of each
+        adopted connection that ends.
+    """
+
+    on_gone: Callable[[str, str], None] | None = None
+
+    def adopt(self, reactor: Any, descriptor: int, family: int, handover: Handover) -> AdoptedConnectionProtocol:
+        """Serve the connection whose socket is C{descriptor} (a copy: it is closed here)."""
+        protocol = AdoptedConnectionProtocol(self, handover)
+        request_agent = m.decode_registration_request(handover.registration).agent_id
+        self.awaiting_registration += 1
+        self._registered_per_agent[request_agent] += 1
+        try:
+            reactor.adoptStreamConnection(descriptor, family, _Once(protocol))
+        except BaseException:
+            self.awaiting_registration -= 1
+            self._release(request_agent)
+            raise
+        finally:
+            os.close(descriptor)
+        return protocol
+
+    def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
+        super().connection_gone(connection, detail, failed)
+        if self.on_gone is not None:
+            self.on_gone(connection.agent_id, connection.connection_id)
+
+
+class _Once(Factory):
+    """Builds the one protocol it was given (no log line of its own)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self._protocol
+
+
+_Quiet = _Once
+
+
+class WorkerControl(ControlProtocol):
+    """
+    The worker's end of the control connection.
+
+    @ivar control: the worker's control service.
+    """
+
+    def __init__(self, control: WorkerControlService) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.control = control
+
+    @AdoptConnection.responder
+    def adopt(
+        self,
+        socket: int,
+        family: int,
+        registration: bytes,
+        connection_id: str,
+        peer: str,
+        peer_credentials: list[int],
+        token_verified: bool,
+        connected_since: float,
+        pending: bytes,
+    ) -> dict[str, Any]:
+        """L{AdoptConnection}: serve the connection (see L{WorkerConnectionFactory.adopt})."""
+        credentials = tuple(peer_credentials) if len(peer_credentials) == 3 else None
+        handover = Handover(
+            registration,
+            connection_id,
+            peer,
+            credentials,  # type: ignore[arg-type]
+            token_verified,
+            connected_since,
+            pending,
+        )
+        self.control.factory.adopt(self.control.reactor, socket, family, handover)
+        return {}
+
+    @Snapshot.responder
+    def snapshot(self) -> dict[str, Any]:
+        """L{Snapshot}: this worker's C{/agents}, C{/metrics} and readiness."""
+        agents, metrics, ready = self.control.snapshot()
+        return {"agents": agents, "metrics": metrics, "ready": ready}
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        super().connectionLost(reason)
+        self.control.parent_gone()
+
+
+class WorkerControlService(service.Service):
+    """
+    Connects to the parent's control socket and says which worker this
+    is.  Losing the parent stops the worker (its requests get the shutdown
+    grace): a worker never outlives its group.
+
+    @ivar path: the parent's control socket.
+    @ivar index: this worker's number, from 1.
+    @ivar factory: where adopted connections go.
+    @ivar reactor: the reactor.
+    @ivar snapshot: returns C{(agents JSON, metrics text, ready)}.
+    @ivar protocol: the control connection, C{None} while not connected.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        index: int,
+        factory: WorkerConnectionFactory,
+        reactor: Any,
+        snapshot: Callable[[], tuple[bytes, bytes, bool]],
+    ) -> None:
+        self.path = path
+        self.index = index
+        self.factory = factory
+        self.reactor = reactor
+        self.snapshot = snapshot
+        self.protocol: WorkerControl | None = None
+        self._stopping = False
+        factory.on_gone = self._connection_gone
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = UNIXClientEndpoint(self.reactor, self.path)
+        connecting = endpoint.connect(_Quiet(WorkerControl(self)))
+        connecting.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, protocol: WorkerControl) -> Deferred[Any]:
+        self.protocol = protocol
+        log.info("Worker {index} (pid {pid}) joined its group", index=self.index, pid=os.getpid())
+        return protocol.call(Hello, index=self.index, pid=os.getpid())
+
+    def _failed(self, failure: Failure) -> None:
+        log.error(
+            "Worker {index} cannot reach its parent at {path}: {error}; stopping",
+            index=self.index,
+            path=self.path,
+            error=failure.getErrorMessage(),
+        )
+        self._stop_reactor()
+
+    def _connection_gone(self, agent_id: str, connection_id: str) -> None:
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.call(ConnectionGone, agent_id=agent_id, connection_id=connection_id)
+
+    def parent_gone(self) -> None:
+        """The control connection is lost: the parent is gone or stopping."""
+        self.protocol = None
+        if not self._stopping:
+            log.warn("Worker {index}: the parent process is gone; stopping", index=self.index)
+            self._stop_reactor()
+
+    def _stop_reactor(self) -> None:
+        if not self._stopping and self.reactor.running:
+            self._stopping = True
+            self.reactor.stop()
+
+    def stopService(self) -> None:
+        self._stopping = True
+        super().stopService()  # type: ignore[no-untyped-call]
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    Listens on a TCP port that other processes of the same user listen on
+    too (C{SO_REUSEPORT}): the kernel spreads new connections over them.
+
+    @ivar reactor: the reactor.
+    @ivar port: the TCP port.
+    @ivar interface: the address to listen on (C{""}: every IPv4 address).
+    @ivar backlog: the listen backlog.
+    """
+
+    def __init__(self, reactor: Any, port: int, interface: str = "", backlog: int = 50) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    def listen(self, protocolFactory: Any) -> Deferred[Any]:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        try:
+            listener = reuse_port_socket(family, self.interface, self.port)
+            try:
+                listener.listen(self.backlog)
+                listener.setblocking(False)
+                port = self.reactor.adoptStreamPort(listener.fileno(), family, protocolFactory)
+            finally:
+                listener.close()
+        except Exception:
+            from twisted.internet.defer import fail
+
+            return fail()
+        return succeed(port)
+
+
+def reuse_port_socket(family: int, interface: str, port: int) -> socket.socket:
+    """A TCP socket bound with C{SO_REUSEADDR} and C{SO_REUSEPORT} (not listening yet)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.workers.test_commands -*-
+"""
+The AMP commands between the parent and its workers, over a UNIX socket
+(the parent's control socket, in a directory only its user can enter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.protocols import amp
+from twisted.python.compat import nativeString
+from twisted.python.failure import Failure
+
+#: The reason of a connection closed cleanly.
+CONNECTION_DONE = Failure(ConnectionDone())
+
+__all__ = ["AdoptConnection", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Snapshot"]
+
+#: Bytes of a L{Chunked} value per AMP key (AMP's limit is 65,535).
+CHUNK_SIZE = 60_000
+
+
+class Chunked(amp.Argument):
+    """
+    Bytes of any length: AMP values are at most 64 KiB, so the value is
+    split over the keys C{NAME.0}, C{NAME.1}, ... and C{NAME} holds their
+    count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def toBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any], proto: Any) -> None:
+        value: bytes = objects[nativeString(name)]
+        chunks = [value[i : i + CHUNK_SIZE] for i in range(0, len(value), CHUNK_SIZE)]
+        strings[name] = b"%d" % len(chunks)
+        for i, chunk in enumerate(chunks):
+            strings[b"%s.%d" % (name, i)] = chunk
+
+    def fromBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any], proto: Any) -> None:
+        count = int(strings[name])
+        objects[nativeString(name)] = b"".join(strings[b"%s.%d" % (name, i)] for i in range(count))
+
+
+class Hello(amp.Command):
+    """
+    Worker to parent, first: which worker it is.
+
+    @cvar arguments: its index (from 1) and process id.
+    @cvar response: nothing.
+    """
+
+    arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
+    response = list[tuple[bytes, amp.Argument]]()
+
+
+class AdoptConnection(amp.Command):
+    """
+    Parent to worker: serve this registered agent connection.
+
+    C{socket} is the connection's descriptor; C{registration} the payload of
+    its RegistrationRequest (already admitted and answered by the parent);
+    C{pending} the bytes the agent sent after it that the parent had read.
+
+    @cvar arguments: the socket and what the worker needs to serve it.
+    @cvar response: nothing: the worker serves it from now on.
+    """
+
+    arguments = [
+        (b"socket", amp.Descriptor()),
+        (b"family", amp.Integer()),
+        (b"registration", Chunked()),
+        (b"connection_id", amp.Unicode()),
+        (b"peer", amp.Unicode()),
+        (b"peer_credentials", amp.ListOf(amp.Integer())),
+        (b"token_verified", amp.Boolean()),
+        (b"connected_since", amp.Float()),
+        (b"pending", Chunked()),
+    ]
+    response = list[tuple[bytes, amp.Argument]]()
+
+
+class ConnectionGone(amp.Command):
+    """
+    Worker to parent: a connection it was handed has ended (its slot is free).
+
+    @cvar arguments: the agent id and the connection id.
+    @cvar response: nothing.
+    """
+
+    arguments = [(b"agent_id", amp.Unicode()), (b"connection_id", amp.Unicode())]
+    response = list[tuple[bytes, amp.Argument]]()
+
+
+class Snapshot(amp.Command):
+    """
+    Parent to worker: its C{/agents} document (JSON), its C{/metrics} text
+    and whether it is ready (every C{--ready-agent} registered there).
+
+    @cvar arguments: none.
+    @cvar response: C{agents}, C{metrics} and C{ready}.
+    """
+
+    arguments = list[tuple[bytes, amp.Argument]]()
+    response = [(b"agents", Chunked()), (b"metrics", Chunked()), (b"ready", amp.Boolean())]
+
+
+class ControlProtocol(amp.AMP):
+    """
+    AMP without its own log lines for each connection made and lost (the
+    parent and the worker say what matters in their words).
+
+    @ivar transport: the UNIX socket (file descriptors pass over it).
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+    def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
+        """C{callRemote}, typed."""
+        result: Deferred[dict[str, Any]] = self.callRemote(command, **arguments)  # type: ignore[no-untyped-call]
+        return result

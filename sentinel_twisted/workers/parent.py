@@ -1,0 +1,600 @@
+# -*- test-case-name: tests.workers.test_handover -*-
+"""
+The parent of a worker group: it registers agents (so the allowlist, the
+tokens and the per-agent cap hold across the group), hands each registered
+connection to the worker holding the fewest connections of that agent,
+runs the worker processes (restarting one that dies) and relays their
+logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from .._peertext import peer_text
+from ..errors import AgentProtocolError
+from ..factory import ReverseConnectionFactory
+from ..protocol import ReverseConnectionProtocol
+from ..wire import _HEADER
+from .commands import (
+    CONNECTION_DONE,
+    AdoptConnection,
+    ConnectionGone,
+    ControlProtocol,
+    Hello,
+    Snapshot,
+)
+
+if TYPE_CHECKING:
+    from ..connection import AgentConnection
+
+__all__ = [
+    "ControlService",
+    "HandOverFactory",
+    "HandOverProtocol",
+    "NoWorkerReady",
+    "Worker",
+    "WorkerGroup",
+    "WorkerProcesses",
+    "relay_line",
+    "worker_command",
+]
+
+#: The module's logger.
+log = Logger(namespace="sentinel_twisted.workers")
+
+#: Seconds a worker must have run for its next restart to be immediate;
+#: one that dies sooner is restarted after a delay that doubles up to
+#: L{MAX_RESTART_DELAY}.
+STEADY_AFTER = 10.0
+#: The longest wait before restarting a worker that keeps dying.
+MAX_RESTART_DELAY = 30.0
+#: The longest log line of a worker relayed whole, in bytes.
+MAX_LINE = 64 * 1024
+#: How long the parent waits for a worker's snapshot, in seconds.
+SNAPSHOT_TIMEOUT = 2.0
+
+
+class NoWorkerReady(AgentProtocolError):
+    """
+    No worker can take a registered connection now (they are starting or
+    restarting).
+
+    @cvar rejection_label: its reason in the registration refusals' metric.
+    """
+
+    rejection_label = "no_worker"
+
+    def __init__(self) -> None:
+        super().__init__("No worker process is ready to serve the connection; try again")
+
+
+class Worker:
+    """
+    One worker as the parent sees it.
+
+    @ivar index: its number, from 1.
+    @ivar control: its control connection, C{None} until it said hello.
+    @ivar pid: its process id, C{None} while not running.
+    @ivar agents: connections it holds, by agent id.
+    @ivar restarts: how often it was restarted.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.control: ParentControl | None = None
+        self.pid: int | None = None
+        self.agents: Counter[str] = Counter()
+        self.restarts = 0
+
+    @property
+    def connections(self) -> int:
+        """Agent connections it holds."""
+        return sum(self.agents.values())
+
+
+class WorkerGroup:
+    """
+    The workers and the agent connections each holds.
+
+    @ivar workers: every worker, by index - 1.
+    @ivar factory: the parent's listener (its slots are released here).
+    @ivar clock: the clock of snapshot timeouts.
+    @ivar handed_over: connections handed to workers.
+    """
+
+    def __init__(self, count: int, factory: HandOverFactory, clock: IReactorTime) -> None:
+        self.workers = [Worker(i) for i in range(1, count + 1)]
+        self.factory = factory
+        self.clock = clock
+        self.handed_over = 0
+        factory.group = self
+
+    def ready(self) -> list[Worker]:
+        """Workers connected to the parent."""
+        return [w for w in self.workers if w.control is not None]
+
+    def choose(self, agent_id: str) -> Worker | None:
+        """
+        The worker to hand a connection of C{agent_id} to: the one holding
+        fewest of that agent's connections, then fewest in all.
+        """
+        ready = self.ready()
+        if not ready:
+            return None
+        return min(ready, key=lambda w: (w.agents[agent_id], w.connections, w.index))
+
+    def hand_over(self, protocol: HandOverProtocol, connection: AgentConnection, pending: bytes) -> None:
+        """Pass C{protocol}'s socket to a worker; the parent's copy is closed."""
+        agent_id = connection.agent_id
+        worker = self.choose(agent_id)
+        transport: Any = protocol.transport
+        if worker is None or worker.control is None or transport is None:
+            protocol.give_up("no worker is ready")
+            return
+        handle = transport.getHandle()
+        descriptor = os.dup(handle.fileno())
+        credentials = protocol.peer_credentials
+        sent = worker.control.call(
+            AdoptConnection,
+            socket=descriptor,
+            family=handle.family,
+            registration=protocol.registration,
+            connection_id=connection.connection_id,
+            peer=protocol.peer,
+            peer_credentials=list(credentials) if credentials is not None else [],
+            token_verified=bool(getattr(connection, "token_verified", False)),
+            connected_since=connection.connected_since,
+            pending=pending,
+        )
+        worker.agents[agent_id] += 1
+        self.handed_over += 1
+        protocol.let_go()
+        control = worker.control
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "Worker {index} did not take connection {connection_id} of agent {agent_id}: {error}",
+                index=worker.index,
+                connection_id=peer_text(connection.connection_id, 100),
+                agent_id=peer_text(agent_id, 64),
+                error=failure.getErrorMessage(),
+            )
+            if worker.control is control and worker.agents[agent_id] > 0:
+                worker.agents[agent_id] -= 1
+                self.factory._release(agent_id)
+
+        def close(result: object) -> object:
+            os.close(descriptor)
+            return result
+
+        sent.addBoth(close).addErrback(failed)
+
+    def worker_joined(self, control: ParentControl, index: int, pid: int) -> None:
+        """A worker connected and said which it is."""
+        if not 1 <= index <= len(self.workers):
+            raise ValueError(f"no worker {index} in a group of {len(self.workers)}")
+        worker = self.workers[index - 1]
+        if worker.control is not None and worker.control is not control:
+            self._forget(worker)
+        worker.control = control
+        worker.pid = pid
+        control.worker = worker
+        log.info("Worker {index} (pid {pid}) is ready", index=index, pid=pid)
+
+    def worker_left(self, control: ParentControl) -> None:
+        """A worker's control connection is gone: the connections it held are gone too."""
+        worker = control.worker
+        if worker is not None and worker.control is control:
+            self._forget(worker)
+
+    def _forget(self, worker: Worker) -> None:
+        held = worker.connections
+        for agent_id, count in worker.agents.items():
+            for _ in range(count):
+                self.factory._release(agent_id)
+        worker.agents.clear()
+        worker.control = None
+        if held:
+            log.warn(
+                "Worker {index} left with {held} agent connection(s); agents reconnect to the others",
+                index=worker.index,
+                held=held,
+            )
+
+    def connection_gone(self, control: ParentControl, agent_id: str) -> None:
+        """A worker reports that a connection it held has ended."""
+        worker = control.worker
+        if worker is None or worker.control is not control or worker.agents[agent_id] <= 0:
+            return
+        worker.agents[agent_id] -= 1
+        if not worker.agents[agent_id]:
+            del worker.agents[agent_id]
+        self.factory._release(agent_id)
+
+    def snapshots(self) -> Deferred[list[tuple[Worker, dict[str, Any] | None]]]:
+        """
+        Each worker's snapshot (C{agents}, C{metrics}, C{ready}), or
+        C{None} for one that is not connected or does not answer within
+        L{SNAPSHOT_TIMEOUT}.
+        """
+        asked: list[Deferred[Any]] = []
+        for worker in self.workers:
+            if worker.control is None:
+                asked.append(succeed(None))
+                continue
+            answer = worker.control.call(Snapshot)
+            answer.addTimeout(SNAPSHOT_TIMEOUT, self.clock)
+            answer.addErrback(lambda _: None)
+            asked.append(answer)
+        gathered: Deferred[list[Any]] = DeferredList(asked, consumeErrors=True)
+        return gathered.addCallback(
+            lambda results: [(w, r[1]) for w, r in zip(self.workers, results, strict=True)]
+        )
+
+
+class ParentControl(ControlProtocol):
+    """
+    The parent's end of one worker's control connection.
+
+    @ivar group: the workers.
+    @ivar worker: the worker at the other end, once it said hello.
+    """
+
+    def __init__(self, group: WorkerGroup) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.group = group
+        self.worker: Worker | None = None
+
+    @Hello.responder
+    def hello(self, index: int, pid: int) -> dict[str, Any]:
+        """L{Hello}: the worker joins the group."""
+        self.group.worker_joined(self, index, pid)
+        return {}
+
+    @ConnectionGone.responder
+    def gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:
+        """L{ConnectionGone}: free the connection's slot."""
+        self.group.connection_gone(self, agent_id)
+        return {}
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        super().connectionLost(reason)
+        self.group.worker_left(self)
+
+
+class HandOverProtocol(ReverseConnectionProtocol):
+    """
+    Registers an agent connection in the parent, answers it, then hands
+    its socket to a worker (L{WorkerGroup.hand_over}).
+
+    @ivar registration: the RegistrationRequest's payload.
+    """
+
+    factory: HandOverFactory
+    registration = b""
+    _handing: AgentConnection | None = None
+    _handed = False
+
+    def _registration_frame(self, message_type: int, payload: bytes) -> None:
+        self.registration = payload
+        super()._registration_frame(message_type, payload)
+
+    def enter_registered(self, connection: AgentConnection) -> None:
+        """Lifecycle: answer the registration, stop reading, hand over once the answer is out."""
+        self._leave_awaiting()
+        self._handing = connection
+        self._kept: list[bytes] = []
+        self._on_frame = self._keep_frame
+        transport: Any = self.transport
+        transport.pauseProducing()
+        self._write_response(self.factory.success_response(connection.connection_id))
+        self.factory.registrations += 1
+        self.factory.clock.callLater(0, self._hand_over, 0)
+
+    def _keep_frame(self, message_type: int, payload: bytes) -> None:
+        # Frames that came with the registration: the worker reads them.
+        self._kept.append(_HEADER.pack(len(payload) + 1, message_type) + payload)
+
+    def _hand_over(self, attempt: int) -> None:
+        connection = self._handing
+        transport: Any = self.transport
+        if connection is None or self._handed or transport is None or not transport.connected:
+            return
+        self._send_held()
+        if transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset:
+            # The RegistrationResponse is not out yet (a full socket buffer).
+            if attempt < 200:
+                self.factory.clock.callLater(0.01, self._hand_over, attempt + 1)
+            else:
+                self.give_up("the agent does not read its RegistrationResponse")
+            return
+        pending = b"".join(self._kept) + bytes(self._buffer)
+        self.factory.group.hand_over(self, connection, pending)
+
+    def let_go(self) -> None:
+        """A worker has the socket: close this process's copy without shutting the connection down."""
+        self._handed = True
+        transport: Any = self.transport
+        # Twisted shuts a socket down before closing it, which would end
+        # the connection for the worker too; adopted sockets are closed
+        # the same way (their flag is set by adoptStreamConnection).
+        transport._shouldShutdown = False
+        transport.loseConnection()
+
+    def give_up(self, why: str) -> None:
+        """The connection cannot be handed over: close it (the agent reconnects)."""
+        connection = self._handing
+        log.warn(
+            "Closing connection {connection_id} of agent {agent_id}: {why}",
+            connection_id=peer_text(connection.connection_id if connection else "", 100),
+            agent_id=peer_text(connection.agent_id if connection else "", 64),
+            why=why,
+        )
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def leave_registered(self, detail: str, close: bool) -> None:
+        """Lifecycle: the parent's copy is closed; the slot is the worker's unless handing over failed."""
+        connection = self._handing
+        if connection is not None and not self._handed:
+            self._handed = True
+            self.factory._release(connection.agent_id)
+        if close:
+            transport: Any = self.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    def finish_lost(self, detail: str) -> None:
+        """Lifecycle: nothing is left to wake (no request ever went through the parent)."""
+        self._leave_awaiting()
+
+
+class HandOverFactory(ReverseConnectionFactory):
+    """
+    The parent's listener: the admission of L{ReverseConnectionFactory}
+    (in the whole group's name), with registered connections handed to
+    workers instead of joining a pool of this process.
+
+    @ivar group: the workers (set by L{WorkerGroup}).
+    """
+
+    group: WorkerGroup
+    protocol = HandOverProtocol
+
+    def admit(self, request: Any, client_certificate: Any = None) -> AgentProtocolError | None:
+        if not self.group.ready():
+            return NoWorkerReady()
+        return super().admit(request, client_certificate)
+
+
+class ControlService(service.Service):
+    """
+    The parent's control socket, in a directory of its own that only its
+    user can enter (removed when it stops).
+
+    @ivar group: the workers that connect to it.
+    @ivar reactor: the reactor.
+    @ivar directory: the directory holding the socket.
+    @ivar path: the socket's path.
+    @ivar port: the listening port, C{None} when not listening.
+    """
+
+    def __init__(self, group: WorkerGroup, reactor: Any) -> None:
+        self.group = group
+        self.reactor = reactor
+        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
+        self.path = os.path.join(self.directory, "control.sock")
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        endpoint = UNIXServerEndpoint(self.reactor, self.path, mode=0o600)
+        group = self.group
+        factory = Factory.forProtocol(lambda: ParentControl(group))
+        factory.noisy = False
+        listening = endpoint.listen(factory)
+        failures: list[Failure] = []
+        listening.addCallbacks(lambda port: setattr(self, "port", port), failures.append)
+        if failures:
+            failures[0].raiseException()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        stopped = port.stopListening() if port is not None else None
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return stopped if stopped is not None else succeed(None)
+
+
+def worker_command(arguments: Sequence[str], index: int, control: str, http: str | None) -> list[str]:
+    """
+    The command line of worker C{index}: the parent's own
+    C{sentinel-reverse} arguments, then what makes it a worker (later
+    options win over earlier ones).
+    """
+    code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+    command = [sys.executable, "-c", code, "--nodaemon", "--pidfile=", "sentinel-reverse", *arguments]
+    command += ["--workers", "1", "--worker-control", control, "--worker-index", str(index)]
+    command += ["--status", "none", "--log-format", "json", "--http", http if http is not None else "none"]
+    return command
+
+
+# Fields of a worker's JSON log line that are not the event's own.
+_LINE_KEYS = frozenset(["time", "level", "namespace", "message", "traceback", "text", "worker", "format"])
+
+
+def relay_line(index: int, line: bytes) -> None:
+    """
+    Log a worker's log line (JSON, see C{--log-format}) as an event of the
+    parent's, with its level, namespace and fields, prefixed
+    C{[worker N]}; any other line is logged as it is, at info.
+    """
+    text = line.decode("utf-8", "replace").rstrip("\r")
+    try:
+        event = json.loads(text)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        if text:
+            log.info("[worker {worker}] {text}", worker=index, text=text)
+        return
+    try:
+        level = LogLevel.levelWithName(str(event.get("level") or "info"))
+    except Exception:
+        level = LogLevel.info
+    namespace = str(event.get("namespace") or log.namespace)
+    message = str(event.get("message", ""))
+    if event.get("traceback"):
+        message = f"{message}\n{event['traceback']}"
+    fields = {k: v for k, v in event.items() if k not in _LINE_KEYS and not k.startswith("log_")}
+    Logger(namespace=namespace).emit(level, "[worker {worker}] {text}", worker=index, text=message, **fields)
+
+
+class _WorkerProcess(ProcessProtocol):
+    """A worker process: its output lines are relayed to the parent's log."""
+
+    def __init__(self, processes: WorkerProcesses, index: int) -> None:
+        self.processes = processes
+        self.index = index
+        self._partial = {1: b"", 2: b""}
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._partial.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            relay_line(self.index, line[:MAX_LINE])
+
+    def processEnded(self, reason: Failure) -> None:
+        for rest in self._partial.values():
+            if rest:
+                relay_line(self.index, rest)
+        self.processes.process_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerProcesses(service.Service):
+    """
+    Runs the workers: starts each, restarts one that ends while the
+    service runs (at once after a steady run, else after a delay that
+    doubles), and on stop sends each C{SIGTERM} (their requests get the
+    shutdown grace) and C{SIGKILL} after C{stop_timeout}.
+
+    @ivar group: the workers.
+    @ivar command: the command line of worker N.
+    @ivar reactor: the reactor (processes and time).
+    @ivar stop_timeout: seconds a worker has to exit after C{SIGTERM}.
+    @ivar processes: the running workers' processes, by index.
+    """
+
+    def __init__(
+        self,
+        group: WorkerGroup,
+        command: Callable[[int], list[str]],
+        reactor: Any,
+        stop_timeout: float,
+    ) -> None:
+        self.group = group
+        self.command = command
+        self.reactor = reactor
+        self.stop_timeout = stop_timeout
+        self.processes: dict[int, _WorkerProcess] = {}
+        self._started: dict[int, float] = {}
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        for worker in self.group.workers:
+            self.spawn(worker.index)
+
+    def spawn(self, index: int) -> None:
+        """Start worker C{index}."""
+        self._restarts.pop(index, None)
+        argv = self.command(index)
+        protocol = _WorkerProcess(self, index)
+        self._started[index] = self.reactor.seconds()
+        transport = self.reactor.spawnProcess(
+            protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        transport.closeStdin()
+        self.processes[index] = protocol
+        self.group.workers[index - 1].pid = transport.pid
+
+    def process_ended(self, protocol: _WorkerProcess, reason: Failure) -> None:
+        """A worker process exited: restart it if the group still runs."""
+        index = protocol.index
+        if self.processes.get(index) is protocol:
+            del self.processes[index]
+        worker = self.group.workers[index - 1]
+        worker.pid = None
+        if not self.running:
+            return
+        lived = self.reactor.seconds() - self._started.get(index, 0.0)
+        if lived >= STEADY_AFTER:
+            delay = 0.0
+            self._delays[index] = 1.0
+        else:
+            delay = self._delays.get(index, 1.0)
+            self._delays[index] = min(delay * 2, MAX_RESTART_DELAY)
+        worker.restarts += 1
+        log.warn(
+            "Worker {index} exited ({reason}); restarting it in {delay:.0f} s",
+            index=index,
+            reason="exit 0" if reason.check(ProcessDone) else reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    def signal_all(self, signal_name: str) -> None:
+        """Send every running worker a signal (C{"HUP"}, C{"TERM"}...)."""
+        for protocol in list(self.processes.values()):
+            try:
+                protocol.transport.signalProcess(signal_name)  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        running = list(self.processes.values())
+        self.signal_all("TERM")
+        kill = self.reactor.callLater(self.stop_timeout, self.signal_all, "KILL")
+        ended: Deferred[Any] = DeferredList([p.ended for p in running])
+
+        def done(result: object) -> object:
+            if kill.active():
+                kill.cancel()
+            return result
+
+        return ended.addBoth(done)
