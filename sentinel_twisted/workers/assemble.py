@@ -190,6 +190,8 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
         ready = all(agent_id in pool and pool.connections(agent_id) for agent_id in ready_agents)
         return _encoder.encode(document), gateway.metrics.render(), ready
 
-    WorkerControlService(options["worker-control"], options["worker-index"], factory, reactor, snapshot).setServiceParent(top)  # type: ignore[no-untyped-call]
+    WorkerControlService(
+        options["worker-control"], options["worker-index"], factory, reactor, snapshot, top.reloader.drain
+    ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

@@ -31,6 +31,7 @@ from .commands import (
     ConnectionGone,
     ControlProtocol,
     Hello,
+    Release,
     Snapshot,
 )
 
@@ -194,6 +195,11 @@ class WorkerControl(ControlProtocol):
         self.control.factory.adopt(self.control.reactor, socket, family, handover)
         return {}
 
+    @Release.responder
+    def release(self, agent_id: str, count: int) -> dict[str, Any]:
+        """L{Release}: drain up to C{count} of the agent's connections, the least busy first."""
+        return {"released": self.control.release(agent_id, count)}
+
     @Snapshot.responder
     def snapshot(self) -> dict[str, Any]:
         """L{Snapshot}: this worker's C{/agents}, C{/metrics} and readiness."""
@@ -216,6 +222,8 @@ class WorkerControlService(service.Service):
     @ivar factory: where adopted connections go.
     @ivar reactor: the reactor.
     @ivar snapshot: returns C{(agents JSON, metrics text, ready)}.
+    @ivar drain: drains a connection (closes it once its requests are
+        answered), given the connection and why.
     @ivar protocol: the control connection, C{None} while not connected.
     """
 
@@ -226,12 +234,14 @@ class WorkerControlService(service.Service):
         factory: WorkerConnectionFactory,
         reactor: Any,
         snapshot: Callable[[], tuple[bytes, bytes, bool]],
+        drain: Callable[[AgentConnection, str], object] | None = None,
     ) -> None:
         self.path = path
         self.index = index
         self.factory = factory
         self.reactor = reactor
         self.snapshot = snapshot
+        self.drain = drain
         self.protocol: WorkerControl | None = None
         self._stopping = False
         factory.on_gone = self._connection_gone
@@ -260,6 +270,17 @@ class WorkerControlService(service.Service):
         protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
             protocol.call(ConnectionGone, agent_id=agent_id, connection_id=connection_id)
+
+    def release(self, agent_id: str, count: int) -> int:
+        """Drain up to C{count} of C{agent_id}'s connections; how many."""
+        pool = self.factory.pool
+        if self.drain is None or agent_id not in pool:
+            return 0
+        live = [c for c in pool.connections(agent_id) if not c.is_closed]
+        chosen = sorted(live, key=lambda c: c.in_flight)[: max(count, 0)]
+        for connection in chosen:
+            self.drain(connection, "moved to a worker that holds none of this agent's connections")
+        return len(chosen)
 
     def parent_gone(self) -> None:
         """The control connection is lost: the parent is gone or stopping."""

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 #: The reason of a connection closed cleanly.
 CONNECTION_DONE = Failure(ConnectionDone())
 
-__all__ = ["AdoptConnection", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Snapshot"]
+__all__ = ["AdoptConnection", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Release", "Snapshot"]
 
 #: Bytes of a L{Chunked} value per AMP key (AMP's limit is 65,535).
 CHUNK_SIZE = 60_000
@@ -93,6 +93,20 @@ class ConnectionGone(amp.Command):
 
     arguments = [(b"agent_id", amp.Unicode()), (b"connection_id", amp.Unicode())]
     response = list[tuple[bytes, amp.Argument]]()
+
+
+class Release(amp.Command):
+    """
+    Parent to worker: drain C{count} of C{agent_id}'s connections (they end
+    once their requests are answered); the agent reconnects and the parent
+    places the new connections on a worker that lacks them.
+
+    @cvar arguments: the agent id and how many connections.
+    @cvar response: how many are being drained.
+    """
+
+    arguments = [(b"agent_id", amp.Unicode()), (b"count", amp.Integer())]
+    response = [(b"released", amp.Integer())]
 
 
 class Snapshot(amp.Command):

@@ -38,6 +38,7 @@ from .commands import (
     ConnectionGone,
     ControlProtocol,
     Hello,
+    Release,
     Snapshot,
 )
 
@@ -67,6 +68,11 @@ STEADY_AFTER = 10.0
 MAX_RESTART_DELAY = 30.0
 #: The longest log line of a worker relayed whole, in bytes.
 MAX_LINE = 64 * 1024
+#: Seconds after a connection is handed over before the parent checks
+#: that every worker holds one of that agent's.
+COVERAGE_DELAY = 5.0
+#: Seconds after a worker joins before connections are moved to it.
+RESPREAD_DELAY = 1.0
 #: How long the parent waits for a worker's snapshot, in seconds.
 SNAPSHOT_TIMEOUT = 2.0
 
@@ -124,7 +130,36 @@ class WorkerGroup:
         self.factory = factory
         self.clock = clock
         self.handed_over = 0
+        self._coverage_checks: dict[str, Any] = {}
+        self._respreads: dict[int, Any] = {}
         factory.group = self
+
+    def _check_coverage(self, agent_id: str) -> None:
+        """Say so when an agent holds connections in some workers and none in others."""
+        del self._coverage_checks[agent_id]
+        ready = self.ready()
+        held = sum(w.agents[agent_id] for w in ready)
+        without = [str(w.index) for w in ready if not w.agents[agent_id]]
+        if held and without:
+            self.factory.log_limiter.warn(
+                log,
+                "worker-coverage",
+                "Agent {agent_id} holds {held} connection(s) for {count} workers: worker(s) {without} "
+                "hold none and cannot consult it (their requests get 503, fail closed); "
+                "run the agent with --connections {count} or more",
+                agent_id=peer_text(agent_id, 64),
+                held=held,
+                count=len(self.workers),
+                without=", ".join(without),
+            )
+
+    def stop(self) -> None:
+        """Cancel the pending coverage checks (the group stops)."""
+        for call in [*self._coverage_checks.values(), *self._respreads.values()]:
+            if call.active():
+                call.cancel()
+        self._coverage_checks.clear()
+        self._respreads.clear()
 
     def ready(self) -> list[Worker]:
         """Workers connected to the parent."""
@@ -166,6 +201,10 @@ class WorkerGroup:
         worker.agents[agent_id] += 1
         self.handed_over += 1
         protocol.let_go()
+        if agent_id not in self._coverage_checks:
+            self._coverage_checks[agent_id] = self.clock.callLater(
+                COVERAGE_DELAY, self._check_coverage, agent_id
+            )
         control = worker.control
 
         def failed(failure: Failure) -> None:
@@ -197,6 +236,45 @@ class WorkerGroup:
         worker.pid = pid
         control.worker = worker
         log.info("Worker {index} (pid {pid}) is ready", index=index, pid=pid)
+        pending = self._respreads.pop(index, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+        self._respreads[index] = self.clock.callLater(RESPREAD_DELAY, self.respread, worker)
+
+    def respread(self, newcomer: Worker) -> None:
+        """
+        Move connections to C{newcomer} (a worker that joined, or came back
+        after a restart): for each agent, the busiest workers drain one
+        connection each until the newcomer's share is reached; the agent
+        reconnects and the parent places its connections on the workers
+        that hold fewest, the newcomer first.
+        """
+        self._respreads.pop(newcomer.index, None)
+        if newcomer.control is None:
+            return
+        ready = self.ready()
+        agents = {agent_id for w in ready for agent_id, n in w.agents.items() if n}
+        for agent_id in sorted(agents):
+            held = {w.index: w.agents[agent_id] for w in ready}
+            share = sum(held.values()) // len(self.workers)
+            moves: Counter[int] = Counter()
+            while held[newcomer.index] + sum(moves.values()) < share:
+                donor = max(held, key=lambda i: (held[i] - moves[i], -i))
+                if donor == newcomer.index or held[donor] - moves[donor] <= share:
+                    break
+                moves[donor] += 1
+            for index, count in moves.items():
+                control = self.workers[index - 1].control
+                if control is not None:
+                    log.info(
+                        "Moving {count} connection(s) of agent {agent_id} from worker {donor} to worker {index}",
+                        count=count,
+                        agent_id=peer_text(agent_id, 64),
+                        donor=index,
+                        index=newcomer.index,
+                    )
+                    asked = control.call(Release, agent_id=agent_id, count=count)
+                    asked.addErrback(lambda _: None)
 
     def worker_left(self, control: ParentControl) -> None:
         """A worker's control connection is gone: the connections it held are gone too."""
@@ -423,6 +501,7 @@ class ControlService(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        self.group.stop()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
         shutil.rmtree(self.directory, ignore_errors=True)

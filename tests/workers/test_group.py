@@ -1,0 +1,304 @@
+"""
+The worker group's bookkeeping, in memory: which worker gets a connection,
+slots freed when connections or workers go, refusals while no worker is
+ready, the group's /agents and /metrics, the workers' log lines and the
+options that a group needs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted import messages as m
+from sentinel_twisted.factory import rejection_reason
+from sentinel_twisted.tap import Options
+from sentinel_twisted.workers.commands import CHUNK_SIZE, Chunked
+from sentinel_twisted.workers.parent import (
+    HandOverFactory,
+    NoWorkerReady,
+    WorkerGroup,
+    relay_line,
+    worker_command,
+)
+from sentinel_twisted.workers.status import group_document, merge_metrics
+
+from .._proxy_support import capabilities, captured_log, log_text
+
+
+def request(agent_id: str = "waf-1") -> m.RegistrationRequest:
+    return m.RegistrationRequest(
+        protocol_version=m.PROTOCOL_VERSION,
+        agent_id=agent_id,
+        capabilities=capabilities(agent_id),
+        auth_token=None,
+        metadata=None,
+    )
+
+
+class _Control:
+    """Stands for a worker's control connection; records the commands sent."""
+
+    worker: Any = None
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, dict[str, Any]]] = []
+
+    def call(self, command: Any, **arguments: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.sent.append((command, arguments))
+        return Deferred()
+
+
+def group(count: int, cap: int = 8) -> WorkerGroup:
+    from sentinel_twisted.config import ReverseConnectionConfig
+
+    factory = HandOverFactory(ReverseConnectionConfig(max_connections_per_agent=cap), clock=MemoryReactorClock())
+    return WorkerGroup(count, factory, MemoryReactorClock())
+
+
+def join_all(workers: WorkerGroup) -> list[_Control]:
+    controls = []
+    for worker in workers.workers:
+        control = _Control()
+        workers.worker_joined(control, worker.index, 1000 + worker.index)  # type: ignore[arg-type]
+        controls.append(control)
+    return controls
+
+
+def place(workers: WorkerGroup, agent_id: str, times: int) -> list[int]:
+    """Admit and place C{times} connections of C{agent_id}; the chosen workers' indexes."""
+    chosen = []
+    for _ in range(times):
+        assert workers.factory.admit(request(agent_id)) is None
+        worker = workers.choose(agent_id)
+        assert worker is not None
+        worker.agents[agent_id] += 1
+        chosen.append(worker.index)
+    return chosen
+
+
+class PlacementTests(TestCase):
+    def test_an_agent_with_as_many_connections_as_workers_has_one_in_each(self) -> None:
+        workers = group(3)
+        join_all(workers)
+        self.assertEqual(sorted(place(workers, "waf-1", 3)), [1, 2, 3])
+
+    def test_connections_are_spread_evenly_per_agent(self) -> None:
+        workers = group(2)
+        join_all(workers)
+        place(workers, "waf-1", 4)
+        self.assertEqual([w.agents["waf-1"] for w in workers.workers], [2, 2])
+
+    def test_a_new_agent_goes_first_to_the_worker_holding_fewer_connections(self) -> None:
+        workers = group(2)
+        join_all(workers)
+        place(workers, "waf-1", 3)  # worker 1 holds 2, worker 2 holds 1
+        self.assertEqual(place(workers, "auth", 1), [2])
+
+    def test_a_worker_that_is_not_connected_gets_nothing(self) -> None:
+        workers = group(2)
+        control = _Control()
+        workers.worker_joined(control, 2, 4242)  # type: ignore[arg-type]
+        self.assertEqual(place(workers, "waf-1", 2), [2, 2])
+
+    def test_a_worker_index_outside_the_group_is_refused(self) -> None:
+        workers = group(2)
+        self.assertRaises(ValueError, workers.worker_joined, _Control(), 3, 1)
+
+
+class SlotTests(TestCase):
+    def test_a_connection_that_ends_in_a_worker_frees_its_slot_in_the_parent(self) -> None:
+        workers = group(2, cap=2)
+        controls = join_all(workers)
+        place(workers, "waf-1", 2)
+        self.assertIsNotNone(workers.factory.admit(request("waf-1")))  # the cap holds across workers
+        workers.connection_gone(controls[0], "waf-1")  # type: ignore[arg-type]
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 1)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+
+    def test_a_report_for_a_connection_the_worker_does_not_hold_changes_nothing(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        place(workers, "waf-1", 1)
+        workers.connection_gone(controls[1], "waf-1")  # type: ignore[arg-type]
+        workers.connection_gone(controls[0], "auth")  # type: ignore[arg-type]
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 1)
+
+    def test_a_worker_that_leaves_frees_every_slot_it_held(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        place(workers, "waf-1", 4)
+        place(workers, "auth", 1)
+        with captured_log() as events:
+            workers.worker_left(controls[0])  # type: ignore[arg-type]
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 2)
+        self.assertEqual(workers.factory.registered_connections("auth"), 0)
+        self.assertEqual([w.index for w in workers.ready()], [2])
+        self.assertIn("Worker 1 left with 3 agent connection(s)", log_text(events))
+
+    def test_no_registration_is_admitted_while_no_worker_is_ready(self) -> None:
+        workers = group(2)
+        refusal = workers.factory.admit(request())
+        self.assertIsInstance(refusal, NoWorkerReady)
+        assert refusal is not None
+        self.assertEqual(rejection_reason(refusal), "no_worker")
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 0)
+
+
+def snapshot(agent_id: str, connections: list[str], ready: bool = True) -> dict[str, Any]:
+    document = {
+        "agents": [
+            {
+                "agent_id": agent_id,
+                "in_flight": len(connections),
+                "paused_connections": 0,
+                "write_blocked_connections": 0,
+                "connections": [{"connection_id": c} for c in connections],
+            }
+        ],
+        "gateway": {"fail_open": False},
+    }
+    return {"agents": json.dumps(document).encode(), "metrics": b"", "ready": ready}
+
+
+class GroupViewTests(TestCase):
+    def test_agents_shows_every_workers_connections_marked_with_the_worker(self) -> None:
+        workers = group(2)
+        document = group_document(
+            [(workers.workers[0], snapshot("waf-1", ["a", "b"])), (workers.workers[1], snapshot("waf-1", ["c"]))]
+        )
+        (agent,) = document["agents"]
+        self.assertEqual(agent["workers"], {"1": 2, "2": 1})
+        self.assertEqual(agent["in_flight"], 3)
+        self.assertEqual([(c["connection_id"], c["worker"]) for c in agent["connections"]], [("a", 1), ("b", 1), ("c", 2)])
+        self.assertEqual(document["gateway"], {"fail_open": False})
+
+    def test_a_worker_that_does_not_answer_is_shown_down(self) -> None:
+        workers = group(2)
+        document = group_document([(workers.workers[0], snapshot("waf-1", ["a"])), (workers.workers[1], None)])
+        self.assertEqual([(w["worker"], w["answering"]) for w in document["workers"]], [(1, True), (2, False)])
+
+    def test_metrics_of_every_worker_in_one_exposition_labelled_by_worker(self) -> None:
+        one = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 3.0\n"
+        two = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 5.0\n"
+        merged = merge_metrics([("1", one), ("2", two), ("3", b"not { metrics")])
+        (family,) = list(text_string_to_metric_families(merged.decode()))
+        values = {s.labels["worker"]: s.value for s in family.samples if s.name == "requests_total"}
+        self.assertEqual(values, {"1": 3.0, "2": 5.0})
+        self.assertEqual(merged.count(b"# TYPE requests_total counter"), 1)
+
+
+class ControlTests(TestCase):
+    def test_chunked_carries_values_larger_than_an_amp_value(self) -> None:
+        value = bytes(range(256)) * (3 * CHUNK_SIZE // 256 + 7)
+        strings: dict[bytes, bytes] = {}
+        Chunked().toBox(b"metrics", strings, {"metrics": value}, None)
+        self.assertTrue(all(len(v) <= 65535 for v in strings.values()))
+        objects: dict[str, Any] = {}
+        Chunked().fromBox(b"metrics", strings, objects, None)
+        self.assertEqual(objects["metrics"], value)
+
+    def test_a_workers_json_log_line_is_logged_with_its_level_namespace_and_worker(self) -> None:
+        line = json.dumps(
+            {"time": "t", "level": "warn", "namespace": "sentinel_twisted.gateway", "message": "The last agent left",
+             "agent_id": "waf-1"}
+        ).encode()
+        with captured_log() as events:
+            relay_line(2, line)
+            relay_line(1, b"plain text")
+        first, second = events
+        self.assertEqual(first["log_level"], LogLevel.warn)
+        self.assertEqual(first["log_namespace"], "sentinel_twisted.gateway")
+        self.assertEqual((first["worker"], first["text"], first["agent_id"]), (2, "The last agent left", "waf-1"))
+        self.assertEqual((second["log_level"], second["text"]), (LogLevel.info, "plain text"))
+
+    def test_a_worker_runs_the_parents_arguments_then_what_makes_it_a_worker(self) -> None:
+        command = worker_command(["--workers", "2", "--allow", "waf-*"], 2, "/run/x/control.sock", "tcp:8080")
+        at = command.index("sentinel-reverse")
+        self.assertEqual(command[at + 1 : at + 5], ["--workers", "2", "--allow", "waf-*"])
+        tail = command[at + 5 :]
+        self.assertEqual(tail[:2], ["--workers", "1"])
+        for option, value in [("--worker-control", "/run/x/control.sock"), ("--worker-index", "2"),
+                              ("--status", "none"), ("--log-format", "json"), ("--http", "tcp:8080")]:
+            self.assertEqual(tail[tail.index(option) + 1], value)
+        self.assertIn("--pidfile=", command[:at])
+
+
+class OptionTests(TestCase):
+    def parse(self, *arguments: str) -> Options:
+        options = Options()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_workers_are_one_by_default(self) -> None:
+        self.assertEqual(self.parse()["workers"], 1)
+
+    def test_the_arguments_are_kept_for_the_workers(self) -> None:
+        self.assertEqual(self.parse("--workers", "2").arguments, ["--workers", "2"])
+
+    def test_a_tls_agent_listener_needs_one_worker(self) -> None:
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--workers", "2", "--listen", "ssl:7443:privateKey=k.pem:certKey=c.pem"
+        )
+        self.assertIn("cannot move to a worker process", str(error))
+
+    def test_workers_need_a_tcp_gateway(self) -> None:
+        for http in ("none", "unix:gateway.sock"):
+            error = self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--http", http)
+            self.assertIn("needs a tcp: or tcp6: --http endpoint", str(error))
+
+    def test_zero_workers_is_refused(self) -> None:
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
+
+
+class CoverageTests(TestCase):
+    def test_an_agent_missing_from_a_worker_is_reported_after_a_while(self) -> None:
+        workers = group(2)
+        join_all(workers)
+        place(workers, "waf-1", 1)
+        workers._coverage_checks["waf-1"] = workers.clock.callLater(5, workers._check_coverage, "waf-1")
+        with captured_log() as events:
+            workers.clock.advance(5)  # type: ignore[attr-defined]
+        self.assertIn("worker(s) 2 hold none", log_text(events))
+        self.assertIn("--connections 2 or more", log_text(events))
+
+    def test_nothing_is_said_when_every_worker_holds_the_agent(self) -> None:
+        workers = group(2)
+        join_all(workers)
+        place(workers, "waf-1", 2)
+        workers._coverage_checks["waf-1"] = workers.clock.callLater(5, workers._check_coverage, "waf-1")
+        with captured_log() as events:
+            workers.clock.advance(5)  # type: ignore[attr-defined]
+        self.assertNotIn("hold none", log_text(events))
+
+
+class RespreadTests(TestCase):
+    def test_a_worker_back_after_a_restart_gets_its_share_of_each_agents_connections(self) -> None:
+        from sentinel_twisted.workers.commands import Release
+
+        workers = group(2)
+        first, second = join_all(workers)
+        workers.workers[1].agents.update({"waf-1": 4, "auth": 1})
+        workers.worker_left(first)  # type: ignore[arg-type]
+        again = _Control()
+        workers.worker_joined(again, 1, 2001)  # type: ignore[arg-type]
+        workers.clock.advance(1)  # type: ignore[attr-defined]
+        # waf-1: 4 connections for 2 workers, 2 move; auth: 1, its share is 0.
+        self.assertEqual(second.sent, [(Release, {"agent_id": "waf-1", "count": 2})])
+        self.assertEqual(again.sent, [])
+
+    def test_nothing_moves_when_the_connections_are_spread(self) -> None:
+        workers = group(3)
+        controls = join_all(workers)
+        for worker in workers.workers:
+            worker.agents["waf-1"] = 1
+        workers.clock.advance(1)  # type: ignore[attr-defined]
+        self.assertEqual([c.sent for c in controls], [[], [], []])
