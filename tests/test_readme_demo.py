@@ -38,16 +38,19 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
-def demo_section() -> str:
+WORKERS_SECTION = "## Every core: `--workers`"
+
+
+def demo_section(title: str = SECTION) -> str:
     text = README.read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.index("\n### ", start)
+    start = text.index(title)
+    end = text.index("\n#", start + len(title))
     return text[start:end]
 
 
-def demo_commands() -> list[list[str]]:
+def demo_commands(title: str = SECTION) -> list[list[str]]:
     """The commands of the section's C{sh} blocks, in order."""
-    return [shlex.split(body, comments=True) for lang, body in FENCE.findall(demo_section()) if lang == "sh"]
+    return [shlex.split(body, comments=True) for lang, body in FENCE.findall(demo_section(title)) if lang == "sh"]
 
 
 def demo_exchanges() -> list[dict[str, Any]]:
@@ -131,18 +134,28 @@ class ReadmeDemoTests(TestCase):
         self.assertIn("`bin` on your `PATH`", demo_section())
 
     def test_the_demo_runs_as_written(self) -> None:
+        self.run_demo(demo_commands())
+
+    def test_the_demo_runs_with_two_workers_as_written(self) -> None:
+        commands = demo_commands(WORKERS_SECTION)
+        self.assertIn("--workers", commands[0])
+        self.run_demo(commands, registrations=2)
+
+    def run_demo(self, commands: list[list[str]], registrations: int = 1) -> None:
         work = Path(self.mktemp())
         (work / "examples").mkdir(parents=True)
         shutil.copy(ROOT / "examples" / "rules.toml", work / "examples" / "rules.toml")
         http, status = free_port(), free_port()
-        gateway_words, agent_words = demo_commands()
+        gateway_words, agent_words = commands
         ports = ["--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"]
 
         gateway = Process(self, work, "gateway", gateway_words[1:] + ports)
         wait_for(lambda: "Site starting on" in gateway.output() and (work / "sentinel-reverse.sock").exists(),
                  START_TIMEOUT, "the gateway to listen", gateway)
+        if "--workers" in gateway_words:
+            wait_for(lambda: gateway.output().count("is ready") >= 2, START_TIMEOUT, "the workers", gateway)
         agent = Process(self, work, "agent", agent_words[1:])
-        wait_for(lambda: "Agent waf-1 registered connection" in gateway.output(),
+        wait_for(lambda: gateway.output().count("Agent waf-1 registered connection") >= registrations,
                  START_TIMEOUT, "the agent to register", gateway, agent)
 
         for exchange in demo_exchanges():

@@ -1,0 +1,120 @@
+"""
+C{twistd sentinel-reverse --workers 2} as operators run it, with a real
+agent: connections spread over the workers, requests decided in both,
+one scrape for the group, a killed worker restarted and given its share
+again, and a clean SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import TestCase
+
+from ..test_readme_demo import ROOT, START_TIMEOUT, STOP_TIMEOUT, Process, fetch, free_port, wait_for
+
+
+def agents(status: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{status}/agents", timeout=10) as response:
+        document: dict[str, Any] = json.load(response)
+        return document
+
+
+def spread(status: int) -> dict[str, int] | None:
+    """waf-1's connections per worker, once every worker answers; else None."""
+    try:
+        document = agents(status)
+    except OSError:
+        return None
+    if not all(w["answering"] for w in document["workers"]):
+        return None
+    for agent in document["agents"]:
+        if agent["agent_id"] == "waf-1":
+            held: dict[str, int] = agent["workers"]
+            return held
+    return None
+
+
+class WorkerGroupTests(TestCase):
+    def test_two_workers_share_the_agents_and_the_clients(self) -> None:
+        work = Path(self.mktemp())
+        (work / "examples").mkdir(parents=True)
+        shutil.copy(ROOT / "examples" / "rules.toml", work / "examples" / "rules.toml")
+        http, status = free_port(), free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "1",
+             "--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        agent = Process(
+            self,
+            work,
+            "agent",
+            ["-n", "sentinel-agent", "--connect", "unix:sentinel-reverse.sock", "--agent-id", "waf-1",
+             "--connections", "4", "--rules", "examples/rules.toml"],
+        )
+        held = wait_for(lambda: spread(status) == {"1": 2, "2": 2} and spread(status), START_TIMEOUT,
+                        "waf-1 to hold two connections in each worker", proxy, agent)
+        self.assertEqual(held, {"1": 2, "2": 2})
+
+        # Clients: each request on a new connection, so the kernel spreads them.
+        codes = [fetch(f"http://127.0.0.1:{http}/items?id={i}")[0] for i in range(20)]
+        codes += [fetch(f"http://127.0.0.1:{http}/admin")[0] for _ in range(6)]
+        self.assertEqual(codes, [200] * 20 + [403] * 6)
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{status}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        requests = {}
+        for family in text_string_to_metric_families(metrics):
+            if family.name == "sentinel_gateway_requests":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        key = (sample.labels["worker"], sample.labels["decision"])
+                        requests[key] = requests.get(key, 0) + sample.value
+        self.assertEqual(sum(v for (w, d), v in requests.items() if d == "allow"), 20, requests)
+        self.assertEqual(sum(v for (w, d), v in requests.items() if d == "block"), 6, requests)
+        self.assertIn('sentinel_worker_up{index="2",worker="parent"} 1.0', metrics)
+        with urllib.request.urlopen(f"http://127.0.0.1:{status}/healthz", timeout=10) as response:
+            self.assertEqual(json.load(response)["workers"], {"1": True, "2": True})
+
+        # A worker killed outright is restarted and gets its share back.
+        before = {w["worker"]: w["pid"] for w in agents(status)["workers"]}
+        os.kill(before[1], signal.SIGKILL)
+        wait_for(
+            lambda: (lambda d: d is not None and d["workers"][0]["pid"] not in (None, before[1])
+                     and d["workers"][0]["ready"])(_try(lambda: agents(status))),
+            START_TIMEOUT, "worker 1 to be back", proxy, agent,
+        )
+        wait_for(lambda: spread(status) == {"1": 2, "2": 2}, START_TIMEOUT,
+                 "waf-1's connections to be spread again", proxy, agent)
+        self.assertEqual([fetch(f"http://127.0.0.1:{http}/items?id=x")[0] for _ in range(6)], [200] * 6)
+
+        output = proxy.output()
+        self.assertIn("Worker 1 exited", output)
+        self.assertNotIn("Traceback", output)
+        (control,) = re.findall(r"'(/[^']*/control\.sock)'", output)
+        for process in (agent, proxy):
+            process.process.terminate()
+            self.assertEqual(process.process.wait(STOP_TIMEOUT), 0, process.output())
+        self.assertFalse((work / "sentinel-reverse.sock").exists())
+        self.assertEqual(list(work.glob("*.pid")), [])
+        self.assertFalse(Path(control).parent.exists(), "the control socket's directory is removed")
+        self.assertEqual(proxy.output().count("Server Shut Down"), 3, "the parent and both workers stopped")
+
+
+def _try(call: Any) -> Any:
+    try:
+        return call()
+    except OSError:
+        return None
