@@ -19,7 +19,15 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
-from ..test_readme_demo import ROOT, START_TIMEOUT, STOP_TIMEOUT, Process, fetch, free_port, wait_for
+from ..test_readme_demo import (
+    ROOT,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Process,
+    fetch,
+    free_port,
+    wait_for,
+)
 
 
 def agents(status: int) -> dict[str, Any]:
