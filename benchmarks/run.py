@@ -32,7 +32,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference", "forward")
+SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference", "forward", "workers")
 
 # Our own targets (issue 5).  Comparisons with the reference come only from
 # the reference section, measured in the same run (issue 13).
@@ -378,6 +378,11 @@ class Harness:
 
         return forward.run(self)
 
+    def section_workers(self) -> dict[str, Any]:
+        from benchmarks import workers
+
+        return workers.run(self)
+
 
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-wise median of the numeric fields of several results."""
@@ -577,6 +582,10 @@ def report(results: dict[str, Any]) -> str:
         from benchmarks import forward
 
         lines.extend(forward.report(results["forward"], fmt))
+    if results.get("workers"):
+        from benchmarks import workers
+
+        lines.extend(workers.report(results["workers"], fmt))
     lines.append("")
     lines.append("targets")
     lines.append("| target | goal | measured | met |")
