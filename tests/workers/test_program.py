@@ -126,3 +126,59 @@ def _try(call: Any) -> Any:
         return call()
     except OSError:
         return None
+
+
+class GroupAdmissionTests(TestCase):
+    def test_tcp_agents_the_cap_across_workers_frames_sent_with_the_registration_and_sighup(self) -> None:
+        from ..rawagent import HANDSHAKE_REQUEST, PING, PONG, BlockingAgent, frame, registration
+
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        agents_port, http, status = free_port(), free_port(), free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--max-connections-per-agent", "2",
+             "--listen", f"tcp:{agents_port}:interface=127.0.0.1",
+             "--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        address = ("127.0.0.1", agents_port)
+        with BlockingAgent(address) as first, BlockingAgent(address) as second:
+            # A Ping right behind the registration, in one write: the parent
+            # reads both, answers the registration, and the worker the Ping.
+            first.send_raw(frame(HANDSHAKE_REQUEST, registration("raw-1")) + frame(PING, {"sequence": 7, "timestamp_ms": 1}))
+            kind, response = first.recv_frame()
+            self.assertTrue(response["success"], response)
+            self.assertEqual(first.recv_frame(), (PONG, {"sequence": 7, "timestamp_ms": 1}))
+            self.assertTrue(second.register("raw-1")["success"])
+            wait_for(lambda: spread_of(status, "raw-1") == {"1": 1, "2": 1}, START_TIMEOUT,
+                     "one connection in each worker", proxy)
+            with BlockingAgent(address) as third:
+                refused = third.register("raw-1")
+                self.assertFalse(refused["success"])
+                self.assertIn("limit", refused["error"].lower())
+            first.close()
+            # The worker reports the end; the parent frees the slot.
+            wait_for(lambda: spread_of(status, "raw-1") is not None
+                     and sum(spread_of(status, "raw-1").values()) == 1,  # type: ignore[union-attr]
+                     START_TIMEOUT, "the first connection to end", proxy)
+            with BlockingAgent(address) as fourth:
+                self.assertTrue(fourth.register("raw-1")["success"])
+
+        os.kill(proxy.process.pid, signal.SIGHUP)
+        wait_for(lambda: proxy.output().count("Received SIGHUP") >= 3, START_TIMEOUT,
+                 "the parent and both workers to reload", proxy)
+        proxy.process.terminate()
+        self.assertEqual(proxy.process.wait(STOP_TIMEOUT), 0, proxy.output())
+        self.assertNotIn("Traceback", proxy.output())
+
+
+def spread_of(status: int, agent_id: str) -> dict[str, int] | None:
+    document = _try(lambda: agents(status))
+    for agent in (document or {}).get("agents", ()):
+        if agent["agent_id"] == agent_id:
+            held: dict[str, int] = agent["workers"]
+            return held
+    return None
