@@ -213,7 +213,7 @@ class AgentCapabilities(Struct, kw_only=True):
     What an agent announces in its RegistrationRequest: who it is, which
     events it wants (C{supported_events}, numbers of L{EventType}), its
     features and its limits.  Kept on its L{AgentConnection
-    <sentinel_twisted.connection.AgentConnection>} as C{capabilities}.
+    <sentinel_twisted.proxy.connection.AgentConnection>} as C{capabilities}.
 
     @ivar agent_id: the agent's id (as in its RegistrationRequest).
     @ivar name: a human-readable name of the agent.
@@ -250,7 +250,7 @@ class RegistrationRequest(Struct, kw_only=True):
 
     @ivar protocol_version: must be L{PROTOCOL_VERSION}.
     @ivar auth_token: checked by the listener's
-        L{ITokenChecker <sentinel_twisted.auth.ITokenChecker>}, if any.
+        L{ITokenChecker <sentinel_twisted.proxy.auth.ITokenChecker>}, if any.
     @ivar metadata: any JSON the agent sends; shown on the status site.
     @ivar agent_id: the agent's id; the pool keeps its connections under it.
     @ivar capabilities: what the agent wants and can do

@@ -24,12 +24,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from . import messages as m
-from ._identity import load_ca_certificates, verifying_server_endpoint
-from ._reload import ConfigurationReloader, install_sighup
 from ._twistd import ProgramOptions, exit_zero_after_clean_sigterm, report_startup_errors
-from .auth import TokenFileChecker, TokenFileError
-from .config import AllowFileError, ReverseConnectionConfig, read_allow_file
-from .dialled import DialledAgentService, encoding_list, parse_agent_endpoint
 from .endpoints import (
     MAX_BACKLOG,
     SocketInUse,
@@ -46,8 +41,13 @@ from .endpoints import (
     with_backlog,
     with_owner_only_mode,
 )
-from .factory import ReverseConnectionFactory
-from .pool import AgentPool
+from .proxy._identity import load_ca_certificates, verifying_server_endpoint
+from .proxy._reload import ConfigurationReloader, install_sighup
+from .proxy.auth import TokenFileChecker, TokenFileError
+from .proxy.config import AllowFileError, ReverseConnectionConfig, read_allow_file
+from .proxy.dialled import DialledAgentService, encoding_list, parse_agent_endpoint
+from .proxy.factory import ReverseConnectionFactory
+from .proxy.pool import AgentPool
 
 __all__ = [
     "DEFAULT_HTTP",

@@ -1,5 +1,5 @@
 """
-Forward mode on the proxy side (L{sentinel_twisted.dialled}): the handshake
+Forward mode on the proxy side (L{sentinel_twisted.proxy.dialled}): the handshake
 of a dialled connection, driven through bytes on a StringTransport and time
 on a MemoryReactorClock; the frames it writes checked against the C{fwd_*}
 vectors; and the redialling of L{DialledAgentService}.
@@ -24,16 +24,6 @@ from zope.interface import implementer
 
 from sentinel_twisted import forward as f
 from sentinel_twisted import messages as m
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.connection import AgentConnection
-from sentinel_twisted.dialled import (
-    DialledAgentService,
-    ForwardConnectionFactory,
-    ForwardConnectionProtocol,
-    default_retry_policy,
-    encoding_list,
-    parse_agent_endpoint,
-)
 from sentinel_twisted.errors import (
     ConnectionClosed,
     ConnectionLimitReached,
@@ -41,7 +31,17 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
-from sentinel_twisted.pool import AgentPool
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.connection import AgentConnection
+from sentinel_twisted.proxy.dialled import (
+    DialledAgentService,
+    ForwardConnectionFactory,
+    ForwardConnectionProtocol,
+    default_retry_policy,
+    encoding_list,
+    parse_agent_endpoint,
+)
+from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from ._proxy_support import answer_frame, captured_log, log_text, request_headers, take_frames
@@ -676,7 +676,7 @@ class MessagePackFastPathTests(SynchronousTestCase):
 
 class SharedCapTests(SynchronousTestCase):
     def test_dialled_connections_count_against_a_registering_agent(self) -> None:
-        from sentinel_twisted.factory import ReverseConnectionFactory
+        from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
         from ._proxy_support import registration_payload
 

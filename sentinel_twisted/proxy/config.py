@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .endpoints import system_max_backlog
+from ..endpoints import system_max_backlog
 
 __all__ = ["AgentAllowlist", "AllowFileError", "ReverseConnectionConfig", "read_allow_file"]
 
@@ -134,7 +134,7 @@ class ReverseConnectionConfig:
         registration at once; beyond it new connections are closed at once.
     @ivar require_client_cert: a registering agent must hold a verified TLS
         client certificate issued for its agent id (see
-        L{sentinel_twisted._identity}); the listener's TLS endpoints must
+        L{sentinel_twisted.proxy._identity}); the listener's TLS endpoints must
         demand and verify client certificates for this to mean anything.
     @ivar max_registration_frame_size: largest frame (length prefix) before
         registration; a RegistrationRequest never needs more.

@@ -20,11 +20,11 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import messages as m
+from .. import messages as m
+from ..errors import AgentProtocolError, AgentUnavailable, FlowControlPaused
+from ..forward import ENCODINGS
 from ._interfaces import IAgentPoolObserver
 from .connection import AgentConnection, ConnectionInfo
-from .errors import AgentProtocolError, AgentUnavailable, FlowControlPaused
-from .forward import ENCODINGS
 
 if TYPE_CHECKING:
     from .config import ReverseConnectionConfig
@@ -93,7 +93,7 @@ class AgentPool:
     The registered agent connections, by agent id: where requests are sent.
 
     The listener (L{ReverseConnectionFactory
-    <sentinel_twisted.factory.ReverseConnectionFactory>}) adds a connection
+    <sentinel_twisted.proxy.factory.ReverseConnectionFactory>}) adds a connection
     when it registers and removes it when it is lost; its C{pool} attribute
     is the pool to use.  Sending by agent id picks a connection with
     L{select}: paused connections are skipped, then the one with the fewest
@@ -213,7 +213,7 @@ class AgentPool:
         @param grace: seconds stopping the service gives the requests in
             flight on its connections.
         @return: the started L{DialledAgentService
-            <sentinel_twisted.dialled.DialledAgentService>}; stop it to close
+            <sentinel_twisted.proxy.dialled.DialledAgentService>}; stop it to close
             the connections and stop redialling.
         @raise ValueError: C{connections} below 1 or over the cap, an unknown
             encoding, or an endpoint string that does not parse.
@@ -367,7 +367,7 @@ class AgentPool:
             L{AgentUnavailable <sentinel_twisted.errors.AgentUnavailable>} or
             L{FlowControlPaused <sentinel_twisted.errors.FlowControlPaused>}
             when no connection can take it, and as L{AgentConnection.send_event
-            <sentinel_twisted.connection.AgentConnection.send_event>} says
+            <sentinel_twisted.proxy.connection.AgentConnection.send_event>} says
             after.
         """
         try:

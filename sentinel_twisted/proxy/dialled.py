@@ -38,14 +38,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__
-from . import messages as m
-from ._peertext import first_hidden, peer_text
-from ._ratelimit import LogRateLimiter
-from ._registration import new_lifecycle
-from .config import ReverseConnectionConfig
-from .connection import AgentConnection
-from .errors import (
+from .. import __version__
+from .. import messages as m
+from .._peertext import first_hidden, peer_text
+from .._ratelimit import LogRateLimiter
+from ..errors import (
     AgentProtocolError,
     ConnectionLimitReached,
     InvalidMessage,
@@ -53,10 +50,13 @@ from .errors import (
     RequestTimeout,
     VersionMismatch,
 )
-from .forward import ENCODINGS, HandshakeRequest, HandshakeResponse, codec_for
+from ..forward import ENCODINGS, HandshakeRequest, HandshakeResponse, codec_for
+from ..wire import MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
+from ._registration import new_lifecycle
+from .config import ReverseConnectionConfig
+from .connection import AgentConnection
 from .pool import AgentPool
 from .protocol import _PooledConnectionProtocol, describe_peer
-from .wire import MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 
 __all__ = [
     "MAX_HANDSHAKE_RESPONSE_SIZE",
@@ -244,7 +244,7 @@ class ForwardConnectionFactory(Factory):
     @ivar description: the agent's endpoint as given, for logs and errors.
     @ivar config: the limits and timeouts it applies (a
         L{ReverseConnectionConfig
-        <sentinel_twisted.config.ReverseConnectionConfig>}).
+        <sentinel_twisted.proxy.config.ReverseConnectionConfig>}).
     @ivar clock: the clock of its timers.
     @ivar max_handshake_size: the longest HandshakeResponse accepted, in
         bytes.
@@ -434,7 +434,7 @@ class DialledAgentService(MultiService):
     """
     Keeps C{connections} dialled connections to one agent, each with its
     own L{ClientService}; see L{AgentPool.connect_agent
-    <sentinel_twisted.pool.AgentPool.connect_agent>}.
+    <sentinel_twisted.proxy.pool.AgentPool.connect_agent>}.
 
     Stopping it stops the redialling, gives the requests in flight on its
     connections up to C{grace} seconds, cancels the rest (Cancel reason

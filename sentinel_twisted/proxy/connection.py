@@ -23,18 +23,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import messages as m
-from ._peertext import peer_text
-from ._ratelimit import LogRateLimiter
-from .errors import (
+from .. import messages as m
+from .._peertext import peer_text
+from .._ratelimit import LogRateLimiter
+from ..errors import (
     AgentProtocolError,
     ConnectionClosed,
     InvalidMessage,
     RequestCancelled,
     format_duration,
 )
-from .forward import JSON_CODEC, PayloadCodec
-from .wire import MessageType
+from ..forward import JSON_CODEC, PayloadCodec
+from ..wire import MessageType
 
 if TYPE_CHECKING:
     from .pending import PendingTable

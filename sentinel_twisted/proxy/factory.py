@@ -19,16 +19,12 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from . import __version__
-from . import messages as m
-from ._identity import identity_problem
-from ._interfaces import ITokenChecker
-from ._peertext import first_hidden, peer_text
-from ._ratelimit import LogRateLimiter
-from .config import ReverseConnectionConfig
-from .connection import AgentConnection
-from .endpoints import RefusedConnection
-from .errors import (
+from .. import __version__
+from .. import messages as m
+from .._peertext import first_hidden, peer_text
+from .._ratelimit import LogRateLimiter
+from ..endpoints import RefusedConnection
+from ..errors import (
     AgentProtocolError,
     AuthenticationFailed,
     ConnectionLimitReached,
@@ -37,9 +33,13 @@ from .errors import (
     RequestTimeout,
     VersionMismatch,
 )
+from ..wire import IncompleteFrameBudget
+from ._identity import identity_problem
+from ._interfaces import ITokenChecker
+from .config import ReverseConnectionConfig
+from .connection import AgentConnection
 from .pool import AgentPool
 from .protocol import ReverseConnectionProtocol
-from .wire import IncompleteFrameBudget
 
 if TYPE_CHECKING:
     pass
@@ -155,7 +155,7 @@ class ReverseConnectionFactory(Factory):
         (L{Factory <twisted.internet.protocol.Factory>}).
     @ivar config: the listener's limits, timeouts and policy (a
         L{ReverseConnectionConfig
-        <sentinel_twisted.config.ReverseConnectionConfig>}).
+        <sentinel_twisted.proxy.config.ReverseConnectionConfig>}).
     @ivar token_checker: checks the agents' tokens; C{None}: tokens are not
         checked.
     @ivar clock: the clock of the timeouts (the reactor by default).

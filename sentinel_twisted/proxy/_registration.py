@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from automat import TypeMachineBuilder
 
+from ..errors import AgentProtocolError
 from .connection import AgentConnection
-from .errors import AgentProtocolError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall

@@ -3,7 +3,7 @@
 L{ReverseConnectionProtocol}: the proxy's end of one reverse connection.
 
 It turns bytes into frames (L{FrameReceiver}) and frames into the events
-of the registration machine (L{sentinel_twisted._registration}).  Policy
+of the registration machine (L{sentinel_twisted.proxy._registration}).  Policy
 (allowlist, tokens, connection caps) is the factory's; this module only
 asks it.
 """
@@ -22,12 +22,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import messages as m
+from .. import messages as m
+from .._peertext import peer_text
+from ..errors import AgentProtocolError, InvalidMessage, MessageTooLarge, RequestTimeout
+from ..wire import _HEADER, MAX_MESSAGE_SIZE, FrameReceiver, MessageType
 from ._identity import client_certificate
-from ._peertext import peer_text
 from ._registration import new_lifecycle
-from .errors import AgentProtocolError, InvalidMessage, MessageTooLarge, RequestTimeout
-from .wire import _HEADER, MAX_MESSAGE_SIZE, FrameReceiver, MessageType
 
 if TYPE_CHECKING:
     from .connection import AgentConnection
@@ -101,7 +101,7 @@ def _writes_through(transport: object) -> bool:
 class _PooledConnectionProtocol(FrameReceiver):
     """
     What the proxy's end of an agent connection is once it is in the pool,
-    whoever dialled: the L{FrameSink <sentinel_twisted.connection.FrameSink>}
+    whoever dialled: the L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}
     its L{AgentConnection} writes through, and back-pressure from the
     transport (it pauses us when the agent stops reading and its write
     buffer fills, and resumes us when it drains).
@@ -237,7 +237,7 @@ class _PooledConnectionProtocol(FrameReceiver):
 
     def close_connection(self, detail: str, abort: bool = False) -> None:
         """
-        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.connection.FrameSink>}.
+        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}.
         """
         self._abort_on_close = abort
         self._lifecycle.close(detail)

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from .errors import DuplicateCorrelationId, RequestTimeout
+from ..errors import DuplicateCorrelationId, RequestTimeout
 
 __all__ = ["PendingTable"]
 
