@@ -1,0 +1,13 @@
+"""
+The old import path of L{sentinel_twisted.proxy.protocol} (the reverse
+listener's protocol), kept so that existing imports keep working: every
+name here is the same object as the one in the new module.
+"""
+
+from __future__ import annotations
+
+from .proxy.protocol import ReverseConnectionProtocol
+from .proxy.protocol import describe_peer as describe_peer
+from .proxy.protocol import peer_credentials as peer_credentials
+
+__all__ = ["ReverseConnectionProtocol"]
