@@ -52,11 +52,14 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
-from sentinel_twisted.proxy.auth import TokenFileChecker
-from sentinel_twisted.proxy.config import ReverseConnectionConfig
-from sentinel_twisted.proxy.connection import AgentConnection
-from sentinel_twisted.proxy.factory import ReverseConnectionFactory
-from sentinel_twisted.proxy.pool import AgentPool, PoolObserver
+from sentinel_twisted.proxy import (
+    AgentConnection,
+    AgentPool,
+    PoolObserver,
+    ReverseConnectionConfig,
+    ReverseConnectionFactory,
+    TokenFileChecker,
+)
 
 
 def say(text: str) -> None:
