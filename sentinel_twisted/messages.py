@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from ._cancel import CancelReason
 from .errors import InvalidMessage, SerializationError, VersionMismatch
 from .wire import MessageType
 
@@ -112,26 +113,6 @@ class EventType(enum.IntEnum):
     REQUEST_COMPLETE = 5
     WEBSOCKET_FRAME = 6
     GUARDRAIL_INSPECT = 7
-
-
-class CancelReason(enum.IntEnum):
-    """
-    C{reason} of a Cancel frame (the reference's enum discriminants).
-
-    @cvar CLIENT_DISCONNECT: the client went away.
-    @cvar TIMEOUT: the agent did not answer in time.
-    @cvar BLOCKED_BY_AGENT: another agent blocked the request.
-    @cvar UPSTREAM_ERROR: the upstream failed.
-    @cvar PROXY_SHUTDOWN: the proxy is shutting down.
-    @cvar MANUAL: cancelled by an operator or by code.
-    """
-
-    CLIENT_DISCONNECT = 0
-    TIMEOUT = 1
-    BLOCKED_BY_AGENT = 2
-    UPSTREAM_ERROR = 3
-    PROXY_SHUTDOWN = 4
-    MANUAL = 5
 
 
 class HealthState(enum.IntEnum):

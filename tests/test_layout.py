@@ -5,8 +5,12 @@ and the import paths it had before keep working, with the same objects.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
@@ -87,3 +91,74 @@ class OldImportPathTests(TestCase):
         from sentinel_twisted.pool import AgentPool
 
         self.assertEqual(AgentPool.__module__, "sentinel_twisted.proxy.pool")
+
+
+#: The floor: what both sides share.  Each may import only other floor
+#: modules of the package, never the proxy side, the agent side, the
+#: gateway, the status site or the programs.
+FLOOR = {
+    "errors": {"_cancel"},
+    "_cancel": set(),
+    "wire": {"errors"},
+    "messages": {"errors", "wire", "_cancel"},
+    "forward": {"errors", "messages"},
+    "endpoints": set(),
+    "_peertext": set(),
+    "_ratelimit": set(),
+    "_tls": set(),
+}
+
+
+def package_imports(module: str) -> set[str]:
+    """
+    The package's modules that C{sentinel_twisted.<module>} imports
+    anywhere in its source: at the top, in a function, or for the type
+    checker only.
+    """
+    path = Path(importlib.import_module(f"sentinel_twisted.{module}").__file__ or "")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module is None:
+                found.update(alias.name for alias in node.names if alias.name != "__version__")
+            else:
+                found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sentinel_twisted."):
+            found.add((node.module or "").split(".")[1])
+    return found
+
+
+class FloorTests(TestCase):
+    def test_the_floor_imports_nothing_above_it(self) -> None:
+        for module, allowed in FLOOR.items():
+            with self.subTest(module=module):
+                self.assertEqual(package_imports(module) - allowed, set())
+
+    def test_errors_name_a_cancel_reason_without_the_messages(self) -> None:
+        """
+        C{RequestCancelled} says which reason it was, in words, with only
+        C{sentinel_twisted.errors} imported (in a fresh interpreter, where
+        nothing else has imported the messages yet).
+        """
+        script = (
+            "import sys\n"
+            "from sentinel_twisted.errors import RequestCancelled\n"
+            "print(RequestCancelled('c-1', 4))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('sentinel_twisted')))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        )
+        text, modules = done.stdout.splitlines()
+        self.assertEqual(text, "Request cancelled: 'c-1' (proxy_shutdown)")
+        self.assertNotIn("sentinel_twisted.messages", modules)
+        self.assertEqual(
+            modules, str(["sentinel_twisted", "sentinel_twisted._cancel", "sentinel_twisted.errors"])
+        )
+
+    def test_messages_name_the_same_cancel_reasons(self) -> None:
+        from sentinel_twisted._cancel import CancelReason
+        from sentinel_twisted.messages import CancelReason as FromMessages
+
+        self.assertIs(FromMessages, CancelReason)
+
