@@ -162,3 +162,71 @@ class FloorTests(TestCase):
 
         self.assertIs(FromMessages, CancelReason)
 
+
+def runtime_imports() -> dict[str, set[str]]:
+    """
+    For each module of the package, the package's modules it imports when
+    it runs: at the top or inside a function, but not the imports made for
+    the type checker only (under C{if TYPE_CHECKING:}).
+    """
+    package = Path(importlib.import_module("sentinel_twisted").__file__ or "").parent
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        where = parts if path.name == "__init__.py" else parts[:-1]
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+            for statement in node.body
+            for inner in ast.walk(statement)
+        }
+        found = graph.setdefault(".".join(parts), set())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.level or id(node) in typing_only:
+                continue
+            base = where[: len(where) - node.level + 1]
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            for name in names:
+                target = base + name.split(".")
+                if not (package.parent.joinpath(*target).with_suffix(".py").exists()):
+                    if not package.parent.joinpath(*target, "__init__.py").exists():
+                        target = target[:-1]
+                found.add(".".join(target))
+    return graph
+
+
+class ImportCycleTests(TestCase):
+    def test_no_module_imports_itself_at_run_time(self) -> None:
+        """
+        Following the imports a module makes when it runs never leads back
+        to it: the layers import downwards, and a module that needs a name
+        from above for its annotations imports it for the type checker only.
+        """
+        graph = runtime_imports()
+        for start in sorted(graph):
+            seen: set[str] = set()
+            stack = list(graph[start])
+            while stack:
+                module = stack.pop()
+                with self.subTest(module=start):
+                    self.assertNotEqual(module, start, "an import cycle")
+                if module not in seen:
+                    seen.add(module)
+                    stack.extend(graph.get(module, ()))
+
+    def test_the_registration_machine_knows_no_protocol(self) -> None:
+        """
+        The lifecycle machine drives reverse and dialled connections alike
+        through a typing protocol, without importing either.
+        """
+        from sentinel_twisted.proxy import _registration
+
+        tree = ast.parse(Path(_registration.__file__ or "").read_text())
+        imported = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+        }
+        self.assertEqual(imported, {"errors", "connection"})

@@ -26,7 +26,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
@@ -55,8 +55,10 @@ from ..wire import MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 from ._registration import new_lifecycle
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
-from .pool import AgentPool
 from .protocol import _PooledConnectionProtocol, describe_peer
+
+if TYPE_CHECKING:
+    from .pool import AgentPool
 
 __all__ = [
     "MAX_HANDSHAKE_RESPONSE_SIZE",

@@ -25,10 +25,10 @@ from ..errors import AgentProtocolError, AgentUnavailable, FlowControlPaused
 from ..forward import ENCODINGS
 from ._interfaces import IAgentPoolObserver
 from .connection import AgentConnection, ConnectionInfo
+from .dialled import DialledAgentService
 
 if TYPE_CHECKING:
     from .config import ReverseConnectionConfig
-    from .dialled import DialledAgentService
 
 __all__ = ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"]
 
@@ -219,8 +219,6 @@ class AgentPool:
             encoding, or an endpoint string that does not parse.
         """
         from twisted.internet.endpoints import clientFromString
-
-        from .dialled import DialledAgentService
 
         if clock is None:
             from twisted.internet import reactor
