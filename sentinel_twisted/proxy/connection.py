@@ -33,7 +33,7 @@ from ..errors import (
     RequestCancelled,
     format_duration,
 )
-from ..forward import JSON_CODEC, PayloadCodec
+from ..forward import JSON_CODEC, PayloadCodec, codec_for
 from ..wire import MessageType
 
 if TYPE_CHECKING:
@@ -90,12 +90,6 @@ class _ConnectionListener(Protocol):
     def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
 
     def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
-
-
-class _Lenient(msgspec.Struct):
-    """Enough of a broken answer to find whom it was meant for."""
-
-    audit: dict[str, Any] | None = None
 
 
 class ConnectionInfo(msgspec.Struct, kw_only=True):
@@ -675,15 +669,10 @@ class AgentConnection:
         deferred.callback(response)
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
-        # Fail the request it was meant for now, rather than let it time out.
-        cid: object = None
-        try:
-            audit = m.decode(payload, _Lenient).audit
-            custom = audit.get("custom") if audit else None
-            cid = custom.get("correlation_id") if isinstance(custom, dict) else None
-        except InvalidMessage:
-            pass
-        if isinstance(cid, str) and self._pending.fail(cid, error):
+        # Fail the request it was meant for now, rather than let it time out,
+        # read in the connection's own encoding.
+        cid = codec_for(self.encoding).answer_correlation_id(payload)
+        if cid is not None and self._pending.fail(cid, error):
             self.log_limiter.warn(
                 log,
                 "invalid-answer",
