@@ -188,7 +188,7 @@ class Churn:
         patience: float = 1.0,
         request_timeout: float = 5.0,
     ) -> None:
-        from sentinel_twisted.pool import PoolObserver
+        from sentinel_twisted.proxy.pool import PoolObserver
 
         self.reactor = reactor
         self.factory = factory
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet.endpoints import clientFromString, serverFromString
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from sentinel_twisted.config import ReverseConnectionConfig
-    from sentinel_twisted.factory import ReverseConnectionFactory
+    from sentinel_twisted.proxy.config import ReverseConnectionConfig
+    from sentinel_twisted.proxy.factory import ReverseConnectionFactory
     from sentinel_twisted.tap import raise_file_limit
 
     # Without an observer, twisted.logger keeps the first 65536 events in

@@ -95,7 +95,7 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
     from twisted.python.failure import Failure
 
     from sentinel_twisted.errors import DuplicateCorrelationId, RequestTimeout
-    from sentinel_twisted.pending import PendingTable
+    from sentinel_twisted.proxy.pending import PendingTable
 
     class NoTimeoutTable:
         """Requests never time out: a dict and nothing else."""
@@ -391,9 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.endpoints import serverFromString
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from sentinel_twisted.config import ReverseConnectionConfig
     from sentinel_twisted.endpoints import with_backlog
-    from sentinel_twisted.factory import ReverseConnectionFactory
+    from sentinel_twisted.proxy.config import ReverseConnectionConfig
+    from sentinel_twisted.proxy.factory import ReverseConnectionFactory
     from sentinel_twisted.tap import raise_file_limit
 
     log_file = open(args.log or os.devnull, "a")
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     endpoint.listen(factory).addCallbacks(listening, listen_failed)
     if args.dial:
         # Forward mode: dialled connections join the same pool.
-        from sentinel_twisted.pool import PoolObserver
+        from sentinel_twisted.proxy.pool import PoolObserver
 
         class Dialled(PoolObserver):
             def agent_registered(self, connection: Any) -> None:

@@ -87,7 +87,7 @@ if sys.argv[2]:
     sys.path.insert(0, sys.argv[2])
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 factory = ReverseConnectionFactory(clock=reactor)
 endpoint = UNIXServerEndpoint(reactor, sys.argv[1], backlog=1024)

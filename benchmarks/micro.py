@@ -64,8 +64,8 @@ def run(number: int, repeat: int) -> dict[str, float]:
 
     from benchmarks.driver import load_event
     from sentinel_twisted import messages as m
-    from sentinel_twisted.connection import AgentConnection
-    from sentinel_twisted.pending import PendingTable
+    from sentinel_twisted.proxy.connection import AgentConnection
+    from sentinel_twisted.proxy.pending import PendingTable
 
     vectors = os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "tests", "data", "vectors")
     event = load_event(vectors if os.path.isdir(vectors) else None)

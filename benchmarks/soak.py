@@ -181,8 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from twisted.internet.task import deferLater
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from sentinel_twisted.config import ReverseConnectionConfig
-    from sentinel_twisted.factory import ReverseConnectionFactory
+    from sentinel_twisted.proxy.config import ReverseConnectionConfig
+    from sentinel_twisted.proxy.factory import ReverseConnectionFactory
     from sentinel_twisted.tap import raise_file_limit
 
     # Without an observer twisted.logger keeps the first 65536 events in

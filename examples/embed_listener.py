@@ -39,9 +39,6 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.auth import TokenFileChecker
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.connection import AgentConnection
 from sentinel_twisted.endpoints import (
     SocketInUse,
     clear_stale_unix_socket,
@@ -55,8 +52,14 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
-from sentinel_twisted.factory import ReverseConnectionFactory
-from sentinel_twisted.pool import AgentPool, PoolObserver
+from sentinel_twisted.proxy import (
+    AgentConnection,
+    AgentPool,
+    PoolObserver,
+    ReverseConnectionConfig,
+    ReverseConnectionFactory,
+    TokenFileChecker,
+)
 
 
 def say(text: str) -> None:

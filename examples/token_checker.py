@@ -19,7 +19,7 @@ import sys
 
 from zope.interface import implementer
 
-from sentinel_twisted.auth import ITokenChecker
+from sentinel_twisted.proxy.auth import ITokenChecker
 
 
 @implementer(ITokenChecker)

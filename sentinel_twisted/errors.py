@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError
 
+from ._cancel import CancelReason
+
 __all__ = [
     "AgentProtocolError",
     "AgentUnavailable",
@@ -285,8 +287,6 @@ class RequestCancelled(AgentProtocolError, CancelledError):
     """
 
     def __init__(self, correlation_id: str, reason: int) -> None:
-        from .messages import CancelReason
-
         try:
             name = CancelReason(reason).name.lower()
         except ValueError:

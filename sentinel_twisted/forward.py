@@ -157,6 +157,29 @@ class PayloadCodec(Protocol):
     def decode_control(self, payload: bytes, cls: type[_T]) -> _T:
         """A Cancel, Ping or other control message; raises L{InvalidMessage}."""
 
+    def answer_correlation_id(self, payload: bytes) -> str | None:
+        """
+        The correlation id an answer that L{decode_response} refused still
+        names, or C{None}: enough of a broken answer to fail the request it
+        was meant for at once rather than at its timeout.
+        """
+
+
+class _Lenient(Struct):
+    """Enough of a broken JSON answer to find whom it was meant for."""
+
+    audit: dict[str, Any] | None = None
+
+
+def _json_answer_id(payload: bytes) -> str | None:
+    try:
+        audit = m.decode(payload, _Lenient).audit
+    except InvalidMessage:
+        return None
+    custom = audit.get("custom") if audit else None
+    cid = custom.get("correlation_id") if isinstance(custom, dict) else None
+    return cid if isinstance(cid, str) else None
+
 
 class _JsonCodec:
     name = JSON
@@ -168,6 +191,7 @@ class _JsonCodec:
     decode_response = staticmethod(m.decode_agent_response)
     encode_control = staticmethod(m.encode)
     decode_control = staticmethod(m.decode)
+    answer_correlation_id = staticmethod(_json_answer_id)
 
 
 # -- MessagePack -------------------------------------------------------------
@@ -294,6 +318,16 @@ _VARIANT_FIELDS: Final = {
     "remove": ("name",),
     "close": ("code", "reason"),
 }
+
+
+def _field(value: Any, name: str, names: tuple[str, ...]) -> Any:
+    """Field C{name} of a map, or of an array in the order C{names}; C{None} if absent."""
+    if isinstance(value, dict):
+        return value.get(name)
+    if isinstance(value, list):
+        index = names.index(name)
+        return value[index] if index < len(value) else None
+    return None
 
 
 def _named(value: Any, names: tuple[str, ...], what: str) -> Any:
@@ -535,6 +569,18 @@ class _MsgpackCodec:
         except _DECODE_ERRORS as e:
             raise _msgpack_error(e) from None
         return result
+
+    def answer_correlation_id(self, payload: bytes) -> str | None:
+        if payload[:1] == b"{":
+            # A JSON answer where MessagePack was agreed: still one we can route.
+            return _json_answer_id(payload)
+        try:
+            raw = msgspec.msgpack.decode(payload)
+        except _DECODE_ERRORS:
+            return None
+        custom = _field(_field(raw, "audit", _RESPONSE_FIELDS), "custom", _AUDIT_FIELDS)
+        cid = custom.get("correlation_id") if isinstance(custom, dict) else None
+        return cid if isinstance(cid, str) else None
 
     def _encode(self, value: Any) -> bytes:
         try:

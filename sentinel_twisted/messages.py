@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from ._cancel import CancelReason
 from .errors import InvalidMessage, SerializationError, VersionMismatch
 from .wire import MessageType
 
@@ -114,26 +115,6 @@ class EventType(enum.IntEnum):
     GUARDRAIL_INSPECT = 7
 
 
-class CancelReason(enum.IntEnum):
-    """
-    C{reason} of a Cancel frame (the reference's enum discriminants).
-
-    @cvar CLIENT_DISCONNECT: the client went away.
-    @cvar TIMEOUT: the agent did not answer in time.
-    @cvar BLOCKED_BY_AGENT: another agent blocked the request.
-    @cvar UPSTREAM_ERROR: the upstream failed.
-    @cvar PROXY_SHUTDOWN: the proxy is shutting down.
-    @cvar MANUAL: cancelled by an operator or by code.
-    """
-
-    CLIENT_DISCONNECT = 0
-    TIMEOUT = 1
-    BLOCKED_BY_AGENT = 2
-    UPSTREAM_ERROR = 3
-    PROXY_SHUTDOWN = 4
-    MANUAL = 5
-
-
 class HealthState(enum.IntEnum):
     """
     The C{state} of a HealthStatus: what an agent says of itself.  The
@@ -213,7 +194,7 @@ class AgentCapabilities(Struct, kw_only=True):
     What an agent announces in its RegistrationRequest: who it is, which
     events it wants (C{supported_events}, numbers of L{EventType}), its
     features and its limits.  Kept on its L{AgentConnection
-    <sentinel_twisted.connection.AgentConnection>} as C{capabilities}.
+    <sentinel_twisted.proxy.connection.AgentConnection>} as C{capabilities}.
 
     @ivar agent_id: the agent's id (as in its RegistrationRequest).
     @ivar name: a human-readable name of the agent.
@@ -250,7 +231,7 @@ class RegistrationRequest(Struct, kw_only=True):
 
     @ivar protocol_version: must be L{PROTOCOL_VERSION}.
     @ivar auth_token: checked by the listener's
-        L{ITokenChecker <sentinel_twisted.auth.ITokenChecker>}, if any.
+        L{ITokenChecker <sentinel_twisted.proxy.auth.ITokenChecker>}, if any.
     @ivar metadata: any JSON the agent sends; shown on the status site.
     @ivar agent_id: the agent's id; the pool keeps its connections under it.
     @ivar capabilities: what the agent wants and can do

@@ -20,10 +20,10 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.connection import AgentConnection
-from sentinel_twisted.factory import ReverseConnectionFactory
-from sentinel_twisted.protocol import ReverseConnectionProtocol
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.connection import AgentConnection
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.protocol import ReverseConnectionProtocol
 from sentinel_twisted.wire import MessageType, encode_frame
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)

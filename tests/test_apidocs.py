@@ -16,7 +16,7 @@ from types import ModuleType
 
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.pool import AgentPool
+from sentinel_twisted.proxy.pool import AgentPool
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from sentinel_twisted import auth
-from sentinel_twisted.auth import (
+from sentinel_twisted.proxy import auth
+from sentinel_twisted.proxy.auth import (
     ITokenChecker,
     StaticTokenChecker,
     TokenFileChecker,

@@ -16,9 +16,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.errors import ConnectionClosed, FlowControlPaused
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 from ._proxy_support import Proxy, request_headers
 from .rawagent import frame, registration

@@ -8,8 +8,8 @@ from __future__ import annotations
 import attrs
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.config import AgentAllowlist, ReverseConnectionConfig
 from sentinel_twisted.endpoints import system_max_backlog
+from sentinel_twisted.proxy.config import AgentAllowlist, ReverseConnectionConfig
 
 
 class ConfigTests(TestCase):

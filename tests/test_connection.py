@@ -15,7 +15,6 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.connection import AgentConnection
 from sentinel_twisted.errors import (
     ConnectionClosed,
     DuplicateCorrelationId,
@@ -24,6 +23,7 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
+from sentinel_twisted.proxy.connection import AgentConnection
 from sentinel_twisted.wire import MAX_MESSAGE_SIZE, MessageType, frame_header
 
 from ._proxy_support import (

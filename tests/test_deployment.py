@@ -17,8 +17,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.agent.tap import Options as AgentOptions
-from sentinel_twisted.config import AgentAllowlist
 from sentinel_twisted.endpoints import parse_description
+from sentinel_twisted.proxy.config import AgentAllowlist
 from sentinel_twisted.tap import Options as ReverseOptions
 
 ROOT = Path(__file__).resolve().parent.parent

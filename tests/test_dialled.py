@@ -1,5 +1,5 @@
 """
-Forward mode on the proxy side (L{sentinel_twisted.dialled}): the handshake
+Forward mode on the proxy side (L{sentinel_twisted.proxy.dialled}): the handshake
 of a dialled connection, driven through bytes on a StringTransport and time
 on a MemoryReactorClock; the frames it writes checked against the C{fwd_*}
 vectors; and the redialling of L{DialledAgentService}.
@@ -24,16 +24,6 @@ from zope.interface import implementer
 
 from sentinel_twisted import forward as f
 from sentinel_twisted import messages as m
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.connection import AgentConnection
-from sentinel_twisted.dialled import (
-    DialledAgentService,
-    ForwardConnectionFactory,
-    ForwardConnectionProtocol,
-    default_retry_policy,
-    encoding_list,
-    parse_agent_endpoint,
-)
 from sentinel_twisted.errors import (
     ConnectionClosed,
     ConnectionLimitReached,
@@ -41,7 +31,17 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
-from sentinel_twisted.pool import AgentPool
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.connection import AgentConnection
+from sentinel_twisted.proxy.dialled import (
+    DialledAgentService,
+    ForwardConnectionFactory,
+    ForwardConnectionProtocol,
+    default_retry_policy,
+    encoding_list,
+    parse_agent_endpoint,
+)
+from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from ._proxy_support import answer_frame, captured_log, log_text, request_headers, take_frames
@@ -408,6 +408,46 @@ class MessagePackConnectionTests(SynchronousTestCase):
         # Its correlation id could still be read: the request fails now.
         self.assertIsInstance(outcomes.failure.value, InvalidMessage)
 
+    def test_an_invalid_answer_naming_a_waiting_request_fails_it_at_once(self) -> None:
+        """
+        As on a JSON connection: an answer that cannot be read as an
+        AgentResponse, but whose correlation id can, fails that request now
+        with the reason, in the reference's positional layout and as a map;
+        the other requests wait for their answers, and the connection stays.
+        """
+        first = Outcomes(self.connection.send_event(request_headers("req-1")))
+        second = Outcomes(self.connection.send_event(request_headers("req-2")))
+        third = Outcomes(self.connection.send_event(request_headers("req-3")))
+        audit = [[], [], None, [], {"correlation_id": "req-1"}]
+        positional = msgspec.msgpack.encode([2, 5, [], [], {}, audit, False, None, None, None])
+        as_map = {"version": "two", "decision": "allow", "audit": {"custom": {"correlation_id": "req-2"}}}
+        with captured_log() as events:
+            self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, positional))
+            self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, msgspec.msgpack.encode(as_map)))
+        self.assertIsInstance(first.failure.value, InvalidMessage)
+        self.assertIn("unknown decision 5", str(first.failure.value))
+        self.assertIsInstance(second.failure.value, InvalidMessage)
+        self.assertIn("Expected `int`, got `str` - at `$.version`", str(second.failure.value))
+        self.assertIn("answered 'req-1' on connection", log_text(events))
+        self.assertFalse(third.done)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.connection.in_flight, 1)
+
+    def test_an_answer_naming_nobody_is_logged_and_ignored(self) -> None:
+        """
+        As on a JSON connection: bytes nobody can tell the request of are
+        logged, and the request ends by its answer or its timeout.
+        """
+        outcomes = Outcomes(self.connection.send_event(request_headers("req-1")))
+        for garbage in (b"\xc1", b"\x91" * 5000, msgspec.msgpack.encode([2, "allow"])[:-1]):
+            with captured_log() as events:
+                self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, garbage))
+            self.assertIn("sent an invalid AgentResponse", log_text(events))
+        self.assertFalse(outcomes.done)
+        self.assertFalse(self.transport.disconnecting)
+        self.dialler.clock.advance(30)
+        self.assertIsInstance(outcomes.failure.value, RequestTimeout)
+
 
 class ClosingTests(SynchronousTestCase):
     def test_lost_connection_fails_waiting_requests_and_leaves_the_pool(self) -> None:
@@ -673,10 +713,18 @@ class MessagePackFastPathTests(SynchronousTestCase):
         ):
             self.assertRaises(InvalidMessage, self.codec.decode_response, payload)
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=64))
+    def test_any_bytes_name_a_correlation_id_or_none(self, payload: bytes) -> None:
+        """Looking for the id of a broken answer never raises, whatever the bytes."""
+        for codec in (f.MSGPACK_CODEC, f.JSON_CODEC):
+            found = codec.answer_correlation_id(payload)
+            self.assertTrue(found is None or isinstance(found, str))
+
 
 class SharedCapTests(SynchronousTestCase):
     def test_dialled_connections_count_against_a_registering_agent(self) -> None:
-        from sentinel_twisted.factory import ReverseConnectionFactory
+        from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
         from ._proxy_support import registration_payload
 

@@ -195,7 +195,7 @@ class BacklogTests(TestCase):
         self.assertGreater(FALLBACK_BACKLOG, 128)
 
     def test_every_default_listener_gets_it(self) -> None:
-        from sentinel_twisted.config import ReverseConnectionConfig
+        from sentinel_twisted.proxy.config import ReverseConnectionConfig
         from sentinel_twisted.tap import Options
 
         options = Options()

@@ -547,8 +547,8 @@ class DocsTests(SynchronousTestCase):
     def test_every_metric_is_documented(self) -> None:
         from twisted.internet.task import Clock
 
-        from sentinel_twisted.factory import ReverseConnectionFactory
-        from sentinel_twisted.pool import AgentPool
+        from sentinel_twisted.proxy.factory import ReverseConnectionFactory
+        from sentinel_twisted.proxy.pool import AgentPool
         from sentinel_twisted.status.metrics import GatewayMetrics
 
         pool = AgentPool()
@@ -562,7 +562,7 @@ class DocsTests(SynchronousTestCase):
     def test_every_rejection_label_is_documented(self) -> None:
         import inspect
 
-        from sentinel_twisted import factory
+        from sentinel_twisted.proxy import factory
 
         source = inspect.getsource(factory)
         labels = set(re.findall(r'return "(\w+)"', inspect.getsource(factory.rejection_reason)))
@@ -576,10 +576,10 @@ class DocsTests(SynchronousTestCase):
         from twisted.internet.task import Clock
 
         from sentinel_twisted import messages as m
-        from sentinel_twisted.auth import StaticTokenChecker
-        from sentinel_twisted.config import ReverseConnectionConfig
         from sentinel_twisted.errors import InvalidMessage, MessageTooLarge, RequestTimeout
-        from sentinel_twisted.factory import ReverseConnectionFactory, rejection_reason
+        from sentinel_twisted.proxy.auth import StaticTokenChecker
+        from sentinel_twisted.proxy.config import ReverseConnectionConfig
+        from sentinel_twisted.proxy.factory import ReverseConnectionFactory, rejection_reason
 
         factory = ReverseConnectionFactory(
             ReverseConnectionConfig(allowed_agents=["waf-*"], require_auth=True),
@@ -694,10 +694,10 @@ class ExampleFilesTests(SynchronousTestCase):
         from zope.interface.verify import verifyObject
 
         from sentinel_twisted import messages as m
-        from sentinel_twisted.auth import ITokenChecker
-        from sentinel_twisted.config import ReverseConnectionConfig
         from sentinel_twisted.errors import AuthenticationFailed
-        from sentinel_twisted.factory import ReverseConnectionFactory
+        from sentinel_twisted.proxy.auth import ITokenChecker
+        from sentinel_twisted.proxy.config import ReverseConnectionConfig
+        from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
         example = self.load("token_checker")
         line = example.digest_line("waf-1", "s3cret")
@@ -731,7 +731,7 @@ class ExampleFilesTests(SynchronousTestCase):
         self.assertEqual(example.load_digests(digests), {"waf-1": digest})
 
     def test_token_file_example_is_a_valid_token_file(self) -> None:
-        from sentinel_twisted.auth import parse_token_file
+        from sentinel_twisted.proxy.auth import parse_token_file
 
         tokens = parse_token_file(str(EXAMPLES / "agent-tokens.example"))
         self.assertEqual(sorted(tokens), ["auth-1", "waf-1"])

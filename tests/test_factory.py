@@ -15,8 +15,8 @@ from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import __version__
 from sentinel_twisted import messages as m
-from sentinel_twisted.auth import StaticTokenChecker
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.auth import StaticTokenChecker
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from ._proxy_support import (

@@ -28,10 +28,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.auth import StaticTokenChecker
-from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.errors import ConnectionClosed, FlowControlPaused
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.auth import StaticTokenChecker
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
 from . import rawagent as raw

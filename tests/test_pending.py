@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.errors import ConnectionClosed, DuplicateCorrelationId, RequestTimeout
-from sentinel_twisted.pending import PendingTable
+from sentinel_twisted.proxy.pending import PendingTable
 
 
 class Outcomes:

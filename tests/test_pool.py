@@ -12,14 +12,14 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.connection import AgentConnection
 from sentinel_twisted.errors import (
     AgentUnavailable,
     ConnectionClosed,
     FlowControlPaused,
     RequestCancelled,
 )
-from sentinel_twisted.pool import IAgentPoolObserver, PoolObserver
+from sentinel_twisted.proxy.connection import AgentConnection
+from sentinel_twisted.proxy.pool import IAgentPoolObserver, PoolObserver
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from ._proxy_support import (

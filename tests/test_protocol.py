@@ -499,7 +499,7 @@ class PeerCredentialsTests(TestCase):
 
         from twisted.internet.address import UNIXAddress
 
-        from sentinel_twisted.protocol import peer_credentials
+        from sentinel_twisted.proxy.protocol import peer_credentials
 
         ours, theirs = socket.socketpair(socket.AF_UNIX)
         self.addCleanup(ours.close)
@@ -517,6 +517,6 @@ class PeerCredentialsTests(TestCase):
     def test_a_tcp_peer_has_none(self) -> None:
         from twisted.internet.testing import StringTransport
 
-        from sentinel_twisted.protocol import peer_credentials
+        from sentinel_twisted.proxy.protocol import peer_credentials
 
         self.assertIsNone(peer_credentials(StringTransport()))

@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentinel_twisted._reload import ConfigurationReloader
-from sentinel_twisted.auth import TokenFileChecker
-from sentinel_twisted.config import AllowFileError, read_allow_file
+from sentinel_twisted.proxy._reload import ConfigurationReloader
+from sentinel_twisted.proxy.auth import TokenFileChecker
+from sentinel_twisted.proxy.config import AllowFileError, read_allow_file
 
 from ._proxy_support import Proxy, answer_frame, captured_log, lose, request_headers
 

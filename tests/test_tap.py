@@ -14,9 +14,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.auth import TokenFileChecker
-from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.endpoints import system_max_backlog
+from sentinel_twisted.proxy.auth import TokenFileChecker
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.tap import (
     DEFAULT_LISTEN,
     ListenerEndpointService,

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from sentinel_twisted.dialled import DialledAgentService
+from sentinel_twisted.proxy.dialled import DialledAgentService
 from sentinel_twisted.tap import Options, StartupError, add_forward_agents, make_listener
 
 

@@ -27,11 +27,15 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted._identity import CertificateNames, identity_problem, verifying_server_endpoint
 from sentinel_twisted.agent import Agent, AgentConnector
-from sentinel_twisted.auth import StaticTokenChecker
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.factory import ReverseConnectionFactory, rejection_reason
+from sentinel_twisted.proxy._identity import (
+    CertificateNames,
+    identity_problem,
+    verifying_server_endpoint,
+)
+from sentinel_twisted.proxy.auth import StaticTokenChecker
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory, rejection_reason
 from sentinel_twisted.tap import Options, StartupError, make_listener
 
 from .reliability.invariants import wait_until
@@ -382,7 +386,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(str(error), f"--client-ca: the client CA file {empty} holds no PEM certificate")
 
     def test_bad_ssl_endpoints(self) -> None:
-        from sentinel_twisted._identity import load_ca_certificates
+        from sentinel_twisted.proxy._identity import load_ca_certificates
 
         cas = load_ca_certificates(self.certs.client_ca_path)
         key = self.certs.server_key

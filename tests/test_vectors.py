@@ -25,9 +25,9 @@ import msgspec
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.connection import AgentConnection
 from sentinel_twisted.errors import InvalidMessage, RequestTimeout
-from sentinel_twisted.pool import PoolObserver
+from sentinel_twisted.proxy.connection import AgentConnection
+from sentinel_twisted.proxy.pool import PoolObserver
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from . import vectors as V

@@ -45,7 +45,6 @@ from twisted.web.http_headers import Headers
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
-from ..connection import AgentConnection, new_correlation_id
 from ..errors import (
     AgentProtocolError,
     AgentUnavailable,
@@ -55,7 +54,8 @@ from ..errors import (
     RequestCancelled,
     RequestTimeout,
 )
-from ..pool import PoolObserver
+from ..proxy.connection import AgentConnection, new_correlation_id
+from ..proxy.pool import PoolObserver
 from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
 from .decisions import (
     PROTECTED_REQUEST_HEADERS,
@@ -79,7 +79,7 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
-    from ..pool import AgentPool
+    from ..proxy.pool import AgentPool
     from .config import GatewayConfig
     from .resource import GatewayRequest
 

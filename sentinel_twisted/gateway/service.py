@@ -26,7 +26,7 @@ from .resource import GatewaySite
 from .upstream import HTTPUpstream, IUpstream
 
 if TYPE_CHECKING:
-    from ..factory import ReverseConnectionFactory
+    from ..proxy.factory import ReverseConnectionFactory
 
 __all__ = ["GatewayService", "ListeningService"]
 

@@ -20,7 +20,7 @@ import msgspec
 from twisted.web.resource import Resource
 
 if TYPE_CHECKING:
-    from ..pool import AgentPool
+    from ..proxy.pool import AgentPool
 
 __all__ = ["HealthzResource", "Readiness"]
 

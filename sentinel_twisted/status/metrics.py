@@ -41,16 +41,16 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from zope.interface import implementer
 
-from .._interfaces import IAgentPoolObserver
 from ..messages import CancelReason
-from ..pool import PoolObserver
+from ..proxy._interfaces import IAgentPoolObserver
+from ..proxy.pool import PoolObserver
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-    from ..connection import AgentConnection
-    from ..factory import ReverseConnectionFactory
-    from ..pool import AgentPool
+    from ..proxy.connection import AgentConnection
+    from ..proxy.factory import ReverseConnectionFactory
+    from ..proxy.pool import AgentPool
 
 __all__ = [
     "DECISIONS",

@@ -24,7 +24,7 @@ from .metrics import quantile
 from .page import REFRESH_SECONDS, event_names, health_name, render_page
 
 if TYPE_CHECKING:
-    from ..pool import AgentPool
+    from ..proxy.pool import AgentPool
     from .history import History
     from .metrics import GatewayMetrics
 

@@ -14,10 +14,10 @@ from typing import Any
 import msgspec
 from twisted.application import service
 
-from .._reload import ConfigurationReloader
 from ..endpoints import describe_listen_failure, parse_description
+from ..proxy._reload import ConfigurationReloader
 from ..status.resource import StatusSite, agents_document
-from ..tap import (
+from ..services import (
     CLOSE_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE,
     ReverseListenerService,

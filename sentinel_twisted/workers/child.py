@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import messages as m
-from ..factory import ReverseConnectionFactory
-from ..protocol import ReverseConnectionProtocol
+from ..proxy.factory import ReverseConnectionFactory
+from ..proxy.protocol import ReverseConnectionProtocol
 from .commands import (
     CONNECTION_DONE,
     AdoptConnection,
@@ -36,7 +36,7 @@ from .commands import (
 )
 
 if TYPE_CHECKING:
-    from ..connection import AgentConnection
+    from ..proxy.connection import AgentConnection
 
 __all__ = [
     "AdoptedConnectionProtocol",

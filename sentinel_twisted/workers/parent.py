@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 
 from .._peertext import peer_text
 from ..errors import AgentProtocolError
-from ..factory import ReverseConnectionFactory
-from ..protocol import ReverseConnectionProtocol
+from ..proxy.factory import ReverseConnectionFactory
+from ..proxy.protocol import ReverseConnectionProtocol
 from ..wire import _HEADER
 from .commands import (
     CONNECTION_DONE,
@@ -43,7 +43,7 @@ from .commands import (
 )
 
 if TYPE_CHECKING:
-    from ..connection import AgentConnection
+    from ..proxy.connection import AgentConnection
 
 __all__ = [
     "ControlService",

@@ -28,9 +28,9 @@ from sentinel_twisted import messages as m
 from sentinel_twisted.agent import Agent, AgentConnector, block
 from sentinel_twisted.agent._resolve import named_proxies, one_family
 from sentinel_twisted.agent.tap import Options
-from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.endpoints import parse_description
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 from .test_connector import NOT_ALLOWED, ScriptedEndpoint, run
 from .test_with_proxy import headers, wait_for

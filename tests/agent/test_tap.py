@@ -25,8 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import Agent, AgentConnector, RulesAgent
 from sentinel_twisted.agent.tap import AgentService, Options, make_agent_service, read_token_file
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 from ..twistd_support import twistd_command
 from ._support import temp_path

@@ -18,8 +18,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.agent import Agent, AgentConnector
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 
 def _name(common_name: str) -> x509.Name:

@@ -20,10 +20,10 @@ from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import AgentConnector, RegistrationRejected, block
-from sentinel_twisted.auth import StaticTokenChecker
-from sentinel_twisted.config import ReverseConnectionConfig
 from sentinel_twisted.errors import FlowControlPaused, RequestCancelled
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.auth import StaticTokenChecker
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 from ._support import RecordingAgent
 

@@ -29,8 +29,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.config import ReverseConnectionConfig
-from sentinel_twisted.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
 from ..rawagent import (
     AGENT_RESPONSE,

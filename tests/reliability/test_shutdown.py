@@ -24,7 +24,7 @@ from twisted.web.client import readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from sentinel_twisted.pool import AgentPool
+from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.tap import Options, make_listener, shut_down_agents
 
 from .._proxy_support import Proxy, answer_frame, captured_log, log_text, take_frames

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.factory import rejection_reason
+from sentinel_twisted.proxy.factory import rejection_reason
 from sentinel_twisted.tap import Options
 from sentinel_twisted.workers.commands import CHUNK_SIZE, Chunked
 from sentinel_twisted.workers.parent import (

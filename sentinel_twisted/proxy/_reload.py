@@ -21,8 +21,8 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from .._peertext import peer_text
 from ._identity import SwappableTrust, load_ca_certificates
-from ._peertext import peer_text
 from .auth import TokenFileChecker, TokenFileError
 from .config import AgentAllowlist, AllowFileError, read_allow_file
 

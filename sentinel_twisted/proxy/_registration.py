@@ -16,14 +16,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from automat import TypeMachineBuilder
 
+from ..errors import AgentProtocolError
 from .connection import AgentConnection
-from .errors import AgentProtocolError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
-
-    from .dialled import ForwardConnectionProtocol
-    from .protocol import ReverseConnectionProtocol
 
 
 class Lifecycle(Protocol):
@@ -46,11 +43,39 @@ class Lifecycle(Protocol):
         """The transport is gone."""
 
 
+class Connector(Protocol):
+    """
+    What the machine asks of the connection's protocol: a reverse one
+    (L{ReverseConnectionProtocol
+    <sentinel_twisted.proxy.protocol.ReverseConnectionProtocol>}) or a
+    dialled one, whose handshake stands where the registration does.
+    """
+
+    def enter_registered(self, connection: AgentConnection) -> None:
+        """Serve the registered connection."""
+
+    def reject(self, error: AgentProtocolError, agent_id: str) -> None:
+        """Answer a refused registration or handshake and close."""
+
+    def handshake_expired(self) -> None:
+        """Refuse a registration or handshake that took too long."""
+
+    def drop(self, detail: str) -> None:
+        """Close a connection that never registered."""
+
+    def left_unregistered(self, detail: str) -> None:
+        """Account for a connection lost before it registered."""
+
+    def leave_registered(self, detail: str, close: bool) -> None:
+        """Take a registered connection out of service, closing it if asked."""
+
+    def finish_lost(self, detail: str) -> None:
+        """The transport is gone after the machine closed."""
+
+
 @dataclass
 class Core:
-    # A dialled (forward) connection goes through the same states: its
-    # handshake stands where the registration does.
-    protocol: ReverseConnectionProtocol | ForwardConnectionProtocol
+    protocol: Connector
     handshake_timer: IDelayedCall | None = None
     connection: AgentConnection | None = field(default=None)
 
@@ -127,6 +152,6 @@ def _build() -> object:
 _machine_factory = _build()
 
 
-def new_lifecycle(protocol: ReverseConnectionProtocol | ForwardConnectionProtocol) -> tuple[Lifecycle, Core]:
+def new_lifecycle(protocol: Connector) -> tuple[Lifecycle, Core]:
     core = Core(protocol)
     return _machine_factory(core), core  # type: ignore[operator]

@@ -187,7 +187,7 @@ def verifying_server_endpoint(reactor: Any, description: str, ca_certificates: l
     from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.python.filepath import FilePath
 
-    from .endpoints import parse_description
+    from ..endpoints import parse_description
 
     args, kwargs = parse_description(description)
     if args[0] != "ssl":

@@ -1,0 +1,426 @@
+# -*- test-case-name: tests.test_factory -*-
+"""
+L{ReverseConnectionFactory}: the listener's policy.
+
+It admits or refuses registrations (version, agent id, allowlist, token,
+per-agent connection cap, in SPEC section 3's order), hands out connection
+ids that are unique for the life of the process, and puts registered
+connections into the L{AgentPool}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from .. import __version__
+from .. import messages as m
+from .._peertext import first_hidden, peer_text
+from .._ratelimit import LogRateLimiter
+from ..endpoints import RefusedConnection
+from ..errors import (
+    AgentProtocolError,
+    AuthenticationFailed,
+    ConnectionLimitReached,
+    InvalidMessage,
+    MessageTooLarge,
+    RequestTimeout,
+    VersionMismatch,
+)
+from ..wire import IncompleteFrameBudget
+from ._identity import identity_problem
+from ._interfaces import ITokenChecker
+from .config import ReverseConnectionConfig
+from .connection import AgentConnection
+from .pool import AgentPool
+from .protocol import ReverseConnectionProtocol
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["Rejection", "ReverseConnectionFactory", "rejection_reason"]
+
+#: The module's logger.
+log = Logger(namespace="sentinel_twisted.factory")
+
+_connection_serial = itertools.count(1)
+
+
+class _NotAllowed(InvalidMessage):
+    pass
+
+
+class _AuthRequired(InvalidMessage):
+    pass
+
+
+class _EmptyAgentId(InvalidMessage):
+    pass
+
+
+class _BadAgentId(InvalidMessage):
+    pass
+
+
+#: The largest capabilities a RegistrationRequest may carry, in bytes of
+#: JSON (a reference agent's take about 400).
+_MAX_CAPABILITIES_SIZE = 64 * 1024
+
+
+class _MetadataTooLarge(InvalidMessage):
+    pass
+
+
+class _ClientCertificateRefused(AuthenticationFailed):
+    """The agent's TLS client certificate was not issued for its agent id."""
+
+    def __init__(self, agent_id: str, problem: str) -> None:
+        AgentProtocolError.__init__(self, f"Authentication failed: {problem}")
+        self.agent_id = agent_id
+
+
+#: Characters of peer-supplied text (agent ids, error texts) a log line of
+#: the listener carries.
+_ID_IN_LOG = 64
+_TEXT_IN_LOG = 120
+
+
+class Rejection:
+    """
+    The last refused registration, for the status page: the agent id and
+    peer as a log line carries them (escaped, cut short), the reason label
+    and when (seconds since the epoch).
+
+    @ivar agent_id: the agent id, escaped and cut short as in a log line.
+    @ivar peer: the peer's address, escaped and cut short.
+    @ivar reason: the reason label (see L{rejection_reason}).
+    @ivar at: when, in seconds since the epoch.
+    """
+
+    __slots__ = ("agent_id", "at", "peer", "reason")
+
+    def __init__(self, agent_id: str, peer: str, reason: str, at: float) -> None:
+        self.agent_id = agent_id
+        self.peer = peer
+        self.reason = reason
+        self.at = at
+
+
+def rejection_reason(error: AgentProtocolError) -> str:
+    """A short, stable label for metrics: why a registration was refused."""
+    if isinstance(error, VersionMismatch):
+        return "version"
+    if isinstance(error, _EmptyAgentId):
+        return "empty_agent_id"
+    if isinstance(error, _BadAgentId):
+        return "bad_agent_id"
+    if isinstance(error, _MetadataTooLarge):
+        return "metadata_too_large"
+    if isinstance(error, _NotAllowed):
+        return "not_allowed"
+    if isinstance(error, _AuthRequired):
+        return "auth_required"
+    if isinstance(error, _ClientCertificateRefused):
+        return "client_certificate"
+    if isinstance(error, AuthenticationFailed):
+        return "auth_failed"
+    if isinstance(error, ConnectionLimitReached):
+        return "connection_limit"
+    if isinstance(error, RequestTimeout):
+        return "handshake_timeout"
+    if isinstance(error, MessageTooLarge):
+        return "frame_too_large"
+    if isinstance(error, InvalidMessage):
+        return "invalid_message"
+    return getattr(error, "rejection_label", "other")
+
+
+class ReverseConnectionFactory(Factory):
+    """
+    Builds a L{ReverseConnectionProtocol} per accepted connection.
+
+    @ivar pool: where registered connections go.
+    @ivar rejections: refused registrations counted by L{rejection_reason}.
+    @ivar frame_budget: the bytes every connection holds in incomplete
+        frames, against C{config.max_incomplete_frame_bytes} (pass one to
+        share it between listeners).
+    @ivar log_limiter: rate limits the log lines peers can cause.
+    @cvar noisy: C{False}: no log line for each connection made and lost
+        (L{Factory <twisted.internet.protocol.Factory>}).
+    @ivar config: the listener's limits, timeouts and policy (a
+        L{ReverseConnectionConfig
+        <sentinel_twisted.proxy.config.ReverseConnectionConfig>}).
+    @ivar token_checker: checks the agents' tokens; C{None}: tokens are not
+        checked.
+    @ivar clock: the clock of the timeouts (the reactor by default).
+    @ivar proxy_version: the version sent in RegistrationResponses.
+    @ivar awaiting_registration: connections accepted that have not registered
+        yet.
+    @ivar registrations: registrations accepted.
+    """
+
+    protocol = ReverseConnectionProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: ReverseConnectionConfig | None = None,
+        pool: AgentPool | None = None,
+        token_checker: ITokenChecker | None = None,
+        clock: IReactorTime | None = None,
+        proxy_version: str = __version__,
+        frame_budget: IncompleteFrameBudget | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self.config = config if config is not None else ReverseConnectionConfig()
+        self.pool = pool if pool is not None else AgentPool()
+        self.token_checker = token_checker
+        self.clock: IReactorTime = clock
+        self.proxy_version = proxy_version
+        self.awaiting_registration = 0
+        self.registrations = 0
+        self.rejections: Counter[str] = Counter()
+        #: The last refused registration (L{Rejection}), C{None} before any.
+        self.last_rejection: Rejection | None = None
+        self._registered_per_agent: Counter[str] = Counter()
+        self._cap_logged = False
+        self.frame_budget = (
+            frame_budget
+            if frame_budget is not None
+            else IncompleteFrameBudget(self.config.max_incomplete_frame_bytes)
+        )
+        self.log_limiter = LogRateLimiter(clock)
+
+    def startFactory(self) -> None:
+        self.log_limiter.start()
+
+    def stopFactory(self) -> None:
+        # No rate-limit timer outlives the listener.
+        self.log_limiter.stop()
+
+    # -- connections awaiting registration ---------------------------------
+
+    def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | RefusedConnection:  # type: ignore[override]
+        limit = self.config.max_pending_registrations
+        if self.awaiting_registration >= limit:
+            self.rejections["pending_limit"] += 1
+            if not self._cap_logged:
+                self._cap_logged = True
+                log.warn(
+                    "{count} connections are awaiting registration (limit {limit}); "
+                    "closing new connections until some register or time out",
+                    count=self.awaiting_registration,
+                    limit=limit,
+                )
+            return RefusedConnection()
+        self.awaiting_registration += 1
+        return self.protocol(self)
+
+    def registration_finished(self, protocol: ReverseConnectionProtocol) -> None:
+        """
+        Called by a protocol that no longer awaits registration (registered, rejected or gone).
+        """
+        self.awaiting_registration -= 1
+        if self._cap_logged and self.awaiting_registration < self.config.max_pending_registrations:
+            self._cap_logged = False
+            log.info("Connections awaiting registration are below the limit again")
+
+    # -- admission ------------------------------------------------------------
+
+    def admit(
+        self, request: m.RegistrationRequest, client_certificate: Any = None
+    ) -> AgentProtocolError | None:
+        """
+        Check a RegistrationRequest in SPEC section 3's order; the first
+        failure wins.  On success a connection slot of the agent is reserved
+        (released by L{connection_gone}).
+
+        @param client_certificate: the agent's verified TLS client
+            certificate (pyOpenSSL C{X509}), if any; with
+            C{config.require_client_cert} the agent id must be one of its
+            names, checked after the allowlist, before the token.
+        """
+        config = self.config
+        if request.protocol_version != m.PROTOCOL_VERSION:
+            return VersionMismatch(m.PROTOCOL_VERSION, request.protocol_version)
+        agent_id = request.agent_id
+        if not agent_id:
+            return _EmptyAgentId("Agent ID cannot be empty")
+        # Ours: ids end up in log lines, metric labels and status pages;
+        # a huge one bloats them all, and a newline, U+2028 or an escape
+        # sequence there could forge or garble them.
+        size = len(agent_id.encode("utf-8", "surrogatepass"))
+        if size > config.max_agent_id_length:
+            return _BadAgentId(
+                f"Agent ID is too long: {size} bytes (max: {config.max_agent_id_length})"
+            )
+        hidden = first_hidden(agent_id)
+        if hidden is not None:
+            position, character = hidden
+            return _BadAgentId(
+                "Agent ID cannot contain control, format or separator characters "
+                f"(U+{ord(character):04X} at position {position})"
+            )
+        if request.metadata is not None:
+            metadata_size = len(m.encode(request.metadata))
+            if metadata_size > config.max_metadata_size:
+                return _MetadataTooLarge(
+                    f"Registration metadata is too large: {metadata_size} bytes "
+                    f"(max: {config.max_metadata_size})"
+                )
+        # Ours: the capabilities are the agent's text as well (a name, a
+        # version, a list of events), kept per connection and shown on the
+        # status site; a real agent's take a few hundred bytes.
+        capabilities_size = len(m.encode(request.capabilities))
+        if capabilities_size > _MAX_CAPABILITIES_SIZE:
+            return _MetadataTooLarge(
+                f"Agent capabilities are too large: {capabilities_size} bytes "
+                f"(max: {_MAX_CAPABILITIES_SIZE})"
+            )
+        if config.allowed_agents and not config.allowed_agents.allows(agent_id):
+            return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
+        if config.require_client_cert:
+            problem = identity_problem(agent_id, client_certificate)
+            if problem is not None:
+                return _ClientCertificateRefused(agent_id, problem)
+        token = request.auth_token
+        if token is None:
+            if config.require_auth:
+                return _AuthRequired("Authentication required but no token provided")
+        elif self.token_checker is not None and not self._token_valid(agent_id, token):
+            return AuthenticationFailed(agent_id)
+        limit = config.max_connections_per_agent
+        held = self._registered_per_agent[agent_id]
+        if held < limit and agent_id in self.pool:
+            # Connections the pool dialled to this agent (forward mode) count too.
+            held += sum(1 for c in self.pool.connections(agent_id) if c.mode == "forward")
+        if held >= limit:
+            return ConnectionLimitReached(agent_id, limit)
+        self._registered_per_agent[agent_id] += 1
+        return None
+
+    def _token_valid(self, agent_id: str, token: str) -> bool:
+        assert self.token_checker is not None
+        try:
+            return bool(self.token_checker.check_token(agent_id, token))
+        except Exception:
+            # A broken checker refuses (fail closed); the traceback never
+            # holds the token because it is not formatted into the log.
+            log.failure(
+                "Token checker {checker!r} failed for agent {agent_id}; registration refused",
+                checker=self.token_checker,
+                agent_id=peer_text(agent_id, _ID_IN_LOG),
+            )
+            return False
+
+    def _release(self, agent_id: str) -> None:
+        """Free one of C{agent_id}'s connection slots (reserved by L{admit})."""
+        remaining = self._registered_per_agent[agent_id] - 1
+        if remaining > 0:
+            self._registered_per_agent[agent_id] = remaining
+        else:
+            self._registered_per_agent.pop(agent_id, None)
+
+    def registered_connections(self, agent_id: str) -> int:
+        """How many registered connections C{agent_id} holds."""
+        return self._registered_per_agent[agent_id]
+
+    def new_connection_id(self, agent_id: str) -> str:
+        """A connection id unique for the life of the process: C{AGENT-HEXMILLIS-SERIAL}."""
+        # The reference's "<agent>-<hex millis>" plus a serial, so that two
+        # connections registered in one millisecond still differ.
+        millis = int(time.time() * 1000)
+        return f"{agent_id}-{millis:x}-{next(_connection_serial)}"
+
+    def create_connection(
+        self, protocol: ReverseConnectionProtocol, request: m.RegistrationRequest
+    ) -> AgentConnection:
+        """The L{AgentConnection} for a registration that was admitted."""
+        connection = AgentConnection(
+            protocol,
+            agent_id=request.agent_id,
+            connection_id=self.new_connection_id(request.agent_id),
+            capabilities=request.capabilities,
+            metadata=request.metadata,
+            clock=self.clock,
+            request_timeout=self.config.request_timeout,
+            connected_since=time.time(),
+            peer=protocol.peer,
+            log_limiter=self.log_limiter,
+        )
+        connection.peer_credentials = getattr(protocol, "peer_credentials", None)
+        connection.token_verified = request.auth_token is not None and self.token_checker is not None
+        return connection
+
+    def success_response(self, connection_id: str) -> m.RegistrationResponse:
+        """The RegistrationResponse that accepts a registration."""
+        return m.RegistrationResponse(
+            success=True,
+            error=None,
+            proxy_id=self.config.proxy_id,
+            proxy_version=self.proxy_version,
+            connection_id=connection_id,
+        )
+
+    def failure_response(self, error: AgentProtocolError) -> m.RegistrationResponse:
+        """The RegistrationResponse that refuses a registration, with the error's text."""
+        return m.RegistrationResponse(
+            success=False,
+            error=str(error),
+            proxy_id=self.config.proxy_id,
+            proxy_version=self.proxy_version,
+            connection_id="",
+        )
+
+    # -- events from protocols ---------------------------------------------
+
+    def connection_registered(self, connection: AgentConnection) -> None:
+        """Called by a protocol whose registration succeeded: logs it and adds it to the pool."""
+        self.registrations += 1
+        log.info(
+            "Agent {agent_id} registered connection {connection_id} from {peer}",
+            peer=peer_text(connection.peer, _ID_IN_LOG),
+            **connection.log_fields(),
+        )
+        self.pool.add(connection)
+
+    def registration_rejected(self, error: AgentProtocolError, agent_id: str, peer: str) -> None:
+        """Called by a protocol whose registration was refused: counts and logs it."""
+        reason = rejection_reason(error)
+        self.rejections[reason] += 1
+        self.last_rejection = Rejection(
+            peer_text(agent_id, _ID_IN_LOG), peer_text(peer, _ID_IN_LOG), reason, time.time()
+        )
+        self.log_limiter.info(
+            log,
+            "registration-rejected",
+            "Rejected registration of agent {agent_id} from {peer} ({reason}): {error}",
+            agent_id=peer_text(agent_id, _ID_IN_LOG) if agent_id else "(unknown)",
+            peer=peer_text(peer, _ID_IN_LOG),
+            reason=reason,
+            error=peer_text(error, _TEXT_IN_LOG),
+        )
+
+    def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
+        """
+        Called by a protocol whose registered connection ended: logs it with
+        the count of C{failed} waiting requests and removes it from the pool.
+        """
+        self._release(connection.agent_id)
+        log.info(
+            "Agent {agent_id} connection {connection_id} disconnected: {detail}"
+            " ({failed} pending request(s) failed)",
+            detail=peer_text(detail, _TEXT_IN_LOG),
+            failed=failed,
+            **connection.log_fields(),
+        )
+        self.pool.remove(connection, detail)

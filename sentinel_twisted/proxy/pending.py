@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_pending -*-
+"""
+Requests waiting for their answer, keyed by correlation id, with timeouts.
+
+A L{twisted.internet.base.DelayedCall} per request costs a heap push and a
+cancel on every round trip.  Requests that share a timeout expire in the
+order they were sent, so each distinct timeout gets one insertion-ordered
+lane and the table keeps a single timer for the earliest deadline of all
+lanes.  Answering a request is two dict deletions; the timer fires about
+once per timeout period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from ..errors import DuplicateCorrelationId, RequestTimeout
+
+__all__ = ["PendingTable"]
+
+
+class _Pending:
+    __slots__ = ("correlation_id", "deferred", "deadline", "sent_at", "timeout", "lane")
+
+    correlation_id: str
+    deferred: Deferred[Any]
+    deadline: float
+    sent_at: float
+    timeout: float
+    lane: dict[str, _Pending]
+
+
+class PendingTable:
+    """
+    The pending requests of one connection.
+
+    @param on_cancel: called with C{(correlation_id, reason)} when a waiting
+        caller cancels its Deferred, so the agent can be told.
+    @param on_timeout: called with the correlation id of a request that
+        timed out, after its caller got the L{RequestTimeout}.
+    """
+
+    # One table per registered connection: no per-instance __dict__.
+    __slots__ = ("_clock", "_on_cancel", "_on_timeout", "_entries", "_lanes", "_timer", "_timer_at")
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        on_cancel: Callable[[str], None] | None = None,
+        on_timeout: Callable[[str], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._on_cancel = on_cancel
+        self._on_timeout = on_timeout
+        self._entries: dict[str, _Pending] = {}
+        self._lanes: dict[float, dict[str, _Pending]] = {}
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, correlation_id: object) -> bool:
+        return correlation_id in self._entries
+
+    def correlation_ids(self) -> list[str]:
+        """The ids waiting for an answer, oldest first."""
+        return list(self._entries)
+
+    def sent_at(self, correlation_id: str) -> float | None:
+        """When the request was added (clock seconds), C{None} if it is not waiting."""
+        entry = self._entries.get(correlation_id)
+        return None if entry is None else entry.sent_at
+
+    def add(self, correlation_id: str, timeout: float) -> Deferred[Any]:
+        """
+        Register a request; the returned Deferred fires with its answer, or
+        fails with L{RequestTimeout} after C{timeout} seconds.
+
+        @raise DuplicateCorrelationId: if the id is already waiting.
+        """
+        if correlation_id in self._entries:
+            raise DuplicateCorrelationId(correlation_id)
+        entry = _Pending()
+        entry.correlation_id = correlation_id
+        entry.deferred = Deferred(self._cancelled)
+        entry.deferred._sentinel_cid = correlation_id  # type: ignore[attr-defined]
+        now = self._clock.seconds()
+        entry.sent_at = now
+        entry.timeout = timeout
+        deadline = entry.deadline = now + timeout
+        lane = self._lanes.get(timeout)
+        if lane is None:
+            lane = self._lanes[timeout] = {}
+        entry.lane = lane
+        lane[correlation_id] = entry
+        self._entries[correlation_id] = entry
+        timer = self._timer
+        if timer is None:
+            self._timer_at = deadline
+            self._timer = self._clock.callLater(timeout, self._expire)
+        elif deadline < self._timer_at:
+            self._timer_at = deadline
+            timer.reset(timeout)
+        return entry.deferred
+
+    def pop(self, correlation_id: str) -> Deferred[Any] | None:
+        """Remove a request; its Deferred is returned for the caller to fire."""
+        entry = self._entries.pop(correlation_id, None)
+        if entry is None:
+            return None
+        del entry.lane[correlation_id]
+        return entry.deferred
+
+    def take(self, correlation_id: str) -> tuple[Deferred[Any], float] | None:
+        """
+        Remove a request and return its Deferred (for the caller to fire)
+        with the time it was added; C{None} if it is not waiting.  One
+        lookup for what an answer needs: routing, latency, resolution.
+        """
+        entry = self._entries.pop(correlation_id, None)
+        if entry is None:
+            return None
+        del entry.lane[correlation_id]
+        return entry.deferred, entry.sent_at
+
+    def resolve(self, correlation_id: str, result: object) -> bool:
+        """Fire the request's Deferred with C{result}; C{False} if unknown."""
+        entry = self._entries.pop(correlation_id, None)
+        if entry is None:
+            return False
+        del entry.lane[correlation_id]
+        entry.deferred.callback(result)
+        return True
+
+    def fail(self, correlation_id: str, error: BaseException) -> bool:
+        """Fail one waiting request with C{error}; C{False} if it is not waiting."""
+        deferred = self.pop(correlation_id)
+        if deferred is None:
+            return False
+        deferred.errback(Failure(error))
+        return True
+
+    def fail_all(self, make_error: Callable[[str], BaseException]) -> int:
+        """
+        Fail every waiting request at once; C{make_error(correlation_id)}
+        builds each caller's error.  Returns how many there were.
+        """
+        entries, self._entries = self._entries, {}
+        self._lanes = {}
+        self._stop_timer()
+        for cid, entry in entries.items():
+            entry.deferred.errback(Failure(make_error(cid)))
+        return len(entries)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _cancelled(self, deferred: Deferred[Any]) -> None:
+        # The caller cancelled the Deferred: forget the request and tell the
+        # agent.  Twisted then fails the Deferred with CancelledError.
+        cid = deferred._sentinel_cid  # type: ignore[attr-defined]
+        entry = self._entries.get(cid)
+        if entry is None or entry.deferred is not deferred:
+            return
+        del self._entries[cid]
+        del entry.lane[cid]
+        if self._on_cancel is not None:
+            self._on_cancel(cid)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        expired: list[_Pending] = []
+        next_deadline: float | None = None
+        for lane in self._lanes.values():
+            for entry in lane.values():
+                if entry.deadline > now:
+                    if next_deadline is None or entry.deadline < next_deadline:
+                        next_deadline = entry.deadline
+                    break
+                expired.append(entry)
+        for entry in expired:
+            del self._entries[entry.correlation_id]
+            del entry.lane[entry.correlation_id]
+        for timeout in [t for t, lane in self._lanes.items() if not lane]:
+            del self._lanes[timeout]
+        if next_deadline is not None:
+            self._timer_at = next_deadline
+            self._timer = self._clock.callLater(max(0.0, next_deadline - now), self._expire)
+        for entry in expired:
+            entry.deferred.errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
+            if self._on_timeout is not None:
+                self._on_timeout(entry.correlation_id)

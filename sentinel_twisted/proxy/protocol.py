@@ -1,0 +1,437 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+L{ReverseConnectionProtocol}: the proxy's end of one reverse connection.
+
+It turns bytes into frames (L{FrameReceiver}) and frames into the events
+of the registration machine (L{sentinel_twisted.proxy._registration}).  Policy
+(allowlist, tokens, connection caps) is the factory's; this module only
+asks it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error as ierror
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .. import messages as m
+from .._peertext import peer_text
+from ..errors import AgentProtocolError, InvalidMessage, MessageTooLarge, RequestTimeout
+from ..wire import _HEADER, MAX_MESSAGE_SIZE, FrameReceiver, MessageType
+from ._identity import client_certificate
+from ._registration import new_lifecycle
+
+if TYPE_CHECKING:
+    from .connection import AgentConnection
+    from .factory import ReverseConnectionFactory
+
+__all__ = ["ReverseConnectionProtocol"]
+
+#: The module's logger.
+log = Logger(namespace="sentinel_twisted.protocol")
+_CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+
+def describe_peer(transport: object) -> str:
+    """C{HOST:PORT} of a TCP peer, C{unix} for a UNIX socket, for log lines."""
+    try:
+        peer = transport.getPeer()  # type: ignore[attr-defined]
+    except Exception:
+        return "unknown"
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"{host}:{peer.port}"
+    name = getattr(peer, "name", None)
+    if name:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return "unix"
+
+
+def peer_credentials(transport: object) -> tuple[int, int, int] | None:
+    """
+    C{(pid, uid, gid)} of the process at the other end of a UNIX socket
+    (C{SO_PEERCRED}, as the kernel saw it at C{connect}); C{None} for
+    other sockets or where the system does not tell.
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    try:
+        if option is None or not isinstance(transport.getPeer(), UNIXAddress):  # type: ignore[attr-defined]
+            return None
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        data = handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except Exception:
+        return None
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+#: How many proxy-side reads are under way (nested: an answer's callback
+#: may run another connection's read), and the protocols holding frames
+#: to send when they are done (insertion-ordered).
+_reading = [0]
+_holding: dict[_PooledConnectionProtocol, None] = {}
+
+
+def _send_all_held() -> None:
+    while _holding:
+        protocol = next(iter(_holding))
+        del _holding[protocol]
+        protocol._send_held()
+
+
+def _writes_through(transport: object) -> bool:
+    """Whether frames can go to C{transport}'s socket directly: a plain (not TLS) socket transport."""
+    return (
+        isinstance(transport, FileDescriptor)
+        and hasattr(transport, "socket")
+        and not getattr(transport, "TLS", False)
+        and hasattr(transport, "_tempDataBuffer")
+    )
+
+
+@implementer(IPushProducer)
+class _PooledConnectionProtocol(FrameReceiver):
+    """
+    What the proxy's end of an agent connection is once it is in the pool,
+    whoever dialled: the L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}
+    its L{AgentConnection} writes through, and back-pressure from the
+    transport (it pauses us when the agent stops reading and its write
+    buffer fills, and resumes us when it drains).
+    """
+
+    connection: AgentConnection | None = None
+    _abort_on_close = False
+    _producing = False
+    _lifecycle: Any
+    _on_frame: Any
+    #: The factory that built it (a listener's or a dialler's).
+    factory: Any
+    # Frames written while frames are being read, sent at the end of the
+    # read (see send_frame); None: this transport takes the usual path.
+    _outgoing: list[bytes] | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        if _writes_through(transport):
+            self._outgoing = []
+        super().makeConnection(transport)
+
+    # -- writing at once ------------------------------------------------------
+    #
+    # A Twisted transport buffers every write until the reactor's next turn
+    # and watches the socket for writability meanwhile: per round trip at
+    # low concurrency, an extra turn and two epoll_ctl calls.  On a plain
+    # socket whose buffer is empty we send at once instead.  Frames written
+    # while the proxy's ends are reading (answers that lead to new
+    # requests) are held and sent together when the read is done, one send
+    # per connection, so batching is kept at high concurrency.  Whatever
+    # the socket does not take goes to the transport, which carries on.
+
+    def send_frame(self, message_type: int, payload: bytes) -> None:
+        held = self._outgoing
+        if held is None or self.transport is None:
+            super().send_frame(message_type, payload)
+            return
+        size = len(payload)
+        if size >= MAX_MESSAGE_SIZE:
+            raise MessageTooLarge(size + 1, MAX_MESSAGE_SIZE)
+        held.append(_HEADER.pack(size + 1, message_type))
+        held.append(payload)
+        if _reading[0]:
+            _holding[self] = None
+        else:
+            self._send_held()
+
+    def dataReceived(self, data: bytes) -> None:
+        _reading[0] += 1
+        try:
+            super().dataReceived(data)
+        finally:
+            _reading[0] -= 1
+            if not _reading[0] and _holding:
+                _send_all_held()
+
+    def _send_held(self) -> None:
+        held = self._outgoing
+        if not held:
+            return
+        data = b"".join(held)
+        held.clear()
+        transport: Any = self.transport
+        if transport is None:
+            return
+        if (
+            transport._tempDataBuffer
+            or len(transport.dataBuffer) > transport.offset
+            or transport.disconnecting
+            or not transport.connected
+        ):
+            transport.write(data)
+            return
+        try:
+            sent = transport.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # The transport meets the same error on its own write and
+            # ends the connection as it always does.
+            transport.write(data)
+            return
+        if sent < len(data):
+            transport.write(data[sent:])
+
+    def _end_transport(self) -> None:
+        """Close (or abort, see L{close_connection}) after what is held is sent."""
+        self._send_held()
+        transport: Any = self.transport
+        if transport is None:
+            return
+        if self._abort_on_close:
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
+
+    def _ignore_frame(self, message_type: int, payload: bytes) -> None:
+        pass
+
+    def _serve(self, connection: AgentConnection) -> None:
+        """Frames go to C{connection} from now on, which joins the pool."""
+        self.connection = connection
+        self._on_frame = connection.frame_received
+        self.MAX_LENGTH = MAX_MESSAGE_SIZE
+        # A frame, once started, must be complete within the deadline.
+        self.frame_clock = self.factory.clock
+        self.frame_timeout = self.factory.config.frame_deadline
+        # Back-pressure: the transport pauses us when the agent stops reading
+        # and its write buffer fills, and resumes us when it drains.
+        transport = self.transport
+        if transport is not None:
+            transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._producing = True
+        self.factory.connection_registered(connection)
+
+    def leave_registered(self, detail: str, close: bool) -> None:
+        """Lifecycle: a connection in the pool ends (and is closed first if C{close})."""
+        connection = self.connection
+        assert connection is not None
+        self._on_frame = self._ignore_frame
+        if close:
+            self._close_detail = detail
+            connection.mark_closing(detail)
+            self.stop_parsing()
+            transport = self.transport
+            if transport is not None and self._producing:
+                # A registered producer would keep the transport open.
+                self._producing = False
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._end_transport()
+        failed = connection.connection_lost(detail, transport_gone=not close)
+        self.factory.connection_gone(connection, detail, failed)
+
+    def close_connection(self, detail: str, abort: bool = False) -> None:
+        """
+        Close (or abort) the connection; see L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}.
+        """
+        self._abort_on_close = abort
+        self._lifecycle.close(detail)
+
+    def pauseProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(True)
+
+    def resumeProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.set_write_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ReverseConnectionProtocol(_PooledConnectionProtocol):
+    """
+    One agent connection on the proxy side.
+
+    @ivar factory: the listener that accepted the connection.
+    @ivar connection: the connection in the pool once the agent has
+        registered, else C{None}.
+    @ivar peer: the agent's address for logs (C{unix} or C{HOST:PORT}),
+        C{unknown} before the connection is made.
+    @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer
+        (C{SO_PEERCRED}), C{None} elsewhere.
+    @ivar MAX_LENGTH: the longest frame accepted, in bytes: the registration
+        limit until the agent has registered.
+    @ivar MAX_CONTROL_LENGTH: the longest control frame accepted, in bytes.
+    @ivar frame_clock: the factory's clock, for the frame deadline.
+    """
+
+    peer_role = "agent"
+
+    def __init__(self, factory: ReverseConnectionFactory) -> None:
+        self.factory = factory
+        self.connection: AgentConnection | None = None
+        self.peer = "unknown"
+        self.peer_credentials: tuple[int, int, int] | None = None
+        self._lifecycle, self._core = new_lifecycle(self)
+        self._on_frame = self._registration_frame
+        self._awaiting = True
+        self._close_detail: str | None = None
+        self._producing = False
+        self._abort_on_close = False
+        config = factory.config
+        # Until registration a RegistrationRequest is all that may come.
+        self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, config.max_registration_frame_size)
+        self.MAX_CONTROL_LENGTH = config.max_control_frame_size
+        self.frame_budget = factory.frame_budget
+
+    # -- Twisted protocol -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = describe_peer(self.transport)
+        self.peer_credentials = peer_credentials(self.transport)
+        self._core.handshake_timer = self.factory.clock.callLater(
+            self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
+        )
+
+    def frame_received(self, message_type: int, payload: bytes) -> None:
+        self._on_frame(message_type, payload)
+
+    def frame_error(self, error: AgentProtocolError) -> None:
+        self._lifecycle.protocol_violated(error)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        detail = self.lost_detail(reason)
+        # Whatever part of a frame is left goes (and leaves the budget).
+        self.stop_parsing()
+        self._lifecycle.connection_lost(detail)
+
+    def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
+        connection = self.connection
+        self.factory.log_limiter.warn(
+            log,
+            "frame-budget",
+            "Incomplete frames of all agent connections held {total} bytes (max: {limit}); "
+            "closing {who} from {peer}, which held {held} of them",
+            total=total,
+            limit=limit,
+            held=held,
+            who=(
+                "connection {connection_id} of agent {agent_id}".format(**connection.log_fields())
+                if connection is not None
+                else "a connection awaiting registration"
+            ),
+            peer=peer_text(self.peer, 100),
+        )
+        # Its peer sent much and read little, likely: do not wait on it.
+        self._abort_on_close = True
+        super().frame_budget_exceeded(held, total, limit)
+
+    # -- registration ---------------------------------------------------------
+
+    def _registration_frame(self, message_type: int, payload: bytes) -> None:
+        if message_type != MessageType.HANDSHAKE_REQUEST:
+            error = InvalidMessage(
+                "Expected registration request (HandshakeRequest), got "
+                + MessageType(message_type).wire_name
+            )
+            self._lifecycle.registration_refused(error, "")
+            return
+        try:
+            request = m.decode_registration_request(payload)
+        except AgentProtocolError as e:
+            self._lifecycle.registration_refused(e, "")
+            return
+        if self.factory.config.require_client_cert:
+            refusal = self.factory.admit(request, client_certificate(self.transport))
+        else:
+            # The common case calls admit() as it always has (wrappers of it
+            # in embedding code keep working).
+            refusal = self.factory.admit(request)
+        if refusal is not None:
+            self._lifecycle.registration_refused(refusal, request.agent_id)
+            return
+        self._share_with_agent(request)
+        connection = self.factory.create_connection(self, request)
+        self._lifecycle.registration_accepted(connection)
+
+    def _share_with_agent(self, request: m.RegistrationRequest) -> None:
+        """
+        The connections of one agent normally declare identical capabilities
+        and metadata: a new one shares the copies its agent's live
+        connection holds (about 1 KiB saved per registered connection).
+        They are read-only by convention, like every registration field.
+        """
+        pool = getattr(self.factory, "pool", None)
+        if pool is None:
+            return
+        for other in pool.connections(request.agent_id)[:1]:
+            if other.capabilities == request.capabilities:
+                request.capabilities = other.capabilities
+            if request.metadata is not None and other.metadata == request.metadata:
+                request.metadata = other.metadata
+
+    def _write_response(self, response: m.RegistrationResponse) -> None:
+        transport = self.transport
+        if transport is not None and not getattr(transport, "disconnecting", False):
+            self.send_frame(MessageType.HANDSHAKE_RESPONSE, m.encode(response))
+
+    def _leave_awaiting(self) -> None:
+        if self._awaiting:
+            self._awaiting = False
+            self.factory.registration_finished(self)
+
+    # -- outputs of the lifecycle machine ----------------------------------
+
+    def enter_registered(self, connection: AgentConnection) -> None:
+        """Lifecycle: the registration was admitted; answer it and start serving C{connection}."""
+        self._leave_awaiting()
+        self._write_response(self.factory.success_response(connection.connection_id))
+        self._serve(connection)
+
+    def reject(self, error: AgentProtocolError, agent_id: str) -> None:
+        """Lifecycle: refuse the registration with C{error} and close."""
+        self._leave_awaiting()
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._write_response(self.factory.failure_response(error))
+        self.factory.registration_rejected(error, agent_id, self.peer)
+        self._close_detail = f"registration rejected: {error}"
+        self._end_transport()
+
+    def handshake_expired(self) -> None:
+        """Lifecycle: no registration within the handshake timeout."""
+        self.reject(RequestTimeout(self.factory.config.handshake_timeout), "")
+
+    def drop(self, detail: str) -> None:
+        """Lifecycle: close an unregistered connection without an answer (unreadable input)."""
+        self._leave_awaiting()
+        self._on_frame = self._ignore_frame
+        self.stop_parsing()
+        self._close_detail = detail
+        self._end_transport()
+
+    def left_unregistered(self, detail: str) -> None:
+        """Lifecycle: the connection ended before registering."""
+        self._leave_awaiting()
+        self.factory.log_limiter.info(
+            log,
+            "left-unregistered",
+            "Connection from {peer} ended before registering: {detail}",
+            peer=peer_text(self.peer, 100),
+            detail=peer_text(detail, 100),
+        )
+
+    def finish_lost(self, detail: str) -> None:
+        """Lifecycle: the transport is gone; wake whoever waits for the close."""
+        self._leave_awaiting()
+        connection = self.connection
+        if connection is not None:
+            # Wake close() waiters now that the transport is really gone.
+            connection.connection_lost(detail)
+
