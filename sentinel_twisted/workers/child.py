@@ -136,6 +136,14 @@ class WorkerConnectionFactory(ReverseConnectionFactory):
             os.close(descriptor)
         return protocol
 
+    def connection_registered(self, connection: AgentConnection) -> None:
+        """An adopted connection joins the pool (the parent counted and logged its registration)."""
+        log.debug(
+            "Serving connection {connection_id} of agent {agent_id}",
+            **connection.log_fields(),
+        )
+        self.pool.add(connection)
+
     def connection_gone(self, connection: AgentConnection, detail: str, failed: int) -> None:
         super().connection_gone(connection, detail, failed)
         if self.on_gone is not None:

@@ -200,6 +200,13 @@ class WorkerGroup:
         )
         worker.agents[agent_id] += 1
         self.handed_over += 1
+        log.info(
+            "Agent {agent_id} registered connection {connection_id} from {peer}; worker {index} serves it",
+            agent_id=peer_text(agent_id, 64),
+            connection_id=peer_text(connection.connection_id, 100),
+            peer=peer_text(protocol.peer, 64),
+            index=worker.index,
+        )
         protocol.let_go()
         if agent_id not in self._coverage_checks:
             self._coverage_checks[agent_id] = self.clock.callLater(

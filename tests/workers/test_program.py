@@ -182,3 +182,32 @@ def spread_of(status: int, agent_id: str) -> dict[str, int] | None:
             held: dict[str, int] = agent["workers"]
             return held
     return None
+
+
+def running(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class OrphanTests(TestCase):
+    def test_workers_stop_when_their_parent_is_killed(self) -> None:
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        status = free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "0",
+             "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        pids = [w["pid"] for w in agents(status)["workers"]]
+        self.assertTrue(all(running(pid) for pid in pids), pids)
+        proxy.process.kill()
+        proxy.process.wait(STOP_TIMEOUT)
+        wait_for(lambda: not any(running(pid) for pid in pids), START_TIMEOUT, "the orphaned workers to stop")
