@@ -16,7 +16,6 @@ from twisted.application import service
 
 from ..endpoints import describe_listen_failure, parse_description
 from ..proxy._reload import ConfigurationReloader
-from ..status.resource import StatusSite, agents_document
 from ..services import (
     CLOSE_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE,
@@ -31,6 +30,7 @@ from ..services import (
     raise_file_limit,
     with_allow_file,
 )
+from ..status.resource import StatusSite, agents_document
 from .child import (
     ReusePortEndpoint,
     WorkerConnectionFactory,
