@@ -57,8 +57,16 @@ def _measure(harness: Any, workers: int, round_number: int) -> dict[str, Any]:
                 decisions = json.loads(response.read())["decisions"]
             if [d["agent_id"] for d in decisions] != ["gw-reference"]:
                 raise RuntimeError(f"the reference agent was not consulted: {decisions}")
+        processes = [proxy.pid, *_children(proxy.pid)]
+        before, started = _cpu_seconds(processes), time.monotonic()
         measured = run_wrk(f"http://127.0.0.1:{port}/bench", a.gateway_connections, a.gateway_duration)
+        used, wall = _cpu_seconds(processes) - before, time.monotonic() - started
+        seconds = max(1, int(round(a.gateway_duration)))
         measured["workers"] = workers
+        # CPU the proxy's processes used per second of load, and per request:
+        # what a core buys, for the projection to more cores.
+        measured["proxy_cpu"] = used / wall
+        measured["cpu_us_per_request"] = used / max(measured["rps"] * seconds, 1) * 1e6
         return measured
     finally:
         if agent is not None:
@@ -69,6 +77,29 @@ def _measure(harness: Any, workers: int, round_number: int) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proxy.kill()
             proxy.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of C{pid} (the workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds the processes have used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def _read(path: str) -> str:
@@ -107,6 +138,8 @@ def run(harness: Any) -> dict[str, Any]:
         "two_workers_rps": statistics.median(r["2"]["rps"] for r in rounds),
         "ratio": statistics.median(r["ratio"] for r in rounds),
         "non_2xx": sum(r[w]["non_2xx"] for r in rounds for w in ("1", "2")),
+        "proxy_cpu": {w: statistics.median(r[w]["proxy_cpu"] for r in rounds) for w in ("1", "2")},
+        "cpu_us_per_request": {w: statistics.median(r[w]["cpu_us_per_request"] for r in rounds) for w in ("1", "2")},
         "cpus": os.cpu_count(),
     }
 
@@ -120,6 +153,11 @@ def report(result: dict[str, Any], fmt: Any) -> list[str]:
         f"--workers 1 {fmt(result['one_worker_rps'])} req/s, --workers 2 {fmt(result['two_workers_rps'])} req/s, "
         f"ratio {result['ratio']:.2f}x (non-2xx: {result['non_2xx']})"
     ]
+    cpu, cost = result["proxy_cpu"], result["cpu_us_per_request"]
+    lines.append(
+        f"  proxy CPU (cores busy): {cpu['1']:.2f} with one worker, {cpu['2']:.2f} with two; "
+        f"CPU per request: {cost['1']:.0f} us and {cost['2']:.0f} us"
+    )
     for i, r in enumerate(result["rounds"], 1):
         lines.append(f"  round {i}: {fmt(r['1']['rps'])} vs {fmt(r['2']['rps'])} req/s ({r['ratio']:.2f}x)")
     return lines
