@@ -22,9 +22,9 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from ._cancel import CancelReason
-from .errors import InvalidMessage, SerializationError, VersionMismatch
-from .wire import MessageType
+from .._cancel import CancelReason
+from ..errors import InvalidMessage, SerializationError, VersionMismatch
+from ..wire import MessageType
 
 __all__ = [
     "ALLOW",
