@@ -39,10 +39,10 @@ import attrs
 import re2  # type: ignore[import-untyped]
 from twisted.logger import Logger
 
-from .. import messages as m
-from ._interfaces import HandlerResult
-from .base import Agent
-from .responses import ResponseBuilder, allow
+from ... import messages as m
+from .._interfaces import HandlerResult
+from ..base import Agent
+from ..responses import ResponseBuilder, allow
 
 if sys.version_info >= (3, 11):
     import tomllib
