@@ -42,6 +42,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "ProgramOptions",
+    "StartupError",
     "exit_at_exit",
     "exit_zero_after_clean_sigterm",
     "filtered_log_observer",
@@ -274,6 +275,14 @@ class ProgramOptions(usage.Options):
             described = textwrap.fill(longdesc, width, break_on_hyphens=False, break_long_words=False)
             text += "\n" + described + "\n"
         return text
+
+
+class StartupError(Exception):
+    """
+    A program cannot start (an endpoint it cannot listen on, a file it
+    needs); the text says why, so no traceback or usage text is needed:
+    L{report_startup_errors} prints it as one line.
+    """
 
 
 def report_startup_errors(program: str, error_type: type[BaseException]) -> None:

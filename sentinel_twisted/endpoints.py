@@ -310,18 +310,22 @@ def remove_abandoned_unix_socket(description: str, error: BaseException) -> list
     left behind: Twisted takes the lock, binds the file, and only then calls
     C{listen()} and C{chmod()}; when one of those raises, the port is never
     returned to be closed, and the socket file and the lock (naming this
-    process) stay.
+    process) stay.  When the bind itself fails (a C{CannotListenError} for
+    an C{OSError}, such as a path too long for a UNIX socket), the lock
+    Twisted took stays, and only the lock is removed.
 
-    Nothing is removed when Twisted refused the lock or the bind
-    (C{CannotListenError}: the files are somebody else's), or when the lock
-    does not name this process.
+    Nothing is removed when Twisted refused the lock (it is somebody
+    else's), or when the lock does not name this process.
 
     @return: the paths removed.
     """
     from twisted.internet.error import CannotListenError
 
     path = unix_socket_path(description)
-    if path is None or isinstance(error, CannotListenError) or not takes_lock(description):
+    if path is None or not takes_lock(description):
+        return []
+    bind_failed = isinstance(error, CannotListenError)
+    if bind_failed and not isinstance(error.socketError, OSError):  # type: ignore[attr-defined]
         return []
     lock = f"{path}.lock"
     try:
@@ -331,7 +335,8 @@ def remove_abandoned_unix_socket(description: str, error: BaseException) -> list
         return []
     removed = []
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
+        # After a failed bind the file at the path, if any, is not ours.
+        if not bind_failed and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
             removed.append(path)
     except OSError:

@@ -6,10 +6,12 @@ that is not a socket is refused.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
 import tempfile
+from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -280,7 +282,7 @@ class AbandonedSocketTests(TestCase):
         self.assertFalse(os.path.lexists(self.path))
         self.assertFalse(os.path.lexists(self.path + ".lock"))
 
-    def test_nothing_is_removed_when_twisted_refused_the_lock_or_the_bind(self) -> None:
+    def test_nothing_is_removed_when_twisted_refused_the_lock(self) -> None:
         from twisted.internet.error import CannotListenError
 
         self.lock(os.getpid())
@@ -288,6 +290,35 @@ class AbandonedSocketTests(TestCase):
         self.assertEqual(remove_abandoned_unix_socket(f"unix:{self.path}", error), [])
         self.assertTrue(os.path.lexists(self.path))
         self.assertTrue(os.path.lexists(self.path + ".lock"))
+
+    def test_only_our_lock_is_removed_when_the_bind_failed(self) -> None:
+        """
+        Twisted takes the lock before it binds; a bind that fails (the path
+        in use, or too long for a UNIX socket) leaves the lock, naming this
+        process, and no socket of ours.
+        """
+        from twisted.internet.error import CannotListenError
+
+        self.lock(os.getpid())
+        error = CannotListenError(None, self.path, OSError(errno.EADDRINUSE, "Address already in use"))
+        removed = remove_abandoned_unix_socket(f"unix:{self.path}", error)
+        self.assertEqual(removed, [self.path + ".lock"])
+        self.assertTrue(os.path.lexists(self.path))
+        self.assertFalse(os.path.lexists(self.path + ".lock"))
+
+    def test_a_real_listen_on_a_path_too_long_leaves_nothing(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        path = os.path.join(self.dir, "s" * 120 + ".sock")
+        description = f"unix:{path}:lockfile=1"
+        failures: list[Any] = []
+        serverFromString(reactor, description).listen(Factory()).addErrback(failures.append)
+        [failure] = failures
+        self.assertTrue(os.path.lexists(path + ".lock"))
+        removed = remove_abandoned_unix_socket(description, failure.value)
+        self.assertEqual(removed, [path + ".lock"])
+        self.assertFalse(os.path.lexists(path + ".lock"))
 
     def test_a_lock_of_another_process_or_none_is_left_alone(self) -> None:
         self.lock(os.getpid() + 1)

@@ -111,20 +111,31 @@ FLOOR = {
 
 def package_imports(module: str) -> set[str]:
     """
-    The package's modules that C{sentinel_twisted.<module>} imports
-    anywhere in its source: at the top, in a function, or for the type
-    checker only.
+    The package's modules that C{sentinel_twisted.<module>} (all of it, if
+    it is a package) imports anywhere in its source: at the top, in a
+    function, or for the type checker only; each named by its first part
+    below C{sentinel_twisted}.
     """
-    path = Path(importlib.import_module(f"sentinel_twisted.{module}").__file__ or "")
+    top = Path(importlib.import_module("sentinel_twisted").__file__ or "").parent
+    where = top / module.replace(".", "/")
+    paths = sorted(where.rglob("*.py")) if where.is_dir() else [where.with_suffix(".py")]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module is None:
-                found.update(alias.name for alias in node.names if alias.name != "__version__")
+    for path in paths:
+        package = list(path.relative_to(top.parent).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                names = [node.module] if node.module else [a.name for a in node.names]
+                targets = [base + name.split(".") for name in names]
+            elif (node.module or "").startswith("sentinel_twisted."):
+                targets = [(node.module or "").split(".")]
             else:
-                found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sentinel_twisted."):
-            found.add((node.module or "").split(".")[1])
+                continue
+            for target in targets:
+                if len(target) > 1 and target[1] not in ("__version__", module.split(".")[0]):
+                    found.add(target[1])
     return found
 
 
@@ -133,6 +144,15 @@ class FloorTests(TestCase):
         for module, allowed in FLOOR.items():
             with self.subTest(module=module):
                 self.assertEqual(package_imports(module) - allowed, set())
+
+    def test_the_two_sides_share_the_floor_and_nothing_else(self) -> None:
+        """
+        The proxy side and the agent side import the floor (the agent's
+        program also the twistd helpers it shares with the proxy's), never
+        each other, the gateway, the status site or the programs.
+        """
+        self.assertLessEqual(package_imports("proxy"), set(FLOOR))
+        self.assertLessEqual(package_imports("agent"), set(FLOOR) | {"_twistd"})
 
     def test_errors_name_a_cancel_reason_without_the_messages(self) -> None:
         """

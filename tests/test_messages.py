@@ -9,6 +9,7 @@ import copy
 import json
 from typing import Any
 
+import msgspec
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -458,7 +459,7 @@ class CorrelationIdTests(TestCase):
 
     def test_event_correlation_id_falls_back_to_the_top_level_one(self) -> None:
         event = request_headers("")
-        event = m.msgspec.structs.replace(event, correlation_id="top")
+        event = msgspec.structs.replace(event, correlation_id="top")
         self.assertEqual(m.event_correlation_id(event), "top")
 
     def test_encode_event_sets_both_ids_for_request_headers(self) -> None:

@@ -15,7 +15,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
-from sentinel_twisted.errors import ConnectionClosed
+from sentinel_twisted.errors import ConnectionClosed, InvalidMessage
 from sentinel_twisted.wire import MAX_MESSAGE_SIZE, MessageType, encode_frame
 
 from ._proxy_support import (
@@ -458,7 +458,7 @@ class ClosedTests(TestCase):
         proxy = Proxy()
         protocol, transport, connection = proxy.register()
         connection.close()
-        protocol.frame_error(m.InvalidMessage("late"))
+        protocol.frame_error(InvalidMessage("late"))
         self.assertEqual(transport.events.count("loseConnection"), 1)
 
     def test_connection_lost_after_close_releases_once(self) -> None:

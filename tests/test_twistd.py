@@ -420,6 +420,8 @@ class StartupErrorTests(TestCase):
             os.symlink("/etc/passwd", os.path.join(d, SOCKET + ".lock"))
 
         agent = ("--agent-id", "waf-1")
+        # Longer than a UNIX socket's path may be (sun_path: 108 bytes).
+        too_long = "s" * 120 + ".sock"
         cases: list[tuple[str, str, tuple[str, ...], tuple[str, ...], Any]] = [
             ("bad value", "sentinel-reverse", ("--request-timeout", "soon"), ("--request-timeout", "'soon'"), None),
             ("bad endpoint", "sentinel-reverse", ("--listen", "tcp:notaport", *off), ("--listen tcp:notaport", "number"), None),
@@ -436,6 +438,9 @@ class StartupErrorTests(TestCase):
             ("planted lock", "sentinel-reverse", off, ("--listen", f"{SOCKET}.lock is not a lock"), planted_lock),
             ("bad client endpoint", "sentinel-agent", ("--connect", "tcp:localhost", *agent, "--rules", rules), ("--connect tcp:localhost",), broken_rules),
             ("malformed rules", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--rules", rules), ("--rules rules.toml",), broken_rules),
+            ("listen path too long", "sentinel-reverse", ("--listen", f"unix:{too_long}", *off), (f"--listen unix:{too_long}", "path too long"), None),
+            ("agent listen path too long", "sentinel-agent", ("--listen", f"unix:{too_long}", *agent, "--agent", "sentinel_twisted.agent:Agent"), (f"--listen unix:{too_long}", "path too long"), None),
+            ("agent listen port in use", "sentinel-agent", ("--listen", in_use, *agent, "--agent", "sentinel_twisted.agent:Agent"), (f"--listen {in_use}", "in use"), None),
             ("pid file directory missing", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--agent", "sentinel_twisted.agent:Agent"), ("--pidfile missing/x.pid", "does not exist"), None),
         ]  # fmt: skip
         running = []

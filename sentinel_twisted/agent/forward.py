@@ -53,8 +53,9 @@ from ..forward import (
 )
 from ..wire import MAX_MESSAGE_SIZE, MessageType
 from ._interfaces import IAgent
+from ._serving import _PROXY_TEXT_IN_LOG
 from .errors import HandshakeFailed
-from .protocol import _PROXY_TEXT_IN_LOG, AgentProtocol, AgentSettings, ConnectionObserver
+from .protocol import AgentProtocol, AgentSettings, ConnectionObserver
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",

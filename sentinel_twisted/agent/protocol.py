@@ -22,13 +22,11 @@ C{fail_open=True} for agents whose failure must not stop traffic.
 from __future__ import annotations
 
 import collections
-import inspect
 from typing import Any, Protocol
 
 import attrs
-import msgspec
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -51,9 +49,9 @@ from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import FrameReceiver, MessageType
 from ._interfaces import IAgent
 from ._lifecycle import new_lifecycle
-from .base import EVENT_HANDLERS
-from .errors import AgentHandlerError, RegistrationFailed, RegistrationRejected
-from .responses import ResponseBuilder, allow, block
+from ._serving import _CONNECTION_ID_IN_LOG, _PROXY_TEXT_IN_LOG, EventServing, _Entry, routing_id
+from .errors import RegistrationFailed, RegistrationRejected
+from .responses import allow, block
 
 __all__ = [
     "AgentClientFactory",
@@ -66,16 +64,6 @@ __all__ = [
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.agent.protocol")
 
-#: Characters of the proxy's connection id, and of its id or version, that
-#: a log line quotes (the proxy chooses them; the listener's lines cut
-#: agent-chosen text the same way).
-_CONNECTION_ID_IN_LOG = 80
-_PROXY_TEXT_IN_LOG = 64
-
-_EVENTS: dict[int, tuple[type[Any], str]] = {
-    message_type: (cls, EVENT_HANDLERS[cls.event_type])
-    for message_type, cls in m.EVENT_CLASSES.items()
-}
 _AGENT_ONLY = frozenset(
     {
         MessageType.AGENT_RESPONSE,
@@ -89,14 +77,6 @@ _AGENT_ONLY = frozenset(
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
-
-def routing_id(event: Any) -> str:
-    """
-    The id the proxy waits on for this event's answer (SPEC sections 4 and
-    6): C{metadata.correlation_id} for RequestHeaders (falling back to the
-    top-level id), the top-level C{correlation_id} for every other event.
-    """
-    return m.event_correlation_id(event)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -175,29 +155,10 @@ class ConnectionObserver(Protocol):
         """A registered connection ended."""
 
 
-class _Entry:
-    """One event being served (or waiting for a free slot)."""
-
-    __slots__ = ("correlation_id", "event", "handler", "deferred", "cancelled", "serial")
-
-    def __init__(self, serial: int, correlation_id: str, event: Any, handler: str) -> None:
-        self.serial = serial
-        self.correlation_id = correlation_id
-        self.event = event
-        self.handler = handler
-        self.deferred: Deferred[Any] | None = None
-        self.cancelled = False
-
-
-class _Lenient(msgspec.Struct):
-    """Enough of a garbled event to find whom to answer."""
-
-    correlation_id: Any = None
-    metadata: Any = None
 
 
 @implementer(IHandshakeListener)
-class AgentProtocol(FrameReceiver):
+class AgentProtocol(EventServing, FrameReceiver):
     """
     One agent connection.  Built by L{AgentClientFactory}.
 
@@ -273,27 +234,6 @@ class AgentProtocol(FrameReceiver):
             f"<AgentProtocol agent={self.settings.agent_id} "
             f"connection={self.connection_id or '(registering)'} in_flight={len(self._active)}>"
         )
-
-    # -- state ----------------------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        """Handlers running now."""
-        return len(self._active)
-
-    @property
-    def queued(self) -> int:
-        """Events waiting for a free slot."""
-        return self._queued
-
-    @property
-    def load(self) -> int:
-        """Events being served or waiting for a free slot."""
-        return len(self._active) + self._queued
-
-    def in_flight_ids(self) -> list[str]:
-        """The correlation ids of the events being served."""
-        return [e.correlation_id for e in self._active.values()]
 
     # -- Twisted protocol ------------------------------------------------------
 
@@ -529,326 +469,8 @@ class AgentProtocol(FrameReceiver):
         if health is not None and health.running:
             health.stop()
 
-    def _cancel_everything(self) -> int:
-        entries = list(self._active.values())
-        self._active.clear()
-        self._queue.clear()
-        self._queued = 0
-        self._by_id.clear()
-        for entry in entries:
-            entry.cancelled = True
-            if entry.deferred is not None:
-                entry.deferred.cancel()
-        return len(entries)
-
-    # -- serving ---------------------------------------------------------------------
-
     def _ignore_frame(self, message_type: int, payload: bytes) -> None:
         pass
-
-    def _serving_frame(self, message_type: int, payload: bytes) -> None:
-        spec = _EVENTS.get(message_type)
-        if spec is not None:
-            self._event_received(message_type, payload, spec[0], spec[1])
-        elif message_type == MessageType.CANCEL:
-            self._cancel_received(payload)
-        elif message_type == MessageType.PING:
-            self._ping_received(payload)
-        elif message_type == MessageType.PONG:
-            pass
-        else:
-            self.log_limiter.warn(
-                log,
-                "agent-frame-from-proxy",
-                "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
-                "which only agents send; ignored",
-                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
-                kind=MessageType(message_type).wire_name,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-
-    def _event_received(self, message_type: int, payload: bytes, cls: type[Any], handler: str) -> None:
-        self.stats["events"] += 1
-        try:
-            event = self.codec.decode_event(payload, cls)
-        except InvalidMessage as e:
-            self._bad_event(message_type, payload, e)
-            return
-        cid = routing_id(event)
-        self._serial += 1
-        entry = _Entry(self._serial, cid, event, handler)
-        if cid in self._by_id:
-            self.log_limiter.warn(
-                log,
-                "duplicate-correlation-id",
-                "Proxy sent a second event for correlation id {cid!r} while the first is in "
-                "flight on connection {connection_id}; serving both",
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-        self._by_id[cid] = entry
-        if len(self._active) < self.limit:
-            self._start(entry)
-        elif self._queued < self.max_queued:
-            self._queue.append(entry)
-            self._queued += 1
-        else:
-            del self._by_id[cid]
-            self.stats["overloaded"] += 1
-            self.log_limiter.warn(
-                log,
-                "overloaded",
-                "Agent {agent_id} is over its limit on connection {connection_id} "
-                "({limit} running, {queued} queued) and the proxy keeps sending; "
-                "answering {cid!r} with the error decision",
-                agent_id=self.settings.agent_id,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-                limit=self.limit,
-                queued=self._queued,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-            )
-            self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
-            return
-        self._update_flow()
-
-    def _bad_event(self, message_type: int, payload: bytes, error: InvalidMessage) -> None:
-        self.stats["invalid_events"] += 1
-        cid: Any = None
-        try:
-            lenient = self.codec.decode_control(payload, _Lenient)
-            metadata = lenient.metadata
-            if message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, dict):
-                cid = metadata.get("correlation_id") or lenient.correlation_id
-            elif message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, list) and metadata:
-                # MessagePack's positional metadata starts with the correlation id.
-                cid = metadata[0] or lenient.correlation_id
-            else:
-                cid = lenient.correlation_id
-        except InvalidMessage:
-            pass
-        kind = MessageType(message_type).wire_name
-        if isinstance(cid, str) and cid:
-            self.log_limiter.warn(
-                log,
-                "invalid-event",
-                "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
-                kind=kind,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                error=str(error),
-            )
-            self._send_answer(cid, self.settings.error_answer())
-        else:
-            self.log_limiter.warn(
-                log,
-                "invalid-event-without-id",
-                "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
-                kind=kind,
-                error=str(error),
-            )
-
-    def _start(self, entry: _Entry) -> None:
-        self._active[entry.serial] = entry
-        try:
-            result = getattr(self.agent, entry.handler)(entry.event)
-        except Exception:
-            self._handler_failed(Failure(), entry)
-            return
-        if isinstance(result, Deferred):
-            deferred: Deferred[Any] = result
-        elif inspect.iscoroutine(result):
-            deferred = Deferred.fromCoroutine(result)
-        else:
-            deferred = succeed(result)
-        entry.deferred = deferred
-        deferred.addCallbacks(
-            self._handler_done, self._handler_failed, callbackArgs=(entry,), errbackArgs=(entry,)
-        )
-
-    def _finish(self, entry: _Entry) -> bool:
-        """Take C{entry} out of the running set; C{False} if it was cancelled."""
-        if entry.cancelled or self._active.pop(entry.serial, None) is None:
-            return False
-        if self._by_id.get(entry.correlation_id) is entry:
-            del self._by_id[entry.correlation_id]
-        return True
-
-    def _handler_done(self, result: object, entry: _Entry) -> None:
-        if not self._finish(entry):
-            return
-        if isinstance(result, ResponseBuilder):
-            response = result.build()
-        elif isinstance(result, m.AgentResponse):
-            response = result
-        else:
-            hint = " (forgot to return allow()?)" if result is None else ""
-            self._report_error(
-                entry,
-                AgentHandlerError(
-                    entry.handler,
-                    entry.correlation_id,
-                    f"returned {type(result).__name__}, not an AgentResponse or "
-                    f"ResponseBuilder{hint}",
-                ),
-                None,
-            )
-            response = self.settings.error_answer()
-        self._send_answer(entry.correlation_id, response)
-        self._slot_freed()
-
-    def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
-        if not self._finish(entry):
-            return None
-        if failure.check(CancelledError):
-            detail = "cancelled by the handler itself"
-        else:
-            kind = failure.type.__name__ if failure.type is not None else "error"
-            detail = f"{kind}: {failure.getErrorMessage()}"
-        self._report_error(entry, AgentHandlerError(entry.handler, entry.correlation_id, detail), failure)
-        self._send_answer(entry.correlation_id, self.settings.error_answer())
-        self._slot_freed()
-        return None
-
-    def _report_error(self, entry: _Entry, error: AgentHandlerError, failure: Failure | None) -> None:
-        self.stats["handler_errors"] += 1
-        decision = "allow (fail-open)" if self.settings.fail_open else "block 500 (fail-closed)"
-        if failure is not None and not failure.check(CancelledError):
-            log.failure(
-                "{error}; answered with {decision}",
-                failure,
-                error=str(error),
-                decision=decision,
-            )
-        else:
-            log.error("{error}; answered with {decision}", error=str(error), decision=decision)
-
-    def _slot_freed(self) -> None:
-        # Handlers that answer synchronously re-enter here from _start; the
-        # outermost call does the loop, so the stack stays flat.
-        if self._releasing:
-            return
-        self._releasing = True
-        try:
-            while self._queue and len(self._active) < self.limit:
-                entry = self._queue.popleft()
-                if entry.cancelled:
-                    continue
-                self._queued -= 1
-                self._start(entry)
-        finally:
-            self._releasing = False
-        self._update_flow()
-        if self.draining and self.load == 0:
-            self._lifecycle.drained()
-
-    def _update_flow(self) -> None:
-        if self.draining:
-            return
-        load = self.load
-        if not self.paused and load >= self.limit:
-            self.paused = True
-            self.stats["pauses"] += 1
-            log.info(
-                "Agent {agent_id} at its limit ({limit}) on connection {connection_id}: pausing",
-                agent_id=self.settings.agent_id,
-                limit=self.limit,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-            self._send(MessageType.FLOW_CONTROL, self.codec.pause)
-        elif self.paused and load <= self.resume_at:
-            self.paused = False
-            self.stats["resumes"] += 1
-            log.info(
-                "Agent {agent_id} drained to {load} on connection {connection_id}: resuming",
-                agent_id=self.settings.agent_id,
-                load=load,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-            self._send(MessageType.FLOW_CONTROL, self.codec.resume)
-
-    def _send_answer(self, cid: str, response: m.AgentResponse) -> None:
-        audit = response.audit
-        custom = dict(audit.custom)
-        custom["correlation_id"] = cid
-        response = msgspec.structs.replace(response, audit=msgspec.structs.replace(audit, custom=custom))
-        try:
-            payload = self.codec.encode_response(response)
-            if self.transport is not None:
-                self.send_frame(MessageType.AGENT_RESPONSE, payload)
-        except AgentProtocolError as e:
-            log.error(
-                "Agent {agent_id} cannot send its answer for {cid!r}: {error}; "
-                "sending the error decision instead",
-                agent_id=self.settings.agent_id,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                error=str(e),
-            )
-            self.stats["handler_errors"] += 1
-            fallback = self.settings.error_answer()
-            fallback.audit.custom["correlation_id"] = cid
-            self._send(MessageType.AGENT_RESPONSE, self.codec.encode_response(fallback))
-            return
-        self.stats["answers"] += 1
-
-    def _send(self, message_type: int, payload: bytes) -> None:
-        if self.transport is not None and self.registered:
-            self.send_frame(message_type, payload)
-
-    def _cancel_received(self, payload: bytes) -> None:
-        try:
-            message = self.codec.decode_control(payload, m.CancelMessage)
-        except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-cancel", "Proxy sent an invalid Cancel: {error}", error=str(e))
-            return
-        entry = self._by_id.pop(message.correlation_id, None)
-        if entry is None:
-            log.debug(
-                "Cancel for {cid!r}, which is not in flight (already answered?)",
-                cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
-            )
-            return
-        self.stats["cancelled"] += 1
-        entry.cancelled = True
-        if self._active.pop(entry.serial, None) is not None:
-            if entry.deferred is not None:
-                entry.deferred.cancel()
-        else:
-            self._queued -= 1
-        log.debug(
-            "Cancelled {cid!r} on connection {connection_id} (reason {reason})",
-            cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
-            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            reason=message.reason,
-        )
-        self._slot_freed()
-
-    def _ping_received(self, payload: bytes) -> None:
-        try:
-            ping = self.codec.decode_control(payload, m.PingMessage)
-        except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
-            return
-        # The Pong carries the Ping's sequence and timestamp and nothing
-        # else (the reference echoes the whole body, whatever it holds).
-        self._send(MessageType.PONG, m.encode(ping))
-
-    def health_state(self) -> int:
-        """
-        What the next HealthStatus reports: C{draining}, else the agent's L{health <sentinel_twisted.agent.base.Agent.health>}.
-        """
-        if self.draining:
-            return int(m.HealthState.DRAINING)
-        try:
-            return int(self.agent.health())
-        except Exception:
-            log.failure("Agent {agent_id}: health() failed; reporting unhealthy", agent_id=self.settings.agent_id)
-            return int(m.HealthState.UNHEALTHY)
-
-    def send_health(self) -> None:
-        """Send a HealthStatus with the current state (the integer form)."""
-        if self.capabilities is None or not self.capabilities.features.health_reporting:
-            return
-        message = m.HealthStatusMessage(state=self.health_state())
-        self._send(MessageType.HEALTH_STATUS, self.codec.encode_control(message))
 
 
 class AgentClientFactory(Factory):

@@ -20,16 +20,24 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .. import __version__
-from .._twistd import ProgramOptions, exit_at_exit, exit_zero_after_clean_sigterm
+from .._twistd import (
+    ProgramOptions,
+    StartupError,
+    exit_at_exit,
+    exit_zero_after_clean_sigterm,
+    report_startup_errors,
+)
 from ..endpoints import (
     SocketInUse,
     check_endpoint_arguments,
     clear_stale_unix_socket,
     describe_endpoint_error,
+    describe_listen_failure,
     unix_socket_path,
     with_lockfile,
     with_owner_only_mode,
@@ -196,6 +204,8 @@ class Options(ProgramOptions):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["connect"] = []
+        #: What the effective --listen endpoint was given as, for messages.
+        self.given: dict[str, str] = {}
 
     def opt_connect(self, description: str) -> None:
         """
@@ -225,6 +235,7 @@ class Options(ProgramOptions):
         if self["listen"]:
             given = self["listen"]
             self["listen"] = with_owner_only_mode(with_lockfile(given))
+            self.given[self["listen"]] = given
             try:
                 check_endpoint_arguments(self["listen"])
                 serverFromString(reactor, self["listen"])
@@ -318,7 +329,33 @@ class AgentService(service.MultiService):
             )
         if hasattr(agent, "reload"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._sighup)
-        super().startService()  # type: ignore[no-untyped-call]
+        try:
+            super().startService()  # type: ignore[no-untyped-call]
+        except (CannotListenError, OSError) as e:
+            # Only the listener binds when it starts.
+            if self.listener is None:
+                raise
+            self._abandon_start(e)
+
+    #: Whether L{_abandon_start} logs its message too (set by makeService
+    #: when twistd daemonizes; under C{-n} the one line on standard error
+    #: is enough).
+    log_startup_errors = False
+
+    def _abandon_start(self, error: Exception) -> None:
+        """
+        The listener could not listen: raise a L{StartupError} that names
+        the option and the problem, as C{twistd sentinel-reverse} does.
+        (The listener has removed the socket file and the lock it left.)
+        """
+        assert self.listener is not None
+        description = self.listener.endpoint_description
+        given = getattr(self.options, "given", {}).get(description, description)
+        message = f"--listen {given}: {describe_listen_failure(error)}"
+        if self.log_startup_errors:
+            # Daemonized: standard error is gone, the log file stays.
+            log.critical("twistd sentinel-agent: {message}", message=message)
+        raise StartupError(message) from None
 
     #: Set once the connections have drained and closed.
     stopped_cleanly = False
@@ -424,6 +461,10 @@ def makeService(options: Options) -> service.IService:
         agent_service = make_agent_service(options)
     except SocketInUse as e:
         raise SystemExit(f"twistd sentinel-agent: {e}") from None
+    # Failures to listen come later, once twistd starts the service.
+    report_startup_errors("sentinel-agent", StartupError)
+    twistd_options = getattr(options, "parent", None)
+    agent_service.log_startup_errors = twistd_options is not None and not twistd_options.get("nodaemon")
     agent_service.exit_status_on_fatal = 1
     exit_zero_after_clean_sigterm(agent_service.reactor, lambda: agent_service.stopped_cleanly)
     return agent_service

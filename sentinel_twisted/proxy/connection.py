@@ -29,12 +29,12 @@ from .._ratelimit import LogRateLimiter
 from ..errors import (
     AgentProtocolError,
     ConnectionClosed,
-    InvalidMessage,
     RequestCancelled,
     format_duration,
 )
-from ..forward import JSON_CODEC, PayloadCodec, codec_for
+from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import MessageType
+from ._receiving import _CONNECTION_ID_IN_LOG, _ID_IN_LOG, AgentFrames
 
 if TYPE_CHECKING:
     from .pending import PendingTable
@@ -47,20 +47,6 @@ log = Logger(namespace="sentinel_twisted.connection")
 _cid_prefix = os.urandom(4).hex()
 _cid_counter = itertools.count(1)
 
-_ANSWER = MessageType.AGENT_RESPONSE
-_HEALTH = MessageType.HEALTH_STATUS
-_METRICS = MessageType.METRICS_REPORT
-_CONFIG_UPDATE = MessageType.CONFIG_UPDATE_REQUEST
-_FLOW = MessageType.FLOW_CONTROL
-_PING = MessageType.PING
-_PONG = MessageType.PONG
-
-
-#: Characters of an agent id, a connection id, a correlation id and an
-#: error text a log line carries (they are the peer's choice).
-_ID_IN_LOG = 64
-_CONNECTION_ID_IN_LOG = 80
-_ERROR_IN_LOG = 160
 
 
 def new_correlation_id() -> str:
@@ -137,7 +123,7 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     encoding: str = "json"
 
 
-class AgentConnection:
+class AgentConnection(AgentFrames):
     """
     A registered agent connection.  Created by the listener on successful
     registration; users get it from the L{AgentPool} or from observers.
@@ -612,151 +598,3 @@ class AgentConnection:
         if self._closed is None:
             self._closed = ConnectionClosed(detail)
             self._unavailable = True
-
-    # -- receiving ----------------------------------------------------------
-
-    def frame_received(self, message_type: int, payload: bytes) -> None:
-        """One frame from the agent, after registration."""
-        if message_type == _ANSWER:
-            self._answer_received(payload)
-        elif message_type == _FLOW:
-            self._flow_control_received(payload)
-        elif message_type == _PING:
-            self._ping_received(payload)
-        elif message_type == _HEALTH:
-            self._health_received(payload)
-        elif message_type == _PONG:
-            self._pong_received(payload)
-        elif message_type == _METRICS:
-            report = self._control(payload, dict, "MetricsReport")
-            if report is not None and self.listener is not None:
-                self.listener._connection_metrics(self, report)
-        elif message_type == _CONFIG_UPDATE:
-            request = self._control(payload, dict, "ConfigUpdateRequest")
-            if request is not None and self.listener is not None:
-                self.listener._connection_config_update(self, request)
-        else:
-            self.log_limiter.warn(
-                log,
-                "proxy-only-frame",
-                "Agent {agent_id} sent a {kind} frame on connection {connection_id}, "
-                "which only the proxy sends; ignored",
-                kind=MessageType(message_type).wire_name,
-                **self.log_fields(),
-            )
-
-    def _answer_received(self, payload: bytes) -> None:
-        try:
-            response = self._decode_answer(payload)
-        except InvalidMessage as e:
-            self._bad_answer(payload, e)
-            return
-        cid = response.audit.custom.get("correlation_id")
-        # One lookup tells whether the id is waiting and since when.
-        if cid.__class__ is not str or (taken := self._pending.take(cid)) is None:
-            self.log_limiter.debug(
-                log,
-                "unknown-correlation-id",
-                "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
-                cid=peer_text(cid, _ID_IN_LOG) if isinstance(cid, str) else None,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-            return
-        deferred, sent_at = taken
-        listener = self.listener
-        if listener is not None:
-            listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
-        deferred.callback(response)
-
-    def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
-        # Fail the request it was meant for now, rather than let it time out,
-        # read in the connection's own encoding.
-        cid = codec_for(self.encoding).answer_correlation_id(payload)
-        if cid is not None and self._pending.fail(cid, error):
-            self.log_limiter.warn(
-                log,
-                "invalid-answer",
-                "Agent {agent_id} answered {cid!r} on connection {connection_id} "
-                "with an invalid AgentResponse: {error}",
-                cid=peer_text(cid, _ID_IN_LOG),
-                error=peer_text(error, _ERROR_IN_LOG),
-                **self.log_fields(),
-            )
-            return
-        self.log_limiter.warn(
-            log,
-            "invalid-answer",
-            "Agent {agent_id} sent an invalid AgentResponse on connection {connection_id}: {error}",
-            error=peer_text(error, _ERROR_IN_LOG),
-            **self.log_fields(),
-        )
-
-    def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
-        try:
-            return self._decode_control(payload, shape)
-        except InvalidMessage as e:
-            self.log_limiter.warn(
-                log,
-                "invalid-control",
-                "Agent {agent_id} sent an invalid {kind} on connection {connection_id}: {error}",
-                kind=kind,
-                error=peer_text(e, _ERROR_IN_LOG),
-                **self.log_fields(),
-            )
-            return None
-
-    def _flow_control_received(self, payload: bytes) -> None:
-        message = self._control(payload, m.FlowControlMessage, "FlowControl")
-        if message is None:
-            return
-        paused = message.paused
-        if paused != self._paused:
-            self._paused = paused
-            self._update_availability()
-            self.log_limiter.info(
-                log,
-                "flow-control",
-                "Agent {agent_id} {action} connection {connection_id}",
-                action="paused" if paused else "resumed",
-                **self.log_fields(),
-            )
-            if self.listener is not None:
-                self.listener._connection_flow_changed(self, paused)
-
-    def _health_received(self, payload: bytes) -> None:
-        message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
-        if message is None:
-            return
-        self.last_health = message
-        self.health_state = message.state_code
-        if self.listener is not None:
-            self.listener._connection_health_changed(self, self.health_state)
-
-    def _ping_received(self, payload: bytes) -> None:
-        ping = self._control(payload, m.PingMessage, "Ping")
-        if ping is None:
-            return
-        if self._write_blocked:
-            # The agent is not reading what we write: a reply would only
-            # grow our buffer (a Ping costs the agent nothing to send).
-            self.log_limiter.debug(
-                log,
-                "ping-not-answered",
-                "Agent {agent_id} sent a Ping on connection {connection_id}, which it "
-                "does not read; not answered",
-                **self.log_fields(),
-            )
-            return
-        # The Pong carries the Ping's sequence and timestamp and nothing
-        # else: echoing the body would send back whatever else it held.
-        self._sink.send_frame(MessageType.PONG, m.encode(ping))
-
-    def _pong_received(self, payload: bytes) -> None:
-        message = self._control(payload, m.PingMessage, "Pong")
-        if message is None:
-            return
-        pings = self._pings
-        entry = pings.pop(message.sequence, None) if pings else None
-        if entry is not None:
-            sent, waiter = entry
-            waiter.callback(self._clock.seconds() - sent)

@@ -207,7 +207,7 @@ class MatcherTests(_DecisionTestCase):
         self.assertEqual(answer.decision, m.ALLOW)
 
     def test_json_unescaping(self) -> None:
-        from sentinel_twisted.agent.rules import _json_unescape
+        from sentinel_twisted.agent.rules._evaluate import _json_unescape
 
         self.assertEqual(_json_unescape('a\\u0055NION'), "aUNION")
         self.assertEqual(_json_unescape('\\ud83d\\ude00 \\ud800 \\"x\\" \\/\\t'), '\U0001f600 \ufffd "x" /\t')

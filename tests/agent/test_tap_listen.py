@@ -112,3 +112,26 @@ class ListenOptionsTests(SynchronousTestCase):
         error = self.assertRaises(SystemExit, makeService, parse("--listen", f"unix:{self.socket}"))
         self.assertIn("served by a live process", str(error))
         self.assertTrue(os.path.exists(self.socket))
+
+
+class ListenFailureTests(SynchronousTestCase):
+    """
+    A failure to listen, found when twistd starts the service, is one line
+    that names the option, as C{twistd sentinel-reverse} says it, and
+    leaves no socket file or lock behind.
+    """
+
+    def test_a_path_too_long_for_a_unix_socket(self) -> None:
+        from twisted.internet import reactor
+
+        from sentinel_twisted._twistd import StartupError
+
+        path = os.path.join(os.path.dirname(temp_path(self, "x")), "s" * 120 + ".sock")
+        service = make_agent_service(parse("--listen", f"unix:{path}"), reactor=reactor)
+        error = self.assertRaises(StartupError, service.startService)
+        self.assertEqual(
+            str(error), f"--listen unix:{path}: cannot listen on {path}: af_unix path too long"
+        )
+        self.assertFalse(os.path.lexists(path))
+        self.assertFalse(os.path.lexists(path + ".lock"))
+        self.assertFalse(service.listener is not None and service.listener.running)

@@ -1,0 +1,168 @@
+# -*- test-case-name: tests.agent.test_rules -*-
+"""
+A rule engine, and L{RulesAgent}: the agent C{twistd sentinel-agent} runs.
+
+Rules live in a TOML (or JSON) file and are checked in file order against
+each request's headers (and, for C{body} and C{body_contains}, its body).  A rule
+matches when every condition in its C{match} table holds.  Header
+operations and tags of every matching rule accumulate; the first matching
+rule with a decision (C{block}, C{redirect}, C{require_header}) decides and
+ends the evaluation.  No decision means allow.  A decision taken on the
+body carries what the header phase gathered (its response header
+operations, rule ids and tags), just as one taken on the headers does.
+A rule looks like this::
+
+    [[rules]]
+    id = "no-admin"
+    match = { path = "^/admin(/|$)" }
+    block = { status = 403, body = "Forbidden" }
+
+Errors are reported with the file, the rule and the reason, all of them at
+once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from twisted.logger import Logger
+
+from ... import messages as m
+from .._interfaces import HandlerResult
+from ..base import Agent
+from ..responses import allow
+from ._compile import compile_pattern, load_rules, parse_rules
+from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
+from ._model import Pattern, Rule, RulesError
+
+__all__ = [
+    "BODY_WINDOW",
+    "Pattern",
+    "Rule",
+    "RuleSet",
+    "RulesAgent",
+    "RulesError",
+    "Verdict",
+    "compile_pattern",
+    "load_rules",
+    "parse_rules",
+]
+
+#: The module's logger.
+log = Logger(namespace="sentinel_twisted.agent.rules")
+
+
+class RulesAgent(Agent):
+    """
+    An agent that applies a L{RuleSet} from a file, reloadable at run time.
+
+    Requests whose headers match a body rule are answered with
+    C{needs_more} and their body chunks are scanned (across chunk
+    boundaries); the first chunk in which a body rule matches decides.
+
+    @param max_concurrency: events served at once per connection
+        (announced in the capabilities); at least 1.
+    @cvar name: the agent's name in its capabilities.
+    @ivar path: the rules file.
+    @ivar ruleset: the rules in force.
+    @ivar max_concurrency: events served at once per connection (announced in
+        the capabilities).
+    """
+
+    name = "sentinel-rules"
+    #: Requests awaiting a body scan that are remembered at most (oldest go first).
+    max_tracked_bodies = 10_000
+
+    def __init__(self, path: str | os.PathLike[str], *, max_concurrency: int | None = None) -> None:
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        self.path = os.fspath(path)
+        self.ruleset = load_rules(self.path)
+        if max_concurrency is not None:
+            self.max_concurrency = max_concurrency
+        self._bodies: OrderedDict[str, _BodyScan] = OrderedDict()
+
+    def reload(self) -> bool:
+        """
+        Re-read the rules file.  On any error the current rules stay in
+        force and the error is logged; returns whether the new rules took.
+        """
+        try:
+            ruleset = load_rules(self.path)
+        except RulesError as e:
+            log.error(
+                "Rules reload failed; keeping the {count} rule(s) in force:\n{error}",
+                count=len(self.ruleset),
+                error=str(e),
+            )
+            return False
+        if ruleset.needs_body != self.ruleset.needs_body:
+            log.warn(
+                "The reloaded rules {change} request bodies; connections announce this when "
+                "they register, so it takes effect as they reconnect",
+                change="inspect" if ruleset.needs_body else "no longer inspect",
+            )
+        self.ruleset = ruleset
+        log.info("Reloaded {count} rule(s) from {path}", count=len(ruleset), path=self.path)
+        return True
+
+    def supported_events(self) -> list[int]:
+        events = [int(m.EventType.REQUEST_HEADERS)]
+        if self.ruleset.needs_body:
+            events += [int(m.EventType.REQUEST_BODY_CHUNK), int(m.EventType.REQUEST_COMPLETE)]
+        return events
+
+    def on_request_headers(self, event: m.RequestHeadersEvent) -> HandlerResult:
+        verdict = self.ruleset.evaluate(event)
+        cid = m.event_correlation_id(event)
+        if verdict.decided_by is not None:
+            self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
+        elif verdict.body_rules:
+            self._track(cid, _BodyScan(verdict, event))
+        return verdict.response
+
+    def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
+        cid = event.correlation_id
+        scan = self._bodies.get(cid)
+        if scan is None:
+            return allow()
+        rule = scan.feed(event.body)
+        if rule is not None or event.is_last:
+            del self._bodies[cid]
+        if rule is None:
+            return allow().needs_more(not event.is_last)
+        self._log_decision(
+            rule, scan.method, f"{scan.uri} (body chunk {event.chunk_index})", scan.client_ip, cid
+        )
+        return scan.decided(rule)
+
+    def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
+        self._bodies.pop(event.correlation_id, None)
+        return allow()
+
+    def _track(self, cid: str, scan: _BodyScan) -> None:
+        self._bodies[cid] = scan
+        self._bodies.move_to_end(cid)
+        while len(self._bodies) > self.max_tracked_bodies:
+            self._bodies.popitem(last=False)
+
+    def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
+        decision = rule.decision
+        if isinstance(decision, m.Block):
+            action = f"blocked ({decision.status})"
+        elif isinstance(decision, m.Redirect):
+            action = f"redirected ({decision.status} {decision.url})"
+        else:
+            action = "decided"
+        log.info(
+            "Rule {rule} {action}: {method} {uri}{client} [{cid}]",
+            rule=rule.id,
+            action=action,
+            method=method,
+            uri=uri,
+            client=f" from {client_ip}" if client_ip else "",
+            cid=cid,
+        )

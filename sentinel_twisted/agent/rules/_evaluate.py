@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.agent.test_rules -*-
+"""
+Evaluating the rules against a request: the header phase's L{Verdict},
+and the body rules that wait for the body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import unquote_plus
+
+import attrs
+
+from ... import messages as m
+from ..responses import ResponseBuilder
+from ._model import Rule, _any_search, _RequestView, _unique
+
+#: Bytes of the body before each chunk that C{body} patterns see with it.
+BODY_WINDOW = 8192
+
+
+@attrs.frozen
+class Verdict:
+    """
+    The outcome of the header phase: the answer to send, the rule that
+    decided (if any), and the body rules still waiting for the body.  The
+    response header operations, rule ids and tags gathered are kept for a
+    decision taken on the body.
+
+    @ivar response: the answer to send.
+    @ivar decided_by: the rule that decided, C{None}: none did (allow, unless
+        a body rule decides).
+    @ivar body_rules: the body rules still waiting for the body.
+    @ivar response_ops: the response header operations gathered.
+    @ivar rule_ids: the ids of the rules that matched.
+    @ivar tags: the tags gathered.
+    """
+
+    response: ResponseBuilder
+    decided_by: Rule | None
+    body_rules: tuple[Rule, ...]
+    response_ops: tuple[m.HeaderOp, ...] = ()
+    rule_ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RuleSet:
+    """
+    The rules of one file, in order (see L{load_rules}).  The first rule
+    that matches and has a decision decides; rules without one only add
+    header operations and tags::
+
+        verdict = load_rules("rules.toml").evaluate(event)
+        answer = verdict.response.build()
+
+    @ivar rules: the rules, in file order.
+    @ivar source: where they came from (the file name), for messages.
+    """
+
+    rules: tuple[Rule, ...]
+    source: str = "<rules>"
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    @property
+    def needs_body(self) -> bool:
+        """Whether any rule looks at request bodies."""
+        return any(r.on_body for r in self.rules)
+
+    def evaluate(self, event: m.RequestHeadersEvent) -> Verdict:
+        """
+        Apply the rules to a request's headers.  Rules that need the body are
+        left in the verdict's C{body_rules}, and the answer asks for more
+        (C{needs_more}) unless a header rule decided.
+        """
+        request = _RequestView(event)
+        request_ops: list[m.HeaderOp] = []
+        response_ops: list[m.HeaderOp] = []
+        rule_ids: list[str] = []
+        tags: list[str] = []
+        body_rules: list[Rule] = []
+        decided: Rule | None = None
+        decision: m.Decision = m.ALLOW
+        for rule in self.rules:
+            if not rule.matches(request):
+                continue
+            if rule.on_body:
+                body_rules.append(rule)
+                continue
+            rule_ids.append(rule.id)
+            tags.extend(rule.tags)
+            request_ops.extend(rule.request_ops)
+            response_ops.extend(rule.response_ops)
+            if rule.decision is not None:
+                decided, decision = rule, rule.decision
+                break
+        unique_tags = tuple(dict.fromkeys(tags))
+        builder = ResponseBuilder(decision)
+        builder.request_header_ops(request_ops).response_header_ops(response_ops)
+        builder.rule(*rule_ids).tag(*unique_tags)
+        if decided is not None:
+            return Verdict(builder, decided, ())
+        if body_rules:
+            builder.needs_more()
+        return Verdict(
+            builder, None, tuple(body_rules), tuple(response_ops), tuple(rule_ids), unique_tags
+        )
+
+
+class _BodyScan:
+    """
+    A request whose body some rules still have to see.  Each chunk is
+    looked at with the end of the body before it: the longest needle less
+    one byte for C{body_contains}, so no needle split across chunks is
+    missed, and L{BODY_WINDOW} bytes for C{body} patterns.
+    """
+
+    __slots__ = ("verdict", "tail", "keep", "method", "uri", "client_ip", "json")
+
+    def __init__(self, verdict: Verdict, event: m.RequestHeadersEvent) -> None:
+        self.verdict = verdict
+        self.method = event.method
+        self.uri = event.uri
+        self.client_ip = event.metadata.client_ip
+        #: Whether the body is JSON (its string escapes are decoded for
+        #: C{body} patterns); C{None}: no Content-Type, told by the first byte.
+        self.json = _json_content_type(event.headers)
+        self.tail = b""
+        keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
+        if any(r.body is not None for r in verdict.body_rules):
+            keep.append(BODY_WINDOW)
+        self.keep = max(keep, default=0)
+
+    def feed(self, chunk: bytes) -> Rule | None:
+        data = self.tail + chunk
+        if self.json is None and data.strip():
+            self.json = data.lstrip()[:1] in (b"{", b"[")
+        texts: tuple[str, ...] | None = None
+        for rule in self.verdict.body_rules:
+            if rule.body is not None:
+                if texts is None:
+                    texts = _body_texts(data, bool(self.json))
+                if _any_search(rule.body, texts):
+                    return rule
+            elif any(needle in data for needle in rule.body_contains):
+                return rule
+        self.tail = data[-self.keep :] if self.keep else b""
+        return None
+
+    def decided(self, rule: Rule) -> ResponseBuilder:
+        """The answer for C{rule} deciding on the body."""
+        assert rule.decision is not None
+        verdict = self.verdict
+        builder = ResponseBuilder(rule.decision)
+        builder.response_header_ops([*verdict.response_ops, *rule.response_ops])
+        builder.rule(*verdict.rule_ids, rule.id)
+        return builder.tag(*dict.fromkeys([*verdict.tags, *rule.tags]))
+
+
+def _body_texts(data: bytes, json_body: bool = False) -> tuple[str, ...]:
+    """
+    A body's bytes as C{body} patterns see them: as text, form-decoded and,
+    for a JSON body, with JSON's string escapes decoded (C{\\u0055NION} is
+    C{UNION} to the application that parses it).
+    """
+    text = data.decode("utf-8", "replace")
+    if json_body:
+        return _unique((text, unquote_plus(text), _json_unescape(text)))
+    return _unique((text, unquote_plus(text)))
+
+
+def _json_content_type(headers: Mapping[str, list[str]]) -> bool | None:
+    """
+    Whether a request's Content-Type is JSON (C{application/json},
+    C{application/vnd.api+json}, ...); C{None} when it has none.
+    """
+    values = [v for name, vs in headers.items() if name.lower() == "content-type" for v in vs]
+    if not values:
+        return None
+    for value in values:
+        media = value.partition(";")[0].strip().lower()
+        if media.endswith("/json") or media.endswith("+json"):
+            return True
+    return False
+
+
+_JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|([\"\\/bfnrt]))"
+)
+_JSON_SIMPLE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_unescape_one(match: re.Match[str]) -> str:
+    high, low, code, simple = match.groups()
+    if high is not None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    if code is not None:
+        char = int(code, 16)
+        # A lone surrogate cannot be text.
+        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
+    return _JSON_SIMPLE[simple]
+
+
+def _json_unescape(text: str) -> str:
+    """
+    Decode JSON's string escapes anywhere in C{text}, left to right (a
+    window of a body may hold half a document, so it is not parsed).
+    """
+    return _JSON_ESCAPE.sub(_json_unescape_one, text) if "\\" in text else text
+
+

@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.agent.test_rules -*-
+"""
+What a compiled rule is, and what it looks at in a request: the rule's
+conditions, matched against a view of the request computed once (paths
+as sent, decoded and normalized; header values; the client address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from collections.abc import Iterable
+from typing import Protocol
+from urllib.parse import unquote, unquote_plus, urlsplit
+
+import attrs
+
+from ... import messages as m
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RulesError(Exception):
+    """
+    A rules file that cannot be used.  C{problems} holds one line per
+    problem (C{rule 'id' (#n): reason}); C{str()} prefixes each with the
+    file name.
+
+    @ivar source: the file (or other source) of the rules.
+    @ivar problems: one line per problem.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(source, problems)
+        self.source = source
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {p}" for p in self.problems)
+
+
+class _Problems(Exception):
+    """Problems in one part of a rule, gathered by the compiler."""
+
+
+@attrs.frozen
+class _Defaults:
+    block_status: int = 403
+    block_body: str = "Forbidden"
+    redirect_status: int = 302
+
+
+class Pattern(Protocol):
+    """A compiled rule pattern (RE2): what the rules ask of one."""
+
+    def search(self, text: str) -> object | None:
+        """A match of the pattern anywhere in C{text}, or C{None}."""
+
+
+@attrs.frozen(kw_only=True)
+class Rule:
+    """
+    One compiled rule.  Conditions that are C{None} or empty always hold.
+
+    @ivar id: the rule's id, from the file.
+    @ivar position: its place in the file, from 1.
+    @ivar description: what it is for, from the file.
+    @ivar methods: the methods it applies to (upper-case), C{None} for all.
+    @ivar path: a pattern the request path must match (searched, not
+        anchored).
+    @ivar uri: the whole request target must match it.
+    @ivar query: the query must match it.
+    @ivar headers: C{(name, pattern)}: a value of each named header must match
+        its pattern.
+    @ivar any_header: some header value must match it.
+    @ivar header_present: headers that must be there.
+    @ivar header_missing: headers that must not be there.
+    @ivar client_ip: networks the client address must be in (one of them);
+        empty: any address.
+    @ivar client_ip_not: networks the client address must not be in.
+    @ivar body_contains: byte strings the body must contain (any of them).
+    @ivar body: the body must match it.
+    @ivar decision: what the rule decides when it matches, C{None}: it decides
+        nothing.
+    @ivar request_ops: header operations on the request when it matches.
+    @ivar response_ops: header operations on the response when it matches.
+    @ivar tags: audit tags added when it matches.
+    """
+
+    id: str
+    position: int
+    description: str = ""
+    methods: frozenset[str] | None = None
+    path: Pattern | None = None
+    uri: Pattern | None = None
+    query: Pattern | None = None
+    headers: tuple[tuple[str, Pattern], ...] = ()
+    any_header: Pattern | None = None
+    header_present: tuple[str, ...] = ()
+    header_missing: tuple[str, ...] = ()
+    client_ip: tuple[_Network, ...] = ()
+    client_ip_not: tuple[_Network, ...] = ()
+    body_contains: tuple[bytes, ...] = ()
+    body: Pattern | None = None
+    decision: m.Decision | None = None
+    request_ops: tuple[m.HeaderOp, ...] = ()
+    response_ops: tuple[m.HeaderOp, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @property
+    def on_body(self) -> bool:
+        """Whether the rule looks at the body (and so decides on it)."""
+        return bool(self.body_contains) or self.body is not None
+
+    def matches(self, request: _RequestView) -> bool:
+        """Whether every condition except those on the body holds."""
+        if self.methods is not None and request.method not in self.methods:
+            return False
+        if self.path is not None and not _any_search(self.path, request.paths):
+            return False
+        if self.uri is not None and not _any_search(self.uri, request.uris):
+            return False
+        if self.query is not None and not _any_search(self.query, request.queries):
+            return False
+        for name, pattern in self.headers:
+            if not _any_search(pattern, request.headers.get(name, ())):
+                return False
+        if self.any_header is not None and not _any_search(self.any_header, request.header_values):
+            return False
+        for name in self.header_present:
+            if name not in request.headers:
+                return False
+        for name in self.header_missing:
+            if name in request.headers:
+                return False
+        if self.client_ip and not _in_networks(request.client_ip, self.client_ip):
+            return False
+        if self.client_ip_not and _in_networks(request.client_ip, self.client_ip_not):
+            return False
+        return True
+
+
+def _in_networks(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, networks: tuple[_Network, ...]
+) -> bool:
+    # An unparseable client address is in no network: "client_ip" does not
+    # match it and "client_ip_not" does, the cautious reading of both.
+    return ip is not None and any(ip in net for net in networks if ip.version == net.version)
+
+
+def _any_search(pattern: Pattern, values: Iterable[str]) -> bool:
+    return any(pattern.search(v) is not None for v in values)
+
+
+def _normalize_path(path: str) -> str:
+    """
+    Collapse repeated slashes and resolve C{.} and C{..} segments.  A
+    trailing slash survives, and a last segment C{.} or C{..} leaves one
+    (C{/a/b/.} is C{/a/b/}, C{/a/b/..} is C{/a/}), as RFC 3986 section
+    5.2.4 removes dot segments.
+    """
+    if not path:
+        return "/"
+    collapsed = re.sub(r"/{2,}", "/", path)
+    normalized = posixpath.normpath(collapsed)
+    if normalized == ".":
+        normalized = "/"
+    directory = collapsed.endswith("/") or collapsed.rpartition("/")[2] in (".", "..")
+    if directory and not normalized.endswith("/"):
+        normalized += "/"
+    return normalized
+
+
+#: A path parameter (RFC 3986 section 3.3): C{;} up to the end of its segment.
+_PATH_PARAMETER = re.compile(r";[^/]*")
+
+
+def _without_parameters(path: str) -> str:
+    """
+    C{/admin;x/a;b=1} as C{/admin/a}: servlet containers (Tomcat, Jetty) and
+    the frameworks on them drop path parameters before they route, so
+    C{/admin;x} reaches C{/admin} there (and C{/a/..;/admin} is C{/admin}).
+    """
+    return _PATH_PARAMETER.sub("", path)
+
+
+class _RequestView:
+    """What rules look at in a RequestHeaders event, computed once."""
+
+    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values")
+
+    def __init__(self, event: m.RequestHeadersEvent) -> None:
+        self.method = event.method.upper()
+        uri = event.uri
+        if uri.startswith("/") or not uri:
+            raw_path, _, raw_query = uri.partition("?")
+        else:
+            parts = urlsplit(uri)
+            raw_path, raw_query = parts.path, parts.query
+        decoded = unquote(raw_path)
+        self.paths = _unique(
+            (
+                raw_path,
+                decoded,
+                _normalize_path(decoded),
+                _normalize_path(_without_parameters(decoded)),
+            )
+        )
+        self.uris = _unique((uri, unquote(uri)))
+        self.queries = _unique((raw_query, unquote_plus(raw_query)))
+        headers: dict[str, list[str]] = {}
+        for name, values in event.headers.items():
+            headers.setdefault(name.lower(), []).extend(values)
+        self.headers = headers
+        self._header_values: tuple[str, ...] | None = None
+        try:
+            ip = ipaddress.ip_address(event.metadata.client_ip)
+        except ValueError:
+            self.client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        else:
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            self.client_ip = ip
+
+    @property
+    def header_values(self) -> tuple[str, ...]:
+        """Every header's values, as sent and percent-decoded (for C{any_header})."""
+        if self._header_values is None:
+            values = [v for vs in self.headers.values() for v in vs]
+            self._header_values = _unique([*values, *map(unquote_plus, values)])
+        return self._header_values
+
+
+def _unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+

@@ -1,0 +1,84 @@
+# -*- test-case-name: tests.test_messages -*-
+"""
+The protocol's version, its integer field types and its small enums.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from typing import Annotated, Final
+
+from msgspec import Meta
+
+#: The protocol version this package speaks (C{protocol_version} of a registration).
+PROTOCOL_VERSION: Final = 2
+
+#: An integer field of the wire contract that is an unsigned 16-bit number.
+U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
+#: An integer field of the wire contract that is an unsigned 32-bit number.
+U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
+# msgspec bounds integers at int64; no real size or count comes near it.
+#: An unsigned 64-bit field (bounded at 2**63 - 1, as msgspec reads int64).
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#: A signed 64-bit field (timestamps in milliseconds).
+I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class EventType(enum.IntEnum):
+    """
+    Numbers used in C{capabilities.supported_events}.
+
+    @cvar CONFIGURE: configuration pushed to the agent (L{ConfigureEvent}).
+    @cvar REQUEST_HEADERS: a request's headers (L{RequestHeadersEvent}).
+    @cvar REQUEST_BODY_CHUNK: a piece of a request body
+        (L{RequestBodyChunkEvent}).
+    @cvar RESPONSE_HEADERS: a response's headers (L{ResponseHeadersEvent}).
+    @cvar RESPONSE_BODY_CHUNK: a piece of a response body
+        (L{ResponseBodyChunkEvent}).
+    @cvar REQUEST_COMPLETE: the end of a request (L{RequestCompleteEvent}).
+    @cvar WEBSOCKET_FRAME: a WebSocket frame (L{WebSocketFrameEvent}).
+    @cvar GUARDRAIL_INSPECT: text to inspect (L{GuardrailInspectEvent}).
+    """
+
+    CONFIGURE = 0
+    REQUEST_HEADERS = 1
+    REQUEST_BODY_CHUNK = 2
+    RESPONSE_HEADERS = 3
+    RESPONSE_BODY_CHUNK = 4
+    REQUEST_COMPLETE = 5
+    WEBSOCKET_FRAME = 6
+    GUARDRAIL_INSPECT = 7
+
+
+class HealthState(enum.IntEnum):
+    """
+    The C{state} of a HealthStatus: what an agent says of itself.  The
+    gateway shows it on the status site; it does not route by it.
+
+    @cvar HEALTHY: working normally.
+    @cvar DEGRADED: working, with trouble.
+    @cvar DRAINING: finishing its work before it stops.
+    @cvar UNHEALTHY: not working.
+    """
+
+    HEALTHY = 1
+    DEGRADED = 2
+    DRAINING = 3
+    UNHEALTHY = 4
+
+
+class FlowAction(enum.IntEnum):
+    """
+    The C{action} of a FlowControl message: pause or resume sending requests.
+
+    @cvar PAUSE: send the agent no new requests.
+    @cvar RESUME: send it requests again.
+    """
+
+    PAUSE = 1
+    RESUME = 2
+
+
+def _b64(data: str) -> bytes:
+    return base64.b64decode(data, validate=True)
