@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from . import messages as m
+from ._twistd import StartupError
 from .endpoints import (
     SocketInUse,
     clear_stale_lock,
@@ -55,13 +56,6 @@ log = Logger(namespace="sentinel_twisted.tap")
 DEFAULT_SHUTDOWN_GRACE = 5.0
 #: Seconds closing agent connections get to flush what is buffered.
 CLOSE_TIMEOUT = 5.0
-
-
-class StartupError(Exception):
-    """
-    The listener cannot start (unreadable token file, socket in use, bad
-    endpoint); the text says why, so no traceback or usage text is needed.
-    """
 
 
 def raise_file_limit() -> tuple[int, int] | None:
