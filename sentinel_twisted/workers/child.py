@@ -28,6 +28,7 @@ from ..proxy.protocol import ReverseConnectionProtocol
 from .commands import (
     CONNECTION_DONE,
     AdoptConnection,
+    AdoptionFailed,
     ConnectionGone,
     ControlProtocol,
     Hello,
@@ -122,16 +123,17 @@ class WorkerConnectionFactory(ReverseConnectionFactory):
 
     def adopt(self, reactor: Any, descriptor: int, family: int, handover: Handover) -> AdoptedConnectionProtocol:
         """Serve the connection whose socket is C{descriptor} (a copy: it is closed here)."""
-        protocol = AdoptedConnectionProtocol(self, handover)
-        request_agent = m.decode_registration_request(handover.registration).agent_id
-        self.awaiting_registration += 1
-        self._registered_per_agent[request_agent] += 1
         try:
-            reactor.adoptStreamConnection(descriptor, family, _Once(protocol))
-        except BaseException:
-            self.awaiting_registration -= 1
-            self._release(request_agent)
-            raise
+            protocol = AdoptedConnectionProtocol(self, handover)
+            request_agent = m.decode_registration_request(handover.registration).agent_id
+            self.awaiting_registration += 1
+            self._registered_per_agent[request_agent] += 1
+            try:
+                reactor.adoptStreamConnection(descriptor, family, _Once(protocol))
+            except BaseException:
+                self.awaiting_registration -= 1
+                self._release(request_agent)
+                raise
         finally:
             os.close(descriptor)
         return protocol
@@ -189,7 +191,11 @@ class WorkerControl(ControlProtocol):
         connected_since: float,
         pending: bytes,
     ) -> dict[str, Any]:
-        """L{AdoptConnection}: serve the connection (see L{WorkerConnectionFactory.adopt})."""
+        """
+        L{AdoptConnection}: serve the connection (see
+        L{WorkerConnectionFactory.adopt}); L{AdoptionFailed} if it cannot be
+        (the agent may have reset it meanwhile).
+        """
         credentials = tuple(peer_credentials) if len(peer_credentials) == 3 else None
         handover = Handover(
             registration,
@@ -200,7 +206,11 @@ class WorkerControl(ControlProtocol):
             connected_since,
             pending,
         )
-        self.control.factory.adopt(self.control.reactor, socket, family, handover)
+        try:
+            self.control.factory.adopt(self.control.reactor, socket, family, handover)
+        except Exception as e:
+            # (Not chained: the traceback would keep the socket Twisted made open.)
+            raise AdoptionFailed(str(e) or e.__class__.__name__) from None
         return {}
 
     @Release.responder

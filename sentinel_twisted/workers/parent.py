@@ -215,7 +215,10 @@ class WorkerGroup:
         control = worker.control
 
         def failed(failure: Failure) -> None:
-            log.warn(
+            # An agent that resets its connections at once causes one each: limited.
+            self.factory.log_limiter.warn(
+                log,
+                "handover-failed",
                 "Worker {index} did not take connection {connection_id} of agent {agent_id}: {error}",
                 index=worker.index,
                 connection_id=peer_text(connection.connection_id, 100),

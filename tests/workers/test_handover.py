@@ -1,0 +1,128 @@
+"""
+Handing a registered agent connection from the parent to a worker over
+their real control connection (a UNIX socket pair, descriptors passed as
+AMP does): what an agent that vanishes meanwhile does to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from sentinel_twisted.config import ReverseConnectionConfig
+from sentinel_twisted.workers.child import (
+    WorkerConnectionFactory,
+    WorkerControl,
+    WorkerControlService,
+)
+from sentinel_twisted.workers.commands import (
+    AdoptConnection,
+    AdoptionFailed,
+    ControlProtocol,
+    Snapshot,
+)
+
+from ..rawagent import registration
+
+reactor: Any = _reactor
+
+
+class _Ends(ControlProtocol):
+    """A control protocol that says when its connection is lost."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+class _Worker(WorkerControl):
+    def __init__(self, control: WorkerControlService) -> None:
+        super().__init__(control)
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+class AdoptionTests(TestCase):
+    def setUp(self) -> None:
+        self.factory = WorkerConnectionFactory(ReverseConnectionConfig(), clock=reactor)
+        self.service = WorkerControlService(
+            "unused", 1, self.factory, reactor, lambda: (b'{"agents": []}', b"", True)
+        )
+        # The worker must not stop the test's reactor when its control connection ends.
+        self.service._stopping = True
+        parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.parent = _Ends()
+        self.worker = _Worker(self.service)
+        for end, protocol in ((parent_end, self.parent), (worker_end, self.worker)):
+            end.setblocking(False)
+            reactor.adoptStreamConnection(end.fileno(), socket.AF_UNIX, _Factory(protocol))
+            end.close()
+        self.addCleanup(self._close)
+
+    @inlineCallbacks
+    def _close(self) -> Any:
+        for protocol in (self.parent, self.worker):
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+        yield self.parent.lost
+        yield self.worker.lost
+
+    def adopt(self, sock: socket.socket) -> Deferred[Any]:
+        return self.parent.call(
+            AdoptConnection,
+            socket=sock.fileno(),
+            family=sock.family,
+            registration=json.dumps(registration("waf-1")).encode(),
+            connection_id="waf-1-1",
+            peer="127.0.0.1:1",
+            peer_credentials=[],
+            token_verified=False,
+            connected_since=0.0,
+            pending=b"",
+        )
+
+    @inlineCallbacks
+    def test_a_connection_gone_before_the_worker_takes_it_is_refused_and_the_control_connection_stays(self) -> Any:
+        # A socket that is not connected: what an agent's reset leaves.
+        gone = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(gone.close)
+        yield self.parent.call(Snapshot)
+        before = sorted(os.listdir("/proc/self/fd"))
+        error = yield self.assertFailure(self.adopt(gone), AdoptionFailed)
+        self.assertIn("not connected", str(error))
+        # The worker holds nothing of it: no slot, no descriptor.
+        self.assertEqual((self.factory.awaiting_registration, dict(self.factory._registered_per_agent)), (0, {}))
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before)
+        # And the worker is still the parent's: it answers the next command.
+        answer = yield self.parent.call(Snapshot)
+        self.assertTrue(answer["ready"])
+        self.assertIsNotNone(self.worker.transport)
+
+
+class _Factory:
+    """Builds the one protocol it was given."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
