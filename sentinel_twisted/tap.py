@@ -493,7 +493,8 @@ class Options(ProgramOptions):
                     f"--ready-agent {agent_id}: --allow does not let this agent register, "
                     "so the proxy would never be ready"
                 )
-        if self["ready-agents"] and self["status"] is None:
+        # A worker has no status site: its parent's /healthz asks it.
+        if self["ready-agents"] and self["status"] is None and self["worker-control"] is None:
             raise usage.UsageError("--ready-agent needs the status site (--status): /healthz is there")
 
     def _forward_options(self) -> None:

@@ -255,6 +255,14 @@ class OptionTests(TestCase):
             error = self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--http", http)
             self.assertIn("needs a tcp: or tcp6: --http endpoint", str(error))
 
+    def test_a_worker_of_a_group_with_ready_agents_accepts_its_command_line(self) -> None:
+        # The parent serves /healthz; its workers run with --status none.
+        arguments = ["--workers", "2", "--http", "tcp:8080", "--status", "tcp:8081", "--ready-agent", "waf-1"]
+        self.parse(*arguments)
+        command = worker_command(arguments, 1, "/run/x/control.sock", "tcp:8080")
+        worker = self.parse(*command[command.index("sentinel-reverse") + 1 :])
+        self.assertEqual((worker["ready-agents"], worker["status"], worker["workers"]), (["waf-1"], None, 1))
+
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
 
