@@ -476,23 +476,30 @@ class HandOverFactory(ReverseConnectionFactory):
 class ControlService(service.Service):
     """
     The parent's control socket, in a directory of its own that only its
-    user can enter (removed when it stops).
+    user can enter (made when the service starts, removed when it stops or
+    cannot start).
 
     @ivar group: the workers that connect to it.
     @ivar reactor: the reactor.
-    @ivar directory: the directory holding the socket.
-    @ivar path: the socket's path.
+    @ivar directory: the directory holding the socket, C{None} when not started.
     @ivar port: the listening port, C{None} when not listening.
     """
 
     def __init__(self, group: WorkerGroup, reactor: Any) -> None:
         self.group = group
         self.reactor = reactor
-        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
-        self.path = os.path.join(self.directory, "control.sock")
+        self.directory: str | None = None
         self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
+    @property
+    def path(self) -> str:
+        """The socket's path (the service has started)."""
+        if self.directory is None:
+            raise RuntimeError("the control socket exists once its service has started")
+        return os.path.join(self.directory, "control.sock")
+
+    def startService(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
         endpoint = UNIXServerEndpoint(self.reactor, self.path, mode=0o600)
         group = self.group
         factory = Factory.forProtocol(lambda: ParentControl(group))
@@ -501,20 +508,21 @@ class ControlService(service.Service):
         failures: list[Failure] = []
         listening.addCallbacks(lambda port: setattr(self, "port", port), failures.append)
         if failures:
+            self._remove()
             failures[0].raiseException()
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _remove(self) -> None:
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self.group.stop()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove()
         return stopped if stopped is not None else succeed(None)
 
 

@@ -12,6 +12,9 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from ..test_readme_demo import (
     free_port,
     wait_for,
 )
+from ..twistd_support import twistd_command
 
 
 def agents(status: int) -> dict[str, Any]:
@@ -211,3 +215,44 @@ class OrphanTests(TestCase):
         proxy.process.kill()
         proxy.process.wait(STOP_TIMEOUT)
         wait_for(lambda: not any(running(pid) for pid in pids), START_TIMEOUT, "the orphaned workers to stop")
+
+
+class StartupFailureTests(TestCase):
+    def group_failing_on(self, taken: str) -> tuple[int, str, list[str]]:
+        """
+        Start a group whose --listen or --status port is taken; its exit
+        status, its output and what it left in its temporary directory.
+        """
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        # Short: the control socket's path must fit a UNIX socket address.
+        temporary = Path(tempfile.mkdtemp(prefix="sw-"))
+        self.addCleanup(shutil.rmtree, temporary, True)
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            ports = {"listen": free_port(), "status": free_port(), taken: holder.getsockname()[1]}
+            run = subprocess.run(
+                twistd_command(
+                    "-n", "--pidfile=", "sentinel-reverse", "--workers", "2",
+                    "--listen", f"tcp:{ports['listen']}:interface=127.0.0.1",
+                    "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                    "--status", f"tcp:{ports['status']}:interface=127.0.0.1",
+                ),
+                cwd=work, env={**os.environ, "TMPDIR": str(temporary)}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=STOP_TIMEOUT,
+            )
+        return run.returncode, run.stdout.decode(errors="replace"), sorted(p.name for p in temporary.iterdir())
+
+    def test_an_agent_listener_that_cannot_listen_leaves_no_control_directory(self) -> None:
+        status, output, left = self.group_failing_on("listen")
+        self.assertEqual(status, 1, output)
+        self.assertIn("--listen tcp:", output)
+        self.assertEqual(left, [], "the control socket's directory is removed")
+
+    def test_a_status_site_that_cannot_listen_is_named_and_leaves_no_control_directory(self) -> None:
+        status, output, left = self.group_failing_on("status")
+        self.assertEqual(status, 1, output)
+        self.assertIn("--status tcp:", output)
+        self.assertNotIn("[worker", output, "no worker is started")
+        self.assertEqual(left, [], "the control socket's directory is removed")
