@@ -226,8 +226,7 @@ class WorkerGroup:
                 error=failure.getErrorMessage(),
             )
             if worker.control is control and worker.agents[agent_id] > 0:
-                worker.agents[agent_id] -= 1
-                self.factory._release(agent_id)
+                self.connection_gone(control, agent_id)
 
         def close(result: object) -> object:
             os.close(descriptor)

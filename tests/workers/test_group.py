@@ -8,9 +8,12 @@ options that a group needs.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.python import usage
@@ -19,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted import messages as m
 from sentinel_twisted.proxy.factory import rejection_reason
 from sentinel_twisted.tap import Options
-from sentinel_twisted.workers.commands import CHUNK_SIZE, Chunked
+from sentinel_twisted.workers.commands import CHUNK_SIZE, AdoptConnection, AdoptionFailed, Chunked
 from sentinel_twisted.workers.parent import (
     HandOverFactory,
     NoWorkerReady,
@@ -49,12 +52,42 @@ class _Control:
 
     def __init__(self) -> None:
         self.sent: list[tuple[Any, dict[str, Any]]] = []
+        self.answers: list[Deferred[Any]] = []
 
     def call(self, command: Any, **arguments: Any) -> Any:
-        from twisted.internet.defer import Deferred
-
         self.sent.append((command, arguments))
-        return Deferred()
+        self.answers.append(Deferred())
+        return self.answers[-1]
+
+
+class _Handing:
+    """Stands for the parent's end of a registered connection being handed over."""
+
+    registration = b"{}"
+    peer = "127.0.0.1:1"
+    peer_credentials = None
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.transport = self
+        self.let_go_called = False
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def let_go(self) -> None:
+        self.let_go_called = True
+
+
+class _Registered:
+    """Stands for the registered connection."""
+
+    token_verified = False
+    connected_since = 0.0
+
+    def __init__(self, agent_id: str, connection_id: str) -> None:
+        self.agent_id = agent_id
+        self.connection_id = connection_id
 
 
 def group(count: int, cap: int = 8) -> WorkerGroup:
@@ -143,6 +176,25 @@ class SlotTests(TestCase):
         self.assertEqual(workers.factory.registered_connections("auth"), 0)
         self.assertEqual([w.index for w in workers.ready()], [2])
         self.assertIn("Worker 1 left with 3 agent connection(s)", log_text(events))
+
+    def test_a_connection_the_worker_cannot_adopt_frees_its_slot_and_descriptor(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        handover = _Handing()
+        self.addCleanup(handover.socket.close)
+        before = sorted(os.listdir("/proc/self/fd"))
+        connection = _Registered("waf-1", "waf-1-1")
+        with captured_log() as events:
+            workers.hand_over(handover, connection, b"")  # type: ignore[arg-type]
+            self.assertTrue(handover.let_go_called)
+            ((command, arguments),) = controls[0].sent
+            self.assertIs(command, AdoptConnection)
+            controls[0].answers[0].errback(AdoptionFailed("[Errno 107] Transport endpoint is not connected"))
+        self.assertIn("Worker 1 did not take connection waf-1-1 of agent waf-1", log_text(events))
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 0)
+        self.assertEqual([dict(w.agents) for w in workers.workers], [{}, {}])
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the copy of the socket is closed")
 
     def test_no_registration_is_admitted_while_no_worker_is_ready(self) -> None:
         workers = group(2)
