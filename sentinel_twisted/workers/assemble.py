@@ -146,7 +146,7 @@ def _forward_sighup(reactor: Any, processes: WorkerProcesses) -> None:
         def on_sighup(signum: int, frame: Any) -> None:
             if callable(previous):
                 previous(signum, frame)
-            reactor.callFromThread(processes.signal_all, "HUP")
+            reactor.callFromThread(processes.reload)
 
         signal.signal(signal.SIGHUP, on_sighup)
 

@@ -123,7 +123,10 @@ class WorkerGroup:
     @ivar factory: the parent's listener (its slots are released here).
     @ivar clock: the clock of snapshot timeouts.
     @ivar handed_over: connections handed to workers.
+    @ivar on_join: called with each worker that joins (L{WorkerProcesses} sets it).
     """
+
+    on_join: Callable[[Worker], object] | None = None
 
     def __init__(self, count: int, factory: HandOverFactory, clock: IReactorTime) -> None:
         self.workers = [Worker(i) for i in range(1, count + 1)]
@@ -249,6 +252,8 @@ class WorkerGroup:
         if pending is not None and pending.active():
             pending.cancel()
         self._respreads[index] = self.clock.callLater(RESPREAD_DELAY, self.respread, worker)
+        if self.on_join is not None:
+            self.on_join(worker)
 
     def respread(self, newcomer: Worker) -> None:
         """
@@ -622,9 +627,14 @@ class WorkerProcesses(service.Service):
         self.reactor = reactor
         self.stop_timeout = stop_timeout
         self.processes: dict[int, _WorkerProcess] = {}
+        #: SIGHUPs forwarded to the workers so far.
+        self.reloads = 0
+        # The value of reloads when each worker was started.
+        self._spawned_at: dict[int, int] = {}
         self._started: dict[int, float] = {}
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
+        group.on_join = self._joined
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -637,6 +647,7 @@ class WorkerProcesses(service.Service):
         argv = self.command(index)
         protocol = _WorkerProcess(self, index)
         self._started[index] = self.reactor.seconds()
+        self._spawned_at[index] = self.reloads
         transport = self.reactor.spawnProcess(
             protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -668,6 +679,31 @@ class WorkerProcesses(service.Service):
             delay=delay,
         )
         self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    def reload(self) -> None:
+        """
+        Forward a SIGHUP to the workers that have joined; one still starting
+        gets it when it joins (before that it may not handle the signal yet,
+        and a SIGHUP it does not handle ends it).
+        """
+        self.reloads += 1
+        for worker in self.group.workers:
+            if worker.control is not None:
+                self._signal(worker.index, "HUP")
+
+    def _joined(self, worker: Worker) -> None:
+        if self._spawned_at.get(worker.index, self.reloads) < self.reloads:
+            log.info("Worker {index} started before the last SIGHUP: it rereads its files now", index=worker.index)
+            self._spawned_at[worker.index] = self.reloads
+            self._signal(worker.index, "HUP")
+
+    def _signal(self, index: int, signal_name: str) -> None:
+        protocol = self.processes.get(index)
+        if protocol is not None:
+            try:
+                protocol.transport.signalProcess(signal_name)  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
 
     def signal_all(self, signal_name: str) -> None:
         """Send every running worker a signal (C{"HUP"}, C{"TERM"}...)."""

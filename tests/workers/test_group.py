@@ -14,9 +14,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -27,6 +30,7 @@ from sentinel_twisted.workers.parent import (
     HandOverFactory,
     NoWorkerReady,
     WorkerGroup,
+    WorkerProcesses,
     relay_line,
     worker_command,
 )
@@ -362,3 +366,56 @@ class RespreadTests(TestCase):
             worker.agents["waf-1"] = 1
         workers.clock.advance(1)  # type: ignore[attr-defined]
         self.assertEqual([c.sent for c in controls], [[], [], []])
+
+
+class _ProcessTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def closeStdin(self) -> None:
+        pass
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(Clock):
+    """Spawns nothing: records each worker's process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, _ProcessTransport]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kwargs: Any) -> _ProcessTransport:
+        transport = _ProcessTransport(100 + len(self.spawned))
+        protocol.transport = transport
+        self.spawned.append((protocol, transport))
+        return transport
+
+
+class ReloadTests(TestCase):
+    def test_sighup_reaches_a_worker_that_was_starting_once_it_joins(self) -> None:
+        workers = group(2)
+        reactor = _ProcessReactor()
+        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+        processes.startService()
+        (_, first), (_, second) = reactor.spawned
+        workers.worker_joined(_Control(), 1, first.pid)  # type: ignore[arg-type]
+        processes.reload()
+        # Worker 2 is starting: a SIGHUP it does not handle yet would end it.
+        self.assertEqual((first.signals, second.signals), (["HUP"], []))
+        with captured_log() as events:
+            workers.worker_joined(_Control(), 2, second.pid)  # type: ignore[arg-type]
+        self.assertEqual(second.signals, ["HUP"])
+        self.assertIn("Worker 2 started before the last SIGHUP", log_text(events))
+        # A worker started after the last SIGHUP read the files itself.
+        protocol, _ = reactor.spawned[0]
+        workers.worker_left(workers.workers[0].control)  # type: ignore[arg-type]
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        reactor.advance(1)
+        (_, again) = reactor.spawned[2]
+        workers.worker_joined(_Control(), 1, again.pid)  # type: ignore[arg-type]
+        self.assertEqual(again.signals, [])
+        processes.stopService()
+        self.assertEqual([t.signals for _, t in reactor.spawned], [["HUP"], ["HUP", "TERM"], ["TERM"]])
