@@ -196,7 +196,13 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
         return _encoder.encode(document), gateway.metrics.render(), ready
 
     WorkerControlService(
-        options["worker-control"], options["worker-index"], factory, reactor, snapshot, top.reloader.drain
+        options["worker-control"],
+        options["worker-index"],
+        factory,
+        reactor,
+        snapshot,
+        top.reloader.drain,
+        top.reloader.refusal,
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

@@ -207,10 +207,11 @@ class WorkerControl(ControlProtocol):
             pending,
         )
         try:
-            self.control.factory.adopt(self.control.reactor, socket, family, handover)
+            protocol = self.control.factory.adopt(self.control.reactor, socket, family, handover)
         except Exception as e:
             # (Not chained: the traceback would keep the socket Twisted made open.)
             raise AdoptionFailed(str(e) or e.__class__.__name__) from None
+        self.control.adopted(protocol)
         return {}
 
     @Release.responder
@@ -242,6 +243,8 @@ class WorkerControlService(service.Service):
     @ivar snapshot: returns C{(agents JSON, metrics text, ready)}.
     @ivar drain: drains a connection (closes it once its requests are
         answered), given the connection and why.
+    @ivar refusal: why a connection may no longer stay (the allowlist and
+        the token file as this worker last read them), or C{None}.
     @ivar protocol: the control connection, C{None} while not connected.
     """
 
@@ -253,6 +256,7 @@ class WorkerControlService(service.Service):
         reactor: Any,
         snapshot: Callable[[], tuple[bytes, bytes, bool]],
         drain: Callable[[AgentConnection, str], object] | None = None,
+        refusal: Callable[[AgentConnection], str | None] | None = None,
     ) -> None:
         self.path = path
         self.index = index
@@ -260,6 +264,7 @@ class WorkerControlService(service.Service):
         self.reactor = reactor
         self.snapshot = snapshot
         self.drain = drain
+        self.refusal = refusal
         self.protocol: WorkerControl | None = None
         self._stopping = False
         factory.on_gone = self._connection_gone
@@ -288,6 +293,19 @@ class WorkerControlService(service.Service):
         protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
             protocol.call(ConnectionGone, agent_id=agent_id, connection_id=connection_id)
+
+    def adopted(self, protocol: AdoptedConnectionProtocol) -> None:
+        """
+        A connection was adopted: the parent admitted it, but this worker
+        may have reread the allowlist or the token file since (a SIGHUP
+        reaches every process on its own): drain it if they refuse it now.
+        """
+        connection = protocol.connection
+        if connection is None or connection.is_closed or self.refusal is None or self.drain is None:
+            return
+        why = self.refusal(connection)
+        if why is not None:
+            self.drain(connection, why)
 
     def release(self, agent_id: str, count: int) -> int:
         """Drain up to C{count} of C{agent_id}'s connections; how many."""

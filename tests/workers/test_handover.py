@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.config import ReverseConnectionConfig
+from sentinel_twisted.proxy._reload import ConfigurationReloader
 from sentinel_twisted.workers.child import (
     WorkerConnectionFactory,
     WorkerControl,
@@ -24,21 +25,31 @@ from sentinel_twisted.workers.child import (
 from sentinel_twisted.workers.commands import (
     AdoptConnection,
     AdoptionFailed,
+    ConnectionGone,
     ControlProtocol,
     Snapshot,
 )
 
+from .._proxy_support import captured_log, log_text
 from ..rawagent import registration
 
 reactor: Any = _reactor
 
 
 class _Ends(ControlProtocol):
-    """A control protocol that says when its connection is lost."""
+    """The parent's end: says when its connection is lost, records the connections gone."""
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.lost: Deferred[None] = Deferred()
+        self.gone: list[tuple[str, str]] = []
+        self.gone_reported: Deferred[None] = Deferred()
+
+    @ConnectionGone.responder
+    def connection_gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:
+        self.gone.append((agent_id, connection_id))
+        self.gone_reported.callback(None)
+        return {}
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
@@ -55,17 +66,32 @@ class _Worker(WorkerControl):
         self.lost.callback(None)
 
 
-class AdoptionTests(TestCase):
+class _WorkerEnd(TestCase):
+    """A worker's control connection to a parent's end, both in this process."""
+
+    #: The agents this worker allows, as it last read them.
+    allowed: tuple[str, ...] = ()
+
     def setUp(self) -> None:
-        self.factory = WorkerConnectionFactory(ReverseConnectionConfig(), clock=reactor)
+        self.factory = WorkerConnectionFactory(ReverseConnectionConfig(allowed_agents=self.allowed), clock=reactor)
+        self.reloader = ConfigurationReloader(
+            self.factory, token_file=None, allow=list(self.allowed), allow_file=None, client_ca=None, trusts=[]
+        )
         self.service = WorkerControlService(
-            "unused", 1, self.factory, reactor, lambda: (b'{"agents": []}', b"", True)
+            "unused",
+            1,
+            self.factory,
+            reactor,
+            lambda: (b'{"agents": []}', b"", True),
+            self.reloader.drain,
+            self.reloader.refusal,
         )
         # The worker must not stop the test's reactor when its control connection ends.
         self.service._stopping = True
         parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.parent = _Ends()
         self.worker = _Worker(self.service)
+        self.service.protocol = self.worker
         for end, protocol in ((parent_end, self.parent), (worker_end, self.worker)):
             end.setblocking(False)
             reactor.adoptStreamConnection(end.fileno(), socket.AF_UNIX, _Factory(protocol))
@@ -94,6 +120,8 @@ class AdoptionTests(TestCase):
             pending=b"",
         )
 
+
+class AdoptionTests(_WorkerEnd):
     @inlineCallbacks
     def test_a_connection_gone_before_the_worker_takes_it_is_refused_and_the_control_connection_stays(self) -> Any:
         # A socket that is not connected: what an agent's reset leaves.
@@ -126,3 +154,23 @@ class _Factory:
 
     def doStop(self) -> None:
         pass
+
+
+class AdoptionAfterReloadTests(_WorkerEnd):
+    allowed = ("auth-*",)
+
+    @inlineCallbacks
+    def test_a_connection_the_worker_no_longer_allows_is_drained_when_adopted(self) -> Any:
+        # The parent admitted waf-1; this worker has reread an allowlist
+        # without it meanwhile (each process gets the SIGHUP on its own).
+        agent, handed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(agent.close)
+        with captured_log() as events:
+            yield self.adopt(handed)
+            handed.close()
+            yield self.parent.gone_reported.addTimeout(10, reactor)
+        self.assertEqual(self.parent.gone, [("waf-1", "waf-1-1")])
+        self.assertIn("the agent is no longer allowed (allowlist)", log_text(events))
+        agent.settimeout(5)
+        self.assertEqual(agent.recv(100), b"", "the agent's connection is closed")
+        self.assertNotIn("waf-1", self.factory.pool)
