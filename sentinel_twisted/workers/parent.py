@@ -446,8 +446,13 @@ class HandOverProtocol(ReverseConnectionProtocol):
     def leave_registered(self, detail: str, close: bool) -> None:
         """Lifecycle: the parent's copy is closed; the slot is the worker's unless handing over failed."""
         connection = self._handing
-        if connection is not None and not self._handed:
-            self._handed = True
+        if self._handed:
+            # The worker has the socket, and the parent's copy is closing: an
+            # abort would set SO_LINGER to 0 on the socket they share, and
+            # the worker's close would then reset the connection.
+            return
+        self._handed = True
+        if connection is not None:
             self.factory._release(connection.agent_id)
         if close:
             transport: Any = self.transport

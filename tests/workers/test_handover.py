@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.config import ReverseConnectionConfig
@@ -29,9 +31,10 @@ from sentinel_twisted.workers.commands import (
     ControlProtocol,
     Snapshot,
 )
+from sentinel_twisted.workers.parent import HandOverFactory, HandOverProtocol, WorkerGroup
 
 from .._proxy_support import captured_log, log_text
-from ..rawagent import registration
+from ..rawagent import HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE, frame, registration
 
 reactor: Any = _reactor
 
@@ -174,3 +177,66 @@ class AdoptionAfterReloadTests(_WorkerEnd):
         agent.settimeout(5)
         self.assertEqual(agent.recv(100), b"", "the agent's connection is closed")
         self.assertNotIn("waf-1", self.factory.pool)
+
+
+class _Recording:
+    """Stands for a worker's control connection: keeps what it is sent."""
+
+    worker: Any = None
+
+    def __init__(self) -> None:
+        self.adopted: list[dict[str, Any]] = []
+        self.answers: list[Deferred[Any]] = []
+
+    def call(self, command: Any, **arguments: Any) -> Deferred[Any]:
+        self.adopted.append(arguments)
+        self.answers.append(Deferred())
+        return self.answers[-1]
+
+
+class ParentEndTests(TestCase):
+    @inlineCallbacks
+    def test_the_parent_never_aborts_a_connection_it_handed_over(self) -> Any:
+        factory = HandOverFactory(ReverseConnectionConfig(), clock=reactor)
+        group = WorkerGroup(1, factory, reactor)
+        self.addCleanup(group.stop)
+        control = _Recording()
+        group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
+        agent, parent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(agent.close)
+        parent_end.setblocking(False)
+        protocol = HandOverProtocol(factory)
+        let_go = protocol.let_go
+
+        def let_go_then_over_budget() -> None:
+            let_go()
+            # The incomplete-frame budget (shared by every connection) picks
+            # it before the parent's copy is closed (another connection's
+            # read in the same turn of the reactor).
+            protocol.frame_budget_exceeded(1, 2, 1)
+
+        protocol.let_go = let_go_then_over_budget  # type: ignore[method-assign]
+        reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, _Factory(protocol))
+        parent_end.close()
+        agent.sendall(frame(HANDSHAKE_REQUEST, registration("waf-1")))
+        for _ in range(100):
+            if control.adopted:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        (handed,) = control.adopted
+        for _ in range(100):
+            if protocol.transport.disconnected:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(protocol.transport.disconnected, "the parent's copy is closed")
+        worker_copy = socket.socket(fileno=os.dup(handed["socket"]))
+        self.addCleanup(worker_copy.close)
+        # An abort sets SO_LINGER to 0 on the socket, which the worker shares:
+        # its close would then reset the connection.
+        self.assertEqual(
+            struct.unpack("ii", worker_copy.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)), (0, 0)
+        )
+        control.answers[0].callback({})
+        self.assertEqual(factory.registered_connections("waf-1"), 1, "the worker holds the slot")
+        agent.settimeout(5)
+        self.assertEqual(agent.recv(5)[4], HANDSHAKE_RESPONSE)
