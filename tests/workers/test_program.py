@@ -256,3 +256,44 @@ class StartupFailureTests(TestCase):
         self.assertIn("--status tcp:", output)
         self.assertNotIn("[worker", output, "no worker is started")
         self.assertEqual(left, [], "the control socket's directory is removed")
+
+
+class VanishingAgentTests(TestCase):
+    def test_agents_that_vanish_right_after_registering_stop_no_worker_and_leak_nothing(self) -> None:
+        from ..rawagent import HANDSHAKE_REQUEST, frame, registration
+
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        agents_port, status = free_port(), free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--max-connections-per-agent", "1000",
+             "--listen", f"tcp:{agents_port}:interface=127.0.0.1",
+             "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        pids = [w["pid"] for w in agents(status)["workers"]]
+        descriptors = len(os.listdir(f"/proc/{proxy.process.pid}/fd"))
+        for i in range(150):
+            with socket.create_connection(("127.0.0.1", agents_port)) as agent:
+                # Gone at once: its RegistrationResponse, unread, makes its end reset the connection.
+                tail = b"" if i % 3 else b"\x00\x00\x01\x00\x41{"  # or with part of a frame behind
+                agent.sendall(frame(HANDSHAKE_REQUEST, registration(f"gone-{i % 7}")) + tail)
+
+        def settled() -> bool:
+            document = _try(lambda: agents(status))
+            return (
+                document is not None
+                and all(w["answering"] and w["connections"] == 0 for w in document["workers"])
+                and not document["agents"]
+                and len(os.listdir(f"/proc/{proxy.process.pid}/fd")) == descriptors
+            )
+
+        wait_for(settled, START_TIMEOUT, "every slot and descriptor to be freed", proxy)
+        document = agents(status)
+        self.assertEqual([(w["pid"], w["restarts"]) for w in document["workers"]], [(pid, 0) for pid in pids])
+        self.assertNotIn("Traceback", proxy.output())
+        proxy.process.terminate()
+        self.assertEqual(proxy.process.wait(STOP_TIMEOUT), 0, proxy.output())
