@@ -197,18 +197,36 @@ def running(pid: int) -> bool:
         return False
 
 
+def short_temporary_directory(test: TestCase) -> Path:
+    """A directory removed after C{test}, with a path short enough for the control socket in it."""
+    directory = Path(tempfile.mkdtemp(prefix="sw-"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 class OrphanTests(TestCase):
     def test_workers_stop_when_their_parent_is_killed(self) -> None:
         work = Path(self.mktemp())
         work.mkdir(parents=True)
         status = free_port()
-        proxy = Process(
-            self,
-            work,
-            "proxy",
-            ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "0",
-             "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
-        )
+        # A parent killed outright cannot remove its control directory: one
+        # the test removes.
+        temporary = short_temporary_directory(self)
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(temporary)
+        try:
+            proxy = Process(
+                self,
+                work,
+                "proxy",
+                ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "0",
+                 "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+            )
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
         wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
         pids = [w["pid"] for w in agents(status)["workers"]]
         self.assertTrue(all(running(pid) for pid in pids), pids)
@@ -225,9 +243,7 @@ class StartupFailureTests(TestCase):
         """
         work = Path(self.mktemp())
         work.mkdir(parents=True)
-        # Short: the control socket's path must fit a UNIX socket address.
-        temporary = Path(tempfile.mkdtemp(prefix="sw-"))
-        self.addCleanup(shutil.rmtree, temporary, True)
+        temporary = short_temporary_directory(self)
         with socket.socket() as holder:
             holder.bind(("127.0.0.1", 0))
             holder.listen()
