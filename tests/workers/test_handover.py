@@ -239,4 +239,12 @@ class ParentEndTests(TestCase):
         control.answers[0].callback({})
         self.assertEqual(factory.registered_connections("waf-1"), 1, "the worker holds the slot")
         agent.settimeout(5)
-        self.assertEqual(agent.recv(5)[4], HANDSHAKE_RESPONSE)
+        (length,) = struct.unpack("!I", agent.recv(4))
+        self.assertEqual(agent.recv(length)[0], HANDSHAKE_RESPONSE)
+        # The parent's close shut nothing down (Twisted's _shouldShutdown):
+        # the worker's copy still reaches the agent, both ways.
+        worker_copy.sendall(b"from the worker")
+        self.assertEqual(agent.recv(100), b"from the worker")
+        agent.sendall(b"to the worker")
+        worker_copy.settimeout(5)
+        self.assertEqual(worker_copy.recv(100), b"to the worker")
