@@ -319,6 +319,15 @@ class OptionTests(TestCase):
         worker = self.parse(*command[command.index("sentinel-reverse") + 1 :])
         self.assertEqual((worker["ready-agents"], worker["status"], worker["workers"]), (["waf-1"], None, 1))
 
+    def test_agent_ids_a_group_cannot_pass_between_its_processes_are_refused(self) -> None:
+        # Ids and connection ids travel as AMP values (65,535 bytes at most).
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--workers", "2", "--max-agent-id-length", "70000"
+        )
+        self.assertIn("at most 65000", str(error))
+        self.assertEqual(self.parse("--workers", "2", "--max-agent-id-length", "65000")["max-agent-id-length"], 65000)
+        self.assertEqual(self.parse("--max-agent-id-length", "70000")["max-agent-id-length"], 70000)
+
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
 
