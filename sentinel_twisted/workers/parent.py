@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from .._peertext import peer_text
+from .._peertext import escape_char, is_clean, peer_text
 from ..errors import AgentProtocolError
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
@@ -552,11 +553,31 @@ def worker_command(arguments: Sequence[str], index: int, control: str, http: str
 _LINE_KEYS = frozenset(["time", "level", "namespace", "message", "traceback", "text", "worker", "format"])
 
 
+# A namespace as Twisted's loggers name them (module paths).
+_NAMESPACE = re.compile(r"[A-Za-z_][\w.]{0,199}")
+
+
+def _shown(text: str) -> str:
+    """
+    A worker's text for the parent's log: its lines kept (a log file
+    indents the ones after the first), every other control, format or
+    separator character escaped, so that no carriage return or terminal
+    escape can hide the C{[worker N]} prefix or draw a line of the
+    parent's.
+    """
+    if is_clean(text.replace("\n", "").replace("\t", "")):
+        return text
+    return "\n".join(
+        "".join(c if c == "\t" or is_clean(c) else escape_char(c) for c in line) for line in text.split("\n")
+    )
+
+
 def relay_line(index: int, line: bytes) -> None:
     """
     Log a worker's log line (JSON, see C{--log-format}) as an event of the
     parent's, with its level, namespace and fields, prefixed
-    C{[worker N]}; any other line is logged as it is, at info.
+    C{[worker N]}; any other line is logged as it is, at info.  Control
+    characters are shown escaped (see L{_shown}).
     """
     text = line.decode("utf-8", "replace").rstrip("\r")
     try:
@@ -565,16 +586,19 @@ def relay_line(index: int, line: bytes) -> None:
         event = None
     if not isinstance(event, dict):
         if text:
-            log.info("[worker {worker}] {text}", worker=index, text=text)
+            log.info("[worker {worker}] {text}", worker=index, text=_shown(text))
         return
     try:
         level = LogLevel.levelWithName(str(event.get("level") or "info"))
     except Exception:
         level = LogLevel.info
     namespace = str(event.get("namespace") or log.namespace)
+    if not _NAMESPACE.fullmatch(namespace):
+        namespace = log.namespace
     message = str(event.get("message", ""))
     if event.get("traceback"):
         message = f"{message}\n{event['traceback']}"
+    message = _shown(message)
     fields = {k: v for k, v in event.items() if k not in _LINE_KEYS and not k.startswith("log_")}
     Logger(namespace=namespace).emit(level, "[worker {worker}] {text}", worker=index, text=message, **fields)
 

@@ -276,6 +276,19 @@ class ControlTests(TestCase):
         self.assertEqual((first["worker"], first["text"], first["agent_id"]), (2, "The last agent left", "waf-1"))
         self.assertEqual((second["log_level"], second["text"]), (LogLevel.info, "plain text"))
 
+    def test_a_workers_line_cannot_hide_its_prefix_or_draw_a_line_of_the_parents(self) -> None:
+        forged = "2026-12-02T00:00:00+0000 [sentinel_twisted.workers#info] Worker 1 (pid 1) is ready"
+        line = json.dumps(
+            {"level": "info", "namespace": "x#info] forged [y", "message": f"one\r\x1b[2K{forged}\u2028two\n\tthree"}
+        ).encode()
+        with captured_log() as events:
+            relay_line(2, line)
+            relay_line(1, b"plain\rtext\x1b[31m")
+        first, second = events
+        self.assertEqual(first["text"], f"one\\x0d\\x1b[2K{forged}\\u2028two\n\tthree")
+        self.assertEqual(first["log_namespace"], "sentinel_twisted.workers")
+        self.assertEqual(second["text"], "plain\\x0dtext\\x1b[31m")
+
     def test_a_worker_runs_the_parents_arguments_then_what_makes_it_a_worker(self) -> None:
         command = worker_command(["--workers", "2", "--allow", "waf-*"], 2, "/run/x/control.sock", "tcp:8080")
         at = command.index("sentinel-reverse")
