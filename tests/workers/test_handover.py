@@ -14,7 +14,10 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.config import ReverseConnectionConfig
@@ -248,3 +251,37 @@ class ParentEndTests(TestCase):
         agent.sendall(b"to the worker")
         worker_copy.settimeout(5)
         self.assertEqual(worker_copy.recv(100), b"to the worker")
+
+
+class _Unread(StringTransport):
+    """A socket transport whose RegistrationResponse has not left: the agent does not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tempDataBuffer = [b"the RegistrationResponse"]
+        self.dataBuffer = b""
+        self.offset = 0
+
+
+class NotReadingTests(TestCase):
+    def test_an_agent_that_does_not_read_its_answer_is_given_up_and_its_slot_freed(self) -> None:
+        clock = MemoryReactorClock()
+        factory = HandOverFactory(ReverseConnectionConfig(), clock=clock)
+        group = WorkerGroup(1, factory, clock)
+        control = _Recording()
+        group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
+        protocol = HandOverProtocol(factory)
+        transport = _Unread()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(frame(HANDSHAKE_REQUEST, registration("waf-1")))
+        self.assertEqual(factory.registered_connections("waf-1"), 1)
+        with captured_log() as events:
+            clock.advance(0)
+            for _ in range(300):
+                if transport.disconnected:
+                    break
+                clock.advance(0.01)
+        self.assertTrue(transport.disconnected, "given up")
+        self.assertIn("the agent does not read its RegistrationResponse", log_text(events))
+        protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual((factory.registered_connections("waf-1"), control.adopted), (0, []))
