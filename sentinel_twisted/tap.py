@@ -79,6 +79,10 @@ DEFAULT_LISTEN = "unix:sentinel-reverse.sock:mode=600:lockfile=1"
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
 #: Where the status site is (C{--status}).
 DEFAULT_STATUS = "tcp:9901:interface=127.0.0.1"
+#: The longest agent id a worker group takes (C{--max-agent-id-length}):
+#: its processes pass ids and connection ids as AMP values, at most 65,535
+#: bytes each, and a connection id is its agent's id and about 30 more.
+MAX_WORKER_AGENT_ID_LENGTH = 65_000
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -466,6 +470,12 @@ class Options(ProgramOptions):
                     "(a TLS session cannot move to a worker process); use unix: or tcp: "
                     "behind a TLS terminator"
                 )
+        if self["max-agent-id-length"] > MAX_WORKER_AGENT_ID_LENGTH:
+            raise usage.UsageError(
+                f"--workers {self['workers']}: --max-agent-id-length {self['max-agent-id-length']} is "
+                f"more than a worker group can pass between its processes (at most "
+                f"{MAX_WORKER_AGENT_ID_LENGTH})"
+            )
         http = self["http"]
         if http is None or parse_description(http)[0][0] not in ("tcp", "tcp6"):
             raise usage.UsageError(
@@ -493,7 +503,8 @@ class Options(ProgramOptions):
                     f"--ready-agent {agent_id}: --allow does not let this agent register, "
                     "so the proxy would never be ready"
                 )
-        if self["ready-agents"] and self["status"] is None:
+        # A worker has no status site: its parent's /healthz asks it.
+        if self["ready-agents"] and self["status"] is None and self["worker-control"] is None:
             raise usage.UsageError("--ready-agent needs the status site (--status): /healthz is there")
 
     def _forward_options(self) -> None:

@@ -101,10 +101,21 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     assert isinstance(factory, HandOverFactory)
     group = WorkerGroup(options["workers"], factory, reactor)
     top.group = group  # type: ignore[attr-defined]
-    control = ControlService(group, reactor)
-    control.setServiceParent(top)  # type: ignore[no-untyped-call]
     reserved = ReservedPort(options["http"])
     reserved.setServiceParent(top)  # type: ignore[no-untyped-call]
+    # Started in this order: what can fail to listen comes before the
+    # control socket's directory is made and the workers are started.
+    if options["status"] is not None:
+        from ..gateway.service import ListeningService
+
+        resource = GroupStatusResource(group, lambda: _listener_listens(top), options.get("ready-agents", ()))
+        site = StatusSite(resource, options["gateway"].status_hosts, reactor=reactor)  # type: ignore[arg-type]
+        # In a collection of its own, as the gateway's is: a failure to listen names --status.
+        status = service.MultiService()
+        ListeningService(reactor, options["status"], site, "the status page").setServiceParent(status)  # type: ignore[no-untyped-call]
+        status.setServiceParent(top)
+    control = ControlService(group, reactor)
+    control.setServiceParent(top)  # type: ignore[no-untyped-call]
     grace = options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE)
     arguments = list(getattr(options, "arguments", []))
     processes = WorkerProcesses(
@@ -115,12 +126,6 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     )
     processes.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.processes = processes  # type: ignore[attr-defined]
-    if options["status"] is not None:
-        from ..gateway.service import ListeningService
-
-        resource = GroupStatusResource(group, lambda: _listener_listens(top), options.get("ready-agents", ()))
-        site = StatusSite(resource, options["gateway"].status_hosts, reactor=reactor)  # type: ignore[arg-type]
-        ListeningService(reactor, options["status"], site, "the status page").setServiceParent(top)  # type: ignore[no-untyped-call]
     top.log_group = True  # type: ignore[attr-defined]
     reactor.callWhenRunning(
         log.info,
@@ -141,7 +146,7 @@ def _forward_sighup(reactor: Any, processes: WorkerProcesses) -> None:
         def on_sighup(signum: int, frame: Any) -> None:
             if callable(previous):
                 previous(signum, frame)
-            reactor.callFromThread(processes.signal_all, "HUP")
+            reactor.callFromThread(processes.reload)
 
         signal.signal(signal.SIGHUP, on_sighup)
 
@@ -191,7 +196,13 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
         return _encoder.encode(document), gateway.metrics.render(), ready
 
     WorkerControlService(
-        options["worker-control"], options["worker-index"], factory, reactor, snapshot, top.reloader.drain
+        options["worker-control"],
+        options["worker-index"],
+        factory,
+        reactor,
+        snapshot,
+        top.reloader.drain,
+        top.reloader.refusal,
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

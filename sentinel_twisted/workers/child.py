@@ -28,6 +28,7 @@ from ..proxy.protocol import ReverseConnectionProtocol
 from .commands import (
     CONNECTION_DONE,
     AdoptConnection,
+    AdoptionFailed,
     ConnectionGone,
     ControlProtocol,
     Hello,
@@ -122,16 +123,17 @@ class WorkerConnectionFactory(ReverseConnectionFactory):
 
     def adopt(self, reactor: Any, descriptor: int, family: int, handover: Handover) -> AdoptedConnectionProtocol:
         """Serve the connection whose socket is C{descriptor} (a copy: it is closed here)."""
-        protocol = AdoptedConnectionProtocol(self, handover)
-        request_agent = m.decode_registration_request(handover.registration).agent_id
-        self.awaiting_registration += 1
-        self._registered_per_agent[request_agent] += 1
         try:
-            reactor.adoptStreamConnection(descriptor, family, _Once(protocol))
-        except BaseException:
-            self.awaiting_registration -= 1
-            self._release(request_agent)
-            raise
+            protocol = AdoptedConnectionProtocol(self, handover)
+            request_agent = m.decode_registration_request(handover.registration).agent_id
+            self.awaiting_registration += 1
+            self._registered_per_agent[request_agent] += 1
+            try:
+                reactor.adoptStreamConnection(descriptor, family, _Once(protocol))
+            except BaseException:
+                self.awaiting_registration -= 1
+                self._release(request_agent)
+                raise
         finally:
             os.close(descriptor)
         return protocol
@@ -189,7 +191,11 @@ class WorkerControl(ControlProtocol):
         connected_since: float,
         pending: bytes,
     ) -> dict[str, Any]:
-        """L{AdoptConnection}: serve the connection (see L{WorkerConnectionFactory.adopt})."""
+        """
+        L{AdoptConnection}: serve the connection (see
+        L{WorkerConnectionFactory.adopt}); L{AdoptionFailed} if it cannot be
+        (the agent may have reset it meanwhile).
+        """
         credentials = tuple(peer_credentials) if len(peer_credentials) == 3 else None
         handover = Handover(
             registration,
@@ -200,7 +206,12 @@ class WorkerControl(ControlProtocol):
             connected_since,
             pending,
         )
-        self.control.factory.adopt(self.control.reactor, socket, family, handover)
+        try:
+            protocol = self.control.factory.adopt(self.control.reactor, socket, family, handover)
+        except Exception as e:
+            # (Not chained: the traceback would keep the socket Twisted made open.)
+            raise AdoptionFailed(str(e) or e.__class__.__name__) from None
+        self.control.adopted(protocol)
         return {}
 
     @Release.responder
@@ -232,6 +243,8 @@ class WorkerControlService(service.Service):
     @ivar snapshot: returns C{(agents JSON, metrics text, ready)}.
     @ivar drain: drains a connection (closes it once its requests are
         answered), given the connection and why.
+    @ivar refusal: why a connection may no longer stay (the allowlist and
+        the token file as this worker last read them), or C{None}.
     @ivar protocol: the control connection, C{None} while not connected.
     """
 
@@ -243,6 +256,7 @@ class WorkerControlService(service.Service):
         reactor: Any,
         snapshot: Callable[[], tuple[bytes, bytes, bool]],
         drain: Callable[[AgentConnection, str], object] | None = None,
+        refusal: Callable[[AgentConnection], str | None] | None = None,
     ) -> None:
         self.path = path
         self.index = index
@@ -250,6 +264,7 @@ class WorkerControlService(service.Service):
         self.reactor = reactor
         self.snapshot = snapshot
         self.drain = drain
+        self.refusal = refusal
         self.protocol: WorkerControl | None = None
         self._stopping = False
         factory.on_gone = self._connection_gone
@@ -278,6 +293,19 @@ class WorkerControlService(service.Service):
         protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
             protocol.call(ConnectionGone, agent_id=agent_id, connection_id=connection_id)
+
+    def adopted(self, protocol: AdoptedConnectionProtocol) -> None:
+        """
+        A connection was adopted: the parent admitted it, but this worker
+        may have reread the allowlist or the token file since (a SIGHUP
+        reaches every process on its own): drain it if they refuse it now.
+        """
+        connection = protocol.connection
+        if connection is None or connection.is_closed or self.refusal is None or self.drain is None:
+            return
+        why = self.refusal(connection)
+        if why is not None:
+            self.drain(connection, why)
 
     def release(self, agent_id: str, count: int) -> int:
         """Drain up to C{count} of C{agent_id}'s connections; how many."""

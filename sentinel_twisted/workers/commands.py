@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 #: The reason of a connection closed cleanly.
 CONNECTION_DONE = Failure(ConnectionDone())
 
-__all__ = ["AdoptConnection", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Release", "Snapshot"]
+__all__ = ["AdoptConnection", "AdoptionFailed", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Release", "Snapshot"]
 
 #: Bytes of a L{Chunked} value per AMP key (AMP's limit is 65,535).
 CHUNK_SIZE = 60_000
@@ -57,6 +57,15 @@ class Hello(amp.Command):
     response = list[tuple[bytes, amp.Argument]]()
 
 
+class AdoptionFailed(Exception):
+    """
+    The worker cannot serve a connection it was handed (the agent reset it
+    before the worker took it, for one): the parent frees its slot.  A
+    declared error, so that the control connection outlives it (AMP ends
+    the connection on an error it does not know).
+    """
+
+
 class AdoptConnection(amp.Command):
     """
     Parent to worker: serve this registered agent connection.
@@ -67,6 +76,7 @@ class AdoptConnection(amp.Command):
 
     @cvar arguments: the socket and what the worker needs to serve it.
     @cvar response: nothing: the worker serves it from now on.
+    @cvar errors: L{AdoptionFailed}: the worker does not hold the connection.
     """
 
     arguments = [
@@ -81,6 +91,7 @@ class AdoptConnection(amp.Command):
         (b"pending", Chunked()),
     ]
     response = list[tuple[bytes, amp.Argument]]()
+    errors = {AdoptionFailed: b"ADOPTION_FAILED"}
 
 
 class ConnectionGone(amp.Command):

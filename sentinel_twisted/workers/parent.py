@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from .._peertext import peer_text
+from .._peertext import escape_char, is_clean, peer_text
 from ..errors import AgentProtocolError
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
@@ -123,7 +124,10 @@ class WorkerGroup:
     @ivar factory: the parent's listener (its slots are released here).
     @ivar clock: the clock of snapshot timeouts.
     @ivar handed_over: connections handed to workers.
+    @ivar on_join: called with each worker that joins (L{WorkerProcesses} sets it).
     """
+
+    on_join: Callable[[Worker], object] | None = None
 
     def __init__(self, count: int, factory: HandOverFactory, clock: IReactorTime) -> None:
         self.workers = [Worker(i) for i in range(1, count + 1)]
@@ -215,7 +219,10 @@ class WorkerGroup:
         control = worker.control
 
         def failed(failure: Failure) -> None:
-            log.warn(
+            # An agent that resets its connections at once causes one each: limited.
+            self.factory.log_limiter.warn(
+                log,
+                "handover-failed",
                 "Worker {index} did not take connection {connection_id} of agent {agent_id}: {error}",
                 index=worker.index,
                 connection_id=peer_text(connection.connection_id, 100),
@@ -223,8 +230,7 @@ class WorkerGroup:
                 error=failure.getErrorMessage(),
             )
             if worker.control is control and worker.agents[agent_id] > 0:
-                worker.agents[agent_id] -= 1
-                self.factory._release(agent_id)
+                self.connection_gone(control, agent_id)
 
         def close(result: object) -> object:
             os.close(descriptor)
@@ -247,6 +253,8 @@ class WorkerGroup:
         if pending is not None and pending.active():
             pending.cancel()
         self._respreads[index] = self.clock.callLater(RESPREAD_DELAY, self.respread, worker)
+        if self.on_join is not None:
+            self.on_join(worker)
 
     def respread(self, newcomer: Worker) -> None:
         """
@@ -439,8 +447,13 @@ class HandOverProtocol(ReverseConnectionProtocol):
     def leave_registered(self, detail: str, close: bool) -> None:
         """Lifecycle: the parent's copy is closed; the slot is the worker's unless handing over failed."""
         connection = self._handing
-        if connection is not None and not self._handed:
-            self._handed = True
+        if self._handed:
+            # The worker has the socket, and the parent's copy is closing: an
+            # abort would set SO_LINGER to 0 on the socket they share, and
+            # the worker's close would then reset the connection.
+            return
+        self._handed = True
+        if connection is not None:
             self.factory._release(connection.agent_id)
         if close:
             transport: Any = self.transport
@@ -473,23 +486,30 @@ class HandOverFactory(ReverseConnectionFactory):
 class ControlService(service.Service):
     """
     The parent's control socket, in a directory of its own that only its
-    user can enter (removed when it stops).
+    user can enter (made when the service starts, removed when it stops or
+    cannot start).
 
     @ivar group: the workers that connect to it.
     @ivar reactor: the reactor.
-    @ivar directory: the directory holding the socket.
-    @ivar path: the socket's path.
+    @ivar directory: the directory holding the socket, C{None} when not started.
     @ivar port: the listening port, C{None} when not listening.
     """
 
     def __init__(self, group: WorkerGroup, reactor: Any) -> None:
         self.group = group
         self.reactor = reactor
-        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
-        self.path = os.path.join(self.directory, "control.sock")
+        self.directory: str | None = None
         self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
+    @property
+    def path(self) -> str:
+        """The socket's path (the service has started)."""
+        if self.directory is None:
+            raise RuntimeError("the control socket exists once its service has started")
+        return os.path.join(self.directory, "control.sock")
+
+    def startService(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
         endpoint = UNIXServerEndpoint(self.reactor, self.path, mode=0o600)
         group = self.group
         factory = Factory.forProtocol(lambda: ParentControl(group))
@@ -498,20 +518,21 @@ class ControlService(service.Service):
         failures: list[Failure] = []
         listening.addCallbacks(lambda port: setattr(self, "port", port), failures.append)
         if failures:
+            self._remove()
             failures[0].raiseException()
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _remove(self) -> None:
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self.group.stop()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove()
         return stopped if stopped is not None else succeed(None)
 
 
@@ -532,11 +553,31 @@ def worker_command(arguments: Sequence[str], index: int, control: str, http: str
 _LINE_KEYS = frozenset(["time", "level", "namespace", "message", "traceback", "text", "worker", "format"])
 
 
+# A namespace as Twisted's loggers name them (module paths).
+_NAMESPACE = re.compile(r"[A-Za-z_][\w.]{0,199}")
+
+
+def _shown(text: str) -> str:
+    """
+    A worker's text for the parent's log: its lines kept (a log file
+    indents the ones after the first), every other control, format or
+    separator character escaped, so that no carriage return or terminal
+    escape can hide the C{[worker N]} prefix or draw a line of the
+    parent's.
+    """
+    if is_clean(text.replace("\n", "").replace("\t", "")):
+        return text
+    return "\n".join(
+        "".join(c if c == "\t" or is_clean(c) else escape_char(c) for c in line) for line in text.split("\n")
+    )
+
+
 def relay_line(index: int, line: bytes) -> None:
     """
     Log a worker's log line (JSON, see C{--log-format}) as an event of the
     parent's, with its level, namespace and fields, prefixed
-    C{[worker N]}; any other line is logged as it is, at info.
+    C{[worker N]}; any other line is logged as it is, at info.  Control
+    characters are shown escaped (see L{_shown}).
     """
     text = line.decode("utf-8", "replace").rstrip("\r")
     try:
@@ -545,16 +586,19 @@ def relay_line(index: int, line: bytes) -> None:
         event = None
     if not isinstance(event, dict):
         if text:
-            log.info("[worker {worker}] {text}", worker=index, text=text)
+            log.info("[worker {worker}] {text}", worker=index, text=_shown(text))
         return
     try:
         level = LogLevel.levelWithName(str(event.get("level") or "info"))
     except Exception:
         level = LogLevel.info
     namespace = str(event.get("namespace") or log.namespace)
+    if not _NAMESPACE.fullmatch(namespace):
+        namespace = log.namespace
     message = str(event.get("message", ""))
     if event.get("traceback"):
         message = f"{message}\n{event['traceback']}"
+    message = _shown(message)
     fields = {k: v for k, v in event.items() if k not in _LINE_KEYS and not k.startswith("log_")}
     Logger(namespace=namespace).emit(level, "[worker {worker}] {text}", worker=index, text=message, **fields)
 
@@ -612,9 +656,14 @@ class WorkerProcesses(service.Service):
         self.reactor = reactor
         self.stop_timeout = stop_timeout
         self.processes: dict[int, _WorkerProcess] = {}
+        #: SIGHUPs forwarded to the workers so far.
+        self.reloads = 0
+        # The value of reloads when each worker was started.
+        self._spawned_at: dict[int, int] = {}
         self._started: dict[int, float] = {}
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
+        group.on_join = self._joined
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -627,6 +676,7 @@ class WorkerProcesses(service.Service):
         argv = self.command(index)
         protocol = _WorkerProcess(self, index)
         self._started[index] = self.reactor.seconds()
+        self._spawned_at[index] = self.reloads
         transport = self.reactor.spawnProcess(
             protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -658,6 +708,31 @@ class WorkerProcesses(service.Service):
             delay=delay,
         )
         self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    def reload(self) -> None:
+        """
+        Forward a SIGHUP to the workers that have joined; one still starting
+        gets it when it joins (before that it may not handle the signal yet,
+        and a SIGHUP it does not handle ends it).
+        """
+        self.reloads += 1
+        for worker in self.group.workers:
+            if worker.control is not None:
+                self._signal(worker.index, "HUP")
+
+    def _joined(self, worker: Worker) -> None:
+        if self._spawned_at.get(worker.index, self.reloads) < self.reloads:
+            log.info("Worker {index} started before the last SIGHUP: it rereads its files now", index=worker.index)
+            self._spawned_at[worker.index] = self.reloads
+            self._signal(worker.index, "HUP")
+
+    def _signal(self, index: int, signal_name: str) -> None:
+        protocol = self.processes.get(index)
+        if protocol is not None:
+            try:
+                protocol.transport.signalProcess(signal_name)  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
 
     def signal_all(self, signal_name: str) -> None:
         """Send every running worker a signal (C{"HUP"}, C{"TERM"}...)."""

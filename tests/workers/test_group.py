@@ -8,22 +8,29 @@ options that a group needs.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.proxy.factory import rejection_reason
 from sentinel_twisted.tap import Options
-from sentinel_twisted.workers.commands import CHUNK_SIZE, Chunked
+from sentinel_twisted.workers.commands import CHUNK_SIZE, AdoptConnection, AdoptionFailed, Chunked
 from sentinel_twisted.workers.parent import (
     HandOverFactory,
     NoWorkerReady,
     WorkerGroup,
+    WorkerProcesses,
     relay_line,
     worker_command,
 )
@@ -49,12 +56,42 @@ class _Control:
 
     def __init__(self) -> None:
         self.sent: list[tuple[Any, dict[str, Any]]] = []
+        self.answers: list[Deferred[Any]] = []
 
     def call(self, command: Any, **arguments: Any) -> Any:
-        from twisted.internet.defer import Deferred
-
         self.sent.append((command, arguments))
-        return Deferred()
+        self.answers.append(Deferred())
+        return self.answers[-1]
+
+
+class _Handing:
+    """Stands for the parent's end of a registered connection being handed over."""
+
+    registration = b"{}"
+    peer = "127.0.0.1:1"
+    peer_credentials = None
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.transport = self
+        self.let_go_called = False
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def let_go(self) -> None:
+        self.let_go_called = True
+
+
+class _Registered:
+    """Stands for the registered connection."""
+
+    token_verified = False
+    connected_since = 0.0
+
+    def __init__(self, agent_id: str, connection_id: str) -> None:
+        self.agent_id = agent_id
+        self.connection_id = connection_id
 
 
 def group(count: int, cap: int = 8) -> WorkerGroup:
@@ -144,6 +181,25 @@ class SlotTests(TestCase):
         self.assertEqual([w.index for w in workers.ready()], [2])
         self.assertIn("Worker 1 left with 3 agent connection(s)", log_text(events))
 
+    def test_a_connection_the_worker_cannot_adopt_frees_its_slot_and_descriptor(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        handover = _Handing()
+        self.addCleanup(handover.socket.close)
+        before = sorted(os.listdir("/proc/self/fd"))
+        connection = _Registered("waf-1", "waf-1-1")
+        with captured_log() as events:
+            workers.hand_over(handover, connection, b"")  # type: ignore[arg-type]
+            self.assertTrue(handover.let_go_called)
+            ((command, arguments),) = controls[0].sent
+            self.assertIs(command, AdoptConnection)
+            controls[0].answers[0].errback(AdoptionFailed("[Errno 107] Transport endpoint is not connected"))
+        self.assertIn("Worker 1 did not take connection waf-1-1 of agent waf-1", log_text(events))
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 0)
+        self.assertEqual([dict(w.agents) for w in workers.workers], [{}, {}])
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the copy of the socket is closed")
+
     def test_no_registration_is_admitted_while_no_worker_is_ready(self) -> None:
         workers = group(2)
         refusal = workers.factory.admit(request())
@@ -220,6 +276,19 @@ class ControlTests(TestCase):
         self.assertEqual((first["worker"], first["text"], first["agent_id"]), (2, "The last agent left", "waf-1"))
         self.assertEqual((second["log_level"], second["text"]), (LogLevel.info, "plain text"))
 
+    def test_a_workers_line_cannot_hide_its_prefix_or_draw_a_line_of_the_parents(self) -> None:
+        forged = "2026-12-02T00:00:00+0000 [sentinel_twisted.workers#info] Worker 1 (pid 1) is ready"
+        line = json.dumps(
+            {"level": "info", "namespace": "x#info] forged [y", "message": f"one\r\x1b[2K{forged}\u2028two\n\tthree"}
+        ).encode()
+        with captured_log() as events:
+            relay_line(2, line)
+            relay_line(1, b"plain\rtext\x1b[31m")
+        first, second = events
+        self.assertEqual(first["text"], f"one\\x0d\\x1b[2K{forged}\\u2028two\n\tthree")
+        self.assertEqual(first["log_namespace"], "sentinel_twisted.workers")
+        self.assertEqual(second["text"], "plain\\x0dtext\\x1b[31m")
+
     def test_a_worker_runs_the_parents_arguments_then_what_makes_it_a_worker(self) -> None:
         command = worker_command(["--workers", "2", "--allow", "waf-*"], 2, "/run/x/control.sock", "tcp:8080")
         at = command.index("sentinel-reverse")
@@ -254,6 +323,23 @@ class OptionTests(TestCase):
         for http in ("none", "unix:gateway.sock"):
             error = self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--http", http)
             self.assertIn("needs a tcp: or tcp6: --http endpoint", str(error))
+
+    def test_a_worker_of_a_group_with_ready_agents_accepts_its_command_line(self) -> None:
+        # The parent serves /healthz; its workers run with --status none.
+        arguments = ["--workers", "2", "--http", "tcp:8080", "--status", "tcp:8081", "--ready-agent", "waf-1"]
+        self.parse(*arguments)
+        command = worker_command(arguments, 1, "/run/x/control.sock", "tcp:8080")
+        worker = self.parse(*command[command.index("sentinel-reverse") + 1 :])
+        self.assertEqual((worker["ready-agents"], worker["status"], worker["workers"]), (["waf-1"], None, 1))
+
+    def test_agent_ids_a_group_cannot_pass_between_its_processes_are_refused(self) -> None:
+        # Ids and connection ids travel as AMP values (65,535 bytes at most).
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--workers", "2", "--max-agent-id-length", "70000"
+        )
+        self.assertIn("at most 65000", str(error))
+        self.assertEqual(self.parse("--workers", "2", "--max-agent-id-length", "65000")["max-agent-id-length"], 65000)
+        self.assertEqual(self.parse("--max-agent-id-length", "70000")["max-agent-id-length"], 70000)
 
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
@@ -302,3 +388,56 @@ class RespreadTests(TestCase):
             worker.agents["waf-1"] = 1
         workers.clock.advance(1)  # type: ignore[attr-defined]
         self.assertEqual([c.sent for c in controls], [[], [], []])
+
+
+class _ProcessTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def closeStdin(self) -> None:
+        pass
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(Clock):
+    """Spawns nothing: records each worker's process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, _ProcessTransport]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kwargs: Any) -> _ProcessTransport:
+        transport = _ProcessTransport(100 + len(self.spawned))
+        protocol.transport = transport
+        self.spawned.append((protocol, transport))
+        return transport
+
+
+class ReloadTests(TestCase):
+    def test_sighup_reaches_a_worker_that_was_starting_once_it_joins(self) -> None:
+        workers = group(2)
+        reactor = _ProcessReactor()
+        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+        processes.startService()
+        (_, first), (_, second) = reactor.spawned
+        workers.worker_joined(_Control(), 1, first.pid)  # type: ignore[arg-type]
+        processes.reload()
+        # Worker 2 is starting: a SIGHUP it does not handle yet would end it.
+        self.assertEqual((first.signals, second.signals), (["HUP"], []))
+        with captured_log() as events:
+            workers.worker_joined(_Control(), 2, second.pid)  # type: ignore[arg-type]
+        self.assertEqual(second.signals, ["HUP"])
+        self.assertIn("Worker 2 started before the last SIGHUP", log_text(events))
+        # A worker started after the last SIGHUP read the files itself.
+        protocol, _ = reactor.spawned[0]
+        workers.worker_left(workers.workers[0].control)  # type: ignore[arg-type]
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        reactor.advance(1)
+        (_, again) = reactor.spawned[2]
+        workers.worker_joined(_Control(), 1, again.pid)  # type: ignore[arg-type]
+        self.assertEqual(again.signals, [])
+        processes.stopService()
+        self.assertEqual([t.signals for _, t in reactor.spawned], [["HUP"], ["HUP", "TERM"], ["TERM"]])

@@ -12,6 +12,9 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from ..test_readme_demo import (
     free_port,
     wait_for,
 )
+from ..twistd_support import twistd_command
 
 
 def agents(status: int) -> dict[str, Any]:
@@ -193,21 +197,119 @@ def running(pid: int) -> bool:
         return False
 
 
+def short_temporary_directory(test: TestCase) -> Path:
+    """A directory removed after C{test}, with a path short enough for the control socket in it."""
+    directory = Path(tempfile.mkdtemp(prefix="sw-"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
 class OrphanTests(TestCase):
     def test_workers_stop_when_their_parent_is_killed(self) -> None:
         work = Path(self.mktemp())
         work.mkdir(parents=True)
         status = free_port()
-        proxy = Process(
-            self,
-            work,
-            "proxy",
-            ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "0",
-             "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
-        )
+        # A parent killed outright cannot remove its control directory: one
+        # the test removes.
+        temporary = short_temporary_directory(self)
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(temporary)
+        try:
+            proxy = Process(
+                self,
+                work,
+                "proxy",
+                ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "0",
+                 "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+            )
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
         wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
         pids = [w["pid"] for w in agents(status)["workers"]]
         self.assertTrue(all(running(pid) for pid in pids), pids)
         proxy.process.kill()
         proxy.process.wait(STOP_TIMEOUT)
         wait_for(lambda: not any(running(pid) for pid in pids), START_TIMEOUT, "the orphaned workers to stop")
+
+
+class StartupFailureTests(TestCase):
+    def group_failing_on(self, taken: str) -> tuple[int, str, list[str]]:
+        """
+        Start a group whose --listen or --status port is taken; its exit
+        status, its output and what it left in its temporary directory.
+        """
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        temporary = short_temporary_directory(self)
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            ports = {"listen": free_port(), "status": free_port(), taken: holder.getsockname()[1]}
+            run = subprocess.run(
+                twistd_command(
+                    "-n", "--pidfile=", "sentinel-reverse", "--workers", "2",
+                    "--listen", f"tcp:{ports['listen']}:interface=127.0.0.1",
+                    "--http", f"tcp:{free_port()}:interface=127.0.0.1",
+                    "--status", f"tcp:{ports['status']}:interface=127.0.0.1",
+                ),
+                cwd=work, env={**os.environ, "TMPDIR": str(temporary)}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=STOP_TIMEOUT,
+            )
+        return run.returncode, run.stdout.decode(errors="replace"), sorted(p.name for p in temporary.iterdir())
+
+    def test_an_agent_listener_that_cannot_listen_leaves_no_control_directory(self) -> None:
+        status, output, left = self.group_failing_on("listen")
+        self.assertEqual(status, 1, output)
+        self.assertIn("--listen tcp:", output)
+        self.assertEqual(left, [], "the control socket's directory is removed")
+
+    def test_a_status_site_that_cannot_listen_is_named_and_leaves_no_control_directory(self) -> None:
+        status, output, left = self.group_failing_on("status")
+        self.assertEqual(status, 1, output)
+        self.assertIn("--status tcp:", output)
+        self.assertNotIn("[worker", output, "no worker is started")
+        self.assertEqual(left, [], "the control socket's directory is removed")
+
+
+class VanishingAgentTests(TestCase):
+    def test_agents_that_vanish_right_after_registering_stop_no_worker_and_leak_nothing(self) -> None:
+        from ..rawagent import HANDSHAKE_REQUEST, frame, registration
+
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        agents_port, status = free_port(), free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--max-connections-per-agent", "1000",
+             "--listen", f"tcp:{agents_port}:interface=127.0.0.1",
+             "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        pids = [w["pid"] for w in agents(status)["workers"]]
+        descriptors = len(os.listdir(f"/proc/{proxy.process.pid}/fd"))
+        for i in range(150):
+            with socket.create_connection(("127.0.0.1", agents_port)) as agent:
+                # Gone at once: its RegistrationResponse, unread, makes its end reset the connection.
+                tail = b"" if i % 3 else b"\x00\x00\x01\x00\x41{"  # or with part of a frame behind
+                agent.sendall(frame(HANDSHAKE_REQUEST, registration(f"gone-{i % 7}")) + tail)
+
+        def settled() -> bool:
+            document = _try(lambda: agents(status))
+            return (
+                document is not None
+                and all(w["answering"] and w["connections"] == 0 for w in document["workers"])
+                and not document["agents"]
+                and len(os.listdir(f"/proc/{proxy.process.pid}/fd")) == descriptors
+            )
+
+        wait_for(settled, START_TIMEOUT, "every slot and descriptor to be freed", proxy)
+        document = agents(status)
+        self.assertEqual([(w["pid"], w["restarts"]) for w in document["workers"]], [(pid, 0) for pid in pids])
+        self.assertNotIn("Traceback", proxy.output())
+        proxy.process.terminate()
+        self.assertEqual(proxy.process.wait(STOP_TIMEOUT), 0, proxy.output())
