@@ -186,6 +186,15 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
     endpoint = ReusePortEndpoint(reactor, int(port), interface, backlog)
     gateway = add_gateway(top, options, reactor, http_endpoint=endpoint)
     ready_agents = tuple(options.get("ready-agents", ()))
+    # The HTTP listener starts when the control service says (see
+    # WorkerControlService.serve_http), not with the gateway.
+    http = gateway.http if gateway is not None else None
+    serve_http = None
+    if http is not None:
+        http.disownServiceParent()
+
+        def serve_http() -> None:
+            http.setServiceParent(gateway)
 
     def snapshot() -> tuple[bytes, bytes, bool]:
         pool = factory.pool
@@ -203,6 +212,7 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
         snapshot,
         top.reloader.drain,
         top.reloader.refusal,
+        serve_http,
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

@@ -7,6 +7,7 @@ HTTP clients on the group's shared port (C{SO_REUSEPORT}).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import messages as m
+from .._peertext import peer_text
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
 from .commands import (
@@ -50,6 +52,12 @@ __all__ = [
 
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.workers")
+
+#: Seconds a worker that joins a running group waits for the agents the
+#: others hold before it takes HTTP clients anyway.
+HOLD_TIMEOUT = 5.0
+#: How often it looks, in seconds.
+HOLD_POLL = 0.05
 
 
 @attrs.frozen
@@ -246,6 +254,9 @@ class WorkerControlService(service.Service):
     @ivar refusal: why a connection may no longer stay (the allowlist and
         the token file as this worker last read them), or C{None}.
     @ivar protocol: the control connection, C{None} while not connected.
+    @ivar serve_http: starts the gateway's HTTP listener; called once this
+        worker holds every agent the rest of the group holds, or after
+        L{HOLD_TIMEOUT} (clients of a worker without them would get 503).
     """
 
     def __init__(
@@ -257,6 +268,7 @@ class WorkerControlService(service.Service):
         snapshot: Callable[[], tuple[bytes, bytes, bool]],
         drain: Callable[[AgentConnection, str], object] | None = None,
         refusal: Callable[[AgentConnection], str | None] | None = None,
+        serve_http: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.index = index
@@ -265,6 +277,9 @@ class WorkerControlService(service.Service):
         self.snapshot = snapshot
         self.drain = drain
         self.refusal = refusal
+        self.serve_http = serve_http
+        self._awaited: set[str] = set()
+        self._hold_until = 0.0
         self.protocol: WorkerControl | None = None
         self._stopping = False
         factory.on_gone = self._connection_gone
@@ -278,7 +293,46 @@ class WorkerControlService(service.Service):
     def _connected(self, protocol: WorkerControl) -> Deferred[Any]:
         self.protocol = protocol
         log.info("Worker {index} (pid {pid}) joined its group", index=self.index, pid=os.getpid())
-        return protocol.call(Hello, index=self.index, pid=os.getpid())
+        hello = protocol.call(Hello, index=self.index, pid=os.getpid())
+        return hello.addCallback(lambda answer: self._hold_http(answer["agents"]))
+
+    def _hold_http(self, agents: bytes) -> None:
+        """Take HTTP clients once this worker holds every agent in C{agents} (JSON), or after a while."""
+        try:
+            awaited = {str(a) for a in json.loads(agents)}
+        except ValueError:
+            awaited = set()
+        self._awaited = awaited
+        self._hold_until = self.reactor.seconds() + HOLD_TIMEOUT
+        if awaited:
+            log.info(
+                "Worker {index} takes HTTP clients once it holds {count} agent(s) the group holds",
+                index=self.index,
+                count=len(awaited),
+            )
+        self._check_hold()
+
+    def _check_hold(self) -> None:
+        if self.serve_http is None or self._stopping:
+            return
+        pool = self.factory.pool
+        missing = [a for a in self._awaited if a not in pool]
+        if missing and self.reactor.seconds() < self._hold_until:
+            self.reactor.callLater(HOLD_POLL, self._check_hold)
+            return
+        if missing:
+            log.warn(
+                "Worker {index} takes HTTP clients without agent(s) {agents} after {timeout:.0f} s",
+                index=self.index,
+                agents=", ".join(peer_text(a, 64) for a in sorted(missing)[:5]),
+                timeout=HOLD_TIMEOUT,
+            )
+        serve, self.serve_http = self.serve_http, None
+        try:
+            serve()
+        except Exception as e:
+            log.error("Worker {index} cannot take HTTP clients: {error}; stopping", index=self.index, error=str(e))
+            self._stop_reactor()
 
     def _failed(self, failure: Failure) -> None:
         log.error(

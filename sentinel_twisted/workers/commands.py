@@ -50,11 +50,13 @@ class Hello(amp.Command):
     Worker to parent, first: which worker it is.
 
     @cvar arguments: its index (from 1) and process id.
-    @cvar response: nothing.
+    @cvar response: C{agents}: the agent ids the other workers hold (a JSON
+        list), which a worker that joins a running group waits for before
+        it takes HTTP clients.
     """
 
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
-    response = list[tuple[bytes, amp.Argument]]()
+    response = [(b"agents", Chunked())]
 
 
 class AdoptionFailed(Exception):

@@ -357,9 +357,10 @@ class ParentControl(ControlProtocol):
 
     @Hello.responder
     def hello(self, index: int, pid: int) -> dict[str, Any]:
-        """L{Hello}: the worker joins the group."""
+        """L{Hello}: the worker joins the group; the agents the others hold."""
         self.group.worker_joined(self, index, pid)
-        return {}
+        held = {a for w in self.group.ready() if w.index != index for a, n in w.agents.items() if n}
+        return {"agents": json.dumps(sorted(held)).encode("utf-8")}
 
     @ConnectionGone.responder
     def gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:

@@ -441,3 +441,48 @@ class ReloadTests(TestCase):
         self.assertEqual(again.signals, [])
         processes.stopService()
         self.assertEqual([t.signals for _, t in reactor.spawned], [["HUP"], ["HUP", "TERM"], ["TERM"]])
+
+
+class HttpHoldTests(TestCase):
+    """A worker that joins a running group takes HTTP clients once it holds the group's agents."""
+
+    def worker(self) -> tuple[Any, list[str], set[str], MemoryReactorClock]:
+        from types import SimpleNamespace
+
+        from sentinel_twisted.workers.child import WorkerControlService
+
+        clock = MemoryReactorClock()
+        pool: set[str] = set()
+        served: list[str] = []
+        control = WorkerControlService(
+            "/nowhere", 1, SimpleNamespace(pool=pool), clock, lambda: (b"", b"", True),  # type: ignore[arg-type]
+            serve_http=lambda: served.append("http"),
+        )
+        return control, served, pool, clock
+
+    def test_it_waits_for_the_agents_the_others_hold(self) -> None:
+        control, served, pool, clock = self.worker()
+        control._hold_http(b'["waf-1", "auth"]')
+        pool.add("waf-1")
+        clock.advance(1)
+        self.assertEqual(served, [])
+        pool.add("auth")
+        clock.advance(0.1)
+        self.assertEqual(served, ["http"])
+        clock.advance(10)
+        self.assertEqual(served, ["http"])
+
+    def test_a_first_worker_takes_clients_at_once(self) -> None:
+        control, served, pool, clock = self.worker()
+        control._hold_http(b"[]")
+        self.assertEqual(served, ["http"])
+
+    def test_it_takes_clients_after_the_hold_timeout_and_says_so(self) -> None:
+        from sentinel_twisted.workers.child import HOLD_TIMEOUT
+
+        control, served, pool, clock = self.worker()
+        control._hold_http(b'["waf-1"]')
+        with captured_log() as events:
+            clock.pump([0.5] * int(HOLD_TIMEOUT * 2 + 2))
+        self.assertEqual(served, ["http"])
+        self.assertIn("without agent(s) waf-1", log_text(events))
