@@ -18,8 +18,12 @@ reconnect.
 
   - L{sentinel_twisted.workers.commands}: the AMP commands between parent
     and workers.
-  - L{sentinel_twisted.workers.parent}: the parent (hand-over, worker
-    processes, the group's view).
+  - L{sentinel_twisted.workers.parent}: the parent's registrations and
+    hand-over, and its control socket.
+  - L{sentinel_twisted.workers.processes}: the worker processes (command
+    line, restarts, log relay).
+  - L{sentinel_twisted.workers.assemble}: the services of the parent and of
+    a worker.
   - L{sentinel_twisted.workers.child}: a worker's end.
   - L{sentinel_twisted.workers.status}: the group's status site.
 """

@@ -37,14 +37,8 @@ from .child import (
     WorkerControlService,
     reuse_port_socket,
 )
-from .parent import (
-    ControlService,
-    HandOverFactory,
-    WorkerGroup,
-    WorkerProcesses,
-    log,
-    worker_command,
-)
+from .parent import ControlService, HandOverFactory, WorkerGroup, log
+from .processes import WorkerProcesses, worker_command
 from .status import GroupStatusResource
 
 __all__ = ["ReservedPort", "WorkerService", "make_group", "make_worker"]

@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger, LogLevel
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._peertext import escape_char, is_clean, peer_text
+from .._peertext import peer_text
 from ..errors import AgentProtocolError
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
@@ -53,22 +50,11 @@ __all__ = [
     "NoWorkerReady",
     "Worker",
     "WorkerGroup",
-    "WorkerProcesses",
-    "relay_line",
-    "worker_command",
 ]
 
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.workers")
 
-#: Seconds a worker must have run for its next restart to be immediate;
-#: one that dies sooner is restarted after a delay that doubles up to
-#: L{MAX_RESTART_DELAY}.
-STEADY_AFTER = 10.0
-#: The longest wait before restarting a worker that keeps dying.
-MAX_RESTART_DELAY = 30.0
-#: The longest log line of a worker relayed whole, in bytes.
-MAX_LINE = 64 * 1024
 #: Seconds after a connection is handed over before the parent checks
 #: that every worker holds one of that agent's.
 COVERAGE_DELAY = 5.0
@@ -535,228 +521,3 @@ class ControlService(service.Service):
         stopped = port.stopListening() if port is not None else None
         self._remove()
         return stopped if stopped is not None else succeed(None)
-
-
-def worker_command(arguments: Sequence[str], index: int, control: str, http: str | None) -> list[str]:
-    """
-    The command line of worker C{index}: the parent's own
-    C{sentinel-reverse} arguments, then what makes it a worker (later
-    options win over earlier ones).
-    """
-    code = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-    command = [sys.executable, "-c", code, "--nodaemon", "--pidfile=", "sentinel-reverse", *arguments]
-    command += ["--workers", "1", "--worker-control", control, "--worker-index", str(index)]
-    command += ["--status", "none", "--log-format", "json", "--http", http if http is not None else "none"]
-    return command
-
-
-# Fields of a worker's JSON log line that are not the event's own.
-_LINE_KEYS = frozenset(["time", "level", "namespace", "message", "traceback", "text", "worker", "format"])
-
-
-# A namespace as Twisted's loggers name them (module paths).
-_NAMESPACE = re.compile(r"[A-Za-z_][\w.]{0,199}")
-
-
-def _shown(text: str) -> str:
-    """
-    A worker's text for the parent's log: its lines kept (a log file
-    indents the ones after the first), every other control, format or
-    separator character escaped, so that no carriage return or terminal
-    escape can hide the C{[worker N]} prefix or draw a line of the
-    parent's.
-    """
-    if is_clean(text.replace("\n", "").replace("\t", "")):
-        return text
-    return "\n".join(
-        "".join(c if c == "\t" or is_clean(c) else escape_char(c) for c in line) for line in text.split("\n")
-    )
-
-
-def relay_line(index: int, line: bytes) -> None:
-    """
-    Log a worker's log line (JSON, see C{--log-format}) as an event of the
-    parent's, with its level, namespace and fields, prefixed
-    C{[worker N]}; any other line is logged as it is, at info.  Control
-    characters are shown escaped (see L{_shown}).
-    """
-    text = line.decode("utf-8", "replace").rstrip("\r")
-    try:
-        event = json.loads(text)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        if text:
-            log.info("[worker {worker}] {text}", worker=index, text=_shown(text))
-        return
-    try:
-        level = LogLevel.levelWithName(str(event.get("level") or "info"))
-    except Exception:
-        level = LogLevel.info
-    namespace = str(event.get("namespace") or log.namespace)
-    if not _NAMESPACE.fullmatch(namespace):
-        namespace = log.namespace
-    message = str(event.get("message", ""))
-    if event.get("traceback"):
-        message = f"{message}\n{event['traceback']}"
-    message = _shown(message)
-    fields = {k: v for k, v in event.items() if k not in _LINE_KEYS and not k.startswith("log_")}
-    Logger(namespace=namespace).emit(level, "[worker {worker}] {text}", worker=index, text=message, **fields)
-
-
-class _WorkerProcess(ProcessProtocol):
-    """A worker process: its output lines are relayed to the parent's log."""
-
-    def __init__(self, processes: WorkerProcesses, index: int) -> None:
-        self.processes = processes
-        self.index = index
-        self._partial = {1: b"", 2: b""}
-        self.ended: Deferred[None] = Deferred()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        buffered = self._partial.get(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        if len(rest) > MAX_LINE:
-            lines.append(rest[:MAX_LINE])
-            rest = b""
-        self._partial[childFD] = rest
-        for line in lines:
-            relay_line(self.index, line[:MAX_LINE])
-
-    def processEnded(self, reason: Failure) -> None:
-        for rest in self._partial.values():
-            if rest:
-                relay_line(self.index, rest)
-        self.processes.process_ended(self, reason)
-        self.ended.callback(None)
-
-
-class WorkerProcesses(service.Service):
-    """
-    Runs the workers: starts each, restarts one that ends while the
-    service runs (at once after a steady run, else after a delay that
-    doubles), and on stop sends each C{SIGTERM} (their requests get the
-    shutdown grace) and C{SIGKILL} after C{stop_timeout}.
-
-    @ivar group: the workers.
-    @ivar command: the command line of worker N.
-    @ivar reactor: the reactor (processes and time).
-    @ivar stop_timeout: seconds a worker has to exit after C{SIGTERM}.
-    @ivar processes: the running workers' processes, by index.
-    """
-
-    def __init__(
-        self,
-        group: WorkerGroup,
-        command: Callable[[int], list[str]],
-        reactor: Any,
-        stop_timeout: float,
-    ) -> None:
-        self.group = group
-        self.command = command
-        self.reactor = reactor
-        self.stop_timeout = stop_timeout
-        self.processes: dict[int, _WorkerProcess] = {}
-        #: SIGHUPs forwarded to the workers so far.
-        self.reloads = 0
-        # The value of reloads when each worker was started.
-        self._spawned_at: dict[int, int] = {}
-        self._started: dict[int, float] = {}
-        self._delays: dict[int, float] = {}
-        self._restarts: dict[int, Any] = {}
-        group.on_join = self._joined
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        for worker in self.group.workers:
-            self.spawn(worker.index)
-
-    def spawn(self, index: int) -> None:
-        """Start worker C{index}."""
-        self._restarts.pop(index, None)
-        argv = self.command(index)
-        protocol = _WorkerProcess(self, index)
-        self._started[index] = self.reactor.seconds()
-        self._spawned_at[index] = self.reloads
-        transport = self.reactor.spawnProcess(
-            protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
-        )
-        transport.closeStdin()
-        self.processes[index] = protocol
-        self.group.workers[index - 1].pid = transport.pid
-
-    def process_ended(self, protocol: _WorkerProcess, reason: Failure) -> None:
-        """A worker process exited: restart it if the group still runs."""
-        index = protocol.index
-        if self.processes.get(index) is protocol:
-            del self.processes[index]
-        worker = self.group.workers[index - 1]
-        worker.pid = None
-        if not self.running:
-            return
-        lived = self.reactor.seconds() - self._started.get(index, 0.0)
-        if lived >= STEADY_AFTER:
-            delay = 0.0
-            self._delays[index] = 1.0
-        else:
-            delay = self._delays.get(index, 1.0)
-            self._delays[index] = min(delay * 2, MAX_RESTART_DELAY)
-        worker.restarts += 1
-        log.warn(
-            "Worker {index} exited ({reason}); restarting it in {delay:.0f} s",
-            index=index,
-            reason="exit 0" if reason.check(ProcessDone) else reason.getErrorMessage(),
-            delay=delay,
-        )
-        self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
-
-    def reload(self) -> None:
-        """
-        Forward a SIGHUP to the workers that have joined; one still starting
-        gets it when it joins (before that it may not handle the signal yet,
-        and a SIGHUP it does not handle ends it).
-        """
-        self.reloads += 1
-        for worker in self.group.workers:
-            if worker.control is not None:
-                self._signal(worker.index, "HUP")
-
-    def _joined(self, worker: Worker) -> None:
-        if self._spawned_at.get(worker.index, self.reloads) < self.reloads:
-            log.info("Worker {index} started before the last SIGHUP: it rereads its files now", index=worker.index)
-            self._spawned_at[worker.index] = self.reloads
-            self._signal(worker.index, "HUP")
-
-    def _signal(self, index: int, signal_name: str) -> None:
-        protocol = self.processes.get(index)
-        if protocol is not None:
-            try:
-                protocol.transport.signalProcess(signal_name)  # type: ignore[union-attr]
-            except ProcessExitedAlready:
-                pass
-
-    def signal_all(self, signal_name: str) -> None:
-        """Send every running worker a signal (C{"HUP"}, C{"TERM"}...)."""
-        for protocol in list(self.processes.values()):
-            try:
-                protocol.transport.signalProcess(signal_name)  # type: ignore[union-attr]
-            except ProcessExitedAlready:
-                pass
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        for call in self._restarts.values():
-            if call.active():
-                call.cancel()
-        self._restarts.clear()
-        running = list(self.processes.values())
-        self.signal_all("TERM")
-        kill = self.reactor.callLater(self.stop_timeout, self.signal_all, "KILL")
-        ended: Deferred[Any] = DeferredList([p.ended for p in running])
-
-        def done(result: object) -> object:
-            if kill.active():
-                kill.cancel()
-            return result
-
-        return ended.addBoth(done)

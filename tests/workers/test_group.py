@@ -26,14 +26,8 @@ from sentinel_twisted import messages as m
 from sentinel_twisted.proxy.factory import rejection_reason
 from sentinel_twisted.tap import Options
 from sentinel_twisted.workers.commands import CHUNK_SIZE, AdoptConnection, AdoptionFailed, Chunked
-from sentinel_twisted.workers.parent import (
-    HandOverFactory,
-    NoWorkerReady,
-    WorkerGroup,
-    WorkerProcesses,
-    relay_line,
-    worker_command,
-)
+from sentinel_twisted.workers.parent import HandOverFactory, NoWorkerReady, WorkerGroup
+from sentinel_twisted.workers.processes import WorkerProcesses, relay_line, worker_command
 from sentinel_twisted.workers.status import group_document, merge_metrics
 
 from .._proxy_support import capabilities, captured_log, log_text
