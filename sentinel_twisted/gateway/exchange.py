@@ -1037,7 +1037,7 @@ class Exchange:
         if not self._head_written:
             self._write_head()
         self._response_bytes += len(data)
-        self.request.write(data)  # type: ignore[no-untyped-call]
+        self.request.write(data)
 
     def _client_end(self) -> None:
         if self._phase != _RESPONDING:
@@ -1214,7 +1214,7 @@ class Exchange:
         request.prepare_answer()
         if body:
             self._response_bytes = len(body)
-            request.write(body)  # type: ignore[no-untyped-call]
+            request.write(body)
         self._finish()
 
     def _over(self) -> None:
