@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000, help="requests before the profiled ones (cprofile: not excluded)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--events", default="none", help="the reference agent's events (none: no agent)")
-    parser.add_argument("--profiler", choices=("none", "cprofile", "callgrind"), default="none")
+    parser.add_argument("--profiler", choices=("none", "cprofile", "callgrind", "strace"), default="none")
     parser.add_argument("--out", default="gateway.prof")
     parser.add_argument("--peers", default=None)
     parser.add_argument("--python", default=sys.executable)
@@ -116,6 +117,8 @@ def main() -> None:
         twistd += ["--profile", os.path.abspath(a.out), "--profiler", "cprofile", "--savestats"]
     argv = [*twistd, "sentinel-reverse", "--listen", f"unix:{sock}",
             "--http", f"tcp:{port}:interface=127.0.0.1", "--status", "none", "--fail-open"]
+    if a.profiler == "strace":
+        argv = ["strace", "-f", "-c", "-o", os.path.abspath(a.out), *argv]
     if a.profiler == "callgrind":
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={os.path.abspath(a.out)}", *argv]
     env = dict(os.environ)
@@ -143,7 +146,12 @@ def main() -> None:
         if agent is not None:
             agent.terminate()
             agent.wait()
-        gateway.terminate()
+        if a.profiler == "strace":
+            # strace keeps SIGTERM to itself: the gateway gets it directly.
+            with open(os.path.join(workdir, "gateway.pid")) as f:
+                os.kill(int(f.read()), signal.SIGTERM)
+        else:
+            gateway.terminate()
         gateway.wait(600)
 
 
