@@ -56,6 +56,7 @@ from ..errors import (
     RequestTimeout,
 )
 from ..pool import PoolObserver
+from ..protocol import HOLD_FRAMES_FOR_TURN
 from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
 from .decisions import (
     PROTECTED_REQUEST_HEADERS,
@@ -687,12 +688,14 @@ class Exchange:
         self._round = list(self.slots)
         answered = self._header_answered
         failed = self._header_failed
-        for slot in self._round:
-            if self._phase == _OVER:
-                return
-            slot.connection.send_event(event, cid).addCallbacks(
-                answered, failed, callbackArgs=(slot,), errbackArgs=(slot,)
-            )
+        # Requests read in one reactor turn share a send per agent connection.
+        with HOLD_FRAMES_FOR_TURN:
+            for slot in self._round:
+                if self._phase == _OVER:
+                    return
+                slot.connection.send_event(event, cid).addCallbacks(
+                    answered, failed, callbackArgs=(slot,), errbackArgs=(slot,)
+                )
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:
