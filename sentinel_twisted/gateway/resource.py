@@ -334,6 +334,10 @@ class GatewayChannel(http.HTTPChannel):
     # (see GatewayRequest.write); None: this transport takes the usual path.
     _outgoing: list[bytes] | None = None
     _holding = 0
+    # The connection's two addresses, asked of the transport once: each
+    # request wants both, and the local one costs a system call.
+    _host: Any = None
+    _peer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
         if _writes_through(transport):
@@ -343,6 +347,18 @@ class GatewayChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
         self._await_head()
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()  # type: ignore[no-untyped-call]
+        return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()  # type: ignore[no-untyped-call]
+        return peer
 
     # -- the idle timeout and the head's deadline -------------------------------
 

@@ -139,6 +139,17 @@ class WritingAtOnceTests(SynchronousTestCase):
         data = b"".join(sock.sent) + transport.buffered
         self.assertEqual(_responses(data), [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"])
 
+    def test_the_addresses_are_asked_of_the_transport_once_per_connection(self) -> None:
+        channel, transport, sock, _ = self.connect()
+        asked: list[str] = []
+        get_host, get_peer = transport.getHost, transport.getPeer
+        transport.getHost = lambda: asked.append("host") or get_host()  # type: ignore[method-assign]
+        transport.getPeer = lambda: asked.append("peer") or get_peer()  # type: ignore[method-assign]
+        for i in range(3):
+            channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+        self.assertEqual(len(sock.sent), 3)
+        self.assertEqual(sorted(asked), ["host", "peer"])
+
     def test_a_string_transport_takes_the_usual_path(self) -> None:
         site, _ = _site()
         channel = site.buildProtocol(None)
