@@ -798,18 +798,22 @@ class Exchange:
         self._forwarded = True
         request = self.request
         headers = drop_hop_by_hop(request.requestHeaders, _NOT_FORWARDED)
-        client = request.client
-        client_ip = getattr(client, "host", None)
+        # Names in their canonical case, values that twisted.web checked as
+        # it parsed them (no CR, LF or NUL) or that are ours: set in the
+        # dicts directly, as setRawHeaders would after checking them again.
+        received = request.requestHeaders._rawHeaders
+        raw = headers._rawHeaders
+        client_ip = getattr(request.client, "host", None)
         if client_ip:
-            forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            forwarded = received.get(b"X-Forwarded-For")
             value = client_ip.encode("ascii")
             if forwarded:
                 value = b", ".join([*forwarded, value])
-            headers.setRawHeaders(b"X-Forwarded-For", [value])
-        headers.setRawHeaders(b"X-Forwarded-Proto", [b"https" if self._secure else b"http"])
-        host = request.requestHeaders.getRawHeaders(b"host")
+            raw[b"X-Forwarded-For"] = [value]
+        raw[b"X-Forwarded-Proto"] = [b"https" if self._secure else b"http"]
+        host = received.get(b"Host")
         if host:
-            headers.setRawHeaders(b"X-Forwarded-Host", [host[0]])
+            raw[b"X-Forwarded-Host"] = [host[0]]
         decisions: list[dict[str, Any]] | None = (
             list(self._passed) if self.gateway.shows_decisions else None
         )
@@ -897,7 +901,7 @@ class Exchange:
             and response.code not in _NO_BODY
         ):
             # twisted.web.client keeps Content-Length out of the headers.
-            headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+            headers._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
         self._out_headers = headers
         for slot in self.slots:
             slot.stage = None
