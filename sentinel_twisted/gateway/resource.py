@@ -9,6 +9,7 @@ streams instead of being buffered by C{twisted.web} first.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -32,6 +33,21 @@ log = Logger(namespace="sentinel_twisted.gateway")
 
 def _discard(data: bytes) -> None:
     pass
+
+
+_date_second = -1
+_date = b""
+
+
+def _http_date() -> bytes:
+    """The Date header's value now (as twisted.web formats it), made once a second."""
+    global _date_second, _date
+    now = time.time()
+    second = int(now)
+    if second != _date_second:
+        _date = http.datetimeToString(now)
+        _date_second = second
+    return _date
 
 
 def _writes_through(transport: object) -> bool:
@@ -62,8 +78,11 @@ class GatewayRequest(server.Request):
     @ivar uri: the request target, as received.
     @ivar clientproto: the HTTP version of the request line.
     @ivar path: the target without its query.
-    @ivar args: query arguments; always empty for a streamed body (the gateway
-        does not parse them).
+    @ivar site: the gateway's site (as twisted.web sets it).
+    @ivar prepath: always empty: the gateway's one resource takes every path.
+    @ivar postpath: always empty, likewise.
+    @ivar args: query arguments; always empty (the gateway does not parse
+        them: the query reaches agents and upstream as it was sent).
     """
 
     #: Responses keep the upstream's Content-Type, or have none.
@@ -94,7 +113,7 @@ class GatewayRequest(server.Request):
         self.args = {}
         self._in_parser = True
         try:
-            self.process()  # type: ignore[no-untyped-call]
+            self.process()
         finally:
             self._in_parser = False
 
@@ -112,9 +131,20 @@ class GatewayRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self.streaming:
+            # twisted.web's requestReceived, less the parsing of query
+            # arguments and form bodies that nobody here reads (the body of
+            # a request that comes this way is empty).
             content = self.content
-            self.body_length = content.tell() if content is not None else 0
-            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+            if content is not None:
+                self.body_length = content.tell()
+                content.seek(0, 0)
+            else:
+                self.body_length = 0
+            self.args = {}
+            self.method, self.uri = command, path
+            self.clientproto = version
+            self.path = path.split(b"?", 1)[0]
+            self.process()
             return
         self.body_complete = True
         exchange = self.exchange
@@ -160,6 +190,25 @@ class GatewayRequest(server.Request):
         exchange = self.exchange
         if exchange is not None:
             exchange.release()
+
+    def process(self) -> None:
+        # twisted.web's process, less what a gateway never reads: its one
+        # resource takes every path (no traversal, no prepath or postpath),
+        # and the Server header never leaves (a proxy passes the upstream's
+        # own, or none).  Date is formatted once a second.
+        channel: Any = self.channel
+        site = channel.site
+        self.site = site
+        self.responseHeaders._rawHeaders[b"Date"] = [_http_date()]
+        self.prepath = []
+        self.postpath = []
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.resource)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     def _handleStar(self) -> None:
         # twisted.web answers "OPTIONS *" itself (and "GET *" with 405);

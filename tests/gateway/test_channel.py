@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
-from sentinel_twisted.gateway.resource import GatewaySite
+from sentinel_twisted.gateway.resource import GatewayRequest, GatewaySite
 
 from .test_target import _Pool, _RecordingConnection, _RecordingUpstream
 
@@ -157,6 +157,26 @@ class WritingAtOnceTests(SynchronousTestCase):
         channel.makeConnection(transport)
         channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+
+class RequestTests(SynchronousTestCase):
+    def test_date_and_no_server_header_and_the_query_left_alone(self) -> None:
+        upstream = _RecordingUpstream()
+        site, _ = _site(upstream)
+        requests: list[Any] = []
+        site.requestFactory = lambda *a: requests.append(GatewayRequest(*a)) or requests[-1]
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /a?b=1&b=2&c HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = transport.value().split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        self.assertEqual(head[0], b"HTTP/1.1 200 OK")
+        (date,) = [line for line in head if line.startswith(b"Date: ")]
+        self.assertRegex(date, rb"^Date: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$")
+        self.assertFalse([line for line in head if line.lower().startswith(b"server:")])
+        self.assertEqual(upstream.targets, [b"/a?b=1&b=2&c"])
+        (request,) = requests
+        self.assertEqual((request.path, request.args), (b"/a", {}))
 
 
 class IdleTimeoutTests(SynchronousTestCase):
