@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .connection import AgentConnection
     from .factory import ReverseConnectionFactory
 
-__all__ = ["HOLD_FRAMES_FOR_TURN", "HoldFramesForTurn", "ReverseConnectionProtocol"]
+__all__ = ["HOLD_FRAMES_FOR_TURN", "HoldFramesForTurn", "ReverseConnectionProtocol", "send_after_read"]
 
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.protocol")
@@ -77,7 +77,7 @@ def peer_credentials(transport: object) -> tuple[int, int, int] | None:
 #: may run another connection's read), and the protocols holding frames
 #: to send when they are done (insertion-ordered).
 _reading = [0]
-_holding: dict[_PooledConnectionProtocol, None] = {}
+_holding: dict[Any, None] = {}
 
 
 def _send_all_held() -> None:
@@ -85,6 +85,20 @@ def _send_all_held() -> None:
         protocol = next(iter(_holding))
         del _holding[protocol]
         protocol._send_held()
+
+
+def send_after_read(sender: Any) -> bool:
+    """
+    While frames are being read (answers handled), have C{sender._send_held()}
+    called once the read is done, with the frames written meanwhile, and
+    return C{True}; else return C{False} (the caller sends now).  For other
+    connections written to while answers are handled (the gateway's clients:
+    a response's last chunk and its end then leave in one send).
+    """
+    if _reading[0]:
+        _holding[sender] = None
+        return True
+    return False
 
 
 #: How many callers asked for frames to wait for the end of the reactor's

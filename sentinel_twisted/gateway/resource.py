@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from ..endpoints import RefusedConnection
+from ..protocol import send_after_read
 from .exchange import Exchange, Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
@@ -171,7 +172,7 @@ class GatewayRequest(server.Request):
             super().write(data)  # type: ignore[no-untyped-call]
         finally:
             channel._holding -= 1
-            if not channel._holding and channel._outgoing:
+            if not channel._holding and channel._outgoing and not send_after_read(channel):
                 channel._send_outgoing()
 
     def finish(self) -> None:
@@ -566,6 +567,10 @@ class GatewayChannel(http.HTTPChannel):
     def _send100Continue(self) -> None:
         self._send_outgoing()
         super()._send100Continue()  # type: ignore[no-untyped-call]
+
+    def _send_held(self) -> None:
+        """What L{send_after_read} calls once the agents' answers are read."""
+        self._send_outgoing()
 
     def _send_outgoing(self) -> None:
         """Send what is held: at once if the transport holds nothing, else through it."""

@@ -14,10 +14,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
+from sentinel_twisted import protocol as proxy_protocol
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
 from sentinel_twisted.gateway.resource import GatewayRequest, GatewaySite
+from sentinel_twisted.gateway.upstream import UpstreamResponse
 
 from .test_target import _Pool, _RecordingConnection, _RecordingUpstream
 
@@ -71,6 +74,25 @@ class _Pending(_RecordingUpstream):
     def forward(self, request: Any) -> Deferred[Any]:
         self.calls.append(Deferred())
         return self.calls[-1]
+
+
+class _Streamed(UpstreamResponse):
+    """A response whose body starts at once and ends when told to."""
+
+    code = 200
+    phrase = b"OK"
+    length = 5
+
+    def __init__(self) -> None:
+        self.headers = Headers()
+        self.sink: Any = None
+
+    def deliver(self, sink: Any) -> None:
+        self.sink = sink
+        sink.response_data(b"hello")
+
+    def end(self) -> None:
+        self.sink.response_end(None)
 
 
 def _site(upstream: Any = None, timeout: float | None = None, **config: Any) -> tuple[GatewaySite, MemoryReactorClock]:
@@ -149,6 +171,29 @@ class WritingAtOnceTests(SynchronousTestCase):
             channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
         self.assertEqual(len(sock.sent), 3)
         self.assertEqual(sorted(asked), ["host", "peer"])
+
+    def test_a_response_written_while_answers_are_read_leaves_when_the_read_is_done(self) -> None:
+        upstream = _Pending()
+        site, reactor = _site(upstream, upstream_timeout=1000.0)
+        sock = _Socket()
+        channel = site.buildProtocol(None)
+        channel.makeConnection(_SocketTransport(reactor, sock))
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = _Streamed()
+        # As if the upstream's answer came while agents' answers are read.
+        proxy_protocol._reading[0] += 1
+        try:
+            upstream.calls[0].callback(response)
+            self.assertEqual(sock.sent, [])
+        finally:
+            proxy_protocol._reading[0] -= 1
+        proxy_protocol._send_all_held()
+        (sent,) = sock.sent
+        self.assertTrue(sent.startswith(b"HTTP/1.1 200 OK\r\n"), sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\nhello"), sent)
+        # Its length was known: the end adds nothing to send.
+        response.end()
+        self.assertEqual(len(sock.sent), 1)
 
     def test_a_string_transport_takes_the_usual_path(self) -> None:
         site, _ = _site()
