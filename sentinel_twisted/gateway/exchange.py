@@ -559,7 +559,8 @@ class Exchange:
         request = self.request
         target = parse_target(request.method, request.uri)
         headers = request.requestHeaders
-        hosts = headers.getRawHeaders(b"host")
+        # getRawHeaders(b"host") without encoding the name again.
+        hosts = headers._rawHeaders.get(b"Host") or None
         if hosts is not None and len(hosts) > 1:
             raise BadTarget(400, "more than one Host header")
         if target.authority is not None:
@@ -702,12 +703,13 @@ class Exchange:
             return
         try:
             slot.answer = answer
+            allow = answer.is_allow
             self.gateway.metrics.agent_decided(
-                slot.agent_id, "allow" if answer.is_allow else decision_label(answer.decision)
+                slot.agent_id, "allow" if allow else decision_label(answer.decision)
             )
             if answer.response_headers:
                 slot.add_response_ops(answer.response_headers)
-            if answer.is_allow and slot.stage is not None:
+            if allow and slot.stage is not None:
                 # Its body events may follow now that this answer is in.
                 slot.stage.start()
                 if self._phase == _OVER:
