@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.gateway import _TWISTD, free_port, wait_for_port
+from benchmarks.gateway import _TWISTD, free_port, run_wrk, wait_for_port
 from benchmarks.reference import peers_dir
 
 
@@ -59,6 +59,14 @@ def _responses(buffer: bytearray) -> int:
             raise RuntimeError(f"a response of unknown length: {head!r}")
         del buffer[:total]
         done += 1
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def load(port: int, requests: int, connections: int) -> float:
@@ -104,6 +112,7 @@ def main() -> None:
     parser.add_argument("--events", default="none", help="the reference agent's events (none: no agent)")
     parser.add_argument("--profiler", choices=("none", "cprofile", "callgrind", "strace"), default="none")
     parser.add_argument("--out", default="gateway.prof")
+    parser.add_argument("--wrk", type=float, default=0, help="load with wrk -c64 for this many seconds instead; prints CPU per request")
     parser.add_argument("--peers", default=None)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--path", default=None, help="PYTHONPATH for the gateway (another checkout)")
@@ -140,8 +149,20 @@ def main() -> None:
             time.sleep(0.5)
         if a.warmup:
             load(port, a.warmup, a.connections)
-        elapsed = load(port, a.requests, a.connections)
-        print(f"{a.requests} requests in {elapsed:.2f} s: {a.requests / elapsed:,.0f}/s", flush=True)
+        if a.wrk:
+            before = _cpu(gateway.pid)
+            result = run_wrk(f"http://127.0.0.1:{port}/bench", 64, a.wrk)
+            after = _cpu(gateway.pid)
+            count = result["rps"] * max(1, int(round(a.wrk)))
+            user, system = ((b - a) / count * 1e6 for a, b in zip(before, after, strict=True))
+            print(
+                f"wrk: {result['rps']:,.0f}/s; gateway CPU per request {user + system:.1f} us "
+                f"(user {user:.1f}, system {system:.1f})",
+                flush=True,
+            )
+        else:
+            elapsed = load(port, a.requests, a.connections)
+            print(f"{a.requests} requests in {elapsed:.2f} s: {a.requests / elapsed:,.0f}/s", flush=True)
     finally:
         if agent is not None:
             agent.terminate()
