@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 
 from ..endpoints import RefusedConnection
 from ..protocol import send_after_read
-from .exchange import Exchange, Gateway
+from .exchange import Exchange
+from .shared import Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
 
