@@ -6,8 +6,8 @@ name here is the same object as the one in the new module.
 
 from __future__ import annotations
 
-from .proxy.protocol import ReverseConnectionProtocol
+from .proxy.protocol import HOLD_FRAMES_FOR_TURN, HoldFramesForTurn, ReverseConnectionProtocol, send_after_read
 from .proxy.protocol import describe_peer as describe_peer
 from .proxy.protocol import peer_credentials as peer_credentials
 
-__all__ = ["ReverseConnectionProtocol"]
+__all__ = ["HOLD_FRAMES_FOR_TURN", "HoldFramesForTurn", "ReverseConnectionProtocol", "send_after_read"]

@@ -47,7 +47,14 @@ MOVED = {
     "factory": ["Rejection", "ReverseConnectionFactory", "rejection_reason"],
     "pending": ["PendingTable"],
     "pool": ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"],
-    "protocol": ["ReverseConnectionProtocol", "describe_peer", "peer_credentials"],
+    "protocol": [
+        "HOLD_FRAMES_FOR_TURN",
+        "HoldFramesForTurn",
+        "ReverseConnectionProtocol",
+        "describe_peer",
+        "peer_credentials",
+        "send_after_read",
+    ],
 }
 
 

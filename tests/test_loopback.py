@@ -17,7 +17,7 @@ from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     UNIXClientEndpoint,
@@ -32,6 +32,7 @@ from sentinel_twisted.errors import ConnectionClosed, FlowControlPaused
 from sentinel_twisted.proxy.auth import StaticTokenChecker
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.proxy.factory import ReverseConnectionFactory
+from sentinel_twisted.proxy.protocol import HOLD_FRAMES_FOR_TURN
 from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
 from . import rawagent as raw
@@ -260,6 +261,25 @@ class LoopbackTests(TestCase):
         agent.send(raw.AGENT_RESPONSE, raw.answer("now-1", "allow"))
         response = yield d
         self.assertEqual(response.correlation_id, "now-1")
+
+    @inlineCallbacks
+    def test_events_held_for_the_turn_leave_together_when_it_ends(self) -> Generator[Any, Any, None]:
+        # Under HOLD_FRAMES_FOR_TURN (the gateway's client reads) events wait
+        # for the end of the reactor's turn and share one send.
+        factory = yield self.listen()
+        agent = yield self.registered_agent()
+        agent_socket = agent.transport.getHandle()  # type: ignore[union-attr]
+        with HOLD_FRAMES_FOR_TURN:
+            first = factory.pool.send_request_headers("waf-1", request_headers("turn-1"))
+            second = factory.pool.send_request_headers("waf-1", request_headers("turn-2"))
+        with self.assertRaises(BlockingIOError):
+            agent_socket.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        for cid in ("turn-1", "turn-2"):
+            message_type, event = yield agent.next_frame()
+            self.assertEqual((message_type, event["correlation_id"]), (raw.REQUEST_HEADERS, cid))
+            agent.send(raw.AGENT_RESPONSE, raw.answer(cid, "allow"))
+        responses = yield gatherResults([first, second])
+        self.assertEqual([r.correlation_id for r in responses], ["turn-1", "turn-2"])
 
     @inlineCallbacks
     def test_requests_sent_while_reading_answers_all_arrive(self) -> Generator[Any, Any, None]:

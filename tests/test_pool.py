@@ -315,6 +315,28 @@ class ObserverTests(PoolTestCase):
         protocol.dataReceived(answer_frame("a"))
         self.assertIn(("answered", connection.connection_id, "a", 0.125), self.recorder.calls)
 
+    def test_answers_are_observed_by_the_observers_there_at_the_time(self) -> None:
+        protocol, _, connection = self.register()
+        second = Recorder()
+
+        class Leaving(PoolObserver):
+            def request_answered(inner, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+                self.pool.remove_observer(inner)
+                self.pool.add_observer(second)
+
+        self.pool.add_observer(Leaving())
+        for cid in ("a", "b"):
+            self.pool.send_request_headers("waf-1", request_headers(cid))
+            protocol.dataReceived(answer_frame(cid))
+        answered = [c[2] for c in self.recorder.calls if c[0] == "answered"]
+        self.assertEqual(answered, ["a", "b"])
+        # Added during the first notification: told from the second on.
+        self.assertEqual([c[2] for c in second.calls if c[0] == "answered"], ["b"])
+        self.pool.remove_observer(self.recorder)
+        self.pool.send_request_headers("waf-1", request_headers("c"))
+        protocol.dataReceived(answer_frame("c"))
+        self.assertEqual([c[2] for c in self.recorder.calls if c[0] == "answered"], ["a", "b"])
+
     def test_observer_exceptions_do_not_break_the_pool(self) -> None:
         self.pool.remove_observer(self.recorder)
         self.pool.add_observer(Broken())

@@ -103,18 +103,39 @@ def drop_hop_by_hop(source: Headers, also: Iterable[bytes] = ()) -> Headers:
     A copy of C{source} without hop-by-hop headers, without the headers the
     C{Connection} header names, and without the lower-case names in C{also}.
     """
-    skip = set(HOP_BY_HOP)
-    skip.update(also)
-    connection = source.getRawHeaders(b"connection")
+    skip: frozenset[bytes] | set[bytes] = _skip_set(also)
+    raw_source = source._rawHeaders
+    # Header names are kept in their canonical case: this is
+    # getRawHeaders(b"connection") without encoding the name each time.
+    connection = raw_source.get(b"Connection")
     if connection:
+        named = set(skip)
         for value in connection:
-            skip.update(token.strip().lower() for token in value.split(b","))
+            named.update(token.strip().lower() for token in value.split(b","))
+        skip = named
     result = Headers()
     raw = result._rawHeaders  # a plain dict; copying by hand skips re-validation
-    for name, values in source.getAllRawHeaders():
+    for name, values in raw_source.items():
         if name.lower() not in skip:
             raw[name] = list(values)
     return result
+
+
+# The names drop_hop_by_hop leaves out, by the names asked for besides the
+# hop-by-hop ones: the callers ask for a few fixed tuples.
+_skip_sets: dict[object, frozenset[bytes]] = {(): HOP_BY_HOP}
+_MAX_SKIP_SETS = 64
+
+
+def _skip_set(also: Iterable[bytes]) -> frozenset[bytes]:
+    if not isinstance(also, (tuple, frozenset)):
+        return HOP_BY_HOP | frozenset(also)
+    found = _skip_sets.get(also)
+    if found is None:
+        found = HOP_BY_HOP | frozenset(also)
+        if len(_skip_sets) < _MAX_SKIP_SETS:
+            _skip_sets[also] = found
+    return found
 
 
 def apply_header_ops(

@@ -3,23 +3,27 @@
 The gateway on C{twisted.web}: L{GatewayResource} decides each request
 through the agents (an L{Exchange} per request) and L{GatewayRequest} lets
 it start as soon as the request headers are in, so that the request body
-streams instead of being buffered by C{twisted.web} first.
+streams instead of being buffered by C{twisted.web} first.  The client
+connection itself is L{GatewayChannel} (L{sentinel_twisted.gateway.channel}).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ..endpoints import RefusedConnection
-from .exchange import Exchange, Gateway
+from ..proxy.protocol import send_after_read
+from .channel import GatewayChannel, _discard
+from .exchange import Exchange
+from .shared import Gateway
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "combined_log_line"]
 
@@ -27,9 +31,19 @@ __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite",
 log = Logger(namespace="sentinel_twisted.gateway")
 
 
+_date_second = -1
+_date = b""
 
-def _discard(data: bytes) -> None:
-    pass
+
+def _http_date() -> bytes:
+    """The Date header's value now (as twisted.web formats it), made once a second."""
+    global _date_second, _date
+    now = time.time()
+    second = int(now)
+    if second != _date_second:
+        _date = http.datetimeToString(now)
+        _date_second = second
+    return _date
 
 
 class GatewayRequest(server.Request):
@@ -50,8 +64,11 @@ class GatewayRequest(server.Request):
     @ivar uri: the request target, as received.
     @ivar clientproto: the HTTP version of the request line.
     @ivar path: the target without its query.
-    @ivar args: query arguments; always empty for a streamed body (the gateway
-        does not parse them).
+    @ivar site: the gateway's site (as twisted.web sets it).
+    @ivar prepath: always empty: the gateway's one resource takes every path.
+    @ivar postpath: always empty, likewise.
+    @ivar args: query arguments; always empty (the gateway does not parse
+        them: the query reaches agents and upstream as it was sent).
     """
 
     #: Responses keep the upstream's Content-Type, or have none.
@@ -82,7 +99,7 @@ class GatewayRequest(server.Request):
         self.args = {}
         self._in_parser = True
         try:
-            self.process()  # type: ignore[no-untyped-call]
+            self.process()
         finally:
             self._in_parser = False
 
@@ -100,9 +117,20 @@ class GatewayRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self.streaming:
+            # twisted.web's requestReceived, less the parsing of query
+            # arguments and form bodies that nobody here reads (the body of
+            # a request that comes this way is empty).
             content = self.content
-            self.body_length = content.tell() if content is not None else 0
-            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+            if content is not None:
+                self.body_length = content.tell()
+                content.seek(0, 0)
+            else:
+                self.body_length = 0
+            self.args = {}
+            self.method, self.uri = command, path
+            self.clientproto = version
+            self.path = path.split(b"?", 1)[0]
+            self.process()
             return
         self.body_complete = True
         exchange = self.exchange
@@ -117,11 +145,56 @@ class GatewayRequest(server.Request):
             exchange.client_gone()
             exchange.release()
 
+    def write(self, data: bytes) -> None:
+        # The head and the first piece of body leave together (see
+        # GatewayChannel.writeHeaders).
+        channel: Any = getattr(self, "channel", None)
+        if channel is None or channel._outgoing is None:
+            super().write(data)  # type: ignore[no-untyped-call]
+            return
+        channel._holding += 1
+        try:
+            super().write(data)  # type: ignore[no-untyped-call]
+        finally:
+            channel._holding -= 1
+            if not channel._holding and channel._outgoing and not send_after_read(channel):
+                channel._send_outgoing()
+
     def finish(self) -> None:
-        super().finish()  # type: ignore[no-untyped-call]
+        channel: Any = getattr(self, "channel", None)
+        if channel is None or channel._outgoing is None:
+            super().finish()  # type: ignore[no-untyped-call]
+        else:
+            # A chunked body's last chunk leaves with what came before it.
+            channel._holding += 1
+            try:
+                super().finish()  # type: ignore[no-untyped-call]
+            finally:
+                channel._holding -= 1
+                if not channel._holding and channel._outgoing:
+                    channel._send_outgoing()
         exchange = self.exchange
         if exchange is not None:
             exchange.release()
+
+    def process(self) -> None:
+        # twisted.web's process, less what a gateway never reads: its one
+        # resource takes every path (no traversal, no prepath or postpath),
+        # and the Server header never leaves (a proxy passes the upstream's
+        # own, or none).  Date is formatted once a second.
+        channel: Any = self.channel
+        site = channel.site
+        self.site = site
+        self.responseHeaders._rawHeaders[b"Date"] = [_http_date()]
+        self.prepath = []
+        self.postpath = []
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.resource)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     def _handleStar(self) -> None:
         # twisted.web answers "OPTIONS *" itself (and "GET *" with 405);
@@ -257,136 +330,6 @@ def combined_log_line(timestamp: str, request: Any) -> str:
     size = request.sentLength or "-"
     return f'{host} - - {timestamp} "{line}" {request.code:d} {size} "{referer}" "{agent}"'
 
-
-class GatewayChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 connection with a deadline for each request head and a
-    clear answer to a head that is too large.
-
-    The deadline runs whenever a request head is awaited: from the
-    connection's start, and from the end of each response on a kept-alive
-    connection, until the head's last line.  A client that has sent part of
-    a head by then gets C{408}; an idle one is closed without a word.
-
-    @cvar header_timeout: seconds a client has to send a whole request head;
-        C{None}: no limit.
-    @ivar persistent: whether the connection stays open after the response
-        (C{False} once it is being closed).
-    """
-
-    header_timeout: float | None = None
-    #: Set by L{GatewaySite.buildProtocol}.
-    site: GatewaySite
-    # When the awaited head is due (reactor seconds); None: no head awaited.
-    # One timer per connection checks it, instead of a timer per request:
-    # it re-arms itself for what is left, and lapses when nothing is due.
-    _head_deadline: float | None = None
-    _head_timer: IDelayedCall | None = None
-    _head_started = False
-
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
-        self._await_head()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._head_deadline is not None and data:
-            self._head_started = True
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
-
-    def _await_head(self) -> None:
-        timeout = self.header_timeout
-        if timeout and self._head_deadline is None:
-            self._head_started = False
-            self._head_deadline = self.site.reactor.seconds() + timeout
-            if self._head_timer is None:
-                self._head_timer = self.callLater(timeout, self._check_head)  # type: ignore[no-untyped-call]
-
-    def _stop_head_timer(self) -> None:
-        self._head_deadline = None
-        timer, self._head_timer = self._head_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _check_head(self) -> None:
-        self._head_timer = None
-        deadline = self._head_deadline
-        if deadline is None:
-            return
-        left = deadline - self.site.reactor.seconds()
-        if left > 0:
-            self._head_timer = self.callLater(left, self._check_head)  # type: ignore[no-untyped-call]
-            return
-        self._head_deadline = None
-        transport: Any = self.transport
-        if transport is None:
-            return
-        if self._head_started:
-            self.site.gateway.log_limiter.warn(
-                log,
-                "head_timeout",
-                "A client sent no complete request head in {timeout}s; answering 408",
-                timeout=self.header_timeout,
-            )
-            transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-            )
-        self.persistent = False
-        transport.loseConnection()
-
-    def allHeadersReceived(self) -> None:
-        """The head is complete: its deadline no longer applies."""
-        self._head_deadline = None
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
-
-    def requestDone(self, request: Any) -> None:
-        # Before the parent replays pipelined data: that may hold the next
-        # head already, whose end stops this timer again.
-        if self.persistent:
-            self._await_head()
-        super().requestDone(request)  # type: ignore[no-untyped-call]
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._stop_head_timer()
-        site: Any = getattr(self, "site", None)
-        if site is not None and isinstance(site, GatewaySite):
-            site.client_left()
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-    # -- heads over the limits: 431, where twisted.web closes or says 400 --
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._head_too_large()
-            return
-        super().lineReceived(line)  # type: ignore[no-untyped-call]
-
-    def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._head_too_large()
-            return False
-        return bool(super().headerReceived(line))  # type: ignore[no-untyped-call]
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._head_too_large()
-
-    def _head_too_large(self) -> None:
-        self._stop_head_timer()
-        transport: Any = self.transport
-        if transport is None:
-            return
-        # No more parsing: whatever else arrives is dropped.
-        self.persistent = False
-        self.dataReceived = self.lineReceived = _discard  # type: ignore[method-assign, assignment]
-        transport.write(_TOO_LARGE)
-        transport.loseConnection()
-
-
-_TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-    % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
-)
 
 class GatewaySite(server.Site):
     """

@@ -21,8 +21,8 @@ from ..status.metrics import GatewayMetrics
 from ..status.resource import StatusResource, StatusSite
 from .config import GatewayConfig
 from .echo import EchoUpstream
-from .exchange import Gateway
 from .resource import GatewaySite
+from .shared import Gateway
 from .upstream import HTTPUpstream, IUpstream
 
 if TYPE_CHECKING:

@@ -128,6 +128,9 @@ class AgentPool:
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
         self._observers: list[Any] = []
+        # The observers' request_answered, once per add or removal rather
+        # than looked up per answer (PoolObserver's own does nothing).
+        self._on_answered: list[Any] = []
         #: Handshakes of dialled agents (L{connect_agent}) that succeeded,
         #: and those that failed by reason (for the status site's metrics).
         self.dial_handshakes = 0
@@ -167,6 +170,7 @@ class AgentPool:
         logged, never raised here).
         """
         self._observers.append(observer)
+        self._answer_observers_changed()
 
     def remove_observer(self, observer: IAgentPoolObserver) -> None:
         """
@@ -175,6 +179,16 @@ class AgentPool:
         @raise ValueError: it was not added.
         """
         self._observers.remove(observer)
+        self._answer_observers_changed()
+
+    def _answer_observers_changed(self) -> None:
+        # A new list each time: a notification under way keeps its own.
+        callbacks = []
+        for observer in self._observers:
+            callback = getattr(observer, "request_answered", None)
+            if callback is not None and getattr(callback, "__func__", None) is not PoolObserver.request_answered:
+                callbacks.append((observer, callback))
+        self._on_answered = callbacks
 
     def connect_agent(
         self,
@@ -519,5 +533,10 @@ class AgentPool:
         self._notify("config_update_requested", connection, request)
 
     def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
-        if self._observers:
-            self._notify("request_answered", connection, correlation_id, seconds)
+        for observer, callback in self._on_answered:
+            try:
+                callback(connection, correlation_id, seconds)
+            except Exception:
+                log.failure(
+                    "Pool observer {observer!r} failed in {method}", observer=observer, method="request_answered"
+                )

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .connection import AgentConnection
     from .factory import ReverseConnectionFactory
 
-__all__ = ["ReverseConnectionProtocol"]
+__all__ = ["HOLD_FRAMES_FOR_TURN", "HoldFramesForTurn", "ReverseConnectionProtocol", "send_after_read"]
 
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.protocol")
@@ -77,7 +77,7 @@ def peer_credentials(transport: object) -> tuple[int, int, int] | None:
 #: may run another connection's read), and the protocols holding frames
 #: to send when they are done (insertion-ordered).
 _reading = [0]
-_holding: dict[_PooledConnectionProtocol, None] = {}
+_holding: dict[Any, None] = {}
 
 
 def _send_all_held() -> None:
@@ -85,6 +85,52 @@ def _send_all_held() -> None:
         protocol = next(iter(_holding))
         del _holding[protocol]
         protocol._send_held()
+
+
+def send_after_read(sender: Any) -> bool:
+    """
+    While frames are being read (answers handled), have C{sender._send_held()}
+    called once the read is done, with the frames written meanwhile, and
+    return C{True}; else return C{False} (the caller sends now).  For other
+    connections written to while answers are handled (the gateway's clients:
+    a response's last chunk and its end then leave in one send).
+    """
+    if _reading[0]:
+        _holding[sender] = None
+        return True
+    return False
+
+
+#: How many callers asked for frames to wait for the end of the reactor's
+#: turn (see L{HoldFramesForTurn}), and whether the turn's end is awaited.
+_for_turn = [0]
+_turn_end_awaited = [False]
+
+
+def _turn_ended() -> None:
+    _turn_end_awaited[0] = False
+    if not _reading[0]:
+        _send_all_held()
+
+
+class HoldFramesForTurn:
+    """
+    Within C{with HOLD_FRAMES_FOR_TURN:}, frames sent over plain sockets
+    wait for the end of the reactor's turn and leave together, one send per
+    connection: for callers that send one event per read of their own (the
+    gateway, one request per client read), so that the events of every
+    client read in one turn share a send, as answers read together do.
+    """
+
+    def __enter__(self) -> None:
+        _for_turn[0] += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        _for_turn[0] -= 1
+
+
+#: See L{HoldFramesForTurn}.
+HOLD_FRAMES_FOR_TURN = HoldFramesForTurn()
 
 
 def _writes_through(transport: object) -> bool:
@@ -146,6 +192,11 @@ class _PooledConnectionProtocol(FrameReceiver):
         held.append(payload)
         if _reading[0]:
             _holding[self] = None
+        elif _for_turn[0]:
+            _holding[self] = None
+            if not _turn_end_awaited[0]:
+                _turn_end_awaited[0] = True
+                self.factory.clock.callLater(0, _turn_ended)
         else:
             self._send_held()
 

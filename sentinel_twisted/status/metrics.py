@@ -114,6 +114,8 @@ def latency_buckets(timeout: float) -> tuple[float, ...]:
 
 
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+#: The most (decision, status) pairs whose series request_decided keeps at hand.
+_MAX_DECIDED = 1024
 
 
 def code_class(status: int) -> str:
@@ -587,6 +589,11 @@ class GatewayMetrics(PoolObserver):
         self._duration_all = _Histogram(len(self.duration_buckets))
         self._upstream_all = _Histogram(len(self.upstream_buckets))
         self._code_classes: dict[str, int] = {}
+        #: Each (decision, status) request_decided has seen: its requests
+        #: counter key, its status class and its duration histogram.
+        self._decided: dict[tuple[str, int], tuple[tuple[str], str, _Histogram]] = {}
+        #: The upstream duration histogram of each outcome.
+        self._upstream_by_outcome: dict[str, _Histogram] = {}
         #: Round trips by live connection id (removed when it leaves).
         self._by_connection: dict[str, _Histogram] = {}
         self.registry.register(
@@ -661,27 +668,49 @@ class GatewayMetrics(PoolObserver):
         Count a request in C{sentinel_gateway_requests_total} and observe its
         duration in C{sentinel_gateway_request_duration_seconds}.
         """
-        # Once per request: one bucket search for both histograms.
+        # Once per request: the labelled series are looked up once per
+        # decision and status, and one bucket search serves both histograms.
+        child = self._decided.get((decision, status))
+        if child is None:
+            child = self._decided_child(decision, status)
+        key, klass, histogram = child
         values = self._requests.values
-        key = (decision,)
         values[key] = values.get(key, 0) + 1
-        klass = _CODE_CLASSES.get(status // 100, "none") if status < 600 else "none"
         classes = self._code_classes
         classes[klass] = classes.get(klass, 0) + 1
         index = bisect_left(self.duration_buckets, seconds)
-        labels = (klass, decision)
-        histogram = self._duration.values.get(labels)
-        if histogram is None:
-            histogram = self._duration.values[labels] = _Histogram(len(self.duration_buckets))
         for each in (histogram, self._duration_all):
             each.counts[index] += 1
             each.count += 1
             each.total += seconds
 
+    def _decided_child(self, decision: str, status: int) -> tuple[tuple[str], str, _Histogram]:
+        klass = _CODE_CLASSES.get(status // 100, "none") if status < 600 else "none"
+        labels = (klass, decision)
+        histogram = self._duration.values.get(labels)
+        if histogram is None:
+            histogram = self._duration.values[labels] = _Histogram(len(self.duration_buckets))
+        child = ((decision,), klass, histogram)
+        # Decisions are a fixed few; statuses are what upstreams and agents
+        # answer, bounded here so that they cannot grow the table at will.
+        if len(self._decided) < _MAX_DECIDED:
+            self._decided[(decision, status)] = child
+        return child
+
     def upstream_responded(self, outcome: str, seconds: float) -> None:
         """Observe C{sentinel_gateway_upstream_duration_seconds} (response, error, timeout)."""
-        self._upstream_duration.observe((outcome,), seconds)
-        self._upstream_all.observe(self.upstream_buckets, seconds)
+        histogram = self._upstream_by_outcome.get(outcome)
+        if histogram is None:
+            labels = (outcome,)
+            histogram = self._upstream_duration.values.get(labels)
+            if histogram is None:
+                histogram = self._upstream_duration.values[labels] = _Histogram(len(self.upstream_buckets))
+            self._upstream_by_outcome[outcome] = histogram
+        index = bisect_left(self.upstream_buckets, seconds)
+        for each in (histogram, self._upstream_all):
+            each.counts[index] += 1
+            each.count += 1
+            each.total += seconds
 
     def agent_decided(self, agent_id: str, decision: str) -> None:
         """Count C{sentinel_agent_decisions_total}."""
