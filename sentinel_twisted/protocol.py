@@ -6,7 +6,12 @@ name here is the same object as the one in the new module.
 
 from __future__ import annotations
 
-from .proxy.protocol import HOLD_FRAMES_FOR_TURN, HoldFramesForTurn, ReverseConnectionProtocol, send_after_read
+from .proxy.protocol import (
+    HOLD_FRAMES_FOR_TURN,
+    HoldFramesForTurn,
+    ReverseConnectionProtocol,
+    send_after_read,
+)
 from .proxy.protocol import describe_peer as describe_peer
 from .proxy.protocol import peer_credentials as peer_credentials
 

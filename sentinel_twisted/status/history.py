@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.task import LoopingCall
 
-from .metrics import Snapshot, quantile
+from ._families import quantile
+from .metrics import Snapshot
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from .metrics import GatewayMetrics, _Histogram
+    from ._families import _Histogram
+    from .metrics import GatewayMetrics
 
 __all__ = ["HISTORY_INTERVAL", "HISTORY_POINTS", "RATE_WINDOW", "History", "Window"]
 

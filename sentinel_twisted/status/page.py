@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..messages import EventType, HealthState
+from ._families import quantile
 from .history import History, Window
-from .metrics import AGENT_DECISIONS, DECISIONS, quantile
+from .metrics import AGENT_DECISIONS, DECISIONS
 
 if TYPE_CHECKING:
     from .resource import StatusResource

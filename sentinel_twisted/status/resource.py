@@ -19,8 +19,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web import pages, server
 from twisted.web.resource import Resource
 
+from ._families import quantile
 from .health import HealthzResource, Readiness
-from .metrics import quantile
 from .page import REFRESH_SECONDS, event_names, health_name, render_page
 
 if TYPE_CHECKING:
