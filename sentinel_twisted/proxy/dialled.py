@@ -141,13 +141,8 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         self.peer = "unknown"
         self._lifecycle, self._core = new_lifecycle(self)
         self._on_frame = self._handshake_frame
-        self._close_detail: str | None = None
-        self._producing = False
-        self._abort_on_close = False
         # Until the handshake a HandshakeResponse is all that may come.
         self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, factory.max_handshake_size)
-        self.MAX_CONTROL_LENGTH = factory.config.max_control_frame_size
-        self.frame_budget = factory.frame_budget
 
     def __repr__(self) -> str:
         return f"<ForwardConnectionProtocol {self.factory.description} connection={self.connection!r}>"

@@ -156,6 +156,7 @@ class _PooledConnectionProtocol(FrameReceiver):
     connection: AgentConnection | None = None
     _abort_on_close = False
     _producing = False
+    _close_detail: str | None = None
     _lifecycle: Any
     _on_frame: Any
     #: The factory that built it (a listener's or a dialler's).
@@ -168,6 +169,35 @@ class _PooledConnectionProtocol(FrameReceiver):
         if _writes_through(transport):
             self._outgoing = []
         super().makeConnection(transport)
+
+    # What is the same for every connection of one factory is read from it
+    # rather than copied into each instance: an instance dict past a dozen
+    # or so keys stops sharing its keys, and costs 650 bytes more per
+    # connection (idle registered connections are counted in thousands).
+
+    @property
+    def MAX_CONTROL_LENGTH(self) -> int:  # type: ignore[override]
+        """The longest control frame accepted, in bytes (the factory's limit)."""
+        limit: int = self.factory.config.max_control_frame_size
+        return limit
+
+    @property
+    def frame_budget(self) -> Any:  # type: ignore[override]
+        """The factory's account of the bytes held in incomplete frames."""
+        return self.factory.frame_budget
+
+    @property
+    def frame_clock(self) -> Any:  # type: ignore[override]
+        """The factory's clock once in the pool: a started frame must end within the deadline."""
+        return self.factory.clock if self.connection is not None else None
+
+    @property
+    def frame_timeout(self) -> float | None:  # type: ignore[override]
+        """The frame deadline once in the pool; C{None} before (the handshake has its timeout)."""
+        if self.connection is None:
+            return None
+        deadline: float = self.factory.config.frame_deadline
+        return deadline
 
     # -- writing at once ------------------------------------------------------
     #
@@ -257,9 +287,8 @@ class _PooledConnectionProtocol(FrameReceiver):
         self.connection = connection
         self._on_frame = connection.frame_received
         self.MAX_LENGTH = MAX_MESSAGE_SIZE
-        # A frame, once started, must be complete within the deadline.
-        self.frame_clock = self.factory.clock
-        self.frame_timeout = self.factory.config.frame_deadline
+        # A frame, once started, must be complete within the deadline (see
+        # frame_clock and frame_timeout: they follow self.connection).
         # Back-pressure: the transport pauses us when the agent stops reading
         # and its write buffer fills, and resumes us when it drains.
         transport = self.transport
@@ -323,29 +352,25 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     """
 
     peer_role = "agent"
+    peer_credentials: tuple[int, int, int] | None = None
 
     def __init__(self, factory: ReverseConnectionFactory) -> None:
         self.factory = factory
         self.connection: AgentConnection | None = None
         self.peer = "unknown"
-        self.peer_credentials: tuple[int, int, int] | None = None
         self._lifecycle, self._core = new_lifecycle(self)
         self._on_frame = self._registration_frame
         self._awaiting = True
-        self._close_detail: str | None = None
-        self._producing = False
-        self._abort_on_close = False
-        config = factory.config
         # Until registration a RegistrationRequest is all that may come.
-        self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, config.max_registration_frame_size)
-        self.MAX_CONTROL_LENGTH = config.max_control_frame_size
-        self.frame_budget = factory.frame_budget
+        self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, factory.config.max_registration_frame_size)
 
     # -- Twisted protocol -----------------------------------------------------
 
     def connectionMade(self) -> None:
         self.peer = describe_peer(self.transport)
-        self.peer_credentials = peer_credentials(self.transport)
+        credentials = peer_credentials(self.transport)
+        if credentials is not None:
+            self.peer_credentials = credentials
         self._core.handshake_timer = self.factory.clock.callLater(
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
