@@ -520,3 +520,29 @@ class PeerCredentialsTests(TestCase):
         from sentinel_twisted.proxy.protocol import peer_credentials
 
         self.assertIsNone(peer_credentials(StringTransport()))
+
+
+class FootprintTests(TestCase):
+    """
+    Idle registered connections are counted in thousands: what is the same
+    for every connection of a listener lives on the factory, so that a
+    protocol's instance dict stays small enough to share its keys (past a
+    dozen or so it does not, and a connection costs 650 bytes more).
+    """
+
+    def test_a_registered_protocol_holds_only_what_is_its_own(self) -> None:
+        proxy = Proxy()
+        protocol, _, _ = proxy.register("waf-1")
+        own = set(vars(protocol))
+        self.assertLessEqual(len(own), 14, sorted(own))
+        for shared in ("MAX_CONTROL_LENGTH", "frame_budget", "frame_clock", "frame_timeout"):
+            self.assertNotIn(shared, own)
+        self.assertIs(protocol.frame_budget, proxy.factory.frame_budget)
+        self.assertEqual(protocol.frame_timeout, proxy.factory.config.frame_deadline)
+        self.assertEqual(protocol.MAX_CONTROL_LENGTH, proxy.factory.config.max_control_frame_size)
+
+    def test_before_registration_a_started_frame_has_no_deadline_of_its_own(self) -> None:
+        proxy = Proxy()
+        protocol, _ = proxy.connect()
+        self.assertIsNone(protocol.frame_timeout)
+        self.assertIsNone(protocol.frame_clock)
