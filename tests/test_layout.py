@@ -113,6 +113,7 @@ FLOOR = {
     "_peertext": set(),
     "_ratelimit": set(),
     "_tls": set(),
+    "_sending": set(),
 }
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
+
+from .._sending import send_now, writes_through
 
 if TYPE_CHECKING:
     from .resource import GatewaySite
@@ -29,16 +30,6 @@ log = Logger(namespace="sentinel_twisted.gateway")
 
 def _discard(data: bytes) -> None:
     pass
-
-
-def _writes_through(transport: object) -> bool:
-    """Whether responses can go to C{transport}'s socket directly: a plain (not TLS) socket transport."""
-    return (
-        isinstance(transport, FileDescriptor)
-        and hasattr(transport, "socket")
-        and not getattr(transport, "TLS", False)
-        and hasattr(transport, "_tempDataBuffer")
-    )
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -85,7 +76,7 @@ class GatewayChannel(http.HTTPChannel):
     _peer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
-        if _writes_through(transport):
+        if writes_through(transport):
             self._outgoing = []
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
@@ -275,27 +266,8 @@ class GatewayChannel(http.HTTPChannel):
         data = b"".join(outgoing)
         del outgoing[:]
         transport: Any = self.transport
-        if transport is None:
-            return
-        if (
-            transport._tempDataBuffer
-            or len(transport.dataBuffer) > transport.offset
-            or transport.disconnecting
-            or not transport.connected
-        ):
-            transport.write(data)
-            return
-        try:
-            sent = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # The transport meets the same error on its own write and
-            # ends the connection as it always does.
-            transport.write(data)
-            return
-        if sent < len(data):
-            transport.write(data[sent:])
+        if transport is not None:
+            send_now(transport, data)
 
     # -- heads over the limits: 431, where twisted.web closes or says 400 --
     #

@@ -15,7 +15,6 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -24,6 +23,7 @@ from zope.interface import implementer
 
 from .. import messages as m
 from .._peertext import peer_text
+from .._sending import send_now, writes_through
 from ..errors import AgentProtocolError, InvalidMessage, MessageTooLarge, RequestTimeout
 from ..wire import _HEADER, MAX_MESSAGE_SIZE, FrameReceiver, MessageType
 from ._identity import client_certificate
@@ -133,16 +133,6 @@ class HoldFramesForTurn:
 HOLD_FRAMES_FOR_TURN = HoldFramesForTurn()
 
 
-def _writes_through(transport: object) -> bool:
-    """Whether frames can go to C{transport}'s socket directly: a plain (not TLS) socket transport."""
-    return (
-        isinstance(transport, FileDescriptor)
-        and hasattr(transport, "socket")
-        and not getattr(transport, "TLS", False)
-        and hasattr(transport, "_tempDataBuffer")
-    )
-
-
 @implementer(IPushProducer)
 class _PooledConnectionProtocol(FrameReceiver):
     """
@@ -166,7 +156,7 @@ class _PooledConnectionProtocol(FrameReceiver):
     _outgoing: list[bytes] | None = None
 
     def makeConnection(self, transport: Any) -> None:
-        if _writes_through(transport):
+        if writes_through(transport):
             self._outgoing = []
         super().makeConnection(transport)
 
@@ -246,27 +236,8 @@ class _PooledConnectionProtocol(FrameReceiver):
         data = b"".join(held)
         held.clear()
         transport: Any = self.transport
-        if transport is None:
-            return
-        if (
-            transport._tempDataBuffer
-            or len(transport.dataBuffer) > transport.offset
-            or transport.disconnecting
-            or not transport.connected
-        ):
-            transport.write(data)
-            return
-        try:
-            sent = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # The transport meets the same error on its own write and
-            # ends the connection as it always does.
-            transport.write(data)
-            return
-        if sent < len(data):
-            transport.write(data[sent:])
+        if transport is not None:
+            send_now(transport, data)
 
     def _end_transport(self) -> None:
         """Close (or abort, see L{close_connection}) after what is held is sent."""
