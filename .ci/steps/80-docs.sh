@@ -6,4 +6,4 @@ python -m pip install -q 'pydoctor>=25.10'
 rm -rf build/apidocs
 python docs/build_apidocs.py build/apidocs
 test -s build/apidocs/index.html
-test -s build/apidocs/sentinel_twisted.pool.AgentPool.html
+test -s build/apidocs/sentinel_twisted.proxy.pool.AgentPool.html
