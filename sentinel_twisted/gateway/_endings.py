@@ -31,8 +31,9 @@ from .decisions import (
 from .shared import Gateway, failure_reason
 
 if TYPE_CHECKING:
+    from ._responding import _ResponseProducer
     from .body import BodySink
-    from .exchange import AgentSlot, _ResponseProducer
+    from .exchange import AgentSlot
     from .resource import GatewayRequest
 
 #: The gateway's logger (this is its endings' part).
