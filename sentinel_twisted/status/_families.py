@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..proxy.pool import AgentPool
 
 
-__all__ = ["code_class", "quantile"]
+__all__ = ["code_class", "listener_families", "quantile"]
 
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 #: The most (decision, status) pairs whose series request_decided keeps at hand.
@@ -208,6 +208,28 @@ def _buckets(bounds: tuple[float, ...], histogram: _Histogram) -> list[tuple[str
     return buckets
 
 
+def listener_families(factory: ReverseConnectionFactory) -> Iterable[Metric]:
+    """The listener's registration counters: registrations, refusals by reason, awaiting."""
+    yield CounterMetricFamily(
+        "sentinel_agent_registrations",
+        "Agent connections that registered successfully.",
+        value=factory.registrations,
+    )
+    rejections = CounterMetricFamily(
+        "sentinel_agent_registration_rejections",
+        "Refused registrations, by reason.",
+        labels=["reason"],
+    )
+    for reason, count in sorted(factory.rejections.items()):
+        rejections.add_metric([reason], count)
+    yield rejections
+    yield GaugeMetricFamily(
+        "sentinel_agent_connections_awaiting_registration",
+        "Connections accepted that have not registered yet.",
+        value=factory.awaiting_registration,
+    )
+
+
 class _ListenerCollector(Collector):
     """The listener's counters and the pool's state, read at scrape time."""
 
@@ -216,26 +238,8 @@ class _ListenerCollector(Collector):
         self.pool = pool
 
     def collect(self) -> Iterable[Metric]:
-        factory = self.factory
-        if factory is not None:
-            yield CounterMetricFamily(
-                "sentinel_agent_registrations",
-                "Agent connections that registered successfully.",
-                value=factory.registrations,
-            )
-            rejections = CounterMetricFamily(
-                "sentinel_agent_registration_rejections",
-                "Refused registrations, by reason.",
-                labels=["reason"],
-            )
-            for reason, count in sorted(factory.rejections.items()):
-                rejections.add_metric([reason], count)
-            yield rejections
-            yield GaugeMetricFamily(
-                "sentinel_agent_connections_awaiting_registration",
-                "Connections accepted that have not registered yet.",
-                value=factory.awaiting_registration,
-            )
+        if self.factory is not None:
+            yield from listener_families(self.factory)
         pool = self.pool
         yield CounterMetricFamily(
             "sentinel_agent_dial_handshakes",

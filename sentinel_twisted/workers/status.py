@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from twisted.web import pages, server
 from twisted.web.resource import Resource
 
+from ..status._families import listener_families
+
 if TYPE_CHECKING:
     from .parent import Worker, WorkerGroup
 
@@ -122,23 +124,7 @@ class _ParentCollector(Collector):
         self.group = group
 
     def collect(self) -> Iterable[Metric]:
-        factory = self.group.factory
-        yield CounterMetricFamily(
-            "sentinel_agent_registrations",
-            "Agent connections that registered successfully.",
-            value=factory.registrations,
-        )
-        rejections = CounterMetricFamily(
-            "sentinel_agent_registration_rejections", "Refused registrations, by reason.", labels=["reason"]
-        )
-        for reason, count in sorted(factory.rejections.items()):
-            rejections.add_metric([reason], count)
-        yield rejections
-        yield GaugeMetricFamily(
-            "sentinel_agent_connections_awaiting_registration",
-            "Connections accepted that have not registered yet.",
-            value=factory.awaiting_registration,
-        )
+        yield from listener_families(self.group.factory)
         yield CounterMetricFamily(
             "sentinel_worker_handovers",
             "Registered agent connections handed to a worker.",
