@@ -17,7 +17,12 @@ from twisted.web.http_headers import Headers
 
 from .. import messages as m
 from ._endings import _FORWARDING, _OVER, _RESPONDING, _RESPONSE_DECIDING
-from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
+from .body import (
+    BodySink,
+    Pressure,
+    chunk_sizes,
+    inspection_chain,
+)
 from .decisions import apply_header_ops, drop_hop_by_hop
 from .metadata import header_map
 from .shared import Gateway
@@ -151,28 +156,21 @@ class Responding:
             # Inspected bodies may change size: the client gets them chunked
             # (agents are still shown the upstream's length).
             self._drop_length = True
-            sizes = [
-                clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size)
-                for s in body_slots
-            ]
+            sizes = chunk_sizes(body_slots)
             pressure = _pressure(
                 sizes, lambda: self._pause_upstream("agents"), lambda: self._resume_upstream("agents")
             )
             self._response_pressure = pressure
-            length = response.length
-            for slot, chunk_size in reversed(list(zip(body_slots, sizes, strict=True))):
-                stage = InspectionStage(
-                    self,
-                    slot,
-                    response=True,
-                    chunk_size=chunk_size,
-                    total_size=length,
-                    next_stage=head,
-                    pressure=pressure,
-                    max_size=self.gateway.config.max_replaced_body_size,
-                )
-                slot.stage = stage
-                head = stage
+            head = inspection_chain(
+                self,
+                body_slots,
+                sizes,
+                response=True,
+                total_size=response.length,
+                tail=head,
+                pressure=pressure,
+                max_size=self.gateway.config.max_replaced_body_size,
+            )
         self._response_head = head
         header_slots = [s for s in slots if _RESPONSE_HEADERS in s.events]
         for slot in body_slots:

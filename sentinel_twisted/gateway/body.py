@@ -48,7 +48,9 @@ __all__ = [
     "InspectionStage",
     "Pressure",
     "StageOwner",
+    "chunk_sizes",
     "clamp_chunk_size",
+    "inspection_chain",
 ]
 
 #: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
@@ -385,3 +387,42 @@ class InspectionStage:
             # Failing open: the agent is out of this request.
             self.bypass()
         return None
+
+
+def chunk_sizes(slots: list[AgentSlot]) -> list[int]:
+    """The chunk size each agent of C{slots} is sent (its preference, clamped)."""
+    return [clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size) for s in slots]
+
+
+def inspection_chain(
+    owner: StageOwner,
+    slots: list[AgentSlot],
+    sizes: list[int],
+    *,
+    response: bool,
+    total_size: int | None,
+    tail: BodySink,
+    pressure: Pressure,
+    max_size: int,
+) -> BodySink:
+    """
+    One L{InspectionStage} per agent of C{slots}, in their order, each
+    passing the body on to the next and the last to C{tail}; each slot's
+    C{stage} is set.  Returns where the body goes first (C{tail} when no
+    agent inspects it).
+    """
+    head = tail
+    for slot, chunk_size in reversed(list(zip(slots, sizes, strict=True))):
+        stage = InspectionStage(
+            owner,
+            slot,
+            response=response,
+            chunk_size=chunk_size,
+            total_size=total_size,
+            next_stage=head,
+            pressure=pressure,
+            max_size=max_size,
+        )
+        slot.stage = stage
+        head = stage
+    return head

@@ -61,7 +61,13 @@ from ._endings import (
     _loggable,
 )
 from ._responding import Responding, _pressure, _ResponseProducer
-from .body import BodySink, InspectionStage, Pressure, clamp_chunk_size
+from .body import (
+    BodySink,
+    InspectionStage,
+    Pressure,
+    chunk_sizes,
+    inspection_chain,
+)
 from .decisions import (
     PROTECTED_REQUEST_HEADERS,
     apply_header_ops,
@@ -344,28 +350,21 @@ class Exchange(Responding, Endings):
 
     def _build_request_body(self, body_slots: list[AgentSlot], length: int | None) -> None:
         request = self.request
-        sizes = [
-            clamp_chunk_size(s.connection.capabilities.limits.preferred_chunk_size) for s in body_slots
-        ]
+        sizes = chunk_sizes(body_slots)
         pressure = self._request_pressure = _pressure(sizes, request.pause_body, request.resume_body)
         # With inspecting agents the body may change size: it goes chunked.
         body = StreamingBody(None if body_slots else length, pressure)
         self._body = body
-        head: BodySink = _RequestTail(self, body)
-        for slot, chunk_size in reversed(list(zip(body_slots, sizes, strict=True))):
-            stage = InspectionStage(
-                self,
-                slot,
-                response=False,
-                chunk_size=chunk_size,
-                total_size=length,
-                next_stage=head,
-                pressure=pressure,
-                max_size=self.gateway.config.max_replaced_body_size,
-            )
-            slot.stage = stage
-            head = stage
-        self._body_head = head
+        self._body_head = inspection_chain(
+            self,
+            body_slots,
+            sizes,
+            response=False,
+            total_size=length,
+            tail=_RequestTail(self, body),
+            pressure=pressure,
+            max_size=self.gateway.config.max_replaced_body_size,
+        )
 
     # -- sending to agents ----------------------------------------------------------
 
