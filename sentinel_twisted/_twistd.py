@@ -48,6 +48,7 @@ __all__ = [
     "filtered_log_observer",
     "json_log_line",
     "parse_log_level",
+    "positive_int",
     "report_startup_errors",
 ]
 
@@ -69,6 +70,17 @@ def parse_log_level(value: str) -> LogLevel:
 
 #: The names C{--log-format} takes.
 LOG_FORMATS = ("text", "json")
+
+
+def positive_int(value: str) -> int:
+    """An option's value as a positive integer (a conversion of L{ProgramOptions})."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def parse_log_format(value: str) -> str:

@@ -11,7 +11,12 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._twistd import ProgramOptions, exit_zero_after_clean_sigterm, report_startup_errors
+from ._twistd import (
+    ProgramOptions,
+    exit_zero_after_clean_sigterm,
+    positive_int,
+    report_startup_errors,
+)
 from .endpoints import (
     MAX_BACKLOG,
     check_endpoint_arguments,
@@ -93,23 +98,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 #: The largest listen backlog: listen() takes a C int (the system caps it
 #: at net.core.somaxconn anyway).
 _MAX_BACKLOG = MAX_BACKLOG
 
 
 def _backlog(value: str) -> int:
-    number = _positive_int(value)
+    number = positive_int(value)
     if number > _MAX_BACKLOG:
         raise ValueError(f"expected a positive integer up to {_MAX_BACKLOG}, got {value!r}")
     return number
@@ -138,24 +133,24 @@ def _client_error_status(value: str) -> int:
 # Converted in postOptions rather than by usage's coercers, whose error
 # text does not say which option was wrong.
 _CONVERSIONS = {
-    "max-connections-per-agent": _positive_int,
+    "max-connections-per-agent": positive_int,
     "handshake-timeout": _positive_float,
     "request-timeout": _positive_float,
     "backlog": _backlog,
-    "max-pending-registrations": _positive_int,
-    "max-incomplete-frame-bytes": _positive_int,
-    "max-agent-id-length": _positive_int,
-    "max-metadata-size": _positive_int,
+    "max-pending-registrations": positive_int,
+    "max-incomplete-frame-bytes": positive_int,
+    "max-agent-id-length": positive_int,
+    "max-metadata-size": positive_int,
     "upstream-timeout": _positive_float,
     "challenge-status": _client_error_status,
     "shutdown-grace": _seconds,
     "header-timeout": _positive_float,
-    "max-client-connections": _positive_int,
-    "agent-connections": _positive_int,
+    "max-client-connections": positive_int,
+    "agent-connections": positive_int,
     "agent-encodings": encoding_list,
-    "max-replaced-body-size": _positive_int,
-    "workers": _positive_int,
-    "worker-index": _positive_int,
+    "max-replaced-body-size": positive_int,
+    "workers": positive_int,
+    "worker-index": positive_int,
 }
 
 

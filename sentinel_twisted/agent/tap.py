@@ -30,6 +30,7 @@ from .._twistd import (
     StartupError,
     exit_at_exit,
     exit_zero_after_clean_sigterm,
+    positive_int,
     report_startup_errors,
 )
 from ..endpoints import (
@@ -64,16 +65,6 @@ def _number(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def _positive_float(value: str) -> float:
     number = _number(value)
     if not number > 0:
@@ -91,8 +82,8 @@ def _seconds(value: str) -> float:
 # Converted in postOptions rather than by usage's coercers, whose error
 # text does not say which option was wrong.
 _CONVERSIONS = {
-    "connections": _positive_int,
-    "max-concurrency": _positive_int,
+    "connections": positive_int,
+    "max-concurrency": positive_int,
     "health-interval": _seconds,
     "registration-timeout": _positive_float,
     "handshake-timeout": _positive_float,
