@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -89,19 +89,23 @@ class AdoptedConnectionProtocol(ReverseConnectionProtocol):
     (no handshake timer, no RegistrationResponse: the parent answered).
 
     @ivar handover: what the parent passed with the socket.
+    @ivar request: the RegistrationRequest, decoded from C{handover}.
     @ivar peer: the agent's address for logs, as the parent saw it.
     @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer, or C{None}.
     """
 
-    def __init__(self, factory: ReverseConnectionFactory, handover: Handover) -> None:
+    def __init__(
+        self, factory: ReverseConnectionFactory, handover: Handover, request: m.RegistrationRequest
+    ) -> None:
         super().__init__(factory)
         self.handover = handover
+        self.request = request
 
     def connectionMade(self) -> None:
         handover = self.handover
         self.peer = handover.peer
         self.peer_credentials = handover.peer_credentials
-        request = m.decode_registration_request(handover.registration)
+        request = self.request
         self._share_with_agent(request)
         connection = self.factory.create_connection(self, request)
         connection.connection_id = handover.connection_id
@@ -132,8 +136,9 @@ class WorkerConnectionFactory(ReverseConnectionFactory):
     def adopt(self, reactor: Any, descriptor: int, family: int, handover: Handover) -> AdoptedConnectionProtocol:
         """Serve the connection whose socket is C{descriptor} (a copy: it is closed here)."""
         try:
-            protocol = AdoptedConnectionProtocol(self, handover)
-            request_agent = m.decode_registration_request(handover.registration).agent_id
+            request = m.decode_registration_request(handover.registration)
+            protocol = AdoptedConnectionProtocol(self, handover, request)
+            request_agent = request.agent_id
             self.awaiting_registration += 1
             self._registered_per_agent[request_agent] += 1
             try:
@@ -171,8 +176,6 @@ class _Once(Factory):
     def buildProtocol(self, addr: Any) -> Any:
         return self._protocol
 
-
-_Quiet = _Once
 
 
 class WorkerControl(ControlProtocol):
@@ -287,7 +290,7 @@ class WorkerControlService(service.Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         endpoint = UNIXClientEndpoint(self.reactor, self.path)
-        connecting = endpoint.connect(_Quiet(WorkerControl(self)))
+        connecting = endpoint.connect(_Once(WorkerControl(self)))
         connecting.addCallbacks(self._connected, self._failed)
 
     def _connected(self, protocol: WorkerControl) -> Deferred[Any]:
@@ -418,8 +421,6 @@ class ReusePortEndpoint:
             finally:
                 listener.close()
         except Exception:
-            from twisted.internet.defer import fail
-
             return fail()
         return succeed(port)
 
