@@ -7,6 +7,6 @@ module.
 
 from __future__ import annotations
 
-from .proxy.pending import PendingTable
+from .proxy.pending import PendingTable, Waiter
 
-__all__ = ["PendingTable"]
+__all__ = ["PendingTable", "Waiter"]

@@ -475,6 +475,81 @@ class LossTests(ConnectionTestCase):
         self.failureResultOf(deferred, ConnectionClosed)
 
 
+class WithoutDeferredTests(ConnectionTestCase):
+    """
+    send_event_with: the same outcomes as send_event, handed to two plain
+    callables (the gateway's path), each request ending exactly once.
+    """
+
+    def send_with(self, cid: str, timeout: float | None = None) -> list[tuple[str, Any, Any]]:
+        calls: list[tuple[str, Any, Any]] = []
+        self.connection.send_event_with(
+            request_headers(cid),
+            lambda answer, arg: calls.append(("answered", answer, arg)),
+            lambda failure, arg: calls.append(("failed", failure.value, arg)),
+            cid + "-arg",
+            timeout=timeout,
+        )
+        return calls
+
+    def test_the_answer_reaches_the_callable_with_its_argument(self) -> None:
+        calls = self.send_with("a")
+        [(kind, payload)] = self.sink.take()
+        self.assertEqual(kind, MessageType.REQUEST_HEADERS)
+        self.assertEqual(json.loads(payload)["correlation_id"], "a")
+        self.assertEqual(calls, [])
+        self.answer("a", decision=m.Block(403, "no"))
+        [(what, answer, arg)] = calls
+        self.assertEqual((what, arg), ("answered", "a-arg"))
+        self.assertEqual(answer.decision, m.Block(403, "no"))
+        self.assertEqual(self.listener.calls, [("answered", "a", 0.0)])
+        self.answer("a")
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.connection.in_flight, 0)
+
+    def test_every_failure_reaches_the_other_callable(self) -> None:
+        timed = self.send_with("t", timeout=1)
+        cancelled = self.send_with("c")
+        lost = self.send_with("l")
+        self.clock.advance(1)
+        self.assertTrue(self.connection.cancel_request("c"))
+        self.connection.connection_lost("gone")
+        for calls, error, cid in ((timed, RequestTimeout, "t"), (cancelled, RequestCancelled, "c"), (lost, ConnectionClosed, "l")):
+            [(what, value, arg)] = calls
+            self.assertEqual((what, arg), ("failed", cid + "-arg"))
+            self.assertIsInstance(value, error)
+        self.assertEqual(self.connection.in_flight, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failures_at_once_are_handed_over_at_once(self) -> None:
+        self.send_with("dup")
+        [(_, duplicate, _)] = self.send_with("dup")
+        self.assertIsInstance(duplicate, DuplicateCorrelationId)
+        calls: list[Any] = []
+        self.connection.send_event_with(
+            m.ConfigureEvent(config="x" * MAX_MESSAGE_SIZE), calls.append, lambda f, arg: calls.append(f.value)
+        )
+        [too_large] = calls
+        self.assertIsInstance(too_large, MessageTooLarge)
+        self.assertEqual(self.connection.in_flight, 1)
+        self.connection.connection_lost("gone")
+        [(_, closed, _)] = self.send_with("late")
+        self.assertIsInstance(closed, ConnectionClosed)
+
+    def test_a_failing_handler_is_logged_and_the_connection_goes_on(self) -> None:
+        def broken(answer: Any, arg: Any) -> None:
+            raise ZeroDivisionError("handler bug")
+
+        self.connection.send_event_with(request_headers("x"), broken, lambda f, arg: None)
+        with captured_log() as events:
+            self.answer("x")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertTrue(any("answer handler" in formatEvent(e) for e in events))
+        calls = self.send_with("y")
+        self.answer("y")
+        self.assertEqual(calls[0][0], "answered")
+
+
 class ControlTests(ConnectionTestCase):
     def test_flow_control_pause_and_resume_integer_form(self) -> None:
         self.receive(MessageType.FLOW_CONTROL, {"action": 1})

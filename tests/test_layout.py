@@ -45,7 +45,7 @@ MOVED = {
         "parse_agent_endpoint",
     ],
     "factory": ["Rejection", "ReverseConnectionFactory", "rejection_reason"],
-    "pending": ["PendingTable"],
+    "pending": ["PendingTable", "Waiter"],
     "pool": ["AgentInfo", "AgentPool", "IAgentPoolObserver", "PoolObserver"],
     "protocol": [
         "HOLD_FRAMES_FOR_TURN",

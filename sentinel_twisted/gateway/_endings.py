@@ -346,7 +346,12 @@ class Endings:
                     upstream_attempts=1 if self._forwarded else 0,
                     error=error or self._error,
                 )
-            connection.send_event(event, self.correlation_id).addErrback(_ignore_complete, slot.agent_id)
+            connection.send_event_with(event, _complete_answered, _ignore_complete, slot.agent_id, self.correlation_id)
+
+
+def _complete_answered(answer: m.AgentResponse, agent_id: str) -> None:
+    # RequestComplete is a notification: its answer changes nothing.
+    pass
 
 
 def _ignore_complete(failure: Failure, agent_id: str) -> None:

@@ -9,7 +9,7 @@ L{Exchange <sentinel_twisted.gateway.exchange.Exchange>} is the rest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
@@ -29,7 +29,6 @@ from .shared import Gateway
 from .upstream import UpstreamResponse
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
 
     from .exchange import AgentSlot
     from .resource import GatewayRequest
@@ -112,7 +111,14 @@ class Responding:
         @property
         def is_over(self) -> bool: ...
 
-        def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]: ...
+        def send_to(
+            self,
+            slot: AgentSlot,
+            event: m.Event,
+            answered: Callable[[m.AgentResponse, Any], object],
+            failed: Callable[[Failure, Any], object],
+            arg: Any,
+        ) -> None: ...
 
         def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool: ...
 
@@ -190,12 +196,7 @@ class Responding:
         for slot in header_slots:
             if self._phase == _OVER:
                 return
-            self.send_to(slot, event).addCallbacks(
-                self._header_answered,
-                self._header_failed,
-                callbackArgs=(slot,),
-                errbackArgs=(slot,),
-            )
+            self.send_to(slot, event, self._header_answered, self._header_failed, slot)
 
     def _response_headers_allowed(self) -> None:
         response = self._response

@@ -32,7 +32,6 @@ import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from .. import messages as m
@@ -163,8 +162,18 @@ class StageOwner(Protocol):
     def is_over(self) -> bool:
         """Whether the exchange has been answered or abandoned."""
 
-    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
-        """Send an event of this request to the slot's agent."""
+    def send_to(
+        self,
+        slot: AgentSlot,
+        event: m.Event,
+        answered: Callable[[m.AgentResponse, Any], object],
+        failed: Callable[[Failure, Any], object],
+        arg: Any,
+    ) -> None:
+        """
+        Send an event of this request to the slot's agent: then
+        C{answered(answer, arg)} or C{failed(failure, arg)}, once.
+        """
 
     def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
         """An agent answered a body chunk; C{False} if the exchange ends there."""
@@ -338,11 +347,21 @@ class InspectionStage:
         self._index += 1
         self._in_flight = chunk
         self._in_flight_last = last
-        self.owner.send_to(self.slot, event).addCallbacks(self._answered, self._failed).addErrback(
-            self.owner.internal_error
-        )
+        self.owner.send_to(self.slot, event, self._answer_arrived, self._answer_failed, None)
         if was_busy and not self.busy:
             self._pressure.drained()
+
+    def _answer_arrived(self, answer: m.AgentResponse, _: None) -> None:
+        try:
+            self._answered(answer)
+        except Exception:
+            self.owner.internal_error(Failure())
+
+    def _answer_failed(self, failure: Failure, _: None) -> None:
+        try:
+            self._failed(failure)
+        except Exception:
+            self.owner.internal_error(Failure())
 
     def _answered(self, answer: m.AgentResponse) -> None:
         chunk = self._in_flight

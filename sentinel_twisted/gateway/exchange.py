@@ -37,7 +37,7 @@ L{sentinel_twisted.gateway.shared}; its public names are also here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -368,12 +368,24 @@ class Exchange(Responding, Endings):
 
     # -- sending to agents ----------------------------------------------------------
 
-    def send_to(self, slot: AgentSlot, event: m.Event) -> Deferred[m.AgentResponse]:
-        """Send an event of this request to the slot's agent, under the request's correlation id."""
+    def send_to(
+        self,
+        slot: AgentSlot,
+        event: m.Event,
+        answered: Callable[[m.AgentResponse, Any], object],
+        failed: Callable[[Failure, Any], object],
+        arg: Any,
+    ) -> None:
+        """
+        Send an event of this request to the slot's agent, under the
+        request's correlation id: C{answered(answer, arg)} or
+        C{failed(failure, arg)} follows, exactly once (no Deferred: this
+        runs per event).
+        """
         # One event at a time per agent and request, all under one
         # correlation id: whatever is pending under it is what the agent
         # still decides (see _cancel_pending).
-        return slot.connection.send_event(event, self.correlation_id)
+        slot.connection.send_event_with(event, answered, failed, arg, self.correlation_id)
 
     def _cancel_pending(self, reason: int) -> None:
         """Cancel every agent still deciding; each gets a Cancel frame."""
@@ -417,9 +429,7 @@ class Exchange(Responding, Endings):
             for slot in self._round:
                 if self._phase == _OVER:
                     return
-                slot.connection.send_event(event, cid).addCallbacks(
-                    answered, failed, callbackArgs=(slot,), errbackArgs=(slot,)
-                )
+                slot.connection.send_event_with(event, answered, failed, slot, cid)
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:

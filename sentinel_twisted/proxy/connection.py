@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
 from twisted.internet.defer import Deferred, fail, succeed
@@ -35,9 +35,7 @@ from ..errors import (
 from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import MessageType
 from ._receiving import _CONNECTION_ID_IN_LOG, _ID_IN_LOG, AgentFrames
-
-if TYPE_CHECKING:
-    from .pending import PendingTable
+from .pending import PendingTable, Waiter
 
 __all__ = ["AgentConnection", "ConnectionInfo"]
 
@@ -181,8 +179,6 @@ class AgentConnection(AgentFrames):
         codec: PayloadCodec | None = None,
         mode: str = "reverse",
     ) -> None:
-        from .pending import PendingTable
-
         self.agent_id = agent_id
         self.connection_id = connection_id
         self.capabilities = capabilities
@@ -402,23 +398,54 @@ class AgentConnection(AgentFrames):
         """
         if self._closed is not None:
             return fail(self._closed)
+        try:
+            deferred: Deferred[m.AgentResponse] = self._send(event, correlation_id, timeout, None)
+        except (AgentProtocolError, ValueError) as e:
+            return fail(e)
+        return deferred
+
+    def send_event_with(
+        self,
+        event: m.Event,
+        answered: Callable[[m.AgentResponse, Any], object],
+        failed: Callable[[Failure, Any], object],
+        arg: Any = None,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """
+        L{send_event} without a Deferred, for callers on a hot path: the
+        answer goes to C{answered(answer, arg)}, any failure (the same as
+        L{send_event}'s, including one at once) to C{failed(failure, arg)}.
+        Exactly one of the two is called, once.  An exception either raises
+        is logged and goes no further: handle your own errors.  Cancel with
+        L{cancel_request}.
+        """
+        if self._closed is not None:
+            failed(Failure(self._closed), arg)
+            return
+        try:
+            self._send(event, correlation_id, timeout, Waiter(answered, failed, arg))
+        except (AgentProtocolError, ValueError) as e:
+            failed(Failure(e), arg)
+
+    def _send(self, event: m.Event, correlation_id: str | None, timeout: float | None, waiter: Waiter | None) -> Any:
+        """Encode, register and write one event: its Deferred, or C{waiter}."""
         if timeout is None:
             timeout = self.request_timeout
         elif not timeout > 0:
-            return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
-        try:
-            payload = self._encode_event(event, cid)
-            deferred: Deferred[m.AgentResponse] = self._pending.add(cid, timeout)
-        except AgentProtocolError as e:
-            return fail(e)
+        payload = self._encode_event(event, cid)
+        pending = self._pending
+        result = pending.add(cid, timeout, waiter)
         try:
             self._sink.send_frame(event.message_type, payload)
-        except AgentProtocolError as e:
-            self._pending.pop(cid)
-            return fail(e)
+        except AgentProtocolError:
+            pending.pop(cid)
+            raise
         self.events_sent += 1
-        return deferred
+        return result
 
     def send_request_headers(
         self, event: m.RequestHeadersEvent, correlation_id: str | None = None, timeout: float | None = None

@@ -17,18 +17,58 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import DuplicateCorrelationId, RequestTimeout
 
-__all__ = ["PendingTable"]
+__all__ = ["PendingTable", "Waiter"]
+
+log = Logger(namespace="sentinel_twisted.pending")
+
+
+class Waiter:
+    """
+    What a pending request fires when its caller wants no Deferred: two
+    plain callables and one argument, called as C{answered(result, arg)} or
+    C{failed(failure, arg)}.  It has a Deferred's C{callback} and
+    C{errback}, so the table fires both alike; an answer costs two calls
+    instead of a Deferred's callback chain.  An exception a callable raises
+    is logged: it never reaches the frame that fired it.
+
+    @ivar answered: called with the result and C{arg}.
+    @ivar failed: called with a L{Failure} and C{arg}.
+    @ivar arg: the second argument of both.
+    """
+
+    __slots__ = ("answered", "arg", "failed")
+
+    def __init__(self, answered: Callable[[Any, Any], object], failed: Callable[[Failure, Any], object], arg: Any) -> None:
+        self.answered = answered
+        self.failed = failed
+        self.arg = arg
+
+    def callback(self, result: object) -> None:
+        """Hand C{result} to C{answered}."""
+        try:
+            self.answered(result, self.arg)
+        except Exception:
+            log.failure("A waiting request's answer handler {handler!r} failed", handler=self.answered)
+
+    def errback(self, failure: Failure) -> None:
+        """Hand C{failure} to C{failed}."""
+        try:
+            self.failed(failure, self.arg)
+        except Exception:
+            log.failure("A waiting request's failure handler {handler!r} failed", handler=self.failed)
 
 
 class _Pending:
     __slots__ = ("correlation_id", "deferred", "deadline", "sent_at", "timeout", "lane")
 
     correlation_id: str
-    deferred: Deferred[Any]
+    #: A Deferred, or a Waiter for callers that want none.
+    deferred: Deferred[Any] | Waiter
     deadline: float
     sent_at: float
     timeout: float
@@ -77,10 +117,11 @@ class PendingTable:
         entry = self._entries.get(correlation_id)
         return None if entry is None else entry.sent_at
 
-    def add(self, correlation_id: str, timeout: float) -> Deferred[Any]:
+    def add(self, correlation_id: str, timeout: float, waiter: Waiter | None = None) -> Any:
         """
         Register a request; the returned Deferred fires with its answer, or
-        fails with L{RequestTimeout} after C{timeout} seconds.
+        fails with L{RequestTimeout} after C{timeout} seconds.  With
+        C{waiter}, no Deferred: the waiter is fired instead, and returned.
 
         @raise DuplicateCorrelationId: if the id is already waiting.
         """
@@ -88,8 +129,12 @@ class PendingTable:
             raise DuplicateCorrelationId(correlation_id)
         entry = _Pending()
         entry.correlation_id = correlation_id
-        entry.deferred = Deferred(self._cancelled)
-        entry.deferred._sentinel_cid = correlation_id  # type: ignore[attr-defined]
+        if waiter is None:
+            deferred: Deferred[Any] = Deferred(self._cancelled)
+            deferred._sentinel_cid = correlation_id  # type: ignore[attr-defined]
+            entry.deferred = deferred
+        else:
+            entry.deferred = waiter
         now = self._clock.seconds()
         entry.sent_at = now
         entry.timeout = timeout
@@ -109,15 +154,15 @@ class PendingTable:
             timer.reset(timeout)
         return entry.deferred
 
-    def pop(self, correlation_id: str) -> Deferred[Any] | None:
-        """Remove a request; its Deferred is returned for the caller to fire."""
+    def pop(self, correlation_id: str) -> Deferred[Any] | Waiter | None:
+        """Remove a request; its Deferred (or Waiter) is returned for the caller to fire."""
         entry = self._entries.pop(correlation_id, None)
         if entry is None:
             return None
         del entry.lane[correlation_id]
         return entry.deferred
 
-    def take(self, correlation_id: str) -> tuple[Deferred[Any], float] | None:
+    def take(self, correlation_id: str) -> tuple[Deferred[Any] | Waiter, float] | None:
         """
         Remove a request and return its Deferred (for the caller to fire)
         with the time it was added; C{None} if it is not waiting.  One

@@ -65,6 +65,11 @@ class _InspectingAgent:
         self.pending.append((event, answer))
         return answer
 
+    def send_event_with(self, event: Any, answered: Any, failed: Any, arg: Any, correlation_id: str) -> None:
+        self.send_event(event, correlation_id).addCallbacks(
+            answered, failed, callbackArgs=(arg,), errbackArgs=(arg,)
+        )
+
     def cancel_request(self, correlation_id: str, reason: int) -> bool:
         pending, self.pending = self.pending, []
         for _, answer in pending:

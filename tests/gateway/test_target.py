@@ -131,9 +131,9 @@ class _RecordingConnection:
     def __init__(self) -> None:
         self.seen: list[m.RequestHeadersEvent] = []
 
-    def send_event(self, event: Any, correlation_id: str) -> Deferred[m.AgentResponse]:
+    def send_event_with(self, event: Any, answered: Any, failed: Any, arg: Any, correlation_id: str) -> None:
         self.seen.append(event)
-        return succeed(m.AgentResponse())
+        answered(m.AgentResponse(), arg)
 
     def cancel_request(self, correlation_id: str, reason: int) -> bool:
         return False
