@@ -408,7 +408,7 @@ class Exchange(Responding, Endings):
     def _send_request_headers(self) -> None:
         request = self.request
         cid = self.correlation_id
-        headers = header_map(request.requestHeaders.getAllRawHeaders())
+        headers = header_map(request.requestHeaders._rawHeaders.items())
         tls = None
         if self._secure:
             channel = request.channel

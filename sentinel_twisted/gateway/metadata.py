@@ -9,7 +9,7 @@ the client's C{traceparent}.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from msgspec import UNSET
@@ -38,26 +38,32 @@ def _text(value: bytes) -> str:
 
 
 # Header names repeat from request to request: remember their agent form.
+# Clients choose them: the table is bounded in entries and in their length.
 _names: dict[bytes, str] = {}
 _MAX_NAMES = 4096
+_MAX_NAME_LENGTH = 128
 
 
 def _name(name: bytes) -> str:
     text = _names.get(name)
     if text is None:
         text = name.decode("latin-1").lower()
-        if len(_names) < _MAX_NAMES:
+        if len(_names) < _MAX_NAMES and len(name) <= _MAX_NAME_LENGTH:
             _names[name] = text
     return text
 
 
-def header_map(pairs: Iterable[tuple[bytes, Iterable[bytes]]]) -> dict[str, list[str]]:
+def header_map(pairs: Iterable[tuple[bytes, Sequence[bytes]]]) -> dict[str, list[str]]:
     """Headers as the agents see them: lower-case name -> list of values."""
     names = _names
     result = {}
     for name, values in pairs:
         text = names.get(name) or _name(name)
-        result[text] = [v.decode("utf-8", "replace") for v in values]
+        if len(values) == 1:
+            # Most headers have one value: no list comprehension to run.
+            result[text] = [values[0].decode("utf-8", "replace")]
+        else:
+            result[text] = [v.decode("utf-8", "replace") for v in values]
     return result
 
 
@@ -104,11 +110,26 @@ def tls_info(transport: Any) -> TLSInfo | None:
     )
 
 
+# Host headers repeat from request to request too: their server names.
+_server_names: dict[str, str] = {}
+
+
 def _host_name(headers: dict[str, list[str]]) -> str | None:
     host = headers.get("host")
     if not host:
         return None
-    value = host[0].strip()
+    raw = host[0]
+    name = _server_names.get(raw)
+    if name is None:
+        name = _server_name(raw)
+        if len(_server_names) < _MAX_NAMES and len(raw) <= _MAX_NAME_LENGTH:
+            _server_names[raw] = name
+    return name
+
+
+def _server_name(host: str) -> str:
+    """The host of a C{Host} value: no port, no IPv6 brackets."""
+    value = host.strip()
     if value.startswith("["):
         end = value.find("]")
         return value[1:end] if end > 0 else value

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from sentinel_twisted import messages as m
+from sentinel_twisted.gateway import metadata
 from sentinel_twisted.gateway.body import Pressure, clamp_chunk_size
 from sentinel_twisted.gateway.decisions import (
     apply_body_mutation,
@@ -133,6 +134,37 @@ class TimestampTests(TestCase):
         self.assertEqual(rfc3339_now(0), "1970-01-01T00:00:00Z")
         self.assertEqual(rfc3339_now(1767225600.9), "2026-01-01T00:00:00Z")
         self.assertRegex(rfc3339_now(), re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"))
+
+
+class HeaderMapTests(TestCase):
+    """The agents' view of the request headers, and the name caches behind it."""
+
+    def setUp(self) -> None:
+        self.patch(metadata, "_names", {})
+        self.patch(metadata, "_server_names", {})
+
+    def test_names_lower_case_and_values_in_order(self) -> None:
+        headers = metadata.header_map([(b"X-Tag", [b"a", b"b"]), (b"Host", [b"example.com:8080"])])
+        self.assertEqual(headers, {"x-tag": ["a", "b"], "host": ["example.com:8080"]})
+        self.assertEqual(metadata._host_name(headers), "example.com")
+        self.assertEqual(metadata._host_name({"host": ["[::1]:80"]}), "::1")
+        self.assertEqual(metadata._host_name({"host": [" ::1 "]}), "::1")
+        self.assertIsNone(metadata._host_name({}))
+
+    def test_the_caches_have_bounds_clients_cannot_pass(self) -> None:
+        self.patch(metadata, "_MAX_NAMES", 3)
+        long_name = b"X-" + b"n" * 200
+        metadata.header_map([(long_name, [b"1"])])
+        for i in range(10):
+            metadata.header_map([(b"X-%d" % i, [b"1"])])
+            metadata._host_name({"host": [f"host-{i}.example"]})
+        metadata._host_name({"host": ["h" * 200]})
+        self.assertEqual(len(metadata._names), 3)
+        self.assertNotIn(long_name, metadata._names)
+        self.assertEqual(len(metadata._server_names), 3)
+        # Past the bound, answers are the same, only not remembered.
+        self.assertEqual(metadata.header_map([(b"X-9", [b"v"])]), {"x-9": ["v"]})
+        self.assertEqual(metadata._host_name({"host": ["host-9.example:1"]}), "host-9.example")
 
 
 class InternalErrorTests(TestCase):
