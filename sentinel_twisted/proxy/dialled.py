@@ -140,7 +140,7 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         self.connection: AgentConnection | None = None
         self.peer = "unknown"
         self._lifecycle, self._core = new_lifecycle(self)
-        self._on_frame = self._handshake_frame
+        self.frame_received = self._handshake_frame  # type: ignore[method-assign]
         # Until the handshake a HandshakeResponse is all that may come.
         self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, factory.max_handshake_size)
 
@@ -157,9 +157,6 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
         self.send_frame(MessageType.HANDSHAKE_REQUEST, self.factory.handshake_request)
-
-    def frame_received(self, message_type: int, payload: bytes) -> None:
-        self._on_frame(message_type, payload)
 
     def frame_error(self, error: AgentProtocolError) -> None:
         self._lifecycle.protocol_violated(error)
@@ -196,7 +193,7 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
 
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
         """Lifecycle: the handshake failed; log it and close."""
-        self._on_frame = self._ignore_frame
+        self.frame_received = self._ignore_frame  # type: ignore[method-assign]
         self.stop_parsing()
         self.factory.handshake_failed(error, agent_id)
         self._close_detail = f"handshake failed: {error}"
@@ -208,7 +205,7 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
 
     def drop(self, detail: str) -> None:
         """Lifecycle: closed by the proxy before the handshake completed."""
-        self._on_frame = self._ignore_frame
+        self.frame_received = self._ignore_frame  # type: ignore[method-assign]
         self.stop_parsing()
         self._close_detail = detail
         self._end_transport()

@@ -148,7 +148,9 @@ class _PooledConnectionProtocol(FrameReceiver):
     _producing = False
     _close_detail: str | None = None
     _lifecycle: Any
-    _on_frame: Any
+    # frame_received is an attribute that changes with the connection's
+    # state (registration, the connection's own handler, ignore): the
+    # framing calls it per frame, with no method in between.
     #: The factory that built it (a listener's or a dialler's).
     factory: Any
     # Frames written while frames are being read, sent at the end of the
@@ -256,7 +258,7 @@ class _PooledConnectionProtocol(FrameReceiver):
     def _serve(self, connection: AgentConnection) -> None:
         """Frames go to C{connection} from now on, which joins the pool."""
         self.connection = connection
-        self._on_frame = connection.frame_received
+        self.frame_received = connection.frame_received  # type: ignore[method-assign]
         self.MAX_LENGTH = MAX_MESSAGE_SIZE
         # A frame, once started, must be complete within the deadline (see
         # frame_clock and frame_timeout: they follow self.connection).
@@ -272,7 +274,7 @@ class _PooledConnectionProtocol(FrameReceiver):
         """Lifecycle: a connection in the pool ends (and is closed first if C{close})."""
         connection = self.connection
         assert connection is not None
-        self._on_frame = self._ignore_frame
+        self.frame_received = self._ignore_frame  # type: ignore[method-assign]
         if close:
             self._close_detail = detail
             connection.mark_closing(detail)
@@ -330,7 +332,7 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
         self.connection: AgentConnection | None = None
         self.peer = "unknown"
         self._lifecycle, self._core = new_lifecycle(self)
-        self._on_frame = self._registration_frame
+        self.frame_received = self._registration_frame  # type: ignore[method-assign]
         self._awaiting = True
         # Until registration a RegistrationRequest is all that may come.
         self.MAX_LENGTH = min(MAX_MESSAGE_SIZE, factory.config.max_registration_frame_size)
@@ -345,9 +347,6 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
         self._core.handshake_timer = self.factory.clock.callLater(
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
-
-    def frame_received(self, message_type: int, payload: bytes) -> None:
-        self._on_frame(message_type, payload)
 
     def frame_error(self, error: AgentProtocolError) -> None:
         self._lifecycle.protocol_violated(error)
@@ -444,7 +443,7 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     def reject(self, error: AgentProtocolError, agent_id: str) -> None:
         """Lifecycle: refuse the registration with C{error} and close."""
         self._leave_awaiting()
-        self._on_frame = self._ignore_frame
+        self.frame_received = self._ignore_frame  # type: ignore[method-assign]
         self.stop_parsing()
         self._write_response(self.factory.failure_response(error))
         self.factory.registration_rejected(error, agent_id, self.peer)
@@ -458,7 +457,7 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     def drop(self, detail: str) -> None:
         """Lifecycle: close an unregistered connection without an answer (unreadable input)."""
         self._leave_awaiting()
-        self._on_frame = self._ignore_frame
+        self.frame_received = self._ignore_frame  # type: ignore[method-assign]
         self.stop_parsing()
         self._close_detail = detail
         self._end_transport()

@@ -381,7 +381,7 @@ class HandOverProtocol(ReverseConnectionProtocol):
         self._leave_awaiting()
         self._handing = connection
         self._kept: list[bytes] = []
-        self._on_frame = self._keep_frame
+        self.frame_received = self._keep_frame  # type: ignore[method-assign]
         transport: Any = self.transport
         transport.pauseProducing()
         self._write_response(self.factory.success_response(connection.connection_id))
