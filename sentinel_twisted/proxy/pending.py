@@ -24,6 +24,7 @@ from ..errors import DuplicateCorrelationId, RequestTimeout
 
 __all__ = ["PendingTable", "Waiter"]
 
+#: The module's logger (a waiter's failing handler is logged here).
 log = Logger(namespace="sentinel_twisted.pending")
 
 
