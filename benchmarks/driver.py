@@ -127,11 +127,13 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
                 if self._on_cancel is not None:
                     self._on_cancel(cid)
 
-        def add(self, cid: str, timeout: float) -> Deferred[Any]:
+        def add(self, cid: str, timeout: float, waiter: Any = None) -> Any:
             if cid in self._entries:
                 raise DuplicateCorrelationId(cid)
-            d: Deferred[Any] = Deferred(self._cancelled)
-            d._bench_cid = cid  # type: ignore[attr-defined]
+            d: Any = waiter
+            if d is None:
+                d = Deferred(self._cancelled)
+                d._bench_cid = cid
             self._entries[cid] = [d, self._clock.seconds(), None]
             return d
 
@@ -171,8 +173,8 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
     class DelayedCallTable(NoTimeoutTable):
         """The textbook design: one reactor DelayedCall per request."""
 
-        def add(self, cid: str, timeout: float) -> Deferred[Any]:
-            d = super().add(cid, timeout)
+        def add(self, cid: str, timeout: float, waiter: Any = None) -> Any:
+            d = super().add(cid, timeout, waiter)
             self._entries[cid][2] = self._clock.callLater(timeout, self._expire, cid, timeout)
             return d
 

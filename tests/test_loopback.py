@@ -25,6 +25,7 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -32,7 +33,7 @@ from sentinel_twisted.errors import ConnectionClosed, FlowControlPaused
 from sentinel_twisted.proxy.auth import StaticTokenChecker
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.proxy.factory import ReverseConnectionFactory
-from sentinel_twisted.proxy.protocol import HOLD_FRAMES_FOR_TURN
+from sentinel_twisted.proxy.protocol import HOLD_FRAMES_FOR_TURN, _await_turn_end
 from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
 from . import rawagent as raw
@@ -280,6 +281,23 @@ class LoopbackTests(TestCase):
             agent.send(raw.AGENT_RESPONSE, raw.answer(cid, "allow"))
         responses = yield gatherResults([first, second])
         self.assertEqual([r.correlation_id for r in responses], ["turn-1", "turn-2"])
+
+    @inlineCallbacks
+    def test_a_turn_end_awaited_on_another_clock_holds_nothing_back(self) -> Generator[Any, Any, None]:
+        # Another clock (one that never turns, as in a test) awaited a turn's
+        # end first: frames held for the reactor's turn still leave when it ends.
+        stale = Clock()
+        _await_turn_end(stale)
+        self.addCleanup(stale.advance, 0)
+        factory = yield self.listen()
+        agent = yield self.registered_agent()
+        with HOLD_FRAMES_FOR_TURN:
+            answer = factory.pool.send_request_headers("waf-1", request_headers("turn-after-stale"))
+        message_type, event = yield agent.next_frame()
+        self.assertEqual(event["correlation_id"], "turn-after-stale")
+        agent.send(raw.AGENT_RESPONSE, raw.answer("turn-after-stale", "allow"))
+        response = yield answer
+        self.assertEqual(response.correlation_id, "turn-after-stale")
 
     @inlineCallbacks
     def test_requests_sent_while_reading_answers_all_arrive(self) -> Generator[Any, Any, None]:

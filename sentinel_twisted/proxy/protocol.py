@@ -102,13 +102,24 @@ def send_after_read(sender: Any) -> bool:
 
 
 #: How many callers asked for frames to wait for the end of the reactor's
-#: turn (see L{HoldFramesForTurn}), and whether the turn's end is awaited.
+#: turn (see L{HoldFramesForTurn}).
 _for_turn = [0]
-_turn_end_awaited = [False]
+#: The clock whose turn's end is awaited, and the call that ends it there.
+_turn_end: list[Any] = [None, None]
+
+
+def _await_turn_end(clock: Any) -> None:
+    """Have everything held sent at the end of C{clock}'s turn (once per turn)."""
+    awaited, call = _turn_end
+    # A call of another clock (a test's, never advanced) does not count.
+    if awaited is clock and call.active():
+        return
+    _turn_end[0] = clock
+    _turn_end[1] = clock.callLater(0, _turn_ended)
 
 
 def _turn_ended() -> None:
-    _turn_end_awaited[0] = False
+    _turn_end[0] = _turn_end[1] = None
     if not _reading[0]:
         _send_all_held()
 
@@ -216,9 +227,7 @@ class _PooledConnectionProtocol(FrameReceiver):
             _holding[self] = None
         elif _for_turn[0]:
             _holding[self] = None
-            if not _turn_end_awaited[0]:
-                _turn_end_awaited[0] = True
-                self.factory.clock.callLater(0, _turn_ended)
+            _await_turn_end(self.factory.clock)
         else:
             self._send_held()
 
