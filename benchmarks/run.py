@@ -495,7 +495,13 @@ def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
     m = results["machine"]
     lines.append(f"machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Twisted {m['twisted']}, msgspec {m['msgspec']}, {m['date']}")
-    lines.append(f"reactor: {results['settings']['reactor']}; agents: {results['settings']['agents']} C processes x {results['settings']['connections']} connections")
+    settings = results["settings"]
+    # Each section names its own agents (the reference section: the reference
+    # rust-agent); the C agents serve the sections that measure ours alone.
+    lines.append(
+        f"reactor: {settings['reactor']}; agents of our own sections: {settings['agents']} C processes "
+        f"x {settings['connections']} connections"
+    )
     rt = results.get("roundtrip")
     if rt:
         lines.append("")
