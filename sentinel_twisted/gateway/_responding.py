@@ -9,7 +9,7 @@ L{Exchange <sentinel_twisted.gateway.exchange.Exchange>} is the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
@@ -18,7 +18,9 @@ from twisted.web.http_headers import Headers
 from .. import messages as m
 from ._endings import _FORWARDING, _OVER, _RESPONDING, _RESPONSE_DECIDING
 from .body import (
+    Answered,
     BodySink,
+    Failed,
     Pressure,
     chunk_sizes,
     inspection_chain,
@@ -111,14 +113,7 @@ class Responding:
         @property
         def is_over(self) -> bool: ...
 
-        def send_to(
-            self,
-            slot: AgentSlot,
-            event: m.Event,
-            answered: Callable[[m.AgentResponse, Any], object],
-            failed: Callable[[Failure, Any], object],
-            arg: Any,
-        ) -> None: ...
+        def send_to(self, slot: AgentSlot, event: m.Event, answered: Answered, failed: Failed, arg: Any) -> None: ...
 
         def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool: ...
 

@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STAGE_ROOM",
+    "Answered",
     "BodySink",
+    "Failed",
     "InspectionStage",
     "Pressure",
     "StageOwner",
@@ -148,6 +150,12 @@ class Pressure:
             self._resume()
 
 
+#: What takes an agent's answer to an event, and the argument given with it.
+Answered = Callable[[m.AgentResponse, Any], object]
+#: What takes the failure of an event (timeout, loss, cancel...), and the argument.
+Failed = Callable[[Failure, Any], object]
+
+
 class StageOwner(Protocol):
     """
     What a stage needs from its exchange.
@@ -162,14 +170,7 @@ class StageOwner(Protocol):
     def is_over(self) -> bool:
         """Whether the exchange has been answered or abandoned."""
 
-    def send_to(
-        self,
-        slot: AgentSlot,
-        event: m.Event,
-        answered: Callable[[m.AgentResponse, Any], object],
-        failed: Callable[[Failure, Any], object],
-        arg: Any,
-    ) -> None:
+    def send_to(self, slot: AgentSlot, event: m.Event, answered: Answered, failed: Failed, arg: Any) -> None:
         """
         Send an event of this request to the slot's agent: then
         C{answered(answer, arg)} or C{failed(failure, arg)}, once.

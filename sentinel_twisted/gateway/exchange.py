@@ -37,7 +37,7 @@ L{sentinel_twisted.gateway.shared}; its public names are also here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -62,7 +62,9 @@ from ._endings import (
 )
 from ._responding import Responding, _pressure, _ResponseProducer
 from .body import (
+    Answered,
     BodySink,
+    Failed,
     InspectionStage,
     Pressure,
     chunk_sizes,
@@ -368,14 +370,7 @@ class Exchange(Responding, Endings):
 
     # -- sending to agents ----------------------------------------------------------
 
-    def send_to(
-        self,
-        slot: AgentSlot,
-        event: m.Event,
-        answered: Callable[[m.AgentResponse, Any], object],
-        failed: Callable[[Failure, Any], object],
-        arg: Any,
-    ) -> None:
+    def send_to(self, slot: AgentSlot, event: m.Event, answered: Answered, failed: Failed, arg: Any) -> None:
         """
         Send an event of this request to the slot's agent, under the
         request's correlation id: C{answered(answer, arg)} or
