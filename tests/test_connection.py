@@ -549,6 +549,21 @@ class WithoutDeferredTests(ConnectionTestCase):
         self.answer("y")
         self.assertEqual(calls[0][0], "answered")
 
+    def test_a_failing_handler_of_a_failure_at_once_is_logged_and_goes_no_further(self) -> None:
+        # A failure at once (a duplicate id, a closed connection) is handed
+        # over like a later one: the handler's exception never reaches the
+        # sender, who may be reading frames or answering a client.
+        def broken(failure: Any, arg: Any) -> None:
+            raise ZeroDivisionError("handler bug")
+
+        self.send_with("x")
+        with captured_log() as events:
+            self.connection.send_event_with(request_headers("x"), lambda answer, arg: None, broken)
+            self.connection.connection_lost("gone")
+            self.connection.send_event_with(request_headers("y"), lambda answer, arg: None, broken)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+        self.assertEqual(sum("failure handler" in formatEvent(e) for e in events), 2)
+
 
 class ControlTests(ConnectionTestCase):
     def test_flow_control_pause_and_resume_integer_form(self) -> None:

@@ -421,13 +421,16 @@ class AgentConnection(AgentFrames):
         is logged and goes no further: handle your own errors.  Cancel with
         L{cancel_request}.
         """
+        # A failure at once goes through the waiter too: its handler's
+        # exception is logged, as a later failure's is, never raised here.
+        waiter = Waiter(answered, failed, arg)
         if self._closed is not None:
-            failed(Failure(self._closed), arg)
+            waiter.errback(Failure(self._closed))
             return
         try:
-            self._send(event, correlation_id, timeout, Waiter(answered, failed, arg))
+            self._send(event, correlation_id, timeout, waiter)
         except (AgentProtocolError, ValueError) as e:
-            failed(Failure(e), arg)
+            waiter.errback(Failure(e))
 
     def _send(self, event: m.Event, correlation_id: str | None, timeout: float | None, waiter: Waiter | None) -> Any:
         """Encode, register and write one event: its Deferred, or C{waiter}."""
