@@ -564,6 +564,20 @@ class WithoutDeferredTests(ConnectionTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
         self.assertEqual(sum("failure handler" in formatEvent(e) for e in events), 2)
 
+    def test_a_frame_the_sink_refuses_leaves_nothing_pending(self) -> None:
+        # Whatever the sink raises, the request it could not send is not
+        # left waiting: it would end a second time when it timed out.
+        def refuse(message_type: int, payload: bytes) -> None:
+            raise ValueError("refused")
+
+        self.sink.send_frame = refuse  # type: ignore[method-assign]
+        calls = self.send_with("r", timeout=1)
+        self.assertEqual(self.connection.in_flight, 0)
+        self.clock.advance(1)
+        [(what, value, _)] = calls
+        self.assertEqual(what, "failed")
+        self.assertIsInstance(value, ValueError)
+
 
 class ControlTests(ConnectionTestCase):
     def test_flow_control_pause_and_resume_integer_form(self) -> None:

@@ -444,7 +444,9 @@ class AgentConnection(AgentFrames):
         result = pending.add(cid, timeout, waiter)
         try:
             self._sink.send_frame(event.message_type, payload)
-        except AgentProtocolError:
+        except BaseException:
+            # Not sent, whatever the reason: nothing may wait for an answer
+            # (its timeout would end the request a second time).
             pending.pop(cid)
             raise
         self.events_sent += 1
