@@ -326,6 +326,25 @@ class TimeoutTests(ConnectionTestCase):
         self.assertEqual(cancel["reason"], m.CancelReason.TIMEOUT)
         self.assertEqual(cancel["timestamp_ms"], int(self.clock.seconds() * 1000))
 
+    def test_timeout_cancel_precedes_what_the_caller_sends_next_under_the_id(self) -> None:
+        # A caller that ends its request on the timeout and says so under the
+        # same id (the gateway's RequestComplete): the agent must get the
+        # Cancel first, or it would cancel the RequestComplete instead.
+        def complete(failure: Any, arg: Any) -> None:
+            self.connection.send_event_with(
+                m.RequestCompleteEvent(correlation_id="a", status=503, duration_ms=1000),
+                lambda answer, arg: None,
+                lambda failure, arg: None,
+                correlation_id="a",
+            )
+
+        self.connection.send_event_with(request_headers("a"), lambda answer, arg: None, complete, timeout=1)
+        self.sink.take()
+        self.clock.advance(1)
+        kinds = [kind for kind, _ in self.sink.take()]
+        self.assertEqual(kinds, [MessageType.CANCEL, MessageType.REQUEST_COMPLETE])
+        self.assertEqual(self.connection.pending_ids(), ["a"])
+
     def test_timeout_returns_in_flight_to_zero(self) -> None:
         self.send("a", timeout=1)
         self.send("b", timeout=2)

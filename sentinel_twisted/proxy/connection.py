@@ -555,7 +555,7 @@ class AgentConnection(AgentFrames):
         self._send_cancel(correlation_id, m.CancelReason.MANUAL)
 
     def _timed_out(self, correlation_id: str) -> None:
-        # Tell the agent to stop working on it; the caller already knows.
+        # Tell the agent to stop working on it (before the caller hears of it).
         self.timeouts += 1
         self._send_cancel(correlation_id, m.CancelReason.TIMEOUT)
 

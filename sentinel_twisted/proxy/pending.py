@@ -83,7 +83,8 @@ class PendingTable:
     @param on_cancel: called with C{(correlation_id, reason)} when a waiting
         caller cancels its Deferred, so the agent can be told.
     @param on_timeout: called with the correlation id of a request that
-        timed out, after its caller got the L{RequestTimeout}.
+        timed out, just before its caller gets the L{RequestTimeout} (so
+        that a Cancel goes out before anything the caller then sends).
     """
 
     # One table per registered connection: no per-instance __dict__.
@@ -243,6 +244,11 @@ class PendingTable:
             self._timer_at = next_deadline
             self._timer = self._clock.callLater(max(0.0, next_deadline - now), self._expire)
         for entry in expired:
-            entry.deferred.errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
-            if self._on_timeout is not None:
-                self._on_timeout(entry.correlation_id)
+            # The agent is told before the caller: whatever the caller sends
+            # next under the same id (the gateway's RequestComplete) must
+            # follow the Cancel, or the agent would cancel that instead.
+            try:
+                if self._on_timeout is not None:
+                    self._on_timeout(entry.correlation_id)
+            finally:
+                entry.deferred.errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))

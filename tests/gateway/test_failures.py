@@ -10,7 +10,15 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, unreachable_url, wait_until
+from .support import (
+    REQUEST_COMPLETE,
+    REQUEST_HEADERS,
+    Harness,
+    ScriptedAgent,
+    answer,
+    unreachable_url,
+    wait_until,
+)
 
 
 def hold(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> None:
@@ -89,6 +97,31 @@ class AgentFailureTests(TestCase):
             self.assertEqual(h.sample("sentinel_agent_cancels_total", agent="waf", reason="timeout"), 1)
             self.assertEqual(h.pool.connections("waf")[0].in_flight, 0)
             self.assertEqual(h.upstream.requests, [])
+
+        return ensureDeferred(go())
+
+    def test_timeout_cancel_reaches_the_agent_before_request_complete(self) -> Any:
+        # The request ends on the timeout and its RequestComplete goes to the
+        # same agent under the same id: the Cancel must come first, or the
+        # agent takes it for the RequestComplete.
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.3")
+            cancels_before: list[int] = []
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if message_type == REQUEST_COMPLETE:
+                    cancels_before.append(len(agent.cancels))
+                    return answer()
+                return None
+
+            agent = await h.agent("waf", events=(1, 5), decide=decide)
+            response = await h.get("/")
+            self.assertEqual(response.code, 503)
+            await agent.wait(lambda: bool(cancels_before))
+            self.assertEqual(cancels_before, [1])
+            self.assertEqual(agent.cancels[0]["reason"], 1)
+            await wait_until(lambda: h.pool.connections("waf")[0].in_flight == 0, what="the answer")
+            self.assertEqual(h.sample("sentinel_agent_timeouts_total", agent="waf"), 1)
 
         return ensureDeferred(go())
 
