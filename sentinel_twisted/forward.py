@@ -242,7 +242,11 @@ _SHAPES: dict[type[Any], tuple[msgspec.msgpack.Decoder[Any], tuple[str, ...]]] =
     cls: (msgspec.msgpack.Decoder(_shape(cls)), cls.__struct_fields__)
     for cls in m.EVENT_CLASSES.values()
 }
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+# What a MessagePack decoder may raise on bad input.  Besides its own
+# errors: invalid UTF-8, deep nesting, and (in older msgspec releases, 0.18
+# among them) a TypeError for a map key that cannot be hashed, such as an
+# extension value: all the peer's fault, not ours.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
 _CID_KEY: Final = b"\xaecorrelation_id"
 
 

@@ -713,6 +713,14 @@ class MessagePackFastPathTests(SynchronousTestCase):
         ):
             self.assertRaises(InvalidMessage, self.codec.decode_response, payload)
 
+    def test_a_map_key_that_cannot_be_hashed_is_an_invalid_message(self) -> None:
+        # An extension value as a map key: some msgspec releases raise a
+        # TypeError for it rather than a DecodeError; either way the peer's.
+        unhashable_key = b"\x81\xd4\x00\x00\x00"
+        self.assertIsNone(self.codec.answer_correlation_id(unhashable_key))
+        self.assertRaises(InvalidMessage, self.codec.decode_response, unhashable_key)
+        self.assertRaises(InvalidMessage, self.codec.decode_control, unhashable_key, m.FlowControlMessage)
+
     @settings(max_examples=200, deadline=None)
     @given(st.binary(max_size=64))
     def test_any_bytes_name_a_correlation_id_or_none(self, payload: bytes) -> None:
