@@ -30,12 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
@@ -71,7 +69,6 @@ __all__ = [
 
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.dialled")
-_CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 #: Largest HandshakeResponse frame accepted (type byte plus payload).  The
 #: reference agent's is about 400 bytes; the limit bounds what a peer that
@@ -157,14 +154,6 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
         self.send_frame(MessageType.HANDSHAKE_REQUEST, self.factory.handshake_request)
-
-    def frame_error(self, error: AgentProtocolError) -> None:
-        self._lifecycle.protocol_violated(error)
-
-    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        detail = self.lost_detail(reason)
-        self.stop_parsing()
-        self._lifecycle.connection_lost(detail)
 
     # -- the handshake --------------------------------------------------------
 

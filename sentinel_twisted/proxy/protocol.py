@@ -297,6 +297,15 @@ class _PooledConnectionProtocol(FrameReceiver):
         failed = connection.connection_lost(detail, transport_gone=not close)
         self.factory.connection_gone(connection, detail, failed)
 
+    def frame_error(self, error: AgentProtocolError) -> None:
+        self._lifecycle.protocol_violated(error)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        detail = self.lost_detail(reason)
+        # Whatever part of a frame is left goes (and leaves the budget).
+        self.stop_parsing()
+        self._lifecycle.connection_lost(detail)
+
     def close_connection(self, detail: str, abort: bool = False) -> None:
         """
         Close (or abort) the connection; see L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}.
@@ -356,15 +365,6 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
         self._core.handshake_timer = self.factory.clock.callLater(
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
-
-    def frame_error(self, error: AgentProtocolError) -> None:
-        self._lifecycle.protocol_violated(error)
-
-    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        detail = self.lost_detail(reason)
-        # Whatever part of a frame is left goes (and leaves the budget).
-        self.stop_parsing()
-        self._lifecycle.connection_lost(detail)
 
     def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
         connection = self.connection
