@@ -44,12 +44,17 @@ _MAX_NAMES = 4096
 _MAX_NAME_LENGTH = 128
 
 
+def _remember(table: dict[Any, str], key: bytes | str, value: str) -> None:
+    """Keep C{value} for C{key} in one of the name caches, within their bounds."""
+    if len(table) < _MAX_NAMES and len(key) <= _MAX_NAME_LENGTH:
+        table[key] = value
+
+
 def _name(name: bytes) -> str:
     text = _names.get(name)
     if text is None:
         text = name.decode("latin-1").lower()
-        if len(_names) < _MAX_NAMES and len(name) <= _MAX_NAME_LENGTH:
-            _names[name] = text
+        _remember(_names, name, text)
     return text
 
 
@@ -122,8 +127,7 @@ def _host_name(headers: dict[str, list[str]]) -> str | None:
     name = _server_names.get(raw)
     if name is None:
         name = _server_name(raw)
-        if len(_server_names) < _MAX_NAMES and len(raw) <= _MAX_NAME_LENGTH:
-            _server_names[raw] = name
+        _remember(_server_names, raw, name)
     return name
 
 
