@@ -451,10 +451,7 @@ class GatewayMetrics(PoolObserver):
 
     def agent_decided(self, agent_id: str, decision: str) -> None:
         """Count C{sentinel_agent_decisions_total}."""
-        # _CounterFamily.inc spelled out: this runs per answer.
-        values = self._decisions.values
-        key = (agent_id, decision)
-        values[key] = values.get(key, 0) + 1
+        self._decisions.inc(agent_id, decision)
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
         """
