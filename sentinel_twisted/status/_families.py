@@ -9,7 +9,7 @@ scraped; quantiles of a histogram for the status page.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -208,6 +208,14 @@ def _buckets(bounds: tuple[float, ...], histogram: _Histogram) -> list[tuple[str
     return buckets
 
 
+def _by_reason(name: str, documentation: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter family labelled by C{reason}, one series per reason, sorted."""
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
+
+
 def listener_families(factory: ReverseConnectionFactory) -> Iterable[Metric]:
     """The listener's registration counters: registrations, refusals by reason, awaiting."""
     yield CounterMetricFamily(
@@ -215,14 +223,9 @@ def listener_families(factory: ReverseConnectionFactory) -> Iterable[Metric]:
         "Agent connections that registered successfully.",
         value=factory.registrations,
     )
-    rejections = CounterMetricFamily(
-        "sentinel_agent_registration_rejections",
-        "Refused registrations, by reason.",
-        labels=["reason"],
+    yield _by_reason(
+        "sentinel_agent_registration_rejections", "Refused registrations, by reason.", factory.rejections
     )
-    for reason, count in sorted(factory.rejections.items()):
-        rejections.add_metric([reason], count)
-    yield rejections
     yield GaugeMetricFamily(
         "sentinel_agent_connections_awaiting_registration",
         "Connections accepted that have not registered yet.",
@@ -246,14 +249,11 @@ class _ListenerCollector(Collector):
             "Handshakes with dialled (forward-mode) agents that succeeded.",
             value=pool.dial_handshakes,
         )
-        dial_failures = CounterMetricFamily(
+        yield _by_reason(
             "sentinel_agent_dial_failures",
             "Handshakes with dialled (forward-mode) agents that failed, by reason.",
-            labels=["reason"],
+            pool.dial_failures,
         )
-        for reason, count in sorted(pool.dial_failures.items()):
-            dial_failures.add_metric([reason], count)
-        yield dial_failures
         connections = GaugeMetricFamily(
             "sentinel_agent_connections",
             "Registered agent connections, by agent.",
