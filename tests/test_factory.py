@@ -93,6 +93,31 @@ class ValidationOrderTests(TestCase):
             "Connection limit reached: agent 'waf-1' already holds 1 registered connection (max: 1)",
         )
 
+    def test_allowlist_is_checked_before_our_own_checks(self) -> None:
+        # The spec's checks come first: an agent that is not allowed hears
+        # that, whatever its id's size or its metadata.
+        not_allowed = "Invalid message format: Agent '{}' is not in the allowed list"
+        long_id = "bot-" + "x" * 300
+        self.assertEqual(refusal(self.strict_proxy(), long_id), not_allowed.format(long_id))
+        self.assertEqual(
+            refusal(self.strict_proxy(), "bot-1", metadata={"pad": "x" * 70_000}),
+            not_allowed.format("bot-1"),
+        )
+
+    def test_missing_token_is_checked_before_our_own_checks(self) -> None:
+        self.assertEqual(
+            refusal(self.strict_proxy(), "waf-1", metadata={"pad": "x" * 70_000}),
+            "Invalid message format: Authentication required but no token provided",
+        )
+        self.assertEqual(
+            refusal(self.strict_proxy(), "waf-" + "x" * 300),
+            "Invalid message format: Authentication required but no token provided",
+        )
+
+    def test_our_own_checks_come_before_the_token_and_the_cap(self) -> None:
+        error = refusal(self.strict_proxy(), "waf-1", token=WRONG, metadata={"pad": "x" * 70_000})
+        self.assertIn("Registration metadata is too large", error or "")
+
     def test_all_checks_passed_registers(self) -> None:
         proxy = Proxy(
             token_checker=StaticTokenChecker({"waf-2": TOKEN}),

@@ -241,7 +241,11 @@ class ReverseConnectionFactory(Factory):
     ) -> AgentProtocolError | None:
         """
         Check a RegistrationRequest in SPEC section 3's order; the first
-        failure wins.  On success a connection slot of the agent is reserved
+        failure wins.  The spec's own checks (version, empty id, allowlist,
+        missing token) come first, so that an agent learns what the spec
+        says it should; ours (the id's size and characters, the size of
+        its metadata and capabilities, the token's value, the connection
+        limit) follow.  On success a connection slot of the agent is reserved
         (released by L{connection_gone}).
 
         @param client_certificate: the agent's verified TLS client
@@ -255,6 +259,15 @@ class ReverseConnectionFactory(Factory):
         agent_id = request.agent_id
         if not agent_id:
             return _EmptyAgentId("Agent ID cannot be empty")
+        if config.allowed_agents and not config.allowed_agents.allows(agent_id):
+            return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
+        if config.require_client_cert:
+            problem = identity_problem(agent_id, client_certificate)
+            if problem is not None:
+                return _ClientCertificateRefused(agent_id, problem)
+        token = request.auth_token
+        if token is None and config.require_auth:
+            return _AuthRequired("Authentication required but no token provided")
         # Ours: ids end up in log lines, metric labels and status pages;
         # a huge one bloats them all, and a newline, U+2028 or an escape
         # sequence there could forge or garble them.
@@ -286,17 +299,7 @@ class ReverseConnectionFactory(Factory):
                 f"Agent capabilities are too large: {capabilities_size} bytes "
                 f"(max: {_MAX_CAPABILITIES_SIZE})"
             )
-        if config.allowed_agents and not config.allowed_agents.allows(agent_id):
-            return _NotAllowed(f"Agent '{agent_id}' is not in the allowed list")
-        if config.require_client_cert:
-            problem = identity_problem(agent_id, client_certificate)
-            if problem is not None:
-                return _ClientCertificateRefused(agent_id, problem)
-        token = request.auth_token
-        if token is None:
-            if config.require_auth:
-                return _AuthRequired("Authentication required but no token provided")
-        elif self.token_checker is not None and not self._token_valid(agent_id, token):
+        if token is not None and self.token_checker is not None and not self._token_valid(agent_id, token):
             return AuthenticationFailed(agent_id)
         limit = config.max_connections_per_agent
         held = self._registered_per_agent[agent_id]
