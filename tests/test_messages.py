@@ -494,3 +494,38 @@ class CorrelationIdTests(TestCase):
         )
         for message_type, cls in m.EVENT_CLASSES.items():
             self.assertEqual(cls.message_type, message_type)
+
+
+class UnsignedSixtyFourBitTests(TestCase):
+    """SPEC section 3: the limits are a Rust C{u64}: all of it is read, nothing past it."""
+
+    def registration(self, **limits: int) -> bytes:
+        document = json.loads(registration_payload())
+        document["capabilities"]["limits"].update(limits)
+        return json.dumps(document).encode()
+
+    def test_the_largest_u64_limits_are_read(self) -> None:
+        largest = 2**64 - 1
+        request = m.decode_registration_request(
+            self.registration(max_body_size=largest, preferred_chunk_size=largest)
+        )
+        self.assertEqual(request.capabilities.limits.max_body_size, largest)
+        self.assertEqual(request.capabilities.limits.preferred_chunk_size, largest)
+        self.assertIn(b'"max_body_size":18446744073709551615', m.encode(request))
+        self.assertEqual(m.decode_registration_request(m.encode(request)), request)
+
+    def test_limits_past_u64_are_invalid(self) -> None:
+        for name in ("max_body_size", "preferred_chunk_size"):
+            with self.assertRaises(InvalidMessage) as caught:
+                m.decode_registration_request(self.registration(**{name: 2**64}))
+            self.assertIn(name, str(caught.exception))
+
+    def test_ping_sequence_and_event_sizes_take_u64(self) -> None:
+        ping = m.decode(b'{"sequence":18446744073709551615,"timestamp_ms":1}', m.PingMessage)
+        self.assertEqual(ping.sequence, 2**64 - 1)
+        with self.assertRaises(InvalidMessage):
+            m.decode(b'{"sequence":18446744073709551616,"timestamp_ms":1}', m.PingMessage)
+        with self.assertRaises(ValueError):
+            m.RequestBodyChunkEvent(
+                correlation_id="c", data="", is_last=True, chunk_index=0, bytes_received=2**64
+            )

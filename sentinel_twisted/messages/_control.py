@@ -9,7 +9,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from ._types import I64, U64, FlowAction, HealthState
+from ._types import I64, U64, FlowAction, HealthState, check_u64
 
 
 class CancelMessage(Struct, kw_only=True):
@@ -38,6 +38,9 @@ class PingMessage(Struct, kw_only=True):
 
     sequence: U64
     timestamp_ms: I64
+
+    def __post_init__(self) -> None:
+        check_u64(self, 'sequence')
 
 
 class FlowControlMessage(Struct, kw_only=True, omit_defaults=True):

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Final, Literal
 from msgspec import UNSET, Struct, UnsetType, field
 
 from ..wire import MessageType
-from ._types import U16, U32, U64, EventType, _b64
+from ._types import U16, U32, U64, EventType, _b64, check_u64
 
 
 class RequestMetadata(Struct, kw_only=True):
@@ -97,6 +97,9 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
     chunk_index: U32
     bytes_received: U64
 
+    def __post_init__(self) -> None:
+        check_u64(self, 'total_size', 'bytes_received')
+
     @property
     def body(self) -> bytes:
         """The chunk's bytes (C{data} decoded)."""
@@ -137,6 +140,9 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
     chunk_index: U32
     bytes_sent: U64
 
+    def __post_init__(self) -> None:
+        check_u64(self, 'total_size', 'bytes_sent')
+
     @property
     def body(self) -> bytes:
         """The chunk's bytes (C{data} decoded)."""
@@ -166,6 +172,9 @@ class RequestCompleteEvent(_Event, kw_only=True):
     upstream_attempts: U32 = 1
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        check_u64(self, 'duration_ms', 'request_body_size', 'response_body_size')
+
 
 class WebSocketFrameEvent(_Event, kw_only=True):
     """
@@ -191,6 +200,9 @@ class WebSocketFrameEvent(_Event, kw_only=True):
     fin: bool = True
     route_id: str | None = None
     client_ip: str
+
+    def __post_init__(self) -> None:
+        check_u64(self, 'frame_index')
 
     @property
     def body(self) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 
 from msgspec import Struct, field
 
-from ._types import U32, U64, EventType
+from ._types import U32, U64, EventType, check_u64
 
 
 class AgentFeatures(Struct, kw_only=True):
@@ -52,6 +52,9 @@ class AgentLimits(Struct, kw_only=True):
     max_body_size: U64 = 10 * 1024 * 1024
     max_concurrency: U32 = 100
     preferred_chunk_size: U64 = 64 * 1024
+
+    def __post_init__(self) -> None:
+        check_u64(self, 'max_body_size', 'preferred_chunk_size')
 
 
 class AgentCapabilities(Struct, kw_only=True):

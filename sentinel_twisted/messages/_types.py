@@ -18,9 +18,23 @@ PROTOCOL_VERSION: Final = 2
 U16 = Annotated[int, Meta(ge=0, le=0xFFFF)]
 #: An integer field of the wire contract that is an unsigned 32-bit number.
 U32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
-# msgspec bounds integers at int64; no real size or count comes near it.
-#: An unsigned 64-bit field (bounded at 2**63 - 1, as msgspec reads int64).
-U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#: The largest unsigned 64-bit number.
+U64_MAX: Final = 2**64 - 1
+# msgspec takes no upper bound past int64 (and reads integers past u64 in
+# JSON): the structs with U64 fields check theirs with check_u64.
+#: An unsigned 64-bit field (every value up to U64_MAX, as a Rust u64).
+U64 = Annotated[int, Meta(ge=0)]
+
+
+def check_u64(struct: object, *names: str) -> None:
+    """
+    Raise C{ValueError} (an invalid message, when decoding) if one of the
+    named U64 fields of C{struct} is past L{U64_MAX}.
+    """
+    for name in names:
+        value = getattr(struct, name)
+        if value is not None and value > U64_MAX:
+            raise ValueError(f"Expected `int` <= {U64_MAX} in `{name}`")
 #: A signed 64-bit field (timestamps in milliseconds).
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
