@@ -243,6 +243,23 @@ class SendingTests(PoolTestCase):
         self.failureResultOf(deferred, RequestCancelled)
         self.assertFalse(self.pool.cancel_request("x"))
 
+    def test_cancel_request_cancels_an_id_on_every_agent_holding_it(self) -> None:
+        # The gateway sends one request's id to every agent it consults.
+        _, transport_a, a = self.register("a")
+        _, transport_b, b = self.register("b")
+        waiting = [conn.send_request_headers(request_headers("shared")) for conn in (a, b)]
+        take_frames(transport_a)
+        take_frames(transport_b)
+        self.assertTrue(self.pool.cancel_request("shared", m.CancelReason.CLIENT_DISCONNECT))
+        for transport in (transport_a, transport_b):
+            [(kind, payload)] = take_frames(transport)
+            self.assertEqual(kind, MessageType.CANCEL)
+            self.assertEqual(json.loads(payload)["reason"], 0)
+        for deferred in waiting:
+            self.failureResultOf(deferred, RequestCancelled)
+        self.assertEqual(self.pool.in_flight, 0)
+        self.assertFalse(self.pool.cancel_request("shared"))
+
     def test_cancel_all_counts_every_agent(self) -> None:
         _, _, a = self.register("a")
         _, _, b = self.register("b")

@@ -502,11 +502,17 @@ class AgentPool:
     def cancel_request(
         self, correlation_id: str, reason: int = m.CancelReason.MANUAL, agent_id: str | None = None
     ) -> bool:
-        """Cancel a request wherever it waits (optionally only on C{agent_id})."""
+        """
+        Cancel a request wherever it waits: on every connection that holds
+        C{correlation_id} (of every agent, or only of C{agent_id}), since
+        one id may be sent to several agents (the gateway does).  C{True}
+        if it waited anywhere.
+        """
+        cancelled = False
         for conn in self.connections(agent_id):
             if conn.cancel_request(correlation_id, reason):
-                return True
-        return False
+                cancelled = True
+        return cancelled
 
     def cancel_all(self, reason: int = m.CancelReason.MANUAL, agent_id: str | None = None) -> int:
         """Cancel every waiting request (of one agent, or all); returns the count."""
