@@ -624,6 +624,20 @@ class ControlTests(ConnectionTestCase):
         self.receive(MessageType.FLOW_CONTROL, b'{"action": "resume"}')
         self.assertTrue(self.connection.is_paused)
 
+    def test_flow_control_with_an_undefined_action_changes_nothing(self) -> None:
+        # Only 1 (pause) and 2 (resume) are defined; 0, 7 or no action
+        # resumed a paused connection.
+        self.receive(MessageType.FLOW_CONTROL, {"action": 1})
+        for body in ({"action": 0}, {"action": 7}, {}, {"action": {"type": "slow"}}):
+            self.receive(MessageType.FLOW_CONTROL, body)
+            self.assertTrue(self.connection.is_paused, body)
+        self.receive(MessageType.FLOW_CONTROL, {"action": 2})
+        self.assertFalse(self.connection.is_paused)
+        for body in ({"action": 0}, {"action": 7}):
+            self.receive(MessageType.FLOW_CONTROL, body)
+            self.assertFalse(self.connection.is_paused, body)
+        self.assertEqual(self.listener.calls, [("flow", True), ("flow", False)])
+
     def test_paused_connection_still_sends_when_asked_directly(self) -> None:
         # Pausing is advice to the router (the pool); requests already
         # routed here, and follow-ups of a request, still go out.
@@ -656,14 +670,17 @@ class ControlTests(ConnectionTestCase):
         self.assertEqual(kind, MessageType.PONG)
         self.assertEqual(json.loads(payload), {"sequence": 7, "timestamp_ms": 1767225600000})
 
-    def test_pong_carries_nothing_but_the_sequence_and_the_timestamp(self) -> None:
-        # Echoing the body made a Ping with 10 MiB of extra fields cost the
-        # proxy 10 MiB of write buffer, even from an agent that reads nothing.
-        body = json.dumps({"sequence": 7, "timestamp_ms": 5, "padding": "x" * 50_000}).encode()
-        self.receive(MessageType.PING, body)
-        [(kind, payload)] = self.sink.take()
-        self.assertEqual(kind, MessageType.PONG)
-        self.assertEqual(payload, b'{"sequence":7,"timestamp_ms":5}')
+    def test_pong_is_the_same_body_whatever_it_holds(self) -> None:
+        # SPEC section 4: the same body back, as the reference does (more
+        # fields, a sequence of -1, no timestamp).  The control frame limit
+        # bounds it, and no Pong is queued for an agent that does not read.
+        for body in (
+            json.dumps({"sequence": 7, "timestamp_ms": 5, "padding": "x" * 50_000}).encode(),
+            b'{"sequence": -1, "timestamp_ms": 1}',
+            b'{"sequence": 18446744073709551615}',
+        ):
+            self.receive(MessageType.PING, body)
+            self.assertEqual(self.sink.take(), [(MessageType.PONG, body)])
 
     def test_no_pong_is_queued_while_the_agent_does_not_read(self) -> None:
         self.connection.set_write_blocked(True)
@@ -675,7 +692,7 @@ class ControlTests(ConnectionTestCase):
         self.assertEqual([json.loads(p)["sequence"] for _, p in self.sink.take()], [3])
 
     def test_invalid_ping_is_not_answered(self) -> None:
-        self.receive(MessageType.PING, b'{"sequence": "x"}')
+        self.receive(MessageType.PING, b'["sequence", 1]')
         self.assertEqual(self.sink.take(), [])
 
     def test_ping_sends_sequence_numbers_and_pong_gives_round_trip(self) -> None:

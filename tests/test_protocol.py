@@ -366,7 +366,7 @@ class HostileFrameTests(TestCase):
         self.protocol.resumeProducing()
         self.protocol.dataReceived(ping)
         [pong] = decoded(take_frames(self.transport), MessageType.PONG, dict)
-        self.assertEqual(pong, {"sequence": 1, "timestamp_ms": 1})
+        self.assertEqual(pong, {"sequence": 1, "timestamp_ms": 1, "pad": "xxxx"})
 
     def test_control_frame_limit_is_an_option(self) -> None:
         proxy = Proxy(max_control_frame_size=16)

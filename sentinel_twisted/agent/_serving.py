@@ -424,13 +424,13 @@ class EventServing:
 
     def _ping_received(self, payload: bytes) -> None:
         try:
-            ping = self.codec.decode_control(payload, m.PingMessage)
+            self.codec.decode_control(payload, dict)
         except InvalidMessage as e:
             self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
             return
-        # The Pong carries the Ping's sequence and timestamp and nothing
-        # else (the reference echoes the whole body, whatever it holds).
-        self._send(MessageType.PONG, m.encode(ping))
+        # The same body back, byte for byte, as the reference does (SPEC
+        # section 4); the control frame limit bounds it.
+        self._send(MessageType.PONG, payload)
 
     def health_state(self) -> int:
         """

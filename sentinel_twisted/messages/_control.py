@@ -68,6 +68,20 @@ class FlowControlMessage(Struct, kw_only=True, omit_defaults=True):
             return action.get("type") == "pause"
         return action == FlowAction.PAUSE
 
+    @property
+    def pause_requested(self) -> bool | None:
+        """
+        C{True} for a pause, C{False} for a resume, in either form;
+        C{None} for any other action (not defined by the protocol).
+        """
+        action = self.action
+        if isinstance(action, dict):
+            action = action.get("type")
+            return True if action == "pause" else False if action == "resume" else None
+        if action.__class__ is not int:
+            return None
+        return True if action == FlowAction.PAUSE else False if action == FlowAction.RESUME else None
+
 
 _HEALTH_NAMES = {
     "healthy": HealthState.HEALTHY,

@@ -175,7 +175,18 @@ class AgentFrames:
         message = self._control(payload, m.FlowControlMessage, "FlowControl")
         if message is None:
             return
-        paused = message.paused
+        paused = message.pause_requested
+        if paused is None:
+            # Only pause (1) and resume (2) are defined: anything else
+            # changes nothing (it used to resume a paused connection).
+            self.log_limiter.warn(
+                log,
+                "invalid-control",
+                "Agent {agent_id} sent a FlowControl with an unknown action on connection "
+                "{connection_id}; ignored",
+                **self.log_fields(),
+            )
+            return
         if paused != self._paused:
             self._paused = paused
             self._update_availability()
@@ -199,8 +210,9 @@ class AgentFrames:
             self.listener._connection_health_changed(self, self.health_state)
 
     def _ping_received(self, payload: bytes) -> None:
-        ping = self._control(payload, m.PingMessage, "Ping")
-        if ping is None:
+        # Any object is answered, as the reference does (a sequence of -1,
+        # no timestamp, more fields): the contract is the same body back.
+        if self._control(payload, dict, "Ping") is None:
             return
         if self._write_blocked:
             # The agent is not reading what we write: a reply would only
@@ -213,9 +225,9 @@ class AgentFrames:
                 **self.log_fields(),
             )
             return
-        # The Pong carries the Ping's sequence and timestamp and nothing
-        # else: echoing the body would send back whatever else it held.
-        self._sink.send_frame(MessageType.PONG, m.encode(ping))
+        # The same body, byte for byte (SPEC section 4): within the control
+        # frame limit, and not while the agent leaves our writes unread.
+        self._sink.send_frame(MessageType.PONG, payload)
 
     def _pong_received(self, payload: bytes) -> None:
         message = self._control(payload, m.PingMessage, "Pong")

@@ -327,15 +327,26 @@ class EventTests(SynchronousTestCase):
         data = h.transport.value()
         self.assertTrue(data.endswith(bytes([PONG]) + raw))
 
-    def test_pong_carries_nothing_else_of_the_ping(self) -> None:
-        # Echoing the body would send back whatever padding a proxy put in.
+    def test_pong_is_the_same_body_whatever_it_holds(self) -> None:
+        # SPEC section 4: the same body back, as the reference does (more
+        # fields, a sequence of -1, no timestamp); the control limit bounds it.
+        for body in (
+            b'{"sequence":7,"timestamp_ms":1767225600000,"pad":"' + b"x" * 10_000 + b'"}',
+            b'{"sequence":-1,"timestamp_ms":1}',
+            b'{"sequence":18446744073709551615}',
+        ):
+            h = Harness()
+            h.register()
+            h.sent()
+            h.protocol.dataReceived(frame(PING, body))
+            self.assertTrue(h.transport.value().endswith(bytes([PONG]) + body), body[:40])
+
+    def test_a_ping_that_is_not_an_object_gets_no_pong(self) -> None:
         h = Harness()
         h.register()
         h.sent()
-        padded = b'{"sequence":7,"timestamp_ms":1767225600000,"pad":"' + b"x" * 10_000 + b'"}'
-        h.protocol.dataReceived(frame(PING, padded))
-        data = h.transport.value()
-        self.assertTrue(data.endswith(bytes([PONG]) + b'{"sequence":7,"timestamp_ms":1767225600000}'), data[-80:])
+        h.protocol.dataReceived(frame(PING, b"[1, 2]"))
+        self.assertNotIn(bytes([PONG]), h.transport.value())
 
     def test_frames_only_agents_send_are_ignored(self) -> None:
         h = Harness()
