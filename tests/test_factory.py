@@ -145,6 +145,12 @@ class AdmissionTests(TestCase):
         self.assertIsNotNone(refusal(proxy, "auth-2"))
         self.assertIsNotNone(refusal(proxy, "xwaf-1"))
 
+    def test_a_pattern_admits_the_id_it_spells(self) -> None:
+        proxy = Proxy(allowed_agents=["waf[1]", "team?"])
+        self.assertIsNone(refusal(proxy, "waf[1]"))
+        self.assertIsNone(refusal(proxy, "team?"))
+        self.assertIsNone(refusal(proxy, "teamX"))  # a glob, as documented
+
     def test_token_without_require_auth_is_still_checked(self) -> None:
         proxy = Proxy(token_checker=StaticTokenChecker({"waf-1": TOKEN}))
         self.assertEqual(

@@ -35,7 +35,9 @@ class AgentAllowlist:
     _regex: re.Pattern[str] | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        exact = frozenset(p for p in self.patterns if not _GLOB_CHARS & set(p))
+        # Every pattern admits the id it spells, globs included: an agent
+        # called "waf[1]" on the list is admitted.
+        exact = frozenset(self.patterns)
         globs = [p for p in self.patterns if _GLOB_CHARS & set(p)]
         regex = (
             re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
