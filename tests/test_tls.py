@@ -39,6 +39,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import Agent, AgentConnector
+from sentinel_twisted.agent.forward import ForwardAgentFactory
+from sentinel_twisted.agent.protocol import AgentClientFactory, AgentSettings
 from sentinel_twisted.proxy._identity import (
     CertificateNames,
     identity_problem,
@@ -530,3 +532,57 @@ class StalledAgentTLSHandshakeTests(TestCase):
         yield wait_until(lambda: agents and agents[0].gone, "the proxy to close the dialled connection", 10)
         yield wait_until(lambda: factory.failures, "the failure to be counted")
         self.assertEqual(dict(factory.failures), {"handshake_timeout": 1})
+
+
+class AgentSideUnfinishedTLSHandshakeTests(TestCase):
+    """
+    The agent's ends: a TLS connection whose handshake does not complete is
+    closed at the agent's own timeout (it writes nothing before the TLS
+    handshake, so nothing holds the close).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.certs = Certificates()
+        self.addCleanup(self.certs.remove)
+        self.settings = AgentSettings(agent=Agent(), agent_id="waf-1", registration_timeout=0.3, close_grace=1)
+
+    @inlineCallbacks
+    def test_dialling_a_proxy_that_stalls_tls(self) -> Generator[Any, Any, None]:
+        proxies: list[_Peer] = []
+
+        def silent_proxy() -> _Peer:
+            proxies.append(_Peer())
+            return proxies[-1]
+
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(silent_proxy)
+        )
+        self.addCleanup(listening.stopListening)
+        endpoint = clientFromString(
+            reactor, f"tls:127.0.0.1:{listening.getHost().port}:trustRoots={self.certs.trust}"
+        )
+        protocol = yield endpoint.connect(AgentClientFactory(self.settings, reactor))
+        self.addCleanup(lambda: None if protocol.when_lost().called else protocol.transport.abortConnection())
+        yield wait_until(lambda: proxies and proxies[0].gone, "the agent to close the connection", 10)
+
+    @inlineCallbacks
+    def listening_agent_closes(self, peer: _Peer) -> Generator[Any, Any, None]:
+        factory = ForwardAgentFactory(self.settings, reactor, handshake_timeout=0.3)
+        endpoint = serverFromString(
+            reactor,
+            f"ssl:0:interface=127.0.0.1:privateKey={self.certs.server_key}:certKey={self.certs.server_cert}",
+        )
+        port = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), peer)
+        self.addCleanup(lambda: None if peer.gone else peer.transport.abortConnection())  # type: ignore[union-attr]
+        yield wait_until(lambda: peer.gone, "the agent to close the connection", 10)
+        yield wait_until(lambda: not factory.connections, "the agent to forget the connection")
+
+    def test_a_listening_agent_closes_a_silent_proxy(self) -> Any:
+        return self.listening_agent_closes(_Peer())
+
+    def test_a_listening_agent_closes_half_a_client_hello(self) -> Any:
+        return self.listening_agent_closes(_Peer(_HALF_A_CLIENT_HELLO))
