@@ -176,6 +176,16 @@ class Proxy:
         return m.decode(payload, m.RegistrationResponse)
 
 
+def delayed_calls(clock: MemoryReactorClock) -> list[str]:
+    """The names of the functions C{clock} has yet to call, in order."""
+    return [getattr(call.func, "__name__", repr(call.func)) for call in clock.getDelayedCalls()]
+
+
+#: What is left on the clock of a connection the proxy closed and whose
+#: transport is not gone yet: the deadline of the close.
+CLOSE_DEADLINE = ["_close_overdue"]
+
+
 def lose(protocol: ReverseConnectionProtocol, reason: BaseException | None = None) -> None:
     """The transport goes away, as the reactor reports it."""
     protocol.connectionLost(Failure(reason if reason is not None else ConnectionDone()))

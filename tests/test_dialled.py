@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,7 +44,15 @@ from sentinel_twisted.proxy.dialled import (
 from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.wire import MessageType, encode_frame
 
-from ._proxy_support import answer_frame, captured_log, log_text, request_headers, take_frames
+from ._proxy_support import (
+    CLOSE_DEADLINE,
+    answer_frame,
+    captured_log,
+    delayed_calls,
+    log_text,
+    request_headers,
+    take_frames,
+)
 from .test_forward import REFERENCE_CAPABILITIES, vector_payload
 from .vectors import by_name, same_json
 
@@ -219,12 +227,13 @@ class HandshakeRejectedTests(SynchronousTestCase):
         self.assertEqual(len(dialler.pool), 0)
         self.assertEqual(dialler.factory.failures, {reason: 1})
         self.assertIn(text, log_text(events))
-        self.assertEqual(dialler.clock.getDelayedCalls(), [])
+        self.assertEqual(delayed_calls(dialler.clock), CLOSE_DEADLINE)
         # Whatever follows is not read.
         protocol.dataReceived(handshake_response())
         self.assertIsNone(protocol.connection)
         lose(protocol)
         self.assertEqual(dialler.factory.failures, {reason: 1})
+        self.assertEqual(dialler.clock.getDelayedCalls(), [])
         return dialler
 
     def test_success_false(self) -> None:
@@ -474,7 +483,56 @@ class ClosingTests(SynchronousTestCase):
         protocol, transport = dialler.connect()
         protocol.close_connection("stopping")
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(delayed_calls(dialler.clock), CLOSE_DEADLINE)
+        lose(protocol)
         self.assertEqual(dialler.clock.getDelayedCalls(), [])
+
+
+@implementer(ISSLTransport)
+class TLSTransport(StringTransport):
+    """A transport that says it is TLS, as Twisted's TLS layer does."""
+
+
+class CloseDeadlineTests(SynchronousTestCase):
+    """
+    A dialled connection the proxy closes is gone within C{close_grace}:
+    an agent that stalls its TLS handshake (or stops reading) cannot keep
+    it open, and its slot is redialled.
+    """
+
+    def test_a_refused_handshake_not_gone_after_the_grace_is_aborted(self) -> None:
+        dialler = Dialler(config=ReverseConnectionConfig(close_grace=1))
+        protocol, transport = dialler.connect()
+        protocol.dataReceived(handshake_response(success=False))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        dialler.clock.advance(1)
+        self.assertTrue(transport.disconnected, "not aborted after the grace")
+        lose(protocol)
+        self.assertEqual(dialler.clock.getDelayedCalls(), [])
+
+    def test_a_stalled_tls_handshake_is_aborted_at_the_handshake_timeout(self) -> None:
+        # The HandshakeRequest is written at once; Twisted's TLS layer holds
+        # it, and would hold a close, until the TLS handshake completes.
+        dialler = Dialler(config=ReverseConnectionConfig(handshake_timeout=2))
+        protocol = dialler.factory.buildProtocol(None)  # type: ignore[arg-type]
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        dialler.clock.advance(2)
+        self.assertTrue(transport.disconnected, "not aborted")
+        self.assertEqual(dialler.factory.failures, {"handshake_timeout": 1})
+        self.assertEqual(dialler.clock.getDelayedCalls(), [])
+
+    def test_after_the_tls_handshake_a_close_waits_for_the_grace(self) -> None:
+        dialler = Dialler()
+        protocol = dialler.factory.buildProtocol(None)  # type: ignore[arg-type]
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        protocol.handshakeCompleted()
+        protocol.close_connection("stopping")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(delayed_calls(dialler.clock), CLOSE_DEADLINE)
 
 
 @implementer(IStreamClientEndpoint)

@@ -42,6 +42,7 @@ def refusal(proxy: Proxy, agent_id: str = "waf-1", **kwargs: Any) -> str | None:
         return None
     assert transport.disconnecting
     assert response.connection_id == ""
+    lose(protocol)
     return response.error
 
 

@@ -11,18 +11,25 @@ import struct
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.errors import ConnectionClosed, InvalidMessage
 from sentinel_twisted.wire import MAX_MESSAGE_SIZE, MessageType, encode_frame
 
 from ._proxy_support import (
+    CLOSE_DEADLINE,
+    PEER,
     Proxy,
+    RecordingTransport,
     answer_frame,
     captured_log,
     decoded,
+    delayed_calls,
+    log_text,
     lose,
     registration_frame,
     request_headers,
@@ -106,6 +113,8 @@ class AwaitingRegistrationTests(TestCase):
 
     def test_refusal_stops_the_handshake_timer(self) -> None:
         self.protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        self.assertEqual(delayed_calls(self.proxy.clock), CLOSE_DEADLINE)
+        lose(self.protocol)
         self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
 
     def test_malformed_registration_is_answered_then_closed(self) -> None:
@@ -156,7 +165,7 @@ class AwaitingRegistrationTests(TestCase):
         response = only_response(self.transport)
         self.assertEqual(response.error, "Invalid message format: Zero-length message")
         self.assertEqual(self.transport.events, ["write", "loseConnection"])
-        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        self.assertEqual(delayed_calls(self.proxy.clock), CLOSE_DEADLINE)
 
     def test_oversize_first_frame_is_refused_from_its_prefix(self) -> None:
         self.protocol.dataReceived(struct.pack(">I", MAX_MESSAGE_SIZE + 1))
@@ -201,7 +210,7 @@ class AwaitingRegistrationTests(TestCase):
     def test_close_while_awaiting_drops_without_answer(self) -> None:
         self.protocol.close_connection("shutting down")
         self.assertEqual(self.transport.events, ["loseConnection"])
-        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        self.assertEqual(delayed_calls(self.proxy.clock), CLOSE_DEADLINE)
         self.assertEqual(self.proxy.factory.awaiting_registration, 0)
 
     def test_no_answer_is_written_once_the_transport_is_closing(self) -> None:
@@ -224,7 +233,7 @@ class RegisteredTests(TestCase):
             self.outcomes.watch(cid, self.connection.send_request_headers(request_headers(cid)))
         take_frames(self.transport)
 
-    def assertGone(self, detail: str) -> None:
+    def assertGone(self, detail: str, closing: bool = False) -> None:
         for cid in ("a", "b"):
             error = self.outcomes.error(cid)
             self.assertIsInstance(error, ConnectionClosed)
@@ -232,7 +241,8 @@ class RegisteredTests(TestCase):
         self.assertEqual(self.connection.in_flight, 0)
         self.assertEqual(self.proxy.pool.connections("waf-1"), [])
         self.assertEqual(self.proxy.factory.registered_connections("waf-1"), 0)
-        self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+        # Closed by the proxy: only the deadline of the close is left, until the transport goes.
+        self.assertEqual(delayed_calls(self.proxy.clock), CLOSE_DEADLINE if closing else [])
 
     def test_answers_reach_their_requests(self) -> None:
         self.protocol.dataReceived(answer_frame("b") + answer_frame("a", m.Block(403)))
@@ -256,7 +266,7 @@ class RegisteredTests(TestCase):
         self.protocol.dataReceived(struct.pack(">IB", 3, 0xEE) + b"{}")
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(take_frames(self.transport), [])
-        self.assertGone("Invalid message format: Unknown message type: 0xee")
+        self.assertGone("Invalid message format: Unknown message type: 0xee", closing=True)
 
     def test_frames_after_a_framing_error_are_ignored(self) -> None:
         self.protocol.dataReceived(b"\x00\x00\x00\x00" + answer_frame("a"))
@@ -265,7 +275,7 @@ class RegisteredTests(TestCase):
     def test_close_fails_every_request_and_closes_the_transport(self) -> None:
         self.connection.close("maintenance")
         self.assertTrue(self.transport.disconnecting)
-        self.assertGone("maintenance")
+        self.assertGone("maintenance", closing=True)
 
     def test_close_lets_buffered_cancels_go_out(self) -> None:
         self.assertEqual(self.connection.cancel_all(m.CancelReason.PROXY_SHUTDOWN), 2)
@@ -469,6 +479,110 @@ class ClosedTests(TestCase):
         self.assertEqual(proxy.factory.registered_connections("waf-1"), 0)
         proxy.register("waf-1")
         self.assertEqual(proxy.factory.registered_connections("waf-1"), 1)
+
+
+@implementer(ISSLTransport)
+class TLSTransport(RecordingTransport):
+    """A transport that says it is TLS, as Twisted's TLS layer does."""
+
+
+class CloseDeadlineTests(TestCase):
+    """
+    A connection the proxy closes is gone within C{close_grace}, whatever
+    its peer does: one that reads nothing, or never completes its TLS
+    handshake, cannot keep it open (and hold a file descriptor) for ever.
+    """
+
+    def test_a_refused_connection_not_gone_after_the_grace_is_aborted(self) -> None:
+        proxy = Proxy(close_grace=2)
+        protocol, transport = proxy.connect()
+        protocol.dataReceived(encode_frame(MessageType.PING, b"{}"))
+        self.assertEqual(transport.events, ["write", "loseConnection"])
+        proxy.clock.advance(1.9)
+        self.assertFalse(transport.disconnected)
+        with captured_log() as events:
+            proxy.clock.advance(0.1)
+        self.assertTrue(transport.disconnected, "not aborted after the grace")
+        self.assertIn("Connection from 127.0.0.1:40000 was not gone 2s after it was closed", log_text(events))
+        lose(protocol)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+
+    def test_a_timed_out_registration_not_gone_after_the_grace_is_aborted(self) -> None:
+        proxy = Proxy(handshake_timeout=1, close_grace=0.5)
+        protocol, transport = proxy.connect()
+        proxy.clock.advance(1)
+        self.assertEqual(only_response(transport).error, "Timeout after 1s")
+        self.assertFalse(transport.disconnected)
+        proxy.clock.advance(0.5)
+        self.assertTrue(transport.disconnected)
+
+    def test_a_closed_registered_connection_not_gone_after_the_grace_is_aborted(self) -> None:
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register("waf-1")
+        closed = connection.close("maintenance")
+        proxy.clock.advance(proxy.config.close_grace)
+        self.assertTrue(transport.disconnected)
+        self.assertNoResult(closed)
+        lose(protocol)
+        self.successResultOf(closed)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+
+    def test_a_connection_gone_in_time_leaves_no_timer(self) -> None:
+        proxy = Proxy()
+        protocol, transport = proxy.connect()
+        protocol.close_connection("shutting down")
+        self.assertEqual(delayed_calls(proxy.clock), CLOSE_DEADLINE)
+        lose(protocol)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+        self.assertFalse(transport.disconnected)
+
+    def test_an_abort_needs_no_deadline(self) -> None:
+        proxy = Proxy()
+        _, transport, connection = proxy.register("waf-1")
+        connection.close("stuck", abort=True)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+
+    def test_a_late_deadline_after_the_transport_is_gone_does_nothing(self) -> None:
+        proxy = Proxy()
+        protocol, transport = proxy.connect()
+        protocol.close_connection("shutting down")
+        lose(protocol)
+        protocol._close_overdue()
+        self.assertFalse(transport.disconnected)
+
+    def tls_connect(self, proxy: Proxy) -> tuple[Any, TLSTransport]:
+        protocol = proxy.factory.buildProtocol(PEER)
+        assert protocol is not None
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_before_the_tls_handshake_completes_a_timeout_aborts_at_once(self) -> None:
+        # Twisted's TLS layer would hold a close (with the refusal written)
+        # until a TLS handshake that a silent client never completes.
+        proxy = Proxy(handshake_timeout=1)
+        _, transport = self.tls_connect(proxy)
+        proxy.clock.advance(1)
+        self.assertTrue(transport.disconnected, "not aborted")
+        self.assertEqual(proxy.factory.awaiting_registration, 0)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+
+    def test_before_the_tls_handshake_completes_a_close_aborts_at_once(self) -> None:
+        proxy = Proxy()
+        protocol, transport = self.tls_connect(proxy)
+        protocol.close_connection("shutting down")
+        self.assertTrue(transport.disconnected)
+
+    def test_after_the_tls_handshake_the_refusal_is_sent_and_the_close_waits(self) -> None:
+        proxy = Proxy(handshake_timeout=1)
+        protocol, transport = self.tls_connect(proxy)
+        protocol.handshakeCompleted()
+        proxy.clock.advance(1)
+        self.assertEqual(only_response(transport).error, "Timeout after 1s")
+        self.assertEqual(transport.events, ["write", "loseConnection"])
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(delayed_calls(proxy.clock), CLOSE_DEADLINE)
 
 
 class ConnectionIdTests(TestCase):

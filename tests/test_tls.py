@@ -22,12 +22,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import (
+    SSL4ClientEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    clientFromString,
+    connectProtocol,
+    serverFromString,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.agent import Agent, AgentConnector
+from sentinel_twisted.agent.forward import ForwardAgentFactory
+from sentinel_twisted.agent.protocol import AgentClientFactory, AgentSettings
 from sentinel_twisted.proxy._identity import (
     CertificateNames,
     identity_problem,
@@ -35,7 +48,9 @@ from sentinel_twisted.proxy._identity import (
 )
 from sentinel_twisted.proxy.auth import StaticTokenChecker
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.proxy.dialled import ForwardConnectionFactory
 from sentinel_twisted.proxy.factory import ReverseConnectionFactory, rejection_reason
+from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.tap import Options, StartupError, make_listener
 
 from .reliability.invariants import wait_until
@@ -399,3 +414,175 @@ class OptionTests(SynchronousTestCase):
         ]:
             error = self.assertRaises(ValueError, verifying_server_endpoint, Clock(), description, cas)
             self.assertIn(text, str(error), description)
+
+
+class _Peer(Protocol):
+    """A raw peer: writes C{first} on connecting, then only listens, and notes its end."""
+
+    def __init__(self, first: bytes = b"") -> None:
+        self.first = first
+        self.received = b""
+        self.gone = False
+
+    def connectionMade(self) -> None:
+        if self.first:
+            assert self.transport is not None
+            self.transport.write(self.first)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+
+
+#: The start of a TLS record that announces a 512-byte ClientHello, and the
+#: first bytes of it: the rest never comes.
+_HALF_A_CLIENT_HELLO = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03\x03" + bytes(32)
+
+
+class UnfinishedTLSHandshakeTests(TestCase):
+    """
+    SPEC 3.2: a connection must register within the handshake timeout or be
+    closed, on a TLS listener too: a client that never completes its TLS
+    handshake is closed (and its socket released), not held open by the
+    TLS layer.  Real sockets on 127.0.0.1; every wait is bounded.
+    """
+
+    timeout = 30
+    handshake_timeout = 0.3
+
+    @inlineCallbacks
+    def setUp(self) -> Generator[Any, Any, None]:
+        self.certs = Certificates()
+        self.addCleanup(self.certs.remove)
+        self.factory = ReverseConnectionFactory(
+            ReverseConnectionConfig(handshake_timeout=self.handshake_timeout, close_grace=1), clock=reactor
+        )
+        endpoint = serverFromString(
+            reactor,
+            f"ssl:0:interface=127.0.0.1:privateKey={self.certs.server_key}:certKey={self.certs.server_cert}",
+        )
+        self.port = yield endpoint.listen(self.factory)
+        self.addCleanup(self.port.stopListening)
+
+    @inlineCallbacks
+    def closed_in_time(self, peer: _Peer, tls: bool = False) -> Generator[Any, Any, None]:
+        port = self.port.getHost().port
+        endpoint: Any = (
+            SSL4ClientEndpoint(reactor, "127.0.0.1", port, CertificateOptions())
+            if tls
+            else TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        )
+        yield connectProtocol(endpoint, peer)
+        self.addCleanup(lambda: None if peer.gone else peer.transport.abortConnection())  # type: ignore[union-attr]
+        yield wait_until(lambda: self.factory.awaiting_registration == 1, "the connection to be accepted")
+        # The handshake timeout, the close grace and much slack: a bound, not a measure.
+        yield wait_until(lambda: peer.gone, "the proxy to close the connection", 10)
+        self.assertEqual(self.factory.awaiting_registration, 0)
+        self.assertEqual(dict(self.factory.rejections), {"handshake_timeout": 1})
+
+    def test_a_client_that_sends_nothing_is_closed(self) -> Any:
+        return self.closed_in_time(_Peer())
+
+    def test_a_client_that_sends_half_a_client_hello_is_closed(self) -> Any:
+        return self.closed_in_time(_Peer(_HALF_A_CLIENT_HELLO))
+
+    @inlineCallbacks
+    def test_a_client_past_the_tls_handshake_gets_the_refusal_then_is_closed(self) -> Generator[Any, Any, None]:
+        peer = _Peer()
+        yield self.closed_in_time(peer, tls=True)
+        self.assertIn(b'"Timeout after 300ms"', peer.received)
+
+
+class StalledAgentTLSHandshakeTests(TestCase):
+    """
+    Forward mode: the proxy dials an agent over TLS and the agent accepts
+    but never answers the TLS handshake.  The dialled connection is closed
+    at the handshake timeout (so its slot can be redialled), although its
+    HandshakeRequest waits unsent in the TLS layer.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_the_connection_is_closed_at_the_handshake_timeout(self) -> Generator[Any, Any, None]:
+        certs = Certificates()
+        self.addCleanup(certs.remove)
+        agents: list[_Peer] = []
+
+        def silent_agent() -> _Peer:
+            agents.append(_Peer())
+            return agents[-1]
+
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(silent_agent)
+        )
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        factory = ForwardConnectionFactory(
+            AgentPool(),
+            description=f"tls:127.0.0.1:{port}",
+            config=ReverseConnectionConfig(handshake_timeout=0.3, close_grace=1),
+            clock=reactor,
+        )
+        endpoint = clientFromString(reactor, f"tls:127.0.0.1:{port}:trustRoots={certs.trust}")
+        protocol = yield endpoint.connect(factory)
+        self.addCleanup(lambda: None if agents and agents[0].gone else protocol.transport.abortConnection())
+        yield wait_until(lambda: agents and agents[0].gone, "the proxy to close the dialled connection", 10)
+        yield wait_until(lambda: factory.failures, "the failure to be counted")
+        self.assertEqual(dict(factory.failures), {"handshake_timeout": 1})
+
+
+class AgentSideUnfinishedTLSHandshakeTests(TestCase):
+    """
+    The agent's ends: a TLS connection whose handshake does not complete is
+    closed at the agent's own timeout (it writes nothing before the TLS
+    handshake, so nothing holds the close).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.certs = Certificates()
+        self.addCleanup(self.certs.remove)
+        self.settings = AgentSettings(agent=Agent(), agent_id="waf-1", registration_timeout=0.3, close_grace=1)
+
+    @inlineCallbacks
+    def test_dialling_a_proxy_that_stalls_tls(self) -> Generator[Any, Any, None]:
+        proxies: list[_Peer] = []
+
+        def silent_proxy() -> _Peer:
+            proxies.append(_Peer())
+            return proxies[-1]
+
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(silent_proxy)
+        )
+        self.addCleanup(listening.stopListening)
+        endpoint = clientFromString(
+            reactor, f"tls:127.0.0.1:{listening.getHost().port}:trustRoots={self.certs.trust}"
+        )
+        protocol = yield endpoint.connect(AgentClientFactory(self.settings, reactor))
+        self.addCleanup(lambda: None if protocol.when_lost().called else protocol.transport.abortConnection())
+        yield wait_until(lambda: proxies and proxies[0].gone, "the agent to close the connection", 10)
+
+    @inlineCallbacks
+    def listening_agent_closes(self, peer: _Peer) -> Generator[Any, Any, None]:
+        factory = ForwardAgentFactory(self.settings, reactor, handshake_timeout=0.3)
+        endpoint = serverFromString(
+            reactor,
+            f"ssl:0:interface=127.0.0.1:privateKey={self.certs.server_key}:certKey={self.certs.server_cert}",
+        )
+        port = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), peer)
+        self.addCleanup(lambda: None if peer.gone else peer.transport.abortConnection())  # type: ignore[union-attr]
+        yield wait_until(lambda: peer.gone, "the agent to close the connection", 10)
+        yield wait_until(lambda: not factory.connections, "the agent to forget the connection")
+
+    def test_a_listening_agent_closes_a_silent_proxy(self) -> Any:
+        return self.listening_agent_closes(_Peer())
+
+    def test_a_listening_agent_closes_half_a_client_hello(self) -> Any:
+        return self.listening_agent_closes(_Peer(_HALF_A_CLIENT_HELLO))

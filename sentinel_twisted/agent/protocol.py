@@ -109,6 +109,9 @@ class AgentSettings:
         beyond it an event is answered at once with the error decision and
         status 503.  C{None} means as many as C{max_concurrency}.
     @ivar fail_open: answer handler errors with allow instead of block 500.
+    @ivar close_grace: seconds a connection the agent closes has to be gone
+        (what it still holds sent, its TLS session shut down) before it is
+        aborted: a proxy that reads nothing cannot keep it open.
     """
 
     agent: IAgent
@@ -120,6 +123,7 @@ class AgentSettings:
     max_concurrency: int | None = attrs.field(default=None, validator=_positive)
     max_queued: int | None = attrs.field(default=None, validator=_not_negative)
     fail_open: bool = False
+    close_grace: float = attrs.field(default=5.0, validator=_positive)
 
     @agent_id.validator
     def _check_agent_id(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -183,6 +187,9 @@ class AgentProtocol(EventServing, FrameReceiver):
     """
 
     _registration_payload: bytes | None = None
+    # Aborts a close that is overdue (see _lose); None when no close waits.
+    _close_timer: IDelayedCall | None = None
+    _transport_gone = False
     peer_role = "proxy"
     #: How events, answers and control messages are written on this
     #: connection: always JSON here; a forward connection may negotiate
@@ -293,6 +300,10 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._lifecycle.protocol_violated(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._transport_gone = True
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self._lifecycle.connection_lost(self.lost_detail(reason))
 
     # -- public control ---------------------------------------------------------
@@ -460,9 +471,32 @@ class AgentProtocol(EventServing, FrameReceiver):
             self.observer.connection_ended(self, detail)
 
     def _lose(self) -> None:
+        """
+        Close; abort if the connection is not gone C{close_grace} seconds
+        later (the proxy reads nothing, or the TLS layer waits on it).
+        """
         transport = self.transport
-        if transport is not None:
-            transport.loseConnection()
+        if transport is None or self._transport_gone:
+            return
+        transport.loseConnection()
+        if self._close_timer is None and not self._transport_gone:
+            self._close_timer = self.clock.callLater(self.settings.close_grace, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        transport: Any = self.transport
+        if transport is None or self._transport_gone:
+            return
+        self.log_limiter.info(
+            log,
+            "close-overdue",
+            "Agent {agent_id} connection {connection_id} was not gone {grace} after it was closed; "
+            "aborting it",
+            agent_id=self.settings.agent_id,
+            connection_id=peer_text(self.connection_id or "(registering)", _CONNECTION_ID_IN_LOG),
+            grace=format_duration(self.settings.close_grace),
+        )
+        transport.abortConnection()
 
     def _stop_health(self) -> None:
         health, self._health = self._health, None

@@ -149,6 +149,10 @@ class ReverseConnectionConfig:
         complete once registered; C{None}: the request timeout.
     @ivar max_agent_id_length: longest agent id, in UTF-8 bytes.
     @ivar max_metadata_size: largest registration metadata, in bytes of JSON.
+    @ivar close_grace: seconds a connection the proxy closes has to be gone
+        (its last frames sent, its TLS session shut down) before it is
+        aborted: a peer that reads nothing, or never completes its TLS
+        handshake, cannot keep a closed connection open.
     """
 
     backlog: int = attrs.field(factory=system_max_backlog)
@@ -170,6 +174,7 @@ class ReverseConnectionConfig:
     )
     max_agent_id_length: int = attrs.field(default=256, validator=_positive)
     max_metadata_size: int = attrs.field(default=64 * 1024, validator=_positive)
+    close_grace: float = attrs.field(default=5.0, validator=_positive)
 
     @property
     def frame_deadline(self) -> float:

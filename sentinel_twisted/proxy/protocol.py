@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
 from twisted.internet.address import UNIXAddress
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -24,7 +29,13 @@ from zope.interface import implementer
 from .. import messages as m
 from .._peertext import peer_text
 from .._sending import send_now, writes_through
-from ..errors import AgentProtocolError, InvalidMessage, MessageTooLarge, RequestTimeout
+from ..errors import (
+    AgentProtocolError,
+    InvalidMessage,
+    MessageTooLarge,
+    RequestTimeout,
+    format_duration,
+)
 from ..wire import _HEADER, MAX_MESSAGE_SIZE, FrameReceiver, MessageType
 from ._identity import client_certificate
 from ._registration import new_lifecycle
@@ -144,7 +155,7 @@ class HoldFramesForTurn:
 HOLD_FRAMES_FOR_TURN = HoldFramesForTurn()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class _PooledConnectionProtocol(FrameReceiver):
     """
     What the proxy's end of an agent connection is once it is in the pool,
@@ -152,10 +163,19 @@ class _PooledConnectionProtocol(FrameReceiver):
     its L{AgentConnection} writes through, and back-pressure from the
     transport (it pauses us when the agent stops reading and its write
     buffer fills, and resumes us when it drains).
+
+    A connection it closes is gone within the factory's C{close_grace}
+    (see L{_end_transport}), whatever the peer and the TLS layer do.
     """
 
     connection: AgentConnection | None = None
     _abort_on_close = False
+    # A TLS transport whose handshake has not completed: until it does,
+    # nothing written reaches the peer (see _end_transport).
+    _tls_handshake_pending = False
+    # Aborts a close that is overdue; None when no close waits.
+    _close_timer: IDelayedCall | None = None
+    _transport_gone = False
     _producing = False
     _close_detail: str | None = None
     _lifecycle: Any
@@ -171,7 +191,13 @@ class _PooledConnectionProtocol(FrameReceiver):
     def makeConnection(self, transport: Any) -> None:
         if writes_through(transport):
             self._outgoing = []
+        elif ISSLTransport.providedBy(transport):
+            self._tls_handshake_pending = True
         super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (L{IHandshakeListener}): what is written now reaches the peer."""
+        self._tls_handshake_pending = False
 
     # What is the same for every connection of one factory is read from it
     # rather than copied into each instance: an instance dict past a dozen
@@ -251,15 +277,50 @@ class _PooledConnectionProtocol(FrameReceiver):
             send_now(transport, data)
 
     def _end_transport(self) -> None:
-        """Close (or abort, see L{close_connection}) after what is held is sent."""
+        """
+        Close (or abort, see L{close_connection}) after what is held is sent.
+
+        A close waits on the peer: for it to read what is still buffered,
+        and over TLS for the TLS session to end.  Twisted's TLS layer holds
+        a close requested before the TLS handshake is complete, with
+        anything written, until that handshake completes, which a peer that
+        sends nothing (or part of a ClientHello) never lets happen.  Such a
+        connection is aborted at once, as nothing written could reach its
+        peer anyway; any other close that is not done within the factory's
+        C{close_grace} is aborted then (L{_close_overdue}).
+        """
         self._send_held()
         transport: Any = self.transport
-        if transport is None:
+        if transport is None or self._transport_gone:
             return
-        if self._abort_on_close:
+        if self._abort_on_close or self._tls_handshake_pending:
             transport.abortConnection()
-        else:
-            transport.loseConnection()
+            return
+        transport.loseConnection()
+        if self._close_timer is None and not self._transport_gone:
+            self._close_timer = self.factory.clock.callLater(
+                self.factory.config.close_grace, self._close_overdue
+            )
+
+    def _close_overdue(self) -> None:
+        """The close grace is over and the connection is still there: abort it."""
+        self._close_timer = None
+        transport: Any = self.transport
+        if transport is None or self._transport_gone:
+            return
+        self.factory.log_limiter.info(
+            log,
+            "close-overdue",
+            "Connection from {peer} was not gone {grace} after it was closed; aborting it",
+            peer=peer_text(getattr(self, "peer", "unknown"), 100),
+            grace=format_duration(self.factory.config.close_grace),
+        )
+        transport.abortConnection()
+
+    def _stop_close_timer(self) -> None:
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _ignore_frame(self, message_type: int, payload: bytes) -> None:
         pass
@@ -301,6 +362,8 @@ class _PooledConnectionProtocol(FrameReceiver):
         self._lifecycle.protocol_violated(error)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._transport_gone = True
+        self._stop_close_timer()
         detail = self.lost_detail(reason)
         # Whatever part of a frame is left goes (and leaves the budget).
         self.stop_parsing()

@@ -114,6 +114,10 @@ class Connection:
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)
 
+    def pending_calls(self) -> list[str]:
+        """The names of the functions the clock has yet to call."""
+        return [getattr(call.func, "__name__", repr(call.func)) for call in self.clock.getDelayedCalls()]
+
     def lose(self) -> None:
         self.transport.disconnecting = True
         self.protocol.connectionLost(Failure(ConnectionDone()))
@@ -440,6 +444,9 @@ class MalformedHandshakeProperties(SynchronousTestCase):
                 [(kind, body)] = frames
                 self.assertEqual(kind, HANDSHAKE_RESPONSE)
                 self.assertFalse(json.loads(body)["success"])
+            # Only the deadline of the close waits, until the transport goes.
+            self.assertEqual(c.pending_calls(), ["_close_overdue"])
+            c.lose()
         self.assertEqual(c.clock.getDelayedCalls(), [])
 
     def test_a_valid_handshake_passes_the_check(self) -> None:
@@ -472,6 +479,8 @@ class MalformedHandshakeProperties(SynchronousTestCase):
             c.clock.advance(10)
         self.assertTrue(c.protocol.registered or c.closed)
         if not c.protocol.registered:
+            self.assertEqual(c.pending_calls(), ["_close_overdue"])
+            c.lose()
             self.assertEqual(c.clock.getDelayedCalls(), [])
 
 

@@ -685,6 +685,66 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(h.events, [])
 
 
+class CloseDeadlineTests(SynchronousTestCase):
+    """
+    A connection the agent closes is gone within C{close_grace}: a proxy
+    that reads nothing (or a TLS layer waiting on it) cannot keep it open,
+    nor keep a drain, and with it the agent's stop, waiting.
+    """
+
+    def pending_calls(self, h: Harness) -> list[str]:
+        return [getattr(call.func, "__name__", "") for call in h.clock.getDelayedCalls()]
+
+    def test_a_timed_out_registration_not_gone_after_the_grace_is_aborted(self) -> None:
+        h = Harness(registration_timeout=5, close_grace=2)
+        h.clock.advance(5)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(1.9)
+        self.assertFalse(h.transport.disconnected)
+        with captured_log() as events:
+            h.clock.advance(0.1)
+        self.assertTrue(h.transport.disconnected, "not aborted after the grace")
+        self.assertIn(
+            "Agent waf-1 connection (registering) was not gone 2s after it was closed; aborting it",
+            [formatEvent(e) for e in events],
+        )
+        h.lose()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_drain_ends_although_the_proxy_reads_nothing(self) -> None:
+        h = Harness()
+        h.register()
+        done = h.protocol.drain(30)
+        self.assertTrue(h.transport.disconnecting)
+        h.clock.advance(h.settings.close_grace)
+        self.assertTrue(h.transport.disconnected)
+        self.assertNoResult(done)
+        h.lose()
+        self.successResultOf(done)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_connection_gone_in_time_leaves_no_timer(self) -> None:
+        h = Harness()
+        h.register()
+        h.protocol.close()
+        self.assertEqual(self.pending_calls(h), ["_close_overdue"])
+        h.lose()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertFalse(h.transport.disconnected)
+
+    def test_a_late_deadline_after_the_transport_is_gone_does_nothing(self) -> None:
+        h = Harness()
+        h.protocol.close()
+        h.lose()
+        h.protocol._close_overdue()
+        self.assertFalse(h.transport.disconnected)
+
+    def test_the_grace_must_be_positive(self) -> None:
+        for value in (0, -1):
+            self.assertRaises(ValueError, Harness, close_grace=value)
+
+
 class LogRateLimitTests(SynchronousTestCase):
     """
     A proxy that sends invalid frames in a loop makes a handful of warnings
