@@ -60,9 +60,36 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, code)
 
     def test_origin_form_is_kept_byte_for_byte(self) -> None:
-        for raw in (b"/", b"/a/../b?x=%2F&y=[1]", b"//double", b"/%2e%2e/admin", b"/a?"):
+        for raw in (b"/", b"/a/b?x=%2F&y=[1]&z=/../", b"//double", b"/%2e%2e%2e/admin", b"/.well-known/a..b", b"/a?"):
             self.assertEqual(parse_target(b"GET", raw).target, raw)
             self.assertIsNone(parse_target(b"GET", raw).authority)
+
+    def test_dot_segments_are_refused(self) -> None:
+        for raw in (
+            b"/../private/keys",
+            b"/%2e%2e/private/keys",
+            b"/%2E%2e/x",
+            b"/.%2e/x",
+            b"/x/../../private/keys",
+            b"/a/./b",
+            b"/a/.",
+            b"/a/..",
+            b"/..?q",
+            b"/..;/admin",
+            b"/..%2fprivate/keys",
+            b"/a%2F..%2Fb",
+            b"/a%5c..",
+            b"http://x/../a",
+            b"http://x/a/%2e",
+        ):
+            with self.assertRaises(BadTarget, msg=raw) as caught:
+                parse_target(b"GET", raw)
+            self.assertEqual(caught.exception.code, 400)
+            self.assertIn("dot segment", caught.exception.reason)
+
+    def test_dots_that_are_no_dot_segment_are_kept(self) -> None:
+        for raw in (b"/.well-known/x", b"/a.b/c..d/...", b"/a/..b", b"/%2e%2e%2e", b"/%2ex", b"/x?a=/../b", b"/x?/.."):
+            self.assertEqual(parse_target(b"GET", raw).target, raw)
 
     def test_absolute_form_becomes_its_path_and_query(self) -> None:
         target = parse_target(b"GET", b"HTTP://Example.COM:80/a?b")
@@ -167,8 +194,8 @@ class _Answer(UpstreamResponse):
 class _RecordingUpstream:
     """Records the request target each forwarded request goes out with."""
 
-    def __init__(self) -> None:
-        self.http = HTTPUpstream(MemoryReactorClock(), "http://127.0.0.1:9/")
+    def __init__(self, url: str = "http://127.0.0.1:9/") -> None:
+        self.http = HTTPUpstream(MemoryReactorClock(), url)
         self.targets: list[bytes] = []
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
@@ -220,6 +247,46 @@ class PropertyTests(SynchronousTestCase):
         channel.connectionLost(None)
 
 
+def serve_in_memory(head: bytes, upstream_url: str = "http://127.0.0.1:9/") -> tuple[bytes, list[Any], list[bytes]]:
+    """
+    One request head through a gateway in memory: its status, the events
+    the recording agent was shown and the targets the upstream received.
+    """
+    connection = _RecordingConnection()
+    upstream = _RecordingUpstream(upstream_url)
+    reactor = MemoryReactorClock()
+    gateway = Gateway(_Pool(connection), GatewayConfig(), upstream, clock=reactor)  # type: ignore[arg-type]
+    channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(head)
+    channel.connectionLost(None)
+    return transport.value().split(b" ", 2)[1], connection.seen, upstream.targets
+
+
+class UpstreamPrefixTests(SynchronousTestCase):
+    """
+    Behind an C{--upstream} URL with a path, a dot segment would climb out
+    of that path at the upstream (C{/public/../private}) while the agents
+    were shown C{/../private}: it is refused before any agent is asked.
+    """
+
+    def test_dot_segments_cannot_leave_the_upstream_path(self) -> None:
+        for target in (b"/../private/keys", b"/%2e%2e/private/keys", b"/x/../../private/keys", b"/..%2fprivate/keys"):
+            status, seen, forwarded = serve_in_memory(
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", "http://127.0.0.1:9/public"
+            )
+            self.assertEqual((status, seen, forwarded), (b"400", [], []), target)
+
+    def test_other_paths_go_behind_the_upstream_path(self) -> None:
+        status, seen, forwarded = serve_in_memory(
+            b"GET /docs/a..b HTTP/1.1\r\nHost: x\r\n\r\n", "http://127.0.0.1:9/public"
+        )
+        self.assertEqual(status, b"200")
+        self.assertEqual([event.uri for event in seen], ["/docs/a..b"])
+        self.assertEqual(forwarded, [b"/public/docs/a..b"])
+
+
 # -- the bypasses over real sockets -------------------------------------------------
 
 
@@ -258,8 +325,8 @@ class BypassTests(TestCase):
             for target, forwarded in [
                 (b"http://x?/admin", "/?/admin"),
                 (b"HTTP://X:80/p?q", "/p?q"),
-                (b"/a/./b/../c?", "/a/./b/../c?"),
-                (b"/%2e%2e/x", "/%2e%2e/x"),
+                (b"/a/.b/..c/%2e%2e%2e?q=/../", "/a/.b/..c/%2e%2e%2e?q=/../"),
+                (b"/%61dmin%2Fx", "/%61dmin%2Fx"),
             ]:
                 client = await h.raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 await client.lost
@@ -282,13 +349,15 @@ class BypassTests(TestCase):
                 (b"GET / HTTP/1.1\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n", b"400"),
                 (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
+                (b"GET /x/../admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET /%2e%2e/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
             ]:
                 client = await h.raw(request + b"Connection: close\r\n\r\n")
                 await client.lost
                 self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
             self.assertEqual(agent.events, [])
             self.assertEqual(h.upstream.requests, [])
-            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 8)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 10)
 
         return ensureDeferred(go())
 
