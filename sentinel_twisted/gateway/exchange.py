@@ -22,8 +22,9 @@ The order of things:
 
 The request target is parsed once, before anything else (see
 L{sentinel_twisted.gateway.target}): the agents are shown, and the upstream
-receives, the same bytes; a target or C{Host} that cannot be taken is
-answered C{400} (C{CONNECT}: C{501}) without asking any agent.
+receives, the same bytes; a target, a C{Host} or a header value (not
+UTF-8) that cannot be taken is answered C{400} (C{CONNECT}: C{501})
+without asking any agent.
 
 An agent that cannot answer (not connected, paused, timed out, gone) ends
 the request with C{503} at once, or is left out of it with C{fail_open}.
@@ -76,9 +77,9 @@ from .decisions import (
     decision_label,
     drop_hop_by_hop,
 )
-from .metadata import header_map, request_metadata, tls_info
+from .metadata import request_header_map, request_metadata, tls_info
 from .shared import Gateway, GatewayMetricsSink, NullMetrics, failure_reason
-from .target import BadTarget, RequestTarget, parse_target
+from .target import BadTarget, RequestTarget, parse_target, valid_host
 from .upstream import (
     ForwardRequest,
     StreamingBody,
@@ -238,6 +239,9 @@ class Exchange(Responding, Endings):
         gateway.exchanges.add(self)
         try:
             self._target = self._parse_target().target
+            # Decoded once, strictly: what the agents are shown decodes back
+            # to the bytes the upstream receives (else 400).
+            headers = request_header_map(request.requestHeaders._rawHeaders)
         except BadTarget as e:
             self._refuse(e)
             return
@@ -265,7 +269,7 @@ class Exchange(Responding, Endings):
                     return
             self._build_request_body(body_slots, length)
         if slots:
-            self._send_request_headers()
+            self._send_request_headers(headers)
             if self._phase == _OVER:
                 return
         else:
@@ -285,8 +289,9 @@ class Exchange(Responding, Endings):
     def _parse_target(self) -> RequestTarget:
         """
         The request target and C{Host}, checked once: one C{Host} (none
-        only before HTTP/1.1); an absolute-form target's authority agrees
-        with it, and stands for it when there is none.
+        only before HTTP/1.1), a valid C{host[:port]}; an absolute-form
+        target's authority agrees with it, and stands for it when there is
+        none.
         """
         request = self.request
         target = parse_target(request.method, request.uri)
@@ -300,14 +305,19 @@ class Exchange(Responding, Endings):
                 headers.setRawHeaders(b"Host", [target.authority])
             elif not target.names_host(hosts[0]):
                 raise BadTarget(400, "the Host header does not name the request target's host")
-        elif not hosts and request.clientproto == b"HTTP/1.1":
+        elif hosts:
+            if not valid_host(hosts[0]):
+                raise BadTarget(400, "the Host header is not a valid host[:port]")
+        elif request.clientproto == b"HTTP/1.1":
             raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
         return target
 
     def _refuse(self, error: BadTarget) -> None:
-        """A request no agent is asked about: its target or Host is unusable."""
+        """A request no agent is asked about: its target, Host or a header value is unusable."""
         log.debug(
-            "Refused {method} request: {reason}", method=self.request.method, reason=error.reason
+            "Refused {method} request: {reason}",
+            method=_loggable(self.request.method),
+            reason=error.reason,
         )
         self._decision = "bad_request"
         self._respond_plain(error.code, error.reason)
@@ -400,10 +410,9 @@ class Exchange(Responding, Endings):
 
     # -- request headers ---------------------------------------------------------------
 
-    def _send_request_headers(self) -> None:
+    def _send_request_headers(self, headers: dict[str, list[str]]) -> None:
         request = self.request
         cid = self.correlation_id
-        headers = header_map(request.requestHeaders._rawHeaders.items())
         tls = None
         if self._secure:
             channel = request.channel

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BadTarget", "RequestTarget", "parse_target"]
+__all__ = ["BadTarget", "RequestTarget", "parse_target", "valid_host"]
 
 
 class BadTarget(ValueError):
@@ -95,6 +95,11 @@ _SCHEME = re.compile(rb"\A(?i:https?)://")
 _AUTHORITY = re.compile(
     rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
 )
+#: ... and as a Host value, without ",": the gateway's X-Forwarded-Host
+#: is the Host, and a comma there would make it a list of two hosts.
+_HOST = re.compile(
+    rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
+)
 _DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
 #: A dot segment in the path (before any "?"): "." or ".." (each dot
 #: literal or %2e) between separators; "/" starts it, or an encoded slash
@@ -146,6 +151,17 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
         path_and_query = b"/" + path_and_query
     default = _DEFAULT_PORTS[raw[: scheme.end() - 3].lower()]
     return RequestTarget(_origin(path_and_query), _without_port(authority, default), default)
+
+
+def valid_host(value: bytes) -> bool:
+    """
+    Whether a C{Host} header value is C{uri-host [ ":" port ]} (RFC 9112
+    section 3.2, RFC 3986): a reg-name, an IPv4 address or a bracketed IP
+    literal, and a port of digits.  Stricter than the RFC in two ways: an
+    empty host is refused (nginx refuses it too), and so is a C{,} (never in
+    a DNS name; it would split the X-Forwarded-Host made of it in two).
+    """
+    return _HOST.match(value) is not None
 
 
 def _without_port(authority: bytes, default: bytes) -> bytes:

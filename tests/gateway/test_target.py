@@ -26,6 +26,7 @@ from sentinel_twisted.gateway.resource import GatewaySite
 from sentinel_twisted.gateway.target import BadTarget, parse_target
 from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, UpstreamResponse
 
+from .._proxy_support import captured_log, log_text
 from . import test_bodies
 from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, block, wait_until
 
@@ -197,9 +198,11 @@ class _RecordingUpstream:
     def __init__(self, url: str = "http://127.0.0.1:9/") -> None:
         self.http = HTTPUpstream(MemoryReactorClock(), url)
         self.targets: list[bytes] = []
+        self.headers: list[dict[bytes, list[bytes]]] = []
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
         self.targets.append(self.http.target(request.uri))
+        self.headers.append({name.lower(): values for name, values in request.headers.getAllRawHeaders()})
         return succeed(_Answer())
 
     def close(self) -> Deferred[None]:
@@ -247,21 +250,105 @@ class PropertyTests(SynchronousTestCase):
         channel.connectionLost(None)
 
 
+class InMemory:
+    """
+    One request head through a gateway in memory: C{status}, the events
+    the recording agent was shown (C{seen}) and what the upstream received
+    (C{upstream.targets}, C{upstream.headers}).
+    """
+
+    def __init__(self, head: bytes, upstream_url: str = "http://127.0.0.1:9/", **config: Any) -> None:
+        connection = _RecordingConnection()
+        self.upstream = upstream = _RecordingUpstream(upstream_url)
+        reactor = MemoryReactorClock()
+        gateway = Gateway(_Pool(connection), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+        channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(head)
+        channel.connectionLost(None)
+        self.response = transport.value()
+        self.status = self.response.split(b" ", 2)[1]
+        self.seen = connection.seen
+
+
 def serve_in_memory(head: bytes, upstream_url: str = "http://127.0.0.1:9/") -> tuple[bytes, list[Any], list[bytes]]:
+    """The status, the agent's events and the upstream's targets of L{InMemory}."""
+    served = InMemory(head, upstream_url)
+    return served.status, served.seen, served.upstream.targets
+
+
+class HostTests(SynchronousTestCase):
     """
-    One request head through a gateway in memory: its status, the events
-    the recording agent was shown and the targets the upstream received.
+    A C{Host} that is not C{host[:port]} is answered C{400} (RFC 9112
+    section 3.2) before any agent is asked; it would have been the agents'
+    C{server_name} and the upstream's C{X-Forwarded-Host}.
     """
-    connection = _RecordingConnection()
-    upstream = _RecordingUpstream(upstream_url)
-    reactor = MemoryReactorClock()
-    gateway = Gateway(_Pool(connection), GatewayConfig(), upstream, clock=reactor)  # type: ignore[arg-type]
-    channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    channel.dataReceived(head)
-    channel.connectionLost(None)
-    return transport.value().split(b" ", 2)[1], connection.seen, upstream.targets
+
+    INVALID = [
+        b"admin.internal, www.example.com",
+        b"admin.internal,www.example.com",
+        b"www.example.com@admin.internal",
+        b"a b",
+        b"",
+        b"x/../y",
+        b"[::1",
+        b"[::1]x",
+        b":80",
+        b"h:8o",
+        b"h\xc3\xa9",
+    ]
+
+    def test_invalid_hosts_ask_no_agent(self) -> None:
+        for version in (b"HTTP/1.1", b"HTTP/1.0"):
+            for host in self.INVALID:
+                with captured_log() as events:
+                    served = InMemory(b"GET / " + version + b"\r\nHost: " + host + b"\r\n\r\n")
+                self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), host)
+                self.assertIn("the Host header is not a valid host[:port]", log_text(events))
+
+    def test_valid_hosts_are_the_agents_server_name_and_the_forwarded_host(self) -> None:
+        for host, server_name in [
+            (b"example.com", "example.com"),
+            (b"Example.COM:8080", "Example.COM"),
+            (b"127.0.0.1:80", "127.0.0.1"),
+            (b"[::1]:8443", "::1"),
+            (b"x%41", "x%41"),
+        ]:
+            served = InMemory(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual(served.status, b"200", host)
+            (event,) = served.seen
+            self.assertEqual(event.metadata.server_name, server_name)
+            self.assertEqual(served.upstream.headers[0][b"x-forwarded-host"], [host])
+
+    def test_a_doubled_host_is_still_refused(self) -> None:
+        served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n")
+        self.assertEqual((served.status, served.seen), (b"400", []))
+
+
+class HeaderBytesTests(SynchronousTestCase):
+    """
+    A header value that is not UTF-8 is answered C{400} before any agent is
+    asked: shown to them as U+FFFD, different values the upstream would
+    receive would have been one to the agents.
+    """
+
+    def test_values_that_are_not_utf8_ask_no_agent(self) -> None:
+        for value in (b"\xc0\xbcscript\xc0\xbe", b"\xff\xfe<", b"caf\xe9", b"\xed\xa0\x80"):
+            with captured_log() as events:
+                served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: ok\r\nX-Name: " + value + b"\r\n\r\n")
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), value)
+            self.assertIn(b"X-Name header's value is not valid UTF-8", served.response)
+            self.assertIn("Refused GET request: the X-Name header's value is not valid UTF-8", log_text(events))
+
+    def test_utf8_values_reach_the_agents_as_the_upstream_gets_them(self) -> None:
+        served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: caf\xc3\xa9 \xe2\x9c\x93\r\n\r\n")
+        self.assertEqual(served.status, b"200")
+        (event,) = served.seen
+        self.assertEqual(event.headers["x-name"], ["caf\u00e9 \u2713"])
+        self.assertEqual(
+            [v.encode("utf-8") for v in event.headers["x-name"]], served.upstream.headers[0][b"x-name"]
+        )
 
 
 class UpstreamPrefixTests(SynchronousTestCase):
