@@ -156,12 +156,13 @@ class _RecordingConnection:
     events = frozenset({m.EventType.REQUEST_HEADERS})
     is_closed = False
 
-    def __init__(self) -> None:
+    def __init__(self, answer: m.AgentResponse | None = None) -> None:
         self.seen: list[m.RequestHeadersEvent] = []
+        self.answer = answer or m.AgentResponse()
 
     def send_event_with(self, event: Any, answered: Any, failed: Any, arg: Any, correlation_id: str) -> None:
         self.seen.append(event)
-        answered(m.AgentResponse(), arg)
+        answered(self.answer, arg)
 
     def cancel_request(self, correlation_id: str, reason: int) -> bool:
         return False
@@ -257,13 +258,20 @@ class InMemory:
     (C{upstream.targets}, C{upstream.headers}).
     """
 
-    def __init__(self, head: bytes, upstream_url: str = "http://127.0.0.1:9/", **config: Any) -> None:
-        connection = _RecordingConnection()
+    def __init__(
+        self,
+        head: bytes,
+        upstream_url: str = "http://127.0.0.1:9/",
+        peer: Any = None,
+        answer: m.AgentResponse | None = None,
+        **config: Any,
+    ) -> None:
+        connection = _RecordingConnection(answer)
         self.upstream = upstream = _RecordingUpstream(upstream_url)
         reactor = MemoryReactorClock()
         gateway = Gateway(_Pool(connection), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
         channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
-        transport = StringTransport()
+        transport = StringTransport(peerAddress=peer)
         channel.makeConnection(transport)
         channel.dataReceived(head)
         channel.connectionLost(None)
