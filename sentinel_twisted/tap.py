@@ -194,6 +194,12 @@ class Options(ProgramOptions):
             "Let a request go on as allowed when an agent cannot answer (not connected, "
             "paused, timed out, disconnected) instead of answering 503.",
         ],
+        [
+            "allow-underscore-headers",
+            None,
+            "Keep request headers whose names have an underscore (X_User); by default they are "
+            "dropped, since WSGI upstreams read them as X-User, out of the agents' rules' sight.",
+        ],
     ]
     optParameters = [
         [
@@ -547,6 +553,7 @@ class Options(ProgramOptions):
                 max_client_connections=self["max-client-connections"],
                 status_hosts=self["status-hosts"],
                 max_replaced_body_size=self["max-replaced-body-size"],
+                allow_underscore_headers=bool(self["allow-underscore-headers"]),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

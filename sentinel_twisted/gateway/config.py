@@ -86,6 +86,9 @@ class GatewayConfig:
         body replacements may make of a body smaller than that; past it the
         answer is an agent error (C{503}, or the agent is left out failing
         open).
+    @ivar allow_underscore_headers: keep request headers whose names have
+        an C{_} (dropped by default, as nginx does: a WSGI upstream reads
+        C{X_User} as C{X-User}, which agents' rules on C{x-user} miss).
     """
 
     agents: tuple[str, ...] = attrs.field(default=(), converter=_agents)
@@ -98,6 +101,7 @@ class GatewayConfig:
     max_client_connections: int = attrs.field(default=1024, validator=_positive_int)
     status_hosts: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_replaced_body_size: int = attrs.field(default=10 * 1024 * 1024, validator=_positive_int)
+    allow_underscore_headers: bool = False
 
     @upstream.validator
     def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:

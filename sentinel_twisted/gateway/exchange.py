@@ -22,8 +22,9 @@ The order of things:
 
 The request target is parsed once, before anything else (see
 L{sentinel_twisted.gateway.target}): the agents are shown, and the upstream
-receives, the same bytes; a target or C{Host} that cannot be taken is
-answered C{400} (C{CONNECT}: C{501}) without asking any agent.
+receives, the same bytes; a target, a C{Host} or a header value (not
+UTF-8) that cannot be taken is answered C{400} (C{CONNECT}: C{501})
+without asking any agent.
 
 An agent that cannot answer (not connected, paused, timed out, gone) ends
 the request with C{503} at once, or is left out of it with C{fail_open}.
@@ -76,9 +77,9 @@ from .decisions import (
     decision_label,
     drop_hop_by_hop,
 )
-from .metadata import header_map, request_metadata, tls_info
+from .metadata import request_header_map, request_metadata, tls_info
 from .shared import Gateway, GatewayMetricsSink, NullMetrics, failure_reason
-from .target import BadTarget, RequestTarget, parse_target
+from .target import BadTarget, RequestTarget, parse_target, valid_host
 from .upstream import (
     ForwardRequest,
     StreamingBody,
@@ -101,6 +102,17 @@ _UPSTREAM_ERROR = m.CancelReason.UPSTREAM_ERROR
 
 #: Headers of the client request the upstream never sees as such.
 _NOT_FORWARDED = (b"host", b"content-length", b"expect")
+
+#: The forwarding headers the gateway sets: whatever a client sent under
+#: these names is replaced (X-Forwarded-For: appended to) before the agents
+#: see the request.
+_GATEWAY_FORWARDING = (b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Forwarded-Host")
+#: ... and the forwarding headers as a WSGI upstream reads any spelling of
+#: them (X_Forwarded_Host is its HTTP_X_FORWARDED_HOST too), Forwarded
+#: among them: never taken from a client.
+_FORWARDING_NAMES = frozenset(
+    [b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]
+)
 
 #: The body of the 503 answered when there is no agent to consult.
 NO_AGENT = "No agent is available to decide this request."
@@ -238,6 +250,10 @@ class Exchange(Responding, Endings):
         gateway.exchanges.add(self)
         try:
             self._target = self._parse_target().target
+            self._own_headers()
+            # Decoded once, strictly: what the agents are shown decodes back
+            # to the bytes the upstream receives (else 400).
+            headers = request_header_map(request.requestHeaders._rawHeaders)
         except BadTarget as e:
             self._refuse(e)
             return
@@ -265,7 +281,7 @@ class Exchange(Responding, Endings):
                     return
             self._build_request_body(body_slots, length)
         if slots:
-            self._send_request_headers()
+            self._send_request_headers(headers)
             if self._phase == _OVER:
                 return
         else:
@@ -285,8 +301,9 @@ class Exchange(Responding, Endings):
     def _parse_target(self) -> RequestTarget:
         """
         The request target and C{Host}, checked once: one C{Host} (none
-        only before HTTP/1.1); an absolute-form target's authority agrees
-        with it, and stands for it when there is none.
+        only before HTTP/1.1), a valid C{host[:port]}; an absolute-form
+        target's authority agrees with it, and stands for it when there is
+        none.
         """
         request = self.request
         target = parse_target(request.method, request.uri)
@@ -300,14 +317,70 @@ class Exchange(Responding, Endings):
                 headers.setRawHeaders(b"Host", [target.authority])
             elif not target.names_host(hosts[0]):
                 raise BadTarget(400, "the Host header does not name the request target's host")
-        elif not hosts and request.clientproto == b"HTTP/1.1":
+        elif hosts:
+            if not valid_host(hosts[0]):
+                raise BadTarget(400, "the Host header is not a valid host[:port]")
+        elif request.clientproto == b"HTTP/1.1":
             raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
         return target
 
-    def _refuse(self, error: BadTarget) -> None:
-        """A request no agent is asked about: its target or Host is unusable."""
+    def _own_headers(self) -> None:
+        """
+        Make the request's headers what the agents are shown and the
+        upstream receives: names with an C{_} dropped (a WSGI upstream reads
+        C{X_User} as C{X-User}, out of the agents' sight; kept with
+        C{--allow-underscore-headers}, but for forwarding headers), and the
+        forwarding headers the gateway's own: C{Forwarded} removed, the
+        client's address appended to C{X-Forwarded-For} (removed when there
+        is no address, on a UNIX socket), C{X-Forwarded-Proto} set,
+        C{X-Forwarded-Host} set to the C{Host} (removed without one).
+        """
+        request = self.request
+        # Names in their canonical case, values that twisted.web checked as
+        # it parsed them (no CR, LF or NUL) or that are ours: set in the
+        # dict directly, as setRawHeaders would after checking them again.
+        raw = request.requestHeaders._rawHeaders
+        # One scan of all the names at once: most requests have no "_".
+        if b"_" in b"".join(raw):
+            self._drop_underscored(raw)
+        raw.pop(b"Forwarded", None)
+        client_ip = getattr(request.client, "host", None)
+        if client_ip:
+            value = client_ip.encode("ascii")
+            previous = raw.get(b"X-Forwarded-For")
+            if previous:
+                value = b", ".join([*previous, value])
+            raw[b"X-Forwarded-For"] = [value]
+        else:
+            raw.pop(b"X-Forwarded-For", None)
+        raw[b"X-Forwarded-Proto"] = [b"https" if self._secure else b"http"]
+        host = raw.get(b"Host")
+        if host:
+            raw[b"X-Forwarded-Host"] = [host[0]]
+        else:
+            raw.pop(b"X-Forwarded-Host", None)
+
+    def _drop_underscored(self, raw: dict[bytes, list[bytes]]) -> None:
+        names = [name for name in raw if b"_" in name]
+        if self.gateway.allow_underscore_headers:
+            names = [n for n in names if n.replace(b"_", b"-").lower() in _FORWARDING_NAMES]
+            if not names:
+                return
+        for name in names:
+            del raw[name]
         log.debug(
-            "Refused {method} request: {reason}", method=self.request.method, reason=error.reason
+            "Dropped request header(s) with an underscore in the name from {method} request: "
+            "{names}",
+            method=_loggable(self.request.method),
+            names=peer_text(", ".join(n.decode("latin-1") for n in names)),
+        )
+
+    def _refuse(self, error: BadTarget) -> None:
+        """A request no agent is asked about: its target, Host or a header value is unusable."""
+        log.debug(
+            "Refused {method} request: {reason}",
+            method=_loggable(self.request.method),
+            reason=error.reason,
         )
         self._decision = "bad_request"
         self._respond_plain(error.code, error.reason)
@@ -400,10 +473,9 @@ class Exchange(Responding, Endings):
 
     # -- request headers ---------------------------------------------------------------
 
-    def _send_request_headers(self) -> None:
+    def _send_request_headers(self, headers: dict[str, list[str]]) -> None:
         request = self.request
         cid = self.correlation_id
-        headers = header_map(request.requestHeaders._rawHeaders.items())
         tls = None
         if self._secure:
             channel = request.channel
@@ -527,23 +599,16 @@ class Exchange(Responding, Endings):
         self._decision = "allow"
         self._forwarded = True
         request = self.request
+        # The forwarding headers are in already (_own_headers): the agents
+        # saw them.
         headers = drop_hop_by_hop(request.requestHeaders, _NOT_FORWARDED)
-        # Names in their canonical case, values that twisted.web checked as
-        # it parsed them (no CR, LF or NUL) or that are ours: set in the
-        # dicts directly, as setRawHeaders would after checking them again.
         received = request.requestHeaders._rawHeaders
-        raw = headers._rawHeaders
-        client_ip = getattr(request.client, "host", None)
-        if client_ip:
-            forwarded = received.get(b"X-Forwarded-For")
-            value = client_ip.encode("ascii")
-            if forwarded:
-                value = b", ".join([*forwarded, value])
-            raw[b"X-Forwarded-For"] = [value]
-        raw[b"X-Forwarded-Proto"] = [b"https" if self._secure else b"http"]
-        host = received.get(b"Host")
-        if host:
-            raw[b"X-Forwarded-Host"] = [host[0]]
+        if b"Connection" in received:
+            # A client cannot have them dropped by naming them in Connection.
+            raw = headers._rawHeaders
+            for name in _GATEWAY_FORWARDING:
+                if name not in raw and name in received:
+                    raw[name] = list(received[name])
         decisions: list[dict[str, Any]] | None = (
             list(self._passed) if self.gateway.shows_decisions else None
         )

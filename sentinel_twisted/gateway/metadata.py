@@ -16,8 +16,10 @@ from msgspec import UNSET
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from .. import messages as m
+from .._peertext import peer_text
+from .target import BadTarget
 
-__all__ = ["TLSInfo", "header_map", "request_metadata", "rfc3339_now", "tls_info"]
+__all__ = ["TLSInfo", "header_map", "request_header_map", "request_metadata", "rfc3339_now", "tls_info"]
 
 _last_second = -1
 _last_stamp = ""
@@ -58,18 +60,48 @@ def _name(name: bytes) -> str:
     return text
 
 
-def header_map(pairs: Iterable[tuple[bytes, Sequence[bytes]]]) -> dict[str, list[str]]:
-    """Headers as the agents see them: lower-case name -> list of values."""
+def header_map(
+    pairs: Iterable[tuple[bytes, Sequence[bytes]]], errors: str = "replace"
+) -> dict[str, list[str]]:
+    """
+    Headers as the agents see them: lower-case name -> list of values.
+    Bytes that are not UTF-8 become U+FFFD (C{errors="replace"}), or raise
+    L{UnicodeDecodeError} (C{errors="strict"}).
+    """
     names = _names
     result = {}
     for name, values in pairs:
         text = names.get(name) or _name(name)
         if len(values) == 1:
             # Most headers have one value: no list comprehension to run.
-            result[text] = [values[0].decode("utf-8", "replace")]
+            result[text] = [values[0].decode("utf-8", errors)]
         else:
-            result[text] = [v.decode("utf-8", "replace") for v in values]
+            result[text] = [v.decode("utf-8", errors) for v in values]
     return result
+
+
+def request_header_map(raw: dict[bytes, list[bytes]]) -> dict[str, list[str]]:
+    """
+    A client request's headers as the agents see them (L{header_map}), each
+    value decoding back to exactly the bytes the upstream receives.
+
+    @raise BadTarget: C{400} when a value is not UTF-8: shown as U+FFFD,
+        C{caf\xe9} and C{caf\xff} would be one value to the agents and two
+        to the upstream.
+    """
+    try:
+        return header_map(raw.items(), "strict")
+    except UnicodeDecodeError:
+        # Rare: find the header to name.
+        for name, values in raw.items():
+            for value in values:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadTarget(
+                        400, f"the {peer_text(name.decode('latin-1'), 64)} header's value is not valid UTF-8"
+                    ) from None
+        raise
 
 
 _protocols: dict[bytes, str] = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}

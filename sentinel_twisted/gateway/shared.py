@@ -150,6 +150,8 @@ class Gateway:
         self.log_limiter = LogRateLimiter(clock)
         self.challenge_status = config.challenge_status
         self.fail_open = config.fail_open
+        #: Request headers with an "_" in the name are kept (from the config).
+        self.allow_underscore_headers = config.allow_underscore_headers
         #: Whether the upstream shows each agent's decision (the echo does).
         self.shows_decisions: bool = getattr(upstream, "shows_decisions", False)
         #: Exchanges whose client has not had its whole answer yet.

@@ -15,20 +15,29 @@ it, byte for byte.
 Anything else is C{400}: a target that is none of these forms, a fragment
 (C{#}), a path character outside RFC 3986's (a space, a backslash, a
 control or non-ASCII byte), a query byte that is not visible ASCII, a
-C{%} not followed by two hex digits.
+C{%} not followed by two hex digits, a dot segment in the path (see
+below).
 
-Nothing is normalised: dot segments (C{/a/../b}) and percent-encodings
-(C{%2e}, C{%2F}) reach the agents and the upstream exactly as the client
-sent them, so what the upstream receives is what the agents judged.  An
-agent whose rules are about paths normalises for itself (the rule agent
-matches the raw, the decoded and the dot-segment-free path).
+A path with a dot segment (C{.} or C{..}, its dots literal or C{%2e}) is
+refused: an upstream resolves it, behind the C{--upstream} URL's own path
+(C{/public} + C{/../private}) and around the agents' rules on a prefix
+(C{/x/../admin}), so what the agents judged would not be what is served.
+Browsers never send one.  A segment counts as one too when a C{;}
+(parameters: C{..;}) or an encoded slash or backslash (C{%2F}, C{%5C})
+ends it instead of a C{/}, for the upstreams that read them so.
+
+Nothing else is normalised: percent-encodings (C{%61}, C{%2F}) reach the
+agents and the upstream exactly as the client sent them, so what the
+upstream receives is what the agents judged.  An agent whose rules are
+about paths normalises for itself (the rule agent matches the raw, the
+decoded and the dot-segment-free path).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["BadTarget", "RequestTarget", "parse_target"]
+__all__ = ["BadTarget", "RequestTarget", "parse_target", "valid_host"]
 
 
 class BadTarget(ValueError):
@@ -86,12 +95,26 @@ _SCHEME = re.compile(rb"\A(?i:https?)://")
 _AUTHORITY = re.compile(
     rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
 )
+#: ... and as a Host value, without ",": the gateway's X-Forwarded-Host
+#: is the Host, and a comma there would make it a list of two hosts.
+_HOST = re.compile(
+    rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
+)
 _DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
+#: A dot segment in the path (before any "?"): "." or ".." (each dot
+#: literal or %2e) between separators; "/" starts it, or an encoded slash
+#: or backslash; one of those, ";", "?" or the end ends it.
+_DOT_SEGMENT = re.compile(
+    rb"\A[^?]*?(?:/|%2[fF]|%5[cC])(?:\.|%2[eE]){1,2}(?:[/;?]|%2[fF]|%5[cC]|\Z)"
+)
 
 
 def _origin(path_and_query: bytes) -> bytes:
     if not _ORIGIN.match(path_and_query):
         raise BadTarget(400, "the request target is not a valid path and query")
+    # Most paths have neither "/." nor a "%": one scan each, no regex.
+    if (b"/." in path_and_query or b"%" in path_and_query) and _DOT_SEGMENT.match(path_and_query):
+        raise BadTarget(400, "the request target's path has a dot segment (. or ..)")
     return path_and_query
 
 
@@ -128,6 +151,17 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
         path_and_query = b"/" + path_and_query
     default = _DEFAULT_PORTS[raw[: scheme.end() - 3].lower()]
     return RequestTarget(_origin(path_and_query), _without_port(authority, default), default)
+
+
+def valid_host(value: bytes) -> bool:
+    """
+    Whether a C{Host} header value is C{uri-host [ ":" port ]} (RFC 9112
+    section 3.2, RFC 3986): a reg-name, an IPv4 address or a bracketed IP
+    literal, and a port of digits.  Stricter than the RFC in two ways: an
+    empty host is refused (nginx refuses it too), and so is a C{,} (never in
+    a DNS name; it would split the X-Forwarded-Host made of it in two).
+    """
+    return _HOST.match(value) is not None
 
 
 def _without_port(authority: bytes, default: bytes) -> bytes:

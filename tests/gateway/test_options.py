@@ -37,6 +37,7 @@ class GatewayOptionsTests(TestCase):
         self.assertIsNone(config.upstream)
         self.assertEqual(config.upstream_timeout, 30.0)
         self.assertEqual(config.challenge_status, 403)
+        self.assertFalse(config.allow_underscore_headers)
 
     def test_every_option(self) -> None:
         options = parse(
@@ -50,6 +51,7 @@ class GatewayOptionsTests(TestCase):
             "--fail-open",
             "--challenge-status", "429",
             "--access-log", "/tmp/access.log",
+            "--allow-underscore-headers",
         )  # fmt: skip
         self.assertEqual(options["http"], f"ssl:8443:privateKey=k.pem:backlog={options['backlog']}")
         self.assertEqual(options["status"], f"unix:/tmp/status.sock:backlog={options['backlog']}")
@@ -60,6 +62,7 @@ class GatewayOptionsTests(TestCase):
         self.assertEqual(config.upstream_timeout, 2.5)
         self.assertEqual(config.challenge_status, 429)
         self.assertEqual(options["access-log"], "/tmp/access.log")
+        self.assertTrue(config.allow_underscore_headers)
 
     def test_none_turns_a_listener_off(self) -> None:
         options = parse("--http", "none", "--status", "none")

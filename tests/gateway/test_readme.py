@@ -30,6 +30,7 @@ GATEWAY_OPTIONS = {
     "max-client-connections",
     "status-host",
     "max-replaced-body-size",
+    "allow-underscore-headers",
 }
 
 

@@ -26,6 +26,7 @@ from sentinel_twisted.gateway.resource import GatewaySite
 from sentinel_twisted.gateway.target import BadTarget, parse_target
 from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, UpstreamResponse
 
+from .._proxy_support import captured_log, log_text
 from . import test_bodies
 from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, block, wait_until
 
@@ -60,9 +61,36 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, code)
 
     def test_origin_form_is_kept_byte_for_byte(self) -> None:
-        for raw in (b"/", b"/a/../b?x=%2F&y=[1]", b"//double", b"/%2e%2e/admin", b"/a?"):
+        for raw in (b"/", b"/a/b?x=%2F&y=[1]&z=/../", b"//double", b"/%2e%2e%2e/admin", b"/.well-known/a..b", b"/a?"):
             self.assertEqual(parse_target(b"GET", raw).target, raw)
             self.assertIsNone(parse_target(b"GET", raw).authority)
+
+    def test_dot_segments_are_refused(self) -> None:
+        for raw in (
+            b"/../private/keys",
+            b"/%2e%2e/private/keys",
+            b"/%2E%2e/x",
+            b"/.%2e/x",
+            b"/x/../../private/keys",
+            b"/a/./b",
+            b"/a/.",
+            b"/a/..",
+            b"/..?q",
+            b"/..;/admin",
+            b"/..%2fprivate/keys",
+            b"/a%2F..%2Fb",
+            b"/a%5c..",
+            b"http://x/../a",
+            b"http://x/a/%2e",
+        ):
+            with self.assertRaises(BadTarget, msg=raw) as caught:
+                parse_target(b"GET", raw)
+            self.assertEqual(caught.exception.code, 400)
+            self.assertIn("dot segment", caught.exception.reason)
+
+    def test_dots_that_are_no_dot_segment_are_kept(self) -> None:
+        for raw in (b"/.well-known/x", b"/a.b/c..d/...", b"/a/..b", b"/%2e%2e%2e", b"/%2ex", b"/x?a=/../b", b"/x?/.."):
+            self.assertEqual(parse_target(b"GET", raw).target, raw)
 
     def test_absolute_form_becomes_its_path_and_query(self) -> None:
         target = parse_target(b"GET", b"HTTP://Example.COM:80/a?b")
@@ -128,12 +156,13 @@ class _RecordingConnection:
     events = frozenset({m.EventType.REQUEST_HEADERS})
     is_closed = False
 
-    def __init__(self) -> None:
+    def __init__(self, answer: m.AgentResponse | None = None) -> None:
         self.seen: list[m.RequestHeadersEvent] = []
+        self.answer = answer or m.AgentResponse()
 
     def send_event_with(self, event: Any, answered: Any, failed: Any, arg: Any, correlation_id: str) -> None:
         self.seen.append(event)
-        answered(m.AgentResponse(), arg)
+        answered(self.answer, arg)
 
     def cancel_request(self, correlation_id: str, reason: int) -> bool:
         return False
@@ -167,12 +196,14 @@ class _Answer(UpstreamResponse):
 class _RecordingUpstream:
     """Records the request target each forwarded request goes out with."""
 
-    def __init__(self) -> None:
-        self.http = HTTPUpstream(MemoryReactorClock(), "http://127.0.0.1:9/")
+    def __init__(self, url: str = "http://127.0.0.1:9/") -> None:
+        self.http = HTTPUpstream(MemoryReactorClock(), url)
         self.targets: list[bytes] = []
+        self.headers: list[dict[bytes, list[bytes]]] = []
 
     def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
         self.targets.append(self.http.target(request.uri))
+        self.headers.append({name.lower(): values for name, values in request.headers.getAllRawHeaders()})
         return succeed(_Answer())
 
     def close(self) -> Deferred[None]:
@@ -220,6 +251,137 @@ class PropertyTests(SynchronousTestCase):
         channel.connectionLost(None)
 
 
+class InMemory:
+    """
+    One request head through a gateway in memory: C{status}, the events
+    the recording agent was shown (C{seen}) and what the upstream received
+    (C{upstream.targets}, C{upstream.headers}).
+    """
+
+    def __init__(
+        self,
+        head: bytes,
+        upstream_url: str = "http://127.0.0.1:9/",
+        peer: Any = None,
+        answer: m.AgentResponse | None = None,
+        **config: Any,
+    ) -> None:
+        connection = _RecordingConnection(answer)
+        self.upstream = upstream = _RecordingUpstream(upstream_url)
+        reactor = MemoryReactorClock()
+        gateway = Gateway(_Pool(connection), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+        channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        channel.dataReceived(head)
+        channel.connectionLost(None)
+        self.response = transport.value()
+        self.status = self.response.split(b" ", 2)[1]
+        self.seen = connection.seen
+
+
+def serve_in_memory(head: bytes, upstream_url: str = "http://127.0.0.1:9/") -> tuple[bytes, list[Any], list[bytes]]:
+    """The status, the agent's events and the upstream's targets of L{InMemory}."""
+    served = InMemory(head, upstream_url)
+    return served.status, served.seen, served.upstream.targets
+
+
+class HostTests(SynchronousTestCase):
+    """
+    A C{Host} that is not C{host[:port]} is answered C{400} (RFC 9112
+    section 3.2) before any agent is asked; it would have been the agents'
+    C{server_name} and the upstream's C{X-Forwarded-Host}.
+    """
+
+    INVALID = [
+        b"admin.internal, www.example.com",
+        b"admin.internal,www.example.com",
+        b"www.example.com@admin.internal",
+        b"a b",
+        b"",
+        b"x/../y",
+        b"[::1",
+        b"[::1]x",
+        b":80",
+        b"h:8o",
+        b"h\xc3\xa9",
+    ]
+
+    def test_invalid_hosts_ask_no_agent(self) -> None:
+        for version in (b"HTTP/1.1", b"HTTP/1.0"):
+            for host in self.INVALID:
+                with captured_log() as events:
+                    served = InMemory(b"GET / " + version + b"\r\nHost: " + host + b"\r\n\r\n")
+                self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), host)
+                self.assertIn("the Host header is not a valid host[:port]", log_text(events))
+
+    def test_valid_hosts_are_the_agents_server_name_and_the_forwarded_host(self) -> None:
+        for host, server_name in [
+            (b"example.com", "example.com"),
+            (b"Example.COM:8080", "Example.COM"),
+            (b"127.0.0.1:80", "127.0.0.1"),
+            (b"[::1]:8443", "::1"),
+            (b"x%41", "x%41"),
+        ]:
+            served = InMemory(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertEqual(served.status, b"200", host)
+            (event,) = served.seen
+            self.assertEqual(event.metadata.server_name, server_name)
+            self.assertEqual(served.upstream.headers[0][b"x-forwarded-host"], [host])
+
+    def test_a_doubled_host_is_still_refused(self) -> None:
+        served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n")
+        self.assertEqual((served.status, served.seen), (b"400", []))
+
+
+class HeaderBytesTests(SynchronousTestCase):
+    """
+    A header value that is not UTF-8 is answered C{400} before any agent is
+    asked: shown to them as U+FFFD, different values the upstream would
+    receive would have been one to the agents.
+    """
+
+    def test_values_that_are_not_utf8_ask_no_agent(self) -> None:
+        for value in (b"\xc0\xbcscript\xc0\xbe", b"\xff\xfe<", b"caf\xe9", b"\xed\xa0\x80"):
+            with captured_log() as events:
+                served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: ok\r\nX-Name: " + value + b"\r\n\r\n")
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), value)
+            self.assertIn(b"X-Name header's value is not valid UTF-8", served.response)
+            self.assertIn("Refused GET request: the X-Name header's value is not valid UTF-8", log_text(events))
+
+    def test_utf8_values_reach_the_agents_as_the_upstream_gets_them(self) -> None:
+        served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: caf\xc3\xa9 \xe2\x9c\x93\r\n\r\n")
+        self.assertEqual(served.status, b"200")
+        (event,) = served.seen
+        self.assertEqual(event.headers["x-name"], ["caf\u00e9 \u2713"])
+        self.assertEqual(
+            [v.encode("utf-8") for v in event.headers["x-name"]], served.upstream.headers[0][b"x-name"]
+        )
+
+
+class UpstreamPrefixTests(SynchronousTestCase):
+    """
+    Behind an C{--upstream} URL with a path, a dot segment would climb out
+    of that path at the upstream (C{/public/../private}) while the agents
+    were shown C{/../private}: it is refused before any agent is asked.
+    """
+
+    def test_dot_segments_cannot_leave_the_upstream_path(self) -> None:
+        for target in (b"/../private/keys", b"/%2e%2e/private/keys", b"/x/../../private/keys", b"/..%2fprivate/keys"):
+            status, seen, forwarded = serve_in_memory(
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", "http://127.0.0.1:9/public"
+            )
+            self.assertEqual((status, seen, forwarded), (b"400", [], []), target)
+
+    def test_other_paths_go_behind_the_upstream_path(self) -> None:
+        status, seen, forwarded = serve_in_memory(
+            b"GET /docs/a..b HTTP/1.1\r\nHost: x\r\n\r\n", "http://127.0.0.1:9/public"
+        )
+        self.assertEqual(status, b"200")
+        self.assertEqual([event.uri for event in seen], ["/docs/a..b"])
+        self.assertEqual(forwarded, [b"/public/docs/a..b"])
+
+
 # -- the bypasses over real sockets -------------------------------------------------
 
 
@@ -258,8 +420,8 @@ class BypassTests(TestCase):
             for target, forwarded in [
                 (b"http://x?/admin", "/?/admin"),
                 (b"HTTP://X:80/p?q", "/p?q"),
-                (b"/a/./b/../c?", "/a/./b/../c?"),
-                (b"/%2e%2e/x", "/%2e%2e/x"),
+                (b"/a/.b/..c/%2e%2e%2e?q=/../", "/a/.b/..c/%2e%2e%2e?q=/../"),
+                (b"/%61dmin%2Fx", "/%61dmin%2Fx"),
             ]:
                 client = await h.raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 await client.lost
@@ -282,13 +444,15 @@ class BypassTests(TestCase):
                 (b"GET / HTTP/1.1\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n", b"400"),
                 (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
+                (b"GET /x/../admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET /%2e%2e/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
             ]:
                 client = await h.raw(request + b"Connection: close\r\n\r\n")
                 await client.lost
                 self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
             self.assertEqual(agent.events, [])
             self.assertEqual(h.upstream.requests, [])
-            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 8)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 10)
 
         return ensureDeferred(go())
 

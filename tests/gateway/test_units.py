@@ -25,6 +25,7 @@ from sentinel_twisted.gateway.decisions import (
 )
 from sentinel_twisted.gateway.exchange import Exchange
 from sentinel_twisted.gateway.metadata import rfc3339_now
+from sentinel_twisted.gateway.target import BadTarget
 
 from .support import Harness
 
@@ -151,6 +152,17 @@ class HeaderMapTests(TestCase):
         self.assertEqual(metadata._host_name({"host": [" ::1 "]}), "::1")
         self.assertIsNone(metadata._host_name({}))
 
+    def test_request_headers_must_be_utf8(self) -> None:
+        raw = {b"Host": [b"x"], b"X-Name": [b"caf\xc3\xa9", b"caf\xe9"]}
+        with self.assertRaises(BadTarget) as caught:
+            metadata.request_header_map(raw)
+        self.assertEqual(caught.exception.code, 400)
+        self.assertEqual(caught.exception.reason, "the X-Name header's value is not valid UTF-8")
+        # Response headers (and the echo) are still shown with U+FFFD.
+        self.assertEqual(metadata.header_map(raw.items())["x-name"], ["caf\u00e9", "caf\ufffd"])
+        del raw[b"X-Name"][1]
+        self.assertEqual(metadata.request_header_map(raw), {"host": ["x"], "x-name": ["caf\u00e9"]})
+
     def test_the_caches_have_bounds_clients_cannot_pass(self) -> None:
         self.patch(metadata, "_MAX_NAMES", 3)
         long_name = b"X-" + b"n" * 200
@@ -175,7 +187,7 @@ class InternalErrorTests(TestCase):
             h = await Harness(self).start()
             await h.agent("waf")
 
-            def broken(self: Exchange) -> None:
+            def broken(self: Exchange, headers: Any) -> None:
                 raise RuntimeError("bug")
 
             self.patch(Exchange, "_send_request_headers", broken)
