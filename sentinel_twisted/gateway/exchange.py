@@ -331,8 +331,9 @@ class Exchange(Responding, Endings):
         C{X_User} as C{X-User}, out of the agents' sight; kept with
         C{--allow-underscore-headers}, but for forwarding headers), and the
         forwarding headers the gateway's own: C{Forwarded} removed, the
-        client's address appended to C{X-Forwarded-For} (removed when there
-        is no address, on a UNIX socket), C{X-Forwarded-Proto} set,
+        client's address appended to C{X-Forwarded-For} (left as the client
+        sent it when there is no address: on a UNIX socket, a local front
+        proxy), C{X-Forwarded-Proto} set,
         C{X-Forwarded-Host} set to the C{Host} (removed without one).
         """
         request = self.request
@@ -351,8 +352,8 @@ class Exchange(Responding, Endings):
             if previous:
                 value = b", ".join([*previous, value])
             raw[b"X-Forwarded-For"] = [value]
-        else:
-            raw.pop(b"X-Forwarded-For", None)
+        # Without an address (a UNIX socket) the client is a local process
+        # the socket's permissions admitted, a front proxy: its chain stays.
         raw[b"X-Forwarded-Proto"] = [b"https" if self._secure else b"http"]
         host = raw.get(b"Host")
         if host:

@@ -67,13 +67,15 @@ class ForwardingHeaderTests(SynchronousTestCase):
         self.assertEqual(upstream[b"x-forwarded-proto"], [b"http"])
         agents_view_is_the_upstreams(self, served)
 
-    def test_without_a_client_address_the_clients_forwarded_for_is_removed(self) -> None:
+    def test_without_a_client_address_the_clients_forwarded_for_is_kept(self) -> None:
+        # On a UNIX socket the client is a local process the socket's
+        # permissions admitted (a front proxy): its chain is all there is.
         served = InMemory(
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n", peer=UNIXAddress(None)
         )
         self.assertEqual(served.status, b"200")
         (upstream,) = served.upstream.headers
-        self.assertNotIn(b"x-forwarded-for", upstream)
+        self.assertEqual(upstream[b"x-forwarded-for"], [b"10.9.9.9"])
         self.assertEqual(served.seen[0].metadata.client_ip, "")
         agents_view_is_the_upstreams(self, served)
 
