@@ -33,11 +33,13 @@ from .._interfaces import HandlerResult
 from ..base import Agent
 from ..responses import allow
 from ._compile import compile_pattern, load_rules, parse_rules
+from ._decode import BodyPolicy, Uninspectable
 from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
 from ._model import Pattern, Rule, RulesError
 
 __all__ = [
     "BODY_WINDOW",
+    "BodyPolicy",
     "Pattern",
     "Rule",
     "RuleSet",
@@ -121,7 +123,7 @@ class RulesAgent(Agent):
         if verdict.decided_by is not None:
             self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
         elif verdict.body_rules:
-            self._track(cid, _BodyScan(verdict, event))
+            self._track(cid, _BodyScan(verdict, event, self.ruleset.body))
         return verdict.response
 
     def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
@@ -129,14 +131,36 @@ class RulesAgent(Agent):
         scan = self._bodies.get(cid)
         if scan is None:
             return allow()
-        rule = scan.feed(event.body)
+        rule = scan.feed(event.body, event.is_last)
         if rule is not None or event.is_last:
             del self._bodies[cid]
+        where = f"{scan.uri} (body chunk {event.chunk_index})"
+        for failure in scan.failures:
+            log.info(
+                "Request body not fully inspected, allowed by the [body] policy: {reason}: "
+                "{method} {uri}{client} [{cid}]",
+                reason=failure.reason,
+                method=scan.method,
+                uri=where,
+                client=f" from {scan.client_ip}" if scan.client_ip else "",
+                cid=cid,
+            )
+        scan.failures.clear()
         if rule is None:
             return allow().needs_more(not event.is_last)
-        self._log_decision(
-            rule, scan.method, f"{scan.uri} (body chunk {event.chunk_index})", scan.client_ip, cid
-        )
+        if isinstance(rule, Uninspectable):
+            log.info(
+                "Request body cannot be inspected, blocked ({status}): {reason}: "
+                "{method} {uri}{client} [{cid}]",
+                status=rule.status,
+                reason=rule.reason,
+                method=scan.method,
+                uri=where,
+                client=f" from {scan.client_ip}" if scan.client_ip else "",
+                cid=cid,
+            )
+            return scan.refused(rule)
+        self._log_decision(rule, scan.method, where, scan.client_ip, cid)
         return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
