@@ -191,6 +191,29 @@ class BoundTests(SynchronousTestCase):
         self.assertEqual(_send(loose, bomb, {"content-encoding": ["gzip"]}, 1024).decision, m.ALLOW)
 
 
+    def test_compressed_bodies_inflated_at_once_are_bounded(self) -> None:
+        agent = _agent(self)
+        agent.max_inflating_bodies = 2
+        gzipped = {"content-encoding": ["gzip"]}
+        for cid in ("a", "b", "c"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers=gzipped))
+        self.assertEqual(agent._inflating, {"a", "b"})
+        answer = agent.on_request_body_chunk(body("c", gzip.compress(BENIGN.encode()), 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision.status, 503)  # type: ignore[union-attr]
+        self.assertEqual(answer.audit.reason_codes, ["body_inflate_busy"])
+        # A body without a content coding is not held back.
+        self.assertEqual(_send(agent, BENIGN.encode(), cid="plain").decision, m.ALLOW)
+        # A finished body frees its place, and so does one forgotten.
+        agent.on_request_body_chunk(body("a", gzip.compress(BENIGN.encode()), 0, last=True))
+        agent.on_request_complete(m.RequestCompleteEvent(correlation_id="b", status=200, duration_ms=1))
+        self.assertEqual(agent._inflating, set())
+        self.assertIsInstance(_send(agent, gzip.compress(DOC.encode()), gzipped, cid="d").decision, m.Block)
+        agent.max_inflating_bodies, agent.max_tracked_bodies = 10, 2
+        for cid in ("e", "f", "g"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers=gzipped))
+        self.assertEqual(agent._inflating, {"f", "g"})
+
+
 class UninspectableTests(SynchronousTestCase):
     def test_unsupported_codings_are_blocked_by_default(self) -> None:
         agent = _agent(self)

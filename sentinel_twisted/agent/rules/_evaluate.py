@@ -168,7 +168,8 @@ class _BodyScan:
     content coding; as text when it is a JSON document in UTF-16 or UTF-32
     (see L{sentinel_twisted.agent.rules._decode}).  A body that cannot be
     decoded is refused or let through (matched as far as it was decoded)
-    by the rules' L{BodyPolicy}.
+    by the rules' L{BodyPolicy}; so is a compressed one when C{inflate} is
+    false (the agent inflates as many bodies at once as it can afford).
     """
 
     __slots__ = (
@@ -186,7 +187,9 @@ class _BodyScan:
         "failures",
     )
 
-    def __init__(self, verdict: Verdict, event: m.RequestHeadersEvent, policy: BodyPolicy) -> None:
+    def __init__(
+        self, verdict: Verdict, event: m.RequestHeadersEvent, policy: BodyPolicy, inflate: bool = True
+    ) -> None:
         self.verdict = verdict
         self.policy = policy
         self.method = event.method
@@ -207,8 +210,13 @@ class _BodyScan:
         self.inflater: Inflater | None = None
         self.inflated: _Reading | None = None
         if codings and self.coding_failure is None:
-            self.inflater = Inflater(codings[0], policy)
-            self.inflated = _Reading(window, json)
+            if inflate:
+                self.inflater = Inflater(codings[0], policy)
+                self.inflated = _Reading(window, json)
+            else:
+                self.coding_failure = Uninspectable(
+                    "too many compressed request bodies are being inspected at once", 503, "body_inflate_busy"
+                )
         self.transcoder: Transcoder | None = Transcoder()
         self.transcoded = _Reading(window, True)
         #: What could not be decoded (let through by the policy), for the log.
