@@ -33,11 +33,13 @@ from .._interfaces import HandlerResult
 from ..base import Agent
 from ..responses import allow
 from ._compile import compile_pattern, load_rules, parse_rules
+from ._decode import BodyPolicy, Uninspectable
 from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
 from ._model import Pattern, Rule, RulesError
 
 __all__ = [
     "BODY_WINDOW",
+    "BodyPolicy",
     "Pattern",
     "Rule",
     "RuleSet",
@@ -73,6 +75,10 @@ class RulesAgent(Agent):
     name = "sentinel-rules"
     #: Requests awaiting a body scan that are remembered at most (oldest go first).
     max_tracked_bodies = 10_000
+    #: Compressed bodies inflated at once (each holds zlib's state, about
+    #: 40 KiB); past it a compressed body is uninspectable (C{503}), and the
+    #: rules' C{[body]} policy decides.
+    max_inflating_bodies = 1_000
 
     def __init__(self, path: str | os.PathLike[str], *, max_concurrency: int | None = None) -> None:
         if max_concurrency is not None and (
@@ -84,6 +90,7 @@ class RulesAgent(Agent):
         if max_concurrency is not None:
             self.max_concurrency = max_concurrency
         self._bodies: OrderedDict[str, _BodyScan] = OrderedDict()
+        self._inflating: set[str] = set()
 
     def reload(self) -> bool:
         """
@@ -121,7 +128,8 @@ class RulesAgent(Agent):
         if verdict.decided_by is not None:
             self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
         elif verdict.body_rules:
-            self._track(cid, _BodyScan(verdict, event))
+            inflate = len(self._inflating) < self.max_inflating_bodies
+            self._track(cid, _BodyScan(verdict, event, self.ruleset.body, inflate))
         return verdict.response
 
     def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
@@ -129,25 +137,53 @@ class RulesAgent(Agent):
         scan = self._bodies.get(cid)
         if scan is None:
             return allow()
-        rule = scan.feed(event.body)
+        rule = scan.feed(event.body, event.is_last)
         if rule is not None or event.is_last:
-            del self._bodies[cid]
+            self._forget(cid)
+        where = f"{scan.uri} (body chunk {event.chunk_index})"
+        for failure in scan.failures:
+            log.info(
+                "Request body not fully inspected, allowed by the [body] policy: {reason}: "
+                "{method} {uri}{client} [{cid}]",
+                reason=failure.reason,
+                method=scan.method,
+                uri=where,
+                client=f" from {scan.client_ip}" if scan.client_ip else "",
+                cid=cid,
+            )
+        scan.failures.clear()
         if rule is None:
             return allow().needs_more(not event.is_last)
-        self._log_decision(
-            rule, scan.method, f"{scan.uri} (body chunk {event.chunk_index})", scan.client_ip, cid
-        )
+        if isinstance(rule, Uninspectable):
+            log.info(
+                "Request body cannot be inspected, blocked ({status}): {reason}: "
+                "{method} {uri}{client} [{cid}]",
+                status=rule.status,
+                reason=rule.reason,
+                method=scan.method,
+                uri=where,
+                client=f" from {scan.client_ip}" if scan.client_ip else "",
+                cid=cid,
+            )
+            return scan.refused(rule)
+        self._log_decision(rule, scan.method, where, scan.client_ip, cid)
         return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
-        self._bodies.pop(event.correlation_id, None)
+        self._forget(event.correlation_id)
         return allow()
 
     def _track(self, cid: str, scan: _BodyScan) -> None:
+        self._forget(cid)
         self._bodies[cid] = scan
-        self._bodies.move_to_end(cid)
+        if scan.inflater is not None:
+            self._inflating.add(cid)
         while len(self._bodies) > self.max_tracked_bodies:
-            self._bodies.popitem(last=False)
+            self._forget(next(iter(self._bodies)))
+
+    def _forget(self, cid: str) -> None:
+        self._bodies.pop(cid, None)
+        self._inflating.discard(cid)
 
     def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
         decision = rule.decision

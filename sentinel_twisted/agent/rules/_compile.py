@@ -18,6 +18,7 @@ from typing import Any
 import re2  # type: ignore[import-untyped]
 
 from ... import messages as m
+from ._decode import MAX_INFLATE_RATIO, MAX_INFLATED_SIZE, BodyPolicy
 from ._evaluate import RuleSet
 from ._model import Pattern, Rule, RulesError, _Defaults, _Problems
 
@@ -58,7 +59,8 @@ _RULE_KEYS = frozenset(
         "tags",
     }
 )
-_TOP_KEYS = frozenset({"rules", "defaults"})
+_TOP_KEYS = frozenset({"rules", "defaults", "body"})
+_BODY_KEYS = frozenset({"uninspectable", "max_inflated_size", "max_inflate_ratio"})
 _DEFAULT_KEYS = frozenset({"block_status", "block_body", "redirect_status"})
 _OP_KEYS = frozenset({"set", "add", "remove"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -347,6 +349,32 @@ def _defaults(raw: Any, problems: list[str]) -> _Defaults:
         return _Defaults()
 
 
+def _count(table: Mapping[str, Any], key: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Problems(f"body.{key}: expected a positive integer, got {_show(value)}")
+    return value
+
+
+def _body_policy(raw: Any, problems: list[str]) -> BodyPolicy:
+    if raw is None:
+        return BodyPolicy()
+    try:
+        table = _table(raw, "body")
+        _unknown(table, _BODY_KEYS, "body: ")
+        uninspectable = table.get("uninspectable", "block")
+        if uninspectable not in ("block", "allow"):
+            raise _Problems(f"body.uninspectable: expected \"block\" or \"allow\", got {_show(uninspectable)}")
+        return BodyPolicy(
+            uninspectable=uninspectable,
+            max_inflated_size=_count(table, "max_inflated_size", MAX_INFLATED_SIZE),
+            max_inflate_ratio=_count(table, "max_inflate_ratio", MAX_INFLATE_RATIO),
+        )
+    except _Problems as e:
+        problems.append(str(e))
+        return BodyPolicy()
+
+
 def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
     """
     Compile a parsed rules document (the TOML or JSON object).
@@ -361,6 +389,7 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
     except _Problems as e:
         problems.append(str(e))
     defaults = _defaults(document.get("defaults"), problems)
+    body = _body_policy(document.get("body"), problems)
     raw_rules = document.get("rules", [])
     if not isinstance(raw_rules, list):
         raise RulesError(source, problems + ["'rules' must be an array of tables ([[rules]])"])
@@ -390,7 +419,7 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
             rules.append(rule)
     if problems:
         raise RulesError(source, problems)
-    return RuleSet(tuple(rules), source)
+    return RuleSet(tuple(rules), source, body)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:

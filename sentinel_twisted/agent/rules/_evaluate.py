@@ -6,6 +6,7 @@ and the body rules that wait for the body.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Mapping
 from urllib.parse import unquote_plus
@@ -14,6 +15,15 @@ import attrs
 
 from ... import messages as m
 from ..responses import ResponseBuilder
+from ._decode import (
+    JSON_STARTS,
+    BodyPolicy,
+    Inflater,
+    Transcoder,
+    Uninspectable,
+    content_codings,
+    unsupported,
+)
 from ._model import Rule, _any_search, _RequestView, _unique
 
 #: Bytes of the body before each chunk that C{body} patterns see with it.
@@ -57,10 +67,13 @@ class RuleSet:
 
     @ivar rules: the rules, in file order.
     @ivar source: where they came from (the file name), for messages.
+    @ivar body: how body rules decode bodies, and what they do with one
+        they cannot decode (the file's C{[body]} table).
     """
 
     rules: tuple[Rule, ...]
     source: str = "<rules>"
+    body: BodyPolicy = BodyPolicy()
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -110,36 +123,33 @@ class RuleSet:
         )
 
 
-class _BodyScan:
+class _Reading:
     """
-    A request whose body some rules still have to see.  Each chunk is
-    looked at with the end of the body before it: the longest needle less
-    one byte for C{body_contains}, so no needle split across chunks is
-    missed, and L{BODY_WINDOW} bytes for C{body} patterns.
+    One reading of a body (as sent, inflated, or transcoded to UTF-8)
+    matched by the body rules.  Each piece is looked at with the end of
+    the reading before it: the longest needle less one byte for
+    C{body_contains}, so no needle split across pieces is missed, and
+    L{BODY_WINDOW} bytes for C{body} patterns.
+
+    @ivar json: whether JSON's string escapes are decoded for C{body}
+        patterns; C{None}: not known yet (told by the first non-blank byte).
     """
 
-    __slots__ = ("verdict", "tail", "keep", "method", "uri", "client_ip", "json")
+    __slots__ = ("tail", "keep", "json")
 
-    def __init__(self, verdict: Verdict, event: m.RequestHeadersEvent) -> None:
-        self.verdict = verdict
-        self.method = event.method
-        self.uri = event.uri
-        self.client_ip = event.metadata.client_ip
-        #: Whether the body is JSON (its string escapes are decoded for
-        #: C{body} patterns); C{None}: no Content-Type, told by the first byte.
-        self.json = _json_content_type(event.headers)
+    def __init__(self, keep: int, json: bool | None) -> None:
         self.tail = b""
-        keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
-        if any(r.body is not None for r in verdict.body_rules):
-            keep.append(BODY_WINDOW)
-        self.keep = max(keep, default=0)
+        self.keep = keep
+        self.json = json
 
-    def feed(self, chunk: bytes) -> Rule | None:
-        data = self.tail + chunk
-        if self.json is None and data.strip():
-            self.json = data.lstrip()[:1] in (b"{", b"[")
+    def feed(self, rules: tuple[Rule, ...], piece: bytes) -> Rule | None:
+        data = self.tail + piece
+        if self.json is None:
+            start = data.removeprefix(codecs.BOM_UTF8).lstrip()
+            if start:
+                self.json = start[0] in JSON_STARTS
         texts: tuple[str, ...] | None = None
-        for rule in self.verdict.body_rules:
+        for rule in rules:
             if rule.body is not None:
                 if texts is None:
                     texts = _body_texts(data, bool(self.json))
@@ -150,6 +160,117 @@ class _BodyScan:
         self.tail = data[-self.keep :] if self.keep else b""
         return None
 
+
+class _BodyScan:
+    """
+    A request whose body some rules still have to see, read as an upstream
+    may decode it: as sent; inflated when it has a C{gzip} or C{deflate}
+    content coding; as text when it is a JSON document in UTF-16 or UTF-32
+    (see L{sentinel_twisted.agent.rules._decode}).  A body that cannot be
+    decoded is refused or let through (matched as far as it was decoded)
+    by the rules' L{BodyPolicy}; so is a compressed one when C{inflate} is
+    false (the agent inflates as many bodies at once as it can afford).
+    """
+
+    __slots__ = (
+        "verdict",
+        "policy",
+        "method",
+        "uri",
+        "client_ip",
+        "raw",
+        "inflater",
+        "inflated",
+        "transcoder",
+        "transcoded",
+        "coding_failure",
+        "failures",
+    )
+
+    def __init__(
+        self, verdict: Verdict, event: m.RequestHeadersEvent, policy: BodyPolicy, inflate: bool = True
+    ) -> None:
+        self.verdict = verdict
+        self.policy = policy
+        self.method = event.method
+        self.uri = event.uri
+        self.client_ip = event.metadata.client_ip
+        keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
+        if any(r.body is not None for r in verdict.body_rules):
+            keep.append(BODY_WINDOW)
+        window = max(keep, default=0)
+        # A JSON Content-Type reads the body as JSON; any other is told by
+        # the body's first byte, as parsers that ignore the type read it.
+        json = True if _json_content_type(event.headers) else None
+        self.raw = _Reading(window, json)
+        codings = content_codings(event.headers)
+        #: Why the content coding cannot be decoded, told once the body
+        #: turns out not to be empty.
+        self.coding_failure = unsupported(codings)
+        self.inflater: Inflater | None = None
+        self.inflated: _Reading | None = None
+        if codings and self.coding_failure is None:
+            if inflate:
+                self.inflater = Inflater(codings[0], policy)
+                self.inflated = _Reading(window, json)
+            else:
+                self.coding_failure = Uninspectable(
+                    "too many compressed request bodies are being inspected at once", 503, "body_inflate_busy"
+                )
+        self.transcoder: Transcoder | None = Transcoder()
+        self.transcoded = _Reading(window, True)
+        #: What could not be decoded (let through by the policy), for the log.
+        self.failures: list[Uninspectable] = []
+
+    @property
+    def tail(self) -> bytes:
+        """The end of the body as sent that the next chunk is matched with."""
+        return self.raw.tail
+
+    def feed(self, chunk: bytes, last: bool = False) -> Rule | Uninspectable | None:
+        """The rule that decides on C{chunk}, or why the body cannot be inspected."""
+        rules = self.verdict.body_rules
+        rule = self.raw.feed(rules, chunk)
+        if rule is not None:
+            return rule
+        failure = self.coding_failure
+        if failure is not None:
+            if not chunk:
+                return None
+            self.coding_failure = None
+            if self.policy.blocks:
+                return failure
+            self.failures.append(failure)
+            self.transcoder = None
+        if self.inflater is None:
+            return self._decoded(chunk, last)
+        assert self.inflated is not None
+        for piece in self.inflater.feed(chunk, last):
+            rule = self.inflated.feed(rules, piece)
+            if rule is None:
+                rule = self._decoded(piece, False)
+            if rule is not None:
+                return rule
+        failure = self.inflater.failure
+        if failure is not None:
+            self.inflater = None
+            if self.policy.blocks:
+                return failure
+            self.failures.append(failure)
+            self.transcoder = None
+        elif last:
+            return self._decoded(b"", True)
+        return None
+
+    def _decoded(self, piece: bytes, last: bool) -> Rule | None:
+        """Match the body's text, when it is UTF-16 or UTF-32, by C{piece}."""
+        if self.transcoder is None:
+            return None
+        text = self.transcoder.feed(piece, last)
+        if self.transcoder.charset is not None and self.transcoder.charset.startswith("utf-8"):
+            self.transcoder = None
+        return self.transcoded.feed(self.verdict.body_rules, text) if text else None
+
     def decided(self, rule: Rule) -> ResponseBuilder:
         """The answer for C{rule} deciding on the body."""
         assert rule.decision is not None
@@ -158,6 +279,14 @@ class _BodyScan:
         builder.response_header_ops([*verdict.response_ops, *rule.response_ops])
         builder.rule(*verdict.rule_ids, rule.id)
         return builder.tag(*dict.fromkeys([*verdict.tags, *rule.tags]))
+
+    def refused(self, failure: Uninspectable) -> ResponseBuilder:
+        """The answer for a body the rules cannot inspect (the policy blocks)."""
+        verdict = self.verdict
+        builder = ResponseBuilder(m.Block(failure.status, f"Request body cannot be inspected: {failure.reason}"))
+        builder.response_header_ops(verdict.response_ops)
+        builder.rule(*verdict.rule_ids).reason(failure.code)
+        return builder.tag(*dict.fromkeys([*verdict.tags, "body-uninspectable"]))
 
 
 def _body_texts(data: bytes, json_body: bool = False) -> tuple[str, ...]:

@@ -1,0 +1,287 @@
+"""
+Body rules match a request body as an upstream may decode it: inflated
+(C{Content-Encoding: gzip}, C{deflate}), and a JSON document in UTF-16 or
+UTF-32 as text, whatever its Content-Type; a body they cannot decode is
+refused, or let through by the rules file's C{[body]} policy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from sentinel_twisted import messages as m
+from sentinel_twisted.agent import RulesAgent, RulesError, parse_rules
+from sentinel_twisted.agent.rules._decode import INFLATE_PIECE, BodyPolicy, Inflater, json_charset
+
+from ._support import temp_path
+from .test_rules import body, event
+
+DOC = '{"comment": "<script>alert(1)</script>"}'
+BENIGN = '{"comment": "a <b>bold</b> remark, no scripts"}'
+XSS = {"id": "xss-body", "match": {"body": "(?i)<script"}, "block": {"status": 403, "body": "Request blocked"}}
+NEEDLE = {"id": "needle", "match": {"body_contains": "<script"}, "block": True}
+
+
+def _agent(case: SynchronousTestCase, *tables: dict[str, Any], **top: Any) -> RulesAgent:
+    path = Path(temp_path(case, "rules.json"))
+    path.write_text(json.dumps({"rules": list(tables or [XSS]), **top}))
+    return RulesAgent(path)
+
+
+def _send(
+    agent: RulesAgent,
+    data: bytes,
+    headers: dict[str, list[str]] | None = None,
+    size: int | None = None,
+    cid: str = "c",
+) -> m.AgentResponse:
+    """The answer that decides on C{data} sent in chunks of C{size} bytes (all at once: C{None})."""
+    first = agent.on_request_headers(event(cid=cid, method="POST", headers=headers or {})).build()  # type: ignore[union-attr]
+    assert first.needs_more
+    step = size or max(len(data), 1)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+    for index, chunk in enumerate(chunks):
+        answer = agent.on_request_body_chunk(body(cid, chunk, index, last=index == len(chunks) - 1)).build()  # type: ignore[union-attr]
+        if not isinstance(answer.decision, m.Allow):
+            break
+    return answer  # type: ignore[no-any-return]
+
+
+JSON_TYPE = {"content-type": ["application/json"]}
+
+
+class CharsetTests(SynchronousTestCase):
+    def test_utf16_and_utf32_json_is_matched_as_text(self) -> None:
+        agent = _agent(self)
+        for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be", "utf-8-sig"):
+            # json.loads(bytes) reads every one of these as the document.
+            self.assertEqual(json.loads(DOC.encode(encoding)), json.loads(DOC))
+            for size in (None, 1, 3):
+                answer = _send(agent, DOC.encode(encoding), JSON_TYPE, size)
+                self.assertIsInstance(answer.decision, m.Block, (encoding, size))
+                self.assertEqual(answer.audit.rule_ids, ["xss-body"])
+
+    def test_utf16_json_escapes_and_body_contains(self) -> None:
+        escaped = DOC.replace("<", "\\u003c")
+        for agent in (_agent(self), _agent(self, NEEDLE)):
+            for encoding in ("utf-16-le", "utf-32"):
+                # No Content-Type, and a type that is not JSON: the zero bytes tell.
+                for headers in ({}, {"content-type": ["text/plain"]}):
+                    data = (escaped if agent.ruleset.rules[0].body is not None else DOC).encode(encoding)
+                    answer = _send(agent, data, headers)
+                    self.assertIsInstance(answer.decision, m.Block, (encoding, headers))
+
+    def test_json_escapes_are_decoded_whatever_the_content_type(self) -> None:
+        agent = _agent(self)
+        escaped = DOC.replace("<", "\\u003c").encode()
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+            for data in (escaped, b"\r\n " + escaped, b"\xef\xbb\xbf" + escaped, b'["\\u003cscript>"]', b'"\\u003cscript>"'):
+                answer = _send(agent, data, {"content-type": [content_type]})
+                self.assertIsInstance(answer.decision, m.Block, (content_type, data))
+
+    def test_benign_utf16_json_is_allowed(self) -> None:
+        agent = _agent(self)
+        for encoding in ("utf-16", "utf-16-le", "utf-32"):
+            for size in (None, 1):
+                answer = _send(agent, BENIGN.encode(encoding), JSON_TYPE, size)
+                self.assertEqual(answer.decision, m.ALLOW, encoding)
+                self.assertFalse(answer.needs_more)
+        self.assertEqual(len(agent._bodies), 0)
+        # Text that is not JSON keeps its escapes.
+        answer = _send(agent, b"note=\\u003cscript>", {"content-type": ["text/plain"]})
+        self.assertEqual(answer.decision, m.ALLOW)
+
+    def test_json_charset_detection(self) -> None:
+        for encoding in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"):
+            self.assertEqual(json_charset('{"a"'.encode(encoding)[:4]), encoding)
+            self.assertEqual(json_charset(" {".encode(encoding)[:4]), encoding)
+        self.assertEqual(json_charset("{".encode("utf-16-le")), "utf-16-le")
+        self.assertEqual(json_charset("1".encode("utf-16-be")), "utf-16-be")
+        self.assertEqual(json_charset(b'{"a"'), "utf-8")
+        self.assertEqual(json_charset(b"{"), "utf-8")
+
+
+def _deflate_raw(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+class ContentCodingTests(SynchronousTestCase):
+    def test_compressed_bodies_are_inflated(self) -> None:
+        agent = _agent(self)
+        doc = DOC.encode()
+        for coding, data in [
+            ("gzip", gzip.compress(doc)),
+            ("x-gzip", gzip.compress(doc)),
+            ("GZip", gzip.compress(doc)),
+            ("deflate", zlib.compress(doc)),
+            ("deflate", _deflate_raw(doc)),
+            # Two gzip members: gzip (and Node's zlib) read both.
+            ("gzip", gzip.compress(b'{"a": "harmless"}') + gzip.compress(doc)),
+            ("gzip", gzip.compress(DOC.encode("utf-16"))),
+            ("gzip", gzip.compress(DOC.replace("<", "\\u003c").encode())),
+            ("identity, gzip", gzip.compress(doc)),
+        ]:
+            for size in (None, 1, 7):
+                answer = _send(agent, data, {"content-encoding": [coding], **JSON_TYPE}, size)
+                self.assertIsInstance(answer.decision, m.Block, (coding, data, size))
+                self.assertEqual(answer.audit.rule_ids, ["xss-body"])
+        needle = _agent(self, NEEDLE)
+        answer = _send(needle, gzip.compress(doc), {"content-encoding": ["gzip"]}, 5)
+        self.assertEqual(answer.audit.rule_ids, ["needle"])
+
+    def test_benign_compressed_bodies_are_allowed(self) -> None:
+        agent = _agent(self)
+        for coding, data in [
+            ("gzip", gzip.compress(BENIGN.encode())),
+            ("deflate", zlib.compress(BENIGN.encode())),
+            ("gzip", gzip.compress(BENIGN.encode("utf-16"))),
+            # Well compressed, but within the bounds.
+            ("gzip", gzip.compress(b'{"pad": "' + b" " * 900_000 + b'"}')),
+            ("gzip", b""),
+        ]:
+            for size in (None, 2):
+                answer = _send(agent, data, {"content-encoding": [coding]}, size)
+                self.assertEqual(answer.decision, m.ALLOW, (coding, size))
+                self.assertFalse(answer.needs_more)
+        self.assertEqual(len(agent._bodies), 0)
+
+    def test_a_match_across_pieces_of_the_inflated_body(self) -> None:
+        agent = _agent(self)
+        # The payload straddles the first piece of inflated output.
+        data = b"x" * (INFLATE_PIECE - 3) + DOC.encode()
+        answer = _send(agent, gzip.compress(data), {"content-encoding": ["gzip"]})
+        self.assertIsInstance(answer.decision, m.Block)
+
+
+class BoundTests(SynchronousTestCase):
+    def test_a_decompression_bomb_stops_at_the_size_bound(self) -> None:
+        bomb = gzip.compress(b" " * (64 * 1024 * 1024) + DOC.encode())
+        agent = _agent(self, body={"max_inflated_size": 200_000, "max_inflate_ratio": 100_000})
+        answer = _send(agent, bomb, {"content-encoding": ["gzip"]}, 4096)
+        self.assertEqual(answer.decision, m.Block(413, "Request body cannot be inspected: "
+                                                  "the request body inflates past 200000 bytes", None))
+        self.assertEqual(answer.audit.reason_codes, ["body_inflate_limit"])
+        self.assertEqual(answer.audit.tags, ["body-uninspectable"])
+        self.assertEqual(len(agent._bodies), 0)
+
+    def test_the_inflater_produces_at_most_the_bound_in_bounded_pieces(self) -> None:
+        bomb = gzip.compress(b"\0" * (32 * 1024 * 1024))
+        inflater = Inflater("gzip", BodyPolicy(max_inflated_size=300_000, max_inflate_ratio=10**9))
+        pieces = list(inflater.feed(bomb))
+        self.assertLessEqual(max(map(len, pieces)), INFLATE_PIECE)
+        self.assertLessEqual(sum(map(len, pieces)), 300_000 + 1)
+        self.assertIsNotNone(inflater.failure)
+        self.assertEqual(list(inflater.feed(bomb)), [])
+
+    def test_the_ratio_bound(self) -> None:
+        # 4 MiB from about 4 KiB: within the default size bound, past the ratio.
+        bomb = gzip.compress(b"\0" * (4 * 1024 * 1024))
+        answer = _send(_agent(self), bomb, {"content-encoding": ["gzip"]}, 1024)
+        self.assertEqual(answer.decision.status, 413)  # type: ignore[union-attr]
+        self.assertIn("inflates more than 100 times", answer.decision.body)  # type: ignore[union-attr]
+        loose = _agent(self, body={"max_inflate_ratio": 10_000})
+        self.assertEqual(_send(loose, bomb, {"content-encoding": ["gzip"]}, 1024).decision, m.ALLOW)
+
+
+    def test_compressed_bodies_inflated_at_once_are_bounded(self) -> None:
+        agent = _agent(self)
+        agent.max_inflating_bodies = 2
+        gzipped = {"content-encoding": ["gzip"]}
+        for cid in ("a", "b", "c"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers=gzipped))
+        self.assertEqual(agent._inflating, {"a", "b"})
+        answer = agent.on_request_body_chunk(body("c", gzip.compress(BENIGN.encode()), 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision.status, 503)  # type: ignore[union-attr]
+        self.assertEqual(answer.audit.reason_codes, ["body_inflate_busy"])
+        # A body without a content coding is not held back.
+        self.assertEqual(_send(agent, BENIGN.encode(), cid="plain").decision, m.ALLOW)
+        # A finished body frees its place, and so does one forgotten.
+        agent.on_request_body_chunk(body("a", gzip.compress(BENIGN.encode()), 0, last=True))
+        agent.on_request_complete(m.RequestCompleteEvent(correlation_id="b", status=200, duration_ms=1))
+        self.assertEqual(agent._inflating, set())
+        self.assertIsInstance(_send(agent, gzip.compress(DOC.encode()), gzipped, cid="d").decision, m.Block)
+        agent.max_inflating_bodies, agent.max_tracked_bodies = 10, 2
+        for cid in ("e", "f", "g"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers=gzipped))
+        self.assertEqual(agent._inflating, {"f", "g"})
+
+
+class UninspectableTests(SynchronousTestCase):
+    def test_unsupported_codings_are_blocked_by_default(self) -> None:
+        agent = _agent(self)
+        for value, shown in [
+            (["br"], "an unsupported content coding (br)"),
+            (["zstd"], "an unsupported content coding (zstd)"),
+            (["gzip, br"], "stacked content codings (gzip, br)"),
+            (["gzip", "gzip"], "stacked content codings (gzip, gzip)"),
+        ]:
+            answer = _send(agent, b"\x0b\x02\x80hello", {"content-encoding": value})
+            self.assertEqual(answer.decision, m.Block(415, f"Request body cannot be inspected: request body has {shown}", None))
+            self.assertEqual(answer.audit.reason_codes, ["body_coding_unsupported"])
+        # An empty body has nothing to inspect.
+        self.assertEqual(_send(agent, b"", {"content-encoding": ["br"]}).decision, m.ALLOW)
+
+    def test_corrupt_and_truncated_streams_are_blocked_by_default(self) -> None:
+        agent = _agent(self)
+        whole = gzip.compress(BENIGN.encode())
+        for data, reason in [
+            (BENIGN.encode(), "not a valid gzip stream"),
+            (whole[: len(whole) // 2], "ends early"),
+            (whole + b"trailing", "data after its gzip stream"),
+        ]:
+            for size in (None, 3):
+                answer = _send(agent, data, {"content-encoding": ["gzip"]}, size)
+                self.assertEqual(answer.decision.status, 400, (data, size))  # type: ignore[union-attr]
+                self.assertIn(reason, answer.decision.body)  # type: ignore[union-attr]
+                self.assertEqual(answer.audit.reason_codes, ["body_coding_corrupt"])
+
+    def test_the_allow_policy_lets_them_through_still_matching_what_it_can(self) -> None:
+        agent = _agent(self, body={"uninspectable": "allow", "max_inflated_size": 100_000})
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for coding, data in [
+            ("br", b"\x0b\x02\x80hello"),
+            ("gzip", b"not gzip"),
+            ("gzip", gzip.compress(b" " * 1_000_000 + DOC.encode())),
+        ]:
+            answer = _send(agent, data, {"content-encoding": [coding]}, 1000)
+            self.assertEqual(answer.decision, m.ALLOW, coding)
+        self.assertEqual(len([e for e in events if "not fully inspected" in e.get("log_format", "")]), 3)
+        # What is sent, and what was inflated before the bound, is still matched.
+        self.assertIsInstance(_send(agent, DOC.encode(), {"content-encoding": ["br"]}).decision, m.Block)
+        early = gzip.compress(DOC.encode() + b" " * 1_000_000)
+        self.assertIsInstance(_send(agent, early, {"content-encoding": ["gzip"]}).decision, m.Block)
+
+    def test_a_block_for_an_uninspectable_body_carries_the_header_phase(self) -> None:
+        agent = _agent(self, {"id": "mark", "response_headers": {"set": {"x-seen": "1"}}, "tags": ["seen"]}, XSS)
+        answer = _send(agent, b"data", {"content-encoding": ["br"]})
+        self.assertEqual(answer.response_headers, [m.SetHeader("x-seen", "1")])
+        self.assertEqual(answer.audit.rule_ids, ["mark"])
+        self.assertEqual(answer.audit.tags, ["seen", "body-uninspectable"])
+
+
+class PolicyFileTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        self.assertEqual(parse_rules({"rules": []}).body, BodyPolicy("block", 10 * 1024 * 1024, 100))
+        policy = parse_rules({"rules": [], "body": {"uninspectable": "allow", "max_inflated_size": 5, "max_inflate_ratio": 7}}).body
+        self.assertEqual(policy, BodyPolicy("allow", 5, 7))
+
+    def test_problems_are_reported(self) -> None:
+        for table, problem in [
+            ({"uninspectable": "maybe"}, 'body.uninspectable: expected "block" or "allow", got "maybe"'),
+            ({"max_inflated_size": 0}, "body.max_inflated_size: expected a positive integer, got 0"),
+            ({"max_inflate_ratio": True}, "body.max_inflate_ratio: expected a positive integer, got true"),
+            ({"size": 1}, "body: unknown key 'size'"),
+            ("block", 'body: expected a table, got "block"'),
+        ]:
+            error = self.assertRaises(RulesError, parse_rules, {"rules": [], "body": table}, "f.toml")
+            self.assertIn(problem, str(error), table)
