@@ -31,7 +31,6 @@ from ._proxy_support import (
     Proxy,
     answer_payload,
     captured_log,
-    delayed_calls,
     lose,
     registration_frame,
     registration_payload,
