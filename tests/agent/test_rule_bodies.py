@@ -285,3 +285,41 @@ class PolicyFileTests(SynchronousTestCase):
         ]:
             error = self.assertRaises(RulesError, parse_rules, {"rules": [], "body": table}, "f.toml")
             self.assertIn(problem, str(error), table)
+
+
+class EvictionTests(SynchronousTestCase):
+    """More requests awaiting a body scan than remembered: the oldest's chunks are not let through unchecked."""
+
+    def test_a_pushed_out_body_gets_the_policy_answer(self) -> None:
+        agent = _agent(self)
+        agent.max_tracked_bodies = 2
+        for cid in ("a", "b", "c"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers={}))
+        self.assertEqual(list(agent._bodies), ["b", "c"])
+        answer = agent.on_request_body_chunk(body("a", DOC.encode(), 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision.status, 503)  # type: ignore[union-attr]
+        self.assertEqual(answer.audit.reason_codes, ["body_scan_evicted"])
+        # Answered once: it is forgotten then, as a RequestComplete forgets it.
+        self.assertEqual(agent._evicted, {})
+        # The others are scanned as before.
+        self.assertIsInstance(_send(agent, DOC.encode(), cid="b").decision, m.Block)
+
+    def test_the_allow_policy_lets_a_pushed_out_body_through(self) -> None:
+        agent = _agent(self, body={"uninspectable": "allow"})
+        agent.max_tracked_bodies = 1
+        for cid in ("a", "b"):
+            agent.on_request_headers(event(cid=cid, method="POST", headers={}))
+        answer = agent.on_request_body_chunk(body("a", DOC.encode(), 0, last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision, m.ALLOW)
+
+    def test_pushed_out_bodies_are_bounded_and_let_go(self) -> None:
+        agent = _agent(self)
+        agent.max_tracked_bodies = 2
+        for index in range(10):
+            agent.on_request_headers(event(cid=f"r{index}", method="POST", headers={}))
+        self.assertEqual(len(agent._bodies), 2)
+        self.assertEqual(list(agent._evicted), ["r6", "r7"])
+        scan = agent._evicted["r6"]
+        self.assertIsNone(scan.inflater)
+        agent.on_request_complete(m.RequestCompleteEvent(correlation_id="r6", status=200, duration_ms=1))
+        self.assertNotIn("r6", agent._evicted)

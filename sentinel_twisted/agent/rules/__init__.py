@@ -90,6 +90,9 @@ class RulesAgent(Agent):
         if max_concurrency is not None:
             self.max_concurrency = max_concurrency
         self._bodies: OrderedDict[str, _BodyScan] = OrderedDict()
+        # Requests pushed out of _bodies by newer ones: their later chunks
+        # get the [body] policy's answer, never an unchecked allow.
+        self._evicted: OrderedDict[str, _BodyScan] = OrderedDict()
         self._inflating: set[str] = set()
 
     def reload(self) -> bool:
@@ -136,54 +139,55 @@ class RulesAgent(Agent):
         cid = event.correlation_id
         scan = self._bodies.get(cid)
         if scan is None:
-            return allow()
+            evicted = self._evicted.pop(cid, None)
+            return allow() if evicted is None else self._evicted_chunk(cid, evicted, event)
         rule = scan.feed(event.body, event.is_last)
         if rule is not None or event.is_last:
             self._forget(cid)
         where = f"{scan.uri} (body chunk {event.chunk_index})"
         for failure in scan.failures:
-            log.info(
-                "Request body not fully inspected, allowed by the [body] policy: {reason}: "
-                "{method} {uri}{client} [{cid}]",
-                reason=failure.reason,
-                method=scan.method,
-                uri=where,
-                client=f" from {scan.client_ip}" if scan.client_ip else "",
-                cid=cid,
-            )
+            _log_uninspected(failure, False, scan, where, cid)
         scan.failures.clear()
         if rule is None:
             return allow().needs_more(not event.is_last)
         if isinstance(rule, Uninspectable):
-            log.info(
-                "Request body cannot be inspected, blocked ({status}): {reason}: "
-                "{method} {uri}{client} [{cid}]",
-                status=rule.status,
-                reason=rule.reason,
-                method=scan.method,
-                uri=where,
-                client=f" from {scan.client_ip}" if scan.client_ip else "",
-                cid=cid,
-            )
+            _log_uninspected(rule, True, scan, where, cid)
             return scan.refused(rule)
         self._log_decision(rule, scan.method, where, scan.client_ip, cid)
         return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
         self._forget(event.correlation_id)
+        self._evicted.pop(event.correlation_id, None)
         return allow()
 
     def _track(self, cid: str, scan: _BodyScan) -> None:
         self._forget(cid)
+        self._evicted.pop(cid, None)
         self._bodies[cid] = scan
         if scan.inflater is not None:
             self._inflating.add(cid)
         while len(self._bodies) > self.max_tracked_bodies:
-            self._forget(next(iter(self._bodies)))
+            oldest = next(iter(self._bodies))
+            pushed_out = self._bodies[oldest]
+            self._forget(oldest)
+            # Only what the answer needs is kept (no readers, no inflater).
+            self._evicted[oldest] = pushed_out.evicted()
+            if len(self._evicted) > self.max_tracked_bodies:
+                self._evicted.popitem(last=False)
 
     def _forget(self, cid: str) -> None:
         self._bodies.pop(cid, None)
         self._inflating.discard(cid)
+
+    def _evicted_chunk(self, cid: str, scan: _BodyScan, event: m.RequestBodyChunkEvent) -> HandlerResult:
+        """A chunk of a request whose scan newer requests pushed out: the policy decides."""
+        failure = Uninspectable(
+            "too many request bodies were being inspected at once", 503, "body_scan_evicted"
+        )
+        blocks = scan.policy.blocks
+        _log_uninspected(failure, blocks, scan, f"{scan.uri} (body chunk {event.chunk_index})", cid)
+        return scan.refused(failure) if blocks else allow()
 
     def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
         decision = rule.decision
@@ -202,3 +206,20 @@ class RulesAgent(Agent):
             client=f" from {client_ip}" if client_ip else "",
             cid=cid,
         )
+
+
+def _log_uninspected(failure: Uninspectable, blocked: bool, scan: _BodyScan, where: str, cid: str) -> None:
+    """Log a body the rules could not inspect: refused, or let through by the [body] policy."""
+    if blocked:
+        format = "Request body cannot be inspected, blocked ({status}): {reason}: {method} {uri}{client} [{cid}]"
+    else:
+        format = "Request body not fully inspected, allowed by the [body] policy: {reason}: {method} {uri}{client} [{cid}]"
+    log.info(
+        format,
+        status=failure.status,
+        reason=failure.reason,
+        method=scan.method,
+        uri=where,
+        client=f" from {scan.client_ip}" if scan.client_ip else "",
+        cid=cid,
+    )

@@ -271,6 +271,12 @@ class _BodyScan:
             self.transcoder = None
         return self.transcoded.feed(self.verdict.body_rules, text) if text else None
 
+    def evicted(self) -> _BodyScan:
+        """This scan with its readers and inflater let go: what a refusal needs."""
+        self.raw = self.transcoded = _Reading(0, None)
+        self.inflated = self.inflater = self.transcoder = None
+        return self
+
     def decided(self, rule: Rule) -> ResponseBuilder:
         """The answer for C{rule} deciding on the body."""
         assert rule.decision is not None
