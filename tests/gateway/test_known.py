@@ -192,3 +192,24 @@ class KnownAgentsTests(SynchronousTestCase):
             known.add(agent_id)
         known.replace(["waf", "auth"], keep=lambda agent_id: agent_id == "local")
         self.assertEqual(known.ids, ("waf", "auth", "local"))
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_agents_the_gateway_dials_are_never_forgotten(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from sentinel_twisted.tap import Options, add_gateway, make_listener
+
+        listen = f"unix:{self.mktemp()}.sock"
+        options = Options()
+        options.parseOptions(
+            ["--listen", listen, "--http", "tcp:0", "--agent-endpoint", "waf=unix:/nonexistent/waf.sock"]
+        )
+        reactor = MemoryReactorClock()
+        top = make_listener(options, reactor)
+        service = add_gateway(top, options, reactor)
+        gateway = service.gateway
+        gateway.known.add("waf")
+        gateway.known.add("auth")
+        top.reloader.reload()
+        self.assertEqual(gateway.agent_ids(), ("waf",))
