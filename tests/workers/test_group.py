@@ -635,3 +635,18 @@ class WorkerConsultsTests(TestCase):
     def test_named_agents_are_consulted_as_before(self) -> None:
         response, auth, upstream = self.worker("--agent", "auth")
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
+
+    def test_a_workers_own_reload_forgets_nothing_its_parent_forgets_for_the_group(self) -> None:
+        # A SIGHUP reaches every process; a worker must not forget an agent
+        # another worker holds.
+        from sentinel_twisted.workers.assemble import make_worker
+
+        arguments = ["--workers", "2", "--http", "tcp:0:interface=127.0.0.1", "--status", "none"]
+        command = worker_command(arguments, 2, "/run/x/control.sock", "tcp:0:interface=127.0.0.1")
+        options = Options()
+        options.parseOptions(command[command.index("sentinel-reverse") + 1 :])
+        top = make_worker(options, MemoryReactorClock())
+        (gateway,) = [s for s in top if hasattr(s, "gateway")]
+        gateway.gateway.take_known_agents(["waf", "auth"])
+        self.assertTrue(top.reloader.reload())
+        self.assertEqual(gateway.gateway.agent_ids(), ("waf", "auth"))
