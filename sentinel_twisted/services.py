@@ -616,6 +616,11 @@ def add_gateway(
         http_endpoint=http_endpoint,
     )
     gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
+    # The agents it dials are never forgotten: it redials them as long as it runs.
+    gateway.gateway.known.pinned = frozenset(a for a, _ in options.get("agent-endpoints", ()))
+    if top.reloader is not None and options.get("worker-control") is None:
+        # A worker's agents are its group's: its parent forgets them.
+        top.reloader.reloaded.append(gateway.gateway.forget_absent_agents)
     return gateway
 
 

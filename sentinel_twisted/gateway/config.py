@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import attrs
 from hyperlink import URL, DecodedURL
 
+from .known import MAX_KNOWN_AGENTS
+
 __all__ = ["CHALLENGE_HEADER", "GatewayConfig", "parse_upstream"]
 
 #: Response header naming the challenge type of a challenge decision.
@@ -65,7 +67,9 @@ def _names(value: Iterable[str]) -> tuple[str, ...]:
 class GatewayConfig:
     """
     @ivar agents: agent ids consulted for each request, in order; empty
-        means every registered agent, in order of first registration.
+        means every agent seen, in order of first registration, whether it
+        is registered at the time or not (see
+        L{sentinel_twisted.gateway.known}).
     @ivar fail_open: let a request go on as allowed when an agent cannot
         answer (not connected, paused, timed out, disconnected) instead of
         answering C{503}.
@@ -89,6 +93,8 @@ class GatewayConfig:
     @ivar allow_underscore_headers: keep request headers whose names have
         an C{_} (dropped by default, as nginx does: a WSGI upstream reads
         C{X_User} as C{X-User}, which agents' rules on C{x-user} miss).
+    @ivar max_known_agents: without C{agents}, the most agent ids the
+        gateway remembers (agent ids come from peers).
     """
 
     agents: tuple[str, ...] = attrs.field(default=(), converter=_agents)
@@ -102,6 +108,7 @@ class GatewayConfig:
     status_hosts: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_replaced_body_size: int = attrs.field(default=10 * 1024 * 1024, validator=_positive_int)
     allow_underscore_headers: bool = False
+    max_known_agents: int = attrs.field(default=MAX_KNOWN_AGENTS, validator=_positive_int)
 
     @upstream.validator
     def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:

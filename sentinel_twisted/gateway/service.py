@@ -193,7 +193,7 @@ class GatewayService(service.MultiService):
             "Gateway on {http} to {upstream}; consulting {agents}; {policy}; status on {status}",
             http=http or "(off)",
             upstream=self.upstream.describe(),
-            agents=", ".join(self.config.agents) or "every registered agent",
+            agents=", ".join(self.config.agents) or "every agent seen, registered now or not",
             policy="fail open" if self.config.fail_open else "fail closed",
             status=status or "(off)",
         )

@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..proxy.connection import AgentConnection
 from ..proxy.pool import PoolObserver
+from .known import KnownAgents
 
 if TYPE_CHECKING:
     from ..proxy.pool import AgentPool
@@ -128,6 +129,9 @@ class Gateway:
         (from the config).
     @ivar fail_open: an agent that cannot answer lets the request go on (from
         the config).
+    @ivar known: without C{--agent}, the agents every request consults:
+        each agent seen, connected or not (see
+        L{sentinel_twisted.gateway.known}).
     """
 
     def __init__(
@@ -158,6 +162,12 @@ class Gateway:
         self.exchanges: set[Exchange] = set()
         #: Shutting down: new requests get 503.
         self.stopping = False
+        self.known = KnownAgents(config.max_known_agents)
+        self._presence = _AgentPresence(self)
+        if not config.agents:
+            for agent_id in pool.agent_ids():
+                self.known.arrived(agent_id)
+            pool.add_observer(self._presence)
 
     def shut_down(self, grace: float) -> Deferred[None]:
         """
@@ -197,14 +207,42 @@ class Gateway:
         return done
 
     def agent_ids(self) -> Sequence[str]:
-        """The agents every request consults: C{--agent}, else every registered agent."""
-        return self.config.agents or self.pool.agent_ids()
+        """
+        The agents every request consults: C{--agent}, else every agent
+        seen (L{known}), registered now or not.
+        """
+        return self.config.agents or self.known.ids
+
+    def forget_absent_agents(self) -> list[str]:
+        """
+        Forget the agents seen that are not registered now (a reload: the
+        operator retires them); say which.  Those forgotten.
+        """
+        pool = self.pool
+        gone = self.known.forget_absent(pool.__contains__)
+        self._presence.absent.difference_update(gone)
+        if gone:
+            log.warn(
+                "Forgot {count} agent(s) not registered at the reload: {agents}; requests no longer wait for them",
+                count=len(gone),
+                agents=", ".join(peer_text(a, _ID_IN_LOG) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
+            )
+        return gone
+
+    def take_known_agents(self, agent_ids: Sequence[str]) -> None:
+        """
+        Consult C{agent_ids} (a worker: the agents its group has seen),
+        and the agents registered here besides.
+        """
+        pool = self.pool
+        known = self.known
+        known.replace(agent_ids, pool.__contains__)
+        self._presence.absent.intersection_update(known.ids)
 
     def watch_agents(self) -> None:
-        """Say in the log when the last agent leaves, and when one is back."""
+        """Say in the log when an agent leaves, and when it is back."""
         self.log_limiter.start()
-        self._presence = _AgentPresence(self)
-        self.pool.add_observer(self._presence)
+        self._presence.watching = True
 
     def unwatch_agents(self) -> None:
         """
@@ -212,48 +250,70 @@ class Gateway:
         report what the limiter still holds back, leaving no timer behind.
         """
         self.log_limiter.stop()
-        presence, self._presence = self._presence, None
-        if presence is not None:
-            self.pool.remove_observer(presence)
-
-    _presence: _AgentPresence | None = None
+        self._presence.watching = False
 
 
 class _AgentPresence(PoolObserver):
     """
-    Without C{--agent} the gateway consults whoever is registered; when
-    nobody is, requests are answered C{503} (or pass, failing open), and
+    Without C{--agent} the gateway consults every agent it has seen
+    (L{Gateway.known}): this observer adds each agent that registers, and
+    says in the log when one leaves (its requests are answered C{503}, or
+    pass without it failing open, until it is back) and when it is back:
     an operator should hear of it once, not per request.
 
     An agent that registers and leaves in a loop would make a line per
     round: the lines go through the gateway's L{LogRateLimiter}, under one
     kind, so that the line reported at the end of a busy period is the
     latest news (absent or back).
+
+    @ivar watching: whether to log (between L{Gateway.watch_agents} and
+        L{Gateway.unwatch_agents}).
     """
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.absent = False
+        self.watching = False
+        #: Known agents whose last connection left, until they are back.
+        self.absent: set[str] = set()
 
     def agent_registered(self, connection: AgentConnection) -> None:
-        if self.absent:
-            self.absent = False
-            self.gateway.log_limiter.info(
+        gateway = self.gateway
+        agent_id = connection.agent_id
+        known = gateway.known
+        if not known.arrived(agent_id) and self.watching:
+            gateway.log_limiter.warn(
                 log,
-                "agent_presence",
-                "Agent {agent_id} registered: requests are decided by the agents again",
-                agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
+                "agents_full",
+                "Agent {agent_id} registered, but the gateway already knows {limit} agents: "
+                "it is consulted while registered, and not when it leaves",
+                agent_id=peer_text(agent_id, _ID_IN_LOG),
+                limit=known.limit,
             )
+        if agent_id in self.absent:
+            self.absent.discard(agent_id)
+            if self.watching:
+                gateway.log_limiter.info(
+                    log,
+                    "agent_presence",
+                    "Agent {agent_id} registered: requests are decided by it again",
+                    agent_id=peer_text(agent_id, _ID_IN_LOG),
+                )
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
         gateway = self.gateway
-        if gateway.config.agents or len(gateway.pool) or self.absent:
+        agent_id = connection.agent_id
+        if agent_id in gateway.pool:
             return
-        self.absent = True
-        gateway.log_limiter.warn(
-            log,
-            "agent_presence",
-            "The last agent ({agent_id}) left: requests {outcome} until an agent registers",
-            agent_id=peer_text(connection.agent_id, _ID_IN_LOG),
-            outcome="pass unchecked (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
-        )
+        gateway.known.left(agent_id)
+        if agent_id not in gateway.known or agent_id in self.absent:
+            return
+        self.absent.add(agent_id)
+        if self.watching:
+            gateway.log_limiter.warn(
+                log,
+                "agent_presence",
+                "Agent {agent_id} left: requests {outcome} until it registers again "
+                "(a reload while it is away forgets it)",
+                agent_id=peer_text(agent_id, _ID_IN_LOG),
+                outcome="pass without it (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
+            )

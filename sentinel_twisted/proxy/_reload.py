@@ -14,7 +14,7 @@ answered, then the connection is closed, with a log line naming it.
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -66,6 +66,9 @@ class ConfigurationReloader:
         self.trusts = list(trusts)
         #: Connections being drained, by connection id.
         self.draining: dict[str, Deferred[None]] = {}
+        #: Called after each reload that succeeded (the gateway forgets
+        #: the agents that are away then).
+        self.reloaded: list[Callable[[], object]] = []
 
     def reload(self) -> bool:
         """
@@ -110,6 +113,8 @@ class ConfigurationReloader:
         )
         for connection, why in leaving:
             self.drain(connection, why)
+        for then in self.reloaded:
+            then()
         return True
 
     def _failed(self, problem: str) -> bool:

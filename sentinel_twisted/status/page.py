@@ -353,7 +353,7 @@ def render_page(status: StatusResource) -> str:
     window = history.last_window() if history is not None else None
     stats = status.pool.stats()
     gateway = status.gateway or {}
-    consulted = gateway.get("agents") or ["every registered agent"]
+    consulted = gateway.get("agents") or ["every agent seen, registered now or not"]
     factory = status.metrics.factory
     registrations = factory.registrations if factory is not None else 0
     connections = sum(len(i.connections) for i in stats)

@@ -12,7 +12,10 @@ per-agent connection cap hold for the whole group.  The parent hands each
 registered connection (its socket, passed over a UNIX socket with
 C{SCM_RIGHTS}) to the worker holding the fewest connections of that
 agent: every worker holds a connection of every agent that has at least N
-of them.  Workers tell the parent when a connection ends; a worker that
+of them.  Without C{--agent}, the parent tells every worker each agent
+the group has seen, and every worker consults all of them: one that holds
+no connection of an agent answers C{503} (fail closed), never decides
+without it.  Workers tell the parent when a connection ends; a worker that
 dies is restarted, and its agents' connections are spread again as they
 reconnect.
 

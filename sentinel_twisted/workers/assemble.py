@@ -93,7 +93,9 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     top = make_listener(options, reactor, factory_type=HandOverFactory)
     factory = top.factory
     assert isinstance(factory, HandOverFactory)
-    group = WorkerGroup(options["workers"], factory, reactor)
+    group = WorkerGroup(options["workers"], factory, reactor, options["gateway"].max_known_agents)
+    if top.reloader is not None:
+        top.reloader.reloaded.append(group.forget_absent)
     top.group = group  # type: ignore[attr-defined]
     reserved = ReservedPort(options["http"])
     reserved.setServiceParent(top)  # type: ignore[no-untyped-call]
@@ -184,6 +186,7 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
     # WorkerControlService.serve_http), not with the gateway.
     http = gateway.http if gateway is not None else None
     serve_http = None
+    consult = gateway.gateway.take_known_agents if gateway is not None else None
     if http is not None:
         http.disownServiceParent()
 
@@ -207,6 +210,7 @@ def make_worker(options: Any, reactor: Any = None) -> ReverseListenerService:
         top.reloader.drain,
         top.reloader.refusal,
         serve_http,
+        consult,
     ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

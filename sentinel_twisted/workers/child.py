@@ -31,6 +31,7 @@ from .commands import (
     CONNECTION_DONE,
     AdoptConnection,
     AdoptionFailed,
+    AgentsSeen,
     ConnectionGone,
     ControlProtocol,
     Hello,
@@ -225,6 +226,12 @@ class WorkerControl(ControlProtocol):
         self.control.adopted(protocol)
         return {}
 
+    @AgentsSeen.responder
+    def agents_seen(self, agents: bytes) -> dict[str, Any]:
+        """L{AgentsSeen}: consult these agents from now on."""
+        self.control.agents_seen(agents)
+        return {}
+
     @Release.responder
     def release(self, agent_id: str, count: int) -> dict[str, Any]:
         """L{Release}: drain up to C{count} of the agent's connections, the least busy first."""
@@ -260,6 +267,8 @@ class WorkerControlService(service.Service):
     @ivar serve_http: starts the gateway's HTTP listener; called once this
         worker holds every agent the rest of the group holds, or after
         L{HOLD_TIMEOUT} (clients of a worker without them would get 503).
+    @ivar consult: given the agent ids the group has seen (L{AgentsSeen}),
+        makes the gateway consult them.
     """
 
     def __init__(
@@ -272,6 +281,7 @@ class WorkerControlService(service.Service):
         drain: Callable[[AgentConnection, str], object] | None = None,
         refusal: Callable[[AgentConnection], str | None] | None = None,
         serve_http: Callable[[], None] | None = None,
+        consult: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.path = path
         self.index = index
@@ -281,6 +291,7 @@ class WorkerControlService(service.Service):
         self.drain = drain
         self.refusal = refusal
         self.serve_http = serve_http
+        self.consult = consult
         self._awaited: set[str] = set()
         self._hold_until = 0.0
         self.protocol: WorkerControl | None = None
@@ -297,7 +308,26 @@ class WorkerControlService(service.Service):
         self.protocol = protocol
         log.info("Worker {index} (pid {pid}) joined its group", index=self.index, pid=os.getpid())
         hello = protocol.call(Hello, index=self.index, pid=os.getpid())
-        return hello.addCallback(lambda answer: self._hold_http(answer["agents"]))
+        return hello.addCallback(self._welcomed)
+
+    def _welcomed(self, answer: dict[str, Any]) -> None:
+        # The agents to consult before any client is taken.
+        self.agents_seen(answer["seen"])
+        self._hold_http(answer["agents"])
+
+    def agents_seen(self, agents: bytes) -> None:
+        """The group's agents seen (JSON), from the parent: the gateway consults them."""
+        if self.consult is None:
+            return
+        try:
+            seen = json.loads(agents)
+        except ValueError:
+            seen = None
+        if not isinstance(seen, list) or not all(isinstance(a, str) for a in seen):
+            # The parent wrote it: a bug, not a peer.  Keep what is known.
+            log.error("Worker {index}: unreadable list of agents seen from the parent", index=self.index)
+            return
+        self.consult(seen)
 
     def _hold_http(self, agents: bytes) -> None:
         """Take HTTP clients once this worker holds every agent in C{agents} (JSON), or after a while."""

@@ -17,7 +17,17 @@ from twisted.python.failure import Failure
 #: The reason of a connection closed cleanly.
 CONNECTION_DONE = Failure(ConnectionDone())
 
-__all__ = ["AdoptConnection", "AdoptionFailed", "Chunked", "ConnectionGone", "ControlProtocol", "Hello", "Release", "Snapshot"]
+__all__ = [
+    "AdoptConnection",
+    "AdoptionFailed",
+    "AgentsSeen",
+    "Chunked",
+    "ConnectionGone",
+    "ControlProtocol",
+    "Hello",
+    "Release",
+    "Snapshot",
+]
 
 #: Bytes of a L{Chunked} value per AMP key (AMP's limit is 65,535).
 CHUNK_SIZE = 60_000
@@ -52,11 +62,29 @@ class Hello(amp.Command):
     @cvar arguments: its index (from 1) and process id.
     @cvar response: C{agents}: the agent ids the other workers hold (a JSON
         list), which a worker that joins a running group waits for before
-        it takes HTTP clients.
+        it takes HTTP clients; C{seen}: the agents the group has seen (see
+        L{AgentsSeen}).
     """
 
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
-    response = [(b"agents", Chunked())]
+    response = [(b"agents", Chunked()), (b"seen", Chunked())]
+
+
+class AgentsSeen(amp.Command):
+    """
+    Parent to worker: the agents the group has seen (a JSON list, in order
+    of first registration), sent whenever that changes.  Without
+    C{--agent} a worker consults each of them for every request, whether
+    it holds a connection of it or not, so that a request is never decided
+    without an agent that another worker holds (it gets C{503} there, fail
+    closed).
+
+    @cvar arguments: C{agents}.
+    @cvar response: nothing.
+    """
+
+    arguments = [(b"agents", Chunked())]
+    response = list[tuple[bytes, amp.Argument]]()
 
 
 class AdoptionFailed(Exception):

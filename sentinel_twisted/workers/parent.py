@@ -27,12 +27,14 @@ from twisted.python.failure import Failure
 
 from .._peertext import peer_text
 from ..errors import AgentProtocolError
+from ..gateway.known import MAX_KNOWN_AGENTS, KnownAgents
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
 from ..wire import _HEADER
 from .commands import (
     CONNECTION_DONE,
     AdoptConnection,
+    AgentsSeen,
     ConnectionGone,
     ControlProtocol,
     Hello,
@@ -111,15 +113,20 @@ class WorkerGroup:
     @ivar clock: the clock of snapshot timeouts.
     @ivar handed_over: connections handed to workers.
     @ivar on_join: called with each worker that joins (L{WorkerProcesses} sets it).
+    @ivar seen: every agent a connection was handed over of, which every
+        worker consults (L{AgentsSeen}) until a reload forgets it.
     """
 
     on_join: Callable[[Worker], object] | None = None
 
-    def __init__(self, count: int, factory: HandOverFactory, clock: IReactorTime) -> None:
+    def __init__(
+        self, count: int, factory: HandOverFactory, clock: IReactorTime, max_known_agents: int = MAX_KNOWN_AGENTS
+    ) -> None:
         self.workers = [Worker(i) for i in range(1, count + 1)]
         self.factory = factory
         self.clock = clock
         self.handed_over = 0
+        self.seen = KnownAgents(max_known_agents)
         self._coverage_checks: dict[str, Any] = {}
         self._respreads: dict[int, Any] = {}
         factory.group = self
@@ -198,6 +205,7 @@ class WorkerGroup:
             index=worker.index,
         )
         protocol.let_go()
+        self._see(agent_id)
         if agent_id not in self._coverage_checks:
             self._coverage_checks[agent_id] = self.clock.callLater(
                 COVERAGE_DELAY, self._check_coverage, agent_id
@@ -223,6 +231,49 @@ class WorkerGroup:
             return result
 
         sent.addBoth(close).addErrback(failed)
+
+    def _see(self, agent_id: str) -> None:
+        """Every worker consults C{agent_id} from now on (if there is room)."""
+        seen = self.seen
+        if seen.add(agent_id):
+            self._tell_seen()
+        elif agent_id not in seen:
+            self.factory.log_limiter.warn(
+                log,
+                "agents-full",
+                "Agent {agent_id} registered, but the group already knows {limit} agents: "
+                "it is consulted while registered, and not when it leaves",
+                agent_id=peer_text(agent_id, 64),
+                limit=seen.limit,
+            )
+
+    def seen_document(self) -> bytes:
+        """The agents seen, as L{AgentsSeen} and L{Hello} carry them."""
+        return json.dumps(self.seen.ids).encode("utf-8")
+
+    def _tell_seen(self) -> None:
+        document = self.seen_document()
+        for worker in self.ready():
+            if worker.control is not None:
+                told = worker.control.call(AgentsSeen, agents=document)
+                told.addErrback(lambda _: None)
+
+    def forget_absent(self) -> list[str]:
+        """
+        Forget the agents seen that no worker holds a connection of now (a
+        reload: the operator retires them), and tell the workers.  Those
+        forgotten.
+        """
+        ready = self.ready()
+        gone = self.seen.forget_absent(lambda agent_id: any(w.agents[agent_id] for w in ready))
+        if gone:
+            log.warn(
+                "Forgot {count} agent(s) not registered at the reload: {agents}; requests no longer wait for them",
+                count=len(gone),
+                agents=", ".join(peer_text(a, 64) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
+            )
+            self._tell_seen()
+        return gone
 
     def worker_joined(self, control: ParentControl, index: int, pid: int) -> None:
         """A worker connected and said which it is."""
@@ -346,7 +397,7 @@ class ParentControl(ControlProtocol):
         """L{Hello}: the worker joins the group; the agents the others hold."""
         self.group.worker_joined(self, index, pid)
         held = {a for w in self.group.ready() if w.index != index for a, n in w.agents.items() if n}
-        return {"agents": json.dumps(sorted(held)).encode("utf-8")}
+        return {"agents": json.dumps(sorted(held)).encode("utf-8"), "seen": self.group.seen_document()}
 
     @ConnectionGone.responder
     def gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:

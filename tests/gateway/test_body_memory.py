@@ -104,6 +104,9 @@ class _Pool:
     def select(self, agent_id: str) -> _InspectingAgent:
         return self.connections[agent_id]
 
+    def add_observer(self, observer: object) -> None:
+        """Its agents never come or go."""
+
 
 class _FullSocket:
     """

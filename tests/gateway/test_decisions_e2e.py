@@ -245,7 +245,7 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_last_agent_leaving_is_a_warning_and_its_return_a_line(self) -> Any:
+    def test_an_agent_leaving_is_a_warning_and_its_return_a_line(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()
             with captured_log() as events:
@@ -258,12 +258,18 @@ class DecisionTests(TestCase):
             self.assertEqual((refused.code, allowed.code), (503, 200))
             lines = [(e["log_level"], formatEvent(e)) for e in events if e.get("log_namespace") == "sentinel_twisted.gateway"]
             self.assertIn(
-                (LogLevel.warn, "The last agent (waf) left: requests are answered 503 (fail closed) until an agent registers"),
+                (
+                    LogLevel.warn,
+                    "Agent waf left: requests are answered 503 (fail closed) until it registers again "
+                    "(a reload while it is away forgets it)",
+                ),
                 lines,
             )
-            self.assertIn((LogLevel.info, "Agent waf registered: requests are decided by the agents again"), lines)
-            # Once each: no line per request (above debug).
-            self.assertEqual(len([line for line in lines if line[0] != LogLevel.debug]), 2, lines)
+            self.assertIn((LogLevel.info, "Agent waf registered: requests are decided by it again"), lines)
+            # Once each; the request refused while it was away says why (a
+            # line rate-limited per agent and reason).
+            self.assertIn((LogLevel.warn, "Agent waf unavailable; answering 503"), lines)
+            self.assertEqual(len([line for line in lines if line[0] != LogLevel.debug]), 3, lines)
 
         return ensureDeferred(go())
 

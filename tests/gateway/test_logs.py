@@ -142,6 +142,9 @@ class _ChurningPool:
     def __len__(self) -> int:
         return int(self.present)
 
+    def __contains__(self, agent_id: object) -> bool:
+        return self.present and agent_id == "churn"
+
     def leave(self, connection: Any) -> None:
         self.present = False
         for observer in self.observers:
@@ -176,7 +179,7 @@ class AgentPresenceLogTests(SynchronousTestCase):
         self.assertEqual(len(presence), limiter.burst + 1)
         self.assertEqual(
             formatEvent(presence[-1]),
-            "Agent churn registered: requests are decided by the agents again "
+            "Agent churn registered: requests are decided by it again "
             f"(... and {2 * rounds - limiter.burst - 1} more like it in the last 10 s)",
         )
 

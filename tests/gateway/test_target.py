@@ -178,6 +178,9 @@ class _Pool:
     def select(self, agent_id: str) -> _RecordingConnection:
         return self.connection
 
+    def add_observer(self, observer: object) -> None:
+        """Its agents never come or go."""
+
 
 class _Answer(UpstreamResponse):
     code = 200

@@ -25,7 +25,13 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted import messages as m
 from sentinel_twisted.proxy.factory import rejection_reason
 from sentinel_twisted.tap import Options
-from sentinel_twisted.workers.commands import CHUNK_SIZE, AdoptConnection, AdoptionFailed, Chunked
+from sentinel_twisted.workers.commands import (
+    CHUNK_SIZE,
+    AdoptConnection,
+    AdoptionFailed,
+    AgentsSeen,
+    Chunked,
+)
 from sentinel_twisted.workers.parent import HandOverFactory, NoWorkerReady, WorkerGroup
 from sentinel_twisted.workers.processes import WorkerProcesses, relay_line, worker_command
 from sentinel_twisted.workers.status import group_document, merge_metrics
@@ -186,8 +192,8 @@ class SlotTests(TestCase):
         with captured_log() as events:
             workers.hand_over(handover, connection, b"")  # type: ignore[arg-type]
             self.assertTrue(handover.let_go_called)
-            ((command, arguments),) = controls[0].sent
-            self.assertIs(command, AdoptConnection)
+            (command, arguments), (seen, _) = controls[0].sent
+            self.assertEqual((command, seen), (AdoptConnection, AgentsSeen))
             controls[0].answers[0].errback(AdoptionFailed("[Errno 107] Transport endpoint is not connected"))
         self.assertIn("Worker 1 did not take connection waf-1-1 of agent waf-1", log_text(events))
         self.assertEqual(workers.factory.registered_connections("waf-1"), 0)
@@ -480,3 +486,167 @@ class HttpHoldTests(TestCase):
             clock.pump([0.5] * int(HOLD_TIMEOUT * 2 + 2))
         self.assertEqual(served, ["http"])
         self.assertIn("without agent(s) waf-1", log_text(events))
+
+
+def hand_over(workers: WorkerGroup, agent_id: str, connection_id: str) -> None:
+    """Hand a connection of C{agent_id} over, the worker taking it at once."""
+    assert workers.factory.admit(request(agent_id)) is None
+    handing = _Handing()
+    try:
+        workers.hand_over(handing, _Registered(agent_id, connection_id), b"")  # type: ignore[arg-type]
+    finally:
+        handing.socket.close()
+
+
+def seen_lists(control: _Control) -> list[list[str]]:
+    """The lists of agents seen that a worker was sent, answering every command."""
+    for answer in control.answers:
+        if not answer.called:
+            answer.callback({})
+    return [json.loads(arguments["agents"]) for command, arguments in control.sent if command is AgentsSeen]
+
+
+class SeenTests(TestCase):
+    """Every worker consults every agent the group has seen, held by it or not."""
+
+    def test_every_worker_is_told_of_each_agent_handed_over_once(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        hand_over(workers, "auth", "auth-1")
+        hand_over(workers, "waf", "waf-2")
+        self.assertEqual([seen_lists(c) for c in controls], [[["waf"], ["waf", "auth"]]] * 2)
+
+    def test_a_worker_that_joins_learns_them_in_the_answer_to_its_hello(self) -> None:
+        from sentinel_twisted.workers.parent import ParentControl
+
+        workers = group(2)
+        (first, _) = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        seen_lists(first)
+        workers.worker_left(workers.workers[1].control)  # type: ignore[arg-type]
+        answer = ParentControl(workers).hello(2, 4242)
+        self.assertEqual(json.loads(answer["seen"]), ["waf"])
+        self.assertEqual(json.loads(answer["agents"]), ["waf"])
+
+    def test_an_agent_no_worker_holds_is_still_seen(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        workers.connection_gone(controls[0], "waf")  # type: ignore[arg-type]
+        self.assertEqual(workers.seen.ids, ("waf",))
+
+    def test_a_reload_forgets_the_agents_no_worker_holds_and_tells_the_workers(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        hand_over(workers, "auth", "auth-1")
+        workers.connection_gone(controls[0], "waf")  # type: ignore[arg-type]
+        with captured_log() as events:
+            self.assertEqual(workers.forget_absent(), ["waf"])
+        self.assertIn(
+            "Forgot 1 agent(s) not registered at the reload: waf; requests no longer wait for them", log_text(events)
+        )
+        self.assertEqual([seen_lists(c)[-1] for c in controls], [["auth"], ["auth"]])
+        # Nothing to forget: nothing is sent.
+        self.assertEqual(workers.forget_absent(), [])
+        self.assertEqual([len(seen_lists(c)) for c in controls], [3, 3])
+
+    def test_the_group_remembers_a_bounded_number_of_agents(self) -> None:
+        from sentinel_twisted.config import ReverseConnectionConfig
+
+        factory = HandOverFactory(ReverseConnectionConfig(), clock=MemoryReactorClock())
+        workers = WorkerGroup(1, factory, MemoryReactorClock(), max_known_agents=2)
+        (control,) = join_all(workers)
+        with captured_log() as events:
+            for agent_id in ("a", "b", "c"):
+                hand_over(workers, agent_id, f"{agent_id}-1")
+        self.assertEqual(workers.seen.ids, ("a", "b"))
+        self.assertEqual(seen_lists(control), [["a"], ["a", "b"]])
+        self.assertIn("Agent c registered, but the group already knows 2 agents", log_text(events))
+
+
+class _Pool:
+    """A worker's pool holding connections of some agents only."""
+
+    def __init__(self, held: dict[str, Any]) -> None:
+        self.held = held
+
+    def add_observer(self, observer: Any) -> None:
+        """Its agents never come or go."""
+
+    def agent_ids(self) -> list[str]:
+        return list(self.held)
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self.held
+
+    def select(self, agent_id: str) -> Any:
+        from sentinel_twisted.errors import AgentUnavailable
+
+        if agent_id not in self.held:
+            raise AgentUnavailable(agent_id)
+        return self.held[agent_id]
+
+
+class WorkerConsultsTests(TestCase):
+    """A worker without a connection of an agent its group has seen answers 503 (fail closed)."""
+
+    def worker(self, *argv: str) -> tuple[Any, Any, Any]:
+        from types import SimpleNamespace
+
+        from twisted.internet.testing import StringTransport
+
+        from sentinel_twisted.gateway.resource import GatewaySite
+        from sentinel_twisted.gateway.shared import Gateway
+        from sentinel_twisted.workers.child import WorkerControlService
+
+        from ..gateway.test_target import _RecordingConnection, _RecordingUpstream
+
+        options = Options()
+        options.parseOptions(["--http", "tcp:0", *argv])
+        clock = MemoryReactorClock()
+        auth = _RecordingConnection()
+        upstream = _RecordingUpstream()
+        pool = _Pool({"auth": auth})
+        gateway = Gateway(pool, options["gateway"], upstream, clock=clock)  # type: ignore[arg-type]
+        control = WorkerControlService(
+            "/nowhere", 2, SimpleNamespace(pool=pool), clock, lambda: (b"", b"", True),  # type: ignore[arg-type]
+            serve_http=lambda: None, consult=gateway.take_known_agents,
+        )
+        # The parent's answer to its hello: worker 1 holds waf, this one auth.
+        control._welcomed({"agents": b'["waf"]', "seen": b'["waf", "auth"]'})
+        channel = GatewaySite(gateway, reactor=clock).buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+        return transport.value(), auth, upstream
+
+    def test_a_request_is_answered_503_without_asking_the_agents_it_holds(self) -> None:
+        response, auth, upstream = self.worker()
+        self.assertTrue(response.startswith(b"HTTP/1.1 503 "), response)
+        self.assertEqual((auth.seen, upstream.targets), ([], []))
+
+    def test_with_fail_open_it_goes_on_without_that_agent(self) -> None:
+        response, auth, upstream = self.worker("--fail-open")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
+        self.assertEqual(len(auth.seen), 1)
+
+    def test_named_agents_are_consulted_as_before(self) -> None:
+        response, auth, upstream = self.worker("--agent", "auth")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
+
+    def test_a_workers_own_reload_forgets_nothing_its_parent_forgets_for_the_group(self) -> None:
+        # A SIGHUP reaches every process; a worker must not forget an agent
+        # another worker holds.
+        from sentinel_twisted.workers.assemble import make_worker
+
+        arguments = ["--workers", "2", "--http", "tcp:0:interface=127.0.0.1", "--status", "none"]
+        command = worker_command(arguments, 2, "/run/x/control.sock", "tcp:0:interface=127.0.0.1")
+        options = Options()
+        options.parseOptions(command[command.index("sentinel-reverse") + 1 :])
+        top = make_worker(options, MemoryReactorClock())
+        (gateway,) = [s for s in top if hasattr(s, "gateway")]
+        gateway.gateway.take_known_agents(["waf", "auth"])
+        self.assertTrue(top.reloader.reload())
+        self.assertEqual(gateway.gateway.agent_ids(), ("waf", "auth"))

@@ -226,7 +226,9 @@ class ParentEndTests(TestCase):
             if control.adopted:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
-        (handed,) = control.adopted
+        # The connection, then the agents seen (now with waf-1).
+        handed, seen = control.adopted
+        self.assertEqual(seen, {"agents": b'["waf-1"]'})
         for _ in range(100):
             if protocol.transport.disconnected:
                 break
