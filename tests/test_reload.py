@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.proxy._reload import ConfigurationReloader
@@ -82,6 +83,24 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertFalse(waf1.is_closed)
         self.assertNotIn("t2", text)
+
+    def test_retired_names_the_agents_that_can_no_longer_register(self) -> None:
+        # What the gateway forgets at a reload: an agent off the allowlist,
+        # or off the token file when tokens are required; never one merely away.
+        seen: list[Any] = []
+        self.reloader.reloaded.append(seen.append)
+        self.write("allowed", "waf-*\n")
+        self.write("tokens", "waf-1 t1\nbot-1 t3\n")
+        self.assertTrue(self.reload()[0])
+        [retired] = seen
+        self.assertEqual(retired, self.reloader.retired)
+        self.assertTrue(retired("bot-1"))  # off the allowlist
+        self.assertFalse(retired("waf-1"))
+        # waf-2's token is gone, but tokens are optional here: it may still register.
+        self.assertFalse(retired("waf-2"))
+        self.proxy.factory.config = attrs.evolve(self.proxy.factory.config, require_auth=True)
+        self.assertTrue(retired("waf-2"))
+        self.assertFalse(retired("waf-1"))
 
     def test_requests_in_flight_are_answered_before_the_close(self) -> None:
         protocol, transport, bot = self.register("bot-1", "t3")

@@ -7,8 +7,10 @@ anywhere in the group) is consulted for every request, whether it is
 connected or not: an agent that is away (crashed, restarting, its
 connection handed to another worker) makes the request C{503}, or pass
 without it with C{--fail-open}; it is never left to the agents that happen
-to be connected.  An agent retired for good is forgotten by a reload
-(SIGHUP) while it is not registered.
+to be connected.  An agent retired for good (taken off the allowlist, or
+its token off the token file when tokens are required) is forgotten by the
+reload (SIGHUP) that retires it, once it is not registered; an agent that
+is only restarting is never forgotten, whenever the reload comes.
 
 Agent ids come from peers, so the table is bounded (L{MAX_KNOWN_AGENTS}):
 an agent that registers once it is full is consulted while it is
@@ -90,9 +92,12 @@ class KnownAgents:
     def _changed(self) -> None:
         self.ids = (*self._ids, *self._passing)
 
-    def forget_absent(self, present: Callable[[str], bool]) -> list[str]:
-        """Forget the ids for which C{present} is false (and not pinned); those forgotten."""
-        gone = [a for a in self._ids if a not in self.pinned and not present(a)]
+    def forget_absent(self, present: Callable[[str], bool], retired: Callable[[str], bool]) -> list[str]:
+        """
+        Forget the ids that are not C{present}, C{retired} and not pinned;
+        those forgotten.
+        """
+        gone = [a for a in self._ids if a not in self.pinned and not present(a) and retired(a)]
         if gone:
             for agent_id in gone:
                 del self._ids[agent_id]

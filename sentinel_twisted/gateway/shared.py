@@ -9,7 +9,7 @@ the agents is L{sentinel_twisted.gateway.exchange}.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -213,17 +213,18 @@ class Gateway:
         """
         return self.config.agents or self.known.ids
 
-    def forget_absent_agents(self) -> list[str]:
+    def forget_absent_agents(self, retired: Callable[[str], bool]) -> list[str]:
         """
-        Forget the agents seen that are not registered now (a reload: the
-        operator retires them); say which.  Those forgotten.
+        Forget the agents seen that are not registered now and C{retired}
+        (a reload: the operator took them off the allowlist or the token
+        file); say which.  Those forgotten.
         """
         pool = self.pool
-        gone = self.known.forget_absent(pool.__contains__)
+        gone = self.known.forget_absent(pool.__contains__, retired)
         self._presence.absent.difference_update(gone)
         if gone:
             log.warn(
-                "Forgot {count} agent(s) not registered at the reload: {agents}; requests no longer wait for them",
+                "Forgot {count} agent(s) retired by the reload: {agents}; requests no longer wait for them",
                 count=len(gone),
                 agents=", ".join(peer_text(a, _ID_IN_LOG) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
             )
@@ -313,7 +314,7 @@ class _AgentPresence(PoolObserver):
                 log,
                 "agent_presence",
                 "Agent {agent_id} left: requests {outcome} until it registers again "
-                "(a reload while it is away forgets it)",
+                "(a reload that retires it forgets it)",
                 agent_id=peer_text(agent_id, _ID_IN_LOG),
                 outcome="pass without it (fail open)" if gateway.fail_open else "are answered 503 (fail closed)",
             )

@@ -66,9 +66,9 @@ class ConfigurationReloader:
         self.trusts = list(trusts)
         #: Connections being drained, by connection id.
         self.draining: dict[str, Deferred[None]] = {}
-        #: Called after each reload that succeeded (the gateway forgets
-        #: the agents that are away then).
-        self.reloaded: list[Callable[[], object]] = []
+        #: Called after each reload that succeeded with L{retired} (the
+        #: gateway forgets the agents that are away and retired then).
+        self.reloaded: list[Callable[[Callable[[str], bool]], object]] = []
 
     def reload(self) -> bool:
         """
@@ -114,7 +114,7 @@ class ConfigurationReloader:
         for connection, why in leaving:
             self.drain(connection, why)
         for then in self.reloaded:
-            then()
+            then(self.retired)
         return True
 
     def _failed(self, problem: str) -> bool:
@@ -123,6 +123,23 @@ class ConfigurationReloader:
             problem=problem,
         )
         return False
+
+    def retired(self, agent_id: str) -> bool:
+        """
+        Whether C{agent_id} can no longer register with the files in force:
+        the allowlist no longer admits it, or tokens are required and the
+        token file holds none for it.  An agent that merely restarts is
+        not retired: a reload never makes the gateway stop waiting for it.
+        """
+        factory = self.factory
+        if not factory.config.allowed_agents.allows(agent_id):
+            return True
+        checker = factory.token_checker
+        return (
+            factory.config.require_auth
+            and isinstance(checker, TokenFileChecker)
+            and not checker.has_agent(agent_id)
+        )
 
     def refusal(self, connection: AgentConnection) -> str | None:
         """Why C{connection} may no longer stay, or C{None} if it may."""

@@ -258,17 +258,17 @@ class WorkerGroup:
                 told = worker.control.call(AgentsSeen, agents=document)
                 told.addErrback(lambda _: None)
 
-    def forget_absent(self) -> list[str]:
+    def forget_absent(self, retired: Callable[[str], bool]) -> list[str]:
         """
-        Forget the agents seen that no worker holds a connection of now (a
-        reload: the operator retires them), and tell the workers.  Those
-        forgotten.
+        Forget the agents seen that no worker holds a connection of now and
+        that are C{retired} (a reload: the operator took them off the
+        allowlist or the token file), and tell the workers.  Those forgotten.
         """
         ready = self.ready()
-        gone = self.seen.forget_absent(lambda agent_id: any(w.agents[agent_id] for w in ready))
+        gone = self.seen.forget_absent(lambda agent_id: any(w.agents[agent_id] for w in ready), retired)
         if gone:
             log.warn(
-                "Forgot {count} agent(s) not registered at the reload: {agents}; requests no longer wait for them",
+                "Forgot {count} agent(s) retired by the reload: {agents}; requests no longer wait for them",
                 count=len(gone),
                 agents=", ".join(peer_text(a, 64) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
             )

@@ -261,7 +261,7 @@ class DecisionTests(TestCase):
                 (
                     LogLevel.warn,
                     "Agent waf left: requests are answered 503 (fail closed) until it registers again "
-                    "(a reload while it is away forgets it)",
+                    "(a reload that retires it forgets it)",
                 ),
                 lines,
             )

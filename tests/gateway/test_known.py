@@ -1,12 +1,14 @@
 """
 Without C{--agent} the gateway consults every agent it has seen, connected
 or not: an agent that is away makes requests 503 (fail closed), or pass
-without it counted (C{--fail-open}); a reload while it is away forgets it;
-the table of agents seen is bounded.
+without it counted (C{--fail-open}); a reload that retires it (allowlist,
+token file) forgets it once it is away, any other reload never does; the
+table of agents seen is bounded.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
@@ -71,16 +73,35 @@ class AgentAwayTests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_a_reload_forgets_the_agents_away_and_says_so(self) -> Any:
+    def test_a_reload_that_retires_an_agent_away_forgets_it_and_says_so(self) -> Any:
         async def go() -> None:
-            h = await waf_away(self)
+            allow_file = os.path.join(self.mktemp())
+            with open(allow_file, "w") as f:
+                f.write("waf\nauth\n")
+            h = await waf_away(self, "--allow-file", allow_file)
+            # A reload that changes nothing for waf: requests still wait for it.
+            self.assertTrue(h.top.reloader.reload())
+            self.assertEqual((await h.get("/admin")).code, 503)
+            with open(allow_file, "w") as f:
+                f.write("auth\n")
             with captured_log() as events:
                 self.assertTrue(h.top.reloader.reload())
             self.assertIn(
-                "Forgot 1 agent(s) not registered at the reload: waf; requests no longer wait for them",
+                "Forgot 1 agent(s) retired by the reload: waf; requests no longer wait for them",
                 [formatEvent(e) for e in events],
             )
             self.assertEqual((await h.get("/admin")).code, 200)
+
+        return ensureDeferred(go())
+
+    def test_a_reload_never_forgets_an_agent_that_is_only_restarting(self) -> Any:
+        # A periodic SIGHUP (a token rotated) while waf restarts must not
+        # leave requests to the other agents.
+        async def go() -> None:
+            h = await waf_away(self)
+            self.assertTrue(h.top.reloader.reload())
+            self.assertEqual((await h.get("/admin")).code, 503)
+            self.assertEqual(h.upstream.requests, [])
 
         return ensureDeferred(go())
 
@@ -156,7 +177,8 @@ class BoundTests(SynchronousTestCase):
     def test_a_reload_makes_room(self) -> None:
         gateway, pool = self.gateway(1)
         pool.go(pool.come("a"))
-        self.assertEqual(gateway.forget_absent_agents(), ["a"])
+        self.assertEqual(gateway.forget_absent_agents(lambda agent_id: False), [])
+        self.assertEqual(gateway.forget_absent_agents(lambda agent_id: True), ["a"])
         pool.go(pool.come("b"))
         self.assertEqual(gateway.agent_ids(), ("b",))
 
@@ -183,7 +205,7 @@ class KnownAgentsTests(SynchronousTestCase):
         known = KnownAgents(pinned=["dialled"])
         known.add("dialled")
         known.add("registered")
-        self.assertEqual(known.forget_absent(lambda agent_id: False), ["registered"])
+        self.assertEqual(known.forget_absent(lambda agent_id: False, lambda agent_id: True), ["registered"])
         self.assertEqual(known.ids, ("dialled",))
 
     def test_replace_takes_the_groups_list_and_keeps_what_is_asked(self) -> None:
@@ -203,8 +225,12 @@ class OptionsTests(SynchronousTestCase):
         listen = f"unix:{self.mktemp()}.sock"
         options = Options()
         options.parseOptions(
-            ["--listen", listen, "--http", "tcp:0", "--agent-endpoint", "waf=unix:/nonexistent/waf.sock"]
-        )
+            [
+                "--listen", listen, "--http", "tcp:0", "--agent-endpoint", "waf=unix:/nonexistent/waf.sock",
+                # Neither may register: both are retired, the one dialled is kept.
+                "--allow", "other",
+            ]
+        )  # fmt: skip
         reactor = MemoryReactorClock()
         top = make_listener(options, reactor)
         service = add_gateway(top, options, reactor)

@@ -536,20 +536,22 @@ class SeenTests(TestCase):
         workers.connection_gone(controls[0], "waf")  # type: ignore[arg-type]
         self.assertEqual(workers.seen.ids, ("waf",))
 
-    def test_a_reload_forgets_the_agents_no_worker_holds_and_tells_the_workers(self) -> None:
+    def test_a_reload_forgets_the_retired_agents_no_worker_holds_and_tells_the_workers(self) -> None:
         workers = group(2)
         controls = join_all(workers)
         hand_over(workers, "waf", "waf-1")
         hand_over(workers, "auth", "auth-1")
         workers.connection_gone(controls[0], "waf")  # type: ignore[arg-type]
+        # Away but not retired (restarting): kept.
+        self.assertEqual(workers.forget_absent(lambda agent_id: False), [])
         with captured_log() as events:
-            self.assertEqual(workers.forget_absent(), ["waf"])
+            self.assertEqual(workers.forget_absent(lambda agent_id: True), ["waf"])
         self.assertIn(
-            "Forgot 1 agent(s) not registered at the reload: waf; requests no longer wait for them", log_text(events)
+            "Forgot 1 agent(s) retired by the reload: waf; requests no longer wait for them", log_text(events)
         )
         self.assertEqual([seen_lists(c)[-1] for c in controls], [["auth"], ["auth"]])
         # Nothing to forget: nothing is sent.
-        self.assertEqual(workers.forget_absent(), [])
+        self.assertEqual(workers.forget_absent(lambda agent_id: True), [])
         self.assertEqual([len(seen_lists(c)) for c in controls], [3, 3])
 
     def test_the_group_remembers_a_bounded_number_of_agents(self) -> None:
