@@ -204,6 +204,10 @@ class FrameReceiver(Int32StringReceiver):
 
     _buffer: bytearray
     _framing_broken: bool = False
+    # The one flag a read checks before parsing: set when the bytes that
+    # arrive are not frames to parse, after a framing error (for good) or
+    # while the rest of a skipped frame arrives.
+    _diverted: bool = False
     # Bytes of an incomplete frame as last accounted, when the current
     # incomplete frame started, and the timer that checks its deadline.
     _held = 0
@@ -224,9 +228,9 @@ class FrameReceiver(Int32StringReceiver):
         return len(self._buffer)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._framing_broken:
-            return
-        if self._skip_left:
+        if self._diverted:
+            if self._framing_broken:
+                return
             data = self._skip(data)
             if not data:
                 return
@@ -323,6 +327,7 @@ class FrameReceiver(Int32StringReceiver):
         but its deadline runs as any started frame's does.
         """
         self._skip_left = left
+        self._diverted = True
         if self._buffer:
             self._buffer = bytearray()
         clock, timeout = self.frame_clock, self.frame_timeout
@@ -343,6 +348,7 @@ class FrameReceiver(Int32StringReceiver):
             self._skip_left = left - len(data)
             return b""
         self._skip_left = 0
+        self._diverted = False
         return data[left:]
 
     def _account(self, held: int, completed: bool) -> None:
@@ -414,7 +420,7 @@ class FrameReceiver(Int32StringReceiver):
 
     def stop_parsing(self) -> None:
         """Ignore every byte from now on (the connection is being closed)."""
-        self._framing_broken = True
+        self._framing_broken = self._diverted = True
         self._release()
 
     def _release(self) -> None:
@@ -430,7 +436,7 @@ class FrameReceiver(Int32StringReceiver):
                 self.frame_budget.hold(self, 0)
 
     def _break(self, error: AgentProtocolError) -> None:
-        self._framing_broken = True
+        self._framing_broken = self._diverted = True
         self._release()
         self.frame_error(error)
 
