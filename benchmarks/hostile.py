@@ -17,7 +17,8 @@ The attacks, as issue 11 reported them:
   - C{pong-echo}: registered agents send Pings padded with extra fields
     (10 MiB each, 150 in all) and read nothing.  A listener that echoes the
     body queues every byte of it; ours answers with the sequence and
-    timestamp only, and refuses control frames over 64 KiB.
+    timestamp only, and skips control frames over 64 KiB without buffering
+    them.
   - C{incomplete-frames}: 48 registered agents each send all but the last
     byte of a 16 MiB frame, and 48 unregistered connections all but the last
     byte of the largest frame they may send, and then wait.  Ours holds at

@@ -131,7 +131,12 @@ class MessageTooLarge(AgentProtocolError):
 
 class ControlFrameTooLarge(MessageTooLarge):
     """
-    A control frame (Ping, HealthStatus, ...) over the control frame limit.
+    A small control frame (Ping, Pong, HealthStatus, FlowControl) over the
+    control frame limit.  The framing skips such a frame on an established
+    connection (see L{FrameReceiver.control_frame_too_large
+    <sentinel_twisted.wire.FrameReceiver.control_frame_too_large>}, which is
+    given this error and may log it); it ends the connection with it only
+    where a handshake is all that may come.
 
     @ivar kind: the frame's type (C{Ping}, C{HealthStatus}, ...).
     @ivar size: the frame's length in bytes.

@@ -9,11 +9,13 @@ framing but parses it without the stock receiver's quadratic re-joining
 (Twisted issue 6358) and validates the declared length and the type byte
 before any body is buffered.
 
-Bounded by design: a control frame (Ping, Pong, HealthStatus, FlowControl,
-MetricsReport, ConfigUpdateRequest) may not exceed L{MAX_CONTROL_FRAME_SIZE};
-a receiver may be given a deadline within which a started frame must
-complete, and an L{IncompleteFrameBudget} shared by every connection that
-caps the bytes all of them hold in unfinished frames.
+Bounded by design: a small control frame (Ping, Pong, HealthStatus,
+FlowControl) longer than L{MAX_CONTROL_FRAME_SIZE} is skipped, its bytes
+discarded as they arrive and never buffered (MetricsReport and
+ConfigUpdateRequest carry reports of any size and are limited like answers);
+a receiver may be given a deadline within which a started frame, skipped or
+not, must complete, and an L{IncompleteFrameBudget} shared by every
+connection that caps the bytes all of them hold in unfinished frames.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ __all__ = [
 #: Largest allowed value of the length prefix (type byte plus payload).
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
-#: Largest length of a control frame by default: Ping, Pong, HealthStatus,
-#: FlowControl, MetricsReport and ConfigUpdateRequest are small by nature.
+#: Largest length of a small control frame by default: Ping, Pong,
+#: HealthStatus and FlowControl are small by nature; a longer one is skipped.
+#: (MetricsReport and ConfigUpdateRequest are not held to it: SPEC section 4
+#: accepts them, and a report of many counters is large.)
 MAX_CONTROL_FRAME_SIZE = 64 * 1024
 
 #: Default budget of bytes that all connections may hold in incomplete frames.
@@ -146,8 +150,6 @@ _CONTROL_TYPES = bytes(
         MessageType.PONG,
         MessageType.HEALTH_STATUS,
         MessageType.FLOW_CONTROL,
-        MessageType.METRICS_REPORT,
-        MessageType.CONFIG_UPDATE_REQUEST,
     )
     else 0
     for b in range(256)
@@ -179,13 +181,17 @@ class FrameReceiver(Int32StringReceiver):
 
     Subclasses implement L{frame_received} and L{frame_error}.  After a
     framing error no further data is parsed: the byte stream can no longer
-    be trusted, and the subclass decides how to end the connection.
+    be trusted, and the subclass decides how to end the connection.  A small
+    control frame longer than C{MAX_CONTROL_LENGTH} is not an error: the
+    stream is sound, so the frame is skipped (see
+    L{control_frame_too_large}) and the frames after it are read as usual.
 
     @cvar frame_clock: the clock of C{frame_timeout}; C{None}: no deadline.
     """
 
     MAX_LENGTH = MAX_MESSAGE_SIZE
-    #: Largest length of a control frame (see L{MAX_CONTROL_FRAME_SIZE}).
+    #: Largest length of a small control frame (see L{MAX_CONTROL_FRAME_SIZE});
+    #: a longer one is skipped.
     MAX_CONTROL_LENGTH = MAX_CONTROL_FRAME_SIZE
 
     #: The account of bytes held in incomplete frames shared with other
@@ -198,11 +204,19 @@ class FrameReceiver(Int32StringReceiver):
 
     _buffer: bytearray
     _framing_broken: bool = False
+    # The one flag a read checks before parsing: set when the bytes that
+    # arrive are not frames to parse, after a framing error (for good) or
+    # while the rest of a skipped frame arrives.
+    _diverted: bool = False
     # Bytes of an incomplete frame as last accounted, when the current
     # incomplete frame started, and the timer that checks its deadline.
     _held = 0
     _frame_started = 0.0
     _frame_timer: IDelayedCall | None = None
+    # A control frame being skipped: its bytes still to come (0: none), and
+    # its type byte and declared length, for the errors that name it.
+    _skip_left = 0
+    _skipping = (0, 0)
 
     def makeConnection(self, transport: ITransport) -> None:
         self._buffer = bytearray()
@@ -214,8 +228,12 @@ class FrameReceiver(Int32StringReceiver):
         return len(self._buffer)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._framing_broken:
-            return
+        if self._diverted:
+            if self._framing_broken:
+                return
+            data = self._skip(data)
+            if not data:
+                return
         buf = self._buffer
         view: bytes | bytearray
         if buf:
@@ -248,12 +266,18 @@ class FrameReceiver(Int32StringReceiver):
                     InvalidMessage(f"Unknown message type: 0x{message_type:02x}")
                 )
                 return
-            if length > control_limit and control[message_type]:
-                self._break(
-                    ControlFrameTooLarge(MessageType(message_type).wire_name, length, control_limit)
-                )
-                return
             frame_end = offset + 4 + length
+            if length > control_limit and control[message_type]:
+                # Too long for its kind, in a sound stream: skipped, unbuffered.
+                if not self._skip_control_frame(message_type, length, control_limit):
+                    return
+                if frame_end > end:
+                    # The frame started in this read unless its first bytes
+                    # were buffered by an earlier one.
+                    self._start_skip(frame_end - end, offset != 0 or view is not buf)
+                    return
+                offset = frame_end
+                continue
             if frame_end > end:
                 break
             payload = bytes(view[offset + 5 : frame_end])
@@ -271,6 +295,61 @@ class FrameReceiver(Int32StringReceiver):
         held = len(buf)
         if held or self._held:
             self._account(held, offset != 0)
+
+    def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
+        """
+        A small control frame (Ping, Pong, HealthStatus, FlowControl)
+        declares more than C{MAX_CONTROL_LENGTH}.
+
+        @return: C{True} (the default) to skip it: its bytes are discarded as
+            they arrive and never buffered, the frame deadline still
+            applies, and the frames after it are read as usual; C{False} to
+            end the framing with L{frame_error}C{(error)}.  Subclasses log
+            the skip (rate-limited: the peer chooses how often it happens),
+            or refuse while a handshake is all that may come.
+        """
+        return True
+
+    def _skip_control_frame(self, message_type: int, length: int, limit: int) -> bool:
+        """Whether the oversize control frame is skipped (see L{control_frame_too_large})."""
+        error = ControlFrameTooLarge(MessageType(message_type).wire_name, length, limit)
+        if not self.control_frame_too_large(error):
+            if not self._framing_broken:
+                self._break(error)
+            return False
+        self._skipping = (message_type, length)
+        return not self._framing_broken and self.transport is not None
+
+    def _start_skip(self, left: int, fresh: bool) -> None:
+        """
+        Discard the next C{left} bytes as they arrive (the rest of a skipped
+        frame, which started in this read if C{fresh}); it holds nothing,
+        but its deadline runs as any started frame's does.
+        """
+        self._skip_left = left
+        self._diverted = True
+        if self._buffer:
+            self._buffer = bytearray()
+        clock, timeout = self.frame_clock, self.frame_timeout
+        if clock is not None and timeout is not None:
+            if fresh or not self._held:
+                self._frame_started = clock.seconds()
+            if self._frame_timer is None:
+                self._frame_timer = clock.callLater(timeout, self._frame_overdue)
+        if self._held:
+            self._held = 0
+            if self.frame_budget is not None:
+                self.frame_budget.hold(self, 0)
+
+    def _skip(self, data: bytes) -> bytes:
+        """Discard what C{data} holds of a skipped frame; the rest follows it."""
+        left = self._skip_left
+        if len(data) < left:
+            self._skip_left = left - len(data)
+            return b""
+        self._skip_left = 0
+        self._diverted = False
+        return data[left:]
 
     def _account(self, held: int, completed: bool) -> None:
         """
@@ -293,17 +372,19 @@ class FrameReceiver(Int32StringReceiver):
         # and waits again for the rest of the current frame's time.
         self._frame_timer = None
         clock, timeout = self.frame_clock, self.frame_timeout
-        if not self._held or self._framing_broken or clock is None or timeout is None:
+        if not (self._held or self._skip_left) or self._framing_broken or clock is None or timeout is None:
             return
         late = clock.seconds() - self._frame_started
         if late < timeout:
             self._frame_timer = clock.callLater(timeout - late, self._frame_overdue)
             return
+        if self._skip_left:
+            message_type, length = self._skipping
+            received = f"{length + 4 - self._skip_left} bytes of a skipped {MessageType(message_type).wire_name} frame"
+        else:
+            received = f"{self._held} bytes of a frame"
         self._break(
-            IncompleteFrame(
-                f"{self._held} bytes of a frame received, and the rest not within "
-                f"{format_duration(timeout)}"
-            )
+            IncompleteFrame(f"{received} received, and the rest not within {format_duration(timeout)}")
         )
 
     def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
@@ -330,18 +411,22 @@ class FrameReceiver(Int32StringReceiver):
         partial = self.buffered_bytes
         if partial:
             return f"connection closed mid-frame ({partial} bytes of an incomplete frame)"
+        if self._skip_left:
+            name = MessageType(self._skipping[0]).wire_name
+            return f"connection closed mid-frame ({self._skip_left} bytes of a skipped {name} frame to come)"
         if reason.check(ConnectionDone):
             return f"connection closed by {self.peer_role}"
         return f"connection lost: {reason.value}"
 
     def stop_parsing(self) -> None:
         """Ignore every byte from now on (the connection is being closed)."""
-        self._framing_broken = True
+        self._framing_broken = self._diverted = True
         self._release()
 
     def _release(self) -> None:
         """Drop the incomplete frame: its bytes, its deadline, its account."""
         self._buffer = bytearray()
+        self._skip_left = 0
         timer, self._frame_timer = self._frame_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -351,7 +436,7 @@ class FrameReceiver(Int32StringReceiver):
                 self.frame_budget.hold(self, 0)
 
     def _break(self, error: AgentProtocolError) -> None:
-        self._framing_broken = True
+        self._framing_broken = self._diverted = True
         self._release()
         self.frame_error(error)
 

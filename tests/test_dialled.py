@@ -409,6 +409,35 @@ class MessagePackConnectionTests(SynchronousTestCase):
         self.protocol.dataReceived(encode_frame(MessageType.HEALTH_STATUS, msgspec.msgpack.encode({"state": 3})))
         self.assertEqual(self.connection.health_state, 3)
 
+    def test_a_large_metrics_report_is_surfaced_and_a_large_flow_control_skipped(self) -> None:
+        from sentinel_twisted.proxy.pool import PoolObserver
+
+        reports: list[dict[str, Any]] = []
+
+        class Reports(PoolObserver):
+            def metrics_reported(self, connection: AgentConnection, report: dict[str, Any]) -> None:
+                reports.append(report)
+
+        self.dialler.pool.add_observer(Reports())
+        event = f.MSGPACK_CODEC.decode_event(vector_payload("fwd_evt_request_headers_msgpack"), m.RequestHeadersEvent)
+        outcomes, _ = self.sent(event)
+        report = {"agent_id": "waf", "counters": [{"name": "hits", "labels": {"rule": f"r{i}"}, "value": i} for i in range(5000)]}
+        metrics = encode_frame(MessageType.METRICS_REPORT, msgspec.msgpack.encode(report))
+        pause = encode_frame(MessageType.FLOW_CONTROL, msgspec.msgpack.encode({"action": 1, "x": "x" * 70_000}))
+        self.assertGreater(len(metrics), 180_000)
+        for i in range(0, len(metrics), 4096):
+            self.protocol.dataReceived(metrics[i : i + 4096])
+        with captured_log() as events:
+            for i in range(0, len(pause), 4096):
+                self.protocol.dataReceived(pause[i : i + 4096])
+                self.assertLessEqual(self.protocol.buffered_bytes, 5)
+        self.assertEqual(reports, [report])
+        self.assertFalse(self.connection.is_paused)
+        self.assertIn(f"sent a FlowControl frame of {len(pause) - 4} bytes", log_text(events))
+        self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, vector_payload("fwd_resp_allow_msgpack")))
+        self.assertFalse(self.transport.disconnecting)
+        self.assertTrue(outcomes.value.is_allow)
+
     def test_a_json_answer_on_a_messagepack_connection_is_invalid(self) -> None:
         outcomes = Outcomes(self.connection.send_event(request_headers("req-1")))
         with captured_log() as events:

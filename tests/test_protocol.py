@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.errors import ConnectionClosed, InvalidMessage
+from sentinel_twisted.proxy.pool import PoolObserver
 from sentinel_twisted.wire import MAX_MESSAGE_SIZE, MessageType, encode_frame
 
 from ._proxy_support import (
@@ -362,10 +363,63 @@ class HostileFrameTests(TestCase):
         self.assertEqual(self.proxy.pool.connections("waf-1"), [])
         self.assertEqual(self.proxy.factory.frame_budget.total, 0)
 
-    def test_large_ping_is_a_protocol_error(self) -> None:
-        self.protocol.dataReceived(struct.pack(">IB", 64 * 1024 + 1, MessageType.PING))
+    def test_large_ping_or_flow_control_is_skipped_and_the_connection_carries_on(self) -> None:
+        # Read in 100-byte pieces under a 1000-byte budget: buffering the
+        # frame would close the connection.
+        size = 64 * 1024 + 1000
+        for kind, body in ((MessageType.PING, b"x" * size), (MessageType.FLOW_CONTROL, b'{"action":1,"x":"%s"}' % (b"x" * size))):
+            frame = encode_frame(kind, body)
+            cid = f"{kind.wire_name}-answer"
+            self.outcomes.watch(cid, self.connection.send_request_headers(request_headers(cid)))
+            take_frames(self.transport)
+            with captured_log() as events:
+                for i in range(0, len(frame), 100):
+                    self.protocol.dataReceived(frame[i : i + 100])
+                    self.assertLessEqual(self.protocol.buffered_bytes, 5)
+                self.protocol.dataReceived(answer_frame(cid))
+            self.assertIsInstance(self.outcomes.value(cid), m.AgentResponse)
+            self.assertEqual(take_frames(self.transport), [], "a skipped Ping is not answered")
+            self.assertFalse(self.connection.is_paused, "a skipped FlowControl does nothing")
+            self.assertEqual(self.proxy.factory.frame_budget.total, 0)
+            [warning] = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+            self.assertEqual(
+                warning,
+                f"Agent waf-1 sent a {kind.wire_name} frame of {len(frame) - 4} bytes on connection "
+                f"{self.connection.connection_id}, over the limit of 65536 for a {kind.wire_name} "
+                "frame; skipped it",
+            )
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.proxy.pool.connections("waf-1"), [self.connection])
+        self.assertEqual(self.outcomes.waiting(), ["a"])
+        self.protocol.dataReceived(answer_frame("a"))
+        self.assertIsInstance(self.outcomes.value("a"), m.AgentResponse)
+
+    def test_skip_warnings_are_rate_limited(self) -> None:
+        with captured_log() as events:
+            self.protocol.dataReceived(encode_frame(MessageType.PONG, b"x" * (64 * 1024 + 1)) * 50)
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), 5)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_a_trickled_skipped_frame_closes_the_connection_after_the_deadline(self) -> None:
+        frame = encode_frame(MessageType.PING, b"x" * (64 * 1024 + 1000))
+        for i in range(0, 400, 100):
+            self.assertFalse(self.transport.disconnecting)
+            self.protocol.dataReceived(frame[i : i + 100])
+            self.proxy.clock.advance(0.5)
         self.assertClosedOnce(
-            f"Message too large: {64 * 1024 + 1} bytes (max: {64 * 1024} for a Ping frame)"
+            "Incomplete frame: 400 bytes of a skipped Ping frame received, and the rest not within 2s"
+        )
+
+    def test_large_ping_before_registration_is_still_refused(self) -> None:
+        protocol, transport = self.proxy.connect()
+        protocol.dataReceived(struct.pack(">IB", 64 * 1024 + 1, MessageType.PING))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(protocol.connection)
+        self.assertEqual(protocol.buffered_bytes, 0)
+        self.assertEqual(
+            only_response(transport).error,
+            f"Message too large: {64 * 1024 + 1} bytes (max: {64 * 1024} for a Ping frame)",
         )
 
     def test_no_pong_while_the_transport_buffer_is_full(self) -> None:
@@ -380,9 +434,12 @@ class HostileFrameTests(TestCase):
 
     def test_control_frame_limit_is_an_option(self) -> None:
         proxy = Proxy(max_control_frame_size=16)
-        protocol, transport, _ = proxy.register("waf-1")
+        protocol, transport, connection = proxy.register("waf-1")
         protocol.dataReceived(encode_frame(MessageType.HEALTH_STATUS, b'{"state": 1, "x": 1}'))
-        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(connection.health_state)
+        protocol.dataReceived(encode_frame(MessageType.HEALTH_STATUS, b'{"state": 2}'))
+        self.assertEqual(connection.health_state, 2)
+        self.assertFalse(transport.disconnecting)
 
     def test_unfinished_frame_closes_the_connection_after_the_deadline(self) -> None:
         self.protocol.dataReceived(answer_frame("a")[:20])
@@ -429,6 +486,63 @@ class HostileFrameTests(TestCase):
         lose(self.protocol)
         self.assertEqual(self.proxy.factory.frame_budget.total, 0)
         self.assertEqual(self.proxy.clock.getDelayedCalls(), [])
+
+
+class Reports(PoolObserver):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any, dict[str, Any]]] = []
+
+    def metrics_reported(self, connection: Any, report: dict[str, Any]) -> None:
+        self.seen.append(("metrics", connection, report))
+
+    def config_update_requested(self, connection: Any, request: dict[str, Any]) -> None:
+        self.seen.append(("config_update", connection, request))
+
+
+class LargeReportTests(TestCase):
+    """
+    MetricsReport and ConfigUpdateRequest are accepted and surfaced
+    (SPEC section 4) up to the frame limit, however large: a report of many
+    counters is not an error.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy()
+        self.protocol, self.transport, self.connection = self.proxy.register("waf-1")
+        self.reports = Reports()
+        self.proxy.pool.add_observer(self.reports)
+
+    def assertSurfacedAndKept(self, kind: MessageType, body: dict[str, Any], minimum: int) -> None:
+        payload = json.dumps(body).encode()
+        self.assertGreater(len(payload), minimum)
+        outcomes = Outcomes()
+        outcomes.watch("a", self.connection.send_request_headers(request_headers("a")))
+        frame = encode_frame(kind, payload)
+        for i in range(0, len(frame), 16 * 1024):
+            self.protocol.dataReceived(frame[i : i + 16 * 1024])
+        name = "metrics" if kind == MessageType.METRICS_REPORT else "config_update"
+        self.assertEqual(self.reports.seen, [(name, self.connection, body)])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(outcomes.waiting(), ["a"])
+        self.protocol.dataReceived(answer_frame("a"))
+        self.assertIsInstance(outcomes.value("a"), m.AgentResponse)
+        self.assertEqual(self.protocol.buffered_bytes, 0)
+
+    def test_a_180_kb_metrics_report(self) -> None:
+        counters = [{"name": "rule_hits_total", "labels": {"rule": f"r{i}"}, "value": i} for i in range(2500)]
+        report = {
+            "agent_id": "waf-1",
+            "timestamp_ms": 1767225600000,
+            "interval_ms": 10000,
+            "counters": counters,
+            "gauges": [],
+            "histograms": [],
+        }
+        self.assertSurfacedAndKept(MessageType.METRICS_REPORT, report, 180_000)
+
+    def test_a_100_kb_config_update_request(self) -> None:
+        request = {"request_type": {"type": "reload"}, "request_id": "x", "timestamp_ms": 1, "detail": "d" * 100_000}
+        self.assertSurfacedAndKept(MessageType.CONFIG_UPDATE_REQUEST, request, 100_000)
 
 
 class ClosedTests(TestCase):

@@ -8,12 +8,15 @@ from __future__ import annotations
 import random
 import struct
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.errors import (
     AgentProtocolError,
+    ControlFrameTooLarge,
     IncompleteFrame,
     InvalidMessage,
     MessageTooLarge,
@@ -331,23 +334,95 @@ class LargeFrameTests(TestCase):
 
 
 class ControlFrameLimitTests(TestCase):
-    """Ping, Pong, HealthStatus, FlowControl, MetricsReport and
-    ConfigUpdateRequest are small: a large one is a protocol error."""
+    """
+    Ping, Pong, HealthStatus and FlowControl are small: a longer one is
+    skipped, its bytes discarded as they arrive, and the stream goes on.
+    MetricsReport and ConfigUpdateRequest are limited like any other frame.
+    """
 
-    CONTROL = (0x41, 0x42, 0x30, 0x33, 0x31, 0x32)
+    SMALL = (0x41, 0x42, 0x30, 0x33)
+    PING = encode_frame(0x41, b'{"sequence":1,"timestamp_ms":0}')
 
-    def test_every_control_frame_over_the_limit_is_refused_before_its_body(self) -> None:
-        for message_type in self.CONTROL:
+    def test_every_small_control_frame_over_the_limit_is_skipped_unbuffered(self) -> None:
+        for message_type in self.SMALL:
             receiver, _ = connected()
-            receiver.dataReceived(struct.pack(">IB", MAX_CONTROL_FRAME_SIZE + 1, message_type))
-            [error] = receiver.errors
-            self.assertIsInstance(error, MessageTooLarge)
-            self.assertEqual(
-                str(error),
-                f"Message too large: {MAX_CONTROL_FRAME_SIZE + 1} bytes "
-                f"(max: {MAX_CONTROL_FRAME_SIZE} for a {MessageType(message_type).wire_name} frame)",
-            )
+            frame = encode_frame(message_type, b"x" * (MAX_CONTROL_FRAME_SIZE + 1000))
+            for i in range(0, len(frame), 1000):
+                receiver.dataReceived(frame[i : i + 1000])
+                self.assertLessEqual(receiver.buffered_bytes, 5)
+            receiver.dataReceived(self.PING)
+            self.assertEqual(receiver.errors, [])
+            self.assertEqual(receiver.frames, [(0x41, self.PING[5:])])
             self.assertEqual(receiver.buffered_bytes, 0)
+
+    def test_the_skip_is_told_with_the_frame_its_size_and_the_limit(self) -> None:
+        class Told(Collector):
+            told: ControlFrameTooLarge
+
+            def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
+                self.told = error
+                return True
+
+        receiver = Told()
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(struct.pack(">IB", MAX_CONTROL_FRAME_SIZE + 1, 0x33))
+        self.assertEqual(
+            (receiver.told.kind, receiver.told.size, receiver.told.limit),
+            ("FlowControl", MAX_CONTROL_FRAME_SIZE + 1, MAX_CONTROL_FRAME_SIZE),
+        )
+        self.assertEqual(receiver.errors, [])
+
+    def test_skipped_frame_whose_header_was_buffered(self) -> None:
+        receiver, _ = connected()
+        frame = encode_frame(0x30, b"x" * (MAX_CONTROL_FRAME_SIZE + 10))
+        receiver.dataReceived(frame[:3])
+        self.assertEqual(receiver.buffered_bytes, 3)
+        receiver.dataReceived(frame[3:100])
+        self.assertEqual(receiver.buffered_bytes, 0)
+        receiver.dataReceived(frame[100:] + self.PING + self.PING[:7])
+        self.assertEqual(receiver.frames, [(0x41, self.PING[5:])])
+        self.assertEqual(receiver.buffered_bytes, 7)
+
+    def test_skipped_frame_within_one_read_among_others(self) -> None:
+        receiver, _ = connected()
+        big = encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 1))
+        receiver.dataReceived(self.PING + big + self.PING + big[:20])
+        receiver.dataReceived(big[20:] + self.PING)
+        self.assertEqual(receiver.errors, [])
+        self.assertEqual(receiver.frames, [(0x41, self.PING[5:])] * 3)
+
+    def test_the_receiver_may_refuse_instead(self) -> None:
+        class Refusing(Collector):
+            def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
+                return False
+
+        receiver = Refusing()
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(struct.pack(">IB", MAX_CONTROL_FRAME_SIZE + 1, 0x41))
+        receiver.dataReceived(self.PING)
+        [error] = receiver.errors
+        self.assertIsInstance(error, ControlFrameTooLarge)
+        self.assertIsInstance(error, MessageTooLarge)
+        self.assertEqual(
+            str(error),
+            f"Message too large: {MAX_CONTROL_FRAME_SIZE + 1} bytes "
+            f"(max: {MAX_CONTROL_FRAME_SIZE} for a Ping frame)",
+        )
+        self.assertEqual(receiver.frames, [])
+        self.assertEqual(receiver.buffered_bytes, 0)
+
+    def test_metrics_and_config_updates_are_limited_like_answers(self) -> None:
+        for message_type in (0x31, 0x32):
+            receiver, _ = connected()
+            payload = b"x" * (180_000 if message_type == 0x31 else 100_000)
+            frame = encode_frame(message_type, payload)
+            for i in range(0, len(frame), 4096):
+                receiver.dataReceived(frame[i : i + 4096])
+            self.assertEqual(receiver.errors, [])
+            self.assertEqual(receiver.frames, [(message_type, payload)])
+            receiver.dataReceived(struct.pack(">IB", MAX_MESSAGE_SIZE + 1, message_type))
+            [error] = receiver.errors
+            self.assertEqual(type(error), MessageTooLarge)
 
     def test_control_frame_at_the_limit_is_accepted(self) -> None:
         receiver, _ = connected()
@@ -360,12 +435,25 @@ class ControlFrameLimitTests(TestCase):
         receiver, _ = connected()
         receiver.dataReceived(encode_frame(0x20, b"x" * MAX_CONTROL_FRAME_SIZE))
         self.assertEqual(receiver.errors, [])
+        self.assertEqual(len(receiver.frames), 1)
 
     def test_the_limit_is_per_receiver(self) -> None:
         receiver, _ = connected()
         receiver.MAX_CONTROL_LENGTH = 10
-        receiver.dataReceived(encode_frame(0x30, b'{"state":1}'))
-        self.assertEqual(len(receiver.errors), 1)
+        receiver.dataReceived(encode_frame(0x30, b'{"state":1}') + encode_frame(0x30, b"{}"))
+        self.assertEqual(receiver.errors, [])
+        self.assertEqual(receiver.frames, [(0x30, b"{}")])
+
+    def test_connection_lost_mid_skip_says_so(self) -> None:
+        receiver, _ = connected()
+        receiver.dataReceived(encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 100))[:1000])
+        self.assertEqual(
+            receiver.lost_detail(Failure(ConnectionDone())),
+            f"connection closed mid-frame ({MAX_CONTROL_FRAME_SIZE + 105 - 1000} bytes "
+            "of a skipped Ping frame to come)",
+        )
+        receiver.stop_parsing()
+        self.assertEqual(receiver.lost_detail(Failure(ConnectionDone())), "connection closed by peer")
 
 
 class Deadline(Collector):
@@ -418,6 +506,52 @@ class FrameDeadlineTests(TestCase):
         self.assertEqual(len(receiver.frames), 2)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_a_trickled_skipped_frame_is_an_error_after_the_deadline(self) -> None:
+        receiver, clock = with_deadline()
+        frame = encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 1000))
+        for i in range(0, 1000, 100):
+            self.assertEqual(receiver.errors, [])
+            receiver.dataReceived(frame[i : i + 100])
+            self.assertEqual(receiver.buffered_bytes, 0)
+            clock.advance(0.5)
+        [error] = receiver.errors
+        self.assertIsInstance(error, IncompleteFrame)
+        self.assertEqual(
+            str(error),
+            "Incomplete frame: 1000 bytes of a skipped Ping frame received, "
+            "and the rest not within 5s",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+        receiver.dataReceived(frame[1000:] + encode_frame(0x41, b"{}"))
+        self.assertEqual(receiver.frames, [])
+
+    def test_a_skipped_frame_keeps_the_start_of_its_buffered_header(self) -> None:
+        receiver, clock = with_deadline()
+        frame = encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 10))
+        receiver.dataReceived(frame[:3])
+        clock.advance(4)
+        receiver.dataReceived(frame[3:50])
+        clock.advance(0.9)
+        self.assertEqual(receiver.errors, [])
+        clock.advance(0.1)
+        [error] = receiver.errors
+        self.assertIn("50 bytes of a skipped Ping frame received", str(error))
+
+    def test_a_skipped_frame_ended_in_time_is_no_error_and_the_next_has_its_own_time(self) -> None:
+        receiver, clock = with_deadline()
+        frame = encode_frame(0x30, b"x" * (MAX_CONTROL_FRAME_SIZE + 10))
+        after = encode_frame(0x20, b"x" * 100)
+        receiver.dataReceived(frame[:100])
+        clock.advance(4)
+        receiver.dataReceived(frame[100:] + after[:10])
+        clock.advance(4.9)
+        self.assertEqual(receiver.errors, [])
+        receiver.dataReceived(after[10:])
+        clock.advance(10)
+        self.assertEqual(receiver.errors, [])
+        self.assertEqual(receiver.frames, [(0x20, after[5:])])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_complete_frames_start_no_timer(self) -> None:
         receiver, clock = with_deadline()
         receiver.dataReceived(encode_frame(0x20, b"x") * 3)
@@ -451,6 +585,18 @@ class IncompleteFrameBudgetTests(TestCase):
             receiver.makeConnection(StringTransport())
             result.append(receiver)
         return result
+
+    def test_a_skipped_frame_holds_nothing(self) -> None:
+        budget = IncompleteFrameBudget(1000)
+        [receiver] = self.receivers(1, budget)
+        frame = encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 1))
+        receiver.dataReceived(frame[:3])
+        self.assertEqual(budget.total, 3)
+        for i in range(3, len(frame), 500):
+            receiver.dataReceived(frame[i : i + 500])
+            self.assertEqual(budget.total, 0)
+        self.assertEqual(receiver.evictions, [])
+        self.assertEqual(receiver.errors, [])
 
     def test_partial_frames_are_counted_and_released(self) -> None:
         budget = IncompleteFrameBudget(1000)

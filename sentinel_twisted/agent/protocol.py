@@ -44,7 +44,7 @@ from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from .._tls import server_identity_error
-from ..errors import AgentProtocolError, InvalidMessage, format_duration
+from ..errors import AgentProtocolError, ControlFrameTooLarge, InvalidMessage, format_duration
 from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import FrameReceiver, MessageType
 from ._interfaces import IAgent
@@ -298,6 +298,28 @@ class AgentProtocol(EventServing, FrameReceiver):
 
     def frame_error(self, error: AgentProtocolError) -> None:
         self._lifecycle.protocol_violated(error)
+
+    def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
+        """
+        A Ping, Pong, HealthStatus or FlowControl over the control frame
+        limit: skipped once registered (the stream is sound, and the events
+        in flight carry on), refused before (only the answer to our
+        registration, or the proxy's handshake, may come).
+        """
+        if not self.registered:
+            return False
+        self.log_limiter.warn(
+            log,
+            "control-frame-skipped",
+            "Proxy {proxy_id} sent a {kind} frame of {size} bytes on connection {connection_id}, "
+            "over the limit of {limit} for a {kind} frame; skipped it",
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            kind=error.kind,
+            size=error.size,
+            limit=error.limit,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+        )
+        return True
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._transport_gone = True

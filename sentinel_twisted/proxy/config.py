@@ -140,8 +140,11 @@ class ReverseConnectionConfig:
         demand and verify client certificates for this to mean anything.
     @ivar max_registration_frame_size: largest frame (length prefix) before
         registration; a RegistrationRequest never needs more.
-    @ivar max_control_frame_size: largest Ping, Pong, HealthStatus,
-        FlowControl, MetricsReport or ConfigUpdateRequest frame.
+    @ivar max_control_frame_size: largest Ping, Pong, HealthStatus or
+        FlowControl frame read; a longer one from a registered agent is
+        skipped (its bytes discarded as they arrive, a warning logged) and
+        the connection carries on.  MetricsReport and ConfigUpdateRequest
+        are limited like answers (16 MiB).
     @ivar max_incomplete_frame_bytes: bytes all connections together may
         hold in incomplete frames; over it the connection holding the most
         is closed.

@@ -126,7 +126,8 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         socket), C{unknown} before the connection is made.
     @ivar MAX_LENGTH: the longest frame accepted, in bytes: the handshake
         limit until the handshake succeeds.
-    @ivar MAX_CONTROL_LENGTH: the longest control frame accepted, in bytes.
+    @ivar MAX_CONTROL_LENGTH: the longest small control frame read, in
+        bytes; a longer one is skipped once the handshake succeeded.
     @ivar frame_clock: the factory's clock, for the frame deadline.
     """
 

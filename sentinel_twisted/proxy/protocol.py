@@ -31,6 +31,7 @@ from .._peertext import peer_text
 from .._sending import send_now, writes_through
 from ..errors import (
     AgentProtocolError,
+    ControlFrameTooLarge,
     InvalidMessage,
     MessageTooLarge,
     RequestTimeout,
@@ -206,7 +207,7 @@ class _PooledConnectionProtocol(FrameReceiver):
 
     @property
     def MAX_CONTROL_LENGTH(self) -> int:  # type: ignore[override]
-        """The longest control frame accepted, in bytes (the factory's limit)."""
+        """The longest small control frame read, in bytes (the factory's limit); a longer one is skipped."""
         limit: int = self.factory.config.max_control_frame_size
         return limit
 
@@ -361,6 +362,27 @@ class _PooledConnectionProtocol(FrameReceiver):
     def frame_error(self, error: AgentProtocolError) -> None:
         self._lifecycle.protocol_violated(error)
 
+    def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
+        """
+        A Ping, Pong, HealthStatus or FlowControl over the control frame
+        limit: skipped on a connection in the pool (the stream is sound, and
+        its requests carry on), refused before (only the handshake may come).
+        """
+        connection = self.connection
+        if connection is None:
+            return False
+        connection.log_limiter.warn(
+            log,
+            "control-frame-skipped",
+            "Agent {agent_id} sent a {kind} frame of {size} bytes on connection {connection_id}, "
+            "over the limit of {limit} for a {kind} frame; skipped it",
+            kind=error.kind,
+            size=error.size,
+            limit=error.limit,
+            **connection.log_fields(),
+        )
+        return True
+
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._transport_gone = True
         self._stop_close_timer()
@@ -401,7 +423,8 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
         (C{SO_PEERCRED}), C{None} elsewhere.
     @ivar MAX_LENGTH: the longest frame accepted, in bytes: the registration
         limit until the agent has registered.
-    @ivar MAX_CONTROL_LENGTH: the longest control frame accepted, in bytes.
+    @ivar MAX_CONTROL_LENGTH: the longest small control frame read, in
+        bytes; a longer one is skipped once registered.
     @ivar frame_clock: the factory's clock, for the frame deadline.
     """
 

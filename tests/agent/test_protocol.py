@@ -792,3 +792,78 @@ class LogRateLimitTests(SynchronousTestCase):
         two = factory.buildProtocol(UNIXAddress(None))
         self.assertIs(one.log_limiter, two.log_limiter)
         self.assertIs(one.log_limiter.clock, factory.clock)
+
+
+class LargeControlFrameTests(SynchronousTestCase):
+    """
+    A Ping, Pong, HealthStatus or FlowControl over the control frame limit
+    (64 KiB) from a registered proxy is skipped, unbuffered, with a warning;
+    the connection and its events in flight carry on.
+    """
+
+    LARGE = frame(PING, b"x" * (64 * 1024 + 1000))
+
+    def registered(self) -> tuple[Harness, RecordingAgent]:
+        agent = RecordingAgent()
+        h = Harness(agent)
+        h.register()
+        h.sent()
+        return h, agent
+
+    def test_a_large_ping_is_skipped_unbuffered_and_the_next_event_served(self) -> None:
+        h, agent = self.registered()
+        h.feed(REQUEST_HEADERS, headers_event("before"))
+        with captured_log() as events:
+            for i in range(0, len(self.LARGE), 100):
+                h.protocol.dataReceived(self.LARGE[i : i + 100])
+                self.assertLessEqual(h.protocol.buffered_bytes, 5)
+        h.feed(REQUEST_HEADERS, headers_event("after"))
+        agent.answer("after")
+        agent.answer("before")
+        self.assertEqual([cid_of(a) for a in h.answers()], ["after", "before"])
+        self.assertFalse(h.transport.disconnecting)
+        [warning] = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(
+            warning,
+            f"Proxy test-proxy sent a Ping frame of {len(self.LARGE) - 4} bytes on connection "
+            "waf-1-abc-1, over the limit of 65536 for a Ping frame; skipped it",
+        )
+
+    def test_skip_warnings_are_rate_limited(self) -> None:
+        h, _ = self.registered()
+        with captured_log() as events:
+            h.protocol.dataReceived(self.LARGE * 50)
+        warnings = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), h.protocol.log_limiter.burst)
+        self.assertEqual(h.sent(), [])
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_a_trickled_skipped_frame_meets_the_frame_deadline(self) -> None:
+        # The agent sets no frame deadline of its own; where one is set, a
+        # skipped frame is held to it like any started frame.
+        h, agent = self.registered()
+        h.protocol.frame_clock = h.clock
+        h.protocol.frame_timeout = 5.0
+        h.feed(REQUEST_HEADERS, headers_event("waiting"))
+        for i in range(0, 1000, 100):
+            self.assertFalse(h.transport.disconnecting)
+            h.protocol.dataReceived(self.LARGE[i : i + 100])
+            h.clock.advance(0.5)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(agent.cancelled, ["waiting"])
+        self.assertEqual(h.protocol.buffered_bytes, 0)
+        h.lose()
+        [(_, detail)] = [e for e in h.events if e[0] == "ended"]
+        self.assertEqual(
+            detail,
+            "protocol error from proxy: Incomplete frame: 1000 bytes of a skipped Ping frame "
+            "received, and the rest not within 5s",
+        )
+
+    def test_before_registration_a_large_ping_is_refused(self) -> None:
+        h = Harness()
+        h.sent()
+        h.protocol.dataReceived(self.LARGE[:100])
+        self.assertTrue(h.transport.disconnecting)
+        [(_, error)] = [e for e in h.events if e[0] == "refused"]
+        self.assertIn("Message too large: 66537 bytes (max: 65536 for a Ping frame)", str(error))

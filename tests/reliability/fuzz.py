@@ -55,17 +55,9 @@ from sentinel_twisted.wire import (
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 KNOWN_TYPES = frozenset(int(t) for t in MessageType)
-CONTROL_TYPES = {
-    int(t): t.wire_name
-    for t in (
-        MessageType.PING,
-        MessageType.PONG,
-        MessageType.HEALTH_STATUS,
-        MessageType.FLOW_CONTROL,
-        MessageType.METRICS_REPORT,
-        MessageType.CONFIG_UPDATE_REQUEST,
-    )
-}
+CONTROL_TYPES = frozenset(
+    int(t) for t in (MessageType.PING, MessageType.PONG, MessageType.HEALTH_STATUS, MessageType.FLOW_CONTROL)
+)
 
 # -- the targets ---------------------------------------------------------------
 
@@ -74,8 +66,10 @@ def reference_frames(data: bytes) -> tuple[list[tuple[int, bytes]], str | None, 
     """
     SPEC section 1, written plainly: the complete frames, the framing error
     (if any), and how many bytes wait for the rest of a frame.  The length
-    and the type byte are judged as soon as they have arrived; a control
-    frame (Ping, HealthStatus, ...) may not exceed 64 KiB.
+    and the type byte are judged as soon as they have arrived; a small
+    control frame (Ping, Pong, HealthStatus, FlowControl) over 64 KiB is
+    skipped: not delivered, nothing of it waits, and the frames after it
+    are read.
     """
     frames = []
     offset = 0
@@ -91,10 +85,10 @@ def reference_frames(data: bytes) -> tuple[list[tuple[int, bytes]], str | None, 
         if kind not in KNOWN_TYPES:
             return frames, f"Invalid message format: Unknown message type: 0x{kind:02x}", 0
         if kind in CONTROL_TYPES and length > MAX_CONTROL_FRAME_SIZE:
-            return frames, (
-                f"Message too large: {length} bytes "
-                f"(max: {MAX_CONTROL_FRAME_SIZE} for a {CONTROL_TYPES[kind]} frame)"
-            ), 0
+            if offset + 4 + length > len(data):
+                return frames, None, 0
+            offset += 4 + length
+            continue
         if offset + 4 + length > len(data):
             break
         frames.append((kind, data[offset + 5 : offset + 4 + length]))
