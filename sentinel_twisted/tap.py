@@ -146,6 +146,8 @@ _CONVERSIONS = {
     "shutdown-grace": _seconds,
     "header-timeout": _positive_float,
     "max-client-connections": positive_int,
+    "min-body-rate": positive_int,
+    "send-timeout": _positive_float,
     "agent-connections": positive_int,
     "agent-encodings": encoding_list,
     "max-replaced-body-size": positive_int,
@@ -298,6 +300,20 @@ class Options(ProgramOptions):
             None,
             1024,
             "HTTP client connections (N) the gateway holds at once; more are closed at once.",
+        ],
+        [
+            "min-body-rate",
+            None,
+            1024,
+            "Least average rate (N bytes/s) of an HTTP request body, counted from "
+            "--header-timeout seconds after its head; a slower client gets 408.",
+        ],
+        [
+            "send-timeout",
+            None,
+            30.0,
+            "Seconds (a float) an HTTP client has to take the response bytes buffered for "
+            "it (and a closing connection its last bytes); then the connection is cut.",
         ],
         [
             "agent-connections",
@@ -552,6 +568,8 @@ class Options(ProgramOptions):
                 challenge_status=self["challenge-status"],
                 header_timeout=self["header-timeout"],
                 max_client_connections=self["max-client-connections"],
+                min_body_rate=self["min-body-rate"],
+                send_timeout=self["send-timeout"],
                 status_hosts=self["status-hosts"],
                 max_replaced_body_size=self["max-replaced-body-size"],
                 allow_underscore_headers=bool(self["allow-underscore-headers"]),

@@ -296,6 +296,22 @@ class Endings:
             request.unregisterProducer()  # type: ignore[no-untyped-call]
         request.abort_connection()
 
+    def client_timed_out(self, cut: str | None = None) -> None:
+        """
+        The client was too slow: C{408}, or with C{cut} (or once the
+        response has started) the connection is cut, C{cut} saying why.
+        The agents are told as when a client goes (reason 0), and the
+        upstream request is aborted.
+        """
+        if self._phase == _OVER:
+            return
+        self._decision = "client_timeout"
+        self._cancel_pending(_CLIENT_DISCONNECT)
+        if cut is None and not self._head_written:
+            self._respond_plain(408)
+        else:
+            self._abort_client(cut or "the client sent its request body too slowly")
+
     def client_gone(self) -> None:
         """The client disconnected before the response was complete."""
         if self._phase == _OVER:

@@ -1,13 +1,16 @@
 # -*- test-case-name: tests.gateway.test_channel -*-
 """
 L{GatewayChannel}: one client connection of the gateway.  An HTTP/1.1
-channel of C{twisted.web} with a deadline for each request head, an idle
-timeout kept as one timer per connection, a clear C{431} for a head that is
-too large, and responses that leave in one send on a plain socket.
+channel of C{twisted.web} with a deadline for each request head, a least
+average rate for each request body, a deadline for a client that takes no
+response bytes (all checked by one timer per connection), an idle timeout
+kept as one timer per connection, a clear C{431} for a head that is too
+large, and responses that leave in one send on a plain socket.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
@@ -20,7 +23,7 @@ from twisted.web.http_headers import Headers
 from .._sending import send_now, writes_through
 
 if TYPE_CHECKING:
-    from .resource import GatewaySite
+    from .resource import GatewayRequest, GatewaySite
 
 __all__ = ["GatewayChannel"]
 
@@ -34,16 +37,38 @@ def _discard(data: bytes) -> None:
 
 class GatewayChannel(http.HTTPChannel):
     """
-    An HTTP/1.1 connection with a deadline for each request head and a
-    clear answer to a head that is too large.
+    An HTTP/1.1 connection with deadlines for a slow client and a clear
+    answer to a head that is too large.
 
-    The deadline runs whenever a request head is awaited: from the
+    The head's deadline runs whenever a request head is awaited: from the
     connection's start, and from the end of each response on a kept-alive
     connection, until the head's last line.  A client that has sent part of
     a head by then gets C{408}; an idle one is closed without a word.
 
+    A request body must then arrive at C{min_body_rate} bytes a second on
+    average, counted from C{header_timeout} seconds after its head (time
+    while the gateway itself stops reading it does not count, unless the
+    upstream has answered already).  A client
+    that falls behind gets C{408} and the connection closes; its exchange
+    ends as if the client had gone (agents' events cancelled, the upstream
+    request aborted).
+
+    While the client takes no response bytes (the transport, its buffer
+    full, paused the channel) it has C{send_timeout} seconds to take all
+    that is buffered; a connection being closed has as long to take its
+    last bytes.  Then the connection is aborted.  Taking a byte now and then
+    does not count: only an emptied buffer does.
+
+    One timer per connection checks all these deadlines: it re-arms itself
+    for the earliest one, and lapses when none runs.
+
     @cvar header_timeout: seconds a client has to send a whole request head;
         C{None}: no limit.
+    @cvar min_body_rate: the least average rate (bytes a second) of a
+        request body after its grace of C{header_timeout}; C{None}: no limit.
+    @cvar send_timeout: seconds a client has to take the response bytes
+        buffered for it, and a closing connection its last bytes; C{None}:
+        no limit.
     @ivar timeOut: twisted.web's idle timeout: seconds without a read, while
         no request is being handled, before the connection is closed;
         C{None} while a request is handled.
@@ -52,14 +77,29 @@ class GatewayChannel(http.HTTPChannel):
     """
 
     header_timeout: float | None = None
+    min_body_rate: float | None = None
+    send_timeout: float | None = None
     #: Set by L{GatewaySite.buildProtocol <sentinel_twisted.gateway.resource.GatewaySite.buildProtocol>}.
     site: GatewaySite
     # When the awaited head is due (reactor seconds); None: no head awaited.
-    # One timer per connection checks it, instead of a timer per request:
-    # it re-arms itself for what is left, and lapses when nothing is due.
+    # One timer per connection checks it and the deadlines below, instead
+    # of a timer per request: it re-arms itself for the earliest, and
+    # lapses when nothing is due.
     _head_deadline: float | None = None
-    _head_timer: IDelayedCall | None = None
+    _timer: IDelayedCall | None = None
+    # When the timer fires (reactor seconds); inf: there is none.
+    _timer_at = math.inf
     _head_started = False
+    # The request whose body is arriving, and when its body's clock started
+    # (moved on by the time the gateway stopped reading); None: no body.
+    _body_request: GatewayRequest | None = None
+    _body_since = 0.0
+    _body_paused_at: float | None = None
+    # Since when the transport has held response bytes the client does not
+    # take (it paused the channel); None: it takes them.
+    _stalled_since: float | None = None
+    # Since when the connection is being closed; None: it is not.
+    _closing_since: float | None = None
     # twisted.web's idle timeout (timeOut), kept the same way: a deadline
     # that each read moves, checked by one timer per connection.
     # twisted.web's own turns the timeout off and on around every request,
@@ -134,29 +174,63 @@ class GatewayChannel(http.HTTPChannel):
         timeout = self.header_timeout
         if timeout and self._head_deadline is None:
             self._head_started = False
-            self._head_deadline = self.site.reactor.seconds() + timeout
-            if self._head_timer is None:
-                self._head_timer = self.callLater(timeout, self._check_head)  # type: ignore[no-untyped-call]
+            now = self.site.reactor.seconds()
+            self._head_deadline = deadline = now + timeout
+            if self._timer_at > deadline:
+                self._arm(now, deadline)
 
-    def _stop_head_timer(self) -> None:
-        self._head_deadline = None
-        timer, self._head_timer = self._head_timer, None
+    def _arm(self, now: float, due: float) -> None:
+        """Have the timer fire by C{due} (reactor seconds)."""
+        if due < self._timer_at:
+            self._timer_at = due
+            timer = self._timer
+            if timer is None:
+                self._timer = self.callLater(max(due - now, 0.0), self._check_deadlines)  # type: ignore[no-untyped-call]
+            else:
+                timer.reset(max(due - now, 0.0))
+
+    def _stop_timer(self) -> None:
+        self._head_deadline = self._stalled_since = self._closing_since = None
+        self._body_request = None
+        timer, self._timer = self._timer, None
+        self._timer_at = math.inf
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _check_head(self) -> None:
-        self._head_timer = None
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        if self.transport is None:
+            return
+        now = self.site.reactor.seconds()
+        due = math.inf
+        send_timeout = self.send_timeout
+        for since in (self._closing_since, self._stalled_since):
+            if since is not None and send_timeout is not None:
+                if since + send_timeout <= now:
+                    self._send_timed_out()
+                    return
+                due = min(due, since + send_timeout)
         deadline = self._head_deadline
-        if deadline is None:
-            return
-        left = deadline - self.site.reactor.seconds()
-        if left > 0:
-            self._head_timer = self.callLater(left, self._check_head)  # type: ignore[no-untyped-call]
-            return
-        self._head_deadline = None
+        if deadline is not None:
+            if deadline <= now:
+                self._head_deadline = None
+                self._head_timed_out()
+                return
+            due = min(due, deadline)
+        request = self._body_request
+        body_due = None if request is None else self._body_due(request, now)
+        if body_due is not None:
+            if body_due <= now:
+                assert request is not None
+                self._body_timed_out(request)
+                return
+            due = min(due, body_due)
+        if due != math.inf:
+            self._arm(now, due)
+
+    def _head_timed_out(self) -> None:
         transport: Any = self.transport
-        if transport is None:
-            return
         self._send_outgoing()
         if self._head_started:
             self.site.gateway.log_limiter.warn(
@@ -165,15 +239,125 @@ class GatewayChannel(http.HTTPChannel):
                 "A client sent no complete request head in {timeout}s; answering 408",
                 timeout=self.header_timeout,
             )
-            transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-            )
+            transport.write(_TIMEOUT)
         self.persistent = False
+        self._close(transport)
+
+    # -- the request body's least rate ------------------------------------------
+
+    def _body_due(self, request: GatewayRequest, now: float) -> float | None:
+        """When C{request}'s body is due to have come as far as it has; C{None}: no deadline."""
+        if request.body_complete or request.finished or request.client_gone:
+            self._body_request = None
+            return None
+        exchange = request.exchange
+        if exchange is None or exchange.is_over:
+            # Answered already (the rest is discarded): the client is not late.
+            return None
+        grace = self.header_timeout or 0.0
+        if self._body_paused_at is not None and not exchange.upstream_answered:
+            # The gateway stopped reading: the client is not late.  Look
+            # again later: once the upstream has answered, a stop counts
+            # (an upstream that answers early and reads no more must not
+            # hold the client).
+            return now + max(grace, 1.0)
+        rate = self.min_body_rate
+        assert rate is not None
+        return self._body_since + grace + request.body_received / rate
+
+    def body_paused(self) -> None:
+        """The gateway stopped reading the body: its clock stops."""
+        if self._body_request is not None and self._body_paused_at is None:
+            self._body_paused_at = self.site.reactor.seconds()
+
+    def body_resumed(self) -> None:
+        """The gateway reads the body again: its clock goes on."""
+        paused_at = self._body_paused_at
+        if paused_at is not None:
+            self._body_paused_at = None
+            now = self.site.reactor.seconds()
+            request = self._body_request
+            if request is None:
+                return
+            exchange = request.exchange
+            if exchange is None or not exchange.upstream_answered:
+                self._body_since += now - paused_at
+            due = self._body_due(request, now)
+            if due is not None:
+                self._arm(now, due)
+
+    def _body_timed_out(self, request: GatewayRequest) -> None:
+        self._body_request = None
+        self.site.gateway.log_limiter.warn(
+            log,
+            "body_timeout",
+            "A client sent its request body slower than {rate} bytes/s; answering 408",
+            rate=self.min_body_rate,
+        )
+        exchange = request.exchange
+        if exchange is not None:
+            exchange.client_timed_out()
+        transport: Any = self.transport
+        if transport is not None and not transport.disconnecting and not request.finished:
+            # No exchange to answer (never the case for a streamed body).
+            self._send_outgoing()
+            transport.write(_TIMEOUT)
+            self.persistent = False
+            self._close(transport)
+
+    # -- a client that takes no response bytes ----------------------------------
+
+    def pauseProducing(self) -> None:
+        # The transport holds more than it wants to: the client is not
+        # taking the response as fast as it comes.
+        if self._stalled_since is None and self.send_timeout is not None:
+            now = self._stalled_since = self.site.reactor.seconds()
+            self._arm(now, now + self.send_timeout)
+        super().pauseProducing()  # type: ignore[no-untyped-call]
+
+    def resumeProducing(self) -> None:
+        # All that was buffered is sent: the timer, if any, lapses.
+        self._stalled_since = None
+        super().resumeProducing()  # type: ignore[no-untyped-call]
+
+    def _close(self, transport: Any) -> None:
+        """Close the connection once its last bytes are taken, or C{send_timeout} from now."""
+        self._closing()
         transport.loseConnection()
 
+    def _closing(self) -> None:
+        # A client that takes no more bytes does not hold the connection open.
+        if self._closing_since is None and self.send_timeout is not None:
+            now = self._closing_since = self.site.reactor.seconds()
+            self._arm(now, now + self.send_timeout)
+
+    def _send_timed_out(self) -> None:
+        self._stalled_since = self._closing_since = None
+        self.site.gateway.log_limiter.warn(
+            log,
+            "send_timeout",
+            "A client took no response bytes in {timeout}s; closing its connection",
+            timeout=self.send_timeout,
+        )
+        self.persistent = False
+        for request in list(self.requests):
+            exchange = request.exchange
+            if exchange is not None:
+                exchange.client_timed_out(f"the client took no response bytes in {self.send_timeout}s")
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
     def allHeadersReceived(self) -> None:
-        """The head is complete: its deadline no longer applies."""
+        """The head is complete: its deadline no longer applies; its body's starts."""
         self._head_deadline = None
+        if self.length != 0 and self.min_body_rate is not None:
+            # Before the request is handled: it may be answered at once.
+            now = self.site.reactor.seconds()
+            self._body_request = self.requests[-1]
+            self._body_since = now
+            self._body_paused_at = None
+            self._arm(now, now + (self.header_timeout or 0.0))
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
     def requestDone(self, request: Any) -> None:
@@ -181,6 +365,8 @@ class GatewayChannel(http.HTTPChannel):
         # replays pipelined data (whose responses come after it).
         if self._outgoing:
             self._send_outgoing()
+        # Its body, if any, is no longer awaited (nor the request kept).
+        self._body_request = None
         # Before the parent replays pipelined data: that may hold the next
         # head already, whose end stops this timer again.
         if self.persistent:
@@ -188,7 +374,7 @@ class GatewayChannel(http.HTTPChannel):
         super().requestDone(request)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._stop_head_timer()
+        self._stop_timer()
         self._idle_deadline = None
         timer, self._idle_timer = self._idle_timer, None
         if timer is not None and timer.active():
@@ -248,6 +434,8 @@ class GatewayChannel(http.HTTPChannel):
 
     def loseConnection(self) -> None:
         self._send_outgoing()
+        if self.transport is not None:
+            self._closing()
         super().loseConnection()  # type: ignore[no-untyped-call]
 
     def _send100Continue(self) -> None:
@@ -289,7 +477,7 @@ class GatewayChannel(http.HTTPChannel):
         self._head_too_large()
 
     def _head_too_large(self) -> None:
-        self._stop_head_timer()
+        self._head_deadline = None
         transport: Any = self.transport
         if transport is None:
             return
@@ -297,13 +485,15 @@ class GatewayChannel(http.HTTPChannel):
         self.persistent = False
         _stop_parsing(self)
         transport.write(_TOO_LARGE)
-        transport.loseConnection()
+        self._close(transport)
 
 
 def _stop_parsing(channel: Any) -> None:
     """No more parsing: whatever else arrives on C{channel} is dropped."""
     channel.dataReceived = channel.lineReceived = _discard
 
+
+_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 _TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
 _TOO_LARGE = (

@@ -82,6 +82,12 @@ class GatewayConfig:
         kept per upstream host.
     @ivar header_timeout: seconds a client has to send a whole request head
         (from its connection, or the end of its previous response).
+    @ivar min_body_rate: the least average rate (bytes a second) at which a
+        request body must arrive, counted from C{header_timeout} seconds
+        after its head; a slower client gets C{408}.
+    @ivar send_timeout: seconds a client has to take the response bytes the
+        gateway buffers for it (and a closing connection its last bytes)
+        before its connection is aborted.
     @ivar max_client_connections: client connections the gateway holds at
         once; more are closed as they arrive.
     @ivar status_hosts: host names the status site answers to besides its
@@ -105,6 +111,8 @@ class GatewayConfig:
     max_upstream_connections: int = 64
     header_timeout: float = attrs.field(default=30.0, validator=_positive)
     max_client_connections: int = attrs.field(default=1024, validator=_positive_int)
+    min_body_rate: int = attrs.field(default=1024, validator=_positive_int)
+    send_timeout: float = attrs.field(default=30.0, validator=_positive)
     status_hosts: tuple[str, ...] = attrs.field(default=(), converter=_names)
     max_replaced_body_size: int = attrs.field(default=10 * 1024 * 1024, validator=_positive_int)
     allow_underscore_headers: bool = False

@@ -237,6 +237,11 @@ class Exchange(Responding, Endings):
         """Whether the request has been answered (or is being cancelled)."""
         return self._phase == _OVER or self._cancelling
 
+    @property
+    def upstream_answered(self) -> bool:
+        """Whether the upstream's response is in (and waits for the request body, if that is still coming)."""
+        return self._response is not None
+
     # -- start --------------------------------------------------------------------
 
     def start(self) -> None:

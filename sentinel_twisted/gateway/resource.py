@@ -60,6 +60,7 @@ class GatewayRequest(server.Request):
     @cvar exchange: the request's exchange once it has one, else C{None}.
     @cvar body_complete: the whole body has arrived.
     @cvar client_gone: the client's connection was lost.
+    @cvar body_received: bytes of the streamed body received so far.
     @ivar method: the request method (as C{twisted.web} sets it).
     @ivar uri: the request target, as received.
     @ivar clientproto: the HTTP version of the request line.
@@ -78,6 +79,7 @@ class GatewayRequest(server.Request):
     body_complete = True
     body_length: int | None = 0
     client_gone = False
+    body_received = 0
     _in_parser = False
     _closing = False
 
@@ -107,6 +109,7 @@ class GatewayRequest(server.Request):
         if not self.streaming:
             super().handleContentChunk(data)  # type: ignore[no-untyped-call]
             return
+        self.body_received += len(data)
         exchange = self.exchange
         if exchange is not None:
             self._in_parser = True
@@ -222,12 +225,18 @@ class GatewayRequest(server.Request):
         transport: Any = self.transport
         if transport is not None and not self.body_complete:
             transport.pauseProducing()
+            paused = getattr(self.channel, "body_paused", None)
+            if paused is not None:
+                paused()
 
     def resume_body(self) -> None:
         """Read the client again (the body has drained)."""
         transport: Any = self.transport
         if transport is not None and not self.client_gone:
             transport.resumeProducing()
+            resumed = getattr(self.channel, "body_resumed", None)
+            if resumed is not None:
+                resumed()
 
     def prepare_answer(self) -> None:
         """
@@ -341,6 +350,10 @@ class GatewaySite(server.Site):
     @ivar requestFactory: L{GatewayRequest}, which streams bodies.
     @ivar gateway: what its exchanges share.
     @ivar header_timeout: seconds a client has to send a whole request head.
+    @ivar min_body_rate: the least average rate of a request body (bytes a
+        second, after a grace of C{header_timeout}).
+    @ivar send_timeout: seconds a client has to take the response bytes
+        buffered for it.
     @ivar max_clients: the most client connections held at once.
     @ivar clients: client connections open now.
     """
@@ -356,6 +369,8 @@ class GatewaySite(server.Site):
         self._access_log = access_log is not None
         config = gateway.config
         self.header_timeout = config.header_timeout
+        self.min_body_rate = config.min_body_rate
+        self.send_timeout = config.send_timeout
         self.max_clients = config.max_client_connections
         self.clients = 0
 
@@ -372,6 +387,8 @@ class GatewaySite(server.Site):
         if channel is not None:
             self.clients += 1
             channel.header_timeout = self.header_timeout
+            channel.min_body_rate = self.min_body_rate
+            channel.send_timeout = self.send_timeout
         return channel
 
     def client_left(self) -> None:

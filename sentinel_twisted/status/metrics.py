@@ -76,6 +76,7 @@ DECISIONS = (
     "unavailable",
     "too_large",
     "client_closed",
+    "client_timeout",
     "bad_request",
     "error",
 )
@@ -243,7 +244,7 @@ class GatewayMetrics(PoolObserver):
         self._requests = _CounterFamily(
             "sentinel_gateway_requests",
             "Client requests, by decision (allow, block, redirect, challenge, "
-            "unavailable, too_large, client_closed, bad_request, error).",
+            "unavailable, too_large, client_closed, client_timeout, bad_request, error).",
             ("decision",),
         )
         for decision in DECISIONS:

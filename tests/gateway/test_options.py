@@ -84,6 +84,23 @@ class GatewayOptionsTests(TestCase):
             error = self.assertRaises(usage.UsageError, parse, *argv)
             self.assertIn(text, str(error), argv)
 
+    def test_slow_client_limits(self) -> None:
+        config = parse()["gateway"]
+        self.assertEqual((config.min_body_rate, config.send_timeout), (1024, 30.0))
+        config = parse("--min-body-rate", "200", "--send-timeout", "2.5")["gateway"]
+        self.assertEqual((config.min_body_rate, config.send_timeout), (200, 2.5))
+        for argv in [
+            ("--min-body-rate", "0"),
+            ("--min-body-rate", "1.5"),
+            ("--min-body-rate", "fast"),
+            ("--send-timeout", "0"),
+            ("--send-timeout", "-1"),
+            ("--send-timeout", "inf"),
+            ("--send-timeout", "nan"),
+        ]:
+            error = self.assertRaises(usage.UsageError, parse, *argv)
+            self.assertIn(argv[0], str(error), argv)
+
     def test_empty_agent_or_status_host_is_refused(self) -> None:
         for argv, text in [
             (("--agent", ""), "--agent: an empty agent id"),

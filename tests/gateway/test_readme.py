@@ -28,6 +28,8 @@ GATEWAY_OPTIONS = {
     "access-log",
     "header-timeout",
     "max-client-connections",
+    "min-body-rate",
+    "send-timeout",
     "status-host",
     "max-replaced-body-size",
     "allow-underscore-headers",
