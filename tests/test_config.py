@@ -23,6 +23,7 @@ class ConfigTests(TestCase):
         self.assertEqual(config.request_timeout, 30.0)
         self.assertEqual(config.proxy_id, "sentinel-proxy")
         self.assertEqual(config.max_pending_registrations, 1024)
+        self.assertEqual(config.max_pending_registrations_per_peer, 64)
 
     def test_non_positive_values_are_refused(self) -> None:
         for name in (
@@ -30,6 +31,7 @@ class ConfigTests(TestCase):
             "request_timeout",
             "max_connections_per_agent",
             "max_pending_registrations",
+            "max_pending_registrations_per_peer",
         ):
             for value in (0, -1):
                 with self.assertRaises(ValueError, msg=name) as caught:
