@@ -548,9 +548,14 @@ class _MsgpackCodec:
         for key in ("decision", "websocket_decision"):
             if key in value:
                 value[key] = _named_variant(value[key], key)
-        for key in ("request_headers", "response_headers"):
-            if isinstance(value.get(key), list):
-                value[key] = [_named_variant(op, key) for op in value[key]]
+        lists = [key for key in ("request_headers", "response_headers") if isinstance(value.get(key), list)]
+        # Counted before each is rewritten (decode_agent_response counts again).
+        if sum(len(value[key]) for key in lists) > m.MAX_HEADER_OPS:
+            raise InvalidMessage(
+                f"Invalid message format: more than {m.MAX_HEADER_OPS} header operations in one answer"
+            )
+        for key in lists:
+            value[key] = [_named_variant(op, key) for op in value[key]]
         # The JSON decoder validates the rest (types, required fields, variants).
         try:
             as_json = msgspec.json.encode(value)

@@ -138,6 +138,7 @@ _CONVERSIONS = {
     "request-timeout": _positive_float,
     "backlog": _backlog,
     "max-pending-registrations": positive_int,
+    "max-pending-registrations-per-peer": positive_int,
     "max-incomplete-frame-bytes": positive_int,
     "max-agent-id-length": positive_int,
     "max-metadata-size": positive_int,
@@ -238,6 +239,12 @@ class Options(ProgramOptions):
             None,
             1024,
             "Connections (N) that may await registration at once.",
+        ],
+        [
+            "max-pending-registrations-per-peer",
+            None,
+            64,
+            "Connections (N) from one TCP/TLS peer address that may await registration at once.",
         ],
         [
             "max-incomplete-frame-bytes",
@@ -465,6 +472,7 @@ class Options(ProgramOptions):
                 request_timeout=self["request-timeout"],
                 proxy_id=self["proxy-id"],
                 max_pending_registrations=self["max-pending-registrations"],
+                max_pending_registrations_per_peer=self["max-pending-registrations-per-peer"],
                 max_incomplete_frame_bytes=self["max-incomplete-frame-bytes"],
                 max_agent_id_length=self["max-agent-id-length"],
                 max_metadata_size=self["max-metadata-size"],

@@ -24,6 +24,7 @@ class ConfigTests(TestCase):
         self.assertEqual(config.proxy_id, "sentinel-proxy")
         self.assertEqual(config.max_pending_registrations, 1024)
         self.assertEqual(config.close_grace, 5.0)
+        self.assertEqual(config.max_pending_registrations_per_peer, 64)
 
     def test_non_positive_values_are_refused(self) -> None:
         for name in (
@@ -32,6 +33,7 @@ class ConfigTests(TestCase):
             "max_connections_per_agent",
             "max_pending_registrations",
             "close_grace",
+            "max_pending_registrations_per_peer",
         ):
             for value in (0, -1):
                 with self.assertRaises(ValueError, msg=name) as caught:

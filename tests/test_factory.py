@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
@@ -328,6 +330,147 @@ class PendingRegistrationCapTests(TestCase):
         for i in range(3):
             proxy.register(f"waf-{i}")
         self.assertEqual(proxy.factory.awaiting_registration, 0)
+
+
+def connect_from(proxy: Proxy, address: Any) -> tuple[Any, StringTransport]:
+    """A connection from C{address}: what the factory built for it, and its transport."""
+    protocol = proxy.factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+OTHER = IPv4Address("TCP", "192.0.2.7", 40001)
+
+
+class PendingRegistrationPerPeerCapTests(TestCase):
+    def test_connections_beyond_the_per_peer_cap_are_refused(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy.connect()
+        proxy.connect()
+        _, transport = connect_from(proxy, IPv4Address("TCP", "127.0.0.1", 40009))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
+        self.assertEqual(proxy.factory.awaiting_registration, 2)
+
+    def test_the_default_per_peer_cap_is_64(self) -> None:
+        proxy = Proxy()
+        for _ in range(64):
+            proxy.connect()
+        _, transport = connect_from(proxy, PEER)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
+
+    def test_other_addresses_still_register(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy.connect()
+        protocol, transport = connect_from(proxy, OTHER)
+        protocol.dataReceived(registration_frame())
+        self.assertFalse(transport.disconnecting)
+        self.assertIsNotNone(protocol.connection)
+
+    def test_the_cap_applies_to_tls_listeners(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy.connect()
+        wrapped = TLSMemoryBIOFactory(CertificateOptions(), False, proxy.factory).buildProtocol(PEER)
+        transport = StringTransport()
+        wrapped.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
+
+    def test_unix_connections_are_not_counted_per_peer(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        for _ in range(3):
+            _, transport = connect_from(proxy, UNIXAddress(None))
+            self.assertFalse(transport.disconnecting)
+        self.assertEqual(proxy.factory.awaiting_registration, 3)
+        self.assertEqual(proxy.factory.pending_by_peer, {})
+
+    def test_a_registration_frees_a_place_of_its_address(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        protocol, _ = proxy.connect()
+        protocol.dataReceived(registration_frame())
+        proxy.connect()
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 0)
+
+    def test_an_address_leaves_the_table_with_its_last_pending_connection(self) -> None:
+        proxy = Proxy()
+        registering, _ = proxy.connect()
+        leaving, _ = proxy.connect()
+        connect_from(proxy, OTHER)
+        self.assertEqual(
+            {host: len(held) for host, held in proxy.factory.pending_by_peer.items()},
+            {"127.0.0.1": 2, "192.0.2.7": 1},
+        )
+        registering.dataReceived(registration_frame())
+        lose(leaving)
+        proxy.clock.advance(10)
+        self.assertEqual(proxy.factory.pending_by_peer, {})
+
+    def test_refusals_are_logged_rate_limited_with_the_address_escaped(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        peer = IPv6Address("TCP", "fe80::1%eth0\n\x1b[31m", 1)
+        connect_from(proxy, peer)
+        with captured_log() as events:
+            for _ in range(100):
+                _, transport = connect_from(proxy, IPv6Address("TCP", peer.host, 2))
+                self.assertTrue(transport.disconnecting)
+        lines = [formatEvent(e) or "" for e in events]
+        self.assertLessEqual(len(lines), 5)
+        self.assertIn("(limit 1 per address)", lines[0])
+        self.assertNotIn("\x1b", "".join(lines))
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 100)
+
+
+class PendingRegistrationRoomTests(TestCase):
+    """
+    With every place taken, a newcomer takes the place of the oldest
+    connection of the address holding the most places, if that is more than
+    its own address holds.
+    """
+
+    def test_the_oldest_connection_of_the_busiest_address_makes_room(self) -> None:
+        proxy = Proxy(max_pending_registrations=3)
+        _, oldest_transport = proxy.connect()
+        proxy.connect()
+        connect_from(proxy, OTHER)
+        protocol, transport = connect_from(proxy, IPv4Address("TCP", "198.51.100.1", 1))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(oldest_transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["pending_evicted"], 1)
+        self.assertEqual(proxy.factory.rejections["pending_limit"], 0)
+        self.assertEqual(proxy.factory.awaiting_registration, 3)
+        self.assertEqual(len(proxy.factory.pending_by_peer["127.0.0.1"]), 1)
+        [(kind, payload)] = take_frames(oldest_transport)
+        response = m.decode(payload, m.RegistrationResponse)
+        self.assertFalse(response.success)
+        self.assertIn("closed to make room", response.error or "")
+        protocol.dataReceived(registration_frame())
+        self.assertIsNotNone(protocol.connection)
+
+    def test_an_address_holding_as_many_as_the_busiest_is_refused(self) -> None:
+        proxy = Proxy(max_pending_registrations=2)
+        proxy.connect()
+        connect_from(proxy, OTHER)
+        _, transport = connect_from(proxy, OTHER)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["pending_limit"], 1)
+        self.assertEqual(proxy.factory.rejections["pending_evicted"], 0)
+
+    def test_a_unix_connection_makes_room_among_tcp_ones(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        _, tcp_transport = proxy.connect()
+        _, transport = connect_from(proxy, UNIXAddress(None))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(tcp_transport.disconnecting)
+
+    def test_unix_connections_are_never_closed_to_make_room(self) -> None:
+        proxy = Proxy(max_pending_registrations=1)
+        _, unix_transport = connect_from(proxy, UNIXAddress(None))
+        _, transport = proxy.connect()
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(unix_transport.disconnecting)
+        self.assertEqual(proxy.factory.rejections["pending_limit"], 1)
 
 
 class ResponseAndCounterTests(TestCase):

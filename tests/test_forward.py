@@ -332,6 +332,17 @@ class MessagePackResponseTests(SynchronousTestCase):
         response = self.codec.decode_response(msgspec.msgpack.encode(payload))
         self.assertEqual(response, m.decode_agent_response(json.dumps(payload).encode()))
 
+    def test_more_than_100_header_operations_are_an_invalid_answer(self) -> None:
+        ops = [{"add": {"name": "x", "value": "v"}}] * 60
+        payload = msgspec.msgpack.encode({"version": 2, "decision": "allow", "request_headers": ops})
+        self.assertEqual(len(self.codec.decode_response(payload).request_headers), 60)
+        payload = msgspec.msgpack.encode(
+            {"version": 2, "decision": "allow", "request_headers": ops, "response_headers": ops}
+        )
+        with self.assertRaises(InvalidMessage) as caught:
+            self.codec.decode_response(payload)
+        self.assertIn("more than 100 header operations", str(caught.exception))
+
     def test_malformed_answers(self) -> None:
         for payload in (
             b"",

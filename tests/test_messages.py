@@ -248,6 +248,34 @@ class AgentResponseTests(TestCase):
     def test_version_is_required(self) -> None:
         self.assertInvalid(b'{"decision": "allow"}', "missing required field `version`")
 
+    def test_100_header_operations_are_read(self) -> None:
+        ops = [{"add": {"name": f"x-{i}", "value": "v"}} for i in range(100)]
+        response = m.decode_agent_response(answer(request_headers=ops[:60], response_headers=ops[60:]))
+        self.assertEqual(len(response.request_headers) + len(response.response_headers), 100)
+        self.assertEqual(m.MAX_HEADER_OPS, 100)
+
+    def test_more_than_100_header_operations_are_an_invalid_answer(self) -> None:
+        ops = [{"set": {"name": f"x-{i}", "value": "v"}} for i in range(101)]
+        self.assertInvalid(
+            answer(request_headers=ops[:50], response_headers=ops[50:]),
+            "more than 100 header operations in one answer",
+            "`$.response_headers[50]`",
+        )
+
+    def test_the_count_stops_at_the_first_operation_too_many(self) -> None:
+        # The rest is never read: an operation of the wrong shape after the
+        # 101st is not what is reported.
+        ops: list[Any] = [{"remove": {"name": "x"}}] * 101 + ["not an operation"]
+        self.assertInvalid(answer(request_headers=ops), "`$.request_headers[100]`")
+
+    def test_the_count_starts_again_with_each_answer(self) -> None:
+        ops = [{"remove": {"name": "x"}}] * 100
+        for _ in range(3):
+            self.assertEqual(len(m.decode_agent_response(answer(request_headers=ops)).request_headers), 100)
+        # Also after an answer that failed midway.
+        self.assertInvalid(answer(request_headers=[*ops[:10], "bad"]), "`$.request_headers[10]`")
+        self.assertEqual(len(m.decode_agent_response(answer(response_headers=ops)).response_headers), 100)
+
     def test_decision_is_required(self) -> None:
         self.assertInvalid(b'{"version": 2}', "missing required field `decision`")
 

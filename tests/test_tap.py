@@ -57,6 +57,7 @@ class OptionsTests(TestCase):
             "--proxy-id", "edge-1",
             "--backlog", "64",
             "--max-pending-registrations", "9",
+            "--max-pending-registrations-per-peer", "3",
         )  # fmt: skip
         self.assertEqual(
             options["listen"],
@@ -75,6 +76,7 @@ class OptionsTests(TestCase):
         self.assertEqual(config.proxy_id, "edge-1")
         self.assertEqual(config.backlog, 64)
         self.assertEqual(config.max_pending_registrations, 9)
+        self.assertEqual(config.max_pending_registrations_per_peer, 3)
 
     def test_whole_seconds_are_floats(self) -> None:
         config = parse("--handshake-timeout", "3", "--request-timeout", "1e1")["config"]
@@ -97,6 +99,7 @@ class OptionsTests(TestCase):
             # and its lock exist, and would leave them behind.
             ["--backlog", "2147483648"],
             ["--max-pending-registrations", "0"],
+            ["--max-pending-registrations-per-peer", "0"],
             ["--no-such-option"],
             ["--handshake-timeout"],
             ["stray-argument"],

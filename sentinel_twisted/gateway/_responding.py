@@ -264,10 +264,10 @@ class Responding:
         if self._drop_length:
             raw.pop(b"Content-Length", None)
         for slot in self.slots:
-            if slot.response_ops is not None and slot.skipped is None:
-                apply_header_ops(
-                    out, slot.response_ops, slot.agent_id, limiter=self.gateway.log_limiter
-                )
+            held = slot.response_ops
+            if held is not None and slot.skipped is None:
+                ops = [op for kept in held.values() for op in kept]
+                apply_header_ops(out, ops, slot.agent_id, limiter=self.gateway.log_limiter)
         request.setResponseCode(response.code, response.phrase or None)
 
     def _client_write(self, data: bytes) -> None:

@@ -56,6 +56,9 @@ __all__ = [
 
 #: Largest chunk we send: its base64 form must fit in one 16 MiB frame.
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
+#: Smallest chunk we send (but the last of a body): an agent that prefers
+#: one-byte chunks would otherwise cost an event, and an answer, per byte.
+MIN_CHUNK_SIZE = 4 * 1024
 #: The chunk size for an agent that states no preference.
 DEFAULT_CHUNK_SIZE = 64 * 1024
 #: Bytes a stage (beyond its chunk size) or the upstream body holds before
@@ -65,11 +68,12 @@ STAGE_ROOM = 256 * 1024
 
 def clamp_chunk_size(preferred: int) -> int:
     """
-    An agent's C{preferred_chunk_size}, within C{(0, MAX_CHUNK_SIZE]} (C{0} or less: the default).
+    An agent's C{preferred_chunk_size}, within C{[MIN_CHUNK_SIZE,
+    MAX_CHUNK_SIZE]} (C{0} or less: the default).
     """
     if preferred <= 0:
         return DEFAULT_CHUNK_SIZE
-    return min(preferred, MAX_CHUNK_SIZE)
+    return min(max(preferred, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE)
 
 
 class BodySink(Protocol):

@@ -13,6 +13,7 @@ from http import HTTPStatus
 
 import msgspec
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
@@ -22,6 +23,8 @@ from .config import CHALLENGE_HEADER
 
 __all__ = [
     "HOP_BY_HOP",
+    "MAX_HEAD_LINES",
+    "MAX_HEAD_SIZE",
     "PROTECTED_REQUEST_HEADERS",
     "PROTECTED_RESPONSE_HEADERS",
     "Denial",
@@ -31,6 +34,7 @@ __all__ = [
     "ignored_header",
     "denial_for",
     "drop_hop_by_hop",
+    "head_size",
     "status_text",
     "valid_status",
 ]
@@ -136,6 +140,23 @@ def _skip_set(also: Iterable[bytes]) -> frozenset[bytes]:
         if len(_skip_sets) < _MAX_SKIP_SETS:
             _skip_sets[also] = found
     return found
+
+
+#: The largest head agents' header operations may make, in bytes of header
+#: lines (without line ends) and in lines: the limits of a client's request
+#: head (twisted.web's, kept by the gateway's channel), so that an answer
+#: cannot make the gateway send heads larger than any it takes in.
+MAX_HEAD_SIZE = HTTPChannel.totalHeadersSize
+MAX_HEAD_LINES = HTTPChannel.maxHeaders
+
+
+def head_size(headers: Headers) -> tuple[int, int]:
+    """The bytes of C{headers}' lines as sent, without line ends, and how many lines."""
+    size = lines = 0
+    for name, values in headers.getAllRawHeaders():
+        lines += len(values)
+        size += (len(name) + 2) * len(values) + sum(map(len, values))
+    return size, lines
 
 
 def apply_header_ops(

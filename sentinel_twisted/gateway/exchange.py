@@ -48,7 +48,7 @@ from twisted.web.http_headers import Headers
 
 from .. import messages as m
 from .._peertext import peer_text
-from ..errors import AgentProtocolError
+from ..errors import AgentProtocolError, InvalidMessage
 from ..proxy.connection import AgentConnection, new_correlation_id
 from ..proxy.protocol import HOLD_FRAMES_FOR_TURN
 from ._endings import (
@@ -72,10 +72,13 @@ from .body import (
     inspection_chain,
 )
 from .decisions import (
+    MAX_HEAD_LINES,
+    MAX_HEAD_SIZE,
     PROTECTED_REQUEST_HEADERS,
     apply_header_ops,
     decision_label,
     drop_hop_by_hop,
+    head_size,
 )
 from .metadata import request_header_map, request_metadata, tls_info
 from .shared import Gateway, GatewayMetricsSink, NullMetrics, failure_reason
@@ -134,6 +137,8 @@ class AgentSlot:
         "answer",
         "connection",
         "events",
+        "_response_ops_count",
+        "_response_ops_size",
         "response_ops",
         "skipped",
         "stage",
@@ -147,16 +152,53 @@ class AgentSlot:
         self.answer: m.AgentResponse | None = None
         #: Left out after failing (fail-open): its reason.
         self.skipped: str | None = None
-        #: Response header operations from its answers so far.
-        self.response_ops: list[m.HeaderOp] | None = None
+        #: Response header operations from its answers so far, by header
+        #: name in lower case (see add_response_ops).
+        self.response_ops: dict[str, list[m.HeaderOp]] | None = None
+        self._response_ops_count = 0
+        self._response_ops_size = 0
         self.stage: InspectionStage | None = None
 
-    def add_response_ops(self, ops: list[m.HeaderOp]) -> None:
-        """Keep the agent's response header operations for the response."""
-        if self.response_ops is None:
-            self.response_ops = list(ops)
-        else:
-            self.response_ops.extend(ops)
+    def add_response_ops(self, ops: list[m.HeaderOp]) -> str | None:
+        """
+        Keep the agent's response header operations for the response, by
+        header name: a set or a remove makes what came before it for its
+        name moot (an agent may repeat its operations in each answer).
+        Returns what is wrong if what is kept is over L{MAX_HEADER_OPS
+        <sentinel_twisted.messages.MAX_HEADER_OPS>} operations or
+        L{MAX_HEAD_SIZE} bytes of header lines: the agent has failed.
+        """
+        held = self.response_ops
+        if held is None:
+            held = self.response_ops = {}
+        count = self._response_ops_count
+        size = self._response_ops_size
+        for op in ops:
+            name = op.name.lower()
+            kept = held.get(name)
+            if kept is not None and not isinstance(op, m.AddHeader):
+                count -= len(kept)
+                size -= sum(map(_op_size, kept))
+                kept = None
+            if kept is None:
+                held[name] = [op]
+            else:
+                kept.append(op)
+            count += 1
+            size += _op_size(op)
+        self._response_ops_count = count
+        self._response_ops_size = size
+        if count > m.MAX_HEADER_OPS or size > MAX_HEAD_SIZE:
+            return (
+                f"its response header operations come to {count} operations of {size} bytes "
+                f"(max: {m.MAX_HEADER_OPS} operations, {MAX_HEAD_SIZE} bytes)"
+            )
+        return None
+
+
+def _op_size(op: m.HeaderOp) -> int:
+    """The bytes of the header line a header operation stands for."""
+    return len(op.name) + 2 + len(getattr(op, "value", ""))
 
 
 class _RequestTail:
@@ -508,13 +550,16 @@ class Exchange(Responding, Endings):
         if self._phase == _OVER:
             return
         try:
+            if answer.response_headers:
+                problem = slot.add_response_ops(answer.response_headers)
+                if problem is not None:
+                    self._header_failed(Failure(InvalidMessage(problem)), slot)
+                    return
             slot.answer = answer
             allow = answer.is_allow
             self.gateway.metrics.agent_decided(
                 slot.agent_id, "allow" if allow else decision_label(answer.decision)
             )
-            if answer.response_headers:
-                slot.add_response_ops(answer.response_headers)
             if allow and slot.stage is not None:
                 # Its body events may follow now that this answer is in.
                 slot.stage.start()
@@ -577,15 +622,23 @@ class Exchange(Responding, Endings):
             head.end()
 
     def body_answered(self, slot: AgentSlot, answer: m.AgentResponse) -> bool:
-        """An agent answered a body chunk: a denial ends the exchange (C{False})."""
+        """
+        An agent answered a body chunk: C{False} when its stage is done with
+        the answer (a denial ended the exchange, or the agent failed).
+        """
+        if answer.response_headers:
+            problem = slot.add_response_ops(answer.response_headers)
+            if problem is not None:
+                stage = slot.stage
+                if self._agent_failed(slot, Failure(InvalidMessage(problem))) and stage is not None:
+                    stage.bypass()
+                return False
         self.gateway.metrics.agent_decided(
             slot.agent_id, "allow" if answer.is_allow else decision_label(answer.decision)
         )
         if not answer.is_allow:
             self._deny(slot, answer)
             return False
-        if answer.response_headers:
-            slot.add_response_ops(answer.response_headers)
         return True
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
@@ -601,9 +654,6 @@ class Exchange(Responding, Endings):
     # -- upstream --------------------------------------------------------------------------
 
     def _request_headers_allowed(self) -> None:
-        self._phase = _FORWARDING
-        self._decision = "allow"
-        self._forwarded = True
         request = self.request
         # The forwarding headers are in already (_own_headers): the agents
         # saw them.
@@ -618,25 +668,28 @@ class Exchange(Responding, Endings):
         decisions: list[dict[str, Any]] | None = (
             list(self._passed) if self.gateway.shows_decisions else None
         )
+        measured: tuple[int, int] | None = None
         for slot in self.slots:
+            answer = slot.answer
+            if slot.skipped is None and answer is not None and answer.request_headers:
+                if measured is None:
+                    measured = head_size(headers)
+                applied = self._apply_request_ops(headers, slot, answer.request_headers, measured)
+                if applied is None and self._phase == _OVER:
+                    return
+                if applied is not None:
+                    headers, measured = applied
             if slot.skipped is not None:
                 if decisions is not None:
                     decisions.append(
                         {"agent_id": slot.agent_id, "decision": "allow", "fail_open": slot.skipped}
                     )
                 continue
-            answer = slot.answer
-            if answer is not None:
-                if answer.request_headers:
-                    apply_header_ops(
-                        headers,
-                        answer.request_headers,
-                        slot.agent_id,
-                        PROTECTED_REQUEST_HEADERS,
-                        self.gateway.log_limiter,
-                    )
-                if decisions is not None:
-                    decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
+            if answer is not None and decisions is not None:
+                decisions.append({"agent_id": slot.agent_id, "decision": "allow"})
+        self._phase = _FORWARDING
+        self._decision = "allow"
+        self._forwarded = True
         forward = ForwardRequest(request.method, self._target, headers, self._body, decisions)
         self._forwarded_at = self.gateway.clock.seconds()
         call = self.gateway.upstream.forward(forward)
@@ -644,6 +697,30 @@ class Exchange(Responding, Endings):
         call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
             self.internal_error
         )
+
+    def _apply_request_ops(
+        self, headers: Headers, slot: AgentSlot, ops: list[m.HeaderOp], before: tuple[int, int]
+    ) -> tuple[Headers, tuple[int, int]] | None:
+        """
+        Apply an agent's request header operations to C{headers}: the head
+        and its size in bytes and lines (L{head_size}) they make, or
+        C{None} when they would make it larger than a client's may be
+        (L{MAX_HEAD_SIZE}, L{MAX_HEAD_LINES}) unless it was already, and
+        then larger than it was: the agent has failed (C{503}, or left out
+        with the head as it was, failing open).
+        """
+        # Failing open, the head must stay as it was if the agent fails.
+        target = headers.copy() if self.gateway.fail_open else headers
+        apply_header_ops(target, ops, slot.agent_id, PROTECTED_REQUEST_HEADERS, self.gateway.log_limiter)
+        size, lines = after = head_size(target)
+        if size > max(MAX_HEAD_SIZE, before[0]) or lines > max(MAX_HEAD_LINES, before[1]):
+            error = InvalidMessage(
+                f"its request header operations make a head of {size} bytes in {lines} lines "
+                f"(max: {MAX_HEAD_SIZE} bytes, {MAX_HEAD_LINES} lines)"
+            )
+            self._agent_failed(slot, Failure(error))
+            return None
+        return target, after
 
     def _upstream_responded(self, response: UpstreamResponse) -> None:
         self._upstream_call = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 from .._cancel import CancelReason
 from ._answers import (
     ALLOW,
+    MAX_HEADER_OPS,
     AddHeader,
     AgentResponse,
     Allow,
@@ -76,6 +77,7 @@ __all__ = [
     "ALLOW",
     "EVENT_CLASSES",
     "I64",
+    "MAX_HEADER_OPS",
     "PROTOCOL_VERSION",
     "U16",
     "U32",

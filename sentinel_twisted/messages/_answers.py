@@ -8,6 +8,7 @@ edge by the codec's hooks.
 from __future__ import annotations
 
 import base64
+import threading
 from typing import Any, ClassVar, Final
 
 import msgspec
@@ -315,6 +316,30 @@ def _decode_decision(obj: object) -> Decision:
     return Challenge(c.challenge_type, c.params)
 
 
+#: The most header operations (request and response together) an answer
+#: read by L{decode_agent_response
+#: <sentinel_twisted.messages.decode_agent_response>} may carry: more is an
+#: invalid answer.  A client's head is capped at 16 KiB; an agent's answer,
+#: at up to 16 MiB, could otherwise make the gateway build and send heads of
+#: hundreds of thousands of headers.
+MAX_HEADER_OPS: Final = 100
+
+
+class _HeaderOpCount(threading.local):
+    """
+    The header operations of the answer L{decode_agent_response
+    <sentinel_twisted.messages.decode_agent_response>} is decoding on this
+    thread, counted as they are decoded: an answer over the limit is refused
+    at the first operation too many, not once all are read.  Reset after an
+    answer that had some (an answer without any costs nothing).
+    """
+
+    used = 0
+
+
+_op_count: Final = _HeaderOpCount()
+
+
 def _decode_header_op(obj: object) -> HeaderOp:
     key, body = _single_key(obj, "header operation", ("set", "add", "remove"))
     if key == "remove":
@@ -348,6 +373,17 @@ def _dec_hook(type_: type, obj: object) -> object:
     if decoder is None:
         raise NotImplementedError(f"cannot decode {type_!r}")
     return decoder(obj)
+
+
+def _answer_dec_hook(type_: type, obj: object) -> object:
+    """L{_dec_hook} counting header operations against L{MAX_HEADER_OPS}."""
+    if type_ is HeaderOp:
+        used = _op_count.used + 1
+        if used > MAX_HEADER_OPS:
+            raise ValueError(f"more than {MAX_HEADER_OPS} header operations in one answer")
+        _op_count.used = used
+        return _decode_header_op(obj)
+    return _dec_hook(type_, obj)
 
 
 def _enc_hook(obj: object) -> object:

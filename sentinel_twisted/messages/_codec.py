@@ -12,7 +12,15 @@ import msgspec
 from msgspec import Struct
 
 from ..errors import InvalidMessage, SerializationError, VersionMismatch
-from ._answers import _SUBPATH, AgentResponse, _dec_hook, _enc_hook, _RequiredAgentResponse
+from ._answers import (
+    _SUBPATH,
+    AgentResponse,
+    _answer_dec_hook,
+    _dec_hook,
+    _enc_hook,
+    _op_count,
+    _RequiredAgentResponse,
+)
 from ._events import RequestHeadersEvent, _Event
 from ._registration import AgentCapabilities, AgentFeatures, AgentLimits, RegistrationRequest
 from ._types import PROTOCOL_VERSION
@@ -138,12 +146,23 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
 
 
 def decode_agent_response(payload: bytes) -> AgentResponse:
-    """Parse an AgentResponse; C{version} and C{decision} are required."""
+    """
+    Parse an AgentResponse; C{version} and C{decision} are required, and
+    it may carry at most L{MAX_HEADER_OPS
+    <sentinel_twisted.messages.MAX_HEADER_OPS>} header operations (more is
+    an L{InvalidMessage}).
+    """
     # decode() spelled out with the decoder at hand: this runs per answer.
     try:
         p: _RequiredAgentResponse = _response_decoder.decode(payload)
     except _DECODE_ERRORS as e:
+        _op_count.used = 0
         raise InvalidMessage(_error_text(e, payload)) from None
+    except BaseException:
+        _op_count.used = 0
+        raise
+    if p.request_headers or p.response_headers:
+        _op_count.used = 0
     # Hand out a plain AgentResponse: the decoding shape's instances would
     # never compare equal to one (msgspec compares the exact type).  The
     # shape adds no field, so its instance becomes one in place (checked
@@ -165,7 +184,10 @@ def decode_agent_response(payload: bytes) -> AgentResponse:
     )
 
 
-_response_decoder = _decoder(_RequiredAgentResponse)
+# Its own decoder: only answers read here have their header operations counted.
+_response_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+    _RequiredAgentResponse, dec_hook=_answer_dec_hook
+)
 
 
 def _can_retype() -> bool:

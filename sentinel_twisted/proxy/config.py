@@ -133,7 +133,13 @@ class ReverseConnectionConfig:
     @ivar request_timeout: default seconds a request waits for its answer.
     @ivar proxy_id: sent in every RegistrationResponse.
     @ivar max_pending_registrations: connections that may wait for their
-        registration at once; beyond it new connections are closed at once.
+        registration at once; beyond it a new connection takes the place of
+        the oldest one from the address holding the most, if that address
+        holds more than the newcomer's, else it is closed at once.
+    @ivar max_pending_registrations_per_peer: connections from one TCP or
+        TLS peer address that may wait for their registration at once;
+        beyond it new connections from that address are closed at once
+        (UNIX sockets have no peer address and are not counted).
     @ivar require_client_cert: a registering agent must hold a verified TLS
         client certificate issued for its agent id (see
         L{sentinel_twisted.proxy._identity}); the listener's TLS endpoints must
@@ -168,6 +174,7 @@ class ReverseConnectionConfig:
     request_timeout: float = attrs.field(default=30.0, validator=_positive)
     proxy_id: str = "sentinel-proxy"
     max_pending_registrations: int = attrs.field(default=1024, validator=_positive)
+    max_pending_registrations_per_peer: int = attrs.field(default=64, validator=_positive)
     require_client_cert: bool = False
     max_registration_frame_size: int = attrs.field(default=1024 * 1024, validator=_positive)
     max_control_frame_size: int = attrs.field(default=64 * 1024, validator=_positive)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -85,6 +86,25 @@ class _ClientCertificateRefused(AuthenticationFailed):
         self.agent_id = agent_id
 
 
+class _MadeRoom(AgentProtocolError):
+    """
+    A connection awaiting registration closed to make room for a new one:
+    every place was taken and its address held the most of them.
+    """
+
+    rejection_label = "pending_evicted"
+
+
+def _pending_key(addr: IAddress) -> str | None:
+    """
+    The address a connection awaiting registration is counted against: a
+    TCP (or TLS) peer's host; C{None} for a UNIX socket, which has none.
+    """
+    if isinstance(addr, (IPv4Address, IPv6Address)):
+        return addr.host
+    return None
+
+
 #: Characters of peer-supplied text (agent ids, error texts) a log line of
 #: the listener carries.
 _ID_IN_LOG = 64
@@ -138,6 +158,7 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "frame_too_large"
     if isinstance(error, InvalidMessage):
         return "invalid_message"
+    # Others name their own (_MadeRoom: "pending_evicted").
     return getattr(error, "rejection_label", "other")
 
 
@@ -162,6 +183,10 @@ class ReverseConnectionFactory(Factory):
     @ivar proxy_version: the version sent in RegistrationResponses.
     @ivar awaiting_registration: connections accepted that have not registered
         yet.
+    @ivar pending_by_peer: the TCP and TLS connections awaiting registration
+        by peer host, oldest first (C{host -> {protocol: None}}); a host
+        leaves the table with its last one, so it holds at most
+        C{config.max_pending_registrations} entries.
     @ivar registrations: registrations accepted.
     """
 
@@ -189,6 +214,7 @@ class ReverseConnectionFactory(Factory):
         self.awaiting_registration = 0
         self.registrations = 0
         self.rejections: Counter[str] = Counter()
+        self.pending_by_peer: dict[str, dict[ReverseConnectionProtocol, None]] = {}
         #: The last refused registration (L{Rejection}), C{None} before any.
         self.last_rejection: Rejection | None = None
         self._registered_per_agent: Counter[str] = Counter()
@@ -210,8 +236,27 @@ class ReverseConnectionFactory(Factory):
     # -- connections awaiting registration ---------------------------------
 
     def buildProtocol(self, addr: IAddress) -> ReverseConnectionProtocol | RefusedConnection:  # type: ignore[override]
-        limit = self.config.max_pending_registrations
-        if self.awaiting_registration >= limit:
+        config = self.config
+        key = _pending_key(addr)
+        held = self.pending_by_peer.get(key) if key is not None else None
+        if held is not None and len(held) >= config.max_pending_registrations_per_peer:
+            # One address cannot take every place (SPEC section 3 has no
+            # answer for a connection that never registers).
+            self.rejections["peer_pending_limit"] += 1
+            self.log_limiter.warn(
+                log,
+                "peer-pending-limit",
+                "{count} connections from {peer} are awaiting registration "
+                "(limit {limit} per address); closing new connections from it",
+                count=len(held),
+                peer=peer_text(key, _ID_IN_LOG),
+                limit=config.max_pending_registrations_per_peer,
+            )
+            return RefusedConnection()
+        limit = config.max_pending_registrations
+        if self.awaiting_registration >= limit and not self._make_room(
+            0 if held is None else len(held)
+        ):
             self.rejections["pending_limit"] += 1
             if not self._cap_logged:
                 self._cap_logged = True
@@ -223,13 +268,43 @@ class ReverseConnectionFactory(Factory):
                 )
             return RefusedConnection()
         self.awaiting_registration += 1
-        return self.protocol(self)
+        protocol = self.protocol(self)
+        if key is not None:
+            protocol.pending_key = key
+            self.pending_by_peer.setdefault(key, {})[protocol] = None
+        return protocol
+
+    def _make_room(self, holding: int) -> bool:
+        """
+        Every place is taken: close the oldest connection awaiting
+        registration from the address that holds the most places, if it holds
+        more than C{holding} (the newcomer's address's); whether there is
+        room now.  An attacker spread over a few addresses then loses its own
+        idle connections to newcomers, and an agent, which registers at once,
+        is never the oldest for long.
+        """
+        if not self.pending_by_peer:
+            return False
+        busiest = max(self.pending_by_peer.values(), key=len)
+        if len(busiest) <= holding:
+            return False
+        next(iter(busiest)).make_room(
+            _MadeRoom("Too many connections are awaiting registration; closed to make room")
+        )
+        return self.awaiting_registration < self.config.max_pending_registrations
 
     def registration_finished(self, protocol: ReverseConnectionProtocol) -> None:
         """
         Called by a protocol that no longer awaits registration (registered, rejected or gone).
         """
         self.awaiting_registration -= 1
+        key = protocol.pending_key
+        if key is not None:
+            held = self.pending_by_peer.get(key)
+            if held is not None:
+                held.pop(protocol, None)
+                if not held:
+                    del self.pending_by_peer[key]
         if self._cap_logged and self.awaiting_registration < self.config.max_pending_registrations:
             self._cap_logged = False
             log.info("Connections awaiting registration are below the limit again")

@@ -426,10 +426,14 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     @ivar MAX_CONTROL_LENGTH: the longest small control frame read, in
         bytes; a longer one is skipped once registered.
     @ivar frame_clock: the factory's clock, for the frame deadline.
+    @ivar pending_key: the peer host the factory counts this connection
+        against while it awaits registration (C{None}: a UNIX socket, or
+        not counted).
     """
 
     peer_role = "agent"
     peer_credentials: tuple[int, int, int] | None = None
+    pending_key: str | None = None
 
     def __init__(self, factory: ReverseConnectionFactory) -> None:
         self.factory = factory
@@ -500,6 +504,13 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
         self._share_with_agent(request)
         connection = self.factory.create_connection(self, request)
         self._lifecycle.registration_accepted(connection)
+
+    def make_room(self, error: AgentProtocolError) -> None:
+        """
+        The factory needs this connection's place: refuse the registration it
+        awaits with C{error} (counted and logged as any refusal) and close.
+        """
+        self._lifecycle.registration_refused(error, "")
 
     def _share_with_agent(self, request: m.RegistrationRequest) -> None:
         """

@@ -611,3 +611,14 @@ class _OneShot(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return self.protocol_instance
+
+
+def small_chunks(test: Any) -> None:
+    """
+    Let agents of C{test} have chunks smaller than the gateway's floor
+    (L{MIN_CHUNK_SIZE <sentinel_twisted.gateway.body.MIN_CHUNK_SIZE>}), so that
+    a short body is cut in several chunks.
+    """
+    from sentinel_twisted.gateway import body
+
+    test.patch(body, "MIN_CHUNK_SIZE", 1)

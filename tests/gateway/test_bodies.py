@@ -25,6 +25,7 @@ from .support import (
     answer,
     b64,
     block,
+    small_chunks,
     track,
     wait_until,
 )
@@ -36,6 +37,10 @@ def chunk_data(body: dict[str, Any]) -> bytes:
 
 class RequestBodyTests(TestCase):
     timeout = 20
+
+    def setUp(self) -> None:
+        # Short bodies in several chunks.
+        small_chunks(self)
 
     def test_chunks_and_mutations_in_order(self) -> Any:
         async def go() -> None:
@@ -157,6 +162,24 @@ class RequestBodyTests(TestCase):
             self.assertEqual([t for t, _ in agent.events], [REQUEST_HEADERS])
             # Not inspected: forwarded with its own length.
             self.assertEqual(h.upstream.requests[0]["headers"]["content-length"], ["100000"])
+
+        return ensureDeferred(go())
+
+
+class ChunkSizeFloorTests(TestCase):
+    timeout = 20
+
+    def test_an_agent_preferring_one_byte_chunks_gets_4_kib_ones(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent(
+                "waf", events=(1, 2), chunk_size=1, decide=lambda a, t, b: answer(needs_more=True)
+            )
+            response = await h.post("/echo-body", b"z" * 10000)
+            self.assertEqual(response.code, 200)
+            chunks = agent.of_type(REQUEST_BODY_CHUNK)
+            self.assertEqual([len(chunk_data(c)) for c in chunks], [4096, 4096, 1808])
+            self.assertEqual(h.upstream.requests[0]["body"], b"z" * 10000)
 
         return ensureDeferred(go())
 

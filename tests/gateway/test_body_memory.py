@@ -31,6 +31,7 @@ from sentinel_twisted.gateway.resource import GatewaySite
 from sentinel_twisted.gateway.upstream import ForwardRequest, UpstreamResponse
 
 from .._proxy_support import captured_log
+from .support import small_chunks
 
 #: What the agent answers each one-byte chunk with.
 REPLACEMENT = 64 * 1024
@@ -194,6 +195,10 @@ _POST = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"b" * 
 
 
 class RequestBodyMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # The agent prefers one-byte chunks: the worst case of the bound.
+        small_chunks(self)
+
     def test_replacements_wait_for_the_upstream(self) -> None:
         agent = _InspectingAgent(m.EventType.REQUEST_HEADERS, m.EventType.REQUEST_BODY_CHUNK)
         upstream = _StuckUpstream()
@@ -297,6 +302,10 @@ class RequestBodyMemoryTests(SynchronousTestCase):
 
 
 class ResponseBodyMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # The agent prefers one-byte chunks: the worst case of the bound.
+        small_chunks(self)
+
     def test_replacements_wait_for_the_client(self) -> None:
         agent = _InspectingAgent(m.EventType.REQUEST_HEADERS, m.EventType.RESPONSE_BODY_CHUNK)
         channel, transport = _gateway(agent, _AnsweringUpstream())

@@ -16,6 +16,7 @@ from .support import (
     Harness,
     ScriptedAgent,
     answer,
+    small_chunks,
     unreachable_url,
     wait_until,
 )
@@ -215,6 +216,8 @@ class FlowControlTests(TestCase):
         return ensureDeferred(go())
 
     def test_all_events_of_a_request_use_one_connection(self) -> Any:
+        small_chunks(self)
+
         async def go() -> None:
             h = await Harness(self).start()
             agents = [

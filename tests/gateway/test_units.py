@@ -107,7 +107,9 @@ class BodyTests(TestCase):
 
     def test_chunk_size_bounds(self) -> None:
         self.assertEqual(clamp_chunk_size(0), 64 * 1024)
-        self.assertEqual(clamp_chunk_size(10), 10)
+        self.assertEqual(clamp_chunk_size(10), 4 * 1024, "the floor")
+        self.assertEqual(clamp_chunk_size(1), 4 * 1024)
+        self.assertEqual(clamp_chunk_size(5000), 5000)
         self.assertEqual(clamp_chunk_size(1 << 40), 8 * 1024 * 1024)
         # The largest chunk's base64 fits in one 16 MiB frame.
         self.assertLess(len(base64.b64encode(b"x" * clamp_chunk_size(1 << 40))) + 200, 16 * 1024 * 1024)

@@ -59,6 +59,8 @@ class PendingRegistrationCapTests(TestCase):
         listener = yield listen(
             self, f"tcp:0:interface=127.0.0.1:backlog={IDLE + 100}",
             max_pending_registrations=CAP, handshake_timeout=60.0,
+            # All from one address: the global cap is tested, not the per-address one.
+            max_pending_registrations_per_peer=IDLE,
         )  # fmt: skip
         factory = listener.factory
         host, port = listener.address.split(":")
@@ -109,6 +111,98 @@ class PendingRegistrationCapTests(TestCase):
         yield wait_until(lambda: factory.awaiting_registration == 0 and len(listener.pool) == 0, "everything to close")
         yield listener.stop()
         yield books.verify(self, [factory])
+
+
+def _bindable(address: str) -> None:
+    """Skip unless connections can be made from C{address} (Linux: all of 127/8 is loopback)."""
+    import socket
+
+    probe = socket.socket()
+    try:
+        probe.bind((address, 0))
+    except OSError as e:
+        raise SkipTest(f"cannot connect from {address}: {e}") from None
+    finally:
+        probe.close()
+
+
+class PendingRegistrationsPerPeerTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def open_idle(self, host: str, port: int, source: str, count: int) -> Generator[Any, Any, list[Idle]]:
+        endpoint = TCP4ClientEndpoint(reactor, host, port, bindAddress=(source, 0))
+        idle = [Idle() for _ in range(count)]
+        for protocol in idle:
+            yield connectProtocol(endpoint, protocol)
+        return idle
+
+    @inlineCallbacks
+    def register_from_elsewhere(self, listener: Any) -> Generator[Any, Any, RawAgentProtocol]:
+        host, port = listener.address.split(":")
+        agent = RawAgentProtocol()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), agent)
+        message_type, body = yield agent.register("agent-1")
+        self.assertEqual((message_type, body["success"]), (HANDSHAKE_RESPONSE, True))
+        self.assertIn("agent-1", listener.pool)
+        return agent
+
+    @inlineCallbacks
+    def close_all(self, listener: Any, books: Accounting, connections: list[Any]) -> Generator[Any, Any, None]:
+        for protocol in connections:
+            if not protocol.lost:
+                protocol.transport.loseConnection()
+        yield gatherResults([p.closed for p in connections])
+        factory = listener.factory
+        yield wait_until(lambda: factory.awaiting_registration == 0 and len(listener.pool) == 0, "everything to close")
+        self.assertEqual(factory.pending_by_peer, {})
+        yield listener.stop()
+        yield books.verify(self, [factory])
+
+    @inlineCallbacks
+    def test_one_address_cannot_take_every_place(self) -> Generator[Any, Any, None]:
+        _bindable("127.0.0.2")
+        _enough_descriptors(2 * 200 + 500)
+        yield settle()
+        books = Accounting()
+        listener = yield listen(self, "tcp:0:interface=127.0.0.1", max_pending_registrations=100)
+        factory = listener.factory
+        host, port = listener.address.split(":")
+        idle = yield self.open_idle(host, int(port), "127.0.0.2", 200)
+        yield wait_until(
+            lambda: factory.awaiting_registration + factory.rejections["peer_pending_limit"] == 200,
+            "the listener to see every connection",
+        )
+        self.assertEqual(factory.awaiting_registration, 64)
+        self.assertEqual(factory.rejections["pending_limit"], 0)
+        agent = yield self.register_from_elsewhere(listener)
+        yield self.close_all(listener, books, [*idle, agent])
+
+    @inlineCallbacks
+    def test_at_the_cap_the_busiest_address_makes_room(self) -> Generator[Any, Any, None]:
+        sources = [f"127.0.2.{i}" for i in range(1, 5)]
+        for source in sources:
+            _bindable(source)
+        _enough_descriptors(2 * 120 + 500)
+        yield settle()
+        books = Accounting()
+        listener = yield listen(self, "tcp:0:interface=127.0.0.1", max_pending_registrations=100)
+        factory = listener.factory
+        host, port = listener.address.split(":")
+        idle: list[Idle] = []
+        for source in sources:
+            idle += yield self.open_idle(host, int(port), source, 30)
+        yield wait_until(
+            lambda: factory.awaiting_registration + factory.rejections["pending_evicted"]
+            + factory.rejections["pending_limit"] == 120,
+            "the listener to see every connection",
+        )
+        self.assertEqual(factory.awaiting_registration, 100)
+        self.assertGreater(factory.rejections["pending_evicted"], 0)
+        self.assertLessEqual(max(len(held) for held in factory.pending_by_peer.values()), 30)
+        agent = yield self.register_from_elsewhere(listener)
+        self.assertGreater(factory.rejections["pending_evicted"], 0)
+        yield self.close_all(listener, books, [*idle, agent])
 
 
 class RegistrationStormTests(TestCase):
