@@ -298,13 +298,14 @@ class Exchange(Responding, Endings):
         try:
             self._target = self._parse_target().target
             self._own_headers()
-            # Decoded once, strictly: what the agents are shown decodes back
-            # to the bytes the upstream receives (else 400).
-            headers = request_header_map(request.requestHeaders._rawHeaders)
+            agent_ids = self.gateway.agent_ids()
+            # Decoded once, strictly, when there are agents to show them:
+            # what they see decodes back to the bytes the upstream receives
+            # (else 400).
+            headers = request_header_map(request.requestHeaders._rawHeaders) if agent_ids else None
         except BadTarget as e:
             self._refuse(e)
             return
-        agent_ids = self.gateway.agent_ids()
         if agent_ids:
             if not self._select(agent_ids):
                 return
@@ -328,6 +329,7 @@ class Exchange(Responding, Endings):
                     return
             self._build_request_body(body_slots, length)
         if slots:
+            assert headers is not None  # there were agents to ask
             self._send_request_headers(headers)
             if self._phase == _OVER:
                 return
