@@ -5,10 +5,13 @@ consulted, against the same gateway process with no agent registered
 (requests then pass unconsulted: the gateway runs with --fail-open), loaded
 by C{wrk} over TCP loopback.
 
-The two cases alternate in one gateway process (no agent, one agent, no
-agent, ...) so that the ratio is measured in one run.  The agent is the C
-load agent: one process, four connections, subscribed to RequestHeaders
-only, answering allow.
+The cases alternate within each round (no agent, one agent, the
+reference agent's cases) so that the ratios are measured in one run, each
+in a gateway process of its own: a gateway without C{--agent} consults
+every agent it has seen, so an agent of an earlier case, gone, would be a
+fail-open pass in every later one.  The agent is the C load agent: one
+process, four connections, subscribed to RequestHeaders only, answering
+allow.
 """
 
 from __future__ import annotations
@@ -138,44 +141,77 @@ def with_reference_agent(harness: Any, sock: str, url: str, events: str) -> dict
         harness._reap(agent)
 
 
+class _Gateway:
+    """One C{twistd sentinel-reverse --http} process (built-in echo, C{--fail-open})."""
+
+    def __init__(self, harness: Any, name: str) -> None:
+        workdir = harness.workdir
+        self.sock = os.path.join(workdir, f"{name}.sock")
+        port = free_port()
+        argv = [
+            sys.executable, "-c", _TWISTD,
+            "--nodaemon",
+            "--logfile", os.path.join(workdir, f"{name}.log"),
+            "--pidfile", os.path.join(workdir, f"{name}.pid"),
+            "sentinel-reverse",
+            "--listen", f"unix:{self.sock}",
+            "--http", f"tcp:{port}:interface=127.0.0.1",
+            "--status", "none",
+            # The "no agent" case measures the pass-through; without an
+            # agent a gateway that fails closed would answer 503.
+            "--fail-open",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{port}/bench"
+        wait_for_port(port, 60, self.proc)
+
+    def stop(self) -> str:
+        """Stop it; the end of its stderr if it had died already."""
+        proc = self.proc
+        tail = proc.stderr.read()[-2000:] if proc.poll() is not None and proc.stderr else ""
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        return tail
+
+
 def run(harness: Any) -> dict[str, Any]:
     why = gateway_available()
     if why is not None:
         harness.log(f"gateway: skipped: {why}")
         return {"skipped": why, "ratio": None}
     a = harness.args
-    workdir = harness.workdir
-    sock = os.path.join(workdir, "gateway.sock")
-    http_port = free_port()
-    argv = [
-        sys.executable, "-c", _TWISTD,
-        "--nodaemon",
-        "--logfile", os.path.join(workdir, "gateway.log"),
-        "--pidfile", os.path.join(workdir, "gateway.pid"),
-        "sentinel-reverse",
-        "--listen", f"unix:{sock}",
-        "--http", f"tcp:{http_port}:interface=127.0.0.1",
-        "--status", "none",
-        # The "no agent" round measures the pass-through; without an agent
-        # a gateway that fails closed would answer 503.
-        "--fail-open",
-    ]
-    gateway = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{http_port}/bench"
     rounds: list[dict[str, Any]] = []
+    serial = 0
+    gateway: _Gateway | None = None
+
+    def fresh() -> _Gateway:
+        nonlocal gateway, serial
+        if gateway is not None:
+            gateway.stop()
+        serial += 1
+        gateway = _Gateway(harness, f"gateway-{serial}")
+        return gateway
+
     try:
-        wait_for_port(http_port, 60, gateway)
         for i in range(a.runs):
             harness.log(f"gateway: round {i + 1}/{a.runs}: no agent")
-            bare = run_wrk(url, a.gateway_connections, a.gateway_duration)
+            g = fresh()
+            bare = run_wrk(g.url, a.gateway_connections, a.gateway_duration)
             harness.log(f"gateway: round {i + 1}/{a.runs}: one agent")
+            g = fresh()
             agent = harness.start_agent(
-                ["--unix", sock], "--agent-id", "gw-agent", "--connections", "4", "--events", "1",
+                ["--unix", g.sock], "--agent-id", "gw-agent", "--connections", "4", "--events", "1",
             )
             try:
                 agent.expect("registered", 30)
                 time.sleep(0.2)
-                consulted = run_wrk(url, a.gateway_connections, a.gateway_duration)
+                consulted = run_wrk(g.url, a.gateway_connections, a.gateway_duration)
             finally:
                 agent.stop()
                 harness.children.remove(agent)
@@ -187,22 +223,20 @@ def run(harness: Any) -> dict[str, Any]:
             this = {"no_agent": bare, "one_agent": consulted, "ratio": consulted["rps"] / bare["rps"]}
             for name, events in reference_cases(harness):
                 harness.log(f"gateway: round {i + 1}/{a.runs}: reference agent, events {events}")
-                measured = with_reference_agent(harness, sock, url, events)
+                g = fresh()
+                measured = with_reference_agent(harness, g.sock, g.url, events)
                 this[name] = measured
                 this[f"{name}_ratio"] = measured["rps"] / bare["rps"]
             rounds.append(this)
             time.sleep(0.3)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         harness.log(f"gateway: failed: {e}")
-        tail = gateway.stderr.read()[-2000:] if gateway.poll() is not None and gateway.stderr else ""
+        tail = gateway.stop() if gateway is not None else ""
+        gateway = None
         return {"skipped": f"failed: {e}", "failed": True, "ratio": None, "rounds": rounds, "stderr": tail}
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
+        if gateway is not None:
+            gateway.stop()
     reference = {
         name: statistics.median(r[f"{name}_ratio"] for r in rounds)
         for name, _ in reference_cases(harness)
