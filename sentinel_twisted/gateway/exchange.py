@@ -166,7 +166,7 @@ class AgentSlot:
         name moot (an agent may repeat its operations in each answer).
         Returns what is wrong if what is kept is over L{MAX_HEADER_OPS
         <sentinel_twisted.messages.MAX_HEADER_OPS>} operations or
-        L{MAX_HEAD_SIZE} bytes of header lines: the agent has failed.
+        C{MAX_HEAD_SIZE} bytes of header lines: the agent has failed.
         """
         held = self.response_ops
         if held is None:
@@ -707,7 +707,7 @@ class Exchange(Responding, Endings):
         Apply an agent's request header operations to C{headers}: the head
         and its size in bytes and lines (L{head_size}) they make, or
         C{None} when they would make it larger than a client's may be
-        (L{MAX_HEAD_SIZE}, L{MAX_HEAD_LINES}) unless it was already, and
+        (C{MAX_HEAD_SIZE}, C{MAX_HEAD_LINES}) unless it was already, and
         then larger than it was: the agent has failed (C{503}, or left out
         with the head as it was, failing open).
         """

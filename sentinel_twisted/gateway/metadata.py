@@ -66,7 +66,7 @@ def header_map(
     """
     Headers as the agents see them: lower-case name -> list of values.
     Bytes that are not UTF-8 become U+FFFD (C{errors="replace"}), or raise
-    L{UnicodeDecodeError} (C{errors="strict"}).
+    C{UnicodeDecodeError} (C{errors="strict"}).
     """
     names = _names
     result = {}
