@@ -298,7 +298,10 @@ class VanishingAgentTests(TestCase):
             self,
             work,
             "proxy",
+            # 150 connections from one address in a row: the per-address cap
+            # on connections awaiting registration would reset some.
             ["-n", "sentinel-reverse", "--workers", "2", "--max-connections-per-agent", "1000",
+             "--max-pending-registrations-per-peer", "1000",
              "--listen", f"tcp:{agents_port}:interface=127.0.0.1",
              "--http", f"tcp:{free_port()}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
         )
