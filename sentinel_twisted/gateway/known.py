@@ -21,7 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-__all__ = ["MAX_KNOWN_AGENTS", "KnownAgents"]
+from twisted.logger import Logger
+
+from .._peertext import peer_text
+
+__all__ = ["MAX_KNOWN_AGENTS", "KnownAgents", "log_forgotten"]
 
 #: The most agent ids a gateway remembers (see L{KnownAgents}).
 MAX_KNOWN_AGENTS = 1000
@@ -115,3 +119,13 @@ class KnownAgents:
         for agent_id in (*ids, *kept):
             self.add(agent_id)
         self._changed()
+
+
+def log_forgotten(logger: Logger, gone: list[str]) -> None:
+    """Say which agents a reload retired (L{KnownAgents.forget_absent}); nothing if none."""
+    if gone:
+        logger.warn(
+            "Forgot {count} agent(s) retired by the reload: {agents}; requests no longer wait for them",
+            count=len(gone),
+            agents=", ".join(peer_text(a, 64) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
+        )

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..proxy.connection import AgentConnection
 from ..proxy.pool import PoolObserver
-from .known import KnownAgents
+from .known import KnownAgents, log_forgotten
 
 if TYPE_CHECKING:
     from ..proxy.pool import AgentPool
@@ -222,12 +222,7 @@ class Gateway:
         pool = self.pool
         gone = self.known.forget_absent(pool.__contains__, retired)
         self._presence.absent.difference_update(gone)
-        if gone:
-            log.warn(
-                "Forgot {count} agent(s) retired by the reload: {agents}; requests no longer wait for them",
-                count=len(gone),
-                agents=", ".join(peer_text(a, _ID_IN_LOG) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
-            )
+        log_forgotten(log, gone)
         return gone
 
     def take_known_agents(self, agent_ids: Sequence[str]) -> None:

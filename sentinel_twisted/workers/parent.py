@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from .._peertext import peer_text
 from ..errors import AgentProtocolError
-from ..gateway.known import MAX_KNOWN_AGENTS, KnownAgents
+from ..gateway.known import MAX_KNOWN_AGENTS, KnownAgents, log_forgotten
 from ..proxy.factory import ReverseConnectionFactory
 from ..proxy.protocol import ReverseConnectionProtocol
 from ..wire import _HEADER
@@ -266,12 +266,8 @@ class WorkerGroup:
         """
         ready = self.ready()
         gone = self.seen.forget_absent(lambda agent_id: any(w.agents[agent_id] for w in ready), retired)
+        log_forgotten(log, gone)
         if gone:
-            log.warn(
-                "Forgot {count} agent(s) retired by the reload: {agents}; requests no longer wait for them",
-                count=len(gone),
-                agents=", ".join(peer_text(a, 64) for a in gone[:10]) + (", ..." if len(gone) > 10 else ""),
-            )
             self._tell_seen()
         return gone
 
