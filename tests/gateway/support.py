@@ -312,6 +312,23 @@ class Upstream(Resource):
 # -- tracking server-side connections, so every test ends with a clean reactor ----------
 
 
+class OneAgentPool:
+    """An in-memory pool of one agent, C{agent_id}, whose one connection is C{connection}."""
+
+    def __init__(self, connection: Any, agent_id: str) -> None:
+        self.connection = connection
+        self.agent_id = agent_id
+
+    def agent_ids(self) -> list[str]:
+        return [self.agent_id]
+
+    def select(self, agent_id: str) -> Any:
+        return self.connection
+
+    def add_observer(self, observer: object) -> None:
+        """Its agent never comes or goes."""
+
+
 def unreachable_url() -> str:
     """An http URL on loopback where nothing listens (a port just freed)."""
     probe = socket.socket()

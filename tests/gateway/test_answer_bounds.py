@@ -23,7 +23,7 @@ from sentinel_twisted.gateway.resource import GatewaySite
 from sentinel_twisted.gateway.upstream import ForwardRequest, UpstreamResponse
 
 from .._proxy_support import captured_log
-from .support import Harness, answer
+from .support import Harness, OneAgentPool, answer
 
 
 class _Connection:
@@ -43,20 +43,6 @@ class _Connection:
 
     def cancel_request(self, correlation_id: str, reason: int) -> bool:
         return False
-
-
-class _Pool:
-    def __init__(self, connection: _Connection) -> None:
-        self.connection = connection
-
-    def agent_ids(self) -> list[str]:
-        return ["waf"]
-
-    def select(self, agent_id: str) -> _Connection:
-        return self.connection
-
-    def add_observer(self, observer: object) -> None:
-        pass
 
 
 class _Response(UpstreamResponse):
@@ -92,7 +78,7 @@ def exchange(agent_answer: m.AgentResponse, head: bytes = b"", **config: Any) ->
     """The client's response to a GET with C{head} when the agent answers C{agent_answer}."""
     reactor = MemoryReactorClock()
     upstream = _Upstream()
-    gateway = Gateway(_Pool(_Connection(agent_answer)), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+    gateway = Gateway(OneAgentPool(_Connection(agent_answer), "waf"), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
     channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
     assert channel is not None
     transport = StringTransport()

@@ -22,7 +22,8 @@ from sentinel_twisted.gateway.resource import GatewayRequest, GatewaySite
 from sentinel_twisted.gateway.upstream import UpstreamResponse
 from sentinel_twisted.proxy import protocol as proxy_protocol
 
-from .test_target import _Pool, _RecordingConnection, _RecordingUpstream
+from .support import OneAgentPool
+from .test_target import _RecordingConnection, _RecordingUpstream
 
 
 class _Socket:
@@ -98,7 +99,7 @@ class _Streamed(UpstreamResponse):
 def _site(upstream: Any = None, timeout: float | None = None, **config: Any) -> tuple[GatewaySite, MemoryReactorClock]:
     reactor = MemoryReactorClock()
     gateway = Gateway(
-        _Pool(_RecordingConnection()),  # type: ignore[arg-type]
+        OneAgentPool(_RecordingConnection(), "recorder"),  # type: ignore[arg-type]
         GatewayConfig(**config),
         upstream if upstream is not None else _RecordingUpstream(),
         clock=reactor,

@@ -23,8 +23,8 @@ from sentinel_twisted.gateway.exchange import Gateway
 from sentinel_twisted.gateway.resource import GatewaySite
 
 from .._proxy_support import captured_log
-from .support import Harness, ScriptedAgent, answer, block, wait_until
-from .test_target import _Pool, _RecordingConnection, _RecordingUpstream
+from .support import Harness, OneAgentPool, ScriptedAgent, answer, block, wait_until
+from .test_target import _RecordingConnection, _RecordingUpstream
 
 
 def _set(name: str, value: str) -> dict[str, Any]:
@@ -166,7 +166,7 @@ class ClientConnectionTests(SynchronousTestCase):
     def site(self, **config: Any) -> tuple[GatewaySite, MemoryReactorClock, _RecordingUpstream]:
         reactor = MemoryReactorClock()
         upstream = _RecordingUpstream()
-        gateway = Gateway(_Pool(_RecordingConnection()), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+        gateway = Gateway(OneAgentPool(_RecordingConnection(), "recorder"), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
         return GatewaySite(gateway, reactor=reactor), reactor, upstream
 
     def connect(self, site: GatewaySite) -> tuple[Any, StringTransport]:

@@ -25,8 +25,7 @@ from sentinel_twisted.gateway.exchange import Gateway, NullMetrics
 from sentinel_twisted.gateway.resource import GatewaySite
 from sentinel_twisted.gateway.upstream import UpstreamResponse
 
-from .support import Harness, wait_until
-from .test_target import _Pool
+from .support import Harness, OneAgentPool, wait_until
 
 _HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
 
@@ -120,7 +119,7 @@ class _Connection:
         self.metrics = _Metrics()
         config.setdefault("header_timeout", 10.0)
         gateway = Gateway(
-            _Pool(self.agent),  # type: ignore[arg-type]
+            OneAgentPool(self.agent, "recorder"),  # type: ignore[arg-type]
             GatewayConfig(**config),
             self.upstream,  # type: ignore[arg-type]
             metrics=self.metrics,

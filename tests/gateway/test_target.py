@@ -28,7 +28,15 @@ from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, Upst
 
 from .._proxy_support import captured_log, log_text
 from . import test_bodies
-from .support import REQUEST_HEADERS, Harness, ScriptedAgent, answer, block, wait_until
+from .support import (
+    REQUEST_HEADERS,
+    Harness,
+    OneAgentPool,
+    ScriptedAgent,
+    answer,
+    block,
+    wait_until,
+)
 
 RULES = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
 
@@ -168,20 +176,6 @@ class _RecordingConnection:
         return False
 
 
-class _Pool:
-    def __init__(self, connection: _RecordingConnection) -> None:
-        self.connection = connection
-
-    def agent_ids(self) -> list[str]:
-        return ["recorder"]
-
-    def select(self, agent_id: str) -> _RecordingConnection:
-        return self.connection
-
-    def add_observer(self, observer: object) -> None:
-        """Its agents never come or go."""
-
-
 class _Answer(UpstreamResponse):
     code = 200
     phrase = b"OK"
@@ -234,7 +228,7 @@ class PropertyTests(SynchronousTestCase):
         connection = _RecordingConnection()
         upstream = _RecordingUpstream()
         reactor = MemoryReactorClock()
-        gateway = Gateway(_Pool(connection), GatewayConfig(), upstream, clock=reactor)  # type: ignore[arg-type]
+        gateway = Gateway(OneAgentPool(connection, "recorder"), GatewayConfig(), upstream, clock=reactor)  # type: ignore[arg-type]
         site = GatewaySite(gateway, reactor=reactor)
         channel = site.buildProtocol(None)
         transport = StringTransport()
@@ -272,7 +266,7 @@ class InMemory:
         connection = _RecordingConnection(answer)
         self.upstream = upstream = _RecordingUpstream(upstream_url)
         reactor = MemoryReactorClock()
-        gateway = Gateway(_Pool(connection), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
+        gateway = Gateway(OneAgentPool(connection, "recorder"), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
         channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
         transport = StringTransport(peerAddress=peer)
         channel.makeConnection(transport)
