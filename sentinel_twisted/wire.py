@@ -330,12 +330,7 @@ class FrameReceiver(Int32StringReceiver):
         self._diverted = True
         if self._buffer:
             self._buffer = bytearray()
-        clock, timeout = self.frame_clock, self.frame_timeout
-        if clock is not None and timeout is not None:
-            if fresh or not self._held:
-                self._frame_started = clock.seconds()
-            if self._frame_timer is None:
-                self._frame_timer = clock.callLater(timeout, self._frame_overdue)
+        self._frame_begun(restart=fresh or not self._held)
         if self._held:
             self._held = 0
             if self.frame_budget is not None:
@@ -357,15 +352,23 @@ class FrameReceiver(Int32StringReceiver):
         after finishing at least one frame, so a new one has started).
         """
         if held and (completed or not self._held):
-            clock = self.frame_clock
-            if clock is not None and self.frame_timeout is not None:
-                self._frame_started = clock.seconds()
-                if self._frame_timer is None:
-                    self._frame_timer = clock.callLater(self.frame_timeout, self._frame_overdue)
+            self._frame_begun()
         self._held = held
         budget = self.frame_budget
         if budget is not None:
             budget.hold(self, held)
+
+    def _frame_begun(self, restart: bool = True) -> None:
+        """
+        A frame is under way: its deadline runs from now if C{restart} (a
+        new frame), and the timer that checks it is armed if it is not.
+        """
+        clock, timeout = self.frame_clock, self.frame_timeout
+        if clock is not None and timeout is not None:
+            if restart:
+                self._frame_started = clock.seconds()
+            if self._frame_timer is None:
+                self._frame_timer = clock.callLater(timeout, self._frame_overdue)
 
     def _frame_overdue(self) -> None:
         # The timer is not moved on every new frame: it checks when it fires
