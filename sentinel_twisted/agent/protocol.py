@@ -326,7 +326,7 @@ class AgentProtocol(EventServing, FrameReceiver):
 
     def frame_error(self, error: AgentProtocolError) -> None:
         if isinstance(error, IncompleteFrame):
-            # The proxy chooses how often: one line per few connections.
+            # A peer can cause this once per connection, and connect again.
             self.log_limiter.warn(
                 log,
                 "frame-deadline",
