@@ -140,6 +140,7 @@ _CONVERSIONS = {
     "max-pending-registrations": positive_int,
     "max-pending-registrations-per-peer": positive_int,
     "max-incomplete-frame-bytes": positive_int,
+    "close-grace": _positive_float,
     "max-agent-id-length": positive_int,
     "max-metadata-size": positive_int,
     "upstream-timeout": _positive_float,
@@ -152,6 +153,7 @@ _CONVERSIONS = {
     "agent-connections": positive_int,
     "agent-encodings": encoding_list,
     "max-replaced-body-size": positive_int,
+    "max-known-agents": positive_int,
     "workers": positive_int,
     "worker-index": positive_int,
 }
@@ -254,6 +256,14 @@ class Options(ProgramOptions):
             "connection holding the most is closed.",
         ],
         [
+            "close-grace",
+            None,
+            5.0,
+            "Seconds (a float) an agent connection the proxy closes (refused, drained, broken) "
+            "has to be gone, its last frames sent and its TLS session shut down; then it is "
+            "aborted.",
+        ],
+        [
             "max-agent-id-length",
             None,
             256,
@@ -341,6 +351,14 @@ class Options(ProgramOptions):
             10 * 1024 * 1024,
             "Largest body (N bytes) agents' body replacements may make of a smaller one; "
             "past it the answer is an agent error (503, or the agent left out with --fail-open).",
+        ],
+        [
+            "max-known-agents",
+            None,
+            None,
+            "Agent ids (N) the gateway remembers without --agent: it consults each agent seen, "
+            "connected or not; one that registers past the limit is consulted only while "
+            "registered. [default: 1000]",
         ],
         [
             "client-ca",
@@ -474,6 +492,7 @@ class Options(ProgramOptions):
                 max_pending_registrations=self["max-pending-registrations"],
                 max_pending_registrations_per_peer=self["max-pending-registrations-per-peer"],
                 max_incomplete_frame_bytes=self["max-incomplete-frame-bytes"],
+                close_grace=self["close-grace"],
                 max_agent_id_length=self["max-agent-id-length"],
                 max_metadata_size=self["max-metadata-size"],
                 require_client_cert=bool(self["require-client-cert"]),
@@ -559,6 +578,10 @@ class Options(ProgramOptions):
 
     def _gateway_options(self) -> None:
         from .gateway.config import GatewayConfig
+        from .gateway.known import MAX_KNOWN_AGENTS
+
+        if self["max-known-agents"] is None:
+            self["max-known-agents"] = MAX_KNOWN_AGENTS
 
         for name in ("http", "status"):
             value = self[name]
@@ -581,6 +604,7 @@ class Options(ProgramOptions):
                 status_hosts=self["status-hosts"],
                 max_replaced_body_size=self["max-replaced-body-size"],
                 allow_underscore_headers=bool(self["allow-underscore-headers"]),
+                max_known_agents=self["max-known-agents"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

@@ -157,6 +157,30 @@ class OptionsTests(TestCase):
         error = self.assertRaises(usage.UsageError, parse, "--max-incomplete-frame-bytes", "0")
         self.assertIn("max-incomplete-frame-bytes", str(error))
 
+    def test_close_grace(self) -> None:
+        self.assertEqual(parse()["config"].close_grace, 5.0)
+        config = parse("--close-grace", "2.5")["config"]
+        self.assertEqual(config.close_grace, 2.5)
+        config = parse("--close-grace", "1")["config"]
+        self.assertIsInstance(config.close_grace, float)
+        for value in ("0", "-1", "soon", "nan", "inf", ""):
+            with self.subTest(value=value):
+                error = self.assertRaises(usage.UsageError, parse, "--close-grace", value)
+                self.assertEqual(
+                    str(error), f"--close-grace: expected a positive number of seconds, got {value!r}"
+                )
+
+    def test_max_known_agents(self) -> None:
+        from sentinel_twisted.gateway.known import MAX_KNOWN_AGENTS
+
+        self.assertEqual(parse()["gateway"].max_known_agents, MAX_KNOWN_AGENTS)
+        self.assertIn(f"[default: {MAX_KNOWN_AGENTS}]", " ".join(str(Options()).split()))
+        self.assertEqual(parse("--max-known-agents", "7")["gateway"].max_known_agents, 7)
+        for value in ("0", "-3", "1.5", "many", ""):
+            with self.subTest(value=value):
+                error = self.assertRaises(usage.UsageError, parse, "--max-known-agents", value)
+                self.assertEqual(str(error), f"--max-known-agents: expected a positive integer, got {value!r}")
+
     def test_agent_id_and_metadata_limits(self) -> None:
         config = parse()["config"]
         self.assertEqual((config.max_agent_id_length, config.max_metadata_size), (256, 64 * 1024))
@@ -200,7 +224,7 @@ class OptionsTests(TestCase):
         for name in [
             "--listen", "--allow", "--require-auth", "--token-file", "--max-connections-per-agent",
             "--handshake-timeout", "--request-timeout", "--proxy-id", "--backlog",
-            "--max-pending-registrations", "--version",
+            "--max-pending-registrations", "--close-grace", "--max-known-agents", "--version",
         ]:  # fmt: skip
             self.assertIn(name, text)
         self.assertIn(DEFAULT_LISTEN, text.replace("\n", "").replace(" ", ""))
@@ -231,6 +255,33 @@ class MakeListenerTests(TestCase):
             self.assertIs(child.factory, top.factory)
         self.assertIs(top.factory.config, options["config"])
         self.assertIsNone(top.factory.token_checker)
+
+    def test_the_close_grace_and_the_known_agents_limit_reach_what_they_configure(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from sentinel_twisted.tap import add_gateway
+
+        options = parse(
+            "--listen", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+            "--status", "none", "--handshake-timeout", "1", "--close-grace", "2.5",
+            "--max-known-agents", "2",
+        )  # fmt: skip
+        top = make_listener(options, self.reactor)
+        self.assertEqual(top.factory.config.close_grace, 2.5)
+        gateway = add_gateway(top, options, self.reactor)
+        self.assertEqual(gateway.gateway.known.limit, 2)
+        # A connection that never registers is closed after the handshake
+        # timeout, and aborted --close-grace later if it is still there.
+        protocol = top.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.reactor.advance(2.4)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.disconnected)
 
     def test_token_file_loaded(self) -> None:
         path = self.write("tokens", "# agents\nwaf-1 s3cret\n\nwaf-2 other\n")

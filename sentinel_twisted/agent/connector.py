@@ -84,7 +84,8 @@ class AgentConnector(Service):
         reactor's C{nameResolver}).
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
-        C{max_concurrency}, C{max_queued}, C{fail_open}).
+        C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
+        C{frame_timeout}).
     @ivar reactor: the reactor it dials and resolves on.
     @ivar clock: the clock of its timers (the reactor).
     @ivar settings: what every connection registers with and how it serves

@@ -140,7 +140,7 @@ class ForwardAgentProtocol(AgentProtocol):
     def frame_error(self, error: AgentProtocolError) -> None:
         if not self.registered:
             error = HandshakeFailed(str(error))
-        self._lifecycle.protocol_violated(error)
+        super().frame_error(error)
 
     def handshakeCompleted(self) -> None:
         # A TLS server has nothing to send first: the proxy speaks first.
@@ -322,7 +322,8 @@ class AgentListener(Service):
     @param encodings: payload encodings offered to the proxy's choice
         (JSON is always possible).
     @param settings_options: the rest of L{AgentSettings} (C{health_interval},
-        C{max_concurrency}, C{max_queued}, C{fail_open}).
+        C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
+        C{frame_timeout}).
     @ivar reactor: the reactor it listens on.
     @ivar settings: how its connections serve (L{AgentSettings
         <sentinel_twisted.agent.protocol.AgentSettings>}).

@@ -44,7 +44,13 @@ from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from .._tls import server_identity_error
-from ..errors import AgentProtocolError, ControlFrameTooLarge, InvalidMessage, format_duration
+from ..errors import (
+    AgentProtocolError,
+    ControlFrameTooLarge,
+    IncompleteFrame,
+    InvalidMessage,
+    format_duration,
+)
 from ..forward import JSON_CODEC, PayloadCodec
 from ..wire import FrameReceiver, MessageType
 from ._interfaces import IAgent
@@ -112,6 +118,13 @@ class AgentSettings:
     @ivar close_grace: seconds a connection the agent closes has to be gone
         (what it still holds sent, its TLS session shut down) before it is
         aborted: a proxy that reads nothing cannot keep it open.
+    @ivar frame_timeout: seconds within which a frame the proxy has started,
+        once registered (or past the handshake), must be complete, however
+        steadily its bytes come; then the connection is closed, so that a
+        proxy that stops mid-frame or trickles one cannot hold the
+        connection and its buffer.  (The proxy holds its agents to the same
+        rule, by default its request timeout: 30 s.  Before registration
+        the registration or handshake timeout bounds the whole exchange.)
     """
 
     agent: IAgent
@@ -124,6 +137,7 @@ class AgentSettings:
     max_queued: int | None = attrs.field(default=None, validator=_not_negative)
     fail_open: bool = False
     close_grace: float = attrs.field(default=5.0, validator=_positive)
+    frame_timeout: float = attrs.field(default=30.0, validator=_positive)
 
     @agent_id.validator
     def _check_agent_id(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -296,7 +310,33 @@ class AgentProtocol(EventServing, FrameReceiver):
     def frame_received(self, message_type: int, payload: bytes) -> None:
         self._on_frame(message_type, payload)
 
+    # The frame deadline (see FrameReceiver): once registered, a frame the
+    # proxy starts must be complete within settings.frame_timeout; before,
+    # the registration (or handshake) timeout bounds everything that comes.
+
+    @property
+    def frame_clock(self) -> IReactorTime | None:  # type: ignore[override]
+        """The connection's clock once registered: a started frame must end within the deadline."""
+        return self.clock if self.registered else None
+
+    @property
+    def frame_timeout(self) -> float | None:  # type: ignore[override]
+        """The frame deadline (L{AgentSettings.frame_timeout}) once registered; C{None} before."""
+        return self.settings.frame_timeout if self.registered else None
+
     def frame_error(self, error: AgentProtocolError) -> None:
+        if isinstance(error, IncompleteFrame):
+            # A peer can cause this once per connection, and connect again.
+            self.log_limiter.warn(
+                log,
+                "frame-deadline",
+                "Agent {agent_id} closing connection {connection_id} with proxy {proxy_id}: "
+                "a frame was not complete in time ({detail})",
+                agent_id=self.settings.agent_id,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+                detail=error.detail,
+            )
         self._lifecycle.protocol_violated(error)
 
     def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
@@ -326,7 +366,10 @@ class AgentProtocol(EventServing, FrameReceiver):
         timer, self._close_timer = self._close_timer, None
         if timer is not None and timer.active():
             timer.cancel()
-        self._lifecycle.connection_lost(self.lost_detail(reason))
+        detail = self.lost_detail(reason)
+        # Whatever part of a frame is left goes, and its deadline with it.
+        self.stop_parsing()
+        self._lifecycle.connection_lost(detail)
 
     # -- public control ---------------------------------------------------------
 

@@ -158,6 +158,36 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(second.connection_id, "c2")
 
 
+class FrameDeadlineTests(SynchronousTestCase):
+    def test_a_proxy_that_stalls_mid_frame_is_cut_and_redialled_after_the_backoff(self) -> None:
+        """
+        The frame deadline closes a registered connection as any lost
+        connection is: the slot redials after its backoff, never at once,
+        so a proxy that stalls every connection mid-frame gets one attempt
+        per deadline and backoff, not a loop.
+        """
+        connector, endpoint, clock = make(["accept"], initial_delay=1, frame_timeout=5)
+        self.assertEqual(connector.settings.frame_timeout, 5)
+        connector.startService()
+        clock.advance(0)
+        for _ in range(4):
+            [live] = endpoint.live()
+            self.assertTrue(live.protocol.registered)
+            live.protocol.dataReceived(frame(REQUEST_HEADERS, headers_event())[:20])
+            clock.advance(4.9)
+            self.assertFalse(live.transport.disconnecting)
+            clock.advance(0.1)
+            self.assertTrue(live.transport.disconnecting)
+            live.close()
+            self.assertEqual(connector.registered_count, 0)
+            self.assertIn("Incomplete frame: 20 bytes of a frame received", connector.slots[0].last_error or "")
+            run(clock, 1)
+        self.assertEqual(endpoint.attempts, [0, 6, 12, 18, 24])
+        self.assertEqual(connector.registered_count, 1)
+        self.assertEqual(connector.slots[0].retries, 0)
+        connector.stopService()
+
+
 class RejectionTests(SynchronousTestCase):
     def test_fatal_rejections_stop_every_connection(self) -> None:
         for text in (

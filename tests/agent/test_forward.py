@@ -76,10 +76,12 @@ def handshake(**overrides: Any) -> dict[str, Any]:
 class Connection:
     """One forward connection over a StringTransport, with a Clock."""
 
-    def __init__(self, agent: Any = None, **factory_options: Any) -> None:
+    def __init__(
+        self, agent: Any = None, settings: dict[str, Any] | None = None, **factory_options: Any
+    ) -> None:
         self.agent = agent if agent is not None else Agent()
         self.clock = Clock()
-        self.settings = AgentSettings(agent=self.agent, agent_id="waf-1", health_interval=0)
+        self.settings = AgentSettings(agent=self.agent, agent_id="waf-1", health_interval=0, **(settings or {}))
         self.factory = ForwardAgentFactory(self.settings, self.clock, **factory_options)
         self.refused: list[Any] = []
         self.factory.registration_refused = lambda protocol, error: self.refused.append(error)  # type: ignore[method-assign]
@@ -509,3 +511,128 @@ class ForwardLogRateLimitTests(SynchronousTestCase):
                 protocol.dataReceived(b"\x00\x00\x00\x02\x01{")
         warnings = [e for e in events if e["log_level"] is LogLevel.warn]
         self.assertEqual(len(warnings), factory.log_limiter.burst)
+
+
+class ForwardFrameDeadlineTests(SynchronousTestCase):
+    """
+    Past the handshake, a frame the proxy starts must be complete within
+    C{frame_timeout} of its start, as on a reverse connection: whatever
+    dials a listening agent cannot hold a connection and its buffer by
+    stopping mid-frame or trickling one.  Before, the handshake timeout
+    bounds everything.
+    """
+
+    def serving(self, frame_timeout: float = 5.0, **options: Any) -> Connection:
+        c = Connection(RecordingAgent(), settings={"frame_timeout": frame_timeout}, **options)
+        c.shake()
+        return c
+
+    def seen(self, c: Connection) -> list[str]:
+        return [e.metadata.correlation_id for e in c.agent.seen]
+
+    def test_a_trickled_frame_closes_the_connection_at_the_deadline(self) -> None:
+        from twisted.logger import formatEvent
+
+        from .._proxy_support import captured_log
+
+        c = self.serving()
+        c.feed(frame(REQUEST_HEADERS, headers_event("waiting")))
+        trickled = frame(REQUEST_HEADERS, headers_event("trickled"))
+        ended: list[str] = []
+        c.protocol.when_lost().addCallback(lambda _: ended.append("lost"))
+        with captured_log() as events:
+            for i in range(10):
+                self.assertFalse(c.closed, f"closed after {i} bytes")
+                c.feed(trickled[i : i + 1])
+                c.clock.advance(0.5)
+            self.assertTrue(c.closed)
+            self.assertEqual(c.agent.cancelled, ["waiting"])
+            self.assertEqual(c.protocol.buffered_bytes, 0)
+            c.lose()
+        self.assertEqual(ended, ["lost"])
+        self.assertEqual(c.factory.connections, set())
+        lines = [formatEvent(e) for e in events]
+        self.assertIn(
+            "Agent waf-1 closing connection waf-1-fwd-1 with proxy zentinel-proxy: a frame was not "
+            "complete in time (10 bytes of a frame received, and the rest not within 5s)",
+            lines,
+        )
+        self.assertIn(
+            "Agent waf-1 connection waf-1-fwd-1 ended: protocol error from proxy: Incomplete frame: "
+            "10 bytes of a frame received, and the rest not within 5s",
+            lines,
+        )
+        self.assertEqual(c.clock.getDelayedCalls(), [])
+
+    def test_a_frame_completed_in_time_is_served_and_the_next_has_its_own_time(self) -> None:
+        c = self.serving()
+        first = frame(REQUEST_HEADERS, headers_event("first"))
+        second = frame(REQUEST_HEADERS, headers_event("second"))
+        c.feed(first[:20])
+        c.clock.advance(4.9)
+        c.feed(first[20:] + second[:20])
+        c.clock.advance(4.9)
+        self.assertFalse(c.closed)
+        c.feed(second[20:])
+        c.clock.advance(60)
+        self.assertFalse(c.closed)
+        self.assertEqual(self.seen(c), ["first", "second"])
+        c.feed(first[:20])
+        c.clock.advance(5)
+        self.assertTrue(c.closed)
+
+    def test_a_large_frame_arriving_steadily_within_the_deadline_is_served(self) -> None:
+        big = frame(REQUEST_HEADERS, headers_event("big", headers={"x-big": ["a" * (1024 * 1024)]}))
+        c = self.serving()
+        for i in range(0, len(big), 64 * 1024):
+            c.feed(big[i : i + 64 * 1024])
+            c.clock.advance(0.25)  # 17 pieces: 4.25 s
+        self.assertFalse(c.closed)
+        self.assertEqual(self.seen(c), ["big"])
+        c = self.serving()
+        for i in range(0, len(big), 64 * 1024):
+            if c.closed:
+                break
+            c.feed(big[i : i + 64 * 1024])
+            c.clock.advance(0.5)  # half the rate: the whole frame would take 8.5 s
+        self.assertTrue(c.closed)
+        self.assertEqual(self.seen(c), [])
+
+    def test_before_the_handshake_the_handshake_timeout_bounds_a_frame(self) -> None:
+        c = Connection(settings={"frame_timeout": 1}, handshake_timeout=10)
+        c.feed(frame_bytes(by_name("fwd_handshake_request"))[:20])
+        c.clock.advance(9.9)
+        self.assertFalse(c.closed)
+        c.clock.advance(0.1)
+        self.assertTrue(c.closed)
+        self.assertIn("no HandshakeRequest within 10s", str(c.refused[0]))
+
+    def test_the_warnings_of_many_connections_are_rate_limited(self) -> None:
+        from twisted.logger import LogLevel
+
+        from .._proxy_support import captured_log
+
+        clock = Clock()
+        settings = AgentSettings(agent=Agent(), agent_id="a", health_interval=0, frame_timeout=5)
+        factory = ForwardAgentFactory(settings, clock)
+        transports = []
+        with captured_log() as events:
+            for _ in range(50):
+                protocol = factory.buildProtocol(UNIXAddress(None))
+                transport = StringTransport(peerAddress=UNIXAddress(None))
+                transports.append(transport)
+                protocol.makeConnection(transport)
+                protocol.dataReceived(frame(HANDSHAKE_REQUEST, handshake()) + b"\x00\x00\x01")
+            clock.advance(5)
+        self.assertTrue(all(t.disconnecting for t in transports))
+        warnings = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(len(warnings), factory.log_limiter.burst)
+
+    def test_the_listener_passes_the_deadline_to_its_connections(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from sentinel_twisted.agent.forward import AgentListener
+
+        listener = AgentListener(Agent(), "tcp:0", "waf-1", reactor=MemoryReactorClock(), frame_timeout=2.5)
+        self.assertEqual(listener.settings.frame_timeout, 2.5)
+        self.assertIs(listener.factory.settings, listener.settings)

@@ -839,11 +839,11 @@ class LargeControlFrameTests(SynchronousTestCase):
         self.assertFalse(h.transport.disconnecting)
 
     def test_a_trickled_skipped_frame_meets_the_frame_deadline(self) -> None:
-        # The agent sets no frame deadline of its own; where one is set, a
-        # skipped frame is held to it like any started frame.
-        h, agent = self.registered()
-        h.protocol.frame_clock = h.clock
-        h.protocol.frame_timeout = 5.0
+        # A skipped frame is held to the frame deadline like any started frame.
+        agent = RecordingAgent()
+        h = Harness(agent, frame_timeout=5.0)
+        h.register()
+        h.sent()
         h.feed(REQUEST_HEADERS, headers_event("waiting"))
         for i in range(0, 1000, 100):
             self.assertFalse(h.transport.disconnecting)
@@ -867,3 +867,146 @@ class LargeControlFrameTests(SynchronousTestCase):
         self.assertTrue(h.transport.disconnecting)
         [(_, error)] = [e for e in h.events if e[0] == "refused"]
         self.assertIn("Message too large: 66537 bytes (max: 65536 for a Ping frame)", str(error))
+
+
+class FrameDeadlineTests(SynchronousTestCase):
+    """
+    Once registered, a frame the proxy starts must be complete within
+    C{frame_timeout} of its start (the proxy's own rule for its agents): a
+    proxy that stops mid-frame, or trickles one, is cut, and cannot hold the
+    connection and the agent's buffer.  Before registration the registration
+    timeout bounds everything.
+    """
+
+    def registered(self, **settings: Any) -> tuple[Harness, RecordingAgent]:
+        agent = RecordingAgent()
+        settings.setdefault("health_interval", 0)
+        h = Harness(agent, **settings)
+        h.register()
+        h.sent()
+        return h, agent
+
+    def test_the_default_is_the_proxys_default_30s(self) -> None:
+        h, _ = self.registered()
+        self.assertEqual(h.settings.frame_timeout, 30.0)
+        h.protocol.dataReceived(frame(REQUEST_HEADERS, headers_event("late"))[:20])
+        h.clock.advance(29.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_a_trickled_frame_closes_the_connection_at_the_deadline(self) -> None:
+        h, agent = self.registered(frame_timeout=5)
+        h.feed(REQUEST_HEADERS, headers_event("waiting"))
+        trickled = frame(REQUEST_HEADERS, headers_event("trickled"))
+        with captured_log() as events:
+            for i in range(10):
+                self.assertFalse(h.transport.disconnecting, f"closed after {i} bytes")
+                h.protocol.dataReceived(trickled[i : i + 1])
+                h.clock.advance(0.5)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(agent.cancelled, ["waiting"])
+        self.assertEqual(h.protocol.buffered_bytes, 0)
+        self.assertIn(
+            "Agent waf-1 closing connection waf-1-abc-1 with proxy test-proxy: a frame was not "
+            "complete in time (10 bytes of a frame received, and the rest not within 5s)",
+            [formatEvent(e) for e in events if e["log_level"].name == "warn"],
+        )
+        # The rest of the frame, late, is not read.
+        h.protocol.dataReceived(trickled[10:])
+        self.assertEqual(agent.seen[-1].metadata.correlation_id, "waiting")
+        h.lose()
+        self.assertEqual(
+            h.events[-1],
+            (
+                "ended",
+                "protocol error from proxy: Incomplete frame: 10 bytes of a frame received, "
+                "and the rest not within 5s",
+            ),
+        )
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_proxy_that_stops_mid_frame_is_cut_and_a_deaf_one_aborted(self) -> None:
+        h, _ = self.registered(frame_timeout=5, close_grace=2)
+        h.protocol.dataReceived(frame(REQUEST_HEADERS, headers_event())[:30])
+        h.clock.advance(5)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(2)
+        self.assertTrue(h.transport.disconnected, "a proxy that reads nothing is aborted")
+
+    def test_a_frame_completed_in_time_is_served_and_the_next_has_its_own_time(self) -> None:
+        h, agent = self.registered(frame_timeout=5)
+        first = frame(REQUEST_HEADERS, headers_event("first"))
+        second = frame(REQUEST_HEADERS, headers_event("second"))
+        h.protocol.dataReceived(first[:20])
+        h.clock.advance(4.9)
+        h.protocol.dataReceived(first[20:] + second[:20])
+        h.clock.advance(4.9)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual([e.metadata.correlation_id for e in agent.seen], ["first"])
+        h.protocol.dataReceived(second[20:])
+        h.clock.advance(60)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual([e.metadata.correlation_id for e in agent.seen], ["first", "second"])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        # And a frame after them is held to the deadline again.
+        h.protocol.dataReceived(first[:20])
+        h.clock.advance(5)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_a_large_frame_arriving_steadily_within_the_deadline_is_served(self) -> None:
+        # As on the proxy: the deadline is the whole frame's, from its first
+        # byte; bytes that keep coming do not extend it.
+        big = frame(REQUEST_HEADERS, headers_event("big", headers={"x-big": ["a" * (1024 * 1024)]}))
+        h, agent = self.registered(frame_timeout=5)
+        for i in range(0, len(big), 64 * 1024):
+            h.protocol.dataReceived(big[i : i + 64 * 1024])
+            h.clock.advance(0.25)  # 17 pieces: 4.25 s
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual([e.metadata.correlation_id for e in agent.seen], ["big"])
+        h, agent = self.registered(frame_timeout=5)
+        for i in range(0, len(big), 64 * 1024):
+            if h.transport.disconnecting:
+                break
+            h.protocol.dataReceived(big[i : i + 64 * 1024])
+            h.clock.advance(0.5)  # the same frame at half the rate: 8.5 s
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(agent.seen, [])
+        self.assertEqual(h.protocol.buffered_bytes, 0)
+
+    def test_before_registration_the_registration_timeout_bounds_a_frame(self) -> None:
+        h = Harness(frame_timeout=1, registration_timeout=10)
+        h.protocol.dataReceived(frame(HANDSHAKE_RESPONSE, success_response())[:20])
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        [(kind, error)] = h.events
+        self.assertEqual(kind, "refused")
+        self.assertIn("no RegistrationResponse within 10s", str(error))
+
+    def test_the_deadline_of_a_frame_begun_with_the_registration_answer_runs(self) -> None:
+        h = Harness(frame_timeout=5, health_interval=0)
+        h.sent()
+        h.protocol.dataReceived(
+            frame(HANDSHAKE_RESPONSE, success_response()) + frame(REQUEST_HEADERS, headers_event())[:20]
+        )
+        self.assertTrue(h.protocol.registered)
+        h.clock.advance(5)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_a_connection_lost_mid_frame_leaves_no_timer_and_no_warning(self) -> None:
+        h, _ = self.registered(frame_timeout=5)
+        h.protocol.dataReceived(frame(REQUEST_HEADERS, headers_event())[:20])
+        with captured_log() as events:
+            h.lose()
+            h.clock.advance(10)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertEqual([e for e in events if e["log_level"].name == "warn"], [])
+        self.assertEqual(
+            h.events[-1], ("ended", "connection closed mid-frame (20 bytes of an incomplete frame)")
+        )
+
+    def test_the_deadline_must_be_positive(self) -> None:
+        for value in (0, -1):
+            self.assertRaises(ValueError, Harness, frame_timeout=value)

@@ -344,6 +344,25 @@ class OptionTests(TestCase):
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
 
+    def test_the_close_grace_and_the_known_agents_limit_reach_the_parent_and_its_workers(self) -> None:
+        from sentinel_twisted.workers.assemble import ReservedPort, make_group, make_worker
+
+        arguments = [
+            "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1", "--status", "none",
+            "--close-grace", "2.5", "--max-known-agents", "7",
+        ]  # fmt: skip
+        parent = make_group(self.parse(*arguments), MemoryReactorClock())
+        (reserved,) = [s for s in parent if isinstance(s, ReservedPort)]
+        self.addCleanup(reserved.socket.close)
+        self.assertEqual(parent.factory.config.close_grace, 2.5)
+        self.assertEqual(parent.group.seen.limit, 7)  # type: ignore[attr-defined]
+        command = worker_command(arguments, 1, "/run/x/control.sock", reserved.description)
+        worker = make_worker(self.parse(*command[command.index("sentinel-reverse") + 1 :]), MemoryReactorClock())
+        self.assertEqual(worker.factory.config.close_grace, 2.5)
+        (gateway,) = [s for s in worker if hasattr(s, "gateway")]
+        self.assertEqual(gateway.gateway.known.limit, 7)
+
 
 class CoverageTests(TestCase):
     def test_an_agent_missing_from_a_worker_is_reported_after_a_while(self) -> None:
