@@ -95,6 +95,16 @@ class _MadeRoom(AgentProtocolError):
     rejection_label = "pending_evicted"
 
 
+class _PeerMadeRoom(AgentProtocolError):
+    """
+    A connection awaiting registration closed to make room for a new one
+    from its own address, which held all the places one address may: it
+    was the oldest of them that had sent nothing.
+    """
+
+    rejection_label = "peer_pending_evicted"
+
+
 def _pending_key(addr: IAddress) -> str | None:
     """
     The address a connection awaiting registration is counted against: a
@@ -102,6 +112,16 @@ def _pending_key(addr: IAddress) -> str | None:
     """
     if isinstance(addr, (IPv4Address, IPv6Address)):
         return addr.host
+    return None
+
+
+def _oldest_idle(
+    held: dict[ReverseConnectionProtocol, None],
+) -> ReverseConnectionProtocol | None:
+    """The oldest of C{held} that has sent nothing yet (C{None}: all are mid-frame)."""
+    for protocol in held:
+        if not protocol.mid_frame:
+            return protocol
     return None
 
 
@@ -158,7 +178,8 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "frame_too_large"
     if isinstance(error, InvalidMessage):
         return "invalid_message"
-    # Others name their own (_MadeRoom: "pending_evicted").
+    # Others name their own (_MadeRoom: "pending_evicted", _PeerMadeRoom:
+    # "peer_pending_evicted").
     return getattr(error, "rejection_label", "other")
 
 
@@ -242,17 +263,21 @@ class ReverseConnectionFactory(Factory):
         if held is not None and len(held) >= config.max_pending_registrations_per_peer:
             # One address cannot take every place (SPEC section 3 has no
             # answer for a connection that never registers).
-            self.rejections["peer_pending_limit"] += 1
-            self.log_limiter.warn(
-                log,
-                "peer-pending-limit",
-                "{count} connections from {peer} are awaiting registration "
-                "(limit {limit} per address); closing new connections from it",
-                count=len(held),
-                peer=peer_text(key, _ID_IN_LOG),
-                limit=config.max_pending_registrations_per_peer,
-            )
-            return RefusedConnection()
+            assert key is not None
+            if not self._make_room_at(key, held):
+                self.rejections["peer_pending_limit"] += 1
+                self.log_limiter.warn(
+                    log,
+                    "peer-pending-limit",
+                    "{count} connections from {peer} are awaiting registration "
+                    "(limit {limit} per address), each partway through its first frame; "
+                    "closing new connections from it",
+                    count=len(held),
+                    peer=peer_text(key, _ID_IN_LOG),
+                    limit=config.max_pending_registrations_per_peer,
+                )
+                return RefusedConnection()
+            held = self.pending_by_peer.get(key)
         limit = config.max_pending_registrations
         if self.awaiting_registration >= limit and not self._make_room(
             0 if held is None else len(held)
@@ -274,21 +299,62 @@ class ReverseConnectionFactory(Factory):
             self.pending_by_peer.setdefault(key, {})[protocol] = None
         return protocol
 
+    def _make_room_at(self, key: str, held: dict[ReverseConnectionProtocol, None]) -> bool:
+        """
+        The address C{key} holds all the places one address may: close its
+        oldest connection that has sent nothing yet, if it has one; whether
+        there is room now.
+
+        An agent sends its registration at once, so it is never the oldest
+        idle one for long, while an idle flood only closes its own
+        connections.  A connection partway through its first frame is never
+        closed here: it may be an agent's registration on its way, and a
+        newcomer from the same address, which could be anyone sharing it,
+        must not be able to cut that short.  With all of them partway, the
+        newcomer is closed instead; each of them goes at the handshake
+        timeout at the latest.
+        """
+        victim = _oldest_idle(held)
+        if victim is None:
+            return False
+        count = len(held)
+        victim.make_room(
+            _PeerMadeRoom(
+                "Too many connections from this address are awaiting registration; "
+                "closed to make room"
+            )
+        )
+        self.log_limiter.warn(
+            log,
+            "peer-pending-evicted",
+            "{count} connections from {peer} are awaiting registration "
+            "(limit {limit} per address); closed the oldest one that had sent nothing "
+            "to make room for a new one",
+            count=count,
+            peer=peer_text(key, _ID_IN_LOG),
+            limit=self.config.max_pending_registrations_per_peer,
+        )
+        return victim not in held
+
     def _make_room(self, holding: int) -> bool:
         """
-        Every place is taken: close the oldest connection awaiting
-        registration from the address that holds the most places, if it holds
-        more than C{holding} (the newcomer's address's); whether there is
-        room now.  An attacker spread over a few addresses then loses its own
-        idle connections to newcomers, and an agent, which registers at once,
-        is never the oldest for long.
+        Every place is taken: close a connection awaiting registration from
+        the address that holds the most places, if it holds more than
+        C{holding} (the newcomer's address's); whether there is room now.
+        The one closed is that address's oldest that has sent nothing yet,
+        else its oldest: an attacker spread over a few addresses then loses
+        its own connections to newcomers, and an agent, which registers at
+        once, is never the oldest for long.
         """
         if not self.pending_by_peer:
             return False
         busiest = max(self.pending_by_peer.values(), key=len)
         if len(busiest) <= holding:
             return False
-        next(iter(busiest)).make_room(
+        victim = _oldest_idle(busiest)
+        if victim is None:
+            victim = next(iter(busiest))
+        victim.make_room(
             _MadeRoom("Too many connections are awaiting registration; closed to make room")
         )
         return self.awaiting_registration < self.config.max_pending_registrations
