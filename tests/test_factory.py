@@ -497,7 +497,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         lines = [formatEvent(e) or "" for e in events]
         self.assertLessEqual(len(lines), 5)
         self.assertIn("(limit 1 per address), each partway through its first frame", lines[0])
-        self.assertIn("from fe80::1%eth0\\x0a\\x1b[31m are", lines[0])
+        self.assertIn("fe80::%eth0\\x0a\\x1b[31m/64", lines[0])
         self.assertNotIn("\x1b", "".join(lines))
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 100)
 
@@ -512,13 +512,70 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         # per period.
         self.assertLessEqual(len(lines), 10)
         self.assertIn(
-            "1 connections from 2001:db8:1:2::1 are awaiting registration (limit 1 per address); "
+            "1 connections from 2001:db8:1:2::/64 are awaiting registration (limit 1 per address); "
             "closed the oldest one that had sent nothing to make room for a new one",
             lines[1],
         )
         self.assertIn("(peer_pending_evicted)", lines[0])
         self.assertEqual(dict(proxy.factory.rejections), {"peer_pending_evicted": 100})
         self.assertEqual(proxy.factory.awaiting_registration, 1)
+
+
+class PendingRegistrationPeerKeyTests(TestCase):
+    """
+    What connections awaiting registration are counted against: an IPv4
+    address, an IPv6 /64 prefix (a host may take any address in its /64).
+    """
+
+    def keys(self, proxy: Proxy) -> dict[str, int]:
+        return {key: len(held) for key, held in proxy.factory.pending_by_peer.items()}
+
+    def test_two_addresses_in_one_ipv6_64_share_a_cap(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        _, first = connect_from(proxy, v6("2001:db8:1:2::1"))
+        connect_from(proxy, v6("2001:db8:1:2:ffff:ffff:ffff:fffe"))
+        _, third = connect_from(proxy, v6("2001:db8:1:2:abcd::7"))
+        self.assertTrue(first.disconnecting)
+        self.assertFalse(third.disconnecting)
+        self.assertEqual(self.keys(proxy), {"2001:db8:1:2::/64": 2})
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
+
+    def test_different_ipv6_64s_do_not_share_a_cap(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        transports = [
+            connect_from(proxy, v6(host))[1]
+            for host in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2:2::1", "2001:db9:1:2::1")
+        ]
+        self.assertFalse(any(t.disconnecting for t in transports))
+        self.assertEqual(
+            self.keys(proxy),
+            {"2001:db8:1:2::/64": 1, "2001:db8:1:3::/64": 1, "2001:db8:2:2::/64": 1, "2001:db9:1:2::/64": 1},
+        )
+        self.assertEqual(proxy.factory.rejections, {})
+
+    def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        _, ipv4 = connect_from(proxy, OTHER)
+        _, mapped = connect_from(proxy, v6("::ffff:192.0.2.7"))
+        self.assertTrue(ipv4.disconnecting)
+        self.assertFalse(mapped.disconnecting)
+        self.assertEqual(self.keys(proxy), {"192.0.2.7": 1})
+        _, other_mapped = connect_from(proxy, v6("::ffff:192.0.2.8"))
+        self.assertFalse(other_mapped.disconnecting)
+        self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1})
+
+    def test_link_local_addresses_are_counted_per_64_and_zone(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        for host in ("fe80::1%eth0", "fe80::2%eth0", "fe80::1%eth1"):
+            connect_from(proxy, v6(host))
+        self.assertEqual(self.keys(proxy), {"fe80::%eth0/64": 2, "fe80::%eth1/64": 1})
+
+    def test_a_registration_frees_the_place_it_held_in_its_64(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        connect_from(proxy, v6("2001:db8:1:2::1"))
+        protocol, transport = connect_from(proxy, v6("2001:db8:1:2::2"))
+        self.assertTrue(registers(protocol, transport))
+        self.assertEqual(self.keys(proxy), {"2001:db8:1:2::/64": 1})
 
 
 class PendingRegistrationRoomTests(TestCase):

@@ -10,6 +10,7 @@ connections into the L{AgentPool}.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from collections import Counter
@@ -105,14 +106,39 @@ class _PeerMadeRoom(AgentProtocolError):
     rejection_label = "peer_pending_evicted"
 
 
+#: Bits of an IPv6 peer's address that name its host's network: a host is
+#: handed a whole /64 and may take any address in it.
+_IPV6_PREFIX = 64
+_IPV6_PREFIX_MASK = ((1 << _IPV6_PREFIX) - 1) << (128 - _IPV6_PREFIX)
+
+
 def _pending_key(addr: IAddress) -> str | None:
     """
-    The address a connection awaiting registration is counted against: a
-    TCP (or TLS) peer's host; C{None} for a UNIX socket, which has none.
+    What a connection awaiting registration is counted against: a TCP (or
+    TLS) peer's IPv4 address, its IPv6 /64 prefix (C{2001:db8:1:2::/64},
+    with the zone of a link-local one: C{fe80::%eth0/64}), or the IPv4
+    address an IPv4-mapped IPv6 one (C{::ffff:192.0.2.7}) stands for;
+    C{None} for a UNIX socket, which has no address.
     """
-    if isinstance(addr, (IPv4Address, IPv6Address)):
+    if isinstance(addr, IPv4Address):
         return addr.host
+    if isinstance(addr, IPv6Address):
+        return _ipv6_key(addr.host)
     return None
+
+
+def _ipv6_key(host: str) -> str:
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        # Not what a socket reports; counted as it is.
+        return host
+    mapped = address.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    network = ipaddress.IPv6Address(int(address) & _IPV6_PREFIX_MASK)
+    zone = f"%{address.scope_id}" if address.scope_id else ""
+    return f"{network}{zone}/{_IPV6_PREFIX}"
 
 
 def _oldest_idle(
@@ -205,9 +231,11 @@ class ReverseConnectionFactory(Factory):
     @ivar awaiting_registration: connections accepted that have not registered
         yet.
     @ivar pending_by_peer: the TCP and TLS connections awaiting registration
-        by peer host, oldest first (C{host -> {protocol: None}}); a host
-        leaves the table with its last one, so it holds at most
-        C{config.max_pending_registrations} entries.
+        by what they are counted against, oldest first (C{key -> {protocol:
+        None}}): the peer's IPv4 address, or its IPv6 /64 prefix
+        (C{2001:db8:1:2::/64}); a key leaves the table with its last
+        connection, so it holds at most C{config.max_pending_registrations}
+        entries.
     @ivar registrations: registrations accepted.
     """
 
