@@ -246,7 +246,8 @@ class Options(ProgramOptions):
             "max-pending-registrations-per-peer",
             None,
             64,
-            "Connections (N) from one TCP/TLS peer address that may await registration at once.",
+            "Connections (N) from one TCP/TLS peer address (IPv6: one /64) that may await "
+            "registration at once; a newcomer beyond it closes the address's oldest idle one.",
         ],
         [
             "max-incomplete-frame-bytes",

@@ -227,6 +227,14 @@ class FrameReceiver(Int32StringReceiver):
         """Bytes of an incomplete frame waiting for the rest of it."""
         return len(self._buffer)
 
+    @property
+    def mid_frame(self) -> bool:
+        """
+        Whether part of a frame has arrived and the rest has not (bytes
+        held, or a skipped frame's bytes still to come), as of the last read.
+        """
+        return bool(self._held or self._skip_left)
+
     def dataReceived(self, data: bytes) -> None:
         if self._diverted:
             if self._framing_broken:

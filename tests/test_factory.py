@@ -340,23 +340,102 @@ def connect_from(proxy: Proxy, address: Any) -> tuple[Any, StringTransport]:
     return protocol, transport
 
 
+def begin_registration(protocol: Any) -> None:
+    """The first bytes of a registration arrive, and not the rest."""
+    protocol.dataReceived(registration_frame()[:7])
+
+
+def registers(protocol: Any, transport: StringTransport) -> bool:
+    """Whether a registration sent on C{protocol} is accepted."""
+    protocol.dataReceived(registration_frame())
+    return not transport.disconnecting and getattr(protocol, "connection", None) is not None
+
+
+def refusal_text(transport: StringTransport) -> str:
+    """The error of the RegistrationResponse the proxy wrote on C{transport}."""
+    [(kind, payload)] = take_frames(transport)
+    assert kind == MessageType.HANDSHAKE_RESPONSE
+    response = m.decode(payload, m.RegistrationResponse)
+    assert not response.success
+    return response.error or ""
+
+
 OTHER = IPv4Address("TCP", "192.0.2.7", 40001)
 
 
+def v6(host: str) -> IPv6Address:
+    return IPv6Address("TCP", host, 40002)
+
+
 class PendingRegistrationPerPeerCapTests(TestCase):
-    def test_connections_beyond_the_per_peer_cap_are_refused(self) -> None:
+    def test_beyond_the_per_peer_cap_the_oldest_idle_connection_makes_room(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        _, oldest = proxy.connect()
+        _, younger = proxy.connect()
+        _, transport = connect_from(proxy, IPv4Address("TCP", "127.0.0.1", 40009))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(oldest.disconnecting)
+        self.assertFalse(younger.disconnecting)
+        self.assertEqual(
+            refusal_text(oldest),
+            "Too many connections from this address are awaiting registration; closed to make room",
+        )
+        self.assertEqual(dict(proxy.factory.rejections), {"peer_pending_evicted": 1})
+        self.assertEqual(proxy.factory.awaiting_registration, 2)
+        self.assertEqual(len(proxy.factory.pending_by_peer["127.0.0.1"]), 2)
+        self.assertEqual(proxy.factory.last_rejection.reason, "peer_pending_evicted")  # type: ignore[union-attr]
+
+    def test_an_agent_registers_from_an_address_flooded_with_idle_connections(self) -> None:
+        proxy = Proxy()
+        flood = [proxy.connect()[1] for _ in range(64)]
+        for _ in range(3):
+            # The flood carries on, and only closes its own connections.
+            flood.append(proxy.connect()[1])
+        protocol, transport = connect_from(proxy, PEER)
+        self.assertTrue(registers(protocol, transport))
+        self.assertEqual(sum(t.disconnecting for t in flood), 4)
+        self.assertTrue(all(t.disconnecting for t in flood[:4]))
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 4)
+        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 0)
+        self.assertEqual(proxy.factory.awaiting_registration, 63)
+
+    def test_a_connection_partway_through_its_first_frame_is_passed_over(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=3)
+        registering, registering_transport = proxy.connect()
+        begin_registration(registering)
+        _, idle = proxy.connect()
+        _, youngest = proxy.connect()
+        protocol, transport = connect_from(proxy, PEER)
+        self.assertFalse(registering_transport.disconnecting)
+        self.assertTrue(idle.disconnecting)
+        self.assertFalse(youngest.disconnecting)
+        self.assertFalse(transport.disconnecting)
+        # The one passed over finishes its registration.
+        registering.dataReceived(registration_frame()[7:])
+        self.assertIsNotNone(registering.connection)
+
+    def test_with_every_connection_partway_through_a_frame_newcomers_are_refused(self) -> None:
         proxy = Proxy(max_pending_registrations_per_peer=2)
         proxy.connect()
-        proxy.connect()
-        _, transport = connect_from(proxy, IPv4Address("TCP", "127.0.0.1", 40009))
+        first, _ = proxy.connect()
+        second, _ = connect_from(proxy, PEER)
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
+        begin_registration(first)
+        begin_registration(second)
+        _, transport = connect_from(proxy, PEER)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
         self.assertEqual(proxy.factory.awaiting_registration, 2)
+        # Neither was cut short: both still register.
+        for protocol in (first, second):
+            protocol.dataReceived(registration_frame()[7:])
+            self.assertIsNotNone(protocol.connection)
 
     def test_the_default_per_peer_cap_is_64(self) -> None:
         proxy = Proxy()
         for _ in range(64):
-            proxy.connect()
+            begin_registration(proxy.connect()[0])
         _, transport = connect_from(proxy, PEER)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
@@ -371,7 +450,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
 
     def test_the_cap_applies_to_tls_listeners(self) -> None:
         proxy = Proxy(max_pending_registrations_per_peer=1)
-        proxy.connect()
+        begin_registration(proxy.connect()[0])
         wrapped = TLSMemoryBIOFactory(CertificateOptions(), False, proxy.factory).buildProtocol(PEER)
         transport = StringTransport()
         wrapped.makeConnection(transport)
@@ -391,7 +470,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         protocol, _ = proxy.connect()
         protocol.dataReceived(registration_frame())
         proxy.connect()
-        self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 0)
+        self.assertEqual(proxy.factory.rejections, {})
 
     def test_an_address_leaves_the_table_with_its_last_pending_connection(self) -> None:
         proxy = Proxy()
@@ -410,16 +489,93 @@ class PendingRegistrationPerPeerCapTests(TestCase):
     def test_refusals_are_logged_rate_limited_with_the_address_escaped(self) -> None:
         proxy = Proxy(max_pending_registrations_per_peer=1)
         peer = IPv6Address("TCP", "fe80::1%eth0\n\x1b[31m", 1)
-        connect_from(proxy, peer)
+        begin_registration(connect_from(proxy, peer)[0])
         with captured_log() as events:
             for _ in range(100):
                 _, transport = connect_from(proxy, IPv6Address("TCP", peer.host, 2))
                 self.assertTrue(transport.disconnecting)
         lines = [formatEvent(e) or "" for e in events]
         self.assertLessEqual(len(lines), 5)
-        self.assertIn("(limit 1 per address)", lines[0])
+        self.assertIn("(limit 1 per address), each partway through its first frame", lines[0])
+        self.assertIn("fe80::%eth0\\x0a\\x1b[31m/64", lines[0])
         self.assertNotIn("\x1b", "".join(lines))
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 100)
+
+    def test_evictions_are_logged_rate_limited(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        with captured_log() as events:
+            for _ in range(101):
+                _, transport = connect_from(proxy, v6("2001:db8:1:2::1"))
+                self.assertFalse(transport.disconnecting)
+        lines = [formatEvent(e) or "" for e in events]
+        # At most a burst of each of two kinds (the warning, the rejection)
+        # per period.
+        self.assertLessEqual(len(lines), 10)
+        self.assertIn(
+            "1 connections from 2001:db8:1:2::/64 are awaiting registration (limit 1 per address); "
+            "closed the oldest one that had sent nothing to make room for a new one",
+            lines[1],
+        )
+        self.assertIn("(peer_pending_evicted)", lines[0])
+        self.assertEqual(dict(proxy.factory.rejections), {"peer_pending_evicted": 100})
+        self.assertEqual(proxy.factory.awaiting_registration, 1)
+
+
+class PendingRegistrationPeerKeyTests(TestCase):
+    """
+    What connections awaiting registration are counted against: an IPv4
+    address, an IPv6 /64 prefix (a host may take any address in its /64).
+    """
+
+    def keys(self, proxy: Proxy) -> dict[str, int]:
+        return {key: len(held) for key, held in proxy.factory.pending_by_peer.items()}
+
+    def test_two_addresses_in_one_ipv6_64_share_a_cap(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        _, first = connect_from(proxy, v6("2001:db8:1:2::1"))
+        connect_from(proxy, v6("2001:db8:1:2:ffff:ffff:ffff:fffe"))
+        _, third = connect_from(proxy, v6("2001:db8:1:2:abcd::7"))
+        self.assertTrue(first.disconnecting)
+        self.assertFalse(third.disconnecting)
+        self.assertEqual(self.keys(proxy), {"2001:db8:1:2::/64": 2})
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
+
+    def test_different_ipv6_64s_do_not_share_a_cap(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        transports = [
+            connect_from(proxy, v6(host))[1]
+            for host in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2:2::1", "2001:db9:1:2::1")
+        ]
+        self.assertFalse(any(t.disconnecting for t in transports))
+        self.assertEqual(
+            self.keys(proxy),
+            {"2001:db8:1:2::/64": 1, "2001:db8:1:3::/64": 1, "2001:db8:2:2::/64": 1, "2001:db9:1:2::/64": 1},
+        )
+        self.assertEqual(proxy.factory.rejections, {})
+
+    def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=1)
+        _, ipv4 = connect_from(proxy, OTHER)
+        _, mapped = connect_from(proxy, v6("::ffff:192.0.2.7"))
+        self.assertTrue(ipv4.disconnecting)
+        self.assertFalse(mapped.disconnecting)
+        self.assertEqual(self.keys(proxy), {"192.0.2.7": 1})
+        _, other_mapped = connect_from(proxy, v6("::ffff:192.0.2.8"))
+        self.assertFalse(other_mapped.disconnecting)
+        self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1})
+
+    def test_link_local_addresses_are_counted_per_64_and_zone(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        for host in ("fe80::1%eth0", "fe80::2%eth0", "fe80::1%eth1"):
+            connect_from(proxy, v6(host))
+        self.assertEqual(self.keys(proxy), {"fe80::%eth0/64": 2, "fe80::%eth1/64": 1})
+
+    def test_a_registration_frees_the_place_it_held_in_its_64(self) -> None:
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        connect_from(proxy, v6("2001:db8:1:2::1"))
+        protocol, transport = connect_from(proxy, v6("2001:db8:1:2::2"))
+        self.assertTrue(registers(protocol, transport))
+        self.assertEqual(self.keys(proxy), {"2001:db8:1:2::/64": 1})
 
 
 class PendingRegistrationRoomTests(TestCase):
@@ -447,6 +603,26 @@ class PendingRegistrationRoomTests(TestCase):
         self.assertIn("closed to make room", response.error or "")
         protocol.dataReceived(registration_frame())
         self.assertIsNotNone(protocol.connection)
+
+    def test_the_busiest_address_gives_up_an_idle_connection_before_one_mid_frame(self) -> None:
+        proxy = Proxy(max_pending_registrations=4)
+        oldest, oldest_transport = proxy.connect()
+        begin_registration(oldest)
+        _, idle_transport = proxy.connect()
+        younger, younger_transport = proxy.connect()
+        begin_registration(younger)
+        connect_from(proxy, OTHER)
+        _, transport = connect_from(proxy, IPv4Address("TCP", "198.51.100.1", 1))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertFalse(oldest_transport.disconnecting)
+        # With none idle left, the busiest address's oldest still makes room:
+        # one address cannot keep the others out by trickling.
+        _, transport = connect_from(proxy, IPv4Address("TCP", "198.51.100.2", 1))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(oldest_transport.disconnecting)
+        self.assertFalse(younger_transport.disconnecting)
+        self.assertEqual(dict(proxy.factory.rejections), {"pending_evicted": 2})
 
     def test_an_address_holding_as_many_as_the_busiest_is_refused(self) -> None:
         proxy = Proxy(max_pending_registrations=2)

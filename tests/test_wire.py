@@ -166,6 +166,22 @@ class FramingTests(TestCase):
             receiver.dataReceived(data[i : i + 1])
         self.assertEqual(receiver.frames, frames)
 
+    def test_mid_frame_from_the_first_byte_of_a_frame_to_its_last(self) -> None:
+        receiver, _ = connected()
+        self.assertFalse(receiver.mid_frame)
+        frame = encode_frame(0x20, b'{"a":1}')
+        for cut in range(1, len(frame)):
+            receiver.dataReceived(frame[cut - 1 : cut])
+            self.assertTrue(receiver.mid_frame, f"after {cut} bytes")
+        receiver.dataReceived(frame[-1:])
+        self.assertFalse(receiver.mid_frame)
+
+    def test_mid_frame_while_a_skipped_frame_arrives(self) -> None:
+        receiver, _ = connected()
+        receiver.dataReceived(encode_frame(0x41, b"x" * (MAX_CONTROL_FRAME_SIZE + 10))[:100])
+        self.assertEqual(receiver.buffered_bytes, 0)
+        self.assertTrue(receiver.mid_frame)
+
     def test_payload_is_immutable_bytes(self) -> None:
         receiver, _ = connected()
         receiver.dataReceived(encode_frame(0x20, b"ab")[:5])

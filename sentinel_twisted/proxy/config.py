@@ -134,12 +134,16 @@ class ReverseConnectionConfig:
     @ivar proxy_id: sent in every RegistrationResponse.
     @ivar max_pending_registrations: connections that may wait for their
         registration at once; beyond it a new connection takes the place of
-        the oldest one from the address holding the most, if that address
-        holds more than the newcomer's, else it is closed at once.
+        one from the address holding the most (its oldest that has sent
+        nothing yet, else its oldest), if that address holds more than the
+        newcomer's, else it is closed at once.
     @ivar max_pending_registrations_per_peer: connections from one TCP or
-        TLS peer address that may wait for their registration at once;
-        beyond it new connections from that address are closed at once
-        (UNIX sockets have no peer address and are not counted).
+        TLS peer address (an IPv6 peer's /64 prefix; an IPv4-mapped one's
+        IPv4 address) that may wait for their registration at once; beyond
+        it a new connection from that address takes the place of the
+        address's oldest one that has sent nothing yet, and is closed at
+        once if every one of them has begun its registration (UNIX sockets
+        have no peer address and are not counted).
     @ivar require_client_cert: a registering agent must hold a verified TLS
         client certificate issued for its agent id (see
         L{sentinel_twisted.proxy._identity}); the listener's TLS endpoints must

@@ -10,6 +10,7 @@ connections into the L{AgentPool}.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from collections import Counter
@@ -95,13 +96,58 @@ class _MadeRoom(AgentProtocolError):
     rejection_label = "pending_evicted"
 
 
+class _PeerMadeRoom(AgentProtocolError):
+    """
+    A connection awaiting registration closed to make room for a new one
+    from its own address, which held all the places one address may: it
+    was the oldest of them that had sent nothing.
+    """
+
+    rejection_label = "peer_pending_evicted"
+
+
+#: Bits of an IPv6 peer's address that name its host's network: a host is
+#: handed a whole /64 and may take any address in it.
+_IPV6_PREFIX = 64
+_IPV6_PREFIX_MASK = ((1 << _IPV6_PREFIX) - 1) << (128 - _IPV6_PREFIX)
+
+
 def _pending_key(addr: IAddress) -> str | None:
     """
-    The address a connection awaiting registration is counted against: a
-    TCP (or TLS) peer's host; C{None} for a UNIX socket, which has none.
+    What a connection awaiting registration is counted against: a TCP (or
+    TLS) peer's IPv4 address, its IPv6 /64 prefix (C{2001:db8:1:2::/64},
+    with the zone of a link-local one: C{fe80::%eth0/64}), or the IPv4
+    address an IPv4-mapped IPv6 one (C{::ffff:192.0.2.7}) stands for;
+    C{None} for a UNIX socket, which has no address.
     """
-    if isinstance(addr, (IPv4Address, IPv6Address)):
+    if isinstance(addr, IPv4Address):
         return addr.host
+    if isinstance(addr, IPv6Address):
+        return _ipv6_key(addr.host)
+    return None
+
+
+def _ipv6_key(host: str) -> str:
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        # Not what a socket reports; counted as it is.
+        return host
+    mapped = address.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    network = ipaddress.IPv6Address(int(address) & _IPV6_PREFIX_MASK)
+    zone = f"%{address.scope_id}" if address.scope_id else ""
+    return f"{network}{zone}/{_IPV6_PREFIX}"
+
+
+def _oldest_idle(
+    held: dict[ReverseConnectionProtocol, None],
+) -> ReverseConnectionProtocol | None:
+    """The oldest of C{held} that has sent nothing yet (C{None}: all are mid-frame)."""
+    for protocol in held:
+        if not protocol.mid_frame:
+            return protocol
     return None
 
 
@@ -158,7 +204,8 @@ def rejection_reason(error: AgentProtocolError) -> str:
         return "frame_too_large"
     if isinstance(error, InvalidMessage):
         return "invalid_message"
-    # Others name their own (_MadeRoom: "pending_evicted").
+    # Others name their own (_MadeRoom: "pending_evicted", _PeerMadeRoom:
+    # "peer_pending_evicted").
     return getattr(error, "rejection_label", "other")
 
 
@@ -184,9 +231,11 @@ class ReverseConnectionFactory(Factory):
     @ivar awaiting_registration: connections accepted that have not registered
         yet.
     @ivar pending_by_peer: the TCP and TLS connections awaiting registration
-        by peer host, oldest first (C{host -> {protocol: None}}); a host
-        leaves the table with its last one, so it holds at most
-        C{config.max_pending_registrations} entries.
+        by what they are counted against, oldest first (C{key -> {protocol:
+        None}}): the peer's IPv4 address, or its IPv6 /64 prefix
+        (C{2001:db8:1:2::/64}); a key leaves the table with its last
+        connection, so it holds at most C{config.max_pending_registrations}
+        entries.
     @ivar registrations: registrations accepted.
     """
 
@@ -242,17 +291,21 @@ class ReverseConnectionFactory(Factory):
         if held is not None and len(held) >= config.max_pending_registrations_per_peer:
             # One address cannot take every place (SPEC section 3 has no
             # answer for a connection that never registers).
-            self.rejections["peer_pending_limit"] += 1
-            self.log_limiter.warn(
-                log,
-                "peer-pending-limit",
-                "{count} connections from {peer} are awaiting registration "
-                "(limit {limit} per address); closing new connections from it",
-                count=len(held),
-                peer=peer_text(key, _ID_IN_LOG),
-                limit=config.max_pending_registrations_per_peer,
-            )
-            return RefusedConnection()
+            assert key is not None
+            if not self._make_room_at(key, held):
+                self.rejections["peer_pending_limit"] += 1
+                self.log_limiter.warn(
+                    log,
+                    "peer-pending-limit",
+                    "{count} connections from {peer} are awaiting registration "
+                    "(limit {limit} per address), each partway through its first frame; "
+                    "closing new connections from it",
+                    count=len(held),
+                    peer=peer_text(key, _ID_IN_LOG),
+                    limit=config.max_pending_registrations_per_peer,
+                )
+                return RefusedConnection()
+            held = self.pending_by_peer.get(key)
         limit = config.max_pending_registrations
         if self.awaiting_registration >= limit and not self._make_room(
             0 if held is None else len(held)
@@ -274,21 +327,62 @@ class ReverseConnectionFactory(Factory):
             self.pending_by_peer.setdefault(key, {})[protocol] = None
         return protocol
 
+    def _make_room_at(self, key: str, held: dict[ReverseConnectionProtocol, None]) -> bool:
+        """
+        The address C{key} holds all the places one address may: close its
+        oldest connection that has sent nothing yet, if it has one; whether
+        there is room now.
+
+        An agent sends its registration at once, so it is never the oldest
+        idle one for long, while an idle flood only closes its own
+        connections.  A connection partway through its first frame is never
+        closed here: it may be an agent's registration on its way, and a
+        newcomer from the same address, which could be anyone sharing it,
+        must not be able to cut that short.  With all of them partway, the
+        newcomer is closed instead; each of them goes at the handshake
+        timeout at the latest.
+        """
+        victim = _oldest_idle(held)
+        if victim is None:
+            return False
+        count = len(held)
+        victim.make_room(
+            _PeerMadeRoom(
+                "Too many connections from this address are awaiting registration; "
+                "closed to make room"
+            )
+        )
+        self.log_limiter.warn(
+            log,
+            "peer-pending-evicted",
+            "{count} connections from {peer} are awaiting registration "
+            "(limit {limit} per address); closed the oldest one that had sent nothing "
+            "to make room for a new one",
+            count=count,
+            peer=peer_text(key, _ID_IN_LOG),
+            limit=self.config.max_pending_registrations_per_peer,
+        )
+        return victim not in held
+
     def _make_room(self, holding: int) -> bool:
         """
-        Every place is taken: close the oldest connection awaiting
-        registration from the address that holds the most places, if it holds
-        more than C{holding} (the newcomer's address's); whether there is
-        room now.  An attacker spread over a few addresses then loses its own
-        idle connections to newcomers, and an agent, which registers at once,
-        is never the oldest for long.
+        Every place is taken: close a connection awaiting registration from
+        the address that holds the most places, if it holds more than
+        C{holding} (the newcomer's address's); whether there is room now.
+        The one closed is that address's oldest that has sent nothing yet,
+        else its oldest: an attacker spread over a few addresses then loses
+        its own connections to newcomers, and an agent, which registers at
+        once, is never the oldest for long.
         """
         if not self.pending_by_peer:
             return False
         busiest = max(self.pending_by_peer.values(), key=len)
         if len(busiest) <= holding:
             return False
-        next(iter(busiest)).make_room(
+        victim = _oldest_idle(busiest)
+        if victim is None:
+            victim = next(iter(busiest))
+        victim.make_room(
             _MadeRoom("Too many connections are awaiting registration; closed to make room")
         )
         return self.awaiting_registration < self.config.max_pending_registrations

@@ -426,9 +426,9 @@ class ReverseConnectionProtocol(_PooledConnectionProtocol):
     @ivar MAX_CONTROL_LENGTH: the longest small control frame read, in
         bytes; a longer one is skipped once registered.
     @ivar frame_clock: the factory's clock, for the frame deadline.
-    @ivar pending_key: the peer host the factory counts this connection
-        against while it awaits registration (C{None}: a UNIX socket, or
-        not counted).
+    @ivar pending_key: what the factory counts this connection against
+        while it awaits registration: the peer's IPv4 address or IPv6 /64
+        prefix (C{None}: a UNIX socket, or not counted).
     """
 
     peer_role = "agent"

@@ -15,7 +15,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
@@ -126,6 +131,27 @@ def _bindable(address: str) -> None:
         probe.close()
 
 
+def _dual_stack() -> None:
+    """Skip unless ::1 works and an IPv6 socket on :: takes IPv4 connections too."""
+    import socket
+
+    for address in ("::1", "::"):
+        try:
+            probe = socket.socket(socket.AF_INET6)
+        except OSError as e:
+            raise SkipTest(f"no IPv6: {e}") from None
+        try:
+            # What a listener on :: gets: the system's default.
+            v6only = probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            probe.bind((address, 0))
+        except OSError as e:
+            raise SkipTest(f"cannot bind to {address}: {e}") from None
+        finally:
+            probe.close()
+        if v6only:
+            raise SkipTest("IPv6 sockets take no IPv4 connections here (IPV6_V6ONLY)")
+
+
 class PendingRegistrationsPerPeerTests(TestCase):
     timeout = 60
 
@@ -138,13 +164,21 @@ class PendingRegistrationsPerPeerTests(TestCase):
         return idle
 
     @inlineCallbacks
-    def register_from_elsewhere(self, listener: Any) -> Generator[Any, Any, RawAgentProtocol]:
-        host, port = listener.address.split(":")
+    def register_from(
+        self, listener: Any, agent_id: str, source: str | None = None, port: int | None = None
+    ) -> Generator[Any, Any, RawAgentProtocol]:
+        """
+        An agent that registers over IPv4 (to 127.0.0.1:C{port}, the
+        listener's port by default), from C{source} if given.
+        """
+        if port is None:
+            port = int(listener.address.rsplit(":", 1)[1])
+        bind = None if source is None else (source, 0)
         agent = RawAgentProtocol()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), agent)
-        message_type, body = yield agent.register("agent-1")
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind), agent)
+        message_type, body = yield agent.register(agent_id)
         self.assertEqual((message_type, body["success"]), (HANDSHAKE_RESPONSE, True))
-        self.assertIn("agent-1", listener.pool)
+        self.assertIn(agent_id, listener.pool)
         return agent
 
     @inlineCallbacks
@@ -160,7 +194,9 @@ class PendingRegistrationsPerPeerTests(TestCase):
         yield books.verify(self, [factory])
 
     @inlineCallbacks
-    def test_one_address_cannot_take_every_place(self) -> Generator[Any, Any, None]:
+    def test_an_idle_flood_closes_its_own_connections_and_an_agent_at_its_address_registers(
+        self,
+    ) -> Generator[Any, Any, None]:
         _bindable("127.0.0.2")
         _enough_descriptors(2 * 200 + 500)
         yield settle()
@@ -170,13 +206,48 @@ class PendingRegistrationsPerPeerTests(TestCase):
         host, port = listener.address.split(":")
         idle = yield self.open_idle(host, int(port), "127.0.0.2", 200)
         yield wait_until(
-            lambda: factory.awaiting_registration + factory.rejections["peer_pending_limit"] == 200,
+            lambda: factory.rejections["peer_pending_evicted"] == 200 - 64,
             "the listener to see every connection",
         )
         self.assertEqual(factory.awaiting_registration, 64)
         self.assertEqual(factory.rejections["pending_limit"], 0)
-        agent = yield self.register_from_elsewhere(listener)
-        yield self.close_all(listener, books, [*idle, agent])
+        self.assertEqual(factory.rejections["peer_pending_limit"], 0)
+        # Each newcomer closed the oldest of its address's idle connections.
+        yield wait_until(lambda: sum(p.lost for p in idle) == 200 - 64, "the oldest ones to close")
+        self.assertEqual([p.lost for p in idle], [True] * (200 - 64) + [False] * 64)
+        # An agent behind the same address gets in, and so does one elsewhere.
+        agent = yield self.register_from(listener, "agent-1", "127.0.0.2")
+        elsewhere = yield self.register_from(listener, "agent-2")
+        self.assertEqual({key: len(held) for key, held in factory.pending_by_peer.items()}, {"127.0.0.2": 63})
+        yield self.close_all(listener, books, [*idle, agent, elsewhere])
+
+    @inlineCallbacks
+    def test_ipv4_mapped_peers_count_as_their_ipv4_address(self) -> Generator[Any, Any, None]:
+        _bindable("127.0.0.2")
+        _dual_stack()
+        yield settle()
+        books = Accounting()
+        listener = yield listen(
+            self, "tcp6:0:interface=\\:\\:", max_pending_registrations_per_peer=5
+        )
+        factory = listener.factory
+        port = listener.port.getHost().port
+        # Over IPv4 into the IPv6 socket: the listener sees ::ffff:127.0.0.2.
+        idle = yield self.open_idle("127.0.0.1", port, "127.0.0.2", 8)
+        idle6 = [Idle() for _ in range(2)]
+        for protocol in idle6:
+            yield connectProtocol(TCP6ClientEndpoint(reactor, "::1", port), protocol)
+        yield wait_until(
+            lambda: factory.awaiting_registration == 7 and factory.rejections["peer_pending_evicted"] == 3,
+            "the listener to see every connection",
+        )
+        self.assertEqual(
+            {key: len(held) for key, held in factory.pending_by_peer.items()},
+            {"127.0.0.2": 5, "::/64": 2},
+        )
+        agent = yield self.register_from(listener, "agent-1", "127.0.0.2", port)
+        self.assertEqual(factory.rejections["peer_pending_evicted"], 4)
+        yield self.close_all(listener, books, [*idle, *idle6, agent])
 
     @inlineCallbacks
     def test_at_the_cap_the_busiest_address_makes_room(self) -> Generator[Any, Any, None]:
@@ -200,7 +271,7 @@ class PendingRegistrationsPerPeerTests(TestCase):
         self.assertEqual(factory.awaiting_registration, 100)
         self.assertGreater(factory.rejections["pending_evicted"], 0)
         self.assertLessEqual(max(len(held) for held in factory.pending_by_peer.values()), 30)
-        agent = yield self.register_from_elsewhere(listener)
+        agent = yield self.register_from(listener, "agent-1")
         self.assertGreater(factory.rejections["pending_evicted"], 0)
         yield self.close_all(listener, books, [*idle, agent])
 
