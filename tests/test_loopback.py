@@ -283,6 +283,71 @@ class LoopbackTests(TestCase):
         self.assertEqual([r.correlation_id for r in responses], ["turn-1", "turn-2"])
 
     @inlineCallbacks
+    def held_requests_over_busy_connections(
+        self, slack: int | None = None
+    ) -> Generator[Any, Any, list[int]]:
+        """
+        Three connections of one agent, each with a request in flight (none
+        idle), then six requests held for the turn: how many requests each
+        connection has in flight once they are sent, and all answered.
+        """
+        factory = yield self.listen()
+        pool = factory.pool
+        if slack is not None:
+            pool.batch_slack = slack
+        agents = []
+        for _ in range(3):
+            agents.append((yield self.registered_agent()))
+        conns = pool.connections("waf-1")
+        sent = [conn.send_request_headers(request_headers(f"busy-{i}")) for i, conn in enumerate(conns)]
+        with HOLD_FRAMES_FOR_TURN:
+            sent += [pool.send_request_headers("waf-1", request_headers(f"held-{n}")) for n in range(6)]
+        loads = [conn.in_flight for conn in conns]
+        for agent, load in zip(agents, loads, strict=True):
+            for _ in range(load):
+                _, event = yield agent.next_frame()
+                agent.send(raw.AGENT_RESPONSE, raw.answer(event["correlation_id"], "allow"))
+        yield gatherResults(sent)
+        return loads
+
+    @inlineCallbacks
+    def test_requests_held_for_one_send_join_one_connection(self) -> Generator[Any, Any, None]:
+        # Frames held for the end of the turn leave together, one send per
+        # connection: a request joins the connection its agent's last one
+        # went to (one send, one wake-up of the agent) rather than being
+        # spread over every busy connection.
+        loads = yield self.held_requests_over_busy_connections()
+        self.assertEqual(sorted(loads), [1, 1, 7])
+
+    @inlineCallbacks
+    def test_a_held_connection_is_joined_within_the_slack_only(self) -> Generator[Any, Any, None]:
+        # Past batch_slack requests above the least loaded connection, the
+        # least loaded one is chosen, and later requests join it instead.
+        loads = yield self.held_requests_over_busy_connections(slack=2)
+        self.assertEqual(sorted(loads), [1, 4, 4])
+
+    @inlineCallbacks
+    def test_once_held_frames_are_sent_the_least_loaded_is_chosen(self) -> Generator[Any, Any, None]:
+        factory = yield self.listen()
+        pool = factory.pool
+        first = yield self.registered_agent()
+        yield self.registered_agent()
+        one, two = pool.connections("waf-1")
+        pending = [
+            one.send_request_headers(request_headers("busy-1")),
+            two.send_request_headers(request_headers("busy-2")),
+        ]
+        with HOLD_FRAMES_FOR_TURN:
+            held = pool.select("waf-1")
+            pending.append(held.send_request_headers(request_headers("held")))
+            self.assertIs(pool.select("waf-1"), held)
+        yield first.next_frame()  # the turn ended: the held frame left
+        self.assertIsNot(pool.select("waf-1"), held)
+        for d in pending:
+            # Never answered: they fail as the connections close.
+            d.addErrback(lambda f: f.trap(ConnectionClosed))
+
+    @inlineCallbacks
     def test_a_turn_end_awaited_on_another_clock_holds_nothing_back(self) -> Generator[Any, Any, None]:
         # Another clock (one that never turns, as in a test) awaited a turn's
         # end first: frames held for the reactor's turn still leave when it ends.

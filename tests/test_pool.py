@@ -117,6 +117,16 @@ class MembershipTests(PoolTestCase):
         lose(other)
         self.assertNotIn("waf-1", self.pool._turn)
 
+    def test_the_last_choice_goes_with_its_connection(self) -> None:
+        # The connection an agent's last request went to is not kept once
+        # it has left the pool.
+        protocol, _, first = self.register("waf-1")
+        self.register("waf-1")
+        self.assertIs(self.pool.select("waf-1"), first)
+        self.assertIs(self.pool._last["waf-1"], first)
+        lose(protocol)
+        self.assertNotIn("waf-1", self.pool._last)
+
     def test_connection_by_id(self) -> None:
         _, _, connection = self.register()
         self.assertIs(self.pool.connection(connection.connection_id), connection)

@@ -26,6 +26,7 @@ from ..forward import ENCODINGS
 from ._interfaces import IAgentPoolObserver
 from .connection import AgentConnection, ConnectionInfo
 from .dialled import DialledAgentService
+from .protocol import _holding as _held_for_send
 
 if TYPE_CHECKING:
     from .config import ReverseConnectionConfig
@@ -96,8 +97,14 @@ class AgentPool:
     <sentinel_twisted.proxy.factory.ReverseConnectionFactory>}) adds a connection
     when it registers and removes it when it is lost; its C{pool} attribute
     is the pool to use.  Sending by agent id picks a connection with
-    L{select}: paused connections are skipped, then the one with the fewest
-    requests in flight wins, round robin among equals::
+    L{select}: paused connections are skipped, then an idle one wins, then
+    the one with the fewest requests in flight, round robin among equals;
+    but while frames wait to leave together (written as answers are read,
+    or under L{HOLD_FRAMES_FOR_TURN
+    <sentinel_twisted.proxy.protocol.HOLD_FRAMES_FOR_TURN>}), a request
+    joins the connection the agent's previous one went to, as long as that
+    stays within L{batch_slack} requests of the least loaded: the frames
+    then share one send::
 
         d = factory.pool.send_request_headers("waf", event)
         d.addCallback(lambda answer: answer.is_allow)
@@ -121,12 +128,19 @@ class AgentPool:
 
     @ivar dial_failures: failed handshakes of dialled agents, counted by
         reason.
+    @cvar batch_slack: how many requests in flight a connection that already
+        holds frames for the next send may have above the least loaded
+        connection of its agent and still be given the next request.
     """
+
+    batch_slack = 16
 
     def __init__(self) -> None:
         self._agents: dict[str, list[AgentConnection]] = {}
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
+        # The connection each agent's last request went to (see select).
+        self._last: dict[str, AgentConnection] = {}
         self._observers: list[Any] = []
         # The observers' request_answered, once per add or removal rather
         # than looked up per answer (PoolObserver's own does nothing).
@@ -158,6 +172,8 @@ class AgentPool:
         if conns is None or connection not in conns:
             return
         conns.remove(connection)
+        if self._last.get(connection.agent_id) is connection:
+            del self._last[connection.agent_id]
         if not conns:
             del self._agents[connection.agent_id]
             self._turn.pop(connection.agent_id, None)
@@ -349,6 +365,7 @@ class AgentPool:
                 load = len(conn._pending._entries)
                 if not load:
                     # Nothing beats an idle connection.
+                    self._last[agent_id] = conn
                     return conn
                 if best is None or load < best_load:
                     best, best_load = conn, load
@@ -359,6 +376,20 @@ class AgentPool:
                 break
         if best is None:
             raise FlowControlPaused(agent_id)
+        # Frames written while answers are read (or held for the reactor's
+        # turn) leave together, one send per connection: a request that
+        # joins the frames its agent's last request left waiting costs no
+        # send of its own (nor the agent a wake-up), within the slack.
+        last = self._last.get(agent_id)
+        if (
+            last is not None
+            and last is not best
+            and last._sink in _held_for_send
+            and not last._unavailable
+            and len(last._pending._entries) <= best_load + self.batch_slack
+        ):
+            return last
+        self._last[agent_id] = best
         return best
 
     def send_event(
