@@ -1,42 +1,112 @@
-# -*- test-case-name: tests.agent.test_tls_verification -*-
+# -*- test-case-name: tests.agent.test_tls_verification,tests.test_tls -*-
 """
-Checking the identity of a TLS peer after the handshake.
+Checking the identity of a TLS peer after the handshake, and saying why a
+TLS connection failed.
 
 Twisted's client TLS options verify the server's name during the handshake,
 but only a C{service_identity.VerificationError} stops it: a certificate
 without any subjectAltName raises C{CertificateError}, which is logged and
-otherwise ignored, and the connection goes on.  An agent must not send its
-token to a proxy it has not verified, so it checks again, itself, before
-it writes anything.
+otherwise ignored, and the connection goes on.  Whoever dials over TLS (an
+agent dialling a proxy, a proxy dialling an agent) must not send anything
+to a peer it has not verified, so it checks again, itself, before it
+writes anything.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["server_identity_error"]
+from ._peertext import peer_text
+
+__all__ = ["server_identity_error", "tls_failure"]
+
+#: Characters of a certificate's own text (an invalid name in it) quoted.
+_CERTIFICATE_TEXT = 100
 
 
-def server_identity_error(transport: Any) -> str | None:
+def server_identity_error(transport: Any, role: str = "proxy") -> str | None:
     """
     Why the TLS server on C{transport} is not who we dialled, or C{None}
     if it is.  The name checked is the SNI name we sent (Twisted sends the
     dialled host name), or the peer's IP address when we dialled an address.
+    Only subjectAltName entries count, never the subject's common name.
+
+    @param role: what the server is, for the text (C{proxy}, C{agent}).
     """
     try:
         from service_identity import CertificateError, VerificationError
-        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+        from service_identity.pyopenssl import extract_patterns, verify_hostname, verify_ip_address
     except ImportError:  # pragma: no cover - service_identity is a dependency
-        return "service_identity is not installed, so the proxy's certificate cannot be verified"
-    connection = transport.getHandle()
-    if connection.get_peer_certificate() is None:
-        return "the proxy presented no certificate"
-    name = connection.get_servername()
+        return f"service_identity is not installed, so the {role}'s certificate cannot be verified"
     try:
+        connection = transport.getHandle()
+        certificate = connection.get_peer_certificate()
+        name = connection.get_servername()
+        host = name.decode("ascii") if name else transport.getPeer().host
+    except Exception as e:
+        # Not a TLS connection we can inspect: nothing is verified.
+        return f"the {role}'s certificate cannot be inspected: {e}"
+    if certificate is None:
+        return f"the {role} presented no certificate"
+    try:
+        if not extract_patterns(certificate):
+            return f"the {role}'s certificate has no subjectAltName (the common name is not used)"
         if name:
-            verify_hostname(connection, name.decode("ascii"))
+            verify_hostname(connection, host)
         else:
-            verify_ip_address(connection, transport.getPeer().host)
-    except (CertificateError, VerificationError) as e:
-        return f"the proxy's certificate does not match {name.decode('ascii') if name else transport.getPeer().host}: {e}"
+            verify_ip_address(connection, host)
+    except VerificationError:
+        return f"the {role}'s certificate does not match {host}"
+    except CertificateError as e:
+        return f"the {role}'s certificate cannot be checked: {peer_text(e, _CERTIFICATE_TEXT)}"
     return None
+
+
+def tls_failure(error: BaseException, role: str, handshake_done: bool = False) -> str | None:
+    """
+    What a TLS failure that ended a connection means, in words (the
+    certificate's name check, the TLS library's own reason), or C{None}
+    when C{error} is not a TLS failure.
+
+    @param role: what the peer is, for the text (C{proxy}, C{agent}).
+    @param handshake_done: whether the TLS handshake had completed.
+    """
+    # Both come with Twisted's TLS extra, a dependency.
+    from OpenSSL import SSL
+    from service_identity import CertificateError, VerificationError
+
+    if isinstance(error, VerificationError):
+        hosts = [_mismatched_name(mismatch) for mismatch in getattr(error, "errors", [])]
+        named = [host for host in hosts if host]
+        return f"the {role}'s certificate does not match {named[0] if named else 'the dialled name'}"
+    if isinstance(error, CertificateError):
+        return f"the {role}'s certificate cannot be checked: {peer_text(error, _CERTIFICATE_TEXT)}"
+    if isinstance(error, SSL.Error):
+        what = "TLS error" if handshake_done else "TLS handshake failed"
+        return f"{what}: {_openssl_reason(error)}"
+    return None
+
+
+def _mismatched_name(mismatch: Any) -> str | None:
+    """The name we dialled, from a C{service_identity} mismatch."""
+    service_id = getattr(mismatch, "mismatched_id", None)
+    hostname = getattr(service_id, "hostname", None)
+    if isinstance(hostname, bytes):
+        return hostname.decode("ascii", "replace")
+    if hostname is not None:
+        return str(hostname)
+    ip = getattr(service_id, "ip", None)
+    return None if ip is None else str(ip)
+
+
+def _openssl_reason(error: BaseException) -> str:
+    """
+    C{certificate verify failed}: the reason of an C{OpenSSL.SSL.Error},
+    whose argument is OpenSSL's error queue, a list of C{(library,
+    function, reason)} triples from the first cause to the TLS layer's own
+    verdict, the last one.
+    """
+    queue = error.args[0] if len(error.args) == 1 else None
+    if isinstance(queue, list) and queue and isinstance(queue[-1], tuple) and queue[-1]:
+        return peer_text(queue[-1][-1], _CERTIFICATE_TEXT)
+    return peer_text(error, _CERTIFICATE_TEXT) or type(error).__name__

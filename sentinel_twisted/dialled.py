@@ -13,6 +13,7 @@ from .proxy.dialled import (
     ForwardConnectionFactory,
     ForwardConnectionProtocol,
     HandshakeRefused,
+    TLSFailed,
     default_retry_policy,
 )
 from .proxy.dialled import encoding_list as encoding_list
@@ -25,5 +26,6 @@ __all__ = [
     "ForwardConnectionFactory",
     "ForwardConnectionProtocol",
     "HandshakeRefused",
+    "TLSFailed",
     "default_retry_policy",
 ]

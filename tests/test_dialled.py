@@ -31,6 +31,7 @@ from sentinel_twisted.errors import (
     RequestCancelled,
     RequestTimeout,
 )
+from sentinel_twisted.proxy import dialled
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.proxy.connection import AgentConnection
 from sentinel_twisted.proxy.dialled import (
@@ -522,6 +523,63 @@ class TLSTransport(StringTransport):
     """A transport that says it is TLS, as Twisted's TLS layer does."""
 
 
+class TLSHandshakeOrderTests(SynchronousTestCase):
+    """
+    Over TLS the HandshakeRequest waits for the TLS handshake and the check
+    of the agent's certificate (Twisted's TLS layer would send it as soon as
+    its own handshake is done, whatever the certificate names); over a
+    plain socket it goes at once.
+    """
+
+    def connect(self, problem: str | None) -> tuple[Dialler, ForwardConnectionProtocol, StringTransport]:
+        checked: list[Any] = []
+
+        def identity_error(transport: Any, role: str) -> str | None:
+            checked.append((transport, role))
+            return problem
+
+        self.patch(dialled, "server_identity_error", identity_error)
+        self.checked = checked
+        dialler = Dialler()
+        protocol = dialler.factory.buildProtocol(None)  # type: ignore[arg-type]
+        transport = TLSTransport()
+        protocol.makeConnection(transport)
+        return dialler, protocol, transport
+
+    def test_nothing_is_written_before_the_tls_handshake_completes(self) -> None:
+        dialler, protocol, transport = self.connect(None)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.checked, [])
+        protocol.handshakeCompleted()
+        self.assertEqual(self.checked, [(transport, "agent")])
+        self.assertEqual(take_frames(transport), [(MessageType.HANDSHAKE_REQUEST, dialler.factory.handshake_request)])
+        protocol.dataReceived(handshake_response())
+        self.assertIsNotNone(protocol.connection)
+
+    def test_an_agent_certificate_that_fails_the_check_gets_nothing_and_is_aborted(self) -> None:
+        dialler, protocol, transport = self.connect("the agent's certificate has no subjectAltName")
+        with captured_log() as events:
+            protocol.handshakeCompleted()
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnected, "not aborted")
+        self.assertEqual(dialler.factory.failures, {"tls": 1})
+        self.assertEqual(dialler.pool.dial_failures, {"tls": 1})
+        self.assertIn("failed (tls): the agent's certificate has no subjectAltName", log_text(events))
+        lose(protocol)
+        self.assertEqual(dialler.factory.failures, {"tls": 1})
+        self.assertEqual(len(dialler.pool), 0)
+        self.assertEqual(dialler.clock.getDelayedCalls(), [])
+
+    def test_a_tls_failure_that_ends_the_connection_is_a_tls_failure(self) -> None:
+        from OpenSSL import SSL
+
+        dialler, protocol, transport = self.connect(None)
+        with captured_log() as events:
+            protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+        self.assertEqual(dialler.factory.failures, {"tls": 1})
+        self.assertIn("failed (tls): TLS handshake failed: certificate verify failed", log_text(events))
+
+
 class CloseDeadlineTests(SynchronousTestCase):
     """
     A dialled connection the proxy closes is gone within C{close_grace}:
@@ -541,8 +599,8 @@ class CloseDeadlineTests(SynchronousTestCase):
         self.assertEqual(dialler.clock.getDelayedCalls(), [])
 
     def test_a_stalled_tls_handshake_is_aborted_at_the_handshake_timeout(self) -> None:
-        # The HandshakeRequest is written at once; Twisted's TLS layer holds
-        # it, and would hold a close, until the TLS handshake completes.
+        # The HandshakeRequest waits for the TLS handshake; Twisted's TLS
+        # layer would hold a close until that handshake completes.
         dialler = Dialler(config=ReverseConnectionConfig(handshake_timeout=2))
         protocol = dialler.factory.buildProtocol(None)  # type: ignore[arg-type]
         transport = TLSTransport()
@@ -553,6 +611,8 @@ class CloseDeadlineTests(SynchronousTestCase):
         self.assertEqual(dialler.clock.getDelayedCalls(), [])
 
     def test_after_the_tls_handshake_a_close_waits_for_the_grace(self) -> None:
+        # The agent's certificate names the host dialled.
+        self.patch(dialled, "server_identity_error", lambda transport, role: None)
         dialler = Dialler()
         protocol = dialler.factory.buildProtocol(None)  # type: ignore[arg-type]
         transport = TLSTransport()

@@ -39,6 +39,7 @@ MOVED = {
         "ForwardConnectionFactory",
         "ForwardConnectionProtocol",
         "HandshakeRefused",
+        "TLSFailed",
         "default_retry_policy",
         "encoding_list",
         "failure_reason",
@@ -112,7 +113,7 @@ FLOOR = {
     "endpoints": set(),
     "_peertext": set(),
     "_ratelimit": set(),
-    "_tls": set(),
+    "_tls": {"_peertext"},
     "_sending": set(),
 }
 

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted import messages as m
+from sentinel_twisted._tls import tls_failure
 from sentinel_twisted.agent import Agent, AgentConnector
 from sentinel_twisted.agent.forward import ForwardAgentFactory
 from sentinel_twisted.agent.protocol import AgentClientFactory, AgentSettings
@@ -53,6 +54,7 @@ from sentinel_twisted.proxy.factory import ReverseConnectionFactory, rejection_r
 from sentinel_twisted.proxy.pool import AgentPool
 from sentinel_twisted.tap import Options, StartupError, make_listener
 
+from ._proxy_support import captured_log, log_text
 from .reliability.invariants import wait_until
 from .reliability.support import Program, headers
 
@@ -532,6 +534,206 @@ class StalledAgentTLSHandshakeTests(TestCase):
         yield wait_until(lambda: agents and agents[0].gone, "the proxy to close the dialled connection", 10)
         yield wait_until(lambda: factory.failures, "the failure to be counted")
         self.assertEqual(dict(factory.failures), {"handshake_timeout": 1})
+
+
+class _RecordingAgentFactory(ForwardAgentFactory):
+    """A listening agent that notes every proxy that completed its handshake."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshakes: list[Any] = []
+
+    def connection_registered(self, protocol: Any) -> None:
+        self.handshakes.append(protocol)
+
+
+class DialledAgentCertificateTests(TestCase):
+    """
+    Forward mode over TLS: the proxy dials an agent whose certificate is
+    signed by a CA the proxy trusts (C{trustRoots=}), and must name the host
+    dialled in a subjectAltName.  Nothing, not even the HandshakeRequest,
+    goes to an agent whose certificate does not; the failure is counted and
+    logged with the C{tls} reason, and the agent never joins the pool.
+    Real TLS sockets on 127.0.0.1, certificates made for the test.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-fwdtls-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ca = CA("agents CA")
+        self.trust = os.path.join(self.dir, "trust")
+        os.mkdir(self.trust)
+        with open(os.path.join(self.trust, "ca.pem"), "wb") as f:
+            f.write(self.ca.certificate.public_bytes(_PEM))
+
+    def certificate(self, common_name: str, ca: CA | None = None, **names: Any) -> tuple[str, str]:
+        return write_pair(self.dir, common_name, *(ca or self.ca).issue(common_name, **names))
+
+    @inlineCallbacks
+    def listen(self, cert: tuple[str, str], factory: Any) -> Generator[Any, Any, int]:
+        endpoint = serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={cert[1]}:certKey={cert[0]}"
+        )
+        port = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port  # type: ignore[no-any-return]
+
+    @inlineCallbacks
+    def dial_once(self, cert: tuple[str, str], host: str = "localhost") -> Generator[Any, Any, Any]:
+        """
+        Dial a raw TLS peer with C{cert} once; return the factory, the pool,
+        the peer (what it received) and the log, once the attempt failed.
+        """
+        peers: list[_Peer] = []
+
+        def peer() -> _Peer:
+            peers.append(_Peer())
+            return peers[-1]
+
+        port = yield self.listen(cert, Factory.forProtocol(peer))
+        pool = AgentPool()
+        factory = ForwardConnectionFactory(
+            pool,
+            description=f"tls:{host}:{port}",
+            agent_id="waf",
+            # Long enough that only the certificate check can end the
+            # attempt in time.
+            config=ReverseConnectionConfig(handshake_timeout=20, close_grace=1),
+            clock=reactor,
+        )
+        endpoint = clientFromString(reactor, f"tls:{host}:{port}:trustRoots={self.trust}")
+        with captured_log() as events:
+            protocol = yield endpoint.connect(factory)
+            self.addCleanup(lambda: None if protocol._transport_gone else protocol.transport.abortConnection())
+            yield wait_until(lambda: factory.failures, "the dialled handshake to fail", 10)
+            yield wait_until(lambda: peers and peers[0].gone, "the connection to be closed", 10)
+        return factory, pool, peers[0], log_text(events)
+
+    @inlineCallbacks
+    def test_a_certificate_without_subject_alt_name_gets_nothing_and_is_refused(
+        self,
+    ) -> Generator[Any, Any, None]:
+        # Signed by the trusted CA, and its common name is the host dialled.
+        factory, pool, peer, text = yield self.dial_once(self.certificate("localhost"))
+        from service_identity import CertificateError
+
+        self.flushLoggedErrors(CertificateError)  # Twisted's own report of it
+        self.assertEqual(peer.received, b"", "the proxy wrote to an agent it had not verified")
+        self.assertEqual(dict(factory.failures), {"tls": 1})
+        self.assertEqual(dict(pool.dial_failures), {"tls": 1})
+        self.assertEqual(len(pool), 0)
+        self.assertIn(
+            "failed (tls): the agent's certificate has no subjectAltName (the common name is not used)",
+            text,
+        )
+
+    @inlineCallbacks
+    def test_a_certificate_for_another_host_is_refused_with_the_tls_reason(self) -> Generator[Any, Any, None]:
+        factory, pool, peer, text = yield self.dial_once(self.certificate("other", dns=("other.example",)))
+        self.assertEqual(peer.received, b"")
+        self.assertEqual(dict(factory.failures), {"tls": 1})
+        self.assertEqual(len(pool), 0)
+        self.assertIn("failed (tls): the agent's certificate does not match localhost", text)
+        self.assertNotIn("VerificationError", text)
+
+    @inlineCallbacks
+    def test_a_certificate_for_another_address_is_refused_with_the_tls_reason(
+        self,
+    ) -> Generator[Any, Any, None]:
+        cert = self.certificate("other", ips=("127.0.0.2",))
+        factory, pool, peer, text = yield self.dial_once(cert, host="127.0.0.1")
+        self.assertEqual(peer.received, b"")
+        self.assertEqual(dict(factory.failures), {"tls": 1})
+        self.assertIn("failed (tls): the agent's certificate does not match 127.0.0.1", text)
+
+    @inlineCallbacks
+    def test_a_certificate_from_an_untrusted_ca_is_refused_with_the_tls_reason(
+        self,
+    ) -> Generator[Any, Any, None]:
+        cert = self.certificate("localhost", ca=CA("another CA"), dns=("localhost",))
+        factory, pool, peer, text = yield self.dial_once(cert)
+        self.assertEqual(peer.received, b"")
+        self.assertEqual(dict(factory.failures), {"tls": 1})
+        self.assertIn("failed (tls): TLS handshake failed: certificate verify failed", text)
+
+    @inlineCallbacks
+    def serves(self, cert: tuple[str, str], host: str) -> Generator[Any, Any, None]:
+        agent = _RecordingAgentFactory(AgentSettings(agent=Agent(), agent_id="waf-1"), reactor)
+        port = yield self.listen(cert, agent)
+        pool = AgentPool()
+        service = pool.connect_agent(f"tls:{host}:{port}:trustRoots={self.trust}", "waf", clock=reactor)
+        self.addCleanup(service.stopService)
+        yield wait_until(lambda: "waf" in pool, "the dialled agent to join the pool", 10)
+        answer = yield pool.send_request_headers("waf", headers("fwd-tls-1"))
+        self.assertEqual(answer.decision, m.ALLOW)
+        self.assertEqual(len(agent.handshakes), 1)
+        self.assertEqual(dict(pool.dial_failures), {})
+
+    def test_a_certificate_naming_the_host_dialled_serves(self) -> Any:
+        return self.serves(self.certificate("localhost", dns=("localhost",)), "localhost")
+
+    def test_a_certificate_naming_the_address_dialled_serves(self) -> Any:
+        return self.serves(self.certificate("agent", ips=("127.0.0.1",)), "127.0.0.1")
+
+    @inlineCallbacks
+    def test_an_agent_without_subject_alt_name_never_joins_and_is_redialled(
+        self,
+    ) -> Generator[Any, Any, None]:
+        agent = _RecordingAgentFactory(AgentSettings(agent=Agent(), agent_id="waf-1"), reactor)
+        port = yield self.listen(self.certificate("localhost"), agent)
+        pool = AgentPool()
+        service = pool.connect_agent(
+            f"tls:localhost:{port}:trustRoots={self.trust}",
+            "waf",
+            clock=reactor,
+            config=ReverseConnectionConfig(handshake_timeout=20),
+            retry_policy=lambda attempt: 0.05,
+        )
+        self.addCleanup(service.stopService)
+        yield wait_until(lambda: pool.dial_failures["tls"] >= 3, "three refused attempts", 10)
+        from service_identity import CertificateError
+
+        self.flushLoggedErrors(CertificateError)
+        self.assertEqual(agent.handshakes, [], "the agent got a HandshakeRequest")
+        self.assertNotIn("waf", pool)
+        self.assertEqual(set(pool.dial_failures), {"tls"})
+        self.assertEqual(dict(service.factories[0].failures), dict(pool.dial_failures))
+
+
+class TLSFailureTextTests(SynchronousTestCase):
+    """L{tls_failure}: a TLS failure that ended a connection, in words."""
+
+    def test_a_name_mismatch_names_the_host_dialled(self) -> None:
+        from service_identity import VerificationError
+        from service_identity.hazmat import DNS_ID, DNSMismatch, IPAddress_ID, IPAddressMismatch
+
+        error = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("agent.example"))])
+        self.assertEqual(tls_failure(error, "agent"), "the agent's certificate does not match agent.example")
+        error = VerificationError(errors=[IPAddressMismatch(mismatched_id=IPAddress_ID("10.0.0.5"))])
+        self.assertEqual(tls_failure(error, "agent"), "the agent's certificate does not match 10.0.0.5")
+
+    def test_openssl_errors_give_their_reasons(self) -> None:
+        from OpenSSL import SSL
+
+        error = SSL.Error([("SSL routines", "", "certificate verify failed")])
+        self.assertEqual(tls_failure(error, "agent"), "TLS handshake failed: certificate verify failed")
+        self.assertEqual(
+            tls_failure(error, "agent", handshake_done=True), "TLS error: certificate verify failed"
+        )
+
+    def test_certificate_text_is_bounded_and_escaped(self) -> None:
+        from service_identity import CertificateError
+
+        text = tls_failure(CertificateError("Invalid DNS pattern '\x1b[31m" + "a" * 500 + "'."), "agent")
+        assert text is not None
+        self.assertTrue(text.startswith("the agent's certificate cannot be checked: Invalid DNS pattern '\\x1b[31maaa"))
+        self.assertNotIn("\x1b", text)
+        self.assertLess(len(text), 200)
+
+    def test_other_errors_are_not_tls_failures(self) -> None:
+        self.assertIsNone(tls_failure(ConnectionError("reset"), "agent"))
 
 
 class AgentSideUnfinishedTLSHandshakeTests(TestCase):

@@ -4,7 +4,9 @@ Forward mode on the proxy side: the proxy dials a listening agent.
 
 L{ForwardConnectionProtocol} is the proxy's end of one dialled
 connection.  On connect it sends a HandshakeRequest (0x01, JSON) offering
-protocol version 2 and its payload encodings, and waits for the agent's
+protocol version 2 and its payload encodings (over TLS: once the TLS
+handshake is done and the agent's certificate names the host dialled, see
+L{sentinel_twisted._tls}), and waits for the agent's
 HandshakeResponse (0x02) under the same rules as a registration: a
 timeout, a size limit, and the first frame must be the answer.  A valid
 answer (C{success}, version 2, capabilities, an encoding that was offered)
@@ -34,12 +36,14 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import __version__
 from .. import messages as m
 from .._peertext import first_hidden, peer_text
 from .._ratelimit import LogRateLimiter
+from .._tls import server_identity_error, tls_failure
 from ..errors import (
     AgentProtocolError,
     ConnectionLimitReached,
@@ -53,7 +57,7 @@ from ..wire import MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 from ._registration import new_lifecycle
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
-from .protocol import _PooledConnectionProtocol, describe_peer
+from .protocol import _CONNECTION_DONE, _PooledConnectionProtocol, describe_peer
 
 if TYPE_CHECKING:
     from .pool import AgentPool
@@ -64,6 +68,7 @@ __all__ = [
     "ForwardConnectionFactory",
     "ForwardConnectionProtocol",
     "HandshakeRefused",
+    "TLSFailed",
     "default_retry_policy",
 ]
 
@@ -98,10 +103,20 @@ class HandshakeRefused(AgentProtocolError):
         super().__init__(f"Agent refused the handshake: {error or '(no reason given)'}")
 
 
+class TLSFailed(AgentProtocolError):
+    """
+    The agent's TLS certificate was not verified (it does not name the host
+    dialled, has no subjectAltName, or does not chain to the trusted CAs),
+    or the TLS handshake failed otherwise.  Its text says which.
+    """
+
+
 def failure_reason(error: AgentProtocolError) -> str:
     """A short, stable label for metrics and logs: why a handshake failed."""
     if isinstance(error, HandshakeRefused):
         return "refused"
+    if isinstance(error, TLSFailed):
+        return "tls"
     if isinstance(error, VersionMismatch):
         return "version"
     if isinstance(error, ConnectionLimitReached):
@@ -132,6 +147,11 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
     """
 
     peer_role = "agent"
+    # Over TLS the HandshakeRequest waits for the TLS handshake and the
+    # check of the agent's certificate (see handshakeCompleted).
+    _request_held = False
+    # Why the connection failed at the TLS layer before the handshake, if it did.
+    _tls_problem: str | None = None
 
     def __init__(self, factory: ForwardConnectionFactory) -> None:
         self.factory = factory
@@ -154,7 +174,43 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         self._core.handshake_timer = self.factory.clock.callLater(
             self.factory.config.handshake_timeout, self._lifecycle.handshake_timed_out
         )
+        if self._tls_handshake_pending:
+            # Nothing goes out before the agent's certificate is verified:
+            # the TLS layer would send it as soon as its handshake is done,
+            # whatever the certificate names.
+            self._request_held = True
+            return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, self.factory.handshake_request)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done: check that the agent's certificate names
+        the host dialled (Twisted lets one without any subjectAltName
+        through), then send the HandshakeRequest; else fail the handshake
+        (C{tls}) and abort.
+        """
+        super().handshakeCompleted()
+        if not self._request_held:
+            return
+        self._request_held = False
+        transport: Any = self.transport
+        if transport is None or self._transport_gone or getattr(transport, "disconnecting", False):
+            return
+        problem = server_identity_error(transport, "agent")
+        if problem is not None:
+            # Nothing was written: no close handshake to wait for.
+            self._abort_on_close = True
+            self._lifecycle.registration_refused(TLSFailed(problem), "")
+            return
+        self.send_frame(MessageType.HANDSHAKE_REQUEST, self.factory.handshake_request)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        error = reason.value
+        if self.connection is None and error is not None:
+            # A TLS failure before the handshake (a certificate for another
+            # host, an untrusted CA) is a TLS failure, not a missing answer.
+            self._tls_problem = tls_failure(error, "agent", handshake_done=not self._tls_handshake_pending)
+        super().connectionLost(reason)
 
     # -- the handshake --------------------------------------------------------
 
@@ -202,6 +258,10 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
 
     def left_unregistered(self, detail: str) -> None:
         """Lifecycle: the connection ended before the handshake completed."""
+        problem = self._tls_problem
+        if problem is not None:
+            self.factory.handshake_failed(TLSFailed(problem), "")
+            return
         self.factory.handshake_failed(InvalidMessage(f"no HandshakeResponse: {detail}"), "")
 
     def finish_lost(self, detail: str) -> None:
