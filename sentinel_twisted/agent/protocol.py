@@ -458,7 +458,7 @@ class AgentProtocol(EventServing, FrameReceiver):
             log,
             "proxy-not-reading",
             "Proxy {proxy_id} is not reading connection {connection_id} of agent {agent_id}; "
-            "its frames are not read nor its Pings answered until it catches up "
+            "its frames are left unread and its Pings unanswered until it catches up "
             "(aborting the connection after {timeout})",
             proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
             connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
