@@ -78,7 +78,11 @@ class ConnectionSlot:
         #: Why the last attempt failed, until a registration.
         self.last_error: str | None = None
         factory = AgentClientFactory(
-            self.connector.settings, self.connector.clock, self, self.connector.log_limiter
+            self.connector.settings,
+            self.connector.clock,
+            self,
+            self.connector.log_limiter,
+            frame_budget=self.connector.frame_budget,
         )
         self.service = _ClientService(
             _ReportingEndpoint(endpoint, self),

@@ -99,6 +99,7 @@ class EventServing:
     registered: bool
     draining: bool
     paused: bool
+    write_blocked: bool
     limit: int
     resume_at: int
     max_queued: int
@@ -428,8 +429,22 @@ class EventServing:
         except InvalidMessage as e:
             self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
             return
+        if self.write_blocked:
+            # The proxy is not reading what we write: a Pong would only
+            # grow our buffer (a Ping costs the proxy nothing to send).
+            self.stats["pings_not_answered"] += 1
+            self.log_limiter.debug(
+                log,
+                "ping-not-answered",
+                "Proxy {proxy_id} sent a Ping on connection {connection_id}, which it does not "
+                "read; not answered",
+                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            )
+            return
         # The same body back, byte for byte, as the reference does (SPEC
-        # section 4); the control frame limit bounds it.
+        # section 4), within the control frame limit, and not while the
+        # proxy leaves our writes unread.
         self._send(MessageType.PONG, payload)
 
     def health_state(self) -> int:

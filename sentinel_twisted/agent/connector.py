@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 
 from .._ratelimit import LogRateLimiter
 from ..errors import AgentProtocolError
+from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
 from ._proxy_connections import ConnectionSlot, ProxyConnections
 from ._resolve import ResolvedProxies, named_proxies
@@ -82,10 +83,16 @@ class AgentConnector(Service):
         0 dials each name as one proxy (its endpoint picks an address).
     @param resolver: the L{IHostnameResolver} for the names (default: the
         reactor's C{nameResolver}).
+    @param max_incomplete_frame_bytes: the bytes all its connections may
+        hold in incomplete frames (each may declare up to 16 MiB); over it
+        the connection holding the most is aborted, and dialled again.
+    @param frame_budget: an L{IncompleteFrameBudget
+        <sentinel_twisted.wire.IncompleteFrameBudget>} to share (with a
+        listener, say) instead of one of C{max_incomplete_frame_bytes}.
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
         C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
-        C{frame_timeout}).
+        C{frame_timeout}, C{write_stall_timeout}).
     @ivar reactor: the reactor it dials and resolves on.
     @ivar clock: the clock of its timers (the reactor).
     @ivar settings: what every connection registers with and how it serves
@@ -99,6 +106,8 @@ class AgentConnector(Service):
     @ivar names: the host names standing for sets of proxies.
     @ivar endpoint: the endpoint, when one was given (the first one's
         otherwise).
+    @ivar frame_budget: the bytes its connections hold in incomplete
+        frames, against one limit.
     """
 
     def __init__(
@@ -116,6 +125,8 @@ class AgentConnector(Service):
         jitter: Callable[[], float] = random.random,
         resolve_interval: float = 30.0,
         resolver: IHostnameResolver | None = None,
+        max_incomplete_frame_bytes: int = MAX_INCOMPLETE_FRAME_BYTES,
+        frame_budget: IncompleteFrameBudget | None = None,
         **settings_options: Any,
     ) -> None:
         if connections < 1:
@@ -133,6 +144,9 @@ class AgentConnector(Service):
         self.settings = AgentSettings(agent=agent, agent_id=agent_id, **settings_options)
         #: Rate limits the per-frame warnings of all its connections.
         self.log_limiter = LogRateLimiter(self.clock)
+        self.frame_budget = (
+            frame_budget if frame_budget is not None else IncompleteFrameBudget(max_incomplete_frame_bytes)
+        )
         self.connection_count = connections
         self.drain_grace = drain_grace
         self.resolve_interval = resolve_interval

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
-from ..endpoints import remove_abandoned_unix_socket
+from ..endpoints import RefusedConnection, remove_abandoned_unix_socket
 from ..errors import AgentProtocolError, InvalidMessage, format_duration
 from ..forward import (
     ENCODINGS,
@@ -51,7 +51,7 @@ from ..forward import (
     decode_handshake_request,
     negotiate_encoding,
 )
-from ..wire import MAX_MESSAGE_SIZE, MessageType
+from ..wire import MAX_INCOMPLETE_FRAME_BYTES, MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 from ._interfaces import IAgent
 from ._serving import _PROXY_TEXT_IN_LOG
 from .errors import HandshakeFailed
@@ -59,6 +59,7 @@ from .protocol import AgentProtocol, AgentSettings, ConnectionObserver
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
     "MAX_HANDSHAKE_SIZE",
     "AgentListener",
     "ForwardAgentFactory",
@@ -74,6 +75,11 @@ log = Logger(namespace="sentinel_twisted.agent.forward")
 MAX_HANDSHAKE_SIZE = 64 * 1024
 #: Seconds a proxy has to send its HandshakeRequest after connecting.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Proxy connections a listener holds at once by default, handshaking or
+#: serving: 64 proxies dialling with the usual 4 connections each.  The
+#: handshake carries no credentials, so whoever can reach the endpoint
+#: can connect.
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 class ForwardAgentProtocol(AgentProtocol):
@@ -104,8 +110,9 @@ class ForwardAgentProtocol(AgentProtocol):
         max_handshake_size: int = MAX_HANDSHAKE_SIZE,
         encodings: tuple[str, ...] = ENCODINGS,
         log_limiter: LogRateLimiter | None = None,
+        frame_budget: IncompleteFrameBudget | None = None,
     ) -> None:
-        super().__init__(settings, clock, observer, log_limiter)
+        super().__init__(settings, clock, observer, log_limiter, frame_budget=frame_budget)
         self.connection_id = connection_id
         self.handshake_timeout = handshake_timeout
         self.encodings = encodings
@@ -231,6 +238,14 @@ class ForwardAgentFactory(Factory):
     @ivar max_handshake_size: the longest HandshakeRequest accepted, in bytes.
     @ivar encodings: the payload encodings it may choose, in order of
         preference.
+    @ivar frame_budget: the bytes its connections hold in incomplete frames
+        (each may declare up to 16 MiB once past its handshake), against one
+        limit (pass one to share it, with a connector for instance); over
+        it the connection holding the most is aborted.
+    @ivar max_connections: connections held at once, handshaking or
+        serving; one more is closed as soon as it is made.
+    @ivar refused_connections: connections closed for being over
+        C{max_connections}.
     """
 
     noisy = False
@@ -243,9 +258,13 @@ class ForwardAgentFactory(Factory):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshake_size: int = MAX_HANDSHAKE_SIZE,
         encodings: tuple[str, ...] = ENCODINGS,
+        frame_budget: IncompleteFrameBudget | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
+        if not max_connections >= 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
         for name in encodings:
             codec_for(name)
         self.settings = settings
@@ -258,9 +277,26 @@ class ForwardAgentFactory(Factory):
         self.log_limiter = LogRateLimiter(clock)
         #: Every connection from accept to close, handshaking or serving.
         self.connections: set[ForwardAgentProtocol] = set()
+        self.frame_budget = frame_budget if frame_budget is not None else IncompleteFrameBudget()
+        self.max_connections = max_connections
+        self.refused_connections = 0
         self._serial = itertools.count(1)
 
-    def buildProtocol(self, addr: IAddress) -> ForwardAgentProtocol:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> ForwardAgentProtocol | RefusedConnection:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            # The handshake carries no credentials: anyone who can reach
+            # the endpoint could otherwise open connections without end.
+            self.refused_connections += 1
+            self.log_limiter.warn(
+                log,
+                "forward-connection-cap",
+                "Agent {agent_id} holds {count} proxy connections (limit {limit}); "
+                "closing new ones until some end",
+                agent_id=self.settings.agent_id,
+                count=len(self.connections),
+                limit=self.max_connections,
+            )
+            return RefusedConnection()
         protocol = ForwardAgentProtocol(
             self.settings,
             self.clock,
@@ -270,6 +306,7 @@ class ForwardAgentFactory(Factory):
             max_handshake_size=self.max_handshake_size,
             encodings=self.encodings,
             log_limiter=self.log_limiter,
+            frame_budget=self.frame_budget,
         )
         protocol.factory = self
         self.connections.add(protocol)
@@ -321,9 +358,16 @@ class AgentListener(Service):
     @param agent_id: the id announced in the capabilities.
     @param encodings: payload encodings offered to the proxy's choice
         (JSON is always possible).
+    @param max_connections: proxy connections held at once (see
+        L{ForwardAgentFactory}).
+    @param max_incomplete_frame_bytes: the bytes all its connections may
+        hold in incomplete frames (see L{ForwardAgentFactory}).
+    @param frame_budget: an L{IncompleteFrameBudget
+        <sentinel_twisted.wire.IncompleteFrameBudget>} to share (with a
+        connector, say) instead of one of C{max_incomplete_frame_bytes}.
     @param settings_options: the rest of L{AgentSettings} (C{health_interval},
         C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
-        C{frame_timeout}).
+        C{frame_timeout}, C{write_stall_timeout}).
     @ivar reactor: the reactor it listens on.
     @ivar settings: how its connections serve (L{AgentSettings
         <sentinel_twisted.agent.protocol.AgentSettings>}).
@@ -347,6 +391,9 @@ class AgentListener(Service):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshake_size: int = MAX_HANDSHAKE_SIZE,
         encodings: tuple[str, ...] = ENCODINGS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_incomplete_frame_bytes: int = MAX_INCOMPLETE_FRAME_BYTES,
+        frame_budget: IncompleteFrameBudget | None = None,
         **settings_options: Any,
     ) -> None:
         if drain_grace < 0:
@@ -370,6 +417,10 @@ class AgentListener(Service):
             handshake_timeout=handshake_timeout,
             max_handshake_size=max_handshake_size,
             encodings=encodings,
+            frame_budget=(
+                frame_budget if frame_budget is not None else IncompleteFrameBudget(max_incomplete_frame_bytes)
+            ),
+            max_connections=max_connections,
         )
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHandshakeListener,
+    IPushProducer,
     IReactorTime,
     ISSLTransport,
 )
@@ -52,7 +53,7 @@ from ..errors import (
     format_duration,
 )
 from ..forward import JSON_CODEC, PayloadCodec
-from ..wire import FrameReceiver, MessageType
+from ..wire import FrameReceiver, IncompleteFrameBudget, MessageType
 from ._interfaces import IAgent
 from ._lifecycle import new_lifecycle
 from ._serving import _CONNECTION_ID_IN_LOG, _PROXY_TEXT_IN_LOG, EventServing, _Entry, routing_id
@@ -125,6 +126,12 @@ class AgentSettings:
         connection and its buffer.  (The proxy holds its agents to the same
         rule, by default its request timeout: 30 s.  Before registration
         the registration or handshake timeout bounds the whole exchange.)
+    @ivar write_stall_timeout: seconds the proxy may leave what the agent
+        writes unread (the transport's buffer full) before the connection is
+        aborted.  Until then its Pings get no Pong and no more of its frames
+        are read, so that what the agent buffers for it stays bounded.  (The
+        proxy holds its agents to the same rule, by default its request
+        timeout: 30 s.)
     """
 
     agent: IAgent
@@ -138,6 +145,7 @@ class AgentSettings:
     fail_open: bool = False
     close_grace: float = attrs.field(default=5.0, validator=_positive)
     frame_timeout: float = attrs.field(default=30.0, validator=_positive)
+    write_stall_timeout: float = attrs.field(default=30.0, validator=_positive)
 
     @agent_id.validator
     def _check_agent_id(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -175,10 +183,19 @@ class ConnectionObserver(Protocol):
 
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class AgentProtocol(EventServing, FrameReceiver):
     """
     One agent connection.  Built by L{AgentClientFactory}.
+
+    Once serving it is its transport's producer: when the proxy stops
+    reading and the transport's buffer fills, the transport pauses it
+    (L{pauseProducing}), and until the buffer drains the proxy's Pings get
+    no Pong and its frames are no longer read, so that TCP pushes back on
+    the proxy.  The answers to the events already taken still go out: at
+    most C{limit} running and C{max_queued} waiting, and the error decision
+    for the events of the read under way.  A connection still blocked after
+    C{write_stall_timeout} seconds is aborted.
 
     @ivar settings: how it registers and serves.
     @ivar agent: the agent that answers the events.
@@ -198,6 +215,9 @@ class AgentProtocol(EventServing, FrameReceiver):
     @ivar resume_at: the load at or below which a paused connection resumes
         (half the limit).
     @ivar max_queued: events held beyond the limit at most.
+    @ivar write_blocked: the proxy is not reading what the agent writes
+        (the transport paused it): its Pings are not answered and its
+        frames not read until it catches up.
     """
 
     _registration_payload: bytes | None = None
@@ -218,6 +238,8 @@ class AgentProtocol(EventServing, FrameReceiver):
         clock: IReactorTime,
         observer: ConnectionObserver | None = None,
         log_limiter: LogRateLimiter | None = None,
+        *,
+        frame_budget: IncompleteFrameBudget | None = None,
     ) -> None:
         self.settings = settings
         self.agent = settings.agent
@@ -249,6 +271,21 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._health: LoopingCall | None = None
         self._releasing = False
         self._close_detail: str | None = None
+        if frame_budget is not None:
+            #: The bytes this connection and the others of its factory hold
+            #: in incomplete frames, against one limit.
+            self.frame_budget = frame_budget
+        self.write_blocked = False
+        # Back-pressure: registered as the transport's producer; when the
+        # write buffer filled (for the stall's log line); the abort of a
+        # connection blocked too long.
+        self._producing = False
+        self._blocked_since = 0.0
+        self._stall_timer: IDelayedCall | None = None
+        # A close that aborts rather than waits on the proxy (it reads
+        # nothing); the frame budget chose this connection.
+        self._abort_on_close = False
+        self._evicted = False
 
     def __repr__(self) -> str:
         return (
@@ -325,7 +362,12 @@ class AgentProtocol(EventServing, FrameReceiver):
         return self.settings.frame_timeout if self.registered else None
 
     def frame_error(self, error: AgentProtocolError) -> None:
-        if isinstance(error, IncompleteFrame):
+        if isinstance(error, IncompleteFrame) and self.write_blocked and not self._evicted:
+            # The frame could not come: the agent stopped reading because
+            # the proxy reads nothing.  That is what ends the connection.
+            self._write_stalled()
+            return
+        if isinstance(error, IncompleteFrame) and not self._evicted:
             # A peer can cause this once per connection, and connect again.
             self.log_limiter.warn(
                 log,
@@ -338,6 +380,29 @@ class AgentProtocol(EventServing, FrameReceiver):
                 detail=error.detail,
             )
         self._lifecycle.protocol_violated(error)
+
+    def frame_budget_exceeded(self, held: int, total: int, limit: int) -> None:
+        """
+        The connections sharing this one's L{IncompleteFrameBudget} held
+        more than its limit in incomplete frames, and this one the most:
+        it is aborted (its proxy sent much and is not done).
+        """
+        self.log_limiter.warn(
+            log,
+            "frame-budget",
+            "Incomplete frames of all proxy connections held {total} bytes (max: {limit}); "
+            "agent {agent_id} closing connection {connection_id} with proxy {proxy_id}, "
+            "which held {held} of them",
+            total=total,
+            limit=limit,
+            agent_id=self.settings.agent_id,
+            connection_id=peer_text(self.connection_id or "(registering)", _CONNECTION_ID_IN_LOG),
+            proxy_id=peer_text(self.proxy_id or "(unknown)", _PROXY_TEXT_IN_LOG),
+            held=held,
+        )
+        self._evicted = True
+        self._abort_on_close = True
+        super().frame_budget_exceeded(held, total, limit)
 
     def control_frame_too_large(self, error: ControlFrameTooLarge) -> bool:
         """
@@ -363,6 +428,9 @@ class AgentProtocol(EventServing, FrameReceiver):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._transport_gone = True
+        # The transport drops its producer itself.
+        self._producing = False
+        self._stop_stall_timer()
         timer, self._close_timer = self._close_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -370,6 +438,88 @@ class AgentProtocol(EventServing, FrameReceiver):
         # Whatever part of a frame is left goes, and its deadline with it.
         self.stop_parsing()
         self._lifecycle.connection_lost(detail)
+
+    # -- back-pressure (IPushProducer) --------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: the proxy is not reading.
+        Until it catches up, no Pong and no reading of its frames; after
+        L{AgentSettings.write_stall_timeout} the connection is aborted.
+        """
+        if self.write_blocked or not self._producing:
+            return
+        self.write_blocked = True
+        self.stats["write_blocks"] += 1
+        self._blocked_since = self.clock.seconds()
+        timeout = self.settings.write_stall_timeout
+        self._stall_timer = self.clock.callLater(timeout, self._write_stalled)
+        self.log_limiter.warn(
+            log,
+            "proxy-not-reading",
+            "Proxy {proxy_id} is not reading connection {connection_id} of agent {agent_id}; "
+            "its frames are left unread and its Pings unanswered until it catches up "
+            "(aborting the connection after {timeout})",
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            agent_id=self.settings.agent_id,
+            timeout=format_duration(timeout),
+        )
+        # What the proxy sends waits in the sockets' buffers, and then in
+        # the proxy: it cannot make the agent buffer more than it has read.
+        self._pause_reading(True)
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer drained: the proxy reads again."""
+        if not self.write_blocked:
+            return
+        self.write_blocked = False
+        self._stop_stall_timer()
+        self.log_limiter.info(
+            log,
+            "proxy-reading-again",
+            "Proxy {proxy_id} is reading connection {connection_id} of agent {agent_id} again",
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            agent_id=self.settings.agent_id,
+        )
+        self._pause_reading(False)
+
+    def stopProducing(self) -> None:
+        """The transport is going away; L{connectionLost} does the rest."""
+
+    def _pause_reading(self, pause: bool) -> None:
+        transport: Any = self.transport
+        if transport is None or self._transport_gone or getattr(transport, "disconnecting", False):
+            return
+        # A socket transport is a producer of what it reads; a TLS
+        # transport passes the call to the socket's.
+        method = getattr(transport, "pauseProducing" if pause else "resumeProducing", None)
+        if method is not None:
+            method()
+
+    def _write_stalled(self) -> None:
+        """The proxy left our writes unread too long: abort (a dialled connection is dialled again)."""
+        self._stop_stall_timer()
+        blocked = format_duration(round(self.clock.seconds() - self._blocked_since, 3))
+        detail = f"proxy stopped reading: write buffer full for {blocked}"
+        self.stats["write_stalls"] += 1
+        self.log_limiter.warn(
+            log,
+            "proxy-stalled",
+            "Agent {agent_id} aborting connection {connection_id} with proxy {proxy_id}: {detail}",
+            agent_id=self.settings.agent_id,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+            detail=detail,
+        )
+        self._abort_on_close = True
+        self._lifecycle.close(detail)
+
+    def _stop_stall_timer(self) -> None:
+        timer, self._stall_timer = self._stall_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- public control ---------------------------------------------------------
 
@@ -425,6 +575,12 @@ class AgentProtocol(EventServing, FrameReceiver):
         self.proxy_id = response.proxy_id
         self.proxy_version = response.proxy_version
         self._on_frame = self._serving_frame
+        transport = self.transport
+        if transport is not None:
+            # Back-pressure: the transport pauses us when the proxy stops
+            # reading and the write buffer fills, and resumes us when it drains.
+            transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._producing = True
         self._log_serving()
         if self.capabilities is not None and self.capabilities.features.health_reporting:
             self._health = LoopingCall(self.send_health)
@@ -540,8 +696,17 @@ class AgentProtocol(EventServing, FrameReceiver):
         Close; abort if the connection is not gone C{close_grace} seconds
         later (the proxy reads nothing, or the TLS layer waits on it).
         """
-        transport = self.transport
+        self._stop_stall_timer()
+        transport: Any = self.transport
         if transport is None or self._transport_gone:
+            return
+        if self._producing:
+            # A registered producer would hold the close back: a socket
+            # resumes it rather than closing, TLS waits for it to go.
+            self._producing = False
+            transport.unregisterProducer()
+        if self._abort_on_close:
+            transport.abortConnection()
             return
         transport.loseConnection()
         if self._close_timer is None and not self._transport_gone:
@@ -581,6 +746,9 @@ class AgentClientFactory(Factory):
     @ivar clock: the clock of their timers.
     @ivar observer: told of registrations and ends of its connections, C{None}
         for nobody.
+    @ivar frame_budget: the bytes its connections (and those of the
+        factories it is shared with) hold in incomplete frames, against one
+        limit; C{None}: not counted.
     """
 
     noisy = False
@@ -591,14 +759,19 @@ class AgentClientFactory(Factory):
         clock: IReactorTime,
         observer: ConnectionObserver | None = None,
         log_limiter: LogRateLimiter | None = None,
+        *,
+        frame_budget: IncompleteFrameBudget | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.observer = observer
         #: Shared by every connection this factory builds.
         self.log_limiter = log_limiter if log_limiter is not None else LogRateLimiter(clock)
+        self.frame_budget = frame_budget
 
     def buildProtocol(self, addr: IAddress) -> AgentProtocol:  # type: ignore[override]
-        protocol = AgentProtocol(self.settings, self.clock, self.observer, self.log_limiter)
+        protocol = AgentProtocol(
+            self.settings, self.clock, self.observer, self.log_limiter, frame_budget=self.frame_budget
+        )
         protocol.factory = self
         return protocol

@@ -44,9 +44,10 @@ from ..endpoints import (
     with_owner_only_mode,
 )
 from ..errors import AgentProtocolError
+from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
 from .connector import AgentConnector
-from .forward import AgentListener
+from .forward import DEFAULT_MAX_CONNECTIONS, AgentListener
 from .rules import RulesAgent, RulesError
 
 __all__ = ["AgentService", "Options", "exit_at_exit", "makeService", "read_token_file"]
@@ -90,6 +91,8 @@ _CONVERSIONS = {
     "drain-grace": _seconds,
     "max-retry-delay": _positive_float,
     "resolve-interval": _seconds,
+    "max-connections": positive_int,
+    "max-incomplete-frame-bytes": positive_int,
 }
 
 
@@ -172,6 +175,12 @@ class Options(ProgramOptions):
         ["listen", None, None, "Server endpoint to serve proxies that dial the agent (forward mode): "
          "unix:PATH (owner-only, with a lockfile), tcp:PORT:interface=127.0.0.1."],
         ["handshake-timeout", None, 10.0, "Seconds a dialling proxy has to send its handshake."],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Proxy connections (N) --listen holds at once; more are closed as they arrive.",
+        ],
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
         ["connections", None, 1, "Connections (N) to keep registered to each proxy."],
@@ -189,6 +198,13 @@ class Options(ProgramOptions):
             30.0,
             "Seconds between resolutions of --connect host names; each address is a proxy "
             "(0: dial each name as one proxy).",
+        ],
+        [
+            "max-incomplete-frame-bytes",
+            None,
+            MAX_INCOMPLETE_FRAME_BYTES,
+            "Bytes (N) all proxy connections may hold in unfinished frames; over it the "
+            "connection holding the most is closed.",
         ],
     ]
 
@@ -401,7 +417,9 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    listener = make_agent_listener(options, reactor) if options.get("listen") else None
+    # One budget for every proxy connection, dialled or dialling.
+    budget = IncompleteFrameBudget(options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES))
+    listener = make_agent_listener(options, reactor, budget) if options.get("listen") else None
     if not options.get("connect"):
         return AgentService(None, options, reactor, listener)
     connector = AgentConnector(
@@ -418,15 +436,20 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         fail_open=bool(options["fail-open"]),
+        frame_budget=budget,
     )
     return AgentService(connector, options, reactor, listener)
 
 
-def make_agent_listener(options: Any, reactor: Any) -> AgentListener:
+def make_agent_listener(
+    options: Any, reactor: Any, frame_budget: IncompleteFrameBudget | None = None
+) -> AgentListener:
     """
     The forward-mode listener of C{--listen}.  A socket file left by a
     process that is gone is removed; a live one never is.
 
+    @param frame_budget: the account of incomplete frames to share (with
+        the connector); C{None}: one of C{--max-incomplete-frame-bytes}.
     @raise SocketInUse: if a live process serves the socket.
     """
     description = options["listen"]
@@ -443,6 +466,9 @@ def make_agent_listener(options: Any, reactor: Any) -> AgentListener:
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         fail_open=bool(options["fail-open"]),
+        max_connections=options.get("max-connections", DEFAULT_MAX_CONNECTIONS),
+        max_incomplete_frame_bytes=options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES),
+        frame_budget=frame_budget,
     )
 
 
