@@ -63,13 +63,15 @@ def routing_id(event: Any) -> str:
 class _Entry:
     """One event being served (or waiting for a free slot)."""
 
-    __slots__ = ("correlation_id", "event", "handler", "deferred", "cancelled", "serial")
+    __slots__ = ("correlation_id", "event", "handler", "deferred", "cancelled", "serial", "size")
 
-    def __init__(self, serial: int, correlation_id: str, event: Any, handler: str) -> None:
+    def __init__(self, serial: int, correlation_id: str, event: Any, handler: str, size: int) -> None:
         self.serial = serial
         self.correlation_id = correlation_id
         self.event = event
         self.handler = handler
+        #: The bytes of its frame's payload (see AgentSettings.max_held_event_bytes).
+        self.size = size
         self.deferred: Deferred[Any] | None = None
         self.cancelled = False
 
@@ -110,6 +112,8 @@ class EventServing:
     _active: dict[int, _Entry]
     _queue: collections.deque[_Entry]
     _queued: int
+    #: The payload bytes of the events running and queued.
+    _held_bytes: int
     _by_id: dict[str, _Entry]
     _releasing: bool
 
@@ -141,6 +145,7 @@ class EventServing:
         self._active.clear()
         self._queue.clear()
         self._queued = 0
+        self._held_bytes = 0
         self._by_id.clear()
         for entry in entries:
             entry.cancelled = True
@@ -177,8 +182,19 @@ class EventServing:
             self._bad_event(message_type, payload, e)
             return
         cid = routing_id(event)
+        size = len(payload)
+        if self._held_bytes + size > self.settings.max_held_event_bytes and self.load:
+            self._overloaded(
+                cid,
+                "Agent {agent_id} holds {held} bytes of events on connection {connection_id} "
+                "(limit {max_held}) and the proxy keeps sending; answering {cid!r} with the "
+                "error decision",
+                held=self._held_bytes,
+                max_held=self.settings.max_held_event_bytes,
+            )
+            return
         self._serial += 1
-        entry = _Entry(self._serial, cid, event, handler)
+        entry = _Entry(self._serial, cid, event, handler, size)
         if cid in self._by_id:
             self.log_limiter.warn(
                 log,
@@ -188,30 +204,40 @@ class EventServing:
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
                 connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
-        self._by_id[cid] = entry
         if len(self._active) < self.limit:
+            self._by_id[cid] = entry
+            self._held_bytes += size
             self._start(entry)
         elif self._queued < self.max_queued:
+            self._by_id[cid] = entry
+            self._held_bytes += size
             self._queue.append(entry)
             self._queued += 1
         else:
-            del self._by_id[cid]
-            self.stats["overloaded"] += 1
-            self.log_limiter.warn(
-                log,
-                "overloaded",
+            self._overloaded(
+                cid,
                 "Agent {agent_id} is over its limit on connection {connection_id} "
                 "({limit} running, {queued} queued) and the proxy keeps sending; "
                 "answering {cid!r} with the error decision",
-                agent_id=self.settings.agent_id,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
                 limit=self.limit,
                 queued=self._queued,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
             )
-            self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
             return
         self._update_flow()
+
+    def _overloaded(self, cid: str, text: str, **fields: object) -> None:
+        """Answer C{cid} at once with the error decision, status 503: no room to serve it."""
+        self.stats["overloaded"] += 1
+        self.log_limiter.warn(
+            log,
+            "overloaded",
+            text,
+            agent_id=self.settings.agent_id,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
+            **fields,
+        )
+        self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
 
     def _bad_event(self, message_type: int, payload: bytes, error: InvalidMessage) -> None:
         self.stats["invalid_events"] += 1
@@ -270,6 +296,7 @@ class EventServing:
         """Take C{entry} out of the running set; C{False} if it was cancelled."""
         if entry.cancelled or self._active.pop(entry.serial, None) is None:
             return False
+        self._held_bytes -= entry.size
         if self._by_id.get(entry.correlation_id) is entry:
             del self._by_id[entry.correlation_id]
         return True
@@ -410,10 +437,14 @@ class EventServing:
             return
         self.stats["cancelled"] += 1
         entry.cancelled = True
+        self._held_bytes -= entry.size
         if self._active.pop(entry.serial, None) is not None:
             if entry.deferred is not None:
                 entry.deferred.cancel()
         else:
+            # Out of the queue now, not when a slot frees: else events sent
+            # and cancelled while every slot is busy would pile up in it.
+            self._queue.remove(entry)
             self._queued -= 1
         log.debug(
             "Cancelled {cid!r} on connection {connection_id} (reason {reason})",

@@ -115,6 +115,13 @@ class AgentSettings:
         pause travels to the proxy, or from a proxy that ignores pauses);
         beyond it an event is answered at once with the error decision and
         status 503.  C{None} means as many as C{max_concurrency}.
+    @ivar max_held_event_bytes: the bytes of events (their frames'
+        payloads) a connection holds at once, running and queued: an event
+        that would go past it is answered at once with the error decision
+        and status 503, as one over C{max_queued} is, unless it is the only
+        one (a frame is at most 16 MiB); so a proxy cannot make the agent
+        hold C{max_concurrency + max_queued} frames of 16 MiB while its
+        handlers are slow.
     @ivar fail_open: answer handler errors with allow instead of block 500.
     @ivar close_grace: seconds a connection the agent closes has to be gone
         (what it still holds sent, its TLS session shut down) before it is
@@ -142,6 +149,7 @@ class AgentSettings:
     health_interval: float = attrs.field(default=10.0, validator=_not_negative)
     max_concurrency: int | None = attrs.field(default=None, validator=_positive)
     max_queued: int | None = attrs.field(default=None, validator=_not_negative)
+    max_held_event_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     fail_open: bool = False
     close_grace: float = attrs.field(default=5.0, validator=_positive)
     frame_timeout: float = attrs.field(default=30.0, validator=_positive)
@@ -267,6 +275,7 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._active: dict[int, _Entry] = {}
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued = 0
+        self._held_bytes = 0
         self._by_id: dict[str, _Entry] = {}
         self._health: LoopingCall | None = None
         self._releasing = False

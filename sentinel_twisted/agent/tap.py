@@ -93,6 +93,7 @@ _CONVERSIONS = {
     "resolve-interval": _seconds,
     "max-connections": positive_int,
     "max-incomplete-frame-bytes": positive_int,
+    "max-held-event-bytes": positive_int,
 }
 
 
@@ -205,6 +206,13 @@ class Options(ProgramOptions):
             MAX_INCOMPLETE_FRAME_BYTES,
             "Bytes (N) all proxy connections may hold in unfinished frames; over it the "
             "connection holding the most is closed.",
+        ],
+        [
+            "max-held-event-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes (N) of events one connection holds running and queued; past it an "
+            "event is answered 503 at once.",
         ],
     ]
 
@@ -435,6 +443,7 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         registration_timeout=options["registration-timeout"],
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
+        max_held_event_bytes=options["max-held-event-bytes"],
         fail_open=bool(options["fail-open"]),
         frame_budget=budget,
     )
@@ -465,6 +474,7 @@ def make_agent_listener(
         handshake_timeout=options["handshake-timeout"],
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
+        max_held_event_bytes=options["max-held-event-bytes"],
         fail_open=bool(options["fail-open"]),
         max_connections=options.get("max-connections", DEFAULT_MAX_CONNECTIONS),
         max_incomplete_frame_bytes=options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES),

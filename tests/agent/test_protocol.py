@@ -5,6 +5,7 @@ over a StringTransport with a Clock.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -547,6 +548,57 @@ class FlowControlTests(SynchronousTestCase):
         [answer] = h.answers()
         self.assertEqual(cid_of(answer), "c")
         self.assertEqual(answer["decision"]["block"], {"status": 503, "body": "agent overloaded", "headers": None})
+
+    def test_events_sent_and_cancelled_while_every_slot_is_busy_do_not_pile_up(self) -> None:
+        # A cancelled queued event leaves the queue at once: a proxy that
+        # sends and cancels while the handlers are slow holds nothing more.
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=1, max_queued=2)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("slow"))
+        for i in range(500):
+            h.feed(REQUEST_HEADERS, headers_event(f"q{i}"))
+            h.feed(CANCEL, {"correlation_id": f"q{i}", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(len(h.protocol._queue), 0)
+        self.assertEqual(h.protocol.queued, 0)
+        self.assertEqual(h.protocol._held_bytes, len(json.dumps(headers_event("slow")).encode()))
+        self.assertEqual(h.answers(), [])
+        agent.answer("slow")
+        self.assertEqual([cid_of(a) for a in h.answers()], ["slow"])
+        self.assertEqual(h.protocol._held_bytes, 0)
+
+    def test_events_past_the_held_bytes_are_answered_503(self) -> None:
+        agent = RecordingAgent()
+        big = headers_event("a", headers={"x-pad": ["p" * 3000]})
+        size = len(json.dumps(big).encode())
+        h = Harness(agent, max_concurrency=10, max_queued=10, max_held_event_bytes=2 * size + 10)
+        h.register()
+        h.sent()
+        for cid in ("a", "b", "c"):
+            h.feed(REQUEST_HEADERS, headers_event(cid, headers={"x-pad": ["p" * 3000]}))
+        self.assertEqual(sorted(agent.waiting), ["a", "b"])
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "c")
+        self.assertEqual(answer["decision"]["block"], {"status": 503, "body": "agent overloaded", "headers": None})
+        # Room again once one is answered; a small event always fits.
+        agent.answer("a")
+        h.feed(REQUEST_HEADERS, headers_event("d", headers={"x-pad": ["p" * 3000]}))
+        self.assertEqual(sorted(agent.waiting), ["b", "d"])
+        h.feed(CANCEL, {"correlation_id": "b", "reason": 0, "timestamp_ms": 1})
+        h.feed(CANCEL, {"correlation_id": "d", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(h.protocol._held_bytes, 0)
+
+    def test_one_event_larger_than_the_held_bytes_is_still_served(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, max_held_event_bytes=10)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("alone"))
+        self.assertEqual(agent.waiting and sorted(agent.waiting), ["alone"])
+        h.feed(REQUEST_HEADERS, headers_event("second"))
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "second")
 
     def test_synchronous_handlers_under_load_keep_a_flat_stack(self) -> None:
         gate: list[Deferred[Any]] = []
