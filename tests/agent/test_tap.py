@@ -81,11 +81,13 @@ class OptionsTests(SynchronousTestCase):
             "--rules", self.rules, "--auth-token-file", str(token), "--connections", "3",
             "--max-concurrency", "7", "--name", "edge-waf", "--health-interval", "2",
             "--registration-timeout", "4", "--drain-grace", "1", "--max-retry-delay", "9", "--fail-open",
+            "--max-held-event-bytes", "1000000",
         )  # fmt: skip
         service = make_agent_service(options, reactor=Clock())
         settings = service.connector.settings
         self.assertEqual(settings.auth_token, "s3cret")
         self.assertEqual(settings.max_concurrency, 7)
+        self.assertEqual(settings.max_held_event_bytes, 1_000_000)
         self.assertEqual(settings.health_interval, 2)
         self.assertEqual(settings.registration_timeout, 4)
         self.assertTrue(settings.fail_open)
@@ -117,6 +119,7 @@ class OptionsTests(SynchronousTestCase):
         for option, value, text in [
             ("--connections", "0", "expected a positive integer, got '0'"),
             ("--max-concurrency", "many", "expected a positive integer, got 'many'"),
+            ("--max-held-event-bytes", "0", "expected a positive integer, got '0'"),
             ("--health-interval", "-1", "expected a number of seconds (0 or more), got '-1'"),
             ("--registration-timeout", "0", "expected a positive number of seconds, got '0'"),
             ("--drain-grace", "nan", "expected a number of seconds, got 'nan'"),

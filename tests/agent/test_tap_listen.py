@@ -44,6 +44,7 @@ class ListenOptionsTests(SynchronousTestCase):
         self.assertIsInstance(listener, AgentListener)
         self.assertEqual(listener.settings.agent_id, "waf-1")
         self.assertEqual(listener.settings.max_concurrency, 100)
+        self.assertEqual(listener.settings.max_held_event_bytes, 64 * 1024 * 1024)
         self.assertEqual(listener.factory.handshake_timeout, 3)
         self.assertIs(service.agent, options["agent-object"])
 
