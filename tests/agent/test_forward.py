@@ -196,6 +196,42 @@ class RejectionTests(SynchronousTestCase):
         self.assertFalse(c.protocol.registered)
         self.assertIn("Protocol version mismatch", str(c.refused[0]))
 
+    def test_a_long_version_list_is_summarised_in_the_answer_and_the_log(self) -> None:
+        """
+        supported_versions has no length limit of its own: 20,000 entries
+        made a 60,000-character answer and log line.  The answer quotes the
+        first few and the count; the log line is bounded and escaped.
+        """
+        from twisted.logger import formatEvent
+
+        from .._proxy_support import captured_log
+
+        factory = ForwardAgentFactory(AgentSettings(agent=Agent(), agent_id="waf-1"), Clock())
+        protocol = factory.buildProtocol(UNIXAddress(None))
+        transport = StringTransport(peerAddress=UNIXAddress(None))
+        protocol.makeConnection(transport)
+        with captured_log() as events:
+            protocol.dataReceived(frame(HANDSHAKE_REQUEST, handshake(supported_versions=[1] * 20_000)))
+        [(kind, payload)] = raw_frames(transport.value())
+        self.assertEqual(kind, HANDSHAKE_RESPONSE)
+        expected = "Protocol version mismatch: expected 2, got [1, 1, 1, 1, 1, 1, 1, 1, ... (20,000 versions)]"
+        self.assertEqual(json.loads(payload)["error"], expected)
+        self.assertTrue(transport.disconnecting)
+        [line] = [formatEvent(e) or "" for e in events if "closed" in (formatEvent(e) or "")]
+        self.assertEqual(line, f"Agent waf-1: forward connection waf-1-fwd-1 closed: Handshake failed: {expected}")
+
+    def test_a_short_version_list_is_quoted_whole(self) -> None:
+        c = Connection()
+        response = c.shake(handshake(supported_versions=[1, 3, 4, 5, 6, 7, 8, 9]))
+        self.assertEqual(
+            response["error"], "Protocol version mismatch: expected 2, got [1, 3, 4, 5, 6, 7, 8, 9]"
+        )
+        c = Connection()
+        response = c.shake(handshake(supported_versions=[1, 3, 4, 5, 6, 7, 8, 9, 10]))
+        self.assertEqual(
+            response["error"], "Protocol version mismatch: expected 2, got [1, 3, 4, 5, 6, 7, 8, 9, ... (9 versions)]"
+        )
+
     def test_an_event_first_closes(self) -> None:
         c = Connection()
         c.feed(frame(REQUEST_HEADERS, headers_event("r1")))
