@@ -222,6 +222,41 @@ class HandshakeAcceptedTests(SynchronousTestCase):
         self.assertEqual(protocol.connection.health_state, 2)
 
 
+class WrongFrameAfterTheHandshakeTests(SynchronousTestCase):
+    def test_a_second_handshake_response_is_named_as_such(self) -> None:
+        """
+        In forward mode the HandshakeResponse is the agent's own frame: a
+        second one is out of place, not from the wrong side.
+        """
+        dialler = Dialler(agent_id="waf")
+        protocol, transport, connection = dialler.handshake()
+        with captured_log() as events:
+            protocol.dataReceived(handshake_response())
+        text = log_text(events)
+        self.assertIn(
+            f"Agent waf sent a second handshake frame (HandshakeResponse) on connection "
+            f"{connection.connection_id}, after the handshake; ignored",
+            text,
+        )
+        self.assertNotIn("which only the proxy sends", text)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(dialler.pool), 1)
+
+    def test_an_event_frame_still_names_the_proxy(self) -> None:
+        dialler = Dialler(agent_id="waf")
+        protocol, _, connection = dialler.handshake()
+        with captured_log() as events:
+            protocol.dataReceived(encode_frame(MessageType.HANDSHAKE_REQUEST, b"{}"))
+            protocol.dataReceived(encode_frame(MessageType.REQUEST_HEADERS, b"{}"))
+        text = log_text(events)
+        self.assertIn("sent a second handshake frame (HandshakeRequest)", text)
+        self.assertIn(
+            f"Agent waf sent a RequestHeaders frame on connection {connection.connection_id}, "
+            "which only the proxy sends; ignored",
+            text,
+        )
+
+
 class HandshakeRejectedTests(SynchronousTestCase):
     """Every refusal: logged with the reason, connection closed, nothing in the pool."""
 

@@ -178,6 +178,33 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(ids, {"a-fwd-1", "a-fwd-2", "a-fwd-3"})
 
 
+class WrongFrameAfterTheHandshakeTests(SynchronousTestCase):
+    def test_a_second_handshake_request_is_named_as_such(self) -> None:
+        """
+        In forward mode the HandshakeRequest is the proxy's own frame: a
+        second one is out of place, not from the wrong side.
+        """
+        from .._proxy_support import captured_log, log_text
+
+        c = Connection()
+        c.shake()
+        with captured_log() as events:
+            c.feed(frame_bytes(by_name("fwd_handshake_request")))
+            c.feed(frame(AGENT_RESPONSE, {}))
+        text = log_text(events)
+        self.assertIn(
+            "Proxy zentinel-proxy sent a second handshake frame (HandshakeRequest) on connection "
+            "waf-1-fwd-1, after the handshake; ignored",
+            text,
+        )
+        self.assertNotIn("HandshakeRequest frame on connection waf-1-fwd-1, which only agents send", text)
+        self.assertIn(
+            "Proxy zentinel-proxy sent a AgentResponse frame on connection waf-1-fwd-1, which only agents send; ignored",
+            text,
+        )
+        self.assertFalse(c.closed)
+
+
 class RejectionTests(SynchronousTestCase):
     def assert_closed_without_answer(self, c: Connection, reason: str) -> None:
         self.assertTrue(c.closed)
