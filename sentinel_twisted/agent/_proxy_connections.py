@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.agent.test_connector -*-
 """
 The connections of an agent to one proxy: L{ProxyConnections} keeps N of
-them, each a L{ConnectionSlot} with its own L{ClientService} and retry
-count, and stops them all when the proxy refuses the agent for good.
+them, each a L{ConnectionSlot} with its own L{ClientService
+<twisted.application.internet.ClientService>} and retry count, and stops
+them all when the proxy refuses the agent for good.
 
 The retry count starts over only once a registered connection has stayed
 up the connector's C{backoff_reset_after} seconds (L{RedialBackoff

@@ -16,10 +16,10 @@ announces; from then on it is served exactly as a reverse connection is.
 Anything else is logged with the reason and the connection is closed.
 
 L{DialledAgentService} keeps C{N} such connections to one agent, each with
-a Twisted L{ClientService}: jittered exponential backoff between attempts,
-reset by a connection that stayed up L{BACKOFF_RESET_AFTER
-<sentinel_twisted._redial.BACKOFF_RESET_AFTER>} (10) seconds after its
-handshake: not by a mere connect, so an agent that accepts and refuses is
+a Twisted L{ClientService <twisted.application.internet.ClientService>}:
+jittered exponential backoff between attempts, reset by a connection that
+stayed up L{BACKOFF_RESET_AFTER <sentinel_twisted._redial.BACKOFF_RESET_AFTER>}
+(10) seconds after its handshake: not by a mere connect, so an agent that accepts and refuses is
 not redialled at full speed, and not by the handshake alone, so neither is
 one that answers and drops the connection.  The lines each attempt logs
 (dialled, disconnected, the retry) are rate-limited per connection slot.
@@ -371,7 +371,8 @@ class ForwardConnectionFactory(Factory):
 
     def retry_delay(self, attempt: int) -> float:
         """
-        The L{ClientService} retry policy: grows with the attempts that
+        The L{ClientService <twisted.application.internet.ClientService>}
+        retry policy: grows with the attempts that
         failed in a row (L{backoff}), not with those since the last connect.
         """
         return self.retry_policy(self.backoff.attempt_failed())
@@ -487,7 +488,8 @@ class ForwardConnectionFactory(Factory):
 class DialledAgentService(MultiService):
     """
     Keeps C{connections} dialled connections to one agent, each with its
-    own L{ClientService}; see L{AgentPool.connect_agent
+    own L{ClientService <twisted.application.internet.ClientService>}; see
+    L{AgentPool.connect_agent
     <sentinel_twisted.proxy.pool.AgentPool.connect_agent>}.
 
     Stopping it stops the redialling, gives the requests in flight on its
