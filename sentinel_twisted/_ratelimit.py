@@ -40,9 +40,15 @@ class LogRateLimiter:
     with how many more there were.  A timer runs only while a period has
     suppressed something.
 
-    Kinds are names the code chooses (C{"unknown-correlation-id"}), never
-    text a peer sent: the limiter keeps one small record per kind.
+    Kinds are names the code chooses (C{"unknown-correlation-id"}, or one
+    per connection slot: C{"dial-3:retry"}), never text a peer sent: the
+    limiter keeps one small record per kind, and once it holds
+    L{SWEEP_AT} records it drops those whose period is over with nothing
+    left to report, so kinds that come and go do not pile up.
     """
+
+    #: Records held before the first sweep of those whose period is over.
+    SWEEP_AT = 256
 
     def __init__(self, clock: IReactorTime, period: float = 10.0, burst: int = 5) -> None:
         if not period > 0:
@@ -54,6 +60,7 @@ class LogRateLimiter:
         self.burst = burst
         self._windows: dict[str, _Window] = {}
         self._stopped = False
+        self._sweep_at = self.SWEEP_AT
 
     def emit(
         self, logger: Logger, level: LogLevel, kind: str, format: str, /, **fields: Any
@@ -66,6 +73,8 @@ class LogRateLimiter:
         now = self.clock.seconds()
         window = self._windows.get(kind)
         if window is None or (window.timer is None and now - window.start >= self.period):
+            if window is None and len(self._windows) >= self._sweep_at:
+                self._sweep(now)
             window = self._windows[kind] = _Window(now)
         window.count += 1
         if window.count <= self.burst:
@@ -114,6 +123,16 @@ class LogRateLimiter:
             if timer is not None and timer.active():
                 timer.cancel()
             self._close(kind)
+
+    def _sweep(self, now: float) -> None:
+        # A window whose period is over and that has no timer holds nothing
+        # to report: the next event of its kind would start a new one anyway.
+        for kind in [
+            k for k, w in self._windows.items() if w.timer is None and now - w.start >= self.period
+        ]:
+            del self._windows[kind]
+        # Kinds all alive: sweep again only once as many more have come.
+        self._sweep_at = max(self.SWEEP_AT, 2 * len(self._windows))
 
     def _close(self, kind: str) -> None:
         window = self._windows.pop(kind)

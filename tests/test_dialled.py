@@ -18,12 +18,14 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sentinel_twisted import forward as f
 from sentinel_twisted import messages as m
+from sentinel_twisted._redial import BACKOFF_RESET_AFTER
 from sentinel_twisted.errors import (
     ConnectionClosed,
     ConnectionLimitReached,
@@ -200,10 +202,15 @@ class HandshakeAcceptedTests(SynchronousTestCase):
             protocol.dataReceived(frame[i : i + 1])
         self.assertIsNotNone(protocol.connection)
 
-    def test_success_resets_the_failed_attempts(self) -> None:
+    def test_a_handshake_resets_the_failed_attempts_only_once_the_connection_stayed_up(self) -> None:
         dialler = Dialler()
-        dialler.factory.failed_attempts = 5
+        for _ in range(5):
+            dialler.factory.retry_delay(1)
         dialler.handshake()
+        self.assertEqual(dialler.factory.failed_attempts, 5)
+        dialler.clock.advance(BACKOFF_RESET_AFTER - 0.5)
+        self.assertEqual(dialler.factory.failed_attempts, 5)
+        dialler.clock.advance(0.5)
         self.assertEqual(dialler.factory.failed_attempts, 0)
 
     def test_answer_in_the_same_read_as_the_handshake(self) -> None:
@@ -213,6 +220,41 @@ class HandshakeAcceptedTests(SynchronousTestCase):
         protocol.dataReceived(frame + encode_frame(MessageType.HEALTH_STATUS, b'{"state":2}'))
         assert protocol.connection is not None
         self.assertEqual(protocol.connection.health_state, 2)
+
+
+class WrongFrameAfterTheHandshakeTests(SynchronousTestCase):
+    def test_a_second_handshake_response_is_named_as_such(self) -> None:
+        """
+        In forward mode the HandshakeResponse is the agent's own frame: a
+        second one is out of place, not from the wrong side.
+        """
+        dialler = Dialler(agent_id="waf")
+        protocol, transport, connection = dialler.handshake()
+        with captured_log() as events:
+            protocol.dataReceived(handshake_response())
+        text = log_text(events)
+        self.assertIn(
+            f"Agent waf sent a second handshake frame (HandshakeResponse) on connection "
+            f"{connection.connection_id}, after the handshake; ignored",
+            text,
+        )
+        self.assertNotIn("which only the proxy sends", text)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(dialler.pool), 1)
+
+    def test_an_event_frame_still_names_the_proxy(self) -> None:
+        dialler = Dialler(agent_id="waf")
+        protocol, _, connection = dialler.handshake()
+        with captured_log() as events:
+            protocol.dataReceived(encode_frame(MessageType.HANDSHAKE_REQUEST, b"{}"))
+            protocol.dataReceived(encode_frame(MessageType.REQUEST_HEADERS, b"{}"))
+        text = log_text(events)
+        self.assertIn("sent a second handshake frame (HandshakeRequest)", text)
+        self.assertIn(
+            f"Agent waf sent a RequestHeaders frame on connection {connection.connection_id}, "
+            "which only the proxy sends; ignored",
+            text,
+        )
 
 
 class HandshakeRejectedTests(SynchronousTestCase):
@@ -657,8 +699,7 @@ class DialledAgentServiceTests(SynchronousTestCase):
             description="unix:/run/agents/waf.sock",
             connections=connections,
             clock=self.clock,
-            retry_policy=lambda attempt: float(2**attempt),
-            **options,
+            **{"retry_policy": lambda attempt: float(2**attempt), **options},
         )
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
@@ -696,11 +737,17 @@ class DialledAgentServiceTests(SynchronousTestCase):
     def test_retry_log_lines_name_the_endpoint(self) -> None:
         self.endpoint.refuse = True
         with captured_log() as events:
-            self.service()
-        self.assertIn("Scheduling retry 1 to connect unix:/run/agents/waf.sock in 2.0 seconds", log_text(events))
+            self.service(agent_id="waf")
+        self.assertIn(
+            "Dialling agent waf at unix:/run/agents/waf.sock (connection 1): retry 1 in 2.00s",
+            log_text(events),
+        )
 
     def test_refused_handshakes_back_off_too(self) -> None:
-        """A connect that succeeds does not reset the backoff; a handshake does."""
+        """
+        A connect that succeeds does not reset the backoff; nor does a
+        handshake whose connection is lost at once.
+        """
         self.service()
         delays = []
         for _ in range(3):
@@ -717,8 +764,96 @@ class DialledAgentServiceTests(SynchronousTestCase):
         protocol, _ = self.endpoint.connected[-1]
         lose(protocol)
         [call] = self.clock.getDelayedCalls()
-        self.assertEqual(call.getTime() - self.clock.seconds(), 2.0)
+        self.assertEqual(call.getTime() - self.clock.seconds(), 16.0)
         self.assertEqual(len(self.pool), 0)
+
+    def delay_after_loss(self, up: float = 0.0) -> float:
+        """Answer the handshake, keep the connection up C{up} seconds, lose it: the delay before the redial."""
+        self.answer()
+        self.assertEqual(len(self.pool), 1)
+        self.clock.advance(up)
+        lose(self.endpoint.connected[-1][0])
+        [call] = self.clock.getDelayedCalls()
+        delay = call.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        return delay
+
+    def test_an_agent_that_answers_and_drops_is_redialled_with_growing_delays(self) -> None:
+        """
+        A handshake alone does not reset the backoff: an agent that accepts,
+        answers and closes every connection is dialled less and less often.
+        """
+        self.service()
+        delays = [self.delay_after_loss() for _ in range(4)]
+        self.assertEqual(delays, [2.0, 4.0, 8.0, 16.0])
+        self.assertEqual(self.endpoint.attempts, 5)
+
+    def test_a_connection_lost_before_the_minimum_time_up_counts_as_a_failure(self) -> None:
+        self.service()
+        self.assertEqual(self.delay_after_loss(), 2.0)
+        self.assertEqual(self.delay_after_loss(up=BACKOFF_RESET_AFTER - 0.1), 4.0)
+
+    def test_a_connection_that_stayed_up_resets_the_backoff(self) -> None:
+        self.endpoint.refuse = True
+        self.service()
+        for _ in range(3):
+            [call] = self.clock.getDelayedCalls()
+            self.clock.advance(call.getTime() - self.clock.seconds())
+        self.endpoint.refuse = False
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime() - self.clock.seconds(), 16.0)
+        self.clock.advance(16.0)
+        self.assertEqual(self.delay_after_loss(up=BACKOFF_RESET_AFTER), 2.0)
+        self.assertEqual(self.delay_after_loss(), 4.0)
+
+    def test_the_minimum_time_up_is_a_setting(self) -> None:
+        self.service(backoff_reset_after=1.0)
+        self.assertEqual(self.delay_after_loss(), 2.0)
+        self.assertEqual(self.delay_after_loss(up=1.0), 2.0)
+
+    def test_twisteds_retry_line_is_silenced_and_ours_has_the_real_count(self) -> None:
+        """
+        ClientService counts from the last connect, so its line said
+        "retry 1" for every redial of an agent that answers and drops, with
+        a 16-digit delay; ours counts the attempts in a row and rounds.
+        """
+        with captured_log() as events:
+            self.service(agent_id="waf", retry_policy=lambda attempt: 2**attempt / 3)
+            for _ in range(3):
+                self.delay_after_loss()
+        text = log_text(events)
+        self.assertNotIn("Scheduling retry", text)
+        for line in (
+            "Dialling agent waf at unix:/run/agents/waf.sock (connection 1): retry 1 in 0.67s",
+            "Dialling agent waf at unix:/run/agents/waf.sock (connection 1): retry 2 in 1.33s",
+            "Dialling agent waf at unix:/run/agents/waf.sock (connection 1): retry 3 in 2.67s",
+        ):
+            self.assertIn(line, text)
+
+    def test_the_lines_of_a_flapping_agent_are_rate_limited_per_slot(self) -> None:
+        """
+        However short the delays (a retry policy of 0.1 s here), each
+        slot's dialled, disconnected and retry lines come a few per period,
+        then one line with the count of the rest; another slot's are
+        counted apart.
+        """
+        with captured_log() as events:
+            self.service(connections=2, agent_id="waf", retry_policy=lambda attempt: 0.1)
+            for _ in range(20):
+                self.answer(-2)
+                self.answer(-1)
+                lose(self.endpoint.connected[-2][0])
+                lose(self.endpoint.connected[-1][0])
+                self.clock.advance(0.1)
+            self.assertEqual(self.endpoint.attempts, 42)
+            # The periods end (and before the last two handshakes time out).
+            self.clock.advance(9)
+        lines = [formatEvent(e) or "" for e in events]
+        for needle in (" dialled at ", " disconnected: ", ": retry "):
+            matching = [line for line in lines if needle in line]
+            # 5 per slot as they come, then 1 per slot with the count of the rest.
+            self.assertEqual(len(matching), 12, (needle, matching))
+            self.assertEqual(len([line for line in matching if "and 14 more like it in the last 10 s" in line]), 2)
 
     def test_redials_after_the_agent_goes_away(self) -> None:
         self.service()

@@ -113,6 +113,7 @@ FLOOR = {
     "endpoints": set(),
     "_peertext": set(),
     "_ratelimit": set(),
+    "_redial": set(),
     "_tls": {"_peertext"},
     "_sending": set(),
 }

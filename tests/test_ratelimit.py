@@ -75,6 +75,27 @@ class LogRateLimiterTests(TestCase):
             self.limiter.warn(log, "k", "a {kind} frame", kind="Ping")
         self.assertEqual(formatEvent(events[0]), "a Ping frame")
 
+    def test_kinds_whose_period_is_over_do_not_pile_up(self) -> None:
+        """
+        Kinds made per connection slot come and go: at SWEEP_AT records,
+        those with nothing left to report are dropped; one with a count
+        still to report is kept, and reports it, and so is one whose period
+        is not over.
+        """
+        for i in range(LogRateLimiter.SWEEP_AT - 2):
+            self.limiter.info(log, f"slot-{i}", "x")
+        self.clock.advance(5)
+        self.warn(3, "counting")
+        self.limiter.info(log, "fresh", "x")
+        self.clock.advance(5)
+        self.limiter.info(log, "late", "x")
+        self.assertEqual(sorted(self.limiter._windows), ["counting", "fresh", "late"])
+        self.limiter.info(log, "fresh", "x")
+        self.assertFalse(self.limiter.info(log, "fresh", "x"), "the count of a live kind is kept")
+        with captured_log() as events:
+            self.clock.advance(5)
+        self.assertEqual([formatEvent(e) for e in events], ["Dropped answer 2", "x"])
+
     def test_bad_settings_are_refused(self) -> None:
         self.assertRaises(ValueError, LogRateLimiter, self.clock, period=0)
         self.assertRaises(ValueError, LogRateLimiter, self.clock, burst=0)

@@ -1,21 +1,30 @@
 # -*- test-case-name: tests.agent.test_connector -*-
 """
 The connections of an agent to one proxy: L{ProxyConnections} keeps N of
-them, each a L{ConnectionSlot} with its own L{ClientService} and retry
-count, and stops them all when the proxy refuses the agent for good.
+them, each a L{ConnectionSlot} with its own L{ClientService
+<twisted.application.internet.ClientService>} and retry count, and stops
+them all when the proxy refuses the agent for good.
+
+The retry count starts over only once a registered connection has stayed
+up the connector's C{backoff_reset_after} seconds (L{RedialBackoff
+<sentinel_twisted._redial.RedialBackoff>}), and each slot's lines about a
+connection coming and going are rate-limited apart from the other slots',
+so a proxy that accepts, registers and drops every connection gets neither
+a redial about once a second nor a log line for each.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
-from twisted.logger import ILogObserver, LogEvent, Logger
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._redial import QuietClientService, RedialBackoff
 from ..errors import AgentProtocolError
 from .protocol import AgentClientFactory, AgentProtocol
 
@@ -24,6 +33,9 @@ if TYPE_CHECKING:
 
 #: The module's logger (the connector's namespace).
 log = Logger(namespace="sentinel_twisted.agent.connector")
+
+# Names each slot's kinds of log line in the rate limiter.
+_slots = itertools.count(1)
 
 
 @implementer(IStreamClientEndpoint)
@@ -39,17 +51,24 @@ class _ReportingEndpoint:
         return attempt.addErrback(self._slot.connect_failed)
 
 
-@implementer(ILogObserver)
-class _Discard:
-    def __call__(self, event: LogEvent) -> None:
-        pass
+class _SlotFactory(AgentClientFactory):
+    """An L{AgentClientFactory} whose connections log under their slot's key."""
 
+    def __init__(self, slot: ConnectionSlot) -> None:
+        connector = slot.connector
+        super().__init__(
+            connector.settings,
+            connector.clock,
+            slot,
+            connector.log_limiter,
+            frame_budget=connector.frame_budget,
+        )
+        self.log_key = slot.log_key
 
-class _ClientService(ClientService):
-    # Our retry policy logs each retry with the agent id and our own count
-    # (attempts since the last registration); ClientService's own line
-    # counts differently and would contradict it.
-    _log = Logger(namespace="sentinel_twisted.agent.connector", observer=_Discard())
+    def buildProtocol(self, addr: IAddress) -> AgentProtocol:  # type: ignore[override]
+        protocol = super().buildProtocol(addr)
+        protocol.log_key = self.log_key
+        return protocol
 
 
 class ConnectionSlot:
@@ -63,6 +82,13 @@ class ConnectionSlot:
     @ivar index: its number among the proxy's connections, from 1.
     @ivar protocol: the protocol connected now, C{None} between connections.
     @ivar registered: the connection is registered with the proxy.
+    @ivar backoff: the attempts in a row that failed, which the delay before
+        the next one grows with: those that ended without a registration,
+        and those whose registered connection ended within the connector's
+        C{backoff_reset_after} seconds.
+    @ivar log_key: names its kinds of log line in the connector's rate
+        limiter (its connections' registered and ended lines, its retry
+        lines).
     @ivar service: the L{ClientService
         <twisted.application.internet.ClientService>} that dials and redials it.
     """
@@ -71,22 +97,15 @@ class ConnectionSlot:
         self.proxy = proxy
         self.connector = proxy.connector
         self.index = index
-        #: Attempts in a row that ended without a registration.
-        self.retries = 0
+        self.backoff = RedialBackoff(self.connector.clock, self.connector.backoff_reset_after)
+        self.log_key = f"slot-{next(_slots)}"
         self.protocol: AgentProtocol | None = None
         self.registered = False
         #: Why the last attempt failed, until a registration.
         self.last_error: str | None = None
-        factory = AgentClientFactory(
-            self.connector.settings,
-            self.connector.clock,
-            self,
-            self.connector.log_limiter,
-            frame_budget=self.connector.frame_budget,
-        )
-        self.service = _ClientService(
+        self.service = QuietClientService(
             _ReportingEndpoint(endpoint, self),
-            factory,
+            _SlotFactory(self),
             retryPolicy=self._next_delay,
             clock=self.connector.clock,
         )
@@ -94,21 +113,29 @@ class ConnectionSlot:
     def __repr__(self) -> str:
         return f"<ConnectionSlot {self.index} registered={self.registered} retries={self.retries}>"
 
+    @property
+    def retries(self) -> int:
+        """Attempts in a row that failed (see L{backoff})."""
+        return self.backoff.failures
+
     def _next_delay(self, attempt: int) -> float:
         # ClientService counts attempts since the last transport-level
-        # connection; we count since the last registration, so that a proxy
-        # that accepts the socket and refuses the agent still backs off.
-        self.retries += 1
-        delay = self.connector.retry_delay(self.retries)
+        # connection; we count those that failed in a row (see backoff), so
+        # that a proxy that accepts the socket and refuses the agent, or
+        # registers it and drops the connection, still backs off.
+        retries = self.backoff.attempt_failed()
+        delay = self.connector.retry_delay(retries)
         if not self.connector.running or not self.proxy.active:
             # Stopping: the retry is about to be cancelled; do not announce it.
             return delay
-        log.info(
+        self.connector.log_limiter.info(
+            log,
+            f"{self.log_key}:retry",
             "Agent {agent_id} connection {index} to {proxy}: retry {retries} in {delay:.2f}s",
             agent_id=self.connector.settings.agent_id,
             index=self.index,
             proxy=self.proxy.name,
-            retries=self.retries,
+            retries=retries,
             delay=delay,
         )
         return delay
@@ -133,7 +160,7 @@ class ConnectionSlot:
         """The slot's connection registered; see L{ConnectionObserver <sentinel_twisted.agent.protocol.ConnectionObserver>}."""
         self.protocol = protocol
         self.registered = True
-        self.retries = 0
+        self.backoff.connection_up()
         self.last_error = None
         self.connector.slot_registered(self, protocol)
 
@@ -151,6 +178,7 @@ class ConnectionSlot:
         self.registered = False
         if was_registered:
             self.last_error = detail
+            self.backoff.connection_lost()
         self.connector.slot_ended(self, protocol, detail)
 
 
@@ -233,7 +261,7 @@ class ProxyConnections:
         self._stopping = None
         self.active = True
         for slot in self.slots:
-            slot.retries = 0
+            slot.backoff.reset()
             slot.last_error = None
             slot.service.startService()
 

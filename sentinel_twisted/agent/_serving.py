@@ -163,6 +163,17 @@ class EventServing:
             self._ping_received(payload)
         elif message_type == MessageType.PONG:
             pass
+        elif message_type in (MessageType.HANDSHAKE_REQUEST, MessageType.HANDSHAKE_RESPONSE):
+            # Either side's, depending on the mode: only its place is wrong.
+            self.log_limiter.warn(
+                log,
+                "handshake-frame-after-handshake",
+                "Proxy {proxy_id} sent a second handshake frame ({kind}) on connection "
+                "{connection_id}, after the handshake; ignored",
+                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
+                kind=MessageType(message_type).wire_name,
+                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            )
         else:
             self.log_limiter.warn(
                 log,

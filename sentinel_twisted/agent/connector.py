@@ -12,8 +12,9 @@ for every address it resolves to, re-resolved periodically: new addresses
 are dialled, the connections to addresses that left drained
 (L{ResolvedProxies}).
 Backoff grows with every attempt that ends without a registration
-(transport failures and retryable rejections alike) and starts over after
-a successful one.
+(transport failures and retryable rejections alike), and with every
+registered connection lost within C{backoff_reset_after} seconds (10); it
+starts over once a connection has stayed up that long.
 
 A rejection that retrying cannot fix (protocol version, allowlist,
 authentication, a malformed registration) stops every connection to that
@@ -47,6 +48,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from .._ratelimit import LogRateLimiter
+from .._redial import BACKOFF_RESET_AFTER
 from ..errors import AgentProtocolError
 from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
@@ -79,6 +81,10 @@ class AgentConnector(Service):
     @param initial_delay: first retry delay, in seconds; each further
         failure multiplies it by C{factor}, up to C{max_delay}, plus
         C{jitter()} seconds.
+    @param backoff_reset_after: seconds a registered connection must stay
+        up for the delays to start over; one that ends sooner counts as a
+        failed attempt (a proxy that registers the agent and drops the
+        connection at once is not redialled about once a second).
     @param resolve_interval: seconds between resolutions of the host names;
         0 dials each name as one proxy (its endpoint picks an address).
     @param resolver: the L{IHostnameResolver} for the names (default: the
@@ -99,6 +105,8 @@ class AgentConnector(Service):
         (L{AgentSettings}).
     @ivar connection_count: how many connections it keeps to each proxy.
     @ivar drain_grace: seconds in-flight handlers get when it stops.
+    @ivar backoff_reset_after: seconds a registered connection must stay up
+        for its slot's delays to start over.
     @ivar resolve_interval: seconds between resolutions of the host names; 0:
         names are not resolved.
     @ivar resolver: the resolver of the host names, C{None} if the reactor has
@@ -123,6 +131,7 @@ class AgentConnector(Service):
         max_delay: float = 60.0,
         factor: float = 2.0,
         jitter: Callable[[], float] = random.random,
+        backoff_reset_after: float = BACKOFF_RESET_AFTER,
         resolve_interval: float = 30.0,
         resolver: IHostnameResolver | None = None,
         max_incomplete_frame_bytes: int = MAX_INCOMPLETE_FRAME_BYTES,
@@ -135,6 +144,8 @@ class AgentConnector(Service):
             raise ValueError(f"drain_grace must not be negative, got {drain_grace!r}")
         if not resolve_interval >= 0:
             raise ValueError(f"resolve_interval must not be negative, got {resolve_interval!r}")
+        if not backoff_reset_after >= 0:
+            raise ValueError(f"backoff_reset_after must not be negative, got {backoff_reset_after!r}")
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -149,6 +160,7 @@ class AgentConnector(Service):
         )
         self.connection_count = connections
         self.drain_grace = drain_grace
+        self.backoff_reset_after = backoff_reset_after
         self.resolve_interval = resolve_interval
         if resolver is None:
             resolver = getattr(reactor, "nameResolver", None)
@@ -286,8 +298,12 @@ class AgentConnector(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._stopping is None:
             stops = [p.stop() for p in self.static_proxies] + [n.stop() for n in self.names]
-            self._stopping = DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+            self._stopping = DeferredList(stops, consumeErrors=True).addCallback(self._stopped)
         return self._stopping
+
+    def _stopped(self, _: object) -> None:
+        # Counts of rate-limited lines are reported now: no timer outlives the service.
+        self.log_limiter.flush()
 
     # -- from the slots and names ----------------------------------------------------
 
@@ -364,7 +380,9 @@ class AgentConnector(Service):
     def slot_ended(self, slot: ConnectionSlot, protocol: AgentProtocol, detail: str) -> None:
         """A slot's connection ended; it reconnects while the connector runs."""
         if self.running and slot.proxy.active:
-            log.info(
+            self.log_limiter.info(
+                log,
+                f"{slot.log_key}:ended",
                 "Agent {agent_id} connection {index} to {proxy} ended ({detail}); reconnecting",
                 agent_id=self.settings.agent_id,
                 index=slot.index,

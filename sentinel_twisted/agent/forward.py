@@ -98,6 +98,8 @@ class ForwardAgentProtocol(AgentProtocol):
     """
 
     _opening = "the proxy's handshake"
+    # Entries of a HandshakeRequest's supported_versions quoted in a refusal.
+    _VERSIONS_SHOWN = 8
 
     def __init__(
         self,
@@ -172,7 +174,7 @@ class ForwardAgentProtocol(AgentProtocol):
         if m.PROTOCOL_VERSION not in request.supported_versions:
             reason = (
                 f"Protocol version mismatch: expected {m.PROTOCOL_VERSION}, "
-                f"got {request.supported_versions}"
+                f"got {self._versions_text(request.supported_versions)}"
             )
             self._answer(False, reason, encoding)
             self._lifecycle.refused(HandshakeFailed(reason))
@@ -192,6 +194,15 @@ class ForwardAgentProtocol(AgentProtocol):
                 connection_id=self.connection_id,
             )
         )
+
+    def _versions_text(self, versions: list[int]) -> str:
+        # The proxy's list as it sent it ("[7]", "[1, 3]"), or its first
+        # entries and their count: the list has no length limit of its own,
+        # and this text is logged and sent back in the answer's error.
+        if len(versions) <= self._VERSIONS_SHOWN:
+            return str(versions)
+        shown = ", ".join(str(v) for v in versions[: self._VERSIONS_SHOWN])
+        return f"[{shown}, ... ({len(versions):,} versions)]"
 
     def _answer(self, success: bool, error: str | None, encoding: str) -> None:
         assert self.capabilities is not None
@@ -339,7 +350,7 @@ class ForwardAgentFactory(Factory):
             "Agent {agent_id}: forward connection {connection_id} closed: {error}",
             agent_id=self.settings.agent_id,
             connection_id=protocol.connection_id,
-            error=str(error),
+            error=peer_text(error),
         )
 
     def connection_ended(self, protocol: AgentProtocol, detail: str) -> None:

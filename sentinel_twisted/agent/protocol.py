@@ -226,9 +226,14 @@ class AgentProtocol(EventServing, FrameReceiver):
     @ivar write_blocked: the proxy is not reading what the agent writes
         (the transport paused it): its Pings are not answered and its
         frames not read until it catches up.
+    @ivar log_key: when set (by a connector's slot), its registered and
+        ended lines go through C{log_limiter} under this key, a few per
+        period: a proxy that drops every connection at once cannot flood the
+        log.  C{None}: each is logged.
     """
 
     _registration_payload: bytes | None = None
+    log_key: str | None = None
     # Aborts a close that is overdue (see _lose); None when no close waits.
     _close_timer: IDelayedCall | None = None
     _transport_gone = False
@@ -601,8 +606,15 @@ class AgentProtocol(EventServing, FrameReceiver):
         if self.observer is not None:
             self.observer.connection_registered(self)
 
+    def _log_cycle(self, kind: str, format: str, /, **fields: Any) -> None:
+        if self.log_key is None:
+            log.info(format, **fields)
+        else:
+            self.log_limiter.info(log, f"{self.log_key}:{kind}", format, **fields)
+
     def _log_serving(self) -> None:
-        log.info(
+        self._log_cycle(
+            "registered",
             "Agent {agent_id} registered connection {connection_id} with proxy {proxy_id} "
             "{proxy_version} (serving up to {limit} events at once)",
             agent_id=self.settings.agent_id,
@@ -690,7 +702,8 @@ class AgentProtocol(EventServing, FrameReceiver):
             self._ended(detail, 0)
 
     def _ended(self, detail: str, cut: int) -> None:
-        log.info(
+        self._log_cycle(
+            "connection-ended",
             "Agent {agent_id} connection {connection_id} ended: {detail}{cut}",
             agent_id=self.settings.agent_id,
             connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),

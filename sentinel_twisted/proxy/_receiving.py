@@ -41,6 +41,7 @@ _CONFIG_UPDATE = MessageType.CONFIG_UPDATE_REQUEST
 _FLOW = MessageType.FLOW_CONTROL
 _PING = MessageType.PING
 _PONG = MessageType.PONG
+_HANDSHAKE = (MessageType.HANDSHAKE_REQUEST, MessageType.HANDSHAKE_RESPONSE)
 
 #: Characters of an agent id, a connection id, a correlation id and an
 #: error text a log line carries (they are the peer's choice).
@@ -101,6 +102,16 @@ class AgentFrames:
             request = self._control(payload, dict, "ConfigUpdateRequest")
             if request is not None and self.listener is not None:
                 self.listener._connection_config_update(self, request)
+        elif message_type in _HANDSHAKE:
+            # Either side's, depending on the mode: only its place is wrong.
+            self.log_limiter.warn(
+                log,
+                "handshake-frame-after-handshake",
+                "Agent {agent_id} sent a second handshake frame ({kind}) on connection "
+                "{connection_id}, after the handshake; ignored",
+                kind=MessageType(message_type).wire_name,
+                **self.log_fields(),
+            )
         else:
             self.log_limiter.warn(
                 log,

@@ -16,9 +16,13 @@ announces; from then on it is served exactly as a reverse connection is.
 Anything else is logged with the reason and the connection is closed.
 
 L{DialledAgentService} keeps C{N} such connections to one agent, each with
-a Twisted L{ClientService}: jittered exponential backoff between attempts,
-reset by a successful handshake (not by a mere connect, so an agent that
-accepts and refuses is not redialled at full speed).
+a Twisted L{ClientService <twisted.application.internet.ClientService>}:
+jittered exponential backoff between attempts, reset by a connection that
+stayed up L{BACKOFF_RESET_AFTER <sentinel_twisted._redial.BACKOFF_RESET_AFTER>}
+(10) seconds after its handshake: not by a mere connect, so an agent that accepts and refuses is
+not redialled at full speed, and not by the handshake alone, so neither is
+one that answers and drops the connection.  The lines each attempt logs
+(dialled, disconnected, the retry) are rate-limited per connection slot.
 """
 
 from __future__ import annotations
@@ -28,21 +32,22 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from .. import __version__
 from .. import messages as m
 from .._peertext import first_hidden, peer_text
 from .._ratelimit import LogRateLimiter
+from .._redial import BACKOFF_RESET_AFTER, QuietClientService, RedialBackoff
 from .._tls import server_identity_error, tls_failure
 from ..errors import (
     AgentProtocolError,
@@ -84,6 +89,8 @@ _ID_IN_LOG = 64
 _TEXT_IN_LOG = 160
 
 _serial = itertools.count(1)
+# Names each connection slot's kinds of log line in the rate limiter.
+_slots = itertools.count(1)
 
 
 def default_retry_policy() -> Callable[[int], float]:
@@ -279,8 +286,10 @@ class ForwardConnectionFactory(Factory):
         one the agent announces in C{capabilities.agent_id}.
     @ivar encodings: the payload encodings offered, in order of preference.
     @ivar connection: the slot's connection while it is in the pool.
-    @ivar failed_attempts: attempts in a row that ended without a
-        successful handshake (what the backoff grows with).
+    @ivar backoff: the attempts in a row that failed, which the delay
+        before the next dial grows with: those that ended without a
+        successful handshake, and those whose connection was lost less than
+        C{backoff_reset_after} seconds after it.
     @ivar failures: failed handshakes counted by L{failure_reason}.
     @cvar noisy: C{False}: no log line for each connection made and lost
         (L{Factory <twisted.internet.protocol.Factory>}).
@@ -295,6 +304,9 @@ class ForwardConnectionFactory(Factory):
     @ivar frame_budget: the account of bytes held in incomplete frames it
         shares, C{None}: not counted.
     @ivar log_limiter: rate limits the log lines the agent can cause.
+    @ivar log_key: names this slot's kinds of line in C{log_limiter} (its
+        dialled, disconnected and retry lines are limited apart from other
+        slots').
     @ivar retry_policy: seconds to wait before the next dial, from the failed
         attempts in a row.
     @ivar handshake_request: the encoded HandshakeRequest each of its
@@ -318,6 +330,7 @@ class ForwardConnectionFactory(Factory):
         frame_budget: IncompleteFrameBudget | None = None,
         log_limiter: LogRateLimiter | None = None,
         retry_policy: Callable[[int], float] | None = None,
+        backoff_reset_after: float = BACKOFF_RESET_AFTER,
     ) -> None:
         for name in encodings:
             codec_for(name)  # ValueError for an unknown name
@@ -343,21 +356,26 @@ class ForwardConnectionFactory(Factory):
             )
         )
         self.connection: AgentConnection | None = None
-        self.failed_attempts = 0
+        self.backoff = RedialBackoff(clock, backoff_reset_after)
         self.handshakes = 0
+        self.log_key = f"dial-{next(_slots)}"
         self.failures: Counter[str] = Counter()
 
     def buildProtocol(self, addr: IAddress) -> ForwardConnectionProtocol:  # type: ignore[override]
         return ForwardConnectionProtocol(self)
 
+    @property
+    def failed_attempts(self) -> int:
+        """Attempts in a row that failed (see L{backoff})."""
+        return self.backoff.failures
+
     def retry_delay(self, attempt: int) -> float:
         """
-        The L{ClientService} retry policy: grows with the attempts that
-        failed since the last successful handshake, not since the last
-        connect.
+        The L{ClientService <twisted.application.internet.ClientService>}
+        retry policy: grows with the attempts that
+        failed in a row (L{backoff}), not with those since the last connect.
         """
-        self.failed_attempts += 1
-        return self.retry_policy(self.failed_attempts)
+        return self.retry_policy(self.backoff.attempt_failed())
 
     # -- the handshake --------------------------------------------------------
 
@@ -417,12 +435,17 @@ class ForwardConnectionFactory(Factory):
     # -- events from protocols ---------------------------------------------
 
     def connection_registered(self, connection: AgentConnection) -> None:
-        """A handshake succeeded: reset the backoff, add the connection to the pool."""
-        self.failed_attempts = 0
+        """
+        A handshake succeeded: add the connection to the pool.  The backoff
+        starts over once it has stayed up C{backoff_reset_after} seconds.
+        """
+        self.backoff.connection_up()
         self.handshakes += 1
         self.pool.dial_handshakes += 1
         self.connection = connection
-        log.info(
+        self.log_limiter.info(
+            log,
+            f"{self.log_key}:dialled",
             "Agent {agent_id} connection {connection_id} dialled at {endpoint} ({encoding})",
             endpoint=self.description,
             encoding=connection.encoding,
@@ -449,7 +472,10 @@ class ForwardConnectionFactory(Factory):
         """A connection in the pool ended: log it and remove it from the pool."""
         if self.connection is connection:
             self.connection = None
-        log.info(
+            self.backoff.connection_lost()
+        self.log_limiter.info(
+            log,
+            f"{self.log_key}:disconnected",
             "Agent {agent_id} connection {connection_id} disconnected: {detail}"
             " ({failed} pending request(s) failed)",
             detail=peer_text(detail, _TEXT_IN_LOG),
@@ -459,25 +485,11 @@ class ForwardConnectionFactory(Factory):
         self.pool.remove(connection, detail)
 
 
-@implementer(IStreamClientEndpoint)
-class _NamedEndpoint:
-    """An endpoint whose C{repr} is its description: what ClientService's retry log lines show."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, description: str) -> None:
-        self._endpoint = endpoint
-        self._description = description
-
-    def connect(self, protocolFactory: Any) -> Deferred[Any]:
-        return self._endpoint.connect(protocolFactory)
-
-    def __repr__(self) -> str:
-        return self._description
-
-
 class DialledAgentService(MultiService):
     """
     Keeps C{connections} dialled connections to one agent, each with its
-    own L{ClientService}; see L{AgentPool.connect_agent
+    own L{ClientService <twisted.application.internet.ClientService>}; see
+    L{AgentPool.connect_agent
     <sentinel_twisted.proxy.pool.AgentPool.connect_agent>}.
 
     Stopping it stops the redialling, gives the requests in flight on its
@@ -512,8 +524,7 @@ class DialledAgentService(MultiService):
         self.grace = grace
         self.clock = clock
         self.factories: list[ForwardConnectionFactory] = []
-        named = _NamedEndpoint(endpoint, description)
-        for _ in range(connections):
+        for index in range(1, connections + 1):
             factory = ForwardConnectionFactory(
                 pool, description=description, agent_id=agent_id, clock=clock, **factory_options
             )
@@ -524,7 +535,9 @@ class DialledAgentService(MultiService):
                     f"of {limit} (max_connections_per_agent)"
                 )
             self.factories.append(factory)
-            ClientService(named, factory, retryPolicy=factory.retry_delay, clock=clock).setServiceParent(self)
+            QuietClientService(
+                endpoint, factory, retryPolicy=partial(self._retry_delay, index, factory), clock=clock
+            ).setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
         return f"<DialledAgentService {self.description} connections={len(self.factories)}>"
@@ -539,6 +552,23 @@ class DialledAgentService(MultiService):
             encodings=", ".join(factory.encodings),
         )
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _retry_delay(self, index: int, factory: ForwardConnectionFactory, attempt: int) -> float:
+        # The slot's own count (attempt is ClientService's, which starts
+        # over at every connect), logged once per retry, a few per period.
+        delay = factory.retry_delay(attempt)
+        if self.running:
+            factory.log_limiter.info(
+                log,
+                f"{factory.log_key}:retry",
+                "Dialling {agent} at {endpoint} (connection {index}): retry {attempt} in {delay:.2f}s",
+                agent=f"agent {self.agent_id}" if self.agent_id is not None else "the agent",
+                endpoint=self.description,
+                index=index,
+                attempt=factory.failed_attempts,
+                delay=delay,
+            )
+        return delay
 
     def connections(self) -> list[AgentConnection]:
         """The slots' connections that are in the pool now."""
@@ -558,7 +588,13 @@ class DialledAgentService(MultiService):
                 connection.cancel_all(m.CancelReason.PROXY_SHUTDOWN)
                 connection.close("proxy shutting down", abort=connection.is_write_blocked)
             stopping = [succeed(None) if s is None else s for s in (c.stopService() for c in list(self))]
-            gatherResults(stopping, consumeErrors=True).addBoth(lambda _: done.callback(None))
+            gatherResults(stopping, consumeErrors=True).addBoth(stopped)
+
+        def stopped(_: object) -> None:
+            # Counts of rate-limited lines are reported now: no timer outlives the service.
+            for factory in self.factories:
+                factory.log_limiter.flush()
+            done.callback(None)
 
         wait()
         return done

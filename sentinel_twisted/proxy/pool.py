@@ -221,7 +221,8 @@ class AgentPool:
         """
         Dial a listening agent (forward mode) and keep C{connections}
         connections to it in this pool, redialling with jittered backoff
-        (reset by a successful handshake)::
+        (reset by a connection that stays up C{backoff_reset_after}
+        seconds, 10 by default, after its handshake)::
 
             service = pool.connect_agent("unix:/run/agents/waf.sock", "waf")
             ...

@@ -12,12 +12,15 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
+from sentinel_twisted._redial import BACKOFF_RESET_AFTER
 from sentinel_twisted.agent import Agent, AgentConnector, RegistrationRejected
 
+from .._proxy_support import captured_log
 from ._support import (
     FLOW_CONTROL,
     HANDSHAKE_RESPONSE,
@@ -132,17 +135,70 @@ class BackoffTests(SynchronousTestCase):
         self.assertIsNone(connector.failure)
         self.assertTrue(connector.slots[0].service.running)
 
-    def test_backoff_starts_over_after_a_registration(self) -> None:
+    def test_backoff_starts_over_once_a_registered_connection_stayed_up(self) -> None:
         connector, endpoint, clock = make(["refuse", "refuse", "refuse", "accept", "refuse"], initial_delay=1, factor=2)
         connector.startService()
-        run(clock, 10)
+        run(clock, 7)
         self.assertEqual(endpoint.attempts, [0, 1, 3, 7])
         self.assertEqual(connector.registered_count, 1)
+        self.assertEqual(connector.slots[0].retries, 3)
+        run(clock, BACKOFF_RESET_AFTER)
         self.assertEqual(connector.slots[0].retries, 0)
+        self.assertEqual(connector.health()["proxies"][0]["retries"], 0)
         lost_at = clock.seconds()
         endpoint.connections[-1].close()
         run(clock, 4)
         self.assertEqual([t - lost_at for t in endpoint.attempts[4:]], [1, 3])
+
+    def test_a_proxy_that_registers_and_drops_is_redialled_with_growing_delays(self) -> None:
+        """
+        A registration alone does not reset the backoff: a connection lost
+        sooner than BACKOFF_RESET_AFTER counts as a failed attempt.
+        """
+        connector, endpoint, clock = make(["accept"], initial_delay=1, factor=2, max_delay=60)
+        connector.startService()
+        clock.advance(0)
+        gaps = []
+        for _ in range(8):
+            [live] = endpoint.live()
+            self.assertTrue(live.protocol.registered)
+            lost_at = clock.seconds()
+            live.close()
+            attempts = len(endpoint.attempts)
+            for _ in range(60 * 4):  # until the redial, at most 60 s
+                run(clock, 0.25)
+                if len(endpoint.attempts) > attempts:
+                    break
+            gaps.append(endpoint.attempts[-1] - lost_at)
+        self.assertEqual(gaps, [1, 2, 4, 8, 16, 32, 60, 60])
+        self.assertEqual(connector.slots[0].retries, 8)
+        connector.stopService()
+
+    def test_a_connection_lost_just_before_the_minimum_time_up_counts_as_failed(self) -> None:
+        connector, endpoint, clock = make(["accept"], initial_delay=1, factor=2)
+        connector.startService()
+        clock.advance(0)
+        for expected in (1, 2, 4):
+            run(clock, BACKOFF_RESET_AFTER - 0.25)
+            lost_at = clock.seconds()
+            endpoint.live()[0].close()
+            run(clock, expected)
+            self.assertEqual(endpoint.attempts[-1] - lost_at, expected)
+        connector.stopService()
+
+    def test_the_minimum_time_up_is_a_setting(self) -> None:
+        connector, endpoint, clock = make(["accept"], initial_delay=1, factor=2, backoff_reset_after=2)
+        self.assertEqual(connector.slots[0].backoff.reset_after, 2)
+        connector.startService()
+        clock.advance(0)
+        for _ in range(3):
+            run(clock, 2)
+            lost_at = clock.seconds()
+            endpoint.live()[0].close()
+            run(clock, 1)
+            self.assertEqual(endpoint.attempts[-1] - lost_at, 1)
+        self.assertRaises(ValueError, make, ["accept"], backoff_reset_after=-1)
+        connector.stopService()
 
     def test_reconnects_after_the_connection_drops(self) -> None:
         connector, endpoint, clock = make(["accept"], initial_delay=1)
@@ -164,13 +220,14 @@ class FrameDeadlineTests(SynchronousTestCase):
         The frame deadline closes a registered connection as any lost
         connection is: the slot redials after its backoff, never at once,
         so a proxy that stalls every connection mid-frame gets one attempt
-        per deadline and backoff, not a loop.
+        per deadline and backoff, not a loop; and as none of its
+        connections lasted, the backoff grows.
         """
         connector, endpoint, clock = make(["accept"], initial_delay=1, frame_timeout=5)
         self.assertEqual(connector.settings.frame_timeout, 5)
         connector.startService()
         clock.advance(0)
-        for _ in range(4):
+        for i in range(4):
             [live] = endpoint.live()
             self.assertTrue(live.protocol.registered)
             live.protocol.dataReceived(frame(REQUEST_HEADERS, headers_event())[:20])
@@ -181,10 +238,10 @@ class FrameDeadlineTests(SynchronousTestCase):
             live.close()
             self.assertEqual(connector.registered_count, 0)
             self.assertIn("Incomplete frame: 20 bytes of a frame received", connector.slots[0].last_error or "")
-            run(clock, 1)
-        self.assertEqual(endpoint.attempts, [0, 6, 12, 18, 24])
+            run(clock, 2**i)
+        self.assertEqual(endpoint.attempts, [0, 6, 13, 22, 35])
         self.assertEqual(connector.registered_count, 1)
-        self.assertEqual(connector.slots[0].retries, 0)
+        self.assertEqual(connector.slots[0].retries, 4)
         connector.stopService()
 
 
@@ -306,6 +363,32 @@ class DrainOnStopTests(SynchronousTestCase):
 
 
 class LogRateLimitTests(SynchronousTestCase):
+    def test_the_lines_of_a_flapping_proxy_are_rate_limited_per_slot(self) -> None:
+        """
+        However short the delays (a 0.25 s backoff cap here), each slot's
+        registered, ended, reconnecting and retry lines come a few per
+        period, then one line with the count of the rest; the other slot's
+        are counted apart.
+        """
+        connector, endpoint, clock = make(["accept"], connections=2, initial_delay=0.25, max_delay=0.25)
+        with captured_log() as events:
+            connector.startService()
+            clock.advance(0)
+            for _ in range(20):
+                for connection in endpoint.live():
+                    connection.close()
+                run(clock, 0.25)
+            self.assertEqual(len(endpoint.attempts), 42)
+            run(clock, 10)
+            connector.stopService()
+        lines = [formatEvent(e) or "" for e in events]
+        for needle in (" registered connection ", " ended: ", "; reconnecting", ": retry "):
+            matching = [line for line in lines if needle in line]
+            # 5 per slot as they come, then 1 per slot with the count of the rest.
+            self.assertEqual(len(matching), 12, (needle, matching))
+            self.assertEqual(len([line for line in matching if "more like it in the last 10 s" in line]), 2)
+
+
     def test_every_connection_and_reconnection_shares_the_connectors_limiter(self) -> None:
         """A proxy cannot reset the per-frame warning limit by reconnecting."""
         connector, endpoint, clock = make(["accept"], connections=2)

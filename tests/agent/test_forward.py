@@ -178,6 +178,33 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(ids, {"a-fwd-1", "a-fwd-2", "a-fwd-3"})
 
 
+class WrongFrameAfterTheHandshakeTests(SynchronousTestCase):
+    def test_a_second_handshake_request_is_named_as_such(self) -> None:
+        """
+        In forward mode the HandshakeRequest is the proxy's own frame: a
+        second one is out of place, not from the wrong side.
+        """
+        from .._proxy_support import captured_log, log_text
+
+        c = Connection()
+        c.shake()
+        with captured_log() as events:
+            c.feed(frame_bytes(by_name("fwd_handshake_request")))
+            c.feed(frame(AGENT_RESPONSE, {}))
+        text = log_text(events)
+        self.assertIn(
+            "Proxy zentinel-proxy sent a second handshake frame (HandshakeRequest) on connection "
+            "waf-1-fwd-1, after the handshake; ignored",
+            text,
+        )
+        self.assertNotIn("HandshakeRequest frame on connection waf-1-fwd-1, which only agents send", text)
+        self.assertIn(
+            "Proxy zentinel-proxy sent a AgentResponse frame on connection waf-1-fwd-1, which only agents send; ignored",
+            text,
+        )
+        self.assertFalse(c.closed)
+
+
 class RejectionTests(SynchronousTestCase):
     def assert_closed_without_answer(self, c: Connection, reason: str) -> None:
         self.assertTrue(c.closed)
@@ -195,6 +222,42 @@ class RejectionTests(SynchronousTestCase):
         self.assertTrue(c.closed)
         self.assertFalse(c.protocol.registered)
         self.assertIn("Protocol version mismatch", str(c.refused[0]))
+
+    def test_a_long_version_list_is_summarised_in_the_answer_and_the_log(self) -> None:
+        """
+        supported_versions has no length limit of its own: 20,000 entries
+        made a 60,000-character answer and log line.  The answer quotes the
+        first few and the count; the log line is bounded and escaped.
+        """
+        from twisted.logger import formatEvent
+
+        from .._proxy_support import captured_log
+
+        factory = ForwardAgentFactory(AgentSettings(agent=Agent(), agent_id="waf-1"), Clock())
+        protocol = factory.buildProtocol(UNIXAddress(None))
+        transport = StringTransport(peerAddress=UNIXAddress(None))
+        protocol.makeConnection(transport)
+        with captured_log() as events:
+            protocol.dataReceived(frame(HANDSHAKE_REQUEST, handshake(supported_versions=[1] * 20_000)))
+        [(kind, payload)] = raw_frames(transport.value())
+        self.assertEqual(kind, HANDSHAKE_RESPONSE)
+        expected = "Protocol version mismatch: expected 2, got [1, 1, 1, 1, 1, 1, 1, 1, ... (20,000 versions)]"
+        self.assertEqual(json.loads(payload)["error"], expected)
+        self.assertTrue(transport.disconnecting)
+        [line] = [formatEvent(e) or "" for e in events if "closed" in (formatEvent(e) or "")]
+        self.assertEqual(line, f"Agent waf-1: forward connection waf-1-fwd-1 closed: Handshake failed: {expected}")
+
+    def test_a_short_version_list_is_quoted_whole(self) -> None:
+        c = Connection()
+        response = c.shake(handshake(supported_versions=[1, 3, 4, 5, 6, 7, 8, 9]))
+        self.assertEqual(
+            response["error"], "Protocol version mismatch: expected 2, got [1, 3, 4, 5, 6, 7, 8, 9]"
+        )
+        c = Connection()
+        response = c.shake(handshake(supported_versions=[1, 3, 4, 5, 6, 7, 8, 9, 10]))
+        self.assertEqual(
+            response["error"], "Protocol version mismatch: expected 2, got [1, 3, 4, 5, 6, 7, 8, 9, ... (9 versions)]"
+        )
 
     def test_an_event_first_closes(self) -> None:
         c = Connection()

@@ -165,7 +165,8 @@ class WithOurProxyTests(TestCase):
     @inlineCallbacks
     def test_reconnects_after_the_proxy_restarts(self) -> Generator[Any, Any, None]:
         factory = yield self.start_proxy()
-        connector = self.agent()
+        # A registered connection resets the retry count at once (not after 10 s).
+        connector = self.agent(backoff_reset_after=0)
         first = yield connector.when_registered()
         yield self.stop_proxy()
         yield wait_for(lambda: connector.registered_count == 0, "the agent to see the proxy go")
