@@ -327,6 +327,25 @@ class LoopbackTests(TestCase):
         self.assertEqual(sorted(loads), [1, 4, 4])
 
     @inlineCallbacks
+    def test_a_held_connection_that_closes_is_not_joined(self) -> Generator[Any, Any, None]:
+        factory = yield self.listen()
+        pool = factory.pool
+        yield self.registered_agent()
+        yield self.registered_agent()
+        one, two = pool.connections("waf-1")
+        pending = [
+            one.send_request_headers(request_headers("busy-1")),
+            two.send_request_headers(request_headers("busy-2")),
+        ]
+        with HOLD_FRAMES_FOR_TURN:
+            held = pool.select("waf-1")
+            pending.append(held.send_request_headers(request_headers("held")))
+            held.mark_closing("closing")
+            self.assertIsNot(pool.select("waf-1"), held)
+        for d in pending:
+            d.addErrback(lambda f: f.trap(ConnectionClosed))
+
+    @inlineCallbacks
     def test_once_held_frames_are_sent_the_least_loaded_is_chosen(self) -> Generator[Any, Any, None]:
         factory = yield self.listen()
         pool = factory.pool

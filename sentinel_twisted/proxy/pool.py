@@ -98,13 +98,15 @@ class AgentPool:
     when it registers and removes it when it is lost; its C{pool} attribute
     is the pool to use.  Sending by agent id picks a connection with
     L{select}: paused connections are skipped, then an idle one wins, then
-    the one with the fewest requests in flight, round robin among equals;
-    but while frames wait to leave together (written as answers are read,
+    the one with the fewest requests in flight, round robin among equals.
+    But while frames wait to leave together (written as answers are read,
     or under L{HOLD_FRAMES_FOR_TURN
     <sentinel_twisted.proxy.protocol.HOLD_FRAMES_FOR_TURN>}), a request
-    joins the connection the agent's previous one went to, as long as that
-    stays within L{batch_slack} requests of the least loaded: the frames
-    then share one send::
+    joins the connection the agent's previous one went to, without a scan,
+    as long as that holds at most L{batch_slack} requests more than the
+    least loaded connection did when it was chosen: the frames then share
+    one send (within one read, a connection that went idle meanwhile may
+    be passed over, by that much at most)::
 
         d = factory.pool.send_request_headers("waf", event)
         d.addCallback(lambda answer: answer.is_allow)
@@ -139,8 +141,10 @@ class AgentPool:
         self._agents: dict[str, list[AgentConnection]] = {}
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
-        # The connection each agent's last request went to (see select).
+        # The connection each agent's last request went to, and the load
+        # the scan that chose it found least (see select).
         self._last: dict[str, AgentConnection] = {}
+        self._last_load: dict[str, int] = {}
         self._observers: list[Any] = []
         # The observers' request_answered, once per add or removal rather
         # than looked up per answer (PoolObserver's own does nothing).
@@ -174,6 +178,7 @@ class AgentPool:
         conns.remove(connection)
         if self._last.get(connection.agent_id) is connection:
             del self._last[connection.agent_id]
+            del self._last_load[connection.agent_id]
         if not conns:
             del self._agents[connection.agent_id]
             self._turn.pop(connection.agent_id, None)
@@ -351,6 +356,20 @@ class AgentPool:
             if only.can_accept_requests:
                 return only
             raise FlowControlPaused(agent_id)
+        # Frames written while answers are read (or held for the reactor's
+        # turn) leave together, one send per connection: a request that
+        # joins the frames its agent's last request left waiting costs no
+        # send of its own (nor the agent a wake-up), and no scan, as long as
+        # that connection stays within the slack of the load the last scan
+        # found least.
+        last = self._last.get(agent_id)
+        if (
+            last is not None
+            and last._sink in _held_for_send
+            and not last._unavailable
+            and len(last._pending._entries) <= self._last_load[agent_id] + self.batch_slack
+        ):
+            return last
         # The least loaded connection that can take a request; ties go to
         # the first in this turn's order, which rotates per request.  This
         # runs per request: the connection's state is read inline (what its
@@ -367,6 +386,7 @@ class AgentPool:
                 if not load:
                     # Nothing beats an idle connection.
                     self._last[agent_id] = conn
+                    self._last_load[agent_id] = 0
                     return conn
                 if best is None or load < best_load:
                     best, best_load = conn, load
@@ -377,20 +397,8 @@ class AgentPool:
                 break
         if best is None:
             raise FlowControlPaused(agent_id)
-        # Frames written while answers are read (or held for the reactor's
-        # turn) leave together, one send per connection: a request that
-        # joins the frames its agent's last request left waiting costs no
-        # send of its own (nor the agent a wake-up), within the slack.
-        last = self._last.get(agent_id)
-        if (
-            last is not None
-            and last is not best
-            and last._sink in _held_for_send
-            and not last._unavailable
-            and len(last._pending._entries) <= best_load + self.batch_slack
-        ):
-            return last
         self._last[agent_id] = best
+        self._last_load[agent_id] = best_load
         return best
 
     def send_event(
