@@ -205,7 +205,9 @@ def swap_tables(pool: Any, variant: str, default_timeout: float) -> None:
     for conn in pool.connections():
         assert conn.in_flight == 0
         old = conn._pending
-        conn._pending = cls(old._clock, on_cancel=old._on_cancel, on_timeout=old._on_timeout)
+        # The connections' tables share their listener's counts (see PendingTable).
+        shared = {"counts": old._counts} if name == "table" and hasattr(old, "_counts") else {}
+        conn._pending = cls(old._clock, on_cancel=old._on_cancel, on_timeout=old._on_timeout, **shared)
         conn.request_timeout = float(seconds) if seconds else default_timeout
 
 

@@ -37,6 +37,7 @@ from sentinel_twisted.proxy.protocol import HOLD_FRAMES_FOR_TURN, _await_turn_en
 from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
 from . import rawagent as raw
+from ._proxy_support import answer_frame
 from .rawagent import RawAgentProtocol
 
 Frame = tuple[int, Any]
@@ -365,6 +366,53 @@ class LoopbackTests(TestCase):
         for d in pending:
             # Never answered: they fail as the connections close.
             d.addErrback(lambda f: f.trap(ConnectionClosed))
+
+    @inlineCallbacks
+    def answer_leading_to_a_request(
+        self, waiting_elsewhere: int
+    ) -> Generator[Any, Any, tuple[bool, RawAgentProtocol, list[Deferred[Any]]]]:
+        """
+        One agent with two connections: C{waiting_elsewhere} requests wait
+        on the second; an answer read on the first leads to a request on
+        the first.  Whether that request was on the first agent socket as
+        soon as the read was done.
+        """
+        factory = yield self.listen()
+        first = yield self.registered_agent()
+        yield self.registered_agent()
+        one, two = factory.pool.connections("waf-1")
+        waiting = [two.send_request_headers(request_headers(f"w-{n}")) for n in range(waiting_elsewhere)]
+        answered = one.send_request_headers(request_headers("asked"))
+        yield first.next_frame()
+        follow: list[Deferred[Any]] = []
+        answered.addCallback(lambda _: follow.append(one.send_request_headers(request_headers("next"))))
+        one._sink.dataReceived(answer_frame("asked"))  # type: ignore[attr-defined]
+        socket_of_first = first.transport.getHandle()  # type: ignore[union-attr]
+        try:
+            sent_at_once = b'"next"' in socket_of_first.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent_at_once = False
+        for d in waiting + follow:
+            d.addErrback(lambda f: f.trap(ConnectionClosed))
+        return sent_at_once, first, follow
+
+    @inlineCallbacks
+    def test_with_few_requests_in_flight_a_read_sends_what_it_led_to_at_once(
+        self,
+    ) -> Generator[Any, Any, None]:
+        sent_at_once, _, _ = yield self.answer_leading_to_a_request(2)
+        self.assertTrue(sent_at_once)
+
+    @inlineCallbacks
+    def test_with_many_in_flight_what_a_read_led_to_waits_for_the_turn(
+        self,
+    ) -> Generator[Any, Any, None]:
+        # Answers from the other connection may be read in the same turn:
+        # the frames leave together when the turn ends.
+        sent_at_once, first, _ = yield self.answer_leading_to_a_request(8)
+        self.assertFalse(sent_at_once)
+        _, event = yield first.next_frame()
+        self.assertEqual(event["correlation_id"], "next")
 
     @inlineCallbacks
     def test_a_turn_end_awaited_on_another_clock_holds_nothing_back(self) -> Generator[Any, Any, None]:

@@ -293,3 +293,43 @@ class PendingTableTests(TestCase):
         for cid in ("x", "a", "m"):
             self.add(cid, {"x": 1, "a": 5, "m": 1}[cid])
         self.assertEqual(self.table.correlation_ids(), ["x", "a", "m"])
+
+
+class SharedCountsTests(TestCase):
+    """
+    C{counts}: the requests waiting in the tables that share it, and the
+    requests ever added to them; every way out of a table takes a request
+    off the first.
+    """
+
+    def test_every_way_out_of_a_table_is_counted(self) -> None:
+        clock = Clock()
+        counts = [0, 0]
+        table = PendingTable(clock, counts=counts)
+        for cid in "abcdefg":
+            table.add(cid, 10.0).addErrback(lambda f: None)
+        table.add("late", 20.0).addErrback(lambda f: None)
+        self.assertEqual(counts, [8, 8])
+        table.pop("a")
+        table.take("b")
+        table.resolve("c", None)
+        table.fail("d", ConnectionClosed())
+        table.pop("nobody")
+        table.take("nobody")
+        self.assertEqual(counts, [4, 8])
+        clock.advance(10)  # e, f and g expire
+        self.assertEqual(counts, [1, 8])
+        other = PendingTable(clock, counts=counts)
+        cancelled = other.add("x", 10.0)
+        cancelled.addErrback(lambda f: None)
+        cancelled.cancel()
+        other.add("y", 10.0).addErrback(lambda f: None)
+        self.assertEqual(counts, [2, 10])
+        other.fail_all(lambda cid: ConnectionClosed())
+        table.fail_all(lambda cid: ConnectionClosed())
+        self.assertEqual(counts, [0, 10])
+
+    def test_a_table_counts_for_itself_by_default(self) -> None:
+        one, two = PendingTable(Clock()), PendingTable(Clock())
+        one.add("a", 1.0).addErrback(lambda f: None)
+        self.assertEqual((one._counts, two._counts), ([1, 1], [0, 0]))

@@ -178,6 +178,7 @@ class AgentConnection(AgentFrames):
         log_limiter: LogRateLimiter | None = None,
         codec: PayloadCodec | None = None,
         mode: str = "reverse",
+        pending_counts: list[int] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.connection_id = connection_id
@@ -195,7 +196,7 @@ class AgentConnection(AgentFrames):
         self._sink = sink
         self._clock = clock
         self._pending: PendingTable = PendingTable(
-            clock, on_cancel=self._caller_cancelled, on_timeout=self._timed_out
+            clock, on_cancel=self._caller_cancelled, on_timeout=self._timed_out, counts=pending_counts
         )
         self._paused = False
         self._closed: ConnectionClosed | None = None

@@ -28,6 +28,7 @@ __all__ = ["PendingTable", "Waiter"]
 log = Logger(namespace="sentinel_twisted.pending")
 
 
+
 class Waiter:
     """
     What a pending request fires when its caller wants no Deferred: two
@@ -85,18 +86,24 @@ class PendingTable:
     @param on_timeout: called with the correlation id of a request that
         timed out, just before its caller gets the L{RequestTimeout} (so
         that a Cancel goes out before anything the caller then sends).
+    @param counts: the requests waiting now and the requests ever added,
+        in this table and every other table given the same list (the
+        connections of one listener or dialler share one: their reads
+        compare the two); by default the table's own.
     """
 
     # One table per registered connection: no per-instance __dict__.
-    __slots__ = ("_clock", "_on_cancel", "_on_timeout", "_entries", "_lanes", "_timer", "_timer_at")
+    __slots__ = ("_clock", "_counts", "_on_cancel", "_on_timeout", "_entries", "_lanes", "_timer", "_timer_at")
 
     def __init__(
         self,
         clock: IReactorTime,
         on_cancel: Callable[[str], None] | None = None,
         on_timeout: Callable[[str], None] | None = None,
+        counts: list[int] | None = None,
     ) -> None:
         self._clock = clock
+        self._counts = counts if counts is not None else [0, 0]
         self._on_cancel = on_cancel
         self._on_timeout = on_timeout
         self._entries: dict[str, _Pending] = {}
@@ -147,6 +154,9 @@ class PendingTable:
         entry.lane = lane
         lane[correlation_id] = entry
         self._entries[correlation_id] = entry
+        counts = self._counts
+        counts[0] += 1
+        counts[1] += 1
         timer = self._timer
         if timer is None:
             self._timer_at = deadline
@@ -162,6 +172,7 @@ class PendingTable:
         if entry is None:
             return None
         del entry.lane[correlation_id]
+        self._counts[0] -= 1
         return entry.deferred
 
     def take(self, correlation_id: str) -> tuple[Deferred[Any] | Waiter, float] | None:
@@ -174,6 +185,7 @@ class PendingTable:
         if entry is None:
             return None
         del entry.lane[correlation_id]
+        self._counts[0] -= 1
         return entry.deferred, entry.sent_at
 
     def resolve(self, correlation_id: str, result: object) -> bool:
@@ -182,6 +194,7 @@ class PendingTable:
         if entry is None:
             return False
         del entry.lane[correlation_id]
+        self._counts[0] -= 1
         entry.deferred.callback(result)
         return True
 
@@ -200,6 +213,7 @@ class PendingTable:
         """
         entries, self._entries = self._entries, {}
         self._lanes = {}
+        self._counts[0] -= len(entries)
         self._stop_timer()
         for cid, entry in entries.items():
             entry.deferred.errback(Failure(make_error(cid)))
@@ -220,6 +234,7 @@ class PendingTable:
             return
         del self._entries[cid]
         del entry.lane[cid]
+        self._counts[0] -= 1
         if self._on_cancel is not None:
             self._on_cancel(cid)
 
@@ -238,6 +253,7 @@ class PendingTable:
         for entry in expired:
             del self._entries[entry.correlation_id]
             del entry.lane[entry.correlation_id]
+        self._counts[0] -= len(expired)
         for timeout in [t for t, lane in self._lanes.items() if not lane]:
             del self._lanes[timeout]
         if next_deadline is not None:

@@ -90,6 +90,22 @@ def peer_credentials(transport: object) -> tuple[int, int, int] | None:
 #: to send when they are done (insertion-ordered).
 _reading = [0]
 _holding: dict[Any, None] = {}
+#: How many requests sent before a read must still wait for its frames to
+#: wait for the end of the reactor's turn: at lower concurrency a turn
+#: rarely reads more than one connection, and waiting would only cost.
+_BATCH_WAITING = 8
+
+
+def _waiting_elsewhere(counts: list[int], added_before: int) -> bool:
+    """
+    At the end of a read: whether enough requests sent before it still wait
+    for answers (which other connections may bring in the same reactor
+    turn) that the frames the read led to should wait for the turn's end.
+    C{counts} is the connections' (waiting now, ever added), and
+    C{added_before} what the second was when the read began.
+    """
+    waiting, added = counts
+    return waiting - (added - added_before) >= _BATCH_WAITING
 
 
 def _send_all_held() -> None:
@@ -259,13 +275,25 @@ class _PooledConnectionProtocol(FrameReceiver):
             self._send_held()
 
     def dataReceived(self, data: bytes) -> None:
-        _reading[0] += 1
+        reading = _reading
+        # The requests waiting on the factory's connections and ever sent
+        # on them (see _waiting_elsewhere).
+        counts = self.factory.pending_counts
+        added = counts[1]
+        reading[0] += 1
         try:
             super().dataReceived(data)
         finally:
-            _reading[0] -= 1
-            if not _reading[0] and _holding:
-                _send_all_held()
+            reading[0] -= 1
+            if not reading[0] and _holding:
+                if _waiting_elsewhere(counts, added):
+                    # Answers from other connections may be read in this
+                    # turn too: what they lead to leaves with what this
+                    # read led to, one send per connection at the turn's end.
+                    _await_turn_end(self.factory.clock)
+                else:
+                    # Few requests in flight: little would come to join.
+                    _send_all_held()
 
     def _send_held(self) -> None:
         held = self._outgoing
