@@ -100,11 +100,15 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
     class NoTimeoutTable:
         """Requests never time out: a dict and nothing else."""
 
-        def __init__(self, clock: Any, on_cancel: Any = None, on_timeout: Any = None) -> None:
+        def __init__(
+            self, clock: Any, on_cancel: Any = None, on_timeout: Any = None, counts: list[int] | None = None
+        ) -> None:
             self._clock = clock
             self._on_cancel = on_cancel
             self._on_timeout = on_timeout
             self._entries: dict[str, list[Any]] = {}
+            # Kept as PendingTable keeps them: the proxy's reads batch by them.
+            self._counts = counts if counts is not None else [0, 0]
 
         def __len__(self) -> int:
             return len(self._entries)
@@ -135,10 +139,15 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
                 d = Deferred(self._cancelled)
                 d._bench_cid = cid
             self._entries[cid] = [d, self._clock.seconds(), None]
+            self._counts[0] += 1
+            self._counts[1] += 1
             return d
 
         def _drop(self, cid: str) -> Any:
-            return self._entries.pop(cid, None)
+            entry = self._entries.pop(cid, None)
+            if entry is not None:
+                self._counts[0] -= 1
+            return entry
 
         def pop(self, cid: str) -> Deferred[Any] | None:
             entry = self._drop(cid)
@@ -164,6 +173,7 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
 
         def fail_all(self, make_error: Callable[[str], BaseException]) -> int:
             entries, self._entries = self._entries, {}
+            self._counts[0] -= len(entries)
             for cid, entry in entries.items():
                 if entry[2] is not None and entry[2].active():
                     entry[2].cancel()
@@ -179,13 +189,13 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             return d
 
         def _drop(self, cid: str) -> Any:
-            entry = self._entries.pop(cid, None)
+            entry = super()._drop(cid)
             if entry is not None and entry[2].active():
                 entry[2].cancel()
             return entry
 
         def _expire(self, cid: str, timeout: float) -> None:
-            entry = self._entries.pop(cid, None)
+            entry = super()._drop(cid)
             if entry is not None:
                 entry[0].errback(Failure(RequestTimeout(timeout, cid)))
                 if self._on_timeout is not None:
@@ -206,7 +216,7 @@ def swap_tables(pool: Any, variant: str, default_timeout: float) -> None:
         assert conn.in_flight == 0
         old = conn._pending
         # The connections' tables share their listener's counts (see PendingTable).
-        shared = {"counts": old._counts} if name == "table" and hasattr(old, "_counts") else {}
+        shared = {"counts": old._counts} if hasattr(old, "_counts") else {}
         conn._pending = cls(old._clock, on_cancel=old._on_cancel, on_timeout=old._on_timeout, **shared)
         conn.request_timeout = float(seconds) if seconds else default_timeout
 
