@@ -132,6 +132,26 @@ def lose(protocol: Any) -> None:
     protocol.connectionLost(Failure(ConnectionDone()))
 
 
+class PendingCountsTests(SynchronousTestCase):
+    def test_the_connections_of_every_dialler_of_a_pool_count_together(self) -> None:
+        # The reads of dialled connections weigh the requests waiting on all
+        # of the pool's connections, whichever dialler (slot) made them.
+        dialler = Dialler()
+        other = ForwardConnectionFactory(
+            dialler.pool, description="unix:/run/agents/bot.sock", clock=dialler.clock
+        )
+        _, _, one = dialler.handshake()
+        protocol = other.buildProtocol(None)  # type: ignore[arg-type]
+        protocol.makeConnection(StringTransport())
+        response = vector_payload("fwd_handshake_response")
+        protocol.dataReceived(encode_frame(MessageType.HANDSHAKE_RESPONSE, response))
+        two = protocol.connection
+        assert two is not None
+        for connection, cid in ((one, "a"), (two, "b"), (two, "c")):
+            connection.send_request_headers(request_headers(cid)).addErrback(lambda f: None)
+        self.assertEqual(dialler.pool.pending_counts, [3, 3])
+
+
 class HandshakeRequestTests(SynchronousTestCase):
     """What the proxy sends first."""
 

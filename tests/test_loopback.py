@@ -119,12 +119,12 @@ class LoopbackTests(TestCase):
         self.path = os.path.join(self.dir, "proxy.sock")
 
     def listen(
-        self, description: str | None = None, **config: Any
+        self, description: str | None = None, *, clock: Any = None, **config: Any
     ) -> Deferred[ReverseConnectionFactory]:
         factory = ReverseConnectionFactory(
             ReverseConnectionConfig(**config),
             token_checker=StaticTokenChecker({"waf-1": "s3cret"}),
-            clock=reactor,
+            clock=reactor if clock is None else clock,
         )
         endpoint = serverFromString(reactor, description or f"unix:{self.path}:mode=600:lockfile=1")
 
@@ -369,7 +369,7 @@ class LoopbackTests(TestCase):
 
     @inlineCallbacks
     def answer_leading_to_a_request(
-        self, waiting_elsewhere: int
+        self, waiting_elsewhere: int, clock: Any = None
     ) -> Generator[Any, Any, tuple[bool, RawAgentProtocol, list[Deferred[Any]]]]:
         """
         One agent with two connections: C{waiting_elsewhere} requests wait
@@ -377,7 +377,7 @@ class LoopbackTests(TestCase):
         the first.  Whether that request was on the first agent socket as
         soon as the read was done.
         """
-        factory = yield self.listen()
+        factory = yield self.listen(clock=clock)
         first = yield self.registered_agent()
         yield self.registered_agent()
         one, two = factory.pool.connections("waf-1")
@@ -410,6 +410,17 @@ class LoopbackTests(TestCase):
         # Answers from the other connection may be read in the same turn:
         # the frames leave together when the turn ends.
         sent_at_once, first, _ = yield self.answer_leading_to_a_request(8)
+        self.assertFalse(sent_at_once)
+        _, event = yield first.next_frame()
+        self.assertEqual(event["correlation_id"], "next")
+
+    @inlineCallbacks
+    def test_what_waits_for_the_turn_leaves_whatever_clock_the_listener_has(
+        self,
+    ) -> Generator[Any, Any, None]:
+        # The listener's clock (here one that never turns) times requests;
+        # held frames wait for the turn of the reactor that runs the sockets.
+        sent_at_once, first, _ = yield self.answer_leading_to_a_request(8, clock=Clock())
         self.assertFalse(sent_at_once)
         _, event = yield first.next_frame()
         self.assertEqual(event["correlation_id"], "next")

@@ -20,6 +20,7 @@ from sentinel_twisted.errors import (
 )
 from sentinel_twisted.proxy.connection import AgentConnection
 from sentinel_twisted.proxy.pool import IAgentPoolObserver, PoolObserver
+from sentinel_twisted.proxy.protocol import _holding
 from sentinel_twisted.wire import MessageType, encode_frame
 
 from ._proxy_support import (
@@ -123,7 +124,7 @@ class MembershipTests(PoolTestCase):
         protocol, _, first = self.register("waf-1")
         self.register("waf-1")
         self.assertIs(self.pool.select("waf-1"), first)
-        self.assertIs(self.pool._last["waf-1"], first)
+        self.assertIs(self.pool._last["waf-1"][0], first)
         lose(protocol)
         self.assertNotIn("waf-1", self.pool._last)
 
@@ -204,6 +205,25 @@ class SelectionTests(PoolTestCase):
         for i in range(9):
             self.pool.send_request_headers("waf-1", request_headers(f"r{i}"))
         self.assertEqual([c.in_flight for c in conns], [3, 3, 3])
+
+    def test_a_choice_of_an_earlier_read_is_not_joined(self) -> None:
+        # The connection an agent's last request went to is joined without
+        # a scan only within the holding period it was chosen in: later, a
+        # connection that went idle meanwhile wins again, even when the
+        # earlier choice holds frames once more.
+        first, _, one = self.register()
+        second, _, two = self.register()
+        waiting = [one.send_request_headers(request_headers(f"a-{n}")) for n in range(50)]
+        waiting += [two.send_request_headers(request_headers(f"b-{n}")) for n in range(51)]
+        for d in waiting:
+            d.addErrback(lambda f: None)
+        self.assertIs(self.pool.select("waf-1"), one)
+        for n in range(51):
+            second.dataReceived(answer_frame(f"b-{n}"))
+        self.assertEqual((one.in_flight, two.in_flight), (50, 0))
+        _holding[first] = None
+        self.addCleanup(_holding.clear)
+        self.assertIs(self.pool.select("waf-1"), two)
 
     def test_closing_connection_is_skipped(self) -> None:
         _, _, first = self.register()

@@ -341,9 +341,6 @@ class ForwardConnectionFactory(Factory):
         self.agent_id = agent_id
         self.config = config if config is not None else ReverseConnectionConfig()
         self.clock = clock
-        #: The requests waiting on its connections and ever sent on them
-        #: (their pending tables share it; see _PooledConnectionProtocol).
-        self.pending_counts: list[int] = [0, 0]
         self.encodings = tuple(encodings)
         self.max_handshake_size = max_handshake_size
         self.frame_budget = frame_budget
@@ -433,7 +430,7 @@ class ForwardConnectionFactory(Factory):
             log_limiter=self.log_limiter,
             codec=codec_for(response.encoding),
             mode="forward",
-            pending_counts=self.pending_counts,
+            pending_counts=self.pool.pending_counts,
         )
 
     # -- events from protocols ---------------------------------------------

@@ -264,10 +264,6 @@ class ReverseConnectionFactory(Factory):
         self.registrations = 0
         self.rejections: Counter[str] = Counter()
         self.pending_by_peer: dict[str, dict[ReverseConnectionProtocol, None]] = {}
-        #: The requests waiting on its registered connections and ever sent
-        #: on them (their pending tables share it; see
-        #: _PooledConnectionProtocol).
-        self.pending_counts: list[int] = [0, 0]
         #: The last refused registration (L{Rejection}), C{None} before any.
         self.last_rejection: Rejection | None = None
         self._registered_per_agent: Counter[str] = Counter()
@@ -532,7 +528,7 @@ class ReverseConnectionFactory(Factory):
             connected_since=time.time(),
             peer=protocol.peer,
             log_limiter=self.log_limiter,
-            pending_counts=self.pending_counts,
+            pending_counts=self.pool.pending_counts,
         )
         connection.peer_credentials = getattr(protocol, "peer_credentials", None)
         connection.token_verified = request.auth_token is not None and self.token_checker is not None

@@ -88,7 +88,7 @@ class PendingTable:
         that a Cancel goes out before anything the caller then sends).
     @param counts: the requests waiting now and the requests ever added,
         in this table and every other table given the same list (the
-        connections of one listener or dialler share one: their reads
+        connections of one pool share one: their reads
         compare the two); by default the table's own.
     """
 

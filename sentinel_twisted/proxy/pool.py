@@ -26,6 +26,7 @@ from ..forward import ENCODINGS
 from ._interfaces import IAgentPoolObserver
 from .connection import AgentConnection, ConnectionInfo
 from .dialled import DialledAgentService
+from .protocol import _hold_period
 from .protocol import _holding as _held_for_send
 
 if TYPE_CHECKING:
@@ -141,10 +142,14 @@ class AgentPool:
         self._agents: dict[str, list[AgentConnection]] = {}
         self._by_id: dict[str, AgentConnection] = {}
         self._turn: dict[str, int] = {}
-        # The connection each agent's last request went to, and the load
-        # the scan that chose it found least (see select).
-        self._last: dict[str, AgentConnection] = {}
-        self._last_load: dict[str, int] = {}
+        # The connection each agent's last request went to, with the load
+        # the scan that chose it found least and the holding period it was
+        # chosen in (see select).
+        self._last: dict[str, tuple[AgentConnection, int, int]] = {}
+        #: The requests waiting on its connections now and ever sent on them
+        #: (their pending tables share it): its connections' reads compare
+        #: the two (see _PooledConnectionProtocol).
+        self.pending_counts: list[int] = [0, 0]
         self._observers: list[Any] = []
         # The observers' request_answered, once per add or removal rather
         # than looked up per answer (PoolObserver's own does nothing).
@@ -176,9 +181,9 @@ class AgentPool:
         if conns is None or connection not in conns:
             return
         conns.remove(connection)
-        if self._last.get(connection.agent_id) is connection:
+        last = self._last.get(connection.agent_id)
+        if last is not None and last[0] is connection:
             del self._last[connection.agent_id]
-            del self._last_load[connection.agent_id]
         if not conns:
             del self._agents[connection.agent_id]
             self._turn.pop(connection.agent_id, None)
@@ -360,16 +365,19 @@ class AgentPool:
         # turn) leave together, one send per connection: a request that
         # joins the frames its agent's last request left waiting costs no
         # send of its own (nor the agent a wake-up), and no scan, as long as
-        # that connection stays within the slack of the load the last scan
-        # found least.
+        # that connection stays within the slack of the load the scan that
+        # chose it found least, in this holding period.
+        period = _hold_period[0]
         last = self._last.get(agent_id)
-        if (
-            last is not None
-            and last._sink in _held_for_send
-            and not last._unavailable
-            and len(last._pending._entries) <= self._last_load[agent_id] + self.batch_slack
-        ):
-            return last
+        if last is not None:
+            conn, least, chosen_in = last
+            if (
+                chosen_in == period
+                and conn._sink in _held_for_send
+                and not conn._unavailable
+                and len(conn._pending._entries) <= least + self.batch_slack
+            ):
+                return conn
         # The least loaded connection that can take a request; ties go to
         # the first in this turn's order, which rotates per request.  This
         # runs per request: the connection's state is read inline (what its
@@ -385,8 +393,7 @@ class AgentPool:
                 load = len(conn._pending._entries)
                 if not load:
                     # Nothing beats an idle connection.
-                    self._last[agent_id] = conn
-                    self._last_load[agent_id] = 0
+                    self._last[agent_id] = (conn, 0, period)
                     return conn
                 if best is None or load < best_load:
                     best, best_load = conn, load
@@ -397,8 +404,7 @@ class AgentPool:
                 break
         if best is None:
             raise FlowControlPaused(agent_id)
-        self._last[agent_id] = best
-        self._last_load[agent_id] = best_load
+        self._last[agent_id] = (best, best_load, period)
         return best
 
     def send_event(

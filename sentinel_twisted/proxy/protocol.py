@@ -108,7 +108,20 @@ def _waiting_elsewhere(counts: list[int], added_before: int) -> bool:
     return waiting - (added - added_before) >= _BATCH_WAITING
 
 
+#: The current holding period: from the first frame held after a send of
+#: everything held to the next such send.  A pool's choice of connection
+#: made in an earlier period is not joined (see AgentPool.select).
+_hold_period = [0]
+
+
+def _begin_holding() -> None:
+    """Frames may be held from now on: a new holding period unless one is under way."""
+    if not _holding:
+        _hold_period[0] += 1
+
+
 def _send_all_held() -> None:
+    _hold_period[0] += 1
     while _holding:
         protocol = next(iter(_holding))
         del _holding[protocol]
@@ -162,6 +175,8 @@ class HoldFramesForTurn:
     """
 
     def __enter__(self) -> None:
+        if not _for_turn[0]:
+            _begin_holding()
         _for_turn[0] += 1
 
     def __exit__(self, *exc_info: object) -> None:
@@ -270,16 +285,18 @@ class _PooledConnectionProtocol(FrameReceiver):
             _holding[self] = None
         elif _for_turn[0]:
             _holding[self] = None
-            _await_turn_end(self.factory.clock)
+            _await_turn_end(self.transport.reactor)  # type: ignore[attr-defined]
         else:
             self._send_held()
 
     def dataReceived(self, data: bytes) -> None:
         reading = _reading
-        # The requests waiting on the factory's connections and ever sent
-        # on them (see _waiting_elsewhere).
-        counts = self.factory.pending_counts
+        # The requests waiting on the pool's connections and ever sent on
+        # them (see _waiting_elsewhere).
+        counts = self.factory.pool.pending_counts
         added = counts[1]
+        if not reading[0]:
+            _begin_holding()
         reading[0] += 1
         try:
             super().dataReceived(data)
@@ -289,8 +306,10 @@ class _PooledConnectionProtocol(FrameReceiver):
                 if _waiting_elsewhere(counts, added):
                     # Answers from other connections may be read in this
                     # turn too: what they lead to leaves with what this
-                    # read led to, one send per connection at the turn's end.
-                    _await_turn_end(self.factory.clock)
+                    # read led to, one send per connection at the end of
+                    # the turn of the reactor that runs the transports (only
+                    # socket transports, which have one, hold frames).
+                    _await_turn_end(self.transport.reactor)  # type: ignore[union-attr]
                 else:
                     # Few requests in flight: little would come to join.
                     _send_all_held()
