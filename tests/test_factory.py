@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted import __version__
 from sentinel_twisted import messages as m
 from sentinel_twisted.proxy.auth import StaticTokenChecker
+from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 from sentinel_twisted.wire import MessageType, encode_frame
 
@@ -368,8 +369,10 @@ def v6(host: str) -> IPv6Address:
 
 
 class PendingRegistrationPerPeerCapTests(TestCase):
+    # With pending_eviction_age=0 an idle connection may be closed for a
+    # newcomer at once; EvictionAgeTests covers the age.
     def test_beyond_the_per_peer_cap_the_oldest_idle_connection_makes_room(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         _, oldest = proxy.connect()
         _, younger = proxy.connect()
         _, transport = connect_from(proxy, IPv4Address("TCP", "127.0.0.1", 40009))
@@ -386,7 +389,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.last_rejection.reason, "peer_pending_evicted")  # type: ignore[union-attr]
 
     def test_an_agent_registers_from_an_address_flooded_with_idle_connections(self) -> None:
-        proxy = Proxy()
+        proxy = Proxy(pending_eviction_age=0)
         flood = [proxy.connect()[1] for _ in range(64)]
         for _ in range(3):
             # The flood carries on, and only closes its own connections.
@@ -400,7 +403,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.awaiting_registration, 63)
 
     def test_a_connection_partway_through_its_first_frame_is_passed_over(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=3)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=3)
         registering, registering_transport = proxy.connect()
         begin_registration(registering)
         _, idle = proxy.connect()
@@ -415,7 +418,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertIsNotNone(registering.connection)
 
     def test_with_every_connection_partway_through_a_frame_newcomers_are_refused(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         proxy.connect()
         first, _ = proxy.connect()
         second, _ = connect_from(proxy, PEER)
@@ -433,7 +436,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
             self.assertIsNotNone(protocol.connection)
 
     def test_the_default_per_peer_cap_is_64(self) -> None:
-        proxy = Proxy()
+        proxy = Proxy(pending_eviction_age=0)
         for _ in range(64):
             begin_registration(proxy.connect()[0])
         _, transport = connect_from(proxy, PEER)
@@ -441,7 +444,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
 
     def test_other_addresses_still_register(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         proxy.connect()
         protocol, transport = connect_from(proxy, OTHER)
         protocol.dataReceived(registration_frame())
@@ -449,7 +452,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertIsNotNone(protocol.connection)
 
     def test_the_cap_applies_to_tls_listeners(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         begin_registration(proxy.connect()[0])
         wrapped = TLSMemoryBIOFactory(CertificateOptions(), False, proxy.factory).buildProtocol(PEER)
         transport = StringTransport()
@@ -458,7 +461,7 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 1)
 
     def test_unix_connections_are_not_counted_per_peer(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         for _ in range(3):
             _, transport = connect_from(proxy, UNIXAddress(None))
             self.assertFalse(transport.disconnecting)
@@ -466,14 +469,14 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.pending_by_peer, {})
 
     def test_a_registration_frees_a_place_of_its_address(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         protocol, _ = proxy.connect()
         protocol.dataReceived(registration_frame())
         proxy.connect()
         self.assertEqual(proxy.factory.rejections, {})
 
     def test_an_address_leaves_the_table_with_its_last_pending_connection(self) -> None:
-        proxy = Proxy()
+        proxy = Proxy(pending_eviction_age=0)
         registering, _ = proxy.connect()
         leaving, _ = proxy.connect()
         connect_from(proxy, OTHER)
@@ -496,13 +499,13 @@ class PendingRegistrationPerPeerCapTests(TestCase):
                 self.assertTrue(transport.disconnecting)
         lines = [formatEvent(e) or "" for e in events]
         self.assertLessEqual(len(lines), 5)
-        self.assertIn("(limit 1 per address), each partway through its first frame", lines[0])
+        self.assertIn("(limit 1 per address), none of them idle for 1.0s or more", lines[0])
         self.assertIn("fe80::%eth0\\x0a\\x1b[31m/64", lines[0])
         self.assertNotIn("\x1b", "".join(lines))
         self.assertEqual(proxy.factory.rejections["peer_pending_limit"], 100)
 
     def test_evictions_are_logged_rate_limited(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         with captured_log() as events:
             for _ in range(101):
                 _, transport = connect_from(proxy, v6("2001:db8:1:2::1"))
@@ -521,6 +524,31 @@ class PendingRegistrationPerPeerCapTests(TestCase):
         self.assertEqual(proxy.factory.awaiting_registration, 1)
 
 
+class EvictionAgeTests(TestCase):
+    def test_young_idle_connections_are_not_closed_for_a_newcomer(self) -> None:
+        # A burst of agents from one host: their connections may simply not
+        # have been read yet.  Newcomers are refused (they retry) until an
+        # idle one is old enough to be a flood's.
+        proxy = Proxy(max_pending_registrations_per_peer=2)
+        _, oldest = proxy.connect()
+        proxy.clock.advance(0.5)
+        _, younger = proxy.connect()
+        _, refused = connect_from(proxy, PEER)
+        self.assertTrue(refused.disconnecting)
+        self.assertFalse(oldest.disconnecting or younger.disconnecting)
+        self.assertEqual(dict(proxy.factory.rejections), {"peer_pending_limit": 1})
+        proxy.clock.advance(0.5)
+        _, admitted = connect_from(proxy, PEER)
+        self.assertFalse(admitted.disconnecting)
+        self.assertTrue(oldest.disconnecting)
+        self.assertFalse(younger.disconnecting)
+        self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
+
+    def test_the_age_is_not_negative(self) -> None:
+        self.assertRaises(ValueError, ReverseConnectionConfig, pending_eviction_age=-1)
+        self.assertEqual(ReverseConnectionConfig().pending_eviction_age, 1.0)
+
+
 class PendingRegistrationPeerKeyTests(TestCase):
     """
     What connections awaiting registration are counted against: an IPv4
@@ -531,7 +559,7 @@ class PendingRegistrationPeerKeyTests(TestCase):
         return {key: len(held) for key, held in proxy.factory.pending_by_peer.items()}
 
     def test_two_addresses_in_one_ipv6_64_share_a_cap(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         _, first = connect_from(proxy, v6("2001:db8:1:2::1"))
         connect_from(proxy, v6("2001:db8:1:2:ffff:ffff:ffff:fffe"))
         _, third = connect_from(proxy, v6("2001:db8:1:2:abcd::7"))
@@ -541,7 +569,7 @@ class PendingRegistrationPeerKeyTests(TestCase):
         self.assertEqual(proxy.factory.rejections["peer_pending_evicted"], 1)
 
     def test_different_ipv6_64s_do_not_share_a_cap(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         transports = [
             connect_from(proxy, v6(host))[1]
             for host in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2:2::1", "2001:db9:1:2::1")
@@ -554,7 +582,7 @@ class PendingRegistrationPeerKeyTests(TestCase):
         self.assertEqual(proxy.factory.rejections, {})
 
     def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=1)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         _, ipv4 = connect_from(proxy, OTHER)
         _, mapped = connect_from(proxy, v6("::ffff:192.0.2.7"))
         self.assertTrue(ipv4.disconnecting)
@@ -565,13 +593,13 @@ class PendingRegistrationPeerKeyTests(TestCase):
         self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1})
 
     def test_link_local_addresses_are_counted_per_64_and_zone(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         for host in ("fe80::1%eth0", "fe80::2%eth0", "fe80::1%eth1"):
             connect_from(proxy, v6(host))
         self.assertEqual(self.keys(proxy), {"fe80::%eth0/64": 2, "fe80::%eth1/64": 1})
 
     def test_a_registration_frees_the_place_it_held_in_its_64(self) -> None:
-        proxy = Proxy(max_pending_registrations_per_peer=2)
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         connect_from(proxy, v6("2001:db8:1:2::1"))
         protocol, transport = connect_from(proxy, v6("2001:db8:1:2::2"))
         self.assertTrue(registers(protocol, transport))

@@ -116,6 +116,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ReverseConnectionConfig:
     """
@@ -141,9 +146,15 @@ class ReverseConnectionConfig:
         TLS peer address (an IPv6 peer's /64 prefix; an IPv4-mapped one's
         IPv4 address) that may wait for their registration at once; beyond
         it a new connection from that address takes the place of the
-        address's oldest one that has sent nothing yet, and is closed at
-        once if every one of them has begun its registration (UNIX sockets
-        have no peer address and are not counted).
+        address's oldest one that has sent nothing for
+        C{pending_eviction_age} seconds, and is closed at once if there is
+        none (UNIX sockets have no peer address and are not counted).
+    @ivar pending_eviction_age: seconds a connection awaiting registration
+        must have sent nothing for before a newcomer from its address may
+        take its place: an agent sends its registration at once, while the
+        connections of a burst of agents from one host are all young and
+        may simply not have been read yet (then newcomers are refused, and
+        the agents retry).
     @ivar require_client_cert: a registering agent must hold a verified TLS
         client certificate issued for its agent id (see
         L{sentinel_twisted.proxy._identity}); the listener's TLS endpoints must
@@ -179,6 +190,7 @@ class ReverseConnectionConfig:
     proxy_id: str = "sentinel-proxy"
     max_pending_registrations: int = attrs.field(default=1024, validator=_positive)
     max_pending_registrations_per_peer: int = attrs.field(default=64, validator=_positive)
+    pending_eviction_age: float = attrs.field(default=1.0, validator=_not_negative)
     require_client_cert: bool = False
     max_registration_frame_size: int = attrs.field(default=1024 * 1024, validator=_positive)
     max_control_frame_size: int = attrs.field(default=64 * 1024, validator=_positive)

@@ -142,10 +142,16 @@ def _ipv6_key(host: str) -> str:
 
 
 def _oldest_idle(
-    held: dict[ReverseConnectionProtocol, None],
+    held: dict[ReverseConnectionProtocol, float], since: float | None = None
 ) -> ReverseConnectionProtocol | None:
-    """The oldest of C{held} that has sent nothing yet (C{None}: all are mid-frame)."""
-    for protocol in held:
+    """
+    The oldest of C{held} (oldest first, each with the time it came) that
+    has sent nothing yet, and came at C{since} or before if given; C{None}
+    if there is none.
+    """
+    for protocol, came in held.items():
+        if since is not None and came > since:
+            return None
         if not protocol.mid_frame:
             return protocol
     return None
@@ -263,7 +269,9 @@ class ReverseConnectionFactory(Factory):
         self.awaiting_registration = 0
         self.registrations = 0
         self.rejections: Counter[str] = Counter()
-        self.pending_by_peer: dict[str, dict[ReverseConnectionProtocol, None]] = {}
+        #: The connections awaiting registration by peer address, oldest
+        #: first, each with the time it came.
+        self.pending_by_peer: dict[str, dict[ReverseConnectionProtocol, float]] = {}
         #: The last refused registration (L{Rejection}), C{None} before any.
         self.last_rejection: Rejection | None = None
         self._registered_per_agent: Counter[str] = Counter()
@@ -298,11 +306,12 @@ class ReverseConnectionFactory(Factory):
                     log,
                     "peer-pending-limit",
                     "{count} connections from {peer} are awaiting registration "
-                    "(limit {limit} per address), each partway through its first frame; "
+                    "(limit {limit} per address), none of them idle for {age}s or more; "
                     "closing new connections from it",
                     count=len(held),
                     peer=peer_text(key, _ID_IN_LOG),
                     limit=config.max_pending_registrations_per_peer,
+                    age=config.pending_eviction_age,
                 )
                 return RefusedConnection()
             held = self.pending_by_peer.get(key)
@@ -324,25 +333,27 @@ class ReverseConnectionFactory(Factory):
         protocol = self.protocol(self)
         if key is not None:
             protocol.pending_key = key
-            self.pending_by_peer.setdefault(key, {})[protocol] = None
+            self.pending_by_peer.setdefault(key, {})[protocol] = self.clock.seconds()
         return protocol
 
-    def _make_room_at(self, key: str, held: dict[ReverseConnectionProtocol, None]) -> bool:
+    def _make_room_at(self, key: str, held: dict[ReverseConnectionProtocol, float]) -> bool:
         """
         The address C{key} holds all the places one address may: close its
-        oldest connection that has sent nothing yet, if it has one; whether
-        there is room now.
+        oldest connection that has sent nothing for the config's
+        C{pending_eviction_age}, if it has one; whether there is room now.
 
         An agent sends its registration at once, so it is never the oldest
         idle one for long, while an idle flood only closes its own
-        connections.  A connection partway through its first frame is never
+        connections.  Younger connections are left alone: in a burst of
+        agents from one host they may simply not have been read yet.  A
+        connection partway through its first frame is never
         closed here: it may be an agent's registration on its way, and a
         newcomer from the same address, which could be anyone sharing it,
         must not be able to cut that short.  With all of them partway, the
         newcomer is closed instead; each of them goes at the handshake
         timeout at the latest.
         """
-        victim = _oldest_idle(held)
+        victim = _oldest_idle(held, self.clock.seconds() - self.config.pending_eviction_age)
         if victim is None:
             return False
         count = len(held)

@@ -201,7 +201,9 @@ class PendingRegistrationsPerPeerTests(TestCase):
         _enough_descriptors(2 * 200 + 500)
         yield settle()
         books = Accounting()
-        listener = yield listen(self, "tcp:0:interface=127.0.0.1", max_pending_registrations=100)
+        listener = yield listen(
+            self, "tcp:0:interface=127.0.0.1", max_pending_registrations=100, pending_eviction_age=0
+        )
         factory = listener.factory
         host, port = listener.address.split(":")
         idle = yield self.open_idle(host, int(port), "127.0.0.2", 200)
@@ -228,7 +230,7 @@ class PendingRegistrationsPerPeerTests(TestCase):
         yield settle()
         books = Accounting()
         listener = yield listen(
-            self, "tcp6:0:interface=\\:\\:", max_pending_registrations_per_peer=5
+            self, "tcp6:0:interface=\\:\\:", max_pending_registrations_per_peer=5, pending_eviction_age=0
         )
         factory = listener.factory
         port = listener.port.getHost().port
