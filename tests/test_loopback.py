@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -328,44 +328,41 @@ class LoopbackTests(TestCase):
         self.assertEqual(sorted(loads), [1, 4, 4])
 
     @inlineCallbacks
-    def test_a_held_connection_that_closes_is_not_joined(self) -> Generator[Any, Any, None]:
-        factory = yield self.listen()
-        pool = factory.pool
-        yield self.registered_agent()
-        yield self.registered_agent()
-        one, two = pool.connections("waf-1")
-        pending = [
-            one.send_request_headers(request_headers("busy-1")),
-            two.send_request_headers(request_headers("busy-2")),
-        ]
-        with HOLD_FRAMES_FOR_TURN:
-            held = pool.select("waf-1")
-            pending.append(held.send_request_headers(request_headers("held")))
-            held.mark_closing("closing")
-            self.assertIsNot(pool.select("waf-1"), held)
-        for d in pending:
-            d.addErrback(lambda f: f.trap(ConnectionClosed))
-
-    @inlineCallbacks
-    def test_once_held_frames_are_sent_the_least_loaded_is_chosen(self) -> Generator[Any, Any, None]:
+    def two_busy_connections(self) -> Generator[Any, Any, tuple[Any, RawAgentProtocol]]:
+        """
+        The pool of a listener with two connections of one agent, each with
+        a request in flight (failing as the connections close, unanswered),
+        and the agent end of the first.
+        """
         factory = yield self.listen()
         pool = factory.pool
         first = yield self.registered_agent()
         yield self.registered_agent()
-        one, two = pool.connections("waf-1")
-        pending = [
-            one.send_request_headers(request_headers("busy-1")),
-            two.send_request_headers(request_headers("busy-2")),
-        ]
+        for n, connection in enumerate(pool.connections("waf-1")):
+            busy = connection.send_request_headers(request_headers(f"busy-{n}"))
+            busy.addErrback(lambda f: f.trap(ConnectionClosed))
+        return pool, first
+
+    @inlineCallbacks
+    def test_a_held_connection_that_closes_is_not_joined(self) -> Generator[Any, Any, None]:
+        pool, _ = yield self.two_busy_connections()
         with HOLD_FRAMES_FOR_TURN:
             held = pool.select("waf-1")
-            pending.append(held.send_request_headers(request_headers("held")))
+            sent = held.send_request_headers(request_headers("held"))
+            held.mark_closing("closing")
+            self.assertIsNot(pool.select("waf-1"), held)
+        sent.addErrback(lambda f: f.trap(ConnectionClosed))
+
+    @inlineCallbacks
+    def test_once_held_frames_are_sent_the_least_loaded_is_chosen(self) -> Generator[Any, Any, None]:
+        pool, _ = yield self.two_busy_connections()
+        with HOLD_FRAMES_FOR_TURN:
+            held = pool.select("waf-1")
+            sent = held.send_request_headers(request_headers("held"))
             self.assertIs(pool.select("waf-1"), held)
-        yield first.next_frame()  # the turn ended: the held frame left
+        sent.addErrback(lambda f: f.trap(ConnectionClosed))
+        yield deferLater(reactor, 0, lambda: None)  # the turn ended: the held frame left
         self.assertIsNot(pool.select("waf-1"), held)
-        for d in pending:
-            # Never answered: they fail as the connections close.
-            d.addErrback(lambda f: f.trap(ConnectionClosed))
 
     @inlineCallbacks
     def answer_leading_to_a_request(
