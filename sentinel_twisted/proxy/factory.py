@@ -237,8 +237,9 @@ class ReverseConnectionFactory(Factory):
     @ivar awaiting_registration: connections accepted that have not registered
         yet.
     @ivar pending_by_peer: the TCP and TLS connections awaiting registration
-        by what they are counted against, oldest first (C{key -> {protocol:
-        None}}): the peer's IPv4 address, or its IPv6 /64 prefix
+        by what they are counted against, oldest first, each with the time
+        it came (C{key -> {protocol: seconds}}): the peer's IPv4 address, or
+        its IPv6 /64 prefix
         (C{2001:db8:1:2::/64}); a key leaves the table with its last
         connection, so it holds at most C{config.max_pending_registrations}
         entries.
@@ -269,8 +270,6 @@ class ReverseConnectionFactory(Factory):
         self.awaiting_registration = 0
         self.registrations = 0
         self.rejections: Counter[str] = Counter()
-        #: The connections awaiting registration by peer address, oldest
-        #: first, each with the time it came.
         self.pending_by_peer: dict[str, dict[ReverseConnectionProtocol, float]] = {}
         #: The last refused registration (L{Rejection}), C{None} before any.
         self.last_rejection: Rejection | None = None
