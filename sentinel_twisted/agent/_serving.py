@@ -110,8 +110,8 @@ class EventServing:
     _lifecycle: Any
     _serial: int
     _active: dict[int, _Entry]
+    #: Events waiting for a free slot (a cancelled one leaves at once).
     _queue: collections.deque[_Entry]
-    _queued: int
     #: The payload bytes of the events running and queued.
     _held_bytes: int
     _by_id: dict[str, _Entry]
@@ -129,12 +129,12 @@ class EventServing:
     @property
     def queued(self) -> int:
         """Events waiting for a free slot."""
-        return self._queued
+        return len(self._queue)
 
     @property
     def load(self) -> int:
         """Events being served or waiting for a free slot."""
-        return len(self._active) + self._queued
+        return len(self._active) + len(self._queue)
 
     def in_flight_ids(self) -> list[str]:
         """The correlation ids of the events being served."""
@@ -144,7 +144,6 @@ class EventServing:
         entries = list(self._active.values())
         self._active.clear()
         self._queue.clear()
-        self._queued = 0
         self._held_bytes = 0
         self._by_id.clear()
         for entry in entries:
@@ -215,25 +214,23 @@ class EventServing:
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
                 connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
-        if len(self._active) < self.limit:
-            self._by_id[cid] = entry
-            self._held_bytes += size
-            self._start(entry)
-        elif self._queued < self.max_queued:
-            self._by_id[cid] = entry
-            self._held_bytes += size
-            self._queue.append(entry)
-            self._queued += 1
-        else:
+        slot_free = len(self._active) < self.limit
+        if not slot_free and len(self._queue) >= self.max_queued:
             self._overloaded(
                 cid,
                 "Agent {agent_id} is over its limit on connection {connection_id} "
                 "({limit} running, {queued} queued) and the proxy keeps sending; "
                 "answering {cid!r} with the error decision",
                 limit=self.limit,
-                queued=self._queued,
+                queued=len(self._queue),
             )
             return
+        self._by_id[cid] = entry
+        self._held_bytes += size
+        if slot_free:
+            self._start(entry)
+        else:
+            self._queue.append(entry)
         self._update_flow()
 
     def _overloaded(self, cid: str, text: str, **fields: object) -> None:
@@ -369,11 +366,7 @@ class EventServing:
         self._releasing = True
         try:
             while self._queue and len(self._active) < self.limit:
-                entry = self._queue.popleft()
-                if entry.cancelled:
-                    continue
-                self._queued -= 1
-                self._start(entry)
+                self._start(self._queue.popleft())
         finally:
             self._releasing = False
         self._update_flow()
@@ -456,7 +449,6 @@ class EventServing:
             # Out of the queue now, not when a slot frees: else events sent
             # and cancelled while every slot is busy would pile up in it.
             self._queue.remove(entry)
-            self._queued -= 1
         log.debug(
             "Cancelled {cid!r} on connection {connection_id} (reason {reason})",
             cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),

@@ -279,7 +279,6 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._serial = 0
         self._active: dict[int, _Entry] = {}
         self._queue: collections.deque[_Entry] = collections.deque()
-        self._queued = 0
         self._held_bytes = 0
         self._by_id: dict[str, _Entry] = {}
         self._health: LoopingCall | None = None
