@@ -239,10 +239,9 @@ class ReverseConnectionFactory(Factory):
     @ivar pending_by_peer: the TCP and TLS connections awaiting registration
         by what they are counted against, oldest first, each with the time
         it came (C{key -> {protocol: seconds}}): the peer's IPv4 address, or
-        its IPv6 /64 prefix
-        (C{2001:db8:1:2::/64}); a key leaves the table with its last
-        connection, so it holds at most C{config.max_pending_registrations}
-        entries.
+        its IPv6 /64 prefix (C{2001:db8:1:2::/64}); a key leaves the table
+        with its last connection, so it holds at most
+        C{config.max_pending_registrations} entries.
     @ivar registrations: registrations accepted.
     """
 

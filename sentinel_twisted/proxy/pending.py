@@ -28,7 +28,6 @@ __all__ = ["PendingTable", "Waiter"]
 log = Logger(namespace="sentinel_twisted.pending")
 
 
-
 class Waiter:
     """
     What a pending request fires when its caller wants no Deferred: two
@@ -88,8 +87,8 @@ class PendingTable:
         that a Cancel goes out before anything the caller then sends).
     @param counts: the requests waiting now and the requests ever added,
         in this table and every other table given the same list (the
-        connections of one pool share one: their reads
-        compare the two); by default the table's own.
+        connections of one pool share one: their reads compare the two);
+        by default the table's own.
     """
 
     # One table per registered connection: no per-instance __dict__.
