@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dial", action="append", default=[], help="forward mode: a listening agent to dial (repeatable)")
     parser.add_argument("--dial-connections", type=int, default=4, help="connections per --dial agent")
     parser.add_argument("--encodings", default="msgpack,json", help="payload encodings offered to --dial agents")
+    parser.add_argument("--busy-poll", type=int, default=0, help="microseconds of busy polling before each wait (0: off)")
     args = parser.parse_args(argv)
 
     install_reactor(args.reactor)
@@ -412,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
 
     log_file = open(args.log or os.devnull, "a")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+    if args.busy_poll:
+        from sentinel_twisted.busypoll import BusyPollService
+
+        BusyPollService(args.busy_poll / 1e6, reactor).startService()
 
     raised = raise_file_limit()
     config_args: dict[str, Any] = {"request_timeout": args.request_timeout}

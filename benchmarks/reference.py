@@ -19,6 +19,14 @@ measurement sends the RequestHeaders event of C{evt_request_headers.json};
 the contenders alternate within each round (the order rotates from round
 to round, so none is always first), and the medians of the rounds are
 compared.  Ratios are ours / reference and ours / floor.
+
+With C{--busy-poll N} a fourth contender, C{ours-busy-poll}, is our driver
+with N microseconds of busy polling (L{sentinel_twisted.busypoll}).  With
+C{--placement same} every process runs on CPU 0, with C{apart} the proxy
+on CPU 0 and the agents on CPU 1: at concurrency 1 the round trip is
+mostly the wake-ups, which cost a few microseconds on one CPU and tens
+across two on a virtual machine, so where the scheduler puts the processes
+moves p50 more than the proxy does.
 """
 
 from __future__ import annotations
@@ -30,6 +38,12 @@ import time
 from typing import Any
 
 CONTENDERS = ("reference", "ours", "floor")
+#: The contender measured besides the others with C{--busy-poll}.
+BUSY = "ours-busy-poll"
+
+
+def contenders(args: Any) -> tuple[str, ...]:
+    return CONTENDERS + ((BUSY,) if getattr(args, "busy_poll", 0) else ())
 PEERS_ENV = "SENTINEL_PEERS"
 
 
@@ -65,6 +79,10 @@ class Contest:
         self.a = harness.args
         self.peers = peers
         self.expect = self.a.agents * self.a.connections
+        placement = getattr(self.a, "placement", "free")
+        #: The CPUs of the proxies and of the agents (None: any).
+        self.proxy_cpus = None if placement == "free" else {0}
+        self.agent_cpus = {"free": None, "same": {0}, "apart": {1}}[placement]
 
     def agents(self, socket_path: str) -> list[Any]:
         return [
@@ -77,6 +95,7 @@ class Contest:
                     "--quiet",
                 ],
                 f"rust-agent {i + 1}",
+                self.agent_cpus,
             )
             for i in range(self.a.agents)
         ]
@@ -101,10 +120,13 @@ class Contest:
                     "--exit",
                 ],
                 "rust-proxy",
+                self.proxy_cpus,
             )
-        elif contender == "ours":
+        elif contender in ("ours", BUSY):
+            busy = ["--busy-poll", str(getattr(a, "busy_poll", 0))] if contender == BUSY else []
             proxy, where = self.h.start_proxy(
-                "unix", "roundtrip", "--expect", str(self.expect), "--levels", str(level), *sizes
+                "unix", "roundtrip", "--expect", str(self.expect), "--levels", str(level), *sizes, *busy,
+                cpus=self.proxy_cpus,
             )
             path = where[1]
         else:
@@ -120,6 +142,7 @@ class Contest:
                     *sizes,
                 ],
                 "floor",
+                self.proxy_cpus,
             )
         try:
             _wait_for_socket(path, proxy)
@@ -178,9 +201,17 @@ def run(harness: Any) -> dict[str, Any]:
     if why is not None:
         harness.log(f"reference: skipped: {why}")
         return {"skipped": why}
-    runs, median = alternate(harness, CONTENDERS, Contest(harness, peers).measure, "reference")
+    runs, median = alternate(harness, contenders(a), Contest(harness, peers).measure, "reference")
     ratios = {
         level: {
+            **(
+                {
+                    "busy_p50_vs_reference": median[BUSY][level]["p50_us"] / median["reference"][level]["p50_us"],
+                    "busy_rps_vs_reference": median[BUSY][level]["rps"] / median["reference"][level]["rps"],
+                }
+                if BUSY in median
+                else {}
+            ),
             "rps_vs_reference": median["ours"][level]["rps"] / median["reference"][level]["rps"],
             "p50_vs_reference": median["ours"][level]["p50_us"] / median["reference"][level]["p50_us"],
             "p99_vs_reference": median["ours"][level]["p99_us"] / median["reference"][level]["p99_us"],
@@ -197,6 +228,8 @@ def run(harness: Any) -> dict[str, Any]:
         "requests": a.requests,
         "warmup": a.warmup,
         "rounds": a.runs,
+        "placement": getattr(a, "placement", "free"),
+        "busy_poll_us": getattr(a, "busy_poll", 0),
     }
 
 
@@ -206,7 +239,9 @@ def report(section: dict[str, Any], fmt: Any) -> list[str]:
     lines = [
         "",
         f"against the reference proxy, same run ({section['agents']}, {section['requests']:,} round trips "
-        f"after {section['warmup']:,}, median of {section['rounds']} alternating rounds)",
+        f"after {section['warmup']:,}, median of {section['rounds']} alternating rounds"
+        + ("" if section.get("placement", "free") == "free" else f", placement {section['placement']}")
+        + ")",
         "| concurrency | reference /s | ours /s | ours / ref | floor /s | ours / floor "
         "| p50 us ref / ours / floor | p99 us ref / ours / floor | proxy CPU ref / ours |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -221,4 +256,18 @@ def report(section: dict[str, Any], fmt: Any) -> list[str]:
             f"| {fmt(ref['p99_us'], 1)} / {fmt(ours['p99_us'], 1)} / {fmt(floor['p99_us'], 1)} "
             f"| {ref['proxy_cpu']:.0%} / {ours['proxy_cpu']:.0%} |"
         )
+    if BUSY in med:
+        lines += [
+            "",
+            f"ours with --busy-poll {section['busy_poll_us']} (same run)",
+            "| concurrency | ours-busy-poll /s | / ref | p50 us | / ref | p99 us | proxy CPU |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for level, ratio in section["ratios"].items():
+            busy = med[BUSY][level]
+            lines.append(
+                f"| {level} | {fmt(busy['rps'])} | {ratio['busy_rps_vs_reference']:.2f}x "
+                f"| {fmt(busy['p50_us'], 1)} | {ratio['busy_p50_vs_reference']:.2f}x "
+                f"| {fmt(busy['p99_us'], 1)} | {busy['proxy_cpu']:.0%} |"
+            )
     return lines

@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from ._twistd import (
     ProgramOptions,
+    add_busy_poll,
     exit_zero_after_clean_sigterm,
     positive_int,
     report_startup_errors,
@@ -630,6 +631,10 @@ def makeService(options: Options) -> service.IService:
             top = make_listener(options)
             add_forward_agents(top, options)
             add_gateway(top, options)
+        if options["workers"] == 1 or options["worker-control"] is not None:
+            # A worker group's parent only registers agents: its workers,
+            # given the same option, carry the requests.
+            add_busy_poll(top, options["busy-poll"], "sentinel-reverse", _default_reactor())
     except StartupError as e:
         # A plain message and exit status 1, not twistd's usage text or a
         # traceback: nothing is wrong with the command line.

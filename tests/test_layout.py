@@ -116,6 +116,7 @@ FLOOR = {
     "_redial": set(),
     "_tls": {"_peertext"},
     "_sending": set(),
+    "busypoll": set(),
 }
 
 

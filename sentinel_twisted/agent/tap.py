@@ -28,6 +28,7 @@ from .. import __version__
 from .._twistd import (
     ProgramOptions,
     StartupError,
+    add_busy_poll,
     exit_at_exit,
     exit_zero_after_clean_sigterm,
     positive_int,
@@ -488,6 +489,7 @@ def makeService(options: Options) -> service.IService:
         agent_service = make_agent_service(options)
     except SocketInUse as e:
         raise SystemExit(f"twistd sentinel-agent: {e}") from None
+    add_busy_poll(agent_service, options["busy-poll"], "sentinel-agent", agent_service.reactor)
     # Failures to listen come later, once twistd starts the service.
     report_startup_errors("sentinel-agent", StartupError)
     twistd_options = getattr(options, "parent", None)
