@@ -120,6 +120,12 @@ _FORWARDING_NAMES = frozenset(
     [b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]
 )
 
+#: A RequestHeaders waits for the end of the reactor's turn, to leave with
+#: those of the turn's other client reads (L{HOLD_FRAMES_FOR_TURN}), only
+#: while another request is under way: alone, nothing would join it, and the
+#: wait costs a timer call per request.
+_BATCH_EXCHANGES = 2
+
 #: The body of the 503 answered when there is no agent to consult.
 NO_AGENT = "No agent is available to decide this request."
 
@@ -546,6 +552,12 @@ class Exchange(Responding, Endings):
         self._round = slots = self.slots
         answered = self._header_answered
         failed = self._header_failed
+        if len(self.gateway.exchanges) < _BATCH_EXCHANGES:
+            for slot in slots:
+                if self._phase == _OVER:
+                    return
+                slot.connection.send_event_with(event, answered, failed, slot, cid)
+            return
         # Requests read in one reactor turn share a send per agent connection.
         with HOLD_FRAMES_FOR_TURN:
             for slot in slots:
