@@ -147,11 +147,19 @@ class Responding:
             # twisted.web.client keeps Content-Length out of the headers.
             headers._rawHeaders[b"Content-Length"] = [b"%d" % response.length]
         self._out_headers = headers
+        # One pass over the agents: those left out (failing open) see
+        # nothing more; the others by the response events they listed.
+        body_slots: list[AgentSlot] = []
+        header_slots: list[AgentSlot] = []
         for slot in self.slots:
             slot.stage = None
-        slots = [s for s in self.slots if s.skipped is None]
+            if slot.skipped is None:
+                events = slot.events
+                if _RESPONSE_BODY in events:
+                    body_slots.append(slot)
+                if _RESPONSE_HEADERS in events:
+                    header_slots.append(slot)
         # Response body stages, chained in agent order, ending at the client.
-        body_slots = [s for s in slots if _RESPONSE_BODY in s.events]
         head: BodySink = _ClientWriter(self)
         if body_slots:
             # Inspected bodies may change size: the client gets them chunked
@@ -173,25 +181,28 @@ class Responding:
                 max_size=self.gateway.config.max_replaced_body_size,
             )
         self._response_head = head
-        header_slots = [s for s in slots if _RESPONSE_HEADERS in s.events]
         for slot in body_slots:
-            if _RESPONSE_HEADERS not in slot.events and slot.stage is not None:
+            if slot.stage is not None and _RESPONSE_HEADERS not in slot.events:
                 slot.stage.start()
         if not header_slots:
             self._response_headers_allowed()
             return
+        cid = self.correlation_id
         event = m.ResponseHeadersEvent(
-            correlation_id=self.correlation_id,
+            correlation_id=cid,
             status=response.code,
-            headers=header_map(headers.getAllRawHeaders()),
+            headers=header_map(headers._rawHeaders.items()),
         )
         for slot in header_slots:
             slot.answer = None
         self._round = header_slots
+        answered = self._header_answered
+        failed = self._header_failed
         for slot in header_slots:
             if self._phase == _OVER:
                 return
-            self.send_to(slot, event, self._header_answered, self._header_failed, slot)
+            # Exchange.send_to, without the call.
+            slot.connection.send_event_with(event, answered, failed, slot, cid)
 
     def _response_headers_allowed(self) -> None:
         response = self._response

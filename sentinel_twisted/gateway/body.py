@@ -28,7 +28,7 @@ Memory stays bounded whatever an agent answers:
 
 from __future__ import annotations
 
-import base64
+from binascii import b2a_base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -251,9 +251,13 @@ class InspectionStage:
         if self._bypass:
             self.next.feed(data)
             return
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         self._pressure.add(len(data))
-        self._pump()
+        # Nothing to send before a whole chunk is held (or the body ends):
+        # no call to _pump for each small piece.
+        if len(buffer) > self._chunk_size or self._ended:
+            self._pump()
 
     def end(self) -> None:
         """The body is complete: its last chunk goes out marked C{is_last}."""
@@ -266,7 +270,8 @@ class InspectionStage:
     def start(self) -> None:
         """The agent answered the headers event: start sending the body."""
         self._started = True
-        self._pump()
+        if self._ended or len(self._buffer) > self._chunk_size:
+            self._pump()
 
     def bypass(self) -> None:
         """
@@ -329,7 +334,7 @@ class InspectionStage:
         else:
             return
         self._count += len(chunk)
-        data = base64.b64encode(chunk).decode("ascii")
+        data = b2a_base64(chunk, newline=False).decode("ascii")
         event: m.Event
         if self._response:
             event = m.ResponseBodyChunkEvent(
@@ -357,8 +362,48 @@ class InspectionStage:
             self._pressure.drained()
 
     def _answer_arrived(self, answer: m.AgentResponse, _: None) -> None:
+        # The handling in the try itself: one call per answered chunk.
         try:
-            self._answered(answer)
+            chunk = self._in_flight
+            owner = self.owner
+            if chunk is None or owner.is_over:
+                return
+            if not owner.body_answered(self.slot, answer):
+                return
+            mutation = answer.response_body_mutation if self._response else answer.request_body_mutation
+            if mutation is None or mutation.data is None:
+                # The usual answer: the chunk as it was (apply_body_mutation's
+                # first case, without the call).
+                out = chunk
+            else:
+                try:
+                    out = apply_body_mutation(chunk, mutation)
+                except ValueError as e:
+                    self._failed(Failure(InvalidMessage(str(e))))
+                    return
+            out_total = self._out + len(out)
+            if out_total > self._max_size and out_total > self._count:
+                self._failed(
+                    Failure(
+                        InvalidMessage(
+                            f"its body replacements make {out_total} bytes of {self._count}, over "
+                            f"the gateway's limit of {self._max_size} (--max-replaced-body-size)"
+                        )
+                    )
+                )
+                return
+            self._out = out_total
+            self._in_flight = None
+            self._pressure.sub(len(chunk))
+            if out:
+                self.next.feed(out)
+            if self._in_flight_last:
+                self._bypass = True
+                self._finish()
+            elif not answer.needs_more:
+                self.bypass()
+            else:
+                self._pump()
         except Exception:
             self.owner.internal_error(Failure())
 
@@ -367,42 +412,6 @@ class InspectionStage:
             self._failed(failure)
         except Exception:
             self.owner.internal_error(Failure())
-
-    def _answered(self, answer: m.AgentResponse) -> None:
-        chunk = self._in_flight
-        if chunk is None or self.owner.is_over:
-            return
-        if not self.owner.body_answered(self.slot, answer):
-            return
-        mutation = answer.response_body_mutation if self._response else answer.request_body_mutation
-        try:
-            out = apply_body_mutation(chunk, mutation)
-        except ValueError as e:
-            self._failed(Failure(InvalidMessage(str(e))))
-            return
-        out_total = self._out + len(out)
-        if out_total > self._max_size and out_total > self._count:
-            self._failed(
-                Failure(
-                    InvalidMessage(
-                        f"its body replacements make {out_total} bytes of {self._count}, over "
-                        f"the gateway's limit of {self._max_size} (--max-replaced-body-size)"
-                    )
-                )
-            )
-            return
-        self._out = out_total
-        self._in_flight = None
-        self._pressure.sub(len(chunk))
-        if out:
-            self.next.feed(out)
-        if self._in_flight_last:
-            self._bypass = True
-            self._finish()
-        elif not answer.needs_more:
-            self.bypass()
-        else:
-            self._pump()
 
     def _failed(self, failure: Failure) -> Any:
         if self._in_flight is None or self.owner.is_over:

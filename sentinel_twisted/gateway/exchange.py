@@ -102,6 +102,9 @@ _REQUEST_HEADERS = m.EventType.REQUEST_HEADERS
 _REQUEST_BODY = m.EventType.REQUEST_BODY_CHUNK
 
 _UPSTREAM_ERROR = m.CancelReason.UPSTREAM_ERROR
+#: An answer allows when its decision is one (AgentResponse.is_allow, without
+#: the property's call: this is read per answer).
+_ALLOW = m.Allow
 
 #: Headers of the client request the upstream never sees as such.
 _NOT_FORWARDED = (b"host", b"content-length", b"expect")
@@ -116,6 +119,12 @@ _GATEWAY_FORWARDING = (b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Forwarded-H
 _FORWARDING_NAMES = frozenset(
     [b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]
 )
+
+#: A RequestHeaders waits for the end of the reactor's turn, to leave with
+#: those of the turn's other client reads (L{HOLD_FRAMES_FOR_TURN}), only
+#: while another request is under way: alone, nothing would join it, and the
+#: wait costs a timer call per request.
+_BATCH_EXCHANGES = 2
 
 #: The body of the 503 answered when there is no agent to consult.
 NO_AGENT = "No agent is available to decide this request."
@@ -538,12 +547,20 @@ class Exchange(Responding, Endings):
             uri=self._target.decode("ascii"),
             headers=headers,
         )
-        self._round = list(self.slots)
+        # The round is the slots themselves: neither list changes after
+        # _select, and _judge_round replaces the round rather than change it.
+        self._round = slots = self.slots
         answered = self._header_answered
         failed = self._header_failed
+        if len(self.gateway.exchanges) < _BATCH_EXCHANGES:
+            for slot in slots:
+                if self._phase == _OVER:
+                    return
+                slot.connection.send_event_with(event, answered, failed, slot, cid)
+            return
         # Requests read in one reactor turn share a send per agent connection.
         with HOLD_FRAMES_FOR_TURN:
-            for slot in self._round:
+            for slot in slots:
                 if self._phase == _OVER:
                     return
                 slot.connection.send_event_with(event, answered, failed, slot, cid)
@@ -558,10 +575,9 @@ class Exchange(Responding, Endings):
                     self._header_failed(Failure(InvalidMessage(problem)), slot)
                     return
             slot.answer = answer
-            allow = answer.is_allow
-            self.gateway.metrics.agent_decided(
-                slot.agent_id, "allow" if allow else decision_label(answer.decision)
-            )
+            decision = answer.decision
+            allow = isinstance(decision, _ALLOW)
+            self.gateway.metrics.agent_decided(slot.agent_id, "allow" if allow else decision_label(decision))
             if allow and slot.stage is not None:
                 # Its body events may follow now that this answer is in.
                 slot.stage.start()
@@ -591,10 +607,10 @@ class Exchange(Responding, Endings):
             answer = slot.answer
             if answer is None:
                 return
-            if not answer.is_allow:
+            if not isinstance(answer.decision, _ALLOW):
                 self._deny(slot, answer)
                 return
-        self._round = []
+        self._round = ()
         if self._phase == _DECIDING:
             self._request_headers_allowed()
         elif self._phase == _RESPONSE_DECIDING:
@@ -635,13 +651,13 @@ class Exchange(Responding, Endings):
                 if self._agent_failed(slot, Failure(InvalidMessage(problem))) and stage is not None:
                     stage.bypass()
                 return False
-        self.gateway.metrics.agent_decided(
-            slot.agent_id, "allow" if answer.is_allow else decision_label(answer.decision)
-        )
-        if not answer.is_allow:
-            self._deny(slot, answer)
-            return False
-        return True
+        decision = answer.decision
+        if isinstance(decision, _ALLOW):
+            self.gateway.metrics.agent_decided(slot.agent_id, "allow")
+            return True
+        self.gateway.metrics.agent_decided(slot.agent_id, decision_label(decision))
+        self._deny(slot, answer)
+        return False
 
     def body_failed(self, slot: AgentSlot, failure: Failure) -> bool:
         """An agent could not answer a body chunk: C{503}, or on with C{--fail-open}."""

@@ -277,3 +277,44 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         channel.connectionLost(None)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class _TurnRecordingConnection(_RecordingConnection):
+    """Records, per event, whether it was sent under HOLD_FRAMES_FOR_TURN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[bool] = []
+
+    def send_event_with(self, event: Any, answered: Any, failed: Any, arg: Any, correlation_id: str) -> None:
+        self.held.append(bool(proxy_protocol._for_turn[0]))
+        super().send_event_with(event, answered, failed, arg, correlation_id)
+
+
+class HoldingForTheTurnTests(SynchronousTestCase):
+    def connect(self) -> tuple[Gateway, Any, _TurnRecordingConnection]:
+        connection = _TurnRecordingConnection()
+        reactor = MemoryReactorClock()
+        gateway = Gateway(
+            OneAgentPool(connection, "recorder"),  # type: ignore[arg-type]
+            GatewayConfig(),
+            _RecordingUpstream(),
+            clock=reactor,
+        )
+        channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        return gateway, channel, connection
+
+    def test_a_request_alone_goes_to_its_agents_at_once(self) -> None:
+        # Nothing else under way would join it at the end of the turn: no
+        # timer call for it.
+        _, channel, connection = self.connect()
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.dataReceived(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(connection.held, [False, False])
+
+    def test_a_request_beside_others_waits_for_the_end_of_the_turn(self) -> None:
+        gateway, channel, connection = self.connect()
+        gateway.exchanges.add(object())  # type: ignore[arg-type]
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(connection.held, [True])
