@@ -191,32 +191,17 @@ def request_metadata(
         client_ip, client_port = client.host, client.port
     else:
         client_ip, client_port = "", 0
-    get = headers.get
-    request_ids = get("x-request-id")
-    traceparent = get("traceparent")
-    # Once per request: _host_name, _protocol and rfc3339_now spelled out.
-    server_name = tls.server_name if tls is not None else None
-    if not server_name:
-        host = get("host")
-        if host:
-            raw = host[0]
-            server_name = _server_names.get(raw)
-            if server_name is None:
-                server_name = _server_name(raw)
-                _remember(_server_names, raw, server_name)
-        else:
-            server_name = None
-    second = int(time.time() if now is None else now)
-    timestamp = _last_stamp if second == _last_second else rfc3339_now(second)
+    request_ids = headers.get("x-request-id")
+    traceparent = headers.get("traceparent")
     if tls is None:
         return m.RequestMetadata(
             correlation_id=correlation_id,
             request_id=request_ids[0] if request_ids else correlation_id,
             client_ip=client_ip,
             client_port=client_port,
-            server_name=server_name,
-            protocol=_protocols.get(protocol) or _protocol(protocol),
-            timestamp=timestamp,
+            server_name=_host_name(headers),
+            protocol=_protocol(protocol),
+            timestamp=rfc3339_now(now),
             traceparent=traceparent[0] if traceparent else UNSET,
         )
     return m.RequestMetadata(
@@ -224,10 +209,10 @@ def request_metadata(
         request_id=request_ids[0] if request_ids else correlation_id,
         client_ip=client_ip,
         client_port=client_port,
-        server_name=server_name,
-        protocol=_protocols.get(protocol) or _protocol(protocol),
+        server_name=tls.server_name or _host_name(headers),
+        protocol=_protocol(protocol),
         tls_version=tls.version,
         tls_cipher=tls.cipher,
-        timestamp=timestamp,
+        timestamp=rfc3339_now(now),
         traceparent=traceparent[0] if traceparent else UNSET,
     )
