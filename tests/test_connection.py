@@ -61,6 +61,8 @@ class Sink:
 
 
 class Listener:
+    _answers_observed = True
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
@@ -298,6 +300,13 @@ class AnswerTests(ConnectionTestCase):
         self.clock.advance(0.25)
         self.answer("a")
         self.assertIn(("answered", "a", 0.25), self.listener.calls)
+
+    def test_a_listener_that_observes_no_answers_is_not_told_of_them(self) -> None:
+        self.listener._answers_observed = False
+        self.send("a")
+        self.answer("a")
+        self.assertTrue(self.outcomes.value("a").is_allow)
+        self.assertEqual(self.listener.calls, [])
 
 
 class TimeoutTests(ConnectionTestCase):
@@ -596,6 +605,17 @@ class WithoutDeferredTests(ConnectionTestCase):
         [(what, value, _)] = calls
         self.assertEqual(what, "failed")
         self.assertIsInstance(value, ValueError)
+
+    def test_an_event_the_sink_refuses_fails_its_deferred_and_leaves_nothing_pending(self) -> None:
+        def refuse(message_type: int, payload: bytes) -> None:
+            raise MessageTooLarge(MAX_MESSAGE_SIZE + 1, MAX_MESSAGE_SIZE)
+
+        self.sink.send_frame = refuse  # type: ignore[method-assign]
+        d = self.connection.send_event(request_headers("r"), timeout=1)
+        self.assertEqual(self.connection.in_flight, 0)
+        self.clock.advance(1)
+        self.failureResultOf(d, MessageTooLarge)
+        self.assertEqual(self.connection.events_sent, 0)
 
 
 class ControlTests(ConnectionTestCase):

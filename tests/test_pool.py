@@ -362,6 +362,16 @@ class ObserverTests(PoolTestCase):
         protocol.dataReceived(answer_frame("a"))
         self.assertIn(("answered", connection.connection_id, "a", 0.125), self.recorder.calls)
 
+    def test_answers_are_timed_only_while_an_observer_wants_them(self) -> None:
+        # PoolObserver's own request_answered does nothing: not an answer observer.
+        self.pool.remove_observer(self.recorder)
+        self.pool.add_observer(PoolObserver())
+        self.assertFalse(self.pool._answers_observed)
+        self.pool.add_observer(self.recorder)
+        self.assertTrue(self.pool._answers_observed)
+        self.pool.remove_observer(self.recorder)
+        self.assertFalse(self.pool._answers_observed)
+
     def test_answers_are_observed_by_the_observers_there_at_the_time(self) -> None:
         protocol, _, connection = self.register()
         second = Recorder()

@@ -377,6 +377,9 @@ def _dec_hook(type_: type, obj: object) -> object:
 
 def _answer_dec_hook(type_: type, obj: object) -> object:
     """L{_dec_hook} counting header operations against L{MAX_HEADER_OPS}."""
+    if type_ is Decision and obj == "allow":
+        # Most answers, as in _dec_hook: without a second call.
+        return ALLOW
     if type_ is HeaderOp:
         used = _op_count.used + 1
         if used > MAX_HEADER_OPS:

@@ -230,18 +230,21 @@ def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
         cid = correlation_id if correlation_id is not None else metadata.correlation_id
         if metadata.correlation_id != cid:
             # One copy of the event with both ids set (this runs per request).
-            return encode(
-                msgspec.structs.replace(
-                    event,
-                    correlation_id=cid,
-                    metadata=msgspec.structs.replace(metadata, correlation_id=cid),
-                )
-            )
+            event = _replace(event, correlation_id=cid, metadata=_replace(metadata, correlation_id=cid))
+        elif event.correlation_id != cid:
+            event = _replace(event, correlation_id=cid)
     else:
         cid = correlation_id if correlation_id is not None else event.correlation_id
-    if event.correlation_id != cid:
-        event = msgspec.structs.replace(event, correlation_id=cid)
-    return encode(event)
+        if event.correlation_id != cid:
+            event = _replace(event, correlation_id=cid)
+    # encode() spelled out with the encoder at hand: this runs per request.
+    try:
+        return _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError, NotImplementedError) as e:
+        raise SerializationError(str(e)) from None
+
+
+_replace = msgspec.structs.replace
 
 
 def event_correlation_id(event: _Event) -> str:

@@ -85,7 +85,25 @@ class AgentFrames:
     def frame_received(self, message_type: int, payload: bytes) -> None:
         """One frame from the agent, after registration."""
         if message_type == _ANSWER:
-            self._answer_received(payload)
+            # An answer (nearly every frame), handled here without a call
+            # of its own: decoded, matched to its request by correlation id,
+            # and handed over.
+            try:
+                response = self._decode_answer(payload)
+            except InvalidMessage as e:
+                self._bad_answer(payload, e)
+                return
+            cid = response.audit.custom.get("correlation_id")
+            # One lookup tells whether the id is waiting and since when.
+            if cid.__class__ is not str or (taken := self._pending.take(cid)) is None:
+                self._unknown_answer(cid)
+                return
+            deferred, sent_at = taken
+            listener = self.listener
+            # The time it took is worked out only for observers that want it.
+            if listener is not None and listener._answers_observed:
+                listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
+            deferred.callback(response)
         elif message_type == _FLOW:
             self._flow_control_received(payload)
         elif message_type == _PING:
@@ -122,28 +140,14 @@ class AgentFrames:
                 **self.log_fields(),
             )
 
-    def _answer_received(self, payload: bytes) -> None:
-        try:
-            response = self._decode_answer(payload)
-        except InvalidMessage as e:
-            self._bad_answer(payload, e)
-            return
-        cid = response.audit.custom.get("correlation_id")
-        # One lookup tells whether the id is waiting and since when.
-        if cid.__class__ is not str or (taken := self._pending.take(cid)) is None:
-            self.log_limiter.debug(
-                log,
-                "unknown-correlation-id",
-                "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
-                cid=peer_text(cid, _ID_IN_LOG) if isinstance(cid, str) else None,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
-            return
-        deferred, sent_at = taken
-        listener = self.listener
-        if listener is not None:
-            listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
-        deferred.callback(response)
+    def _unknown_answer(self, cid: object) -> None:
+        self.log_limiter.debug(
+            log,
+            "unknown-correlation-id",
+            "Dropped an answer for unknown correlation id {cid!r} on connection {connection_id}",
+            cid=peer_text(cid, _ID_IN_LOG) if isinstance(cid, str) else None,
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+        )
 
     def _bad_answer(self, payload: bytes, error: InvalidMessage) -> None:
         # Fail the request it was meant for now, rather than let it time out,

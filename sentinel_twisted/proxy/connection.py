@@ -65,6 +65,9 @@ class FrameSink(Protocol):
 class _ConnectionListener(Protocol):
     """Who hears about a connection's control messages (the pool)."""
 
+    #: Whether L{_connection_answered} wants to hear of each answer.
+    _answers_observed: bool
+
     def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
 
     def _connection_health_changed(self, connection: AgentConnection, state: int | None) -> None: ...
@@ -399,10 +402,26 @@ class AgentConnection(AgentFrames):
         """
         if self._closed is not None:
             return fail(self._closed)
+        # _send spelled out (this is the call of every proxied request).
+        if timeout is None:
+            timeout = self.request_timeout
+        elif not timeout > 0:
+            return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         try:
-            deferred: Deferred[m.AgentResponse] = self._send(event, correlation_id, timeout, None)
+            cid = correlation_id or m.event_correlation_id(event) or f"{_cid_prefix}-{next(_cid_counter):x}"
+            payload = self._encode_event(event, cid)
+            pending = self._pending
+            deferred: Deferred[m.AgentResponse] = pending.add(cid, timeout)
+            try:
+                self._sink.send_frame(event.message_type, payload)
+            except BaseException:
+                # Not sent, whatever the reason: nothing may wait for an
+                # answer (its timeout would end the request a second time).
+                pending.pop(cid)
+                raise
         except (AgentProtocolError, ValueError) as e:
             return fail(e)
+        self.events_sent += 1
         return deferred
 
     def send_event_with(

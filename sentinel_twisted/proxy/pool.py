@@ -154,6 +154,9 @@ class AgentPool:
         # The observers' request_answered, once per add or removal rather
         # than looked up per answer (PoolObserver's own does nothing).
         self._on_answered: list[Any] = []
+        #: Whether any observer is told each answer (its connections work
+        #: out an answer's time only then).
+        self._answers_observed = False
         #: Handshakes of dialled agents (L{connect_agent}) that succeeded,
         #: and those that failed by reason (for the status site's metrics).
         self.dial_handshakes = 0
@@ -215,6 +218,7 @@ class AgentPool:
             if callback is not None and getattr(callback, "__func__", None) is not PoolObserver.request_answered:
                 callbacks.append((observer, callback))
         self._on_answered = callbacks
+        self._answers_observed = bool(callbacks)
 
     def connect_agent(
         self,
