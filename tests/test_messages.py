@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
 from sentinel_twisted.errors import InvalidMessage, SerializationError, VersionMismatch
+from sentinel_twisted.messages import _codec
 
 from ._proxy_support import registration_payload, request_headers, response_headers
 
@@ -509,6 +510,23 @@ class CorrelationIdTests(TestCase):
         m.encode_event(event, "new")
         self.assertEqual(event.metadata.correlation_id, "old")
         self.assertEqual(event.correlation_id, "")
+
+    def test_encode_event_reuses_its_buffer_without_sharing_its_output(self) -> None:
+        first = m.encode_event(request_headers("a"), "first")
+        second = m.encode_event(m.ConfigureEvent(config={"mode": "block"}), "second")
+        self.assertIs(type(first), bytes)
+        self.assertEqual(json.loads(first)["correlation_id"], "first")
+        self.assertEqual(json.loads(second)["correlation_id"], "second")
+        self.assertEqual(len(_codec._buffers), 1)
+
+    def test_encode_event_after_an_error_and_past_the_kept_size(self) -> None:
+        with self.assertRaises(SerializationError):
+            m.encode_event(m.ConfigureEvent(config={"x": object()}), "bad")
+        self.assertEqual(json.loads(m.encode_event(response_headers("c"), "ok"))["correlation_id"], "ok")
+        big = m.encode_event(m.ConfigureEvent(config="x" * _codec._BUFFER_KEPT), "big")
+        self.assertEqual(json.loads(big)["config"], "x" * _codec._BUFFER_KEPT)
+        # A buffer that large is not kept for the next event.
+        self.assertTrue(all(len(b) <= _codec._BUFFER_KEPT for b in _codec._buffers))
 
     def test_traceparent_is_omitted_when_unset(self) -> None:
         doc = json.loads(m.encode_event(request_headers("c")))

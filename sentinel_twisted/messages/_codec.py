@@ -237,14 +237,32 @@ def encode_event(event: _Event, correlation_id: str | None = None) -> bytes:
         cid = correlation_id if correlation_id is not None else event.correlation_id
         if event.correlation_id != cid:
             event = _replace(event, correlation_id=cid)
-    # encode() spelled out with the encoder at hand: this runs per request.
+    # encode() spelled out with the encoder at hand, into a buffer kept for
+    # the next event: this runs per request.
     try:
-        return _encoder.encode(event)
+        buffer = _buffers.pop()
+    except IndexError:
+        buffer = bytearray()
+    try:
+        _encoder.encode_into(event, buffer)
+        return bytes(buffer)
     except (TypeError, ValueError, OverflowError, NotImplementedError) as e:
         raise SerializationError(str(e)) from None
+    finally:
+        if len(buffer) <= _BUFFER_KEPT:
+            _buffers.append(buffer)
 
 
 _replace = msgspec.structs.replace
+# The buffers encode_event encodes into.  msgspec's encode() starts each
+# message in a buffer of a few bytes and grows it several times over for
+# a typical RequestHeaders; a buffer kept from the last event is already
+# as large.  A list, not one buffer: an encoding under way (in another
+# thread) keeps its own, and the next one takes another.
+_buffers: list[bytearray] = []
+#: The largest buffer kept for the next event (the rare larger event gets
+#: its own, which goes with it).
+_BUFFER_KEPT: Final = 64 * 1024
 
 
 def event_correlation_id(event: _Event) -> str:

@@ -44,12 +44,14 @@ log = Logger(namespace="sentinel_twisted.connection")
 
 _cid_prefix = os.urandom(4).hex()
 _cid_counter = itertools.count(1)
-
+# The prefix and its dash, joined once: "%x" formats the counter for less
+# than an f-string's format spec does (this runs per request).
+_cid_start = _cid_prefix + "-"
 
 
 def new_correlation_id() -> str:
     """A correlation id unique in this process (and unlikely across)."""
-    return f"{_cid_prefix}-{next(_cid_counter):x}"
+    return _cid_start + "%x" % next(_cid_counter)  # noqa: UP031 (see _cid_start)
 
 
 class FrameSink(Protocol):
@@ -408,7 +410,15 @@ class AgentConnection(AgentFrames):
         elif not timeout > 0:
             return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         try:
-            cid = correlation_id or m.event_correlation_id(event) or f"{_cid_prefix}-{next(_cid_counter):x}"
+            cid = correlation_id
+            if not cid:
+                # m.event_correlation_id and new_correlation_id, spelled out.
+                if isinstance(event, m.RequestHeadersEvent):
+                    cid = event.metadata.correlation_id or event.correlation_id
+                else:
+                    cid = event.correlation_id
+                if not cid:
+                    cid = _cid_start + "%x" % next(_cid_counter)  # noqa: UP031 (see _cid_start)
             payload = self._encode_event(event, cid)
             pending = self._pending
             deferred: Deferred[m.AgentResponse] = pending.add(cid, timeout)
