@@ -404,34 +404,10 @@ class AgentConnection(AgentFrames):
         """
         if self._closed is not None:
             return fail(self._closed)
-        # _send spelled out (this is the call of every proxied request).
-        if timeout is None:
-            timeout = self.request_timeout
-        elif not timeout > 0:
-            return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         try:
-            cid = correlation_id
-            if not cid:
-                # m.event_correlation_id and new_correlation_id, spelled out.
-                if isinstance(event, m.RequestHeadersEvent):
-                    cid = event.metadata.correlation_id or event.correlation_id
-                else:
-                    cid = event.correlation_id
-                if not cid:
-                    cid = _cid_start + "%x" % next(_cid_counter)  # noqa: UP031 (see _cid_start)
-            payload = self._encode_event(event, cid)
-            pending = self._pending
-            deferred: Deferred[m.AgentResponse] = pending.add(cid, timeout)
-            try:
-                self._sink.send_frame(event.message_type, payload)
-            except BaseException:
-                # Not sent, whatever the reason: nothing may wait for an
-                # answer (its timeout would end the request a second time).
-                pending.pop(cid)
-                raise
+            deferred: Deferred[m.AgentResponse] = self._send(event, correlation_id, timeout, None)
         except (AgentProtocolError, ValueError) as e:
             return fail(e)
-        self.events_sent += 1
         return deferred
 
     def send_event_with(
