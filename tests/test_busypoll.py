@@ -118,6 +118,50 @@ class ServiceTests(SynchronousTestCase):
         busy.stopService()
         self.assertEqual(made.doIteration, own)
 
+    def test_a_doiteration_replaced_before_is_wrapped_and_given_back(self) -> None:
+        made = self.epoll_reactor()
+        calls: list[float | None] = []
+        busy = BusyPollService(40e-6, made)
+        # Installed by someone else after the service was made, before it started.
+        made.doIteration = calls.append
+        theirs = made.doIteration
+        busy.startService()
+        made.doIteration(0)
+        self.assertEqual(calls, [0])
+        busy.stopService()
+        self.assertIs(made.doIteration, theirs)
+
+    def test_stopping_one_of_two_services_leaves_the_other_spinning(self) -> None:
+        made = self.epoll_reactor()
+        own = made.doIteration
+        first = BusyPollService(40e-6, made)
+        second = BusyPollService(30e-6, made)
+        first.startService()
+        second.startService()
+        second.stopService()
+        self.assertIsInstance(made.doIteration, _Spin)
+        self.assertEqual(made.doIteration.spin, 40e-6)
+        first.stopService()
+        self.assertEqual(made.doIteration, own)
+
+    def test_stopped_under_another_wrapper_it_no_longer_spins(self) -> None:
+        made = self.epoll_reactor()
+        busy = BusyPollService(40e-6, made)
+        busy.startService()
+        spinner = made.doIteration
+        calls: list[float | None] = []
+
+        def wrapper(timeout: float | None) -> None:
+            calls.append(timeout)
+            spinner(timeout)
+
+        made.doIteration = wrapper
+        busy.stopService()
+        self.assertIs(made.doIteration, wrapper)
+        # Nothing is ready: a spin would end in a miss before the wait.
+        made.doIteration(1e-3)
+        self.assertEqual((calls, busy.hits, busy.misses), ([1e-3], 0, 0))
+
     def test_another_reactor_is_a_clear_error(self) -> None:
         error = self.assertRaises(UnsupportedReactor, BusyPollService, 40e-6, MemoryReactorClock())
         self.assertEqual(
