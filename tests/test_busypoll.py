@@ -243,6 +243,15 @@ class ProgramTests(TestCase):
         reverse.signal(15)
         self.assertEqual(reverse.wait_exit(), 0, reverse.output())
 
+    def test_a_worker_group_spins_in_its_workers_not_in_its_parent(self) -> None:
+        group = Twistd(self, self.directory, "--workers", "2", "--busy-poll", "50", name="group")
+        group.wait_for_output(r"\[worker 1\] Busy polling: up to 50 µs")
+        group.wait_for_output(r"\[worker 2\] Busy polling: up to 50 µs")
+        lines = [line for line in group.output().splitlines() if "Busy polling" in line]
+        self.assertEqual(len(lines), 2, lines)
+        group.signal(15)
+        self.assertEqual(group.wait_exit(), 0, group.output())
+
     def run_twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             twistd_command("-n", "--pidfile=", *args),
