@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from sentinel_twisted.busypoll import MAX_SPIN, BusyPollService, UnsupportedReactor, _Spin
 
@@ -118,6 +121,23 @@ class ServiceTests(SynchronousTestCase):
         busy.stopService()
         self.assertEqual(made.doIteration, own)
 
+    def test_the_spin_checks_the_reactors_sockets_without_blocking(self) -> None:
+        made = self.epoll_reactor()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reader = Reader(ours)
+        made.addReader(reader)
+        busy = BusyPollService(40e-6, made)
+        busy.startService()
+        self.addCleanup(busy.stopService)
+        # Nothing to read: the spin ends on time, then a short wait.
+        made.doIteration(1e-3)
+        self.assertEqual((busy.hits, busy.misses, reader.read), (0, 1, b""))
+        theirs.send(b"x")
+        made.doIteration(None)
+        self.assertEqual((busy.hits, busy.misses, reader.read), (1, 1, b"x"))
+
     def test_a_doiteration_replaced_before_is_wrapped_and_given_back(self) -> None:
         made = self.epoll_reactor()
         calls: list[float | None] = []
@@ -174,6 +194,27 @@ class ServiceTests(SynchronousTestCase):
         for spin in (0.0, -1e-6, MAX_SPIN * 2):
             with self.subTest(spin=spin):
                 self.assertRaises(ValueError, BusyPollService, spin, made)
+
+
+@implementer(IReadDescriptor)
+class Reader:
+    """Reads what arrives on a socket, for a reactor of the test's own."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.read = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:
+        self.read += self.sock.recv(100)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "Reader"
 
 
 class Echo(Protocol):
