@@ -59,6 +59,8 @@ class _Spin:
     @ivar pause: gives the CPU to another runnable process, if any.
     @ivar hits: spins that ended with a socket ready.
     @ivar misses: spins that ended on time, followed by a blocking wait.
+    @ivar active: false once its service stopped: it then calls C{iterate}
+        at once (it stays where something else wrapped it).
     """
 
     def __init__(
@@ -76,9 +78,10 @@ class _Spin:
         self.pause = pause
         self.hits = 0
         self.misses = 0
+        self.active = True
 
     def __call__(self, timeout: float | None) -> None:
-        if timeout == 0:
+        if timeout == 0 or not self.active:
             # Work is due now (a call with no delay, data already read).
             self.iterate(timeout)
             return
@@ -122,27 +125,60 @@ class BusyPollService(service.Service):
         poller = _epoll_of(reactor)
         self.spin = spin
         self._reactor = reactor
-        self._spinner = _Spin(reactor.doIteration, lambda: bool(poller.poll(0, 1)), spin)
+        self._ready: Callable[[], bool] = lambda: bool(poller.poll(0, 1))
+        #: The spin in place while running (a new one each start, around
+        #: whatever C{doIteration} the reactor has then).
+        self._spinner: _Spin | None = None
+        #: What the reactor's instance had as C{doIteration} before the
+        #: spin went in (L{_CLASS}: nothing, the class's own).
+        self._previous: Any = _CLASS
+        #: Hits and misses of the spins of earlier runs.
+        self._counted = (0, 0)
 
     @property
     def hits(self) -> int:
         """Spins that ended with a socket ready, since the service was made."""
-        return self._spinner.hits
+        spinner = self._spinner
+        return self._counted[0] + (spinner.hits if spinner is not None else 0)
 
     @property
     def misses(self) -> int:
         """Spins that ended on time and went on to block."""
-        return self._spinner.misses
+        spinner = self._spinner
+        return self._counted[1] + (spinner.misses if spinner is not None else 0)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._reactor.doIteration = self._spinner
+        reactor = self._reactor
+        # Around the reactor's doIteration as it is now: another wrapper
+        # (or another BusyPollService) installed before this start keeps
+        # working, and comes back when this service stops.
+        self._previous = reactor.__dict__.get("doIteration", _CLASS)
+        self._spinner = _Spin(reactor.doIteration, self._ready, self.spin)
+        reactor.doIteration = self._spinner
         log.info("Busy polling: up to {micros:.0f} µs before each wait", micros=self.spin * 1e6)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._reactor.__dict__.get("doIteration") is self._spinner:
-            del self._reactor.doIteration
+        spinner, self._spinner = self._spinner, None
+        if spinner is None:
+            return
+        self._counted = (self._counted[0] + spinner.hits, self._counted[1] + spinner.misses)
+        reactor = self._reactor
+        if reactor.__dict__.get("doIteration") is spinner:
+            if self._previous is _CLASS:
+                del reactor.doIteration
+            else:
+                reactor.doIteration = self._previous
+        else:
+            # Something wrapped the spin since: it stays in place, and no
+            # longer spins.
+            spinner.active = False
+        self._previous = _CLASS
+
+
+#: L{BusyPollService._previous} when the reactor used its class's C{doIteration}.
+_CLASS: Any = object()
 
 
 def _epoll_of(reactor: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from sentinel_twisted.busypoll import MAX_SPIN, BusyPollService, UnsupportedReactor, _Spin
 
@@ -118,6 +121,67 @@ class ServiceTests(SynchronousTestCase):
         busy.stopService()
         self.assertEqual(made.doIteration, own)
 
+    def test_the_spin_checks_the_reactors_sockets_without_blocking(self) -> None:
+        made = self.epoll_reactor()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reader = Reader(ours)
+        made.addReader(reader)
+        busy = BusyPollService(40e-6, made)
+        busy.startService()
+        self.addCleanup(busy.stopService)
+        # Nothing to read: the spin ends on time, then a short wait.
+        made.doIteration(1e-3)
+        self.assertEqual((busy.hits, busy.misses, reader.read), (0, 1, b""))
+        theirs.send(b"x")
+        made.doIteration(None)
+        self.assertEqual((busy.hits, busy.misses, reader.read), (1, 1, b"x"))
+
+    def test_a_doiteration_replaced_before_is_wrapped_and_given_back(self) -> None:
+        made = self.epoll_reactor()
+        calls: list[float | None] = []
+        busy = BusyPollService(40e-6, made)
+        # Installed by someone else after the service was made, before it started.
+        made.doIteration = calls.append
+        theirs = made.doIteration
+        busy.startService()
+        made.doIteration(0)
+        self.assertEqual(calls, [0])
+        busy.stopService()
+        self.assertIs(made.doIteration, theirs)
+
+    def test_stopping_one_of_two_services_leaves_the_other_spinning(self) -> None:
+        made = self.epoll_reactor()
+        own = made.doIteration
+        first = BusyPollService(40e-6, made)
+        second = BusyPollService(30e-6, made)
+        first.startService()
+        second.startService()
+        second.stopService()
+        self.assertIsInstance(made.doIteration, _Spin)
+        self.assertEqual(made.doIteration.spin, 40e-6)
+        first.stopService()
+        self.assertEqual(made.doIteration, own)
+
+    def test_stopped_under_another_wrapper_it_no_longer_spins(self) -> None:
+        made = self.epoll_reactor()
+        busy = BusyPollService(40e-6, made)
+        busy.startService()
+        spinner = made.doIteration
+        calls: list[float | None] = []
+
+        def wrapper(timeout: float | None) -> None:
+            calls.append(timeout)
+            spinner(timeout)
+
+        made.doIteration = wrapper
+        busy.stopService()
+        self.assertIs(made.doIteration, wrapper)
+        # Nothing is ready: a spin would end in a miss before the wait.
+        made.doIteration(1e-3)
+        self.assertEqual((calls, busy.hits, busy.misses), ([1e-3], 0, 0))
+
     def test_another_reactor_is_a_clear_error(self) -> None:
         error = self.assertRaises(UnsupportedReactor, BusyPollService, 40e-6, MemoryReactorClock())
         self.assertEqual(
@@ -130,6 +194,27 @@ class ServiceTests(SynchronousTestCase):
         for spin in (0.0, -1e-6, MAX_SPIN * 2):
             with self.subTest(spin=spin):
                 self.assertRaises(ValueError, BusyPollService, spin, made)
+
+
+@implementer(IReadDescriptor)
+class Reader:
+    """Reads what arrives on a socket, for a reactor of the test's own."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.read = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:
+        self.read += self.sock.recv(100)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "Reader"
 
 
 class Echo(Protocol):
@@ -198,6 +283,15 @@ class ProgramTests(TestCase):
         self.assertEqual(agent.wait_exit(), 0, agent.output())
         reverse.signal(15)
         self.assertEqual(reverse.wait_exit(), 0, reverse.output())
+
+    def test_a_worker_group_spins_in_its_workers_not_in_its_parent(self) -> None:
+        group = Twistd(self, self.directory, "--workers", "2", "--busy-poll", "50", name="group")
+        group.wait_for_output(r"\[worker 1\] Busy polling: up to 50 µs")
+        group.wait_for_output(r"\[worker 2\] Busy polling: up to 50 µs")
+        lines = [line for line in group.output().splitlines() if "Busy polling" in line]
+        self.assertEqual(len(lines), 2, lines)
+        group.signal(15)
+        self.assertEqual(group.wait_exit(), 0, group.output())
 
     def run_twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
