@@ -95,6 +95,8 @@ _CONVERSIONS = {
     "max-connections": positive_int,
     "max-incomplete-frame-bytes": positive_int,
     "max-held-event-bytes": positive_int,
+    "frame-timeout": _positive_float,
+    "write-stall-timeout": _positive_float,
 }
 
 
@@ -214,6 +216,20 @@ class Options(ProgramOptions):
             64 * 1024 * 1024,
             "Bytes (N) of events one connection holds running and queued; past it an "
             "event is answered 503 at once.",
+        ],
+        [
+            "frame-timeout",
+            None,
+            30.0,
+            "Seconds (a float) a frame the proxy has started has to arrive whole, once "
+            "registered; then the connection is closed.",
+        ],
+        [
+            "write-stall-timeout",
+            None,
+            30.0,
+            "Seconds (a float) the proxy may leave the agent's answers unread, its socket "
+            "full; then the connection is aborted.",
         ],
     ]
 
@@ -446,6 +462,8 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         max_concurrency=options["max-concurrency"],
         max_held_event_bytes=options["max-held-event-bytes"],
         fail_open=bool(options["fail-open"]),
+        frame_timeout=options["frame-timeout"],
+        write_stall_timeout=options["write-stall-timeout"],
         frame_budget=budget,
     )
     return AgentService(connector, options, reactor, listener)
@@ -477,6 +495,8 @@ def make_agent_listener(
         max_concurrency=options["max-concurrency"],
         max_held_event_bytes=options["max-held-event-bytes"],
         fail_open=bool(options["fail-open"]),
+        frame_timeout=options["frame-timeout"],
+        write_stall_timeout=options["write-stall-timeout"],
         max_connections=options.get("max-connections", DEFAULT_MAX_CONNECTIONS),
         max_incomplete_frame_bytes=options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES),
         frame_budget=frame_budget,

@@ -70,6 +70,7 @@ class OptionsTests(SynchronousTestCase):
         settings = service.connector.settings
         self.assertEqual(settings.agent_id, "waf-1")
         self.assertEqual(settings.max_concurrency, 100)
+        self.assertEqual((settings.frame_timeout, settings.write_stall_timeout), (30.0, 30.0))
         self.assertFalse(settings.fail_open)
         self.assertEqual(len(service.connector.slots), 1)
 
@@ -81,13 +82,14 @@ class OptionsTests(SynchronousTestCase):
             "--rules", self.rules, "--auth-token-file", str(token), "--connections", "3",
             "--max-concurrency", "7", "--name", "edge-waf", "--health-interval", "2",
             "--registration-timeout", "4", "--drain-grace", "1", "--max-retry-delay", "9", "--fail-open",
-            "--max-held-event-bytes", "1000000",
+            "--max-held-event-bytes", "1000000", "--frame-timeout", "5.5", "--write-stall-timeout", "12",
         )  # fmt: skip
         service = make_agent_service(options, reactor=Clock())
         settings = service.connector.settings
         self.assertEqual(settings.auth_token, "s3cret")
         self.assertEqual(settings.max_concurrency, 7)
         self.assertEqual(settings.max_held_event_bytes, 1_000_000)
+        self.assertEqual((settings.frame_timeout, settings.write_stall_timeout), (5.5, 12.0))
         self.assertEqual(settings.health_interval, 2)
         self.assertEqual(settings.registration_timeout, 4)
         self.assertTrue(settings.fail_open)
@@ -122,6 +124,8 @@ class OptionsTests(SynchronousTestCase):
             ("--max-held-event-bytes", "0", "expected a positive integer, got '0'"),
             ("--health-interval", "-1", "expected a number of seconds (0 or more), got '-1'"),
             ("--registration-timeout", "0", "expected a positive number of seconds, got '0'"),
+            ("--frame-timeout", "0", "expected a positive number of seconds, got '0'"),
+            ("--write-stall-timeout", "inf", "expected a number of seconds, got 'inf'"),
             ("--drain-grace", "nan", "expected a number of seconds, got 'nan'"),
             ("--max-retry-delay", "soon", "expected a number of seconds, got 'soon'"),
             ("--log-level", "chatty", "expected one of debug, info, warn, error, critical, got 'chatty'"),

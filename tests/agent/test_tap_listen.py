@@ -34,7 +34,10 @@ class ListenOptionsTests(SynchronousTestCase):
         self.socket = temp_path(self, "agent.sock")
 
     def test_listen_only(self) -> None:
-        options = parse("--listen", f"unix:{self.socket}", "--handshake-timeout", "3")
+        options = parse(
+            "--listen", f"unix:{self.socket}", "--handshake-timeout", "3", "--frame-timeout", "7",
+            "--write-stall-timeout", "8",
+        )  # fmt: skip
         self.assertEqual(options["listen"], f"unix:{self.socket}:lockfile=1:mode=600")
         self.assertEqual(options["connect"], [])
         service = make_agent_service(options, reactor=Clock())
@@ -46,6 +49,7 @@ class ListenOptionsTests(SynchronousTestCase):
         self.assertEqual(listener.settings.max_concurrency, 100)
         self.assertEqual(listener.settings.max_held_event_bytes, 64 * 1024 * 1024)
         self.assertEqual(listener.factory.handshake_timeout, 3)
+        self.assertEqual((listener.settings.frame_timeout, listener.settings.write_stall_timeout), (7.0, 8.0))
         self.assertIs(service.agent, options["agent-object"])
 
     def test_connect_and_listen_together(self) -> None:
