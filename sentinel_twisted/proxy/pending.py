@@ -92,17 +92,7 @@ class PendingTable:
     """
 
     # One table per registered connection: no per-instance __dict__.
-    __slots__ = (
-        "_cancelled_call",
-        "_clock",
-        "_counts",
-        "_on_cancel",
-        "_on_timeout",
-        "_entries",
-        "_lanes",
-        "_timer",
-        "_timer_at",
-    )
+    __slots__ = ("_clock", "_counts", "_on_cancel", "_on_timeout", "_entries", "_lanes", "_timer", "_timer_at")
 
     def __init__(
         self,
@@ -119,8 +109,6 @@ class PendingTable:
         self._lanes: dict[float, dict[str, _Pending]] = {}
         self._timer: IDelayedCall | None = None
         self._timer_at = 0.0
-        # Every request's Deferred gets the same canceller: bound once.
-        self._cancelled_call = self._cancelled
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -150,7 +138,7 @@ class PendingTable:
         entry = _Pending()
         entry.correlation_id = correlation_id
         if waiter is None:
-            deferred: Deferred[Any] = Deferred(self._cancelled_call)
+            deferred: Deferred[Any] = Deferred(self._cancelled)
             deferred._sentinel_cid = correlation_id  # type: ignore[attr-defined]
             entry.deferred = deferred
         else:
