@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
-from ._endings import _FORWARDING, _OVER, _RESPONDING, _RESPONSE_DECIDING
+from ._endings import _FORWARDING, _RESPONDING, _RESPONSE_DECIDING
 from .body import (
     Answered,
     BodySink,
@@ -125,6 +125,8 @@ class Responding:
 
         def _header_failed(self, failure: Failure, slot: AgentSlot) -> None: ...
 
+        def _send_round(self, event: m.Event) -> None: ...
+
         def _cancel_pending(self, reason: int) -> None: ...
 
         def _respond_plain(self, code: int, detail: str | None = None) -> None: ...
@@ -187,22 +189,15 @@ class Responding:
         if not header_slots:
             self._response_headers_allowed()
             return
-        cid = self.correlation_id
         event = m.ResponseHeadersEvent(
-            correlation_id=cid,
+            correlation_id=self.correlation_id,
             status=response.code,
             headers=header_map(headers._rawHeaders.items()),
         )
         for slot in header_slots:
             slot.answer = None
         self._round = header_slots
-        answered = self._header_answered
-        failed = self._header_failed
-        for slot in header_slots:
-            if self._phase == _OVER:
-                return
-            # Exchange.send_to, without the call.
-            slot.connection.send_event_with(event, answered, failed, slot, cid)
+        self._send_round(event)
 
     def _response_headers_allowed(self) -> None:
         response = self._response

@@ -371,16 +371,11 @@ class InspectionStage:
             if not owner.body_answered(self.slot, answer):
                 return
             mutation = answer.response_body_mutation if self._response else answer.request_body_mutation
-            if mutation is None or mutation.data is None:
-                # The usual answer: the chunk as it was (apply_body_mutation's
-                # first case, without the call).
-                out = chunk
-            else:
-                try:
-                    out = apply_body_mutation(chunk, mutation)
-                except ValueError as e:
-                    self._failed(Failure(InvalidMessage(str(e))))
-                    return
+            try:
+                out = apply_body_mutation(chunk, mutation)
+            except ValueError as e:
+                self._failed(Failure(InvalidMessage(str(e))))
+                return
             out_total = self._out + len(out)
             if out_total > self._max_size and out_total > self._count:
                 self._failed(

@@ -549,21 +549,26 @@ class Exchange(Responding, Endings):
         )
         # The round is the slots themselves: neither list changes after
         # _select, and _judge_round replaces the round rather than change it.
-        self._round = slots = self.slots
-        answered = self._header_answered
-        failed = self._header_failed
+        self._round = self.slots
         if len(self.gateway.exchanges) < _BATCH_EXCHANGES:
-            for slot in slots:
-                if self._phase == _OVER:
-                    return
-                slot.connection.send_event_with(event, answered, failed, slot, cid)
+            self._send_round(event)
             return
         # Requests read in one reactor turn share a send per agent connection.
         with HOLD_FRAMES_FOR_TURN:
-            for slot in slots:
-                if self._phase == _OVER:
-                    return
-                slot.connection.send_event_with(event, answered, failed, slot, cid)
+            self._send_round(event)
+
+    def _send_round(self, event: m.Event) -> None:
+        """
+        Send a headers event to every agent of the round: each answer (or
+        failure) comes to L{_header_answered} (L{_header_failed}).  Stops
+        once the exchange is over (an agent failed at once, closed).
+        """
+        answered = self._header_answered
+        failed = self._header_failed
+        for slot in self._round:
+            if self._phase == _OVER:
+                return
+            self.send_to(slot, event, answered, failed, slot)
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:
