@@ -162,23 +162,24 @@ class EventServing:
             self._ping_received(payload)
         elif message_type == MessageType.PONG:
             pass
-        elif message_type in (MessageType.HANDSHAKE_REQUEST, MessageType.HANDSHAKE_RESPONSE):
-            # Either side's, depending on the mode: only its place is wrong.
-            self.log_limiter.warn(
-                log,
-                "handshake-frame-after-handshake",
-                "Proxy {proxy_id} sent a second handshake frame ({kind}) on connection "
-                "{connection_id}, after the handshake; ignored",
-                proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
-                kind=MessageType(message_type).wire_name,
-                connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
-            )
         else:
+            if message_type in (MessageType.HANDSHAKE_REQUEST, MessageType.HANDSHAKE_RESPONSE):
+                # Either side's, depending on the mode: only its place is wrong.
+                key = "handshake-frame-after-handshake"
+                text = (
+                    "Proxy {proxy_id} sent a second handshake frame ({kind}) on connection "
+                    "{connection_id}, after the handshake; ignored"
+                )
+            else:
+                key = "agent-frame-from-proxy"
+                text = (
+                    "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
+                    "which only agents send; ignored"
+                )
             self.log_limiter.warn(
                 log,
-                "agent-frame-from-proxy",
-                "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
-                "which only agents send; ignored",
+                key,
+                text,
                 proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
                 kind=MessageType(message_type).wire_name,
                 connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
