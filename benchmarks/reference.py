@@ -43,7 +43,7 @@ BUSY = "ours-busy-poll"
 
 
 def contenders(args: Any) -> tuple[str, ...]:
-    return CONTENDERS + ((BUSY,) if getattr(args, "busy_poll", 0) else ())
+    return CONTENDERS + ((BUSY,) if args.busy_poll else ())
 PEERS_ENV = "SENTINEL_PEERS"
 
 
@@ -79,7 +79,7 @@ class Contest:
         self.a = harness.args
         self.peers = peers
         self.expect = self.a.agents * self.a.connections
-        placement = getattr(self.a, "placement", "free")
+        placement = self.a.placement
         #: The CPUs of the proxies and of the agents (None: any).
         self.proxy_cpus = None if placement == "free" else {0}
         self.agent_cpus = {"free": None, "same": {0}, "apart": {1}}[placement]
@@ -123,7 +123,7 @@ class Contest:
                 self.proxy_cpus,
             )
         elif contender in ("ours", BUSY):
-            busy = ["--busy-poll", str(getattr(a, "busy_poll", 0))] if contender == BUSY else []
+            busy = ["--busy-poll", str(a.busy_poll)] if contender == BUSY else []
             proxy, where = self.h.start_proxy(
                 "unix", "roundtrip", "--expect", str(self.expect), "--levels", str(level), *sizes, *busy,
                 cpus=self.proxy_cpus,
@@ -228,8 +228,8 @@ def run(harness: Any) -> dict[str, Any]:
         "requests": a.requests,
         "warmup": a.warmup,
         "rounds": a.runs,
-        "placement": getattr(a, "placement", "free"),
-        "busy_poll_us": getattr(a, "busy_poll", 0),
+        "placement": a.placement,
+        "busy_poll_us": a.busy_poll,
     }
 
 
