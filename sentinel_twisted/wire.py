@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
+from ._reading import read_plainly
 from .errors import (
     AgentProtocolError,
     ControlFrameTooLarge,
@@ -220,6 +221,8 @@ class FrameReceiver(Int32StringReceiver):
 
     def makeConnection(self, transport: ITransport) -> None:
         self._buffer = bytearray()
+        # Frames are bytes only: no file descriptors, and no recvmsg() to take them.
+        read_plainly(transport)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
     @property

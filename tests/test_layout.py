@@ -107,7 +107,7 @@ class OldImportPathTests(TestCase):
 FLOOR = {
     "errors": {"_cancel"},
     "_cancel": set(),
-    "wire": {"errors"},
+    "wire": {"errors", "_reading"},
     "messages": {"errors", "wire", "_cancel"},
     "forward": {"errors", "messages"},
     "endpoints": set(),
@@ -116,6 +116,7 @@ FLOOR = {
     "_redial": set(),
     "_tls": {"_peertext"},
     "_sending": set(),
+    "_reading": set(),
     "busypoll": set(),
 }
 

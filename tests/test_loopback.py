@@ -37,7 +37,7 @@ from sentinel_twisted.proxy.protocol import HOLD_FRAMES_FOR_TURN, _await_turn_en
 from sentinel_twisted.tap import DEFAULT_LISTEN, Options
 
 from . import rawagent as raw
-from ._proxy_support import answer_frame
+from ._proxy_support import answer_frame, captured_log, log_text
 from .rawagent import RawAgentProtocol
 
 Frame = tuple[int, Any]
@@ -199,6 +199,30 @@ class LoopbackTests(TestCase):
         [connection] = factory.pool.connections("waf-1")
         self.assertEqual(connection.connection_id, body["connection_id"])
         self.assertTrue(connection.peer.startswith("unix"), connection.peer)
+
+    @inlineCallbacks
+    def test_file_descriptors_an_agent_passes_are_dropped_unlogged(self) -> Generator[Any, Any, None]:
+        # The listener reads with recv(): the kernel closes what a peer passes
+        # before it reaches this process, the bytes around it arrive as sent,
+        # and no log line is written per read (Twisted's recvmsg() path logs one).
+        factory = yield self.listen()
+        agent = yield self.connect()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        with captured_log() as events:
+            for _ in range(3):
+                agent.transport.sendFileDescriptor(r)  # type: ignore[union-attr]
+            message_type, body = yield agent.register("waf-1")
+            self.assertEqual(message_type, raw.HANDSHAKE_RESPONSE)
+            self.assertTrue(body["success"], body)
+            d = factory.pool.send_request_headers("waf-1", request_headers("req-fd"))
+            _, event = yield agent.next_frame()
+            agent.transport.sendFileDescriptor(w)  # type: ignore[union-attr]
+            agent.send(raw.AGENT_RESPONSE, raw.answer(event["correlation_id"], "allow"))
+            response = yield d
+        self.assertTrue(response.is_allow)
+        self.assertNotIn("descriptor", log_text(events))
 
     @inlineCallbacks
     def test_two_connections_of_one_agent_get_distinct_ids(self) -> Generator[Any, Any, None]:

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 
+from .._reading import read_plainly
 from .._sending import send_now, writes_through
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class GatewayChannel(http.HTTPChannel):
     _peer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
+        read_plainly(transport)
         if writes_through(transport):
             self._outgoing = []
         super().makeConnection(transport)  # type: ignore[no-untyped-call]

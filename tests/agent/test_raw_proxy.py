@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.agent import Agent, AgentConnector, RegistrationRejected, allow, block
 
+from .._proxy_support import captured_log, log_text
 from .test_with_proxy import wait_for
 
 # SPEC section 2
@@ -64,6 +65,8 @@ class RawProxyConnection(Protocol):
             assert message_type == HANDSHAKE_REQUEST, message_type
             self.registration = body
             answer = self.factory.decide(body)
+            for fd in self.factory.descriptors:
+                self.transport.sendFileDescriptor(fd)  # type: ignore[attr-defined]
             self.send(HANDSHAKE_RESPONSE, answer)
             if not answer["success"] or self.factory.drop_after_success:
                 self.transport.loseConnection()
@@ -93,6 +96,8 @@ class RawProxy(Factory):
     def __init__(self, error: str | None = None) -> None:
         self.error = error
         self.drop_after_success = False
+        # File descriptors passed with the registration response.
+        self.descriptors: list[int] = []
         self.connections: list[RawProxyConnection] = []
         self.flow: list[int] = []
         self.backlog: list[tuple[int, Any]] = []
@@ -266,6 +271,25 @@ class RawProxyTests(TestCase):
         self.assertEqual(set(caps["limits"]), {"max_body_size", "max_concurrency", "preferred_chunk_size"})
         yield wait_for(lambda: conn.of_type(HEALTH_STATUS), "a health report")
         self.assertEqual(conn.of_type(HEALTH_STATUS)[0], {"state": 1})
+
+    @inlineCallbacks
+    def test_file_descriptors_the_proxy_passes_are_dropped_unlogged(self) -> Generator[Any, Any, None]:
+        # The agent reads with recv(): the kernel closes what a peer passes,
+        # the response around it arrives as sent, and nothing is logged for it.
+        proxy = RawProxy()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        proxy.descriptors = [r, w, r]
+        yield self.listen(proxy)
+        with captured_log() as events:
+            connector = self.agent()
+            yield connector.when_registered()
+            conn = proxy.connections[-1]
+            conn.send(REQUEST_HEADERS, request_headers("req-fd"))
+            yield wait_for(lambda: conn.answers(), "an answer")
+        self.assertEqual(conn.answers()["req-fd"]["decision"], "allow")
+        self.assertNotIn("descriptor", log_text(events))
 
     @inlineCallbacks
     def test_version_mismatch_stops_retrying(self) -> Generator[Any, Any, None]:

@@ -11,7 +11,9 @@ import os
 import stat
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent
@@ -23,7 +25,16 @@ from sentinel_twisted.gateway.exchange import Gateway
 from sentinel_twisted.gateway.resource import GatewaySite
 
 from .._proxy_support import captured_log
-from .support import Harness, OneAgentPool, ScriptedAgent, answer, block, wait_until
+from .support import (
+    Harness,
+    OneAgentPool,
+    RawClient,
+    ScriptedAgent,
+    _OneShot,
+    answer,
+    block,
+    wait_until,
+)
 from .test_target import _RecordingConnection, _RecordingUpstream
 
 
@@ -283,6 +294,37 @@ class ClientConnectionTests(SynchronousTestCase):
         wrapped.makeConnection(transport)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(site.clients, 1)
+
+
+class UnixClientTests(TestCase):
+    timeout = 20
+
+    def test_file_descriptors_a_client_passes_are_dropped_unlogged(self) -> Any:
+        """
+        A client on a UNIX socket gets its answer; the descriptors it
+        passes are closed by the kernel, unseen and unlogged (the gateway
+        reads with recv(), not Twisted's recvmsg()).
+        """
+
+        async def go() -> None:
+            h = Harness(self)
+            path = os.path.join(h.dir, "http.sock")
+            await h.start(http=f"unix:{path}")
+            r, w = os.pipe()
+            self.addCleanup(os.close, r)
+            self.addCleanup(os.close, w)
+            client = RawClient()
+            h.raw_clients.append(client)
+            await UNIXClientEndpoint(reactor, path).connect(_OneShot(client))
+            with captured_log() as events:
+                for fd in (r, w, r):
+                    client.transport.sendFileDescriptor(fd)
+                client.transport.write(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
+                await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 503 "), client.received[:40])
+            self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
+
+        return ensureDeferred(go())
 
 
 # -- the status site and the access log ------------------------------------------------
