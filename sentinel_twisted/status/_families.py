@@ -9,7 +9,7 @@ scraped; quantiles of a histogram for the status page.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -132,6 +132,16 @@ class _Histogram:
         return twin
 
 
+class _ConnectionHistogram(_Histogram):
+    """One live connection's round trips, with the agent it belongs to."""
+
+    __slots__ = ("agent_id",)
+
+    def __init__(self, size: int, agent_id: str) -> None:
+        super().__init__(size)
+        self.agent_id = agent_id
+
+
 class _HistogramFamily:
     """A labelled histogram kept as plain counters (see L{_CounterFamily})."""
 
@@ -173,13 +183,15 @@ class _LatencyCollector(Collector):
     Agent round trips.  Observed once per answer, so kept as plain
     counters (a prometheus_client Histogram takes a lock per observation)
     and turned into a histogram when scraped.
+
+    @param agents: returns each connected agent's round trips.
     """
 
     def __init__(
-        self, bounds: tuple[float, ...], latencies: dict[str, _Histogram], departed: _Histogram
+        self, bounds: tuple[float, ...], agents: Callable[[], dict[str, _Histogram]], departed: _Histogram
     ) -> None:
         self.bounds = bounds
-        self.latencies = latencies
+        self.agents = agents
         self.departed = departed
 
     def collect(self) -> Iterable[Metric]:
@@ -188,7 +200,7 @@ class _LatencyCollector(Collector):
             "Time from sending an event to an agent to its answer, by agent.",
             labels=["agent"],
         )
-        for agent_id, latency in sorted(self.latencies.items()):
+        for agent_id, latency in sorted(self.agents().items()):
             family.add_metric([agent_id], _buckets(self.bounds, latency), latency.total)
         yield family
         departed = HistogramMetricFamily(

@@ -39,6 +39,7 @@ from ._families import (
     _CODE_CLASSES,
     _MAX_DECIDED,
     _cancel_reason,
+    _ConnectionHistogram,
     _CounterFamily,
     _CountersCollector,
     _Histogram,
@@ -320,10 +321,12 @@ class GatewayMetrics(PoolObserver):
         )
         self.registry.register(_HistogramsCollector([self._duration, self._upstream_duration]))
         size = len(self.round_trip_buckets)
-        self._latencies: dict[str, _Histogram] = {}
+        # An answer's round trip goes into one histogram: its connection's
+        # while it is live, its agent's closed total after that.  The
+        # agents' and everyone's histograms are sums, made when read.
+        #: Round trips of each agent's connections that have left.
+        self._closed_latency: dict[str, _Histogram] = {}
         self._departed_latency = _Histogram(size)
-        #: Every round trip, of the agents connected and departed alike.
-        self._round_trip_all = _Histogram(size)
         self._duration_all = _Histogram(len(self.duration_buckets))
         self._upstream_all = _Histogram(len(self.upstream_buckets))
         self._code_classes: dict[str, int] = {}
@@ -332,10 +335,11 @@ class GatewayMetrics(PoolObserver):
         self._decided: dict[tuple[str, int], tuple[tuple[str], str, _Histogram]] = {}
         #: The upstream duration histogram of each outcome.
         self._upstream_by_outcome: dict[str, _Histogram] = {}
-        #: Round trips by live connection id (removed when it leaves).
-        self._by_connection: dict[str, _Histogram] = {}
+        #: Round trips by live connection id (folded into its agent's closed
+        #: total when it leaves).
+        self._by_connection: dict[str, _ConnectionHistogram] = {}
         self.registry.register(
-            _LatencyCollector(self.round_trip_buckets, self._latencies, self._departed_latency)
+            _LatencyCollector(self.round_trip_buckets, self.agent_round_trips, self._departed_latency)
         )
 
     def attach(self) -> GatewayMetrics:
@@ -355,9 +359,20 @@ class GatewayMetrics(PoolObserver):
         """Fold C{agent_id}'s series into the departed totals (it left)."""
         for family in self._per_agent:
             family.forget_agent(agent_id)
-        latency = self._latencies.pop(agent_id, None)
+        latency = self._closed_latency.pop(agent_id, None)
         if latency is not None:
             self._departed_latency.add(latency)
+
+    def agent_round_trips(self) -> dict[str, _Histogram]:
+        """Each connected agent's round trips (its live and closed connections'), as of now."""
+        agents = {agent_id: latency.copy() for agent_id, latency in self._closed_latency.items()}
+        size = len(self.round_trip_buckets)
+        for latency in self._by_connection.values():
+            mine = agents.get(latency.agent_id)
+            if mine is None:
+                mine = agents[latency.agent_id] = _Histogram(size)
+            mine.add(latency)
+        return agents
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -374,12 +389,13 @@ class GatewayMetrics(PoolObserver):
         snap.code_classes = dict(self._code_classes)
         snap.duration = self._duration_all.copy()
         snap.upstream = self._upstream_all.copy()
-        snap.round_trip = self._round_trip_all.copy()
+        snap.round_trip = everyone = self._departed_latency.copy()
         snap.fail_open = sum(self._fail_open.values.values()) + sum(self._fail_open.departed.values())
         snap.connections = len(self.pool.connections())
         agents = snap.agents
-        for agent_id, latency in self._latencies.items():
-            agents[agent_id] = AgentSnapshot(latency.copy())
+        for agent_id, latency in self.agent_round_trips().items():
+            everyone.add(latency)
+            agents[agent_id] = AgentSnapshot(latency)
         empty = _Histogram(len(self.round_trip_buckets))
 
         def agent(agent_id: str) -> AgentSnapshot:
@@ -482,8 +498,10 @@ class GatewayMetrics(PoolObserver):
             timer.cancel()
 
     def agent_disconnected(self, connection: AgentConnection, reason: str) -> None:
-        self._by_connection.pop(connection.connection_id, None)
         agent_id = connection.agent_id
+        latency = self._by_connection.pop(connection.connection_id, None)
+        if latency is not None:
+            self._closed_of(agent_id).add(latency)
         if agent_id in self.pool or agent_id in self._leaving:
             return
         if not self.departed_grace:
@@ -499,24 +517,26 @@ class GatewayMetrics(PoolObserver):
             self.forget_agent(agent_id)
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
-        bounds = self.round_trip_buckets
-        agent_id = connection.agent_id
-        latency = self._latencies.get(agent_id)
-        if latency is None:
-            latency = self._latencies[agent_id] = _Histogram(len(bounds))
-        index = bisect_left(bounds, seconds)
-        latency.counts[index] += 1
-        latency.count += 1
-        latency.total += seconds
-        everyone = self._round_trip_all
-        everyone.counts[index] += 1
-        everyone.count += 1
-        everyone.total += seconds
-        if connection.is_closed:
-            return
-        mine = self._by_connection.get(connection.connection_id)
+        # One histogram per answer (see __init__): this runs per event.
+        mine: _Histogram | None = self._by_connection.get(connection.connection_id)
         if mine is None:
-            mine = self._by_connection[connection.connection_id] = _Histogram(len(bounds))
-        mine.counts[index] += 1
+            mine = self._round_trips_of(connection)
+        mine.counts[bisect_left(self.round_trip_buckets, seconds)] += 1
         mine.count += 1
         mine.total += seconds
+
+    def _round_trips_of(self, connection: AgentConnection) -> _Histogram:
+        """Where a connection's round trips go: its own histogram while it is live."""
+        if connection.is_closed:
+            return self._closed_of(connection.agent_id)
+        mine = self._by_connection[connection.connection_id] = _ConnectionHistogram(
+            len(self.round_trip_buckets), connection.agent_id
+        )
+        return mine
+
+    def _closed_of(self, agent_id: str) -> _Histogram:
+        """The round trips of C{agent_id}'s connections that left."""
+        closed = self._closed_latency.get(agent_id)
+        if closed is None:
+            closed = self._closed_latency[agent_id] = _Histogram(len(self.round_trip_buckets))
+        return closed

@@ -368,6 +368,34 @@ class DepartedAgentMetricsTests(TestCase):
         lose(first)
         self.assertEqual(self.scrape()[("sentinel_agent_timeouts_total", (("agent", "waf"),))], 1)
 
+    def test_an_agents_round_trips_outlive_its_connections(self) -> None:
+        # Each answer counts once, in its connection; the agent's series and
+        # everyone's total are sums of live and closed connections.
+        from .._proxy_support import lose
+
+        first, _, one = self.proxy.register("waf")
+        _, _, two = self.proxy.register("waf")
+        _, _, other = self.proxy.register("bot")
+        self.metrics.request_answered(one, "a", 0.003)
+        self.metrics.request_answered(two, "b", 0.003)
+        self.metrics.request_answered(two, "c", 0.3)
+        self.metrics.request_answered(other, "d", 0.003)
+        lose(first)
+        # An answer read as its connection closes still counts, for its agent.
+        self.metrics.request_answered(one, "e", 0.003)
+        self.assertEqual(set(self.metrics._by_connection), {two.connection_id, other.connection_id})
+        scraped = self.scrape()
+        self.assertEqual(scraped[("sentinel_agent_round_trip_seconds_count", (("agent", "waf"),))], 4)
+        self.assertEqual(scraped[("sentinel_agent_round_trip_seconds_bucket", (("agent", "waf"), ("le", "0.005")))], 3)
+        self.assertEqual(scraped[("sentinel_agent_round_trip_seconds_count", (("agent", "bot"),))], 1)
+        snap = self.metrics.snapshot()
+        self.assertEqual(snap.round_trip.count, 5)
+        self.assertEqual(snap.agents["waf"].answers.count, 4)
+        self.assertEqual(self.metrics.connection_round_trips(two.connection_id).count, 2)  # type: ignore[union-attr]
+        self.visit("gone")
+        self.assertEqual(self.metrics.snapshot().round_trip.count, 6)
+        self.assertEqual(self.scrape()[("sentinel_agent_round_trip_departed_seconds_count", ())], 1)
+
     def test_a_grace_period_keeps_the_series_of_an_agent_that_returns(self) -> None:
         from sentinel_twisted.status.metrics import GatewayMetrics
 
