@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.web import pages, server
+from twisted.web import http, pages, server
 from twisted.web.resource import Resource
 
+from .._reading import read_plainly
 from ._families import quantile
 from .health import HealthzResource, Readiness
 from .page import REFRESH_SECONDS, event_names, health_name, render_page
@@ -222,6 +223,14 @@ def _host_name(value: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+class _StatusChannel(http.HTTPChannel):
+    """HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly})."""
+
+    def makeConnection(self, transport: Any) -> None:
+        read_plainly(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+
 class StatusSite(server.Site):
     """
     The status site; requests to it are not access-logged.
@@ -237,6 +246,7 @@ class StatusSite(server.Site):
     """
 
     noisy = False
+    protocol = _StatusChannel  # type: ignore[assignment]
 
     def __init__(self, status: StatusResource, hosts: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(status, **kwargs)  # type: ignore[no-untyped-call]

@@ -547,7 +547,7 @@ class Harness:
         port = await self.gateway_service.http.listening
         self.http_port = port.getHost().port if hasattr(port.getHost(), "port") else 0
         status = await self.gateway_service.status.listening
-        self.status_port = status.getHost().port
+        self.status_port = getattr(status.getHost(), "port", 0)
         return self
 
     @property

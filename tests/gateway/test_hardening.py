@@ -297,6 +297,8 @@ class ClientConnectionTests(SynchronousTestCase):
 
 
 class UnixClientTests(TestCase):
+    """Peers on UNIX sockets cannot pass file descriptors in, nor have them logged."""
+
     timeout = 20
 
     def test_file_descriptors_a_client_passes_are_dropped_unlogged(self) -> Any:
@@ -322,6 +324,27 @@ class UnixClientTests(TestCase):
                 client.transport.write(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
                 await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
             self.assertTrue(client.received.startswith(b"HTTP/1.1 503 "), client.received[:40])
+            self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
+
+        return ensureDeferred(go())
+
+    def test_file_descriptors_passed_to_the_status_site_are_dropped_unlogged(self) -> Any:
+        async def go() -> None:
+            h = Harness(self)
+            path = os.path.join(h.dir, "status.sock")
+            await h.start("--status", f"unix:{path}")
+            r, w = os.pipe()
+            self.addCleanup(os.close, r)
+            self.addCleanup(os.close, w)
+            client = RawClient()
+            h.raw_clients.append(client)
+            await UNIXClientEndpoint(reactor, path).connect(_OneShot(client))
+            with captured_log() as events:
+                for fd in (r, w, r):
+                    client.transport.sendFileDescriptor(fd)
+                client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 "), client.received[:40])
             self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
 
         return ensureDeferred(go())
