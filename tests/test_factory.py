@@ -592,6 +592,20 @@ class PendingRegistrationPeerKeyTests(TestCase):
         self.assertFalse(other_mapped.disconnecting)
         self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1})
 
+    def test_a_nat64_address_counts_as_the_ipv4_address_it_carries(self) -> None:
+        # A NAT64 translator shows every IPv4 client in 64:ff9b::/96: one /64
+        # would make them all one peer.
+        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
+        _, ipv4 = connect_from(proxy, OTHER)
+        _, nat64 = connect_from(proxy, v6("64:ff9b::192.0.2.7"))
+        self.assertTrue(ipv4.disconnecting)
+        self.assertFalse(nat64.disconnecting)
+        _, other = connect_from(proxy, v6("64:ff9b::c000:208"))
+        self.assertFalse(other.disconnecting)
+        # Outside the /96, the prefix is an ordinary /64.
+        connect_from(proxy, v6("64:ff9b:0:0:1::1"))
+        self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1, "64:ff9b::/64": 1})
+
     def test_link_local_addresses_are_counted_per_64_and_zone(self) -> None:
         proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=2)
         for host in ("fe80::1%eth0", "fe80::2%eth0", "fe80::1%eth1"):

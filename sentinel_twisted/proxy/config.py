@@ -143,8 +143,8 @@ class ReverseConnectionConfig:
         nothing yet, else its oldest), if that address holds more than the
         newcomer's, else it is closed at once.
     @ivar max_pending_registrations_per_peer: connections from one TCP or
-        TLS peer address (an IPv6 peer's /64 prefix; an IPv4-mapped one's
-        IPv4 address) that may wait for their registration at once; beyond
+        TLS peer address (an IPv6 peer's /64 prefix; an IPv4-mapped or
+        NAT64 one's IPv4 address) that may wait for their registration at once; beyond
         it a new connection from that address takes the place of the
         address's oldest one that has sent nothing for
         C{pending_eviction_age} seconds, and is closed at once if there is

@@ -110,6 +110,10 @@ class _PeerMadeRoom(AgentProtocolError):
 #: handed a whole /64 and may take any address in it.
 _IPV6_PREFIX = 64
 _IPV6_PREFIX_MASK = ((1 << _IPV6_PREFIX) - 1) << (128 - _IPV6_PREFIX)
+#: The well-known NAT64 prefix (RFC 6052): a translator shows each IPv4
+#: client as this /96 and its IPv4 address, so every such client would be
+#: in one /64.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def _pending_key(addr: IAddress) -> str | None:
@@ -117,8 +121,9 @@ def _pending_key(addr: IAddress) -> str | None:
     What a connection awaiting registration is counted against: a TCP (or
     TLS) peer's IPv4 address, its IPv6 /64 prefix (C{2001:db8:1:2::/64},
     with the zone of a link-local one: C{fe80::%eth0/64}), or the IPv4
-    address an IPv4-mapped IPv6 one (C{::ffff:192.0.2.7}) stands for;
-    C{None} for a UNIX socket, which has no address.
+    address an IPv4-mapped IPv6 one (C{::ffff:192.0.2.7}) or a NAT64 one
+    (C{64:ff9b::192.0.2.7}) stands for; C{None} for a UNIX socket, which has
+    no address.
     """
     if isinstance(addr, IPv4Address):
         return addr.host
@@ -136,6 +141,8 @@ def _ipv6_key(host: str) -> str:
     mapped = address.ipv4_mapped
     if mapped is not None:
         return str(mapped)
+    if address in _NAT64:
+        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     network = ipaddress.IPv6Address(int(address) & _IPV6_PREFIX_MASK)
     zone = f"%{address.scope_id}" if address.scope_id else ""
     return f"{network}{zone}/{_IPV6_PREFIX}"
