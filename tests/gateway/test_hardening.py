@@ -301,6 +301,26 @@ class UnixClientTests(TestCase):
 
     timeout = 20
 
+    async def request_passing_descriptors(self, h: Harness, path: str, target: bytes) -> bytes:
+        """
+        Send a GET for C{target} to C{path} with three file descriptors
+        passed along; return the response head, after checking that
+        nothing was logged about the descriptors.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        client = RawClient()
+        h.raw_clients.append(client)
+        await UNIXClientEndpoint(reactor, path).connect(_OneShot(client))
+        with captured_log() as events:
+            for fd in (r, w, r):
+                client.transport.sendFileDescriptor(fd)
+            client.transport.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
+        self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
+        return client.received
+
     def test_file_descriptors_a_client_passes_are_dropped_unlogged(self) -> Any:
         """
         A client on a UNIX socket gets its answer; the descriptors it
@@ -312,19 +332,8 @@ class UnixClientTests(TestCase):
             h = Harness(self)
             path = os.path.join(h.dir, "http.sock")
             await h.start(http=f"unix:{path}")
-            r, w = os.pipe()
-            self.addCleanup(os.close, r)
-            self.addCleanup(os.close, w)
-            client = RawClient()
-            h.raw_clients.append(client)
-            await UNIXClientEndpoint(reactor, path).connect(_OneShot(client))
-            with captured_log() as events:
-                for fd in (r, w, r):
-                    client.transport.sendFileDescriptor(fd)
-                client.transport.write(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
-                await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
-            self.assertTrue(client.received.startswith(b"HTTP/1.1 503 "), client.received[:40])
-            self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
+            received = await self.request_passing_descriptors(h, path, b"/page")
+            self.assertTrue(received.startswith(b"HTTP/1.1 503 "), received[:40])
 
         return ensureDeferred(go())
 
@@ -333,19 +342,8 @@ class UnixClientTests(TestCase):
             h = Harness(self)
             path = os.path.join(h.dir, "status.sock")
             await h.start("--status", f"unix:{path}")
-            r, w = os.pipe()
-            self.addCleanup(os.close, r)
-            self.addCleanup(os.close, w)
-            client = RawClient()
-            h.raw_clients.append(client)
-            await UNIXClientEndpoint(reactor, path).connect(_OneShot(client))
-            with captured_log() as events:
-                for fd in (r, w, r):
-                    client.transport.sendFileDescriptor(fd)
-                client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
-            self.assertTrue(client.received.startswith(b"HTTP/1.1 "), client.received[:40])
-            self.assertEqual([e for e in events if "descriptor" in (formatEvent(e) or "")], [])
+            received = await self.request_passing_descriptors(h, path, b"/healthz")
+            self.assertTrue(received.startswith(b"HTTP/1.1 "), received[:40])
 
         return ensureDeferred(go())
 
