@@ -374,6 +374,13 @@ class GatewaySite(server.Site):
         self.max_clients = config.max_client_connections
         self.clients = 0
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        HTTP/1.1 alone, for TLS to offer (ALPN): L{GatewayChannel} speaks no
+        HTTP/2, which Twisted's C{Site} offers when C{h2} is installed.
+        """
+        return [b"http/1.1"]
+
     def buildProtocol(self, addr: Any) -> Any:
         if self.clients >= self.max_clients:
             self.gateway.log_limiter.warn(

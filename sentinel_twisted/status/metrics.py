@@ -23,6 +23,7 @@ and go do not make every scrape larger.
 from __future__ import annotations
 
 from bisect import bisect_left
+from math import fsum
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -39,6 +40,7 @@ from ._families import (
     _CODE_CLASSES,
     _MAX_DECIDED,
     _cancel_reason,
+    _ClosedHistogram,
     _ConnectionHistogram,
     _CounterFamily,
     _CountersCollector,
@@ -325,7 +327,7 @@ class GatewayMetrics(PoolObserver):
         # while it is live, its agent's closed total after that.  The
         # agents' and everyone's histograms are sums, made when read.
         #: Round trips of each agent's connections that have left.
-        self._closed_latency: dict[str, _Histogram] = {}
+        self._closed_latency: dict[str, _ClosedHistogram] = {}
         self._departed_latency = _Histogram(size)
         self._duration_all = _Histogram(len(self.duration_buckets))
         self._upstream_all = _Histogram(len(self.upstream_buckets))
@@ -366,12 +368,20 @@ class GatewayMetrics(PoolObserver):
     def agent_round_trips(self) -> dict[str, _Histogram]:
         """Each connected agent's round trips (its live and closed connections'), as of now."""
         agents = {agent_id: latency.copy() for agent_id, latency in self._closed_latency.items()}
+        # Each sum is the exact one, rounded once: a connection that closes
+        # then changes no agent's sum (see _ClosedHistogram).
+        sums = {agent_id: list(latency.partials) for agent_id, latency in self._closed_latency.items()}
         size = len(self.round_trip_buckets)
         for latency in self._by_connection.values():
-            mine = agents.get(latency.agent_id)
+            agent_id = latency.agent_id
+            mine = agents.get(agent_id)
             if mine is None:
-                mine = agents[latency.agent_id] = _Histogram(size)
+                mine = agents[agent_id] = _Histogram(size)
+                sums[agent_id] = []
             mine.add(latency)
+            sums[agent_id].append(latency.total)
+        for agent_id, mine in agents.items():
+            mine.total = fsum(sums[agent_id])
         return agents
 
     def render(self) -> bytes:
@@ -518,25 +528,22 @@ class GatewayMetrics(PoolObserver):
 
     def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         # One histogram per answer (see __init__): this runs per event.
-        mine: _Histogram | None = self._by_connection.get(connection.connection_id)
+        mine = self._by_connection.get(connection.connection_id)
         if mine is None:
-            mine = self._round_trips_of(connection)
+            if connection.is_closed:
+                # Read as its connection closes: its agent's closed total.
+                self._closed_of(connection.agent_id).observe(self.round_trip_buckets, seconds)
+                return
+            mine = self._by_connection[connection.connection_id] = _ConnectionHistogram(
+                len(self.round_trip_buckets), connection.agent_id
+            )
         mine.counts[bisect_left(self.round_trip_buckets, seconds)] += 1
         mine.count += 1
         mine.total += seconds
 
-    def _round_trips_of(self, connection: AgentConnection) -> _Histogram:
-        """Where a connection's round trips go: its own histogram while it is live."""
-        if connection.is_closed:
-            return self._closed_of(connection.agent_id)
-        mine = self._by_connection[connection.connection_id] = _ConnectionHistogram(
-            len(self.round_trip_buckets), connection.agent_id
-        )
-        return mine
-
-    def _closed_of(self, agent_id: str) -> _Histogram:
+    def _closed_of(self, agent_id: str) -> _ClosedHistogram:
         """The round trips of C{agent_id}'s connections that left."""
         closed = self._closed_latency.get(agent_id)
         if closed is None:
-            closed = self._closed_latency[agent_id] = _Histogram(len(self.round_trip_buckets))
+            closed = self._closed_latency[agent_id] = _ClosedHistogram(len(self.round_trip_buckets))
         return closed

@@ -253,6 +253,13 @@ class StatusSite(server.Site):
         self.displayTracebacks = False
         self.hosts = frozenset(h.lower() for h in hosts)
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        HTTP/1.1 alone, for TLS to offer (ALPN): its channel speaks no
+        HTTP/2, which Twisted's C{Site} offers when C{h2} is installed.
+        """
+        return [b"http/1.1"]
+
     def names_me(self, request: Any) -> bool:
         """
         Whether the request's C{Host} names this site: its own address,

@@ -13,12 +13,13 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import http
 
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
@@ -35,6 +36,7 @@ from .support import (
     block,
     wait_until,
 )
+from .test_metadata import self_signed
 from .test_target import _RecordingConnection, _RecordingUpstream
 
 
@@ -349,6 +351,54 @@ class UnixClientTests(TestCase):
 
 
 # -- the status site and the access log ------------------------------------------------
+
+
+class Http2OfferTests(TestCase):
+    """
+    Over TLS both sites offer HTTP/1.1 alone: their channels speak no
+    HTTP/2, which Twisted's Site offers (ALPN) whenever C{h2} is installed.
+    A client that took the offer got C{400} to its HTTP/2 preface.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        # As with h2 installed: Twisted's Site would offer it.
+        self.patch(http, "H2_ENABLED", True)
+
+    async def _negotiated(self, h: Harness, port: int, cert_pem: bytes, request: bytes) -> Any:
+        client = RawClient()
+        h.raw_clients.append(client)
+        options = optionsForClientTLS(
+            "sni.example", trustRoot=Certificate.loadPEM(cert_pem), acceptableProtocols=[b"h2", b"http/1.1"]
+        )
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        await endpoint.connect(_OneShot(client))
+        client.transport.write(request)
+        await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), client.received[:40])
+        return client.transport.negotiatedProtocol
+
+    def test_the_gateway_offers_http_1_1_alone(self) -> Any:
+        async def go() -> None:
+            harness = Harness(self)
+            pem, cert_pem = self_signed(harness.dir, "sni.example")
+            h = await harness.start(http=f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}")
+            await h.agent("waf")
+            request = b"GET / HTTP/1.1\r\nHost: sni.example\r\n\r\n"
+            self.assertEqual(await self._negotiated(h, h.http_port, cert_pem, request), b"http/1.1")
+
+        return ensureDeferred(go())
+
+    def test_the_status_site_offers_http_1_1_alone(self) -> Any:
+        async def go() -> None:
+            harness = Harness(self)
+            pem, cert_pem = self_signed(harness.dir, "sni.example")
+            h = await harness.start("--status", f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}")
+            request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            self.assertEqual(await self._negotiated(h, h.status_port, cert_pem, request), b"http/1.1")
+
+        return ensureDeferred(go())
 
 
 class StatusHostTests(TestCase):

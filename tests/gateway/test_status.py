@@ -396,6 +396,51 @@ class DepartedAgentMetricsTests(TestCase):
         self.assertEqual(self.metrics.snapshot().round_trip.count, 6)
         self.assertEqual(self.scrape()[("sentinel_agent_round_trip_departed_seconds_count", ())], 1)
 
+    def test_an_agents_round_trip_sum_never_goes_down(self) -> None:
+        # Prometheus takes a sum that goes down for a restart: rate() would
+        # then count the whole sum again.  A connection that closes changes
+        # what the agent's sum is made of, never its value.
+        from .._proxy_support import lose
+
+        first, _, one = self.proxy.register("waf")
+        _, _, two = self.proxy.register("waf")
+        third, _, three = self.proxy.register("waf")
+        self.metrics.request_answered(one, "a", 0.3)
+        lose(first)
+        self.metrics.request_answered(two, "b", 0.1)
+        self.metrics.request_answered(three, "c", 0.2)
+        key = ("sentinel_agent_round_trip_seconds_sum", (("agent", "waf"),))
+        before = self.scrape()[key]
+        lose(third)
+        self.assertGreaterEqual(self.scrape()[key], before)
+
+    def test_round_trip_sums_never_go_down_as_connections_come_and_go(self) -> None:
+        import random
+
+        from .._proxy_support import lose
+
+        rnd = random.Random(7)
+        live: list[tuple[Any, Any]] = []
+        last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for _ in range(300):
+            choice = rnd.random()
+            if choice < 0.15 or not live:
+                agent_id = rnd.choice(("waf", "bot"))
+                if len(self.proxy.pool.connections(agent_id)) < 4:
+                    protocol, _, connection = self.proxy.register(agent_id)
+                    live.append((protocol, connection))
+            elif choice < 0.3:
+                protocol, _ = live.pop(rnd.randrange(len(live)))
+                lose(protocol)
+            else:
+                _, connection = rnd.choice(live)
+                self.metrics.request_answered(connection, "c", rnd.choice((0.1, 0.2, 0.3, 0.0007, 1.9)))
+            scraped = self.scrape()
+            for key, value in scraped.items():
+                if key[0] == "sentinel_agent_round_trip_seconds_sum" and key in last:
+                    self.assertGreaterEqual(value, last[key], key)
+            last = {k: v for k, v in scraped.items() if k[0] == "sentinel_agent_round_trip_seconds_sum"}
+
     def test_a_grace_period_keeps_the_series_of_an_agent_that_returns(self) -> None:
         from sentinel_twisted.status.metrics import GatewayMetrics
 
