@@ -156,6 +156,9 @@ class GatewayService(service.MultiService):
             )
         self.upstream = upstream
         self.gateway = Gateway(factory.pool, config, upstream, self.metrics, reactor)
+        if isinstance(upstream, HTTPUpstream):
+            # One limiter for every line that clients, agents and the upstream trigger.
+            upstream.log_limiter = self.gateway.log_limiter
         self.http: ListeningService | None = None
         self.status: ListeningService | None = None
         self.site: GatewaySite | None = None

@@ -18,8 +18,11 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -31,6 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .._ratelimit import LogRateLimiter
 from .body import STAGE_ROOM, Pressure
 from .config import parse_upstream
 
@@ -44,6 +48,9 @@ __all__ = [
     "UpstreamResponse",
     "UpstreamTimeout",
 ]
+
+#: The gateway's logger.
+log = Logger(namespace="sentinel_twisted.gateway")
 
 
 class UpstreamFailed(Exception):
@@ -295,16 +302,74 @@ class _HTTPResponse(UpstreamResponse):
             transport.stopProducing()
 
 
-class _QuietConnectionPool(HTTPConnectionPool):
+@implementer(ILogObserver)
+class _InterimResponses:
     """
-    A connection pool whose connection factories do not log "Starting
-    factory" and "Stopping factory" for every upstream connection.
+    Where the response parser of an upstream connection logs: its one line,
+    an interim (1xx) response ignored, goes through the gateway's limiter.
+    An upstream can send any number of them before its answer, and
+    C{twisted.web} logs each.
     """
 
+    def __init__(self, upstream: HTTPUpstream) -> None:
+        self._upstream = upstream
+
+    def __call__(self, event: LogEvent) -> None:
+        upstream = self._upstream
+        upstream.log_limiter.info(
+            log,
+            "upstream_interim",
+            "The upstream {upstream} sent an interim {code} response; ignoring it",
+            upstream=upstream.url,
+            code=event.get("code"),
+        )
+
+
+class _UpstreamProtocol(HTTP11ClientProtocol):
+    """An upstream connection whose response parser logs through L{_InterimResponses}."""
+
+    def __init__(self, quiescentCallback: Any, parser_log: Logger) -> None:
+        super().__init__(quiescentCallback)  # type: ignore[no-untyped-call]
+        self._parser_log = parser_log
+
+    def request(self, request: Any) -> Any:
+        result = super().request(request)
+        parser: Any = self._parser
+        if parser is not None:
+            parser._log = self._parser_log
+        return result
+
+
+class _UpstreamFactory(Factory):
+    """
+    Twisted's factory of pooled connections (C{_HTTP11ClientFactory}), of
+    L{_UpstreamProtocol}s, and without a "Starting factory" and "Stopping
+    factory" line for every upstream connection.
+    """
+
+    noisy = False
+
+    def __init__(self, quiescentCallback: Any, metadata: Any, parser_log: Logger) -> None:
+        self._quiescentCallback = quiescentCallback
+        self._metadata = metadata
+        self._parser_log = parser_log
+
+    def __repr__(self) -> str:
+        return f"_UpstreamFactory({self._quiescentCallback}, {self._metadata})"
+
+    def buildProtocol(self, addr: Any) -> _UpstreamProtocol:
+        return _UpstreamProtocol(self._quiescentCallback, self._parser_log)
+
+
+class _QuietConnectionPool(HTTPConnectionPool):
+    """A connection pool of L{_UpstreamFactory} connections."""
+
+    def __init__(self, reactor: Any, upstream: HTTPUpstream) -> None:
+        super().__init__(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self._parser_log = Logger(namespace=log.namespace, observer=_InterimResponses(upstream))
+
     def _factory(self, quiescentCallback: Any, metadata: Any) -> Any:  # type: ignore[override]
-        factory = HTTPConnectionPool._factory(quiescentCallback, metadata)
-        factory.noisy = False
-        return factory
+        return _UpstreamFactory(quiescentCallback, metadata, self._parser_log)
 
 
 class HTTPUpstream:
@@ -319,6 +384,9 @@ class HTTPUpstream:
 
     @ivar url: the upstream's URL as given.
     @ivar pool: the idle upstream connections kept for reuse.
+    @ivar log_limiter: keeps the lines an upstream triggers at will (an
+        interim response ignored) to a few per period; the gateway's own
+        once the gateway is built.
     """
 
     def __init__(
@@ -345,7 +413,8 @@ class HTTPUpstream:
         if secure:
             creator = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("ascii"), port)
             endpoint = wrapClientTLS(creator, endpoint)
-        self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self.log_limiter = LogRateLimiter(reactor)
+        self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, self)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 60
         self._agent = ProxyAgent(endpoint, reactor, pool=self.pool)
