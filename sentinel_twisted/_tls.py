@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.agent.test_tls_verification,tests.test_tls -*-
 """
-Checking the identity of a TLS peer after the handshake, and saying why a
-TLS connection failed.
+Checking the identity of a TLS peer, and saying why a TLS connection
+failed.
 
 Twisted's client TLS options verify the server's name during the handshake,
 but only a C{service_identity.VerificationError} stops it: a certificate
@@ -9,16 +9,24 @@ without any subjectAltName raises C{CertificateError}, which is logged and
 otherwise ignored, and the connection goes on.  Whoever dials over TLS (an
 agent dialling a proxy, a proxy dialling an agent) must not send anything
 to a peer it has not verified, so it checks again, itself, before it
-writes anything.
+writes anything.  Where nothing can be held back until the handshake is
+done (the gateway's upstream: twisted.web writes the request at once),
+L{client_tls_options} makes the name check itself fail the handshake.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
 from ._peertext import peer_text
 
-__all__ = ["server_identity_error", "tls_failure"]
+__all__ = ["client_tls_options", "server_identity_error", "tls_failure"]
 
 #: Characters of a certificate's own text (an invalid name in it) quoted.
 _CERTIFICATE_TEXT = 100
@@ -110,3 +118,67 @@ def _openssl_reason(error: BaseException) -> str:
     if isinstance(queue, list) and queue and isinstance(queue[-1], tuple) and queue[-1]:
         return peer_text(queue[-1][-1], _CERTIFICATE_TEXT)
     return peer_text(error, _CERTIFICATE_TEXT) or type(error).__name__
+
+
+def client_tls_options(hostname: str, trust_root: Any = None) -> IOpenSSLClientConnectionCreator:
+    """
+    Twisted's C{optionsForClientTLS(hostname, trust_root)} (the platform's
+    CAs by default), except that the server's certificate must name
+    C{hostname} in a subjectAltName for the handshake to succeed.  Twisted's
+    own check fails the handshake for a certificate that names another
+    host, but one without any subjectAltName only makes it log a traceback:
+    OpenSSL's verdict on the chain stands, and a certificate any trusted CA
+    issued without one would be taken for any host.
+    """
+    return _NamedServer(optionsForClientTLS(hostname, trust_root), hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _NamedServer:
+    """The connections of C{options}, with the server's name checked by L{_name_check}."""
+
+    def __init__(self, options: Any, hostname: str) -> None:
+        from service_identity.hazmat import DNS_ID, IPAddress_ID
+
+        self._options = options
+        is_address = isIPAddress(hostname) or isIPv6Address(hostname)
+        self._service_id = IPAddress_ID(hostname) if is_address else DNS_ID(hostname)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        from OpenSSL.SSL import VERIFY_FAIL_IF_NO_PEER_CERT, VERIFY_PEER
+
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        # In place of Twisted's callback, which lets a certificate without
+        # any subjectAltName through.
+        connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT, _name_check(tlsProtocol, self._service_id))
+        return connection
+
+
+def _name_check(tls_protocol: Any, service_id: Any) -> Any:
+    """
+    An OpenSSL verify callback: the chain as OpenSSL judged it, and the
+    server's certificate (depth 0) naming C{service_id}.  A failed check
+    fails the handshake, with the reason given to C{tls_protocol}.
+    """
+    from service_identity.hazmat import verify_service_identity
+    from service_identity.pyopenssl import extract_patterns
+
+    # The protocol is held until the server's certificate is checked, not
+    # for as long as the connection lives (it holds the connection).
+    holding = [tls_protocol]
+
+    def verify(connection: Any, certificate: Any, error: int, depth: int, ok: int) -> bool:
+        if depth != 0:
+            return bool(ok)
+        protocol = holding.pop() if holding else None
+        try:
+            verify_service_identity(extract_patterns(certificate), [service_id], [])
+        except Exception:
+            # Another host's (VerificationError), no subjectAltName at all
+            # (CertificateError), or one the check cannot read: refused.
+            if protocol is not None:
+                protocol.failVerification(Failure())
+            return False
+        return bool(ok)
+
+    return verify

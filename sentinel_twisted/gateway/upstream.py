@@ -24,7 +24,6 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
     ResponseDone,
@@ -35,6 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .._ratelimit import LogRateLimiter
+from .._tls import client_tls_options, tls_failure
 from .body import STAGE_ROOM, Pressure
 from .config import parse_upstream
 
@@ -382,6 +382,10 @@ class HTTPUpstream:
     (L{ProxyAgent} does that), never parsed and rebuilt the way
     L{Agent} does, which would drop an empty query's C{?}, say.
 
+    An C{https} upstream's certificate must chain to C{trust_root} (an
+    C{IOpenSSLTrustRoot}, as C{optionsForClientTLS} takes it; the platform's
+    CAs by default) and name the URL's host in a subjectAltName.
+
     @ivar url: the upstream's URL as given.
     @ivar pool: the idle upstream connections kept for reuse.
     @ivar log_limiter: keeps the lines an upstream triggers at will (an
@@ -395,6 +399,7 @@ class HTTPUpstream:
         url: str,
         timeout: float = 30.0,
         max_connections: int = 64,
+        trust_root: Any = None,
     ) -> None:
         parsed = parse_upstream(url)
         self.url = url
@@ -411,8 +416,7 @@ class HTTPUpstream:
         self._host = netloc.encode("ascii")  # an encoded URL: IDNA is done
         endpoint: Any = HostnameEndpoint(reactor, host, port)
         if secure:
-            creator = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("ascii"), port)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(client_tls_options(host, trust_root), endpoint)
         self.log_limiter = LogRateLimiter(reactor)
         self.pool: HTTPConnectionPool = _QuietConnectionPool(reactor, self)
         self.pool.maxPersistentPerHost = max_connections
@@ -474,4 +478,6 @@ def _describe_failure(failure: Failure) -> str:
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
         return "; ".join(_describe_failure(r) for r in reasons)
-    return str(failure.value) or type(failure.value).__name__
+    error = failure.value
+    described = tls_failure(error, "upstream") if error is not None else None
+    return described or str(error) or type(error).__name__
