@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, pages, server
 from twisted.web.resource import Resource
 
+from .._ratelimit import LogRateLimiter
 from .._reading import read_plainly
+from ..endpoints import RefusedConnection
 from ._families import quantile
 from .health import HealthzResource, Readiness
 from .page import REFRESH_SECONDS, event_names, health_name, render_page
@@ -223,12 +227,25 @@ def _host_name(value: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+log = Logger(namespace="sentinel_twisted.status")
+
+#: The most connections the status site holds at once: past it a new one is
+#: closed as soon as it is made (browsers and scrapers need a few).
+STATUS_MAX_CONNECTIONS = 64
+
+
 class _StatusChannel(http.HTTPChannel):
     """HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly})."""
+
+    site: StatusSite
 
     def makeConnection(self, transport: Any) -> None:
         read_plainly(transport)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.site.connections -= 1
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 class StatusSite(server.Site):
@@ -240,18 +257,48 @@ class StatusSite(server.Site):
     C{hosts}.  A page from elsewhere whose name was made to resolve to this
     address (DNS rebinding) sends its own name, and gets C{421}.
 
+    It holds at most C{max_connections} connections at once (and Twisted
+    closes one that stays quiet for C{timeout} seconds, a minute by
+    default): whoever can reach it cannot hold the process's file
+    descriptors.
+
     @cvar noisy: C{False}: no log line for each connection.
     @ivar displayTracebacks: C{False}: an error page never shows a traceback.
     @ivar hosts: the other C{Host} names it answers to, lower-case.
+    @ivar max_connections: the most connections held at once.
+    @ivar connections: connections open now.
     """
 
     noisy = False
     protocol = _StatusChannel  # type: ignore[assignment]
 
-    def __init__(self, status: StatusResource, hosts: Iterable[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        status: StatusResource,
+        hosts: Iterable[str] = (),
+        max_connections: int = STATUS_MAX_CONNECTIONS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(status, **kwargs)  # type: ignore[no-untyped-call]
         self.displayTracebacks = False
         self.hosts = frozenset(h.lower() for h in hosts)
+        self.max_connections = max_connections
+        self.connections = 0
+        self._log_limiter = LogRateLimiter(self.reactor)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.connections >= self.max_connections:
+            self._log_limiter.warn(
+                log,
+                "status_connection_limit",
+                "{count} status site connections; closing new ones",
+                count=self.connections,
+            )
+            return RefusedConnection()
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        if channel is not None:
+            self.connections += 1
+        return channel
 
     def acceptableProtocols(self) -> list[bytes]:
         """

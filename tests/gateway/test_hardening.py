@@ -401,6 +401,55 @@ class Http2OfferTests(TestCase):
         return ensureDeferred(go())
 
 
+class StatusConnectionTests(SynchronousTestCase):
+    """The status site holds a bounded number of connections, none idle for long."""
+
+    def site(self, **kwargs: Any) -> tuple[Any, MemoryReactorClock]:
+        from sentinel_twisted.status.metrics import GatewayMetrics
+        from sentinel_twisted.status.resource import StatusResource, StatusSite
+
+        from .._proxy_support import Proxy
+
+        proxy = Proxy()
+        reactor = MemoryReactorClock()
+        resource = StatusResource(proxy.pool, GatewayMetrics(proxy.pool, proxy.factory))
+        return StatusSite(resource, reactor=reactor, **kwargs), reactor
+
+    def connect(self, site: Any) -> tuple[Any, StringTransport]:
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_past_its_connections_a_new_one_is_closed_until_one_leaves(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        site, _ = self.site(max_connections=2)
+        first, _ = self.connect(site)
+        self.connect(site)
+        with captured_log() as events:
+            for _ in range(20):
+                _, refused = self.connect(site)
+                self.assertTrue(refused.disconnecting)
+        # A warning, rate-limited, however many are refused.
+        self.assertEqual(warnings(events)[0], "2 status site connections; closing new ones")
+        self.assertLess(len(warnings(events)), 20)
+        first.connectionLost(Failure(ConnectionDone()))
+        _, taken = self.connect(site)
+        self.assertFalse(taken.disconnecting)
+        self.assertEqual(site.connections, 2)
+
+    def test_a_quiet_connection_is_closed_after_a_minute(self) -> None:
+        # Twisted's default, which the cap relies on to free places.
+        site, reactor = self.site()
+        _, transport = self.connect(site)
+        reactor.advance(59)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+
 class StatusHostTests(TestCase):
     timeout = 20
 
