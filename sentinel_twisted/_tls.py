@@ -160,6 +160,7 @@ def _name_check(tls_protocol: Any, service_id: Any) -> Any:
     server's certificate (depth 0) naming C{service_id}.  A failed check
     fails the handshake, with the reason given to C{tls_protocol}.
     """
+    from service_identity import CertificateError, VerificationError
     from service_identity.hazmat import verify_service_identity
     from service_identity.pyopenssl import extract_patterns
 
@@ -173,11 +174,17 @@ def _name_check(tls_protocol: Any, service_id: Any) -> Any:
         protocol = holding.pop() if holding else None
         try:
             verify_service_identity(extract_patterns(certificate), [service_id], [])
-        except Exception:
+        except Exception as e:
             # Another host's (VerificationError), no subjectAltName at all
             # (CertificateError), or one the check cannot read: refused.
+            # What cannot be read is the certificate's fault, told as such
+            # (tls_failure bounds a CertificateError's text, which may quote
+            # the certificate at length).
             if protocol is not None:
-                protocol.failVerification(Failure())
+                reason = e
+                if not isinstance(e, (CertificateError, VerificationError)):
+                    reason = CertificateError(f"unreadable subjectAltName: {e}")
+                protocol.failVerification(Failure(reason))
             return False
         return bool(ok)
 

@@ -8,10 +8,15 @@ made for the test.
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import tempfile
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -63,13 +68,16 @@ class UpstreamCertificateTests(TestCase):
         self.ca = CA("upstream CA")
         self.trust = trustRootFromCertificates([Certificate.loadPEM(self.ca.certificate.public_bytes(_PEM))])
 
-    async def request(self, common_name: str, **names: Any) -> tuple[Any, list[_Upstream], str]:
+    async def request(
+        self, common_name: str, pair: tuple[Any, x509.Certificate] | None = None, **names: Any
+    ) -> tuple[Any, list[_Upstream], str]:
         """
         One request to an https upstream on localhost whose certificate the
-        test's CA issued for C{common_name} and C{names}; returns the
-        response or the failure, what the upstream received, and the log.
+        test's CA issued for C{common_name} and C{names} (or C{pair}'s, a key
+        and certificate); returns the response or the failure, what the
+        upstream received, and the log.
         """
-        cert, key = write_pair(self.dir, "upstream", *self.ca.issue(common_name, **names))
+        cert, key = write_pair(self.dir, "upstream", *(pair or self.ca.issue(common_name, **names)))
         factory = Factory.forProtocol(_Upstream)
         factory.seen = []  # type: ignore[attr-defined]
         live = track(factory)
@@ -137,3 +145,38 @@ class UpstreamCertificateTests(TestCase):
             self.assertIsNot(trusted, self.ca)
 
         return ensureDeferred(go())
+
+    def test_an_unreadable_subject_alt_name_is_told_as_such_in_few_words(self) -> Any:
+        # A self-signed certificate (nobody's CA needed) whose subjectAltName
+        # holds a 3000-byte "IP address": the name check cannot read it, and
+        # the reason, which quotes it, is the certificate's and is bounded.
+        async def go() -> None:
+            failure, seen, _ = await self.request("", pair=_self_signed_with_san(b"\x87\x82\x0b\xb8" + b"A" * 3000))
+            self.assertIsInstance(failure, UpstreamFailed)
+            self.assertTrue(str(failure).startswith("the upstream's certificate cannot be checked: "), str(failure)[:200])
+            self.assertLess(len(str(failure)), 300)
+            self.assertEqual([p.received for p in seen], [b""] * len(seen))
+
+        return ensureDeferred(go())
+
+
+def _self_signed_with_san(general_names: bytes) -> tuple[Any, x509.Certificate]:
+    """A key and a certificate signed by it whose subjectAltName's DER
+    SEQUENCE holds C{general_names}, encoded or not."""
+    size = len(general_names)
+    value = b"\x30\x82" + size.to_bytes(2, "big") + general_names
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, value), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
