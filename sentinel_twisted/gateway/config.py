@@ -22,12 +22,14 @@ CHALLENGE_HEADER = "X-Sentinel-Challenge"
 def parse_upstream(url: str) -> URL:
     """
     Check an C{--upstream} URL: C{http} or C{https}, a host, no query or
-    fragment (the client's path and query are appended to its path).
+    fragment (the client's path and query are appended to its path).  It
+    is returned as a URI: an international host name in IDNA
+    (C{xn--bcher-kva.de}), the path percent-encoded, as they go on the wire.
 
     @raise ValueError: with a clear text when the URL is not usable.
     """
     try:
-        parsed = DecodedURL.from_text(url).encoded_url
+        parsed = DecodedURL.from_text(url).encoded_url.to_uri()
     except Exception as e:
         raise ValueError(f"--upstream {url!r} is not a URL: {e}") from None
     if parsed.scheme not in ("http", "https"):

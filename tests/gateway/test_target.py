@@ -370,6 +370,13 @@ class UpstreamPrefixTests(SynchronousTestCase):
             )
             self.assertEqual((status, seen, forwarded), (b"400", [], []), target)
 
+    def test_an_international_upstream_is_addressed_as_its_uri(self) -> None:
+        # Host in IDNA (the Host header, SNI and the name checked), path
+        # percent-encoded: what goes on the wire, not a UnicodeEncodeError.
+        upstream = HTTPUpstream(MemoryReactorClock(), "https://bücher.de/ä")
+        self.assertEqual(upstream._host, b"xn--bcher-kva.de")
+        self.assertEqual(upstream.target(b"/x"), b"/%C3%A4/x")
+
     def test_other_paths_go_behind_the_upstream_path(self) -> None:
         status, seen, forwarded = serve_in_memory(
             b"GET /docs/a..b HTTP/1.1\r\nHost: x\r\n\r\n", "http://127.0.0.1:9/public"
