@@ -227,6 +227,7 @@ def _host_name(value: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+#: The status site's logger.
 log = Logger(namespace="sentinel_twisted.status")
 
 #: The most connections the status site holds at once: past it a new one is
