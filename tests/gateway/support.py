@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -359,6 +359,24 @@ def track(factory: Any) -> set[Any]:
 
     factory.buildProtocol = tracked
     return live
+
+
+async def listen_for(test: Any, factory: Any, description: str = "tcp:0:interface=127.0.0.1") -> Any:
+    """
+    Listen with C{factory} on C{description} for the length of C{test}: the
+    port is closed, and the connections it took aborted, at its clean-up.
+    """
+    live = track(factory)
+    port = await serverFromString(reactor, description).listen(factory)
+
+    async def stop() -> None:
+        await port.stopListening()
+        for protocol in list(live):
+            protocol.transport.abortConnection()
+        await wait_until(lambda: not live, what="connections to close")
+
+    test.addCleanup(lambda: ensureDeferred(stop()))
+    return port
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

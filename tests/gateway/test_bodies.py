@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -25,8 +23,8 @@ from .support import (
     answer,
     b64,
     block,
+    listen_for,
     small_chunks,
-    track,
     wait_until,
 )
 
@@ -265,17 +263,7 @@ class StreamingTests(TestCase):
 
     async def raw_upstream(self, h: Harness) -> list[RawUpstream]:
         connections: list[RawUpstream] = []
-        factory = Factory.forProtocol(lambda: RawUpstream(connections))
-        live = track(factory)
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-
-        async def stop() -> None:
-            await port.stopListening()
-            for protocol in list(live):
-                protocol.transport.abortConnection()
-            await wait_until(lambda: not live, what="raw upstream connections to close")
-
-        self.addCleanup(lambda: ensureDeferred(stop()))
+        port = await listen_for(self, Factory.forProtocol(lambda: RawUpstream(connections)))
         self.raw_port = port.getHost().port
         return connections
 

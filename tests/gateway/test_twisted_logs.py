@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
@@ -18,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted._ratelimit import LogRateLimiter
 
 from .._proxy_support import captured_log
-from .support import Harness, track, wait_until
+from .support import Harness, listen_for
 
 
 class _InterimUpstream(Protocol):
@@ -38,17 +36,7 @@ class UpstreamInterimResponseTests(TestCase):
     timeout = 20
 
     async def interim_upstream(self) -> str:
-        factory = Factory.forProtocol(_InterimUpstream)
-        live = track(factory)
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-
-        async def stop() -> None:
-            await port.stopListening()
-            for protocol in list(live):
-                protocol.transport.abortConnection()
-            await wait_until(lambda: not live, what="upstream connections to close")
-
-        self.addCleanup(lambda: ensureDeferred(stop()))
+        port = await listen_for(self, Factory.forProtocol(_InterimUpstream))
         return f"http://127.0.0.1:{port.getHost().port}"
 
     def test_interim_responses_log_a_few_lines_per_period(self) -> Any:

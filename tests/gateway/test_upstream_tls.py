@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.trial.unittest import TestCase
@@ -29,7 +28,7 @@ from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, Upst
 
 from .._proxy_support import captured_log, log_text
 from ..test_tls import _PEM, CA, write_pair
-from .support import track, wait_until
+from .support import listen_for, wait_until
 
 
 class _Upstream(Protocol):
@@ -80,20 +79,10 @@ class UpstreamCertificateTests(TestCase):
         cert, key = write_pair(self.dir, "upstream", *(pair or self.ca.issue(common_name, **names)))
         factory = Factory.forProtocol(_Upstream)
         factory.seen = []  # type: ignore[attr-defined]
-        live = track(factory)
-        port = await serverFromString(
-            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        ).listen(factory)
+        port = await listen_for(self, factory, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
         upstream = HTTPUpstream(reactor, f"https://localhost:{port.getHost().port}", trust_root=self.trust)
-
-        async def stop() -> None:
-            await upstream.close()
-            await port.stopListening()
-            for protocol in list(live):
-                protocol.transport.abortConnection()
-            await wait_until(lambda: not live, what="upstream connections to close")
-
-        self.addCleanup(lambda: ensureDeferred(stop()))
+        # Before the port closes (clean-ups run last first).
+        self.addCleanup(upstream.close)
         with captured_log() as events:
             try:
                 outcome: Any = await upstream.forward(ForwardRequest(b"GET", b"/x", Headers({b"host": [b"localhost"]}), None))
