@@ -46,7 +46,7 @@ from .proxy.dialled import DialledAgentService
 from .proxy.factory import ReverseConnectionFactory
 from .proxy.pool import AgentPool
 
-__all__ = ["CLOSE_TIMEOUT", "DEFAULT_SHUTDOWN_GRACE", "ListenerEndpointService", "ReverseListenerService", "StartupError", "add_forward_agents", "add_gateway", "check_access_log", "freeze_startup_heap", "load_client_cas", "load_token_checker", "make_listener", "prepare_unix_socket", "raise_file_limit", "shut_down_agents", "with_allow_file", "written_out"]
+__all__ = ["CLOSE_TIMEOUT", "DEFAULT_SHUTDOWN_GRACE", "ListenerEndpointService", "ReverseListenerService", "StartupError", "YOUNG_THRESHOLD", "add_forward_agents", "add_gateway", "check_access_log", "freeze_startup_heap", "load_client_cas", "load_token_checker", "make_listener", "prepare_unix_socket", "raise_file_limit", "raise_young_threshold", "shut_down_agents", "with_allow_file", "written_out"]
 
 #: The module's logger (the program's: its lines keep their namespace).
 log = Logger(namespace="sentinel_twisted.tap")
@@ -85,9 +85,44 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+#: The young generation's threshold once the program runs (Python's
+#: default: 700 allocations).
+YOUNG_THRESHOLD = 10_000
+
+
+def raise_young_threshold(threshold: int = YOUNG_THRESHOLD) -> tuple[int, int, int] | None:
+    """
+    Let the cyclic collector's youngest generation grow to C{threshold}
+    allocations between collections (never lower than it is); returns the
+    thresholds as they were, C{None} if nothing changed (already as high,
+    or the collector is off).
+
+    Each young collection walks every container still alive since the last
+    one.  Requests that wait on agents across reactor turns keep a steady
+    thousand or so of them alive (headers, their value lists, pending
+    entries), so at Python's 700 a collection ran every few dozen requests
+    and found next to nothing: with four agent events per request it cost
+    the gateway about 5% of its requests/s (BENCHMARKS.md).  Requests leave
+    no cyclic garbage (C{tests/gateway/test_garbage.py}), so what waits
+    longer for the collector is little.
+    """
+    old = gc.get_threshold()
+    if not gc.isenabled() or old[0] >= threshold:
+        return None
+    gc.set_threshold(threshold, *old[1:])
+    return old
+
+
 def _freeze_when_running() -> None:
     count = freeze_startup_heap()
     log.debug("Start-up heap frozen: {count} objects left out of garbage collection", count=count)
+    old = raise_young_threshold()
+    if old is not None:
+        log.debug(
+            "Young collections every {threshold} allocations (was {old})",
+            threshold=YOUNG_THRESHOLD,
+            old=old[0],
+        )
 
 
 class ListenerEndpointService(service.Service):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from sentinel_twisted.endpoints import system_max_backlog
 from sentinel_twisted.proxy.auth import TokenFileChecker
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
+from sentinel_twisted.services import YOUNG_THRESHOLD, raise_young_threshold
 from sentinel_twisted.tap import (
     DEFAULT_LISTEN,
     ListenerEndpointService,
@@ -466,3 +467,43 @@ class FreezeStartupHeapTests(TestCase):
             _freeze_when_running()
         [event] = [e for e in events if "Start-up heap" in e.get("log_format", "")]
         self.assertIs(event["log_level"], LogLevel.debug)
+
+
+class YoungThresholdTests(TestCase):
+    def setUp(self) -> None:
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        if not gc.isenabled():
+            self.addCleanup(gc.disable)
+            gc.enable()
+        gc.set_threshold(700, 10, 10)
+
+    def test_raised_the_older_generations_kept(self) -> None:
+        self.assertEqual(raise_young_threshold(), (700, 10, 10))
+        self.assertEqual(gc.get_threshold(), (YOUNG_THRESHOLD, 10, 10))
+
+    def test_never_lowered(self) -> None:
+        gc.set_threshold(50_000, 5, 5)
+        self.assertIsNone(raise_young_threshold())
+        self.assertEqual(gc.get_threshold(), (50_000, 5, 5))
+
+    def test_left_alone_with_the_collector_off(self) -> None:
+        self.addCleanup(gc.enable)
+        gc.disable()
+        self.assertIsNone(raise_young_threshold())
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
+
+    def test_the_program_raises_it_once_running(self) -> None:
+        from twisted.logger import LogLevel
+
+        from sentinel_twisted.tap import _freeze_when_running
+
+        from ._proxy_support import captured_log
+
+        self.addCleanup(gc.unfreeze)
+        with captured_log() as events:
+            _freeze_when_running()
+        self.assertEqual(gc.get_threshold()[0], YOUNG_THRESHOLD)
+        [event] = [e for e in events if "Young collections" in e.get("log_format", "")]
+        self.assertIs(event["log_level"], LogLevel.debug)
+        self.assertEqual(event["old"], 700)
