@@ -639,17 +639,21 @@ def add_gateway(
     access_log = options.get("access-log")
     if access_log and options["http"] is not None:
         check_access_log(access_log)
-    gateway = GatewayService(
-        top.factory,
-        options["gateway"],
-        http=options["http"],
-        status=options["status"],
-        reactor=reactor,
-        access_log=access_log,
-        shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
-        readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
-        http_endpoint=http_endpoint,
-    )
+    try:
+        gateway = GatewayService(
+            top.factory,
+            options["gateway"],
+            http=options["http"],
+            status=options["status"],
+            reactor=reactor,
+            access_log=access_log,
+            shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
+            readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
+            http_endpoint=http_endpoint,
+        )
+    except ValueError as e:
+        # The one file it reads: the upstream's CAs.
+        raise StartupError(f"--upstream-ca: {e}") from None
     gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
     # The agents it dials are never forgotten: it redials them as long as it runs.
     gateway.gateway.known.pinned = frozenset(a for a, _ in options.get("agent-endpoints", ()))

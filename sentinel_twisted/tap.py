@@ -6,6 +6,7 @@ C{twistd sentinel-reverse}: accept reverse connections from policy agents.
 from __future__ import annotations
 
 import math
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -288,6 +289,13 @@ class Options(ProgramOptions):
             None,
             None,
             "http(s):// URL allowed requests are forwarded to; default: the built-in echo.",
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "PEM file of the CA certificates an https --upstream's certificate must chain to, "
+            "instead of the system's trusted CAs (read at start-up).",
         ],
         [
             "upstream-timeout",
@@ -592,12 +600,17 @@ class Options(ProgramOptions):
             else:
                 self[name] = with_backlog(value, self["backlog"])
                 self.given[self[name]] = value
+        if self["upstream-ca"] and urlsplit(self["upstream"] or "").scheme.lower() != "https":
+            raise usage.UsageError(
+                "--upstream-ca is for an https:// --upstream: its CAs check the upstream's certificate"
+            )
         try:
             self["gateway"] = GatewayConfig(
                 agents=self["agents"],
                 fail_open=bool(self["fail-open"]),
                 upstream=self["upstream"] or None,
                 upstream_timeout=self["upstream-timeout"],
+                upstream_ca=self["upstream-ca"] or None,
                 challenge_status=self["challenge-status"],
                 header_timeout=self["header-timeout"],
                 max_client_connections=self["max-client-connections"],

@@ -79,6 +79,10 @@ class GatewayConfig:
         C{None} answers them with the built-in echo.
     @ivar upstream_timeout: seconds to wait for the upstream's response
         headers before answering C{504}.
+    @ivar upstream_ca: a PEM file of the CA certificates an C{https}
+        upstream's certificate must chain to, instead of the system's
+        trusted CAs (read when the gateway is built); only with an
+        C{https} upstream.
     @ivar challenge_status: the status of a challenge decision's response.
     @ivar max_upstream_connections: idle persistent upstream connections
         kept per upstream host.
@@ -109,6 +113,7 @@ class GatewayConfig:
     fail_open: bool = False
     upstream: str | None = attrs.field(default=None)
     upstream_timeout: float = attrs.field(default=30.0, validator=_positive)
+    upstream_ca: str | None = None
     challenge_status: int = attrs.field(default=403, validator=_status)
     max_upstream_connections: int = 64
     header_timeout: float = attrs.field(default=30.0, validator=_positive)
@@ -124,3 +129,9 @@ class GatewayConfig:
     def _check_upstream(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
         if value is not None:
             parse_upstream(value)
+
+    def __attrs_post_init__(self) -> None:
+        if self.upstream_ca is not None and (
+            self.upstream is None or parse_upstream(self.upstream).scheme != "https"
+        ):
+            raise ValueError("upstream_ca is for an https:// upstream: the CAs check its certificate")

@@ -23,7 +23,7 @@ from .config import GatewayConfig
 from .echo import EchoUpstream
 from .resource import GatewaySite
 from .shared import Gateway
-from .upstream import HTTPUpstream, IUpstream
+from .upstream import HTTPUpstream, IUpstream, upstream_trust_root
 
 if TYPE_CHECKING:
     from ..proxy.factory import ReverseConnectionFactory
@@ -119,6 +119,7 @@ class GatewayService(service.MultiService):
     @ivar site: the gateway's site, C{None} without an HTTP listener.
     @ivar status_site: the status site, C{None} when left out.
     @ivar status_resource: the status site's root (only with a status site).
+    @raise ValueError: if the configuration's C{upstream_ca} cannot be read.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class GatewayService(service.MultiService):
                 config.upstream,
                 timeout=config.upstream_timeout,
                 max_connections=config.max_upstream_connections,
+                trust_root=upstream_trust_root(config.upstream_ca),
             )
         self.upstream = upstream
         self.gateway = Gateway(factory.pool, config, upstream, self.metrics, reactor)

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from .._ratelimit import LogRateLimiter
 from .._tls import client_tls_options, tls_failure
+from ..proxy._identity import load_ca_certificates
 from .body import STAGE_ROOM, Pressure
 from .config import parse_upstream
 
@@ -47,6 +48,7 @@ __all__ = [
     "UpstreamFailed",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "upstream_trust_root",
 ]
 
 #: The gateway's logger.
@@ -472,6 +474,21 @@ class HTTPUpstream:
         """Close the idle connections; fires when they are closed."""
         closed: Deferred[None] = self.pool.closeCachedConnections()
         return closed
+
+
+def upstream_trust_root(path: str | None) -> Any:
+    """
+    What an C{https} upstream's certificate must chain to: the CA
+    certificates of the PEM file at C{path} (for L{HTTPUpstream}'s
+    C{trust_root}), or C{None} without one (the system's trusted CAs).
+
+    @raise ValueError: if the file cannot be read or holds no certificate.
+    """
+    if path is None:
+        return None
+    from twisted.internet.ssl import trustRootFromCertificates
+
+    return trustRootFromCertificates(load_ca_certificates(path, "upstream CA file"))
 
 
 def _describe_failure(failure: Failure) -> str:

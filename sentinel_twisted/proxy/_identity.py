@@ -124,11 +124,12 @@ def identity_problem(agent_id: str, certificate: Any) -> str | None:
     return f"agent id '{agent_id}' does not match the client certificate ({names.describe()})"
 
 
-def load_ca_certificates(path: str) -> list[Any]:
+def load_ca_certificates(path: str, what: str = "client CA file") -> list[Any]:
     """
     The certificates of a PEM file (one or more CA certificates), as
     L{twisted.internet.ssl.Certificate}s.
 
+    @param what: what the file is, for the errors.
     @raise ValueError: if the file cannot be read or holds none.
     """
     from twisted.internet import ssl
@@ -137,14 +138,14 @@ def load_ca_certificates(path: str) -> list[Any]:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ValueError(f"cannot read the client CA file {path}: {e.strerror or e}") from None
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror or e}") from None
     blocks = _PEM.findall(data)
     if not blocks:
-        raise ValueError(f"the client CA file {path} holds no PEM certificate")
+        raise ValueError(f"the {what} {path} holds no PEM certificate")
     try:
         return [ssl.Certificate.loadPEM(block) for block in blocks]
     except Exception as e:
-        raise ValueError(f"the client CA file {path} holds a certificate that cannot be loaded: {e}") from None
+        raise ValueError(f"the {what} {path} holds a certificate that cannot be loaded: {e}") from None
 
 
 @implementer(IOpenSSLServerConnectionCreator)

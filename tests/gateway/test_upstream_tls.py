@@ -9,6 +9,7 @@ made for the test.
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -21,14 +22,19 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
+from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.upstream import ForwardRequest, HTTPUpstream, UpstreamFailed
+from sentinel_twisted.services import StartupError
+from sentinel_twisted.tap import Options, add_gateway, make_listener
 
 from .._proxy_support import captured_log, log_text
 from ..test_tls import _PEM, CA, write_pair
-from .support import listen_for, wait_until
+from .support import Harness, listen_for, wait_until
 
 
 class _Upstream(Protocol):
@@ -169,3 +175,74 @@ def _self_signed_with_san(general_names: bytes) -> tuple[Any, x509.Certificate]:
         .sign(key, hashes.SHA256())
     )
     return key, certificate
+
+
+class UpstreamCATests(TestCase):
+    """
+    C{--upstream-ca FILE}: an https upstream whose certificate a private CA
+    issued is reached through the program, with that CA and only with it.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="st-upca-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ca = CA("private upstream CA")
+        self.ca_path = os.path.join(self.dir, "ca.pem")
+        with open(self.ca_path, "wb") as f:
+            f.write(self.ca.certificate.public_bytes(_PEM))
+
+    async def through_the_program(self, *argv: str) -> tuple[Any, list[_Upstream]]:
+        cert, key = write_pair(self.dir, "upstream", *self.ca.issue("localhost", dns=("localhost",)))
+        factory = Factory.forProtocol(_Upstream)
+        factory.seen = []  # type: ignore[attr-defined]
+        port = await listen_for(self, factory, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        h = await Harness(self).start("--upstream", f"https://localhost:{port.getHost().port}", *argv)
+        await h.agent("waf")
+        return await h.get("/x"), factory.seen  # type: ignore[attr-defined]
+
+    def test_the_private_ca_lets_the_request_through(self) -> Any:
+        async def go() -> None:
+            response, seen = await self.through_the_program("--upstream-ca", self.ca_path)
+            self.assertEqual((response.code, response.body), (200, b"ok"))
+            self.assertIn(b"GET /x HTTP/1.1", seen[0].received)
+
+        return ensureDeferred(go())
+
+    def test_without_it_the_system_cas_refuse_the_upstream(self) -> Any:
+        async def go() -> None:
+            with captured_log():
+                response, seen = await self.through_the_program()
+            self.assertEqual(response.code, 502)
+            self.assertEqual([p.received for p in seen], [b""] * len(seen))
+
+        return ensureDeferred(go())
+
+    def test_only_with_an_https_upstream(self) -> None:
+        for argv in (["--upstream", "http://localhost:8080"], []):
+            with self.subTest(argv=argv):
+                with self.assertRaises(UsageError) as raised:
+                    Options().parseOptions(["--upstream-ca", self.ca_path, *argv])
+                self.assertIn("--upstream-ca is for an https:// --upstream", str(raised.exception))
+
+    def test_an_unreadable_file_stops_the_start_in_one_line(self) -> None:
+        empty = os.path.join(self.dir, "empty.pem")
+        open(empty, "wb").close()
+        for path, words in ((os.path.join(self.dir, "missing.pem"), "cannot read the upstream CA file"), (empty, "holds no PEM certificate")):
+            with self.subTest(path=path):
+                options = Options()
+                options.parseOptions(
+                    ["--listen", f"unix:{self.dir}/a.sock", "--upstream", "https://localhost", "--upstream-ca", path]
+                )
+                top = make_listener(options, MemoryReactorClock())
+                with self.assertRaises(StartupError) as raised:
+                    add_gateway(top, options, MemoryReactorClock())
+                self.assertTrue(str(raised.exception).startswith("--upstream-ca: "), str(raised.exception))
+                self.assertIn(words, str(raised.exception))
+
+    def test_the_library_config_refuses_it_without_https(self) -> None:
+        with self.assertRaises(ValueError):
+            GatewayConfig(upstream="http://localhost", upstream_ca=self.ca_path)
+        with self.assertRaises(ValueError):
+            GatewayConfig(upstream_ca=self.ca_path)
