@@ -333,3 +333,68 @@ class SharedCountsTests(TestCase):
         one, two = PendingTable(Clock()), PendingTable(Clock())
         one.add("a", 1.0).addErrback(lambda f: None)
         self.assertEqual((one._counts, two._counts), ([1, 1], [0, 0]))
+
+
+class HandlersTests(TestCase):
+    """
+    C{add(..., answered=, failed=, arg=)}: no Deferred and no Waiter; the
+    table calls the handlers as a L{Waiter} made of them would, every way a
+    request ends, and logs what they raise.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.table = PendingTable(self.clock)
+        self.calls: list[tuple[str, Any, Any]] = []
+
+    def answered(self, result: Any, arg: Any) -> None:
+        self.calls.append(("answered", result, arg))
+
+    def failed(self, failure: Failure, arg: Any) -> None:
+        self.calls.append(("failed", failure.value, arg))
+
+    def add(self, cid: str, timeout: float = 30.0) -> Any:
+        return self.table.add(cid, timeout, None, self.answered, self.failed, f"arg-{cid}")
+
+    def test_nothing_is_returned(self) -> None:
+        self.assertIsNone(self.add("a"))
+        self.assertEqual(self.table.correlation_ids(), ["a"])
+
+    def test_an_answer(self) -> None:
+        self.add("a")
+        self.assertTrue(self.table.resolve("a", "answer"))
+        self.assertEqual(self.calls, [("answered", "answer", "arg-a")])
+
+    def test_take_hands_out_what_fires_them(self) -> None:
+        self.clock.advance(2.0)
+        self.add("a")
+        taken = self.table.take("a")
+        assert taken is not None
+        fire, sent_at = taken
+        self.assertEqual(sent_at, 2.0)
+        fire.callback("answer")
+        self.assertEqual(self.calls, [("answered", "answer", "arg-a")])
+        self.assertIsNone(self.table.take("a"))
+
+    def test_a_timeout(self) -> None:
+        self.add("a", timeout=1.0)
+        self.clock.advance(1.0)
+        [(kind, error, arg)] = self.calls
+        self.assertEqual((kind, arg), ("failed", "arg-a"))
+        self.assertIsInstance(error, RequestTimeout)
+
+    def test_fail_and_fail_all(self) -> None:
+        self.add("a")
+        self.add("b")
+        self.assertTrue(self.table.fail("a", ConnectionClosed("gone")))
+        self.assertEqual(self.table.fail_all(lambda cid: ConnectionClosed(cid)), 1)
+        self.assertEqual([(kind, arg) for kind, _, arg in self.calls], [("failed", "arg-a"), ("failed", "arg-b")])
+        self.assertEqual(len(self.table), 0)
+
+    def test_what_a_handler_raises_is_logged_not_raised(self) -> None:
+        def broken(result: Any, arg: Any) -> None:
+            raise ZeroDivisionError("handler bug")
+
+        self.table.add("a", 30.0, None, broken, self.failed, None)
+        self.assertTrue(self.table.resolve("a", "answer"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

@@ -95,15 +95,23 @@ class AgentFrames:
                 return
             cid = response.audit.custom.get("correlation_id")
             # One lookup tells whether the id is waiting and since when.
-            if cid.__class__ is not str or (taken := self._pending.take(cid)) is None:
+            if cid.__class__ is not str or (entry := self._pending._remove(cid)) is None:
                 self._unknown_answer(cid)
                 return
-            deferred, sent_at = taken
             listener = self.listener
             # The time it took is worked out only for observers that want it.
             if listener is not None and listener._answers_observed:
-                listener._connection_answered(self, cid, self._clock.seconds() - sent_at)
-            deferred.callback(response)
+                listener._connection_answered(self, cid, self._clock.seconds() - entry.sent_at)
+            deferred = entry.deferred
+            if deferred is None:
+                # The caller's handlers, kept in the entry: called here, as
+                # the entry's own callback would.
+                try:
+                    entry.answered(response, entry.arg)
+                except Exception:
+                    entry.answer_handler_failed()
+            else:
+                deferred.callback(response)
         elif message_type == _FLOW:
             self._flow_control_received(payload)
         elif message_type == _PING:

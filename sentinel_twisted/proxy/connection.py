@@ -405,7 +405,7 @@ class AgentConnection(AgentFrames):
         if self._closed is not None:
             return fail(self._closed)
         try:
-            deferred: Deferred[m.AgentResponse] = self._send(event, correlation_id, timeout, None)
+            deferred: Deferred[m.AgentResponse] = self._send(event, correlation_id, timeout)
         except (AgentProtocolError, ValueError) as e:
             return fail(e)
         return deferred
@@ -427,19 +427,26 @@ class AgentConnection(AgentFrames):
         is logged and goes no further: handle your own errors.  Cancel with
         L{cancel_request}.
         """
-        # A failure at once goes through the waiter too: its handler's
+        # A failure at once goes through a waiter too: its handler's
         # exception is logged, as a later failure's is, never raised here.
-        waiter = Waiter(answered, failed, arg)
         if self._closed is not None:
-            waiter.errback(Failure(self._closed))
+            Waiter(answered, failed, arg).errback(Failure(self._closed))
             return
         try:
-            self._send(event, correlation_id, timeout, waiter)
+            self._send(event, correlation_id, timeout, answered, failed, arg)
         except (AgentProtocolError, ValueError) as e:
-            waiter.errback(Failure(e))
+            Waiter(answered, failed, arg).errback(Failure(e))
 
-    def _send(self, event: m.Event, correlation_id: str | None, timeout: float | None, waiter: Waiter | None) -> Any:
-        """Encode, register and write one event: its Deferred, or C{waiter}."""
+    def _send(
+        self,
+        event: m.Event,
+        correlation_id: str | None,
+        timeout: float | None,
+        answered: Callable[[m.AgentResponse, Any], object] | None = None,
+        failed: Callable[[Failure, Any], object] | None = None,
+        arg: Any = None,
+    ) -> Any:
+        """Encode, register and write one event: its Deferred, or C{None} with handlers."""
         if timeout is None:
             timeout = self.request_timeout
         elif not timeout > 0:
@@ -447,7 +454,7 @@ class AgentConnection(AgentFrames):
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
         payload = self._encode_event(event, cid)
         pending = self._pending
-        result = pending.add(cid, timeout, waiter)
+        result = pending.add(cid, timeout, None, answered, failed, arg)
         try:
             self._sink.send_frame(event.message_type, payload)
         except BaseException:

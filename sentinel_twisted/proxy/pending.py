@@ -54,7 +54,7 @@ class Waiter:
         try:
             self.answered(result, self.arg)
         except Exception:
-            log.failure("A waiting request's answer handler {handler!r} failed", handler=self.answered)
+            self.answer_handler_failed()
 
     def errback(self, failure: Failure) -> None:
         """Hand C{failure} to C{failed}."""
@@ -63,17 +63,36 @@ class Waiter:
         except Exception:
             log.failure("A waiting request's failure handler {handler!r} failed", handler=self.failed)
 
+    def answer_handler_failed(self) -> None:
+        """Log the exception C{answered} raised (call it where it is caught)."""
+        log.failure("A waiting request's answer handler {handler!r} failed", handler=self.answered)
 
-class _Pending:
+
+class _Pending(Waiter):
+    """
+    A waiting request.  With C{deferred} C{None}, the entry is its own
+    L{Waiter}: the handlers a caller gave L{PendingTable.add} are kept here,
+    with no object of their own.
+    """
+
     __slots__ = ("correlation_id", "deferred", "deadline", "sent_at", "timeout", "lane")
 
     correlation_id: str
-    #: A Deferred, or a Waiter for callers that want none.
-    deferred: Deferred[Any] | Waiter
+    #: A Deferred, a Waiter, or C{None} (this entry's own handlers).
+    deferred: Deferred[Any] | Waiter | None
     deadline: float
     sent_at: float
     timeout: float
     lane: dict[str, _Pending]
+
+    def fired(self) -> Deferred[Any] | Waiter:
+        """What to fire: the Deferred or Waiter, else the entry itself."""
+        deferred = self.deferred
+        return self if deferred is None else deferred
+
+
+# Entries are made without Waiter.__init__ (their fields are set one by one).
+_new_entry = object.__new__
 
 
 class PendingTable:
@@ -125,19 +144,35 @@ class PendingTable:
         entry = self._entries.get(correlation_id)
         return None if entry is None else entry.sent_at
 
-    def add(self, correlation_id: str, timeout: float, waiter: Waiter | None = None) -> Any:
+    def add(
+        self,
+        correlation_id: str,
+        timeout: float,
+        waiter: Waiter | None = None,
+        answered: Callable[[Any, Any], object] | None = None,
+        failed: Callable[[Failure, Any], object] | None = None,
+        arg: Any = None,
+    ) -> Any:
         """
         Register a request; the returned Deferred fires with its answer, or
         fails with L{RequestTimeout} after C{timeout} seconds.  With
         C{waiter}, no Deferred: the waiter is fired instead, and returned.
+        With C{answered} and C{failed}, neither: they are called as a
+        L{Waiter} made of them and C{arg} would be, with no object made for
+        them, and C{None} is returned.
 
         @raise DuplicateCorrelationId: if the id is already waiting.
         """
         if correlation_id in self._entries:
             raise DuplicateCorrelationId(correlation_id)
-        entry = _Pending()
+        entry: _Pending = _new_entry(_Pending)
         entry.correlation_id = correlation_id
-        if waiter is None:
+        if answered is not None:
+            entry.deferred = None
+            entry.answered = answered
+            entry.failed = failed  # type: ignore[assignment]
+            entry.arg = arg
+        elif waiter is None:
             deferred: Deferred[Any] = Deferred(self._cancelled)
             deferred._sentinel_cid = correlation_id  # type: ignore[attr-defined]
             entry.deferred = deferred
@@ -165,14 +200,19 @@ class PendingTable:
             timer.reset(timeout)
         return entry.deferred
 
-    def pop(self, correlation_id: str) -> Deferred[Any] | Waiter | None:
-        """Remove a request; its Deferred (or Waiter) is returned for the caller to fire."""
+    def _remove(self, correlation_id: str) -> _Pending | None:
+        """Take a request out of the table: its entry, C{None} if it is not waiting."""
         entry = self._entries.pop(correlation_id, None)
         if entry is None:
             return None
         del entry.lane[correlation_id]
         self._counts[0] -= 1
-        return entry.deferred
+        return entry
+
+    def pop(self, correlation_id: str) -> Deferred[Any] | Waiter | None:
+        """Remove a request; its Deferred (or Waiter) is returned for the caller to fire."""
+        entry = self._remove(correlation_id)
+        return None if entry is None else entry.fired()
 
     def take(self, correlation_id: str) -> tuple[Deferred[Any] | Waiter, float] | None:
         """
@@ -180,21 +220,15 @@ class PendingTable:
         with the time it was added; C{None} if it is not waiting.  One
         lookup for what an answer needs: routing, latency, resolution.
         """
-        entry = self._entries.pop(correlation_id, None)
-        if entry is None:
-            return None
-        del entry.lane[correlation_id]
-        self._counts[0] -= 1
-        return entry.deferred, entry.sent_at
+        entry = self._remove(correlation_id)
+        return None if entry is None else (entry.fired(), entry.sent_at)
 
     def resolve(self, correlation_id: str, result: object) -> bool:
         """Fire the request's Deferred with C{result}; C{False} if unknown."""
-        entry = self._entries.pop(correlation_id, None)
+        entry = self._remove(correlation_id)
         if entry is None:
             return False
-        del entry.lane[correlation_id]
-        self._counts[0] -= 1
-        entry.deferred.callback(result)
+        entry.fired().callback(result)
         return True
 
     def fail(self, correlation_id: str, error: BaseException) -> bool:
@@ -215,7 +249,7 @@ class PendingTable:
         self._counts[0] -= len(entries)
         self._stop_timer()
         for cid, entry in entries.items():
-            entry.deferred.errback(Failure(make_error(cid)))
+            entry.fired().errback(Failure(make_error(cid)))
         return len(entries)
 
     def _stop_timer(self) -> None:
@@ -266,4 +300,4 @@ class PendingTable:
                 if self._on_timeout is not None:
                     self._on_timeout(entry.correlation_id)
             finally:
-                entry.deferred.errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
+                entry.fired().errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
