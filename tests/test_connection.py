@@ -61,10 +61,9 @@ class Sink:
 
 
 class Listener:
-    _answers_observed = True
-
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self._answer_observer: Any = self._connection_answered
 
     def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None:
         self.calls.append(("flow", paused))
@@ -80,6 +79,9 @@ class Listener:
 
     def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
         self.calls.append(("answered", correlation_id, seconds))
+
+    def _answer_observer_failed(self, observer: Any) -> None:
+        self.calls.append(("observer failed", observer))
 
 
 def all_events(cid: str = "") -> list[m.Event]:
@@ -302,7 +304,7 @@ class AnswerTests(ConnectionTestCase):
         self.assertIn(("answered", "a", 0.25), self.listener.calls)
 
     def test_a_listener_that_observes_no_answers_is_not_told_of_them(self) -> None:
-        self.listener._answers_observed = False
+        self.listener._answer_observer = None
         self.send("a")
         self.answer("a")
         self.assertTrue(self.outcomes.value("a").is_allow)

@@ -366,11 +366,32 @@ class ObserverTests(PoolTestCase):
         # PoolObserver's own request_answered does nothing: not an answer observer.
         self.pool.remove_observer(self.recorder)
         self.pool.add_observer(PoolObserver())
-        self.assertFalse(self.pool._answers_observed)
+        self.assertIsNone(self.pool._answer_observer)
         self.pool.add_observer(self.recorder)
-        self.assertTrue(self.pool._answers_observed)
+        # One observer: its connections call it without the pool in between.
+        self.assertEqual(self.pool._answer_observer, self.recorder.request_answered)
+        second = Recorder()
+        self.pool.add_observer(second)
+        self.assertEqual(self.pool._answer_observer, self.pool._connection_answered)
         self.pool.remove_observer(self.recorder)
-        self.assertFalse(self.pool._answers_observed)
+        self.assertEqual(self.pool._answer_observer, second.request_answered)
+        self.pool.remove_observer(second)
+        self.assertIsNone(self.pool._answer_observer)
+
+    def test_the_one_observers_exception_is_logged_and_the_answer_goes_on(self) -> None:
+        self.pool.remove_observer(self.recorder)
+        broken = Broken()
+        self.pool.add_observer(broken)
+        protocol, _, connection = self.register()
+        deferred = self.pool.send_request_headers("waf-1", request_headers("a"))
+        with captured_log() as events:
+            protocol.dataReceived(answer_frame("a"))
+        self.assertTrue(self.successResultOf(deferred).is_allow)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertIs(event["observer"], broken)
+        self.assertEqual(event["method"], "request_answered")
+        # Its agent_registered failed too, at registration.
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     def test_answers_are_observed_by_the_observers_there_at_the_time(self) -> None:
         protocol, _, connection = self.register()

@@ -100,8 +100,11 @@ class AgentFrames:
                 return
             listener = self.listener
             # The time it took is worked out only for observers that want it.
-            if listener is not None and listener._answers_observed:
-                listener._connection_answered(self, cid, self._clock.seconds() - entry.sent_at)
+            if listener is not None and (observe := listener._answer_observer) is not None:
+                try:
+                    observe(self, cid, self._clock.seconds() - entry.sent_at)
+                except Exception:
+                    listener._answer_observer_failed(observe)
             deferred = entry.deferred
             if deferred is None:
                 # The caller's handlers, kept in the entry: called here, as

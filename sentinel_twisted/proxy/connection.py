@@ -67,8 +67,10 @@ class FrameSink(Protocol):
 class _ConnectionListener(Protocol):
     """Who hears about a connection's control messages (the pool)."""
 
-    #: Whether L{_connection_answered} wants to hear of each answer.
-    _answers_observed: bool
+    #: What hears of each answer (its connection, correlation id and time
+    #: in seconds), C{None} if nothing does: the one observer's own
+    #: callback, or L{_connection_answered} for several.
+    _answer_observer: Callable[[AgentConnection, str, float], object] | None
 
     def _connection_flow_changed(self, connection: AgentConnection, paused: bool) -> None: ...
 
@@ -79,6 +81,8 @@ class _ConnectionListener(Protocol):
     def _connection_config_update(self, connection: AgentConnection, request: dict[str, Any]) -> None: ...
 
     def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None: ...
+
+    def _answer_observer_failed(self, observer: Callable[..., object]) -> None: ...
 
 
 class ConnectionInfo(msgspec.Struct, kw_only=True):

@@ -154,9 +154,10 @@ class AgentPool:
         # The observers' request_answered, once per add or removal rather
         # than looked up per answer (PoolObserver's own does nothing).
         self._on_answered: list[Any] = []
-        #: Whether any observer is told each answer (its connections work
-        #: out an answer's time only then).
-        self._answers_observed = False
+        #: What its connections tell of each answer (they work out its time
+        #: only then): the one observer's request_answered, called
+        #: directly; for several, L{_connection_answered}; C{None} for none.
+        self._answer_observer: Any = None
         #: Handshakes of dialled agents (L{connect_agent}) that succeeded,
         #: and those that failed by reason (for the status site's metrics).
         self.dial_handshakes = 0
@@ -218,7 +219,12 @@ class AgentPool:
             if callback is not None and getattr(callback, "__func__", None) is not PoolObserver.request_answered:
                 callbacks.append((observer, callback))
         self._on_answered = callbacks
-        self._answers_observed = bool(callbacks)
+        if not callbacks:
+            self._answer_observer = None
+        elif len(callbacks) == 1:
+            self._answer_observer = callbacks[0][1]
+        else:
+            self._answer_observer = self._connection_answered
 
     def connect_agent(
         self,
@@ -589,10 +595,13 @@ class AgentPool:
         self._notify("config_update_requested", connection, request)
 
     def _connection_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
-        for observer, callback in self._on_answered:
+        for _, callback in self._on_answered:
             try:
                 callback(connection, correlation_id, seconds)
             except Exception:
-                log.failure(
-                    "Pool observer {observer!r} failed in {method}", observer=observer, method="request_answered"
-                )
+                self._answer_observer_failed(callback)
+
+    def _answer_observer_failed(self, callback: Any) -> None:
+        """Log what an observer's C{request_answered} raised (call it where it is caught)."""
+        observer = next((o for o, c in self._on_answered if c is callback), callback)
+        log.failure("Pool observer {observer!r} failed in {method}", observer=observer, method="request_answered")
