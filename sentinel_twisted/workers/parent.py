@@ -197,13 +197,7 @@ class WorkerGroup:
         )
         worker.agents[agent_id] += 1
         self.handed_over += 1
-        log.info(
-            "Agent {agent_id} registered connection {connection_id} from {peer}; worker {index} serves it",
-            agent_id=peer_text(agent_id, 64),
-            connection_id=peer_text(connection.connection_id, 100),
-            peer=peer_text(protocol.peer, 64),
-            index=worker.index,
-        )
+        peer = protocol.peer
         protocol.let_go()
         self._see(agent_id)
         if agent_id not in self._coverage_checks:
@@ -226,11 +220,21 @@ class WorkerGroup:
             if worker.control is control and worker.agents[agent_id] > 0:
                 self.connection_gone(control, agent_id)
 
+        def served(_: object) -> None:
+            # Said once the worker has it in its pool: its requests consult it from now on.
+            log.info(
+                "Agent {agent_id} registered connection {connection_id} from {peer}; worker {index} serves it",
+                agent_id=peer_text(agent_id, 64),
+                connection_id=peer_text(connection.connection_id, 100),
+                peer=peer_text(peer, 64),
+                index=worker.index,
+            )
+
         def close(result: object) -> object:
             os.close(descriptor)
             return result
 
-        sent.addBoth(close).addErrback(failed)
+        sent.addBoth(close).addCallbacks(served, failed)
 
     def _see(self, agent_id: str) -> None:
         """Every worker consults C{agent_id} from now on (if there is room)."""

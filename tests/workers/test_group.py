@@ -200,6 +200,21 @@ class SlotTests(TestCase):
         self.assertEqual([dict(w.agents) for w in workers.workers], [{}, {}])
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the copy of the socket is closed")
 
+    def test_a_connection_is_said_to_be_served_once_the_worker_has_it(self) -> None:
+        # Not when it is sent: a request the worker takes before then finds no agent.
+        workers = group(2)
+        controls = join_all(workers)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        handover = _Handing()
+        self.addCleanup(handover.socket.close)
+        with captured_log() as events:
+            workers.hand_over(handover, _Registered("waf-1", "waf-1-1"), b"")  # type: ignore[arg-type]
+            self.assertNotIn("serves it", log_text(events))
+            controls[0].answers[0].callback({})
+        self.assertIn(
+            "Agent waf-1 registered connection waf-1-1 from 127.0.0.1:1; worker 1 serves it", log_text(events)
+        )
+
     def test_no_registration_is_admitted_while_no_worker_is_ready(self) -> None:
         workers = group(2)
         refusal = workers.factory.admit(request())
