@@ -26,7 +26,7 @@ class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="st-reload-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.tokens = self.write("tokens", "waf-1 t1\nwaf-2 t2\nbot-1 t3\n")
+        self.tokens = self.write("tokens", "waf-1 t1\nwaf-2 Sekr3t-of-waf-2\nbot-1 t3\n")
         self.allowed = self.write("allowed", "waf-*\nbot-1\n")
         self.proxy = Proxy(
             TokenFileChecker(self.tokens), allowed_agents=read_allow_file(self.allowed), request_timeout=30
@@ -74,7 +74,7 @@ class ReloadTests(SynchronousTestCase):
 
     def test_an_agent_whose_token_is_gone_is_closed(self) -> None:
         _, _, waf1 = self.register("waf-1", "t1")
-        _, transport, waf2 = self.register("waf-2", "t2")
+        _, transport, waf2 = self.register("waf-2", "Sekr3t-of-waf-2")
         self.write("tokens", "waf-1 t1\nbot-1 t3\n")
         ok, text = self.reload()
         self.assertTrue(ok)
@@ -82,7 +82,7 @@ class ReloadTests(SynchronousTestCase):
         self.assertIn("token is gone from the token file", text)
         self.assertTrue(transport.disconnecting)
         self.assertFalse(waf1.is_closed)
-        self.assertNotIn("t2", text)
+        self.assertNotIn("Sekr3t-of-waf-2", text)
 
     def test_retired_names_the_agents_that_can_no_longer_register(self) -> None:
         # What the gateway forgets at a reload: an agent off the allowlist,
@@ -148,7 +148,7 @@ class ReloadTests(SynchronousTestCase):
                 self.assertFalse(bot.is_closed)
                 self.assertFalse(transport.disconnecting)
                 self.write("allowed", "waf-*\nbot-1\n")
-                self.write("tokens", "waf-1 t1\nwaf-2 t2\nbot-1 t3\n")
+                self.write("tokens", "waf-1 t1\nwaf-2 Sekr3t-of-waf-2\nbot-1 t3\n")
 
     def test_a_missing_file_keeps_the_configuration_in_force(self) -> None:
         os.unlink(self.allowed)
