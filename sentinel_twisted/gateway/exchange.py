@@ -565,10 +565,12 @@ class Exchange(Responding, Endings):
         """
         answered = self._header_answered
         failed = self._header_failed
+        cid = self.correlation_id
         for slot in self._round:
             if self._phase == _OVER:
                 return
-            self.send_to(slot, event, answered, failed, slot)
+            # send_to, spelled out: this runs per request and agent.
+            slot.connection.send_event_with(event, answered, failed, slot, cid)
 
     def _header_answered(self, answer: m.AgentResponse, slot: AgentSlot) -> None:
         if self._phase == _OVER:

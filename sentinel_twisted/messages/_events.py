@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Final, Literal
 from msgspec import UNSET, Struct, UnsetType, field
 
 from ..wire import MessageType
-from ._types import U16, U32, U64, EventType, _b64, check_u64
+from ._types import U16, U32, U64, U64_MAX, EventType, _b64, check_u64
 
 
 class RequestMetadata(Struct, kw_only=True):
@@ -98,7 +98,9 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
     bytes_received: U64
 
     def __post_init__(self) -> None:
-        check_u64(self, 'total_size', 'bytes_received')
+        # Compared here first: check_u64 (which names the field) runs per event otherwise.
+        if (self.total_size or 0) > U64_MAX or self.bytes_received > U64_MAX:
+            check_u64(self, 'total_size', 'bytes_received')
 
     @property
     def body(self) -> bytes:
@@ -141,7 +143,8 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
     bytes_sent: U64
 
     def __post_init__(self) -> None:
-        check_u64(self, 'total_size', 'bytes_sent')
+        if (self.total_size or 0) > U64_MAX or self.bytes_sent > U64_MAX:
+            check_u64(self, 'total_size', 'bytes_sent')
 
     @property
     def body(self) -> bytes:
@@ -173,7 +176,8 @@ class RequestCompleteEvent(_Event, kw_only=True):
     error: str | None = None
 
     def __post_init__(self) -> None:
-        check_u64(self, 'duration_ms', 'request_body_size', 'response_body_size')
+        if max(self.duration_ms, self.request_body_size, self.response_body_size) > U64_MAX:
+            check_u64(self, 'duration_ms', 'request_body_size', 'response_body_size')
 
 
 class WebSocketFrameEvent(_Event, kw_only=True):
@@ -202,7 +206,8 @@ class WebSocketFrameEvent(_Event, kw_only=True):
     client_ip: str
 
     def __post_init__(self) -> None:
-        check_u64(self, 'frame_index')
+        if self.frame_index > U64_MAX:
+            check_u64(self, 'frame_index')
 
     @property
     def body(self) -> bytes:

@@ -478,7 +478,10 @@ class GatewayMetrics(PoolObserver):
 
     def agent_decided(self, agent_id: str, decision: str) -> None:
         """Count C{sentinel_agent_decisions_total}."""
-        self._decisions.inc(agent_id, decision)
+        # The family's inc(), spelled out: this runs per agent answer.
+        values = self._decisions.values
+        key = (agent_id, decision)
+        values[key] = values.get(key, 0) + 1
 
     def agent_failed(self, agent_id: str, reason: str) -> None:
         """
