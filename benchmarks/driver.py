@@ -95,7 +95,7 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
     from twisted.python.failure import Failure
 
     from sentinel_twisted.errors import DuplicateCorrelationId, RequestTimeout
-    from sentinel_twisted.proxy.pending import PendingTable
+    from sentinel_twisted.proxy.pending import PendingTable, _Pending
 
     class NoTimeoutTable:
         """Requests never time out: a dict and nothing else."""
@@ -106,7 +106,9 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             self._clock = clock
             self._on_cancel = on_cancel
             self._on_timeout = on_timeout
-            self._entries: dict[str, list[Any]] = {}
+            # The table's own entries (a Deferred, a Waiter or handlers, and
+            # the time sent): what the connection's reads take out of it.
+            self._entries: dict[str, _Pending] = {}
             # Kept as PendingTable keeps them: the proxy's reads batch by them.
             self._counts = counts if counts is not None else [0, 0]
 
@@ -121,83 +123,97 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
 
         def sent_at(self, cid: str) -> float | None:
             entry = self._entries.get(cid)
-            return None if entry is None else entry[1]
+            return None if entry is None else entry.sent_at
 
         def _cancelled(self, d: Deferred[Any]) -> None:
             cid = d._bench_cid  # type: ignore[attr-defined]
             entry = self._entries.get(cid)
-            if entry is not None and entry[0] is d:
-                self._drop(cid)
+            if entry is not None and entry.deferred is d:
+                self._remove(cid)
                 if self._on_cancel is not None:
                     self._on_cancel(cid)
 
-        def add(self, cid: str, timeout: float, waiter: Any = None) -> Any:
+        def add(
+            self, cid: str, timeout: float, waiter: Any = None, answered: Any = None, failed: Any = None, arg: Any = None
+        ) -> Any:
             if cid in self._entries:
                 raise DuplicateCorrelationId(cid)
-            d: Any = waiter
-            if d is None:
-                d = Deferred(self._cancelled)
+            entry = object.__new__(_Pending)
+            entry.correlation_id = cid
+            if answered is not None:
+                entry.deferred = None
+                entry.answered, entry.failed, entry.arg = answered, failed, arg
+            elif waiter is None:
+                d: Any = Deferred(self._cancelled)
                 d._bench_cid = cid
-            self._entries[cid] = [d, self._clock.seconds(), None]
+                entry.deferred = d
+            else:
+                entry.deferred = waiter
+            entry.sent_at = self._clock.seconds()
+            self._entries[cid] = entry
             self._counts[0] += 1
             self._counts[1] += 1
-            return d
+            return entry.deferred
 
-        def _drop(self, cid: str) -> Any:
+        def _remove(self, cid: str) -> Any:
             entry = self._entries.pop(cid, None)
             if entry is not None:
                 self._counts[0] -= 1
             return entry
 
-        def pop(self, cid: str) -> Deferred[Any] | None:
-            entry = self._drop(cid)
-            return None if entry is None else entry[0]
+        def pop(self, cid: str) -> Any:
+            entry = self._remove(cid)
+            return None if entry is None else entry.fired()
 
-        def take(self, cid: str) -> tuple[Deferred[Any], float] | None:
-            entry = self._drop(cid)
-            return None if entry is None else (entry[0], entry[1])
+        def take(self, cid: str) -> Any:
+            entry = self._remove(cid)
+            return None if entry is None else (entry.fired(), entry.sent_at)
 
         def resolve(self, cid: str, result: object) -> bool:
-            entry = self._drop(cid)
+            entry = self._remove(cid)
             if entry is None:
                 return False
-            entry[0].callback(result)
+            entry.fired().callback(result)
             return True
 
         def fail(self, cid: str, error: BaseException) -> bool:
-            d = self.pop(cid)
-            if d is None:
+            fire = self.pop(cid)
+            if fire is None:
                 return False
-            d.errback(Failure(error))
+            fire.errback(Failure(error))
             return True
 
         def fail_all(self, make_error: Callable[[str], BaseException]) -> int:
-            entries, self._entries = self._entries, {}
-            self._counts[0] -= len(entries)
-            for cid, entry in entries.items():
-                if entry[2] is not None and entry[2].active():
-                    entry[2].cancel()
-                entry[0].errback(Failure(make_error(cid)))
+            entries = [(cid, self._remove(cid)) for cid in list(self._entries)]
+            for cid, entry in entries:
+                entry.fired().errback(Failure(make_error(cid)))
             return len(entries)
 
     class DelayedCallTable(NoTimeoutTable):
         """The textbook design: one reactor DelayedCall per request."""
 
-        def add(self, cid: str, timeout: float, waiter: Any = None) -> Any:
-            d = super().add(cid, timeout, waiter)
-            self._entries[cid][2] = self._clock.callLater(timeout, self._expire, cid, timeout)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._timers: dict[str, Any] = {}
+
+        def add(
+            self, cid: str, timeout: float, waiter: Any = None, answered: Any = None, failed: Any = None, arg: Any = None
+        ) -> Any:
+            d = super().add(cid, timeout, waiter, answered, failed, arg)
+            self._timers[cid] = self._clock.callLater(timeout, self._expire, cid, timeout)
             return d
 
-        def _drop(self, cid: str) -> Any:
-            entry = super()._drop(cid)
-            if entry is not None and entry[2].active():
-                entry[2].cancel()
-            return entry
+        def _remove(self, cid: str) -> Any:
+            timer = self._timers.pop(cid, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            return super()._remove(cid)
 
         def _expire(self, cid: str, timeout: float) -> None:
-            entry = super()._drop(cid)
+            del self._timers[cid]
+            entry = super()._remove(cid)
             if entry is not None:
-                entry[0].errback(Failure(RequestTimeout(timeout, cid)))
+                entry.fired().errback(Failure(RequestTimeout(timeout, cid)))
                 if self._on_timeout is not None:
                     self._on_timeout(cid)
 
