@@ -5,6 +5,8 @@ whole table and every request ending exactly once.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -398,3 +400,21 @@ class HandlersTests(TestCase):
         self.table.add("a", 30.0, None, broken, self.failed, None)
         self.assertTrue(self.table.resolve("a", "answer"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_fail_all_leaves_no_cycle(self) -> None:
+        # An entry's lane holds it: after fail_all (a connection closing)
+        # reference counting alone frees the entries and what their
+        # handlers hold, a gateway request under load.
+        class Held:
+            pass
+
+        held = Held()
+        alive = weakref.ref(held)
+        self.table.add("a", 30.0, None, self.answered, self.failed, held)
+        del held
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        self.assertEqual(self.table.fail_all(lambda cid: ConnectionClosed(cid)), 1)
+        self.calls.clear()
+        self.assertIsNone(alive())

@@ -245,7 +245,12 @@ class PendingTable:
         builds each caller's error.  Returns how many there were.
         """
         entries, self._entries = self._entries, {}
-        self._lanes = {}
+        lanes, self._lanes = self._lanes, {}
+        # Each entry's lane holds it: emptied, or every entry and what its
+        # handlers hold (a gateway request) would be left as a cycle for the
+        # collector.
+        for lane in lanes.values():
+            lane.clear()
         self._counts[0] -= len(entries)
         self._stop_timer()
         for cid, entry in entries.items():

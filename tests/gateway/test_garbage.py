@@ -64,3 +64,21 @@ class NoCyclicGarbageTests(TestCase):
             self.assertEqual(alive(), NONE_ALIVE)
 
         return ensureDeferred(go())
+
+    def test_requests_whose_agent_left_are_freed_too(self) -> Any:
+        # The agent's connection closes with the request's event waiting:
+        # the request fails (503) and leaves nothing behind either.
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def drop(agent: Any, message_type: int, body: dict[str, Any]) -> None:
+                agent.drop()
+
+            await h.agent("waf", decide=drop)
+            gc.collect()
+            gc.disable()
+            self.addCleanup(gc.enable)
+            self.assertEqual((await h.get("/items")).code, 503)
+            self.assertEqual(alive(), NONE_ALIVE)
+
+        return ensureDeferred(go())
