@@ -46,7 +46,7 @@ from .proxy.dialled import DialledAgentService
 from .proxy.factory import ReverseConnectionFactory
 from .proxy.pool import AgentPool
 
-__all__ = ["CLOSE_TIMEOUT", "DEFAULT_SHUTDOWN_GRACE", "ListenerEndpointService", "ReverseListenerService", "StartupError", "YOUNG_THRESHOLD", "add_forward_agents", "add_gateway", "check_access_log", "freeze_startup_heap", "load_client_cas", "load_token_checker", "make_listener", "prepare_unix_socket", "raise_file_limit", "raise_young_threshold", "shut_down_agents", "with_allow_file", "written_out"]
+__all__ = ["CLOSE_TIMEOUT", "DEFAULT_SHUTDOWN_GRACE", "ListenerEndpointService", "ReverseListenerService", "StartupError", "YOUNG_THRESHOLD", "add_forward_agents", "add_gateway", "check_access_log", "check_upstream_ca", "freeze_startup_heap", "load_client_cas", "load_token_checker", "make_listener", "prepare_unix_socket", "raise_file_limit", "raise_young_threshold", "shut_down_agents", "with_allow_file", "written_out"]
 
 #: The module's logger (the program's: its lines keep their namespace).
 log = Logger(namespace="sentinel_twisted.tap")
@@ -653,6 +653,8 @@ def add_gateway(
         )
     except ValueError as e:
         # The one file it reads: the upstream's CAs.
+        if options["gateway"].upstream_ca is None:
+            raise
         raise StartupError(f"--upstream-ca: {e}") from None
     gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
     # The agents it dials are never forgotten: it redials them as long as it runs.
@@ -666,6 +668,23 @@ def add_gateway(
 def _listener_listens(top: ReverseListenerService) -> bool:
     """Whether an agent listener endpoint of C{top} listens (for C{/healthz})."""
     return any(isinstance(c, ListenerEndpointService) and c.port is not None for c in top)
+
+
+def check_upstream_ca(path: str | None) -> None:
+    """
+    Make sure C{--upstream-ca} can be read and holds a certificate, so that
+    a bad file stops the start with one line: a worker group's parent
+    builds no gateway, and its workers, which do, would only exit and be
+    restarted, again and again.
+    """
+    if path is None:
+        return
+    from .gateway.upstream import upstream_trust_root
+
+    try:
+        upstream_trust_root(path)
+    except ValueError as e:
+        raise StartupError(f"--upstream-ca: {e}") from None
 
 
 def check_access_log(path: str) -> None:

@@ -241,6 +241,23 @@ class UpstreamCATests(TestCase):
                 self.assertTrue(str(raised.exception).startswith("--upstream-ca: "), str(raised.exception))
                 self.assertIn(words, str(raised.exception))
 
+    def test_another_error_is_not_put_down_to_it(self) -> None:
+        # Without --upstream-ca, a ValueError building the gateway is a bug
+        # to show as such, not a line about a file nobody gave.
+        import sentinel_twisted.gateway.service as gateway_service
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise ValueError("a bug")
+
+        self.patch(gateway_service, "Gateway", broken)
+        options = Options()
+        options.parseOptions(["--listen", f"unix:{self.dir}/a.sock", "--upstream", "https://localhost"])
+        top = make_listener(options, MemoryReactorClock())
+        with self.assertRaises(ValueError) as raised:
+            add_gateway(top, options, MemoryReactorClock())
+        self.assertNotIsInstance(raised.exception, StartupError)
+        self.assertEqual(str(raised.exception), "a bug")
+
     def test_the_library_config_refuses_it_without_https(self) -> None:
         with self.assertRaises(ValueError):
             GatewayConfig(upstream="http://localhost", upstream_ca=self.ca_path)

@@ -378,6 +378,25 @@ class OptionTests(TestCase):
         (gateway,) = [s for s in worker if hasattr(s, "gateway")]
         self.assertEqual(gateway.gateway.known.limit, 7)
 
+    def test_an_upstream_ca_file_the_workers_cannot_use_stops_the_parent(self) -> None:
+        # The parent builds no gateway: without its own look, the start went
+        # on and every worker exited at once and was restarted, forever.
+        from sentinel_twisted.services import StartupError
+        from sentinel_twisted.workers.assemble import make_group
+
+        directory = self.mktemp()
+        os.mkdir(directory)
+        missing = os.path.join(directory, "missing.pem")
+        arguments = [
+            "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1", "--status", "none",
+            "--upstream", "https://localhost", "--upstream-ca", missing,
+        ]  # fmt: skip
+        error = self.assertRaises(StartupError, make_group, self.parse(*arguments), MemoryReactorClock())
+        self.assertEqual(
+            str(error), f"--upstream-ca: cannot read the upstream CA file {missing}: No such file or directory"
+        )
+
 
 class CoverageTests(TestCase):
     def test_an_agent_missing_from_a_worker_is_reported_after_a_while(self) -> None:
