@@ -23,7 +23,7 @@ def parse_upstream(url: str) -> URL:
     """
     Check an C{--upstream} URL: C{http} or C{https}, a host, no query or
     fragment (the client's path and query are appended to its path).  It
-    is returned as a URI: an international host name in IDNA
+    is returned as a URI: the scheme in lower case, an international host name in IDNA
     (C{xn--bcher-kva.de}), the path percent-encoded, as they go on the wire.
 
     @raise ValueError: with a clear text when the URL is not usable.
@@ -32,7 +32,11 @@ def parse_upstream(url: str) -> URL:
         parsed = DecodedURL.from_text(url).encoded_url.to_uri()
     except Exception as e:
         raise ValueError(f"--upstream {url!r} is not a URL: {e}") from None
-    if parsed.scheme not in ("http", "https"):
+    scheme = parsed.scheme.lower()
+    if scheme != parsed.scheme:
+        # A scheme is case-insensitive (RFC 3986): HTTPS:// is https://.
+        parsed = parsed.replace(scheme=scheme)
+    if scheme not in ("http", "https"):
         raise ValueError(f"--upstream {url!r} must be an http:// or https:// URL")
     if not parsed.host:
         raise ValueError(f"--upstream {url!r} has no host")

@@ -84,6 +84,17 @@ class GatewayOptionsTests(TestCase):
             error = self.assertRaises(usage.UsageError, parse, *argv)
             self.assertIn(text, str(error), argv)
 
+    def test_an_upstream_scheme_in_upper_case(self) -> None:
+        # A scheme is case-insensitive: HTTPS:// is https://, CA file and all.
+        ca = self.mktemp()
+        with open(ca, "w") as f:
+            f.write("unread until the gateway is built")
+        config = parse("--upstream", "HTTPS://Upstream.example:8443/app", "--upstream-ca", ca)["gateway"]
+        self.assertEqual((config.upstream, config.upstream_ca), ("HTTPS://Upstream.example:8443/app", ca))
+        # The default ports: 443 for HTTPS://, 80 for Http://, not named in Host.
+        self.assertEqual(HTTPUpstream(MemoryReactorClock(), "HTTPS://upstream.example/app")._host, b"upstream.example")
+        self.assertEqual(HTTPUpstream(MemoryReactorClock(), "Http://upstream.example/app")._host, b"upstream.example")
+
     def test_slow_client_limits(self) -> None:
         config = parse()["gateway"]
         self.assertEqual((config.min_body_rate, config.send_timeout), (1024, 30.0))

@@ -193,18 +193,27 @@ class UpstreamCATests(TestCase):
         with open(self.ca_path, "wb") as f:
             f.write(self.ca.certificate.public_bytes(_PEM))
 
-    async def through_the_program(self, *argv: str) -> tuple[Any, list[_Upstream]]:
+    async def through_the_program(self, *argv: str, scheme: str = "https") -> tuple[Any, list[_Upstream]]:
         cert, key = write_pair(self.dir, "upstream", *self.ca.issue("localhost", dns=("localhost",)))
         factory = Factory.forProtocol(_Upstream)
         factory.seen = []  # type: ignore[attr-defined]
         port = await listen_for(self, factory, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
-        h = await Harness(self).start("--upstream", f"https://localhost:{port.getHost().port}", *argv)
+        h = await Harness(self).start("--upstream", f"{scheme}://localhost:{port.getHost().port}", *argv)
         await h.agent("waf")
         return await h.get("/x"), factory.seen  # type: ignore[attr-defined]
 
     def test_the_private_ca_lets_the_request_through(self) -> Any:
         async def go() -> None:
             response, seen = await self.through_the_program("--upstream-ca", self.ca_path)
+            self.assertEqual((response.code, response.body), (200, b"ok"))
+            self.assertIn(b"GET /x HTTP/1.1", seen[0].received)
+
+        return ensureDeferred(go())
+
+    def test_an_upstream_in_upper_case_too(self) -> Any:
+        # A scheme is case-insensitive: HTTPS:// was refused as not https.
+        async def go() -> None:
+            response, seen = await self.through_the_program("--upstream-ca", self.ca_path, scheme="HTTPS")
             self.assertEqual((response.code, response.body), (200, b"ok"))
             self.assertIn(b"GET /x HTTP/1.1", seen[0].received)
 
