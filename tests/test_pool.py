@@ -393,6 +393,27 @@ class ObserverTests(PoolTestCase):
         # Its agent_registered failed too, at registration.
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    def test_an_observer_that_leaves_and_raises_is_named(self) -> None:
+        pool = self.pool
+
+        class Leaving(Recorder):
+            def request_answered(self, connection: AgentConnection, correlation_id: str, seconds: float) -> None:
+                pool.remove_observer(self)
+                raise RuntimeError("observer bug")
+
+        self.pool.remove_observer(self.recorder)
+        leaving = Leaving()
+        self.pool.add_observer(leaving)
+        protocol, _, connection = self.register()
+        deferred = self.pool.send_request_headers("waf-1", request_headers("a"))
+        with captured_log() as events:
+            protocol.dataReceived(answer_frame("a"))
+        self.assertTrue(self.successResultOf(deferred).is_allow)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertIs(event["observer"], leaving)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(self.pool._answer_observer)
+
     def test_answers_are_observed_by_the_observers_there_at_the_time(self) -> None:
         protocol, _, connection = self.register()
         second = Recorder()

@@ -603,5 +603,6 @@ class AgentPool:
 
     def _answer_observer_failed(self, callback: Any) -> None:
         """Log what an observer's C{request_answered} raised (call it where it is caught)."""
-        observer = next((o for o, c in self._on_answered if c is callback), callback)
+        # One that removed itself before it raised is no longer listed: its method names it.
+        observer = next((o for o, c in self._on_answered if c is callback), getattr(callback, "__self__", callback))
         log.failure("Pool observer {observer!r} failed in {method}", observer=observer, method="request_answered")
