@@ -418,3 +418,21 @@ class HandlersTests(TestCase):
         self.assertEqual(self.table.fail_all(lambda cid: ConnectionClosed(cid)), 1)
         self.calls.clear()
         self.assertIsNone(alive())
+
+
+class TimeoutNoticeFailureTests(TestCase):
+    def test_every_request_of_a_batch_times_out_though_the_notice_raises(self) -> None:
+        clock = Clock()
+
+        def broken(cid: str) -> None:
+            raise ZeroDivisionError(cid)
+
+        table = PendingTable(clock, on_timeout=broken)
+        outcomes = Outcomes()
+        for cid in ("a", "b", "c"):
+            outcomes.watch(cid, table.add(cid, 1.0))
+        clock.advance(1.0)
+        for cid in ("a", "b", "c"):
+            self.assertIsInstance(outcomes.error(cid), RequestTimeout)
+        self.assertEqual(len(table), 0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 3)

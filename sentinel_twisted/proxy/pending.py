@@ -301,8 +301,10 @@ class PendingTable:
             # The agent is told before the caller: whatever the caller sends
             # next under the same id (the gateway's RequestComplete) must
             # follow the Cancel, or the agent would cancel that instead.
-            try:
-                if self._on_timeout is not None:
+            if self._on_timeout is not None:
+                try:
                     self._on_timeout(entry.correlation_id)
-            finally:
-                entry.fired().errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
+                except Exception:
+                    # Every request of the batch still gets its outcome.
+                    log.failure("Telling of timed-out request {cid!r} failed", cid=entry.correlation_id)
+            entry.fired().errback(Failure(RequestTimeout(entry.timeout, entry.correlation_id)))
