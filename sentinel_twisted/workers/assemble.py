@@ -25,6 +25,7 @@ from ..services import (
     _listener_listens,
     add_forward_agents,
     add_gateway,
+    check_access_log,
     check_upstream_ca,
     load_token_checker,
     make_listener,
@@ -91,8 +92,10 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     """
     if reactor is None:
         reactor = _default_reactor()
-    # Its workers read it: a file they cannot use stops the start here.
+    # Its workers read them: a file they cannot use stops the start here.
     check_upstream_ca(options["gateway"].upstream_ca)
+    if options.get("access-log"):
+        check_access_log(options["access-log"])
     top = make_listener(options, reactor, factory_type=HandOverFactory)
     factory = top.factory
     assert isinstance(factory, HandOverFactory)

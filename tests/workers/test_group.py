@@ -397,6 +397,19 @@ class OptionTests(TestCase):
             str(error), f"--upstream-ca: cannot read the upstream CA file {missing}: No such file or directory"
         )
 
+    def test_an_access_log_the_workers_cannot_open_stops_the_parent(self) -> None:
+        from sentinel_twisted.services import StartupError
+        from sentinel_twisted.workers.assemble import make_group
+
+        directory = self.mktemp()
+        log_path = os.path.join(directory, "no-such-dir", "access.log")
+        arguments = [
+            "--workers", "2", "--listen", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1", "--status", "none", "--access-log", log_path,
+        ]  # fmt: skip
+        error = self.assertRaises(StartupError, make_group, self.parse(*arguments), MemoryReactorClock())
+        self.assertTrue(str(error).startswith(f"--access-log {log_path}: "), str(error))
+
 
 class CoverageTests(TestCase):
     def test_an_agent_missing_from_a_worker_is_reported_after_a_while(self) -> None:
