@@ -378,17 +378,21 @@ class ObserverTests(PoolTestCase):
         self.pool.remove_observer(second)
         self.assertIsNone(self.pool._answer_observer)
 
-    def test_the_one_observers_exception_is_logged_and_the_answer_goes_on(self) -> None:
+    def answered_with_only(self, observer: Any) -> Any:
+        """One answer with C{observer} the pool's only one; the failure logged."""
         self.pool.remove_observer(self.recorder)
-        broken = Broken()
-        self.pool.add_observer(broken)
+        self.pool.add_observer(observer)
         protocol, _, connection = self.register()
         deferred = self.pool.send_request_headers("waf-1", request_headers("a"))
         with captured_log() as events:
             protocol.dataReceived(answer_frame("a"))
         self.assertTrue(self.successResultOf(deferred).is_allow)
         [event] = [e for e in events if "log_failure" in e]
-        self.assertIs(event["observer"], broken)
+        self.assertIs(event["observer"], observer)
+        return event
+
+    def test_the_one_observers_exception_is_logged_and_the_answer_goes_on(self) -> None:
+        event = self.answered_with_only(Broken())
         self.assertEqual(event["method"], "request_answered")
         # Its agent_registered failed too, at registration.
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
@@ -401,16 +405,7 @@ class ObserverTests(PoolTestCase):
                 pool.remove_observer(self)
                 raise RuntimeError("observer bug")
 
-        self.pool.remove_observer(self.recorder)
-        leaving = Leaving()
-        self.pool.add_observer(leaving)
-        protocol, _, connection = self.register()
-        deferred = self.pool.send_request_headers("waf-1", request_headers("a"))
-        with captured_log() as events:
-            protocol.dataReceived(answer_frame("a"))
-        self.assertTrue(self.successResultOf(deferred).is_allow)
-        [event] = [e for e in events if "log_failure" in e]
-        self.assertIs(event["observer"], leaving)
+        self.answered_with_only(Leaving())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertIsNone(self.pool._answer_observer)
 
