@@ -639,23 +639,18 @@ def add_gateway(
     access_log = options.get("access-log")
     if access_log and options["http"] is not None:
         check_access_log(access_log)
-    try:
-        gateway = GatewayService(
-            top.factory,
-            options["gateway"],
-            http=options["http"],
-            status=options["status"],
-            reactor=reactor,
-            access_log=access_log,
-            shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
-            readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
-            http_endpoint=http_endpoint,
-        )
-    except ValueError as e:
-        # The one file it reads: the upstream's CAs.
-        if options["gateway"].upstream_ca is None:
-            raise
-        raise StartupError(f"--upstream-ca: {e}") from None
+    check_upstream_ca(options["gateway"].upstream_ca)
+    gateway = GatewayService(
+        top.factory,
+        options["gateway"],
+        http=options["http"],
+        status=options["status"],
+        reactor=reactor,
+        access_log=access_log,
+        shutdown_grace=options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE),
+        readiness=Readiness(lambda: _listener_listens(top), options.get("ready-agents", ())),
+        http_endpoint=http_endpoint,
+    )
     gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
     # The agents it dials are never forgotten: it redials them as long as it runs.
     gateway.gateway.known.pinned = frozenset(a for a, _ in options.get("agent-endpoints", ()))
@@ -673,9 +668,10 @@ def _listener_listens(top: ReverseListenerService) -> bool:
 def check_upstream_ca(path: str | None) -> None:
     """
     Make sure C{--upstream-ca} can be read and holds a certificate, so that
-    a bad file stops the start with one line: a worker group's parent
-    builds no gateway, and its workers, which do, would only exit and be
-    restarted, again and again.
+    a bad file stops the start with one line, naming the option, before
+    the gateway reads it: in the one process, or in a worker group's
+    parent, which builds no gateway (its workers would only exit and be
+    restarted, again and again).
     """
     if path is None:
         return

@@ -6,7 +6,6 @@ C{twistd sentinel-reverse}: accept reverse connections from policy agents.
 from __future__ import annotations
 
 import math
-from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -600,10 +599,6 @@ class Options(ProgramOptions):
             else:
                 self[name] = with_backlog(value, self["backlog"])
                 self.given[self[name]] = value
-        if self["upstream-ca"] and urlsplit(self["upstream"] or "").scheme.lower() != "https":
-            raise usage.UsageError(
-                "--upstream-ca is for an https:// --upstream: its CAs check the upstream's certificate"
-            )
         try:
             self["gateway"] = GatewayConfig(
                 agents=self["agents"],

@@ -138,4 +138,4 @@ class GatewayConfig:
         if self.upstream_ca is not None and (
             self.upstream is None or parse_upstream(self.upstream).scheme != "https"
         ):
-            raise ValueError("upstream_ca is for an https:// upstream: the CAs check its certificate")
+            raise ValueError("--upstream-ca is for an https:// --upstream: its CAs check the upstream's certificate")
