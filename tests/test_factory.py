@@ -581,27 +581,30 @@ class PendingRegistrationPeerKeyTests(TestCase):
         )
         self.assertEqual(proxy.factory.rejections, {})
 
-    def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
+    def counted_as_ipv4(self, host: str, other_host: str) -> Any:
+        """
+        With one place per peer, C{host} (which carries 192.0.2.7) takes
+        the place of 192.0.2.7's own connection, and C{other_host} (which
+        carries 192.0.2.8) gets one of its own.
+        """
         proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
         _, ipv4 = connect_from(proxy, OTHER)
-        _, mapped = connect_from(proxy, v6("::ffff:192.0.2.7"))
+        _, carried = connect_from(proxy, v6(host))
         self.assertTrue(ipv4.disconnecting)
-        self.assertFalse(mapped.disconnecting)
+        self.assertFalse(carried.disconnecting)
         self.assertEqual(self.keys(proxy), {"192.0.2.7": 1})
-        _, other_mapped = connect_from(proxy, v6("::ffff:192.0.2.8"))
-        self.assertFalse(other_mapped.disconnecting)
+        _, other = connect_from(proxy, v6(other_host))
+        self.assertFalse(other.disconnecting)
         self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1})
+        return proxy
+
+    def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(self) -> None:
+        self.counted_as_ipv4("::ffff:192.0.2.7", "::ffff:192.0.2.8")
 
     def test_a_nat64_address_counts_as_the_ipv4_address_it_carries(self) -> None:
         # A NAT64 translator shows every IPv4 client in 64:ff9b::/96: one /64
         # would make them all one peer.
-        proxy = Proxy(pending_eviction_age=0, max_pending_registrations_per_peer=1)
-        _, ipv4 = connect_from(proxy, OTHER)
-        _, nat64 = connect_from(proxy, v6("64:ff9b::192.0.2.7"))
-        self.assertTrue(ipv4.disconnecting)
-        self.assertFalse(nat64.disconnecting)
-        _, other = connect_from(proxy, v6("64:ff9b::c000:208"))
-        self.assertFalse(other.disconnecting)
+        proxy = self.counted_as_ipv4("64:ff9b::192.0.2.7", "64:ff9b::c000:208")
         # Outside the /96, the prefix is an ordinary /64.
         connect_from(proxy, v6("64:ff9b:0:0:1::1"))
         self.assertEqual(self.keys(proxy), {"192.0.2.7": 1, "192.0.2.8": 1, "64:ff9b::/64": 1})
