@@ -198,11 +198,19 @@ class ProgramOptions(usage.Options):
     Options of a twistd program: an option error ends the program with one
     line (C{twistd NAME: problem}) and status 1 rather than twistd's usage
     text; the pid file defaults to C{NAME.pid}; C{--log-level} filters what
-    twistd's log observer writes.
+    twistd's log observer writes; relative names in L{file_options} are
+    made absolute.
     """
 
     #: The tapname, e.g. C{sentinel-reverse}.
     program: ClassVar[str] = ""
+
+    #: Options that name a file.  A relative name is taken from the
+    #: directory the program starts in, as twistd takes C{--pidfile} and
+    #: C{--logfile}: twistd moves to its run directory (C{-d}) after the
+    #: options are read, and a file read again later (on SIGHUP) or by a
+    #: worker process would otherwise be looked for there.
+    file_options: ClassVar[tuple[str, ...]] = ()
 
     optParameters: list[list[Any]] = [
         [
@@ -253,9 +261,13 @@ class ProgramOptions(usage.Options):
     def convert_options(self) -> None:
         """
         Turn each option's text into its value (L{conversions}, and
-        C{--log-level} into a L{LogLevel}); call from postOptions.  A bad
+        C{--log-level} into a L{LogLevel}) and each relative file name of
+        L{file_options} into an absolute one; call from postOptions.  A bad
         value is a usage error naming the option.
         """
+        for name in self.file_options:
+            if self[name]:
+                self[name] = os.path.abspath(self[name])
         builtin = {
             "log-level": parse_log_level,
             "log-format": parse_log_format,

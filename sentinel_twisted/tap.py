@@ -175,6 +175,7 @@ class Options(ProgramOptions):
 
     program = "sentinel-reverse"
     conversions = _CONVERSIONS
+    file_options = ("token-file", "upstream-ca", "access-log", "client-ca", "allow-file")
     synopsis = "[options]"
     longdesc = (
         "Listen for Sentinel policy agents that dial in (Agent Protocol v2 reverse "
@@ -411,6 +412,15 @@ class Options(ProgramOptions):
 
         self.arguments = list(sys.argv[1:] if options is None else options)
         super().parseOptions(options)
+
+    def worker_arguments(self) -> list[str]:
+        """
+        The arguments for a worker process: those given, then the absolute
+        name of each file option given, which the worker's own reading
+        takes over the first (a worker starts in twistd's run directory).
+        """
+        files = [f"--{name}={self[name]}" for name in self.file_options if self[name]]
+        return [*self.arguments, *files]
 
     def opt_listen(self, description: str) -> None:
         # The help text is the __doc__ assigned below.

@@ -54,6 +54,7 @@ class Twistd:
         name: str = "twistd",
         program: str = "sentinel-reverse",
         own_pidfile: bool = False,
+        twistd_args: tuple[str, ...] = (),
     ) -> None:
         self.cwd = cwd
         self.output_path = os.path.join(cwd, f"{name}.out")
@@ -62,7 +63,7 @@ class Twistd:
             # The gateway's and status site's default ports are not ours to take.
             args = (*args, *NO_FIXED_PORTS)
         self.process = subprocess.Popen(
-            twistd_command("-n", *(() if own_pidfile else ("--pidfile=",)), program, *args),
+            twistd_command("-n", *(() if own_pidfile else ("--pidfile=",)), *twistd_args, program, *args),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._output,
@@ -256,6 +257,29 @@ class TwistdTests(TestCase):
         self.assertEqual(twistd.wait_exit(), 0, twistd.output())
         del waf
 
+    def test_relative_file_names_are_read_from_where_twistd_starts(self) -> None:
+        """
+        twistd moves to its run directory (-d) after reading the options;
+        a reload still reads the files the command line named, there where
+        twistd was started, as it does --pidfile and --logfile.
+        """
+        rundir = os.path.join(self.dir, "run")
+        os.mkdir(rundir)
+        with open(os.path.join(self.dir, "allowed"), "w") as f:
+            f.write("waf-*\n")
+        twistd = Twistd(self, self.dir, "--allow-file", "allowed", twistd_args=("-d", rundir))
+        twistd.wait_listening()
+        agent = BlockingAgent(os.path.join(rundir, SOCKET), timeout=5.0)
+        self.addCleanup(agent.close)
+        self.assertTrue(agent.register("waf-1")["success"])
+        with open(os.path.join(self.dir, "allowed"), "w") as f:
+            f.write("bot-*\n")
+        twistd.signal(signal.SIGHUP)
+        twistd.wait_for_output(r"Closing connection waf-1-\S+ of agent waf-1 .*no longer allowed")
+        self.assertNotIn("Reload failed", twistd.output())
+        twistd.signal(signal.SIGTERM)
+        self.assertEqual(twistd.wait_exit(), 0, twistd.output())
+
     def test_a_stale_lock_naming_a_live_pid_is_replaced(self) -> None:
         """
         After a crash the lock's pid may be alive again (in a container the
@@ -316,6 +340,24 @@ class ProgramOptionsTests(TestCase):
                 self.assertEqual(config["pidfile"], "")
                 config = self.twistd_options("-n", "--pidfile=mine.pid", program, *extra)
                 self.assertEqual(config["pidfile"], os.path.abspath("mine.pid"))
+
+    def test_relative_file_names_are_made_absolute(self) -> None:
+        # Nothing is read here but the agent's rules: the reverse proxy's
+        # files are read when its service is made.
+        argv = [
+            "--token-file", "t", "--upstream", "https://localhost", "--upstream-ca", "ca.pem", "--access-log", "logs/access.log",
+            "--client-ca", "c.pem", "--require-client-cert", "--listen", "ssl:0:privateKey=k.pem",
+            "--allow-file", "/etc/sentinel/allowed",
+        ]  # fmt: skip
+        reverse = self.twistd_options("-n", "sentinel-reverse", *argv).subOptions
+        for name in ("token-file", "upstream-ca", "access-log", "client-ca", "allow-file"):
+            with self.subTest(name=name):
+                self.assertEqual(reverse[name], os.path.abspath(argv[argv.index(f"--{name}") + 1]))
+        rules = os.path.relpath(self.mktemp())
+        shutil.copy(os.path.join(os.path.dirname(__file__), os.pardir, "examples", "rules.toml"), rules)
+        agent = self.twistd_options("-n", "sentinel-agent", "--connect", "unix:x", "--agent-id", "a", "--rules", rules)
+        self.assertEqual(agent.subOptions["rules"], os.path.abspath(rules))
+        self.assertIsNone(agent.subOptions["auth-token-file"])
 
     def test_log_level_filters_the_observer_twistd_uses(self) -> None:
         from twisted.logger import LogLevel
@@ -437,7 +479,7 @@ class StartupErrorTests(TestCase):
             ("missing CA", "sentinel-reverse", ("--require-client-cert", "--client-ca", "ca.pem", "--listen", "ssl:0:privateKey=k.pem", *off), ("--client-ca", "ca.pem"), None),
             ("planted lock", "sentinel-reverse", off, ("--listen", f"{SOCKET}.lock is not a lock"), planted_lock),
             ("bad client endpoint", "sentinel-agent", ("--connect", "tcp:localhost", *agent, "--rules", rules), ("--connect tcp:localhost",), broken_rules),
-            ("malformed rules", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--rules", rules), ("--rules rules.toml",), broken_rules),
+            ("malformed rules", "sentinel-agent", ("--connect", "unix:p.sock", *agent, "--rules", rules), ("--rules /", "/malformed-rules/rules.toml: "), broken_rules),
             ("listen path too long", "sentinel-reverse", ("--listen", f"unix:{too_long}", *off), (f"--listen unix:{too_long}", "path too long"), None),
             ("agent listen path too long", "sentinel-agent", ("--listen", f"unix:{too_long}", *agent, "--agent", "sentinel_twisted.agent:Agent"), (f"--listen unix:{too_long}", "path too long"), None),
             ("agent listen port in use", "sentinel-agent", ("--listen", in_use, *agent, "--agent", "sentinel_twisted.agent:Agent"), (f"--listen {in_use}", "in use"), None),

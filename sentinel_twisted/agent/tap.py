@@ -159,6 +159,7 @@ class Options(ProgramOptions):
 
     program = "sentinel-agent"
     conversions = _CONVERSIONS
+    file_options = ("auth-token-file", "rules")
     synopsis = (
         "(--connect ENDPOINT | --listen ENDPOINT | both) --agent-id ID "
         "(--rules FILE | --agent MODULE:NAME) [options]"

@@ -119,7 +119,8 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     control = ControlService(group, reactor)
     control.setServiceParent(top)  # type: ignore[no-untyped-call]
     grace = options.get("shutdown-grace", DEFAULT_SHUTDOWN_GRACE)
-    arguments = list(getattr(options, "arguments", []))
+    worker_arguments = getattr(options, "worker_arguments", None)
+    arguments = worker_arguments() if worker_arguments is not None else []
     processes = WorkerProcesses(
         group,
         lambda index: worker_command(arguments, index, control.path, reserved.description),

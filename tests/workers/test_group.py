@@ -328,6 +328,20 @@ class OptionTests(TestCase):
     def test_the_arguments_are_kept_for_the_workers(self) -> None:
         self.assertEqual(self.parse("--workers", "2").arguments, ["--workers", "2"])
 
+    def test_a_worker_reads_the_files_its_parent_named_from_the_run_directory(self) -> None:
+        # twistd -d moves the parent to its run directory before it starts
+        # its workers there: relative names reach them made absolute.
+        arguments = ["--workers", "2", "--allow-file", "allowed", "--access-log", "logs/access.log"]
+        parent = self.parse(*arguments)
+        expected = {"allow-file": os.path.abspath("allowed"), "access-log": os.path.abspath("logs/access.log")}
+        rundir = os.path.abspath(self.mktemp())
+        os.mkdir(rundir)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(rundir)
+        command = worker_command(parent.worker_arguments(), 1, "/run/x/control.sock", "tcp:8080")
+        worker = self.parse(*command[command.index("sentinel-reverse") + 1 :])
+        self.assertEqual({name: worker[name] for name in expected}, expected)
+
     def test_a_tls_agent_listener_needs_one_worker(self) -> None:
         error = self.assertRaises(
             usage.UsageError, self.parse, "--workers", "2", "--listen", "ssl:7443:privateKey=k.pem:certKey=c.pem"
