@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted.errors import ConnectionClosed, DuplicateCorrelationId, RequestTimeout
-from sentinel_twisted.proxy.pending import PendingTable
+from sentinel_twisted.proxy.pending import PendingTable, Waiter
 
 
 class Outcomes:
@@ -361,6 +361,19 @@ class HandlersTests(TestCase):
     def test_nothing_is_returned(self) -> None:
         self.assertIsNone(self.add("a"))
         self.assertEqual(self.table.correlation_ids(), ["a"])
+
+    def test_handlers_come_in_pairs_and_without_a_waiter(self) -> None:
+        # A lone handler would leave one way of ending without a call.
+        waiter = Waiter(lambda result, arg: None, lambda failure, arg: None, None)
+        for handlers in [
+            {"answered": self.answered},
+            {"failed": self.failed},
+            {"answered": self.answered, "failed": self.failed, "waiter": waiter},
+        ]:
+            with self.subTest(handlers=sorted(handlers)):
+                error = self.assertRaises(TypeError, self.table.add, "a", 30.0, **handlers)
+                self.assertIn("answered and failed together", str(error))
+        self.assertEqual((self.table.correlation_ids(), self.table._counts), ([], [0, 0]))
 
     def test_an_answer(self) -> None:
         self.add("a")

@@ -162,9 +162,13 @@ class PendingTable:
         them, and C{None} is returned.
 
         @raise DuplicateCorrelationId: if the id is already waiting.
+        @raise TypeError: C{answered} without C{failed} or the other way
+            round, or either with C{waiter}.
         """
         if correlation_id in self._entries:
             raise DuplicateCorrelationId(correlation_id)
+        if (answered is None) is not (failed is None) or (answered is not None and waiter is not None):
+            raise TypeError("PendingTable.add: give answered and failed together, or a waiter, or neither")
         entry: _Pending = _new_entry(_Pending)
         entry.correlation_id = correlation_id
         if answered is not None:
