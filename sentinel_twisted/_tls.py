@@ -5,13 +5,15 @@ failed.
 
 Twisted's client TLS options verify the server's name during the handshake,
 but only a C{service_identity.VerificationError} stops it: a certificate
-without any subjectAltName raises C{CertificateError}, which is logged and
-otherwise ignored, and the connection goes on.  Whoever dials over TLS (an
-agent dialling a proxy, a proxy dialling an agent) must not send anything
-to a peer it has not verified, so it checks again, itself, before it
-writes anything.  Where nothing can be held back until the handshake is
-done (the gateway's upstream: twisted.web writes the request at once),
-L{client_tls_options} makes the name check itself fail the handshake.
+without any subjectAltName raises C{CertificateError}, which is logged with
+a traceback and otherwise ignored, and the connection goes on.  So the name
+check is done here, in OpenSSL's verification of the server's certificate,
+where a failure fails the handshake with its reason: L{client_tls_options}
+for connections we make the TLS options of (the gateway's upstream), and
+L{check_server_name} for those an endpoint string made (an agent dialling a
+proxy, a proxy dialling an agent).  Those two also check again, themselves,
+once the handshake is done and before they write anything
+(L{server_identity_error}).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from zope.interface import implementer
 
 from ._peertext import peer_text
 
-__all__ = ["client_tls_options", "server_identity_error", "tls_failure"]
+__all__ = ["NoSubjectAltName", "check_server_name", "client_tls_options", "server_identity_error", "tls_failure"]
 
 #: Characters of a certificate's own text (an invalid name in it) quoted.
 _CERTIFICATE_TEXT = 100
@@ -70,6 +72,30 @@ def server_identity_error(transport: Any, role: str = "proxy") -> str | None:
     return None
 
 
+def check_server_name(transport: Any) -> None:
+    """
+    Have the TLS handshake on C{transport}, a client's that has not begun
+    (call it from C{connectionMade}), fail unless the server's certificate
+    names the host dialled in a subjectAltName: the name Twisted sends as
+    SNI, or the peer's address when an address was dialled.  What the
+    handshake fails with, L{tls_failure} puts in words.  Nothing happens
+    on a transport without an OpenSSL connection, nor on one that does not
+    verify the server's certificate at all (an C{ssl:} endpoint without
+    C{caCertsDir=}, which Twisted's name check does not cover either).
+    """
+    from OpenSSL.SSL import VERIFY_FAIL_IF_NO_PEER_CERT, VERIFY_PEER, Connection
+
+    handle = getattr(transport, "getHandle", None)
+    connection = handle() if handle is not None else None
+    if isinstance(connection, Connection) and connection.get_verify_mode() & VERIFY_PEER:
+        # In place of Twisted's callback, as in _NamedServer below.
+        connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT, _name_check(transport, None))
+
+
+class NoSubjectAltName(Exception):
+    """The server's certificate has no subjectAltName (the common name is not used)."""
+
+
 def tls_failure(error: BaseException, role: str, handshake_done: bool = False) -> str | None:
     """
     What a TLS failure that ended a connection means, in words (the
@@ -83,6 +109,8 @@ def tls_failure(error: BaseException, role: str, handshake_done: bool = False) -
     from OpenSSL import SSL
     from service_identity import CertificateError, VerificationError
 
+    if isinstance(error, NoSubjectAltName):
+        return f"the {role}'s certificate has no subjectAltName (the common name is not used)"
     if isinstance(error, VerificationError):
         hosts = [_mismatched_name(mismatch) for mismatch in getattr(error, "errors", [])]
         named = [host for host in hosts if host]
@@ -157,11 +185,12 @@ class _NamedServer:
 def _name_check(tls_protocol: Any, service_id: Any) -> Any:
     """
     An OpenSSL verify callback: the chain as OpenSSL judged it, and the
-    server's certificate (depth 0) naming C{service_id}.  A failed check
-    fails the handshake, with the reason given to C{tls_protocol}.
+    server's certificate (depth 0) naming C{service_id} (C{None}: the SNI
+    name sent, or the peer's address without one).  A failed check fails
+    the handshake, with the reason given to C{tls_protocol}.
     """
     from service_identity import CertificateError, VerificationError
-    from service_identity.hazmat import verify_service_identity
+    from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
     from service_identity.pyopenssl import extract_patterns
 
     # The protocol is held until the server's certificate is checked, not
@@ -173,7 +202,19 @@ def _name_check(tls_protocol: Any, service_id: Any) -> Any:
             return bool(ok)
         protocol = holding.pop() if holding else None
         try:
-            verify_service_identity(extract_patterns(certificate), [service_id], [])
+            patterns = extract_patterns(certificate)
+            if not patterns:
+                raise NoSubjectAltName()
+            wanted = service_id
+            if wanted is None:
+                name = connection.get_servername()
+                if name:
+                    wanted = DNS_ID(name.decode("ascii"))
+                elif protocol is not None:
+                    wanted = IPAddress_ID(protocol.getPeer().host)
+                else:
+                    raise CertificateError("no name or address to check the certificate against")
+            verify_service_identity(patterns, [wanted], [])
         except Exception as e:
             # Another host's (VerificationError), no subjectAltName at all
             # (CertificateError), or one the check cannot read: refused.
@@ -182,7 +223,7 @@ def _name_check(tls_protocol: Any, service_id: Any) -> Any:
             # the certificate at length).
             if protocol is not None:
                 reason = e
-                if not isinstance(e, (CertificateError, VerificationError)):
+                if not isinstance(e, (CertificateError, VerificationError, NoSubjectAltName)):
                     reason = CertificateError(f"unreadable subjectAltName: {e}")
                 protocol.failVerification(Failure(reason))
             return False

@@ -44,7 +44,7 @@ from zope.interface import implementer
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
-from .._tls import server_identity_error
+from .._tls import check_server_name, server_identity_error, tls_failure
 from ..errors import (
     AgentProtocolError,
     ControlFrameTooLarge,
@@ -327,7 +327,9 @@ class AgentProtocol(EventServing, FrameReceiver):
         )
         if ISSLTransport.providedBy(self.transport):
             # Nothing, above all not the token, goes out before the proxy's
-            # certificate is verified: wait for the TLS handshake.
+            # certificate is verified: wait for the TLS handshake, which
+            # fails unless the certificate names the proxy dialled.
+            check_server_name(self.transport)
             self._registration_payload = payload
             return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, payload)
@@ -447,7 +449,15 @@ class AgentProtocol(EventServing, FrameReceiver):
         timer, self._close_timer = self._close_timer, None
         if timer is not None and timer.active():
             timer.cancel()
-        detail = self.lost_detail(reason)
+        detail = None
+        error = reason.value
+        if self._close_detail is None and error is not None:
+            # A TLS failure in words (the proxy's certificate, OpenSSL's
+            # reason) rather than the exception's repr.
+            held = self._registration_payload is not None
+            detail = tls_failure(error, "proxy", handshake_done=not held)
+        if detail is None:
+            detail = self.lost_detail(reason)
         # Whatever part of a frame is left goes, and its deadline with it.
         self.stop_parsing()
         self._lifecycle.connection_lost(detail)

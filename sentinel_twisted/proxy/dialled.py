@@ -48,7 +48,7 @@ from .. import messages as m
 from .._peertext import first_hidden, peer_text
 from .._ratelimit import LogRateLimiter
 from .._redial import BACKOFF_RESET_AFTER, QuietClientService, RedialBackoff
-from .._tls import server_identity_error, tls_failure
+from .._tls import check_server_name, server_identity_error, tls_failure
 from ..errors import (
     AgentProtocolError,
     ConnectionLimitReached,
@@ -183,8 +183,10 @@ class ForwardConnectionProtocol(_PooledConnectionProtocol):
         )
         if self._tls_handshake_pending:
             # Nothing goes out before the agent's certificate is verified:
-            # the TLS layer would send it as soon as its handshake is done,
-            # whatever the certificate names.
+            # the TLS layer would send it as soon as its handshake is done.
+            # The handshake fails unless the certificate names the agent
+            # dialled.
+            check_server_name(self.transport)
             self._request_held = True
             return
         self.send_frame(MessageType.HANDSHAKE_REQUEST, self.factory.handshake_request)
