@@ -231,6 +231,42 @@ class SelectionTests(PoolTestCase):
         first.mark_closing("closing")
         self.assertIs(self.pool.select("waf-1"), second)
 
+    def test_only_closing_connections_is_agent_unavailable(self) -> None:
+        # A connection being closed (drained, lost) leaves the pool: the
+        # agent asked for no backpressure, so FlowControlPaused would lie.
+        _, _, only = self.register()
+        only.mark_closing("closing")
+        with self.assertRaises(AgentUnavailable) as caught:
+            self.pool.select("waf-1")
+        self.assertEqual(str(caught.exception), "Agent unavailable")
+        _, _, second = self.register()
+        second.mark_closing("closing")
+        self.assertRaises(AgentUnavailable, self.pool.select, "waf-1")
+
+    def test_closing_and_paused_connections_are_flow_control_paused(self) -> None:
+        _, _, first = self.register()
+        second, _, _ = self.register()
+        first.mark_closing("closing")
+        pause(second)
+        self.assertRaises(FlowControlPaused, self.pool.select, "waf-1")
+
+    def test_request_failed_by_a_lost_connection_finds_the_agent_unavailable(self) -> None:
+        # Its failure arrives while the lost connection is still listed: a
+        # caller that tries the agent again learns that it has no connection.
+        protocol, _, _ = self.register()
+        retried: list[BaseException] = []
+
+        def retry(failure: Any) -> None:
+            failure.trap(ConnectionClosed)
+            try:
+                self.pool.select("waf-1")
+            except Exception as e:
+                retried.append(e)
+
+        self.pool.send_request_headers("waf-1", request_headers("a")).addErrback(retry)
+        lose(protocol)
+        self.assertEqual([type(e) for e in retried], [AgentUnavailable])
+
 
 class SendingTests(PoolTestCase):
     def test_every_send_method_routes_to_a_connection(self) -> None:

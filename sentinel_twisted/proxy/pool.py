@@ -90,6 +90,18 @@ class AgentInfo(msgspec.Struct, kw_only=True):
     paused_connections: int
 
 
+def _refusal(agent_id: str, conns: list[AgentConnection]) -> AgentProtocolError:
+    """
+    Why none of C{conns}, an agent's connections, takes a request: the agent
+    holds back requests while one of them stays open; once every one is
+    being closed (drained, or lost with its requests' failures still being
+    delivered), the agent has no connection to wait for.
+    """
+    if any(not conn.is_closed for conn in conns):
+        return FlowControlPaused(agent_id)
+    return AgentUnavailable(agent_id)
+
+
 class AgentPool:
     """
     The registered agent connections, by agent id: where requests are sent.
@@ -359,8 +371,11 @@ class AgentPool:
         """
         The connection a new request of C{agent_id} should use.
 
-        @raise AgentUnavailable: no connection of the agent is registered.
-        @raise FlowControlPaused: every connection of the agent is paused.
+        @raise AgentUnavailable: no connection of the agent is registered,
+            or every one is being closed (it leaves the pool).
+        @raise FlowControlPaused: no connection of the agent takes a request,
+            and one that is not closing is paused (or does not read what it
+            is sent).
         """
         conns = self._agents.get(agent_id)
         if not conns:
@@ -370,7 +385,7 @@ class AgentPool:
             only = conns[0]
             if only.can_accept_requests:
                 return only
-            raise FlowControlPaused(agent_id)
+            raise _refusal(agent_id, conns)
         # Frames written while answers are read (or held for the reactor's
         # turn) leave together, one send per connection: a request that
         # joins the frames its agent's last request left waiting costs no
@@ -413,7 +428,7 @@ class AgentPool:
             if i == start:
                 break
         if best is None:
-            raise FlowControlPaused(agent_id)
+            raise _refusal(agent_id, conns)
         self._last[agent_id] = (best, best_load, period)
         return best
 
