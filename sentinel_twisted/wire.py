@@ -255,7 +255,6 @@ class FrameReceiver(Int32StringReceiver):
         end = len(view)
         offset = 0
         limit = self.MAX_LENGTH
-        control_limit = self.MAX_CONTROL_LENGTH
         known = _KNOWN_TYPES
         control = _CONTROL_TYPES
         unpack = _PREFIX.unpack_from
@@ -278,7 +277,9 @@ class FrameReceiver(Int32StringReceiver):
                 )
                 return
             frame_end = offset + 4 + length
-            if length > control_limit and control[message_type]:
+            # The control limit is read for control frames alone: a
+            # subclass's may be a property, and nearly every frame is not one.
+            if control[message_type] and length > (control_limit := self.MAX_CONTROL_LENGTH):
                 # Too long for its kind, in a sound stream: skipped, unbuffered.
                 if not self._skip_control_frame(message_type, length, control_limit):
                     return

@@ -93,19 +93,10 @@ _holding: dict[Any, None] = {}
 #: How many requests sent before a read must still wait for its frames to
 #: wait for the end of the reactor's turn: at lower concurrency a turn
 #: rarely reads more than one connection, and waiting would only cost.
+#: At the end of a read, the requests waiting now less those added during
+#: the read are the ones sent before it that still wait for answers (which
+#: other connections may bring in the same turn).
 _BATCH_WAITING = 8
-
-
-def _waiting_elsewhere(counts: list[int], added_before: int) -> bool:
-    """
-    At the end of a read: whether enough requests sent before it still wait
-    for answers (which other connections may bring in the same reactor
-    turn) that the frames the read led to should wait for the turn's end.
-    C{counts} is the connections' (waiting now, ever added), and
-    C{added_before} what the second was when the read began.
-    """
-    waiting, added = counts
-    return waiting - (added - added_before) >= _BATCH_WAITING
 
 
 #: The current holding period: from the first frame held after a send of
@@ -290,20 +281,22 @@ class _PooledConnectionProtocol(FrameReceiver):
             self._send_held()
 
     def dataReceived(self, data: bytes) -> None:
+        # _begin_holding and the _BATCH_WAITING test spelled out, and the
+        # framing's dataReceived called directly: this runs per read.
         reading = _reading
         # The requests waiting on the pool's connections and ever sent on
-        # them (see _waiting_elsewhere).
+        # them (see _BATCH_WAITING).
         counts = self.factory.pool.pending_counts
         added = counts[1]
-        if not reading[0]:
-            _begin_holding()
+        if not reading[0] and not _holding:
+            _hold_period[0] += 1
         reading[0] += 1
         try:
-            super().dataReceived(data)
+            FrameReceiver.dataReceived(self, data)
         finally:
             reading[0] -= 1
             if not reading[0] and _holding:
-                if _waiting_elsewhere(counts, added):
+                if counts[0] - (counts[1] - added) >= _BATCH_WAITING:
                     # Answers from other connections may be read in this
                     # turn too: what they lead to leaves with what this
                     # read led to, one send per connection at the end of
