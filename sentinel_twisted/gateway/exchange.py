@@ -126,6 +126,8 @@ _FORWARDING_NAMES = frozenset(
 #: wait costs a timer call per request.
 _BATCH_EXCHANGES = 2
 
+_UNDERSCORE = ord("_")
+
 #: The body of the 503 answered when there is no agent to consult.
 NO_AGENT = "No agent is available to decide this request."
 
@@ -399,8 +401,9 @@ class Exchange(Responding, Endings):
         # it parsed them (no CR, LF or NUL) or that are ours: set in the
         # dict directly, as setRawHeaders would after checking them again.
         raw = request.requestHeaders._rawHeaders
-        # One scan of all the names at once: most requests have no "_".
-        if b"_" in b"".join(raw):
+        # One scan of all the names at once: most requests have no "_"
+        # (looked for as its value, see gateway.target._HASH).
+        if _UNDERSCORE in b"".join(raw):
             self._drop_underscored(raw)
         raw.pop(b"Forwarded", None)
         client_ip = getattr(request.client, "host", None)
