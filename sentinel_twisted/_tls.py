@@ -51,8 +51,7 @@ def server_identity_error(transport: Any, role: str = "proxy") -> str | None:
     try:
         connection = transport.getHandle()
         certificate = connection.get_peer_certificate()
-        name = connection.get_servername()
-        host = name.decode("ascii") if name else transport.getPeer().host
+        host, named = _dialled_host(connection, transport)
     except Exception as e:
         # Not a TLS connection we can inspect: nothing is verified.
         return f"the {role}'s certificate cannot be inspected: {e}"
@@ -61,7 +60,7 @@ def server_identity_error(transport: Any, role: str = "proxy") -> str | None:
     try:
         if not extract_patterns(certificate):
             return f"the {role}'s certificate has no subjectAltName (the common name is not used)"
-        if name:
+        if named:
             verify_hostname(connection, host)
         else:
             verify_ip_address(connection, host)
@@ -70,6 +69,24 @@ def server_identity_error(transport: Any, role: str = "proxy") -> str | None:
     except CertificateError as e:
         return f"the {role}'s certificate cannot be checked: {peer_text(e, _CERTIFICATE_TEXT)}"
     return None
+
+
+def _dialled_host(connection: Any, transport: Any) -> tuple[str, bool]:
+    """
+    What the server's certificate must name, and whether it is a name: the
+    SNI name sent on C{connection} (Twisted sends the dialled host name),
+    else the address of the peer of C{transport}, the dialled address.
+
+    @raise CertificateError: with neither an SNI name nor a transport.
+    """
+    name = connection.get_servername()
+    if name:
+        return name.decode("ascii"), True
+    if transport is None:
+        from service_identity import CertificateError
+
+        raise CertificateError("no name or address to check the certificate against")
+    return transport.getPeer().host, False
 
 
 def check_server_name(transport: Any) -> None:
@@ -207,17 +224,12 @@ def _name_check(tls_protocol: Any, service_id: Any) -> Any:
                 raise NoSubjectAltName()
             wanted = service_id
             if wanted is None:
-                name = connection.get_servername()
-                if name:
-                    wanted = DNS_ID(name.decode("ascii"))
-                elif protocol is not None:
-                    wanted = IPAddress_ID(protocol.getPeer().host)
-                else:
-                    raise CertificateError("no name or address to check the certificate against")
+                host, named = _dialled_host(connection, protocol)
+                wanted = DNS_ID(host) if named else IPAddress_ID(host)
             verify_service_identity(patterns, [wanted], [])
         except Exception as e:
             # Another host's (VerificationError), no subjectAltName at all
-            # (CertificateError), or one the check cannot read: refused.
+            # (NoSubjectAltName), or one the check cannot read: refused.
             # What cannot be read is the certificate's fault, told as such
             # (tls_failure bounds a CertificateError's text, which may quote
             # the certificate at length).
