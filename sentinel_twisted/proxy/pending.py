@@ -274,9 +274,7 @@ class PendingTable:
         entry = self._entries.get(cid)
         if entry is None or entry.deferred is not deferred:
             return
-        del self._entries[cid]
-        del entry.lane[cid]
-        self._counts[0] -= 1
+        self._remove(cid)
         if self._on_cancel is not None:
             self._on_cancel(cid)
 
