@@ -181,12 +181,17 @@ class SlotTests(TestCase):
         self.assertEqual([w.index for w in workers.ready()], [2])
         self.assertIn("Worker 1 left with 3 agent connection(s)", log_text(events))
 
-    def test_a_connection_the_worker_cannot_adopt_frees_its_slot_and_descriptor(self) -> None:
+    def waf_1_to_hand_over(self) -> tuple[WorkerGroup, list[_Control], _Handing]:
+        """A group of two joined workers, waf-1 admitted, and a connection to hand over."""
         workers = group(2)
         controls = join_all(workers)
         self.assertIsNone(workers.factory.admit(request("waf-1")))
         handover = _Handing()
         self.addCleanup(handover.socket.close)
+        return workers, controls, handover
+
+    def test_a_connection_the_worker_cannot_adopt_frees_its_slot_and_descriptor(self) -> None:
+        workers, controls, handover = self.waf_1_to_hand_over()
         before = sorted(os.listdir("/proc/self/fd"))
         connection = _Registered("waf-1", "waf-1-1")
         with captured_log() as events:
@@ -202,11 +207,7 @@ class SlotTests(TestCase):
 
     def test_a_connection_is_said_to_be_served_once_the_worker_has_it(self) -> None:
         # Not when it is sent: a request the worker takes before then finds no agent.
-        workers = group(2)
-        controls = join_all(workers)
-        self.assertIsNone(workers.factory.admit(request("waf-1")))
-        handover = _Handing()
-        self.addCleanup(handover.socket.close)
+        workers, controls, handover = self.waf_1_to_hand_over()
         with captured_log() as events:
             workers.hand_over(handover, _Registered("waf-1", "waf-1-1"), b"")  # type: ignore[arg-type]
             self.assertNotIn("serves it", log_text(events))
