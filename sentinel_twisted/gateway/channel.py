@@ -441,6 +441,13 @@ class GatewayChannel(http.HTTPChannel):
         super().loseConnection()  # type: ignore[no-untyped-call]
 
     def _send100Continue(self) -> None:
+        # A request is handled as soon as its head is in, before twisted.web
+        # sends its 100 Continue: one answered at once (a 400, a 413, a 503)
+        # has had its final response, and no interim one may follow it
+        # (RFC 9110 section 15.2).
+        request = self.requests[-1] if self.requests else None
+        if request is not None and (request.startedWriting or request.finished):
+            return
         self._send_outgoing()
         super()._send100Continue()  # type: ignore[no-untyped-call]
 

@@ -72,6 +72,37 @@ class ClientSideTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_no_100_continue_after_an_answer_given_at_once(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", events=(1, 2), max_body=1000)
+            heads = [
+                # 413: over the agent's max_body_size.
+                b"POST /big HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
+                # 400: a dot segment.
+                b"POST /../x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            ]
+            for head in heads:
+                client = await h.raw(head)
+                await client.lost
+                self.assertNotIn(b"100 Continue", client.received)
+                self.assertRegex(client.received, rb"\AHTTP/1.1 4\d\d ")
+
+        return ensureDeferred(go())
+
+    def test_100_continue_while_the_agents_decide(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf")
+            client = await h.raw(b"POST /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            await wait_until(lambda: b"100 Continue" in client.received, what="100 Continue")
+            client.transport.write(b"hello")
+            await wait_until(lambda: client.received.endswith(b"upstream saw /a"), what="the response")
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"))
+            self.assertEqual(h.upstream.requests[0]["body"], b"hello")
+
+        return ensureDeferred(go())
+
     def test_agent_unavailable_while_the_body_is_still_arriving(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start("--agent", "ghost")
