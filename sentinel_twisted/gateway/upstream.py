@@ -13,6 +13,7 @@ client reads slowly.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -265,11 +266,21 @@ class _BodyReader(TwistedProtocol):
             sink.response_end(reason)
 
 
+#: A reason phrase as RFC 9112 section 4 has it: tabs, spaces, visible
+#: ASCII and obs-text.  twisted.web.client splits lines at LF alone and
+#: keeps anything else, a CR or a NUL too.
+_REASON_PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
 class _HTTPResponse(UpstreamResponse):
     def __init__(self, response: IResponse) -> None:
         self._response = response
         self.code = response.code
-        self.phrase = response.phrase
+        # Another phrase would go to the client as it is: a bare CR in it
+        # starts a line of the upstream's making for some clients.  The
+        # client gets the status code's own phrase instead.
+        phrase = response.phrase
+        self.phrase = phrase if _REASON_PHRASE.fullmatch(phrase) else b""
         self.headers = response.headers
         length = response.length
         self.length = length if isinstance(length, int) else None
@@ -374,6 +385,11 @@ class _QuietConnectionPool(HTTPConnectionPool):
         return _UpstreamFactory(quiescentCallback, metadata, self._parser_log)
 
 
+#: The final status codes an upstream may answer with (RFC 9110 section 15).
+_FINAL_STATUS_MIN = 200
+_FINAL_STATUS_MAX = 599
+
+
 class HTTPUpstream:
     """
     An upstream HTTP(S) server.  The client's path and query are appended
@@ -458,7 +474,14 @@ class HTTPUpstream:
         def got(response: IResponse) -> UpstreamResponse:
             if timer.active():
                 timer.cancel()
-            return _HTTPResponse(response)
+            result = _HTTPResponse(response)
+            if not _FINAL_STATUS_MIN <= response.code <= _FINAL_STATUS_MAX:
+                # twisted.web.client takes any integer as a status (-1,
+                # 99999), and skips 1xx as interim responses: another
+                # would go to the agents and the client as it is.
+                result.abort()
+                raise UpstreamFailed(f"{self.url} answered with an invalid status code {response.code}")
+            return result
 
         def failed(failure: Failure) -> Failure:
             if timer.active():

@@ -8,14 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from .support import (
     REQUEST_COMPLETE,
     REQUEST_HEADERS,
+    RESPONSE_HEADERS,
     Harness,
     ScriptedAgent,
     answer,
+    listen_for,
     small_chunks,
     unreachable_url,
     wait_until,
@@ -311,8 +314,60 @@ class PipeliningTests(TestCase):
         return ensureDeferred(go())
 
 
+class _CannedUpstream(Protocol):
+    """An upstream that answers each request head with the same bytes."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        while b"\r\n\r\n" in self.received:
+            _, _, self.received = self.received.partition(b"\r\n\r\n")
+            self.transport.write(self.response)
+
+
 class UpstreamFailureTests(TestCase):
     timeout = 20
+
+    async def answered(self, response: bytes, complete: bytes) -> tuple[bytes, ScriptedAgent]:
+        """
+        What a client gets (once it ends with C{complete}) through a gateway
+        whose upstream answers C{response}, and the agent of the gateway.
+        """
+        port = await listen_for(self, Factory.forProtocol(lambda: _CannedUpstream(response)))
+        h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port.getHost().port}")
+        agent = await h.agent("waf", events=(1, 3))
+        client = await h.raw(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: client.received.endswith(complete), what="the response")
+        return client.received, agent
+
+    def test_a_status_that_is_no_http_status_is_502(self) -> Any:
+        async def go() -> None:
+            for status in (b"-1", b"99", b"600", b"99999"):
+                received, agent = await self.answered(
+                    b"HTTP/1.1 " + status + b" OK\r\nContent-Length: 2\r\n\r\nok", b"502 Bad Gateway\n"
+                )
+                self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received)
+                self.assertEqual(agent.of_type(RESPONSE_HEADERS), [])
+
+        return ensureDeferred(go())
+
+    def test_a_reason_phrase_with_control_characters_is_not_passed_on(self) -> Any:
+        async def go() -> None:
+            for phrase in (b"OK\rSet-Cookie: planted=1", b"O\x00K", b"OK\x1b[2J"):
+                received, _ = await self.answered(
+                    b"HTTP/1.1 200 " + phrase + b"\r\nContent-Length: 2\r\n\r\nok", b"\r\n\r\nok"
+                )
+                self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\nDate: "), received)
+            # A phrase of its own, well formed, goes on as the upstream sent it.
+            received, _ = await self.answered(
+                b"HTTP/1.1 200 Fine\tand \xe9\r\nContent-Length: 2\r\n\r\nok", b"\r\n\r\nok"
+            )
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 Fine\tand \xe9\r\n"), received)
+
+        return ensureDeferred(go())
 
     def test_unreachable_upstream_is_502(self) -> Any:
         async def go() -> None:
