@@ -122,7 +122,8 @@ class Endings:
             agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
             reason=reason,
             cid=self.correlation_id,
-            error=str(failure.value),
+            # The error may quote the agent's answer (an unknown decision).
+            error=peer_text(failure.value),
         )
         self._error = f"agent {slot.agent_id}: {failure.value}"
         if self._head_written:
@@ -375,7 +376,7 @@ def _ignore_complete(failure: Failure, agent_id: str) -> None:
     log.debug(
         "RequestComplete to agent {agent_id} not answered: {error}",
         agent_id=peer_text(agent_id, _ID_IN_LOG),
-        error=str(failure.value),
+        error=peer_text(failure.value),
     )
 
 

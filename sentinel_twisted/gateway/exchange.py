@@ -778,7 +778,8 @@ class Exchange(Responding, Endings):
             what="timed out" if timeout else "failed",
             method=_loggable(self.request.method),
             uri=_loggable(self.request.uri),
-            error=self._error,
+            # It may quote what the upstream sent (a status line).
+            error=peer_text(self._error),
         )
         self._cancel_pending(_UPSTREAM_ERROR)
         self._respond_plain(504 if timeout else 502)

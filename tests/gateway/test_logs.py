@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -22,7 +23,8 @@ from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
 
 from .._proxy_support import captured_log
-from .support import Harness, ScriptedAgent, unreachable_url
+from .support import Harness, ScriptedAgent, answer, listen_for, unreachable_url
+from .test_failures import _CannedUpstream
 
 
 def quoted(name: str) -> str:
@@ -122,6 +124,21 @@ class AgentFailureLogTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_an_answer_quoted_in_the_503_line_is_escaped_and_cut(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            # An unknown decision: the error text quotes it.
+            await h.agent("waf", decide=lambda a, t, b: answer("x\u2028Forged line " * 100))
+            with captured_log() as events:
+                self.assertEqual((await h.get("/")).code, 503)
+            [failed] = lines(events, LogLevel.warn, "answering 503")
+            self.assertIn("unknown decision", failed)
+            self.assertIn("x\\u2028Forged line", failed)
+            self.assertNotIn("\u2028", failed)
+            self.assertLess(len(failed), 400)
+
+        return ensureDeferred(go())
+
 
 class _ChurningPool:
     """A pool whose only agent comes and goes as the test says."""
@@ -196,6 +213,20 @@ class UpstreamLogTests(TestCase):
             [failed] = lines(events, containing="Upstream failed")
             self.assertTrue(failed.startswith("Upstream failed for GET /x?a=1: "), failed)
             self.assertNotIn("b'", failed)
+
+        return ensureDeferred(go())
+
+    def test_a_status_line_quoted_in_the_failure_line_is_cut(self) -> Any:
+        async def go() -> None:
+            status_line = b"HTTP/1.1 OK " + b"A" * 10000 + b"\r\n\r\n"
+            port = await listen_for(self, Factory.forProtocol(lambda: _CannedUpstream(status_line)))
+            h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port.getHost().port}")
+            await h.agent("waf")
+            with captured_log() as events:
+                self.assertEqual((await h.get("/x")).code, 502)
+            [failed] = lines(events, containing="Upstream failed")
+            self.assertIn("non-integer status code", failed)
+            self.assertLess(len(failed), 400)
 
         return ensureDeferred(go())
 
