@@ -91,12 +91,10 @@ _ORIGIN = re.compile(
     rb"(?:\?(?:[\x21-\x22\x24\x26-\x7e]|" + _PCT + rb")*)?\Z"
 )
 _SCHEME = re.compile(rb"\A(?i:https?)://")
-# host = IP-literal / IPv4address / reg-name; port = *DIGIT.  No userinfo.
-_AUTHORITY = re.compile(
-    rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
-)
-#: ... and as a Host value, without ",": the gateway's X-Forwarded-Host
-#: is the Host, and a comma there would make it a list of two hosts.
+#: host = IP-literal / IPv4address / reg-name; port = *DIGIT.  No userinfo,
+#: and no ",": the gateway's X-Forwarded-Host is the Host (an absolute-form
+#: target's authority, or what agrees with it), and a comma there would
+#: make it a list of two hosts.
 _HOST = re.compile(
     rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
 )
@@ -150,7 +148,7 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
         if 0 <= index < end:
             end = index
     authority = rest[:end].lower()
-    if not authority or not _AUTHORITY.match(authority) or authority.startswith(b":"):
+    if not authority or not _HOST.match(authority) or authority.startswith(b":"):
         raise BadTarget(400, "the request target's authority is not a valid host[:port]")
     path_and_query = rest[end:]
     if not path_and_query.startswith(b"/"):

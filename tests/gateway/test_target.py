@@ -326,6 +326,16 @@ class HostTests(SynchronousTestCase):
             self.assertEqual(event.metadata.server_name, server_name)
             self.assertEqual(served.upstream.headers[0][b"x-forwarded-host"], [host])
 
+    def test_an_absolute_form_authority_is_held_to_the_same_rules(self) -> None:
+        # It is the Host, or must agree with it: a comma would make the
+        # X-Forwarded-Host a list of two hosts all the same.
+        for head in (
+            b"GET http://admin.internal,www.example.com/ HTTP/1.1\r\nHost: admin.internal,www.example.com\r\n\r\n",
+            b"GET http://admin.internal,www.example.com/ HTTP/1.0\r\n\r\n",
+        ):
+            served = InMemory(head)
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), head)
+
     def test_a_doubled_host_is_still_refused(self) -> None:
         served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n")
         self.assertEqual((served.status, served.seen), (b"400", []))
