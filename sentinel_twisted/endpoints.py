@@ -64,7 +64,11 @@ class RefusedConnection(Protocol):
 
 
 class SocketInUse(Exception):
-    """A live process serves the socket; the text says which path."""
+    """
+    A UNIX socket path cannot be taken: a live process serves it, or it is
+    not a socket, or it cannot be looked at or removed; the text says which
+    path and why.
+    """
 
 
 def system_max_backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
@@ -270,13 +274,16 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     Make C{path} free to bind, without ever stealing a live socket.
 
     @return: C{True} if a stale socket file was removed.
-    @raise SocketInUse: if a process accepts connections on it, or the
-        path is something other than a socket.
+    @raise SocketInUse: if a process accepts connections on it, the path
+        is something other than a socket, or it cannot be looked at or a
+        stale socket removed (permissions).
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise SocketInUse(f"cannot use {path}: {(e.strerror or str(e)).lower()}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -301,6 +308,8 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
         os.unlink(path)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise SocketInUse(f"cannot remove the stale socket {path}: {(e.strerror or str(e)).lower()}") from None
     return True
 
 

@@ -167,6 +167,28 @@ class ClearStaleSocketTests(TestCase):
         with open(self.path) as f:
             self.assertEqual(f.read(), "precious")
 
+    def test_a_path_that_cannot_be_looked_at_is_refused_not_raised(self) -> None:
+        # A directory the user may not search: lstat() fails with EACCES.
+        def denied(path: str) -> os.stat_result:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+        self.patch(os, "lstat", denied)
+        error = self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)
+        self.assertEqual(str(error), f"cannot use {self.path}: permission denied")
+
+    def test_a_stale_socket_that_cannot_be_removed_is_refused_not_raised(self) -> None:
+        # Another user's stale socket in a sticky directory (/tmp): EPERM.
+        self.bind(listen=False)
+
+        def denied(path: str) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+        self.patch(os, "unlink", denied)
+        error = self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)
+        self.assertEqual(
+            str(error), f"cannot remove the stale socket {self.path}: operation not permitted"
+        )
+
     def test_directory_and_symlink_are_refused(self) -> None:
         os.mkdir(self.path)
         self.assertRaises(SocketInUse, clear_stale_unix_socket, self.path)

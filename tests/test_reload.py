@@ -84,6 +84,32 @@ class ReloadTests(SynchronousTestCase):
         self.assertFalse(waf1.is_closed)
         self.assertNotIn("Sekr3t-of-waf-2", text)
 
+    def test_an_agent_whose_token_was_changed_is_closed(self) -> None:
+        # A token rotated after a leak: whoever registered with the old one
+        # must not keep its connection.
+        _, _, waf1 = self.register("waf-1", "t1")
+        _, transport, waf2 = self.register("waf-2", "Sekr3t-of-waf-2")
+        self.write("tokens", "waf-1 t1\nwaf-2 N3w-Sekr3t-of-waf-2\nbot-1 t3\n")
+        ok, text = self.reload()
+        self.assertTrue(ok)
+        self.assertIn(f"Closing connection {waf2.connection_id} of agent waf-2", text)
+        self.assertIn("the token it registered with is no longer in the token file", text)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(waf1.is_closed)
+        self.assertNotIn("Sekr3t", text)
+        # The connection keeps a digest, never the token.
+        self.assertNotIn(b"Sekr3t", repr(vars(waf2)).encode())
+        # The agent is not retired: it registers again with its new token.
+        self.assertFalse(self.reloader.retired("waf-2"))
+
+    def test_a_reload_that_keeps_the_token_keeps_the_connection(self) -> None:
+        _, transport, waf2 = self.register("waf-2", "Sekr3t-of-waf-2")
+        self.write("tokens", "waf-2 Sekr3t-of-waf-2\nwaf-1 other\n")
+        ok, text = self.reload()
+        self.assertTrue(ok)
+        self.assertIn("0 connection(s) no longer allowed", text)
+        self.assertFalse(transport.disconnecting)
+
     def test_retired_names_the_agents_that_can_no_longer_register(self) -> None:
         # What the gateway forgets at a reload: an agent off the allowlist,
         # or off the token file when tokens are required; never one merely away.

@@ -4,6 +4,7 @@ The options of C{twistd sentinel-reverse} and the service they build.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import shutil
@@ -336,6 +337,18 @@ class MakeListenerTests(TestCase):
         )
         self.assertIn("served by a live process", str(error))
         self.assertTrue(os.path.exists(sock))
+
+    def test_unreadable_socket_path_is_one_clear_error(self) -> None:
+        sock = os.path.join(self.dir, "hidden.sock")
+
+        def denied(path: str) -> os.stat_result:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+        self.patch(os, "lstat", denied)
+        error = self.assertRaises(
+            StartupError, make_listener, parse("--listen", f"unix:{sock}"), self.reactor
+        )
+        self.assertEqual(str(error), f"--listen unix:{sock}: cannot use {sock}: permission denied")
 
     def test_stale_lock_with_a_live_pid_removed_when_nobody_serves_the_socket(self) -> None:
         sock = os.path.join(self.dir, "stale.sock")

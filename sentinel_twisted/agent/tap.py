@@ -509,7 +509,9 @@ def makeService(options: Options) -> service.IService:
     try:
         agent_service = make_agent_service(options)
     except SocketInUse as e:
-        raise SystemExit(f"twistd sentinel-agent: {e}") from None
+        listen = options["listen"]
+        given = getattr(options, "given", {}).get(listen, listen)
+        raise SystemExit(f"twistd sentinel-agent: --listen {given}: {e}") from None
     add_busy_poll(agent_service, options["busy-poll"], "sentinel-agent", agent_service.reactor)
     # Failures to listen come later, once twistd starts the service.
     report_startup_errors("sentinel-agent", StartupError)

@@ -6,9 +6,10 @@ file and the client CA again, without a restart.
 Everything is read first; a file with an error leaves the whole
 configuration in force and says so in one line.  Then the new settings
 apply to new registrations, and the connections whose agent is no longer
-allowed (or whose token is gone from the token file) are drained: no new
-request goes to them, those in flight get up to the request timeout to be
-answered, then the connection is closed, with a log line naming it.
+allowed (or whose token is gone from the token file, or was changed in it)
+are drained: no new request goes to them, those in flight get up to the
+request timeout to be answered, then the connection is closed, with a log
+line naming it.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class ConfigurationReloader:
         if connection.token_verified and isinstance(checker, TokenFileChecker):
             if not checker.has_agent(agent_id):
                 return "the agent's token is gone from the token file"
+            digest = connection.token_digest
+            if digest is not None and not checker.holds_token(agent_id, digest):
+                return "the token it registered with is no longer in the token file"
         return None
 
     def drain(self, connection: AgentConnection, why: str) -> Deferred[None]:

@@ -9,6 +9,7 @@ error texts.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Mapping
@@ -69,6 +70,14 @@ def _mode_warning(path: str) -> str | None:
     return None
 
 
+def _token_digest(token: str) -> bytes:
+    """
+    The SHA-256 of a registration token, which a connection keeps instead
+    of the token itself (L{StaticTokenChecker.holds_token}).
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 @implementer(ITokenChecker)
 class StaticTokenChecker:
     """Tokens from a mapping of agent id to token."""
@@ -84,6 +93,18 @@ class StaticTokenChecker:
     def has_agent(self, agent_id: str) -> bool:
         """Whether there is a token for C{agent_id}."""
         return agent_id in self._tokens
+
+    def holds_token(self, agent_id: str, digest: bytes) -> bool:
+        """
+        Whether C{agent_id}'s token is still the one whose SHA-256 is
+        C{digest} (L{_token_digest}): a reload that changed it (a token
+        rotated after a leak) no longer admits the connections that
+        registered with the old one.
+        """
+        expected = self._tokens.get(agent_id)
+        if expected is None:
+            return False
+        return hmac.compare_digest(hashlib.sha256(expected).digest(), digest)
 
     def check_token(self, agent_id: str, token: str) -> bool:
         expected = self._tokens.get(agent_id)

@@ -164,6 +164,9 @@ class AgentConnection(AgentFrames):
     peer_credentials: tuple[int, int, int] | None = None
     #: Whether the agent registered with a token the token checker verified.
     token_verified = False
+    #: The SHA-256 of the token it registered with (never the token), or
+    #: C{None}: a reload closes the connection once the token is changed.
+    token_digest: bytes | None = None
     #: C{reverse} (the agent dialled and registered) or C{forward} (the
     #: proxy dialled the agent).
     mode = "reverse"

@@ -38,6 +38,7 @@ from ..errors import (
 from ..wire import IncompleteFrameBudget
 from ._identity import identity_problem
 from ._interfaces import ITokenChecker
+from .auth import _token_digest
 from .config import ReverseConnectionConfig
 from .connection import AgentConnection
 from .pool import AgentPool
@@ -548,6 +549,8 @@ class ReverseConnectionFactory(Factory):
         )
         connection.peer_credentials = getattr(protocol, "peer_credentials", None)
         connection.token_verified = request.auth_token is not None and self.token_checker is not None
+        if request.auth_token is not None:
+            connection.token_digest = _token_digest(request.auth_token)
         return connection
 
     def success_response(self, connection_id: str) -> m.RegistrationResponse:

@@ -236,13 +236,36 @@ STATUS_MAX_CONNECTIONS = 64
 
 
 class _StatusChannel(http.HTTPChannel):
-    """HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly})."""
+    """
+    HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}).
+
+    The site only answers C{GET}s: a request that announces a body
+    (C{Content-Length} above 0, or chunked) gets C{413} and the connection
+    is closed before any of the body is read, which Twisted would otherwise
+    take whole, spooling a large one to a temporary file.
+    """
 
     site: StatusSite
+    #: Whether a request announced a body: nothing more is read.
+    body_refused = False
 
     def makeConnection(self, transport: Any) -> None:
         read_plainly(transport)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        if self.length != 0:
+            self.body_refused = True
+            transport: Any = self.transport
+            transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.body_refused:
+            return
+        super().rawDataReceived(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.site.connections -= 1

@@ -6,6 +6,7 @@ C{test_forward_interop}.)
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -118,6 +119,23 @@ class ListenOptionsTests(SynchronousTestCase):
         self.assertIn("served by a live process", str(error))
         self.assertTrue(os.path.exists(self.socket))
 
+
+    def test_a_stale_socket_that_cannot_be_removed_is_one_clear_line(self) -> None:
+        # Another user's stale socket in a sticky directory (/tmp): EPERM.
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.socket)
+        stale.close()
+
+        def denied(path: str) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+        self.patch(os, "unlink", denied)
+        error = self.assertRaises(SystemExit, makeService, parse("--listen", f"unix:{self.socket}"))
+        self.assertEqual(
+            str(error),
+            f"twistd sentinel-agent: --listen unix:{self.socket}: "
+            f"cannot remove the stale socket {self.socket}: operation not permitted",
+        )
 
 class ListenFailureTests(SynchronousTestCase):
     """

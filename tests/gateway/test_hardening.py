@@ -450,6 +450,32 @@ class StatusConnectionTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+    def test_a_request_body_is_refused_before_it_is_read(self) -> None:
+        # Twisted takes a body whole, spooling a large one to a temporary
+        # file: whoever reaches the site could fill the disk.  The site
+        # answers GETs only, and refuses at the head.
+        for head in [
+            b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000000\r\n\r\n",
+            b"GET /agents HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]:
+            site, _ = self.site()
+            channel, transport = self.connect(site)
+            channel.dataReceived(head + b"x" * 200_000)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+            self.assertTrue(transport.disconnecting)
+            # No request was given a place (memory or a file) to take a body.
+            self.assertEqual([r.content for r in channel.requests], [None])
+            channel.dataReceived(b"x" * 200_000)
+            self.assertTrue(transport.value().endswith(b"\r\n\r\n"))
+
+    def test_a_get_without_a_body_is_still_answered(self) -> None:
+        site, _ = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 "), transport.value())
+        self.assertNotIn(b" 413 ", transport.value().split(b"\r\n")[0])
+        self.assertFalse(transport.disconnecting)
+
 class StatusHostTests(TestCase):
     timeout = 20
 
