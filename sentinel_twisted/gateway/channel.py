@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.gateway.test_channel -*-
 """
 L{GatewayChannel}: one client connection of the gateway.  An HTTP/1.1
-channel of C{twisted.web} with a deadline for each request head, a least
+channel of C{twisted.web} with a deadline for each request head (that of
+L{DeadlineChannel <sentinel_twisted._deadlines.DeadlineChannel>}), a least
 average rate for each request body, a deadline for a client that takes no
 response bytes (all checked by one timer per connection), an idle timeout
 kept as one timer per connection, a clear C{431} for a head that is too
@@ -17,9 +18,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.http_headers import Headers
 
+from .._deadlines import TIMEOUT_RESPONSE, DeadlineChannel
 from .._reading import read_plainly
 from .._sending import send_now, writes_through
 
@@ -36,7 +37,7 @@ def _discard(data: bytes) -> None:
     pass
 
 
-class GatewayChannel(http.HTTPChannel):
+class GatewayChannel(DeadlineChannel):
     """
     An HTTP/1.1 connection with deadlines for a slow client and a clear
     answer to a head that is too large.
@@ -63,8 +64,6 @@ class GatewayChannel(http.HTTPChannel):
     One timer per connection checks all these deadlines: it re-arms itself
     for the earliest one, and lapses when none runs.
 
-    @cvar header_timeout: seconds a client has to send a whole request head;
-        C{None}: no limit.
     @cvar min_body_rate: the least average rate (bytes a second) of a
         request body after its grace of C{header_timeout}; C{None}: no limit.
     @cvar send_timeout: seconds a client has to take the response bytes
@@ -77,20 +76,12 @@ class GatewayChannel(http.HTTPChannel):
         (C{False} once it is being closed).
     """
 
-    header_timeout: float | None = None
     min_body_rate: float | None = None
     send_timeout: float | None = None
     #: Set by L{GatewaySite.buildProtocol <sentinel_twisted.gateway.resource.GatewaySite.buildProtocol>}.
     site: GatewaySite
-    # When the awaited head is due (reactor seconds); None: no head awaited.
-    # One timer per connection checks it and the deadlines below, instead
-    # of a timer per request: it re-arms itself for the earliest, and
-    # lapses when nothing is due.
-    _head_deadline: float | None = None
-    _timer: IDelayedCall | None = None
-    # When the timer fires (reactor seconds); inf: there is none.
-    _timer_at = math.inf
-    _head_started = False
+    # The timer of the head's deadline checks the deadlines below too,
+    # instead of a timer per request.
     # The request whose body is arriving, and when its body's clock started
     # (moved on by the time the gateway stopped reading); None: no body.
     _body_request: GatewayRequest | None = None
@@ -122,10 +113,6 @@ class GatewayChannel(http.HTTPChannel):
             self._outgoing = []
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
-        self._await_head()
-
     def getHost(self) -> Any:
         host = self._host
         if host is None:
@@ -154,7 +141,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def resetTimeout(self) -> None:
         # Called on every read: the idle deadline moves, and an awaited
-        # head has started.
+        # head has started (twisted.web's timer, never set, is not asked).
         if self._idle_deadline is not None:
             self._idle_deadline = self.site.reactor.seconds() + self.timeOut  # type: ignore[operator]
         if self._head_deadline is not None:
@@ -172,78 +159,39 @@ class GatewayChannel(http.HTTPChannel):
         self._idle_deadline = None
         self.timeoutConnection()  # type: ignore[no-untyped-call]
 
-    def _await_head(self) -> None:
-        timeout = self.header_timeout
-        if timeout and self._head_deadline is None:
-            self._head_started = False
-            now = self.site.reactor.seconds()
-            self._head_deadline = deadline = now + timeout
-            if self._timer_at > deadline:
-                self._arm(now, deadline)
-
-    def _arm(self, now: float, due: float) -> None:
-        """Have the timer fire by C{due} (reactor seconds)."""
-        if due < self._timer_at:
-            self._timer_at = due
-            timer = self._timer
-            if timer is None:
-                self._timer = self.callLater(max(due - now, 0.0), self._check_deadlines)  # type: ignore[no-untyped-call]
-            else:
-                timer.reset(max(due - now, 0.0))
-
     def _stop_timer(self) -> None:
-        self._head_deadline = self._stalled_since = self._closing_since = None
+        self._stalled_since = self._closing_since = None
         self._body_request = None
-        timer, self._timer = self._timer, None
-        self._timer_at = math.inf
-        if timer is not None and timer.active():
-            timer.cancel()
+        super()._stop_timer()
 
-    def _check_deadlines(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        if self.transport is None:
-            return
-        now = self.site.reactor.seconds()
+    def _check_other_deadlines(self, now: float) -> float | None:
+        # The send timeout, then the body's (a body and an awaited head
+        # never overlap: the head's end stops its deadline, and the end of
+        # the response, which starts the next one, ends the body's).
         due = math.inf
         send_timeout = self.send_timeout
         for since in (self._closing_since, self._stalled_since):
             if since is not None and send_timeout is not None:
                 if since + send_timeout <= now:
                     self._send_timed_out()
-                    return
+                    return None
                 due = min(due, since + send_timeout)
-        deadline = self._head_deadline
-        if deadline is not None:
-            if deadline <= now:
-                self._head_deadline = None
-                self._head_timed_out()
-                return
-            due = min(due, deadline)
         request = self._body_request
         body_due = None if request is None else self._body_due(request, now)
         if body_due is not None:
             if body_due <= now:
                 assert request is not None
                 self._body_timed_out(request)
-                return
+                return None
             due = min(due, body_due)
-        if due != math.inf:
-            self._arm(now, due)
+        return due
 
     def _head_timed_out(self) -> None:
-        transport: Any = self.transport
         self._send_outgoing()
-        if self._head_started:
-            self.site.gateway.log_limiter.warn(
-                log,
-                "head_timeout",
-                "A client sent no complete request head in {timeout}s; answering 408",
-                timeout=self.header_timeout,
-            )
-            transport.write(_TIMEOUT)
-        self.persistent = False
-        self._close(transport)
+        super()._head_timed_out()
+
+    def _warn(self, kind: str, format: str, /, **fields: Any) -> None:
+        self.site.gateway.log_limiter.warn(log, kind, format, **fields)
 
     # -- the request body's least rate ------------------------------------------
 
@@ -290,8 +238,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def _body_timed_out(self, request: GatewayRequest) -> None:
         self._body_request = None
-        self.site.gateway.log_limiter.warn(
-            log,
+        self._warn(
             "body_timeout",
             "A client sent its request body slower than {rate} bytes/s; answering 408",
             rate=self.min_body_rate,
@@ -303,7 +250,7 @@ class GatewayChannel(http.HTTPChannel):
         if transport is not None and not transport.disconnecting and not request.finished:
             # No exchange to answer (never the case for a streamed body).
             self._send_outgoing()
-            transport.write(_TIMEOUT)
+            transport.write(TIMEOUT_RESPONSE)
             self.persistent = False
             self._close(transport)
 
@@ -335,8 +282,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def _send_timed_out(self) -> None:
         self._stalled_since = self._closing_since = None
-        self.site.gateway.log_limiter.warn(
-            log,
+        self._warn(
             "send_timeout",
             "A client took no response bytes in {timeout}s; closing its connection",
             timeout=self.send_timeout,
@@ -352,7 +298,6 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """The head is complete: its deadline no longer applies; its body's starts."""
-        self._head_deadline = None
         if self.length != 0 and self.min_body_rate is not None:
             # Before the request is handled: it may be answered at once.
             now = self.site.reactor.seconds()
@@ -360,7 +305,7 @@ class GatewayChannel(http.HTTPChannel):
             self._body_since = now
             self._body_paused_at = None
             self._arm(now, now + (self.header_timeout or 0.0))
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        super().allHeadersReceived()
 
     def requestDone(self, request: Any) -> None:
         # The response leaves before the parent closes the connection or
@@ -368,15 +313,11 @@ class GatewayChannel(http.HTTPChannel):
         if self._outgoing:
             self._send_outgoing()
         # Its body, if any, is no longer awaited (nor the request kept).
+        # The parent awaits the next head.
         self._body_request = None
-        # Before the parent replays pipelined data: that may hold the next
-        # head already, whose end stops this timer again.
-        if self.persistent:
-            self._await_head()
-        super().requestDone(request)  # type: ignore[no-untyped-call]
+        super().requestDone(request)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self._stop_timer()
         self._idle_deadline = None
         timer, self._idle_timer = self._idle_timer, None
         if timer is not None and timer.active():
@@ -386,7 +327,7 @@ class GatewayChannel(http.HTTPChannel):
         client_left = getattr(getattr(self, "site", None), "client_left", None)
         if client_left is not None:
             client_left()
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
 
     # -- writing at once --------------------------------------------------------
     #
@@ -438,7 +379,7 @@ class GatewayChannel(http.HTTPChannel):
         self._send_outgoing()
         if self.transport is not None:
             self._closing()
-        super().loseConnection()  # type: ignore[no-untyped-call]
+        super().loseConnection()
 
     def _send100Continue(self) -> None:
         # A request is handled as soon as its head is in, before twisted.web
@@ -501,8 +442,6 @@ def _stop_parsing(channel: Any) -> None:
     """No more parsing: whatever else arrives on C{channel} is dropped."""
     channel.dataReceived = channel.lineReceived = _discard
 
-
-_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 _TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
 _TOO_LARGE = (

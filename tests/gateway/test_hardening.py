@@ -246,6 +246,16 @@ class ClientConnectionTests(SynchronousTestCase):
         reactor.advance(0.1)
         self.assertTrue(transport.disconnecting)
 
+    def test_a_400_is_the_last_word_on_a_connection(self) -> None:
+        # The connection is being closed: its head's deadline no longer
+        # runs, and no 408 follows the 400 while the client reads nothing.
+        site, reactor, _ = self.site(header_timeout=5.0, send_timeout=60.0)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"NONSENSE\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        reactor.advance(5)
+        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
     def test_a_line_over_the_limit_gets_431(self) -> None:
         site, _, upstream = self.site()
         channel, transport = self.connect(site)
