@@ -2,7 +2,7 @@
 """
 L{DeadlineChannel}: an HTTP/1.1 channel of C{twisted.web} with a deadline
 for each request head, checked by one timer per connection.  The gateway's
-client connections are such channels.
+client connections and the status site's are both such channels.
 
 twisted.web's own idle timeout starts over with every byte read, so a
 client that sends a byte of a head now and then holds its connection for

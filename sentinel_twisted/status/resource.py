@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, pages, server
+from twisted.web import pages, server
 from twisted.web.resource import Resource
 
+from .._deadlines import DeadlineChannel
 from .._ratelimit import LogRateLimiter
 from .._reading import read_plainly
 from ..endpoints import RefusedConnection
@@ -33,7 +35,13 @@ if TYPE_CHECKING:
     from .history import History
     from .metrics import GatewayMetrics
 
-__all__ = ["REFRESH_SECONDS", "StatusResource", "StatusSite", "agents_document"]
+__all__ = [
+    "REFRESH_SECONDS",
+    "STATUS_HEADER_TIMEOUT",
+    "StatusResource",
+    "StatusSite",
+    "agents_document",
+]
 
 
 _encoder = msgspec.json.Encoder()
@@ -234,10 +242,18 @@ log = Logger(namespace="sentinel_twisted.status")
 #: closed as soon as it is made (browsers and scrapers need a few).
 STATUS_MAX_CONNECTIONS = 64
 
+#: Seconds a status site client has to send a whole request head, from
+#: connecting or from the end of its previous response.
+STATUS_HEADER_TIMEOUT = 60.0
 
-class _StatusChannel(http.HTTPChannel):
+
+class _StatusChannel(DeadlineChannel):
     """
     HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}).
+
+    Each request head must arrive whole within the site's C{header_timeout}
+    (see L{DeadlineChannel}): a client that trickles a byte now and then
+    gets C{408}, and cannot hold one of the site's few connections.
 
     The site only answers C{GET}s: a request that announces a body
     (C{Content-Length} above 0, or chunked) gets C{413} and the connection
@@ -246,6 +262,7 @@ class _StatusChannel(http.HTTPChannel):
     """
 
     site: StatusSite
+    head_timeout_line = "A status site client sent no complete request head in {timeout}s; answering 408"
     #: Whether a request announced a body: nothing more is read.
     body_refused = False
 
@@ -258,18 +275,21 @@ class _StatusChannel(http.HTTPChannel):
             self.body_refused = True
             transport: Any = self.transport
             transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            self.loseConnection()  # type: ignore[no-untyped-call]
+            self.loseConnection()
             return
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        super().allHeadersReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.body_refused:
             return
         super().rawDataReceived(data)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.site.connections -= 1
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
+
+    def _warn(self, kind: str, format: str, /, **fields: Any) -> None:
+        self.site.log_limiter.warn(log, f"status_{kind}", format, **fields)
 
 
 class StatusSite(server.Site):
@@ -281,16 +301,22 @@ class StatusSite(server.Site):
     C{hosts}.  A page from elsewhere whose name was made to resolve to this
     address (DNS rebinding) sends its own name, and gets C{421}.
 
-    It holds at most C{max_connections} connections at once (and Twisted
-    closes one that stays quiet for C{timeout} seconds, a minute by
-    default): whoever can reach it cannot hold the process's file
-    descriptors.
+    It holds at most C{max_connections} connections at once, and each must
+    send every request head whole within C{header_timeout} seconds of
+    connecting or of the end of its previous response (else C{408} and the
+    connection closes, or an idle one is closed), however it trickles its
+    bytes; Twisted also closes one that stays quiet for C{timeout} seconds
+    (a minute by default).  Whoever can reach it cannot hold the process's
+    file descriptors, nor its places.
 
     @cvar noisy: C{False}: no log line for each connection.
     @ivar displayTracebacks: C{False}: an error page never shows a traceback.
     @ivar hosts: the other C{Host} names it answers to, lower-case.
     @ivar max_connections: the most connections held at once.
+    @ivar header_timeout: seconds a client has for each request head.
     @ivar connections: connections open now.
+    @ivar log_limiter: keeps the site's warnings about its clients to a few
+        per period.
     """
 
     noisy = False
@@ -301,18 +327,20 @@ class StatusSite(server.Site):
         status: StatusResource,
         hosts: Iterable[str] = (),
         max_connections: int = STATUS_MAX_CONNECTIONS,
+        header_timeout: float = STATUS_HEADER_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(status, **kwargs)  # type: ignore[no-untyped-call]
         self.displayTracebacks = False
         self.hosts = frozenset(h.lower() for h in hosts)
         self.max_connections = max_connections
+        self.header_timeout = header_timeout
         self.connections = 0
-        self._log_limiter = LogRateLimiter(self.reactor)
+        self.log_limiter = LogRateLimiter(self.reactor)
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.connections >= self.max_connections:
-            self._log_limiter.warn(
+            self.log_limiter.warn(
                 log,
                 "status_connection_limit",
                 "{count} status site connections; closing new ones",
@@ -322,6 +350,7 @@ class StatusSite(server.Site):
         channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
         if channel is not None:
             self.connections += 1
+            channel.header_timeout = self.header_timeout
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
 
+from sentinel_twisted._deadlines import TIMEOUT_RESPONSE
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
 from sentinel_twisted.gateway.resource import GatewaySite
@@ -450,6 +451,81 @@ class StatusConnectionTests(SynchronousTestCase):
         self.assertFalse(taken.disconnecting)
         self.assertEqual(site.connections, 2)
 
+    #: A request for the site at StringTransport's address.
+    HEAD = b"GET /agents HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"
+
+    def test_trickling_a_head_does_not_move_its_deadline(self) -> None:
+        # twisted.web's idle timeout starts over with every byte: a client
+        # sending one every 50 s held its place for ever, and 64 of them
+        # locked operators out of /metrics and /healthz.
+        site, reactor = self.site()
+        connections = [self.connect(site) for _ in range(20)]
+        with captured_log() as events:
+            for wait, byte in [(50, b"G"), (9, b"E")]:
+                for channel, _ in connections:
+                    channel.dataReceived(byte)
+                reactor.advance(wait)
+            self.assertFalse(any(transport.disconnecting for _, transport in connections))
+            reactor.advance(1)
+        for _, transport in connections:
+            self.assertEqual(transport.value(), TIMEOUT_RESPONSE)
+            self.assertTrue(transport.disconnecting)
+        # A warning, rate-limited, however many clients are cut off.
+        lines = warnings(events)
+        self.assertEqual(lines[0], "A status site client sent no complete request head in 60.0s; answering 408")
+        self.assertLess(len(lines), 20)
+
+    def test_each_head_has_its_deadline_from_the_previous_response(self) -> None:
+        site, reactor = self.site()
+        channel, transport = self.connect(site)
+        # A head trickled in pieces, whole within the minute: served.
+        channel.dataReceived(self.HEAD[:10])
+        reactor.advance(29)
+        channel.dataReceived(self.HEAD[10:20])
+        reactor.advance(29)
+        channel.dataReceived(self.HEAD[20:])
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK\r\n"), 1)
+        # A minute from connecting has passed: the next head has a minute
+        # from the end of that response (at 58 s).
+        reactor.advance(42)
+        channel.dataReceived(self.HEAD)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK\r\n"), 2)
+        # And the third a minute from the end of the second (at 100 s),
+        # however it trickles in.
+        reactor.advance(50)
+        channel.dataReceived(self.HEAD[:10])
+        reactor.advance(9)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(1)
+        self.assertTrue(transport.value().endswith(b"}\n" + TIMEOUT_RESPONSE), transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_an_idle_connection_is_closed_at_its_head_deadline(self) -> None:
+        # Without twisted.web's idle timeout: the head's deadline alone
+        # closes a connection that sends nothing, without a word.
+        site, reactor = self.site(timeout=None)
+        fresh, fresh_transport = self.connect(site)
+        kept, kept_transport = self.connect(site)
+        reactor.advance(30)
+        kept.dataReceived(self.HEAD)
+        answered = kept_transport.value()
+        self.assertIn(b"HTTP/1.1 200 OK\r\n", answered)
+        with captured_log() as events:
+            reactor.advance(29.5)
+            self.assertFalse(fresh_transport.disconnecting)
+            reactor.advance(0.5)
+            self.assertTrue(fresh_transport.disconnecting)
+            self.assertEqual(fresh_transport.value(), b"")
+            reactor.advance(29.5)
+            self.assertFalse(kept_transport.disconnecting)
+            reactor.advance(0.5)
+            self.assertTrue(kept_transport.disconnecting)
+            self.assertEqual(kept_transport.value(), answered)
+        self.assertEqual(warnings(events), [])
+        for channel in (fresh, kept):
+            channel.connectionLost(None)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
     def test_a_quiet_connection_is_closed_after_a_minute(self) -> None:
         # Twisted's default, which the cap relies on to free places.
         site, reactor = self.site()
@@ -468,7 +544,8 @@ class StatusConnectionTests(SynchronousTestCase):
             b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000000\r\n\r\n",
             b"GET /agents HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
         ]:
-            site, _ = self.site()
+            # (Without twisted.web's idle timeout, which would close it again.)
+            site, reactor = self.site(timeout=None)
             channel, transport = self.connect(site)
             channel.dataReceived(head + b"x" * 200_000)
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
@@ -477,6 +554,10 @@ class StatusConnectionTests(SynchronousTestCase):
             self.assertEqual([r.content for r in channel.requests], [None])
             channel.dataReceived(b"x" * 200_000)
             self.assertTrue(transport.value().endswith(b"\r\n\r\n"))
+            # The 413 is the last word: no 408 follows it.
+            reactor.advance(60)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+            self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_a_get_without_a_body_is_still_answered(self) -> None:
         site, _ = self.site()
