@@ -48,9 +48,10 @@ class GatewayChannel(DeadlineChannel):
     a head by then gets C{408}; an idle one is closed without a word.
 
     A request body must then arrive at C{min_body_rate} bytes a second on
-    average, counted from C{header_timeout} seconds after its head (time
-    while the gateway itself stops reading it does not count, unless the
-    upstream has answered already).  A client
+    average, counted from C{header_timeout} seconds after its head, or
+    after the C{100 Continue} of a request that expects one (time while the
+    gateway itself stops reading it does not count, unless the upstream has
+    answered already).  A client
     that falls behind gets C{408} and the connection closes; its exchange
     ends as if the client had gone (agents' events cancelled, the upstream
     request aborted).
@@ -152,7 +153,13 @@ class GatewayChannel(DeadlineChannel):
         deadline = self._idle_deadline
         if deadline is None:
             return
-        left = deadline - self.site.reactor.seconds()
+        now = self.site.reactor.seconds()
+        left = deadline - now
+        if left <= 0 and self.requests and self.requests[-1].continue_owed:
+            # The client waits for its 100 Continue while the agents
+            # decide: it is not idle (send_continue moves the deadline on).
+            left = self.timeOut  # type: ignore[assignment]
+            self._idle_deadline = now + left
         if left > 0:
             self._idle_timer = self.callLater(left, self._check_idle)  # type: ignore[no-untyped-call]
             return
@@ -205,6 +212,10 @@ class GatewayChannel(DeadlineChannel):
             # Answered already (the rest is discarded): the client is not late.
             return None
         grace = self.header_timeout or 0.0
+        if request.continue_owed:
+            # The client may wait for its 100 Continue: it is not late.
+            # Look again later (send_continue starts the clock anew).
+            return now + max(grace, 1.0)
         if self._body_paused_at is not None and not exchange.upstream_answered:
             # The gateway stopped reading: the client is not late.  Look
             # again later: once the upstream has answered, a stop counts
@@ -382,13 +393,52 @@ class GatewayChannel(DeadlineChannel):
         super().loseConnection()
 
     def _send100Continue(self) -> None:
-        # A request is handled as soon as its head is in, before twisted.web
-        # sends its 100 Continue: one answered at once (a 400, a 413, a 503)
-        # has had its final response, and no interim one may follow it
-        # (RFC 9110 section 15.2).
+        # twisted.web calls this for an HTTP/1.1 request with Expect:
+        # 100-continue once the request is handled (its exchange started).
+        # The 100 Continue is owed, not sent, until the body is wanted: the
+        # agents allow the request (see send_continue).  A client that waits
+        # for it sends no body they may yet refuse; one answered first has
+        # its final response alone (and the connection closes: see
+        # GatewayRequest.prepare_answer), as no interim response may follow
+        # a final one (RFC 9110 sections 10.1.1, 15.2).
         request = self.requests[-1] if self.requests else None
-        if request is not None and (request.startedWriting or request.finished):
+        if request is None or request.startedWriting or request.finished:
+            # Answered at once (a 400, a 413, a 503).
             return
+        if self.length == 0:
+            # No content to ask for (RFC 9110 section 10.1.1).
+            return
+        exchange = request.exchange
+        if exchange is not None and not exchange.wants_body:
+            request.continue_owed = True
+            return
+        self._send_outgoing()
+        super()._send100Continue()  # type: ignore[no-untyped-call]
+
+    def send_continue(self, request: GatewayRequest) -> None:
+        """
+        Send the C{100 Continue} owed to C{request}, whose body is wanted
+        now: unless its final response has begun or its body is in already.
+        The body's least rate counts from now, as it would from the end of
+        the head of a request that awaits nothing.
+        """
+        request.continue_owed = False
+        transport: Any = self.transport
+        if (
+            transport is None
+            or transport.disconnecting
+            or request.startedWriting
+            or request.finished
+            or request.body_complete
+        ):
+            return
+        # Its wait is over: the idle timeout counts from now.
+        self.resetTimeout()
+        if request is self._body_request:
+            now = self.site.reactor.seconds()
+            self._body_since = now
+            if self._body_paused_at is not None:
+                self._body_paused_at = now
         self._send_outgoing()
         super()._send100Continue()  # type: ignore[no-untyped-call]
 

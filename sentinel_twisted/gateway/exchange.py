@@ -291,6 +291,11 @@ class Exchange(Responding, Endings):
         return self._phase == _OVER or self._cancelling
 
     @property
+    def wants_body(self) -> bool:
+        """Whether the request is allowed, its body wanted (a C{100 Continue} is due)."""
+        return self._forwarded and self._phase != _OVER
+
+    @property
     def upstream_answered(self) -> bool:
         """Whether the upstream's response is in (and waits for the request body, if that is still coming)."""
         return self._response is not None
@@ -725,6 +730,9 @@ class Exchange(Responding, Endings):
         call.addCallbacks(self._upstream_responded, self._upstream_failed).addErrback(
             self.internal_error
         )
+        if request.continue_owed:
+            # Expect: 100-continue: the body is wanted now.
+            request.send_continue()
 
     def _apply_request_ops(
         self, headers: Headers, slot: AgentSlot, ops: list[m.HeaderOp], before: tuple[int, int]

@@ -61,6 +61,8 @@ class GatewayRequest(server.Request):
     @cvar body_complete: the whole body has arrived.
     @cvar client_gone: the client's connection was lost.
     @cvar body_received: bytes of the streamed body received so far.
+    @cvar continue_owed: the request expects C{100-continue}, and its
+        C{100 Continue} waits until its body is wanted (L{send_continue}).
     @ivar method: the request method (as C{twisted.web} sets it).
     @ivar uri: the request target, as received.
     @ivar clientproto: the HTTP version of the request line.
@@ -80,6 +82,7 @@ class GatewayRequest(server.Request):
     body_length: int | None = 0
     client_gone = False
     body_received = 0
+    continue_owed = False
     _in_parser = False
     _closing = False
 
@@ -237,6 +240,18 @@ class GatewayRequest(server.Request):
             resumed = getattr(self.channel, "body_resumed", None)
             if resumed is not None:
                 resumed()
+
+    def send_continue(self) -> None:
+        """
+        The request is allowed, its body wanted: the C{100 Continue} owed to
+        its C{Expect: 100-continue} leaves now (unless its final response
+        has begun, or its body is in already).
+        """
+        channel: Any = self.channel
+        if channel is not None:
+            channel.send_continue(self)
+        else:
+            self.continue_owed = False
 
     def prepare_answer(self) -> None:
         """
