@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
-from ._endings import _FORWARDING, _RESPONDING, _RESPONSE_DECIDING
+from .._peertext import peer_text
+from ._endings import _FORWARDING, _RESPONDING, _RESPONSE_DECIDING, _loggable, log
 from .body import (
     Answered,
     BodySink,
@@ -28,7 +29,7 @@ from .body import (
 from .decisions import apply_header_ops, drop_hop_by_hop
 from .metadata import header_map
 from .shared import Gateway
-from .upstream import UpstreamResponse
+from .upstream import UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
 
@@ -226,14 +227,28 @@ class Responding:
         if self._phase != _RESPONDING:
             return
         if error is not None:
+            # The upstream connection is gone, or the upstream went quiet
+            # for --upstream-timeout while its body was read (an
+            # UpstreamTimeout: its connection is aborted already).
             self._response = None
-            self._error = f"upstream response broke: {error.getErrorMessage()}"
-            self.gateway.metrics.upstream_failed("error")
+            timeout = error.check(UpstreamTimeout) is not None
+            if timeout:
+                self._error = f"upstream timed out: {error.getErrorMessage()}"
+            else:
+                self._error = f"upstream response broke: {error.getErrorMessage()}"
+            self.gateway.metrics.upstream_failed("timeout" if timeout else "error")
             self._cancel_pending(_UPSTREAM_ERROR)
             if self._head_written:
                 self._abort_client(self._error)
-            else:
-                self._respond_plain(502)
+                return
+            if timeout:
+                log.info(
+                    "Upstream timed out for {method} {uri}: {error}",
+                    method=_loggable(self.request.method),
+                    uri=_loggable(self.request.uri),
+                    error=peer_text(error.getErrorMessage()),
+                )
+            self._respond_plain(504 if timeout else 502)
             return
         head = self._response_head
         if head is not None:

@@ -82,7 +82,9 @@ class GatewayConfig:
     @ivar upstream: where allowed requests go (C{http(s)://host[:port][/prefix]});
         C{None} answers them with the built-in echo.
     @ivar upstream_timeout: seconds to wait for the upstream's response
-        headers before answering C{504}.
+        headers before answering C{504}, and the longest the upstream may
+        then go quiet while its response body is read (time the gateway
+        does not read it does not count); past it the body is cut short.
     @ivar upstream_ca: a PEM file of the CA certificates an C{https}
         upstream's certificate must chain to, instead of the system's
         trusted CAs (read when the gateway is built); only with an

@@ -8,7 +8,8 @@ L{StreamingBody} is the request body as an L{IBodyProducer}: bytes arrive
 from the client (through any inspection stages) and leave as fast as the
 upstream connection takes them.  L{UpstreamResponse} hands the response
 body to the exchange piece by piece and lets it pause the upstream when the
-client reads slowly.
+client reads slowly; an upstream that goes quiet while its body is read
+(for the upstream's timeout, paused time not counted) is cut off.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ class UpstreamFailed(Exception):
 
 
 class UpstreamTimeout(UpstreamFailed):
-    """The upstream sent no response in time (C{504})."""
+    """
+    The upstream sent no response in time (C{504}), or went quiet for as
+    long while its response body was read (the body is cut short).
+    """
 
 
 @implementer(IBodyProducer)
@@ -224,7 +228,11 @@ class UpstreamResponse:
         raise NotImplementedError
 
     def pause(self) -> None:
-        """Stop reading the upstream for now (the client reads slowly)."""
+        """
+        Stop reading the upstream for now (the client reads slowly, or the
+        agents inspecting the body are behind): the upstream's silence does
+        not count until L{resume}.
+        """
         pass
 
     def resume(self) -> None:
@@ -248,15 +256,54 @@ class IUpstream(Protocol):
         """What to call it in log lines and on the status site."""
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 class _BodyReader(TwistedProtocol):
-    def __init__(self, sink: ResponseSink | None) -> None:
+    """
+    Hands the upstream's response body to the exchange (C{sink}), and gives
+    up on an upstream that goes quiet while it is read: no body bytes (and
+    no end) for C{timeout} seconds of reading, and the upstream connection
+    is aborted and the sink told with an L{UpstreamTimeout}.
+
+    Time while the gateway does not read (L{pause}: a slow client, agents
+    behind) does not count: the timer stops while paused, and the silence
+    counts anew from L{resume}.  Each read only notes the time; one timer
+    call per C{timeout} looks at it (never a timer call per read).
+
+    @ivar sink: where the body goes; C{None} once it has ended or been
+        given up on.
+    @ivar heard: reactor seconds of the last body bytes read (or of when
+        reading began or resumed).
+    """
+
+    heard = 0.0
+    _timer: IDelayedCall | None = None
+    _paused = False
+
+    def __init__(
+        self,
+        sink: ResponseSink | None,
+        clock: IReactorTime | None = None,
+        timeout: float = 0.0,
+        upstream: str = "",
+    ) -> None:
         self.sink = sink
+        self._clock = clock
+        self._seconds = _no_clock if clock is None else clock.seconds
+        self._timeout = timeout
+        self._upstream = upstream
 
     def dataReceived(self, data: bytes) -> None:
-        if self.sink is not None:
-            self.sink.response_data(data)
+        # A hot path: a read notes the time, nothing more (see _check).
+        self.heard = self._seconds()
+        sink = self.sink
+        if sink is not None:
+            sink.response_data(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._stop_watching()
         sink, self.sink = self.sink, None
         if sink is None:
             return
@@ -264,6 +311,81 @@ class _BodyReader(TwistedProtocol):
             sink.response_end(None)
         else:
             sink.response_end(reason)
+
+    # -- the upstream's silence ---------------------------------------------------
+
+    def watch(self) -> None:
+        """Reading begins (or begins again): the upstream's silence counts from now."""
+        self._paused = False
+        clock = self._clock
+        if clock is None or self.sink is None:
+            return
+        self.heard = clock.seconds()
+        if self._timer is None:
+            self._timer = clock.callLater(self._timeout, self._check)
+
+    def pause(self) -> None:
+        """Stop reading the upstream: its silence does not count until L{resume}."""
+        # The timer is left to find the reader paused, and stop (flow
+        # control pauses and resumes often: no cancelled call each time).
+        self._paused = True
+        transport: Any = self.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume(self) -> None:
+        """Read the upstream again."""
+        self.watch()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.resumeProducing()
+
+    def give_up(self) -> None:
+        """The body is not wanted any more: stop watching, stop reading."""
+        self.sink = None
+        self._stop_watching()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+    def _stop_watching(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _check(self) -> None:
+        self._timer = None
+        sink = self.sink
+        clock = self._clock
+        if sink is None or self._paused or clock is None:
+            return
+        now = clock.seconds()
+        due = self.heard + self._timeout
+        if due > now:
+            # Bytes came (or reading resumed) meanwhile: look again when
+            # that is a timeout ago.
+            self._timer = clock.callLater(due - now, self._check)
+            return
+        self.sink = None
+        self._abort()
+        sink.response_end(
+            Failure(UpstreamTimeout(f"{self._upstream} went quiet for {self._timeout:g}s in its response body"))
+        )
+
+    def _abort(self) -> None:
+        """Abort the upstream connection: a quiet peer would not complete a clean close (TLS)."""
+        transport: Any = self.transport
+        if transport is None:
+            return
+        # twisted.web.client hands the body protocol a TransportProxyProducer
+        # of the connection's transport (its documented _producer: None once
+        # the response is over).
+        connection = getattr(transport, "_producer", None)
+        abort = getattr(connection, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.stopProducing()
 
 
 #: A reason phrase as RFC 9112 section 4 has it: tabs, spaces, visible
@@ -273,7 +395,9 @@ _REASON_PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 class _HTTPResponse(UpstreamResponse):
-    def __init__(self, response: IResponse) -> None:
+    def __init__(
+        self, response: IResponse, clock: IReactorTime | None = None, timeout: float = 0.0, upstream: str = ""
+    ) -> None:
         self._response = response
         self.code = response.code
         # Another phrase would go to the client as it is: a bare CR in it
@@ -285,34 +409,38 @@ class _HTTPResponse(UpstreamResponse):
         length = response.length
         self.length = length if isinstance(length, int) else None
         self._reader: _BodyReader | None = None
+        self._clock = clock
+        self._timeout = timeout
+        self._upstream = upstream
+        self._paused = False
 
     def deliver(self, sink: ResponseSink) -> None:
-        self._reader = _BodyReader(sink)
-        self._response.deliverBody(self._reader)
-
-    def _transport(self) -> Any:
-        reader = self._reader
-        return None if reader is None else reader.transport
+        reader = self._reader = _BodyReader(sink, self._clock, self._timeout, self._upstream)
+        self._response.deliverBody(reader)
+        # What was read already may have ended the body.
+        if reader.sink is not None:
+            if self._paused:
+                reader.pause()
+            else:
+                reader.watch()
 
     def pause(self) -> None:
-        transport = self._transport()
-        if transport is not None:
-            transport.pauseProducing()
+        self._paused = True
+        reader = self._reader
+        if reader is not None:
+            reader.pause()
 
     def resume(self) -> None:
-        transport = self._transport()
-        if transport is not None:
-            transport.resumeProducing()
+        self._paused = False
+        reader = self._reader
+        if reader is not None:
+            reader.resume()
 
     def abort(self) -> None:
         if self._reader is None:
             self._reader = _BodyReader(None)
             self._response.deliverBody(self._reader)
-        else:
-            self._reader.sink = None
-        transport = self._transport()
-        if transport is not None:
-            transport.stopProducing()
+        self._reader.give_up()
 
 
 @implementer(ILogObserver)
@@ -400,6 +528,11 @@ class HTTPUpstream:
     (L{ProxyAgent} does that), never parsed and rebuilt the way
     L{Agent} does, which would drop an empty query's C{?}, say.
 
+    C{timeout} bounds the wait for a response's headers, and then the
+    upstream's silence while its body is read (time while the exchange has
+    it paused does not count): the connection is aborted and the
+    exchange's L{ResponseSink} told with an L{UpstreamTimeout}.
+
     An C{https} upstream's certificate must chain to C{trust_root} (an
     C{IOpenSSLTrustRoot}, as C{optionsForClientTLS} takes it; the platform's
     CAs by default) and name the URL's host in a subjectAltName.
@@ -474,7 +607,7 @@ class HTTPUpstream:
         def got(response: IResponse) -> UpstreamResponse:
             if timer.active():
                 timer.cancel()
-            result = _HTTPResponse(response)
+            result = _HTTPResponse(response, self._reactor, self._timeout, self.url)
             if not _FINAL_STATUS_MIN <= response.code <= _FINAL_STATUS_MAX:
                 # twisted.web.client takes any integer as a status (-1,
                 # 99999), and skips 1xx as interim responses: another

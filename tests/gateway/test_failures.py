@@ -401,3 +401,36 @@ class UpstreamFailureTests(TestCase):
             self.assertIn("no response", complete["error"])
 
         return ensureDeferred(go())
+
+    def test_upstream_quiet_mid_body_cuts_the_response_off(self) -> Any:
+        """
+        Over real connections: the upstream sends its headers and part of
+        the body, then nothing.  After --upstream-timeout the gateway
+        aborts the upstream connection and closes the client's, the body
+        short of its Content-Length.
+        """
+
+        async def go() -> None:
+            upstreams: list[_CannedUpstream] = []
+            lost: list[_CannedUpstream] = []
+
+            def build() -> _CannedUpstream:
+                upstream = _CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
+                upstream.connectionLost = lambda reason: lost.append(upstream)  # type: ignore[method-assign]
+                upstreams.append(upstream)
+                return upstream
+
+            port = await listen_for(self, Factory.forProtocol(build))
+            h = await Harness(self).start(
+                "--upstream", f"http://127.0.0.1:{port.getHost().port}", "--upstream-timeout", "0.3"
+            )
+            await h.agent("waf")
+            client = await h.raw(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            await client.lost
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), client.received)
+            self.assertTrue(client.received.endswith(b"\r\n\r\nhello"), client.received)
+            await wait_until(lambda: len(lost) == 1, what="the upstream connection to close")
+            self.assertEqual(len(upstreams), 1)
+            self.assertEqual(h.sample("sentinel_gateway_upstream_errors_total", kind="timeout"), 1)
+
+        return ensureDeferred(go())
