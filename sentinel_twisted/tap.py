@@ -301,7 +301,8 @@ class Options(ProgramOptions):
             "upstream-timeout",
             None,
             30.0,
-            "Seconds (a float) to wait for the upstream's response headers before answering 504, "
+            "Seconds (a float) to wait for the upstream's response headers before answering 504 "
+            "(from the end of the request body: an upload may take longer), "
             "and the longest the upstream may then go quiet while the gateway reads its response "
             "body (the connection is aborted, the body cut short); time the gateway does not read "
             "(a slow client, agents behind) does not count.",

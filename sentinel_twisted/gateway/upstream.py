@@ -77,9 +77,20 @@ class StreamingBody:
     L{STAGE_ROOM} held it is L{busy}: the inspection stages before it send
     no more chunks until it has drained.
 
+    It also tells when the upstream holds it up (L{upstream_held_since}):
+    the wait for the upstream's response counts only from then.
+
     @ivar length: the body's length, or C{UNKNOWN_LENGTH} (chunked).
     @ivar sent: body bytes fed to it so far.
+    @ivar clock: what times the upstream's holdups (the upstream's
+        reactor, set by L{HTTPUpstream.forward}); C{None}: none is timed.
     """
+
+    clock: IReactorTime | None = None
+    # Reactor seconds: since when the upstream has paused the body, and
+    # when all of it was handed to the upstream connection.
+    _paused_at: float | None = None
+    _sent_at: float | None = None
 
     def __init__(self, length: int | None, pressure: Pressure) -> None:
         self.length: Any = UNKNOWN_LENGTH if length is None else length
@@ -130,10 +141,14 @@ class StreamingBody:
         return self._done
 
     def pauseProducing(self) -> None:
+        # The upstream connection takes no more for now.
+        if not self._paused:
+            self._paused_at = self._now()
         self._paused = True
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._paused_at = None
         self._flush()
         if self._ended:
             self._complete()
@@ -163,9 +178,32 @@ class StreamingBody:
             self._pressure.sub(size)
 
     def _complete(self) -> None:
+        if self._sent_at is None:
+            self._sent_at = self._now()
         done, self._done = self._done, None
         if done is not None:
             done.callback(None)
+
+    def _now(self) -> float:
+        clock = self.clock
+        return 0.0 if clock is None else clock.seconds()
+
+    def upstream_held_since(self, start: float) -> float | None:
+        """
+        Since when (reactor seconds) the upstream, rather than the client
+        or the agents, has kept the body from going on: C{start} (when the
+        request was sent) until its connection takes the body, then from
+        each pause it makes, and from the body's end once all of it is
+        handed over; C{None} while it takes the body as fast as it comes
+        (the client sending it is bounded by C{--min-body-rate}).
+        """
+        if self._sent_at is not None:
+            return max(start, self._sent_at)
+        if self._consumer is None or self._stopped:
+            return start
+        if self._paused:
+            return start if self._paused_at is None else max(start, self._paused_at)
+        return None
 
 
 class ForwardRequest:
@@ -528,7 +566,10 @@ class HTTPUpstream:
     (L{ProxyAgent} does that), never parsed and rebuilt the way
     L{Agent} does, which would drop an empty query's C{?}, say.
 
-    C{timeout} bounds the wait for a response's headers, and then the
+    C{timeout} bounds the wait for a response's headers (counted while the
+    upstream holds things up: from the end of the request body, or while
+    it takes none of a body still arriving; see
+    L{StreamingBody.upstream_held_since}), and then the
     upstream's silence while its body is read (time while the exchange has
     it paused does not count): the connection is aborted and the
     exchange's L{ResponseSink} told with an L{UpstreamTimeout}.
@@ -595,14 +636,30 @@ class HTTPUpstream:
         timed_out = False
         headers = request.headers
         headers.setRawHeaders(b"Host", [self._host])
-        requested = self._agent.request(request.method, self.target(request.uri), headers, request.body)
+        body = request.body
+        reactor = self._reactor
+        timeout = self._timeout
+        start = reactor.seconds()
+        if body is not None:
+            body.clock = reactor
+        requested = self._agent.request(request.method, self.target(request.uri), headers, body)
+        timer: IDelayedCall
 
         def expire() -> None:
-            nonlocal timed_out
+            # The wait counts while the upstream holds things up: not while
+            # a request body it takes as it comes is still arriving from
+            # the client (an upload longer than the timeout is no timeout).
+            nonlocal timed_out, timer
+            held_since = start if body is None else body.upstream_held_since(start)
+            now = reactor.seconds()
+            if held_since is None or held_since + timeout > now:
+                due = timeout if held_since is None else held_since + timeout - now
+                timer = reactor.callLater(due, expire)
+                return
             timed_out = True
             requested.cancel()
 
-        timer: IDelayedCall = self._reactor.callLater(self._timeout, expire)
+        timer = reactor.callLater(timeout, expire)
 
         def got(response: IResponse) -> UpstreamResponse:
             if timer.active():

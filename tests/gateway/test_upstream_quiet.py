@@ -315,3 +315,83 @@ class QuietUpstreamTests(SynchronousTestCase):
         self.assertTrue(scene.cut)
         self.assertEqual(agent.cancels, [m.CancelReason.UPSTREAM_ERROR])
         self.assertFalse(scene.received.endswith(b"\r\n0\r\n\r\n"))
+
+
+class _Upload:
+    """
+    A client's POST through the gateway (min body rate 1000 bytes/s, the
+    timeout's grace 4 s), its upstream connection open and taking the body.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.reactor = reactor = MemoryReactorClock()
+        upstream = HTTPUpstream(reactor, "http://127.0.0.1:8000", timeout=TIMEOUT)
+        config = GatewayConfig(
+            upstream_timeout=TIMEOUT, send_timeout=1000.0, header_timeout=TIMEOUT, min_body_rate=1000
+        )
+        self.gateway = Gateway(OneAgentPool(_RecordingConnection(), "waf"), config, upstream, clock=reactor)  # type: ignore[arg-type]
+        self.client = GatewaySite(self.gateway, reactor=reactor).buildProtocol(None)
+        self.client_transport = _Transport()
+        self.client.makeConnection(self.client_transport)
+        self.client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
+        ((host, port, factory, _, _),) = reactor.tcpClients
+        self.server = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.server_transport = _Transport()
+        self.server.makeConnection(self.server_transport)
+
+    @property
+    def received(self) -> bytes:
+        """What the client has received."""
+        return self.client_transport.value()
+
+
+class UploadTests(SynchronousTestCase):
+    """
+    The wait for the upstream's response counts while the upstream holds
+    things up, not while the client's body is still on its way to it.
+    """
+
+    def test_an_upload_longer_than_the_timeout(self) -> None:
+        """
+        The client sends its body at 1500 bytes/s (above the least rate)
+        for five times --upstream-timeout, the upstream taking it all as
+        it comes: no 504; the upstream's answer reaches the client.
+        """
+        scene = _Upload(30000)
+        for _ in range(20):
+            scene.client.dataReceived(b"x" * 1500)
+            scene.reactor.advance(1)
+            self.assertEqual(scene.received, b"")
+        self.assertTrue(scene.server_transport.value().endswith(b"x" * 1500))
+        # The body is all sent: the upstream has the timeout from now on.
+        scene.reactor.advance(TIMEOUT - 1.5)
+        scene.server.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(scene.received.startswith(b"HTTP/1.1 201 Created\r\n"), scene.received)
+        self.assertTrue(scene.received.endswith(b"\r\n\r\nok"), scene.received)
+
+    def test_an_upstream_silent_after_the_body(self) -> None:
+        """Once the whole body is sent, the upstream has the timeout to answer."""
+        scene = _Upload(6000)
+        for _ in range(4):
+            scene.reactor.advance(1)
+            scene.client.dataReceived(b"x" * 1500)
+        scene.reactor.advance(TIMEOUT - 0.5)
+        self.assertEqual(scene.received, b"")
+        scene.reactor.advance(0.5)
+        self.assertTrue(scene.received.startswith(b"HTTP/1.1 504 Gateway Time-out\r\n"), scene.received)
+
+    def test_an_upstream_that_takes_no_body(self) -> None:
+        """
+        The upstream stops taking the body (its connection's buffer stays
+        full) for --upstream-timeout: 504, however the client goes on.
+        """
+        scene = _Upload(30000)
+        scene.client.dataReceived(b"x" * 1500)
+        scene.reactor.advance(1)
+        producer = scene.server_transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        scene.reactor.advance(TIMEOUT - 0.5)
+        self.assertEqual(scene.received, b"")
+        scene.reactor.advance(0.5)
+        self.assertTrue(scene.received.startswith(b"HTTP/1.1 504 Gateway Time-out\r\n"), scene.received)
