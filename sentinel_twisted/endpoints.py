@@ -372,16 +372,19 @@ def clear_stale_lock(path: str) -> int | None:
 
     @return: the pid the removed lock named, or C{None} if there was none.
     @raise SocketInUse: if the lock is something other than a lock (a file,
-        a directory, a symlink to anything but a pid) or cannot be removed.
+        a directory, a symlink to anything but a pid), or it cannot be
+        looked at (a name too long) or removed.
     """
     lock = f"{path}.lock"
     try:
         st = os.lstat(lock)
+        if not stat.S_ISLNK(st.st_mode):
+            raise SocketInUse(f"{lock} exists and is not a lock (a symlink to a pid); refusing to replace it")
+        target = os.readlink(lock)
     except FileNotFoundError:
         return None
-    if not stat.S_ISLNK(st.st_mode):
-        raise SocketInUse(f"{lock} exists and is not a lock (a symlink to a pid); refusing to replace it")
-    target = os.readlink(lock)
+    except OSError as e:
+        raise SocketInUse(f"cannot use {lock}: {(e.strerror or str(e)).lower()}") from None
     if not target.isdigit():
         raise SocketInUse(
             f"{lock} is not a lock (it points to {target!r}, not a pid); refusing to replace it"

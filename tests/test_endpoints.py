@@ -277,6 +277,14 @@ class ClearStaleLockTests(TestCase):
         self.assertRaises(SocketInUse, clear_stale_lock, self.path)
         self.assertTrue(os.path.isfile(self.lock))
 
+    def test_a_lock_that_cannot_be_looked_at_is_refused_not_raised(self) -> None:
+        # A socket name of 252 bytes is a valid name; its lock's, 5 bytes
+        # longer, is not (ENAMETOOLONG): one clear line, not a traceback.
+        path = os.path.join(self.dir, "s" * 252)
+        self.assertFalse(clear_stale_unix_socket(path))
+        error = self.assertRaises(SocketInUse, clear_stale_lock, path)
+        self.assertEqual(str(error), f"cannot use {path}.lock: file name too long")
+
     def test_takes_lock(self) -> None:
         self.assertTrue(takes_lock("unix:/tmp/a.sock"))
         self.assertTrue(takes_lock("unix:/tmp/a.sock:lockfile=1"))
