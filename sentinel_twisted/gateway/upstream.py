@@ -551,6 +551,54 @@ class _QuietConnectionPool(HTTPConnectionPool):
         return _UpstreamFactory(quiescentCallback, metadata, self._parser_log)
 
 
+class _ResponseWait:
+    """
+    The wait for an upstream's response headers: C{requested} is cancelled
+    once the upstream has held things up for C{timeout} seconds (see
+    L{StreamingBody.upstream_held_since}): from when it was sent, or while
+    a request body still arrives from the client, only from when the
+    upstream stopped taking it, or from the body's end.
+
+    @ivar timed_out: whether it cancelled the request.
+    """
+
+    timed_out = False
+
+    def __init__(
+        self, reactor: IReactorTime, timeout: float, body: StreamingBody | None, requested: Deferred[Any]
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._body = body
+        self._requested: Deferred[Any] | None = requested
+        self._start = reactor.seconds()
+        self._timer: IDelayedCall | None = reactor.callLater(timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        requested = self._requested
+        if requested is None:
+            return
+        body = self._body
+        held_since = self._start if body is None else body.upstream_held_since(self._start)
+        now = self._reactor.seconds()
+        if held_since is None or held_since + self._timeout > now:
+            # A body the upstream takes as it comes is still arriving (the
+            # client is bound by --min-body-rate): an upload may last longer.
+            due = self._timeout if held_since is None else held_since + self._timeout - now
+            self._timer = self._reactor.callLater(due, self._expire)
+            return
+        self.timed_out = True
+        requested.cancel()
+
+    def stop(self) -> None:
+        """The response is in, or the request failed: no more waiting."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._body = self._requested = None
+
+
 #: The final status codes an upstream may answer with (RFC 9110 section 15).
 _FINAL_STATUS_MIN = 200
 _FINAL_STATUS_MAX = 599
@@ -633,37 +681,16 @@ class HTTPUpstream:
             L{UpstreamTimeout} (no response in time) or L{UpstreamFailed} (not
             reachable, or the connection broke).
         """
-        timed_out = False
         headers = request.headers
         headers.setRawHeaders(b"Host", [self._host])
         body = request.body
-        reactor = self._reactor
-        timeout = self._timeout
-        start = reactor.seconds()
         if body is not None:
-            body.clock = reactor
+            body.clock = self._reactor
         requested = self._agent.request(request.method, self.target(request.uri), headers, body)
-        timer: IDelayedCall
-
-        def expire() -> None:
-            # The wait counts while the upstream holds things up: not while
-            # a request body it takes as it comes is still arriving from
-            # the client (an upload longer than the timeout is no timeout).
-            nonlocal timed_out, timer
-            held_since = start if body is None else body.upstream_held_since(start)
-            now = reactor.seconds()
-            if held_since is None or held_since + timeout > now:
-                due = timeout if held_since is None else held_since + timeout - now
-                timer = reactor.callLater(due, expire)
-                return
-            timed_out = True
-            requested.cancel()
-
-        timer = reactor.callLater(timeout, expire)
+        wait = _ResponseWait(self._reactor, self._timeout, body, requested)
 
         def got(response: IResponse) -> UpstreamResponse:
-            if timer.active():
-                timer.cancel()
+            wait.stop()
             result = _HTTPResponse(response, self._reactor, self._timeout, self.url)
             if not _FINAL_STATUS_MIN <= response.code <= _FINAL_STATUS_MAX:
                 # twisted.web.client takes any integer as a status (-1,
@@ -674,9 +701,8 @@ class HTTPUpstream:
             return result
 
         def failed(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            if timed_out:
+            wait.stop()
+            if wait.timed_out:
                 return Failure(UpstreamTimeout(f"no response from {self.url} in {self._timeout:g}s"))
             return Failure(UpstreamFailed(_describe_failure(failure)))
 
