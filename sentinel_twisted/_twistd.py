@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import signal
+import stat
 import sys
 import textwrap
 import time
@@ -47,6 +48,7 @@ __all__ = [
     "ProgramOptions",
     "add_busy_poll",
     "StartupError",
+    "directory_problem",
     "exit_at_exit",
     "exit_zero_after_clean_sigterm",
     "filtered_log_observer",
@@ -291,12 +293,9 @@ class ProgramOptions(usage.Options):
         pidfile = parent.get("pidfile")
         if pidfile:
             directory = os.path.dirname(os.path.abspath(pidfile))
-            if not os.path.isdir(directory):
-                problem = f"directory {directory} does not exist"
-            elif not os.access(directory, os.W_OK):
+            problem = directory_problem(directory)
+            if problem is None and not os.access(directory, os.W_OK):
                 problem = f"cannot write in directory {directory}"
-            else:
-                problem = ""
             if problem:
                 # twistd would fail later, with a traceback.
                 raise SystemExit(f"twistd {self.program}: --pidfile {pidfile}: {problem}")
@@ -343,6 +342,23 @@ class ProgramOptions(usage.Options):
             described = textwrap.fill(longdesc, width, break_on_hyphens=False, break_long_words=False)
             text += "\n" + described + "\n"
         return text
+
+
+def directory_problem(directory: str) -> str | None:
+    """
+    Why C{directory} cannot hold a file the program makes (it does not
+    exist, it is not a directory, it cannot be looked at), as the end of a
+    one-line error; C{None} if it is a directory.
+    """
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return f"directory {directory} does not exist"
+    except OSError as e:
+        return f"cannot use directory {directory}: {(e.strerror or str(e)).lower()}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    return None
 
 
 class StartupError(Exception):

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from . import messages as m
-from ._twistd import StartupError
+from ._twistd import StartupError, directory_problem
 from .endpoints import (
     SocketInUse,
     clear_stale_lock,
@@ -507,8 +507,9 @@ def prepare_unix_socket(path: str, lock: bool = False) -> list[str]:
     beside it.  Returns what was removed, as log text.
     """
     directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise StartupError(f"cannot listen on {path}: directory {directory} does not exist")
+    problem = directory_problem(directory)
+    if problem is not None:
+        raise StartupError(f"cannot listen on {path}: {problem}")
     removed = []
     try:
         if clear_stale_unix_socket(path):

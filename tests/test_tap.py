@@ -326,6 +326,26 @@ class MakeListenerTests(TestCase):
         )
         self.assertIn("does not exist", str(error))
 
+    def test_socket_directory_that_is_no_directory(self) -> None:
+        # A file where the directory should be, and a directory that cannot
+        # be looked at (a symlink loop: EACCES would not stop root): each
+        # says what is wrong with it, not that it "does not exist".
+        a_file = os.path.join(self.dir, "a-file")
+        with open(a_file, "w"):
+            pass
+        loop = os.path.join(self.dir, "loop")
+        os.symlink(loop, loop)
+        for directory, problem in [
+            (a_file, f"{a_file} is not a directory"),
+            (loop, f"cannot use directory {loop}: too many levels of symbolic links"),
+        ]:
+            with self.subTest(directory=directory):
+                sock = os.path.join(directory, "a.sock")
+                error = self.assertRaises(
+                    StartupError, make_listener, parse("--listen", f"unix:{sock}"), self.reactor
+                )
+                self.assertEqual(str(error), f"--listen unix:{sock}: cannot listen on {sock}: {problem}")
+
     def test_live_socket_refused(self) -> None:
         sock = os.path.join(self.dir, "live.sock")
         server = socket.socket(socket.AF_UNIX)
