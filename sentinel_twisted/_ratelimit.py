@@ -40,15 +40,23 @@ class LogRateLimiter:
     with how many more there were.  A timer runs only while a period has
     suppressed something.
 
-    Kinds are names the code chooses (C{"unknown-correlation-id"}, or one
-    per connection slot: C{"dial-3:retry"}), never text a peer sent: the
-    limiter keeps one small record per kind, and once it holds
-    L{SWEEP_AT} records it drops those whose period is over with nothing
-    left to report, so kinds that come and go do not pile up.
+    Kinds are names the code chooses (C{"unknown-correlation-id"}, one per
+    connection slot: C{"dial-3:retry"}, or one per agent id: C{"registered:"}
+    and the id).  The limiter keeps one small record per kind, and once it
+    holds L{SWEEP_AT} records it drops those whose period is over with
+    nothing left to report, so kinds that come and go do not pile up.  A
+    peer that makes up kinds (an agent id per connection) cannot make it
+    hold more than L{MAX_KINDS}: past that, new kinds share one record,
+    and so one limit, until old ones can be dropped.
     """
 
     #: Records held before the first sweep of those whose period is over.
     SWEEP_AT = 256
+    #: The most records held for kinds of their own; new kinds beyond it
+    #: share the record of L{OVERFLOW}.
+    MAX_KINDS = 4096
+    #: The kind that new kinds share once L{MAX_KINDS} are held.
+    OVERFLOW = "(kinds over the limit)"
 
     def __init__(self, clock: IReactorTime, period: float = 10.0, burst: int = 5) -> None:
         if not period > 0:
@@ -61,6 +69,8 @@ class LogRateLimiter:
         self._windows: dict[str, _Window] = {}
         self._stopped = False
         self._sweep_at = self.SWEEP_AT
+        # When the records are all alive, none can be dropped before this.
+        self._no_sweep_before = 0.0
 
     def emit(
         self, logger: Logger, level: LogLevel, kind: str, format: str, /, **fields: Any
@@ -72,9 +82,13 @@ class LogRateLimiter:
             return True
         now = self.clock.seconds()
         window = self._windows.get(kind)
-        if window is None or (window.timer is None and now - window.start >= self.period):
-            if window is None and len(self._windows) >= self._sweep_at:
+        if window is None and len(self._windows) >= self._sweep_at:
+            if now >= self._no_sweep_before:
                 self._sweep(now)
+            if len(self._windows) >= self.MAX_KINDS:
+                kind = self.OVERFLOW
+                window = self._windows.get(kind)
+        if window is None or (window.timer is None and now - window.start >= self.period):
             window = self._windows[kind] = _Window(now)
         window.count += 1
         if window.count <= self.burst:
@@ -131,8 +145,11 @@ class LogRateLimiter:
             k for k, w in self._windows.items() if w.timer is None and now - w.start >= self.period
         ]:
             del self._windows[kind]
-        # Kinds all alive: sweep again only once as many more have come.
-        self._sweep_at = max(self.SWEEP_AT, 2 * len(self._windows))
+        # Kinds all alive: sweep again only once as many more have come (or
+        # at the limit, once the oldest can go: not at every new kind).
+        self._sweep_at = min(max(self.SWEEP_AT, 2 * len(self._windows)), self.MAX_KINDS)
+        oldest = min((w.start for w in self._windows.values()), default=now)
+        self._no_sweep_before = oldest + self.period
 
     def _close(self, kind: str) -> None:
         window = self._windows.pop(kind)

@@ -795,6 +795,42 @@ class LogTests(TestCase):
         self.assertIn("disconnected", line)
         take_frames(transport)
 
+    def test_an_agent_that_registers_and_leaves_in_a_loop_logs_a_few_lines_and_a_count(self) -> None:
+        # Each round is a connection the agent makes at will: without a
+        # limit, one agent wrote thousands of lines a second.
+        proxy = Proxy()
+        with captured_log() as events:
+            for _ in range(1000):
+                protocol, transport, _ = proxy.register("flappy")
+                lose(protocol)
+            proxy.clock.advance(10)
+        lines = self.messages(events)
+        self.assertLessEqual(len(lines), 12)
+        self.assertEqual(sum("registered connection" in line for line in lines), 6)
+        self.assertEqual(sum("disconnected" in line for line in lines), 6)
+        self.assertIn("(... and 994 more like it in the last 10 s)", lines[-1])
+        self.assertEqual(proxy.factory.registrations, 1000)
+        # Agents are limited apart: a fleet starting at once is logged whole.
+        with captured_log() as events:
+            for i in range(50):
+                for _ in range(4):
+                    proxy.register(f"waf-{i}")
+        lines = self.messages(events)
+        self.assertEqual(len(lines), 200)
+        self.assertIn("waf-49", lines[-1])
+
+    def test_an_agent_id_per_connection_is_bounded_too(self) -> None:
+        # An id per round (any id is allowed): the limiter's records of
+        # them are bounded, and so are the lines.
+        proxy = Proxy()
+        limiter = proxy.factory.log_limiter
+        with captured_log() as events:
+            for i in range(3 * limiter.MAX_KINDS):
+                protocol, transport, _ = proxy.register(f"bot-{i}")
+                lose(protocol)
+        self.assertLessEqual(len(limiter._windows), limiter.MAX_KINDS + 1)
+        self.assertLess(len(self.messages(events)), limiter.MAX_KINDS + 10)
+
 
 class HardeningTests(TestCase):
     """Ours, beyond the reference: ids and checkers that could hurt the proxy."""

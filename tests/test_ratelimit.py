@@ -96,6 +96,32 @@ class LogRateLimiterTests(TestCase):
             self.clock.advance(5)
         self.assertEqual([formatEvent(e) for e in events], ["Dropped answer 2", "x"])
 
+    def test_made_up_kinds_share_one_record_past_the_limit(self) -> None:
+        """
+        A peer that makes up a kind per event (an agent id per connection)
+        cannot make the limiter hold more than MAX_KINDS records: the new
+        kinds share one, and its limit, until the old ones can go.
+        """
+        limit = LogRateLimiter.MAX_KINDS
+        with captured_log() as events:
+            for i in range(3 * limit):
+                self.limiter.info(log, f"registered:bot-{i}", "Agent {n}", n=i)
+        self.assertEqual(len(self.limiter._windows), limit + 1)
+        self.assertEqual(len(events), limit + 2)
+        self.assertEqual(self.limiter.suppressed(LogRateLimiter.OVERFLOW), 2 * limit - 2)
+        with captured_log() as events:
+            self.clock.advance(10)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [f"Agent {3 * limit - 1} (... and {2 * limit - 3:,} more like it in the last 10 s)"],
+        )
+        # Once their period is over the old records go: new kinds have their own again.
+        self.assertTrue(self.limiter.info(log, "registered:waf-1", "x"))
+        self.assertTrue(self.limiter.info(log, "registered:waf-1", "x"))
+        self.assertFalse(self.limiter.info(log, "registered:waf-1", "x"))
+        self.assertIn("registered:waf-1", self.limiter._windows)
+        self.assertLess(len(self.limiter._windows), LogRateLimiter.SWEEP_AT)
+
     def test_bad_settings_are_refused(self) -> None:
         self.assertRaises(ValueError, LogRateLimiter, self.clock, period=0)
         self.assertRaises(ValueError, LogRateLimiter, self.clock, burst=0)

@@ -578,7 +578,11 @@ class ReverseConnectionFactory(Factory):
     def connection_registered(self, connection: AgentConnection) -> None:
         """Called by a protocol whose registration succeeded: logs it and adds it to the pool."""
         self.registrations += 1
-        log.info(
+        # An agent may register and leave in a loop: its lines are limited
+        # (per agent id, so that a fleet starting at once is logged whole).
+        self.log_limiter.info(
+            log,
+            f"registered:{connection.agent_id}",
             "Agent {agent_id} registered connection {connection_id} from {peer}",
             peer=peer_text(connection.peer, _ID_IN_LOG),
             **connection.log_fields(),
@@ -608,7 +612,9 @@ class ReverseConnectionFactory(Factory):
         the count of C{failed} waiting requests and removes it from the pool.
         """
         self._release(connection.agent_id)
-        log.info(
+        self.log_limiter.info(
+            log,
+            f"disconnected:{connection.agent_id}",
             "Agent {agent_id} connection {connection_id} disconnected: {detail}"
             " ({failed} pending request(s) failed)",
             detail=peer_text(detail, _TEXT_IN_LOG),

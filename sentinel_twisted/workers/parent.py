@@ -221,8 +221,11 @@ class WorkerGroup:
                 self.connection_gone(control, agent_id)
 
         def served(_: object) -> None:
-            # Said once the worker has it in its pool: its requests consult it from now on.
-            log.info(
+            # Said once the worker has it in its pool: its requests consult it
+            # from now on.  Limited per agent id, as the listener's own line.
+            self.factory.log_limiter.info(
+                log,
+                f"registered:{agent_id}",
                 "Agent {agent_id} registered connection {connection_id} from {peer}; worker {index} serves it",
                 agent_id=peer_text(agent_id, 64),
                 connection_id=peer_text(connection.connection_id, 100),

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -215,6 +215,21 @@ class SlotTests(TestCase):
         self.assertIn(
             "Agent waf-1 registered connection waf-1-1 from 127.0.0.1:1; worker 1 serves it", log_text(events)
         )
+
+    def test_an_agent_that_registers_and_leaves_in_a_loop_logs_a_few_served_lines(self) -> None:
+        # Each round is a connection the agent makes at will: limited per agent id.
+        workers, controls, _ = self.waf_1_to_hand_over()
+        with captured_log() as events:
+            for i in range(200):
+                handover = _Handing()
+                self.addCleanup(handover.socket.close)
+                connection = _Registered("waf-1", f"waf-1-{i}")
+                workers.hand_over(handover, connection, b"")  # type: ignore[arg-type]
+                controls[0].answers[-1].callback({})
+                workers.connection_gone(controls[0], "waf-1")
+                self.assertIsNone(workers.factory.admit(request("waf-1")))
+        served = [e for e in events if "serves it" in (formatEvent(e) or "")]
+        self.assertEqual(len(served), 5)
 
     def test_no_registration_is_admitted_while_no_worker_is_ready(self) -> None:
         workers = group(2)
