@@ -123,7 +123,11 @@ class Gateway:
     @ivar pool: the agents requests are sent to.
     @ivar config: the gateway's settings.
     @ivar upstream: where allowed requests go.
-    @ivar metrics: what counts requests, decisions and latencies.
+    @ivar metrics: what counts requests, decisions and latencies; one with
+        a C{forget_agent(agent_id)} method (as
+        L{GatewayMetrics <sentinel_twisted.status.metrics.GatewayMetrics>}
+        has) is told when the gateway forgets an agent that is away, so
+        that the agent's series go too.
     @ivar clock: the clock of timeouts and durations (the reactor by default).
     @ivar challenge_status: the status of a challenge decision's response
         (from the config).
@@ -223,7 +227,19 @@ class Gateway:
         gone = self.known.forget_absent(pool.__contains__, retired)
         self._presence.absent.difference_update(gone)
         log_forgotten(log, gone)
+        self._forget_series(gone)
         return gone
+
+    def _forget_series(self, agent_ids: Sequence[str]) -> None:
+        """
+        Have the metrics forget the series of C{agent_ids}, agents the
+        gateway no longer consults: requests counted their failures while
+        they were away, and nothing else would take those series out.
+        """
+        forget = getattr(self.metrics, "forget_agent", None)
+        if forget is not None:
+            for agent_id in agent_ids:
+                forget(agent_id)
 
     def take_known_agents(self, agent_ids: Sequence[str]) -> None:
         """
@@ -232,8 +248,11 @@ class Gateway:
         """
         pool = self.pool
         known = self.known
+        before = known.ids
         known.replace(agent_ids, pool.__contains__)
         self._presence.absent.intersection_update(known.ids)
+        now = set(known.ids)
+        self._forget_series([a for a in before if a not in now and a not in pool])
 
     def watch_agents(self) -> None:
         """Say in the log when an agent leaves, and when it is back."""

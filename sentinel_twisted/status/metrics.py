@@ -358,7 +358,13 @@ class GatewayMetrics(PoolObserver):
         self._leaving.clear()
 
     def forget_agent(self, agent_id: str) -> None:
-        """Fold C{agent_id}'s series into the departed totals (it left)."""
+        """
+        Fold C{agent_id}'s series into the departed totals: it left, or the
+        gateway forgot it (a reload retired it while it was away).
+        """
+        timer = self._leaving.pop(agent_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         for family in self._per_agent:
             family.forget_agent(agent_id)
         latency = self._closed_latency.pop(agent_id, None)

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.known import MAX_KNOWN_AGENTS, KnownAgents
-from sentinel_twisted.gateway.shared import Gateway
+from sentinel_twisted.gateway.shared import Gateway, NullMetrics
 from sentinel_twisted.proxy.pool import AgentPool
 
 from .._proxy_support import captured_log
@@ -82,6 +82,8 @@ class AgentAwayTests(TestCase):
             # A reload that changes nothing for waf: requests still wait for it.
             self.assertTrue(h.top.reloader.reload())
             self.assertEqual((await h.get("/admin")).code, 503)
+            failures = "sentinel_gateway_agent_failures_total"
+            self.assertEqual(h.sample(failures, agent="waf", reason="unavailable"), 1)
             with open(allow_file, "w") as f:
                 f.write("auth\n")
             with captured_log() as events:
@@ -91,6 +93,11 @@ class AgentAwayTests(TestCase):
                 [formatEvent(e) for e in events],
             )
             self.assertEqual((await h.get("/admin")).code, 200)
+            # Its series, counted while it was away, go with it: into the
+            # departed totals, as those of an agent that left.
+            self.assertEqual(h.sample(failures, agent="waf", reason="unavailable"), 0)
+            self.assertNotIn(b'agent="waf"', h.metrics.render())
+            self.assertEqual(h.sample("sentinel_gateway_agent_failures_departed_total", reason="unavailable"), 1)
 
         return ensureDeferred(go())
 
@@ -181,6 +188,24 @@ class BoundTests(SynchronousTestCase):
         self.assertEqual(gateway.forget_absent_agents(lambda agent_id: True), ["a"])
         pool.go(pool.come("b"))
         self.assertEqual(gateway.agent_ids(), ("b",))
+
+    def test_a_worker_that_takes_its_group_table_forgets_the_series_of_agents_dropped(self) -> None:
+        forgotten: list[str] = []
+
+        class Metrics(NullMetrics):
+            def forget_agent(self, agent_id: str) -> None:
+                forgotten.append(agent_id)
+
+        gateway, pool = self.gateway(10)
+        gateway.metrics = Metrics()
+        here = pool.come("here")
+        gateway.take_known_agents(["away", "stays"])
+        self.assertEqual(forgotten, [])
+        pool.go(here)
+        # The group forgot "away"; "here" is kept while registered, then
+        # left and is gone from the group's table too.
+        gateway.take_known_agents(["stays"])
+        self.assertEqual(sorted(forgotten), ["away", "here"])
 
     def test_the_default_limit(self) -> None:
         self.assertEqual(GatewayConfig().max_known_agents, MAX_KNOWN_AGENTS)
