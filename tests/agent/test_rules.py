@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted import messages as m
@@ -543,3 +544,58 @@ class ReloadTests(SynchronousTestCase):
         self.write('[[rules]]\nid = "b"\nblock = { status = "x" }\n')
         error = self.assertRaises(RulesError, RulesAgent, self.path)
         self.assertIn(f"{self.path}: rule 'b' (#1): block.status", str(error))
+
+
+class DecisionLogTests(SynchronousTestCase):
+    """The line a rule decision logs quotes the proxy's text cut short and escaped."""
+
+    HOSTILE = "\x1b[2J\n2026-01-01T00:00:00+0000 [sentinel_twisted#critical] forged\u2028"
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def assert_safe(self, lines: list[str], needle: str) -> None:
+        chosen = [line for line in lines if needle in line]
+        self.assertTrue(chosen, lines)
+        for line in chosen:
+            self.assertLess(len(line), 2000)
+            for bad in ("\x1b", "\n", "\u2028"):
+                self.assertNotIn(bad, line)
+            self.assertIn("\\x1b", line)
+
+    def test_a_block_by_headers(self) -> None:
+        agent = _agent(self, {"id": "b", "match": {"path": "^/admin"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        agent.on_request_headers(
+            event(cid="c" + hostile, uri="/admin?" + hostile, method="GET" + hostile, client_ip="1" + hostile)
+        )
+        self.assert_safe(self.lines(), "Rule b blocked")
+
+    def test_a_block_by_body(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        cid = "c" + hostile
+        agent.on_request_headers(
+            event(cid=cid, uri="/?" + hostile, method="POST" + hostile, client_ip="1" + hostile, headers={})
+        )
+        agent.on_request_body_chunk(body(cid, b"<script>", last=True))
+        self.assert_safe(self.lines(), "Rule xss blocked")
+
+    def test_an_uninspectable_body(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        cid = "c" + hostile
+        coding = ", ".join(["x" + self.HOSTILE] * 2000)
+        agent.on_request_headers(
+            event(
+                cid=cid, uri="/?" + hostile, method="POST", client_ip="1" + hostile,
+                headers={"content-encoding": [coding]},
+            )
+        )
+        agent.on_request_body_chunk(body(cid, b"data", last=True))
+        self.assert_safe(self.lines(), "cannot be inspected")
