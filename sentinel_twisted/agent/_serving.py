@@ -44,6 +44,9 @@ log = Logger(namespace="sentinel_twisted.agent.protocol")
 #: agent-chosen text the same way).
 _CONNECTION_ID_IN_LOG = 80
 _PROXY_TEXT_IN_LOG = 64
+#: Characters of a decoding error's text a log line quotes: it may quote a
+#: value of the proxy's ("Invalid enum value '...'"), of any length.
+_ERROR_IN_LOG = 160
 
 _EVENTS: dict[int, tuple[type[Any], str]] = {
     message_type: (cls, EVENT_HANDLERS[cls.event_type])
@@ -271,7 +274,7 @@ class EventServing:
                 "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
                 kind=kind,
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                error=str(error),
+                error=peer_text(error, _ERROR_IN_LOG),
             )
             self._send_answer(cid, self.settings.error_answer())
         else:
@@ -280,7 +283,7 @@ class EventServing:
                 "invalid-event-without-id",
                 "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
                 kind=kind,
-                error=str(error),
+                error=peer_text(error, _ERROR_IN_LOG),
             )
 
     def _start(self, entry: _Entry) -> None:
@@ -431,7 +434,12 @@ class EventServing:
         try:
             message = self.codec.decode_control(payload, m.CancelMessage)
         except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-cancel", "Proxy sent an invalid Cancel: {error}", error=str(e))
+            self.log_limiter.warn(
+                log,
+                "invalid-cancel",
+                "Proxy sent an invalid Cancel: {error}",
+                error=peer_text(e, _ERROR_IN_LOG),
+            )
             return
         entry = self._by_id.pop(message.correlation_id, None)
         if entry is None:
@@ -462,7 +470,12 @@ class EventServing:
         try:
             self.codec.decode_control(payload, dict)
         except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
+            self.log_limiter.warn(
+                log,
+                "invalid-ping",
+                "Proxy sent an invalid Ping: {error}",
+                error=peer_text(e, _ERROR_IN_LOG),
+            )
             return
         if self.write_blocked:
             # The proxy is not reading what we write: a Pong would only

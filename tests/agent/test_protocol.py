@@ -178,6 +178,41 @@ class RegistrationTests(SynchronousTestCase):
         # The reason itself stays whole, for the program that asks.
         self.assertEqual(error.reason, "e" + forged)
 
+    def test_error_texts_quoting_the_proxy_are_cut_and_escaped(self) -> None:
+        # A decoding error may quote a value of the event (msgspec's
+        # "Invalid enum value '...'"), and a handler's error names the
+        # event's correlation id: their log lines are bounded too.
+        forged = "\u2028[sentinel_twisted#critical] forged \x1b[31m" + "x" * 100_000
+
+        class Failing(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return None
+
+        guardrail = {
+            "categories": [],
+            "content": "text",
+            "correlation_id": "g-1",
+            "inspection_type": forged,
+            "metadata": {},
+            "model": None,
+            "route_id": None,
+        }
+        with captured_log() as events:
+            h = Harness(Failing())
+            h.register()
+            h.sent()
+            h.feed(GUARDRAIL_INSPECT, guardrail)
+            h.feed(REQUEST_HEADERS, headers_event("h" + forged))
+            h.feed(CANCEL, {"correlation_id": "c", "reason": forged, "timestamp_ms": 1})
+            h.feed(PING, forged)
+        self.assertEqual(len(h.answers()), 2)
+        lines = [formatEvent(e) for e in events]
+        self.assertGreaterEqual(len(lines), 4)
+        for line in lines:
+            self.assertLess(len(line), 1000, line[:100])
+            self.assertNotIn("\u2028", line)
+            self.assertNotIn("\x1b", line)
+
 
 class EventTests(SynchronousTestCase):
     def test_request_headers_routed_by_metadata_id(self) -> None:
