@@ -27,6 +27,7 @@ from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from ..errors import AgentProtocolError, InvalidMessage
 from ..forward import PayloadCodec
+from ..messages._types import InvalidBase64
 from ..wire import MessageType
 from ._interfaces import IAgent
 from .base import EVENT_HANDLERS
@@ -266,25 +267,28 @@ class EventServing:
                 cid = lenient.correlation_id
         except InvalidMessage:
             pass
-        kind = MessageType(message_type).wire_name
         if isinstance(cid, str) and cid:
-            self.log_limiter.warn(
-                log,
-                "invalid-event",
-                "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
-                kind=kind,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                error=peer_text(error, _ERROR_IN_LOG),
-            )
-            self._send_answer(cid, self.settings.error_answer())
+            self._invalid_event_answered(message_type, cid, error)
         else:
             self.log_limiter.warn(
                 log,
                 "invalid-event-without-id",
                 "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
-                kind=kind,
+                kind=MessageType(message_type).wire_name,
                 error=peer_text(error, _ERROR_IN_LOG),
             )
+
+    def _invalid_event_answered(self, message_type: int, cid: str, error: object) -> None:
+        """Log (rate-limited) an invalid event of the proxy's, and answer C{cid} with the error decision."""
+        self.log_limiter.warn(
+            log,
+            "invalid-event",
+            "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
+            kind=MessageType(message_type).wire_name,
+            cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
+            error=peer_text(error, _ERROR_IN_LOG),
+        )
+        self._send_answer(cid, self.settings.error_answer())
 
     def _start(self, entry: _Entry) -> None:
         self._active[entry.serial] = entry
@@ -338,6 +342,15 @@ class EventServing:
 
     def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
         if not self._finish(entry):
+            return None
+        if failure.check(InvalidBase64):
+            # The handler read the event's base64 data, which the proxy sent
+            # garbled: the proxy's invalid event, as one msgspec refuses.
+            self.stats["invalid_events"] += 1
+            self._invalid_event_answered(
+                MessageType(entry.event.message_type), entry.correlation_id, failure.value
+            )
+            self._slot_freed()
             return None
         if failure.check(CancelledError):
             detail = "cancelled by the handler itself"

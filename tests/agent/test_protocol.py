@@ -408,6 +408,49 @@ class ErrorAnswerTests(SynchronousTestCase):
         self.assertEqual(h.protocol.in_flight, 0)
         return answer
 
+    def test_invalid_base64_from_the_proxy_is_an_invalid_event(self) -> None:
+        # A handler that reads a chunk's body the proxy sent as invalid
+        # base64 failed through no fault of its own: that is the proxy's
+        # invalid event (a rate-limited warning, no traceback, no critical
+        # line per frame), answered with the error decision.
+        class Reading(Agent):
+            def on_request_body_chunk(self, event: Any) -> Any:
+                return allow().tag(str(len(event.body)))
+
+        h = Harness(Reading())
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            for i in range(50):
+                chunk = body_chunk_event("b1", b"", index=i) | {"data": "!!not base64"}
+                h.feed(REQUEST_BODY_CHUNK, chunk)
+        answers = h.answers()
+        self.assertEqual(len(answers), 50)
+        self.assertEqual({cid_of(a) for a in answers}, {"b1"})
+        self.assertEqual({a["decision"]["block"]["status"] for a in answers}, {500})
+        self.assertEqual(h.protocol.in_flight, 0)
+        self.assertEqual([e for e in events if e.get("log_failure") is not None], [])
+        self.assertEqual([e for e in events if e["log_level"].name in ("error", "critical")], [])
+        warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        self.assertLess(len(warnings), 10)
+        self.assertIn("Proxy sent an invalid RequestBodyChunk event 'b1'", warnings[0])
+        self.assertIn("base64", warnings[0])
+        self.assertEqual(h.protocol.stats["invalid_events"], 50)
+        self.assertEqual(h.protocol.stats["handler_errors"], 0)
+
+    def test_invalid_base64_is_still_a_value_error(self) -> None:
+        # Code that caught binascii.Error (a ValueError) keeps working.
+        import binascii
+
+        from sentinel_twisted import messages as m
+        from sentinel_twisted.errors import InvalidMessage
+
+        event = m.decode(json.dumps(body_chunk_event("b1", b"") | {"data": "!!"}).encode(), m.RequestBodyChunkEvent)
+        with self.assertRaises(binascii.Error) as caught:
+            len(event.body)
+        self.assertIsInstance(caught.exception, InvalidMessage)
+        self.assertIn("- at `$.data`", str(caught.exception))
+
     def test_raising_handler_blocks_500(self) -> None:
         class Broken(Agent):
             def on_request_headers(self, event: Any) -> Any:
