@@ -27,6 +27,7 @@ from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from ..errors import AgentProtocolError, InvalidMessage
 from ..forward import PayloadCodec
+from ..messages._types import InvalidBase64
 from ..wire import MessageType
 from ._interfaces import IAgent
 from .base import EVENT_HANDLERS
@@ -44,6 +45,9 @@ log = Logger(namespace="sentinel_twisted.agent.protocol")
 #: agent-chosen text the same way).
 _CONNECTION_ID_IN_LOG = 80
 _PROXY_TEXT_IN_LOG = 64
+#: Characters of a decoding error's text a log line quotes: it may quote a
+#: value of the proxy's ("Invalid enum value '...'"), of any length.
+_ERROR_IN_LOG = 160
 
 _EVENTS: dict[int, tuple[type[Any], str]] = {
     message_type: (cls, EVENT_HANDLERS[cls.event_type])
@@ -263,25 +267,28 @@ class EventServing:
                 cid = lenient.correlation_id
         except InvalidMessage:
             pass
-        kind = MessageType(message_type).wire_name
         if isinstance(cid, str) and cid:
-            self.log_limiter.warn(
-                log,
-                "invalid-event",
-                "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
-                kind=kind,
-                cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
-                error=str(error),
-            )
-            self._send_answer(cid, self.settings.error_answer())
+            self._invalid_event_answered(message_type, cid, error)
         else:
             self.log_limiter.warn(
                 log,
                 "invalid-event-without-id",
                 "Proxy sent an invalid {kind} event without a usable correlation id: {error}; dropped",
-                kind=kind,
-                error=str(error),
+                kind=MessageType(message_type).wire_name,
+                error=peer_text(error, _ERROR_IN_LOG),
             )
+
+    def _invalid_event_answered(self, message_type: int, cid: str, error: object) -> None:
+        """Log (rate-limited) an invalid event of the proxy's, and answer C{cid} with the error decision."""
+        self.log_limiter.warn(
+            log,
+            "invalid-event",
+            "Proxy sent an invalid {kind} event {cid!r}: {error}; answering with the error decision",
+            kind=MessageType(message_type).wire_name,
+            cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
+            error=peer_text(error, _ERROR_IN_LOG),
+        )
+        self._send_answer(cid, self.settings.error_answer())
 
     def _start(self, entry: _Entry) -> None:
         self._active[entry.serial] = entry
@@ -335,6 +342,15 @@ class EventServing:
 
     def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
         if not self._finish(entry):
+            return None
+        if failure.check(InvalidBase64):
+            # The handler read the event's base64 data, which the proxy sent
+            # garbled: the proxy's invalid event, as one msgspec refuses.
+            self.stats["invalid_events"] += 1
+            self._invalid_event_answered(
+                MessageType(entry.event.message_type), entry.correlation_id, failure.value
+            )
+            self._slot_freed()
             return None
         if failure.check(CancelledError):
             detail = "cancelled by the handler itself"
@@ -431,7 +447,12 @@ class EventServing:
         try:
             message = self.codec.decode_control(payload, m.CancelMessage)
         except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-cancel", "Proxy sent an invalid Cancel: {error}", error=str(e))
+            self.log_limiter.warn(
+                log,
+                "invalid-cancel",
+                "Proxy sent an invalid Cancel: {error}",
+                error=peer_text(e, _ERROR_IN_LOG),
+            )
             return
         entry = self._by_id.pop(message.correlation_id, None)
         if entry is None:
@@ -462,7 +483,12 @@ class EventServing:
         try:
             self.codec.decode_control(payload, dict)
         except InvalidMessage as e:
-            self.log_limiter.warn(log, "invalid-ping", "Proxy sent an invalid Ping: {error}", error=str(e))
+            self.log_limiter.warn(
+                log,
+                "invalid-ping",
+                "Proxy sent an invalid Ping: {error}",
+                error=peer_text(e, _ERROR_IN_LOG),
+            )
             return
         if self.write_blocked:
             # The proxy is not reading what we write: a Pong would only

@@ -98,7 +98,8 @@ class AgentHandlerError(AgentProtocolError):
     """
 
     def __init__(self, handler: str, correlation_id: str, detail: str) -> None:
-        super().__init__(f"Agent handler {handler} failed for '{correlation_id}': {detail}")
+        # The id is the proxy's choice: cut and escaped, as in every log line.
+        super().__init__(f"Agent handler {handler} failed for '{peer_text(correlation_id, 64)}': {detail}")
         self.handler = handler
         self.correlation_id = correlation_id
         self.detail = detail

@@ -6,10 +6,13 @@ The protocol's version, its integer field types and its small enums.
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 from typing import Annotated, Final
 
 from msgspec import Meta
+
+from ..errors import InvalidMessage
 
 #: The protocol version this package speaks (C{protocol_version} of a registration).
 PROTOCOL_VERSION: Final = 2
@@ -94,5 +97,16 @@ class FlowAction(enum.IntEnum):
     RESUME = 2
 
 
+class InvalidBase64(InvalidMessage, binascii.Error):
+    """
+    A message's base64 C{data} does not decode: an invalid message (the
+    peer's fault, not that of the code that read it), and still the
+    C{binascii.Error} (a C{ValueError}) it used to be.
+    """
+
+
 def _b64(data: str) -> bytes:
-    return base64.b64decode(data, validate=True)
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as e:
+        raise InvalidBase64(f"{e} - at `$.data`") from None

@@ -178,6 +178,41 @@ class RegistrationTests(SynchronousTestCase):
         # The reason itself stays whole, for the program that asks.
         self.assertEqual(error.reason, "e" + forged)
 
+    def test_error_texts_quoting_the_proxy_are_cut_and_escaped(self) -> None:
+        # A decoding error may quote a value of the event (msgspec's
+        # "Invalid enum value '...'"), and a handler's error names the
+        # event's correlation id: their log lines are bounded too.
+        forged = "\u2028[sentinel_twisted#critical] forged \x1b[31m" + "x" * 100_000
+
+        class Failing(Agent):
+            def on_request_headers(self, event: Any) -> Any:
+                return None
+
+        guardrail = {
+            "categories": [],
+            "content": "text",
+            "correlation_id": "g-1",
+            "inspection_type": forged,
+            "metadata": {},
+            "model": None,
+            "route_id": None,
+        }
+        with captured_log() as events:
+            h = Harness(Failing())
+            h.register()
+            h.sent()
+            h.feed(GUARDRAIL_INSPECT, guardrail)
+            h.feed(REQUEST_HEADERS, headers_event("h" + forged))
+            h.feed(CANCEL, {"correlation_id": "c", "reason": forged, "timestamp_ms": 1})
+            h.feed(PING, forged)
+        self.assertEqual(len(h.answers()), 2)
+        lines = [formatEvent(e) for e in events]
+        self.assertGreaterEqual(len(lines), 4)
+        for line in lines:
+            self.assertLess(len(line), 1000, line[:100])
+            self.assertNotIn("\u2028", line)
+            self.assertNotIn("\x1b", line)
+
 
 class EventTests(SynchronousTestCase):
     def test_request_headers_routed_by_metadata_id(self) -> None:
@@ -372,6 +407,49 @@ class ErrorAnswerTests(SynchronousTestCase):
         self.assertEqual(cid_of(answer), "e1")
         self.assertEqual(h.protocol.in_flight, 0)
         return answer
+
+    def test_invalid_base64_from_the_proxy_is_an_invalid_event(self) -> None:
+        # A handler that reads a chunk's body the proxy sent as invalid
+        # base64 failed through no fault of its own: that is the proxy's
+        # invalid event (a rate-limited warning, no traceback, no critical
+        # line per frame), answered with the error decision.
+        class Reading(Agent):
+            def on_request_body_chunk(self, event: Any) -> Any:
+                return allow().tag(str(len(event.body)))
+
+        h = Harness(Reading())
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            for i in range(50):
+                chunk = body_chunk_event("b1", b"", index=i) | {"data": "!!not base64"}
+                h.feed(REQUEST_BODY_CHUNK, chunk)
+        answers = h.answers()
+        self.assertEqual(len(answers), 50)
+        self.assertEqual({cid_of(a) for a in answers}, {"b1"})
+        self.assertEqual({a["decision"]["block"]["status"] for a in answers}, {500})
+        self.assertEqual(h.protocol.in_flight, 0)
+        self.assertEqual([e for e in events if e.get("log_failure") is not None], [])
+        self.assertEqual([e for e in events if e["log_level"].name in ("error", "critical")], [])
+        warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+        self.assertLess(len(warnings), 10)
+        self.assertIn("Proxy sent an invalid RequestBodyChunk event 'b1'", warnings[0])
+        self.assertIn("base64", warnings[0])
+        self.assertEqual(h.protocol.stats["invalid_events"], 50)
+        self.assertEqual(h.protocol.stats["handler_errors"], 0)
+
+    def test_invalid_base64_is_still_a_value_error(self) -> None:
+        # Code that caught binascii.Error (a ValueError) keeps working.
+        import binascii
+
+        from sentinel_twisted import messages as m
+        from sentinel_twisted.errors import InvalidMessage
+
+        event = m.decode(json.dumps(body_chunk_event("b1", b"") | {"data": "!!"}).encode(), m.RequestBodyChunkEvent)
+        with self.assertRaises(binascii.Error) as caught:
+            len(event.body)
+        self.assertIsInstance(caught.exception, InvalidMessage)
+        self.assertIn("- at `$.data`", str(caught.exception))
 
     def test_raising_handler_blocks_500(self) -> None:
         class Broken(Agent):

@@ -229,6 +229,27 @@ class UninspectableTests(SynchronousTestCase):
         # An empty body has nothing to inspect.
         self.assertEqual(_send(agent, b"", {"content-encoding": ["br"]}).decision, m.ALLOW)
 
+    def test_a_long_content_encoding_costs_little_and_is_named_short(self) -> None:
+        # A header of a million codings (or one coding of a million
+        # characters) is read no further than it takes to know the body
+        # cannot be decoded, and the refusal names the first few, cut.
+        from sentinel_twisted.agent.rules._decode import content_codings
+
+        many = {"content-encoding": ["x," * 1_000_000]}
+        self.assertLessEqual(len(content_codings(many)), 10)
+        self.assertLessEqual(len(content_codings({"content-encoding": ["gzip"] * 1_000_000})), 10)
+        agent = _agent(self)
+        for headers in (many, {"content-encoding": ["z" * 1_000_000]}, {"content-encoding": ["a,b", "z" * 100_000] * 5}):
+            answer = _send(agent, b"data", headers)
+            self.assertEqual(answer.decision.status, 415)  # type: ignore[union-attr]
+            self.assertLess(len(answer.decision.body), 1000)  # type: ignore[union-attr]
+        answer = _send(agent, b"data", {"content-encoding": ["gzip, " * 20]})
+        self.assertEqual(
+            answer.decision.body,  # type: ignore[union-attr]
+            "Request body cannot be inspected: request body has stacked content codings "
+            "(gzip, gzip, gzip, gzip, gzip, gzip, gzip, gzip, ...)",
+        )
+
     def test_corrupt_and_truncated_streams_are_blocked_by_default(self) -> None:
         agent = _agent(self)
         whole = gzip.compress(BENIGN.encode())

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted import messages as m
@@ -543,3 +544,93 @@ class ReloadTests(SynchronousTestCase):
         self.write('[[rules]]\nid = "b"\nblock = { status = "x" }\n')
         error = self.assertRaises(RulesError, RulesAgent, self.path)
         self.assertIn(f"{self.path}: rule 'b' (#1): block.status", str(error))
+
+
+class DecisionLogTests(SynchronousTestCase):
+    """The line a rule decision logs quotes the proxy's text cut short and escaped."""
+
+    HOSTILE = "\x1b[2J\n2026-01-01T00:00:00+0000 [sentinel_twisted#critical] forged\u2028"
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def assert_safe(self, lines: list[str], needle: str) -> None:
+        chosen = [line for line in lines if needle in line]
+        self.assertTrue(chosen, lines)
+        for line in chosen:
+            self.assertLess(len(line), 2000)
+            for bad in ("\x1b", "\n", "\u2028"):
+                self.assertNotIn(bad, line)
+            self.assertIn("\\x1b", line)
+
+    def test_a_block_by_headers(self) -> None:
+        agent = _agent(self, {"id": "b", "match": {"path": "^/admin"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        agent.on_request_headers(
+            event(cid="c" + hostile, uri="/admin?" + hostile, method="GET" + hostile, client_ip="1" + hostile)
+        )
+        self.assert_safe(self.lines(), "Rule b blocked")
+
+    def test_a_block_by_body(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        cid = "c" + hostile
+        agent.on_request_headers(
+            event(cid=cid, uri="/?" + hostile, method="POST" + hostile, client_ip="1" + hostile, headers={})
+        )
+        agent.on_request_body_chunk(body(cid, b"<script>", last=True))
+        self.assert_safe(self.lines(), "Rule xss blocked")
+
+    def test_an_uninspectable_body(self) -> None:
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        hostile = self.HOSTILE + "x" * 100_000
+        cid = "c" + hostile
+        coding = ", ".join(["x" + self.HOSTILE] * 2000)
+        agent.on_request_headers(
+            event(
+                cid=cid, uri="/?" + hostile, method="POST", client_ip="1" + hostile,
+                headers={"content-encoding": [coding]},
+            )
+        )
+        agent.on_request_body_chunk(body(cid, b"data", last=True))
+        self.assert_safe(self.lines(), "cannot be inspected")
+
+
+class PercentDecodingTests(SynchronousTestCase):
+    """The rules' percent-decoding: urllib's result, without its cost on long texts."""
+
+    def test_same_as_urllib(self) -> None:
+        import random
+        from urllib.parse import unquote, unquote_plus
+
+        from sentinel_twisted.agent.rules._model import percent_decoded
+
+        pieces = ["%", "%4", "%41", "%C3", "%A9", "%E2%82%AC", "%e2%82", "%80", "%FF", "%F0%9F%98", "%G1",
+                  "a", "+", "é", "\U0001f600", "/", ";", "%%", "%2", "%zz", "\x00", "%00", "%ED%A0%80", "%C0%AF"]
+        rng = random.Random(7)
+        for _ in range(400):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) * rng.choice([1, 150])
+            self.assertEqual(percent_decoded(text), unquote(text), text[:100])
+            self.assertEqual(percent_decoded(text, plus=True), unquote_plus(text), text[:100])
+
+    def test_long_texts_cost_memory_in_proportion(self) -> None:
+        # urllib splits a text at every "%": a URI of a million escapes
+        # became a million strings (hundreds of megabytes for a 16 MiB
+        # event, seconds of the reactor's time).
+        import tracemalloc
+
+        from sentinel_twisted.agent.rules._model import percent_decoded
+
+        for text in ("%41" * 1_000_000, "+%2" * 1_000_000, "%E2%82%AC" * 300_000):
+            tracemalloc.start()
+            try:
+                percent_decoded(text, plus=True)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            self.assertLess(peak, 8 * len(text), text[:9])

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from twisted.logger import Logger
 
 from ... import messages as m
+from ..._peertext import peer_text
 from .._interfaces import HandlerResult
 from ..base import Agent
 from ..responses import allow
@@ -36,6 +37,10 @@ from ._compile import compile_pattern, load_rules, parse_rules
 from ._decode import BodyPolicy, Uninspectable
 from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
 from ._model import Pattern, Rule, RulesError
+
+#: Characters of the proxy's method, client address and correlation id a
+#: decision's log line quotes (the URI gets the default, L{peer_text}'s).
+_SHORT_TEXT_IN_LOG = 64
 
 __all__ = [
     "BODY_WINDOW",
@@ -201,11 +206,22 @@ class RulesAgent(Agent):
             "Rule {rule} {action}: {method} {uri}{client} [{cid}]",
             rule=rule.id,
             action=action,
-            method=method,
-            uri=uri,
-            client=f" from {client_ip}" if client_ip else "",
-            cid=cid,
+            **_request_fields(method, uri, client_ip, cid),
         )
+
+
+def _request_fields(method: str, uri: str, client_ip: str, cid: str) -> dict[str, str]:
+    """
+    The request a decision's log line names, as the proxy sent it: cut short
+    and escaped (a URI of megabytes, or one with a newline or a terminal
+    escape, must not become the log's).
+    """
+    return {
+        "method": peer_text(method, _SHORT_TEXT_IN_LOG),
+        "uri": peer_text(uri),
+        "client": f" from {peer_text(client_ip, _SHORT_TEXT_IN_LOG)}" if client_ip else "",
+        "cid": peer_text(cid, _SHORT_TEXT_IN_LOG),
+    }
 
 
 def _log_uninspected(failure: Uninspectable, blocked: bool, scan: _BodyScan, where: str, cid: str) -> None:
@@ -217,9 +233,7 @@ def _log_uninspected(failure: Uninspectable, blocked: bool, scan: _BodyScan, whe
     log.info(
         format,
         status=failure.status,
-        reason=failure.reason,
-        method=scan.method,
-        uri=where,
-        client=f" from {scan.client_ip}" if scan.client_ip else "",
-        cid=cid,
+        # It may quote the request's content codings.
+        reason=peer_text(failure.reason),
+        **_request_fields(scan.method, where, scan.client_ip, cid),
     )

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 
 import attrs
 
+from ..._peertext import peer_text
+
 #: The most inflated bytes produced (and matched) in one step.
 INFLATE_PIECE = 64 * 1024
 
@@ -28,6 +30,16 @@ MAX_INFLATED_SIZE = 10 * 1024 * 1024
 
 #: The default bound on inflated bytes per compressed byte (past L{RATIO_FLOOR}).
 MAX_INFLATE_RATIO = 100
+
+#: Content codings of a request that L{content_codings} reads; a request
+#: with more gets L{MORE_CODINGS} after them.
+MAX_CODINGS = 8
+
+#: What stands for the codings past L{MAX_CODINGS}.
+MORE_CODINGS = "..."
+
+#: Characters of each coding name a refusal shows.
+_CODING_SHOWN = 40
 
 #: The content codings the rules inflate (C{x-gzip} is C{gzip}, RFC 9110
 #: section 8.4.1.3).
@@ -91,9 +103,16 @@ def content_codings(headers: Mapping[str, list[str]]) -> list[str]:
         if name.lower() != "content-encoding":
             continue
         for value in values:
-            for token in value.split(","):
+            # Split no further than the codings kept: a header of a million
+            # codings would otherwise make a million strings.
+            for token in value.split(",", MAX_CODINGS):
                 coding = token.strip().lower()
                 if coding and coding != "identity":
+                    if len(codings) == MAX_CODINGS:
+                        # More than any body is coded with: it is stacked
+                        # codings all the same, and the rest is not read.
+                        codings.append(MORE_CODINGS)
+                        return codings
                     codings.append(coding)
     return codings
 
@@ -102,7 +121,9 @@ def unsupported(codings: list[str]) -> Uninspectable | None:
     """Why the rules cannot decode a body with C{codings}, C{None}: they can."""
     if not codings or (len(codings) == 1 and codings[0] in INFLATABLE):
         return None
-    shown = ", ".join(codings)
+    # The refusal goes back to the proxy (and may be the client's answer):
+    # the client's coding names in it are cut short.
+    shown = ", ".join(peer_text(coding, _CODING_SHOWN) for coding in codings)
     what = "stacked content codings" if len(codings) > 1 else "an unsupported content coding"
     return Uninspectable(f"request body has {what} ({shown})", 415, "body_coding_unsupported")
 

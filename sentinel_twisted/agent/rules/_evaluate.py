@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Mapping
-from urllib.parse import unquote_plus
 
 import attrs
 
@@ -24,7 +23,7 @@ from ._decode import (
     content_codings,
     unsupported,
 )
-from ._model import Rule, _any_search, _RequestView, _unique
+from ._model import Rule, _any_search, _RequestView, _unique, percent_decoded
 
 #: Bytes of the body before each chunk that C{body} patterns see with it.
 BODY_WINDOW = 8192
@@ -303,8 +302,8 @@ def _body_texts(data: bytes, json_body: bool = False) -> tuple[str, ...]:
     """
     text = data.decode("utf-8", "replace")
     if json_body:
-        return _unique((text, unquote_plus(text), _json_unescape(text)))
-    return _unique((text, unquote_plus(text)))
+        return _unique((text, percent_decoded(text, plus=True), _json_unescape(text)))
+    return _unique((text, percent_decoded(text, plus=True)))
 
 
 def _json_content_type(headers: Mapping[str, list[str]]) -> bool | None:
