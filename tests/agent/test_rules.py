@@ -617,6 +617,10 @@ class PercentDecodingTests(SynchronousTestCase):
             text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) * rng.choice([1, 150])
             self.assertEqual(percent_decoded(text), unquote(text), text[:100])
             self.assertEqual(percent_decoded(text, plus=True), unquote_plus(text), text[:100])
+        # Runs of escapes longer than one match, whose characters' bytes
+        # straddle two matches.
+        for text in ("%E2%82%AC" * 2000, "%F0%9F%98%80" * 1500 + "a" + "%41" * 5000, "x%C3%A9" * 3000):
+            self.assertEqual(percent_decoded(text), unquote(text), text[:100])
 
     def test_long_texts_cost_memory_in_proportion(self) -> None:
         # urllib splits a text at every "%": a URI of a million escapes

@@ -232,9 +232,11 @@ class _RequestView:
         return self._header_values
 
 
-#: A run of valid percent escapes; possessive, so that matching a run of a
-#: million escapes keeps no backtracking state for each.
-_ESCAPE_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})++")
+#: Up to 1024 valid percent escapes in a row.  Bounded: a repeat of a
+#: group keeps backtracking state for each time round, and a run of a
+#: million escapes would keep a million (possessive repeats, which keep
+#: none, are Python 3.11's); a longer run is several matches end to end.
+_ESCAPE_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}){1,1024}")
 
 #: Texts up to this length are decoded by urllib itself.
 _SHORT_TEXT = 4096
@@ -261,16 +263,24 @@ def percent_decoded(text: str, plus: bool = False) -> str:
         return unquote(text)
     joined: list[str] = []
     pieces: list[str] = []
+    # The bytes of the run of escapes under way, which may go on in the
+    # next match (a character's bytes may straddle two).
+    run = bytearray()
     position = 0
     for match in _ESCAPE_RUN.finditer(text):
         start, end = match.span()
         if start > position:
+            if run:
+                pieces.append(run.decode("utf-8", "replace"))
+                run.clear()
             pieces.append(text[position:start])
-        pieces.append(bytes.fromhex(text[start:end].replace("%", "")).decode("utf-8", "replace"))
+        run += bytes.fromhex(text[start:end].replace("%", ""))
         position = end
         if len(pieces) >= _PIECES_JOINED:
             joined.append("".join(pieces))
             pieces.clear()
+    if run:
+        pieces.append(run.decode("utf-8", "replace"))
     pieces.append(text[position:])
     joined.append("".join(pieces))
     return "".join(joined)
