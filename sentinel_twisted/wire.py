@@ -431,7 +431,9 @@ class FrameReceiver(Int32StringReceiver):
             return f"connection closed mid-frame ({self._skip_left} bytes of a skipped {name} frame to come)"
         if reason.check(ConnectionDone):
             return f"connection closed by {self.peer_role}"
-        return f"connection lost: {reason.value}"
+        # Twisted's texts end in a full stop ("... in a non-clean
+        # fashion."), and this one is part of a sentence.
+        return f"connection lost: {str(reason.value).rstrip('.')}"
 
     def stop_parsing(self) -> None:
         """Ignore every byte from now on (the connection is being closed)."""

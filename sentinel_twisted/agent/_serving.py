@@ -167,6 +167,7 @@ class EventServing:
         elif message_type == MessageType.PONG:
             pass
         else:
+            kind = MessageType(message_type).wire_name
             if message_type in (MessageType.HANDSHAKE_REQUEST, MessageType.HANDSHAKE_RESPONSE):
                 # Either side's, depending on the mode: only its place is wrong.
                 key = "handshake-frame-after-handshake"
@@ -177,7 +178,7 @@ class EventServing:
             else:
                 key = "agent-frame-from-proxy"
                 text = (
-                    "Proxy {proxy_id} sent a {kind} frame on connection {connection_id}, "
+                    "Proxy {proxy_id} sent {a_kind} frame on connection {connection_id}, "
                     "which only agents send; ignored"
                 )
             self.log_limiter.warn(
@@ -185,7 +186,8 @@ class EventServing:
                 key,
                 text,
                 proxy_id=peer_text(self.proxy_id, _PROXY_TEXT_IN_LOG),
-                kind=MessageType(message_type).wire_name,
+                kind=kind,
+                a_kind=f"an {kind}" if kind[0] in "AEIOU" else f"a {kind}",
                 connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
             )
 

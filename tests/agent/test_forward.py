@@ -199,7 +199,7 @@ class WrongFrameAfterTheHandshakeTests(SynchronousTestCase):
         )
         self.assertNotIn("HandshakeRequest frame on connection waf-1-fwd-1, which only agents send", text)
         self.assertIn(
-            "Proxy zentinel-proxy sent a AgentResponse frame on connection waf-1-fwd-1, which only agents send; ignored",
+            "Proxy zentinel-proxy sent an AgentResponse frame on connection waf-1-fwd-1, which only agents send; ignored",
             text,
         )
         self.assertFalse(c.closed)

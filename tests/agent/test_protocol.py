@@ -144,6 +144,15 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(kind, "refused")
         self.assertIn("before the proxy answered", str(error))
 
+    def test_lost_before_answer_is_one_sentence(self) -> None:
+        from twisted.internet.error import ConnectionLost
+
+        h = Harness()
+        h.lose(ConnectionLost())
+        [(kind, error)] = h.events
+        # Twisted's text ends in a full stop; it is not left before ours.
+        self.assertIn("lost in a non-clean fashion before the proxy answered", str(error))
+
     def test_garbage_frames_refuse(self) -> None:
         h = Harness()
         h.protocol.dataReceived(b"\x00\x00\x00\x00")
