@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 
 from .busypoll import MAX_SPIN, BusyPollService, UnsupportedReactor
+from .endpoints import os_error_text
 
 __all__ = [
     "LOG_FORMATS",
@@ -355,7 +356,7 @@ def directory_problem(directory: str) -> str | None:
     except FileNotFoundError:
         return f"directory {directory} does not exist"
     except OSError as e:
-        return f"cannot use directory {directory}: {(e.strerror or str(e)).lower()}"
+        return f"cannot use directory {directory}: {os_error_text(e)}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{directory} is not a directory"
     return None

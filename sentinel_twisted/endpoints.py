@@ -24,6 +24,7 @@ __all__ = [
     "clear_stale_unix_socket",
     "describe_endpoint_error",
     "describe_listen_failure",
+    "os_error_text",
     "parse_description",
     "remove_abandoned_unix_socket",
     "system_max_backlog",
@@ -109,6 +110,11 @@ def check_endpoint_arguments(description: str) -> None:
         raise ValueError(f"backlog= must be a positive integer up to {MAX_BACKLOG}, got {value!r}")
 
 
+def os_error_text(error: OSError) -> str:
+    """The system's words for C{error} (C{"permission denied"}), lower-case, for the end of a one-line error."""
+    return (error.strerror or str(error)).lower()
+
+
 def describe_endpoint_error(error: BaseException) -> str:
     """
     What is wrong with an endpoint string, from the exception Twisted's
@@ -136,14 +142,14 @@ def describe_endpoint_error(error: BaseException) -> str:
                 return f"trustRoots: {path} does not exist"
             if isinstance(original, NotADirectoryError):
                 return f"trustRoots: {path} is not a directory of CA certificates"
-            detail = (original.strerror or str(original)).lower()
+            detail = os_error_text(original)
             return f"trustRoots: cannot read the directory {path}: {detail}"
         return "trustRoots: the directory of CA certificates cannot be read"
     if isinstance(error, OSError) and error.filename is not None:
         path = os.fsdecode(error.filename)
         if isinstance(error, FileNotFoundError):
             return f"{path} does not exist"
-        return f"cannot read {path}: {(error.strerror or str(error)).lower()}"
+        return f"cannot read {path}: {os_error_text(error)}"
     return text or type(error).__name__
 
 
@@ -159,13 +165,13 @@ def describe_listen_failure(error: BaseException) -> str:
             where = f"{error.interface or '*'}:{where}"
         reason = error.socketError
         if isinstance(reason, OSError):
-            text = (reason.strerror or str(reason)).lower()
+            text = os_error_text(reason)
             return f"cannot listen on {where}: {text}"
         if reason == "Cannot acquire lock":
             return f"cannot listen on {where}: its lock {where}.lock is held by another process"
         return f"cannot listen on {where}: {reason}"
     if isinstance(error, OSError):
-        detail = (error.strerror or str(error)).lower()
+        detail = os_error_text(error)
         # For a symlink (a lock), filename is the target, filename2 the path.
         path = error.filename2 or error.filename
         return f"cannot use {os.fsdecode(path)}: {detail}" if path else detail
@@ -283,7 +289,7 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise SocketInUse(f"cannot use {path}: {(e.strerror or str(e)).lower()}") from None
+        raise SocketInUse(f"cannot use {path}: {os_error_text(e)}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -309,7 +315,7 @@ def clear_stale_unix_socket(path: str, timeout: float = 1.0) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise SocketInUse(f"cannot remove the stale socket {path}: {(e.strerror or str(e)).lower()}") from None
+        raise SocketInUse(f"cannot remove the stale socket {path}: {os_error_text(e)}") from None
     return True
 
 
@@ -384,7 +390,7 @@ def clear_stale_lock(path: str) -> int | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise SocketInUse(f"cannot use {lock}: {(e.strerror or str(e)).lower()}") from None
+        raise SocketInUse(f"cannot use {lock}: {os_error_text(e)}") from None
     if not target.isdigit():
         raise SocketInUse(
             f"{lock} is not a lock (it points to {target!r}, not a pid); refusing to replace it"
@@ -394,5 +400,5 @@ def clear_stale_lock(path: str) -> int | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise SocketInUse(f"cannot remove the stale lock {lock}: {(e.strerror or str(e)).lower()}") from None
+        raise SocketInUse(f"cannot remove the stale lock {lock}: {os_error_text(e)}") from None
     return int(target)
