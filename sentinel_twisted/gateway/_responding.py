@@ -242,17 +242,23 @@ class Responding:
                 self._abort_client(self._error)
                 return
             if timeout:
-                log.info(
-                    "Upstream timed out for {method} {uri}: {error}",
-                    method=_loggable(self.request.method),
-                    uri=_loggable(self.request.uri),
-                    error=peer_text(error.getErrorMessage()),
-                )
+                self._log_upstream_error("timed out", error.getErrorMessage())
             self._respond_plain(504 if timeout else 502)
             return
         head = self._response_head
         if head is not None:
             head.end()
+
+    def _log_upstream_error(self, what: str, error: str) -> None:
+        """The line of a request answered 502 or 504 for the upstream: it C{what} (timed out, failed)."""
+        log.info(
+            "Upstream {what} for {method} {uri}: {error}",
+            what=what,
+            method=_loggable(self.request.method),
+            uri=_loggable(self.request.uri),
+            # It may quote what the upstream sent (a status line).
+            error=peer_text(error),
+        )
 
     def _pause_upstream(self, why: str) -> None:
         if not self._upstream_pauses and self._response is not None:

@@ -781,14 +781,7 @@ class Exchange(Responding, Endings):
             "timeout" if timeout else "error", max(gateway.clock.seconds() - self._forwarded_at, 0.0)
         )
         self._error = str(failure.value)
-        log.info(
-            "Upstream {what} for {method} {uri}: {error}",
-            what="timed out" if timeout else "failed",
-            method=_loggable(self.request.method),
-            uri=_loggable(self.request.uri),
-            # It may quote what the upstream sent (a status line).
-            error=peer_text(self._error),
-        )
+        self._log_upstream_error("timed out" if timeout else "failed", self._error)
         self._cancel_pending(_UPSTREAM_ERROR)
         self._respond_plain(504 if timeout else 502)
 
