@@ -349,9 +349,7 @@ class EventServing:
             # The handler read the event's base64 data, which the proxy sent
             # garbled: the proxy's invalid event, as one msgspec refuses.
             self.stats["invalid_events"] += 1
-            self._invalid_event_answered(
-                MessageType(entry.event.message_type), entry.correlation_id, failure.value
-            )
+            self._invalid_event_answered(entry.event.message_type, entry.correlation_id, failure.value)
             self._slot_freed()
             return None
         if failure.check(CancelledError):
