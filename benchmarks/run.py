@@ -414,6 +414,41 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
 # Report
 
 
+def cpu_idle() -> dict[str, Any]:
+    """
+    How an idle CPU waits: the cpuidle driver and governor, and with the
+    C{haltpoll} driver (KVM guests) how long a vCPU polls before it halts.
+    On a virtual machine a halted vCPU is slow to wake (an exit to the
+    hypervisor and an interrupt), which weighs on every round trip that
+    finds the other side idle; see BENCHMARKS.md, "The hypervisor's idle".
+    """
+    base = "/sys/devices/system/cpu/cpuidle"
+    out: dict[str, Any] = {}
+    for key, path in (
+        ("driver", f"{base}/current_driver"),
+        ("governor", f"{base}/current_governor"),
+        ("halt_poll_ns", "/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+    ):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        out[key] = int(value) if key == "halt_poll_ns" and value.isdigit() else value
+    return out
+
+
+def cpu_idle_text(idle: dict[str, Any]) -> str:
+    """One line for the report's machine header."""
+    if not idle:
+        return "cpuidle: unknown"
+    text = f"cpuidle: {idle.get('driver', '?')} driver, {idle.get('governor', '?')} governor"
+    if "halt_poll_ns" in idle:
+        polls = idle["halt_poll_ns"]
+        text += f", guest halt polling {polls} ns" + (" (an idle vCPU halts at once)" if polls == 0 else "")
+    return text
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:
@@ -437,6 +472,7 @@ def machine() -> dict[str, Any]:
         "twisted": twisted.__version__,
         "msgspec": msgspec.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpuidle": cpu_idle(),
     }
 
 
@@ -512,6 +548,7 @@ def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
     m = results["machine"]
     lines.append(f"machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Twisted {m['twisted']}, msgspec {m['msgspec']}, {m['date']}")
+    lines.append(cpu_idle_text(m.get("cpuidle", {})))
     settings = results["settings"]
     # Each section names its own agents (the reference section: the reference
     # rust-agent); the C agents serve the sections that measure ours alone.
