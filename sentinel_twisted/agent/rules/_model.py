@@ -12,7 +12,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Iterator
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import attrs
 
@@ -269,6 +269,47 @@ def _directory(path: str, drop_parameters: bool) -> bool:
     return end - start <= 2 and path[start:end] in ("", ".", "..")
 
 
+#: What C{urllib.parse.urlsplit} strips from the start of a URL: C0
+#: controls and space.
+_C0_OR_SPACE = "".join(map(chr, range(0x21)))
+
+#: An absolute URI's scheme and its colon (RFC 3986 section 3.1).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _target_parts(uri: str) -> tuple[str, str]:
+    """
+    The path and the query of a request target.  An absolute-form one
+    (C{http://host/admin?x}) is split as C{urllib.parse.urlsplit} splits
+    it (controls and spaces stripped from its start, tabs and line breaks
+    taken out, a fragment left out), except that nothing is refused and
+    nothing remembered: C{urlsplit} raises C{ValueError} on a host it finds
+    invalid (C{http://[/admin}), which failed the event (and allowed it,
+    with C{--fail-open}), and it caches the last 128 URLs it split, each
+    of up to 16 MiB here, with their parts.
+    """
+    if uri.startswith("/") or not uri:
+        path, _, query = uri.partition("?")
+        return path, query
+    target = uri.lstrip(_C0_OR_SPACE)
+    for unsafe in "\t\r\n":
+        if unsafe in target:
+            target = target.replace(unsafe, "")
+    scheme = _SCHEME.match(target)
+    start = scheme.end() if scheme is not None else 0
+    if target.startswith("//", start):
+        # The authority, up to the path, the query or the fragment.
+        ends = [at for at in (target.find(c, start + 2) for c in "/?#") if at >= 0]
+        start = min(ends, default=len(target))
+    end = target.find("#", start)
+    if end < 0:
+        end = len(target)
+    question = target.find("?", start, end)
+    if question < 0:
+        return target[start:end], ""
+    return target[start:question], target[question + 1 : end]
+
+
 class _RequestView:
     """What rules look at in a RequestHeaders event, computed once."""
 
@@ -277,11 +318,7 @@ class _RequestView:
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
         uri = event.uri
-        if uri.startswith("/") or not uri:
-            raw_path, _, raw_query = uri.partition("?")
-        else:
-            parts = urlsplit(uri)
-            raw_path, raw_query = parts.path, parts.query
+        raw_path, raw_query = _target_parts(uri)
         decoded = percent_decoded(raw_path)
         normalized = _normalize_path(decoded)
         without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
