@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -638,3 +639,172 @@ class PercentDecodingTests(SynchronousTestCase):
             finally:
                 tracemalloc.stop()
             self.assertLess(peak, 8 * len(text), text[:9])
+
+
+def _normalized_as_before(path: str) -> str:
+    """What the rules made of a path with C{posixpath.normpath} whole: the reference."""
+    import posixpath
+
+    if not path:
+        return "/"
+    collapsed = re.sub(r"/{2,}", "/", path)
+    normalized = posixpath.normpath(collapsed)
+    if normalized == ".":
+        normalized = "/"
+    directory = collapsed.endswith("/") or collapsed.rpartition("/")[2] in (".", "..")
+    if directory and not normalized.endswith("/"):
+        normalized += "/"
+    return normalized
+
+
+def _peak_of(function: Any, *args: Any) -> tuple[int, Any]:
+    """
+    The most memory Python allocated at once while C{function(*args)} ran,
+    and what it returned.
+    """
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+class PathNormalisationTests(_DecisionTestCase):
+    """
+    Paths are normalised piece by piece: the same paths as with
+    C{posixpath.normpath} on the whole path, at a cost in memory in
+    proportion to the path (a string per segment made a 4 MiB path of
+    C{/a;b} cost 75 MB).
+    """
+
+    PIECES = ["/", "//", ".", "..", "...", "a", "bc", ";", ";x", ";/", "..;", ".;", "%2e", "é",
+              "\U0001f600", "a.", ".a", "?", ":"]
+
+    def assertNormalizedAsBefore(self, path: str) -> None:
+        from sentinel_twisted.agent.rules._model import _normalize_path
+
+        self.assertEqual(_normalize_path(path), _normalized_as_before(path), path[:100])
+        without_parameters = re.sub(r";[^/]*", "", path)
+        self.assertEqual(
+            _normalize_path(path, drop_parameters=True), _normalized_as_before(without_parameters), path[:100]
+        )
+
+    def test_the_same_paths_as_normalising_them_whole(self) -> None:
+        import random
+
+        from sentinel_twisted.agent.rules import _model
+
+        rng = random.Random(11)
+        # Pieces of a few characters make every place a piece may end in
+        # (a dot segment, a parameter, a run of slashes, a ".." that
+        # takes segments off several pieces before it) come up.
+        for size in (1, 2, 3, 5, 8, 8192):
+            self.patch(_model, "_PATH_PIECE", size)
+            for _ in range(1500):
+                path = "".join(rng.choice(self.PIECES) for _ in range(rng.randint(0, 25)))
+                self.assertNormalizedAsBefore(path)
+                self.assertNormalizedAsBefore("/" + path)
+
+    def test_long_and_deep_paths(self) -> None:
+        # Longer than a piece: ".." segments that climb back over many
+        # pieces, relative paths that climb above their start, segments
+        # longer than a piece, runs of slashes across pieces.
+        for path in [
+            "/a" * 50_000 + "/.." * 50_000 + "/admin",
+            "/a" * 50_000 + "/.." * 49_999 + "/",
+            "/" + "/b;x/c/." * 20_000 + "/.." * 30_000,
+            "../" * 40_000 + "a/b",
+            "x/" * 10_000 + "../" * 30_000 + "y",
+            "/" + "z" * 100_000 + "/..",
+            "/x/" + "z" * 100_000 + "/y/../..;/",
+            "/" * 100_000 + "a" + "/" * 100_000 + "." + "/" * 100_000,
+            ";p/" + "q/" * 10_000 + "..;/" * 10_001 + "admin",
+        ]:
+            self.assertNormalizedAsBefore(path)
+
+    def test_hostile_paths_cost_memory_in_proportion(self) -> None:
+        # Rules on every view of the target, so each view is made and
+        # searched.
+        r = rules(
+            {"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK},
+            {"id": "u", "match": {"uri": "x$"}, **BLOCK},
+            {"id": "q", "match": {"query": "union"}, **BLOCK},
+        )
+
+        def decision(request: m.RequestHeadersEvent) -> m.Decision:
+            return r.evaluate(request).response.build().decision
+
+        size = 4 * 1024 * 1024
+        for uri in [
+            "/a/." * (size // 4),
+            "/a;b" * (size // 4),
+            "/ab/cd/../.." * (size // 12) + "/admin",
+            "http://h" + "//ab" * (size // 4) + "?q",
+            "/\u20ac;/." * (size // 5),
+        ]:
+            request = event(uri=uri)
+            peak, decided = _peak_of(decision, request)
+            # The URI's own size: a character is 2 bytes in "\u20ac" text.
+            self.assertLess(peak, 4 * sys.getsizeof(request.uri), uri[:20])
+            self.assertIsInstance(decided, m.Block if uri.endswith("/admin") else m.Allow, uri[:20])
+
+
+class AbsoluteFormTargetTests(_DecisionTestCase):
+    """
+    An absolute-form target (C{http://host/admin}) is split as urllib
+    splits it, without urllib's refusals and without its cache.
+    """
+
+    def test_split_as_urllib_splits_it(self) -> None:
+        import random
+        from urllib.parse import urlsplit
+
+        from sentinel_twisted.agent.rules._model import _target_parts
+
+        pieces = ["http:", "HTTPS:", "x+y.z-1:", "1a:", ":", "//", "/", "?", "#", "a", "@", " ", "\t",
+                  "\n", "\x00", "%2F", ";", "..", "é"]
+        # Python 3.10 takes a scheme that does not start with a letter
+        # too (RFC 3986 section 3.1 does not, nor does Python 3.11).
+        letter_first = sys.version_info < (3, 11)
+        rng = random.Random(5)
+        compared = 0
+        for _ in range(20_000):
+            uri = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+            if uri.startswith("/") or (letter_first and not ("a" <= uri[0].lower() <= "z")):
+                continue
+            parts = urlsplit(uri)
+            self.assertEqual(_target_parts(uri), (parts.path, parts.query), repr(uri))
+            compared += 1
+        self.assertGreater(compared, 4_000)
+
+    def test_a_host_urllib_refuses_does_not_fail_the_event(self) -> None:
+        # urlsplit raises ValueError on these: the event failed, and with
+        # --fail-open the request went on unjudged.
+        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK})
+        for uri in ["http://[/admin", "http://[::1/admin", "http://a]/admin", "http://[x]/admin",
+                    "http://x\u2100/admin", "https://\uff03@x/admin?q"]:
+            self.assertBlocked(r, uri=uri)
+        self.assertAllowed(r, uri="http://[/public")
+
+    def test_nothing_is_remembered(self) -> None:
+        # urlsplit caches the last 128 URLs it split (20 on Python 3.10),
+        # with their parts: as many events of 16 MiB, and a copy of each.
+        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK})
+        requests = [event(uri=f"http://h{i}/" + "a" * 1024 * 1024) for i in range(3)]
+
+        def evaluate() -> None:
+            for request in requests:
+                r.evaluate(request)
+
+        import tracemalloc
+
+        tracemalloc.start()
+        try:
+            evaluate()
+            left = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(left, 1024 * 1024)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import attrs
 
@@ -153,36 +153,161 @@ def _any_search(pattern: Pattern, values: Iterable[str]) -> bool:
     return any(pattern.search(v) is not None for v in values)
 
 
-def _normalize_path(path: str) -> str:
-    """
-    Collapse repeated slashes and resolve C{.} and C{..} segments.  A
-    trailing slash survives, and a last segment C{.} or C{..} leaves one
-    (C{/a/b/.} is C{/a/b/}, C{/a/b/..} is C{/a/}), as RFC 3986 section
-    5.2.4 removes dot segments.
-    """
-    if not path:
-        return "/"
-    collapsed = re.sub(r"/{2,}", "/", path)
-    normalized = posixpath.normpath(collapsed)
-    if normalized == ".":
-        normalized = "/"
-    directory = collapsed.endswith("/") or collapsed.rpartition("/")[2] in (".", "..")
-    if directory and not normalized.endswith("/"):
-        normalized += "/"
-    return normalized
+#: Characters of a path normalised at a time: a piece of whole segments,
+#: longer only when it is one segment.  A path of megabytes (a proxy's
+#: events are up to 16 MiB) made a string per segment in C{posixpath}
+#: (Python 3.10) and in C{re.sub}: twenty times its size.  Piece by piece
+#: the work costs the result, and a piece's worth besides.
+_PATH_PIECE = 8192
 
+#: The first character of a segment.
+_SEGMENT = re.compile(r"[^/]")
+
+#: The C{..} segments a normalised relative path starts with (the ones
+#: that take segments off the pieces before it).
+_LEADING_UPS = re.compile(r"(?:\.\.(?:/|\Z))*")
 
 #: A path parameter (RFC 3986 section 3.3): C{;} up to the end of its segment.
 _PATH_PARAMETER = re.compile(r";[^/]*")
 
 
-def _without_parameters(path: str) -> str:
+def _normalize_path(path: str, drop_parameters: bool = False) -> str:
     """
-    C{/admin;x/a;b=1} as C{/admin/a}: servlet containers (Tomcat, Jetty) and
-    the frameworks on them drop path parameters before they route, so
-    C{/admin;x} reaches C{/admin} there (and C{/a/..;/admin} is C{/admin}).
+    Collapse repeated slashes and resolve C{.} and C{..} segments.  A
+    trailing slash survives, and a last segment C{.} or C{..} leaves one
+    (C{/a/b/.} is C{/a/b/}, C{/a/b/..} is C{/a/}), as RFC 3986 section
+    5.2.4 removes dot segments.  An empty path is C{/}.
+
+    With C{drop_parameters}, path parameters go first: C{/admin;x/a;b=1}
+    is C{/admin/a}.  Servlet containers (Tomcat, Jetty) and the frameworks
+    on them drop them before they route, so C{/admin;x} reaches C{/admin}
+    there (and C{/a/..;/admin} is C{/admin}).
+
+    The path is resolved in pieces of whole segments (L{_PATH_PIECE}
+    characters), each with C{posixpath.normpath} as a relative path; the
+    C{..} segments a piece starts with then take segments off the pieces
+    kept before it, and the kept pieces are joined once at the end.
     """
-    return _PATH_PARAMETER.sub("", path)
+    # (A first segment that is all parameter leaves the slash after it first.)
+    absolute = path.startswith("/") or (drop_parameters and path.startswith(";"))
+    # The resolved pieces (no empty, "." or ".." segment), and the segments in each.
+    kept: list[str] = []
+    segments: list[int] = []
+    # The ".." segments that go above the start of a relative path (they stay).
+    ups = 0
+    for start, end in _pieces(path):
+        piece = path[start:end]
+        if drop_parameters and ";" in piece:
+            piece = _PATH_PARAMETER.sub("", piece)
+        if "/" in piece:
+            # A piece of several segments: at most _PATH_PIECE characters.
+            piece = posixpath.normpath(piece.lstrip("/"))
+        if piece in ("", "."):
+            continue
+        # What the piece leaves of those before it: ".." segments first.
+        ups_match = _LEADING_UPS.match(piece)
+        after_ups = ups_match.end() if ups_match is not None else 0
+        pops = (after_ups + 1) // 3
+        while pops and kept:
+            if segments[-1] <= pops:
+                pops -= segments.pop()
+                kept.pop()
+            else:
+                kept[-1] = kept[-1].rsplit("/", pops)[0]
+                segments[-1] -= pops
+                pops = 0
+        if not absolute:
+            ups += pops
+        if after_ups < len(piece):
+            rest = piece[after_ups:]
+            kept.append(rest)
+            segments.append(rest.count("/") + 1)
+    if ups:
+        kept.insert(0, ("../" * ups)[:-1])
+    if not kept:
+        return "/"
+    if absolute:
+        kept.insert(0, "")
+    if _directory(path, drop_parameters):
+        kept.append("")
+    return "/".join(kept)
+
+
+def _pieces(path: str) -> Iterator[tuple[int, int]]:
+    """
+    Where the pieces of L{_normalize_path} are in C{path}: runs of whole
+    segments of at most L{_PATH_PIECE} characters (a longer segment is a
+    piece of its own), without the slashes before and between them.
+    """
+    length = len(path)
+    segment = _SEGMENT.search(path)
+    while segment is not None:
+        start = segment.start()
+        if length - start <= _PATH_PIECE:
+            end = length
+        else:
+            end = path.rfind("/", start, start + _PATH_PIECE + 1)
+            if end < 0:
+                end = path.find("/", start + _PATH_PIECE)
+                if end < 0:
+                    end = length
+        yield start, end
+        segment = _SEGMENT.search(path, end)
+
+
+def _directory(path: str, drop_parameters: bool) -> bool:
+    """
+    Whether C{path} (without its parameters, with C{drop_parameters}) ends
+    with a slash or a dot segment: its normal form ends with a slash.
+    """
+    start = path.rfind("/") + 1
+    end = len(path)
+    if drop_parameters:
+        parameter = path.find(";", start)
+        if parameter >= 0:
+            end = parameter
+    return end - start <= 2 and path[start:end] in ("", ".", "..")
+
+
+#: What C{urllib.parse.urlsplit} strips from the start of a URL: C0
+#: controls and space.
+_C0_OR_SPACE = "".join(map(chr, range(0x21)))
+
+#: An absolute URI's scheme and its colon (RFC 3986 section 3.1).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _target_parts(uri: str) -> tuple[str, str]:
+    """
+    The path and the query of a request target.  An absolute-form one
+    (C{http://host/admin?x}) is split as C{urllib.parse.urlsplit} splits
+    it (controls and spaces stripped from its start, tabs and line breaks
+    taken out, a fragment left out), except that nothing is refused and
+    nothing remembered: C{urlsplit} raises C{ValueError} on a host it finds
+    invalid (C{http://[/admin}), which failed the event (and allowed it,
+    with C{--fail-open}), and it caches the last 128 URLs it split, each
+    of up to 16 MiB here, with their parts.
+    """
+    if uri.startswith("/") or not uri:
+        path, _, query = uri.partition("?")
+        return path, query
+    target = uri.lstrip(_C0_OR_SPACE)
+    for unsafe in "\t\r\n":
+        if unsafe in target:
+            target = target.replace(unsafe, "")
+    scheme = _SCHEME.match(target)
+    start = scheme.end() if scheme is not None else 0
+    if target.startswith("//", start):
+        # The authority, up to the path, the query or the fragment.
+        ends = [at for at in (target.find(c, start + 2) for c in "/?#") if at >= 0]
+        start = min(ends, default=len(target))
+    end = target.find("#", start)
+    if end < 0:
+        end = len(target)
+    question = target.find("?", start, end)
+    if question < 0:
+        return target[start:end], ""
+    return target[start:question], target[question + 1 : end]
 
 
 class _RequestView:
@@ -193,20 +318,11 @@ class _RequestView:
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
         uri = event.uri
-        if uri.startswith("/") or not uri:
-            raw_path, _, raw_query = uri.partition("?")
-        else:
-            parts = urlsplit(uri)
-            raw_path, raw_query = parts.path, parts.query
+        raw_path, raw_query = _target_parts(uri)
         decoded = percent_decoded(raw_path)
-        self.paths = _unique(
-            (
-                raw_path,
-                decoded,
-                _normalize_path(decoded),
-                _normalize_path(_without_parameters(decoded)),
-            )
-        )
+        normalized = _normalize_path(decoded)
+        without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
+        self.paths = _unique((raw_path, decoded, normalized, without_parameters))
         self.uris = _unique((uri, percent_decoded(uri)))
         self.queries = _unique((raw_query, percent_decoded(raw_query, plus=True)))
         headers: dict[str, list[str]] = {}
