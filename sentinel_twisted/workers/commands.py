@@ -24,6 +24,7 @@ __all__ = [
     "Chunked",
     "ConnectionGone",
     "ControlProtocol",
+    "Heartbeat",
     "Hello",
     "Release",
     "Snapshot",
@@ -68,6 +69,22 @@ class Hello(amp.Command):
 
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
     response = [(b"agents", Chunked()), (b"seen", Chunked())]
+
+
+class Heartbeat(amp.Command):
+    """
+    Parent to worker, every few seconds: a worker whose reactor runs
+    answers at once.  One that leaves heartbeats unanswered is handed no
+    new agent connections, and one that answers none for long is taken
+    for hung and killed (see
+    L{WorkerProcesses <sentinel_twisted.workers.processes.WorkerProcesses>}).
+
+    @cvar arguments: none.
+    @cvar response: nothing.
+    """
+
+    arguments = list[tuple[bytes, amp.Argument]]()
+    response = list[tuple[bytes, amp.Argument]]()
 
 
 class AgentsSeen(amp.Command):

@@ -89,6 +89,10 @@ class Worker:
     @ivar pid: its process id, C{None} while not running.
     @ivar agents: connections it holds, by agent id.
     @ivar restarts: how often it was restarted.
+    @ivar late: whether it has left its parent's last heartbeat unanswered
+        for a heartbeat interval or more (see
+        L{WorkerProcesses <sentinel_twisted.workers.processes.WorkerProcesses>}):
+        it is handed no new connection while another worker answers.
     """
 
     def __init__(self, index: int) -> None:
@@ -97,6 +101,7 @@ class Worker:
         self.pid: int | None = None
         self.agents: Counter[str] = Counter()
         self.restarts = 0
+        self.late = False
 
     @property
     def connections(self) -> int:
@@ -165,12 +170,15 @@ class WorkerGroup:
     def choose(self, agent_id: str) -> Worker | None:
         """
         The worker to hand a connection of C{agent_id} to: the one holding
-        fewest of that agent's connections, then fewest in all.
+        fewest of that agent's connections, then fewest in all, of those
+        that answer their heartbeats (a hung worker would never serve it),
+        or of every connected one if none does.
         """
         ready = self.ready()
         if not ready:
             return None
-        return min(ready, key=lambda w: (w.agents[agent_id], w.connections, w.index))
+        answering = [w for w in ready if not w.late] or ready
+        return min(answering, key=lambda w: (w.agents[agent_id], w.connections, w.index))
 
     def hand_over(self, protocol: HandOverProtocol, connection: AgentConnection, pending: bytes) -> None:
         """Pass C{protocol}'s socket to a worker; the parent's copy is closed."""
@@ -287,6 +295,7 @@ class WorkerGroup:
             self._forget(worker)
         worker.control = control
         worker.pid = pid
+        worker.late = False
         control.worker = worker
         log.info("Worker {index} (pid {pid}) is ready", index=index, pid=pid)
         pending = self._respreads.pop(index, None)

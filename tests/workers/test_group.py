@@ -31,9 +31,16 @@ from sentinel_twisted.workers.commands import (
     AdoptionFailed,
     AgentsSeen,
     Chunked,
+    Heartbeat,
 )
 from sentinel_twisted.workers.parent import HandOverFactory, NoWorkerReady, WorkerGroup
-from sentinel_twisted.workers.processes import WorkerProcesses, relay_line, worker_command
+from sentinel_twisted.workers.processes import (
+    HEARTBEAT_INTERVAL,
+    HUNG_AFTER,
+    WorkerProcesses,
+    relay_line,
+    worker_command,
+)
 from sentinel_twisted.workers.status import group_document, merge_metrics
 
 from .._proxy_support import capabilities, captured_log, log_text
@@ -537,6 +544,102 @@ class ReloadTests(TestCase):
         self.assertEqual(again.signals, [])
         processes.stopService()
         self.assertEqual([t.signals for _, t in reactor.spawned], [["HUP"], ["HUP", "TERM"], ["TERM"]])
+
+
+def heartbeats(control: _Control) -> list[Deferred[Any]]:
+    """The answers of the heartbeats C{control} was sent."""
+    return [answer for (command, _), answer in zip(control.sent, control.answers, strict=True) if command is Heartbeat]
+
+
+def answer_heartbeats(control: _Control) -> None:
+    for answer in heartbeats(control):
+        if not answer.called:
+            answer.callback({})
+
+
+class HeartbeatTests(TestCase):
+    """A worker that stops answering its parent (hung, or stopped) is avoided, then killed and restarted."""
+
+    def started(self) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses, list[_Control]]:
+        workers = group(2)
+        reactor = _ProcessReactor()
+        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+        processes.startService()
+
+        def stop() -> None:
+            processes.stopService()
+            for protocol in list(processes.processes.values()):
+                protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+
+        self.addCleanup(stop)
+        controls = []
+        for worker, (_, transport) in zip(workers.workers, reactor.spawned, strict=True):
+            control = _Control()
+            workers.worker_joined(control, worker.index, transport.pid)  # type: ignore[arg-type]
+            controls.append(control)
+        return workers, reactor, processes, controls
+
+    def test_a_worker_that_answers_no_heartbeat_gets_no_connection_then_is_killed_and_restarted(self) -> None:
+        workers, reactor, processes, (hung, alive) = self.started()
+        (protocol, hung_process), (_, alive_process) = reactor.spawned
+        reactor.advance(HEARTBEAT_INTERVAL)
+        answer_heartbeats(alive)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[0], "both answer so far: the first")
+        reactor.advance(HEARTBEAT_INTERVAL)
+        answer_heartbeats(alive)
+        # Worker 1 left its heartbeat unanswered for an interval: it would
+        # never serve a connection handed to it now.
+        self.assertTrue(workers.workers[0].late)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[1])
+        with captured_log() as events:
+            for _ in range(HUNG_AFTER - 1):
+                self.assertEqual(hung_process.signals, [])
+                reactor.advance(HEARTBEAT_INTERVAL)
+                answer_heartbeats(alive)
+        self.assertEqual((hung_process.signals, alive_process.signals), (["KILL"], []))
+        self.assertIn(
+            f"Worker 1 (pid {hung_process.pid}) has not answered its parent for "
+            f"{HUNG_AFTER * HEARTBEAT_INTERVAL:.0f} s (hung, or stopped); killing it",
+            log_text(events),
+        )
+        # One heartbeat waits at a time: none piles up in a hung worker's socket.
+        self.assertEqual(len(heartbeats(hung)), 1)
+        self.assertEqual(len(heartbeats(alive)), HUNG_AFTER + 1)
+        # Killed, it goes as any worker that dies: its slots are freed, it is restarted.
+        workers.worker_left(hung)  # type: ignore[arg-type]
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        reactor.advance(0)
+        self.assertEqual(len(reactor.spawned), 3)
+        workers.worker_joined(_Control(), 1, reactor.spawned[2][1].pid)  # type: ignore[arg-type]
+        self.assertFalse(workers.workers[0].late)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[0])
+
+    def test_a_parent_that_was_suspended_reads_the_answers_before_it_judges(self) -> None:
+        workers, reactor, processes, controls = self.started()
+        reactor.advance(HEARTBEAT_INTERVAL)
+        # The parent itself stopped for a long while (SIGSTOP, a suspended
+        # machine): its next tick comes once, and the answers are read after.
+        reactor.advance(HUNG_AFTER * HEARTBEAT_INTERVAL * 10)
+        for control in controls:
+            answer_heartbeats(control)
+        reactor.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual([t.signals for _, t in reactor.spawned], [[], []])
+        self.assertEqual([w.late for w in workers.workers], [False, False])
+
+    def test_a_worker_that_does_not_exit_after_sigterm_is_killed_with_one_line(self) -> None:
+        workers, reactor, processes, controls = self.started()
+        (first, first_process), (_, second_process) = reactor.spawned
+        stopped = processes.stopService()
+        first.processEnded(Failure(ProcessTerminated(exitCode=0)))
+        with captured_log() as events:
+            reactor.advance(5)
+        self.assertEqual((first_process.signals, second_process.signals), (["TERM"], ["TERM", "KILL"]))
+        self.assertIn(
+            f"Worker 2 (pid {second_process.pid}) did not exit within 5 s of SIGTERM; killing it", log_text(events)
+        )
+        self.assertNotIn("Worker 1", log_text(events))
+        reactor.spawned[1][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertTrue(stopped.called)
 
 
 class HttpHoldTests(TestCase):
