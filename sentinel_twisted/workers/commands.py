@@ -90,7 +90,9 @@ class Heartbeat(amp.Command):
 class AgentsSeen(amp.Command):
     """
     Parent to worker: the agents the group has seen (a JSON list, in order
-    of first registration), sent whenever that changes.  Without
+    of first registration), sent when that changes (one at a time: changes
+    made while one is on its way are sent, as the latest list, once it is
+    answered).  Without
     C{--agent} a worker consults each of them for every request, whether
     it holds a connection of it or not, so that a request is never decided
     without an agent that another worker holds (it gets C{503} there, fail

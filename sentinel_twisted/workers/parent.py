@@ -134,6 +134,10 @@ class WorkerGroup:
         self.seen = KnownAgents(max_known_agents)
         self._coverage_checks: dict[str, Any] = {}
         self._respreads: dict[int, Any] = {}
+        # The control connection an AgentsSeen is on its way to, by worker,
+        # and the workers owed a newer one once it is answered.
+        self._seen_sending: dict[int, ParentControl] = {}
+        self._seen_stale: set[int] = set()
         factory.group = self
 
     def _check_coverage(self, agent_id: str) -> None:
@@ -267,11 +271,37 @@ class WorkerGroup:
         return json.dumps(self.seen.ids).encode("utf-8")
 
     def _tell_seen(self) -> None:
-        document = self.seen_document()
         for worker in self.ready():
-            if worker.control is not None:
-                told = worker.control.call(AgentsSeen, agents=document)
-                told.addErrback(lambda _: None)
+            self._send_seen(worker)
+
+    def _send_seen(self, worker: Worker) -> None:
+        """
+        Send C{worker} the agents seen, one document at a time: while one is
+        on its way, a change only marks the worker for the latest document
+        once it is answered.  Agent ids come from peers: a flood of new ones
+        must not queue a growing document per id (quadratic memory in the
+        parent, and work in the worker), least of all for a worker that is
+        slow or hung.
+        """
+        control = worker.control
+        if control is None:
+            return
+        index = worker.index
+        if self._seen_sending.get(index) is control:
+            self._seen_stale.add(index)
+            return
+        self._seen_sending[index] = control
+        self._seen_stale.discard(index)
+
+        def answered(_: object) -> None:
+            # (A failure is the control connection lost: the worker has left.)
+            if self._seen_sending.get(index) is not control:
+                return
+            del self._seen_sending[index]
+            if index in self._seen_stale and worker.control is control:
+                self._send_seen(worker)
+
+        control.call(AgentsSeen, agents=self.seen_document()).addBoth(answered)
 
     def forget_absent(self, retired: Callable[[str], bool]) -> list[str]:
         """
@@ -297,6 +327,9 @@ class WorkerGroup:
         worker.pid = pid
         worker.late = False
         control.worker = worker
+        # The answer to its hello carries the agents seen.
+        self._seen_sending.pop(index, None)
+        self._seen_stale.discard(index)
         log.info("Worker {index} (pid {pid}) is ready", index=index, pid=pid)
         pending = self._respreads.pop(index, None)
         if pending is not None and pending.active():

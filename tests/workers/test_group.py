@@ -716,6 +716,32 @@ class SeenTests(TestCase):
         hand_over(workers, "waf", "waf-2")
         self.assertEqual([seen_lists(c) for c in controls], [[["waf"], ["waf", "auth"]]] * 2)
 
+    def test_a_flood_of_new_agent_ids_sends_one_list_at_a_time(self) -> None:
+        # Made-up agent ids, faster than a worker (slow, or hung) answers:
+        # no growing list is queued per id, the latest goes once it answers.
+        workers = group(2)
+        controls = join_all(workers)
+        ids = [f"made-up-{i}" for i in range(50)]
+        for agent_id in ids:
+            hand_over(workers, agent_id, f"{agent_id}-1")
+        sent = [[a for c, a in control.sent if c is AgentsSeen] for control in controls]
+        self.assertEqual([[json.loads(a["agents"]) for a in s] for s in sent], [[ids[:1]], [ids[:1]]])
+        # Worker 1 answers; worker 2 does not (hung): only worker 1 is sent more.
+        first = controls[0]
+        first.answers[[c for c, _ in first.sent].index(AgentsSeen)].callback({})
+        self.assertEqual(json.loads(first.sent[-1][1]["agents"]), ids)
+        self.assertEqual(len([c for c, _ in first.sent if c is AgentsSeen]), 2)
+        self.assertEqual(len([c for c, _ in controls[1].sent if c is AgentsSeen]), 1)
+        # Answered with nothing new: nothing more is sent.
+        first.answers[-1].callback({})
+        self.assertEqual(len([c for c, _ in first.sent if c is AgentsSeen]), 2)
+        # A worker that restarts learns them from its hello, and is sent changes again.
+        workers.worker_left(controls[1])  # type: ignore[arg-type]
+        again = _Control()
+        workers.worker_joined(again, 2, 4242)  # type: ignore[arg-type]
+        hand_over(workers, "late-comer", "late-comer-1")
+        self.assertEqual(json.loads(again.sent[-1][1]["agents"]), [*ids, "late-comer"])
+
     def test_a_worker_that_joins_learns_them_in_the_answer_to_its_hello(self) -> None:
         from sentinel_twisted.workers.parent import ParentControl
 
@@ -751,7 +777,7 @@ class SeenTests(TestCase):
         self.assertEqual([seen_lists(c)[-1] for c in controls], [["auth"], ["auth"]])
         # Nothing to forget: nothing is sent.
         self.assertEqual(workers.forget_absent(lambda agent_id: True), [])
-        self.assertEqual([len(seen_lists(c)) for c in controls], [3, 3])
+        self.assertEqual([len(seen_lists(c)) for c in controls], [2, 2])
 
     def test_the_group_remembers_a_bounded_number_of_agents(self) -> None:
         from sentinel_twisted.config import ReverseConnectionConfig
