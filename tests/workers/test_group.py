@@ -396,6 +396,27 @@ class OptionTests(TestCase):
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
 
+    def test_more_workers_than_a_host_could_run_are_refused_with_one_line(self) -> None:
+        # Not a table of a billion workers, nor as many processes started.
+        from sentinel_twisted.tap import MAX_WORKERS
+
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "99999999999999")
+        self.assertEqual(
+            str(error), f"--workers 99999999999999: at most {MAX_WORKERS} (each worker is a process of its own, for one core)"
+        )
+        workers = str(MAX_WORKERS)
+        self.assertEqual(self.parse("--workers", workers, "--max-connections-per-agent", workers)["workers"], MAX_WORKERS)
+
+    def test_more_workers_than_an_agent_may_hold_connections_are_refused(self) -> None:
+        # With --max-connections-per-agent 4 (the default), a fifth worker
+        # could never hold a connection of any agent: every request it took
+        # would be answered 503.
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "5")
+        self.assertIn("--workers 5: --max-connections-per-agent 4 lets an agent hold a connection", str(error))
+        self.assertIn("give --max-connections-per-agent 5 or more", str(error))
+        self.assertEqual(self.parse("--workers", "4")["workers"], 4)
+        self.assertEqual(self.parse("--workers", "5", "--max-connections-per-agent", "5")["workers"], 5)
+
     def test_the_close_grace_and_the_known_agents_limit_reach_the_parent_and_its_workers(self) -> None:
         from sentinel_twisted.workers.assemble import ReservedPort, make_group, make_worker
 
