@@ -64,6 +64,8 @@ COVERAGE_DELAY = 5.0
 RESPREAD_DELAY = 1.0
 #: How long the parent waits for a worker's snapshot, in seconds.
 SNAPSHOT_TIMEOUT = 2.0
+#: Agent ids named in the line that says connections are moved to a worker.
+MOVERS_SHOWN = 5
 
 
 class NoWorkerReady(AgentProtocolError):
@@ -351,6 +353,10 @@ class WorkerGroup:
             return
         ready = self.ready()
         agents = {agent_id for w in ready for agent_id, n in w.agents.items() if n}
+        # One line for the whole move: agent ids come from peers, and a
+        # line per agent would make a restart log as many lines as agents.
+        moved: Counter[int] = Counter()
+        movers: list[str] = []
         for agent_id in sorted(agents):
             held = {w.index: w.agents[agent_id] for w in ready}
             share = sum(held.values()) // len(self.workers)
@@ -363,15 +369,23 @@ class WorkerGroup:
             for index, count in moves.items():
                 control = self.workers[index - 1].control
                 if control is not None:
-                    log.info(
-                        "Moving {count} connection(s) of agent {agent_id} from worker {donor} to worker {index}",
-                        count=count,
-                        agent_id=peer_text(agent_id, 64),
-                        donor=index,
-                        index=newcomer.index,
-                    )
+                    if not movers or movers[-1] != agent_id:
+                        movers.append(agent_id)
+                    moved[index] += count
                     asked = control.call(Release, agent_id=agent_id, count=count)
                     asked.addErrback(lambda _: None)
+        if moved:
+            shown = ", ".join(peer_text(a, 64) for a in movers[:MOVERS_SHOWN])
+            log.info(
+                "Moving {count} connection(s) of {agents} agent(s) ({shown}{more}) from worker(s) {donors} "
+                "to worker {index}",
+                count=sum(moved.values()),
+                agents=len(movers),
+                shown=shown,
+                more=f" and {len(movers) - MOVERS_SHOWN} more" if len(movers) > MOVERS_SHOWN else "",
+                donors=", ".join(f"{donor} ({n})" for donor, n in sorted(moved.items())),
+                index=newcomer.index,
+            )
 
     def worker_left(self, control: ParentControl) -> None:
         """A worker's control connection is gone: the connections it held are gone too."""

@@ -505,6 +505,28 @@ class RespreadTests(TestCase):
         self.assertEqual(second.sent, [(Release, {"agent_id": "waf-1", "count": 2})])
         self.assertEqual(again.sent, [])
 
+    def test_a_move_of_many_agents_connections_is_one_line(self) -> None:
+        # Agent ids come from peers: a restart must not log a line per agent.
+        from sentinel_twisted.workers.commands import Release
+
+        workers = group(2)
+        first, second = join_all(workers)
+        ids = [f"made-up-{i:02d}" for i in range(40)]
+        workers.workers[1].agents.update({agent_id: 2 for agent_id in ids})
+        workers.worker_left(first)  # type: ignore[arg-type]
+        workers.worker_joined(_Control(), 1, 2001)  # type: ignore[arg-type]
+        with captured_log() as events:
+            workers.clock.advance(1)  # type: ignore[attr-defined]
+        self.assertEqual(second.sent, [(Release, {"agent_id": agent_id, "count": 1}) for agent_id in ids])
+        moving = [formatEvent(e) for e in events if "Moving" in (formatEvent(e) or "")]
+        self.assertEqual(
+            moving,
+            [
+                "Moving 40 connection(s) of 40 agent(s) (made-up-00, made-up-01, made-up-02, made-up-03, "
+                "made-up-04 and 35 more) from worker(s) 2 (40) to worker 1"
+            ],
+        )
+
     def test_nothing_moves_when_the_connections_are_spread(self) -> None:
         workers = group(3)
         controls = join_all(workers)
