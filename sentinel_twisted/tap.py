@@ -89,6 +89,9 @@ DEFAULT_STATUS = "tcp:9901:interface=127.0.0.1"
 #: its processes pass ids and connection ids as AMP values, at most 65,535
 #: bytes each, and a connection id is its agent's id and about 30 more.
 MAX_WORKER_AGENT_ID_LENGTH = 65_000
+#: The most worker processes a group runs (C{--workers}): each is a whole
+#: Python process, for one core.
+MAX_WORKERS = 256
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -387,7 +390,8 @@ class Options(ProgramOptions):
             1,
             "Worker processes (N) serving the gateway on a shared port (SO_REUSEPORT); this "
             "process keeps the agent listener and the status site and hands each registered "
-            "agent connection to the worker holding fewest of that agent's.",
+            "agent connection to the worker holding fewest of that agent's (at most 256, and "
+            "no more than --max-connections-per-agent).",
         ],
         ["worker-control", None, None, "(Internal: set by the parent for its workers.)"],
         ["worker-index", None, None, "(Internal: set by the parent for its workers.)"],
@@ -531,6 +535,20 @@ class Options(ProgramOptions):
     def _worker_options(self) -> None:
         if self["worker-control"] is not None or self["workers"] == 1:
             return
+        workers, cap = self["workers"], self["max-connections-per-agent"]
+        if workers > MAX_WORKERS:
+            raise usage.UsageError(
+                f"--workers {workers}: at most {MAX_WORKERS} (each worker is a process of its own, for one core)"
+            )
+        if workers > cap:
+            # Each connection is in one worker: with fewer than one per
+            # worker, some workers never hold an agent, and answer 503.
+            raise usage.UsageError(
+                f"--workers {workers}: --max-connections-per-agent {cap} lets an agent hold a connection "
+                f"in {cap} worker(s) at most; the other {workers - cap} worker(s) could never consult it and would "
+                f"answer their share of the requests 503 (or pass them, --fail-open); give "
+                f"--max-connections-per-agent {workers} or more, and run agents with --connections {workers}"
+            )
         for description in self["listen"]:
             if parse_description(description)[0][0] == "ssl":
                 raise usage.UsageError(

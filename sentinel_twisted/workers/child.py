@@ -34,6 +34,7 @@ from .commands import (
     AgentsSeen,
     ConnectionGone,
     ControlProtocol,
+    Heartbeat,
     Hello,
     Release,
     Snapshot,
@@ -224,6 +225,11 @@ class WorkerControl(ControlProtocol):
             # (Not chained: the traceback would keep the socket Twisted made open.)
             raise AdoptionFailed(str(e) or e.__class__.__name__) from None
         self.control.adopted(protocol)
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict[str, Any]:
+        """L{Heartbeat}: this worker's reactor runs."""
         return {}
 
     @AgentsSeen.responder

@@ -24,6 +24,7 @@ __all__ = [
     "Chunked",
     "ConnectionGone",
     "ControlProtocol",
+    "Heartbeat",
     "Hello",
     "Release",
     "Snapshot",
@@ -70,10 +71,28 @@ class Hello(amp.Command):
     response = [(b"agents", Chunked()), (b"seen", Chunked())]
 
 
+class Heartbeat(amp.Command):
+    """
+    Parent to worker, every few seconds: a worker whose reactor runs
+    answers at once.  One that leaves heartbeats unanswered is handed no
+    new agent connections, and one that answers none for long is taken
+    for hung and killed (see
+    L{WorkerProcesses <sentinel_twisted.workers.processes.WorkerProcesses>}).
+
+    @cvar arguments: none.
+    @cvar response: nothing.
+    """
+
+    arguments = list[tuple[bytes, amp.Argument]]()
+    response = list[tuple[bytes, amp.Argument]]()
+
+
 class AgentsSeen(amp.Command):
     """
     Parent to worker: the agents the group has seen (a JSON list, in order
-    of first registration), sent whenever that changes.  Without
+    of first registration), sent when that changes (one at a time: changes
+    made while one is on its way are sent, as the latest list, once it is
+    answered).  Without
     C{--agent} a worker consults each of them for every request, whether
     it holds a connection of it or not, so that a request is never decided
     without an agent that another worker holds (it gets C{503} there, fail

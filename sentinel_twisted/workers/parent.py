@@ -64,6 +64,8 @@ COVERAGE_DELAY = 5.0
 RESPREAD_DELAY = 1.0
 #: How long the parent waits for a worker's snapshot, in seconds.
 SNAPSHOT_TIMEOUT = 2.0
+#: Agent ids named in the line that says connections are moved to a worker.
+MOVERS_SHOWN = 5
 
 
 class NoWorkerReady(AgentProtocolError):
@@ -89,6 +91,10 @@ class Worker:
     @ivar pid: its process id, C{None} while not running.
     @ivar agents: connections it holds, by agent id.
     @ivar restarts: how often it was restarted.
+    @ivar late: whether it has left its parent's last heartbeat unanswered
+        for a heartbeat interval or more (see
+        L{WorkerProcesses <sentinel_twisted.workers.processes.WorkerProcesses>}):
+        it is handed no new connection while another worker answers.
     """
 
     def __init__(self, index: int) -> None:
@@ -97,6 +103,7 @@ class Worker:
         self.pid: int | None = None
         self.agents: Counter[str] = Counter()
         self.restarts = 0
+        self.late = False
 
     @property
     def connections(self) -> int:
@@ -129,6 +136,10 @@ class WorkerGroup:
         self.seen = KnownAgents(max_known_agents)
         self._coverage_checks: dict[str, Any] = {}
         self._respreads: dict[int, Any] = {}
+        # The control connection an AgentsSeen is on its way to, by worker,
+        # and the workers owed a newer one once it is answered.
+        self._seen_sending: dict[int, ParentControl] = {}
+        self._seen_stale: set[int] = set()
         factory.group = self
 
     def _check_coverage(self, agent_id: str) -> None:
@@ -165,12 +176,15 @@ class WorkerGroup:
     def choose(self, agent_id: str) -> Worker | None:
         """
         The worker to hand a connection of C{agent_id} to: the one holding
-        fewest of that agent's connections, then fewest in all.
+        fewest of that agent's connections, then fewest in all, of those
+        that answer their heartbeats (a hung worker would never serve it),
+        or of every connected one if none does.
         """
         ready = self.ready()
         if not ready:
             return None
-        return min(ready, key=lambda w: (w.agents[agent_id], w.connections, w.index))
+        answering = [w for w in ready if not w.late] or ready
+        return min(answering, key=lambda w: (w.agents[agent_id], w.connections, w.index))
 
     def hand_over(self, protocol: HandOverProtocol, connection: AgentConnection, pending: bytes) -> None:
         """Pass C{protocol}'s socket to a worker; the parent's copy is closed."""
@@ -259,11 +273,37 @@ class WorkerGroup:
         return json.dumps(self.seen.ids).encode("utf-8")
 
     def _tell_seen(self) -> None:
-        document = self.seen_document()
         for worker in self.ready():
-            if worker.control is not None:
-                told = worker.control.call(AgentsSeen, agents=document)
-                told.addErrback(lambda _: None)
+            self._send_seen(worker)
+
+    def _send_seen(self, worker: Worker) -> None:
+        """
+        Send C{worker} the agents seen, one document at a time: while one is
+        on its way, a change only marks the worker for the latest document
+        once it is answered.  Agent ids come from peers: a flood of new ones
+        must not queue a growing document per id (quadratic memory in the
+        parent, and work in the worker), least of all for a worker that is
+        slow or hung.
+        """
+        control = worker.control
+        if control is None:
+            return
+        index = worker.index
+        if self._seen_sending.get(index) is control:
+            self._seen_stale.add(index)
+            return
+        self._seen_sending[index] = control
+        self._seen_stale.discard(index)
+
+        def answered(_: object) -> None:
+            # (A failure is the control connection lost: the worker has left.)
+            if self._seen_sending.get(index) is not control:
+                return
+            del self._seen_sending[index]
+            if index in self._seen_stale and worker.control is control:
+                self._send_seen(worker)
+
+        control.call(AgentsSeen, agents=self.seen_document()).addBoth(answered)
 
     def forget_absent(self, retired: Callable[[str], bool]) -> list[str]:
         """
@@ -287,7 +327,11 @@ class WorkerGroup:
             self._forget(worker)
         worker.control = control
         worker.pid = pid
+        worker.late = False
         control.worker = worker
+        # The answer to its hello carries the agents seen.
+        self._seen_sending.pop(index, None)
+        self._seen_stale.discard(index)
         log.info("Worker {index} (pid {pid}) is ready", index=index, pid=pid)
         pending = self._respreads.pop(index, None)
         if pending is not None and pending.active():
@@ -309,6 +353,10 @@ class WorkerGroup:
             return
         ready = self.ready()
         agents = {agent_id for w in ready for agent_id, n in w.agents.items() if n}
+        # One line for the whole move: agent ids come from peers, and a
+        # line per agent would make a restart log as many lines as agents.
+        moved: Counter[int] = Counter()
+        movers: list[str] = []
         for agent_id in sorted(agents):
             held = {w.index: w.agents[agent_id] for w in ready}
             share = sum(held.values()) // len(self.workers)
@@ -321,15 +369,23 @@ class WorkerGroup:
             for index, count in moves.items():
                 control = self.workers[index - 1].control
                 if control is not None:
-                    log.info(
-                        "Moving {count} connection(s) of agent {agent_id} from worker {donor} to worker {index}",
-                        count=count,
-                        agent_id=peer_text(agent_id, 64),
-                        donor=index,
-                        index=newcomer.index,
-                    )
+                    if not movers or movers[-1] != agent_id:
+                        movers.append(agent_id)
+                    moved[index] += count
                     asked = control.call(Release, agent_id=agent_id, count=count)
                     asked.addErrback(lambda _: None)
+        if moved:
+            shown = ", ".join(peer_text(a, 64) for a in movers[:MOVERS_SHOWN])
+            log.info(
+                "Moving {count} connection(s) of {agents} agent(s) ({shown}{more}) from worker(s) {donors} "
+                "to worker {index}",
+                count=sum(moved.values()),
+                agents=len(movers),
+                shown=shown,
+                more=f" and {len(movers) - MOVERS_SHOWN} more" if len(movers) > MOVERS_SHOWN else "",
+                donors=", ".join(f"{donor} ({n})" for donor, n in sorted(moved.items())),
+                index=newcomer.index,
+            )
 
     def worker_left(self, control: ParentControl) -> None:
         """A worker's control connection is gone: the connections it held are gone too."""

@@ -18,13 +18,15 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .._peertext import escape_char, is_clean
+from .commands import Heartbeat
 
 if TYPE_CHECKING:
-    from .parent import Worker, WorkerGroup
+    from .parent import ParentControl, Worker, WorkerGroup
 
 __all__ = ["WorkerProcesses", "relay_line", "worker_command"]
 
@@ -39,6 +41,13 @@ STEADY_AFTER = 10.0
 MAX_RESTART_DELAY = 30.0
 #: The longest log line of a worker relayed whole, in bytes.
 MAX_LINE = 64 * 1024
+#: Seconds between the parent's heartbeats to each worker (L{Heartbeat}).
+HEARTBEAT_INTERVAL = 5.0
+#: Heartbeat intervals a worker may leave its heartbeat unanswered before
+#: it is taken for hung (stopped, or its reactor blocked) and killed.
+#: Counted in the parent's own ticks, not in wall time: a parent that was
+#: itself suspended reads the answers waiting for it before it judges.
+HUNG_AFTER = 6
 
 
 def worker_command(arguments: Sequence[str], index: int, control: str, http: str | None) -> list[str]:
@@ -142,6 +151,14 @@ class WorkerProcesses(service.Service):
     doubles), and on stop sends each C{SIGTERM} (their requests get the
     shutdown grace) and C{SIGKILL} after C{stop_timeout}.
 
+    Every L{HEARTBEAT_INTERVAL} seconds it sends each connected worker a
+    L{Heartbeat}, one at a time: a worker that has not answered by the
+    next one is marked L{late <sentinel_twisted.workers.parent.Worker.late>}
+    (handed no new agent connection), and one that has not answered for
+    L{HUNG_AFTER} intervals is killed (C{SIGKILL}) and restarted as any
+    worker that exits: a hung worker would hold its agents' connection
+    slots and its share of the clients for ever.
+
     @ivar group: the workers.
     @ivar command: the command line of worker N.
     @ivar reactor: the reactor (processes and time).
@@ -168,12 +185,56 @@ class WorkerProcesses(service.Service):
         self._started: dict[int, float] = {}
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
+        # The heartbeat waiting for its answer, by worker: the control
+        # connection it went to and the heartbeat ticks since it was sent.
+        self._beats: dict[int, tuple[ParentControl, int]] = {}
+        self._heartbeat = LoopingCall(self.beat)
+        self._heartbeat.clock = reactor
         group.on_join = self._joined
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         for worker in self.group.workers:
             self.spawn(worker.index)
+        self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+
+    def beat(self) -> None:
+        """
+        A heartbeat tick: send each connected worker a L{Heartbeat} unless
+        its last one is unanswered; mark a worker late whose last one is,
+        and kill one that has left it unanswered for L{HUNG_AFTER} ticks.
+        """
+        for worker in self.group.workers:
+            index, control = worker.index, worker.control
+            beat = self._beats.get(index)
+            if control is None:
+                self._beats.pop(index, None)
+                worker.late = False
+                continue
+            if beat is not None and beat[0] is control:
+                missed = beat[1] + 1
+                self._beats[index] = (control, missed)
+                worker.late = True
+                if missed == HUNG_AFTER:
+                    log.error(
+                        "Worker {index} (pid {pid}) has not answered its parent for {seconds:.0f} s "
+                        "(hung, or stopped); killing it: its agents reconnect to the others, and it is restarted",
+                        index=index,
+                        pid=worker.pid,
+                        seconds=HUNG_AFTER * HEARTBEAT_INTERVAL,
+                    )
+                    self._signal(index, "KILL")
+                continue
+            self._beats[index] = (control, 0)
+            answer = control.call(Heartbeat)
+            answer.addBoth(self._answered, worker, control)
+
+    def _answered(self, result: object, worker: Worker, control: ParentControl) -> None:
+        # (A failure is the control connection lost: the worker has left.)
+        beat = self._beats.get(worker.index)
+        if beat is not None and beat[0] is control:
+            del self._beats[worker.index]
+            worker.late = False
 
     def spawn(self, index: int) -> None:
         """Start worker C{index}."""
@@ -247,15 +308,28 @@ class WorkerProcesses(service.Service):
             except ProcessExitedAlready:
                 pass
 
+    def _kill_remaining(self) -> None:
+        """The stop timeout is over: kill the workers still running, saying which."""
+        for index in sorted(self.processes):
+            log.warn(
+                "Worker {index} (pid {pid}) did not exit within {timeout:.0f} s of SIGTERM; killing it",
+                index=index,
+                pid=self.group.workers[index - 1].pid,
+                timeout=self.stop_timeout,
+            )
+        self.signal_all("KILL")
+
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
         self._restarts.clear()
         running = list(self.processes.values())
         self.signal_all("TERM")
-        kill = self.reactor.callLater(self.stop_timeout, self.signal_all, "KILL")
+        kill = self.reactor.callLater(self.stop_timeout, self._kill_remaining)
         ended: Deferred[Any] = DeferredList([p.ended for p in running])
 
         def done(result: object) -> object:

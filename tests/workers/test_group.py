@@ -31,9 +31,16 @@ from sentinel_twisted.workers.commands import (
     AdoptionFailed,
     AgentsSeen,
     Chunked,
+    Heartbeat,
 )
 from sentinel_twisted.workers.parent import HandOverFactory, NoWorkerReady, WorkerGroup
-from sentinel_twisted.workers.processes import WorkerProcesses, relay_line, worker_command
+from sentinel_twisted.workers.processes import (
+    HEARTBEAT_INTERVAL,
+    HUNG_AFTER,
+    WorkerProcesses,
+    relay_line,
+    worker_command,
+)
 from sentinel_twisted.workers.status import group_document, merge_metrics
 
 from .._proxy_support import capabilities, captured_log, log_text
@@ -389,6 +396,27 @@ class OptionTests(TestCase):
     def test_zero_workers_is_refused(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
 
+    def test_more_workers_than_a_host_could_run_are_refused_with_one_line(self) -> None:
+        # Not a table of a billion workers, nor as many processes started.
+        from sentinel_twisted.tap import MAX_WORKERS
+
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "99999999999999")
+        self.assertEqual(
+            str(error), f"--workers 99999999999999: at most {MAX_WORKERS} (each worker is a process of its own, for one core)"
+        )
+        workers = str(MAX_WORKERS)
+        self.assertEqual(self.parse("--workers", workers, "--max-connections-per-agent", workers)["workers"], MAX_WORKERS)
+
+    def test_more_workers_than_an_agent_may_hold_connections_are_refused(self) -> None:
+        # With --max-connections-per-agent 4 (the default), a fifth worker
+        # could never hold a connection of any agent: every request it took
+        # would be answered 503.
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "5")
+        self.assertIn("--workers 5: --max-connections-per-agent 4 lets an agent hold a connection", str(error))
+        self.assertIn("give --max-connections-per-agent 5 or more", str(error))
+        self.assertEqual(self.parse("--workers", "4")["workers"], 4)
+        self.assertEqual(self.parse("--workers", "5", "--max-connections-per-agent", "5")["workers"], 5)
+
     def test_the_close_grace_and_the_known_agents_limit_reach_the_parent_and_its_workers(self) -> None:
         from sentinel_twisted.workers.assemble import ReservedPort, make_group, make_worker
 
@@ -477,6 +505,28 @@ class RespreadTests(TestCase):
         self.assertEqual(second.sent, [(Release, {"agent_id": "waf-1", "count": 2})])
         self.assertEqual(again.sent, [])
 
+    def test_a_move_of_many_agents_connections_is_one_line(self) -> None:
+        # Agent ids come from peers: a restart must not log a line per agent.
+        from sentinel_twisted.workers.commands import Release
+
+        workers = group(2)
+        first, second = join_all(workers)
+        ids = [f"made-up-{i:02d}" for i in range(40)]
+        workers.workers[1].agents.update({agent_id: 2 for agent_id in ids})
+        workers.worker_left(first)  # type: ignore[arg-type]
+        workers.worker_joined(_Control(), 1, 2001)  # type: ignore[arg-type]
+        with captured_log() as events:
+            workers.clock.advance(1)  # type: ignore[attr-defined]
+        self.assertEqual(second.sent, [(Release, {"agent_id": agent_id, "count": 1}) for agent_id in ids])
+        moving = [formatEvent(e) for e in events if "Moving" in (formatEvent(e) or "")]
+        self.assertEqual(
+            moving,
+            [
+                "Moving 40 connection(s) of 40 agent(s) (made-up-00, made-up-01, made-up-02, made-up-03, "
+                "made-up-04 and 35 more) from worker(s) 2 (40) to worker 1"
+            ],
+        )
+
     def test_nothing_moves_when_the_connections_are_spread(self) -> None:
         workers = group(3)
         controls = join_all(workers)
@@ -537,6 +587,102 @@ class ReloadTests(TestCase):
         self.assertEqual(again.signals, [])
         processes.stopService()
         self.assertEqual([t.signals for _, t in reactor.spawned], [["HUP"], ["HUP", "TERM"], ["TERM"]])
+
+
+def heartbeats(control: _Control) -> list[Deferred[Any]]:
+    """The answers of the heartbeats C{control} was sent."""
+    return [answer for (command, _), answer in zip(control.sent, control.answers, strict=True) if command is Heartbeat]
+
+
+def answer_heartbeats(control: _Control) -> None:
+    for answer in heartbeats(control):
+        if not answer.called:
+            answer.callback({})
+
+
+class HeartbeatTests(TestCase):
+    """A worker that stops answering its parent (hung, or stopped) is avoided, then killed and restarted."""
+
+    def started(self) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses, list[_Control]]:
+        workers = group(2)
+        reactor = _ProcessReactor()
+        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+        processes.startService()
+
+        def stop() -> None:
+            processes.stopService()
+            for protocol in list(processes.processes.values()):
+                protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+
+        self.addCleanup(stop)
+        controls = []
+        for worker, (_, transport) in zip(workers.workers, reactor.spawned, strict=True):
+            control = _Control()
+            workers.worker_joined(control, worker.index, transport.pid)  # type: ignore[arg-type]
+            controls.append(control)
+        return workers, reactor, processes, controls
+
+    def test_a_worker_that_answers_no_heartbeat_gets_no_connection_then_is_killed_and_restarted(self) -> None:
+        workers, reactor, processes, (hung, alive) = self.started()
+        (protocol, hung_process), (_, alive_process) = reactor.spawned
+        reactor.advance(HEARTBEAT_INTERVAL)
+        answer_heartbeats(alive)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[0], "both answer so far: the first")
+        reactor.advance(HEARTBEAT_INTERVAL)
+        answer_heartbeats(alive)
+        # Worker 1 left its heartbeat unanswered for an interval: it would
+        # never serve a connection handed to it now.
+        self.assertTrue(workers.workers[0].late)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[1])
+        with captured_log() as events:
+            for _ in range(HUNG_AFTER - 1):
+                self.assertEqual(hung_process.signals, [])
+                reactor.advance(HEARTBEAT_INTERVAL)
+                answer_heartbeats(alive)
+        self.assertEqual((hung_process.signals, alive_process.signals), (["KILL"], []))
+        self.assertIn(
+            f"Worker 1 (pid {hung_process.pid}) has not answered its parent for "
+            f"{HUNG_AFTER * HEARTBEAT_INTERVAL:.0f} s (hung, or stopped); killing it",
+            log_text(events),
+        )
+        # One heartbeat waits at a time: none piles up in a hung worker's socket.
+        self.assertEqual(len(heartbeats(hung)), 1)
+        self.assertEqual(len(heartbeats(alive)), HUNG_AFTER + 1)
+        # Killed, it goes as any worker that dies: its slots are freed, it is restarted.
+        workers.worker_left(hung)  # type: ignore[arg-type]
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        reactor.advance(0)
+        self.assertEqual(len(reactor.spawned), 3)
+        workers.worker_joined(_Control(), 1, reactor.spawned[2][1].pid)  # type: ignore[arg-type]
+        self.assertFalse(workers.workers[0].late)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[0])
+
+    def test_a_parent_that_was_suspended_reads_the_answers_before_it_judges(self) -> None:
+        workers, reactor, processes, controls = self.started()
+        reactor.advance(HEARTBEAT_INTERVAL)
+        # The parent itself stopped for a long while (SIGSTOP, a suspended
+        # machine): its next tick comes once, and the answers are read after.
+        reactor.advance(HUNG_AFTER * HEARTBEAT_INTERVAL * 10)
+        for control in controls:
+            answer_heartbeats(control)
+        reactor.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual([t.signals for _, t in reactor.spawned], [[], []])
+        self.assertEqual([w.late for w in workers.workers], [False, False])
+
+    def test_a_worker_that_does_not_exit_after_sigterm_is_killed_with_one_line(self) -> None:
+        workers, reactor, processes, controls = self.started()
+        (first, first_process), (_, second_process) = reactor.spawned
+        stopped = processes.stopService()
+        first.processEnded(Failure(ProcessTerminated(exitCode=0)))
+        with captured_log() as events:
+            reactor.advance(5)
+        self.assertEqual((first_process.signals, second_process.signals), (["TERM"], ["TERM", "KILL"]))
+        self.assertIn(
+            f"Worker 2 (pid {second_process.pid}) did not exit within 5 s of SIGTERM; killing it", log_text(events)
+        )
+        self.assertNotIn("Worker 1", log_text(events))
+        reactor.spawned[1][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertTrue(stopped.called)
 
 
 class HttpHoldTests(TestCase):
@@ -613,6 +759,32 @@ class SeenTests(TestCase):
         hand_over(workers, "waf", "waf-2")
         self.assertEqual([seen_lists(c) for c in controls], [[["waf"], ["waf", "auth"]]] * 2)
 
+    def test_a_flood_of_new_agent_ids_sends_one_list_at_a_time(self) -> None:
+        # Made-up agent ids, faster than a worker (slow, or hung) answers:
+        # no growing list is queued per id, the latest goes once it answers.
+        workers = group(2)
+        controls = join_all(workers)
+        ids = [f"made-up-{i}" for i in range(50)]
+        for agent_id in ids:
+            hand_over(workers, agent_id, f"{agent_id}-1")
+        sent = [[a for c, a in control.sent if c is AgentsSeen] for control in controls]
+        self.assertEqual([[json.loads(a["agents"]) for a in s] for s in sent], [[ids[:1]], [ids[:1]]])
+        # Worker 1 answers; worker 2 does not (hung): only worker 1 is sent more.
+        first = controls[0]
+        first.answers[[c for c, _ in first.sent].index(AgentsSeen)].callback({})
+        self.assertEqual(json.loads(first.sent[-1][1]["agents"]), ids)
+        self.assertEqual(len([c for c, _ in first.sent if c is AgentsSeen]), 2)
+        self.assertEqual(len([c for c, _ in controls[1].sent if c is AgentsSeen]), 1)
+        # Answered with nothing new: nothing more is sent.
+        first.answers[-1].callback({})
+        self.assertEqual(len([c for c, _ in first.sent if c is AgentsSeen]), 2)
+        # A worker that restarts learns them from its hello, and is sent changes again.
+        workers.worker_left(controls[1])  # type: ignore[arg-type]
+        again = _Control()
+        workers.worker_joined(again, 2, 4242)  # type: ignore[arg-type]
+        hand_over(workers, "late-comer", "late-comer-1")
+        self.assertEqual(json.loads(again.sent[-1][1]["agents"]), [*ids, "late-comer"])
+
     def test_a_worker_that_joins_learns_them_in_the_answer_to_its_hello(self) -> None:
         from sentinel_twisted.workers.parent import ParentControl
 
@@ -648,7 +820,7 @@ class SeenTests(TestCase):
         self.assertEqual([seen_lists(c)[-1] for c in controls], [["auth"], ["auth"]])
         # Nothing to forget: nothing is sent.
         self.assertEqual(workers.forget_absent(lambda agent_id: True), [])
-        self.assertEqual([len(seen_lists(c)) for c in controls], [3, 3])
+        self.assertEqual([len(seen_lists(c)) for c in controls], [2, 2])
 
     def test_the_group_remembers_a_bounded_number_of_agents(self) -> None:
         from sentinel_twisted.config import ReverseConnectionConfig

@@ -32,6 +32,7 @@ from sentinel_twisted.workers.commands import (
     AdoptionFailed,
     ConnectionGone,
     ControlProtocol,
+    Heartbeat,
     Snapshot,
 )
 from sentinel_twisted.workers.parent import HandOverFactory, HandOverProtocol, WorkerGroup
@@ -144,6 +145,13 @@ class AdoptionTests(_WorkerEnd):
         answer = yield self.parent.call(Snapshot)
         self.assertTrue(answer["ready"])
         self.assertIsNotNone(self.worker.transport)
+
+
+class HeartbeatAnswerTests(_WorkerEnd):
+    @inlineCallbacks
+    def test_a_worker_answers_its_parents_heartbeat(self) -> Any:
+        answer = yield self.parent.call(Heartbeat).addTimeout(10, reactor)
+        self.assertEqual(answer, {})
 
 
 class _Factory:
