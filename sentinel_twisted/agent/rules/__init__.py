@@ -78,8 +78,7 @@ class RulesAgent(Agent):
     boundaries); the first chunk in which a body rule matches decides.
 
     A request past the bounds of the rules' C{[request]} table is answered
-    by its policy, and a warning says so, a few per period (the
-    L{log_limiter}'s).
+    by its policy, and a warning says so (rate limited by L{log_limiter}).
 
     @param max_concurrency: events served at once per connection
         (announced in the capabilities); at least 1.

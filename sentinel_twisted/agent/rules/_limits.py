@@ -18,11 +18,12 @@ import attrs
 
 from ._decode import Uninspectable
 
-#: The default bound on a request target's length: well above the 8 KiB
+#: The default bound on a request target's bytes: well above the 8 KiB
 #: request lines common servers take, so that no ordinary request meets it.
 MAX_URI_LENGTH = 64 * 1024
 
-#: The default bound on a request's header names and values together.
+#: The default bound on the bytes of a request's header names and values
+#: together.
 MAX_HEADER_BYTES = 256 * 1024
 
 #: The default bound on a request's header fields (each value of a header
