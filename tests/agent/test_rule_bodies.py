@@ -21,7 +21,7 @@ from sentinel_twisted.agent import RulesAgent, RulesError, parse_rules
 from sentinel_twisted.agent.rules._decode import INFLATE_PIECE, BodyPolicy, Inflater, json_charset
 
 from ._support import temp_path
-from .test_rules import body, event
+from .test_rules import NO_REQUEST_BOUNDS, body, event
 
 DOC = '{"comment": "<script>alert(1)</script>"}'
 BENIGN = '{"comment": "a <b>bold</b> remark, no scripts"}'
@@ -238,7 +238,7 @@ class UninspectableTests(SynchronousTestCase):
         many = {"content-encoding": ["x," * 1_000_000]}
         self.assertLessEqual(len(content_codings(many)), 10)
         self.assertLessEqual(len(content_codings({"content-encoding": ["gzip"] * 1_000_000})), 10)
-        agent = _agent(self)
+        agent = _agent(self, **NO_REQUEST_BOUNDS)
         for headers in (many, {"content-encoding": ["z" * 1_000_000]}, {"content-encoding": ["a,b", "z" * 100_000] * 5}):
             answer = _send(agent, b"data", headers)
             self.assertEqual(answer.decision.status, 415)  # type: ignore[union-attr]

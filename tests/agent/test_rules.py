@@ -43,6 +43,10 @@ def decide(ruleset: Any, **kw: Any) -> m.AgentResponse:
 
 BLOCK = {"block": True}
 
+#: A C{[request]} table that lets any event through: for the tests of what
+#: the rules make of requests larger than the default bounds take.
+NO_REQUEST_BOUNDS = {"request": dict.fromkeys(("max_uri_length", "max_header_bytes", "max_headers"), 1 << 24)}
+
 
 class _DecisionTestCase(SynchronousTestCase):
     def assertBlocked(self, ruleset: Any, **kw: Any) -> None:
@@ -272,9 +276,9 @@ class MatcherTests(_DecisionTestCase):
         self.assertEqual(list(agent._bodies), ["t7", "t8", "t9"])
 
 
-def _agent(case: SynchronousTestCase, *tables: dict[str, Any]) -> RulesAgent:
+def _agent(case: SynchronousTestCase, *tables: dict[str, Any], **top: Any) -> RulesAgent:
     path = Path(temp_path(case, "rules.json"))
-    path.write_text(json.dumps({"rules": list(tables)}))
+    path.write_text(json.dumps({"rules": list(tables), **top}))
     return RulesAgent(path)
 
 
@@ -570,7 +574,7 @@ class DecisionLogTests(SynchronousTestCase):
             self.assertIn("\\x1b", line)
 
     def test_a_block_by_headers(self) -> None:
-        agent = _agent(self, {"id": "b", "match": {"path": "^/admin"}, "block": True})
+        agent = _agent(self, {"id": "b", "match": {"path": "^/admin"}, "block": True}, **NO_REQUEST_BOUNDS)
         hostile = self.HOSTILE + "x" * 100_000
         agent.on_request_headers(
             event(cid="c" + hostile, uri="/admin?" + hostile, method="GET" + hostile, client_ip="1" + hostile)
@@ -578,7 +582,7 @@ class DecisionLogTests(SynchronousTestCase):
         self.assert_safe(self.lines(), "Rule b blocked")
 
     def test_a_block_by_body(self) -> None:
-        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True}, **NO_REQUEST_BOUNDS)
         hostile = self.HOSTILE + "x" * 100_000
         cid = "c" + hostile
         agent.on_request_headers(
@@ -588,7 +592,7 @@ class DecisionLogTests(SynchronousTestCase):
         self.assert_safe(self.lines(), "Rule xss blocked")
 
     def test_an_uninspectable_body(self) -> None:
-        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True})
+        agent = _agent(self, {"id": "xss", "match": {"body": "<script"}, "block": True}, **NO_REQUEST_BOUNDS)
         hostile = self.HOSTILE + "x" * 100_000
         cid = "c" + hostile
         coding = ", ".join(["x" + self.HOSTILE] * 2000)
@@ -732,6 +736,7 @@ class PathNormalisationTests(_DecisionTestCase):
             {"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK},
             {"id": "u", "match": {"uri": "x$"}, **BLOCK},
             {"id": "q", "match": {"query": "union"}, **BLOCK},
+            **NO_REQUEST_BOUNDS,
         )
 
         def decision(request: m.RequestHeadersEvent) -> m.Decision:
@@ -792,7 +797,7 @@ class AbsoluteFormTargetTests(_DecisionTestCase):
     def test_nothing_is_remembered(self) -> None:
         # urlsplit caches the last 128 URLs it split (20 on Python 3.10),
         # with their parts: as many events of 16 MiB, and a copy of each.
-        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK})
+        r = rules({"id": "p", "match": {"path": "^/admin(/|$)"}, **BLOCK}, **NO_REQUEST_BOUNDS)
         requests = [event(uri=f"http://h{i}/" + "a" * 1024 * 1024) for i in range(3)]
 
         def evaluate() -> None:

@@ -17,6 +17,10 @@ A rule looks like this::
     match = { path = "^/admin(/|$)" }
     block = { status = 403, body = "Forbidden" }
 
+A request whose target or headers are past the bounds of the file's
+C{[request]} table (L{RequestPolicy}) is not looked at by any rule: it is
+refused (C{414}, C{431}) or, with C{uninspectable = "allow"}, let through.
+
 Errors are reported with the file, the rule and the reason, all of them at
 once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
 """
@@ -25,17 +29,21 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ... import messages as m
 from ..._peertext import peer_text
+from ..._ratelimit import LogRateLimiter
 from .._interfaces import HandlerResult
 from ..base import Agent
 from ..responses import allow
 from ._compile import compile_pattern, load_rules, parse_rules
 from ._decode import BodyPolicy, Uninspectable
 from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
+from ._limits import RequestPolicy
 from ._model import Pattern, Rule, RulesError
 
 #: Characters of the proxy's method, client address and correlation id a
@@ -46,6 +54,7 @@ __all__ = [
     "BODY_WINDOW",
     "BodyPolicy",
     "Pattern",
+    "RequestPolicy",
     "Rule",
     "RuleSet",
     "RulesAgent",
@@ -68,8 +77,13 @@ class RulesAgent(Agent):
     C{needs_more} and their body chunks are scanned (across chunk
     boundaries); the first chunk in which a body rule matches decides.
 
+    A request past the bounds of the rules' C{[request]} table is answered
+    by its policy, and a warning says so (rate limited by L{log_limiter}).
+
     @param max_concurrency: events served at once per connection
         (announced in the capabilities); at least 1.
+    @param clock: the time the warnings are rate limited by (the global
+        reactor when not given).
     @cvar name: the agent's name in its capabilities.
     @ivar path: the rules file.
     @ivar ruleset: the rules in force.
@@ -85,7 +99,13 @@ class RulesAgent(Agent):
     #: rules' C{[body]} policy decides.
     max_inflating_bodies = 1_000
 
-    def __init__(self, path: str | os.PathLike[str], *, max_concurrency: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_concurrency: int | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         if max_concurrency is not None and (
             isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
         ):
@@ -99,6 +119,24 @@ class RulesAgent(Agent):
         # get the [body] policy's answer, never an unchecked allow.
         self._evicted: OrderedDict[str, _BodyScan] = OrderedDict()
         self._inflating: set[str] = set()
+        self._clock = clock
+        self._log_limiter: LogRateLimiter | None = None
+
+    @property
+    def log_limiter(self) -> LogRateLimiter:
+        """
+        Rate limits the warnings for requests past the C{[request]} bounds
+        (one line per kind per ten seconds, and then how many more there
+        were): a client that sends them by the thousand makes a line, not
+        a thousand.
+        """
+        limiter = self._log_limiter
+        if limiter is None:
+            clock: Any = self._clock
+            if clock is None:
+                from twisted.internet import reactor as clock
+            limiter = self._log_limiter = LogRateLimiter(clock, period=10.0, burst=1)
+        return limiter
 
     def reload(self) -> bool:
         """
@@ -133,7 +171,9 @@ class RulesAgent(Agent):
     def on_request_headers(self, event: m.RequestHeadersEvent) -> HandlerResult:
         verdict = self.ruleset.evaluate(event)
         cid = m.event_correlation_id(event)
-        if verdict.decided_by is not None:
+        if verdict.uninspectable is not None:
+            self._log_uninspectable_request(verdict.uninspectable, event, cid)
+        elif verdict.decided_by is not None:
             self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
         elif verdict.body_rules:
             inflate = len(self._inflating) < self.max_inflating_bodies
@@ -193,6 +233,28 @@ class RulesAgent(Agent):
         blocks = scan.policy.blocks
         _log_uninspected(failure, blocks, scan, f"{scan.uri} (body chunk {event.chunk_index})", cid)
         return scan.refused(failure) if blocks else allow()
+
+    def _log_uninspectable_request(
+        self, failure: Uninspectable, event: m.RequestHeadersEvent, cid: str
+    ) -> None:
+        """Warn of a request past the [request] bounds: refused, or let through unmatched."""
+        if self.ruleset.request.blocks:
+            format = (
+                "Request too large to inspect, blocked ({status}): {reason}: {method} {uri}{client} [{cid}]"
+            )
+        else:
+            format = (
+                "Request too large to inspect, allowed unmatched by the [request] policy: "
+                "{reason}: {method} {uri}{client} [{cid}]"
+            )
+        self.log_limiter.warn(
+            log,
+            f"request-uninspectable:{failure.code}",
+            format,
+            status=failure.status,
+            reason=failure.reason,
+            **_request_fields(event.method, event.uri, event.metadata.client_ip, cid),
+        )
 
     def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
         decision = rule.decision

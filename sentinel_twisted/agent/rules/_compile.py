@@ -18,8 +18,10 @@ from typing import Any
 import re2  # type: ignore[import-untyped]
 
 from ... import messages as m
+from ...wire import MAX_MESSAGE_SIZE
 from ._decode import MAX_INFLATE_RATIO, MAX_INFLATED_SIZE, BodyPolicy
 from ._evaluate import RuleSet
+from ._limits import MAX_HEADER_BYTES, MAX_HEADERS, MAX_URI_LENGTH, RequestPolicy
 from ._model import Pattern, Rule, RulesError, _Defaults, _Problems
 
 if sys.version_info >= (3, 11):
@@ -59,8 +61,7 @@ _RULE_KEYS = frozenset(
         "tags",
     }
 )
-_TOP_KEYS = frozenset({"rules", "defaults", "body"})
-_BODY_KEYS = frozenset({"uninspectable", "max_inflated_size", "max_inflate_ratio"})
+_TOP_KEYS = frozenset({"rules", "defaults", "body", "request"})
 _DEFAULT_KEYS = frozenset({"block_status", "block_body", "redirect_status"})
 _OP_KEYS = frozenset({"set", "add", "remove"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -349,30 +350,59 @@ def _defaults(raw: Any, problems: list[str]) -> _Defaults:
         return _Defaults()
 
 
-def _count(table: Mapping[str, Any], key: str, default: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _Problems(f"body.{key}: expected a positive integer, got {_show(value)}")
-    return value
+#: A bound of a C{[request]} table that lets any event through (a proxy's
+#: events are at most 16 MiB), for the message that says 0 is not one.
+_NO_BOUND = MAX_MESSAGE_SIZE
+
+
+def _policy_table(
+    raw: Any, name: str, counts: Mapping[str, int], problems: list[str], zero_hint: str = ""
+) -> dict[str, Any] | None:
+    """
+    The keys of a policy table (C{[body]}, C{[request]}): C{uninspectable}
+    (C{"block"}, the default, or C{"allow"}) and the positive integers
+    C{counts} gives the defaults of.  Every problem is added to
+    C{problems}, each naming the table and its key; C{None}: there were
+    some.
+    """
+    if raw is None:
+        return {}
+    try:
+        table = _table(raw, name)
+    except _Problems as e:
+        problems.append(str(e))
+        return None
+    found: list[str] = []
+    try:
+        _unknown(table, frozenset({"uninspectable", *counts}), f"{name}: ")
+    except _Problems as e:
+        found.append(str(e))
+    values: dict[str, Any] = {}
+    uninspectable = table.get("uninspectable", "block")
+    if uninspectable not in ("block", "allow"):
+        found.append(f"{name}.uninspectable: expected \"block\" or \"allow\", got {_show(uninspectable)}")
+    values["uninspectable"] = uninspectable
+    for key, default in counts.items():
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = zero_hint if value == 0 and not isinstance(value, bool) else ""
+            found.append(f"{name}.{key}: expected a positive integer, got {_show(value)}{hint}")
+        values[key] = value
+    problems.extend(found)
+    return None if found else values
 
 
 def _body_policy(raw: Any, problems: list[str]) -> BodyPolicy:
-    if raw is None:
-        return BodyPolicy()
-    try:
-        table = _table(raw, "body")
-        _unknown(table, _BODY_KEYS, "body: ")
-        uninspectable = table.get("uninspectable", "block")
-        if uninspectable not in ("block", "allow"):
-            raise _Problems(f"body.uninspectable: expected \"block\" or \"allow\", got {_show(uninspectable)}")
-        return BodyPolicy(
-            uninspectable=uninspectable,
-            max_inflated_size=_count(table, "max_inflated_size", MAX_INFLATED_SIZE),
-            max_inflate_ratio=_count(table, "max_inflate_ratio", MAX_INFLATE_RATIO),
-        )
-    except _Problems as e:
-        problems.append(str(e))
-        return BodyPolicy()
+    counts = {"max_inflated_size": MAX_INFLATED_SIZE, "max_inflate_ratio": MAX_INFLATE_RATIO}
+    values = _policy_table(raw, "body", counts, problems)
+    return BodyPolicy() if values is None else BodyPolicy(**values)
+
+
+def _request_policy(raw: Any, problems: list[str]) -> RequestPolicy:
+    counts = {"max_uri_length": MAX_URI_LENGTH, "max_header_bytes": MAX_HEADER_BYTES, "max_headers": MAX_HEADERS}
+    hint = f" (0 is not \"no limit\": events are at most {_NO_BOUND:,} bytes, so {_NO_BOUND} lets any through)"
+    values = _policy_table(raw, "request", counts, problems, hint)
+    return RequestPolicy() if values is None else RequestPolicy(**values)
 
 
 def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
@@ -390,6 +420,7 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
         problems.append(str(e))
     defaults = _defaults(document.get("defaults"), problems)
     body = _body_policy(document.get("body"), problems)
+    request = _request_policy(document.get("request"), problems)
     raw_rules = document.get("rules", [])
     if not isinstance(raw_rules, list):
         raise RulesError(source, problems + ["'rules' must be an array of tables ([[rules]])"])
@@ -419,7 +450,7 @@ def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
             rules.append(rule)
     if problems:
         raise RulesError(source, problems)
-    return RuleSet(tuple(rules), source, body)
+    return RuleSet(tuple(rules), source, body, request)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:

@@ -23,6 +23,7 @@ from ._decode import (
     content_codings,
     unsupported,
 )
+from ._limits import TAG, RequestPolicy
 from ._model import Rule, _any_search, _RequestView, _unique, percent_decoded
 
 #: Bytes of the body before each chunk that C{body} patterns see with it.
@@ -44,6 +45,9 @@ class Verdict:
     @ivar response_ops: the response header operations gathered.
     @ivar rule_ids: the ids of the rules that matched.
     @ivar tags: the tags gathered.
+    @ivar uninspectable: why the request was past the bounds of the rules'
+        L{RequestPolicy} (no rule saw it: the answer is the policy's),
+        C{None}: it was within them.
     """
 
     response: ResponseBuilder
@@ -52,6 +56,7 @@ class Verdict:
     response_ops: tuple[m.HeaderOp, ...] = ()
     rule_ids: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    uninspectable: Uninspectable | None = None
 
 
 @attrs.frozen
@@ -68,11 +73,14 @@ class RuleSet:
     @ivar source: where they came from (the file name), for messages.
     @ivar body: how body rules decode bodies, and what they do with one
         they cannot decode (the file's C{[body]} table).
+    @ivar request: how large a request the rules inspect, and what happens
+        to a larger one (the file's C{[request]} table).
     """
 
     rules: tuple[Rule, ...]
     source: str = "<rules>"
     body: BodyPolicy = BodyPolicy()
+    request: RequestPolicy = RequestPolicy()
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -87,7 +95,14 @@ class RuleSet:
         Apply the rules to a request's headers.  Rules that need the body are
         left in the verdict's C{body_rules}, and the answer asks for more
         (C{needs_more}) unless a header rule decided.
+
+        A request past the bounds of the L{RequestPolicy} is not looked at:
+        it is refused, or let through unmatched, by the policy (the
+        verdict's C{uninspectable} says why), before anything is decoded.
         """
+        failure = self.request.check(event.uri, event.headers)
+        if failure is not None:
+            return self._uninspectable(failure)
         request = _RequestView(event)
         request_ops: list[m.HeaderOp] = []
         response_ops: list[m.HeaderOp] = []
@@ -120,6 +135,15 @@ class RuleSet:
         return Verdict(
             builder, None, tuple(body_rules), tuple(response_ops), tuple(rule_ids), unique_tags
         )
+
+    def _uninspectable(self, failure: Uninspectable) -> Verdict:
+        """The policy's answer for a request past its bounds."""
+        if self.request.blocks:
+            decision: m.Decision = m.Block(failure.status, f"Request cannot be inspected: {failure.reason}")
+        else:
+            decision = m.ALLOW
+        builder = ResponseBuilder(decision).reason(failure.code).tag(TAG)
+        return Verdict(builder, None, (), uninspectable=failure)
 
 
 class _Reading:
