@@ -10,7 +10,6 @@ user drives it (a listener and its pool, an agent and its connector).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -311,8 +310,7 @@ class ProxySideTestCase(TestCase):
         for peer in self.peers:
             if not peer.gone:
                 peer.transport.abortConnection()  # type: ignore[union-attr]
-        for gone in self.factory.gone:
-            yield gone
+        yield gatherResults(self.factory.gone)
         yield port.stopListening()
 
     @inlineCallbacks
@@ -519,9 +517,14 @@ class RegistrationTests(ProxySideTestCase):
         yield self.listen()
         names = {
             HANDSHAKE_RESPONSE: "HandshakeResponse",
-            **{t: n for t, n in zip(EVENT_TYPES, (
-                "RequestHeaders", "RequestBodyChunk", "ResponseHeaders", "ResponseBodyChunk",
-                "RequestComplete", "WebSocketFrame", "GuardrailInspect", "Configure"))},
+            REQUEST_HEADERS: "RequestHeaders",
+            REQUEST_BODY_CHUNK: "RequestBodyChunk",
+            RESPONSE_HEADERS: "ResponseHeaders",
+            RESPONSE_BODY_CHUNK: "ResponseBodyChunk",
+            REQUEST_COMPLETE: "RequestComplete",
+            WEBSOCKET_FRAME: "WebSocketFrame",
+            GUARDRAIL_INSPECT: "GuardrailInspect",
+            CONFIGURE: "Configure",
             AGENT_RESPONSE: "AgentResponse",
             HEALTH_STATUS: "HealthStatus",
             METRICS_REPORT: "MetricsReport",
@@ -896,7 +899,7 @@ class RegisteredTests(ProxySideTestCase):
         self.assertEqual(self.factory.pool.cancel_all(4), 3)
         for d in ds:
             yield self.assertFailure(d, Exception)
-        for i in range(3):
+        for _ in range(3):
             cancel = yield self.agent.next_json(CANCEL)
             self.assertEqual(cancel["reason"], 4)
         self.assertEqual(self.factory.pool.in_flight, 0)
@@ -999,8 +1002,7 @@ class RegisteredTests(ProxySideTestCase):
         for _ in ds:
             yield self.agent.next_frame()
         self.agent.write(b"".join(frame(AGENT_RESPONSE, answer(f"m{i}")) for i in range(40)))
-        for d in ds:
-            yield d
+        yield gatherResults(ds)
         self.assertEqual(self.factory.pool.in_flight, 0)
 
     @inlineCallbacks
@@ -1209,3 +1211,328 @@ class AgentRegistrationTests(AgentSideTestCase):
         yield peer.next_json(HEALTH_STATUS)
         (protocol,) = self.connector.protocols()
         self.assertEqual(protocol.connection_id, "c-1")
+
+
+def held_agent() -> Any:
+    """An agent that answers every event type, holding those whose id starts with "hold"."""
+    from sentinel_twisted.agent import Agent, allow, routing_id
+
+    class Holding(Agent):
+        events = list(range(8))
+
+        def __init__(self) -> None:
+            self.held: dict[str, Deferred[Any]] = {}
+            self.cancelled: list[str] = []
+            self.seen: list[Any] = []
+
+        def _answer(self, event: Any) -> Any:
+            self.seen.append(event)
+            cid = routing_id(event)
+            if cid.startswith("hold"):
+                d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(cid))
+                self.held[cid] = d
+                return d
+            return allow().tag(type(event).__name__)
+
+        on_request_headers = on_request_body_chunk = on_response_headers = _answer
+        on_response_body_chunk = on_request_complete = on_guardrail_inspect = on_configure = _answer
+
+        def on_websocket_frame(self, event: Any) -> Any:
+            return self._answer(event)
+
+    return Holding()
+
+
+class AgentServingTests(AgentSideTestCase):
+    """SPEC section 4 from the agent's side: every event, its answer, and control frames."""
+
+    @inlineCallbacks
+    def setUp(self) -> Generator[Deferred[Any], Any, None]:
+        self.agent = held_agent()
+        self.peer = yield self.serving(self.agent, health_interval=0)
+        health = yield self.peer.next_json(HEALTH_STATUS)
+        self.assertEqual(health["state"], 1)
+
+    @inlineCallbacks
+    def check_answer(self, cid: str) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        response = yield self.peer.next_json(AGENT_RESPONSE)
+        self.assertEqual(set(response), set(json.loads(vector("resp_allow")["payload"])))
+        self.assertEqual(response["version"], 2)
+        self.assertEqual(response["audit"]["custom"]["correlation_id"], cid)
+        return response
+
+    @inlineCallbacks
+    def test_every_event_vector_answered(self) -> Generator[Deferred[Any], Any, None]:
+        for name in EVENT_VECTORS:
+            self.peer.write(bytes.fromhex(vector(name)["frame_hex"]))
+            response = yield self.check_answer(json.loads(vector(name)["payload"])["correlation_id"])
+            self.assertEqual(response["decision"], "allow", name)
+        self.assertEqual(len(self.agent.seen), len(EVENT_VECTORS))
+
+    @inlineCallbacks
+    def test_request_headers_answered_by_metadata_id(self) -> Generator[Deferred[Any], Any, None]:
+        """Reference agents answer RequestHeaders by C{metadata.correlation_id} (SPEC section 6)."""
+        event = json.loads(vector("evt_request_headers")["payload"])
+        event["correlation_id"] = "top"
+        event["metadata"]["correlation_id"] = "meta"
+        self.peer.send(REQUEST_HEADERS, event)
+        yield self.check_answer("meta")
+
+    @inlineCallbacks
+    def test_edge_case_contents(self) -> Generator[Deferred[Any], Any, None]:
+        """Unknown fields, absent options, empty and non-ASCII values, extreme numbers: all answered."""
+        headers = json.loads(vector("evt_request_headers_minimal_metadata")["payload"])
+        headers.update(correlation_id="e1", uri="/\u00e9\u4e2d?\u0000=1", headers={"x": [], "": ["\u2028"]}, extra={"a": 1})
+        headers["metadata"].update(correlation_id="e1", client_port=65535)
+        for key in ("server_name", "tls_version", "tls_cipher", "route_id", "upstream_id"):
+            del headers["metadata"][key]
+        chunk = json.loads(vector("evt_request_body_chunk")["payload"])
+        chunk.update(correlation_id="e2", data="", total_size=None, chunk_index=2**32 - 1, bytes_received=2**64 - 1)
+        complete = json.loads(vector("evt_request_complete")["payload"])
+        complete.update(correlation_id="e3", error="upstream \u00e9", duration_ms=0)
+        del complete["error"]
+        ws = json.loads(vector("evt_websocket_frame")["payload"])
+        ws.update(correlation_id="e4", opcode="continuation", route_id=None, data="")
+        guard = json.loads(vector("evt_guardrail_inspect_pii_minimal")["payload"])
+        guard.update(correlation_id="e5", content="")
+        configure = {"correlation_id": "e6", "config": None}
+        for message_type, event in (
+            (REQUEST_HEADERS, headers),
+            (REQUEST_BODY_CHUNK, chunk),
+            (REQUEST_COMPLETE, complete),
+            (WEBSOCKET_FRAME, ws),
+            (GUARDRAIL_INSPECT, guard),
+            (CONFIGURE, configure),
+        ):
+            self.peer.send(message_type, event)
+            response = yield self.check_answer(event["correlation_id"])
+            self.assertEqual(response["decision"], "allow", event)
+
+    @inlineCallbacks
+    def test_invalid_event_with_id_gets_error_decision(self) -> Generator[Deferred[Any], Any, None]:
+        """An event that cannot be read but names its id is answered, failing closed (ours)."""
+        bad = json.loads(vector("evt_request_body_chunk")["payload"])
+        bad.update(correlation_id="bad", chunk_index=-1)
+        self.peer.send(REQUEST_BODY_CHUNK, bad)
+        response = yield self.check_answer("bad")
+        self.assertEqual(response["decision"]["block"]["status"], 500)
+        # Without a usable id there is nobody to answer; the connection carries on.
+        self.peer.send(REQUEST_HEADERS, b"not json")
+        self.peer.send(RESPONSE_HEADERS, b"")
+        self.peer.send(RESPONSE_HEADERS, {"status": "x"})
+        # An event without any id is answered under the empty id, as the
+        # reference's agent loop does (no proxy waits on it).
+        self.peer.send(RESPONSE_HEADERS, {"status": 200})
+        yield self.check_answer("")
+        self.peer.write(bytes.fromhex(vector("evt_response_headers")["frame_hex"]))
+        yield self.check_answer("req-7f3a")
+
+    @inlineCallbacks
+    def test_ping(self) -> Generator[Deferred[Any], Any, None]:
+        body = bytes.fromhex(vector("ctl_ping")["frame_hex"])[5:]
+        self.peer.send(PING, body)
+        self.assertEqual((yield self.peer.next_frame()), (PONG, body))
+        odd = b'{"sequence": 18446744073709551615, "timestamp_ms": -1, "more": [1]}'
+        self.peer.send(PING, odd)
+        self.assertEqual((yield self.peer.next_frame()), (PONG, odd))
+
+    @inlineCallbacks
+    def test_cancel(self) -> Generator[Deferred[Any], Any, None]:
+        """A Cancel stops the handler and nothing is sent for it; unknown ids are ignored."""
+        event = json.loads(vector("evt_request_headers")["payload"])
+        event["metadata"]["correlation_id"] = event["correlation_id"] = "hold-1"
+        self.peer.send(REQUEST_HEADERS, event)
+        self.peer.send(PING, {"sequence": 1, "timestamp_ms": 1})
+        yield self.peer.next_json(PONG)
+        self.assertIn("hold-1", self.agent.held)
+        self.peer.write(bytes.fromhex(vector("ctl_cancel_client_disconnect")["frame_hex"]))
+        self.peer.send(CANCEL, {"correlation_id": "hold-1", "reason": 0, "timestamp_ms": 1})
+        self.peer.send(CANCEL, {"correlation_id": "hold-1", "reason": 0, "timestamp_ms": 1})
+        self.peer.send(CANCEL, {"bogus": True})
+        self.peer.send(PING, {"sequence": 2, "timestamp_ms": 1})
+        yield self.peer.next_json(PONG)
+        self.assertEqual(self.agent.cancelled, ["hold-1"])
+        self.peer.write(bytes.fromhex(vector("evt_response_headers")["frame_hex"]))
+        yield self.check_answer("req-7f3a")
+
+    @inlineCallbacks
+    def test_out_of_order_answers(self) -> Generator[Deferred[Any], Any, None]:
+        """Events are served concurrently; answers leave as they are ready."""
+        for cid in ("hold-a", "hold-b"):
+            chunk = json.loads(vector("evt_request_body_chunk")["payload"])
+            chunk["correlation_id"] = cid
+            self.peer.send(REQUEST_BODY_CHUNK, chunk)
+        self.peer.send(PING, {"sequence": 1, "timestamp_ms": 1})
+        yield self.peer.next_json(PONG)
+        from sentinel_twisted.agent import block
+
+        self.agent.held["hold-b"].callback(block(403, "b"))
+        response = yield self.check_answer("hold-b")
+        self.assertEqual(response["decision"], {"block": {"status": 403, "body": "b", "headers": None}})
+        self.agent.held["hold-a"].callback(None)
+        response = yield self.check_answer("hold-a")
+        self.assertEqual(response["decision"]["block"]["status"], 500)
+
+    @inlineCallbacks
+    def test_agent_only_frames_ignored(self) -> Generator[Deferred[Any], Any, None]:
+        for message_type in (AGENT_RESPONSE, HEALTH_STATUS, METRICS_REPORT, CONFIG_UPDATE_REQUEST, FLOW_CONTROL, PONG, HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE):
+            self.peer.send(message_type, {"action": 1, "state": 1, "correlation_id": "x"})
+        self.peer.send(HANDSHAKE_RESPONSE, success())
+        self.peer.write(bytes.fromhex(vector("evt_response_headers")["frame_hex"]))
+        yield self.check_answer("req-7f3a")
+
+    @inlineCallbacks
+    def test_split_and_batched_frames(self) -> Generator[Deferred[Any], Any, None]:
+        data = bytes.fromhex(vector("evt_request_headers")["frame_hex"])
+        for byte in data:
+            self.peer.write(bytes([byte]))
+            yield deferLater(reactor, 0, lambda: None)
+        yield self.check_answer("req-7f3a")
+        events = []
+        for i in range(30):
+            event = json.loads(vector("evt_response_headers")["payload"])
+            event["correlation_id"] = f"b{i}"
+            events.append(frame(RESPONSE_HEADERS, event))
+        self.peer.write(b"".join(events))
+        seen = set()
+        for _ in range(30):
+            response = yield self.peer.next_json(AGENT_RESPONSE)
+            seen.add(response["audit"]["custom"]["correlation_id"])
+        self.assertEqual(seen, {f"b{i}" for i in range(30)})
+
+    @inlineCallbacks
+    def test_largest_event(self) -> Generator[Deferred[Any], Any, None]:
+        event = json.loads(vector("evt_request_body_chunk")["payload"])
+        event["correlation_id"] = "big"
+        body = json.dumps(event).encode()
+        padded = body[:-1] + b" " * (MAX_LENGTH - 1 - len(body)) + b"}"
+        self.peer.send(REQUEST_BODY_CHUNK, padded)
+        yield self.check_answer("big")
+
+    @inlineCallbacks
+    def check_closed(self, data: bytes) -> Generator[Deferred[Any], Any, None]:
+        """The agent ends the connection (and dials again)."""
+        self.peer.write(data)
+        got = yield self.peer.next_frame()
+        while got is not None:
+            self.assertIn(got[0], (FLOW_CONTROL, HEALTH_STATUS))
+            got = yield self.peer.next_frame()
+        again = yield self.proxy.next_peer()
+        request = yield again.next_json(HANDSHAKE_REQUEST)
+        self.assertEqual(request["agent_id"], "waf-1")
+
+    def test_zero_length(self) -> Deferred[Any]:
+        return self.check_closed(b"\x00\x00\x00\x00")
+
+    def test_unknown_type(self) -> Deferred[Any]:
+        return self.check_closed(frame(0xFF, {}))
+
+    def test_over_max(self) -> Deferred[Any]:
+        return self.check_closed(struct.pack(">IB", MAX_LENGTH + 1, REQUEST_HEADERS))
+
+
+class AgentRefusalTests(AgentSideTestCase):
+    """What the agent does with the proxy's answers to its registration."""
+
+    @inlineCallbacks
+    def test_final_refusals_stop_the_agent(self) -> Generator[Deferred[Any], Any, None]:
+        for name in ("reg_response_failure_version", "reg_response_failure_not_allowed", "reg_response_failure_auth_required"):
+            peer = yield self.start_agent()
+            yield peer.next_json(HANDSHAKE_REQUEST)
+            failed = self.connector.when_failed()
+            peer.write(bytes.fromhex(vector(name)["frame_hex"]))
+            error = yield failed
+            self.assertIn(json.loads(vector(name)["payload"])["error"], str(error))
+            yield peer.lost
+            yield self.connector.stopService()
+
+    @inlineCallbacks
+    def test_unreadable_answers_close_and_redial(self) -> Generator[Deferred[Any], Any, None]:
+        peer = yield self.start_agent()
+        for data in (
+            frame(HANDSHAKE_RESPONSE, b"not json"),
+            frame(HANDSHAKE_RESPONSE, {"success": True}),
+            bytes.fromhex(vector("evt_request_headers")["frame_hex"]),
+            frame(PING, {"sequence": 0, "timestamp_ms": 0}),
+            b"\x00\x00\x00\x00",
+            frame(0xFF, b"{}"),
+        ):
+            yield peer.next_json(HANDSHAKE_REQUEST)
+            peer.write(data)
+            self.assertIsNone((yield peer.next_frame()), data)
+            peer = yield self.proxy.next_peer()
+        request = yield peer.next_json(HANDSHAKE_REQUEST)
+        self.assertEqual(request["protocol_version"], 2)
+
+
+class MoreProxySideTests(ProxySideTestCase):
+    @inlineCallbacks
+    def test_tcp_listener(self) -> Generator[Deferred[Any], Any, None]:
+        """The same registration over TCP on port 0."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+
+        self.factory = TrackingFactory(ReverseConnectionConfig())
+        self.peers = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
+        self.addCleanup(self._stop, port)
+        peer = RawPeer()
+        self.peers.append(peer)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), peer)
+        peer.send(HANDSHAKE_REQUEST, registration())
+        response = yield peer.next_json(HANDSHAKE_RESPONSE)
+        self.assertIs(response["success"], True)
+        d = self.factory.pool.send_event("waf-1", typed_event("evt_request_complete"), "tcp")
+        got = yield peer.next_json(REQUEST_COMPLETE)
+        self.assertEqual(got["correlation_id"], "tcp")
+        peer.send(AGENT_RESPONSE, answer("tcp"))
+        yield d
+
+    @inlineCallbacks
+    def test_paused_connection_routed_around(self) -> Generator[Deferred[Any], Any, None]:
+        """A paused connection gets no new requests, while its requests in flight are still answered."""
+        yield self.listen()
+        first = yield self.registered()
+        d = self.factory.pool.send_event("waf-1", typed_event("evt_request_headers"), "before")
+        yield first.next_frame()
+        waiting = self.observer.wait("flow")
+        first.send(FLOW_CONTROL, {"action": 1})
+        yield waiting
+        second = yield self.registered()
+        ds = [self.factory.pool.send_event("waf-1", typed_event("evt_request_headers"), f"r{i}") for i in range(5)]
+        for i in range(5):
+            got = yield second.next_json(REQUEST_HEADERS)
+            self.assertEqual(got["correlation_id"], f"r{i}")
+            second.send(AGENT_RESPONSE, answer(f"r{i}"))
+        yield gatherResults(ds)
+        first.send(AGENT_RESPONSE, answer("before"))
+        yield d
+        self.assertEqual(first.frames, deque())
+
+    @inlineCallbacks
+    def test_refuses_to_send_what_a_reader_would_refuse(self) -> Generator[Deferred[Any], Any, None]:
+        """An event whose frame would pass 16 MiB fails at once; one of exactly 16 MiB goes out."""
+        yield self.listen()
+        agent = yield self.registered()
+        overhead = len(json.dumps({"config": "", "config_version": None, "correlation_id": "max"}, separators=(",", ":")))
+        fits = m.ConfigureEvent(config="x" * (MAX_LENGTH - 1 - overhead))
+        too_big = m.ConfigureEvent(config="x" * (MAX_LENGTH - overhead))
+        failure = yield self.assertFailure(self.factory.pool.send_event("waf-1", too_big, "max"), Exception)
+        self.assertEqual(str(failure), f"Message too large: {MAX_LENGTH + 1} bytes (max: {MAX_LENGTH})")
+        self.assertEqual(self.factory.pool.in_flight, 0)
+        d = self.factory.pool.send_event("waf-1", fits, "max")
+        message_type, payload = yield agent.next_frame()
+        self.assertEqual((message_type, len(payload) + 1), (CONFIGURE, MAX_LENGTH))
+        agent.send(AGENT_RESPONSE, answer("max"))
+        yield d
+
+    @inlineCallbacks
+    def test_unanswered_ping_ends(self) -> Generator[Deferred[Any], Any, None]:
+        """A Ping the agent never answers fails at the request timeout instead of waiting forever."""
+        yield self.listen(request_timeout=0.1)
+        agent = yield self.registered()
+        (conn,) = self.factory.pool.connections("waf-1")
+        d = conn.ping()
+        ping = yield agent.next_json(PING)
+        agent.send(PONG, dict(ping, sequence=ping["sequence"] + 1))
+        failure = yield self.assertFailure(d, Exception)
+        self.assertEqual(str(failure), "Timeout after 100ms")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .. import messages as m
@@ -69,7 +69,7 @@ class AgentFrames:
     _pending: PendingTable
     _paused: bool
     _write_blocked: bool
-    _pings: dict[int, tuple[float, Deferred[float]]] | None
+    _pings: dict[int, tuple[float, Deferred[float], IDelayedCall]] | None
     _decode_answer: Callable[[bytes], m.AgentResponse]
     _decode_control: Callable[..., Any]
 
@@ -262,5 +262,7 @@ class AgentFrames:
         pings = self._pings
         entry = pings.pop(message.sequence, None) if pings else None
         if entry is not None:
-            sent, waiter = entry
+            sent, waiter, expiry = entry
+            if expiry.active():
+                expiry.cancel()
             waiter.callback(self._clock.seconds() - sent)
