@@ -1309,6 +1309,20 @@ class AgentServingTests(AgentSideTestCase):
             self.assertEqual(response["decision"], "allow", event)
 
     @inlineCallbacks
+    def test_body_chunk_counters_default_to_zero(self) -> Generator[Deferred[Any], Any, None]:
+        """C{chunk_index} and the byte counts of body chunks are C{#[serde(default)]} in the reference: may be absent."""
+        for message_type, name, counter in (
+            (REQUEST_BODY_CHUNK, "evt_request_body_chunk", "bytes_received"),
+            (RESPONSE_BODY_CHUNK, "evt_response_body_chunk", "bytes_sent"),
+        ):
+            event = json.loads(vector(name)["payload"])
+            del event["chunk_index"], event[counter]
+            self.peer.send(message_type, event)
+            response = yield self.check_answer(event["correlation_id"])
+            self.assertEqual(response["decision"], "allow")
+            self.assertEqual((self.agent.seen[-1].chunk_index, getattr(self.agent.seen[-1], counter)), (0, 0))
+
+    @inlineCallbacks
     def test_invalid_event_with_id_gets_error_decision(self) -> Generator[Deferred[Any], Any, None]:
         """An event that cannot be read but names its id is answered, failing closed (ours)."""
         bad = json.loads(vector("evt_request_body_chunk")["payload"])
@@ -1536,3 +1550,92 @@ class MoreProxySideTests(ProxySideTestCase):
         agent.send(PONG, dict(ping, sequence=ping["sequence"] + 1))
         failure = yield self.assertFailure(d, Exception)
         self.assertEqual(str(failure), "Timeout after 100ms")
+
+
+class AgentControlTests(AgentSideTestCase):
+    """The agent's own control frames: FlowControl, HealthStatus, and its registration deadline."""
+
+    def event(self, cid: str) -> bytes:
+        chunk = json.loads(vector("evt_request_body_chunk")["payload"])
+        chunk["correlation_id"] = cid
+        return frame(REQUEST_BODY_CHUNK, chunk)
+
+    @inlineCallbacks
+    def test_flow_control_at_the_limit(self) -> Generator[Deferred[Any], Any, None]:
+        """At its concurrency limit the agent sends {"action": 1}; at half of it, {"action": 2}."""
+        agent = held_agent()
+        peer = yield self.serving(agent, max_concurrency=4, health_interval=0)
+        yield peer.next_json(HEALTH_STATUS)
+        peer.write(b"".join(self.event(f"hold-{i}") for i in range(4)))
+        pause = yield peer.next_json(FLOW_CONTROL)
+        self.assertEqual(pause, {"action": 1})
+        for i in range(2):
+            agent.held[f"hold-{i}"].callback(None)
+            yield peer.next_json(AGENT_RESPONSE)
+        resume = yield peer.next_json(FLOW_CONTROL)
+        self.assertEqual(resume, {"action": 2})
+        for i in range(2, 4):
+            agent.held[f"hold-{i}"].callback(None)
+            yield peer.next_json(AGENT_RESPONSE)
+
+    @inlineCallbacks
+    def test_drain_on_stop(self) -> Generator[Deferred[Any], Any, None]:
+        """Stopping: pause, HealthStatus draining (3), the event in flight answered, then close."""
+        agent = held_agent()
+        peer = yield self.serving(agent, health_interval=0, drain_grace=30)
+        yield peer.next_json(HEALTH_STATUS)
+        peer.write(self.event("hold-d"))
+        peer.send(PING, {"sequence": 1, "timestamp_ms": 0})
+        yield peer.next_json(PONG)
+        stopped = self.connector.stopService()
+        self.assertEqual((yield peer.next_json(FLOW_CONTROL)), {"action": 1})
+        health = yield peer.next_json(HEALTH_STATUS)
+        self.assertEqual(health["state"], 3)
+        agent.held["hold-d"].callback(None)
+        response = yield peer.next_json(AGENT_RESPONSE)
+        self.assertEqual(response["audit"]["custom"]["correlation_id"], "hold-d")
+        self.assertIsNone((yield peer.next_frame()))
+        yield stopped
+
+    @inlineCallbacks
+    def test_no_registration_response(self) -> Generator[Deferred[Any], Any, None]:
+        """A proxy that never answers the registration is left after the registration timeout, and dialled again."""
+        peer = yield self.start_agent(registration_timeout=0.2)
+        yield peer.next_json(HANDSHAKE_REQUEST)
+        self.assertIsNone((yield peer.next_frame()))
+        again = yield self.proxy.next_peer()
+        yield again.next_json(HANDSHAKE_REQUEST)
+
+    @inlineCallbacks
+    def test_response_and_events_in_one_write(self) -> Generator[Deferred[Any], Any, None]:
+        peer = yield self.start_agent(held_agent(), health_interval=0)
+        yield peer.next_json(HANDSHAKE_REQUEST)
+        peer.write(frame(HANDSHAKE_RESPONSE, success()) + self.event("e1") + frame(PING, b'{"sequence":3,"timestamp_ms":0}'))
+        seen = []
+        for _ in range(3):
+            message_type, payload = yield peer.next_frame()
+            seen.append(message_type)
+            if message_type == AGENT_RESPONSE:
+                self.assertEqual(json.loads(payload)["audit"]["custom"]["correlation_id"], "e1")
+        self.assertEqual(sorted(seen), sorted([HEALTH_STATUS, AGENT_RESPONSE, PONG]))
+
+    @inlineCallbacks
+    def test_connection_limit_refusal_is_retried(self) -> Generator[Deferred[Any], Any, None]:
+        peer = yield self.start_agent()
+        yield peer.next_json(HANDSHAKE_REQUEST)
+        peer.send(HANDSHAKE_RESPONSE, {"success": False, "error": "Connection limit reached: agent 'waf-1' already holds 4 registered connections (max: 4)", "proxy_id": "p", "proxy_version": "1", "connection_id": ""})
+        self.assertIsNone((yield peer.next_frame()))
+        again = yield self.proxy.next_peer()
+        yield again.next_json(HANDSHAKE_REQUEST)
+
+
+class ConnectionSlotTests(ProxySideTestCase):
+    @inlineCallbacks
+    def test_slot_freed_when_a_connection_leaves(self) -> Generator[Deferred[Any], Any, None]:
+        yield self.listen(max_connections_per_agent=1)
+        first = yield self.registered()
+        peer, response = yield self.register()
+        self.assertIs(response["success"], False)
+        first.transport.loseConnection()  # type: ignore[union-attr]
+        yield self.factory.gone[0]
+        yield self.registered()
