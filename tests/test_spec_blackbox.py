@@ -207,6 +207,21 @@ def short_dir(test: TestCase) -> str:
     return path
 
 
+def capture_log(test: TestCase) -> list[str]:
+    """Every log event emitted until the test ends, formatted, with each field's repr."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) or "")
+        lines.extend(f"{key}={value!r}" for key, value in event.items())
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
 # -- our proxy side ------------------------------------------------------------
 
 
@@ -554,9 +569,12 @@ class RegistrationTests(ProxySideTestCase):
         self.assertEqual(error, "Invalid message format: Agent 'intruder' is not in the allowed list")
         error = yield self.check_refused(registration("waf-1"), "")
         self.assertEqual(error, "Invalid message format: Authentication required but no token provided")
-        error = yield self.check_refused(registration("waf-1", auth_token="wrong"), "")
-        self.assertNotIn("wrong", error)
+        lines = capture_log(self)
+        error = yield self.check_refused(registration("waf-1", auth_token="wrong-T0KEN"), "")
+        self.assertNotIn("wrong-T0KEN", error)
         self.assertIn("uthenticat", error)
+        self.assertTrue(lines)
+        self.assertNotIn("wrong-T0KEN", "\n".join(lines))
         peer, response = yield self.register("waf-1", auth_token="s3cret")
         self.assertIs(response["success"], True)
 
@@ -862,6 +880,18 @@ class RegisteredTests(ProxySideTestCase):
         self.assertEqual(self.factory.pool.in_flight, 0)
 
     @inlineCallbacks
+    def test_duplicate_correlation_id_refused(self) -> Generator[Deferred[Any], Any, None]:
+        """A second request under an id still waiting fails at once, clearly; the first is unaffected."""
+        first = self.send("evt_request_headers", "same")
+        yield self.agent.next_frame()
+        failure = yield self.assertFailure(self.send("evt_response_headers", "same"), Exception)
+        self.assertIn("same", str(failure))
+        self.assertTrue(str(failure).startswith("Invalid message format: "), str(failure))
+        self.agent.send(AGENT_RESPONSE, answer("same"))
+        yield first
+        self.assertEqual(self.factory.pool.in_flight, 0)
+
+    @inlineCallbacks
     def test_timeout_frees_the_request(self) -> Generator[Deferred[Any], Any, None]:
         """No answer: the caller gets "Timeout after D", nothing stays pending; the agent is told."""
         d = self.send("evt_request_headers", "slow", timeout=0.1)
@@ -984,6 +1014,18 @@ class RegisteredTests(ProxySideTestCase):
         self.agent.send(FLOW_CONTROL, {})
         d = self.send("evt_request_headers", "after")
         yield self.agent.next_frame()
+        self.agent.send(AGENT_RESPONSE, answer("after"))
+        yield d
+
+    @inlineCallbacks
+    def test_empty_payload_of_every_type(self) -> Generator[Deferred[Any], Any, None]:
+        """Length 1 (the type byte alone) of every type: no crash, no close, no answer to a Ping."""
+        all_types = (HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE, *EVENT_TYPES, AGENT_RESPONSE, HEALTH_STATUS,
+                     METRICS_REPORT, CONFIG_UPDATE_REQUEST, FLOW_CONTROL, CANCEL, PING, PONG)
+        self.agent.write(b"".join(struct.pack(">IB", 1, t) for t in all_types))
+        d = self.send("evt_request_headers", "after")
+        got = yield self.agent.next_frame()
+        self.assertEqual(got[0], REQUEST_HEADERS)
         self.agent.send(AGENT_RESPONSE, answer("after"))
         yield d
 
@@ -1323,6 +1365,20 @@ class AgentServingTests(AgentSideTestCase):
             self.assertEqual((self.agent.seen[-1].chunk_index, getattr(self.agent.seen[-1], counter)), (0, 0))
 
     @inlineCallbacks
+    def test_reference_binary_chunk_json_shape(self) -> Generator[Deferred[Any], Any, None]:
+        """The reference proxy's binary body chunk path writes both byte counts, the other one null."""
+        chunk = {"correlation_id": "bin-1", "data": "AAEC", "is_last": True, "total_size": 3,
+                 "chunk_index": 0, "bytes_received": 3, "bytes_sent": None}
+        self.peer.send(REQUEST_BODY_CHUNK, chunk)
+        response = yield self.check_answer("bin-1")
+        self.assertEqual(response["decision"], "allow")
+        chunk.update(correlation_id="bin-2", bytes_received=None, bytes_sent=3)
+        self.peer.send(RESPONSE_BODY_CHUNK, chunk)
+        response = yield self.check_answer("bin-2")
+        self.assertEqual(response["decision"], "allow")
+        self.assertEqual(self.agent.seen[-1].body, b"\x00\x01\x02")
+
+    @inlineCallbacks
     def test_invalid_event_with_id_gets_error_decision(self) -> Generator[Deferred[Any], Any, None]:
         """An event that cannot be read but names its id is answered, failing closed (ours)."""
         bad = json.loads(vector("evt_request_body_chunk")["payload"])
@@ -1435,6 +1491,14 @@ class AgentServingTests(AgentSideTestCase):
         request = yield again.next_json(HANDSHAKE_REQUEST)
         self.assertEqual(request["agent_id"], "waf-1")
 
+    @inlineCallbacks
+    def test_empty_payload_of_every_type(self) -> Generator[Deferred[Any], Any, None]:
+        all_types = (HANDSHAKE_REQUEST, HANDSHAKE_RESPONSE, *EVENT_TYPES, AGENT_RESPONSE, HEALTH_STATUS,
+                     METRICS_REPORT, CONFIG_UPDATE_REQUEST, FLOW_CONTROL, CANCEL, PING, PONG)
+        self.peer.write(b"".join(struct.pack(">IB", 1, t) for t in all_types))
+        self.peer.write(bytes.fromhex(vector("evt_response_headers")["frame_hex"]))
+        yield self.check_answer("req-7f3a")
+
     def test_zero_length(self) -> Deferred[Any]:
         return self.check_closed(b"\x00\x00\x00\x00")
 
@@ -1459,6 +1523,19 @@ class AgentRefusalTests(AgentSideTestCase):
             self.assertIn(json.loads(vector(name)["payload"])["error"], str(error))
             yield peer.lost
             yield self.connector.stopService()
+
+    @inlineCallbacks
+    def test_token_never_logged(self) -> Generator[Deferred[Any], Any, None]:
+        lines = capture_log(self)
+        peer = yield self.start_agent(auth_token="agent-S3CRET")
+        request = yield peer.next_json(HANDSHAKE_REQUEST)
+        self.assertEqual(request["auth_token"], "agent-S3CRET")
+        failed = self.connector.when_failed()
+        peer.send(HANDSHAKE_RESPONSE, {"success": False, "error": "Authentication failed: invalid token for agent 'waf-1'",
+                                       "proxy_id": "p", "proxy_version": "1", "connection_id": ""})
+        yield failed
+        self.assertTrue(lines)
+        self.assertNotIn("agent-S3CRET", "\n".join(lines))
 
     @inlineCallbacks
     def test_unreadable_answers_close_and_redial(self) -> Generator[Deferred[Any], Any, None]:
@@ -1596,6 +1673,16 @@ class AgentControlTests(AgentSideTestCase):
         self.assertEqual(response["audit"]["custom"]["correlation_id"], "hold-d")
         self.assertIsNone((yield peer.next_frame()))
         yield stopped
+
+    @inlineCallbacks
+    def test_frame_never_finished(self) -> Generator[Deferred[Any], Any, None]:
+        """A frame the proxy starts and never finishes ends the connection at the frame deadline."""
+        peer = yield self.serving(frame_timeout=0.3, health_interval=0)
+        yield peer.next_json(HEALTH_STATUS)
+        peer.write(struct.pack(">IB", 1000, REQUEST_HEADERS) + b"{")
+        self.assertIsNone((yield peer.next_frame()))
+        again = yield self.proxy.next_peer()
+        yield again.next_json(HANDSHAKE_REQUEST)
 
     @inlineCallbacks
     def test_no_registration_response(self) -> Generator[Deferred[Any], Any, None]:
