@@ -977,6 +977,21 @@ class RegisteredTests(ProxySideTestCase):
         self.assertEqual(request["request_id"], "u1")
 
     @inlineCallbacks
+    def test_health_without_a_state_keeps_the_last(self) -> Generator[Deferred[Any], Any, None]:
+        """A HealthStatus without a readable state changes nothing, as the reference's C{if let Some(state)}."""
+        (conn,) = self.factory.pool.connections("waf-1")
+        waiting = self.observer.wait("health")
+        self.agent.send(HEALTH_STATUS, {"state": 2})
+        self.assertEqual((yield waiting), 2)
+        for payload in ({"message": "no state"}, {"state": None}, {"state": {"status": "sideways"}}):
+            self.agent.send(HEALTH_STATUS, payload)
+        # A round trip: everything sent before it has been read.
+        self.agent.send(PING, {"sequence": 9, "timestamp_ms": 0})
+        yield self.agent.next_json(PONG)
+        self.assertEqual(conn.health_state, 2)
+        self.assertEqual([v for k, v in self.observer.seen if k == "health"], [2])
+
+    @inlineCallbacks
     def test_ping_pong(self) -> Generator[Deferred[Any], Any, None]:
         """Pings either way; Pong carries the same body."""
         body = bytes.fromhex(vector("ctl_ping")["frame_hex"])[5:]

@@ -230,8 +230,20 @@ class AgentFrames:
         message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
         if message is None:
             return
+        state = message.state_code
+        if state is None:
+            # No state in it (absent, null, or a name not known): the last
+            # one stands, as the reference keeps it (if let Some(state)).
+            self.log_limiter.warn(
+                log,
+                "invalid-control",
+                "Agent {agent_id} sent a HealthStatus without a state on connection "
+                "{connection_id}; ignored",
+                **self.log_fields(),
+            )
+            return
         self.last_health = message
-        self.health_state = message.state_code
+        self.health_state = state
         if self.listener is not None:
             self.listener._connection_health_changed(self, self.health_state)
 
