@@ -724,6 +724,7 @@ class FramingBeforeRegistrationTests(ProxySideTestCase):
         (conn,) = self.factory.pool.connections("waf-1")
         self.assertEqual(conn.health_state, 2)
         self.assertTrue(conn.is_paused)
+        self.assertFalse(conn.can_accept_requests)
 
 
 class RegisteredTests(ProxySideTestCase):
@@ -923,6 +924,13 @@ class RegisteredTests(ProxySideTestCase):
             self.assertEqual((cancel["correlation_id"], cancel["reason"]), (f"x{reason}", reason))
             self.assertIsInstance(cancel["timestamp_ms"], int)
         self.assertFalse(self.factory.pool.cancel_request("nobody"))
+        # A caller that cancels its own Deferred: the agent is told (reason 5, manual).
+        d = self.send("evt_request_headers", "mine")
+        yield self.agent.next_frame()
+        d.cancel()
+        yield self.assertFailure(d, Exception)
+        cancel = yield self.agent.next_json(CANCEL)
+        self.assertEqual((cancel["correlation_id"], cancel["reason"]), ("mine", 5))
         ds = [self.send("evt_request_headers", f"all{i}") for i in range(3)]
         for _ in ds:
             yield self.agent.next_frame()
@@ -1456,6 +1464,20 @@ class AgentServingTests(AgentSideTestCase):
         self.assertEqual(response["decision"], {"block": {"status": 403, "body": "b", "headers": None}})
         self.agent.held["hold-a"].callback(None)
         response = yield self.check_answer("hold-a")
+        self.assertEqual(response["decision"]["block"]["status"], 500)
+
+    @inlineCallbacks
+    def test_answer_too_large_to_send(self) -> Generator[Deferred[Any], Any, None]:
+        """An answer whose frame would pass 16 MiB is not sent: the error decision goes instead."""
+        from sentinel_twisted.agent import block
+
+        chunk = json.loads(vector("evt_request_body_chunk")["payload"])
+        chunk["correlation_id"] = "hold-big"
+        self.peer.send(REQUEST_BODY_CHUNK, chunk)
+        self.peer.send(PING, {"sequence": 1, "timestamp_ms": 1})
+        yield self.peer.next_json(PONG)
+        self.agent.held["hold-big"].callback(block(403, "x" * MAX_LENGTH))
+        response = yield self.check_answer("hold-big")
         self.assertEqual(response["decision"]["block"]["status"], 500)
 
     @inlineCallbacks
