@@ -84,8 +84,9 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
     @ivar is_last: this is the body's last chunk.
     @ivar total_size: the whole body's size in bytes, C{None} if not known (no
         C{Content-Length}).
-    @ivar chunk_index: the chunk's number, from 0.
-    @ivar bytes_received: body bytes received so far, this chunk included.
+    @ivar chunk_index: the chunk's number, from 0 (0 when absent).
+    @ivar bytes_received: body bytes received so far, this chunk included
+        (0 when absent).
     """
 
     message_type = MessageType.REQUEST_BODY_CHUNK
@@ -94,8 +95,9 @@ class RequestBodyChunkEvent(_Event, kw_only=True):
     data: str
     is_last: bool
     total_size: U64 | None = None
-    chunk_index: U32
-    bytes_received: U64
+    # Absent means 0, as the reference's #[serde(default)] reads them.
+    chunk_index: U32 = 0
+    bytes_received: U64 = 0
 
     def __post_init__(self) -> None:
         # Compared here first: check_u64 (which names the field) runs per event otherwise.
@@ -130,8 +132,9 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
     @ivar data: the chunk in base64 (standard alphabet, padded).
     @ivar is_last: this is the body's last chunk.
     @ivar total_size: the whole body's size in bytes, C{None} if not known.
-    @ivar chunk_index: the chunk's number, from 0.
-    @ivar bytes_sent: body bytes sent so far, this chunk included.
+    @ivar chunk_index: the chunk's number, from 0 (0 when absent).
+    @ivar bytes_sent: body bytes sent so far, this chunk included (0 when
+        absent).
     """
 
     message_type = MessageType.RESPONSE_BODY_CHUNK
@@ -139,8 +142,9 @@ class ResponseBodyChunkEvent(_Event, kw_only=True):
     data: str
     is_last: bool
     total_size: U64 | None = None
-    chunk_index: U32
-    bytes_sent: U64
+    # Absent means 0, as the reference's #[serde(default)] reads them.
+    chunk_index: U32 = 0
+    bytes_sent: U64 = 0
 
     def __post_init__(self) -> None:
         if (self.total_size or 0) > U64_MAX or self.bytes_sent > U64_MAX:

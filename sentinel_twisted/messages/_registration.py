@@ -129,14 +129,15 @@ class RegistrationResponse(Struct, kw_only=True):
     on failure C{error} is the reason and the connection is closed.
 
     @ivar success: whether the registration was accepted.
-    @ivar error: why it was refused, C{None} on success.
+    @ivar error: why it was refused, C{None} on success (and when absent:
+        the reference reads a missing C{error} as C{null}).
     @ivar proxy_id: the proxy's id.
     @ivar proxy_version: the proxy's software version.
     @ivar connection_id: the id the proxy gave the connection.
     """
 
     success: bool
-    error: str | None
+    error: str | None = None
     proxy_id: str
     proxy_version: str
     connection_id: str

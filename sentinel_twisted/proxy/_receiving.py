@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .. import messages as m
@@ -69,7 +69,7 @@ class AgentFrames:
     _pending: PendingTable
     _paused: bool
     _write_blocked: bool
-    _pings: dict[int, tuple[float, Deferred[float]]] | None
+    _pings: dict[int, tuple[float, Deferred[float], IDelayedCall]] | None
     _decode_answer: Callable[[bytes], m.AgentResponse]
     _decode_control: Callable[..., Any]
 
@@ -230,8 +230,20 @@ class AgentFrames:
         message = self._control(payload, m.HealthStatusMessage, "HealthStatus")
         if message is None:
             return
+        state = message.state_code
+        if state is None:
+            # No state in it (absent, null, or a name not known): the last
+            # one stands, as the reference keeps it (if let Some(state)).
+            self.log_limiter.warn(
+                log,
+                "invalid-control",
+                "Agent {agent_id} sent a HealthStatus without a state on connection "
+                "{connection_id}; ignored",
+                **self.log_fields(),
+            )
+            return
         self.last_health = message
-        self.health_state = message.state_code
+        self.health_state = state
         if self.listener is not None:
             self.listener._connection_health_changed(self, self.health_state)
 
@@ -262,5 +274,7 @@ class AgentFrames:
         pings = self._pings
         entry = pings.pop(message.sequence, None) if pings else None
         if entry is not None:
-            sent, waiter = entry
+            sent, waiter, expiry = entry
+            if expiry.active():
+                expiry.cancel()
             waiter.callback(self._clock.seconds() - sent)

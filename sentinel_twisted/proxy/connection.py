@@ -30,6 +30,7 @@ from ..errors import (
     AgentProtocolError,
     ConnectionClosed,
     RequestCancelled,
+    RequestTimeout,
     format_duration,
 )
 from ..forward import JSON_CODEC, PayloadCodec
@@ -222,7 +223,7 @@ class AgentConnection(AgentFrames):
         self.health_state: int | None = None
         self.last_health: m.HealthStatusMessage | None = None
         self._ping_sequence = 0
-        self._pings: dict[int, tuple[float, Deferred[float]]] | None = None
+        self._pings: dict[int, tuple[float, Deferred[float], IDelayedCall]] | None = None
         self.events = self.capabilities.events
         self._log_limiter = log_limiter
         # The payload encoding's per-message functions, bound once: the JSON
@@ -581,10 +582,20 @@ class AgentConnection(AgentFrames):
 
     # -- ping ---------------------------------------------------------------
 
-    def ping(self) -> Deferred[float]:
-        """Send a Ping; the Deferred fires with the round-trip seconds."""
+    def ping(self, timeout: float | None = None) -> Deferred[float]:
+        """
+        Send a Ping; the Deferred fires with the round-trip seconds, or
+        fails with L{RequestTimeout <sentinel_twisted.errors.RequestTimeout>}
+        when no Pong comes within C{timeout} seconds (the connection's
+        C{request_timeout} by default): an agent that never answers does
+        not leave its caller waiting, nor the Ping held, for ever.
+        """
         if self._closed is not None:
             return fail(self._closed)
+        if timeout is None:
+            timeout = self.request_timeout
+        elif not timeout > 0:
+            return fail(ValueError(f"timeout must be a positive number of seconds, got {timeout!r}"))
         sequence = self._ping_sequence
         self._ping_sequence = sequence + 1
         now = self._clock.seconds()
@@ -593,10 +604,17 @@ class AgentConnection(AgentFrames):
             pings = self._pings = {}
         def forget(_: Deferred[float]) -> None:
             if self._pings is not None:
-                self._pings.pop(sequence, None)
+                entry = self._pings.pop(sequence, None)
+                if entry is not None and entry[2].active():
+                    entry[2].cancel()
+
+        def expire() -> None:
+            entry = self._pings.pop(sequence, None) if self._pings is not None else None
+            if entry is not None:
+                entry[1].errback(Failure(RequestTimeout(timeout)))
 
         waiter: Deferred[float] = Deferred(forget)
-        pings[sequence] = (now, waiter)
+        pings[sequence] = (now, waiter, self._clock.callLater(timeout, expire))
         body = m.PingMessage(sequence=sequence, timestamp_ms=int(now * 1000))
         self._sink.send_frame(MessageType.PING, m.encode(body))
         return waiter
@@ -636,7 +654,9 @@ class AgentConnection(AgentFrames):
         failed = self._pending.fail_all(lambda cid: ConnectionClosed(closed.detail))
         pings, self._pings = self._pings, None
         if pings:
-            for _, waiter in pings.values():
+            for _, waiter, expiry in pings.values():
+                if expiry.active():
+                    expiry.cancel()
                 waiter.errback(Failure(ConnectionClosed(closed.detail)))
         if transport_gone:
             self._gone = True
