@@ -252,16 +252,24 @@ class SerializationError(AgentProtocolError):
 
 class FlowControlPaused(AgentProtocolError):
     """
-    Every connection of the agent asked the proxy to pause.
+    No open connection of the agent takes a request: each asked the proxy
+    to pause (FlowControl), or stopped reading what it is sent.
 
     @ivar agent_id: the paused agent.
+    @ivar not_reading: whether none of them asked for a pause: every one
+        is held back because the agent does not read it (its write buffer
+        is full), and the text says so rather than the reference's
+        "requested backpressure".
     """
 
-    def __init__(self, agent_id: str) -> None:
-        super().__init__(
-            f"Flow control paused: agent '{agent_id}' requested backpressure"
-        )
+    def __init__(self, agent_id: str, not_reading: bool = False) -> None:
+        if not_reading:
+            why = "is not reading its connections (write buffers full)"
+        else:
+            why = "requested backpressure"
+        super().__init__(f"Flow control paused: agent '{agent_id}' {why}")
         self.agent_id = agent_id
+        self.not_reading = not_reading
 
 
 class DuplicateCorrelationId(AgentProtocolError):

@@ -48,6 +48,23 @@ class ProducerTests(TestCase):
         protocol.pauseProducing()
         failure = self.failureResultOf(proxy.pool.send_request_headers("waf-1", request_headers("r1")))
         failure.trap(FlowControlPaused)
+        # The agent asked for nothing: the text says what holds it back.
+        self.assertTrue(failure.value.not_reading)
+        self.assertEqual(
+            str(failure.value),
+            "Flow control paused: agent 'waf-1' is not reading its connections (write buffers full)",
+        )
+
+    def test_one_connection_paused_by_the_agent_keeps_the_reference_text(self) -> None:
+        proxy = Proxy()
+        blocked_protocol, _, _ = proxy.register("waf-1")
+        paused_protocol, _, paused = proxy.register("waf-1")
+        blocked_protocol.pauseProducing()
+        paused_protocol.dataReceived(frame(0x33, b'{"action":1}'))
+        self.assertTrue(paused.is_paused)
+        failure = self.failureResultOf(proxy.pool.send_request_headers("waf-1", request_headers("r1")))
+        self.assertFalse(failure.value.not_reading)
+        self.assertEqual(str(failure.value), "Flow control paused: agent 'waf-1' requested backpressure")
 
     def test_a_connection_blocked_past_the_stall_timeout_is_aborted(self) -> None:
         proxy = Proxy(request_timeout=5.0)

@@ -97,8 +97,9 @@ def _refusal(agent_id: str, conns: list[AgentConnection]) -> AgentProtocolError:
     being closed (drained, or lost with its requests' failures still being
     delivered), the agent has no connection to wait for.
     """
-    if any(not conn.is_closed for conn in conns):
-        return FlowControlPaused(agent_id)
+    held = [conn for conn in conns if not conn.is_closed]
+    if held:
+        return FlowControlPaused(agent_id, not_reading=not any(conn.is_paused for conn in held))
     return AgentUnavailable(agent_id)
 
 
