@@ -35,6 +35,7 @@ __all__ = [
     "denial_for",
     "drop_hop_by_hop",
     "head_size",
+    "reason_phrase",
     "status_text",
     "valid_status",
 ]
@@ -209,6 +210,18 @@ def status_text(code: int) -> str:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
         return str(code)
+
+
+def reason_phrase(code: int) -> bytes | None:
+    """
+    C{b"Too Many Requests"}: the reason phrase of a status code, or C{None}
+    for a code without one.  twisted.web knows no phrase for several codes
+    agents answer with (429, 431, 451), and would send C{Unknown Status}.
+    """
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return None
 
 
 class Denial:
