@@ -523,6 +523,25 @@ class DocsTests(SynchronousTestCase):
             checked.add(program)
         self.assertEqual(checked, {"sentinel-reverse", "sentinel-agent"})
 
+    def test_the_quick_start_names_every_test_that_needs_the_reference_peers(self) -> None:
+        """
+        The README's second quick-start command runs the whole suite; the
+        tests that run the reference peers fail without them, so the README
+        names each of their files, and where the peers are looked for.
+        """
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        quick_start = readme[readme.index("## Quick start") : readme.index("<!-- section: listener -->")]
+        users = sorted(
+            path.relative_to(ROOT).as_posix()
+            for path in (ROOT / "tests").rglob("test_*.py")
+            if re.search(r"^from \.+peers import", path.read_text(encoding="utf-8"), re.M)
+        )
+        self.assertGreaterEqual(len(users), 2)
+        for name in users:
+            self.assertIn(f"`{name}`", quick_start)
+        for words in ("../shared/peers", "$SENTINEL_PEERS", "--ignore"):
+            self.assertIn(words, quick_start)
+
     def test_example_programs_named_in_docs_exist(self) -> None:
         for path, _, block in code_blocks("sh"):
             for words in shell_commands(block):
