@@ -542,6 +542,17 @@ class DocsTests(SynchronousTestCase):
         for words in ("../shared/peers", "$SENTINEL_PEERS", "--ignore"):
             self.assertIn(words, quick_start)
 
+    def test_tox_lint_checks_what_ci_checks(self) -> None:
+        """The README's C{tox -e lint,mypy} runs CI's ruff and mypy commands."""
+        import configparser
+
+        tox = configparser.ConfigParser()
+        tox.read(ROOT / "tox.ini")
+        ci = (ROOT / ".ci" / "steps" / "55-lint.sh").read_text(encoding="utf-8")
+        for env in ("lint", "mypy"):
+            command = tox[f"testenv:{env}"]["commands"].strip()
+            self.assertIn(f"\n{command}\n", ci, f"tox -e {env}")
+
     def test_example_programs_named_in_docs_exist(self) -> None:
         for path, _, block in code_blocks("sh"):
             for words in shell_commands(block):
