@@ -716,8 +716,32 @@ class ExampleFilesTests(SynchronousTestCase):
         spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        # Dataclasses look their module up while the class is made.
+        sys.modules[spec.name] = module
+        self.addCleanup(sys.modules.pop, spec.name, None)
         spec.loader.exec_module(module)
         return module
+
+    def test_the_toy_proxy_tells_an_agent_that_does_not_read_from_one_that_paused(self) -> None:
+        from twisted.python.failure import Failure
+
+        from sentinel_twisted.errors import FlowControlPaused
+
+        example = self.load("embed_listener")
+        outcomes = []
+        for error in (FlowControlPaused("waf-1"), FlowControlPaused("waf-1", not_reading=True)):
+            request = example.ProxiedRequest(id="req-1", method="GET", uri="/", headers={})
+            example.apply_failure(request, Failure(error), False)
+            self.assertEqual((request.status, request.response_headers), (503, {"retry-after": ["1"]}))
+            outcomes.append(request.outcome)
+        self.assertEqual(
+            outcomes,
+            [
+                "agent asked for backpressure (Flow control paused: agent 'waf-1' requested backpressure)",
+                "agent not reading (Flow control paused: agent 'waf-1' is not reading its connections "
+                "(write buffers full))",
+            ],
+        )
 
     def test_hashed_token_checker(self) -> None:
         from twisted.internet.task import Clock
