@@ -553,6 +553,13 @@ class DocsTests(SynchronousTestCase):
             command = tox[f"testenv:{env}"]["commands"].strip()
             self.assertIn(f"\n{command}\n", ci, f"tox -e {env}")
 
+    def test_the_index_lists_every_example(self) -> None:
+        text = (DOCS / "index.md").read_text(encoding="utf-8")
+        table = text[text.index("## Examples") : text.index("## API reference")]
+        listed = set(re.findall(r"^\| \[`([^`]+)`\]\(\.\./examples/\1\)", table, re.M))
+        present = {p.name + ("/" if p.is_dir() else "") for p in EXAMPLES.iterdir()}
+        self.assertEqual(listed, present)
+
     def test_example_programs_named_in_docs_exist(self) -> None:
         for path, _, block in code_blocks("sh"):
             for words in shell_commands(block):
