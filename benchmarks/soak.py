@@ -3,7 +3,8 @@ Soak: the listener under steady load for a long time, with agents churning,
 sampling its memory (RSS) and open file descriptors.
 
     python -m benchmarks.soak                          # 10 minutes at half the peak
-    python -m benchmarks.soak --duration 20 --check    # the CI version
+    python -m benchmarks.soak --duration 15 --peak-seconds 4 --warmup 5 --sample-every 1 --churn-every 3 --check
+                                                       # the CI version (.ci/steps/60-fuzz.sh)
 
 This process is the proxy: a L{ReverseConnectionFactory} on a UNIX socket
 and a load generator that calls C{pool.send_request_headers} at a fixed

@@ -158,7 +158,8 @@ def apply_failure(request: ProxiedRequest, failure: Failure, fail_open: bool) ->
     if isinstance(error, AgentUnavailable):
         status, what = 503, "no agent connected"
     elif isinstance(error, FlowControlPaused):
-        status, what = 503, "agent asked for backpressure"
+        # not_reading: none asked for a pause; the agent reads none of them.
+        status, what = 503, "agent not reading" if error.not_reading else "agent asked for backpressure"
         request.response_headers["retry-after"] = ["1"]
     elif isinstance(error, RequestTimeout):
         status, what = 504, "agent did not answer in time"

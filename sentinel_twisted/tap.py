@@ -452,7 +452,8 @@ class Options(ProgramOptions):
         Agent id consulted for each gateway request, in the order given
         (repeatable); registered or --agent-endpoint agents alike.
         [default: every agent seen, connected or not, in order of first
-        registration; a reload (SIGHUP) forgets those not registered then]
+        registration; a reload (SIGHUP) that retires one (allowlist, token
+        file) forgets it once it is away, and no other reload does]
         """
         if not agent_id.strip():
             raise usage.UsageError("--agent: an empty agent id; give the id of an agent to consult")

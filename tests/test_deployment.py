@@ -246,3 +246,9 @@ class SystemdTemplateTests(SynchronousTestCase):
         # One directory per instance, so that stopping one leaves the others' sockets.
         self.assertIn("RuntimeDirectory=sentinel-%i\n", template)
         self.assertTrue(path.startswith("/run/sentinel-%i/"))
+
+    def test_every_unit_reloads_with_sighup(self) -> None:
+        # Both programs reread their files on SIGHUP; `systemctl reload`
+        # needs the unit to say how to send it.
+        for unit in sorted(EXAMPLES.glob("*.service")):
+            self.assertIn("\nExecReload=/bin/kill -HUP $MAINPID\n", unit.read_text(encoding="utf-8"), unit.name)

@@ -523,6 +523,43 @@ class DocsTests(SynchronousTestCase):
             checked.add(program)
         self.assertEqual(checked, {"sentinel-reverse", "sentinel-agent"})
 
+    def test_the_quick_start_names_every_test_that_needs_the_reference_peers(self) -> None:
+        """
+        The README's second quick-start command runs the whole suite; the
+        tests that run the reference peers fail without them, so the README
+        names each of their files, and where the peers are looked for.
+        """
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        quick_start = readme[readme.index("## Quick start") : readme.index("<!-- section: listener -->")]
+        users = sorted(
+            path.relative_to(ROOT).as_posix()
+            for path in (ROOT / "tests").rglob("test_*.py")
+            if re.search(r"^from \.+peers import", path.read_text(encoding="utf-8"), re.M)
+        )
+        self.assertGreaterEqual(len(users), 2)
+        for name in users:
+            self.assertIn(f"`{name}`", quick_start)
+        for words in ("../shared/peers", "$SENTINEL_PEERS", "--ignore"):
+            self.assertIn(words, quick_start)
+
+    def test_tox_lint_checks_what_ci_checks(self) -> None:
+        """The README's C{tox -e lint,mypy} runs CI's ruff and mypy commands."""
+        import configparser
+
+        tox = configparser.ConfigParser()
+        tox.read(ROOT / "tox.ini")
+        ci = (ROOT / ".ci" / "steps" / "55-lint.sh").read_text(encoding="utf-8")
+        for env in ("lint", "mypy"):
+            command = tox[f"testenv:{env}"]["commands"].strip()
+            self.assertIn(f"\n{command}\n", ci, f"tox -e {env}")
+
+    def test_the_index_lists_every_example(self) -> None:
+        text = (DOCS / "index.md").read_text(encoding="utf-8")
+        table = text[text.index("## Examples") : text.index("## API reference")]
+        listed = set(re.findall(r"^\| \[`([^`]+)`\]\(\.\./examples/\1\)", table, re.M))
+        present = {p.name + ("/" if p.is_dir() else "") for p in EXAMPLES.iterdir()}
+        self.assertEqual(listed, present)
+
     def test_example_programs_named_in_docs_exist(self) -> None:
         for path, _, block in code_blocks("sh"):
             for words in shell_commands(block):
@@ -686,8 +723,32 @@ class ExampleFilesTests(SynchronousTestCase):
         spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        # Dataclasses look their module up while the class is made.
+        sys.modules[spec.name] = module
+        self.addCleanup(sys.modules.pop, spec.name, None)
         spec.loader.exec_module(module)
         return module
+
+    def test_the_toy_proxy_tells_an_agent_that_does_not_read_from_one_that_paused(self) -> None:
+        from twisted.python.failure import Failure
+
+        from sentinel_twisted.errors import FlowControlPaused
+
+        example = self.load("embed_listener")
+        outcomes = []
+        for error in (FlowControlPaused("waf-1"), FlowControlPaused("waf-1", not_reading=True)):
+            request = example.ProxiedRequest(id="req-1", method="GET", uri="/", headers={})
+            example.apply_failure(request, Failure(error), False)
+            self.assertEqual((request.status, request.response_headers), (503, {"retry-after": ["1"]}))
+            outcomes.append(request.outcome)
+        self.assertEqual(
+            outcomes,
+            [
+                "agent asked for backpressure (Flow control paused: agent 'waf-1' requested backpressure)",
+                "agent not reading (Flow control paused: agent 'waf-1' is not reading its connections "
+                "(write buffers full))",
+            ],
+        )
 
     def test_hashed_token_checker(self) -> None:
         from twisted.internet.task import Clock

@@ -1,5 +1,5 @@
 """
-The README's two-terminal demo, run as written.
+The README's two-terminal demo, run as written, with the agent section's curl requests.
 
 The commands are read from README.md (the section "The HTTP gateway: try
 an agent end to end") and started exactly as printed, in one directory that
@@ -77,6 +77,34 @@ def demo_exchanges() -> list[dict[str, Any]]:
     return exchanges
 
 
+def agent_section_curls() -> list[dict[str, Any]]:
+    """
+    Each C{curl -i} of the agent section's C{sh} block, with the status
+    and the rule its comment promises (C{# 403 (rule sqli-query)}).
+    """
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("<!-- section: agent -->") : text.index("<!-- end section: agent -->")]
+    curls = []
+    for lang, body in FENCE.findall(section):
+        for line in body.splitlines() if lang == "sh" else ():
+            if not line.startswith("curl "):
+                continue
+            command, _, comment = line.partition("#")
+            words = shlex.split(command)
+            agent = words[words.index("-A") + 1] if "-A" in words else None
+            rule = re.search(r"\(rule ([a-z-]+)\)", comment)
+            curls.append(
+                {
+                    "command": command.strip(),
+                    "url": words[-1],
+                    "user_agent": agent,
+                    "status": int(re.search(r"\d{3}", comment).group()),  # type: ignore[union-attr]
+                    "rule": rule.group(1) if rule else None,
+                }
+            )
+    return curls
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,9 +144,15 @@ class Process:
         self._out.close()
 
 
-def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.build_opener(_NoRedirects).open(request, timeout=10) as response:
             return response.status, dict(response.headers.items()), response.read()
     except urllib.error.HTTPError as e:
         with e:
@@ -134,14 +168,22 @@ class ReadmeDemoTests(TestCase):
         self.assertIn("`bin` on your `PATH`", demo_section())
 
     def test_the_demo_runs_as_written(self) -> None:
-        self.run_demo(demo_commands())
+        self.run_demo(demo_commands(), curls=agent_section_curls())
+
+    def test_the_agent_sections_requests_are_read_as_printed(self) -> None:
+        curls = agent_section_curls()
+        self.assertEqual([c["status"] for c in curls], [200, 403, 403, 403, 301])
+        self.assertEqual([c["rule"] for c in curls], [None, "no-admin", "sqli-query", "bad-bots", "old-to-new"])
+        self.assertEqual(curls[3]["user_agent"], "sqlmap/1.7")
 
     def test_the_demo_runs_with_two_workers_as_written(self) -> None:
         commands = demo_commands(WORKERS_SECTION)
         self.assertIn("--workers", commands[0])
         self.run_demo(commands, registrations=2)
 
-    def run_demo(self, commands: list[list[str]], registrations: int = 1) -> None:
+    def run_demo(
+        self, commands: list[list[str]], registrations: int = 1, curls: list[dict[str, Any]] | None = None
+    ) -> None:
         work = Path(self.mktemp())
         (work / "examples").mkdir(parents=True)
         shutil.copy(ROOT / "examples" / "rules.toml", work / "examples" / "rules.toml")
@@ -174,6 +216,17 @@ class ReadmeDemoTests(TestCase):
                     self.assertEqual(got[key], promised[key], f"{key}: {where}")
             else:
                 self.assertEqual(body.decode(), exchange["body"], where)
+
+        # The agent section's curl lines: the status their comment says, by
+        # the rule it names (the agent logs each rule that decides).
+        for curl in curls or ():
+            url = curl["url"].replace("127.0.0.1:8080", f"127.0.0.1:{http}")
+            headers = {"User-Agent": curl["user_agent"]} if curl["user_agent"] else {}
+            code, _, body = fetch(url, headers)
+            self.assertEqual(code, curl["status"], f"{curl['command']}: got {code} {body!r}")
+            if curl["rule"]:
+                wait_for(lambda: f"Rule {curl['rule']} " in agent.output(), START_TIMEOUT,  # noqa: B023
+                         f"the agent to log rule {curl['rule']}", agent)
 
         self.assertNotIn("Traceback", gateway.output())
         self.assertNotIn("Traceback", agent.output())

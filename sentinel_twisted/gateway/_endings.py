@@ -25,6 +25,7 @@ from .decisions import (
     apply_header_ops,
     denial_for,
     ignored_header,
+    reason_phrase,
     status_text,
     valid_status,
 )
@@ -255,7 +256,7 @@ class Endings:
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         if self.gateway.stopping:
             request.close_after_response()
-        request.setResponseCode(code)
+        request.setResponseCode(code, reason_phrase(code))
         request.prepare_answer()
         if body:
             self._response_bytes = len(body)

@@ -26,7 +26,7 @@ from .body import (
     chunk_sizes,
     inspection_chain,
 )
-from .decisions import apply_header_ops, drop_hop_by_hop
+from .decisions import apply_header_ops, drop_hop_by_hop, reason_phrase
 from .metadata import header_map
 from .shared import Gateway
 from .upstream import UpstreamResponse, UpstreamTimeout
@@ -295,7 +295,7 @@ class Responding:
             if held is not None and slot.skipped is None:
                 ops = [op for kept in held.values() for op in kept]
                 apply_header_ops(out, ops, slot.agent_id, limiter=self.gateway.log_limiter)
-        request.setResponseCode(response.code, response.phrase or None)
+        request.setResponseCode(response.code, response.phrase or reason_phrase(response.code))
 
     def _client_write(self, data: bytes) -> None:
         if self._phase != _RESPONDING:

@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 import msgspec
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http_headers import Headers
 
 from .. import messages as m
@@ -35,6 +35,7 @@ __all__ = [
     "denial_for",
     "drop_hop_by_hop",
     "head_size",
+    "reason_phrase",
     "status_text",
     "valid_status",
 ]
@@ -209,6 +210,22 @@ def status_text(code: int) -> str:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
         return str(code)
+
+
+def reason_phrase(code: int) -> bytes | None:
+    """
+    C{b"Too Many Requests"}: the reason phrase of a status code, twisted.web's
+    own where it has one, or C{None} for a code without one.  twisted.web
+    knows no phrase for several codes agents answer with (429, 431, 451),
+    and would send C{Unknown Status}.
+    """
+    phrase = RESPONSES.get(code)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return None
 
 
 class Denial:

@@ -237,7 +237,10 @@ class GroupStatusResource(Resource):
         for worker, snapshot in snapshots:
             ready = snapshot is not None and bool(snapshot.get("ready"))
             workers[str(worker.index)] = ready
-            if snapshot is None:
+            if snapshot is None and worker.pid is not None:
+                # Stopped (SIGSTOP) or hung: the heartbeats restart it in time.
+                problems.append(f"worker {worker.index} (pid {worker.pid}) is not answering")
+            elif snapshot is None:
                 problems.append(f"worker {worker.index} is not running")
             elif not ready:
                 problems.append(f"worker {worker.index} does not hold every --ready-agent")
@@ -251,7 +254,9 @@ class GroupStatusResource(Resource):
             "<tr><td>{worker}</td><td>{pid}</td><td>{state}</td><td>{connections}</td><td>{restarts}</td></tr>".format(
                 worker=w["worker"],
                 pid=w["pid"] if w["pid"] is not None else "-",
-                state="ready" if w["ready"] else ("running" if w["answering"] else "down"),
+                state="ready" if w["ready"] else (
+                    "running" if w["answering"] else "not answering" if w["pid"] is not None else "down"
+                ),
                 connections=w["connections"],
                 restarts=w["restarts"],
             )

@@ -60,6 +60,23 @@ class ReadmeAgentSectionTests(SynchronousTestCase):
         options.parseOptions(arguments)
         self.assertEqual(options["agent-id"], "waf-1")
 
+    def test_a_rule_error_reads_as_the_readme_shows_it(self) -> None:
+        from twisted.python import usage
+
+        (shown,) = [body.strip() for lang, body in FENCE.findall(section()) if lang == "" and "--rules" in body]
+        prefix = "twistd sentinel-agent: --rules /etc/sentinel/rules.toml: "
+        self.assertTrue(shown.startswith(prefix), shown)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        rules = directory / "rules.toml"
+        fine = "".join(f'[[rules]]\nid = "r{i}"\ntags = ["t"]\n' for i in range(3))
+        rules.write_text(fine + '[[rules]]\nid = "sqli"\nmatch = { query = "(union" }\nblock = true\n', encoding="utf-8")
+        options = Options()
+        error = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--connect", "unix:x.sock", "--agent-id", "a", "--rules", str(rules)]
+        )
+        self.assertEqual(str(error), shown[len("twistd sentinel-agent: ") :].replace("/etc/sentinel/rules.toml", str(rules)))
+
     def test_every_option_is_in_the_table(self) -> None:
         text = section()
         for name in Options().longOpt:

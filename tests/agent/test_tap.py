@@ -342,3 +342,5 @@ class TwistdAgentTests(TestCase):
             timeout=START_TIMEOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         self.assertRegex(result.stdout, r"(?m)^\s+sentinel-agent\s+A rule-based Sentinel policy agent")
+        # Forward mode (--listen) is the agent's as much as dialling.
+        self.assertRegex(result.stdout, r"dials the\s+proxy, or listens for it")

@@ -107,6 +107,24 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_block_status_goes_out_with_its_reason_phrase(self) -> Any:
+        """
+        Statuses twisted.web has no phrase for (429, 431: the rule agent's
+        C{[request]} bounds) go out with their own, not C{Unknown Status}.
+        """
+
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("waf", decide=lambda agent, kind, body: block(int(body["uri"][1:])))
+            for code, phrase in ((429, b"Too Many Requests"), (431, b"Request Header Fields Too Large"),
+                                 (451, b"Unavailable For Legal Reasons"), (403, b"Forbidden")):
+                client = await h.raw(b"GET /%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % code)
+                await wait_until(lambda: client.is_lost, what="the response")  # noqa: B023
+                status_line = client.received.split(b"\r\n", 1)[0]
+                self.assertEqual(status_line, b"HTTP/1.1 %d %s" % (code, phrase))
+
+        return ensureDeferred(go())
+
     def test_redirect(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()

@@ -369,6 +369,21 @@ class UpstreamFailureTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_status_twisted_has_no_phrase_for_gets_its_own(self) -> Any:
+        """
+        An upstream's 429 without a usable phrase goes on as C{Too Many
+        Requests}, not twisted.web's C{Unknown Status}.
+        """
+
+        async def go() -> None:
+            for phrase in (b"", b"\x00"):
+                received, _ = await self.answered(
+                    b"HTTP/1.1 429 " + phrase + b"\r\nContent-Length: 2\r\n\r\nok", b"\r\n\r\nok"
+                )
+                self.assertTrue(received.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), received)
+
+        return ensureDeferred(go())
+
     def test_unreachable_upstream_is_502(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start("--upstream", unreachable_url())

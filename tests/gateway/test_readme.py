@@ -41,7 +41,9 @@ def help_texts(options: Options) -> dict[str, str]:
     texts: dict[str, str] = {}
     current = None
     for line in str(options).splitlines():
-        option = re.match(r"^\s+(?:-\w, )?--([a-z0-9-]+)=?(?:\s+(.*))?$", line)
+        # An option starts its line ("  -x, --name=" or "      --name="); a
+        # continuation line may begin with an option's name too.
+        option = re.match(r"^  (?:-\w, |    )--([a-z0-9-]+)=?(?:\s+(.*))?$", line)
         if option:
             current = option.group(1)
             texts[current] = (option.group(2) or "").strip()
@@ -76,6 +78,13 @@ class ReadmeGatewaySectionTests(SynchronousTestCase):
             self.assertIn(name, texts)
             # Twisted prints "--name=" alone for an option without a doc.
             self.assertGreaterEqual(len(texts[name].split()), 3, f"--{name} has no help text: {texts[name]!r}")
+
+    def test_the_agent_help_says_which_reloads_forget_an_agent(self) -> None:
+        # As the README's table says: only a reload that retires an agent
+        # (allowlist, token file) forgets it, once it is away.
+        text = help_texts(Options())["agent"]
+        self.assertIn("a reload (SIGHUP) that retires one (allowlist, token file) forgets it once it is away", text)
+        self.assertIn("a reload that takes one off the allowlist forgets it once away", section())
 
     def test_help_text_check_can_fail(self) -> None:
         class Undocumented(Options):

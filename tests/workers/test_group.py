@@ -280,6 +280,23 @@ class GroupViewTests(TestCase):
         document = group_document([(workers.workers[0], snapshot("waf-1", ["a"])), (workers.workers[1], None)])
         self.assertEqual([(w["worker"], w["answering"]) for w in document["workers"]], [(1, True), (2, False)])
 
+    def test_healthz_tells_a_worker_that_is_not_answering_from_one_that_is_not_running(self) -> None:
+        # A worker stopped (SIGSTOP) or hung still runs: /healthz and the
+        # page say it does not answer, with its pid, and not that it is down.
+        from sentinel_twisted.workers.status import GroupStatusResource
+
+        workers = group(2)
+        workers.worker_joined(_Control(), 1, 1001)  # type: ignore[arg-type]
+        status = GroupStatusResource(workers, lambda: True)
+        code, body = status.healthz([(workers.workers[0], None), (workers.workers[1], None)])
+        self.assertEqual(code, 503)
+        self.assertEqual(
+            json.loads(body)["problems"], ["worker 1 (pid 1001) is not answering", "worker 2 is not running"]
+        )
+        _, page = status.page([(workers.workers[0], None), (workers.workers[1], None)])
+        self.assertIn(b"<td>1</td><td>1001</td><td>not answering</td>", page)
+        self.assertIn(b"<td>2</td><td>-</td><td>down</td>", page)
+
     def test_metrics_of_every_worker_in_one_exposition_labelled_by_worker(self) -> None:
         one = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 3.0\n"
         two = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 5.0\n"
