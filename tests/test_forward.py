@@ -17,7 +17,7 @@ from sentinel_twisted import forward as f
 from sentinel_twisted import messages as m
 from sentinel_twisted.errors import InvalidMessage
 
-from .vectors import by_name, frame_bytes, same_json
+from .vectors import EVENT_VECTORS, by_name, frame_bytes, same_json
 
 
 def vector_payload(name: str) -> bytes:
@@ -222,18 +222,7 @@ class MessagePackEventTests(SynchronousTestCase):
         self.assertIsNone(event.total_size)
 
     def test_every_event_type_round_trips(self) -> None:
-        for name in (
-            "evt_request_headers",
-            "evt_request_headers_minimal_metadata",
-            "evt_request_body_chunk",
-            "evt_response_headers",
-            "evt_response_body_chunk",
-            "evt_request_complete",
-            "evt_websocket_frame",
-            "evt_guardrail_inspect",
-            "evt_guardrail_inspect_pii_minimal",
-            "evt_configure",
-        ):
+        for name in EVENT_VECTORS:
             vector = by_name(name)
             cls = m.EVENT_CLASSES[vector["message_type"]]
             event = m.decode(vector["payload"].encode(), cls)

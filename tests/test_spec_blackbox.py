@@ -34,30 +34,32 @@ from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 from sentinel_twisted.proxy.pool import PoolObserver
 from sentinel_twisted.proxy.protocol import ReverseConnectionProtocol
 
-from .vectors import vectors_dir
+# The frame types and the length limit, written from SPEC sections 1 and 2 in
+# the raw test agent (never from the library's wire module).
+from .rawagent import (
+    AGENT_RESPONSE,
+    CANCEL,
+    CONFIG_UPDATE_REQUEST,
+    CONFIGURE,
+    FLOW_CONTROL,
+    GUARDRAIL_INSPECT,
+    HANDSHAKE_REQUEST,
+    HANDSHAKE_RESPONSE,
+    HEALTH_STATUS,
+    MAX_LENGTH,
+    METRICS_REPORT,
+    PING,
+    PONG,
+    REQUEST_BODY_CHUNK,
+    REQUEST_COMPLETE,
+    REQUEST_HEADERS,
+    RESPONSE_BODY_CHUNK,
+    RESPONSE_HEADERS,
+    WEBSOCKET_FRAME,
+)
+from .vectors import EVENT_VECTORS, vectors_dir
 
 # -- the wire, from SPEC section 1 and 2 ---------------------------------------
-
-MAX_LENGTH = 16 * 1024 * 1024
-
-HANDSHAKE_REQUEST = 0x01
-HANDSHAKE_RESPONSE = 0x02
-REQUEST_HEADERS = 0x10
-REQUEST_BODY_CHUNK = 0x11
-RESPONSE_HEADERS = 0x12
-RESPONSE_BODY_CHUNK = 0x13
-REQUEST_COMPLETE = 0x14
-WEBSOCKET_FRAME = 0x15
-GUARDRAIL_INSPECT = 0x16
-CONFIGURE = 0x17
-AGENT_RESPONSE = 0x20
-HEALTH_STATUS = 0x30
-METRICS_REPORT = 0x31
-CONFIG_UPDATE_REQUEST = 0x32
-FLOW_CONTROL = 0x33
-CANCEL = 0x40
-PING = 0x41
-PONG = 0x42
 
 EVENT_TYPES = (
     REQUEST_HEADERS,
@@ -606,18 +608,6 @@ class RegistrationTests(ProxySideTestCase):
             yield self.check_refused(payload, "Invalid message format: ")
 
 
-EVENT_VECTORS = (
-    "evt_request_headers",
-    "evt_request_headers_minimal_metadata",
-    "evt_request_body_chunk",
-    "evt_response_headers",
-    "evt_response_body_chunk",
-    "evt_request_complete",
-    "evt_websocket_frame",
-    "evt_guardrail_inspect",
-    "evt_guardrail_inspect_pii_minimal",
-    "evt_configure",
-)
 
 
 def typed_event(name: str) -> Any:

@@ -49,6 +49,21 @@ class VectorsMissing(AssertionError):
     """The shared vectors cannot be found; every vector test fails with this."""
 
 
+#: The vectors of the ten events, one of each shape the reference writes.
+EVENT_VECTORS = (
+    "evt_request_headers",
+    "evt_request_headers_minimal_metadata",
+    "evt_request_body_chunk",
+    "evt_response_headers",
+    "evt_response_body_chunk",
+    "evt_request_complete",
+    "evt_websocket_frame",
+    "evt_guardrail_inspect",
+    "evt_guardrail_inspect_pii_minimal",
+    "evt_configure",
+)
+
+
 def vectors_dir() -> Path:
     override = os.environ.get(VECTORS_ENV)
     path = Path(override) if override else DEFAULT_DIR
