@@ -474,9 +474,15 @@ class GatewayChannel(DeadlineChannel):
         super()._respondToBadRequestAndDisconnect()  # type: ignore[no-untyped-call]
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        # twisted.web's own flag (name-mangled): the request line is still
+        # awaited, so the line over the limit is that one, and its target
+        # is what is too long (RFC 9110 section 15.5.15).
+        if getattr(self, "_HTTPChannel__first_line", 0):
+            self._head_too_large(_URI_TOO_LONG)
+            return
         self._head_too_large()
 
-    def _head_too_large(self) -> None:
+    def _head_too_large(self, answer: bytes | None = None) -> None:
         self._head_deadline = None
         transport: Any = self.transport
         if transport is None:
@@ -484,7 +490,7 @@ class GatewayChannel(DeadlineChannel):
         self._send_outgoing()
         self.persistent = False
         _stop_parsing(self)
-        transport.write(_TOO_LARGE)
+        transport.write(_TOO_LARGE if answer is None else answer)
         self._close(transport)
 
 
@@ -498,4 +504,10 @@ _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
     % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+)
+_URI_TOO_LONG_BODY = b"414 URI Too Long\n"
+_URI_TOO_LONG = (
+    b"HTTP/1.1 414 URI Too Long\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_URI_TOO_LONG_BODY), _URI_TOO_LONG_BODY)
 )

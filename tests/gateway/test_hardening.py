@@ -265,6 +265,24 @@ class ClientConnectionTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(upstream.targets, [])
 
+    def test_a_request_line_over_the_limit_gets_414(self) -> None:
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 414 URI Too Long\r\n"), transport.value()[:100])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(upstream.targets, [])
+
+    def test_a_long_request_line_on_a_kept_alive_connection_gets_414(self) -> None:
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 200 OK", transport.value())
+        channel.dataReceived(b"GET /" + b"a" * 20000)
+        self.assertIn(b"HTTP/1.1 414 URI Too Long\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(upstream.targets, [b"/first"])
+
     def test_a_head_over_the_total_limit_gets_431(self) -> None:
         site, _, upstream = self.site()
         channel, transport = self.connect(site)
