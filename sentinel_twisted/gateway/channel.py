@@ -457,7 +457,7 @@ class GatewayChannel(DeadlineChannel):
         if transport is not None:
             send_now(transport, data)
 
-    # -- heads over the limits: 431, where twisted.web closes or says 400 --
+    # -- heads over the limits: 414 or 431, where twisted.web closes or says 400 --
     #
     # twisted.web counts a head's bytes and headers itself and answers 400
     # past its limits; the answer here is 431, chosen when that answer is
@@ -468,7 +468,7 @@ class GatewayChannel(DeadlineChannel):
             self._receivedHeaderSize > self.totalHeadersSize
             or self._receivedHeaderCount > self.maxHeaders
         ):
-            self._head_too_large()
+            self._head_too_large(_TOO_LARGE)
             return
         self._send_outgoing()
         super()._respondToBadRequestAndDisconnect()  # type: ignore[no-untyped-call]
@@ -480,9 +480,9 @@ class GatewayChannel(DeadlineChannel):
         if getattr(self, "_HTTPChannel__first_line", 0):
             self._head_too_large(_URI_TOO_LONG)
             return
-        self._head_too_large()
+        self._head_too_large(_TOO_LARGE)
 
-    def _head_too_large(self, answer: bytes | None = None) -> None:
+    def _head_too_large(self, answer: bytes) -> None:
         self._head_deadline = None
         transport: Any = self.transport
         if transport is None:
@@ -490,7 +490,7 @@ class GatewayChannel(DeadlineChannel):
         self._send_outgoing()
         self.persistent = False
         _stop_parsing(self)
-        transport.write(_TOO_LARGE if answer is None else answer)
+        transport.write(answer)
         self._close(transport)
 
 
@@ -499,15 +499,14 @@ def _stop_parsing(channel: Any) -> None:
     channel.dataReceived = channel.lineReceived = _discard
 
 
-_TOO_LARGE_BODY = b"431 Request Header Fields Too Large\n"
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-    % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
-)
-_URI_TOO_LONG_BODY = b"414 URI Too Long\n"
-_URI_TOO_LONG = (
-    b"HTTP/1.1 414 URI Too Long\r\nConnection: close\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
-    % (len(_URI_TOO_LONG_BODY), _URI_TOO_LONG_BODY)
-)
+def _closing_answer(status: bytes) -> bytes:
+    """A whole response that says C{status} (code and phrase) in its body too, and closes."""
+    body = status + b"\n"
+    return (
+        b"HTTP/1.1 %s\r\nConnection: close\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+_TOO_LARGE = _closing_answer(b"431 Request Header Fields Too Large")
+_URI_TOO_LONG = _closing_answer(b"414 URI Too Long")
