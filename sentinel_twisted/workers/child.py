@@ -38,6 +38,8 @@ from .commands import (
     Hello,
     Release,
     Snapshot,
+    Stopping,
+    WorkerStopping,
 )
 
 if TYPE_CHECKING:
@@ -207,8 +209,12 @@ class WorkerControl(ControlProtocol):
         """
         L{AdoptConnection}: serve the connection (see
         L{WorkerConnectionFactory.adopt}); L{AdoptionFailed} if it cannot be
-        (the agent may have reset it meanwhile).
+        (the agent may have reset it meanwhile); L{WorkerStopping} if this
+        worker is stopping (the parent hands it to another worker).
         """
+        if self.control.leaving:
+            os.close(socket)
+            raise WorkerStopping(f"worker {self.control.index} is stopping")
         credentials = tuple(peer_credentials) if len(peer_credentials) == 3 else None
         handover = Handover(
             registration,
@@ -270,6 +276,9 @@ class WorkerControlService(service.Service):
     @ivar refusal: why a connection may no longer stay (the allowlist and
         the token file as this worker last read them), or C{None}.
     @ivar protocol: the control connection, C{None} while not connected.
+    @ivar leaving: set once this worker stops (C{SIGTERM}): it has told its
+        parent (L{Stopping}) and refuses the connections still handed to it
+        (L{WorkerStopping}), which it could not serve for long.
     @ivar serve_http: starts the gateway's HTTP listener; called once this
         worker holds every agent the rest of the group holds, or after
         L{HOLD_TIMEOUT} (clients of a worker without them would get 503).
@@ -301,6 +310,7 @@ class WorkerControlService(service.Service):
         self._awaited: set[str] = set()
         self._hold_until = 0.0
         self.protocol: WorkerControl | None = None
+        self.leaving = False
         self._stopping = False
         factory.on_gone = self._connection_gone
 
@@ -425,6 +435,12 @@ class WorkerControlService(service.Service):
 
     def stopService(self) -> None:
         self._stopping = True
+        self.leaving = True
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            # The control connection stays while the worker drains (its
+            # connections' ends are reported over it).
+            protocol.call(Stopping).addErrback(lambda _: None)
         super().stopService()  # type: ignore[no-untyped-call]
 
 

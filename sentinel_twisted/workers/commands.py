@@ -28,6 +28,8 @@ __all__ = [
     "Hello",
     "Release",
     "Snapshot",
+    "Stopping",
+    "WorkerStopping",
 ]
 
 #: Bytes of a L{Chunked} value per AMP key (AMP's limit is 65,535).
@@ -115,6 +117,14 @@ class AdoptionFailed(Exception):
     """
 
 
+class WorkerStopping(Exception):
+    """
+    The worker is stopping (it got C{SIGTERM}): it takes no new connection,
+    and the parent hands this one to another worker.  Declared, as
+    L{AdoptionFailed}.
+    """
+
+
 class AdoptConnection(amp.Command):
     """
     Parent to worker: serve this registered agent connection.
@@ -125,7 +135,8 @@ class AdoptConnection(amp.Command):
 
     @cvar arguments: the socket and what the worker needs to serve it.
     @cvar response: nothing: the worker serves it from now on.
-    @cvar errors: L{AdoptionFailed}: the worker does not hold the connection.
+    @cvar errors: L{AdoptionFailed}: the worker does not hold the connection;
+        L{WorkerStopping}: it is stopping and did not take it.
     """
 
     arguments = [
@@ -140,7 +151,7 @@ class AdoptConnection(amp.Command):
         (b"pending", Chunked()),
     ]
     response = list[tuple[bytes, amp.Argument]]()
-    errors = {AdoptionFailed: b"ADOPTION_FAILED"}
+    errors = {AdoptionFailed: b"ADOPTION_FAILED", WorkerStopping: b"WORKER_STOPPING"}
 
 
 class ConnectionGone(amp.Command):
@@ -152,6 +163,20 @@ class ConnectionGone(amp.Command):
     """
 
     arguments = [(b"agent_id", amp.Unicode()), (b"connection_id", amp.Unicode())]
+    response = list[tuple[bytes, amp.Argument]]()
+
+
+class Stopping(amp.Command):
+    """
+    Worker to parent: this worker is stopping (it got C{SIGTERM} on its
+    own, or the whole group stops): it drains the connections it holds and
+    is handed no new one.
+
+    @cvar arguments: none.
+    @cvar response: nothing.
+    """
+
+    arguments = list[tuple[bytes, amp.Argument]]()
     response = list[tuple[bytes, amp.Argument]]()
 
 

@@ -40,6 +40,8 @@ from .commands import (
     Hello,
     Release,
     Snapshot,
+    Stopping,
+    WorkerStopping,
 )
 
 if TYPE_CHECKING:
@@ -70,8 +72,8 @@ MOVERS_SHOWN = 5
 
 class NoWorkerReady(AgentProtocolError):
     """
-    No worker can take a registered connection now (they are starting or
-    restarting).
+    No worker can take a registered connection now (they are starting,
+    restarting or stopping).
 
     @cvar rejection_label: its reason in the registration refusals' metric.
     """
@@ -95,6 +97,9 @@ class Worker:
         for a heartbeat interval or more (see
         L{WorkerProcesses <sentinel_twisted.workers.processes.WorkerProcesses>}):
         it is handed no new connection while another worker answers.
+    @ivar stopping: whether it said it is stopping (L{Stopping}): it drains
+        the connections it holds and is handed none, even when no other
+        worker is ready.
     """
 
     def __init__(self, index: int) -> None:
@@ -104,6 +109,7 @@ class Worker:
         self.agents: Counter[str] = Counter()
         self.restarts = 0
         self.late = False
+        self.stopping = False
 
     @property
     def connections(self) -> int:
@@ -140,12 +146,13 @@ class WorkerGroup:
         # and the workers owed a newer one once it is answered.
         self._seen_sending: dict[int, ParentControl] = {}
         self._seen_stale: set[int] = set()
+        self._stopped = False
         factory.group = self
 
     def _check_coverage(self, agent_id: str) -> None:
         """Say so when an agent holds connections in some workers and none in others."""
         del self._coverage_checks[agent_id]
-        ready = self.ready()
+        ready = self.serving()
         held = sum(w.agents[agent_id] for w in ready)
         without = [str(w.index) for w in ready if not w.agents[agent_id]]
         if held and without:
@@ -163,6 +170,7 @@ class WorkerGroup:
 
     def stop(self) -> None:
         """Cancel the pending coverage checks (the group stops)."""
+        self._stopped = True
         for call in [*self._coverage_checks.values(), *self._respreads.values()]:
             if call.active():
                 call.cancel()
@@ -173,14 +181,19 @@ class WorkerGroup:
         """Workers connected to the parent."""
         return [w for w in self.workers if w.control is not None]
 
+    def serving(self) -> list[Worker]:
+        """Workers connected to the parent that are not stopping: those handed connections."""
+        return [w for w in self.workers if w.control is not None and not w.stopping]
+
     def choose(self, agent_id: str) -> Worker | None:
         """
         The worker to hand a connection of C{agent_id} to: the one holding
         fewest of that agent's connections, then fewest in all, of those
         that answer their heartbeats (a hung worker would never serve it),
-        or of every connected one if none does.
+        or of every connected one if none does; never one that is stopping
+        (it would close the connection).
         """
-        ready = self.ready()
+        ready = self.serving()
         if not ready:
             return None
         answering = [w for w in ready if not w.late] or ready
@@ -195,32 +208,53 @@ class WorkerGroup:
             protocol.give_up("no worker is ready")
             return
         handle = transport.getHandle()
-        descriptor = os.dup(handle.fileno())
         credentials = protocol.peer_credentials
-        sent = worker.control.call(
-            AdoptConnection,
-            socket=descriptor,
-            family=handle.family,
-            registration=protocol.registration,
-            connection_id=connection.connection_id,
-            peer=protocol.peer,
-            peer_credentials=list(credentials) if credentials is not None else [],
-            token_verified=bool(getattr(connection, "token_verified", False)),
-            connected_since=connection.connected_since,
-            pending=pending,
-        )
-        worker.agents[agent_id] += 1
+        handover = {
+            "socket": os.dup(handle.fileno()),
+            "family": handle.family,
+            "registration": protocol.registration,
+            "connection_id": connection.connection_id,
+            "peer": protocol.peer,
+            "peer_credentials": list(credentials) if credentials is not None else [],
+            "token_verified": bool(getattr(connection, "token_verified", False)),
+            "connected_since": connection.connected_since,
+            "pending": pending,
+        }
+        self._send(worker, connection, handover)
         self.handed_over += 1
-        peer = protocol.peer
         protocol.let_go()
         self._see(agent_id)
         if agent_id not in self._coverage_checks:
             self._coverage_checks[agent_id] = self.clock.callLater(
                 COVERAGE_DELAY, self._check_coverage, agent_id
             )
+
+    def _send(self, worker: Worker, connection: AgentConnection, handover: dict[str, Any]) -> None:
+        """
+        Send C{worker} the connection (L{AdoptConnection}); the copy of its
+        socket in C{handover} is closed once a worker has it, or none can.
+        A worker that is stopping refuses it (L{WorkerStopping}): it goes
+        to another, each worker being asked at most once.
+        """
+        agent_id = connection.agent_id
         control = worker.control
+        assert control is not None
+        sent = control.call(AdoptConnection, **handover)
+        worker.agents[agent_id] += 1
 
         def failed(failure: Failure) -> None:
+            held = worker.control is control and worker.agents[agent_id] > 0
+            if failure.check(WorkerStopping) and held:
+                self.worker_stopping(control)
+                other = self.choose(agent_id)
+                if other is not None:
+                    # The slot stays taken: it moves with the connection.
+                    worker.agents[agent_id] -= 1
+                    if not worker.agents[agent_id]:
+                        del worker.agents[agent_id]
+                    self._send(other, connection, handover)
+                    return
+            os.close(handover["socket"])
             # An agent that resets its connections at once causes one each: limited.
             self.factory.log_limiter.warn(
                 log,
@@ -231,10 +265,11 @@ class WorkerGroup:
                 agent_id=peer_text(agent_id, 64),
                 error=failure.getErrorMessage(),
             )
-            if worker.control is control and worker.agents[agent_id] > 0:
+            if held:
                 self.connection_gone(control, agent_id)
 
         def served(_: object) -> None:
+            os.close(handover["socket"])
             # Said once the worker has it in its pool: its requests consult it
             # from now on.  Limited per agent id, as the listener's own line.
             self.factory.log_limiter.info(
@@ -243,15 +278,11 @@ class WorkerGroup:
                 "Agent {agent_id} registered connection {connection_id} from {peer}; worker {index} serves it",
                 agent_id=peer_text(agent_id, 64),
                 connection_id=peer_text(connection.connection_id, 100),
-                peer=peer_text(peer, 64),
+                peer=peer_text(handover["peer"], 64),
                 index=worker.index,
             )
 
-        def close(result: object) -> object:
-            os.close(descriptor)
-            return result
-
-        sent.addBoth(close).addCallbacks(served, failed)
+        sent.addCallbacks(served, failed)
 
     def _see(self, agent_id: str) -> None:
         """Every worker consults C{agent_id} from now on (if there is room)."""
@@ -328,6 +359,7 @@ class WorkerGroup:
         worker.control = control
         worker.pid = pid
         worker.late = False
+        worker.stopping = False
         control.worker = worker
         # The answer to its hello carries the agents seen.
         self._seen_sending.pop(index, None)
@@ -387,6 +419,36 @@ class WorkerGroup:
                 index=newcomer.index,
             )
 
+    def worker_stopping(self, control: ParentControl) -> None:
+        """
+        A worker says it is stopping (L{Stopping}), or refused a connection
+        for that: it is handed no new connection.  When no other worker is
+        ready, registrations are refused (L{NoWorkerReady}, which agents
+        retry) until one is: a connection handed to a worker that is leaving
+        would be closed under its agent.
+        """
+        worker = control.worker
+        if worker is None or worker.control is not control or worker.stopping:
+            return
+        worker.stopping = True
+        if self._stopped:
+            # The whole group stops: every worker does, nothing to say of each.
+            return
+        if self.serving():
+            log.warn(
+                "Worker {index} (pid {pid}) is stopping: it is handed no new agent connection, and the "
+                "agents of those it drains reconnect to the other workers; it is restarted once it has exited",
+                index=worker.index,
+                pid=worker.pid,
+            )
+        else:
+            log.warn(
+                "Worker {index} (pid {pid}) is stopping and no other worker is ready: registrations are "
+                "refused (no_worker; agents retry) until one is; it is restarted once it has exited",
+                index=worker.index,
+                pid=worker.pid,
+            )
+
     def worker_left(self, control: ParentControl) -> None:
         """A worker's control connection is gone: the connections it held are gone too."""
         worker = control.worker
@@ -400,6 +462,7 @@ class WorkerGroup:
                 self.factory._release(agent_id)
         worker.agents.clear()
         worker.control = None
+        worker.stopping = False
         if held:
             log.warn(
                 "Worker {index} left with {held} agent connection(s); agents reconnect to the others",
@@ -455,8 +518,14 @@ class ParentControl(ControlProtocol):
     def hello(self, index: int, pid: int) -> dict[str, Any]:
         """L{Hello}: the worker joins the group; the agents the others hold."""
         self.group.worker_joined(self, index, pid)
-        held = {a for w in self.group.ready() if w.index != index for a, n in w.agents.items() if n}
+        held = {a for w in self.group.serving() if w.index != index for a, n in w.agents.items() if n}
         return {"agents": json.dumps(sorted(held)).encode("utf-8"), "seen": self.group.seen_document()}
+
+    @Stopping.responder
+    def stopping(self) -> dict[str, Any]:
+        """L{Stopping}: hand the worker no new connection."""
+        self.group.worker_stopping(self)
+        return {}
 
     @ConnectionGone.responder
     def gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:
@@ -575,7 +644,7 @@ class HandOverFactory(ReverseConnectionFactory):
     protocol = HandOverProtocol
 
     def admit(self, request: Any, client_certificate: Any = None) -> AgentProtocolError | None:
-        if not self.group.ready():
+        if not self.group.serving():
             return NoWorkerReady()
         return super().admit(request, client_certificate)
 

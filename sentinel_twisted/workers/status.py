@@ -52,6 +52,7 @@ def group_document(snapshots: Snapshots, gateway: dict[str, Any] | None = None) 
                 "pid": worker.pid,
                 "ready": snapshot is not None and bool(snapshot.get("ready")),
                 "answering": snapshot is not None,
+                "stopping": worker.stopping,
                 "restarts": worker.restarts,
                 "connections": worker.connections,
             }
@@ -237,7 +238,10 @@ class GroupStatusResource(Resource):
         for worker, snapshot in snapshots:
             ready = snapshot is not None and bool(snapshot.get("ready"))
             workers[str(worker.index)] = ready
-            if snapshot is None and worker.pid is not None:
+            if worker.stopping:
+                # It drains and is handed no connection; restarted once it exits.
+                problems.append(f"worker {worker.index} (pid {worker.pid}) is stopping")
+            elif snapshot is None and worker.pid is not None:
                 # Stopped (SIGSTOP) or hung: the heartbeats restart it in time.
                 problems.append(f"worker {worker.index} (pid {worker.pid}) is not answering")
             elif snapshot is None:
@@ -254,7 +258,7 @@ class GroupStatusResource(Resource):
             "<tr><td>{worker}</td><td>{pid}</td><td>{state}</td><td>{connections}</td><td>{restarts}</td></tr>".format(
                 worker=w["worker"],
                 pid=w["pid"] if w["pid"] is not None else "-",
-                state="ready" if w["ready"] else (
+                state="stopping" if w["stopping"] else "ready" if w["ready"] else (
                     "running" if w["answering"] else "not answering" if w["pid"] is not None else "down"
                 ),
                 connections=w["connections"],

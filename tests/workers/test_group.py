@@ -702,6 +702,131 @@ class HeartbeatTests(TestCase):
         self.assertTrue(stopped.called)
 
 
+class StoppingTests(TestCase):
+    """A worker that stops on its own (SIGTERM) is handed no new connection."""
+
+    def test_a_worker_that_says_it_is_stopping_is_handed_nothing_and_says_so(self) -> None:
+        from sentinel_twisted.workers.parent import ParentControl
+
+        workers = group(2)
+        controls = join_all(workers)
+        self.assertEqual(workers.choose("waf-1"), workers.workers[0])
+        control = ParentControl(workers)
+        workers.worker_joined(control, 1, 1001)
+        with captured_log() as events:
+            self.assertEqual(control.stopping(), {})
+        self.assertIn(
+            "Worker 1 (pid 1001) is stopping: it is handed no new agent connection", log_text(events)
+        )
+        self.assertEqual(workers.choose("waf-1"), workers.workers[1])
+        # Even when the other is late (a stopping worker would close it).
+        workers.workers[1].late = True
+        self.assertEqual(workers.choose("waf-1"), workers.workers[1])
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        # Said once.
+        with captured_log() as events:
+            control.stopping()
+        self.assertEqual(log_text(events), "")
+        self.assertEqual([c for c, _ in controls[0].sent], [], "the worker of the old connection is told nothing")
+
+    def test_registrations_are_refused_while_the_only_worker_is_stopping(self) -> None:
+        from sentinel_twisted.workers.parent import ParentControl
+
+        workers = group(1)
+        control = ParentControl(workers)
+        workers.worker_joined(control, 1, 1001)
+        with captured_log() as events:
+            control.stopping()
+        self.assertIn(
+            "Worker 1 (pid 1001) is stopping and no other worker is ready: registrations are refused "
+            "(no_worker; agents retry) until one is",
+            log_text(events),
+        )
+        self.assertIsNone(workers.choose("waf-1"))
+        self.assertIsInstance(workers.factory.admit(request("waf-1")), NoWorkerReady)
+        # Its replacement joins: registrations are taken again.
+        workers.worker_left(control)
+        workers.worker_joined(_Control(), 1, 1002)  # type: ignore[arg-type]
+        self.assertFalse(workers.workers[0].stopping)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+
+    def test_workers_stopping_with_their_group_are_not_each_reported(self) -> None:
+        from sentinel_twisted.workers.parent import ParentControl
+
+        workers = group(2)
+        controls = [ParentControl(workers) for _ in workers.workers]
+        for index, control in enumerate(controls, 1):
+            workers.worker_joined(control, index, 1000 + index)
+        workers.stop()
+        with captured_log() as events:
+            for control in controls:
+                control.stopping()
+        self.assertEqual(log_text(events), "")
+        self.assertEqual(workers.serving(), [])
+
+    def test_a_connection_a_stopping_worker_refuses_goes_to_another_with_its_slot(self) -> None:
+        # Handed over before the worker's notice reached the parent: the
+        # worker refuses it, and the parent hands the same socket on.
+        from sentinel_twisted.workers.commands import WorkerStopping
+
+        workers = group(2)
+        first, second = join_all(workers)
+        workers.workers[1].agents["other"] = 1  # worker 1 is chosen first
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        handing = _Handing()
+        self.addCleanup(handing.socket.close)
+        before = sorted(os.listdir("/proc/self/fd"))
+        with captured_log() as events:
+            workers.hand_over(handing, _Registered("waf-1", "waf-1-1"), b"")  # type: ignore[arg-type]
+            (command, arguments), _ = first.sent
+            self.assertEqual(command, AdoptConnection)
+            first.answers[0].errback(WorkerStopping("worker 1 is stopping"))
+            self.assertTrue(workers.workers[0].stopping)
+            (again, moved), = [(c, a) for c, a in second.sent if c is AdoptConnection]
+            self.assertEqual(moved, arguments)
+            self.assertEqual([dict(w.agents) for w in workers.workers], [{}, {"other": 1, "waf-1": 1}])
+            self.assertEqual(workers.factory.registered_connections("waf-1"), 1)
+            second.answers[second.sent.index((again, moved))].callback({})
+        self.assertIn("worker 2 serves it", log_text(events))
+        self.assertIn("Worker 1 (pid 1001) is stopping", log_text(events))
+        self.assertNotIn("did not take", log_text(events))
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the copy of the socket is closed")
+
+    def test_a_connection_refused_by_the_only_worker_frees_its_slot(self) -> None:
+        from sentinel_twisted.workers.commands import WorkerStopping
+
+        workers = group(1)
+        (control,) = join_all(workers)
+        self.assertIsNone(workers.factory.admit(request("waf-1")))
+        handing = _Handing()
+        self.addCleanup(handing.socket.close)
+        before = sorted(os.listdir("/proc/self/fd"))
+        with captured_log() as events:
+            workers.hand_over(handing, _Registered("waf-1", "waf-1-1"), b"")  # type: ignore[arg-type]
+            control.answers[0].errback(WorkerStopping("worker 1 is stopping"))
+        self.assertIn("Worker 1 did not take connection waf-1-1 of agent waf-1: worker 1 is stopping", log_text(events))
+        self.assertEqual([c for c, _ in control.sent].count(AdoptConnection), 1)
+        self.assertEqual(workers.factory.registered_connections("waf-1"), 0)
+        self.assertEqual(dict(workers.workers[0].agents), {})
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the copy of the socket is closed")
+
+    def test_the_status_site_says_which_worker_is_stopping(self) -> None:
+        from sentinel_twisted.workers.parent import ParentControl
+        from sentinel_twisted.workers.status import GroupStatusResource
+
+        workers = group(2)
+        join_all(workers)
+        control = ParentControl(workers)
+        workers.worker_joined(control, 2, 1002)
+        control.stopping()
+        answers = [(workers.workers[0], snapshot("waf-1", ["a"])), (workers.workers[1], snapshot("waf-1", ["b"]))]
+        status = GroupStatusResource(workers, lambda: True)
+        code, body = status.healthz(answers)
+        self.assertEqual((code, json.loads(body)["problems"]), (503, ["worker 2 (pid 1002) is stopping"]))
+        self.assertEqual([w["stopping"] for w in group_document(answers)["workers"]], [False, True])
+        self.assertIn(b"<td>2</td><td>1002</td><td>stopping</td>", status.page(answers)[1])
+
+
 class HttpHoldTests(TestCase):
     """A worker that joins a running group takes HTTP clients once it holds the group's agents."""
 

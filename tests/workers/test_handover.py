@@ -34,6 +34,8 @@ from sentinel_twisted.workers.commands import (
     ControlProtocol,
     Heartbeat,
     Snapshot,
+    Stopping,
+    WorkerStopping,
 )
 from sentinel_twisted.workers.parent import HandOverFactory, HandOverProtocol, WorkerGroup
 
@@ -51,6 +53,12 @@ class _Ends(ControlProtocol):
         self.lost: Deferred[None] = Deferred()
         self.gone: list[tuple[str, str]] = []
         self.gone_reported: Deferred[None] = Deferred()
+        self.stopping: Deferred[None] = Deferred()
+
+    @Stopping.responder
+    def worker_stopping(self) -> dict[str, Any]:
+        self.stopping.callback(None)
+        return {}
 
     @ConnectionGone.responder
     def connection_gone(self, agent_id: str, connection_id: str) -> dict[str, Any]:
@@ -152,6 +160,29 @@ class HeartbeatAnswerTests(_WorkerEnd):
     def test_a_worker_answers_its_parents_heartbeat(self) -> Any:
         answer = yield self.parent.call(Heartbeat).addTimeout(10, reactor)
         self.assertEqual(answer, {})
+
+
+class StoppingWorkerTests(_WorkerEnd):
+    @inlineCallbacks
+    def test_a_worker_that_stops_tells_its_parent_and_refuses_new_connections(self) -> Any:
+        # SIGTERM stops the worker's services: it drains what it holds, and
+        # a connection handed to it meanwhile would be closed under its agent.
+        self.service.stopService()
+        yield self.parent.stopping.addTimeout(10, reactor)
+        agent, handed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(agent.close)
+        before = sorted(os.listdir("/proc/self/fd"))
+        error = yield self.assertFailure(self.adopt(handed), WorkerStopping)
+        self.assertEqual(str(error), "worker 1 is stopping")
+        self.assertEqual((self.factory.awaiting_registration, dict(self.factory._registered_per_agent)), (0, {}))
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before, "the worker closed its copy")
+        # The parent's copy is whole: it can hand it to another worker.
+        handed.sendall(b"still open")
+        agent.settimeout(5)
+        self.assertEqual(agent.recv(100), b"still open")
+        # The control connection stays while the worker drains.
+        answer = yield self.parent.call(Snapshot)
+        self.assertTrue(answer["ready"])
 
 
 class _Factory:

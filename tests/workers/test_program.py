@@ -329,3 +329,93 @@ class VanishingAgentTests(TestCase):
         self.assertNotIn("Traceback", proxy.output())
         proxy.process.terminate()
         self.assertEqual(proxy.process.wait(STOP_TIMEOUT), 0, proxy.output())
+
+
+def worker_of(status: int, connection_id: str) -> int | None:
+    """The worker holding connection C{connection_id}, as the group's /agents says."""
+    document = _try(lambda: agents(status))
+    for agent in (document or {}).get("agents", ()):
+        for connection in agent["connections"]:
+            if connection["connection_id"] == connection_id:
+                worker: int = connection["worker"]
+                return worker
+    return None
+
+
+class StoppingWorkerTests(TestCase):
+    def test_a_worker_stopping_on_its_own_is_handed_no_new_connection(self) -> None:
+        # One worker gets SIGTERM on its own (an operator recycling it, an
+        # out-of-memory helper): it drains its requests for the shutdown
+        # grace.  An agent connection registered meanwhile goes to the other
+        # worker, not to the one that is leaving (which would close it).
+        from ..rawagent import PING, PONG, REQUEST_HEADERS, BlockingAgent
+
+        work = Path(self.mktemp())
+        work.mkdir(parents=True)
+        agents_port, http, status = free_port(), free_port(), free_port()
+        proxy = Process(
+            self,
+            work,
+            "proxy",
+            ["-n", "sentinel-reverse", "--workers", "2", "--shutdown-grace", "60", "--request-timeout", "60",
+             "--listen", f"tcp:{agents_port}:interface=127.0.0.1",
+             "--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"],
+        )
+        wait_for(lambda: proxy.output().count("is ready") >= 2, START_TIMEOUT, "both workers", proxy)
+        address = ("127.0.0.1", agents_port)
+        # One connection of an agent that never answers in each worker (the
+        # first goes to worker 1: both hold none, the lower index wins).
+        held = BlockingAgent(address)
+        self.addCleanup(held.close)
+        in_one = held.register("slow")["connection_id"]
+        wait_for(lambda: worker_of(status, in_one) == 1, START_TIMEOUT, "worker 1 to hold it", proxy)
+        other = BlockingAgent(address)
+        self.addCleanup(other.close)
+        in_two = other.register("slow")["connection_id"]
+        wait_for(lambda: worker_of(status, in_two) == 2, START_TIMEOUT, "worker 2 to hold it", proxy)
+        # HTTP clients until worker 1 has a request in flight (the kernel
+        # picks the worker of each client connection): it waits for the
+        # agent's answer, so worker 1 drains for as long as it is not given.
+        clients: list[socket.socket] = []
+
+        def request_in_worker_1() -> bool:
+            client = socket.create_connection(("127.0.0.1", http), timeout=5)
+            clients.append(client)
+            self.addCleanup(client.close)
+            client.sendall(b"GET /items?id=1 HTTP/1.1\r\nHost: example\r\n\r\n")
+            held.sock.settimeout(0.2)
+            try:
+                kind, _ = held.recv_frame()
+            except TimeoutError:
+                return False
+            return kind == REQUEST_HEADERS
+
+        held.timeout = 0.2
+        wait_for(lambda: len(clients) < 64 and request_in_worker_1(), START_TIMEOUT, "a request in worker 1", proxy)
+        held.timeout = 5.0
+        pids = {w["worker"]: w["pid"] for w in agents(status)["workers"]}
+        os.kill(pids[1], signal.SIGTERM)
+        wait_for(lambda: "[worker 1] Received SIGTERM" in proxy.output(), START_TIMEOUT, "worker 1 to stop", proxy)
+
+        with BlockingAgent(address) as late:
+            answer = late.register("late")
+            self.assertTrue(answer["success"], answer)
+            wait_for(lambda: worker_of(status, answer["connection_id"]) is not None, START_TIMEOUT,
+                     "a worker to hold the late connection", proxy)
+            self.assertEqual(worker_of(status, answer["connection_id"]), 2)
+            self.assertTrue(running(pids[1]), "worker 1 still drains")
+            late.send(PING, {"sequence": 1, "timestamp_ms": 1})
+            self.assertEqual(late.recv_frame(), (PONG, {"sequence": 1, "timestamp_ms": 1}))
+            # Worker 1's agent goes: its request is answered, it exits and is
+            # restarted; the late connection stays where it is.
+            held.close()
+            wait_for(lambda: proxy.output().count("is ready") >= 3, START_TIMEOUT, "worker 1 to be back", proxy)
+            late.send(PING, {"sequence": 2, "timestamp_ms": 2})
+            self.assertEqual(late.recv_frame(), (PONG, {"sequence": 2, "timestamp_ms": 2}))
+        self.assertIn(f"Worker 1 (pid {pids[1]}) is stopping", proxy.output())
+        for client in clients:
+            client.close()
+        other.close()
+        proxy.process.terminate()
+        self.assertEqual(proxy.process.wait(STOP_TIMEOUT), 0, proxy.output())
+        self.assertNotIn("Traceback", proxy.output())
