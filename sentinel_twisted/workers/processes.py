@@ -33,9 +33,9 @@ __all__ = ["WorkerProcesses", "relay_line", "worker_command"]
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.workers")
 
-#: Seconds a worker must have run for its next restart to be immediate;
-#: one that dies sooner is restarted after a delay that doubles up to
-#: L{MAX_RESTART_DELAY}.
+#: Seconds a worker must have run, having joined its group, for its next
+#: restart to be immediate; one that dies sooner, or never joined, is
+#: restarted after a delay that doubles up to L{MAX_RESTART_DELAY}.
 STEADY_AFTER = 10.0
 #: The longest wait before restarting a worker that keeps dying.
 MAX_RESTART_DELAY = 30.0
@@ -47,6 +47,9 @@ HEARTBEAT_INTERVAL = 5.0
 #: it is taken for hung (stopped, or its reactor blocked) and killed.
 #: Counted in the parent's own ticks, not in wall time: a parent that was
 #: itself suspended reads the answers waiting for it before it judges.
+#: A started worker that has not joined its group (connected to the parent
+#: and said L{Hello <sentinel_twisted.workers.commands.Hello>}) after one
+#: tick more (the first may come at once) is killed as well.
 HUNG_AFTER = 6
 
 
@@ -157,7 +160,11 @@ class WorkerProcesses(service.Service):
     (handed no new agent connection), and one that has not answered for
     L{HUNG_AFTER} intervals is killed (C{SIGKILL}) and restarted as any
     worker that exits: a hung worker would hold its agents' connection
-    slots and its share of the clients for ever.
+    slots and its share of the clients for ever.  So is one that has not
+    joined its group L{HUNG_AFTER} intervals or more after it was started
+    (stuck starting, or stopped): its place would stay empty for ever.  A
+    worker that never joined is restarted after the doubling delay,
+    however long it ran.
 
     @ivar group: the workers.
     @ivar command: the command line of worker N.
@@ -188,6 +195,9 @@ class WorkerProcesses(service.Service):
         # The heartbeat waiting for its answer, by worker: the control
         # connection it went to and the heartbeat ticks since it was sent.
         self._beats: dict[int, tuple[ParentControl, int]] = {}
+        # The heartbeat ticks since each worker that has not joined yet was
+        # started.
+        self._starting: dict[int, int] = {}
         self._heartbeat = LoopingCall(self.beat)
         self._heartbeat.clock = reactor
         group.on_join = self._joined
@@ -202,8 +212,21 @@ class WorkerProcesses(service.Service):
         """
         A heartbeat tick: send each connected worker a L{Heartbeat} unless
         its last one is unanswered; mark a worker late whose last one is,
-        and kill one that has left it unanswered for L{HUNG_AFTER} ticks.
+        and kill one that has left it unanswered for L{HUNG_AFTER} ticks, or
+        that has not joined L{HUNG_AFTER} intervals or more after it was
+        started (one tick more than that: the first may come at once).
         """
+        for index, ticks in list(self._starting.items()):
+            self._starting[index] = ticks = ticks + 1
+            if ticks == HUNG_AFTER + 1 and index in self.processes:
+                log.error(
+                    "Worker {index} (pid {pid}) has not joined its group within {seconds:.0f} s of its start "
+                    "(stuck starting, or stopped); killing it: it is restarted",
+                    index=index,
+                    pid=self.group.workers[index - 1].pid,
+                    seconds=HUNG_AFTER * HEARTBEAT_INTERVAL,
+                )
+                self._signal(index, "KILL")
         for worker in self.group.workers:
             index, control = worker.index, worker.control
             beat = self._beats.get(index)
@@ -243,6 +266,7 @@ class WorkerProcesses(service.Service):
         protocol = _WorkerProcess(self, index)
         self._started[index] = self.reactor.seconds()
         self._spawned_at[index] = self.reloads
+        self._starting[index] = 0
         transport = self.reactor.spawnProcess(
             protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -257,10 +281,11 @@ class WorkerProcesses(service.Service):
             del self.processes[index]
         worker = self.group.workers[index - 1]
         worker.pid = None
+        joined = self._starting.pop(index, None) is None
         if not self.running:
             return
         lived = self.reactor.seconds() - self._started.get(index, 0.0)
-        if lived >= STEADY_AFTER:
+        if lived >= STEADY_AFTER and joined:
             delay = 0.0
             self._delays[index] = 1.0
         else:
@@ -287,6 +312,7 @@ class WorkerProcesses(service.Service):
                 self._signal(worker.index, "HUP")
 
     def _joined(self, worker: Worker) -> None:
+        self._starting.pop(worker.index, None)
         if self._spawned_at.get(worker.index, self.reloads) < self.reloads:
             log.info("Worker {index} started before the last SIGHUP: it rereads its files now", index=worker.index)
             self._spawned_at[worker.index] = self.reloads

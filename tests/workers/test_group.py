@@ -554,8 +554,9 @@ class RespreadTests(TestCase):
 
 
 class _ProcessTransport:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, started: float = 0.0) -> None:
         self.pid = pid
+        self.started = started
         self.signals: list[str] = []
 
     def closeStdin(self) -> None:
@@ -573,7 +574,7 @@ class _ProcessReactor(Clock):
         self.spawned: list[tuple[Any, _ProcessTransport]] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kwargs: Any) -> _ProcessTransport:
-        transport = _ProcessTransport(100 + len(self.spawned))
+        transport = _ProcessTransport(100 + len(self.spawned), self.seconds())
         protocol.transport = transport
         self.spawned.append((protocol, transport))
         return transport
@@ -825,6 +826,103 @@ class StoppingTests(TestCase):
         self.assertEqual((code, json.loads(body)["problems"]), (503, ["worker 2 (pid 1002) is stopping"]))
         self.assertEqual([w["stopping"] for w in group_document(answers)["workers"]], [False, True])
         self.assertIn(b"<td>2</td><td>1002</td><td>stopping</td>", status.page(answers)[1])
+
+
+class StartDeadlineTests(TestCase):
+    """A worker that never joins its group (stuck starting, or stopped) is killed and restarted, with back-off."""
+
+    def started(self) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses]:
+        workers = group(2)
+        reactor = _ProcessReactor()
+        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+        processes.startService()
+
+        def stop() -> None:
+            processes.stopService()
+            for protocol in list(processes.processes.values()):
+                protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+
+        self.addCleanup(stop)
+        return workers, reactor, processes
+
+    def test_a_worker_that_does_not_join_is_killed_with_one_line_and_restarted(self) -> None:
+        workers, reactor, processes = self.started()
+        (stuck, stuck_process), (_, joined_process) = reactor.spawned
+        # Worker 2 joins and answers; worker 1 never connects (SIGSTOPped
+        # right after it was started, or its imports hang).
+        joined = _Control()
+        workers.worker_joined(joined, 2, joined_process.pid)  # type: ignore[arg-type]
+        with captured_log() as events:
+            for _ in range(HUNG_AFTER):
+                reactor.advance(HEARTBEAT_INTERVAL)
+                answer_heartbeats(joined)
+            self.assertEqual(stuck_process.signals, [])
+            reactor.advance(HEARTBEAT_INTERVAL)
+            answer_heartbeats(joined)
+        self.assertEqual((stuck_process.signals, joined_process.signals), (["KILL"], []))
+        killing = [formatEvent(e) for e in events if "killing it" in (formatEvent(e) or "")]
+        self.assertEqual(
+            killing,
+            [
+                f"Worker 1 (pid {stuck_process.pid}) has not joined its group within "
+                f"{HUNG_AFTER * HEARTBEAT_INTERVAL:.0f} s of its start (stuck starting, or stopped); "
+                "killing it: it is restarted"
+            ],
+        )
+        # Killed once, not again at each tick until it is gone.
+        reactor.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual(stuck_process.signals, ["KILL"])
+        stuck.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(len(reactor.spawned), 2, "not at once: it never joined")
+        reactor.advance(1)
+        self.assertEqual(len(reactor.spawned), 3)
+        # The new one joins in time: it is left alone.
+        workers.worker_joined(_Control(), 1, reactor.spawned[2][1].pid)  # type: ignore[arg-type]
+        for _ in range(HUNG_AFTER * 2):
+            reactor.advance(HEARTBEAT_INTERVAL)
+            for control in (joined, workers.workers[0].control):
+                answer_heartbeats(control)  # type: ignore[arg-type]
+        self.assertEqual([t.signals for _, t in reactor.spawned], [["KILL"], [], []])
+
+    def test_a_worker_that_never_joins_is_restarted_after_a_bounded_doubling_delay(self) -> None:
+        from sentinel_twisted.workers.processes import MAX_RESTART_DELAY
+
+        workers, reactor, processes = self.started()
+        workers.worker_joined(_Control(), 2, reactor.spawned[1][1].pid)  # type: ignore[arg-type]
+        deadline = HUNG_AFTER * HEARTBEAT_INTERVAL
+        delays = []
+        for _ in range(8):
+            protocol, process = reactor.spawned[-1] if reactor.spawned[-1][0].index == 1 else reactor.spawned[0]
+            while not process.signals and reactor.seconds() - process.started <= deadline + HEARTBEAT_INTERVAL:
+                reactor.advance(0.5)
+            # Never before the deadline, whenever the heartbeat's ticks come.
+            self.assertEqual(process.signals, ["KILL"])
+            self.assertTrue(deadline <= reactor.seconds() - process.started <= deadline + HEARTBEAT_INTERVAL)
+            spawned = len(reactor.spawned)
+            protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+            waited = 0.0
+            while len(reactor.spawned) == spawned and waited <= MAX_RESTART_DELAY:
+                reactor.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+        self.assertEqual(workers.workers[0].restarts, 8)
+
+    def test_a_parent_that_was_suspended_counts_one_tick_before_it_judges(self) -> None:
+        # As for heartbeats: a long suspension of the parent is one tick,
+        # and a hello waiting for it is read before it judges.
+        workers, reactor, processes = self.started()
+        (_, first), (_, second) = reactor.spawned
+        reactor.advance(HEARTBEAT_INTERVAL)
+        reactor.advance(HUNG_AFTER * HEARTBEAT_INTERVAL * 10)
+        workers.worker_joined(_Control(), 2, second.pid)  # type: ignore[arg-type]
+        self.assertEqual((first.signals, second.signals), ([], []))
+        # Worker 1 still does not join: it is killed, once the parent has
+        # run for as long.
+        for _ in range(HUNG_AFTER - 1):
+            reactor.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual(first.signals, ["KILL"])
+        self.assertEqual(second.signals, [])
 
 
 class HttpHoldTests(TestCase):
