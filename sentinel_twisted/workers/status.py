@@ -227,8 +227,8 @@ class GroupStatusResource(Resource):
     def healthz(self, snapshots: Snapshots) -> tuple[int, bytes]:
         """
         C{/healthz}: ready when the agent listener listens and every worker
-        answers and holds every C{--ready-agent} (a worker without an agent
-        would answer its share of the clients with 503).
+        answers, holds every C{--ready-agent} (a worker without an agent
+        would answer its share of the clients with 503) and is not stopping.
         """
         problems = []
         listening = bool(self.listening())
