@@ -618,21 +618,27 @@ def answer_heartbeats(control: _Control) -> None:
             answer.callback({})
 
 
+def start_two_workers(case: TestCase) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses]:
+    """Two workers started on a fake process reactor; stopped (their processes ended) at the test's end."""
+    workers = group(2)
+    reactor = _ProcessReactor()
+    processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
+    processes.startService()
+
+    def stop() -> None:
+        processes.stopService()
+        for protocol in list(processes.processes.values()):
+            protocol.processEnded(Failure(ProcessTerminated(signal=15)))
+
+    case.addCleanup(stop)
+    return workers, reactor, processes
+
+
 class HeartbeatTests(TestCase):
     """A worker that stops answering its parent (hung, or stopped) is avoided, then killed and restarted."""
 
     def started(self) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses, list[_Control]]:
-        workers = group(2)
-        reactor = _ProcessReactor()
-        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
-        processes.startService()
-
-        def stop() -> None:
-            processes.stopService()
-            for protocol in list(processes.processes.values()):
-                protocol.processEnded(Failure(ProcessTerminated(signal=15)))
-
-        self.addCleanup(stop)
+        workers, reactor, processes = start_two_workers(self)
         controls = []
         for worker, (_, transport) in zip(workers.workers, reactor.spawned, strict=True):
             control = _Control()
@@ -831,22 +837,8 @@ class StoppingTests(TestCase):
 class StartDeadlineTests(TestCase):
     """A worker that never joins its group (stuck starting, or stopped) is killed and restarted, with back-off."""
 
-    def started(self) -> tuple[WorkerGroup, _ProcessReactor, WorkerProcesses]:
-        workers = group(2)
-        reactor = _ProcessReactor()
-        processes = WorkerProcesses(workers, lambda index: ["worker", str(index)], reactor, stop_timeout=5)
-        processes.startService()
-
-        def stop() -> None:
-            processes.stopService()
-            for protocol in list(processes.processes.values()):
-                protocol.processEnded(Failure(ProcessTerminated(signal=15)))
-
-        self.addCleanup(stop)
-        return workers, reactor, processes
-
     def test_a_worker_that_does_not_join_is_killed_with_one_line_and_restarted(self) -> None:
-        workers, reactor, processes = self.started()
+        workers, reactor, processes = start_two_workers(self)
         (stuck, stuck_process), (_, joined_process) = reactor.spawned
         # Worker 2 joins and answers; worker 1 never connects (SIGSTOPped
         # right after it was started, or its imports hang).
@@ -887,7 +879,7 @@ class StartDeadlineTests(TestCase):
     def test_a_worker_that_never_joins_is_restarted_after_a_bounded_doubling_delay(self) -> None:
         from sentinel_twisted.workers.processes import MAX_RESTART_DELAY
 
-        workers, reactor, processes = self.started()
+        workers, reactor, processes = start_two_workers(self)
         workers.worker_joined(_Control(), 2, reactor.spawned[1][1].pid)  # type: ignore[arg-type]
         deadline = HUNG_AFTER * HEARTBEAT_INTERVAL
         delays = []
@@ -911,7 +903,7 @@ class StartDeadlineTests(TestCase):
     def test_a_parent_that_was_suspended_counts_one_tick_before_it_judges(self) -> None:
         # As for heartbeats: a long suspension of the parent is one tick,
         # and a hello waiting for it is read before it judges.
-        workers, reactor, processes = self.started()
+        workers, reactor, processes = start_two_workers(self)
         (_, first), (_, second) = reactor.spawned
         reactor.advance(HEARTBEAT_INTERVAL)
         reactor.advance(HUNG_AFTER * HEARTBEAT_INTERVAL * 10)
