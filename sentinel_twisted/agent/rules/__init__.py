@@ -17,9 +17,11 @@ A rule looks like this::
     match = { path = "^/admin(/|$)" }
     block = { status = 403, body = "Forbidden" }
 
-A request whose target or headers are past the bounds of the file's
-C{[request]} table (L{RequestPolicy}) is not looked at by any rule: it is
-refused (C{414}, C{431}) or, with C{uninspectable = "allow"}, let through.
+A request whose method, target, headers or client address are past the
+bounds of the file's C{[request]} table (L{RequestPolicy}), or whose
+method is no HTTP token, is not looked at by any rule: it is refused
+(C{501}, C{414}, C{431}, C{400}) or, with C{uninspectable = "allow"}, let
+through.
 
 Errors are reported with the file, the rule and the reason, all of them at
 once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
@@ -238,19 +240,16 @@ class RulesAgent(Agent):
         self, failure: Uninspectable, event: m.RequestHeadersEvent, cid: str
     ) -> None:
         """Warn of a request past the [request] bounds: refused, or let through unmatched."""
+        # A method that is no token is not too large: it cannot be inspected all the same.
+        what = "cannot be inspected" if failure.code == "method_invalid" else "too large to inspect"
         if self.ruleset.request.blocks:
-            format = (
-                "Request too large to inspect, blocked ({status}): {reason}: {method} {uri}{client} [{cid}]"
-            )
+            action = "blocked ({status})"
         else:
-            format = (
-                "Request too large to inspect, allowed unmatched by the [request] policy: "
-                "{reason}: {method} {uri}{client} [{cid}]"
-            )
+            action = "allowed unmatched by the [request] policy"
         self.log_limiter.warn(
             log,
             f"request-uninspectable:{failure.code}",
-            format,
+            f"Request {what}, {action}: {{reason}}: {{method}} {{uri}}{{client}} [{{cid}}]",
             status=failure.status,
             reason=failure.reason,
             **_request_fields(event.method, event.uri, event.metadata.client_ip, cid),

@@ -96,11 +96,15 @@ class RuleSet:
         left in the verdict's C{body_rules}, and the answer asks for more
         (C{needs_more}) unless a header rule decided.
 
-        A request past the bounds of the L{RequestPolicy} is not looked at:
-        it is refused, or let through unmatched, by the policy (the
-        verdict's C{uninspectable} says why), before anything is decoded.
+        A request past the bounds of the L{RequestPolicy} (its method,
+        target, headers or client address) is not looked at: it is
+        refused, or let through unmatched, by the policy (the verdict's
+        C{uninspectable} says why), before anything is decoded,
+        upper-cased or parsed.
         """
-        failure = self.request.check(event.uri, event.headers)
+        failure = self.request.check(
+            event.uri, event.headers, method=event.method, client_ip=event.metadata.client_ip
+        )
         if failure is not None:
             return self._uninspectable(failure)
         request = _RequestView(event)
