@@ -20,7 +20,7 @@ from sentinel_twisted import messages as m
 from sentinel_twisted.agent import RulesAgent, RulesError, parse_rules
 from sentinel_twisted.agent.rules._decode import INFLATE_PIECE, BodyPolicy, Inflater, json_charset
 
-from ._support import temp_path
+from ._support import headers_event, temp_path
 from .test_rules import NO_REQUEST_BOUNDS, body, event
 
 DOC = '{"comment": "<script>alert(1)</script>"}'
@@ -344,3 +344,42 @@ class EvictionTests(SynchronousTestCase):
         self.assertIsNone(scan.inflater)
         agent.on_request_complete(m.RequestCompleteEvent(correlation_id="r6", status=200, duration_ms=1))
         self.assertNotIn("r6", agent._evicted)
+
+    def test_a_waiting_body_keeps_little_of_its_request(self) -> None:
+        # Up to 10,000 requests wait for their bodies, and as many pushed
+        # out: each kept its target (64 KiB within the [request] bounds)
+        # for the log lines, 1.25 GiB in all.  Only what a line shows is kept.
+        import gc
+        import tracemalloc
+
+        agent = _agent(self)
+        agent.max_tracked_bodies = 100
+        # As the proxy sends them: each event is made (and let go) as it comes.
+        frames = [
+            json.dumps(
+                headers_event(f"r{index}", method="POST", uri="/" + "a" * 65_534, client_ip="2001:db8::1", headers={})
+            ).encode()
+            for index in range(200)
+        ]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for frame in frames:
+                agent.on_request_headers(m.decode(frame, m.RequestHeadersEvent))
+            gc.collect()
+            kept, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual((len(agent._bodies), len(agent._evicted)), (100, 100))
+        self.assertLess(kept / 200, 8 * 1024)
+        # The log lines are as before: the target cut short, the chunk named.
+        events_logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events_logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events_logged.append)
+        agent.on_request_body_chunk(body("r199", DOC.encode(), 3, last=True))
+        agent.on_request_body_chunk(body("r0", DOC.encode(), 5, last=True))
+        from twisted.logger import formatEvent
+
+        decided, evicted = (formatEvent(e) for e in events_logged)
+        self.assertRegex(decided, r"^Rule xss-body blocked \(403\): POST /a+\[\.\.\.65535 characters, cut\.\.\.\]a+ \(body chunk 3\) from 2001:db8::1 \[r199\]$")
+        self.assertRegex(evicted, r"^Request body cannot be inspected, blocked \(503\): .* POST /a+\[\.\.\.65535 characters, cut\.\.\.\]a+ \(body chunk 5\) from 2001:db8::1 \[r0\]$")

@@ -147,6 +147,89 @@ class BlockTests(_NoViewsTestCase):
         self.assertEqual(answer["decision"]["block"]["status"], 431)
 
 
+class MethodAndClientTests(_NoViewsTestCase):
+    """
+    The method and the client address, which rules match too (C{method},
+    C{client_ip}): past their bounds, or a method that is no HTTP token,
+    the request is refused before either is upper-cased or parsed.
+    """
+
+    assertRefused = BlockTests.assertRefused
+
+    def test_a_long_method_gets_501(self) -> None:
+        agent, _ = _agent(self)
+        for method in ["A" * 65, "GET" * 100_000, "A" * (16 * MIB - 4096), "\u017f" * MIB]:
+            answer = _answer(agent, method=method)
+            self.assertRefused(answer, 501, "method_too_long", "max_method_length (64)")
+        answer = _answer(agent, method="A" * MIB)
+        self.assertEqual(
+            answer.decision.body,  # type: ignore[union-attr]
+            "Request cannot be inspected: the request method is 1,048,576 characters long, over max_method_length (64)",
+        )
+
+    def test_a_method_that_is_no_token_gets_400(self) -> None:
+        # RFC 9110 section 9.1: a method is a token.  Upper-cased, some of
+        # these were other methods ("po\u017ft" is "POST").
+        agent, _ = _agent(self)
+        for method in ["", "GET\x00", "G T", "GET\r\nX", "po\u017ft", "\u0130NFO", "GET/", "(GET)", "\x1b[2J", "G\u2028"]:
+            answer = _answer(agent, method=method)
+            self.assertRefused(answer, 400, "method_invalid", "the request method is not an HTTP token")
+
+    def test_a_long_client_address_gets_400(self) -> None:
+        agent, _ = _agent(self)
+        for client_ip in ["1" * 62, "1" * (16 * MIB - 4096), ":" * MIB, "1." * MIB, "fe80::1%" + "e" * 1000]:
+            answer = _answer(agent, client_ip=client_ip)
+            self.assertRefused(answer, 400, "client_address_too_long", "longest IP address (61 characters)")
+
+    def test_over_the_wire(self) -> None:
+        agent, _ = _agent(self)
+        harness = Harness(agent)
+        harness.register()
+        harness.sent()
+        harness.feed(REQUEST_HEADERS, headers_event("m", method="M" * (4 * MIB)))
+        [answer] = harness.answers()
+        self.assertEqual(answer["decision"]["block"]["status"], 501)
+        self.assertEqual(answer["audit"]["reason_codes"], ["method_too_long"])
+        harness.feed(REQUEST_HEADERS, headers_event("c", client_ip=":" * (4 * MIB)))
+        [answer] = harness.answers()
+        self.assertEqual(answer["decision"]["block"]["status"], 400)
+        self.assertEqual(answer["audit"]["reason_codes"], ["client_address_too_long"])
+
+
+class MethodAndClientWithinTheBoundsTests(SynchronousTestCase):
+    """Methods and client addresses within the bounds are matched as before; past them, refused."""
+
+    def test_methods_within_the_bounds_are_matched_as_before(self) -> None:
+        rules = [
+            {"id": "m", "match": {"method": ["PATCH", "M-SEARCH", "X" * 64, "!#$%&'*+-.^_`|~09AZAZ"]}, "block": True},
+            {"id": "rest", "match": {"path": "^/"}, "block": {"status": 418}},
+        ]
+        agent, _ = _agent(self, *rules)
+        for method in ["PATCH", "patch", "m-search", "X" * 64, "x" * 64, "!#$%&'*+-.^_`|~09azAZ"]:
+            self.assertEqual(_answer(agent, method=method).decision.status, 403, method)  # type: ignore[union-attr]
+        for method in ["GET", "POST", "UPDATEREDIRECTREF", "BASELINE-CONTROL", "X" * 63]:
+            self.assertEqual(_answer(agent, method=method).decision.status, 418, method)  # type: ignore[union-attr]
+        # Past the bound: refused, and the rules never see it.
+        self.assertEqual(_answer(agent, method="X" * 65).decision.status, 501)  # type: ignore[union-attr]
+
+    def test_client_addresses_within_the_bound_are_matched_as_before(self) -> None:
+        rules = [
+            {"id": "in", "match": {"client_ip": ["203.0.113.0/24", "ffff:ffff::/32", "fe80::/10"]}, "block": True},
+            {"id": "rest", "match": {"path": "^/"}, "block": {"status": 418}},
+        ]
+        agent, _ = _agent(self, *rules)
+        # The longest text of an IPv6 address, with the longest zone an
+        # interface name makes (IFNAMSIZ).
+        longest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%" + "e" * 15
+        self.assertEqual(len(longest), 61)
+        for client_ip in ["203.0.113.7", "::ffff:203.0.113.7", longest, "fe80::1%eth0", "fe80::1%4294967295"]:
+            self.assertEqual(_answer(agent, client_ip=client_ip).decision.status, 403, client_ip)  # type: ignore[union-attr]
+        # No address (a proxy's UNIX socket), or one that is none: in no network, as before.
+        for client_ip in ["", "198.51.100.1", "unknown", "x" * 61]:
+            self.assertEqual(_answer(agent, client_ip=client_ip).decision.status, 418, client_ip)  # type: ignore[union-attr]
+        self.assertEqual(_answer(agent, client_ip=longest + "e").decision.status, 400)  # type: ignore[union-attr]
+
+
 class ReadingTests(SynchronousTestCase):
     """Telling a request is past the bounds reads no more of it than the bounds."""
 
@@ -190,10 +273,21 @@ class ReadingTests(SynchronousTestCase):
         self.assertEqual(policy.check("/", {"abcde": ["1234\u00e9"]}).code, "headers_too_large")  # type: ignore[union-attr]
         self.assertEqual(policy.check("/", {"a": ["1", "2"], "b": []}).code, "too_many_headers")  # type: ignore[union-attr]
 
+    def test_the_method_and_the_client_address(self) -> None:
+        policy = RequestPolicy("block", max_method_length=6)
+        self.assertIsNone(policy.check("/", {}, method="DELETE", client_ip="2001:db8::1"))
+        self.assertIsNone(policy.check("/", {}, method="x", client_ip=""))
+        self.assertEqual(policy.check("/", {}, method="OPTIONS").code, "method_too_long")  # type: ignore[union-attr]
+        self.assertEqual(policy.check("/", {}, method="G\u00c9T").code, "method_invalid")  # type: ignore[union-attr]
+        self.assertEqual(policy.check("/", {}, method="").code, "method_invalid")  # type: ignore[union-attr]
+        self.assertEqual(policy.check("/", {}, client_ip="1" * 62).code, "client_address_too_long")  # type: ignore[union-attr]
+        # Not given: not checked.
+        self.assertIsNone(policy.check("/", {}))
+
 
 class PolicyTests(SynchronousTestCase):
     def test_defaults_leave_ordinary_requests_to_the_rules(self) -> None:
-        self.assertEqual(parse_rules({"rules": []}).request, RequestPolicy("block", 65_536, 262_144, 1000))
+        self.assertEqual(parse_rules({"rules": []}).request, RequestPolicy("block", 65_536, 262_144, 1000, 64))
         self.assertEqual(load_rules(EXAMPLE).request, RequestPolicy())
         # A request line of 8 KiB and a head of 100 headers of 1 KiB: as
         # large as common servers take; the rules see them.
@@ -204,9 +298,11 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(answer.audit.rule_ids, ["mark", "everything"])
 
     def test_limits_are_configurable(self) -> None:
-        request = {"max_uri_length": 100, "max_header_bytes": 50, "max_headers": 3}
+        request = {"max_uri_length": 100, "max_header_bytes": 50, "max_headers": 3, "max_method_length": 7}
         agent, _ = _agent(self, request=request)
-        self.assertEqual(agent.ruleset.request, RequestPolicy("block", 100, 50, 3))
+        self.assertEqual(agent.ruleset.request, RequestPolicy("block", 100, 50, 3, 7))
+        self.assertEqual(_answer(agent, method="OPTIONS").decision.status, 403)  # type: ignore[union-attr]
+        self.assertEqual(_answer(agent, method="PROPFIND").decision.status, 501)  # type: ignore[union-attr]
         self.assertEqual(_answer(agent, uri="/" + "a" * 99).decision.status, 403)  # type: ignore[union-attr]
         self.assertEqual(_answer(agent, uri="/" + "a" * 100).decision.status, 414)  # type: ignore[union-attr]
         self.assertEqual(_answer(agent, headers={"x": ["a" * 49]}).decision.status, 403)  # type: ignore[union-attr]
@@ -214,8 +310,9 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(_answer(agent, headers={"x": ["1", "2", "3"]}).decision.status, 403)  # type: ignore[union-attr]
         self.assertEqual(_answer(agent, headers={"x": ["1", "2"], "y": ["3", "4"]}).decision.status, 431)  # type: ignore[union-attr]
         # Raised, the rules see what they did not.
-        agent, _ = _agent(self, request={"max_uri_length": 2 * MIB})
+        agent, _ = _agent(self, request={"max_uri_length": 2 * MIB, "max_method_length": 1000})
         self.assertEqual(_answer(agent, uri=LONG_URI).decision.status, 403)  # type: ignore[union-attr]
+        self.assertEqual(_answer(agent, method="M" * 1000).decision.status, 403)  # type: ignore[union-attr]
 
     def test_a_reload_applies_the_new_bounds(self) -> None:
         agent, _ = _agent(self)
@@ -251,8 +348,16 @@ class AllowPolicyTests(_NoViewsTestCase):
 
     def test_let_through_unmatched(self) -> None:
         agent, _ = _agent(self, request={"uninspectable": "allow"})
-        for kw in [{"uri": LONG_URI}, *({"headers": h} for h in LARGE_HEADERS), {"headers": {"x": [""] * 5000}}]:
-            answer = _answer(agent, method="POST", **kw)
+        for kw in [
+            {"uri": LONG_URI},
+            *({"headers": h} for h in LARGE_HEADERS),
+            {"headers": {"x": [""] * 5000}},
+            {"method": "P" * MIB},
+            {"method": "PO\u017fT"},
+            {"client_ip": "1" * MIB},
+        ]:
+            kw.setdefault("method", "POST")
+            answer = _answer(agent, **kw)
             self.assertEqual(answer.decision, m.ALLOW)
             # No rule ran: no operation, no rule id, no body asked for.
             self.assertEqual(answer.request_headers, [])
@@ -289,6 +394,25 @@ class AllowPolicyTests(_NoViewsTestCase):
         self.assertEqual(len(self.warnings()), 4)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_a_method_or_client_address_is_logged_cut_and_escaped(self) -> None:
+        agent, _ = _agent(self)
+        hostile = "\x1b[2J\n2026-01-01T00:00:00+0000 [sentinel_twisted#critical] forged\u2028"
+        _answer(agent, method="GET\x1b[2J\n\u2028")
+        _answer(agent, method=hostile * 100_000)
+        _answer(agent, client_ip="1" + hostile * 100_000)
+        lines = [
+            formatEvent(e) for e in self.events if e.get("log_format", "").startswith("Request ")
+        ]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("Request cannot be inspected, blocked (400): the request method is not an HTTP token", lines[0])
+        self.assertIn("Request too large to inspect, blocked (501): the request method is", lines[1])
+        self.assertIn("Request too large to inspect, blocked (400): the client address is", lines[2])
+        for line in lines:
+            self.assertLess(len(line), 1000)
+            for bad in ("\x1b", "\n", "\u2028"):
+                self.assertNotIn(bad, line)
+            self.assertIn("\\x1b", line)
+
     def test_blocks_are_logged_alike(self) -> None:
         agent, clock = _agent(self)
         for _ in range(3):
@@ -308,11 +432,13 @@ class LoadErrorTests(SynchronousTestCase):
     def test_each_problem_names_the_key(self) -> None:
         no_limit = ' (0 is not "no limit": events are at most 16,777,216 bytes, so 16777216 lets any through)'
         for table, problem in [
-            ({"max_uri": 1}, "request: unknown key 'max_uri' (known: max_header_bytes, max_headers, max_uri_length, uninspectable)"),
+            ({"max_uri": 1}, "request: unknown key 'max_uri' (known: max_header_bytes, max_headers, max_method_length, max_uri_length, uninspectable)"),
             ({"uninspectable": "maybe"}, 'request.uninspectable: expected "block" or "allow", got "maybe"'),
             ({"max_uri_length": 0}, "request.max_uri_length: expected a positive integer, got 0" + no_limit),
             ({"max_header_bytes": -1}, "request.max_header_bytes: expected a positive integer, got -1"),
             ({"max_headers": True}, "request.max_headers: expected a positive integer, got true"),
+            ({"max_method_length": 0}, "request.max_method_length: expected a positive integer, got 0" + no_limit),
+            ({"max_client_ip_length": 64}, "request: unknown key 'max_client_ip_length' (known: max_header_bytes, max_headers, max_method_length, max_uri_length, uninspectable)"),
             ({"max_headers": 1.5}, "request.max_headers: expected a positive integer, got 1.5"),
             ({"max_uri_length": "64k"}, 'request.max_uri_length: expected a positive integer, got "64k"'),
             ("block", 'request: expected a table, got "block"'),

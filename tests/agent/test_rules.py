@@ -45,7 +45,9 @@ BLOCK = {"block": True}
 
 #: A C{[request]} table that lets any event through: for the tests of what
 #: the rules make of requests larger than the default bounds take.
-NO_REQUEST_BOUNDS = {"request": dict.fromkeys(("max_uri_length", "max_header_bytes", "max_headers"), 1 << 24)}
+NO_REQUEST_BOUNDS = {
+    "request": dict.fromkeys(("max_uri_length", "max_header_bytes", "max_headers", "max_method_length"), 1 << 24)
+}
 
 
 class _DecisionTestCase(SynchronousTestCase):
@@ -555,6 +557,10 @@ class DecisionLogTests(SynchronousTestCase):
     """The line a rule decision logs quotes the proxy's text cut short and escaped."""
 
     HOSTILE = "\x1b[2J\n2026-01-01T00:00:00+0000 [sentinel_twisted#critical] forged\u2028"
+    #: A method of 100,000 characters (a token: one that is not is refused
+    #: before any rule sees it), and a client address as long as one may be.
+    LONG_METHOD = "X" * 100_000
+    CLIENT = ("1" + HOSTILE)[:61]
 
     def setUp(self) -> None:
         self.events: list[dict[str, Any]] = []
@@ -577,7 +583,7 @@ class DecisionLogTests(SynchronousTestCase):
         agent = _agent(self, {"id": "b", "match": {"path": "^/admin"}, "block": True}, **NO_REQUEST_BOUNDS)
         hostile = self.HOSTILE + "x" * 100_000
         agent.on_request_headers(
-            event(cid="c" + hostile, uri="/admin?" + hostile, method="GET" + hostile, client_ip="1" + hostile)
+            event(cid="c" + hostile, uri="/admin?" + hostile, method="GET" + self.LONG_METHOD, client_ip=self.CLIENT)
         )
         self.assert_safe(self.lines(), "Rule b blocked")
 
@@ -586,7 +592,7 @@ class DecisionLogTests(SynchronousTestCase):
         hostile = self.HOSTILE + "x" * 100_000
         cid = "c" + hostile
         agent.on_request_headers(
-            event(cid=cid, uri="/?" + hostile, method="POST" + hostile, client_ip="1" + hostile, headers={})
+            event(cid=cid, uri="/?" + hostile, method="POST" + self.LONG_METHOD, client_ip=self.CLIENT, headers={})
         )
         agent.on_request_body_chunk(body(cid, b"<script>", last=True))
         self.assert_safe(self.lines(), "Rule xss blocked")
@@ -598,7 +604,7 @@ class DecisionLogTests(SynchronousTestCase):
         coding = ", ".join(["x" + self.HOSTILE] * 2000)
         agent.on_request_headers(
             event(
-                cid=cid, uri="/?" + hostile, method="POST", client_ip="1" + hostile,
+                cid=cid, uri="/?" + hostile, method="POST", client_ip=self.CLIENT,
                 headers={"content-encoding": [coding]},
             )
         )

@@ -17,9 +17,11 @@ A rule looks like this::
     match = { path = "^/admin(/|$)" }
     block = { status = 403, body = "Forbidden" }
 
-A request whose target or headers are past the bounds of the file's
-C{[request]} table (L{RequestPolicy}) is not looked at by any rule: it is
-refused (C{414}, C{431}) or, with C{uninspectable = "allow"}, let through.
+A request whose method, target, headers or client address are past the
+bounds of the file's C{[request]} table (L{RequestPolicy}), or whose
+method is no HTTP token, is not looked at by any rule: it is refused
+(C{501}, C{414}, C{431}, C{400}) or, with C{uninspectable = "allow"}, let
+through.
 
 Errors are reported with the file, the rule and the reason, all of them at
 once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
@@ -42,13 +44,9 @@ from ..base import Agent
 from ..responses import allow
 from ._compile import compile_pattern, load_rules, parse_rules
 from ._decode import BodyPolicy, Uninspectable
-from ._evaluate import BODY_WINDOW, RuleSet, Verdict, _BodyScan
+from ._evaluate import BODY_WINDOW, SHORT_TEXT_IN_LOG, RuleSet, Verdict, _BodyScan, request_in_log
 from ._limits import RequestPolicy
 from ._model import Pattern, Rule, RulesError
-
-#: Characters of the proxy's method, client address and correlation id a
-#: decision's log line quotes (the URI gets the default, L{peer_text}'s).
-_SHORT_TEXT_IN_LOG = 64
 
 __all__ = [
     "BODY_WINDOW",
@@ -174,7 +172,7 @@ class RulesAgent(Agent):
         if verdict.uninspectable is not None:
             self._log_uninspectable_request(verdict.uninspectable, event, cid)
         elif verdict.decided_by is not None:
-            self._log_decision(verdict.decided_by, event.method, event.uri, event.metadata.client_ip, cid)
+            self._log_decision(verdict.decided_by, _request_fields(event, cid))
         elif verdict.body_rules:
             inflate = len(self._inflating) < self.max_inflating_bodies
             self._track(cid, _BodyScan(verdict, event, self.ruleset.body, inflate))
@@ -189,16 +187,16 @@ class RulesAgent(Agent):
         rule = scan.feed(event.body, event.is_last)
         if rule is not None or event.is_last:
             self._forget(cid)
-        where = f"{scan.uri} (body chunk {event.chunk_index})"
+        fields = _chunk_fields(scan, event, cid)
         for failure in scan.failures:
-            _log_uninspected(failure, False, scan, where, cid)
+            _log_uninspected(failure, False, fields)
         scan.failures.clear()
         if rule is None:
             return allow().needs_more(not event.is_last)
         if isinstance(rule, Uninspectable):
-            _log_uninspected(rule, True, scan, where, cid)
+            _log_uninspected(rule, True, fields)
             return scan.refused(rule)
-        self._log_decision(rule, scan.method, where, scan.client_ip, cid)
+        self._log_decision(rule, fields)
         return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
@@ -231,32 +229,29 @@ class RulesAgent(Agent):
             "too many request bodies were being inspected at once", 503, "body_scan_evicted"
         )
         blocks = scan.policy.blocks
-        _log_uninspected(failure, blocks, scan, f"{scan.uri} (body chunk {event.chunk_index})", cid)
+        _log_uninspected(failure, blocks, _chunk_fields(scan, event, cid))
         return scan.refused(failure) if blocks else allow()
 
     def _log_uninspectable_request(
         self, failure: Uninspectable, event: m.RequestHeadersEvent, cid: str
     ) -> None:
         """Warn of a request past the [request] bounds: refused, or let through unmatched."""
+        # A method that is no token is not too large: it cannot be inspected all the same.
+        what = "cannot be inspected" if failure.code == "method_invalid" else "too large to inspect"
         if self.ruleset.request.blocks:
-            format = (
-                "Request too large to inspect, blocked ({status}): {reason}: {method} {uri}{client} [{cid}]"
-            )
+            action = "blocked ({status})"
         else:
-            format = (
-                "Request too large to inspect, allowed unmatched by the [request] policy: "
-                "{reason}: {method} {uri}{client} [{cid}]"
-            )
+            action = "allowed unmatched by the [request] policy"
         self.log_limiter.warn(
             log,
             f"request-uninspectable:{failure.code}",
-            format,
+            f"Request {what}, {action}: {{reason}}: {{method}} {{uri}}{{client}} [{{cid}}]",
             status=failure.status,
             reason=failure.reason,
-            **_request_fields(event.method, event.uri, event.metadata.client_ip, cid),
+            **_request_fields(event, cid),
         )
 
-    def _log_decision(self, rule: Rule, method: str, uri: str, client_ip: str, cid: str) -> None:
+    def _log_decision(self, rule: Rule, fields: dict[str, str]) -> None:
         decision = rule.decision
         if isinstance(decision, m.Block):
             action = f"blocked ({decision.status})"
@@ -268,25 +263,29 @@ class RulesAgent(Agent):
             "Rule {rule} {action}: {method} {uri}{client} [{cid}]",
             rule=rule.id,
             action=action,
-            **_request_fields(method, uri, client_ip, cid),
+            **fields,
         )
 
 
-def _request_fields(method: str, uri: str, client_ip: str, cid: str) -> dict[str, str]:
+def _request_fields(event: m.RequestHeadersEvent, cid: str) -> dict[str, str]:
     """
-    The request a decision's log line names, as the proxy sent it: cut short
-    and escaped (a URI of megabytes, or one with a newline or a terminal
-    escape, must not become the log's).
+    The request a log line names, cut short and escaped (L{request_in_log}),
+    with its correlation id.
     """
-    return {
-        "method": peer_text(method, _SHORT_TEXT_IN_LOG),
-        "uri": peer_text(uri),
-        "client": f" from {peer_text(client_ip, _SHORT_TEXT_IN_LOG)}" if client_ip else "",
-        "cid": peer_text(cid, _SHORT_TEXT_IN_LOG),
-    }
+    fields = request_in_log(event.method, event.uri, event.metadata.client_ip)
+    fields["cid"] = peer_text(cid, SHORT_TEXT_IN_LOG)
+    return fields
 
 
-def _log_uninspected(failure: Uninspectable, blocked: bool, scan: _BodyScan, where: str, cid: str) -> None:
+def _chunk_fields(scan: _BodyScan, event: m.RequestBodyChunkEvent, cid: str) -> dict[str, str]:
+    """What a log line names for a body chunk: the request its scan kept, and the chunk."""
+    fields = dict(scan.logged)
+    fields["uri"] = f"{fields['uri']} (body chunk {event.chunk_index})"
+    fields["cid"] = peer_text(cid, SHORT_TEXT_IN_LOG)
+    return fields
+
+
+def _log_uninspected(failure: Uninspectable, blocked: bool, fields: dict[str, str]) -> None:
     """Log a body the rules could not inspect: refused, or let through by the [body] policy."""
     if blocked:
         format = "Request body cannot be inspected, blocked ({status}): {reason}: {method} {uri}{client} [{cid}]"
@@ -297,5 +296,5 @@ def _log_uninspected(failure: Uninspectable, blocked: bool, scan: _BodyScan, whe
         status=failure.status,
         # It may quote the request's content codings.
         reason=peer_text(failure.reason),
-        **_request_fields(scan.method, where, scan.client_ip, cid),
+        **fields,
     )

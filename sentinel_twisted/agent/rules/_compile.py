@@ -21,7 +21,7 @@ from ... import messages as m
 from ...wire import MAX_MESSAGE_SIZE
 from ._decode import MAX_INFLATE_RATIO, MAX_INFLATED_SIZE, BodyPolicy
 from ._evaluate import RuleSet
-from ._limits import MAX_HEADER_BYTES, MAX_HEADERS, MAX_URI_LENGTH, RequestPolicy
+from ._limits import MAX_HEADER_BYTES, MAX_HEADERS, MAX_METHOD_LENGTH, MAX_URI_LENGTH, RequestPolicy
 from ._model import Pattern, Rule, RulesError, _Defaults, _Problems
 
 if sys.version_info >= (3, 11):
@@ -399,7 +399,12 @@ def _body_policy(raw: Any, problems: list[str]) -> BodyPolicy:
 
 
 def _request_policy(raw: Any, problems: list[str]) -> RequestPolicy:
-    counts = {"max_uri_length": MAX_URI_LENGTH, "max_header_bytes": MAX_HEADER_BYTES, "max_headers": MAX_HEADERS}
+    counts = {
+        "max_uri_length": MAX_URI_LENGTH,
+        "max_header_bytes": MAX_HEADER_BYTES,
+        "max_headers": MAX_HEADERS,
+        "max_method_length": MAX_METHOD_LENGTH,
+    }
     hint = f" (0 is not \"no limit\": events are at most {_NO_BOUND:,} bytes, so {_NO_BOUND} lets any through)"
     values = _policy_table(raw, "request", counts, problems, hint)
     return RequestPolicy() if values is None else RequestPolicy(**values)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import attrs
 
 from ... import messages as m
+from ..._peertext import peer_text
 from ..responses import ResponseBuilder
 from ._decode import (
     JSON_STARTS,
@@ -28,6 +29,24 @@ from ._model import Rule, _any_search, _RequestView, _unique, percent_decoded
 
 #: Bytes of the body before each chunk that C{body} patterns see with it.
 BODY_WINDOW = 8192
+
+#: Characters of the proxy's method, client address and correlation id a
+#: log line quotes (the URI gets the default, L{peer_text}'s).
+SHORT_TEXT_IN_LOG = 64
+
+
+def request_in_log(method: str, uri: str, client_ip: str) -> dict[str, str]:
+    """
+    The request a log line names, as the proxy sent it: cut short and
+    escaped (a URI of megabytes, or one with a newline or a terminal
+    escape, must not become the log's).  The fields C{method}, C{uri} and
+    C{client} (C{" from ADDRESS"}, or nothing without an address).
+    """
+    return {
+        "method": peer_text(method, SHORT_TEXT_IN_LOG),
+        "uri": peer_text(uri),
+        "client": f" from {peer_text(client_ip, SHORT_TEXT_IN_LOG)}" if client_ip else "",
+    }
 
 
 @attrs.frozen
@@ -96,11 +115,15 @@ class RuleSet:
         left in the verdict's C{body_rules}, and the answer asks for more
         (C{needs_more}) unless a header rule decided.
 
-        A request past the bounds of the L{RequestPolicy} is not looked at:
-        it is refused, or let through unmatched, by the policy (the
-        verdict's C{uninspectable} says why), before anything is decoded.
+        A request past the bounds of the L{RequestPolicy} (its method,
+        target, headers or client address) is not looked at: it is
+        refused, or let through unmatched, by the policy (the verdict's
+        C{uninspectable} says why), before anything is decoded,
+        upper-cased or parsed.
         """
-        failure = self.request.check(event.uri, event.headers)
+        failure = self.request.check(
+            event.uri, event.headers, method=event.method, client_ip=event.metadata.client_ip
+        )
         if failure is not None:
             return self._uninspectable(failure)
         request = _RequestView(event)
@@ -193,14 +216,16 @@ class _BodyScan:
     decoded is refused or let through (matched as far as it was decoded)
     by the rules' L{BodyPolicy}; so is a compressed one when C{inflate} is
     false (the agent inflates as many bodies at once as it can afford).
+
+    Of the request, only what a log line shows is kept (L{request_in_log}):
+    thousands of requests may wait for their bodies, each with a target of
+    up to C{max_uri_length}.
     """
 
     __slots__ = (
         "verdict",
         "policy",
-        "method",
-        "uri",
-        "client_ip",
+        "logged",
         "raw",
         "inflater",
         "inflated",
@@ -215,9 +240,8 @@ class _BodyScan:
     ) -> None:
         self.verdict = verdict
         self.policy = policy
-        self.method = event.method
-        self.uri = event.uri
-        self.client_ip = event.metadata.client_ip
+        #: The request as a log line names it (L{request_in_log}).
+        self.logged = request_in_log(event.method, event.uri, event.metadata.client_ip)
         keep = [len(n) - 1 for r in verdict.body_rules for n in r.body_contains]
         if any(r.body is not None for r in verdict.body_rules):
             keep.append(BODY_WINDOW)
