@@ -383,3 +383,42 @@ class EvictionTests(SynchronousTestCase):
         decided, evicted = (formatEvent(e) for e in events_logged)
         self.assertRegex(decided, r"^Rule xss-body blocked \(403\): POST /a+\[\.\.\.65535 characters, cut\.\.\.\]a+ \(body chunk 3\) from 2001:db8::1 \[r199\]$")
         self.assertRegex(evicted, r"^Request body cannot be inspected, blocked \(503\): .* POST /a+\[\.\.\.65535 characters, cut\.\.\.\]a+ \(body chunk 5\) from 2001:db8::1 \[r0\]$")
+
+    def test_a_waiting_body_is_remembered_by_a_digest_of_a_long_correlation_id(self) -> None:
+        # The proxy chooses the ids, up to a frame's 16 MiB: 20,000
+        # requests awaiting their bodies (and pushed out) held as many.
+        import gc
+        import tracemalloc
+
+        agent = _agent(self)
+        agent.max_tracked_bodies = 10
+        ids = [f"{index:04d}" + "c" * 100_000 for index in range(20)]
+        frames = [
+            json.dumps(headers_event(cid, method="POST", uri="/submit", headers={})).encode() for cid in ids
+        ]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for frame in frames:
+                agent.on_request_headers(m.decode(frame, m.RequestHeadersEvent))
+            gc.collect()
+            kept, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual((len(agent._bodies), len(agent._evicted)), (10, 10))
+        self.assertLess(kept / 20, 8 * 1024, "the ids are not kept")
+        # Their chunks still find their scans: the rule blocks the newest,
+        # the policy answers the one pushed out; an id one character off
+        # finds neither.
+        blocked = agent.on_request_body_chunk(body(ids[-1], DOC.encode(), 0, last=True))
+        self.assertEqual(blocked.decision.status, 403)  # type: ignore[union-attr]
+        evicted = agent.on_request_body_chunk(body(ids[0], DOC.encode(), 0, last=True))
+        self.assertEqual(evicted.decision.status, 503)  # type: ignore[union-attr]
+        other = agent.on_request_body_chunk(body(ids[1][:-1] + "d", DOC.encode(), 0, last=True))
+        self.assertEqual(other.decision, m.Allow())
+        agent.on_request_complete(m.RequestCompleteEvent(correlation_id=ids[1], status=200, duration_ms=1))
+        self.assertEqual(len(agent._evicted), 8)
+        # A short id is kept as it is.
+        short = json.dumps(headers_event("short", method="POST", uri="/x", headers={})).encode()
+        agent.on_request_headers(m.decode(short, m.RequestHeadersEvent))
+        self.assertIn("short", agent._bodies)

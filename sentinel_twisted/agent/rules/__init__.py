@@ -29,6 +29,7 @@ once; a reload (SIGHUP) that finds a bad file keeps the rules it had.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from typing import Any
@@ -112,11 +113,12 @@ class RulesAgent(Agent):
         self.ruleset = load_rules(self.path)
         if max_concurrency is not None:
             self.max_concurrency = max_concurrency
-        self._bodies: OrderedDict[str, _BodyScan] = OrderedDict()
+        # Keyed by _tracking_key(correlation id).
+        self._bodies: OrderedDict[str | bytes, _BodyScan] = OrderedDict()
         # Requests pushed out of _bodies by newer ones: their later chunks
         # get the [body] policy's answer, never an unchecked allow.
-        self._evicted: OrderedDict[str, _BodyScan] = OrderedDict()
-        self._inflating: set[str] = set()
+        self._evicted: OrderedDict[str | bytes, _BodyScan] = OrderedDict()
+        self._inflating: set[str | bytes] = set()
         self._clock = clock
         self._log_limiter: LogRateLimiter | None = None
 
@@ -175,18 +177,19 @@ class RulesAgent(Agent):
             self._log_decision(verdict.decided_by, _request_fields(event, cid))
         elif verdict.body_rules:
             inflate = len(self._inflating) < self.max_inflating_bodies
-            self._track(cid, _BodyScan(verdict, event, self.ruleset.body, inflate))
+            self._track(_tracking_key(cid), _BodyScan(verdict, event, self.ruleset.body, inflate))
         return verdict.response
 
     def on_request_body_chunk(self, event: m.RequestBodyChunkEvent) -> HandlerResult:
         cid = event.correlation_id
-        scan = self._bodies.get(cid)
+        key = _tracking_key(cid)
+        scan = self._bodies.get(key)
         if scan is None:
-            evicted = self._evicted.pop(cid, None)
+            evicted = self._evicted.pop(key, None)
             return allow() if evicted is None else self._evicted_chunk(cid, evicted, event)
         rule = scan.feed(event.body, event.is_last)
         if rule is not None or event.is_last:
-            self._forget(cid)
+            self._forget(key)
         fields = _chunk_fields(scan, event, cid)
         for failure in scan.failures:
             _log_uninspected(failure, False, fields)
@@ -200,16 +203,17 @@ class RulesAgent(Agent):
         return scan.decided(rule)
 
     def on_request_complete(self, event: m.RequestCompleteEvent) -> HandlerResult:
-        self._forget(event.correlation_id)
-        self._evicted.pop(event.correlation_id, None)
+        key = _tracking_key(event.correlation_id)
+        self._forget(key)
+        self._evicted.pop(key, None)
         return allow()
 
-    def _track(self, cid: str, scan: _BodyScan) -> None:
-        self._forget(cid)
-        self._evicted.pop(cid, None)
-        self._bodies[cid] = scan
+    def _track(self, key: str | bytes, scan: _BodyScan) -> None:
+        self._forget(key)
+        self._evicted.pop(key, None)
+        self._bodies[key] = scan
         if scan.inflater is not None:
-            self._inflating.add(cid)
+            self._inflating.add(key)
         while len(self._bodies) > self.max_tracked_bodies:
             oldest = next(iter(self._bodies))
             pushed_out = self._bodies[oldest]
@@ -219,9 +223,9 @@ class RulesAgent(Agent):
             if len(self._evicted) > self.max_tracked_bodies:
                 self._evicted.popitem(last=False)
 
-    def _forget(self, cid: str) -> None:
-        self._bodies.pop(cid, None)
-        self._inflating.discard(cid)
+    def _forget(self, key: str | bytes) -> None:
+        self._bodies.pop(key, None)
+        self._inflating.discard(key)
 
     def _evicted_chunk(self, cid: str, scan: _BodyScan, event: m.RequestBodyChunkEvent) -> HandlerResult:
         """A chunk of a request whose scan newer requests pushed out: the policy decides."""
@@ -265,6 +269,24 @@ class RulesAgent(Agent):
             action=action,
             **fields,
         )
+
+
+#: The longest correlation id a request awaiting its body is remembered by
+#: as it is; a longer one by its SHA-256 digest (see L{_tracking_key}).
+_LONGEST_TRACKED_ID = 256
+
+
+def _tracking_key(cid: str) -> str | bytes:
+    """
+    What a request awaiting its body is remembered by: its correlation id,
+    or the id's SHA-256 digest (bytes, never equal to an id) when it is
+    longer than L{_LONGEST_TRACKED_ID}.  The proxy chooses the ids, up to a
+    frame's 16 MiB: thousands of requests awaiting their bodies would
+    otherwise hold thousands of them.
+    """
+    if len(cid) <= _LONGEST_TRACKED_ID:
+        return cid
+    return hashlib.sha256(cid.encode("utf-8", "surrogatepass")).digest()
 
 
 def _request_fields(event: m.RequestHeadersEvent, cid: str) -> dict[str, str]:
