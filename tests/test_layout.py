@@ -117,6 +117,7 @@ FLOOR = {
     "_tls": {"_peertext"},
     "_sending": set(),
     "_reading": set(),
+    "_values": set(),
     "busypoll": set(),
 }
 
