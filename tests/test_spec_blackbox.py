@@ -1742,6 +1742,27 @@ class AgentControlTests(AgentSideTestCase):
         again = yield self.proxy.next_peer()
         yield again.next_json(HANDSHAKE_REQUEST)
 
+    @inlineCallbacks
+    def test_an_event_of_too_many_values_is_answered_undecoded(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A Configure of 16 MiB of empty lists would decode to some 400 MiB:
+        past max_event_values it gets the error decision at once, the
+        handler never sees it, and the next event is served.
+        """
+        agent = held_agent()
+        peer = yield self.serving(agent, health_interval=0)
+        yield peer.next_json(HEALTH_STATUS)
+        head = b'{"correlation_id":"lists","config":['
+        count = (MAX_LENGTH - 1 - len(head) - 2) // 3
+        peer.send(CONFIGURE, head + b"[]," * (count - 1) + b"[]]}")
+        peer.write(self.event("next"))
+        refused = yield peer.next_json(AGENT_RESPONSE)
+        self.assertEqual(refused["audit"]["custom"]["correlation_id"], "lists")
+        self.assertEqual(refused["decision"], {"block": {"status": 500, "body": "agent error", "headers": None}})
+        served = yield peer.next_json(AGENT_RESPONSE)
+        self.assertEqual(served["audit"]["custom"]["correlation_id"], "next")
+        self.assertEqual([type(e).__name__ for e in agent.seen], ["RequestBodyChunkEvent"])
+
 
 class ConnectionSlotTests(ProxySideTestCase):
     @inlineCallbacks

@@ -25,8 +25,9 @@ from twisted.python.failure import Failure
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
+from .._values import VALUE_COST, json_values, msgpack_values
 from ..errors import AgentProtocolError, InvalidMessage
-from ..forward import PayloadCodec
+from ..forward import MSGPACK, PayloadCodec
 from ..messages._types import InvalidBase64
 from ..wire import MessageType
 from ._interfaces import IAgent
@@ -48,6 +49,22 @@ _PROXY_TEXT_IN_LOG = 64
 #: Characters of a decoding error's text a log line quotes: it may quote a
 #: value of the proxy's ("Invalid enum value '...'"), of any length.
 _ERROR_IN_LOG = 160
+
+#: Payloads up to this many bytes are decoded without their values being
+#: counted first: they cannot hold more values than bytes.
+_COUNTED_ABOVE = 4096
+#: The events whose JSON can hold any number of values (headers,
+#: categories, metadata, a configuration).  Every other event's fields are
+#: a fixed few, and a field it does not have is skipped, not decoded; in
+#: MessagePack every event is counted (its data may be any value).
+_MANY_VALUED = frozenset(
+    {
+        MessageType.REQUEST_HEADERS,
+        MessageType.RESPONSE_HEADERS,
+        MessageType.GUARDRAIL_INSPECT,
+        MessageType.CONFIGURE,
+    }
+)
 
 _EVENTS: dict[int, tuple[type[Any], str]] = {
     message_type: (cls, EVENT_HANDLERS[cls.event_type])
@@ -74,17 +91,72 @@ class _Entry:
         self.correlation_id = correlation_id
         self.event = event
         self.handler = handler
-        #: The bytes of its frame's payload (see AgentSettings.max_held_event_bytes).
+        #: The bytes its frame's payload and its decoded values are counted
+        #: for (see AgentSettings.max_held_event_bytes).
         self.size = size
         self.deferred: Deferred[Any] | None = None
         self.cancelled = False
 
 
-class _Lenient(msgspec.Struct):
-    """Enough of a garbled event to find whom to answer."""
+class _LenientIds(msgspec.Struct):
+    """
+    Enough of a garbled event to find whom to answer: where its id may be,
+    left undecoded (the rest of the event is skipped), so that looking for
+    it decodes nothing else, however large the event.
+    """
 
-    correlation_id: Any = None
-    metadata: Any = None
+    correlation_id: msgspec.Raw = msgspec.Raw()
+    metadata: msgspec.Raw = msgspec.Raw()
+
+
+class _LenientMetadata(msgspec.Struct):
+    """A RequestHeaders event's metadata, as a map: its id, undecoded."""
+
+    correlation_id: msgspec.Raw = msgspec.Raw()
+
+
+class _LenientMetadataArray(msgspec.Struct, array_like=True):
+    """MessagePack's positional metadata: it starts with the id (the rest is skipped)."""
+
+    correlation_id: msgspec.Raw
+
+
+# What looking for the id of a garbled event may raise (see forward.py).
+_LENIENT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
+
+
+def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
+    """
+    The correlation id a garbled event (or one too large to decode) names,
+    where the proxy waits for its answer; C{None} if it names none that is
+    a non-empty string.
+    """
+    module: Any = msgspec.msgpack if msgpack else msgspec.json
+    try:
+        ids = module.decode(payload, type=_LenientIds)
+    except _LENIENT_ERRORS:
+        return None
+    if message_type == MessageType.REQUEST_HEADERS and ids.metadata:
+        # Reference agents answer a RequestHeaders by its metadata's id.
+        metadata = ids.metadata
+        first = memoryview(metadata)[0] if msgpack else 0
+        # An array (fixarray, array 16, array 32) in MessagePack's layout.
+        positional = 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
+        shape = _LenientMetadataArray if positional else _LenientMetadata
+        try:
+            raw = module.decode(metadata, type=shape).correlation_id
+            cid = module.decode(raw, type=str) if raw else None
+        except _LENIENT_ERRORS:
+            cid = None
+        if cid:
+            return str(cid)
+    if not ids.correlation_id:
+        return None
+    try:
+        cid = module.decode(ids.correlation_id, type=str)
+    except _LENIENT_ERRORS:
+        return None
+    return str(cid) or None
 
 
 class EventServing:
@@ -116,7 +188,7 @@ class EventServing:
     _active: dict[int, _Entry]
     #: Events waiting for a free slot (a cancelled one leaves at once).
     _queue: collections.deque[_Entry]
-    #: The payload bytes of the events running and queued.
+    #: The bytes the events running and queued are counted for.
     _held_bytes: int
     _by_id: dict[str, _Entry]
     _releasing: bool
@@ -193,13 +265,25 @@ class EventServing:
 
     def _event_received(self, message_type: int, payload: bytes, cls: type[Any], handler: str) -> None:
         self.stats["events"] += 1
+        # What holding the event costs: its payload, and what decoding makes
+        # of its values when there can be many (see AgentSettings).
+        size = len(payload)
+        max_values = self.settings.max_event_values
+        if (size > _COUNTED_ABOVE or size > max_values) and (
+            message_type in _MANY_VALUED or self.codec.name == MSGPACK
+        ):
+            counter = msgpack_values if self.codec.name == MSGPACK else json_values
+            values = counter(payload, max_values)
+            if values > max_values:
+                self._too_many_values(message_type, payload)
+                return
+            size += VALUE_COST * values
         try:
             event = self.codec.decode_event(payload, cls)
         except InvalidMessage as e:
             self._bad_event(message_type, payload, e)
             return
         cid = routing_id(event)
-        size = len(payload)
         if self._held_bytes + size > self.settings.max_held_event_bytes and self.load:
             self._overloaded(
                 cid,
@@ -254,22 +338,39 @@ class EventServing:
         )
         self._send_answer(cid, self.settings.error_answer(503, "agent overloaded"))
 
+    def _answer_id(self, message_type: int, payload: bytes) -> str | None:
+        """The correlation id an event that cannot be decoded names, if any."""
+        # Cancel and Ping are JSON on a MessagePack connection too; a JSON
+        # event there is read the same way.
+        msgpack = self.codec.name == MSGPACK and payload[:1] != b"{"
+        return _lenient_id(message_type, payload, msgpack)
+
+    def _too_many_values(self, message_type: int, payload: bytes) -> None:
+        """
+        An event that would decode to more than C{max_event_values} values:
+        answered with the error decision, without being decoded.
+        """
+        self.stats["oversized_events"] += 1
+        cid = self._answer_id(message_type, payload)
+        self.log_limiter.warn(
+            log,
+            "event-too-many-values",
+            "Proxy sent a {kind} event {cid} of {size:,} bytes on connection {connection_id} "
+            "that holds more than {limit:,} values (the agent's max_event_values); {action}",
+            kind=MessageType(message_type).wire_name,
+            cid="without a usable correlation id" if cid is None else repr(peer_text(cid, _PROXY_TEXT_IN_LOG)),
+            size=len(payload),
+            connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+            limit=self.settings.max_event_values,
+            action="dropped" if cid is None else "answering with the error decision without decoding it",
+        )
+        if cid is not None:
+            self._send_answer(cid, self.settings.error_answer())
+
     def _bad_event(self, message_type: int, payload: bytes, error: InvalidMessage) -> None:
         self.stats["invalid_events"] += 1
-        cid: Any = None
-        try:
-            lenient = self.codec.decode_control(payload, _Lenient)
-            metadata = lenient.metadata
-            if message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, dict):
-                cid = metadata.get("correlation_id") or lenient.correlation_id
-            elif message_type == MessageType.REQUEST_HEADERS and isinstance(metadata, list) and metadata:
-                # MessagePack's positional metadata starts with the correlation id.
-                cid = metadata[0] or lenient.correlation_id
-            else:
-                cid = lenient.correlation_id
-        except InvalidMessage:
-            pass
-        if isinstance(cid, str) and cid:
+        cid = self._answer_id(message_type, payload)
+        if cid is not None:
             self._invalid_event_answered(message_type, cid, error)
         else:
             self.log_limiter.warn(

@@ -97,7 +97,8 @@ class AgentConnector(Service):
         listener, say) instead of one of C{max_incomplete_frame_bytes}.
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
-        C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
+        C{max_concurrency}, C{max_queued}, C{max_held_event_bytes},
+        C{max_event_values}, C{fail_open}, C{close_grace},
         C{frame_timeout}, C{write_stall_timeout}).
     @ivar reactor: the reactor it dials and resolves on.
     @ivar clock: the clock of its timers (the reactor).

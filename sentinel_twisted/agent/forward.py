@@ -377,8 +377,9 @@ class AgentListener(Service):
         <sentinel_twisted.wire.IncompleteFrameBudget>} to share (with a
         connector, say) instead of one of C{max_incomplete_frame_bytes}.
     @param settings_options: the rest of L{AgentSettings} (C{health_interval},
-        C{max_concurrency}, C{max_queued}, C{fail_open}, C{close_grace},
-        C{frame_timeout}, C{write_stall_timeout}).
+        C{max_concurrency}, C{max_queued}, C{max_held_event_bytes},
+        C{max_event_values}, C{fail_open}, C{close_grace}, C{frame_timeout},
+        C{write_stall_timeout}).
     @ivar reactor: the reactor it listens on.
     @ivar settings: how its connections serve (L{AgentSettings
         <sentinel_twisted.agent.protocol.AgentSettings>}).

@@ -61,6 +61,7 @@ from .errors import RegistrationFailed, RegistrationRejected
 from .responses import allow, block
 
 __all__ = [
+    "DEFAULT_MAX_EVENT_VALUES",
     "AgentClientFactory",
     "AgentProtocol",
     "AgentSettings",
@@ -83,6 +84,11 @@ _AGENT_ONLY = frozenset(
 )
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+#: The most values one event may hold by default (see
+#: L{AgentSettings.max_event_values}): a frame of 16 MiB of ordinary
+#: content (text, headers, a list of addresses) holds fewer.
+DEFAULT_MAX_EVENT_VALUES = 1_000_000
 
 
 
@@ -115,13 +121,23 @@ class AgentSettings:
         pause travels to the proxy, or from a proxy that ignores pauses);
         beyond it an event is answered at once with the error decision and
         status 503.  C{None} means as many as C{max_concurrency}.
-    @ivar max_held_event_bytes: the bytes of events (their frames'
-        payloads) a connection holds at once, running and queued: an event
-        that would go past it is answered at once with the error decision
-        and status 503, as one over C{max_queued} is, unless it is the only
-        one (a frame is at most 16 MiB); so a proxy cannot make the agent
-        hold C{max_concurrency + max_queued} frames of 16 MiB while its
-        handlers are slow.
+    @ivar max_held_event_bytes: the bytes of events a connection holds at
+        once, running and queued: an event that would go past it is
+        answered at once with the error decision and status 503, as one
+        over C{max_queued} is, unless it is the only one (a frame is at most
+        16 MiB); so a proxy cannot make the agent hold C{max_concurrency +
+        max_queued} frames of 16 MiB while its handlers are slow.  An event
+        counts its frame's payload, plus 64 bytes for each value decoding
+        makes of it (each string, number, list and map, each key) when it
+        may hold many: one over 4 KiB with headers, guardrail metadata or
+        a configuration, or any over 4 KiB in MessagePack.
+    @ivar max_event_values: the most values (as above) one event may hold:
+        one that holds more is answered at once with the error decision,
+        without being decoded (its correlation id is looked for without
+        decoding anything else).  A JSON event is counted by its commas,
+        colons and opening brackets, those inside strings too.  Decoding
+        makes some 60 to 80 bytes of each value: a frame of 16 MiB could
+        otherwise take more than 1 GiB, and seconds of the reactor.
     @ivar fail_open: answer handler errors with allow instead of block 500.
     @ivar close_grace: seconds a connection the agent closes has to be gone
         (what it still holds sent, its TLS session shut down) before it is
@@ -150,6 +166,7 @@ class AgentSettings:
     max_concurrency: int | None = attrs.field(default=None, validator=_positive)
     max_queued: int | None = attrs.field(default=None, validator=_not_negative)
     max_held_event_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    max_event_values: int = attrs.field(default=DEFAULT_MAX_EVENT_VALUES, validator=_positive)
     fail_open: bool = False
     close_grace: float = attrs.field(default=5.0, validator=_positive)
     frame_timeout: float = attrs.field(default=30.0, validator=_positive)

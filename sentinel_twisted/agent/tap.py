@@ -49,6 +49,7 @@ from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
 from .connector import AgentConnector
 from .forward import DEFAULT_MAX_CONNECTIONS, AgentListener
+from .protocol import DEFAULT_MAX_EVENT_VALUES
 from .rules import RulesAgent, RulesError
 
 __all__ = ["AgentService", "Options", "exit_at_exit", "makeService", "read_token_file"]
@@ -95,6 +96,7 @@ _CONVERSIONS = {
     "max-connections": positive_int,
     "max-incomplete-frame-bytes": positive_int,
     "max-held-event-bytes": positive_int,
+    "max-event-values": positive_int,
     "frame-timeout": _positive_float,
     "write-stall-timeout": _positive_float,
 }
@@ -217,6 +219,13 @@ class Options(ProgramOptions):
             64 * 1024 * 1024,
             "Bytes (N) of events one connection holds running and queued; past it an "
             "event is answered 503 at once.",
+        ],
+        [
+            "max-event-values",
+            None,
+            DEFAULT_MAX_EVENT_VALUES,
+            "Values (N: strings, numbers, lists, maps, keys) one event may hold; one that "
+            "holds more is answered with the error decision without being decoded.",
         ],
         [
             "frame-timeout",
@@ -462,6 +471,7 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         max_held_event_bytes=options["max-held-event-bytes"],
+        max_event_values=options.get("max-event-values", DEFAULT_MAX_EVENT_VALUES),
         fail_open=bool(options["fail-open"]),
         frame_timeout=options["frame-timeout"],
         write_stall_timeout=options["write-stall-timeout"],
@@ -495,6 +505,7 @@ def make_agent_listener(
         health_interval=options["health-interval"],
         max_concurrency=options["max-concurrency"],
         max_held_event_bytes=options["max-held-event-bytes"],
+        max_event_values=options.get("max-event-values", DEFAULT_MAX_EVENT_VALUES),
         fail_open=bool(options["fail-open"]),
         frame_timeout=options["frame-timeout"],
         write_stall_timeout=options["write-stall-timeout"],

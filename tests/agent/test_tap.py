@@ -83,12 +83,14 @@ class OptionsTests(SynchronousTestCase):
             "--max-concurrency", "7", "--name", "edge-waf", "--health-interval", "2",
             "--registration-timeout", "4", "--drain-grace", "1", "--max-retry-delay", "9", "--fail-open",
             "--max-held-event-bytes", "1000000", "--frame-timeout", "5.5", "--write-stall-timeout", "12",
+            "--max-event-values", "5000",
         )  # fmt: skip
         service = make_agent_service(options, reactor=Clock())
         settings = service.connector.settings
         self.assertEqual(settings.auth_token, "s3cret")
         self.assertEqual(settings.max_concurrency, 7)
         self.assertEqual(settings.max_held_event_bytes, 1_000_000)
+        self.assertEqual(settings.max_event_values, 5000)
         self.assertEqual((settings.frame_timeout, settings.write_stall_timeout), (5.5, 12.0))
         self.assertEqual(settings.health_interval, 2)
         self.assertEqual(settings.registration_timeout, 4)
@@ -122,6 +124,7 @@ class OptionsTests(SynchronousTestCase):
             ("--connections", "0", "expected a positive integer, got '0'"),
             ("--max-concurrency", "many", "expected a positive integer, got 'many'"),
             ("--max-held-event-bytes", "0", "expected a positive integer, got '0'"),
+            ("--max-event-values", "-1", "expected a positive integer, got '-1'"),
             ("--health-interval", "-1", "expected a number of seconds (0 or more), got '-1'"),
             ("--registration-timeout", "0", "expected a positive number of seconds, got '0'"),
             ("--frame-timeout", "0", "expected a positive number of seconds, got '0'"),

@@ -37,7 +37,7 @@ class ListenOptionsTests(SynchronousTestCase):
     def test_listen_only(self) -> None:
         options = parse(
             "--listen", f"unix:{self.socket}", "--handshake-timeout", "3", "--frame-timeout", "7",
-            "--write-stall-timeout", "8",
+            "--write-stall-timeout", "8", "--max-event-values", "2000",
         )  # fmt: skip
         self.assertEqual(options["listen"], f"unix:{self.socket}:lockfile=1:mode=600")
         self.assertEqual(options["connect"], [])
@@ -49,6 +49,7 @@ class ListenOptionsTests(SynchronousTestCase):
         self.assertEqual(listener.settings.agent_id, "waf-1")
         self.assertEqual(listener.settings.max_concurrency, 100)
         self.assertEqual(listener.settings.max_held_event_bytes, 64 * 1024 * 1024)
+        self.assertEqual(listener.settings.max_event_values, 2000)
         self.assertEqual(listener.factory.handshake_timeout, 3)
         self.assertEqual((listener.settings.frame_timeout, listener.settings.write_stall_timeout), (7.0, 8.0))
         self.assertIs(service.agent, options["agent-object"])

@@ -1,0 +1,221 @@
+"""
+What a hostile or broken proxy can make an agent hold, spend or log: in
+forward mode, whoever can reach the agent's endpoint is a proxy.
+
+Each test drives one connection (or a listener's many) over a
+StringTransport with a Clock, as a proxy would, frame by frame.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from typing import Any
+
+import msgspec
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from sentinel_twisted.agent import Agent, AgentSettings, allow
+
+from .._proxy_support import captured_log
+from ..vectors import by_name, frame_bytes
+from ._support import (
+    AGENT_RESPONSE,
+    CONFIGURE,
+    REQUEST_HEADERS,
+    Harness,
+    frame,
+    headers_event,
+)
+from .test_forward import Connection
+
+
+def cid_of(answer: dict[str, Any]) -> str:
+    return answer["audit"]["custom"]["correlation_id"]  # type: ignore[no-any-return]
+
+
+class Holding(Agent):
+    """Answers Configure and RequestComplete events only when told to."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, Deferred[Any]] = {}
+
+    def on_configure(self, event: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiting[event.correlation_id] = d
+        return d
+
+    on_request_complete = on_configure
+
+
+def lists(count: int) -> list[Any]:
+    """A configuration of C{count} empty lists: what decodes to the most for its bytes."""
+    return [[] for _ in range(count)]
+
+
+def configure(cid: str, config: Any) -> dict[str, Any]:
+    return {"correlation_id": cid, "config": config, "config_version": None}
+
+
+class EventValuesTests(SynchronousTestCase):
+    """
+    An event that would decode to more values than C{max_event_values} is
+    answered with the error decision without being decoded, and every
+    held event counts what decoding made of it.
+    """
+
+    def serving(self, agent: Any = None, **settings: Any) -> Harness:
+        h = Harness(agent if agent is not None else Holding(), health_interval=0, **settings)
+        h.register()
+        h.sent()
+        return h
+
+    def test_an_event_with_too_many_values_is_refused_undecoded(self) -> None:
+        agent = Holding()
+        h = self.serving(agent, max_event_values=1000)
+        payload = json.dumps(configure("big", lists(2000))).encode()
+        with captured_log() as events:
+            h.feed(CONFIGURE, payload)
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "big")
+        self.assertEqual(answer["decision"], {"block": {"status": 500, "body": "agent error", "headers": None}})
+        self.assertEqual(agent.waiting, {})
+        self.assertEqual(h.protocol.stats["oversized_events"], 1)
+        [warning] = [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+        self.assertIn(f"Proxy sent a Configure event 'big' of {len(payload):,} bytes", warning)
+        self.assertIn("that holds more than 1,000 values (the agent's max_event_values)", warning)
+        self.assertIn("answering with the error decision without decoding it", warning)
+        # The connection serves on, and an event within the bound is decoded.
+        h.feed(CONFIGURE, configure("small", lists(400)))
+        self.assertEqual(list(agent.waiting), ["small"])
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_refusing_it_decodes_nothing(self) -> None:
+        """
+        Memory in proportion to the frame, not to what its values would
+        make (more than 20 times as much), with the default bound.
+        """
+        h = self.serving()
+        payload = msgspec.json.encode(configure("big", lists(1_100_000)))
+        data = frame(CONFIGURE, payload)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        h.protocol.dataReceived(data)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        # The payload cut out of the frame, and the copies a count makes.
+        self.assertLess(peak, 5 * len(payload))
+        self.assertEqual([cid_of(a) for a in h.answers()], ["big"])
+
+    def test_the_id_of_a_request_headers_is_found_in_its_metadata(self) -> None:
+        h = self.serving(max_event_values=1000)
+        event = headers_event("in-metadata", headers={f"h{i}": [] for i in range(2000)}, top_level_cid="")
+        h.feed(REQUEST_HEADERS, event)
+        self.assertEqual([cid_of(a) for a in h.answers()], ["in-metadata"])
+
+    def test_without_an_id_it_is_dropped(self) -> None:
+        h = self.serving(max_event_values=1000)
+        with captured_log() as events:
+            h.feed(CONFIGURE, {"correlation_id": lists(2000)})
+        self.assertEqual(h.answers(), [])
+        [warning] = [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+        self.assertIn("Configure event without a usable correlation id", warning)
+        self.assertIn("; dropped", warning)
+
+    def test_commas_inside_strings_are_not_values(self) -> None:
+        """A text full of commas is counted again without them before it is refused."""
+        agent = Holding()
+        h = self.serving(agent, max_event_values=1000)
+        h.feed(CONFIGURE, configure("csv", "a," * 5000))
+        self.assertEqual(list(agent.waiting), ["csv"])
+        self.assertEqual(h.answers(), [])
+
+    def test_the_warnings_are_rate_limited(self) -> None:
+        h = self.serving(max_event_values=100)
+        with captured_log() as events:
+            for n in range(50):
+                h.feed(CONFIGURE, configure(f"c{n}", lists(200)))
+        self.assertEqual(len(h.answers()), 50)
+        warnings = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(len(warnings), h.protocol.log_limiter.burst)
+
+    def test_held_events_count_their_decoded_values(self) -> None:
+        """
+        Ten thousand values in 30 KB of JSON decode to more than 600 KB:
+        two such events go past a limit of 1 MB, which their payloads alone
+        would not.
+        """
+        agent = Holding()
+        h = self.serving(agent, max_held_event_bytes=1_000_000)
+        for cid in ("a", "b"):
+            h.feed(CONFIGURE, configure(cid, lists(5000)))
+        self.assertEqual(list(agent.waiting), ["a"])
+        [answer] = h.answers()
+        self.assertEqual(cid_of(answer), "b")
+        self.assertEqual(answer["decision"]["block"], {"status": 503, "body": "agent overloaded", "headers": None})
+        agent.waiting.pop("a").callback(allow())
+        self.assertEqual(h.protocol._held_bytes, 0)
+        # An event of 4 KiB or less is counted by its bytes alone.
+        small = configure("small", lists(1000))
+        h.feed(CONFIGURE, small)
+        self.assertEqual(h.protocol._held_bytes, len(json.dumps(small).encode()))
+
+    def test_the_bound_must_be_positive(self) -> None:
+        self.assertRaises(ValueError, AgentSettings, agent=Agent(), agent_id="a", max_event_values=0)
+
+
+class MessagePackEventValuesTests(SynchronousTestCase):
+    """The same bound in MessagePack, where an empty list is one byte."""
+
+    def serving(self, agent: Any = None, **settings: Any) -> Connection:
+        c = Connection(agent if agent is not None else Holding(), settings=settings)
+        c.shake(frame_bytes(by_name("fwd_handshake_request_msgpack")))
+        c.sent()
+        return c
+
+    def test_an_event_with_too_many_values_is_refused_undecoded(self) -> None:
+        agent = Holding()
+        c = self.serving(agent, max_event_values=1000)
+        c.feed(frame(CONFIGURE, msgspec.msgpack.encode(configure("big", lists(5000)))))
+        [(kind, body)] = c.sent()
+        self.assertEqual(kind, AGENT_RESPONSE)
+        answer = msgspec.msgpack.decode(body)
+        self.assertEqual(answer[1], {"block": [500, "agent error", None]})
+        self.assertEqual(answer[5][4], {"correlation_id": "big"})
+        self.assertEqual(agent.waiting, {})
+        c.feed(frame(CONFIGURE, msgspec.msgpack.encode(configure("small", lists(900)))))
+        self.assertEqual(list(agent.waiting), ["small"])
+
+    def test_the_id_in_positional_metadata_is_found(self) -> None:
+        c = self.serving(max_event_values=1000)
+        event = msgspec.msgpack.decode(frame_bytes(by_name("fwd_evt_request_headers_msgpack"))[5:])
+        event["correlation_id"] = ""
+        event["headers"] = {f"h{i}": [] for i in range(2000)}
+        c.feed(frame(REQUEST_HEADERS, msgspec.msgpack.encode(event)))
+        [(kind, body)] = c.sent()
+        self.assertEqual(msgspec.msgpack.decode(body)[5][4], {"correlation_id": "req-7f3a"})
+
+    def test_refusing_it_decodes_nothing(self) -> None:
+        c = self.serving(max_event_values=10_000)
+        payload = msgspec.msgpack.encode(configure("big", lists(500_000)))
+        data = frame(CONFIGURE, payload)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        c.feed(data)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        # The payload cut out of the frame; half a million lists would be
+        # some 60 times as much.
+        self.assertLess(peak, 2 * len(payload))
+        self.assertEqual(len(c.sent()), 1)
+
+    def test_held_events_count_their_decoded_values(self) -> None:
+        agent = Holding()
+        c = self.serving(agent, max_held_event_bytes=1_000_000)
+        for cid in ("a", "b"):
+            c.feed(frame(CONFIGURE, msgspec.msgpack.encode(configure(cid, lists(10_000)))))
+        self.assertEqual(list(agent.waiting), ["a"])
+        [(kind, body)] = c.sent()
+        self.assertEqual(msgspec.msgpack.decode(body)[1], {"block": [503, "agent overloaded", None]})
