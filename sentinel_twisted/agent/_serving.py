@@ -13,13 +13,14 @@ connection's registration and lifecycle.
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ITransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .. import messages as m
@@ -49,6 +50,9 @@ _PROXY_TEXT_IN_LOG = 64
 #: Characters of a decoding error's text a log line quotes: it may quote a
 #: value of the proxy's ("Invalid enum value '...'"), of any length.
 _ERROR_IN_LOG = 160
+#: Characters of a handler's exception text a log line (and its traceback)
+#: quotes: it may quote the event ("KeyError: '<a header of 1 MiB>'").
+_HANDLER_ERROR_IN_LOG = 500
 
 #: Payloads up to this many bytes are decoded without their values being
 #: counted first: they cannot hold more values than bytes.
@@ -157,6 +161,32 @@ def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
     except _LENIENT_ERRORS:
         return None
     return str(cid) or None
+
+
+class _ShownError(Exception):
+    """An exception's text as a log line shows it (see L{_shown})."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _shown(failure: Failure) -> Failure:
+    """
+    C{failure} for a log line: its exception's text cut short and escaped,
+    in the traceback too (a copy, if it needs it: the handler's own is left
+    alone).
+    """
+    text = failure.getErrorMessage()
+    shown = peer_text(text, _HANDLER_ERROR_IN_LOG)
+    if shown == text:
+        return failure
+    quoted = copy.copy(failure)
+    quoted.value = _ShownError(shown)
+    return quoted
 
 
 class EventServing:
@@ -457,24 +487,33 @@ class EventServing:
             detail = "cancelled by the handler itself"
         else:
             kind = failure.type.__name__ if failure.type is not None else "error"
-            detail = f"{kind}: {failure.getErrorMessage()}"
+            # The exception's text may quote the event, of any length.
+            detail = f"{kind}: {peer_text(failure.getErrorMessage(), _HANDLER_ERROR_IN_LOG)}"
         self._report_error(entry, AgentHandlerError(entry.handler, entry.correlation_id, detail), failure)
         self._send_answer(entry.correlation_id, self.settings.error_answer())
         self._slot_freed()
         return None
 
     def _report_error(self, entry: _Entry, error: AgentHandlerError, failure: Failure | None) -> None:
+        # The proxy chooses the events a handler fails on, as often as it
+        # likes: a few lines (with their tracebacks) per handler per period.
         self.stats["handler_errors"] += 1
         decision = "allow (fail-open)" if self.settings.fail_open else "block 500 (fail-closed)"
+        kind = f"handler-failed:{entry.handler}"
         if failure is not None and not failure.check(CancelledError):
-            log.failure(
+            self.log_limiter.emit(
+                log,
+                LogLevel.critical,
+                kind,
                 "{error}; answered with {decision}",
-                failure,
+                log_failure=_shown(failure),
                 error=str(error),
                 decision=decision,
             )
         else:
-            log.error("{error}; answered with {decision}", error=str(error), decision=decision)
+            self.log_limiter.emit(
+                log, LogLevel.error, kind, "{error}; answered with {decision}", error=str(error), decision=decision
+            )
 
     def _slot_freed(self) -> None:
         # Handlers that answer synchronously re-enter here from _start; the

@@ -13,7 +13,8 @@ and a HealthStatus goes out periodically.
 
 Handler failures never leave the proxy waiting: a handler that raises,
 fails, or returns something that is not an answer is logged with its
-traceback and answered with a safe decision.  The default is fail-closed,
+traceback (a few per handler per period: the proxy chooses the events)
+and answered with a safe decision.  The default is fail-closed,
 C{block 500 "agent error"}, because an inspecting agent (a WAF) that
 fails open lets exactly the traffic it could not judge through; set
 C{fail_open=True} for agents whose failure must not stop traffic.

@@ -219,3 +219,63 @@ class MessagePackEventValuesTests(SynchronousTestCase):
         self.assertEqual(list(agent.waiting), ["a"])
         [(kind, body)] = c.sent()
         self.assertEqual(msgspec.msgpack.decode(body)[1], {"block": [503, "agent overloaded", None]})
+
+
+class HandlerFailureLogTests(SynchronousTestCase):
+    """
+    The proxy chooses the events a handler fails on: their log lines (and
+    tracebacks) are a few per period, and the exception's text, which may
+    quote the event, is cut short and escaped.
+    """
+
+    class Quoting(Agent):
+        def on_request_headers(self, event: Any) -> Any:
+            raise ValueError(f"no route for {event.uri}")
+
+    def test_failures_are_rate_limited_and_every_event_answered(self) -> None:
+        h = Harness(self.Quoting(), health_interval=0)
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            for n in range(50):
+                h.feed(REQUEST_HEADERS, headers_event(f"r{n}"))
+        self.assertEqual(len(h.answers()), 50)
+        failures = [e for e in events if e["log_level"] is LogLevel.critical]
+        self.assertEqual(len(failures), h.protocol.log_limiter.burst)
+        self.assertEqual(h.protocol.stats["handler_errors"], 50)
+        self.flushLoggedErrors(ValueError)
+
+    def test_the_exception_text_is_cut_and_escaped_in_the_line_and_traceback(self) -> None:
+        kept: list[Any] = []
+
+        class Keeping(Agent):
+            """Fails with a Deferred, and keeps its failure."""
+
+            def on_request_headers(self, event: Any) -> Any:
+                d: Deferred[Any] = Deferred()
+                d.addErrback(lambda f: kept.append(f) or f)
+                d.errback(ValueError(f"no route for {event.uri}"))
+                return d
+
+        h = Harness(Keeping(), health_interval=0)
+        h.register()
+        h.sent()
+        uri = "/\x1b[2J\u2028" + "A" * 100_000
+        with captured_log() as events:
+            h.feed(REQUEST_HEADERS, headers_event("r", uri=uri))
+        [event] = [e for e in events if e["log_level"] is LogLevel.critical]
+        line = formatEvent(event)
+        traceback = event["log_failure"].getTraceback()
+        for text in (line, traceback):
+            self.assertNotIn("\x1b", text)
+            self.assertNotIn("\u2028", text)
+            self.assertIn("\\x1b[2J\\u2028AAAA", text)
+            self.assertIn("characters, cut...]", text)
+            self.assertLess(len(text), 5000)
+        self.assertIn("builtins.ValueError: no route for /\\x1b", traceback)
+        self.assertIn("Agent handler on_request_headers failed for 'r': ValueError: no route for", line)
+        # The handler's own failure is left as it was.
+        [failure] = kept
+        self.assertEqual(failure.getErrorMessage(), f"no route for {uri}")
+        self.assertEqual(len(h.answers()), 1)
+        self.flushLoggedErrors(ValueError)
