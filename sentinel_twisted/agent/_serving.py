@@ -537,7 +537,10 @@ class EventServing:
         if not self.paused and load >= self.limit:
             self.paused = True
             self.stats["pauses"] += 1
-            log.info(
+            # As often as the proxy fills the limit: a few lines per period.
+            self.log_limiter.info(
+                log,
+                "flow-paused",
                 "Agent {agent_id} at its limit ({limit}) on connection {connection_id}: pausing",
                 agent_id=self.settings.agent_id,
                 limit=self.limit,
@@ -547,7 +550,9 @@ class EventServing:
         elif self.paused and load <= self.resume_at:
             self.paused = False
             self.stats["resumes"] += 1
-            log.info(
+            self.log_limiter.info(
+                log,
+                "flow-resumed",
                 "Agent {agent_id} drained to {load} on connection {connection_id}: resuming",
                 agent_id=self.settings.agent_id,
                 load=load,
@@ -596,7 +601,9 @@ class EventServing:
             return
         entry = self._by_id.pop(message.correlation_id, None)
         if entry is None:
-            log.debug(
+            self.log_limiter.debug(
+                log,
+                "cancel-not-in-flight",
                 "Cancel for {cid!r}, which is not in flight (already answered?)",
                 cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
             )
@@ -611,7 +618,9 @@ class EventServing:
             # Out of the queue now, not when a slot frees: else events sent
             # and cancelled while every slot is busy would pile up in it.
             self._queue.remove(entry)
-        log.debug(
+        self.log_limiter.debug(
+            log,
+            "cancelled",
             "Cancelled {cid!r} on connection {connection_id} (reason {reason})",
             cid=peer_text(message.correlation_id, _PROXY_TEXT_IN_LOG),
             connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),

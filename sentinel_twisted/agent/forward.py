@@ -36,7 +36,8 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from .. import messages as m
 from .._peertext import peer_text
@@ -95,8 +96,13 @@ class ForwardAgentProtocol(AgentProtocol):
     @ivar proxy_id: the proxy's id, from its HandshakeRequest.
     @ivar proxy_version: the proxy's version, from its HandshakeRequest.
     @ivar codec: the negotiated payload encoding's codec.
+    @ivar log_key: C{"forward"}: its serving and ended lines go through the
+        listener's rate limiter, a few per period for all its connections,
+        since whoever can reach the endpoint can open and close connections
+        in a loop.
     """
 
+    log_key = "forward"
     _opening = "the proxy's handshake"
     # Entries of a HandshakeRequest's supported_versions quoted in a refusal.
     _VERSIONS_SHOWN = 8
@@ -135,7 +141,15 @@ class ForwardAgentProtocol(AgentProtocol):
         try:
             capabilities = self.agent.capabilities(self.settings.agent_id)
         except Exception as e:
-            log.failure("Agent {agent_id}: cannot build its capabilities", agent_id=self.settings.agent_id)
+            # Once per connection a proxy opens: a few lines per period.
+            self.log_limiter.emit(
+                log,
+                LogLevel.critical,
+                "capabilities-failed",
+                "Agent {agent_id}: cannot build its capabilities",
+                log_failure=Failure(),
+                agent_id=self.settings.agent_id,
+            )
             self._lifecycle.refused(HandshakeFailed(f"cannot build the agent's capabilities: {e}"))
             return
         self.take_capabilities(capabilities)
@@ -218,7 +232,9 @@ class ForwardAgentProtocol(AgentProtocol):
     # -- lifecycle outputs that differ from a reverse connection ----------------
 
     def _log_serving(self) -> None:
-        log.info(
+        self.log_limiter.info(
+            log,
+            f"{self.log_key}:registered",
             "Agent {agent_id} serving proxy {proxy_id} {proxy_version} on forward connection "
             "{connection_id} ({encoding}; up to {limit} events at once)",
             agent_id=self.settings.agent_id,

@@ -704,7 +704,11 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._stop_health()
         cut = self._cancel_everything()
         if cut:
-            log.warn(
+            # A proxy can make this happen once per connection (an event,
+            # then a frame that breaks the protocol), and connect again.
+            self.log_limiter.warn(
+                log,
+                "closed-with-handlers",
                 "Agent {agent_id} closing connection {connection_id} ({detail}); "
                 "{count} unfinished handler(s) cancelled",
                 agent_id=self.settings.agent_id,

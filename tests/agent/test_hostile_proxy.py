@@ -13,23 +13,32 @@ import tracemalloc
 from typing import Any
 
 import msgspec
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.agent import Agent, AgentSettings, allow
+from sentinel_twisted.agent.forward import ForwardAgentFactory
 
 from .._proxy_support import captured_log
 from ..vectors import by_name, frame_bytes
 from ._support import (
     AGENT_RESPONSE,
+    CANCEL,
     CONFIGURE,
+    HANDSHAKE_REQUEST,
     REQUEST_HEADERS,
     Harness,
+    RecordingAgent,
     frame,
     headers_event,
 )
-from .test_forward import Connection
+from .test_forward import Connection, handshake
 
 
 def cid_of(answer: dict[str, Any]) -> str:
@@ -279,3 +288,83 @@ class HandlerFailureLogTests(SynchronousTestCase):
         self.assertEqual(failure.getErrorMessage(), f"no route for {uri}")
         self.assertEqual(len(h.answers()), 1)
         self.flushLoggedErrors(ValueError)
+
+
+class FlowAndCancelLogTests(SynchronousTestCase):
+    def test_pausing_and_resuming_lines_are_rate_limited(self) -> None:
+        """At a limit of one, every event pauses and resumes the proxy."""
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=1, health_interval=0)
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            for n in range(50):
+                h.feed(REQUEST_HEADERS, headers_event(f"r{n}"))
+                agent.answer(f"r{n}")
+        self.assertEqual(h.protocol.stats["pauses"], 50)
+        self.assertEqual(h.protocol.stats["resumes"], 50)
+        texts = [formatEvent(e) for e in events]
+        burst = h.protocol.log_limiter.burst
+        self.assertEqual(sum("pausing" in t for t in texts), burst)
+        self.assertEqual(sum("resuming" in t for t in texts), burst)
+
+    def test_cancel_lines_are_rate_limited(self) -> None:
+        agent = RecordingAgent()
+        h = Harness(agent, health_interval=0)
+        h.register()
+        h.sent()
+        with captured_log() as events:
+            for n in range(50):
+                h.feed(CANCEL, {"correlation_id": f"gone-{n}", "reason": 0, "timestamp_ms": 1})
+                h.feed(REQUEST_HEADERS, headers_event(f"r{n}"))
+                h.feed(CANCEL, {"correlation_id": f"r{n}", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(len(agent.cancelled), 50)
+        debug = [e for e in events if e["log_level"] is LogLevel.debug]
+        self.assertEqual(len(debug), 2 * h.protocol.log_limiter.burst)
+
+
+class ForwardConnectionLogTests(SynchronousTestCase):
+    """Whoever reaches a listening agent may connect and go in a loop."""
+
+    def connections(self, agent: Any, count: int, then: Any) -> tuple[ForwardAgentFactory, list[Any]]:
+        factory = ForwardAgentFactory(AgentSettings(agent=agent, agent_id="a", health_interval=0), Clock())
+        with captured_log() as events:
+            for _ in range(count):
+                protocol = factory.buildProtocol(UNIXAddress(None))
+                transport = StringTransport(peerAddress=UNIXAddress(None))
+                protocol.makeConnection(transport)
+                then(protocol, transport)
+        return factory, events
+
+    def test_serving_and_ended_lines_are_rate_limited(self) -> None:
+        def handshake_and_leave(protocol: Any, transport: Any) -> None:
+            protocol.dataReceived(frame(HANDSHAKE_REQUEST, handshake()))
+            transport.disconnecting = True
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+        factory, events = self.connections(Agent(), 100, handshake_and_leave)
+        texts = [formatEvent(e) or "" for e in events]
+        burst = factory.log_limiter.burst
+        self.assertEqual(sum("serving proxy" in t for t in texts), burst)
+        self.assertEqual(sum(" ended: " in t for t in texts), burst)
+        self.assertEqual(factory.connections, set())
+
+    def test_handlers_cut_by_a_protocol_error_are_rate_limited(self) -> None:
+        def break_with_a_handler_running(protocol: Any, transport: Any) -> None:
+            protocol.dataReceived(frame(HANDSHAKE_REQUEST, handshake()))
+            protocol.dataReceived(frame(REQUEST_HEADERS, headers_event("r")))
+            protocol.dataReceived(b"\x00\x00\x00\x00")
+
+        factory, events = self.connections(RecordingAgent(), 100, break_with_a_handler_running)
+        texts = [formatEvent(e) or "" for e in events]
+        self.assertEqual(sum("unfinished handler(s) cancelled" in t for t in texts), factory.log_limiter.burst)
+
+    def test_capabilities_failures_are_rate_limited(self) -> None:
+        class Broken(Agent):
+            def capabilities(self, agent_id: str) -> Any:
+                raise RuntimeError("nope")
+
+        factory, events = self.connections(Broken(), 100, lambda protocol, transport: None)
+        failures = [e for e in events if e["log_level"] is LogLevel.critical]
+        self.assertEqual(len(failures), factory.log_limiter.burst)
+        self.flushLoggedErrors(RuntimeError)
