@@ -570,17 +570,41 @@ class EventServing:
             if self.transport is not None:
                 self.send_frame(MessageType.AGENT_RESPONSE, payload)
         except AgentProtocolError as e:
-            log.error(
+            fallback = self.settings.error_answer()
+            fallback.audit.custom["correlation_id"] = cid
+            try:
+                payload = self.codec.encode_response(fallback)
+                if self.transport is not None and self.registered:
+                    self.send_frame(MessageType.AGENT_RESPONSE, payload)
+            except AgentProtocolError as again:
+                # The id alone makes every answer too large (the proxy chose
+                # it, up to a frame's 16 MiB): nothing can reach the proxy.
+                self.stats["unanswerable"] += 1
+                self.log_limiter.emit(
+                    log,
+                    LogLevel.error,
+                    "unanswerable",
+                    "Agent {agent_id} cannot answer {cid!r} on connection {connection_id} at all: "
+                    "{error}, even as the error decision (its correlation id is {length:,} "
+                    "characters long); the proxy is left to time it out",
+                    agent_id=self.settings.agent_id,
+                    cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
+                    connection_id=peer_text(self.connection_id, _CONNECTION_ID_IN_LOG),
+                    error=str(again),
+                    length=len(cid),
+                )
+                return
+            self.stats["handler_errors"] += 1
+            self.log_limiter.emit(
+                log,
+                LogLevel.error,
+                "answer-unsendable",
                 "Agent {agent_id} cannot send its answer for {cid!r}: {error}; "
-                "sending the error decision instead",
+                "sent the error decision instead",
                 agent_id=self.settings.agent_id,
                 cid=peer_text(cid, _PROXY_TEXT_IN_LOG),
                 error=str(e),
             )
-            self.stats["handler_errors"] += 1
-            fallback = self.settings.error_answer()
-            fallback.audit.custom["correlation_id"] = cid
-            self._send(MessageType.AGENT_RESPONSE, self.codec.encode_response(fallback))
             return
         self.stats["answers"] += 1
 

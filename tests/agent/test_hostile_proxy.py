@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentinel_twisted.agent import Agent, AgentSettings, allow
 from sentinel_twisted.agent.forward import ForwardAgentFactory
+from sentinel_twisted.wire import MAX_MESSAGE_SIZE
 
 from .._proxy_support import captured_log
 from ..vectors import by_name, frame_bytes
@@ -32,6 +33,7 @@ from ._support import (
     CANCEL,
     CONFIGURE,
     HANDSHAKE_REQUEST,
+    REQUEST_COMPLETE,
     REQUEST_HEADERS,
     Harness,
     RecordingAgent,
@@ -321,6 +323,32 @@ class FlowAndCancelLogTests(SynchronousTestCase):
         self.assertEqual(len(agent.cancelled), 50)
         debug = [e for e in events if e["log_level"] is LogLevel.debug]
         self.assertEqual(len(debug), 2 * h.protocol.log_limiter.burst)
+
+
+class UnanswerableIdTests(SynchronousTestCase):
+    def test_an_id_too_long_for_any_answer_is_logged_not_raised(self) -> None:
+        """
+        The event fits in a frame; no answer naming its id does.  The proxy
+        is left to time it out, and the connection serves on.
+        """
+        h = Harness(health_interval=0)
+        h.register()
+        h.sent()
+        event = {"correlation_id": "", "status": 200, "duration_ms": 1}
+        room = MAX_MESSAGE_SIZE - 1 - len(json.dumps(event).encode())
+        event["correlation_id"] = "c" * room
+        with captured_log() as events:
+            h.feed(REQUEST_COMPLETE, event)
+        self.assertEqual(h.answers(), [])
+        self.assertEqual(h.protocol.stats["unanswerable"], 1)
+        [line] = [formatEvent(e) for e in events if e["log_level"] is LogLevel.error]
+        self.assertIn("cannot answer 'cccc", line)
+        self.assertIn("at all: Message too large", line)
+        self.assertIn(f"its correlation id is {room:,} characters long", line)
+        self.assertLess(len(line), 1000)
+        h.feed(REQUEST_COMPLETE, {"correlation_id": "next", "status": 200, "duration_ms": 1})
+        self.assertEqual([cid_of(a) for a in h.answers()], ["next"])
+        self.assertFalse(h.transport.disconnecting)
 
 
 class ForwardConnectionLogTests(SynchronousTestCase):
