@@ -216,8 +216,9 @@ class EventServing:
     _lifecycle: Any
     _serial: int
     _active: dict[int, _Entry]
-    #: Events waiting for a free slot (a cancelled one leaves at once).
-    _queue: collections.deque[_Entry]
+    #: Events waiting for a free slot, by serial, oldest first (a cancelled
+    #: one leaves at once, without a search through the others).
+    _queue: collections.OrderedDict[int, _Entry]
     #: The bytes the events running and queued are counted for.
     _held_bytes: int
     _by_id: dict[str, _Entry]
@@ -351,7 +352,7 @@ class EventServing:
         if slot_free:
             self._start(entry)
         else:
-            self._queue.append(entry)
+            self._queue[entry.serial] = entry
         self._update_flow()
 
     def _overloaded(self, cid: str, text: str, **fields: object) -> None:
@@ -523,7 +524,7 @@ class EventServing:
         self._releasing = True
         try:
             while self._queue and len(self._active) < self.limit:
-                self._start(self._queue.popleft())
+                self._start(self._queue.popitem(last=False)[1])
         finally:
             self._releasing = False
         self._update_flow()
@@ -641,7 +642,7 @@ class EventServing:
         else:
             # Out of the queue now, not when a slot frees: else events sent
             # and cancelled while every slot is busy would pile up in it.
-            self._queue.remove(entry)
+            del self._queue[entry.serial]
         self.log_limiter.debug(
             log,
             "cancelled",

@@ -296,7 +296,7 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._on_frame = self._registration_frame
         self._serial = 0
         self._active: dict[int, _Entry] = {}
-        self._queue: collections.deque[_Entry] = collections.deque()
+        self._queue: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self._held_bytes = 0
         self._by_id: dict[str, _Entry] = {}
         self._health: LoopingCall | None = None

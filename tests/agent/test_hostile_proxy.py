@@ -396,3 +396,37 @@ class ForwardConnectionLogTests(SynchronousTestCase):
         failures = [e for e in events if e["log_level"] is LogLevel.critical]
         self.assertEqual(len(failures), factory.log_limiter.burst)
         self.flushLoggedErrors(RuntimeError)
+
+
+class QueueTests(SynchronousTestCase):
+    def test_a_cancelled_queued_event_leaves_without_a_search(self) -> None:
+        """
+        At a limit of thousands, a proxy that sends and cancels events
+        while every slot is busy costs a step each, not a look at every
+        event queued before it.
+        """
+        from sentinel_twisted.agent._serving import _Entry
+
+        compared: list[object] = []
+
+        def equal(entry: object, other: object) -> bool:
+            compared.append(other)
+            return entry is other
+
+        self.patch(_Entry, "__eq__", equal)
+        agent = RecordingAgent()
+        h = Harness(agent, max_concurrency=1000, max_queued=1000, health_interval=0)
+        h.register()
+        h.sent()
+        for n in range(1999):
+            h.feed(REQUEST_HEADERS, headers_event(f"r{n}"))
+        for n in range(50):
+            h.feed(REQUEST_HEADERS, headers_event(f"x{n}"))
+            h.feed(CANCEL, {"correlation_id": f"x{n}", "reason": 0, "timestamp_ms": 1})
+        self.assertEqual(agent.cancelled, [])
+        self.assertEqual(h.protocol.queued, 999)
+        self.assertEqual(len(compared), 0)
+        # The queue is still first come, first served.
+        agent.answer("r0")
+        self.assertIn("r1000", agent.waiting)
+        self.assertEqual(h.protocol.queued, 998)
