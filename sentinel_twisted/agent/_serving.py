@@ -125,6 +125,13 @@ class _LenientMetadataArray(msgspec.Struct, array_like=True):
     correlation_id: msgspec.Raw
 
 
+class _AnObject(msgspec.Struct):
+    """
+    What a Ping must be to get its Pong: an object (a map), read without
+    decoding what it holds (a Ping may be 64 KiB of nested lists).
+    """
+
+
 # What looking for the id of a garbled event may raise (see forward.py).
 _LENIENT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
 
@@ -655,7 +662,7 @@ class EventServing:
 
     def _ping_received(self, payload: bytes) -> None:
         try:
-            self.codec.decode_control(payload, dict)
+            self.codec.decode_control(payload, _AnObject)
         except InvalidMessage as e:
             self.log_limiter.warn(
                 log,

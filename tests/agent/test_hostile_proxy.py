@@ -33,6 +33,8 @@ from ._support import (
     CANCEL,
     CONFIGURE,
     HANDSHAKE_REQUEST,
+    PING,
+    PONG,
     REQUEST_COMPLETE,
     REQUEST_HEADERS,
     Harness,
@@ -430,3 +432,20 @@ class QueueTests(SynchronousTestCase):
         agent.answer("r0")
         self.assertIn("r1000", agent.waiting)
         self.assertEqual(h.protocol.queued, 998)
+
+
+class PingTests(SynchronousTestCase):
+    def test_a_ping_is_answered_without_decoding_what_it_holds(self) -> None:
+        """A Ping of 64 KiB of empty lists is checked to be an object, not decoded into 20,000 lists."""
+        h = Harness(health_interval=0)
+        h.register()
+        h.sent()
+        payload = b'{"sequence":1,"timestamp_ms":2,"pad":[' + b"[]," * 21_000 + b"[]]}"
+        data = frame(PING, payload)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        h.protocol.dataReceived(data)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertLess(peak, 4 * len(payload))
+        self.assertEqual(h.sent(), [(PONG, json.loads(payload))])
