@@ -54,7 +54,7 @@ from ..errors import (
     format_duration,
 )
 from ..forward import JSON_CODEC, PayloadCodec
-from ..wire import FrameReceiver, IncompleteFrameBudget, MessageType
+from ..wire import MAX_MESSAGE_SIZE, FrameReceiver, IncompleteFrameBudget, MessageType
 from ._interfaces import IAgent
 from ._lifecycle import new_lifecycle
 from ._serving import _CONNECTION_ID_IN_LOG, _PROXY_TEXT_IN_LOG, EventServing, _Entry, routing_id
@@ -63,6 +63,7 @@ from .responses import allow, block
 
 __all__ = [
     "DEFAULT_MAX_EVENT_VALUES",
+    "MAX_REGISTRATION_RESPONSE_SIZE",
     "AgentClientFactory",
     "AgentProtocol",
     "AgentSettings",
@@ -85,6 +86,11 @@ _AGENT_ONLY = frozenset(
 )
 
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
+#: Largest RegistrationResponse frame accepted (type byte plus payload),
+#: as a listening agent's handshake is bounded: a proxy's is about 150
+#: bytes, and what comes before the registration is not read as events.
+MAX_REGISTRATION_RESPONSE_SIZE = 64 * 1024
 
 #: The most values one event may hold by default (see
 #: L{AgentSettings.max_event_values}): a frame of 16 MiB of ordinary
@@ -233,6 +239,9 @@ class AgentProtocol(EventServing, FrameReceiver):
     @ivar proxy_id: the proxy's id (C{""} before registration).
     @ivar proxy_version: the proxy's version (C{""} before registration).
     @ivar registered: the proxy accepted the registration (or the handshake).
+    @ivar MAX_LENGTH: the longest frame accepted, in bytes:
+        L{MAX_REGISTRATION_RESPONSE_SIZE} until registered (a longer answer
+        ends the connection before it is buffered), 16 MiB after.
     @ivar draining: it is draining: finishing the events in flight before it
         closes.
     @ivar paused: it asked the proxy to pause (FlowControl) and has not
@@ -294,6 +303,8 @@ class AgentProtocol(EventServing, FrameReceiver):
         self.stats: collections.Counter[str] = collections.Counter()
         self._lifecycle, self._core = new_lifecycle(self)
         self._on_frame = self._registration_frame
+        # Bounded from the first byte, until the registration lifts it.
+        self.MAX_LENGTH = MAX_REGISTRATION_RESPONSE_SIZE
         self._serial = 0
         self._active: dict[int, _Entry] = {}
         self._queue: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
@@ -612,6 +623,7 @@ class AgentProtocol(EventServing, FrameReceiver):
     def enter_serving(self, response: m.RegistrationResponse) -> None:
         """Lifecycle: the proxy accepted the registration; serve events."""
         self.registered = True
+        self.MAX_LENGTH = MAX_MESSAGE_SIZE
         self.connection_id = response.connection_id
         self.proxy_id = response.proxy_id
         self.proxy_version = response.proxy_version

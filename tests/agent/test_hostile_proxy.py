@@ -9,6 +9,7 @@ StringTransport with a Clock, as a proxy would, frame by frame.
 from __future__ import annotations
 
 import json
+import struct
 import tracemalloc
 from typing import Any
 
@@ -33,6 +34,7 @@ from ._support import (
     CANCEL,
     CONFIGURE,
     HANDSHAKE_REQUEST,
+    HANDSHAKE_RESPONSE,
     PING,
     PONG,
     REQUEST_COMPLETE,
@@ -449,3 +451,25 @@ class PingTests(SynchronousTestCase):
         tracemalloc.stop()
         self.assertLess(peak, 4 * len(payload))
         self.assertEqual(h.sent(), [(PONG, json.loads(payload))])
+
+
+class RegistrationAnswerTests(SynchronousTestCase):
+    def test_an_answer_over_64_kib_ends_the_connection_unbuffered(self) -> None:
+        """
+        A RegistrationResponse is about 150 bytes: one that declares 16 MiB
+        is refused as it starts, not held for the registration timeout
+        (and its text kept for the connection's life); the limit is lifted
+        once registered.
+        """
+        h = Harness(health_interval=0)
+        h.sent()
+        h.protocol.dataReceived(struct.pack("!IB", 16 * 1024 * 1024, HANDSHAKE_RESPONSE) + b"{" * 1000)
+        self.assertEqual(h.protocol.buffered_bytes, 0)
+        self.assertTrue(h.transport.disconnecting)
+        [(_, error)] = [e for e in h.events if e[0] == "refused"]
+        self.assertIn("Message too large: 16777216 bytes (max: 65536)", str(error))
+        served = Harness(health_interval=0)
+        served.register()
+        served.sent()
+        served.feed(REQUEST_COMPLETE, {"correlation_id": "c" * 100_000, "status": 200, "duration_ms": 1})
+        self.assertEqual(len(served.answers()), 1)

@@ -163,8 +163,9 @@ class RegistrationTests(SynchronousTestCase):
 
     def test_proxy_texts_in_log_lines_are_cut_and_escaped(self) -> None:
         # The proxy chooses its id, version, connection id and rejection
-        # text: a log line quotes a bounded, escaped part of each.
-        forged = "\u2028[sentinel_twisted#critical] forged \x1b[31m" + "x" * 100_000
+        # text: a log line quotes a bounded, escaped part of each.  (Three
+        # of them fit in a RegistrationResponse's 64 KiB.)
+        forged = "\u2028[sentinel_twisted#critical] forged \x1b[31m" + "x" * 20_000
         response = success_response("c" + forged)
         response["proxy_id"] = "p" + forged
         response["proxy_version"] = "v" + forged
@@ -1005,7 +1006,8 @@ class LargeControlFrameTests(SynchronousTestCase):
         h.protocol.dataReceived(self.LARGE[:100])
         self.assertTrue(h.transport.disconnecting)
         [(_, error)] = [e for e in h.events if e[0] == "refused"]
-        self.assertIn("Message too large: 66537 bytes (max: 65536 for a Ping frame)", str(error))
+        # Before registration no frame may be longer than 64 KiB.
+        self.assertIn("Message too large: 66537 bytes (max: 65536)", str(error))
 
 
 class FrameDeadlineTests(SynchronousTestCase):
