@@ -142,7 +142,8 @@ class AgentSettings:
         one that holds more is answered at once with the error decision,
         without being decoded (its correlation id is looked for without
         decoding anything else).  A JSON event is counted by its commas,
-        colons and opening brackets, those inside strings too.  Decoding
+        colons and opening brackets, those inside strings too, and once
+        that count is past the limit, again without those.  Decoding
         makes some 60 to 80 bytes of each value: a frame of 16 MiB could
         otherwise take more than 1 GiB, and seconds of the reactor.
     @ivar fail_open: answer handler errors with allow instead of block 500.
