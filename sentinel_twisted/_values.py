@@ -21,7 +21,11 @@ import re
 import struct
 from typing import Final
 
-__all__ = ["VALUE_COST", "json_values", "msgpack_values"]
+__all__ = ["COUNTED_ABOVE", "VALUE_COST", "json_values", "msgpack_values"]
+
+#: Payloads up to this many bytes are decoded without their values being
+#: counted first: they hold too few values to matter.
+COUNTED_ABOVE: Final = 4096
 
 #: About the bytes of memory that one decoded value takes (a short string,
 #: an empty list or map and its slot in its container), for the accounts

@@ -31,7 +31,9 @@ import msgspec
 from msgspec import UNSET, Struct, UnsetType, field
 
 from . import messages as m
+from ._values import COUNTED_ABOVE, msgpack_values
 from .errors import InvalidMessage, SerializationError
+from .messages._codec import check_answer_values
 
 __all__ = [
     "ENCODINGS",
@@ -165,20 +167,76 @@ class PayloadCodec(Protocol):
         """
 
 
-class _Lenient(Struct):
-    """Enough of a broken JSON answer to find whom it was meant for."""
+class _LenientAnswer(Struct):
+    """
+    Enough of a broken answer, as a map, to find whom it was meant for: the
+    way to its id, left undecoded (the rest is skipped, not decoded,
+    however large the answer).
+    """
 
-    audit: dict[str, Any] | None = None
+    audit: msgspec.Raw = msgspec.Raw()
+
+
+class _LenientAudit(Struct):
+    """An answer's C{audit}, as a map: its C{custom}, undecoded."""
+
+    custom: msgspec.Raw = msgspec.Raw()
+
+
+class _LenientCustom(Struct):
+    """An answer's C{audit.custom}: its id, undecoded."""
+
+    correlation_id: msgspec.Raw = msgspec.Raw()
+
+
+# What a lenient look into a broken answer may raise.
+_LENIENT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
+
+
+def _leading(fields: tuple[str, ...], name: str) -> type[Struct]:
+    """
+    The elements of a positional (MessagePack) struct up to C{name}'s,
+    undecoded: those after it are skipped.
+    """
+    upto = fields[: fields.index(name) + 1]
+    return msgspec.defstruct(
+        f"_Leading_{name}", [(f, msgspec.Raw, msgspec.Raw()) for f in upto], array_like=True
+    )
+
+
+def _lenient_field(module: Any, raw: bytes | msgspec.Raw, shapes: tuple[type[Any], type[Any]], name: str) -> Any:
+    """
+    Field C{name} of C{raw}, undecoded: read as a map (the first of
+    C{shapes}), or in MessagePack's positional layout (the second).
+    """
+    # (A Raw is a buffer, not bytes: its first byte is read through a view.)
+    first = memoryview(raw)[:1].tobytes()
+    positional = module is msgspec.msgpack and first and (0x90 <= first[0] <= 0x9F or first[0] in (0xDC, 0xDD))
+    return getattr(module.decode(raw, type=shapes[1] if positional else shapes[0]), name)
+
+
+def _answer_id(payload: bytes, module: Any) -> str | None:
+    """
+    The correlation id in C{audit.custom} of an answer that could not be
+    read, found without decoding anything else of it; C{None} if there is
+    none that is a string.
+    """
+    try:
+        audit = _lenient_field(module, payload, _ANSWER_SHAPES, "audit")
+        if not audit:
+            return None
+        custom = _lenient_field(module, audit, _AUDIT_SHAPES, "custom")
+        if not custom:
+            return None
+        raw = module.decode(custom, type=_LenientCustom).correlation_id
+        cid = module.decode(raw, type=str) if raw else None
+    except _LENIENT_ERRORS:
+        return None
+    return cid if isinstance(cid, str) else None
 
 
 def _json_answer_id(payload: bytes) -> str | None:
-    try:
-        audit = m.decode(payload, _Lenient).audit
-    except InvalidMessage:
-        return None
-    custom = audit.get("custom") if audit else None
-    cid = custom.get("correlation_id") if isinstance(custom, dict) else None
-    return cid if isinstance(cid, str) else None
+    return _answer_id(payload, msgspec.json)
 
 
 class _JsonCodec:
@@ -312,6 +370,9 @@ def _mutation(mutation: m.BodyMutation | None) -> Any:
 # Field names of the positional forms, to read them back as maps.
 _RESPONSE_FIELDS: Final = m.AgentResponse.__struct_fields__
 _AUDIT_FIELDS: Final = m.AuditMetadata.__struct_fields__
+# How _answer_id reads an answer and its audit, as maps and as arrays.
+_ANSWER_SHAPES: Final = (_LenientAnswer, _leading(_RESPONSE_FIELDS, "audit"))
+_AUDIT_SHAPES: Final = (_LenientAudit, _leading(_AUDIT_FIELDS, "custom"))
 _MUTATION_FIELDS: Final = m.BodyMutation.__struct_fields__
 _VARIANT_FIELDS: Final = {
     "block": ("status", "body", "headers"),
@@ -322,16 +383,6 @@ _VARIANT_FIELDS: Final = {
     "remove": ("name",),
     "close": ("code", "reason"),
 }
-
-
-def _field(value: Any, name: str, names: tuple[str, ...]) -> Any:
-    """Field C{name} of a map, or of an array in the order C{names}; C{None} if absent."""
-    if isinstance(value, dict):
-        return value.get(name)
-    if isinstance(value, list):
-        index = names.index(name)
-        return value[index] if index < len(value) else None
-    return None
 
 
 def _named(value: Any, names: tuple[str, ...], what: str) -> Any:
@@ -512,6 +563,8 @@ class _MsgpackCodec:
         )
 
     def decode_response(self, payload: bytes) -> m.AgentResponse:
+        if len(payload) > COUNTED_ABOVE:
+            check_answer_values(msgpack_values(payload, m.MAX_ANSWER_VALUES))
         # Most answers are a plain allow: read those with one typed decoder
         # (about six times faster); anything else takes the general path.
         try:
@@ -583,13 +636,7 @@ class _MsgpackCodec:
         if payload[:1] == b"{":
             # A JSON answer where MessagePack was agreed: still one we can route.
             return _json_answer_id(payload)
-        try:
-            raw = msgspec.msgpack.decode(payload)
-        except _DECODE_ERRORS:
-            return None
-        custom = _field(_field(raw, "audit", _RESPONSE_FIELDS), "custom", _AUDIT_FIELDS)
-        cid = custom.get("correlation_id") if isinstance(custom, dict) else None
-        return cid if isinstance(cid, str) else None
+        return _answer_id(payload, msgspec.msgpack)
 
     def _encode(self, value: Any) -> bytes:
         try:

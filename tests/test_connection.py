@@ -288,6 +288,22 @@ class AnswerTests(ConnectionTestCase):
         self.assertEqual(self.outcomes.waiting(), ["b"])
         self.assertEqual(self.connection.in_flight, 1)
 
+    def test_an_answer_of_too_many_values_fails_its_request_at_once(self) -> None:
+        # Refused before it is decoded, its id still found (without decoding
+        # the rest), and the connection stays.
+        self.send("a")
+        self.send("b")
+        junk = [[] for _ in range(m.MAX_ANSWER_VALUES)]
+        self.receive(
+            MessageType.AGENT_RESPONSE,
+            {"version": 2, "decision": "allow", "audit": {"custom": {"junk": junk, "correlation_id": "a"}}},
+        )
+        error = self.outcomes.error("a")
+        self.assertIsInstance(error, InvalidMessage)
+        self.assertIn("holds more than 100,000 values", str(error))
+        self.assertEqual(self.outcomes.waiting(), ["b"])
+        self.assertEqual(self.connection.in_flight, 1)
+
     def test_invalid_answer_naming_nobody_is_logged_and_ignored(self) -> None:
         self.send("a")
         with captured_log() as events:

@@ -534,6 +534,27 @@ class MessagePackConnectionTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.connection.in_flight, 1)
 
+    def test_an_answer_of_too_many_values_fails_its_request_at_once(self) -> None:
+        """
+        MessagePack takes a byte per empty list: 16 MiB of them decoded to
+        more than 1 GiB.  Counted first, such an answer is refused undecoded,
+        and the request it names fails now, in either layout.
+        """
+        first = Outcomes(self.connection.send_event(request_headers("req-1")))
+        second = Outcomes(self.connection.send_event(request_headers("req-2")))
+        third = Outcomes(self.connection.send_event(request_headers("req-3")))
+        junk = [[] for _ in range(m.MAX_ANSWER_VALUES)]
+        audit = [[], [], None, [], {"junk": junk, "correlation_id": "req-1"}]
+        positional = msgspec.msgpack.encode([2, "allow", [], [], {}, audit, False, None, None, None])
+        as_map = {"version": 2, "decision": "allow", "audit": {"custom": {"correlation_id": "req-2", "junk": junk}}}
+        self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, positional))
+        self.protocol.dataReceived(encode_frame(MessageType.AGENT_RESPONSE, msgspec.msgpack.encode(as_map)))
+        for outcome in (first, second):
+            self.assertIsInstance(outcome.failure.value, InvalidMessage)
+            self.assertIn("holds more than 100,000 values", str(outcome.failure.value))
+        self.assertFalse(third.done)
+        self.assertFalse(self.transport.disconnecting)
+
     def test_an_answer_naming_nobody_is_logged_and_ignored(self) -> None:
         """
         As on a JSON connection: bytes nobody can tell the request of are

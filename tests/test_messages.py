@@ -277,6 +277,40 @@ class AgentResponseTests(TestCase):
         self.assertInvalid(answer(request_headers=[*ops[:10], "bad"]), "`$.request_headers[10]`")
         self.assertEqual(len(m.decode_agent_response(answer(response_headers=ops)).response_headers), 100)
 
+    def test_an_answer_of_too_many_values_is_refused_before_it_is_decoded(self) -> None:
+        # 16 MiB of empty lists in audit.custom decoded to some 360 MiB,
+        # held as long as its request.  Counted first, it is never decoded.
+        import tracemalloc
+
+        count = (16 * 1024 * 1024 - 200) // 3
+        junk = b"[" + b"[]," * (count - 1) + b"[]]"
+        payload = b'{"version":2,"decision":"allow","audit":{"custom":{"correlation_id":"a","junk":' + junk + b"}}}"
+        tracemalloc.start()
+        try:
+            text = self.assertInvalid(payload, f"AgentResponse holds more than {m.MAX_ANSWER_VALUES:,} values")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(text, "Invalid message format: AgentResponse holds more than 100,000 values")
+        self.assertLess(peak, 4 * len(payload), "copies of the payload at most, nothing decoded")
+
+    def test_an_answer_at_the_values_bound_is_read(self) -> None:
+        # Keys count: the answer's map, version and 2, decision and "allow",
+        # audit and its map, custom and its map, correlation_id and "a",
+        # tags and its list are 13 values; each element is one more.
+        elements = m.MAX_ANSWER_VALUES - 13
+        response = m.decode_agent_response(
+            answer(audit={"custom": {"correlation_id": "a", "tags": [0] * elements}})
+        )
+        self.assertEqual(len(response.audit.custom["tags"]), elements)
+        self.assertInvalid(
+            answer(audit={"custom": {"correlation_id": "a", "tags": [0] * (elements + 1)}}),
+            "holds more than 100,000 values",
+        )
+        # Commas inside strings are not values: a long text full of them is read.
+        text = "," * (2 * m.MAX_ANSWER_VALUES)
+        self.assertEqual(m.decode_agent_response(answer(audit={"custom": {"note": text}})).audit.custom["note"], text)
+
     def test_decision_is_required(self) -> None:
         self.assertInvalid(b'{"version": 2}', "missing required field `decision`")
 

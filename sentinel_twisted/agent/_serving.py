@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
-from .._values import VALUE_COST, json_values, msgpack_values
+from .._values import COUNTED_ABOVE, VALUE_COST, json_values, msgpack_values
 from ..errors import AgentProtocolError, InvalidMessage
 from ..forward import MSGPACK, PayloadCodec
 from ..messages._types import InvalidBase64
@@ -54,9 +54,6 @@ _ERROR_IN_LOG = 160
 #: quotes: it may quote the event ("KeyError: '<a header of 1 MiB>'").
 _HANDLER_ERROR_IN_LOG = 500
 
-#: Payloads up to this many bytes are decoded without their values being
-#: counted first: they cannot hold more values than bytes.
-_COUNTED_ABOVE = 4096
 #: The events whose JSON can hold any number of values (headers,
 #: categories, metadata, a configuration).  Every other event's fields are
 #: a fixed few, and a field it does not have is skipped, not decoded; in
@@ -307,7 +304,7 @@ class EventServing:
         # of its values when there can be many (see AgentSettings).
         size = len(payload)
         max_values = self.settings.max_event_values
-        if (size > _COUNTED_ABOVE or size > max_values) and (
+        if (size > COUNTED_ABOVE or size > max_values) and (
             message_type in _MANY_VALUED or self.codec.name == MSGPACK
         ):
             counter = msgpack_values if self.codec.name == MSGPACK else json_values

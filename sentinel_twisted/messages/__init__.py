@@ -22,6 +22,7 @@ from __future__ import annotations
 from .._cancel import CancelReason
 from ._answers import (
     ALLOW,
+    MAX_ANSWER_VALUES,
     MAX_HEADER_OPS,
     AddHeader,
     AgentResponse,
@@ -77,6 +78,7 @@ __all__ = [
     "ALLOW",
     "EVENT_CLASSES",
     "I64",
+    "MAX_ANSWER_VALUES",
     "MAX_HEADER_OPS",
     "PROTOCOL_VERSION",
     "U16",

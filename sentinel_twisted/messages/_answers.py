@@ -324,6 +324,16 @@ def _decode_decision(obj: object) -> Decision:
 #: hundreds of thousands of headers.
 MAX_HEADER_OPS: Final = 100
 
+#: The most values (each string, number, boolean, null, list and map, and
+#: each key of a map) an answer read by L{decode_agent_response
+#: <sentinel_twisted.messages.decode_agent_response>} may hold: more is an
+#: invalid answer, refused before it is decoded.  Decoding makes an object
+#: of some 64 bytes of every value: 16 MiB of empty lists in C{audit.custom}
+#: would decode to some 360 MiB (JSON; more in MessagePack), held for as
+#: long as its request is.  At this bound, what an answer decodes to stays
+#: within a few MiB of its own size.
+MAX_ANSWER_VALUES: Final = 100_000
+
 
 class _HeaderOpCount(threading.local):
     """

@@ -11,9 +11,11 @@ from typing import Any, Final, TypeVar
 import msgspec
 from msgspec import Struct
 
+from .._values import COUNTED_ABOVE, json_values
 from ..errors import InvalidMessage, SerializationError, VersionMismatch
 from ._answers import (
     _SUBPATH,
+    MAX_ANSWER_VALUES,
     AgentResponse,
     _answer_dec_hook,
     _dec_hook,
@@ -145,13 +147,27 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
     raise error
 
 
+def check_answer_values(values: int) -> None:
+    """
+    Refuse an answer counted (L{sentinel_twisted._values}) to hold more
+    than L{MAX_ANSWER_VALUES <sentinel_twisted.messages.MAX_ANSWER_VALUES>}
+    values: L{InvalidMessage}.
+    """
+    if values > MAX_ANSWER_VALUES:
+        raise InvalidMessage(f"AgentResponse holds more than {MAX_ANSWER_VALUES:,} values")
+
+
 def decode_agent_response(payload: bytes) -> AgentResponse:
     """
     Parse an AgentResponse; C{version} and C{decision} are required, and
     it may carry at most L{MAX_HEADER_OPS
-    <sentinel_twisted.messages.MAX_HEADER_OPS>} header operations (more is
-    an L{InvalidMessage}).
+    <sentinel_twisted.messages.MAX_HEADER_OPS>} header operations and hold
+    at most L{MAX_ANSWER_VALUES <sentinel_twisted.messages.MAX_ANSWER_VALUES>}
+    values (more is an L{InvalidMessage}, the values told before anything
+    is decoded).
     """
+    if len(payload) > COUNTED_ABOVE:
+        check_answer_values(json_values(payload, MAX_ANSWER_VALUES))
     # decode() spelled out with the decoder at hand: this runs per answer.
     try:
         p: _RequiredAgentResponse = _response_decoder.decode(payload)

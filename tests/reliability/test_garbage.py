@@ -129,9 +129,11 @@ class GarbageAfterRegistrationTests(TestCase):
         self.agent.send(AGENT_RESPONSE, answer("r1"))
         self.agent.send(AGENT_RESPONSE, answer("r2"))
         outcomes = yield gatherResults([first, second])
-        # Neither garbled answer can be routed (the id is read from the same
-        # bytes), so the requests get the good answers that follow.
-        self.assertEqual(outcomes, ["answer", "answer"])
+        # The deep one cannot be routed (it does not parse as a whole), so
+        # r1 gets the good answer that follows.  The other's id is read
+        # without decoding the rest, where the bad byte is: r2 fails at once
+        # with the reason, and the later answer for it is dropped.
+        self.assertEqual(outcomes, ["answer", "invalid-answer"])
         self.logged("Invalid message format: JSON nested too deeply")
         self.logged("Invalid message format: invalid UTF-8 at byte 50 (invalid start byte)")
         yield self.still_works()
