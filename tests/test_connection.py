@@ -30,6 +30,7 @@ from ._proxy_support import (
     answer_payload,
     capabilities,
     captured_log,
+    log_text,
     request_headers,
     response_headers,
 )
@@ -771,6 +772,23 @@ class ControlTests(ConnectionTestCase):
         self.receive(MessageType.METRICS_REPORT, b"[1, 2]")
         self.receive(MessageType.CONFIG_UPDATE_REQUEST, b"{")
         self.assertEqual(self.listener.calls, [])
+
+    def test_a_report_of_too_many_values_is_refused_before_it_is_decoded(self) -> None:
+        # A report or request of 16 MiB of empty lists decoded to hundreds
+        # of MiB, handed to the observers (which may keep the last one).
+        junk = [[] for _ in range(m.MAX_ANSWER_VALUES)]
+        with captured_log() as events:
+            self.receive(MessageType.METRICS_REPORT, {"agent_id": "waf-1", "junk": junk})
+            self.receive(MessageType.CONFIG_UPDATE_REQUEST, {"request_id": "u1", "junk": junk})
+        self.assertEqual(self.listener.calls, [])
+        text = log_text(events)
+        self.assertIn("invalid MetricsReport on connection", text)
+        self.assertIn("Invalid message format: MetricsReport holds more than 100,000 values", text)
+        self.assertIn("Invalid message format: ConfigUpdateRequest holds more than 100,000 values", text)
+        # Within the bound, as before.
+        report = {"agent_id": "waf-1", "values": list(range(m.MAX_ANSWER_VALUES - 10))}
+        self.receive(MessageType.METRICS_REPORT, report)
+        self.assertEqual(self.listener.calls, [("metrics", report)])
 
     def test_proxy_only_frames_from_the_agent_are_ignored(self) -> None:
         self.send("a")

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from .. import messages as m
 from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
+from .._values import COUNTED_ABOVE, json_values, msgpack_values
 from ..errors import InvalidMessage
 from ..forward import codec_for
 from ..wire import MessageType
@@ -185,6 +186,12 @@ class AgentFrames:
 
     def _control(self, payload: bytes, shape: Any, kind: str) -> Any:
         try:
+            if len(payload) > COUNTED_ABOVE:
+                # A report or request is a map of the agent's choosing:
+                # bounded as an answer is, before it is decoded.
+                counter = json_values if payload[:1] == b"{" else msgpack_values
+                if counter(payload, m.MAX_ANSWER_VALUES) > m.MAX_ANSWER_VALUES:
+                    raise InvalidMessage(f"{kind} holds more than {m.MAX_ANSWER_VALUES:,} values")
             return self._decode_control(payload, shape)
         except InvalidMessage as e:
             self.log_limiter.warn(
