@@ -8,6 +8,7 @@ the client's C{traceparent}.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -80,17 +81,27 @@ def header_map(
     return result
 
 
+#: A control character a field value may not hold (RFC 9110 section 5.5:
+#: VCHAR, obs-text, and SP or HTAB between them; twisted.web refuses NUL, CR
+#: and LF itself).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def request_header_map(raw: dict[bytes, list[bytes]]) -> dict[str, list[str]]:
     """
     A client request's headers as the agents see them (L{header_map}), each
-    value decoding back to exactly the bytes the upstream receives.
+    value decoding back to exactly the bytes the upstream receives, which
+    any HTTP parser reads as the agents do.
 
     @raise BadTarget: C{400} when a value is not UTF-8: shown as U+FFFD,
         C{caf\xe9} and C{caf\xff} would be one value to the agents and two
-        to the upstream.
+        to the upstream; or when it holds a control character other than
+        HTAB, which HTTP parsers read differently: one refuses the request,
+        another strips a form feed off the end of a value (as Python's
+        C{str.strip()} does) and reads a value the agents were not shown.
     """
     try:
-        return header_map(raw.items(), "strict")
+        headers = header_map(raw.items(), "strict")
     except UnicodeDecodeError:
         # Rare: find the header to name.
         for name, values in raw.items():
@@ -102,6 +113,15 @@ def request_header_map(raw: dict[bytes, list[bytes]]) -> dict[str, list[str]]:
                         400, f"the {peer_text(name.decode('latin-1'), 64)} header's value is not valid UTF-8"
                     ) from None
         raise
+    for shown_name, shown in headers.items():
+        for text in shown:
+            # Most values are printable (a tab, a NO-BREAK SPACE or a line
+            # separator is not): the search is for the rest.
+            if not text.isprintable() and _CONTROL.search(text) is not None:
+                # Rare: the name as the client spelt it (in its canonical case).
+                spelt = next((n.decode("latin-1") for n in raw if _name(n) == shown_name), shown_name)
+                raise BadTarget(400, f"the {peer_text(spelt, 64)} header's value has a control character")
+    return headers
 
 
 _protocols: dict[bytes, str] = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}

@@ -356,6 +356,28 @@ class HeaderBytesTests(SynchronousTestCase):
             self.assertIn(b"X-Name header's value is not valid UTF-8", served.response)
             self.assertIn("Refused GET request: the X-Name header's value is not valid UTF-8", log_text(events))
 
+    def test_a_control_character_in_a_value_asks_no_agent(self) -> None:
+        # Found by test_differential: "X-A: \x01a" was forwarded as it was,
+        # leaving its reading to the upstream's parser (RFC 9110 section 5.5
+        # allows no control character but HTAB in a value).  A strict one
+        # refuses the request; one that strips a value's ends as Python's
+        # str.strip() does reads "admin\x0c" as "admin", which the agents
+        # never saw.
+        for value in (b"\x01a", b"admin\x0c", b"\x0badmin", b"a\x7fb", b"a\x1b[0m", b"\x08", b"\x1f"):
+            with captured_log() as events:
+                served = InMemory(b"GET / HTTP/1.1\r\nHost: example.com\r\nX-A: ok\r\nX-A: " + value + b"\r\n\r\n")
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), value)
+            self.assertIn(b"the X-A header's value has a control character", served.response)
+            self.assertIn("Refused GET request: the X-A header's value has a control character", log_text(events))
+
+    def test_a_tab_inside_a_value_is_the_values_own(self) -> None:
+        served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\tb \t\r\nX-B: \xc2\xa0\xe2\x80\xa8\r\n\r\n")
+        self.assertEqual(served.status, b"200")
+        (event,) = served.seen
+        self.assertEqual((event.headers["x-a"], event.headers["x-b"]), (["a\tb"], ["\u00a0\u2028"]))
+        (upstream,) = served.upstream.headers
+        self.assertEqual((upstream[b"x-a"], upstream[b"x-b"]), ([b"a\tb"], [b"\xc2\xa0\xe2\x80\xa8"]))
+
     def test_utf8_values_reach_the_agents_as_the_upstream_gets_them(self) -> None:
         served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: caf\xc3\xa9 \xe2\x9c\x93\r\n\r\n")
         self.assertEqual(served.status, b"200")
