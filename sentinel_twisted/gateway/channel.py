@@ -307,6 +307,29 @@ class GatewayChannel(DeadlineChannel):
         if transport is not None:
             transport.abortConnection()
 
+    # -- the framing of requests ---------------------------------------------
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Whether the connection stays open after C{request}'s response: an
+        HTTP/1.1 request's unless it has the C{close} option, among the
+        comma-separated options of any of its C{Connection} fields (RFC 9112
+        section 9.6); never an HTTP/1.0 request's (as twisted.web).
+        twisted.web looked for C{close} among the space-separated words of
+        the first field only, and took the request pipelined after
+        C{Connection: close, TE} (say) as if the client had not asked to
+        close.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        fields = request.requestHeaders._rawHeaders.get(b"Connection")
+        if fields and any(
+            option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b",")
+        ):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
+
     def allHeadersReceived(self) -> None:
         """The head is complete: its deadline no longer applies; its body's starts."""
         if self.length != 0 and self.min_body_rate is not None:

@@ -299,6 +299,50 @@ class ClientConnectionTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:100])
         self.assertEqual(upstream.targets, [])
 
+    def serve(self, data: bytes) -> tuple[bytes, bool, list[bytes], list[Any]]:
+        """
+        C{data} from one client: the response bytes, whether the connection
+        is being closed, the targets forwarded upstream and the events the
+        agent was shown.
+        """
+        site, _, upstream = self.site()
+        channel, transport = self.connect(site)
+        channel.dataReceived(data)
+        closing = transport.disconnecting
+        channel.connectionLost(None)
+        return transport.value(), closing, upstream.targets, site.gateway.pool.connection.seen
+
+    def test_close_among_other_connection_options_ends_the_connection(self) -> None:
+        # Found by test_differential: twisted.web looked for "close" among
+        # the space-separated words of the first Connection field only.
+        # After "Connection: close, X-A" the request pipelined behind it
+        # was judged and forwarded, though RFC 9112 section 9.6 has the
+        # server process nothing after it.
+        for connection in (
+            b"Connection: close, X-A",
+            b"Connection: X-A,close",
+            b"Connection: X-A\r\nConnection: close",
+            b"Connection: TE\r\nConnection: close, X-A",
+            b"Connection: Close",
+        ):
+            response, closing, targets, _ = self.serve(
+                b"GET /one HTTP/1.1\r\nHost: example.com\r\n" + connection + b"\r\n\r\n"
+                b"GET /two HTTP/1.1\r\nHost: example.com\r\n\r\n"
+            )
+            self.assertEqual(targets, [b"/one"], connection)
+            self.assertEqual(response.count(b"HTTP/1.1 200 OK\r\n"), 1, connection)
+            self.assertIn(b"\r\nConnection: close\r\n", response, connection)
+            self.assertTrue(closing, connection)
+
+    def test_other_connection_options_keep_the_connection(self) -> None:
+        response, closing, targets, _ = self.serve(
+            b"GET /one HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Closed\r\n\r\n"
+            b"GET /two HTTP/1.1\r\nHost: example.com\r\n\r\n"
+        )
+        self.assertEqual(targets, [b"/one", b"/two"])
+        self.assertNotIn(b"Connection: close", response)
+        self.assertFalse(closing)
+
     def test_client_connections_are_capped(self) -> None:
         site, _, _ = self.site(max_client_connections=2)
         first, _ = self.connect(site)
