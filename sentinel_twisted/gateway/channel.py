@@ -330,6 +330,17 @@ class GatewayChannel(DeadlineChannel):
             return False
         return True
 
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # A Transfer-Encoding field that is not "chunked" alone is answered
+        # 400, which closes the connection: the request's length cannot be
+        # known when its last coding is not chunked, whatever its
+        # Content-Length (RFC 9112 section 6.3), and the gateway decodes no
+        # other coding.  twisted.web ignored "identity", and took the
+        # Content-Length after it.
+        if header == b"Transfer-Encoding" and data.lower() != b"chunked":
+            return self._failChooseTransferDecoder()
+        return super()._maybeChooseTransferDecoder(header, data)  # type: ignore[no-any-return,no-untyped-call]
+
     def allHeadersReceived(self) -> None:
         """The head is complete: its deadline no longer applies; its body's starts."""
         if self.length != 0 and self.min_body_rate is not None:

@@ -343,6 +343,34 @@ class ClientConnectionTests(SynchronousTestCase):
         self.assertNotIn(b"Connection: close", response)
         self.assertFalse(closing)
 
+    def test_a_transfer_coding_that_is_not_chunked_is_refused(self) -> None:
+        # Found by test_differential: twisted.web ignored "Transfer-Encoding:
+        # identity", and "PUT /a.b? HTTP/1.1 ... Transfer-Encoding:
+        # identity\r\nContent-Length: 11" went to the agents and the
+        # upstream framed by its Content-Length.  RFC 9112 section 6.3: with
+        # a Transfer-Encoding whose last coding is not chunked the length of
+        # a request cannot be known; the server answers 400 and closes.
+        for framing in (
+            b"Transfer-Encoding: identity\r\nContent-Length: 5\r\n\r\nhello",
+            b"Transfer-Encoding: identity\r\n\r\n",
+            b"Transfer-Encoding: IDENTITY\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ):
+            response, closing, targets, seen = self.serve(
+                b"PUT /a.b? HTTP/1.1\r\nHost: example.com\r\n" + framing + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            self.assertTrue(response.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (framing, response))
+            self.assertEqual(response.count(b"HTTP/1.1 "), 1, framing)
+            self.assertEqual((targets, seen), ([], []), framing)
+            self.assertTrue(closing, framing)
+
+    def test_chunked_is_still_taken_in_any_case(self) -> None:
+        response, closing, targets, seen = self.serve(
+            b"PUT /a HTTP/1.1\r\nHost: example.com\r\ntransfer-encoding: Chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+        )
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertEqual(targets, [b"/a"])
+        self.assertFalse(closing)
+
     def test_client_connections_are_capped(self) -> None:
         site, _, _ = self.site(max_client_connections=2)
         first, _ = self.connect(site)
