@@ -781,13 +781,14 @@ class DifferentialTests(TestCase):
 
     timeout = BUDGET + 60
 
-    async def _start(self, events: tuple[int, ...]) -> tuple[Harness, ScriptedAgent, UpstreamLog]:
+    async def _start(self, events: tuple[int, ...], path: str) -> tuple[Harness, ScriptedAgent, UpstreamLog]:
         log = UpstreamLog()
         port = await listen_for(self, Factory.forProtocol(lambda: RecordingUpstream(log)))
         self.upstream_host = f"127.0.0.1:{port.getHost().port}"
+        self.upstream_path = path.encode()
         # Bodies in chunks of 7 bytes, several to a body.
         small_chunks(self)
-        h = await Harness(self).start("--upstream", f"http://{self.upstream_host}")
+        h = await Harness(self).start("--upstream", f"http://{self.upstream_host}{path}")
         # It asks for every chunk of a body (needs_more), to be shown all of it.
         agent = await h.agent(
             "recorder", events=events, chunk_size=7, decide=lambda a, t, b: answer(needs_more=True)
@@ -833,6 +834,10 @@ class DifferentialTests(TestCase):
                 channel.transport.abortConnection()
         return client
 
+    def behind(self, target: bytes) -> bytes:
+        """The target the upstream receives for one the agents judged."""
+        return target if target == b"*" else self.upstream_path + target
+
     def check(self, sent: Sent, outcome: Outcome, body_events: bool) -> None:
         """The property, for one example."""
         client = outcome.client
@@ -870,9 +875,10 @@ class DifferentialTests(TestCase):
         self.assertEqual(len(headers_events), len(forwarded), "requests the agent judged that did not go upstream")
         for (spec, seq), event in zip(forwarded, headers_events, strict=True):
             upstream = outcome.received[seq - outcome.first]
-            # What the agent judged is what the upstream received...
+            # What the agent judged is what the upstream received (the
+            # target behind the --upstream URL's path)...
             self.assertEqual(upstream.method, event["method"].encode())
-            self.assertEqual(upstream.target, event["uri"].encode())
+            self.assertEqual(upstream.target, self.behind(event["uri"].encode()))
             headers = upstream.headers()
             self.assertEqual(headers.pop("host"), [self.upstream_host])
             for name in ("content-length", "transfer-encoding"):
@@ -881,13 +887,15 @@ class DifferentialTests(TestCase):
             if body_events:
                 self.assertEqual(b"".join(chunks.get(event["metadata"]["correlation_id"], [])), upstream.body)
             # ... and what the client meant.
-            self.assertEqual((upstream.method, upstream.target, upstream.body), (spec.method, spec.target, spec.body))
+            self.assertEqual(
+                (upstream.method, upstream.target, upstream.body), (spec.method, self.behind(spec.target), spec.body)
+            )
             for name, meant in spec.meant.items():
                 self.assertEqual(event["headers"].get(name), meant, name)
 
-    def run_property(self, events: tuple[int, ...]) -> Any:
+    def run_property(self, events: tuple[int, ...], path: str = "") -> Any:
         async def go() -> None:
-            h, agent, log = await self._start(events)
+            h, agent, log = await self._start(events, path)
 
             async def one(sent: Sent) -> Outcome:
                 # A clean slate: no upstream connection left part-way through a request.
@@ -936,7 +944,8 @@ class DifferentialTests(TestCase):
         return ensureDeferred(go())
 
     def test_agent_shown_the_headers(self) -> Any:
-        return self.run_property((REQUEST_HEADERS_EVENT,))
+        # Behind an --upstream URL with a path, too.
+        return self.run_property((REQUEST_HEADERS_EVENT,), "/base")
 
     def test_agent_shown_the_headers_and_body(self) -> Any:
         return self.run_property((REQUEST_HEADERS_EVENT, REQUEST_BODY_EVENT))
