@@ -586,7 +586,8 @@ ODDITIES = [
     "no_host", "two_hosts", "empty_host", "invalid_host", "odd_host",
     "lowercase_method", "head", "odd_method", "connect", "options",
     "http10", "http10_keepalive",
-    "folded", "control", "not_utf8", "empty_values", "many_headers", "too_many_headers", "space_before_colon",
+    "folded", "control", "not_utf8", "empty_values", "many_headers", "too_many_headers", "bad_line",
+    "bare_line_end", "odd_request_line",
     "forwarding", "hop_by_hop", "connection_names", "connection_close", "expect",
 ]  # fmt: skip
 
@@ -612,13 +613,18 @@ def specs(draw: st.DrawFn) -> Spec:
     if "connect" in odd:
         method = b"CONNECT"
         refusals.append("CONNECT")
-    # The target.
+    # The target: one form (the first of the forms drawn, in this order).
     target = draw(origin_targets("odd_path" in odd))
     forwarded = target
     authority = None
-    if "#" in target.decode("latin-1"):
-        refusals.append("a fragment")
-    if odd & {"absolute", "absolute_userinfo", "absolute_fragment"}:
+    if "authority" in odd:
+        target = b"example.com:443"
+        refusals.append("authority-form is for CONNECT")
+    elif "asterisk" in odd:
+        target = forwarded = b"*"
+        if method != b"OPTIONS":
+            refusals.append("* is for OPTIONS")
+    elif odd & {"absolute", "absolute_userinfo", "absolute_fragment"}:
         scheme = draw(st.sampled_from([b"http", b"HTTP", b"https", b"Http"]))
         host = draw(st.sampled_from(_AUTHORITY_HOSTS))
         authority = host + draw(st.sampled_from([b"", b"", b":80", b":443", b":8080", b":", b":0080"]))
@@ -631,28 +637,22 @@ def specs(draw: st.DrawFn) -> Spec:
         fragment = b""
         if "absolute_fragment" in odd:
             fragment = draw(st.sampled_from([b"#", b"#frag", b"#/admin"]))
-            refusals.append("a fragment")
         target = scheme + b"://" + userinfo + authority + path + fragment
-    if "asterisk" in odd:
-        target = forwarded = b"*"
-        if method != b"OPTIONS":
-            refusals.append("* is for OPTIONS")
-    if "authority" in odd:
-        target = b"example.com:443"
-        refusals.append("authority-form is for CONNECT")
+    if b"#" in target:
+        refusals.append("a fragment")
     lines: list[Line] = []
     # Host.
     if authority is not None:
         host = draw(st.sampled_from([authority, authority.upper(), authority.split(b":")[0], b"other.example", None]))
     else:
         host = draw(st.sampled_from(_HOSTS)) if "odd_host" in odd else b"example.com"
-    if "empty_host" in odd:
-        host = b""
-    if "invalid_host" in odd:
-        host = draw(st.sampled_from([b"a b", b"a@b", b"a/b"]))
-        refusals.append("an invalid Host")
     if "no_host" in odd:
         host = None
+    elif "invalid_host" in odd:
+        host = draw(st.sampled_from([b"a b", b"a@b", b"a/b"]))
+        refusals.append("an invalid Host")
+    elif "empty_host" in odd:
+        host = b""
     if host is not None:
         lines.append(Line(draw(_cases(b"Host")) + b":" + draw(st.sampled_from([b" ", b"", b" \t"])) + host))
         if "two_hosts" in odd:
@@ -680,9 +680,11 @@ def specs(draw: st.DrawFn) -> Spec:
     if "too_many_headers" in odd:
         lines += [Line(b"X-Lot: %d" % i) for i in range(520)]
         refusals.append("over 500 fields")
-    if "space_before_colon" in odd:
-        lines.append(Line(draw(st.sampled_from([b"X-A : v", b"X-A\t: v", b"Host : evil.example"]))))
-        refusals.append("whitespace before a colon")
+    if "bad_line" in odd:
+        # Whitespace before a colon, no colon, no name, a NUL.
+        bad = [b"X-A : v", b"X-A\t: v", b"Host : evil.example", b"X-No-Colon", b": v", b"X-A: a\x00b"]
+        lines.append(Line(draw(st.sampled_from(bad))))
+        refusals.append("an invalid field line")
     if "forwarding" in odd:
         lines += [Line(raw) for raw in draw(st.lists(st.sampled_from(_FORWARDING_LINES), min_size=1, max_size=3))]
     if "hop_by_hop" in odd:
@@ -705,7 +707,31 @@ def specs(draw: st.DrawFn) -> Spec:
     if framing.refuse:
         refusals.append(framing.refuse)
     lines = draw(st.permutations(lines))
-    head = method + b" " + target + b" " + version + b"\r\n" + b"".join(line.raw + b"\r\n" for line in lines)
+    request_line = method + b" " + target + b" " + version
+    if "odd_request_line" in odd:
+        # Servers may take the odd spacing or the newer minor version, or not.
+        odd_line = draw(st.sampled_from(["double", "tab", "trailing", "lower", "newer"]))
+        if odd_line == "double":
+            request_line = method + b"  " + target + b" " + version
+        elif odd_line == "tab":
+            request_line = method + b"\t" + target + b" " + version
+        elif odd_line == "trailing":
+            request_line += b" "
+        elif odd_line == "lower":
+            request_line = method + b" " + target + b" " + version.lower()
+            refusals.append("the protocol name is HTTP in capitals")
+        else:
+            request_line = method + b" " + target + b" HTTP/1.2"
+    head = request_line + b"\r\n" + b"".join(line.raw + b"\r\n" for line in lines)
+    if "bare_line_end" in odd:
+        # A line ended by a bare LF (which a server may take as the end of
+        # the line) or a bare CR (which it must not).
+        # (Not the last line's: its CRLF and the empty line's would be one
+        # line end to a server that takes no bare LF, the head never over.)
+        ends = [found.start() for found in re.finditer(b"\r\n", head)][:-1]
+        if ends:
+            at = draw(st.sampled_from(ends))
+            head = head[:at] + draw(st.sampled_from([b"\n", b"\r"])) + head[at + 2 :]
     meant: dict[str, list[str]] = {}
     for line in lines:
         if line.name is not None and line.value is not None:
