@@ -308,6 +308,27 @@ class PolicyFileTests(SynchronousTestCase):
             self.assertIn(problem, str(error), table)
 
 
+def _memory_kept(agent: RulesAgent, frames: list[bytes]) -> int:
+    """
+    The bytes still allocated after C{agent} has been handed the
+    RequestHeaders events in C{frames}, each decoded (and let go) as it
+    comes, as the proxy sends them.
+    """
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for frame in frames:
+            agent.on_request_headers(m.decode(frame, m.RequestHeadersEvent))
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return kept
+
+
 class EvictionTests(SynchronousTestCase):
     """More requests awaiting a body scan than remembered: the oldest's chunks are not let through unchecked."""
 
@@ -349,9 +370,6 @@ class EvictionTests(SynchronousTestCase):
         # Up to 10,000 requests wait for their bodies, and as many pushed
         # out: each kept its target (64 KiB within the [request] bounds)
         # for the log lines, 1.25 GiB in all.  Only what a line shows is kept.
-        import gc
-        import tracemalloc
-
         agent = _agent(self)
         agent.max_tracked_bodies = 100
         # As the proxy sends them: each event is made (and let go) as it comes.
@@ -361,15 +379,7 @@ class EvictionTests(SynchronousTestCase):
             ).encode()
             for index in range(200)
         ]
-        gc.collect()
-        tracemalloc.start()
-        try:
-            for frame in frames:
-                agent.on_request_headers(m.decode(frame, m.RequestHeadersEvent))
-            gc.collect()
-            kept, _ = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        kept = _memory_kept(agent, frames)
         self.assertEqual((len(agent._bodies), len(agent._evicted)), (100, 100))
         self.assertLess(kept / 200, 8 * 1024)
         # The log lines are as before: the target cut short, the chunk named.
@@ -387,24 +397,13 @@ class EvictionTests(SynchronousTestCase):
     def test_a_waiting_body_is_remembered_by_a_digest_of_a_long_correlation_id(self) -> None:
         # The proxy chooses the ids, up to a frame's 16 MiB: 20,000
         # requests awaiting their bodies (and pushed out) held as many.
-        import gc
-        import tracemalloc
-
         agent = _agent(self)
         agent.max_tracked_bodies = 10
         ids = [f"{index:04d}" + "c" * 100_000 for index in range(20)]
         frames = [
             json.dumps(headers_event(cid, method="POST", uri="/submit", headers={})).encode() for cid in ids
         ]
-        gc.collect()
-        tracemalloc.start()
-        try:
-            for frame in frames:
-                agent.on_request_headers(m.decode(frame, m.RequestHeadersEvent))
-            gc.collect()
-            kept, _ = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        kept = _memory_kept(agent, frames)
         self.assertEqual((len(agent._bodies), len(agent._evicted)), (10, 10))
         self.assertLess(kept / 20, 8 * 1024, "the ids are not kept")
         # Their chunks still find their scans: the rule blocks the newest,
