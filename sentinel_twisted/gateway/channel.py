@@ -330,6 +330,19 @@ class GatewayChannel(DeadlineChannel):
             return False
         return True
 
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        A header line: one with a CR or LF in it (a bare line end the line
+        reader left in) is answered 400 and the connection closed, as
+        twisted.web does itself from 26.10 on.  Before, a value such as
+        C{example.com\nContent-Length: +0} reached the request: the agents
+        saw one header where a parser that ends lines at LF reads two.
+        """
+        if b"\n" in line or b"\r" in line:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return super().headerReceived(line)  # type: ignore[no-any-return,no-untyped-call]
+
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         # A Transfer-Encoding field that is not "chunked" alone is answered
         # 400, which closes the connection: the request's length cannot be

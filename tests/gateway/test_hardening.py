@@ -363,6 +363,23 @@ class ClientConnectionTests(SynchronousTestCase):
             self.assertEqual((targets, seen), ([], []), framing)
             self.assertTrue(closing, framing)
 
+    def test_a_bare_line_end_in_a_header_line_gets_400_and_closes(self) -> None:
+        # Twisted before 26.10 ends header lines at CRLF only: "Host:
+        # example.com\nContent-Length: +0" was one Host value to the gateway
+        # (400 for the Host, the connection kept) where a parser that ends
+        # lines at LF reads two headers.  Refused at the line, as Twisted
+        # 26.10 does: 400, and the connection closed.
+        for head in (
+            b"GET / HTTP/1.1\r\nHost: example.com\nContent-Length: +0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: example.com\r\nX-A: a\nb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: example.com\r\nX-A: a\rb\r\n\r\n",
+        ):
+            response, closing, targets, seen = self.serve(head + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(response.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (head, response))
+            self.assertEqual(response.count(b"HTTP/1.1 "), 1, head)
+            self.assertEqual((targets, seen), ([], []), head)
+            self.assertTrue(closing, head)
+
     def test_chunked_is_still_taken_in_any_case(self) -> None:
         response, closing, targets, seen = self.serve(
             b"PUT /a HTTP/1.1\r\nHost: example.com\r\ntransfer-encoding: Chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
