@@ -334,9 +334,10 @@ class GatewayChannel(DeadlineChannel):
         """
         A header line: one with a CR or LF in it (a bare line end the line
         reader left in) is answered 400 and the connection closed, as
-        twisted.web does itself from 26.10 on.  Before, a value such as
-        C{example.com\nContent-Length: +0} reached the request: the agents
-        saw one header where a parser that ends lines at LF reads two.
+        twisted.web does itself from 26.10 on.  Before, a C{Host} value of
+        C{example.com}, a bare LF and C{Content-Length: +0} reached the
+        request: the agents saw one header where a parser that ends lines
+        at LF reads two.
         """
         if b"\n" in line or b"\r" in line:
             self._respondToBadRequestAndDisconnect()
