@@ -189,7 +189,8 @@ class _LenientCustom(Struct):
     correlation_id: msgspec.Raw = msgspec.Raw()
 
 
-# What a lenient look into a broken answer may raise.
+# What a lenient look into a broken answer (or, on the agent's side, a
+# garbled event) may raise.
 _LENIENT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
 
 
@@ -207,7 +208,8 @@ def _leading(fields: tuple[str, ...], name: str) -> type[Struct]:
 def _lenient_field(module: Any, raw: bytes | msgspec.Raw, shapes: tuple[type[Any], type[Any]], name: str) -> Any:
     """
     Field C{name} of C{raw}, undecoded: read as a map (the first of
-    C{shapes}), or in MessagePack's positional layout (the second).
+    C{shapes}), or, when C{raw} is a MessagePack array (fixarray, array 16,
+    array 32), in the positional layout (the second).
     """
     # (A Raw is a buffer, not bytes: its first byte is read through a view.)
     first = memoryview(raw)[:1].tobytes()

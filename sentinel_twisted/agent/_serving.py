@@ -28,7 +28,7 @@ from .._peertext import peer_text
 from .._ratelimit import LogRateLimiter
 from .._values import COUNTED_ABOVE, VALUE_COST, json_values, msgpack_values
 from ..errors import AgentProtocolError, InvalidMessage
-from ..forward import MSGPACK, PayloadCodec
+from ..forward import _LENIENT_ERRORS, MSGPACK, PayloadCodec, _lenient_field
 from ..messages._types import InvalidBase64
 from ..wire import MessageType
 from ._interfaces import IAgent
@@ -129,8 +129,9 @@ class _AnObject(msgspec.Struct):
     """
 
 
-# What looking for the id of a garbled event may raise (see forward.py).
-_LENIENT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, TypeError)
+# How a RequestHeaders event's metadata is read for its id: as a map, or
+# in MessagePack's positional layout (see forward._lenient_field).
+_METADATA_SHAPES = (_LenientMetadata, _LenientMetadataArray)
 
 
 def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
@@ -146,13 +147,8 @@ def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
         return None
     if message_type == MessageType.REQUEST_HEADERS and ids.metadata:
         # Reference agents answer a RequestHeaders by its metadata's id.
-        metadata = ids.metadata
-        first = memoryview(metadata)[0] if msgpack else 0
-        # An array (fixarray, array 16, array 32) in MessagePack's layout.
-        positional = 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
-        shape = _LenientMetadataArray if positional else _LenientMetadata
         try:
-            raw = module.decode(metadata, type=shape).correlation_id
+            raw = _lenient_field(module, ids.metadata, _METADATA_SHAPES, "correlation_id")
             cid = module.decode(raw, type=str) if raw else None
         except _LENIENT_ERRORS:
             cid = None
