@@ -147,14 +147,15 @@ def decode_registration_request(payload: bytes) -> RegistrationRequest:
     raise error
 
 
-def check_answer_values(values: int) -> None:
+def check_answer_values(values: int, kind: str = "AgentResponse") -> None:
     """
-    Refuse an answer counted (L{sentinel_twisted._values}) to hold more
-    than L{MAX_ANSWER_VALUES <sentinel_twisted.messages.MAX_ANSWER_VALUES>}
+    Refuse an answer (or another message of the agent's, of type C{kind})
+    counted (L{sentinel_twisted._values}) to hold more than
+    L{MAX_ANSWER_VALUES <sentinel_twisted.messages.MAX_ANSWER_VALUES>}
     values: L{InvalidMessage}.
     """
     if values > MAX_ANSWER_VALUES:
-        raise InvalidMessage(f"AgentResponse holds more than {MAX_ANSWER_VALUES:,} values")
+        raise InvalidMessage(f"{kind} holds more than {MAX_ANSWER_VALUES:,} values")
 
 
 def decode_agent_response(payload: bytes) -> AgentResponse:

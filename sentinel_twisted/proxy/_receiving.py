@@ -26,6 +26,7 @@ from .._ratelimit import LogRateLimiter
 from .._values import COUNTED_ABOVE, json_values, msgpack_values
 from ..errors import InvalidMessage
 from ..forward import codec_for
+from ..messages._codec import check_answer_values
 from ..wire import MessageType
 
 if TYPE_CHECKING:
@@ -190,8 +191,7 @@ class AgentFrames:
                 # A report or request is a map of the agent's choosing:
                 # bounded as an answer is, before it is decoded.
                 counter = json_values if payload[:1] == b"{" else msgpack_values
-                if counter(payload, m.MAX_ANSWER_VALUES) > m.MAX_ANSWER_VALUES:
-                    raise InvalidMessage(f"{kind} holds more than {m.MAX_ANSWER_VALUES:,} values")
+                check_answer_values(counter(payload, m.MAX_ANSWER_VALUES), kind)
             return self._decode_control(payload, shape)
         except InvalidMessage as e:
             self.log_limiter.warn(
