@@ -62,6 +62,7 @@ class _SlotFactory(AgentClientFactory):
             slot,
             connector.log_limiter,
             frame_budget=connector.frame_budget,
+            held_event_budget=connector.held_event_budget,
         )
         self.log_key = slot.log_key
 

@@ -33,6 +33,7 @@ from ..messages._types import InvalidBase64
 from ..wire import MessageType
 from ._interfaces import IAgent
 from .base import EVENT_HANDLERS
+from .budget import HeldEventBudget
 from .errors import AgentHandlerError
 from .responses import ResponseBuilder
 
@@ -221,6 +222,12 @@ class EventServing:
     _queue: collections.OrderedDict[int, _Entry]
     #: The bytes the events running and queued are counted for.
     _held_bytes: int
+    #: The account of held events this connection shares with the others
+    #: of its process, C{None}: only its own bound applies.
+    held_event_budget: HeldEventBudget | None
+    #: When it last had no event in flight (its handshake, registration,
+    #: or the end of its last event), on its clock.
+    idle_since: float
     _by_id: dict[str, _Entry]
     _releasing: bool
 
@@ -251,6 +258,9 @@ class EventServing:
         entries = list(self._active.values())
         self._active.clear()
         self._queue.clear()
+        budget = self.held_event_budget
+        if budget is not None:
+            budget.total -= self._held_bytes
         self._held_bytes = 0
         self._by_id.clear()
         for entry in entries:
@@ -325,6 +335,20 @@ class EventServing:
                 max_held=self.settings.max_held_event_bytes,
             )
             return
+        budget = self.held_event_budget
+        if budget is not None and budget.would_overflow(size):
+            # The same answer for the process's bound as for the
+            # connection's: no room for it.
+            budget.refused += 1
+            self._overloaded(
+                cid,
+                "Agent {agent_id}'s proxy connections hold {total} bytes of events "
+                "(limit {limit} for all of them) and the proxy keeps sending on connection "
+                "{connection_id}; answering {cid!r} with the error decision",
+                total=budget.total,
+                limit=budget.limit,
+            )
+            return
         self._serial += 1
         entry = _Entry(self._serial, cid, event, handler, size)
         if cid in self._by_id:
@@ -349,6 +373,8 @@ class EventServing:
             return
         self._by_id[cid] = entry
         self._held_bytes += size
+        if budget is not None:
+            budget.total += size
         if slot_free:
             self._start(entry)
         else:
@@ -447,6 +473,9 @@ class EventServing:
         if entry.cancelled or self._active.pop(entry.serial, None) is None:
             return False
         self._held_bytes -= entry.size
+        budget = self.held_event_budget
+        if budget is not None:
+            budget.total -= entry.size
         if self._by_id.get(entry.correlation_id) is entry:
             del self._by_id[entry.correlation_id]
         return True
@@ -528,8 +557,12 @@ class EventServing:
         finally:
             self._releasing = False
         self._update_flow()
-        if self.draining and self.load == 0:
-            self._lifecycle.drained()
+        if not self._active and not self._queue:
+            # Nothing in flight: idle from now (a listener may close or
+            # evict a connection idle too long).
+            self.idle_since = self.clock.seconds()
+            if self.draining:
+                self._lifecycle.drained()
 
     def _update_flow(self) -> None:
         if self.draining:
@@ -636,6 +669,9 @@ class EventServing:
         self.stats["cancelled"] += 1
         entry.cancelled = True
         self._held_bytes -= entry.size
+        budget = self.held_event_budget
+        if budget is not None:
+            budget.total -= entry.size
         if self._active.pop(entry.serial, None) is not None:
             if entry.deferred is not None:
                 entry.deferred.cancel()

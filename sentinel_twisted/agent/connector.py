@@ -54,6 +54,7 @@ from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
 from ._proxy_connections import ConnectionSlot, ProxyConnections
 from ._resolve import ResolvedProxies, named_proxies
+from .budget import DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES, HeldEventBudget
 from .protocol import AgentProtocol, AgentSettings
 
 __all__ = ["AgentConnector", "ConnectionSlot", "ProxyConnections", "ResolvedProxies", "run_agent"]
@@ -95,6 +96,13 @@ class AgentConnector(Service):
     @param frame_budget: an L{IncompleteFrameBudget
         <sentinel_twisted.wire.IncompleteFrameBudget>} to share (with a
         listener, say) instead of one of C{max_incomplete_frame_bytes}.
+    @param max_total_held_event_bytes: the bytes of events all its
+        connections may hold at once, running and queued (each also holds at
+        most C{max_held_event_bytes}); past it an event is answered at once
+        with the error decision, status 503.
+    @param held_event_budget: a L{HeldEventBudget
+        <sentinel_twisted.agent.budget.HeldEventBudget>} to share (with a
+        listener, say) instead of one of C{max_total_held_event_bytes}.
     @param settings_options: the rest of L{AgentSettings} (C{auth_token},
         C{metadata}, C{registration_timeout}, C{health_interval},
         C{max_concurrency}, C{max_queued}, C{max_held_event_bytes},
@@ -117,6 +125,8 @@ class AgentConnector(Service):
         otherwise).
     @ivar frame_budget: the bytes its connections hold in incomplete
         frames, against one limit.
+    @ivar held_event_budget: the bytes of events its connections hold,
+        against one limit.
     """
 
     def __init__(
@@ -137,6 +147,8 @@ class AgentConnector(Service):
         resolver: IHostnameResolver | None = None,
         max_incomplete_frame_bytes: int = MAX_INCOMPLETE_FRAME_BYTES,
         frame_budget: IncompleteFrameBudget | None = None,
+        max_total_held_event_bytes: int = DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES,
+        held_event_budget: HeldEventBudget | None = None,
         **settings_options: Any,
     ) -> None:
         if connections < 1:
@@ -158,6 +170,9 @@ class AgentConnector(Service):
         self.log_limiter = LogRateLimiter(self.clock)
         self.frame_budget = (
             frame_budget if frame_budget is not None else IncompleteFrameBudget(max_incomplete_frame_bytes)
+        )
+        self.held_event_budget = (
+            held_event_budget if held_event_budget is not None else HeldEventBudget(max_total_held_event_bytes)
         )
         self.connection_count = connections
         self.drain_grace = drain_grace

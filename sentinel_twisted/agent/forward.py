@@ -19,6 +19,18 @@ reason.
 
 L{AgentListener} is the service: a server endpoint, a factory, and a
 drain of every connection when it stops.
+
+Whoever can reach the endpoint can complete a handshake (it carries no
+credentials) and then hold the connection without sending anything, and
+neither the reference proxy nor ours sends anything on a connection that
+has no traffic (no Ping, no health check), nor answers silence.  So the
+listener does not time idle connections out unless told to
+(C{idle_timeout}): the reference proxy never dials a closed connection
+again.  Instead, when every place is taken, a newcomer takes the place of
+the connection that has been idle longest, if one has had no event in
+flight for C{eviction_idle_age} seconds (one that never carried an event
+first): a proxy that dials can always get in, and one with traffic keeps
+its connections.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     IReactorTime,
     IStreamServerEndpoint,
@@ -55,10 +68,12 @@ from ..forward import (
 from ..wire import MAX_INCOMPLETE_FRAME_BYTES, MAX_MESSAGE_SIZE, IncompleteFrameBudget, MessageType
 from ._interfaces import IAgent
 from ._serving import _PROXY_TEXT_IN_LOG
+from .budget import DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES, HeldEventBudget
 from .errors import HandshakeFailed
 from .protocol import AgentProtocol, AgentSettings, ConnectionObserver
 
 __all__ = [
+    "DEFAULT_EVICTION_IDLE_AGE",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_HANDSHAKE_SIZE",
@@ -81,6 +96,11 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: handshake carries no credentials, so whoever can reach the endpoint
 #: can connect.
 DEFAULT_MAX_CONNECTIONS = 256
+#: Seconds a connection must have had no event in flight (nor a frame
+#: partly read) before a newcomer may take its place when every place is
+#: taken: a proxy's handshake or event on its way, not read yet, is never
+#: cut short.
+DEFAULT_EVICTION_IDLE_AGE = 1.0
 
 
 class ForwardAgentProtocol(AgentProtocol):
@@ -119,8 +139,16 @@ class ForwardAgentProtocol(AgentProtocol):
         encodings: tuple[str, ...] = ENCODINGS,
         log_limiter: LogRateLimiter | None = None,
         frame_budget: IncompleteFrameBudget | None = None,
+        held_event_budget: HeldEventBudget | None = None,
     ) -> None:
-        super().__init__(settings, clock, observer, log_limiter, frame_budget=frame_budget)
+        super().__init__(
+            settings,
+            clock,
+            observer,
+            log_limiter,
+            frame_budget=frame_budget,
+            held_event_budget=held_event_budget,
+        )
         self.connection_id = connection_id
         self.handshake_timeout = handshake_timeout
         self.encodings = encodings
@@ -130,6 +158,8 @@ class ForwardAgentProtocol(AgentProtocol):
         # handshake before buffering it.
         self.MAX_LENGTH = min(max_handshake_size, MAX_MESSAGE_SIZE)
         self._on_frame = self._handshake_frame
+        #: The listener's check of its idle time, C{None} when none waits.
+        self.idle_timer: IDelayedCall | None = None
 
     def __repr__(self) -> str:
         return (
@@ -197,6 +227,8 @@ class ForwardAgentProtocol(AgentProtocol):
         self.encoding = encoding
         self.codec = codec_for(encoding)
         self.MAX_LENGTH = MAX_MESSAGE_SIZE
+        # Idle from its handshake until its first event.
+        self.idle_since = self.clock.seconds()
         # The lifecycle's "registered" input carries who the proxy is and
         # the connection's name, as a reverse registration's answer does.
         self._lifecycle.registered(
@@ -228,6 +260,33 @@ class ForwardAgentProtocol(AgentProtocol):
             encoding=encoding,
         )
         self.send_frame(MessageType.HANDSHAKE_RESPONSE, m.encode(response))
+
+    # -- the listener's idle policy ----------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Whether it is closing or gone (the agent or the proxy ended it)."""
+        return self._close_detail is not None or self._transport_gone or self.draining
+
+    @property
+    def idle(self) -> bool:
+        """Whether it has no event in flight, nor a frame partly read."""
+        return not self._active and not self._queue and not self.mid_frame
+
+    def evict(self, detail: str) -> None:
+        """
+        Abort it to make room for a new connection: it is idle, so nothing
+        in flight is lost, and its place is free at once.
+        """
+        self.stats["evicted"] += 1
+        self._abort_on_close = True
+        self._lifecycle.close(detail)
+
+    def stop_idle_timer(self) -> None:
+        """Cancel the listener's idle check, if one waits."""
+        timer, self.idle_timer = self.idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- lifecycle outputs that differ from a reverse connection ----------------
 
@@ -269,10 +328,32 @@ class ForwardAgentFactory(Factory):
         (each may declare up to 16 MiB once past its handshake), against one
         limit (pass one to share it, with a connector for instance); over
         it the connection holding the most is aborted.
+    @ivar held_event_budget: the bytes of events its connections hold
+        (pass one to share it, with a connector for instance), against one
+        limit; past it an event is answered at once with the error
+        decision, status 503.
     @ivar max_connections: connections held at once, handshaking or
-        serving; one more is closed as soon as it is made.
+        serving.  With every place taken, a new connection takes the place
+        of the one idle longest (see C{eviction_idle_age}), or is closed as
+        soon as it is made if none is idle long enough.
+    @ivar eviction_idle_age: seconds a connection must have been idle (no
+        event in flight, no frame partly read) before a new connection may
+        take its place; C{None}: never, new connections are closed instead.
+        A connection that has never carried an event goes first (one still
+        waiting for its handshake, or one that has sent nothing since),
+        then the one idle longest; one with an event in flight never.
+    @ivar idle_timeout: seconds a connection past its handshake may go
+        without an event in flight before it is closed; 0: never.  Pings
+        do not count: neither the reference proxy nor ours sends any on a
+        connection without traffic, and the reference proxy does not dial
+        a closed connection again, so only set it when every proxy that
+        dials redials (ours does, see C{AgentPool.connect_agent}).
     @ivar refused_connections: connections closed for being over
-        C{max_connections}.
+        C{max_connections}, none being idle long enough to make room.
+    @ivar evicted_connections: idle connections closed to make room for a
+        new one.
+    @ivar idle_closed_connections: connections closed for being idle
+        C{idle_timeout} seconds.
     """
 
     noisy = False
@@ -287,11 +368,18 @@ class ForwardAgentFactory(Factory):
         encodings: tuple[str, ...] = ENCODINGS,
         frame_budget: IncompleteFrameBudget | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        held_event_budget: HeldEventBudget | None = None,
+        idle_timeout: float = 0.0,
+        eviction_idle_age: float | None = DEFAULT_EVICTION_IDLE_AGE,
     ) -> None:
         if not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         if not max_connections >= 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
+        if not (isinstance(idle_timeout, (int, float)) and 0 <= idle_timeout < float("inf")):
+            raise ValueError(f"idle_timeout must be 0 (never) or a positive number, got {idle_timeout!r}")
+        if eviction_idle_age is not None and not 0 <= eviction_idle_age < float("inf"):
+            raise ValueError(f"eviction_idle_age must be None or not negative, got {eviction_idle_age!r}")
         for name in encodings:
             codec_for(name)
         self.settings = settings
@@ -305,23 +393,35 @@ class ForwardAgentFactory(Factory):
         #: Every connection from accept to close, handshaking or serving.
         self.connections: set[ForwardAgentProtocol] = set()
         self.frame_budget = frame_budget if frame_budget is not None else IncompleteFrameBudget()
+        self.held_event_budget = held_event_budget if held_event_budget is not None else HeldEventBudget()
         self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.eviction_idle_age = eviction_idle_age
         self.refused_connections = 0
+        self.evicted_connections = 0
+        self.idle_closed_connections = 0
         self._serial = itertools.count(1)
 
     def buildProtocol(self, addr: IAddress) -> ForwardAgentProtocol | RefusedConnection:  # type: ignore[override]
-        if len(self.connections) >= self.max_connections:
+        if len(self.connections) >= self.max_connections and not self._make_room():
             # The handshake carries no credentials: anyone who can reach
             # the endpoint could otherwise open connections without end.
             self.refused_connections += 1
+            if self.eviction_idle_age is None:
+                text = "Agent {agent_id} holds {count} proxy connections (limit {limit}); closing new ones until some end"
+            else:
+                text = (
+                    "Agent {agent_id} holds {count} proxy connections (limit {limit}), none of them "
+                    "idle for {age} or more; closing new ones until some end or go idle"
+                )
             self.log_limiter.warn(
                 log,
                 "forward-connection-cap",
-                "Agent {agent_id} holds {count} proxy connections (limit {limit}); "
-                "closing new ones until some end",
+                text,
                 agent_id=self.settings.agent_id,
                 count=len(self.connections),
                 limit=self.max_connections,
+                age=format_duration(self.eviction_idle_age or 0),
             )
             return RefusedConnection()
         protocol = ForwardAgentProtocol(
@@ -334,11 +434,95 @@ class ForwardAgentFactory(Factory):
             encodings=self.encodings,
             log_limiter=self.log_limiter,
             frame_budget=self.frame_budget,
+            held_event_budget=self.held_event_budget,
         )
         protocol.factory = self
         self.connections.add(protocol)
-        protocol.when_lost().addCallback(lambda _: self.connections.discard(protocol))
+        protocol.when_lost().addCallback(lambda _: self._forget(protocol))
         return protocol
+
+    def _forget(self, protocol: ForwardAgentProtocol) -> None:
+        protocol.stop_idle_timer()
+        self.connections.discard(protocol)
+
+    # -- the idle policy ----------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """
+        Every place is taken: abort the connection idle longest, if one has
+        been idle C{eviction_idle_age} seconds or more, preferring one that
+        has never carried an event; whether there is room now.
+
+        A proxy with traffic has its connections busy or idle only briefly,
+        so a flood of connections that hold their places without using
+        them makes room for it, while it keeps its own.  A connection with
+        an event in flight, or a frame partly read (an event, or a
+        handshake, on its way), is never closed here.  One scan of the
+        connections, only when the listener is full.
+        """
+        age = self.eviction_idle_age
+        if age is None:
+            return False
+        latest = self.clock.seconds() - age
+        victim: ForwardAgentProtocol | None = None
+        best: tuple[bool, float] | None = None
+        for protocol in self.connections:
+            since = protocol.idle_since
+            if since > latest or not protocol.idle or protocol.closing:
+                continue
+            key = (protocol.stats["events"] > 0, since)
+            if best is None or key < best:
+                victim, best = protocol, key
+        if victim is None:
+            return False
+        self._forget(victim)
+        self.evicted_connections += 1
+        idle = format_duration(round(self.clock.seconds() - victim.idle_since, 3))
+        detail = f"closed to make room for a new connection, idle for {idle}"
+        self.log_limiter.warn(
+            log,
+            "forward-connection-evicted",
+            "Agent {agent_id} holds {count} proxy connections (limit {limit}); closing connection "
+            "{connection_id} of proxy {proxy_id}, idle for {idle}, to make room for a new one",
+            agent_id=self.settings.agent_id,
+            count=len(self.connections) + 1,
+            limit=self.max_connections,
+            connection_id=victim.connection_id,
+            proxy_id=peer_text(victim.proxy_id or "(no handshake yet)", _PROXY_TEXT_IN_LOG),
+            idle=idle,
+        )
+        victim.evict(detail)
+        return True
+
+    def _check_idle(self, protocol: ForwardAgentProtocol) -> None:
+        """
+        The idle timeout of C{protocol} may be due: close it if it has had
+        no event in flight for C{idle_timeout} seconds, else look again
+        when it could be.
+        """
+        protocol.idle_timer = None
+        if protocol.closing:
+            return
+        timeout = self.idle_timeout
+        now = self.clock.seconds()
+        left = protocol.idle_since + timeout - now if protocol.idle else timeout
+        if left > 0:
+            protocol.idle_timer = self.clock.callLater(left, self._check_idle, protocol)
+            return
+        self.idle_closed_connections += 1
+        idle = format_duration(round(now - protocol.idle_since, 3))
+        self.log_limiter.info(
+            log,
+            "forward-idle-timeout",
+            "Agent {agent_id} closing forward connection {connection_id} of proxy {proxy_id}: "
+            "no event for {idle} (idle timeout {timeout})",
+            agent_id=self.settings.agent_id,
+            connection_id=protocol.connection_id,
+            proxy_id=peer_text(protocol.proxy_id, _PROXY_TEXT_IN_LOG),
+            idle=idle,
+            timeout=format_duration(timeout),
+        )
+        protocol.close(f"idle for {idle} (idle timeout {format_duration(timeout)})")
 
     @property
     def serving(self) -> list[ForwardAgentProtocol]:
@@ -356,7 +540,9 @@ class ForwardAgentFactory(Factory):
     # -- ConnectionObserver ------------------------------------------------------
 
     def connection_registered(self, protocol: AgentProtocol) -> None:
-        """A proxy completed its handshake; see L{ConnectionObserver}."""
+        """A proxy completed its handshake: its idle time counts from now; see L{ConnectionObserver}."""
+        if self.idle_timeout > 0 and isinstance(protocol, ForwardAgentProtocol):
+            protocol.idle_timer = self.clock.callLater(self.idle_timeout, self._check_idle, protocol)
 
     def registration_refused(self, protocol: AgentProtocol, error: AgentProtocolError) -> None:
         """A proxy's handshake failed: say why; see L{ConnectionObserver}."""
@@ -392,6 +578,17 @@ class AgentListener(Service):
     @param frame_budget: an L{IncompleteFrameBudget
         <sentinel_twisted.wire.IncompleteFrameBudget>} to share (with a
         connector, say) instead of one of C{max_incomplete_frame_bytes}.
+    @param max_total_held_event_bytes: the bytes of events all its
+        connections may hold at once (see L{ForwardAgentFactory}).
+    @param held_event_budget: a L{HeldEventBudget
+        <sentinel_twisted.agent.budget.HeldEventBudget>} to share (with a
+        connector, say) instead of one of C{max_total_held_event_bytes}.
+    @param idle_timeout: seconds a connection may go without an event in
+        flight before it is closed; 0 (the default): never (see
+        L{ForwardAgentFactory}).
+    @param eviction_idle_age: seconds a connection must have been idle for
+        a new one to take its place when every place is taken; C{None}:
+        never (see L{ForwardAgentFactory}).
     @param settings_options: the rest of L{AgentSettings} (C{health_interval},
         C{max_concurrency}, C{max_queued}, C{max_held_event_bytes},
         C{max_event_values}, C{fail_open}, C{close_grace}, C{frame_timeout},
@@ -422,6 +619,10 @@ class AgentListener(Service):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_incomplete_frame_bytes: int = MAX_INCOMPLETE_FRAME_BYTES,
         frame_budget: IncompleteFrameBudget | None = None,
+        max_total_held_event_bytes: int = DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES,
+        held_event_budget: HeldEventBudget | None = None,
+        idle_timeout: float = 0.0,
+        eviction_idle_age: float | None = DEFAULT_EVICTION_IDLE_AGE,
         **settings_options: Any,
     ) -> None:
         if drain_grace < 0:
@@ -449,6 +650,13 @@ class AgentListener(Service):
                 frame_budget if frame_budget is not None else IncompleteFrameBudget(max_incomplete_frame_bytes)
             ),
             max_connections=max_connections,
+            held_event_budget=(
+                held_event_budget
+                if held_event_budget is not None
+                else HeldEventBudget(max_total_held_event_bytes)
+            ),
+            idle_timeout=idle_timeout,
+            eviction_idle_age=eviction_idle_age,
         )
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None

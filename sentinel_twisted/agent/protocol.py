@@ -58,6 +58,7 @@ from ..wire import MAX_MESSAGE_SIZE, FrameReceiver, IncompleteFrameBudget, Messa
 from ._interfaces import IAgent
 from ._lifecycle import new_lifecycle
 from ._serving import _CONNECTION_ID_IN_LOG, _PROXY_TEXT_IN_LOG, EventServing, _Entry, routing_id
+from .budget import HeldEventBudget
 from .errors import RegistrationFailed, RegistrationRejected
 from .responses import allow, block
 
@@ -137,7 +138,10 @@ class AgentSettings:
         counts its frame's payload, plus 64 bytes for each value decoding
         makes of it (each string, number, list and map, each key) when it
         may hold many: one over 4 KiB with headers, guardrail metadata or
-        a configuration, or any over 4 KiB in MessagePack.
+        a configuration, or any over 4 KiB in MessagePack.  All the
+        connections of a connector and a listener are bounded together as
+        well, by the L{HeldEventBudget
+        <sentinel_twisted.agent.budget.HeldEventBudget>} they share.
     @ivar max_event_values: the most values (as above) one event may hold:
         one that holds more is answered at once with the error decision,
         without being decoded (its correlation id is looked for without
@@ -254,6 +258,13 @@ class AgentProtocol(EventServing, FrameReceiver):
     @ivar write_blocked: the proxy is not reading what the agent writes
         (the transport paused it): its Pings are not answered and its
         frames not read until it catches up.
+    @ivar held_event_budget: the account of held events it shares with the
+        other connections of its process (L{HeldEventBudget
+        <sentinel_twisted.agent.budget.HeldEventBudget>}); C{None}: only
+        C{settings.max_held_event_bytes} bounds what it holds.
+    @ivar idle_since: when it last had no event in flight, on its clock:
+        when it was made, registered (or past its handshake), or its last
+        event ended.
     @ivar log_key: when set (by a connector's slot), its registered and
         ended lines go through C{log_limiter} under this key, a few per
         period: a proxy that drops every connection at once cannot flood the
@@ -281,6 +292,7 @@ class AgentProtocol(EventServing, FrameReceiver):
         log_limiter: LogRateLimiter | None = None,
         *,
         frame_budget: IncompleteFrameBudget | None = None,
+        held_event_budget: HeldEventBudget | None = None,
     ) -> None:
         self.settings = settings
         self.agent = settings.agent
@@ -310,6 +322,8 @@ class AgentProtocol(EventServing, FrameReceiver):
         self._active: dict[int, _Entry] = {}
         self._queue: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self._held_bytes = 0
+        self.held_event_budget = held_event_budget
+        self.idle_since = clock.seconds()
         self._by_id: dict[str, _Entry] = {}
         self._health: LoopingCall | None = None
         self._releasing = False
@@ -815,6 +829,9 @@ class AgentClientFactory(Factory):
     @ivar frame_budget: the bytes its connections (and those of the
         factories it is shared with) hold in incomplete frames, against one
         limit; C{None}: not counted.
+    @ivar held_event_budget: the bytes of events its connections (and
+        those of the factories it is shared with) hold, against one limit;
+        C{None}: only each connection's own bound applies.
     """
 
     noisy = False
@@ -827,6 +844,7 @@ class AgentClientFactory(Factory):
         log_limiter: LogRateLimiter | None = None,
         *,
         frame_budget: IncompleteFrameBudget | None = None,
+        held_event_budget: HeldEventBudget | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -834,10 +852,16 @@ class AgentClientFactory(Factory):
         #: Shared by every connection this factory builds.
         self.log_limiter = log_limiter if log_limiter is not None else LogRateLimiter(clock)
         self.frame_budget = frame_budget
+        self.held_event_budget = held_event_budget
 
     def buildProtocol(self, addr: IAddress) -> AgentProtocol:  # type: ignore[override]
         protocol = AgentProtocol(
-            self.settings, self.clock, self.observer, self.log_limiter, frame_budget=self.frame_budget
+            self.settings,
+            self.clock,
+            self.observer,
+            self.log_limiter,
+            frame_budget=self.frame_budget,
+            held_event_budget=self.held_event_budget,
         )
         protocol.factory = self
         return protocol

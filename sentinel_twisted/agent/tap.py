@@ -47,6 +47,7 @@ from ..endpoints import (
 from ..errors import AgentProtocolError
 from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
+from .budget import DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES, HeldEventBudget
 from .connector import AgentConnector
 from .forward import DEFAULT_MAX_CONNECTIONS, AgentListener
 from .protocol import DEFAULT_MAX_EVENT_VALUES
@@ -96,6 +97,8 @@ _CONVERSIONS = {
     "max-connections": positive_int,
     "max-incomplete-frame-bytes": positive_int,
     "max-held-event-bytes": positive_int,
+    "max-total-held-event-bytes": positive_int,
+    "idle-timeout": _seconds,
     "max-event-values": positive_int,
     "frame-timeout": _positive_float,
     "write-stall-timeout": _positive_float,
@@ -186,7 +189,15 @@ class Options(ProgramOptions):
             "max-connections",
             None,
             DEFAULT_MAX_CONNECTIONS,
-            "Proxy connections (N) --listen holds at once; more are closed as they arrive.",
+            "Proxy connections (N) --listen holds at once; a new one takes the place of one "
+            "idle for a second or more (no event in flight), or is closed.",
+        ],
+        [
+            "idle-timeout",
+            None,
+            0.0,
+            "Seconds a --listen connection may go without an event before it is closed "
+            "(0: never; the reference proxy does not redial a closed connection).",
         ],
         ["agent-id", None, None, "Agent id to register under (required)."],
         ["auth-token-file", None, None, "File holding the registration token (one line)."],
@@ -219,6 +230,13 @@ class Options(ProgramOptions):
             64 * 1024 * 1024,
             "Bytes (N) of events one connection holds running and queued; past it an "
             "event is answered 503 at once.",
+        ],
+        [
+            "max-total-held-event-bytes",
+            None,
+            DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES,
+            "Bytes (N) of events all proxy connections together hold running and queued; "
+            "past it an event is answered 503 at once.",
         ],
         [
             "max-event-values",
@@ -454,7 +472,8 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         reactor = default_reactor
     # One budget for every proxy connection, dialled or dialling.
     budget = IncompleteFrameBudget(options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES))
-    listener = make_agent_listener(options, reactor, budget) if options.get("listen") else None
+    held = HeldEventBudget(options.get("max-total-held-event-bytes", DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES))
+    listener = make_agent_listener(options, reactor, budget, held) if options.get("listen") else None
     if not options.get("connect"):
         return AgentService(None, options, reactor, listener)
     connector = AgentConnector(
@@ -476,12 +495,16 @@ def make_agent_service(options: Any, reactor: Any = None) -> AgentService:
         frame_timeout=options["frame-timeout"],
         write_stall_timeout=options["write-stall-timeout"],
         frame_budget=budget,
+        held_event_budget=held,
     )
     return AgentService(connector, options, reactor, listener)
 
 
 def make_agent_listener(
-    options: Any, reactor: Any, frame_budget: IncompleteFrameBudget | None = None
+    options: Any,
+    reactor: Any,
+    frame_budget: IncompleteFrameBudget | None = None,
+    held_event_budget: HeldEventBudget | None = None,
 ) -> AgentListener:
     """
     The forward-mode listener of C{--listen}.  A socket file left by a
@@ -489,6 +512,8 @@ def make_agent_listener(
 
     @param frame_budget: the account of incomplete frames to share (with
         the connector); C{None}: one of C{--max-incomplete-frame-bytes}.
+    @param held_event_budget: the account of held events to share (with
+        the connector); C{None}: one of C{--max-total-held-event-bytes}.
     @raise SocketInUse: if a live process serves the socket.
     """
     description = options["listen"]
@@ -512,6 +537,9 @@ def make_agent_listener(
         max_connections=options.get("max-connections", DEFAULT_MAX_CONNECTIONS),
         max_incomplete_frame_bytes=options.get("max-incomplete-frame-bytes", MAX_INCOMPLETE_FRAME_BYTES),
         frame_budget=frame_budget,
+        max_total_held_event_bytes=options.get("max-total-held-event-bytes", DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES),
+        held_event_budget=held_event_budget,
+        idle_timeout=options.get("idle-timeout", 0.0),
     )
 
 

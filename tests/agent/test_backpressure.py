@@ -382,7 +382,11 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual(factory.refused_connections, 50)
         lines = warnings(events)
         self.assertEqual(len(lines), factory.log_limiter.burst, "the warning is not rate-limited")
-        self.assertEqual(lines[0], "Agent waf-1 holds 2 proxy connections (limit 2); closing new ones until some end")
+        self.assertEqual(
+            lines[0],
+            "Agent waf-1 holds 2 proxy connections (limit 2), none of them idle for 1s or more; "
+            "closing new ones until some end or go idle",
+        )
         # One ends: there is room again.
         second.connectionLost()
         third, _ = self.build(factory)
