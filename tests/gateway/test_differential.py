@@ -658,7 +658,8 @@ def specs(draw: st.DrawFn) -> Spec:
         if "two_hosts" in odd:
             lines.append(Line(b"Host: " + draw(st.sampled_from([host, b"other.example"]))))
             refusals.append("two Host fields")
-    elif version == b"HTTP/1.1" and authority is None:
+    elif version == b"HTTP/1.1":
+        # Whatever the target's form (RFC 9112 section 3.2).
         refusals.append("no Host in HTTP/1.1")
     # Fields.
     lines += draw(st.lists(extension_lines(), max_size=4))
@@ -783,6 +784,9 @@ FOUND = [
         ),
         Spec(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", b"GET", b"/", b""),
     ),
+    # An HTTP/1.1 request in absolute-form without Host: forwarded, its
+    # authority standing for the Host.
+    _sent(Spec(b"GET http://example.com/a HTTP/1.1\r\n\r\n", b"GET", b"/a", b"", refuse="no Host in HTTP/1.1")),
 ]
 
 
@@ -950,6 +954,7 @@ class DifferentialTests(TestCase):
             @example(FOUND[0])
             @example(FOUND[1])
             @example(FOUND[2])
+            @example(FOUND[3])
             def prop(sent: Sent) -> None:
                 # Failing examples, shrunk, may wait WAIT seconds each: stop
                 # in time rather than at the test's timeout.

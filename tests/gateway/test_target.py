@@ -340,6 +340,23 @@ class HostTests(SynchronousTestCase):
         served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n")
         self.assertEqual((served.status, served.seen), (b"400", []))
 
+    def test_an_http11_request_needs_a_host_whatever_its_target(self) -> None:
+        # RFC 9112 section 3.2: 400 to any HTTP/1.1 request without Host,
+        # an absolute-form one too (its authority stood for the Host).
+        for target in (b"/x", b"http://example.com/x", b"*"):
+            method = b"OPTIONS" if target == b"*" else b"GET"
+            with captured_log() as events:
+                served = InMemory(method + b" " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), target)
+            self.assertIn("an HTTP/1.1 request needs a Host header", log_text(events))
+
+    def test_an_http10_request_may_have_no_host(self) -> None:
+        for target, host in ((b"/x", None), (b"http://Example.com/x", ["example.com"])):
+            served = InMemory(b"GET " + target + b" HTTP/1.0\r\n\r\n")
+            self.assertEqual((served.status, served.upstream.targets), (b"200", [b"/x"]), target)
+            (event,) = served.seen
+            self.assertEqual(event.headers.get("host"), host)
+
 
 class HeaderBytesTests(SynchronousTestCase):
     """
@@ -478,6 +495,7 @@ class BypassTests(TestCase):
                 (b"GET *admin HTTP/1.1\r\nHost: x\r\n", b"400"),
                 (b"GET * HTTP/1.1\r\nHost: x\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\n", b"400"),
+                (b"GET http://x/admin HTTP/1.1\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n", b"400"),
                 (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
                 (b"GET /x/../admin HTTP/1.1\r\nHost: x\r\n", b"400"),
@@ -488,7 +506,7 @@ class BypassTests(TestCase):
                 self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
             self.assertEqual(agent.events, [])
             self.assertEqual(h.upstream.requests, [])
-            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 10)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 11)
 
         return ensureDeferred(go())
 
