@@ -630,6 +630,9 @@ def specs(draw: st.DrawFn) -> Spec:
         authority = host + draw(st.sampled_from([b"", b"", b":80", b":443", b":8080", b":", b":0080"]))
         path = draw(st.sampled_from([b"", b"", target, b"?q=1", b"?"]))
         forwarded = path if path.startswith(b"/") else b"/" + path
+        if method == b"OPTIONS" and not path:
+            # The server itself: the asterisk-form (RFC 9112 section 3.2.4).
+            forwarded = b"*"
         userinfo = b""
         if "absolute_userinfo" in odd:
             userinfo = draw(st.sampled_from([b"user@", b"user:pw@", b"%75ser@"]))
@@ -787,6 +790,8 @@ FOUND = [
     # An HTTP/1.1 request in absolute-form without Host: forwarded, its
     # authority standing for the Host.
     _sent(Spec(b"GET http://example.com/a HTTP/1.1\r\n\r\n", b"GET", b"/a", b"", refuse="no Host in HTTP/1.1")),
+    # OPTIONS for the server in absolute-form: forwarded as "OPTIONS /".
+    _sent(Spec(b"OPTIONS http://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", b"OPTIONS", b"*", b"")),
 ]
 
 
@@ -955,6 +960,7 @@ class DifferentialTests(TestCase):
             @example(FOUND[1])
             @example(FOUND[2])
             @example(FOUND[3])
+            @example(FOUND[4])
             def prop(sent: Sent) -> None:
                 # Failing examples, shrunk, may wait WAIT seconds each: stop
                 # in time rather than at the test's timeout.

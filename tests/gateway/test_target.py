@@ -120,6 +120,18 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused(b"GET", b"*")
         self.assertRefused(b"OPTIONS", b"*admin")
 
+    def test_options_for_the_server_in_absolute_form_is_the_asterisk(self) -> None:
+        # RFC 9112 section 3.2.4: no path and no query in an OPTIONS's URI
+        # asks about the server, and the last proxy sends "*" for it.
+        for raw in (b"http://x", b"HTTP://X:80", b"https://x:8443"):
+            target = parse_target(b"OPTIONS", raw)
+            self.assertEqual(target.target, b"*", raw)
+            self.assertTrue(target.names_host(b"x:8443" if raw.endswith(b"8443") else b"x"))
+        # A path, an empty query, or another method: a resource.
+        self.assertEqual(parse_target(b"OPTIONS", b"http://x/").target, b"/")
+        self.assertEqual(parse_target(b"OPTIONS", b"http://x?").target, b"/?")
+        self.assertEqual(parse_target(b"GET", b"http://x").target, b"/")
+
     def test_connect_is_not_implemented(self) -> None:
         self.assertRefused(b"CONNECT", b"example.com:443", 501)
         self.assertRefused(b"CONNECT", b"/", 501)
@@ -517,6 +529,20 @@ class BypassTests(TestCase):
             await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}")
             agent = await h.agent("recorder")
             await h.raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
+            self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
+            self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
+
+        return ensureDeferred(go())
+
+    def test_options_for_the_server_in_absolute_form_goes_as_the_asterisk(self) -> Any:
+        # Not behind the --upstream URL's path either: the server itself.
+        async def go() -> None:
+            h = Harness(self)
+            upstreams = await test_bodies.StreamingTests.raw_upstream(self, h)  # type: ignore[arg-type]
+            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}/base")
+            agent = await h.agent("recorder")
+            await h.raw(b"OPTIONS http://x HTTP/1.1\r\nHost: x\r\n\r\n")
             await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
             self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
             self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
