@@ -23,6 +23,7 @@ from twisted.web import pages, server
 from twisted.web.resource import Resource
 
 from .._deadlines import DeadlineChannel
+from .._persistence import check_persistence
 from .._ratelimit import LogRateLimiter
 from .._reading import read_plainly
 from ..endpoints import RefusedConnection
@@ -249,7 +250,9 @@ STATUS_HEADER_TIMEOUT = 60.0
 
 class _StatusChannel(DeadlineChannel):
     """
-    HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}).
+    HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}),
+    closed after a request with C{close} among its C{Connection} options
+    (see L{check_persistence}).
 
     Each request head must arrive whole within the site's C{header_timeout}
     (see L{DeadlineChannel}): a client that trickles a byte now and then
@@ -278,6 +281,15 @@ class _StatusChannel(DeadlineChannel):
             self.loseConnection()
             return
         super().allHeadersReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Whether the connection stays open after C{request}'s response: not
+        after C{close} among the options of any C{Connection} field, as on
+        the gateway (see
+        L{check_persistence <sentinel_twisted._persistence.check_persistence>}).
+        """
+        return check_persistence(request, version)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.body_refused:
