@@ -697,6 +697,27 @@ class StatusHostTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_an_http11_request_needs_exactly_one_host(self) -> Any:
+        # RFC 9112 section 3.2: 400 for an HTTP/1.1 request without Host,
+        # and for any request with more than one.
+        async def go() -> None:
+            h = await Harness(self).start()
+            host = b"Host: 127.0.0.1\r\n"
+            for head, status in [
+                (b"GET /agents HTTP/1.1\r\n", b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.1\r\n" + host + host, b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.0\r\n" + host + host, b"HTTP/1.0 400 Bad Request"),
+                (b"GET /agents HTTP/1.0\r\n", b"HTTP/1.0 200 OK"),
+                (b"GET /agents HTTP/1.1\r\n" + host, b"HTTP/1.1 200 OK"),
+            ]:
+                client = await h.raw(head + b"Connection: close\r\n\r\n", h.status_port)
+                await client.lost
+                self.assertEqual(client.received.split(b"\r\n", 1)[0], status, head)
+                if status.endswith(b"400 Bad Request"):
+                    self.assertNotIn(b"agents", client.received)
+
+        return ensureDeferred(go())
+
     def test_refusal_names_its_status(self) -> Any:
         """421 goes out as C{Misdirected Request}, not C{Unknown Status}."""
 
