@@ -7,7 +7,8 @@ Hypothesis builds odd but plausible raw HTTP/1.0 and HTTP/1.1 requests
 colon, mixed case, empty values, control characters, very many headers,
 C{Host} disagreements, every kind of C{Content-Length} and
 C{Transfer-Encoding}, chunk extensions and trailers, C{Expect:
-100-continue}, pipelining, HTTP/1.0 keep-alive) and writes them, in
+100-continue}, pipelining, HTTP/1.0 keep-alive, odd request lines and
+versions, an empty line before the request line) and writes them, in
 pieces, to C{twistd sentinel-reverse}'s gateway.  A recording agent (a raw
 agent in-process, L{ScriptedAgent}) allows every request and keeps the
 RequestHeaders (and, in one of the runs, RequestBodyChunk) events it was
@@ -587,7 +588,7 @@ ODDITIES = [
     "lowercase_method", "head", "odd_method", "connect", "options",
     "http10", "http10_keepalive",
     "folded", "control", "not_utf8", "empty_values", "many_headers", "too_many_headers", "bad_line",
-    "bare_line_end", "odd_request_line",
+    "bare_line_end", "odd_request_line", "leading_empty_line",
     "forwarding", "hop_by_hop", "connection_names", "connection_close", "expect",
 ]  # fmt: skip
 
@@ -713,8 +714,11 @@ def specs(draw: st.DrawFn) -> Spec:
     lines = draw(st.permutations(lines))
     request_line = method + b" " + target + b" " + version
     if "odd_request_line" in odd:
-        # Servers may take the odd spacing or the newer minor version, or not.
-        odd_line = draw(st.sampled_from(["double", "tab", "trailing", "lower", "newer"]))
+        # Servers may take the odd spacing or the newer minor version, or
+        # not; a version that is no HTTP-version, never (RFC 9112 section 2.3).
+        odd_line = draw(
+            st.sampled_from(["double", "tab", "trailing", "lower", "newer", "two_digits", "major", "none"])
+        )
         if odd_line == "double":
             request_line = method + b"  " + target + b" " + version
         elif odd_line == "tab":
@@ -724,9 +728,21 @@ def specs(draw: st.DrawFn) -> Spec:
         elif odd_line == "lower":
             request_line = method + b" " + target + b" " + version.lower()
             refusals.append("the protocol name is HTTP in capitals")
+        elif odd_line == "two_digits":
+            request_line = method + b" " + target + b" HTTP/1.10"
+            refusals.append("a minor version of two digits")
+        elif odd_line == "major":
+            request_line = method + b" " + target + b" HTTP/2.0"
+        elif odd_line == "none":
+            # HTTP/0.9's request line, with a head after it.
+            request_line = method + b" " + target
+            refusals.append("no HTTP version")
         else:
             request_line = method + b" " + target + b" HTTP/1.2"
     head = request_line + b"\r\n" + b"".join(line.raw + b"\r\n" for line in lines)
+    if "leading_empty_line" in odd:
+        # RFC 9112 section 2.2: a server SHOULD ignore one before the request line.
+        head = b"\r\n" + head
     if "bare_line_end" in odd:
         # A line ended by a bare LF (which a server may take as the end of
         # the line) or a bare CR (which it must not).
