@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .._deadlines import TIMEOUT_RESPONSE, DeadlineChannel
+from .._persistence import check_persistence
 from .._reading import read_plainly
 from .._sending import send_now, writes_through
 
@@ -311,24 +312,11 @@ class GatewayChannel(DeadlineChannel):
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """
-        Whether the connection stays open after C{request}'s response: an
-        HTTP/1.1 request's unless it has the C{close} option, among the
-        comma-separated options of any of its C{Connection} fields (RFC 9112
-        section 9.6); never an HTTP/1.0 request's (as twisted.web).
-        twisted.web looked for C{close} among the space-separated words of
-        the first field only, and took the request pipelined after
-        C{Connection: close, TE} (say) as if the client had not asked to
-        close.
+        Whether the connection stays open after C{request}'s response: not
+        after C{close} among the options of any C{Connection} field (see
+        L{check_persistence <sentinel_twisted._persistence.check_persistence>}).
         """
-        if version != b"HTTP/1.1":
-            return False
-        fields = request.requestHeaders._rawHeaders.get(b"Connection")
-        if fields and any(
-            option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b",")
-        ):
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            return False
-        return True
+        return check_persistence(request, version)
 
     def headerReceived(self, line: bytes) -> bool:
         """

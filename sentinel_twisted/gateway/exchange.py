@@ -366,9 +366,10 @@ class Exchange(Responding, Endings):
     def _parse_target(self) -> RequestTarget:
         """
         The request target and C{Host}, checked once: one C{Host} (none
-        only before HTTP/1.1), a valid C{host[:port]}; an absolute-form
-        target's authority agrees with it, and stands for it when there is
-        none.
+        only before HTTP/1.1, whatever the target's form: RFC 9112 section
+        3.2), a valid C{host[:port]}; an absolute-form target's authority
+        agrees with it, and stands for it in an HTTP/1.0 request without
+        one.
         """
         request = self.request
         target = parse_target(request.method, request.uri)
@@ -377,16 +378,15 @@ class Exchange(Responding, Endings):
         hosts = headers._rawHeaders.get(b"Host") or None
         if hosts is not None and len(hosts) > 1:
             raise BadTarget(400, "more than one Host header")
+        if hosts is None and request.clientproto == b"HTTP/1.1":
+            raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
         if target.authority is not None:
             if not hosts:
                 headers.setRawHeaders(b"Host", [target.authority])
             elif not target.names_host(hosts[0]):
                 raise BadTarget(400, "the Host header does not name the request target's host")
-        elif hosts:
-            if not valid_host(hosts[0]):
-                raise BadTarget(400, "the Host header is not a valid host[:port]")
-        elif request.clientproto == b"HTTP/1.1":
-            raise BadTarget(400, "an HTTP/1.1 request needs a Host header")
+        elif hosts and not valid_host(hosts[0]):
+            raise BadTarget(400, "the Host header is not a valid host[:port]")
         return target
 
     def _own_headers(self) -> None:

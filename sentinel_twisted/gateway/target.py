@@ -6,8 +6,10 @@ it, byte for byte.
 
   - origin-form (C{/path?query}) is kept as it is;
   - absolute-form (C{http://host[:port]/path?query}) becomes its path and
-    query (C{/} when it has none); its authority is the request's host and
-    must agree with the C{Host} header;
+    query (C{/} when it has none, but C{*} for an C{OPTIONS} with neither
+    path nor query: RFC 9112 section 3.2.4 has the last proxy send the
+    asterisk-form for it); its authority is the request's host and must
+    agree with the C{Host} header;
   - asterisk-form (C{*}) only with C{OPTIONS};
   - authority-form (C{host:port}) belongs to C{CONNECT}, which a gateway
     is not: C{CONNECT} is refused with C{501} whatever its target.
@@ -151,9 +153,12 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
     if not authority or not _HOST.match(authority) or authority.startswith(b":"):
         raise BadTarget(400, "the request target's authority is not a valid host[:port]")
     path_and_query = rest[end:]
+    default = _DEFAULT_PORTS[raw[: scheme.end() - 3].lower()]
+    if not path_and_query and method == b"OPTIONS":
+        # The server as a whole (RFC 9112 section 3.2.4), not its "/".
+        return RequestTarget(b"*", _without_port(authority, default), default)
     if not path_and_query.startswith(b"/"):
         path_and_query = b"/" + path_and_query
-    default = _DEFAULT_PORTS[raw[: scheme.end() - 3].lower()]
     return RequestTarget(_origin(path_and_query), _without_port(authority, default), default)
 
 

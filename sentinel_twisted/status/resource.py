@@ -23,6 +23,7 @@ from twisted.web import pages, server
 from twisted.web.resource import Resource
 
 from .._deadlines import DeadlineChannel
+from .._persistence import check_persistence
 from .._ratelimit import LogRateLimiter
 from .._reading import read_plainly
 from ..endpoints import RefusedConnection
@@ -227,6 +228,24 @@ class _Misdirected(Resource):
 _MISDIRECTED = _Misdirected()  # type: ignore[no-untyped-call]
 
 
+class _NoOneHost(Resource):
+    """
+    C{400 Bad Request} for an HTTP/1.1 request without a C{Host}, or any
+    request with more than one (RFC 9112 section 3.2).
+    """
+
+    isLeaf = True
+    _BODY = b"400 Bad Request\nAn HTTP/1.1 request needs one Host header, and no request may have more.\n"
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(400, b"Bad Request")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return self._BODY
+
+
+_NO_ONE_HOST = _NoOneHost()  # type: ignore[no-untyped-call]
+
+
 def _host_name(value: bytes) -> str:
     """The host of a C{Host} header value, lower-case, without port or brackets."""
     text = value.decode("latin-1").strip().lower()
@@ -249,7 +268,9 @@ STATUS_HEADER_TIMEOUT = 60.0
 
 class _StatusChannel(DeadlineChannel):
     """
-    HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}).
+    HTTP/1.1, read with C{recv()} on a UNIX socket (see L{read_plainly}),
+    closed after a request with C{close} among its C{Connection} options
+    (see L{check_persistence}).
 
     Each request head must arrive whole within the site's C{header_timeout}
     (see L{DeadlineChannel}): a client that trickles a byte now and then
@@ -279,6 +300,15 @@ class _StatusChannel(DeadlineChannel):
             return
         super().allHeadersReceived()
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Whether the connection stays open after C{request}'s response: not
+        after C{close} among the options of any C{Connection} field, as on
+        the gateway (see
+        L{check_persistence <sentinel_twisted._persistence.check_persistence>}).
+        """
+        return check_persistence(request, version)
+
     def rawDataReceived(self, data: bytes) -> None:
         if self.body_refused:
             return
@@ -299,7 +329,9 @@ class StatusSite(server.Site):
     It answers only requests whose C{Host} names it: the address the
     connection arrived on, C{localhost} on a loopback address, or one of
     C{hosts}.  A page from elsewhere whose name was made to resolve to this
-    address (DNS rebinding) sends its own name, and gets C{421}.
+    address (DNS rebinding) sends its own name, and gets C{421}.  An
+    HTTP/1.1 request without a C{Host}, or one with two, gets C{400} (RFC
+    9112 section 3.2).
 
     It holds at most C{max_connections} connections at once, and each must
     send every request head whole within C{header_timeout} seconds of
@@ -373,7 +405,8 @@ class StatusSite(server.Site):
             return True
         values = request.requestHeaders.getRawHeaders(b"host")
         if not values:
-            # HTTP/1.0 without Host: no browser sends that.
+            # HTTP/1.0 without Host (HTTP/1.1 gets 400 before this): no
+            # browser sends that.
             return True
         if len(values) > 1:
             return False
@@ -387,6 +420,9 @@ class StatusSite(server.Site):
         return loopback and name == "localhost"
 
     def getResourceFor(self, request: Any) -> Any:
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if (hosts is None and request.clientproto == b"HTTP/1.1") or (hosts is not None and len(hosts) > 1):
+            return _NO_ONE_HOST
         if not self.names_me(request):
             return _MISDIRECTED
         return super().getResourceFor(request)  # type: ignore[no-untyped-call]

@@ -7,7 +7,8 @@ Hypothesis builds odd but plausible raw HTTP/1.0 and HTTP/1.1 requests
 colon, mixed case, empty values, control characters, very many headers,
 C{Host} disagreements, every kind of C{Content-Length} and
 C{Transfer-Encoding}, chunk extensions and trailers, C{Expect:
-100-continue}, pipelining, HTTP/1.0 keep-alive) and writes them, in
+100-continue}, pipelining, HTTP/1.0 keep-alive, odd request lines and
+versions, an empty line before the request line) and writes them, in
 pieces, to C{twistd sentinel-reverse}'s gateway.  A recording agent (a raw
 agent in-process, L{ScriptedAgent}) allows every request and keeps the
 RequestHeaders (and, in one of the runs, RequestBodyChunk) events it was
@@ -587,7 +588,7 @@ ODDITIES = [
     "lowercase_method", "head", "odd_method", "connect", "options",
     "http10", "http10_keepalive",
     "folded", "control", "not_utf8", "empty_values", "many_headers", "too_many_headers", "bad_line",
-    "bare_line_end", "odd_request_line",
+    "bare_line_end", "odd_request_line", "leading_empty_line",
     "forwarding", "hop_by_hop", "connection_names", "connection_close", "expect",
 ]  # fmt: skip
 
@@ -630,6 +631,9 @@ def specs(draw: st.DrawFn) -> Spec:
         authority = host + draw(st.sampled_from([b"", b"", b":80", b":443", b":8080", b":", b":0080"]))
         path = draw(st.sampled_from([b"", b"", target, b"?q=1", b"?"]))
         forwarded = path if path.startswith(b"/") else b"/" + path
+        if method == b"OPTIONS" and not path:
+            # The server itself: the asterisk-form (RFC 9112 section 3.2.4).
+            forwarded = b"*"
         userinfo = b""
         if "absolute_userinfo" in odd:
             userinfo = draw(st.sampled_from([b"user@", b"user:pw@", b"%75ser@"]))
@@ -658,7 +662,8 @@ def specs(draw: st.DrawFn) -> Spec:
         if "two_hosts" in odd:
             lines.append(Line(b"Host: " + draw(st.sampled_from([host, b"other.example"]))))
             refusals.append("two Host fields")
-    elif version == b"HTTP/1.1" and authority is None:
+    elif version == b"HTTP/1.1":
+        # Whatever the target's form (RFC 9112 section 3.2).
         refusals.append("no Host in HTTP/1.1")
     # Fields.
     lines += draw(st.lists(extension_lines(), max_size=4))
@@ -709,8 +714,11 @@ def specs(draw: st.DrawFn) -> Spec:
     lines = draw(st.permutations(lines))
     request_line = method + b" " + target + b" " + version
     if "odd_request_line" in odd:
-        # Servers may take the odd spacing or the newer minor version, or not.
-        odd_line = draw(st.sampled_from(["double", "tab", "trailing", "lower", "newer"]))
+        # Servers may take the odd spacing or the newer minor version, or
+        # not; a version that is no HTTP-version, never (RFC 9112 section 2.3).
+        odd_line = draw(
+            st.sampled_from(["double", "tab", "trailing", "lower", "newer", "two_digits", "major", "none"])
+        )
         if odd_line == "double":
             request_line = method + b"  " + target + b" " + version
         elif odd_line == "tab":
@@ -720,9 +728,21 @@ def specs(draw: st.DrawFn) -> Spec:
         elif odd_line == "lower":
             request_line = method + b" " + target + b" " + version.lower()
             refusals.append("the protocol name is HTTP in capitals")
+        elif odd_line == "two_digits":
+            request_line = method + b" " + target + b" HTTP/1.10"
+            refusals.append("a minor version of two digits")
+        elif odd_line == "major":
+            request_line = method + b" " + target + b" HTTP/2.0"
+        elif odd_line == "none":
+            # HTTP/0.9's request line, with a head after it.
+            request_line = method + b" " + target
+            refusals.append("no HTTP version")
         else:
             request_line = method + b" " + target + b" HTTP/1.2"
     head = request_line + b"\r\n" + b"".join(line.raw + b"\r\n" for line in lines)
+    if "leading_empty_line" in odd:
+        # RFC 9112 section 2.2: a server SHOULD ignore one before the request line.
+        head = b"\r\n" + head
     if "bare_line_end" in odd:
         # A line ended by a bare LF (which a server may take as the end of
         # the line) or a bare CR (which it must not).
@@ -783,6 +803,11 @@ FOUND = [
         ),
         Spec(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", b"GET", b"/", b""),
     ),
+    # An HTTP/1.1 request in absolute-form without Host: forwarded, its
+    # authority standing for the Host.
+    _sent(Spec(b"GET http://example.com/a HTTP/1.1\r\n\r\n", b"GET", b"/a", b"", refuse="no Host in HTTP/1.1")),
+    # OPTIONS for the server in absolute-form: forwarded as "OPTIONS /".
+    _sent(Spec(b"OPTIONS http://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", b"OPTIONS", b"*", b"")),
 ]
 
 
@@ -950,6 +975,8 @@ class DifferentialTests(TestCase):
             @example(FOUND[0])
             @example(FOUND[1])
             @example(FOUND[2])
+            @example(FOUND[3])
+            @example(FOUND[4])
             def prop(sent: Sent) -> None:
                 # Failing examples, shrunk, may wait WAIT seconds each: stop
                 # in time rather than at the test's timeout.

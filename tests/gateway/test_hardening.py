@@ -697,6 +697,27 @@ class StatusHostTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_an_http11_request_needs_exactly_one_host(self) -> Any:
+        # RFC 9112 section 3.2: 400 for an HTTP/1.1 request without Host,
+        # and for any request with more than one.
+        async def go() -> None:
+            h = await Harness(self).start()
+            host = b"Host: 127.0.0.1\r\n"
+            for head, status in [
+                (b"GET /agents HTTP/1.1\r\n", b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.1\r\n" + host + host, b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.0\r\n" + host + host, b"HTTP/1.0 400 Bad Request"),
+                (b"GET /agents HTTP/1.0\r\n", b"HTTP/1.0 200 OK"),
+                (b"GET /agents HTTP/1.1\r\n" + host, b"HTTP/1.1 200 OK"),
+            ]:
+                client = await h.raw(head + b"Connection: close\r\n\r\n", h.status_port)
+                await client.lost
+                self.assertEqual(client.received.split(b"\r\n", 1)[0], status, head)
+                if status.endswith(b"400 Bad Request"):
+                    self.assertNotIn(b"agents", client.received)
+
+        return ensureDeferred(go())
+
     def test_refusal_names_its_status(self) -> Any:
         """421 goes out as C{Misdirected Request}, not C{Unknown Status}."""
 
@@ -706,6 +727,49 @@ class StatusHostTests(TestCase):
             await wait_until(lambda: b"\r\n\r\n" in client.received, what="the response head")
             status_line = client.received.split(b"\r\n", 1)[0]
             self.assertEqual(status_line, b"HTTP/1.1 421 Misdirected Request")
+
+        return ensureDeferred(go())
+
+
+class StatusConnectionCloseTests(TestCase):
+    """
+    The status site ends a connection after a request with C{close} among
+    the comma-separated options of any of its C{Connection} fields, as the
+    gateway does (RFC 9112 section 9.6).
+    """
+
+    timeout = 20
+
+    def test_close_among_the_options_of_any_connection_field_closes(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            for fields in [
+                b"Connection: close\r\n",
+                b"Connection: keep-alive, close\r\n",
+                b"Connection: close, TE\r\nTE: trailers\r\n",
+                b"Connection: keep-alive,close\r\n",
+                b"Connection: Keep-Alive\r\nConnection: Close\r\n",
+            ]:
+                head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                # A second request pipelined behind: never answered.
+                client = await h.raw(head + fields + b"\r\n" + head + b"\r\n", h.status_port)
+                await wait_until(
+                    lambda: client.is_lost or client.received.count(b"HTTP/1.1 ") > 1,  # noqa: B023
+                    what="the connection to close",
+                )
+                self.assertEqual(client.received.count(b"HTTP/1.1 "), 1, fields)
+                self.assertTrue(client.is_lost, fields)
+                self.assertIn(b"\r\nConnection: close\r\n", client.received, fields)
+
+        return ensureDeferred(go())
+
+    def test_other_options_keep_the_connection(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive, closed\r\n\r\n"
+            client = await h.raw(head + head, h.status_port)
+            await wait_until(lambda: client.received.count(b"HTTP/1.1 ") == 2, what="both responses")
+            self.assertFalse(client.is_lost)
 
         return ensureDeferred(go())
 

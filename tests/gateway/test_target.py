@@ -120,6 +120,18 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused(b"GET", b"*")
         self.assertRefused(b"OPTIONS", b"*admin")
 
+    def test_options_for_the_server_in_absolute_form_is_the_asterisk(self) -> None:
+        # RFC 9112 section 3.2.4: no path and no query in an OPTIONS's URI
+        # asks about the server, and the last proxy sends "*" for it.
+        for raw in (b"http://x", b"HTTP://X:80", b"https://x:8443"):
+            target = parse_target(b"OPTIONS", raw)
+            self.assertEqual(target.target, b"*", raw)
+            self.assertTrue(target.names_host(b"x:8443" if raw.endswith(b"8443") else b"x"))
+        # A path, an empty query, or another method: a resource.
+        self.assertEqual(parse_target(b"OPTIONS", b"http://x/").target, b"/")
+        self.assertEqual(parse_target(b"OPTIONS", b"http://x?").target, b"/?")
+        self.assertEqual(parse_target(b"GET", b"http://x").target, b"/")
+
     def test_connect_is_not_implemented(self) -> None:
         self.assertRefused(b"CONNECT", b"example.com:443", 501)
         self.assertRefused(b"CONNECT", b"/", 501)
@@ -340,6 +352,23 @@ class HostTests(SynchronousTestCase):
         served = InMemory(b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n")
         self.assertEqual((served.status, served.seen), (b"400", []))
 
+    def test_an_http11_request_needs_a_host_whatever_its_target(self) -> None:
+        # RFC 9112 section 3.2: 400 to any HTTP/1.1 request without Host,
+        # an absolute-form one too (its authority stood for the Host).
+        for target in (b"/x", b"http://example.com/x", b"*"):
+            method = b"OPTIONS" if target == b"*" else b"GET"
+            with captured_log() as events:
+                served = InMemory(method + b" " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual((served.status, served.seen, served.upstream.targets), (b"400", [], []), target)
+            self.assertIn("an HTTP/1.1 request needs a Host header", log_text(events))
+
+    def test_an_http10_request_may_have_no_host(self) -> None:
+        for target, host in ((b"/x", None), (b"http://Example.com/x", ["example.com"])):
+            served = InMemory(b"GET " + target + b" HTTP/1.0\r\n\r\n")
+            self.assertEqual((served.status, served.upstream.targets), (b"200", [b"/x"]), target)
+            (event,) = served.seen
+            self.assertEqual(event.headers.get("host"), host)
+
 
 class HeaderBytesTests(SynchronousTestCase):
     """
@@ -478,6 +507,7 @@ class BypassTests(TestCase):
                 (b"GET *admin HTTP/1.1\r\nHost: x\r\n", b"400"),
                 (b"GET * HTTP/1.1\r\nHost: x\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\n", b"400"),
+                (b"GET http://x/admin HTTP/1.1\r\n", b"400"),
                 (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n", b"400"),
                 (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
                 (b"GET /x/../admin HTTP/1.1\r\nHost: x\r\n", b"400"),
@@ -488,7 +518,7 @@ class BypassTests(TestCase):
                 self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
             self.assertEqual(agent.events, [])
             self.assertEqual(h.upstream.requests, [])
-            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 10)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 11)
 
         return ensureDeferred(go())
 
@@ -499,6 +529,20 @@ class BypassTests(TestCase):
             await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}")
             agent = await h.agent("recorder")
             await h.raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
+            self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
+            self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
+
+        return ensureDeferred(go())
+
+    def test_options_for_the_server_in_absolute_form_goes_as_the_asterisk(self) -> Any:
+        # Not behind the --upstream URL's path either: the server itself.
+        async def go() -> None:
+            h = Harness(self)
+            upstreams = await test_bodies.StreamingTests.raw_upstream(self, h)  # type: ignore[arg-type]
+            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}/base")
+            agent = await h.agent("recorder")
+            await h.raw(b"OPTIONS http://x HTTP/1.1\r\nHost: x\r\n\r\n")
             await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
             self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
             self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)

@@ -1,0 +1,37 @@
+# -*- test-case-name: tests.gateway.test_hardening -*-
+"""
+Whether a connection of C{twisted.web} stays open after a request's
+response: L{check_persistence}, the C{checkPersistence} of the gateway's
+client connections and of the status site's.
+
+twisted.web looks for C{close} among the space-separated words of the first
+C{Connection} field only, so C{Connection: close, TE}, C{keep-alive,close}
+or a second C{Connection: close} field kept the connection open, and the
+request pipelined behind it was read and answered as if the client had not
+asked to close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["check_persistence"]
+
+
+def check_persistence(request: Any, version: bytes) -> bool:
+    """
+    Whether the connection stays open after C{request}'s response: an
+    HTTP/1.1 request's unless it has the C{close} option, among the
+    comma-separated options of any of its C{Connection} fields (RFC 9112
+    section 9.6), when its response says C{Connection: close} too; never an
+    HTTP/1.0 request's (as twisted.web).
+    """
+    if version != b"HTTP/1.1":
+        return False
+    fields = request.requestHeaders._rawHeaders.get(b"Connection")
+    if fields and any(
+        option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b",")
+    ):
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        return False
+    return True
