@@ -18,7 +18,7 @@ Anything else is C{400}: a target that is none of these forms, a fragment
 (C{#}), a path character outside RFC 3986's (a space, a backslash, a
 control or non-ASCII byte), a query byte that is not visible ASCII, a
 C{%} not followed by two hex digits, a dot segment in the path (see
-below).
+below), a path that starts with C{//}.
 
 A path with a dot segment (C{.} or C{..}, its dots literal or C{%2e}) is
 refused: an upstream resolves it, behind the C{--upstream} URL's own path
@@ -27,6 +27,11 @@ refused: an upstream resolves it, behind the C{--upstream} URL's own path
 Browsers never send one.  A segment counts as one too when a C{;}
 (parameters: C{..;}) or an encoded slash or backslash (C{%2F}, C{%5C})
 ends it instead of a C{/}, for the upstreams that read them so.
+
+A path that starts with C{//} is refused for the same reason: an upstream
+that resolves it as a URL reference (against its own base URL) reads
+C{//x/admin} as host C{x} and path C{/admin}, around the agents' rules on
+C{/admin}.  Empty segments further on (C{/a//b}) pass as they are.
 
 Nothing else is normalised: percent-encodings (C{%61}, C{%2F}) reach the
 agents and the upstream exactly as the client sent them, so what the
@@ -118,6 +123,8 @@ _PERCENT = ord("%")
 def _origin(path_and_query: bytes) -> bytes:
     if not _ORIGIN.match(path_and_query):
         raise BadTarget(400, "the request target is not a valid path and query")
+    if path_and_query.startswith(b"//"):
+        raise BadTarget(400, "the request target's path starts with // (read as a host by some upstreams)")
     # Most paths have neither "/." nor a "%": one scan each, no regex.
     if (path_and_query.find(b"/.") >= 0 or _PERCENT in path_and_query) and _DOT_SEGMENT.match(path_and_query):
         raise BadTarget(400, "the request target's path has a dot segment (. or ..)")

@@ -69,7 +69,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, code)
 
     def test_origin_form_is_kept_byte_for_byte(self) -> None:
-        for raw in (b"/", b"/a/b?x=%2F&y=[1]&z=/../", b"//double", b"/%2e%2e%2e/admin", b"/.well-known/a..b", b"/a?"):
+        for raw in (b"/", b"/a/b?x=%2F&y=[1]&z=/../", b"/a//double", b"/%2e%2e%2e/admin", b"/.well-known/a..b", b"/a?"):
             self.assertEqual(parse_target(b"GET", raw).target, raw)
             self.assertIsNone(parse_target(b"GET", raw).authority)
 
@@ -95,6 +95,17 @@ class ParseTests(SynchronousTestCase):
                 parse_target(b"GET", raw)
             self.assertEqual(caught.exception.code, 400)
             self.assertIn("dot segment", caught.exception.reason)
+
+    def test_a_path_that_starts_with_two_slashes_is_refused(self) -> None:
+        # An upstream resolving "//x/admin" as a URL reference reads host x
+        # and path /admin, which rules on /admin would not have matched.
+        for raw in (b"//x/admin", b"//", b"///admin", b"//x?q", b"http://h//x/admin", b"http://h//"):
+            with self.assertRaises(BadTarget, msg=raw) as caught:
+                parse_target(b"GET", raw)
+            self.assertEqual(caught.exception.code, 400)
+            self.assertIn("starts with //", caught.exception.reason)
+        for raw in (b"/a//b", b"/x?//y", b"/%2F/x"):
+            self.assertEqual(parse_target(b"GET", raw).target, raw)
 
     def test_dots_that_are_no_dot_segment_are_kept(self) -> None:
         for raw in (b"/.well-known/x", b"/a.b/c..d/...", b"/a/..b", b"/%2e%2e%2e", b"/%2ex", b"/x?a=/../b", b"/x?/.."):
@@ -512,13 +523,14 @@ class BypassTests(TestCase):
                 (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n", b"501"),
                 (b"GET /x/../admin HTTP/1.1\r\nHost: x\r\n", b"400"),
                 (b"GET /%2e%2e/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
+                (b"GET //x/admin HTTP/1.1\r\nHost: x\r\n", b"400"),
             ]:
                 client = await h.raw(request + b"Connection: close\r\n\r\n")
                 await client.lost
                 self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), (request, client.received))
             self.assertEqual(agent.events, [])
             self.assertEqual(h.upstream.requests, [])
-            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 11)
+            self.assertEqual(h.sample("sentinel_gateway_requests_total", decision="bad_request"), 12)
 
         return ensureDeferred(go())
 
