@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Generator
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 
 from sentinel_twisted.agent import Agent, AgentProtocol, AgentSettings, allow
@@ -27,6 +29,20 @@ REQUEST_HEADERS, REQUEST_BODY_CHUNK, RESPONSE_HEADERS, RESPONSE_BODY_CHUNK = 0x1
 REQUEST_COMPLETE, WEBSOCKET_FRAME, GUARDRAIL_INSPECT, CONFIGURE = 0x14, 0x15, 0x16, 0x17
 AGENT_RESPONSE, HEALTH_STATUS, METRICS_REPORT, FLOW_CONTROL = 0x20, 0x30, 0x31, 0x33
 CANCEL, PING, PONG = 0x40, 0x41, 0x42
+
+
+#: Bound on any wait on the real reactor; each normally takes milliseconds.
+WAIT = 5.0
+
+
+@inlineCallbacks
+def wait_for(condition: Callable[[], Any], what: str = "condition") -> Generator[Any, Any, None]:
+    """Poll C{condition} on the real reactor until it holds; fail after L{WAIT} seconds."""
+    for _ in range(int(WAIT / 0.005)):
+        if condition():
+            return
+        yield deferLater(reactor, 0.005, lambda: None)  # type: ignore[arg-type]
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def frame(message_type: int, body: Any) -> bytes:

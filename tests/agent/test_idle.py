@@ -10,7 +10,7 @@ import json
 import socket
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -38,6 +38,7 @@ from ._support import (
     frame,
     headers_event,
     temp_path,
+    wait_for,
 )
 from .test_backpressure import warnings
 from .test_forward import handshake, raw_frames
@@ -316,14 +317,6 @@ class HeldPlacesTests(TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
-    def wait_for(self, condition: Any):  # type: ignore[no-untyped-def]
-        for _ in range(1000):
-            if condition():
-                return True
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        return False
-
-    @defer.inlineCallbacks
     def test_a_proxy_is_served_when_a_peer_holds_every_place(self):  # type: ignore[no-untyped-def]
         path = temp_path(self, "agent.sock")
         listener = AgentListener(
@@ -347,12 +340,12 @@ class HeldPlacesTests(TestCase):
             peer.setblocking(False)
             peer.send(frame(HANDSHAKE_REQUEST, handshake()))
             held.append(peer)
-        self.assertTrue((yield self.wait_for(lambda: len(factory.serving) == 4)))
+        yield wait_for(lambda: len(factory.serving) == 4, "four handshakes")
         # A real proxy dials: it is let in and its request is answered.
         pool = AgentPool()
         service = pool.connect_agent(f"unix:{path}", "waf", clock=reactor)
         self.addCleanup(service.stopService)
-        self.assertTrue((yield self.wait_for(lambda: "waf" in pool)), "the proxy never got in")
+        yield wait_for(lambda: "waf" in pool, "the proxy to get in")
         answer = yield pool.send_request_headers("waf", m.decode(json.dumps(headers_event("fwd-1")).encode(), m.RequestHeadersEvent))
         self.assertEqual(answer.decision, m.ALLOW)
         self.assertEqual(factory.evicted_connections, 1)

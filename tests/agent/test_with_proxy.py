@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -25,18 +24,7 @@ from sentinel_twisted.proxy.auth import StaticTokenChecker
 from sentinel_twisted.proxy.config import ReverseConnectionConfig
 from sentinel_twisted.proxy.factory import ReverseConnectionFactory
 
-from ._support import RecordingAgent
-
-WAIT = 5.0  # bound on any wait; each normally takes milliseconds
-
-
-@inlineCallbacks
-def wait_for(condition: Callable[[], Any], what: str = "condition") -> Generator[Any, Any, None]:
-    for _ in range(int(WAIT / 0.005)):
-        if condition():
-            return
-        yield deferLater(reactor, 0.005, lambda: None)  # type: ignore[arg-type]
-    raise AssertionError(f"timed out waiting for {what}")
+from ._support import RecordingAgent, wait_for
 
 
 def headers(cid: str, uri: str = "/") -> m.RequestHeadersEvent:
