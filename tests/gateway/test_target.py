@@ -534,32 +534,27 @@ class BypassTests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_options_asterisk_is_judged_and_forwarded_as_is(self) -> Any:
+    def assert_options_go_as_the_asterisk(self, target: bytes, upstream_path: str) -> Any:
+        """C{OPTIONS target} is judged as C{*} and reaches the upstream as C{OPTIONS *}."""
+
         async def go() -> None:
             h = Harness(self)
             upstreams = await test_bodies.StreamingTests.raw_upstream(self, h)  # type: ignore[arg-type]
-            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}")
+            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}{upstream_path}")
             agent = await h.agent("recorder")
-            await h.raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+            await h.raw(b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
             await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
             self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
             self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
 
         return ensureDeferred(go())
+
+    def test_options_asterisk_is_judged_and_forwarded_as_is(self) -> Any:
+        return self.assert_options_go_as_the_asterisk(b"*", "")
 
     def test_options_for_the_server_in_absolute_form_goes_as_the_asterisk(self) -> Any:
         # Not behind the --upstream URL's path either: the server itself.
-        async def go() -> None:
-            h = Harness(self)
-            upstreams = await test_bodies.StreamingTests.raw_upstream(self, h)  # type: ignore[arg-type]
-            await h.start("--upstream", f"http://127.0.0.1:{self.raw_port}/base")
-            agent = await h.agent("recorder")
-            await h.raw(b"OPTIONS http://x HTTP/1.1\r\nHost: x\r\n\r\n")
-            await wait_until(lambda: bool(upstreams) and b"\r\n\r\n" in upstreams[0].received, what="the upstream request")
-            self.assertEqual(agent.of_type(REQUEST_HEADERS)[0]["uri"], "*")
-            self.assertTrue(upstreams[0].received.startswith(b"OPTIONS * HTTP/1.1\r\n"), upstreams[0].received)
-
-        return ensureDeferred(go())
+        return self.assert_options_go_as_the_asterisk(b"http://x", "/base")
 
     def test_absolute_form_without_host_takes_its_authority(self) -> Any:
         async def go() -> None:
