@@ -8,7 +8,7 @@ twisted.web looks for C{close} among the space-separated words of the first
 C{Connection} field only, so C{Connection: close, TE}, C{keep-alive,close}
 or a second C{Connection: close} field kept the connection open, and the
 request pipelined behind it was read and answered as if the client had not
-asked to close.
+asked to close.  A refused C{CONNECT} ends the connection too.
 """
 
 from __future__ import annotations
@@ -18,20 +18,25 @@ from typing import Any
 __all__ = ["check_persistence"]
 
 
-def check_persistence(request: Any, version: bytes) -> bool:
+def check_persistence(request: Any, version: bytes, method: bytes) -> bool:
     """
     Whether the connection stays open after C{request}'s response: an
     HTTP/1.1 request's unless it has the C{close} option, among the
     comma-separated options of any of its C{Connection} fields (RFC 9112
     section 9.6), when its response says C{Connection: close} too; never an
-    HTTP/1.0 request's (as twisted.web).
+    HTTP/1.0 request's (as twisted.web).  Nor a C{CONNECT}'s, which neither
+    site serves: its client sends a tunnel's bytes after it, not requests,
+    and they are not read as requests.  C{method} is the request line's
+    (the channel's C{_command}: the request's own is set only once its body
+    is in).
     """
     if version != b"HTTP/1.1":
         return False
     fields = request.requestHeaders._rawHeaders.get(b"Connection")
-    if fields and any(
-        option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b",")
-    ):
+    if (
+        fields
+        and any(option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b","))
+    ) or method == b"CONNECT":
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         return False
     return True

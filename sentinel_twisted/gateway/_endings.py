@@ -249,9 +249,15 @@ class Endings:
         self._abort_upstream()
         if gone:
             return
-        date = request.responseHeaders.getRawHeaders(b"date")
+        kept = request.responseHeaders
+        date = kept.getRawHeaders(b"date")
         if date and not headers.hasHeader(b"date"):
             headers.setRawHeaders(b"Date", date)
+        closing = kept.getRawHeaders(b"connection")
+        if closing:
+            # The close the channel decided on (see check_persistence) is
+            # said in the response, whatever an agent's headers say.
+            headers.setRawHeaders(b"Connection", closing)
         request.responseHeaders = headers
         headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         if self.gateway.stopping:

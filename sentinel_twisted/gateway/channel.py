@@ -316,7 +316,7 @@ class GatewayChannel(DeadlineChannel):
         after C{close} among the options of any C{Connection} field (see
         L{check_persistence <sentinel_twisted._persistence.check_persistence>}).
         """
-        return check_persistence(request, version)
+        return check_persistence(request, version, self._command)
 
     def headerReceived(self, line: bytes) -> bool:
         """

@@ -307,7 +307,7 @@ class _StatusChannel(DeadlineChannel):
         the gateway (see
         L{check_persistence <sentinel_twisted._persistence.check_persistence>}).
         """
-        return check_persistence(request, version)
+        return check_persistence(request, version, self._command)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.body_refused:

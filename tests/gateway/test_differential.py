@@ -760,6 +760,8 @@ def specs(draw: st.DrawFn) -> Spec:
     closes = (
         framing.closes
         or b"close" in tokens
+        # What follows a CONNECT is a tunnel's, never read as requests.
+        or method == b"CONNECT"
         or (version == b"HTTP/1.0" and b"keep-alive" not in tokens)
     )
     refuse = ", ".join(refusals) or None

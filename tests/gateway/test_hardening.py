@@ -774,6 +774,62 @@ class StatusConnectionCloseTests(TestCase):
         return ensureDeferred(go())
 
 
+class ConnectEndsTheConnectionTests(TestCase):
+    """
+    Neither the gateway nor the status site is a tunnel: a C{CONNECT} is
+    refused, and what its client sends after it (a tunnel's bytes, a TLS
+    ClientHello say) is not read as the next request: the connection ends
+    after the refusal.
+    """
+
+    timeout = 20
+
+    def assert_connect_ends_the_connection(self, h: Harness, port: int, status: bytes) -> Any:
+        async def go() -> None:
+            pipelined = b"GET /admin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            client = await h.raw(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n" + pipelined, port)
+            await wait_until(
+                lambda: client.is_lost or client.received.count(b"HTTP/1.1 ") > 1, what="the connection to close"
+            )
+            self.assertEqual(client.received.count(b"HTTP/1.1 "), 1, client.received)
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 " + status), client.received)
+            self.assertIn(b"\r\nConnection: close\r\n", client.received)
+            self.assertTrue(client.is_lost)
+
+        return go()
+
+    def test_the_gateway(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("recorder")
+            await self.assert_connect_ends_the_connection(h, h.http_port, b"501")
+            # Neither the CONNECT nor what followed it was judged or forwarded.
+            self.assertEqual(agent.events, [])
+            self.assertEqual(h.upstream.requests, [])
+
+        return ensureDeferred(go())
+
+    def test_the_status_site(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await self.assert_connect_ends_the_connection(h, h.status_port, b"4")
+
+        return ensureDeferred(go())
+
+    def test_a_refusal_of_the_gateway_says_it_closes(self) -> Any:
+        # The gateway's own answers (a 400 here, an agent's 403) replace the
+        # response headers: the Connection: close is kept among them.
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("recorder")
+            client = await h.raw(b"GET /x/../a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await client.lost
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 400 "), client.received)
+            self.assertIn(b"\r\nConnection: close\r\n", client.received)
+
+        return ensureDeferred(go())
+
+
 class AccessLogTests(TestCase):
     timeout = 20
 
