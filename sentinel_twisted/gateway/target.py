@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import re
 
+from .._hostname import HOST, PCT, valid_host
+
 __all__ = ["BadTarget", "RequestTarget", "parse_target", "valid_host"]
 
 
@@ -90,21 +92,13 @@ class RequestTarget:
 
 # RFC 3986: pchar = unreserved / pct-encoded / sub-delims / ":" / "@".
 _PCHAR = rb"A-Za-z0-9\-._~!$&'()*+,;=:@"
-_PCT = rb"%[0-9A-Fa-f]{2}"
 #: absolute-path [ "?" query ]; the query may hold any visible ASCII byte
 #: (clients send [ ] { } | unescaped) but "#", and only well-formed "%".
 _ORIGIN = re.compile(
-    rb"\A(?:/(?:[" + _PCHAR + rb"]|" + _PCT + rb")*)+"
-    rb"(?:\?(?:[\x21-\x22\x24\x26-\x7e]|" + _PCT + rb")*)?\Z"
+    rb"\A(?:/(?:[" + _PCHAR + rb"]|" + PCT + rb")*)+"
+    rb"(?:\?(?:[\x21-\x22\x24\x26-\x7e]|" + PCT + rb")*)?\Z"
 )
 _SCHEME = re.compile(rb"\A(?i:https?)://")
-#: host = IP-literal / IPv4address / reg-name; port = *DIGIT.  No userinfo,
-#: and no ",": the gateway's X-Forwarded-Host is the Host (an absolute-form
-#: target's authority, or what agrees with it), and a comma there would
-#: make it a list of two hosts.
-_HOST = re.compile(
-    rb"\A(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+;=]|" + _PCT + rb")+)(?::[0-9]*)?\Z"
-)
 _DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
 #: A dot segment in the path (before any "?"): "." or ".." (each dot
 #: literal or %2e) between separators; "/" starts it, or an encoded slash
@@ -157,7 +151,7 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
         if 0 <= index < end:
             end = index
     authority = rest[:end].lower()
-    if not authority or not _HOST.match(authority) or authority.startswith(b":"):
+    if not authority or not HOST.match(authority) or authority.startswith(b":"):
         raise BadTarget(400, "the request target's authority is not a valid host[:port]")
     path_and_query = rest[end:]
     default = _DEFAULT_PORTS[raw[: scheme.end() - 3].lower()]
@@ -167,17 +161,6 @@ def parse_target(method: bytes, raw: bytes) -> RequestTarget:
     if not path_and_query.startswith(b"/"):
         path_and_query = b"/" + path_and_query
     return RequestTarget(_origin(path_and_query), _without_port(authority, default), default)
-
-
-def valid_host(value: bytes) -> bool:
-    """
-    Whether a C{Host} header value is C{uri-host [ ":" port ]} (RFC 9112
-    section 3.2, RFC 3986): a reg-name, an IPv4 address or a bracketed IP
-    literal, and a port of digits.  Stricter than the RFC in two ways: an
-    empty host is refused (nginx refuses it too), and so is a C{,} (never in
-    a DNS name; it would split the X-Forwarded-Host made of it in two).
-    """
-    return _HOST.match(value) is not None
 
 
 def _without_port(authority: bytes, default: bytes) -> bytes:

@@ -23,6 +23,7 @@ from twisted.web import pages, server
 from twisted.web.resource import Resource
 
 from .._deadlines import DeadlineChannel
+from .._hostname import valid_host
 from .._persistence import check_persistence
 from .._ratelimit import LogRateLimiter
 from .._reading import read_plainly
@@ -230,12 +231,16 @@ _MISDIRECTED = _Misdirected()  # type: ignore[no-untyped-call]
 
 class _NoOneHost(Resource):
     """
-    C{400 Bad Request} for an HTTP/1.1 request without a C{Host}, or any
-    request with more than one (RFC 9112 section 3.2).
+    C{400 Bad Request} for an HTTP/1.1 request without a C{Host}, any
+    request with more than one, or one that is not C{host[:port]} (RFC 9112
+    section 3.2).
     """
 
     isLeaf = True
-    _BODY = b"400 Bad Request\nAn HTTP/1.1 request needs one Host header, and no request may have more.\n"
+    _BODY = (
+        b"400 Bad Request\nA request needs one Host header, host[:port] "
+        b"(only an HTTP/1.0 request may leave it out).\n"
+    )
 
     def render(self, request: Any) -> bytes:
         request.setResponseCode(400, b"Bad Request")
@@ -330,8 +335,8 @@ class StatusSite(server.Site):
     connection arrived on, C{localhost} on a loopback address, or one of
     C{hosts}.  A page from elsewhere whose name was made to resolve to this
     address (DNS rebinding) sends its own name, and gets C{421}.  An
-    HTTP/1.1 request without a C{Host}, or one with two, gets C{400} (RFC
-    9112 section 3.2).
+    HTTP/1.1 request without a C{Host}, one with two, or one that is not
+    C{host[:port]} gets C{400} (RFC 9112 section 3.2).
 
     It holds at most C{max_connections} connections at once, and each must
     send every request head whole within C{header_timeout} seconds of
@@ -421,7 +426,9 @@ class StatusSite(server.Site):
 
     def getResourceFor(self, request: Any) -> Any:
         hosts = request.requestHeaders.getRawHeaders(b"host")
-        if (hosts is None and request.clientproto == b"HTTP/1.1") or (hosts is not None and len(hosts) > 1):
+        if (hosts is None and request.clientproto == b"HTTP/1.1") or (
+            hosts is not None and (len(hosts) > 1 or not valid_host(hosts[0].strip(b" \t")))
+        ):
             return _NO_ONE_HOST
         if not self.names_me(request):
             return _MISDIRECTED

@@ -699,7 +699,8 @@ class StatusHostTests(TestCase):
 
     def test_an_http11_request_needs_exactly_one_host(self) -> Any:
         # RFC 9112 section 3.2: 400 for an HTTP/1.1 request without Host,
-        # and for any request with more than one.
+        # and for any request with more than one or one that is no
+        # host[:port].
         async def go() -> None:
             h = await Harness(self).start()
             host = b"Host: 127.0.0.1\r\n"
@@ -708,6 +709,10 @@ class StatusHostTests(TestCase):
                 (b"GET /agents HTTP/1.1\r\n" + host + host, b"HTTP/1.1 400 Bad Request"),
                 (b"GET /agents HTTP/1.0\r\n" + host + host, b"HTTP/1.0 400 Bad Request"),
                 (b"GET /agents HTTP/1.0\r\n", b"HTTP/1.0 200 OK"),
+                (b"GET /agents HTTP/1.1\r\nHost: a b\r\n", b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.0\r\nHost: 127.0.0.1, evil.example\r\n", b"HTTP/1.0 400 Bad Request"),
+                (b"GET /agents HTTP/1.1\r\nHost: 127.0.0.1@evil.example\r\n", b"HTTP/1.1 400 Bad Request"),
+                (b"GET /agents HTTP/1.1\r\nHost: \r\n", b"HTTP/1.1 400 Bad Request"),
                 (b"GET /agents HTTP/1.1\r\n" + host, b"HTTP/1.1 200 OK"),
             ]:
                 client = await h.raw(head + b"Connection: close\r\n\r\n", h.status_port)
