@@ -208,47 +208,38 @@ class StatusResource(Resource):
         return render_page(self)
 
 
-class _Misdirected(Resource):
+class _Refusal(Resource):
     """
-    C{421 Misdirected Request} with its phrase: C{twisted.web} knows no
-    phrase for 421 (C{pages.errorPage} would send C{Unknown Status}).
-    """
-
-    isLeaf = True
-    _BODY = (
-        b"421 Misdirected Request\n"
-        b"This status site answers only to its own address or the names given with --status-host.\n"
-    )
-
-    def render(self, request: Any) -> bytes:
-        request.setResponseCode(421, b"Misdirected Request")
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return self._BODY
-
-
-_MISDIRECTED = _Misdirected()  # type: ignore[no-untyped-call]
-
-
-class _NoOneHost(Resource):
-    """
-    C{400 Bad Request} for an HTTP/1.1 request without a C{Host}, any
-    request with more than one, or one that is not C{host[:port]} (RFC 9112
-    section 3.2).
+    A plain-text refusal of any request, with its status's phrase given:
+    C{twisted.web} knows no phrase for 421 (C{pages.errorPage} would send
+    C{Unknown Status}).
     """
 
     isLeaf = True
-    _BODY = (
-        b"400 Bad Request\nA request needs one Host header, host[:port] "
-        b"(only an HTTP/1.0 request may leave it out).\n"
-    )
+
+    def __init__(self, code: int, phrase: bytes, explanation: bytes) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.code = code
+        self.phrase = phrase
+        self.body = b"%d %s\n%s\n" % (code, phrase, explanation)
 
     def render(self, request: Any) -> bytes:
-        request.setResponseCode(400, b"Bad Request")
+        request.setResponseCode(self.code, self.phrase)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return self._BODY
+        return self.body
 
 
-_NO_ONE_HOST = _NoOneHost()  # type: ignore[no-untyped-call]
+#: A C{Host} that names another site (DNS rebinding).
+_MISDIRECTED = _Refusal(
+    421,
+    b"Misdirected Request",
+    b"This status site answers only to its own address or the names given with --status-host.",
+)
+#: An HTTP/1.1 request without a C{Host}, any request with more than one,
+#: or one that is not C{host[:port]} (RFC 9112 section 3.2).
+_NO_ONE_HOST = _Refusal(
+    400, b"Bad Request", b"A request needs one Host header, host[:port] (only an HTTP/1.0 request may leave it out)."
+)
 
 
 def _host_name(value: bytes) -> str:
