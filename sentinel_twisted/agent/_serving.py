@@ -371,15 +371,24 @@ class EventServing:
                 queued=len(self._queue),
             )
             return
+        went_busy = not self._active and not self._queue
         self._by_id[cid] = entry
         self._held_bytes += size
         if budget is not None:
             budget.total += size
+        if went_busy:
+            self._went_busy()
         if slot_free:
             self._start(entry)
         else:
             self._queue[entry.serial] = entry
         self._update_flow()
+
+    def _went_busy(self) -> None:
+        """An event is in flight now, and none was: for a listener's idle policy."""
+
+    def _went_idle(self) -> None:
+        """The last event in flight ended (C{idle_since} is now): for a listener's idle policy."""
 
     def _overloaded(self, cid: str, text: str, **fields: object) -> None:
         """Answer C{cid} at once with the error decision, status 503: no room to serve it."""
@@ -561,6 +570,7 @@ class EventServing:
             # Nothing in flight: idle from now (a listener may close or
             # evict a connection idle too long).
             self.idle_since = self.clock.seconds()
+            self._went_idle()
             if self.draining:
                 self._lifecycle.drained()
 

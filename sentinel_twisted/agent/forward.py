@@ -36,6 +36,7 @@ its connections.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from typing import Any
 
 from twisted.application.service import Service
@@ -166,6 +167,9 @@ class ForwardAgentProtocol(AgentProtocol):
         # When the first frame partly read since its last event began
         # (see quiet_since).
         self._partial_since: float | None = None
+        #: Whether an event has been in flight on it (a newcomer takes the
+        #: place of a connection that has never carried one first).
+        self.carried_events = False
 
     def __repr__(self) -> str:
         return (
@@ -235,6 +239,7 @@ class ForwardAgentProtocol(AgentProtocol):
         self.MAX_LENGTH = MAX_MESSAGE_SIZE
         # Idle from its handshake until its first event.
         self.idle_since = self.clock.seconds()
+        self._went_idle()
         # The lifecycle's "registered" input carries who the proxy is and
         # the connection's name, as a reverse registration's answer does.
         self._lifecycle.registered(
@@ -306,6 +311,17 @@ class ForwardAgentProtocol(AgentProtocol):
                 # (or since the handshake, or the connection was made).
                 self._partial_since = self.clock.seconds()
 
+    def _went_busy(self) -> None:
+        self.carried_events = True
+        factory = self.factory
+        if isinstance(factory, ForwardAgentFactory):
+            factory.went_busy(self)
+
+    def _went_idle(self) -> None:
+        factory = self.factory
+        if isinstance(factory, ForwardAgentFactory) and not self.closing:
+            factory.went_idle(self)
+
     def evict(self, detail: str) -> None:
         """
         Abort it to make room for a new connection: it is idle, so nothing
@@ -374,7 +390,8 @@ class ForwardAgentFactory(Factory):
         L{ForwardAgentProtocol.quiet_since}) before a new connection may
         take its place; C{None}: never, new connections are closed instead.
         A connection that has never carried an event goes first (one still
-        waiting for its handshake, or one that has sent nothing since),
+        waiting for its handshake, or one that has sent nothing since, or
+        only events answered at once: invalid, or over a limit),
         then the one idle longest; one with an event in flight never.
     @ivar idle_timeout: seconds a connection past its handshake may go
         without an event in flight (see L{ForwardAgentProtocol.quiet_since})
@@ -426,6 +443,16 @@ class ForwardAgentFactory(Factory):
         self.log_limiter = LogRateLimiter(clock)
         #: Every connection from accept to close, handshaking or serving.
         self.connections: set[ForwardAgentProtocol] = set()
+        # The connections without an event in flight, in the order of their
+        # idle_since (each goes to the end when it changes, to now): those
+        # that have never had one in flight, and the others.  So a newcomer
+        # finds the one to close from the oldest on, without a scan of
+        # every connection (with many places and a flood of connections,
+        # that scan would take the reactor).
+        # (OrderedDicts: a plain dict's iteration walks past the holes its
+        # deletions from the front leave, until it is resized.)
+        self._never_used: OrderedDict[ForwardAgentProtocol, None] = OrderedDict()
+        self._used: OrderedDict[ForwardAgentProtocol, None] = OrderedDict()
         self.frame_budget = frame_budget if frame_budget is not None else IncompleteFrameBudget()
         self.held_event_budget = held_event_budget if held_event_budget is not None else HeldEventBudget()
         self.max_connections = max_connections
@@ -472,12 +499,28 @@ class ForwardAgentFactory(Factory):
         )
         protocol.factory = self
         self.connections.add(protocol)
+        self._never_used[protocol] = None
         protocol.when_lost().addCallback(lambda _: self._forget(protocol))
         return protocol
 
     def _forget(self, protocol: ForwardAgentProtocol) -> None:
         protocol.stop_idle_timer()
         self.connections.discard(protocol)
+        self._never_used.pop(protocol, None)
+        self._used.pop(protocol, None)
+
+    def went_busy(self, protocol: ForwardAgentProtocol) -> None:
+        """C{protocol} has an event in flight: no newcomer takes its place until it ends."""
+        self._never_used.pop(protocol, None)
+        self._used.pop(protocol, None)
+
+    def went_idle(self, protocol: ForwardAgentProtocol) -> None:
+        """C{protocol} is idle from now (its handshake, or the end of its events)."""
+        if protocol not in self.connections:
+            return
+        idle = self._used if protocol.carried_events else self._never_used
+        idle[protocol] = None
+        idle.move_to_end(protocol)
 
     # -- the idle policy ----------------------------------------------------------
 
@@ -493,26 +536,34 @@ class ForwardAgentFactory(Factory):
         an event in flight is never closed here, nor one with a frame partly
         read (an event, or a handshake, on its way) for less than
         C{eviction_idle_age} since the first frame after its last event
-        began.  One scan of the connections, only when the listener is full.
+        began.  The idle connections are kept in the order they went idle,
+        so the search starts with the oldest and stops at the first idle
+        for less than the age: its cost does not grow with the number of
+        places, which a flood of connections would otherwise make the
+        reactor pay for each one.
         """
         age = self.eviction_idle_age
         if age is None:
             return False
         latest = self.clock.seconds() - age
         victim: ForwardAgentProtocol | None = None
-        best: tuple[bool, float] | None = None
-        for protocol in self.connections:
-            since = protocol.quiet_since
-            if since is None or since > latest or protocol.closing:
-                continue
-            key = (protocol.stats["events"] > 0, since)
-            if best is None or key < best:
-                victim, best = protocol, key
-        if victim is None or best is None:
+        since: float | None = None
+        for candidates in (self._never_used, self._used):
+            # Oldest first; the rest are idle for less than the age.
+            for protocol in candidates:
+                if protocol.idle_since > latest:
+                    break
+                since = protocol.quiet_since
+                if since is not None and since <= latest and not protocol.closing:
+                    victim = protocol
+                    break
+            if victim is not None:
+                break
+        if victim is None or since is None:
             return False
         self._forget(victim)
         self.evicted_connections += 1
-        idle = format_duration(round(self.clock.seconds() - best[1], 3))
+        idle = format_duration(round(self.clock.seconds() - since, 3))
         detail = f"closed to make room for a new connection, idle for {idle}"
         self.log_limiter.warn(
             log,

@@ -243,6 +243,48 @@ class EvictionTests(SynchronousTestCase):
         listener.connect()
         self.assertTrue(transport.disconnected)
 
+    def test_newcomers_take_the_places_of_the_idle_oldest_first(self) -> None:
+        agent = RecordingAgent()
+        listener = Listener(agent, max_connections=5)
+        made = [listener.shaken() for _ in range(5)]
+        order = {protocol: i for i, (protocol, _) in enumerate(made)}
+        # Events on 0 then 3 then 1 (its own still in flight); 2 and 4 never carry one.
+        for i, cid in ((0, "a"), (3, "b"), (1, "c")):
+            listener.clock.advance(1)
+            made[i][0].dataReceived(frame(REQUEST_HEADERS, headers_event(cid)))
+        for cid in ("a", "b"):
+            agent.answer(cid)
+        listener.clock.advance(1)
+        agent.answer("c")
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE)
+        closed = []
+        for _ in range(6):
+            before = set(listener.factory.connections)
+            newcomer, transport = listener.connect()
+            # Each newcomer carries an event at once, and keeps it in flight.
+            if isinstance(newcomer, ForwardAgentProtocol):
+                newcomer.dataReceived(
+                    frame(HANDSHAKE_REQUEST, handshake()) + frame(REQUEST_HEADERS, headers_event(f"n{len(closed)}"))
+                )
+            closed.extend(order[p] for p in before - listener.factory.connections)
+        # Never used (oldest first), then used, idle longest first (1 was
+        # busy until last).  With every place busy, the sixth is refused.
+        self.assertEqual(closed, [2, 4, 0, 3, 1])
+        self.assertIsInstance(newcomer, RefusedConnection)
+
+    def test_a_connection_whose_events_were_all_answered_at_once_counts_as_never_used(self) -> None:
+        listener = Listener(max_connections=2)
+        used, used_transport = listener.shaken()
+        used.dataReceived(frame(REQUEST_HEADERS, headers_event("a")))
+        listener.clock.advance(5)
+        garbling, garbling_transport = listener.shaken()
+        garbling.dataReceived(frame(REQUEST_HEADERS, {"correlation_id": "g"}))
+        self.assertEqual(answered(garbling_transport), ["g"])
+        listener.clock.advance(5)
+        listener.connect()
+        self.assertTrue(garbling_transport.disconnected)
+        self.assertFalse(used_transport.disconnecting)
+
     def test_eviction_can_be_turned_off(self) -> None:
         listener = Listener(max_connections=1, eviction_idle_age=None)
         _, transport = listener.shaken()
