@@ -492,6 +492,21 @@ class EventServing:
     def _handler_done(self, result: object, entry: _Entry) -> None:
         if not self._finish(entry):
             return
+        try:
+            self._answer_with(result, entry)
+        except Exception:
+            # An answer that is not one inside (an AgentResponse built with
+            # audit=None, a builder that raises): the handler's error, not
+            # the reactor's, and the slot and the proxy are not left waiting.
+            failure = Failure()
+            kind = failure.type.__name__ if failure.type is not None else "error"
+            detail = f"its answer cannot be sent: {kind}: {peer_text(failure.getErrorMessage(), _HANDLER_ERROR_IN_LOG)}"
+            self._report_error(entry, AgentHandlerError(entry.handler, entry.correlation_id, detail), failure)
+            self._send_answer(entry.correlation_id, self.settings.error_answer())
+        self._slot_freed()
+
+    def _answer_with(self, result: object, entry: _Entry) -> None:
+        """Send what a handler returned as the answer to C{entry}, the error decision if it is none."""
         if isinstance(result, ResponseBuilder):
             response = result.build()
         elif isinstance(result, m.AgentResponse):
@@ -510,7 +525,6 @@ class EventServing:
             )
             response = self.settings.error_answer()
         self._send_answer(entry.correlation_id, response)
-        self._slot_freed()
 
     def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
         if not self._finish(entry):
