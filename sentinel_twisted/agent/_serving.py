@@ -371,15 +371,24 @@ class EventServing:
                 queued=len(self._queue),
             )
             return
+        went_busy = not self._active and not self._queue
         self._by_id[cid] = entry
         self._held_bytes += size
         if budget is not None:
             budget.total += size
+        if went_busy:
+            self._went_busy()
         if slot_free:
             self._start(entry)
         else:
             self._queue[entry.serial] = entry
         self._update_flow()
+
+    def _went_busy(self) -> None:
+        """An event is in flight now, and none was: for a listener's idle policy."""
+
+    def _went_idle(self) -> None:
+        """The last event in flight ended (C{idle_since} is now): for a listener's idle policy."""
 
     def _overloaded(self, cid: str, text: str, **fields: object) -> None:
         """Answer C{cid} at once with the error decision, status 503: no room to serve it."""
@@ -483,6 +492,21 @@ class EventServing:
     def _handler_done(self, result: object, entry: _Entry) -> None:
         if not self._finish(entry):
             return
+        try:
+            self._answer_with(result, entry)
+        except Exception:
+            # An answer that is not one inside (an AgentResponse built with
+            # audit=None, a builder that raises): the handler's error, not
+            # the reactor's, and the slot and the proxy are not left waiting.
+            failure = Failure()
+            kind = failure.type.__name__ if failure.type is not None else "error"
+            detail = f"its answer cannot be sent: {kind}: {peer_text(failure.getErrorMessage(), _HANDLER_ERROR_IN_LOG)}"
+            self._report_error(entry, AgentHandlerError(entry.handler, entry.correlation_id, detail), failure)
+            self._send_answer(entry.correlation_id, self.settings.error_answer())
+        self._slot_freed()
+
+    def _answer_with(self, result: object, entry: _Entry) -> None:
+        """Send what a handler returned as the answer to C{entry}, the error decision if it is none."""
         if isinstance(result, ResponseBuilder):
             response = result.build()
         elif isinstance(result, m.AgentResponse):
@@ -501,7 +525,6 @@ class EventServing:
             )
             response = self.settings.error_answer()
         self._send_answer(entry.correlation_id, response)
-        self._slot_freed()
 
     def _handler_failed(self, failure: Failure, entry: _Entry) -> None:
         if not self._finish(entry):
@@ -561,6 +584,7 @@ class EventServing:
             # Nothing in flight: idle from now (a listener may close or
             # evict a connection idle too long).
             self.idle_since = self.clock.seconds()
+            self._went_idle()
             if self.draining:
                 self._lifecycle.drained()
 

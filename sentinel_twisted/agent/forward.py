@@ -36,6 +36,7 @@ its connections.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from typing import Any
 
 from twisted.application.service import Service
@@ -98,8 +99,11 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 256
 #: Seconds a connection must have had no event in flight (nor a frame
 #: partly read) before a newcomer may take its place when every place is
-#: taken: a proxy's handshake or event on its way, not read yet, is never
-#: cut short.
+#: taken: a proxy's handshake or event on its way, not read yet, is not cut
+#: short.  A frame partly read counts from when the first one since the
+#: connection's last event began: frames that are no event (a Pong, an
+#: invalid event), each write ending partway through the next, do not
+#: keep a connection from being idle.
 DEFAULT_EVICTION_IDLE_AGE = 1.0
 
 
@@ -160,6 +164,12 @@ class ForwardAgentProtocol(AgentProtocol):
         self._on_frame = self._handshake_frame
         #: The listener's check of its idle time, C{None} when none waits.
         self.idle_timer: IDelayedCall | None = None
+        # When the first frame partly read since its last event began
+        # (see quiet_since).
+        self._partial_since: float | None = None
+        #: Whether an event has been in flight on it (a newcomer takes the
+        #: place of a connection that has never carried one first).
+        self.carried_events = False
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +239,7 @@ class ForwardAgentProtocol(AgentProtocol):
         self.MAX_LENGTH = MAX_MESSAGE_SIZE
         # Idle from its handshake until its first event.
         self.idle_since = self.clock.seconds()
+        self._went_idle()
         # The lifecycle's "registered" input carries who the proxy is and
         # the connection's name, as a reverse registration's answer does.
         self._lifecycle.registered(
@@ -272,6 +283,44 @@ class ForwardAgentProtocol(AgentProtocol):
     def idle(self) -> bool:
         """Whether it has no event in flight, nor a frame partly read."""
         return not self._active and not self._queue and not self.mid_frame
+
+    @property
+    def quiet_since(self) -> float | None:
+        """
+        Since when it has carried nothing, for the listener's idle policy;
+        C{None} while an event is in flight.  A frame partly read counts
+        from when the first frame since its last event began, not from the
+        latest: a peer that sends a Pong (or an invalid event) and the first
+        bytes of the next frame in each write, never a whole event, would
+        otherwise always be partway through a frame, never idle.
+        """
+        if self._active or self._queue:
+            return None
+        since = self.idle_since
+        partial = self._partial_since
+        if self.mid_frame and partial is not None and partial > since:
+            return partial
+        return since
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self.mid_frame:
+            partial = self._partial_since
+            if partial is None or partial < self.idle_since:
+                # The first frame partly read since the last event ended
+                # (or since the handshake, or the connection was made).
+                self._partial_since = self.clock.seconds()
+
+    def _went_busy(self) -> None:
+        self.carried_events = True
+        factory = self.factory
+        if isinstance(factory, ForwardAgentFactory):
+            factory.went_busy(self)
+
+    def _went_idle(self) -> None:
+        factory = self.factory
+        if isinstance(factory, ForwardAgentFactory) and not self.closing:
+            factory.went_idle(self)
 
     def evict(self, detail: str) -> None:
         """
@@ -337,14 +386,16 @@ class ForwardAgentFactory(Factory):
         of the one idle longest (see C{eviction_idle_age}), or is closed as
         soon as it is made if none is idle long enough.
     @ivar eviction_idle_age: seconds a connection must have been idle (no
-        event in flight, no frame partly read) before a new connection may
+        event in flight, no frame partly read, see
+        L{ForwardAgentProtocol.quiet_since}) before a new connection may
         take its place; C{None}: never, new connections are closed instead.
         A connection that has never carried an event goes first (one still
-        waiting for its handshake, or one that has sent nothing since),
+        waiting for its handshake, or one that has sent nothing since, or
+        only events answered at once: invalid, or over a limit),
         then the one idle longest; one with an event in flight never.
     @ivar idle_timeout: seconds a connection past its handshake may go
-        without an event in flight before it is closed; 0: never.  Pings
-        do not count: neither the reference proxy nor ours sends any on a
+        without an event in flight (see L{ForwardAgentProtocol.quiet_since})
+        before it is closed; 0: never.  Pings do not count: neither the reference proxy nor ours sends any on a
         connection without traffic, and the reference proxy does not dial
         a closed connection again, so only set it when every proxy that
         dials redials (ours does, see C{AgentPool.connect_agent}).
@@ -392,6 +443,16 @@ class ForwardAgentFactory(Factory):
         self.log_limiter = LogRateLimiter(clock)
         #: Every connection from accept to close, handshaking or serving.
         self.connections: set[ForwardAgentProtocol] = set()
+        # The connections without an event in flight, in the order of their
+        # idle_since (each goes to the end when it changes, to now): those
+        # that have never had one in flight, and the others.  So a newcomer
+        # finds the one to close from the oldest on, without a scan of
+        # every connection (with many places and a flood of connections,
+        # that scan would take the reactor).
+        # (OrderedDicts: a plain dict's iteration walks past the holes its
+        # deletions from the front leave, until it is resized.)
+        self._never_used: OrderedDict[ForwardAgentProtocol, None] = OrderedDict()
+        self._used: OrderedDict[ForwardAgentProtocol, None] = OrderedDict()
         self.frame_budget = frame_budget if frame_budget is not None else IncompleteFrameBudget()
         self.held_event_budget = held_event_budget if held_event_budget is not None else HeldEventBudget()
         self.max_connections = max_connections
@@ -438,12 +499,28 @@ class ForwardAgentFactory(Factory):
         )
         protocol.factory = self
         self.connections.add(protocol)
+        self._never_used[protocol] = None
         protocol.when_lost().addCallback(lambda _: self._forget(protocol))
         return protocol
 
     def _forget(self, protocol: ForwardAgentProtocol) -> None:
         protocol.stop_idle_timer()
         self.connections.discard(protocol)
+        self._never_used.pop(protocol, None)
+        self._used.pop(protocol, None)
+
+    def went_busy(self, protocol: ForwardAgentProtocol) -> None:
+        """C{protocol} has an event in flight: no newcomer takes its place until it ends."""
+        self._never_used.pop(protocol, None)
+        self._used.pop(protocol, None)
+
+    def went_idle(self, protocol: ForwardAgentProtocol) -> None:
+        """C{protocol} is idle from now (its handshake, or the end of its events)."""
+        if protocol not in self.connections:
+            return
+        idle = self._used if protocol.carried_events else self._never_used
+        idle[protocol] = None
+        idle.move_to_end(protocol)
 
     # -- the idle policy ----------------------------------------------------------
 
@@ -456,28 +533,37 @@ class ForwardAgentFactory(Factory):
         A proxy with traffic has its connections busy or idle only briefly,
         so a flood of connections that hold their places without using
         them makes room for it, while it keeps its own.  A connection with
-        an event in flight, or a frame partly read (an event, or a
-        handshake, on its way), is never closed here.  One scan of the
-        connections, only when the listener is full.
+        an event in flight is never closed here, nor one with a frame partly
+        read (an event, or a handshake, on its way) for less than
+        C{eviction_idle_age} since the first frame after its last event
+        began.  The idle connections are kept in the order they went idle,
+        so the search starts with the oldest and stops at the first idle
+        for less than the age: its cost does not grow with the number of
+        places, which a flood of connections would otherwise make the
+        reactor pay for each one.
         """
         age = self.eviction_idle_age
         if age is None:
             return False
         latest = self.clock.seconds() - age
         victim: ForwardAgentProtocol | None = None
-        best: tuple[bool, float] | None = None
-        for protocol in self.connections:
-            since = protocol.idle_since
-            if since > latest or not protocol.idle or protocol.closing:
-                continue
-            key = (protocol.stats["events"] > 0, since)
-            if best is None or key < best:
-                victim, best = protocol, key
-        if victim is None:
+        since: float | None = None
+        for candidates in (self._never_used, self._used):
+            # Oldest first; the rest are idle for less than the age.
+            for protocol in candidates:
+                if protocol.idle_since > latest:
+                    break
+                since = protocol.quiet_since
+                if since is not None and since <= latest and not protocol.closing:
+                    victim = protocol
+                    break
+            if victim is not None:
+                break
+        if victim is None or since is None:
             return False
         self._forget(victim)
         self.evicted_connections += 1
-        idle = format_duration(round(self.clock.seconds() - victim.idle_since, 3))
+        idle = format_duration(round(self.clock.seconds() - since, 3))
         detail = f"closed to make room for a new connection, idle for {idle}"
         self.log_limiter.warn(
             log,
@@ -505,12 +591,13 @@ class ForwardAgentFactory(Factory):
             return
         timeout = self.idle_timeout
         now = self.clock.seconds()
-        left = protocol.idle_since + timeout - now if protocol.idle else timeout
-        if left > 0:
+        since = protocol.quiet_since
+        if since is None or since + timeout > now:
+            left = timeout if since is None else since + timeout - now
             protocol.idle_timer = self.clock.callLater(left, self._check_idle, protocol)
             return
         self.idle_closed_connections += 1
-        idle = format_duration(round(now - protocol.idle_since, 3))
+        idle = format_duration(round(now - since, 3))
         self.log_limiter.info(
             log,
             "forward-idle-timeout",

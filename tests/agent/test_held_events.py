@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentinel_twisted.agent import Agent, AgentClientFactory, AgentConnector, AgentListener
+from sentinel_twisted import messages as m
+from sentinel_twisted.agent import Agent, AgentClientFactory, AgentConnector, AgentListener, allow
 from sentinel_twisted.agent.budget import DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES, HeldEventBudget
 from sentinel_twisted.agent.forward import ForwardAgentFactory
 from sentinel_twisted.agent.protocol import AgentSettings
@@ -163,3 +167,134 @@ class OptionTests(SynchronousTestCase):
                     usage.UsageError, parse, "--connect", "unix:/tmp/p.sock", "--max-total-held-event-bytes", value
                 )
                 self.assertIn(f"--max-total-held-event-bytes: expected a positive integer, got {value!r}", str(error))
+
+
+class _Scripted(Agent):
+    """
+    Request headers whose id starts with C{sync} are answered at once, with
+    C{raise} raise, with C{broken} return an answer broken inside; the
+    others wait on a Deferred the test answers, fails or leaves.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[Any]] = []
+
+    def on_request_headers(self, event: Any) -> Any:
+        cid = event.metadata.correlation_id
+        if cid.startswith("sync"):
+            return allow()
+        if cid.startswith("raise"):
+            raise RuntimeError("boom")
+        if cid.startswith("broken"):
+            return m.AgentResponse(audit=None)  # type: ignore[arg-type]
+        d: Deferred[Any] = Deferred()
+        self.waiting.append(d)
+        return d
+
+
+_IDS = st.sampled_from(["a", "b", "c", "sync-1", "raise-1", "broken-1"])
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("event"), st.integers(0, 2), _IDS, st.integers(0, 3)),
+        st.tuples(st.just("cancel"), st.integers(0, 2), _IDS),
+        st.tuples(st.just("answer"), st.integers(0, 20)),
+        st.tuples(st.just("fail"), st.integers(0, 20)),
+        st.tuples(st.just("lose"), st.integers(0, 2)),
+        st.tuples(st.just("close"), st.integers(0, 2)),
+        st.tuples(st.just("drain"), st.integers(0, 2)),
+        st.tuples(st.just("garble"), st.integers(0, 2)),
+        st.tuples(st.just("time"), st.sampled_from([0.5, 2.0, 6.0])),
+    ),
+    max_size=40,
+)
+
+
+class BudgetAccountTests(SynchronousTestCase):
+    """
+    Whatever the proxy and the handlers do, the shared budget holds what the
+    connections hold, and nothing once they are gone: a budget that drifts
+    up answers 503 for good, one that drifts down lets more through.
+    """
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(_STEPS)
+    def test_the_budget_is_what_the_connections_hold(self, steps: list[tuple[Any, ...]]) -> None:
+        agent = _Scripted()
+        clock = Clock()
+        budget = HeldEventBudget(3 * SIZE)
+        options = {
+            "agent": agent,
+            "agent_id": "waf-1",
+            "health_interval": 0,
+            "max_concurrency": 2,
+            "max_queued": 2,
+            "max_held_event_bytes": 2 * SIZE + 100,
+        }
+        dialling = AgentClientFactory(AgentSettings(**options), clock, held_event_budget=budget)
+        listening = ForwardAgentFactory(
+            AgentSettings(**options), clock, held_event_budget=budget, idle_timeout=5, max_connections=2
+        )
+        protocols: list[Any] = []
+        for i in range(3):
+            if i == 0:
+                protocol = dialling.buildProtocol(UNIXAddress(None))
+                opening = frame(HANDSHAKE_RESPONSE, success_response())
+            else:
+                protocol = listening.buildProtocol(UNIXAddress(None))
+                opening = frame(HANDSHAKE_REQUEST, handshake())
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(opening)
+            protocols.append(protocol)
+
+        def check() -> None:
+            for p in protocols:
+                held = sum(e.size for e in [*p._active.values(), *p._queue.values()])
+                self.assertEqual(p._held_bytes, held)
+            self.assertEqual(budget.total, sum(p._held_bytes for p in protocols))
+
+        def lose(p: Any) -> None:
+            if not p._transport_gone:
+                p.transport.disconnecting = True
+                p.connectionLost()
+
+        for step in steps:
+            kind, *args = step
+            if kind == "event":
+                index, cid, pad = args
+                padding = {"x-pad": ["p" * (1000 * pad)]}
+                protocols[index].dataReceived(frame(REQUEST_HEADERS, headers_event(cid, headers=padding)))
+            elif kind == "cancel":
+                index, cid = args
+                cancel = {"correlation_id": cid, "reason": 0, "timestamp_ms": 1}
+                protocols[index].dataReceived(frame(CANCEL, cancel))
+            elif kind in ("answer", "fail"):
+                waiting = [d for d in agent.waiting if not d.called]
+                if waiting:
+                    d = waiting[args[0] % len(waiting)]
+                    if kind == "answer":
+                        d.callback(allow())
+                    else:
+                        d.errback(RuntimeError("late failure"))
+            elif kind == "lose":
+                lose(protocols[args[0]])
+            elif kind == "close":
+                protocols[args[0]].close("test")
+            elif kind == "drain":
+                protocols[args[0]].drain(3)
+            elif kind == "garble":
+                protocols[args[0]].dataReceived(b"\x00\x00\x00\x00")
+            else:
+                clock.advance(args[0])
+            check()
+        for p in protocols:
+            lose(p)
+        for d in agent.waiting:
+            if not d.called:
+                d.callback(allow())
+        check()
+        self.assertEqual(budget.total, 0)
+        # Nothing of the listener's is left behind: no connection, no timer.
+        self.assertEqual(listening.connections, set())
+        self.assertEqual((len(listening._never_used), len(listening._used)), (0, 0))
+        self.assertEqual([c for c in clock.getDelayedCalls() if c.active()], [])
+        self.flushLoggedErrors(RuntimeError, AttributeError)

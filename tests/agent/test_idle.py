@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -33,6 +34,7 @@ from ._support import (
     AGENT_RESPONSE,
     HANDSHAKE_REQUEST,
     PING,
+    PONG,
     REQUEST_HEADERS,
     RecordingAgent,
     frame,
@@ -130,17 +132,62 @@ class EvictionTests(SynchronousTestCase):
         listener.connect()
         self.assertTrue(busy_transport.disconnected)
 
-    def test_a_connection_partway_through_a_frame_is_never_closed_for_a_newcomer(self) -> None:
+    def test_a_connection_partway_through_a_frame_is_kept_for_the_age(self) -> None:
         listener = Listener(max_connections=2)
         _, mid_handshake = listener.connect()
         listener.factory.connections.copy().pop().dataReceived(frame(HANDSHAKE_REQUEST, handshake())[:10])
         serving, serving_transport = listener.shaken()
-        serving.dataReceived(frame(REQUEST_HEADERS, headers_event("a"))[:20])
         listener.clock.advance(5)
+        # Idle 5 s, then an event on its way: it counts from the frame's start.
+        serving.dataReceived(frame(REQUEST_HEADERS, headers_event("a"))[:20])
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE / 2)
+        serving.dataReceived(frame(REQUEST_HEADERS, headers_event("a"))[20:30])
+        # The handshake partly read since the start is not kept.
+        newcomer, _ = listener.connect()
+        self.assertIsInstance(newcomer, ForwardAgentProtocol)
+        self.assertTrue(mid_handshake.disconnected)
         refused, _ = listener.connect()
         self.assertIsInstance(refused, RefusedConnection)
-        self.assertFalse(mid_handshake.disconnecting or serving_transport.disconnecting)
-        self.assertEqual(listener.factory.evicted_connections, 0)
+        self.assertFalse(serving_transport.disconnecting)
+        self.assertEqual(listener.factory.evicted_connections, 1)
+
+    def test_a_handshake_partly_read_holds_a_place_for_the_age_only(self) -> None:
+        listener = Listener(max_connections=1)
+        stalling, transport = listener.connect()
+        stalling.dataReceived(frame(HANDSHAKE_REQUEST, handshake())[:6])
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE / 2)
+        self.assertIsInstance(listener.connect()[0], RefusedConnection)
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE / 2)
+        # Not the handshake timeout (10 s): a proxy's handshake comes in one write.
+        newcomer, _ = listener.connect()
+        self.assertIsInstance(newcomer, ForwardAgentProtocol)
+        self.assertTrue(transport.disconnected)
+
+    def test_frames_without_events_ending_partway_through_the_next_do_not_hold_a_place(self) -> None:
+        listener = Listener(max_connections=1)
+        peer, transport = listener.shaken()
+        # Each write ends a frame that is no event (a Pong, an invalid event)
+        # and starts the next, so that every read leaves one partly read.
+        peer.dataReceived(struct.pack("!IB", 3, REQUEST_HEADERS))
+        for _ in range(4):
+            listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE / 2)
+            peer.dataReceived(b"{}" + frame(PONG, {}) + struct.pack("!IB", 3, REQUEST_HEADERS))
+            self.assertTrue(peer.mid_frame)
+        newcomer, _ = listener.connect()
+        self.assertIsInstance(newcomer, ForwardAgentProtocol)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(peer.stats["events"], 4)
+
+    def test_an_event_served_lets_the_next_frame_partly_read_hold_the_place_again(self) -> None:
+        listener = Listener(max_connections=1)
+        proxy, transport = listener.shaken()
+        event = frame(REQUEST_HEADERS, headers_event("a"))
+        proxy.dataReceived(event[:10])
+        listener.clock.advance(10)
+        proxy.dataReceived(event[10:] + event[:10])
+        self.assertEqual(answered(transport), ["a"])
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE / 2)
+        self.assertIsInstance(listener.connect()[0], RefusedConnection)
 
     def test_a_connection_idle_less_than_the_age_is_kept(self) -> None:
         listener = Listener(max_connections=1, eviction_idle_age=10)
@@ -195,6 +242,48 @@ class EvictionTests(SynchronousTestCase):
             pinging.dataReceived(frame(PING, {"sequence": 1, "timestamp_ms": 1}))
         listener.connect()
         self.assertTrue(transport.disconnected)
+
+    def test_newcomers_take_the_places_of_the_idle_oldest_first(self) -> None:
+        agent = RecordingAgent()
+        listener = Listener(agent, max_connections=5)
+        made = [listener.shaken() for _ in range(5)]
+        order = {protocol: i for i, (protocol, _) in enumerate(made)}
+        # Events on 0 then 3 then 1 (its own still in flight); 2 and 4 never carry one.
+        for i, cid in ((0, "a"), (3, "b"), (1, "c")):
+            listener.clock.advance(1)
+            made[i][0].dataReceived(frame(REQUEST_HEADERS, headers_event(cid)))
+        for cid in ("a", "b"):
+            agent.answer(cid)
+        listener.clock.advance(1)
+        agent.answer("c")
+        listener.clock.advance(DEFAULT_EVICTION_IDLE_AGE)
+        closed = []
+        for _ in range(6):
+            before = set(listener.factory.connections)
+            newcomer, transport = listener.connect()
+            # Each newcomer carries an event at once, and keeps it in flight.
+            if isinstance(newcomer, ForwardAgentProtocol):
+                newcomer.dataReceived(
+                    frame(HANDSHAKE_REQUEST, handshake()) + frame(REQUEST_HEADERS, headers_event(f"n{len(closed)}"))
+                )
+            closed.extend(order[p] for p in before - listener.factory.connections)
+        # Never used (oldest first), then used, idle longest first (1 was
+        # busy until last).  With every place busy, the sixth is refused.
+        self.assertEqual(closed, [2, 4, 0, 3, 1])
+        self.assertIsInstance(newcomer, RefusedConnection)
+
+    def test_a_connection_whose_events_were_all_answered_at_once_counts_as_never_used(self) -> None:
+        listener = Listener(max_connections=2)
+        used, used_transport = listener.shaken()
+        used.dataReceived(frame(REQUEST_HEADERS, headers_event("a")))
+        listener.clock.advance(5)
+        garbling, garbling_transport = listener.shaken()
+        garbling.dataReceived(frame(REQUEST_HEADERS, {"correlation_id": "g"}))
+        self.assertEqual(answered(garbling_transport), ["g"])
+        listener.clock.advance(5)
+        listener.connect()
+        self.assertTrue(garbling_transport.disconnected)
+        self.assertFalse(used_transport.disconnecting)
 
     def test_eviction_can_be_turned_off(self) -> None:
         listener = Listener(max_connections=1, eviction_idle_age=None)
@@ -256,6 +345,16 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         listener.clock.advance(1)
         self.assertTrue(transport.disconnecting)
+
+    def test_frames_partly_read_without_events_do_not_count(self) -> None:
+        listener = Listener(idle_timeout=30)
+        peer, transport = listener.shaken()
+        peer.dataReceived(struct.pack("!IB", 3, REQUEST_HEADERS))
+        for _ in range(2):
+            listener.clock.advance(20)
+            peer.dataReceived(b"{}" + struct.pack("!IB", 3, REQUEST_HEADERS))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(listener.factory.idle_closed_connections, 1)
 
     def test_pings_do_not_count(self) -> None:
         listener = Listener(idle_timeout=30)

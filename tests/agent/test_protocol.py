@@ -507,6 +507,31 @@ class ErrorAnswerTests(SynchronousTestCase):
         answer = self.serve(Odd())
         self.assertEqual(answer["decision"]["block"]["status"], 500)
 
+    def test_an_answer_broken_inside_is_replaced_and_frees_its_slot(self) -> None:
+        # msgspec does not check a Struct's fields when it is made.
+        class Careless(RecordingAgent):
+            def on_request_headers(self, event: Any) -> Any:
+                if event.metadata.correlation_id == "e1":
+                    return AgentResponse(audit=None)  # type: ignore[arg-type]
+                return super().on_request_headers(event)
+
+        agent = Careless()
+        h = Harness(agent, max_concurrency=1, max_queued=1)
+        h.register()
+        h.sent()
+        h.feed(REQUEST_HEADERS, headers_event("e2"))
+        h.feed(REQUEST_HEADERS, headers_event("e1"))
+        before = h.clock.seconds()
+        h.clock.advance(3)
+        agent.answer("e2")
+        # The queued e1 ran and was answered; nothing is left in flight.
+        answers = h.answers()
+        self.assertEqual([cid_of(a) for a in answers], ["e2", "e1"])
+        self.assertEqual(answers[1]["decision"]["block"]["status"], 500)
+        self.assertEqual((h.protocol.load, h.protocol.stats["handler_errors"]), (0, 1))
+        self.assertEqual(h.protocol.idle_since, before + 3)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
     def test_fail_open_allows(self) -> None:
         class Broken(Agent):
             def on_request_headers(self, event: Any) -> Any:
