@@ -29,8 +29,11 @@ listener does not time idle connections out unless told to
 again.  Instead, when every place is taken, a newcomer takes the place of
 the connection that has been idle longest, if one has had no event in
 flight for C{eviction_idle_age} seconds (one that never carried an event
-first): a proxy that dials can always get in, and one with traffic keeps
-its connections.
+first): connections held without use cannot keep a proxy out, and one
+with traffic keeps its connections.  (A flood of new connections faster
+than C{max_connections} per C{eviction_idle_age} still takes every place
+as soon as it may be taken: an unauthenticated endpoint belongs on a
+network only proxies reach.)
 """
 
 from __future__ import annotations
