@@ -49,7 +49,7 @@ from ..wire import MAX_INCOMPLETE_FRAME_BYTES, IncompleteFrameBudget
 from ._interfaces import IAgent
 from .budget import DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES, HeldEventBudget
 from .connector import AgentConnector
-from .forward import DEFAULT_MAX_CONNECTIONS, AgentListener
+from .forward import DEFAULT_EVICTION_IDLE_AGE, DEFAULT_MAX_CONNECTIONS, AgentListener
 from .protocol import DEFAULT_MAX_EVENT_VALUES
 from .rules import RulesAgent, RulesError
 
@@ -83,6 +83,15 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _seconds_or_never(value: str) -> float | None:
+    if value.strip().lower() == "never":
+        return None
+    try:
+        return _seconds(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds (0 or more) or never, got {value!r}") from None
+
+
 # Converted in postOptions rather than by usage's coercers, whose error
 # text does not say which option was wrong.
 _CONVERSIONS = {
@@ -99,6 +108,7 @@ _CONVERSIONS = {
     "max-held-event-bytes": positive_int,
     "max-total-held-event-bytes": positive_int,
     "idle-timeout": _seconds,
+    "eviction-idle-age": _seconds_or_never,
     "max-event-values": positive_int,
     "frame-timeout": _positive_float,
     "write-stall-timeout": _positive_float,
@@ -191,6 +201,13 @@ class Options(ProgramOptions):
             DEFAULT_MAX_CONNECTIONS,
             "Proxy connections (N) --listen holds at once; a new one takes the place of one "
             "idle for a second or more (no event in flight), or is closed.",
+        ],
+        [
+            "eviction-idle-age",
+            None,
+            DEFAULT_EVICTION_IDLE_AGE,
+            "Seconds a --listen connection must have been idle (no event in flight) for a new one "
+            "to take its place when every place is taken (never: new ones are closed instead).",
         ],
         [
             "idle-timeout",
@@ -540,6 +557,7 @@ def make_agent_listener(
         max_total_held_event_bytes=options.get("max-total-held-event-bytes", DEFAULT_MAX_TOTAL_HELD_EVENT_BYTES),
         held_event_budget=held_event_budget,
         idle_timeout=options.get("idle-timeout", 0.0),
+        eviction_idle_age=options.get("eviction-idle-age", DEFAULT_EVICTION_IDLE_AGE),
     )
 
 

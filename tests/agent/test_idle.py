@@ -406,6 +406,23 @@ class OptionTests(SynchronousTestCase):
                 )
                 self.assertIn("--idle-timeout", str(error))
 
+    def test_eviction_idle_age_option(self) -> None:
+        from sentinel_twisted.agent.tap import make_agent_service
+
+        path = temp_path(self, "agent.sock")
+        for given, age in (("5", 5.0), ("0", 0.0), ("never", None), ("Never", None)):
+            with self.subTest(given=given):
+                options = parse("--listen", f"unix:{path}", "--eviction-idle-age", given)
+                service = make_agent_service(options, reactor=Clock())
+                assert service.listener is not None
+                self.assertEqual(service.listener.factory.eviction_idle_age, age)
+        for value in ("-1", "soon", "inf"):
+            with self.subTest(value=value):
+                error = self.assertRaises(
+                    usage.UsageError, parse, "--listen", f"unix:{path}", "--eviction-idle-age", value
+                )
+                self.assertIn("--eviction-idle-age", str(error))
+
 
 # -- real sockets ---------------------------------------------------------------
 
