@@ -258,10 +258,7 @@ class EventServing:
         entries = list(self._active.values())
         self._active.clear()
         self._queue.clear()
-        budget = self.held_event_budget
-        if budget is not None:
-            budget.total -= self._held_bytes
-        self._held_bytes = 0
+        self._account_held(-self._held_bytes)
         self._by_id.clear()
         for entry in entries:
             entry.cancelled = True
@@ -373,9 +370,7 @@ class EventServing:
             return
         went_busy = not self._active and not self._queue
         self._by_id[cid] = entry
-        self._held_bytes += size
-        if budget is not None:
-            budget.total += size
+        self._account_held(size)
         if went_busy:
             self._went_busy()
         if slot_free:
@@ -383,6 +378,13 @@ class EventServing:
         else:
             self._queue[entry.serial] = entry
         self._update_flow()
+
+    def _account_held(self, change: int) -> None:
+        """Count C{change} more bytes of events held, here and in the process's budget."""
+        self._held_bytes += change
+        budget = self.held_event_budget
+        if budget is not None:
+            budget.total += change
 
     def _went_busy(self) -> None:
         """An event is in flight now, and none was: for a listener's idle policy."""
@@ -481,10 +483,7 @@ class EventServing:
         """Take C{entry} out of the running set; C{False} if it was cancelled."""
         if entry.cancelled or self._active.pop(entry.serial, None) is None:
             return False
-        self._held_bytes -= entry.size
-        budget = self.held_event_budget
-        if budget is not None:
-            budget.total -= entry.size
+        self._account_held(-entry.size)
         if self._by_id.get(entry.correlation_id) is entry:
             del self._by_id[entry.correlation_id]
         return True
@@ -692,10 +691,7 @@ class EventServing:
             return
         self.stats["cancelled"] += 1
         entry.cancelled = True
-        self._held_bytes -= entry.size
-        budget = self.held_event_budget
-        if budget is not None:
-            budget.total -= entry.size
+        self._account_held(-entry.size)
         if self._active.pop(entry.serial, None) is not None:
             if entry.deferred is not None:
                 entry.deferred.cancel()

@@ -283,11 +283,6 @@ class ForwardAgentProtocol(AgentProtocol):
         return self._close_detail is not None or self._transport_gone or self.draining
 
     @property
-    def idle(self) -> bool:
-        """Whether it has no event in flight, nor a frame partly read."""
-        return not self._active and not self._queue and not self.mid_frame
-
-    @property
     def quiet_since(self) -> float | None:
         """
         Since when it has carried nothing, for the listener's idle policy;
@@ -509,11 +504,13 @@ class ForwardAgentFactory(Factory):
     def _forget(self, protocol: ForwardAgentProtocol) -> None:
         protocol.stop_idle_timer()
         self.connections.discard(protocol)
-        self._never_used.pop(protocol, None)
-        self._used.pop(protocol, None)
+        self.went_busy(protocol)
 
     def went_busy(self, protocol: ForwardAgentProtocol) -> None:
-        """C{protocol} has an event in flight: no newcomer takes its place until it ends."""
+        """
+        C{protocol} has an event in flight (or is gone): no newcomer takes
+        its place until it ends.
+        """
         self._never_used.pop(protocol, None)
         self._used.pop(protocol, None)
 
