@@ -200,6 +200,7 @@ def run(harness: Any) -> dict[str, Any]:
 
     try:
         for i in range(a.runs):
+            harness.host.checkpoint(f"gateway: round {i + 1}")
             harness.log(f"gateway: round {i + 1}/{a.runs}: no agent")
             g = fresh()
             bare = run_wrk(g.url, a.gateway_connections, a.gateway_duration)

@@ -181,6 +181,7 @@ def alternate(
     count = len(contenders)
     for level in a.levels:
         for r in range(a.runs):
+            harness.host.checkpoint(f"{section}: concurrency {level}, round {r + 1}")
             for contender in contenders[r % count :] + contenders[: r % count]:
                 harness.log(f"{section}: {contender} at concurrency {level}, round {r + 1}/{a.runs}")
                 runs[contender][str(level)].append(measure(contender, level))

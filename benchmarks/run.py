@@ -30,6 +30,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from benchmarks.host import HostMonitor
+from benchmarks.host import report as host_report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ("roundtrip", "timeouts", "register", "memory", "burst", "reactors", "gateway", "reference", "forward", "workers")
@@ -155,6 +158,8 @@ class Harness:
         self.children: list[Child] = []
         self.serial = 0
         self.vectors = args.vectors or os.environ.get("SENTINEL_VECTORS") or os.path.join(ROOT, "tests", "data", "vectors")
+        #: Steal and calibration between measurements (L{benchmarks.host}).
+        self.host = HostMonitor()
 
     def close(self) -> None:
         for child in self.children:
@@ -647,7 +652,12 @@ def report(results: dict[str, Any]) -> str:
 
         lines.extend(workers.report(results["workers"], fmt))
     lines.append("")
-    lines.append("targets")
+    hosts = results.get("host", {})
+    for section, host in hosts.items():
+        lines.extend(host_report(section, host))
+    contended = [section for section, host in hosts.items() if host["contended"]]
+    lines.append("")
+    lines.append("targets" + (f" (measured on a contended host in {', '.join(contended)}: no verdict)" if contended else ""))
     lines.append("| target | goal | measured | met |")
     lines.append("|---|---|---|---|")
     for row in results["targets"]:
@@ -719,7 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         harness.build_agent()
         for section in args.sections:
+            first = len(harness.host.checkpoints)
+            harness.host.checkpoint(f"{section}: start")
             results[section] = getattr(harness, f"section_{section}")()
+            harness.host.checkpoint(f"{section}: end")
+            results.setdefault("host", {})[section] = harness.host.section(first)
     except HarnessError as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ if ! command -v wrk >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "
 fi
 timeout 120 python -m benchmarks.run --quick --json "${CI_TMP:-build}/bench-smoke.json" >"${CI_TMP:-build}/bench-smoke.txt"
 grep -q '^| target | goal | measured | met |$' "${CI_TMP:-build}/bench-smoke.txt"
+# How quiet the host was, checked between measurements (benchmarks/host.py).
+grep -q '^host during roundtrip: steal ' "${CI_TMP:-build}/bench-smoke.txt"
 # The reference section's options: busy polling as a fourth contender, pinned CPUs.
 timeout 60 python -m benchmarks.run --quick --sections reference --levels 1 --busy-poll 50 --placement same \
     --json "${CI_TMP:-build}/bench-smoke-busy.json" >"${CI_TMP:-build}/bench-smoke-busy.txt"
