@@ -334,6 +334,15 @@ class AgentResponseTests(TestCase):
             value = "allow" if wire == "allow" else json.loads(wire)
             self.assertEqual(m.decode_agent_response(answer(decision=value)).decision, decision)
 
+    def test_unit_decisions_in_map_form(self) -> None:
+        """
+        C{{"allow": null}} is allow, as the reference's parser reads a unit
+        variant written as a map (any other body is not).
+        """
+        self.assertIs(m.decode_agent_response(answer(decision={"allow": None})).decision, m.ALLOW)
+        for value in ({"allow": {}}, {"allow": 1}, {"allow": None, "block": {"status": 403}}):
+            self.assertInvalid(answer(decision=value), "`$.decision`")
+
     def test_unknown_decision_string(self) -> None:
         self.assertInvalid(answer(decision="deny"), "unknown decision", "`$.decision`")
 
@@ -410,6 +419,14 @@ class AgentResponseTests(TestCase):
         ]:
             response = m.decode_agent_response(answer(websocket_decision=wire))
             self.assertEqual(response.websocket_decision, decision)
+
+    def test_unit_websocket_decisions_in_map_form(self) -> None:
+        """C{{"allow": null}} and C{{"drop": null}} are read as the reference reads them."""
+        for wire, decision in [({"allow": None}, m.WebSocketAllow()), ({"drop": None}, m.WebSocketDrop())]:
+            response = m.decode_agent_response(answer(websocket_decision=wire))
+            self.assertEqual(response.websocket_decision, decision)
+        for value in ({"drop": {}}, {"allow": "x"}):
+            self.assertInvalid(answer(websocket_decision=value), "`$.websocket_decision`")
 
     def test_websocket_decision_wrong_shapes(self) -> None:
         cases = [

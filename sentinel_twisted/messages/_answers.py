@@ -302,8 +302,20 @@ def _convert(obj: object, shape: type[Struct], key: str) -> Any:
         raise ValueError(f"{text}{_SUBPATH}.{key}{inner.rstrip('`')}") from None
 
 
+def _unit_variant(obj: object, names: tuple[str, ...]) -> object:
+    """
+    A unit variant written as a map, C{{"allow": null}}, as its name: the
+    reference's parser (serde) reads either form.
+    """
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((key, value),) = obj.items()
+        if value is None and key in names:
+            return key
+    return obj
+
+
 def _decode_decision(obj: object) -> Decision:
-    if obj == "allow":
+    if obj == "allow" or _unit_variant(obj, ("allow",)) == "allow":
         return ALLOW
     key, body = _single_key(obj, "decision", ("block", "redirect", "challenge"))
     if key == "block":
@@ -359,6 +371,7 @@ def _decode_header_op(obj: object) -> HeaderOp:
 
 
 def _decode_websocket_decision(obj: object) -> WebSocketDecision:
+    obj = _unit_variant(obj, ("allow", "drop"))
     if obj == "allow":
         return WebSocketAllow()
     if obj == "drop":
