@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 from twisted.application import service
+from twisted.internet.error import CannotListenError
 
 from ..endpoints import describe_listen_failure, parse_description
 from ..proxy._reload import ConfigurationReloader
@@ -43,7 +44,7 @@ from .parent import ControlService, HandOverFactory, WorkerGroup, log
 from .processes import WorkerProcesses, worker_command
 from .status import GroupStatusResource
 
-__all__ = ["ReservedPort", "WorkerService", "make_group", "make_worker"]
+__all__ = ["ReservedPort", "WorkerService", "exclusive_port_socket", "make_group", "make_worker"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -57,12 +58,43 @@ def _tcp_address(description: str) -> tuple[int, str, str, int]:
     return family, interface, port, int(kwargs.get("backlog", 50))
 
 
+def exclusive_port_socket(family: int, interface: str, port: int) -> socket.socket:
+    """
+    A TCP socket bound to C{port} for one group alone (not listening yet).
+
+    It is bound without C{SO_REUSEPORT} first, so the bind fails while any
+    socket holds the port, one bound with C{SO_REUSEPORT} too (another
+    group's workers, of the same user): sharing it, the kernel would
+    spread this group's clients over both proxies.  Then C{SO_REUSEPORT}
+    is set, so that the group's own workers can bind it (Linux reads the
+    flag of a bound socket when another binds).  On a kernel that reads
+    it at bind time only, the socket is bound again with the flag (a
+    moment in which another program could take the port).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((interface, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        bound = sock.getsockname()[1]
+        try:
+            reuse_port_socket(family, interface, bound).close()
+        except OSError:
+            sock.close()
+            sock = reuse_port_socket(family, interface, bound)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class ReservedPort(service.Service):
     """
     Holds the gateway's port for the group: bound with C{SO_REUSEPORT} but
     not listening (so it takes no clients), it fixes the port number
-    (C{tcp:0} included) and keeps other users' programs off it while
-    workers restart.
+    (C{tcp:0} included) and keeps other programs off it while workers
+    restart.  A port that another program holds is refused (see
+    L{exclusive_port_socket}), even one it shares with C{SO_REUSEPORT}.
 
     @ivar socket: the bound socket.
     @ivar port: the port number.
@@ -72,9 +104,10 @@ class ReservedPort(service.Service):
     def __init__(self, description: str) -> None:
         family, interface, port, backlog = _tcp_address(description)
         try:
-            self.socket = reuse_port_socket(family, interface, int(port))
+            self.socket = exclusive_port_socket(family, interface, int(port))
         except OSError as e:
-            raise StartupError(f"--http {description}: {describe_listen_failure(e)}") from None
+            failure = CannotListenError(interface, port, e)
+            raise StartupError(f"--http {description}: {describe_listen_failure(failure)}") from None
         self.port = self.socket.getsockname()[1]
         address = f"interface={interface.replace(':', chr(92) + ':')}:" if interface else ""
         self.description = f"tcp{'6' if family == socket.AF_INET6 else ''}:{self.port}:{address}backlog={backlog}"

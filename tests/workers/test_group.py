@@ -486,6 +486,42 @@ class OptionTests(TestCase):
         self.assertTrue(str(error).startswith(f"--access-log {log_path}: "), str(error))
 
 
+class ReservedPortTests(TestCase):
+    """The group's HTTP port: shared by its own workers, never with another program."""
+
+    def test_a_port_another_group_serves_is_refused_not_shared(self) -> None:
+        # Another group's workers (or any program of this user) listening
+        # with SO_REUSEPORT: binding the port with SO_REUSEPORT as well
+        # succeeded, and the kernel then spread this proxy's clients over
+        # both proxies, whatever their rules and upstreams.
+        from sentinel_twisted.services import StartupError
+        from sentinel_twisted.workers.assemble import ReservedPort
+        from sentinel_twisted.workers.child import reuse_port_socket
+
+        other = reuse_port_socket(socket.AF_INET, "127.0.0.1", 0)
+        self.addCleanup(other.close)
+        other.listen(5)
+        port = other.getsockname()[1]
+        error = self.assertRaises(StartupError, ReservedPort, f"tcp:{port}:interface=127.0.0.1")
+        self.assertEqual(
+            str(error), f"--http tcp:{port}:interface=127.0.0.1: cannot listen on 127.0.0.1:{port}: address already in use"
+        )
+
+    def test_the_workers_share_the_reserved_port_and_nobody_else_takes_it(self) -> None:
+        from sentinel_twisted.workers.assemble import ReservedPort
+        from sentinel_twisted.workers.child import reuse_port_socket
+
+        reserved = ReservedPort("tcp:0:interface=127.0.0.1")
+        self.addCleanup(reserved.socket.close)
+        workers = [reuse_port_socket(socket.AF_INET, "127.0.0.1", reserved.port) for _ in range(2)]
+        for worker in workers:
+            self.addCleanup(worker.close)
+            worker.listen(5)
+        plain = socket.socket()
+        self.addCleanup(plain.close)
+        self.assertRaises(OSError, plain.bind, ("127.0.0.1", reserved.port))
+
+
 class CoverageTests(TestCase):
     def test_an_agent_missing_from_a_worker_is_reported_after_a_while(self) -> None:
         workers = group(2)
