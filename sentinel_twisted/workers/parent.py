@@ -146,6 +146,9 @@ class WorkerGroup:
         # and the workers owed a newer one once it is answered.
         self._seen_sending: dict[int, ParentControl] = {}
         self._seen_stale: set[int] = set()
+        # The Snapshot each worker was asked for and not answered yet: the
+        # control connection it went to and the status requests waiting.
+        self._snapshots: dict[int, tuple[ParentControl, set[Deferred[Any]]]] = {}
         self._stopped = False
         factory.group = self
 
@@ -486,19 +489,45 @@ class WorkerGroup:
         C{None} for one that is not connected or does not answer within
         L{SNAPSHOT_TIMEOUT}.
         """
-        asked: list[Deferred[Any]] = []
-        for worker in self.workers:
-            if worker.control is None:
-                asked.append(succeed(None))
-                continue
-            answer = worker.control.call(Snapshot)
-            answer.addTimeout(SNAPSHOT_TIMEOUT, self.clock)
-            answer.addErrback(lambda _: None)
-            asked.append(answer)
+        asked = [self._snapshot(worker) for worker in self.workers]
         gathered: Deferred[list[Any]] = DeferredList(asked, consumeErrors=True)
         return gathered.addCallback(
             lambda results: [(w, r[1]) for w, r in zip(self.workers, results, strict=True)]
         )
+
+
+    def _snapshot(self, worker: Worker) -> Deferred[dict[str, Any] | None]:
+        """
+        C{worker}'s snapshot, or C{None} after L{SNAPSHOT_TIMEOUT}.  It is
+        asked for one at a time: while one is on its way, status requests
+        wait for its answer.  A worker that is stopped or hung would
+        otherwise be sent one per request, each kept in the parent until
+        answered, and would build every one of them once it ran again
+        (before it could answer a heartbeat).
+        """
+        control = worker.control
+        if control is None:
+            return succeed(None)
+        index = worker.index
+        asked = self._snapshots.get(index)
+        if asked is None or asked[0] is not control:
+            waiting: set[Deferred[Any]] = set()
+            asked = self._snapshots[index] = (control, waiting)
+
+            def answered(result: object, asked: tuple[ParentControl, set[Deferred[Any]]] = asked) -> None:
+                # (A failure is the control connection lost: the worker has left.)
+                if self._snapshots.get(index) is asked:
+                    del self._snapshots[index]
+                for each in list(asked[1]):
+                    each.callback(result)
+                asked[1].clear()
+
+            control.call(Snapshot).addErrback(lambda _: None).addCallback(answered)
+        waiting = asked[1]
+        mine: Deferred[Any] = Deferred(canceller=waiting.discard)
+        waiting.add(mine)
+        mine.addTimeout(SNAPSHOT_TIMEOUT, self.clock)
+        return mine.addErrback(lambda _: None)
 
 
 class ParentControl(ControlProtocol):

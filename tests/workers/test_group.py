@@ -297,6 +297,44 @@ class GroupViewTests(TestCase):
         self.assertIn(b"<td>1</td><td>1001</td><td>not answering</td>", page)
         self.assertIn(b"<td>2</td><td>-</td><td>down</td>", page)
 
+    def test_a_worker_that_does_not_answer_is_asked_for_one_snapshot_at_a_time(self) -> None:
+        # A stopped or hung worker: each status request used to send it a
+        # Snapshot of its own, kept in the parent until answered, and the
+        # worker, once it ran again, built every one of them (its metrics
+        # each time) before it could answer a heartbeat.
+        from sentinel_twisted.workers.commands import Snapshot
+        from sentinel_twisted.workers.parent import SNAPSHOT_TIMEOUT
+
+        workers = group(2)
+        silent, answering = join_all(workers)
+        results: list[Any] = []
+        for _ in range(3):
+            for _ in range(50):
+                workers.snapshots().addCallback(results.append)
+            for control in (silent, answering):
+                for command, answer in zip(control.sent, control.answers, strict=True):
+                    if command[0] is Snapshot and control is answering and not answer.called:
+                        answer.callback(snapshot("waf-1", ["b"]))
+            workers.clock.advance(SNAPSHOT_TIMEOUT)  # type: ignore[attr-defined]
+        self.assertEqual(len(results), 150)
+        self.assertEqual({r[0][1] is None and r[1][1] is not None for r in results}, {True})
+        self.assertEqual([c for c, _ in silent.sent].count(Snapshot), 1)
+        self.assertEqual([c for c, _ in answering.sent].count(Snapshot), 3)
+
+        # Its answer, late, goes to the requests still waiting; the next
+        # request asks it again.
+        waiting: list[Any] = []
+        workers.snapshots().addCallback(waiting.append)
+        late = snapshot("waf-1", ["a"])
+        (asked,) = [a for (c, _), a in zip(silent.sent, silent.answers, strict=True) if c is Snapshot]
+        asked.callback(late)
+        for answer in answering.answers:
+            if not answer.called:
+                answer.callback(snapshot("waf-1", ["b"]))
+        self.assertIs(waiting[0][0][1], late)
+        workers.snapshots()
+        self.assertEqual([c for c, _ in silent.sent].count(Snapshot), 2)
+
     def test_metrics_of_every_worker_in_one_exposition_labelled_by_worker(self) -> None:
         one = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 3.0\n"
         two = b"# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{decision=\"allow\"} 5.0\n"
