@@ -579,6 +579,7 @@ class HandOverProtocol(ReverseConnectionProtocol):
     registration = b""
     _handing: AgentConnection | None = None
     _handed = False
+    _given_up = False
 
     def _registration_frame(self, message_type: int, payload: bytes) -> None:
         self.registration = payload
@@ -629,6 +630,7 @@ class HandOverProtocol(ReverseConnectionProtocol):
     def give_up(self, why: str) -> None:
         """The connection cannot be handed over: close it (the agent reconnects)."""
         connection = self._handing
+        self._given_up = True
         log.warn(
             "Closing connection {connection_id} of agent {agent_id}: {why}",
             connection_id=peer_text(connection.connection_id if connection else "", 100),
@@ -650,6 +652,17 @@ class HandOverProtocol(ReverseConnectionProtocol):
         self._handed = True
         if connection is not None:
             self.factory._release(connection.agent_id)
+            if not self._given_up:
+                # No worker will say it ended: said here, as a single
+                # process says it (limited per agent id alike).
+                self.factory.log_limiter.info(
+                    log,
+                    f"disconnected:{connection.agent_id}",
+                    "Agent {agent_id} connection {connection_id} disconnected before a worker took it: {detail}",
+                    agent_id=peer_text(connection.agent_id, 64),
+                    connection_id=peer_text(connection.connection_id, 100),
+                    detail=peer_text(detail, 200),
+                )
         if close:
             transport: Any = self.transport
             if transport is not None:

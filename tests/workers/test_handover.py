@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -324,5 +325,34 @@ class NotReadingTests(TestCase):
                 clock.advance(0.01)
         self.assertTrue(transport.disconnected, "given up")
         self.assertIn("the agent does not read its RegistrationResponse", log_text(events))
-        protocol.connectionLost(Failure(ConnectionAborted()))
+        with captured_log() as events:
+            protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(events, [], "said once, by the line that gives up")
+        self.assertEqual((factory.registered_connections("waf-1"), control.adopted), (0, []))
+
+
+class ClosedBeforeHandOverTests(TestCase):
+    def test_a_connection_the_agent_breaks_before_a_worker_takes_it_is_logged(self) -> None:
+        # A single process says why such a connection ended; the parent
+        # said nothing at all: the agent was told it registered, and the
+        # proxy's log had no line of it.
+        clock = MemoryReactorClock()
+        factory = HandOverFactory(ReverseConnectionConfig(), clock=clock)
+        group = WorkerGroup(1, factory, clock)
+        control = _Recording()
+        group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
+        protocol = HandOverProtocol(factory)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        with captured_log() as events:
+            protocol.dataReceived(frame(HANDSHAKE_REQUEST, registration("waf-1")) + struct.pack(">IB", 0xFFFFFFFF, 0x20))
+            protocol.connectionLost(Failure(ConnectionAborted()))
+            clock.advance(0)
+        text = log_text(events)
+        self.assertRegex(
+            text,
+            r"Agent waf-1 connection waf-1-\S+ disconnected before a worker took it: "
+            r"Message too large: 4294967295 bytes \(max: 16777216\)",
+        )
+        self.assertEqual(len([e for e in events if "disconnected" in formatEvent(e)]), 1, text)
         self.assertEqual((factory.registered_connections("waf-1"), control.adopted), (0, []))
