@@ -210,13 +210,63 @@ class Snapshot(amp.Command):
 class ControlProtocol(amp.AMP):
     """
     AMP without its own log lines for each connection made and lost (the
-    parent and the worker say what matters in their words).
+    parent and the worker say what matters in their words), and with a
+    limit on the bytes of one message: AMP keeps every key of a message
+    until its end, however many come.
 
     @ivar transport: the UNIX socket (file descriptors pass over it).
+    @ivar max_message_bytes: the most bytes of one message (an AMP box,
+        its keys and values) taken; past it, L{message_too_large} is
+        called, the message is dropped and nothing more is read.
     """
+
+    max_message_bytes: int | None = None
+    _message_bytes = 0
+    _over = False
 
     def makeConnection(self, transport: Any) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._over:
+            amp.BinaryBoxProtocol.dataReceived(self, data)
+
+    def proto_key(self, string: bytes) -> str | None:
+        if not string:
+            # The message is complete.
+            self._message_bytes = 0
+        elif self._counted(string):
+            return "over"
+        state: str | None = amp.BinaryBoxProtocol.proto_key(self, string)
+        return state
+
+    def proto_value(self, string: bytes) -> str | None:
+        if self._counted(string):
+            return "over"
+        state: str | None = amp.BinaryBoxProtocol.proto_value(self, string)
+        return state
+
+    def proto_over(self, string: bytes) -> str:
+        """A message went past the limit: nothing more is taken."""
+        return "over"
+
+    def _counted(self, string: bytes) -> bool:
+        """Count C{string} in the message; whether the message is now over the limit."""
+        self._message_bytes += len(string) + 2
+        limit = self.max_message_bytes
+        if limit is None or self._message_bytes <= limit:
+            return False
+        self._over = True
+        self._currentBox = None
+        self.pauseProducing()  # type: ignore[no-untyped-call]
+        self.message_too_large(limit)
+        return True
+
+    def message_too_large(self, limit: int) -> None:
+        """A message went past L{max_message_bytes}: the connection is closed."""
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)

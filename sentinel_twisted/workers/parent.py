@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..proxy.connection import AgentConnection
 
 __all__ = [
+    "ControlFactory",
     "ControlService",
     "HandOverFactory",
     "HandOverProtocol",
@@ -68,6 +69,17 @@ RESPREAD_DELAY = 1.0
 SNAPSHOT_TIMEOUT = 2.0
 #: Agent ids named in the line that says connections are moved to a worker.
 MOVERS_SHOWN = 5
+#: The most bytes of one control message from a worker (its snapshots, the
+#: largest, are its C{/agents} and C{/metrics}).
+MAX_CONTROL_MESSAGE = 256 * 1024 * 1024
+#: The most bytes of one control message before the process at the other
+#: end said which worker it is: its first message is L{Hello}, a few dozen.
+MAX_HELLO_MESSAGE = 64 * 1024
+#: Seconds a control connection has to say L{Hello}; then it is closed.
+HELLO_TIMEOUT = 30.0
+#: Control connections that have not said L{Hello} yet that the parent
+#: holds at once, besides one per worker; past it, new ones are closed.
+EXTRA_UNIDENTIFIED = 16
 
 
 class NoWorkerReady(AgentProtocolError):
@@ -149,6 +161,8 @@ class WorkerGroup:
         # The Snapshot each worker was asked for and not answered yet: the
         # control connection it went to and the status requests waiting.
         self._snapshots: dict[int, tuple[ParentControl, set[Deferred[Any]]]] = {}
+        #: Control connections that have not said L{Hello} yet.
+        self.unidentified: set[ParentControl] = set()
         self._stopped = False
         factory.group = self
 
@@ -536,17 +550,68 @@ class ParentControl(ControlProtocol):
 
     @ivar group: the workers.
     @ivar worker: the worker at the other end, once it said hello.
+    @ivar max_message_bytes: L{MAX_HELLO_MESSAGE} until the worker said
+        hello, then L{MAX_CONTROL_MESSAGE}.
     """
+
+    max_message_bytes = MAX_HELLO_MESSAGE
+    _hello_deadline: Any = None
 
     def __init__(self, group: WorkerGroup) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.group = group
         self.worker: Worker | None = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self.group.unidentified.add(self)
+        self._hello_deadline = self.group.clock.callLater(HELLO_TIMEOUT, self._no_hello)
+
+    def _identified(self) -> None:
+        self.group.unidentified.discard(self)
+        deadline, self._hello_deadline = self._hello_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _no_hello(self) -> None:
+        self._hello_deadline = None
+        self.group.factory.log_limiter.warn(
+            log,
+            "control-no-hello",
+            "A control connection did not say which worker it is within {timeout:.0f} s; closing it",
+            timeout=HELLO_TIMEOUT,
+        )
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def message_too_large(self, limit: int) -> None:
+        """Past L{max_message_bytes}: the connection is closed, and the worker (if one) stops."""
+        worker = self.worker
+        if worker is None:
+            self.group.factory.log_limiter.warn(
+                log,
+                "control-too-large",
+                "A control connection that has not said which worker it is sent a message over {limit} bytes; "
+                "closing it",
+                limit=limit,
+            )
+        else:
+            log.error(
+                "Worker {index} (pid {pid}) sent a control message over {limit} bytes; closing its control "
+                "connection: it stops, and is restarted",
+                index=worker.index,
+                pid=worker.pid,
+                limit=limit,
+            )
+        super().message_too_large(limit)
+
     @Hello.responder
     def hello(self, index: int, pid: int) -> dict[str, Any]:
         """L{Hello}: the worker joins the group; the agents the others hold."""
         self.group.worker_joined(self, index, pid)
+        self._identified()
+        self.max_message_bytes = MAX_CONTROL_MESSAGE
         held = {a for w in self.group.serving() if w.index != index for a, n in w.agents.items() if n}
         return {"agents": json.dumps(sorted(held)).encode("utf-8"), "seen": self.group.seen_document()}
 
@@ -564,6 +629,7 @@ class ParentControl(ControlProtocol):
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         super().connectionLost(reason)
+        self._identified()
         self.group.worker_left(self)
 
 
@@ -691,6 +757,34 @@ class HandOverFactory(ReverseConnectionFactory):
         return super().admit(request, client_certificate)
 
 
+class ControlFactory(Factory):
+    """
+    The control socket's connections: closed at once while as many as
+    L{EXTRA_UNIDENTIFIED} more than there are workers have not said which
+    worker they are (each may hold a message of L{MAX_HELLO_MESSAGE}).
+
+    @cvar noisy: C{False}: no log line of its own.
+    @ivar group: the workers.
+    """
+
+    noisy = False
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+
+    def buildProtocol(self, addr: Any) -> ParentControl | None:
+        group = self.group
+        if len(group.unidentified) >= len(group.workers) + EXTRA_UNIDENTIFIED:
+            group.factory.log_limiter.warn(
+                log,
+                "control-unidentified",
+                "{count} control connections have not said which worker they are; closing a new one",
+                count=len(group.unidentified),
+            )
+            return None
+        return ParentControl(group)
+
+
 class ControlService(service.Service):
     """
     The parent's control socket, in a directory of its own that only its
@@ -719,9 +813,7 @@ class ControlService(service.Service):
     def startService(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
         endpoint = UNIXServerEndpoint(self.reactor, self.path, mode=0o600)
-        group = self.group
-        factory = Factory.forProtocol(lambda: ParentControl(group))
-        factory.noisy = False
+        factory = ControlFactory(self.group)
         listening = endpoint.listen(factory)
         failures: list[Failure] = []
         listening.addCallbacks(lambda port: setattr(self, "port", port), failures.append)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -392,6 +393,97 @@ class ControlTests(TestCase):
                               ("--status", "none"), ("--log-format", "json"), ("--http", "tcp:8080")]:
             self.assertEqual(tail[tail.index(option) + 1], value)
         self.assertIn("--pidfile=", command[:at])
+
+
+def _control(workers: WorkerGroup) -> tuple[Any, StringTransport]:
+    """The parent's end of a new control connection, on a string transport."""
+    from sentinel_twisted.workers.parent import ParentControl
+
+    control = ParentControl(workers)
+    transport = StringTransport()
+    control.makeConnection(transport)
+    return control, transport
+
+
+def _endless_message(keys: int) -> bytes:
+    """The start of an AMP message of C{keys} keys of 60,000 bytes each, never ended."""
+    return b"".join(struct.pack(">H", len(b"k%d" % i)) + b"k%d" % i + struct.pack(">H", 60_000) + b"v" * 60_000
+                    for i in range(keys))
+
+
+class ControlBoundsTests(TestCase):
+    """What reaches the parent's control socket cannot make it grow without bound."""
+
+    def test_a_connection_that_has_not_said_hello_is_closed_past_a_small_message(self) -> None:
+        # AMP keeps every key of a message until it ends: a connection
+        # sending one endless message grew the parent by a gigabyte in seconds.
+        from sentinel_twisted.workers.parent import MAX_HELLO_MESSAGE
+
+        workers = group(2)
+        control, transport = _control(workers)
+        with captured_log() as events:
+            control.dataReceived(_endless_message(MAX_HELLO_MESSAGE // 60_000 + 1))
+            control.dataReceived(_endless_message(10))
+        self.assertTrue(transport.disconnected, "closed")
+        self.assertIsNone(control._currentBox)
+        self.assertIn(
+            f"A control connection that has not said which worker it is sent a message over {MAX_HELLO_MESSAGE} "
+            "bytes; closing it",
+            log_text(events),
+        )
+
+    def test_a_worker_may_send_large_messages_but_not_endless_ones(self) -> None:
+        from twisted.protocols import amp
+
+        from sentinel_twisted.workers import parent
+
+        self.patch(parent, "MAX_CONTROL_MESSAGE", 1_000_000)
+        workers = group(2)
+        control, transport = _control(workers)
+        control.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=b"1001").serialize())
+        self.assertIs(workers.workers[0].control, control)
+        control.dataReceived(_endless_message(16))
+        self.assertFalse(transport.disconnected, "a worker's snapshot may be large")
+        with captured_log() as events:
+            control.dataReceived(_endless_message(1))
+        self.assertTrue(transport.disconnected)
+        self.assertIn(
+            "Worker 1 (pid 1001) sent a control message over 1000000 bytes; closing its control connection",
+            log_text(events),
+        )
+
+    def test_a_connection_that_does_not_say_hello_in_time_is_closed(self) -> None:
+        from twisted.protocols import amp
+
+        from sentinel_twisted.workers.parent import HELLO_TIMEOUT
+
+        workers = group(2)
+        silent, silent_transport = _control(workers)
+        worker, worker_transport = _control(workers)
+        worker.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=b"1001").serialize())
+        with captured_log() as events:
+            workers.clock.advance(HELLO_TIMEOUT)  # type: ignore[attr-defined]
+        self.assertEqual((silent_transport.disconnected, worker_transport.disconnected), (True, False))
+        self.assertIn("A control connection did not say which worker it is within 30 s; closing it", log_text(events))
+        silent.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(workers.unidentified, set())
+
+    def test_connections_that_have_not_said_hello_are_bounded(self) -> None:
+        from sentinel_twisted.workers.parent import EXTRA_UNIDENTIFIED, ControlFactory
+
+        workers = group(2)
+        factory = ControlFactory(workers)
+        held = []
+        for _ in range(2 + EXTRA_UNIDENTIFIED):
+            control = factory.buildProtocol(None)
+            assert control is not None
+            control.makeConnection(StringTransport())
+            held.append(control)
+        with captured_log() as events:
+            self.assertIsNone(factory.buildProtocol(None))
+        self.assertIn(f"{2 + EXTRA_UNIDENTIFIED} control connections have not said which worker they are", log_text(events))
+        held[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(factory.buildProtocol(None))
 
 
 class OptionTests(TestCase):
