@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +58,7 @@ __all__ = [
     "NoWorkerReady",
     "Worker",
     "WorkerGroup",
+    "remove_stale_control_directories",
 ]
 
 #: The module's logger.
@@ -482,7 +486,8 @@ class WorkerGroup:
         worker.stopping = False
         if held:
             log.warn(
-                "Worker {index} left with {held} agent connection(s); agents reconnect to the others",
+                "Worker {index} left with {held} agent connection(s); "
+                + ("the group is stopping" if self._stopped else "agents reconnect to the others"),
                 index=worker.index,
                 held=held,
             )
@@ -785,11 +790,81 @@ class ControlFactory(Factory):
         return ParentControl(group)
 
 
+#: The control directory's name: its parent's pid, then what makes it unique.
+_CONTROL_PREFIX = "sentinel-workers-{pid}-"
+_CONTROL_NAME = re.compile(r"sentinel-workers-([0-9]{1,10})-[^/]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # (PermissionError: another user's process holds the pid.)
+        return True
+    return True
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a process listens on the UNIX socket at C{path}."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def remove_stale_control_directories(directory: str) -> list[str]:
+    """
+    Remove the control directories in C{directory} whose parent has died
+    without removing its own (killed with C{SIGKILL}, or the machine lost
+    power): those this user owns, named after a pid no process has, whose
+    socket no process listens on.  A directory of a live parent is never
+    touched, nor anything that is not a plain directory of this user's (a
+    symbolic link, another user's).
+
+    @return: the paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        matched = _CONTROL_NAME.fullmatch(name)
+        if matched is None:
+            continue
+        pid = int(matched.group(1))
+        path = os.path.join(directory, name)
+        try:
+            status = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != uid or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if _listened_on(os.path.join(path, "control.sock")):
+            # A parent whose pid this process cannot see (another pid
+            # namespace sharing the directory) still listens there.
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
 class ControlService(service.Service):
     """
     The parent's control socket, in a directory of its own that only its
     user can enter (made when the service starts, removed when it stops or
-    cannot start).
+    cannot start; one left by a parent that died is removed when the next
+    starts: see L{remove_stale_control_directories}).
 
     @ivar group: the workers that connect to it.
     @ivar reactor: the reactor.
@@ -811,7 +886,9 @@ class ControlService(service.Service):
         return os.path.join(self.directory, "control.sock")
 
     def startService(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="sentinel-workers-")
+        for path in remove_stale_control_directories(tempfile.gettempdir()):
+            log.info("Removed {path}, the control directory of a worker group that is gone", path=path)
+        self.directory = tempfile.mkdtemp(prefix=_CONTROL_PREFIX.format(pid=os.getpid()))
         endpoint = UNIXServerEndpoint(self.reactor, self.path, mode=0o600)
         factory = ControlFactory(self.group)
         listening = endpoint.listen(factory)
@@ -832,5 +909,14 @@ class ControlService(service.Service):
         self.group.stop()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
-        self._remove()
-        return stopped if stopped is not None else succeed(None)
+        if stopped is None:
+            self._remove()
+            return succeed(None)
+        # The port unlinks its socket once it has stopped: the directory
+        # goes after that (removed first, the unlink would fail).
+        def removed(result: object) -> object:
+            self._remove()
+            return result
+
+        stopped.addBoth(removed)
+        return stopped

@@ -187,7 +187,17 @@ class SlotTests(TestCase):
         self.assertEqual(workers.factory.registered_connections("waf-1"), 2)
         self.assertEqual(workers.factory.registered_connections("auth"), 0)
         self.assertEqual([w.index for w in workers.ready()], [2])
-        self.assertIn("Worker 1 left with 3 agent connection(s)", log_text(events))
+        self.assertIn("Worker 1 left with 3 agent connection(s); agents reconnect to the others", log_text(events))
+
+    def test_a_worker_that_leaves_as_the_group_stops_is_not_said_to_send_agents_to_the_others(self) -> None:
+        workers = group(2)
+        controls = join_all(workers)
+        place(workers, "waf-1", 4)
+        workers.stop()
+        with captured_log() as events:
+            workers.worker_left(controls[0])  # type: ignore[arg-type]
+        self.assertIn("Worker 1 left with 2 agent connection(s); the group is stopping", log_text(events))
+        self.assertNotIn("reconnect to the others", log_text(events))
 
     def waf_1_to_hand_over(self) -> tuple[WorkerGroup, list[_Control], _Handing]:
         """A group of two joined workers, waf-1 admitted, and a connection to hand over."""
@@ -1318,3 +1328,88 @@ class WorkerConsultsTests(TestCase):
         gateway.gateway.take_known_agents(["waf", "auth"])
         self.assertTrue(top.reloader.reload())
         self.assertEqual(gateway.gateway.agent_ids(), ("waf", "auth"))
+
+
+class StaleControlDirectoryTests(TestCase):
+    """A control directory left by a parent that died is removed when the next starts; nothing else is."""
+
+    def setUp(self) -> None:
+        import tempfile
+
+        self.tmp = tempfile.mkdtemp(prefix="sw-")
+        self.addCleanup(__import__("shutil").rmtree, self.tmp, True)
+
+    def dead_pid(self) -> int:
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        return child.pid
+
+    def control_directory(self, pid: int, suffix: str = "abc") -> str:
+        path = os.path.join(self.tmp, f"sentinel-workers-{pid}-{suffix}")
+        os.mkdir(path, 0o700)
+        with open(os.path.join(path, "left"), "w") as f:
+            f.write("x")
+        return path
+
+    def test_a_dead_parents_directory_is_removed_and_a_live_ones_kept(self) -> None:
+        from sentinel_twisted.workers.parent import remove_stale_control_directories
+
+        dead = self.control_directory(self.dead_pid())
+        live = self.control_directory(os.getppid())
+        older = os.path.join(self.tmp, "sentinel-workers-k2j4l5")  # no pid in its name
+        os.mkdir(older)
+        other = os.path.join(self.tmp, "unrelated-1-x")
+        os.mkdir(other)
+        self.assertEqual(remove_stale_control_directories(self.tmp), [dead])
+        self.assertFalse(os.path.lexists(dead))
+        for kept in (live, older, other):
+            self.assertTrue(os.path.isdir(kept), kept)
+
+    def test_a_directory_whose_socket_is_listened_on_is_kept(self) -> None:
+        # A parent in another pid namespace: its pid is not seen, its socket is live.
+        from sentinel_twisted.workers.parent import remove_stale_control_directories
+
+        path = self.control_directory(self.dead_pid())
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(os.path.join(path, "control.sock"))
+        listening.listen(1)
+        self.assertEqual(remove_stale_control_directories(self.tmp), [])
+        self.assertTrue(os.path.isdir(path))
+        listening.close()
+        self.assertEqual(remove_stale_control_directories(self.tmp), [path])
+
+    def test_a_symbolic_link_is_not_followed(self) -> None:
+        from sentinel_twisted.workers.parent import remove_stale_control_directories
+
+        target = os.path.join(self.tmp, "precious")
+        os.mkdir(target)
+        with open(os.path.join(target, "data"), "w") as f:
+            f.write("keep")
+        link = os.path.join(self.tmp, f"sentinel-workers-{self.dead_pid()}-lnk")
+        os.symlink(target, link)
+        self.assertEqual(remove_stale_control_directories(self.tmp), [])
+        self.assertTrue(os.path.exists(os.path.join(target, "data")))
+        self.assertTrue(os.path.islink(link))
+
+    def test_the_service_removes_stale_directories_and_names_its_own_after_its_pid(self) -> None:
+        import tempfile
+
+        from twisted.internet import reactor
+
+        from sentinel_twisted.workers.parent import ControlService
+
+        stale = self.control_directory(self.dead_pid())
+        self.patch(tempfile, "tempdir", self.tmp)
+        service = ControlService(group(1), reactor)
+        with captured_log() as events:
+            service.startService()
+        self.addCleanup(service.stopService)
+        self.assertFalse(os.path.lexists(stale))
+        self.assertIn(f"Removed {stale}, the control directory of a worker group that is gone", log_text(events))
+        assert service.directory is not None
+        self.assertTrue(os.path.basename(service.directory).startswith(f"sentinel-workers-{os.getpid()}-"))
+        self.assertEqual(os.path.dirname(service.directory), self.tmp)
