@@ -305,14 +305,19 @@ class _Unread(StringTransport):
         self.offset = 0
 
 
+def _one_worker() -> tuple[MemoryReactorClock, HandOverFactory, _Recording, HandOverProtocol]:
+    """A group of one joined worker, and a parent connection not handed over yet."""
+    clock = MemoryReactorClock()
+    factory = HandOverFactory(ReverseConnectionConfig(), clock=clock)
+    group = WorkerGroup(1, factory, clock)
+    control = _Recording()
+    group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
+    return clock, factory, control, HandOverProtocol(factory)
+
+
 class NotReadingTests(TestCase):
     def test_an_agent_that_does_not_read_its_answer_is_given_up_and_its_slot_freed(self) -> None:
-        clock = MemoryReactorClock()
-        factory = HandOverFactory(ReverseConnectionConfig(), clock=clock)
-        group = WorkerGroup(1, factory, clock)
-        control = _Recording()
-        group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
-        protocol = HandOverProtocol(factory)
+        clock, factory, control, protocol = _one_worker()
         transport = _Unread()
         protocol.makeConnection(transport)
         protocol.dataReceived(frame(HANDSHAKE_REQUEST, registration("waf-1")))
@@ -336,12 +341,7 @@ class ClosedBeforeHandOverTests(TestCase):
         # A single process says why such a connection ended; the parent
         # said nothing at all: the agent was told it registered, and the
         # proxy's log had no line of it.
-        clock = MemoryReactorClock()
-        factory = HandOverFactory(ReverseConnectionConfig(), clock=clock)
-        group = WorkerGroup(1, factory, clock)
-        control = _Recording()
-        group.worker_joined(control, 1, 4242)  # type: ignore[arg-type]
-        protocol = HandOverProtocol(factory)
+        clock, factory, control, protocol = _one_worker()
         transport = StringTransport()
         protocol.makeConnection(transport)
         with captured_log() as events:
