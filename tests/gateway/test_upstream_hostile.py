@@ -1,0 +1,247 @@
+"""
+A hostile or broken upstream, over real loopback connections: response
+heads past any sane size, interim responses without end, framing that
+cannot be trusted (Content-Length with Transfer-Encoding, a coding other
+than chunked, a 101 nobody asked for), bytes past the end of a response,
+header lines a client would read differently.  What must hold: the client
+gets a clear C{502}, the gateway holds a bounded amount, and an upstream
+connection in doubt is never used again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from .support import REQUEST_COMPLETE, Harness, ScriptedAgent, listen_for, wait_until
+
+#: What a scripted upstream writes for the n-th request head on one connection.
+Script = Callable[["_ScriptedUpstream", int], None]
+
+
+class _ScriptedUpstream(Protocol):
+    """An upstream that answers each request head (no body) with its script's bytes."""
+
+    def __init__(self, script: Script, connections: list[_ScriptedUpstream]) -> None:
+        self.script = script
+        self.received = b""
+        self.requests = 0
+        self.closed = False
+        connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        while b"\r\n\r\n" in self.received:
+            _, _, self.received = self.received.partition(b"\r\n\r\n")
+            self.requests += 1
+            self.script(self, self.requests)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+
+class _Gateway:
+    """A gateway in front of a scripted upstream, with one agent that allows everything."""
+
+    def __init__(self, test: TestCase, script: Script) -> None:
+        self.test = test
+        self.script = script
+        self.connections: list[_ScriptedUpstream] = []
+
+    async def start(self, *argv: str, events: tuple[int, ...] = (1, 3)) -> tuple[Harness, ScriptedAgent]:
+        factory = Factory.forProtocol(lambda: _ScriptedUpstream(self.script, self.connections))
+        port = await listen_for(self.test, factory)
+        h = await Harness(self.test).start("--upstream", f"http://127.0.0.1:{port.getHost().port}", *argv)
+        agent = await h.agent("waf", events=events)
+        return h, agent
+
+
+def _canned(response: bytes) -> Script:
+    def script(upstream: _ScriptedUpstream, n: int) -> None:
+        upstream.transport.write(response)
+
+    return script
+
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+_GET = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class UpstreamHeadTests(TestCase):
+    """An upstream's response head is bounded: in bytes, in lines, interim responses included."""
+
+    timeout = 20
+
+    async def answered_by(self, response: bytes) -> tuple[bytes, str | None]:
+        """
+        What a client gets from a gateway whose upstream answers
+        C{response}, and the error RequestComplete tells the agent of.
+        The upstream connection is closed, not kept for another request.
+        """
+        gateway = _Gateway(self, _canned(response))
+        h, agent = await gateway.start(events=(1, 5))
+        client = await h.raw(_GET)
+        await wait_until(
+            lambda: b"\r\n\r\n" in client.received and client.received.endswith((b"\n", b"ok")) or client.is_lost,
+            what="the response",
+        )
+        await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+        await wait_until(lambda: all(c.closed for c in gateway.connections), what="the upstream connection to close")
+        return client.received, agent.of_type(REQUEST_COMPLETE)[0]["error"]
+
+    def test_a_head_of_endless_header_lines_is_502(self) -> Any:
+        async def go() -> None:
+            head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n" * 1
+            response = head + (b"X-Pad: " + b"p" * 1000 + b"\r\n") * 2000 + b"Content-Length: 2\r\n\r\nok"
+            received, error = await self.answered_by(response)
+            self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received[:200])
+            self.assertIn("a response head over 65536 bytes or 500 lines", str(error))
+
+        return ensureDeferred(go())
+
+    def test_a_header_continued_without_end_is_502(self) -> Any:
+        async def go() -> None:
+            response = (
+                b"HTTP/1.1 200 OK\r\nX-Long: a\r\n" + b" " + b"c" * 1000 + b"\r\n" * 1
+            ) + (b" " + b"c" * 1000 + b"\r\n") * 2000 + b"Content-Length: 2\r\n\r\nok"
+            received, _ = await self.answered_by(response)
+            self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received[:200])
+
+        return ensureDeferred(go())
+
+    def test_too_many_header_lines_are_502(self) -> Any:
+        async def go() -> None:
+            response = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 600 + b"Content-Length: 2\r\n\r\nok"
+            received, _ = await self.answered_by(response)
+            self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received[:200])
+
+        return ensureDeferred(go())
+
+    def test_interim_responses_without_end_are_502(self) -> Any:
+        async def go() -> None:
+            response = b"HTTP/1.1 100 Continue\r\n\r\n" * 5000 + _OK
+            received, _ = await self.answered_by(response)
+            self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received[:200])
+
+        return ensureDeferred(go())
+
+    def test_a_few_interim_responses_are_skipped(self) -> Any:
+        async def go() -> None:
+            gateway = _Gateway(self, _canned(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" * 3 + _OK))
+            h, _ = await gateway.start()
+            response = await h.get("/a")
+            self.assertEqual((response.code, response.body), (200, b"ok"))
+
+        return ensureDeferred(go())
+
+    def test_a_head_within_the_limit_goes_through(self) -> Any:
+        async def go() -> None:
+            head = b"HTTP/1.1 200 OK\r\n" + (b"X-Pad: " + b"p" * 100 + b"\r\n") * 400
+            gateway = _Gateway(self, _canned(head + b"Content-Length: 2\r\n\r\nok"))
+            h, _ = await gateway.start()
+            response = await h.get("/a")
+            self.assertEqual((response.code, response.body), (200, b"ok"))
+            self.assertEqual(len(response.headers.getRawHeaders("X-Pad")), 400)
+
+        return ensureDeferred(go())
+
+
+class UpstreamFramingTests(TestCase):
+    """
+    A response whose framing or fields could be read in two ways is the
+    upstream's failure (C{502}), and its connection is closed.
+    """
+
+    timeout = 20
+
+    async def answered_by(self, response: bytes, closed: bool = True) -> bytes:
+        gateway = _Gateway(self, _canned(response))
+        h, _ = await gateway.start()
+        client = await h.raw(_GET)
+        await wait_until(
+            lambda: b"\r\n\r\n" in client.received and client.received.endswith((b"\n", b"ok")),
+            what="the response",
+        )
+        if closed:
+            await wait_until(lambda: gateway.connections[0].closed, what="the upstream connection to close")
+        return client.received
+
+    async def assert_502(self, response: bytes) -> None:
+        received = await self.answered_by(response)
+        self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), (response, received))
+
+    def test_transfer_encoding_with_content_length_is_502(self) -> Any:
+        return ensureDeferred(
+            self.assert_502(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            )
+        )
+
+    def test_a_coding_other_than_chunked_alone_is_502(self) -> Any:
+        async def go() -> None:
+            for codings in (b"gzip, chunked", b"chunked, gzip", b"chunked\r\nTransfer-Encoding: gzip", b"identity"):
+                await self.assert_502(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                )
+
+        return ensureDeferred(go())
+
+    def test_a_transfer_encoding_in_an_http_1_0_response_is_502(self) -> Any:
+        return ensureDeferred(
+            self.assert_502(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        )
+
+    def test_chunked_in_any_case_is_taken(self) -> Any:
+        async def go() -> None:
+            received = await self.answered_by(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n2\r\nok\r\n0\r\n\r\n", closed=False
+            )
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+
+        return ensureDeferred(go())
+
+    def test_switching_protocols_nobody_asked_for_is_502(self) -> Any:
+        return ensureDeferred(self.assert_502(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n" + _OK))
+
+    def test_a_header_value_with_a_control_character_is_502(self) -> Any:
+        async def go() -> None:
+            for value in (b"a\x00b", b"\x1b[2J", b"a\x7f", b"a\x0cb"):
+                await self.assert_502(b"HTTP/1.1 200 OK\r\nX-Odd: " + value + b"\r\nContent-Length: 2\r\n\r\nok")
+
+        return ensureDeferred(go())
+
+    def test_a_bare_cr_in_a_header_value_goes_on_as_a_space(self) -> Any:
+        async def go() -> None:
+            received = await self.answered_by(
+                b"HTTP/1.1 200 OK\r\nX-Odd: a\rSet-Cookie: planted=1\r\nContent-Length: 2\r\n\r\nok", closed=False
+            )
+            self.assertIn(b"\r\nX-Odd: a Set-Cookie: planted=1\r\n", received)
+            self.assertNotIn(b"\rSet-Cookie", received)
+
+        return ensureDeferred(go())
+
+    def test_a_header_name_that_is_no_token_is_502(self) -> Any:
+        async def go() -> None:
+            for name in (b"X Odd", b"X\x00Odd", b"X(Odd)"):
+                await self.assert_502(b"HTTP/1.1 200 OK\r\n" + name + b": v\r\nContent-Length: 2\r\n\r\nok")
+
+        return ensureDeferred(go())
+
+    def test_conflicting_content_lengths_are_502(self) -> Any:
+        async def go() -> None:
+            for lengths in (b"2\r\nContent-Length: 3", b"2, 3", b"+2", b"0x2", b"2_0", b"-1"):
+                await self.assert_502(b"HTTP/1.1 200 OK\r\nContent-Length: " + lengths + b"\r\n\r\nok")
+
+        return ensureDeferred(go())
+
+    def test_a_status_line_that_is_not_http_is_502(self) -> Any:
+        async def go() -> None:
+            for line in (b"SSH-2.0-OpenSSH_9.6", b"HTTP/1.1200 OK", b"ICY 200 OK", b"HTTP/2 200"):
+                await self.assert_502(line + b"\r\nContent-Length: 2\r\n\r\nok")
+
+        return ensureDeferred(go())
+
