@@ -601,6 +601,17 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
             parser.__class__ = _CheckedParser
         return result
 
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            # Bytes past the end of the response (a body longer than its
+            # Content-Length, a HEAD or 204 answered with one): twisted.web
+            # drops them and would reuse the connection, whose next bytes
+            # could be taken for the next request's response.  It closes.
+            self._currentRequest.persistent = False
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
 
 class _UpstreamFactory(Factory):
     """

@@ -245,3 +245,56 @@ class UpstreamFramingTests(TestCase):
 
         return ensureDeferred(go())
 
+
+class UpstreamConnectionReuseTests(TestCase):
+    """An upstream connection is reused only after a response that ended where its framing said."""
+
+    timeout = 20
+
+    def test_bytes_past_the_content_length_close_the_connection(self) -> Any:
+        async def go() -> None:
+            def script(upstream: _ScriptedUpstream, n: int) -> None:
+                if len(gateway.connections) == 1 and n == 1:
+                    upstream.transport.write(_OK + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nplanted")
+                else:
+                    upstream.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+
+            gateway = _Gateway(self, script)
+            h, _ = await gateway.start()
+            first = await h.get("/a")
+            self.assertEqual(first.body, b"ok")
+            await wait_until(lambda: gateway.connections[0].closed, what="the first upstream connection to close")
+            second = await h.get("/b")
+            self.assertEqual(second.body, b"mine")
+            self.assertEqual(len(gateway.connections), 2)
+
+        return ensureDeferred(go())
+
+    def test_a_head_answered_with_a_body_closes_the_connection(self) -> Any:
+        async def go() -> None:
+            def script(upstream: _ScriptedUpstream, n: int) -> None:
+                upstream.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+
+            gateway = _Gateway(self, script)
+            h, _ = await gateway.start()
+            client = await h.raw(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: b"\r\n\r\n" in client.received, what="the HEAD response")
+            await wait_until(lambda: gateway.connections[0].closed, what="the upstream connection to close")
+            client.transport.write(_GET)
+            await wait_until(lambda: client.received.endswith(b"mine"), what="the GET response")
+            head, _, rest = client.received.partition(b"\r\n\r\n")
+            self.assertIn(b"Content-Length: 4", head)
+            self.assertTrue(rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest)
+            self.assertEqual(len(gateway.connections), 2)
+
+        return ensureDeferred(go())
+
+    def test_a_response_that_ends_where_it_says_keeps_the_connection(self) -> Any:
+        async def go() -> None:
+            gateway = _Gateway(self, _canned(_OK))
+            h, _ = await gateway.start()
+            for _ in range(3):
+                self.assertEqual((await h.get("/a")).body, b"ok")
+            self.assertEqual(len(gateway.connections), 1)
+
+        return ensureDeferred(go())
