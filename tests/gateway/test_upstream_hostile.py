@@ -15,9 +15,16 @@ from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-from .support import REQUEST_COMPLETE, Harness, ScriptedAgent, listen_for, wait_until
+from .support import (
+    REQUEST_COMPLETE,
+    Harness,
+    ScriptedAgent,
+    listen_for,
+    wait_until,
+)
 
 #: What a scripted upstream writes for the n-th request head on one connection.
 Script = Callable[["_ScriptedUpstream", int], None]
@@ -29,6 +36,7 @@ class _ScriptedUpstream(Protocol):
     def __init__(self, script: Script, connections: list[_ScriptedUpstream]) -> None:
         self.script = script
         self.received = b""
+        self.heads = b""
         self.requests = 0
         self.closed = False
         connections.append(self)
@@ -36,7 +44,8 @@ class _ScriptedUpstream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         while b"\r\n\r\n" in self.received:
-            _, _, self.received = self.received.partition(b"\r\n\r\n")
+            head, _, self.received = self.received.partition(b"\r\n\r\n")
+            self.heads += head + b"\r\n\r\n"
             self.requests += 1
             self.script(self, self.requests)
 
@@ -298,3 +307,89 @@ class UpstreamConnectionReuseTests(TestCase):
             self.assertEqual(len(gateway.connections), 1)
 
         return ensureDeferred(go())
+
+
+class UpstreamTimeTests(TestCase):
+    """An upstream that trickles or never ends holds the gateway no longer than its timeouts."""
+
+    timeout = 20
+
+    def test_a_head_trickled_a_byte_at_a_time_is_504(self) -> Any:
+        """The wait for response headers is not renewed by each byte of them."""
+
+        async def go() -> None:
+            calls: list[LoopingCall] = []
+
+            def script(upstream: _ScriptedUpstream, n: int) -> None:
+                head = iter(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10000)
+
+                def trickle() -> None:
+                    if not upstream.closed:
+                        upstream.transport.write(bytes([next(head)]))
+
+                call = LoopingCall(trickle)
+                calls.append(call)
+                call.start(0.01)
+
+            gateway = _Gateway(self, script)
+            h, _ = await gateway.start("--upstream-timeout", "0.5")
+            self.addCleanup(lambda: [c.stop() for c in calls if c.running])
+            response = await h.get("/a")
+            self.assertEqual(response.code, 504)
+            await wait_until(lambda: gateway.connections[0].closed, what="the upstream connection to close")
+
+        return ensureDeferred(go())
+
+    def test_an_endless_body_stops_when_the_client_goes(self) -> Any:
+        async def go() -> None:
+            calls: list[LoopingCall] = []
+
+            def script(upstream: _ScriptedUpstream, n: int) -> None:
+                upstream.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+                def more() -> None:
+                    if not upstream.closed:
+                        upstream.transport.write(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+
+                call = LoopingCall(more)
+                calls.append(call)
+                call.start(0.005)
+
+            gateway = _Gateway(self, script)
+            h, _ = await gateway.start()
+            self.addCleanup(lambda: [c.stop() for c in calls if c.running])
+            client = await h.raw(_GET)
+            await wait_until(lambda: len(client.received) > 20000, what="some of the body")
+            client.transport.loseConnection()
+            await wait_until(lambda: gateway.connections[0].closed, what="the upstream connection to close")
+
+        return ensureDeferred(go())
+
+    def test_a_chunk_size_of_2_to_the_64_cuts_the_client_off_when_it_ends(self) -> Any:
+        async def go() -> None:
+            gateway = _Gateway(
+                self,
+                _canned(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nabc"),
+            )
+            h, _ = await gateway.start()
+            client = await h.raw(_GET)
+            await wait_until(lambda: client.received.endswith(b"abc\r\n"), what="the body so far")
+            gateway.connections[0].transport.loseConnection()
+            await client.lost
+            self.assertTrue(client.received.endswith(b"\r\n3\r\nabc\r\n"), client.received)
+
+        return ensureDeferred(go())
+
+    def test_a_chunk_size_line_without_end_is_cut_off(self) -> Any:
+        async def go() -> None:
+            gateway = _Gateway(
+                self, _canned(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 100000)
+            )
+            h, _ = await gateway.start()
+            client = await h.raw(_GET)
+            await wait_until(lambda: bool(gateway.connections) and gateway.connections[0].closed, what="the close")
+            await wait_until(lambda: client.is_lost or client.received.endswith(b"\n"), what="the client's end")
+            self.assertTrue(client.is_lost or client.received.startswith(b"HTTP/1.1 502"), client.received)
+
+        return ensureDeferred(go())
+
