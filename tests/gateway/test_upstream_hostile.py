@@ -18,13 +18,18 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
+from .._proxy_support import captured_log
 from .support import (
     REQUEST_COMPLETE,
+    RESPONSE_HEADERS,
     Harness,
     ScriptedAgent,
+    answer,
+    block,
     listen_for,
     wait_until,
 )
+from .test_hardening import warnings
 
 #: What a scripted upstream writes for the n-th request head on one connection.
 Script = Callable[["_ScriptedUpstream", int], None]
@@ -393,3 +398,108 @@ class UpstreamTimeTests(TestCase):
 
         return ensureDeferred(go())
 
+
+def _op(kind: str, name: str, value: str | None = None) -> dict[str, Any]:
+    return {kind: {"name": name} if value is None else {"name": name, "value": value}}
+
+
+class AgentAnswerTests(TestCase):
+    """
+    What an agent answers never puts a byte into a head that the gateway
+    would refuse from a client: a header operation, a block's header or a
+    redirect's URL with a control character other than a tab is unusable.
+    """
+
+    timeout = 20
+
+    async def through(self, decide: Any, request: bytes = _GET) -> tuple[bytes, bytes, Harness]:
+        """What the upstream received and the client got, an agent answering with C{decide}."""
+        gateway = _Gateway(self, _canned(_OK))
+        factory = Factory.forProtocol(lambda: _ScriptedUpstream(gateway.script, gateway.connections))
+        port = await listen_for(self, factory)
+        h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port.getHost().port}")
+        await h.agent("waf", events=(1, 3), decide=decide)
+        client = await h.raw(request)
+        await wait_until(lambda: client.received.endswith((b"\n", b"ok", b"no")), what="the response")
+        upstream = gateway.connections[0].heads if gateway.connections else b""
+        return upstream, client.received, h
+
+    def test_request_header_operations_with_control_characters_are_skipped(self) -> Any:
+        async def go() -> None:
+            ops = [
+                _op("set", "X-Nul", "a\x00b"),
+                _op("add", "X-Esc", "\x1b[2J"),
+                _op("set", "X-Del", "a\x7f"),
+                _op("set", "X-Tab", "a\tb"),
+                _op("set", "X-Fine", "caf\u00e9"),
+            ]
+            with captured_log() as events:
+                upstream, received, _ = await self.through(lambda a, t, b: answer(request_headers=ops))
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+            self.assertNotIn(b"X-Nul", upstream)
+            self.assertNotIn(b"X-Esc", upstream)
+            self.assertNotIn(b"X-Del", upstream)
+            self.assertIn(b"\r\nX-Tab: a\tb\r\n", upstream)
+            self.assertIn(
+                "Agent waf sent an unusable header operation SetHeader(name='X-Nul', value='a\\x00b'): "
+                "its value holds the control character '\\x00'",
+                warnings(events),
+            )
+            self.assertIn(b"\r\nX-Fine: caf\xc3\xa9\r\n", upstream)
+
+        return ensureDeferred(go())
+
+    def test_request_header_operations_cannot_inject_lines(self) -> Any:
+        async def go() -> None:
+            ops = [_op("set", "X-A", "a\r\nContent-Length: 5\r\n\r\nGET /smuggled HTTP/1.1"), _op("set", "X-B\r\nX-C", "v")]
+            upstream, received, _ = await self.through(lambda a, t, b: answer(request_headers=ops))
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+            self.assertEqual(upstream.count(b"\r\n\r\n"), 1, upstream)
+            self.assertNotIn(b"\r\nContent-Length", upstream)
+            self.assertNotIn(b"X-C", upstream)
+
+        return ensureDeferred(go())
+
+    def test_response_header_operations_with_control_characters_are_skipped(self) -> Any:
+        async def go() -> None:
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any]:
+                if message_type == RESPONSE_HEADERS:
+                    return answer(response_headers=[_op("set", "X-Nul", "a\x00b"), _op("set", "X-Ok", "fine")])
+                return answer()
+
+            _, received, _ = await self.through(decide)
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+            self.assertNotIn(b"X-Nul", received)
+            self.assertIn(b"\r\nX-Ok: fine\r\n", received)
+
+        return ensureDeferred(go())
+
+    def test_block_headers_with_control_characters_are_skipped(self) -> Any:
+        async def go() -> None:
+            _, received, _ = await self.through(
+                lambda a, t, b: block(403, "no", {"X-Nul": "a\x00b", "X-Ok": "fine"})
+            )
+            self.assertTrue(received.startswith(b"HTTP/1.1 403 Forbidden\r\n"), received)
+            self.assertNotIn(b"X-Nul", received)
+            self.assertIn(b"\r\nX-Ok: fine\r\n", received)
+
+        return ensureDeferred(go())
+
+    def test_a_redirect_to_a_url_with_control_characters_is_500(self) -> Any:
+        async def go() -> None:
+            for url, shown in (
+                ("https://x.example/\r\nSet-Cookie: planted=1", "'\\r'"),
+                ("https://x.example/\x00", "'\\x00'"),
+            ):
+                with captured_log() as events:
+                    _, received, _ = await self.through(
+                        lambda a, t, b, url=url: answer({"redirect": {"url": url, "status": 302}})
+                    )
+                self.assertTrue(received.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), received)
+                self.assertNotIn(b"planted", received)
+                self.assertIn(
+                    f"Agent waf answered redirect with a URL holding the control character {shown}; answering 500",
+                    warnings(events),
+                )
+
+        return ensureDeferred(go())
