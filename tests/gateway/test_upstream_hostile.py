@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from .._proxy_support import captured_log
 from .support import (
+    REQUEST_BODY_CHUNK,
     REQUEST_COMPLETE,
     RESPONSE_HEADERS,
     Harness,
@@ -501,5 +502,29 @@ class AgentAnswerTests(TestCase):
                     f"Agent waf answered redirect with a URL holding the control character {shown}; answering 500",
                     warnings(events),
                 )
+
+        return ensureDeferred(go())
+
+    def test_a_body_mutation_that_is_not_base64_fails_the_agent(self) -> Any:
+        """Nothing of the body reaches the upstream: the client gets 503, the upstream request is cut off."""
+
+        async def go() -> None:
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any]:
+                if message_type == REQUEST_BODY_CHUNK:
+                    return answer(request_body_mutation={"data": "no base64!", "chunk_index": body["chunk_index"]})
+                return answer()
+
+            gateway = _Gateway(self, _canned(_OK))
+            port = await listen_for(
+                self, Factory.forProtocol(lambda: _ScriptedUpstream(gateway.script, gateway.connections))
+            )
+            h = await Harness(self).start("--upstream", f"http://127.0.0.1:{port.getHost().port}")
+            await h.agent("waf", events=(1, 2), decide=decide)
+            client = await h.raw(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecret")
+            await wait_until(lambda: client.received.endswith(b"\n"), what="the response")
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), client.received)
+            if gateway.connections:
+                await wait_until(lambda: gateway.connections[0].closed, what="the upstream request to be cut off")
+                self.assertNotIn(b"secret", gateway.connections[0].heads + gateway.connections[0].received)
 
         return ensureDeferred(go())
