@@ -438,6 +438,7 @@ _REASON_PHRASE = _FIELD_TEXT = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 #: bounds a line (16 KiB) and nothing else, so an upstream could have the
 #: gateway hold headers, or skip interim responses, until --upstream-timeout.
 MAX_RESPONSE_HEAD_SIZE = 64 * 1024
+#: ... and the most lines it may have (a client's request head has as many).
 MAX_RESPONSE_HEAD_LINES = 500
 
 #: Statuses whose responses have no body, whatever their headers say.
