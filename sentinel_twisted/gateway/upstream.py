@@ -10,6 +10,10 @@ upstream connection takes them.  L{UpstreamResponse} hands the response
 body to the exchange piece by piece and lets it pause the upstream when the
 client reads slowly; an upstream that goes quiet while its body is read
 (for the upstream's timeout, paused time not counted) is cut off.
+
+A response is read as strictly as a client's request: its head is bounded
+and its framing and fields checked (L{_CheckedParser}), and a connection
+whose response ended before all its bytes did is closed, never reused.
 """
 
 from __future__ import annotations
