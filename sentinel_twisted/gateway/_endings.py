@@ -23,11 +23,12 @@ from .body import Pressure
 from .decisions import (
     PROTECTED_RESPONSE_HEADERS,
     apply_header_ops,
+    decision_problem,
     denial_for,
     ignored_header,
     reason_phrase,
     status_text,
-    valid_status,
+    unusable_value,
 )
 from .shared import Gateway, failure_reason
 
@@ -180,24 +181,24 @@ class Endings:
 
     def _deny(self, slot: AgentSlot, answer: m.AgentResponse) -> None:
         denial = denial_for(answer.decision, self.gateway.challenge_status)
-        if not valid_status(answer.decision):
-            # Status 0 or a 200 "block" would go out as such: the agent
-            # is broken, and the client hears that much.
+        problem = decision_problem(answer.decision)
+        if problem is not None:
+            # Status 0 or a 200 "block" would go out as such, a redirect
+            # to a URL with a NUL or a line end as another Location: the
+            # agent is broken, and the client hears that much.
             self.gateway.log_limiter.warn(
                 log,
                 "decision_status",
-                "Agent {agent_id} answered {label} with status {status}, outside "
-                "{range}; answering 500",
+                "Agent {agent_id} answered {label} with {problem}; answering 500",
                 agent_id=peer_text(slot.agent_id, _ID_IN_LOG),
                 label=denial.label,
-                status=denial.code,
-                range="400-599" if denial.label == "block" else "300-399",
+                problem=peer_text(problem),
             )
             self.gateway.metrics.agent_failed(slot.agent_id, "invalid_answer")
             self._decision = "error"
             self._cancel_pending(_MANUAL)
             if self._head_written:
-                self._abort_client(f"agent {slot.agent_id} answered an invalid {denial.label} status")
+                self._abort_client(f"agent {slot.agent_id} answered an invalid {denial.label}: {problem}")
             else:
                 self._respond_plain(500)
             return
@@ -211,6 +212,9 @@ class Endings:
             if ignored_header(name, slot.agent_id, PROTECTED_RESPONSE_HEADERS, self.gateway.log_limiter):
                 continue
             try:
+                problem = unusable_value(value)
+                if problem is not None:
+                    raise ValueError(problem)
                 headers.setRawHeaders(name, [value])
             except (ValueError, TypeError) as e:
                 self.gateway.log_limiter.warn(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
@@ -31,12 +32,14 @@ __all__ = [
     "apply_body_mutation",
     "apply_header_ops",
     "decision_label",
+    "decision_problem",
     "ignored_header",
     "denial_for",
     "drop_hop_by_hop",
     "head_size",
     "reason_phrase",
     "status_text",
+    "unusable_value",
     "valid_status",
 ]
 
@@ -75,6 +78,23 @@ PROTECTED_RESPONSE_HEADERS = frozenset(
 )
 #: ... and on the request, C{Host} (the upstream's).
 PROTECTED_REQUEST_HEADERS = PROTECTED_RESPONSE_HEADERS | {b"host"}
+
+#: A control character a header value may not hold (RFC 9110 section 5.5:
+#: a tab, spaces, visible characters): the gateway refuses a client's
+#: request with one.  CR and LF are not among them: L{Headers} turns them
+#: into spaces.
+_VALUE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: ... and in a redirect's URL, none at all.
+_URL_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def unusable_value(value: str) -> str | None:
+    """What is wrong with an agent's header value (a control character), or C{None}."""
+    found = _VALUE_CONTROL.search(value)
+    if found is None:
+        return None
+    return f"its value holds the control character {found.group()!r}"
+
 
 def _warn(limiter: LogRateLimiter | None, kind: str, text: str, **fields: object) -> None:
     if limiter is None:
@@ -169,15 +189,21 @@ def apply_header_ops(
 ) -> None:
     """
     Apply set/add/remove operations in order.  An operation with an invalid
-    header name is skipped with a warning; CR/LF in values is neutralised
-    by L{Headers}.  Operations on C{protected} headers (framing and
-    hop-by-hop ones) are ignored, with a warning.  An agent triggers these
+    header name, or a value with a control character other than a tab, is
+    skipped with a warning (as the gateway refuses a client's request with
+    one); CR/LF in values is neutralised by L{Headers}.  Operations on
+    C{protected} headers (framing and hop-by-hop ones) are ignored, with a
+    warning.  An agent triggers these
     warnings at will: C{limiter} (the gateway's) keeps them to a few.
     """
     for op in ops:
         if ignored_header(op.name, agent_id, protected, limiter):
             continue
         try:
+            if isinstance(op, (m.SetHeader, m.AddHeader)):
+                problem = unusable_value(op.value)
+                if problem is not None:
+                    raise ValueError(problem)
             if isinstance(op, m.SetHeader):
                 headers.setRawHeaders(op.name, [op.value])
             elif isinstance(op, m.AddHeader):
@@ -202,6 +228,22 @@ def valid_status(decision: m.Decision) -> bool:
     if isinstance(decision, m.Redirect):
         return 300 <= decision.status <= 399
     return True
+
+
+def decision_problem(decision: m.Decision) -> str | None:
+    """
+    Why a denial cannot go out as the agent gave it (C{status 200, outside
+    400-599}; a redirect's URL with a control character, which would make
+    its C{Location} something else), or C{None}.
+    """
+    if not valid_status(decision):
+        allowed = "400-599" if isinstance(decision, m.Block) else "300-399"
+        return f"status {getattr(decision, 'status', 0)}, outside {allowed}"
+    if isinstance(decision, m.Redirect):
+        found = _URL_CONTROL.search(decision.url)
+        if found is not None:
+            return f"a URL holding the control character {found.group()!r}"
+    return None
 
 
 def status_text(code: int) -> str:

@@ -10,6 +10,10 @@ upstream connection takes them.  L{UpstreamResponse} hands the response
 body to the exchange piece by piece and lets it pause the upstream when the
 client reads slowly; an upstream that goes quiet while its body is read
 (for the upstream's timeout, paused time not counted) is cut off.
+
+A response is read as strictly as a client's request: its head is bounded
+and its framing and fields checked (L{_CheckedParser}), and a connection
+whose response ended before all its bytes did is closed, never reused.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser
 from twisted.web.client import (
     HTTPConnectionPool,
     ProxyAgent,
@@ -426,10 +430,90 @@ class _BodyReader(TwistedProtocol):
             transport.stopProducing()
 
 
-#: A reason phrase as RFC 9112 section 4 has it: tabs, spaces, visible
-#: ASCII and obs-text.  twisted.web.client splits lines at LF alone and
-#: keeps anything else, a CR or a NUL too.
-_REASON_PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+#: A reason phrase as RFC 9112 section 4 has it, or a header value as RFC
+#: 9110 section 5.5 does: tabs, spaces, visible ASCII and obs-text.
+#: twisted.web.client splits lines at LF alone and keeps anything else, a
+#: CR or a NUL too.
+_REASON_PHRASE = _FIELD_TEXT = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+#: The largest response head an upstream may send, its interim (1xx)
+#: responses' included: in bytes (line ends counted) and in lines.  Past
+#: either the exchange is the upstream's failure (C{502}); twisted.web.client
+#: bounds a line (16 KiB) and nothing else, so an upstream could have the
+#: gateway hold headers, or skip interim responses, until --upstream-timeout.
+MAX_RESPONSE_HEAD_SIZE = 64 * 1024
+#: ... and the most lines it may have (a client's request head has as many).
+MAX_RESPONSE_HEAD_LINES = 500
+
+#: Statuses whose responses have no body, whatever their headers say.
+_NO_BODY_STATUS = (204, 304)
+
+
+class _BadResponse(Exception):
+    """What an upstream sent cannot be taken as a response (its connection is closed)."""
+
+
+class _CheckedParser(HTTPClientParser):
+    """
+    twisted.web.client's response parser of one upstream request, checking
+    the head as it reads it: its size and lines are bounded
+    (L{MAX_RESPONSE_HEAD_SIZE}, L{MAX_RESPONSE_HEAD_LINES}, interim
+    responses included), and a final head whose framing or fields a client
+    or the gateway could read in two ways is refused: C{101} (the gateway
+    never asks for an upgrade), C{Transfer-Encoding} with C{Content-Length},
+    a transfer coding other than C{chunked} alone (or any in an HTTP/1.0
+    response), a header value with a control character other than a tab.
+
+    Refusing raises L{_BadResponse} in the parser: the upstream connection
+    gives up (closed, never reused) and the request fails with it.
+    """
+
+    _head_size = 0
+    _head_lines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        size = self._head_size = self._head_size + len(line) + 1
+        lines = self._head_lines = self._head_lines + 1
+        if size > MAX_RESPONSE_HEAD_SIZE or lines > MAX_RESPONSE_HEAD_LINES:
+            raise _BadResponse(
+                f"a response head over {MAX_RESPONSE_HEAD_SIZE} bytes or "
+                f"{MAX_RESPONSE_HEAD_LINES} lines (interim responses included)"
+            )
+        super().lineReceived(line)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        code = self.response.code
+        if code == 101:
+            raise _BadResponse("a 101 Switching Protocols response, but no upgrade was asked for")
+        if code >= 200:
+            self._check_fields(self.headers)
+            self._check_fields(self.connHeaders)
+            if code not in _NO_BODY_STATUS and self.request.method != b"HEAD":
+                self._check_framing(self.connHeaders, self.response.version)
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _check_fields(headers: Headers) -> None:
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                if not _FIELD_TEXT.fullmatch(value):
+                    raise _BadResponse(
+                        f"a response header {name.decode('latin-1')!r} with a control character"
+                    )
+
+    @staticmethod
+    def _check_framing(connection: Headers, version: Any) -> None:
+        codings = connection.getRawHeaders(b"Transfer-Encoding")
+        if codings is None:
+            return
+        if connection.hasHeader(b"Content-Length"):
+            raise _BadResponse("a response with both Transfer-Encoding and Content-Length")
+        if tuple(version) < (b"HTTP", 1, 1):
+            raise _BadResponse("an HTTP/1.0 response with a Transfer-Encoding")
+        named = [c.strip().lower() for value in codings for c in value.split(b",")]
+        if named != [b"chunked"]:
+            text = b", ".join(codings).decode("latin-1")
+            raise _BadResponse(f"a response with Transfer-Encoding {text!r}, not chunked alone")
 
 
 class _HTTPResponse(UpstreamResponse):
@@ -516,7 +600,22 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
         parser: Any = self._parser
         if parser is not None:
             parser._log = self._parser_log
+            # HTTP11ClientProtocol.request builds its parser itself: it
+            # becomes one that checks the response head (a subclass adding
+            # no state but two counters).
+            parser.__class__ = _CheckedParser
         return result
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            # Bytes past the end of the response (a body longer than its
+            # Content-Length, a HEAD or 204 answered with one): twisted.web
+            # drops them and would reuse the connection, whose next bytes
+            # could be taken for the next request's response.  It closes.
+            self._currentRequest.persistent = False
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
 
 
 class _UpstreamFactory(Factory):
