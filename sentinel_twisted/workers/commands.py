@@ -26,6 +26,7 @@ __all__ = [
     "ControlProtocol",
     "Heartbeat",
     "Hello",
+    "NotThatWorker",
     "Release",
     "Snapshot",
     "Stopping",
@@ -58,6 +59,14 @@ class Chunked(amp.Argument):
         objects[nativeString(name)] = b"".join(strings[b"%s.%d" % (name, i)] for i in range(count))
 
 
+class NotThatWorker(Exception):
+    """
+    A L{Hello} the parent refuses: the process that says it is not the
+    worker it names (its process id is not the connection's, or not the
+    one the parent started as that worker).
+    """
+
+
 class Hello(amp.Command):
     """
     Worker to parent, first: which worker it is.
@@ -67,10 +76,12 @@ class Hello(amp.Command):
         list), which a worker that joins a running group waits for before
         it takes HTTP clients; C{seen}: the agents the group has seen (see
         L{AgentsSeen}).
+    @cvar errors: L{NotThatWorker}.
     """
 
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
     response = [(b"agents", Chunked()), (b"seen", Chunked())]
+    errors = {NotThatWorker: b"NOT_THAT_WORKER"}
 
 
 class Heartbeat(amp.Command):

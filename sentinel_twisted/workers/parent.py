@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import stat
+import struct
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from .commands import (
     ConnectionGone,
     ControlProtocol,
     Hello,
+    NotThatWorker,
     Release,
     Snapshot,
     Stopping,
@@ -58,6 +60,7 @@ __all__ = [
     "NoWorkerReady",
     "Worker",
     "WorkerGroup",
+    "peer_pid",
     "remove_stale_control_directories",
 ]
 
@@ -549,6 +552,23 @@ class WorkerGroup:
         return mine.addErrback(lambda _: None)
 
 
+def peer_pid(transport: Any) -> int | None:
+    """
+    The process id at the other end of a UNIX socket transport
+    (C{SO_PEERCRED}); C{None} where it cannot be told (not a socket, or a
+    platform without it).
+    """
+    handle = getattr(transport, "socket", None)
+    option = getattr(socket, "SO_PEERCRED", None)
+    if handle is None or option is None or getattr(handle, "family", None) != socket.AF_UNIX:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return int(pid)
+
+
 class ParentControl(ControlProtocol):
     """
     The parent's end of one worker's control connection.
@@ -614,11 +634,41 @@ class ParentControl(ControlProtocol):
     @Hello.responder
     def hello(self, index: int, pid: int) -> dict[str, Any]:
         """L{Hello}: the worker joins the group; the agents the others hold."""
+        self._check_peer(index, pid)
         self.group.worker_joined(self, index, pid)
         self._identified()
         self.max_message_bytes = MAX_CONTROL_MESSAGE
         held = {a for w in self.group.serving() if w.index != index for a, n in w.agents.items() if n}
         return {"agents": json.dumps(sorted(held)).encode("utf-8"), "seen": self.group.seen_document()}
+
+    def _check_peer(self, index: int, pid: int) -> None:
+        """
+        Refuse a L{Hello} from a process that is not the worker it names:
+        its pid must be the connection's (C{SO_PEERCRED}, where the
+        platform has it) and, for a worker the parent started, the pid it
+        started.  Another process of the same user could otherwise take a
+        worker's place and be handed agent connections.
+
+        @raise NotThatWorker: refused; the connection is closed.
+        """
+        peer = peer_pid(self.transport)
+        started = self.group.workers[index - 1].pid if 1 <= index <= len(self.group.workers) else None
+        if (peer is None or peer == pid) and (started is None or started == pid):
+            return
+        self.group.factory.log_limiter.warn(
+            log,
+            "control-not-that-worker",
+            "A process (pid {peer}) said it is worker {index} (pid {pid}), which the parent started as pid "
+            "{started}; closing its control connection",
+            peer=peer if peer is not None else "unknown",
+            index=index,
+            pid=pid,
+            started=started if started is not None else "none",
+        )
+        transport: Any = self.transport
+        if transport is not None:
+            self.group.clock.callLater(0, transport.abortConnection)
+        raise NotThatWorker(f"not worker {index}")
 
     @Stopping.responder
     def stopping(self) -> dict[str, Any]:

@@ -478,6 +478,48 @@ class ControlBoundsTests(TestCase):
         silent.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(workers.unidentified, set())
 
+    def test_a_hello_naming_a_worker_the_parent_started_as_another_process_is_refused(self) -> None:
+        from twisted.protocols import amp
+
+        workers = group(2)
+        workers.workers[0].pid = 4242  # as WorkerProcesses records the process it started
+        control, transport = _control(workers)
+        with captured_log() as events:
+            control.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=b"1001").serialize())
+            workers.clock.advance(0)  # type: ignore[attr-defined]
+        self.assertIsNone(workers.workers[0].control)
+        self.assertIn(b"NOT_THAT_WORKER", transport.value())
+        self.assertTrue(transport.disconnected)
+        self.assertIn("said it is worker 1 (pid 1001), which the parent started as pid 4242", log_text(events))
+        self.assertNotIn("Unhandled", log_text(events))
+
+    def test_a_hello_whose_pid_is_not_the_connections_is_refused(self) -> None:
+        from twisted.protocols import amp
+
+        from sentinel_twisted.workers.parent import peer_pid
+
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(here.close)
+        self.addCleanup(there.close)
+        workers = group(2)
+        impostor, transport = _control(workers)
+        transport.socket = here  # type: ignore[attr-defined]
+        self.assertEqual(peer_pid(transport), os.getpid())
+        with captured_log() as events:
+            impostor.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=b"1001").serialize())
+            workers.clock.advance(0)  # type: ignore[attr-defined]
+        self.assertIsNone(workers.workers[0].control)
+        self.assertTrue(transport.disconnected)
+        self.assertIn(f"A process (pid {os.getpid()}) said it is worker 1 (pid 1001)", log_text(events))
+        # The process that it is may say so.
+        worker, transport = _control(workers)
+        transport.socket = here  # type: ignore[attr-defined]
+        worker.dataReceived(
+            amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=str(os.getpid()).encode()).serialize()
+        )
+        self.assertIs(workers.workers[0].control, worker)
+        self.assertFalse(transport.disconnected)
+
     def test_connections_that_have_not_said_hello_are_bounded(self) -> None:
         from sentinel_twisted.workers.parent import EXTRA_UNIDENTIFIED, ControlFactory
 
@@ -1201,6 +1243,7 @@ class SeenTests(TestCase):
         hand_over(workers, "waf", "waf-1")
         seen_lists(first)
         workers.worker_left(workers.workers[1].control)  # type: ignore[arg-type]
+        workers.workers[1].pid = 4242  # restarted: WorkerProcesses records the new process
         answer = ParentControl(workers).hello(2, 4242)
         self.assertEqual(json.loads(answer["seen"]), ["waf"])
         self.assertEqual(json.loads(answer["agents"]), ["waf"])
