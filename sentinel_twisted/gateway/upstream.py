@@ -607,15 +607,32 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
         return result
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
-        if rest and self._currentRequest is not None:
+        request = self._currentRequest
+        if request is not None and (rest or not _persists(self._parser)):
             # Bytes past the end of the response (a body longer than its
             # Content-Length, a HEAD or 204 answered with one): twisted.web
             # drops them and would reuse the connection, whose next bytes
-            # could be taken for the next request's response.  It closes.
-            self._currentRequest.persistent = False
+            # could be taken for the next request's response.  Or an
+            # HTTP/1.0 response without keep-alive, after which the
+            # upstream closes (RFC 9112 section 9.3), perhaps only once
+            # the next request is on its way.  It closes.
+            request.persistent = False
         super()._finishResponse_WAITING(rest)
 
     _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
+def _persists(parser: Any) -> bool:
+    """
+    Whether the connection of the response C{parser} read may carry another
+    request as far as its version says: HTTP/1.1 and later unless told to
+    close (twisted.web checks that), HTTP/1.0 only with keep-alive.
+    """
+    response = getattr(parser, "response", None)
+    if response is None or tuple(response.version[1:]) >= (1, 1):
+        return True
+    options = b",".join(parser.connHeaders.getRawHeaders(b"Connection", ()))
+    return b"keep-alive" in (option.strip().lower() for option in options.split(b","))
 
 
 class _UpstreamFactory(Factory):

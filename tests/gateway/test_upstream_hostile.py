@@ -315,6 +315,31 @@ class UpstreamConnectionReuseTests(TestCase):
         return ensureDeferred(go())
 
 
+    async def connections_for_two_requests(self, response: bytes) -> int:
+        gateway = _Gateway(self, _canned(response))
+        h, _ = await gateway.start()
+        for _ in range(2):
+            self.assertEqual((await h.get("/a")).body, b"ok")
+        if len(gateway.connections) == 2:
+            await wait_until(lambda: gateway.connections[0].closed, what="the first upstream connection to close")
+        return len(gateway.connections)
+
+    def test_an_http_1_0_response_without_keep_alive_is_not_followed_on_its_connection(self) -> Any:
+        # The upstream closes after it (RFC 9112 section 9.3), if only
+        # once the next request is on its way: that one would fail.
+        async def go() -> None:
+            self.assertEqual(await self.connections_for_two_requests(_OK.replace(b"HTTP/1.1", b"HTTP/1.0")), 2)
+
+        return ensureDeferred(go())
+
+    def test_an_http_1_0_response_with_keep_alive_keeps_its_connection(self) -> Any:
+        async def go() -> None:
+            response = b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok"
+            self.assertEqual(await self.connections_for_two_requests(response), 1)
+
+        return ensureDeferred(go())
+
+
 class UpstreamTimeTests(TestCase):
     """An upstream that trickles or never ends holds the gateway no longer than its timeouts."""
 
