@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import stat
-import struct
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from .._peertext import peer_text
 from ..errors import AgentProtocolError
 from ..gateway.known import MAX_KNOWN_AGENTS, KnownAgents, log_forgotten
 from ..proxy.factory import ReverseConnectionFactory
-from ..proxy.protocol import ReverseConnectionProtocol
+from ..proxy.protocol import ReverseConnectionProtocol, peer_credentials
 from ..wire import _HEADER
 from .commands import (
     CONNECTION_DONE,
@@ -60,7 +59,6 @@ __all__ = [
     "NoWorkerReady",
     "Worker",
     "WorkerGroup",
-    "peer_pid",
     "remove_stale_control_directories",
 ]
 
@@ -552,23 +550,6 @@ class WorkerGroup:
         return mine.addErrback(lambda _: None)
 
 
-def peer_pid(transport: Any) -> int | None:
-    """
-    The process id at the other end of a UNIX socket transport
-    (C{SO_PEERCRED}); C{None} where it cannot be told (not a socket, or a
-    platform without it).
-    """
-    handle = getattr(transport, "socket", None)
-    option = getattr(socket, "SO_PEERCRED", None)
-    if handle is None or option is None or getattr(handle, "family", None) != socket.AF_UNIX:
-        return None
-    try:
-        pid, _uid, _gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
-    except OSError:
-        return None
-    return int(pid)
-
-
 class ParentControl(ControlProtocol):
     """
     The parent's end of one worker's control connection.
@@ -651,7 +632,8 @@ class ParentControl(ControlProtocol):
 
         @raise NotThatWorker: refused; the connection is closed.
         """
-        peer = peer_pid(self.transport)
+        credentials = peer_credentials(self.transport)
+        peer = credentials[0] if credentials is not None else None
         started = self.group.workers[index - 1].pid if 1 <= index <= len(self.group.workers) else None
         if (peer is None or peer == pid) and (started is None or started == pid):
             return

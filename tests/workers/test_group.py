@@ -494,17 +494,24 @@ class ControlBoundsTests(TestCase):
         self.assertNotIn("Unhandled", log_text(events))
 
     def test_a_hello_whose_pid_is_not_the_connections_is_refused(self) -> None:
+        from twisted.internet.address import UNIXAddress
         from twisted.protocols import amp
 
-        from sentinel_twisted.workers.parent import peer_pid
+        from sentinel_twisted.proxy.protocol import peer_credentials
 
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(here.close)
         self.addCleanup(there.close)
+
+        def on_socket(transport: StringTransport) -> StringTransport:
+            transport.peerAddr = UNIXAddress(b"control.sock")
+            transport.getHandle = lambda: here  # type: ignore[method-assign]
+            return transport
+
         workers = group(2)
         impostor, transport = _control(workers)
-        transport.socket = here  # type: ignore[attr-defined]
-        self.assertEqual(peer_pid(transport), os.getpid())
+        on_socket(transport)
+        self.assertEqual(peer_credentials(transport), (os.getpid(), os.getuid(), os.getgid()))
         with captured_log() as events:
             impostor.dataReceived(amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=b"1001").serialize())
             workers.clock.advance(0)  # type: ignore[attr-defined]
@@ -513,7 +520,7 @@ class ControlBoundsTests(TestCase):
         self.assertIn(f"A process (pid {os.getpid()}) said it is worker 1 (pid 1001)", log_text(events))
         # The process that it is may say so.
         worker, transport = _control(workers)
-        transport.socket = here  # type: ignore[attr-defined]
+        on_socket(transport)
         worker.dataReceived(
             amp.AmpBox(_command=b"Hello", _ask=b"1", index=b"1", pid=str(os.getpid()).encode()).serialize()
         )
