@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 from collections import Counter
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._peertext import peer_text
+from ..endpoints import SocketInUse, clear_stale_unix_socket
 from ..errors import AgentProtocolError
 from ..gateway.known import MAX_KNOWN_AGENTS, KnownAgents, log_forgotten
 from ..proxy.factory import ReverseConnectionFactory
@@ -838,20 +838,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _listened_on(path: str) -> bool:
-    """Whether a process listens on the UNIX socket at C{path}."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        return False
-    else:
-        return True
-    finally:
-        probe.close()
-
-
 def remove_stale_control_directories(directory: str) -> list[str]:
     """
     Remove the control directories in C{directory} whose parent has died
@@ -881,9 +867,12 @@ def remove_stale_control_directories(directory: str) -> list[str]:
             continue
         if not stat.S_ISDIR(status.st_mode) or status.st_uid != uid or pid == os.getpid() or _pid_alive(pid):
             continue
-        if _listened_on(os.path.join(path, "control.sock")):
+        try:
+            clear_stale_unix_socket(os.path.join(path, "control.sock"))
+        except SocketInUse:
             # A parent whose pid this process cannot see (another pid
-            # namespace sharing the directory) still listens there.
+            # namespace sharing the directory) still listens there, or
+            # whether one does cannot be told.
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.lexists(path):
