@@ -13,9 +13,19 @@ asked to close.  A refused C{CONNECT} ends the connection too.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["check_persistence"]
+__all__ = ["check_persistence", "connection_options"]
+
+
+def connection_options(fields: Iterable[bytes]) -> Iterator[bytes]:
+    """
+    The options of C{Connection} fields, lower-case: each field a
+    comma-separated list, spaces and tabs around each option (RFC 9110
+    section 7.6.1).
+    """
+    return (option.strip(b" \t").lower() for field in fields for option in field.split(b","))
 
 
 def check_persistence(request: Any, version: bytes, method: bytes) -> bool:
@@ -33,10 +43,7 @@ def check_persistence(request: Any, version: bytes, method: bytes) -> bool:
     if version != b"HTTP/1.1":
         return False
     fields = request.requestHeaders._rawHeaders.get(b"Connection")
-    if (
-        fields
-        and any(option.strip(b" \t").lower() == b"close" for field in fields for option in field.split(b","))
-    ) or method == b"CONNECT":
+    if (fields and b"close" in connection_options(fields)) or method == b"CONNECT":
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         return False
     return True

@@ -39,6 +39,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .._persistence import connection_options
 from .._ratelimit import LogRateLimiter
 from .._tls import client_tls_options, tls_failure
 from ..proxy._identity import load_ca_certificates
@@ -631,8 +632,7 @@ def _persists(parser: Any) -> bool:
     response = getattr(parser, "response", None)
     if response is None or tuple(response.version[1:]) >= (1, 1):
         return True
-    options = b",".join(parser.connHeaders.getRawHeaders(b"Connection", ()))
-    return b"keep-alive" in (option.strip().lower() for option in options.split(b","))
+    return b"keep-alive" in connection_options(parser.connHeaders.getRawHeaders(b"Connection", ()))
 
 
 class _UpstreamFactory(Factory):
