@@ -515,7 +515,6 @@ class WorkerGroup:
             lambda results: [(w, r[1]) for w, r in zip(self.workers, results, strict=True)]
         )
 
-
     def _snapshot(self, worker: Worker) -> Deferred[dict[str, Any] | None]:
         """
         C{worker}'s snapshot, or C{None} after L{SNAPSHOT_TIMEOUT}.  It is
