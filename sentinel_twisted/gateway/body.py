@@ -371,6 +371,18 @@ class InspectionStage:
             if not owner.body_answered(self.slot, answer):
                 return
             mutation = answer.response_body_mutation if self._response else answer.request_body_mutation
+            if mutation is not None and mutation.data is not None and mutation.chunk_index != self._index - 1:
+                # A replacement or a drop meant for another chunk: applied
+                # to this one it would change bytes the agent never judged.
+                self._failed(
+                    Failure(
+                        InvalidMessage(
+                            f"its body mutation is for chunk {mutation.chunk_index}, "
+                            f"but it was answering chunk {self._index - 1}"
+                        )
+                    )
+                )
+                return
             try:
                 out = apply_body_mutation(chunk, mutation)
             except ValueError as e:

@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from .._proxy_support import captured_log
 from .support import (
     REQUEST_BODY_CHUNK,
     REQUEST_HEADERS,
@@ -27,6 +28,7 @@ from .support import (
     small_chunks,
     wait_until,
 )
+from .test_hardening import warnings
 
 
 def chunk_data(body: dict[str, Any]) -> bytes:
@@ -344,5 +346,73 @@ class StreamingTests(TestCase):
             upstreams[0].transport.abortConnection()
             await client.lost
             self.assertTrue(client.received.endswith(b"first"))
+
+        return ensureDeferred(go())
+
+
+class MutationChunkIndexTests(TestCase):
+    """
+    A body mutation names the chunk it is for: a replacement or a drop
+    meant for another chunk than the one answered is an agent error, never
+    applied to bytes the agent did not judge.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        small_chunks(self)
+
+    def test_a_replacement_for_another_request_chunk_fails_the_agent(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if message_type == REQUEST_BODY_CHUNK:
+                    wrong = body["chunk_index"] + 1
+                    return answer(needs_more=True, request_body_mutation={"data": b64(b"ZZZZ"), "chunk_index": wrong})
+                return answer()
+
+            await h.agent("waf", events=(1, 2), chunk_size=4, decide=decide)
+            with captured_log() as events:
+                response = await h.post("/echo-body", b"aaaabbbb")
+            self.assertEqual(response.code, 503)
+            self.assertEqual(h.upstream.requests, [])
+            self.assertTrue(
+                any("its body mutation is for chunk 1, but it was answering chunk 0" in line for line in warnings(events)),
+                warnings(events),
+            )
+
+        return ensureDeferred(go())
+
+    def test_a_drop_for_another_response_chunk_fails_the_agent(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if message_type == RESPONSE_BODY_CHUNK:
+                    return answer(needs_more=True, response_body_mutation={"data": "", "chunk_index": 7})
+                return answer()
+
+            await h.agent("dlp", events=(1, 4), chunk_size=4096, decide=decide)
+            response = await h.get("/bytes?n=10000")
+            self.assertEqual(response.code, 503)
+            self.assertNotIn(b"x", response.body)
+
+        return ensureDeferred(go())
+
+    def test_a_pass_through_naming_another_chunk_passes(self) -> Any:
+        """C{data: null} changes nothing, whatever chunk it names."""
+
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                if message_type == REQUEST_BODY_CHUNK:
+                    return answer(needs_more=True, request_body_mutation={"data": None, "chunk_index": 0})
+                return answer()
+
+            await h.agent("waf", events=(1, 2), chunk_size=4, decide=decide)
+            response = await h.post("/echo-body", b"aaaabbbbcc")
+            self.assertEqual((response.code, response.body), (200, b"aaaabbbbcc"))
 
         return ensureDeferred(go())
