@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -60,6 +61,11 @@ def encode_frame(message_type: int, body: Any) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def warnings(events: list[Any]) -> list[str]:
+    """The text of the warnings among captured log C{events}."""
+    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
 
 
 def event_cid(message_type: int, body: dict[str, Any]) -> str:

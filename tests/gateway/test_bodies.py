@@ -27,8 +27,8 @@ from .support import (
     listen_for,
     small_chunks,
     wait_until,
+    warnings,
 )
-from .test_hardening import warnings
 
 
 def chunk_data(body: dict[str, Any]) -> bytes:

@@ -16,7 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
@@ -36,6 +36,7 @@ from .support import (
     answer,
     block,
     wait_until,
+    warnings,
 )
 from .test_metadata import self_signed
 from .test_target import _RecordingConnection, _RecordingUpstream
@@ -43,10 +44,6 @@ from .test_target import _RecordingConnection, _RecordingUpstream
 
 def _set(name: str, value: str) -> dict[str, Any]:
     return {"set": {"name": name, "value": value}}
-
-
-def warnings(events: list[Any]) -> list[str]:
-    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
 
 
 class AgentHeaderOperationTests(TestCase):

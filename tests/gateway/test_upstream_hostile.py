@@ -29,8 +29,8 @@ from .support import (
     block,
     listen_for,
     wait_until,
+    warnings,
 )
-from .test_hardening import warnings
 
 #: What a scripted upstream writes for the n-th request head on one connection.
 Script = Callable[["_ScriptedUpstream", int], None]
