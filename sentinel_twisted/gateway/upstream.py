@@ -613,10 +613,11 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
             # Bytes past the end of the response (a body longer than its
             # Content-Length, a HEAD or 204 answered with one): twisted.web
             # drops them and would reuse the connection, whose next bytes
-            # could be taken for the next request's response.  Or an
-            # HTTP/1.0 response without keep-alive, after which the
-            # upstream closes (RFC 9112 section 9.3), perhaps only once
-            # the next request is on its way.  It closes.
+            # could be taken for the next request's response.  Or a
+            # response with the close option, or an HTTP/1.0 one without
+            # keep-alive, after which the upstream closes (RFC 9112
+            # section 9.3), perhaps only once the next request is on its
+            # way.  It closes.
             request.persistent = False
         super()._finishResponse_WAITING(rest)
 
@@ -626,13 +627,18 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
 def _persists(parser: Any) -> bool:
     """
     Whether the connection of the response C{parser} read may carry another
-    request as far as its version says: HTTP/1.1 and later unless told to
-    close (twisted.web checks that), HTTP/1.0 only with keep-alive.
+    request as far as its version and C{Connection} options say: never
+    with C{close} among them (in any case, in any of its fields:
+    twisted.web looks for a field that is C{close} and nothing else),
+    HTTP/1.1 and later otherwise, HTTP/1.0 only with keep-alive.
     """
     response = getattr(parser, "response", None)
-    if response is None or tuple(response.version[1:]) >= (1, 1):
+    if response is None:
         return True
-    return b"keep-alive" in connection_options(parser.connHeaders.getRawHeaders(b"Connection", ()))
+    options = set(connection_options(parser.connHeaders.getRawHeaders(b"Connection", ())))
+    if b"close" in options:
+        return False
+    return tuple(response.version[1:]) >= (1, 1) or b"keep-alive" in options
 
 
 class _UpstreamFactory(Factory):

@@ -261,6 +261,7 @@ class UpstreamFramingTests(TestCase):
         return ensureDeferred(go())
 
 
+
 class UpstreamConnectionReuseTests(TestCase):
     """An upstream connection is reused only after a response that ended where its framing said."""
 
@@ -329,6 +330,15 @@ class UpstreamConnectionReuseTests(TestCase):
         # once the next request is on its way: that one would fail.
         async def go() -> None:
             self.assertEqual(await self.connections_for_two_requests(_OK.replace(b"HTTP/1.1", b"HTTP/1.0")), 2)
+
+        return ensureDeferred(go())
+
+    def test_a_close_option_in_any_case_or_list_is_not_followed_on_its_connection(self) -> Any:
+        # twisted.web.client looks for a Connection field that is exactly "close".
+        async def go() -> None:
+            for value in (b"Close", b"keep-alive, close", b"x\r\nConnection: CLOSE"):
+                response = b"HTTP/1.1 200 OK\r\nConnection: " + value + b"\r\nContent-Length: 2\r\n\r\nok"
+                self.assertEqual(await self.connections_for_two_requests(response), 2, value)
 
         return ensureDeferred(go())
 
