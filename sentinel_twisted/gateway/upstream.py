@@ -446,6 +446,12 @@ MAX_RESPONSE_HEAD_SIZE = 64 * 1024
 #: ... and the most lines it may have (a client's request head has as many).
 MAX_RESPONSE_HEAD_LINES = 500
 
+#: A status line as RFC 9112 section 4 has it, of an HTTP/1.x response:
+#: twisted.web.client takes any protocol name (C{XTTP/1.0}), any version
+#: numbers (C{HTTP/01.1}, C{HTTP/2.0}) and anything C{int} reads as the
+#: code (C{+200}, C{2_00}).  The reason phrase is checked apart.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}(?: .*)?", re.DOTALL)
+
 #: Statuses whose responses have no body, whatever their headers say.
 _NO_BODY_STATUS = (204, 304)
 
@@ -459,7 +465,8 @@ class _CheckedParser(HTTPClientParser):
     twisted.web.client's response parser of one upstream request, checking
     the head as it reads it: its size and lines are bounded
     (L{MAX_RESPONSE_HEAD_SIZE}, L{MAX_RESPONSE_HEAD_LINES}, interim
-    responses included), and a final head whose framing or fields a client
+    responses included), its status lines must be C{HTTP/1.x} with a
+    three-digit code, and a final head whose framing or fields a client
     or the gateway could read in two ways is refused: C{101} (the gateway
     never asks for an upgrade), C{Transfer-Encoding} with C{Content-Length},
     a transfer coding other than C{chunked} alone (or any in an HTTP/1.0
@@ -471,6 +478,13 @@ class _CheckedParser(HTTPClientParser):
 
     _head_size = 0
     _head_lines = 0
+
+    def statusReceived(self, status: bytes) -> None:
+        # What twisted.web.client refuses keeps its words ("non-integer
+        # status code").
+        super().statusReceived(status)  # type: ignore[no-untyped-call]
+        if not _STATUS_LINE.fullmatch(status):
+            raise _BadResponse(f"a status line {status!r}, not HTTP/1.x and a three-digit status code")
 
     def lineReceived(self, line: bytes) -> None:
         size = self._head_size = self._head_size + len(line) + 1

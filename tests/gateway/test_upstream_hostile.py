@@ -260,6 +260,32 @@ class UpstreamFramingTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_status_line_off_the_http_1_grammar_is_502(self) -> Any:
+        """
+        Not C{HTTP/1.x}, then a status code of three digits: twisted.web.client
+        takes any protocol name, version numbers and integer.
+        """
+
+        async def go() -> None:
+            for line in (
+                b"XTTP/1.1 200 OK",
+                b"HTTP/2.0 200 OK",
+                b"HTTP/01.1 200 OK",
+                b"HTTP/1.1 +200 OK",
+                b"HTTP/1.1 2_00 OK",
+                b"HTTP/1.1 0200 OK",
+            ):
+                await self.assert_502(line + b"\r\nContent-Length: 2\r\n\r\nok")
+
+        return ensureDeferred(go())
+
+    def test_a_status_line_of_another_http_1_minor_version_or_without_reason_is_taken(self) -> Any:
+        async def go() -> None:
+            for line in (b"HTTP/1.2 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 200 "):
+                received = await self.answered_by(line + b"\r\nContent-Length: 2\r\n\r\nok", closed=False)
+                self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), (line, received))
+
+        return ensureDeferred(go())
 
 
 class UpstreamConnectionReuseTests(TestCase):
