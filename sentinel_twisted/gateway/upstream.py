@@ -452,6 +452,10 @@ MAX_RESPONSE_HEAD_LINES = 500
 #: code (C{+200}, C{2_00}).  The reason phrase is checked apart.
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}(?: .*)?", re.DOTALL)
 
+#: The final status codes an upstream may answer with (RFC 9110 section 15).
+_FINAL_STATUS_MIN = 200
+_FINAL_STATUS_MAX = 599
+
 #: Statuses whose responses have no body, whatever their headers say.
 _NO_BODY_STATUS = (204, 304)
 
@@ -470,7 +474,8 @@ class _CheckedParser(HTTPClientParser):
     or the gateway could read in two ways is refused: C{101} (the gateway
     never asks for an upgrade), C{Transfer-Encoding} with C{Content-Length},
     a transfer coding other than C{chunked} alone (or any in an HTTP/1.0
-    response), a header value with a control character other than a tab.
+    response), a header value with a control character other than a tab;
+    so is a status code outside 100 to 599.
 
     Refusing raises L{_BadResponse} in the parser: the upstream connection
     gives up (closed, never reused) and the request fails with it.
@@ -500,7 +505,14 @@ class _CheckedParser(HTTPClientParser):
         code = self.response.code
         if code == 101:
             raise _BadResponse("a 101 Switching Protocols response, but no upgrade was asked for")
-        if code >= 200:
+        if not 100 <= code <= _FINAL_STATUS_MAX:
+            # twisted.web.client would take it as a final status: checked
+            # here, not once the response is handed over, so that its
+            # connection is closed even when its body is in already.
+            raise _BadResponse(
+                f"an invalid status code {code} (final ones are {_FINAL_STATUS_MIN} to {_FINAL_STATUS_MAX})"
+            )
+        if code >= _FINAL_STATUS_MIN:
             self._check_fields(self.headers)
             self._check_fields(self.connHeaders)
             if code not in _NO_BODY_STATUS and self.request.method != b"HEAD":
@@ -735,11 +747,6 @@ class _ResponseWait:
         self._body = self._requested = None
 
 
-#: The final status codes an upstream may answer with (RFC 9110 section 15).
-_FINAL_STATUS_MIN = 200
-_FINAL_STATUS_MAX = 599
-
-
 class HTTPUpstream:
     """
     An upstream HTTP(S) server.  The client's path and query are appended
@@ -827,14 +834,7 @@ class HTTPUpstream:
 
         def got(response: IResponse) -> UpstreamResponse:
             wait.stop()
-            result = _HTTPResponse(response, self._reactor, self._timeout, self.url)
-            if not _FINAL_STATUS_MIN <= response.code <= _FINAL_STATUS_MAX:
-                # twisted.web.client takes any integer as a status (-1,
-                # 99999), and skips 1xx as interim responses: another
-                # would go to the agents and the client as it is.
-                result.abort()
-                raise UpstreamFailed(f"{self.url} answered with an invalid status code {response.code}")
-            return result
+            return _HTTPResponse(response, self._reactor, self._timeout, self.url)
 
         def failed(failure: Failure) -> Failure:
             wait.stop()

@@ -279,6 +279,15 @@ class UpstreamFramingTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_status_code_outside_200_to_599_closes_the_connection_even_with_its_body_read(self) -> Any:
+        """The whole response is in when its head is (no body): its connection is not kept."""
+
+        async def go() -> None:
+            for line in (b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 999 High"):
+                await self.assert_502(line + b"\r\nContent-Length: 0\r\n\r\n")
+
+        return ensureDeferred(go())
+
     def test_a_status_line_of_another_http_1_minor_version_or_without_reason_is_taken(self) -> Any:
         async def go() -> None:
             for line in (b"HTTP/1.2 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 200 "):
