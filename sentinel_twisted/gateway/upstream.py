@@ -446,6 +446,16 @@ MAX_RESPONSE_HEAD_SIZE = 64 * 1024
 #: ... and the most lines it may have (a client's request head has as many).
 MAX_RESPONSE_HEAD_LINES = 500
 
+#: A status line as RFC 9112 section 4 has it, of an HTTP/1.x response:
+#: twisted.web.client takes any protocol name (C{XTTP/1.0}), any version
+#: numbers (C{HTTP/01.1}, C{HTTP/2.0}) and anything C{int} reads as the
+#: code (C{+200}, C{2_00}).  The reason phrase is checked apart.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}(?: .*)?", re.DOTALL)
+
+#: The final status codes an upstream may answer with (RFC 9110 section 15).
+_FINAL_STATUS_MIN = 200
+_FINAL_STATUS_MAX = 599
+
 #: Statuses whose responses have no body, whatever their headers say.
 _NO_BODY_STATUS = (204, 304)
 
@@ -459,11 +469,13 @@ class _CheckedParser(HTTPClientParser):
     twisted.web.client's response parser of one upstream request, checking
     the head as it reads it: its size and lines are bounded
     (L{MAX_RESPONSE_HEAD_SIZE}, L{MAX_RESPONSE_HEAD_LINES}, interim
-    responses included), and a final head whose framing or fields a client
+    responses included), its status lines must be C{HTTP/1.x} with a
+    three-digit code, and a final head whose framing or fields a client
     or the gateway could read in two ways is refused: C{101} (the gateway
     never asks for an upgrade), C{Transfer-Encoding} with C{Content-Length},
     a transfer coding other than C{chunked} alone (or any in an HTTP/1.0
-    response), a header value with a control character other than a tab.
+    response), a header value with a control character other than a tab;
+    so is a status code outside 100 to 599.
 
     Refusing raises L{_BadResponse} in the parser: the upstream connection
     gives up (closed, never reused) and the request fails with it.
@@ -471,6 +483,13 @@ class _CheckedParser(HTTPClientParser):
 
     _head_size = 0
     _head_lines = 0
+
+    def statusReceived(self, status: bytes) -> None:
+        # What twisted.web.client refuses keeps its words ("non-integer
+        # status code").
+        super().statusReceived(status)  # type: ignore[no-untyped-call]
+        if not _STATUS_LINE.fullmatch(status):
+            raise _BadResponse(f"a status line {status!r}, not HTTP/1.x and a three-digit status code")
 
     def lineReceived(self, line: bytes) -> None:
         size = self._head_size = self._head_size + len(line) + 1
@@ -486,7 +505,14 @@ class _CheckedParser(HTTPClientParser):
         code = self.response.code
         if code == 101:
             raise _BadResponse("a 101 Switching Protocols response, but no upgrade was asked for")
-        if code >= 200:
+        if not 100 <= code <= _FINAL_STATUS_MAX:
+            # twisted.web.client would take it as a final status: checked
+            # here, not once the response is handed over, so that its
+            # connection is closed even when its body is in already.
+            raise _BadResponse(
+                f"an invalid status code {code} (final ones are {_FINAL_STATUS_MIN} to {_FINAL_STATUS_MAX})"
+            )
+        if code >= _FINAL_STATUS_MIN:
             self._check_fields(self.headers)
             self._check_fields(self.connHeaders)
             if code not in _NO_BODY_STATUS and self.request.method != b"HEAD":
@@ -613,10 +639,11 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
             # Bytes past the end of the response (a body longer than its
             # Content-Length, a HEAD or 204 answered with one): twisted.web
             # drops them and would reuse the connection, whose next bytes
-            # could be taken for the next request's response.  Or an
-            # HTTP/1.0 response without keep-alive, after which the
-            # upstream closes (RFC 9112 section 9.3), perhaps only once
-            # the next request is on its way.  It closes.
+            # could be taken for the next request's response.  Or a
+            # response with the close option, or an HTTP/1.0 one without
+            # keep-alive, after which the upstream closes (RFC 9112
+            # section 9.3), perhaps only once the next request is on its
+            # way.  It closes.
             request.persistent = False
         super()._finishResponse_WAITING(rest)
 
@@ -626,13 +653,18 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
 def _persists(parser: Any) -> bool:
     """
     Whether the connection of the response C{parser} read may carry another
-    request as far as its version says: HTTP/1.1 and later unless told to
-    close (twisted.web checks that), HTTP/1.0 only with keep-alive.
+    request as far as its version and C{Connection} options say: never
+    with C{close} among them (in any case, in any of its fields:
+    twisted.web looks for a field that is C{close} and nothing else),
+    HTTP/1.1 and later otherwise, HTTP/1.0 only with keep-alive.
     """
     response = getattr(parser, "response", None)
-    if response is None or tuple(response.version[1:]) >= (1, 1):
+    if response is None:
         return True
-    return b"keep-alive" in connection_options(parser.connHeaders.getRawHeaders(b"Connection", ()))
+    options = set(connection_options(parser.connHeaders.getRawHeaders(b"Connection", ())))
+    if b"close" in options:
+        return False
+    return tuple(response.version[1:]) >= (1, 1) or b"keep-alive" in options
 
 
 class _UpstreamFactory(Factory):
@@ -713,11 +745,6 @@ class _ResponseWait:
         if timer is not None and timer.active():
             timer.cancel()
         self._body = self._requested = None
-
-
-#: The final status codes an upstream may answer with (RFC 9110 section 15).
-_FINAL_STATUS_MIN = 200
-_FINAL_STATUS_MAX = 599
 
 
 class HTTPUpstream:
@@ -807,14 +834,7 @@ class HTTPUpstream:
 
         def got(response: IResponse) -> UpstreamResponse:
             wait.stop()
-            result = _HTTPResponse(response, self._reactor, self._timeout, self.url)
-            if not _FINAL_STATUS_MIN <= response.code <= _FINAL_STATUS_MAX:
-                # twisted.web.client takes any integer as a status (-1,
-                # 99999), and skips 1xx as interim responses: another
-                # would go to the agents and the client as it is.
-                result.abort()
-                raise UpstreamFailed(f"{self.url} answered with an invalid status code {response.code}")
-            return result
+            return _HTTPResponse(response, self._reactor, self._timeout, self.url)
 
         def failed(failure: Failure) -> Failure:
             wait.stop()

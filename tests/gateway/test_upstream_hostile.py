@@ -260,6 +260,42 @@ class UpstreamFramingTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_status_line_off_the_http_1_grammar_is_502(self) -> Any:
+        """
+        Not C{HTTP/1.x}, then a status code of three digits: twisted.web.client
+        takes any protocol name, version numbers and integer.
+        """
+
+        async def go() -> None:
+            for line in (
+                b"XTTP/1.1 200 OK",
+                b"HTTP/2.0 200 OK",
+                b"HTTP/01.1 200 OK",
+                b"HTTP/1.1 +200 OK",
+                b"HTTP/1.1 2_00 OK",
+                b"HTTP/1.1 0200 OK",
+            ):
+                await self.assert_502(line + b"\r\nContent-Length: 2\r\n\r\nok")
+
+        return ensureDeferred(go())
+
+    def test_a_status_code_outside_200_to_599_closes_the_connection_even_with_its_body_read(self) -> Any:
+        """The whole response is in when its head is (no body): its connection is not kept."""
+
+        async def go() -> None:
+            for line in (b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 999 High"):
+                await self.assert_502(line + b"\r\nContent-Length: 0\r\n\r\n")
+
+        return ensureDeferred(go())
+
+    def test_a_status_line_of_another_http_1_minor_version_or_without_reason_is_taken(self) -> Any:
+        async def go() -> None:
+            for line in (b"HTTP/1.2 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 200 "):
+                received = await self.answered_by(line + b"\r\nContent-Length: 2\r\n\r\nok", closed=False)
+                self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), (line, received))
+
+        return ensureDeferred(go())
+
 
 class UpstreamConnectionReuseTests(TestCase):
     """An upstream connection is reused only after a response that ended where its framing said."""
@@ -329,6 +365,15 @@ class UpstreamConnectionReuseTests(TestCase):
         # once the next request is on its way: that one would fail.
         async def go() -> None:
             self.assertEqual(await self.connections_for_two_requests(_OK.replace(b"HTTP/1.1", b"HTTP/1.0")), 2)
+
+        return ensureDeferred(go())
+
+    def test_a_close_option_in_any_case_or_list_is_not_followed_on_its_connection(self) -> Any:
+        # twisted.web.client looks for a Connection field that is exactly "close".
+        async def go() -> None:
+            for value in (b"Close", b"keep-alive, close", b"x\r\nConnection: CLOSE"):
+                response = b"HTTP/1.1 200 OK\r\nConnection: " + value + b"\r\nContent-Length: 2\r\n\r\nok"
+                self.assertEqual(await self.connections_for_two_requests(response), 2, value)
 
         return ensureDeferred(go())
 
