@@ -517,6 +517,14 @@ class _CheckedParser(HTTPClientParser):
             self._check_fields(self.connHeaders)
             if code not in _NO_BODY_STATUS and self.request.method != b"HEAD":
                 self._check_framing(self.connHeaders, self.response.version)
+            # RFC 9110 section 7.6.1: what the Connection header names is
+            # for this connection alone (twisted.web keeps only the
+            # hop-by-hop headers it knows apart): the agents and the
+            # client never get it.
+            named = connection_options(self.connHeaders.getRawHeaders(b"Connection", ()))
+            for name in named:
+                if name:
+                    self.headers.removeHeader(name)
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
 
     @staticmethod

@@ -239,6 +239,30 @@ class UpstreamFramingTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_headers_the_connection_header_names_stay_with_the_upstream(self) -> Any:
+        """
+        RFC 9110 section 7.6.1: a header the upstream names in its
+        C{Connection} header is for the gateway's connection alone, as
+        hop-by-hop as C{Keep-Alive}: neither the agents nor the client get it.
+        """
+
+        async def go() -> None:
+            gateway = _Gateway(self, _canned(
+                b"HTTP/1.1 200 OK\r\nConnection: X-Hop, x-other\r\nX-Hop: 1\r\nX-Other: 2\r\n"
+                b"X-Kept: 3\r\nContent-Length: 2\r\n\r\nok"
+            ))
+            h, agent = await gateway.start()
+            client = await h.raw(_GET)
+            await wait_until(lambda: client.received.endswith(b"ok"), what="the response")
+            head = client.received.split(b"\r\n\r\n", 1)[0].lower()
+            self.assertIn(b"\r\nx-kept: 3", head)
+            self.assertNotIn(b"x-hop", head)
+            self.assertNotIn(b"x-other", head)
+            (shown,) = agent.of_type(RESPONSE_HEADERS)
+            self.assertEqual(sorted(shown["headers"]), ["content-length", "x-kept"])
+
+        return ensureDeferred(go())
+
     def test_a_header_name_that_is_no_token_is_502(self) -> Any:
         async def go() -> None:
             for name in (b"X Odd", b"X\x00Odd", b"X(Odd)"):
