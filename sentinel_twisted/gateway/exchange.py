@@ -38,6 +38,7 @@ L{sentinel_twisted.gateway.shared}; its public names are also here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,7 @@ from .decisions import (
     decision_label,
     drop_hop_by_hop,
     head_size,
+    unusable_value,
 )
 from .metadata import request_header_map, request_metadata, tls_info
 from .shared import Gateway, GatewayMetricsSink, NullMetrics, failure_reason
@@ -187,7 +189,7 @@ class AgentSlot:
         for op in ops:
             name = op.name.lower()
             kept = held.get(name)
-            if kept is not None and not isinstance(op, m.AddHeader):
+            if kept is not None and _replaces(op):
                 count -= len(kept)
                 size -= sum(map(_op_size, kept))
                 kept = None
@@ -205,6 +207,26 @@ class AgentSlot:
                 f"(max: {m.MAX_HEADER_OPS} operations, {MAX_HEAD_SIZE} bytes)"
             )
         return None
+
+
+#: RFC 9110 section 5.1: a field name is a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _replaces(op: m.HeaderOp) -> bool:
+    """
+    Whether C{op} makes the operations before it on its header moot: a
+    set or a remove, unless it is to be skipped for its value (then the
+    header stays as those before it made it: a header removed stays
+    removed).
+    """
+    if _HEADER_NAME.fullmatch(op.name) is None:
+        # Not a header name (skipped), though its lower case may be one's:
+        # "\u212a" (the Kelvin sign) is a "k" in lower case.
+        return False
+    if isinstance(op, m.RemoveHeader):
+        return True
+    return isinstance(op, m.SetHeader) and unusable_value(op.value) is None
 
 
 def _op_size(op: m.HeaderOp) -> int:

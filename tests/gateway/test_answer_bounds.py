@@ -74,10 +74,22 @@ class _Upstream:
         return "recorder"
 
 
-def exchange(agent_answer: m.AgentResponse, head: bytes = b"", **config: Any) -> tuple[bytes, _Upstream]:
+class _SecretUpstream(_Upstream):
+    """Answers with an C{X-Secret} header."""
+
+    def forward(self, request: ForwardRequest) -> Deferred[UpstreamResponse]:
+        self.heads.append(request.headers)
+        response = _Response()
+        response.headers.setRawHeaders(b"X-Secret", [b"s3cret"])
+        return succeed(response)
+
+
+def exchange(
+    agent_answer: m.AgentResponse, head: bytes = b"", upstream: _Upstream | None = None, **config: Any
+) -> tuple[bytes, _Upstream]:
     """The client's response to a GET with C{head} when the agent answers C{agent_answer}."""
     reactor = MemoryReactorClock()
-    upstream = _Upstream()
+    upstream = upstream or _Upstream()
     gateway = Gateway(OneAgentPool(_Connection(agent_answer), "waf"), GatewayConfig(**config), upstream, clock=reactor)  # type: ignore[arg-type]
     channel = GatewaySite(gateway, reactor=reactor).buildProtocol(None)
     assert channel is not None
@@ -142,6 +154,25 @@ class ResponseOperationTests(SynchronousTestCase):
         self.assertEqual(
             slot.response_ops, {"x-a": [m.SetHeader("X-A", "3"), m.AddHeader("x-a", "4")], "x-b": [m.RemoveHeader("x-b")]}
         )
+
+    def test_an_unusable_operation_does_not_undo_the_ones_before_it(self) -> None:
+        """
+        An operation skipped for its value (a control character) leaves
+        the header as the operations before it made it: a header removed
+        stays removed, one set stays set.
+        """
+        ops = [
+            m.RemoveHeader("X-Secret"), m.SetHeader("x-secret", "a\x00b"),
+            m.SetHeader("X-Set", "kept"), m.SetHeader("X-Set", "\x01"),
+            # No header name (skipped), though "x-kept" in lower case: the Kelvin sign.
+            m.SetHeader("X-Kept", "kept"), m.SetHeader("X-\u212aept", "v"), m.RemoveHeader("X-\u212aept"),
+        ]  # fmt: skip
+        with captured_log():
+            response, _ = exchange(m.AgentResponse(response_headers=ops), upstream=_SecretUpstream())
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response[:40])
+        self.assertNotIn(b"s3cret", response)
+        self.assertIn(b"\r\nX-Set: kept\r\n", response)
+        self.assertIn(b"\r\nX-Kept: kept\r\n", response)
 
     def test_more_than_100_operations_over_several_answers_fail_the_agent(self) -> None:
         slot = self.slot()
