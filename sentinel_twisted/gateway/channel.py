@@ -508,6 +508,14 @@ class GatewayChannel(DeadlineChannel):
             return
         self._send_outgoing()
         super()._respondToBadRequestAndDisconnect()  # type: ignore[no-untyped-call]
+        # Nothing after the 400 is parsed.  The reactor may still hand the
+        # channel bytes read in the turn that closed the connection (a read
+        # event polled with the one whose handling refused the request):
+        # twisted.web would parse them on from the refused line, making a
+        # request of the rest of a head it answered 400 (shown to the
+        # agents and forwarded), or fail on a request line never parsed.
+        self.persistent = False
+        _stop_parsing(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # twisted.web's own flag (name-mangled): the request line is still

@@ -318,3 +318,54 @@ class HoldingForTheTurnTests(SynchronousTestCase):
         gateway.exchanges.add(object())  # type: ignore[arg-type]
         channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(connection.held, [True])
+
+
+class ReadsAfterARefusalTests(SynchronousTestCase):
+    """
+    The reactor may hand the channel bytes read after it closed the
+    connection: the socket's read event was polled in the same turn as the
+    one whose handling refused a request (a pipelined request replayed once
+    the upstream answered the one before it).  Those bytes are never parsed.
+    """
+
+    def connect(self) -> tuple[Any, _SocketTransport, _Socket, _RecordingUpstream, list[Any]]:
+        upstream = _RecordingUpstream()
+        site, reactor = _site(upstream)
+        sock = _Socket()
+        transport = _SocketTransport(reactor, sock)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(transport)
+        return channel, transport, sock, upstream, site.gateway.pool.connection.seen
+
+    def test_after_a_bad_request_line(self) -> None:
+        channel, transport, sock, upstream, seen = self.connect()
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n0\r\n")
+        self.assertTrue(transport.disconnecting)
+        # Before: AttributeError (no request line parsed) in the reactor's
+        # read, the connection aborted and the 400 lost with it.
+        channel.dataReceived(b"\r\n")
+        data = b"".join(sock.sent) + transport.buffered
+        self.assertEqual(_responses(data), [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"])
+        self.assertEqual(upstream.targets, [b"/one"])
+
+    def test_after_a_bad_header_line(self) -> None:
+        channel, transport, sock, upstream, seen = self.connect()
+        channel.dataReceived(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nNo colon\r\nHost: x\r\n")
+        self.assertTrue(transport.disconnecting)
+        # Before: the rest of the head refused with 400 made a request,
+        # shown to the agents and forwarded.
+        channel.dataReceived(b"\r\n")
+        data = b"".join(sock.sent) + transport.buffered
+        self.assertEqual(_responses(data), [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"])
+        self.assertEqual(upstream.targets, [b"/one"])
+        self.assertEqual([event.uri for event in seen], ["/one"])
+
+    def test_after_a_bad_chunk(self) -> None:
+        channel, transport, sock, upstream, seen = self.connect()
+        channel.dataReceived(b"POST /one HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertTrue(transport.disconnecting)
+        channel.dataReceived(b"0\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b"".join(sock.sent) + transport.buffered
+        self.assertNotIn(b"200 OK", data)
+        self.assertEqual(upstream.targets, [b"/one"])
+        self.assertEqual([event.uri for event in seen], ["/one"])
