@@ -360,6 +360,8 @@ class Case:
     data: bytes
     cuts: list[int]
     agents: Agents
+    #: The client waits for the first request's 100 Continue (or its answer) before its body.
+    waits: bool = False
 
 
 @st.composite
@@ -384,7 +386,7 @@ def cases(draw: Any) -> Case:
         {a: draw(st.lists(ACTIONS, min_size=4, max_size=4)) for a in ("a", "b")},
         {a: draw(st.booleans()) for a in ("a", "b")},
     )
-    return Case(requests, data, cuts, agents)
+    return Case(requests, data, cuts, agents, draw(st.booleans()))
 
 
 # -- the agents and what they were shown -----------------------------------------------------------
@@ -465,7 +467,10 @@ class Reply:
 
 
 def read_replies(data: bytes, lost: bool) -> tuple[list[Reply], list[int], bool]:
-    """The final responses in C{data}, the interim statuses, and whether all of C{data} was read as them."""
+    """
+    The final responses in C{data}, where interim ones came (the number of
+    final responses before each), and whether all of C{data} was read as them.
+    """
     replies: list[Reply] = []
     interim: list[int] = []
     position = 0
@@ -481,7 +486,8 @@ def read_replies(data: bytes, lost: bool) -> tuple[list[Reply], list[int], bool]
             headers.setdefault(name.strip().lower(), []).append(value.strip())
         position = end + 4
         if 100 <= status < 200:
-            interim.append(status)
+            # Recorded by the final response it comes before.
+            interim.append(len(replies))
             continue
         if b"content-length" in headers:
             length = int(headers[b"content-length"][0])
@@ -562,14 +568,33 @@ class RequestBodyProperties(TestCase):
     async def _one(self, h: Harness, script: Script, case: Case, reading: Reading) -> Outcome:
         script.reset(case.agents)
         first = len(h.upstream.requests)
-        edges = [0, *case.cuts, len(case.data)]
+        cuts = case.cuts
+        head_end = case.data.find(b"\r\n\r\n") + 4
+        waits = (
+            case.waits
+            and reading.requests[:1]
+            and reading.requests[0].expect
+            and reading.requests[0].body
+            and 0 < head_end < len(case.data)
+        )
+        if waits:
+            cuts = sorted({*(c for c in cuts if c != head_end), head_end})
+        edges = [0, *cuts, len(case.data)]
         pieces = [case.data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
         client = await h.raw(pieces[0])
+        sent = len(pieces[0])
         for piece in pieces[1:]:
+            if waits and sent == head_end:
+                # As a client that waits for its 100 Continue does (without a
+                # timer of its own: the gateway must answer one way or the other).
+                await wait_until(
+                    lambda: client.is_lost or client.received.startswith(b"HTTP/1.1 "), WAIT, "a 100 Continue or an answer"
+                )
             await deferLater(reactor, 0.002, lambda: None)
             if client.is_lost:
                 break
             client.transport.write(piece)
+            sent += len(piece)
         wanted = len(reading.requests) + (1 if reading.ending == "refused" else 0)
 
         def settled() -> bool:
@@ -627,7 +652,13 @@ class RequestBodyProperties(TestCase):
                 expected[f"x-agent-{agent_id}"] = ["seen"]
             self.assertEqual(_headers(received["headers"]), expected, "the upstream got other headers than the agents judged")
         self.assertEqual(len(seen_upstream), len(set(seen_upstream)), "a request reached the upstream twice")
-        # 3: one response per request, in order.
+        # 3: one response per request, in order; a 100 Continue only before
+        # the final response of a request that asked for it.
+        for index in outcome.interim:
+            if index < len(reading.requests):
+                self.assertTrue(reading.requests[index].expect, "a 100 Continue no request asked for")
+            else:
+                self.assertNotEqual(reading.ending, "end", "a 100 Continue after the last response")
         self.assertTrue(outcome.all_read or outcome.lost, f"bytes that are no response: {outcome.replies}")
         replies = [r for r in outcome.replies if r.complete]
         closing = False
@@ -700,7 +731,7 @@ class RequestBodyProperties(TestCase):
                 # 4: nothing went wrong unseen.
                 self.assertEqual(problems(), [])
                 if os.environ.get("SENTINEL_BODY_PROP_STATS"):
-                    print("STAT", round(time.monotonic() - started, 2), reading.ending, reading.why[:20], len(reading.requests), [r.status for r in outcome.replies], len(outcome.upstream), outcome.lost)
+                    print("STAT", round(time.monotonic() - started, 2), reading.ending, reading.why[:20], len(reading.requests), [r.status for r in outcome.replies], len(outcome.upstream), outcome.lost, outcome.interim)
 
             with captured_log() as captured:
                 logged = captured
