@@ -82,19 +82,27 @@ def calibrate(repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def machine_identity() -> str:
-    """What a calibration depends on: the CPU model, the CPUs, the Python."""
-    model = ""
+def cpu_model() -> str | None:
+    """The CPU's model name from C{/proc/cpuinfo}; C{None} where it does not say."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def machine_identity() -> str:
+    """What a calibration depends on: the CPU model, the CPUs, the Python."""
     return " | ".join(
-        [model or platform.processor() or platform.machine(), f"{os.cpu_count()} CPUs", sys.implementation.name, platform.python_version()]
+        [
+            cpu_model() or platform.processor() or platform.machine(),
+            f"{os.cpu_count()} CPUs",
+            sys.implementation.name,
+            platform.python_version(),
+        ]
     )
 
 

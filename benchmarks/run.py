@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from benchmarks.host import HostMonitor
+from benchmarks.host import HostMonitor, cpu_model
 from benchmarks.host import report as host_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -455,15 +455,7 @@ def cpu_idle_text(idle: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model() or "unknown"
     import msgspec
 
     import twisted
