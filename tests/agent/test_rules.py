@@ -403,6 +403,11 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("rule 'redir' (#12): redirect.status: status must be an integer from 300 to 399", text)
         self.assertEqual(len(problems), 11)
 
+    def test_a_header_name_ending_in_a_line_end_is_invalid(self) -> None:
+        for name in ("x-foo\n", "x-foo\r\n", "\nx-foo"):
+            (problem,) = self.problems({"id": "hdr", "request_headers": {"set": {name: "v"}}})
+            self.assertIn("rule 'hdr' (#1): request_headers.set: invalid header name", problem)
+
     def test_unknown_keys_in_match_and_decision_tables(self) -> None:
         problems = self.problems(
             {"id": "m", "match": {"path": "^/", "paths": "^/x"}, **BLOCK},

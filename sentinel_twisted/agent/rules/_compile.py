@@ -21,7 +21,14 @@ from ... import messages as m
 from ...wire import MAX_MESSAGE_SIZE
 from ._decode import MAX_INFLATE_RATIO, MAX_INFLATED_SIZE, BodyPolicy
 from ._evaluate import RuleSet
-from ._limits import MAX_HEADER_BYTES, MAX_HEADERS, MAX_METHOD_LENGTH, MAX_URI_LENGTH, RequestPolicy
+from ._limits import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_METHOD_LENGTH,
+    MAX_URI_LENGTH,
+    TOKEN,
+    RequestPolicy,
+)
 from ._model import Pattern, Rule, RulesError, _Defaults, _Problems
 
 if sys.version_info >= (3, 11):
@@ -64,7 +71,6 @@ _RULE_KEYS = frozenset(
 _TOP_KEYS = frozenset({"rules", "defaults", "body", "request"})
 _DEFAULT_KEYS = frozenset({"block_status", "block_body", "redirect_status"})
 _OP_KEYS = frozenset({"set", "add", "remove"})
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -117,7 +123,7 @@ def _regex(value: Any, where: str) -> Pattern:
 
 
 def _header_name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or TOKEN.fullmatch(value) is None:
         raise _Problems(f"{where}: invalid header name {_show(value)}")
     return value.lower()
 

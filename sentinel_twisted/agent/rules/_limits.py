@@ -44,8 +44,9 @@ MAX_CLIENT_ADDRESS_LENGTH = 45 + 1 + 15
 #: The tag an answer for a request over the bounds carries.
 TAG = "request-uninspectable"
 
-#: A method as RFC 9110 (section 9.1) writes it: a token, ASCII only.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A token as RFC 9110 (section 5.6.2) writes it, ASCII only: a method
+#: (section 9.1), a header name (section 5.1).
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _utf8_length(text: str, room: int) -> int:
@@ -170,7 +171,7 @@ class RequestPolicy:
                 501,
                 "method_too_long",
             )
-        if _TOKEN.fullmatch(method) is None:
+        if TOKEN.fullmatch(method) is None:
             # Nor is it shown: the answer may go back to the client.
             return Uninspectable("the request method is not an HTTP token (RFC 9110 section 9.1)", 400, "method_invalid")
         return None
