@@ -514,7 +514,6 @@ class GatewayChannel(DeadlineChannel):
         # twisted.web would parse them on from the refused line, making a
         # request of the rest of a head it answered 400 (shown to the
         # agents and forwarded), or fail on a request line never parsed.
-        self.persistent = False
         _stop_parsing(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -532,14 +531,14 @@ class GatewayChannel(DeadlineChannel):
         if transport is None:
             return
         self._send_outgoing()
-        self.persistent = False
         _stop_parsing(self)
         transport.write(answer)
         self._close(transport)
 
 
 def _stop_parsing(channel: Any) -> None:
-    """No more parsing: whatever else arrives on C{channel} is dropped."""
+    """No more requests on C{channel}: whatever else arrives is dropped, unparsed."""
+    channel.persistent = False
     channel.dataReceived = channel.lineReceived = _discard
 
 
