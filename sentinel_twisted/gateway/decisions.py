@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 
 from .. import messages as m
 from .._peertext import peer_text
+from .._persistence import connection_options
 from .._ratelimit import LogRateLimiter
 from .config import CHALLENGE_HEADER
 
@@ -135,8 +136,7 @@ def drop_hop_by_hop(source: Headers, also: Iterable[bytes] = ()) -> Headers:
     connection = raw_source.get(b"Connection")
     if connection:
         named = set(skip)
-        for value in connection:
-            named.update(token.strip().lower() for token in value.split(b","))
+        named.update(connection_options(connection))
         skip = named
     result = Headers()
     raw = result._rawHeaders  # a plain dict; copying by hand skips re-validation
