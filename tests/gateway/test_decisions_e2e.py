@@ -193,6 +193,32 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_block_carries_only_the_deciding_answers_response_operations(self) -> Any:
+        """
+        The allowing agent's response header operations are for the
+        upstream's response: a block answered by another agent carries the
+        blocking answer's operations alone (docs/operators.md, step 2).
+        """
+
+        async def go() -> None:
+            h = await Harness(self).start("--agent", "first", "--agent", "second")
+            await h.agent(
+                "first",
+                decide=on_headers(answer("allow", response_headers=[{"set": {"name": "X-First", "value": "1"}}])),
+            )
+            await h.agent(
+                "second",
+                decide=on_headers(
+                    block(403, "no") | {"response_headers": [{"set": {"name": "X-Second", "value": "2"}}]}
+                ),
+            )
+            response = await h.get("/")
+            self.assertEqual((response.code, response.body), (403, b"no"))
+            self.assertEqual(response.header("X-Second"), "2")
+            self.assertIsNone(response.header("X-First"))
+
+        return ensureDeferred(go())
+
     def test_block_cancels_agents_still_deciding(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start("--agent", "first", "--agent", "second")
