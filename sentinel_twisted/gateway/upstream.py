@@ -641,6 +641,17 @@ class _UpstreamProtocol(HTTP11ClientProtocol):
             parser.__class__ = _CheckedParser
         return result
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "QUIESCENT":
+            # Bytes while no request is out (a 408 before an idle close,
+            # garbage): nothing may go out on this connection now.
+            # twisted.web would close it but leave it in the pool, where
+            # only the QUIESCENT state is checked, until the close is done,
+            # and a request picked in between would be written to it.
+            self.abort()  # type: ignore[no-untyped-call]
+            return
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         request = self._currentRequest
         if request is not None and (rest or not _persists(self._parser)):
