@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .peers import peer
 from .test_readme_demo import fetch, free_port, wait_for
-from .twistd_support import stop_process, twistd_command
+from .twistd_support import stop_process, twistd_command, unix_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
@@ -88,7 +88,7 @@ class ForwardGatewayInteropTests(SynchronousTestCase):
             [peer("rust-fwd-agent"), "--listen", f"unix:{self.socket}", "--agent-id", "waf-1",
              "--encoding", encoding, "--log-events"],
         )  # fmt: skip
-        wait_for(lambda: os.path.exists(self.socket), START_TIMEOUT, "the reference agent to listen", agent)
+        wait_for(lambda: unix_listening(self.socket), START_TIMEOUT, "the reference agent to listen", agent)
         return agent
 
     def start_gateway(self, *extra: str) -> Program:
@@ -181,7 +181,7 @@ class ForwardGatewayInteropTests(SynchronousTestCase):
             ),
             stderr=False,
         )  # fmt: skip
-        wait_for(lambda: os.path.exists(self.socket), START_TIMEOUT, "our agent to listen", agent)
+        wait_for(lambda: unix_listening(self.socket), START_TIMEOUT, "our agent to listen", agent)
         gateway = self.start_gateway()
         [waf] = self.agents()
         self.assertEqual([c["encoding"] for c in waf["connections"]], ["msgpack", "msgpack"])

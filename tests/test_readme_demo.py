@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from twisted.trial.unittest import TestCase
 
-from .twistd_support import stop_process, twistd_command
+from .twistd_support import stop_process, twistd_command, unix_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -192,7 +192,7 @@ class ReadmeDemoTests(TestCase):
         ports = ["--http", f"tcp:{http}:interface=127.0.0.1", "--status", f"tcp:{status}:interface=127.0.0.1"]
 
         gateway = Process(self, work, "gateway", gateway_words[1:] + ports)
-        wait_for(lambda: "Site starting on" in gateway.output() and (work / "sentinel-reverse.sock").exists(),
+        wait_for(lambda: "Site starting on" in gateway.output() and unix_listening(str(work / "sentinel-reverse.sock")),
                  START_TIMEOUT, "the gateway to listen", gateway)
         if "--workers" in gateway_words:
             wait_for(lambda: gateway.output().count("is ready") >= 2, START_TIMEOUT, "the workers", gateway)

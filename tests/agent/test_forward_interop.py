@@ -24,7 +24,7 @@ from typing import IO, Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from ..peers import peer
-from ..twistd_support import twistd_command
+from ..twistd_support import twistd_command, unix_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_RULES = ROOT / "examples" / "rules.toml"
@@ -57,7 +57,7 @@ class ListeningAgent:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.socket):
+        while not unix_listening(self.socket):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError(f"the agent did not start listening:\n{self.output()}")

@@ -38,6 +38,7 @@ from ..rawagent import (
     frame,
     registration,
 )
+from ..twistd_support import unix_listening
 from .invariants import Accounting, settle, wait_until
 from .support import Program, headers, listen, temp_dir
 
@@ -209,7 +210,7 @@ class TwistdShutdownTests(TestCase):
             "--http", f"unix:{http_socket}", "--status", "none", "--shutdown-grace", "1",
             name="proxy",
         )  # fmt: skip
-        yield wait_until(lambda: os.path.exists(http_socket) and os.path.exists(agents_socket), "the listener", 20)
+        yield wait_until(lambda: unix_listening(http_socket) and unix_listening(agents_socket), "the listener", 20)
         agent = GatewayAgent()
         yield connectProtocol(UNIXClientEndpoint(reactor, agents_socket), agent)
         _, body = yield agent.register("gw")
