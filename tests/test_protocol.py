@@ -657,6 +657,24 @@ class CloseDeadlineTests(TestCase):
         self.assertTrue(transport.disconnected)
         self.assertEqual(proxy.clock.getDelayedCalls(), [])
 
+    def test_an_abort_of_a_closing_connection_drops_it_at_once(self) -> None:
+        """
+        A connection closed gracefully whose agent does not read is dropped
+        as soon as an abort is asked for (shutdown asks it of a connection
+        that is not read), not only at the close grace.
+        """
+        proxy = Proxy()
+        protocol, transport, connection = proxy.register("waf-1")
+        protocol.pauseProducing()
+        closed = connection.close("maintenance")
+        self.assertFalse(transport.disconnected)
+        aborted = connection.close("shutting down", abort=True)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(proxy.clock.getDelayedCalls(), [])
+        lose(protocol)
+        self.successResultOf(closed)
+        self.successResultOf(aborted)
+
     def test_a_late_deadline_after_the_transport_is_gone_does_nothing(self) -> None:
         proxy = Proxy()
         protocol, transport = proxy.connect()

@@ -626,7 +626,8 @@ class AgentConnection(AgentFrames):
         Close the connection.  Waiting requests fail with
         L{ConnectionClosed}; the Deferred fires once the connection is gone.
         C{abort} drops it without flushing what is still buffered (for an
-        agent that does not read).
+        agent that does not read), also when an earlier close still waits
+        for the agent to read.
         """
         if self._gone:
             return succeed(None)

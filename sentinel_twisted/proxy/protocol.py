@@ -434,7 +434,13 @@ class _PooledConnectionProtocol(FrameReceiver):
     def close_connection(self, detail: str, abort: bool = False) -> None:
         """
         Close (or abort) the connection; see L{FrameSink <sentinel_twisted.proxy.connection.FrameSink>}.
+        An abort of a connection already closing (waiting for its peer to
+        read what is buffered) drops it now rather than at the close grace.
         """
+        if abort and self._close_timer is not None:
+            self._stop_close_timer()
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._abort_on_close = abort
         self._lifecycle.close(detail)
 
