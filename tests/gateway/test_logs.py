@@ -17,13 +17,22 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed
 
 from sentinel_twisted._ratelimit import LogRateLimiter
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
 
 from .._proxy_support import captured_log
-from .support import RESPONSE_BODY_CHUNK, Harness, ScriptedAgent, answer, block, listen_for, unreachable_url
+from .support import (
+    RESPONSE_BODY_CHUNK,
+    Harness,
+    ScriptedAgent,
+    answer,
+    block,
+    listen_for,
+    unreachable_url,
+)
 from .test_failures import _CannedUpstream
 
 
@@ -344,7 +353,7 @@ class RequestLineFloodTests(TestCase):
                     agent = await h.agent(
                         "body-checker", events=(1, 4), chunk_size=4096, decide=_block_the_second_body_chunk
                     )
-                    with self.assertRaises(Exception):
+                    with self.assertRaises(ResponseFailed):
                         await h.get("/bytes?n=20000")
                     agent.transport.loseConnection()
                     await agent.lost
