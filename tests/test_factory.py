@@ -897,6 +897,30 @@ class HardeningTests(TestCase):
             f"(max: {64 * 1024})",
         )
 
+    def test_registration_metadata_nested_over_64_levels_is_refused(self) -> None:
+        """
+        Metadata is shown on C{/agents}, encoded and (with C{--workers})
+        decoded again at a deeper stack than the registration's: nested a
+        few levels short of what the decoder takes (940 lists in 3 KB), it
+        made every C{GET /agents} fail with a RecursionError while the
+        agent stayed connected.
+        """
+
+        def nested(depth: int) -> Any:
+            value: Any = {"leaf": 1}
+            for i in range(depth - 1):
+                value = [value] if i % 2 else {"k": value}
+            return value
+
+        self.assertIsNone(refusal(Proxy(), metadata=nested(64)))
+        proxy = Proxy()
+        self.assertEqual(
+            refusal(proxy, metadata=nested(65)),
+            "Invalid message format: Registration metadata is nested too deeply: "
+            "more than 64 levels of lists and objects",
+        )
+        self.assertEqual(proxy.factory.rejections["metadata_too_large"], 1)
+
     def test_registration_metadata_limit_is_an_option(self) -> None:
         proxy = Proxy(max_metadata_size=100)
         self.assertIsNone(refusal(proxy, metadata={"region": "eu"}))

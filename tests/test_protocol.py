@@ -222,6 +222,31 @@ class AwaitingRegistrationTests(TestCase):
     def test_peer_is_described(self) -> None:
         self.assertEqual(self.protocol.peer, "127.0.0.1:40000")
 
+    def test_a_unix_peer_may_name_its_socket_anything(self) -> None:
+        """
+        A UNIX client binds its socket to a name of its choosing, any bytes
+        (an abstract one starts with a NUL): the connection still starts its
+        handshake timer, and its peer is text fit for a log line, the status
+        page and JSON (not valid UTF-8, it used to raise in C{connectionMade},
+        leaving the connection without a handshake timeout).
+        """
+        from twisted.internet.address import UNIXAddress
+        from twisted.internet.testing import StringTransport
+
+        for name, shown in [
+            (b"\x00abs\xff<b>" + "\u202e".encode(), "unix:\\x00abs\\xff<b>\\u202e"),
+            (b"/tmp/a\xfe\n\x1b[31m.sock", "unix:/tmp/a\\xfe\\x0a\\x1b[31m.sock"),
+        ]:
+            proxy = Proxy()
+            protocol = proxy.factory.buildProtocol(UNIXAddress(name))
+            with captured_log() as events:
+                protocol.makeConnection(StringTransport(peerAddress=UNIXAddress(name)))
+            self.assertEqual([e for e in events if e.get("log_failure")], [])
+            self.assertEqual(protocol.peer, shown)
+            [timer] = proxy.clock.getDelayedCalls()
+            self.assertEqual(timer.getTime(), 10.0)
+            protocol.peer.encode("utf-8")
+
 
 class RegisteredTests(TestCase):
     """Transitions out of Registered."""

@@ -301,7 +301,11 @@ class Endings:
     def _abort_client(self, why: str) -> None:
         self._over()
         self._abort_upstream()
-        log.info("Closing the client connection mid-response: {why}", why=peer_text(why))
+        # One a request, and an agent that blocks mid-response (or a client
+        # that stops reading) can make one each: limited.
+        self.gateway.log_limiter.info(
+            log, "client-cut", "Closing the client connection mid-response: {why}", why=peer_text(why)
+        )
         request = self.request
         if self._producer is not None:
             self._producer = None

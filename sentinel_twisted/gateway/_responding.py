@@ -250,8 +250,14 @@ class Responding:
             head.end()
 
     def _log_upstream_error(self, what: str, error: str) -> None:
-        """The line of a request answered 502 or 504 for the upstream: it C{what} (timed out, failed)."""
-        log.info(
+        """
+        The line of a request answered 502 or 504 for the upstream: it
+        C{what} (timed out, failed).  One a request, while the upstream
+        fails: limited.
+        """
+        self.gateway.log_limiter.info(
+            log,
+            "upstream-failed",
             "Upstream {what} for {method} {uri}: {error}",
             what=what,
             method=_loggable(self.request.method),

@@ -80,6 +80,28 @@ class _MetadataTooLarge(InvalidMessage):
     pass
 
 
+#: The most levels of lists and objects registration metadata may nest: it
+#: is encoded for C{/agents} (and decoded again by a worker group's parent)
+#: at a deeper stack than the registration's, where metadata nested nearly
+#: as deep as the decoder takes would fail every time.
+MAX_METADATA_DEPTH = 64
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether decoded JSON nests lists and objects more than C{limit} levels deep."""
+    level = [value] if isinstance(value, (list, dict)) else []
+    for _ in range(limit):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, (list, dict))
+        ]
+        if not level:
+            return False
+    return True
+
+
 class _ClientCertificateRefused(AuthenticationFailed):
     """The agent's TLS client certificate was not issued for its agent id."""
 
@@ -475,6 +497,11 @@ class ReverseConnectionFactory(Factory):
                 return _MetadataTooLarge(
                     f"Registration metadata is too large: {metadata_size} bytes "
                     f"(max: {config.max_metadata_size})"
+                )
+            if _nested_deeper(request.metadata, MAX_METADATA_DEPTH):
+                return _MetadataTooLarge(
+                    "Registration metadata is nested too deeply: more than "
+                    f"{MAX_METADATA_DEPTH} levels of lists and objects"
                 )
         # Ours: the capabilities are the agent's text as well (a name, a
         # version, a list of events), kept per connection and shown on the

@@ -53,7 +53,10 @@ _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
 
 def describe_peer(transport: object) -> str:
-    """C{HOST:PORT} of a TCP peer, C{unix} for a UNIX socket, for log lines."""
+    """
+    C{HOST:PORT} of a TCP peer, C{unix} for a UNIX socket (C{unix:NAME} for
+    one whose peer bound a name), for log lines and the status site.
+    """
     try:
         peer = transport.getPeer()  # type: ignore[attr-defined]
     except Exception:
@@ -63,7 +66,11 @@ def describe_peer(transport: object) -> str:
         return f"{host}:{peer.port}"
     name = getattr(peer, "name", None)
     if name:
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+        # The peer binds its socket to a name of its choosing: any bytes (an
+        # abstract one starts with a NUL), made readable text.
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "backslashreplace")
+        return f"unix:{peer_text(name)}"
     return "unix"
 
 

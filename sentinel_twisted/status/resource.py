@@ -162,6 +162,7 @@ class _Metrics(Resource):
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
         return self.status.metrics.render()
 
     render_HEAD = _render_head
@@ -256,6 +257,10 @@ log = Logger(namespace="sentinel_twisted.status")
 #: The most connections the status site holds at once: past it a new one is
 #: closed as soon as it is made (browsers and scrapers need a few).
 STATUS_MAX_CONNECTIONS = 64
+
+#: The C{Content-Security-Policy} of every status site response: nothing is
+#: fetched or run, only the page's own inline style applies.
+STATUS_CONTENT_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 #: Seconds a status site client has to send a whole request head, from
 #: connecting or from the end of its previous response.
@@ -416,6 +421,12 @@ class StatusSite(server.Site):
         return loopback and name == "localhost"
 
     def getResourceFor(self, request: Any) -> Any:
+        # Every answer, refusals too: what agents chose is in them (an id
+        # of <script>...), so no browser may take one for another type, and
+        # the page loads nothing and runs no script whatever it holds.
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
+        headers.setRawHeaders(b"Content-Security-Policy", [STATUS_CONTENT_POLICY])
         hosts = request.requestHeaders.getRawHeaders(b"host")
         if (hosts is None and request.clientproto == b"HTTP/1.1") or (
             hosts is not None and (len(hosts) > 1 or not valid_host(hosts[0].strip(b" \t")))

@@ -17,13 +17,22 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed
 
 from sentinel_twisted._ratelimit import LogRateLimiter
 from sentinel_twisted.gateway.config import GatewayConfig
 from sentinel_twisted.gateway.exchange import Gateway
 
 from .._proxy_support import captured_log
-from .support import Harness, ScriptedAgent, answer, listen_for, unreachable_url
+from .support import (
+    RESPONSE_BODY_CHUNK,
+    Harness,
+    ScriptedAgent,
+    answer,
+    block,
+    listen_for,
+    unreachable_url,
+)
 from .test_failures import _CannedUpstream
 
 
@@ -297,5 +306,60 @@ class AccessLogTests(TestCase):
             self.assertIsNotNone(match, second)
             assert match is not None
             self.assertEqual((match["referer"], match["agent"]), ("-", "-"))
+
+        return ensureDeferred(go())
+
+
+def _block_the_second_body_chunk(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+    """Allow everything but the response body's second chunk: blocked once the client has the first."""
+    if message_type == RESPONSE_BODY_CHUNK and len(agent.of_type(RESPONSE_BODY_CHUNK)) == 2:
+        return block()
+    return answer(needs_more=message_type == RESPONSE_BODY_CHUNK)
+
+
+class RequestLineFloodTests(TestCase):
+    """
+    Lines a request can make whatever its agents and upstream decide come
+    a few per period, then one with the count of the rest: clients that
+    keep asking (or an agent that keeps blocking mid-response) cannot
+    flood the log.
+    """
+
+    timeout = 30
+
+    def test_upstream_failures_are_a_few_lines_per_period(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start("--upstream", unreachable_url())
+            clock = memory_clock(h)
+            limiter = h.gateway_service.gateway.log_limiter
+            await h.agent("waf")
+            with captured_log() as events:
+                for _ in range(limiter.burst + 3):
+                    self.assertEqual((await h.get("/x")).code, 502)
+                clock.advance(limiter.period)
+            failed = lines(events, containing="Upstream failed for GET /x")
+            self.assertEqual(len(failed), limiter.burst + 1)
+            self.assertIn("(... and 2 more like it in the last 10 s)", failed[-1])
+
+        return ensureDeferred(go())
+
+    def test_cutting_responses_off_is_a_few_lines_per_period(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            clock = memory_clock(h)
+            limiter = h.gateway_service.gateway.log_limiter
+            with captured_log() as events:
+                for _ in range(limiter.burst + 3):
+                    agent = await h.agent(
+                        "body-checker", events=(1, 4), chunk_size=4096, decide=_block_the_second_body_chunk
+                    )
+                    with self.assertRaises(ResponseFailed):
+                        await h.get("/bytes?n=20000")
+                    agent.transport.loseConnection()
+                    await agent.lost
+                clock.advance(limiter.period)
+            cut = lines(events, containing="Closing the client connection mid-response")
+            self.assertEqual(len(cut), limiter.burst + 1, cut)
+            self.assertIn("(... and 2 more like it in the last 10 s)", cut[-1])
 
         return ensureDeferred(go())

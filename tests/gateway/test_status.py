@@ -211,6 +211,42 @@ class MetricsTests(TestCase):
         return ensureDeferred(go())
 
 
+class StatusHeadersTests(TestCase):
+    """
+    What a browser is told about each status response: its type (with its
+    charset where it is text), not to guess another (peer text is in
+    them: an agent id of C{<script>...}), that the page loads nothing and
+    runs no script, and that nothing is to be kept.
+    """
+
+    timeout = 20
+
+    def test_every_status_response_says_its_type_and_not_to_keep_it(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+            await h.agent("<script>alert(1)</script>", metadata={"x": "</script><script>alert(2)"})
+            types = {
+                "/": "text/html; charset=utf-8",
+                "/agents": "application/json",
+                "/metrics": "text/plain; version=1.0.0; charset=utf-8",
+                "/healthz": "application/json",
+                "/nope": "text/html; charset=utf-8",
+            }
+            for path, content_type in types.items():
+                response = await h.status(path)
+                self.assertEqual(response.header("content-type"), content_type, path)
+                self.assertEqual(response.header("x-content-type-options"), "nosniff", path)
+                self.assertEqual(
+                    response.header("content-security-policy"),
+                    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+                    path,
+                )
+                if path != "/nope":
+                    self.assertEqual(response.header("cache-control"), "no-store", path)
+
+        return ensureDeferred(go())
+
+
 class MetricShapeTests(TestCase):
     """What an SLO is built on: series present from the start, buckets, names."""
 
