@@ -277,7 +277,7 @@ _C0_OR_SPACE = "".join(map(chr, range(0x21)))
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def _target_parts(uri: str) -> tuple[str, str]:
+def _target_parts(uri: str, fragment: bool = True) -> tuple[str, str]:
     """
     The path and the query of a request target.  An absolute-form one
     (C{http://host/admin?x}) is split as C{urllib.parse.urlsplit} splits
@@ -287,8 +287,16 @@ def _target_parts(uri: str) -> tuple[str, str]:
     invalid (C{http://[/admin}), which failed the event (and allowed it,
     with C{--fail-open}), and it caches the last 128 URLs it split, each
     of up to 16 MiB here, with their parts.
+
+    With C{fragment} false, a C{#} is an ordinary character of the path or
+    the query: servers differ.  Node's C{url.parse} (Express) leaves a
+    fragment out of an origin-form target as C{urlsplit} does, so that
+    C{/admin#x} is C{/admin} there; Go's C{ParseRequestURI} keeps it in the
+    path or the query (C{?id=1#union select}).
     """
     if uri.startswith("/") or not uri:
+        if fragment:
+            uri = uri.partition("#")[0]
         path, _, query = uri.partition("?")
         return path, query
     target = uri.lstrip(_C0_OR_SPACE)
@@ -301,7 +309,7 @@ def _target_parts(uri: str) -> tuple[str, str]:
         # The authority, up to the path, the query or the fragment.
         ends = [at for at in (target.find(c, start + 2) for c in "/?#") if at >= 0]
         start = min(ends, default=len(target))
-    end = target.find("#", start)
+    end = target.find("#", start) if fragment else -1
     if end < 0:
         end = len(target)
     question = target.find("?", start, end)
@@ -318,13 +326,20 @@ class _RequestView:
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
         uri = event.uri
-        raw_path, raw_query = _target_parts(uri)
-        decoded = percent_decoded(raw_path)
-        normalized = _normalize_path(decoded)
-        without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
-        self.paths = _unique((raw_path, decoded, normalized, without_parameters))
+        paths: list[str] = []
+        queries: list[str] = []
+        # A "#" is read both ways (see _target_parts): a rule sees what
+        # either kind of server makes of the target.
+        for fragment in (True, False) if "#" in uri else (True,):
+            raw_path, raw_query = _target_parts(uri, fragment)
+            decoded = percent_decoded(raw_path)
+            normalized = _normalize_path(decoded)
+            without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
+            paths += (raw_path, decoded, normalized, without_parameters)
+            queries += (raw_query, percent_decoded(raw_query, plus=True))
+        self.paths = _unique(paths)
         self.uris = _unique((uri, percent_decoded(uri)))
-        self.queries = _unique((raw_query, percent_decoded(raw_query, plus=True)))
+        self.queries = _unique(queries)
         headers: dict[str, list[str]] = {}
         for name, values in event.headers.items():
             headers.setdefault(name.lower(), []).extend(values)
