@@ -483,6 +483,60 @@ class ErrorTests(SynchronousTestCase):
         Path(path).write_text("{")
         self.assertIn("invalid JSON", str(self.assertRaises(RulesError, load_rules, path)))
 
+    def test_a_method_that_is_no_token_is_an_error(self) -> None:
+        # No request with such a method reaches the rules: the rule (or,
+        # for "GET POST", the whole rule) would silently never match.
+        problems = self.problems(
+            {"id": "empty", "match": {"method": ""}, **BLOCK},
+            {"id": "two", "match": {"method": "GET POST"}, **BLOCK},
+            {"id": "space", "match": {"method": ["GET", " PUT"]}, **BLOCK},
+            {"id": "ok", "match": {"method": ["get", "PURGE", "M-SEARCH"]}, **BLOCK},
+        )
+        self.assertEqual(
+            problems,
+            [
+                "rule 'empty' (#1): match.method: invalid method \"\" (a method is an HTTP token, as GET or PURGE)",
+                "rule 'two' (#2): match.method: invalid method \"GET POST\" (a method is an HTTP token, as GET or PURGE)",
+                "rule 'space' (#3): match.method: invalid method \" PUT\" (a method is an HTTP token, as GET or PURGE)",
+            ],
+        )
+
+    def test_a_string_that_is_no_text_is_an_error(self) -> None:
+        # JSON's "\ud800" is a lone surrogate: body_contains failed with a
+        # UnicodeEncodeError, a tag or a header value could not be sent.
+        path = temp_path(self, "rules.json")
+        Path(path).write_text(
+            '{"rules": [{"id": "a", "match": {"body_contains": "\\ud800"}, "block": true},'
+            ' {"id": "b", "tags": ["ok", "x\\udcff"]}]}'
+        )
+        error = self.assertRaises(RulesError, load_rules, path)
+        self.assertEqual(
+            error.problems,
+            [
+                'rules[0].match.body_contains: "\\ud800" holds a lone surrogate, which is not text',
+                'rules[1].tags[1]: "x\\udcff" holds a lone surrogate, which is not text',
+            ],
+        )
+
+    def test_a_json_key_given_twice_is_an_error(self) -> None:
+        # json.loads keeps the last: the first "rules" went without a word.
+        path = temp_path(self, "rules.json")
+        Path(path).write_text('{"rules": [{"id": "a", "block": true}], "rules": []}')
+        error = self.assertRaises(RulesError, load_rules, path)
+        self.assertEqual(error.problems, ['invalid JSON: the key "rules" appears twice in one object'])
+
+    def test_a_file_nested_too_deeply_is_an_error(self) -> None:
+        # The parsers raised RecursionError, a traceback at start-up.
+        for name, text, problem in [
+            ("rules.json", "[" * 100_000, "invalid JSON: arrays or objects nested too deeply"),
+            ("rules.toml", "x = " + "[" * 100_000, "invalid TOML: arrays or tables nested too deeply"),
+            ("deep.json", '{"rules": [{"id": "a", "tags": ' + "[" * 100 + "]" * 100 + "}]}",
+             "rules[0].tags" + "[0]" * 29 + ": tables and arrays nested more than 32 deep"),
+        ]:
+            path = temp_path(self, name)
+            Path(path).write_text(text)
+            self.assertEqual(self.assertRaises(RulesError, load_rules, path).problems, [problem])
+
     def test_missing_file(self) -> None:
         error = self.assertRaises(RulesError, load_rules, "/nonexistent/rules.toml")
         self.assertIn("/nonexistent/rules.toml: cannot read the rules file", str(error))
