@@ -151,6 +151,19 @@ class MatcherTests(_DecisionTestCase):
         self.assertAllowed(r, client_ip="192.0.2.1")
         self.assertAllowed(r, client_ip="not an address")
 
+    def test_client_ip_networks_of_ipv4_mapped_addresses(self) -> None:
+        # A mapped client address is matched as IPv4: a network written in
+        # the mapped form (as dual-stack servers log IPv4 clients) matched
+        # no client at all, and a block list so written let everyone in.
+        r = rules({"id": "ip", "match": {"client_ip": ["::ffff:10.0.0.0/104", "::FFFF:192.0.2.1"]}, **BLOCK})
+        for client in ["10.1.2.3", "::ffff:10.1.2.3", "192.0.2.1", "::ffff:c000:201"]:
+            self.assertBlocked(r, client_ip=client)
+        for client in ["11.0.0.1", "192.0.2.2", "2001:db8::1"]:
+            self.assertAllowed(r, client_ip=client)
+        r = rules({"id": "ip", "match": {"client_ip_not": ["::ffff:127.0.0.0/104"]}, **BLOCK})
+        self.assertAllowed(r, client_ip="127.0.0.1")
+        self.assertBlocked(r, client_ip="192.0.2.1")
+
     def test_client_ip_not(self) -> None:
         r = rules({"id": "ext", "match": {"path": "^/metrics$", "client_ip_not": "127.0.0.0/8"}, **BLOCK})
         self.assertAllowed(r, uri="/metrics", client_ip="127.0.0.1")

@@ -128,6 +128,25 @@ def _header_name(value: Any, where: str) -> str:
     return value.lower()
 
 
+#: Where IPv4-mapped IPv6 addresses are (RFC 4291 section 2.5.5.2).
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    A C{client_ip} network.  One of IPv4-mapped addresses
+    (C{::ffff:10.0.0.0/104}, as dual-stack servers log IPv4 clients) is
+    its IPv4 network: a client address is matched as IPv4 when it is
+    mapped, so the IPv6 form would never match any client.
+    """
+    network = ipaddress.ip_network(cidr, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 def _method(value: str, where: str) -> str:
     # A request whose method is no token never reaches the rules (see
     # [request]): a rule on one would silently match nothing.
@@ -236,7 +255,7 @@ class _RuleCompiler:
                 networks = []
                 for cidr in self.step(_strings, match[key], f"match.{key}") or []:
                     try:
-                        networks.append(ipaddress.ip_network(cidr, strict=False))
+                        networks.append(_network(cidr))
                     except ValueError as e:
                         self.problems.append(f"match.{key}: {e}")
                 f[key] = tuple(networks)
