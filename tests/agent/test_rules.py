@@ -286,6 +286,22 @@ class MatcherTests(_DecisionTestCase):
         self.assertEqual(blocked.audit.rule_ids, ["mark", "late", "xss"])
         self.assertEqual(blocked.audit.tags, ["seen", "xss"])
 
+    def test_header_rules_further_down_decide_before_the_body_comes(self) -> None:
+        # The README: every rule not on the body is checked at the headers,
+        # so one further down the file decides before a body rule can.
+        agent = _agent(
+            self,
+            {"id": "on-body", "match": {"body_contains": "evil"}, "block": {"status": 403}},
+            {"id": "mark", "response_headers": {"set": {"x-mark": "1"}}},
+            {"id": "on-header", "match": {"header_present": "x-b"}, "block": {"status": 401}},
+        )
+        answer = agent.on_request_headers(event(cid="h", method="POST", headers={"x-b": ["1"]})).build()  # type: ignore[union-attr]
+        self.assertEqual((answer.decision.status, answer.needs_more), (401, False))  # type: ignore[union-attr]
+        agent.on_request_headers(event(cid="b", method="POST"))
+        answer = agent.on_request_body_chunk(body("b", b"evil", last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision.status, 403)  # type: ignore[union-attr]
+        self.assertIn(m.SetHeader("x-mark", "1"), answer.response_headers)
+
     def test_clean_body_is_allowed_and_forgotten(self) -> None:
         agent = _agent(self, {"id": "xss", "match": {"body_contains": "<script"}, **BLOCK})
         agent.on_request_headers(event(cid="b2", method="POST"))
