@@ -15,9 +15,9 @@ C{examples/rules.toml}), not from the code:
  - C{client_ip}/C{client_ip_not}: the address (an IPv4-mapped one as
    IPv4, a network of them as the IPv4 network) is in one of the
    networks / in none; no address, or one that does not parse, is in none;
- - C{header = { name = regex }}: a value of that header, its name in any
-   case, however many times it is repeated; C{any_header}: any value as
-   sent or percent-decoded; C{header_present}/C{header_missing};
+ - C{header = { name = regex }}: a value of that header (as sent or
+   percent-decoded), its name in any case, however many times it is
+   repeated; C{any_header}: any value as sent or percent-decoded; C{header_present}/C{header_missing};
  - C{body_contains}: the body, in however many chunks, contains the
    string as sent, inflated (C{gzip}, C{x-gzip}, C{deflate}) or, when it
    is a JSON document in UTF-16 or UTF-32 (as C{json.loads} tells it), as
@@ -330,13 +330,18 @@ class HeaderModelTests(SynchronousTestCase):
             by_name.setdefault(name.lower(), []).extend(values)
         present = {n for n in by_name}
         everything = [v for vs in by_name.values() for v in vs]
+
+        def views(name: str) -> list[str]:
+            # A named header's values, as sent or percent-decoded.
+            return [x for v in by_name.get(name, []) for x in (v, unquote_plus(v))]
+
         cases: list[tuple[dict[str, Any], bool]] = [
-            ({"header": {"User-Agent": "(?i)sqlmap"}}, any(re.search("(?i)sqlmap", v) for v in by_name.get("user-agent", []))),
-            ({"header": {"user-agent": "^$"}}, "" in by_name.get("user-agent", [])),
+            ({"header": {"User-Agent": "(?i)sqlmap"}}, any(re.search("(?i)sqlmap", v) for v in views("user-agent"))),
+            ({"header": {"user-agent": "^$"}}, "" in views("user-agent")),
+            ({"header": {"user-agent": "a b"}}, any("a b" in v for v in views("user-agent"))),
             (
                 {"header": {"user-agent": "sqlmap", "cookie": "1"}},
-                any("sqlmap" in v for v in by_name.get("user-agent", []))
-                and any("1" in v for v in by_name.get("cookie", [])),
+                any("sqlmap" in v for v in views("user-agent")) and any("1" in v for v in views("cookie")),
             ),
             (
                 {"any_header": "(?i)sqlmap"},

@@ -138,6 +138,15 @@ class MatcherTests(_DecisionTestCase):
         self.assertBlocked(r, headers={})
         self.assertAllowed(r, headers=host)
 
+    def test_header_value_raw_or_decoded(self) -> None:
+        # As any_header: PHP's $_COOKIE and Express's cookie-parser decode
+        # a cookie, so the percent-encoded one was the same injection.
+        r = rules({"id": "c", "match": {"header": {"Cookie": "(?i)union\\s+select"}}, **BLOCK})
+        for value in ["id=1 union select 2", "id=1%20UNION%20SELECT%202", "id=1+union+select+2"]:
+            self.assertBlocked(r, headers={"cookie": ["a=b", value]})
+        self.assertAllowed(r, headers={"cookie": ["id=1%20union"]})
+        self.assertAllowed(r, headers={"x-other": ["1 union select 2"]})
+
     def test_header_value_any_of_several(self) -> None:
         r = rules({"id": "c", "match": {"header": {"cookie": "^admin="}}, **BLOCK})
         self.assertBlocked(r, headers={"cookie": ["a=1", "admin=1"]})

@@ -124,7 +124,7 @@ class Rule:
         if self.query is not None and not _any_search(self.query, request.queries):
             return False
         for name, pattern in self.headers:
-            if not _any_search(pattern, request.headers.get(name, ())):
+            if not _any_search(pattern, request.header_values_of(name)):
                 return False
         if self.any_header is not None and not _any_search(self.any_header, request.header_values):
             return False
@@ -321,7 +321,7 @@ def _target_parts(uri: str, fragment: bool = True) -> tuple[str, str]:
 class _RequestView:
     """What rules look at in a RequestHeaders event, computed once."""
 
-    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values")
+    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values", "_values_of")
 
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
@@ -345,6 +345,7 @@ class _RequestView:
             headers.setdefault(name.lower(), []).extend(values)
         self.headers = headers
         self._header_values: tuple[str, ...] | None = None
+        self._values_of: dict[str, tuple[str, ...]] = {}
         try:
             ip = ipaddress.ip_address(event.metadata.client_ip)
         except ValueError:
@@ -353,6 +354,19 @@ class _RequestView:
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
             self.client_ip = ip
+
+    def header_values_of(self, name: str) -> tuple[str, ...]:
+        """
+        The values of the header C{name} (lower-case), as sent and
+        percent-decoded (for C{header}): applications decode cookies and
+        the like (PHP's C{$_COOKIE}, Express's cookie-parser), so that
+        C{id=1%20union%20select} is C{id=1 union select} to them.
+        """
+        found = self._values_of.get(name)
+        if found is None:
+            values = self.headers.get(name, ())
+            found = self._values_of[name] = _unique([*values, *(percent_decoded(v, plus=True) for v in values)])
+        return found
 
     @property
     def header_values(self) -> tuple[str, ...]:
