@@ -539,6 +539,12 @@ class ErrorTests(SynchronousTestCase):
             ],
         )
 
+    def test_an_empty_header_table_is_an_error(self) -> None:
+        # It was no condition: "block every request" for a rule meant to
+        # look at some header.
+        problems = self.problems({"id": "h", "match": {"path": "^/api/", "header": {}}, **BLOCK})
+        self.assertEqual(problems, ['rule \'h\' (#1): match.header: no header named (give name = "regex")'])
+
     def test_a_string_that_is_no_text_is_an_error(self) -> None:
         # JSON's "\ud800" is a lone surrogate: body_contains failed with a
         # UnicodeEncodeError, a tag or a header value could not be sent.

@@ -235,7 +235,10 @@ class _RuleCompiler:
                     f[key] = pattern
         if "header" in match:
             table = self.step(_table, match["header"], "match.header")
-            if table is not None:
+            if table == {}:
+                # Read as no condition, it would match every request.
+                self.problems.append('match.header: no header named (give name = "regex")')
+            elif table is not None:
                 headers = []
                 for name, pattern in table.items():
                     where = f"match.header.{name}"
