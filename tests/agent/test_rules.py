@@ -85,6 +85,20 @@ class MatcherTests(_DecisionTestCase):
         for uri in ["/administrator;x", "/public;/admin-tools", "/?q=/admin;x"]:
             self.assertAllowed(r, uri=uri)
 
+    def test_a_fragment_is_read_with_and_without_it(self) -> None:
+        # Node's url.parse (Express) leaves "#..." out of an origin-form
+        # target, so /admin#x is /admin there; Go keeps it in the path or
+        # the query.  Either reading is matched.
+        r = rules(
+            {"id": "p", "match": {"path": "(?i)^/admin(/|$)"}, **BLOCK},
+            {"id": "q", "match": {"query": "(?i)(union\\s+select|--\\s*$)"}, **BLOCK},
+        )
+        for uri in ["/admin#x", "/ADMIN#", "/admin;x#y", "/x/..%2fadmin#/x", "/search?id=1--#x",
+                    "http://h/search?id=1--#x", "/search?id=1#union%20select", "http://h/search?id=1#+union+select"]:
+            self.assertBlocked(r, uri=uri)
+        for uri in ["/public#/admin", "/search?id=1#x", "/search#?id=1--x"]:
+            self.assertAllowed(r, uri=uri)
+
     def test_trailing_slash_survives_dot_segment_normalisation(self) -> None:
         r = rules({"id": "dir", "match": {"path": "^/dir/$"}, **BLOCK})
         for uri in ["/dir/", "/x/../dir/", "/dir/./", "/dir//", "/dir/.", "/dir/sub/..", "/x/%2e%2e/dir/"]:
@@ -124,6 +138,15 @@ class MatcherTests(_DecisionTestCase):
         self.assertBlocked(r, headers={})
         self.assertAllowed(r, headers=host)
 
+    def test_header_value_raw_or_decoded(self) -> None:
+        # As any_header: PHP's $_COOKIE and Express's cookie-parser decode
+        # a cookie, so the percent-encoded one was the same injection.
+        r = rules({"id": "c", "match": {"header": {"Cookie": "(?i)union\\s+select"}}, **BLOCK})
+        for value in ["id=1 union select 2", "id=1%20UNION%20SELECT%202", "id=1+union+select+2"]:
+            self.assertBlocked(r, headers={"cookie": ["a=b", value]})
+        self.assertAllowed(r, headers={"cookie": ["id=1%20union"]})
+        self.assertAllowed(r, headers={"x-other": ["1 union select 2"]})
+
     def test_header_value_any_of_several(self) -> None:
         r = rules({"id": "c", "match": {"header": {"cookie": "^admin="}}, **BLOCK})
         self.assertBlocked(r, headers={"cookie": ["a=1", "admin=1"]})
@@ -136,6 +159,19 @@ class MatcherTests(_DecisionTestCase):
         self.assertBlocked(r, client_ip="2001:db8::1")
         self.assertAllowed(r, client_ip="192.0.2.1")
         self.assertAllowed(r, client_ip="not an address")
+
+    def test_client_ip_networks_of_ipv4_mapped_addresses(self) -> None:
+        # A mapped client address is matched as IPv4: a network written in
+        # the mapped form (as dual-stack servers log IPv4 clients) matched
+        # no client at all, and a block list so written let everyone in.
+        r = rules({"id": "ip", "match": {"client_ip": ["::ffff:10.0.0.0/104", "::FFFF:192.0.2.1"]}, **BLOCK})
+        for client in ["10.1.2.3", "::ffff:10.1.2.3", "192.0.2.1", "::ffff:c000:201"]:
+            self.assertBlocked(r, client_ip=client)
+        for client in ["11.0.0.1", "192.0.2.2", "2001:db8::1"]:
+            self.assertAllowed(r, client_ip=client)
+        r = rules({"id": "ip", "match": {"client_ip_not": ["::ffff:127.0.0.0/104"]}, **BLOCK})
+        self.assertAllowed(r, client_ip="127.0.0.1")
+        self.assertBlocked(r, client_ip="192.0.2.1")
 
     def test_client_ip_not(self) -> None:
         r = rules({"id": "ext", "match": {"path": "^/metrics$", "client_ip_not": "127.0.0.0/8"}, **BLOCK})
@@ -258,6 +294,22 @@ class MatcherTests(_DecisionTestCase):
         )
         self.assertEqual(blocked.audit.rule_ids, ["mark", "late", "xss"])
         self.assertEqual(blocked.audit.tags, ["seen", "xss"])
+
+    def test_header_rules_further_down_decide_before_the_body_comes(self) -> None:
+        # The README: every rule not on the body is checked at the headers,
+        # so one further down the file decides before a body rule can.
+        agent = _agent(
+            self,
+            {"id": "on-body", "match": {"body_contains": "evil"}, "block": {"status": 403}},
+            {"id": "mark", "response_headers": {"set": {"x-mark": "1"}}},
+            {"id": "on-header", "match": {"header_present": "x-b"}, "block": {"status": 401}},
+        )
+        answer = agent.on_request_headers(event(cid="h", method="POST", headers={"x-b": ["1"]})).build()  # type: ignore[union-attr]
+        self.assertEqual((answer.decision.status, answer.needs_more), (401, False))  # type: ignore[union-attr]
+        agent.on_request_headers(event(cid="b", method="POST"))
+        answer = agent.on_request_body_chunk(body("b", b"evil", last=True)).build()  # type: ignore[union-attr]
+        self.assertEqual(answer.decision.status, 403)  # type: ignore[union-attr]
+        self.assertIn(m.SetHeader("x-mark", "1"), answer.response_headers)
 
     def test_clean_body_is_allowed_and_forgotten(self) -> None:
         agent = _agent(self, {"id": "xss", "match": {"body_contains": "<script"}, **BLOCK})
@@ -468,6 +520,66 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(len(load_rules(path)), 1)
         Path(path).write_text("{")
         self.assertIn("invalid JSON", str(self.assertRaises(RulesError, load_rules, path)))
+
+    def test_a_method_that_is_no_token_is_an_error(self) -> None:
+        # No request with such a method reaches the rules: the rule (or,
+        # for "GET POST", the whole rule) would silently never match.
+        problems = self.problems(
+            {"id": "empty", "match": {"method": ""}, **BLOCK},
+            {"id": "two", "match": {"method": "GET POST"}, **BLOCK},
+            {"id": "space", "match": {"method": ["GET", " PUT"]}, **BLOCK},
+            {"id": "ok", "match": {"method": ["get", "PURGE", "M-SEARCH"]}, **BLOCK},
+        )
+        self.assertEqual(
+            problems,
+            [
+                "rule 'empty' (#1): match.method: invalid method \"\" (a method is an HTTP token, as GET or PURGE)",
+                "rule 'two' (#2): match.method: invalid method \"GET POST\" (a method is an HTTP token, as GET or PURGE)",
+                "rule 'space' (#3): match.method: invalid method \" PUT\" (a method is an HTTP token, as GET or PURGE)",
+            ],
+        )
+
+    def test_an_empty_header_table_is_an_error(self) -> None:
+        # It was no condition: "block every request" for a rule meant to
+        # look at some header.
+        problems = self.problems({"id": "h", "match": {"path": "^/api/", "header": {}}, **BLOCK})
+        self.assertEqual(problems, ['rule \'h\' (#1): match.header: no header named (give name = "regex")'])
+
+    def test_a_string_that_is_no_text_is_an_error(self) -> None:
+        # JSON's "\ud800" is a lone surrogate: body_contains failed with a
+        # UnicodeEncodeError, a tag or a header value could not be sent.
+        path = temp_path(self, "rules.json")
+        Path(path).write_text(
+            '{"rules": [{"id": "a", "match": {"body_contains": "\\ud800"}, "block": true},'
+            ' {"id": "b", "tags": ["ok", "x\\udcff"]}]}'
+        )
+        error = self.assertRaises(RulesError, load_rules, path)
+        self.assertEqual(
+            error.problems,
+            [
+                'rules[0].match.body_contains: "\\ud800" holds a lone surrogate, which is not text',
+                'rules[1].tags[1]: "x\\udcff" holds a lone surrogate, which is not text',
+            ],
+        )
+
+    def test_a_json_key_given_twice_is_an_error(self) -> None:
+        # json.loads keeps the last: the first "rules" went without a word.
+        path = temp_path(self, "rules.json")
+        Path(path).write_text('{"rules": [{"id": "a", "block": true}], "rules": []}')
+        error = self.assertRaises(RulesError, load_rules, path)
+        self.assertEqual(error.problems, ['invalid JSON: the key "rules" appears twice in one object'])
+
+    def test_a_file_nested_too_deeply_is_an_error(self) -> None:
+        # The parsers raised RecursionError, a traceback at start-up.
+        for name, text, problem in [
+            ("rules.json", "[" * 100_000, "invalid JSON: arrays or objects nested too deeply"),
+            ("rules.toml", "x = " + "[" * 100_000, "invalid TOML: arrays or tables nested too deeply"),
+            ("deep.json", '{"rules": [{"id": "a", "tags": ' + "[" * 100 + "]" * 100 + "}]}",
+             "rules[0].tags" + "[0]" * 29 + ": tables and arrays nested more than 32 deep"),
+        ]:
+            path = temp_path(self, name)
+            Path(path).write_text(text)
+            self.assertEqual(self.assertRaises(RulesError, load_rules, path).problems, [problem])
 
     def test_missing_file(self) -> None:
         error = self.assertRaises(RulesError, load_rules, "/nonexistent/rules.toml")

@@ -99,3 +99,38 @@ class ExampleRulesThroughTheGatewayTests(TestCase):
             self.assertEqual((echoed.code, echoed.body), (200, ordinary))
 
         return ensureDeferred(go())
+
+    def test_evasions_do_not_reach_the_upstream(self) -> Any:
+        """
+        The spellings that property tests try on the rules alone
+        (tests/agent/test_rule_properties.py), end to end: each is refused,
+        by the gateway (400: a dot segment, a fragment) or by the rules
+        (403), and the upstream sees none of them.
+        """
+
+        async def go() -> None:
+            h = await self.start()
+            for path in ["/%61dmin", "/ADM%49N/", "/admin%3bx", "/admin;", "//admin", "/x/..%2fadmin",
+                         "/x/%2e%2e/admin", "/admin#x", "/items?id=1--#x", "/items?id=1+UNION%0aSELECT+1"]:
+                response = await h.get(path)
+                self.assertIn(response.code, (400, 403), path)
+            for name in ["user-agent", "USER-AGENT", "User-Agent"]:
+                response = await h.get("/x", headers={name: " Mozilla sqlmap/1.7"})
+                self.assertEqual(response.code, 403, name)
+            import gzip
+
+            attack = b"comment=<script>alert(1)</script>"
+            packed = gzip.compress(b"a=" + b"x" * 100_000 + b"&" + attack)
+            for data, headers in [
+                (packed, {**FORM, "Content-Encoding": "gzip"}),
+                ('{"q": "<script>"}'.encode("utf-16"), {"Content-Type": "text/plain"}),
+                (b'{"q": "\\u003cscript>"}', {"Content-Type": "text/plain"}),
+            ]:
+                chunks = [data[i : i + 7] for i in range(0, len(data), 7)] if len(data) < 100 else [
+                    data[i : i + 4096] for i in range(0, len(data), 4096)
+                ]
+                response = await h.client.request("POST", h.url("/form"), headers=headers, chunks=chunks)
+                self.assertRefused(response, repr(data[:20]))
+            self.assertEqual(h.upstream.requests, [])
+
+        return ensureDeferred(go())

@@ -128,6 +128,33 @@ def _header_name(value: Any, where: str) -> str:
     return value.lower()
 
 
+#: Where IPv4-mapped IPv6 addresses are (RFC 4291 section 2.5.5.2).
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    A C{client_ip} network.  One of IPv4-mapped addresses
+    (C{::ffff:10.0.0.0/104}, as dual-stack servers log IPv4 clients) is
+    its IPv4 network: a client address is matched as IPv4 when it is
+    mapped, so the IPv6 form would never match any client.
+    """
+    network = ipaddress.ip_network(cidr, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _method(value: str, where: str) -> str:
+    # A request whose method is no token never reaches the rules (see
+    # [request]): a rule on one would silently match nothing.
+    if TOKEN.fullmatch(value) is None:
+        raise _Problems(f"{where}: invalid method {_show(value)} (a method is an HTTP token, as GET or PURGE)")
+    return value
+
+
 def _header_value(value: Any, where: str) -> str:
     if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
         raise _Problems(f"{where}: header value must be a single-line string, got {_show(value)}")
@@ -198,7 +225,9 @@ class _RuleCompiler:
         if "method" in match:
             methods = self.step(_strings, match["method"], "match.method")
             if methods is not None:
-                f["methods"] = frozenset(x.upper() for x in methods)
+                f["methods"] = frozenset(
+                    x.upper() for x in methods if self.step(_method, x, "match.method") is not None
+                )
         for key in ("path", "uri", "query", "any_header", "body"):
             if key in match:
                 pattern = self.step(_regex, match[key], f"match.{key}")
@@ -206,7 +235,10 @@ class _RuleCompiler:
                     f[key] = pattern
         if "header" in match:
             table = self.step(_table, match["header"], "match.header")
-            if table is not None:
+            if table == {}:
+                # Read as no condition, it would match every request.
+                self.problems.append('match.header: no header named (give name = "regex")')
+            elif table is not None:
                 headers = []
                 for name, pattern in table.items():
                     where = f"match.header.{name}"
@@ -226,7 +258,7 @@ class _RuleCompiler:
                 networks = []
                 for cidr in self.step(_strings, match[key], f"match.{key}") or []:
                     try:
-                        networks.append(ipaddress.ip_network(cidr, strict=False))
+                        networks.append(_network(cidr))
                     except ValueError as e:
                         self.problems.append(f"match.{key}: {e}")
                 f[key] = tuple(networks)
@@ -416,13 +448,53 @@ def _request_policy(raw: Any, problems: list[str]) -> RequestPolicy:
     return RequestPolicy() if values is None else RequestPolicy(**values)
 
 
+#: How deep a rules document may nest tables and arrays: a rule's deepest
+#: value (C{rules[0].match.header.NAME}) is five levels down.
+_MAX_DEPTH = 32
+
+#: A lone surrogate: JSON's C{"\\ud800"} makes one, and it is no text
+#: (it cannot be encoded, matched, or sent to a proxy).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unusable_values(document: Any) -> list[str]:
+    """
+    The places where C{document} holds a string that is no text, or nests
+    deeper than L{_MAX_DEPTH} (which the rest of the compiler, and the
+    messages quoting values, would meet as a C{RecursionError}).
+    """
+    problems: list[str] = []
+    stack: list[tuple[str, Any, int]] = [("", document, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value) is not None:
+                problems.append(f"{where or 'the document'}: {_show(value)} holds a lone surrogate, which is not text")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth == _MAX_DEPTH:
+            problems.append(f"{where or 'the document'}: tables and arrays nested more than {_MAX_DEPTH} deep")
+            continue
+        if isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+            continue
+        for key, v in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            stack.append((name, key, depth + 1))
+            stack.append((name, v, depth + 1))
+    return sorted(set(problems))
+
+
 def parse_rules(document: Any, source: str = "<rules>") -> RuleSet:
     """
     Compile a parsed rules document (the TOML or JSON object).
 
     @raise RulesError: listing every problem found.
     """
-    problems: list[str] = []
+    problems: list[str] = _unusable_values(document)
+    if problems:
+        raise RulesError(source, problems)
     if not isinstance(document, dict):
         raise RulesError(source, [f"expected a table with a 'rules' array, got {_show(document)}"])
     try:
@@ -482,14 +554,34 @@ def load_rules(path: str | os.PathLike[str]) -> RuleSet:
         raise RulesError(source, [f"not UTF-8: {e}"]) from None
     if source.endswith(".json"):
         try:
-            document = json.loads(text)
-        except json.JSONDecodeError as e:
+            document = json.loads(text, object_pairs_hook=_json_table)
+        except (json.JSONDecodeError, _DuplicateKey) as e:
             raise RulesError(source, [f"invalid JSON: {e}"]) from None
+        except RecursionError:
+            raise RulesError(source, ["invalid JSON: arrays or objects nested too deeply"]) from None
     else:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise RulesError(source, [f"invalid TOML: {e}"]) from None
+        except RecursionError:
+            raise RulesError(source, ["invalid TOML: arrays or tables nested too deeply"]) from None
     return parse_rules(document, source)
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice."""
+
+
+def _json_table(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """
+    A JSON object, refused when it has a key twice: C{json.loads} keeps the
+    last silently, so a second C{"rules"} or C{"match"} would drop the
+    first without a word (TOML refuses a key defined twice).
+    """
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise _DuplicateKey(f"the key {_show(key)} appears twice in one object")
+        table[key] = value
+    return table

@@ -124,7 +124,7 @@ class Rule:
         if self.query is not None and not _any_search(self.query, request.queries):
             return False
         for name, pattern in self.headers:
-            if not _any_search(pattern, request.headers.get(name, ())):
+            if not _any_search(pattern, request.header_values_of(name)):
                 return False
         if self.any_header is not None and not _any_search(self.any_header, request.header_values):
             return False
@@ -277,7 +277,7 @@ _C0_OR_SPACE = "".join(map(chr, range(0x21)))
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def _target_parts(uri: str) -> tuple[str, str]:
+def _target_parts(uri: str, fragment: bool = True) -> tuple[str, str]:
     """
     The path and the query of a request target.  An absolute-form one
     (C{http://host/admin?x}) is split as C{urllib.parse.urlsplit} splits
@@ -287,8 +287,16 @@ def _target_parts(uri: str) -> tuple[str, str]:
     invalid (C{http://[/admin}), which failed the event (and allowed it,
     with C{--fail-open}), and it caches the last 128 URLs it split, each
     of up to 16 MiB here, with their parts.
+
+    With C{fragment} false, a C{#} is an ordinary character of the path or
+    the query: servers differ.  Node's C{url.parse} (Express) leaves a
+    fragment out of an origin-form target as C{urlsplit} does, so that
+    C{/admin#x} is C{/admin} there; Go's C{ParseRequestURI} keeps it in the
+    path or the query (C{?id=1#union select}).
     """
     if uri.startswith("/") or not uri:
+        if fragment:
+            uri = uri.partition("#")[0]
         path, _, query = uri.partition("?")
         return path, query
     target = uri.lstrip(_C0_OR_SPACE)
@@ -301,7 +309,7 @@ def _target_parts(uri: str) -> tuple[str, str]:
         # The authority, up to the path, the query or the fragment.
         ends = [at for at in (target.find(c, start + 2) for c in "/?#") if at >= 0]
         start = min(ends, default=len(target))
-    end = target.find("#", start)
+    end = target.find("#", start) if fragment else -1
     if end < 0:
         end = len(target)
     question = target.find("?", start, end)
@@ -313,23 +321,31 @@ def _target_parts(uri: str) -> tuple[str, str]:
 class _RequestView:
     """What rules look at in a RequestHeaders event, computed once."""
 
-    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values")
+    __slots__ = ("method", "paths", "uris", "queries", "headers", "client_ip", "_header_values", "_values_of")
 
     def __init__(self, event: m.RequestHeadersEvent) -> None:
         self.method = event.method.upper()
         uri = event.uri
-        raw_path, raw_query = _target_parts(uri)
-        decoded = percent_decoded(raw_path)
-        normalized = _normalize_path(decoded)
-        without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
-        self.paths = _unique((raw_path, decoded, normalized, without_parameters))
+        paths: list[str] = []
+        queries: list[str] = []
+        # A "#" is read both ways (see _target_parts): a rule sees what
+        # either kind of server makes of the target.
+        for fragment in (True, False) if "#" in uri else (True,):
+            raw_path, raw_query = _target_parts(uri, fragment)
+            decoded = percent_decoded(raw_path)
+            normalized = _normalize_path(decoded)
+            without_parameters = _normalize_path(decoded, True) if ";" in decoded else normalized
+            paths += (raw_path, decoded, normalized, without_parameters)
+            queries += (raw_query, percent_decoded(raw_query, plus=True))
+        self.paths = _unique(paths)
         self.uris = _unique((uri, percent_decoded(uri)))
-        self.queries = _unique((raw_query, percent_decoded(raw_query, plus=True)))
+        self.queries = _unique(queries)
         headers: dict[str, list[str]] = {}
         for name, values in event.headers.items():
             headers.setdefault(name.lower(), []).extend(values)
         self.headers = headers
         self._header_values: tuple[str, ...] | None = None
+        self._values_of: dict[str, tuple[str, ...]] = {}
         try:
             ip = ipaddress.ip_address(event.metadata.client_ip)
         except ValueError:
@@ -338,6 +354,19 @@ class _RequestView:
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
             self.client_ip = ip
+
+    def header_values_of(self, name: str) -> tuple[str, ...]:
+        """
+        The values of the header C{name} (lower-case), as sent and
+        percent-decoded (for C{header}): applications decode cookies and
+        the like (PHP's C{$_COOKIE}, Express's cookie-parser), so that
+        C{id=1%20union%20select} is C{id=1 union select} to them.
+        """
+        found = self._values_of.get(name)
+        if found is None:
+            values = self.headers.get(name, ())
+            found = self._values_of[name] = _unique([*values, *(percent_decoded(v, plus=True) for v in values)])
+        return found
 
     @property
     def header_values(self) -> tuple[str, ...]:
