@@ -422,11 +422,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), cid=st.sampled_from(["nobody", "", "c1"]), pieces=st.integers(1, 3))
     def agent_answers_unknown_id(self, index: int, cid: str, pieces: int) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         waiting = [c for c in self.outstanding(cm) if c.cid == cid]
         self.agent_sends(cm, answer_frame(cid), pieces)
@@ -463,6 +460,14 @@ class PoolMachine(RuleBasedStateMachine):
             self.sync_closing()
         return cm.state == "open"
 
+    def open_one(self, index: int) -> ConnModel | None:
+        """An open connection picked by C{index}, its begun frame finished; C{None} if none is open."""
+        live = self.live()
+        if not live:
+            return None
+        cm = live[index % len(live)]
+        return cm if self.flush(cm) else None
+
     def finish_answer(self, cm: ConnModel) -> None:
         call = cm.rest_call
         assert call is not None
@@ -495,11 +500,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), action=st.sampled_from([1, 2, 1, 2, 3, "pause"]))
     def flow_control(self, index: int, action: Any) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         self.agent_sends(cm, encode_frame(MessageType.FLOW_CONTROL, _json({"action": action})))
         wanted = {1: True, 2: False}.get(action, cm.paused)
@@ -509,11 +511,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), state=st.sampled_from([1, 2, 3, 4, None]))
     def health(self, index: int, state: int | None) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         self.agent_sends(cm, encode_frame(MessageType.HEALTH_STATUS, _json({"state": state})))
         if state is not None:
@@ -521,11 +520,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), valid=st.booleans())
     def metrics(self, index: int, valid: bool) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         payload = _json({"counters": [1]}) if valid else b"[1, 2"
         self.agent_sends(cm, encode_frame(MessageType.METRICS_REPORT, payload))
@@ -534,11 +530,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), sequence=st.integers(-1, 5))
     def agent_pings(self, index: int, sequence: int) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         payload = _json({"sequence": sequence, "timestamp_ms": 5})
         self.agent_sends(cm, encode_frame(MessageType.PING, payload))
@@ -571,11 +564,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20))
     def agent_pongs(self, index: int) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         frames = parse_frames(cm.transport.value())
         pings = [p for t, p in frames if t == MessageType.PING]
@@ -584,11 +574,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 20), blocked=st.booleans())
     def agent_stops_or_resumes_reading(self, index: int, blocked: bool) -> None:
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         if blocked:
             cm.protocol.pauseProducing()
@@ -656,11 +643,8 @@ class PoolMachine(RuleBasedStateMachine):
     def proxy_closes(self, index: int, abort: bool) -> None:
         if index % 3:
             return
-        live = self.live()
-        if not live:
-            return
-        cm = live[index % len(live)]
-        if not self.flush(cm):
+        cm = self.open_one(index)
+        if cm is None:
             return
         waiting = self.outstanding(cm)
         call = Call("close", None)
