@@ -285,7 +285,7 @@ class WorkerGroup:
                 index=worker.index,
                 connection_id=peer_text(connection.connection_id, 100),
                 agent_id=peer_text(agent_id, 64),
-                error=failure.getErrorMessage(),
+                error=peer_text(failure.getErrorMessage()),
             )
             if held:
                 self.connection_gone(control, agent_id)
