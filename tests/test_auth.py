@@ -67,7 +67,18 @@ class TokenFileTests(TestCase):
         self.assertIn(f"cannot read token file {path}", str(caught.exception))
 
     def test_file_that_is_not_utf8(self) -> None:
-        self.assertFileError(b"waf-1 \xff\xfe\n", "is not UTF-8")
+        self.assertFileError(b"waf-1 \xff\xfe\n", "PATH:1: not UTF-8")
+
+    def test_file_that_is_not_utf8_names_the_line(self) -> None:
+        self.assertFileError(b"# agents\nwaf-1 ok\nauth-1 \xff\xfe\n", "PATH:3: not UTF-8")
+
+    def test_byte_order_mark_is_not_part_of_the_first_agent_id(self) -> None:
+        # Windows editors start UTF-8 files with one; the first agent must
+        # still be "waf-1", and a first comment still a comment.
+        path = self.write(f"\ufeffwaf-1 {SECRET}\r\nauth-2 other\r\n")
+        self.assertEqual(parse_token_file(path), {"waf-1": SECRET.encode(), "auth-2": b"other"})
+        path = self.write("\ufeff# agents\nwaf-1 t\n")
+        self.assertEqual(parse_token_file(path), {"waf-1": b"t"})
 
     def test_checker_reads_the_file(self) -> None:
         checker = TokenFileChecker(self.write(f"waf-1 {SECRET}\n"))

@@ -199,6 +199,25 @@ class AllowFileTests(SynchronousTestCase):
         self.addCleanup(os.unlink, f.name)
         self.assertEqual(read_allow_file(f.name), ("waf-1", "bot-*"))
 
+    def test_byte_order_mark_is_not_part_of_the_first_pattern(self) -> None:
+        # Windows editors start UTF-8 files with one.
+        for text, patterns in [
+            (b"\xef\xbb\xbfwaf-1\r\nbot-*\r\n", ("waf-1", "bot-*")),
+            (b"\xef\xbb\xbf# allowed\r\nwaf-1\r\n", ("waf-1",)),
+        ]:
+            with tempfile.NamedTemporaryFile("wb", delete=False) as f:
+                f.write(text)
+            self.addCleanup(os.unlink, f.name)
+            self.assertEqual(read_allow_file(f.name), patterns)
+
+    def test_file_that_is_not_utf8_names_the_line(self) -> None:
+        with tempfile.NamedTemporaryFile("wb", delete=False) as f:
+            f.write(b"waf-1\nbot-\xff\n")
+        self.addCleanup(os.unlink, f.name)
+        with self.assertRaises(AllowFileError) as caught:
+            read_allow_file(f.name)
+        self.assertIn(f"{f.name}:2: not UTF-8", str(caught.exception))
+
     def test_an_empty_file_is_an_error_not_everybody(self) -> None:
         with tempfile.NamedTemporaryFile("w", delete=False) as f:
             f.write("# nobody\n")

@@ -68,7 +68,8 @@ class ConfigurationReloader:
         #: Connections being drained, by connection id.
         self.draining: dict[str, Deferred[None]] = {}
         #: Called after each reload that succeeded with L{retired} (the
-        #: gateway forgets the agents that are away and retired then).
+        #: gateway forgets the agents that are away and retired then), and
+        #: again when a connection it drained of a retired agent is closed.
         self.reloaded: list[Callable[[Callable[[str], bool]], object]] = []
 
     def reload(self) -> bool:
@@ -184,6 +185,11 @@ class ConfigurationReloader:
 
             def closed(_: object) -> None:
                 self.draining.pop(connection_id, None)
+                if self.retired(connection.agent_id):
+                    # Its agent is away only now: the gateway forgets it
+                    # now, as it does an agent the reload found away.
+                    for then in self.reloaded:
+                        then(self.retired)
                 done.callback(None)
 
             closing.addBoth(closed)

@@ -37,9 +37,12 @@ def parse_token_file(path: str) -> dict[str, bytes]:
     except OSError as e:
         raise TokenFileError(f"cannot read token file {path}: {e.strerror}") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TokenFileError(f"token file {path} is not UTF-8") from None
+        # "utf-8-sig": a byte order mark (Windows editors) is not part of
+        # the first agent id.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        where = raw[: e.start].count(b"\n") + 1
+        raise TokenFileError(f"{path}:{where}: not UTF-8") from None
     tokens: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()

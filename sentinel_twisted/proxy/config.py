@@ -87,9 +87,12 @@ def read_allow_file(path: str) -> tuple[str, ...]:
     if len(data) > MAX_ALLOW_FILE_BYTES:
         raise AllowFileError(f"{path}: larger than {MAX_ALLOW_FILE_BYTES} bytes")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise AllowFileError(f"{path}: not UTF-8 text") from None
+        # "utf-8-sig": a byte order mark (Windows editors) is not part of
+        # the first pattern.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        where = data[: e.start].count(b"\n") + 1
+        raise AllowFileError(f"{path}:{where}: not UTF-8 text") from None
     patterns = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()

@@ -101,6 +101,35 @@ class AgentAwayTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_reload_that_retires_a_busy_agent_forgets_it_once_drained(self) -> Any:
+        # The reload drains waf's connection: it is still registered while
+        # its request in flight is answered, and away once closed; from then
+        # on requests no longer wait for it.
+        async def go() -> None:
+            allow_file = self.mktemp()
+            with open(allow_file, "w") as f:
+                f.write("waf\nauth\n")
+            h = await Harness(self).start("--allow-file", allow_file)
+            waf = await h.agent("waf", decide=lambda agent, message_type, body: None)
+            await h.agent("auth")
+            in_flight = ensureDeferred(h.get("/admin"))
+            await waf.wait(lambda: bool(waf.held))
+            with open(allow_file, "w") as f:
+                f.write("auth\n")
+            self.assertTrue(h.top.reloader.reload())
+            with captured_log() as events:
+                waf.release(block(403, "no"))
+                self.assertEqual((await in_flight).code, 403)
+                await h.top.reloader.drained()
+            self.assertNotIn("waf", h.pool)
+            self.assertIn(
+                "Forgot 1 agent(s) retired by the reload: waf; requests no longer wait for them",
+                [formatEvent(e) for e in events],
+            )
+            self.assertEqual((await h.get("/admin")).code, 200)
+
+        return ensureDeferred(go())
+
     def test_a_reload_never_forgets_an_agent_that_is_only_restarting(self) -> Any:
         # A periodic SIGHUP (a token rotated) while waf restarts must not
         # leave requests to the other agents.
