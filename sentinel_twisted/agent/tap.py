@@ -125,7 +125,7 @@ def read_token_file(path: str) -> tuple[str, str | None]:
     warning if the file is readable by others.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
         mode = os.stat(path).st_mode
     except (OSError, UnicodeDecodeError) as e:

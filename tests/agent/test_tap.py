@@ -163,6 +163,9 @@ class OptionsTests(SynchronousTestCase):
         token.chmod(0o644)
         self.assertEqual(read_token_file(str(token))[0], "tok")
         self.assertIn("accessible by group or others", read_token_file(str(token))[1] or "")
+        # A byte order mark (as Windows Notepad saves) is not part of the token.
+        token.write_bytes(b"\xef\xbb\xbftok\r\n")
+        self.assertEqual(read_token_file(str(token))[0], "tok")
 
     def test_agent_class_instead_of_rules(self) -> None:
         options = self.base("--agent", "tests.agent.test_tap:Greeter", "--max-concurrency", "3")
