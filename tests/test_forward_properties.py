@@ -46,7 +46,7 @@ from .test_forward import vector_payload
 # runs N random examples each instead, to search further.
 _quick = settings(
     derandomize=not os.environ.get("FWD_EXAMPLES"),
-    max_examples=int(os.environ.get("FWD_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("FWD_EXAMPLES", "25")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -873,7 +873,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 PoolMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("POOL_EXAMPLES", 100)),
+    max_examples=int(os.environ.get("POOL_EXAMPLES", 60)),
     stateful_step_count=50,
     deadline=None,
     derandomize=not os.environ.get("POOL_RANDOM"),

@@ -454,7 +454,7 @@ class ReloadMachine(RuleBasedStateMachine):
 
 
 ReloadMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=80,
     stateful_step_count=40,
     deadline=None,
     derandomize=True,

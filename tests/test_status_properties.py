@@ -41,7 +41,7 @@ from sentinel_twisted.workers.status import GroupStatusResource, group_document,
 from ._proxy_support import Proxy, captured_log, lose, take_frames
 
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=25,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -63,7 +63,7 @@ from .test_rules import body, event
 #: The settings of every property here: deterministic, no deadline (the
 #: machine may be busy), and few enough examples to keep the module quick.
 PROPERTY = settings(
-    max_examples=100,
+    max_examples=60,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
