@@ -228,7 +228,7 @@ class StatusHeadersTests(TestCase):
             types = {
                 "/": "text/html; charset=utf-8",
                 "/agents": "application/json",
-                "/metrics": "text/plain; version=1.0.0; charset=utf-8",
+                "/metrics": prometheus_client.CONTENT_TYPE_LATEST,
                 "/healthz": "application/json",
                 "/nope": "text/html; charset=utf-8",
             }
