@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from zope.interface import implementer
 
 from ._interfaces import ITokenChecker
+from .config import operator_text
 
 __all__ = ["ITokenChecker", "StaticTokenChecker", "TokenFileChecker", "TokenFileError", "parse_token_file"]
 
@@ -36,13 +37,9 @@ def parse_token_file(path: str) -> dict[str, bytes]:
             raw = f.read()
     except OSError as e:
         raise TokenFileError(f"cannot read token file {path}: {e.strerror}") from None
-    try:
-        # "utf-8-sig": a byte order mark (Windows editors) is not part of
-        # the first agent id.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        where = raw[: e.start].count(b"\n") + 1
-        raise TokenFileError(f"{path}:{where}: not UTF-8") from None
+    text = operator_text(raw)
+    if isinstance(text, int):
+        raise TokenFileError(f"{path}:{text}: not UTF-8")
     tokens: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()

@@ -70,6 +70,18 @@ class AllowFileError(ValueError):
 MAX_ALLOW_FILE_BYTES = 1024 * 1024
 
 
+def operator_text(data: bytes) -> str | int:
+    """
+    The text of a file an operator wrote (a token or allow file), a
+    leading byte order mark (as Windows editors save one) left out; or,
+    when it is not UTF-8, the number of its first line that is not.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return data[: e.start].count(b"\n") + 1
+
+
 def read_allow_file(path: str) -> tuple[str, ...]:
     """
     The agent ids and glob patterns of an allowlist file: one a line,
@@ -86,13 +98,9 @@ def read_allow_file(path: str) -> tuple[str, ...]:
         raise AllowFileError(f"cannot read {path}: {e.strerror}") from None
     if len(data) > MAX_ALLOW_FILE_BYTES:
         raise AllowFileError(f"{path}: larger than {MAX_ALLOW_FILE_BYTES} bytes")
-    try:
-        # "utf-8-sig": a byte order mark (Windows editors) is not part of
-        # the first pattern.
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        where = data[: e.start].count(b"\n") + 1
-        raise AllowFileError(f"{path}:{where}: not UTF-8 text") from None
+    text = operator_text(data)
+    if isinstance(text, int):
+        raise AllowFileError(f"{path}:{text}: not UTF-8 text")
     patterns = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
