@@ -135,6 +135,7 @@ def make_group(options: Any, reactor: Any = None) -> ReverseListenerService:
     group = WorkerGroup(options["workers"], factory, reactor, options["gateway"].max_known_agents)
     if top.reloader is not None:
         top.reloader.reloaded.append(group.forget_absent)
+        group.retired = top.reloader.retired
     top.group = group  # type: ignore[attr-defined]
     reserved = ReservedPort(options["http"])
     reserved.setServiceParent(top)  # type: ignore[no-untyped-call]

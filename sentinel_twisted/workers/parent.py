@@ -16,7 +16,7 @@ import shutil
 import stat
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
@@ -145,9 +145,17 @@ class WorkerGroup:
     @ivar on_join: called with each worker that joins (L{WorkerProcesses} sets it).
     @ivar seen: every agent a connection was handed over of, which every
         worker consults (L{AgentsSeen}) until a reload forgets it.
+    @ivar retired: whether the files in force (the last reload's) retire an
+        agent (L{ConfigurationReloader.retired
+        <sentinel_twisted.proxy._reload.ConfigurationReloader.retired>});
+        C{None} without reloads.  A reload forgets the retired agents no
+        worker holds a connection of then (L{forget_absent}); one whose
+        connections were still open (a worker drains them) is forgotten
+        once the last of them is gone.
     """
 
     on_join: Callable[[Worker], object] | None = None
+    retired: Callable[[str], bool] | None = None
 
     def __init__(
         self, count: int, factory: HandOverFactory, clock: IReactorTime, max_known_agents: int = MAX_KNOWN_AGENTS
@@ -479,12 +487,14 @@ class WorkerGroup:
 
     def _forget(self, worker: Worker) -> None:
         held = worker.connections
+        gone = list(worker.agents)
         for agent_id, count in worker.agents.items():
             for _ in range(count):
                 self.factory._release(agent_id)
         worker.agents.clear()
         worker.control = None
         worker.stopping = False
+        self._forget_if_retired(gone)
         if held:
             log.warn(
                 "Worker {index} left with {held} agent connection(s); "
@@ -502,6 +512,21 @@ class WorkerGroup:
         if not worker.agents[agent_id]:
             del worker.agents[agent_id]
         self.factory._release(agent_id)
+        self._forget_if_retired((agent_id,))
+
+    def _forget_if_retired(self, agent_ids: Iterable[str]) -> None:
+        """
+        Of C{agent_ids}, whose connections just ended, forget those the
+        last reload retired and no worker holds a connection of now (the
+        last of a retired agent's drained connections closed): requests
+        stop waiting for them now, not at the next reload.
+        """
+        retired = self.retired
+        if retired is None or self._stopped:
+            return
+        ready = self.ready()
+        if any(retired(a) and not any(w.agents[a] for w in ready) for a in agent_ids):
+            self.forget_absent(retired)
 
     def snapshots(self) -> Deferred[list[tuple[Worker, dict[str, Any] | None]]]:
         """

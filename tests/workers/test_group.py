@@ -636,6 +636,8 @@ class OptionTests(TestCase):
         self.addCleanup(reserved.socket.close)
         self.assertEqual(parent.factory.config.close_grace, 2.5)
         self.assertEqual(parent.group.seen.limit, 7)  # type: ignore[attr-defined]
+        # The group asks the parent's reloader which agents a reload retired.
+        self.assertEqual(parent.group.retired, parent.reloader.retired)  # type: ignore[attr-defined]
         command = worker_command(arguments, 1, "/run/x/control.sock", reserved.description)
         worker = make_worker(self.parse(*command[command.index("sentinel-reverse") + 1 :]), MemoryReactorClock())
         self.assertEqual(worker.factory.config.close_grace, 2.5)
@@ -1279,6 +1281,45 @@ class SeenTests(TestCase):
         # Nothing to forget: nothing is sent.
         self.assertEqual(workers.forget_absent(lambda agent_id: True), [])
         self.assertEqual([len(seen_lists(c)) for c in controls], [2, 2])
+
+    def test_a_retired_agent_is_forgotten_once_its_last_connection_is_gone(self) -> None:
+        # The reload found the agent busy: its workers drain its connections.
+        # Forgotten only at the next reload, every request until then would
+        # have waited for an agent that can no longer register (503).
+        workers = group(2)
+        controls = join_all(workers)
+        for connection_id in ("waf-1", "waf-2"):
+            hand_over(workers, "waf", connection_id)
+        hand_over(workers, "auth", "auth-1")
+        workers.retired = lambda agent_id: agent_id == "waf"
+        holders = [c for c, w in zip(controls, workers.workers, strict=True) if w.agents["waf"]]
+        # One drained connection closed, another still open: kept.
+        workers.connection_gone(holders[0], "waf")  # type: ignore[arg-type]
+        self.assertEqual(workers.seen.ids, ("waf", "auth"))
+        # Not retired, away: kept.
+        workers.connection_gone(next(c for c in controls if c.worker.agents["auth"]), "auth")  # type: ignore[arg-type, union-attr]
+        self.assertEqual(workers.seen.ids, ("waf", "auth"))
+        with captured_log() as events:
+            workers.connection_gone(holders[-1], "waf")  # type: ignore[arg-type]
+        self.assertEqual(workers.seen.ids, ("auth",))
+        self.assertIn("Forgot 1 agent(s) retired by the reload: waf", log_text(events))
+        self.assertEqual([seen_lists(c)[-1] for c in controls], [["auth"], ["auth"]])
+
+    def test_a_retired_agent_whose_worker_left_is_forgotten(self) -> None:
+        workers = group(1)
+        (control,) = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        workers.retired = lambda agent_id: True
+        workers.worker_left(control)  # type: ignore[arg-type]
+        self.assertEqual(workers.seen.ids, ())
+
+    def test_without_reloads_an_agent_away_is_kept(self) -> None:
+        workers = group(1)
+        (control,) = join_all(workers)
+        hand_over(workers, "waf", "waf-1")
+        self.assertIsNone(workers.retired)
+        workers.worker_left(control)  # type: ignore[arg-type]
+        self.assertEqual(workers.seen.ids, ("waf",))
 
     def test_the_group_remembers_a_bounded_number_of_agents(self) -> None:
         from sentinel_twisted.config import ReverseConnectionConfig
