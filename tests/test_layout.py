@@ -119,6 +119,7 @@ FLOOR = {
     "_reading": set(),
     "_values": set(),
     "busypoll": set(),
+    "_operator_files": set(),
 }
 
 

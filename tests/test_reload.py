@@ -183,7 +183,7 @@ class ReloadTests(SynchronousTestCase):
         os.unlink(self.allowed)
         ok, logged = self.reload()
         self.assertFalse(ok)
-        self.assertIn(f"--allow-file: cannot read {self.allowed}", logged)
+        self.assertIn(f"--allow-file: cannot read allowlist {self.allowed}", logged)
 
     def test_command_line_patterns_stay(self) -> None:
         self.reloader.allow = ("ops-1",)

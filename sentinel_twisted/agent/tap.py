@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .. import __version__
+from .._operator_files import OperatorFileError, operator_lines, read_operator_file
 from .._twistd import (
     ProgramOptions,
     StartupError,
@@ -115,6 +116,10 @@ _CONVERSIONS = {
 }
 
 
+#: The largest token file read: it holds one token.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+
 class TokenFileError(Exception):
     """The agent's token file cannot be read, holds no token, or holds more than one."""
 
@@ -125,12 +130,13 @@ def read_token_file(path: str) -> tuple[str, str | None]:
     warning if the file is readable by others.
     """
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+        text = read_operator_file(path, MAX_TOKEN_FILE_BYTES, "token file")
         mode = os.stat(path).st_mode
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenFileError(f"cannot read the token file {path}: {e}") from None
-    tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    except OperatorFileError as e:
+        raise TokenFileError(str(e)) from None
+    except OSError as e:
+        raise TokenFileError(f"cannot read token file {path}: {e.strerror or e}") from None
+    tokens = [s for _, line in operator_lines(text) if (s := line.strip()) and not s.startswith("#")]
     if not tokens:
         raise TokenFileError(f"the token file {path} holds no token")
     if len(tokens) > 1 or any(c.isspace() for c in tokens[0]):

@@ -16,10 +16,14 @@ from collections.abc import Mapping
 
 from zope.interface import implementer
 
+from .._operator_files import OperatorFileError, operator_lines, read_operator_file
 from ._interfaces import ITokenChecker
-from .config import operator_text
 
 __all__ = ["ITokenChecker", "StaticTokenChecker", "TokenFileChecker", "TokenFileError", "parse_token_file"]
+
+
+#: The largest token file read: some ten thousand agents' lines.
+MAX_TOKEN_FILE_BYTES = 4 * 1024 * 1024
 
 
 class TokenFileError(ValueError):
@@ -33,15 +37,11 @@ def parse_token_file(path: str) -> dict[str, bytes]:
     (never echoing the token).
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise TokenFileError(f"cannot read token file {path}: {e.strerror}") from None
-    text = operator_text(raw)
-    if isinstance(text, int):
-        raise TokenFileError(f"{path}:{text}: not UTF-8")
+        text = read_operator_file(path, MAX_TOKEN_FILE_BYTES, "token file")
+    except OperatorFileError as e:
+        raise TokenFileError(str(e)) from None
     tokens: dict[str, bytes] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in operator_lines(text):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from .._operator_files import OperatorFileError, operator_lines, read_operator_file
 from ..endpoints import system_max_backlog
 
 __all__ = ["AgentAllowlist", "AllowFileError", "ReverseConnectionConfig", "read_allow_file"]
@@ -70,18 +71,6 @@ class AllowFileError(ValueError):
 MAX_ALLOW_FILE_BYTES = 1024 * 1024
 
 
-def operator_text(data: bytes) -> str | int:
-    """
-    The text of a file an operator wrote (a token or allow file), a
-    leading byte order mark (as Windows editors save one) left out; or,
-    when it is not UTF-8, the number of its first line that is not.
-    """
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        return data[: e.start].count(b"\n") + 1
-
-
 def read_allow_file(path: str) -> tuple[str, ...]:
     """
     The agent ids and glob patterns of an allowlist file: one a line,
@@ -92,17 +81,11 @@ def read_allow_file(path: str) -> tuple[str, ...]:
         admit every agent: a file emptied by mistake must not do that).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_ALLOW_FILE_BYTES + 1)
-    except OSError as e:
-        raise AllowFileError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_ALLOW_FILE_BYTES:
-        raise AllowFileError(f"{path}: larger than {MAX_ALLOW_FILE_BYTES} bytes")
-    text = operator_text(data)
-    if isinstance(text, int):
-        raise AllowFileError(f"{path}:{text}: not UTF-8 text")
+        text = read_operator_file(path, MAX_ALLOW_FILE_BYTES, "allowlist")
+    except OperatorFileError as e:
+        raise AllowFileError(str(e)) from None
     patterns = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in operator_lines(text):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
