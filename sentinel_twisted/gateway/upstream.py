@@ -508,7 +508,9 @@ class _StrictChunkedDecoder(_ChunkedTransferDecoder):
     (L{_MalformedChunkedDataError}: the upstream connection is closed, the
     request fails); one RFC 9112 allows is taken, whitespace before a
     chunk extension and a backslash in a quoted one too (twisted.web
-    refuses both).  Trailer fields are read as twisted.web reads them.
+    refuses both).  So is a bare LF in the trailer section (C{0\r\n\n}),
+    for the same reason; trailer fields are otherwise read as twisted.web
+    reads them (and dropped).
     """
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
@@ -538,6 +540,15 @@ class _StrictChunkedDecoder(_ChunkedTransferDecoder):
         del buffer[: size + 2]
         self._start = 0
         return True
+
+    def _dataReceived_TRAILER(self) -> bool:
+        # twisted.web ends a trailer line at CRLF alone: a bare LF (the
+        # end of the body written as "0\r\n\n") kept the gateway waiting.
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if end == 0 or end > 0 and buffer[end - 1] != 0x0D:
+            raise _MalformedChunkedDataError("a trailer section line ending in a bare LF, not CRLF")
+        return super()._dataReceived_TRAILER()
 
     def _dataReceived_CRLF(self) -> bool:
         if not b"\r\n".startswith(self._buffer[:2]):

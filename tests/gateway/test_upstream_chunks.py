@@ -88,6 +88,16 @@ class MalformedChunksTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_a_trailer_line_ending_in_a_bare_lf_is_502(self) -> Any:
+        async def go() -> None:
+            for body in (b"0\r\n\n", b"0\r\nX-T: a\nb"):
+                await self.assert_refused_at_once(body, "trailer section line ending in a bare LF")
+            await self.assert_refused_at_once(
+                b"5\r\nhello\r\n0\r\n\n", "trailer section line ending in a bare LF", started=b"5\r\nhello\r\n"
+            )
+
+        return ensureDeferred(go())
+
     def test_a_chunk_size_with_junk_is_502(self) -> Any:
         async def go() -> None:
             for body in (b"5 junk", b"5x", b"0x5", b"+5", b";a=b", b" 5", b"5\rx", b"5 \r\n", b"5\x00"):
@@ -170,5 +180,7 @@ class DecoderTests(SynchronousTestCase):
             (b"5\r\nhelloX", 8),
             (b"5\r\nhello\rX", 9),
             (b"5;" + b"e" * 2000, 1024),
+            (b"0\r\n\n", 3),
+            (b"0\r\nX: a\n", 7),
         ):
             self.assertEqual(self.feed(data)[2], at, data)

@@ -232,6 +232,8 @@ def read_response(data: bytes, method: bytes) -> Reading:
                 trailers += len(line) + 2
                 if trailers > 65536:
                     raise _Refused("trailers too long")
+                if b"\n" in line:
+                    raise _Refused("a bare LF in the trailer section")
                 if not line:
                     break
             rest = data[position:]
