@@ -506,11 +506,11 @@ class _StrictChunkedDecoder(_ChunkedTransferDecoder):
     or 1 KiB more; chunk data followed by one wrong byte, for a second one.
     A line that can no longer be a chunk-size line is refused at once
     (L{_MalformedChunkedDataError}: the upstream connection is closed, the
-    request fails); one RFC 9112 allows is taken, whitespace before a
-    chunk extension and a backslash in a quoted one too (twisted.web
-    refuses both).  So is a bare LF in the trailer section (C{0\r\n\n}),
-    for the same reason; trailer fields are otherwise read as twisted.web
-    reads them (and dropped).
+    request fails), and so is a bare LF in the trailer section (a last
+    chunk C{0} and CRLF, then LF: the same wait); a line RFC 9112 allows
+    is taken, whitespace before a chunk extension and a backslash in a
+    quoted one too (twisted.web refuses both).  Trailer fields are
+    otherwise read as twisted.web reads them (and dropped).
     """
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
