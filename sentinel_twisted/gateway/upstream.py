@@ -12,8 +12,9 @@ client reads slowly; an upstream that goes quiet while its body is read
 (for the upstream's timeout, paused time not counted) is cut off.
 
 A response is read as strictly as a client's request: its head is bounded
-and its framing and fields checked (L{_CheckedParser}), and a connection
-whose response ended before all its bytes did is closed, never reused.
+and its framing and fields checked (L{_CheckedParser}), a chunked body's
+framing as it is read (L{_StrictChunkedDecoder}), and a connection whose
+response ended before all its bytes did is closed, never reused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ from twisted.web.client import (
     ProxyAgent,
     ResponseDone,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import (
+    PotentialDataLoss,
+    _ChunkedTransferDecoder,
+    _MalformedChunkedDataError,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -303,6 +308,19 @@ def _no_clock() -> float:
     return 0.0
 
 
+def _body_failure(reason: Failure) -> Failure:
+    """
+    Why a response body broke, told plainly when its chunked framing is
+    at fault: twisted.web wraps that in a C{ResponseFailed} whose text is
+    the repr of a list of failures, which the log line and RequestComplete
+    would cut before the reason.
+    """
+    for inner in getattr(reason.value, "reasons", None) or ():
+        if isinstance(inner, Failure) and inner.check(_MalformedChunkedDataError):
+            return Failure(UpstreamFailed(f"a malformed chunked body: {inner.getErrorMessage()}"))
+    return reason
+
+
 class _BodyReader(TwistedProtocol):
     """
     Hands the upstream's response body to the exchange (C{sink}), and gives
@@ -353,7 +371,7 @@ class _BodyReader(TwistedProtocol):
         if reason.check(ResponseDone, PotentialDataLoss):
             sink.response_end(None)
         else:
-            sink.response_end(reason)
+            sink.response_end(_body_failure(reason))
 
     # -- the upstream's silence ---------------------------------------------------
 
@@ -464,6 +482,84 @@ class _BadResponse(Exception):
     """What an upstream sent cannot be taken as a response (its connection is closed)."""
 
 
+#: The longest chunk-size line (chunk extensions included, its CRLF not)
+#: an upstream may send.
+MAX_CHUNK_LINE = 1024
+
+#: A whole chunk-size line (RFC 9112 section 7.1), its CRLF left off: the
+#: size in hex digits, then any chunk extensions, whitespace allowed
+#: before their first C{;} (C{BWS}), their text one line of tabs, visible
+#: ASCII and obs-text (what a C{quoted-string} may hold, backslash
+#: included); the gateway drops them.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?")
+#: The longest start of a chunk-size line that could still become one.
+_CHUNK_LINE_START = re.compile(rb"[0-9A-Fa-f]+(?:[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?)?")
+
+
+class _StrictChunkedDecoder(_ChunkedTransferDecoder):
+    """
+    twisted.web's decoder of a chunked body, judging a chunk-size line and
+    the CRLF after chunk data by the bytes already read.  twisted.web looks
+    for a CRLF and parses the line once one comes: a line that ends in a
+    bare LF, or goes on with junk (C{5 junk}), kept the gateway waiting for
+    a CRLF that a broken upstream never sends, until C{--upstream-timeout}
+    or 1 KiB more; chunk data followed by one wrong byte, for a second one.
+    A line that can no longer be a chunk-size line is refused at once
+    (L{_MalformedChunkedDataError}: the upstream connection is closed, the
+    request fails), and so is a bare LF in the trailer section (a last
+    chunk C{0} and CRLF, then LF: the same wait); a line RFC 9112 allows
+    is taken, whitespace before a chunk extension and a backslash in a
+    quoted one too (twisted.web refuses both).  Trailer fields are
+    otherwise read as twisted.web reads them (and dropped).
+    """
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        buffer = self._buffer
+        start = _CHUNK_LINE_START.match(buffer, 0, MAX_CHUNK_LINE + 1)
+        size = 0 if start is None else start.end()
+        if size > MAX_CHUNK_LINE:
+            raise _MalformedChunkedDataError(f"a chunk-size line longer than {MAX_CHUNK_LINE} bytes")
+        end = bytes(buffer[size : size + 2])
+        if end in (b"", b"\r"):
+            return False
+        if end != b"\r\n":
+            if end[:1] == b"\n":
+                raise _MalformedChunkedDataError("a chunk-size line ending in a bare LF, not CRLF")
+            raise _MalformedChunkedDataError(
+                f"a chunk-size line with {end[:1]!r} after {bytes(buffer[: min(size, 32)])!r}, "
+                "not hex digits and chunk extensions"
+            )
+        line = _CHUNK_LINE.fullmatch(buffer, 0, size)
+        if line is None:
+            # Whitespace with no chunk extension after it, or an empty line.
+            raise _MalformedChunkedDataError(
+                f"a chunk-size line {bytes(buffer[: min(size, 32)])!r}, not hex digits and chunk extensions"
+            )
+        self.length = int(line.group(1), 16)
+        self.state = "BODY" if self.length else "TRAILER"
+        del buffer[: size + 2]
+        self._start = 0
+        return True
+
+    def _dataReceived_TRAILER(self) -> bool:
+        # twisted.web ends a trailer line at CRLF alone: a bare LF (the
+        # end of the body written as "0\r\n\n") kept the gateway waiting.
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if end == 0 or end > 0 and buffer[end - 1] != 0x0D:
+            raise _MalformedChunkedDataError("a trailer section line ending in a bare LF, not CRLF")
+        return super()._dataReceived_TRAILER()
+
+    def _dataReceived_CRLF(self) -> bool:
+        if not b"\r\n".startswith(self._buffer[:2]):
+            raise _MalformedChunkedDataError("chunk data not followed by CRLF")
+        if len(self._buffer) < 2:
+            return False
+        del self._buffer[:2]
+        self.state = "CHUNK_LENGTH"
+        return True
+
+
 class _CheckedParser(HTTPClientParser):
     """
     twisted.web.client's response parser of one upstream request, checking
@@ -475,7 +571,8 @@ class _CheckedParser(HTTPClientParser):
     never asks for an upgrade), C{Transfer-Encoding} with C{Content-Length},
     a transfer coding other than C{chunked} alone (or any in an HTTP/1.0
     response), a header value with a control character other than a tab;
-    so is a status code outside 100 to 599.
+    so is a status code outside 100 to 599.  A chunked body is read by
+    L{_StrictChunkedDecoder}.
 
     Refusing raises L{_BadResponse} in the parser: the upstream connection
     gives up (closed, never reused) and the request fails with it.
@@ -483,6 +580,7 @@ class _CheckedParser(HTTPClientParser):
 
     _head_size = 0
     _head_lines = 0
+    _transferDecoders = {b"chunked": _StrictChunkedDecoder}
 
     def statusReceived(self, status: bytes) -> None:
         # What twisted.web.client refuses keeps its words ("non-integer

@@ -447,13 +447,57 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("rule 'typo' (#4): unknown key 'mach'", text)
         self.assertIn("rule 'nothing' (#5): no action", text)
         self.assertIn("rule 'two' (#6): at most one of block, redirect, require_header", text)
-        self.assertIn("rule 'status' (#7): block.status: status must be an integer from 100 to 599", text)
+        self.assertIn("rule 'status' (#7): block.status: status must be an integer from 400 to 599", text)
         self.assertIn("rule 'ok' (#8): duplicate id (first used by rule #1)", text)
         self.assertIn("rule #9: 'id' must be", text)
         self.assertIn("rule 'hdr' (#10): request_headers.set: invalid header name", text)
         self.assertIn("rule 'body' (#11): match.body_contains needs block or redirect", text)
         self.assertIn("rule 'redir' (#12): redirect.status: status must be an integer from 300 to 399", text)
         self.assertEqual(len(problems), 11)
+
+    def test_a_block_status_outside_400_to_599_is_an_error(self) -> None:
+        """
+        The gateway answers C{500} in place of a block that is no client or
+        server error, so such a status is a load error, not a silent C{500}
+        at request time.
+        """
+        problems = self.problems(
+            {"id": "found", "block": {"status": 302}},
+            {"id": "ok", "block": {"status": 200}},
+            {"id": "low", "block": {"status": 399}},
+            {"id": "high", "block": {"status": 600}},
+            {"id": "key", "require_header": {"name": "x-key", "status": 200}},
+        )
+        hint = "(a block answers with a client or server error; redirect takes 300 to 399)"
+        self.assertEqual(
+            problems,
+            [
+                f"rule 'found' (#1): block.status: status must be an integer from 400 to 599 {hint}, got 302",
+                f"rule 'ok' (#2): block.status: status must be an integer from 400 to 599 {hint}, got 200",
+                f"rule 'low' (#3): block.status: status must be an integer from 400 to 599 {hint}, got 399",
+                f"rule 'high' (#4): block.status: status must be an integer from 400 to 599 {hint}, got 600",
+                f"rule 'key' (#5): require_header.status: status must be an integer from 400 to 599 {hint}, got 200",
+            ],
+        )
+
+    def test_a_default_block_status_outside_400_to_599_is_an_error(self) -> None:
+        (problem,) = self.problems({"id": "b", "block": True}, defaults={"block_status": 301})
+        self.assertEqual(
+            problem,
+            "defaults.block_status: status must be an integer from 400 to 599 "
+            "(a block answers with a client or server error; redirect takes 300 to 399), got 301",
+        )
+
+    def test_block_statuses_400_and_599_compile(self) -> None:
+        for status in (400, 599):
+            r = rules(
+                {"id": "b", "match": {"path": "^/b"}, "block": {"status": status}},
+                {"id": "k", "match": {"path": "^/k"}, "require_header": {"name": "x-key", "status": status}},
+                {"id": "d", "block": True},
+                defaults={"block_status": status},
+            )
+            for path in ("/b", "/k", "/d"):
+                self.assertEqual(decide(r, uri=path).decision.status, status, path)  # type: ignore[attr-defined]
 
     def test_a_header_name_ending_in_a_line_end_is_invalid(self) -> None:
         for name in ("x-foo\n", "x-foo\r\n", "\nx-foo"):

@@ -85,7 +85,9 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: (.*))?", re.S)
 #: A field value once its surrounding whitespace is gone: no control
 #: character but the tab (a bare CR is taken as a space).
 _VALUE = re.compile(rb"[\t\r\x20-\x7e\x80-\xff]*")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:;([\t\x20-\x7e\x80-\xff]*))?")
+#: A chunk-size line, its CRLF left off: hex digits, then chunk extensions
+#: (RFC 9112 section 7.1.1: whitespace before the C{;} allowed).
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;([\t\x20-\x7e\x80-\xff]*))?")
 _CONNECTION_CONTROL = {b"content-length", b"connection", b"keep-alive", b"te", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"}
 
 
@@ -230,6 +232,8 @@ def read_response(data: bytes, method: bytes) -> Reading:
                 trailers += len(line) + 2
                 if trailers > 65536:
                     raise _Refused("trailers too long")
+                if b"\n" in line:
+                    raise _Refused("a bare LF in the trailer section")
                 if not line:
                     break
             rest = data[position:]
@@ -459,7 +463,7 @@ class Shape:
                 piece = body[position : position + cut]
                 position += len(piece)
                 if piece:
-                    payload += b"%x" % len(piece) + [b"", b";a=b", b";name", b';q="x y"', b" ;a"][ext % 4] + b"\r\n" + piece + b"\r\n"
+                    payload += b"%x" % len(piece) + [b"", b";a=b", b";name", b';q="x \\" y"', b" ;a"][ext % 5] + b"\r\n" + piece + b"\r\n"
             if position < len(body):
                 payload += b"%X\r\n" % (len(body) - position) + body[position:] + b"\r\n"
             payload += b"0\r\n" + b"".join(t + b"\r\n" for t in self.trailers) + b"\r\n"

@@ -161,10 +161,24 @@ def _header_value(value: Any, where: str) -> str:
     return value
 
 
-def _status(value: Any, low: int, high: int, where: str) -> int:
+#: The statuses a block (C{block}, C{require_header}, C{[defaults]
+#: block_status}) may answer with: a client or server error.  The wire lets
+#: an agent send any status, but the gateway of C{twistd sentinel-reverse}
+#: answers C{500} in place of a block outside these, so a rule that says
+#: C{302} or C{200} is refused when the file is loaded, not at request time.
+_BLOCK_STATUSES = (400, 599)
+_BLOCK_HINT = "a block answers with a client or server error; redirect takes 300 to 399"
+
+
+def _status(value: Any, low: int, high: int, where: str, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _Problems(f"{where}: status must be an integer from {low} to {high}, got {_show(value)}")
+        why = f" ({hint})" if hint else ""
+        raise _Problems(f"{where}: status must be an integer from {low} to {high}{why}, got {_show(value)}")
     return value
+
+
+def _block_status(value: Any, where: str) -> int:
+    return _status(value, *_BLOCK_STATUSES, where, _BLOCK_HINT)
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -308,7 +322,7 @@ class _RuleCompiler:
             return
         table = _table(value, "block")
         _unknown(table, frozenset({"status", "body", "headers"}), "block: ")
-        status = _status(table.get("status", d.block_status), 100, 599, "block.status")
+        status = _block_status(table.get("status", d.block_status), "block.status")
         body = table.get("body", d.block_body if status == d.block_status else _phrase(status))
         if body is not None and not isinstance(body, str):
             raise _Problems(f"block.body: expected a string, got {_show(body)}")
@@ -337,7 +351,7 @@ class _RuleCompiler:
         table = _table(value, "require_header")
         _unknown(table, frozenset({"name", "status", "body"}), "require_header: ")
         name = _header_name(table.get("name"), "require_header.name")
-        status = _status(table.get("status", 400), 100, 599, "require_header.status")
+        status = _block_status(table.get("status", 400), "require_header.status")
         body = table.get("body", f"Missing required header: {name}")
         if not isinstance(body, str):
             raise _Problems(f"require_header.body: expected a string, got {_show(body)}")
@@ -379,7 +393,7 @@ def _defaults(raw: Any, problems: list[str]) -> _Defaults:
         if not isinstance(body, str):
             raise _Problems(f"defaults.block_body: expected a string, got {_show(body)}")
         return _Defaults(
-            block_status=_status(table.get("block_status", 403), 100, 599, "defaults.block_status"),
+            block_status=_block_status(table.get("block_status", 403), "defaults.block_status"),
             block_body=body,
             redirect_status=_status(table.get("redirect_status", 302), 300, 399, "defaults.redirect_status"),
         )
