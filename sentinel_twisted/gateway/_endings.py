@@ -50,6 +50,10 @@ _MANUAL = m.CancelReason.MANUAL
 #: The body of the 503 answered while the gateway shuts down.
 SHUTTING_DOWN = "The gateway is shutting down."
 
+#: The C{error} of the RequestComplete of a request whose client closed its
+#: connection before the response was complete.
+CLIENT_GONE = "the client closed its connection before the response was complete"
+
 #: Characters of an agent id a log line quotes (as the listener's lines do).
 _ID_IN_LOG = 64
 
@@ -311,6 +315,8 @@ class Endings:
             self._producer = None
             request.unregisterProducer()  # type: ignore[no-untyped-call]
         request.abort_connection()
+        # The agents learn the request ended, and why, as for any other.
+        self._request_complete(why)
 
     def client_timed_out(self, cut: str | None = None) -> None:
         """
@@ -338,6 +344,7 @@ class Endings:
         self._cancel_pending(_CLIENT_DISCONNECT)
         self._abort_upstream()
         self._producer = None
+        self._request_complete(CLIENT_GONE)
 
     def release(self) -> None:
         """
@@ -359,8 +366,15 @@ class Endings:
             slot.stage = None
 
     def _request_complete(self, error: str | None) -> None:
+        """
+        Tell the agents that declared RequestComplete that the request is
+        over, once, however it ended: answered, cut off mid-response
+        (C{error} says why) or left by its client (L{CLIENT_GONE}); not
+        when the gateway shuts down, as their connections are closing.
+        """
         if not self.slots or self._no_complete:
             return
+        self._no_complete = True
         event: m.RequestCompleteEvent | None = None
         for slot in self.slots:
             if _REQUEST_COMPLETE not in slot.events:

@@ -15,6 +15,7 @@ from .._proxy_support import captured_log
 from .support import (
     REQUEST_COMPLETE,
     REQUEST_HEADERS,
+    RESPONSE_BODY_CHUNK,
     Harness,
     ScriptedAgent,
     answer,
@@ -372,6 +373,57 @@ class DecisionTests(TestCase):
             self.assertEqual(complete["request_body_size"], 5)
             self.assertEqual(complete["response_body_size"], len(b"upstream saw /log"))
             self.assertIsNone(complete["error"])
+
+        return ensureDeferred(go())
+
+    def test_request_complete_when_the_client_leaves_before_the_answer(self) -> Any:
+        # An agent that keeps state per request (a concurrency count, a
+        # session) learns that the request is over however it ended: the
+        # Cancel of what it was deciding, then RequestComplete saying why.
+        async def go() -> None:
+            h = await Harness(self).start()
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any] | None:
+                return None if body.get("uri") == "/held" else answer()
+
+            agent = await h.agent("audit", events=(1, 5), decide=decide)
+            client = await h.raw(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await agent.wait(lambda: len(agent.held) == 1)
+            client.transport.loseConnection()
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            (complete,) = agent.of_type(REQUEST_COMPLETE)
+            (headers,) = agent.of_type(REQUEST_HEADERS)
+            self.assertEqual(complete["correlation_id"], headers["metadata"]["correlation_id"])
+            self.assertEqual([c["correlation_id"] for c in agent.cancels], [complete["correlation_id"]])
+            self.assertEqual(
+                complete["error"], "the client closed its connection before the response was complete"
+            )
+            self.assertEqual(complete["status"], 0)
+            # Told once: a late answer to the cancelled event changes nothing.
+            agent.release()
+            response = await h.get("/after")
+            self.assertEqual(response.code, 200)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 2)
+
+        return ensureDeferred(go())
+
+    def test_request_complete_when_an_agent_cuts_the_response_off(self) -> Any:
+        async def go() -> None:
+            h = await Harness(self).start()
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> dict[str, Any]:
+                # The first chunk goes to the client, the second is refused.
+                if message_type != RESPONSE_BODY_CHUNK:
+                    return answer()
+                return block(403) if body["chunk_index"] == 1 else answer(needs_more=True)
+
+            agent = await h.agent("dlp", events=(1, 3, 4, 5), chunk_size=4096, decide=decide)
+            client = await h.raw(b"GET /bytes?n=20000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: client.is_lost, what="the client's connection to be cut")
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), client.received)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            (complete,) = agent.of_type(REQUEST_COMPLETE)
+            self.assertEqual(complete["status"], 200)
+            self.assertEqual(complete["error"], "agent dlp answered block after the response started")
 
         return ensureDeferred(go())
 

@@ -71,13 +71,12 @@ class MalformedChunksTests(TestCase):
             await wait_until(
                 lambda: all(c.closed for c in gateway.connections), timeout=5, what="the upstream connection to close"
             )
+        await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+        error = str(agent.of_type(REQUEST_COMPLETE)[0]["error"])
         if started:
-            # Cut mid-response: no RequestComplete, the reason is in the log.
+            # Cut mid-response: the agents and the log are told why.
             (line,) = [text for text in log_lines(events) if "Closing the client connection mid-response" in text]
-            error = line.partition(": ")[2]
-        else:
-            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
-            error = str(agent.of_type(REQUEST_COMPLETE)[0]["error"])
+            self.assertEqual(line.partition(": ")[2], error)
         self.assertTrue(error.startswith("upstream response broke: a malformed chunked body: "), error)
         self.assertIn(why, error)
 
