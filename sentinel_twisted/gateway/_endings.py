@@ -371,13 +371,16 @@ class Endings:
         over, once, however it ended: answered, cut off mid-response
         (C{error} says why) or left by its client (L{CLIENT_GONE}); not
         when the gateway shuts down, as their connections are closing.
+        Only the agents that were sent its RequestHeaders are told: one
+        picked for a request refused before it was asked (C{413} on its
+        C{Content-Length}, another agent unavailable) never saw it.
         """
         if not self.slots or self._no_complete:
             return
         self._no_complete = True
         event: m.RequestCompleteEvent | None = None
         for slot in self.slots:
-            if _REQUEST_COMPLETE not in slot.events:
+            if not slot.asked or _REQUEST_COMPLETE not in slot.events:
                 continue
             connection = slot.connection
             if connection.is_closed:

@@ -143,11 +143,14 @@ class AgentSlot:
     @ivar events: the event types the agent registered for.
     @ivar stage: its body inspection stage while a body goes through it, else
         C{None}.
+    @ivar asked: whether the request's RequestHeaders went to it (only then
+        is it told of the request's end, RequestComplete).
     """
 
     __slots__ = (
         "agent_id",
         "answer",
+        "asked",
         "connection",
         "events",
         "_response_ops_count",
@@ -171,6 +174,7 @@ class AgentSlot:
         self._response_ops_count = 0
         self._response_ops_size = 0
         self.stage: InspectionStage | None = None
+        self.asked = False
 
     def add_response_ops(self, ops: list[m.HeaderOp]) -> str | None:
         """
@@ -599,6 +603,7 @@ class Exchange(Responding, Endings):
         for slot in self._round:
             if self._phase == _OVER:
                 return
+            slot.asked = True
             # send_to, spelled out: this runs per request and agent.
             slot.connection.send_event_with(event, answered, failed, slot, cid)
 

@@ -427,6 +427,24 @@ class DecisionTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_no_request_complete_for_a_request_the_agent_was_never_shown(self) -> Any:
+        # Refused on its Content-Length before any agent was asked: an agent
+        # counting requests by RequestHeaders and RequestComplete would have
+        # counted an end without a start.
+        async def go() -> None:
+            h = await Harness(self).start()
+            agent = await h.agent("audit", events=(1, 2, 5), max_body=8)
+            response = await h.post("/big", b"x" * 100)
+            self.assertEqual(response.code, 413)
+            response = await h.get("/small")
+            self.assertEqual(response.code, 200)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) >= 1)
+            self.assertEqual([e["uri"] for e in agent.of_type(REQUEST_HEADERS)], ["/small"])
+            (complete,) = agent.of_type(REQUEST_COMPLETE)
+            self.assertEqual(complete["correlation_id"], agent.of_type(REQUEST_HEADERS)[0]["correlation_id"])
+
+        return ensureDeferred(go())
+
     def test_request_complete_failure_never_reaches_the_client(self) -> Any:
         async def go() -> None:
             h = await Harness(self).start()
