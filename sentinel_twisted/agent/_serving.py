@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -144,6 +145,10 @@ def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
     module: Any = msgspec.msgpack if msgpack else msgspec.json
     try:
         ids = module.decode(payload, type=_LenientIds)
+    except RecursionError:
+        # Nested too deeply to be read, even skipped; its id may be
+        # readable all the same.
+        return None if msgpack else _shallow_json_id(message_type, payload)
     except _LENIENT_ERRORS:
         return None
     if message_type == MessageType.REQUEST_HEADERS and ids.metadata:
@@ -162,6 +167,83 @@ def _lenient_id(message_type: int, payload: bytes, msgpack: bool) -> str | None:
     except _LENIENT_ERRORS:
         return None
     return str(cid) or None
+
+
+# A string of JSON once its escapes are masked (see _shallow_json_id).
+_MASKED_STRING = re.compile(rb'"[^"]*"')
+_WHITESPACE = b" \t\r\n"
+_SKIP_WHITESPACE = re.compile(rb"[ \t\r\n]*")
+# How many places that look like the key are looked at, each costing a
+# pass over what comes before it.
+_KEY_CANDIDATES = 4
+
+
+def _shallow_json_id(message_type: int, payload: bytes) -> str | None:
+    """
+    The correlation id of a JSON event nested too deeply to be decoded (the
+    decoder refuses to go deeper even to skip a value), read where the
+    proxy writes it, without decoding the rest: C{metadata.correlation_id}
+    (its first key) for RequestHeaders, else the top-level
+    C{correlation_id}.  A few passes over the payload, in C.
+    """
+    # Escapes masked (the same length): each remaining quote begins or
+    # ends a string, and every offset is the payload's.
+    masked = payload.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    if message_type == MessageType.REQUEST_HEADERS:
+        start = _value_after_key(masked, b"metadata")
+        if start is not None and masked[start : start + 1] == b"{":
+            inner = _SKIP_WHITESPACE.match(masked, start + 1).end()  # type: ignore[union-attr]
+            if masked.startswith(b'"correlation_id"', inner):
+                cid = _string_at(payload, masked, _after_colon(masked, inner + 16))
+                if cid:
+                    return cid
+    start = _value_after_key(masked, b"correlation_id")
+    return _string_at(payload, masked, start) if start is not None else None
+
+
+def _value_after_key(masked: bytes, key: bytes) -> int | None:
+    """Where the value of C{key}, a key of the top-level object, starts in C{masked}."""
+    quoted = b'"' + key + b'"'
+    found = 0
+    for _ in range(_KEY_CANDIDATES):
+        at = masked.find(quoted, found)
+        if at < 0:
+            return None
+        found = at + 1
+        before = masked[:at]
+        if before.count(b'"') % 2:
+            continue  # inside a string
+        outside = _MASKED_STRING.sub(b"", before)
+        depth = outside.count(b"{") + outside.count(b"[") - outside.count(b"}") - outside.count(b"]")
+        if depth != 1 or not outside.lstrip(_WHITESPACE).startswith(b"{"):
+            continue
+        value = _after_colon(masked, at + len(quoted))
+        if value is not None:
+            return value
+    return None
+
+
+def _after_colon(masked: bytes, at: int) -> int | None:
+    """Where the value starts after the key ending at C{at}, C{None} if no colon follows."""
+    skip = _SKIP_WHITESPACE.match
+    at = skip(masked, at).end()  # type: ignore[union-attr]
+    if masked[at : at + 1] != b":":
+        return None
+    return skip(masked, at + 1).end()  # type: ignore[union-attr]
+
+
+def _string_at(payload: bytes, masked: bytes, start: int | None) -> str | None:
+    """The non-empty JSON string starting at C{start}, C{None} if there is none."""
+    if start is None or masked[start : start + 1] != b'"':
+        return None
+    end = masked.find(b'"', start + 1)
+    if end < 0:
+        return None
+    try:
+        text = msgspec.json.decode(payload[start : end + 1], type=str)
+    except _LENIENT_ERRORS:
+        return None
+    return text or None
 
 
 class _ShownError(Exception):

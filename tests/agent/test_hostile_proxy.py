@@ -329,6 +329,56 @@ class FlowAndCancelLogTests(SynchronousTestCase):
         self.assertEqual(len(debug), 2 * h.protocol.log_limiter.burst)
 
 
+class DeepEventTests(SynchronousTestCase):
+    """
+    An event nested too deeply to be decoded (even skipped) is the proxy's
+    invalid event: answered with the error decision under the id it names
+    where the proxy writes it, not dropped for want of one, whether it is
+    counted (over C{max_event_values}) or not.
+    """
+
+    def serving(self, **settings: Any) -> Harness:
+        h = Harness(Holding(), health_interval=0, **settings)
+        h.register()
+        h.sent()
+        return h
+
+    def deep(self, depth: int = 5000) -> bytes:
+        return b"[" * depth + b"]" * depth
+
+    def test_the_top_level_id_of_a_deep_event_is_answered(self) -> None:
+        for settings in ({}, {"max_event_values": 1000}):
+            with self.subTest(**settings):
+                h = self.serving(**settings)
+                # The reference sorts an event's keys: config comes first.
+                payload = b'{"config": ' + self.deep() + b', "config_version": null, "correlation_id": "cfg-1"}'
+                h.feed(CONFIGURE, payload)
+                [answer] = h.answers()
+                self.assertEqual(cid_of(answer), "cfg-1")
+                self.assertEqual(answer["decision"]["block"]["status"], 500)
+                self.assertFalse(h.transport.disconnecting)
+
+    def test_a_request_headers_is_answered_by_its_metadata_id(self) -> None:
+        h = self.serving()
+        event = json.dumps(headers_event("in-metadata", top_level_cid="top")).encode()
+        h.feed(REQUEST_HEADERS, event[:-1] + b', "zz": ' + self.deep() + b"}")
+        self.assertEqual([cid_of(a) for a in h.answers()], ["in-metadata"])
+
+    def test_an_id_nested_or_quoted_is_not_taken_for_it(self) -> None:
+        h = self.serving()
+        for payload in (
+            b'{"x": {"correlation_id": "inner"}, "zz": ' + self.deep() + b"}",
+            b'{"x": "\\"correlation_id\\": \\"quoted\\"", "zz": ' + self.deep() + b"}",
+            b'{"x": "correlation_id", "zz": ' + self.deep() + b"}",
+        ):
+            with self.subTest(payload=payload[:60]):
+                h.feed(CONFIGURE, payload)
+                self.assertEqual(h.answers(), [])
+        # An escaped id is read as JSON reads it.
+        h.feed(CONFIGURE, b'{"correlation_id": "a\\"b\\u00e9", "zz": ' + self.deep() + b"}")
+        self.assertEqual([cid_of(a) for a in h.answers()], ['a"b\u00e9'])
+
+
 class UnanswerableIdTests(SynchronousTestCase):
     def test_an_id_too_long_for_any_answer_is_logged_not_raised(self) -> None:
         """
