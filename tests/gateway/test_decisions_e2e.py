@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
@@ -442,6 +444,30 @@ class DecisionTests(TestCase):
             self.assertEqual([e["uri"] for e in agent.of_type(REQUEST_HEADERS)], ["/small"])
             (complete,) = agent.of_type(REQUEST_COMPLETE)
             self.assertEqual(complete["correlation_id"], agent.of_type(REQUEST_HEADERS)[0]["correlation_id"])
+
+        return ensureDeferred(go())
+
+    def test_no_cancel_after_request_complete(self) -> Any:
+        # RequestComplete tells an agent the request is over: an agent that
+        # is slow to answer it (or never does, as it changes nothing) is not
+        # sent a Cancel for that request afterwards.
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.2")
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                return None if message_type == REQUEST_COMPLETE else answer()
+
+            agent = await h.agent("audit", events=(1, 5), decide=decide)
+            response = await h.get("/x")
+            self.assertEqual(response.code, 200)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            # Past the request timeout: a Cancel would have come by now.
+            await deferLater(reactor, 0.5, lambda: None)
+            self.assertEqual(agent.cancels, [])
+            self.assertEqual(agent.held, [(REQUEST_COMPLETE, agent.of_type(REQUEST_COMPLETE)[0])])
+            # Answered late, it changes nothing.
+            agent.release()
+            self.assertEqual((await h.get("/y")).code, 200)
 
         return ensureDeferred(go())
 
