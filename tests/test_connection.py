@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sentinel_twisted import messages as m
@@ -353,6 +354,26 @@ class TimeoutTests(ConnectionTestCase):
         self.assertEqual(cancel["correlation_id"], "a")
         self.assertEqual(cancel["reason"], m.CancelReason.TIMEOUT)
         self.assertEqual(cancel["timestamp_ms"], int(self.clock.seconds() * 1000))
+
+    def test_an_unanswered_request_complete_is_not_cancelled(self) -> None:
+        # RequestComplete tells the agent the request is over: a Cancel
+        # after it would name a request the agent was told had ended.  Its
+        # caller still learns that no answer came.
+        failures: list[Failure] = []
+        self.connection.send_event_with(
+            m.RequestCompleteEvent(correlation_id="a", status=200, duration_ms=1),
+            lambda answer, arg: None,
+            lambda failure, arg: failures.append(failure),
+            correlation_id="a",
+            timeout=1,
+        )
+        self.sink.take()
+        self.clock.advance(1)
+        self.assertEqual(self.sink.cancels(), [])
+        (failure,) = failures
+        self.assertIsInstance(failure.value, RequestTimeout)
+        self.assertEqual(self.connection.pending_ids(), [])
+        self.assertEqual(self.connection.timeouts, 0)
 
     def test_timeout_cancel_precedes_what_the_caller_sends_next_under_the_id(self) -> None:
         # A caller that ends its request on the timeout and says so under the

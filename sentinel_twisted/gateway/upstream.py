@@ -310,14 +310,19 @@ def _no_clock() -> float:
 
 def _body_failure(reason: Failure) -> Failure:
     """
-    Why a response body broke, told plainly when its chunked framing is
-    at fault: twisted.web wraps that in a C{ResponseFailed} whose text is
-    the repr of a list of failures, which the log line and RequestComplete
-    would cut before the reason.
+    Why a response body broke, told plainly: twisted.web wraps the reason
+    (a malformed chunked framing, a lost connection) in a
+    C{ResponseFailed} whose text is the repr of a list of failures, which
+    the log line and RequestComplete would give instead of the reason.
     """
-    for inner in getattr(reason.value, "reasons", None) or ():
-        if isinstance(inner, Failure) and inner.check(_MalformedChunkedDataError):
+    inners = [f for f in getattr(reason.value, "reasons", None) or () if isinstance(f, Failure)]
+    for inner in inners:
+        if inner.check(_MalformedChunkedDataError):
             return Failure(UpstreamFailed(f"a malformed chunked body: {inner.getErrorMessage()}"))
+    # The words of each reason that has some (twisted.web's _DataLoss has none).
+    words = [text for text in (inner.getErrorMessage() for inner in inners) if text]
+    if words:
+        return Failure(UpstreamFailed("; ".join(words)))
     return reason
 
 

@@ -43,6 +43,9 @@ __all__ = ["AgentConnection", "ConnectionInfo"]
 #: The module's logger.
 log = Logger(namespace="sentinel_twisted.connection")
 
+#: A RequestComplete is a notice: no Cancel follows it (see send_event).
+_REQUEST_COMPLETE_FRAME = MessageType.REQUEST_COMPLETE
+
 _cid_prefix = os.urandom(4).hex()
 _cid_counter = itertools.count(1)
 # The prefix and its dash, joined once: "%x" formats the counter for less
@@ -399,7 +402,9 @@ class AgentConnection(AgentFrames):
         @return: fires with the agent's L{AgentResponse
             <sentinel_twisted.messages.AgentResponse>}.  Fails with
             L{RequestTimeout <sentinel_twisted.errors.RequestTimeout>} (no
-            answer in time; the agent is sent a Cancel),
+            answer in time; the agent is sent a Cancel, unless the event is
+            a RequestComplete: the request it names is over, and a Cancel
+            after it would name a request the agent was told had ended),
             L{ConnectionClosed} (closed before or while waiting),
             L{RequestCancelled} (the Deferred was cancelled or
             L{cancel_request} was called), L{InvalidMessage
@@ -462,7 +467,9 @@ class AgentConnection(AgentFrames):
         cid = correlation_id or m.event_correlation_id(event) or new_correlation_id()
         payload = self._encode_event(event, cid)
         pending = self._pending
-        result = pending.add(cid, timeout, None, answered, failed, arg)
+        result = pending.add(
+            cid, timeout, None, answered, failed, arg, event.message_type == _REQUEST_COMPLETE_FRAME
+        )
         try:
             self._sink.send_frame(event.message_type, payload)
         except BaseException:

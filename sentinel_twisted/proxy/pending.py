@@ -75,7 +75,7 @@ class _Pending(Waiter):
     with no object of their own.
     """
 
-    __slots__ = ("correlation_id", "deferred", "deadline", "sent_at", "timeout", "lane")
+    __slots__ = ("correlation_id", "deferred", "deadline", "sent_at", "timeout", "lane", "notice")
 
     correlation_id: str
     #: A Deferred, a Waiter, or C{None} (this entry's own handlers).
@@ -84,6 +84,8 @@ class _Pending(Waiter):
     sent_at: float
     timeout: float
     lane: dict[str, _Pending]
+    #: A notice (RequestComplete): its timeout is told to nobody but its caller.
+    notice: bool
 
     def fired(self) -> Deferred[Any] | Waiter:
         """What to fire: the Deferred or Waiter, else the entry itself."""
@@ -152,6 +154,7 @@ class PendingTable:
         answered: Callable[[Any, Any], object] | None = None,
         failed: Callable[[Failure, Any], object] | None = None,
         arg: Any = None,
+        notice: bool = False,
     ) -> Any:
         """
         Register a request; the returned Deferred fires with its answer, or
@@ -159,7 +162,10 @@ class PendingTable:
         C{waiter}, no Deferred: the waiter is fired instead, and returned.
         With C{answered} and C{failed}, neither: they are called as a
         L{Waiter} made of them and C{arg} would be, with no object made for
-        them, and C{None} is returned.
+        them, and C{None} is returned.  A C{notice} (RequestComplete: the
+        request it names is over) that times out fails its caller alone:
+        C{on_timeout} is not called, so the agent is sent no Cancel for a
+        request it was told is over.
 
         @raise DuplicateCorrelationId: if the id is already waiting.
         @raise TypeError: C{answered} without C{failed} or the other way
@@ -171,6 +177,7 @@ class PendingTable:
             raise TypeError("PendingTable.add: give answered and failed together, or a waiter, or neither")
         entry: _Pending = _new_entry(_Pending)
         entry.correlation_id = correlation_id
+        entry.notice = notice
         if answered is not None:
             entry.deferred = None
             entry.answered = answered
@@ -303,7 +310,7 @@ class PendingTable:
             # The agent is told before the caller: whatever the caller sends
             # next under the same id (the gateway's RequestComplete) must
             # follow the Cancel, or the agent would cancel that instead.
-            if self._on_timeout is not None:
+            if self._on_timeout is not None and not entry.notice:
                 try:
                     self._on_timeout(entry.correlation_id)
                 except Exception:

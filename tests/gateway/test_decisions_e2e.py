@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
+from twisted.web import server
 
 from .._proxy_support import captured_log
 from .support import (
@@ -442,6 +445,59 @@ class DecisionTests(TestCase):
             self.assertEqual([e["uri"] for e in agent.of_type(REQUEST_HEADERS)], ["/small"])
             (complete,) = agent.of_type(REQUEST_COMPLETE)
             self.assertEqual(complete["correlation_id"], agent.of_type(REQUEST_HEADERS)[0]["correlation_id"])
+
+        return ensureDeferred(go())
+
+    def test_no_cancel_after_request_complete(self) -> Any:
+        # RequestComplete tells an agent the request is over: an agent that
+        # is slow to answer it (or never does, as it changes nothing) is not
+        # sent a Cancel for that request afterwards.
+        async def go() -> None:
+            h = await Harness(self).start("--request-timeout", "0.2")
+
+            def decide(agent: ScriptedAgent, message_type: int, body: dict[str, Any]) -> Any:
+                return None if message_type == REQUEST_COMPLETE else answer()
+
+            agent = await h.agent("audit", events=(1, 5), decide=decide)
+            response = await h.get("/x")
+            self.assertEqual(response.code, 200)
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            # Past the request timeout: a Cancel would have come by now.
+            await deferLater(reactor, 0.5, lambda: None)
+            self.assertEqual(agent.cancels, [])
+            self.assertEqual(agent.held, [(REQUEST_COMPLETE, agent.of_type(REQUEST_COMPLETE)[0])])
+            # Answered late, it changes nothing.
+            agent.release()
+            self.assertEqual((await h.get("/y")).code, 200)
+
+        return ensureDeferred(go())
+
+    def test_request_complete_says_plainly_why_the_upstream_broke(self) -> Any:
+        # An upstream that breaks its connection mid-body: the agents are
+        # told so in words, not with the repr of a list of failures.
+        async def go() -> None:
+            h = await Harness(self).start()
+            render = h.upstream.render
+
+            def cut(request: Any) -> Any:
+                if request.path != b"/cut":
+                    return render(request)
+                request.setHeader(b"Content-Length", b"100000")
+                request.write(b"c" * 5000)
+                reactor.callLater(0.01, request.transport.abortConnection)
+                return server.NOT_DONE_YET
+
+            h.upstream.render = cut  # type: ignore[method-assign]
+            agent = await h.agent("audit", events=(1, 5))
+            client = await h.raw(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            await wait_until(lambda: client.is_lost, what="the client's connection to be cut")
+            await agent.wait(lambda: len(agent.of_type(REQUEST_COMPLETE)) == 1)
+            (complete,) = agent.of_type(REQUEST_COMPLETE)
+            self.assertEqual(complete["status"], 200)
+            self.assertEqual(
+                complete["error"],
+                "upstream response broke: Connection to the other side was lost in a non-clean fashion.",
+            )
 
         return ensureDeferred(go())
 
