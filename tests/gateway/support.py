@@ -54,6 +54,24 @@ EVENT_TYPES = {REQUEST_HEADERS, REQUEST_BODY_CHUNK, RESPONSE_HEADERS, RESPONSE_B
 _LENGTH = struct.Struct("!I")
 
 
+def property_knobs(name: str, examples: int) -> tuple[int, list[Any], bool]:
+    """
+    The examples, phases and derandomisation of a property module over
+    real sockets, each changed from the environment to search further:
+    C{SENTINEL_<name>_PROP_EXAMPLES=N} examples per run;
+    C{SENTINEL_<name>_PROP_SHRINK=0} reports a failing example as found;
+    C{SENTINEL_<name>_PROP_RANDOM=1} tries other examples on each run.
+    """
+    from hypothesis import Phase
+
+    prefix = f"SENTINEL_{name}_PROP_"
+    count = int(os.environ.get(prefix + "EXAMPLES", str(examples)))
+    phases = [Phase.explicit, Phase.generate]
+    if os.environ.get(prefix + "SHRINK") != "0":
+        phases.append(Phase.shrink)
+    return count, phases, os.environ.get(prefix + "RANDOM") != "1"
+
+
 def encode_frame(message_type: int, body: Any) -> bytes:
     payload = json.dumps(body).encode("utf-8")
     return _LENGTH.pack(len(payload) + 1) + bytes([message_type]) + payload

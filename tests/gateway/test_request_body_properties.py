@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -64,22 +64,16 @@ from .support import (
     answer,
     b64,
     block,
+    property_knobs,
     small_chunks,
     wait_until,
 )
 
-#: Examples per property run (there are two).
-EXAMPLES = int(os.environ.get("SENTINEL_BODY_PROP_EXAMPLES", "50"))
+#: Examples per property run (there are two), the phases and whether they are
+#: the same on each run (see L{property_knobs}: C{SENTINEL_BODY_PROP_*}).
+EXAMPLES, PHASES, DERANDOMIZE = property_knobs("BODY", 50)
 #: Seconds a run may take, failing examples and their shrinking included.
 BUDGET = 60.0 + EXAMPLES / 5
-#: C{SENTINEL_BODY_PROP_SHRINK=0}: report a failing example as found.
-PHASES = (
-    [Phase.explicit, Phase.generate]
-    if os.environ.get("SENTINEL_BODY_PROP_SHRINK") == "0"
-    else [Phase.explicit, Phase.generate, Phase.shrink]
-)
-#: C{SENTINEL_BODY_PROP_RANDOM=1}: other examples on each run (to look for more).
-DERANDOMIZE = os.environ.get("SENTINEL_BODY_PROP_RANDOM") != "1"
 #: Seconds an example may wait for an outcome.
 WAIT = 10.0
 

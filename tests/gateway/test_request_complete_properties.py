@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, example, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -60,21 +60,15 @@ from .support import (
     ScriptedAgent,
     answer,
     block,
+    property_knobs,
     wait_until,
 )
 
-#: Examples per property run (there are three).
-EXAMPLES = int(os.environ.get("SENTINEL_COMPLETE_PROP_EXAMPLES", "8"))
+#: Examples per property run (there are three), the phases and whether they are
+#: the same on each run (see L{property_knobs}: C{SENTINEL_COMPLETE_PROP_*}).
+EXAMPLES, PHASES, DERANDOMIZE = property_knobs("COMPLETE", 8)
 #: Seconds a run may take, failing examples and their shrinking included.
 BUDGET = 60.0 + EXAMPLES / 2
-#: C{SENTINEL_COMPLETE_PROP_SHRINK=0}: report a failing example as found.
-PHASES = (
-    [Phase.explicit, Phase.generate]
-    if os.environ.get("SENTINEL_COMPLETE_PROP_SHRINK") == "0"
-    else [Phase.explicit, Phase.generate, Phase.shrink]
-)
-#: C{SENTINEL_COMPLETE_PROP_RANDOM=1}: other examples on each run.
-DERANDOMIZE = os.environ.get("SENTINEL_COMPLETE_PROP_RANDOM") != "1"
 #: Seconds an example may wait for its requests to end.
 WAIT = 10.0
 #: What the RequestComplete of a request whose client left says.

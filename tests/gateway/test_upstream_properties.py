@@ -35,13 +35,12 @@ more examples than the suite's (the same ones first).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, example, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -53,24 +52,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from .._proxy_support import captured_log
-from .support import Harness, listen_for, wait_until
+from .support import Harness, listen_for, property_knobs, wait_until
 
 
 class Stuck(AssertionError):
     """An outcome the gateway never came to."""
 
-#: Examples per property run (there are two).
-EXAMPLES = int(os.environ.get("SENTINEL_UPSTREAM_PROP_EXAMPLES", "70"))
+#: Examples per property run (there are two), the phases and whether they are
+#: the same on each run (see L{property_knobs}: C{SENTINEL_UPSTREAM_PROP_*}).
+EXAMPLES, PHASES, DERANDOMIZE = property_knobs("UPSTREAM", 70)
 #: Seconds a run may take, failing examples and their shrinking included.
 BUDGET = 40.0 + EXAMPLES / 10
-#: C{SENTINEL_UPSTREAM_PROP_SHRINK=0}: report a failing example as found.
-PHASES = (
-    [Phase.explicit, Phase.generate]
-    if os.environ.get("SENTINEL_UPSTREAM_PROP_SHRINK") == "0"
-    else [Phase.explicit, Phase.generate, Phase.shrink]
-)
-#: C{SENTINEL_UPSTREAM_PROP_RANDOM=1}: other examples on each run (to look for more).
-DERANDOMIZE = os.environ.get("SENTINEL_UPSTREAM_PROP_RANDOM") != "1"
 #: The gateway's --upstream-timeout in these runs: no example should need it.
 UPSTREAM_TIMEOUT = "2"
 #: The response to the second request, which must reach the client as it is.
