@@ -54,6 +54,22 @@ EVENT_TYPES = {REQUEST_HEADERS, REQUEST_BODY_CHUNK, RESPONSE_HEADERS, RESPONSE_B
 _LENGTH = struct.Struct("!I")
 
 
+def logged_problems(events: list[Any]) -> list[str]:
+    """
+    The log lines of C{events} that say something went wrong unseen: a
+    logged failure, an error or critical line, an unhandled error.
+    """
+    from twisted.logger import LogLevel, formatEvent
+
+    return [
+        formatEvent(e)
+        for e in events
+        if "log_failure" in e
+        or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        or "Unhandled" in (formatEvent(e) or "")
+    ]
+
+
 def property_knobs(name: str, examples: int) -> tuple[int, list[Any], bool]:
     """
     The examples, phases and derandomisation of a property module over

@@ -52,7 +52,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
-from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from .._proxy_support import captured_log
@@ -64,6 +63,7 @@ from .support import (
     answer,
     b64,
     block,
+    logged_problems,
     property_knobs,
     small_chunks,
     wait_until,
@@ -696,13 +696,7 @@ class RequestBodyProperties(TestCase):
             logged: list[Any] = []
 
             def problems() -> list[str]:
-                return [
-                    formatEvent(e)
-                    for e in logged
-                    if "log_failure" in e
-                    or e.get("log_level") in (LogLevel.error, LogLevel.critical)
-                    or "Unhandled" in (formatEvent(e) or "")
-                ]
+                return logged_problems(logged)
 
             @settings(
                 max_examples=EXAMPLES,

@@ -44,7 +44,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
-from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 
@@ -60,6 +59,7 @@ from .support import (
     ScriptedAgent,
     answer,
     block,
+    logged_problems,
     property_knobs,
     wait_until,
 )
@@ -486,13 +486,7 @@ class RequestCompleteProperties(TestCase):
             logged: list[Any] = []
 
             def problems() -> list[str]:
-                return [
-                    formatEvent(e)
-                    for e in logged
-                    if "log_failure" in e
-                    or e.get("log_level") in (LogLevel.error, LogLevel.critical)
-                    or "Unhandled" in (formatEvent(e) or "")
-                ]
+                return logged_problems(logged)
 
             @settings(
                 max_examples=EXAMPLES,
