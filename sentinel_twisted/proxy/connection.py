@@ -109,7 +109,8 @@ class ConnectionInfo(msgspec.Struct, kw_only=True):
     @ivar metadata: the JSON metadata of its registration (C{None} if none).
     @ivar peer_uid: uid of a UNIX socket's peer (C{SO_PEERCRED}), C{None} if
         not known.
-    @ivar timeouts: events not answered in time.
+    @ivar timeouts: events not answered in time (a RequestComplete aside: a
+        notice, its timeout fails its caller alone).
     @ivar cancels_sent: Cancel frames sent.
     """
 
@@ -153,7 +154,8 @@ class AgentConnection(AgentFrames):
     @ivar peer_credentials: C{(pid, uid, gid)} of a UNIX socket's peer
         (C{SO_PEERCRED}), C{None} elsewhere.
     @ivar events_sent: events sent on this connection.
-    @ivar timeouts: events that were not answered in time.
+    @ivar timeouts: events that were not answered in time (a RequestComplete
+        aside: a notice, its timeout fails its caller alone).
     @ivar cancels_sent: Cancel frames sent on it.
     @ivar last_health: the agent's last HealthStatus message, C{None} before
         any.
