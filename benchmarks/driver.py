@@ -134,12 +134,20 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
                     self._on_cancel(cid)
 
         def add(
-            self, cid: str, timeout: float, waiter: Any = None, answered: Any = None, failed: Any = None, arg: Any = None
+            self,
+            cid: str,
+            timeout: float,
+            waiter: Any = None,
+            answered: Any = None,
+            failed: Any = None,
+            arg: Any = None,
+            notice: bool = False,
         ) -> Any:
             if cid in self._entries:
                 raise DuplicateCorrelationId(cid)
             entry = object.__new__(_Pending)
             entry.correlation_id = cid
+            entry.notice = notice
             if answered is not None:
                 entry.deferred = None
                 entry.answered, entry.failed, entry.arg = answered, failed, arg
@@ -197,9 +205,16 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             self._timers: dict[str, Any] = {}
 
         def add(
-            self, cid: str, timeout: float, waiter: Any = None, answered: Any = None, failed: Any = None, arg: Any = None
+            self,
+            cid: str,
+            timeout: float,
+            waiter: Any = None,
+            answered: Any = None,
+            failed: Any = None,
+            arg: Any = None,
+            notice: bool = False,
         ) -> Any:
-            d = super().add(cid, timeout, waiter, answered, failed, arg)
+            d = super().add(cid, timeout, waiter, answered, failed, arg, notice)
             self._timers[cid] = self._clock.callLater(timeout, self._expire, cid, timeout)
             return d
 
@@ -214,7 +229,7 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             entry = super()._remove(cid)
             if entry is not None:
                 entry.fired().errback(Failure(RequestTimeout(timeout, cid)))
-                if self._on_timeout is not None:
+                if self._on_timeout is not None and not entry.notice:
                     self._on_timeout(cid)
 
     return {"table": PendingTable, "none": NoTimeoutTable, "delayedcall": DelayedCallTable}
