@@ -204,17 +204,8 @@ def make_table_classes() -> dict[str, Callable[..., Any]]:
             super().__init__(*args, **kwargs)
             self._timers: dict[str, Any] = {}
 
-        def add(
-            self,
-            cid: str,
-            timeout: float,
-            waiter: Any = None,
-            answered: Any = None,
-            failed: Any = None,
-            arg: Any = None,
-            notice: bool = False,
-        ) -> Any:
-            d = super().add(cid, timeout, waiter, answered, failed, arg, notice)
+        def add(self, cid: str, timeout: float, *rest: Any) -> Any:
+            d = super().add(cid, timeout, *rest)
             self._timers[cid] = self._clock.callLater(timeout, self._expire, cid, timeout)
             return d
 

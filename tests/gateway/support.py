@@ -300,6 +300,8 @@ class Upstream(Resource):
       - C{/slow}: never answers (until the test ends);
       - C{/drop}: closes the connection without answering;
       - C{/bytes?n=N}: answers N bytes of C{x} in 4 KiB writes;
+      - C{/cut}: answers 5,000 of the 100,000 bytes it announces, then
+        breaks its connection;
       - C{/echo-body}: answers the request body;
       - anything else: C{200 upstream saw PATH} with C{X-Upstream: yes}.
     """
@@ -340,6 +342,11 @@ class Upstream(Resource):
                 request.write(b"x" * piece)
                 sent += piece
             request.finish()
+            return server.NOT_DONE_YET
+        if path == b"/cut":
+            request.setHeader(b"Content-Length", b"100000")
+            request.write(b"c" * 5000)
+            reactor.callLater(0.01, request.transport.abortConnection)
             return server.NOT_DONE_YET
         if path == b"/echo-body":
             request.setHeader(b"Content-Type", b"application/octet-stream")

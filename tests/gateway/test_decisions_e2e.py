@@ -12,7 +12,6 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
-from twisted.web import server
 
 from .._proxy_support import captured_log
 from .support import (
@@ -477,17 +476,6 @@ class DecisionTests(TestCase):
         # told so in words, not with the repr of a list of failures.
         async def go() -> None:
             h = await Harness(self).start()
-            render = h.upstream.render
-
-            def cut(request: Any) -> Any:
-                if request.path != b"/cut":
-                    return render(request)
-                request.setHeader(b"Content-Length", b"100000")
-                request.write(b"c" * 5000)
-                reactor.callLater(0.01, request.transport.abortConnection)
-                return server.NOT_DONE_YET
-
-            h.upstream.render = cut  # type: ignore[method-assign]
             agent = await h.agent("audit", events=(1, 5))
             client = await h.raw(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
             await wait_until(lambda: client.is_lost, what="the client's connection to be cut")

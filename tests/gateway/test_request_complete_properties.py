@@ -45,7 +45,6 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
-from twisted.web import server
 
 from .._proxy_support import captured_log
 from .support import (
@@ -166,7 +165,7 @@ def plans(draw: Any, count: int) -> AgentPlan:
 
 
 #: Upstream paths (see L{Upstream <tests.gateway.support.Upstream>}; C{/cut}
-#: breaks off its body, see L{cut_upstream}).
+#: breaks off its body).
 PATHS = [
     "/plain",
     "/plain",
@@ -195,22 +194,6 @@ def cases(draw: Any, agent_ids: tuple[str, ...]) -> Case:
     agents = {agent_id: draw(plans(len(reqs))) for agent_id in agent_ids}
     leave = draw(st.sampled_from(["end", "end", "sent", "head", "delay", "stall", "trickle"]))
     return Case(agents, reqs, leave, draw(st.sampled_from([0.0, 0.005, 0.02, 0.05])))
-
-
-def cut_upstream(h: Harness) -> None:
-    """Have the test upstream answer C{/cut} with part of a body, then break the connection."""
-    upstream = h.upstream
-    render = upstream.render
-
-    def cut(request: Any) -> Any:
-        if request.path != b"/cut":
-            return render(request)
-        request.setHeader(b"Content-Length", b"100000")
-        request.write(b"c" * 5000)
-        reactor.callLater(0.01, request.transport.abortConnection)
-        return server.NOT_DONE_YET
-
-    upstream.render = cut  # type: ignore[method-assign]
 
 
 class Script:
@@ -479,7 +462,6 @@ class RequestCompleteProperties(TestCase):
                 "--request-timeout", "0.5", "--upstream-timeout", "0.5", "--send-timeout", "0.2",
                 "--header-timeout", "0.3", "--min-body-rate", "100000", *argv,  # fmt: skip
             )
-            cut_upstream(h)
             script = Script()
             agents: dict[str, ScriptedAgent] = {}
             budget = time.monotonic() + BUDGET
